@@ -1,0 +1,152 @@
+"""Domain errors: what went wrong, in words a caller can act on, with a machine-readable reason.
+
+Domain code raises these and never touches gRPC; `runtime.status` turns them into a canonical status code
+with one google.rpc.ErrorInfo (and a google.rpc.BadRequest for field violations) in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+
+class ErrorKind(enum.Enum):
+    """The canonical error codes the domain uses (a subset of google.rpc.Code)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    ABORTED = "ABORTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request: its path (`coins`, `birth_date.year`) and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """An error the caller should see as it is.
+
+    `reason` is UPPER_SNAKE_CASE and stable (clients branch on it); `metadata` holds the facts behind it
+    (the balance, the limit) as strings, as google.rpc.ErrorInfo requires.
+    """
+
+    kind: ErrorKind = ErrorKind.INTERNAL
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        violations: tuple[FieldViolation, ...] = (),
+        **metadata: object,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.violations = violations
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+    @property
+    def retryable(self) -> bool:
+        """Transient errors are never stored as a request's final answer."""
+        return self.kind in (ErrorKind.UNAVAILABLE, ErrorKind.ABORTED, ErrorKind.INTERNAL)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kind": self.kind.value,
+                "reason": self.reason,
+                "message": self.message,
+                "metadata": self.metadata,
+                "violations": [[v.field, v.description] for v in self.violations],
+            }
+        )
+
+    @staticmethod
+    def from_json(text: str) -> DomainError:
+        data = json.loads(text)
+        error = error_of_kind(
+            ErrorKind(data["kind"]),
+            data["reason"],
+            data["message"],
+            violations=tuple(FieldViolation(f, d) for f, d in data["violations"]),
+        )
+        error.metadata = dict(data["metadata"])
+        return error
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason!r}, {self.message!r}, {self.metadata!r})"
+
+
+class InvalidArgument(DomainError):
+    kind = ErrorKind.INVALID_ARGUMENT
+
+
+class NotFound(DomainError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class AlreadyExists(DomainError):
+    kind = ErrorKind.ALREADY_EXISTS
+
+
+class FailedPrecondition(DomainError):
+    kind = ErrorKind.FAILED_PRECONDITION
+
+
+class PermissionDenied(DomainError):
+    kind = ErrorKind.PERMISSION_DENIED
+
+
+class ResourceExhausted(DomainError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+
+
+class Aborted(DomainError):
+    kind = ErrorKind.ABORTED
+
+
+class Unavailable(DomainError):
+    kind = ErrorKind.UNAVAILABLE
+
+
+class Internal(DomainError):
+    kind = ErrorKind.INTERNAL
+
+
+_BY_KIND: dict[ErrorKind, type[DomainError]] = {
+    cls.kind: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        PermissionDenied,
+        ResourceExhausted,
+        Aborted,
+        Unavailable,
+        Internal,
+    )
+}
+
+
+def error_of_kind(
+    kind: ErrorKind,
+    reason: str,
+    message: str,
+    *,
+    violations: tuple[FieldViolation, ...] = (),
+    **metadata: object,
+) -> DomainError:
+    """Build the DomainError subclass for `kind` (used when replaying or relaying an error)."""
+    return _BY_KIND[kind](reason, message, violations=violations, **metadata)

@@ -1,0 +1,255 @@
+"""AIP-155 request ids: a retry returns the first result and changes nothing.
+
+The key is claimed in the same database transaction as the effect, so a crash can never leave an effect
+without its key or a key without its effect. A request's fingerprint (its bytes without the request id)
+tells a retry (same parameters) from a reuse (different parameters: ALREADY_EXISTS, REQUEST_ID_REUSED).
+
+Two shapes of operation use it:
+- `once()`: the effect is one local transaction (debit coins, credit diamonds).
+- `begin()` + `finish()`: the effect spans a call to another system (a payment provider, the wallet).
+  `begin` claims the key and creates the local record in one transaction; a retry that finds the key
+  claimed but unfinished gets the record's id back and resumes from the record's state.
+Business errors are stored as the answer too (errors included, AIP-155); transient ones are not.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from alembic.operations import Operations
+from google.protobuf.message import Message
+from sqlalchemy import (
+    Column,
+    DateTime,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runtime.clock import Clock
+from runtime.db import Database
+from runtime.errors import AlreadyExists, DomainError
+
+metadata = MetaData()
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("scope", String(160), primary_key=True),
+    Column("request_id", String(128), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("resource_id", String(64)),
+    Column("response", LargeBinary),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def create_idempotency_table_v1(op: Operations) -> None:
+    """Frozen DDL of the table's first version, for services' first migration."""
+    op.create_table(
+        "idempotency_keys",
+        Column("scope", String(160), primary_key=True),
+        Column("request_id", String(128), primary_key=True),
+        Column("fingerprint", String(64), nullable=False),
+        Column("resource_id", String(64)),
+        Column("response", LargeBinary),
+        Column("error", Text),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_idempotency_keys_created_at", "idempotency_keys", ["created_at"])
+
+
+def fingerprint(request: Message) -> str:
+    """A hash of the request's parameters: everything but its request_id."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if "request_id" in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField("request_id")  # type: ignore[arg-type]
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+R = TypeVar("R", bound=Message)
+
+
+def _request_id(request: Message) -> str:
+    value = getattr(request, "request_id", None)
+    if not isinstance(value, str):
+        raise TypeError(f"{type(request).__name__} has no request_id")
+    return value
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What claiming a request id found."""
+
+    is_new: bool
+    resource_id: str | None = None
+    response: bytes | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.response is not None or self.error is not None
+
+    def replay(self, response_type: type[R]) -> R:
+        """The stored answer: the first response, or the first error raised again."""
+        if self.error is not None:
+            raise DomainError.from_json(self.error)
+        assert self.response is not None
+        return response_type.FromString(self.response)
+
+
+class Idempotency:
+    """Claims and completes request ids in a service's database."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def claim(
+        self,
+        conn: AsyncConnection,
+        scope: str,
+        request: Message,
+        resource_id: str | None = None,
+    ) -> Claim:
+        request_id: str = _request_id(request)
+        print_ = fingerprint(request)
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        inserted = await conn.execute(
+            dialect.insert(idempotency_keys)
+            .values(
+                scope=scope,
+                request_id=request_id,
+                fingerprint=print_,
+                resource_id=resource_id,
+                created_at=self._clock.now(),
+            )
+            .on_conflict_do_nothing()
+        )
+        if inserted.rowcount == 1:
+            return Claim(is_new=True, resource_id=resource_id)
+        row = (
+            await conn.execute(
+                select(idempotency_keys).where(
+                    idempotency_keys.c.scope == scope, idempotency_keys.c.request_id == request_id
+                )
+            )
+        ).one()
+        if row.fingerprint != print_:
+            raise AlreadyExists(
+                "REQUEST_ID_REUSED",
+                f"request_id {request_id!r} was already used with different parameters; "
+                "use a new request_id for a new request",
+                request_id=request_id,
+            )
+        return Claim(
+            is_new=False, resource_id=row.resource_id, response=row.response, error=row.error
+        )
+
+    async def complete(
+        self,
+        conn: AsyncConnection,
+        scope: str,
+        request: Message,
+        *,
+        response: Message | None = None,
+        error: DomainError | None = None,
+    ) -> None:
+        await conn.execute(
+            update(idempotency_keys)
+            .where(
+                idempotency_keys.c.scope == scope,
+                idempotency_keys.c.request_id == _request_id(request),
+            )
+            .values(
+                response=response.SerializeToString() if response is not None else None,
+                error=error.to_json() if error is not None else None,
+            )
+        )
+
+    async def record_error(self, scope: str, request: Message, error: DomainError) -> None:
+        """Store a business error as the request's answer, unless the request already has one."""
+        if error.retryable:
+            return
+        async with self._db.transaction() as conn:
+            claim = await self.claim(conn, scope, request)
+            if not claim.finished:
+                await self.complete(conn, scope, request, error=error)
+
+    async def once(
+        self,
+        scope: str,
+        request: Message,
+        response_type: type[R],
+        effect: Callable[[AsyncConnection], Awaitable[R]],
+    ) -> R:
+        """Run a one-transaction effect at most once per request id, and answer retries from the store."""
+        try:
+            async with self._db.transaction() as conn:
+                claim = await self.claim(conn, scope, request)
+                if not claim.is_new:
+                    return claim.replay(response_type)
+                response = await effect(conn)
+                await self.complete(conn, scope, request, response=response)
+                return response
+        except DomainError as error:
+            if error.reason != "REQUEST_ID_REUSED":
+                await self.record_error(scope, request, error)
+            raise
+
+    async def begin(
+        self,
+        scope: str,
+        request: Message,
+        start: Callable[[AsyncConnection], Awaitable[str]],
+    ) -> Claim:
+        """Claim the request id and create the operation's record (`start` returns its id).
+
+        Returns the claim: `finished` means answer with `replay()`; otherwise resume the operation
+        whose id is `resource_id` (new, or left unfinished by an earlier attempt).
+        """
+        try:
+            async with self._db.transaction() as conn:
+                claim = await self.claim(conn, scope, request)
+                if not claim.is_new:
+                    if claim.resource_id is None and not claim.finished:
+                        raise AssertionError(
+                            f"claim {scope}/{request} has neither record nor answer"
+                        )
+                    return claim
+                resource_id = await start(conn)
+                await conn.execute(
+                    update(idempotency_keys)
+                    .where(
+                        idempotency_keys.c.scope == scope,
+                        idempotency_keys.c.request_id == _request_id(request),
+                    )
+                    .values(resource_id=resource_id)
+                )
+                return Claim(is_new=True, resource_id=resource_id)
+        except DomainError as error:
+            if error.reason != "REQUEST_ID_REUSED":
+                await self.record_error(scope, request, error)
+            raise
+
+    async def expire(self, older_than: dt.timedelta) -> int:
+        """Forget keys older than the retention period (at least 24 hours)."""
+        async with self._db.transaction() as conn:
+            result = await conn.execute(
+                idempotency_keys.delete().where(
+                    idempotency_keys.c.created_at < self._clock.now() - older_than
+                )
+            )
+            return result.rowcount

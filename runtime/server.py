@@ -1,0 +1,195 @@
+"""Server bootstrap shared by every service: one `ServiceSpec` in, a running gRPC server out.
+
+`start_service()` opens the database (and migrates it), builds the grpc.aio server with tracing and the
+request guard, registers the service's servicers, health checking and reflection, and starts the
+service's background workers. `main()` runs that until SIGINT/SIGTERM, then shuts down gracefully: health
+turns NOT_SERVING, in-flight calls get `grace_seconds` to finish, workers stop, the database closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.sdk.trace import TracerProvider
+
+from runtime import migrations
+from runtime.clients import service_channel
+from runtime.clock import Clock, SystemClock
+from runtime.config import ServiceSettings
+from runtime.db import Database
+from runtime.idempotency import Idempotency
+from runtime.interceptors import RequestGuard
+from runtime.telemetry import configure_logging, make_tracer_provider
+
+log = logging.getLogger("coins.server")
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+class Runtime(Generic[S]):
+    """What the shared runtime hands a service while it sets itself up."""
+
+    def __init__(
+        self,
+        settings: S,
+        server: grpc.aio.Server,
+        db: Database,
+        tracer_provider: TracerProvider,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.server = server
+        self.db = db
+        self.tracer_provider = tracer_provider
+        self.tracer = tracer_provider.get_tracer(f"coins.{settings.service_name}")
+        self.clock = clock
+        self.idempotency = Idempotency(db, clock)
+        self._channels: list[grpc.aio.Channel] = []
+        self._workers: list[Callable[[], Awaitable[None]]] = []
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A traced, retrying channel to another service; closed when this service stops."""
+        channel = service_channel(address, self.tracer_provider)
+        self._channels.append(channel)
+        return channel
+
+    def add_worker(self, run: Callable[[], Awaitable[None]]) -> None:
+        """A background loop (an outbox relay, a processor poller) started with the server, cancelled at stop."""
+        self._workers.append(run)
+
+
+@dataclass(frozen=True)
+class ServiceSpec(Generic[S]):
+    """Everything the runtime needs to know about one service."""
+
+    name: str
+    settings_type: type[S]
+    error_domain: str
+    grpc_services: tuple[str, ...]
+    migrations_dir: Path
+    setup: Callable[[Runtime[S]], Awaitable[None]]
+
+
+@dataclass
+class RunningService(Generic[S]):
+    spec: ServiceSpec[S]
+    runtime: Runtime[S]
+    port: int
+    health: health.aio.HealthServicer
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.runtime.settings.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        rt = self.runtime
+        await self.health.enter_graceful_shutdown()
+        await rt.server.stop(rt.settings.grace_seconds if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channel in rt._channels:
+            await channel.close()
+        await rt.db.close()
+        rt.tracer_provider.force_flush()
+
+
+async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Keep a worker alive: a crash is logged and the worker restarts after a pause."""
+    while True:
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker %s crashed; restarting in 1s", name)
+            await asyncio.sleep(1)
+
+
+async def start_service(
+    spec: ServiceSpec[S],
+    settings: S,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    clock: Clock | None = None,
+) -> RunningService[S]:
+    provider = tracer_provider or make_tracer_provider(spec.name)
+    db = Database(settings.resolved_database_url(), provider)
+    if settings.migrate_on_start:
+        await migrations.upgrade(db, spec.migrations_dir)
+    server = grpc.aio.server(
+        interceptors=[
+            aio_server_interceptor(
+                tracer_provider=provider, filter_=filters.negate(filters.health_check())
+            ),
+            RequestGuard(spec.error_domain),
+        ],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    runtime = Runtime(settings, server, db, provider, clock or SystemClock())
+    await spec.setup(runtime)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        names = (*spec.grpc_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise SystemExit(f"{spec.name}: cannot listen on {settings.address}")
+    await server.start()
+    for name in ("", *spec.grpc_services):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningService(spec, runtime, port, health_servicer)
+    running._tasks = [
+        asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers
+    ]
+    log.info("%s serving on %s:%d (%s)", spec.name, settings.host, port, db.engine.url.drivername)
+    return running
+
+
+def main(spec: ServiceSpec[S]) -> None:
+    """Entry point of `python -m services.<name>`: serve until SIGINT or SIGTERM."""
+    settings = spec.settings_type()
+    configure_logging(spec.name, settings.log_level)
+
+    async def serve() -> None:
+        running = await start_service(spec, settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("%s shutting down (grace %.1fs)", spec.name, settings.grace_seconds)
+        await running.stop()
+        log.info("%s stopped", spec.name)
+
+    asyncio.run(serve())
+
+
+async def wait_for_wake(wake: asyncio.Event, seconds: float) -> None:
+    """A worker's pause: until `wake` is set (new work) or `seconds` pass (retries), then re-arm."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), timeout=seconds)
+    wake.clear()

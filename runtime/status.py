@@ -1,0 +1,114 @@
+"""The one place where domain errors become gRPC statuses, and where callers read them back.
+
+A status leaves with exactly one google.rpc.ErrorInfo (reason, domain, metadata) and, when fields were
+wrong, one google.rpc.BadRequest (AIP-193). `await context.abort(...)` is used rather than
+`abort_with_status` because OpenTelemetry's aio server instrumentation only records the former.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from runtime.errors import DomainError, ErrorKind, Internal, Unavailable, error_of_kind
+from runtime.protos import RpcContext
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _code(kind: ErrorKind) -> grpc.StatusCode:
+    return grpc.StatusCode[kind.value]
+
+
+def to_status(error: DomainError, domain: str) -> status_pb2.Status:
+    """The google.rpc.Status for `error`, with ErrorInfo first and BadRequest when fields were wrong."""
+    info = any_pb2.Any()
+    info.Pack(
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    )
+    details = [info]
+    if error.violations:
+        bad_request = any_pb2.Any()
+        bad_request.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+        details.append(bad_request)
+    return status_pb2.Status(
+        code=getattr(code_pb2, error.kind.value), message=error.message, details=details
+    )
+
+
+async def abort(context: RpcContext, error: DomainError, domain: str) -> NoReturn:
+    """End the RPC with `error`; raises grpc's AbortError as grpc.aio requires."""
+    status = rpc_status.to_status(to_status(error, domain))
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a coins service attached to a failed call, if any."""
+    for detail in _details(error).details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def bad_request(error: grpc.RpcError) -> error_details_pb2.BadRequest | None:
+    """The BadRequest a coins service attached to a failed call, if any."""
+    for detail in _details(error).details:
+        found = error_details_pb2.BadRequest()
+        if detail.Unpack(found):
+            return found
+    return None
+
+
+def _details(error: grpc.RpcError) -> status_pb2.Status:
+    trailers: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return status_pb2.Status()
+
+
+def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
+    """Turn a failed call to another service into a DomainError this service can raise.
+
+    Business errors (a reason in ErrorInfo, a definite code) pass through with their reason, so a
+    caller of gifting sees INSUFFICIENT_FUNDS just as the wallet said it. Transport failures become
+    UNAVAILABLE (retry later); anything else is an internal error of ours, never the dependency's details.
+    """
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    info = error_info(error)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(
+            "DEPENDENCY_UNAVAILABLE",
+            f"the {dependency} service did not answer in time; retry with the same request_id",
+            dependency=dependency,
+        )
+    passthrough = {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+    if info is not None and code in passthrough:
+        message = error.details() if hasattr(error, "details") else info.reason
+        relayed = error_of_kind(ErrorKind[code.name], info.reason, message or info.reason)
+        relayed.metadata = dict(info.metadata)
+        return relayed
+    return Internal("DEPENDENCY_FAILED", f"the {dependency} service failed", dependency=dependency)
