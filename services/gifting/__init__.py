@@ -1,0 +1,2 @@
+"""Gifting: the gift catalog, sending gifts (coins out of the sender, diamonds to the creator) and LIVE
+leaderboards."""

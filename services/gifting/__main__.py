@@ -1,0 +1,4 @@
+from runtime.server import main
+from services.gifting.service import SPEC
+
+main(SPEC)

@@ -1,0 +1,176 @@
+"""The gifting service's gRPC layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from runtime.clients import downstream_timeout
+from runtime.errors import Aborted, DomainError, NotFound
+from runtime.pagination import decode_token, encode_token, page_size
+from runtime.protos import RpcContext, timestamp
+from runtime.server import Runtime
+from services.gifting import storage
+from services.gifting.domain import CoinDebiter, Gifting, Target
+from services.gifting.settings import GiftingSettings
+
+_CREDIT_STATUS = {
+    "debited": gifting_pb2.CREDIT_STATUS_PENDING,
+    "credited": gifting_pb2.CREDIT_STATUS_CREDITED,
+}
+
+
+def _sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
+    message = gifting_pb2.SentGift(
+        sent_gift_id=sent.sent_gift_id,
+        sender_id=sent.sender_id,
+        creator_id=sent.creator_id,
+        gift_id=sent.gift_id,
+        count=sent.count,
+        coins=sent.coins,
+        credit_status=_CREDIT_STATUS.get(sent.status, gifting_pb2.CREDIT_STATUS_UNSPECIFIED),
+        create_time=timestamp(sent.created_at),
+    )
+    if sent.live_id:
+        message.live_id = sent.live_id
+    if sent.video_id:
+        message.video_id = sent.video_id
+    return message
+
+
+class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
+    def __init__(
+        self,
+        runtime: Runtime[GiftingSettings],
+        gifting: Gifting,
+        wallet: CoinDebiter,
+        wake_relay: Callable[[], None],
+    ) -> None:
+        self._rt = runtime
+        self._db = runtime.db
+        self._idempotency = runtime.idempotency
+        self._clock = runtime.clock
+        self._gifting = gifting
+        self._wallet = wallet
+        self._wake_relay = wake_relay
+
+    async def ListGifts(
+        self, request: gifting_pb2.ListGiftsRequest, context: RpcContext
+    ) -> gifting_pb2.ListGiftsResponse:
+        size = page_size(request.page_size)
+        after = decode_token(request.page_token, "gifts", 2)
+        async with self._db.read() as conn:
+            gifts = await storage.list_gifts(
+                conn, limit=size + 1, after=(int(after[0]), str(after[1])) if after else None
+            )
+        token = ""
+        if len(gifts) > size:
+            gifts = gifts[:size]
+            token = encode_token("gifts", gifts[-1].coins, gifts[-1].gift_id)
+        return gifting_pb2.ListGiftsResponse(
+            gifts=[
+                gifting_pb2.Gift(
+                    gift_id=g.gift_id, name=g.name, coins=g.coins, streakable=g.streakable
+                )
+                for g in gifts
+            ],
+            next_page_token=token,
+        )
+
+    async def SendGift(
+        self, request: gifting_pb2.SendGiftRequest, context: RpcContext
+    ) -> gifting_pb2.SendGiftResponse:
+        scope = f"SendGift:{request.sender_id}"
+        target = Target(
+            live_id=request.live_id if request.HasField("live_id") else None,
+            video_id=request.video_id if request.HasField("video_id") else None,
+        )
+
+        async def start(conn: AsyncConnection) -> str:
+            return await self._gifting.start(
+                conn,
+                sender_id=request.sender_id,
+                creator_id=request.creator_id,
+                gift_id=request.gift_id,
+                count=request.count,
+                target=target,
+                now=self._clock.now(),
+            )
+
+        claim = await self._idempotency.begin(scope, request, start)
+        if claim.finished:
+            return claim.replay(gifting_pb2.SendGiftResponse)
+        assert claim.resource_id is not None
+        async with self._db.read() as conn:
+            sent = await storage.get_sent_gift(conn, claim.resource_id)
+        assert sent is not None
+        try:
+            transaction_id, balance = await self._wallet.debit_for_gift(
+                sent_gift_id=sent.sent_gift_id,
+                sender_id=sent.sender_id,
+                coins=sent.coins,
+                time_limit=downstream_timeout(
+                    context, self._rt.settings.downstream_timeout_seconds
+                ),
+            )
+        except DomainError as error:
+            if not error.retryable:
+                async with self._db.transaction() as conn:
+                    await self._gifting.record_failure(conn, sent.sent_gift_id, self._clock.now())
+                    await self._idempotency.complete(conn, scope, request, error=error)
+            raise
+        async with self._db.transaction() as conn:
+            if not await self._gifting.record_debit(conn, sent, transaction_id, self._clock.now()):
+                raise Aborted(
+                    "CONCURRENT_RETRY",
+                    "another attempt with this request_id completed the gift; retry to read it",
+                )
+            recorded = await storage.get_sent_gift(conn, sent.sent_gift_id)
+            assert recorded is not None
+            response = gifting_pb2.SendGiftResponse(
+                sent_gift=_sent_gift_pb(recorded), sender_balance_coins=balance
+            )
+            await self._idempotency.complete(conn, scope, request, response=response)
+        self._wake_relay()
+        return response
+
+    async def GetGift(
+        self, request: gifting_pb2.GetGiftRequest, context: RpcContext
+    ) -> gifting_pb2.GetGiftResponse:
+        async with self._db.read() as conn:
+            sent = await storage.get_sent_gift(conn, request.sent_gift_id)
+        if sent is None or sent.status in ("pending", "failed"):
+            raise NotFound(
+                "SENT_GIFT_NOT_FOUND",
+                f"no sent gift {request.sent_gift_id!r}",
+                sent_gift_id=request.sent_gift_id,
+            )
+        return gifting_pb2.GetGiftResponse(sent_gift=_sent_gift_pb(sent))
+
+    async def ListTopGifters(
+        self, request: gifting_pb2.ListTopGiftersRequest, context: RpcContext
+    ) -> gifting_pb2.ListTopGiftersResponse:
+        size = page_size(request.page_size, default=10, maximum=100)
+        kind = f"top:{request.live_id}"
+        after = decode_token(request.page_token, kind, 3)
+        async with self._db.read() as conn:
+            rows = await storage.top_gifters(
+                conn,
+                request.live_id,
+                limit=size + 1,
+                after=(int(after[0]), str(after[1])) if after else None,
+            )
+        first_rank = int(after[2]) + 1 if after else 1
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = encode_token(kind, rows[-1][1], rows[-1][0], first_rank + size - 1)
+        return gifting_pb2.ListTopGiftersResponse(
+            gifters=[
+                gifting_pb2.Gifter(user_id=sender, coins=coins, rank=first_rank + i)
+                for i, (sender, coins) in enumerate(rows)
+            ],
+            next_page_token=token,
+        )

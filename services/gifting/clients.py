@@ -1,0 +1,64 @@
+"""Adapters from the gifting domain's ports to the wallet and payout gRPC contracts."""
+
+from __future__ import annotations
+
+import grpc
+
+from coins.payout.v1 import payout_pb2, payout_pb2_grpc
+from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from runtime.status import from_rpc_error
+from services.gifting.domain import credit_request_id, debit_request_id
+
+
+def debit_request(sent_gift_id: str, sender_id: str, coins: int) -> wallet_pb2.DebitCoinsRequest:
+    """What gifting asks of the wallet for one gift (pinned by contracts/wallet.json)."""
+    return wallet_pb2.DebitCoinsRequest(
+        request_id=debit_request_id(sent_gift_id),
+        user_id=sender_id,
+        coins=coins,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference=sent_gift_id,
+    )
+
+
+def credit_request(
+    sent_gift_id: str, creator_id: str, coins: int
+) -> payout_pb2.CreditDiamondsRequest:
+    """What gifting asks of payout for one gift (pinned by contracts/payout.json)."""
+    return payout_pb2.CreditDiamondsRequest(
+        request_id=credit_request_id(sent_gift_id),
+        creator_id=creator_id,
+        coins=coins,
+        reference=sent_gift_id,
+    )
+
+
+class WalletDebiter:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._wallet = wallet_pb2_grpc.WalletServiceStub(channel)
+
+    async def debit_for_gift(
+        self, *, sent_gift_id: str, sender_id: str, coins: int, time_limit: float
+    ) -> tuple[str, int]:
+        try:
+            response = await self._wallet.DebitCoins(
+                debit_request(sent_gift_id, sender_id, coins), timeout=time_limit
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, dependency="wallet") from None
+        return response.transaction_id, response.balance.coins
+
+
+class PayoutCrediter:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._payout = payout_pb2_grpc.PayoutServiceStub(channel)
+
+    async def credit_for_gift(
+        self, *, sent_gift_id: str, creator_id: str, coins: int, time_limit: float
+    ) -> None:
+        try:
+            await self._payout.CreditDiamonds(
+                credit_request(sent_gift_id, creator_id, coins), timeout=time_limit
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, dependency="payout") from None

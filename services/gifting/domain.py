@@ -1,0 +1,139 @@
+"""Gifting rules and the steps of sending a gift. No gRPC here: other services are reached through ports.
+
+Sending a gift is a small saga (see the README, "Following one gift"):
+1. `start`: refuse self-gifting and unknown gifts, record the gift as `pending`;
+2. the sender's coins are debited in the wallet, with a request id derived from the gift's id: the pivot;
+3. `record_debit`: the gift becomes `debited`, the LIVE leaderboard grows, and the creator's diamond
+   credit is written to the outbox in the same transaction;
+4. the outbox relay delivers the credit to the payout service until it is acknowledged (`credited`).
+Any retry of any step repeats nothing: each step is keyed by the gift id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry import propagate
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runtime.errors import InvalidArgument, NotFound
+from services.gifting import storage
+
+
+class CoinDebiter(Protocol):
+    """The wallet, as the gifting service needs it."""
+
+    async def debit_for_gift(
+        self, *, sent_gift_id: str, sender_id: str, coins: int, time_limit: float
+    ) -> tuple[str, int]:
+        """Debit the sender; returns (wallet transaction id, sender's balance after)."""
+        ...
+
+
+class DiamondCrediter(Protocol):
+    """The payout service, as the gifting service needs it."""
+
+    async def credit_for_gift(
+        self, *, sent_gift_id: str, creator_id: str, coins: int, time_limit: float
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a gift is sent: exactly one of a LIVE or a video."""
+
+    live_id: str | None = None
+    video_id: str | None = None
+
+
+def debit_request_id(sent_gift_id: str) -> str:
+    """The wallet request id of a gift's debit: retries of the gift reuse it, so it debits once."""
+    return f"gift:{sent_gift_id}"
+
+
+def credit_request_id(sent_gift_id: str) -> str:
+    """The payout request id of a gift's credit: redeliveries reuse it, so it credits once."""
+    return f"gift:{sent_gift_id}"
+
+
+class Gifting:
+    async def start(
+        self,
+        conn: AsyncConnection,
+        *,
+        sender_id: str,
+        creator_id: str,
+        gift_id: str,
+        count: int,
+        target: Target,
+        now: dt.datetime,
+    ) -> str:
+        if sender_id == creator_id:
+            raise InvalidArgument(
+                "SELF_GIFTING", "creators cannot send gifts to themselves", user_id=sender_id
+            )
+        gift = await storage.get_gift(conn, gift_id)
+        if gift is None or not gift.active:
+            raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id)
+        sent_gift_id = uuid.uuid4().hex
+        await storage.insert_sent_gift(
+            conn,
+            storage.SentGiftRecord(
+                sent_gift_id=sent_gift_id,
+                sender_id=sender_id,
+                creator_id=creator_id,
+                gift_id=gift_id,
+                count=count,
+                coins=gift.coins * count,
+                live_id=target.live_id,
+                video_id=target.video_id,
+                status="pending",
+                wallet_transaction_id=None,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+        return sent_gift_id
+
+    async def record_debit(
+        self,
+        conn: AsyncConnection,
+        sent: storage.SentGiftRecord,
+        wallet_transaction_id: str,
+        now: dt.datetime,
+    ) -> bool:
+        """The coins are gone: rank the sender and queue the creator's credit. False if done already."""
+        moved = await storage.move_sent_gift(
+            conn,
+            sent.sent_gift_id,
+            from_status="pending",
+            to_status="debited",
+            now=now,
+            wallet_transaction_id=wallet_transaction_id,
+        )
+        if not moved:
+            return False
+        if sent.live_id:
+            await storage.add_to_leaderboard(conn, sent.live_id, sent.sender_id, sent.coins)
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        await storage.enqueue_credit(
+            conn,
+            sent_gift_id=sent.sent_gift_id,
+            creator_id=sent.creator_id,
+            coins=sent.coins,
+            traceparent=carrier.get("traceparent", ""),
+            now=now,
+        )
+        return True
+
+    async def record_failure(
+        self, conn: AsyncConnection, sent_gift_id: str, now: dt.datetime
+    ) -> None:
+        """The debit was refused (not enough coins, no account): the gift never happened."""
+        await storage.move_sent_gift(
+            conn, sent_gift_id, from_status="pending", to_status="failed", now=now
+        )

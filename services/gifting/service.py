@@ -1,0 +1,38 @@
+"""How the gifting service is put together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from runtime.server import Runtime, ServiceSpec
+from services.gifting.api import GiftingApi
+from services.gifting.clients import PayoutCrediter, WalletDebiter
+from services.gifting.domain import Gifting
+from services.gifting.outbox import CreditRelay
+from services.gifting.settings import GiftingSettings
+
+
+async def setup(runtime: Runtime[GiftingSettings]) -> None:
+    settings = runtime.settings
+    relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
+    runtime.add_worker(relay.run)
+    gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
+        GiftingApi(
+            runtime,
+            Gifting(),
+            WalletDebiter(runtime.channel(settings.wallet_address)),
+            relay.wake.set,
+        ),
+        runtime.server,
+    )
+
+
+SPEC = ServiceSpec(
+    name="gifting",
+    settings_type=GiftingSettings,
+    error_domain="gifting.coins",
+    grpc_services=(gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name,),
+    migrations_dir=Path(__file__).parent / "migrations",
+    setup=setup,
+)

@@ -1,0 +1,23 @@
+"""Gifting configuration (environment variables prefixed GIFTING_)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic_settings import SettingsConfigDict
+
+from runtime.config import ServiceSettings
+
+
+class GiftingSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="GIFTING_", extra="ignore")
+    service_name: ClassVar[str] = "gifting"
+
+    port: int = 50052
+    wallet_address: str = "127.0.0.1:50051"
+    payout_address: str = "127.0.0.1:50053"
+    relay_batch_size: int = 200
+    """Credits the outbox relay takes per round."""
+    relay_concurrency: int = 16
+    """Credits the relay has in flight to the payout service at once."""
+    relay_max_backoff_seconds: float = 60.0

@@ -1,0 +1,1 @@
+"""Payout: creators' diamonds, their conversion from gift coins, and withdrawals as cash."""

@@ -1,0 +1,156 @@
+"""The payout service's gRPC layer."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from coins.payout.v1 import payout_pb2, payout_pb2_grpc
+from runtime.errors import NotFound
+from runtime.pagination import decode_token, encode_token, page_size
+from runtime.protos import RpcContext, money, timestamp
+from runtime.server import Runtime
+from services.payout import policy, storage
+from services.payout.domain import Payouts
+from services.payout.settings import PayoutSettings
+
+_METHODS = {payout_pb2.PAYOUT_METHOD_PAYPAL: "paypal", payout_pb2.PAYOUT_METHOD_BANK: "bank"}
+_METHOD_ENUM = {name: value for value, name in _METHODS.items()}
+_STATUS = {
+    "pending": payout_pb2.WITHDRAWAL_STATUS_PENDING,
+    "processing": payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+    "paid": payout_pb2.WITHDRAWAL_STATUS_PAID,
+    "failed": payout_pb2.WITHDRAWAL_STATUS_FAILED,
+}
+
+
+class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
+    def __init__(
+        self, runtime: Runtime[PayoutSettings], payouts: Payouts, wake_worker: Callable[[], None]
+    ) -> None:
+        self._db = runtime.db
+        self._idempotency = runtime.idempotency
+        self._clock = runtime.clock
+        self._settings = runtime.settings
+        self._payouts = payouts
+        self._wake_worker = wake_worker
+
+    def _balance(self, creator_id: str, diamonds: int) -> payout_pb2.DiamondBalance:
+        return payout_pb2.DiamondBalance(
+            creator_id=creator_id,
+            diamonds=diamonds,
+            available_diamonds=diamonds,
+            available_value=money(
+                self._settings.currency_code, policy.cash_value(diamonds, self._settings)
+            ),
+        )
+
+    def _withdrawal(self, w: storage.WithdrawalRecord) -> payout_pb2.Withdrawal:
+        currency = w.currency_code
+        return payout_pb2.Withdrawal(
+            withdrawal_id=w.withdrawal_id,
+            creator_id=w.creator_id,
+            diamonds=w.diamonds,
+            gross=money(currency, w.gross_minor),
+            fee=money(currency, w.fee_minor),
+            net=money(currency, w.gross_minor - w.fee_minor),
+            method=_METHOD_ENUM[w.method],
+            status=_STATUS[w.status],
+            failure_reason=w.failure_reason,
+            create_time=timestamp(w.created_at),
+            update_time=timestamp(w.updated_at),
+        )
+
+    async def GetDiamondBalance(
+        self, request: payout_pb2.GetDiamondBalanceRequest, context: RpcContext
+    ) -> payout_pb2.GetDiamondBalanceResponse:
+        async with self._db.read() as conn:
+            diamonds = await self._payouts.balance(conn, request.creator_id)
+        return payout_pb2.GetDiamondBalanceResponse(
+            balance=self._balance(request.creator_id, diamonds)
+        )
+
+    async def CreditDiamonds(
+        self, request: payout_pb2.CreditDiamondsRequest, context: RpcContext
+    ) -> payout_pb2.CreditDiamondsResponse:
+        scope = f"CreditDiamonds:{request.creator_id}"
+
+        async def effect(conn: AsyncConnection) -> payout_pb2.CreditDiamondsResponse:
+            credit = await self._payouts.credit(
+                conn,
+                creator_id=request.creator_id,
+                coins=request.coins,
+                reference=request.reference,
+                request_id=f"{scope}/{request.request_id}",
+                now=self._clock.now(),
+            )
+            return payout_pb2.CreditDiamondsResponse(
+                diamonds_credited=credit.diamonds_credited,
+                balance=self._balance(request.creator_id, credit.balance),
+            )
+
+        return await self._idempotency.once(
+            scope, request, payout_pb2.CreditDiamondsResponse, effect
+        )
+
+    async def RequestWithdrawal(
+        self, request: payout_pb2.RequestWithdrawalRequest, context: RpcContext
+    ) -> payout_pb2.RequestWithdrawalResponse:
+        scope = f"RequestWithdrawal:{request.creator_id}"
+
+        async def effect(conn: AsyncConnection) -> payout_pb2.RequestWithdrawalResponse:
+            withdrawal, balance = await self._payouts.request_withdrawal(
+                conn,
+                creator_id=request.creator_id,
+                diamonds=request.diamonds,
+                method=_METHODS[request.method],
+                destination_token=request.destination_token,
+                request_id=f"{scope}/{request.request_id}",
+                now=self._clock.now(),
+            )
+            return payout_pb2.RequestWithdrawalResponse(
+                withdrawal=self._withdrawal(withdrawal),
+                balance=self._balance(request.creator_id, balance),
+            )
+
+        response = await self._idempotency.once(
+            scope, request, payout_pb2.RequestWithdrawalResponse, effect
+        )
+        self._wake_worker()
+        return response
+
+    async def GetWithdrawal(
+        self, request: payout_pb2.GetWithdrawalRequest, context: RpcContext
+    ) -> payout_pb2.GetWithdrawalResponse:
+        async with self._db.read() as conn:
+            withdrawal = await storage.get_withdrawal(conn, request.withdrawal_id)
+        if withdrawal is None:
+            raise NotFound(
+                "WITHDRAWAL_NOT_FOUND",
+                f"no withdrawal {request.withdrawal_id!r}",
+                withdrawal_id=request.withdrawal_id,
+            )
+        return payout_pb2.GetWithdrawalResponse(withdrawal=self._withdrawal(withdrawal))
+
+    async def ListWithdrawals(
+        self, request: payout_pb2.ListWithdrawalsRequest, context: RpcContext
+    ) -> payout_pb2.ListWithdrawalsResponse:
+        size = page_size(request.page_size)
+        kind = f"withdrawals:{request.creator_id}"
+        before = decode_token(request.page_token, kind, 2)
+        async with self._db.read() as conn:
+            rows = await storage.list_withdrawals(
+                conn,
+                request.creator_id,
+                limit=size + 1,
+                before=(dt.datetime.fromisoformat(before[0]), str(before[1])) if before else None,
+            )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
+        return payout_pb2.ListWithdrawalsResponse(
+            withdrawals=[self._withdrawal(w) for w in rows], next_page_token=token
+        )

@@ -1,0 +1,34 @@
+"""How the payout service is put together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coins.payout.v1 import payout_pb2, payout_pb2_grpc
+from ledger import Ledger
+from runtime.server import Runtime, ServiceSpec
+from services.payout.api import PayoutApi
+from services.payout.domain import Payouts
+from services.payout.processor import SandboxProcessor, WithdrawalWorker
+from services.payout.settings import PayoutSettings
+
+
+async def setup(runtime: Runtime[PayoutSettings]) -> None:
+    payouts = Payouts(runtime.settings, Ledger(runtime.clock, unit="diamonds"))
+    worker = WithdrawalWorker(
+        runtime, payouts, SandboxProcessor(runtime.settings.processor_latency_ms)
+    )
+    runtime.add_worker(worker.run)
+    payout_pb2_grpc.add_PayoutServiceServicer_to_server(
+        PayoutApi(runtime, payouts, worker.wake.set), runtime.server
+    )
+
+
+SPEC = ServiceSpec(
+    name="payout",
+    settings_type=PayoutSettings,
+    error_domain="payout.coins",
+    grpc_services=(payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name,),
+    migrations_dir=Path(__file__).parent / "migrations",
+    setup=setup,
+)

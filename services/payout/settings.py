@@ -1,0 +1,31 @@
+"""Payout configuration (environment variables prefixed PAYOUT_). All of it is policy, not code."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic_settings import SettingsConfigDict
+
+from runtime.config import ServiceSettings
+
+
+class PayoutSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYOUT_", extra="ignore")
+    service_name: ClassVar[str] = "payout"
+
+    port: int = 50053
+    diamonds_per_coin_numerator: int = 1
+    diamonds_per_coin_denominator: int = 2
+    """A creator earns floor(coins received x 1/2) diamonds: 2 coins = 1 diamond (the platform keeps ~50%)."""
+    diamonds_per_minor_unit: int = 2
+    """2 diamonds = 1 cent, so 200 diamonds = $1 and 1 diamond = $0.005."""
+    currency_code: str = "USD"
+    min_withdrawal_minor: int = 1000
+    """$10.00: smaller withdrawals are refused (BELOW_MINIMUM)."""
+    daily_withdrawal_cap_minor: int = 100_000
+    """$1,000.00 per creator per UTC calendar day (DAILY_LIMIT_EXCEEDED)."""
+    withdrawal_fee_bps: int = 0
+    withdrawal_fee_fixed_minor: int = 0
+    """The platform charges no fee by default; both are configurable."""
+    processor_latency_ms: int = 50
+    policy_version: str = "2026-11"

@@ -1,0 +1,29 @@
+"""How the promotion service is put together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
+from runtime.server import Runtime, ServiceSpec
+from services.promotion.api import PromotionApi
+from services.promotion.clients import WalletBudgetPayer
+from services.promotion.domain import Promotions
+from services.promotion.settings import PromotionSettings
+
+
+async def setup(runtime: Runtime[PromotionSettings]) -> None:
+    wallet = WalletBudgetPayer(runtime.channel(runtime.settings.wallet_address))
+    promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
+        PromotionApi(runtime, Promotions(), wallet), runtime.server
+    )
+
+
+SPEC = ServiceSpec(
+    name="promotion",
+    settings_type=PromotionSettings,
+    error_domain="promotion.coins",
+    grpc_services=(promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name,),
+    migrations_dir=Path(__file__).parent / "migrations",
+    setup=setup,
+)

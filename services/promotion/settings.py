@@ -1,0 +1,17 @@
+"""Promotion configuration (environment variables prefixed PROMOTION_)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic_settings import SettingsConfigDict
+
+from runtime.config import ServiceSettings
+
+
+class PromotionSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="PROMOTION_", extra="ignore")
+    service_name: ClassVar[str] = "promotion"
+
+    port: int = 50054
+    wallet_address: str = "127.0.0.1:50051"

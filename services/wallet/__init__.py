@@ -1,0 +1,1 @@
+"""Wallet: viewers' coins, coin packages, purchases and the coin ledger."""

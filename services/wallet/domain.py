@@ -1,0 +1,175 @@
+"""Wallet rules: who may buy what, and how coins move in the ledger. No gRPC, no protobuf here."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger import Ledger, Posting
+from runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from services.wallet import storage
+from services.wallet.settings import WalletSettings
+
+COIN_SALES = "system:coin_sales"
+SPEND_ACCOUNTS = {"gift": "system:gift_spend", "promotion": "system:promotion_spend"}
+
+
+def user_account(user_id: str) -> str:
+    """The ledger account that holds a user's coins."""
+    return f"user:{user_id}"
+
+
+def age_on(birth_date: dt.date, day: dt.date) -> int:
+    before_birthday = (day.month, day.day) < (birth_date.month, birth_date.day)
+    return day.year - birth_date.year - before_birthday
+
+
+@dataclass(frozen=True)
+class Debit:
+    transaction_id: str
+    balance: int
+
+
+class Wallet:
+    """The wallet's operations, each run inside a transaction the caller owns."""
+
+    def __init__(self, settings: WalletSettings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+
+    async def open_account(
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        country_code: str,
+        birth_date: dt.date,
+        now: dt.datetime,
+    ) -> storage.AccountRecord:
+        if birth_date > now.date():
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                "birth_date is in the future",
+                violations=(FieldViolation("birth_date", "must not be in the future"),),
+            )
+        existing = await storage.get_account(conn, user_id)
+        if existing is not None:
+            if (existing.country_code, existing.birth_date) == (country_code, birth_date):
+                return existing
+            raise AlreadyExists(
+                "ACCOUNT_EXISTS",
+                f"user {user_id} already has an account with other details",
+                user_id=user_id,
+            )
+        account = storage.AccountRecord(
+            user_id=user_id,
+            country_code=country_code,
+            currency_code=self.settings.regions.get(country_code, "USD"),
+            birth_date=birth_date,
+            created_at=now,
+        )
+        await storage.insert_account(conn, account)
+        await self.ledger.open_account(conn, user_account(user_id))
+        return account
+
+    async def account(self, conn: AsyncConnection, user_id: str) -> storage.AccountRecord:
+        account = await storage.get_account(conn, user_id)
+        if account is None:
+            raise NotFound(
+                "ACCOUNT_NOT_FOUND",
+                f"user {user_id} has no wallet account; open one first",
+                user_id=user_id,
+            )
+        return account
+
+    async def balance(self, conn: AsyncConnection, user_id: str) -> int:
+        await self.account(conn, user_id)
+        return await self.ledger.balance(conn, user_account(user_id)) or 0
+
+    def check_can_buy(
+        self, account: storage.AccountRecord, package: storage.PackageRecord, today: dt.date
+    ) -> None:
+        """Age and region gating; raises FailedPrecondition with the rule that refused."""
+        age = age_on(account.birth_date, today)
+        if age < self.settings.minimum_age:
+            raise FailedPrecondition(
+                "AGE_RESTRICTED",
+                f"users under {self.settings.minimum_age} cannot buy coins",
+                minimum_age=self.settings.minimum_age,
+            )
+        if account.country_code not in self.settings.regions:
+            raise FailedPrecondition(
+                "REGION_UNSUPPORTED",
+                f"coins are not sold in {account.country_code}",
+                country_code=account.country_code,
+            )
+        if (
+            not package.active
+            or package.region != account.country_code
+            or package.currency_code != account.currency_code
+        ):
+            raise FailedPrecondition(
+                "PACKAGE_NOT_AVAILABLE",
+                f"package {package.package_id} is not sold in {account.country_code} "
+                f"({account.currency_code}); list the packages for this account",
+                package_id=package.package_id,
+            )
+
+    async def package(self, conn: AsyncConnection, package_id: str) -> storage.PackageRecord:
+        package = await storage.get_package(conn, package_id)
+        if package is None:
+            raise NotFound(
+                "PACKAGE_NOT_FOUND", f"no coin package {package_id!r}", package_id=package_id
+            )
+        return package
+
+    async def credit_purchase(
+        self, conn: AsyncConnection, purchase: storage.PurchaseRecord, request_id: str
+    ) -> int:
+        """Issue the purchased coins: coin sales -> the buyer. Returns the buyer's new balance."""
+        posted = await self.ledger.post(
+            conn,
+            [
+                Posting(COIN_SALES, -purchase.coins),
+                Posting(user_account(purchase.user_id), purchase.coins),
+            ],
+            kind="purchase",
+            reference=purchase.purchase_id,
+            request_id=request_id,
+            caller="wallet",
+            policy_version=self.settings.policy_version,
+        )
+        return posted.balances[user_account(purchase.user_id)]
+
+    async def debit(
+        self,
+        conn: AsyncConnection,
+        *,
+        user_id: str,
+        coins: int,
+        reason: str,
+        reference: str,
+        request_id: str,
+        caller: str,
+    ) -> Debit:
+        """Take coins for a gift or a promotion; INSUFFICIENT_FUNDS if the balance is too low.
+
+        An unknown user fails in the ledger (ACCOUNT_NOT_FOUND) without an extra lookup on this hot path.
+        """
+        posted = await self.ledger.post(
+            conn,
+            [Posting(user_account(user_id), -coins), Posting(SPEND_ACCOUNTS[reason], coins)],
+            kind=reason,
+            reference=reference,
+            request_id=request_id,
+            caller=caller,
+            policy_version=self.settings.policy_version,
+        )
+        return Debit(posted.transaction_id, posted.balances[user_account(user_id)])

@@ -1,0 +1,31 @@
+"""How the wallet is put together: its spec for the shared runtime and its wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from ledger import Ledger
+from runtime.server import Runtime, ServiceSpec
+from services.wallet.api import WalletApi
+from services.wallet.domain import Wallet
+from services.wallet.payments import SandboxPaymentProvider
+from services.wallet.settings import WalletSettings
+
+
+async def setup(runtime: Runtime[WalletSettings]) -> None:
+    wallet = Wallet(runtime.settings, Ledger(runtime.clock, unit="coins"))
+    payments = SandboxPaymentProvider(runtime.settings.payment_latency_ms)
+    wallet_pb2_grpc.add_WalletServiceServicer_to_server(
+        WalletApi(runtime, wallet, payments), runtime.server
+    )
+
+
+SPEC = ServiceSpec(
+    name="wallet",
+    settings_type=WalletSettings,
+    error_domain="wallet.coins",
+    grpc_services=(wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,),
+    migrations_dir=Path(__file__).parent / "migrations",
+    setup=setup,
+)

@@ -1,0 +1,178 @@
+"""Wallet tables and the SQL that reads and writes them (Core, no ORM: these are hot paths)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+metadata = MetaData()
+
+wallet_accounts = Table(
+    "wallet_accounts",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("country_code", String(2), nullable=False),
+    Column("currency_code", String(3), nullable=False),
+    Column("birth_date", Date, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+coin_packages = Table(
+    "coin_packages",
+    metadata,
+    Column("package_id", String(64), primary_key=True),
+    Column("region", String(2), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("currency_code", String(3), nullable=False),
+    Column("coins", BigInteger, nullable=False),
+    Column("price_minor", BigInteger, nullable=False),
+    Column("active", Boolean, nullable=False),
+)
+
+purchases = Table(
+    "purchases",
+    metadata,
+    Column("purchase_id", String(40), primary_key=True),
+    Column("user_id", String(64), nullable=False),
+    Column("package_id", String(64), nullable=False),
+    Column("region", String(2), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("coins", BigInteger, nullable=False),
+    Column("price_minor", BigInteger, nullable=False),
+    Column("currency_code", String(3), nullable=False),
+    Column("payment_token", String(256), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("provider_transaction_id", String(128), unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    user_id: str
+    country_code: str
+    currency_code: str
+    birth_date: dt.date
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    package_id: str
+    region: str
+    channel: str
+    currency_code: str
+    coins: int
+    price_minor: int
+    active: bool
+
+
+@dataclass(frozen=True)
+class PurchaseRecord:
+    purchase_id: str
+    user_id: str
+    package_id: str
+    region: str
+    channel: str
+    coins: int
+    price_minor: int
+    currency_code: str
+    payment_token: str
+    status: str
+    provider_transaction_id: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; everything in the suite is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+async def insert_account(conn: AsyncConnection, account: AccountRecord) -> None:
+    await conn.execute(wallet_accounts.insert().values(**account.__dict__))
+
+
+async def get_account(conn: AsyncConnection, user_id: str) -> AccountRecord | None:
+    row = (
+        await conn.execute(select(wallet_accounts).where(wallet_accounts.c.user_id == user_id))
+    ).first()
+    if row is None:
+        return None
+    data = row._asdict()
+    data["created_at"] = _utc(data["created_at"])
+    return AccountRecord(**data)
+
+
+async def get_package(conn: AsyncConnection, package_id: str) -> PackageRecord | None:
+    row = (
+        await conn.execute(select(coin_packages).where(coin_packages.c.package_id == package_id))
+    ).first()
+    return None if row is None else PackageRecord(**row._asdict())
+
+
+async def list_packages(
+    conn: AsyncConnection, region: str, channel: str, *, limit: int, after: tuple[int, str] | None
+) -> list[PackageRecord]:
+    query = (
+        select(coin_packages)
+        .where(
+            coin_packages.c.region == region,
+            coin_packages.c.channel == channel,
+            coin_packages.c.active,
+        )
+        .order_by(coin_packages.c.coins, coin_packages.c.package_id)
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(tuple_(coin_packages.c.coins, coin_packages.c.package_id) > after)
+    return [PackageRecord(**row._asdict()) for row in (await conn.execute(query)).all()]
+
+
+async def insert_purchase(conn: AsyncConnection, purchase: PurchaseRecord) -> None:
+    await conn.execute(purchases.insert().values(**purchase.__dict__))
+
+
+async def get_purchase(conn: AsyncConnection, purchase_id: str) -> PurchaseRecord | None:
+    row = (
+        await conn.execute(select(purchases).where(purchases.c.purchase_id == purchase_id))
+    ).first()
+    if row is None:
+        return None
+    data = row._asdict()
+    data["created_at"] = _utc(data["created_at"])
+    data["updated_at"] = _utc(data["updated_at"])
+    return PurchaseRecord(**data)
+
+
+async def settle_purchase(
+    conn: AsyncConnection,
+    purchase_id: str,
+    *,
+    status: str,
+    provider_transaction_id: str | None,
+    now: dt.datetime,
+) -> bool:
+    """Move a pending purchase to its outcome; False if another attempt settled it first."""
+    result = await conn.execute(
+        update(purchases)
+        .where(purchases.c.purchase_id == purchase_id, purchases.c.status == "pending")
+        .values(status=status, provider_transaction_id=provider_transaction_id, updated_at=now)
+    )
+    return result.rowcount == 1
