@@ -1,0 +1,1 @@
+"""coinsctl: a small command-line client for the coins suite."""

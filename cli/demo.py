@@ -1,0 +1,138 @@
+"""`make demo`: the whole money flow against the running suite, step by step, as tables."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from google.type import date_pb2
+
+from cli import render
+from cli.client import Clients
+from cli.render import console
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
+from coins.wallet.v1 import wallet_pb2
+
+
+def _rid() -> str:
+    return uuid.uuid4().hex
+
+
+def run(c: Clients) -> None:
+    run_id = uuid.uuid4().hex[:6]
+    ava, ben, leo = f"ava-{run_id}", f"ben-{run_id}", f"leo-{run_id}"
+    live = f"live-{run_id}"
+    t = c.timeout
+
+    console.rule("1. Two viewers open coin accounts")
+    for user in (ava, ben):
+        account = c.wallet.OpenAccount(
+            wallet_pb2.OpenAccountRequest(
+                request_id=_rid(),
+                user_id=user,
+                country_code="US",
+                birth_date=date_pb2.Date(year=1994, month=3, day=8),
+            ),
+            timeout=t,
+        ).account
+        console.print(render.account(account))
+
+    console.rule("2. Coin packages on sale to them (web prices)")
+    listed = c.wallet.ListCoinPackages(
+        wallet_pb2.ListCoinPackagesRequest(user_id=ava, channel=wallet_pb2.CHANNEL_WEB), timeout=t
+    )
+    console.print(render.packages(listed.packages))
+
+    console.rule("3. They buy coins (sandbox payment provider)")
+    for user, package in ((ava, "us-web-17500"), (ben, "us-web-700")):
+        bought = c.wallet.PurchaseCoins(
+            wallet_pb2.PurchaseCoinsRequest(
+                request_id=_rid(), user_id=user, package_id=package, payment_token="tok_visa"
+            ),
+            timeout=t,
+        )
+        console.print(render.purchase(bought.purchase, bought.balance))
+
+    console.rule(f"4. They send gifts to {leo} in {live}")
+    for sender, gift, count in (
+        (ava, "drama-queen", 2),
+        (ava, "concert", 4),
+        (ava, "rose", 5),
+        (ben, "concert", 1),
+    ):
+        sent = c.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                request_id=_rid(),
+                sender_id=sender,
+                creator_id=leo,
+                gift_id=gift,
+                count=count,
+                live_id=live,
+            ),
+            timeout=t,
+        )
+        console.print(render.sent_gift(sent))
+    top = c.gifting.ListTopGifters(gifting_pb2.ListTopGiftersRequest(live_id=live), timeout=t)
+    console.print(render.top_gifters(live, top.gifters))
+
+    console.rule(f"5. {leo}'s diamonds (2 coins = 1 diamond; 200 diamonds = $1)")
+    time.sleep(
+        0.3
+    )  # the diamond credit is delivered by gifting's outbox relay, just after the gift
+    balance = c.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=leo), timeout=t
+    ).balance
+    console.print(render.diamonds(balance))
+
+    console.rule(f"6. {leo} withdraws 4,000 diamonds to PayPal")
+    requested = c.payout.RequestWithdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            request_id=_rid(),
+            creator_id=leo,
+            diamonds=4000,
+            method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+            destination_token="dest_paypal_demo",
+        ),
+        timeout=t,
+    ).withdrawal
+    console.print(render.withdrawal(requested))
+    for _ in range(50):
+        current = c.payout.GetWithdrawal(
+            payout_pb2.GetWithdrawalRequest(withdrawal_id=requested.withdrawal_id), timeout=t
+        ).withdrawal
+        if current.status in (
+            payout_pb2.WITHDRAWAL_STATUS_PAID,
+            payout_pb2.WITHDRAWAL_STATUS_FAILED,
+        ):
+            break
+        time.sleep(0.1)
+    console.print("after the payment processor answered:")
+    console.print(render.withdrawal(current))
+    balance = c.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=leo), timeout=t
+    ).balance
+    console.print(render.diamonds(balance))
+
+    console.rule(f"7. {ava} promotes a video with 1,000 coins")
+    promoted = c.promotion.CreatePromotion(
+        promotion_pb2.CreatePromotionRequest(
+            request_id=_rid(),
+            user_id=ava,
+            video_id=f"video-{run_id}",
+            goal=promotion_pb2.GOAL_VIDEO_VIEWS,
+            budget_coins=1000,
+            duration_days=3,
+        ),
+        timeout=t,
+    )
+    console.print(render.promotion(promoted.promotion))
+
+    console.rule(f"8. {ava}'s balance and ledger")
+    coins = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=ava), timeout=t).balance
+    console.print(render.balance(ava, coins))
+    entries = c.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=ava, page_size=20), timeout=t
+    ).entries
+    console.print(render.ledger(ava, entries))

@@ -1,0 +1,256 @@
+"""coinsctl: drive the coins suite from a terminal.
+
+Every mutating command sends a fresh request id; pass --request-id to retry one safely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import uuid
+from collections.abc import Callable
+
+import grpc
+from google.type import date_pb2
+
+from cli import render
+from cli.client import DEFAULTS, Clients, default_address
+from cli.render import console
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
+from coins.wallet.v1 import wallet_pb2
+from runtime.status import bad_request, error_info
+
+Command = Callable[[Clients, argparse.Namespace], None]
+_CHANNELS = {"in-app": wallet_pb2.CHANNEL_IN_APP, "web": wallet_pb2.CHANNEL_WEB}
+_METHODS = {"paypal": payout_pb2.PAYOUT_METHOD_PAYPAL, "bank": payout_pb2.PAYOUT_METHOD_BANK}
+_GOALS = {
+    "views": promotion_pb2.GOAL_VIDEO_VIEWS,
+    "profile": promotion_pb2.GOAL_PROFILE_VISITS,
+    "followers": promotion_pb2.GOAL_FOLLOWERS,
+    "website": promotion_pb2.GOAL_WEBSITE_VISITS,
+}
+
+
+def _rid(args: argparse.Namespace) -> str:
+    return args.request_id or uuid.uuid4().hex
+
+
+def open_account(c: Clients, a: argparse.Namespace) -> None:
+    born = dt.date.fromisoformat(a.birth_date)
+    response = c.wallet.OpenAccount(
+        wallet_pb2.OpenAccountRequest(
+            request_id=_rid(a),
+            user_id=a.user,
+            country_code=a.country,
+            birth_date=date_pb2.Date(year=born.year, month=born.month, day=born.day),
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.account(response.account))
+
+
+def show_account(c: Clients, a: argparse.Namespace) -> None:
+    response = c.wallet.GetAccount(wallet_pb2.GetAccountRequest(user_id=a.user), timeout=c.timeout)
+    console.print(render.account(response.account))
+
+
+def packages(c: Clients, a: argparse.Namespace) -> None:
+    response = c.wallet.ListCoinPackages(
+        wallet_pb2.ListCoinPackagesRequest(user_id=a.user, channel=_CHANNELS[a.channel]),
+        timeout=c.timeout,
+    )
+    console.print(render.packages(response.packages))
+
+
+def buy(c: Clients, a: argparse.Namespace) -> None:
+    response = c.wallet.PurchaseCoins(
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=_rid(a), user_id=a.user, package_id=a.package, payment_token=a.token
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.purchase(response.purchase, response.balance))
+
+
+def balance(c: Clients, a: argparse.Namespace) -> None:
+    response = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=a.user), timeout=c.timeout)
+    console.print(render.balance(a.user, response.balance))
+
+
+def ledger(c: Clients, a: argparse.Namespace) -> None:
+    response = c.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=a.user, page_size=a.limit), timeout=c.timeout
+    )
+    console.print(render.ledger(a.user, response.entries))
+
+
+def gifts(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=100), timeout=c.timeout)
+    console.print(render.gifts(response.gifts))
+
+
+def send_gift(c: Clients, a: argparse.Namespace) -> None:
+    request = gifting_pb2.SendGiftRequest(
+        request_id=_rid(a), sender_id=a.sender, creator_id=a.creator, gift_id=a.gift, count=a.count
+    )
+    if a.video:
+        request.video_id = a.video
+    else:
+        request.live_id = a.live
+    response = c.gifting.SendGift(request, timeout=c.timeout)
+    console.print(render.sent_gift(response))
+
+
+def top(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.ListTopGifters(
+        gifting_pb2.ListTopGiftersRequest(live_id=a.live, page_size=a.limit), timeout=c.timeout
+    )
+    console.print(render.top_gifters(a.live, response.gifters))
+
+
+def diamonds(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=a.creator), timeout=c.timeout
+    )
+    console.print(render.diamonds(response.balance))
+
+
+def withdraw(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.RequestWithdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            request_id=_rid(a),
+            creator_id=a.creator,
+            diamonds=a.diamonds,
+            method=_METHODS[a.method],
+            destination_token=a.destination,
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.withdrawal(response.withdrawal))
+
+
+def withdrawal(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.GetWithdrawal(
+        payout_pb2.GetWithdrawalRequest(withdrawal_id=a.withdrawal_id), timeout=c.timeout
+    )
+    console.print(render.withdrawal(response.withdrawal))
+
+
+def promote(c: Clients, a: argparse.Namespace) -> None:
+    response = c.promotion.CreatePromotion(
+        promotion_pb2.CreatePromotionRequest(
+            request_id=_rid(a),
+            user_id=a.user,
+            video_id=a.video,
+            goal=_GOALS[a.goal],
+            budget_coins=a.budget,
+            duration_days=a.days,
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.promotion(response.promotion))
+    console.print(f"{a.user} has {response.payer_balance_coins:,} coins left")
+
+
+def show_promotion(c: Clients, a: argparse.Namespace) -> None:
+    response = c.promotion.GetPromotion(
+        promotion_pb2.GetPromotionRequest(promotion_id=a.promotion_id), timeout=c.timeout
+    )
+    console.print(render.promotion(response.promotion))
+
+
+def demo(c: Clients, a: argparse.Namespace) -> None:
+    from cli.demo import run
+
+    run(c)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__)
+    for service in DEFAULTS:
+        parser.add_argument(
+            f"--{service}",
+            default=default_address(service),
+            metavar="HOST:PORT",
+            help=f"{service} address (COINS_{service.upper()}_ADDRESS)",
+        )
+    parser.add_argument("--request-id", help="idempotency key: repeat one to retry safely")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("open-account", open_account, "open a viewer's coin account")
+    p.add_argument("user")
+    p.add_argument("--country", default="US")
+    p.add_argument("--birth-date", default="1995-01-01", help="YYYY-MM-DD")
+    command("account", show_account, "show an account").add_argument("user")
+    p = command("packages", packages, "list the coin packages a user can buy")
+    p.add_argument("user")
+    p.add_argument("--channel", choices=sorted(_CHANNELS), default="web")
+    p = command("buy", buy, "buy a coin package (sandbox payment)")
+    p.add_argument("user")
+    p.add_argument("package")
+    p.add_argument("--token", default="tok_visa", help="payment token; tok_decline declines")
+    command("balance", balance, "show a user's coins").add_argument("user")
+    p = command("ledger", ledger, "show a user's ledger history")
+    p.add_argument("user")
+    p.add_argument("--limit", type=int, default=20)
+    command("gifts", gifts, "list the gift catalog")
+    p = command("gift", send_gift, "send a gift to a creator")
+    p.add_argument("sender")
+    p.add_argument("creator")
+    p.add_argument("gift")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--live", default="live-1")
+    p.add_argument("--video")
+    p = command("top", top, "top gifters of a LIVE")
+    p.add_argument("live")
+    p.add_argument("--limit", type=int, default=10)
+    command("diamonds", diamonds, "show a creator's diamonds").add_argument("creator")
+    p = command("withdraw", withdraw, "withdraw diamonds as cash")
+    p.add_argument("creator")
+    p.add_argument("diamonds", type=int)
+    p.add_argument("--method", choices=sorted(_METHODS), default="paypal")
+    p.add_argument("--destination", default="dest_paypal_demo", help="dest_fail fails the payout")
+    command("withdrawal", withdrawal, "show a withdrawal").add_argument("withdrawal_id")
+    p = command("promote", promote, "promote a video with a coin budget")
+    p.add_argument("user")
+    p.add_argument("video")
+    p.add_argument("budget", type=int)
+    p.add_argument("--goal", choices=sorted(_GOALS), default="views")
+    p.add_argument("--days", type=int, default=3)
+    command("promotion", show_promotion, "show a promotion").add_argument("promotion_id")
+    command("demo", demo, "run the whole money flow against the running suite")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    clients = Clients({service: getattr(args, service) for service in DEFAULTS})
+    try:
+        args.run(clients, args)
+    except grpc.RpcError as error:
+        report_error(error)
+        return 1
+    return 0
+
+
+def report_error(error: grpc.RpcError) -> None:
+    info = error_info(error)
+    code = error.code().name if hasattr(error, "code") else "UNKNOWN"
+    details = error.details() if hasattr(error, "details") else str(error)
+    reason = f" [{info.reason}]" if info else ""
+    console.print(f"[bold red]{code}{reason}[/bold red] {details}")
+    violations = bad_request(error)
+    for violation in violations.field_violations if violations else ():
+        console.print(f"  [red]{violation.field}[/red]: {violation.description}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

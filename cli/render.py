@@ -1,0 +1,164 @@
+"""Rich tables for the suite's messages: what a person reads, not raw protobuf dumps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from coins.common.v1 import money_pb2
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
+from coins.wallet.v1 import wallet_pb2
+
+console = Console()
+
+_SYMBOLS = {"USD": "$", "GBP": "£", "EUR": "€"}
+
+
+def money(value: money_pb2.Money) -> str:
+    whole, cents = divmod(value.amount_minor, 100)
+    symbol = _SYMBOLS.get(value.currency_code)
+    amount = f"{whole:,}.{cents:02d}"
+    return f"{symbol}{amount}" if symbol else f"{amount} {value.currency_code}"
+
+
+def enum_name(enum: object, value: int, prefix: str) -> str:
+    name: str = enum.Name(value)  # type: ignore[attr-defined]
+    return name.removeprefix(prefix).lower().replace("_", " ")
+
+
+def when(message: object) -> str:
+    stamp = message.create_time  # type: ignore[attr-defined]
+    return str(stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")) if stamp.seconds else ""
+
+
+def account(acc: wallet_pb2.Account) -> Table:
+    table = Table(title=f"Account {acc.user_id}", show_header=False)
+    table.add_row("country", acc.country_code)
+    table.add_row("currency", acc.currency_code)
+    d = acc.birth_date
+    table.add_row("birth date", f"{d.year:04d}-{d.month:02d}-{d.day:02d}")
+    table.add_row("coins", f"{acc.balance.coins:,}")
+    table.add_row("opened", when(acc))
+    return table
+
+
+def balance(user_id: str, value: wallet_pb2.Balance) -> Table:
+    table = Table(title=f"Coins of {user_id}")
+    table.add_column("coins", justify="right")
+    table.add_column("available", justify="right")
+    table.add_row(f"{value.coins:,}", f"{value.available_coins:,}")
+    return table
+
+
+def packages(items: Iterable[wallet_pb2.CoinPackage]) -> Table:
+    table = Table(title="Coin packages")
+    for column, justify in (("package", "left"), ("coins", "right"), ("price", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table.add_column("channel")
+    for p in items:
+        table.add_row(
+            p.package_id,
+            f"{p.coins:,}",
+            money(p.price),
+            enum_name(wallet_pb2.Channel, p.channel, "CHANNEL_"),
+        )
+    return table
+
+
+def purchase(p: wallet_pb2.Purchase, after: wallet_pb2.Balance) -> Table:
+    table = Table(title=f"Purchase {p.purchase_id[:12]}", show_header=False)
+    table.add_row("package", p.package.package_id)
+    table.add_row("coins", f"{p.package.coins:,}")
+    table.add_row("paid", money(p.package.price))
+    table.add_row("status", enum_name(wallet_pb2.PurchaseStatus, p.status, "PURCHASE_STATUS_"))
+    table.add_row("balance after", f"{after.coins:,}")
+    return table
+
+
+def ledger(user_id: str, entries: Iterable[wallet_pb2.LedgerEntry]) -> Table:
+    table = Table(title=f"Ledger of {user_id} (newest first)")
+    table.add_column("when")
+    table.add_column("kind")
+    table.add_column("coins", justify="right")
+    table.add_column("balance", justify="right")
+    table.add_column("reference")
+    for e in entries:
+        colour = "green" if e.amount > 0 else "red"
+        table.add_row(
+            when(e),
+            enum_name(wallet_pb2.EntryKind, e.kind, "ENTRY_KIND_"),
+            f"[{colour}]{e.amount:+,}[/{colour}]",
+            f"{e.balance_after:,}",
+            e.reference[:16],
+        )
+    return table
+
+
+def gifts(items: Iterable[gifting_pb2.Gift]) -> Table:
+    table = Table(title="Gift catalog")
+    table.add_column("gift")
+    table.add_column("name")
+    table.add_column("coins", justify="right")
+    table.add_column("streak")
+    for g in items:
+        table.add_row(g.gift_id, g.name, f"{g.coins:,}", "yes" if g.streakable else "")
+    return table
+
+
+def sent_gift(response: gifting_pb2.SendGiftResponse) -> str:
+    g = response.sent_gift
+    where = f"LIVE {g.live_id}" if g.HasField("live_id") else f"video {g.video_id}"
+    return (
+        f"{g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins) to {g.creator_id} in "
+        f"{where}; sender has {response.sender_balance_coins:,} coins left"
+    )
+
+
+def top_gifters(live_id: str, items: Iterable[gifting_pb2.Gifter]) -> Table:
+    table = Table(title=f"Top gifters of LIVE {live_id}")
+    table.add_column("#", justify="right")
+    table.add_column("viewer")
+    table.add_column("coins", justify="right")
+    for g in items:
+        table.add_row(str(g.rank), g.user_id, f"{g.coins:,}")
+    return table
+
+
+def diamonds(value: payout_pb2.DiamondBalance) -> Table:
+    table = Table(title=f"Diamonds of {value.creator_id}")
+    table.add_column("diamonds", justify="right")
+    table.add_column("withdrawable", justify="right")
+    table.add_column("worth", justify="right")
+    table.add_row(
+        f"{value.diamonds:,}", f"{value.available_diamonds:,}", money(value.available_value)
+    )
+    return table
+
+
+def withdrawal(w: payout_pb2.Withdrawal) -> Table:
+    table = Table(title=f"Withdrawal {w.withdrawal_id[:12]}", show_header=False)
+    table.add_row("creator", w.creator_id)
+    table.add_row("diamonds", f"{w.diamonds:,}")
+    table.add_row("gross", money(w.gross))
+    table.add_row("fee", money(w.fee))
+    table.add_row("net", money(w.net))
+    table.add_row("method", enum_name(payout_pb2.PayoutMethod, w.method, "PAYOUT_METHOD_"))
+    table.add_row("status", enum_name(payout_pb2.WithdrawalStatus, w.status, "WITHDRAWAL_STATUS_"))
+    if w.failure_reason:
+        table.add_row("failure", w.failure_reason)
+    return table
+
+
+def promotion(p: promotion_pb2.Promotion) -> Table:
+    table = Table(title=f"Promotion {p.promotion_id[:12]}", show_header=False)
+    table.add_row("video", p.video_id)
+    table.add_row("goal", enum_name(promotion_pb2.Goal, p.goal, "GOAL_"))
+    table.add_row("budget", f"{p.budget_coins:,} coins")
+    table.add_row("spent", f"{p.spent_coins:,} coins")
+    table.add_row("days", str(p.duration_days))
+    table.add_row("status", enum_name(promotion_pb2.PromotionStatus, p.status, "PROMOTION_STATUS_"))
+    return table
