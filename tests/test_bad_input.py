@@ -1,0 +1,142 @@
+"""Bad input gets INVALID_ARGUMENT with ErrorInfo and BadRequest, on every RPC, and changes nothing."""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf import symbol_database
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.type import date_pb2
+
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
+from coins.wallet.v1 import wallet_pb2
+from runtime.status import error_info
+from tests.helpers import expect_error, field_violations, funded_user, new_id, rpc_error
+from tests.suite import Suite
+
+SERVICES: dict[str, ServiceDescriptor] = {
+    "wallet": wallet_pb2.DESCRIPTOR.services_by_name["WalletService"],
+    "gifting": gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"],
+    "payout": payout_pb2.DESCRIPTOR.services_by_name["PayoutService"],
+    "promotion": promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"],
+}
+EVERY_RPC = [(name, method) for name, svc in SERVICES.items() for method in svc.methods]
+EMPTY_IS_VALID = {"ListGifts"}
+
+
+@pytest.mark.parametrize(
+    ("service", "method"), EVERY_RPC, ids=[f"{s}.{m.name}" for s, m in EVERY_RPC]
+)
+async def test_an_empty_request_is_refused_with_field_violations(
+    suite: Suite, service: str, method: object
+) -> None:
+    assert isinstance(method, MethodDescriptor)
+    request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
+    response_type = symbol_database.Default().GetSymbol(method.output_type.full_name)
+    call = suite.channel(service).unary_unary(
+        f"/{method.containing_service.full_name}/{method.name}",
+        request_serializer=request_type.SerializeToString,
+        response_deserializer=response_type.FromString,
+    )
+    if method.name in EMPTY_IS_VALID:
+        await call(request_type())
+        return
+    error = await rpc_error(call(request_type()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    info = error_info(error)
+    assert info is not None and info.reason == "INVALID_REQUEST"
+    assert info.domain == f"{service}.coins"
+    assert field_violations(error), "no BadRequest field violations"
+
+
+async def test_amounts_out_of_bounds_are_refused_and_nothing_moves(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    for amount in (0, -5, 10**12):
+        error = await rpc_error(
+            suite.wallet.DebitCoins(
+                wallet_pb2.DebitCoinsRequest(
+                    request_id=new_id(),
+                    user_id=user,
+                    coins=amount,
+                    reason=wallet_pb2.DEBIT_REASON_GIFT,
+                    reference="r",
+                )
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(error) == {"coins"}
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins
+
+
+async def test_every_bad_field_is_named(suite: Suite) -> None:
+    error = await rpc_error(
+        suite.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                request_id="has spaces",
+                sender_id="ok-sender",
+                creator_id="",
+                gift_id="Rose!",
+                count=0,
+            )
+        )
+    )
+    assert field_violations(error) == {"request_id", "creator_id", "gift_id", "count", "target"}
+
+
+async def test_an_impossible_or_future_birth_date_is_invalid(suite: Suite) -> None:
+    for date in (
+        date_pb2.Date(year=2001, month=2, day=30),
+        date_pb2.Date(year=2999, month=1, day=1),
+    ):
+        error = await rpc_error(
+            suite.wallet.OpenAccount(
+                wallet_pb2.OpenAccountRequest(
+                    request_id=new_id(), user_id=new_id(), country_code="US", birth_date=date
+                )
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(error) == {"birth_date"}
+
+
+async def test_a_foreign_page_token_is_refused(suite: Suite) -> None:
+    error = await expect_error(
+        suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_token="not-a-token")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+    assert field_violations(error) == {"page_token"}
+    user, _ = await funded_user(suite)
+    await suite.wallet.DebitCoins(
+        wallet_pb2.DebitCoinsRequest(
+            request_id=new_id(),
+            user_id=user,
+            coins=1,
+            reason=wallet_pb2.DEBIT_REASON_GIFT,
+            reference="r",
+        )
+    )
+    first = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=1)
+    )
+    assert first.next_page_token
+    other, _ = await funded_user(suite)
+    await expect_error(  # a token from another user's listing does not leak into this one
+        suite.wallet.ListLedgerEntries(
+            wallet_pb2.ListLedgerEntriesRequest(user_id=other, page_token=first.next_page_token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+
+
+async def test_unspecified_enums_are_refused(suite: Suite) -> None:
+    user, _ = await funded_user(suite)
+    error = await rpc_error(
+        suite.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(user_id=user))
+    )
+    assert field_violations(error) == {"channel"}

@@ -1,0 +1,112 @@
+"""Consumer contracts: what each service expects of the services it calls, checked against the real ones.
+
+Each consumer keeps its expectations as data in `services/<consumer>/contracts/<provider>.json`: the
+requests it sends (built by the consumer's own code, so the file cannot drift from it), the response fields
+it reads and the error reasons it relies on. Each interaction runs, in order, against the real provider, so
+a change that breaks a consumer's meaning fails here even when `buf breaking` passes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, json_format, symbol_database
+from google.type import date_pb2
+
+from coins.wallet.v1 import wallet_pb2
+from runtime.status import error_info
+from tests.suite import Suite
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRACTS = sorted(ROOT.glob("services/*/contracts/*.json"))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:10]
+    data: dict[str, Any] = json.loads(path.read_text().replace("{run}", run))
+    return data
+
+
+def _matches(expected: Any, actual: Any, where: str = "response") -> None:
+    """Every expected field is present with that value ("*" = any non-empty value)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: expected an object, got {actual!r}"
+        for key, value in expected.items():
+            assert key in actual, f"{where}.{key} is missing (got {sorted(actual)})"
+            _matches(value, actual[key], f"{where}.{key}")
+    elif expected == "*":
+        assert actual not in (None, "", 0), f"{where} is empty"
+    else:
+        assert actual == expected, f"{where}: expected {expected!r}, got {actual!r}"
+
+
+async def _given(suite: Suite, state: dict[str, Any]) -> None:
+    """Provider states, set up through the provider's public API."""
+    for name, params in state.items():
+        if name != "user_with_coins":
+            raise AssertionError(f"unknown provider state {name!r}")
+        await suite.wallet.OpenAccount(
+            wallet_pb2.OpenAccountRequest(
+                request_id=uuid.uuid4().hex,
+                user_id=params["user_id"],
+                country_code="US",
+                birth_date=date_pb2.Date(year=1990, month=1, day=1),
+            )
+        )
+        await suite.wallet.PurchaseCoins(
+            wallet_pb2.PurchaseCoinsRequest(
+                request_id=uuid.uuid4().hex,
+                user_id=params["user_id"],
+                package_id=params["package_id"],
+                payment_token="tok_visa",
+            )
+        )
+
+
+def test_every_cross_service_call_has_a_contract() -> None:
+    pairs = {(p.parent.parent.name, p.stem) for p in CONTRACTS}
+    assert pairs == {("gifting", "wallet"), ("gifting", "payout"), ("promotion", "wallet")}
+
+
+@pytest.mark.parametrize(
+    "path", CONTRACTS, ids=[f"{p.parent.parent.name}->{p.stem}" for p in CONTRACTS]
+)
+async def test_provider_honours_consumer_contract(suite: Suite, path: Path) -> None:
+    contract = _load(path)
+    builders = importlib.import_module(f"services.{contract['consumer']}.clients")
+    service = descriptor_pool.Default().FindServiceByName(contract["service"])
+    for interaction in contract["interactions"]:
+        what = interaction["description"]
+        method = service.methods_by_name[interaction["method"]]
+        request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
+        response_type = symbol_database.Default().GetSymbol(method.output_type.full_name)
+
+        build = interaction["consumer_builds"]
+        built = getattr(builders, build["function"])(**build["args"])
+        assert json_format.MessageToDict(built) == interaction["request"], (
+            f"{what}: the consumer no longer sends the request its contract records"
+        )
+        await _given(suite, interaction.get("given", {}))
+        call = suite.channel(contract["provider"]).unary_unary(
+            f"/{service.full_name}/{method.name}",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        request = json_format.ParseDict(interaction["request"], request_type())
+        if "error" in interaction:
+            expected = interaction["error"]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(request)
+            assert caught.value.code().name == expected["code"], what
+            info = error_info(caught.value)
+            assert info is not None and info.reason == expected["reason"], what
+            assert set(expected.get("metadata", [])) <= set(info.metadata), what
+        else:
+            response = await call(request)
+            _matches(interaction["response"], json_format.MessageToDict(response), what)

@@ -1,0 +1,189 @@
+"""Sending gifts: coins leave the sender, diamonds reach the creator, once, and LIVE rankings follow."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.wallet.v1 import wallet_pb2
+from tests.helpers import expect_error, funded_user, new_id, open_account
+from tests.suite import Suite
+
+
+async def diamonds_of(suite: Suite, creator_id: str) -> int:
+    response = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator_id)
+    )
+    return response.balance.diamonds
+
+
+async def wait_for_diamonds(suite: Suite, creator_id: str, expected: int) -> int:
+    """The credit is delivered by the outbox relay just after SendGift answers; wait for it (bounded)."""
+    for _ in range(200):
+        diamonds = await diamonds_of(suite, creator_id)
+        if diamonds >= expected:
+            return diamonds
+        await asyncio.sleep(0.02)
+    return await diamonds_of(suite, creator_id)
+
+
+def gift_request(
+    sender: str, creator: str, gift_id: str = "rose", count: int = 1, live_id: str = "live-1"
+) -> gifting_pb2.SendGiftRequest:
+    return gifting_pb2.SendGiftRequest(
+        request_id=new_id("gift"),
+        sender_id=sender,
+        creator_id=creator,
+        gift_id=gift_id,
+        count=count,
+        live_id=live_id,
+    )
+
+
+async def test_catalog_lists_the_public_gifts_cheapest_first(suite: Suite) -> None:
+    response = await suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=100))
+    prices = {g.gift_id: g.coins for g in response.gifts}
+    assert prices["rose"] == 1
+    assert prices["lion"] == 29_999
+    assert prices["universe"] == 44_999
+    assert len(prices) == 14
+    coins = [g.coins for g in response.gifts]
+    assert coins == sorted(coins)
+    assert {g.gift_id for g in response.gifts if g.streakable} >= {"rose", "panda"}
+
+
+async def test_catalog_pages_with_a_cursor(suite: Suite) -> None:
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await suite.gifting.ListGifts(
+            gifting_pb2.ListGiftsRequest(page_size=5, page_token=token)
+        )
+        seen += [g.gift_id for g in page.gifts]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) == 14
+
+
+async def test_a_gift_debits_the_sender_and_credits_the_creator(suite: Suite) -> None:
+    sender, coins = await funded_user(suite)
+    creator = new_id("creator")
+    response = await suite.gifting.SendGift(gift_request(sender, creator, "concert", count=1))
+    assert response.sent_gift.coins == 500
+    assert response.sender_balance_coins == coins - 500
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - 500
+    assert await wait_for_diamonds(suite, creator, 250) == 250  # 2 coins = 1 diamond
+    gift = await suite.gifting.GetGift(
+        gifting_pb2.GetGiftRequest(sent_gift_id=response.sent_gift.sent_gift_id)
+    )
+    assert gift.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED
+
+
+async def test_one_coin_gifts_accumulate_into_whole_diamonds(suite: Suite) -> None:
+    sender, _ = await funded_user(suite)
+    creator = new_id("creator")
+    for _ in range(3):
+        await suite.gifting.SendGift(gift_request(sender, creator, "rose"))
+    # 3 coins are worth 1.5 diamonds: 1 is credited, the half is carried, not lost.
+    assert await wait_for_diamonds(suite, creator, 1) == 1
+    await suite.gifting.SendGift(gift_request(sender, creator, "rose"))
+    assert await wait_for_diamonds(suite, creator, 2) == 2
+
+
+async def test_a_retried_gift_is_sent_once(suite: Suite) -> None:
+    sender, coins = await funded_user(suite)
+    creator = new_id("creator")
+    request = gift_request(sender, creator, "panda", count=2)
+    first = await suite.gifting.SendGift(request)
+    again = await suite.gifting.SendGift(request)
+    assert again == first
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - 10
+    assert await wait_for_diamonds(suite, creator, 5) == 5
+    await asyncio.sleep(0.2)
+    assert await diamonds_of(suite, creator) == 5
+
+
+async def test_self_gifting_is_refused(suite: Suite) -> None:
+    sender, coins = await funded_user(suite)
+    await expect_error(
+        suite.gifting.SendGift(gift_request(sender, sender)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SELF_GIFTING",
+    )
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins
+
+
+async def test_unknown_gift_is_not_found(suite: Suite) -> None:
+    sender, _ = await funded_user(suite)
+    await expect_error(
+        suite.gifting.SendGift(gift_request(sender, new_id("creator"), "unicorn")),
+        grpc.StatusCode.NOT_FOUND,
+        "GIFT_NOT_FOUND",
+    )
+
+
+async def test_not_enough_coins_sends_nothing(suite: Suite) -> None:
+    sender, coins = await funded_user(suite)  # 700 coins
+    creator = new_id("creator")
+    request = gift_request(sender, creator, "lion")
+    error = await expect_error(
+        suite.gifting.SendGift(request), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"
+    )
+    assert "29999" in (error.details() or "")
+    # The refusal is the request's answer: a retry gets it again and nothing moves.
+    await expect_error(
+        suite.gifting.SendGift(request), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"
+    )
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins
+    await asyncio.sleep(0.1)
+    assert await diamonds_of(suite, creator) == 0
+
+
+async def test_sender_without_account_is_not_found(suite: Suite) -> None:
+    await expect_error(
+        suite.gifting.SendGift(gift_request(new_id("ghost"), new_id("creator"))),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )
+
+
+async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:
+    live = new_id("live")
+    creator = new_id("creator")
+    big, _ = await funded_user(suite)
+    small, _ = await funded_user(suite)
+    other = new_id("viewer")
+    await open_account(suite, other)
+    await suite.gifting.SendGift(gift_request(big, creator, "concert", live_id=live))
+    await suite.gifting.SendGift(gift_request(small, creator, "panda", count=3, live_id=live))
+    await suite.gifting.SendGift(gift_request(small, creator, "rose", live_id=live))
+    await suite.gifting.SendGift(gift_request(big, creator, "rose", live_id="another-live"))
+    top = await suite.gifting.ListTopGifters(gifting_pb2.ListTopGiftersRequest(live_id=live))
+    assert [(g.user_id, g.coins, g.rank) for g in top.gifters] == [(big, 500, 1), (small, 16, 2)]
+    first = await suite.gifting.ListTopGifters(
+        gifting_pb2.ListTopGiftersRequest(live_id=live, page_size=1)
+    )
+    second = await suite.gifting.ListTopGifters(
+        gifting_pb2.ListTopGiftersRequest(
+            live_id=live, page_size=1, page_token=first.next_page_token
+        )
+    )
+    assert [(g.user_id, g.rank) for g in second.gifters] == [(small, 2)]
+    assert second.next_page_token == ""
+
+
+async def test_video_gifts_are_not_ranked_in_a_live(suite: Suite) -> None:
+    sender, _ = await funded_user(suite)
+    request = gift_request(sender, new_id("creator"))
+    request.video_id = "video-1"  # the oneof now targets a video
+    response = await suite.gifting.SendGift(request)
+    assert response.sent_gift.video_id == "video-1"
+    assert not response.sent_gift.HasField("live_id")

@@ -1,0 +1,39 @@
+"""Every service answers the standard gRPC health checks and lists its contract through reflection."""
+
+from __future__ import annotations
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.suite import Suite
+
+SERVICES = {
+    "wallet": "coins.wallet.v1.WalletService",
+    "gifting": "coins.gifting.v1.GiftingService",
+    "payout": "coins.payout.v1.PayoutService",
+    "promotion": "coins.promotion.v1.PromotionService",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+async def test_health_is_serving(suite: Suite, name: str) -> None:
+    health = health_pb2_grpc.HealthStub(suite.channel(name))
+    for service in ("", SERVICES[name]):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+async def test_reflection_describes_the_contract(suite: Suite, name: str) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(suite.channel(name))
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICES[name]),
+    ]
+    responses = [r async for r in stub.ServerReflectionInfo(iter(requests))]
+    listed = {s.name for s in responses[0].list_services_response.service}
+    assert SERVICES[name] in listed
+    assert "grpc.health.v1.Health" in listed
+    files = responses[1].file_descriptor_response.file_descriptor_proto
+    assert files, "reflection returned no file descriptor for the service"

@@ -1,0 +1,164 @@
+"""AIP-155 request ids: a retry returns the first answer and changes nothing, even when retries race."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.wallet.v1 import wallet_pb2
+from tests.helpers import expect_error, funded_user, new_id, rpc_error
+from tests.suite import Suite
+
+
+async def coins_of(suite: Suite, user: str) -> int:
+    response = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    return response.balance.coins
+
+
+async def test_a_retried_debit_returns_the_first_response(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    request = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("r"),
+        user_id=user,
+        coins=50,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference="x",
+    )
+    first = await suite.wallet.DebitCoins(request)
+    second = await suite.wallet.DebitCoins(request)
+    assert second == first
+    assert await coins_of(suite, user) == coins - 50
+
+
+async def test_reusing_a_request_id_with_other_parameters_is_refused(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    request = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("r"),
+        user_id=user,
+        coins=5,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference="a",
+    )
+    await suite.wallet.DebitCoins(request)
+    request.coins = 6
+    await expect_error(
+        suite.wallet.DebitCoins(request),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+    )
+    assert await coins_of(suite, user) == coins - 5
+
+
+async def test_twenty_concurrent_debits_with_one_id_take_the_coins_once(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    request = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("r"),
+        user_id=user,
+        coins=7,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference="race",
+    )
+    responses = await asyncio.gather(*(suite.wallet.DebitCoins(request) for _ in range(20)))
+    assert len({r.transaction_id for r in responses}) == 1
+    assert await coins_of(suite, user) == coins - 7
+    entries = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.amount for e in entries.entries] == [-7, coins]
+
+
+async def test_concurrent_distinct_debits_never_overdraw(suite: Suite) -> None:
+    user, coins = await funded_user(suite)  # 700 coins
+    requests = [
+        wallet_pb2.DebitCoinsRequest(
+            request_id=new_id("r"),
+            user_id=user,
+            coins=100,
+            reason=wallet_pb2.DEBIT_REASON_GIFT,
+            reference="many",
+        )
+        for _ in range(12)
+    ]
+    results = await asyncio.gather(
+        *(suite.wallet.DebitCoins(r) for r in requests), return_exceptions=True
+    )
+    succeeded = [r for r in results if isinstance(r, wallet_pb2.DebitCoinsResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(succeeded) == coins // 100
+    assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in refused)
+    assert len(succeeded) + len(refused) == len(requests)
+    assert await coins_of(suite, user) == coins - 100 * len(succeeded)
+
+
+async def test_concurrent_retries_of_one_gift_send_it_once(suite: Suite) -> None:
+    sender, coins = await funded_user(suite)
+    creator = new_id("creator")
+    request = gifting_pb2.SendGiftRequest(
+        request_id=new_id("g"),
+        sender_id=sender,
+        creator_id=creator,
+        gift_id="sun-cream",
+        count=1,
+        live_id="live-race",
+    )
+    results = await asyncio.gather(
+        *(suite.gifting.SendGift(request) for _ in range(10)), return_exceptions=True
+    )
+    sent = {
+        r.sent_gift.sent_gift_id for r in results if isinstance(r, gifting_pb2.SendGiftResponse)
+    }
+    assert len(sent) == 1
+    for result in results:  # a racing attempt may be told to retry; never anything else
+        if isinstance(result, grpc.aio.AioRpcError):
+            assert result.code() == grpc.StatusCode.ABORTED
+    assert (await suite.gifting.SendGift(request)).sent_gift.sent_gift_id in sent
+    assert await coins_of(suite, sender) == coins - 50
+
+
+async def test_a_retried_credit_credits_once(suite: Suite) -> None:
+    creator = new_id("creator")
+    request = payout_pb2.CreditDiamondsRequest(
+        request_id=new_id("gift"), creator_id=creator, coins=1000, reference="g"
+    )
+    first, second = await asyncio.gather(
+        suite.payout.CreditDiamonds(request), suite.payout.CreditDiamonds(request)
+    )
+    assert first == second
+    assert first.diamonds_credited == 500
+    balance = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    assert balance.balance.diamonds == 500
+
+
+async def test_request_ids_are_scoped_to_the_user(suite: Suite) -> None:
+    a, coins_a = await funded_user(suite)
+    b, coins_b = await funded_user(suite)
+    shared_id = new_id("same")
+    for user in (a, b):
+        await suite.wallet.DebitCoins(
+            wallet_pb2.DebitCoinsRequest(
+                request_id=shared_id,
+                user_id=user,
+                coins=1,
+                reason=wallet_pb2.DEBIT_REASON_GIFT,
+                reference="scoped",
+            )
+        )
+    assert await coins_of(suite, a) == coins_a - 1
+    assert await coins_of(suite, b) == coins_b - 1
+    error = await rpc_error(
+        suite.wallet.DebitCoins(
+            wallet_pb2.DebitCoinsRequest(
+                request_id=shared_id,
+                user_id=a,
+                coins=2,
+                reason=wallet_pb2.DEBIT_REASON_GIFT,
+                reference="scoped",
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -1,0 +1,165 @@
+"""Payout: diamonds from gift coins, withdrawals with a minimum, a daily cap and a processor."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from coins.payout.v1 import payout_pb2
+from tests.helpers import expect_error, new_id
+from tests.suite import Suite
+
+
+async def creator_with_diamonds(suite: Suite, diamonds: int) -> str:
+    creator = new_id("creator")
+    await suite.payout.CreditDiamonds(
+        payout_pb2.CreditDiamondsRequest(
+            request_id=new_id("gift"), creator_id=creator, coins=diamonds * 2, reference="seed"
+        )
+    )
+    return creator
+
+
+def withdrawal(
+    creator: str, diamonds: int, destination: str = "dest_paypal_ok"
+) -> payout_pb2.RequestWithdrawalRequest:
+    return payout_pb2.RequestWithdrawalRequest(
+        request_id=new_id("wd"),
+        creator_id=creator,
+        diamonds=diamonds,
+        method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+        destination_token=destination,
+    )
+
+
+async def diamonds_of(suite: Suite, creator: str) -> int:
+    response = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    return response.balance.diamonds
+
+
+async def settled(suite: Suite, withdrawal_id: str) -> payout_pb2.Withdrawal:
+    """The processor worker pays in the background; wait (bounded) for the outcome."""
+    final = (payout_pb2.WITHDRAWAL_STATUS_PAID, payout_pb2.WITHDRAWAL_STATUS_FAILED)
+    for _ in range(200):
+        response = await suite.payout.GetWithdrawal(
+            payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id)
+        )
+        if response.withdrawal.status in final:
+            return response.withdrawal
+        await asyncio.sleep(0.02)
+    return response.withdrawal
+
+
+async def test_a_creators_balance_shows_its_cash_value(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 2_001)
+    response = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    assert response.balance.diamonds == 2_001
+    assert (
+        response.balance.available_value.amount_minor == 1_000
+    )  # 200 diamonds = $1; half cent kept
+    assert response.balance.available_value.currency_code == "USD"
+
+
+async def test_a_creator_who_never_received_gifts_has_nothing(suite: Suite) -> None:
+    assert await diamonds_of(suite, new_id("nobody")) == 0
+
+
+async def test_a_withdrawal_takes_the_diamonds_and_gets_paid(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 5_000)
+    response = await suite.payout.RequestWithdrawal(withdrawal(creator, 3_001))
+    w = response.withdrawal
+    # 3,001 diamonds are worth $15.005: $15.00 is paid and the odd diamond stays with the creator.
+    assert (w.diamonds, w.gross.amount_minor, w.fee.amount_minor, w.net.amount_minor) == (
+        3_000,
+        1_500,
+        0,
+        1_500,
+    )
+    assert w.status == payout_pb2.WITHDRAWAL_STATUS_PENDING
+    assert response.balance.diamonds == 2_000
+    assert (await settled(suite, w.withdrawal_id)).status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert await diamonds_of(suite, creator) == 2_000
+
+
+async def test_a_failed_payout_returns_the_diamonds(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 5_000)
+    response = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 4_000, destination="dest_fail_account_closed")
+    )
+    final = await settled(suite, response.withdrawal.withdrawal_id)
+    assert final.status == payout_pb2.WITHDRAWAL_STATUS_FAILED
+    assert final.failure_reason == "account_closed"
+    assert await diamonds_of(suite, creator) == 5_000
+
+
+async def test_withdrawals_below_the_minimum_are_refused(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 5_000)
+    await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(creator, 1_999)),  # $9.995 < $10
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "BELOW_MINIMUM",
+    )
+    assert await diamonds_of(suite, creator) == 5_000
+
+
+async def test_withdrawals_beyond_the_balance_are_refused(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 3_000)
+    await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(creator, 4_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    assert await diamonds_of(suite, creator) == 3_000
+
+
+async def test_the_daily_cap_limits_what_a_creator_withdraws_in_a_day(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 300_000)  # $1,500
+    await suite.payout.RequestWithdrawal(withdrawal(creator, 180_000))  # $900
+    error = await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(creator, 40_000)),  # $200 more > $1,000
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DAILY_LIMIT_EXCEEDED",
+    )
+    assert "10000 remain" in (error.details() or "")
+    assert await diamonds_of(suite, creator) == 120_000
+    await suite.payout.RequestWithdrawal(withdrawal(creator, 20_000))  # exactly the $100 left
+
+
+async def test_an_unknown_creator_cannot_withdraw(suite: Suite) -> None:
+    await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(new_id("nobody"), 5_000)),
+        grpc.StatusCode.NOT_FOUND,
+        "CREATOR_NOT_FOUND",
+    )
+
+
+async def test_withdrawals_are_listed_newest_first(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 10_000)
+    ids = []
+    for _ in range(3):
+        response = await suite.payout.RequestWithdrawal(withdrawal(creator, 2_000))
+        ids.append(response.withdrawal.withdrawal_id)
+    first = await suite.payout.ListWithdrawals(
+        payout_pb2.ListWithdrawalsRequest(creator_id=creator, page_size=2)
+    )
+    rest = await suite.payout.ListWithdrawals(
+        payout_pb2.ListWithdrawalsRequest(creator_id=creator, page_token=first.next_page_token)
+    )
+    listed = [w.withdrawal_id for w in [*first.withdrawals, *rest.withdrawals]]
+    assert sorted(listed) == sorted(ids)
+    assert len(first.withdrawals) == 2 and rest.next_page_token == ""
+    times = [w.create_time.ToNanoseconds() for w in [*first.withdrawals, *rest.withdrawals]]
+    assert times == sorted(times, reverse=True)
+
+
+async def test_an_unknown_withdrawal_is_not_found(suite: Suite) -> None:
+    await expect_error(
+        suite.payout.GetWithdrawal(payout_pb2.GetWithdrawalRequest(withdrawal_id="nope")),
+        grpc.StatusCode.NOT_FOUND,
+        "WITHDRAWAL_NOT_FOUND",
+    )

@@ -1,0 +1,85 @@
+"""One trace follows a gift across every service and database it touches."""
+
+from __future__ import annotations
+
+import asyncio
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind
+
+from coins.gifting.v1 import gifting_pb2
+from tests.helpers import funded_user, new_id
+from tests.suite import Suite
+
+DB_SCOPE = "opentelemetry.instrumentation.sqlalchemy"
+
+
+def service_of(span: ReadableSpan) -> str:
+    return str(span.resource.attributes["service.name"])
+
+
+def ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[ReadableSpan]:
+    chain = []
+    while span.parent is not None and span.parent.span_id in by_id:
+        span = by_id[span.parent.span_id]
+        chain.append(span)
+    return chain
+
+
+def server_span(spans: list[ReadableSpan], service: str, method: str) -> ReadableSpan:
+    found = [
+        s
+        for s in spans
+        if s.kind == SpanKind.SERVER and service_of(s) == service and s.name.endswith(method)
+    ]
+    assert len(found) == 1, f"expected one {service} {method} server span, got {len(found)}"
+    return found[0]
+
+
+async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databases(
+    suite: Suite,
+) -> None:
+    sender, _ = await funded_user(suite)
+    creator = new_id("creator")
+    suite.spans.clear()
+    await suite.gifting.SendGift(
+        gifting_pb2.SendGiftRequest(
+            request_id=new_id("gift"),
+            sender_id=sender,
+            creator_id=creator,
+            gift_id="concert",
+            count=1,
+            live_id="live-traced",
+        )
+    )
+    gift_span = server_span(list(suite.spans.get_finished_spans()), "coins-gifting", "/SendGift")
+    trace_id = gift_span.context.trace_id
+
+    def in_trace() -> list[ReadableSpan]:
+        return [s for s in suite.spans.get_finished_spans() if s.context.trace_id == trace_id]
+
+    for _ in range(250):  # the payout credit is delivered by the outbox relay just after the reply
+        if any(s.name == "gifting.credit_outbox.deliver" for s in in_trace()):
+            break
+        await asyncio.sleep(0.02)
+    spans = in_trace()
+    by_id = {s.context.span_id: s for s in spans}
+
+    wallet_span = server_span(spans, "coins-wallet", "/DebitCoins")
+    payout_span = server_span(spans, "coins-payout", "/CreditDiamonds")
+    assert gift_span in ancestors(wallet_span, by_id)
+    assert gift_span in ancestors(payout_span, by_id)
+    assert gift_span.parent is None or gift_span.parent.span_id not in by_id
+
+    for service_span in (gift_span, wallet_span, payout_span):
+        service = service_of(service_span)
+        statements = [
+            s
+            for s in spans
+            if s.instrumentation_scope is not None
+            and s.instrumentation_scope.name == DB_SCOPE
+            and service_span in ancestors(s, by_id)
+            and service_of(s) == service
+        ]
+        assert statements, f"no database spans beneath {service}'s server span"
+    assert {service_of(s) for s in spans} == {"coins-gifting", "coins-wallet", "coins-payout"}
