@@ -5,12 +5,26 @@ inserted. Balances of user-owned accounts are kept on the account row for speed 
 conditional UPDATE in the same transaction as the entries (no read-then-write, so no lost updates and no
 overdraft under any concurrency). Platform ("system") accounts keep no running balance: every gift would
 otherwise queue on one hot row; their balance is the sum of their entries.
+
+The books are tamper-evident (`ledger.chain`): every transaction carries a digest of itself and all its
+entries, every entry of a balance-keeping account carries the hash of that account's previous entry, and
+`Ledger.audit` verifies both.
 """
 
-from ledger.book import Ledger, Posted, Posting
-from ledger.schema import accounts, create_ledger_tables_v1, entries, metadata, transactions
+from ledger.book import AuditReport, Ledger, Posted, Posting
+from ledger.chain import GENESIS
+from ledger.schema import (
+    accounts,
+    create_ledger_tables_v1,
+    entries,
+    metadata,
+    transactions,
+    upgrade_ledger_tables_v2,
+)
 
 __all__ = [
+    "GENESIS",
+    "AuditReport",
     "Ledger",
     "Posted",
     "Posting",
@@ -19,4 +33,5 @@ __all__ = [
     "entries",
     "metadata",
     "transactions",
+    "upgrade_ledger_tables_v2",
 ]

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from sqlalchemy import Row, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ledger.chain import GENESIS, entry_hash, transaction_digest
 from ledger.schema import accounts, entries, transactions
 from runtime.clock import Clock
 from runtime.errors import FailedPrecondition, NotFound
 
 MAX_BALANCE = 2**63 - 1
+
+
+def _utc(now: dt.datetime) -> dt.datetime:
+    """UTC, so a timestamp reads back the same from SQLite (which drops the offset) as it was hashed."""
+    return now.replace(tzinfo=dt.UTC) if now.tzinfo is None else now.astimezone(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -35,18 +42,39 @@ class Posted:
 
 
 @dataclass(frozen=True)
+class _Link:
+    """What a keeping account's conditional UPDATE hands back: its new balance and its chain position."""
+
+    balance: int
+    seq: int
+    head_hash: str
+    """The account's head before this posting (its previous entry's hash)."""
+
+
+@dataclass(frozen=True)
 class AuditReport:
-    """Result of recomputing every balance from the entries."""
+    """Result of recomputing every balance from the entries and verifying digests and hash chains."""
 
     accounts_checked: int
     mismatches: dict[str, tuple[int, int]]
     """account id -> (kept balance, sum of entries), for every account where they differ."""
     total: int
     """Sum of all entries over all accounts; zero in a correct book."""
+    transactions_checked: int = 0
+    chains_checked: int = 0
+    bad_transactions: dict[str, str] = field(default_factory=dict)
+    """transaction id -> what is wrong, for every transaction whose digest does not recompute."""
+    broken_chains: dict[str, str] = field(default_factory=dict)
+    """account id -> the first thing wrong with its chain (a gap, a broken link, a hash, the head)."""
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches and self.total == 0
+        return (
+            not self.mismatches
+            and self.total == 0
+            and not self.bad_transactions
+            and not self.broken_chains
+        )
 
 
 class Ledger:
@@ -77,6 +105,8 @@ class Ledger:
                 allow_negative=allow_negative,
                 keeps_balance=keeps_balance,
                 created_at=self._clock.now(),
+                seq=0,
+                head_hash=GENESIS,
             )
             .on_conflict_do_nothing()
         )
@@ -100,15 +130,70 @@ class Ledger:
         """
         if sum(p.amount for p in postings) != 0 or any(p.amount == 0 for p in postings):
             raise ValueError(f"unbalanced or empty postings: {postings}")
-        now = self._clock.now()
-        balances: dict[str, int] = {}
-        # Lock order by account id, so two transactions touching the same accounts cannot deadlock.
-        for posting in sorted(postings, key=lambda p: p.account_id):
-            new_balance = await self._apply(conn, posting)
-            if new_balance is not None:
-                balances[posting.account_id] = new_balance
+        now = _utc(self._clock.now())
         transaction_id = uuid.uuid4().hex
         span_context = trace.get_current_span().get_span_context()
+        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        # Lock order by account id, so two transactions touching the same accounts cannot deadlock.
+        # Each keeping account's UPDATE also takes the next number of its chain under that row lock.
+        order = sorted(range(len(postings)), key=lambda i: postings[i].account_id)
+        links: dict[int, _Link] = {}
+        balances: dict[str, int] = {}
+        for i in order:
+            link = await self._apply(conn, postings[i])
+            if link is not None:
+                links[i] = link
+                balances[postings[i].account_id] = link.balance
+        digest = transaction_digest(
+            transaction_id=transaction_id,
+            kind=kind,
+            reference=reference,
+            request_id=request_id,
+            caller=caller,
+            policy_version=policy_version,
+            trace_id=trace_id,
+            created_at=now,
+            entries=[
+                (p.account_id, p.amount, links[i].balance if i in links else None, now)
+                for i, p in enumerate(postings)
+            ],
+        )
+        rows: list[dict[str, object]] = [
+            {
+                "transaction_id": transaction_id,
+                "account_id": p.account_id,
+                "amount": p.amount,
+                "balance_after": links[i].balance if i in links else None,
+                "created_at": now,
+                "seq": None,
+                "prev_hash": None,
+                "hash": None,
+            }
+            for i, p in enumerate(postings)
+        ]
+        heads: dict[str, str] = {}
+        # In chain order: an account posted twice in one transaction links its second entry to its first.
+        for i in order:
+            if i not in links:
+                continue
+            link, account_id = links[i], postings[i].account_id
+            prev_hash = heads.get(account_id, link.head_hash)
+            heads[account_id] = entry_hash(
+                prev_hash=prev_hash,
+                account_id=account_id,
+                seq=link.seq,
+                amount=postings[i].amount,
+                balance_after=link.balance,
+                transaction_id=transaction_id,
+                digest=digest,
+            )
+            rows[i].update(seq=link.seq, prev_hash=prev_hash, hash=heads[account_id])
+        for account_id, head_hash in heads.items():  # the row is already locked by this transaction
+            await conn.execute(
+                update(accounts)
+                .where(accounts.c.account_id == account_id)
+                .values(head_hash=head_hash)
+            )
         await conn.execute(
             transactions.insert().values(
                 transaction_id=transaction_id,
@@ -117,27 +202,20 @@ class Ledger:
                 request_id=request_id,
                 caller=caller,
                 policy_version=policy_version,
-                trace_id=format(span_context.trace_id, "032x") if span_context.is_valid else "",
+                trace_id=trace_id,
                 created_at=now,
+                digest=digest,
             )
         )
-        await conn.execute(
-            entries.insert(),
-            [
-                {
-                    "transaction_id": transaction_id,
-                    "account_id": p.account_id,
-                    "amount": p.amount,
-                    "balance_after": balances.get(p.account_id),
-                    "created_at": now,
-                }
-                for p in postings
-            ],
-        )
+        await conn.execute(entries.insert(), rows)
         return Posted(transaction_id, balances)
 
-    async def _apply(self, conn: AsyncConnection, posting: Posting) -> int | None:
-        """Move a keeping account's balance with one conditional UPDATE; None for a non-keeping account."""
+    async def _apply(self, conn: AsyncConnection, posting: Posting) -> _Link | None:
+        """Move a keeping account's balance and chain position with one conditional UPDATE.
+
+        The UPDATE row-locks the account until the caller's transaction ends, so the `seq` it takes and
+        the head it returns cannot be taken by a concurrent posting. None for a non-keeping account.
+        """
         if posting.account_id in self._passive:
             return None
         amount = posting.amount
@@ -150,12 +228,12 @@ class Ledger:
             await conn.execute(
                 update(accounts)
                 .where(accounts.c.account_id == posting.account_id, accounts.c.keeps_balance, guard)
-                .values(balance=accounts.c.balance + literal(amount))
-                .returning(accounts.c.balance)
+                .values(balance=accounts.c.balance + literal(amount), seq=accounts.c.seq + 1)
+                .returning(accounts.c.balance, accounts.c.seq, accounts.c.head_hash)
             )
         ).first()
         if row is not None:
-            return int(row.balance)
+            return _Link(int(row.balance), int(row.seq), str(row.head_hash))
         found = (
             await conn.execute(
                 select(accounts.c.balance, accounts.c.keeps_balance).where(
@@ -223,14 +301,25 @@ class Ledger:
         return (await conn.execute(query)).all()
 
     async def audit(self, conn: AsyncConnection) -> AuditReport:
-        """Recompute every balance from the entries and compare with the kept balances."""
+        """Verify the books: kept balances against the entries, the zero total, every transaction's
+        digest, and every keeping account's hash chain (seq 1..n, prev_hash links, hashes, head).
+
+        Entries newer than the account heads read first are left out of the chain check, so postings
+        that commit during the audit are not mistaken for breaks. For exact balance checks on a live
+        PostgreSQL database, run it in a REPEATABLE READ transaction.
+        """
         totals = await conn.execute(
             select(entries.c.account_id, func.sum(entries.c.amount)).group_by(entries.c.account_id)
         )
         sums = {str(account_id): int(total) for account_id, total in totals}
         kept = (
             await conn.execute(
-                select(accounts.c.account_id, accounts.c.balance).where(accounts.c.keeps_balance)
+                select(
+                    accounts.c.account_id,
+                    accounts.c.balance,
+                    accounts.c.seq,
+                    accounts.c.head_hash,
+                ).where(accounts.c.keeps_balance)
             )
         ).all()
         mismatches = {
@@ -239,4 +328,179 @@ class Ledger:
             if int(row.balance) != sums.get(row.account_id, 0)
         }
         total = sum(sums.values())
-        return AuditReport(len(kept), mismatches, total)
+        digests, bad_transactions = await self._verify_transactions(conn)
+        heads = {str(row.account_id): (int(row.seq), str(row.head_hash)) for row in kept}
+        broken_chains = await self._verify_chains(conn, heads, digests)
+        return AuditReport(
+            accounts_checked=len(kept),
+            mismatches=mismatches,
+            total=total,
+            transactions_checked=len(digests),
+            chains_checked=len(heads),
+            bad_transactions=bad_transactions,
+            broken_chains=broken_chains,
+        )
+
+    @staticmethod
+    async def _verify_transactions(
+        conn: AsyncConnection,
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Recompute every transaction's digest from its row and all its entries.
+
+        Returns (transaction id -> recomputed digest, transaction id -> what is wrong).
+        """
+        query = (
+            select(
+                transactions.c.transaction_id,
+                transactions.c.kind,
+                transactions.c.reference,
+                transactions.c.request_id,
+                transactions.c.caller,
+                transactions.c.policy_version,
+                transactions.c.trace_id,
+                transactions.c.created_at,
+                transactions.c.digest,
+                entries.c.account_id,
+                entries.c.amount,
+                entries.c.balance_after,
+                entries.c.created_at.label("entry_created_at"),
+            )
+            .select_from(
+                transactions.outerjoin(
+                    entries, entries.c.transaction_id == transactions.c.transaction_id
+                )
+            )
+            .order_by(transactions.c.transaction_id, entries.c.entry_id)
+        )
+        digests: dict[str, str] = {}
+        bad: dict[str, str] = {}
+
+        def check(
+            tx: Row[tuple[object, ...]], legs: list[tuple[str, int, int | None, dt.datetime]]
+        ) -> None:
+            digest = transaction_digest(
+                transaction_id=tx.transaction_id,
+                kind=tx.kind,
+                reference=tx.reference,
+                request_id=tx.request_id,
+                caller=tx.caller,
+                policy_version=tx.policy_version,
+                trace_id=tx.trace_id,
+                created_at=tx.created_at,
+                entries=legs,
+            )
+            digests[tx.transaction_id] = digest
+            if not tx.digest:
+                bad[tx.transaction_id] = "no digest"
+            elif digest != tx.digest:
+                bad[tx.transaction_id] = (
+                    "digest does not recompute: the transaction or one of its entries was altered, "
+                    "added or removed"
+                    if legs
+                    else "digest does not recompute: the transaction has no entries left"
+                )
+
+        current: Row[tuple[object, ...]] | None = None
+        legs: list[tuple[str, int, int | None, dt.datetime]] = []
+        async for row in await conn.stream(query):
+            if current is None or row.transaction_id != current.transaction_id:
+                if current is not None:
+                    check(current, legs)
+                current, legs = row, []
+            if row.account_id is not None:
+                after = None if row.balance_after is None else int(row.balance_after)
+                legs.append((row.account_id, int(row.amount), after, row.entry_created_at))
+        if current is not None:
+            check(current, legs)
+        orphans = await conn.execute(
+            select(entries.c.transaction_id)
+            .where(
+                ~select(transactions.c.transaction_id)
+                .where(transactions.c.transaction_id == entries.c.transaction_id)
+                .exists()
+            )
+            .distinct()
+        )
+        for (transaction_id,) in orphans:
+            bad[str(transaction_id)] = "missing: entries refer to a transaction that is not there"
+        return digests, bad
+
+    @staticmethod
+    async def _verify_chains(
+        conn: AsyncConnection, heads: dict[str, tuple[int, str]], digests: dict[str, str]
+    ) -> dict[str, str]:
+        """Walk every keeping account's entries by seq against the heads read earlier.
+
+        A link's hash is recomputed with its transaction's *recomputed* digest, so altering any entry of
+        the transaction (a system account's too) or the transaction row breaks the account's chain.
+        """
+        query = (
+            select(
+                entries.c.entry_id,
+                entries.c.account_id,
+                entries.c.seq,
+                entries.c.prev_hash,
+                entries.c.hash,
+                entries.c.amount,
+                entries.c.balance_after,
+                entries.c.transaction_id,
+            )
+            .join(accounts, accounts.c.account_id == entries.c.account_id)
+            .where(accounts.c.keeps_balance)
+            .order_by(entries.c.account_id, entries.c.seq, entries.c.entry_id)
+        )
+        broken: dict[str, str] = {}
+        walked: dict[str, tuple[int, str]] = {}
+        """account id -> (last seq, last hash) walked so far."""
+        async for row in await conn.stream(query):
+            account_id = str(row.account_id)
+            if account_id in broken or account_id not in heads:
+                continue  # already broken, or opened after the heads were read
+            if row.seq is None:
+                broken[account_id] = f"entry {row.entry_id} has no place in the chain (no seq)"
+                continue
+            seq = int(row.seq)
+            if seq > heads[account_id][0]:
+                continue  # posted after the heads were read
+            last_seq, last_hash = walked.get(account_id, (0, GENESIS))
+            if seq != last_seq + 1:
+                broken[account_id] = (
+                    f"seq {last_seq + 1} is missing (next entry found is seq {seq})"
+                    if seq > last_seq + 1
+                    else f"seq {seq} appears twice"
+                )
+                continue
+            if row.prev_hash != last_hash:
+                broken[account_id] = f"seq {seq}: prev_hash does not link to seq {last_seq}"
+                continue
+            digest = digests.get(row.transaction_id)
+            if digest is None:
+                broken[account_id] = f"seq {seq}: transaction {row.transaction_id} is missing"
+                continue
+            recomputed = entry_hash(
+                prev_hash=last_hash,
+                account_id=account_id,
+                seq=seq,
+                amount=int(row.amount),
+                balance_after=None if row.balance_after is None else int(row.balance_after),
+                transaction_id=row.transaction_id,
+                digest=digest,
+            )
+            if recomputed != row.hash:
+                broken[account_id] = (
+                    f"seq {seq}: hash does not match the entry or its transaction "
+                    f"{row.transaction_id}"
+                )
+                continue
+            walked[account_id] = (seq, recomputed)
+        for account_id, (head_seq, head_hash) in heads.items():
+            if account_id in broken:
+                continue
+            last_seq, last_hash = walked.get(account_id, (0, GENESIS))
+            if last_seq != head_seq:
+                broken[account_id] = (
+                    f"the chain ends at seq {last_seq} but the account's head is seq {head_seq}"
+                )
+            elif last_hash != head_hash:
+                broken[account_id] = "the account's head hash is not its last entry's hash"
+        return broken

@@ -1,9 +1,11 @@
-"""Ledger tables. The Table objects serve queries; `create_ledger_tables_v1` is the frozen first DDL."""
+"""Ledger tables. The Table objects serve queries; `create_ledger_tables_v1` and `upgrade_ledger_tables_v2`
+are the frozen DDL of each version, called by the services' migrations (0001 and 0002)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy as sa
 from alembic.operations import Operations
 from sqlalchemy import (
     BigInteger,
@@ -18,6 +20,9 @@ from sqlalchemy import (
     String,
     Table,
 )
+from sqlalchemy.engine import Connection
+
+from ledger.chain import GENESIS, entry_hash, transaction_digest
 
 metadata = MetaData()
 
@@ -66,16 +71,51 @@ def _entries_columns() -> list[Column[Any]]:
     ]
 
 
+# Version 2: the hash chain (see ledger.chain). Kept apart from the v1 columns, whose DDL is frozen.
+
+
+def _accounts_chain_columns() -> list[Column[Any]]:
+    # seq: entries in the account's chain (stays 0 on a passive account: it is not chained);
+    # head_hash: the hash of its last entry, GENESIS before the first.
+    return [
+        Column("seq", BigInteger, nullable=False, server_default="0"),
+        Column("head_hash", String(64), nullable=False, server_default=GENESIS),
+    ]
+
+
+def _transactions_chain_columns() -> list[Column[Any]]:
+    return [Column("digest", String(64), nullable=False, server_default="")]
+
+
+def _entries_chain_columns() -> list[Column[Any]]:
+    # NULL on the entries of passive accounts, which are not chained.
+    return [
+        Column("seq", BigInteger),
+        Column("prev_hash", String(64)),
+        Column("hash", String(64)),
+    ]
+
+
 _BALANCE_RULE = "allow_negative OR balance >= 0"
 
-accounts = Table("ledger_accounts", metadata, *_accounts_columns(), CheckConstraint(_BALANCE_RULE))
-transactions = Table("ledger_transactions", metadata, *_transactions_columns())
+accounts = Table(
+    "ledger_accounts",
+    metadata,
+    *_accounts_columns(),
+    *_accounts_chain_columns(),
+    CheckConstraint(_BALANCE_RULE),
+)
+transactions = Table(
+    "ledger_transactions", metadata, *_transactions_columns(), *_transactions_chain_columns()
+)
 entries = Table(
     "ledger_entries",
     metadata,
     *_entries_columns(),
+    *_entries_chain_columns(),
     CheckConstraint("amount <> 0"),
     Index("ix_ledger_entries_account_entry", "account_id", "entry_id"),
+    Index("ux_ledger_entries_account_seq", "account_id", "seq", unique=True),
 )
 
 
@@ -102,3 +142,141 @@ def create_ledger_tables_v1(op: Operations) -> None:
         CheckConstraint("amount <> 0", name="ck_ledger_entries_amount"),
     )
     op.create_index("ix_ledger_entries_account_entry", "ledger_entries", ["account_id", "entry_id"])
+
+
+def upgrade_ledger_tables_v2(op: Operations) -> None:
+    """Frozen DDL of the ledger's second version (the hash chain), for a service's migration 0002.
+
+    Adds the chain columns, backfills them over the existing rows (each transaction's digest; each
+    balance-keeping account's entries chained in entry order) and adds the unique (account_id, seq)
+    index. Works on SQLite (batch mode; adding columns needs no table copy) and PostgreSQL.
+    """
+    with op.batch_alter_table("ledger_accounts") as batch:
+        for column in _accounts_chain_columns():
+            batch.add_column(column)
+    with op.batch_alter_table("ledger_transactions") as batch:
+        for column in _transactions_chain_columns():
+            batch.add_column(column)
+    with op.batch_alter_table("ledger_entries") as batch:
+        for column in _entries_chain_columns():
+            batch.add_column(column)
+    _backfill_chain_v2(op.get_bind())
+    op.create_index(
+        "ux_ledger_entries_account_seq", "ledger_entries", ["account_id", "seq"], unique=True
+    )
+
+
+def _backfill_chain_v2(bind: Connection) -> None:
+    """Digest every existing transaction and chain every keeping account's entries, in entry order."""
+    ledger_accounts = sa.table(
+        "ledger_accounts",
+        sa.column("account_id", String),
+        sa.column("keeps_balance", Boolean),
+        sa.column("seq", BigInteger),
+        sa.column("head_hash", String),
+    )
+    ledger_transactions = sa.table(
+        "ledger_transactions",
+        sa.column("transaction_id", String),
+        sa.column("kind", String),
+        sa.column("reference", String),
+        sa.column("request_id", String),
+        sa.column("caller", String),
+        sa.column("policy_version", String),
+        sa.column("trace_id", String),
+        sa.column("created_at", DateTime(timezone=True)),
+        sa.column("digest", String),
+    )
+    ledger_entries = sa.table(
+        "ledger_entries",
+        sa.column("entry_id", BigInteger),
+        sa.column("transaction_id", String),
+        sa.column("account_id", String),
+        sa.column("amount", BigInteger),
+        sa.column("balance_after", BigInteger),
+        sa.column("created_at", DateTime(timezone=True)),
+        sa.column("seq", BigInteger),
+        sa.column("prev_hash", String),
+        sa.column("hash", String),
+    )
+    rows = bind.execute(
+        sa.select(
+            ledger_entries.c.entry_id,
+            ledger_entries.c.transaction_id,
+            ledger_entries.c.account_id,
+            ledger_entries.c.amount,
+            ledger_entries.c.balance_after,
+            ledger_entries.c.created_at,
+        ).order_by(ledger_entries.c.entry_id)
+    ).all()
+    legs: dict[str, list[tuple[str, int, int | None, Any]]] = {}
+    for row in rows:
+        legs.setdefault(row.transaction_id, []).append(
+            (row.account_id, row.amount, row.balance_after, row.created_at)
+        )
+    digests = {
+        tx.transaction_id: transaction_digest(
+            transaction_id=tx.transaction_id,
+            kind=tx.kind,
+            reference=tx.reference,
+            request_id=tx.request_id,
+            caller=tx.caller,
+            policy_version=tx.policy_version,
+            trace_id=tx.trace_id,
+            created_at=tx.created_at,
+            entries=legs.get(tx.transaction_id, []),
+        )
+        for tx in bind.execute(sa.select(ledger_transactions))
+    }
+    if digests:
+        bind.execute(
+            sa.update(ledger_transactions)
+            .where(ledger_transactions.c.transaction_id == sa.bindparam("b_id"))
+            .values(digest=sa.bindparam("b_digest")),
+            [{"b_id": tid, "b_digest": digest} for tid, digest in digests.items()],
+        )
+    chained = set(
+        bind.execute(
+            sa.select(ledger_accounts.c.account_id).where(ledger_accounts.c.keeps_balance)
+        ).scalars()
+    )
+    heads: dict[str, tuple[int, str]] = {}
+    links: list[dict[str, Any]] = []
+    for row in rows:
+        if row.account_id not in chained:
+            continue
+        seq, prev_hash = heads.get(row.account_id, (0, GENESIS))
+        seq += 1
+        digest = digests.get(row.transaction_id, "")
+        link = entry_hash(
+            prev_hash=prev_hash,
+            account_id=row.account_id,
+            seq=seq,
+            amount=row.amount,
+            balance_after=row.balance_after,
+            transaction_id=row.transaction_id,
+            digest=digest,
+        )
+        heads[row.account_id] = (seq, link)
+        links.append({"b_id": row.entry_id, "b_seq": seq, "b_prev": prev_hash, "b_hash": link})
+    if links:
+        bind.execute(
+            sa.update(ledger_entries)
+            .where(ledger_entries.c.entry_id == sa.bindparam("b_id"))
+            .values(
+                seq=sa.bindparam("b_seq"),
+                prev_hash=sa.bindparam("b_prev"),
+                hash=sa.bindparam("b_hash"),
+            ),
+            links,
+        )
+    if heads:
+        bind.execute(
+            sa.update(ledger_accounts)
+            .where(ledger_accounts.c.account_id == sa.bindparam("b_id"))
+            .values(seq=sa.bindparam("b_seq"), head_hash=sa.bindparam("b_head")),
+            [
+                {"b_id": account, "b_seq": seq, "b_head": head}
+                for account, (seq, head) in heads.items()
+            ],
+        )

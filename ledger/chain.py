@@ -1,0 +1,102 @@
+"""Tamper evidence: transaction digests and per-account hash chains of entries (sha256, hashlib only).
+
+- Every transaction carries a `digest`: sha256 over a canonical encoding of its own fields and of ALL its
+  entries (account, amount, balance after, time), sorted, so no entry of it, on any account, can change
+  without the digest failing to recompute.
+- Every entry of a balance-keeping account carries its account's sequence number `seq` (1, 2, 3 ...), the
+  `prev_hash` of that account's previous entry (GENESIS for the first) and its own `hash`, computed over
+  (prev_hash, account, seq, amount, balance after, transaction id, transaction digest). The account row
+  keeps the head (`seq`, `head_hash`), so a truncated tail shows too.
+
+Passive (system) accounts are not chained: chaining them would serialize every write on one hot row, which
+is exactly what they exist to avoid. Their entries are protected by the digest of their transaction, and
+through it by the chain of the user account on the other side: editing or deleting a system entry changes
+its transaction's digest, which no longer matches the hash of the user's entry in the same transaction.
+
+The encodings below are frozen (migration 0002 backfills with them); a change of scheme takes a new tag
+and a migration that re-hashes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+GENESIS = "0" * 64
+"""The `prev_hash` of an account's first entry, and the head of an account without entries."""
+
+_TRANSACTION_TAG = "coins.ledger.transaction/v1"
+_ENTRY_TAG = "coins.ledger.entry/v1"
+
+
+def instant(value: dt.datetime) -> str:
+    """A timestamp as UTC microseconds; a naive value (SQLite returns them) is taken as UTC."""
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value.isoformat(sep="T", timespec="microseconds") + "Z"
+
+
+def _sha256(fields: list[Any]) -> str:
+    encoded = json.dumps(fields, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(encoded.encode("ascii")).hexdigest()
+
+
+def transaction_digest(
+    *,
+    transaction_id: str,
+    kind: str,
+    reference: str,
+    request_id: str,
+    caller: str,
+    policy_version: str,
+    trace_id: str,
+    created_at: dt.datetime,
+    entries: Iterable[tuple[str, int, int | None, dt.datetime]],
+) -> str:
+    """sha256 of a transaction and all of its entries, given as (account, amount, balance after, time)."""
+    legs = sorted(
+        json.dumps([str(account), int(amount), None if after is None else int(after), instant(at)])
+        for account, amount, after, at in entries
+    )
+    return _sha256(
+        [
+            _TRANSACTION_TAG,
+            str(transaction_id),
+            str(kind),
+            str(reference),
+            str(request_id),
+            str(caller),
+            str(policy_version),
+            str(trace_id),
+            instant(created_at),
+            legs,
+        ]
+    )
+
+
+def entry_hash(
+    *,
+    prev_hash: str,
+    account_id: str,
+    seq: int,
+    amount: int,
+    balance_after: int | None,
+    transaction_id: str,
+    digest: str,
+) -> str:
+    """sha256 of one link of an account's chain."""
+    return _sha256(
+        [
+            _ENTRY_TAG,
+            str(prev_hash),
+            str(account_id),
+            int(seq),
+            int(amount),
+            None if balance_after is None else int(balance_after),
+            str(transaction_id),
+            str(digest),
+        ]
+    )
