@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: up test demo gen gen-check lint format buf buf-baseline check clean help
+.PHONY: up test demo certs gen gen-check lint format buf buf-baseline check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -25,6 +25,9 @@ test: $(STAMP)  ## run the whole test suite (real servers; SQLite and PostgreSQL
 
 demo: $(STAMP)  ## drive the real money flow against a running suite (`make up` first)
 	$(BIN)/coinsctl demo
+
+certs: $(STAMP)  ## generate the dev CA, service certificates and token key under certs/ (never committed)
+	$(BIN)/python -m runtime.pki
 
 gen: $(STAMP)  ## regenerate gen/ and build/image.binpb from protos/
 	$(BIN)/python tools/gen_protos.py
@@ -52,4 +55,4 @@ buf-baseline: gen  ## accept the current contracts as the new breaking-change ba
 check: lint buf gen-check test  ## everything CI runs
 
 clean:  ## remove the virtual environment, build output and local databases
-	rm -rf $(VENV) build data
+	rm -rf $(VENV) build data certs

@@ -1,10 +1,18 @@
-"""Typed connections to the four services, addressed by flags or COINS_<SERVICE>_ADDRESS."""
+"""Typed connections to the four services, addressed by flags or COINS_<SERVICE>_ADDRESS.
+
+coinsctl plays the platform gateway: it connects with the gateway's certificate (mutual TLS, from the
+dev PKI in COINS_CERTS_DIR, default certs/) and mints a short-lived dev token for the user each request
+names, or for `--as USER` (with `--admin`, the admin role). Production gateways get tokens from the
+identity provider instead.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import grpc
 
@@ -12,6 +20,8 @@ from coins.gifting.v1 import gifting_pb2_grpc
 from coins.payout.v1 import payout_pb2_grpc
 from coins.promotion.v1 import promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2_grpc
+from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
+from runtime.config import SecuritySettings
 
 DEFAULTS = {
     "wallet": "127.0.0.1:50051",
@@ -19,19 +29,89 @@ DEFAULTS = {
     "payout": "127.0.0.1:50053",
     "promotion": "127.0.0.1:50054",
 }
+_USER_FIELDS = ("user_id", "sender_id", "creator_id")
+IDENTITY = os.environ.get("COINS_CLI_IDENTITY", "gateway")
 
 
 def default_address(service: str) -> str:
     return os.environ.get(f"COINS_{service.upper()}_ADDRESS", DEFAULTS[service])
 
 
+class _DevTokens(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds a dev token for the acting user to every call that has none."""
+
+    def __init__(self, token_for: Callable[[Any], str]) -> None:
+        self._token_for = token_for
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        metadata = list(details.metadata or ())
+        if not any(key == AUTHORIZATION for key, _ in metadata):
+            metadata.extend(token_metadata(self._token_for(request)))
+            details = _Details(
+                details.method,
+                details.timeout,
+                metadata,
+                details.credentials,
+                details.wait_for_ready,
+                details.compression,
+            )
+        return continuation(details, request)
+
+
+@dataclass(frozen=True)
+class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
 @dataclass
 class Clients:
     addresses: dict[str, str]
     timeout: float = 10.0
+    acting_user: str | None = None
+    """--as: act for this user on every call (else: the user each request names)."""
+    admin: bool = False
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+
+    @cached_property
+    def issuer(self) -> TokenIssuer:
+        try:
+            return TokenIssuer.dev(self.security)
+        except FileNotFoundError:
+            raise SystemExit(
+                f"no dev token key in {self.security.certs_dir}/jwt: run `make up` (or `make certs`)"
+            ) from None
+
+    def token(self, user: str) -> tuple[tuple[str, str | bytes], ...]:
+        """Call metadata with a fresh dev token for `user`."""
+        roles = ["admin"] if self.admin else []
+        return tuple(token_metadata(self.issuer.mint(user, roles=roles)))
+
+    def _token_for(self, request: Any) -> str:
+        named = next((getattr(request, f) for f in _USER_FIELDS if hasattr(request, f)), "")
+        user = self.acting_user or named or "coinsctl"
+        return self.issuer.mint(user, roles=["admin"] if self.admin else [])
 
     def _channel(self, service: str) -> grpc.Channel:
-        return grpc.insecure_channel(self.addresses[service])
+        certs = self.security.certs_dir
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                (certs / "ca.pem").read_bytes(),
+                (certs / f"{IDENTITY}-key.pem").read_bytes(),
+                (certs / f"{IDENTITY}.pem").read_bytes(),
+            )
+        except FileNotFoundError as missing:
+            raise SystemExit(
+                f"{missing.filename} is missing: run `make up` (or `make certs`)"
+            ) from None
+        channel = grpc.secure_channel(self.addresses[service], credentials)
+        return grpc.intercept_channel(channel, _DevTokens(self._token_for))
 
     @cached_property
     def wallet(self) -> wallet_pb2_grpc.WalletServiceStub:

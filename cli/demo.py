@@ -100,7 +100,9 @@ def run(c: Clients) -> None:
     console.print(render.withdrawal(requested))
     for _ in range(50):
         current = c.payout.GetWithdrawal(
-            payout_pb2.GetWithdrawalRequest(withdrawal_id=requested.withdrawal_id), timeout=t
+            payout_pb2.GetWithdrawalRequest(withdrawal_id=requested.withdrawal_id),
+            timeout=t,
+            metadata=c.token(requested.creator_id),
         ).withdrawal
         if current.status in (
             payout_pb2.WITHDRAWAL_STATUS_PAID,

@@ -162,6 +162,11 @@ def show_promotion(c: Clients, a: argparse.Namespace) -> None:
     console.print(render.promotion(response.promotion))
 
 
+def token(c: Clients, a: argparse.Namespace) -> None:
+    """Print a dev token, for grpcurl and other clients (see the README's Security model)."""
+    print(c.issuer.mint(a.user, roles=["admin"] if c.admin else []))
+
+
 def demo(c: Clients, a: argparse.Namespace) -> None:
     from cli.demo import run
 
@@ -178,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{service} address (COINS_{service.upper()}_ADDRESS)",
         )
     parser.add_argument("--request-id", help="idempotency key: repeat one to retry safely")
+    parser.add_argument(
+        "--as", dest="acting_user", metavar="USER", help="act for USER (default: the user named)"
+    )
+    parser.add_argument("--admin", action="store_true", help="mint tokens with the admin role")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
@@ -218,21 +227,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("diamonds", type=int)
     p.add_argument("--method", choices=sorted(_METHODS), default="paypal")
     p.add_argument("--destination", default="dest_paypal_demo", help="dest_fail fails the payout")
-    command("withdrawal", withdrawal, "show a withdrawal").add_argument("withdrawal_id")
+    command("withdrawal", withdrawal, "show a withdrawal (--as CREATOR)").add_argument(
+        "withdrawal_id"
+    )
     p = command("promote", promote, "promote a video with a coin budget")
     p.add_argument("user")
     p.add_argument("video")
     p.add_argument("budget", type=int)
     p.add_argument("--goal", choices=sorted(_GOALS), default="views")
     p.add_argument("--days", type=int, default=3)
-    command("promotion", show_promotion, "show a promotion").add_argument("promotion_id")
+    command("promotion", show_promotion, "show a promotion (--as OWNER)").add_argument(
+        "promotion_id"
+    )
+    command("token", token, "print a dev token for USER (for grpcurl)").add_argument("user")
     command("demo", demo, "run the whole money flow against the running suite")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    clients = Clients({service: getattr(args, service) for service in DEFAULTS})
+    clients = Clients(
+        {service: getattr(args, service) for service in DEFAULTS},
+        acting_user=args.acting_user,
+        admin=args.admin,
+    )
     try:
         args.run(clients, args)
     except grpc.RpcError as error:

@@ -1,4 +1,5 @@
-"""Channels to other coins services: traced, with deadlines passed on and retries on UNAVAILABLE.
+"""Channels to other coins services: mutual TLS, traced, the acting user's token and the deadline
+passed on, and retries on UNAVAILABLE.
 
 Every cross-service call in the suite is idempotent by request id, so retrying on UNAVAILABLE is safe
 (a retry can run the handler twice; the request id makes the second run a replay). Hedging is never
@@ -8,13 +9,18 @@ enabled on money RPCs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import grpc.aio
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.trace import TracerProvider
 
+from runtime.auth import AUTHORIZATION, forwarded_metadata
+from runtime.config import SecuritySettings
 from runtime.protos import RpcContext
+from runtime.tls import channel_credentials
 
 _RETRY_ON_UNAVAILABLE = json.dumps(
     {
@@ -34,15 +40,42 @@ _RETRY_ON_UNAVAILABLE = json.dumps(
 )
 
 
+class ForwardUserToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Pass the acting user's token on: the called service checks the user itself."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        extra = forwarded_metadata()
+        present = client_call_details.metadata or grpc.aio.Metadata()
+        if extra and not any(key == AUTHORIZATION for key, _ in present):
+            metadata = grpc.aio.Metadata(*present, *extra)
+            client_call_details = grpc.aio.ClientCallDetails(
+                client_call_details.method,
+                client_call_details.timeout,
+                metadata,
+                client_call_details.credentials,
+                client_call_details.wait_for_ready,
+            )
+        return await continuation(client_call_details, request)
+
+
 def service_channel(
-    address: str, tracer_provider: TracerProvider | None = None
+    address: str,
+    security: SecuritySettings,
+    identity: str,
+    tracer_provider: TracerProvider | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure loopback channel to another coins service (mutual TLS arrives with the trust issue)."""
-    interceptors = (
-        aio_client_interceptors(tracer_provider=tracer_provider) if tracer_provider else None
-    )
-    return grpc.aio.insecure_channel(
+    """A mutual-TLS channel to another coins service, presenting `identity`'s certificate."""
+    interceptors: list[Any] = [ForwardUserToken()]
+    if tracer_provider:
+        interceptors.extend(aio_client_interceptors(tracer_provider=tracer_provider))
+    return grpc.aio.secure_channel(
         address,
+        channel_credentials(security, identity),
         options=[
             ("grpc.enable_retries", 1),
             ("grpc.service_config", _RETRY_ON_UNAVAILABLE),

@@ -9,7 +9,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SecuritySettings(BaseSettings):
+    """The trust boundary, shared by every service of one platform (environment variables COINS_*).
+
+    Defaults are the local development set-up: a dev CA and keys generated under `certs/` on first
+    start. Production sets COINS_DEV_PKI=false and mounts real files at the same paths.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="COINS_", extra="ignore")
+
+    certs_dir: Path = Path("certs")
+    """ca.pem (the CA every peer must be signed by), <service>.pem and <service>-key.pem."""
+    dev_pki: bool = True
+    """Generate a dev CA, certificates and a token signing key in certs_dir when missing."""
+    jwt_keys_dir: Path | None = None
+    """Public keys that verify user tokens, one `<kid>.pem` each (default certs_dir/jwt). Re-read when
+    a token names an unknown kid, so a new key is picked up without a restart."""
+    jwt_issuer: str = "coins-dev"
+    jwt_audience: str = "coins"
+    jwt_max_ttl_seconds: int = 3600
+    """Tokens valid for longer than this (exp - iat) are refused: user tokens are short-lived."""
+    jwt_leeway_seconds: int = 30
+    user_rate_per_second: float = 10.0
+    """Per user, per money-moving RPC: sustained calls per second ..."""
+    user_rate_burst: int = 40
+    """... and how many may come at once."""
+    caller_rate_per_second: float = 2000.0
+    """Per calling service, per money-moving RPC (a whole gateway or gifting's traffic)."""
+    caller_rate_burst: int = 4000
+
+    @property
+    def verification_keys_dir(self) -> Path:
+        return self.jwt_keys_dir or self.certs_dir / "jwt"
 
 
 class ServiceSettings(BaseSettings):
@@ -21,6 +56,8 @@ class ServiceSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 0
+    health_port: int = 0
+    """Plaintext port that serves only grpc.health.v1 (Kubernetes' gRPC probes speak plaintext)."""
     database_url: str = ""
     """SQLAlchemy async URL; empty means a SQLite file `<data_dir>/<service>.db`."""
     data_dir: Path = Path("data")
@@ -32,6 +69,7 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     downstream_timeout_seconds: float = 5.0
     """Deadline for a call to another service when the incoming call carries none."""
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

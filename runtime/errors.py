@@ -19,6 +19,7 @@ class ErrorKind(enum.Enum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     ABORTED = "ABORTED"
     UNAVAILABLE = "UNAVAILABLE"
@@ -108,8 +109,26 @@ class PermissionDenied(DomainError):
     kind = ErrorKind.PERMISSION_DENIED
 
 
+class Unauthenticated(DomainError):
+    kind = ErrorKind.UNAUTHENTICATED
+
+
 class ResourceExhausted(DomainError):
+    """Too much, too fast: carries how long to wait (google.rpc.RetryInfo) when a wait will help."""
+
     kind = ErrorKind.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        violations: tuple[FieldViolation, ...] = (),
+        **metadata: object,
+    ) -> None:
+        super().__init__(reason, message, violations=violations, **metadata)
+        self.retry_after = retry_after
 
 
 class Aborted(DomainError):
@@ -132,6 +151,7 @@ _BY_KIND: dict[ErrorKind, type[DomainError]] = {
         AlreadyExists,
         FailedPrecondition,
         PermissionDenied,
+        Unauthenticated,
         ResourceExhausted,
         Aborted,
         Unavailable,

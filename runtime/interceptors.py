@@ -1,27 +1,37 @@
-"""The request guard every unary RPC passes through: validate, run, map errors.
+"""The request guard every unary RPC passes through: authenticate, authorize, validate, limit, run.
 
 A grpc.aio server interceptor cannot see the request, so this one returns a wrapped method handler
 (the documented way to see requests in Python). Order of work for each call:
-1. the request is checked against its protovalidate rules (INVALID_ARGUMENT + BadRequest);
-2. the handler runs;
-3. a DomainError leaves as its status with ErrorInfo; a failed downstream call becomes UNAVAILABLE or
-   INTERNAL; any other exception becomes INTERNAL with an opaque incident id that is in the log and the
-   trace, and nothing else (no stack trace, no SQL) reaches the caller.
+1. the caller: the service named by the verified client certificate, and the user of the bearer token
+   (UNAUTHENTICATED when the token is missing, expired, forged or for another audience);
+2. the method's access rule: a method without one is denied; the calling service must be allowed,
+   the admin role present where needed (PERMISSION_DENIED);
+3. the request against its protovalidate rules (INVALID_ARGUMENT + BadRequest);
+4. the account the request names must be the token's user (PERMISSION_DENIED);
+5. rate limits on the methods that move money (RESOURCE_EXHAUSTED + RetryInfo);
+6. the handler, with admin calls written to the audit trail before and after;
+7. a DomainError leaves as its status with ErrorInfo; a failed downstream call becomes UNAVAILABLE or
+   its business error; any other exception becomes INTERNAL with an opaque incident id that is in the
+   log and the trace, and nothing else (no stack trace, no SQL) reaches the caller.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
 
 import grpc
 import grpc.aio
 from opentelemetry import trace
 
-from runtime.errors import DomainError, Internal
+from runtime.access import Access
+from runtime.audit import AdminAudit
+from runtime.auth import Principal, TokenVerifier, bearer_token, peer_service, set_principal
+from runtime.errors import DomainError, Internal, PermissionDenied, Unauthenticated
 from runtime.protos import RpcContext
+from runtime.ratelimit import RateLimiter
 from runtime.status import abort, from_rpc_error
 from runtime.validation import RequestValidator
 
@@ -32,8 +42,21 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, error_domain: str, validator: RequestValidator | None = None) -> None:
+    def __init__(
+        self,
+        error_domain: str,
+        *,
+        access: Mapping[str, Access],
+        verifier: TokenVerifier,
+        limiter: RateLimiter,
+        audit: AdminAudit,
+        validator: RequestValidator | None = None,
+    ) -> None:
         self._domain = error_domain
+        self._access = access
+        self._verifier = verifier
+        self._limiter = limiter
+        self._audit = audit
         self._validator = validator or RequestValidator()
 
     async def intercept_service(
@@ -43,39 +66,95 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
-            return handler
+            return handler  # streaming: health and reflection, behind mutual TLS like everything
+        method = handler_call_details.method
         return grpc.unary_unary_rpc_method_handler(
-            self._guard(cast(Behavior, handler.unary_unary), handler_call_details.method),
+            self._guard(cast(Behavior, handler.unary_unary), method, self._access.get(method)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _guard(self, behavior: Behavior, method: str) -> Behavior:
+    def _principal(self, context: RpcContext) -> Principal:
+        service = peer_service(context)
+        if service is None:
+            raise Unauthenticated(
+                "CLIENT_CERTIFICATE_REQUIRED",
+                "connect with a client certificate of the platform CA",
+            )
+        token = bearer_token(context)
+        if token is None:
+            return Principal(service)
+        user, roles = self._verifier.verify(token)
+        return Principal(service, user, roles, token)
+
+    async def _admit(
+        self, rule: Access | None, method: str, request: Any, context: RpcContext
+    ) -> tuple[Principal, bool]:
+        """Everything before the handler; returns the principal and whether the call is audited."""
+        principal = self._principal(context)
+        if rule is None:
+            raise PermissionDenied("RPC_NOT_ALLOWED", "this RPC is not open to any caller")
+        rule.check_caller(principal)
+        if rule.needs_user or rule.admin:
+            principal.require_user()
+        if rule.admin:
+            principal.require_admin()
+        self._validator.check(request)
+        admin_read = rule.check_owner(principal, request)
+        if rule.moves_money:
+            self._limiter.check(method, principal.service, principal.user_id)
+        return principal, rule.audited or admin_read
+
+    def _guard(self, behavior: Behavior, method: str, rule: Access | None) -> Behavior:
         async def guarded(request: Any, context: RpcContext) -> Any:
+            audited = False
+            principal: Principal | None = None
             try:
-                self._validator.check(request)
-                return await behavior(request, context)
+                principal, audited = await self._admit(rule, method, request, context)
+                set_principal(principal)
+                if audited:
+                    await self._audit.record(principal, method, request, "STARTED")
+                response = await behavior(request, context)
+                if audited:
+                    await self._audit.record(principal, method, request, "OK")
+                return response
             except DomainError as error:
-                await abort(context, error, self._domain)
+                await self._refuse(context, error, principal, method, request, audited)
             except grpc.aio.AbortError:
                 raise
             except grpc.RpcError as error:
                 dependency = getattr(error, "dependency", "downstream")
-                await abort(context, from_rpc_error(error, dependency=dependency), self._domain)
+                relayed = from_rpc_error(error, dependency=dependency)
+                await self._refuse(context, relayed, principal, method, request, audited)
             except Exception as error:
                 incident = uuid.uuid4().hex
                 span = trace.get_current_span()
                 span.record_exception(error)
                 span.set_attribute("coins.incident_id", incident)
                 log.exception("incident %s in %s", incident, method)
-                await abort(
-                    context,
-                    Internal(
-                        "INTERNAL_ERROR",
-                        f"internal error; quote incident {incident} to the operators",
-                        incident_id=incident,
-                    ),
-                    self._domain,
+                internal = Internal(
+                    "INTERNAL_ERROR",
+                    f"internal error; quote incident {incident} to the operators",
+                    incident_id=incident,
                 )
+                await self._refuse(context, internal, principal, method, request, audited)
 
         return guarded
+
+    async def _refuse(
+        self,
+        context: RpcContext,
+        error: DomainError,
+        principal: Principal | None,
+        method: str,
+        request: Any,
+        audited: bool,
+    ) -> None:
+        if audited and principal is not None:
+            try:
+                await self._audit.record(
+                    principal, method, request, f"{error.kind.value} {error.reason}"
+                )
+            except Exception:
+                log.exception("could not record the outcome of an admin call to %s", method)
+        await abort(context, error, self._domain)

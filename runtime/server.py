@@ -12,26 +12,33 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.trace import TracerProvider
 
-from runtime import migrations
+from coins.common.v1 import admin_audit_pb2_grpc
+from runtime import migrations, pki
+from runtime.access import Access
+from runtime.audit import AdminAudit, AdminAuditApi
+from runtime.auth import TokenVerifier
 from runtime.clients import service_channel
 from runtime.clock import Clock, SystemClock
-from runtime.config import ServiceSettings
+from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
 from runtime.idempotency import Idempotency
 from runtime.interceptors import RequestGuard
+from runtime.ratelimit import RateLimiter, TokenBuckets
 from runtime.telemetry import configure_logging, make_tracer_provider
+from runtime.tls import server_credentials
 
 log = logging.getLogger("coins.server")
 
@@ -61,7 +68,9 @@ class Runtime(Generic[S]):
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """A traced, retrying channel to another service; closed when this service stops."""
-        channel = service_channel(address, self.tracer_provider)
+        channel = service_channel(
+            address, self.settings.security, self.settings.service_name, self.tracer_provider
+        )
         self._channels.append(channel)
         return channel
 
@@ -80,6 +89,8 @@ class ServiceSpec(Generic[S]):
     grpc_services: tuple[str, ...]
     migrations_dir: Path
     setup: Callable[[Runtime[S]], Awaitable[None]]
+    access: Mapping[str, Access]
+    """The access rule of every method the service serves (see runtime.access)."""
 
 
 @dataclass
@@ -87,7 +98,9 @@ class RunningService(Generic[S]):
     spec: ServiceSpec[S]
     runtime: Runtime[S]
     port: int
+    health_port: int
     health: health.aio.HealthServicer
+    health_server: grpc.aio.Server
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -98,6 +111,7 @@ class RunningService(Generic[S]):
         rt = self.runtime
         await self.health.enter_graceful_shutdown()
         await rt.server.stop(rt.settings.grace_seconds if grace is None else grace)
+        await self.health_server.stop(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -122,6 +136,32 @@ async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
             await asyncio.sleep(1)
 
 
+def _check_access(service: str, names: tuple[str, ...], access: Mapping[str, Access]) -> None:
+    """Refuse to start a service with a method that has no access rule (access is fail-closed)."""
+    pool = descriptor_pool.Default()
+    missing = [
+        f"/{name}/{method.name}"
+        for name in names
+        for method in pool.FindServiceByName(name).methods
+        if f"/{name}/{method.name}" not in access
+    ]
+    if missing:
+        raise SystemExit(f"{service}: no access rule for {', '.join(missing)}")
+
+
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}")
+    return port
+
+
 async def start_service(
     spec: ServiceSpec[S],
     settings: S,
@@ -129,16 +169,34 @@ async def start_service(
     tracer_provider: TracerProvider | None = None,
     clock: Clock | None = None,
 ) -> RunningService[S]:
+    security: SecuritySettings = settings.security
+    if security.dev_pki and pki.ensure_dev_pki(security.certs_dir):
+        log.warning(
+            "generated a development CA and keys in %s/ (never for production)", security.certs_dir
+        )
     provider = tracer_provider or make_tracer_provider(spec.name)
+    clock = clock or SystemClock()
     db = Database(settings.resolved_database_url(), provider)
     if settings.migrate_on_start:
         await migrations.upgrade(db, spec.migrations_dir)
+    audit = AdminAudit(db, clock)
+    health_check = "/grpc.health.v1.Health/Check"
+    access = {**spec.access, **AdminAuditApi.ACCESS, health_check: Access(needs_user=False)}
     server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(
                 tracer_provider=provider, filter_=filters.negate(filters.health_check())
             ),
-            RequestGuard(spec.error_domain),
+            RequestGuard(
+                spec.error_domain,
+                access=access,
+                verifier=TokenVerifier(security),
+                limiter=RateLimiter(
+                    TokenBuckets(security.user_rate_per_second, security.user_rate_burst),
+                    TokenBuckets(security.caller_rate_per_second, security.caller_rate_burst),
+                ),
+                audit=audit,
+            ),
         ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -146,26 +204,41 @@ async def start_service(
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    runtime = Runtime(settings, server, db, provider, clock or SystemClock())
+    runtime = Runtime(settings, server, db, provider, clock)
     await spec.setup(runtime)
+    admin_audit_pb2_grpc.add_AdminAuditServiceServicer_to_server(AdminAuditApi(audit), server)
+    names = (*spec.grpc_services, AdminAuditApi.FULL_NAME)
+    _check_access(spec.name, names, access)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
-        names = (*spec.grpc_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
+    port = _listen(server, settings.address, server_credentials(security, spec.name))
 
-    port = server.add_insecure_port(settings.address)
-    if port == 0:
-        raise SystemExit(f"{spec.name}: cannot listen on {settings.address}")
+    # Probes (Kubernetes' gRPC probes speak plaintext) get health checking, and nothing else.
+    health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    health_port = _listen(health_server, f"{settings.host}:{settings.health_port}", None)
+
     await server.start()
-    for name in ("", *spec.grpc_services):
+    await health_server.start()
+    for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningService(spec, runtime, port, health_servicer)
+    running = RunningService(spec, runtime, port, health_port, health_servicer, health_server)
     running._tasks = [
         asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers
     ]
-    log.info("%s serving on %s:%d (%s)", spec.name, settings.host, port, db.engine.url.drivername)
+    log.info(
+        "%s serving on %s:%d (mutual TLS), health on %s:%d (plaintext), %s",
+        spec.name,
+        settings.host,
+        port,
+        settings.host,
+        health_port,
+        db.engine.url.drivername,
+    )
     return running
 
 

@@ -11,11 +11,18 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from runtime.errors import DomainError, ErrorKind, Internal, Unavailable, error_of_kind
+from runtime.errors import (
+    DomainError,
+    ErrorKind,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+    error_of_kind,
+)
 from runtime.protos import RpcContext
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -45,6 +52,12 @@ def to_status(error: DomainError, domain: str) -> status_pb2.Status:
             )
         )
         details.append(bad_request)
+    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     return status_pb2.Status(
         code=getattr(code_pb2, error.kind.value), message=error.message, details=details
     )
@@ -70,6 +83,15 @@ def bad_request(error: grpc.RpcError) -> error_details_pb2.BadRequest | None:
     """The BadRequest a coins service attached to a failed call, if any."""
     for detail in _details(error).details:
         found = error_details_pb2.BadRequest()
+        if detail.Unpack(found):
+            return found
+    return None
+
+
+def retry_info(error: grpc.RpcError) -> error_details_pb2.RetryInfo | None:
+    """The RetryInfo (how long to wait) a coins service attached to a failed call, if any."""
+    for detail in _details(error).details:
+        found = error_details_pb2.RetryInfo()
         if detail.Unpack(found):
             return found
     return None
@@ -105,6 +127,7 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
     }
     if info is not None and code in passthrough:
         message = error.details() if hasattr(error, "details") else info.reason

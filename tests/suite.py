@@ -1,10 +1,16 @@
 """Start the four real services in-process on loopback ports, on SQLite files or fresh PostgreSQL databases.
 
-Used by the test fixtures and the benchmark. Every service gets its own database, as in production.
+Used by the test fixtures and the benchmark. Every service gets its own database, as in production,
+and the production trust boundary: mutual TLS with a dev CA made for the run, and user tokens.
+
+`suite.wallet` (and the other three) are stubs of the platform gateway acting for the user each
+request names (it mints that user a token), which keeps the business tests about business. The
+security tests use `suite.stub(...)` to call with any identity and any token, or none.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Mapping
@@ -21,6 +27,9 @@ from coins.gifting.v1 import gifting_pb2_grpc
 from coins.payout.v1 import payout_pb2_grpc
 from coins.promotion.v1 import promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2_grpc
+from runtime import pki
+from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
+from runtime.config import SecuritySettings
 from runtime.server import RunningService, ServiceSpec, start_service
 from runtime.telemetry import make_tracer_provider
 from services.gifting.service import SPEC as GIFTING
@@ -58,34 +67,130 @@ async def drop_pg_database(name: str) -> None:
         await conn.close()
 
 
+_USER_FIELDS = ("user_id", "sender_id", "creator_id")
+ANY_VIEWER = "any-signed-in-viewer"
+"""Whom the gateway stubs act for when a request names no user (the catalog, a leaderboard)."""
+
+
+class ActForRequestUser(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The gateway's part: a call without a token gets one for the user its request names
+    (or for ANY_VIEWER when it names none)."""
+
+    def __init__(self, issuer: TokenIssuer) -> None:
+        self._issuer = issuer
+
+    async def intercept_unary_unary(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        present = details.metadata or grpc.aio.Metadata()
+        user = next((getattr(request, f) for f in _USER_FIELDS if hasattr(request, f)), None)
+        user = user or ANY_VIEWER
+        if not any(key == AUTHORIZATION for key, _ in present):
+            details = grpc.aio.ClientCallDetails(
+                details.method,
+                details.timeout,
+                grpc.aio.Metadata(*present, *token_metadata(self._issuer.mint(user))),
+                details.credentials,
+                details.wait_for_ready,
+            )
+        return await continuation(details, request)
+
+
 @dataclass
 class Suite:
     backend: str
     spans: InMemorySpanExporter
     services: dict[str, RunningService[Any]]
+    security: SecuritySettings
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     pg_databases: list[str] = field(default_factory=list)
+    _gateway_stubs: dict[str, Any] = field(default_factory=dict)
 
-    def channel(self, service: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(self.services[service].address)
+    def _gateway(self, service: str, identity: str = "gateway") -> Any:
+        key = f"{identity}->{service}"
+        if key not in self._gateway_stubs:
+            self._gateway_stubs[key] = self.stub(
+                service, identity=identity, act_for_request_user=True
+            )
+        return self._gateway_stubs[key]
+
+    def as_caller(self, identity: str) -> CallerStubs:
+        """Stubs presenting another platform service's certificate (say gifting, to call the
+        internal DebitCoins), passing on a token for the user each request names."""
+        return CallerStubs(self, identity)
+
+    @functools.cached_property
+    def issuer(self) -> TokenIssuer:
+        return TokenIssuer.dev(self.security)
+
+    def token(self, user_id: str, *, admin: bool = False) -> tuple[tuple[str, str], ...]:
+        """Call metadata with a fresh token for `user_id` (with the admin role if `admin`)."""
+        return tuple(token_metadata(self.issuer.mint(user_id, roles=["admin"] if admin else [])))
+
+    def channel(
+        self,
+        service: str,
+        *,
+        identity: str | None = "gateway",
+        credentials: grpc.ChannelCredentials | None = None,
+        act_for_request_user: bool = False,
+    ) -> grpc.aio.Channel:
+        """A channel to `service` presenting `identity`'s certificate (None: no client certificate)."""
+        certs = self.security.certs_dir
+        if credentials is None:
+            ca = (certs / "ca.pem").read_bytes()
+            credentials = (
+                grpc.ssl_channel_credentials(
+                    ca,
+                    (certs / f"{identity}-key.pem").read_bytes(),
+                    (certs / f"{identity}.pem").read_bytes(),
+                )
+                if identity
+                else grpc.ssl_channel_credentials(ca)
+            )
+        interceptors = [ActForRequestUser(self.issuer)] if act_for_request_user else None
+        channel = grpc.aio.secure_channel(
+            self.services[service].address, credentials, interceptors=interceptors
+        )
         self.channels.append(channel)
         return channel
 
+    def allowed_identity(self, service: str, method_path: str) -> str:
+        """A caller the method's access rule lets in: its first allowed service, or the gateway."""
+        rule = self.services[service].spec.access.get(method_path)
+        return sorted(rule.callers)[0] if rule is not None and rule.callers else "gateway"
+
+    def health_channel(self, service: str) -> grpc.aio.Channel:
+        """A plaintext channel to the service's health port, as a Kubernetes probe connects."""
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.services[service].health_port}")
+        self.channels.append(channel)
+        return channel
+
+    def stub(self, service: str, **channel_options: Any) -> Any:
+        """A stub of `service` over `self.channel(service, **channel_options)`."""
+        module = {
+            "wallet": wallet_pb2_grpc.WalletServiceStub,
+            "gifting": gifting_pb2_grpc.GiftingServiceStub,
+            "payout": payout_pb2_grpc.PayoutServiceStub,
+            "promotion": promotion_pb2_grpc.PromotionServiceStub,
+        }
+        return module[service](self.channel(service, **channel_options))
+
     @property
     def wallet(self) -> WalletServiceAsyncStub:
-        return wallet_pb2_grpc.WalletServiceStub(self.channel("wallet"))
+        return self._gateway("wallet")  # type: ignore[no-any-return]
 
     @property
     def gifting(self) -> GiftingServiceAsyncStub:
-        return gifting_pb2_grpc.GiftingServiceStub(self.channel("gifting"))
+        return self._gateway("gifting")  # type: ignore[no-any-return]
 
     @property
     def payout(self) -> PayoutServiceAsyncStub:
-        return payout_pb2_grpc.PayoutServiceStub(self.channel("payout"))
+        return self._gateway("payout")  # type: ignore[no-any-return]
 
     @property
     def promotion(self) -> PromotionServiceAsyncStub:
-        return promotion_pb2_grpc.PromotionServiceStub(self.channel("promotion"))
+        return self._gateway("promotion")  # type: ignore[no-any-return]
 
     async def stop(self) -> None:
         for channel in self.channels:
@@ -97,6 +202,20 @@ class Suite:
             await drop_pg_database(database)
 
 
+@dataclass(frozen=True)
+class CallerStubs:
+    suite: Suite
+    identity: str
+
+    @property
+    def wallet(self) -> WalletServiceAsyncStub:
+        return self.suite._gateway("wallet", self.identity)  # type: ignore[no-any-return]
+
+    @property
+    def payout(self) -> PayoutServiceAsyncStub:
+        return self.suite._gateway("payout", self.identity)  # type: ignore[no-any-return]
+
+
 async def start_suite(
     backend: str,
     data_dir: Path,
@@ -106,7 +225,10 @@ async def start_suite(
 ) -> Suite:
     """Start the services in `only` (dependencies first) with an in-memory span exporter."""
     overrides = overrides or {}
-    suite = Suite(backend, InMemorySpanExporter(), {})
+    certs = data_dir / "certs"
+    pki.ensure_dev_pki(certs)
+    security = SecuritySettings(certs_dir=certs, dev_pki=False, **(overrides.get("security") or {}))
+    suite = Suite(backend, InMemorySpanExporter(), {}, security)
     run_id = uuid.uuid4().hex[:8]
     specs: dict[str, ServiceSpec[Any]] = {
         "wallet": WALLET,
@@ -117,7 +239,13 @@ async def start_suite(
     try:
         for name in only:
             spec = specs[name]
-            options: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "data_dir": data_dir}
+            options: dict[str, Any] = {
+                "host": "127.0.0.1",
+                "port": 0,
+                "health_port": 0,
+                "data_dir": data_dir,
+                "security": security,
+            }
             if backend == "postgres":
                 database = f"coins_test_{name}_{run_id}"
                 options["database_url"] = await create_pg_database(database)

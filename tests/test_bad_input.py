@@ -36,15 +36,17 @@ async def test_an_empty_request_is_refused_with_field_violations(
     assert isinstance(method, MethodDescriptor)
     request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
     response_type = symbol_database.Default().GetSymbol(method.output_type.full_name)
-    call = suite.channel(service).unary_unary(
-        f"/{method.containing_service.full_name}/{method.name}",
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    channel = suite.channel(service, identity=suite.allowed_identity(service, path))
+    call = channel.unary_unary(
+        path,
         request_serializer=request_type.SerializeToString,
         response_deserializer=response_type.FromString,
     )
     if method.name in EMPTY_IS_VALID:
-        await call(request_type())
+        await call(request_type(), metadata=suite.token(new_id()))
         return
-    error = await rpc_error(call(request_type()))
+    error = await rpc_error(call(request_type(), metadata=suite.token(new_id())))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     info = error_info(error)
     assert info is not None and info.reason == "INVALID_REQUEST"
@@ -56,7 +58,7 @@ async def test_amounts_out_of_bounds_are_refused_and_nothing_moves(suite: Suite)
     user, coins = await funded_user(suite)
     for amount in (0, -5, 10**12):
         error = await rpc_error(
-            suite.wallet.DebitCoins(
+            suite.as_caller("gifting").wallet.DebitCoins(
                 wallet_pb2.DebitCoinsRequest(
                     request_id=new_id(),
                     user_id=user,
@@ -111,7 +113,7 @@ async def test_a_foreign_page_token_is_refused(suite: Suite) -> None:
     )
     assert field_violations(error) == {"page_token"}
     user, _ = await funded_user(suite)
-    await suite.wallet.DebitCoins(
+    await suite.as_caller("gifting").wallet.DebitCoins(
         wallet_pb2.DebitCoinsRequest(
             request_id=new_id(),
             user_id=user,

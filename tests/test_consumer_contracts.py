@@ -74,6 +74,12 @@ def test_every_cross_service_call_has_a_contract() -> None:
     assert pairs == {("gifting", "wallet"), ("gifting", "payout"), ("promotion", "wallet")}
 
 
+def _acting_user(suite: Suite, request: Any) -> tuple[tuple[str, str], ...]:
+    """The token the consumer passes on: the user the request acts for, when it names one."""
+    user = getattr(request, "user_id", "") or getattr(request, "sender_id", "")
+    return suite.token(user) if user else ()
+
+
 @pytest.mark.parametrize(
     "path", CONTRACTS, ids=[f"{p.parent.parent.name}->{p.stem}" for p in CONTRACTS]
 )
@@ -93,7 +99,7 @@ async def test_provider_honours_consumer_contract(suite: Suite, path: Path) -> N
             f"{what}: the consumer no longer sends the request its contract records"
         )
         await _given(suite, interaction.get("given", {}))
-        call = suite.channel(contract["provider"]).unary_unary(
+        call = suite.channel(contract["provider"], identity=contract["consumer"]).unary_unary(
             f"/{service.full_name}/{method.name}",
             request_serializer=request_type.SerializeToString,
             response_deserializer=response_type.FromString,
@@ -102,11 +108,11 @@ async def test_provider_honours_consumer_contract(suite: Suite, path: Path) -> N
         if "error" in interaction:
             expected = interaction["error"]
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await call(request)
+                await call(request, metadata=_acting_user(suite, request))
             assert caught.value.code().name == expected["code"], what
             info = error_info(caught.value)
             assert info is not None and info.reason == expected["reason"], what
             assert set(expected.get("metadata", [])) <= set(info.metadata), what
         else:
-            response = await call(request)
+            response = await call(request, metadata=_acting_user(suite, request))
             _matches(interaction["response"], json_format.MessageToDict(response), what)

@@ -79,7 +79,8 @@ async def test_a_gift_debits_the_sender_and_credits_the_creator(suite: Suite) ->
     assert balance.balance.coins == coins - 500
     assert await wait_for_diamonds(suite, creator, 250) == 250  # 2 coins = 1 diamond
     gift = await suite.gifting.GetGift(
-        gifting_pb2.GetGiftRequest(sent_gift_id=response.sent_gift.sent_gift_id)
+        gifting_pb2.GetGiftRequest(sent_gift_id=response.sent_gift.sent_gift_id),
+        metadata=suite.token(creator),
     )
     assert gift.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED
 

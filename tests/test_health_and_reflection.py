@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -17,11 +19,30 @@ SERVICES = {
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
-async def test_health_is_serving(suite: Suite, name: str) -> None:
-    health = health_pb2_grpc.HealthStub(suite.channel(name))
-    for service in ("", SERVICES[name]):
-        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
-        assert response.status == health_pb2.HealthCheckResponse.SERVING
+async def test_health_is_serving_to_platform_callers_and_plaintext_probes(
+    suite: Suite, name: str
+) -> None:
+    for channel in (suite.channel(name), suite.health_channel(name)):
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICES[name]):
+            response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+async def test_the_plaintext_probe_port_serves_nothing_but_health(suite: Suite, name: str) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(suite.health_channel(name))
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = [r async for r in reflection.ServerReflectionInfo(iter([request]))]
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    method = f"/{SERVICES[name]}/{'ListGifts' if name == 'gifting' else 'GetBalance'}"
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = suite.health_channel(name).unary_unary(
+        method
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(b"")
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))

@@ -27,8 +27,8 @@ async def test_a_retried_debit_returns_the_first_response(suite: Suite) -> None:
         reason=wallet_pb2.DEBIT_REASON_GIFT,
         reference="x",
     )
-    first = await suite.wallet.DebitCoins(request)
-    second = await suite.wallet.DebitCoins(request)
+    first = await suite.as_caller("gifting").wallet.DebitCoins(request)
+    second = await suite.as_caller("gifting").wallet.DebitCoins(request)
     assert second == first
     assert await coins_of(suite, user) == coins - 50
 
@@ -42,10 +42,10 @@ async def test_reusing_a_request_id_with_other_parameters_is_refused(suite: Suit
         reason=wallet_pb2.DEBIT_REASON_GIFT,
         reference="a",
     )
-    await suite.wallet.DebitCoins(request)
+    await suite.as_caller("gifting").wallet.DebitCoins(request)
     request.coins = 6
     await expect_error(
-        suite.wallet.DebitCoins(request),
+        suite.as_caller("gifting").wallet.DebitCoins(request),
         grpc.StatusCode.ALREADY_EXISTS,
         "REQUEST_ID_REUSED",
     )
@@ -61,7 +61,9 @@ async def test_twenty_concurrent_debits_with_one_id_take_the_coins_once(suite: S
         reason=wallet_pb2.DEBIT_REASON_GIFT,
         reference="race",
     )
-    responses = await asyncio.gather(*(suite.wallet.DebitCoins(request) for _ in range(20)))
+    responses = await asyncio.gather(
+        *(suite.as_caller("gifting").wallet.DebitCoins(request) for _ in range(20))
+    )
     assert len({r.transaction_id for r in responses}) == 1
     assert await coins_of(suite, user) == coins - 7
     entries = await suite.wallet.ListLedgerEntries(
@@ -83,7 +85,7 @@ async def test_concurrent_distinct_debits_never_overdraw(suite: Suite) -> None:
         for _ in range(12)
     ]
     results = await asyncio.gather(
-        *(suite.wallet.DebitCoins(r) for r in requests), return_exceptions=True
+        *(suite.as_caller("gifting").wallet.DebitCoins(r) for r in requests), return_exceptions=True
     )
     succeeded = [r for r in results if isinstance(r, wallet_pb2.DebitCoinsResponse)]
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
@@ -124,7 +126,8 @@ async def test_a_retried_credit_credits_once(suite: Suite) -> None:
         request_id=new_id("gift"), creator_id=creator, coins=1000, reference="g"
     )
     first, second = await asyncio.gather(
-        suite.payout.CreditDiamonds(request), suite.payout.CreditDiamonds(request)
+        suite.as_caller("gifting").payout.CreditDiamonds(request),
+        suite.as_caller("gifting").payout.CreditDiamonds(request),
     )
     assert first == second
     assert first.diamonds_credited == 500
@@ -139,7 +142,7 @@ async def test_request_ids_are_scoped_to_the_user(suite: Suite) -> None:
     b, coins_b = await funded_user(suite)
     shared_id = new_id("same")
     for user in (a, b):
-        await suite.wallet.DebitCoins(
+        await suite.as_caller("gifting").wallet.DebitCoins(
             wallet_pb2.DebitCoinsRequest(
                 request_id=shared_id,
                 user_id=user,
@@ -151,7 +154,7 @@ async def test_request_ids_are_scoped_to_the_user(suite: Suite) -> None:
     assert await coins_of(suite, a) == coins_a - 1
     assert await coins_of(suite, b) == coins_b - 1
     error = await rpc_error(
-        suite.wallet.DebitCoins(
+        suite.as_caller("gifting").wallet.DebitCoins(
             wallet_pb2.DebitCoinsRequest(
                 request_id=shared_id,
                 user_id=a,

@@ -22,7 +22,9 @@ def free_port() -> int:
 
 def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("wallet", "gifting", "payout", "promotion")}
+    health_ports = {name: free_port() for name in ports}
     env = {**os.environ, **{f"{n.upper()}_PORT": str(p) for n, p in ports.items()}}
+    env.update({f"{n.upper()}_HEALTH_PORT": str(p) for n, p in health_ports.items()})
     env["GIFTING_WALLET_ADDRESS"] = env["PROMOTION_WALLET_ADDRESS"] = f"127.0.0.1:{ports['wallet']}"
     env["GIFTING_PAYOUT_ADDRESS"] = f"127.0.0.1:{ports['payout']}"
     launcher = subprocess.Popen(
@@ -43,7 +45,7 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             if "coins suite is up" in line or not line:
                 break
         assert any("coins suite is up" in line for line in lines), "".join(lines)
-        for port in ports.values():
+        for port in health_ports.values():  # plaintext, as Kubernetes' gRPC probes connect
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 response = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=5
@@ -55,6 +57,8 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             "promotion.db",
             "wallet.db",
         ]
+        assert (tmp_path / "certs" / "ca.pem").exists(), "no dev CA was generated on first start"
+        assert not (tmp_path / "certs" / "ca-key.pem").stat().st_mode & 0o077, "keys are private"
         launcher.send_signal(signal.SIGINT)
         output, _ = launcher.communicate(timeout=30)
     finally:

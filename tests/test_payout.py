@@ -13,7 +13,7 @@ from tests.suite import Suite
 
 async def creator_with_diamonds(suite: Suite, diamonds: int) -> str:
     creator = new_id("creator")
-    await suite.payout.CreditDiamonds(
+    await suite.as_caller("gifting").payout.CreditDiamonds(
         payout_pb2.CreditDiamondsRequest(
             request_id=new_id("gift"), creator_id=creator, coins=diamonds * 2, reference="seed"
         )
@@ -40,12 +40,13 @@ async def diamonds_of(suite: Suite, creator: str) -> int:
     return response.balance.diamonds
 
 
-async def settled(suite: Suite, withdrawal_id: str) -> payout_pb2.Withdrawal:
+async def settled(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Withdrawal:
     """The processor worker pays in the background; wait (bounded) for the outcome."""
     final = (payout_pb2.WITHDRAWAL_STATUS_PAID, payout_pb2.WITHDRAWAL_STATUS_FAILED)
     for _ in range(200):
         response = await suite.payout.GetWithdrawal(
-            payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id)
+            payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id),
+            metadata=suite.token(creator),
         )
         if response.withdrawal.status in final:
             return response.withdrawal
@@ -82,7 +83,9 @@ async def test_a_withdrawal_takes_the_diamonds_and_gets_paid(suite: Suite) -> No
     )
     assert w.status == payout_pb2.WITHDRAWAL_STATUS_PENDING
     assert response.balance.diamonds == 2_000
-    assert (await settled(suite, w.withdrawal_id)).status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert (
+        await settled(suite, w.withdrawal_id, creator)
+    ).status == payout_pb2.WITHDRAWAL_STATUS_PAID
     assert await diamonds_of(suite, creator) == 2_000
 
 
@@ -91,7 +94,7 @@ async def test_a_failed_payout_returns_the_diamonds(suite: Suite) -> None:
     response = await suite.payout.RequestWithdrawal(
         withdrawal(creator, 4_000, destination="dest_fail_account_closed")
     )
-    final = await settled(suite, response.withdrawal.withdrawal_id)
+    final = await settled(suite, response.withdrawal.withdrawal_id, creator)
     assert final.status == payout_pb2.WITHDRAWAL_STATUS_FAILED
     assert final.failure_reason == "account_closed"
     assert await diamonds_of(suite, creator) == 5_000

@@ -38,7 +38,8 @@ async def test_a_promotion_is_paid_and_active(suite: Suite) -> None:
     assert await suite.promotion.CreatePromotion(request) == created  # a retry pays nothing more
     assert await coins_of(suite, user) == coins - 300
     fetched = await suite.promotion.GetPromotion(
-        promotion_pb2.GetPromotionRequest(promotion_id=created.promotion.promotion_id)
+        promotion_pb2.GetPromotionRequest(promotion_id=created.promotion.promotion_id),
+        metadata=suite.token(user),
     )
     assert fetched.promotion == created.promotion
     ledger = await suite.wallet.ListLedgerEntries(

@@ -171,10 +171,10 @@ def debit(user: str, coins: int, request_id: str | None = None) -> wallet_pb2.De
 
 async def test_a_debit_returns_the_new_balance_and_never_overdraws(suite: Suite) -> None:
     user, coins = await funded_user(suite)
-    response = await suite.wallet.DebitCoins(debit(user, 100))
+    response = await suite.as_caller("gifting").wallet.DebitCoins(debit(user, 100))
     assert response.balance.coins == coins - 100
     error = await expect_error(
-        suite.wallet.DebitCoins(debit(user, coins)),
+        suite.as_caller("gifting").wallet.DebitCoins(debit(user, coins)),
         grpc.StatusCode.FAILED_PRECONDITION,
         "INSUFFICIENT_FUNDS",
     )
@@ -189,7 +189,7 @@ async def test_the_ledger_lists_entries_newest_first_with_running_balances(suite
     user, coins = await funded_user(suite)
     assert coins == 700
     for amount in (10, 20, 30):
-        await suite.wallet.DebitCoins(debit(user, amount))
+        await suite.as_caller("gifting").wallet.DebitCoins(debit(user, amount))
     page = await suite.wallet.ListLedgerEntries(
         wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=2)
     )

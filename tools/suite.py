@@ -16,6 +16,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from runtime import pki
+from runtime.config import SecuritySettings, ServiceSettings
 from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.promotion.settings import PromotionSettings
@@ -40,7 +42,14 @@ def _serving(address: str) -> bool:
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def _settings() -> dict[str, ServiceSettings]:
+    return {name: settings() for name, settings in SETTINGS.items()}
+
+
 def main() -> int:
+    security = SecuritySettings()
+    if security.dev_pki and pki.ensure_dev_pki(security.certs_dir):
+        print(f"generated a development CA, certificates and a token key in {security.certs_dir}/")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Own sessions: a Ctrl-C reaches only the launcher, which then stops each service with SIGTERM.
     children = {
@@ -49,7 +58,7 @@ def main() -> int:
         )
         for name in SETTINGS
     }
-    addresses = {name: settings().address for name, settings in SETTINGS.items()}
+    addresses = {name: f"{s.host}:{s.health_port}" for name, s in _settings().items()}
     stopping = False
 
     def stop(*_: object) -> None:

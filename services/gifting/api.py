@@ -7,6 +7,7 @@ from collections.abc import Callable
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from runtime.access import Access, method_rules, require_owner
 from runtime.clients import downstream_timeout
 from runtime.errors import Aborted, DomainError, NotFound
 from runtime.pagination import decode_token, encode_token, page_size
@@ -38,6 +39,18 @@ def _sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
     if sent.video_id:
         message.video_id = sent.video_id
     return message
+
+
+ACCESS = method_rules(
+    gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name,
+    {
+        "ListGifts": Access.user(),
+        "SendGift": Access.user("sender_id", moves_money=True),
+        "GetGift": Access.user(),  # sender, creator or admin: checked against the record
+        "ListTopGifters": Access.user(),  # a LIVE's leaderboard is public to signed-in users
+    },
+)
+"""Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
 
 
 class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
@@ -147,6 +160,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                 f"no sent gift {request.sent_gift_id!r}",
                 sent_gift_id=request.sent_gift_id,
             )
+        require_owner(sent.sender_id, sent.creator_id)
         return gifting_pb2.GetGiftResponse(sent_gift=_sent_gift_pb(sent))
 
     async def ListTopGifters(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from runtime.server import Runtime, ServiceSpec
-from services.gifting.api import GiftingApi
+from services.gifting.api import ACCESS, GiftingApi
 from services.gifting.clients import PayoutCrediter, WalletDebiter
 from services.gifting.domain import Gifting
 from services.gifting.outbox import CreditRelay
@@ -35,4 +35,5 @@ SPEC = ServiceSpec(
     grpc_services=(gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name,),
     migrations_dir=Path(__file__).parent / "migrations",
     setup=setup,
+    access=ACCESS,
 )

@@ -14,6 +14,7 @@ class GiftingSettings(ServiceSettings):
     service_name: ClassVar[str] = "gifting"
 
     port: int = 50052
+    health_port: int = 50062
     wallet_address: str = "127.0.0.1:50051"
     payout_address: str = "127.0.0.1:50053"
     relay_batch_size: int = 200

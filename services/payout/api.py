@@ -8,6 +8,7 @@ from collections.abc import Callable
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
+from runtime.access import Access, method_rules, require_owner
 from runtime.errors import NotFound
 from runtime.pagination import decode_token, encode_token, page_size
 from runtime.protos import RpcContext, money, timestamp
@@ -24,6 +25,19 @@ _STATUS = {
     "paid": payout_pb2.WITHDRAWAL_STATUS_PAID,
     "failed": payout_pb2.WITHDRAWAL_STATUS_FAILED,
 }
+
+
+ACCESS = method_rules(
+    payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name,
+    {
+        "GetDiamondBalance": Access.user("creator_id", admin_may_read=True),
+        "CreditDiamonds": Access.internal({"gifting"}),
+        "RequestWithdrawal": Access.user("creator_id", moves_money=True),
+        "GetWithdrawal": Access.user(),  # the creator or an admin: checked against the record
+        "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
+    },
+)
+"""Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
 
 
 class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
@@ -132,6 +146,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 f"no withdrawal {request.withdrawal_id!r}",
                 withdrawal_id=request.withdrawal_id,
             )
+        require_owner(withdrawal.creator_id)
         return payout_pb2.GetWithdrawalResponse(withdrawal=self._withdrawal(withdrawal))
 
     async def ListWithdrawals(

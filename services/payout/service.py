@@ -7,7 +7,7 @@ from pathlib import Path
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger import Ledger
 from runtime.server import Runtime, ServiceSpec
-from services.payout.api import PayoutApi
+from services.payout.api import ACCESS, PayoutApi
 from services.payout.domain import Payouts
 from services.payout.processor import SandboxProcessor, WithdrawalWorker
 from services.payout.settings import PayoutSettings
@@ -31,4 +31,5 @@ SPEC = ServiceSpec(
     grpc_services=(payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name,),
     migrations_dir=Path(__file__).parent / "migrations",
     setup=setup,
+    access=ACCESS,
 )

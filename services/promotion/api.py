@@ -7,6 +7,7 @@ import datetime as dt
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
+from runtime.access import Access, method_rules, require_owner
 from runtime.clients import downstream_timeout
 from runtime.errors import Aborted, DomainError, NotFound
 from runtime.pagination import decode_token, encode_token, page_size
@@ -42,6 +43,17 @@ def _promotion_pb(p: storage.PromotionRecord) -> promotion_pb2.Promotion:
         status=_STATUS[p.status],
         create_time=timestamp(p.created_at),
     )
+
+
+ACCESS = method_rules(
+    promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name,
+    {
+        "CreatePromotion": Access.user("user_id", moves_money=True),
+        "GetPromotion": Access.user(),  # the owner or an admin: checked against the record
+        "ListPromotions": Access.user("user_id", admin_may_read=True),
+    },
+)
+"""Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
 
 
 class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
@@ -118,6 +130,7 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
                 f"no promotion {request.promotion_id!r}",
                 promotion_id=request.promotion_id,
             )
+        require_owner(promotion.user_id)
         return promotion_pb2.GetPromotionResponse(promotion=_promotion_pb(promotion))
 
     async def ListPromotions(

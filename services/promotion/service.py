@@ -6,7 +6,7 @@ from pathlib import Path
 
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from runtime.server import Runtime, ServiceSpec
-from services.promotion.api import PromotionApi
+from services.promotion.api import ACCESS, PromotionApi
 from services.promotion.clients import WalletBudgetPayer
 from services.promotion.domain import Promotions
 from services.promotion.settings import PromotionSettings
@@ -26,4 +26,5 @@ SPEC = ServiceSpec(
     grpc_services=(promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name,),
     migrations_dir=Path(__file__).parent / "migrations",
     setup=setup,
+    access=ACCESS,
 )

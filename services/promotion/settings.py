@@ -14,4 +14,5 @@ class PromotionSettings(ServiceSettings):
     service_name: ClassVar[str] = "promotion"
 
     port: int = 50054
+    health_port: int = 50064
     wallet_address: str = "127.0.0.1:50051"

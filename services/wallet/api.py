@@ -9,6 +9,7 @@ from google.type import date_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from runtime.access import Access, method_rules
 from runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument
 from runtime.pagination import decode_token, encode_token, page_size
 from runtime.protos import RpcContext, money, timestamp
@@ -91,6 +92,21 @@ def _purchase_pb(purchase: storage.PurchaseRecord) -> wallet_pb2.Purchase:
 
 def _balance(coins: int) -> wallet_pb2.Balance:
     return wallet_pb2.Balance(coins=coins, available_coins=coins)
+
+
+ACCESS = method_rules(
+    wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
+    {
+        "OpenAccount": Access.user("user_id"),
+        "GetAccount": Access.user("user_id", admin_may_read=True),
+        "GetBalance": Access.user("user_id", admin_may_read=True),
+        "ListCoinPackages": Access.user("user_id"),
+        "PurchaseCoins": Access.user("user_id", moves_money=True),
+        "ListLedgerEntries": Access.user("user_id", admin_may_read=True),
+        "DebitCoins": Access.internal({"gifting", "promotion"}, owner_field="user_id"),
+    },
+)
+"""Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
 
 
 class WalletApi(wallet_pb2_grpc.WalletServiceServicer):

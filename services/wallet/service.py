@@ -7,7 +7,7 @@ from pathlib import Path
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from ledger import Ledger
 from runtime.server import Runtime, ServiceSpec
-from services.wallet.api import WalletApi
+from services.wallet.api import ACCESS, WalletApi
 from services.wallet.domain import Wallet
 from services.wallet.payments import SandboxPaymentProvider
 from services.wallet.settings import WalletSettings
@@ -28,4 +28,5 @@ SPEC = ServiceSpec(
     grpc_services=(wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,),
     migrations_dir=Path(__file__).parent / "migrations",
     setup=setup,
+    access=ACCESS,
 )

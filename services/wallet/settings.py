@@ -14,6 +14,7 @@ class WalletSettings(ServiceSettings):
     service_name: ClassVar[str] = "wallet"
 
     port: int = 50051
+    health_port: int = 50061
     regions: dict[str, str] = {"US": "USD", "GB": "GBP"}
     """Countries where coins are sold, and the currency each buys in (JSON in WALLET_REGIONS)."""
     minimum_age: int = 18

@@ -1,0 +1,103 @@
+"""Who may call which RPC: one rule per method, declared beside each service's gRPC layer.
+
+Every method a service serves must have a rule (the server refuses to start otherwise), and a call
+to a method without one is denied: access is fail-closed. The rule says which platform services may
+call (by client certificate), whether a user token is needed, which request field names the account
+acted on (it must be the token's user), whether the admin role is needed, and whether the method
+moves money (and so is rate limited).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.auth import Principal
+from runtime.errors import PermissionDenied
+
+
+@dataclass(frozen=True)
+class Access:
+    callers: frozenset[str] | None = None
+    """Services allowed to call (certificate common names); None: any platform caller."""
+    needs_user: bool = True
+    owner_field: str | None = None
+    """The request field naming the account acted on; it must equal the token's user."""
+    admin: bool = False
+    """The admin role is required."""
+    audited: bool = False
+    """Every call is written to the admin audit trail (admin actions)."""
+    admin_may_read: bool = False
+    """An admin may name any account in `owner_field` (support reads); such reads are audited."""
+    moves_money: bool = False
+
+    @staticmethod
+    def user(
+        owner_field: str | None = None, *, moves_money: bool = False, admin_may_read: bool = False
+    ) -> Access:
+        """A user-facing RPC: any platform caller, acting for the user in the token."""
+        return Access(
+            owner_field=owner_field, moves_money=moves_money, admin_may_read=admin_may_read
+        )
+
+    @staticmethod
+    def internal(
+        callers: Iterable[str], *, owner_field: str | None = None, moves_money: bool = True
+    ) -> Access:
+        """A service-to-service RPC: only the listed services; with `owner_field`, it also acts for
+        the user whose token the calling service passes on."""
+        return Access(
+            callers=frozenset(callers),
+            needs_user=owner_field is not None,
+            owner_field=owner_field,
+            moves_money=moves_money,
+        )
+
+    @staticmethod
+    def admin_only(*, audited: bool = True) -> Access:
+        """An admin RPC (catalog, pricing, review, adjustments): admin role, and audited."""
+        return Access(admin=True, audited=audited)
+
+    def check_caller(self, principal: Principal) -> None:
+        if self.callers is not None and principal.service not in self.callers:
+            raise PermissionDenied(
+                "CALLER_NOT_ALLOWED",
+                f"service {principal.service!r} may not call this RPC",
+                caller=principal.service,
+                allowed=",".join(sorted(self.callers)),
+            )
+
+    def check_owner(self, principal: Principal, request: Any) -> bool:
+        """Refuse a request naming someone else's account; True if an admin read another's."""
+        if self.owner_field is None:
+            return False
+        user = principal.require_user()
+        named = getattr(request, self.owner_field)
+        if named == user:
+            return False
+        if self.admin_may_read and principal.is_admin:
+            return True
+        raise PermissionDenied(
+            "NOT_ACCOUNT_OWNER",
+            f"the token acts for {user!r}, not for {named!r}",
+            field=self.owner_field,
+        )
+
+
+def method_rules(service_full_name: str, rules: Mapping[str, Access]) -> dict[str, Access]:
+    """Rules keyed by the gRPC method path (`/coins.wallet.v1.WalletService/GetBalance`)."""
+    return {f"/{service_full_name}/{method}": rule for method, rule in rules.items()}
+
+
+def require_owner(*owners: str) -> None:
+    """For reads by id (a withdrawal, a promotion): the token's user must be one of the record's
+    owners, or an admin."""
+    from runtime.auth import current_principal
+
+    principal = current_principal()
+    user = principal.require_user()
+    if user not in owners and not principal.is_admin:
+        raise PermissionDenied(
+            "NOT_ACCOUNT_OWNER", f"the token acts for {user!r}, who does not own this record"
+        )
