@@ -9,12 +9,13 @@ constraints, never from read-then-write.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from opentelemetry.trace import TracerProvider
-from sqlalchemy import event
+from sqlalchemy import Table, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from runtime.telemetry import trace_engine
@@ -62,3 +63,17 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+async def upsert(
+    conn: AsyncConnection, table: Table, values: Mapping[str, Any], keys: Sequence[str]
+) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE: one statement, safe against a concurrent insert."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+    statement = insert.values(**values)
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={name: statement.excluded[name] for name in values if name not in keys},
+        )
+    )

@@ -44,3 +44,16 @@ async def suite(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Async
     running = await start_suite(backend, data_dir)
     yield running
     await running.stop()
+
+
+@pytest.fixture(scope="module")
+async def private_suite(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Suite]:
+    """A suite of the module's own, for tests that change what every other test sees (the gift
+    catalog, the price lists, rate limits)."""
+    if backend == "postgres":
+        await _require_postgres()
+    running = await start_suite(backend, tmp_path_factory.mktemp(f"private-{backend}"))
+    yield running
+    await running.stop()

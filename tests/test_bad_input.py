@@ -43,10 +43,11 @@ async def test_an_empty_request_is_refused_with_field_violations(
         request_serializer=request_type.SerializeToString,
         response_deserializer=response_type.FromString,
     )
+    token = suite.token(new_id(), admin=suite.services[service].spec.access[path].admin)
     if method.name in EMPTY_IS_VALID:
-        await call(request_type(), metadata=suite.token(new_id()))
+        await call(request_type(), metadata=token)
         return
-    error = await rpc_error(call(request_type(), metadata=suite.token(new_id())))
+    error = await rpc_error(call(request_type(), metadata=token))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     info = error_info(error)
     assert info is not None and info.reason == "INVALID_REQUEST"

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
+from runtime.auth import current_principal
 from runtime.clients import downstream_timeout
 from runtime.errors import Aborted, DomainError, NotFound
 from runtime.pagination import decode_token, encode_token, page_size
@@ -41,6 +42,12 @@ def _sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
     return message
 
 
+def _gift_pb(gift: storage.GiftRecord) -> gifting_pb2.Gift:
+    return gifting_pb2.Gift(
+        gift_id=gift.gift_id, name=gift.name, coins=gift.coins, streakable=gift.streakable
+    )
+
+
 ACCESS = method_rules(
     gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name,
     {
@@ -48,6 +55,7 @@ ACCESS = method_rules(
         "SendGift": Access.user("sender_id", moves_money=True),
         "GetGift": Access.user(),  # sender, creator or admin: checked against the record
         "ListTopGifters": Access.user(),  # a LIVE's leaderboard is public to signed-in users
+        "SetGift": Access.admin_only(),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -83,13 +91,24 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             gifts = gifts[:size]
             token = encode_token("gifts", gifts[-1].coins, gifts[-1].gift_id)
         return gifting_pb2.ListGiftsResponse(
-            gifts=[
-                gifting_pb2.Gift(
-                    gift_id=g.gift_id, name=g.name, coins=g.coins, streakable=g.streakable
-                )
-                for g in gifts
-            ],
+            gifts=[_gift_pb(g) for g in gifts],
             next_page_token=token,
+        )
+
+    async def SetGift(
+        self, request: gifting_pb2.SetGiftRequest, context: RpcContext
+    ) -> gifting_pb2.SetGiftResponse:
+        admin = current_principal().require_admin()
+
+        async def effect(conn: AsyncConnection) -> gifting_pb2.SetGiftResponse:
+            gift = self._gifting.catalog_entry(
+                request.gift_id, request.name, request.coins, request.active
+            )
+            await storage.put_gift(conn, gift)
+            return gifting_pb2.SetGiftResponse(gift=_gift_pb(gift), active=gift.active)
+
+        return await self._idempotency.once(
+            f"SetGift:{admin}", request, gifting_pb2.SetGiftResponse, effect
         )
 
     async def SendGift(

@@ -59,7 +59,23 @@ def credit_request_id(sent_gift_id: str) -> str:
     return f"gift:{sent_gift_id}"
 
 
+STREAK_BELOW_COINS = 100
+"""Gifts cheaper than this form streaks (combos) when tapped repeatedly."""
+
+
 class Gifting:
+    def catalog_entry(
+        self, gift_id: str, name: str, coins: int, active: bool
+    ) -> storage.GiftRecord:
+        """A catalog entry as an admin sets it; whether it streaks follows from its price."""
+        return storage.GiftRecord(
+            gift_id=gift_id,
+            name=name.strip() or gift_id,
+            coins=coins,
+            streakable=coins < STREAK_BELOW_COINS,
+            active=active,
+        )
+
     async def start(
         self,
         conn: AsyncConnection,

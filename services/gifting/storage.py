@@ -21,6 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.db import upsert
+
 metadata = MetaData()
 
 gifts = Table(
@@ -123,6 +125,10 @@ async def list_gifts(
     if after is not None:
         query = query.where(tuple_(gifts.c.coins, gifts.c.gift_id) > after)
     return [GiftRecord(**row._asdict()) for row in (await conn.execute(query)).all()]
+
+
+async def put_gift(conn: AsyncConnection, gift: GiftRecord) -> None:
+    await upsert(conn, gifts, gift.__dict__, ["gift_id"])
 
 
 async def get_gift(conn: AsyncConnection, gift_id: str) -> GiftRecord | None:

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
+from runtime.auth import current_principal
 from runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument
 from runtime.pagination import decode_token, encode_token, page_size
 from runtime.protos import RpcContext, money, timestamp
@@ -104,6 +105,7 @@ ACCESS = method_rules(
         "PurchaseCoins": Access.user("user_id", moves_money=True),
         "ListLedgerEntries": Access.user("user_id", admin_may_read=True),
         "DebitCoins": Access.internal({"gifting", "promotion"}, owner_field="user_id"),
+        "SetCoinPackage": Access.admin_only(),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -134,6 +136,30 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
 
         return await self._idempotency.once(
             f"OpenAccount:{request.user_id}", request, wallet_pb2.OpenAccountResponse, effect
+        )
+
+    async def SetCoinPackage(
+        self, request: wallet_pb2.SetCoinPackageRequest, context: RpcContext
+    ) -> wallet_pb2.SetCoinPackageResponse:
+        admin = current_principal().require_admin()
+        package = self._wallet.price_package(
+            package_id=request.package_id,
+            region=request.region,
+            channel=_CHANNELS[request.channel],
+            coins=request.coins,
+            currency_code=request.price.currency_code,
+            price_minor=request.price.amount_minor,
+            active=request.active,
+        )
+
+        async def effect(conn: AsyncConnection) -> wallet_pb2.SetCoinPackageResponse:
+            await storage.put_package(conn, package)
+            return wallet_pb2.SetCoinPackageResponse(
+                package=_package_pb(package), active=package.active
+            )
+
+        return await self._idempotency.once(
+            f"SetCoinPackage:{admin}", request, wallet_pb2.SetCoinPackageResponse, effect
         )
 
     async def GetAccount(

@@ -45,6 +45,48 @@ class Wallet:
         self.settings = settings
         self.ledger = ledger
 
+    def price_package(
+        self,
+        *,
+        package_id: str,
+        region: str,
+        channel: str,
+        coins: int,
+        currency_code: str,
+        price_minor: int,
+        active: bool,
+    ) -> storage.PackageRecord:
+        """A package as an admin prices it: only where coins are sold, in that region's currency."""
+        currency = self.settings.regions.get(region)
+        if currency is None:
+            raise FailedPrecondition(
+                "REGION_UNSUPPORTED",
+                f"coins are not sold in {region}; supported: {', '.join(sorted(self.settings.regions))}",
+                region=region,
+            )
+        if currency_code != currency:
+            raise FailedPrecondition(
+                "CURRENCY_MISMATCH",
+                f"{region} buys coins in {currency}, not {currency_code}",
+                region=region,
+                currency_code=currency,
+            )
+        if price_minor < 1:
+            raise InvalidArgument(
+                "PRICE_NOT_POSITIVE",
+                "a package must cost at least one minor unit",
+                violations=(FieldViolation("price.amount_minor", "must be at least 1"),),
+            )
+        return storage.PackageRecord(
+            package_id=package_id,
+            region=region,
+            channel=channel,
+            currency_code=currency_code,
+            coins=coins,
+            price_minor=price_minor,
+            active=active,
+        )
+
     async def open_account(
         self,
         conn: AsyncConnection,

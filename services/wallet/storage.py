@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.db import upsert
+
 metadata = MetaData()
 
 wallet_accounts = Table(
@@ -125,6 +127,10 @@ async def get_package(conn: AsyncConnection, package_id: str) -> PackageRecord |
         await conn.execute(select(coin_packages).where(coin_packages.c.package_id == package_id))
     ).first()
     return None if row is None else PackageRecord(**row._asdict())
+
+
+async def put_package(conn: AsyncConnection, package: PackageRecord) -> None:
+    await upsert(conn, coin_packages, package.__dict__, ["package_id"])
 
 
 async def list_packages(

@@ -403,3 +403,73 @@ class ListTopGiftersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTopGiftersResponse: _TypeAlias = ListTopGiftersResponse  # noqa: Y015
+
+@_typing.final
+class SetGiftRequest(_message.Message):
+    """Request for SetGift."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GIFT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    gift_id: _builtins.str
+    """Identifier of the gift to add or change, for example "rose"."""
+    name: _builtins.str
+    """Display name."""
+    coins: _builtins.int
+    """Price of one gift in coins: 1 to 1,000,000."""
+    active: _builtins.bool
+    """Whether the gift is in the catalog."""
+    reason: _builtins.str
+    """Why the change is made, for the audit trail."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        gift_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        coins: _builtins.int = ...,
+        active: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "coins", b"coins", "gift_id", b"gift_id", "name", b"name", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetGiftRequest: _TypeAlias = SetGiftRequest  # noqa: Y015
+
+@_typing.final
+class SetGiftResponse(_message.Message):
+    """Response for SetGift."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GIFT_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    """Whether the gift is in the catalog."""
+    @_builtins.property
+    def gift(self) -> Global___Gift:
+        """The gift as now stored."""
+
+    def __init__(
+        self,
+        *,
+        gift: Global___Gift | None = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gift", b"gift"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "gift", b"gift"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetGiftResponse: _TypeAlias = SetGiftResponse  # noqa: Y015

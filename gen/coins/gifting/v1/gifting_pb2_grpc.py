@@ -59,6 +59,11 @@ class GiftingServiceStub:
                 request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListTopGiftersRequest.SerializeToString,
                 response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListTopGiftersResponse.FromString,
                 _registered_method=True)
+        self.SetGift = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/SetGift',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.FromString,
+                _registered_method=True)
 
 
 class GiftingServiceServicer:
@@ -99,6 +104,14 @@ class GiftingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetGift(self, request, context):
+        """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
+        the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GiftingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +134,11 @@ def add_GiftingServiceServicer_to_server(servicer, server):
                     servicer.ListTopGifters,
                     request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListTopGiftersRequest.FromString,
                     response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListTopGiftersResponse.SerializeToString,
+            ),
+            'SetGift': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGift,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -236,6 +254,33 @@ class GiftingService:
             '/coins.gifting.v1.GiftingService/ListTopGifters',
             coins_dot_gifting_dot_v1_dot_gifting__pb2.ListTopGiftersRequest.SerializeToString,
             coins_dot_gifting_dot_v1_dot_gifting__pb2.ListTopGiftersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/SetGift',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class GiftingServiceStub:
     """Reads one sent gift."""
     ListTopGifters: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.ListTopGiftersRequest, _gifting_pb2.ListTopGiftersResponse]
     """Lists the top gifters of a LIVE by coins sent, highest first."""
+    SetGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.SetGiftRequest, _gifting_pb2.SetGiftResponse]
+    """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
+    the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+    """
 
 @_typing.type_check_only
 class GiftingServiceAsyncStub(GiftingServiceStub):
@@ -71,6 +75,10 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     """Reads one sent gift."""
     ListTopGifters: _aio.UnaryUnaryMultiCallable[_gifting_pb2.ListTopGiftersRequest, _gifting_pb2.ListTopGiftersResponse]  # type: ignore[assignment]
     """Lists the top gifters of a LIVE by coins sent, highest first."""
+    SetGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.SetGiftRequest, _gifting_pb2.SetGiftResponse]  # type: ignore[assignment]
+    """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
+    the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+    """
 
 class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
     """GiftingService turns a viewer's coins into a creator's diamonds, one gift at a time.
@@ -114,5 +122,15 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gifting_pb2.ListTopGiftersResponse, _abc.Awaitable[_gifting_pb2.ListTopGiftersResponse]]:
         """Lists the top gifters of a LIVE by coins sent, highest first."""
+
+    @_abc_1.abstractmethod
+    def SetGift(
+        self,
+        request: _gifting_pb2.SetGiftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.SetGiftResponse, _abc.Awaitable[_gifting_pb2.SetGiftResponse]]:
+        """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
+        the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+        """
 
 def add_GiftingServiceServicer_to_server(servicer: GiftingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

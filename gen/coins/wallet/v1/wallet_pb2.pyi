@@ -737,3 +737,83 @@ class DebitCoinsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DebitCoinsResponse: _TypeAlias = DebitCoinsResponse  # noqa: Y015
+
+@_typing.final
+class SetCoinPackageRequest(_message.Message):
+    """Request for SetCoinPackage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    package_id: _builtins.str
+    """Identifier of the package to create or replace, for example "us-web-1400"."""
+    region: _builtins.str
+    """ISO 3166-1 alpha-2 region the price applies to; must be a region where coins are sold."""
+    channel: Global___Channel.ValueType
+    """The sales channel the price applies to."""
+    coins: _builtins.int
+    """Coins the package credits: 1 to 10,000,000."""
+    active: _builtins.bool
+    """Whether the package is on sale."""
+    reason: _builtins.str
+    """Why the change is made, for the audit trail."""
+    @_builtins.property
+    def price(self) -> _money_pb2.Money:
+        """The price, in the region's currency: at least one minor unit, at most 1,000,000.00."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        package_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        channel: Global___Channel.ValueType = ...,
+        coins: _builtins.int = ...,
+        price: _money_pb2.Money | None = ...,
+        active: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "channel", b"channel", "coins", b"coins", "package_id", b"package_id", "price", b"price", "reason", b"reason", "region", b"region", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCoinPackageRequest: _TypeAlias = SetCoinPackageRequest  # noqa: Y015
+
+@_typing.final
+class SetCoinPackageResponse(_message.Message):
+    """Response for SetCoinPackage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    """Whether the package is on sale."""
+    @_builtins.property
+    def package(self) -> Global___CoinPackage:
+        """The package as now stored."""
+
+    def __init__(
+        self,
+        *,
+        package: Global___CoinPackage | None = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["package", b"package"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "package", b"package"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCoinPackageResponse: _TypeAlias = SetCoinPackageResponse  # noqa: Y015

@@ -75,6 +75,11 @@ class WalletServiceStub:
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsRequest.SerializeToString,
                 response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsResponse.FromString,
                 _registered_method=True)
+        self.SetCoinPackage = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/SetCoinPackage',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageResponse.FromString,
+                _registered_method=True)
 
 
 class WalletServiceServicer:
@@ -138,6 +143,15 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCoinPackage(self, request, context):
+        """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
+        the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
+        Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WalletServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +189,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.DebitCoins,
                     request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsRequest.FromString,
                     response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsResponse.SerializeToString,
+            ),
+            'SetCoinPackage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCoinPackage,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -372,6 +391,33 @@ class WalletService:
             '/coins.wallet.v1.WalletService/DebitCoins',
             coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsRequest.SerializeToString,
             coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCoinPackage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/SetCoinPackage',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageResponse.FromString,
             options,
             channel_credentials,
             insecure,

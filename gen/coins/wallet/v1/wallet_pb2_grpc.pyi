@@ -60,6 +60,11 @@ class WalletServiceStub:
     services with a request id derived from their own record, so that their retries never debit twice.
     Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when the balance is too low.
     """
+    SetCoinPackage: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]
+    """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
+    the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
+    Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
+    """
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -90,6 +95,11 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
     services with a request id derived from their own record, so that their retries never debit twice.
     Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when the balance is too low.
+    """
+    SetCoinPackage: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]  # type: ignore[assignment]
+    """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
+    the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
+    Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
     """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -160,6 +170,17 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
         services with a request id derived from their own record, so that their retries never debit twice.
         Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when the balance is too low.
+        """
+
+    @_abc_1.abstractmethod
+    def SetCoinPackage(
+        self,
+        request: _wallet_pb2.SetCoinPackageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.SetCoinPackageResponse, _abc.Awaitable[_wallet_pb2.SetCoinPackageResponse]]:
+        """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
+        the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
+        Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
         """
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

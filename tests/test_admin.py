@@ -1,0 +1,250 @@
+"""Admin RPCs change the catalog and the price lists, and every admin call lands in the audit trail.
+
+These tests change what every user sees, so they run on a suite of their own (`private_suite`).
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+from coins.common.v1 import admin_audit_pb2, admin_audit_pb2_grpc
+from coins.common.v1.money_pb2 import Money
+from coins.gifting.v1 import gifting_pb2
+from coins.wallet.v1 import wallet_pb2
+from runtime.audit import admin_audit
+from tests.helpers import expect_error, funded_user, new_id, open_account
+from tests.suite import Suite
+
+ADMIN = "ops-alice"
+
+
+def set_package(
+    coins: int, minor: int, *, active: bool = True, **changes: object
+) -> wallet_pb2.SetCoinPackageRequest:
+    request = wallet_pb2.SetCoinPackageRequest(
+        request_id=new_id("price"),
+        package_id="gb-web-1000",
+        region="GB",
+        channel=wallet_pb2.CHANNEL_WEB,
+        coins=coins,
+        price=Money(currency_code="GBP", amount_minor=minor),
+        active=active,
+        reason="launch GB web prices",
+    )
+    for name, value in changes.items():
+        setattr(request, name, value)
+    return request
+
+
+async def audit_trail(suite: Suite, service: str) -> list[admin_audit_pb2.AdminAction]:
+    stub = admin_audit_pb2_grpc.AdminAuditServiceStub(suite.channel(service))
+    response = await stub.ListAdminActions(
+        admin_audit_pb2.ListAdminActionsRequest(page_size=500),
+        metadata=suite.token(ADMIN, admin=True),
+    )
+    return list(response.actions)
+
+
+async def test_an_admin_prices_a_package_and_buyers_see_it(private_suite: Suite) -> None:
+    suite = private_suite
+    admin = suite.token(ADMIN, admin=True)
+    request = set_package(1000, 1299)
+    created = await suite.wallet.SetCoinPackage(request, metadata=admin)
+    assert created.package.price == Money(currency_code="GBP", amount_minor=1299)
+    assert created.active
+    assert await suite.wallet.SetCoinPackage(request, metadata=admin) == created  # a retry
+
+    buyer = new_id()
+    await open_account(suite, buyer, country="GB")
+    listed = await suite.wallet.ListCoinPackages(
+        wallet_pb2.ListCoinPackagesRequest(user_id=buyer, channel=wallet_pb2.CHANNEL_WEB)
+    )
+    assert [(p.package_id, p.coins, p.price.amount_minor) for p in listed.packages] == [
+        ("gb-web-1000", 1000, 1299)
+    ]
+    bought = await suite.wallet.PurchaseCoins(
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=new_id(), user_id=buyer, package_id="gb-web-1000", payment_token="tok_visa"
+        )
+    )
+    assert bought.purchase.package.price.amount_minor == 1299  # the price snapshot
+
+    # A new price applies to new purchases only; taking the package off sale hides it.
+    await suite.wallet.SetCoinPackage(set_package(1000, 1499, active=False), metadata=admin)
+    listed = await suite.wallet.ListCoinPackages(
+        wallet_pb2.ListCoinPackagesRequest(user_id=buyer, channel=wallet_pb2.CHANNEL_WEB)
+    )
+    assert list(listed.packages) == []
+    ledger = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=buyer)
+    )
+    assert [e.amount for e in ledger.entries] == [1000]
+
+
+async def test_prices_must_be_in_a_sold_region_and_its_currency(private_suite: Suite) -> None:
+    suite = private_suite
+    admin = suite.token(ADMIN, admin=True)
+    await expect_error(
+        suite.wallet.SetCoinPackage(set_package(10, 99, region="FR"), metadata=admin),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REGION_UNSUPPORTED",
+    )
+    wrong = set_package(10, 99)
+    wrong.price.currency_code = "USD"
+    await expect_error(
+        suite.wallet.SetCoinPackage(wrong, metadata=admin),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CURRENCY_MISMATCH",
+    )
+    no_reason = set_package(10, 99, reason="")
+    await expect_error(
+        suite.wallet.SetCoinPackage(no_reason, metadata=admin),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+
+
+async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
+    suite = private_suite
+    admin = suite.token(ADMIN, admin=True)
+    gift = gifting_pb2.SetGiftRequest(
+        request_id=new_id(),
+        gift_id="snowman",
+        name="Snowman",
+        coins=30,
+        active=True,
+        reason="winter campaign",
+    )
+    created = await suite.gifting.SetGift(gift, metadata=admin)
+    assert created.gift == gifting_pb2.Gift(
+        gift_id="snowman", name="Snowman", coins=30, streakable=True
+    )
+    catalog = await suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=100))
+    assert "snowman" in {g.gift_id for g in catalog.gifts}
+
+    sender, _ = await funded_user(suite)
+    creator = new_id("creator")
+    sent = await suite.gifting.SendGift(
+        gifting_pb2.SendGiftRequest(
+            request_id=new_id(),
+            sender_id=sender,
+            creator_id=creator,
+            gift_id="snowman",
+            count=2,
+            live_id="live-x",
+        )
+    )
+    assert sent.sent_gift.coins == 60
+
+    retire = gifting_pb2.SetGiftRequest(
+        request_id=new_id(),
+        gift_id="snowman",
+        name="Snowman",
+        coins=30,
+        active=False,
+        reason="campaign over",
+    )
+    await suite.gifting.SetGift(retire, metadata=admin)
+    await expect_error(
+        suite.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                request_id=new_id(),
+                sender_id=sender,
+                creator_id=creator,
+                gift_id="snowman",
+                count=1,
+                live_id="live-x",
+            )
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "GIFT_NOT_FOUND",
+    )
+
+
+async def test_non_admins_cannot_change_the_catalog(private_suite: Suite) -> None:
+    suite = private_suite
+    await expect_error(
+        suite.gifting.SetGift(
+            gifting_pb2.SetGiftRequest(
+                request_id=new_id(),
+                gift_id="free-coins",
+                name="x",
+                coins=1,
+                active=True,
+                reason="trying my luck",
+            ),
+            metadata=suite.token("viewer-mallory"),
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ADMIN_ROLE_REQUIRED",
+    )
+    catalog = await suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=100))
+    assert "free-coins" not in {g.gift_id for g in catalog.gifts}
+
+
+async def test_every_admin_call_is_in_the_audit_trail_who_what_when_why(
+    private_suite: Suite,
+) -> None:
+    suite = private_suite
+    admin = suite.token(ADMIN, admin=True)
+    request = set_package(2000, 2499, package_id="gb-web-2000", reason="second GB web tier")
+    await suite.wallet.SetCoinPackage(request, metadata=admin)
+    refused = set_package(10, 99, package_id="gb-web-10", region="FR", reason="oops")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await suite.wallet.SetCoinPackage(refused, metadata=admin)
+
+    trail = await audit_trail(suite, "wallet")
+    mine = [a for a in trail if '"gb-web-2000"' in a.request_json]
+    assert [a.outcome for a in mine] == ["OK", "STARTED"]  # newest first
+    for action in mine:
+        assert action.actor_user_id == ADMIN
+        assert action.caller_service == "gateway"
+        assert action.method == "/coins.wallet.v1.WalletService/SetCoinPackage"
+        assert action.reason == "second GB web tier"
+        assert action.create_time.seconds > 0
+        assert len(action.trace_id) == 32
+    failed = [a for a in trail if '"gb-web-10"' in a.request_json]
+    assert [a.outcome for a in failed] == ["FAILED_PRECONDITION REGION_UNSUPPORTED", "STARTED"]
+    sequences = [a.sequence for a in trail]
+    assert sequences == sorted(sequences, reverse=True)
+
+
+async def test_an_admin_reading_someone_elses_account_is_audited(private_suite: Suite) -> None:
+    suite = private_suite
+    user, coins = await funded_user(suite)
+    balance = await suite.wallet.GetBalance(
+        wallet_pb2.GetBalanceRequest(user_id=user), metadata=suite.token(ADMIN, admin=True)
+    )
+    assert balance.balance.coins == coins
+    trail = await audit_trail(suite, "wallet")
+    reads = [a for a in trail if a.method.endswith("/GetBalance") and user in a.request_json]
+    assert [a.outcome for a in reads] == ["OK", "STARTED"]
+
+
+async def test_the_audit_trail_is_append_only_in_the_database(private_suite: Suite) -> None:
+    suite = private_suite
+    await suite.gifting.SetGift(
+        gifting_pb2.SetGiftRequest(
+            request_id=new_id(),
+            gift_id="candle",
+            name="Candle",
+            coins=3,
+            active=True,
+            reason="audit test",
+        ),
+        metadata=suite.token(ADMIN, admin=True),
+    )
+    db = suite.services["gifting"].runtime.db
+    for statement in (
+        sa.update(admin_audit).values(reason="nothing to see"),
+        sa.delete(admin_audit),
+    ):
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with db.transaction() as conn:
+                await conn.execute(statement)
+    async with db.read() as conn:
+        reasons = (await conn.execute(sa.select(admin_audit.c.reason))).scalars().all()
+    assert "audit test" in reasons and "nothing to see" not in reasons
