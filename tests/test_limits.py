@@ -1,0 +1,119 @@
+"""Floods are refused before they cost anything: rate limits on the RPCs that move money, request size
+limits, and a bounded number of concurrent RPCs per server.
+
+Limits live in memory, not storage, so these run on one backend (SQLite), on a suite of their own
+with tight limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+
+from coins.gifting.v1 import gifting_pb2
+from coins.wallet.v1 import wallet_pb2
+from runtime.ratelimit import TokenBuckets
+from runtime.status import error_info, retry_info
+from tests.helpers import funded_user, new_id
+from tests.suite import Suite, start_suite
+
+BURST = 3
+
+
+@pytest.fixture(scope="module")
+async def tight(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+    suite = await start_suite(
+        "sqlite",
+        tmp_path_factory.mktemp("limits"),
+        overrides={
+            "security": {
+                "user_rate_per_second": 0.5,
+                "user_rate_burst": BURST,
+                "caller_rate_per_second": 1000,
+                "caller_rate_burst": 1000,
+            },
+            "wallet": {"max_message_bytes": 64 * 1024, "max_concurrent_rpcs": 8},
+        },
+    )
+    yield suite
+    await suite.stop()
+
+
+def gift(sender: str, creator: str) -> gifting_pb2.SendGiftRequest:
+    return gifting_pb2.SendGiftRequest(
+        request_id=new_id(),
+        sender_id=sender,
+        creator_id=creator,
+        gift_id="rose",
+        count=1,
+        live_id="live-limits",
+    )
+
+
+async def test_a_user_sending_too_fast_is_told_to_wait(tight: Suite) -> None:
+    sender, coins = await funded_user(tight)
+    creator = new_id("creator")
+    for _ in range(BURST):
+        await tight.gifting.SendGift(gift(sender, creator))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tight.gifting.SendGift(gift(sender, creator))
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(error)
+    assert info is not None and info.reason == "RATE_LIMITED"
+    assert info.metadata["scope"] == "user"
+    delay = retry_info(error)
+    assert delay is not None
+    assert 0 < delay.retry_delay.ToTimedelta().total_seconds() <= 2.0  # one token at 0.5/s
+    balance = await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - BURST  # the refused gift moved nothing
+
+    # Another user is not slowed down by the first one's limit, and reads are never limited.
+    other, _ = await funded_user(tight)
+    await tight.gifting.SendGift(gift(other, creator))
+    for _ in range(BURST * 3):
+        await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+
+
+def test_token_buckets_refill_at_their_rate() -> None:
+    now = [100.0]
+    buckets = TokenBuckets(rate=2.0, burst=2, clock=lambda: now[0])
+    assert buckets.take("k") == 0.0
+    assert buckets.take("k") == 0.0
+    assert buckets.take("k") == pytest.approx(0.5)  # empty: the next token in 1/2 s
+    now[0] += 0.5
+    assert buckets.take("k") == 0.0
+    now[0] += 100
+    assert [buckets.take("k") for _ in range(3)][:2] == [0.0, 0.0]  # refills only up to the burst
+
+
+async def test_an_oversized_request_is_refused_before_any_handler(tight: Suite) -> None:
+    user, coins = await funded_user(tight)
+    huge = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="t" * 100_000
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tight.wallet.PurchaseCoins(huge)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    balance = await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins
+
+
+async def test_a_flood_beyond_the_concurrency_limit_is_shed_not_queued(tight: Suite) -> None:
+    """300 concurrent reads at a server that runs at most 8 RPCs at once: the excess is refused at
+    once with RESOURCE_EXHAUSTED (the caller may retry), the rest answered; nothing fails otherwise."""
+    user, coins = await funded_user(tight)
+    calls = [
+        tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user)) for _ in range(300)
+    ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    codes = {
+        r.code() if isinstance(r, grpc.aio.AioRpcError) else grpc.StatusCode.OK for r in results
+    }
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert any(not isinstance(r, BaseException) and r.balance.coins == coins for r in results)
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, "the concurrency limit shed nothing"
