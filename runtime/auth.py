@@ -14,6 +14,7 @@ import datetime as dt
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,12 +130,35 @@ class PublicKeys:
 
 
 class TokenVerifier:
+    """Verifies user tokens. An ES256 check costs ~0.17 ms, a third of a gRPC hop, and callers reuse a
+    token for many calls, so a verified token is remembered (by its exact text, which the signature
+    covers) until it expires or for CACHE_SECONDS at most, whichever comes first."""
+
+    CACHE_SECONDS = 60.0
+    CACHE_SIZE = 50_000
+
     def __init__(self, settings: SecuritySettings) -> None:
         self._settings = settings
         self._keys = PublicKeys(settings.verification_keys_dir)
+        self._verified: OrderedDict[str, tuple[float, str, frozenset[str]]] = OrderedDict()
 
     def verify(self, token: str) -> tuple[str, frozenset[str]]:
         """(user id, roles) of a valid token; UNAUTHENTICATED with the precise reason otherwise."""
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None and now < cached[0]:
+            return cached[1], cached[2]
+        user, roles, expires = self._verify(token)
+        self._verified[token] = (
+            min(expires + self._settings.jwt_leeway_seconds, now + self.CACHE_SECONDS),
+            user,
+            roles,
+        )
+        if len(self._verified) > self.CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return user, roles
+
+    def _verify(self, token: str) -> tuple[str, frozenset[str], float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -176,7 +200,7 @@ class TokenVerifier:
         roles = claims.get("roles", [])
         if not isinstance(roles, list):
             raise Unauthenticated("TOKEN_INVALID", "the token's roles claim must be a list")
-        return subject, frozenset(str(r) for r in roles)
+        return subject, frozenset(str(r) for r in roles), float(claims["exp"])
 
 
 class TokenIssuer:
