@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +99,13 @@ def bearer_token(context: RpcContext) -> str | None:
 
 
 class PublicKeys:
-    """Verification keys by key id, from a folder of `<kid>.pem`; re-read (at most once a second)
-    when a token names a kid not seen yet, so a rotated-in key works without a restart."""
+    """Verification keys by key id, from a folder of `<kid>.pem`.
+
+    Rotation without downtime: the folder is re-read when a token names a kid not seen yet (at most
+    once a second) and every REFRESH_SECONDS, so a new key works at once and a removed one stops
+    working within that time."""
+
+    REFRESH_SECONDS = 30.0
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
@@ -121,12 +126,11 @@ class PublicKeys:
         self._loaded_at = time.monotonic()
 
     def get(self, kid: str) -> ec.EllipticCurvePublicKey | None:
-        key = self._keys.get(kid)
-        if key is None and time.monotonic() - self._loaded_at > 1.0:
+        age = time.monotonic() - self._loaded_at
+        if age > self.REFRESH_SECONDS or (kid not in self._keys and age > 1.0):
             with self._lock:
                 self._load()
-            key = self._keys.get(kid)
-        return key
+        return self._keys.get(kid)
 
 
 class TokenVerifier:
@@ -228,10 +232,11 @@ class TokenIssuer:
         roles: Iterable[str] = (),
         ttl: dt.timedelta = dt.timedelta(minutes=15),
         now: dt.datetime | None = None,
-        **overrides: object,
+        claims: Mapping[str, object] | None = None,
     ) -> str:
+        """A signed token for `user_id`; `claims` override or add claims (tests forge bad ones)."""
         issued = now or dt.datetime.now(dt.UTC)
-        claims: dict[str, object] = {
+        payload: dict[str, object] = {
             "sub": user_id,
             "iss": self._issuer,
             "aud": self._audience,
@@ -240,8 +245,8 @@ class TokenIssuer:
             "jti": uuid.uuid4().hex,
             "roles": sorted(roles),
         }
-        claims.update(overrides)
-        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self._kid})  # type: ignore[arg-type]
+        payload.update(claims or {})
+        return jwt.encode(payload, self._key, algorithm=ALGORITHM, headers={"kid": self._kid})  # type: ignore[arg-type]
 
 
 def token_metadata(token: str) -> Sequence[tuple[str, str]]:
