@@ -16,6 +16,9 @@ from typing import Any
 from runtime.auth import Principal
 from runtime.errors import PermissionDenied
 
+ADMIN_CALLERS = frozenset({"gateway", "admin-console"})
+"""The platform callers that carry admins' own requests (the API gateway, the admin console)."""
+
 
 @dataclass(frozen=True)
 class Access:
@@ -30,6 +33,9 @@ class Access:
     """Every call is written to the admin audit trail (admin actions)."""
     admin_may_read: bool = False
     """An admin may name any account in `owner_field` (support reads); such reads are audited."""
+    owner_in_record: bool = False
+    """A read by id: the handler checks the record's owner (`require_owner`); admins may read any
+    record, and every admin call is audited."""
     moves_money: bool = False
 
     @staticmethod
@@ -40,6 +46,11 @@ class Access:
         return Access(
             owner_field=owner_field, moves_money=moves_money, admin_may_read=admin_may_read
         )
+
+    @staticmethod
+    def record_owner() -> Access:
+        """A user-facing read of one record by id: its owner, or an admin (audited)."""
+        return Access(owner_in_record=True)
 
     @staticmethod
     def internal(
@@ -56,8 +67,10 @@ class Access:
 
     @staticmethod
     def admin_only(*, audited: bool = True) -> Access:
-        """An admin RPC (catalog, pricing, review, adjustments): admin role, and audited."""
-        return Access(admin=True, audited=audited)
+        """An admin RPC (catalog, pricing, review, adjustments): admin role, audited, and only through
+        the platform's user-facing callers, so a service holding a user's token it was passed on
+        cannot use an admin's."""
+        return Access(callers=ADMIN_CALLERS, admin=True, audited=audited)
 
     def check_caller(self, principal: Principal) -> None:
         if self.callers is not None and principal.service not in self.callers:
@@ -69,7 +82,10 @@ class Access:
             )
 
     def check_owner(self, principal: Principal, request: Any) -> bool:
-        """Refuse a request naming someone else's account; True if an admin read another's."""
+        """Refuse a request naming someone else's account; True if the call is an admin's support
+        read (to be audited)."""
+        if self.owner_in_record:
+            return principal.is_admin
         if self.owner_field is None:
             return False
         user = principal.require_user()

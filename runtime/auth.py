@@ -82,7 +82,8 @@ def set_principal(principal: Principal | None) -> contextvars.Token[Principal | 
 def peer_service(context: RpcContext) -> str | None:
     """The common name of the verified client certificate, or None on a connection without one."""
     names = list(context.auth_context().get("x509_common_name") or ())
-    return names[0].decode() if names else None
+    name = names[0].decode().strip() if names else ""
+    return name or None  # a certificate naming no one identifies no one
 
 
 def bearer_token(context: RpcContext) -> str | None:

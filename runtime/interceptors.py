@@ -37,6 +37,15 @@ from runtime.validation import RequestValidator
 
 log = logging.getLogger("coins.rpc")
 
+OPEN_STREAMS = frozenset(
+    {
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+"""Streaming methods served to any caller with a platform certificate: health and reflection."""
+
 Behavior = Callable[[Any, RpcContext], Awaitable[Any]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
@@ -65,9 +74,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming: health and reflection, behind mutual TLS like everything
         method = handler_call_details.method
+        if handler is None:
+            return None
+        if handler.unary_unary is None:
+            # Streaming calls skip the per-call checks below, so only these known ones are served
+            # (behind mutual TLS, like everything); any other streaming method is not.
+            return handler if method in OPEN_STREAMS else None
         return grpc.unary_unary_rpc_method_handler(
             self._guard(cast(Behavior, handler.unary_unary), method, self._access.get(method)),
             request_deserializer=handler.request_deserializer,

@@ -53,7 +53,7 @@ ACCESS = method_rules(
     {
         "ListGifts": Access.user(),
         "SendGift": Access.user("sender_id", moves_money=True),
-        "GetGift": Access.user(),  # sender, creator or admin: checked against the record
+        "GetGift": Access.record_owner(),
         "ListTopGifters": Access.user(),  # a LIVE's leaderboard is public to signed-in users
         "SetGift": Access.admin_only(),
     },

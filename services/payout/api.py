@@ -33,7 +33,7 @@ ACCESS = method_rules(
         "GetDiamondBalance": Access.user("creator_id", admin_may_read=True),
         "CreditDiamonds": Access.internal({"gifting"}),
         "RequestWithdrawal": Access.user("creator_id", moves_money=True),
-        "GetWithdrawal": Access.user(),  # the creator or an admin: checked against the record
+        "GetWithdrawal": Access.record_owner(),
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
     },
 )

@@ -49,7 +49,7 @@ ACCESS = method_rules(
     promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name,
     {
         "CreatePromotion": Access.user("user_id", moves_money=True),
-        "GetPromotion": Access.user(),  # the owner or an admin: checked against the record
+        "GetPromotion": Access.record_owner(),
         "ListPromotions": Access.user("user_id", admin_may_read=True),
     },
 )

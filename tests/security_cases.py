@@ -1,0 +1,370 @@
+"""One valid, admissible sample request per RPC, for the security tests (tests/test_security.py).
+
+Every RPC the four services serve needs an entry here, keyed by its method path: the security tests
+enumerate the RPCs from the protobuf descriptors and fail for any RPC without a sample, so an RPC cannot
+be added without its security test. A sample is what the right caller, with the right token, may send
+and get served (the tests check that too): so when the same request is refused for a missing token, a
+foreign certificate or another user, the refusal is the guard's doing, never validation's. Samples of
+mutating RPCs would change the books if admitted, so "nothing changed" after a refusal means something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from coins.common.v1 import admin_audit_pb2, money_pb2
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
+from coins.wallet.v1 import wallet_pb2
+from tests.helpers import adult_birth_date, funded_user, new_id, open_account
+from tests.suite import Suite
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A request the right caller may make, and what it takes to make it."""
+
+    request: Message
+    user: str | None
+    """The token's user that makes the request admissible; None: the RPC acts for no user."""
+    admin: bool = False
+    """The admissible token carries the admin role (admin RPCs)."""
+    mutates: bool = False
+    """Admitted, the call changes a database (a refused one must not)."""
+    settle: Callable[[Message], Awaitable[None]] | None = None
+    """Given the admitted call's response, waits for the background work it started (an outbox
+    credit, a payout), so that the next test starts from quiet databases."""
+
+
+SampleBuilder = Callable[[Suite], Awaitable[Sample]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    build: SampleBuilder
+    record_owned: bool
+    """A read by id of a record owned by the sample's user: the record is loaded, then its owner is
+    checked against the token (another user: PERMISSION_DENIED NOT_ACCOUNT_OWNER)."""
+    any_user: bool
+    """Open to every signed-in user (the gift catalog, a LIVE's leaderboard): no account is named."""
+
+
+WALLET = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
+GIFTING = gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name
+PAYOUT = payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name
+PROMOTION = promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name
+ADMIN_AUDIT = admin_audit_pb2.DESCRIPTOR.services_by_name["AdminAuditService"].full_name
+
+SAMPLES: dict[str, Entry] = {}
+"""Method path (`/coins.wallet.v1.WalletService/GetBalance`) -> how to build its sample."""
+
+
+def sample(
+    service: str, method: str, *, record_owned: bool = False, any_user: bool = False
+) -> Callable[[SampleBuilder], SampleBuilder]:
+    """Register the sample of `/service/method`. An RPC that acts for a user but names no account
+    in its access rule (no `owner_field`) must say which it is: `record_owned` or `any_user`."""
+
+    def register(build: SampleBuilder) -> SampleBuilder:
+        path = f"/{service}/{method}"
+        assert path not in SAMPLES, f"two samples for {path}"
+        SAMPLES[path] = Entry(build, record_owned, any_user)
+        return build
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------- waits
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    for _ in range(250):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def gift_credited(suite: Suite, sent_gift_id: str, sender: str) -> Callable[[], Awaitable[None]]:
+    async def wait() -> None:
+        async def credited() -> bool:
+            response = await suite.gifting.GetGift(
+                gifting_pb2.GetGiftRequest(sent_gift_id=sent_gift_id), metadata=suite.token(sender)
+            )
+            return response.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED
+
+        await _eventually(credited, f"the creator's credit for gift {sent_gift_id}")
+
+    return wait
+
+
+def withdrawal_settled(
+    suite: Suite, withdrawal_id: str, creator: str
+) -> Callable[[], Awaitable[None]]:
+    async def wait() -> None:
+        async def settled() -> bool:
+            response = await suite.payout.GetWithdrawal(
+                payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id),
+                metadata=suite.token(creator),
+            )
+            return response.withdrawal.status in (
+                payout_pb2.WITHDRAWAL_STATUS_PAID,
+                payout_pb2.WITHDRAWAL_STATUS_FAILED,
+            )
+
+        await _eventually(settled, f"withdrawal {withdrawal_id} to be paid")
+
+    return wait
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+async def creator_with_diamonds(suite: Suite, diamonds: int) -> str:
+    creator = new_id("creator")
+    await suite.as_caller("gifting").payout.CreditDiamonds(
+        payout_pb2.CreditDiamondsRequest(
+            request_id=new_id("gift"), creator_id=creator, coins=diamonds * 2, reference="seed"
+        )
+    )
+    return creator
+
+
+def withdrawal_request(creator: str) -> payout_pb2.RequestWithdrawalRequest:
+    return payout_pb2.RequestWithdrawalRequest(
+        request_id=new_id("wd"),
+        creator_id=creator,
+        diamonds=2_000,  # $10.00, the minimum
+        method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+        destination_token="dest_paypal_ok",
+    )
+
+
+def gift_request(sender: str) -> gifting_pb2.SendGiftRequest:
+    return gifting_pb2.SendGiftRequest(
+        request_id=new_id("gift"),
+        sender_id=sender,
+        creator_id=new_id("creator"),
+        gift_id="rose",
+        count=3,
+        live_id=new_id("live"),
+    )
+
+
+def promotion_request(user: str) -> promotion_pb2.CreatePromotionRequest:
+    return promotion_pb2.CreatePromotionRequest(
+        request_id=new_id("promo"),
+        user_id=user,
+        video_id=new_id("video"),
+        goal=promotion_pb2.GOAL_VIDEO_VIEWS,
+        budget_coins=100,
+        duration_days=1,
+    )
+
+
+# --------------------------------------------------------------------------------------------- wallet
+
+
+@sample(WALLET, "OpenAccount")
+async def _open_account(suite: Suite) -> Sample:
+    user = new_id("viewer")
+    request = wallet_pb2.OpenAccountRequest(
+        request_id=new_id("open"), user_id=user, country_code="US", birth_date=adult_birth_date()
+    )
+    return Sample(request, user, mutates=True)
+
+
+@sample(WALLET, "GetAccount")
+async def _get_account(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    return Sample(wallet_pb2.GetAccountRequest(user_id=user), user)
+
+
+@sample(WALLET, "GetBalance")
+async def _get_balance(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    return Sample(wallet_pb2.GetBalanceRequest(user_id=user), user)
+
+
+@sample(WALLET, "ListCoinPackages")
+async def _list_coin_packages(suite: Suite) -> Sample:
+    user = new_id("viewer")
+    await open_account(suite, user)
+    request = wallet_pb2.ListCoinPackagesRequest(user_id=user, channel=wallet_pb2.CHANNEL_WEB)
+    return Sample(request, user)
+
+
+@sample(WALLET, "PurchaseCoins")
+async def _purchase_coins(suite: Suite) -> Sample:
+    user = new_id("viewer")
+    await open_account(suite, user)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id("buy"), user_id=user, package_id="us-web-70", payment_token="tok_visa"
+    )
+    return Sample(request, user, mutates=True)
+
+
+@sample(WALLET, "ListLedgerEntries")
+async def _list_ledger_entries(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    return Sample(wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=10), user)
+
+
+@sample(WALLET, "DebitCoins")
+async def _debit_coins(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    request = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("gift:sec"),
+        user_id=user,
+        coins=25,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference=new_id("gift"),
+    )
+    return Sample(request, user, mutates=True)
+
+
+@sample(WALLET, "SetCoinPackage")
+async def _set_coin_package(suite: Suite) -> Sample:
+    request = wallet_pb2.SetCoinPackageRequest(
+        request_id=new_id("pkg"),
+        package_id=new_id("us-web-sec").lower(),
+        region="US",
+        channel=wallet_pb2.CHANNEL_WEB,
+        coins=123,
+        price=money_pb2.Money(currency_code="USD", amount_minor=199),
+        active=False,  # off sale: the business tests' price lists stay as they are
+        reason="security test sample",
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
+# -------------------------------------------------------------------------------------------- gifting
+
+
+@sample(GIFTING, "ListGifts", any_user=True)
+async def _list_gifts(suite: Suite) -> Sample:
+    return Sample(gifting_pb2.ListGiftsRequest(page_size=5), new_id("viewer"))
+
+
+@sample(GIFTING, "SendGift")
+async def _send_gift(suite: Suite) -> Sample:
+    sender, _ = await funded_user(suite)
+    request = gift_request(sender)
+
+    async def settle(response: Message) -> None:
+        # The admitted gift's credit leaves through the outbox; wait until it reached payout.
+        assert isinstance(response, gifting_pb2.SendGiftResponse)
+        await gift_credited(suite, response.sent_gift.sent_gift_id, sender)()
+
+    return Sample(request, sender, mutates=True, settle=settle)
+
+
+@sample(GIFTING, "GetGift", record_owned=True)
+async def _get_gift(suite: Suite) -> Sample:
+    sender, _ = await funded_user(suite)
+    sent = await suite.gifting.SendGift(gift_request(sender))
+    sent_gift_id = sent.sent_gift.sent_gift_id
+    await gift_credited(suite, sent_gift_id, sender)()
+    request = gifting_pb2.GetGiftRequest(sent_gift_id=sent_gift_id)
+    return Sample(request, sender)
+
+
+@sample(GIFTING, "ListTopGifters", any_user=True)
+async def _list_top_gifters(suite: Suite) -> Sample:
+    request = gifting_pb2.ListTopGiftersRequest(live_id="live-1", page_size=5)
+    return Sample(request, new_id("viewer"))
+
+
+@sample(GIFTING, "SetGift")
+async def _set_gift(suite: Suite) -> Sample:
+    request = gifting_pb2.SetGiftRequest(
+        request_id=new_id("setgift"),
+        gift_id=new_id("sec").lower(),
+        name="Security sample",
+        coins=7,
+        active=False,  # retired: the business tests' catalog stays as it is
+        reason="security test sample",
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
+# --------------------------------------------------------------------------------------------- payout
+
+
+@sample(PAYOUT, "GetDiamondBalance")
+async def _get_diamond_balance(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 100)
+    return Sample(payout_pb2.GetDiamondBalanceRequest(creator_id=creator), creator)
+
+
+@sample(PAYOUT, "CreditDiamonds")
+async def _credit_diamonds(suite: Suite) -> Sample:
+    request = payout_pb2.CreditDiamondsRequest(
+        request_id=new_id("gift"), creator_id=new_id("creator"), coins=40, reference=new_id("gift")
+    )
+    return Sample(request, None, mutates=True)
+
+
+@sample(PAYOUT, "RequestWithdrawal")
+async def _request_withdrawal(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 5_000)
+    request = withdrawal_request(creator)
+
+    async def settle(response: Message) -> None:
+        assert isinstance(response, payout_pb2.RequestWithdrawalResponse)
+        await withdrawal_settled(suite, response.withdrawal.withdrawal_id, creator)()
+
+    return Sample(request, creator, mutates=True, settle=settle)
+
+
+@sample(PAYOUT, "GetWithdrawal", record_owned=True)
+async def _get_withdrawal(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = await suite.payout.RequestWithdrawal(withdrawal_request(creator))
+    withdrawal_id = made.withdrawal.withdrawal_id
+    await withdrawal_settled(suite, withdrawal_id, creator)()
+    request = payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id)
+    return Sample(request, creator)
+
+
+@sample(PAYOUT, "ListWithdrawals")
+async def _list_withdrawals(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 100)
+    return Sample(payout_pb2.ListWithdrawalsRequest(creator_id=creator, page_size=5), creator)
+
+
+# ------------------------------------------------------------------------------------------ promotion
+
+
+@sample(PROMOTION, "CreatePromotion")
+async def _create_promotion(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    return Sample(promotion_request(user), user, mutates=True)
+
+
+@sample(PROMOTION, "GetPromotion", record_owned=True)
+async def _get_promotion(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    made = await suite.promotion.CreatePromotion(promotion_request(user))
+    request = promotion_pb2.GetPromotionRequest(promotion_id=made.promotion.promotion_id)
+    return Sample(request, user)
+
+
+@sample(PROMOTION, "ListPromotions")
+async def _list_promotions(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    return Sample(promotion_pb2.ListPromotionsRequest(user_id=user, page_size=5), user)
+
+
+# ------------------------------------------------------------------------- admin audit (every service)
+
+
+@sample(ADMIN_AUDIT, "ListAdminActions")
+async def _list_admin_actions(suite: Suite) -> Sample:
+    request = admin_audit_pb2.ListAdminActionsRequest(page_size=5)
+    return Sample(request, new_id("admin"), admin=True)
