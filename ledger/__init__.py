@@ -9,29 +9,41 @@ otherwise queue on one hot row; their balance is the sum of their entries.
 The books are tamper-evident (`ledger.chain`): every transaction carries a digest of itself and all its
 entries, every entry of a balance-keeping account carries the hash of that account's previous entry, and
 `Ledger.audit` verifies both.
+
+Holds (`ledger.holds`) reserve part of an account's balance for a later capture or release; debits
+spend only the available balance (balance - held).
 """
 
 from ledger.book import AuditReport, Ledger, Posted, Posting
 from ledger.chain import GENESIS
+from ledger.holds import Hold, Holds
 from ledger.schema import (
     accounts,
     create_ledger_tables_v1,
+    downgrade_ledger_tables_v3,
     entries,
+    holds,
     metadata,
     transactions,
     upgrade_ledger_tables_v2,
+    upgrade_ledger_tables_v3,
 )
 
 __all__ = [
     "GENESIS",
     "AuditReport",
+    "Hold",
+    "Holds",
     "Ledger",
     "Posted",
     "Posting",
     "accounts",
     "create_ledger_tables_v1",
+    "downgrade_ledger_tables_v3",
     "entries",
+    "holds",
     "metadata",
     "transactions",
     "upgrade_ledger_tables_v2",
+    "upgrade_ledger_tables_v3",
 ]

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.chain import GENESIS, entry_hash, transaction_digest
-from ledger.schema import accounts, entries, transactions
+from ledger.schema import accounts, entries, holds, transactions
 from runtime.clock import Clock
 from runtime.errors import FailedPrecondition, NotFound
 
@@ -66,6 +66,10 @@ class AuditReport:
     """transaction id -> what is wrong, for every transaction whose digest does not recompute."""
     broken_chains: dict[str, str] = field(default_factory=dict)
     """account id -> the first thing wrong with its chain (a gap, a broken link, a hash, the head)."""
+    held_mismatches: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """account id -> (held on the account, sum of what its active holds reserve), where they differ."""
+    negative: dict[str, int] = field(default_factory=dict)
+    """account id -> balance, for accounts below zero that may not be."""
 
     @property
     def ok(self) -> bool:
@@ -74,11 +78,30 @@ class AuditReport:
             and self.total == 0
             and not self.bad_transactions
             and not self.broken_chains
+            and not self.held_mismatches
+            and not self.negative
         )
+
+
+def insufficient(
+    unit: str, account_id: str, balance: int, held: int, required: int
+) -> FailedPrecondition:
+    """INSUFFICIENT_FUNDS, saying what is available and what holds reserve."""
+    on_hold = f" ({held} on hold)" if held else ""
+    return FailedPrecondition(
+        "INSUFFICIENT_FUNDS",
+        f"not enough {unit}: the balance is {balance}{on_hold}, {required} are needed",
+        account_id=account_id,
+        balance=balance,
+        available=balance - held,
+        required=required,
+        unit=unit,
+    )
 
 
 class Ledger:
     def __init__(self, clock: Clock, *, unit: str) -> None:
+        self.clock = clock
         self._clock = clock
         self.unit = unit
         """What the amounts count ("coins", "diamonds"), for error messages."""
@@ -219,8 +242,9 @@ class Ledger:
         if posting.account_id in self._passive:
             return None
         amount = posting.amount
+        # A debit may spend only what active holds leave available (balance - held).
         guard = (
-            or_(accounts.c.allow_negative, accounts.c.balance >= -amount)
+            or_(accounts.c.allow_negative, accounts.c.balance - accounts.c.held >= -amount)
             if amount < 0
             else accounts.c.balance <= MAX_BALANCE - amount
         )
@@ -236,7 +260,7 @@ class Ledger:
             return _Link(int(row.balance), int(row.seq), str(row.head_hash))
         found = (
             await conn.execute(
-                select(accounts.c.balance, accounts.c.keeps_balance).where(
+                select(accounts.c.balance, accounts.c.held, accounts.c.keeps_balance).where(
                     accounts.c.account_id == posting.account_id
                 )
             )
@@ -256,13 +280,8 @@ class Ledger:
                 f"account {posting.account_id} cannot hold more {self.unit}",
                 account_id=posting.account_id,
             )
-        raise FailedPrecondition(
-            "INSUFFICIENT_FUNDS",
-            f"not enough {self.unit}: the balance is {found.balance}, {-amount} are needed",
-            account_id=posting.account_id,
-            balance=found.balance,
-            required=-amount,
-            unit=self.unit,
+        raise insufficient(
+            self.unit, posting.account_id, int(found.balance), int(found.held), -amount
         )
 
     async def balance(self, conn: AsyncConnection, account_id: str) -> int | None:
@@ -271,6 +290,17 @@ class Ledger:
             select(accounts.c.balance).where(accounts.c.account_id == account_id)
         )
         return None if value is None else int(value)
+
+    async def available(self, conn: AsyncConnection, account_id: str) -> tuple[int, int] | None:
+        """(balance, available = balance - active holds) of an account, None if there is none."""
+        row = (
+            await conn.execute(
+                select(accounts.c.balance, accounts.c.held).where(
+                    accounts.c.account_id == account_id
+                )
+            )
+        ).first()
+        return None if row is None else (int(row.balance), int(row.balance) - int(row.held))
 
     async def history(
         self,
@@ -319,6 +349,8 @@ class Ledger:
                     accounts.c.balance,
                     accounts.c.seq,
                     accounts.c.head_hash,
+                    accounts.c.held,
+                    accounts.c.allow_negative,
                 ).where(accounts.c.keeps_balance)
             )
         ).all()
@@ -331,6 +363,25 @@ class Ledger:
         digests, bad_transactions = await self._verify_transactions(conn)
         heads = {str(row.account_id): (int(row.seq), str(row.head_hash)) for row in kept}
         broken_chains = await self._verify_chains(conn, heads, digests)
+        reserved: dict[str, int] = {}
+        for hold in await conn.execute(
+            select(holds.c.account_id, holds.c.amount, holds.c.captured).where(
+                holds.c.status == "active"
+            )
+        ):
+            reserved[hold.account_id] = (
+                reserved.get(hold.account_id, 0) + hold.amount - hold.captured
+            )
+        held_mismatches = {
+            row.account_id: (int(row.held), reserved.get(row.account_id, 0))
+            for row in kept
+            if int(row.held) != reserved.get(row.account_id, 0)
+        }
+        negative = {
+            row.account_id: int(row.balance)
+            for row in kept
+            if int(row.balance) < 0 and not row.allow_negative
+        }
         return AuditReport(
             accounts_checked=len(kept),
             mismatches=mismatches,
@@ -339,6 +390,8 @@ class Ledger:
             chains_checked=len(heads),
             bad_transactions=bad_transactions,
             broken_chains=broken_chains,
+            held_mismatches=held_mismatches,
+            negative=negative,
         )
 
     @staticmethod

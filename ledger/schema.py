@@ -96,14 +96,48 @@ def _entries_chain_columns() -> list[Column[Any]]:
     ]
 
 
+# Version 3: holds (two-phase movements). `held` is the sum of what active holds still reserve.
+
+
+def _accounts_hold_columns() -> list[Column[Any]]:
+    return [Column("held", BigInteger, nullable=False, server_default="0")]
+
+
+def _holds_columns() -> list[Column[Any]]:
+    return [
+        Column("hold_id", String(40), primary_key=True),
+        Column("account_id", String(96), ForeignKey("ledger_accounts.account_id"), nullable=False),
+        Column("counter_account_id", String(96), nullable=False),
+        Column("amount", BigInteger, nullable=False),
+        Column("captured", BigInteger, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("owner", String(64), nullable=False),
+        Column("kind", String(32), nullable=False),
+        Column("reference", String(128), nullable=False),
+        Column("expires_at", DateTime(timezone=True)),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
 _BALANCE_RULE = "allow_negative OR balance >= 0"
+_HOLD_RULES = ("amount > 0", "captured >= 0 AND captured <= amount")
 
 accounts = Table(
     "ledger_accounts",
     metadata,
     *_accounts_columns(),
     *_accounts_chain_columns(),
+    *_accounts_hold_columns(),
     CheckConstraint(_BALANCE_RULE),
+)
+holds = Table(
+    "ledger_holds",
+    metadata,
+    *_holds_columns(),
+    *(CheckConstraint(rule) for rule in _HOLD_RULES),
+    Index("ix_ledger_holds_account", "account_id", "status"),
+    Index("ix_ledger_holds_expiry", "status", "expires_at"),
 )
 transactions = Table(
     "ledger_transactions", metadata, *_transactions_columns(), *_transactions_chain_columns()
@@ -280,3 +314,23 @@ def _backfill_chain_v2(bind: Connection) -> None:
                 for account, (seq, head) in heads.items()
             ],
         )
+
+
+def upgrade_ledger_tables_v3(op: Operations) -> None:
+    """Frozen DDL of the ledger's third version (holds), for a service's migration 0003."""
+    with op.batch_alter_table("ledger_accounts") as batch:
+        for column in _accounts_hold_columns():
+            batch.add_column(column)
+    op.create_table(
+        "ledger_holds",
+        *_holds_columns(),
+        CheckConstraint(_HOLD_RULES[0], name="ck_ledger_holds_amount"),
+        CheckConstraint(_HOLD_RULES[1], name="ck_ledger_holds_captured"),
+    )
+    op.create_index("ix_ledger_holds_account", "ledger_holds", ["account_id", "status"])
+    op.create_index("ix_ledger_holds_expiry", "ledger_holds", ["status", "expires_at"])
+
+
+def downgrade_ledger_tables_v3(op: Operations) -> None:
+    op.drop_table("ledger_holds")
+    op.drop_column("ledger_accounts", "held")
