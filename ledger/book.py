@@ -39,6 +39,8 @@ class Posted:
 
     transaction_id: str
     balances: dict[str, int]
+    available: dict[str, int] = field(default_factory=dict)
+    """The same accounts' available balances (balance less what active holds reserve)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class _Link:
     seq: int
     head_hash: str
     """The account's head before this posting (its previous entry's hash)."""
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,11 +165,13 @@ class Ledger:
         order = sorted(range(len(postings)), key=lambda i: postings[i].account_id)
         links: dict[int, _Link] = {}
         balances: dict[str, int] = {}
+        available: dict[str, int] = {}
         for i in order:
             link = await self._apply(conn, postings[i])
             if link is not None:
                 links[i] = link
                 balances[postings[i].account_id] = link.balance
+                available[postings[i].account_id] = link.balance - link.held
         digest = transaction_digest(
             transaction_id=transaction_id,
             kind=kind,
@@ -231,7 +236,7 @@ class Ledger:
             )
         )
         await conn.execute(entries.insert(), rows)
-        return Posted(transaction_id, balances)
+        return Posted(transaction_id, balances, available)
 
     async def _apply(self, conn: AsyncConnection, posting: Posting) -> _Link | None:
         """Move a keeping account's balance and chain position with one conditional UPDATE.
@@ -253,11 +258,13 @@ class Ledger:
                 update(accounts)
                 .where(accounts.c.account_id == posting.account_id, accounts.c.keeps_balance, guard)
                 .values(balance=accounts.c.balance + literal(amount), seq=accounts.c.seq + 1)
-                .returning(accounts.c.balance, accounts.c.seq, accounts.c.head_hash)
+                .returning(
+                    accounts.c.balance, accounts.c.seq, accounts.c.head_hash, accounts.c.held
+                )
             )
         ).first()
         if row is not None:
-            return _Link(int(row.balance), int(row.seq), str(row.head_hash))
+            return _Link(int(row.balance), int(row.seq), str(row.head_hash), int(row.held))
         found = (
             await conn.execute(
                 select(accounts.c.balance, accounts.c.held, accounts.c.keeps_balance).where(

@@ -116,7 +116,7 @@ class Holds:
             raise NotFound("HOLD_NOT_FOUND", f"no hold {hold_id!r}", hold_id=hold_id)
         return Hold.of(row)
 
-    async def _owned(self, conn: AsyncConnection, hold_id: str, owner: str) -> Hold:
+    async def owned(self, conn: AsyncConnection, hold_id: str, owner: str) -> Hold:
         hold = await self.get(conn, hold_id)
         if hold.owner != owner:
             raise PermissionDenied(
@@ -146,7 +146,7 @@ class Holds:
     ) -> tuple[Hold, Posted]:
         """Move `amount` of the hold to its counter account; the hold stays active until fully
         captured. CAPTURE_EXCEEDS_HOLD past its amount; HOLD_<STATUS> once it is resolved."""
-        hold = await self._owned(conn, hold_id, owner)
+        hold = await self.owned(conn, hold_id, owner)
         now = self._clock.now()
         taken = await conn.execute(
             update(holds)
@@ -190,7 +190,7 @@ class Holds:
 
     async def release(self, conn: AsyncConnection, hold_id: str, *, owner: str) -> Hold:
         """Give back what the hold has not captured; HOLD_<STATUS> if it is already resolved."""
-        await self._owned(conn, hold_id, owner)
+        await self.owned(conn, hold_id, owner)
         return await self._resolve(conn, hold_id, RELEASED)
 
     async def _resolve(self, conn: AsyncConnection, hold_id: str, status: str) -> Hold:

@@ -228,6 +228,50 @@ async def _debit_coins(suite: Suite) -> Sample:
     return Sample(request, user, mutates=True)
 
 
+async def placed_hold(suite: Suite, coins: int = 100) -> str:
+    """A hold the promotion service placed on a new funded user's coins; returns its id."""
+    user, _ = await funded_user(suite)
+    response = await suite.as_caller("promotion").wallet.PlaceHold(hold_request(user, coins))
+    return response.hold.hold_id
+
+
+def hold_request(user: str, coins: int = 100) -> wallet_pb2.PlaceHoldRequest:
+    return wallet_pb2.PlaceHoldRequest(
+        request_id=new_id("promotion:sec"),
+        user_id=user,
+        coins=coins,
+        reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+        reference=new_id("promo"),
+    )
+
+
+@sample(WALLET, "PlaceHold")
+async def _place_hold(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    return Sample(hold_request(user), user, mutates=True)
+
+
+@sample(WALLET, "CaptureHold")
+async def _capture_hold(suite: Suite) -> Sample:
+    request = wallet_pb2.CaptureHoldRequest(
+        request_id=new_id("capture"), hold_id=await placed_hold(suite), coins=40
+    )
+    return Sample(request, None, mutates=True)
+
+
+@sample(WALLET, "ReleaseHold")
+async def _release_hold(suite: Suite) -> Sample:
+    request = wallet_pb2.ReleaseHoldRequest(
+        request_id=new_id("release"), hold_id=await placed_hold(suite)
+    )
+    return Sample(request, None, mutates=True)
+
+
+@sample(WALLET, "GetHold")
+async def _get_hold(suite: Suite) -> Sample:
+    return Sample(wallet_pb2.GetHoldRequest(hold_id=await placed_hold(suite)), None)
+
+
 @sample(WALLET, "SetCoinPackage")
 async def _set_coin_package(suite: Suite) -> Sample:
     request = wallet_pb2.SetCoinPackageRequest(

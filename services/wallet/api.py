@@ -16,6 +16,7 @@ from runtime.pagination import decode_token, encode_token, page_size
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
 from services.wallet import storage
+from services.wallet.api_holds import HoldRpcs
 from services.wallet.domain import Wallet, user_account
 from services.wallet.payments import PaymentProvider
 from services.wallet.settings import WalletSettings
@@ -49,7 +50,7 @@ def _to_date(value: date_pb2.Date) -> dt.date:
         ) from None
 
 
-def _account_pb(account: storage.AccountRecord, balance: int) -> wallet_pb2.Account:
+def _account_pb(account: storage.AccountRecord, balance: tuple[int, int]) -> wallet_pb2.Account:
     return wallet_pb2.Account(
         user_id=account.user_id,
         country_code=account.country_code,
@@ -59,7 +60,7 @@ def _account_pb(account: storage.AccountRecord, balance: int) -> wallet_pb2.Acco
             month=account.birth_date.month,
             day=account.birth_date.day,
         ),
-        balance=wallet_pb2.Balance(coins=balance, available_coins=balance),
+        balance=_balance(balance),
         create_time=timestamp(account.created_at),
     )
 
@@ -91,8 +92,9 @@ def _purchase_pb(purchase: storage.PurchaseRecord) -> wallet_pb2.Purchase:
     )
 
 
-def _balance(coins: int) -> wallet_pb2.Balance:
-    return wallet_pb2.Balance(coins=coins, available_coins=coins)
+def _balance(coins: tuple[int, int]) -> wallet_pb2.Balance:
+    """A Balance from (balance, available)."""
+    return wallet_pb2.Balance(coins=coins[0], available_coins=coins[1])
 
 
 ACCESS = method_rules(
@@ -106,12 +108,16 @@ ACCESS = method_rules(
         "ListLedgerEntries": Access.user("user_id", admin_may_read=True),
         "DebitCoins": Access.internal({"gifting", "promotion"}, owner_field="user_id"),
         "SetCoinPackage": Access.admin_only(),
+        "PlaceHold": Access.internal({"promotion"}, owner_field="user_id"),
+        "CaptureHold": Access.internal({"promotion"}),  # only the hold's owner service, too
+        "ReleaseHold": Access.internal({"promotion"}),
+        "GetHold": Access.internal({"promotion"}, moves_money=False),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
 
 
-class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
+class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
     def __init__(
         self, runtime: Runtime[WalletSettings], wallet: Wallet, payments: PaymentProvider
     ) -> None:
@@ -131,7 +137,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
             account = await self._wallet.open_account(
                 conn, request.user_id, request.country_code, birth_date, self._clock.now()
             )
-            balance = await self._wallet.ledger.balance(conn, user_account(account.user_id)) or 0
+            balance = await self._wallet.coins(conn, account.user_id)
             return wallet_pb2.OpenAccountResponse(account=_account_pb(account, balance))
 
         return await self._idempotency.once(
@@ -167,14 +173,14 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
     ) -> wallet_pb2.GetAccountResponse:
         async with self._db.read() as conn:
             account = await self._wallet.account(conn, request.user_id)
-            balance = await self._wallet.ledger.balance(conn, user_account(request.user_id)) or 0
+            balance = await self._wallet.coins(conn, request.user_id)
         return wallet_pb2.GetAccountResponse(account=_account_pb(account, balance))
 
     async def GetBalance(
         self, request: wallet_pb2.GetBalanceRequest, context: RpcContext
     ) -> wallet_pb2.GetBalanceResponse:
         async with self._db.read() as conn:
-            coins = await self._wallet.balance(conn, request.user_id)
+            coins = await self._wallet.coins(conn, request.user_id)
         return wallet_pb2.GetBalanceResponse(balance=_balance(coins))
 
     async def ListCoinPackages(
@@ -331,7 +337,8 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
                 caller="internal",
             )
             return wallet_pb2.DebitCoinsResponse(
-                transaction_id=debit.transaction_id, balance=_balance(debit.balance)
+                transaction_id=debit.transaction_id,
+                balance=_balance((debit.balance, debit.available)),
             )
 
         return await self._idempotency.once(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger import Ledger, Posting
+from ledger import Hold, Holds, Ledger, Posting
 from runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -36,6 +36,7 @@ def age_on(birth_date: dt.date, day: dt.date) -> int:
 class Debit:
     transaction_id: str
     balance: int
+    available: int
 
 
 class Wallet:
@@ -44,6 +45,7 @@ class Wallet:
     def __init__(self, settings: WalletSettings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
+        self.holds = Holds(ledger)
 
     def price_package(
         self,
@@ -131,9 +133,36 @@ class Wallet:
             )
         return account
 
-    async def balance(self, conn: AsyncConnection, user_id: str) -> int:
-        await self.account(conn, user_id)
-        return await self.ledger.balance(conn, user_account(user_id)) or 0
+    async def coins(self, conn: AsyncConnection, user_id: str) -> tuple[int, int]:
+        """(balance, available) of a user's coins; ACCOUNT_NOT_FOUND without an account."""
+        found = await self.ledger.available(conn, user_account(user_id))
+        if found is None:
+            await self.account(conn, user_id)  # raises ACCOUNT_NOT_FOUND
+            return (0, 0)
+        return found
+
+    async def place_hold(
+        self,
+        conn: AsyncConnection,
+        *,
+        user_id: str,
+        coins: int,
+        reason: str,
+        reference: str,
+        owner: str,
+        expire_after: dt.timedelta | None,
+    ) -> Hold:
+        """Reserve coins for what `reason` will pay for; captures go to that spend account."""
+        return await self.holds.place(
+            conn,
+            user_account(user_id),
+            coins,
+            counter_account_id=SPEND_ACCOUNTS[reason],
+            owner=owner,
+            kind=reason,
+            reference=reference,
+            expires_at=self.ledger.clock.now() + expire_after if expire_after else None,
+        )
 
     def check_can_buy(
         self, account: storage.AccountRecord, package: storage.PackageRecord, today: dt.date
@@ -174,8 +203,9 @@ class Wallet:
 
     async def credit_purchase(
         self, conn: AsyncConnection, purchase: storage.PurchaseRecord, request_id: str
-    ) -> int:
-        """Issue the purchased coins: coin sales -> the buyer. Returns the buyer's new balance."""
+    ) -> tuple[int, int]:
+        """Issue the purchased coins: coin sales -> the buyer. Returns the buyer's new
+        (balance, available)."""
         posted = await self.ledger.post(
             conn,
             [
@@ -188,7 +218,8 @@ class Wallet:
             caller="wallet",
             policy_version=self.settings.policy_version,
         )
-        return posted.balances[user_account(purchase.user_id)]
+        account = user_account(purchase.user_id)
+        return posted.balances[account], posted.available[account]
 
     async def debit(
         self,
@@ -214,4 +245,5 @@ class Wallet:
             caller=caller,
             policy_version=self.settings.policy_version,
         )
-        return Debit(posted.transaction_id, posted.balances[user_account(user_id)])
+        account = user_account(user_id)
+        return Debit(posted.transaction_id, posted.balances[account], posted.available[account])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
@@ -16,6 +17,16 @@ from services.wallet.settings import WalletSettings
 async def setup(runtime: Runtime[WalletSettings]) -> None:
     wallet = Wallet(runtime.settings, Ledger(runtime.clock, unit="coins"))
     payments = SandboxPaymentProvider(runtime.settings.payment_latency_ms)
+
+    async def expire_holds() -> None:
+        """Release holds past their expiry, in batches, every hold_sweep_seconds."""
+        while True:
+            async with runtime.db.transaction() as conn:
+                expired = await wallet.holds.expire_due(conn, limit=200)
+            if len(expired) < 200:
+                await asyncio.sleep(runtime.settings.hold_sweep_seconds)
+
+    runtime.add_worker(expire_holds)
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(
         WalletApi(runtime, wallet, payments), runtime.server
     )

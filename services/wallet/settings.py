@@ -20,5 +20,7 @@ class WalletSettings(ServiceSettings):
     minimum_age: int = 18
     payment_latency_ms: int = 20
     """Simulated latency of the sandbox payment provider."""
+    hold_sweep_seconds: float = 5.0
+    """How often holds past their expiry are released."""
     policy_version: str = "2026-11"
     """Recorded on every ledger transaction: which pricing policy was in force."""

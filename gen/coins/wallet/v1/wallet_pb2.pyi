@@ -8,6 +8,7 @@ immutable double-entry ledger every coin movement is written to.
 from coins.common.v1 import money_pb2 as _money_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -128,6 +129,38 @@ PURCHASE_STATUS_FAILED: PurchaseStatus.ValueType  # 3
 """Declined by the payment provider; no coins were credited."""
 Global___PurchaseStatus: _TypeAlias = PurchaseStatus  # noqa: Y015
 
+class _HoldStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HoldStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HoldStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOLD_STATUS_UNSPECIFIED: _HoldStatus.ValueType  # 0
+    """Not set."""
+    HOLD_STATUS_ACTIVE: _HoldStatus.ValueType  # 1
+    """Reserving coins; may be captured (in parts) or released."""
+    HOLD_STATUS_CAPTURED: _HoldStatus.ValueType  # 2
+    """Fully captured."""
+    HOLD_STATUS_RELEASED: _HoldStatus.ValueType  # 3
+    """Released by its owner; what was not captured went back to the available balance."""
+    HOLD_STATUS_EXPIRED: _HoldStatus.ValueType  # 4
+    """Reached its expiry while active and released itself."""
+
+class HoldStatus(_HoldStatus, metaclass=_HoldStatusEnumTypeWrapper):
+    """The state of a hold. A hold leaves ACTIVE exactly once."""
+
+HOLD_STATUS_UNSPECIFIED: HoldStatus.ValueType  # 0
+"""Not set."""
+HOLD_STATUS_ACTIVE: HoldStatus.ValueType  # 1
+"""Reserving coins; may be captured (in parts) or released."""
+HOLD_STATUS_CAPTURED: HoldStatus.ValueType  # 2
+"""Fully captured."""
+HOLD_STATUS_RELEASED: HoldStatus.ValueType  # 3
+"""Released by its owner; what was not captured went back to the available balance."""
+HOLD_STATUS_EXPIRED: HoldStatus.ValueType  # 4
+"""Reached its expiry while active and released itself."""
+Global___HoldStatus: _TypeAlias = HoldStatus  # noqa: Y015
+
 @_typing.final
 class Account(_message.Message):
     """A user's coin account."""
@@ -201,6 +234,70 @@ class Balance(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Balance: _TypeAlias = Balance  # noqa: Y015
+
+@_typing.final
+class Hold(_message.Message):
+    """Coins reserved for a later capture."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_COINS_FIELD_NUMBER: _builtins.int
+    CAPTURED_COINS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OWNER_SERVICE_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    hold_id: _builtins.str
+    """Identifier of the hold."""
+    user_id: _builtins.str
+    """The user whose coins are held."""
+    amount_coins: _builtins.int
+    """Coins reserved when the hold was placed."""
+    captured_coins: _builtins.int
+    """Coins captured so far."""
+    status: Global___HoldStatus.ValueType
+    """The hold's state."""
+    owner_service: _builtins.str
+    """The service that placed the hold and alone may capture or release it."""
+    reference: _builtins.str
+    """The owner's reference, for example a promotion id."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When an active hold releases itself; unset if it never expires."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold was placed."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold last changed."""
+
+    def __init__(
+        self,
+        *,
+        hold_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        amount_coins: _builtins.int = ...,
+        captured_coins: _builtins.int = ...,
+        status: Global___HoldStatus.ValueType = ...,
+        owner_service: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_coins", b"amount_coins", "captured_coins", b"captured_coins", "create_time", b"create_time", "expire_time", b"expire_time", "hold_id", b"hold_id", "owner_service", b"owner_service", "reference", b"reference", "status", b"status", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Hold: _TypeAlias = Hold  # noqa: Y015
 
 @_typing.final
 class CoinPackage(_message.Message):
@@ -817,3 +914,243 @@ class SetCoinPackageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetCoinPackageResponse: _TypeAlias = SetCoinPackageResponse  # noqa: Y015
+
+@_typing.final
+class PlaceHoldRequest(_message.Message):
+    """Request for PlaceHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155); callers derive it from their own record."""
+    user_id: _builtins.str
+    """The user whose coins are reserved."""
+    coins: _builtins.int
+    """Coins to reserve."""
+    reason: Global___DebitReason.ValueType
+    """What the coins will pay for."""
+    reference: _builtins.str
+    """The caller's reference, for example the promotion id."""
+    @_builtins.property
+    def expire_after(self) -> _duration_pb2.Duration:
+        """How long the hold lives if neither captured in full nor released (at most 90 days); unset: no expiry."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        coins: _builtins.int = ...,
+        reason: Global___DebitReason.ValueType = ...,
+        reference: _builtins.str = ...,
+        expire_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "expire_after", b"expire_after", "reason", b"reason", "reference", b"reference", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceHoldRequest: _TypeAlias = PlaceHoldRequest  # noqa: Y015
+
+@_typing.final
+class PlaceHoldResponse(_message.Message):
+    """Response for PlaceHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hold(self) -> Global___Hold:
+        """The hold."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The user's balance after the hold."""
+
+    def __init__(
+        self,
+        *,
+        hold: Global___Hold | None = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "hold", b"hold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "hold", b"hold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceHoldResponse: _TypeAlias = PlaceHoldResponse  # noqa: Y015
+
+@_typing.final
+class CaptureHoldRequest(_message.Message):
+    """Request for CaptureHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    hold_id: _builtins.str
+    """The hold to capture from."""
+    coins: _builtins.int
+    """Coins to capture: at most what the hold has left."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        hold_id: _builtins.str = ...,
+        coins: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "hold_id", b"hold_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureHoldRequest: _TypeAlias = CaptureHoldRequest  # noqa: Y015
+
+@_typing.final
+class CaptureHoldResponse(_message.Message):
+    """Response for CaptureHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """The ledger transaction that moved the captured coins."""
+    @_builtins.property
+    def hold(self) -> Global___Hold:
+        """The hold after the capture."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The user's balance after the capture."""
+
+    def __init__(
+        self,
+        *,
+        hold: Global___Hold | None = ...,
+        transaction_id: _builtins.str = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "hold", b"hold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "hold", b"hold", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureHoldResponse: _TypeAlias = CaptureHoldResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseHoldRequest(_message.Message):
+    """Request for ReleaseHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    hold_id: _builtins.str
+    """The hold to release."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        hold_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_id", b"hold_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseHoldRequest: _TypeAlias = ReleaseHoldRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseHoldResponse(_message.Message):
+    """Response for ReleaseHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hold(self) -> Global___Hold:
+        """The hold, now released."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The user's balance after the release."""
+
+    def __init__(
+        self,
+        *,
+        hold: Global___Hold | None = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "hold", b"hold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "hold", b"hold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseHoldResponse: _TypeAlias = ReleaseHoldResponse  # noqa: Y015
+
+@_typing.final
+class GetHoldRequest(_message.Message):
+    """Request for GetHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    hold_id: _builtins.str
+    """The hold to read."""
+    def __init__(
+        self,
+        *,
+        hold_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_id", b"hold_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHoldRequest: _TypeAlias = GetHoldRequest  # noqa: Y015
+
+@_typing.final
+class GetHoldResponse(_message.Message):
+    """Response for GetHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hold(self) -> Global___Hold:
+        """The hold."""
+
+    def __init__(
+        self,
+        *,
+        hold: Global___Hold | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHoldResponse: _TypeAlias = GetHoldResponse  # noqa: Y015

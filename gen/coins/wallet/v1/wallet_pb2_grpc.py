@@ -80,6 +80,26 @@ class WalletServiceStub:
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.SerializeToString,
                 response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageResponse.FromString,
                 _registered_method=True)
+        self.PlaceHold = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/PlaceHold',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldResponse.FromString,
+                _registered_method=True)
+        self.CaptureHold = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/CaptureHold',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.CaptureHoldRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.CaptureHoldResponse.FromString,
+                _registered_method=True)
+        self.ReleaseHold = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/ReleaseHold',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ReleaseHoldRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ReleaseHoldResponse.FromString,
+                _registered_method=True)
+        self.GetHold = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/GetHold',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldResponse.FromString,
+                _registered_method=True)
 
 
 class WalletServiceServicer:
@@ -152,6 +172,38 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlaceHold(self, request, context):
+        """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
+        balance drops. Called by the promotion service for a budget, passing the user's token on.
+        Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CaptureHold(self, request, context):
+        """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
+        that placed the hold may capture it. Fails with FAILED_PRECONDITION: CAPTURE_EXCEEDS_HOLD beyond
+        what is left, HOLD_RELEASED / HOLD_CAPTURED / HOLD_EXPIRED once the hold is resolved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseHold(self, request, context):
+        """Internal: gives back what a hold has not captured and resolves it (exactly once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHold(self, request, context):
+        """Internal: reads a hold placed by the calling service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WalletServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +246,26 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.SetCoinPackage,
                     request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.FromString,
                     response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageResponse.SerializeToString,
+            ),
+            'PlaceHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceHold,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldResponse.SerializeToString,
+            ),
+            'CaptureHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.CaptureHold,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.CaptureHoldRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.CaptureHoldResponse.SerializeToString,
+            ),
+            'ReleaseHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHold,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ReleaseHoldRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ReleaseHoldResponse.SerializeToString,
+            ),
+            'GetHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHold,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +490,114 @@ class WalletService:
             '/coins.wallet.v1.WalletService/SetCoinPackage',
             coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.SerializeToString,
             coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/PlaceHold',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CaptureHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/CaptureHold',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.CaptureHoldRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.CaptureHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/ReleaseHold',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.ReleaseHoldRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.ReleaseHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/GetHold',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,

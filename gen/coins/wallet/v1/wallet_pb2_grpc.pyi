@@ -65,6 +65,20 @@ class WalletServiceStub:
     the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
     Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
     """
+    PlaceHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.PlaceHoldRequest, _wallet_pb2.PlaceHoldResponse]
+    """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
+    balance drops. Called by the promotion service for a budget, passing the user's token on.
+    Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+    """
+    CaptureHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]
+    """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
+    that placed the hold may capture it. Fails with FAILED_PRECONDITION: CAPTURE_EXCEEDS_HOLD beyond
+    what is left, HOLD_RELEASED / HOLD_CAPTURED / HOLD_EXPIRED once the hold is resolved.
+    """
+    ReleaseHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ReleaseHoldRequest, _wallet_pb2.ReleaseHoldResponse]
+    """Internal: gives back what a hold has not captured and resolves it (exactly once)."""
+    GetHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.GetHoldResponse]
+    """Internal: reads a hold placed by the calling service."""
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -101,6 +115,20 @@ class WalletServiceAsyncStub(WalletServiceStub):
     the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
     Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
     """
+    PlaceHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.PlaceHoldRequest, _wallet_pb2.PlaceHoldResponse]  # type: ignore[assignment]
+    """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
+    balance drops. Called by the promotion service for a budget, passing the user's token on.
+    Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+    """
+    CaptureHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]  # type: ignore[assignment]
+    """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
+    that placed the hold may capture it. Fails with FAILED_PRECONDITION: CAPTURE_EXCEEDS_HOLD beyond
+    what is left, HOLD_RELEASED / HOLD_CAPTURED / HOLD_EXPIRED once the hold is resolved.
+    """
+    ReleaseHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ReleaseHoldRequest, _wallet_pb2.ReleaseHoldResponse]  # type: ignore[assignment]
+    """Internal: gives back what a hold has not captured and resolves it (exactly once)."""
+    GetHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.GetHoldResponse]  # type: ignore[assignment]
+    """Internal: reads a hold placed by the calling service."""
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     """WalletService is the only way to create, move or read coins.
@@ -182,5 +210,43 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
         Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
         """
+
+    @_abc_1.abstractmethod
+    def PlaceHold(
+        self,
+        request: _wallet_pb2.PlaceHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.PlaceHoldResponse, _abc.Awaitable[_wallet_pb2.PlaceHoldResponse]]:
+        """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
+        balance drops. Called by the promotion service for a budget, passing the user's token on.
+        Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+        """
+
+    @_abc_1.abstractmethod
+    def CaptureHold(
+        self,
+        request: _wallet_pb2.CaptureHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.CaptureHoldResponse, _abc.Awaitable[_wallet_pb2.CaptureHoldResponse]]:
+        """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
+        that placed the hold may capture it. Fails with FAILED_PRECONDITION: CAPTURE_EXCEEDS_HOLD beyond
+        what is left, HOLD_RELEASED / HOLD_CAPTURED / HOLD_EXPIRED once the hold is resolved.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseHold(
+        self,
+        request: _wallet_pb2.ReleaseHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ReleaseHoldResponse, _abc.Awaitable[_wallet_pb2.ReleaseHoldResponse]]:
+        """Internal: gives back what a hold has not captured and resolves it (exactly once)."""
+
+    @_abc_1.abstractmethod
+    def GetHold(
+        self,
+        request: _wallet_pb2.GetHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.GetHoldResponse, _abc.Awaitable[_wallet_pb2.GetHoldResponse]]:
+        """Internal: reads a hold placed by the calling service."""
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
