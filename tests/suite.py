@@ -255,6 +255,8 @@ async def start_suite(
             for dependency in ("wallet", "payout"):
                 if dependency in suite.services:
                     options[f"{dependency}_address"] = suite.services[dependency].address
+            if name == "wallet":
+                options["hold_sweep_seconds"] = 0.2  # expiries show within a test's patience
             options.update(overrides.get(name, {}))
             settings = spec.settings_type(**options)
             provider = make_tracer_provider(name, exporter=suite.spans)

@@ -1,0 +1,154 @@
+"""Holds through the wallet's gRPC API: the promotion service reserves a user's coins, captures them as
+delivered and releases the rest; every step is idempotent and resolves exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from coins.wallet.v1 import wallet_pb2
+from tests.helpers import expect_error, funded_user, new_id
+from tests.suite import Suite
+
+
+def place(user: str, coins: int, **extra: object) -> wallet_pb2.PlaceHoldRequest:
+    request = wallet_pb2.PlaceHoldRequest(
+        request_id=new_id("promotion:hold"),
+        user_id=user,
+        coins=coins,
+        reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+        reference=new_id("promo"),
+    )
+    for name, value in extra.items():
+        getattr(request, name).CopyFrom(value) if isinstance(value, Duration) else setattr(
+            request, name, value
+        )
+    return request
+
+
+def capture(hold_id: str, coins: int) -> wallet_pb2.CaptureHoldRequest:
+    return wallet_pb2.CaptureHoldRequest(request_id=new_id("cap"), hold_id=hold_id, coins=coins)
+
+
+async def balance(suite: Suite, user: str) -> tuple[int, int]:
+    response = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    return response.balance.coins, response.balance.available_coins
+
+
+async def test_a_budget_is_held_captured_as_delivered_and_the_rest_released(suite: Suite) -> None:
+    promotion = suite.as_caller("promotion").wallet
+    user, coins = await funded_user(suite)  # 700 coins
+    placed = await promotion.PlaceHold(place(user, 500))
+    hold = placed.hold
+    assert (hold.status, hold.amount_coins, hold.owner_service) == (
+        wallet_pb2.HOLD_STATUS_ACTIVE,
+        500,
+        "promotion",
+    )
+    assert (placed.balance.coins, placed.balance.available_coins) == (coins, coins - 500)
+
+    first = await promotion.CaptureHold(capture(hold.hold_id, 120))
+    assert (first.hold.captured_coins, first.balance.coins) == (120, coins - 120)
+    assert first.balance.available_coins == coins - 500
+    second = capture(hold.hold_id, 80)
+    assert await promotion.CaptureHold(second) == await promotion.CaptureHold(second)  # a retry
+
+    await expect_error(
+        promotion.CaptureHold(capture(hold.hold_id, 301)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CAPTURE_EXCEEDS_HOLD",
+    )
+    release = wallet_pb2.ReleaseHoldRequest(request_id=new_id("rel"), hold_id=hold.hold_id)
+    released = await promotion.ReleaseHold(release)
+    assert released.hold.status == wallet_pb2.HOLD_STATUS_RELEASED
+    assert (released.balance.coins, released.balance.available_coins) == (coins - 200,) * 2
+    assert await promotion.ReleaseHold(release) == released  # the same request: its first answer
+    await expect_error(
+        promotion.ReleaseHold(
+            wallet_pb2.ReleaseHoldRequest(request_id=new_id(), hold_id=hold.hold_id)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HOLD_RELEASED",
+    )
+    await expect_error(
+        promotion.CaptureHold(capture(hold.hold_id, 1)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HOLD_RELEASED",
+    )
+    assert await balance(suite, user) == (coins - 200, coins - 200)
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.amount for e in history.entries][:2] == [-80, -120]
+
+
+async def test_held_coins_cannot_be_spent_twice(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    await suite.as_caller("promotion").wallet.PlaceHold(place(user, coins - 10))
+    await expect_error(
+        suite.as_caller("gifting").wallet.DebitCoins(
+            wallet_pb2.DebitCoinsRequest(
+                request_id=new_id("gift"),
+                user_id=user,
+                coins=11,
+                reason=wallet_pb2.DEBIT_REASON_GIFT,
+                reference="r",
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    await expect_error(
+        suite.as_caller("promotion").wallet.PlaceHold(place(user, 11)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    assert await balance(suite, user) == (coins, 10)
+
+
+async def test_twenty_concurrent_places_with_one_request_id_hold_once(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    request = place(user, 100)
+    responses = await asyncio.gather(
+        *(suite.as_caller("promotion").wallet.PlaceHold(request) for _ in range(20)),
+        return_exceptions=True,
+    )
+    holds = {r.hold.hold_id for r in responses if isinstance(r, wallet_pb2.PlaceHoldResponse)}
+    assert len(holds) == 1
+    assert await balance(suite, user) == (coins, coins - 100)
+
+
+async def test_only_the_service_that_placed_a_hold_may_resolve_it(suite: Suite) -> None:
+    user, _ = await funded_user(suite)
+    hold = (await suite.as_caller("promotion").wallet.PlaceHold(place(user, 50))).hold
+    await expect_error(
+        suite.as_caller("gifting").wallet.CaptureHold(capture(hold.hold_id, 10)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "CALLER_NOT_ALLOWED",
+    )
+    got = await suite.as_caller("promotion").wallet.GetHold(
+        wallet_pb2.GetHoldRequest(hold_id=hold.hold_id)
+    )
+    assert got.hold == hold
+
+
+async def test_a_hold_past_its_expiry_releases_itself(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    promotion = suite.as_caller("promotion").wallet
+    hold = (await promotion.PlaceHold(place(user, 300, expire_after=Duration(seconds=1)))).hold
+    assert hold.HasField("expire_time")
+    await asyncio.sleep(1.05)
+    await expect_error(
+        promotion.CaptureHold(capture(hold.hold_id, 10)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HOLD_EXPIRED",
+    )
+    for _ in range(100):  # the sweeper runs every hold_sweep_seconds (0.2 s in the tests)
+        got = await promotion.GetHold(wallet_pb2.GetHoldRequest(hold_id=hold.hold_id))
+        if got.hold.status != wallet_pb2.HOLD_STATUS_ACTIVE:
+            break
+        await asyncio.sleep(0.05)
+    assert got.hold.status == wallet_pb2.HOLD_STATUS_EXPIRED
+    assert await balance(suite, user) == (coins, coins)
