@@ -32,7 +32,7 @@ from runtime.access import Access, method_rules
 from runtime.auth import Principal
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.pagination import decode_token, encode_token, page_size
+from runtime.pagination import decode_token, encode_token, int64, page_size
 from runtime.protos import RpcContext, timestamp
 
 metadata = MetaData()
@@ -118,10 +118,10 @@ class AdminAudit:
             )
 
     async def list(self, size: int, token: str) -> tuple[list[Any], str]:
-        after = decode_token(token, "audit", 1)
+        after = decode_token(token, "audit", int64)
         query = select(admin_audit).order_by(admin_audit.c.sequence.desc()).limit(size + 1)
         if after is not None:
-            query = query.where(admin_audit.c.sequence < int(after[0]))
+            query = query.where(admin_audit.c.sequence < after[0])
         async with self._db.read() as conn:
             rows = list((await conn.execute(query)).all())
         more = len(rows) > size

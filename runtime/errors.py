@@ -60,7 +60,12 @@ class DomainError(Exception):
     @property
     def retryable(self) -> bool:
         """Transient errors are never stored as a request's final answer."""
-        return self.kind in (ErrorKind.UNAVAILABLE, ErrorKind.ABORTED, ErrorKind.INTERNAL)
+        return self.kind in (
+            ErrorKind.UNAVAILABLE,
+            ErrorKind.ABORTED,
+            ErrorKind.INTERNAL,
+            ErrorKind.RESOURCE_EXHAUSTED,  # a rate limit: the same request may pass later
+        )
 
     def to_json(self) -> str:
         return json.dumps(

@@ -24,12 +24,19 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from runtime.access import Access
 from runtime.audit import AdminAudit
 from runtime.auth import Principal, TokenVerifier, bearer_token, peer_service, set_principal
-from runtime.errors import DomainError, Internal, PermissionDenied, Unauthenticated
+from runtime.errors import (
+    DomainError,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
 from runtime.status import abort, from_rpc_error
@@ -48,6 +55,17 @@ OPEN_STREAMS = frozenset(
 
 Behavior = Callable[[Any, RpcContext], Awaitable[Any]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+def _parse(parse: Callable[[bytes], Any] | None, raw: Any) -> Any:
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except DecodeError:
+        raise InvalidArgument(
+            "MALFORMED_REQUEST", "the request is not a valid protobuf message of this RPC"
+        ) from None
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):
@@ -81,9 +99,16 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             # Streaming calls skip the per-call checks below, so only these known ones are served
             # (behind mutual TLS, like everything); any other streaming method is not.
             return handler if method in OPEN_STREAMS else None
+        # The request arrives as bytes and is parsed inside the guard, so that bytes that do not
+        # parse get INVALID_ARGUMENT with ErrorInfo like any bad request (grpcio would say UNKNOWN).
         return grpc.unary_unary_rpc_method_handler(
-            self._guard(cast(Behavior, handler.unary_unary), method, self._access.get(method)),
-            request_deserializer=handler.request_deserializer,
+            self._guard(
+                cast(Behavior, handler.unary_unary),
+                method,
+                self._access.get(method),
+                handler.request_deserializer,
+            ),
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 
@@ -118,11 +143,19 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             self._limiter.check(method, principal.service, principal.user_id)
         return principal, rule.audited or admin_read
 
-    def _guard(self, behavior: Behavior, method: str, rule: Access | None) -> Behavior:
-        async def guarded(request: Any, context: RpcContext) -> Any:
+    def _guard(
+        self,
+        behavior: Behavior,
+        method: str,
+        rule: Access | None,
+        parse: Callable[[bytes], Any] | None,
+    ) -> Behavior:
+        async def guarded(raw: Any, context: RpcContext) -> Any:
             audited = False
             principal: Principal | None = None
+            request: Any = raw
             try:
+                request = _parse(parse, raw)
                 principal, audited = await self._admit(rule, method, request, context)
                 set_principal(principal)
                 if audited:

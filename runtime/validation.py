@@ -16,6 +16,14 @@ class RequestValidator:
 
     def check(self, request: Message) -> None:
         """Raise InvalidArgument (reason INVALID_REQUEST, one BadRequest violation per bad field)."""
+        nul = _nul_fields(request)
+        if nul:
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                f"the request has invalid fields: {', '.join(nul)}",
+                violations=tuple(FieldViolation(f, "must not contain NUL characters") for f in nul),
+                fields=", ".join(nul),
+            )
         try:
             self._validator.validate(request)
         except protovalidate.ValidationError as error:
@@ -33,3 +41,19 @@ class RequestValidator:
                 violations=violations,
                 fields=fields,
             ) from None
+
+
+def _nul_fields(message: Message, prefix: str = "") -> list[str]:
+    """Paths of string fields holding U+0000, which no identifier or text of ours may contain (and
+    which PostgreSQL cannot store): refused for every field, whatever its rules say."""
+    found: list[str] = []
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        single = isinstance(value, (str, bytes, Message)) or not hasattr(value, "__iter__")
+        for item in [value] if single else list(value):
+            if isinstance(item, str) and "\x00" in item:
+                found.append(path)
+                break
+            if isinstance(item, Message):
+                found.extend(_nul_fields(item, f"{path}."))
+    return found

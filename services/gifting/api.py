@@ -11,7 +11,7 @@ from runtime.access import Access, method_rules, require_owner
 from runtime.auth import current_principal
 from runtime.clients import downstream_timeout
 from runtime.errors import Aborted, DomainError, NotFound
-from runtime.pagination import decode_token, encode_token, page_size
+from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp
 from runtime.server import Runtime
 from services.gifting import storage
@@ -81,10 +81,10 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         self, request: gifting_pb2.ListGiftsRequest, context: RpcContext
     ) -> gifting_pb2.ListGiftsResponse:
         size = page_size(request.page_size)
-        after = decode_token(request.page_token, "gifts", 2)
+        after = decode_token(request.page_token, "gifts", int64, text)
         async with self._db.read() as conn:
             gifts = await storage.list_gifts(
-                conn, limit=size + 1, after=(int(after[0]), str(after[1])) if after else None
+                conn, limit=size + 1, after=(after[0], after[1]) if after else None
             )
         token = ""
         if len(gifts) > size:
@@ -187,15 +187,15 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     ) -> gifting_pb2.ListTopGiftersResponse:
         size = page_size(request.page_size, default=10, maximum=100)
         kind = f"top:{request.live_id}"
-        after = decode_token(request.page_token, kind, 3)
+        after = decode_token(request.page_token, kind, int64, text, int64)
         async with self._db.read() as conn:
             rows = await storage.top_gifters(
                 conn,
                 request.live_id,
                 limit=size + 1,
-                after=(int(after[0]), str(after[1])) if after else None,
+                after=(after[0], after[1]) if after else None,
             )
-        first_rank = int(after[2]) + 1 if after else 1
+        first_rank = after[2] + 1 if after else 1
         token = ""
         if len(rows) > size:
             rows = rows[:size]

@@ -19,7 +19,7 @@ from typing import Protocol
 from opentelemetry import propagate
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runtime.errors import InvalidArgument, NotFound
+from runtime.errors import FieldViolation, InvalidArgument, NotFound
 from services.gifting import storage
 
 
@@ -59,6 +59,8 @@ def credit_request_id(sent_gift_id: str) -> str:
     return f"gift:{sent_gift_id}"
 
 
+MAX_COINS_PER_SEND = 1_000_000_000
+"""The most coins one SendGift may move: the wallet's DebitCoins bound."""
 STREAK_BELOW_COINS = 100
 """Gifts cheaper than this form streaks (combos) when tapped repeatedly."""
 
@@ -94,6 +96,18 @@ class Gifting:
         gift = await storage.get_gift(conn, gift_id)
         if gift is None or not gift.active:
             raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id)
+        if gift.coins * count > MAX_COINS_PER_SEND:
+            raise InvalidArgument(
+                "GIFT_TOO_LARGE",
+                f"{count} x {gift_id} is {gift.coins * count} coins; one send may move at most "
+                f"{MAX_COINS_PER_SEND}",
+                violations=(
+                    FieldViolation(
+                        "count", f"at most {MAX_COINS_PER_SEND // gift.coins} of this gift"
+                    ),
+                ),
+                max_count=MAX_COINS_PER_SEND // gift.coins,
+            )
         sent_gift_id = uuid.uuid4().hex
         await storage.insert_sent_gift(
             conn,

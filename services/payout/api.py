@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -10,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
 from runtime.errors import NotFound
-from runtime.pagination import decode_token, encode_token, page_size
+from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
 from services.payout import policy, storage
@@ -154,13 +153,13 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     ) -> payout_pb2.ListWithdrawalsResponse:
         size = page_size(request.page_size)
         kind = f"withdrawals:{request.creator_id}"
-        before = decode_token(request.page_token, kind, 2)
+        before = decode_token(request.page_token, kind, instant, text)
         async with self._db.read() as conn:
             rows = await storage.list_withdrawals(
                 conn,
                 request.creator_id,
                 limit=size + 1,
-                before=(dt.datetime.fromisoformat(before[0]), str(before[1])) if before else None,
+                before=(before[0], before[1]) if before else None,
             )
         token = ""
         if len(rows) > size:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
 from runtime.clients import downstream_timeout
 from runtime.errors import Aborted, DomainError, NotFound
-from runtime.pagination import decode_token, encode_token, page_size
+from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, timestamp
 from runtime.server import Runtime
 from services.promotion import storage
@@ -138,13 +136,13 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
     ) -> promotion_pb2.ListPromotionsResponse:
         size = page_size(request.page_size)
         kind = f"promotions:{request.user_id}"
-        before = decode_token(request.page_token, kind, 2)
+        before = decode_token(request.page_token, kind, instant, text)
         async with self._db.read() as conn:
             rows = await storage.list_promotions(
                 conn,
                 request.user_id,
                 limit=size + 1,
-                before=(dt.datetime.fromisoformat(before[0]), str(before[1])) if before else None,
+                before=(before[0], before[1]) if before else None,
             )
         token = ""
         if len(rows) > size:

@@ -12,7 +12,7 @@ from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
 from runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument
-from runtime.pagination import decode_token, encode_token, page_size
+from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
 from services.wallet import storage
@@ -188,7 +188,9 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
     ) -> wallet_pb2.ListCoinPackagesResponse:
         size = page_size(request.page_size)
         channel = _CHANNELS[request.channel]
-        after = decode_token(request.page_token, f"packages:{request.user_id}:{channel}", 2)
+        after = decode_token(
+            request.page_token, f"packages:{request.user_id}:{channel}", int64, text
+        )
         async with self._db.read() as conn:
             account = await self._wallet.account(conn, request.user_id)
             packages = await storage.list_packages(
@@ -196,7 +198,7 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
                 account.country_code,
                 channel,
                 limit=size + 1,
-                after=(int(after[0]), str(after[1])) if after else None,
+                after=(after[0], after[1]) if after else None,
             )
         token = ""
         if len(packages) > size:
@@ -297,14 +299,14 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
     ) -> wallet_pb2.ListLedgerEntriesResponse:
         size = page_size(request.page_size)
         kind = f"ledger:{request.user_id}"
-        before = decode_token(request.page_token, kind, 1)
+        before = decode_token(request.page_token, kind, int64)
         async with self._db.read() as conn:
             await self._wallet.account(conn, request.user_id)
             rows = await self._wallet.ledger.history(
                 conn,
                 user_account(request.user_id),
                 limit=size + 1,
-                before_entry_id=int(before[0]) if before else None,
+                before_entry_id=before[0] if before else None,
             )
         token = encode_token(kind, rows[size - 1].entry_id) if len(rows) > size else ""
         return wallet_pb2.ListLedgerEntriesResponse(

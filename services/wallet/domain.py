@@ -103,15 +103,6 @@ class Wallet:
                 "birth_date is in the future",
                 violations=(FieldViolation("birth_date", "must not be in the future"),),
             )
-        existing = await storage.get_account(conn, user_id)
-        if existing is not None:
-            if (existing.country_code, existing.birth_date) == (country_code, birth_date):
-                return existing
-            raise AlreadyExists(
-                "ACCOUNT_EXISTS",
-                f"user {user_id} already has an account with other details",
-                user_id=user_id,
-            )
         account = storage.AccountRecord(
             user_id=user_id,
             country_code=country_code,
@@ -119,9 +110,19 @@ class Wallet:
             birth_date=birth_date,
             created_at=now,
         )
-        await storage.insert_account(conn, account)
-        await self.ledger.open_account(conn, user_account(user_id))
-        return account
+        # Insert-or-nothing, then compare: two concurrent opens of one user cannot both insert.
+        if await storage.insert_account(conn, account):
+            await self.ledger.open_account(conn, user_account(user_id))
+            return account
+        existing = await storage.get_account(conn, user_id)
+        assert existing is not None
+        if (existing.country_code, existing.birth_date) == (country_code, birth_date):
+            return existing
+        raise AlreadyExists(
+            "ACCOUNT_EXISTS",
+            f"user {user_id} already has an account with other details",
+            user_id=user_id,
+        )
 
     async def account(self, conn: AsyncConnection, user_id: str) -> storage.AccountRecord:
         account = await storage.get_account(conn, user_id)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.db import upsert
@@ -107,8 +108,13 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-async def insert_account(conn: AsyncConnection, account: AccountRecord) -> None:
-    await conn.execute(wallet_accounts.insert().values(**account.__dict__))
+async def insert_account(conn: AsyncConnection, account: AccountRecord) -> bool:
+    """Insert unless the user has an account already (a concurrent open); True if inserted."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(
+        wallet_accounts
+    )
+    result = await conn.execute(insert.values(**account.__dict__).on_conflict_do_nothing())
+    return result.rowcount == 1
 
 
 async def get_account(conn: AsyncConnection, user_id: str) -> AccountRecord | None:
