@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from coins.common.v1 import admin_audit_pb2, money_pb2
+from coins.common.v1 import admin_audit_pb2, ledger_audit_pb2, money_pb2
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
@@ -59,6 +59,7 @@ GIFTING = gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name
 PAYOUT = payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name
 PROMOTION = promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name
 ADMIN_AUDIT = admin_audit_pb2.DESCRIPTOR.services_by_name["AdminAuditService"].full_name
+LEDGER_AUDIT = ledger_audit_pb2.DESCRIPTOR.services_by_name["LedgerAuditService"].full_name
 
 SAMPLES: dict[str, Entry] = {}
 """Method path (`/coins.wallet.v1.WalletService/GetBalance`) -> how to build its sample."""
@@ -406,6 +407,11 @@ async def _list_promotions(suite: Suite) -> Sample:
 
 
 # ------------------------------------------------------------------------- admin audit (every service)
+
+
+@sample(LEDGER_AUDIT, "AuditLedger")
+async def _audit_ledger(suite: Suite) -> Sample:
+    return Sample(ledger_audit_pb2.AuditLedgerRequest(), new_id("admin"), admin=True)
 
 
 @sample(ADMIN_AUDIT, "ListAdminActions")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger import Ledger
+from ledger import api as ledger_api
 from runtime.server import Runtime, ServiceSpec
 from services.payout.api import ACCESS, PayoutApi
 from services.payout.domain import Payouts
@@ -19,6 +20,7 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
         runtime, payouts, SandboxProcessor(runtime.settings.processor_latency_ms)
     )
     runtime.add_worker(worker.run)
+    ledger_api.serve_ledger_audit(runtime, payouts.ledger)
     payout_pb2_grpc.add_PayoutServiceServicer_to_server(
         PayoutApi(runtime, payouts, worker.wake.set), runtime.server
     )
@@ -28,8 +30,11 @@ SPEC = ServiceSpec(
     name="payout",
     settings_type=PayoutSettings,
     error_domain="payout.coins",
-    grpc_services=(payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name,),
+    grpc_services=(
+        payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name,
+        ledger_api.FULL_NAME,
+    ),
     migrations_dir=Path(__file__).parent / "migrations",
     setup=setup,
-    access=ACCESS,
+    access={**ACCESS, **ledger_api.ACCESS},
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from ledger import Ledger
+from ledger import api as ledger_api
 from runtime.server import Runtime, ServiceSpec
 from services.wallet.api import ACCESS, WalletApi
 from services.wallet.domain import Wallet
@@ -27,6 +28,7 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
                 await asyncio.sleep(runtime.settings.hold_sweep_seconds)
 
     runtime.add_worker(expire_holds)
+    ledger_api.serve_ledger_audit(runtime, wallet.ledger)
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(
         WalletApi(runtime, wallet, payments), runtime.server
     )
@@ -36,8 +38,11 @@ SPEC = ServiceSpec(
     name="wallet",
     settings_type=WalletSettings,
     error_domain="wallet.coins",
-    grpc_services=(wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,),
+    grpc_services=(
+        wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
+        ledger_api.FULL_NAME,
+    ),
     migrations_dir=Path(__file__).parent / "migrations",
     setup=setup,
-    access=ACCESS,
+    access={**ACCESS, **ledger_api.ACCESS},
 )

@@ -1,0 +1,62 @@
+"""coins.common.v1.LedgerAuditService: the ledger's audit over gRPC, for every service that keeps one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
+from ledger.book import Ledger
+from runtime.access import Access, method_rules
+from runtime.db import Database
+from runtime.protos import RpcContext
+from runtime.server import Runtime
+
+FULL_NAME = ledger_audit_pb2.DESCRIPTOR.services_by_name["LedgerAuditService"].full_name
+ACCESS = method_rules(FULL_NAME, {"AuditLedger": Access.admin_only()})
+
+
+class LedgerAuditApi(ledger_audit_pb2_grpc.LedgerAuditServiceServicer):
+    def __init__(self, db: Database, ledger: Ledger) -> None:
+        self._db, self._ledger = db, ledger
+
+    async def AuditLedger(
+        self, request: ledger_audit_pb2.AuditLedgerRequest, context: RpcContext
+    ) -> ledger_audit_pb2.AuditLedgerResponse:
+        async with self._db.read() as conn:
+            report = await self._ledger.audit(conn)
+
+        def differences(
+            found: dict[str, tuple[int, int]],
+        ) -> list[ledger_audit_pb2.AccountDifference]:
+            return [
+                ledger_audit_pb2.AccountDifference(account_id=a, kept=k, recomputed=r)
+                for a, (k, r) in sorted(found.items())
+            ]
+
+        return ledger_audit_pb2.AuditLedgerResponse(
+            ok=report.ok,
+            accounts_checked=report.accounts_checked,
+            transactions_checked=report.transactions_checked,
+            total=report.total,
+            balance_differences=differences(report.mismatches),
+            held_differences=differences(report.held_mismatches),
+            negative_balances=[
+                ledger_audit_pb2.AccountDifference(account_id=a, kept=b, recomputed=b)
+                for a, b in sorted(report.negative.items())
+            ],
+            bad_transactions=[
+                ledger_audit_pb2.Finding(id=i, problem=p)
+                for i, p in sorted(report.bad_transactions.items())
+            ],
+            broken_chains=[
+                ledger_audit_pb2.Finding(id=i, problem=p)
+                for i, p in sorted(report.broken_chains.items())
+            ],
+        )
+
+
+def serve_ledger_audit(runtime: Runtime[Any], ledger: Ledger) -> None:
+    """Add the ledger audit to a service's server (list FULL_NAME and ACCESS in its ServiceSpec)."""
+    ledger_audit_pb2_grpc.add_LedgerAuditServiceServicer_to_server(
+        LedgerAuditApi(runtime.db, ledger), runtime.server
+    )
