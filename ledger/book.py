@@ -316,8 +316,13 @@ class Ledger:
         *,
         limit: int,
         before_entry_id: int | None = None,
+        kinds: Sequence[str] = (),
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
     ) -> Sequence[Row[tuple[int, str, str, int, int | None, str, object]]]:
-        """An account's entries, newest first, with their transaction's kind and reference."""
+        """An account's entries, newest first, with their transaction's kind and reference;
+        optionally only of `kinds`, and created in [since, until). Walks the (account_id, entry_id)
+        index backwards, so a page costs what it returns (plus what the filters skip)."""
         query = (
             select(
                 entries.c.entry_id,
@@ -335,6 +340,12 @@ class Ledger:
         )
         if before_entry_id is not None:
             query = query.where(entries.c.entry_id < before_entry_id)
+        if kinds:
+            query = query.where(transactions.c.kind.in_(list(kinds)))
+        if since is not None:
+            query = query.where(entries.c.created_at >= _utc(since))
+        if until is not None:
+            query = query.where(entries.c.created_at < _utc(until))
         return (await conn.execute(query)).all()
 
     async def audit(self, conn: AsyncConnection) -> AuditReport:

@@ -31,7 +31,11 @@ _ENTRY_KINDS = {
     "purchase": wallet_pb2.ENTRY_KIND_PURCHASE,
     "gift": wallet_pb2.ENTRY_KIND_GIFT,
     "promotion": wallet_pb2.ENTRY_KIND_PROMOTION,
+    "refund": wallet_pb2.ENTRY_KIND_REFUND,
+    "chargeback": wallet_pb2.ENTRY_KIND_CHARGEBACK,
+    "debt_settlement": wallet_pb2.ENTRY_KIND_DEBT_SETTLEMENT,
 }
+_KIND_NAMES = {value: name for name, value in _ENTRY_KINDS.items()}
 _PURCHASE_STATUS = {
     "pending": wallet_pb2.PURCHASE_STATUS_PENDING,
     "completed": wallet_pb2.PURCHASE_STATUS_COMPLETED,
@@ -298,7 +302,11 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
         self, request: wallet_pb2.ListLedgerEntriesRequest, context: RpcContext
     ) -> wallet_pb2.ListLedgerEntriesResponse:
         size = page_size(request.page_size)
-        kind = f"ledger:{request.user_id}"
+        kinds = sorted(_KIND_NAMES[k] for k in request.kinds)
+        since = request.start_time.ToDatetime(dt.UTC) if request.HasField("start_time") else None
+        until = request.end_time.ToDatetime(dt.UTC) if request.HasField("end_time") else None
+        # The filters are part of the token's kind: a token only continues the listing it came from.
+        kind = f"ledger:{request.user_id}:{','.join(kinds)}:{since}:{until}"
         before = decode_token(request.page_token, kind, int64)
         async with self._db.read() as conn:
             await self._wallet.account(conn, request.user_id)
@@ -307,6 +315,9 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
                 user_account(request.user_id),
                 limit=size + 1,
                 before_entry_id=before[0] if before else None,
+                kinds=kinds,
+                since=since,
+                until=until,
             )
         token = encode_token(kind, rows[size - 1].entry_id) if len(rows) > size else ""
         return wallet_pb2.ListLedgerEntriesResponse(

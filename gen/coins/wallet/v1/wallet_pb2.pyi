@@ -87,6 +87,12 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     """Coins spent on a gift."""
     ENTRY_KIND_PROMOTION: _EntryKind.ValueType  # 3
     """Coins spent on a promotion."""
+    ENTRY_KIND_REFUND: _EntryKind.ValueType  # 4
+    """Coins taken back because the payment was refunded."""
+    ENTRY_KIND_CHARGEBACK: _EntryKind.ValueType  # 5
+    """Coins taken back because the payment was charged back by the card holder's bank."""
+    ENTRY_KIND_DEBT_SETTLEMENT: _EntryKind.ValueType  # 6
+    """A later purchase's coins paying off a clawback debt."""
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
     """The kind of movement a ledger entry belongs to."""
@@ -99,6 +105,12 @@ ENTRY_KIND_GIFT: EntryKind.ValueType  # 2
 """Coins spent on a gift."""
 ENTRY_KIND_PROMOTION: EntryKind.ValueType  # 3
 """Coins spent on a promotion."""
+ENTRY_KIND_REFUND: EntryKind.ValueType  # 4
+"""Coins taken back because the payment was refunded."""
+ENTRY_KIND_CHARGEBACK: EntryKind.ValueType  # 5
+"""Coins taken back because the payment was charged back by the card holder's bank."""
+ENTRY_KIND_DEBT_SETTLEMENT: EntryKind.ValueType  # 6
+"""A later purchase's coins paying off a clawback debt."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
 class _PurchaseStatus:
@@ -720,22 +732,40 @@ class ListLedgerEntriesRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The account's user."""
     page_size: _builtins.int
     """Maximum entries to return; 0 means the default of 50."""
     page_token: _builtins.str
-    """The next_page_token of a previous response, to continue a listing."""
+    """The next_page_token of a previous response, to continue a listing (with the same filters)."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EntryKind.ValueType]:
+        """Only entries of these kinds; empty: every kind."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only entries at or after this time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only entries before this time."""
+
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        kinds: _abc.Iterable[Global___EntryKind.ValueType] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,91 @@
+"""Ledger history: newest first, each entry with the balance after it, filterable by kind and time,
+paged with tokens that only continue the listing they came from."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coins.wallet.v1 import wallet_pb2
+from tests.helpers import expect_error, funded_user, new_id
+from tests.suite import Suite
+
+
+async def debit(
+    suite: Suite, user: str, coins: int, reason: wallet_pb2.DebitReason.ValueType
+) -> None:
+    await suite.as_caller("gifting").wallet.DebitCoins(
+        wallet_pb2.DebitCoinsRequest(
+            request_id=new_id("d"), user_id=user, coins=coins, reason=reason, reference=new_id()
+        )
+    )
+
+
+def at(moment: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+async def test_history_filters_by_kind_and_time_and_pages(suite: Suite) -> None:
+    user, coins = await funded_user(suite)  # a purchase
+    for n in range(1, 6):
+        await debit(suite, user, n, wallet_pb2.DEBIT_REASON_GIFT)
+    await debit(suite, user, 50, wallet_pb2.DEBIT_REASON_PROMOTION)
+
+    everything = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.amount for e in everything.entries] == [-50, -5, -4, -3, -2, -1, coins]
+    assert [e.balance_after for e in everything.entries][:2] == [coins - 65, coins - 15]
+
+    gifts = wallet_pb2.ListLedgerEntriesRequest(
+        user_id=user, kinds=[wallet_pb2.ENTRY_KIND_GIFT], page_size=2
+    )
+    first = await suite.wallet.ListLedgerEntries(gifts)
+    assert [e.amount for e in first.entries] == [-5, -4]
+    gifts.page_token = first.next_page_token
+    second = await suite.wallet.ListLedgerEntries(gifts)
+    assert [e.amount for e in second.entries] == [-3, -2]
+    assert {e.kind for e in first.entries} == {wallet_pb2.ENTRY_KIND_GIFT}
+
+    # A token continues only the listing it came from.
+    await expect_error(
+        suite.wallet.ListLedgerEntries(
+            wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_token=first.next_page_token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+
+    now = dt.datetime.now(dt.UTC)
+    later = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(
+            user_id=user, start_time=at(now + dt.timedelta(minutes=1))
+        )
+    )
+    assert list(later.entries) == []
+    window = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(
+            user_id=user,
+            start_time=at(now - dt.timedelta(minutes=5)),
+            end_time=at(now + dt.timedelta(minutes=1)),
+            kinds=[wallet_pb2.ENTRY_KIND_PURCHASE, wallet_pb2.ENTRY_KIND_PROMOTION],
+        )
+    )
+    assert [e.amount for e in window.entries] == [-50, coins]
+
+
+async def test_unknown_or_repeated_kinds_are_refused(suite: Suite) -> None:
+    user, _ = await funded_user(suite)
+    await expect_error(
+        suite.wallet.ListLedgerEntries(
+            wallet_pb2.ListLedgerEntriesRequest(
+                user_id=user, kinds=[wallet_pb2.ENTRY_KIND_GIFT, wallet_pb2.ENTRY_KIND_GIFT]
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
