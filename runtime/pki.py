@@ -28,8 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SERVICE_IDENTITIES = ("wallet", "gifting", "payout", "promotion")
-CALLER_IDENTITIES = ("gateway", "admin-console")
-"""Platform callers of the user-facing RPCs: the API gateway (and coinsctl, which plays it locally)."""
+CALLER_IDENTITIES = ("gateway", "admin-console", "ad-delivery", "payment-webhooks")
+"""Platform callers: the API gateway (coinsctl plays it locally) and the admin console carry users'
+requests; ad delivery reports promotions' delivery; the payment webhook receiver relays the payment
+provider's events (refunds, chargebacks)."""
 DEV_KEY_ID = "dev-1"
 _VALIDITY = dt.timedelta(days=825)
 
