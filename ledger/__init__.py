@@ -21,12 +21,14 @@ from ledger.schema import (
     accounts,
     create_ledger_tables_v1,
     downgrade_ledger_tables_v3,
+    downgrade_ledger_tables_v4,
     entries,
     holds,
     metadata,
     transactions,
     upgrade_ledger_tables_v2,
     upgrade_ledger_tables_v3,
+    upgrade_ledger_tables_v4,
 )
 
 __all__ = [
@@ -40,10 +42,12 @@ __all__ = [
     "accounts",
     "create_ledger_tables_v1",
     "downgrade_ledger_tables_v3",
+    "downgrade_ledger_tables_v4",
     "entries",
     "holds",
     "metadata",
     "transactions",
     "upgrade_ledger_tables_v2",
     "upgrade_ledger_tables_v3",
+    "upgrade_ledger_tables_v4",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from sqlalchemy import Row, func, literal, or_, select, update
+from sqlalchemy import Row, and_, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -31,6 +31,8 @@ class Posting:
 
     account_id: str
     amount: int
+    forced: bool = False
+    """A clawback: may take from a frozen account (never below what it may hold, all the same)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,14 @@ def insufficient(
         available=balance - held,
         required=required,
         unit=unit,
+    )
+
+
+def frozen(account_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "ACCOUNT_FROZEN",
+        f"account {account_id} is frozen until its clawback debt is paid off",
+        account_id=account_id,
     )
 
 
@@ -249,7 +259,10 @@ class Ledger:
         amount = posting.amount
         # A debit may spend only what active holds leave available (balance - held).
         guard = (
-            or_(accounts.c.allow_negative, accounts.c.balance - accounts.c.held >= -amount)
+            and_(
+                or_(accounts.c.allow_negative, accounts.c.balance - accounts.c.held >= -amount),
+                or_(literal(posting.forced), accounts.c.frozen.is_(False)),
+            )
             if amount < 0
             else accounts.c.balance <= MAX_BALANCE - amount
         )
@@ -267,9 +280,9 @@ class Ledger:
             return _Link(int(row.balance), int(row.seq), str(row.head_hash), int(row.held))
         found = (
             await conn.execute(
-                select(accounts.c.balance, accounts.c.held, accounts.c.keeps_balance).where(
-                    accounts.c.account_id == posting.account_id
-                )
+                select(
+                    accounts.c.balance, accounts.c.held, accounts.c.keeps_balance, accounts.c.frozen
+                ).where(accounts.c.account_id == posting.account_id)
             )
         ).first()
         if found is None:
@@ -287,6 +300,8 @@ class Ledger:
                 f"account {posting.account_id} cannot hold more {self.unit}",
                 account_id=posting.account_id,
             )
+        if found.frozen and not posting.forced:
+            raise frozen(posting.account_id)
         raise insufficient(
             self.unit, posting.account_id, int(found.balance), int(found.held), -amount
         )
@@ -297,6 +312,17 @@ class Ledger:
             select(accounts.c.balance).where(accounts.c.account_id == account_id)
         )
         return None if value is None else int(value)
+
+    async def is_frozen(self, conn: AsyncConnection, account_id: str) -> bool:
+        return bool(
+            await conn.scalar(select(accounts.c.frozen).where(accounts.c.account_id == account_id))
+        )
+
+    async def set_frozen(self, conn: AsyncConnection, account_id: str, value: bool) -> None:
+        """Freeze (no debits, no holds) or thaw an account."""
+        await conn.execute(
+            update(accounts).where(accounts.c.account_id == account_id).values(frozen=value)
+        )
 
     async def available(self, conn: AsyncConnection, account_id: str) -> tuple[int, int] | None:
         """(balance, available = balance - active holds) of an account, None if there is none."""

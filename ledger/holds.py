@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import Row, and_, case, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger.book import Ledger, Posted, Posting, insufficient
+from ledger.book import Ledger, Posted, Posting, frozen, insufficient
 from ledger.schema import accounts, holds
 from runtime.errors import FailedPrecondition, NotFound, PermissionDenied
 
@@ -78,6 +78,7 @@ class Holds:
             .where(
                 accounts.c.account_id == account_id,
                 accounts.c.keeps_balance,
+                accounts.c.frozen.is_(False),
                 accounts.c.balance - accounts.c.held >= amount,
             )
             .values(held=accounts.c.held + literal(amount))
@@ -90,6 +91,8 @@ class Holds:
                     f"account {account_id} does not exist",
                     account_id=account_id,
                 )
+            if await self._ledger.is_frozen(conn, account_id):
+                raise frozen(account_id)
             balance, available = found
             raise insufficient(self._ledger.unit, account_id, balance, balance - available, amount)
         now = self._clock.now()
@@ -179,7 +182,11 @@ class Holds:
         await self._unreserve(conn, hold.account_id, amount)
         posted = await self._ledger.post(
             conn,
-            [Posting(hold.account_id, -amount), Posting(hold.counter_account_id, amount)],
+            # Forced: reserved coins stay capturable even if the account was frozen since.
+            [
+                Posting(hold.account_id, -amount, forced=True),
+                Posting(hold.counter_account_id, amount),
+            ],
             kind=hold.kind,
             reference=hold.reference,
             request_id=request_id,

@@ -120,6 +120,13 @@ def _holds_columns() -> list[Column[Any]]:
     ]
 
 
+# Version 4: frozen accounts (an account in clawback debt may not spend).
+
+
+def _accounts_freeze_columns() -> list[Column[Any]]:
+    return [Column("frozen", Boolean, nullable=False, server_default=sa.false())]
+
+
 _BALANCE_RULE = "allow_negative OR balance >= 0"
 _HOLD_RULES = ("amount > 0", "captured >= 0 AND captured <= amount")
 
@@ -129,6 +136,7 @@ accounts = Table(
     *_accounts_columns(),
     *_accounts_chain_columns(),
     *_accounts_hold_columns(),
+    *_accounts_freeze_columns(),
     CheckConstraint(_BALANCE_RULE),
 )
 holds = Table(
@@ -334,3 +342,15 @@ def upgrade_ledger_tables_v3(op: Operations) -> None:
 def downgrade_ledger_tables_v3(op: Operations) -> None:
     op.drop_table("ledger_holds")
     op.drop_column("ledger_accounts", "held")
+
+
+def upgrade_ledger_tables_v4(op: Operations) -> None:
+    """Frozen DDL of the ledger's fourth version (frozen accounts), for a service's migration 0005.
+    A plain ADD COLUMN (no table copy: other tables' foreign keys point at this one)."""
+    with op.batch_alter_table("ledger_accounts", recreate="never") as batch:
+        for column in _accounts_freeze_columns():
+            batch.add_column(column)
+
+
+def downgrade_ledger_tables_v4(op: Operations) -> None:
+    op.drop_column("ledger_accounts", "frozen")

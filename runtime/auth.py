@@ -75,6 +75,11 @@ def current_principal() -> Principal:
     return principal
 
 
+def principal_or_none() -> Principal | None:
+    """The principal of the RPC being served, None outside one (background work)."""
+    return _current.get()
+
+
 def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
     return _current.set(principal)
 

@@ -69,6 +69,8 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     downstream_timeout_seconds: float = 5.0
     """Deadline for a call to another service when the incoming call carries none."""
+    idempotency_retention_hours: float = Field(default=48.0, ge=24.0)
+    """How long answered request ids are remembered (a retry within it never acts twice)."""
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     def resolved_database_url(self) -> str:

@@ -30,12 +30,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.auth import principal_or_none
 from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import AlreadyExists, DomainError
@@ -82,6 +84,13 @@ def fingerprint(request: Message) -> str:
 R = TypeVar("R", bound=Message)
 
 
+def _scoped(scope: str) -> str:
+    """Request ids are the calling service's: two services' ids never collide, even when equal.
+    (Scopes name the user where a user is concerned; work a service does on its own has no caller.)"""
+    principal = principal_or_none()
+    return f"{principal.service}|{scope}" if principal is not None else scope
+
+
 def _request_id(request: Message) -> str:
     value = getattr(request, "request_id", None)
     if not isinstance(value, str):
@@ -124,6 +133,7 @@ class Idempotency:
         request: Message,
         resource_id: str | None = None,
     ) -> Claim:
+        scope = _scoped(scope)
         request_id: str = _request_id(request)
         print_ = fingerprint(request)
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
@@ -167,6 +177,7 @@ class Idempotency:
         response: Message | None = None,
         error: DomainError | None = None,
     ) -> None:
+        scope = _scoped(scope)
         await conn.execute(
             update(idempotency_keys)
             .where(
@@ -178,6 +189,30 @@ class Idempotency:
                 error=error.to_json() if error is not None else None,
             )
         )
+
+    async def purge(self, older_than: dt.timedelta, *, limit: int = 5_000) -> int:
+        """Forget answered request ids older than `older_than` (at most `limit` at a time); ids still
+        in progress are kept, so an unfinished operation can always be resumed."""
+        cutoff = self._clock.now() - older_than
+        async with self._db.transaction() as conn:
+            old = (
+                select(idempotency_keys.c.scope, idempotency_keys.c.request_id)
+                .where(
+                    idempotency_keys.c.created_at < cutoff,
+                    (idempotency_keys.c.response.is_not(None))
+                    | (idempotency_keys.c.error.is_not(None)),
+                )
+                .limit(limit)
+            )
+            keys = (await conn.execute(old)).all()
+            for scope, request_id in keys:
+                await conn.execute(
+                    delete(idempotency_keys).where(
+                        idempotency_keys.c.scope == scope,
+                        idempotency_keys.c.request_id == request_id,
+                    )
+                )
+        return len(keys)
 
     async def record_error(self, scope: str, request: Message, error: DomainError) -> None:
         """Store a business error as the request's answer, unless the request already has one."""
@@ -233,7 +268,7 @@ class Idempotency:
                 await conn.execute(
                     update(idempotency_keys)
                     .where(
-                        idempotency_keys.c.scope == scope,
+                        idempotency_keys.c.scope == _scoped(scope),
                         idempotency_keys.c.request_id == _request_id(request),
                     )
                     .values(resource_id=resource_id)
@@ -243,13 +278,3 @@ class Idempotency:
             if error.reason != "REQUEST_ID_REUSED":
                 await self.record_error(scope, request, error)
             raise
-
-    async def expire(self, older_than: dt.timedelta) -> int:
-        """Forget keys older than the retention period (at least 24 hours)."""
-        async with self._db.transaction() as conn:
-            result = await conn.execute(
-                idempotency_keys.delete().where(
-                    idempotency_keys.c.created_at < self._clock.now() - older_than
-                )
-            )
-            return result.rowcount

@@ -23,3 +23,20 @@ def timestamp(value: dt.datetime) -> Timestamp:
 
 def money(currency_code: str, amount_minor: int) -> money_pb2.Money:
     return money_pb2.Money(currency_code=currency_code, amount_minor=amount_minor)
+
+
+def to_datetime(value: Timestamp, field: str) -> dt.datetime:
+    """A request's Timestamp as an aware UTC datetime; INVALID_ARGUMENT if it is not a valid time."""
+    from runtime.errors import FieldViolation, InvalidArgument
+
+    try:
+        if not 0 <= value.nanos < 1_000_000_000:
+            raise ValueError(value.nanos)
+        return value.ToDatetime(dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument(
+            "INVALID_REQUEST",
+            f"the request has invalid fields: {field}",
+            violations=(FieldViolation(field, "not a valid timestamp"),),
+            fields=field,
+        ) from None

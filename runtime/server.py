@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -123,6 +124,17 @@ class RunningService(Generic[S]):
         rt.tracer_provider.force_flush()
 
 
+def _purge_request_ids(runtime: Runtime[S]) -> Callable[[], Awaitable[None]]:
+    async def purge_request_ids() -> None:
+        """Forget answered request ids past their retention, hourly (in batches)."""
+        retention = dt.timedelta(hours=runtime.settings.idempotency_retention_hours)
+        while True:
+            if await runtime.idempotency.purge(retention) < 5_000:
+                await asyncio.sleep(3600)
+
+    return purge_request_ids
+
+
 async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
     """Keep a worker alive: a crash is logged and the worker restarts after a pause."""
     while True:
@@ -206,6 +218,7 @@ async def start_service(
     )
     runtime = Runtime(settings, server, db, provider, clock)
     await spec.setup(runtime)
+    runtime.add_worker(_purge_request_ids(runtime))
     admin_audit_pb2_grpc.add_AdminAuditServiceServicer_to_server(AdminAuditApi(audit), server)
     names = (*spec.grpc_services, AdminAuditApi.FULL_NAME)
     _check_access(spec.name, names, access)

@@ -273,6 +273,26 @@ async def _get_hold(suite: Suite) -> Sample:
     return Sample(wallet_pb2.GetHoldRequest(hold_id=await placed_hold(suite)), None)
 
 
+@sample(WALLET, "RecordPaymentEvent")
+async def _record_payment_event(suite: Suite) -> Sample:
+    user = new_id("buyer")
+    await open_account(suite, user)
+    bought = await suite.wallet.PurchaseCoins(
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=new_id("buy"),
+            user_id=user,
+            package_id="us-web-700",
+            payment_token="tok_visa",
+        )
+    )
+    request = wallet_pb2.RecordPaymentEventRequest(
+        request_id=new_id("evt"),
+        type=wallet_pb2.PAYMENT_EVENT_TYPE_REFUND,
+        provider_transaction_id=bought.purchase.provider_transaction_id,
+    )
+    return Sample(request, None, mutates=True)
+
+
 @sample(WALLET, "SetCoinPackage")
 async def _set_coin_package(suite: Suite) -> Sample:
     request = wallet_pb2.SetCoinPackageRequest(

@@ -51,6 +51,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -954,6 +955,13 @@ async def _books(db: Database) -> Books:
     )
 
 
+def _unscoped(key: Any) -> SimpleNamespace:
+    """A key row with its scope as the service wrote it: stored scopes start with the calling
+    service (`gateway|PurchaseCoins:<user>`), which the checks below do not need."""
+    caller, bar, scope = key.scope.partition("|")
+    return SimpleNamespace(**{**key._asdict(), "scope": scope if bar else caller})
+
+
 def _answer(key: Any) -> str:
     """How a request id ended: "ok" (a stored response), "refused" (a stored error), or "open"."""
     if key.response is not None:
@@ -1013,7 +1021,10 @@ async def wait_until_idle(suite: Suite, seconds: float = 20.0) -> None:
 async def snapshot(suite: Suite) -> Snapshot:
     db = {name: running.runtime.db for name, running in suite.services.items()}
     boards = await _rows(db["gifting"], sa.select(live_gifters))
-    keys = {name: await _rows(db[name], sa.select(idempotency_keys)) for name in db}
+    keys = {
+        name: [_unscoped(row) for row in await _rows(db[name], sa.select(idempotency_keys))]
+        for name in db
+    }
     return Snapshot(
         wallet=await _books(db["wallet"]),
         payout=await _books(db["payout"]),

@@ -2,104 +2,34 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 
-from google.type import date_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
-from runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument
+from runtime.errors import Aborted, FailedPrecondition
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
-from runtime.protos import RpcContext, money, timestamp
+from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
 from services.wallet import storage
 from services.wallet.api_holds import HoldRpcs
-from services.wallet.domain import Wallet, user_account
+from services.wallet.api_payments import PaymentEventRpcs
+from services.wallet.convert import (
+    CHANNELS,
+    DEBIT_REASONS,
+    ENTRY_KINDS,
+    KIND_NAMES,
+    account_pb,
+    balance_pb,
+    package_pb,
+    purchase_pb,
+    to_date,
+)
+from services.wallet.domain import Coins, Wallet, user_account
 from services.wallet.payments import PaymentProvider
 from services.wallet.settings import WalletSettings
-
-_CHANNELS = {wallet_pb2.CHANNEL_IN_APP: "in_app", wallet_pb2.CHANNEL_WEB: "web"}
-_CHANNEL_ENUM = {name: value for value, name in _CHANNELS.items()}
-_DEBIT_REASONS = {
-    wallet_pb2.DEBIT_REASON_GIFT: "gift",
-    wallet_pb2.DEBIT_REASON_PROMOTION: "promotion",
-}
-_ENTRY_KINDS = {
-    "purchase": wallet_pb2.ENTRY_KIND_PURCHASE,
-    "gift": wallet_pb2.ENTRY_KIND_GIFT,
-    "promotion": wallet_pb2.ENTRY_KIND_PROMOTION,
-    "refund": wallet_pb2.ENTRY_KIND_REFUND,
-    "chargeback": wallet_pb2.ENTRY_KIND_CHARGEBACK,
-    "debt_settlement": wallet_pb2.ENTRY_KIND_DEBT_SETTLEMENT,
-}
-_KIND_NAMES = {value: name for name, value in _ENTRY_KINDS.items()}
-_PURCHASE_STATUS = {
-    "pending": wallet_pb2.PURCHASE_STATUS_PENDING,
-    "completed": wallet_pb2.PURCHASE_STATUS_COMPLETED,
-    "failed": wallet_pb2.PURCHASE_STATUS_FAILED,
-}
-
-
-def _to_date(value: date_pb2.Date) -> dt.date:
-    try:
-        return dt.date(value.year, value.month, value.day)
-    except ValueError:
-        raise InvalidArgument(
-            "INVALID_REQUEST",
-            "birth_date is not a calendar date",
-            violations=(FieldViolation("birth_date", "not a valid calendar date"),),
-        ) from None
-
-
-def _account_pb(account: storage.AccountRecord, balance: tuple[int, int]) -> wallet_pb2.Account:
-    return wallet_pb2.Account(
-        user_id=account.user_id,
-        country_code=account.country_code,
-        currency_code=account.currency_code,
-        birth_date=date_pb2.Date(
-            year=account.birth_date.year,
-            month=account.birth_date.month,
-            day=account.birth_date.day,
-        ),
-        balance=_balance(balance),
-        create_time=timestamp(account.created_at),
-    )
-
-
-def _package_pb(package: storage.PackageRecord) -> wallet_pb2.CoinPackage:
-    return wallet_pb2.CoinPackage(
-        package_id=package.package_id,
-        coins=package.coins,
-        price=money(package.currency_code, package.price_minor),
-        channel=_CHANNEL_ENUM[package.channel],
-        region=package.region,
-    )
-
-
-def _purchase_pb(purchase: storage.PurchaseRecord) -> wallet_pb2.Purchase:
-    return wallet_pb2.Purchase(
-        purchase_id=purchase.purchase_id,
-        user_id=purchase.user_id,
-        package=wallet_pb2.CoinPackage(
-            package_id=purchase.package_id,
-            coins=purchase.coins,
-            price=money(purchase.currency_code, purchase.price_minor),
-            channel=_CHANNEL_ENUM[purchase.channel],
-            region=purchase.region,
-        ),
-        status=_PURCHASE_STATUS[purchase.status],
-        provider_transaction_id=purchase.provider_transaction_id or "",
-        create_time=timestamp(purchase.created_at),
-    )
-
-
-def _balance(coins: tuple[int, int]) -> wallet_pb2.Balance:
-    """A Balance from (balance, available)."""
-    return wallet_pb2.Balance(coins=coins[0], available_coins=coins[1])
-
 
 ACCESS = method_rules(
     wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
@@ -116,12 +46,13 @@ ACCESS = method_rules(
         "CaptureHold": Access.internal({"promotion"}),  # only the hold's owner service, too
         "ReleaseHold": Access.internal({"promotion"}),
         "GetHold": Access.internal({"promotion"}, moves_money=False),
+        "RecordPaymentEvent": Access.internal({"payment-webhooks"}),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
 
 
-class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
+class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceServicer):
     def __init__(
         self, runtime: Runtime[WalletSettings], wallet: Wallet, payments: PaymentProvider
     ) -> None:
@@ -135,14 +66,14 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
     async def OpenAccount(
         self, request: wallet_pb2.OpenAccountRequest, context: RpcContext
     ) -> wallet_pb2.OpenAccountResponse:
-        birth_date = _to_date(request.birth_date)
+        birth_date = to_date(request.birth_date)
 
         async def effect(conn: AsyncConnection) -> wallet_pb2.OpenAccountResponse:
             account = await self._wallet.open_account(
                 conn, request.user_id, request.country_code, birth_date, self._clock.now()
             )
             balance = await self._wallet.coins(conn, account.user_id)
-            return wallet_pb2.OpenAccountResponse(account=_account_pb(account, balance))
+            return wallet_pb2.OpenAccountResponse(account=account_pb(account, balance))
 
         return await self._idempotency.once(
             f"OpenAccount:{request.user_id}", request, wallet_pb2.OpenAccountResponse, effect
@@ -155,7 +86,7 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
         package = self._wallet.price_package(
             package_id=request.package_id,
             region=request.region,
-            channel=_CHANNELS[request.channel],
+            channel=CHANNELS[request.channel],
             coins=request.coins,
             currency_code=request.price.currency_code,
             price_minor=request.price.amount_minor,
@@ -165,7 +96,7 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
         async def effect(conn: AsyncConnection) -> wallet_pb2.SetCoinPackageResponse:
             await storage.put_package(conn, package)
             return wallet_pb2.SetCoinPackageResponse(
-                package=_package_pb(package), active=package.active
+                package=package_pb(package), active=package.active
             )
 
         return await self._idempotency.once(
@@ -178,20 +109,20 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
         async with self._db.read() as conn:
             account = await self._wallet.account(conn, request.user_id)
             balance = await self._wallet.coins(conn, request.user_id)
-        return wallet_pb2.GetAccountResponse(account=_account_pb(account, balance))
+        return wallet_pb2.GetAccountResponse(account=account_pb(account, balance))
 
     async def GetBalance(
         self, request: wallet_pb2.GetBalanceRequest, context: RpcContext
     ) -> wallet_pb2.GetBalanceResponse:
         async with self._db.read() as conn:
             coins = await self._wallet.coins(conn, request.user_id)
-        return wallet_pb2.GetBalanceResponse(balance=_balance(coins))
+        return wallet_pb2.GetBalanceResponse(balance=balance_pb(coins))
 
     async def ListCoinPackages(
         self, request: wallet_pb2.ListCoinPackagesRequest, context: RpcContext
     ) -> wallet_pb2.ListCoinPackagesResponse:
         size = page_size(request.page_size)
-        channel = _CHANNELS[request.channel]
+        channel = CHANNELS[request.channel]
         after = decode_token(
             request.page_token, f"packages:{request.user_id}:{channel}", int64, text
         )
@@ -212,7 +143,7 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
                 f"packages:{request.user_id}:{channel}", last.coins, last.package_id
             )
         return wallet_pb2.ListCoinPackagesResponse(
-            packages=[_package_pb(p) for p in packages], next_page_token=token
+            packages=[package_pb(p) for p in packages], next_page_token=token
         )
 
     async def PurchaseCoins(
@@ -225,6 +156,8 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
             account = await self._wallet.account(conn, request.user_id)
             package = await self._wallet.package(conn, request.package_id)
             self._wallet.check_can_buy(account, package, now.date())
+            await storage.lock_account(conn, account.user_id)
+            await self._wallet.check_limits(conn, account, package, request.payment_token, now)
             purchase_id = uuid.uuid4().hex
             await storage.insert_purchase(
                 conn,
@@ -285,7 +218,7 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
                     conn, purchase, f"{scope}/{request.request_id}"
                 )
                 response = wallet_pb2.PurchaseCoinsResponse(
-                    purchase=_purchase_pb(purchase), balance=_balance(balance)
+                    purchase=purchase_pb(purchase), balance=balance_pb(balance)
                 )
                 await self._idempotency.complete(conn, scope, request, response=response)
                 return response
@@ -302,9 +235,13 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
         self, request: wallet_pb2.ListLedgerEntriesRequest, context: RpcContext
     ) -> wallet_pb2.ListLedgerEntriesResponse:
         size = page_size(request.page_size)
-        kinds = sorted(_KIND_NAMES[k] for k in request.kinds)
-        since = request.start_time.ToDatetime(dt.UTC) if request.HasField("start_time") else None
-        until = request.end_time.ToDatetime(dt.UTC) if request.HasField("end_time") else None
+        kinds = sorted(KIND_NAMES[k] for k in request.kinds)
+        since = (
+            to_datetime(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else None
+        )
+        until = to_datetime(request.end_time, "end_time") if request.HasField("end_time") else None
         # The filters are part of the token's kind: a token only continues the listing it came from.
         kind = f"ledger:{request.user_id}:{','.join(kinds)}:{since}:{until}"
         before = decode_token(request.page_token, kind, int64)
@@ -325,7 +262,7 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
                 wallet_pb2.LedgerEntry(
                     entry_id=str(row.entry_id),
                     transaction_id=row.transaction_id,
-                    kind=_ENTRY_KINDS.get(row.kind, wallet_pb2.ENTRY_KIND_UNSPECIFIED),
+                    kind=ENTRY_KINDS.get(row.kind, wallet_pb2.ENTRY_KIND_UNSPECIFIED),
                     amount=row.amount,
                     balance_after=row.balance_after or 0,
                     reference=row.reference,
@@ -344,14 +281,14 @@ class WalletApi(HoldRpcs, wallet_pb2_grpc.WalletServiceServicer):
                 conn,
                 user_id=request.user_id,
                 coins=request.coins,
-                reason=_DEBIT_REASONS[request.reason],
+                reason=DEBIT_REASONS[request.reason],
                 reference=request.reference,
                 request_id=f"DebitCoins:{request.user_id}/{request.request_id}",
-                caller="internal",
+                caller=current_principal().service,
             )
             return wallet_pb2.DebitCoinsResponse(
                 transaction_id=debit.transaction_id,
-                balance=_balance((debit.balance, debit.available)),
+                balance=balance_pb(Coins(debit.balance, debit.available)),
             )
 
         return await self._idempotency.once(

@@ -10,37 +10,12 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2
-from ledger import Hold
 from runtime.auth import current_principal
 from runtime.db import Database
 from runtime.idempotency import Idempotency
-from runtime.protos import RpcContext, timestamp
+from runtime.protos import RpcContext
+from services.wallet.convert import DEBIT_REASONS, balance_pb, hold_pb
 from services.wallet.domain import Wallet
-
-_HOLD_STATUS = {
-    "active": wallet_pb2.HOLD_STATUS_ACTIVE,
-    "captured": wallet_pb2.HOLD_STATUS_CAPTURED,
-    "released": wallet_pb2.HOLD_STATUS_RELEASED,
-    "expired": wallet_pb2.HOLD_STATUS_EXPIRED,
-}
-_REASONS = {wallet_pb2.DEBIT_REASON_GIFT: "gift", wallet_pb2.DEBIT_REASON_PROMOTION: "promotion"}
-
-
-def hold_pb(hold: Hold) -> wallet_pb2.Hold:
-    message = wallet_pb2.Hold(
-        hold_id=hold.hold_id,
-        user_id=hold.account_id.removeprefix("user:"),
-        amount_coins=hold.amount,
-        captured_coins=hold.captured,
-        status=_HOLD_STATUS[hold.status],
-        owner_service=hold.owner,
-        reference=hold.reference,
-        create_time=timestamp(hold.created_at),
-        update_time=timestamp(hold.updated_at),
-    )
-    if hold.expires_at is not None:
-        message.expire_time.CopyFrom(timestamp(hold.expires_at))
-    return message
 
 
 class HoldRpcs:
@@ -49,8 +24,7 @@ class HoldRpcs:
     _wallet: Wallet
 
     async def _coins(self, conn: AsyncConnection, account_id: str) -> wallet_pb2.Balance:
-        balance, available = await self._wallet.coins(conn, account_id.removeprefix("user:"))
-        return wallet_pb2.Balance(coins=balance, available_coins=available)
+        return balance_pb(await self._wallet.coins(conn, account_id.removeprefix("user:")))
 
     async def PlaceHold(
         self, request: wallet_pb2.PlaceHoldRequest, context: RpcContext
@@ -65,7 +39,7 @@ class HoldRpcs:
                 conn,
                 user_id=request.user_id,
                 coins=request.coins,
-                reason=_REASONS[request.reason],
+                reason=DEBIT_REASONS[request.reason],
                 reference=request.reference,
                 owner=caller,
                 expire_after=expire_after,
@@ -97,9 +71,7 @@ class HoldRpcs:
             return wallet_pb2.CaptureHoldResponse(
                 hold=hold_pb(hold),
                 transaction_id=posted.transaction_id,
-                balance=wallet_pb2.Balance(
-                    coins=posted.balances[account], available_coins=posted.available[account]
-                ),
+                balance=await self._coins(conn, account),
             )
 
         return await self._idempotency.once(

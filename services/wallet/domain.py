@@ -14,6 +14,7 @@ from runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
 )
 from services.wallet import storage
 from services.wallet.settings import WalletSettings
@@ -25,6 +26,22 @@ SPEND_ACCOUNTS = {"gift": "system:gift_spend", "promotion": "system:promotion_sp
 def user_account(user_id: str) -> str:
     """The ledger account that holds a user's coins."""
     return f"user:{user_id}"
+
+
+def debt_account(user_id: str) -> str:
+    """The ledger account that records what a user owes after a clawback (never positive)."""
+    return f"debt:{user_id}"
+
+
+@dataclass(frozen=True)
+class Coins:
+    """A user's coins as the API reports them."""
+
+    balance: int
+    available: int
+    """What can be spent now: the balance less active holds, and nothing while frozen."""
+    debt: int = 0
+    frozen: bool = False
 
 
 def age_on(birth_date: dt.date, day: dt.date) -> int:
@@ -134,13 +151,17 @@ class Wallet:
             )
         return account
 
-    async def coins(self, conn: AsyncConnection, user_id: str) -> tuple[int, int]:
-        """(balance, available) of a user's coins; ACCOUNT_NOT_FOUND without an account."""
+    async def coins(self, conn: AsyncConnection, user_id: str) -> Coins:
+        """A user's balance, available coins and debt; ACCOUNT_NOT_FOUND without an account."""
         found = await self.ledger.available(conn, user_account(user_id))
         if found is None:
             await self.account(conn, user_id)  # raises ACCOUNT_NOT_FOUND
-            return (0, 0)
-        return found
+            return Coins(0, 0)
+        balance, available = found
+        if not await self.ledger.is_frozen(conn, user_account(user_id)):
+            return Coins(balance, available)
+        debt = await self.ledger.balance(conn, debt_account(user_id)) or 0
+        return Coins(balance, 0, -debt, True)
 
     async def place_hold(
         self,
@@ -194,6 +215,53 @@ class Wallet:
                 package_id=package.package_id,
             )
 
+    async def check_limits(
+        self,
+        conn: AsyncConnection,
+        account: storage.AccountRecord,
+        package: storage.PackageRecord,
+        token: str,
+        now: dt.datetime,
+    ) -> None:
+        """Refuse a purchase that would pass a limit (RESOURCE_EXHAUSTED PURCHASE_LIMIT_EXCEEDED,
+        naming the limit and what remains). The caller holds the account's row lock."""
+        s = self.settings
+        hour, day = now - dt.timedelta(hours=1), now - dt.timedelta(days=1)
+        hour_coins, hour_minor = await storage.purchased_since(conn, hour, user_id=account.user_id)
+        day_coins, day_minor = await storage.purchased_since(conn, day, user_id=account.user_id)
+        _, method_minor = await storage.purchased_since(conn, day, token=token)
+        checks = [
+            ("hourly_coins", s.limit_hourly_coins, hour_coins, package.coins, "coins"),
+            ("daily_coins", s.limit_daily_coins, day_coins, package.coins, "coins"),
+            ("hourly_money", s.limit_hourly_minor, hour_minor, package.price_minor, "minor"),
+            ("daily_money", s.limit_daily_minor, day_minor, package.price_minor, "minor"),
+            (
+                "payment_method_daily_money",
+                s.limit_payment_method_daily_minor,
+                method_minor,
+                package.price_minor,
+                "minor",
+            ),
+        ]
+        for name, limit, used, adding, unit in checks:
+            if used + adding > limit:
+                remaining = max(0, limit - used)
+                shown = (
+                    f"{remaining} coins"
+                    if unit == "coins"
+                    else (f"{remaining} minor units of {account.currency_code}")
+                )
+                raise ResourceExhausted(
+                    "PURCHASE_LIMIT_EXCEEDED",
+                    f"this purchase would pass the {name.replace('_', ' ')} limit of {limit}; "
+                    f"{shown} remain",
+                    limit=name,
+                    limit_value=limit,
+                    used=used,
+                    remaining=remaining,
+                    unit=unit if unit == "coins" else account.currency_code,
+                )
+
     async def package(self, conn: AsyncConnection, package_id: str) -> storage.PackageRecord:
         package = await storage.get_package(conn, package_id)
         if package is None:
@@ -204,10 +272,10 @@ class Wallet:
 
     async def credit_purchase(
         self, conn: AsyncConnection, purchase: storage.PurchaseRecord, request_id: str
-    ) -> tuple[int, int]:
-        """Issue the purchased coins: coin sales -> the buyer. Returns the buyer's new
-        (balance, available)."""
-        posted = await self.ledger.post(
+    ) -> Coins:
+        """Issue the purchased coins (coin sales -> the buyer), then let them pay off any clawback
+        debt first. Returns the buyer's coins afterwards."""
+        await self.ledger.post(
             conn,
             [
                 Posting(COIN_SALES, -purchase.coins),
@@ -219,8 +287,62 @@ class Wallet:
             caller="wallet",
             policy_version=self.settings.policy_version,
         )
-        account = user_account(purchase.user_id)
-        return posted.balances[account], posted.available[account]
+        await self.settle_debt(conn, purchase.user_id, purchase.purchase_id)
+        return await self.coins(conn, purchase.user_id)
+
+    async def settle_debt(self, conn: AsyncConnection, user_id: str, reference: str) -> None:
+        """Move coins from a frozen account to its debt until the debt is paid; thaw it when it is."""
+        account, debt = user_account(user_id), debt_account(user_id)
+        if not await self.ledger.is_frozen(conn, account):
+            return
+        owed = -(await self.ledger.balance(conn, debt) or 0)
+        found = await self.ledger.available(conn, account)
+        assert found is not None
+        _, available = found
+        paid = min(owed, available)
+        if paid > 0:
+            await self.ledger.post(
+                conn,
+                [Posting(account, -paid, forced=True), Posting(debt, paid)],
+                kind="debt_settlement",
+                reference=reference,
+                request_id=f"settle:{reference}",
+                caller="wallet",
+                policy_version=self.settings.policy_version,
+            )
+        if paid == owed:
+            await self.ledger.set_frozen(conn, account, False)
+
+    async def reverse_purchase(
+        self, conn: AsyncConnection, purchase: storage.PurchaseRecord, kind: str, event_id: str
+    ) -> Coins:
+        """Take a refunded or charged-back purchase's coins back: what is available now, and the rest
+        as a debt that freezes the account for spending until purchases pay it off. Coins reserved by
+        holds stay reserved (their owners may still capture them); the debt covers them instead."""
+        account, debt = user_account(purchase.user_id), debt_account(purchase.user_id)
+        found = await self.ledger.available(conn, account)
+        assert found is not None
+        _, available = found
+        taken = min(purchase.coins, available)
+        owed = purchase.coins - taken
+        postings = [Posting(COIN_SALES, purchase.coins)]
+        if taken:
+            postings.append(Posting(account, -taken, forced=True))
+        if owed:
+            await self.ledger.open_account(conn, debt, kind="debt", allow_negative=True)
+            postings.append(Posting(debt, -owed))
+        await self.ledger.post(
+            conn,
+            postings,
+            kind=kind,
+            reference=purchase.purchase_id,
+            request_id=f"reverse:{event_id}",
+            caller="payment-webhooks",
+            policy_version=self.settings.policy_version,
+        )
+        if owed:
+            await self.ledger.set_frozen(conn, account, True)
+        return await self.coins(conn, purchase.user_id)
 
     async def debit(
         self,

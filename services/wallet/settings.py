@@ -24,3 +24,10 @@ class WalletSettings(ServiceSettings):
     """How often holds past their expiry are released."""
     policy_version: str = "2026-11"
     """Recorded on every ledger transaction: which pricing policy was in force."""
+    # Purchase limits, per user over rolling windows (money in the account's currency's minor units),
+    # and per payment method (provider token) over 24 hours. Pending and completed purchases count.
+    limit_hourly_coins: int = 50_000
+    limit_daily_coins: int = 200_000
+    limit_hourly_minor: int = 50_000
+    limit_daily_minor: int = 100_000
+    limit_payment_method_daily_minor: int = 150_000

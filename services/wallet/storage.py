@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    func,
     select,
     tuple_,
     update,
@@ -171,6 +172,59 @@ async def get_purchase(conn: AsyncConnection, purchase_id: str) -> PurchaseRecor
     data["created_at"] = _utc(data["created_at"])
     data["updated_at"] = _utc(data["updated_at"])
     return PurchaseRecord(**data)
+
+
+async def purchased_since(
+    conn: AsyncConnection,
+    since: dt.datetime,
+    *,
+    user_id: str | None = None,
+    token: str | None = None,
+) -> tuple[int, int]:
+    """(coins, money in minor units) of a user's (or a payment method's) purchases since `since`
+    that are pending or completed: what counts against the purchase limits."""
+    query = select(
+        func.coalesce(func.sum(purchases.c.coins), 0),
+        func.coalesce(func.sum(purchases.c.price_minor), 0),
+    ).where(purchases.c.created_at >= since, purchases.c.status.in_(("pending", "completed")))
+    if user_id is not None:
+        query = query.where(purchases.c.user_id == user_id)
+    if token is not None:
+        query = query.where(purchases.c.payment_token == token)
+    coins, minor = (await conn.execute(query)).one()
+    return int(coins), int(minor)
+
+
+async def lock_account(conn: AsyncConnection, user_id: str) -> None:
+    """Serialize a user's purchases (PostgreSQL row lock; SQLite writes are serialized already)."""
+    await conn.execute(
+        select(wallet_accounts.c.user_id)
+        .where(wallet_accounts.c.user_id == user_id)
+        .with_for_update()
+    )
+
+
+async def get_purchase_by_provider_transaction(
+    conn: AsyncConnection, provider_transaction_id: str
+) -> PurchaseRecord | None:
+    purchase_id = await conn.scalar(
+        select(purchases.c.purchase_id).where(
+            purchases.c.provider_transaction_id == provider_transaction_id
+        )
+    )
+    return None if purchase_id is None else await get_purchase(conn, purchase_id)
+
+
+async def reverse_purchase(
+    conn: AsyncConnection, purchase_id: str, status: str, now: dt.datetime
+) -> bool:
+    """Move a completed purchase to refunded / charged_back; False if it is not completed (any more)."""
+    result = await conn.execute(
+        update(purchases)
+        .where(purchases.c.purchase_id == purchase_id, purchases.c.status == "completed")
+        .values(status=status, updated_at=now)
+    )
+    return result.rowcount == 1
 
 
 async def settle_purchase(

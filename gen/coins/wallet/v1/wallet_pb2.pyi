@@ -127,6 +127,10 @@ class _PurchaseStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Purcha
     """Paid; the coins are credited."""
     PURCHASE_STATUS_FAILED: _PurchaseStatus.ValueType  # 3
     """Declined by the payment provider; no coins were credited."""
+    PURCHASE_STATUS_REFUNDED: _PurchaseStatus.ValueType  # 4
+    """Refunded by the provider; its coins were taken back (or are owed)."""
+    PURCHASE_STATUS_CHARGED_BACK: _PurchaseStatus.ValueType  # 5
+    """Charged back by the card holder's bank; its coins were taken back (or are owed)."""
 
 class PurchaseStatus(_PurchaseStatus, metaclass=_PurchaseStatusEnumTypeWrapper):
     """The state of a purchase."""
@@ -139,7 +143,35 @@ PURCHASE_STATUS_COMPLETED: PurchaseStatus.ValueType  # 2
 """Paid; the coins are credited."""
 PURCHASE_STATUS_FAILED: PurchaseStatus.ValueType  # 3
 """Declined by the payment provider; no coins were credited."""
+PURCHASE_STATUS_REFUNDED: PurchaseStatus.ValueType  # 4
+"""Refunded by the provider; its coins were taken back (or are owed)."""
+PURCHASE_STATUS_CHARGED_BACK: PurchaseStatus.ValueType  # 5
+"""Charged back by the card holder's bank; its coins were taken back (or are owed)."""
 Global___PurchaseStatus: _TypeAlias = PurchaseStatus  # noqa: Y015
+
+class _PaymentEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PaymentEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PaymentEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYMENT_EVENT_TYPE_UNSPECIFIED: _PaymentEventType.ValueType  # 0
+    """Not set."""
+    PAYMENT_EVENT_TYPE_REFUND: _PaymentEventType.ValueType  # 1
+    """The provider refunded the payment."""
+    PAYMENT_EVENT_TYPE_CHARGEBACK: _PaymentEventType.ValueType  # 2
+    """The card holder's bank reversed the payment."""
+
+class PaymentEventType(_PaymentEventType, metaclass=_PaymentEventTypeEnumTypeWrapper):
+    """What the payment provider reports about a completed payment."""
+
+PAYMENT_EVENT_TYPE_UNSPECIFIED: PaymentEventType.ValueType  # 0
+"""Not set."""
+PAYMENT_EVENT_TYPE_REFUND: PaymentEventType.ValueType  # 1
+"""The provider refunded the payment."""
+PAYMENT_EVENT_TYPE_CHARGEBACK: PaymentEventType.ValueType  # 2
+"""The card holder's bank reversed the payment."""
+Global___PaymentEventType: _TypeAlias = PaymentEventType  # noqa: Y015
 
 class _HoldStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -229,19 +261,29 @@ class Balance(_message.Message):
 
     COINS_FIELD_NUMBER: _builtins.int
     AVAILABLE_COINS_FIELD_NUMBER: _builtins.int
+    DEBT_COINS_FIELD_NUMBER: _builtins.int
+    FROZEN_FIELD_NUMBER: _builtins.int
     coins: _builtins.int
     """Coins owned, in whole coins."""
     available_coins: _builtins.int
-    """Coins that can be spent now (the balance less active holds)."""
+    """Coins that can be spent now (the balance less active holds); 0 while the account is frozen."""
+    debt_coins: _builtins.int
+    """Coins owed after a refund or chargeback took back coins already spent; paid off first by the next
+    purchases.
+    """
+    frozen: _builtins.bool
+    """True while a debt is open: the account cannot spend (ACCOUNT_FROZEN) but can buy."""
     def __init__(
         self,
         *,
         coins: _builtins.int = ...,
         available_coins: _builtins.int = ...,
+        debt_coins: _builtins.int = ...,
+        frozen: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_coins", b"available_coins", "coins", b"coins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_coins", b"available_coins", "coins", b"coins", "debt_coins", b"debt_coins", "frozen", b"frozen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1184,3 +1226,63 @@ class GetHoldResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetHoldResponse: _TypeAlias = GetHoldResponse  # noqa: Y015
+
+@_typing.final
+class RecordPaymentEventRequest(_message.Message):
+    """Request for RecordPaymentEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    PROVIDER_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The provider's event id: its redeliveries carry the same one."""
+    type: Global___PaymentEventType.ValueType
+    """What happened."""
+    provider_transaction_id: _builtins.str
+    """The provider's id of the payment (the purchase's provider_transaction_id)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        type: Global___PaymentEventType.ValueType = ...,
+        provider_transaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_transaction_id", b"provider_transaction_id", "request_id", b"request_id", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordPaymentEventRequest: _TypeAlias = RecordPaymentEventRequest  # noqa: Y015
+
+@_typing.final
+class RecordPaymentEventResponse(_message.Message):
+    """Response for RecordPaymentEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASE_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def purchase(self) -> Global___Purchase:
+        """The purchase, now refunded or charged back."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The buyer's coins afterwards, including any debt."""
+
+    def __init__(
+        self,
+        *,
+        purchase: Global___Purchase | None = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "purchase", b"purchase"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "purchase", b"purchase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordPaymentEventResponse: _TypeAlias = RecordPaymentEventResponse  # noqa: Y015

@@ -85,6 +85,11 @@ class WalletServiceStub:
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldRequest.SerializeToString,
                 response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldResponse.FromString,
                 _registered_method=True)
+        self.RecordPaymentEvent = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/RecordPaymentEvent',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.RecordPaymentEventRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.RecordPaymentEventResponse.FromString,
+                _registered_method=True)
         self.CaptureHold = channel.unary_unary(
                 '/coins.wallet.v1.WalletService/CaptureHold',
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.CaptureHoldRequest.SerializeToString,
@@ -181,6 +186,18 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordPaymentEvent(self, request, context):
+        """Internal: records a payment provider's event about a completed purchase (a refund or a
+        chargeback), relayed by the payment webhook receiver. The purchase's coins are taken back; what the
+        user already spent becomes a debt and freezes the account for spending until later purchases pay it
+        off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
+        reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
+        completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CaptureHold(self, request, context):
         """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
         that placed the hold may capture it. Fails with FAILED_PRECONDITION: CAPTURE_EXCEEDS_HOLD beyond
@@ -251,6 +268,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.PlaceHold,
                     request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldRequest.FromString,
                     response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldResponse.SerializeToString,
+            ),
+            'RecordPaymentEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordPaymentEvent,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.RecordPaymentEventRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.RecordPaymentEventResponse.SerializeToString,
             ),
             'CaptureHold': grpc.unary_unary_rpc_method_handler(
                     servicer.CaptureHold,
@@ -517,6 +539,33 @@ class WalletService:
             '/coins.wallet.v1.WalletService/PlaceHold',
             coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldRequest.SerializeToString,
             coins_dot_wallet_dot_v1_dot_wallet__pb2.PlaceHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordPaymentEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/RecordPaymentEvent',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.RecordPaymentEventRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.RecordPaymentEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

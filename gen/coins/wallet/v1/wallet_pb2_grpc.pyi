@@ -70,6 +70,14 @@ class WalletServiceStub:
     balance drops. Called by the promotion service for a budget, passing the user's token on.
     Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
     """
+    RecordPaymentEvent: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.RecordPaymentEventRequest, _wallet_pb2.RecordPaymentEventResponse]
+    """Internal: records a payment provider's event about a completed purchase (a refund or a
+    chargeback), relayed by the payment webhook receiver. The purchase's coins are taken back; what the
+    user already spent becomes a debt and freezes the account for spending until later purchases pay it
+    off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
+    reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
+    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
+    """
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]
     """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
     that placed the hold may capture it. Fails with FAILED_PRECONDITION: CAPTURE_EXCEEDS_HOLD beyond
@@ -119,6 +127,14 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
     balance drops. Called by the promotion service for a budget, passing the user's token on.
     Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+    """
+    RecordPaymentEvent: _aio.UnaryUnaryMultiCallable[_wallet_pb2.RecordPaymentEventRequest, _wallet_pb2.RecordPaymentEventResponse]  # type: ignore[assignment]
+    """Internal: records a payment provider's event about a completed purchase (a refund or a
+    chargeback), relayed by the payment webhook receiver. The purchase's coins are taken back; what the
+    user already spent becomes a debt and freezes the account for spending until later purchases pay it
+    off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
+    reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
+    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
     """
     CaptureHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]  # type: ignore[assignment]
     """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
@@ -220,6 +236,20 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
         balance drops. Called by the promotion service for a budget, passing the user's token on.
         Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordPaymentEvent(
+        self,
+        request: _wallet_pb2.RecordPaymentEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.RecordPaymentEventResponse, _abc.Awaitable[_wallet_pb2.RecordPaymentEventResponse]]:
+        """Internal: records a payment provider's event about a completed purchase (a refund or a
+        chargeback), relayed by the payment webhook receiver. The purchase's coins are taken back; what the
+        user already spent becomes a debt and freezes the account for spending until later purchases pay it
+        off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
+        reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
+        completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
         """
 
     @_abc_1.abstractmethod

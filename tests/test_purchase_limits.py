@@ -1,0 +1,93 @@
+"""Purchase limits per user (hourly and daily, coins and money) and per payment method: a purchase
+that would pass one is refused with RESOURCE_EXHAUSTED, naming the limit and what remains, and
+charges nothing. Tight limits need a suite of their own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from coins.wallet.v1 import wallet_pb2
+from runtime.status import error_info
+from tests.helpers import expect_error, new_id, open_account
+from tests.suite import Suite, start_suite
+
+
+@pytest.fixture(scope="module")
+async def limited(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+    suite = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"limits-{backend}"),
+        overrides={
+            "wallet": {
+                "limit_hourly_coins": 1_500,
+                "limit_daily_coins": 100_000,
+                "limit_hourly_minor": 100_000,
+                "limit_daily_minor": 1_500,
+                "limit_payment_method_daily_minor": 1_200,
+            }
+        },
+    )
+    yield suite
+    await suite.stop()
+
+
+def buy(user: str, package: str, token: str = "tok_visa") -> wallet_pb2.PurchaseCoinsRequest:
+    return wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id("buy"), user_id=user, package_id=package, payment_token=token
+    )
+
+
+async def test_the_hourly_coin_limit_names_what_remains(limited: Suite) -> None:
+    user = new_id()
+    await open_account(limited, user)
+    await limited.wallet.PurchaseCoins(buy(user, "us-web-700", new_id("tok")))  # 700 coins, $9.99
+    error = await expect_error(
+        limited.wallet.PurchaseCoins(buy(user, "us-web-1400", new_id("tok"))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PURCHASE_LIMIT_EXCEEDED",
+    )
+    info = error_info(error)
+    assert info is not None
+    assert (info.metadata["limit"], info.metadata["remaining"]) == ("hourly_coins", "800")
+    balance = await limited.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == 700  # the refused purchase charged and credited nothing
+    await limited.wallet.PurchaseCoins(buy(user, "us-web-350", new_id("tok")))  # 800 left: fits
+
+
+async def test_the_daily_money_limit(limited: Suite) -> None:
+    user = new_id()
+    await open_account(limited, user)
+    for _ in range(3):
+        await limited.wallet.PurchaseCoins(buy(user, "us-web-70", new_id("tok")))  # $0.99 each
+    await limited.wallet.PurchaseCoins(buy(user, "us-web-700", new_id("tok")))  # $9.99: $12.96
+    error = await expect_error(
+        limited.wallet.PurchaseCoins(buy(user, "us-web-350", new_id("tok"))),  # $4.99 more
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PURCHASE_LIMIT_EXCEEDED",
+    )
+    info = error_info(error)
+    assert info is not None
+    assert (info.metadata["limit"], info.metadata["remaining"], info.metadata["unit"]) == (
+        "daily_money",
+        str(1_500 - 3 * 99 - 999),
+        "USD",
+    )
+
+
+async def test_a_payment_method_is_limited_across_users(limited: Suite) -> None:
+    card = new_id("tok_card")
+    first, second = new_id(), new_id()
+    for user in (first, second):
+        await open_account(limited, user)
+    await limited.wallet.PurchaseCoins(buy(first, "us-web-700", card))  # $9.99
+    error = await expect_error(
+        limited.wallet.PurchaseCoins(buy(second, "us-web-350", card)),  # $4.99 more on the card
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PURCHASE_LIMIT_EXCEEDED",
+    )
+    info = error_info(error)
+    assert info is not None and info.metadata["limit"] == "payment_method_daily_money"
+    await limited.wallet.PurchaseCoins(buy(second, "us-web-350", new_id("tok_other")))

@@ -1,0 +1,202 @@
+"""Refunds and chargebacks claw purchased coins back. Coins already spent become a debt that freezes the
+account for spending until later purchases pay it off. Events are idempotent on the provider's event
+id, and the books stay exact throughout."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
+from coins.wallet.v1 import wallet_pb2
+from tests.helpers import expect_error, new_id, open_account
+from tests.suite import Suite
+
+
+async def buy(suite: Suite, user: str, package: str = "us-web-700") -> wallet_pb2.Purchase:
+    response = await suite.wallet.PurchaseCoins(
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=new_id("buy"), user_id=user, package_id=package, payment_token="tok_visa"
+        )
+    )
+    return response.purchase
+
+
+def event(
+    purchase: wallet_pb2.Purchase,
+    kind: wallet_pb2.PaymentEventType.ValueType = wallet_pb2.PAYMENT_EVENT_TYPE_REFUND,
+) -> wallet_pb2.RecordPaymentEventRequest:
+    return wallet_pb2.RecordPaymentEventRequest(
+        request_id=new_id("evt"),
+        type=kind,
+        provider_transaction_id=purchase.provider_transaction_id,
+    )
+
+
+async def spend(suite: Suite, user: str, coins: int) -> None:
+    await suite.as_caller("gifting").wallet.DebitCoins(
+        wallet_pb2.DebitCoinsRequest(
+            request_id=new_id("gift"),
+            user_id=user,
+            coins=coins,
+            reason=wallet_pb2.DEBIT_REASON_GIFT,
+            reference=new_id(),
+        )
+    )
+
+
+async def balance(suite: Suite, user: str) -> wallet_pb2.Balance:
+    return (await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).balance
+
+
+async def books_are_exact(suite: Suite) -> None:
+    stub = ledger_audit_pb2_grpc.LedgerAuditServiceStub(suite.channel("wallet"))
+    report = await stub.AuditLedger(  # type: ignore[misc]
+        ledger_audit_pb2.AuditLedgerRequest(), metadata=suite.token(new_id("ops"), admin=True)
+    )
+    assert report.ok, report
+
+
+async def test_a_refund_of_unspent_coins_takes_them_back(suite: Suite) -> None:
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)
+    webhooks = suite.as_caller("payment-webhooks").wallet
+    request = event(purchase)
+    refunded = await webhooks.RecordPaymentEvent(request)
+    assert refunded.purchase.status == wallet_pb2.PURCHASE_STATUS_REFUNDED
+    assert (refunded.balance.coins, refunded.balance.debt_coins, refunded.balance.frozen) == (
+        0,
+        0,
+        False,
+    )
+    assert await webhooks.RecordPaymentEvent(request) == refunded  # the provider redelivers
+    await expect_error(
+        webhooks.RecordPaymentEvent(event(purchase, wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PURCHASE_ALREADY_REVERSED",
+    )
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [(e.kind, e.amount) for e in history.entries] == [
+        (wallet_pb2.ENTRY_KIND_REFUND, -700),
+        (wallet_pb2.ENTRY_KIND_PURCHASE, 700),
+    ]
+    await books_are_exact(suite)
+
+
+async def test_a_chargeback_of_spent_coins_leaves_a_debt_that_freezes_spending(
+    suite: Suite,
+) -> None:
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)  # 700
+    await spend(suite, user, 500)
+    charged = await suite.as_caller("payment-webhooks").wallet.RecordPaymentEvent(
+        event(purchase, wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK)
+    )
+    assert charged.purchase.status == wallet_pb2.PURCHASE_STATUS_CHARGED_BACK
+    b = charged.balance
+    assert (b.coins, b.available_coins, b.debt_coins, b.frozen) == (0, 0, 500, True)
+    await expect_error(
+        suite.as_caller("gifting").wallet.DebitCoins(
+            wallet_pb2.DebitCoinsRequest(
+                request_id=new_id(),
+                user_id=user,
+                coins=1,
+                reason=wallet_pb2.DEBIT_REASON_GIFT,
+                reference="r",
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ACCOUNT_FROZEN",
+    )
+    await expect_error(
+        suite.as_caller("promotion").wallet.PlaceHold(
+            wallet_pb2.PlaceHoldRequest(
+                request_id=new_id(),
+                user_id=user,
+                coins=1,
+                reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+                reference="p",
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ACCOUNT_FROZEN",
+    )
+    # The next purchase pays the debt off first; the account thaws once it is paid.
+    await buy(suite, user, "us-web-350")
+    b = await balance(suite, user)
+    assert (b.coins, b.debt_coins, b.frozen) == (0, 150, True)
+    await buy(suite, user, "us-web-350")
+    b = await balance(suite, user)
+    assert (b.coins, b.available_coins, b.debt_coins, b.frozen) == (200, 200, 0, False)
+    await spend(suite, user, 200)
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(
+            user_id=user, kinds=[wallet_pb2.ENTRY_KIND_DEBT_SETTLEMENT]
+        )
+    )
+    assert [e.amount for e in history.entries] == [-150, -350]
+    await books_are_exact(suite)
+
+
+async def test_held_coins_stay_held_through_a_refund(suite: Suite) -> None:
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)  # 700
+    promotion = suite.as_caller("promotion").wallet
+    hold = (
+        await promotion.PlaceHold(
+            wallet_pb2.PlaceHoldRequest(
+                request_id=new_id(),
+                user_id=user,
+                coins=600,
+                reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+                reference="p",
+            )
+        )
+    ).hold
+    refunded = await suite.as_caller("payment-webhooks").wallet.RecordPaymentEvent(event(purchase))
+    b = refunded.balance
+    assert (b.coins, b.debt_coins, b.frozen) == (600, 600, True)  # took the 100 available
+    captured = await promotion.CaptureHold(
+        wallet_pb2.CaptureHoldRequest(request_id=new_id(), hold_id=hold.hold_id, coins=600)
+    )
+    assert (captured.balance.coins, captured.balance.debt_coins) == (0, 600)
+    await books_are_exact(suite)
+
+
+async def test_events_for_unknown_or_unfinished_payments_are_refused(suite: Suite) -> None:
+    webhooks = suite.as_caller("payment-webhooks").wallet
+    await expect_error(
+        webhooks.RecordPaymentEvent(
+            wallet_pb2.RecordPaymentEventRequest(
+                request_id=new_id(),
+                type=wallet_pb2.PAYMENT_EVENT_TYPE_REFUND,
+                provider_transaction_id="sbx_never_seen",
+            )
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "PURCHASE_NOT_FOUND",
+    )
+
+
+async def test_duplicate_events_delivered_at_once_reverse_once(suite: Suite) -> None:
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)
+    request = event(purchase)
+    webhooks = suite.as_caller("payment-webhooks").wallet
+    results = await asyncio.gather(
+        *(webhooks.RecordPaymentEvent(request) for _ in range(10)), return_exceptions=True
+    )
+    ok = [r for r in results if isinstance(r, wallet_pb2.RecordPaymentEventResponse)]
+    assert ok and all(r == ok[0] for r in ok)
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.amount for e in history.entries] == [-700, 700]
+    await books_are_exact(suite)
