@@ -200,3 +200,25 @@ async def test_duplicate_events_delivered_at_once_reverse_once(suite: Suite) -> 
     )
     assert [e.amount for e in history.entries] == [-700, 700]
     await books_are_exact(suite)
+
+
+async def test_a_payment_whose_outcome_is_unknown_is_resolved_by_asking_again(
+    suite: Suite,
+) -> None:
+    user = new_id()
+    await open_account(suite, user)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id("buy"), user_id=user, package_id="us-web-700", payment_token="tok_timeout"
+    )
+    await expect_error(
+        suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
+    )
+    assert (await balance(suite, user)).coins == 0  # pending: nothing credited yet
+    retried = await suite.wallet.PurchaseCoins(request)  # the same request id: the provider tells
+    assert retried.purchase.status == wallet_pb2.PURCHASE_STATUS_COMPLETED
+    assert retried.balance.coins == 700
+    assert await suite.wallet.PurchaseCoins(request) == retried
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.amount for e in history.entries] == [700]  # charged and credited once

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
-from runtime.errors import Aborted, FailedPrecondition
+from runtime.errors import Aborted, FailedPrecondition, Unavailable
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
@@ -28,7 +28,7 @@ from services.wallet.convert import (
     to_date,
 )
 from services.wallet.domain import Coins, Wallet, user_account
-from services.wallet.payments import PaymentProvider
+from services.wallet.payments import PaymentOutcomeUnknown, PaymentProvider
 from services.wallet.settings import WalletSettings
 
 ACCESS = method_rules(
@@ -192,12 +192,22 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         async with self._db.read() as conn:
             purchase = await storage.get_purchase(conn, purchase_id)
         assert purchase is not None
-        charge = await self._payments.charge(
-            idempotency_key=purchase.purchase_id,
-            token=purchase.payment_token,
-            amount_minor=purchase.price_minor,
-            currency=purchase.currency_code,
-        )
+        try:
+            charge = await self._payments.charge(
+                idempotency_key=purchase.purchase_id,
+                token=purchase.payment_token,
+                amount_minor=purchase.price_minor,
+                currency=purchase.currency_code,
+            )
+        except PaymentOutcomeUnknown:
+            # The purchase stays pending and the request id open: a retry asks the provider again
+            # under the same key, which answers with what happened and never charges twice.
+            raise Unavailable(
+                "PAYMENT_OUTCOME_UNKNOWN",
+                "the payment provider did not answer in time; retry with the same request_id "
+                "(you will not be charged twice)",
+                purchase_id=purchase_id,
+            ) from None
         async with self._db.transaction() as conn:
             settled = await storage.settle_purchase(
                 conn,

@@ -19,6 +19,11 @@ class ChargeResult:
     decline_reason: str = ""
 
 
+class PaymentOutcomeUnknown(Exception):
+    """The provider did not answer in time: the payment may or may not have gone through. Asking
+    again with the same idempotency key tells (and never charges twice)."""
+
+
 class PaymentProvider(Protocol):
     async def charge(
         self, *, idempotency_key: str, token: str, amount_minor: int, currency: str
@@ -31,7 +36,9 @@ class SandboxPaymentProvider:
     """A local stand-in for a card/app-store provider.
 
     Tokens: anything starting `tok_decline` is declined (`tok_decline_insufficient_funds` gives that
-    reason); other tokens are approved. Each charge takes `latency_ms`, like a real network call.
+    reason); `tok_timeout...` is approved but the first answer for a key is lost on the way (the
+    caller sees PaymentOutcomeUnknown, and asking again returns the approval); other tokens are
+    approved. Each charge takes `latency_ms`, like a real network call.
     """
 
     def __init__(self, latency_ms: int = 20) -> None:
@@ -51,4 +58,6 @@ class SandboxPaymentProvider:
         else:
             result = ChargeResult(True, provider_id)
         self._charges[idempotency_key] = result
+        if token.startswith("tok_timeout"):
+            raise PaymentOutcomeUnknown(idempotency_key)
         return result
