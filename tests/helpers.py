@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 from google.type import date_pb2
+from hypothesis import HealthCheck, settings
 
 from coins.wallet.v1 import wallet_pb2
+from runtime.db import Database
+from runtime.migrations import upgrade
 from runtime.status import bad_request, error_info
-from tests.suite import Suite
+from tests.suite import Suite, create_pg_database, drop_pg_database
 
 
 def new_id(prefix: str = "u") -> str:
@@ -72,3 +77,44 @@ async def expect_error(
 def field_violations(error: grpc.RpcError) -> set[str]:
     found = bad_request(error)
     return {v.field for v in found.field_violations} if found else set()
+
+
+def run_state_machine(
+    machine: type[Any],
+    backend: str,
+    tmp_path: Path,
+    *,
+    max_examples: int,
+    steps: int,
+    migrations: str = "wallet",
+) -> None:
+    """Run a hypothesis RuleBasedStateMachine against a fresh database of `backend`, migrated with
+    a service's migrations. The machine class gets `db` and `run` (runs a coroutine to completion on
+    an event loop of its own: hypothesis drives synchronous steps, outside the tests' loop)."""
+    loop = asyncio.new_event_loop()
+    name = f"coins_machine_{uuid.uuid4().hex[:12]}"
+    try:
+        url = (
+            loop.run_until_complete(create_pg_database(name))
+            if backend == "postgres"
+            else f"sqlite+aiosqlite:///{tmp_path / 'machine.db'}"
+        )
+        database = Database(url)
+        services = Path(__file__).resolve().parents[1] / "services"
+        loop.run_until_complete(upgrade(database, services / migrations / "migrations"))
+        machine.db = database
+        machine.run = staticmethod(loop.run_until_complete)
+        runner = machine.TestCase
+        runner.settings = settings(
+            max_examples=max_examples,
+            stateful_step_count=steps,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
+        runner().runTest()
+        loop.run_until_complete(database.close())
+    finally:
+        if backend == "postgres":
+            loop.run_until_complete(drop_pg_database(name))
+        loop.close()

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -24,6 +23,7 @@ from runtime.clock import FixedClock
 from runtime.db import Database
 from runtime.errors import FailedPrecondition, PermissionDenied
 from runtime.migrations import upgrade
+from tests.helpers import run_state_machine
 from tests.suite import create_pg_database, drop_pg_database
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
@@ -313,29 +313,4 @@ class HoldsMachine(RuleBasedStateMachine):
 def test_random_sequences_keep_the_books_exact(backend: str, tmp_path: Path) -> None:
     """Runs the state machine on a database of its own, on its own event loop (hypothesis drives
     a synchronous machine; each step runs the ledger's coroutines to completion)."""
-    loop = asyncio.new_event_loop()
-    name = f"coins_holds_sm_{uuid.uuid4().hex[:12]}"
-    try:
-        url = (
-            loop.run_until_complete(create_pg_database(name))
-            if backend == "postgres"
-            else f"sqlite+aiosqlite:///{tmp_path / 'machine.db'}"
-        )
-        database = Database(url)
-        loop.run_until_complete(upgrade(database, SERVICES / "wallet" / "migrations"))
-        HoldsMachine.db = database
-        HoldsMachine.run = staticmethod(loop.run_until_complete)  # type: ignore[assignment]
-        runner = HoldsMachine.TestCase
-        runner.settings = settings(
-            max_examples=10,
-            stateful_step_count=25,
-            deadline=None,
-            derandomize=True,
-            suppress_health_check=[HealthCheck.too_slow],
-        )
-        runner().runTest()
-        loop.run_until_complete(database.close())
-    finally:
-        if backend == "postgres":
-            loop.run_until_complete(drop_pg_database(name))
-        loop.close()
+    run_state_machine(HoldsMachine, backend, tmp_path, max_examples=10, steps=25)

@@ -13,7 +13,6 @@ hundreds of steps), with the wallet's own migrations and domain code.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Callable, Coroutine
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -29,11 +27,10 @@ from ledger import Ledger
 from runtime.clock import FixedClock
 from runtime.db import Database
 from runtime.errors import FailedPrecondition
-from runtime.migrations import upgrade
 from services.wallet import storage
 from services.wallet.domain import Coins, Wallet
 from services.wallet.settings import WalletSettings
-from tests.suite import create_pg_database, drop_pg_database
+from tests.helpers import run_state_machine
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
 START = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -240,29 +237,4 @@ class WalletMachine(RuleBasedStateMachine):
 def test_random_wallet_sequences_keep_the_books_exact(backend: str, tmp_path: Path) -> None:
     """The machine runs on a database of its own and on an event loop of its own (hypothesis
     drives synchronous steps; each step runs the wallet's coroutines to completion)."""
-    loop = asyncio.new_event_loop()
-    name = f"coins_seq_{uuid.uuid4().hex[:12]}"
-    try:
-        url = (
-            loop.run_until_complete(create_pg_database(name))
-            if backend == "postgres"
-            else f"sqlite+aiosqlite:///{tmp_path / 'sequences.db'}"
-        )
-        database = Database(url)
-        loop.run_until_complete(upgrade(database, SERVICES / "wallet" / "migrations"))
-        WalletMachine.db = database
-        WalletMachine.run = staticmethod(loop.run_until_complete)  # type: ignore[assignment]
-        runner = WalletMachine.TestCase
-        runner.settings = settings(
-            max_examples=8,
-            stateful_step_count=30,
-            deadline=None,
-            derandomize=True,
-            suppress_health_check=[HealthCheck.too_slow],
-        )
-        runner().runTest()
-        loop.run_until_complete(database.close())
-    finally:
-        if backend == "postgres":
-            loop.run_until_complete(drop_pg_database(name))
-        loop.close()
+    run_state_machine(WalletMachine, backend, tmp_path, max_examples=8, steps=30)
