@@ -203,3 +203,45 @@ async def test_the_ledger_lists_entries_newest_first_with_running_balances(suite
     ]
     assert rest.next_page_token == ""
     assert all(e.transaction_id and e.create_time.seconds for e in page.entries)
+
+
+async def test_a_custom_amount_is_priced_at_the_regions_rate_rounded_up(suite: Suite) -> None:
+    user = new_id()
+    await open_account(suite, user)
+    bought = await suite.wallet.PurchaseCoins(
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=new_id(), user_id=user, custom_coins=1_234, payment_token="tok_visa"
+        )
+    )
+    package = bought.purchase.package
+    assert (package.package_id, package.coins) == ("custom", 1_234)
+    assert package.price.amount_minor == 1_765  # 1,234 x $1.43 / 100 = $17.6462, rounded up
+    assert bought.balance.coins == 1_234
+
+
+async def test_a_custom_amount_outside_the_bounds_or_with_a_package_is_refused(
+    suite: Suite,
+) -> None:
+    user = new_id()
+    await open_account(suite, user)
+    for coins, package, reason in (
+        (29, "", "CUSTOM_AMOUNT_OUT_OF_BOUNDS"),
+        (2_500_001, "", "CUSTOM_AMOUNT_OUT_OF_BOUNDS"),
+        (100, "us-web-70", "INVALID_REQUEST"),
+        (0, "", "INVALID_REQUEST"),
+    ):
+        await expect_error(
+            suite.wallet.PurchaseCoins(
+                wallet_pb2.PurchaseCoinsRequest(
+                    request_id=new_id(),
+                    user_id=user,
+                    package_id=package,
+                    custom_coins=coins,
+                    payment_token="tok_visa",
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            reason,
+        )
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == 0

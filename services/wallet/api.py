@@ -154,7 +154,9 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         async def start(conn: AsyncConnection) -> str:
             now = self._clock.now()
             account = await self._wallet.account(conn, request.user_id)
-            package = await self._wallet.package(conn, request.package_id)
+            package = await self._wallet.what_to_buy(
+                conn, account, request.package_id, request.custom_coins
+            )
             self._wallet.check_can_buy(account, package, now.date())
             await storage.lock_account(conn, account.user_id)
             await self._wallet.check_limits(conn, account, package, request.payment_token, now)

@@ -262,6 +262,61 @@ class Wallet:
                     unit=unit if unit == "coins" else account.currency_code,
                 )
 
+    async def what_to_buy(
+        self,
+        conn: AsyncConnection,
+        account: storage.AccountRecord,
+        package_id: str,
+        custom_coins: int,
+    ) -> storage.PackageRecord:
+        """The package a purchase names, or a custom amount's; exactly one must be given."""
+        if bool(package_id) == bool(custom_coins):
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                "set exactly one of package_id and custom_coins",
+                violations=(
+                    FieldViolation("package_id", "set it or custom_coins, not both"),
+                    FieldViolation("custom_coins", "set it or package_id, not both"),
+                ),
+                fields="package_id, custom_coins",
+            )
+        if package_id:
+            return await self.package(conn, package_id)
+        return self.custom_package(account, custom_coins)
+
+    def custom_package(self, account: storage.AccountRecord, coins: int) -> storage.PackageRecord:
+        """A web package of `coins` at the region's custom rate, the price rounded up to the minor
+        unit (the buyer gets exactly the coins asked; no fraction of a cent is lost or invented)."""
+        s = self.settings
+        if not s.custom_min_coins <= coins <= s.custom_max_coins:
+            raise InvalidArgument(
+                "CUSTOM_AMOUNT_OUT_OF_BOUNDS",
+                f"a custom amount is {s.custom_min_coins} to {s.custom_max_coins} coins",
+                violations=(
+                    FieldViolation(
+                        "custom_coins", f"between {s.custom_min_coins} and {s.custom_max_coins}"
+                    ),
+                ),
+                minimum=s.custom_min_coins,
+                maximum=s.custom_max_coins,
+            )
+        rate = s.custom_price_per_100_coins_minor.get(account.country_code)
+        if rate is None:
+            raise FailedPrecondition(
+                "CUSTOM_AMOUNT_UNAVAILABLE",
+                f"custom amounts are not sold in {account.country_code}; buy a package",
+                country_code=account.country_code,
+            )
+        return storage.PackageRecord(
+            package_id="custom",
+            region=account.country_code,
+            channel="web",
+            currency_code=account.currency_code,
+            coins=coins,
+            price_minor=-(-coins * rate // 100),
+            active=True,
+        )
+
     async def package(self, conn: AsyncConnection, package_id: str) -> storage.PackageRecord:
         package = await storage.get_package(conn, package_id)
         if package is None:

@@ -24,6 +24,10 @@ class WalletSettings(ServiceSettings):
     """How often holds past their expiry are released."""
     policy_version: str = "2026-11"
     """Recorded on every ledger transaction: which pricing policy was in force."""
+    custom_min_coins: int = 30
+    custom_max_coins: int = 2_500_000
+    custom_price_per_100_coins_minor: dict[str, int] = {"US": 143, "GB": 129}
+    """Custom amounts (web): price per 100 coins by region, in its currency's minor units."""
     # Purchase limits, per user over rolling windows (money in the account's currency's minor units),
     # and per payment method (provider token) over 24 hours. Pending and completed purchases count.
     limit_hourly_coins: int = 50_000

@@ -711,14 +711,20 @@ class PurchaseCoinsRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PACKAGE_ID_FIELD_NUMBER: _builtins.int
     PAYMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    CUSTOM_COINS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     user_id: _builtins.str
     """The buying user."""
     package_id: _builtins.str
-    """The package to buy, from ListCoinPackages."""
+    """The package to buy, from ListCoinPackages; or empty, with `custom_coins`."""
     payment_token: _builtins.str
     """The payment provider's token for the payment method. Card data never reaches the wallet."""
+    custom_coins: _builtins.int
+    """Instead of a package: a custom number of coins, within the wallet's configured bounds (by default
+    30 to 2,500,000), sold on the web at the account region's custom rate (the price is rounded up to
+    the minor unit and kept on the purchase). Exactly one of `package_id` and `custom_coins` is set.
+    """
     def __init__(
         self,
         *,
@@ -726,10 +732,11 @@ class PurchaseCoinsRequest(_message.Message):
         user_id: _builtins.str = ...,
         package_id: _builtins.str = ...,
         payment_token: _builtins.str = ...,
+        custom_coins: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["package_id", b"package_id", "payment_token", b"payment_token", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_coins", b"custom_coins", "package_id", b"package_id", "payment_token", b"payment_token", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
