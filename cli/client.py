@@ -3,7 +3,8 @@
 coinsctl plays the platform gateway: it connects with the gateway's certificate (mutual TLS, from the
 dev PKI in COINS_CERTS_DIR, default certs/) and mints a short-lived dev token for the user each request
 names, or for `--as USER` (with `--admin`, the admin role). Production gateways get tokens from the
-identity provider instead.
+identity provider instead. To report promotions' deliveries it plays the ad-delivery system, with that
+system's certificate and no user token.
 """
 
 from __future__ import annotations
@@ -98,19 +99,23 @@ class Clients:
         user = self.acting_user or named or "coinsctl"
         return self.issuer.mint(user, roles=["admin"] if self.admin else [])
 
-    def _channel(self, service: str) -> grpc.Channel:
+    def _channel(
+        self, service: str, identity: str = IDENTITY, *, user_tokens: bool = True
+    ) -> grpc.Channel:
         certs = self.security.certs_dir
         try:
             credentials = grpc.ssl_channel_credentials(
                 (certs / "ca.pem").read_bytes(),
-                (certs / f"{IDENTITY}-key.pem").read_bytes(),
-                (certs / f"{IDENTITY}.pem").read_bytes(),
+                (certs / f"{identity}-key.pem").read_bytes(),
+                (certs / f"{identity}.pem").read_bytes(),
             )
         except FileNotFoundError as missing:
             raise SystemExit(
                 f"{missing.filename} is missing: run `make up` (or `make certs`)"
             ) from None
         channel = grpc.secure_channel(self.addresses[service], credentials)
+        if not user_tokens:
+            return channel
         return grpc.intercept_channel(channel, _DevTokens(self._token_for))
 
     @cached_property
@@ -128,3 +133,9 @@ class Clients:
     @cached_property
     def promotion(self) -> promotion_pb2_grpc.PromotionServiceStub:
         return promotion_pb2_grpc.PromotionServiceStub(self._channel("promotion"))
+
+    @cached_property
+    def ad_delivery(self) -> promotion_pb2_grpc.PromotionServiceStub:
+        """Promotion as the ad-delivery system calls it (ReportDelivery): its certificate, no token."""
+        channel = self._channel("promotion", "ad-delivery", user_tokens=False)
+        return promotion_pb2_grpc.PromotionServiceStub(channel)

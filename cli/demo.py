@@ -117,7 +117,7 @@ def run(c: Clients) -> None:
     ).balance
     console.print(render.diamonds(balance))
 
-    console.rule(f"7. {ava} promotes a video with 1,000 coins")
+    console.rule(f"7. {ava} promotes a video with 1,000 coins: held, consumed as delivered")
     promoted = c.promotion.CreatePromotion(
         promotion_pb2.CreatePromotionRequest(
             request_id=_rid(),
@@ -129,7 +129,26 @@ def run(c: Clients) -> None:
         ),
         timeout=t,
     )
+    promotion_id = promoted.promotion.promotion_id
     console.print(render.promotion(promoted.promotion))
+    coins = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=ava), timeout=t).balance
+    console.print(render.balance(ava, coins))
+    console.print("the ad-delivery system reports what it delivered:")
+    for worth in (250, 150):
+        delivered = c.ad_delivery.ReportDelivery(
+            promotion_pb2.ReportDeliveryRequest(
+                request_id=_rid(), promotion_id=promotion_id, coins=worth
+            ),
+            timeout=t,
+        ).promotion
+        console.print(f"  delivery worth {worth} coins: {delivered.spent_coins:,} spent so far")
+    ended = c.promotion.EndPromotion(
+        promotion_pb2.EndPromotionRequest(request_id=_rid(), promotion_id=promotion_id),
+        timeout=t,
+        metadata=c.token(ava),
+    )
+    console.print(f"{ava} ends it early; {ended.released_coins:,} unspent coins come back:")
+    console.print(render.promotion(ended.promotion))
 
     console.rule(f"8. {ava}'s balance and ledger")
     coins = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=ava), timeout=t).balance

@@ -152,7 +152,10 @@ def promote(c: Clients, a: argparse.Namespace) -> None:
         timeout=c.timeout,
     )
     console.print(render.promotion(response.promotion))
-    console.print(f"{a.user} has {response.payer_balance_coins:,} coins left")
+    console.print(
+        f"promotion {response.promotion.promotion_id}: {a.budget:,} coins held, spent only as "
+        f"delivered; {a.user} has {response.payer_balance_coins:,} coins available"
+    )
 
 
 def show_promotion(c: Clients, a: argparse.Namespace) -> None:
@@ -160,6 +163,27 @@ def show_promotion(c: Clients, a: argparse.Namespace) -> None:
         promotion_pb2.GetPromotionRequest(promotion_id=a.promotion_id), timeout=c.timeout
     )
     console.print(render.promotion(response.promotion))
+
+
+def deliver(c: Clients, a: argparse.Namespace) -> None:
+    response = c.ad_delivery.ReportDelivery(
+        promotion_pb2.ReportDeliveryRequest(
+            request_id=_rid(a), promotion_id=a.promotion_id, coins=a.coins
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.promotion(response.promotion))
+
+
+def end_promotion(c: Clients, a: argparse.Namespace) -> None:
+    response = c.promotion.EndPromotion(
+        promotion_pb2.EndPromotionRequest(request_id=_rid(a), promotion_id=a.promotion_id),
+        timeout=c.timeout,
+    )
+    console.print(render.promotion(response.promotion))
+    console.print(
+        f"{response.released_coins:,} unspent coins went back to {response.promotion.user_id}"
+    )
 
 
 def token(c: Clients, a: argparse.Namespace) -> None:
@@ -239,6 +263,12 @@ def _parser() -> argparse.ArgumentParser:
     command("promotion", show_promotion, "show a promotion (--as OWNER)").add_argument(
         "promotion_id"
     )
+    p = command("deliver", deliver, "report a promotion's delivery, as the ad-delivery system")
+    p.add_argument("promotion_id")
+    p.add_argument("coins", type=int, help="what the delivery is worth")
+    command(
+        "end-promotion", end_promotion, "end a promotion early, releasing the rest (--as OWNER)"
+    ).add_argument("promotion_id")
     command("token", token, "print a dev token for USER (for grpcurl)").add_argument("user")
     command("demo", demo, "run the whole money flow against the running suite")
     return parser

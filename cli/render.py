@@ -159,6 +159,11 @@ def promotion(p: promotion_pb2.Promotion) -> Table:
     table.add_row("goal", enum_name(promotion_pb2.Goal, p.goal, "GOAL_"))
     table.add_row("budget", f"{p.budget_coins:,} coins")
     table.add_row("spent", f"{p.spent_coins:,} coins")
+    if p.status == promotion_pb2.PROMOTION_STATUS_ACTIVE:
+        table.add_row("held", f"{p.budget_coins - p.spent_coins:,} coins, until delivered or ended")
     table.add_row("days", str(p.duration_days))
+    if p.end_time.seconds:
+        ending = "ends" if p.status == promotion_pb2.PROMOTION_STATUS_ACTIVE else "ended"
+        table.add_row(ending, p.end_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
     table.add_row("status", enum_name(promotion_pb2.PromotionStatus, p.status, "PROMOTION_STATUS_"))
     return table

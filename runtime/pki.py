@@ -140,13 +140,18 @@ def make_signing_key(directory: Path, key_id: str = DEV_KEY_ID) -> None:
 
 
 def ensure_dev_pki(directory: Path) -> bool:
-    """Create whatever of the dev PKI is missing in `directory`; True if anything was written."""
-    wrote = False
-    if not (directory / "ca.pem").exists():
+    """Create whatever of the dev PKI is missing in `directory`; True if anything was written.
+
+    A new CA gets every identity a new certificate. Otherwise only an identity without its
+    certificate or key gets one (say, one added to the lists above since the folder was made), and
+    every other identity keeps its own: running processes may hold them."""
+    new_ca = not (directory / "ca.pem").exists()
+    if new_ca:
         make_ca(directory)
-        wrote = True
+    wrote = new_ca
     for identity in (*SERVICE_IDENTITIES, *CALLER_IDENTITIES):
-        if wrote or not (directory / f"{identity}.pem").exists():
+        files = (directory / f"{identity}.pem", directory / f"{identity}-key.pem")
+        if new_ca or not all(path.exists() for path in files):
             issue(directory, identity)
             wrote = True
     if not (directory / "jwt" / f"{DEV_KEY_ID}-key.pem").exists():

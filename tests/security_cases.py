@@ -426,6 +426,29 @@ async def _list_promotions(suite: Suite) -> Sample:
     return Sample(promotion_pb2.ListPromotionsRequest(user_id=user, page_size=5), user)
 
 
+async def active_promotion(suite: Suite) -> tuple[str, str]:
+    """A new funded user's promotion, its budget held; returns (owner, promotion id)."""
+    user, _ = await funded_user(suite)
+    made = await suite.promotion.CreatePromotion(promotion_request(user))
+    return user, made.promotion.promotion_id
+
+
+@sample(PROMOTION, "ReportDelivery")
+async def _report_delivery(suite: Suite) -> Sample:
+    _, promotion_id = await active_promotion(suite)
+    request = promotion_pb2.ReportDeliveryRequest(
+        request_id=new_id("delivery"), promotion_id=promotion_id, coins=40
+    )
+    return Sample(request, None, mutates=True)
+
+
+@sample(PROMOTION, "EndPromotion", record_owned=True)
+async def _end_promotion(suite: Suite) -> Sample:
+    user, promotion_id = await active_promotion(suite)
+    request = promotion_pb2.EndPromotionRequest(request_id=new_id("end"), promotion_id=promotion_id)
+    return Sample(request, user, mutates=True)
+
+
 # ------------------------------------------------------------------------- admin audit (every service)
 
 

@@ -29,6 +29,7 @@ from coins.promotion.v1 import promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2_grpc
 from runtime import pki
 from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
+from runtime.clock import Clock
 from runtime.config import SecuritySettings
 from runtime.server import RunningService, ServiceSpec, start_service
 from runtime.telemetry import make_tracer_provider
@@ -192,6 +193,15 @@ class Suite:
     def promotion(self) -> PromotionServiceAsyncStub:
         return self._gateway("promotion")  # type: ignore[no-any-return]
 
+    @property
+    def ad_delivery(self) -> PromotionServiceAsyncStub:
+        """Promotion as the ad-delivery system calls it (ReportDelivery): its certificate, and no
+        user token."""
+        key = "ad-delivery->promotion"
+        if key not in self._gateway_stubs:
+            self._gateway_stubs[key] = self.stub("promotion", identity="ad-delivery")
+        return self._gateway_stubs[key]  # type: ignore[no-any-return]
+
     async def stop(self) -> None:
         for channel in self.channels:
             await channel.close()
@@ -222,8 +232,10 @@ async def start_suite(
     *,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     only: tuple[str, ...] = ("wallet", "payout", "gifting", "promotion"),
+    clock: Clock | None = None,
 ) -> Suite:
-    """Start the services in `only` (dependencies first) with an in-memory span exporter."""
+    """Start the services in `only` (dependencies first) with an in-memory span exporter, all
+    reading `clock` (default: the system clock)."""
     overrides = overrides or {}
     certs = data_dir / "certs"
     pki.ensure_dev_pki(certs)
@@ -260,7 +272,9 @@ async def start_suite(
             options.update(overrides.get(name, {}))
             settings = spec.settings_type(**options)
             provider = make_tracer_provider(name, exporter=suite.spans)
-            suite.services[name] = await start_service(spec, settings, tracer_provider=provider)
+            suite.services[name] = await start_service(
+                spec, settings, tracer_provider=provider, clock=clock
+            )
     except BaseException:
         await suite.stop()
         raise

@@ -4,6 +4,9 @@ Each consumer keeps its expectations as data in `services/<consumer>/contracts/<
 requests it sends (built by the consumer's own code, so the file cannot drift from it), the response fields
 it reads and the error reasons it relies on. Each interaction runs, in order, against the real provider, so
 a change that breaks a consumer's meaning fails here even when `buf breaking` passes.
+
+An interaction may first put the provider in a state ("given", see `_STATES`), through its public API; a
+state may define values the provider chose (a hold's id), which the interaction names as {name}.
 """
 
 from __future__ import annotations
@@ -46,27 +49,77 @@ def _matches(expected: Any, actual: Any, where: str = "response") -> None:
         assert actual == expected, f"{where}: expected {expected!r}, got {actual!r}"
 
 
-async def _given(suite: Suite, state: dict[str, Any]) -> None:
-    """Provider states, set up through the provider's public API."""
+async def _user_with_coins(suite: Suite, params: dict[str, Any]) -> dict[str, str]:
+    """A wallet account that bought `package_id`."""
+    await suite.wallet.OpenAccount(
+        wallet_pb2.OpenAccountRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=params["user_id"],
+            country_code="US",
+            birth_date=date_pb2.Date(year=1990, month=1, day=1),
+        )
+    )
+    await suite.wallet.PurchaseCoins(
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=params["user_id"],
+            package_id=params["package_id"],
+            payment_token="tok_visa",
+        )
+    )
+    return {}
+
+
+async def _promotion_hold(suite: Suite, params: dict[str, Any]) -> dict[str, str]:
+    """A user with coins (`user_id`, `package_id`) and a hold of `coins` that the promotion service
+    placed on them (`reference`), of which `captured` coins were captured, and then `released` if
+    set. Defines {hold_id}."""
+    await _user_with_coins(suite, params)
+    promotion = suite.as_caller("promotion").wallet
+    placed = await promotion.PlaceHold(
+        wallet_pb2.PlaceHoldRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=params["user_id"],
+            coins=params["coins"],
+            reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+            reference=params["reference"],
+        )
+    )
+    hold_id = placed.hold.hold_id
+    if params.get("captured"):
+        await promotion.CaptureHold(
+            wallet_pb2.CaptureHoldRequest(
+                request_id=uuid.uuid4().hex, hold_id=hold_id, coins=params["captured"]
+            )
+        )
+    if params.get("released"):
+        await promotion.ReleaseHold(
+            wallet_pb2.ReleaseHoldRequest(request_id=uuid.uuid4().hex, hold_id=hold_id)
+        )
+    return {"hold_id": hold_id}
+
+
+_STATES = {"user_with_coins": _user_with_coins, "promotion_hold": _promotion_hold}
+
+
+async def _given(suite: Suite, state: dict[str, Any]) -> dict[str, str]:
+    """Provider states, set up through the provider's public API. Returns the values they define,
+    which the interaction names as {name} (a hold's id, say)."""
+    defined: dict[str, str] = {}
     for name, params in state.items():
-        if name != "user_with_coins":
+        if name not in _STATES:
             raise AssertionError(f"unknown provider state {name!r}")
-        await suite.wallet.OpenAccount(
-            wallet_pb2.OpenAccountRequest(
-                request_id=uuid.uuid4().hex,
-                user_id=params["user_id"],
-                country_code="US",
-                birth_date=date_pb2.Date(year=1990, month=1, day=1),
-            )
-        )
-        await suite.wallet.PurchaseCoins(
-            wallet_pb2.PurchaseCoinsRequest(
-                request_id=uuid.uuid4().hex,
-                user_id=params["user_id"],
-                package_id=params["package_id"],
-                payment_token="tok_visa",
-            )
-        )
+        defined |= await _STATES[name](suite, params)
+    return defined
+
+
+def _define(interaction: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:
+    """The interaction with every {name} the provider states defined replaced by its value."""
+    text = json.dumps(interaction)
+    for name, value in values.items():
+        text = text.replace(f"{{{name}}}", value)
+    defined: dict[str, Any] = json.loads(text)
+    return defined
 
 
 def test_every_cross_service_call_has_a_contract() -> None:
@@ -87,7 +140,8 @@ async def test_provider_honours_consumer_contract(suite: Suite, path: Path) -> N
     contract = _load(path)
     builders = importlib.import_module(f"services.{contract['consumer']}.clients")
     service = descriptor_pool.Default().FindServiceByName(contract["service"])
-    for interaction in contract["interactions"]:
+    for recorded in contract["interactions"]:
+        interaction = _define(recorded, await _given(suite, recorded.get("given", {})))
         what = interaction["description"]
         method = service.methods_by_name[interaction["method"]]
         request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
@@ -98,7 +152,6 @@ async def test_provider_honours_consumer_contract(suite: Suite, path: Path) -> N
         assert json_format.MessageToDict(built) == interaction["request"], (
             f"{what}: the consumer no longer sends the request its contract records"
         )
-        await _given(suite, interaction.get("given", {}))
         call = suite.channel(contract["provider"], identity=contract["consumer"]).unary_unary(
             f"/{service.full_name}/{method.name}",
             request_serializer=request_type.SerializeToString,

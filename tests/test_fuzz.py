@@ -74,6 +74,7 @@ from coins.wallet.v1 import wallet_pb2
 from ledger import Ledger
 from ledger import accounts as ledger_accounts
 from ledger import entries as ledger_entries
+from ledger import holds as ledger_holds
 from ledger import transactions as ledger_transactions
 from runtime.audit import AdminAuditApi
 from runtime.clock import SystemClock
@@ -84,7 +85,7 @@ from runtime.status import error_info
 from services.gifting.storage import credit_outbox, live_gifters, sent_gifts
 from services.payout import policy
 from services.payout.storage import creators, withdrawals
-from services.promotion.storage import promotions
+from services.promotion.storage import promotion_deliveries, promotions
 from services.wallet.storage import purchases, wallet_accounts
 from tests.helpers import adult_birth_date, funded_user, new_id, open_account, rpc_error
 from tests.suite import Suite, start_suite
@@ -258,11 +259,11 @@ async def build_pools(suite: Suite) -> Pools:
                 user_id=viewers[0],
                 video_id=video,
                 goal=promotion_pb2.GOAL_FOLLOWERS,
-                budget_coins=100,
+                budget_coins=budget,
                 duration_days=3,
             )
         )
-        for _ in range(2)
+        for budget in (100, 100, 5_000)  # the last one has room for many deliveries
     ]
     admin = suite.token(ADMIN, admin=True)
     for _ in range(2):  # an admin reading another's balance is audited: two records each time
@@ -985,6 +986,10 @@ class Snapshot:
     creators: list[Any]
     withdrawals: list[Any]
     promotions: dict[str, Any]
+    deliveries: list[Any]
+    """Promotion deliveries counted (promotion_deliveries rows)."""
+    holds: dict[str, Any]
+    """The wallet's holds, by id."""
 
     answers: dict[tuple[str, str, str], str]
     """(service, scope, request id) -> how the request ended (see `_answer`)."""
@@ -1037,6 +1042,8 @@ async def snapshot(suite: Suite) -> Snapshot:
         creators=await _rows(db["payout"], sa.select(creators)),
         withdrawals=await _rows(db["payout"], sa.select(withdrawals)),
         promotions={r.promotion_id: r for r in await _rows(db["promotion"], sa.select(promotions))},
+        deliveries=await _rows(db["promotion"], sa.select(promotion_deliveries)),
+        holds={r.hold_id: r for r in await _rows(db["wallet"], sa.select(ledger_holds))},
         answers={(s, k.scope, k.request_id): _answer(k) for s in keys for k in keys[s]},
     )
 
@@ -1089,6 +1096,8 @@ def request_id_problems(state: Snapshot) -> list[str]:
                 problems.append(f"{named} was refused, yet moved value")
     for tx in state.wallet.transactions:
         scope, _, request_id = tx.request_id.partition("/")
+        if scope.startswith("CaptureHold:"):
+            continue  # a hold's capture: see promotion_problems
         if tx.kind in ("gift", "promotion") and state.answer("wallet", scope, request_id) != "ok":
             problems.append(f"wallet: debit {tx.transaction_id} has no DebitCoins answer")
     return problems
@@ -1218,27 +1227,101 @@ def payout_problems(state: Snapshot, settings: Any) -> list[str]:
 
 
 def promotion_problems(state: Snapshot) -> list[str]:
-    """An active promotion has the wallet debit of its budget it names; a rejected one took nothing.
-    Each CreatePromotion answer matches its promotion."""
+    """A promotion's budget is held while it is active, captured as delivered, and the rest released
+    when it ends:
+    - an active or completed promotion has the wallet hold it names: placed by promotion for its
+      payer, of its budget, with its id as reference; active while the promotion is, captured in
+      full once its budget is spent, released (or expired) when it ended with coins left;
+    - what the hold captured is what the promotion spent and the sum of its counted deliveries;
+      every capture is one counted delivery and every counted delivery one capture (the wallet
+      transaction it names: the payer's coins, as a promotion);
+    - a rejected or pending promotion holds nothing; no promotion has more than one hold;
+    - promotions paid up front (funding `debit`, from before budgets were held) have the debit of
+      their budget they name; a rejected one took nothing.
+    Each CreatePromotion, ReportDelivery and EndPromotion answer matches the records."""
     problems = []
+    counted: dict[str, list[Any]] = {}
+    for d in state.deliveries:
+        counted.setdefault(d.promotion_id, []).append(d)
+    held: dict[str, list[Any]] = {}
+    for h in state.holds.values():
+        if h.owner == "promotion" and h.reference in state.promotions:
+            held.setdefault(h.reference, []).append(h)
+    captures: dict[str, list[Tx]] = {}
+    for tx in state.wallet.transactions:
+        if tx.request_id.startswith("CaptureHold:") and tx.reference in state.promotions:
+            captures.setdefault(tx.reference, []).append(tx)
     for p in state.promotions.values():
-        debit = state.wallet.by_request.get(f"DebitCoins:{p.user_id}/promotion:{p.promotion_id}")
         named = f"promotion: {p.status} promotion {p.promotion_id}"
-        if p.status == "active" and (
-            debit is None
-            or debit.transaction_id != p.wallet_transaction_id
-            or debit.legs.get(f"user:{p.user_id}") != -p.budget_coins
+        deliveries = counted.get(p.promotion_id, [])
+        if p.spent_coins != sum(d.coins for d in deliveries):
+            problems.append(f"{named} spent {p.spent_coins}, deliveries {deliveries}")
+        if p.funding == "debit":
+            problems += _debit_funding_problems(state, p, named)
+            continue
+        holds = held.get(p.promotion_id, [])
+        if p.status in ("pending", "rejected"):
+            if holds or p.hold_id is not None:
+                problems.append(f"{named} holds coins: {holds}")
+            continue
+        hold = state.holds.get(p.hold_id) if p.hold_id else None
+        if hold is None or [h.hold_id for h in holds] != [hold.hold_id]:
+            problems.append(f"{named} has not exactly its hold {p.hold_id}: {holds}")
+            continue
+        if (hold.account_id, hold.amount, hold.kind) != (
+            f"user:{p.user_id}",
+            p.budget_coins,
+            "promotion",
         ):
-            problems.append(f"{named} has no debit of its budget: {debit}")
-        if p.status == "rejected" and debit is not None:
-            problems.append(f"{named} took coins: {debit}")
-    status_of = {"ok": "active", "refused": "rejected", "open": "pending"}
+            problems.append(f"{named} of {p.budget_coins} coins by {p.user_id} has hold {hold}")
+        spent_out = p.spent_coins == p.budget_coins
+        expected = {
+            "active": {"active"},
+            "completed": {"captured"} if spent_out else {"released", "expired"},
+        }[p.status]
+        if hold.status not in expected or hold.captured != p.spent_coins:
+            problems.append(f"{named} spent {p.spent_coins}: hold {hold.status} {hold.captured}")
+        found = {tx.transaction_id: tx for tx in captures.get(p.promotion_id, [])}
+        if set(found) != {d.wallet_transaction_id for d in deliveries}:
+            problems.append(f"{named}: captures {sorted(found)} but deliveries {deliveries}")
+        for d in deliveries:
+            capture = found.get(d.wallet_transaction_id)
+            if capture is not None and capture.legs.get(f"user:{p.user_id}") != -d.coins:
+                moved = capture.legs
+                problems.append(f"{named}: delivery {d.request_id} of {d.coins} moved {moved}")
+    statuses = {"ok": ("active", "completed"), "refused": ("rejected",), "open": ("pending",)}
+    recorded = {(d.promotion_id, d.request_id) for d in state.deliveries}
     for key in state.keys["promotion"]:
-        if key.scope.startswith("CreatePromotion:") and key.resource_id is not None:
+        action, _, promotion_id = key.scope.partition(":")
+        answer = _answer(key)
+        if action == "CreatePromotion" and key.resource_id is not None:
             status = state.promotions[key.resource_id].status
-            if status != status_of[_answer(key)]:
-                problems.append(f"promotion: {key.scope}/{key.request_id} {_answer(key)}, {status}")
+            if status not in statuses[answer]:
+                problems.append(f"promotion: {key.scope}/{key.request_id} {answer}, {status}")
+        is_counted = (promotion_id, key.request_id) in recorded
+        if action == "ReportDelivery" and answer != "open" and (answer == "ok") != is_counted:
+            problems.append(
+                f"promotion: {key.scope}/{key.request_id} {answer}, counted {is_counted}"
+            )
+        if action == "EndPromotion" and answer == "ok":
+            ended = state.promotions.get(promotion_id)
+            if ended is None or ended.status != "completed":
+                problems.append(f"promotion: {key.scope}/{key.request_id} ended {ended}")
     return problems
+
+
+def _debit_funding_problems(state: Snapshot, p: Any, named: str) -> list[str]:
+    """A promotion paid up front: active or completed, it has the debit of its budget it names."""
+    debit = state.wallet.by_request.get(f"DebitCoins:{p.user_id}/promotion:{p.promotion_id}")
+    if p.status in ("active", "completed") and (
+        debit is None
+        or debit.transaction_id != p.wallet_transaction_id
+        or debit.legs.get(f"user:{p.user_id}") != -p.budget_coins
+    ):
+        return [f"{named} has no debit of its budget: {debit}"]
+    if p.status == "rejected" and debit is not None:
+        return [f"{named} took coins: {debit}"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""After a busy run of gifts, purchases, promotions and withdrawals, both ledgers audit clean."""
+"""After a busy run of gifts, purchases, promotions (held, then delivered) and withdrawals, both ledgers
+audit clean."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ async def test_the_books_balance_after_a_mixed_concurrent_run(suite: Suite) -> N
         for user, _ in viewers
     ]
     results = await asyncio.gather(*calls, return_exceptions=True)
+    # Then the promotions are delivered (their held budgets captured in part), among more gifts.
+    more: list[Awaitable[object]] = [gift(user) for user, _ in viewers for _ in range(2)]
+    more += [
+        suite.ad_delivery.ReportDelivery(
+            promotion_pb2.ReportDeliveryRequest(
+                request_id=new_id("d"), promotion_id=made.promotion.promotion_id, coins=60
+            )
+        )
+        for made in results
+        if isinstance(made, promotion_pb2.CreatePromotionResponse)
+    ]
+    results += await asyncio.gather(*more, return_exceptions=True)
     # Some gifts may be refused for lack of coins; nothing else may fail.
     for result in results:
         if isinstance(result, BaseException):

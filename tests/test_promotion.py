@@ -1,17 +1,33 @@
-"""Promotion: a video promotion is paid in coins through the wallet, once, or not at all."""
+"""Promotion: a budget is held in the wallet when the promotion is created, captured as it is delivered,
+and the rest released when it ends; no coin is ever lost or taken twice."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
 import grpc
+import pytest
 
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.clock import SystemClock
+from services.promotion import storage
+from services.promotion.domain import Promotions
 from tests.helpers import expect_error, field_violations, funded_user, new_id, rpc_error
-from tests.suite import Suite
+from tests.suite import Suite, start_suite
+
+ACTIVE = promotion_pb2.PROMOTION_STATUS_ACTIVE
+COMPLETED = promotion_pb2.PROMOTION_STATUS_COMPLETED
+ENDED = (grpc.StatusCode.FAILED_PRECONDITION, "PROMOTION_ENDED")
+EXCEEDED = (grpc.StatusCode.FAILED_PRECONDITION, "BUDGET_EXCEEDED")
 
 
 def promotion(
-    user: str, budget: int, video: str = "video-1"
+    user: str, budget: int, video: str = "video-1", days: int = 3
 ) -> promotion_pb2.CreatePromotionRequest:
     return promotion_pb2.CreatePromotionRequest(
         request_id=new_id("promo"),
@@ -19,44 +35,334 @@ def promotion(
         video_id=video,
         goal=promotion_pb2.GOAL_VIDEO_VIEWS,
         budget_coins=budget,
-        duration_days=3,
+        duration_days=days,
     )
 
 
-async def coins_of(suite: Suite, user: str) -> int:
+def delivery(
+    promotion_id: str, coins: int, request_id: str = ""
+) -> promotion_pb2.ReportDeliveryRequest:
+    return promotion_pb2.ReportDeliveryRequest(
+        request_id=request_id or new_id("delivery"), promotion_id=promotion_id, coins=coins
+    )
+
+
+def ending(promotion_id: str, request_id: str = "") -> promotion_pb2.EndPromotionRequest:
+    return promotion_pb2.EndPromotionRequest(
+        request_id=request_id or new_id("end"), promotion_id=promotion_id
+    )
+
+
+async def balance_of(suite: Suite, user: str) -> wallet_pb2.Balance:
     response = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
-    return response.balance.coins
+    return response.balance
 
 
-async def test_a_promotion_is_paid_and_active(suite: Suite) -> None:
+async def coins_of(suite: Suite, user: str) -> tuple[int, int]:
+    """(balance, available) of the user's coins."""
+    balance = await balance_of(suite, user)
+    return balance.coins, balance.available_coins
+
+
+async def hold_of(suite: Suite, promotion_id: str) -> wallet_pb2.Hold:
+    """The wallet hold of a promotion's budget, read as the promotion service reads it."""
+    async with suite.services["promotion"].runtime.db.read() as conn:
+        record = await storage.get_promotion(conn, promotion_id)
+    assert record is not None and record.hold_id is not None
+    response = await suite.as_caller("promotion").wallet.GetHold(
+        wallet_pb2.GetHoldRequest(hold_id=record.hold_id)
+    )
+    return response.hold
+
+
+async def end(
+    suite: Suite, request: promotion_pb2.EndPromotionRequest, owner: str
+) -> promotion_pb2.EndPromotionResponse:
+    return await suite.promotion.EndPromotion(request, metadata=suite.token(owner))
+
+
+async def read(suite: Suite, promotion_id: str, owner: str) -> promotion_pb2.Promotion:
+    response = await suite.promotion.GetPromotion(
+        promotion_pb2.GetPromotionRequest(promotion_id=promotion_id), metadata=suite.token(owner)
+    )
+    return response.promotion
+
+
+async def test_a_promotion_holds_its_budget(suite: Suite) -> None:
     user, coins = await funded_user(suite)
     request = promotion(user, 300)
     created = await suite.promotion.CreatePromotion(request)
-    assert created.promotion.status == promotion_pb2.PROMOTION_STATUS_ACTIVE
-    assert created.promotion.budget_coins == 300
-    assert created.payer_balance_coins == coins - 300
-    assert await suite.promotion.CreatePromotion(request) == created  # a retry pays nothing more
-    assert await coins_of(suite, user) == coins - 300
-    fetched = await suite.promotion.GetPromotion(
-        promotion_pb2.GetPromotionRequest(promotion_id=created.promotion.promotion_id),
-        metadata=suite.token(user),
-    )
-    assert fetched.promotion == created.promotion
+    made = created.promotion
+    assert made.status == ACTIVE
+    assert (made.budget_coins, made.spent_coins) == (300, 0)
+    assert made.end_time.ToDatetime() - made.create_time.ToDatetime() == dt.timedelta(days=3)
+    assert created.payer_balance_coins == coins - 300  # available: the balance is untouched
+    assert await coins_of(suite, user) == (coins, coins - 300)
+    assert await suite.promotion.CreatePromotion(request) == created  # a retry holds nothing more
+    assert await coins_of(suite, user) == (coins, coins - 300)
+    assert await read(suite, made.promotion_id, user) == made
+
+    hold = await hold_of(suite, made.promotion_id)
+    assert (hold.user_id, hold.amount_coins, hold.captured_coins) == (user, 300, 0)
+    assert hold.status == wallet_pb2.HOLD_STATUS_ACTIVE
+    assert (hold.owner_service, hold.reference) == ("promotion", made.promotion_id)
+    lifetime = hold.expire_time.ToDatetime() - hold.create_time.ToDatetime()
+    assert abs(lifetime - dt.timedelta(days=4)) < dt.timedelta(seconds=5)  # 3 days, a grace day
     ledger = await suite.wallet.ListLedgerEntries(
-        wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=1)
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=5)
     )
-    assert ledger.entries[0].kind == wallet_pb2.ENTRY_KIND_PROMOTION
-    assert ledger.entries[0].reference == created.promotion.promotion_id
+    assert [e.kind for e in ledger.entries] == [wallet_pb2.ENTRY_KIND_PURCHASE]  # nothing spent
 
 
-async def test_a_promotion_without_enough_coins_charges_nothing(suite: Suite) -> None:
-    user, coins = await funded_user(suite)
+async def test_held_coins_cannot_pay_for_another_promotion(suite: Suite) -> None:
+    user, coins = await funded_user(suite)  # 700 coins
+    await suite.promotion.CreatePromotion(promotion(user, coins - 100))
     await expect_error(
-        suite.promotion.CreatePromotion(promotion(user, coins + 1)),
+        suite.promotion.CreatePromotion(promotion(user, 200)),
         grpc.StatusCode.FAILED_PRECONDITION,
         "INSUFFICIENT_FUNDS",
     )
-    assert await coins_of(suite, user) == coins
+    assert await coins_of(suite, user) == (coins, 100)
+
+
+async def test_a_promotion_without_enough_coins_holds_nothing(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    request = promotion(user, coins + 1)
+    await expect_error(
+        suite.promotion.CreatePromotion(request),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    assert await coins_of(suite, user) == (coins, coins)
+    listed = await suite.promotion.ListPromotions(promotion_pb2.ListPromotionsRequest(user_id=user))
+    assert [p.status for p in listed.promotions] == [promotion_pb2.PROMOTION_STATUS_REJECTED]
+
+
+async def test_delivery_is_captured_from_the_hold_once(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    report = delivery(made.promotion_id, 100)
+
+    delivered = await suite.ad_delivery.ReportDelivery(report)
+    assert (delivered.promotion.spent_coins, delivered.promotion.status) == (100, ACTIVE)
+    assert await suite.ad_delivery.ReportDelivery(report) == delivered  # a retry: the same answer
+    assert await coins_of(suite, user) == (coins - 100, coins - 300)
+    assert (await hold_of(suite, made.promotion_id)).captured_coins == 100
+    assert (await read(suite, made.promotion_id, user)).spent_coins == 100
+    ledger = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=1)
+    )
+    entry = ledger.entries[0]
+    assert (entry.kind, entry.amount, entry.reference) == (
+        wallet_pb2.ENTRY_KIND_PROMOTION,
+        -100,
+        made.promotion_id,
+    )
+
+    reused = delivery(made.promotion_id, 50, request_id=report.request_id)
+    await expect_error(
+        suite.ad_delivery.ReportDelivery(reused),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+    )
+    assert await coins_of(suite, user) == (coins - 100, coins - 300)
+
+
+async def test_delivery_beyond_the_budget_is_refused_and_spending_it_all_completes(
+    suite: Suite,
+) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 250))
+    await expect_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 51)), *EXCEEDED)
+    assert await coins_of(suite, user) == (coins - 250, coins - 300)
+
+    last = await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 50))
+    assert (last.promotion.spent_coins, last.promotion.status) == (300, COMPLETED)
+    assert (await hold_of(suite, made.promotion_id)).status == wallet_pb2.HOLD_STATUS_CAPTURED
+    assert await coins_of(suite, user) == (coins - 300, coins - 300)
+    await expect_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 1)), *EXCEEDED)
+    await expect_error(end(suite, ending(made.promotion_id), user), *ENDED)
+
+
+async def test_concurrent_deliveries_never_capture_more_than_the_budget(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    reports = [suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 100)) for _ in range(5)]
+    results = await asyncio.gather(*reports, return_exceptions=True)
+    served = [r for r in results if isinstance(r, promotion_pb2.ReportDeliveryResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert (len(served), len(refused)) == (3, 2), results
+    for error in refused:  # checked locally, or by the wallet when reports raced the check
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    fetched = await read(suite, made.promotion_id, user)
+    assert (fetched.spent_coins, fetched.status) == (300, COMPLETED)
+    assert await coins_of(suite, user) == (coins - 300, coins - 300)
+
+
+async def test_the_wallets_refusal_is_relayed_when_the_hold_has_less_left_than_counted(
+    suite: Suite,
+) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    hold = await hold_of(suite, made.promotion_id)
+    await suite.as_caller("promotion").wallet.CaptureHold(  # a capture promotion has not counted
+        wallet_pb2.CaptureHoldRequest(
+            request_id=new_id("elsewhere"), hold_id=hold.hold_id, coins=250
+        )
+    )
+    report = delivery(made.promotion_id, 100)  # fits the budget as counted: 0 of 300 spent
+    refused = await expect_error(
+        suite.ad_delivery.ReportDelivery(report),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CAPTURE_EXCEEDS_HOLD",
+    )
+    await expect_error(
+        suite.ad_delivery.ReportDelivery(report),  # the answer stands
+        refused.code(),
+        "CAPTURE_EXCEEDS_HOLD",
+    )
+    assert (await read(suite, made.promotion_id, user)).spent_coins == 0
+    assert await coins_of(suite, user) == (coins - 250, coins - 300)
+
+
+async def test_ending_a_promotion_releases_the_rest_and_no_coin_is_lost(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 120))
+    request = ending(made.promotion_id)
+    _, available_while_held = await coins_of(suite, user)
+
+    ended = await end(suite, request, user)
+    assert (ended.promotion.status, ended.promotion.spent_coins) == (COMPLETED, 120)
+    assert ended.released_coins == 180
+    assert ended.promotion.end_time.ToDatetime() < made.end_time.ToDatetime()
+    balance, available = await coins_of(suite, user)
+    assert (balance, available) == (coins - 120, coins - 120)
+    hold = await hold_of(suite, made.promotion_id)
+    assert hold.status == wallet_pb2.HOLD_STATUS_RELEASED
+    # No coin lost: what was free, what was captured and what came back make what the user had.
+    assert available_while_held + hold.captured_coins + ended.released_coins == coins
+    assert hold.captured_coins + ended.released_coins == made.budget_coins
+    assert balance + hold.captured_coins == coins
+
+    assert await end(suite, request, user) == ended  # a retry: the same answer
+    await expect_error(end(suite, ending(made.promotion_id), user), *ENDED)
+    await expect_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 10)), *ENDED)
+    assert await coins_of(suite, user) == (coins - 120, coins - 120)
+    assert await read(suite, made.promotion_id, user) == ended.promotion
+
+
+async def test_only_the_owner_ends_a_promotion(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await expect_error(
+        end(suite, ending(made.promotion_id), new_id("intruder")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "NOT_ACCOUNT_OWNER",
+    )
+    await expect_error(
+        end(suite, ending("0" * 32), user), grpc.StatusCode.NOT_FOUND, "PROMOTION_NOT_FOUND"
+    )
+    assert (await read(suite, made.promotion_id, user)).status == ACTIVE
+    assert await coins_of(suite, user) == (coins, coins - 300)
+
+
+async def test_only_the_ad_delivery_system_reports_deliveries(suite: Suite) -> None:
+    user, _ = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await expect_error(
+        suite.promotion.ReportDelivery(delivery(made.promotion_id, 10)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "CALLER_NOT_ALLOWED",
+    )
+    await expect_error(
+        suite.ad_delivery.ReportDelivery(delivery("0" * 32, 10)),
+        grpc.StatusCode.NOT_FOUND,
+        "PROMOTION_NOT_FOUND",
+    )
+
+
+async def test_a_crash_between_the_capture_and_its_count_counts_it_once(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    report = delivery(made.promotion_id, 100)
+    record_delivery = Promotions.record_delivery
+
+    async def crash(*args: object, **kwargs: object) -> bool:
+        raise RuntimeError("the process died after the wallet captured")
+
+    monkeypatch.setattr(Promotions, "record_delivery", crash)
+    error = await rpc_error(suite.ad_delivery.ReportDelivery(report))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert await coins_of(suite, user) == (coins - 100, coins - 300)  # captured, not counted
+    assert (await read(suite, made.promotion_id, user)).spent_coins == 0
+
+    monkeypatch.setattr(Promotions, "record_delivery", record_delivery)
+    delivered = await suite.ad_delivery.ReportDelivery(report)  # the retry
+    assert delivered.promotion.spent_coins == 100
+    assert await coins_of(suite, user) == (coins - 100, coins - 300)  # not captured again
+    assert (await hold_of(suite, made.promotion_id)).captured_coins == 100
+    assert await suite.ad_delivery.ReportDelivery(report) == delivered
+
+
+async def test_a_promotion_paid_up_front_counts_deliveries_and_releases_nothing(
+    suite: Suite,
+) -> None:
+    user, coins = await funded_user(suite)
+    now = dt.datetime.now(dt.UTC)
+    legacy = storage.PromotionRecord(
+        promotion_id=new_id("legacy"),
+        user_id=user,
+        video_id="video-1",
+        goal="video_views",
+        budget_coins=200,
+        spent_coins=0,
+        duration_days=3,
+        status="active",
+        wallet_transaction_id=new_id("tx"),
+        created_at=now,
+        updated_at=now,
+        hold_id=None,
+        ends_at=now + dt.timedelta(days=3),
+        funding="debit",
+    )
+    async with suite.services["promotion"].runtime.db.transaction() as conn:
+        await storage.insert_promotion(conn, legacy)
+    pid = legacy.promotion_id
+    delivered = await suite.ad_delivery.ReportDelivery(delivery(pid, 150))
+    assert delivered.promotion.spent_coins == 150
+    await expect_error(suite.ad_delivery.ReportDelivery(delivery(pid, 51)), *EXCEEDED)
+    ended = await end(suite, ending(pid), user)
+    assert (ended.promotion.status, ended.released_coins) == (COMPLETED, 0)
+    assert await coins_of(suite, user) == (coins, coins)  # the wallet was never asked
+
+
+async def test_a_promotion_created_before_budgets_were_held_resumes_with_a_debit(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user, coins = await funded_user(suite)
+    create = Promotions.create
+
+    async def created_before(self: Promotions, conn: Any, **fields: Any) -> str:
+        """A promotion recorded, pending, by the version that debited budgets."""
+        promotion_id = await create(self, conn, **fields)
+        await conn.execute(
+            storage.promotions.update()
+            .where(storage.promotions.c.promotion_id == promotion_id)
+            .values(funding="debit")
+        )
+        return promotion_id
+
+    monkeypatch.setattr(Promotions, "create", created_before)
+    created = await suite.promotion.CreatePromotion(promotion(user, 300))
+    assert (created.promotion.status, created.payer_balance_coins) == (ACTIVE, coins - 300)
+    assert await coins_of(suite, user) == (coins - 300, coins - 300)  # paid up front, held nothing
+    async with suite.services["promotion"].runtime.db.read() as conn:
+        record = await storage.get_promotion(conn, created.promotion.promotion_id)
+    assert record is not None and record.hold_id is None and record.wallet_transaction_id
 
 
 async def test_budgets_below_the_minimum_charge_are_invalid(suite: Suite) -> None:
@@ -64,7 +370,7 @@ async def test_budgets_below_the_minimum_charge_are_invalid(suite: Suite) -> Non
     error = await rpc_error(suite.promotion.CreatePromotion(promotion(user, 99)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(error) == {"budget_coins"}
-    assert await coins_of(suite, user) == coins
+    assert await coins_of(suite, user) == (coins, coins)
 
 
 async def test_a_users_promotions_are_listed_newest_first(suite: Suite) -> None:
@@ -86,3 +392,54 @@ async def test_an_unknown_promotion_is_not_found(suite: Suite) -> None:
         grpc.StatusCode.NOT_FOUND,
         "PROMOTION_NOT_FOUND",
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time: a promotion past its end, and its hold expiring a grace day later.
+
+
+class ShiftedClock(SystemClock):
+    """The system clock, moved forward on demand: days pass in an instant for the wallet and the
+    promotion service alike (tokens are still checked against the real time)."""
+
+    def __init__(self) -> None:
+        self.shift = dt.timedelta()
+
+    def now(self) -> dt.datetime:
+        return super().now() + self.shift
+
+
+@pytest.fixture(scope="module")
+async def timed(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
+    """Wallet and promotion on a clock the tests move."""
+    clock = ShiftedClock()
+    data_dir: Path = tmp_path_factory.mktemp(f"promotion-time-{backend}")
+    running = await start_suite(backend, data_dir, only=("wallet", "promotion"), clock=clock)
+    yield running, clock
+    await running.stop()
+
+
+async def test_a_promotion_past_its_end_is_completed_and_its_hold_expires_by_itself(
+    timed: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, clock = timed
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300, days=1))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 100))
+
+    clock.shift += dt.timedelta(days=1, seconds=1)  # the promotion's day is over
+    assert (await read(suite, made.promotion_id, user)).status == COMPLETED
+    await expect_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 10)), *ENDED)
+    await expect_error(end(suite, ending(made.promotion_id), user), *ENDED)
+    assert await coins_of(suite, user) == (coins - 100, coins - 300)  # held until the grace day
+
+    clock.shift += dt.timedelta(days=1)  # the grace day too: the wallet's sweeper releases the rest
+    for _ in range(100):
+        if await coins_of(suite, user) == (coins - 100, coins - 100):
+            break
+        await asyncio.sleep(0.05)
+    assert await coins_of(suite, user) == (coins - 100, coins - 100)
+    hold = await hold_of(suite, made.promotion_id)
+    assert (hold.status, hold.captured_coins) == (wallet_pb2.HOLD_STATUS_EXPIRED, 100)

@@ -1,1 +1,2 @@
-"""Promotion: campaigns that boost a video's reach, paid for in coins through the wallet."""
+"""Promotion: campaigns that boost a video's reach, paid for in coins held in the wallet and consumed
+as they are delivered."""

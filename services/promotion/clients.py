@@ -1,16 +1,35 @@
-"""Adapter from the promotion domain's wallet port to the wallet's gRPC contract."""
+"""Adapter from the promotion domain's wallet port to the wallet's gRPC contract.
+
+The request builders below are what promotion sends; contracts/wallet.json pins them (and what
+promotion reads from the answers), and tests/test_consumer_contracts.py checks that against the wallet.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 import grpc
+from google.protobuf import duration_pb2
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.status import from_rpc_error
-from services.promotion.domain import debit_request_id
+from services.promotion.domain import (
+    Captured,
+    HeldBudget,
+    Released,
+    capture_request_id,
+    debit_request_id,
+    hold_lifetime,
+    hold_request_id,
+    release_request_id,
+)
+
+R = TypeVar("R")
 
 
 def budget_request(promotion_id: str, user_id: str, coins: int) -> wallet_pb2.DebitCoinsRequest:
-    """What promotion asks of the wallet for one budget (pinned by contracts/wallet.json)."""
+    """The debit of a whole budget (promotions created before budgets were held, resumed)."""
     return wallet_pb2.DebitCoinsRequest(
         request_id=debit_request_id(promotion_id),
         user_id=user_id,
@@ -20,17 +39,85 @@ def budget_request(promotion_id: str, user_id: str, coins: int) -> wallet_pb2.De
     )
 
 
-class WalletBudgetPayer:
+def hold_request(
+    promotion_id: str, user_id: str, coins: int, duration_days: int
+) -> wallet_pb2.PlaceHoldRequest:
+    """The hold of a promotion's budget, until its end and a grace day."""
+    lifetime = duration_pb2.Duration()
+    lifetime.FromTimedelta(hold_lifetime(duration_days))
+    return wallet_pb2.PlaceHoldRequest(
+        request_id=hold_request_id(promotion_id),
+        user_id=user_id,
+        coins=coins,
+        reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+        reference=promotion_id,
+        expire_after=lifetime,
+    )
+
+
+def capture_request(
+    promotion_id: str, hold_id: str, report_request_id: str, coins: int
+) -> wallet_pb2.CaptureHoldRequest:
+    """The capture of one delivery report."""
+    return wallet_pb2.CaptureHoldRequest(
+        request_id=capture_request_id(promotion_id, report_request_id),
+        hold_id=hold_id,
+        coins=coins,
+    )
+
+
+def release_request(promotion_id: str, hold_id: str) -> wallet_pb2.ReleaseHoldRequest:
+    """The release of what a promotion's hold has left when it is ended."""
+    return wallet_pb2.ReleaseHoldRequest(
+        request_id=release_request_id(promotion_id), hold_id=hold_id
+    )
+
+
+async def _call(call: Awaitable[R]) -> R:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error, dependency="wallet") from None
+
+
+class WalletBudget:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._wallet = wallet_pb2_grpc.WalletServiceStub(channel)
+
+    async def hold_budget(
+        self,
+        *,
+        promotion_id: str,
+        user_id: str,
+        coins: int,
+        duration_days: int,
+        time_limit: float,
+    ) -> HeldBudget:
+        request = hold_request(promotion_id, user_id, coins, duration_days)
+        response = await _call(self._wallet.PlaceHold(request, timeout=time_limit))
+        return HeldBudget(response.hold.hold_id, response.balance.available_coins)
+
+    async def capture(
+        self,
+        *,
+        promotion_id: str,
+        hold_id: str,
+        report_request_id: str,
+        coins: int,
+        time_limit: float,
+    ) -> Captured:
+        request = capture_request(promotion_id, hold_id, report_request_id, coins)
+        response = await _call(self._wallet.CaptureHold(request, timeout=time_limit))
+        return Captured(response.transaction_id)
+
+    async def release(self, *, promotion_id: str, hold_id: str, time_limit: float) -> Released:
+        request = release_request(promotion_id, hold_id)
+        response = await _call(self._wallet.ReleaseHold(request, timeout=time_limit))
+        return Released(response.hold.amount_coins - response.hold.captured_coins)
 
     async def pay_budget(
         self, *, promotion_id: str, user_id: str, coins: int, time_limit: float
     ) -> tuple[str, int]:
-        try:
-            response = await self._wallet.DebitCoins(
-                budget_request(promotion_id, user_id, coins), timeout=time_limit
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, dependency="wallet") from None
-        return response.transaction_id, response.balance.coins
+        request = budget_request(promotion_id, user_id, coins)
+        response = await _call(self._wallet.DebitCoins(request, timeout=time_limit))
+        return response.transaction_id, response.balance.available_coins

@@ -1,30 +1,162 @@
-"""Promotion rules. A promotion is recorded `pending`, its budget is debited in the wallet with a request
-id derived from the promotion's id (so retries debit once), and it becomes `active`, or `rejected` when the
-wallet refuses (nothing charged)."""
+"""Promotion rules.
+
+A promotion's coin budget is held in the wallet, consumed as it is delivered, and the rest released when
+it ends:
+- CreatePromotion records the promotion `pending`, places a wallet hold of the budget with a request id
+  derived from the promotion's id (so retries hold once) that expires a grace day after the promotion's
+  end, and makes it `active`, or `rejected` when the wallet refuses (nothing held).
+- ReportDelivery (the ad-delivery system) captures the delivered coins from the hold, with a request id
+  derived from the promotion and the report, and adds them to `spent_coins` once: the delivery row, keyed
+  by (promotion, report request id), is written in the same transaction as the spent coins, and a retry
+  after a crash re-sends the same capture, which the wallet answers from its idempotency store. The whole
+  budget spent, the promotion is `completed`.
+- EndPromotion (the owner) releases what is left and completes it. A promotion past its end reads
+  `completed` without anyone ending it: the wallet's hold expires by itself a day later.
+
+Promotions created before budgets were held (funding `debit`) paid their whole budget up front; their
+deliveries are only counted, and ending them releases nothing.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.errors import DomainError, FailedPrecondition
 from services.promotion import storage
 
+GRACE = dt.timedelta(days=1)
+"""How long a promotion's hold outlives the promotion: the wallet releases it by itself then."""
 
-class BudgetPayer(Protocol):
+_MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True)
+class HeldBudget:
+    hold_id: str
+    available_coins: int
+    """The payer's available coins after the hold."""
+
+
+@dataclass(frozen=True)
+class Captured:
+    transaction_id: str
+    """The wallet transaction that moved the delivered coins."""
+
+
+@dataclass(frozen=True)
+class Released:
+    released_coins: int
+    """What the hold had not captured, now available to the payer again."""
+
+
+class BudgetWallet(Protocol):
     """The wallet, as the promotion service needs it."""
+
+    async def hold_budget(
+        self,
+        *,
+        promotion_id: str,
+        user_id: str,
+        coins: int,
+        duration_days: int,
+        time_limit: float,
+    ) -> HeldBudget:
+        """Hold the budget until the promotion's end and a grace day (acting for the payer)."""
+        ...
+
+    async def capture(
+        self,
+        *,
+        promotion_id: str,
+        hold_id: str,
+        report_request_id: str,
+        coins: int,
+        time_limit: float,
+    ) -> Captured:
+        """Capture delivered coins from the hold."""
+        ...
+
+    async def release(self, *, promotion_id: str, hold_id: str, time_limit: float) -> Released:
+        """Release what the hold has left."""
+        ...
 
     async def pay_budget(
         self, *, promotion_id: str, user_id: str, coins: int, time_limit: float
     ) -> tuple[str, int]:
-        """Debit the budget; returns (wallet transaction id, payer's balance after)."""
+        """Debit the whole budget (promotions created before budgets were held, resumed after a
+        crash); returns (wallet transaction id, payer's available coins after)."""
         ...
 
 
 def debit_request_id(promotion_id: str) -> str:
+    """The request id of the debit that paid a promotion created before budgets were held."""
     return f"promotion:{promotion_id}"
+
+
+def hold_request_id(promotion_id: str) -> str:
+    return f"promotion:{promotion_id}"
+
+
+def release_request_id(promotion_id: str) -> str:
+    """One per promotion: two EndPromotion requests release the hold once."""
+    return f"promotion:{promotion_id}:end"
+
+
+def capture_request_id(promotion_id: str, report_request_id: str) -> str:
+    """One per delivery report; a report id too long to fit is replaced by its digest (a distinct
+    prefix keeps the two forms apart)."""
+    readable = f"promotion:{promotion_id}:delivery:{report_request_id}"
+    if len(readable) <= _MAX_REQUEST_ID:
+        return readable
+    digest = hashlib.sha256(report_request_id.encode()).hexdigest()[:48]
+    return f"promotion:{promotion_id}:delivery-sha256:{digest}"
+
+
+def hold_lifetime(duration_days: int) -> dt.timedelta:
+    return dt.timedelta(days=duration_days) + GRACE
+
+
+def status_at(promotion: storage.PromotionRecord, now: dt.datetime) -> str:
+    """The promotion's status as callers see it: an active promotion past its end is completed."""
+    if promotion.status == "active" and now >= promotion.ends_at:
+        return "completed"
+    return promotion.status
+
+
+def _not_active(promotion: storage.PromotionRecord) -> FailedPrecondition:
+    return FailedPrecondition(
+        "PROMOTION_NOT_ACTIVE",
+        f"promotion {promotion.promotion_id} is {promotion.status}: its budget was not held",
+        promotion_id=promotion.promotion_id,
+        status=promotion.status,
+    )
+
+
+def _ended(promotion: storage.PromotionRecord) -> FailedPrecondition:
+    return FailedPrecondition(
+        "PROMOTION_ENDED",
+        f"promotion {promotion.promotion_id} ended at {promotion.ends_at:%Y-%m-%d %H:%M:%S} UTC",
+        promotion_id=promotion.promotion_id,
+        end_time=promotion.ends_at.isoformat(),
+    )
+
+
+def _exceeded(promotion: storage.PromotionRecord, coins: int) -> FailedPrecondition:
+    remaining = promotion.budget_coins - promotion.spent_coins
+    return FailedPrecondition(
+        "BUDGET_EXCEEDED",
+        f"promotion {promotion.promotion_id} has {remaining} coins of its budget left; "
+        f"a delivery worth {coins} exceeds it",
+        promotion_id=promotion.promotion_id,
+        remaining=remaining,
+        requested=coins,
+    )
 
 
 class Promotions:
@@ -54,12 +186,21 @@ class Promotions:
                 wallet_transaction_id=None,
                 created_at=now,
                 updated_at=now,
+                hold_id=None,
+                ends_at=now + dt.timedelta(days=duration_days),
+                funding="hold",
             ),
         )
         return promotion_id
 
     async def activate(
-        self, conn: AsyncConnection, promotion_id: str, wallet_transaction_id: str, now: dt.datetime
+        self,
+        conn: AsyncConnection,
+        promotion_id: str,
+        now: dt.datetime,
+        *,
+        hold_id: str | None = None,
+        wallet_transaction_id: str | None = None,
     ) -> bool:
         return await storage.move_promotion(
             conn,
@@ -67,6 +208,7 @@ class Promotions:
             from_status="pending",
             to_status="active",
             now=now,
+            hold_id=hold_id,
             wallet_transaction_id=wallet_transaction_id,
         )
 
@@ -74,3 +216,74 @@ class Promotions:
         await storage.move_promotion(
             conn, promotion_id, from_status="pending", to_status="rejected", now=now
         )
+
+    def check_delivery(
+        self, promotion: storage.PromotionRecord, coins: int, now: dt.datetime
+    ) -> None:
+        """A delivery may be reported for an active promotion before its end, within its budget."""
+        if promotion.status in ("pending", "rejected"):
+            raise _not_active(promotion)
+        spent_out = promotion.spent_coins == promotion.budget_coins
+        if status_at(promotion, now) == "completed" and not spent_out:
+            raise _ended(promotion)
+        if promotion.spent_coins + coins > promotion.budget_coins:
+            raise _exceeded(promotion, coins)
+
+    def check_end(self, promotion: storage.PromotionRecord, now: dt.datetime) -> None:
+        """Only an active promotion before its end can be ended."""
+        if promotion.status in ("pending", "rejected"):
+            raise _not_active(promotion)
+        if status_at(promotion, now) == "completed":
+            raise _ended(promotion)
+
+    def capture_refused(
+        self, promotion: storage.PromotionRecord, coins: int, error: DomainError
+    ) -> DomainError:
+        """The wallet's refusal of a capture, in the promotion's terms: a hold released or expired
+        means the promotion ended; one captured in full, that its budget is spent. Other errors
+        (CAPTURE_EXCEEDS_HOLD among them) pass through."""
+        if error.reason in ("HOLD_RELEASED", "HOLD_EXPIRED"):
+            return _ended(promotion)
+        if error.reason == "HOLD_CAPTURED":
+            return _exceeded(replace(promotion, spent_coins=promotion.budget_coins), coins)
+        return error
+
+    def release_refused(self, promotion: storage.PromotionRecord, error: DomainError) -> bool:
+        """True if the wallet refused the release because the hold is resolved already (expired,
+        captured in full, or released): the promotion is over."""
+        return error.reason in ("HOLD_RELEASED", "HOLD_EXPIRED", "HOLD_CAPTURED")
+
+    def ended(self, promotion: storage.PromotionRecord) -> FailedPrecondition:
+        return _ended(promotion)
+
+    async def record_delivery(
+        self,
+        conn: AsyncConnection,
+        promotion: storage.PromotionRecord,
+        *,
+        request_id: str,
+        coins: int,
+        wallet_transaction_id: str | None,
+        now: dt.datetime,
+    ) -> bool:
+        """Count a delivery once: False if this report was counted already. BUDGET_EXCEEDED if it
+        does not fit the budget (only possible for a promotion paid up front: the wallet never
+        captures more than a hold)."""
+        recorded = await storage.insert_delivery(
+            conn,
+            promotion_id=promotion.promotion_id,
+            request_id=request_id,
+            coins=coins,
+            wallet_transaction_id=wallet_transaction_id,
+            now=now,
+        )
+        if not recorded:
+            return False
+        if not await storage.add_spent(conn, promotion.promotion_id, coins, now=now):
+            current = await storage.get_promotion(conn, promotion.promotion_id)
+            raise _exceeded(current or promotion, coins)
+        return True
+
+    async def end(self, conn: AsyncConnection, promotion_id: str, now: dt.datetime) -> bool:
+        """Complete an active promotion now; False if it is not active (ended meanwhile)."""
+        return await storage.end_promotion(conn, promotion_id, now=now)

@@ -7,13 +7,13 @@ from pathlib import Path
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from runtime.server import Runtime, ServiceSpec
 from services.promotion.api import ACCESS, PromotionApi
-from services.promotion.clients import WalletBudgetPayer
+from services.promotion.clients import WalletBudget
 from services.promotion.domain import Promotions
 from services.promotion.settings import PromotionSettings
 
 
 async def setup(runtime: Runtime[PromotionSettings]) -> None:
-    wallet = WalletBudgetPayer(runtime.channel(runtime.settings.wallet_address))
+    wallet = WalletBudget(runtime.channel(runtime.settings.wallet_address))
     promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
         PromotionApi(runtime, Promotions(), wallet), runtime.server
     )

@@ -13,9 +13,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    case,
+    literal,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 metadata = MetaData()
@@ -31,9 +34,27 @@ promotions = Table(
     Column("spent_coins", BigInteger, nullable=False),
     Column("duration_days", Integer, nullable=False),
     Column("status", String(16), nullable=False),
+    # funding "debit" (promotions created before budgets were held): the debit that paid it all.
     Column("wallet_transaction_id", String(40)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # funding "hold": the wallet hold of the budget, captured as delivered, released at the end.
+    Column("hold_id", String(64)),
+    # When delivery stops: created_at + duration_days, or earlier if ended or spent before.
+    Column("ends_at", DateTime(timezone=True)),
+    Column("funding", String(8), nullable=False),
+)
+
+promotion_deliveries = Table(
+    "promotion_deliveries",
+    metadata,
+    Column("promotion_id", String(40), primary_key=True),
+    # The ReportDelivery request id: a delivery is counted once, whatever the retries.
+    Column("request_id", String(128), primary_key=True),
+    Column("coins", BigInteger, nullable=False),
+    # The wallet's capture (none for a promotion paid up front).
+    Column("wallet_transaction_id", String(40)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -50,11 +71,16 @@ class PromotionRecord:
     wallet_transaction_id: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    hold_id: str | None
+    ends_at: dt.datetime
+    funding: str
 
 
 def _record(row: object) -> PromotionRecord:
     data = row._asdict()  # type: ignore[attr-defined]
-    for key in ("created_at", "updated_at"):
+    if data["ends_at"] is None:  # not backfilled: the end it was created with
+        data["ends_at"] = data["created_at"] + dt.timedelta(days=data["duration_days"])
+    for key in ("created_at", "updated_at", "ends_at"):
         if data[key].tzinfo is None:
             data[key] = data[key].replace(tzinfo=dt.UTC)
     return PromotionRecord(**data)
@@ -97,13 +123,85 @@ async def move_promotion(
     to_status: str,
     now: dt.datetime,
     wallet_transaction_id: str | None = None,
+    hold_id: str | None = None,
 ) -> bool:
     values: dict[str, object] = {"status": to_status, "updated_at": now}
     if wallet_transaction_id is not None:
         values["wallet_transaction_id"] = wallet_transaction_id
+    if hold_id is not None:
+        values["hold_id"] = hold_id
     result = await conn.execute(
         update(promotions)
         .where(promotions.c.promotion_id == promotion_id, promotions.c.status == from_status)
         .values(**values)
+    )
+    return result.rowcount == 1
+
+
+async def end_promotion(conn: AsyncConnection, promotion_id: str, *, now: dt.datetime) -> bool:
+    """An active promotion becomes completed, ending now (or when it was due, if that was earlier)."""
+    result = await conn.execute(
+        update(promotions)
+        .where(promotions.c.promotion_id == promotion_id, promotions.c.status == "active")
+        .values(
+            status="completed",
+            ends_at=case(
+                (promotions.c.ends_at > now, literal(now, DateTime(timezone=True))),
+                else_=promotions.c.ends_at,
+            ),
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
+async def insert_delivery(
+    conn: AsyncConnection,
+    *,
+    promotion_id: str,
+    request_id: str,
+    coins: int,
+    wallet_transaction_id: str | None,
+    now: dt.datetime,
+) -> bool:
+    """Record a delivery; False if this (promotion, request id) is already recorded."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    result = await conn.execute(
+        dialect.insert(promotion_deliveries)
+        .values(
+            promotion_id=promotion_id,
+            request_id=request_id,
+            coins=coins,
+            wallet_transaction_id=wallet_transaction_id,
+            created_at=now,
+        )
+        .on_conflict_do_nothing()
+    )
+    return result.rowcount == 1
+
+
+async def add_spent(
+    conn: AsyncConnection, promotion_id: str, coins: int, *, now: dt.datetime
+) -> bool:
+    """Add delivered coins to what the promotion spent, within its budget; a promotion whose whole
+    budget is spent is completed, ending now. False if that would exceed the budget."""
+    spent = promotions.c.spent_coins + coins
+    spent_out = spent == promotions.c.budget_coins
+    result = await conn.execute(
+        update(promotions)
+        .where(
+            promotions.c.promotion_id == promotion_id,
+            promotions.c.status.in_(("active", "completed")),
+            spent <= promotions.c.budget_coins,
+        )
+        .values(
+            spent_coins=spent,
+            status=case((spent_out, literal("completed")), else_=promotions.c.status),
+            ends_at=case(
+                (spent_out & (promotions.c.ends_at > now), literal(now, DateTime(timezone=True))),
+                else_=promotions.c.ends_at,
+            ),
+            updated_at=now,
+        )
     )
     return result.rowcount == 1

@@ -61,11 +61,16 @@ class _PromotionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Promo
     PROMOTION_STATUS_UNSPECIFIED: _PromotionStatus.ValueType  # 0
     """Not set."""
     PROMOTION_STATUS_PENDING: _PromotionStatus.ValueType  # 1
-    """Created; the budget is being paid."""
+    """Created; its budget is being held in the wallet."""
     PROMOTION_STATUS_ACTIVE: _PromotionStatus.ValueType  # 2
-    """Paid and delivering."""
+    """Budget held; delivering until end_time, consuming the budget as it is delivered."""
     PROMOTION_STATUS_REJECTED: _PromotionStatus.ValueType  # 3
-    """Not paid (for example, not enough coins); nothing was charged."""
+    """Not paid for (for example, not enough coins); nothing was held or charged."""
+    PROMOTION_STATUS_COMPLETED: _PromotionStatus.ValueType  # 4
+    """Over: the whole budget was spent, the owner ended it, or its end_time passed. Spent coins stay
+    charged; the rest of the budget went back to the payer (or goes back when the wallet's hold
+    expires, a day after end_time).
+    """
 
 class PromotionStatus(_PromotionStatus, metaclass=_PromotionStatusEnumTypeWrapper):
     """Where a promotion stands."""
@@ -73,11 +78,16 @@ class PromotionStatus(_PromotionStatus, metaclass=_PromotionStatusEnumTypeWrappe
 PROMOTION_STATUS_UNSPECIFIED: PromotionStatus.ValueType  # 0
 """Not set."""
 PROMOTION_STATUS_PENDING: PromotionStatus.ValueType  # 1
-"""Created; the budget is being paid."""
+"""Created; its budget is being held in the wallet."""
 PROMOTION_STATUS_ACTIVE: PromotionStatus.ValueType  # 2
-"""Paid and delivering."""
+"""Budget held; delivering until end_time, consuming the budget as it is delivered."""
 PROMOTION_STATUS_REJECTED: PromotionStatus.ValueType  # 3
-"""Not paid (for example, not enough coins); nothing was charged."""
+"""Not paid for (for example, not enough coins); nothing was held or charged."""
+PROMOTION_STATUS_COMPLETED: PromotionStatus.ValueType  # 4
+"""Over: the whole budget was spent, the owner ended it, or its end_time passed. Spent coins stay
+charged; the rest of the budget went back to the payer (or goes back when the wallet's hold
+expires, a day after end_time).
+"""
 Global___PromotionStatus: _TypeAlias = PromotionStatus  # noqa: Y015
 
 @_typing.final
@@ -95,6 +105,7 @@ class Promotion(_message.Message):
     DURATION_DAYS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     promotion_id: _builtins.str
     """Identifier of the promotion."""
     user_id: _builtins.str
@@ -115,6 +126,12 @@ class Promotion(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was created."""
 
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When delivery stops: duration_days after create_time, or earlier if the owner ended it or its whole
+        budget was spent.
+        """
+
     def __init__(
         self,
         *,
@@ -127,10 +144,11 @@ class Promotion(_message.Message):
         duration_days: _builtins.int = ...,
         status: Global___PromotionStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_coins", b"budget_coins", "create_time", b"create_time", "duration_days", b"duration_days", "goal", b"goal", "promotion_id", b"promotion_id", "spent_coins", b"spent_coins", "status", b"status", "user_id", b"user_id", "video_id", b"video_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_coins", b"budget_coins", "create_time", b"create_time", "duration_days", b"duration_days", "end_time", b"end_time", "goal", b"goal", "promotion_id", b"promotion_id", "spent_coins", b"spent_coins", "status", b"status", "user_id", b"user_id", "video_id", b"video_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,7 +205,9 @@ class CreatePromotionResponse(_message.Message):
     PROMOTION_FIELD_NUMBER: _builtins.int
     PAYER_BALANCE_COINS_FIELD_NUMBER: _builtins.int
     payer_balance_coins: _builtins.int
-    """The payer's coin balance after the budget was paid."""
+    """The payer's available coins (balance less everything held) after the budget was held. The balance
+    itself drops only as the budget is consumed.
+    """
     @_builtins.property
     def promotion(self) -> Global___Promotion:
         """The promotion."""
@@ -309,3 +329,111 @@ class ListPromotionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPromotionsResponse: _TypeAlias = ListPromotionsResponse  # noqa: Y015
+
+@_typing.final
+class ReportDeliveryRequest(_message.Message):
+    """Request for ReportDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROMOTION_ID_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this report (AIP-155): a retry captures nothing more."""
+    promotion_id: _builtins.str
+    """The promotion delivered."""
+    coins: _builtins.int
+    """What the delivery is worth, in coins: at most what the budget has left."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        promotion_id: _builtins.str = ...,
+        coins: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "promotion_id", b"promotion_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDeliveryRequest: _TypeAlias = ReportDeliveryRequest  # noqa: Y015
+
+@_typing.final
+class ReportDeliveryResponse(_message.Message):
+    """Response for ReportDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMOTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def promotion(self) -> Global___Promotion:
+        """The promotion after the delivery (COMPLETED once its whole budget is spent)."""
+
+    def __init__(
+        self,
+        *,
+        promotion: Global___Promotion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promotion", b"promotion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion", b"promotion"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDeliveryResponse: _TypeAlias = ReportDeliveryResponse  # noqa: Y015
+
+@_typing.final
+class EndPromotionRequest(_message.Message):
+    """Request for EndPromotion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROMOTION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    promotion_id: _builtins.str
+    """The promotion to end."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        promotion_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion_id", b"promotion_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndPromotionRequest: _TypeAlias = EndPromotionRequest  # noqa: Y015
+
+@_typing.final
+class EndPromotionResponse(_message.Message):
+    """Response for EndPromotion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMOTION_FIELD_NUMBER: _builtins.int
+    RELEASED_COINS_FIELD_NUMBER: _builtins.int
+    released_coins: _builtins.int
+    """Coins of the budget that were not spent and went back to the payer's available coins."""
+    @_builtins.property
+    def promotion(self) -> Global___Promotion:
+        """The promotion, now COMPLETED."""
+
+    def __init__(
+        self,
+        *,
+        promotion: Global___Promotion | None = ...,
+        released_coins: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promotion", b"promotion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion", b"promotion", "released_coins", b"released_coins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndPromotionResponse: _TypeAlias = EndPromotionResponse  # noqa: Y015

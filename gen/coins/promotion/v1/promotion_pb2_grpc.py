@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class PromotionServiceStub:
-    """PromotionService creates and reads video promotions. The coin budget is paid through the wallet service
-    when the promotion is created. Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
+    """PromotionService creates, reads, delivers and ends video promotions. A promotion's coin budget is held
+    in the wallet when the promotion is created (the payer's balance stays, their available coins drop), is
+    captured as the promotion is delivered, and whatever is left goes back when the promotion ends: early
+    through EndPromotion, or by itself when its time is up (the wallet's hold expires a day later).
+    Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
     """
 
     def __init__(self, channel):
@@ -51,16 +54,29 @@ class PromotionServiceStub:
                 request_serializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ListPromotionsRequest.SerializeToString,
                 response_deserializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ListPromotionsResponse.FromString,
                 _registered_method=True)
+        self.ReportDelivery = channel.unary_unary(
+                '/coins.promotion.v1.PromotionService/ReportDelivery',
+                request_serializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ReportDeliveryRequest.SerializeToString,
+                response_deserializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ReportDeliveryResponse.FromString,
+                _registered_method=True)
+        self.EndPromotion = channel.unary_unary(
+                '/coins.promotion.v1.PromotionService/EndPromotion',
+                request_serializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.EndPromotionRequest.SerializeToString,
+                response_deserializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.EndPromotionResponse.FromString,
+                _registered_method=True)
 
 
 class PromotionServiceServicer:
-    """PromotionService creates and reads video promotions. The coin budget is paid through the wallet service
-    when the promotion is created. Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
+    """PromotionService creates, reads, delivers and ends video promotions. A promotion's coin budget is held
+    in the wallet when the promotion is created (the payer's balance stays, their available coins drop), is
+    captured as the promotion is delivered, and whatever is left goes back when the promotion ends: early
+    through EndPromotion, or by itself when its time is up (the wallet's hold expires a day later).
+    Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
     """
 
     def CreatePromotion(self, request, context):
-        """Creates a promotion and pays its budget. Fails with FAILED_PRECONDITION (INSUFFICIENT_FUNDS) or
-        NOT_FOUND (ACCOUNT_NOT_FOUND).
+        """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
+        (INSUFFICIENT_FUNDS: not enough available coins) or NOT_FOUND (ACCOUNT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +91,27 @@ class PromotionServiceServicer:
 
     def ListPromotions(self, request, context):
         """Lists a user's promotions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportDelivery(self, request, context):
+        """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
+        promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
+        (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
+        PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+        CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndPromotion(self, request, context):
+        """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
+        the payer's available coins. Fails with NOT_FOUND (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION:
+        PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid
+        for).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +135,16 @@ def add_PromotionServiceServicer_to_server(servicer, server):
                     request_deserializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ListPromotionsRequest.FromString,
                     response_serializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ListPromotionsResponse.SerializeToString,
             ),
+            'ReportDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDelivery,
+                    request_deserializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ReportDeliveryRequest.FromString,
+                    response_serializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.ReportDeliveryResponse.SerializeToString,
+            ),
+            'EndPromotion': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndPromotion,
+                    request_deserializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.EndPromotionRequest.FromString,
+                    response_serializer=coins_dot_promotion_dot_v1_dot_promotion__pb2.EndPromotionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'coins.promotion.v1.PromotionService', rpc_method_handlers)
@@ -107,8 +154,11 @@ def add_PromotionServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PromotionService:
-    """PromotionService creates and reads video promotions. The coin budget is paid through the wallet service
-    when the promotion is created. Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
+    """PromotionService creates, reads, delivers and ends video promotions. A promotion's coin budget is held
+    in the wallet when the promotion is created (the payer's balance stays, their available coins drop), is
+    captured as the promotion is delivered, and whatever is left goes back when the promotion ends: early
+    through EndPromotion, or by itself when its time is up (the wallet's hold expires a day later).
+    Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
     """
 
     @staticmethod
@@ -182,6 +232,60 @@ class PromotionService:
             '/coins.promotion.v1.PromotionService/ListPromotions',
             coins_dot_promotion_dot_v1_dot_promotion__pb2.ListPromotionsRequest.SerializeToString,
             coins_dot_promotion_dot_v1_dot_promotion__pb2.ListPromotionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.promotion.v1.PromotionService/ReportDelivery',
+            coins_dot_promotion_dot_v1_dot_promotion__pb2.ReportDeliveryRequest.SerializeToString,
+            coins_dot_promotion_dot_v1_dot_promotion__pb2.ReportDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndPromotion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.promotion.v1.PromotionService/EndPromotion',
+            coins_dot_promotion_dot_v1_dot_promotion__pb2.EndPromotionRequest.SerializeToString,
+            coins_dot_promotion_dot_v1_dot_promotion__pb2.EndPromotionResponse.FromString,
             options,
             channel_credentials,
             insecure,

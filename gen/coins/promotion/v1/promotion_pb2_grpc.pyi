@@ -27,8 +27,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PromotionServiceStub:
-    """PromotionService creates and reads video promotions. The coin budget is paid through the wallet service
-    when the promotion is created. Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
+    """PromotionService creates, reads, delivers and ends video promotions. A promotion's coin budget is held
+    in the wallet when the promotion is created (the payer's balance stays, their available coins drop), is
+    captured as the promotion is delivered, and whatever is left goes back when the promotion ends: early
+    through EndPromotion, or by itself when its time is up (the wallet's hold expires a day later).
+    Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
     """
 
     @_typing.overload
@@ -36,33 +39,65 @@ class PromotionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PromotionServiceAsyncStub: ...
     CreatePromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.CreatePromotionRequest, _promotion_pb2.CreatePromotionResponse]
-    """Creates a promotion and pays its budget. Fails with FAILED_PRECONDITION (INSUFFICIENT_FUNDS) or
-    NOT_FOUND (ACCOUNT_NOT_FOUND).
+    """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
+    (INSUFFICIENT_FUNDS: not enough available coins) or NOT_FOUND (ACCOUNT_NOT_FOUND).
     """
     GetPromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.GetPromotionRequest, _promotion_pb2.GetPromotionResponse]
     """Reads one promotion."""
     ListPromotions: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.ListPromotionsRequest, _promotion_pb2.ListPromotionsResponse]
     """Lists a user's promotions, newest first."""
+    ReportDelivery: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.ReportDeliveryRequest, _promotion_pb2.ReportDeliveryResponse]
+    """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
+    promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
+    (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
+    PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+    CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+    """
+    EndPromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]
+    """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
+    the payer's available coins. Fails with NOT_FOUND (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION:
+    PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid
+    for).
+    """
 
 @_typing.type_check_only
 class PromotionServiceAsyncStub(PromotionServiceStub):
-    """PromotionService creates and reads video promotions. The coin budget is paid through the wallet service
-    when the promotion is created. Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
+    """PromotionService creates, reads, delivers and ends video promotions. A promotion's coin budget is held
+    in the wallet when the promotion is created (the payer's balance stays, their available coins drop), is
+    captured as the promotion is delivered, and whatever is left goes back when the promotion ends: early
+    through EndPromotion, or by itself when its time is up (the wallet's hold expires a day later).
+    Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreatePromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.CreatePromotionRequest, _promotion_pb2.CreatePromotionResponse]  # type: ignore[assignment]
-    """Creates a promotion and pays its budget. Fails with FAILED_PRECONDITION (INSUFFICIENT_FUNDS) or
-    NOT_FOUND (ACCOUNT_NOT_FOUND).
+    """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
+    (INSUFFICIENT_FUNDS: not enough available coins) or NOT_FOUND (ACCOUNT_NOT_FOUND).
     """
     GetPromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.GetPromotionRequest, _promotion_pb2.GetPromotionResponse]  # type: ignore[assignment]
     """Reads one promotion."""
     ListPromotions: _aio.UnaryUnaryMultiCallable[_promotion_pb2.ListPromotionsRequest, _promotion_pb2.ListPromotionsResponse]  # type: ignore[assignment]
     """Lists a user's promotions, newest first."""
+    ReportDelivery: _aio.UnaryUnaryMultiCallable[_promotion_pb2.ReportDeliveryRequest, _promotion_pb2.ReportDeliveryResponse]  # type: ignore[assignment]
+    """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
+    promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
+    (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
+    PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+    CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+    """
+    EndPromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]  # type: ignore[assignment]
+    """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
+    the payer's available coins. Fails with NOT_FOUND (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION:
+    PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid
+    for).
+    """
 
 class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
-    """PromotionService creates and reads video promotions. The coin budget is paid through the wallet service
-    when the promotion is created. Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
+    """PromotionService creates, reads, delivers and ends video promotions. A promotion's coin budget is held
+    in the wallet when the promotion is created (the payer's balance stays, their available coins drop), is
+    captured as the promotion is delivered, and whatever is left goes back when the promotion ends: early
+    through EndPromotion, or by itself when its time is up (the wallet's hold expires a day later).
+    Errors carry one google.rpc.ErrorInfo (domain "promotion.coins").
     """
 
     @_abc_1.abstractmethod
@@ -71,8 +106,8 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _promotion_pb2.CreatePromotionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_promotion_pb2.CreatePromotionResponse, _abc.Awaitable[_promotion_pb2.CreatePromotionResponse]]:
-        """Creates a promotion and pays its budget. Fails with FAILED_PRECONDITION (INSUFFICIENT_FUNDS) or
-        NOT_FOUND (ACCOUNT_NOT_FOUND).
+        """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
+        (INSUFFICIENT_FUNDS: not enough available coins) or NOT_FOUND (ACCOUNT_NOT_FOUND).
         """
 
     @_abc_1.abstractmethod
@@ -90,5 +125,30 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_promotion_pb2.ListPromotionsResponse, _abc.Awaitable[_promotion_pb2.ListPromotionsResponse]]:
         """Lists a user's promotions, newest first."""
+
+    @_abc_1.abstractmethod
+    def ReportDelivery(
+        self,
+        request: _promotion_pb2.ReportDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_promotion_pb2.ReportDeliveryResponse, _abc.Awaitable[_promotion_pb2.ReportDeliveryResponse]]:
+        """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
+        promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
+        (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
+        PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+        CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+        """
+
+    @_abc_1.abstractmethod
+    def EndPromotion(
+        self,
+        request: _promotion_pb2.EndPromotionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_promotion_pb2.EndPromotionResponse, _abc.Awaitable[_promotion_pb2.EndPromotionResponse]]:
+        """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
+        the payer's available coins. Fails with NOT_FOUND (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION:
+        PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid
+        for).
+        """
 
 def add_PromotionServiceServicer_to_server(servicer: PromotionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
