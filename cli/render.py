@@ -50,7 +50,12 @@ def balance(user_id: str, value: wallet_pb2.Balance) -> Table:
     table = Table(title=f"Coins of {user_id}")
     table.add_column("coins", justify="right")
     table.add_column("available", justify="right")
-    table.add_row(f"{value.coins:,}", f"{value.available_coins:,}")
+    row = [f"{value.coins:,}", f"{value.available_coins:,}"]
+    if value.debt_coins or value.frozen:
+        table.add_column("owed", justify="right")
+        table.add_column("state")
+        row += [f"{value.debt_coins:,}", "frozen until paid" if value.frozen else "ok"]
+    table.add_row(*row)
     return table
 
 
