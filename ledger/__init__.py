@@ -22,6 +22,7 @@ from ledger.schema import (
     create_ledger_tables_v1,
     downgrade_ledger_tables_v3,
     downgrade_ledger_tables_v4,
+    downgrade_ledger_tables_v5,
     entries,
     holds,
     metadata,
@@ -29,6 +30,7 @@ from ledger.schema import (
     upgrade_ledger_tables_v2,
     upgrade_ledger_tables_v3,
     upgrade_ledger_tables_v4,
+    upgrade_ledger_tables_v5,
 )
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "create_ledger_tables_v1",
     "downgrade_ledger_tables_v3",
     "downgrade_ledger_tables_v4",
+    "downgrade_ledger_tables_v5",
     "entries",
     "holds",
     "metadata",
@@ -50,4 +53,5 @@ __all__ = [
     "upgrade_ledger_tables_v2",
     "upgrade_ledger_tables_v3",
     "upgrade_ledger_tables_v4",
+    "upgrade_ledger_tables_v5",
 ]

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.chain import GENESIS, entry_hash, transaction_digest
 from ledger.schema import accounts, entries, holds, transactions
+from runtime.auth import principal_or_none
 from runtime.clock import Clock
 from runtime.errors import FailedPrecondition, NotFound
 
@@ -159,6 +160,7 @@ class Ledger:
         request_id: str,
         caller: str,
         policy_version: str = "",
+        acting_user: str | None = None,
     ) -> Posted:
         """Write one balanced transaction, or raise and write nothing (the caller's transaction rolls back).
 
@@ -167,6 +169,9 @@ class Ledger:
         if sum(p.amount for p in postings) != 0 or any(p.amount == 0 for p in postings):
             raise ValueError(f"unbalanced or empty postings: {postings}")
         now = _utc(self._clock.now())
+        if acting_user is None:  # who asked: the user the RPC being served acts for, if any
+            principal = principal_or_none()
+            acting_user = principal.user_id or "" if principal is not None else ""
         transaction_id = uuid.uuid4().hex
         span_context = trace.get_current_span().get_span_context()
         trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
@@ -191,6 +196,7 @@ class Ledger:
             policy_version=policy_version,
             trace_id=trace_id,
             created_at=now,
+            acting_user=acting_user,
             entries=[
                 (p.account_id, p.amount, links[i].balance if i in links else None, now)
                 for i, p in enumerate(postings)
@@ -243,6 +249,7 @@ class Ledger:
                 trace_id=trace_id,
                 created_at=now,
                 digest=digest,
+                acting_user=acting_user,
             )
         )
         await conn.execute(entries.insert(), rows)
@@ -457,6 +464,7 @@ class Ledger:
                 transactions.c.trace_id,
                 transactions.c.created_at,
                 transactions.c.digest,
+                transactions.c.acting_user,
                 entries.c.account_id,
                 entries.c.amount,
                 entries.c.balance_after,
@@ -484,6 +492,7 @@ class Ledger:
                 policy_version=tx.policy_version,
                 trace_id=tx.trace_id,
                 created_at=tx.created_at,
+                acting_user=tx.acting_user,
                 entries=legs,
             )
             digests[tx.transaction_id] = digest

@@ -55,8 +55,10 @@ def transaction_digest(
     trace_id: str,
     created_at: dt.datetime,
     entries: Iterable[tuple[str, int, int | None, dt.datetime]],
+    acting_user: str = "",
 ) -> str:
-    """sha256 of a transaction and all of its entries, given as (account, amount, balance after, time)."""
+    """sha256 of a transaction and all of its entries, given as (account, amount, balance after, time).
+    The acting user (ledger v5) is hashed when there is one, so digests written before stay valid."""
     legs = sorted(
         json.dumps([str(account), int(amount), None if after is None else int(after), instant(at)])
         for account, amount, after, at in entries
@@ -73,6 +75,7 @@ def transaction_digest(
             str(trace_id),
             instant(created_at),
             legs,
+            *([f"acting_user={acting_user}"] if acting_user else []),
         ]
     )
 

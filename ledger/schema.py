@@ -147,8 +147,19 @@ holds = Table(
     Index("ix_ledger_holds_account", "account_id", "status"),
     Index("ix_ledger_holds_expiry", "status", "expires_at"),
 )
+
+
+def _transactions_actor_columns() -> list[Column[Any]]:
+    # Version 5: the user the calling service acted for ("" when it acted on its own).
+    return [Column("acting_user", String(64), nullable=False, server_default="")]
+
+
 transactions = Table(
-    "ledger_transactions", metadata, *_transactions_columns(), *_transactions_chain_columns()
+    "ledger_transactions",
+    metadata,
+    *_transactions_columns(),
+    *_transactions_chain_columns(),
+    *_transactions_actor_columns(),
 )
 entries = Table(
     "ledger_entries",
@@ -354,3 +365,14 @@ def upgrade_ledger_tables_v4(op: Operations) -> None:
 
 def downgrade_ledger_tables_v4(op: Operations) -> None:
     op.drop_column("ledger_accounts", "frozen")
+
+
+def upgrade_ledger_tables_v5(op: Operations) -> None:
+    """Frozen DDL of the ledger's fifth version (who a transaction was for)."""
+    with op.batch_alter_table("ledger_transactions", recreate="never") as batch:
+        for column in _transactions_actor_columns():
+            batch.add_column(column)
+
+
+def downgrade_ledger_tables_v5(op: Operations) -> None:
+    op.drop_column("ledger_transactions", "acting_user")

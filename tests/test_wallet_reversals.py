@@ -222,3 +222,33 @@ async def test_a_payment_whose_outcome_is_unknown_is_resolved_by_asking_again(
         wallet_pb2.ListLedgerEntriesRequest(user_id=user)
     )
     assert [e.amount for e in history.entries] == [700]  # charged and credited once
+
+
+async def test_every_transaction_records_who_asked_and_for_whom(suite: Suite) -> None:
+    import sqlalchemy as sa
+
+    from ledger import transactions
+
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)
+    await spend(suite, user, 10)
+    async with suite.services["wallet"].runtime.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(transactions.c.kind, transactions.c.caller, transactions.c.acting_user)
+                .where(transactions.c.reference.in_([purchase.purchase_id]))
+                .union_all(
+                    sa.select(
+                        transactions.c.kind, transactions.c.caller, transactions.c.acting_user
+                    ).where(
+                        transactions.c.kind == "gift",
+                        transactions.c.acting_user == user,
+                    )
+                )
+            )
+        ).all()
+    assert sorted(tuple(r) for r in rows) == [
+        ("gift", "gifting", user),
+        ("purchase", "wallet", user),
+    ]

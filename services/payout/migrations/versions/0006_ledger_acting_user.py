@@ -1,0 +1,20 @@
+"""Ledger: each transaction records the user the calling service acted for.
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+from alembic import op
+
+from ledger import downgrade_ledger_tables_v5, upgrade_ledger_tables_v5
+
+revision = "0006"
+down_revision = "0005"
+
+
+def upgrade() -> None:
+    upgrade_ledger_tables_v5(op)
+
+
+def downgrade() -> None:
+    downgrade_ledger_tables_v5(op)
