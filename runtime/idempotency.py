@@ -190,6 +190,29 @@ class Idempotency:
             )
         )
 
+    async def complete_resource(
+        self,
+        conn: AsyncConnection,
+        resource_id: str,
+        *,
+        response: Message | None = None,
+        error: DomainError | None = None,
+    ) -> None:
+        """Answer the open request that created `resource_id` (whoever finishes the operation: the
+        request's own retry, or a background reconciler after a crash)."""
+        await conn.execute(
+            update(idempotency_keys)
+            .where(
+                idempotency_keys.c.resource_id == resource_id,
+                idempotency_keys.c.response.is_(None),
+                idempotency_keys.c.error.is_(None),
+            )
+            .values(
+                response=response.SerializeToString() if response is not None else None,
+                error=error.to_json() if error is not None else None,
+            )
+        )
+
     async def purge(self, older_than: dt.timedelta, *, limit: int = 5_000) -> int:
         """Forget answered request ids older than `older_than` (at most `limit` at a time); ids still
         in progress are kept, so an unfinished operation can always be resumed."""

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
-from runtime.errors import Aborted, FailedPrecondition, Unavailable
+from runtime.errors import DomainError, Unavailable
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
@@ -24,11 +24,11 @@ from services.wallet.convert import (
     account_pb,
     balance_pb,
     package_pb,
-    purchase_pb,
     to_date,
 )
 from services.wallet.domain import Coins, Wallet, user_account
-from services.wallet.payments import PaymentOutcomeUnknown, PaymentProvider
+from services.wallet.payments import PaymentOutcomeUnknown
+from services.wallet.purchases import Purchases
 from services.wallet.settings import WalletSettings
 
 ACCESS = method_rules(
@@ -54,14 +54,14 @@ ACCESS = method_rules(
 
 class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceServicer):
     def __init__(
-        self, runtime: Runtime[WalletSettings], wallet: Wallet, payments: PaymentProvider
+        self, runtime: Runtime[WalletSettings], wallet: Wallet, purchases: Purchases
     ) -> None:
         self._rt = runtime
         self._db = runtime.db
         self._idempotency = runtime.idempotency
         self._clock = runtime.clock
         self._wallet = wallet
-        self._payments = payments
+        self._purchases = purchases
 
     async def OpenAccount(
         self, request: wallet_pb2.OpenAccountRequest, context: RpcContext
@@ -195,53 +195,20 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
             purchase = await storage.get_purchase(conn, purchase_id)
         assert purchase is not None
         try:
-            charge = await self._payments.charge(
-                idempotency_key=purchase.purchase_id,
-                token=purchase.payment_token,
-                amount_minor=purchase.price_minor,
-                currency=purchase.currency_code,
-            )
+            charge = await self._purchases.charge(purchase)
         except PaymentOutcomeUnknown:
-            # The purchase stays pending and the request id open: a retry asks the provider again
-            # under the same key, which answers with what happened and never charges twice.
+            # The purchase stays pending and the request id open: a retry (or the reconciler) asks
+            # the provider again under the same key, which never charges twice.
             raise Unavailable(
                 "PAYMENT_OUTCOME_UNKNOWN",
                 "the payment provider did not answer in time; retry with the same request_id "
                 "(you will not be charged twice)",
                 purchase_id=purchase_id,
             ) from None
-        async with self._db.transaction() as conn:
-            settled = await storage.settle_purchase(
-                conn,
-                purchase_id,
-                status="completed" if charge.approved else "failed",
-                provider_transaction_id=charge.provider_transaction_id,
-                now=self._clock.now(),
-            )
-            if not settled:
-                raise Aborted(
-                    "CONCURRENT_RETRY",
-                    "another attempt with this request_id is completing the purchase; retry",
-                )
-            purchase = await storage.get_purchase(conn, purchase_id)
-            assert purchase is not None
-            if charge.approved:
-                balance = await self._wallet.credit_purchase(
-                    conn, purchase, f"{scope}/{request.request_id}"
-                )
-                response = wallet_pb2.PurchaseCoinsResponse(
-                    purchase=purchase_pb(purchase), balance=balance_pb(balance)
-                )
-                await self._idempotency.complete(conn, scope, request, response=response)
-                return response
-            declined = FailedPrecondition(
-                "PAYMENT_DECLINED",
-                f"the payment provider declined the payment ({charge.decline_reason})",
-                decline_reason=charge.decline_reason,
-                purchase_id=purchase_id,
-            )
-            await self._idempotency.complete(conn, scope, request, error=declined)
-        raise declined
+        outcome = await self._purchases.settle(purchase_id, charge, f"{scope}/{request.request_id}")
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
 
     async def ListLedgerEntries(
         self, request: wallet_pb2.ListLedgerEntriesRequest, context: RpcContext

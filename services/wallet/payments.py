@@ -31,6 +31,10 @@ class PaymentProvider(Protocol):
         """Charge once per idempotency key; a repeated key returns the first result."""
         ...
 
+    async def lookup(self, idempotency_key: str) -> ChargeResult | None:
+        """The outcome of the charge made under this key, None if the provider never saw one."""
+        ...
+
 
 class SandboxPaymentProvider:
     """A local stand-in for a card/app-store provider.
@@ -44,6 +48,10 @@ class SandboxPaymentProvider:
     def __init__(self, latency_ms: int = 20) -> None:
         self._latency = latency_ms / 1000
         self._charges: dict[str, ChargeResult] = {}
+
+    async def lookup(self, idempotency_key: str) -> ChargeResult | None:
+        await asyncio.sleep(self._latency)
+        return self._charges.get(idempotency_key)
 
     async def charge(
         self, *, idempotency_key: str, token: str, amount_minor: int, currency: str

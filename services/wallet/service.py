@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
@@ -12,6 +13,7 @@ from runtime.server import Runtime, ServiceSpec
 from services.wallet.api import ACCESS, WalletApi
 from services.wallet.domain import Wallet
 from services.wallet.payments import SandboxPaymentProvider
+from services.wallet.purchases import Purchases
 from services.wallet.settings import WalletSettings
 
 
@@ -28,9 +30,19 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
                 await asyncio.sleep(runtime.settings.hold_sweep_seconds)
 
     runtime.add_worker(expire_holds)
+    purchases = Purchases(runtime.db, runtime.idempotency, runtime.clock, wallet, payments)
+    settings = runtime.settings
+
+    async def reconcile_purchases() -> None:
+        await purchases.run_reconciler(
+            settings.reconcile_every_seconds,
+            dt.timedelta(seconds=settings.reconcile_after_seconds),
+        )
+
+    runtime.add_worker(reconcile_purchases)
     ledger_api.serve_ledger_audit(runtime, wallet.ledger)
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(
-        WalletApi(runtime, wallet, payments), runtime.server
+        WalletApi(runtime, wallet, purchases), runtime.server
     )
 
 

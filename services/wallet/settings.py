@@ -20,6 +20,9 @@ class WalletSettings(ServiceSettings):
     minimum_age: int = 18
     payment_latency_ms: int = 20
     """Simulated latency of the sandbox payment provider."""
+    reconcile_every_seconds: float = 30.0
+    reconcile_after_seconds: float = 120.0
+    """Purchases pending longer than this are finished by asking the provider (a crash, a lost answer)."""
     hold_sweep_seconds: float = 5.0
     """How often holds past their expiry are released."""
     policy_version: str = "2026-11"

@@ -227,6 +227,21 @@ async def reverse_purchase(
     return result.rowcount == 1
 
 
+async def pending_purchases(
+    conn: AsyncConnection, created_before: dt.datetime, *, limit: int
+) -> list[PurchaseRecord]:
+    ids = (
+        await conn.execute(
+            select(purchases.c.purchase_id)
+            .where(purchases.c.status == "pending", purchases.c.created_at < created_before)
+            .order_by(purchases.c.created_at)
+            .limit(limit)
+        )
+    ).scalars()
+    found = [await get_purchase(conn, purchase_id) for purchase_id in list(ids)]
+    return [p for p in found if p is not None]
+
+
 async def settle_purchase(
     conn: AsyncConnection,
     purchase_id: str,

@@ -1,0 +1,105 @@
+"""Purchases left pending (a lost provider answer, a crash, a client that never retried) are finished
+by the reconciler, which asks the provider under the purchase's key: charged ones are credited once
+and answer the original request id; ones the provider never saw fail, and nobody is charged."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from coins.wallet.v1 import wallet_pb2
+from services.wallet import storage
+from tests.helpers import expect_error, new_id, open_account
+from tests.suite import Suite, start_suite
+
+
+@pytest.fixture(scope="module")
+async def reconciling(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Suite]:
+    suite = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"reconcile-{backend}"),
+        overrides={"wallet": {"reconcile_every_seconds": 0.1, "reconcile_after_seconds": 0.3}},
+    )
+    yield suite
+    await suite.stop()
+
+
+async def wait_for(check: object, seconds: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        if await check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the reconciler did not finish the purchase in time")
+
+
+async def test_a_purchase_with_a_lost_answer_is_credited_once_without_a_retry(
+    reconciling: Suite,
+) -> None:
+    suite = reconciling
+    user = new_id()
+    await open_account(suite, user)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_timeout"
+    )
+    await expect_error(
+        suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
+    )
+
+    async def credited() -> bool:
+        balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+        return balance.balance.coins == 700
+
+    await wait_for(credited)
+    late_retry = await suite.wallet.PurchaseCoins(request)  # the original request id's answer
+    assert late_retry.purchase.status == wallet_pb2.PURCHASE_STATUS_COMPLETED
+    assert late_retry.balance.coins == 700
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.amount for e in history.entries] == [700]
+
+
+async def test_a_pending_purchase_the_provider_never_saw_fails_without_a_charge(
+    reconciling: Suite,
+) -> None:
+    suite = reconciling
+    user = new_id()
+    await open_account(suite, user)
+    purchase_id = uuid.uuid4().hex
+    now = dt.datetime.now(dt.UTC)
+    async with suite.services["wallet"].runtime.db.transaction() as conn:  # a crash before charging
+        await storage.insert_purchase(
+            conn,
+            storage.PurchaseRecord(
+                purchase_id=purchase_id,
+                user_id=user,
+                package_id="us-web-700",
+                region="US",
+                channel="web",
+                coins=700,
+                price_minor=999,
+                currency_code="USD",
+                payment_token="tok_visa",
+                status="pending",
+                provider_transaction_id=None,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+
+    async def failed() -> bool:
+        async with suite.services["wallet"].runtime.db.read() as conn:
+            found = await storage.get_purchase(conn, purchase_id)
+        return found is not None and found.status == "failed"
+
+    await wait_for(failed)
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == 0
