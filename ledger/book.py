@@ -15,15 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger.chain import GENESIS, entry_hash, transaction_digest
 from ledger.schema import accounts, entries, holds, transactions
 from runtime.auth import principal_or_none
-from runtime.clock import Clock
+from runtime.clock import Clock, utc
 from runtime.errors import FailedPrecondition, NotFound
 
 MAX_BALANCE = 2**63 - 1
-
-
-def _utc(now: dt.datetime) -> dt.datetime:
-    """UTC, so a timestamp reads back the same from SQLite (which drops the offset) as it was hashed."""
-    return now.replace(tzinfo=dt.UTC) if now.tzinfo is None else now.astimezone(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -168,7 +163,7 @@ class Ledger:
         """
         if sum(p.amount for p in postings) != 0 or any(p.amount == 0 for p in postings):
             raise ValueError(f"unbalanced or empty postings: {postings}")
-        now = _utc(self._clock.now())
+        now = utc(self._clock.now())
         if acting_user is None:  # who asked: the user the RPC being served acts for, if any
             principal = principal_or_none()
             acting_user = principal.user_id or "" if principal is not None else ""
@@ -376,9 +371,9 @@ class Ledger:
         if kinds:
             query = query.where(transactions.c.kind.in_(list(kinds)))
         if since is not None:
-            query = query.where(entries.c.created_at >= _utc(since))
+            query = query.where(entries.c.created_at >= utc(since))
         if until is not None:
-            query = query.where(entries.c.created_at < _utc(until))
+            query = query.where(entries.c.created_at < utc(until))
         return (await conn.execute(query)).all()
 
     async def audit(self, conn: AsyncConnection) -> AuditReport:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.book import Ledger, Posted, Posting, frozen, insufficient
 from ledger.schema import accounts, holds
+from runtime.clock import utc
 from runtime.errors import FailedPrecondition, NotFound, PermissionDenied
 
 ACTIVE, CAPTURED, RELEASED, EXPIRED = "active", "captured", "released", "expired"
@@ -47,9 +48,8 @@ class Hold:
     def of(row: Row[tuple[object, ...]]) -> Hold:
         data = row._asdict()
         for name in ("expires_at", "created_at", "updated_at"):
-            value = data[name]
-            if value is not None and value.tzinfo is None:  # SQLite hands back naive datetimes
-                data[name] = value.replace(tzinfo=dt.UTC)
+            if data[name] is not None:
+                data[name] = utc(data[name])
         return Hold(**data)
 
 

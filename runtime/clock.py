@@ -28,3 +28,9 @@ class FixedClock:
 
     def advance(self, delta: dt.timedelta) -> None:
         self._now += delta
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """An aware UTC datetime. Naive ones (SQLite hands datetimes back without a zone) are UTC already:
+    everything the suite stores is UTC."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from runtime.clock import utc
 from runtime.errors import FieldViolation, InvalidArgument
 
 
@@ -41,7 +42,7 @@ def text(value: Any) -> str:
 def instant(value: Any) -> dt.datetime:
     """A page-token key that must be an ISO 8601 time (naive means UTC, as SQLite stores it)."""
     moment = dt.datetime.fromisoformat(text(value))
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return utc(moment)
 
 
 def decode_token(token: str, kind: str, *keys: Callable[[Any], Any]) -> list[Any] | None:

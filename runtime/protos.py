@@ -9,6 +9,8 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coins.common.v1 import money_pb2
+from runtime.clock import utc
+from runtime.errors import FieldViolation, InvalidArgument
 
 RpcContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 """The context a servicer method receives."""
@@ -17,7 +19,7 @@ RpcContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 def timestamp(value: dt.datetime) -> Timestamp:
     """A Timestamp from a datetime; naive datetimes (SQLite hands them back) are UTC."""
     ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
+    ts.FromDatetime(utc(value))
     return ts
 
 
@@ -27,8 +29,6 @@ def money(currency_code: str, amount_minor: int) -> money_pb2.Money:
 
 def to_datetime(value: Timestamp, field: str) -> dt.datetime:
     """A request's Timestamp as an aware UTC datetime; INVALID_ARGUMENT if it is not a valid time."""
-    from runtime.errors import FieldViolation, InvalidArgument
-
     try:
         if not 0 <= value.nanos < 1_000_000_000:
             raise ValueError(value.nanos)

@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.clock import utc
 from runtime.db import upsert
 
 metadata = MetaData()
@@ -112,10 +113,6 @@ class OutboxRecord:
     attempts: int
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 async def list_gifts(
     conn: AsyncConnection, *, limit: int, after: tuple[int, str] | None
 ) -> list[GiftRecord]:
@@ -147,8 +144,8 @@ async def get_sent_gift(conn: AsyncConnection, sent_gift_id: str) -> SentGiftRec
     if row is None:
         return None
     data = row._asdict()
-    data["created_at"] = _utc(data["created_at"])
-    data["updated_at"] = _utc(data["updated_at"])
+    data["created_at"] = utc(data["created_at"])
+    data["updated_at"] = utc(data["updated_at"])
     return SentGiftRecord(**data)
 
 

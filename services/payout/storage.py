@@ -9,6 +9,8 @@ from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table, fu
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.clock import utc
+
 metadata = MetaData()
 
 creators = Table(
@@ -56,14 +58,10 @@ class WithdrawalRecord:
     updated_at: dt.datetime
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 def _withdrawal(row: object) -> WithdrawalRecord:
     data = row._asdict()  # type: ignore[attr-defined]
-    data["created_at"] = _utc(data["created_at"])
-    data["updated_at"] = _utc(data["updated_at"])
+    data["created_at"] = utc(data["created_at"])
+    data["updated_at"] = utc(data["updated_at"])
     return WithdrawalRecord(**data)
 
 

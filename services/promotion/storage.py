@@ -21,6 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.clock import utc
+
 metadata = MetaData()
 
 promotions = Table(
@@ -81,8 +83,7 @@ def _record(row: object) -> PromotionRecord:
     if data["ends_at"] is None:  # not backfilled: the end it was created with
         data["ends_at"] = data["created_at"] + dt.timedelta(days=data["duration_days"])
     for key in ("created_at", "updated_at", "ends_at"):
-        if data[key].tzinfo is None:
-            data[key] = data[key].replace(tzinfo=dt.UTC)
+        data[key] = utc(data[key])
     return PromotionRecord(**data)
 
 

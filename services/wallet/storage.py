@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.clock import utc
 from runtime.db import upsert
 
 metadata = MetaData()
@@ -104,11 +105,6 @@ class PurchaseRecord:
     updated_at: dt.datetime
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; everything in the suite is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 async def insert_account(conn: AsyncConnection, account: AccountRecord) -> bool:
     """Insert unless the user has an account already (a concurrent open); True if inserted."""
     insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(
@@ -125,7 +121,7 @@ async def get_account(conn: AsyncConnection, user_id: str) -> AccountRecord | No
     if row is None:
         return None
     data = row._asdict()
-    data["created_at"] = _utc(data["created_at"])
+    data["created_at"] = utc(data["created_at"])
     return AccountRecord(**data)
 
 
@@ -169,8 +165,8 @@ async def get_purchase(conn: AsyncConnection, purchase_id: str) -> PurchaseRecor
     if row is None:
         return None
     data = row._asdict()
-    data["created_at"] = _utc(data["created_at"])
-    data["updated_at"] = _utc(data["updated_at"])
+    data["created_at"] = utc(data["created_at"])
+    data["updated_at"] = utc(data["updated_at"])
     return PurchaseRecord(**data)
 
 
