@@ -315,6 +315,17 @@ class Ledger:
         )
         return None if value is None else int(value)
 
+    async def lock(self, conn: AsyncConnection, account_id: str) -> None:
+        """Row-lock an account until the transaction ends (PostgreSQL; SQLite writes are serialized
+        already), so a read of its balance stays true until this transaction posts: for decisions
+        computed from the balance (a clawback takes what is available), not for plain debits, whose
+        conditional UPDATE needs no lock."""
+        await conn.execute(
+            select(accounts.c.account_id)
+            .where(accounts.c.account_id == account_id)
+            .with_for_update()
+        )
+
     async def is_frozen(self, conn: AsyncConnection, account_id: str) -> bool:
         return bool(
             await conn.scalar(select(accounts.c.frozen).where(accounts.c.account_id == account_id))

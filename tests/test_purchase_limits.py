@@ -4,6 +4,7 @@ charges nothing. Tight limits need a suite of their own."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -91,3 +92,19 @@ async def test_a_payment_method_is_limited_across_users(limited: Suite) -> None:
     info = error_info(error)
     assert info is not None and info.metadata["limit"] == "payment_method_daily_money"
     await limited.wallet.PurchaseCoins(buy(second, "us-web-350", new_id("tok_other")))
+
+
+async def test_a_payment_method_limit_holds_under_concurrent_purchases(limited: Suite) -> None:
+    """Purchases by several users with one card at once: their total stays within the card's limit."""
+    card = new_id("tok_shared")
+    users = [new_id() for _ in range(4)]
+    for user in users:
+        await open_account(limited, user)
+    results = await asyncio.gather(
+        *(limited.wallet.PurchaseCoins(buy(user, "us-web-350", card)) for user in users),
+        return_exceptions=True,
+    )
+    approved = [r for r in results if isinstance(r, wallet_pb2.PurchaseCoinsResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(approved) * 499 <= 1_200 < (len(approved) + 1) * 499  # exactly as many as fit
+    assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)

@@ -252,3 +252,20 @@ async def test_every_transaction_records_who_asked_and_for_whom(suite: Suite) ->
         ("gift", "gifting", user),
         ("purchase", "wallet", user),
     ]
+
+
+async def test_concurrent_chargebacks_each_take_back_their_coins(suite: Suite) -> None:
+    for _ in range(4):
+        user = new_id()
+        await open_account(suite, user)
+        first, second = await buy(suite, user), await buy(suite, user)  # 1,400
+        await spend(suite, user, 1_000)  # 400 left
+        webhooks = suite.as_caller("payment-webhooks").wallet
+        results = await asyncio.gather(
+            webhooks.RecordPaymentEvent(event(first, wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK)),
+            webhooks.RecordPaymentEvent(event(second, wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK)),
+        )
+        assert {r.purchase.status for r in results} == {wallet_pb2.PURCHASE_STATUS_CHARGED_BACK}
+        b = await balance(suite, user)
+        assert (b.coins, b.debt_coins, b.frozen) == (0, 1_000, True)  # 1,400 back: 400 + 1,000 owed
+    await books_are_exact(suite)

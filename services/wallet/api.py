@@ -159,6 +159,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
             )
             self._wallet.check_can_buy(account, package, now.date())
             await storage.lock_account(conn, account.user_id)
+            await storage.lock_payment_method(conn, request.payment_token)
             await self._wallet.check_limits(conn, account, package, request.payment_token, now)
             purchase_id = uuid.uuid4().hex
             await storage.insert_purchase(

@@ -350,6 +350,7 @@ class Wallet:
         account, debt = user_account(user_id), debt_account(user_id)
         if not await self.ledger.is_frozen(conn, account):
             return
+        await self.ledger.lock(conn, account)
         owed = -(await self.ledger.balance(conn, debt) or 0)
         found = await self.ledger.available(conn, account)
         assert found is not None
@@ -375,6 +376,7 @@ class Wallet:
         as a debt that freezes the account for spending until purchases pay it off. Coins reserved by
         holds stay reserved (their owners may still capture them); the debt covers them instead."""
         account, debt = user_account(purchase.user_id), debt_account(purchase.user_id)
+        await self.ledger.lock(conn, account)  # what is available stays so until the posting
         found = await self.ledger.available(conn, account)
         assert found is not None
         _, available = found

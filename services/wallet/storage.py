@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     func,
     select,
+    text,
     tuple_,
     update,
 )
@@ -189,6 +190,15 @@ async def purchased_since(
         query = query.where(purchases.c.payment_token == token)
     coins, minor = (await conn.execute(query)).one()
     return int(coins), int(minor)
+
+
+async def lock_payment_method(conn: AsyncConnection, token: str) -> None:
+    """Serialize purchases with one payment method across users (its limit spans them): a
+    transaction-scoped advisory lock on PostgreSQL; SQLite writes are serialized already."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:token, 0))"), {"token": token}
+        )
 
 
 async def lock_account(conn: AsyncConnection, user_id: str) -> None:
