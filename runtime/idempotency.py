@@ -190,6 +190,39 @@ class Idempotency:
             )
         )
 
+    async def resolve(
+        self, conn: AsyncConnection, scope: str, request: Message, void: DomainError
+    ) -> Claim:
+        """What became of the request id `request` carries in `scope`: its stored answer if it was
+        claimed (whatever its parameters), else it is claimed now with `void` as its answer, so that
+        the request, should it still arrive, is refused and never takes effect. `is_new` means voided
+        now. Used to reconcile a call whose caller lost its answer."""
+        scoped, request_id = _scoped(scope), _request_id(request)
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        inserted = await conn.execute(
+            dialect.insert(idempotency_keys)
+            .values(
+                scope=scoped,
+                request_id=request_id,
+                fingerprint=fingerprint(request),
+                error=void.to_json(),
+                created_at=self._clock.now(),
+            )
+            .on_conflict_do_nothing()
+        )
+        if inserted.rowcount == 1:
+            return Claim(is_new=True, error=void.to_json())
+        row = (
+            await conn.execute(
+                select(idempotency_keys).where(
+                    idempotency_keys.c.scope == scoped, idempotency_keys.c.request_id == request_id
+                )
+            )
+        ).one()
+        return Claim(
+            is_new=False, resource_id=row.resource_id, response=row.response, error=row.error
+        )
+
     async def complete_resource(
         self,
         conn: AsyncConnection,

@@ -293,6 +293,13 @@ async def _record_payment_event(suite: Suite) -> Sample:
     return Sample(request, None, mutates=True)
 
 
+@sample(WALLET, "ResolveDebit")
+async def _resolve_debit(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    request = wallet_pb2.ResolveDebitRequest(request_id=new_id("gift:lost"), user_id=user)
+    return Sample(request, None, mutates=True)  # an unknown id: voided
+
+
 @sample(WALLET, "SetCoinPackage")
 async def _set_coin_package(suite: Suite) -> Sample:
     request = wallet_pb2.SetCoinPackageRequest(

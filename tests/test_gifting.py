@@ -78,10 +78,15 @@ async def test_a_gift_debits_the_sender_and_credits_the_creator(suite: Suite) ->
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins - 500
     assert await wait_for_diamonds(suite, creator, 250) == 250  # 2 coins = 1 diamond
-    gift = await suite.gifting.GetGift(
-        gifting_pb2.GetGiftRequest(sent_gift_id=response.sent_gift.sent_gift_id),
-        metadata=suite.token(creator),
-    )
+    # The relay marks the credit delivered once payout has answered: just after the diamonds show.
+    for _ in range(200):
+        gift = await suite.gifting.GetGift(
+            gifting_pb2.GetGiftRequest(sent_gift_id=response.sent_gift.sent_gift_id),
+            metadata=suite.token(creator),
+        )
+        if gift.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED:
+            break
+        await asyncio.sleep(0.02)
     assert gift.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED
 
 

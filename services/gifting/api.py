@@ -24,7 +24,7 @@ _CREDIT_STATUS = {
 }
 
 
-def _sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
+def sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
     message = gifting_pb2.SentGift(
         sent_gift_id=sent.sent_gift_id,
         sender_id=sent.sender_id,
@@ -162,7 +162,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             recorded = await storage.get_sent_gift(conn, sent.sent_gift_id)
             assert recorded is not None
             response = gifting_pb2.SendGiftResponse(
-                sent_gift=_sent_gift_pb(recorded), sender_balance_coins=balance
+                sent_gift=sent_gift_pb(recorded), sender_balance_coins=balance
             )
             await self._idempotency.complete(conn, scope, request, response=response)
         self._wake_relay()
@@ -180,7 +180,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                 sent_gift_id=request.sent_gift_id,
             )
         require_owner(sent.sender_id, sent.creator_id)
-        return gifting_pb2.GetGiftResponse(sent_gift=_sent_gift_pb(sent))
+        return gifting_pb2.GetGiftResponse(sent_gift=sent_gift_pb(sent))
 
     async def ListTopGifters(
         self, request: gifting_pb2.ListTopGiftersRequest, context: RpcContext

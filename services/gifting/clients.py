@@ -48,6 +48,24 @@ class WalletDebiter:
             raise from_rpc_error(error, dependency="wallet") from None
         return response.transaction_id, response.balance.coins
 
+    async def resolve_gift_debit(
+        self, *, sent_gift_id: str, sender_id: str, time_limit: float
+    ) -> tuple[str, int] | str:
+        try:
+            response = await self._wallet.ResolveDebit(
+                wallet_pb2.ResolveDebitRequest(
+                    request_id=debit_request_id(sent_gift_id), user_id=sender_id
+                ),
+                timeout=time_limit,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, dependency="wallet") from None
+        if response.outcome == wallet_pb2.DEBIT_OUTCOME_DEBITED:
+            return response.debit.transaction_id, response.debit.balance.coins
+        if response.outcome == wallet_pb2.DEBIT_OUTCOME_VOIDED:
+            return "DEBIT_VOIDED"
+        return response.reason
+
 
 class PayoutCrediter:
     def __init__(self, channel: grpc.aio.Channel) -> None:

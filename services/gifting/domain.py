@@ -32,6 +32,13 @@ class CoinDebiter(Protocol):
         """Debit the sender; returns (wallet transaction id, sender's balance after)."""
         ...
 
+    async def resolve_gift_debit(
+        self, *, sent_gift_id: str, sender_id: str, time_limit: float
+    ) -> tuple[str, int] | str:
+        """What became of a gift's debit whose answer was lost: (transaction id, balance after) if
+        the coins moved, else the refusal's reason (a debit never received is voided: DEBIT_VOIDED)."""
+        ...
+
 
 class DiamondCrediter(Protocol):
     """The payout service, as the gifting service needs it."""

@@ -10,6 +10,7 @@ from services.gifting.api import ACCESS, GiftingApi
 from services.gifting.clients import PayoutCrediter, WalletDebiter
 from services.gifting.domain import Gifting
 from services.gifting.outbox import CreditRelay
+from services.gifting.reconciler import GiftReconciler
 from services.gifting.settings import GiftingSettings
 
 
@@ -17,14 +18,10 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     settings = runtime.settings
     relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
     runtime.add_worker(relay.run)
+    gifting, wallet = Gifting(), WalletDebiter(runtime.channel(settings.wallet_address))
+    runtime.add_worker(GiftReconciler(runtime, gifting, wallet, relay.wake.set).run)
     gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
-        GiftingApi(
-            runtime,
-            Gifting(),
-            WalletDebiter(runtime.channel(settings.wallet_address)),
-            relay.wake.set,
-        ),
-        runtime.server,
+        GiftingApi(runtime, gifting, wallet, relay.wake.set), runtime.server
     )
 
 

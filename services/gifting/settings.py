@@ -22,3 +22,7 @@ class GiftingSettings(ServiceSettings):
     relay_concurrency: int = 16
     """Credits the relay has in flight to the payout service at once."""
     relay_max_backoff_seconds: float = 60.0
+    reconcile_every_seconds: float = 30.0
+    reconcile_after_seconds: float = 60.0
+    """Gifts still pending after this (a crash or a lost wallet answer mid-send) are settled by asking
+    the wallet what became of their debit."""

@@ -149,6 +149,21 @@ async def get_sent_gift(conn: AsyncConnection, sent_gift_id: str) -> SentGiftRec
     return SentGiftRecord(**data)
 
 
+async def pending_sent_gifts(
+    conn: AsyncConnection, created_before: dt.datetime, *, limit: int
+) -> list[SentGiftRecord]:
+    ids = (
+        await conn.execute(
+            select(sent_gifts.c.sent_gift_id)
+            .where(sent_gifts.c.status == "pending", sent_gifts.c.created_at < created_before)
+            .order_by(sent_gifts.c.created_at)
+            .limit(limit)
+        )
+    ).scalars()
+    found = [await get_sent_gift(conn, sent_gift_id) for sent_gift_id in list(ids)]
+    return [gift for gift in found if gift is not None]
+
+
 async def move_sent_gift(
     conn: AsyncConnection,
     sent_gift_id: str,

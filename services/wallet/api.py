@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
-from runtime.errors import DomainError, Unavailable
+from runtime.errors import DomainError, FailedPrecondition, Unavailable
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
@@ -47,6 +47,7 @@ ACCESS = method_rules(
         "ReleaseHold": Access.internal({"promotion"}),
         "GetHold": Access.internal({"promotion"}, moves_money=False),
         "RecordPaymentEvent": Access.internal({"payment-webhooks"}),
+        "ResolveDebit": Access.internal({"gifting", "promotion"}),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -273,4 +274,32 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
 
         return await self._idempotency.once(
             f"DebitCoins:{request.user_id}", request, wallet_pb2.DebitCoinsResponse, effect
+        )
+
+    async def ResolveDebit(
+        self, request: wallet_pb2.ResolveDebitRequest, context: RpcContext
+    ) -> wallet_pb2.ResolveDebitResponse:
+        voided = FailedPrecondition(
+            "DEBIT_VOIDED",
+            "this request id was voided by a reconciliation: it will never debit",
+            request_id=request.request_id,
+        )
+        async with self._db.transaction() as conn:
+            claim = await self._idempotency.resolve(
+                conn, f"DebitCoins:{request.user_id}", request, voided
+            )
+        if claim.response is not None:
+            return wallet_pb2.ResolveDebitResponse(
+                outcome=wallet_pb2.DEBIT_OUTCOME_DEBITED,
+                debit=wallet_pb2.DebitCoinsResponse.FromString(claim.response),
+            )
+        if claim.error is None:
+            raise Unavailable(
+                "DEBIT_IN_PROGRESS", "the debit is still in progress; resolve it again shortly"
+            )
+        refusal = DomainError.from_json(claim.error)
+        if refusal.reason == "DEBIT_VOIDED":
+            return wallet_pb2.ResolveDebitResponse(outcome=wallet_pb2.DEBIT_OUTCOME_VOIDED)
+        return wallet_pb2.ResolveDebitResponse(
+            outcome=wallet_pb2.DEBIT_OUTCOME_REFUSED, reason=refusal.reason
         )

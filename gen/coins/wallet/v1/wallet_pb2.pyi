@@ -205,6 +205,34 @@ HOLD_STATUS_EXPIRED: HoldStatus.ValueType  # 4
 """Reached its expiry while active and released itself."""
 Global___HoldStatus: _TypeAlias = HoldStatus  # noqa: Y015
 
+class _DebitOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DebitOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DebitOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEBIT_OUTCOME_UNSPECIFIED: _DebitOutcome.ValueType  # 0
+    """Not set."""
+    DEBIT_OUTCOME_DEBITED: _DebitOutcome.ValueType  # 1
+    """The coins were debited: `debit` is the call's answer."""
+    DEBIT_OUTCOME_REFUSED: _DebitOutcome.ValueType  # 2
+    """The debit was refused (`reason` says why); nothing moved."""
+    DEBIT_OUTCOME_VOIDED: _DebitOutcome.ValueType  # 3
+    """The wallet never received it; the request id is now void and will never debit."""
+
+class DebitOutcome(_DebitOutcome, metaclass=_DebitOutcomeEnumTypeWrapper):
+    """What became of a DebitCoins request."""
+
+DEBIT_OUTCOME_UNSPECIFIED: DebitOutcome.ValueType  # 0
+"""Not set."""
+DEBIT_OUTCOME_DEBITED: DebitOutcome.ValueType  # 1
+"""The coins were debited: `debit` is the call's answer."""
+DEBIT_OUTCOME_REFUSED: DebitOutcome.ValueType  # 2
+"""The debit was refused (`reason` says why); nothing moved."""
+DEBIT_OUTCOME_VOIDED: DebitOutcome.ValueType  # 3
+"""The wallet never received it; the request id is now void and will never debit."""
+Global___DebitOutcome: _TypeAlias = DebitOutcome  # noqa: Y015
+
 @_typing.final
 class Account(_message.Message):
     """A user's coin account."""
@@ -1293,3 +1321,61 @@ class RecordPaymentEventResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordPaymentEventResponse: _TypeAlias = RecordPaymentEventResponse  # noqa: Y015
+
+@_typing.final
+class ResolveDebitRequest(_message.Message):
+    """Request for ResolveDebit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request id of the DebitCoins call to resolve."""
+    user_id: _builtins.str
+    """The user that DebitCoins call named."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDebitRequest: _TypeAlias = ResolveDebitRequest  # noqa: Y015
+
+@_typing.final
+class ResolveDebitResponse(_message.Message):
+    """Response for ResolveDebit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DEBIT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    outcome: Global___DebitOutcome.ValueType
+    """What became of the debit."""
+    reason: _builtins.str
+    """The ErrorInfo reason of the refusal, when refused."""
+    @_builtins.property
+    def debit(self) -> Global___DebitCoinsResponse:
+        """The DebitCoins answer, when debited."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___DebitOutcome.ValueType = ...,
+        debit: Global___DebitCoinsResponse | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debit", b"debit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debit", b"debit", "outcome", b"outcome", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDebitResponse: _TypeAlias = ResolveDebitResponse  # noqa: Y015

@@ -75,6 +75,11 @@ class WalletServiceStub:
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsRequest.SerializeToString,
                 response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsResponse.FromString,
                 _registered_method=True)
+        self.ResolveDebit = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/ResolveDebit',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitResponse.FromString,
+                _registered_method=True)
         self.SetCoinPackage = channel.unary_unary(
                 '/coins.wallet.v1.WalletService/SetCoinPackage',
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.SerializeToString,
@@ -163,6 +168,16 @@ class WalletServiceServicer:
         """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
         services with a request id derived from their own record, so that their retries never debit twice.
         Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when the balance is too low.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveDebit(self, request, context):
+        """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
+        answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
+        if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
+        Callers reconcile their pending records with it. Only the caller's own request ids are visible.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +273,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.DebitCoins,
                     request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsRequest.FromString,
                     response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsResponse.SerializeToString,
+            ),
+            'ResolveDebit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveDebit,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitResponse.SerializeToString,
             ),
             'SetCoinPackage': grpc.unary_unary_rpc_method_handler(
                     servicer.SetCoinPackage,
@@ -485,6 +505,33 @@ class WalletService:
             '/coins.wallet.v1.WalletService/DebitCoins',
             coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsRequest.SerializeToString,
             coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveDebit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/ResolveDebit',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitResponse.FromString,
             options,
             channel_credentials,
             insecure,

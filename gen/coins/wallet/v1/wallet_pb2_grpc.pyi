@@ -60,6 +60,12 @@ class WalletServiceStub:
     services with a request id derived from their own record, so that their retries never debit twice.
     Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when the balance is too low.
     """
+    ResolveDebit: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ResolveDebitRequest, _wallet_pb2.ResolveDebitResponse]
+    """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
+    answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
+    if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
+    Callers reconcile their pending records with it. Only the caller's own request ids are visible.
+    """
     SetCoinPackage: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
@@ -117,6 +123,12 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
     services with a request id derived from their own record, so that their retries never debit twice.
     Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when the balance is too low.
+    """
+    ResolveDebit: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ResolveDebitRequest, _wallet_pb2.ResolveDebitResponse]  # type: ignore[assignment]
+    """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
+    answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
+    if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
+    Callers reconcile their pending records with it. Only the caller's own request ids are visible.
     """
     SetCoinPackage: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]  # type: ignore[assignment]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
@@ -214,6 +226,18 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
         services with a request id derived from their own record, so that their retries never debit twice.
         Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when the balance is too low.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveDebit(
+        self,
+        request: _wallet_pb2.ResolveDebitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ResolveDebitResponse, _abc.Awaitable[_wallet_pb2.ResolveDebitResponse]]:
+        """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
+        answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
+        if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
+        Callers reconcile their pending records with it. Only the caller's own request ids are visible.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,154 @@
+"""A gift whose debit happened but was never recorded (the gifting process died, the wallet's answer
+was lost) is settled by the reconciler: recorded and credited to the creator, or failed if the wallet
+never debited, and the debit voided so it can never happen late. No coin is lost either way."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.wallet.v1 import wallet_pb2
+from services.gifting import storage
+from tests.helpers import expect_error, funded_user, new_id
+from tests.suite import Suite, start_suite
+
+
+@pytest.fixture(scope="module")
+async def reconciling(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Suite]:
+    suite = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"gifts-{backend}"),
+        overrides={"gifting": {"reconcile_every_seconds": 0.1, "reconcile_after_seconds": 0.3}},
+    )
+    yield suite
+    await suite.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the reconciler did not settle the gift in time")
+
+
+async def test_wallet_resolves_debits_it_did_refused_or_never_saw(reconciling: Suite) -> None:
+    suite = reconciling
+    gifting = suite.as_caller("gifting").wallet
+    user, coins = await funded_user(suite)
+    done = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("gift:"),
+        user_id=user,
+        coins=5,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference="g",
+    )
+    debited = await gifting.DebitCoins(done)
+    resolved = await gifting.ResolveDebit(
+        wallet_pb2.ResolveDebitRequest(request_id=done.request_id, user_id=user)
+    )
+    assert resolved.outcome == wallet_pb2.DEBIT_OUTCOME_DEBITED and resolved.debit == debited
+
+    lost = new_id("gift:")
+    resolve_lost = wallet_pb2.ResolveDebitRequest(request_id=lost, user_id=user)
+    assert (await gifting.ResolveDebit(resolve_lost)).outcome == wallet_pb2.DEBIT_OUTCOME_VOIDED
+    late = wallet_pb2.DebitCoinsRequest(
+        request_id=lost, user_id=user, coins=5, reason=wallet_pb2.DEBIT_REASON_GIFT, reference="g"
+    )
+    await expect_error(
+        gifting.DebitCoins(late), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    assert (await gifting.ResolveDebit(resolve_lost)).outcome == wallet_pb2.DEBIT_OUTCOME_VOIDED
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins - 5  # the late debit never happened
+
+
+async def test_a_gift_debited_but_never_recorded_is_credited(reconciling: Suite) -> None:
+    suite = reconciling
+    sender, coins = await funded_user(suite)
+    creator = new_id("creator")
+    # Make recording the debit fail once, as if the process died right after the wallet answered.
+    from services.gifting.domain import Gifting
+
+    original = Gifting.record_debit
+    calls = {"n": 0}
+
+    async def crash_once(self: Gifting, *args: Any, **kwargs: Any) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the process died here")
+        return await original(self, *args, **kwargs)
+
+    Gifting.record_debit = crash_once  # type: ignore[method-assign]
+    try:
+        request = gifting_pb2.SendGiftRequest(
+            request_id=new_id(),
+            sender_id=sender,
+            creator_id=creator,
+            gift_id="panda",
+            count=2,
+            live_id="live-crash",
+        )
+        await expect_error(
+            suite.gifting.SendGift(request), grpc.StatusCode.INTERNAL, "INTERNAL_ERROR"
+        )
+
+        async def credited() -> bool:
+            answer = await suite.payout.GetDiamondBalance(
+                payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+            )
+            return answer.balance.diamonds == 5  # 10 coins -> 5 diamonds
+
+        await eventually(credited)
+    finally:
+        Gifting.record_debit = original  # type: ignore[method-assign]
+    replayed = await suite.gifting.SendGift(request)  # the original request id gets its answer
+    assert replayed.sent_gift.coins == 10
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - 10
+
+
+async def test_a_gift_the_wallet_never_debited_fails_and_can_never_debit(
+    reconciling: Suite,
+) -> None:
+    suite = reconciling
+    sender, coins = await funded_user(suite)
+    sent_gift_id = uuid.uuid4().hex
+    now = dt.datetime.now(dt.UTC)
+    async with suite.services["gifting"].runtime.db.transaction() as conn:  # died before the debit
+        await storage.insert_sent_gift(
+            conn,
+            storage.SentGiftRecord(
+                sent_gift_id=sent_gift_id,
+                sender_id=sender,
+                creator_id=new_id("creator"),
+                gift_id="rose",
+                count=1,
+                coins=1,
+                live_id="live-x",
+                video_id=None,
+                status="pending",
+                wallet_transaction_id=None,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+
+    async def failed() -> bool:
+        async with suite.services["gifting"].runtime.db.read() as conn:
+            gift = await storage.get_sent_gift(conn, sent_gift_id)
+        return gift is not None and gift.status == "failed"
+
+    await eventually(failed)
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins
