@@ -300,6 +300,13 @@ async def _resolve_debit(suite: Suite) -> Sample:
     return Sample(request, None, mutates=True)  # an unknown id: voided
 
 
+@sample(WALLET, "ResolveHold")
+async def _resolve_hold(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    request = wallet_pb2.ResolveHoldRequest(request_id=new_id("promotion:lost"), user_id=user)
+    return Sample(request, None, mutates=True)  # an unknown id: voided
+
+
 @sample(WALLET, "SetCoinPackage")
 async def _set_coin_package(suite: Suite) -> Sample:
     request = wallet_pb2.SetCoinPackageRequest(

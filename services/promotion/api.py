@@ -32,7 +32,7 @@ _STATUS = {
 }
 
 
-def _promotion_pb(p: storage.PromotionRecord, now: dt.datetime) -> promotion_pb2.Promotion:
+def promotion_pb(p: storage.PromotionRecord, now: dt.datetime) -> promotion_pb2.Promotion:
     return promotion_pb2.Promotion(
         promotion_id=p.promotion_id,
         user_id=p.user_id,
@@ -146,7 +146,7 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
             activated = await storage.get_promotion(conn, promotion_id)
             assert activated is not None
             response = promotion_pb2.CreatePromotionResponse(
-                promotion=_promotion_pb(activated, now), payer_balance_coins=available
+                promotion=promotion_pb(activated, now), payer_balance_coins=available
             )
             await self._idempotency.complete(conn, scope, request, response=response)
         return response
@@ -157,7 +157,7 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
         promotion = await self._promotion(request.promotion_id)
         require_owner(promotion.user_id)
         return promotion_pb2.GetPromotionResponse(
-            promotion=_promotion_pb(promotion, self._clock.now())
+            promotion=promotion_pb(promotion, self._clock.now())
         )
 
     async def ListPromotions(
@@ -179,7 +179,7 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
             token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].promotion_id)
         now = self._clock.now()
         return promotion_pb2.ListPromotionsResponse(
-            promotions=[_promotion_pb(p, now) for p in rows], next_page_token=token
+            promotions=[promotion_pb(p, now) for p in rows], next_page_token=token
         )
 
     async def ReportDelivery(
@@ -233,7 +233,7 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
                         return again.replay(response_type)
                 current = await storage.get_promotion(conn, promotion.promotion_id)
                 assert current is not None
-                response = response_type(promotion=_promotion_pb(current, now))
+                response = response_type(promotion=promotion_pb(current, now))
                 await self._idempotency.complete(conn, scope, request, response=response)
         except DomainError as error:
             await self._idempotency.record_error(scope, request, error)
@@ -282,7 +282,7 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
             assert current is not None
             if ended:
                 response = response_type(
-                    promotion=_promotion_pb(current, now), released_coins=released
+                    promotion=promotion_pb(current, now), released_coins=released
                 )
                 await self._idempotency.complete(conn, scope, request, response=response)
                 return response

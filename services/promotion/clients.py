@@ -97,6 +97,20 @@ class WalletBudget:
         response = await _call(self._wallet.PlaceHold(request, timeout=time_limit))
         return HeldBudget(response.hold.hold_id, response.balance.available_coins)
 
+    async def resolve_budget_hold(
+        self, *, promotion_id: str, user_id: str, time_limit: float
+    ) -> HeldBudget | str:
+        request = wallet_pb2.ResolveHoldRequest(
+            request_id=hold_request_id(promotion_id), user_id=user_id
+        )
+        response = await _call(self._wallet.ResolveHold(request, timeout=time_limit))
+        if response.outcome == wallet_pb2.HOLD_OUTCOME_PLACED:
+            placed = response.placed
+            return HeldBudget(placed.hold.hold_id, placed.balance.available_coins)
+        if response.outcome == wallet_pb2.HOLD_OUTCOME_VOIDED:
+            return "DEBIT_VOIDED"
+        return response.reason
+
     async def capture(
         self,
         *,

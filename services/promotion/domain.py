@@ -86,6 +86,13 @@ class BudgetWallet(Protocol):
         """Release what the hold has left."""
         ...
 
+    async def resolve_budget_hold(
+        self, *, promotion_id: str, user_id: str, time_limit: float
+    ) -> HeldBudget | str:
+        """What became of a budget hold whose answer was lost: the hold, or the refusal's reason (a
+        hold the wallet never received is voided there: DEBIT_VOIDED)."""
+        ...
+
     async def pay_budget(
         self, *, promotion_id: str, user_id: str, coins: int, time_limit: float
     ) -> tuple[str, int]:

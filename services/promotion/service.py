@@ -9,13 +9,16 @@ from runtime.server import Runtime, ServiceSpec
 from services.promotion.api import ACCESS, PromotionApi
 from services.promotion.clients import WalletBudget
 from services.promotion.domain import Promotions
+from services.promotion.reconciler import PromotionReconciler
 from services.promotion.settings import PromotionSettings
 
 
 async def setup(runtime: Runtime[PromotionSettings]) -> None:
     wallet = WalletBudget(runtime.channel(runtime.settings.wallet_address))
+    promotions = Promotions()
+    runtime.add_worker(PromotionReconciler(runtime, promotions, wallet).run)
     promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
-        PromotionApi(runtime, Promotions(), wallet), runtime.server
+        PromotionApi(runtime, promotions, wallet), runtime.server
     )
 
 

@@ -16,3 +16,7 @@ class PromotionSettings(ServiceSettings):
     port: int = 50054
     health_port: int = 50064
     wallet_address: str = "127.0.0.1:50051"
+    reconcile_every_seconds: float = 30.0
+    reconcile_after_seconds: float = 60.0
+    """Promotions still pending after this (a crash or a lost wallet answer mid-create) are settled
+    by asking the wallet what became of their budget hold."""

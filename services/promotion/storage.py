@@ -98,6 +98,22 @@ async def get_promotion(conn: AsyncConnection, promotion_id: str) -> PromotionRe
     return None if row is None else _record(row)
 
 
+async def pending_promotions(
+    conn: AsyncConnection, created_before: dt.datetime, *, limit: int
+) -> list[PromotionRecord]:
+    rows = await conn.execute(
+        select(promotions)
+        .where(
+            promotions.c.status == "pending",
+            promotions.c.funding == "hold",
+            promotions.c.created_at < created_before,
+        )
+        .order_by(promotions.c.created_at)
+        .limit(limit)
+    )
+    return [_record(row) for row in rows]
+
+
 async def list_promotions(
     conn: AsyncConnection, user_id: str, *, limit: int, before: tuple[dt.datetime, str] | None
 ) -> list[PromotionRecord]:

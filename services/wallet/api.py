@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
@@ -48,6 +49,7 @@ ACCESS = method_rules(
         "GetHold": Access.internal({"promotion"}, moves_money=False),
         "RecordPaymentEvent": Access.internal({"payment-webhooks"}),
         "ResolveDebit": Access.internal({"gifting", "promotion"}),
+        "ResolveHold": Access.internal({"promotion"}),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -279,27 +281,48 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def ResolveDebit(
         self, request: wallet_pb2.ResolveDebitRequest, context: RpcContext
     ) -> wallet_pb2.ResolveDebitResponse:
-        voided = FailedPrecondition(
-            "DEBIT_VOIDED",
-            "this request id was voided by a reconciliation: it will never debit",
-            request_id=request.request_id,
-        )
-        async with self._db.transaction() as conn:
-            claim = await self._idempotency.resolve(
-                conn, f"DebitCoins:{request.user_id}", request, voided
-            )
-        if claim.response is not None:
+        response, reason = await self._resolve(f"DebitCoins:{request.user_id}", request)
+        if response is not None:
             return wallet_pb2.ResolveDebitResponse(
                 outcome=wallet_pb2.DEBIT_OUTCOME_DEBITED,
-                debit=wallet_pb2.DebitCoinsResponse.FromString(claim.response),
+                debit=wallet_pb2.DebitCoinsResponse.FromString(response),
             )
-        if claim.error is None:
-            raise Unavailable(
-                "DEBIT_IN_PROGRESS", "the debit is still in progress; resolve it again shortly"
-            )
-        refusal = DomainError.from_json(claim.error)
-        if refusal.reason == "DEBIT_VOIDED":
+        if reason == "DEBIT_VOIDED":
             return wallet_pb2.ResolveDebitResponse(outcome=wallet_pb2.DEBIT_OUTCOME_VOIDED)
         return wallet_pb2.ResolveDebitResponse(
-            outcome=wallet_pb2.DEBIT_OUTCOME_REFUSED, reason=refusal.reason
+            outcome=wallet_pb2.DEBIT_OUTCOME_REFUSED, reason=reason
         )
+
+    async def ResolveHold(
+        self, request: wallet_pb2.ResolveHoldRequest, context: RpcContext
+    ) -> wallet_pb2.ResolveHoldResponse:
+        caller = current_principal().service
+        response, reason = await self._resolve(f"PlaceHold:{caller}:{request.user_id}", request)
+        if response is not None:
+            return wallet_pb2.ResolveHoldResponse(
+                outcome=wallet_pb2.HOLD_OUTCOME_PLACED,
+                placed=wallet_pb2.PlaceHoldResponse.FromString(response),
+            )
+        if reason == "DEBIT_VOIDED":
+            return wallet_pb2.ResolveHoldResponse(outcome=wallet_pb2.HOLD_OUTCOME_VOIDED)
+        return wallet_pb2.ResolveHoldResponse(
+            outcome=wallet_pb2.HOLD_OUTCOME_REFUSED, reason=reason
+        )
+
+    async def _resolve(self, scope: str, request: Message) -> tuple[bytes | None, str]:
+        """(stored answer, "") if the request took effect; (None, refusal reason) if it was refused
+        or is voided now (reason DEBIT_VOIDED): see Idempotency.resolve."""
+        voided = FailedPrecondition(
+            "DEBIT_VOIDED",
+            "this request id was voided by a reconciliation: it will never take effect",
+            request_id=getattr(request, "request_id", ""),
+        )
+        async with self._db.transaction() as conn:
+            claim = await self._idempotency.resolve(conn, scope, request, voided)
+        if claim.response is not None:
+            return claim.response, ""
+        if claim.error is None:
+            raise Unavailable(
+                "REQUEST_IN_PROGRESS", "the request is still in progress; resolve it again shortly"
+            )
+        return None, DomainError.from_json(claim.error).reason

@@ -233,6 +233,34 @@ DEBIT_OUTCOME_VOIDED: DebitOutcome.ValueType  # 3
 """The wallet never received it; the request id is now void and will never debit."""
 Global___DebitOutcome: _TypeAlias = DebitOutcome  # noqa: Y015
 
+class _HoldOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HoldOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HoldOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOLD_OUTCOME_UNSPECIFIED: _HoldOutcome.ValueType  # 0
+    """Not set."""
+    HOLD_OUTCOME_PLACED: _HoldOutcome.ValueType  # 1
+    """The hold was placed: `placed` is the call's answer."""
+    HOLD_OUTCOME_REFUSED: _HoldOutcome.ValueType  # 2
+    """The hold was refused (`reason` says why); nothing is reserved."""
+    HOLD_OUTCOME_VOIDED: _HoldOutcome.ValueType  # 3
+    """The wallet never received it; the request id is now void and will never place a hold."""
+
+class HoldOutcome(_HoldOutcome, metaclass=_HoldOutcomeEnumTypeWrapper):
+    """What became of a PlaceHold request."""
+
+HOLD_OUTCOME_UNSPECIFIED: HoldOutcome.ValueType  # 0
+"""Not set."""
+HOLD_OUTCOME_PLACED: HoldOutcome.ValueType  # 1
+"""The hold was placed: `placed` is the call's answer."""
+HOLD_OUTCOME_REFUSED: HoldOutcome.ValueType  # 2
+"""The hold was refused (`reason` says why); nothing is reserved."""
+HOLD_OUTCOME_VOIDED: HoldOutcome.ValueType  # 3
+"""The wallet never received it; the request id is now void and will never place a hold."""
+Global___HoldOutcome: _TypeAlias = HoldOutcome  # noqa: Y015
+
 @_typing.final
 class Account(_message.Message):
     """A user's coin account."""
@@ -1379,3 +1407,61 @@ class ResolveDebitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveDebitResponse: _TypeAlias = ResolveDebitResponse  # noqa: Y015
+
+@_typing.final
+class ResolveHoldRequest(_message.Message):
+    """Request for ResolveHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request id of the PlaceHold call to resolve."""
+    user_id: _builtins.str
+    """The user that PlaceHold call named."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveHoldRequest: _TypeAlias = ResolveHoldRequest  # noqa: Y015
+
+@_typing.final
+class ResolveHoldResponse(_message.Message):
+    """Response for ResolveHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    PLACED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    outcome: Global___HoldOutcome.ValueType
+    """What became of the hold."""
+    reason: _builtins.str
+    """The ErrorInfo reason of the refusal, when refused."""
+    @_builtins.property
+    def placed(self) -> Global___PlaceHoldResponse:
+        """The PlaceHold answer, when placed."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___HoldOutcome.ValueType = ...,
+        placed: Global___PlaceHoldResponse | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placed", b"placed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "placed", b"placed", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveHoldResponse: _TypeAlias = ResolveHoldResponse  # noqa: Y015

@@ -80,6 +80,11 @@ class WalletServiceStub:
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitRequest.SerializeToString,
                 response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitResponse.FromString,
                 _registered_method=True)
+        self.ResolveHold = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/ResolveHold',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveHoldRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveHoldResponse.FromString,
+                _registered_method=True)
         self.SetCoinPackage = channel.unary_unary(
                 '/coins.wallet.v1.WalletService/SetCoinPackage',
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetCoinPackageRequest.SerializeToString,
@@ -183,6 +188,14 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveHold(self, request, context):
+        """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
+        refusal, or (never received) the request id voided so that it can never place a hold late.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetCoinPackage(self, request, context):
         """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
         the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
@@ -278,6 +291,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.ResolveDebit,
                     request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitRequest.FromString,
                     response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitResponse.SerializeToString,
+            ),
+            'ResolveHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveHold,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveHoldRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveHoldResponse.SerializeToString,
             ),
             'SetCoinPackage': grpc.unary_unary_rpc_method_handler(
                     servicer.SetCoinPackage,
@@ -532,6 +550,33 @@ class WalletService:
             '/coins.wallet.v1.WalletService/ResolveDebit',
             coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitRequest.SerializeToString,
             coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDebitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/ResolveHold',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveHoldRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.ResolveHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,

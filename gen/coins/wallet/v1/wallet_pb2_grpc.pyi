@@ -66,6 +66,10 @@ class WalletServiceStub:
     if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
     Callers reconcile their pending records with it. Only the caller's own request ids are visible.
     """
+    ResolveHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ResolveHoldRequest, _wallet_pb2.ResolveHoldResponse]
+    """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
+    refusal, or (never received) the request id voided so that it can never place a hold late.
+    """
     SetCoinPackage: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
@@ -129,6 +133,10 @@ class WalletServiceAsyncStub(WalletServiceStub):
     answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
     if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
     Callers reconcile their pending records with it. Only the caller's own request ids are visible.
+    """
+    ResolveHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ResolveHoldRequest, _wallet_pb2.ResolveHoldResponse]  # type: ignore[assignment]
+    """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
+    refusal, or (never received) the request id voided so that it can never place a hold late.
     """
     SetCoinPackage: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]  # type: ignore[assignment]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
@@ -238,6 +246,16 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
         if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
         Callers reconcile their pending records with it. Only the caller's own request ids are visible.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveHold(
+        self,
+        request: _wallet_pb2.ResolveHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ResolveHoldResponse, _abc.Awaitable[_wallet_pb2.ResolveHoldResponse]]:
+        """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
+        refusal, or (never received) the request id voided so that it can never place a hold late.
         """
 
     @_abc_1.abstractmethod

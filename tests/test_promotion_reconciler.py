@@ -1,0 +1,124 @@
+"""A promotion whose budget hold was placed but never recorded (the promotion service died, the
+wallet's answer was lost) is settled by the reconciler: activated on its hold, or rejected if the
+wallet never placed one, whose request id is then voided so it can never hold coins late."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from coins.promotion.v1 import promotion_pb2
+from coins.wallet.v1 import wallet_pb2
+from services.promotion import storage
+from services.promotion.domain import Promotions
+from tests.helpers import expect_error, funded_user, new_id
+from tests.suite import Suite, start_suite
+
+
+@pytest.fixture(scope="module")
+async def reconciling(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Suite]:
+    suite = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"promotions-{backend}"),
+        overrides={"promotion": {"reconcile_every_seconds": 0.1, "reconcile_after_seconds": 0.3}},
+    )
+    yield suite
+    await suite.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the reconciler did not settle the promotion in time")
+
+
+async def available(suite: Suite, user: str) -> int:
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    return balance.balance.available_coins
+
+
+async def test_a_hold_placed_but_never_recorded_activates_the_promotion(reconciling: Suite) -> None:
+    suite = reconciling
+    user, coins = await funded_user(suite)
+    original = Promotions.activate
+    calls = {"n": 0}
+
+    async def crash_once(self: Promotions, *args: Any, **kwargs: Any) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the process died here")
+        return await original(self, *args, **kwargs)
+
+    Promotions.activate = crash_once  # type: ignore[method-assign]
+    try:
+        request = promotion_pb2.CreatePromotionRequest(
+            request_id=new_id(),
+            user_id=user,
+            video_id="v1",
+            goal=promotion_pb2.GOAL_VIDEO_VIEWS,
+            budget_coins=300,
+            duration_days=2,
+        )
+        await expect_error(
+            suite.promotion.CreatePromotion(request), grpc.StatusCode.INTERNAL, "INTERNAL_ERROR"
+        )
+
+        async def active() -> bool:
+            listed = await suite.promotion.ListPromotions(
+                promotion_pb2.ListPromotionsRequest(user_id=user)
+            )
+            return [p.status for p in listed.promotions] == [promotion_pb2.PROMOTION_STATUS_ACTIVE]
+
+        await eventually(active)
+    finally:
+        Promotions.activate = original  # type: ignore[method-assign]
+    replayed = await suite.promotion.CreatePromotion(request)  # the original request's answer
+    assert replayed.promotion.status == promotion_pb2.PROMOTION_STATUS_ACTIVE
+    assert await available(suite, user) == coins - 300  # held once
+
+
+async def test_a_promotion_the_wallet_never_held_is_rejected_and_never_holds(
+    reconciling: Suite,
+) -> None:
+    suite = reconciling
+    user, coins = await funded_user(suite)
+    promotion_id = uuid.uuid4().hex
+    now = dt.datetime.now(dt.UTC)
+    async with suite.services["promotion"].runtime.db.transaction() as conn:  # died before the hold
+        await storage.insert_promotion(
+            conn,
+            storage.PromotionRecord(
+                promotion_id=promotion_id,
+                user_id=user,
+                video_id="v2",
+                goal="video_views",
+                budget_coins=200,
+                spent_coins=0,
+                duration_days=1,
+                status="pending",
+                wallet_transaction_id=None,
+                created_at=now,
+                updated_at=now,
+                hold_id=None,
+                ends_at=now + dt.timedelta(days=1),
+                funding="hold",
+            ),
+        )
+
+    async def rejected() -> bool:
+        async with suite.services["promotion"].runtime.db.read() as conn:
+            found = await storage.get_promotion(conn, promotion_id)
+        return found is not None and found.status == "rejected"
+
+    await eventually(rejected)
+    assert await available(suite, user) == coins
