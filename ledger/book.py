@@ -337,6 +337,19 @@ class Ledger:
             update(accounts).where(accounts.c.account_id == account_id).values(frozen=value)
         )
 
+    async def state(self, conn: AsyncConnection, account_id: str) -> tuple[int, int, bool] | None:
+        """(balance, available, frozen) of an account in one read, None if there is none."""
+        row = (
+            await conn.execute(
+                select(accounts.c.balance, accounts.c.held, accounts.c.frozen).where(
+                    accounts.c.account_id == account_id
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        return int(row.balance), int(row.balance) - int(row.held), bool(row.frozen)
+
     async def available(self, conn: AsyncConnection, account_id: str) -> tuple[int, int] | None:
         """(balance, available = balance - active holds) of an account, None if there is none."""
         row = (

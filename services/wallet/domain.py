@@ -153,12 +153,12 @@ class Wallet:
 
     async def coins(self, conn: AsyncConnection, user_id: str) -> Coins:
         """A user's balance, available coins and debt; ACCOUNT_NOT_FOUND without an account."""
-        found = await self.ledger.available(conn, user_account(user_id))
+        found = await self.ledger.state(conn, user_account(user_id))
         if found is None:
             await self.account(conn, user_id)  # raises ACCOUNT_NOT_FOUND
             return Coins(0, 0)
-        balance, available = found
-        if not await self.ledger.is_frozen(conn, user_account(user_id)):
+        balance, available, frozen = found
+        if not frozen:
             return Coins(balance, available)
         debt = await self.ledger.balance(conn, debt_account(user_id)) or 0
         return Coins(balance, 0, -debt, True)
