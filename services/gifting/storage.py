@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -137,31 +138,30 @@ async def insert_sent_gift(conn: AsyncConnection, sent: SentGiftRecord) -> None:
     await conn.execute(sent_gifts.insert().values(**sent.__dict__))
 
 
-async def get_sent_gift(conn: AsyncConnection, sent_gift_id: str) -> SentGiftRecord | None:
-    row = (
-        await conn.execute(select(sent_gifts).where(sent_gifts.c.sent_gift_id == sent_gift_id))
-    ).first()
-    if row is None:
-        return None
+def _sent_gift(row: Any) -> SentGiftRecord:
     data = row._asdict()
     data["created_at"] = utc(data["created_at"])
     data["updated_at"] = utc(data["updated_at"])
     return SentGiftRecord(**data)
 
 
+async def get_sent_gift(conn: AsyncConnection, sent_gift_id: str) -> SentGiftRecord | None:
+    row = (
+        await conn.execute(select(sent_gifts).where(sent_gifts.c.sent_gift_id == sent_gift_id))
+    ).first()
+    return None if row is None else _sent_gift(row)
+
+
 async def pending_sent_gifts(
     conn: AsyncConnection, created_before: dt.datetime, *, limit: int
 ) -> list[SentGiftRecord]:
-    ids = (
-        await conn.execute(
-            select(sent_gifts.c.sent_gift_id)
-            .where(sent_gifts.c.status == "pending", sent_gifts.c.created_at < created_before)
-            .order_by(sent_gifts.c.created_at)
-            .limit(limit)
-        )
-    ).scalars()
-    found = [await get_sent_gift(conn, sent_gift_id) for sent_gift_id in list(ids)]
-    return [gift for gift in found if gift is not None]
+    rows = await conn.execute(
+        select(sent_gifts)
+        .where(sent_gifts.c.status == "pending", sent_gifts.c.created_at < created_before)
+        .order_by(sent_gifts.c.created_at)
+        .limit(limit)
+    )
+    return [_sent_gift(row) for row in rows]
 
 
 async def move_sent_gift(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -159,16 +160,18 @@ async def insert_purchase(conn: AsyncConnection, purchase: PurchaseRecord) -> No
     await conn.execute(purchases.insert().values(**purchase.__dict__))
 
 
-async def get_purchase(conn: AsyncConnection, purchase_id: str) -> PurchaseRecord | None:
-    row = (
-        await conn.execute(select(purchases).where(purchases.c.purchase_id == purchase_id))
-    ).first()
-    if row is None:
-        return None
+def _purchase(row: Any) -> PurchaseRecord:
     data = row._asdict()
     data["created_at"] = utc(data["created_at"])
     data["updated_at"] = utc(data["updated_at"])
     return PurchaseRecord(**data)
+
+
+async def get_purchase(conn: AsyncConnection, purchase_id: str) -> PurchaseRecord | None:
+    row = (
+        await conn.execute(select(purchases).where(purchases.c.purchase_id == purchase_id))
+    ).first()
+    return None if row is None else _purchase(row)
 
 
 async def purchased_since(
@@ -236,16 +239,13 @@ async def reverse_purchase(
 async def pending_purchases(
     conn: AsyncConnection, created_before: dt.datetime, *, limit: int
 ) -> list[PurchaseRecord]:
-    ids = (
-        await conn.execute(
-            select(purchases.c.purchase_id)
-            .where(purchases.c.status == "pending", purchases.c.created_at < created_before)
-            .order_by(purchases.c.created_at)
-            .limit(limit)
-        )
-    ).scalars()
-    found = [await get_purchase(conn, purchase_id) for purchase_id in list(ids)]
-    return [p for p in found if p is not None]
+    rows = await conn.execute(
+        select(purchases)
+        .where(purchases.c.status == "pending", purchases.c.created_at < created_before)
+        .order_by(purchases.c.created_at)
+        .limit(limit)
+    )
+    return [_purchase(row) for row in rows]
 
 
 async def settle_purchase(
