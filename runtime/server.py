@@ -79,6 +79,28 @@ class Runtime(Generic[S]):
         """A background loop (an outbox relay, a processor poller) started with the server, cancelled at stop."""
         self._workers.append(run)
 
+    def add_periodic(
+        self,
+        name: str,
+        every: float,
+        work: Callable[[], Awaitable[int]],
+        *,
+        batch: int | None = None,
+    ) -> None:
+        """Run `work` every `every` seconds (sweeps, reconcilers); it returns how much it did, which
+        is logged; when it did a full `batch`, it runs again at once to drain a backlog."""
+
+        async def periodically() -> None:
+            while True:
+                done = await work()
+                if done:
+                    log.info("%s: %d", name, done)
+                if batch is None or done < batch:
+                    await asyncio.sleep(every)
+
+        periodically.__name__ = name.replace(" ", "_")
+        self._workers.append(periodically)
+
 
 @dataclass(frozen=True)
 class ServiceSpec(Generic[S]):
@@ -122,17 +144,6 @@ class RunningService(Generic[S]):
             await channel.close()
         await rt.db.close()
         rt.tracer_provider.force_flush()
-
-
-def _purge_request_ids(runtime: Runtime[S]) -> Callable[[], Awaitable[None]]:
-    async def purge_request_ids() -> None:
-        """Forget answered request ids past their retention, hourly (in batches)."""
-        retention = dt.timedelta(hours=runtime.settings.idempotency_retention_hours)
-        while True:
-            if await runtime.idempotency.purge(retention) < 5_000:
-                await asyncio.sleep(3600)
-
-    return purge_request_ids
 
 
 async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
@@ -218,7 +229,13 @@ async def start_service(
     )
     runtime = Runtime(settings, server, db, provider, clock)
     await spec.setup(runtime)
-    runtime.add_worker(_purge_request_ids(runtime))
+    retention = dt.timedelta(hours=settings.idempotency_retention_hours)
+    runtime.add_periodic(
+        "forgotten request ids",
+        3600,
+        lambda: runtime.idempotency.purge(retention, limit=5_000),
+        batch=5_000,
+    )
     admin_audit_pb2_grpc.add_AdminAuditServiceServicer_to_server(AdminAuditApi(audit), server)
     names = (*spec.grpc_services, AdminAuditApi.FULL_NAME)
     _check_access(spec.name, names, access)

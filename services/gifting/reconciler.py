@@ -6,7 +6,6 @@ request that opened the gift gets its answer either way."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -77,11 +76,3 @@ class GiftReconciler:
         if settled:
             self._wake_relay()
         return settled
-
-    async def run(self) -> None:
-        settings = self._rt.settings
-        while True:
-            count = await self.reconcile(dt.timedelta(seconds=settings.reconcile_after_seconds))
-            if count:
-                log.info("settled %d gifts left pending", count)
-            await asyncio.sleep(settings.reconcile_every_seconds)

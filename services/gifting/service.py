@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
@@ -19,7 +20,13 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
     runtime.add_worker(relay.run)
     gifting, wallet = Gifting(), WalletDebiter(runtime.channel(settings.wallet_address))
-    runtime.add_worker(GiftReconciler(runtime, gifting, wallet, relay.wake.set).run)
+    reconciler = GiftReconciler(runtime, gifting, wallet, relay.wake.set)
+    stale = dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
+    runtime.add_periodic(
+        "settled pending gifts",
+        runtime.settings.reconcile_every_seconds,
+        lambda: reconciler.reconcile(stale),
+    )
     gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
         GiftingApi(runtime, gifting, wallet, relay.wake.set), runtime.server
     )

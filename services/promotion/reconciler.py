@@ -6,7 +6,6 @@ created the promotion gets its answer either way."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 
@@ -70,11 +69,3 @@ class PromotionReconciler:
                     continue  # the request's own retry activated it meanwhile
             settled += 1
         return settled
-
-    async def run(self) -> None:
-        settings = self._rt.settings
-        while True:
-            count = await self.reconcile(dt.timedelta(seconds=settings.reconcile_after_seconds))
-            if count:
-                log.info("settled %d promotions left pending", count)
-            await asyncio.sleep(settings.reconcile_every_seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
@@ -16,7 +17,13 @@ from services.promotion.settings import PromotionSettings
 async def setup(runtime: Runtime[PromotionSettings]) -> None:
     wallet = WalletBudget(runtime.channel(runtime.settings.wallet_address))
     promotions = Promotions()
-    runtime.add_worker(PromotionReconciler(runtime, promotions, wallet).run)
+    reconciler = PromotionReconciler(runtime, promotions, wallet)
+    stale = dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
+    runtime.add_periodic(
+        "settled pending promotions",
+        runtime.settings.reconcile_every_seconds,
+        lambda: reconciler.reconcile(stale),
+    )
     promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
         PromotionApi(runtime, promotions, wallet), runtime.server
     )

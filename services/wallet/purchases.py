@@ -7,7 +7,6 @@ the request's retry, or the reconciler after a crash or a lost answer, can finis
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 
@@ -104,10 +103,3 @@ class Purchases:
             except Aborted:
                 continue  # the request's own retry settled it
         return settled
-
-    async def run_reconciler(self, every: float, older_than: dt.timedelta) -> None:
-        while True:
-            count = await self.reconcile(older_than)
-            if count:
-                log.info("reconciled %d pending purchases", count)
-            await asyncio.sleep(every)

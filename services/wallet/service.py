@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -21,25 +20,20 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
     wallet = Wallet(runtime.settings, Ledger(runtime.clock, unit="coins"))
     payments = SandboxPaymentProvider(runtime.settings.payment_latency_ms)
 
-    async def expire_holds() -> None:
-        """Release holds past their expiry, in batches, every hold_sweep_seconds."""
-        while True:
-            async with runtime.db.transaction() as conn:
-                expired = await wallet.holds.expire_due(conn, limit=200)
-            if len(expired) < 200:
-                await asyncio.sleep(runtime.settings.hold_sweep_seconds)
-
-    runtime.add_worker(expire_holds)
-    purchases = Purchases(runtime.db, runtime.idempotency, runtime.clock, wallet, payments)
     settings = runtime.settings
 
-    async def reconcile_purchases() -> None:
-        await purchases.run_reconciler(
-            settings.reconcile_every_seconds,
-            dt.timedelta(seconds=settings.reconcile_after_seconds),
-        )
+    async def expire_holds() -> int:
+        async with runtime.db.transaction() as conn:
+            return len(await wallet.holds.expire_due(conn, limit=200))
 
-    runtime.add_worker(reconcile_purchases)
+    runtime.add_periodic("expired holds", settings.hold_sweep_seconds, expire_holds, batch=200)
+    purchases = Purchases(runtime.db, runtime.idempotency, runtime.clock, wallet, payments)
+    stale = dt.timedelta(seconds=settings.reconcile_after_seconds)
+    runtime.add_periodic(
+        "reconciled purchases",
+        settings.reconcile_every_seconds,
+        lambda: purchases.reconcile(stale),
+    )
     ledger_api.serve_ledger_audit(runtime, wallet.ledger)
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(
         WalletApi(runtime, wallet, purchases), runtime.server
