@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +118,14 @@ def run_state_machine(
         if backend == "postgres":
             loop.run_until_complete(drop_pg_database(name))
         loop.close()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, *, seconds: float = 5.0
+) -> None:
+    """Wait (bounded) for background work (a relay, a reconciler, a sweeper) to make `check` true."""
+    for _ in range(int(seconds / 0.02)):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")

@@ -10,7 +10,6 @@ mutating RPCs would change the books if admitted, so "nothing changed" after a r
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import adult_birth_date, funded_user, new_id, open_account
+from tests.helpers import adult_birth_date, eventually, funded_user, new_id, open_account
 from tests.suite import Suite
 
 
@@ -83,14 +82,6 @@ def sample(
 # ---------------------------------------------------------------------------------------------- waits
 
 
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    for _ in range(250):
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def gift_credited(suite: Suite, sent_gift_id: str, sender: str) -> Callable[[], Awaitable[None]]:
     async def wait() -> None:
         async def credited() -> bool:
@@ -99,7 +90,7 @@ def gift_credited(suite: Suite, sent_gift_id: str, sender: str) -> Callable[[], 
             )
             return response.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED
 
-        await _eventually(credited, f"the creator's credit for gift {sent_gift_id}")
+        await eventually(credited, f"the creator's credit for gift {sent_gift_id}")
 
     return wait
 
@@ -118,7 +109,7 @@ def withdrawal_settled(
                 payout_pb2.WITHDRAWAL_STATUS_FAILED,
             )
 
-        await _eventually(settled, f"withdrawal {withdrawal_id} to be paid")
+        await eventually(settled, f"withdrawal {withdrawal_id} to be paid")
 
     return wait
 

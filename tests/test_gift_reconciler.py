@@ -4,10 +4,9 @@ never debited, and the debit voided so it can never happen late. No coin is lost
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,7 +16,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from services.gifting import storage
-from tests.helpers import expect_error, funded_user, new_id
+from tests.helpers import eventually, expect_error, funded_user, new_id
 from tests.suite import Suite, start_suite
 
 
@@ -32,14 +31,6 @@ async def reconciling(
     )
     yield suite
     await suite.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the reconciler did not settle the gift in time")
 
 
 async def test_wallet_resolves_debits_it_did_refused_or_never_saw(reconciling: Suite) -> None:
@@ -109,7 +100,7 @@ async def test_a_gift_debited_but_never_recorded_is_credited(reconciling: Suite)
             )
             return answer.balance.diamonds == 5  # 10 coins -> 5 diamonds
 
-        await eventually(credited)
+        await eventually(credited, "the gift's credit")
     finally:
         Gifting.record_debit = original  # type: ignore[method-assign]
     replayed = await suite.gifting.SendGift(request)  # the original request id gets its answer
@@ -149,6 +140,6 @@ async def test_a_gift_the_wallet_never_debited_fails_and_can_never_debit(
             gift = await storage.get_sent_gift(conn, sent_gift_id)
         return gift is not None and gift.status == "failed"
 
-    await eventually(failed)
+    await eventually(failed, "the gift to fail")
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins

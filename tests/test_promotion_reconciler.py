@@ -4,10 +4,9 @@ wallet never placed one, whose request id is then voided so it can never hold co
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,7 +16,7 @@ from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from services.promotion import storage
 from services.promotion.domain import Promotions
-from tests.helpers import expect_error, funded_user, new_id
+from tests.helpers import eventually, expect_error, funded_user, new_id
 from tests.suite import Suite, start_suite
 
 
@@ -32,14 +31,6 @@ async def reconciling(
     )
     yield suite
     await suite.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the reconciler did not settle the promotion in time")
 
 
 async def available(suite: Suite, user: str) -> int:
@@ -79,7 +70,7 @@ async def test_a_hold_placed_but_never_recorded_activates_the_promotion(reconcil
             )
             return [p.status for p in listed.promotions] == [promotion_pb2.PROMOTION_STATUS_ACTIVE]
 
-        await eventually(active)
+        await eventually(active, "the promotion to activate")
     finally:
         Promotions.activate = original  # type: ignore[method-assign]
     replayed = await suite.promotion.CreatePromotion(request)  # the original request's answer
@@ -120,5 +111,5 @@ async def test_a_promotion_the_wallet_never_held_is_rejected_and_never_holds(
             found = await storage.get_promotion(conn, promotion_id)
         return found is not None and found.status == "rejected"
 
-    await eventually(rejected)
+    await eventually(rejected, "the promotion to be rejected")
     assert await available(suite, user) == coins

@@ -4,7 +4,6 @@ and answer the original request id; ones the provider never saw fail, and nobody
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +13,7 @@ import pytest
 
 from coins.wallet.v1 import wallet_pb2
 from services.wallet import storage
-from tests.helpers import expect_error, new_id, open_account
+from tests.helpers import eventually, expect_error, new_id, open_account
 from tests.suite import Suite, start_suite
 
 
@@ -29,15 +28,6 @@ async def reconciling(
     )
     yield suite
     await suite.stop()
-
-
-async def wait_for(check: object, seconds: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while asyncio.get_running_loop().time() < deadline:
-        if await check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the reconciler did not finish the purchase in time")
 
 
 async def test_a_purchase_with_a_lost_answer_is_credited_once_without_a_retry(
@@ -57,7 +47,7 @@ async def test_a_purchase_with_a_lost_answer_is_credited_once_without_a_retry(
         balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
         return balance.balance.coins == 700
 
-    await wait_for(credited)
+    await eventually(credited, "the purchase to be credited")
     late_retry = await suite.wallet.PurchaseCoins(request)  # the original request id's answer
     assert late_retry.purchase.status == wallet_pb2.PURCHASE_STATUS_COMPLETED
     assert late_retry.balance.coins == 700
@@ -100,6 +90,6 @@ async def test_a_pending_purchase_the_provider_never_saw_fails_without_a_charge(
             found = await storage.get_purchase(conn, purchase_id)
         return found is not None and found.status == "failed"
 
-    await wait_for(failed)
+    await eventually(failed, "the purchase to fail")
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == 0
