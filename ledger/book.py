@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from sqlalchemy import Row, and_, func, literal, or_, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -17,8 +17,112 @@ from ledger.schema import accounts, entries, holds, transactions
 from runtime.auth import principal_or_none
 from runtime.clock import Clock, utc
 from runtime.errors import FailedPrecondition, NotFound
+from runtime.sql import Statement, Tx, as_tx
 
 MAX_BALANCE = 2**63 - 1
+
+_RETURNING_LINK = "RETURNING balance, seq, head_hash, held"
+_APPLY_DEBIT = Statement(
+    "ledger.debit_account",
+    "UPDATE ledger_accounts SET balance = balance + :amount, seq = seq + 1 "
+    "WHERE account_id = :account_id AND keeps_balance "
+    "AND (allow_negative OR balance - held >= :needed) AND (:forced OR NOT frozen) "
+    + _RETURNING_LINK,
+)
+_APPLY_CREDIT = Statement(
+    "ledger.credit_account",
+    "UPDATE ledger_accounts SET balance = balance + :amount, seq = seq + 1 "
+    "WHERE account_id = :account_id AND keeps_balance AND balance <= :ceiling " + _RETURNING_LINK,
+)
+_ACCOUNT_STATE = Statement(
+    "ledger.account_state",
+    "SELECT balance, held, keeps_balance, frozen FROM ledger_accounts WHERE account_id = :account_id",
+)
+_TRANSACTION_COLUMNS = (
+    "transaction_id, kind, reference, request_id, caller, policy_version, trace_id, created_at, "
+    "digest, acting_user"
+)
+_TRANSACTION_VALUES = (
+    ":transaction_id, :kind, :reference, :request_id, :caller, :policy_version, :trace_id, "
+    ":created_at, :digest, :acting_user"
+)
+_ENTRY_COLUMNS = (
+    "transaction_id, account_id, amount, balance_after, created_at, seq, prev_hash, hash"
+)
+_INSERT_TRANSACTION = Statement(
+    "ledger.insert_transaction",
+    f"INSERT INTO ledger_transactions ({_TRANSACTION_COLUMNS}) VALUES ({_TRANSACTION_VALUES})",
+)
+_INSERT_ENTRY = Statement(
+    "ledger.insert_entry",
+    f"INSERT INTO ledger_entries ({_ENTRY_COLUMNS}) VALUES (:transaction_id, :account_id, "
+    ":amount, :balance_after, :created_at, :seq, :prev_hash, :hash)",
+)
+_SET_HEAD = Statement(
+    "ledger.set_head",
+    "UPDATE ledger_accounts SET head_hash = :hash WHERE account_id = :account_id",
+)
+_WRITE_POSTING_PG = Statement(
+    "ledger.write_posting",
+    "",
+    postgres=f"""
+WITH heads AS (
+    UPDATE ledger_accounts AS a SET head_hash = h.hash
+    FROM unnest(:head_accounts::text[], :head_hashes::text[]) AS h(account_id, hash)
+    WHERE a.account_id = h.account_id
+), tx AS (
+    INSERT INTO ledger_transactions ({_TRANSACTION_COLUMNS})
+    VALUES (:transaction_id::text, :kind, :reference, :request_id, :caller, :policy_version,
+            :trace_id, :created_at::timestamptz, :digest, :acting_user)
+)
+INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
+SELECT :transaction_id::text, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
+       e.seq, e.prev_hash, e.hash
+FROM unnest(:accounts::text[], :amounts::bigint[], :balances_after::bigint[], :seqs::bigint[],
+            :prev_hashes::text[], :hashes::text[])
+     WITH ORDINALITY AS e(account_id, amount, balance_after, seq, prev_hash, hash, n)
+ORDER BY e.n""",
+)
+
+EntryRow = tuple[str, int, "int | None", "int | None", "str | None", "str | None"]
+"""(account, amount, balance after, seq, prev_hash, hash) of one entry to write."""
+
+
+async def write_posting(
+    tx: Tx, *, transaction: dict[str, object], entries: Sequence[EntryRow], heads: dict[str, str]
+) -> None:
+    """Write a transaction row, its entries and the new chain heads of its accounts (already locked by
+    their conditional UPDATEs). One round trip on PostgreSQL; on SQLite, statements are in-process."""
+    if tx.dialect == "postgresql":
+        columns = list(zip(*entries, strict=True))
+        await tx.run(
+            _WRITE_POSTING_PG,
+            **transaction,
+            head_accounts=list(heads),
+            head_hashes=list(heads.values()),
+            accounts=list(columns[0]),
+            amounts=list(columns[1]),
+            balances_after=list(columns[2]),
+            seqs=list(columns[3]),
+            prev_hashes=list(columns[4]),
+            hashes=list(columns[5]),
+        )
+        return
+    for account_id, head_hash in heads.items():
+        await tx.run(_SET_HEAD, account_id=account_id, hash=head_hash)
+    await tx.run(_INSERT_TRANSACTION, **transaction)
+    for account_id, amount, after, seq, prev_hash, hash_ in entries:
+        await tx.run(
+            _INSERT_ENTRY,
+            transaction_id=transaction["transaction_id"],
+            account_id=account_id,
+            amount=amount,
+            balance_after=after,
+            created_at=transaction["created_at"],
+            seq=seq,
+            prev_hash=prev_hash,
+            hash=hash_,
+        )
 
 
 @dataclass(frozen=True)
@@ -147,7 +251,7 @@ class Ledger:
 
     async def post(
         self,
-        conn: AsyncConnection,
+        conn: AsyncConnection | Tx,
         postings: Sequence[Posting],
         *,
         kind: str,
@@ -159,10 +263,13 @@ class Ledger:
     ) -> Posted:
         """Write one balanced transaction, or raise and write nothing (the caller's transaction rolls back).
 
+        Round trips: one conditional UPDATE per balance-keeping account, then one write of the chain
+        heads, the transaction and its entries (a single statement on PostgreSQL).
         Raises NotFound (ACCOUNT_NOT_FOUND) or FailedPrecondition (INSUFFICIENT_FUNDS).
         """
         if sum(p.amount for p in postings) != 0 or any(p.amount == 0 for p in postings):
             raise ValueError(f"unbalanced or empty postings: {postings}")
+        tx = as_tx(conn)
         now = utc(self._clock.now())
         if acting_user is None:  # who asked: the user the RPC being served acts for, if any
             principal = principal_or_none()
@@ -177,7 +284,7 @@ class Ledger:
         balances: dict[str, int] = {}
         available: dict[str, int] = {}
         for i in order:
-            link = await self._apply(conn, postings[i])
+            link = await self._apply(tx, postings[i])
             if link is not None:
                 links[i] = link
                 balances[postings[i].account_id] = link.balance
@@ -197,19 +304,9 @@ class Ledger:
                 for i, p in enumerate(postings)
             ],
         )
-        rows: list[dict[str, object]] = [
-            {
-                "transaction_id": transaction_id,
-                "account_id": p.account_id,
-                "amount": p.amount,
-                "balance_after": links[i].balance if i in links else None,
-                "created_at": now,
-                "seq": None,
-                "prev_hash": None,
-                "hash": None,
-            }
-            for i, p in enumerate(postings)
-        ]
+        seqs: list[int | None] = [None] * len(postings)
+        prev_hashes: list[str | None] = [None] * len(postings)
+        hashes: list[str | None] = [None] * len(postings)
         heads: dict[str, str] = {}
         # In chain order: an account posted twice in one transaction links its second entry to its first.
         for i in order:
@@ -226,31 +323,37 @@ class Ledger:
                 transaction_id=transaction_id,
                 digest=digest,
             )
-            rows[i].update(seq=link.seq, prev_hash=prev_hash, hash=heads[account_id])
-        for account_id, head_hash in heads.items():  # the row is already locked by this transaction
-            await conn.execute(
-                update(accounts)
-                .where(accounts.c.account_id == account_id)
-                .values(head_hash=head_hash)
-            )
-        await conn.execute(
-            transactions.insert().values(
-                transaction_id=transaction_id,
-                kind=kind,
-                reference=reference,
-                request_id=request_id,
-                caller=caller,
-                policy_version=policy_version,
-                trace_id=trace_id,
-                created_at=now,
-                digest=digest,
-                acting_user=acting_user,
-            )
+            seqs[i], prev_hashes[i], hashes[i] = link.seq, prev_hash, heads[account_id]
+        await write_posting(
+            tx,
+            transaction={
+                "transaction_id": transaction_id,
+                "kind": kind,
+                "reference": reference,
+                "request_id": request_id,
+                "caller": caller,
+                "policy_version": policy_version,
+                "trace_id": trace_id,
+                "created_at": now,
+                "digest": digest,
+                "acting_user": acting_user,
+            },
+            entries=[
+                (
+                    p.account_id,
+                    p.amount,
+                    links[i].balance if i in links else None,
+                    seqs[i],
+                    prev_hashes[i],
+                    hashes[i],
+                )
+                for i, p in enumerate(postings)
+            ],
+            heads=heads,
         )
-        await conn.execute(entries.insert(), rows)
         return Posted(transaction_id, balances, available)
 
-    async def _apply(self, conn: AsyncConnection, posting: Posting) -> _Link | None:
+    async def _apply(self, tx: Tx, posting: Posting) -> _Link | None:
         """Move a keeping account's balance and chain position with one conditional UPDATE.
 
         The UPDATE row-locks the account until the caller's transaction ends, so the `seq` it takes and
@@ -260,40 +363,32 @@ class Ledger:
             return None
         amount = posting.amount
         # A debit may spend only what active holds leave available (balance - held).
-        guard = (
-            and_(
-                or_(accounts.c.allow_negative, accounts.c.balance - accounts.c.held >= -amount),
-                or_(literal(posting.forced), accounts.c.frozen.is_(False)),
+        if amount < 0:
+            row = await tx.one(
+                _APPLY_DEBIT,
+                account_id=posting.account_id,
+                amount=amount,
+                needed=-amount,
+                forced=posting.forced,
             )
-            if amount < 0
-            else accounts.c.balance <= MAX_BALANCE - amount
-        )
-        row = (
-            await conn.execute(
-                update(accounts)
-                .where(accounts.c.account_id == posting.account_id, accounts.c.keeps_balance, guard)
-                .values(balance=accounts.c.balance + literal(amount), seq=accounts.c.seq + 1)
-                .returning(
-                    accounts.c.balance, accounts.c.seq, accounts.c.head_hash, accounts.c.held
-                )
+        else:
+            row = await tx.one(
+                _APPLY_CREDIT,
+                account_id=posting.account_id,
+                amount=amount,
+                ceiling=MAX_BALANCE - amount,
             )
-        ).first()
         if row is not None:
-            return _Link(int(row.balance), int(row.seq), str(row.head_hash), int(row.held))
-        found = (
-            await conn.execute(
-                select(
-                    accounts.c.balance, accounts.c.held, accounts.c.keeps_balance, accounts.c.frozen
-                ).where(accounts.c.account_id == posting.account_id)
-            )
-        ).first()
+            return _Link(int(row[0]), int(row[1]), str(row[2]), int(row[3]))
+        found = await tx.one(_ACCOUNT_STATE, account_id=posting.account_id)
         if found is None:
             raise NotFound(
                 "ACCOUNT_NOT_FOUND",
                 f"account {posting.account_id} does not exist",
                 account_id=posting.account_id,
             )
-        if not found.keeps_balance:
+        balance, held, keeps_balance, is_frozen = found
+        if not keeps_balance:
             self._passive.add(posting.account_id)
             return None
         if amount > 0:
@@ -302,11 +397,9 @@ class Ledger:
                 f"account {posting.account_id} cannot hold more {self.unit}",
                 account_id=posting.account_id,
             )
-        if found.frozen and not posting.forced:
+        if is_frozen and not posting.forced:
             raise frozen(posting.account_id)
-        raise insufficient(
-            self.unit, posting.account_id, int(found.balance), int(found.held), -amount
-        )
+        raise insufficient(self.unit, posting.account_id, int(balance), int(held), -amount)
 
     async def balance(self, conn: AsyncConnection, account_id: str) -> int | None:
         """The kept balance of an account, None if there is no such account."""

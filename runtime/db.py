@@ -4,6 +4,10 @@ SQLite allows one writer at a time; rather than have concurrent transactions fai
 locked", writes in a process are queued on an asyncio lock (SQLite's default is one process per file).
 On PostgreSQL, transactions run concurrently and correctness comes from conditional updates and unique
 constraints, never from read-then-write.
+
+`driver` is the same database for the hot paths, without SQLAlchemy in between (see runtime.sql).
+No pre-ping on checkout: it cost a round trip per transaction; a connection broken by a database restart
+fails its call once (UNAVAILABLE, retried by the caller) and is replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from runtime.sql import Driver
 from runtime.telemetry import trace_engine
 
 
@@ -38,13 +43,19 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         options: dict[str, Any] = {}
         if not self.is_sqlite:
-            options.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            options.update(pool_size=4, max_overflow=6)
         self.engine = create_async_engine(url, **options)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         if tracer_provider is not None:
             trace_engine(self.engine, tracer_provider)
+        self.driver = Driver(
+            url,
+            sqlite_path=self.engine.url.database if self.is_sqlite else None,
+            write_lock=self._write_lock,
+            tracer_provider=tracer_provider,
+        )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -62,6 +73,7 @@ class Database:
             yield conn
 
     async def close(self) -> None:
+        await self.driver.close()
         await self.engine.dispose()
 
 

@@ -31,6 +31,7 @@ ACCESS = method_rules(
     {
         "GetDiamondBalance": Access.user("creator_id", admin_may_read=True),
         "CreditDiamonds": Access.internal({"gifting"}),
+        "BatchCreditDiamonds": Access.internal({"gifting"}),
         "RequestWithdrawal": Access.user("creator_id", moves_money=True),
         "GetWithdrawal": Access.record_owner(),
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
@@ -106,6 +107,13 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
 
         return await self._idempotency.once(
             scope, request, payout_pb2.CreditDiamondsResponse, effect
+        )
+
+    async def BatchCreditDiamonds(
+        self, request: payout_pb2.BatchCreditDiamondsRequest, context: RpcContext
+    ) -> payout_pb2.BatchCreditDiamondsResponse:
+        return payout_pb2.BatchCreditDiamondsResponse(
+            responses=[await self.CreditDiamonds(credit, context) for credit in request.requests]
         )
 
     async def RequestWithdrawal(

@@ -14,6 +14,7 @@ from runtime.errors import DomainError, FailedPrecondition, Unavailable
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
+from runtime.sql import Tx
 from services.wallet import storage
 from services.wallet.api_holds import HoldRpcs
 from services.wallet.api_payments import PaymentEventRpcs
@@ -117,8 +118,8 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def GetBalance(
         self, request: wallet_pb2.GetBalanceRequest, context: RpcContext
     ) -> wallet_pb2.GetBalanceResponse:
-        async with self._db.read() as conn:
-            coins = await self._wallet.coins(conn, request.user_id)
+        async with self._db.driver.read() as tx:
+            coins = await self._wallet.coins(tx, request.user_id)
         return wallet_pb2.GetBalanceResponse(balance=balance_pb(coins))
 
     async def ListCoinPackages(
@@ -259,9 +260,9 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def DebitCoins(
         self, request: wallet_pb2.DebitCoinsRequest, context: RpcContext
     ) -> wallet_pb2.DebitCoinsResponse:
-        async def effect(conn: AsyncConnection) -> wallet_pb2.DebitCoinsResponse:
+        async def effect(tx: Tx) -> wallet_pb2.DebitCoinsResponse:
             debit = await self._wallet.debit(
-                conn,
+                tx,
                 user_id=request.user_id,
                 coins=request.coins,
                 reason=DEBIT_REASONS[request.reason],
@@ -274,7 +275,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
                 balance=balance_pb(Coins(debit.balance, debit.available)),
             )
 
-        return await self._idempotency.once(
+        return await self._idempotency.once_direct(
             f"DebitCoins:{request.user_id}", request, wallet_pb2.DebitCoinsResponse, effect
         )
 

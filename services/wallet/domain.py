@@ -16,6 +16,7 @@ from runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
+from runtime.sql import Tx
 from services.wallet import storage
 from services.wallet.settings import WalletSettings
 
@@ -151,17 +152,20 @@ class Wallet:
             )
         return account
 
-    async def coins(self, conn: AsyncConnection, user_id: str) -> Coins:
-        """A user's balance, available coins and debt; ACCOUNT_NOT_FOUND without an account."""
-        found = await self.ledger.state(conn, user_account(user_id))
-        if found is None:
-            await self.account(conn, user_id)  # raises ACCOUNT_NOT_FOUND
-            return Coins(0, 0)
-        balance, available, frozen = found
-        if not frozen:
-            return Coins(balance, available)
-        debt = await self.ledger.balance(conn, debt_account(user_id)) or 0
-        return Coins(balance, 0, -debt, True)
+    async def coins(self, conn: AsyncConnection | Tx, user_id: str) -> Coins:
+        """A user's balance, available coins and debt (one read); ACCOUNT_NOT_FOUND without an account."""
+        state = await storage.coin_state(
+            conn, user_id, user_account(user_id), debt_account(user_id)
+        )
+        if state is None:
+            raise NotFound(
+                "ACCOUNT_NOT_FOUND",
+                f"user {user_id} has no wallet account; open one first",
+                user_id=user_id,
+            )
+        if not state.frozen:
+            return Coins(state.balance, state.balance - state.held)
+        return Coins(state.balance, 0, -state.debt_balance, True)
 
     async def place_hold(
         self,
@@ -403,7 +407,7 @@ class Wallet:
 
     async def debit(
         self,
-        conn: AsyncConnection,
+        conn: AsyncConnection | Tx,
         *,
         user_id: str,
         coins: int,

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
 from runtime.db import upsert
+from runtime.sql import Statement, Tx, as_tx
 
 metadata = MetaData()
 
@@ -114,6 +115,37 @@ async def insert_account(conn: AsyncConnection, account: AccountRecord) -> bool:
     )
     result = await conn.execute(insert.values(**account.__dict__).on_conflict_do_nothing())
     return result.rowcount == 1
+
+
+_COIN_STATE = Statement(
+    "wallet.coin_state",
+    "SELECT a.balance, a.held, a.frozen, d.balance FROM wallet_accounts w "
+    "LEFT JOIN ledger_accounts a ON a.account_id = :account "
+    "LEFT JOIN ledger_accounts d ON d.account_id = :debt_account "
+    "WHERE w.user_id = :user_id",
+)
+
+
+@dataclass(frozen=True)
+class CoinState:
+    balance: int
+    held: int
+    frozen: bool
+    debt_balance: int
+    """The debt account's balance (negative while the user owes coins), 0 without one."""
+
+
+async def coin_state(
+    conn: AsyncConnection | Tx, user_id: str, account: str, debt_account: str
+) -> CoinState | None:
+    """A user's coin account and debt in one indexed read; None if the user has no wallet account."""
+    row = await as_tx(conn).one(
+        _COIN_STATE, user_id=user_id, account=account, debt_account=debt_account
+    )
+    if row is None:
+        return None
+    balance, held, frozen, debt = row
+    return CoinState(int(balance or 0), int(held or 0), bool(frozen), int(debt or 0))
 
 
 async def get_account(conn: AsyncConnection, user_id: str) -> AccountRecord | None:

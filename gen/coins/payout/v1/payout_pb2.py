@@ -27,7 +27,7 @@ from coins.common.v1 import money_pb2 as coins_dot_common_dot_v1_dot_money__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63oins/payout/v1/payout.proto\x12\x0f\x63oins.payout.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63oins/common/v1/money.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x0e\x44iamondBalance\x12\x12\n\ncreator_id\x18\x01 \x01(\t\x12\x10\n\x08\x64iamonds\x18\x02 \x01(\x03\x12\x1a\n\x12\x61vailable_diamonds\x18\x03 \x01(\x03\x12/\n\x0f\x61vailable_value\x18\x04 \x01(\x0b\x32\x16.coins.common.v1.Money\"\x96\x03\n\nWithdrawal\x12\x15\n\rwithdrawal_id\x18\x01 \x01(\t\x12\x12\n\ncreator_id\x18\x02 \x01(\t\x12\x10\n\x08\x64iamonds\x18\x03 \x01(\x03\x12%\n\x05gross\x18\x04 \x01(\x0b\x32\x16.coins.common.v1.Money\x12#\n\x03\x66\x65\x65\x18\x05 \x01(\x0b\x32\x16.coins.common.v1.Money\x12#\n\x03net\x18\x06 \x01(\x0b\x32\x16.coins.common.v1.Money\x12-\n\x06method\x18\x07 \x01(\x0e\x32\x1d.coins.payout.v1.PayoutMethod\x12\x31\n\x06status\x18\x08 \x01(\x0e\x32!.coins.payout.v1.WithdrawalStatus\x12\x16\n\x0e\x66\x61ilure_reason\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x18GetDiamondBalanceRequest\x12<\n\ncreator_id\x18\x01 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\"M\n\x19GetDiamondBalanceResponse\x12\x30\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x1f.coins.payout.v1.DiamondBalance\"\xd2\x01\n\x15\x43reditDiamondsRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12<\n\ncreator_id\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1c\n\x05\x63oins\x18\x03 \x01(\x03\x42\r\xbaH\n\"\x08\x18\x80\x94\xeb\xdc\x03 \x00\x12\x1d\n\treference\x18\x04 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"e\n\x16\x43reditDiamondsResponse\x12\x19\n\x11\x64iamonds_credited\x18\x01 \x01(\x03\x12\x30\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1f.coins.payout.v1.DiamondBalance\"\x9b\x02\n\x18RequestWithdrawalRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12<\n\ncreator_id\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1f\n\x08\x64iamonds\x18\x03 \x01(\x03\x42\r\xbaH\n\"\x08\x18\x80\x94\xeb\xdc\x03 \x00\x12\x39\n\x06method\x18\x04 \x01(\x0e\x32\x1d.coins.payout.v1.PayoutMethodB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12%\n\x11\x64\x65stination_token\x18\x05 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\"~\n\x19RequestWithdrawalResponse\x12/\n\nwithdrawal\x18\x01 \x01(\x0b\x32\x1b.coins.payout.v1.Withdrawal\x12\x30\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1f.coins.payout.v1.DiamondBalance\"8\n\x14GetWithdrawalRequest\x12 \n\rwithdrawal_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"H\n\x15GetWithdrawalResponse\x12/\n\nwithdrawal\x18\x01 \x01(\x0b\x32\x1b.coins.payout.v1.Withdrawal\"\x93\x01\n\x16ListWithdrawalsRequest\x12<\n\ncreator_id\x18\x01 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"d\n\x17ListWithdrawalsResponse\x12\x30\n\x0bwithdrawals\x18\x01 \x03(\x0b\x32\x1b.coins.payout.v1.Withdrawal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*_\n\x0cPayoutMethod\x12\x1d\n\x19PAYOUT_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYOUT_METHOD_PAYPAL\x10\x01\x12\x16\n\x12PAYOUT_METHOD_BANK\x10\x02*\xb0\x01\n\x10WithdrawalStatus\x12!\n\x1dWITHDRAWAL_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19WITHDRAWAL_STATUS_PENDING\x10\x01\x12 \n\x1cWITHDRAWAL_STATUS_PROCESSING\x10\x02\x12\x1a\n\x16WITHDRAWAL_STATUS_PAID\x10\x03\x12\x1c\n\x18WITHDRAWAL_STATUS_FAILED\x10\x04\x32\x90\x04\n\rPayoutService\x12j\n\x11GetDiamondBalance\x12).coins.payout.v1.GetDiamondBalanceRequest\x1a*.coins.payout.v1.GetDiamondBalanceResponse\x12\x61\n\x0e\x43reditDiamonds\x12&.coins.payout.v1.CreditDiamondsRequest\x1a\'.coins.payout.v1.CreditDiamondsResponse\x12j\n\x11RequestWithdrawal\x12).coins.payout.v1.RequestWithdrawalRequest\x1a*.coins.payout.v1.RequestWithdrawalResponse\x12^\n\rGetWithdrawal\x12%.coins.payout.v1.GetWithdrawalRequest\x1a&.coins.payout.v1.GetWithdrawalResponse\x12\x64\n\x0fListWithdrawals\x12\'.coins.payout.v1.ListWithdrawalsRequest\x1a(.coins.payout.v1.ListWithdrawalsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63oins/payout/v1/payout.proto\x12\x0f\x63oins.payout.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63oins/common/v1/money.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x0e\x44iamondBalance\x12\x12\n\ncreator_id\x18\x01 \x01(\t\x12\x10\n\x08\x64iamonds\x18\x02 \x01(\x03\x12\x1a\n\x12\x61vailable_diamonds\x18\x03 \x01(\x03\x12/\n\x0f\x61vailable_value\x18\x04 \x01(\x0b\x32\x16.coins.common.v1.Money\"\x96\x03\n\nWithdrawal\x12\x15\n\rwithdrawal_id\x18\x01 \x01(\t\x12\x12\n\ncreator_id\x18\x02 \x01(\t\x12\x10\n\x08\x64iamonds\x18\x03 \x01(\x03\x12%\n\x05gross\x18\x04 \x01(\x0b\x32\x16.coins.common.v1.Money\x12#\n\x03\x66\x65\x65\x18\x05 \x01(\x0b\x32\x16.coins.common.v1.Money\x12#\n\x03net\x18\x06 \x01(\x0b\x32\x16.coins.common.v1.Money\x12-\n\x06method\x18\x07 \x01(\x0e\x32\x1d.coins.payout.v1.PayoutMethod\x12\x31\n\x06status\x18\x08 \x01(\x0e\x32!.coins.payout.v1.WithdrawalStatus\x12\x16\n\x0e\x66\x61ilure_reason\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x18GetDiamondBalanceRequest\x12<\n\ncreator_id\x18\x01 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\"M\n\x19GetDiamondBalanceResponse\x12\x30\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x1f.coins.payout.v1.DiamondBalance\"\xd2\x01\n\x15\x43reditDiamondsRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12<\n\ncreator_id\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1c\n\x05\x63oins\x18\x03 \x01(\x03\x42\r\xbaH\n\"\x08\x18\x80\x94\xeb\xdc\x03 \x00\x12\x1d\n\treference\x18\x04 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"e\n\x16\x43reditDiamondsResponse\x12\x19\n\x11\x64iamonds_credited\x18\x01 \x01(\x03\x12\x30\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1f.coins.payout.v1.DiamondBalance\"c\n\x1a\x42\x61tchCreditDiamondsRequest\x12\x45\n\x08requests\x18\x01 \x03(\x0b\x32&.coins.payout.v1.CreditDiamondsRequestB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\xe8\x07\"Y\n\x1b\x42\x61tchCreditDiamondsResponse\x12:\n\tresponses\x18\x01 \x03(\x0b\x32\'.coins.payout.v1.CreditDiamondsResponse\"\x9b\x02\n\x18RequestWithdrawalRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12<\n\ncreator_id\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1f\n\x08\x64iamonds\x18\x03 \x01(\x03\x42\r\xbaH\n\"\x08\x18\x80\x94\xeb\xdc\x03 \x00\x12\x39\n\x06method\x18\x04 \x01(\x0e\x32\x1d.coins.payout.v1.PayoutMethodB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12%\n\x11\x64\x65stination_token\x18\x05 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\"~\n\x19RequestWithdrawalResponse\x12/\n\nwithdrawal\x18\x01 \x01(\x0b\x32\x1b.coins.payout.v1.Withdrawal\x12\x30\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1f.coins.payout.v1.DiamondBalance\"8\n\x14GetWithdrawalRequest\x12 \n\rwithdrawal_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"H\n\x15GetWithdrawalResponse\x12/\n\nwithdrawal\x18\x01 \x01(\x0b\x32\x1b.coins.payout.v1.Withdrawal\"\x93\x01\n\x16ListWithdrawalsRequest\x12<\n\ncreator_id\x18\x01 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"d\n\x17ListWithdrawalsResponse\x12\x30\n\x0bwithdrawals\x18\x01 \x03(\x0b\x32\x1b.coins.payout.v1.Withdrawal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*_\n\x0cPayoutMethod\x12\x1d\n\x19PAYOUT_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYOUT_METHOD_PAYPAL\x10\x01\x12\x16\n\x12PAYOUT_METHOD_BANK\x10\x02*\xb0\x01\n\x10WithdrawalStatus\x12!\n\x1dWITHDRAWAL_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19WITHDRAWAL_STATUS_PENDING\x10\x01\x12 \n\x1cWITHDRAWAL_STATUS_PROCESSING\x10\x02\x12\x1a\n\x16WITHDRAWAL_STATUS_PAID\x10\x03\x12\x1c\n\x18WITHDRAWAL_STATUS_FAILED\x10\x04\x32\x82\x05\n\rPayoutService\x12j\n\x11GetDiamondBalance\x12).coins.payout.v1.GetDiamondBalanceRequest\x1a*.coins.payout.v1.GetDiamondBalanceResponse\x12\x61\n\x0e\x43reditDiamonds\x12&.coins.payout.v1.CreditDiamondsRequest\x1a\'.coins.payout.v1.CreditDiamondsResponse\x12p\n\x13\x42\x61tchCreditDiamonds\x12+.coins.payout.v1.BatchCreditDiamondsRequest\x1a,.coins.payout.v1.BatchCreditDiamondsResponse\x12j\n\x11RequestWithdrawal\x12).coins.payout.v1.RequestWithdrawalRequest\x1a*.coins.payout.v1.RequestWithdrawalResponse\x12^\n\rGetWithdrawal\x12%.coins.payout.v1.GetWithdrawalRequest\x1a&.coins.payout.v1.GetWithdrawalResponse\x12\x64\n\x0fListWithdrawals\x12\'.coins.payout.v1.ListWithdrawalsRequest\x1a(.coins.payout.v1.ListWithdrawalsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREDITDIAMONDSREQUEST'].fields_by_name['coins']._serialized_options = b'\272H\n\"\010\030\200\224\353\334\003 \000'
   _globals['_CREDITDIAMONDSREQUEST'].fields_by_name['reference']._loaded_options = None
   _globals['_CREDITDIAMONDSREQUEST'].fields_by_name['reference']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
+  _globals['_BATCHCREDITDIAMONDSREQUEST'].fields_by_name['requests']._loaded_options = None
+  _globals['_BATCHCREDITDIAMONDSREQUEST'].fields_by_name['requests']._serialized_options = b'\272H\010\222\001\005\010\001\020\350\007'
   _globals['_REQUESTWITHDRAWALREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_REQUESTWITHDRAWALREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$'
   _globals['_REQUESTWITHDRAWALREQUEST'].fields_by_name['creator_id']._loaded_options = None
@@ -62,10 +64,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWITHDRAWALSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\350\007(\000'
   _globals['_LISTWITHDRAWALSREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTWITHDRAWALSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\004'
-  _globals['_PAYOUTMETHOD']._serialized_start=1966
-  _globals['_PAYOUTMETHOD']._serialized_end=2061
-  _globals['_WITHDRAWALSTATUS']._serialized_start=2064
-  _globals['_WITHDRAWALSTATUS']._serialized_end=2240
+  _globals['_PAYOUTMETHOD']._serialized_start=2158
+  _globals['_PAYOUTMETHOD']._serialized_end=2253
+  _globals['_WITHDRAWALSTATUS']._serialized_start=2256
+  _globals['_WITHDRAWALSTATUS']._serialized_end=2432
   _globals['_DIAMONDBALANCE']._serialized_start=141
   _globals['_DIAMONDBALANCE']._serialized_end=272
   _globals['_WITHDRAWAL']._serialized_start=275
@@ -78,18 +80,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREDITDIAMONDSREQUEST']._serialized_end=1063
   _globals['_CREDITDIAMONDSRESPONSE']._serialized_start=1065
   _globals['_CREDITDIAMONDSRESPONSE']._serialized_end=1166
-  _globals['_REQUESTWITHDRAWALREQUEST']._serialized_start=1169
-  _globals['_REQUESTWITHDRAWALREQUEST']._serialized_end=1452
-  _globals['_REQUESTWITHDRAWALRESPONSE']._serialized_start=1454
-  _globals['_REQUESTWITHDRAWALRESPONSE']._serialized_end=1580
-  _globals['_GETWITHDRAWALREQUEST']._serialized_start=1582
-  _globals['_GETWITHDRAWALREQUEST']._serialized_end=1638
-  _globals['_GETWITHDRAWALRESPONSE']._serialized_start=1640
-  _globals['_GETWITHDRAWALRESPONSE']._serialized_end=1712
-  _globals['_LISTWITHDRAWALSREQUEST']._serialized_start=1715
-  _globals['_LISTWITHDRAWALSREQUEST']._serialized_end=1862
-  _globals['_LISTWITHDRAWALSRESPONSE']._serialized_start=1864
-  _globals['_LISTWITHDRAWALSRESPONSE']._serialized_end=1964
-  _globals['_PAYOUTSERVICE']._serialized_start=2243
-  _globals['_PAYOUTSERVICE']._serialized_end=2771
+  _globals['_BATCHCREDITDIAMONDSREQUEST']._serialized_start=1168
+  _globals['_BATCHCREDITDIAMONDSREQUEST']._serialized_end=1267
+  _globals['_BATCHCREDITDIAMONDSRESPONSE']._serialized_start=1269
+  _globals['_BATCHCREDITDIAMONDSRESPONSE']._serialized_end=1358
+  _globals['_REQUESTWITHDRAWALREQUEST']._serialized_start=1361
+  _globals['_REQUESTWITHDRAWALREQUEST']._serialized_end=1644
+  _globals['_REQUESTWITHDRAWALRESPONSE']._serialized_start=1646
+  _globals['_REQUESTWITHDRAWALRESPONSE']._serialized_end=1772
+  _globals['_GETWITHDRAWALREQUEST']._serialized_start=1774
+  _globals['_GETWITHDRAWALREQUEST']._serialized_end=1830
+  _globals['_GETWITHDRAWALRESPONSE']._serialized_start=1832
+  _globals['_GETWITHDRAWALRESPONSE']._serialized_end=1904
+  _globals['_LISTWITHDRAWALSREQUEST']._serialized_start=1907
+  _globals['_LISTWITHDRAWALSREQUEST']._serialized_end=2054
+  _globals['_LISTWITHDRAWALSRESPONSE']._serialized_start=2056
+  _globals['_LISTWITHDRAWALSRESPONSE']._serialized_end=2156
+  _globals['_PAYOUTSERVICE']._serialized_start=2435
+  _globals['_PAYOUTSERVICE']._serialized_end=3077
 # @@protoc_insertion_point(module_scope)

@@ -294,6 +294,54 @@ class CreditDiamondsResponse(_message.Message):
 Global___CreditDiamondsResponse: _TypeAlias = CreditDiamondsResponse  # noqa: Y015
 
 @_typing.final
+class BatchCreditDiamondsRequest(_message.Message):
+    """Request for BatchCreditDiamonds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditDiamondsRequest]:
+        """The credits, each with its own request id (the gift's id); at most 1,000, request ids unique."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___CreditDiamondsRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreditDiamondsRequest: _TypeAlias = BatchCreditDiamondsRequest  # noqa: Y015
+
+@_typing.final
+class BatchCreditDiamondsResponse(_message.Message):
+    """Response for BatchCreditDiamonds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditDiamondsResponse]:
+        """One response per credit, in the order of the requests."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___CreditDiamondsResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreditDiamondsResponse: _TypeAlias = BatchCreditDiamondsResponse  # noqa: Y015
+
+@_typing.final
 class RequestWithdrawalRequest(_message.Message):
     """Request for RequestWithdrawal."""
 

@@ -50,6 +50,11 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.CreditDiamondsRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.CreditDiamondsResponse.FromString,
                 _registered_method=True)
+        self.BatchCreditDiamonds = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/BatchCreditDiamonds',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.BatchCreditDiamondsRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.BatchCreditDiamondsResponse.FromString,
+                _registered_method=True)
         self.RequestWithdrawal = channel.unary_unary(
                 '/coins.payout.v1.PayoutService/RequestWithdrawal',
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.RequestWithdrawalRequest.SerializeToString,
@@ -91,6 +96,16 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchCreditDiamonds(self, request, context):
+        """Internal: applies many gifts' credits in one call and one database transaction (AIP-233, atomic:
+        all apply or none). Each credit is still applied exactly once by its request id, across this RPC
+        and CreditDiamonds alike; a credit applied before is answered with its first response. Credits to
+        one creator are aggregated into one ledger posting, so a hot creator is not a serial bottleneck.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RequestWithdrawal(self, request, context):
         """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
         DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
@@ -125,6 +140,11 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.CreditDiamonds,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.CreditDiamondsRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.CreditDiamondsResponse.SerializeToString,
+            ),
+            'BatchCreditDiamonds': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreditDiamonds,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.BatchCreditDiamondsRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.BatchCreditDiamondsResponse.SerializeToString,
             ),
             'RequestWithdrawal': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestWithdrawal,
@@ -202,6 +222,33 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/CreditDiamonds',
             coins_dot_payout_dot_v1_dot_payout__pb2.CreditDiamondsRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.CreditDiamondsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreditDiamonds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/BatchCreditDiamonds',
+            coins_dot_payout_dot_v1_dot_payout__pb2.BatchCreditDiamondsRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.BatchCreditDiamondsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,12 @@ class PayoutServiceStub:
     """Internal: credits the diamonds a gift earns. Called by the gifting service with the gift's id as the
     request id, so that a redelivered credit is applied once.
     """
+    BatchCreditDiamonds: _grpc.UnaryUnaryMultiCallable[_payout_pb2.BatchCreditDiamondsRequest, _payout_pb2.BatchCreditDiamondsResponse]
+    """Internal: applies many gifts' credits in one call and one database transaction (AIP-233, atomic:
+    all apply or none). Each credit is still applied exactly once by its request id, across this RPC
+    and CreditDiamonds alike; a credit applied before is answered with its first response. Credits to
+    one creator are aggregated into one ledger posting, so a hot creator is not a serial bottleneck.
+    """
     RequestWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]
     """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
     DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
@@ -70,6 +76,12 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     CreditDiamonds: _aio.UnaryUnaryMultiCallable[_payout_pb2.CreditDiamondsRequest, _payout_pb2.CreditDiamondsResponse]  # type: ignore[assignment]
     """Internal: credits the diamonds a gift earns. Called by the gifting service with the gift's id as the
     request id, so that a redelivered credit is applied once.
+    """
+    BatchCreditDiamonds: _aio.UnaryUnaryMultiCallable[_payout_pb2.BatchCreditDiamondsRequest, _payout_pb2.BatchCreditDiamondsResponse]  # type: ignore[assignment]
+    """Internal: applies many gifts' credits in one call and one database transaction (AIP-233, atomic:
+    all apply or none). Each credit is still applied exactly once by its request id, across this RPC
+    and CreditDiamonds alike; a credit applied before is answered with its first response. Credits to
+    one creator are aggregated into one ledger posting, so a hot creator is not a serial bottleneck.
     """
     RequestWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]  # type: ignore[assignment]
     """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
@@ -105,6 +117,18 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.CreditDiamondsResponse, _abc.Awaitable[_payout_pb2.CreditDiamondsResponse]]:
         """Internal: credits the diamonds a gift earns. Called by the gifting service with the gift's id as the
         request id, so that a redelivered credit is applied once.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchCreditDiamonds(
+        self,
+        request: _payout_pb2.BatchCreditDiamondsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.BatchCreditDiamondsResponse, _abc.Awaitable[_payout_pb2.BatchCreditDiamondsResponse]]:
+        """Internal: applies many gifts' credits in one call and one database transaction (AIP-233, atomic:
+        all apply or none). Each credit is still applied exactly once by its request id, across this RPC
+        and CreditDiamonds alike; a credit applied before is answered with its first response. Credits to
+        one creator are aggregated into one ledger posting, so a hot creator is not a serial bottleneck.
         """
 
     @_abc_1.abstractmethod
