@@ -84,6 +84,53 @@ FROM unnest(:accounts::text[], :amounts::bigint[], :balances_after::bigint[], :s
 ORDER BY e.n""",
 )
 
+_CREDIT_MANY_PG = Statement(
+    "ledger.credit_accounts",
+    "",
+    postgres="""
+UPDATE ledger_accounts AS a SET balance = a.balance + d.amount, seq = a.seq + 1
+FROM unnest(:account_ids::text[], :amounts::bigint[]) AS d(account_id, amount)
+WHERE a.account_id = d.account_id AND a.keeps_balance AND a.balance <= :max_balance - d.amount
+RETURNING a.account_id, a.balance, a.seq, a.head_hash, a.held""",
+)
+_WRITE_MANY_PG = Statement(
+    "ledger.write_postings",
+    "",
+    postgres=f"""
+WITH heads AS (
+    UPDATE ledger_accounts AS a SET head_hash = h.hash
+    FROM unnest(:head_accounts::text[], :head_hashes::text[]) AS h(account_id, hash)
+    WHERE a.account_id = h.account_id
+), tx AS (
+    INSERT INTO ledger_transactions ({_TRANSACTION_COLUMNS})
+    SELECT t.transaction_id, t.kind, t.reference, t.request_id, :caller, :policy_version, :trace_id,
+           :created_at::timestamptz, t.digest, :acting_user
+    FROM unnest(:transaction_ids::text[], :kinds::text[], :references::text[],
+                :request_ids::text[], :digests::text[])
+         AS t(transaction_id, kind, reference, request_id, digest)
+)
+INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
+SELECT e.transaction_id, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
+       e.seq, e.prev_hash, e.hash
+FROM unnest(:entry_transactions::text[], :accounts::text[], :amounts::bigint[],
+            :balances_after::bigint[], :seqs::bigint[], :prev_hashes::text[], :hashes::text[])
+     WITH ORDINALITY AS e(transaction_id, account_id, amount, balance_after, seq, prev_hash, hash, n)
+ORDER BY e.n""",
+)
+
+_OPEN_ACCOUNT = Statement(
+    "ledger.open_account",
+    "INSERT INTO ledger_accounts (account_id, kind, balance, allow_negative, keeps_balance, "
+    "created_at, seq, head_hash) VALUES (:account_id, :kind, 0, FALSE, TRUE, :now, 0, :genesis) "
+    "ON CONFLICT DO NOTHING",
+)
+_BALANCES = Statement(
+    "ledger.balances",
+    "SELECT account_id, balance FROM ledger_accounts "
+    "WHERE account_id IN (SELECT value FROM json_each(:account_ids))",
+    postgres="SELECT account_id, balance FROM ledger_accounts WHERE account_id = ANY(:account_ids::text[])",
+)
+
 EntryRow = tuple[str, int, "int | None", "int | None", "str | None", "str | None"]
 """(account, amount, balance after, seq, prev_hash, hash) of one entry to write."""
 
@@ -143,6 +190,18 @@ class Posted:
     balances: dict[str, int]
     available: dict[str, int] = field(default_factory=dict)
     """The same accounts' available balances (balance less what active holds reserve)."""
+
+
+@dataclass(frozen=True)
+class Credit:
+    """One transaction of `Ledger.credit_many`: `amount` from a passive `source` to a keeping `account`."""
+
+    account_id: str
+    source: str
+    amount: int
+    kind: str
+    reference: str
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -352,6 +411,138 @@ class Ledger:
             heads=heads,
         )
         return Posted(transaction_id, balances, available)
+
+    async def open_accounts(
+        self, tx: Tx, account_ids: Sequence[str], *, kind: str = "user"
+    ) -> None:
+        """Create balance-keeping accounts that do not exist yet (concurrent opens are safe)."""
+        now = self._clock.now()
+        for account_id in sorted(account_ids):
+            await tx.run(_OPEN_ACCOUNT, account_id=account_id, kind=kind, now=now, genesis=GENESIS)
+
+    async def balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
+        """Kept balances of existing accounts, in one read."""
+        rows = await tx.all(_BALANCES, account_ids=list(account_ids))
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def credit_many(
+        self,
+        tx: Tx,
+        credits: Sequence[Credit],
+        *,
+        caller: str,
+        policy_version: str = "",
+    ) -> dict[str, tuple[int, str]]:
+        """Post many credits, each its own balanced transaction (digest, chain link), with one UPDATE of
+        all their accounts and one write of every row: two round trips on PostgreSQL however many.
+        Each account may appear once (aggregate first); sources must be passive (not chained).
+        Returns each account's (balance after its credit, transaction id)."""
+        if len({c.account_id for c in credits}) != len(credits) or any(
+            c.amount <= 0 for c in credits
+        ):
+            raise ValueError("credit_many takes one positive credit per account")
+        if not credits:
+            return {}
+        if tx.dialect != "postgresql":  # in-process statements: the one-at-a-time path is as fast
+            balances: dict[str, tuple[int, str]] = {}
+            for c in credits:
+                posted = await self.post(
+                    tx,
+                    [Posting(c.source, -c.amount), Posting(c.account_id, c.amount)],
+                    kind=c.kind,
+                    reference=c.reference,
+                    request_id=c.request_id,
+                    caller=caller,
+                    policy_version=policy_version,
+                    acting_user="",
+                )
+                balances[c.account_id] = (posted.balances[c.account_id], posted.transaction_id)
+            return balances
+        now = utc(self._clock.now())
+        span_context = trace.get_current_span().get_span_context()
+        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        ordered = sorted(credits, key=lambda c: c.account_id)  # lock order, as in `post`
+        rows = await tx.all(
+            _CREDIT_MANY_PG,
+            account_ids=[c.account_id for c in ordered],
+            amounts=[c.amount for c in ordered],
+            max_balance=MAX_BALANCE,
+        )
+        links = {str(r[0]): _Link(int(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows}
+        for c in ordered:
+            if c.account_id not in links:  # not found, passive, or full: say which, as `post` does
+                await self._apply(tx, Posting(c.account_id, c.amount))
+                raise ValueError(f"credit_many: {c.account_id} keeps no balance")
+        transaction_ids: list[str] = []
+        digests: list[str] = []
+        entry_rows: list[tuple[str, str, int, int | None, int | None, str | None, str | None]] = []
+        heads: dict[str, str] = {}
+        for c in ordered:
+            link, transaction_id = links[c.account_id], uuid.uuid4().hex
+            digest = transaction_digest(
+                transaction_id=transaction_id,
+                kind=c.kind,
+                reference=c.reference,
+                request_id=c.request_id,
+                caller=caller,
+                policy_version=policy_version,
+                trace_id=trace_id,
+                created_at=now,
+                entries=[
+                    (c.source, -c.amount, None, now),
+                    (c.account_id, c.amount, link.balance, now),
+                ],
+            )
+            heads[c.account_id] = entry_hash(
+                prev_hash=link.head_hash,
+                account_id=c.account_id,
+                seq=link.seq,
+                amount=c.amount,
+                balance_after=link.balance,
+                transaction_id=transaction_id,
+                digest=digest,
+            )
+            transaction_ids.append(transaction_id)
+            digests.append(digest)
+            entry_rows.append((transaction_id, c.source, -c.amount, None, None, None, None))
+            entry_rows.append(
+                (
+                    transaction_id,
+                    c.account_id,
+                    c.amount,
+                    link.balance,
+                    link.seq,
+                    link.head_hash,
+                    heads[c.account_id],
+                )
+            )
+        columns = list(zip(*entry_rows, strict=True))
+        await tx.run(
+            _WRITE_MANY_PG,
+            head_accounts=list(heads),
+            head_hashes=list(heads.values()),
+            caller=caller,
+            policy_version=policy_version,
+            trace_id=trace_id,
+            created_at=now,
+            acting_user="",
+            transaction_ids=transaction_ids,
+            kinds=[c.kind for c in ordered],
+            references=[c.reference for c in ordered],
+            request_ids=[c.request_id for c in ordered],
+            digests=digests,
+            entry_transactions=list(columns[0]),
+            accounts=list(columns[1]),
+            amounts=list(columns[2]),
+            balances_after=list(columns[3]),
+            seqs=list(columns[4]),
+            prev_hashes=list(columns[5]),
+            hashes=list(columns[6]),
+        )
+        return {
+            c.account_id: (links[c.account_id].balance, transaction_id)
+            for c, transaction_id in zip(ordered, transaction_ids, strict=True)
+        }
 
     async def _apply(self, tx: Tx, posting: Posting) -> _Link | None:
         """Move a keeping account's balance and chain position with one conditional UPDATE.

@@ -8,10 +8,11 @@ unrecorded, even if the process dies halfway.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from alembic.operations import Operations
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 from opentelemetry import trace
 from sqlalchemy import (
@@ -92,6 +93,15 @@ def drop_admin_audit_table_v1(op: Operations) -> None:
     op.drop_table("admin_audit")  # SQLite drops a table's triggers with it
 
 
+def _request_json(request: Message) -> str:
+    """The request as JSON; a request JSON cannot express (an out-of-range timestamp) is kept as text,
+    so that recording a refused admin call never fails."""
+    try:
+        return json_format.MessageToJson(request, indent=None)
+    except (json_format.SerializeToJsonError, ValueError):
+        return json.dumps({"unrenderable": text_format.MessageToString(request, as_one_line=True)})
+
+
 class AdminAudit:
     def __init__(self, db: Database, clock: Clock) -> None:
         self._db, self._clock = db, clock
@@ -109,7 +119,7 @@ class AdminAudit:
                     actor_user_id=principal.user_id or "",
                     caller_service=principal.service,
                     method=method,
-                    request_json=json_format.MessageToJson(request, indent=None),
+                    request_json=_request_json(request),
                     reason=reason,
                     outcome=outcome,
                     trace_id=format(context.trace_id, "032x") if context.is_valid else "",

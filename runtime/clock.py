@@ -30,7 +30,9 @@ class FixedClock:
         self._now += delta
 
 
-def utc(value: dt.datetime) -> dt.datetime:
-    """An aware UTC datetime. Naive ones (SQLite hands datetimes back without a zone) are UTC already:
-    everything the suite stores is UTC."""
+def utc(value: dt.datetime | str) -> dt.datetime:
+    """An aware UTC datetime. Naive ones (SQLite hands datetimes back without a zone, or as text when
+    read on the driver) are UTC already: everything the suite stores is UTC."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)

@@ -90,6 +90,21 @@ _READ_KEY = Statement(
 )
 
 
+_INSERT_CLAIM = Statement(
+    "idempotency.claim",
+    "INSERT INTO idempotency_keys (scope, request_id, fingerprint, resource_id, response, error, "
+    "created_at) VALUES (:scope, :request_id, :fingerprint, :resource_id, NULL, NULL, :created_at) "
+    "ON CONFLICT DO NOTHING",
+)
+_ANSWER = Statement(
+    "idempotency.answer",
+    "UPDATE idempotency_keys SET response = :response, error = :error "
+    "WHERE scope = :scope AND request_id = :request_id",
+)
+
+T = TypeVar("T")
+
+
 class _AnsweredBefore(Exception):
     """The request id already has an answer: roll the effect back and replay that answer."""
 
@@ -106,7 +121,7 @@ def fingerprint(request: Message) -> str:
 R = TypeVar("R", bound=Message)
 
 
-def _scoped(scope: str) -> str:
+def scoped_scope(scope: str) -> str:
     """Request ids are the calling service's: two services' ids never collide, even when equal.
     (Scopes name the user where a user is concerned; work a service does on its own has no caller.)"""
     principal = principal_or_none()
@@ -155,7 +170,7 @@ class Idempotency:
         request: Message,
         resource_id: str | None = None,
     ) -> Claim:
-        scope = _scoped(scope)
+        scope = scoped_scope(scope)
         request_id: str = _request_id(request)
         print_ = fingerprint(request)
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
@@ -199,7 +214,7 @@ class Idempotency:
         response: Message | None = None,
         error: DomainError | None = None,
     ) -> None:
-        scope = _scoped(scope)
+        scope = scoped_scope(scope)
         await conn.execute(
             update(idempotency_keys)
             .where(
@@ -219,7 +234,7 @@ class Idempotency:
         claimed (whatever its parameters), else it is claimed now with `void` as its answer, so that
         the request, should it still arrive, is refused and never takes effect. `is_new` means voided
         now. Used to reconcile a call whose caller lost its answer."""
-        scoped, request_id = _scoped(scope), _request_id(request)
+        scoped, request_id = scoped_scope(scope), _request_id(request)
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         inserted = await conn.execute(
             dialect.insert(idempotency_keys)
@@ -330,7 +345,7 @@ class Idempotency:
         effect: Callable[[Tx], Awaitable[R]],
     ) -> R:
         """`once()` on the hot path: the effect on the driver, the key written with the answer."""
-        scoped, request_id = _scoped(scope), _request_id(request)
+        scoped, request_id = scoped_scope(scope), _request_id(request)
         print_ = fingerprint(request)
         try:
             async with self._db.driver.transaction() as tx:
@@ -369,6 +384,59 @@ class Idempotency:
                 "REQUEST_IN_PROGRESS", "the request is still in progress; retry it shortly"
             )
         return claim.replay(response_type)
+
+    async def begin_direct(
+        self,
+        scope: str,
+        request: Message,
+        resource_id: str,
+        start: Callable[[Tx], Awaitable[T]],
+    ) -> tuple[Claim, T | None]:
+        """`begin()` on the hot path: claim the request id for `resource_id` and create it (`start`) in
+        one driver transaction. Returns the claim and what `start` made; None when an earlier attempt
+        made it (resume from `claim.resource_id`) or answered already (`claim.finished`)."""
+        scoped, request_id = scoped_scope(scope), _request_id(request)
+        print_ = fingerprint(request)
+        try:
+            async with self._db.driver.transaction() as tx:
+                claimed = await tx.run(
+                    _INSERT_CLAIM,
+                    scope=scoped,
+                    request_id=request_id,
+                    fingerprint=print_,
+                    resource_id=resource_id,
+                    created_at=self._clock.now(),
+                )
+                if claimed:
+                    return Claim(is_new=True, resource_id=resource_id), await start(tx)
+        except DomainError as error:
+            if error.reason != "REQUEST_ID_REUSED":
+                await self.record_error(scope, request, error)
+            raise
+        claim = await self._stored(scoped, request_id, print_)
+        if claim is None or (claim.resource_id is None and not claim.finished):
+            raise Unavailable(
+                "REQUEST_IN_PROGRESS", "the request is still in progress; retry it shortly"
+            )
+        return claim, None
+
+    async def complete_direct(
+        self,
+        tx: Tx,
+        scope: str,
+        request: Message,
+        *,
+        response: Message | None = None,
+        error: DomainError | None = None,
+    ) -> None:
+        """Store the answer of a request begun with `begin_direct`, in the caller's transaction."""
+        await tx.run(
+            _ANSWER,
+            scope=scoped_scope(scope),
+            request_id=_request_id(request),
+            response=response.SerializeToString() if response is not None else None,
+            error=error.to_json() if error is not None else None,
+        )
 
     async def _stored(self, scope: str, request_id: str, print_: str) -> Claim | None:
         """The request id's record, if it has one; REQUEST_ID_REUSED if its parameters differ."""
@@ -415,7 +483,7 @@ class Idempotency:
                 await conn.execute(
                     update(idempotency_keys)
                     .where(
-                        idempotency_keys.c.scope == _scoped(scope),
+                        idempotency_keys.c.scope == scoped_scope(scope),
                         idempotency_keys.c.request_id == _request_id(request),
                     )
                     .values(resource_id=resource_id)

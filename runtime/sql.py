@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -64,7 +65,10 @@ class Statement:
 
 
 def sqlite_value(value: Any) -> Any:
-    """A parameter as SQLAlchemy stores it on SQLite (so both paths read each other's rows)."""
+    """A parameter as SQLAlchemy stores it on SQLite (so both paths read each other's rows); a list
+    as JSON text, for `IN (SELECT value FROM json_each(:list))` where PostgreSQL takes `= ANY(:list)`."""
+    if isinstance(value, list):
+        return json.dumps(value)
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
             value = value.astimezone(dt.UTC).replace(tzinfo=None)
@@ -178,6 +182,13 @@ class ConnTx:
 def as_tx(conn: AsyncConnection | Tx) -> Tx:
     """Shared SQL takes either an SQLAlchemy connection (slow paths) or a driver `Tx` (hot paths)."""
     return ConnTx(conn) if isinstance(conn, AsyncConnection) else conn
+
+
+def is_conflict(error: BaseException) -> bool:
+    """A unique key taken by a concurrent transaction: retrying reads what that one committed."""
+    if isinstance(error, asyncpg.UniqueViolationError):
+        return True
+    return isinstance(error, sqlite3.IntegrityError) and "UNIQUE" in str(error)
 
 
 def _sqlite_connect(path: str) -> sqlite3.Connection:

@@ -380,6 +380,19 @@ async def _credit_diamonds(suite: Suite) -> Sample:
     return Sample(request, None, mutates=True)
 
 
+@sample(PAYOUT, "BatchCreditDiamonds")
+async def _batch_credit_diamonds(suite: Suite) -> Sample:
+    request = payout_pb2.BatchCreditDiamondsRequest(
+        requests=[
+            payout_pb2.CreditDiamondsRequest(
+                request_id=new_id("gift"), creator_id=creator, coins=40, reference=new_id("gift")
+            )
+            for creator in (new_id("creator"), new_id("creator"))
+        ]
+    )
+    return Sample(request, None, mutates=True)
+
+
 @sample(PAYOUT, "RequestWithdrawal")
 async def _request_withdrawal(suite: Suite) -> Sample:
     creator = await creator_with_diamonds(suite, 5_000)

@@ -84,7 +84,7 @@ from runtime.pagination import encode_token
 from runtime.status import error_info
 from services.gifting.storage import credit_outbox, live_gifters, sent_gifts
 from services.payout import policy
-from services.payout.storage import creators, withdrawals
+from services.payout.storage import creators, gift_credits, withdrawals
 from services.promotion.storage import promotion_deliveries, promotions
 from services.wallet.storage import purchases, wallet_accounts
 from tests.helpers import adult_birth_date, funded_user, new_id, open_account, rpc_error
@@ -92,7 +92,7 @@ from tests.suite import Suite, start_suite
 
 BATCH = (1, 10)
 """Calls per example, sent concurrently (plus up to two repeats); a failing batch shrinks to one."""
-STRUCTURED_EXAMPLES = 470
+STRUCTURED_EXAMPLES = 500
 """About 2,250 calls per backend (derandomized: the same number on every run)."""
 MALFORMED_EXAMPLES = 80
 MIN_STRUCTURED_CALLS = 2_000
@@ -1044,7 +1044,14 @@ async def snapshot(suite: Suite) -> Snapshot:
         promotions={r.promotion_id: r for r in await _rows(db["promotion"], sa.select(promotions))},
         deliveries=await _rows(db["promotion"], sa.select(promotion_deliveries)),
         holds={r.hold_id: r for r in await _rows(db["wallet"], sa.select(ledger_holds))},
-        answers={(s, k.scope, k.request_id): _answer(k) for s in keys for k in keys[s]},
+        answers={(s, k.scope, k.request_id): _answer(k) for s in keys for k in keys[s]}
+        | {
+            ("payout", scope.partition("|")[2], request_id): "ok"
+            for scope, _, request_id in (
+                row.credit_key.rpartition("/")
+                for row in await _rows(db["payout"], sa.select(gift_credits.c.credit_key))
+            )
+        },
     )
 
 

@@ -11,7 +11,8 @@ from coins.gifting.v1 import gifting_pb2
 from tests.helpers import funded_user, new_id
 from tests.suite import Suite
 
-DB_SCOPE = "opentelemetry.instrumentation.sqlalchemy"
+DB_SCOPES = {"opentelemetry.instrumentation.sqlalchemy", "coins.db"}
+"""SQLAlchemy's span per statement, and the hot paths' span per transaction naming its statements."""
 
 
 def service_of(span: ReadableSpan) -> str:
@@ -66,7 +67,7 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
     by_id = {s.context.span_id: s for s in spans}
 
     wallet_span = server_span(spans, "coins-wallet", "/DebitCoins")
-    payout_span = server_span(spans, "coins-payout", "/CreditDiamonds")
+    payout_span = server_span(spans, "coins-payout", "/BatchCreditDiamonds")
     assert gift_span in ancestors(wallet_span, by_id)
     assert gift_span in ancestors(payout_span, by_id)
     assert gift_span.parent is None or gift_span.parent.span_id not in by_id
@@ -77,9 +78,15 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
             s
             for s in spans
             if s.instrumentation_scope is not None
-            and s.instrumentation_scope.name == DB_SCOPE
+            and s.instrumentation_scope.name in DB_SCOPES
             and service_span in ancestors(s, by_id)
             and service_of(s) == service
         ]
         assert statements, f"no database spans beneath {service}'s server span"
+        for span in statements:
+            if span.instrumentation_scope and span.instrumentation_scope.name == "coins.db":
+                assert span.attributes and span.attributes.get("db.statements"), span.name
+        for span in statements:
+            if span.instrumentation_scope and span.instrumentation_scope.name == "coins.db":
+                assert span.attributes and span.attributes.get("db.statements"), span.name
     assert {service_of(s) for s in spans} == {"coins-gifting", "coins-wallet", "coins-payout"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -14,6 +15,7 @@ from runtime.errors import Aborted, DomainError, NotFound
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp
 from runtime.server import Runtime
+from runtime.sql import Tx
 from services.gifting import storage
 from services.gifting.domain import CoinDebiter, Gifting, Target
 from services.gifting.settings import GiftingSettings
@@ -119,10 +121,12 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             live_id=request.live_id if request.HasField("live_id") else None,
             video_id=request.video_id if request.HasField("video_id") else None,
         )
+        sent_gift_id = self._gifting.new_sent_gift_id()
 
-        async def start(conn: AsyncConnection) -> str:
+        async def start(tx: Tx) -> storage.SentGiftRecord:
             return await self._gifting.start(
-                conn,
+                tx,
+                sent_gift_id=sent_gift_id,
                 sender_id=request.sender_id,
                 creator_id=request.creator_id,
                 gift_id=request.gift_id,
@@ -131,13 +135,14 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                 now=self._clock.now(),
             )
 
-        claim = await self._idempotency.begin(scope, request, start)
+        claim, sent = await self._idempotency.begin_direct(scope, request, sent_gift_id, start)
         if claim.finished:
             return claim.replay(gifting_pb2.SendGiftResponse)
-        assert claim.resource_id is not None
-        async with self._db.read() as conn:
-            sent = await storage.get_sent_gift(conn, claim.resource_id)
-        assert sent is not None
+        if sent is None:  # an earlier attempt started this gift: resume it
+            assert claim.resource_id is not None
+            async with self._db.driver.read() as tx:
+                sent = await storage.get_sent_gift(tx, claim.resource_id)
+            assert sent is not None
         try:
             transaction_id, balance = await self._wallet.debit_for_gift(
                 sent_gift_id=sent.sent_gift_id,
@@ -149,22 +154,21 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             )
         except DomainError as error:
             if not error.retryable:
-                async with self._db.transaction() as conn:
-                    await self._gifting.record_failure(conn, sent.sent_gift_id, self._clock.now())
-                    await self._idempotency.complete(conn, scope, request, error=error)
+                async with self._db.driver.transaction() as tx:
+                    await self._gifting.record_failure(tx, sent.sent_gift_id, self._clock.now())
+                    await self._idempotency.complete_direct(tx, scope, request, error=error)
             raise
-        async with self._db.transaction() as conn:
-            if not await self._gifting.record_debit(conn, sent, transaction_id, self._clock.now()):
+        async with self._db.driver.transaction() as tx:
+            if not await self._gifting.record_debit(tx, sent, transaction_id, self._clock.now()):
                 raise Aborted(
                     "CONCURRENT_RETRY",
                     "another attempt with this request_id completed the gift; retry to read it",
                 )
-            recorded = await storage.get_sent_gift(conn, sent.sent_gift_id)
-            assert recorded is not None
             response = gifting_pb2.SendGiftResponse(
-                sent_gift=sent_gift_pb(recorded), sender_balance_coins=balance
+                sent_gift=sent_gift_pb(replace(sent, status="debited")),
+                sender_balance_coins=balance,
             )
-            await self._idempotency.complete(conn, scope, request, response=response)
+            await self._idempotency.complete_direct(tx, scope, request, response=response)
         self._wake_relay()
         return response
 

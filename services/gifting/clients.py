@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.status import from_rpc_error
-from services.gifting.domain import credit_request_id, debit_request_id
+from services.gifting.domain import PendingCredit, credit_request_id, debit_request_id
 
 
 def debit_request(sent_gift_id: str, sender_id: str, coins: int) -> wallet_pb2.DebitCoinsRequest:
@@ -71,12 +73,11 @@ class PayoutCrediter:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._payout = payout_pb2_grpc.PayoutServiceStub(channel)
 
-    async def credit_for_gift(
-        self, *, sent_gift_id: str, creator_id: str, coins: int, time_limit: float
-    ) -> None:
+    async def credit_gifts(self, credits: Sequence[PendingCredit], *, time_limit: float) -> None:
+        request = payout_pb2.BatchCreditDiamondsRequest(
+            requests=[credit_request(c.sent_gift_id, c.creator_id, c.coins) for c in credits]
+        )
         try:
-            await self._payout.CreditDiamonds(
-                credit_request(sent_gift_id, creator_id, coins), timeout=time_limit
-            )
+            await self._payout.BatchCreditDiamonds(request, timeout=time_limit)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, dependency="payout") from None

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from opentelemetry import propagate
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.errors import FieldViolation, InvalidArgument, NotFound
+from runtime.sql import Tx
 from services.gifting import storage
 
 
@@ -40,12 +42,21 @@ class CoinDebiter(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PendingCredit:
+    """A gift's diamond credit on its way to the payout service."""
+
+    sent_gift_id: str
+    creator_id: str
+    coins: int
+
+
 class DiamondCrediter(Protocol):
     """The payout service, as the gifting service needs it."""
 
-    async def credit_for_gift(
-        self, *, sent_gift_id: str, creator_id: str, coins: int, time_limit: float
-    ) -> None: ...
+    async def credit_gifts(self, credits: Sequence[PendingCredit], *, time_limit: float) -> None:
+        """Credit many gifts in one call and one transaction, each exactly once by its gift id."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -85,59 +96,60 @@ class Gifting:
             active=active,
         )
 
+    def new_sent_gift_id(self) -> str:
+        return uuid.uuid4().hex
+
     async def start(
         self,
-        conn: AsyncConnection,
+        tx: Tx,
         *,
+        sent_gift_id: str,
         sender_id: str,
         creator_id: str,
         gift_id: str,
         count: int,
         target: Target,
         now: dt.datetime,
-    ) -> str:
+    ) -> storage.SentGiftRecord:
+        """Record the gift as `pending`, priced from the catalog (one statement on the happy path)."""
         if sender_id == creator_id:
             raise InvalidArgument(
                 "SELF_GIFTING", "creators cannot send gifts to themselves", user_id=sender_id
             )
-        gift = await storage.get_gift(conn, gift_id)
-        if gift is None or not gift.active:
-            raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id)
-        if gift.coins * count > MAX_COINS_PER_SEND:
-            raise InvalidArgument(
-                "GIFT_TOO_LARGE",
-                f"{count} x {gift_id} is {gift.coins * count} coins; one send may move at most "
-                f"{MAX_COINS_PER_SEND}",
-                violations=(
-                    FieldViolation(
-                        "count", f"at most {MAX_COINS_PER_SEND // gift.coins} of this gift"
-                    ),
-                ),
-                max_count=MAX_COINS_PER_SEND // gift.coins,
-            )
-        sent_gift_id = uuid.uuid4().hex
-        await storage.insert_sent_gift(
-            conn,
-            storage.SentGiftRecord(
-                sent_gift_id=sent_gift_id,
-                sender_id=sender_id,
-                creator_id=creator_id,
-                gift_id=gift_id,
-                count=count,
-                coins=gift.coins * count,
-                live_id=target.live_id,
-                video_id=target.video_id,
-                status="pending",
-                wallet_transaction_id=None,
-                created_at=now,
-                updated_at=now,
-            ),
+        pending = storage.SentGiftRecord(
+            sent_gift_id=sent_gift_id,
+            sender_id=sender_id,
+            creator_id=creator_id,
+            gift_id=gift_id,
+            count=count,
+            coins=0,
+            live_id=target.live_id,
+            video_id=target.video_id,
+            status="pending",
+            wallet_transaction_id=None,
+            created_at=now,
+            updated_at=now,
         )
-        return sent_gift_id
+        coins = await storage.start_sent_gift(tx, pending, MAX_COINS_PER_SEND)
+        if coins is not None:
+            return replace(pending, coins=coins)
+        price = await storage.gift_price(tx, gift_id)
+        if price is None or not price[1]:
+            raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id)
+        unit = price[0]
+        raise InvalidArgument(
+            "GIFT_TOO_LARGE",
+            f"{count} x {gift_id} is {unit * count} coins; one send may move at most "
+            f"{MAX_COINS_PER_SEND}",
+            violations=(
+                FieldViolation("count", f"at most {MAX_COINS_PER_SEND // unit} of this gift"),
+            ),
+            max_count=MAX_COINS_PER_SEND // unit,
+        )
 
     async def record_debit(
         self,
-        conn: AsyncConnection,
+        conn: AsyncConnection | Tx,
         sent: storage.SentGiftRecord,
         wallet_transaction_id: str,
         now: dt.datetime,
@@ -168,7 +180,7 @@ class Gifting:
         return True
 
     async def record_failure(
-        self, conn: AsyncConnection, sent_gift_id: str, now: dt.datetime
+        self, conn: AsyncConnection | Tx, sent_gift_id: str, now: dt.datetime
     ) -> None:
         """The debit was refused (not enough coins, no account): the gift never happened."""
         await storage.move_sent_gift(

@@ -17,10 +17,8 @@ class GiftingSettings(ServiceSettings):
     health_port: int = 50062
     wallet_address: str = "127.0.0.1:50051"
     payout_address: str = "127.0.0.1:50053"
-    relay_batch_size: int = 200
-    """Credits the outbox relay takes per round."""
-    relay_concurrency: int = 16
-    """Credits the relay has in flight to the payout service at once."""
+    relay_batch_size: int = 500
+    """Most credits the outbox relay sends in one BatchCreditDiamonds call (payout takes up to 1,000)."""
     relay_max_backoff_seconds: float = 60.0
     reconcile_every_seconds: float = 30.0
     reconcile_after_seconds: float = 60.0

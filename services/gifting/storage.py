@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,11 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
 from runtime.db import upsert
+from runtime.sql import Statement, Tx, as_tx
 
 metadata = MetaData()
 
@@ -114,6 +115,12 @@ class OutboxRecord:
     attempts: int
 
 
+_START_GIFT_COLUMNS = (
+    "sent_gift_id, sender_id, creator_id, gift_id, count, coins, live_id, video_id, status, "
+    "wallet_transaction_id, created_at, updated_at"
+)
+
+
 async def list_gifts(
     conn: AsyncConnection, *, limit: int, after: tuple[int, str] | None
 ) -> list[GiftRecord]:
@@ -145,11 +152,44 @@ def _sent_gift(row: Any) -> SentGiftRecord:
     return SentGiftRecord(**data)
 
 
-async def get_sent_gift(conn: AsyncConnection, sent_gift_id: str) -> SentGiftRecord | None:
-    row = (
-        await conn.execute(select(sent_gifts).where(sent_gifts.c.sent_gift_id == sent_gift_id))
-    ).first()
-    return None if row is None else _sent_gift(row)
+_GET_SENT_GIFT = Statement(
+    "gifting.get_sent_gift",
+    f"SELECT {_START_GIFT_COLUMNS} FROM sent_gifts WHERE sent_gift_id = :sent_gift_id",
+)
+
+
+async def get_sent_gift(conn: AsyncConnection | Tx, sent_gift_id: str) -> SentGiftRecord | None:
+    row = await as_tx(conn).one(_GET_SENT_GIFT, sent_gift_id=sent_gift_id)
+    if row is None:
+        return None
+    (
+        sent_id,
+        sender,
+        creator,
+        gift,
+        count,
+        coins,
+        live,
+        video,
+        status,
+        wallet_tx,
+        created,
+        updated,
+    ) = row
+    return SentGiftRecord(
+        sent_gift_id=sent_id,
+        sender_id=sender,
+        creator_id=creator,
+        gift_id=gift,
+        count=int(count),
+        coins=int(coins),
+        live_id=live,
+        video_id=video,
+        status=status,
+        wallet_transaction_id=wallet_tx,
+        created_at=utc(created),
+        updated_at=utc(updated),
+    )
 
 
 async def pending_sent_gifts(
@@ -164,8 +204,16 @@ async def pending_sent_gifts(
     return [_sent_gift(row) for row in rows]
 
 
+_MOVE_SENT_GIFT = Statement(
+    "gifting.move_sent_gift",
+    "UPDATE sent_gifts SET status = :to_status, updated_at = :now, "
+    "wallet_transaction_id = COALESCE(:wallet_transaction_id, wallet_transaction_id) "
+    "WHERE sent_gift_id = :sent_gift_id AND status = :from_status",
+)
+
+
 async def move_sent_gift(
-    conn: AsyncConnection,
+    conn: AsyncConnection | Tx,
     sent_gift_id: str,
     *,
     from_status: str,
@@ -173,29 +221,97 @@ async def move_sent_gift(
     now: dt.datetime,
     wallet_transaction_id: str | None = None,
 ) -> bool:
-    values: dict[str, object] = {"status": to_status, "updated_at": now}
-    if wallet_transaction_id is not None:
-        values["wallet_transaction_id"] = wallet_transaction_id
-    result = await conn.execute(
-        update(sent_gifts)
-        .where(sent_gifts.c.sent_gift_id == sent_gift_id, sent_gifts.c.status == from_status)
-        .values(**values)
+    """Move a gift from one status to the next; False if it was not in `from_status` (done already)."""
+    moved = await as_tx(conn).run(
+        _MOVE_SENT_GIFT,
+        sent_gift_id=sent_gift_id,
+        from_status=from_status,
+        to_status=to_status,
+        now=now,
+        wallet_transaction_id=wallet_transaction_id,
     )
-    return result.rowcount == 1
+    return moved == 1
+
+
+_START_GIFT = Statement(
+    "gifting.start_gift",
+    f"INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) "
+    "SELECT :sent_gift_id, :sender_id, :creator_id, gift_id, :count, coins * :count, :live_id, "
+    ":video_id, 'pending', NULL, :now, :now FROM gifts "
+    "WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins RETURNING coins",
+    postgres=f"INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) "
+    "SELECT :sent_gift_id::text, :sender_id::text, :creator_id::text, gift_id, :count::integer, "
+    "coins * :count::integer, :live_id::text, :video_id::text, 'pending', NULL, "
+    ":now::timestamptz, :now::timestamptz FROM gifts "
+    "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint "
+    "RETURNING coins",
+)
+_GIFT_PRICE = Statement(
+    "gifting.gift_price", "SELECT coins, active FROM gifts WHERE gift_id = :gift_id"
+)
+
+
+async def start_sent_gift(tx: Tx, sent: SentGiftRecord, max_coins: int) -> int | None:
+    """Record a pending gift priced from the catalog in one statement; its coins, or None if the gift
+    is not in the catalog, inactive, or would cost more than `max_coins`."""
+    row = await tx.one(
+        _START_GIFT,
+        sent_gift_id=sent.sent_gift_id,
+        sender_id=sent.sender_id,
+        creator_id=sent.creator_id,
+        gift_id=sent.gift_id,
+        count=sent.count,
+        live_id=sent.live_id,
+        video_id=sent.video_id,
+        now=sent.created_at,
+        max_coins=max_coins,
+    )
+    return None if row is None else int(row[0])
+
+
+async def gift_price(tx: Tx, gift_id: str) -> tuple[int, bool] | None:
+    """(coins, active) of a catalog gift, None if there is no such gift."""
+    row = await tx.one(_GIFT_PRICE, gift_id=gift_id)
+    return None if row is None else (int(row[0]), bool(row[1]))
+
+
+_ADD_TO_LEADERBOARD = Statement(
+    "gifting.add_to_leaderboard",
+    "INSERT INTO live_gifters (live_id, sender_id, coins) VALUES (:live_id, :sender_id, :coins) "
+    "ON CONFLICT (live_id, sender_id) DO UPDATE SET coins = live_gifters.coins + excluded.coins",
+)
 
 
 async def add_to_leaderboard(
-    conn: AsyncConnection, live_id: str, sender_id: str, coins: int
+    conn: AsyncConnection | Tx, live_id: str, sender_id: str, coins: int
 ) -> None:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(live_gifters).values(
-        live_id=live_id, sender_id=sender_id, coins=coins
-    )
-    await conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=[live_gifters.c.live_id, live_gifters.c.sender_id],
-            set_={"coins": live_gifters.c.coins + statement.excluded.coins},
-        )
+    await as_tx(conn).run(_ADD_TO_LEADERBOARD, live_id=live_id, sender_id=sender_id, coins=coins)
+
+
+_ENQUEUE_CREDIT = Statement(
+    "gifting.enqueue_credit",
+    "INSERT INTO credit_outbox (sent_gift_id, creator_id, coins, traceparent, attempts, "
+    "next_attempt_at, delivered_at, dead, last_error, created_at) VALUES (:sent_gift_id, "
+    ":creator_id, :coins, :traceparent, 0, :now, NULL, FALSE, '', :now)",
+)
+
+
+async def enqueue_credit(
+    conn: AsyncConnection | Tx,
+    *,
+    sent_gift_id: str,
+    creator_id: str,
+    coins: int,
+    traceparent: str,
+    now: dt.datetime,
+) -> None:
+    await as_tx(conn).run(
+        _ENQUEUE_CREDIT,
+        sent_gift_id=sent_gift_id,
+        creator_id=creator_id,
+        coins=coins,
+        traceparent=traceparent,
+        now=now,
     )
 
 
@@ -218,58 +334,40 @@ async def top_gifters(
     return [(row.sender_id, int(row.coins)) for row in (await conn.execute(query)).all()]
 
 
-async def enqueue_credit(
-    conn: AsyncConnection,
-    *,
-    sent_gift_id: str,
-    creator_id: str,
-    coins: int,
-    traceparent: str,
-    now: dt.datetime,
-) -> None:
-    await conn.execute(
-        credit_outbox.insert().values(
-            sent_gift_id=sent_gift_id,
-            creator_id=creator_id,
-            coins=coins,
-            traceparent=traceparent,
-            attempts=0,
-            next_attempt_at=now,
-            delivered_at=None,
-            dead=False,
-            last_error="",
-            created_at=now,
-        )
-    )
+_DUE_CREDITS = Statement(
+    "gifting.due_credits",
+    "SELECT outbox_id, sent_gift_id, creator_id, coins, traceparent, attempts FROM credit_outbox "
+    "WHERE delivered_at IS NULL AND NOT dead AND next_attempt_at <= :now "
+    "ORDER BY outbox_id LIMIT :limit",
+)
+_MARK_DELIVERED = Statement(
+    "gifting.mark_delivered",
+    "UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
+    "WHERE outbox_id IN (SELECT value FROM json_each(:outbox_ids))",
+    postgres="UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
+    "WHERE outbox_id = ANY(:outbox_ids::bigint[])",
+)
+_MARK_CREDITED = Statement(
+    "gifting.mark_credited",
+    "UPDATE sent_gifts SET status = 'credited', updated_at = :now "
+    "WHERE status = 'debited' AND sent_gift_id IN (SELECT value FROM json_each(:sent_gift_ids))",
+    postgres="UPDATE sent_gifts SET status = 'credited', updated_at = :now "
+    "WHERE status = 'debited' AND sent_gift_id = ANY(:sent_gift_ids::text[])",
+)
 
 
-async def due_credits(conn: AsyncConnection, now: dt.datetime, limit: int) -> list[OutboxRecord]:
-    query = (
-        select(
-            credit_outbox.c.outbox_id,
-            credit_outbox.c.sent_gift_id,
-            credit_outbox.c.creator_id,
-            credit_outbox.c.coins,
-            credit_outbox.c.traceparent,
-            credit_outbox.c.attempts,
-        )
-        .where(
-            credit_outbox.c.delivered_at.is_(None),
-            credit_outbox.c.dead.is_(False),
-            credit_outbox.c.next_attempt_at <= now,
-        )
-        .order_by(credit_outbox.c.outbox_id)
-        .limit(limit)
-    )
-    return [OutboxRecord(**row._asdict()) for row in (await conn.execute(query)).all()]
+async def due_credits(tx: Tx, now: dt.datetime, limit: int) -> list[OutboxRecord]:
+    """Undelivered credits whose next attempt is due, oldest first (the outbox's partial index)."""
+    rows = await tx.all(_DUE_CREDITS, now=now, limit=limit)
+    return [
+        OutboxRecord(int(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]), int(r[5])) for r in rows
+    ]
 
 
-async def mark_delivered(conn: AsyncConnection, outbox_id: int, now: dt.datetime) -> None:
-    await conn.execute(
-        update(credit_outbox)
-        .where(credit_outbox.c.outbox_id == outbox_id)
-        .values(delivered_at=now, attempts=credit_outbox.c.attempts + 1)
-    )
+async def mark_delivered(tx: Tx, credits: Sequence[OutboxRecord], now: dt.datetime) -> None:
+    """Payout acknowledged these credits: the outbox rows are done and their gifts credited."""
+    await tx.run(_MARK_DELIVERED, outbox_ids=[c.outbox_id for c in credits], now=now)
+    await tx.run(_MARK_CREDITED, sent_gift_ids=[c.sent_gift_id for c in credits], now=now)
 
 
 async def mark_failed_attempt(

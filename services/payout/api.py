@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
 from runtime.errors import NotFound
+from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
+from runtime.sql import is_conflict
 from services.payout import policy, storage
-from services.payout.domain import Payouts
+from services.payout.domain import GiftCredit, Payouts
 from services.payout.settings import PayoutSettings
 
 _METHODS = {payout_pb2.PAYOUT_METHOD_PAYPAL: "paypal", payout_pb2.PAYOUT_METHOD_BANK: "bank"}
@@ -89,32 +91,46 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def CreditDiamonds(
         self, request: payout_pb2.CreditDiamondsRequest, context: RpcContext
     ) -> payout_pb2.CreditDiamondsResponse:
-        scope = f"CreditDiamonds:{request.creator_id}"
-
-        async def effect(conn: AsyncConnection) -> payout_pb2.CreditDiamondsResponse:
-            credit = await self._payouts.credit(
-                conn,
-                creator_id=request.creator_id,
-                coins=request.coins,
-                reference=request.reference,
-                request_id=f"{scope}/{request.request_id}",
-                now=self._clock.now(),
-            )
-            return payout_pb2.CreditDiamondsResponse(
-                diamonds_credited=credit.diamonds_credited,
-                balance=self._balance(request.creator_id, credit.balance),
-            )
-
-        return await self._idempotency.once(
-            scope, request, payout_pb2.CreditDiamondsResponse, effect
-        )
+        (response,) = await self._credit([request])
+        return response
 
     async def BatchCreditDiamonds(
         self, request: payout_pb2.BatchCreditDiamondsRequest, context: RpcContext
     ) -> payout_pb2.BatchCreditDiamondsResponse:
         return payout_pb2.BatchCreditDiamondsResponse(
-            responses=[await self.CreditDiamonds(credit, context) for credit in request.requests]
+            responses=await self._credit(request.requests)
         )
+
+    async def _credit(
+        self, requests: Sequence[payout_pb2.CreditDiamondsRequest]
+    ) -> list[payout_pb2.CreditDiamondsResponse]:
+        credits = [
+            GiftCredit(
+                key=f"{scoped_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
+                fingerprint=fingerprint(r),
+                creator_id=r.creator_id,
+                coins=r.coins,
+                reference=r.reference,
+            )
+            for r in requests
+        ]
+
+        def answer(creator_id: str, diamonds: int, balance: int) -> bytes:
+            return payout_pb2.CreditDiamondsResponse(
+                diamonds_credited=diamonds, balance=self._balance(creator_id, balance)
+            ).SerializeToString()
+
+        try:
+            async with self._db.driver.transaction() as tx:
+                answers = await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
+        except Exception as error:
+            # A concurrent delivery of some of these credits committed first: once more, which answers
+            # those from their record and applies the rest.
+            if not (is_conflict(error) or getattr(error, "reason", "") == "CONCURRENT_CREDIT"):
+                raise
+            async with self._db.driver.transaction() as tx:
+                answers = await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
+        return [payout_pb2.CreditDiamondsResponse.FromString(a) for a in answers]
 
     async def RequestWithdrawal(
         self, request: payout_pb2.RequestWithdrawalRequest, context: RpcContext

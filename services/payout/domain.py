@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ledger import Credit as LedgerCredit
 from ledger import Ledger, Posting
-from runtime.errors import FailedPrecondition, NotFound
+from runtime.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from runtime.sql import Tx
 from services.payout import policy, storage
 from services.payout.settings import PayoutSettings
 
@@ -24,9 +34,19 @@ def creator_account(creator_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class Credit:
-    diamonds_credited: int
-    balance: int
+class GiftCredit:
+    """One gift's credit as asked for: `key` is its request id in the caller's scope (exactly once),
+    `fingerprint` its parameters (a reused key with other parameters is refused)."""
+
+    key: str
+    fingerprint: str
+    creator_id: str
+    coins: int
+    reference: str
+
+
+Answer = Callable[[str, int, int], bytes]
+"""Renders a credit's answer from (creator, diamonds credited, balance after): the gRPC layer's."""
 
 
 class Payouts:
@@ -34,36 +54,128 @@ class Payouts:
         self.settings = settings
         self.ledger = ledger
 
-    async def credit(
-        self,
-        conn: AsyncConnection,
-        *,
-        creator_id: str,
-        coins: int,
-        reference: str,
-        request_id: str,
-        now: dt.datetime,
-    ) -> Credit:
-        """Turn a gift's coins into diamonds: the creator is owed floor(all coins received x rate)."""
-        total_coins, credited = await storage.accrue_coins(conn, creator_id, coins, now)
-        account = creator_account(creator_id)
-        if credited == 0:
-            await self.ledger.open_account(conn, account)
-        owed = policy.diamonds_owed(total_coins, self.settings)
-        delta = owed - credited
-        if delta == 0:
-            return Credit(0, await self.ledger.balance(conn, account) or 0)
-        await storage.set_diamonds_credited(conn, creator_id, owed)
-        posted = await self.ledger.post(
-            conn,
-            [Posting(ISSUANCE, -delta), Posting(account, delta)],
-            kind="gift",
-            reference=reference,
-            request_id=request_id,
+    async def credit_gifts(
+        self, tx: Tx, credits: Sequence[GiftCredit], now: dt.datetime, answer: Answer
+    ) -> list[bytes]:
+        """Turn gifts' coins into diamonds, each gift exactly once, in one transaction.
+
+        A creator is owed floor(all coins received x rate): a batch adds its creators' coins at once
+        (their rows locked in creator order), and each creator gets ONE ledger transaction for all their
+        gifts in the batch, so a hot creator's row is touched once per batch, not once per gift. Each
+        gift's own share (what it moved floor(total x rate) by) and the balance after it are its answer,
+        kept with it; a credit applied before is answered with its first answer.
+        """
+        if len({c.key for c in credits}) != len(credits):
+            raise InvalidArgument(
+                "DUPLICATE_REQUEST_ID",
+                "each credit in a batch needs its own request_id",
+                violations=(FieldViolation("requests", "request ids must be unique"),),
+            )
+        stored = await storage.stored_credits(tx, [c.key for c in credits])
+        fresh: dict[str, list[GiftCredit]] = {}
+        for c in credits:
+            if c.key in stored:
+                if stored[c.key][0] != c.fingerprint:
+                    raise AlreadyExists(
+                        "REQUEST_ID_REUSED",
+                        f"request_id {c.key.rsplit('/', 1)[-1]!r} was already used with different "
+                        "parameters; use a new request_id for a new request",
+                        request_id=c.key.rsplit("/", 1)[-1],
+                    )
+            else:
+                fresh.setdefault(c.creator_id, []).append(c)
+        answers = {key: response for key, (_, response) in stored.items()}
+        if fresh:
+            answers.update(await self._apply_credits(tx, fresh, now, answer))
+        return [answers[c.key] for c in credits]
+
+    async def _apply_credits(
+        self, tx: Tx, fresh: dict[str, list[GiftCredit]], now: dt.datetime, answer: Answer
+    ) -> dict[str, bytes]:
+        totals = await storage.accrue_coins_many(
+            tx, {creator: sum(c.coins for c in items) for creator, items in fresh.items()}, now
+        )
+        new = [
+            creator_account(creator) for creator, (_, credited) in totals.items() if not credited
+        ]
+        if new:
+            await self.ledger.open_accounts(tx, new)
+        owed: dict[str, int] = {}
+        shares: dict[str, int] = {}
+        for creator, items in fresh.items():
+            received, credited = totals[creator]
+            running = received - sum(c.coins for c in items)
+            before = credited
+            for c in items:  # each gift's share: how far it moved floor(total x rate)
+                running += c.coins
+                after = policy.diamonds_owed(running, self.settings)
+                shares[c.key], before = after - before, after
+            owed[creator] = before
+        await storage.set_diamonds_credited_many(tx, owed)
+        deltas = {creator: owed[creator] - totals[creator][1] for creator in fresh}
+        posted = await self.ledger.credit_many(
+            tx,
+            [
+                LedgerCredit(
+                    account_id=creator_account(creator),
+                    source=ISSUANCE,
+                    amount=delta,
+                    kind="gift",
+                    reference=items[0].reference
+                    if len(items) == 1
+                    else f"{len(items)} gifts from {items[0].reference}",
+                    request_id=items[0].key if len(items) == 1 else f"batch:{uuid.uuid4().hex}",
+                )
+                for creator, items in fresh.items()
+                if (delta := deltas[creator]) > 0
+            ],
             caller="internal",
             policy_version=self.settings.policy_version,
         )
-        return Credit(delta, posted.balances[account])
+        for creator, delta in deltas.items():
+            if delta < 0:  # the policy changed since the last credit: settle the difference
+                posted[creator_account(creator)] = await self._reverse(tx, creator, -delta)
+        unchanged = [creator_account(c) for c, d in deltas.items() if d == 0]
+        balances = await self.ledger.balances(tx, unchanged) if unchanged else {}
+        rows: list[storage.CreditRow] = []
+        answers: dict[str, bytes] = {}
+        for creator, items in fresh.items():
+            account = creator_account(creator)
+            balance, transaction_id = posted.get(account, (balances.get(account, 0), None))
+            running_balance = balance - deltas[creator]
+            for c in items:
+                running_balance += shares[c.key]
+                answers[c.key] = answer(creator, shares[c.key], running_balance)
+                rows.append(
+                    storage.CreditRow(
+                        c.key,
+                        c.fingerprint,
+                        creator,
+                        c.coins,
+                        shares[c.key],
+                        transaction_id,
+                        answers[c.key],
+                    )
+                )
+        if await storage.insert_credits(tx, rows, now) != len(rows):
+            raise Aborted(
+                "CONCURRENT_CREDIT",
+                "another delivery of some of these credits committed first; retry to read its answers",
+            )
+        return answers
+
+    async def _reverse(self, tx: Tx, creator_id: str, diamonds: int) -> tuple[int, str]:
+        account = creator_account(creator_id)
+        posted = await self.ledger.post(
+            tx,
+            [Posting(ISSUANCE, diamonds), Posting(account, -diamonds)],
+            kind="gift",
+            reference="policy change",
+            request_id=f"policy:{uuid.uuid4().hex}",
+            caller="internal",
+            policy_version=self.settings.policy_version,
+        )
+        return posted.balances[account], posted.transaction_id
 
     async def balance(self, conn: AsyncConnection, creator_id: str) -> int:
         return await self.ledger.balance(conn, creator_account(creator_id)) or 0

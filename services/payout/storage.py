@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
+from runtime.sql import Statement, Tx
 
 metadata = MetaData()
 
@@ -40,6 +52,20 @@ withdrawals = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+gift_credits = Table(
+    "gift_credits",
+    metadata,
+    Column("credit_key", String(320), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("creator_id", String(64), nullable=False),
+    Column("coins", BigInteger, nullable=False),
+    Column("diamonds", BigInteger, nullable=False),
+    Column("transaction_id", String(40)),
+    Column("response", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""One row per applied gift credit (migration 0007): the exactly-once record and its answer."""
+
 
 @dataclass(frozen=True)
 class WithdrawalRecord:
@@ -65,32 +91,126 @@ def _withdrawal(row: object) -> WithdrawalRecord:
     return WithdrawalRecord(**data)
 
 
-async def accrue_coins(
-    conn: AsyncConnection, creator_id: str, coins: int, now: dt.datetime
-) -> tuple[int, int]:
-    """Add gift coins to a creator's running total (creating the creator); returns (coins, credited).
+_STORED_CREDITS = Statement(
+    "payout.stored_credits",
+    "SELECT credit_key, fingerprint, response FROM gift_credits "
+    "WHERE credit_key IN (SELECT value FROM json_each(:keys))",
+    postgres="SELECT credit_key, fingerprint, response FROM gift_credits "
+    "WHERE credit_key = ANY(:keys::text[])",
+)
+_ACCRUE = Statement(
+    "payout.accrue_coins",
+    "INSERT INTO creators (creator_id, coins_received, diamonds_credited, created_at) "
+    "VALUES (:creator_id, :coins, 0, :now) ON CONFLICT (creator_id) DO UPDATE "
+    "SET coins_received = creators.coins_received + excluded.coins_received "
+    "RETURNING creator_id, coins_received, diamonds_credited",
+)
+_ACCRUE_MANY_PG = Statement(
+    "payout.accrue_coins",
+    "",
+    postgres="INSERT INTO creators (creator_id, coins_received, diamonds_credited, created_at) "
+    "SELECT c.creator_id, c.coins, 0, :now::timestamptz "
+    "FROM unnest(:creator_ids::text[], :coins::bigint[]) AS c(creator_id, coins) "
+    "ON CONFLICT (creator_id) DO UPDATE "
+    "SET coins_received = creators.coins_received + excluded.coins_received "
+    "RETURNING creator_id, coins_received, diamonds_credited",
+)
+_SET_CREDITED = Statement(
+    "payout.set_diamonds_credited",
+    "UPDATE creators SET diamonds_credited = :owed WHERE creator_id = :creator_id",
+)
+_SET_CREDITED_MANY_PG = Statement(
+    "payout.set_diamonds_credited",
+    "",
+    postgres="UPDATE creators AS c SET diamonds_credited = d.owed "
+    "FROM unnest(:creator_ids::text[], :owed::bigint[]) AS d(creator_id, owed) "
+    "WHERE c.creator_id = d.creator_id",
+)
+_CREDIT_COLUMNS = (
+    "credit_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, created_at"
+)
+_INSERT_CREDIT = Statement(
+    "payout.insert_credit",
+    f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) VALUES (:credit_key, :fingerprint, :creator_id, "
+    ":coins, :diamonds, :transaction_id, :response, :now) ON CONFLICT DO NOTHING",
+)
+_INSERT_CREDITS_PG = Statement(
+    "payout.insert_credits",
+    "",
+    postgres=f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) "
+    "SELECT c.*, :now::timestamptz FROM unnest(:keys::text[], :fingerprints::text[], "
+    ":creator_ids::text[], :coins::bigint[], :diamonds::bigint[], :transaction_ids::text[], "
+    ":responses::bytea[]) AS c ON CONFLICT DO NOTHING",
+)
 
-    One upsert: it also locks the creator's row until the transaction ends, so concurrent credits to one
-    creator are applied one after another and the diamonds owed are computed from a settled total.
-    """
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(creators).values(
-        creator_id=creator_id, coins_received=coins, diamonds_credited=0, created_at=now
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=[creators.c.creator_id],
-        set_={"coins_received": creators.c.coins_received + statement.excluded.coins_received},
-    ).returning(creators.c.coins_received, creators.c.diamonds_credited)
-    row = (await conn.execute(statement)).one()
-    return int(row.coins_received), int(row.diamonds_credited)
+
+@dataclass(frozen=True)
+class CreditRow:
+    """One applied gift credit: its request key, what it was, and the answer it got."""
+
+    credit_key: str
+    fingerprint: str
+    creator_id: str
+    coins: int
+    diamonds: int
+    transaction_id: str | None
+    response: bytes
 
 
-async def set_diamonds_credited(conn: AsyncConnection, creator_id: str, diamonds: int) -> None:
-    await conn.execute(
-        update(creators)
-        .where(creators.c.creator_id == creator_id)
-        .values(diamonds_credited=diamonds)
-    )
+async def stored_credits(tx: Tx, keys: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+    """Credits applied before, by key: (fingerprint, response)."""
+    rows = await tx.all(_STORED_CREDITS, keys=list(keys))
+    return {str(row[0]): (str(row[1]), bytes(row[2])) for row in rows}
+
+
+async def accrue_coins_many(
+    tx: Tx, coins_by_creator: dict[str, int], now: dt.datetime
+) -> dict[str, tuple[int, int]]:
+    """Add gift coins to creators' running totals (creating creators) in creator order, which is
+    also the order their rows are locked in; returns creator -> (coins received, diamonds credited)."""
+    creators_ = sorted(coins_by_creator)
+    if tx.dialect == "postgresql":
+        rows = await tx.all(
+            _ACCRUE_MANY_PG,
+            creator_ids=creators_,
+            coins=[coins_by_creator[c] for c in creators_],
+            now=now,
+        )
+    else:
+        rows = [
+            row
+            for c in creators_
+            if (row := await tx.one(_ACCRUE, creator_id=c, coins=coins_by_creator[c], now=now))
+        ]
+    return {str(row[0]): (int(row[1]), int(row[2])) for row in rows}
+
+
+async def set_diamonds_credited_many(tx: Tx, owed: dict[str, int]) -> None:
+    if tx.dialect == "postgresql":
+        await tx.run(_SET_CREDITED_MANY_PG, creator_ids=list(owed), owed=list(owed.values()))
+        return
+    for creator_id, diamonds in owed.items():
+        await tx.run(_SET_CREDITED, creator_id=creator_id, owed=diamonds)
+
+
+async def insert_credits(tx: Tx, rows: Sequence[CreditRow], now: dt.datetime) -> int:
+    """Record applied credits; returns how many were new (fewer: a concurrent twin applied some)."""
+    if tx.dialect == "postgresql":
+        return await tx.run(
+            _INSERT_CREDITS_PG,
+            keys=[r.credit_key for r in rows],
+            fingerprints=[r.fingerprint for r in rows],
+            creator_ids=[r.creator_id for r in rows],
+            coins=[r.coins for r in rows],
+            diamonds=[r.diamonds for r in rows],
+            transaction_ids=[r.transaction_id for r in rows],
+            responses=[r.response for r in rows],
+            now=now,
+        )
+    inserted = 0
+    for r in rows:
+        inserted += await tx.run(_INSERT_CREDIT, **r.__dict__, now=now)
+    return inserted
 
 
 async def creator_exists(conn: AsyncConnection, creator_id: str) -> bool:
