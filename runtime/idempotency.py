@@ -90,17 +90,56 @@ _READ_KEY = Statement(
 )
 
 
+_KEY_COLUMNS = "scope, request_id, fingerprint, resource_id, response, error, created_at"
+_CLAIM_VALUES = (
+    ":claim_scope, :claim_request_id, :claim_fingerprint, :claim_resource_id, NULL, NULL, "
+)
 _INSERT_CLAIM = Statement(
     "idempotency.claim",
-    "INSERT INTO idempotency_keys (scope, request_id, fingerprint, resource_id, response, error, "
-    "created_at) VALUES (:scope, :request_id, :fingerprint, :resource_id, NULL, NULL, :created_at) "
+    f"INSERT INTO idempotency_keys ({_KEY_COLUMNS}) VALUES ({_CLAIM_VALUES}:claim_created_at) "
     "ON CONFLICT DO NOTHING",
 )
-_ANSWER = Statement(
-    "idempotency.answer",
-    "UPDATE idempotency_keys SET response = :response, error = :error "
-    "WHERE scope = :scope AND request_id = :request_id",
+ANSWER_SQL = (
+    "UPDATE idempotency_keys SET response = :answer_response, error = :answer_error "
+    "WHERE scope = :answer_scope AND request_id = :answer_request_id"
 )
+"""Store a request id's answer; storage may fold it into the statement of the effect it answers."""
+_ANSWER = Statement("idempotency.answer", ANSWER_SQL)
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """A request id to claim for a new resource, in the same transaction (or statement) that creates
+    the resource: `begin_direct` hands it to the storage that creates it."""
+
+    params: dict[str, object]
+
+    @staticmethod
+    def cte_template(condition_source: str) -> str:
+        """PostgreSQL: a `claim` CTE that claims the key only if `condition_source` (a FROM ... WHERE
+        that yields a row when the resource can be created) does, returning one row if it claimed.
+        Its parameters are `params`' names."""
+        return (
+            f"claim AS (INSERT INTO idempotency_keys ({_KEY_COLUMNS}) SELECT "
+            ":claim_scope::text, :claim_request_id::text, :claim_fingerprint::text, "
+            ":claim_resource_id::text, NULL, NULL, :claim_created_at::timestamptz "
+            f"{condition_source} ON CONFLICT DO NOTHING RETURNING 1 AS claimed)"
+        )
+
+    async def insert(self, tx: Tx) -> bool:
+        """Claim the key on its own; False if it was claimed before."""
+        return bool(await tx.run(_INSERT_CLAIM, **self.params))
+
+
+@dataclass(frozen=True)
+class KeyAnswer:
+    """A request id's answer, to be stored with the effect it answers (`ANSWER_SQL`)."""
+
+    params: dict[str, object]
+
+    async def store(self, tx: Tx) -> None:
+        await tx.run(_ANSWER, **self.params)
+
 
 T = TypeVar("T")
 
@@ -390,52 +429,61 @@ class Idempotency:
         scope: str,
         request: Message,
         resource_id: str,
-        start: Callable[[Tx], Awaitable[T]],
+        start: Callable[[Tx, KeyClaim], Awaitable[T | None]],
+        refusal: Callable[[Tx], Awaitable[DomainError]],
     ) -> tuple[Claim, T | None]:
-        """`begin()` on the hot path: claim the request id for `resource_id` and create it (`start`) in
-        one driver transaction. Returns the claim and what `start` made; None when an earlier attempt
-        made it (resume from `claim.resource_id`) or answered already (`claim.finished`)."""
+        """`begin()` on the hot path: `start` claims the request id for `resource_id` (`KeyClaim`) and
+        creates the resource in one unit of work (one statement on PostgreSQL), or returns None when
+        it did neither: then the id was claimed before, or the resource cannot be made, and `refusal`
+        says why (its error becomes the request's answer). Returns the claim and what `start` made;
+        None when an earlier attempt made it (resume from `claim.resource_id`) or answered already
+        (`claim.finished`)."""
         scoped, request_id = scoped_scope(scope), _request_id(request)
         print_ = fingerprint(request)
+        claim_key = KeyClaim(
+            {
+                "claim_scope": scoped,
+                "claim_request_id": request_id,
+                "claim_fingerprint": print_,
+                "claim_resource_id": resource_id,
+                "claim_created_at": self._clock.now(),
+            }
+        )
         try:
-            async with self._db.driver.transaction() as tx:
-                claimed = await tx.run(
-                    _INSERT_CLAIM,
-                    scope=scoped,
-                    request_id=request_id,
-                    fingerprint=print_,
-                    resource_id=resource_id,
-                    created_at=self._clock.now(),
-                )
-                if claimed:
-                    return Claim(is_new=True, resource_id=resource_id), await start(tx)
+            async with self._db.driver.transaction(single_statement=True) as tx:
+                made = await start(tx, claim_key)
+            if made is not None:
+                return Claim(is_new=True, resource_id=resource_id), made
+            claim = await self._stored(scoped, request_id, print_)
+            if claim is None:
+                async with self._db.driver.read() as tx:
+                    raise await refusal(tx)
         except DomainError as error:
             if error.reason != "REQUEST_ID_REUSED":
                 await self.record_error(scope, request, error)
             raise
-        claim = await self._stored(scoped, request_id, print_)
-        if claim is None or (claim.resource_id is None and not claim.finished):
+        if claim.resource_id is None and not claim.finished:
             raise Unavailable(
                 "REQUEST_IN_PROGRESS", "the request is still in progress; retry it shortly"
             )
         return claim, None
 
-    async def complete_direct(
+    def answer(
         self,
-        tx: Tx,
         scope: str,
         request: Message,
         *,
         response: Message | None = None,
         error: DomainError | None = None,
-    ) -> None:
-        """Store the answer of a request begun with `begin_direct`, in the caller's transaction."""
-        await tx.run(
-            _ANSWER,
-            scope=scoped_scope(scope),
-            request_id=_request_id(request),
-            response=response.SerializeToString() if response is not None else None,
-            error=error.to_json() if error is not None else None,
+    ) -> KeyAnswer:
+        """The answer of a request begun with `begin_direct`, for storage to write with its effect."""
+        return KeyAnswer(
+            {
+                "answer_scope": scoped_scope(scope),
+                "answer_request_id": _request_id(request),
+                "answer_response": response.SerializeToString() if response is not None else None,
+                "answer_error": error.to_json() if error is not None else None,
+            }
         )
 
     async def _stored(self, scope: str, request_id: str, print_: str) -> Claim | None:

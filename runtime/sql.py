@@ -263,12 +263,23 @@ class Driver:
             span.end()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        """A read-write transaction: committed when the block ends, rolled back if it raises."""
+    async def transaction(self, *, single_statement: bool = False) -> AsyncIterator[Tx]:
+        """A read-write transaction: committed when the block ends, rolled back if it raises.
+
+        `single_statement`: on PostgreSQL the block runs one statement (a data-modifying CTE), which
+        is a transaction by itself: no BEGIN and COMMIT round trips. SQLite ignores it (its statements
+        cost no round trip, and the storage may run several where PostgreSQL runs one).
+        """
         if self._sqlite_path is None:
             pool = await self._pg()
             async with pool.acquire() as conn:
                 unit: PgTx | SqliteTx = PgTx(conn)
+                if single_statement:
+                    async with self._span("db.statement", unit):
+                        yield unit
+                    if len(unit.statements) > 1:
+                        raise AssertionError(f"not a single statement: {unit.statements}")
+                    return
                 async with self._span("db.transaction", unit), conn.transaction():
                     yield unit
             return

@@ -12,6 +12,7 @@ from runtime.access import Access, method_rules, require_owner
 from runtime.auth import current_principal
 from runtime.clients import downstream_timeout
 from runtime.errors import Aborted, DomainError, NotFound
+from runtime.idempotency import KeyClaim
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp
 from runtime.server import Runtime
@@ -123,9 +124,10 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         )
         sent_gift_id = self._gifting.new_sent_gift_id()
 
-        async def start(tx: Tx) -> storage.SentGiftRecord:
+        async def start(tx: Tx, claim: KeyClaim) -> storage.SentGiftRecord | None:
             return await self._gifting.start(
                 tx,
+                claim,
                 sent_gift_id=sent_gift_id,
                 sender_id=request.sender_id,
                 creator_id=request.creator_id,
@@ -135,7 +137,12 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                 now=self._clock.now(),
             )
 
-        claim, sent = await self._idempotency.begin_direct(scope, request, sent_gift_id, start)
+        async def refusal(tx: Tx) -> DomainError:
+            return await self._gifting.refusal(tx, request.gift_id, request.count)
+
+        claim, sent = await self._idempotency.begin_direct(
+            scope, request, sent_gift_id, start, refusal
+        )
         if claim.finished:
             return claim.replay(gifting_pb2.SendGiftResponse)
         if sent is None:  # an earlier attempt started this gift: resume it
@@ -154,21 +161,26 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             )
         except DomainError as error:
             if not error.retryable:
+                answer = self._idempotency.answer(scope, request, error=error)
                 async with self._db.driver.transaction() as tx:
-                    await self._gifting.record_failure(tx, sent.sent_gift_id, self._clock.now())
-                    await self._idempotency.complete_direct(tx, scope, request, error=error)
+                    await self._gifting.record_failure(
+                        tx, sent.sent_gift_id, self._clock.now(), answer
+                    )
             raise
-        async with self._db.driver.transaction() as tx:
-            if not await self._gifting.record_debit(tx, sent, transaction_id, self._clock.now()):
-                raise Aborted(
-                    "CONCURRENT_RETRY",
-                    "another attempt with this request_id completed the gift; retry to read it",
-                )
-            response = gifting_pb2.SendGiftResponse(
-                sent_gift=sent_gift_pb(replace(sent, status="debited")),
-                sender_balance_coins=balance,
+        response = gifting_pb2.SendGiftResponse(
+            sent_gift=sent_gift_pb(replace(sent, status="debited")),
+            sender_balance_coins=balance,
+        )
+        answer = self._idempotency.answer(scope, request, response=response)
+        async with self._db.driver.transaction(single_statement=True) as tx:
+            recorded = await self._gifting.record_debit(
+                tx, sent, transaction_id, self._clock.now(), answer
             )
-            await self._idempotency.complete_direct(tx, scope, request, response=response)
+        if not recorded:
+            raise Aborted(
+                "CONCURRENT_RETRY",
+                "another attempt with this request_id completed the gift; retry to read it",
+            )
         self._wake_relay()
         return response
 

@@ -20,8 +20,9 @@ from typing import Protocol
 from opentelemetry import propagate
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runtime.errors import FieldViolation, InvalidArgument, NotFound
-from runtime.sql import Tx
+from runtime.errors import DomainError, FieldViolation, InvalidArgument, NotFound
+from runtime.idempotency import KeyAnswer, KeyClaim
+from runtime.sql import Tx, as_tx
 from services.gifting import storage
 
 
@@ -102,6 +103,7 @@ class Gifting:
     async def start(
         self,
         tx: Tx,
+        claim: KeyClaim,
         *,
         sent_gift_id: str,
         sender_id: str,
@@ -110,8 +112,9 @@ class Gifting:
         count: int,
         target: Target,
         now: dt.datetime,
-    ) -> storage.SentGiftRecord:
-        """Record the gift as `pending`, priced from the catalog (one statement on the happy path)."""
+    ) -> storage.SentGiftRecord | None:
+        """Claim the request and record the gift as `pending`, priced from the catalog (one statement
+        on PostgreSQL). None if nothing was written: see `refusal` (or the request was claimed before)."""
         if sender_id == creator_id:
             raise InvalidArgument(
                 "SELF_GIFTING", "creators cannot send gifts to themselves", user_id=sender_id
@@ -130,14 +133,18 @@ class Gifting:
             created_at=now,
             updated_at=now,
         )
-        coins = await storage.start_sent_gift(tx, pending, MAX_COINS_PER_SEND)
-        if coins is not None:
-            return replace(pending, coins=coins)
+        coins = await storage.start_sent_gift(tx, pending, claim, MAX_COINS_PER_SEND)
+        return None if coins is None else replace(pending, coins=coins)
+
+    async def refusal(self, tx: Tx, gift_id: str, count: int) -> DomainError:
+        """Why a gift could not be started: not in the catalog (or inactive), or too large."""
         price = await storage.gift_price(tx, gift_id)
         if price is None or not price[1]:
-            raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id)
+            return NotFound(
+                "GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id
+            )
         unit = price[0]
-        raise InvalidArgument(
+        return InvalidArgument(
             "GIFT_TOO_LARGE",
             f"{count} x {gift_id} is {unit * count} coins; one send may move at most "
             f"{MAX_COINS_PER_SEND}",
@@ -153,36 +160,31 @@ class Gifting:
         sent: storage.SentGiftRecord,
         wallet_transaction_id: str,
         now: dt.datetime,
+        answer: KeyAnswer | None = None,
     ) -> bool:
-        """The coins are gone: rank the sender and queue the creator's credit. False if done already."""
-        moved = await storage.move_sent_gift(
-            conn,
-            sent.sent_gift_id,
-            from_status="pending",
-            to_status="debited",
-            now=now,
-            wallet_transaction_id=wallet_transaction_id,
-        )
-        if not moved:
-            return False
-        if sent.live_id:
-            await storage.add_to_leaderboard(conn, sent.live_id, sent.sender_id, sent.coins)
+        """The coins are gone: rank the sender, queue the creator's credit (carrying this trace), and
+        store the request's answer, all at once. False if done already."""
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
-        await storage.enqueue_credit(
+        return await storage.record_debited(
             conn,
-            sent_gift_id=sent.sent_gift_id,
-            creator_id=sent.creator_id,
-            coins=sent.coins,
+            sent,
+            wallet_transaction_id=wallet_transaction_id,
             traceparent=carrier.get("traceparent", ""),
             now=now,
+            answer=answer,
         )
-        return True
 
     async def record_failure(
-        self, conn: AsyncConnection | Tx, sent_gift_id: str, now: dt.datetime
+        self,
+        conn: AsyncConnection | Tx,
+        sent_gift_id: str,
+        now: dt.datetime,
+        answer: KeyAnswer | None = None,
     ) -> None:
         """The debit was refused (not enough coins, no account): the gift never happened."""
         await storage.move_sent_gift(
             conn, sent_gift_id, from_status="pending", to_status="failed", now=now
         )
+        if answer is not None:
+            await answer.store(as_tx(conn))

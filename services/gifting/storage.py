@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
 from runtime.db import upsert
+from runtime.idempotency import ANSWER_SQL, KeyAnswer, KeyClaim
 from runtime.sql import Statement, Tx, as_tx
 
 metadata = MetaData()
@@ -233,40 +234,60 @@ async def move_sent_gift(
     return moved == 1
 
 
-_START_GIFT = Statement(
+_PRICED = (
+    "priced AS (SELECT coins * :count::integer AS coins FROM gifts "
+    "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint)"
+)
+_START_GIFT_PG = Statement(
     "gifting.start_gift",
-    f"INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) "
-    "SELECT :sent_gift_id, :sender_id, :creator_id, gift_id, :count, coins * :count, :live_id, "
-    ":video_id, 'pending', NULL, :now, :now FROM gifts "
-    "WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins RETURNING coins",
-    postgres=f"INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) "
-    "SELECT :sent_gift_id::text, :sender_id::text, :creator_id::text, gift_id, :count::integer, "
-    "coins * :count::integer, :live_id::text, :video_id::text, 'pending', NULL, "
-    ":now::timestamptz, :now::timestamptz FROM gifts "
-    "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint "
-    "RETURNING coins",
+    "",
+    postgres=f"WITH {_PRICED}, {KeyClaim.cte_template('FROM priced')}, "
+    f"started AS (INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) "
+    "SELECT :sent_gift_id::text, :sender_id::text, :creator_id::text, :gift_id::text, "
+    ":count::integer, priced.coins, :live_id::text, :video_id::text, 'pending', NULL, "
+    ":now::timestamptz, :now::timestamptz FROM priced, claim RETURNING coins) "
+    "SELECT coins FROM started",
+)
+_PRICE = Statement(
+    "gifting.price",
+    "SELECT coins * :count FROM gifts "
+    "WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins",
+)
+_INSERT_SENT_GIFT = Statement(
+    "gifting.insert_sent_gift",
+    f"INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) VALUES (:sent_gift_id, :sender_id, "
+    ":creator_id, :gift_id, :count, :coins, :live_id, :video_id, 'pending', NULL, :now, :now)",
 )
 _GIFT_PRICE = Statement(
     "gifting.gift_price", "SELECT coins, active FROM gifts WHERE gift_id = :gift_id"
 )
 
 
-async def start_sent_gift(tx: Tx, sent: SentGiftRecord, max_coins: int) -> int | None:
-    """Record a pending gift priced from the catalog in one statement; its coins, or None if the gift
+async def start_sent_gift(
+    tx: Tx, sent: SentGiftRecord, claim: KeyClaim, max_coins: int
+) -> int | None:
+    """Claim the request id and record the pending gift, priced from the catalog, in one statement
+    (PostgreSQL); its coins, or None if nothing was written: the id was claimed before, or the gift
     is not in the catalog, inactive, or would cost more than `max_coins`."""
-    row = await tx.one(
-        _START_GIFT,
-        sent_gift_id=sent.sent_gift_id,
-        sender_id=sent.sender_id,
-        creator_id=sent.creator_id,
-        gift_id=sent.gift_id,
-        count=sent.count,
-        live_id=sent.live_id,
-        video_id=sent.video_id,
-        now=sent.created_at,
-        max_coins=max_coins,
-    )
-    return None if row is None else int(row[0])
+    params = {
+        "sent_gift_id": sent.sent_gift_id,
+        "sender_id": sent.sender_id,
+        "creator_id": sent.creator_id,
+        "gift_id": sent.gift_id,
+        "count": sent.count,
+        "live_id": sent.live_id,
+        "video_id": sent.video_id,
+        "now": sent.created_at,
+        "max_coins": max_coins,
+    }
+    if tx.dialect == "postgresql":
+        row = await tx.one(_START_GIFT_PG, **params, **claim.params)
+        return None if row is None else int(row[0])
+    priced = await tx.one(_PRICE, **params)
+    if priced is None or not await claim.insert(tx):
+        return None
+    await tx.run(_INSERT_SENT_GIFT, **params, coins=priced[0])
+    return int(priced[0])
 
 
 async def gift_price(tx: Tx, gift_id: str) -> tuple[int, bool] | None:
@@ -313,6 +334,88 @@ async def enqueue_credit(
         traceparent=traceparent,
         now=now,
     )
+
+
+_MOVED = (
+    "moved AS (UPDATE sent_gifts SET status = 'debited', "
+    "wallet_transaction_id = :wallet_transaction_id, updated_at = :now "
+    "WHERE sent_gift_id = :sent_gift_id AND status = 'pending' RETURNING sent_gift_id)"
+)
+_RANKED = (
+    "ranked AS (INSERT INTO live_gifters (live_id, sender_id, coins) "
+    "SELECT :live_id::text, :sender_id::text, :coins::bigint FROM moved "
+    "WHERE :live_id::text IS NOT NULL ON CONFLICT (live_id, sender_id) "
+    "DO UPDATE SET coins = live_gifters.coins + excluded.coins)"
+)
+_QUEUED = (
+    "queued AS (INSERT INTO credit_outbox (sent_gift_id, creator_id, coins, traceparent, attempts, "
+    "next_attempt_at, delivered_at, dead, last_error, created_at) "
+    "SELECT sent_gift_id, :creator_id::text, :coins::bigint, :traceparent::text, 0, "
+    ":now::timestamptz, NULL, FALSE, '', :now::timestamptz FROM moved)"
+)
+_RECORD_DEBIT_PG = Statement(
+    "gifting.record_debit",
+    "",
+    postgres=f"WITH {_MOVED}, {_RANKED}, {_QUEUED} SELECT count(*) FROM moved",
+)
+_RECORD_DEBIT_ANSWERED_PG = Statement(
+    "gifting.record_debit",
+    "",
+    postgres=f"WITH {_MOVED}, {_RANKED}, {_QUEUED}, "
+    f"answered AS ({ANSWER_SQL} AND EXISTS (SELECT 1 FROM moved)) SELECT count(*) FROM moved",
+)
+
+
+async def record_debited(
+    conn: AsyncConnection | Tx,
+    sent: SentGiftRecord,
+    *,
+    wallet_transaction_id: str,
+    traceparent: str,
+    now: dt.datetime,
+    answer: KeyAnswer | None,
+) -> bool:
+    """pending -> debited, the sender ranked on the LIVE's board, the creator's credit queued, and
+    the request's answer stored: one statement on PostgreSQL. False if the gift was not pending."""
+    tx = as_tx(conn)
+    if tx.dialect == "postgresql":
+        statement = _RECORD_DEBIT_PG if answer is None else _RECORD_DEBIT_ANSWERED_PG
+        row = await tx.one(
+            statement,
+            sent_gift_id=sent.sent_gift_id,
+            wallet_transaction_id=wallet_transaction_id,
+            now=now,
+            live_id=sent.live_id,
+            sender_id=sent.sender_id,
+            creator_id=sent.creator_id,
+            coins=sent.coins,
+            traceparent=traceparent,
+            **(answer.params if answer is not None else {}),
+        )
+        return row is not None and int(row[0]) == 1
+    moved = await move_sent_gift(
+        tx,
+        sent.sent_gift_id,
+        from_status="pending",
+        to_status="debited",
+        now=now,
+        wallet_transaction_id=wallet_transaction_id,
+    )
+    if not moved:
+        return False
+    if sent.live_id:
+        await add_to_leaderboard(tx, sent.live_id, sent.sender_id, sent.coins)
+    await enqueue_credit(
+        tx,
+        sent_gift_id=sent.sent_gift_id,
+        creator_id=sent.creator_id,
+        coins=sent.coins,
+        traceparent=traceparent,
+        now=now,
+    )
+    if answer is not None:
+        await answer.store(tx)
+    return True
 
 
 async def top_gifters(
