@@ -85,23 +85,28 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._limiter = limiter
         self._audit = audit
         self._validator = validator or RequestValidator()
+        self._guarded: dict[str, Handler | None] = {}
+        """The wrapped handler of each method, built on its first call (not on every call)."""
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        if method in self._guarded:
+            return self._guarded[method]
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         if handler.unary_unary is None:
             # Streaming calls skip the per-call checks below, so only these known ones are served
             # (behind mutual TLS, like everything); any other streaming method is not.
-            return handler if method in OPEN_STREAMS else None
+            self._guarded[method] = handler if method in OPEN_STREAMS else None
+            return self._guarded[method]
         # The request arrives as bytes and is parsed inside the guard, so that bytes that do not
         # parse get INVALID_ARGUMENT with ErrorInfo like any bad request (grpcio would say UNKNOWN).
-        return grpc.unary_unary_rpc_method_handler(
+        self._guarded[method] = grpc.unary_unary_rpc_method_handler(
             self._guard(
                 cast(Behavior, handler.unary_unary),
                 method,
@@ -111,6 +116,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
+        return self._guarded[method]
 
     def _principal(self, context: RpcContext) -> Principal:
         service = peer_service(context)

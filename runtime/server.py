@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 import grpc
 import grpc.aio
+import uvloop
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -288,7 +289,13 @@ def main(spec: ServiceSpec[S]) -> None:
         await running.stop()
         log.info("%s stopped", spec.name)
 
-    asyncio.run(serve())
+    run(serve())
+
+
+def run(main: Awaitable[None]) -> None:
+    """Run a service (or anything measured beside one) on uvloop: libuv's event loop costs less CPU
+    per call than asyncio's default loop, and grpc.aio runs on it unchanged."""
+    uvloop.run(main)  # type: ignore[arg-type]
 
 
 async def wait_for_wake(wake: asyncio.Event, seconds: float) -> None:
