@@ -207,6 +207,26 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+class _UnitSpan:
+    """One span per unit of work, naming its statements in order (a plain context manager: this is
+    on every hot call, and an async generator per call costs more than the span)."""
+
+    __slots__ = ("_span", "_unit")
+
+    def __init__(self, span: trace.Span, system: str, unit: PgTx | SqliteTx) -> None:
+        span.set_attribute("db.system", system)
+        self._span, self._unit = span, unit
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self._span.set_attribute("db.outcome", kind.__name__)
+        self._span.set_attribute("db.statements", self._unit.statements)
+        self._span.end()
+
+
 class Driver:
     """The driver-level access to one service database (see the module docstring)."""
 
@@ -249,18 +269,10 @@ class Driver:
             self._reader = _sqlite_connect(self._sqlite_path)
         return self._reader
 
-    @asynccontextmanager
-    async def _span(self, name: str, unit: PgTx | SqliteTx) -> AsyncIterator[None]:
-        span = self._tracer.start_span(name, kind=trace.SpanKind.CLIENT)
-        span.set_attribute("db.system", self._system)
-        try:
-            yield
-        except BaseException as error:
-            span.set_attribute("db.outcome", type(error).__name__)
-            raise
-        finally:
-            span.set_attribute("db.statements", unit.statements)
-            span.end()
+    def _span(self, name: str, unit: PgTx | SqliteTx) -> _UnitSpan:
+        return _UnitSpan(
+            self._tracer.start_span(name, kind=trace.SpanKind.CLIENT), self._system, unit
+        )
 
     @asynccontextmanager
     async def transaction(self, *, single_statement: bool = False) -> AsyncIterator[Tx]:
@@ -275,19 +287,20 @@ class Driver:
             async with pool.acquire() as conn:
                 unit: PgTx | SqliteTx = PgTx(conn)
                 if single_statement:
-                    async with self._span("db.statement", unit):
+                    with self._span("db.statement", unit):
                         yield unit
                     if len(unit.statements) > 1:
                         raise AssertionError(f"not a single statement: {unit.statements}")
                     return
-                async with self._span("db.transaction", unit), conn.transaction():
-                    yield unit
+                with self._span("db.transaction", unit):
+                    async with conn.transaction():
+                        yield unit
             return
         assert self._write_lock is not None
         async with self._write_lock:
             conn = self._sqlite(write=True)
             unit = SqliteTx(conn)
-            async with self._span("db.transaction", unit):
+            with self._span("db.transaction", unit):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield unit
@@ -303,11 +316,11 @@ class Driver:
             pool = await self._pg()
             async with pool.acquire() as conn:
                 unit: PgTx | SqliteTx = PgTx(conn)
-                async with self._span("db.query", unit):
+                with self._span("db.query", unit):
                     yield unit
             return
         unit = SqliteTx(self._sqlite(write=False))
-        async with self._span("db.query", unit):
+        with self._span("db.query", unit):
             yield unit
 
     async def close(self) -> None:

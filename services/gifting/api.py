@@ -187,8 +187,8 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def GetGift(
         self, request: gifting_pb2.GetGiftRequest, context: RpcContext
     ) -> gifting_pb2.GetGiftResponse:
-        async with self._db.read() as conn:
-            sent = await storage.get_sent_gift(conn, request.sent_gift_id)
+        async with self._db.driver.read() as tx:
+            sent = await storage.get_sent_gift(tx, request.sent_gift_id)
         if sent is None or sent.status in ("pending", "failed"):
             raise NotFound(
                 "SENT_GIFT_NOT_FOUND",

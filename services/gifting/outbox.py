@@ -91,7 +91,7 @@ class CreditRelay:
                     return
                 await self._retry_later(items, error)
                 return
-            async with self._rt.db.driver.transaction() as tx:
+            async with self._rt.db.driver.transaction(single_statement=True) as tx:
                 await storage.mark_delivered(tx, items, self._rt.clock.now())
 
     async def _retry_later(self, items: list[storage.OutboxRecord], error: DomainError) -> None:

@@ -447,15 +447,11 @@ _MARK_DELIVERED = Statement(
     "gifting.mark_delivered",
     "UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
     "WHERE outbox_id IN (SELECT value FROM json_each(:outbox_ids))",
-    postgres="UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
-    "WHERE outbox_id = ANY(:outbox_ids::bigint[])",
 )
 _MARK_CREDITED = Statement(
     "gifting.mark_credited",
     "UPDATE sent_gifts SET status = 'credited', updated_at = :now "
     "WHERE status = 'debited' AND sent_gift_id IN (SELECT value FROM json_each(:sent_gift_ids))",
-    postgres="UPDATE sent_gifts SET status = 'credited', updated_at = :now "
-    "WHERE status = 'debited' AND sent_gift_id = ANY(:sent_gift_ids::text[])",
 )
 
 
@@ -467,10 +463,28 @@ async def due_credits(tx: Tx, now: dt.datetime, limit: int) -> list[OutboxRecord
     ]
 
 
+_MARK_DELIVERED_PG = Statement(
+    "gifting.mark_delivered",
+    "",
+    postgres="WITH delivered AS (UPDATE credit_outbox SET delivered_at = :now, "
+    "attempts = attempts + 1 WHERE outbox_id = ANY(:outbox_ids::bigint[])) "
+    "UPDATE sent_gifts SET status = 'credited', updated_at = :now "
+    "WHERE status = 'debited' AND sent_gift_id = ANY(:sent_gift_ids::text[])",
+)
+
+
 async def mark_delivered(tx: Tx, credits: Sequence[OutboxRecord], now: dt.datetime) -> None:
-    """Payout acknowledged these credits: the outbox rows are done and their gifts credited."""
-    await tx.run(_MARK_DELIVERED, outbox_ids=[c.outbox_id for c in credits], now=now)
-    await tx.run(_MARK_CREDITED, sent_gift_ids=[c.sent_gift_id for c in credits], now=now)
+    """Payout acknowledged these credits: the outbox rows are done and their gifts credited
+    (one statement on PostgreSQL)."""
+    outbox_ids = [c.outbox_id for c in credits]
+    sent_gift_ids = [c.sent_gift_id for c in credits]
+    if tx.dialect == "postgresql":
+        await tx.run(
+            _MARK_DELIVERED_PG, outbox_ids=outbox_ids, sent_gift_ids=sent_gift_ids, now=now
+        )
+        return
+    await tx.run(_MARK_DELIVERED, outbox_ids=outbox_ids, now=now)
+    await tx.run(_MARK_CREDITED, sent_gift_ids=sent_gift_ids, now=now)
 
 
 async def mark_failed_attempt(
