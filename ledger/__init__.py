@@ -14,7 +14,7 @@ Holds (`ledger.holds`) reserve part of an account's balance for a later capture 
 spend only the available balance (balance - held).
 """
 
-from ledger.book import AuditReport, Credit, Ledger, Posted, Posting
+from ledger.book import AuditReport, Ledger, Posted, Posting
 from ledger.chain import GENESIS
 from ledger.holds import Hold, Holds
 from ledger.schema import (
@@ -36,7 +36,6 @@ from ledger.schema import (
 __all__ = [
     "GENESIS",
     "AuditReport",
-    "Credit",
     "Hold",
     "Holds",
     "Ledger",

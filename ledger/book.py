@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -62,6 +62,19 @@ _SET_HEAD = Statement(
     "ledger.set_head",
     "UPDATE ledger_accounts SET head_hash = :hash WHERE account_id = :account_id",
 )
+_ENTRIES_PG = """unnest(:accounts::text[], :amounts::bigint[], :balances_after::bigint[],
+            :seqs::bigint[], :prev_hashes::text[], :hashes::text[])
+     WITH ORDINALITY AS e(account_id, amount, balance_after, seq, prev_hash, hash, n)"""
+_WRITE_ROWS_PG = f"""tx AS (
+    INSERT INTO ledger_transactions ({_TRANSACTION_COLUMNS})
+    VALUES (:transaction_id::text, :kind, :reference, :request_id, :caller, :policy_version,
+            :trace_id, :created_at::timestamptz, :digest, :acting_user)
+)
+INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
+SELECT :transaction_id::text, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
+       e.seq, e.prev_hash, e.hash
+FROM {_ENTRIES_PG}
+ORDER BY e.n"""
 _WRITE_POSTING_PG = Statement(
     "ledger.write_posting",
     "",
@@ -70,54 +83,27 @@ WITH heads AS (
     UPDATE ledger_accounts AS a SET head_hash = h.hash
     FROM unnest(:head_accounts::text[], :head_hashes::text[]) AS h(account_id, hash)
     WHERE a.account_id = h.account_id
-), tx AS (
-    INSERT INTO ledger_transactions ({_TRANSACTION_COLUMNS})
-    VALUES (:transaction_id::text, :kind, :reference, :request_id, :caller, :policy_version,
-            :trace_id, :created_at::timestamptz, :digest, :acting_user)
+), {_WRITE_ROWS_PG}""",
 )
-INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
-SELECT :transaction_id::text, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
-       e.seq, e.prev_hash, e.hash
-FROM unnest(:accounts::text[], :amounts::bigint[], :balances_after::bigint[], :seqs::bigint[],
-            :prev_hashes::text[], :hashes::text[])
-     WITH ORDINALITY AS e(account_id, amount, balance_after, seq, prev_hash, hash, n)
-ORDER BY e.n""",
-)
-
-_CREDIT_MANY_PG = Statement(
-    "ledger.credit_accounts",
-    "",
-    postgres="""
-UPDATE ledger_accounts AS a SET balance = a.balance + d.amount, seq = a.seq + 1
-FROM unnest(:account_ids::text[], :amounts::bigint[]) AS d(account_id, amount)
-WHERE a.account_id = d.account_id AND a.keeps_balance AND a.balance <= :max_balance - d.amount
-RETURNING a.account_id, a.balance, a.seq, a.head_hash, a.held""",
-)
-_WRITE_MANY_PG = Statement(
-    "ledger.write_postings",
+_WRITE_LOCKED_POSTING_PG = Statement(
+    "ledger.write_posting",
     "",
     postgres=f"""
 WITH heads AS (
-    UPDATE ledger_accounts AS a SET head_hash = h.hash
-    FROM unnest(:head_accounts::text[], :head_hashes::text[]) AS h(account_id, hash)
-    WHERE a.account_id = h.account_id
-), tx AS (
-    INSERT INTO ledger_transactions ({_TRANSACTION_COLUMNS})
-    SELECT t.transaction_id, t.kind, t.reference, t.request_id, :caller, :policy_version, :trace_id,
-           :created_at::timestamptz, t.digest, :acting_user
-    FROM unnest(:transaction_ids::text[], :kinds::text[], :references::text[],
-                :request_ids::text[], :digests::text[])
-         AS t(transaction_id, kind, reference, request_id, digest)
+    UPDATE ledger_accounts AS a SET balance = e.balance_after, seq = e.seq, head_hash = e.hash
+    FROM {_ENTRIES_PG}
+    WHERE a.account_id = e.account_id AND e.seq IS NOT NULL
+), {_WRITE_ROWS_PG}""",
 )
-INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
-SELECT e.transaction_id, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
-       e.seq, e.prev_hash, e.hash
-FROM unnest(:entry_transactions::text[], :accounts::text[], :amounts::bigint[],
-            :balances_after::bigint[], :seqs::bigint[], :prev_hashes::text[], :hashes::text[])
-     WITH ORDINALITY AS e(transaction_id, account_id, amount, balance_after, seq, prev_hash, hash, n)
-ORDER BY e.n""",
-)
+"""The same for accounts locked with SELECT ... FOR UPDATE: their balance, seq and head in one UPDATE."""
 
+_LOCK_ACCOUNTS_PG = Statement(
+    "ledger.lock_accounts",
+    "",
+    postgres="SELECT account_id, balance, seq, head_hash, held FROM ledger_accounts "
+    "WHERE account_id = ANY(:account_ids::text[]) AND keeps_balance "
+    "ORDER BY account_id FOR UPDATE",
+)
 _OPEN_ACCOUNT = Statement(
     "ledger.open_account",
     "INSERT INTO ledger_accounts (account_id, kind, balance, allow_negative, keeps_balance, "
@@ -128,7 +114,8 @@ _BALANCES = Statement(
     "ledger.balances",
     "SELECT account_id, balance FROM ledger_accounts "
     "WHERE account_id IN (SELECT value FROM json_each(:account_ids))",
-    postgres="SELECT account_id, balance FROM ledger_accounts WHERE account_id = ANY(:account_ids::text[])",
+    postgres="SELECT account_id, balance FROM ledger_accounts "
+    "WHERE account_id = ANY(:account_ids::text[])",
 )
 
 EntryRow = tuple[str, int, "int | None", "int | None", "str | None", "str | None"]
@@ -136,17 +123,26 @@ EntryRow = tuple[str, int, "int | None", "int | None", "str | None", "str | None
 
 
 async def write_posting(
-    tx: Tx, *, transaction: dict[str, object], entries: Sequence[EntryRow], heads: dict[str, str]
+    tx: Tx,
+    *,
+    transaction: dict[str, object],
+    entries: Sequence[EntryRow],
+    heads: dict[str, str],
+    locked: bool = False,
 ) -> None:
     """Write a transaction row, its entries and the new chain heads of its accounts (already locked by
-    their conditional UPDATEs). One round trip on PostgreSQL; on SQLite, statements are in-process."""
+    their conditional UPDATEs, or by SELECT ... FOR UPDATE when `locked`: then their balances and
+    chain positions are written here too). One round trip on PostgreSQL; on SQLite, statements are
+    in-process."""
     if tx.dialect == "postgresql":
         columns = list(zip(*entries, strict=True))
+        head_params = (
+            {} if locked else {"head_accounts": list(heads), "head_hashes": list(heads.values())}
+        )
         await tx.run(
-            _WRITE_POSTING_PG,
+            _WRITE_LOCKED_POSTING_PG if locked else _WRITE_POSTING_PG,
             **transaction,
-            head_accounts=list(heads),
-            head_hashes=list(heads.values()),
+            **head_params,
             accounts=list(columns[0]),
             amounts=list(columns[1]),
             balances_after=list(columns[2]),
@@ -190,18 +186,6 @@ class Posted:
     balances: dict[str, int]
     available: dict[str, int] = field(default_factory=dict)
     """The same accounts' available balances (balance less what active holds reserve)."""
-
-
-@dataclass(frozen=True)
-class Credit:
-    """One transaction of `Ledger.credit_many`: `amount` from a passive `source` to a keeping `account`."""
-
-    account_id: str
-    source: str
-    amount: int
-    kind: str
-    reference: str
-    request_id: str
 
 
 @dataclass(frozen=True)
@@ -428,121 +412,122 @@ class Ledger:
     async def credit_many(
         self,
         tx: Tx,
-        credits: Sequence[Credit],
+        source: str,
+        credits: Mapping[str, int],
         *,
+        kind: str,
+        reference: str,
+        request_id: str,
         caller: str,
         policy_version: str = "",
-    ) -> dict[str, tuple[int, str]]:
-        """Post many credits, each its own balanced transaction (digest, chain link), with one UPDATE of
-        all their accounts and one write of every row: two round trips on PostgreSQL however many.
-        Each account may appear once (aggregate first); sources must be passive (not chained).
-        Returns each account's (balance after its credit, transaction id)."""
-        if len({c.account_id for c in credits}) != len(credits) or any(
-            c.amount <= 0 for c in credits
-        ):
-            raise ValueError("credit_many takes one positive credit per account")
-        if not credits:
-            return {}
-        if tx.dialect != "postgresql":  # in-process statements: the one-at-a-time path is as fast
-            balances: dict[str, tuple[int, str]] = {}
-            for c in credits:
-                posted = await self.post(
-                    tx,
-                    [Posting(c.source, -c.amount), Posting(c.account_id, c.amount)],
-                    kind=c.kind,
-                    reference=c.reference,
-                    request_id=c.request_id,
-                    caller=caller,
-                    policy_version=policy_version,
-                    acting_user="",
-                )
-                balances[c.account_id] = (posted.balances[c.account_id], posted.transaction_id)
-            return balances
-        now = utc(self._clock.now())
-        span_context = trace.get_current_span().get_span_context()
-        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
-        ordered = sorted(credits, key=lambda c: c.account_id)  # lock order, as in `post`
-        rows = await tx.all(
-            _CREDIT_MANY_PG,
-            account_ids=[c.account_id for c in ordered],
-            amounts=[c.amount for c in ordered],
-            max_balance=MAX_BALANCE,
-        )
-        links = {str(r[0]): _Link(int(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows}
-        for c in ordered:
-            if c.account_id not in links:  # not found, passive, or full: say which, as `post` does
-                await self._apply(tx, Posting(c.account_id, c.amount))
-                raise ValueError(f"credit_many: {c.account_id} keeps no balance")
-        transaction_ids: list[str] = []
-        digests: list[str] = []
-        entry_rows: list[tuple[str, str, int, int | None, int | None, str | None, str | None]] = []
-        heads: dict[str, str] = {}
-        for c in ordered:
-            link, transaction_id = links[c.account_id], uuid.uuid4().hex
-            digest = transaction_digest(
-                transaction_id=transaction_id,
-                kind=c.kind,
-                reference=c.reference,
-                request_id=c.request_id,
+    ) -> Posted:
+        """One transaction taking the sum of `credits` from a passive `source` and crediting each
+        account its amount: a batch of credits as one balanced, multi-leg transaction.
+
+        Same rows and chain links as `post` with those postings, but on PostgreSQL every account is
+        updated by one statement and everything written by one more, however many accounts.
+        """
+        if not credits or any(amount <= 0 for amount in credits.values()):
+            raise ValueError("credit_many takes positive credits")
+        postings = [
+            Posting(source, -sum(credits.values())),
+            *(Posting(account, amount) for account, amount in sorted(credits.items())),
+        ]
+        if tx.dialect != "postgresql":  # in-process statements: `post`'s one UPDATE each is as fast
+            return await self.post(
+                tx,
+                postings,
+                kind=kind,
+                reference=reference,
+                request_id=request_id,
                 caller=caller,
                 policy_version=policy_version,
-                trace_id=trace_id,
-                created_at=now,
-                entries=[
-                    (c.source, -c.amount, None, now),
-                    (c.account_id, c.amount, link.balance, now),
-                ],
+                acting_user="",
             )
-            heads[c.account_id] = entry_hash(
-                prev_hash=link.head_hash,
-                account_id=c.account_id,
-                seq=link.seq,
-                amount=c.amount,
-                balance_after=link.balance,
-                transaction_id=transaction_id,
-                digest=digest,
-            )
-            transaction_ids.append(transaction_id)
-            digests.append(digest)
-            entry_rows.append((transaction_id, c.source, -c.amount, None, None, None, None))
-            entry_rows.append(
-                (
-                    transaction_id,
-                    c.account_id,
-                    c.amount,
-                    link.balance,
-                    link.seq,
-                    link.head_hash,
-                    heads[c.account_id],
+        # Lock the accounts in id order (no deadlock with another batch), then write their new
+        # balances, chain positions and heads with the rows, in one more statement.
+        rows = await tx.all(_LOCK_ACCOUNTS_PG, account_ids=[p.account_id for p in postings[1:]])
+        locked = {str(r[0]): r for r in rows}
+        links: dict[str, _Link] = {}
+        for p in postings[1:]:
+            row = locked.get(p.account_id)
+            if row is None:  # no such account, or a passive one: say which, as `post` does
+                await self._apply(tx, p)
+                raise ValueError(f"credit_many: {p.account_id} keeps no balance")
+            if int(row[1]) > MAX_BALANCE - p.amount:
+                raise FailedPrecondition(
+                    "BALANCE_LIMIT_EXCEEDED",
+                    f"account {p.account_id} cannot hold more {self.unit}",
+                    account_id=p.account_id,
                 )
+            links[p.account_id] = _Link(
+                int(row[1]) + p.amount, int(row[2]) + 1, str(row[3]), int(row[4])
             )
-        columns = list(zip(*entry_rows, strict=True))
-        await tx.run(
-            _WRITE_MANY_PG,
-            head_accounts=list(heads),
-            head_hashes=list(heads.values()),
+        now = utc(self._clock.now())
+        transaction_id = uuid.uuid4().hex
+        span_context = trace.get_current_span().get_span_context()
+        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        digest = transaction_digest(
+            transaction_id=transaction_id,
+            kind=kind,
+            reference=reference,
+            request_id=request_id,
             caller=caller,
             policy_version=policy_version,
             trace_id=trace_id,
             created_at=now,
-            acting_user="",
-            transaction_ids=transaction_ids,
-            kinds=[c.kind for c in ordered],
-            references=[c.reference for c in ordered],
-            request_ids=[c.request_id for c in ordered],
-            digests=digests,
-            entry_transactions=list(columns[0]),
-            accounts=list(columns[1]),
-            amounts=list(columns[2]),
-            balances_after=list(columns[3]),
-            seqs=list(columns[4]),
-            prev_hashes=list(columns[5]),
-            hashes=list(columns[6]),
+            entries=[
+                (p.account_id, p.amount, links[p.account_id].balance if i else None, now)
+                for i, p in enumerate(postings)
+            ],
         )
-        return {
-            c.account_id: (links[c.account_id].balance, transaction_id)
-            for c, transaction_id in zip(ordered, transaction_ids, strict=True)
-        }
+        entries: list[EntryRow] = [(source, postings[0].amount, None, None, None, None)]
+        heads: dict[str, str] = {}
+        for p in postings[1:]:
+            link = links[p.account_id]
+            heads[p.account_id] = entry_hash(
+                prev_hash=link.head_hash,
+                account_id=p.account_id,
+                seq=link.seq,
+                amount=p.amount,
+                balance_after=link.balance,
+                transaction_id=transaction_id,
+                digest=digest,
+            )
+            entries.append(
+                (
+                    p.account_id,
+                    p.amount,
+                    link.balance,
+                    link.seq,
+                    link.head_hash,
+                    heads[p.account_id],
+                )
+            )
+        await write_posting(
+            tx,
+            transaction={
+                "transaction_id": transaction_id,
+                "kind": kind,
+                "reference": reference,
+                "request_id": request_id,
+                "caller": caller,
+                "policy_version": policy_version,
+                "trace_id": trace_id,
+                "created_at": now,
+                "digest": digest,
+                "acting_user": "",
+            },
+            entries=entries,
+            heads=heads,
+            locked=True,
+        )
+        balances = {account: link.balance for account, link in links.items()}
+        return Posted(
+            transaction_id,
+            balances,
+            {account: link.balance - link.held for account, link in links.items()},
+        )
 
     async def _apply(self, tx: Tx, posting: Posting) -> _Link | None:
         """Move a keeping account's balance and chain position with one conditional UPDATE.

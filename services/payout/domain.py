@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger import Credit as LedgerCredit
 from ledger import Ledger, Posting
 from runtime.errors import (
     Aborted,
@@ -113,36 +112,34 @@ class Payouts:
             owed[creator] = before
         await storage.set_diamonds_credited_many(tx, owed)
         deltas = {creator: owed[creator] - totals[creator][1] for creator in fresh}
-        posted = await self.ledger.credit_many(
-            tx,
-            [
-                LedgerCredit(
-                    account_id=creator_account(creator),
-                    source=ISSUANCE,
-                    amount=delta,
-                    kind="gift",
-                    reference=items[0].reference
-                    if len(items) == 1
-                    else f"{len(items)} gifts from {items[0].reference}",
-                    request_id=items[0].key if len(items) == 1 else f"batch:{uuid.uuid4().hex}",
-                )
-                for creator, items in fresh.items()
-                if (delta := deltas[creator]) > 0
-            ],
-            caller="internal",
-            policy_version=self.settings.policy_version,
-        )
+        gained = {creator_account(c): d for c, d in deltas.items() if d > 0}
+        balances: dict[str, int] = {}
+        transaction_id: str | None = None
+        if gained:  # one ledger transaction for the whole batch: issuance -> every creator
+            first = next(iter(fresh.values()))[0]
+            posted = await self.ledger.credit_many(
+                tx,
+                ISSUANCE,
+                gained,
+                kind="gift",
+                reference=first.reference
+                if len(shares) == 1
+                else f"{len(shares)} gifts from {first.reference}",
+                request_id=first.key if len(shares) == 1 else f"batch:{uuid.uuid4().hex}",
+                caller="internal",
+                policy_version=self.settings.policy_version,
+            )
+            balances, transaction_id = posted.balances, posted.transaction_id
         for creator, delta in deltas.items():
             if delta < 0:  # the policy changed since the last credit: settle the difference
-                posted[creator_account(creator)] = await self._reverse(tx, creator, -delta)
+                balances[creator_account(creator)] = await self._reverse(tx, creator, -delta)
         unchanged = [creator_account(c) for c, d in deltas.items() if d == 0]
-        balances = await self.ledger.balances(tx, unchanged) if unchanged else {}
+        if unchanged:
+            balances.update(await self.ledger.balances(tx, unchanged))
         rows: list[storage.CreditRow] = []
         answers: dict[str, bytes] = {}
         for creator, items in fresh.items():
-            account = creator_account(creator)
-            balance, transaction_id = posted.get(account, (balances.get(account, 0), None))
-            running_balance = balance - deltas[creator]
+            running_balance = balances.get(creator_account(creator), 0) - deltas[creator]
             for c in items:
                 running_balance += shares[c.key]
                 answers[c.key] = answer(creator, shares[c.key], running_balance)
@@ -164,7 +161,7 @@ class Payouts:
             )
         return answers
 
-    async def _reverse(self, tx: Tx, creator_id: str, diamonds: int) -> tuple[int, str]:
+    async def _reverse(self, tx: Tx, creator_id: str, diamonds: int) -> int:
         account = creator_account(creator_id)
         posted = await self.ledger.post(
             tx,
@@ -175,7 +172,7 @@ class Payouts:
             caller="internal",
             policy_version=self.settings.policy_version,
         )
-        return posted.balances[account], posted.transaction_id
+        return posted.balances[account]
 
     async def balance(self, conn: AsyncConnection, creator_id: str) -> int:
         return await self.ledger.balance(conn, creator_account(creator_id)) or 0
