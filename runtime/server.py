@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import datetime as dt
 import logging
 import signal
@@ -273,8 +274,17 @@ async def start_service(
     return running
 
 
+def _few_malloc_arenas() -> None:
+    """glibc gives every thread that allocates its own malloc arena (up to 8 per core), which grpc's
+    threads fill and never hand back: two arenas keep a service's RSS flat under load. Must run
+    before any thread starts (the same as MALLOC_ARENA_MAX=2 in the environment)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+
+
 def main(spec: ServiceSpec[S]) -> None:
     """Entry point of `python -m services.<name>`: serve until SIGINT or SIGTERM."""
+    _few_malloc_arenas()
     settings = spec.settings_type()
     configure_logging(spec.name, settings.log_level)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -52,6 +53,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self._settings = runtime.settings
         self._payouts = payouts
         self._wake_worker = wake_worker
+        self._crediting = asyncio.Semaphore(runtime.settings.credit_batches_at_once)
 
     def _balance(self, creator_id: str, diamonds: int) -> payout_pb2.DiamondBalance:
         return payout_pb2.DiamondBalance(
@@ -120,16 +122,21 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 diamonds_credited=diamonds, balance=self._balance(creator_id, balance)
             ).SerializeToString()
 
-        try:
-            async with self._db.driver.transaction() as tx:
-                answers = await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
-        except Exception as error:
-            # A concurrent delivery of some of these credits committed first: once more, which answers
-            # those from their record and applies the rest.
-            if not (is_conflict(error) or getattr(error, "reason", "") == "CONCURRENT_CREDIT"):
-                raise
-            async with self._db.driver.transaction() as tx:
-                answers = await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
+        async with self._crediting:
+            try:
+                async with self._db.driver.transaction() as tx:
+                    answers = await self._payouts.credit_gifts(
+                        tx, credits, self._clock.now(), answer
+                    )
+            except Exception as error:
+                # A concurrent delivery of some of these credits committed first: once more, which
+                # answers those from their record and applies the rest.
+                if not (is_conflict(error) or getattr(error, "reason", "") == "CONCURRENT_CREDIT"):
+                    raise
+                async with self._db.driver.transaction() as tx:
+                    answers = await self._payouts.credit_gifts(
+                        tx, credits, self._clock.now(), answer
+                    )
         return [payout_pb2.CreditDiamondsResponse.FromString(a) for a in answers]
 
     async def RequestWithdrawal(

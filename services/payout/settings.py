@@ -29,4 +29,7 @@ class PayoutSettings(ServiceSettings):
     withdrawal_fee_fixed_minor: int = 0
     """The platform charges no fee by default; both are configurable."""
     processor_latency_ms: int = 50
+    credit_batches_at_once: int = 4
+    """Credit batches applied at the same time; more wait their turn. Batches lock the same creators'
+    rows, so more at once only queue inside PostgreSQL, holding connections and memory."""
     policy_version: str = "2026-11"
