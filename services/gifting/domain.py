@@ -1,11 +1,13 @@
 """Gifting rules and the steps of sending a gift. No gRPC here: other services are reached through ports.
 
-Sending a gift is a small saga (see the README, "Following one gift"):
-1. `start`: refuse self-gifting and unknown gifts, record the gift as `pending`;
+Sending a gift is a small saga (see the README, "The money flow"):
+1. `start`: refuse self-gifting, claim the request id and record the gift as `pending`, priced from the
+   catalog (one statement on PostgreSQL; an unknown, inactive or oversized gift writes nothing and
+   `refusal` says why);
 2. the sender's coins are debited in the wallet, with a request id derived from the gift's id: the pivot;
-3. `record_debit`: the gift becomes `debited`, the LIVE leaderboard grows, and the creator's diamond
-   credit is written to the outbox in the same transaction;
-4. the outbox relay delivers the credit to the payout service until it is acknowledged (`credited`).
+3. `record_debit`: the gift becomes `debited`, the LIVE leaderboard grows, the creator's diamond credit
+   is written to the outbox and the request's answer is stored, all in one statement;
+4. the outbox relay delivers credits to the payout service in batches until acknowledged (`credited`).
 Any retry of any step repeats nothing: each step is keyed by the gift id.
 """
 

@@ -137,11 +137,6 @@ async def put_gift(conn: AsyncConnection, gift: GiftRecord) -> None:
     await upsert(conn, gifts, gift.__dict__, ["gift_id"])
 
 
-async def get_gift(conn: AsyncConnection, gift_id: str) -> GiftRecord | None:
-    row = (await conn.execute(select(gifts).where(gifts.c.gift_id == gift_id))).first()
-    return None if row is None else GiftRecord(**row._asdict())
-
-
 async def insert_sent_gift(conn: AsyncConnection, sent: SentGiftRecord) -> None:
     await conn.execute(sent_gifts.insert().values(**sent.__dict__))
 
