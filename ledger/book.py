@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -17,7 +17,8 @@ from ledger.schema import accounts, entries, holds, transactions
 from runtime.auth import principal_or_none
 from runtime.clock import Clock, utc
 from runtime.errors import FailedPrecondition, NotFound
-from runtime.sql import Statement, Tx, as_tx
+from runtime.idempotency import AnsweredKey
+from runtime.sql import Driver, Statement, Tx, as_tx, is_conflict
 
 MAX_BALANCE = 2**63 - 1
 
@@ -96,6 +97,39 @@ WITH heads AS (
 ), {_WRITE_ROWS_PG}""",
 )
 """The same for accounts locked with SELECT ... FOR UPDATE: their balance, seq and head in one UPDATE."""
+
+_READ_LINK = Statement(
+    "ledger.read_account",
+    "SELECT balance, held, seq, head_hash, frozen, keeps_balance FROM ledger_accounts "
+    "WHERE account_id = :account_id",
+)
+_POST_AT_ONCE_PG = Statement(
+    "ledger.post_at_once",
+    "",
+    postgres=f"""
+WITH updated AS (
+    UPDATE ledger_accounts SET balance = :balance_after, seq = :seq, head_hash = :hash
+    WHERE account_id = :account_id AND keeps_balance AND NOT frozen
+      AND balance = :balance_before AND held = :held AND seq = :seq - 1
+      AND {AnsweredKey.ABSENT}
+    RETURNING account_id
+), tx AS (
+    INSERT INTO ledger_transactions ({_TRANSACTION_COLUMNS})
+    SELECT :transaction_id::text, :kind::text, :reference::text, :request_id::text, :caller::text,
+           :policy_version::text, :trace_id::text, :created_at::timestamptz, :digest::text,
+           :acting_user::text
+    FROM updated
+), entries AS (
+    INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
+    SELECT :transaction_id::text, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
+           e.seq, e.prev_hash, e.hash
+    FROM updated, {_ENTRIES_PG}
+    ORDER BY e.n
+), {AnsweredKey.cte("updated")}
+SELECT count(*) FROM updated""",
+)
+"""A debit, its transaction, its entries and the request's answer in one statement, applied only if the
+account is still exactly as read (balance, held, seq) and the request id has no record yet."""
 
 _LOCK_ACCOUNTS_PG = Statement(
     "ledger.lock_accounts",
@@ -408,6 +442,124 @@ class Ledger:
         """Kept balances of existing accounts, in one read."""
         rows = await tx.all(_BALANCES, account_ids=list(account_ids))
         return {str(row[0]): int(row[1]) for row in rows}
+
+    async def post_at_once(
+        self,
+        driver: Driver,
+        postings: Sequence[Posting],
+        *,
+        kind: str,
+        reference: str,
+        request_id: str,
+        caller: str,
+        policy_version: str,
+        key: AnsweredKey,
+        answer: Callable[[Posted], bytes],
+    ) -> Posted | None:
+        """A debit of one balance-keeping account to a passive one, and the request's `answer`, as ONE
+        optimistic statement on PostgreSQL: read the account, compute the chain link, write it all if
+        the account is still as read and the request id unrecorded. Two round trips, no transaction
+        held open across them, so a hot account's row is locked for one statement only.
+
+        None when it wrote nothing: SQLite, another shape of posting, a refusal to diagnose (funds,
+        frozen, no account), the request answered before, or a concurrent posting to the account.
+        The caller then takes the transactional path (`post`), which decides each of those.
+        """
+        if not driver.is_postgres or len(postings) != 2:
+            return None
+        debit, credit = sorted(postings, key=lambda p: p.amount)
+        if (
+            debit.amount >= 0
+            or debit.forced
+            or debit.account_id in self._passive
+            or credit.account_id not in self._passive
+            or debit.amount + credit.amount != 0
+        ):
+            return None
+        async with driver.read() as tx:
+            row = await tx.one(_READ_LINK, account_id=debit.account_id)
+        if row is None:
+            return None
+        balance, held, seq, head_hash, is_frozen, keeps_balance = row
+        if is_frozen or not keeps_balance or int(balance) - int(held) < -debit.amount:
+            return None
+        now = utc(self._clock.now())
+        principal = principal_or_none()
+        acting_user = principal.user_id or "" if principal is not None else ""
+        transaction_id = uuid.uuid4().hex
+        span_context = trace.get_current_span().get_span_context()
+        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        link = _Link(int(balance) + debit.amount, int(seq) + 1, str(head_hash), int(held))
+        digest = transaction_digest(
+            transaction_id=transaction_id,
+            kind=kind,
+            reference=reference,
+            request_id=request_id,
+            caller=caller,
+            policy_version=policy_version,
+            trace_id=trace_id,
+            created_at=now,
+            acting_user=acting_user,
+            entries=[
+                (p.account_id, p.amount, link.balance if p is debit else None, now)
+                for p in postings
+            ],
+        )
+        new_head = entry_hash(
+            prev_hash=link.head_hash,
+            account_id=debit.account_id,
+            seq=link.seq,
+            amount=debit.amount,
+            balance_after=link.balance,
+            transaction_id=transaction_id,
+            digest=digest,
+        )
+        entries: list[EntryRow] = [
+            (debit.account_id, debit.amount, link.balance, link.seq, link.head_hash, new_head)
+            if p is debit
+            else (p.account_id, p.amount, None, None, None, None)
+            for p in postings
+        ]
+        posted = Posted(
+            transaction_id,
+            {debit.account_id: link.balance},
+            {debit.account_id: link.balance - link.held},
+        )
+        columns = list(zip(*entries, strict=True))
+        try:
+            async with driver.transaction(single_statement=True) as tx:
+                applied = await tx.one(
+                    _POST_AT_ONCE_PG,
+                    account_id=debit.account_id,
+                    balance_before=int(balance),
+                    balance_after=link.balance,
+                    held=link.held,
+                    seq=link.seq,
+                    hash=new_head,
+                    transaction_id=transaction_id,
+                    kind=kind,
+                    reference=reference,
+                    request_id=request_id,
+                    caller=caller,
+                    policy_version=policy_version,
+                    trace_id=trace_id,
+                    created_at=now,
+                    digest=digest,
+                    acting_user=acting_user,
+                    accounts=list(columns[0]),
+                    amounts=list(columns[1]),
+                    balances_after=list(columns[2]),
+                    seqs=list(columns[3]),
+                    prev_hashes=list(columns[4]),
+                    hashes=list(columns[5]),
+                    **key.params,
+                    key_response=answer(posted),
+                )
+        except Exception as error:
+            if is_conflict(error):  # a twin recorded the request first: the slow path replays it
+                return None
+            raise
+        return posted if applied is not None and int(applied[0]) == 1 else None
 
     async def credit_many(
         self,

@@ -141,6 +141,29 @@ class KeyAnswer:
         await tx.run(_ANSWER, **self.params)
 
 
+@dataclass(frozen=True)
+class AnsweredKey:
+    """A request id to be recorded, with its answer, by the very statement that makes its effect, and
+    only if the id has no record yet: the effect's statement guards on `ABSENT` and adds `cte()`.
+    The answer (`key_response`) is set by whoever builds the statement, once the effect is known."""
+
+    params: dict[str, object]
+
+    ABSENT = (
+        "NOT EXISTS (SELECT 1 FROM idempotency_keys "
+        "WHERE scope = :key_scope AND request_id = :key_request_id)"
+    )
+
+    @staticmethod
+    def cte(source: str) -> str:
+        """PostgreSQL: an `answered` CTE recording the key once per row of `source`."""
+        return (
+            f"answered AS (INSERT INTO idempotency_keys ({_KEY_COLUMNS}) SELECT :key_scope::text, "
+            ":key_request_id::text, :key_fingerprint::text, NULL, :key_response::bytea, NULL, "
+            f":key_created_at::timestamptz FROM {source})"
+        )
+
+
 T = TypeVar("T")
 
 
@@ -382,10 +405,28 @@ class Idempotency:
         request: Message,
         response_type: type[R],
         effect: Callable[[Tx], Awaitable[R]],
+        at_once: Callable[[AnsweredKey], Awaitable[R | None]] | None = None,
     ) -> R:
-        """`once()` on the hot path: the effect on the driver, the key written with the answer."""
+        """`once()` on the hot path: the effect on the driver, the key written with the answer.
+
+        `at_once`, if given, first tries the effect and the key as one optimistic statement (see
+        `Ledger.post_at_once`): it answers, or writes nothing and returns None, and then the
+        transactional path runs and decides (a replay, a refusal, a race lost)."""
         scoped, request_id = scoped_scope(scope), _request_id(request)
         print_ = fingerprint(request)
+        if at_once is not None:
+            answered = await at_once(
+                AnsweredKey(
+                    {
+                        "key_scope": scoped,
+                        "key_request_id": request_id,
+                        "key_fingerprint": print_,
+                        "key_created_at": self._clock.now(),
+                    }
+                )
+            )
+            if answered is not None:
+                return answered
         try:
             async with self._db.driver.transaction() as tx:
                 response = await effect(tx)

@@ -250,6 +250,10 @@ class Driver:
         self._tracer = trace.get_tracer(TRACER_SCOPE, tracer_provider=tracer_provider)
         self._system = "sqlite" if sqlite_path is not None else "postgresql"
 
+    @property
+    def is_postgres(self) -> bool:
+        return self._sqlite_path is None
+
     async def _pg(self) -> asyncpg.Pool:
         if self._pool is None:
             async with self._opening:

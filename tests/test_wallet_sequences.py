@@ -28,7 +28,7 @@ from runtime.clock import FixedClock
 from runtime.db import Database
 from runtime.errors import FailedPrecondition
 from services.wallet import storage
-from services.wallet.domain import Coins, Wallet
+from services.wallet.domain import Coins, DebitRequest, Wallet
 from services.wallet.settings import WalletSettings
 from tests.helpers import run_state_machine
 
@@ -138,12 +138,14 @@ class WalletMachine(RuleBasedStateMachine):
         async def work(conn: Any) -> Any:
             return await self.wallet.debit(
                 conn,
-                user_id=name,
-                coins=coins,
-                reason="gift",
-                reference="r",
-                request_id=uuid.uuid4().hex,
-                caller="gifting",
+                DebitRequest(
+                    user_id=name,
+                    coins=coins,
+                    reason="gift",
+                    reference="r",
+                    request_id=uuid.uuid4().hex,
+                    caller="gifting",
+                ),
             )
 
         try:

@@ -11,6 +11,7 @@ from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
 from runtime.errors import DomainError, FailedPrecondition, Unavailable
+from runtime.idempotency import AnsweredKey
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
@@ -28,7 +29,7 @@ from services.wallet.convert import (
     package_pb,
     to_date,
 )
-from services.wallet.domain import Coins, Wallet, user_account
+from services.wallet.domain import Coins, Debit, DebitRequest, Wallet, user_account
 from services.wallet.payments import PaymentOutcomeUnknown
 from services.wallet.purchases import Purchases
 from services.wallet.settings import WalletSettings
@@ -260,23 +261,36 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def DebitCoins(
         self, request: wallet_pb2.DebitCoinsRequest, context: RpcContext
     ) -> wallet_pb2.DebitCoinsResponse:
-        async def effect(tx: Tx) -> wallet_pb2.DebitCoinsResponse:
-            debit = await self._wallet.debit(
-                tx,
-                user_id=request.user_id,
-                coins=request.coins,
-                reason=DEBIT_REASONS[request.reason],
-                reference=request.reference,
-                request_id=f"DebitCoins:{request.user_id}/{request.request_id}",
-                caller=current_principal().service,
-            )
+        what = DebitRequest(
+            user_id=request.user_id,
+            coins=request.coins,
+            reason=DEBIT_REASONS[request.reason],
+            reference=request.reference,
+            request_id=f"DebitCoins:{request.user_id}/{request.request_id}",
+            caller=current_principal().service,
+        )
+
+        def answer(debit: Debit) -> wallet_pb2.DebitCoinsResponse:
             return wallet_pb2.DebitCoinsResponse(
                 transaction_id=debit.transaction_id,
                 balance=balance_pb(Coins(debit.balance, debit.available)),
             )
 
+        async def at_once(key: AnsweredKey) -> wallet_pb2.DebitCoinsResponse | None:
+            debit = await self._wallet.debit_at_once(
+                self._db.driver, key, what, answer=lambda d: answer(d).SerializeToString()
+            )
+            return None if debit is None else answer(debit)
+
+        async def effect(tx: Tx) -> wallet_pb2.DebitCoinsResponse:
+            return answer(await self._wallet.debit(tx, what))
+
         return await self._idempotency.once_direct(
-            f"DebitCoins:{request.user_id}", request, wallet_pb2.DebitCoinsResponse, effect
+            f"DebitCoins:{request.user_id}",
+            request,
+            wallet_pb2.DebitCoinsResponse,
+            effect,
+            at_once=at_once,
         )
 
     async def ResolveDebit(

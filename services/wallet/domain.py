@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger import Hold, Holds, Ledger, Posting
+from ledger import Hold, Holds, Ledger, Posted, Posting
 from runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -16,7 +17,8 @@ from runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
-from runtime.sql import Tx
+from runtime.idempotency import AnsweredKey
+from runtime.sql import Driver, Tx
 from services.wallet import storage
 from services.wallet.settings import WalletSettings
 
@@ -48,6 +50,24 @@ class Coins:
 def age_on(birth_date: dt.date, day: dt.date) -> int:
     before_birthday = (day.month, day.day) < (birth_date.month, birth_date.day)
     return day.year - birth_date.year - before_birthday
+
+
+@dataclass(frozen=True)
+class DebitRequest:
+    """Coins to take for a gift or a promotion (`reason`), under the ledger request id given."""
+
+    user_id: str
+    coins: int
+    reason: str
+    reference: str
+    request_id: str
+    caller: str
+
+    def postings(self) -> list[Posting]:
+        return [
+            Posting(user_account(self.user_id), -self.coins),
+            Posting(SPEND_ACCOUNTS[self.reason], self.coins),
+        ]
 
 
 @dataclass(frozen=True)
@@ -405,29 +425,46 @@ class Wallet:
             await self.ledger.set_frozen(conn, account, True)
         return await self.coins(conn, purchase.user_id)
 
-    async def debit(
-        self,
-        conn: AsyncConnection | Tx,
-        *,
-        user_id: str,
-        coins: int,
-        reason: str,
-        reference: str,
-        request_id: str,
-        caller: str,
-    ) -> Debit:
+    async def debit(self, conn: AsyncConnection | Tx, what: DebitRequest) -> Debit:
         """Take coins for a gift or a promotion; INSUFFICIENT_FUNDS if the balance is too low.
 
         An unknown user fails in the ledger (ACCOUNT_NOT_FOUND) without an extra lookup on this hot path.
         """
         posted = await self.ledger.post(
             conn,
-            [Posting(user_account(user_id), -coins), Posting(SPEND_ACCOUNTS[reason], coins)],
-            kind=reason,
-            reference=reference,
-            request_id=request_id,
-            caller=caller,
+            what.postings(),
+            kind=what.reason,
+            reference=what.reference,
+            request_id=what.request_id,
+            caller=what.caller,
             policy_version=self.settings.policy_version,
         )
-        account = user_account(user_id)
-        return Debit(posted.transaction_id, posted.balances[account], posted.available[account])
+        return _debit(posted, user_account(what.user_id))
+
+    async def debit_at_once(
+        self,
+        driver: Driver,
+        key: AnsweredKey,
+        what: DebitRequest,
+        *,
+        answer: Callable[[Debit], bytes],
+    ) -> Debit | None:
+        """`debit` and the request's answer as one optimistic statement (see `Ledger.post_at_once`);
+        None if it did not apply, and `debit` in a transaction decides."""
+        account = user_account(what.user_id)
+        posted = await self.ledger.post_at_once(
+            driver,
+            what.postings(),
+            kind=what.reason,
+            reference=what.reference,
+            request_id=what.request_id,
+            caller=what.caller,
+            policy_version=self.settings.policy_version,
+            key=key,
+            answer=lambda posted: answer(_debit(posted, account)),
+        )
+        return None if posted is None else _debit(posted, account)
+
+
+def _debit(posted: Posted, account: str) -> Debit:
+    return Debit(posted.transaction_id, posted.balances[account], posted.available[account])
