@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: up test demo certs gen gen-check lint format buf buf-baseline check clean help
+.PHONY: up test bench bench-smoke demo certs gen gen-check lint format buf buf-baseline check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -22,6 +22,12 @@ up: $(STAMP)  ## start all four services on localhost (SQLite files under data/)
 
 test: $(STAMP)  ## run the whole test suite (real servers; SQLite and PostgreSQL)
 	$(BIN)/pytest
+
+bench: $(STAMP)  ## performance: the suite against its gRPC ceilings, SQLite and PostgreSQL (~8 min)
+	$(BIN)/python -m benchmarks.perf --backend both
+
+bench-smoke: $(STAMP)  ## every benchmark case for a second: checks the benchmark runs, no timing asserted
+	$(BIN)/python -m benchmarks.perf --smoke
 
 demo: $(STAMP)  ## drive the real money flow against a running suite (`make up` first)
 	$(BIN)/coinsctl demo
