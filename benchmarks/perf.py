@@ -10,8 +10,9 @@ For each backend (SQLite, PostgreSQL) the benchmark
    each) on fresh ports, a fresh data dir or fresh PostgreSQL databases, with the abuse limits lifted
    (the benchmark measures throughput, not the limits); funds senders through the wallet as the
    gateway; then drives SendGift spread over many creators and to one hot creator (sampling the
-   credit lag), GetBalance, and the settlement path (BatchCreditDiamonds as gifting), closed-loop at
-   each concurrency; then SendGift open-loop at half its maximum rate and at 80% of it (credit lag);
+   credit lag) and GetBalance, closed-loop at each concurrency; then SendGift open-loop at half its
+   maximum rate and at 80% of it (credit lag); last the settlement path (BatchCreditDiamonds as
+   gifting), closed-loop, whose bulk writes would leave PostgreSQL vacuuming under the cases after it;
 3. stops the suite and drives the 2-hop mTLS+OTel echo chain open-loop at the same rate as the gifts.
 
 It prints, per backend, the throughput, latency and CPU per call of every process, the peak memory of
