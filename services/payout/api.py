@@ -106,6 +106,13 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def _credit(
         self, requests: Sequence[payout_pb2.CreditDiamondsRequest]
     ) -> list[payout_pb2.CreditDiamondsResponse]:
+        async with self._crediting:  # before anything per credit is built: batches wait small
+            answers = await self._credit_now(requests)
+        return [payout_pb2.CreditDiamondsResponse.FromString(a) for a in answers]
+
+    async def _credit_now(
+        self, requests: Sequence[payout_pb2.CreditDiamondsRequest]
+    ) -> list[bytes]:
         credits = [
             GiftCredit(
                 key=f"{scoped_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
@@ -122,22 +129,16 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 diamonds_credited=diamonds, balance=self._balance(creator_id, balance)
             ).SerializeToString()
 
-        async with self._crediting:
-            try:
-                async with self._db.driver.transaction() as tx:
-                    answers = await self._payouts.credit_gifts(
-                        tx, credits, self._clock.now(), answer
-                    )
-            except Exception as error:
-                # A concurrent delivery of some of these credits committed first: once more, which
-                # answers those from their record and applies the rest.
-                if not (is_conflict(error) or getattr(error, "reason", "") == "CONCURRENT_CREDIT"):
-                    raise
-                async with self._db.driver.transaction() as tx:
-                    answers = await self._payouts.credit_gifts(
-                        tx, credits, self._clock.now(), answer
-                    )
-        return [payout_pb2.CreditDiamondsResponse.FromString(a) for a in answers]
+        try:
+            async with self._db.driver.transaction() as tx:
+                return await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
+        except Exception as error:
+            # A concurrent delivery of some of these credits committed first: once more, which
+            # answers those from their record and applies the rest.
+            if not (is_conflict(error) or getattr(error, "reason", "") == "CONCURRENT_CREDIT"):
+                raise
+        async with self._db.driver.transaction() as tx:
+            return await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
 
     async def RequestWithdrawal(
         self, request: payout_pb2.RequestWithdrawalRequest, context: RpcContext
