@@ -1177,7 +1177,8 @@ def gifting_problems(state: Snapshot) -> list[str]:
         credited = state.answer(
             "payout", f"CreditDiamonds:{g.creator_id}", f"gift:{g.sent_gift_id}"
         )
-        if (g.status == "credited") != (credited == "ok"):
+        delivered = g.status == "credited" or (box is not None and box.delivered_at is not None)
+        if delivered != (credited == "ok"):
             problems.append(f"{named}: payout's answer to its credit is {credited}")
     for box in state.outbox.values():
         if box.dead or box.delivered_at is None or box.sent_gift_id not in state.gifts:

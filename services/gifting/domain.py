@@ -7,7 +7,8 @@ Sending a gift is a small saga (see the README, "The money flow"):
 2. the sender's coins are debited in the wallet, with a request id derived from the gift's id: the pivot;
 3. `record_debit`: the gift becomes `debited`, the LIVE leaderboard grows, the creator's diamond credit
    is written to the outbox and the request's answer is stored, all in one statement;
-4. the outbox relay delivers credits to the payout service in batches until acknowledged (`credited`).
+4. the outbox relay delivers credits to the payout service in batches until acknowledged; a gift reads
+   `credited` once its outbox row is delivered.
 Any retry of any step repeats nothing: each step is keyed by the gift id.
 """
 

@@ -150,8 +150,14 @@ def _sent_gift(row: Any) -> SentGiftRecord:
 
 _GET_SENT_GIFT = Statement(
     "gifting.get_sent_gift",
-    f"SELECT {_START_GIFT_COLUMNS} FROM sent_gifts WHERE sent_gift_id = :sent_gift_id",
+    "SELECT s.sent_gift_id, s.sender_id, s.creator_id, s.gift_id, s.count, s.coins, s.live_id, "
+    "s.video_id, CASE WHEN s.status = 'debited' AND o.delivered_at IS NOT NULL THEN 'credited' "
+    "ELSE s.status END, s.wallet_transaction_id, s.created_at, s.updated_at "
+    "FROM sent_gifts s LEFT JOIN credit_outbox o ON o.sent_gift_id = s.sent_gift_id "
+    "WHERE s.sent_gift_id = :sent_gift_id",
 )
+"""A gift reads `credited` once its outbox credit is delivered: the relay marks only the outbox row, so
+a delivery never rewrites gift rows (and their index entries) that new gifts of the same LIVE crowd."""
 
 
 async def get_sent_gift(conn: AsyncConnection | Tx, sent_gift_id: str) -> SentGiftRecord | None:
@@ -442,11 +448,8 @@ _MARK_DELIVERED = Statement(
     "gifting.mark_delivered",
     "UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
     "WHERE outbox_id IN (SELECT value FROM json_each(:outbox_ids))",
-)
-_MARK_CREDITED = Statement(
-    "gifting.mark_credited",
-    "UPDATE sent_gifts SET status = 'credited', updated_at = :now "
-    "WHERE status = 'debited' AND sent_gift_id IN (SELECT value FROM json_each(:sent_gift_ids))",
+    postgres="UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
+    "WHERE outbox_id = ANY(:outbox_ids::bigint[])",
 )
 
 
@@ -458,28 +461,9 @@ async def due_credits(tx: Tx, now: dt.datetime, limit: int) -> list[OutboxRecord
     ]
 
 
-_MARK_DELIVERED_PG = Statement(
-    "gifting.mark_delivered",
-    "",
-    postgres="WITH delivered AS (UPDATE credit_outbox SET delivered_at = :now, "
-    "attempts = attempts + 1 WHERE outbox_id = ANY(:outbox_ids::bigint[])) "
-    "UPDATE sent_gifts SET status = 'credited', updated_at = :now "
-    "WHERE status = 'debited' AND sent_gift_id = ANY(:sent_gift_ids::text[])",
-)
-
-
 async def mark_delivered(tx: Tx, credits: Sequence[OutboxRecord], now: dt.datetime) -> None:
-    """Payout acknowledged these credits: the outbox rows are done and their gifts credited
-    (one statement on PostgreSQL)."""
-    outbox_ids = [c.outbox_id for c in credits]
-    sent_gift_ids = [c.sent_gift_id for c in credits]
-    if tx.dialect == "postgresql":
-        await tx.run(
-            _MARK_DELIVERED_PG, outbox_ids=outbox_ids, sent_gift_ids=sent_gift_ids, now=now
-        )
-        return
-    await tx.run(_MARK_DELIVERED, outbox_ids=outbox_ids, now=now)
-    await tx.run(_MARK_CREDITED, sent_gift_ids=sent_gift_ids, now=now)
+    """Payout acknowledged these credits: their outbox rows are done, so their gifts read `credited`."""
+    await tx.run(_MARK_DELIVERED, outbox_ids=[c.outbox_id for c in credits], now=now)
 
 
 async def mark_failed_attempt(
