@@ -152,6 +152,13 @@ _BALANCES = Statement(
     "WHERE account_id = ANY(:account_ids::text[])",
 )
 
+
+def _current_trace_id() -> str:
+    """The trace the posting happens in, recorded on its transaction (empty outside a trace)."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
+
+
 EntryRow = tuple[str, int, "int | None", "int | None", "str | None", "str | None"]
 """(account, amount, balance after, seq, prev_hash, hash) of one entry to write."""
 
@@ -352,8 +359,7 @@ class Ledger:
             principal = principal_or_none()
             acting_user = principal.user_id or "" if principal is not None else ""
         transaction_id = uuid.uuid4().hex
-        span_context = trace.get_current_span().get_span_context()
-        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        trace_id = _current_trace_id()
         # Lock order by account id, so two transactions touching the same accounts cannot deadlock.
         # Each keeping account's UPDATE also takes the next number of its chain under that row lock.
         order = sorted(range(len(postings)), key=lambda i: postings[i].account_id)
@@ -487,8 +493,7 @@ class Ledger:
         principal = principal_or_none()
         acting_user = principal.user_id or "" if principal is not None else ""
         transaction_id = uuid.uuid4().hex
-        span_context = trace.get_current_span().get_span_context()
-        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        trace_id = _current_trace_id()
         link = _Link(int(balance) + debit.amount, int(seq) + 1, str(head_hash), int(held))
         digest = transaction_digest(
             transaction_id=transaction_id,
@@ -617,8 +622,7 @@ class Ledger:
             )
         now = utc(self._clock.now())
         transaction_id = uuid.uuid4().hex
-        span_context = trace.get_current_span().get_span_context()
-        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        trace_id = _current_trace_id()
         digest = transaction_digest(
             transaction_id=transaction_id,
             kind=kind,
