@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from sqlalchemy import Row, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.chain import GENESIS, entry_hash, transaction_digest
@@ -141,8 +140,8 @@ _LOCK_ACCOUNTS_PG = Statement(
 _OPEN_ACCOUNT = Statement(
     "ledger.open_account",
     "INSERT INTO ledger_accounts (account_id, kind, balance, allow_negative, keeps_balance, "
-    "created_at, seq, head_hash) VALUES (:account_id, :kind, 0, FALSE, TRUE, :now, 0, :genesis) "
-    "ON CONFLICT DO NOTHING",
+    "created_at, seq, head_hash) VALUES (:account_id, :kind, 0, :allow_negative, :keeps_balance, "
+    ":now, 0, :genesis) ON CONFLICT DO NOTHING",
 )
 _BALANCES = Statement(
     "ledger.balances",
@@ -307,7 +306,7 @@ class Ledger:
 
     async def open_account(
         self,
-        conn: AsyncConnection,
+        conn: AsyncConnection | Tx,
         account_id: str,
         *,
         kind: str = "user",
@@ -315,20 +314,14 @@ class Ledger:
         keeps_balance: bool = True,
     ) -> None:
         """Create the account if it does not exist (concurrent opens are safe)."""
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-        await conn.execute(
-            dialect.insert(accounts)
-            .values(
-                account_id=account_id,
-                kind=kind,
-                balance=0,
-                allow_negative=allow_negative,
-                keeps_balance=keeps_balance,
-                created_at=self._clock.now(),
-                seq=0,
-                head_hash=GENESIS,
-            )
-            .on_conflict_do_nothing()
+        await as_tx(conn).run(
+            _OPEN_ACCOUNT,
+            account_id=account_id,
+            kind=kind,
+            allow_negative=allow_negative,
+            keeps_balance=keeps_balance,
+            now=self._clock.now(),
+            genesis=GENESIS,
         )
         if not keeps_balance:
             self._passive.add(account_id)
@@ -436,13 +429,10 @@ class Ledger:
         )
         return Posted(transaction_id, balances, available)
 
-    async def open_accounts(
-        self, tx: Tx, account_ids: Sequence[str], *, kind: str = "user"
-    ) -> None:
-        """Create balance-keeping accounts that do not exist yet (concurrent opens are safe)."""
-        now = self._clock.now()
+    async def open_accounts(self, tx: Tx, account_ids: Sequence[str]) -> None:
+        """Create balance-keeping user accounts that do not exist yet, in id order."""
         for account_id in sorted(account_ids):
-            await tx.run(_OPEN_ACCOUNT, account_id=account_id, kind=kind, now=now, genesis=GENESIS)
+            await self.open_account(tx, account_id)
 
     async def balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
         """Kept balances of existing accounts, in one read."""

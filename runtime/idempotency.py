@@ -77,11 +77,11 @@ def create_idempotency_table_v1(op: Operations) -> None:
     op.create_index("ix_idempotency_keys_created_at", "idempotency_keys", ["created_at"])
 
 
+_KEY_COLUMNS = "scope, request_id, fingerprint, resource_id, response, error, created_at"
 _INSERT_ANSWERED = Statement(
     "idempotency.insert_answered",
-    "INSERT INTO idempotency_keys (scope, request_id, fingerprint, resource_id, response, error, "
-    "created_at) VALUES (:scope, :request_id, :fingerprint, :resource_id, :response, NULL, "
-    ":created_at) ON CONFLICT DO NOTHING",
+    f"INSERT INTO idempotency_keys ({_KEY_COLUMNS}) VALUES (:scope, :request_id, :fingerprint, "
+    ":resource_id, :response, NULL, :created_at) ON CONFLICT DO NOTHING",
 )
 _READ_KEY = Statement(
     "idempotency.read",
@@ -90,7 +90,6 @@ _READ_KEY = Statement(
 )
 
 
-_KEY_COLUMNS = "scope, request_id, fingerprint, resource_id, response, error, created_at"
 _CLAIM_VALUES = (
     ":claim_scope, :claim_request_id, :claim_fingerprint, :claim_resource_id, NULL, NULL, "
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import (
@@ -137,8 +137,21 @@ async def put_gift(conn: AsyncConnection, gift: GiftRecord) -> None:
     await upsert(conn, gifts, gift.__dict__, ["gift_id"])
 
 
-async def insert_sent_gift(conn: AsyncConnection, sent: SentGiftRecord) -> None:
-    await conn.execute(sent_gifts.insert().values(**sent.__dict__))
+async def insert_sent_gift(conn: AsyncConnection | Tx, sent: SentGiftRecord) -> None:
+    """A pending gift as priced already (`start_sent_gift` prices it from the catalog)."""
+    assert sent.status == "pending" and sent.wallet_transaction_id is None
+    await as_tx(conn).run(
+        _INSERT_SENT_GIFT,
+        sent_gift_id=sent.sent_gift_id,
+        sender_id=sent.sender_id,
+        creator_id=sent.creator_id,
+        gift_id=sent.gift_id,
+        count=sent.count,
+        coins=sent.coins,
+        live_id=sent.live_id,
+        video_id=sent.video_id,
+        now=sent.created_at,
+    )
 
 
 def _sent_gift(row: Any) -> SentGiftRecord:
@@ -287,7 +300,7 @@ async def start_sent_gift(
     priced = await tx.one(_PRICE, **params)
     if priced is None or not await claim.insert(tx):
         return None
-    await tx.run(_INSERT_SENT_GIFT, **params, coins=priced[0])
+    await insert_sent_gift(tx, replace(sent, coins=int(priced[0])))
     return int(priced[0])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -14,7 +13,6 @@ from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
-from runtime.sql import is_conflict
 from services.payout import policy, storage
 from services.payout.domain import GiftCredit, Payouts
 from services.payout.settings import PayoutSettings
@@ -53,7 +51,6 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self._settings = runtime.settings
         self._payouts = payouts
         self._wake_worker = wake_worker
-        self._crediting = asyncio.Semaphore(runtime.settings.credit_batches_at_once)
 
     def _balance(self, creator_id: str, diamonds: int) -> payout_pb2.DiamondBalance:
         return payout_pb2.DiamondBalance(
@@ -106,14 +103,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def _credit(
         self, requests: Sequence[payout_pb2.CreditDiamondsRequest]
     ) -> list[payout_pb2.CreditDiamondsResponse]:
-        async with self._crediting:  # before anything per credit is built: batches wait small
-            answers = await self._credit_now(requests)
-        return [payout_pb2.CreditDiamondsResponse.FromString(a) for a in answers]
-
-    async def _credit_now(
-        self, requests: Sequence[payout_pb2.CreditDiamondsRequest]
-    ) -> list[bytes]:
-        credits = [
+        credits = (  # built when payout takes the batch (see Payouts.credit)
             GiftCredit(
                 key=f"{scoped_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
                 fingerprint=fingerprint(r),
@@ -122,23 +112,15 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 reference=r.reference,
             )
             for r in requests
-        ]
+        )
 
         def answer(creator_id: str, diamonds: int, balance: int) -> bytes:
             return payout_pb2.CreditDiamondsResponse(
                 diamonds_credited=diamonds, balance=self._balance(creator_id, balance)
             ).SerializeToString()
 
-        try:
-            async with self._db.driver.transaction() as tx:
-                return await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
-        except Exception as error:
-            # A concurrent delivery of some of these credits committed first: once more, which
-            # answers those from their record and applies the rest.
-            if not (is_conflict(error) or getattr(error, "reason", "") == "CONCURRENT_CREDIT"):
-                raise
-        async with self._db.driver.transaction() as tx:
-            return await self._payouts.credit_gifts(tx, credits, self._clock.now(), answer)
+        answers = await self._payouts.credit(self._db.driver, credits, self._clock.now(), answer)
+        return [payout_pb2.CreditDiamondsResponse.FromString(a) for a in answers]
 
     async def RequestWithdrawal(
         self, request: payout_pb2.RequestWithdrawalRequest, context: RpcContext

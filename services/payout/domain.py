@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -18,7 +19,7 @@ from runtime.errors import (
     InvalidArgument,
     NotFound,
 )
-from runtime.sql import Tx
+from runtime.sql import Driver, Tx, is_conflict
 from services.payout import policy, storage
 from services.payout.settings import PayoutSettings
 
@@ -52,6 +53,26 @@ class Payouts:
     def __init__(self, settings: PayoutSettings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
+        self._crediting = asyncio.Semaphore(settings.credit_batches_at_once)
+        """Batches lock the same creators' rows: more at once only queue inside the database,
+        holding connections and memory."""
+
+    async def credit(
+        self, driver: Driver, batch: Iterable[GiftCredit], now: dt.datetime, answer: Answer
+    ) -> list[bytes]:
+        """`credit_gifts` in its own transaction, a few batches at a time (a waiting batch stays
+        unbuilt: pass a generator). A concurrent delivery of some of these credits may commit first:
+        then once more, which answers those from their record and applies the rest."""
+        async with self._crediting:
+            credits = list(batch)
+            try:
+                async with driver.transaction() as tx:
+                    return await self.credit_gifts(tx, credits, now, answer)
+            except Exception as error:
+                if not (is_conflict(error) or getattr(error, "reason", "") == "CONCURRENT_CREDIT"):
+                    raise
+            async with driver.transaction() as tx:
+                return await self.credit_gifts(tx, credits, now, answer)
 
     async def credit_gifts(
         self, tx: Tx, credits: Sequence[GiftCredit], now: dt.datetime, answer: Answer
