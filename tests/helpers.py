@@ -41,6 +41,13 @@ async def open_account(suite: Suite, user_id: str, country: str = "US") -> walle
     return response.account
 
 
+async def new_creator(suite: Suite) -> str:
+    """A new adult creator with a wallet account (gifts go only to users who have one)."""
+    creator_id = new_id("creator")
+    await open_account(suite, creator_id)
+    return creator_id
+
+
 async def funded_user(suite: Suite, package_id: str = "us-web-700") -> tuple[str, int]:
     """A new adult US user who bought one package; returns (user id, coins)."""
     user_id = new_id("viewer")

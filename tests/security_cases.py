@@ -20,7 +20,14 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import adult_birth_date, eventually, funded_user, new_id, open_account
+from tests.helpers import (
+    adult_birth_date,
+    eventually,
+    funded_user,
+    new_creator,
+    new_id,
+    open_account,
+)
 from tests.suite import Suite
 
 
@@ -137,11 +144,11 @@ def withdrawal_request(creator: str) -> payout_pb2.RequestWithdrawalRequest:
     )
 
 
-def gift_request(sender: str) -> gifting_pb2.SendGiftRequest:
+def gift_request(sender: str, creator: str) -> gifting_pb2.SendGiftRequest:
     return gifting_pb2.SendGiftRequest(
         request_id=new_id("gift"),
         sender_id=sender,
-        creator_id=new_id("creator"),
+        creator_id=creator,
         gift_id="rose",
         count=3,
         live_id=new_id("live"),
@@ -324,7 +331,7 @@ async def _list_gifts(suite: Suite) -> Sample:
 @sample(GIFTING, "SendGift")
 async def _send_gift(suite: Suite) -> Sample:
     sender, _ = await funded_user(suite)
-    request = gift_request(sender)
+    request = gift_request(sender, await new_creator(suite))
 
     async def settle(response: Message) -> None:
         # The admitted gift's credit leaves through the outbox; wait until it reached payout.
@@ -337,7 +344,7 @@ async def _send_gift(suite: Suite) -> Sample:
 @sample(GIFTING, "GetGift", record_owned=True)
 async def _get_gift(suite: Suite) -> Sample:
     sender, _ = await funded_user(suite)
-    sent = await suite.gifting.SendGift(gift_request(sender))
+    sent = await suite.gifting.SendGift(gift_request(sender, await new_creator(suite)))
     sent_gift_id = sent.sent_gift.sent_gift_id
     await gift_credited(suite, sent_gift_id, sender)()
     request = gifting_pb2.GetGiftRequest(sent_gift_id=sent_gift_id)

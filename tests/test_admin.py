@@ -15,7 +15,7 @@ from coins.common.v1.money_pb2 import Money
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.audit import admin_audit
-from tests.helpers import expect_error, funded_user, new_id, open_account
+from tests.helpers import expect_error, funded_user, new_creator, new_id, open_account
 from tests.suite import Suite
 
 ADMIN = "ops-alice"
@@ -126,7 +126,7 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
     assert "snowman" in {g.gift_id for g in catalog.gifts}
 
     sender, _ = await funded_user(suite)
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     sent = await suite.gifting.SendGift(
         gifting_pb2.SendGiftRequest(
             request_id=new_id(),

@@ -70,6 +70,19 @@ async def _user_with_coins(suite: Suite, params: dict[str, Any]) -> dict[str, st
     return {}
 
 
+async def _account(suite: Suite, params: dict[str, Any]) -> dict[str, str]:
+    """A wallet account of an adult (`user_id`), without coins: a creator, say."""
+    await suite.wallet.OpenAccount(
+        wallet_pb2.OpenAccountRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=params["user_id"],
+            country_code="US",
+            birth_date=date_pb2.Date(year=1990, month=1, day=1),
+        )
+    )
+    return {}
+
+
 async def _promotion_hold(suite: Suite, params: dict[str, Any]) -> dict[str, str]:
     """A user with coins (`user_id`, `package_id`) and a hold of `coins` that the promotion service
     placed on them (`reference`), of which `captured` coins were captured, and then `released` if
@@ -99,7 +112,11 @@ async def _promotion_hold(suite: Suite, params: dict[str, Any]) -> dict[str, str
     return {"hold_id": hold_id}
 
 
-_STATES = {"user_with_coins": _user_with_coins, "promotion_hold": _promotion_hold}
+_STATES = {
+    "user_with_coins": _user_with_coins,
+    "account": _account,
+    "promotion_hold": _promotion_hold,
+}
 
 
 async def _given(suite: Suite, state: dict[str, Any]) -> dict[str, str]:

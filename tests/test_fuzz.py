@@ -87,7 +87,14 @@ from services.payout import policy
 from services.payout.storage import creators, gift_credits, withdrawals
 from services.promotion.storage import promotion_deliveries, promotions
 from services.wallet.storage import purchases, wallet_accounts
-from tests.helpers import adult_birth_date, funded_user, new_id, open_account, rpc_error
+from tests.helpers import (
+    adult_birth_date,
+    funded_user,
+    new_creator,
+    new_id,
+    open_account,
+    rpc_error,
+)
 from tests.suite import Suite, start_suite
 
 BATCH = (1, 10)
@@ -219,7 +226,7 @@ async def build_pools(suite: Suite) -> Pools:
             birth_date=date_pb2.Date(year=2015, month=6, day=1),
         )
     )
-    makers = [new_id("creator") for _ in range(3)]
+    makers = [await new_creator(suite) for _ in range(3)]
     for creator in makers[:2]:  # 50,000 diamonds each: withdrawals can succeed
         await suite.as_caller("gifting").payout.CreditDiamonds(
             payout_pb2.CreditDiamondsRequest(

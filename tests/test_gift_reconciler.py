@@ -16,7 +16,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from services.gifting import storage
-from tests.helpers import eventually, expect_error, funded_user, new_id
+from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id
 from tests.suite import Suite, start_suite
 
 
@@ -67,7 +67,7 @@ async def test_wallet_resolves_debits_it_did_refused_or_never_saw(reconciling: S
 async def test_a_gift_debited_but_never_recorded_is_credited(reconciling: Suite) -> None:
     suite = reconciling
     sender, coins = await funded_user(suite)
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     # Make recording the debit fail once, as if the process died right after the wallet answered.
     from services.gifting.domain import Gifting
 

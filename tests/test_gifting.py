@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import datetime as dt
 
 import grpc
+from google.type import date_pb2
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, funded_user, new_id, open_account
+from runtime.status import error_info
+from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id, open_account
 from tests.suite import Suite
 
 
@@ -22,12 +24,25 @@ async def diamonds_of(suite: Suite, creator_id: str) -> int:
 
 async def wait_for_diamonds(suite: Suite, creator_id: str, expected: int) -> int:
     """The credit is delivered by the outbox relay just after SendGift answers; wait for it (bounded)."""
-    for _ in range(200):
-        diamonds = await diamonds_of(suite, creator_id)
-        if diamonds >= expected:
-            return diamonds
-        await asyncio.sleep(0.02)
+
+    async def arrived() -> bool:
+        return await diamonds_of(suite, creator_id) >= expected
+
+    await eventually(arrived, f"{expected} diamonds for {creator_id}")
     return await diamonds_of(suite, creator_id)
+
+
+async def wait_until_credited(suite: Suite, sent: gifting_pb2.SentGift) -> None:
+    """Wait until the relay has delivered the gift's credit and payout acknowledged it."""
+
+    async def credited() -> bool:
+        gift = await suite.gifting.GetGift(
+            gifting_pb2.GetGiftRequest(sent_gift_id=sent.sent_gift_id),
+            metadata=suite.token(sent.creator_id),
+        )
+        return gift.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED
+
+    await eventually(credited, f"gift {sent.sent_gift_id} credited")
 
 
 def gift_request(
@@ -71,7 +86,7 @@ async def test_catalog_pages_with_a_cursor(suite: Suite) -> None:
 
 async def test_a_gift_debits_the_sender_and_credits_the_creator(suite: Suite) -> None:
     sender, coins = await funded_user(suite)
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     response = await suite.gifting.SendGift(gift_request(sender, creator, "concert", count=1))
     assert response.sent_gift.coins == 500
     assert response.sender_balance_coins == coins - 500
@@ -79,20 +94,12 @@ async def test_a_gift_debits_the_sender_and_credits_the_creator(suite: Suite) ->
     assert balance.balance.coins == coins - 500
     assert await wait_for_diamonds(suite, creator, 250) == 250  # 2 coins = 1 diamond
     # The relay marks the credit delivered once payout has answered: just after the diamonds show.
-    for _ in range(200):
-        gift = await suite.gifting.GetGift(
-            gifting_pb2.GetGiftRequest(sent_gift_id=response.sent_gift.sent_gift_id),
-            metadata=suite.token(creator),
-        )
-        if gift.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED:
-            break
-        await asyncio.sleep(0.02)
-    assert gift.sent_gift.credit_status == gifting_pb2.CREDIT_STATUS_CREDITED
+    await wait_until_credited(suite, response.sent_gift)
 
 
 async def test_one_coin_gifts_accumulate_into_whole_diamonds(suite: Suite) -> None:
     sender, _ = await funded_user(suite)
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     for _ in range(3):
         await suite.gifting.SendGift(gift_request(sender, creator, "rose"))
     # 3 coins are worth 1.5 diamonds: 1 is credited, the half is carried, not lost.
@@ -103,15 +110,14 @@ async def test_one_coin_gifts_accumulate_into_whole_diamonds(suite: Suite) -> No
 
 async def test_a_retried_gift_is_sent_once(suite: Suite) -> None:
     sender, coins = await funded_user(suite)
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     request = gift_request(sender, creator, "panda", count=2)
     first = await suite.gifting.SendGift(request)
     again = await suite.gifting.SendGift(request)
     assert again == first
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins - 10
-    assert await wait_for_diamonds(suite, creator, 5) == 5
-    await asyncio.sleep(0.2)
+    await wait_until_credited(suite, first.sent_gift)  # delivered (and acknowledged) once
     assert await diamonds_of(suite, creator) == 5
 
 
@@ -129,7 +135,7 @@ async def test_self_gifting_is_refused(suite: Suite) -> None:
 async def test_unknown_gift_is_not_found(suite: Suite) -> None:
     sender, _ = await funded_user(suite)
     await expect_error(
-        suite.gifting.SendGift(gift_request(sender, new_id("creator"), "unicorn")),
+        suite.gifting.SendGift(gift_request(sender, await new_creator(suite), "unicorn")),
         grpc.StatusCode.NOT_FOUND,
         "GIFT_NOT_FOUND",
     )
@@ -137,7 +143,7 @@ async def test_unknown_gift_is_not_found(suite: Suite) -> None:
 
 async def test_not_enough_coins_sends_nothing(suite: Suite) -> None:
     sender, coins = await funded_user(suite)  # 700 coins
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     request = gift_request(sender, creator, "lion")
     error = await expect_error(
         suite.gifting.SendGift(request), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"
@@ -149,13 +155,56 @@ async def test_not_enough_coins_sends_nothing(suite: Suite) -> None:
     )
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins
-    await asyncio.sleep(0.1)
-    assert await diamonds_of(suite, creator) == 0
+    assert await diamonds_of(suite, creator) == 0  # a refused gift never queues a credit
+
+
+async def test_a_gift_to_a_user_without_an_account_is_refused_and_moves_nothing(
+    suite: Suite,
+) -> None:
+    sender, coins = await funded_user(suite)
+    nobody = new_id("creator")  # well-formed, but never opened a wallet account
+    request = gift_request(sender, nobody, "concert")
+    error = await expect_error(
+        suite.gifting.SendGift(request), grpc.StatusCode.NOT_FOUND, "RECIPIENT_NOT_FOUND"
+    )
+    assert nobody in (error.details() or "")
+    await expect_error(  # the refusal is the request's answer
+        suite.gifting.SendGift(request), grpc.StatusCode.NOT_FOUND, "RECIPIENT_NOT_FOUND"
+    )
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins
+    assert await diamonds_of(suite, nobody) == 0
+    await open_account(suite, nobody)  # once the creator has an account, a new gift goes through
+    sent = await suite.gifting.SendGift(gift_request(sender, nobody, "concert"))
+    assert sent.sender_balance_coins == coins - 500
+
+
+async def test_a_gift_to_a_minor_is_refused_and_moves_nothing(suite: Suite) -> None:
+    sender, coins = await funded_user(suite)
+    minor = new_id("creator")
+    await suite.wallet.OpenAccount(
+        wallet_pb2.OpenAccountRequest(
+            request_id=new_id("open"),
+            user_id=minor,
+            country_code="US",
+            birth_date=date_pb2.Date(year=dt.date.today().year - 15, month=1, day=1),
+        )
+    )
+    error = await expect_error(
+        suite.gifting.SendGift(gift_request(sender, minor, "concert")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RECIPIENT_NOT_ELIGIBLE",
+    )
+    info = error_info(error)
+    assert info is not None and info.metadata["minimum_age"] == "18"
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins
+    assert await diamonds_of(suite, minor) == 0
 
 
 async def test_sender_without_account_is_not_found(suite: Suite) -> None:
     await expect_error(
-        suite.gifting.SendGift(gift_request(new_id("ghost"), new_id("creator"))),
+        suite.gifting.SendGift(gift_request(new_id("ghost"), await new_creator(suite))),
         grpc.StatusCode.NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
     )
@@ -163,7 +212,7 @@ async def test_sender_without_account_is_not_found(suite: Suite) -> None:
 
 async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:
     live = new_id("live")
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     big, _ = await funded_user(suite)
     small, _ = await funded_user(suite)
     other = new_id("viewer")
@@ -188,7 +237,7 @@ async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:
 
 async def test_video_gifts_are_not_ranked_in_a_live(suite: Suite) -> None:
     sender, _ = await funded_user(suite)
-    request = gift_request(sender, new_id("creator"))
+    request = gift_request(sender, await new_creator(suite))
     request.video_id = "video-1"  # the oneof now targets a video
     response = await suite.gifting.SendGift(request)
     assert response.sent_gift.video_id == "video-1"

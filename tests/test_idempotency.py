@@ -9,7 +9,7 @@ import grpc
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, funded_user, new_id, rpc_error
+from tests.helpers import expect_error, funded_user, new_creator, new_id, rpc_error
 from tests.suite import Suite
 
 
@@ -97,7 +97,7 @@ async def test_concurrent_distinct_debits_never_overdraw(suite: Suite) -> None:
 
 async def test_concurrent_retries_of_one_gift_send_it_once(suite: Suite) -> None:
     sender, coins = await funded_user(suite)
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     request = gifting_pb2.SendGiftRequest(
         request_id=new_id("g"),
         sender_id=sender,

@@ -15,14 +15,14 @@ from coins.promotion.v1 import promotion_pb2
 from ledger import Ledger
 from runtime.clock import SystemClock
 from runtime.status import error_info
-from tests.helpers import funded_user, new_id
+from tests.helpers import funded_user, new_creator, new_id
 from tests.suite import Suite
 
 
 async def test_the_books_balance_after_a_mixed_concurrent_run(suite: Suite) -> None:
     rng = random.Random(7)
     viewers = [await funded_user(suite, "us-web-3500") for _ in range(4)]
-    creators = [new_id("creator") for _ in range(2)]
+    creators = [await new_creator(suite) for _ in range(2)]
     gifts = ["rose", "panda", "love-bang", "concert", "im-very-rich"]
 
     async def gift(sender: str) -> None:

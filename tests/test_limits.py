@@ -18,7 +18,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.ratelimit import TokenBuckets
 from runtime.status import error_info, retry_info
-from tests.helpers import funded_user, new_id
+from tests.helpers import funded_user, new_creator, new_id
 from tests.suite import Suite, start_suite
 
 BURST = 3
@@ -56,7 +56,7 @@ def gift(sender: str, creator: str) -> gifting_pb2.SendGiftRequest:
 
 async def test_a_user_sending_too_fast_is_told_to_wait(tight: Suite) -> None:
     sender, coins = await funded_user(tight)
-    creator = new_id("creator")
+    creator = await new_creator(tight)
     for _ in range(BURST):
         await tight.gifting.SendGift(gift(sender, creator))
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -8,7 +8,7 @@ from opentelemetry.trace import SpanKind
 
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import funded_user, new_id
+from tests.helpers import funded_user, new_creator, new_id
 from tests.suite import Suite
 
 
@@ -34,13 +34,14 @@ def units_under(suite: Suite, service: str, method: str) -> list[tuple[str, tupl
 
 async def test_a_gift_costs_gifting_two_statements_and_the_wallet_two(suite: Suite) -> None:
     sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
 
     async def gift() -> None:
         await suite.gifting.SendGift(
             gifting_pb2.SendGiftRequest(
                 request_id=new_id("gift"),
                 sender_id=sender,
-                creator_id=new_id("creator"),
+                creator_id=creator,
                 gift_id="rose",
                 count=1,
                 live_id="live-rt",

@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from coins.gifting.v1 import gifting_pb2
-from tests.helpers import funded_user, new_id
+from tests.helpers import funded_user, new_creator, new_id
 from tests.suite import Suite
 
 DB_SCOPES = {"opentelemetry.instrumentation.sqlalchemy", "coins.db"}
@@ -41,7 +41,7 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
     suite: Suite,
 ) -> None:
     sender, _ = await funded_user(suite)
-    creator = new_id("creator")
+    creator = await new_creator(suite)
     suite.spans.clear()
     await suite.gifting.SendGift(
         gifting_pb2.SendGiftRequest(

@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
-
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
 from runtime.auth import current_principal
 from runtime.clients import downstream_timeout
-from runtime.errors import Aborted, DomainError, NotFound
-from runtime.idempotency import KeyClaim
+from runtime.errors import NotFound
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
-from runtime.protos import RpcContext, timestamp
+from runtime.protos import RpcContext
 from runtime.server import Runtime
-from runtime.sql import Tx
 from services.gifting import storage
-from services.gifting.domain import CoinDebiter, Gifting, Target
+from services.gifting.convert import gift_pb, sent_gift_pb
+from services.gifting.domain import Gifting, GiftOrder, Target
+from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
-
-_CREDIT_STATUS = {
-    "debited": gifting_pb2.CREDIT_STATUS_PENDING,
-    "credited": gifting_pb2.CREDIT_STATUS_CREDITED,
-}
-
-
-def sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
-    message = gifting_pb2.SentGift(
-        sent_gift_id=sent.sent_gift_id,
-        sender_id=sent.sender_id,
-        creator_id=sent.creator_id,
-        gift_id=sent.gift_id,
-        count=sent.count,
-        coins=sent.coins,
-        credit_status=_CREDIT_STATUS.get(sent.status, gifting_pb2.CREDIT_STATUS_UNSPECIFIED),
-        create_time=timestamp(sent.created_at),
-    )
-    if sent.live_id:
-        message.live_id = sent.live_id
-    if sent.video_id:
-        message.video_id = sent.video_id
-    return message
-
-
-def _gift_pb(gift: storage.GiftRecord) -> gifting_pb2.Gift:
-    return gifting_pb2.Gift(
-        gift_id=gift.gift_id, name=gift.name, coins=gift.coins, streakable=gift.streakable
-    )
-
 
 ACCESS = method_rules(
     gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name,
@@ -69,16 +36,13 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         self,
         runtime: Runtime[GiftingSettings],
         gifting: Gifting,
-        wallet: CoinDebiter,
-        wake_relay: Callable[[], None],
+        sender: GiftSender,
     ) -> None:
         self._rt = runtime
         self._db = runtime.db
         self._idempotency = runtime.idempotency
-        self._clock = runtime.clock
         self._gifting = gifting
-        self._wallet = wallet
-        self._wake_relay = wake_relay
+        self._sender = sender
 
     async def ListGifts(
         self, request: gifting_pb2.ListGiftsRequest, context: RpcContext
@@ -94,7 +58,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             gifts = gifts[:size]
             token = encode_token("gifts", gifts[-1].coins, gifts[-1].gift_id)
         return gifting_pb2.ListGiftsResponse(
-            gifts=[_gift_pb(g) for g in gifts],
+            gifts=[gift_pb(g) for g in gifts],
             next_page_token=token,
         )
 
@@ -108,7 +72,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                 request.gift_id, request.name, request.coins, request.active
             )
             await storage.put_gift(conn, gift)
-            return gifting_pb2.SetGiftResponse(gift=_gift_pb(gift), active=gift.active)
+            return gifting_pb2.SetGiftResponse(gift=gift_pb(gift), active=gift.active)
 
         return await self._idempotency.once(
             f"SetGift:{admin}", request, gifting_pb2.SetGiftResponse, effect
@@ -117,72 +81,21 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def SendGift(
         self, request: gifting_pb2.SendGiftRequest, context: RpcContext
     ) -> gifting_pb2.SendGiftResponse:
-        scope = f"SendGift:{request.sender_id}"
-        target = Target(
-            live_id=request.live_id if request.HasField("live_id") else None,
-            video_id=request.video_id if request.HasField("video_id") else None,
+        order = GiftOrder(
+            sender_id=request.sender_id,
+            creator_id=request.creator_id,
+            gift_id=request.gift_id,
+            count=request.count,
+            target=Target(
+                live_id=request.live_id if request.HasField("live_id") else None,
+                video_id=request.video_id if request.HasField("video_id") else None,
+            ),
         )
-        sent_gift_id = self._gifting.new_sent_gift_id()
-
-        async def start(tx: Tx, claim: KeyClaim) -> storage.SentGiftRecord | None:
-            return await self._gifting.start(
-                tx,
-                claim,
-                sent_gift_id=sent_gift_id,
-                sender_id=request.sender_id,
-                creator_id=request.creator_id,
-                gift_id=request.gift_id,
-                count=request.count,
-                target=target,
-                now=self._clock.now(),
-            )
-
-        async def refusal(tx: Tx) -> DomainError:
-            return await self._gifting.refusal(tx, request.gift_id, request.count)
-
-        claim, sent = await self._idempotency.begin_direct(
-            scope, request, sent_gift_id, start, refusal
+        return await self._sender.send(
+            request,
+            order,
+            time_limit=downstream_timeout(context, self._rt.settings.downstream_timeout_seconds),
         )
-        if claim.finished:
-            return claim.replay(gifting_pb2.SendGiftResponse)
-        if sent is None:  # an earlier attempt started this gift: resume it
-            assert claim.resource_id is not None
-            async with self._db.driver.read() as tx:
-                sent = await storage.get_sent_gift(tx, claim.resource_id)
-            assert sent is not None
-        try:
-            transaction_id, balance = await self._wallet.debit_for_gift(
-                sent_gift_id=sent.sent_gift_id,
-                sender_id=sent.sender_id,
-                coins=sent.coins,
-                time_limit=downstream_timeout(
-                    context, self._rt.settings.downstream_timeout_seconds
-                ),
-            )
-        except DomainError as error:
-            if not error.retryable:
-                answer = self._idempotency.answer(scope, request, error=error)
-                async with self._db.driver.transaction() as tx:
-                    await self._gifting.record_failure(
-                        tx, sent.sent_gift_id, self._clock.now(), answer
-                    )
-            raise
-        response = gifting_pb2.SendGiftResponse(
-            sent_gift=sent_gift_pb(replace(sent, status="debited")),
-            sender_balance_coins=balance,
-        )
-        answer = self._idempotency.answer(scope, request, response=response)
-        async with self._db.driver.transaction(single_statement=True) as tx:
-            recorded = await self._gifting.record_debit(
-                tx, sent, transaction_id, self._clock.now(), answer
-            )
-        if not recorded:
-            raise Aborted(
-                "CONCURRENT_RETRY",
-                "another attempt with this request_id completed the gift; retry to read it",
-            )
-        self._wake_relay()
-        return response
 
     async def GetGift(
         self, request: gifting_pb2.GetGiftRequest, context: RpcContext

@@ -12,7 +12,9 @@ from runtime.status import from_rpc_error
 from services.gifting.domain import PendingCredit, credit_request_id, debit_request_id
 
 
-def debit_request(sent_gift_id: str, sender_id: str, coins: int) -> wallet_pb2.DebitCoinsRequest:
+def debit_request(
+    sent_gift_id: str, sender_id: str, creator_id: str, coins: int
+) -> wallet_pb2.DebitCoinsRequest:
     """What gifting asks of the wallet for one gift (pinned by contracts/wallet.json)."""
     return wallet_pb2.DebitCoinsRequest(
         request_id=debit_request_id(sent_gift_id),
@@ -20,6 +22,7 @@ def debit_request(sent_gift_id: str, sender_id: str, coins: int) -> wallet_pb2.D
         coins=coins,
         reason=wallet_pb2.DEBIT_REASON_GIFT,
         reference=sent_gift_id,
+        recipient_id=creator_id,
     )
 
 
@@ -40,11 +43,11 @@ class WalletDebiter:
         self._wallet = wallet_pb2_grpc.WalletServiceStub(channel)
 
     async def debit_for_gift(
-        self, *, sent_gift_id: str, sender_id: str, coins: int, time_limit: float
+        self, *, sent_gift_id: str, sender_id: str, creator_id: str, coins: int, time_limit: float
     ) -> tuple[str, int]:
         try:
             response = await self._wallet.DebitCoins(
-                debit_request(sent_gift_id, sender_id, coins), timeout=time_limit
+                debit_request(sent_gift_id, sender_id, creator_id, coins), timeout=time_limit
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, dependency="wallet") from None

@@ -33,9 +33,10 @@ class CoinDebiter(Protocol):
     """The wallet, as the gifting service needs it."""
 
     async def debit_for_gift(
-        self, *, sent_gift_id: str, sender_id: str, coins: int, time_limit: float
+        self, *, sent_gift_id: str, sender_id: str, creator_id: str, coins: int, time_limit: float
     ) -> tuple[str, int]:
-        """Debit the sender; returns (wallet transaction id, sender's balance after)."""
+        """Debit the sender, only if the creator may receive; returns (wallet transaction id, sender's
+        balance after)."""
         ...
 
     async def resolve_gift_debit(
@@ -69,6 +70,17 @@ class Target:
 
     live_id: str | None = None
     video_id: str | None = None
+
+
+@dataclass(frozen=True)
+class GiftOrder:
+    """What a sender asks for: `count` of a catalog gift to a creator, on a LIVE or a video."""
+
+    sender_id: str
+    creator_id: str
+    gift_id: str
+    count: int
+    target: Target
 
 
 def debit_request_id(sent_gift_id: str) -> str:
@@ -107,30 +119,29 @@ class Gifting:
         self,
         tx: Tx,
         claim: KeyClaim,
-        *,
         sent_gift_id: str,
-        sender_id: str,
-        creator_id: str,
-        gift_id: str,
-        count: int,
-        target: Target,
+        order: GiftOrder,
         now: dt.datetime,
     ) -> storage.SentGiftRecord | None:
         """Claim the request and record the gift as `pending`, priced from the catalog (one statement
-        on PostgreSQL). None if nothing was written: see `refusal` (or the request was claimed before)."""
-        if sender_id == creator_id:
+        on PostgreSQL). None if nothing was written: see `refusal` (or the request was claimed before).
+        Whether the creator may receive is the wallet's to say, with the debit (it keeps the accounts)."""
+        if order.sender_id == order.creator_id:
             raise InvalidArgument(
-                "SELF_GIFTING", "creators cannot send gifts to themselves", user_id=sender_id
+                "SELF_GIFTING",
+                "users cannot send gifts to themselves",
+                violations=(FieldViolation("creator_id", "must not be the sender"),),
+                user_id=order.sender_id,
             )
         pending = storage.SentGiftRecord(
             sent_gift_id=sent_gift_id,
-            sender_id=sender_id,
-            creator_id=creator_id,
-            gift_id=gift_id,
-            count=count,
+            sender_id=order.sender_id,
+            creator_id=order.creator_id,
+            gift_id=order.gift_id,
+            count=order.count,
             coins=0,
-            live_id=target.live_id,
-            video_id=target.video_id,
+            live_id=order.target.live_id,
+            video_id=order.target.video_id,
             status="pending",
             wallet_transaction_id=None,
             created_at=now,

@@ -11,7 +11,7 @@ from services.gifting.api import ACCESS, GiftingApi
 from services.gifting.clients import PayoutCrediter, WalletDebiter
 from services.gifting.domain import Gifting
 from services.gifting.outbox import CreditRelay
-from services.gifting.reconciler import GiftReconciler
+from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
 
 
@@ -20,15 +20,17 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
     runtime.add_worker(relay.run)
     gifting, wallet = Gifting(), WalletDebiter(runtime.channel(settings.wallet_address))
-    reconciler = GiftReconciler(runtime, gifting, wallet, relay.wake.set)
-    stale = dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)
+    sender = GiftSender(
+        runtime.db, runtime.idempotency, runtime.clock, gifting, wallet, relay.wake.set
+    )
+    stale = dt.timedelta(seconds=settings.reconcile_after_seconds)
     runtime.add_periodic(
         "settled pending gifts",
-        runtime.settings.reconcile_every_seconds,
-        lambda: reconciler.reconcile(stale),
+        settings.reconcile_every_seconds,
+        lambda: sender.reconcile(stale, time_limit=settings.downstream_timeout_seconds),
     )
     gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
-        GiftingApi(runtime, gifting, wallet, relay.wake.set), runtime.server
+        GiftingApi(runtime, gifting, sender), runtime.server
     )
 
 

@@ -268,6 +268,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
             reference=request.reference,
             request_id=f"DebitCoins:{request.user_id}/{request.request_id}",
             caller=current_principal().service,
+            recipient_id=request.recipient_id,
         )
 
         def answer(debit: Debit) -> wallet_pb2.DebitCoinsResponse:

@@ -23,6 +23,8 @@ from services.wallet import storage
 from services.wallet.settings import WalletSettings
 
 COIN_SALES = "system:coin_sales"
+RECIPIENTS_REMEMBERED = 100_000
+"""Eligible recipients a wallet process remembers, so the gift path skips their lookup."""
 SPEND_ACCOUNTS = {"gift": "system:gift_spend", "promotion": "system:promotion_spend"}
 
 
@@ -62,6 +64,8 @@ class DebitRequest:
     reference: str
     request_id: str
     caller: str
+    recipient_id: str = ""
+    """Who receives what the coins pay for (a gift's creator), when someone does."""
 
     def postings(self) -> list[Posting]:
         return [
@@ -84,6 +88,7 @@ class Wallet:
         self.settings = settings
         self.ledger = ledger
         self.holds = Holds(ledger)
+        self._eligible_recipients: dict[str, None] = {}
 
     def price_package(
         self,
@@ -425,11 +430,53 @@ class Wallet:
             await self.ledger.set_frozen(conn, account, True)
         return await self.coins(conn, purchase.user_id)
 
+    async def check_recipient(self, conn: AsyncConnection | Tx, what: DebitRequest) -> None:
+        """Coins go to someone only if that someone may receive: another user, with a wallet account,
+        of age. An eligible recipient stays eligible (accounts are never removed, birth dates never
+        change, age only grows), so each process remembers them and the hot path reads nothing."""
+        recipient = what.recipient_id
+        if not recipient or recipient in self._eligible_recipients:
+            return
+        if recipient == what.user_id:
+            raise InvalidArgument(
+                "SELF_GIFTING",
+                "users cannot send gifts to themselves",
+                violations=(FieldViolation("recipient_id", "must not be the user debited"),),
+                user_id=recipient,
+            )
+        born = await storage.birth_date(conn, recipient)
+        if born is None:
+            raise NotFound(
+                "RECIPIENT_NOT_FOUND",
+                f"user {recipient} has no wallet account, so cannot receive; nothing was debited",
+                recipient_id=recipient,
+            )
+        minimum = self.settings.minimum_age
+        if age_on(born, self.ledger.clock.now().date()) < minimum:
+            raise FailedPrecondition(
+                "RECIPIENT_NOT_ELIGIBLE",
+                f"user {recipient} cannot receive gifts: receivers must be {minimum} or older",
+                recipient_id=recipient,
+                rule="minimum_age",
+                minimum_age=minimum,
+            )
+        if len(self._eligible_recipients) >= RECIPIENTS_REMEMBERED:
+            self._eligible_recipients.pop(next(iter(self._eligible_recipients)))
+        self._eligible_recipients[recipient] = None
+
+    def knows_recipient(self, what: DebitRequest) -> bool:
+        """Whether `check_recipient` would pass without a read (no recipient, or one known)."""
+        return not what.recipient_id or (
+            what.recipient_id in self._eligible_recipients and what.recipient_id != what.user_id
+        )
+
     async def debit(self, conn: AsyncConnection | Tx, what: DebitRequest) -> Debit:
-        """Take coins for a gift or a promotion; INSUFFICIENT_FUNDS if the balance is too low.
+        """Take coins for a gift or a promotion; INSUFFICIENT_FUNDS if the balance is too low, and
+        nothing if the recipient may not receive (`check_recipient`).
 
         An unknown user fails in the ledger (ACCOUNT_NOT_FOUND) without an extra lookup on this hot path.
         """
+        await self.check_recipient(conn, what)
         posted = await self.ledger.post(
             conn,
             what.postings(),
@@ -450,7 +497,10 @@ class Wallet:
         answer: Callable[[Debit], bytes],
     ) -> Debit | None:
         """`debit` and the request's answer as one optimistic statement (see `Ledger.post_at_once`);
-        None if it did not apply, and `debit` in a transaction decides."""
+        None if it did not apply (or the recipient is not known yet), and `debit` in a transaction
+        decides."""
+        if not self.knows_recipient(what):
+            return None
         account = user_account(what.user_id)
         posted = await self.ledger.post_at_once(
             driver,

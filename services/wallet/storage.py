@@ -148,6 +148,20 @@ async def coin_state(
     return CoinState(int(balance or 0), int(held or 0), bool(frozen), int(debt or 0))
 
 
+_BIRTH_DATE = Statement(
+    "wallet.birth_date", "SELECT birth_date FROM wallet_accounts WHERE user_id = :user_id"
+)
+
+
+async def birth_date(conn: AsyncConnection | Tx, user_id: str) -> dt.date | None:
+    """A user's birth date; None if the user has no wallet account."""
+    row = await as_tx(conn).one(_BIRTH_DATE, user_id=user_id)
+    if row is None:
+        return None
+    value = row[0]
+    return dt.date.fromisoformat(value) if isinstance(value, str) else value
+
+
 async def get_account(conn: AsyncConnection, user_id: str) -> AccountRecord | None:
     row = (
         await conn.execute(select(wallet_accounts).where(wallet_accounts.c.user_id == user_id))

@@ -915,6 +915,7 @@ class DebitCoinsRequest(_message.Message):
     COINS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    RECIPIENT_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155); callers derive it from their own record."""
     user_id: _builtins.str
@@ -925,6 +926,12 @@ class DebitCoinsRequest(_message.Message):
     """Why the coins are debited."""
     reference: _builtins.str
     """The caller's reference, for example the gift or promotion id; shown in the ledger."""
+    recipient_id: _builtins.str
+    """Who receives what the coins pay for, when someone does: a gift's creator. When set, the debit is
+    refused unless that user has a wallet account that may receive (NOT_FOUND RECIPIENT_NOT_FOUND,
+    FAILED_PRECONDITION RECIPIENT_NOT_ELIGIBLE) and is not the user debited (INVALID_ARGUMENT
+    SELF_GIFTING).
+    """
     def __init__(
         self,
         *,
@@ -933,10 +940,11 @@ class DebitCoinsRequest(_message.Message):
         coins: _builtins.int = ...,
         reason: Global___DebitReason.ValueType = ...,
         reference: _builtins.str = ...,
+        recipient_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "reason", b"reason", "reference", b"reference", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "reason", b"reason", "recipient_id", b"recipient_id", "reference", b"reference", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,138 @@
+"""Sending a gift, step by step (the saga in `domain`): claim and price, debit the sender in the
+wallet, record the debit with the creator's credit and the request's answer. The reconciler finishes
+gifts whose process died between the debit and its record."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+from google.protobuf.message import Message
+
+from coins.gifting.v1 import gifting_pb2
+from runtime.clock import Clock
+from runtime.db import Database
+from runtime.errors import Aborted, DomainError, FailedPrecondition
+from runtime.idempotency import Idempotency, KeyClaim
+from runtime.sql import Tx
+from services.gifting import storage
+from services.gifting.convert import send_gift_response
+from services.gifting.domain import CoinDebiter, Gifting, GiftOrder
+
+log = logging.getLogger("coins.gifting.sending")
+
+
+class GiftSender:
+    def __init__(
+        self,
+        db: Database,
+        idempotency: Idempotency,
+        clock: Clock,
+        gifting: Gifting,
+        wallet: CoinDebiter,
+        wake_relay: Callable[[], None],
+    ) -> None:
+        self._db, self._idempotency, self._clock = db, idempotency, clock
+        self._gifting, self._wallet, self._wake_relay = gifting, wallet, wake_relay
+
+    async def send(
+        self, request: Message, order: GiftOrder, *, time_limit: float
+    ) -> gifting_pb2.SendGiftResponse:
+        """Send `order` once per request id (`request` is what the caller sent, for its fingerprint):
+        a retry resumes where an earlier attempt stopped, or replays its answer."""
+        scope = f"SendGift:{order.sender_id}"
+        sent_gift_id = self._gifting.new_sent_gift_id()
+
+        async def start(tx: Tx, claim: KeyClaim) -> storage.SentGiftRecord | None:
+            return await self._gifting.start(tx, claim, sent_gift_id, order, self._clock.now())
+
+        async def refusal(tx: Tx) -> DomainError:
+            return await self._gifting.refusal(tx, order.gift_id, order.count)
+
+        claim, sent = await self._idempotency.begin_direct(
+            scope, request, sent_gift_id, start, refusal
+        )
+        if claim.finished:
+            return claim.replay(gifting_pb2.SendGiftResponse)
+        if sent is None:  # an earlier attempt started this gift: resume it
+            assert claim.resource_id is not None
+            async with self._db.driver.read() as tx:
+                sent = await storage.get_sent_gift(tx, claim.resource_id)
+            assert sent is not None
+        try:
+            transaction_id, balance = await self._wallet.debit_for_gift(
+                sent_gift_id=sent.sent_gift_id,
+                sender_id=sent.sender_id,
+                creator_id=sent.creator_id,
+                coins=sent.coins,
+                time_limit=time_limit,
+            )
+        except DomainError as error:
+            if not error.retryable:
+                answer = self._idempotency.answer(scope, request, error=error)
+                async with self._db.driver.transaction() as tx:
+                    await self._gifting.record_failure(
+                        tx, sent.sent_gift_id, self._clock.now(), answer
+                    )
+            raise
+        response = send_gift_response(replace(sent, status="debited"), balance)
+        answer = self._idempotency.answer(scope, request, response=response)
+        async with self._db.driver.transaction(single_statement=True) as tx:
+            recorded = await self._gifting.record_debit(
+                tx, sent, transaction_id, self._clock.now(), answer
+            )
+        if not recorded:
+            raise Aborted(
+                "CONCURRENT_RETRY",
+                "another attempt with this request_id completed the gift; retry to read it",
+            )
+        self._wake_relay()
+        return response
+
+    async def reconcile(
+        self, older_than: dt.timedelta, *, time_limit: float, limit: int = 100
+    ) -> int:
+        """Settle gifts left pending: the process died, or the wallet's answer was lost, between the
+        debit and recording it. The wallet is asked what became of the gift's debit (its request id is
+        derived from the gift): debited gifts are recorded and credited like any other, refused ones
+        fail, and a debit the wallet never received is voided there first, so it can never happen
+        later. The request that opened the gift gets its answer either way."""
+        async with self._db.read() as conn:
+            stale = await storage.pending_sent_gifts(
+                conn, self._clock.now() - older_than, limit=limit
+            )
+        settled = 0
+        for sent in stale:
+            try:
+                outcome = await self._wallet.resolve_gift_debit(
+                    sent_gift_id=sent.sent_gift_id, sender_id=sent.sender_id, time_limit=time_limit
+                )
+            except DomainError as error:
+                log.warning("cannot resolve gift %s yet: %s", sent.sent_gift_id, error.reason)
+                continue
+            async with self._db.transaction() as conn:
+                now = self._clock.now()
+                if isinstance(outcome, tuple):
+                    transaction_id, balance = outcome
+                    if not await self._gifting.record_debit(conn, sent, transaction_id, now):
+                        continue  # the request's own retry recorded it meanwhile
+                    recorded = await storage.get_sent_gift(conn, sent.sent_gift_id)
+                    assert recorded is not None
+                    await self._idempotency.complete_resource(
+                        conn, sent.sent_gift_id, response=send_gift_response(recorded, balance)
+                    )
+                else:
+                    await self._gifting.record_failure(conn, sent.sent_gift_id, now)
+                    await self._idempotency.complete_resource(
+                        conn,
+                        sent.sent_gift_id,
+                        error=FailedPrecondition(
+                            outcome, f"the gift was not sent: the wallet answered {outcome}"
+                        ),
+                    )
+            settled += 1
+        if settled:
+            self._wake_relay()
+        return settled
