@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import protovalidate
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from runtime.errors import FieldViolation, InvalidArgument
@@ -15,14 +18,25 @@ class RequestValidator:
         self._validator = protovalidate.Validator()
 
     def check(self, request: Message) -> None:
-        """Raise InvalidArgument (reason INVALID_REQUEST, one BadRequest violation per bad field)."""
-        nul = _nul_fields(request)
+        """Raise InvalidArgument (reason INVALID_REQUEST, one BadRequest violation per bad field;
+        CARD_DATA_REFUSED for what looks like a card number)."""
+        nul, cards = _suspect_fields(request)
         if nul:
             raise InvalidArgument(
                 "INVALID_REQUEST",
                 f"the request has invalid fields: {', '.join(nul)}",
                 violations=tuple(FieldViolation(f, "must not contain NUL characters") for f in nul),
                 fields=", ".join(nul),
+            )
+        if cards:
+            raise InvalidArgument(
+                "CARD_DATA_REFUSED",
+                f"{', '.join(cards)} holds what looks like a card number: send the payment "
+                "provider's token (or the last four digits), never card data",
+                violations=tuple(
+                    FieldViolation(f, "must not contain a card number (PAN)") for f in cards
+                ),
+                fields=", ".join(cards),
             )
         try:
             self._validator.validate(request)
@@ -43,17 +57,64 @@ class RequestValidator:
             ) from None
 
 
-def _nul_fields(message: Message, prefix: str = "") -> list[str]:
+_DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){12,}")
+"""13 or more digits, optionally grouped by single spaces or dashes ("4111 1111 1111 1111")."""
+
+
+def contains_card_number(text: str) -> bool:
+    """Whether `text` holds a primary account number: a run of 13 to 19 digits passing the Luhn
+    check, or such a window inside a longer run. Fields holding one are refused, so it never
+    reaches a database or a log (PCI DSS: we store no card data)."""
+    for run in _DIGIT_RUN.findall(text):
+        digits = [int(c) for c in run if c.isdigit()]
+        if len(digits) <= 19:
+            if _luhn_valid(digits):
+                return True
+            continue
+        for length in range(13, 20):
+            for start in range(len(digits) - length + 1):
+                if _luhn_valid(digits[start : start + length]):
+                    return True
+    return False
+
+
+def _luhn_valid(digits: list[int]) -> bool:
+    total = 0
+    for i, digit in enumerate(reversed(digits)):
+        if i % 2:
+            digit *= 2
+            if digit > 9:
+                digit -= 9
+        total += digit
+    return total % 10 == 0
+
+
+def _may_hold_card_data(field: FieldDescriptor) -> bool:
+    """Tokens and free text a person could paste a card number into. Identifiers (`*_id`, the
+    caller's `reference`) and page tokens are left alone: numeric ids are legitimate there."""
+    name = field.name
+    return not (name.endswith("_id") or name in ("reference", "page_token"))
+
+
+def _suspect_fields(message: Message, prefix: str = "") -> tuple[list[str], list[str]]:
     """Paths of string fields holding U+0000, which no identifier or text of ours may contain (and
-    which PostgreSQL cannot store): refused for every field, whatever its rules say."""
-    found: list[str] = []
+    which PostgreSQL cannot store), and of those holding a card number: refused for every field,
+    whatever its rules say."""
+    nul: list[str] = []
+    cards: list[str] = []
     for field, value in message.ListFields():
         path = f"{prefix}{field.name}"
         single = isinstance(value, (str, bytes, Message)) or not hasattr(value, "__iter__")
         for item in [value] if single else list(value):
-            if isinstance(item, str) and "\x00" in item:
-                found.append(path)
-                break
-            if isinstance(item, Message):
-                found.extend(_nul_fields(item, f"{path}."))
-    return found
+            if isinstance(item, str):
+                if "\x00" in item:
+                    nul.append(path)
+                    break
+                if _may_hold_card_data(field) and contains_card_number(item):
+                    cards.append(path)
+                    break
+            elif isinstance(item, Message):
+                inner_nul, inner_cards = _suspect_fields(item, f"{path}.")
+                nul += inner_nul
+                cards += inner_cards
+    return nul, cards

@@ -63,7 +63,7 @@ from runtime.access import Access
 from runtime.audit import AdminAuditApi
 from runtime.auth import AUTHORIZATION, TokenIssuer
 from runtime.server import ServiceSpec
-from runtime.status import error_info
+from runtime.status import bad_request, error_info
 from services.gifting.service import SPEC as GIFTING_SPEC
 from services.payout.service import SPEC as PAYOUT_SPEC
 from services.promotion.service import SPEC as PROMOTION_SPEC
@@ -628,6 +628,37 @@ async def test_every_refusal_is_right_and_changes_nothing(
         assert changes(after, await snapshot(suite)), f"the admitted {path} changed nothing"
     if sample.settle is not None:
         await sample.settle(response)
+
+
+MUTATING_RPCS = [
+    pytest.param(s, p, id=rpc_id((s, p)))
+    for s, p in RPCS
+    if "request_id" in method_descriptor(p).input_type.fields_by_name
+]
+
+
+@pytest.mark.parametrize(("service", "path"), MUTATING_RPCS)
+async def test_a_missing_request_id_is_refused_and_changes_nothing(
+    suite: Suite, calls: Callable[[str], Calls], service: str, path: str
+) -> None:
+    """Every mutating RPC names its request (AIP-155): without an id a retry could not be told from a
+    new request, so the admissible sample without one is INVALID_ARGUMENT and writes nothing."""
+    entry = SAMPLES[path]
+    sample = await entry.build(suite)
+    request = type(sample.request)()
+    request.CopyFrom(sample.request)
+    request.ClearField("request_id")
+    good = suite.token(sample.user, admin=sample.admin) if sample.user else ()
+    rpc = calls(service)
+    before = await quiet_snapshot(suite)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await rpc.call(path, request, identity=suite.allowed_identity(service, path), metadata=good)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    info = error_info(caught.value)
+    assert info is not None and info.reason == "INVALID_REQUEST"
+    found = bad_request(caught.value)
+    assert found is not None and {v.field for v in found.field_violations} == {"request_id"}
+    assert not changes(before, await snapshot(suite))
 
 
 def test_every_rpc_has_a_security_sample_and_an_access_rule() -> None:

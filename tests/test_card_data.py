@@ -1,0 +1,130 @@
+"""No card data is stored: a card number (a Luhn-valid 13-19 digit PAN) in any token or free-text
+field is refused with INVALID_ARGUMENT CARD_DATA_REFUSED, and it reaches no database, log or span."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from sqlalchemy import MetaData, String, Text, select
+
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.wallet.v1 import wallet_pb2
+from runtime.validation import contains_card_number
+from tests.helpers import expect_error, field_violations, funded_user, new_id
+from tests.suite import Suite
+
+PAN = "4111111111111111"  # the classic Visa test number
+SPELLINGS = [PAN, "4111 1111 1111 1111", "4111-1111-1111-1111", f"tok_{PAN}"]
+
+
+def test_card_numbers_are_recognised_and_ordinary_text_is_not() -> None:
+    for pan in ("4111111111111111", "5500005555555559", "378282246310005", "6011000990139424"):
+        assert contains_card_number(pan) and contains_card_number(f"paid with {pan} today")
+    assert contains_card_number("30569309025904")  # 14 digits (Diners)
+    assert contains_card_number("xx 40128888888818810000 yy")  # a PAN inside a longer run
+    for text in ("tok_visa", "4111111111111112", "1234567890", "2026-12-04 12:00:00", "dest_ok"):
+        assert not contains_card_number(text), text
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """Every log line any service writes during the test, rendered as text."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Keep(logging.DEBUG)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield lines
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+async def stored_text(suite: Suite) -> str:
+    """Every text value in every service's database, run together."""
+    chunks: list[str] = []
+    for running in suite.services.values():
+        async with running.runtime.db.read() as conn:
+            metadata = MetaData()
+            await conn.run_sync(metadata.reflect)
+            for table in metadata.sorted_tables:
+                columns = [c for c in table.columns if isinstance(c.type, String | Text)]
+                if columns:
+                    for row in await conn.execute(select(*columns)):
+                        chunks.extend(str(v) for v in row if v is not None)
+    return "\n".join(chunks)
+
+
+async def test_a_card_number_is_refused_everywhere_and_stored_nowhere(
+    suite: Suite, logged: list[str]
+) -> None:
+    buyer, coins = await funded_user(suite)
+    admin = suite.token(new_id("ops"), admin=True)
+    suite.spans.clear()
+    for spelling in SPELLINGS:
+        error = await expect_error(
+            suite.wallet.PurchaseCoins(
+                wallet_pb2.PurchaseCoinsRequest(
+                    request_id=new_id("buy"),
+                    user_id=buyer,
+                    package_id="us-web-700",
+                    payment_token=spelling,
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CARD_DATA_REFUSED",
+        )
+        assert field_violations(error) == {"payment_token"}
+        assert PAN not in (error.details() or "")  # the refusal does not echo it either
+        error = await expect_error(
+            suite.payout.RequestWithdrawal(
+                payout_pb2.RequestWithdrawalRequest(
+                    request_id=new_id("wd"),
+                    creator_id=buyer,
+                    diamonds=2_000,
+                    method=payout_pb2.PAYOUT_METHOD_BANK,
+                    destination_token=spelling,
+                ),
+                metadata=suite.token(buyer),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CARD_DATA_REFUSED",
+        )
+        assert field_violations(error) == {"destination_token"}
+        error = await expect_error(
+            suite.gifting.SetGift(
+                gifting_pb2.SetGiftRequest(
+                    request_id=new_id(),
+                    gift_id="card-gift",
+                    name="Card",
+                    coins=5,
+                    active=True,
+                    reason=f"customer paid with {spelling}",
+                ),
+                metadata=admin,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CARD_DATA_REFUSED",
+        )
+        assert field_violations(error) == {"reason"}
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer))
+    assert balance.balance.coins == coins  # nothing was bought
+
+    def found_in(text: str) -> bool:
+        return PAN in text.replace(" ", "").replace("-", "")
+
+    assert not found_in(await stored_text(suite)), "a card number reached a database"
+    assert not any(found_in(line) for line in logged), "a card number reached a log"
+    for span in suite.spans.get_finished_spans():
+        assert not any(found_in(str(v)) for v in (span.attributes or {}).values()), span.name
+        for event in span.events:
+            assert not any(found_in(str(v)) for v in (event.attributes or {}).values())
