@@ -61,6 +61,11 @@ class ServiceSettings(BaseSettings):
     database_url: str = ""
     """SQLAlchemy async URL; empty means a SQLite file `<data_dir>/<service>.db`."""
     data_dir: Path = Path("data")
+    database_role: str = "coins_service"
+    """On PostgreSQL, the role the service's connections act as (set at connection start): the one
+    the migrations grant everything but rewriting history (no UPDATE, DELETE or TRUNCATE of ledger
+    and audit rows). Migrations run as the login user. Empty: act as the login user, for a deployment
+    whose login role is restricted already."""
     migrate_on_start: bool = True
     reflection: bool = True
     grace_seconds: float = 5.0

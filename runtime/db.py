@@ -38,12 +38,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Database:
     """A service's database: `transaction()` for writes, `read()` for reads."""
 
-    def __init__(self, url: str, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self, url: str, tracer_provider: TracerProvider | None = None, *, role: str = ""
+    ) -> None:
+        """`role`: on PostgreSQL, the role every connection acts as (see ServiceSettings.database_role)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         options: dict[str, Any] = {}
+        server_settings = {"role": role} if role and not self.is_sqlite else {}
         if not self.is_sqlite:
             options.update(pool_size=4, max_overflow=6)
+            if server_settings:
+                options.update(connect_args={"server_settings": server_settings})
         self.engine = create_async_engine(url, **options)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -55,6 +61,7 @@ class Database:
             sqlite_path=self.engine.url.database if self.is_sqlite else None,
             write_lock=self._write_lock,
             tracer_provider=tracer_provider,
+            server_settings=server_settings,
         )
 
     @asynccontextmanager

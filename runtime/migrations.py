@@ -8,10 +8,12 @@ calls `run_env()`. At start-up `upgrade()` shares the service's async engine wit
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import command, context
 from alembic.config import Config
+from alembic.operations import Operations
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -62,3 +64,73 @@ def run_env() -> None:
                 "set sqlalchemy.url (alembic -x or alembic.ini) to migrate from the CLI"
             )
         asyncio.run(_migrate_url(url))
+
+
+SERVICE_ROLE = "coins_service"
+"""The PostgreSQL role a service's connections act as (`ServiceSettings.database_role`): every right on
+its tables except rewriting history (UPDATE, DELETE, TRUNCATE of the append-only ones)."""
+
+
+def make_append_only(op: Operations, *tables: str) -> None:
+    """Refuse UPDATE and DELETE of `tables` in the database itself (and TRUNCATE on PostgreSQL), for
+    every connection, the service's own included: history is corrected by new rows, never rewritten."""
+    if op.get_bind().dialect.name == "sqlite":
+        for table in tables:
+            for action in ("UPDATE", "DELETE"):
+                op.execute(
+                    f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
+                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+                )
+        return
+    op.execute(
+        "CREATE OR REPLACE FUNCTION coins_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME "
+        "USING ERRCODE = 'insufficient_privilege'; END $$"
+    )
+    for table in tables:
+        op.execute(
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION coins_append_only()"
+        )
+        op.execute(
+            f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION coins_append_only()"
+        )
+
+
+def drop_append_only(op: Operations, *tables: str) -> None:
+    for table in tables:
+        if op.get_bind().dialect.name == "sqlite":
+            for action in ("update", "delete"):
+                op.execute(f"DROP TRIGGER IF EXISTS {table}_no_{action}")
+        else:
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
+
+
+def grant_service_role(op: Operations, *, append_only: Sequence[str]) -> None:
+    """On PostgreSQL, create SERVICE_ROLE if missing (when the migrating user may) and grant it this
+    database's tables, present and future, without UPDATE, DELETE or TRUNCATE on `append_only`.
+    Migrations keep running as the login user, which owns the tables."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    role = SERVICE_ROLE
+    op.execute(
+        f"""DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+    CREATE ROLE {role} NOLOGIN;
+  END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END $$"""
+    )
+    revoked = ", ".join(append_only)
+    for statement in (
+        f"GRANT USAGE ON SCHEMA public TO {role}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        "ALTER DEFAULT PRIVILEGES IN SCHEMA public "
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {role}",
+        f"REVOKE UPDATE, DELETE, TRUNCATE ON {revoked} FROM {role}",
+    ):
+        op.execute(statement)

@@ -201,9 +201,14 @@ async def start_service(
         )
     provider = tracer_provider or make_tracer_provider(spec.name)
     clock = clock or SystemClock()
-    db = Database(settings.resolved_database_url(), provider)
-    if settings.migrate_on_start:
-        await migrations.upgrade(db, spec.migrations_dir)
+    url = settings.resolved_database_url()
+    if settings.migrate_on_start:  # as the login user, who owns the tables
+        owner = Database(url)
+        try:
+            await migrations.upgrade(owner, spec.migrations_dir)
+        finally:
+            await owner.close()
+    db = Database(url, provider, role=settings.database_role)
     audit = AdminAudit(db, clock)
     health_check = "/grpc.health.v1.Health/Check"
     access = {**spec.access, **AdminAuditApi.ACCESS, health_check: Access(needs_user=False)}

@@ -238,11 +238,13 @@ class Driver:
         write_lock: asyncio.Lock | None,
         tracer_provider: trace.TracerProvider | None,
         pool_size: int = 10,
+        server_settings: dict[str, str] | None = None,
     ) -> None:
         self._dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._sqlite_path = sqlite_path
         self._write_lock = write_lock
         self._pool_size = pool_size
+        self._server_settings = server_settings or {}
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
         self._writer: sqlite3.Connection | None = None
@@ -259,7 +261,11 @@ class Driver:
             async with self._opening:
                 if self._pool is None:
                     self._pool = await asyncpg.create_pool(
-                        self._dsn, min_size=1, max_size=self._pool_size, reset=_reset
+                        self._dsn,
+                        min_size=1,
+                        max_size=self._pool_size,
+                        reset=_reset,
+                        server_settings=self._server_settings,
                     )
         return self._pool
 

@@ -13,6 +13,7 @@ import grpc.aio
 import pytest
 from google.type import date_pb2
 from hypothesis import HealthCheck, settings
+from sqlalchemy import text
 
 from coins.wallet.v1 import wallet_pb2
 from runtime.db import Database
@@ -61,6 +62,33 @@ async def funded_user(suite: Suite, package_id: str = "us-web-700") -> tuple[str
         )
     )
     return user_id, bought.balance.coins
+
+
+async def rewrite_history(url: str, statement: Any, params: dict[str, Any] | None = None) -> int:
+    """Run `statement` as an intruder who owns the database would: as the login user, with the
+    append-only triggers out of the way (PostgreSQL: replica mode, superuser only; SQLite: dropped
+    and re-created around it). The audits must still notice. Returns the rows it touched."""
+    db = Database(url)
+    try:
+        async with db.transaction() as conn:
+            if db.is_sqlite:
+                triggers = (
+                    await conn.execute(
+                        text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+                    )
+                ).all()
+                for name, _ in triggers:
+                    await conn.execute(text(f"DROP TRIGGER {name}"))
+            else:
+                await conn.execute(text("SET LOCAL session_replication_role = replica"))
+            statement = text(statement) if isinstance(statement, str) else statement
+            touched = (await conn.execute(statement, params or {})).rowcount
+            if db.is_sqlite:
+                for _, sql in triggers:
+                    await conn.execute(text(sql))
+            return int(touched)
+    finally:
+        await db.close()
 
 
 async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:

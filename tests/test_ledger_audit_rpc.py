@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.payout.v1 import payout_pb2
 from ledger import entries
-from tests.helpers import expect_error, funded_user, new_id
+from tests.helpers import expect_error, funded_user, new_id, rewrite_history
 from tests.suite import Suite
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
@@ -52,10 +52,10 @@ async def test_only_admins_audit(suite: Suite) -> None:
 async def test_a_tampered_entry_is_reported(private_suite: Suite) -> None:
     suite = private_suite
     user, _ = await funded_user(suite)
-    async with suite.services["wallet"].runtime.db.transaction() as conn:
-        await conn.execute(
-            sa.update(entries).where(entries.c.account_id == f"user:{user}").values(amount=10_000)
-        )
+    await rewrite_history(
+        suite.services["wallet"].runtime.db.url,
+        sa.update(entries).where(entries.c.account_id == f"user:{user}").values(amount=10_000),
+    )
     report = await auditor(suite, "wallet").AuditLedger(
         ledger_audit_pb2.AuditLedgerRequest(), metadata=suite.token(new_id("ops"), admin=True)
     )

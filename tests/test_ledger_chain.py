@@ -22,6 +22,7 @@ from ledger.chain import entry_hash, transaction_digest
 from runtime.clock import SystemClock
 from runtime.db import Database
 from runtime.migrations import upgrade
+from tests.helpers import rewrite_history
 from tests.suite import create_pg_database, drop_pg_database
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
@@ -165,9 +166,7 @@ async def books(database: Database) -> Books:
 
 
 async def tamper(db: Database, sql: str, **params: object) -> None:
-    async with db.transaction() as conn:
-        result = await conn.execute(sa.text(sql), params)
-        assert result.rowcount == 1
+    assert await rewrite_history(db.url, sql, params) == 1
 
 
 async def test_altering_a_user_entry_breaks_its_chain(books: Books) -> None:
@@ -238,11 +237,12 @@ async def test_a_recomputed_digest_does_not_hide_an_altered_system_entry(books: 
             created_at=tx.created_at,
             entries=[(leg[0], leg[1], leg[2], leg[3]) for leg in legs],
         )
-        await conn.execute(
-            sa.update(transactions)
-            .where(transactions.c.transaction_id == books.gift)
-            .values(digest=forged)
-        )
+    await rewrite_history(
+        books.db.url,
+        sa.update(transactions)
+        .where(transactions.c.transaction_id == books.gift)
+        .values(digest=forged),
+    )
     report = await audit(books.db)
     assert not report.ok
     assert report.bad_transactions == {}
