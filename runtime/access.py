@@ -98,6 +98,7 @@ class Access:
             "NOT_ACCOUNT_OWNER",
             f"the token acts for {user!r}, not for {named!r}",
             field=self.owner_field,
+            account=named,
         )
 
 

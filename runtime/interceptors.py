@@ -32,6 +32,7 @@ from runtime.audit import AdminAudit
 from runtime.auth import Principal, TokenVerifier, bearer_token, peer_service, set_principal
 from runtime.errors import (
     DomainError,
+    ErrorKind,
     Internal,
     InvalidArgument,
     PermissionDenied,
@@ -132,10 +133,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         return Principal(service, user, roles, token)
 
     async def _admit(
-        self, rule: Access | None, method: str, request: Any, context: RpcContext
-    ) -> tuple[Principal, bool]:
-        """Everything before the handler; returns the principal and whether the call is audited."""
-        principal = self._principal(context)
+        self, principal: Principal, rule: Access | None, method: str, request: Any
+    ) -> bool:
+        """Everything before the handler, for an authenticated caller; whether the call is audited."""
         if rule is None:
             raise PermissionDenied("RPC_NOT_ALLOWED", "this RPC is not open to any caller")
         rule.check_caller(principal)
@@ -147,7 +147,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         admin_read = rule.check_owner(principal, request)
         if rule.moves_money:
             self._limiter.check(method, principal.service, principal.user_id)
-        return principal, rule.audited or admin_read
+        return rule.audited or admin_read
 
     def _guard(
         self,
@@ -162,7 +162,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             request: Any = raw
             try:
                 request = _parse(parse, raw)
-                principal, audited = await self._admit(rule, method, request, context)
+                principal = self._principal(context)
+                audited = await self._admit(principal, rule, method, request)
                 set_principal(principal)
                 if audited:
                     await self._audit.record(principal, method, request, "STARTED")
@@ -202,6 +203,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         request: Any,
         audited: bool,
     ) -> None:
+        if error.kind in _ACCESS_REFUSALS:
+            _log_access_refused(error, principal, method, context)
         if audited and principal is not None:
             try:
                 await self._audit.record(
@@ -210,3 +213,26 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("could not record the outcome of an admin call to %s", method)
         await abort(context, error, self._domain)
+
+
+_ACCESS_REFUSALS = (ErrorKind.PERMISSION_DENIED, ErrorKind.UNAUTHENTICATED)
+security_log = logging.getLogger("coins.security")
+
+
+def _log_access_refused(
+    error: DomainError, principal: Principal | None, method: str, context: RpcContext
+) -> None:
+    """One structured line per refused attempt (another user's account, a caller not on the list, a
+    bad token), so that abuse can be found: who called, for whom, what, from where; never the token."""
+    fields = {
+        "event": "access_refused",
+        "reason": error.reason,
+        "method": method,
+        "caller": principal.service if principal else (peer_service(context) or "-"),
+        "user": (principal.user_id if principal else None) or "-",
+        "peer": context.peer() or "-",
+        **{f"detail_{key}": value for key, value in error.metadata.items()},
+    }
+    security_log.warning(
+        " ".join(f"{key}={value}" for key, value in fields.items()), extra={"security": fields}
+    )

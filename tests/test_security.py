@@ -35,6 +35,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -58,6 +59,7 @@ from sqlalchemy import select as sql_select
 from sqlalchemy.engine import Connection
 
 from coins.common.v1 import admin_audit_pb2
+from coins.wallet.v1 import wallet_pb2
 from runtime import pki
 from runtime.access import Access
 from runtime.audit import AdminAuditApi
@@ -68,7 +70,7 @@ from services.gifting.service import SPEC as GIFTING_SPEC
 from services.payout.service import SPEC as PAYOUT_SPEC
 from services.promotion.service import SPEC as PROMOTION_SPEC
 from services.wallet.service import SPEC as WALLET_SPEC
-from tests.helpers import new_id
+from tests.helpers import funded_user, new_id
 from tests.security_cases import GIFTING, PAYOUT, PROMOTION, SAMPLES, WALLET, Entry, Sample
 from tests.suite import Suite
 
@@ -815,3 +817,29 @@ async def test_a_certificate_of_our_ca_naming_no_one_is_refused(
     )
     changed = changes(before, await snapshot(suite))
     assert not (problem or changed), "\n  ".join([str(problem), *changed])
+
+
+async def test_refused_attempts_are_logged_without_the_token(
+    suite: Suite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Abuse can be found: each refused attempt is one structured line naming the caller, the user
+    and the method (and the account it reached for), never the token."""
+    victim, _ = await funded_user(suite)
+    mallory = new_id("mallory")
+    token = suite.token(mallory)
+    caplog.set_level(logging.WARNING, logger="coins.security")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=victim), metadata=token)
+    forged = (("authorization", "Bearer not.a.token"),)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=victim), metadata=forged)
+    events = [r.security for r in caplog.records if r.name == "coins.security"]
+    owner = [e for e in events if e["reason"] == "NOT_ACCOUNT_OWNER"]
+    assert owner, events
+    assert owner[-1]["method"] == "/coins.wallet.v1.WalletService/GetBalance"
+    assert (owner[-1]["caller"], owner[-1]["user"]) == ("gateway", mallory)
+    assert owner[-1]["detail_account"] == victim
+    assert any(e["caller"] == "gateway" and e["user"] == "-" for e in events if e is not owner[-1])
+    secret = token[0][1].split(" ", 1)[1]
+    for record in caplog.records:
+        assert secret not in record.getMessage() and "not.a.token" not in record.getMessage()
