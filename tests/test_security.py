@@ -833,7 +833,7 @@ async def test_refused_attempts_are_logged_without_the_token(
     forged = (("authorization", "Bearer not.a.token"),)
     with pytest.raises(grpc.aio.AioRpcError):
         await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=victim), metadata=forged)
-    events = [r.security for r in caplog.records if r.name == "coins.security"]
+    events = [r.__dict__["security"] for r in caplog.records if r.name == "coins.security"]
     owner = [e for e in events if e["reason"] == "NOT_ACCOUNT_OWNER"]
     assert owner, events
     assert owner[-1]["method"] == "/coins.wallet.v1.WalletService/GetBalance"
