@@ -1,7 +1,8 @@
 """Regenerate the Python code and the descriptor image from protos/.
 
 One command (`make gen`) reproduces every file under gen/ exactly: protoc output is deterministic, so CI
-regenerates and fails when anything differs (`make gen-check`).
+regenerates and fails when anything differs (`make gen-check`). gen/coins.protoset is the
+self-contained descriptor set for clients in other languages.
 
 protovalidate's wheel ships the descriptor of buf/validate/validate.proto but not its source, so it is
 exported from the installed package into a FileDescriptorSet that protoc reads as an import.
@@ -23,6 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 GEN = ROOT / "gen"
 IMAGE = ROOT / "build" / "image.binpb"
+ERROR_DETAILS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
+"""Not imported by the contracts, but every error carries them (ErrorInfo, BadRequest, RetryInfo)."""
+PROTOSET = GEN / "coins.protoset"
+"""Every contract with everything it imports (buf/validate, google/type, google/rpc), comments
+included, in one FileDescriptorSet: what a client in any language loads (grpc-js, grpcurl -protoset)."""
 
 
 def _validate_descriptor_set(path: Path) -> None:
@@ -69,10 +75,12 @@ def main() -> None:
             "--include_imports",
             "--include_source_info",
             *sources,
+            *ERROR_DETAILS,
         )
         for package in out.rglob("*"):
             if package.is_dir():
                 (package / "__init__.py").touch()
+        shutil.copyfile(IMAGE, out / PROTOSET.name)
         if GEN.exists():
             shutil.rmtree(GEN)
         shutil.copytree(out, GEN)
