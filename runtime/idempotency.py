@@ -288,6 +288,22 @@ class Idempotency:
             )
         )
 
+    async def outcome(
+        self, scope: str, request: Message, void: DomainError
+    ) -> tuple[bytes | None, str]:
+        """`resolve` in a transaction of its own, for a caller reconciling a lost answer: (the stored
+        answer, "") if the request took effect; (None, the refusal's reason) if it was refused or is
+        voided now (`void`'s reason). UNAVAILABLE while the request is still in progress."""
+        async with self._db.transaction() as conn:
+            claim = await self.resolve(conn, scope, request, void)
+        if claim.response is not None:
+            return claim.response, ""
+        if claim.error is None:
+            raise Unavailable(
+                "REQUEST_IN_PROGRESS", "the request is still in progress; resolve it again shortly"
+            )
+        return None, DomainError.from_json(claim.error).reason
+
     async def resolve(
         self, conn: AsyncConnection, scope: str, request: Message, void: DomainError
     ) -> Claim:

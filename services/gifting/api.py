@@ -8,7 +8,6 @@ from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
 from runtime.auth import current_principal
 from runtime.clients import downstream_timeout
-from runtime.errors import NotFound
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext
 from runtime.server import Runtime
@@ -71,7 +70,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             gift = self._gifting.catalog_entry(
                 request.gift_id, request.name, request.coins, request.active
             )
-            await storage.put_gift(conn, gift)
+            await self._gifting.put_gift(conn, gift)
             return gifting_pb2.SetGiftResponse(gift=gift_pb(gift), active=gift.active)
 
         return await self._idempotency.once(
@@ -101,13 +100,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         self, request: gifting_pb2.GetGiftRequest, context: RpcContext
     ) -> gifting_pb2.GetGiftResponse:
         async with self._db.driver.read() as tx:
-            sent = await storage.get_sent_gift(tx, request.sent_gift_id)
-        if sent is None or sent.status in ("pending", "failed"):
-            raise NotFound(
-                "SENT_GIFT_NOT_FOUND",
-                f"no sent gift {request.sent_gift_id!r}",
-                sent_gift_id=request.sent_gift_id,
-            )
+            sent = await self._gifting.sent_gift(tx, request.sent_gift_id)
         require_owner(sent.sender_id, sent.creator_id)
         return gifting_pb2.GetGiftResponse(sent_gift=sent_gift_pb(sent))
 

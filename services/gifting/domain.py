@@ -112,6 +112,10 @@ class Gifting:
             active=active,
         )
 
+    async def put_gift(self, conn: AsyncConnection, gift: storage.GiftRecord) -> None:
+        """Add or change a catalog entry (made by `catalog_entry`)."""
+        await storage.put_gift(conn, gift)
+
     def new_sent_gift_id(self) -> str:
         return uuid.uuid4().hex
 
@@ -167,6 +171,15 @@ class Gifting:
             ),
             max_count=MAX_COINS_PER_SEND // unit,
         )
+
+    async def sent_gift(self, tx: Tx, sent_gift_id: str) -> storage.SentGiftRecord:
+        """A gift that was sent (its coins debited); one still pending or refused was never sent."""
+        sent = await storage.get_sent_gift(tx, sent_gift_id)
+        if sent is None or sent.status in ("pending", "failed"):
+            raise NotFound(
+                "SENT_GIFT_NOT_FOUND", f"no sent gift {sent_gift_id!r}", sent_gift_id=sent_gift_id
+            )
+        return sent
 
     async def record_debit(
         self,

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
-
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
-from runtime.errors import DomainError, FailedPrecondition, Unavailable
 from runtime.idempotency import AnsweredKey
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
 from runtime.sql import Tx
-from services.wallet import storage
 from services.wallet.api_holds import HoldRpcs
 from services.wallet.api_payments import PaymentEventRpcs
 from services.wallet.convert import (
@@ -29,9 +25,8 @@ from services.wallet.convert import (
     package_pb,
     to_date,
 )
-from services.wallet.domain import Coins, Debit, DebitRequest, Wallet, user_account
-from services.wallet.payments import PaymentOutcomeUnknown
-from services.wallet.purchases import Purchases
+from services.wallet.domain import Coins, Debit, DebitRequest, Wallet, user_account, voided
+from services.wallet.purchases import PurchaseOrder, Purchases
 from services.wallet.settings import WalletSettings
 
 ACCESS = method_rules(
@@ -99,7 +94,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         )
 
         async def effect(conn: AsyncConnection) -> wallet_pb2.SetCoinPackageResponse:
-            await storage.put_package(conn, package)
+            await self._wallet.put_package(conn, package)
             return wallet_pb2.SetCoinPackageResponse(
                 package=package_pb(package), active=package.active
             )
@@ -132,10 +127,9 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
             request.page_token, f"packages:{request.user_id}:{channel}", int64, text
         )
         async with self._db.read() as conn:
-            account = await self._wallet.account(conn, request.user_id)
-            packages = await storage.list_packages(
+            packages = await self._wallet.packages_for(
                 conn,
-                account.country_code,
+                request.user_id,
                 channel,
                 limit=size + 1,
                 after=(after[0], after[1]) if after else None,
@@ -154,67 +148,14 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def PurchaseCoins(
         self, request: wallet_pb2.PurchaseCoinsRequest, context: RpcContext
     ) -> wallet_pb2.PurchaseCoinsResponse:
-        scope = f"PurchaseCoins:{request.user_id}"
-
-        async def start(conn: AsyncConnection) -> str:
-            now = self._clock.now()
-            account = await self._wallet.account(conn, request.user_id)
-            package = await self._wallet.what_to_buy(
-                conn, account, request.package_id, request.custom_coins
-            )
-            self._wallet.check_can_buy(account, package, now.date())
-            await storage.lock_account(conn, account.user_id)
-            await storage.lock_payment_method(conn, request.payment_token)
-            await self._wallet.check_limits(conn, account, package, request.payment_token, now)
-            purchase_id = uuid.uuid4().hex
-            await storage.insert_purchase(
-                conn,
-                storage.PurchaseRecord(
-                    purchase_id=purchase_id,
-                    user_id=account.user_id,
-                    package_id=package.package_id,
-                    region=package.region,
-                    channel=package.channel,
-                    coins=package.coins,
-                    price_minor=package.price_minor,
-                    currency_code=package.currency_code,
-                    payment_token=request.payment_token,
-                    status="pending",
-                    provider_transaction_id=None,
-                    created_at=now,
-                    updated_at=now,
-                ),
-            )
-            return purchase_id
-
-        claim = await self._idempotency.begin(scope, request, start)
-        if claim.finished:
-            return claim.replay(wallet_pb2.PurchaseCoinsResponse)
-        assert claim.resource_id is not None
-        return await self._complete_purchase(scope, request, claim.resource_id)
-
-    async def _complete_purchase(
-        self, scope: str, request: wallet_pb2.PurchaseCoinsRequest, purchase_id: str
-    ) -> wallet_pb2.PurchaseCoinsResponse:
-        """Charge (idempotently, keyed by the purchase id), then settle and credit in one transaction."""
-        async with self._db.read() as conn:
-            purchase = await storage.get_purchase(conn, purchase_id)
-        assert purchase is not None
-        try:
-            charge = await self._purchases.charge(purchase)
-        except PaymentOutcomeUnknown:
-            # The purchase stays pending and the request id open: a retry (or the reconciler) asks
-            # the provider again under the same key, which never charges twice.
-            raise Unavailable(
-                "PAYMENT_OUTCOME_UNKNOWN",
-                "the payment provider did not answer in time; retry with the same request_id "
-                "(you will not be charged twice)",
-                purchase_id=purchase_id,
-            ) from None
-        outcome = await self._purchases.settle(purchase_id, charge, f"{scope}/{request.request_id}")
-        if isinstance(outcome, DomainError):
-            raise outcome
-        return outcome
+        order = PurchaseOrder(
+            user_id=request.user_id,
+            package_id=request.package_id,
+            custom_coins=request.custom_coins,
+            payment_token=request.payment_token,
+            request_id=request.request_id,
+        )
+        return await self._purchases.buy(request, order)
 
     async def ListLedgerEntries(
         self, request: wallet_pb2.ListLedgerEntriesRequest, context: RpcContext
@@ -326,19 +267,6 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         )
 
     async def _resolve(self, scope: str, request: Message) -> tuple[bytes | None, str]:
-        """(stored answer, "") if the request took effect; (None, refusal reason) if it was refused
-        or is voided now (reason DEBIT_VOIDED): see Idempotency.resolve."""
-        voided = FailedPrecondition(
-            "DEBIT_VOIDED",
-            "this request id was voided by a reconciliation: it will never take effect",
-            request_id=getattr(request, "request_id", ""),
+        return await self._idempotency.outcome(
+            scope, request, voided(getattr(request, "request_id", ""))
         )
-        async with self._db.transaction() as conn:
-            claim = await self._idempotency.resolve(conn, scope, request, voided)
-        if claim.response is not None:
-            return claim.response, ""
-        if claim.error is None:
-            raise Unavailable(
-                "REQUEST_IN_PROGRESS", "the request is still in progress; resolve it again shortly"
-            )
-        return None, DomainError.from_json(claim.error).reason

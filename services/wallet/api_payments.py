@@ -6,16 +6,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2
 from runtime.clock import Clock
-from runtime.errors import FailedPrecondition, NotFound
 from runtime.idempotency import Idempotency
 from runtime.protos import RpcContext
-from services.wallet import storage
+from services.wallet import purchases
 from services.wallet.convert import balance_pb, purchase_pb
 from services.wallet.domain import Wallet
 
 _REVERSALS = {
-    wallet_pb2.PAYMENT_EVENT_TYPE_REFUND: ("refund", "refunded"),
-    wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK: ("chargeback", "charged_back"),
+    wallet_pb2.PAYMENT_EVENT_TYPE_REFUND: "refund",
+    wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK: "chargeback",
 }
 
 
@@ -27,40 +26,17 @@ class PaymentEventRpcs:
     async def RecordPaymentEvent(
         self, request: wallet_pb2.RecordPaymentEventRequest, context: RpcContext
     ) -> wallet_pb2.RecordPaymentEventResponse:
-        kind, status = _REVERSALS[request.type]
-
         async def effect(conn: AsyncConnection) -> wallet_pb2.RecordPaymentEventResponse:
-            purchase = await storage.get_purchase_by_provider_transaction(
-                conn, request.provider_transaction_id
+            purchase, coins = await purchases.reverse(
+                conn,
+                self._wallet,
+                provider_transaction_id=request.provider_transaction_id,
+                kind=_REVERSALS[request.type],
+                event_id=request.request_id,
+                now=self._clock.now(),
             )
-            if purchase is None:
-                raise NotFound(
-                    "PURCHASE_NOT_FOUND",
-                    f"no purchase was paid with {request.provider_transaction_id!r}",
-                    provider_transaction_id=request.provider_transaction_id,
-                )
-            if purchase.status in ("refunded", "charged_back"):
-                raise FailedPrecondition(
-                    "PURCHASE_ALREADY_REVERSED",
-                    f"purchase {purchase.purchase_id} is already {purchase.status}",
-                    purchase_id=purchase.purchase_id,
-                    status=purchase.status,
-                )
-            if not await storage.reverse_purchase(
-                conn, purchase.purchase_id, status, self._clock.now()
-            ):
-                raise FailedPrecondition(
-                    "PURCHASE_NOT_COMPLETED",
-                    f"purchase {purchase.purchase_id} is {purchase.status}; redeliver the event "
-                    "once it has completed",
-                    purchase_id=purchase.purchase_id,
-                    status=purchase.status,
-                )
-            coins = await self._wallet.reverse_purchase(conn, purchase, kind, request.request_id)
-            reversed_ = await storage.get_purchase(conn, purchase.purchase_id)
-            assert reversed_ is not None
             return wallet_pb2.RecordPaymentEventResponse(
-                purchase=purchase_pb(reversed_), balance=balance_pb(coins)
+                purchase=purchase_pb(purchase), balance=balance_pb(coins)
             )
 
         return await self._idempotency.once(

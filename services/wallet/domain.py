@@ -74,6 +74,16 @@ class DebitRequest:
         ]
 
 
+def voided(request_id: str) -> FailedPrecondition:
+    """The answer given to a debit or hold request that its caller reconciled before it arrived: it
+    will never take effect (see ResolveDebit)."""
+    return FailedPrecondition(
+        "DEBIT_VOIDED",
+        "this request id was voided by a reconciliation: it will never take effect",
+        request_id=request_id,
+    )
+
+
 @dataclass(frozen=True)
 class Debit:
     transaction_id: str
@@ -130,6 +140,25 @@ class Wallet:
             coins=coins,
             price_minor=price_minor,
             active=active,
+        )
+
+    async def put_package(self, conn: AsyncConnection, package: storage.PackageRecord) -> None:
+        """Create or replace a package (priced by `price_package`)."""
+        await storage.put_package(conn, package)
+
+    async def packages_for(
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        channel: str,
+        *,
+        limit: int,
+        after: tuple[int, str] | None,
+    ) -> list[storage.PackageRecord]:
+        """The active packages a user may buy on `channel`: their account's region, cheapest first."""
+        account = await self.account(conn, user_id)
+        return await storage.list_packages(
+            conn, account.country_code, channel, limit=limit, after=after
         )
 
     async def open_account(

@@ -9,18 +9,34 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import Aborted, DomainError, FailedPrecondition
+from runtime.errors import Aborted, DomainError, FailedPrecondition, NotFound, Unavailable
 from runtime.idempotency import Idempotency
 from services.wallet import storage
 from services.wallet.convert import balance_pb, purchase_pb
-from services.wallet.domain import Wallet
+from services.wallet.domain import Coins, Wallet
 from services.wallet.payments import ChargeResult, PaymentOutcomeUnknown, PaymentProvider
 
 log = logging.getLogger("coins.wallet.purchases")
+
+
+@dataclass(frozen=True)
+class PurchaseOrder:
+    """What a buyer asks for: a package, or a custom amount of coins, paid with a provider token."""
+
+    user_id: str
+    package_id: str
+    custom_coins: int
+    payment_token: str
+    request_id: str
 
 
 class Purchases:
@@ -34,6 +50,76 @@ class Purchases:
     ) -> None:
         self._db, self._idempotency, self._clock = db, idempotency, clock
         self._wallet, self._payments = wallet, payments
+
+    async def buy(self, request: Message, order: PurchaseOrder) -> wallet_pb2.PurchaseCoinsResponse:
+        """A purchase, once per request id (`request` is what the caller sent, for its fingerprint):
+        priced, checked and recorded pending; charged under its own id; settled and credited. A retry
+        resumes an unfinished purchase (never charging twice) or replays the answer."""
+        scope = f"PurchaseCoins:{order.user_id}"
+
+        async def start(conn: AsyncConnection) -> str:
+            return await self._open(conn, order)
+
+        claim = await self._idempotency.begin(scope, request, start)
+        if claim.finished:
+            return claim.replay(wallet_pb2.PurchaseCoinsResponse)
+        assert claim.resource_id is not None
+        return await self._complete(claim.resource_id, f"{scope}/{order.request_id}")
+
+    async def _open(self, conn: AsyncConnection, order: PurchaseOrder) -> str:
+        """Check the buyer may buy it (age, region, package) within the limits, and record the
+        purchase pending. The buyer's and the payment method's locks make the limit checks exact."""
+        now = self._clock.now()
+        wallet = self._wallet
+        account = await wallet.account(conn, order.user_id)
+        package = await wallet.what_to_buy(conn, account, order.package_id, order.custom_coins)
+        wallet.check_can_buy(account, package, now.date())
+        await storage.lock_account(conn, account.user_id)
+        await storage.lock_payment_method(conn, order.payment_token)
+        await wallet.check_limits(conn, account, package, order.payment_token, now)
+        purchase_id = uuid.uuid4().hex
+        await storage.insert_purchase(
+            conn,
+            storage.PurchaseRecord(
+                purchase_id=purchase_id,
+                user_id=account.user_id,
+                package_id=package.package_id,
+                region=package.region,
+                channel=package.channel,
+                coins=package.coins,
+                price_minor=package.price_minor,
+                currency_code=package.currency_code,
+                payment_token=order.payment_token,
+                status="pending",
+                provider_transaction_id=None,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+        return purchase_id
+
+    async def _complete(
+        self, purchase_id: str, ledger_request_id: str
+    ) -> wallet_pb2.PurchaseCoinsResponse:
+        """Charge (idempotently, keyed by the purchase id), then settle and credit in one transaction."""
+        async with self._db.read() as conn:
+            purchase = await storage.get_purchase(conn, purchase_id)
+        assert purchase is not None
+        try:
+            charge = await self.charge(purchase)
+        except PaymentOutcomeUnknown:
+            # The purchase stays pending and the request id open: a retry (or the reconciler) asks
+            # the provider again under the same key, which never charges twice.
+            raise Unavailable(
+                "PAYMENT_OUTCOME_UNKNOWN",
+                "the payment provider did not answer in time; retry with the same request_id "
+                "(you will not be charged twice)",
+                purchase_id=purchase_id,
+            ) from None
+        outcome = await self.settle(purchase_id, charge, ledger_request_id)
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
 
     async def charge(self, purchase: storage.PurchaseRecord) -> ChargeResult:
         """Charge (or, for a key the provider has seen, read back the outcome); may raise
@@ -103,3 +189,46 @@ class Purchases:
             except Aborted:
                 continue  # the request's own retry settled it
         return settled
+
+
+_REVERSALS = {"refund": "refunded", "chargeback": "charged_back"}
+
+
+async def reverse(
+    conn: AsyncConnection,
+    wallet: Wallet,
+    *,
+    provider_transaction_id: str,
+    kind: str,
+    event_id: str,
+    now: dt.datetime,
+) -> tuple[storage.PurchaseRecord, Coins]:
+    """A provider's refund or chargeback (`kind`) of the purchase it paid: only a completed purchase
+    is reversed, once; the coins come back as `Wallet.reverse_purchase` says. Returns the reversed
+    purchase and the buyer's coins afterwards."""
+    purchase = await storage.get_purchase_by_provider_transaction(conn, provider_transaction_id)
+    if purchase is None:
+        raise NotFound(
+            "PURCHASE_NOT_FOUND",
+            f"no purchase was paid with {provider_transaction_id!r}",
+            provider_transaction_id=provider_transaction_id,
+        )
+    if purchase.status in _REVERSALS.values():
+        raise FailedPrecondition(
+            "PURCHASE_ALREADY_REVERSED",
+            f"purchase {purchase.purchase_id} is already {purchase.status}",
+            purchase_id=purchase.purchase_id,
+            status=purchase.status,
+        )
+    if not await storage.reverse_purchase(conn, purchase.purchase_id, _REVERSALS[kind], now):
+        raise FailedPrecondition(
+            "PURCHASE_NOT_COMPLETED",
+            f"purchase {purchase.purchase_id} is {purchase.status}; redeliver the event "
+            "once it has completed",
+            purchase_id=purchase.purchase_id,
+            status=purchase.status,
+        )
+    coins = await wallet.reverse_purchase(conn, purchase, kind, event_id)
+    reversed_ = await storage.get_purchase(conn, purchase.purchase_id)
+    assert reversed_ is not None
+    return reversed_, coins
