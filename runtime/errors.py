@@ -141,7 +141,22 @@ class Aborted(DomainError):
 
 
 class Unavailable(DomainError):
+    """Cannot be served now (a dependency or the database is unreachable); the same request may
+    pass later, after `retry_after` seconds when a wait is known (google.rpc.RetryInfo)."""
+
     kind = ErrorKind.UNAVAILABLE
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        violations: tuple[FieldViolation, ...] = (),
+        **metadata: object,
+    ) -> None:
+        super().__init__(reason, message, violations=violations, **metadata)
+        self.retry_after = retry_after
 
 
 class Internal(DomainError):

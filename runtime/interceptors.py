@@ -38,6 +38,7 @@ from runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from runtime.outages import outage_of
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
 from runtime.status import abort, from_rpc_error
@@ -180,6 +181,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 relayed = from_rpc_error(error, dependency=dependency)
                 await self._refuse(context, relayed, principal, method, request, audited)
             except Exception as error:
+                outage = outage_of(error)
+                if outage is not None:  # expected in an outage: one line, no stack trace
+                    log.warning(
+                        "%s: database unavailable (%s: %s)", method, type(error).__name__, error
+                    )
+                    await self._refuse(context, outage, principal, method, request, audited)
+                    return None
                 incident = uuid.uuid4().hex
                 span = trace.get_current_span()
                 span.record_exception(error)

@@ -14,6 +14,7 @@ import ctypes
 import datetime as dt
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,14 @@ from runtime import migrations, pki
 from runtime.access import Access
 from runtime.audit import AdminAudit, AdminAuditApi
 from runtime.auth import TokenVerifier
+from runtime.backoff import backoff
 from runtime.clients import service_channel
 from runtime.clock import Clock, SystemClock
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
 from runtime.idempotency import Idempotency
 from runtime.interceptors import RequestGuard
+from runtime.outages import outage_of
 from runtime.ratelimit import RateLimiter, TokenBuckets
 from runtime.telemetry import configure_logging, make_tracer_provider
 from runtime.tls import server_credentials
@@ -148,17 +151,38 @@ class RunningService(Generic[S]):
         rt.tracer_provider.force_flush()
 
 
+WORKER_BACKOFF_CAP_SECONDS = 30.0
+
+
 async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
-    """Keep a worker alive: a crash is logged and the worker restarts after a pause."""
+    """Keep a worker alive: a crash is logged (an unreachable database as one line, a bug with its
+    stack trace) and the worker restarts after a capped, growing pause."""
+    failures = 0
     while True:
+        started = time.monotonic()
         try:
             await run()
             return
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("worker %s crashed; restarting in 1s", name)
-            await asyncio.sleep(1)
+        except Exception as error:
+            if time.monotonic() - started > WORKER_BACKOFF_CAP_SECONDS:
+                failures = 0  # it ran a good while: a new problem, not the same one
+            failures += 1
+            pause = backoff(failures, cap=WORKER_BACKOFF_CAP_SECONDS)
+            if outage_of(error) is not None:
+                log.warning(
+                    "worker %s: database unavailable (%s); attempt %d, retrying in %.1fs",
+                    name,
+                    type(error).__name__,
+                    failures,
+                    pause,
+                )
+            else:
+                log.exception(
+                    "worker %s crashed (attempt %d); restarting in %.1fs", name, failures, pause
+                )
+            await asyncio.sleep(pause)
 
 
 def _check_access(service: str, names: tuple[str, ...], access: Mapping[str, Access]) -> None:

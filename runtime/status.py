@@ -52,7 +52,7 @@ def to_status(error: DomainError, domain: str) -> status_pb2.Status:
             )
         )
         details.append(bad_request)
-    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+    if isinstance(error, ResourceExhausted | Unavailable) and error.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
         retry = any_pb2.Any()

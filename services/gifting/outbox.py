@@ -24,13 +24,15 @@ import logging
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link
 
-from runtime.errors import DomainError
+from runtime.backoff import backoff
+from runtime.errors import DomainError, ErrorKind
 from runtime.server import Runtime, wait_for_wake
 from services.gifting import storage
 from services.gifting.domain import DiamondCrediter, PendingCredit
 from services.gifting.settings import GiftingSettings
 
 log = logging.getLogger("coins.gifting.outbox")
+_CONFIGURATION_FAULTS = (ErrorKind.PERMISSION_DENIED, ErrorKind.UNAUTHENTICATED)
 
 
 def _context(item: storage.OutboxRecord) -> trace.SpanContext:
@@ -95,8 +97,10 @@ class CreditRelay:
                 await storage.mark_delivered(tx, items, self._rt.clock.now())
 
     async def _retry_later(self, items: list[storage.OutboxRecord], error: DomainError) -> None:
-        # A business refusal will not change on retry: park it (dead) and say so loudly.
-        dead = not error.retryable
+        # A business refusal will not change on retry: park it (dead) and say so loudly. A refusal
+        # of *us* (certificate, access rule, token) is a configuration fault an operator fixes:
+        # keep retrying, so the credits flow again once it is fixed.
+        dead = not error.retryable and error.kind not in _CONFIGURATION_FAULTS
         for item in items:
             if dead:
                 log.error("credit for gift %s refused by payout: %r", item.sent_gift_id, error)
@@ -108,7 +112,9 @@ class CreditRelay:
                 )
         async with self._rt.db.transaction() as conn:
             for item in items:
-                delay = min(self._rt.settings.relay_max_backoff_seconds, 0.1 * 2**item.attempts)
+                delay = backoff(
+                    item.attempts + 1, first=0.1, cap=self._rt.settings.relay_max_backoff_seconds
+                )
                 await storage.mark_failed_attempt(
                     conn,
                     item.outbox_id,

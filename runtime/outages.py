@@ -1,0 +1,70 @@
+"""Telling an outage from a bug: a database that cannot be reached (down, restarting, out of
+connections, a connection cut mid-statement, SQLite's write lock held too long) is UNAVAILABLE, which
+clients and gRPC retry policies retry with the same request id; only real bugs are INTERNAL.
+
+A statement cut off while committing may or may not have been applied: every mutating RPC is
+idempotent by its request id, so the same advice holds either way: retry with the same request_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+
+import asyncpg
+from sqlalchemy import exc as sa_exc
+
+from runtime.errors import Unavailable
+
+RETRY_AFTER_SECONDS = 1.0
+"""What an outage answer suggests waiting (google.rpc.RetryInfo) before the retry."""
+
+_POSTGRES_OUTAGES = (
+    asyncpg.exceptions.PostgresConnectionError,  # 08xxx: the connection failed or is gone
+    asyncpg.exceptions.OperatorInterventionError,  # 57xxx: shutting down, starting, cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: out of connections, disk full
+)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for inner in (getattr(current, "orig", None), current.__cause__, current.__context__):
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+
+
+def _is_outage(cause: BaseException) -> bool:
+    if isinstance(cause, (*_POSTGRES_OUTAGES, ConnectionError, asyncio.TimeoutError)):
+        return True
+    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError | PermissionError):
+        return True  # refused, unreachable, reset (a missing file is a configuration bug)
+    if isinstance(cause, asyncpg.exceptions.InterfaceError):
+        return "connection" in str(cause) and "closed" in str(cause)
+    if isinstance(cause, sqlite3.OperationalError):
+        return "locked" in str(cause) or "busy" in str(cause)
+    if isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated:
+        return True
+    return isinstance(cause, sa_exc.TimeoutError)  # no pooled connection came in time
+
+
+def outage_of(error: BaseException) -> Unavailable | None:
+    """UNAVAILABLE DATABASE_UNAVAILABLE (with a suggested wait) if `error` is the database being
+    unreachable, anywhere in its chain of causes; None if it is something else (a bug)."""
+    for cause in _causes(error):
+        if _is_outage(cause):
+            return Unavailable(
+                "DATABASE_UNAVAILABLE",
+                "the service's database is unreachable right now; retry with the same request_id "
+                "(a request that was applied is answered, never applied twice)",
+                retry_after=RETRY_AFTER_SECONDS,
+                cause=type(cause).__name__,
+            )
+    return None
