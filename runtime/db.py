@@ -22,6 +22,7 @@ from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from runtime import deadlines
 from runtime.sql import Driver
 from runtime.telemetry import trace_engine
 
@@ -70,9 +71,11 @@ class Database:
         if self._write_lock is None:
             async with self.engine.begin() as conn:
                 yield conn
+                deadlines.check("the transaction committed")
             return
         async with self._write_lock, self.engine.begin() as conn:
             yield conn
+            deadlines.check("the transaction committed")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

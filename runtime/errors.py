@@ -22,6 +22,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     ABORTED = "ABORTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
@@ -63,6 +64,7 @@ class DomainError(Exception):
         return self.kind in (
             ErrorKind.UNAVAILABLE,
             ErrorKind.ABORTED,
+            ErrorKind.DEADLINE_EXCEEDED,
             ErrorKind.INTERNAL,
             ErrorKind.RESOURCE_EXHAUSTED,  # a rate limit: the same request may pass later
         )
@@ -159,6 +161,12 @@ class Unavailable(DomainError):
         self.retry_after = retry_after
 
 
+class DeadlineExceeded(DomainError):
+    """The caller's deadline passed before the work could be done; nothing was applied."""
+
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
 class Internal(DomainError):
     kind = ErrorKind.INTERNAL
 
@@ -174,6 +182,7 @@ _BY_KIND: dict[ErrorKind, type[DomainError]] = {
         Unauthenticated,
         ResourceExhausted,
         Aborted,
+        DeadlineExceeded,
         Unavailable,
         Internal,
     )

@@ -27,6 +27,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
+from runtime import deadlines
 from runtime.access import Access
 from runtime.audit import AdminAudit
 from runtime.auth import Principal, TokenVerifier, bearer_token, peer_service, set_principal
@@ -163,6 +164,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             request: Any = raw
             try:
                 request = _parse(parse, raw)
+                deadlines.set_deadline(context.time_remaining())
+                deadlines.check("the work started")
                 principal = self._principal(context)
                 audited = await self._admit(principal, rule, method, request)
                 set_principal(principal)

@@ -32,6 +32,8 @@ import asyncpg
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime import deadlines
+
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 TRACER_SCOPE = "coins.db"
 
@@ -295,6 +297,7 @@ class Driver:
         if self._sqlite_path is None:
             pool = await self._pg()
             async with pool.acquire() as conn:
+                deadlines.check("the write was sent")
                 unit: PgTx | SqliteTx = PgTx(conn)
                 if single_statement:
                     with self._span("db.statement", unit):
@@ -305,6 +308,7 @@ class Driver:
                 with self._span("db.transaction", unit):
                     async with conn.transaction():
                         yield unit
+                        deadlines.check("the transaction committed")
             return
         assert self._write_lock is not None
         async with self._write_lock:
@@ -314,6 +318,7 @@ class Driver:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield unit
+                    deadlines.check("the transaction committed")
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise

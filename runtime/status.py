@@ -15,7 +15,9 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from runtime import deadlines
 from runtime.errors import (
+    DeadlineExceeded,
     DomainError,
     ErrorKind,
     Internal,
@@ -114,6 +116,14 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
     """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     info = error_info(error)
+    left = deadlines.remaining()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and left is not None and left <= 0.05:
+        return DeadlineExceeded(
+            "DEADLINE_EXCEEDED",
+            f"the caller's deadline passed while waiting for the {dependency} service; retry "
+            "with the same request_id and a longer deadline",
+            dependency=dependency,
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(
             "DEPENDENCY_UNAVAILABLE",

@@ -10,10 +10,9 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from tests.suite import PG_ADMIN_URL, Suite, start_suite
+from tests.suite import Suite, require_postgres, start_suite
 
 BACKENDS = [b for b in os.environ.get("COINS_TEST_BACKENDS", "sqlite,postgres").split(",") if b]
 
@@ -23,23 +22,11 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def _require_postgres() -> None:
-    try:
-        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as error:
-        pytest.fail(
-            f"PostgreSQL is required for the storage tests and is not reachable at {PG_ADMIN_URL}: "
-            f"{error}. Start it (see README) or set COINS_TEST_BACKENDS=sqlite for a local run.",
-            pytrace=False,
-        )
-    await conn.close()
-
-
 @pytest.fixture(scope="session")
 async def suite(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
     """All four services, started once per backend for the whole session."""
     if backend == "postgres":
-        await _require_postgres()
+        await require_postgres()
     data_dir: Path = tmp_path_factory.mktemp(f"suite-{backend}")
     running = await start_suite(backend, data_dir)
     yield running
@@ -53,7 +40,7 @@ async def private_suite(
     """A suite of the module's own, for tests that change what every other test sees (the gift
     catalog, the price lists, rate limits)."""
     if backend == "postgres":
-        await _require_postgres()
+        await require_postgres()
     running = await start_suite(backend, tmp_path_factory.mktemp(f"private-{backend}"))
     yield running
     await running.stop()

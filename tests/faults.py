@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from tests.suite import Suite, create_pg_database, drop_pg_database, require_postgres, start_suite
 
 
 class TcpProxy:
@@ -76,3 +82,25 @@ class TcpProxy:
                 await writer.drain()
         finally:
             writer.close()
+
+
+@asynccontextmanager
+async def suite_with_wallet_db_behind_proxy(
+    data_dir: Path,
+) -> AsyncIterator[tuple[Suite, TcpProxy]]:
+    """The suite on PostgreSQL, the wallet reaching its database through a proxy a test can cut or
+    hold (the database is the test's own; PostgreSQL itself stays up for everyone else)."""
+    await require_postgres()
+    name = f"coins_test_fault_{uuid.uuid4().hex[:12]}"
+    url = await create_pg_database(name)
+    host_port = url.split("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    proxy = await TcpProxy(host, int(port)).start()
+    proxied = url.replace(f"@{host_port}/", f"@127.0.0.1:{proxy.port}/")
+    suite = await start_suite("postgres", data_dir, overrides={"wallet": {"database_url": proxied}})
+    try:
+        yield suite, proxy
+    finally:
+        await suite.stop()
+        await proxy.close()
+        await drop_pg_database(name)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import grpc
 import grpc.aio
+import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from coins.gifting.v1 import gifting_pb2_grpc
@@ -47,6 +48,19 @@ if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi files
 PG_ADMIN_URL = os.environ.get(
     "COINS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+
+
+async def require_postgres() -> None:
+    """Fail the test (never skip it) when PostgreSQL is not reachable."""
+    try:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as error:
+        pytest.fail(
+            f"PostgreSQL is required for the storage tests and is not reachable at {PG_ADMIN_URL}: "
+            f"{error}. Start it (see README) or set COINS_TEST_BACKENDS=sqlite for a local run.",
+            pytrace=False,
+        )
+    await conn.close()
 
 
 async def create_pg_database(name: str) -> str:

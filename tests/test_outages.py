@@ -5,40 +5,32 @@ same request ids complete, once."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind
 
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime import deadlines
 from runtime.backoff import backoff
+from runtime.errors import DeadlineExceeded
+from runtime.sql import Statement
 from runtime.status import retry_info
-from tests.conftest import _require_postgres
-from tests.faults import TcpProxy
-from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id
-from tests.suite import Suite, create_pg_database, drop_pg_database, start_suite
+from tests.faults import TcpProxy, suite_with_wallet_db_behind_proxy
+from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id, rpc_error
+from tests.suite import Suite
 
 
 @pytest.fixture
 async def wallet_behind_proxy(tmp_path: Path) -> AsyncIterator[tuple[Suite, TcpProxy]]:
-    """The suite on PostgreSQL, the wallet reaching its database through a proxy the test cuts."""
-    await _require_postgres()
-    name = f"coins_test_outage_{new_id('w').split('-')[1]}"
-    url = await create_pg_database(name)
-    host_port = url.split("@", 1)[1].split("/", 1)[0]
-    host, port = host_port.rsplit(":", 1)
-    proxy = await TcpProxy(host, int(port)).start()
-    proxied = url.replace(f"@{host_port}/", f"@127.0.0.1:{proxy.port}/")
-    suite = await start_suite("postgres", tmp_path, overrides={"wallet": {"database_url": proxied}})
-    try:
-        yield suite, proxy
-    finally:
-        await suite.stop()
-        await proxy.close()
-        await drop_pg_database(name)
+    async with suite_with_wallet_db_behind_proxy(tmp_path) as running:
+        yield running
 
 
 async def test_a_database_outage_is_unavailable_and_heals(
@@ -92,3 +84,71 @@ def test_backoff_doubles_is_capped_and_never_overflows() -> None:
     assert [backoff(n, first=0.1, cap=5) for n in range(5)] == [0.0, 0.1, 0.2, 0.4, 0.8]
     assert backoff(30, first=0.1, cap=5) == 5
     assert backoff(100_000, first=0.1, cap=5) == 5  # 0.1 * 2**100000 would overflow
+
+
+async def test_work_whose_caller_gave_up_is_never_applied(
+    wallet_behind_proxy: tuple[Suite, TcpProxy],
+) -> None:
+    """A debit held up (its database stalled) past the caller's 1 s deadline is abandoned before it
+    commits: the caller was told it failed, so it must not happen behind its back."""
+    suite, proxy = wallet_behind_proxy
+    user, coins = await funded_user(suite)
+    suite.spans.clear()
+    proxy.hold()
+    deadline = asyncio.get_running_loop().time() + 1.0
+    error = await rpc_error(
+        suite.as_caller("gifting").wallet.DebitCoins(
+            wallet_pb2.DebitCoinsRequest(
+                request_id=new_id("gift:"),
+                user_id=user,
+                coins=5,
+                reason=wallet_pb2.DEBIT_REASON_GIFT,
+                reference="late",
+            ),
+            timeout=1.0,
+        )
+    )
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Release the database once the wallet's copy of the deadline has surely passed too (it started
+    # counting a moment after the client): then the stalled debit resumes, too late.
+    await asyncio.sleep(max(0.0, deadline + 0.2 - asyncio.get_running_loop().time()))
+    proxy.heal()
+
+    def handled() -> list[ReadableSpan]:
+        return [
+            s
+            for s in suite.spans.get_finished_spans()
+            if s.name == "/coins.wallet.v1.WalletService/DebitCoins" and s.kind == SpanKind.SERVER
+        ]
+
+    async def finished() -> bool:
+        return bool(handled())
+
+    await eventually(finished, "the wallet to finish the stalled debit")
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins  # abandoned before commit: nothing moved
+
+
+async def test_a_transaction_past_its_deadline_is_rolled_back(suite: Suite) -> None:
+    """The last line of defence: a write whose caller's deadline has passed by the time it would
+    commit is rolled back (DEADLINE_EXCEEDED), whichever path the service took to get there."""
+    db = suite.services["wallet"].runtime.db
+    user, coins = await funded_user(suite)
+    account = f"user:{user}"
+
+    async def late_write() -> None:
+        deadlines.set_deadline(0.05)
+        async with db.driver.transaction() as tx:
+            await tx.run(_SPEND, account=account)
+            await asyncio.sleep(0.1)  # the work outlasts its caller's deadline
+
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.create_task(late_write())
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins
+
+
+_SPEND = Statement(
+    "test.spend",
+    "UPDATE ledger_accounts SET balance = balance - 1 WHERE account_id = :account",
+)
