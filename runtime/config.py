@@ -70,6 +70,12 @@ class ServiceSettings(BaseSettings):
     reflection: bool = True
     grace_seconds: float = 5.0
     max_concurrent_rpcs: int = 2000
+    """gRPC's own bound on calls in flight (refused RESOURCE_EXHAUSTED beyond it, no queue)."""
+    max_in_flight_rpcs: int = 512
+    """Calls in flight beyond which new ones are refused at once (OVERLOADED, see runtime.shedding)."""
+    max_queue_seconds: float = 0.5
+    """How long a new call may expect to wait behind those in flight before it is refused instead
+    (OVERLOADED with a RetryInfo): accepted calls keep their latency through a burst."""
     max_message_bytes: int = 1024 * 1024
     log_level: str = "INFO"
     downstream_timeout_seconds: float = 5.0

@@ -42,6 +42,7 @@ from runtime.errors import (
 from runtime.outages import outage_of
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
+from runtime.shedding import LoadShedder
 from runtime.status import abort, from_rpc_error
 from runtime.validation import RequestValidator
 
@@ -80,9 +81,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         verifier: TokenVerifier,
         limiter: RateLimiter,
         audit: AdminAudit,
+        shedder: LoadShedder | None = None,
         validator: RequestValidator | None = None,
     ) -> None:
         self._domain = error_domain
+        self._shedder = shedder
         self._access = access
         self._verifier = verifier
         self._limiter = limiter
@@ -160,12 +163,16 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     ) -> Behavior:
         async def guarded(raw: Any, context: RpcContext) -> Any:
             audited = False
+            started: float | None = None
             principal: Principal | None = None
             request: Any = raw
             try:
                 request = _parse(parse, raw)
-                deadlines.set_deadline(context.time_remaining())
+                remaining = context.time_remaining()
+                deadlines.set_deadline(remaining)
                 deadlines.check("the work started")
+                if self._shedder is not None:
+                    started = self._shedder.admit(remaining)
                 principal = self._principal(context)
                 audited = await self._admit(principal, rule, method, request)
                 set_principal(principal)
@@ -202,6 +209,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                     incident_id=incident,
                 )
                 await self._refuse(context, internal, principal, method, request, audited)
+            finally:
+                if started is not None:
+                    assert self._shedder is not None
+                    self._shedder.done(started)
 
         return guarded
 

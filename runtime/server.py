@@ -43,6 +43,7 @@ from runtime.idempotency import Idempotency
 from runtime.interceptors import RequestGuard
 from runtime.outages import outage_of
 from runtime.ratelimit import RateLimiter, TokenBuckets
+from runtime.shedding import LoadShedder
 from runtime.telemetry import configure_logging, make_tracer_provider
 from runtime.tls import server_credentials
 
@@ -129,6 +130,7 @@ class RunningService(Generic[S]):
     health_port: int
     health: health.aio.HealthServicer
     health_server: grpc.aio.Server
+    shedder: LoadShedder
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -234,6 +236,9 @@ async def start_service(
             await owner.close()
     db = Database(url, provider, role=settings.database_role)
     audit = AdminAudit(db, clock)
+    shedder = LoadShedder(
+        max_in_flight=settings.max_in_flight_rpcs, max_queue_seconds=settings.max_queue_seconds
+    )
     health_check = "/grpc.health.v1.Health/Check"
     access = {**spec.access, **AdminAuditApi.ACCESS, health_check: Access(needs_user=False)}
     server = grpc.aio.server(
@@ -250,6 +255,7 @@ async def start_service(
                     TokenBuckets(security.caller_rate_per_second, security.caller_rate_burst),
                 ),
                 audit=audit,
+                shedder=shedder,
             ),
         ],
         options=[
@@ -287,7 +293,9 @@ async def start_service(
     await health_server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningService(spec, runtime, port, health_port, health_servicer, health_server)
+    running = RunningService(
+        spec, runtime, port, health_port, health_servicer, health_server, shedder
+    )
     running._tasks = [
         asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers
     ]

@@ -1,0 +1,130 @@
+"""Shedding load: a burst the service cannot absorb is refused at once (RESOURCE_EXHAUSTED OVERLOADED
+with a RetryInfo) instead of queueing everyone until their deadlines pass, and the service serves
+normally again as soon as calls are fast again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coins.wallet.v1 import wallet_pb2
+from runtime.errors import ResourceExhausted
+from runtime.shedding import LoadShedder
+from runtime.status import error_info, retry_info
+from tests.faults import TcpProxy, suite_with_wallet_db_behind_proxy
+from tests.helpers import eventually, funded_user
+from tests.suite import Suite
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_step_up_in_healthy_load_is_admitted() -> None:
+    clock = FakeTime()
+    shedder = LoadShedder(max_in_flight=512, max_queue_seconds=0.5, now=clock)
+    starts = [shedder.admit(5.0) for _ in range(64)]  # 0 -> 64 in flight at once
+    clock.now += 0.1
+    for started in starts[:32]:
+        shedder.done(started)  # fast calls: 0.1 s each
+    for _ in range(32):
+        shedder.admit(5.0)  # still admitted
+    assert shedder.in_flight == 64
+
+
+def test_when_even_the_fastest_calls_are_slow_new_ones_are_refused_until_they_are_fast() -> None:
+    clock = FakeTime()
+    shedder = LoadShedder(max_in_flight=512, max_queue_seconds=0.5, now=clock)
+    starts = [shedder.admit(5.0) for _ in range(40)]
+    clock.now += 2.0  # a burst: everything waited two seconds
+    for started in starts[:10]:
+        shedder.done(started)
+    with pytest.raises(ResourceExhausted) as refused:
+        shedder.admit(5.0)
+    assert refused.value.reason == "OVERLOADED" and refused.value.retry_after
+    for started in starts[10:]:
+        shedder.done(started)
+    assert shedder.in_flight == 0
+    clock.now += 0.6  # the slow calls are out of the window
+    quick = [shedder.admit(5.0) for _ in range(8)]
+    clock.now += 0.05
+    for started in quick:
+        shedder.done(started)
+    assert [shedder.admit(5.0) for _ in range(20)]  # ... and keeps admitting
+
+
+def test_a_call_whose_deadline_is_shorter_than_calls_take_is_refused() -> None:
+    clock = FakeTime()
+    shedder = LoadShedder(max_in_flight=512, max_queue_seconds=10.0, now=clock)
+    for _ in range(50):  # calls take 0.3 s
+        started = shedder.admit(None)
+        clock.now += 0.3
+        shedder.done(started)
+    for _ in range(8):
+        shedder.admit(None)
+    with pytest.raises(ResourceExhausted):
+        shedder.admit(0.05)
+    shedder.admit(1.0)
+
+
+def test_beyond_the_in_flight_bound_calls_are_refused() -> None:
+    shedder = LoadShedder(max_in_flight=10, max_queue_seconds=0.5, now=FakeTime())
+    for _ in range(10):
+        shedder.admit(None)
+    with pytest.raises(ResourceExhausted):
+        shedder.admit(None)
+
+
+@pytest.fixture
+async def wallet_behind_proxy(tmp_path: Path) -> AsyncIterator[tuple[Suite, TcpProxy]]:
+    async with suite_with_wallet_db_behind_proxy(tmp_path) as running:
+        yield running
+
+
+async def test_a_burst_is_refused_fast_and_the_service_recovers(
+    wallet_behind_proxy: tuple[Suite, TcpProxy],
+) -> None:
+    suite, proxy = wallet_behind_proxy
+    user, coins = await funded_user(suite)
+    request = wallet_pb2.GetBalanceRequest(user_id=user)
+
+    async def balance() -> int | str:
+        try:
+            answer = await suite.wallet.GetBalance(request, timeout=5.0)
+        except grpc.aio.AioRpcError as error:
+            info = error_info(error)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            assert info is not None and info.reason == "OVERLOADED"
+            assert retry_info(error) is not None
+            return "refused"
+        return answer.balance.coins
+
+    # The database stalls: the calls in flight wait longer than the queue budget (0.5 s).
+    proxy.hold()
+    shedder = suite.services["wallet"].shedder
+    stalled = [asyncio.create_task(balance()) for _ in range(30)]
+
+    async def stalled_past_budget() -> bool:
+        return shedder.in_flight >= 30 and shedder.oldest_waiting() > 0.5
+
+    await eventually(stalled_past_budget, "30 calls stalled past the queue budget")
+    # A burst meets the stalled service: it is refused at once rather than queued.
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    burst = await asyncio.gather(*(balance() for _ in range(60)))
+    assert set(burst) == {"refused"} and loop.time() - began < 1.0
+    proxy.heal()
+    assert set(await asyncio.gather(*stalled)) == {coins}  # admitted before: all served
+
+    async def recovered() -> bool:
+        return set(await asyncio.gather(*(balance() for _ in range(20)))) == {coins}
+
+    await eventually(recovered, "every call served again")
