@@ -22,7 +22,7 @@ class LedgerAuditApi(ledger_audit_pb2_grpc.LedgerAuditServiceServicer):
     async def AuditLedger(
         self, request: ledger_audit_pb2.AuditLedgerRequest, context: RpcContext
     ) -> ledger_audit_pb2.AuditLedgerResponse:
-        async with self._db.read() as conn:
+        async with self._db.snapshot() as conn:  # balances and entries of one moment
             report = await self._ledger.audit(conn)
 
         def differences(

@@ -78,6 +78,22 @@ class Database:
             deadlines.check("the transaction committed")
 
     @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """Reads that all see one moment of the database, for audits that compare one table with
+        another while writes go on: a read-only REPEATABLE READ transaction on PostgreSQL; on SQLite,
+        the process's write lock held (writes wait; SQLite's readers are not snapshot-consistent
+        across statements otherwise)."""
+        if self._write_lock is None:
+            async with self.engine.connect() as conn:
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+                async with conn.begin():
+                    await conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                    yield conn
+            return
+        async with self._write_lock, self.engine.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             yield conn

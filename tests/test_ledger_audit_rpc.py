@@ -3,6 +3,7 @@ recomputed at any time, and a tampered entry shows up in the answer."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import grpc
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.payout.v1 import payout_pb2
+from coins.wallet.v1 import wallet_pb2
 from ledger import entries
 from tests.helpers import expect_error, funded_user, new_id, rewrite_history
 from tests.suite import Suite
@@ -63,3 +65,35 @@ async def test_a_tampered_entry_is_reported(private_suite: Suite) -> None:
     assert [d.account_id for d in report.balance_differences] == [f"user:{user}"]
     assert report.total != 0
     assert f"user:{user}" in {f.id for f in report.broken_chains}
+
+
+async def test_an_audit_during_heavy_posting_sees_one_moment(suite: Suite) -> None:
+    """Balances and entries are read from one snapshot: postings that commit while the audit runs
+    never show up as differences that are not there."""
+    users = [await funded_user(suite) for _ in range(4)]
+    gifting = suite.as_caller("gifting").wallet
+    admin = suite.token(new_id("ops"), admin=True)
+    stop = asyncio.Event()
+
+    async def spend(user: str) -> None:
+        while not stop.is_set():
+            await gifting.DebitCoins(
+                wallet_pb2.DebitCoinsRequest(
+                    request_id=new_id("gift:"),
+                    user_id=user,
+                    coins=1,
+                    reason=wallet_pb2.DEBIT_REASON_GIFT,
+                    reference="race",
+                )
+            )
+
+    spenders = [asyncio.create_task(spend(user)) for user, _ in users for _ in range(3)]
+    try:
+        for _ in range(6):
+            report = await auditor(suite, "wallet").AuditLedger(
+                ledger_audit_pb2.AuditLedgerRequest(), metadata=admin
+            )
+            assert report.ok, report
+    finally:
+        stop.set()
+        await asyncio.gather(*spenders)
