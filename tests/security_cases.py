@@ -370,6 +370,22 @@ async def _set_gift(suite: Suite) -> Sample:
     return Sample(request, new_id("admin"), admin=True, mutates=True)
 
 
+@sample(GIFTING, "ListParkedCredits")
+async def _list_parked_credits(suite: Suite) -> Sample:
+    request = gifting_pb2.ListParkedCreditsRequest(page_size=5)
+    return Sample(request, new_id("admin"), admin=True)
+
+
+@sample(GIFTING, "RedeliverParkedCredits")
+async def _redeliver_parked_credits(suite: Suite) -> Sample:
+    request = gifting_pb2.RedeliverParkedCreditsRequest(
+        request_id=new_id("redeliver"),
+        sent_gift_ids=[new_id("gift")],  # none parked: the audit trail is what changes
+        reason="security test sample",
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
 # --------------------------------------------------------------------------------------------- payout
 
 

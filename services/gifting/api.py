@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
@@ -12,7 +14,7 @@ from runtime.pagination import decode_token, encode_token, int64, page_size, tex
 from runtime.protos import RpcContext
 from runtime.server import Runtime
 from services.gifting import storage
-from services.gifting.convert import gift_pb, sent_gift_pb
+from services.gifting.convert import gift_pb, parked_credit_pb, sent_gift_pb
 from services.gifting.domain import Gifting, GiftOrder, Target
 from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
@@ -25,6 +27,8 @@ ACCESS = method_rules(
         "GetGift": Access.record_owner(),
         "ListTopGifters": Access.user(),  # a LIVE's leaderboard is public to signed-in users
         "SetGift": Access.admin_only(),
+        "ListParkedCredits": Access.admin_only(),
+        "RedeliverParkedCredits": Access.admin_only(),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -36,12 +40,14 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         runtime: Runtime[GiftingSettings],
         gifting: Gifting,
         sender: GiftSender,
+        wake_relay: Callable[[], None],
     ) -> None:
         self._rt = runtime
         self._db = runtime.db
         self._idempotency = runtime.idempotency
         self._gifting = gifting
         self._sender = sender
+        self._wake_relay = wake_relay
 
     async def ListGifts(
         self, request: gifting_pb2.ListGiftsRequest, context: RpcContext
@@ -129,3 +135,37 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             ],
             next_page_token=token,
         )
+
+    async def ListParkedCredits(
+        self, request: gifting_pb2.ListParkedCreditsRequest, context: RpcContext
+    ) -> gifting_pb2.ListParkedCreditsResponse:
+        size = page_size(request.page_size, default=50, maximum=500)
+        after = decode_token(request.page_token, "parked", int64)
+        async with self._db.read() as conn:
+            rows = await self._gifting.parked_credits(
+                conn, limit=size + 1, after_outbox_id=after[0] if after else None
+            )
+        token = encode_token("parked", rows[size - 1].outbox_id) if len(rows) > size else ""
+        return gifting_pb2.ListParkedCreditsResponse(
+            credits=[parked_credit_pb(r) for r in rows[:size]], next_page_token=token
+        )
+
+    async def RedeliverParkedCredits(
+        self, request: gifting_pb2.RedeliverParkedCreditsRequest, context: RpcContext
+    ) -> gifting_pb2.RedeliverParkedCreditsResponse:
+        admin = current_principal().require_admin()
+
+        async def effect(conn: AsyncConnection) -> gifting_pb2.RedeliverParkedCreditsResponse:
+            count = await self._gifting.redeliver(
+                conn, list(request.sent_gift_ids), self._rt.clock.now()
+            )
+            return gifting_pb2.RedeliverParkedCreditsResponse(redelivered=count)
+
+        response = await self._idempotency.once(
+            f"RedeliverParkedCredits:{admin}",
+            request,
+            gifting_pb2.RedeliverParkedCreditsResponse,
+            effect,
+        )
+        self._wake_relay()
+        return response

@@ -43,3 +43,14 @@ def gift_pb(gift: storage.GiftRecord) -> gifting_pb2.Gift:
     return gifting_pb2.Gift(
         gift_id=gift.gift_id, name=gift.name, coins=gift.coins, streakable=gift.streakable
     )
+
+
+def parked_credit_pb(credit: storage.ParkedCreditRecord) -> gifting_pb2.ParkedCredit:
+    return gifting_pb2.ParkedCredit(
+        sent_gift_id=credit.sent_gift_id,
+        creator_id=credit.creator_id,
+        coins=credit.coins,
+        attempts=credit.attempts,
+        last_error=credit.last_error,
+        create_time=timestamp(credit.created_at),
+    )

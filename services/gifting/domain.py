@@ -116,6 +116,19 @@ class Gifting:
         """Add or change a catalog entry (made by `catalog_entry`)."""
         await storage.put_gift(conn, gift)
 
+    async def parked_credits(
+        self, conn: AsyncConnection, *, limit: int, after_outbox_id: int | None
+    ) -> list[storage.ParkedCreditRecord]:
+        """Credits the payout service refused for good, waiting for an operator, oldest first."""
+        return await storage.parked_credits(conn, limit=limit, after_outbox_id=after_outbox_id)
+
+    async def redeliver(
+        self, conn: AsyncConnection, sent_gift_ids: Sequence[str], now: dt.datetime
+    ) -> int:
+        """Put parked credits back on the outbox (their cause fixed); delivered credits and credits
+        still on their way are left alone. Payout credits each gift once, whatever happened before."""
+        return await storage.unpark_credits(conn, sent_gift_ids, now)
+
     def new_sent_gift_id(self) -> str:
         return uuid.uuid4().hex
 

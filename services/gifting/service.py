@@ -30,7 +30,7 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
         lambda: sender.reconcile(stale, time_limit=settings.downstream_timeout_seconds),
     )
     gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
-        GiftingApi(runtime, gifting, sender), runtime.server
+        GiftingApi(runtime, gifting, sender, relay.wake.set), runtime.server
     )
 
 

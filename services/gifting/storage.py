@@ -492,3 +492,64 @@ async def mark_failed_attempt(
             dead=dead,
         )
     )
+
+
+@dataclass(frozen=True)
+class ParkedCreditRecord:
+    outbox_id: int
+    sent_gift_id: str
+    creator_id: str
+    coins: int
+    attempts: int
+    last_error: str
+    created_at: dt.datetime
+
+
+async def parked_credits(
+    conn: AsyncConnection, *, limit: int, after_outbox_id: int | None
+) -> list[ParkedCreditRecord]:
+    """Credits parked for an operator, oldest first (partial index ix_credit_outbox_parked)."""
+    query = (
+        select(
+            credit_outbox.c.outbox_id,
+            credit_outbox.c.sent_gift_id,
+            credit_outbox.c.creator_id,
+            credit_outbox.c.coins,
+            credit_outbox.c.attempts,
+            credit_outbox.c.last_error,
+            credit_outbox.c.created_at,
+        )
+        .where(credit_outbox.c.dead, credit_outbox.c.delivered_at.is_(None))
+        .order_by(credit_outbox.c.outbox_id)
+        .limit(limit)
+    )
+    if after_outbox_id is not None:
+        query = query.where(credit_outbox.c.outbox_id > after_outbox_id)
+    return [
+        ParkedCreditRecord(
+            int(r.outbox_id),
+            r.sent_gift_id,
+            r.creator_id,
+            int(r.coins),
+            int(r.attempts),
+            r.last_error,
+            utc(r.created_at),
+        )
+        for r in await conn.execute(query)
+    ]
+
+
+async def unpark_credits(
+    conn: AsyncConnection, sent_gift_ids: Sequence[str], now: dt.datetime
+) -> int:
+    """Put these gifts' parked credits back on the outbox, due now; returns how many were parked."""
+    result = await conn.execute(
+        update(credit_outbox)
+        .where(
+            credit_outbox.c.sent_gift_id.in_(sent_gift_ids),
+            credit_outbox.c.dead,
+            credit_outbox.c.delivered_at.is_(None),
+        )
+        .values(dead=False, next_attempt_at=now)
+    )
+    return int(result.rowcount)

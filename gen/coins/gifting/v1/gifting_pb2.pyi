@@ -473,3 +473,155 @@ class SetGiftResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetGiftResponse: _TypeAlias = SetGiftResponse  # noqa: Y015
+
+@_typing.final
+class ParkedCredit(_message.Message):
+    """A gift's diamond credit that the payout service refused for good."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_GIFT_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    sent_gift_id: _builtins.str
+    """The sent gift the credit is for."""
+    creator_id: _builtins.str
+    """The creator to credit."""
+    coins: _builtins.int
+    """The gift's coins (the payout service turns them into diamonds)."""
+    attempts: _builtins.int
+    """Delivery attempts so far."""
+    last_error: _builtins.str
+    """The refusal that parked it (reason: message)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the gift's credit was queued."""
+
+    def __init__(
+        self,
+        *,
+        sent_gift_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        coins: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "coins", b"coins", "create_time", b"create_time", "creator_id", b"creator_id", "last_error", b"last_error", "sent_gift_id", b"sent_gift_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParkedCredit: _TypeAlias = ParkedCredit  # noqa: Y015
+
+@_typing.final
+class ListParkedCreditsRequest(_message.Message):
+    """Request for ListParkedCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum credits to return; 0 means the default of 50."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response, to continue a listing."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListParkedCreditsRequest: _TypeAlias = ListParkedCreditsRequest  # noqa: Y015
+
+@_typing.final
+class ListParkedCreditsResponse(_message.Message):
+    """Response for ListParkedCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDITS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def credits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParkedCredit]:
+        """Parked credits, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        credits: _abc.Iterable[Global___ParkedCredit] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListParkedCreditsResponse: _TypeAlias = ListParkedCreditsResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverParkedCreditsRequest(_message.Message):
+    """Request for RedeliverParkedCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SENT_GIFT_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    reason: _builtins.str
+    """Why they are redelivered (what was fixed), for the audit trail."""
+    @_builtins.property
+    def sent_gift_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sent gifts whose parked credits to deliver again; credits not parked are left as they are."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        sent_gift_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "sent_gift_ids", b"sent_gift_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverParkedCreditsRequest: _TypeAlias = RedeliverParkedCreditsRequest  # noqa: Y015
+
+@_typing.final
+class RedeliverParkedCreditsResponse(_message.Message):
+    """Response for RedeliverParkedCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REDELIVERED_FIELD_NUMBER: _builtins.int
+    redelivered: _builtins.int
+    """How many parked credits went back on the outbox."""
+    def __init__(
+        self,
+        *,
+        redelivered: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redelivered", b"redelivered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverParkedCreditsResponse: _TypeAlias = RedeliverParkedCreditsResponse  # noqa: Y015

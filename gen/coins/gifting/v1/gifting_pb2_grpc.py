@@ -64,6 +64,16 @@ class GiftingServiceStub:
                 request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.SerializeToString,
                 response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.FromString,
                 _registered_method=True)
+        self.ListParkedCredits = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/ListParkedCredits',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListParkedCreditsRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListParkedCreditsResponse.FromString,
+                _registered_method=True)
+        self.RedeliverParkedCredits = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/RedeliverParkedCredits',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsResponse.FromString,
+                _registered_method=True)
 
 
 class GiftingServiceServicer:
@@ -83,8 +93,9 @@ class GiftingServiceServicer:
 
     def SendGift(self, request, context):
         """Sends `count` gifts of one kind from a viewer to a creator.
-        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND) or
-        FAILED_PRECONDITION (INSUFFICIENT_FUNDS).
+        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
+        RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
+        (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +118,22 @@ class GiftingServiceServicer:
     def SetGift(self, request, context):
         """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
         the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListParkedCredits(self, request, context):
+        """Admin: the diamond credits the payout service refused for good ("parked"), oldest first. The coins
+        are debited and the gift recorded; only the creator's credit waits, for an operator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverParkedCredits(self, request, context):
+        """Admin: puts parked credits back on the outbox once their cause is fixed; they are delivered again,
+        still exactly once per gift. Requires a reason; recorded in the admin audit trail.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +166,16 @@ def add_GiftingServiceServicer_to_server(servicer, server):
                     servicer.SetGift,
                     request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.FromString,
                     response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.SerializeToString,
+            ),
+            'ListParkedCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListParkedCredits,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListParkedCreditsRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListParkedCreditsResponse.SerializeToString,
+            ),
+            'RedeliverParkedCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverParkedCredits,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +318,60 @@ class GiftingService:
             '/coins.gifting.v1.GiftingService/SetGift',
             coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.SerializeToString,
             coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListParkedCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/ListParkedCredits',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListParkedCreditsRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListParkedCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverParkedCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/RedeliverParkedCredits',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,8 +42,9 @@ class GiftingServiceStub:
     """Lists the gift catalog, cheapest first."""
     SendGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.SendGiftRequest, _gifting_pb2.SendGiftResponse]
     """Sends `count` gifts of one kind from a viewer to a creator.
-    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND) or
-    FAILED_PRECONDITION (INSUFFICIENT_FUNDS).
+    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
+    RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
+    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
     """
     GetGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.GetGiftRequest, _gifting_pb2.GetGiftResponse]
     """Reads one sent gift."""
@@ -52,6 +53,14 @@ class GiftingServiceStub:
     SetGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.SetGiftRequest, _gifting_pb2.SetGiftResponse]
     """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+    """
+    ListParkedCredits: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.ListParkedCreditsRequest, _gifting_pb2.ListParkedCreditsResponse]
+    """Admin: the diamond credits the payout service refused for good ("parked"), oldest first. The coins
+    are debited and the gift recorded; only the creator's credit waits, for an operator.
+    """
+    RedeliverParkedCredits: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.RedeliverParkedCreditsRequest, _gifting_pb2.RedeliverParkedCreditsResponse]
+    """Admin: puts parked credits back on the outbox once their cause is fixed; they are delivered again,
+    still exactly once per gift. Requires a reason; recorded in the admin audit trail.
     """
 
 @_typing.type_check_only
@@ -68,8 +77,9 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     """Lists the gift catalog, cheapest first."""
     SendGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.SendGiftRequest, _gifting_pb2.SendGiftResponse]  # type: ignore[assignment]
     """Sends `count` gifts of one kind from a viewer to a creator.
-    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND) or
-    FAILED_PRECONDITION (INSUFFICIENT_FUNDS).
+    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
+    RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
+    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
     """
     GetGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.GetGiftRequest, _gifting_pb2.GetGiftResponse]  # type: ignore[assignment]
     """Reads one sent gift."""
@@ -78,6 +88,14 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     SetGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.SetGiftRequest, _gifting_pb2.SetGiftResponse]  # type: ignore[assignment]
     """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+    """
+    ListParkedCredits: _aio.UnaryUnaryMultiCallable[_gifting_pb2.ListParkedCreditsRequest, _gifting_pb2.ListParkedCreditsResponse]  # type: ignore[assignment]
+    """Admin: the diamond credits the payout service refused for good ("parked"), oldest first. The coins
+    are debited and the gift recorded; only the creator's credit waits, for an operator.
+    """
+    RedeliverParkedCredits: _aio.UnaryUnaryMultiCallable[_gifting_pb2.RedeliverParkedCreditsRequest, _gifting_pb2.RedeliverParkedCreditsResponse]  # type: ignore[assignment]
+    """Admin: puts parked credits back on the outbox once their cause is fixed; they are delivered again,
+    still exactly once per gift. Requires a reason; recorded in the admin audit trail.
     """
 
 class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -103,8 +121,9 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gifting_pb2.SendGiftResponse, _abc.Awaitable[_gifting_pb2.SendGiftResponse]]:
         """Sends `count` gifts of one kind from a viewer to a creator.
-        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND) or
-        FAILED_PRECONDITION (INSUFFICIENT_FUNDS).
+        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
+        RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
+        (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
         """
 
     @_abc_1.abstractmethod
@@ -131,6 +150,26 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gifting_pb2.SetGiftResponse, _abc.Awaitable[_gifting_pb2.SetGiftResponse]]:
         """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
         the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+        """
+
+    @_abc_1.abstractmethod
+    def ListParkedCredits(
+        self,
+        request: _gifting_pb2.ListParkedCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.ListParkedCreditsResponse, _abc.Awaitable[_gifting_pb2.ListParkedCreditsResponse]]:
+        """Admin: the diamond credits the payout service refused for good ("parked"), oldest first. The coins
+        are debited and the gift recorded; only the creator's credit waits, for an operator.
+        """
+
+    @_abc_1.abstractmethod
+    def RedeliverParkedCredits(
+        self,
+        request: _gifting_pb2.RedeliverParkedCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.RedeliverParkedCreditsResponse, _abc.Awaitable[_gifting_pb2.RedeliverParkedCreditsResponse]]:
+        """Admin: puts parked credits back on the outbox once their cause is fixed; they are delivered again,
+        still exactly once per gift. Requires a reason; recorded in the admin audit trail.
         """
 
 def add_GiftingServiceServicer_to_server(servicer: GiftingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
