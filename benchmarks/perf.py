@@ -779,8 +779,8 @@ async def postgres_reachable() -> str | None:
     return None
 
 
-async def _pg_admin(statement: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+async def _pg_admin(statement: str, admin_url: str = PG_ADMIN_URL) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=10)
     try:
         await conn.execute(statement)
     finally:
@@ -801,6 +801,11 @@ class SuiteProcesses:
     databases: list[str] = field(default_factory=list)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    pg_admin_url: str = PG_ADMIN_URL
+    """The PostgreSQL server the services' databases are made on (the chaos test brings its own)."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """Extra environment settings (after the benchmark's own)."""
+    env: dict[str, str] = field(default_factory=dict)
 
     def environment(self, urls: dict[str, str]) -> dict[str, str]:
         env = clean_environment()
@@ -826,30 +831,34 @@ class SuiteProcesses:
             env[f"{prefix}_HEALTH_PORT"] = str(self.health_ports[name])
             env[f"{prefix}_DATA_DIR"] = str(self.tmp / "data")
             env[f"{prefix}_DATABASE_URL"] = urls.get(name, "")
-        return env
+        return env | self.settings
 
     async def start(self) -> None:
-        self.ports = {name: free_port() for name in SERVICES}
-        self.health_ports = {name: free_port() for name in SERVICES}
+        self.ports = self.ports or {name: free_port() for name in SERVICES}
+        self.health_ports = self.health_ports or {name: free_port() for name in SERVICES}
         urls: dict[str, str] = {}
         if self.backend == "postgres":
             run = self.run
-            base = PG_ADMIN_URL.rsplit("/", 1)[0].replace(
+            base = self.pg_admin_url.rsplit("/", 1)[0].replace(
                 "postgresql://", "postgresql+asyncpg://", 1
             )
             for name in SERVICES:
                 database = f"coins_bench_{name}_{run}"
-                await _pg_admin(f'CREATE DATABASE "{database}"')
+                await _pg_admin(f'CREATE DATABASE "{database}"', self.pg_admin_url)
                 self.databases.append(database)
                 urls[name] = f"{base}/{database}"
-        env = self.environment(urls)
+        self.env = self.environment(urls)
         for name in SERVICES:
-            self.children[name] = await spawn(name, ["-m", f"services.{name}"], env, self.logs)
-        await self._wait_serving()
+            self.children[name] = await spawn(name, ["-m", f"services.{name}"], self.env, self.logs)
+        await self.wait_serving()
 
-    async def _wait_serving(self) -> None:
+    async def restart(self, name: str) -> None:
+        """Start a service again (after it was killed), with the same settings."""
+        self.children[name] = await spawn(name, ["-m", f"services.{name}"], self.env, self.logs)
+
+    async def wait_serving(self, names: Iterable[str] = SERVICES) -> None:
         deadline = time.monotonic() + 90
-        pending = set(SERVICES)
+        pending = set(names)
         while pending:
             for name in sorted(pending):
                 child = self.children[name]
@@ -926,7 +935,9 @@ class SuiteProcesses:
                 self.exit_codes[name] = await self.children[name].stop()
         for database in self.databases:
             with contextlib.suppress(Exception):
-                await _pg_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                await _pg_admin(
+                    f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)', self.pg_admin_url
+                )
 
 
 async def _serving(port: int) -> bool:

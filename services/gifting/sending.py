@@ -69,14 +69,15 @@ class GiftSender:
                 coins=sent.coins,
                 time_limit=time_limit,
             )
-        except DomainError as error:
+        except DomainError as refused:
+            error = _voided(sent.sent_gift_id) if refused.reason == "REQUEST_ID_REUSED" else refused
             if not error.retryable:
                 answer = self._idempotency.answer(scope, request, error=error)
                 async with self._db.driver.transaction() as tx:
                     await self._gifting.record_failure(
                         tx, sent.sent_gift_id, self._clock.now(), answer
                     )
-            raise
+            raise error from None
         response = send_gift_response(replace(sent, status="debited"), balance)
         answer = self._idempotency.answer(scope, request, response=response)
         async with self._db.driver.transaction(single_statement=True) as tx:
@@ -128,7 +129,9 @@ class GiftSender:
                     await self._idempotency.complete_resource(
                         conn,
                         sent.sent_gift_id,
-                        error=FailedPrecondition(
+                        error=_voided(sent.sent_gift_id)
+                        if outcome == "DEBIT_VOIDED"
+                        else FailedPrecondition(
                             outcome, f"the gift was not sent: the wallet answered {outcome}"
                         ),
                     )
@@ -136,3 +139,15 @@ class GiftSender:
         if settled:
             self._wake_relay()
         return settled
+
+
+def _voided(sent_gift_id: str) -> FailedPrecondition:
+    """The gift's answer when its debit was voided by reconciliation (the wallet never took the coins,
+    and never will under that gift): the wallet says REQUEST_ID_REUSED to a debit that arrives after
+    that, which for the gift's own retry means exactly this."""
+    return FailedPrecondition(
+        "DEBIT_VOIDED",
+        "the gift was not sent: it was left unfinished and settled as failed (no coins moved); "
+        "send it again with a new request_id",
+        sent_gift_id=sent_gift_id,
+    )

@@ -1,0 +1,418 @@
+"""Chaos: the four services as separate processes on a PostgreSQL of the test's own, a gift workload
+whose callers retry under the same request id (and some that give up), and a nemesis that SIGKILLs and
+restarts services, pauses them (SIGSTOP/SIGCONT), crashes the database, and cuts or holds the
+network between gifting and the wallet (an in-repo TCP proxy). After healing, the books
+must add up across all databases: every acknowledged gift happened exactly once, every gift is settled
+(debited and credited, or failed), coins and diamonds match gift by gift, and both ledger audits are
+clean.
+
+Bounded (about a minute) and reproducible: the seed is printed; COINS_CHAOS_SEED=<seed> replays it.
+Needs PostgreSQL's initdb and pg_ctl on PATH (CI's machine has them): without them the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
+import grpc
+import grpc.aio
+from google.type import date_pb2
+
+from benchmarks.perf import SERVICES, SuiteProcesses, free_port, gateway_credentials
+from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
+from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from runtime import pki
+from runtime.auth import TokenIssuer, token_metadata
+from runtime.status import error_info
+from tests.faults import TcpProxy
+from tests.helpers import eventually
+
+if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi
+    from coins.gifting.v1.gifting_pb2_grpc import GiftingServiceAsyncStub
+    from coins.wallet.v1.wallet_pb2_grpc import WalletServiceAsyncStub
+
+WORK_SECONDS = 20.0
+"""How long the workload and the nemesis run before healing."""
+SETTLE_SECONDS = 90.0
+"""How long healing may take: retries answered, reconcilers and the outbox done."""
+VIEWERS, CREATORS, WORKERS = 6, 3, 12
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,  # a crash mid-call; the request id makes a retry safe
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster in a temporary folder on a free port, which the nemesis may crash."""
+
+    def __init__(self) -> None:
+        # Its own folder (not pytest's, which only root may enter): the server runs as postgres.
+        self.root = Path(tempfile.mkdtemp(prefix="coins-chaos-pg-"))
+        self.data = self.root / "data"
+        self.sockets = self.root / "sockets"
+        self.port = free_port()
+        self.log = self.root / "postgres.log"
+        self._as_postgres: list[str] = []
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    async def _run(self, *command: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *self._as_postgres,
+            *command,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await process.communicate()
+        assert process.returncode == 0, f"{' '.join(command)}: {out.decode()[-1500:]}"
+
+    async def init(self) -> None:
+        for tool in ("initdb", "pg_ctl"):
+            assert shutil.which(tool), f"{tool} is needed on PATH for the chaos test"
+        self.sockets.mkdir()
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            self._as_postgres = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.sockets, "postgres")
+        await self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N")
+        await self.start()
+
+    async def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c max_connections=200"
+        )
+        await self._run(
+            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start"
+        )
+
+    async def crash(self) -> None:
+        await self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
+
+    async def stop(self) -> None:
+        with contextlib.suppress(AssertionError):
+            await self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class Ledger:
+    """What the callers were told."""
+
+    acked: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    """request id -> (sent gift id, sender, coins) of every acknowledged gift."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """request id -> the definitive refusal's code."""
+    abandoned: set[str] = field(default_factory=set)
+    """request ids a caller gave up on (the reconciler settles their gifts)."""
+    retried_codes: dict[str, int] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def chaos_suite(
+    root: Path,
+) -> AsyncIterator[tuple[SuiteProcesses, PrivatePostgres, TcpProxy]]:
+    """The suite on its own PostgreSQL, gifting reaching the wallet through a proxy the nemesis
+    can cut or hold."""
+    postgres = PrivatePostgres()
+    await postgres.init()
+    ports = {name: free_port() for name in SERVICES}
+    link = await TcpProxy("127.0.0.1", ports["wallet"]).start()
+    certs = root / "certs"
+    pki.ensure_dev_pki(certs)
+    logs = root / "logs"
+    logs.mkdir()
+    suite = SuiteProcesses(
+        "postgres",
+        root,
+        certs,
+        logs,
+        pg_admin_url=postgres.admin_url,
+        settings={
+            "GIFTING_RECONCILE_AFTER_SECONDS": "3",
+            "GIFTING_RECONCILE_EVERY_SECONDS": "1",
+            "GIFTING_RELAY_MAX_BACKOFF_SECONDS": "1",
+            "GIFTING_DOWNSTREAM_TIMEOUT_SECONDS": "2",
+            "GIFTING_WALLET_ADDRESS": f"127.0.0.1:{link.port}",
+        },
+        ports=ports,
+    )
+    try:
+        await suite.start()
+        yield suite, postgres, link
+    finally:
+        await suite.stop()
+        await link.close()
+        await postgres.stop()
+
+
+class Nemesis:
+    def __init__(
+        self, suite: SuiteProcesses, postgres: PrivatePostgres, link: TcpProxy, rng: random.Random
+    ) -> None:
+        self.suite, self.postgres, self.link, self.rng = suite, postgres, link, rng
+        self.done: list[str] = []
+
+    async def run(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            await asyncio.sleep(self.rng.uniform(1.0, 2.5))
+            fault = self.rng.choice(["kill", "kill", "pause", "crash_database", "cut", "hold"])
+            target = self.rng.choice(["wallet", "gifting", "payout"])
+            self.done.append(f"{fault} {target}" if fault in ("kill", "pause") else fault)
+            if fault in ("cut", "hold"):  # the network between gifting and the wallet
+                if fault == "cut":
+                    self.link.cut()
+                else:
+                    self.link.hold()
+                await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+                self.link.heal()
+            elif fault == "kill":
+                child = self.suite.children[target]
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGKILL)
+                await child.process.wait()
+                await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+                await self.suite.restart(target)
+            elif fault == "pause":
+                child = self.suite.children[target]
+                child.process.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(self.rng.uniform(0.5, 1.5))
+                child.process.send_signal(signal.SIGCONT)
+            else:
+                await self.postgres.crash()
+                await asyncio.sleep(self.rng.uniform(0.3, 1.0))
+                await self.postgres.start()
+
+    async def heal(self) -> None:
+        for name in self.suite.died():
+            await self.suite.restart(name)
+        await self.suite.wait_serving()
+
+
+async def send_gifts(
+    gifting: GiftingServiceAsyncStub,
+    tokens: dict[str, tuple[tuple[str, str], ...]],
+    viewers: Sequence[str],
+    creators: Sequence[str],
+    rng: random.Random,
+    book: Ledger,
+    *,
+    gives_up: bool,
+    work_until: float,
+    answer_until: float,
+) -> None:
+    """One caller: gifts, each retried under its request id until it is answered (or, for a caller
+    that gives up, abandoned at its first failure)."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < work_until:
+        sender = rng.choice(viewers)
+        request = gifting_pb2.SendGiftRequest(
+            request_id=uuid.uuid4().hex,
+            sender_id=sender,
+            creator_id=rng.choice(creators),
+            gift_id=rng.choice(["rose", "panda", "love-bang"]),
+            count=rng.randint(1, 3),
+            live_id="live-chaos",
+        )
+        while True:
+            try:
+                sent = await gifting.SendGift(request, metadata=tokens[sender], timeout=3.0)
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if code not in RETRYABLE:
+                    reason = error_info(error)
+                    book.refused[request.request_id] = f"{code.name} {reason and reason.reason}"
+                    break
+                book.retried_codes[code.name] = book.retried_codes.get(code.name, 0) + 1
+                await asyncio.sleep(rng.uniform(0.1, 0.5))  # as a polite client backs off
+                if gives_up or loop.time() > answer_until:
+                    book.abandoned.add(request.request_id)
+                    break
+                continue
+            book.acked[request.request_id] = (
+                sent.sent_gift.sent_gift_id,
+                sender,
+                sent.sent_gift.coins,
+            )
+            break
+
+
+async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path: Path) -> None:
+    seed = int(os.environ.get("COINS_CHAOS_SEED") or random.randrange(1 << 30))
+    print(f"chaos seed {seed} (COINS_CHAOS_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    async with chaos_suite(tmp_path) as (suite, postgres, link):
+        issuer = TokenIssuer(
+            (suite.certs / "jwt" / f"{pki.DEV_KEY_ID}-key.pem").read_bytes(),
+            key_id=pki.DEV_KEY_ID,
+            issuer="coins-dev",
+            audience="coins",
+        )
+        viewers = [f"viewer-{i}-{seed}" for i in range(VIEWERS)]
+        creators = [f"creator-{i}-{seed}" for i in range(CREATORS)]
+        tokens = {u: tuple(token_metadata(issuer.mint(u))) for u in [*viewers, *creators]}
+        credentials = gateway_credentials(suite.certs)
+        async with (
+            grpc.aio.secure_channel(suite.address("wallet"), credentials) as wallet_channel,
+            grpc.aio.secure_channel(suite.address("gifting"), credentials) as gifting_channel,
+            grpc.aio.secure_channel(suite.address("payout"), credentials) as payout_channel,
+        ):
+            wallet: WalletServiceAsyncStub = wallet_pb2_grpc.WalletServiceStub(wallet_channel)  # type: ignore[assignment]
+            gifting: GiftingServiceAsyncStub = gifting_pb2_grpc.GiftingServiceStub(gifting_channel)  # type: ignore[assignment]
+            bought: dict[str, int] = {}
+            for user in [*viewers, *creators]:
+                await wallet.OpenAccount(
+                    wallet_pb2.OpenAccountRequest(
+                        request_id=uuid.uuid4().hex,
+                        user_id=user,
+                        country_code="US",
+                        birth_date=date_pb2.Date(year=1990, month=1, day=1),
+                    ),
+                    metadata=tokens[user],
+                )
+            for user in viewers:
+                purchase = await wallet.PurchaseCoins(
+                    wallet_pb2.PurchaseCoinsRequest(
+                        request_id=uuid.uuid4().hex,
+                        user_id=user,
+                        package_id="us-web-17500",
+                        payment_token="tok_visa",
+                    ),
+                    metadata=tokens[user],
+                )
+                bought[user] = purchase.balance.coins
+
+            book = Ledger()
+            nemesis = Nemesis(suite, postgres, link, rng)
+            loop = asyncio.get_running_loop()
+            work_until = loop.time() + WORK_SECONDS
+            answer_until = work_until + SETTLE_SECONDS / 2
+            callers = [
+                asyncio.create_task(
+                    send_gifts(
+                        gifting,
+                        tokens,
+                        viewers,
+                        creators,
+                        random.Random(rng.random()),
+                        book,
+                        gives_up=i % 4 == 0,
+                        work_until=work_until,
+                        answer_until=answer_until,
+                    )
+                )
+                for i in range(WORKERS)
+            ]
+            try:
+                await nemesis.run(WORK_SECONDS)
+            finally:
+                await nemesis.heal()
+            await asyncio.gather(*callers)
+            print(f"faults: {nemesis.done}")
+            print(
+                f"acknowledged {len(book.acked)}, refused {len(book.refused)}, abandoned "
+                f"{len(book.abandoned)}, retries {book.retried_codes}"
+            )
+            assert book.acked, "no gift got through: the workload measured nothing"
+            # Refusals are definitive answers: not enough coins, or the reconciler settled a gift
+            # left pending while its caller was still retrying (the wallet never saw the debit, so
+            # it was voided there and the gift failed: nothing moved).
+            refusals = set(book.refused.values())
+            allowed = {"FAILED_PRECONDITION INSUFFICIENT_FUNDS", "FAILED_PRECONDITION DEBIT_VOIDED"}
+            assert refusals <= allowed, refusals
+
+            urls = {
+                name: f"postgresql://postgres@127.0.0.1:{postgres.port}/coins_bench_{name}_{suite.run}"
+                for name in ("wallet", "gifting", "payout")
+            }
+
+            async def settled() -> bool:
+                rows = await fetch(
+                    urls["gifting"],
+                    "SELECT (SELECT count(*) FROM sent_gifts WHERE status = 'pending') + "
+                    "(SELECT count(*) FROM credit_outbox WHERE delivered_at IS NULL)",
+                )
+                return int(rows[0][0]) == 0
+
+            await eventually(settled, "every gift settled and credited", seconds=SETTLE_SECONDS)
+
+            gifts = await fetch(
+                urls["gifting"],
+                "SELECT sent_gift_id, sender_id, creator_id, coins, status FROM sent_gifts",
+            )
+            debited = {g[0]: g for g in gifts if g[4] == "debited"}
+            assert {g[4] for g in gifts} <= {"debited", "failed"}
+            for request_id, (sent_gift_id, sender, coins) in book.acked.items():
+                assert sent_gift_id in debited, (
+                    f"acknowledged gift {sent_gift_id} ({request_id}) lost"
+                )
+                assert (debited[sent_gift_id][1], debited[sent_gift_id][3]) == (sender, coins)
+            dead = await fetch(urls["gifting"], "SELECT count(*) FROM credit_outbox WHERE dead")
+            assert dead[0][0] == 0, "a credit was parked"
+
+            balances = dict(
+                await fetch(
+                    urls["wallet"],
+                    "SELECT account_id, balance FROM ledger_accounts WHERE account_id LIKE 'user:%'",
+                )
+            )
+            for viewer in viewers:
+                spent = sum(g[3] for g in debited.values() if g[1] == viewer)
+                assert balances[f"user:{viewer}"] == bought[viewer] - spent, viewer
+            spend = await fetch(
+                urls["wallet"],
+                "SELECT count(*), coalesce(sum(e.amount), 0) FROM ledger_entries e "
+                "JOIN ledger_transactions t USING (transaction_id) "
+                "WHERE t.kind = 'gift' AND e.account_id = 'system:gift_spend'",
+            )
+            assert (spend[0][0], spend[0][1]) == (
+                len(debited),
+                sum(g[3] for g in debited.values()),
+            ), "wallet gift debits differ from the gifts recorded (a debit lost or doubled)"
+
+            credits = await fetch(
+                urls["payout"], "SELECT credit_key, creator_id, coins FROM gift_credits"
+            )
+            by_gift = {c[0].rsplit("/gift:", 1)[1]: c for c in credits}
+            assert len(credits) == len(by_gift) == len(debited), "a gift credited twice or never"
+            for sent_gift_id, gift in debited.items():
+                assert sent_gift_id in by_gift, f"gift {sent_gift_id} debited but never credited"
+                assert (by_gift[sent_gift_id][1], by_gift[sent_gift_id][2]) == (gift[2], gift[3])
+
+            admin = tuple(token_metadata(issuer.mint("ops-chaos", roles=["admin"])))
+            for channel in (wallet_channel, payout_channel):
+                report = await ledger_audit_pb2_grpc.LedgerAuditServiceStub(channel).AuditLedger(
+                    ledger_audit_pb2.AuditLedgerRequest(), metadata=admin, timeout=30
+                )
+                assert report.ok, report
+            errors, problems, _ = suite.log_problems()
+            print(f"service log errors: {errors} {dict(problems)}")
+
+
+async def fetch(url: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return list(await conn.fetch(query))
+    finally:
+        await conn.close()
