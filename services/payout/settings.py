@@ -29,6 +29,12 @@ class PayoutSettings(ServiceSettings):
     withdrawal_fee_fixed_minor: int = 0
     """The platform charges no fee by default; both are configurable."""
     processor_latency_ms: int = 50
+    processor_timeout_seconds: float = 10.0
+    """How long one processor call may take before it counts as failed and is retried later."""
+    processor_max_backoff_seconds: float = 300.0
+    """The longest pause between two attempts to pay one withdrawal."""
+    processor_calls_at_once: int = 8
+    """Withdrawals paid side by side (one hung call never holds up the others)."""
     credit_batches_at_once: int = 4
     """Credit batches applied at the same time; more wait their turn. Batches lock the same creators'
     rows, so more at once only queue inside PostgreSQL, holding connections and memory."""

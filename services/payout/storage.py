@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Integer,
     LargeBinary,
     MetaData,
     String,
@@ -50,6 +51,9 @@ withdrawals = Table(
     Column("processor_reference", String(128)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_error", String(256), nullable=False),
 )
 
 gift_credits = Table(
@@ -82,12 +86,18 @@ class WithdrawalRecord:
     processor_reference: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    attempts: int = 0
+    """Processor calls that failed (timed out, errored) so far."""
+    next_attempt_at: dt.datetime | None = None
+    last_error: str = ""
 
 
 def _withdrawal(row: object) -> WithdrawalRecord:
     data = row._asdict()  # type: ignore[attr-defined]
     data["created_at"] = utc(data["created_at"])
     data["updated_at"] = utc(data["updated_at"])
+    if data["next_attempt_at"] is not None:
+        data["next_attempt_at"] = utc(data["next_attempt_at"])
     return WithdrawalRecord(**data)
 
 
@@ -265,15 +275,34 @@ async def list_withdrawals(
     return [_withdrawal(row) for row in (await conn.execute(query)).all()]
 
 
-async def due_withdrawals(conn: AsyncConnection, limit: int) -> list[WithdrawalRecord]:
-    """Withdrawals the processor worker still has to pay or finish, oldest first."""
+async def due_withdrawals(
+    conn: AsyncConnection, now: dt.datetime, limit: int
+) -> list[WithdrawalRecord]:
+    """Withdrawals the processor worker has to pay or finish now, oldest first (ix_withdrawals_open);
+    one whose last attempt failed waits for its next attempt."""
     query = (
         select(withdrawals)
-        .where(withdrawals.c.status.in_(("pending", "processing")))
+        .where(
+            withdrawals.c.status.in_(("pending", "processing")),
+            (withdrawals.c.next_attempt_at.is_(None)) | (withdrawals.c.next_attempt_at <= now),
+        )
         .order_by(withdrawals.c.created_at)
         .limit(limit)
     )
     return [_withdrawal(row) for row in (await conn.execute(query)).all()]
+
+
+async def note_failed_attempt(
+    conn: AsyncConnection, withdrawal_id: str, *, retry_at: dt.datetime, error: str
+) -> None:
+    """The processor call failed: count it, and leave the withdrawal until `retry_at`."""
+    await conn.execute(
+        update(withdrawals)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id)
+        .values(
+            attempts=withdrawals.c.attempts + 1, next_attempt_at=retry_at, last_error=error[:256]
+        )
+    )
 
 
 async def move_withdrawal(
