@@ -13,7 +13,7 @@ from coins.promotion.v1 import promotion_pb2
 from runtime.errors import DomainError, FailedPrecondition
 from runtime.server import Runtime
 from services.promotion import storage
-from services.promotion.api import promotion_pb
+from services.promotion.convert import promotion_pb
 from services.promotion.domain import BudgetWallet, Promotions
 from services.promotion.settings import PromotionSettings
 

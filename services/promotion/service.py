@@ -8,6 +8,7 @@ from pathlib import Path
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from runtime.server import Runtime, ServiceSpec
 from services.promotion.api import ACCESS, PromotionApi
+from services.promotion.campaigns import Campaigns
 from services.promotion.clients import WalletBudget
 from services.promotion.domain import Promotions
 from services.promotion.reconciler import PromotionReconciler
@@ -25,7 +26,11 @@ async def setup(runtime: Runtime[PromotionSettings]) -> None:
         lambda: reconciler.reconcile(stale),
     )
     promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
-        PromotionApi(runtime, promotions, wallet), runtime.server
+        PromotionApi(
+            runtime,
+            Campaigns(runtime.db, runtime.idempotency, runtime.clock, promotions, wallet),
+        ),
+        runtime.server,
     )
 
 

@@ -1,0 +1,216 @@
+"""A promotion's life as saga steps (see the README, "The money flow"): created and its budget held in
+the wallet, deliveries captured from the hold as reported, ended early with the rest released. Each
+step is idempotent by its request id; the wallet calls are keyed by the promotion, so a retry after a
+crash resumes where the first attempt stopped and never moves coins twice."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from coins.promotion.v1 import promotion_pb2
+from runtime.access import require_owner
+from runtime.clock import Clock
+from runtime.db import Database
+from runtime.errors import Aborted, DomainError
+from runtime.idempotency import Idempotency
+from services.promotion import storage
+from services.promotion.convert import GOALS, not_found, promotion_pb
+from services.promotion.domain import BudgetWallet, Promotions
+
+
+class Campaigns:
+    def __init__(
+        self,
+        db: Database,
+        idempotency: Idempotency,
+        clock: Clock,
+        promotions: Promotions,
+        wallet: BudgetWallet,
+    ) -> None:
+        self._db, self._idempotency, self._clock = db, idempotency, clock
+        self._promotions, self._wallet = promotions, wallet
+
+    async def promotion(self, promotion_id: str) -> storage.PromotionRecord:
+        """A promotion by id; NOT_FOUND PROMOTION_NOT_FOUND if there is none."""
+        async with self._db.read() as conn:
+            promotion = await storage.get_promotion(conn, promotion_id)
+        if promotion is None:
+            raise not_found(promotion_id)
+        return promotion
+
+    async def create(
+        self, request: promotion_pb2.CreatePromotionRequest, *, time_limit: float
+    ) -> promotion_pb2.CreatePromotionResponse:
+        """Claim the request and record the promotion pending; hold its budget in the wallet (the
+        pivot); activate it with the request's answer. Refused by the wallet: rejected, answered."""
+        scope = f"CreatePromotion:{request.user_id}"
+
+        async def start(conn: AsyncConnection) -> str:
+            return await self._promotions.create(
+                conn,
+                user_id=request.user_id,
+                video_id=request.video_id,
+                goal=GOALS[request.goal],
+                budget_coins=request.budget_coins,
+                duration_days=request.duration_days,
+                now=self._clock.now(),
+            )
+
+        claim = await self._idempotency.begin(scope, request, start)
+        if claim.finished:
+            return claim.replay(promotion_pb2.CreatePromotionResponse)
+        promotion_id = claim.resource_id
+        assert promotion_id is not None
+        promotion = await self.promotion(promotion_id)
+        hold_id = transaction_id = None
+        try:
+            if promotion.funding == "debit":  # created before budgets were held, resumed
+                transaction_id, available = await self._wallet.pay_budget(
+                    promotion_id=promotion_id,
+                    user_id=request.user_id,
+                    coins=request.budget_coins,
+                    time_limit=time_limit,
+                )
+            else:
+                held = await self._wallet.hold_budget(
+                    promotion_id=promotion_id,
+                    user_id=request.user_id,
+                    coins=request.budget_coins,
+                    duration_days=request.duration_days,
+                    time_limit=time_limit,
+                )
+                hold_id, available = held.hold_id, held.available_coins
+        except DomainError as error:
+            if not error.retryable:
+                async with self._db.transaction() as conn:
+                    await self._promotions.reject(conn, promotion_id, self._clock.now())
+                    await self._idempotency.complete(conn, scope, request, error=error)
+            raise
+        async with self._db.transaction() as conn:
+            now = self._clock.now()
+            if not await self._promotions.activate(
+                conn, promotion_id, now, hold_id=hold_id, wallet_transaction_id=transaction_id
+            ):
+                raise Aborted(
+                    "CONCURRENT_RETRY",
+                    "another attempt with this request_id completed the promotion; retry to read it",
+                )
+            activated = await storage.get_promotion(conn, promotion_id)
+            assert activated is not None
+            response = promotion_pb2.CreatePromotionResponse(
+                promotion=promotion_pb(activated, now), payer_balance_coins=available
+            )
+            await self._idempotency.complete(conn, scope, request, response=response)
+        return response
+
+    async def report_delivery(
+        self, request: promotion_pb2.ReportDeliveryRequest, *, time_limit: float
+    ) -> promotion_pb2.ReportDeliveryResponse:
+        """Checked once (the claim); resumed after a crash by re-sending the same capture, which the
+        wallet answers from its idempotency store, so a capture is counted exactly once."""
+        """Checked here once (the claim); resumed after a crash by re-sending the same capture,
+        which the wallet answers from its idempotency store, so a capture is counted exactly once."""
+        scope = f"ReportDelivery:{request.promotion_id}"
+        response_type = promotion_pb2.ReportDeliveryResponse
+
+        async def start(conn: AsyncConnection) -> str:
+            promotion = await storage.get_promotion(conn, request.promotion_id)
+            if promotion is None:
+                raise not_found(request.promotion_id)
+            self._promotions.check_delivery(promotion, request.coins, self._clock.now())
+            return promotion.promotion_id
+
+        claim = await self._idempotency.begin(scope, request, start)
+        if claim.finished:
+            return claim.replay(response_type)
+        promotion = await self.promotion(request.promotion_id)
+        transaction_id = None
+        try:
+            if promotion.hold_id is not None:
+                captured = await self._wallet.capture(
+                    promotion_id=promotion.promotion_id,
+                    hold_id=promotion.hold_id,
+                    report_request_id=request.request_id,
+                    coins=request.coins,
+                    time_limit=time_limit,
+                )
+                transaction_id = captured.transaction_id
+        except DomainError as error:
+            refusal = self._promotions.capture_refused(promotion, request.coins, error)
+            await self._idempotency.record_error(scope, request, refusal)
+            raise refusal from None
+        try:
+            async with self._db.transaction() as conn:
+                now = self._clock.now()
+                counted = await self._promotions.record_delivery(
+                    conn,
+                    promotion,
+                    request_id=request.request_id,
+                    coins=request.coins,
+                    wallet_transaction_id=transaction_id,
+                    now=now,
+                )
+                if not counted:  # a concurrent attempt of this request counted it
+                    again = await self._idempotency.claim(conn, scope, request)
+                    if again.finished:
+                        return again.replay(response_type)
+                current = await storage.get_promotion(conn, promotion.promotion_id)
+                assert current is not None
+                response = response_type(promotion=promotion_pb(current, now))
+                await self._idempotency.complete(conn, scope, request, response=response)
+        except DomainError as error:
+            await self._idempotency.record_error(scope, request, error)
+            raise
+        return response
+
+    async def end(
+        self, request: promotion_pb2.EndPromotionRequest, *, time_limit: float
+    ) -> promotion_pb2.EndPromotionResponse:
+        """End early: release what is left of the held budget, then record the end with the answer."""
+        promotion = await self.promotion(request.promotion_id)
+        require_owner(promotion.user_id)  # before anything is written
+        scope = f"EndPromotion:{promotion.promotion_id}"
+        response_type = promotion_pb2.EndPromotionResponse
+
+        async def start(conn: AsyncConnection) -> str:
+            current = await storage.get_promotion(conn, promotion.promotion_id)
+            assert current is not None
+            self._promotions.check_end(current, self._clock.now())
+            return current.promotion_id
+
+        claim = await self._idempotency.begin(scope, request, start)
+        if claim.finished:
+            return claim.replay(response_type)
+        released = 0
+        try:
+            if promotion.hold_id is not None:
+                released = (
+                    await self._wallet.release(
+                        promotion_id=promotion.promotion_id,
+                        hold_id=promotion.hold_id,
+                        time_limit=time_limit,
+                    )
+                ).released_coins
+        except DomainError as error:
+            if self._promotions.release_refused(promotion, error):
+                # The hold is resolved already (expired, or captured in full): the promotion is over.
+                async with self._db.transaction() as conn:
+                    await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
+                error = self._promotions.ended(promotion)
+            await self._idempotency.record_error(scope, request, error)
+            raise error from None
+        async with self._db.transaction() as conn:
+            now = self._clock.now()
+            ended = await self._promotions.end(conn, promotion.promotion_id, now)
+            current = await storage.get_promotion(conn, promotion.promotion_id)
+            assert current is not None
+            if ended:
+                response = response_type(
+                    promotion=promotion_pb(current, now), released_coins=released
+                )
+                await self._idempotency.complete(conn, scope, request, response=response)
+                return response
+        # Ended meanwhile, by another request (the release was the same one) or spent in full.
+        refusal = self._promotions.ended(current)
+        await self._idempotency.record_error(scope, request, refusal)
+        raise refusal
