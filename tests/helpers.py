@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from sqlalchemy import text
 
 from coins.wallet.v1 import wallet_pb2
+from runtime.clock import SystemClock
 from runtime.db import Database
 from runtime.migrations import upgrade
 from runtime.status import bad_request, error_info
@@ -164,3 +166,14 @@ async def eventually(
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+
+
+class ShiftedClock(SystemClock):
+    """The system clock, moved forward on demand: days pass in an instant for the wallet and the
+    promotion service alike (tokens are still checked against the real time)."""
+
+    def __init__(self) -> None:
+        self.shift = dt.timedelta()
+
+    def now(self) -> dt.datetime:
+        return super().now() + self.shift

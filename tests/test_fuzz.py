@@ -89,6 +89,7 @@ from services.promotion.storage import promotion_deliveries, promotions
 from services.wallet.storage import purchases, wallet_accounts
 from tests.helpers import (
     adult_birth_date,
+    eventually,
     funded_user,
     new_creator,
     new_id,
@@ -1007,27 +1008,34 @@ class Snapshot:
 
 async def wait_until_idle(suite: Suite, seconds: float = 20.0) -> None:
     """Until every queued diamond credit is delivered and every withdrawal is settled."""
-    deadline = time.monotonic() + seconds
-    while True:
-        undelivered = await _rows(
+
+    async def undelivered() -> list[Any]:
+        return await _rows(
             suite.services["gifting"].runtime.db,
             sa.select(credit_outbox.c.sent_gift_id, credit_outbox.c.last_error).where(
                 credit_outbox.c.delivered_at.is_(None), credit_outbox.c.dead.is_(False)
             ),
         )
-        unsettled = await _rows(
+
+    async def unsettled() -> list[Any]:
+        return await _rows(
             suite.services["payout"].runtime.db,
             sa.select(withdrawals.c.withdrawal_id).where(
                 withdrawals.c.status.in_(("pending", "processing"))
             ),
         )
-        if not undelivered and not unsettled:
-            return
-        assert time.monotonic() < deadline, (
-            f"not idle after {seconds}s: {len(undelivered)} credits undelivered "
-            f"({undelivered[:3]}), {len(unsettled)} withdrawals unsettled"
-        )
-        await asyncio.sleep(0.05)
+
+    async def idle() -> bool:
+        return not await undelivered() and not await unsettled()
+
+    try:
+        await eventually(idle, "the outbox and the withdrawal worker idle", seconds=seconds)
+    except AssertionError:
+        waiting, open_ = await undelivered(), await unsettled()
+        raise AssertionError(
+            f"not idle after {seconds}s: {len(waiting)} credits undelivered ({waiting[:3]}), "
+            f"{len(open_)} withdrawals unsettled"
+        ) from None
 
 
 async def snapshot(suite: Suite) -> Snapshot:

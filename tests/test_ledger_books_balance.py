@@ -17,6 +17,7 @@ from runtime.clock import SystemClock
 from runtime.status import error_info
 from tests.helpers import funded_user, new_creator, new_id
 from tests.suite import Suite
+from tests.test_fuzz import wait_until_idle
 
 
 async def test_the_books_balance_after_a_mixed_concurrent_run(suite: Suite) -> None:
@@ -69,7 +70,7 @@ async def test_the_books_balance_after_a_mixed_concurrent_run(suite: Suite) -> N
         if isinstance(result, BaseException):
             info = error_info(result) if isinstance(result, grpc.RpcError) else None
             assert info is not None and info.reason == "INSUFFICIENT_FUNDS", result
-    await asyncio.sleep(0.5)  # let the outbox relay deliver the last credits
+    await wait_until_idle(suite)  # the outbox relay delivers the last credits
     balance = await suite.payout.GetDiamondBalance(
         payout_pb2.GetDiamondBalanceRequest(creator_id=creators[0])
     )
@@ -83,7 +84,7 @@ async def test_the_books_balance_after_a_mixed_concurrent_run(suite: Suite) -> N
                 destination_token="dest_bank_ok",
             )
         )
-    await asyncio.sleep(0.3)
+    await wait_until_idle(suite)  # the withdrawal settled
     for service, unit in (("wallet", "coins"), ("payout", "diamonds")):
         db = suite.services[service].runtime.db
         async with db.read() as conn:

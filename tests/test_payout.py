@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from coins.payout.v1 import payout_pb2
-from tests.helpers import expect_error, new_id
+from tests.helpers import eventually, expect_error, new_id
 from tests.suite import Suite
 
 
@@ -43,15 +41,19 @@ async def diamonds_of(suite: Suite, creator: str) -> int:
 async def settled(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Withdrawal:
     """The processor worker pays in the background; wait (bounded) for the outcome."""
     final = (payout_pb2.WITHDRAWAL_STATUS_PAID, payout_pb2.WITHDRAWAL_STATUS_FAILED)
-    for _ in range(200):
+
+    async def read() -> payout_pb2.Withdrawal:
         response = await suite.payout.GetWithdrawal(
             payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id),
             metadata=suite.token(creator),
         )
-        if response.withdrawal.status in final:
-            return response.withdrawal
-        await asyncio.sleep(0.02)
-    return response.withdrawal
+        return response.withdrawal
+
+    async def done() -> bool:
+        return (await read()).status in final
+
+    await eventually(done, f"withdrawal {withdrawal_id} settled")
+    return await read()
 
 
 async def test_a_creators_balance_shows_its_cash_value(suite: Suite) -> None:

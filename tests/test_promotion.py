@@ -14,10 +14,17 @@ import pytest
 
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from runtime.clock import SystemClock
 from services.promotion import storage
 from services.promotion.domain import Promotions
-from tests.helpers import expect_error, field_violations, funded_user, new_id, rpc_error
+from tests.helpers import (
+    ShiftedClock,
+    eventually,
+    expect_error,
+    field_violations,
+    funded_user,
+    new_id,
+    rpc_error,
+)
 from tests.suite import Suite, start_suite
 
 ACTIVE = promotion_pb2.PROMOTION_STATUS_ACTIVE
@@ -398,17 +405,6 @@ async def test_an_unknown_promotion_is_not_found(suite: Suite) -> None:
 # Time: a promotion past its end, and its hold expiring a grace day later.
 
 
-class ShiftedClock(SystemClock):
-    """The system clock, moved forward on demand: days pass in an instant for the wallet and the
-    promotion service alike (tokens are still checked against the real time)."""
-
-    def __init__(self) -> None:
-        self.shift = dt.timedelta()
-
-    def now(self) -> dt.datetime:
-        return super().now() + self.shift
-
-
 @pytest.fixture(scope="module")
 async def timed(
     backend: str, tmp_path_factory: pytest.TempPathFactory
@@ -436,10 +432,10 @@ async def test_a_promotion_past_its_end_is_completed_and_its_hold_expires_by_its
     assert await coins_of(suite, user) == (coins - 100, coins - 300)  # held until the grace day
 
     clock.shift += dt.timedelta(days=1)  # the grace day too: the wallet's sweeper releases the rest
-    for _ in range(100):
-        if await coins_of(suite, user) == (coins - 100, coins - 100):
-            break
-        await asyncio.sleep(0.05)
-    assert await coins_of(suite, user) == (coins - 100, coins - 100)
+
+    async def released() -> bool:
+        return await coins_of(suite, user) == (coins - 100, coins - 100)
+
+    await eventually(released, "the sweeper releasing the rest of the hold")
     hold = await hold_of(suite, made.promotion_id)
     assert (hold.status, hold.captured_coins) == (wallet_pb2.HOLD_STATUS_EXPIRED, 100)

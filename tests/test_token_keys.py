@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 
 import grpc
@@ -11,7 +10,7 @@ import pytest
 from coins.wallet.v1 import wallet_pb2
 from runtime import pki
 from runtime.auth import TokenIssuer, token_metadata
-from tests.helpers import expect_error, funded_user
+from tests.helpers import eventually, expect_error, funded_user
 from tests.suite import Suite
 
 
@@ -27,18 +26,19 @@ async def test_a_new_signing_key_is_trusted_without_a_restart(suite: Suite) -> N
     )
     request = wallet_pb2.GetBalanceRequest(user_id=user)
     stub = suite.stub("wallet")
-    for _ in range(40):  # the key folder is re-read at most once a second
+
+    async def accepted() -> bool:  # the key folder is re-read at most once a second
         try:
             response = await stub.GetBalance(
                 request, metadata=tuple(token_metadata(issuer.mint(user)))
             )
-            break
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-            await asyncio.sleep(0.1)
-    else:
-        pytest.fail("a token signed with the new key was never accepted")
-    assert response.balance.coins == coins
+            return False
+        assert response.balance.coins == coins
+        return True
+
+    await eventually(accepted, "a token signed with the new key accepted")
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from coins.gifting.v1 import gifting_pb2
-from tests.helpers import funded_user, new_creator, new_id
+from tests.helpers import eventually, funded_user, new_creator, new_id
 from tests.suite import Suite
 
 DB_SCOPES = {"opentelemetry.instrumentation.sqlalchemy", "coins.db"}
@@ -59,10 +57,10 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
     def in_trace() -> list[ReadableSpan]:
         return [s for s in suite.spans.get_finished_spans() if s.context.trace_id == trace_id]
 
-    for _ in range(250):  # the payout credit is delivered by the outbox relay just after the reply
-        if any(s.name == "gifting.credit_outbox.deliver" for s in in_trace()):
-            break
-        await asyncio.sleep(0.02)
+    async def delivered() -> bool:  # by the outbox relay, just after the reply
+        return any(s.name == "gifting.credit_outbox.deliver" for s in in_trace())
+
+    await eventually(delivered, "the credit's delivery in the gift's trace")
     spans = in_trace()
     by_id = {s.context.span_id: s for s in spans}
 

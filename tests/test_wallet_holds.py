@@ -4,13 +4,16 @@ delivered and releases the rest; every step is idempotent and resolves exactly o
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, funded_user, new_id
-from tests.suite import Suite
+from tests.helpers import ShiftedClock, eventually, expect_error, funded_user, new_id
+from tests.suite import Suite, require_postgres, start_suite
 
 
 def place(user: str, coins: int, **extra: object) -> wallet_pb2.PlaceHoldRequest:
@@ -134,21 +137,39 @@ async def test_only_the_service_that_placed_a_hold_may_resolve_it(suite: Suite) 
     assert got.hold == hold
 
 
-async def test_a_hold_past_its_expiry_releases_itself(suite: Suite) -> None:
+@pytest.fixture(scope="module")
+async def timed(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
+    """A wallet on a clock the tests move."""
+    if backend == "postgres":
+        await require_postgres()
+    clock = ShiftedClock()
+    running = await start_suite(
+        backend, tmp_path_factory.mktemp(f"holds-time-{backend}"), only=("wallet",), clock=clock
+    )
+    yield running, clock
+    await running.stop()
+
+
+async def test_a_hold_past_its_expiry_releases_itself(timed: tuple[Suite, ShiftedClock]) -> None:
+    suite, clock = timed
     user, coins = await funded_user(suite)
     promotion = suite.as_caller("promotion").wallet
-    hold = (await promotion.PlaceHold(place(user, 300, expire_after=Duration(seconds=1)))).hold
+    hold = (await promotion.PlaceHold(place(user, 300, expire_after=Duration(seconds=60)))).hold
     assert hold.HasField("expire_time")
-    await asyncio.sleep(1.05)
+    clock.shift += dt.timedelta(seconds=61)
     await expect_error(
         promotion.CaptureHold(capture(hold.hold_id, 10)),
         grpc.StatusCode.FAILED_PRECONDITION,
         "HOLD_EXPIRED",
     )
-    for _ in range(100):  # the sweeper runs every hold_sweep_seconds (0.2 s in the tests)
+
+    async def swept() -> bool:  # the sweeper runs every hold_sweep_seconds (0.2 s in the tests)
         got = await promotion.GetHold(wallet_pb2.GetHoldRequest(hold_id=hold.hold_id))
-        if got.hold.status != wallet_pb2.HOLD_STATUS_ACTIVE:
-            break
-        await asyncio.sleep(0.05)
+        return got.hold.status != wallet_pb2.HOLD_STATUS_ACTIVE
+
+    await eventually(swept, "the sweeper expiring the hold")
+    got = await promotion.GetHold(wallet_pb2.GetHoldRequest(hold_id=hold.hold_id))
     assert got.hold.status == wallet_pb2.HOLD_STATUS_EXPIRED
     assert await balance(suite, user) == (coins, coins)
