@@ -70,6 +70,7 @@ from services.gifting.service import SPEC as GIFTING_SPEC
 from services.payout.service import SPEC as PAYOUT_SPEC
 from services.promotion.service import SPEC as PROMOTION_SPEC
 from services.wallet.service import SPEC as WALLET_SPEC
+from tests.access_matrix import DOCUMENTED
 from tests.helpers import funded_user, new_id
 from tests.security_cases import GIFTING, PAYOUT, PROMOTION, SAMPLES, WALLET, Entry, Sample
 from tests.suite import Suite
@@ -600,14 +601,13 @@ async def test_every_refusal_is_right_and_changes_nothing(
         f"{path} has no security sample: add one to tests/security_cases.py (a request the right "
         "caller may make), so that its access rule is tested"
     )
-    rule = rules_of(service).get(path)
-    assert rule is not None, f"{path} has no access rule"
+    rule = documented_rule(service, path)  # what the README promises, not what the code says
     sample = await entry.build(suite)
     check_sample(path, rule, entry, sample)
     rpc = calls(service)
     domain = SPECS[service].error_domain
     tokens = Tokens(suite, rogue_pki)
-    allowed = suite.allowed_identity(service, path)
+    allowed = sorted(rule.callers)[0] if rule.callers else "gateway"
     cases = list(refusals(rule, entry, sample, tokens, allowed, unlisted_certs))
 
     before = await quiet_snapshot(suite)
@@ -661,6 +661,49 @@ async def test_a_missing_request_id_is_refused_and_changes_nothing(
     found = bad_request(caught.value)
     assert found is not None and {v.field for v in found.field_violations} == {"request_id"}
     assert not changes(before, await snapshot(suite))
+
+
+def documented_rule(service: str, path: str) -> Access:
+    """The README's access rule for the RPC (tests/access_matrix.py), as an Access."""
+    documented = DOCUMENTED[service].get(path)
+    assert documented is not None, (
+        f"{path} is not in the README's access table (tests/access_matrix.py): document who may "
+        "call it, then add it there"
+    )
+    return Access(
+        callers=documented.callers,
+        needs_user=documented.needs_user,
+        owner_field=documented.owner_field,
+        admin=documented.admin,
+        admin_may_read=documented.admin_may_read,
+        owner_in_record=documented.owner_in_record,
+    )
+
+
+def test_the_rules_enforced_are_the_documented_ones() -> None:
+    """Every RPC's enforced access rule says what the README's table says (callers, user token,
+    the account field, admin), and the table has no RPC the services do not serve."""
+    drift = []
+    for service, path in RPCS:
+        documented, enforced = documented_rule(service, path), rules_of(service)[path]
+        for aspect in (
+            "callers",
+            "needs_user",
+            "owner_field",
+            "admin",
+            "admin_may_read",
+            "owner_in_record",
+        ):
+            if getattr(documented, aspect) != getattr(enforced, aspect):
+                drift.append(
+                    f"{rpc_id((service, path))}.{aspect}: README {getattr(documented, aspect)!r}, "
+                    f"code {getattr(enforced, aspect)!r}"
+                )
+    served = set(RPCS)
+    extra = [f"{s}{p}" for s, rules in DOCUMENTED.items() for p in rules if (s, p) not in served]
+    assert not drift and not extra, "\n".join(
+        drift + [f"documented, not served: {e}" for e in extra]
+    )
 
 
 def test_every_rpc_has_a_security_sample_and_an_access_rule() -> None:

@@ -35,7 +35,7 @@ ACCESS = method_rules(
         "OpenAccount": Access.user("user_id"),
         "GetAccount": Access.user("user_id", admin_may_read=True),
         "GetBalance": Access.user("user_id", admin_may_read=True),
-        "ListCoinPackages": Access.user("user_id"),
+        "ListCoinPackages": Access.user("user_id", admin_may_read=True),
         "PurchaseCoins": Access.user("user_id", moves_money=True),
         "ListLedgerEntries": Access.user("user_id", admin_may_read=True),
         "DebitCoins": Access.internal({"gifting", "promotion"}, owner_field="user_id"),

@@ -1,0 +1,108 @@
+"""The access rules as the README's "Security model" table states them, transcribed as data.
+
+The security matrix (tests/test_security.py) derives every refusal it expects from this table, not from
+the services' own ACCESS rules under test; and it checks that the rules the services enforce are
+exactly these, so a drift in either the code or the documentation fails, naming the RPC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ANY = None
+"""Any platform service (a certificate of the platform CA) may call."""
+ADMIN_CALLERS = frozenset({"gateway", "admin-console"})
+
+
+@dataclass(frozen=True)
+class Documented:
+    callers: frozenset[str] | None
+    """Services that may call (certificate common names); ANY: every platform caller."""
+    needs_user: bool
+    """A user token is required."""
+    owner_field: str | None = None
+    """The request field naming the account acted on (the token's user, or an admin's read)."""
+    owner_in_record: bool = False
+    """A read by id: the record's owner, or an admin."""
+    admin: bool = False
+    """Admin role required."""
+    admin_may_read: bool = False
+    """An admin may read any account named in `owner_field` (audited)."""
+
+
+def _user_reads(owner: str) -> Documented:
+    return Documented(ANY, True, owner_field=owner, admin_may_read=True)
+
+
+def _user_writes(owner: str) -> Documented:
+    return Documented(ANY, True, owner_field=owner)
+
+
+_RECORD = Documented(ANY, True, owner_in_record=True)
+_PUBLIC = Documented(ANY, True)
+_ADMIN = Documented(ADMIN_CALLERS, True, admin=True)
+
+
+def _only(*callers: str, owner_field: str | None = None) -> Documented:
+    return Documented(frozenset(callers), owner_field is not None, owner_field=owner_field)
+
+
+_W, _G, _P, _PR = (
+    "/coins.wallet.v1.WalletService/",
+    "/coins.gifting.v1.GiftingService/",
+    "/coins.payout.v1.PayoutService/",
+    "/coins.promotion.v1.PromotionService/",
+)
+_AUDIT = "/coins.common.v1.AdminAuditService/ListAdminActions"
+_LEDGER = "/coins.common.v1.LedgerAuditService/AuditLedger"
+
+DOCUMENTED: dict[str, dict[str, Documented]] = {
+    "wallet": {
+        _W + "OpenAccount": _user_writes("user_id"),
+        _W + "GetAccount": _user_reads("user_id"),
+        _W + "GetBalance": _user_reads("user_id"),
+        _W + "ListCoinPackages": _user_reads("user_id"),
+        _W + "PurchaseCoins": _user_writes("user_id"),
+        _W + "ListLedgerEntries": _user_reads("user_id"),
+        _W + "DebitCoins": _only("gifting", "promotion", owner_field="user_id"),
+        _W + "PlaceHold": _only("promotion", owner_field="user_id"),
+        _W + "CaptureHold": _only("promotion"),
+        _W + "ReleaseHold": _only("promotion"),
+        _W + "GetHold": _only("promotion"),
+        _W + "RecordPaymentEvent": _only("payment-webhooks"),
+        _W + "ResolveDebit": _only("gifting", "promotion"),
+        _W + "ResolveHold": _only("promotion"),
+        _W + "SetCoinPackage": _ADMIN,
+        _AUDIT: _ADMIN,
+        _LEDGER: _ADMIN,
+    },
+    "gifting": {
+        _G + "ListGifts": _PUBLIC,
+        _G + "SendGift": _user_writes("sender_id"),
+        _G + "GetGift": _RECORD,
+        _G + "ListTopGifters": _PUBLIC,
+        _G + "SetGift": _ADMIN,
+        _G + "ListParkedCredits": _ADMIN,
+        _G + "RedeliverParkedCredits": _ADMIN,
+        _AUDIT: _ADMIN,
+    },
+    "payout": {
+        _P + "GetDiamondBalance": _user_reads("creator_id"),
+        _P + "RequestWithdrawal": _user_writes("creator_id"),
+        _P + "GetWithdrawal": _RECORD,
+        _P + "ListWithdrawals": _user_reads("creator_id"),
+        _P + "CreditDiamonds": _only("gifting"),
+        _P + "BatchCreditDiamonds": _only("gifting"),
+        _AUDIT: _ADMIN,
+        _LEDGER: _ADMIN,
+    },
+    "promotion": {
+        _PR + "CreatePromotion": _user_writes("user_id"),
+        _PR + "GetPromotion": _RECORD,
+        _PR + "ListPromotions": _user_reads("user_id"),
+        _PR + "EndPromotion": _RECORD,
+        _PR + "ReportDelivery": _only("ad-delivery"),
+        _AUDIT: _ADMIN,
+    },
+}
+"""Per service, per method path: who may call it and for whom, as the README documents."""
