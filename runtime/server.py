@@ -70,6 +70,8 @@ class Runtime(Generic[S]):
         self.tracer = tracer_provider.get_tracer(f"coins.{settings.service_name}")
         self.clock = clock
         self.idempotency = Idempotency(db, clock)
+        self.parts: dict[str, object] = {}
+        """The service's parts by name (its payment provider, say), for tools and tests to reach."""
         self._channels: list[grpc.aio.Channel] = []
         self._workers: list[Callable[[], Awaitable[None]]] = []
 

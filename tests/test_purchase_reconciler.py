@@ -12,7 +12,9 @@ import grpc
 import pytest
 
 from coins.wallet.v1 import wallet_pb2
+from runtime.status import error_info
 from services.wallet import storage
+from services.wallet.payments import SandboxPaymentProvider
 from tests.helpers import eventually, expect_error, new_id, open_account
 from tests.suite import Suite, start_suite
 
@@ -24,7 +26,13 @@ async def reconciling(
     suite = await start_suite(
         backend,
         tmp_path_factory.mktemp(f"reconcile-{backend}"),
-        overrides={"wallet": {"reconcile_every_seconds": 0.1, "reconcile_after_seconds": 0.3}},
+        overrides={
+            "wallet": {
+                "reconcile_every_seconds": 0.1,
+                "reconcile_after_seconds": 0.3,
+                "payment_timeout_seconds": 0.2,
+            }
+        },
     )
     yield suite
     await suite.stop()
@@ -91,5 +99,39 @@ async def test_a_pending_purchase_the_provider_never_saw_fails_without_a_charge(
         return found is not None and found.status == "failed"
 
     await eventually(failed, "the purchase to fail")
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == 0
+
+
+async def test_a_charge_still_on_its_way_when_reconciled_can_never_charge(
+    reconciling: Suite,
+) -> None:
+    """The provider is slower than our timeout: the purchase is reconciled as never charged, and the
+    key is voided at the provider first, so the late charge is refused there: nobody pays for coins
+    they did not get."""
+    suite = reconciling
+    user = new_id()
+    await open_account(suite, user)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_late"
+    )
+    error = await expect_error(
+        suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
+    )
+    info = error_info(error)
+    assert info is not None
+    purchase_id = info.metadata["purchase_id"]
+    provider = suite.services["wallet"].runtime.parts["payments"]
+    assert isinstance(provider, SandboxPaymentProvider)
+
+    async def provider_answered() -> bool:  # the late charge reached the provider
+        return provider.charged(purchase_id) is not None
+
+    await eventually(provider_answered, "the late charge at the provider", seconds=5)
+    charge = provider.charged(purchase_id)
+    assert charge is not None and not charge.approved and charge.decline_reason == "voided"
+    await expect_error(  # the request's answer: declined, nothing bought
+        suite.wallet.PurchaseCoins(request), grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_DECLINED"
+    )
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == 0

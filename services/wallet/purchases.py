@@ -7,6 +7,7 @@ the request's retry, or the reconciler after a crash or a lost answer, can finis
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -47,9 +48,14 @@ class Purchases:
         clock: Clock,
         wallet: Wallet,
         payments: PaymentProvider,
+        *,
+        charge_timeout: float = 10.0,
     ) -> None:
         self._db, self._idempotency, self._clock = db, idempotency, clock
         self._wallet, self._payments = wallet, payments
+        self._charge_timeout = charge_timeout
+        """A provider call's bound, well under the reconciler's threshold: by the time a purchase
+        is reconciled, no charge call of ours for it can still be waiting."""
 
     async def buy(self, request: Message, order: PurchaseOrder) -> wallet_pb2.PurchaseCoinsResponse:
         """A purchase, once per request id (`request` is what the caller sent, for its fingerprint):
@@ -124,12 +130,18 @@ class Purchases:
     async def charge(self, purchase: storage.PurchaseRecord) -> ChargeResult:
         """Charge (or, for a key the provider has seen, read back the outcome); may raise
         PaymentOutcomeUnknown."""
-        return await self._payments.charge(
-            idempotency_key=purchase.purchase_id,
-            token=purchase.payment_token,
-            amount_minor=purchase.price_minor,
-            currency=purchase.currency_code,
-        )
+        try:
+            return await asyncio.wait_for(
+                self._payments.charge(
+                    idempotency_key=purchase.purchase_id,
+                    token=purchase.payment_token,
+                    amount_minor=purchase.price_minor,
+                    currency=purchase.currency_code,
+                ),
+                timeout=self._charge_timeout,
+            )
+        except TimeoutError:  # the charge may still happen: the key settles it (see reconcile)
+            raise PaymentOutcomeUnknown(purchase.purchase_id) from None
 
     async def settle(
         self, purchase_id: str, charge: ChargeResult, ledger_request_id: str
@@ -178,8 +190,10 @@ class Purchases:
         settled = 0
         for purchase in stale:
             try:
-                charge = await self._payments.lookup(purchase.purchase_id)
-            except PaymentOutcomeUnknown:
+                charge = await asyncio.wait_for(
+                    self._payments.void(purchase.purchase_id), timeout=self._charge_timeout
+                )
+            except (PaymentOutcomeUnknown, TimeoutError):
                 continue  # the provider is not answering; next round
             if charge is None:
                 charge = ChargeResult(False, f"none:{purchase.purchase_id}", "never_charged")

@@ -27,7 +27,15 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
             return len(await wallet.holds.expire_due(conn, limit=200))
 
     runtime.add_periodic("expired holds", settings.hold_sweep_seconds, expire_holds, batch=200)
-    purchases = Purchases(runtime.db, runtime.idempotency, runtime.clock, wallet, payments)
+    purchases = Purchases(
+        runtime.db,
+        runtime.idempotency,
+        runtime.clock,
+        wallet,
+        payments,
+        charge_timeout=settings.payment_timeout_seconds,
+    )
+    runtime.parts["payments"] = payments
     stale = dt.timedelta(seconds=settings.reconcile_after_seconds)
     runtime.add_periodic(
         "reconciled purchases",

@@ -19,6 +19,10 @@ class WalletSettings(ServiceSettings):
     """Countries where coins are sold, and the currency each buys in (JSON in WALLET_REGIONS)."""
     minimum_age: int = 18
     payment_latency_ms: int = 20
+    payment_timeout_seconds: float = 10.0
+    """How long one call to the payment provider may take; the outcome of one that timed out is
+    settled under the purchase's key (a retry, or the reconciler, which voids a charge never made).
+    Keep it well under WALLET_RECONCILE_AFTER_SECONDS."""
     """Simulated latency of the sandbox payment provider."""
     reconcile_every_seconds: float = 30.0
     reconcile_after_seconds: float = 120.0
