@@ -18,6 +18,7 @@ from services.promotion import storage
 from services.promotion.domain import Promotions
 from tests.helpers import eventually, expect_error, funded_user, new_id
 from tests.suite import Suite, start_suite
+from tests.test_promotion import delivery, hold_of, promotion, read
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,37 @@ async def test_a_promotion_the_wallet_never_held_is_rejected_and_never_holds(
 
     await eventually(rejected, "the promotion to be rejected")
     assert await available(suite, user) == coins
+
+
+async def test_a_delivery_captured_but_never_counted_is_counted_without_a_retry(
+    reconciling: Suite,
+) -> None:
+    """The wallet captured a report's coins but the answer never reached the promotion service (it
+    died), and the reporter never retries: the reconciler counts the delivery, once."""
+    suite = reconciling
+    user, _ = await funded_user(suite)
+    made = await suite.promotion.CreatePromotion(promotion(user, 300), metadata=suite.token(user))
+    promotion_id = made.promotion.promotion_id
+    original = Promotions.record_delivery
+
+    async def crash(self: Promotions, *args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("the process died here")
+
+    Promotions.record_delivery = crash  # type: ignore[method-assign]
+    try:
+        await expect_error(
+            suite.ad_delivery.ReportDelivery(delivery(promotion_id, 60)),
+            grpc.StatusCode.INTERNAL,
+            "INTERNAL_ERROR",
+        )
+    finally:
+        Promotions.record_delivery = original  # type: ignore[method-assign]
+    assert (await hold_of(suite, promotion_id)).captured_coins == 60  # the wallet took them
+
+    async def counted() -> bool:
+        return (await read(suite, promotion_id, user)).spent_coins == 60
+
+    await eventually(counted, "the lost capture counted by the reconciler")
+    async with suite.services["promotion"].runtime.db.read() as conn:
+        assert await storage.stale_pending_captures(conn, dt.datetime.now(dt.UTC), limit=10) == []
+    assert (await hold_of(suite, promotion_id)).captured_coins == 60  # captured once

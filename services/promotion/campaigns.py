@@ -5,6 +5,8 @@ crash resumes where the first attempt stopped and never moves coins twice."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.promotion.v1 import promotion_pb2
@@ -108,8 +110,6 @@ class Campaigns:
     ) -> promotion_pb2.ReportDeliveryResponse:
         """Checked once (the claim); resumed after a crash by re-sending the same capture, which the
         wallet answers from its idempotency store, so a capture is counted exactly once."""
-        """Checked here once (the claim); resumed after a crash by re-sending the same capture,
-        which the wallet answers from its idempotency store, so a capture is counted exactly once."""
         scope = f"ReportDelivery:{request.promotion_id}"
         response_type = promotion_pb2.ReportDeliveryResponse
 
@@ -117,7 +117,11 @@ class Campaigns:
             promotion = await storage.get_promotion(conn, request.promotion_id)
             if promotion is None:
                 raise not_found(request.promotion_id)
-            self._promotions.check_delivery(promotion, request.coins, self._clock.now())
+            now = self._clock.now()
+            self._promotions.check_delivery(promotion, request.coins, now)
+            await storage.add_pending_capture(
+                conn, promotion.promotion_id, request.request_id, request.coins, now
+            )
             return promotion.promotion_id
 
         claim = await self._idempotency.begin(scope, request, start)
@@ -137,6 +141,11 @@ class Campaigns:
                 transaction_id = captured.transaction_id
         except DomainError as error:
             refusal = self._promotions.capture_refused(promotion, request.coins, error)
+            if not error.retryable:  # nothing was captured, nor will be
+                async with self._db.transaction() as conn:
+                    await storage.clear_pending_capture(
+                        conn, promotion.promotion_id, request.request_id
+                    )
             await self._idempotency.record_error(scope, request, refusal)
             raise refusal from None
         try:
@@ -150,7 +159,10 @@ class Campaigns:
                     wallet_transaction_id=transaction_id,
                     now=now,
                 )
-                if not counted:  # a concurrent attempt of this request counted it
+                await storage.clear_pending_capture(
+                    conn, promotion.promotion_id, request.request_id
+                )
+                if not counted:  # a concurrent attempt (or the reconciler) counted it
                     again = await self._idempotency.claim(conn, scope, request)
                     if again.finished:
                         return again.replay(response_type)
@@ -214,3 +226,48 @@ class Campaigns:
         refusal = self._promotions.ended(current)
         await self._idempotency.record_error(scope, request, refusal)
         raise refusal
+
+    async def reconcile_captures(
+        self, older_than: dt.timedelta, *, time_limit: float, limit: int = 100
+    ) -> int:
+        """Count delivery reports whose capture answer was lost and whose reporter never came back:
+        the same capture is sent again (the wallet answers it from its store, capturing nothing
+        twice) and the delivery counted once, so the promotion's spent coins never fall behind the
+        wallet's captures. A report the wallet refuses captured nothing and is dropped; the report
+        request itself is answered when its reporter retries."""
+        async with self._db.read() as conn:
+            stale = await storage.stale_pending_captures(
+                conn, self._clock.now() - older_than, limit=limit
+            )
+        settled = 0
+        for pending in stale:
+            async with self._db.read() as conn:
+                promotion = await storage.get_promotion(conn, pending.promotion_id)
+            transaction_id = None
+            if promotion is not None and promotion.hold_id is not None:
+                try:
+                    captured = await self._wallet.capture(
+                        promotion_id=promotion.promotion_id,
+                        hold_id=promotion.hold_id,
+                        report_request_id=pending.request_id,
+                        coins=pending.coins,
+                        time_limit=time_limit,
+                    )
+                    transaction_id = captured.transaction_id
+                except DomainError as error:
+                    if error.retryable:
+                        continue  # the wallet is out: next round
+                    promotion = None  # refused: nothing was captured
+            async with self._db.transaction() as conn:
+                if promotion is not None:
+                    await self._promotions.record_delivery(
+                        conn,
+                        promotion,
+                        request_id=pending.request_id,
+                        coins=pending.coins,
+                        wallet_transaction_id=transaction_id,
+                        now=self._clock.now(),
+                    )
+                await storage.clear_pending_capture(conn, pending.promotion_id, pending.request_id)
+            settled += 1
+        return settled

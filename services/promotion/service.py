@@ -25,11 +25,16 @@ async def setup(runtime: Runtime[PromotionSettings]) -> None:
         runtime.settings.reconcile_every_seconds,
         lambda: reconciler.reconcile(stale),
     )
-    promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
-        PromotionApi(
-            runtime,
-            Campaigns(runtime.db, runtime.idempotency, runtime.clock, promotions, wallet),
+    campaigns = Campaigns(runtime.db, runtime.idempotency, runtime.clock, promotions, wallet)
+    runtime.add_periodic(
+        "counted lost delivery captures",
+        runtime.settings.reconcile_every_seconds,
+        lambda: campaigns.reconcile_captures(
+            stale, time_limit=runtime.settings.downstream_timeout_seconds
         ),
+    )
+    promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
+        PromotionApi(runtime, campaigns),
         runtime.server,
     )
 

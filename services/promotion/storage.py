@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Table,
     case,
+    delete,
     literal,
     select,
     update,
@@ -170,6 +171,58 @@ async def end_promotion(conn: AsyncConnection, promotion_id: str, *, now: dt.dat
         )
     )
     return result.rowcount == 1
+
+
+pending_captures = Table(
+    "pending_captures",
+    metadata,
+    Column("promotion_id", String(40), primary_key=True),
+    Column("request_id", String(128), primary_key=True),
+    Column("coins", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class PendingCapture:
+    promotion_id: str
+    request_id: str
+    coins: int
+
+
+async def add_pending_capture(
+    conn: AsyncConnection, promotion_id: str, request_id: str, coins: int, now: dt.datetime
+) -> None:
+    """A delivery report is about to capture `coins` from the promotion's hold."""
+    await conn.execute(
+        pending_captures.insert().values(
+            promotion_id=promotion_id, request_id=request_id, coins=coins, created_at=now
+        )
+    )
+
+
+async def clear_pending_capture(conn: AsyncConnection, promotion_id: str, request_id: str) -> None:
+    await conn.execute(
+        delete(pending_captures).where(
+            pending_captures.c.promotion_id == promotion_id,
+            pending_captures.c.request_id == request_id,
+        )
+    )
+
+
+async def stale_pending_captures(
+    conn: AsyncConnection, created_before: dt.datetime, *, limit: int
+) -> list[PendingCapture]:
+    """Reports whose capture was never counted, oldest first (ix_pending_captures_created)."""
+    rows = await conn.execute(
+        select(
+            pending_captures.c.promotion_id, pending_captures.c.request_id, pending_captures.c.coins
+        )
+        .where(pending_captures.c.created_at < created_before)
+        .order_by(pending_captures.c.created_at)
+        .limit(limit)
+    )
+    return [PendingCapture(r.promotion_id, r.request_id, int(r.coins)) for r in rows]
 
 
 async def insert_delivery(
