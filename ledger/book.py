@@ -8,9 +8,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ledger.anchors import Anchor, Heads
 from ledger.chain import GENESIS, entry_hash, transaction_digest
 from ledger.schema import accounts, entries, holds, transactions
 from runtime.auth import principal_or_none
@@ -815,13 +816,55 @@ class Ledger:
             query = query.where(entries.c.created_at < utc(until))
         return (await conn.execute(query)).all()
 
-    async def audit(self, conn: AsyncConnection) -> AuditReport:
+    async def chain_heads(self, conn: AsyncConnection) -> Heads:
+        """Every chained account's newest link (seq, hash): what an anchor keeps."""
+        rows = await conn.execute(
+            select(accounts.c.account_id, accounts.c.seq, accounts.c.head_hash).where(
+                accounts.c.keeps_balance, accounts.c.seq > 0
+            )
+        )
+        return {str(a): (int(seq), str(h)) for a, seq, h in rows}
+
+    async def check_anchor(self, conn: AsyncConnection, anchor: Anchor) -> dict[str, str]:
+        """account id -> what is wrong, for every account whose anchored entry is gone or differs:
+        history before the anchor was rewritten (or erased) in the database."""
+        problems: dict[str, str] = {}
+        anchored = list(anchor.heads.items())
+        when = anchor.written_at.isoformat()
+        for start in range(0, len(anchored), 500):
+            chunk = anchored[start : start + 500]
+            found = {
+                (str(a), int(seq)): str(h)
+                for a, seq, h in await conn.execute(
+                    select(entries.c.account_id, entries.c.seq, entries.c.hash).where(
+                        tuple_(entries.c.account_id, entries.c.seq).in_(
+                            [(a, seq) for a, (seq, _) in chunk]
+                        )
+                    )
+                )
+            }
+            for account, (seq, anchored_hash) in chunk:
+                stored = found.get((account, seq))
+                if stored is None:
+                    problems[account] = (
+                        f"seq {seq}, anchored outside the database at {when}, is gone: "
+                        "history was erased"
+                    )
+                elif stored != anchored_hash:
+                    problems[account] = (
+                        f"seq {seq} differs from its hash anchored outside the database at "
+                        f"{when}: history was rewritten"
+                    )
+        return problems
+
+    async def audit(self, conn: AsyncConnection, anchor: Anchor | None = None) -> AuditReport:
         """Verify the books: kept balances against the entries, the zero total, every transaction's
         digest, and every keeping account's hash chain (seq 1..n, prev_hash links, hashes, head).
 
         Entries newer than the account heads read first are left out of the chain check, so postings
         that commit during the audit are not mistaken for breaks. For exact balance checks on a live
-        PostgreSQL database, run it in a REPEATABLE READ transaction.
+        PostgreSQL database, run it in a REPEATABLE READ transaction (`Database.snapshot`). With an
+        `anchor` (see ledger.anchors), the entries it names must still be there, unchanged.
         """
         totals = await conn.execute(
             select(entries.c.account_id, func.sum(entries.c.amount)).group_by(entries.c.account_id)
@@ -848,6 +891,9 @@ class Ledger:
         digests, bad_transactions = await self._verify_transactions(conn)
         heads = {str(row.account_id): (int(row.seq), str(row.head_hash)) for row in kept}
         broken_chains = await self._verify_chains(conn, heads, digests)
+        if anchor is not None:
+            for account, problem in (await self.check_anchor(conn, anchor)).items():
+                broken_chains.setdefault(account, problem)
         reserved: dict[str, int] = {}
         for hold in await conn.execute(
             select(holds.c.account_id, holds.c.amount, holds.c.captured).where(

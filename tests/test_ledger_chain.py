@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger import GENESIS, AuditReport, Ledger, Posting, accounts, entries, transactions
+from ledger.anchors import AnchorStore
 from ledger.chain import entry_hash, transaction_digest
 from runtime.clock import SystemClock
 from runtime.db import Database
@@ -390,3 +391,50 @@ async def test_the_migration_chains_existing_books(database: Database, service: 
     assert (await audit(db)).ok
     await assert_intact(db, "carol", 3)
     await assert_intact(db, "dave", 2)
+
+
+async def test_erasing_the_newest_transaction_fools_the_chain_but_not_the_anchor(
+    books: Books, tmp_path: Path
+) -> None:
+    """Someone who can write the database erases the last transfer and rolls both accounts back to
+    their previous heads: every chain and balance is consistent again, and the plain audit passes.
+    The chain heads anchored outside the database before it name an entry that is gone."""
+    ledger = Ledger(SystemClock(), unit="coins")
+    anchors = AnchorStore(tmp_path / "anchors")
+    async with books.db.read() as conn:
+        anchors.write(await ledger.chain_heads(conn), SystemClock().now())
+        before = {
+            a: (
+                await conn.execute(
+                    sa.select(entries.c.balance_after, entries.c.seq, entries.c.hash)
+                    .where(entries.c.account_id == a)
+                    .order_by(entries.c.entry_id.desc())
+                    .offset(1)
+                    .limit(1)
+                )
+            ).one()
+            for a in ("alice", "bob")
+        }
+    for sql, params in (
+        ("DELETE FROM ledger_entries WHERE transaction_id = :t", {"t": books.last}),
+        ("DELETE FROM ledger_transactions WHERE transaction_id = :t", {"t": books.last}),
+    ):
+        await rewrite_history(books.db.url, sql, params)
+    for account, previous in before.items():
+        await rewrite_history(
+            books.db.url,
+            "UPDATE ledger_accounts SET balance = :balance, seq = :seq, head_hash = :hash "
+            "WHERE account_id = :account",
+            {
+                "balance": previous.balance_after,
+                "seq": previous.seq,
+                "hash": previous.hash,
+                "account": account,
+            },
+        )
+    assert (await audit(books.db)).ok  # the forgery is consistent
+    async with books.db.read() as conn:
+        anchored = await ledger.audit(conn, anchors.latest())
+    assert not anchored.ok
+    assert set(anchored.broken_chains) == {"alice", "bob"}
+    assert "is gone" in anchored.broken_chains["alice"]

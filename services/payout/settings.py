@@ -6,10 +6,10 @@ from typing import ClassVar
 
 from pydantic_settings import SettingsConfigDict
 
-from runtime.config import ServiceSettings
+from ledger.api import LedgerServiceSettings
 
 
-class PayoutSettings(ServiceSettings):
+class PayoutSettings(LedgerServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PAYOUT_", extra="ignore")
     service_name: ClassVar[str] = "payout"
 

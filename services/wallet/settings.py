@@ -6,10 +6,10 @@ from typing import ClassVar
 
 from pydantic_settings import SettingsConfigDict
 
-from runtime.config import ServiceSettings
+from ledger.api import LedgerServiceSettings
 
 
-class WalletSettings(ServiceSettings):
+class WalletSettings(LedgerServiceSettings):
     model_config = SettingsConfigDict(env_prefix="WALLET_", extra="ignore")
     service_name: ClassVar[str] = "wallet"
 
