@@ -39,6 +39,7 @@ from runtime.auth import TokenIssuer, token_metadata
 from runtime.status import error_info
 from tests.faults import TcpProxy
 from tests.helpers import eventually
+from tools.cross_audit import cross_audit
 
 if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi
     from coins.gifting.v1.gifting_pb2_grpc import GiftingServiceAsyncStub
@@ -400,6 +401,14 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 assert sent_gift_id in by_gift, f"gift {sent_gift_id} debited but never credited"
                 assert (by_gift[sent_gift_id][1], by_gift[sent_gift_id][2]) == (gift[2], gift[3])
 
+            books = await cross_audit(
+                {
+                    name: f"postgresql+asyncpg://postgres@127.0.0.1:{postgres.port}/"
+                    f"coins_bench_{name}_{suite.run}"
+                    for name in SERVICES
+                }
+            )
+            assert books.ok and not books.in_flight, books.differences[:5]
             admin = tuple(token_metadata(issuer.mint("ops-chaos", roles=["admin"])))
             for channel in (wallet_channel, payout_channel):
                 report = await ledger_audit_pb2_grpc.LedgerAuditServiceStub(channel).AuditLedger(
