@@ -8,7 +8,6 @@ from runtime.clients import downstream_timeout
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext
 from runtime.server import Runtime
-from services.promotion import storage
 from services.promotion.campaigns import Campaigns
 from services.promotion.convert import promotion_pb
 from services.promotion.settings import PromotionSettings
@@ -30,7 +29,6 @@ checks the record's owner), and only the ad-delivery system reports deliveries."
 class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
     def __init__(self, runtime: Runtime[PromotionSettings], campaigns: Campaigns) -> None:
         self._rt = runtime
-        self._db = runtime.db
         self._clock = runtime.clock
         self._campaigns = campaigns
 
@@ -57,13 +55,9 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
         size = page_size(request.page_size)
         kind = f"promotions:{request.user_id}"
         before = decode_token(request.page_token, kind, instant, text)
-        async with self._db.read() as conn:
-            rows = await storage.list_promotions(
-                conn,
-                request.user_id,
-                limit=size + 1,
-                before=(before[0], before[1]) if before else None,
-            )
+        rows = await self._campaigns.of_user(
+            request.user_id, limit=size + 1, before=(before[0], before[1]) if before else None
+        )
         token = ""
         if len(rows) > size:
             rows = rows[:size]

@@ -40,6 +40,14 @@ class Campaigns:
             raise not_found(promotion_id)
         return promotion
 
+    async def of_user(
+        self, user_id: str, *, limit: int, before: tuple[dt.datetime, str] | None
+    ) -> list[storage.PromotionRecord]:
+        """The user's promotions, newest first, from just before `before` (created_at, id): a
+        page boundary that stays put while new promotions arrive."""
+        async with self._db.read() as conn:
+            return await storage.list_promotions(conn, user_id, limit=limit, before=before)
+
     async def create(
         self, request: promotion_pb2.CreatePromotionRequest, *, time_limit: float
     ) -> promotion_pb2.CreatePromotionResponse:
