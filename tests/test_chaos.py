@@ -37,6 +37,7 @@ from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime import pki
 from runtime.auth import TokenIssuer, token_metadata
 from runtime.status import error_info
+from services.wallet.payments import SandboxPaymentProvider
 from tests.faults import TcpProxy
 from tests.helpers import eventually
 from tools.cross_audit import cross_audit
@@ -124,6 +125,8 @@ class Ledger:
     refused: dict[str, str] = field(default_factory=dict)
     """request id -> the definitive refusal's code."""
     abandoned: set[str] = field(default_factory=set)
+    purchases: dict[str, str] = field(default_factory=dict)
+    """request id -> purchase id of every acknowledged purchase."""
     """request ids a caller gave up on (the reconciler settles their gifts)."""
     retried_codes: dict[str, int] = field(default_factory=dict)
 
@@ -150,6 +153,9 @@ async def chaos_suite(
         pg_admin_url=postgres.admin_url,
         settings={
             "GIFTING_RECONCILE_AFTER_SECONDS": "3",
+            "WALLET_RECONCILE_AFTER_SECONDS": "3",
+            "WALLET_RECONCILE_EVERY_SECONDS": "1",
+            "WALLET_PAYMENT_TIMEOUT_SECONDS": "1",
             "GIFTING_RECONCILE_EVERY_SECONDS": "1",
             "GIFTING_RELAY_MAX_BACKOFF_SECONDS": "1",
             "GIFTING_DOWNSTREAM_TIMEOUT_SECONDS": "2",
@@ -259,6 +265,48 @@ async def send_gifts(
             break
 
 
+async def buy_coins(
+    wallet: WalletServiceAsyncStub,
+    tokens: dict[str, tuple[tuple[str, str], ...]],
+    viewers: Sequence[str],
+    rng: random.Random,
+    book: Ledger,
+    *,
+    work_until: float,
+    answer_until: float,
+) -> None:
+    """A caller buying coins for viewers, each purchase retried under its request id until answered:
+    the sandbox provider records its charges durably, so "never charged twice, never charged without
+    coins" can be counted afterwards."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < work_until:
+        buyer = rng.choice(viewers)
+        request = wallet_pb2.PurchaseCoinsRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=buyer,
+            package_id="us-web-700",
+            payment_token=rng.choice(["tok_visa", "tok_visa", "tok_timeout"]),
+        )
+        while True:
+            try:
+                bought = await wallet.PurchaseCoins(request, metadata=tokens[buyer], timeout=3.0)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE:
+                    reason = error_info(error)
+                    book.refused[request.request_id] = (
+                        f"{error.code().name} {reason and reason.reason}"
+                    )
+                    break
+                await asyncio.sleep(rng.uniform(0.1, 0.5))
+                if loop.time() > answer_until:
+                    book.abandoned.add(request.request_id)
+                    break
+                continue
+            book.purchases[request.request_id] = bought.purchase.purchase_id
+            break
+        await asyncio.sleep(rng.uniform(0.2, 0.6))
+
+
 async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path: Path) -> None:
     seed = int(os.environ.get("COINS_CHAOS_SEED") or random.randrange(1 << 30))
     print(f"chaos seed {seed} (COINS_CHAOS_SEED={seed} replays it)")
@@ -281,7 +329,6 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
         ):
             wallet: WalletServiceAsyncStub = wallet_pb2_grpc.WalletServiceStub(wallet_channel)  # type: ignore[assignment]
             gifting: GiftingServiceAsyncStub = gifting_pb2_grpc.GiftingServiceStub(gifting_channel)  # type: ignore[assignment]
-            bought: dict[str, int] = {}
             for user in [*viewers, *creators]:
                 await wallet.OpenAccount(
                     wallet_pb2.OpenAccountRequest(
@@ -293,7 +340,7 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                     metadata=tokens[user],
                 )
             for user in viewers:
-                purchase = await wallet.PurchaseCoins(
+                await wallet.PurchaseCoins(
                     wallet_pb2.PurchaseCoinsRequest(
                         request_id=uuid.uuid4().hex,
                         user_id=user,
@@ -302,7 +349,6 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                     ),
                     metadata=tokens[user],
                 )
-                bought[user] = purchase.balance.coins
 
             book = Ledger()
             nemesis = Nemesis(suite, postgres, link, rng)
@@ -324,6 +370,19 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                     )
                 )
                 for i in range(WORKERS)
+            ] + [
+                asyncio.create_task(
+                    buy_coins(
+                        wallet,
+                        tokens,
+                        viewers,
+                        random.Random(rng.random()),
+                        book,
+                        work_until=work_until,
+                        answer_until=answer_until,
+                    )
+                )
+                for _ in range(2)
             ]
             try:
                 await nemesis.run(WORK_SECONDS)
@@ -332,7 +391,8 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
             await asyncio.gather(*callers)
             print(f"faults: {nemesis.done}")
             print(
-                f"acknowledged {len(book.acked)}, refused {len(book.refused)}, abandoned "
+                f"acknowledged {len(book.acked)} gifts and {len(book.purchases)} purchases, refused "
+                f"{len(book.refused)}, abandoned "
                 f"{len(book.abandoned)}, retries {book.retried_codes}"
             )
             assert book.acked, "no gift got through: the workload measured nothing"
@@ -354,7 +414,10 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                     "SELECT (SELECT count(*) FROM sent_gifts WHERE status = 'pending') + "
                     "(SELECT count(*) FROM credit_outbox WHERE delivered_at IS NULL)",
                 )
-                return int(rows[0][0]) == 0
+                buying = await fetch(
+                    urls["wallet"], "SELECT count(*) FROM purchases WHERE status = 'pending'"
+                )
+                return int(rows[0][0]) == 0 and int(buying[0][0]) == 0
 
             await eventually(settled, "every gift settled and credited", seconds=SETTLE_SECONDS)
 
@@ -378,9 +441,26 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                     "SELECT account_id, balance FROM ledger_accounts WHERE account_id LIKE 'user:%'",
                 )
             )
+            purchases = await fetch(
+                urls["wallet"], "SELECT purchase_id, user_id, coins, status FROM purchases"
+            )
+            completed = {p[0]: p for p in purchases if p[3] == "completed"}
+            for purchase_id in book.purchases.values():
+                assert purchase_id in completed, (
+                    f"acknowledged purchase {purchase_id} not completed"
+                )
+            charges = SandboxPaymentProvider(
+                0, suite.tmp / "data" / "sandbox-payments.sqlite3"
+            ).charges()
+            approved = {key for key, charge in charges.items() if charge.approved}
+            assert approved == set(completed), (
+                f"charged without coins: {sorted(approved - set(completed))[:5]}, "
+                f"coins without a charge: {sorted(set(completed) - approved)[:5]}"
+            )
             for viewer in viewers:
                 spent = sum(g[3] for g in debited.values() if g[1] == viewer)
-                assert balances[f"user:{viewer}"] == bought[viewer] - spent, viewer
+                paid_for = sum(p[2] for p in completed.values() if p[1] == viewer)
+                assert balances[f"user:{viewer}"] == paid_for - spent, viewer
             spend = await fetch(
                 urls["wallet"],
                 "SELECT count(*), coalesce(sum(e.amount), 0) FROM ledger_entries e "

@@ -7,8 +7,10 @@ provider uses as its idempotency key, so asking twice about one purchase never c
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 
@@ -51,21 +53,27 @@ class SandboxPaymentProvider:
 
     LATE_SECONDS = 2.0
 
-    def __init__(self, latency_ms: int = 20) -> None:
+    def __init__(self, latency_ms: int = 20, store: Path | None = None) -> None:
         self._latency = latency_ms / 1000
-        self._charges: dict[str, ChargeResult] = {}
-        self._voided: set[str] = set()
+        self._charges = _ChargeStore(store)
         self._late: set[asyncio.Task[ChargeResult]] = set()
 
     def charged(self, idempotency_key: str) -> ChargeResult | None:
         """What the provider recorded under the key (for tests that count charges)."""
         return self._charges.get(idempotency_key)
 
+    def charges(self) -> dict[str, ChargeResult]:
+        """Everything the provider recorded, by idempotency key (for tests that count charges)."""
+        return self._charges.all()
+
     async def void(self, idempotency_key: str) -> ChargeResult | None:
         await asyncio.sleep(self._latency)
-        if idempotency_key in self._charges:
-            return self._charges[idempotency_key]
-        self._voided.add(idempotency_key)
+        recorded = self._charges.get(idempotency_key)
+        if recorded is not None and recorded.decline_reason != _VOIDED:
+            return recorded
+        self._charges.put(
+            idempotency_key, ChargeResult(False, f"sbx_void_{idempotency_key}", _VOIDED)
+        )
         return None
 
     async def charge(
@@ -85,19 +93,66 @@ class SandboxPaymentProvider:
         return self._apply(idempotency_key, token)
 
     def _apply(self, idempotency_key: str, token: str) -> ChargeResult:
-        if idempotency_key in self._charges:
-            return self._charges[idempotency_key]
-        if idempotency_key in self._voided:  # reconciled as never charged: refused, for good
-            refused = ChargeResult(False, f"sbx_void_{uuid.uuid4().hex[:16]}", "voided")
-            self._charges[idempotency_key] = refused
-            return refused
+        recorded = self._charges.get(idempotency_key)
+        if recorded is not None:  # a repeat, or a key voided (reconciled as never charged)
+            return recorded
         provider_id = f"sbx_{uuid.uuid4().hex[:20]}"
         if token.startswith("tok_decline"):
             reason = token.removeprefix("tok_decline").strip("_") or "card_declined"
             result = ChargeResult(False, provider_id, reason)
         else:
             result = ChargeResult(True, provider_id)
-        self._charges[idempotency_key] = result
+        result = self._charges.put(idempotency_key, result)
         if token.startswith("tok_timeout"):
             raise PaymentOutcomeUnknown(idempotency_key)
         return result
+
+
+_VOIDED = "voided"
+
+
+class _ChargeStore:
+    """The sandbox provider's record of charges by idempotency key: in memory, or in a SQLite file
+    (`WALLET_SANDBOX_PAYMENTS_FILE`) so that, like a real provider, it remembers what it charged when
+    the wallet restarts or runs as several processes. The first result recorded for a key wins."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._memory: dict[str, ChargeResult] = {}
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=5)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS charges (idempotency_key TEXT PRIMARY KEY, "
+                "approved INTEGER NOT NULL, provider_transaction_id TEXT NOT NULL, "
+                "decline_reason TEXT NOT NULL)"
+            )
+
+    def get(self, key: str) -> ChargeResult | None:
+        if self._db is None:
+            return self._memory.get(key)
+        row = self._db.execute(
+            "SELECT approved, provider_transaction_id, decline_reason FROM charges "
+            "WHERE idempotency_key = ?",
+            (key,),
+        ).fetchone()
+        return None if row is None else ChargeResult(bool(row[0]), row[1], row[2])
+
+    def put(self, key: str, result: ChargeResult) -> ChargeResult:
+        """Record `result` unless the key has one; returns the key's result either way."""
+        if self._db is None:
+            return self._memory.setdefault(key, result)
+        self._db.execute(
+            "INSERT OR IGNORE INTO charges VALUES (?, ?, ?, ?)",
+            (key, int(result.approved), result.provider_transaction_id, result.decline_reason),
+        )
+        found = self.get(key)
+        assert found is not None
+        return found
+
+    def all(self) -> dict[str, ChargeResult]:
+        if self._db is None:
+            return dict(self._memory)
+        rows = self._db.execute("SELECT * FROM charges").fetchall()
+        return {r[0]: ChargeResult(bool(r[1]), r[2], r[3]) for r in rows}

@@ -18,7 +18,11 @@ from services.wallet.settings import WalletSettings
 
 async def setup(runtime: Runtime[WalletSettings]) -> None:
     wallet = Wallet(runtime.settings, Ledger(runtime.clock, unit="coins"))
-    payments = SandboxPaymentProvider(runtime.settings.payment_latency_ms)
+    payments = SandboxPaymentProvider(
+        runtime.settings.payment_latency_ms,
+        runtime.settings.sandbox_payments_file
+        or runtime.settings.data_dir / "sandbox-payments.sqlite3",
+    )
 
     settings = runtime.settings
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic_settings import SettingsConfigDict
@@ -19,6 +20,10 @@ class WalletSettings(LedgerServiceSettings):
     """Countries where coins are sold, and the currency each buys in (JSON in WALLET_REGIONS)."""
     minimum_age: int = 18
     payment_latency_ms: int = 20
+    sandbox_payments_file: Path | None = None
+    """Where the sandbox payment provider records its charges (default
+    `<data_dir>/sandbox-payments.sqlite3`): like a real provider, it remembers them across wallet
+    restarts and replicas."""
     payment_timeout_seconds: float = 10.0
     """How long one call to the payment provider may take; the outcome of one that timed out is
     settled under the purchase's key (a retry, or the reconciler, which voids a charge never made).
