@@ -120,10 +120,8 @@ class Unauthenticated(DomainError):
     kind = ErrorKind.UNAUTHENTICATED
 
 
-class ResourceExhausted(DomainError):
-    """Too much, too fast: carries how long to wait (google.rpc.RetryInfo) when a wait will help."""
-
-    kind = ErrorKind.RESOURCE_EXHAUSTED
+class _RetryLater(DomainError):
+    """A refusal that a wait cures: carries how long to wait (google.rpc.RetryInfo) when it is known."""
 
     def __init__(
         self,
@@ -136,29 +134,23 @@ class ResourceExhausted(DomainError):
     ) -> None:
         super().__init__(reason, message, violations=violations, **metadata)
         self.retry_after = retry_after
+
+
+class ResourceExhausted(_RetryLater):
+    """Too much, too fast (a rate limit, an overloaded service)."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
 class Aborted(DomainError):
     kind = ErrorKind.ABORTED
 
 
-class Unavailable(DomainError):
+class Unavailable(_RetryLater):
     """Cannot be served now (a dependency or the database is unreachable); the same request may
-    pass later, after `retry_after` seconds when a wait is known (google.rpc.RetryInfo)."""
+    pass later."""
 
     kind = ErrorKind.UNAVAILABLE
-
-    def __init__(
-        self,
-        reason: str,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        violations: tuple[FieldViolation, ...] = (),
-        **metadata: object,
-    ) -> None:
-        super().__init__(reason, message, violations=violations, **metadata)
-        self.retry_after = retry_after
 
 
 class DeadlineExceeded(DomainError):

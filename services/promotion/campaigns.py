@@ -136,17 +136,10 @@ class Campaigns:
         if claim.finished:
             return claim.replay(response_type)
         promotion = await self.promotion(request.promotion_id)
-        transaction_id = None
         try:
-            if promotion.hold_id is not None:
-                captured = await self._wallet.capture(
-                    promotion_id=promotion.promotion_id,
-                    hold_id=promotion.hold_id,
-                    report_request_id=request.request_id,
-                    coins=request.coins,
-                    time_limit=time_limit,
-                )
-                transaction_id = captured.transaction_id
+            transaction_id = await self._capture(
+                promotion, request.request_id, request.coins, time_limit
+            )
         except DomainError as error:
             refusal = self._promotions.capture_refused(promotion, request.coins, error)
             if not error.retryable:  # nothing was captured, nor will be
@@ -235,6 +228,26 @@ class Campaigns:
         await self._idempotency.record_error(scope, request, refusal)
         raise refusal
 
+    async def _capture(
+        self,
+        promotion: storage.PromotionRecord,
+        report_request_id: str,
+        coins: int,
+        time_limit: float,
+    ) -> str | None:
+        """A delivery report's capture from the promotion's hold (keyed by the report, so sending it
+        again captures nothing twice); the wallet transaction, or None for a budget paid up front."""
+        if promotion.hold_id is None:
+            return None
+        captured = await self._wallet.capture(
+            promotion_id=promotion.promotion_id,
+            hold_id=promotion.hold_id,
+            report_request_id=report_request_id,
+            coins=coins,
+            time_limit=time_limit,
+        )
+        return captured.transaction_id
+
     async def reconcile_captures(
         self, older_than: dt.timedelta, *, time_limit: float, limit: int = 100
     ) -> int:
@@ -252,16 +265,11 @@ class Campaigns:
             async with self._db.read() as conn:
                 promotion = await storage.get_promotion(conn, pending.promotion_id)
             transaction_id = None
-            if promotion is not None and promotion.hold_id is not None:
+            if promotion is not None:
                 try:
-                    captured = await self._wallet.capture(
-                        promotion_id=promotion.promotion_id,
-                        hold_id=promotion.hold_id,
-                        report_request_id=pending.request_id,
-                        coins=pending.coins,
-                        time_limit=time_limit,
+                    transaction_id = await self._capture(
+                        promotion, pending.request_id, pending.coins, time_limit
                     )
-                    transaction_id = captured.transaction_id
                 except DomainError as error:
                     if error.retryable:
                         continue  # the wallet is out: next round

@@ -59,32 +59,16 @@ function call(client, method, request, token) {
 }
 
 const before = await call(wallet, "GetBalance", { user_id: args.sender }, args.token);
-const sent = await call(
-  gifting,
-  "SendGift",
-  {
-    request_id: args.requestId,
-    sender_id: args.sender,
-    creator_id: args.creator,
-    gift_id: "rose",
-    count: 3,
-    live_id: "live-node",
-  },
-  args.token,
-);
-const replay = await call(
-  gifting,
-  "SendGift",
-  {
-    request_id: args.requestId,
-    sender_id: args.sender,
-    creator_id: args.creator,
-    gift_id: "rose",
-    count: 3,
-    live_id: "live-node",
-  },
-  args.token,
-);
+const gift = {
+  request_id: args.requestId,
+  sender_id: args.sender,
+  creator_id: args.creator,
+  gift_id: "rose",
+  count: 3,
+  live_id: "live-node",
+};
+const sent = await call(gifting, "SendGift", gift, args.token);
+const replay = await call(gifting, "SendGift", gift, args.token); // same request id: same answer
 const after = await call(wallet, "GetBalance", { user_id: args.sender }, args.token);
 const foreign = await call(wallet, "GetBalance", { user_id: args.creator }, args.token);
 console.log(JSON.stringify({ before, sent, replay, after, foreign }));
