@@ -14,6 +14,7 @@ from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from ledger import entries
+from runtime.status import retry_info
 from tests.helpers import expect_error, funded_user, new_id, rewrite_history
 from tests.suite import Suite
 
@@ -77,15 +78,22 @@ async def test_an_audit_during_heavy_posting_sees_one_moment(suite: Suite) -> No
 
     async def spend(user: str) -> None:
         while not stop.is_set():
-            await gifting.DebitCoins(
-                wallet_pb2.DebitCoinsRequest(
-                    request_id=new_id("gift:"),
-                    user_id=user,
-                    coins=1,
-                    reason=wallet_pb2.DEBIT_REASON_GIFT,
-                    reference="race",
+            try:
+                await gifting.DebitCoins(
+                    wallet_pb2.DebitCoinsRequest(
+                        request_id=new_id("gift:"),
+                        user_id=user,
+                        coins=1,
+                        reason=wallet_pb2.DEBIT_REASON_GIFT,
+                        reference="race",
+                    )
                 )
-            )
+            except grpc.aio.AioRpcError as error:  # the per-user rate limit: wait as told
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+                delay = retry_info(error)
+                await asyncio.sleep(
+                    delay.retry_delay.ToTimedelta().total_seconds() if delay else 0.05
+                )
 
     spenders = [asyncio.create_task(spend(user)) for user, _ in users for _ in range(3)]
     try:
