@@ -2,7 +2,16 @@
 
 The security matrix (tests/test_security.py) derives every refusal it expects from this table, not from
 the services' own ACCESS rules under test; and it checks that the rules the services enforce are
-exactly these, so a drift in either the code or the documentation fails, naming the RPC.
+exactly these, so a drift in either the code or the documentation fails, naming the RPC. Every RPC
+the services serve must be here.
+
+Where the table is silent, the entry says what the code did when it was transcribed:
+- CaptureHold, ReleaseHold, GetHold ("`promotion` only") and RecordPaymentEvent ("`payment-webhooks`
+  only"): no user token (the table says "no user token" only for ReportDelivery, ResolveDebit,
+  ResolveHold and the credits);
+- ListParkedCredits: audited like every admin call (the table says only "redelivery audited");
+- ListAdminActions: not audited (the table says nothing; the README's Audit paragraph says every admin
+  call is).
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ class Documented:
     owner_field: str | None = None
     """The request field naming the account acted on (the token's user, or an admin's read)."""
     owner_in_record: bool = False
-    """A read by id: the record's owner, or an admin."""
+    """A record named by id (a read, or EndPromotion): its owner, or an admin (audited)."""
     admin: bool = False
     """Admin role required."""
+    audited: bool = False
+    """Every call is written to the admin audit trail (the admin actions)."""
     admin_may_read: bool = False
     """An admin may read any account named in `owner_field` (audited)."""
 
@@ -40,7 +51,11 @@ def _user_writes(owner: str) -> Documented:
 
 _RECORD = Documented(ANY, True, owner_in_record=True)
 _PUBLIC = Documented(ANY, True)
-_ADMIN = Documented(ADMIN_CALLERS, True, admin=True)
+_ADMIN = Documented(ADMIN_CALLERS, True, admin=True, audited=True)
+_AUDIT_TRAIL = Documented(ADMIN_CALLERS, True, admin=True)
+"""ListAdminActions: the table says only "that service's audit trail", not "audited"; reading the
+trail is not itself recorded (the code's rule), though the README's Audit paragraph says "every admin
+call" writes a record."""
 
 
 def _only(*callers: str, owner_field: str | None = None) -> Documented:
@@ -73,7 +88,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _W + "ResolveDebit": _only("gifting", "promotion"),
         _W + "ResolveHold": _only("promotion"),
         _W + "SetCoinPackage": _ADMIN,
-        _AUDIT: _ADMIN,
+        _AUDIT: _AUDIT_TRAIL,
         _LEDGER: _ADMIN,
     },
     "gifting": {
@@ -84,7 +99,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _G + "SetGift": _ADMIN,
         _G + "ListParkedCredits": _ADMIN,
         _G + "RedeliverParkedCredits": _ADMIN,
-        _AUDIT: _ADMIN,
+        _AUDIT: _AUDIT_TRAIL,
     },
     "payout": {
         _P + "GetDiamondBalance": _user_reads("creator_id"),
@@ -93,7 +108,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _P + "ListWithdrawals": _user_reads("creator_id"),
         _P + "CreditDiamonds": _only("gifting"),
         _P + "BatchCreditDiamonds": _only("gifting"),
-        _AUDIT: _ADMIN,
+        _AUDIT: _AUDIT_TRAIL,
         _LEDGER: _ADMIN,
     },
     "promotion": {
@@ -102,7 +117,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _PR + "ListPromotions": _user_reads("user_id"),
         _PR + "EndPromotion": _RECORD,
         _PR + "ReportDelivery": _only("ad-delivery"),
-        _AUDIT: _ADMIN,
+        _AUDIT: _AUDIT_TRAIL,
     },
 }
 """Per service, per method path: who may call it and for whom, as the README documents."""

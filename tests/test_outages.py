@@ -87,15 +87,27 @@ def test_backoff_doubles_is_capped_and_never_overflows() -> None:
 
 
 async def test_work_whose_caller_gave_up_is_never_applied(
-    wallet_behind_proxy: tuple[Suite, TcpProxy],
+    wallet_behind_proxy: tuple[Suite, TcpProxy], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A debit held up (its database stalled) past the caller's 1 s deadline is abandoned before it
     commits: the caller was told it failed, so it must not happen behind its back."""
     suite, proxy = wallet_behind_proxy
     user, coins = await funded_user(suite)
     suite.spans.clear()
+    loop = asyncio.get_running_loop()
+    shedder = suite.services["wallet"].shedder
+    admit = shedder.admit
+    server_deadlines: list[float] = []
+
+    def admit_and_note_the_deadline(time_remaining: float | None) -> float:
+        # Called by the wallet's request guard once it has taken the caller's deadline on.
+        left = deadlines.remaining()
+        if left is not None:
+            server_deadlines.append(loop.time() + left)
+        return admit(time_remaining)
+
+    monkeypatch.setattr(shedder, "admit", admit_and_note_the_deadline)
     proxy.hold()
-    deadline = asyncio.get_running_loop().time() + 1.0
     error = await rpc_error(
         suite.as_caller("gifting").wallet.DebitCoins(
             wallet_pb2.DebitCoinsRequest(
@@ -109,9 +121,15 @@ async def test_work_whose_caller_gave_up_is_never_applied(
         )
     )
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # Release the database once the wallet's copy of the deadline has surely passed too (it started
-    # counting a moment after the client): then the stalled debit resumes, too late.
-    await asyncio.sleep(max(0.0, deadline + 0.2 - asyncio.get_running_loop().time()))
+    monkeypatch.undo()
+    assert len(server_deadlines) == 1, server_deadlines  # the debit's, and only it
+
+    # Release the database once the wallet's own copy of the deadline (it started counting a moment
+    # after the client) has passed too: then the stalled debit resumes, too late.
+    async def past_the_wallets_deadline() -> bool:
+        return loop.time() > server_deadlines[0]
+
+    await eventually(past_the_wallets_deadline, "the wallet's deadline for the debit to pass")
     proxy.heal()
 
     def handled() -> list[ReadableSpan]:
@@ -138,9 +156,15 @@ async def test_a_transaction_past_its_deadline_is_rolled_back(suite: Suite) -> N
 
     async def late_write() -> None:
         deadlines.set_deadline(0.05)
+
+        async def deadline_passed() -> bool:
+            left = deadlines.remaining()
+            return left is not None and left <= 0
+
         async with db.driver.transaction() as tx:
             await tx.run(_SPEND, account=account)
-            await asyncio.sleep(0.1)  # the work outlasts its caller's deadline
+            # The work outlasts its caller's deadline.
+            await eventually(deadline_passed, "the caller's deadline to pass")
 
     with pytest.raises(DeadlineExceeded):
         await asyncio.create_task(late_write())

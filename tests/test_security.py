@@ -29,7 +29,6 @@ certificate; and a certificate of our CA that names no one is refused.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -38,7 +37,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from sqlalchemy.engine import Connection
 
 from coins.common.v1 import admin_audit_pb2
 from coins.wallet.v1 import wallet_pb2
+from ledger import holds as ledger_holds
 from runtime import pki
 from runtime.access import Access
 from runtime.audit import AdminAuditApi
@@ -67,11 +67,15 @@ from runtime.auth import AUTHORIZATION, TokenIssuer
 from runtime.server import ServiceSpec
 from runtime.status import bad_request, error_info
 from services.gifting.service import SPEC as GIFTING_SPEC
+from services.gifting.storage import credit_outbox, sent_gifts
 from services.payout.service import SPEC as PAYOUT_SPEC
+from services.payout.storage import withdrawals
 from services.promotion.service import SPEC as PROMOTION_SPEC
+from services.promotion.storage import pending_captures, promotions
 from services.wallet.service import SPEC as WALLET_SPEC
+from services.wallet.storage import purchases
 from tests.access_matrix import DOCUMENTED
-from tests.helpers import funded_user, new_id
+from tests.helpers import eventually, funded_user, new_id
 from tests.security_cases import GIFTING, PAYOUT, PROMOTION, SAMPLES, WALLET, Entry, Sample
 from tests.suite import Suite
 
@@ -116,11 +120,13 @@ def rpc_id(rpc: tuple[str, str]) -> str:
 
 
 def rpcs_where(keep: Callable[[Access, Entry | None], bool]) -> list[Any]:
-    """The RPCs (as pytest params with readable ids) whose access rule and sample entry satisfy `keep`."""
+    """The RPCs (as pytest params with readable ids) whose documented access rule (the README's, not
+    the code's) and sample entry satisfy `keep`. An RPC missing from tests/access_matrix.py is left
+    out here and fails test_the_rules_enforced_are_the_documented_ones."""
     return [
         pytest.param(service, path, id=rpc_id((service, path)))
         for service, path in RPCS
-        if path in rules_of(service) and keep(rules_of(service)[path], SAMPLES.get(path))
+        if path in DOCUMENTED[service] and keep(documented_rule(service, path), SAMPLES.get(path))
     ]
 
 
@@ -443,17 +449,100 @@ async def snapshot(suite: Suite) -> Snapshot:
     return state
 
 
+PendingWork = Callable[[Suite], Awaitable[int]]
+"""How many items a background worker still has to act on, as its service's database shows."""
+
+
+def _rows_where(service: str, table: Table, *where: Any) -> PendingWork:
+    async def count(suite: Suite) -> int:
+        async with suite.services[service].runtime.db.read() as conn:
+            query = sql_select(func.count()).select_from(table).where(*where)
+            return int((await conn.execute(query)).scalar_one())
+
+    return count
+
+
+async def _expired_holds(suite: Suite) -> int:
+    now = suite.services["wallet"].runtime.clock.now()
+    due = _rows_where(
+        "wallet", ledger_holds, ledger_holds.c.status == "active", ledger_holds.c.expires_at <= now
+    )
+    return await due(suite)
+
+
+BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
+    ("wallet", "expired_holds"): _expired_holds,
+    ("wallet", "reconciled_purchases"): _rows_where(
+        "wallet", purchases, purchases.c.status == "pending"
+    ),
+    ("gifting", "CreditRelay.run"): _rows_where(
+        "gifting", credit_outbox, credit_outbox.c.delivered_at.is_(None), ~credit_outbox.c.dead
+    ),
+    ("gifting", "settled_pending_gifts"): _rows_where(
+        "gifting", sent_gifts, sent_gifts.c.status == "pending"
+    ),
+    ("payout", "WithdrawalWorker.run"): _rows_where(
+        "payout", withdrawals, withdrawals.c.status.in_(("pending", "processing"))
+    ),
+    ("promotion", "settled_pending_promotions"): _rows_where(
+        "promotion", promotions, promotions.c.status == "pending"
+    ),
+    ("promotion", "counted_lost_delivery_captures"): _rows_where("promotion", pending_captures),
+    # Never a database change within a test session: the chain heads are anchored to files, and
+    # request ids are forgotten only after a day at least.
+    **{(service, "anchored_chain_heads"): None for service in ("wallet", "payout")},
+    **{(service, "forgotten_request_ids"): None for service in SPECS},
+}
+"""Every background worker the services run (by service and name, see `background_workers`), and
+what it still has to do; None for one that changes no database while the tests run."""
+
+
+def background_workers(suite: Suite) -> set[tuple[str, str]]:
+    """(service, name) of every background worker running in the suite: a periodic job by its name,
+    a loop by its class and method."""
+    found = set()
+    for service, running in suite.services.items():
+        for worker in running.runtime._workers:
+            owner = getattr(worker, "__self__", None)
+            name = worker.__name__ if owner is None else f"{type(owner).__name__}.{worker.__name__}"
+            found.add((service, name))
+    return found
+
+
+async def background_work(suite: Suite) -> list[str]:
+    """What the background workers still have to do (outbox credits to deliver, withdrawals to pay,
+    pending gifts, promotions and captures to settle, purchases to reconcile, holds to expire)."""
+    left = []
+    for (service, worker), pending in sorted(BACKGROUND_WORK.items()):
+        if pending is not None and (count := await pending(suite)):
+            left.append(f"{service} {worker}: {count}")
+    return left
+
+
 async def quiet_snapshot(suite: Suite) -> Snapshot:
-    """A snapshot once background work (outbox relay, payout processor) has settled: the same twice,
-    100 ms apart."""
-    previous = await snapshot(suite)
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        current = await snapshot(suite)
-        if current == previous:
-            return current
-        previous = current
-    raise AssertionError("the databases never settled; a background worker is still busy")
+    """A snapshot once the background workers have nothing left to do (earlier tests' credits
+    delivered, withdrawals paid, ...), so that whatever changes after it is the test's doing."""
+
+    async def idle() -> bool:
+        return not await background_work(suite)
+
+    try:
+        await eventually(idle, "the background workers idle", seconds=10.0)
+    except AssertionError:
+        raise AssertionError(
+            f"the background workers still busy after 10s: {await background_work(suite)}"
+        ) from None
+    return await snapshot(suite)
+
+
+async def test_the_quiet_snapshot_knows_every_background_worker(suite: Suite) -> None:
+    """quiet_snapshot waits for each background worker's work to be done: a new worker must say
+    what it has left to do (BACKGROUND_WORK), or the refusals could be blamed for its writes."""
+    running, known = background_workers(suite), set(BACKGROUND_WORK)
+    assert running == known, (
+        f"workers BACKGROUND_WORK does not know: {sorted(running - known)}; "
+        f"known but not running: {sorted(known - running)}"
+    )
 
 
 def changes(before: Snapshot, after: Snapshot) -> list[str]:
@@ -607,7 +696,7 @@ async def test_every_refusal_is_right_and_changes_nothing(
     rpc = calls(service)
     domain = SPECS[service].error_domain
     tokens = Tokens(suite, rogue_pki)
-    allowed = sorted(rule.callers)[0] if rule.callers else "gateway"
+    allowed = allowed_caller(rule)
     cases = list(refusals(rule, entry, sample, tokens, allowed, unlisted_certs))
 
     before = await quiet_snapshot(suite)
@@ -654,7 +743,9 @@ async def test_a_missing_request_id_is_refused_and_changes_nothing(
     rpc = calls(service)
     before = await quiet_snapshot(suite)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await rpc.call(path, request, identity=suite.allowed_identity(service, path), metadata=good)
+        await rpc.call(
+            path, request, identity=allowed_caller(documented_rule(service, path)), metadata=good
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
     info = error_info(caught.value)
     assert info is not None and info.reason == "INVALID_REQUEST"
@@ -663,46 +754,64 @@ async def test_a_missing_request_id_is_refused_and_changes_nothing(
     assert not changes(before, await snapshot(suite))
 
 
+ASPECTS = (
+    "callers",
+    "needs_user",
+    "owner_field",
+    "owner_in_record",
+    "admin",
+    "audited",
+    "admin_may_read",
+)
+"""What tests/access_matrix.py states of each RPC, and an Access rule enforces."""
+
+
 def documented_rule(service: str, path: str) -> Access:
     """The README's access rule for the RPC (tests/access_matrix.py), as an Access."""
     documented = DOCUMENTED[service].get(path)
     assert documented is not None, (
-        f"{path} is not in the README's access table (tests/access_matrix.py): document who may "
-        "call it, then add it there"
+        f"{rpc_id((service, path))} ({path}) is not in tests/access_matrix.py: document who may "
+        "call it in the README's access table, then transcribe it there"
     )
-    return Access(
-        callers=documented.callers,
-        needs_user=documented.needs_user,
-        owner_field=documented.owner_field,
-        admin=documented.admin,
-        admin_may_read=documented.admin_may_read,
-        owner_in_record=documented.owner_in_record,
-    )
+    return Access(**{aspect: getattr(documented, aspect) for aspect in ASPECTS})
+
+
+def allowed_caller(rule: Access) -> str:
+    """A caller `rule` lets in: its first allowed service, or the gateway."""
+    return sorted(rule.callers)[0] if rule.callers else "gateway"
 
 
 def test_the_rules_enforced_are_the_documented_ones() -> None:
-    """Every RPC's enforced access rule says what the README's table says (callers, user token,
-    the account field, admin), and the table has no RPC the services do not serve."""
-    drift = []
-    for service, path in RPCS:
-        documented, enforced = documented_rule(service, path), rules_of(service)[path]
-        for aspect in (
-            "callers",
-            "needs_user",
-            "owner_field",
-            "admin",
-            "admin_may_read",
-            "owner_in_record",
-        ):
-            if getattr(documented, aspect) != getattr(enforced, aspect):
-                drift.append(
-                    f"{rpc_id((service, path))}.{aspect}: README {getattr(documented, aspect)!r}, "
-                    f"code {getattr(enforced, aspect)!r}"
-                )
+    """Every RPC served is in the README's table (tests/access_matrix.py), its enforced access rule
+    says what the table says (callers, user token, the account field, admin, audit), and the table
+    has no RPC the services do not serve."""
     served = set(RPCS)
-    extra = [f"{s}{p}" for s, rules in DOCUMENTED.items() for p in rules if (s, p) not in served]
-    assert not drift and not extra, "\n".join(
-        drift + [f"documented, not served: {e}" for e in extra]
+    undocumented = [
+        f"{rpc_id((s, p))} ({p}) is served but not in tests/access_matrix.py"
+        for s, p in RPCS
+        if p not in DOCUMENTED[s]
+    ]
+    unenforced = [
+        f"{rpc_id((s, p))} ({p}) is served without an access rule"
+        for s, p in RPCS
+        if p not in rules_of(s)
+    ]
+    drift = [
+        f"{rpc_id((s, p))}.{aspect}: README {getattr(documented_rule(s, p), aspect)!r}, "
+        f"code {getattr(rules_of(s)[p], aspect)!r}"
+        for s, p in RPCS
+        if p in DOCUMENTED[s] and p in rules_of(s)
+        for aspect in ASPECTS
+        if getattr(documented_rule(s, p), aspect) != getattr(rules_of(s)[p], aspect)
+    ]
+    extra = [
+        f"{s}{p} is in tests/access_matrix.py but not served"
+        for s, rules in DOCUMENTED.items()
+        for p in rules
+        if (s, p) not in served
+    ]
+    assert not (undocumented or unenforced or drift or extra), "\n".join(
+        undocumented + unenforced + drift + extra
     )
 
 
