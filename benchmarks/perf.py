@@ -277,6 +277,8 @@ class Result:
     lag: Lag | None = None
     closed_at: float = 0.0
     """time.perf_counter() when the window closed."""
+    shed: int = 0
+    """Calls the suite refused at once as OVERLOADED (expected only in the burst cases)."""
 
     @property
     def throughput(self) -> float:
@@ -1390,6 +1392,24 @@ async def gift_case(
     return _note_result(report, result)
 
 
+def _count_shed(report: BackendReport, result: Result) -> None:
+    """Move what a burst is expected to cause out of its errors and into a note: OVERLOADED
+    refusals (the shedding working; SendGift or the lag's GetGift) and calls still queued when the
+    drain gave up (CANCELLED by the benchmark itself)."""
+    cancelled = 0
+    for what in list(result.errors):
+        if "RESOURCE_EXHAUSTED" in what and "overloaded" in what:
+            result.shed += result.errors.pop(what)
+        elif what.startswith("CANCELLED"):
+            cancelled += result.errors.pop(what)
+    p50, p99 = result.quantile(0.5), result.quantile(0.99)
+    report.notes.append(
+        f"{result.case}: {result.shed} calls refused at once as OVERLOADED, {cancelled} still "
+        f"queued at the drain, {result.completed} served in the window, p50 {_ms(p50)} ms, "
+        f"p99 {_ms(p99)} ms"
+    )
+
+
 async def measure_suite(
     report: BackendReport,
     options: Options,
@@ -1461,6 +1481,25 @@ async def measure_suite(
                     seed=8,
                     case="SendGift spread open-loop 80%",
                 )
+                # A burst at five times capacity, then half capacity at once: the burst should be
+                # mostly refused fast (OVERLOADED, see runtime/shedding.py) with the accepted calls
+                # still quick, and the next window's p50 back to normal.
+                for factor, case, seed in (
+                    (5, "SendGift burst 5x", 9),
+                    (0.5, "SendGift after the burst 50%", 10),
+                ):
+                    burst = await gift_case(
+                        report,
+                        client,
+                        options,
+                        timing,
+                        monitor,
+                        hot=False,
+                        rate=max_rate * factor,
+                        seed=seed,
+                        case=case,
+                    )
+                    _count_shed(report, burst)
             # Last: its bulk writes leave PostgreSQL vacuuming for a while after, which would
             # otherwise be charged to the cases that follow.
             for concurrency in options.concurrency:
