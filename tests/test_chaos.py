@@ -20,10 +20,10 @@ import shutil
 import signal
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -33,6 +33,7 @@ from google.type import date_pb2
 from benchmarks.perf import SERVICES, SuiteProcesses, free_port, gateway_credentials
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime import pki
 from runtime.auth import TokenIssuer, token_metadata
@@ -44,6 +45,7 @@ from tools.cross_audit import cross_audit
 
 if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi
     from coins.gifting.v1.gifting_pb2_grpc import GiftingServiceAsyncStub
+    from coins.promotion.v1.promotion_pb2_grpc import PromotionServiceAsyncStub
     from coins.wallet.v1.wallet_pb2_grpc import WalletServiceAsyncStub
 
 WORK_SECONDS = 20.0
@@ -154,6 +156,9 @@ async def chaos_suite(
         settings={
             "GIFTING_RECONCILE_AFTER_SECONDS": "3",
             "WALLET_RECONCILE_AFTER_SECONDS": "3",
+            "PROMOTION_RECONCILE_AFTER_SECONDS": "3",
+            "PROMOTION_RECONCILE_EVERY_SECONDS": "1",
+            "PROMOTION_DOWNSTREAM_TIMEOUT_SECONDS": "2",
             "WALLET_RECONCILE_EVERY_SECONDS": "1",
             "WALLET_PAYMENT_TIMEOUT_SECONDS": "1",
             "GIFTING_RECONCILE_EVERY_SECONDS": "1",
@@ -307,6 +312,59 @@ async def buy_coins(
         await asyncio.sleep(rng.uniform(0.2, 0.6))
 
 
+async def promote(
+    promotion: PromotionServiceAsyncStub,
+    ad_delivery: PromotionServiceAsyncStub,
+    tokens: dict[str, tuple[tuple[str, str], ...]],
+    viewers: Sequence[str],
+    rng: random.Random,
+    *,
+    work_until: float,
+    answer_until: float,
+) -> None:
+    """A caller creating promotions, reporting deliveries against them (as the ad-delivery system)
+    and ending some early; every request retried under its id until answered. The cross audit then
+    checks each promotion's spend against the wallet's captures."""
+    loop = asyncio.get_running_loop()
+
+    async def answered(
+        method: Callable[..., Awaitable[Any]], request: Any, metadata: Any = ()
+    ) -> Any:
+        while loop.time() < answer_until:
+            try:
+                return await method(request, metadata=metadata, timeout=3.0)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE:
+                    return None  # a definitive refusal (budget spent, promotion ended, no coins)
+                await asyncio.sleep(rng.uniform(0.1, 0.5))
+        return None
+
+    while loop.time() < work_until:
+        owner = rng.choice(viewers)
+        create = promotion_pb2.CreatePromotionRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=owner,
+            video_id="video-chaos",
+            goal=promotion_pb2.GOAL_VIDEO_VIEWS,
+            budget_coins=rng.randint(50, 150),
+            duration_days=1,
+        )
+        made = await answered(promotion.CreatePromotion, create, tokens[owner])
+        if made is None:
+            continue
+        promotion_id = made.promotion.promotion_id
+        for _ in range(rng.randint(1, 3)):
+            report = promotion_pb2.ReportDeliveryRequest(
+                request_id=uuid.uuid4().hex, promotion_id=promotion_id, coins=rng.randint(5, 40)
+            )
+            await answered(ad_delivery.ReportDelivery, report)
+        if rng.random() < 0.5:
+            end = promotion_pb2.EndPromotionRequest(
+                request_id=uuid.uuid4().hex, promotion_id=promotion_id
+            )
+            await answered(promotion.EndPromotion, end, tokens[owner])
+
+
 async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path: Path) -> None:
     seed = int(os.environ.get("COINS_CHAOS_SEED") or random.randrange(1 << 30))
     print(f"chaos seed {seed} (COINS_CHAOS_SEED={seed} replays it)")
@@ -326,6 +384,10 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
             grpc.aio.secure_channel(suite.address("wallet"), credentials) as wallet_channel,
             grpc.aio.secure_channel(suite.address("gifting"), credentials) as gifting_channel,
             grpc.aio.secure_channel(suite.address("payout"), credentials) as payout_channel,
+            grpc.aio.secure_channel(suite.address("promotion"), credentials) as promotion_channel,
+            grpc.aio.secure_channel(
+                suite.address("promotion"), gateway_credentials(suite.certs, "ad-delivery")
+            ) as ad_channel,
         ):
             wallet: WalletServiceAsyncStub = wallet_pb2_grpc.WalletServiceStub(wallet_channel)  # type: ignore[assignment]
             gifting: GiftingServiceAsyncStub = gifting_pb2_grpc.GiftingServiceStub(gifting_channel)  # type: ignore[assignment]
@@ -355,35 +417,52 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
             loop = asyncio.get_running_loop()
             work_until = loop.time() + WORK_SECONDS
             answer_until = work_until + SETTLE_SECONDS / 2
-            callers = [
-                asyncio.create_task(
-                    send_gifts(
-                        gifting,
-                        tokens,
-                        viewers,
-                        creators,
-                        random.Random(rng.random()),
-                        book,
-                        gives_up=i % 4 == 0,
-                        work_until=work_until,
-                        answer_until=answer_until,
+            callers = (
+                [
+                    asyncio.create_task(
+                        send_gifts(
+                            gifting,
+                            tokens,
+                            viewers,
+                            creators,
+                            random.Random(rng.random()),
+                            book,
+                            gives_up=i % 4 == 0,
+                            work_until=work_until,
+                            answer_until=answer_until,
+                        )
                     )
-                )
-                for i in range(WORKERS)
-            ] + [
-                asyncio.create_task(
-                    buy_coins(
-                        wallet,
-                        tokens,
-                        viewers,
-                        random.Random(rng.random()),
-                        book,
-                        work_until=work_until,
-                        answer_until=answer_until,
+                    for i in range(WORKERS)
+                ]
+                + [
+                    asyncio.create_task(
+                        buy_coins(
+                            wallet,
+                            tokens,
+                            viewers,
+                            random.Random(rng.random()),
+                            book,
+                            work_until=work_until,
+                            answer_until=answer_until,
+                        )
                     )
-                )
-                for _ in range(2)
-            ]
+                    for _ in range(2)
+                ]
+                + [
+                    asyncio.create_task(
+                        promote(
+                            promotion_pb2_grpc.PromotionServiceStub(promotion_channel),  # type: ignore[arg-type]
+                            promotion_pb2_grpc.PromotionServiceStub(ad_channel),  # type: ignore[arg-type]
+                            tokens,
+                            viewers,
+                            random.Random(rng.random()),
+                            work_until=work_until,
+                            answer_until=answer_until,
+                        )
+                    )
+                    for _ in range(2)
+                ]
+            )
             try:
                 await nemesis.run(WORK_SECONDS)
             finally:
@@ -405,7 +484,7 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
 
             urls = {
                 name: f"postgresql://postgres@127.0.0.1:{postgres.port}/coins_bench_{name}_{suite.run}"
-                for name in ("wallet", "gifting", "payout")
+                for name in SERVICES
             }
 
             async def settled() -> bool:
@@ -417,7 +496,12 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 buying = await fetch(
                     urls["wallet"], "SELECT count(*) FROM purchases WHERE status = 'pending'"
                 )
-                return int(rows[0][0]) == 0 and int(buying[0][0]) == 0
+                promoting = await fetch(
+                    urls["promotion"],
+                    "SELECT (SELECT count(*) FROM promotions WHERE status = 'pending') + "
+                    "(SELECT count(*) FROM pending_captures)",
+                )
+                return int(rows[0][0]) == 0 and int(buying[0][0]) == 0 and int(promoting[0][0]) == 0
 
             await eventually(settled, "every gift settled and credited", seconds=SETTLE_SECONDS)
 
@@ -457,10 +541,20 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 f"charged without coins: {sorted(approved - set(completed))[:5]}, "
                 f"coins without a charge: {sorted(set(completed) - approved)[:5]}"
             )
+            promoted = dict(
+                await fetch(
+                    urls["promotion"],
+                    "SELECT user_id, sum(spent_coins) FROM promotions "
+                    "WHERE status IN ('active', 'completed') GROUP BY user_id",
+                )
+            )
+            print(f"promotion spend by owner: {promoted}")
+            assert promoted, "no promotion got through: the workload measured nothing"
             for viewer in viewers:
                 spent = sum(g[3] for g in debited.values() if g[1] == viewer)
                 paid_for = sum(p[2] for p in completed.values() if p[1] == viewer)
-                assert balances[f"user:{viewer}"] == paid_for - spent, viewer
+                expected = paid_for - spent - int(promoted.get(viewer, 0))
+                assert balances[f"user:{viewer}"] == expected, viewer
             spend = await fetch(
                 urls["wallet"],
                 "SELECT count(*), coalesce(sum(e.amount), 0) FROM ledger_entries e "
