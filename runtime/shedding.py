@@ -84,7 +84,7 @@ class LoadShedder:
         completes nothing, so this is its only sign."""
         if not self._started:
             return 0.0
-        return self._now() - (min(self._started) + 1) * _BUCKET_SECONDS
+        return max(0.0, self._now() - (min(self._started) + 1) * _BUCKET_SECONDS)
 
     def fastest_recent(self) -> float | None:
         """The shortest call completed in the last half second; None if none completed."""
