@@ -13,7 +13,6 @@ from runtime.clients import downstream_timeout
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext
 from runtime.server import Runtime
-from services.gifting import storage
 from services.gifting.convert import gift_pb, parked_credit_pb, sent_gift_pb
 from services.gifting.domain import Gifting, GiftOrder, Target
 from services.gifting.sending import GiftSender
@@ -55,7 +54,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         size = page_size(request.page_size)
         after = decode_token(request.page_token, "gifts", int64, text)
         async with self._db.read() as conn:
-            gifts = await storage.list_gifts(
+            gifts = await self._gifting.catalog(
                 conn, limit=size + 1, after=(after[0], after[1]) if after else None
             )
         token = ""
@@ -117,7 +116,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         kind = f"top:{request.live_id}"
         after = decode_token(request.page_token, kind, int64, text, int64)
         async with self._db.read() as conn:
-            rows = await storage.top_gifters(
+            rows = await self._gifting.top_gifters(
                 conn,
                 request.live_id,
                 limit=size + 1,

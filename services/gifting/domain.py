@@ -112,6 +112,18 @@ class Gifting:
             active=active,
         )
 
+    async def catalog(
+        self, conn: AsyncConnection, *, limit: int, after: tuple[int, str] | None
+    ) -> list[storage.GiftRecord]:
+        """A page of the active catalog, cheapest first."""
+        return await storage.list_gifts(conn, limit=limit, after=after)
+
+    async def top_gifters(
+        self, conn: AsyncConnection, live_id: str, *, limit: int, after: tuple[int, str] | None
+    ) -> list[tuple[str, int]]:
+        """A page of a LIVE's gifters (sender, coins), most coins first."""
+        return await storage.top_gifters(conn, live_id, limit=limit, after=after)
+
     async def put_gift(self, conn: AsyncConnection, gift: storage.GiftRecord) -> None:
         """Add or change a catalog entry (made by `catalog_entry`)."""
         await storage.put_gift(conn, gift)

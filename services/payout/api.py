@@ -8,14 +8,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
-from runtime.errors import NotFound
 from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
-from services.payout import policy, storage
+from services.payout import policy
 from services.payout.domain import GiftCredit, Payouts
 from services.payout.settings import PayoutSettings
+from services.payout.storage import WithdrawalRecord
 
 _METHODS = {payout_pb2.PAYOUT_METHOD_PAYPAL: "paypal", payout_pb2.PAYOUT_METHOD_BANK: "bank"}
 _METHOD_ENUM = {name: value for value, name in _METHODS.items()}
@@ -62,7 +62,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             ),
         )
 
-    def _withdrawal(self, w: storage.WithdrawalRecord) -> payout_pb2.Withdrawal:
+    def _withdrawal(self, w: WithdrawalRecord) -> payout_pb2.Withdrawal:
         currency = w.currency_code
         return payout_pb2.Withdrawal(
             withdrawal_id=w.withdrawal_id,
@@ -152,13 +152,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.GetWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.GetWithdrawalResponse:
         async with self._db.read() as conn:
-            withdrawal = await storage.get_withdrawal(conn, request.withdrawal_id)
-        if withdrawal is None:
-            raise NotFound(
-                "WITHDRAWAL_NOT_FOUND",
-                f"no withdrawal {request.withdrawal_id!r}",
-                withdrawal_id=request.withdrawal_id,
-            )
+            withdrawal = await self._payouts.withdrawal(conn, request.withdrawal_id)
         require_owner(withdrawal.creator_id)
         return payout_pb2.GetWithdrawalResponse(withdrawal=self._withdrawal(withdrawal))
 
@@ -169,7 +163,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         kind = f"withdrawals:{request.creator_id}"
         before = decode_token(request.page_token, kind, instant, text)
         async with self._db.read() as conn:
-            rows = await storage.list_withdrawals(
+            rows = await self._payouts.withdrawals_of(
                 conn,
                 request.creator_id,
                 limit=size + 1,

@@ -57,6 +57,30 @@ class Payouts:
         """Batches lock the same creators' rows: more at once only queue inside the database,
         holding connections and memory."""
 
+    async def withdrawal(
+        self, conn: AsyncConnection, withdrawal_id: str
+    ) -> storage.WithdrawalRecord:
+        """A withdrawal by id; NOT_FOUND WITHDRAWAL_NOT_FOUND if there is none."""
+        withdrawal = await storage.get_withdrawal(conn, withdrawal_id)
+        if withdrawal is None:
+            raise NotFound(
+                "WITHDRAWAL_NOT_FOUND",
+                f"no withdrawal {withdrawal_id!r}",
+                withdrawal_id=withdrawal_id,
+            )
+        return withdrawal
+
+    async def withdrawals_of(
+        self,
+        conn: AsyncConnection,
+        creator_id: str,
+        *,
+        limit: int,
+        before: tuple[dt.datetime, str] | None,
+    ) -> list[storage.WithdrawalRecord]:
+        """A page of a creator's withdrawals, newest first."""
+        return await storage.list_withdrawals(conn, creator_id, limit=limit, before=before)
+
     async def credit(
         self, driver: Driver, batch: Iterable[GiftCredit], now: dt.datetime, answer: Answer
     ) -> list[bytes]:
