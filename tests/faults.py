@@ -97,7 +97,11 @@ async def suite_with_wallet_db_behind_proxy(
     host, port = host_port.rsplit(":", 1)
     proxy = await TcpProxy(host, int(port)).start()
     proxied = url.replace(f"@{host_port}/", f"@127.0.0.1:{proxy.port}/")
-    suite = await start_suite("postgres", data_dir, overrides={"wallet": {"database_url": proxied}})
+    suite = await start_suite(
+        "postgres",
+        data_dir,
+        overrides={"wallet": {"database_url": proxied, "max_queue_seconds": 0.5}},
+    )
     try:
         yield suite, proxy
     finally:
