@@ -1393,7 +1393,7 @@ async def gift_case(
 
 
 def _count_shed(report: BackendReport, result: Result) -> None:
-    """Move what a burst is expected to cause out of its errors and into a note: OVERLOADED
+    """Move what overload is expected to cause out of a case's errors and into a note: OVERLOADED
     refusals (the shedding working; SendGift or the lag's GetGift) and calls still queued when the
     drain gave up (CANCELLED by the benchmark itself)."""
     cancelled = 0
@@ -1503,18 +1503,19 @@ async def measure_suite(
             # Last: its bulk writes leave PostgreSQL vacuuming for a while after, which would
             # otherwise be charged to the cases that follow.
             for concurrency in options.concurrency:
-                _note_result(
-                    report,
-                    await closed_loop(
-                        f"settlement (batch {options.batch})",
-                        "suite",
-                        concurrency,
-                        client.settlement_call(concurrency, options.batch),
-                        timing=timing,
-                        monitor=monitor,
-                        items_per_call=options.batch,
-                    ),
+                settlement = await closed_loop(
+                    f"settlement (batch {options.batch})",
+                    "suite",
+                    concurrency,
+                    client.settlement_call(concurrency, options.batch),
+                    timing=timing,
+                    monitor=monitor,
+                    items_per_call=options.batch,
                 )
+                # Far more batches in flight than payout applies at once (PAYOUT_CREDIT_BATCHES_AT_ONCE)
+                # queue inside it; refusing the excess (OVERLOADED) is the shedding working.
+                _count_shed(report, settlement)
+                _note_result(report, settlement)
             report.memory = suite.memory()
             report.log_errors, report.log_problems, report.log_warnings = suite.log_problems()
             if died := suite.died():
