@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import TcpProxy, suite_with_wallet_db_behind_proxy
 from tests.suite import Suite, require_postgres, start_suite
 
 BACKENDS = [b for b in os.environ.get("COINS_TEST_BACKENDS", "sqlite,postgres").split(",") if b]
@@ -44,3 +45,10 @@ async def private_suite(
     running = await start_suite(backend, tmp_path_factory.mktemp(f"private-{backend}"))
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def wallet_behind_proxy(tmp_path: Path) -> AsyncIterator[tuple[Suite, TcpProxy]]:
+    """The suite on PostgreSQL with the wallet's database behind a proxy the test cuts or holds."""
+    async with suite_with_wallet_db_behind_proxy(tmp_path) as running:
+        yield running

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,15 +20,9 @@ from runtime.backoff import backoff
 from runtime.errors import DeadlineExceeded
 from runtime.sql import Statement
 from runtime.status import retry_info
-from tests.faults import TcpProxy, suite_with_wallet_db_behind_proxy
+from tests.faults import TcpProxy
 from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id, rpc_error
 from tests.suite import Suite
-
-
-@pytest.fixture
-async def wallet_behind_proxy(tmp_path: Path) -> AsyncIterator[tuple[Suite, TcpProxy]]:
-    async with suite_with_wallet_db_behind_proxy(tmp_path) as running:
-        yield running
 
 
 async def test_a_database_outage_is_unavailable_and_heals(

@@ -5,8 +5,6 @@ normally again as soon as calls are fast again."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,7 +13,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.errors import ResourceExhausted
 from runtime.shedding import LoadShedder
 from runtime.status import error_info, retry_info
-from tests.faults import TcpProxy, suite_with_wallet_db_behind_proxy
+from tests.faults import TcpProxy
 from tests.helpers import eventually, funded_user
 from tests.suite import Suite
 
@@ -81,12 +79,6 @@ def test_beyond_the_in_flight_bound_calls_are_refused() -> None:
         shedder.admit(None)
     with pytest.raises(ResourceExhausted):
         shedder.admit(None)
-
-
-@pytest.fixture
-async def wallet_behind_proxy(tmp_path: Path) -> AsyncIterator[tuple[Suite, TcpProxy]]:
-    async with suite_with_wallet_db_behind_proxy(tmp_path) as running:
-        yield running
 
 
 async def test_a_burst_is_refused_fast_and_the_service_recovers(
