@@ -14,7 +14,8 @@ Holds (`ledger.holds`) reserve part of an account's balance for a later capture 
 spend only the available balance (balance - held).
 """
 
-from ledger.book import AuditReport, Ledger, Posted, Posting
+from ledger.audit import AuditReport
+from ledger.book import Ledger, Posted, Posting
 from ledger.chain import GENESIS
 from ledger.holds import Hold, Holds
 from ledger.schema import (
@@ -23,6 +24,7 @@ from ledger.schema import (
     downgrade_ledger_tables_v3,
     downgrade_ledger_tables_v4,
     downgrade_ledger_tables_v5,
+    downgrade_ledger_tables_v6,
     entries,
     holds,
     metadata,
@@ -31,6 +33,7 @@ from ledger.schema import (
     upgrade_ledger_tables_v3,
     upgrade_ledger_tables_v4,
     upgrade_ledger_tables_v5,
+    upgrade_ledger_tables_v6,
 )
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "downgrade_ledger_tables_v3",
     "downgrade_ledger_tables_v4",
     "downgrade_ledger_tables_v5",
+    "downgrade_ledger_tables_v6",
     "entries",
     "holds",
     "metadata",
@@ -54,4 +58,5 @@ __all__ = [
     "upgrade_ledger_tables_v3",
     "upgrade_ledger_tables_v4",
     "upgrade_ledger_tables_v5",
+    "upgrade_ledger_tables_v6",
 ]

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import uuid
+import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from sqlalchemy import Row, func, select, tuple_, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.anchors import Anchor, Heads
+from ledger.audit import AuditReport, audit_books
 from ledger.chain import GENESIS, entry_hash, transaction_digest
-from ledger.schema import accounts, entries, holds, transactions
+from ledger.schema import accounts
 from runtime.auth import principal_or_none
 from runtime.clock import Clock, utc
 from runtime.errors import FailedPrecondition, NotFound
@@ -48,7 +49,7 @@ _TRANSACTION_VALUES = (
     ":created_at, :digest, :acting_user"
 )
 _ENTRY_COLUMNS = (
-    "transaction_id, account_id, amount, balance_after, created_at, seq, prev_hash, hash"
+    "transaction_id, account_id, amount, balance_after, created_at, seq, prev_hash, hash, kind"
 )
 _INSERT_TRANSACTION = Statement(
     "ledger.insert_transaction",
@@ -57,7 +58,7 @@ _INSERT_TRANSACTION = Statement(
 _INSERT_ENTRY = Statement(
     "ledger.insert_entry",
     f"INSERT INTO ledger_entries ({_ENTRY_COLUMNS}) VALUES (:transaction_id, :account_id, "
-    ":amount, :balance_after, :created_at, :seq, :prev_hash, :hash)",
+    ":amount, :balance_after, :created_at, :seq, :prev_hash, :hash, :kind)",
 )
 _SET_HEAD = Statement(
     "ledger.set_head",
@@ -73,7 +74,7 @@ _WRITE_ROWS_PG = f"""tx AS (
 )
 INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
 SELECT :transaction_id::text, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
-       e.seq, e.prev_hash, e.hash
+       e.seq, e.prev_hash, e.hash, :kind
 FROM {_ENTRIES_PG}
 ORDER BY e.n"""
 _WRITE_POSTING_PG = Statement(
@@ -122,7 +123,7 @@ WITH updated AS (
 ), entries AS (
     INSERT INTO ledger_entries ({_ENTRY_COLUMNS})
     SELECT :transaction_id::text, e.account_id, e.amount, e.balance_after, :created_at::timestamptz,
-           e.seq, e.prev_hash, e.hash
+           e.seq, e.prev_hash, e.hash, :kind::text
     FROM updated, {_ENTRIES_PG}
     ORDER BY e.n
 ), {AnsweredKey.cte("updated")}
@@ -151,6 +152,13 @@ _BALANCES = Statement(
     postgres="SELECT account_id, balance FROM ledger_accounts "
     "WHERE account_id = ANY(:account_ids::text[])",
 )
+
+
+def new_transaction_id() -> str:
+    """32 hex digits: the microsecond first, then 72 random bits. Ids in time order keep the
+    transactions' primary key and the entries' transaction index appending at their right edge, where
+    random ids would touch a random page of a multi-gigabyte index on every posting."""
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(9)}"
 
 
 def _current_trace_id() -> str:
@@ -206,6 +214,7 @@ async def write_posting(
             seq=seq,
             prev_hash=prev_hash,
             hash=hash_,
+            kind=transaction["kind"],
         )
 
 
@@ -238,38 +247,6 @@ class _Link:
     head_hash: str
     """The account's head before this posting (its previous entry's hash)."""
     held: int = 0
-
-
-@dataclass(frozen=True)
-class AuditReport:
-    """Result of recomputing every balance from the entries and verifying digests and hash chains."""
-
-    accounts_checked: int
-    mismatches: dict[str, tuple[int, int]]
-    """account id -> (kept balance, sum of entries), for every account where they differ."""
-    total: int
-    """Sum of all entries over all accounts; zero in a correct book."""
-    transactions_checked: int = 0
-    chains_checked: int = 0
-    bad_transactions: dict[str, str] = field(default_factory=dict)
-    """transaction id -> what is wrong, for every transaction whose digest does not recompute."""
-    broken_chains: dict[str, str] = field(default_factory=dict)
-    """account id -> the first thing wrong with its chain (a gap, a broken link, a hash, the head)."""
-    held_mismatches: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """account id -> (held on the account, sum of what its active holds reserve), where they differ."""
-    negative: dict[str, int] = field(default_factory=dict)
-    """account id -> balance, for accounts below zero that may not be."""
-
-    @property
-    def ok(self) -> bool:
-        return (
-            not self.mismatches
-            and self.total == 0
-            and not self.bad_transactions
-            and not self.broken_chains
-            and not self.held_mismatches
-            and not self.negative
-        )
 
 
 def insufficient(
@@ -348,11 +325,10 @@ class Ledger:
         if sum(p.amount for p in postings) != 0 or any(p.amount == 0 for p in postings):
             raise ValueError(f"unbalanced or empty postings: {postings}")
         tx = as_tx(conn)
-        now = utc(self._clock.now())
         if acting_user is None:  # who asked: the user the RPC being served acts for, if any
             principal = principal_or_none()
             acting_user = principal.user_id or "" if principal is not None else ""
-        transaction_id = uuid.uuid4().hex
+        transaction_id = new_transaction_id()
         trace_id = _current_trace_id()
         # Lock order by account id, so two transactions touching the same accounts cannot deadlock.
         # Each keeping account's UPDATE also takes the next number of its chain under that row lock.
@@ -366,6 +342,8 @@ class Ledger:
                 links[i] = link
                 balances[postings[i].account_id] = link.balance
                 available[postings[i].account_id] = link.balance - link.held
+        # The time is read with the accounts locked, so each account's entries are in time order too.
+        now = utc(self._clock.now())
         digest = transaction_digest(
             transaction_id=transaction_id,
             kind=kind,
@@ -483,7 +461,7 @@ class Ledger:
         now = utc(self._clock.now())
         principal = principal_or_none()
         acting_user = principal.user_id or "" if principal is not None else ""
-        transaction_id = uuid.uuid4().hex
+        transaction_id = new_transaction_id()
         trace_id = _current_trace_id()
         link = _Link(int(balance) + debit.amount, int(seq) + 1, str(head_hash), int(held))
         digest = transaction_digest(
@@ -612,7 +590,7 @@ class Ledger:
                 int(row[1]) + p.amount, int(row[2]) + 1, str(row[3]), int(row[4])
             )
         now = utc(self._clock.now())
-        transaction_id = uuid.uuid4().hex
+        transaction_id = new_transaction_id()
         trace_id = _current_trace_id()
         digest = transaction_digest(
             transaction_id=transaction_id,
@@ -777,45 +755,6 @@ class Ledger:
         ).first()
         return None if row is None else (int(row.balance), int(row.balance) - int(row.held))
 
-    async def history(
-        self,
-        conn: AsyncConnection,
-        account_id: str,
-        *,
-        limit: int,
-        before_entry_id: int | None = None,
-        kinds: Sequence[str] = (),
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-    ) -> Sequence[Row[tuple[int, str, str, int, int | None, str, object]]]:
-        """An account's entries, newest first, with their transaction's kind and reference;
-        optionally only of `kinds`, and created in [since, until). Walks the (account_id, entry_id)
-        index backwards, so a page costs what it returns (plus what the filters skip)."""
-        query = (
-            select(
-                entries.c.entry_id,
-                entries.c.transaction_id,
-                transactions.c.kind,
-                entries.c.amount,
-                entries.c.balance_after,
-                transactions.c.reference,
-                entries.c.created_at,
-            )
-            .join(transactions, transactions.c.transaction_id == entries.c.transaction_id)
-            .where(entries.c.account_id == account_id)
-            .order_by(entries.c.entry_id.desc())
-            .limit(limit)
-        )
-        if before_entry_id is not None:
-            query = query.where(entries.c.entry_id < before_entry_id)
-        if kinds:
-            query = query.where(transactions.c.kind.in_(list(kinds)))
-        if since is not None:
-            query = query.where(entries.c.created_at >= utc(since))
-        if until is not None:
-            query = query.where(entries.c.created_at < utc(until))
-        return (await conn.execute(query)).all()
-
     async def chain_heads(self, conn: AsyncConnection) -> Heads:
         """Every chained account's newest link (seq, hash): what an anchor keeps."""
         rows = await conn.execute(
@@ -825,268 +764,9 @@ class Ledger:
         )
         return {str(a): (int(seq), str(h)) for a, seq, h in rows}
 
-    async def check_anchor(self, conn: AsyncConnection, anchor: Anchor) -> dict[str, str]:
-        """account id -> what is wrong, for every account whose anchored entry is gone or differs:
-        history before the anchor was rewritten (or erased) in the database."""
-        problems: dict[str, str] = {}
-        anchored = list(anchor.heads.items())
-        when = anchor.written_at.isoformat()
-        for start in range(0, len(anchored), 500):
-            chunk = anchored[start : start + 500]
-            found = {
-                (str(a), int(seq)): str(h)
-                for a, seq, h in await conn.execute(
-                    select(entries.c.account_id, entries.c.seq, entries.c.hash).where(
-                        tuple_(entries.c.account_id, entries.c.seq).in_(
-                            [(a, seq) for a, (seq, _) in chunk]
-                        )
-                    )
-                )
-            }
-            for account, (seq, anchored_hash) in chunk:
-                stored = found.get((account, seq))
-                if stored is None:
-                    problems[account] = (
-                        f"seq {seq}, anchored outside the database at {when}, is gone: "
-                        "history was erased"
-                    )
-                elif stored != anchored_hash:
-                    problems[account] = (
-                        f"seq {seq} differs from its hash anchored outside the database at "
-                        f"{when}: history was rewritten"
-                    )
-        return problems
-
-    async def audit(self, conn: AsyncConnection, anchor: Anchor | None = None) -> AuditReport:
-        """Verify the books: kept balances against the entries, the zero total, every transaction's
-        digest, and every keeping account's hash chain (seq 1..n, prev_hash links, hashes, head).
-
-        Entries newer than the account heads read first are left out of the chain check, so postings
-        that commit during the audit are not mistaken for breaks. For exact balance checks on a live
-        PostgreSQL database, run it in a REPEATABLE READ transaction (`Database.snapshot`). With an
-        `anchor` (see ledger.anchors), the entries it names must still be there, unchanged.
-        """
-        totals = await conn.execute(
-            select(entries.c.account_id, func.sum(entries.c.amount)).group_by(entries.c.account_id)
-        )
-        sums = {str(account_id): int(total) for account_id, total in totals}
-        kept = (
-            await conn.execute(
-                select(
-                    accounts.c.account_id,
-                    accounts.c.balance,
-                    accounts.c.seq,
-                    accounts.c.head_hash,
-                    accounts.c.held,
-                    accounts.c.allow_negative,
-                ).where(accounts.c.keeps_balance)
-            )
-        ).all()
-        mismatches = {
-            row.account_id: (int(row.balance), sums.get(row.account_id, 0))
-            for row in kept
-            if int(row.balance) != sums.get(row.account_id, 0)
-        }
-        total = sum(sums.values())
-        digests, bad_transactions = await self._verify_transactions(conn)
-        heads = {str(row.account_id): (int(row.seq), str(row.head_hash)) for row in kept}
-        broken_chains = await self._verify_chains(conn, heads, digests)
-        if anchor is not None:
-            for account, problem in (await self.check_anchor(conn, anchor)).items():
-                broken_chains.setdefault(account, problem)
-        reserved: dict[str, int] = {}
-        for hold in await conn.execute(
-            select(holds.c.account_id, holds.c.amount, holds.c.captured).where(
-                holds.c.status == "active"
-            )
-        ):
-            reserved[hold.account_id] = (
-                reserved.get(hold.account_id, 0) + hold.amount - hold.captured
-            )
-        held_mismatches = {
-            row.account_id: (int(row.held), reserved.get(row.account_id, 0))
-            for row in kept
-            if int(row.held) != reserved.get(row.account_id, 0)
-        }
-        negative = {
-            row.account_id: int(row.balance)
-            for row in kept
-            if int(row.balance) < 0 and not row.allow_negative
-        }
-        return AuditReport(
-            accounts_checked=len(kept),
-            mismatches=mismatches,
-            total=total,
-            transactions_checked=len(digests),
-            chains_checked=len(heads),
-            bad_transactions=bad_transactions,
-            broken_chains=broken_chains,
-            held_mismatches=held_mismatches,
-            negative=negative,
-        )
-
-    @staticmethod
-    async def _verify_transactions(
-        conn: AsyncConnection,
-    ) -> tuple[dict[str, str], dict[str, str]]:
-        """Recompute every transaction's digest from its row and all its entries.
-
-        Returns (transaction id -> recomputed digest, transaction id -> what is wrong).
-        """
-        query = (
-            select(
-                transactions.c.transaction_id,
-                transactions.c.kind,
-                transactions.c.reference,
-                transactions.c.request_id,
-                transactions.c.caller,
-                transactions.c.policy_version,
-                transactions.c.trace_id,
-                transactions.c.created_at,
-                transactions.c.digest,
-                transactions.c.acting_user,
-                entries.c.account_id,
-                entries.c.amount,
-                entries.c.balance_after,
-                entries.c.created_at.label("entry_created_at"),
-            )
-            .select_from(
-                transactions.outerjoin(
-                    entries, entries.c.transaction_id == transactions.c.transaction_id
-                )
-            )
-            .order_by(transactions.c.transaction_id, entries.c.entry_id)
-        )
-        digests: dict[str, str] = {}
-        bad: dict[str, str] = {}
-
-        def check(
-            tx: Row[tuple[object, ...]], legs: list[tuple[str, int, int | None, dt.datetime]]
-        ) -> None:
-            digest = transaction_digest(
-                transaction_id=tx.transaction_id,
-                kind=tx.kind,
-                reference=tx.reference,
-                request_id=tx.request_id,
-                caller=tx.caller,
-                policy_version=tx.policy_version,
-                trace_id=tx.trace_id,
-                created_at=tx.created_at,
-                acting_user=tx.acting_user,
-                entries=legs,
-            )
-            digests[tx.transaction_id] = digest
-            if not tx.digest:
-                bad[tx.transaction_id] = "no digest"
-            elif digest != tx.digest:
-                bad[tx.transaction_id] = (
-                    "digest does not recompute: the transaction or one of its entries was altered, "
-                    "added or removed"
-                    if legs
-                    else "digest does not recompute: the transaction has no entries left"
-                )
-
-        current: Row[tuple[object, ...]] | None = None
-        legs: list[tuple[str, int, int | None, dt.datetime]] = []
-        async for row in await conn.stream(query):
-            if current is None or row.transaction_id != current.transaction_id:
-                if current is not None:
-                    check(current, legs)
-                current, legs = row, []
-            if row.account_id is not None:
-                after = None if row.balance_after is None else int(row.balance_after)
-                legs.append((row.account_id, int(row.amount), after, row.entry_created_at))
-        if current is not None:
-            check(current, legs)
-        orphans = await conn.execute(
-            select(entries.c.transaction_id)
-            .where(
-                ~select(transactions.c.transaction_id)
-                .where(transactions.c.transaction_id == entries.c.transaction_id)
-                .exists()
-            )
-            .distinct()
-        )
-        for (transaction_id,) in orphans:
-            bad[str(transaction_id)] = "missing: entries refer to a transaction that is not there"
-        return digests, bad
-
-    @staticmethod
-    async def _verify_chains(
-        conn: AsyncConnection, heads: dict[str, tuple[int, str]], digests: dict[str, str]
-    ) -> dict[str, str]:
-        """Walk every keeping account's entries by seq against the heads read earlier.
-
-        A link's hash is recomputed with its transaction's *recomputed* digest, so altering any entry of
-        the transaction (a system account's too) or the transaction row breaks the account's chain.
-        """
-        query = (
-            select(
-                entries.c.entry_id,
-                entries.c.account_id,
-                entries.c.seq,
-                entries.c.prev_hash,
-                entries.c.hash,
-                entries.c.amount,
-                entries.c.balance_after,
-                entries.c.transaction_id,
-            )
-            .join(accounts, accounts.c.account_id == entries.c.account_id)
-            .where(accounts.c.keeps_balance)
-            .order_by(entries.c.account_id, entries.c.seq, entries.c.entry_id)
-        )
-        broken: dict[str, str] = {}
-        walked: dict[str, tuple[int, str]] = {}
-        """account id -> (last seq, last hash) walked so far."""
-        async for row in await conn.stream(query):
-            account_id = str(row.account_id)
-            if account_id in broken or account_id not in heads:
-                continue  # already broken, or opened after the heads were read
-            if row.seq is None:
-                broken[account_id] = f"entry {row.entry_id} has no place in the chain (no seq)"
-                continue
-            seq = int(row.seq)
-            if seq > heads[account_id][0]:
-                continue  # posted after the heads were read
-            last_seq, last_hash = walked.get(account_id, (0, GENESIS))
-            if seq != last_seq + 1:
-                broken[account_id] = (
-                    f"seq {last_seq + 1} is missing (next entry found is seq {seq})"
-                    if seq > last_seq + 1
-                    else f"seq {seq} appears twice"
-                )
-                continue
-            if row.prev_hash != last_hash:
-                broken[account_id] = f"seq {seq}: prev_hash does not link to seq {last_seq}"
-                continue
-            digest = digests.get(row.transaction_id)
-            if digest is None:
-                broken[account_id] = f"seq {seq}: transaction {row.transaction_id} is missing"
-                continue
-            recomputed = entry_hash(
-                prev_hash=last_hash,
-                account_id=account_id,
-                seq=seq,
-                amount=int(row.amount),
-                balance_after=None if row.balance_after is None else int(row.balance_after),
-                transaction_id=row.transaction_id,
-                digest=digest,
-            )
-            if recomputed != row.hash:
-                broken[account_id] = (
-                    f"seq {seq}: hash does not match the entry or its transaction "
-                    f"{row.transaction_id}"
-                )
-                continue
-            walked[account_id] = (seq, recomputed)
-        for account_id, (head_seq, head_hash) in heads.items():
-            if account_id in broken:
-                continue
-            last_seq, last_hash = walked.get(account_id, (0, GENESIS))
-            if last_seq != head_seq:
-                broken[account_id] = (
-                    f"the chain ends at seq {last_seq} but the account's head is seq {head_seq}"
-                )
-            elif last_hash != head_hash:
-                broken[account_id] = "the account's head hash is not its last entry's hash"
-        return broken
+    async def audit(self, conn: AsyncConnection | Tx, anchor: Anchor | None = None) -> AuditReport:
+        """A full audit of the books (see ledger.audit): kept balances against the entries, the zero
+        total, every transaction's digest, every chain (seq 1..n, links, hashes, running balances,
+        head), every held amount; with an `anchor` (see ledger.anchors), the entries it names must
+        still be there, unchanged. Run it in a snapshot (`Database.snapshot`) on a live database."""
+        return await audit_books(as_tx(conn), anchor=anchor)

@@ -1,5 +1,5 @@
-"""Ledger tables. The Table objects serve queries; `create_ledger_tables_v1` and `upgrade_ledger_tables_v2`
-are the frozen DDL of each version, called by the services' migrations (0001 and 0002)."""
+"""Ledger tables. The Table objects serve queries; `create_ledger_tables_v1`, `upgrade_ledger_tables_v2`
+and so on are the frozen DDL of each version, called by the services' migrations."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 from sqlalchemy.engine import Connection
 
 from ledger.chain import GENESIS, entry_hash, transaction_digest
+from runtime.migrations import drop_append_only, make_append_only
 
 metadata = MetaData()
 
@@ -161,14 +163,67 @@ transactions = Table(
     *_transactions_chain_columns(),
     *_transactions_actor_columns(),
 )
+
+
+# Version 6: the ledger at scale. Each entry carries its transaction's kind (so a kind filter is an index
+# range, not a walk of the account), history is indexed by time, entries by transaction (the audit
+# fetches a page's legs), and the audit keeps its runs and the chain heads it verified.
+
+
+def _entries_kind_columns() -> list[Column[Any]]:
+    # NULL only before migration 6 backfills it; the audit checks it against the transaction's kind.
+    return [Column("kind", String(32))]
+
+
+_ENTRY_INDEXES_V6 = {
+    "ix_ledger_entries_account_time": ["account_id", "created_at", "entry_id"],
+    "ix_ledger_entries_account_kind_time": ["account_id", "kind", "created_at", "entry_id"],
+    "ix_ledger_entries_transaction": ["transaction_id"],
+}
+
+
+def _audit_checkpoints_columns() -> list[Column[Any]]:
+    # The head of each chain as of the last clean audit: where the next incremental audit starts.
+    return [
+        Column("account_id", String(96), primary_key=True),
+        Column("seq", BigInteger, nullable=False),
+        Column("hash", String(64), nullable=False),
+        Column("balance", BigInteger, nullable=False),
+        Column("verified_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
+def _audit_runs_columns() -> list[Column[Any]]:
+    return [
+        Column("run_id", String(40), primary_key=True),
+        Column("mode", String(16), nullable=False),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("finished_at", DateTime(timezone=True), nullable=False),
+        Column("ok", Boolean, nullable=False),
+        Column("entries_checked", BigInteger, nullable=False),
+        Column("transactions_checked", BigInteger, nullable=False),
+        # The newest entry id at the run's snapshot: where the next incremental run starts reading.
+        Column("entry_watermark", BigInteger, nullable=False),
+        Column("report", Text, nullable=False),  # the findings, as JSON
+    ]
+
+
 entries = Table(
     "ledger_entries",
     metadata,
     *_entries_columns(),
     *_entries_chain_columns(),
+    *_entries_kind_columns(),
     CheckConstraint("amount <> 0"),
-    Index("ix_ledger_entries_account_entry", "account_id", "entry_id"),
     Index("ux_ledger_entries_account_seq", "account_id", "seq", unique=True),
+    *(Index(name, *columns) for name, columns in _ENTRY_INDEXES_V6.items()),
+)
+audit_checkpoints = Table("ledger_audit_checkpoints", metadata, *_audit_checkpoints_columns())
+audit_runs = Table(
+    "ledger_audit_runs",
+    metadata,
+    *_audit_runs_columns(),
+    Index("ix_ledger_audit_runs_finished", "finished_at"),
 )
 
 
@@ -376,3 +431,46 @@ def upgrade_ledger_tables_v5(op: Operations) -> None:
 
 def downgrade_ledger_tables_v5(op: Operations) -> None:
     op.drop_column("ledger_transactions", "acting_user")
+
+
+def upgrade_ledger_tables_v6(op: Operations) -> None:
+    """Frozen DDL of the ledger's sixth version (the ledger at scale), for a service's migration.
+
+    The backfill of each entry's kind is one set-based UPDATE, run by the owner with the append-only
+    triggers off around it (PostgreSQL: disabled inside the migration's transaction; SQLite: dropped
+    and remade). Indexes are built after the backfill, once.
+    """
+    with op.batch_alter_table("ledger_entries", recreate="never") as batch:
+        for column in _entries_kind_columns():
+            batch.add_column(column)
+    backfill = (
+        "UPDATE ledger_entries SET kind = (SELECT t.kind FROM ledger_transactions t "
+        "WHERE t.transaction_id = ledger_entries.transaction_id) WHERE kind IS NULL"
+    )
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE ledger_entries DISABLE TRIGGER USER")
+        op.execute(
+            "UPDATE ledger_entries AS e SET kind = t.kind FROM ledger_transactions AS t "
+            "WHERE t.transaction_id = e.transaction_id AND e.kind IS NULL"
+        )
+        op.execute("ALTER TABLE ledger_entries ENABLE TRIGGER USER")
+    else:
+        drop_append_only(op, "ledger_entries")
+        op.execute(backfill)
+        make_append_only(op, "ledger_entries")
+    for name, columns in _ENTRY_INDEXES_V6.items():
+        op.create_index(name, "ledger_entries", columns)
+    op.drop_index("ix_ledger_entries_account_entry", "ledger_entries")
+    op.create_table("ledger_audit_checkpoints", *_audit_checkpoints_columns())
+    op.create_table("ledger_audit_runs", *_audit_runs_columns())
+    op.create_index("ix_ledger_audit_runs_finished", "ledger_audit_runs", ["finished_at"])
+
+
+def downgrade_ledger_tables_v6(op: Operations) -> None:
+    op.drop_table("ledger_audit_runs")
+    op.drop_table("ledger_audit_checkpoints")
+    op.create_index("ix_ledger_entries_account_entry", "ledger_entries", ["account_id", "entry_id"])
+    for name in _ENTRY_INDEXES_V6:
+        op.drop_index(name, "ledger_entries")
+    with op.batch_alter_table("ledger_entries", recreate="never") as batch:
+        batch.drop_column("kind")

@@ -338,6 +338,31 @@ class Driver:
         with self._span("db.query", unit):
             yield unit
 
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Tx]:
+        """A long read of one moment of the database that may write at its end (an audit recording
+        what it verified): REPEATABLE READ on PostgreSQL; on SQLite a deferred transaction on a
+        connection of its own (WAL readers see one snapshot; a write at the end fails with
+        SQLITE_BUSY if the file changed meanwhile, and the caller decides what that means)."""
+        if self._sqlite_path is None:
+            pool = await self._pg()
+            async with pool.acquire() as conn:
+                unit: PgTx | SqliteTx = PgTx(conn)
+                async with conn.transaction(isolation="repeatable_read"):
+                    yield unit
+            return
+        conn = _sqlite_connect(self._sqlite_path)
+        try:
+            conn.execute("BEGIN")
+            try:
+                yield SqliteTx(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()

@@ -9,7 +9,7 @@ from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
 from runtime.idempotency import AnsweredKey
-from runtime.pagination import decode_token, encode_token, int64, page_size, text
+from runtime.pagination import decode_token, encode_token, instant, int64, page_size, text
 from runtime.protos import RpcContext, timestamp, to_datetime
 from runtime.server import Runtime
 from runtime.sql import Tx
@@ -25,7 +25,7 @@ from services.wallet.convert import (
     package_pb,
     to_date,
 )
-from services.wallet.domain import Coins, Debit, DebitRequest, Wallet, user_account, voided
+from services.wallet.domain import Coins, Debit, DebitRequest, Wallet, voided
 from services.wallet.purchases import PurchaseOrder, Purchases
 from services.wallet.settings import WalletSettings
 
@@ -170,19 +170,19 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         until = to_datetime(request.end_time, "end_time") if request.HasField("end_time") else None
         # The filters are part of the token's kind: a token only continues the listing it came from.
         kind = f"ledger:{request.user_id}:{','.join(kinds)}:{since}:{until}"
-        before = decode_token(request.page_token, kind, int64)
-        async with self._db.read() as conn:
-            await self._wallet.account(conn, request.user_id)
-            rows = await self._wallet.ledger.history(
-                conn,
-                user_account(request.user_id),
+        after = decode_token(request.page_token, kind, instant, int64)
+        async with self._db.driver.read() as tx:
+            rows = await self._wallet.entries(
+                tx,
+                request.user_id,
                 limit=size + 1,
-                before_entry_id=before[0] if before else None,
+                cursor=(after[0], after[1]) if after else None,
                 kinds=kinds,
                 since=since,
                 until=until,
             )
-        token = encode_token(kind, rows[size - 1].entry_id) if len(rows) > size else ""
+        last = rows[size - 1] if len(rows) > size else None
+        token = encode_token(kind, last.created_at.isoformat(), last.entry_id) if last else ""
         return wallet_pb2.ListLedgerEntriesResponse(
             entries=[
                 wallet_pb2.LedgerEntry(

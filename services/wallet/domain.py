@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger import Hold, Holds, Ledger, Posted, Posting
+from ledger.history import HistoryEntry, Period, entries_page, period
 from runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -220,6 +221,36 @@ class Wallet:
         if not state.frozen:
             return Coins(state.balance, state.balance - state.held)
         return Coins(state.balance, 0, -state.debt_balance, True)
+
+    async def entries(
+        self,
+        tx: Tx,
+        user_id: str,
+        *,
+        limit: int,
+        cursor: tuple[dt.datetime, int] | None,
+        kinds: Sequence[str],
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+    ) -> list[HistoryEntry]:
+        """A user's coin entries, newest first (ACCOUNT_NOT_FOUND without an account)."""
+        await self.coins(tx, user_id)
+        return await entries_page(
+            tx,
+            user_account(user_id),
+            limit=limit,
+            cursor=cursor,
+            kinds=kinds,
+            since=since,
+            until=until,
+        )
+
+    async def statement(
+        self, tx: Tx, user_id: str, since: dt.datetime, until: dt.datetime
+    ) -> Period:
+        """A user's coins over [since, until): opening, each kind's movements, closing."""
+        await self.coins(tx, user_id)
+        return await period(tx, user_account(user_id), since, until)
 
     async def place_hold(
         self,
