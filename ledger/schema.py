@@ -200,6 +200,9 @@ def _audit_runs_columns() -> list[Column[Any]]:
         Column("started_at", DateTime(timezone=True), nullable=False),
         Column("finished_at", DateTime(timezone=True), nullable=False),
         Column("ok", Boolean, nullable=False),
+        # Whether the checkpoints were moved to the heads this run verified (a clean run whose
+        # write did not collide with another audit's).
+        Column("checkpointed", Boolean, nullable=False),
         Column("entries_checked", BigInteger, nullable=False),
         Column("transactions_checked", BigInteger, nullable=False),
         # The newest entry id at the run's snapshot: where the next incremental run starts reading.

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from coins.common.v1 import admin_audit_pb2, ledger_audit_pb2, money_pb2
 from coins.gifting.v1 import gifting_pb2
@@ -212,6 +213,13 @@ async def _purchase_coins(suite: Suite) -> Sample:
 async def _list_ledger_entries(suite: Suite) -> Sample:
     user, _ = await funded_user(suite)
     return Sample(wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=10), user)
+
+
+@sample(WALLET, "GetCoinStatement")
+async def _get_coin_statement(suite: Suite) -> Sample:
+    user, _ = await funded_user(suite)
+    until = Timestamp(seconds=4_102_444_800)  # a fixed end (2100): the same answer to every caller
+    return Sample(wallet_pb2.GetCoinStatementRequest(user_id=user, end_time=until), user)
 
 
 @sample(WALLET, "DebitCoins")
@@ -442,6 +450,21 @@ async def _get_withdrawal(suite: Suite) -> Sample:
 async def _list_withdrawals(suite: Suite) -> Sample:
     creator = await creator_with_diamonds(suite, 100)
     return Sample(payout_pb2.ListWithdrawalsRequest(creator_id=creator, page_size=5), creator)
+
+
+@sample(PAYOUT, "ListDiamondEntries")
+async def _list_diamond_entries(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 100)
+    return Sample(payout_pb2.ListDiamondEntriesRequest(creator_id=creator, page_size=5), creator)
+
+
+@sample(PAYOUT, "GetDiamondStatement")
+async def _get_diamond_statement(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 100)
+    until = Timestamp(seconds=4_102_444_800)  # a fixed end (2100): the same answer to every caller
+    return Sample(
+        payout_pb2.GetDiamondStatementRequest(creator_id=creator, end_time=until), creator
+    )
 
 
 # ------------------------------------------------------------------------------------------ promotion

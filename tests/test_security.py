@@ -488,9 +488,11 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
         "promotion", promotions, promotions.c.status == "pending"
     ),
     ("promotion", "counted_lost_delivery_captures"): _rows_where("promotion", pending_captures),
-    # Never a database change within a test session: the chain heads are anchored to files, and
-    # request ids are forgotten only after a day at least.
+    # Never a database change within a test session: the chain heads are anchored to files, the
+    # first periodic audit comes a period (15 minutes) after start, and request ids are forgotten
+    # only after a day at least.
     **{(service, "anchored_chain_heads"): None for service in ("wallet", "payout")},
+    **{(service, "audited_the_ledger"): None for service in ("wallet", "payout")},
     **{(service, "forgotten_request_ids"): None for service in SPECS},
 }
 """Every background worker the services run (by service and name, see `background_workers`), and

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
+from ledger.listing import history_query, statement_period
 from runtime.access import Access, method_rules, require_owner
 from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
@@ -36,9 +37,18 @@ ACCESS = method_rules(
         "RequestWithdrawal": Access.user("creator_id", moves_money=True),
         "GetWithdrawal": Access.record_owner(),
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
+        "ListDiamondEntries": Access.user("creator_id", admin_may_read=True),
+        "GetDiamondStatement": Access.user("creator_id", admin_may_read=True),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
+
+_ENTRY_KINDS = {
+    "gift": payout_pb2.DIAMOND_ENTRY_KIND_GIFT,
+    "withdrawal": payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL,
+    "withdrawal_returned": payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED,
+}
+_KIND_NAMES = {value: name for name, value in _ENTRY_KINDS.items()}
 
 
 class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
@@ -175,4 +185,56 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
         return payout_pb2.ListWithdrawalsResponse(
             withdrawals=[self._withdrawal(w) for w in rows], next_page_token=token
+        )
+
+    async def ListDiamondEntries(
+        self, request: payout_pb2.ListDiamondEntriesRequest, context: RpcContext
+    ) -> payout_pb2.ListDiamondEntriesResponse:
+        query = history_query(request, request.creator_id, _KIND_NAMES)
+        async with self._db.driver.read() as tx:
+            rows = await self._payouts.entries(
+                tx,
+                request.creator_id,
+                limit=query.size + 1,
+                cursor=query.cursor,
+                kinds=query.kinds,
+                since=query.since,
+                until=query.until,
+            )
+        return payout_pb2.ListDiamondEntriesResponse(
+            entries=[
+                payout_pb2.DiamondEntry(
+                    entry_id=str(row.entry_id),
+                    transaction_id=row.transaction_id,
+                    kind=_ENTRY_KINDS.get(row.kind, payout_pb2.DIAMOND_ENTRY_KIND_UNSPECIFIED),
+                    diamonds=row.amount,
+                    balance_after=row.balance_after or 0,
+                    reference=row.reference,
+                    create_time=timestamp(row.created_at),
+                )
+                for row in rows[: query.size]
+            ],
+            next_page_token=query.next_token(rows),
+        )
+
+    async def GetDiamondStatement(
+        self, request: payout_pb2.GetDiamondStatementRequest, context: RpcContext
+    ) -> payout_pb2.GetDiamondStatementResponse:
+        since, until = statement_period(request, self._clock.now())
+        async with self._db.driver.read() as tx:
+            period = await self._payouts.statement(tx, request.creator_id, since, until)
+        return payout_pb2.GetDiamondStatementResponse(
+            opening_balance=period.opening,
+            closing_balance=period.closing,
+            lines=[
+                payout_pb2.DiamondStatementLine(
+                    kind=_ENTRY_KINDS.get(line.kind, payout_pb2.DIAMOND_ENTRY_KIND_UNSPECIFIED),
+                    credited=line.credited,
+                    debited=line.debited,
+                    entries=line.entries,
+                )
+                for line in period.movements
+            ],
+            start_time=timestamp(since),
+            end_time=timestamp(until),
         )

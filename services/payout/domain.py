@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger import Ledger, Posting
+from ledger.history import HistoryEntry, Period, entries_page, period
 from runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -218,6 +219,34 @@ class Payouts:
             policy_version=self.settings.policy_version,
         )
         return posted.balances[account]
+
+    async def entries(
+        self,
+        tx: Tx,
+        creator_id: str,
+        *,
+        limit: int,
+        cursor: tuple[dt.datetime, int] | None,
+        kinds: Sequence[str],
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+    ) -> list[HistoryEntry]:
+        """A creator's diamond entries, newest first (none for a creator never credited)."""
+        return await entries_page(
+            tx,
+            creator_account(creator_id),
+            limit=limit,
+            cursor=cursor,
+            kinds=kinds,
+            since=since,
+            until=until,
+        )
+
+    async def statement(
+        self, tx: Tx, creator_id: str, since: dt.datetime, until: dt.datetime
+    ) -> Period:
+        """A creator's diamonds over [since, until): opening, each kind's movements, closing."""
+        return await period(tx, creator_account(creator_id), since, until)
 
     async def balance(self, conn: AsyncConnection, creator_id: str) -> int:
         return await self.ledger.balance(conn, creator_account(creator_id)) or 0

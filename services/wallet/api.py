@@ -6,11 +6,12 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from ledger.listing import history_query, statement_period
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
 from runtime.idempotency import AnsweredKey
-from runtime.pagination import decode_token, encode_token, instant, int64, page_size, text
-from runtime.protos import RpcContext, timestamp, to_datetime
+from runtime.pagination import decode_token, encode_token, int64, page_size, text
+from runtime.protos import RpcContext, timestamp
 from runtime.server import Runtime
 from runtime.sql import Tx
 from services.wallet.api_holds import HoldRpcs
@@ -38,6 +39,7 @@ ACCESS = method_rules(
         "ListCoinPackages": Access.user("user_id", admin_may_read=True),
         "PurchaseCoins": Access.user("user_id", moves_money=True),
         "ListLedgerEntries": Access.user("user_id", admin_may_read=True),
+        "GetCoinStatement": Access.user("user_id", admin_may_read=True),
         "DebitCoins": Access.internal({"gifting", "promotion"}, owner_field="user_id"),
         "SetCoinPackage": Access.admin_only(),
         "PlaceHold": Access.internal({"promotion"}, owner_field="user_id"),
@@ -160,29 +162,17 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def ListLedgerEntries(
         self, request: wallet_pb2.ListLedgerEntriesRequest, context: RpcContext
     ) -> wallet_pb2.ListLedgerEntriesResponse:
-        size = page_size(request.page_size)
-        kinds = sorted(KIND_NAMES[k] for k in request.kinds)
-        since = (
-            to_datetime(request.start_time, "start_time")
-            if request.HasField("start_time")
-            else None
-        )
-        until = to_datetime(request.end_time, "end_time") if request.HasField("end_time") else None
-        # The filters are part of the token's kind: a token only continues the listing it came from.
-        kind = f"ledger:{request.user_id}:{','.join(kinds)}:{since}:{until}"
-        after = decode_token(request.page_token, kind, instant, int64)
+        query = history_query(request, request.user_id, KIND_NAMES)
         async with self._db.driver.read() as tx:
             rows = await self._wallet.entries(
                 tx,
                 request.user_id,
-                limit=size + 1,
-                cursor=(after[0], after[1]) if after else None,
-                kinds=kinds,
-                since=since,
-                until=until,
+                limit=query.size + 1,
+                cursor=query.cursor,
+                kinds=query.kinds,
+                since=query.since,
+                until=query.until,
             )
-        last = rows[size - 1] if len(rows) > size else None
-        token = encode_token(kind, last.created_at.isoformat(), last.entry_id) if last else ""
         return wallet_pb2.ListLedgerEntriesResponse(
             entries=[
                 wallet_pb2.LedgerEntry(
@@ -192,11 +182,33 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
                     amount=row.amount,
                     balance_after=row.balance_after or 0,
                     reference=row.reference,
-                    create_time=timestamp(row.created_at),  # type: ignore[arg-type]
+                    create_time=timestamp(row.created_at),
                 )
-                for row in rows[:size]
+                for row in rows[: query.size]
             ],
-            next_page_token=token,
+            next_page_token=query.next_token(rows),
+        )
+
+    async def GetCoinStatement(
+        self, request: wallet_pb2.GetCoinStatementRequest, context: RpcContext
+    ) -> wallet_pb2.GetCoinStatementResponse:
+        since, until = statement_period(request, self._clock.now())
+        async with self._db.driver.read() as tx:
+            period = await self._wallet.statement(tx, request.user_id, since, until)
+        return wallet_pb2.GetCoinStatementResponse(
+            opening_balance=period.opening,
+            closing_balance=period.closing,
+            lines=[
+                wallet_pb2.CoinStatementLine(
+                    kind=ENTRY_KINDS.get(line.kind, wallet_pb2.ENTRY_KIND_UNSPECIFIED),
+                    credited=line.credited,
+                    debited=line.debited,
+                    entries=line.entries,
+                )
+                for line in period.movements
+            ],
+            start_time=timestamp(since),
+            end_time=timestamp(until),
         )
 
     async def DebitCoins(

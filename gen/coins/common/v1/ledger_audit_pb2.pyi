@@ -6,7 +6,9 @@ The audit of a service's double-entry ledger (the wallet's coins, the payout ser
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,18 +20,55 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AuditMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_MODE_UNSPECIFIED: _AuditMode.ValueType  # 0
+    """The same as AUDIT_MODE_FULL."""
+    AUDIT_MODE_FULL: _AuditMode.ValueType  # 1
+    """Verify the whole ledger (minutes for tens of millions of entries: give the call a long deadline)."""
+    AUDIT_MODE_INCREMENTAL: _AuditMode.ValueType  # 2
+    """Verify only what was appended since the last clean audit: each chain from the head that audit
+    verified, and the transactions of every entry written since.
+    """
+    AUDIT_MODE_LATEST_REPORT: _AuditMode.ValueType  # 3
+    """Run nothing: the newest report of any audit (the periodic job's, another caller's)."""
+
+class AuditMode(_AuditMode, metaclass=_AuditModeEnumTypeWrapper):
+    """What AuditLedger does."""
+
+AUDIT_MODE_UNSPECIFIED: AuditMode.ValueType  # 0
+"""The same as AUDIT_MODE_FULL."""
+AUDIT_MODE_FULL: AuditMode.ValueType  # 1
+"""Verify the whole ledger (minutes for tens of millions of entries: give the call a long deadline)."""
+AUDIT_MODE_INCREMENTAL: AuditMode.ValueType  # 2
+"""Verify only what was appended since the last clean audit: each chain from the head that audit
+verified, and the transactions of every entry written since.
+"""
+AUDIT_MODE_LATEST_REPORT: AuditMode.ValueType  # 3
+"""Run nothing: the newest report of any audit (the periodic job's, another caller's)."""
+Global___AuditMode: _TypeAlias = AuditMode  # noqa: Y015
+
 @_typing.final
 class AuditLedgerRequest(_message.Message):
     """Request for AuditLedger."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODE_FIELD_NUMBER: _builtins.int
+    mode: Global___AuditMode.ValueType
+    """What to do; unset: a full audit."""
     def __init__(
         self,
+        *,
+        mode: Global___AuditMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -106,6 +145,11 @@ class AuditLedgerResponse(_message.Message):
     NEGATIVE_BALANCES_FIELD_NUMBER: _builtins.int
     BAD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
     BROKEN_CHAINS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ENTRIES_CHECKED_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """True when nothing below was found: every balance equals its entries, the grand total is zero, every
     digest and chain verifies, every held amount equals its active holds, no forbidden negative.
@@ -116,6 +160,12 @@ class AuditLedgerResponse(_message.Message):
     """Transactions whose digest was verified."""
     total: _builtins.int
     """Sum of all entries over all accounts; zero in a correct book."""
+    mode: Global___AuditMode.ValueType
+    """How the audit reported ran (AUDIT_MODE_FULL or AUDIT_MODE_INCREMENTAL)."""
+    entries_checked: _builtins.int
+    """Chain links (entries of balance-keeping accounts) verified."""
+    run_id: _builtins.str
+    """The audit run, as recorded in the service's database."""
     @_builtins.property
     def balance_differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountDifference]:
         """Accounts whose kept balance differs from the sum of their entries."""
@@ -136,6 +186,14 @@ class AuditLedgerResponse(_message.Message):
     def broken_chains(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
         """Accounts whose hash chain is broken."""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the audit started and finished."""
+
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the audit finished."""
+
     def __init__(
         self,
         *,
@@ -148,10 +206,15 @@ class AuditLedgerResponse(_message.Message):
         negative_balances: _abc.Iterable[Global___AccountDifference] | None = ...,
         bad_transactions: _abc.Iterable[Global___Finding] | None = ...,
         broken_chains: _abc.Iterable[Global___Finding] | None = ...,
+        mode: Global___AuditMode.ValueType = ...,
+        entries_checked: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts_checked", b"accounts_checked", "bad_transactions", b"bad_transactions", "balance_differences", b"balance_differences", "broken_chains", b"broken_chains", "held_differences", b"held_differences", "negative_balances", b"negative_balances", "ok", b"ok", "total", b"total", "transactions_checked", b"transactions_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts_checked", b"accounts_checked", "bad_transactions", b"bad_transactions", "balance_differences", b"balance_differences", "broken_chains", b"broken_chains", "entries_checked", b"entries_checked", "finish_time", b"finish_time", "held_differences", b"held_differences", "mode", b"mode", "negative_balances", b"negative_balances", "ok", b"ok", "run_id", b"run_id", "start_time", b"start_time", "total", b"total", "transactions_checked", b"transactions_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

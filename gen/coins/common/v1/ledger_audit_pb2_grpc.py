@@ -48,7 +48,9 @@ class LedgerAuditServiceServicer:
 
     def AuditLedger(self, request, context):
         """Recomputes every balance from the entries and verifies every transaction digest, every account's
-        hash chain and every hold. Read-only; the call is recorded in the admin audit trail.
+        hash chain and every hold, in a process of its own (never in the serving one), and answers its
+        report; or answers the newest report of the audit job without running one. The books are only
+        read (a clean run moves the audit's checkpoints); the call is recorded in the admin audit trail.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

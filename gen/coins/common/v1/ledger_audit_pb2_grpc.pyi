@@ -35,7 +35,9 @@ class LedgerAuditServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LedgerAuditServiceAsyncStub: ...
     AuditLedger: _grpc.UnaryUnaryMultiCallable[_ledger_audit_pb2.AuditLedgerRequest, _ledger_audit_pb2.AuditLedgerResponse]
     """Recomputes every balance from the entries and verifies every transaction digest, every account's
-    hash chain and every hold. Read-only; the call is recorded in the admin audit trail.
+    hash chain and every hold, in a process of its own (never in the serving one), and answers its
+    report; or answers the newest report of the audit job without running one. The books are only
+    read (a clean run moves the audit's checkpoints); the call is recorded in the admin audit trail.
     """
 
 @_typing.type_check_only
@@ -45,7 +47,9 @@ class LedgerAuditServiceAsyncStub(LedgerAuditServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AuditLedger: _aio.UnaryUnaryMultiCallable[_ledger_audit_pb2.AuditLedgerRequest, _ledger_audit_pb2.AuditLedgerResponse]  # type: ignore[assignment]
     """Recomputes every balance from the entries and verifies every transaction digest, every account's
-    hash chain and every hold. Read-only; the call is recorded in the admin audit trail.
+    hash chain and every hold, in a process of its own (never in the serving one), and answers its
+    report; or answers the newest report of the audit job without running one. The books are only
+    read (a clean run moves the audit's checkpoints); the call is recorded in the admin audit trail.
     """
 
 class LedgerAuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -58,7 +62,9 @@ class LedgerAuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_audit_pb2.AuditLedgerResponse, _abc.Awaitable[_ledger_audit_pb2.AuditLedgerResponse]]:
         """Recomputes every balance from the entries and verifies every transaction digest, every account's
-        hash chain and every hold. Read-only; the call is recorded in the admin audit trail.
+        hash chain and every hold, in a process of its own (never in the serving one), and answers its
+        report; or answers the newest report of the audit job without running one. The books are only
+        read (a clean run moves the audit's checkpoints); the call is recorded in the admin audit trail.
         """
 
 def add_LedgerAuditServiceServicer_to_server(servicer: LedgerAuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

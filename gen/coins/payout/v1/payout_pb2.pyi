@@ -77,6 +77,34 @@ WITHDRAWAL_STATUS_FAILED: WithdrawalStatus.ValueType  # 4
 """The processor failed the payment; the diamonds were returned to the creator."""
 Global___WithdrawalStatus: _TypeAlias = WithdrawalStatus  # noqa: Y015
 
+class _DiamondEntryKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DiamondEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DiamondEntryKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DIAMOND_ENTRY_KIND_UNSPECIFIED: _DiamondEntryKind.ValueType  # 0
+    """Not a kind (never returned; not accepted as a filter)."""
+    DIAMOND_ENTRY_KIND_GIFT: _DiamondEntryKind.ValueType  # 1
+    """Diamonds credited for gifts."""
+    DIAMOND_ENTRY_KIND_WITHDRAWAL: _DiamondEntryKind.ValueType  # 2
+    """Diamonds taken for a withdrawal."""
+    DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED: _DiamondEntryKind.ValueType  # 3
+    """Diamonds given back by a withdrawal that failed."""
+
+class DiamondEntryKind(_DiamondEntryKind, metaclass=_DiamondEntryKindEnumTypeWrapper):
+    """What moved a creator's diamonds."""
+
+DIAMOND_ENTRY_KIND_UNSPECIFIED: DiamondEntryKind.ValueType  # 0
+"""Not a kind (never returned; not accepted as a filter)."""
+DIAMOND_ENTRY_KIND_GIFT: DiamondEntryKind.ValueType  # 1
+"""Diamonds credited for gifts."""
+DIAMOND_ENTRY_KIND_WITHDRAWAL: DiamondEntryKind.ValueType  # 2
+"""Diamonds taken for a withdrawal."""
+DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED: DiamondEntryKind.ValueType  # 3
+"""Diamonds given back by a withdrawal that failed."""
+Global___DiamondEntryKind: _TypeAlias = DiamondEntryKind  # noqa: Y015
+
 @_typing.final
 class DiamondBalance(_message.Message):
     """A creator's diamonds."""
@@ -514,3 +542,239 @@ class ListWithdrawalsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWithdrawalsResponse: _TypeAlias = ListWithdrawalsResponse  # noqa: Y015
+
+@_typing.final
+class DiamondEntry(_message.Message):
+    """One movement of a creator's diamonds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    BALANCE_AFTER_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """The entry's id."""
+    transaction_id: _builtins.str
+    """The ledger transaction it belongs to."""
+    kind: Global___DiamondEntryKind.ValueType
+    """What moved the diamonds."""
+    diamonds: _builtins.int
+    """Diamonds added (positive) or taken (negative)."""
+    balance_after: _builtins.int
+    """The creator's diamonds right after this entry."""
+    reference: _builtins.str
+    """The gift (or batch of gifts) or withdrawal it was for."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was written."""
+
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        transaction_id: _builtins.str = ...,
+        kind: Global___DiamondEntryKind.ValueType = ...,
+        diamonds: _builtins.int = ...,
+        balance_after: _builtins.int = ...,
+        reference: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "create_time", b"create_time", "diamonds", b"diamonds", "entry_id", b"entry_id", "kind", b"kind", "reference", b"reference", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiamondEntry: _TypeAlias = DiamondEntry  # noqa: Y015
+
+@_typing.final
+class ListDiamondEntriesRequest(_message.Message):
+    """Request for ListDiamondEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    creator_id: _builtins.str
+    """The creator."""
+    page_size: _builtins.int
+    """Maximum entries to return; 0 means the default of 50."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response, to continue a listing (with the same filters)."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___DiamondEntryKind.ValueType]:
+        """Only entries of these kinds; empty: every kind."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only entries at or after this time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only entries before this time."""
+
+    def __init__(
+        self,
+        *,
+        creator_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        kinds: _abc.Iterable[Global___DiamondEntryKind.ValueType] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "end_time", b"end_time", "kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDiamondEntriesRequest: _TypeAlias = ListDiamondEntriesRequest  # noqa: Y015
+
+@_typing.final
+class ListDiamondEntriesResponse(_message.Message):
+    """Response for ListDiamondEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiamondEntry]:
+        """Entries, newest first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___DiamondEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDiamondEntriesResponse: _TypeAlias = ListDiamondEntriesResponse  # noqa: Y015
+
+@_typing.final
+class GetDiamondStatementRequest(_message.Message):
+    """Request for GetDiamondStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    creator_id: _builtins.str
+    """The creator."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period (included); unset: before the creator's first entry."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the period (excluded); unset: now. Not before start_time."""
+
+    def __init__(
+        self,
+        *,
+        creator_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDiamondStatementRequest: _TypeAlias = GetDiamondStatementRequest  # noqa: Y015
+
+@_typing.final
+class DiamondStatementLine(_message.Message):
+    """What one kind of entry did to a creator's diamonds over a period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    CREDITED_FIELD_NUMBER: _builtins.int
+    DEBITED_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    kind: Global___DiamondEntryKind.ValueType
+    """The kind of entry."""
+    credited: _builtins.int
+    """Diamonds its entries added."""
+    debited: _builtins.int
+    """Diamonds its entries took (a positive number)."""
+    entries: _builtins.int
+    """How many entries."""
+    def __init__(
+        self,
+        *,
+        kind: Global___DiamondEntryKind.ValueType = ...,
+        credited: _builtins.int = ...,
+        debited: _builtins.int = ...,
+        entries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credited", b"credited", "debited", b"debited", "entries", b"entries", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiamondStatementLine: _TypeAlias = DiamondStatementLine  # noqa: Y015
+
+@_typing.final
+class GetDiamondStatementResponse(_message.Message):
+    """Response for GetDiamondStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPENING_BALANCE_FIELD_NUMBER: _builtins.int
+    CLOSING_BALANCE_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    opening_balance: _builtins.int
+    """The diamonds at start_time."""
+    closing_balance: _builtins.int
+    """The diamonds at end_time."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiamondStatementLine]:
+        """Movements by kind, in kind order; kinds without entries in the period are left out."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's start, as applied."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's end, as applied."""
+
+    def __init__(
+        self,
+        *,
+        opening_balance: _builtins.int = ...,
+        closing_balance: _builtins.int = ...,
+        lines: _abc.Iterable[Global___DiamondStatementLine] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing_balance", b"closing_balance", "end_time", b"end_time", "lines", b"lines", "opening_balance", b"opening_balance", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDiamondStatementResponse: _TypeAlias = GetDiamondStatementResponse  # noqa: Y015

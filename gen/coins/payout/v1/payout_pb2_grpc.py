@@ -70,6 +70,16 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalsRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalsResponse.FromString,
                 _registered_method=True)
+        self.ListDiamondEntries = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/ListDiamondEntries',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListDiamondEntriesRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListDiamondEntriesResponse.FromString,
+                _registered_method=True)
+        self.GetDiamondStatement = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/GetDiamondStatement',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementResponse.FromString,
+                _registered_method=True)
 
 
 class PayoutServiceServicer:
@@ -128,6 +138,22 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDiamondEntries(self, request, context):
+        """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
+        kind and time, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDiamondStatement(self, request, context):
+        """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
+        The balance at any past time is the closing balance of a statement that ends then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PayoutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +186,16 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.ListWithdrawals,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalsRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalsResponse.SerializeToString,
+            ),
+            'ListDiamondEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDiamondEntries,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListDiamondEntriesRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListDiamondEntriesResponse.SerializeToString,
+            ),
+            'GetDiamondStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDiamondStatement,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +366,60 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/ListWithdrawals',
             coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalsRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDiamondEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/ListDiamondEntries',
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListDiamondEntriesRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListDiamondEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDiamondStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/GetDiamondStatement',
+            coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,14 @@ class PayoutServiceStub:
     """Reads a withdrawal and its status."""
     ListWithdrawals: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]
     """Lists a creator's withdrawals, newest first."""
+    ListDiamondEntries: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListDiamondEntriesRequest, _payout_pb2.ListDiamondEntriesResponse]
+    """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
+    kind and time, paged.
+    """
+    GetDiamondStatement: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetDiamondStatementRequest, _payout_pb2.GetDiamondStatementResponse]
+    """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
+    The balance at any past time is the closing balance of a statement that ends then.
+    """
 
 @_typing.type_check_only
 class PayoutServiceAsyncStub(PayoutServiceStub):
@@ -91,6 +99,14 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """Reads a withdrawal and its status."""
     ListWithdrawals: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]  # type: ignore[assignment]
     """Lists a creator's withdrawals, newest first."""
+    ListDiamondEntries: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListDiamondEntriesRequest, _payout_pb2.ListDiamondEntriesResponse]  # type: ignore[assignment]
+    """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
+    kind and time, paged.
+    """
+    GetDiamondStatement: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetDiamondStatementRequest, _payout_pb2.GetDiamondStatementResponse]  # type: ignore[assignment]
+    """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
+    The balance at any past time is the closing balance of a statement that ends then.
+    """
 
 class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     """PayoutService credits diamonds to creators and pays them out through a payment processor.
@@ -156,5 +172,25 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.ListWithdrawalsResponse, _abc.Awaitable[_payout_pb2.ListWithdrawalsResponse]]:
         """Lists a creator's withdrawals, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListDiamondEntries(
+        self,
+        request: _payout_pb2.ListDiamondEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.ListDiamondEntriesResponse, _abc.Awaitable[_payout_pb2.ListDiamondEntriesResponse]]:
+        """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
+        kind and time, paged.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDiamondStatement(
+        self,
+        request: _payout_pb2.GetDiamondStatementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.GetDiamondStatementResponse, _abc.Awaitable[_payout_pb2.GetDiamondStatementResponse]]:
+        """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
+        The balance at any past time is the closing balance of a statement that ends then.
+        """
 
 def add_PayoutServiceServicer_to_server(servicer: PayoutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -905,6 +905,118 @@ class ListLedgerEntriesResponse(_message.Message):
 Global___ListLedgerEntriesResponse: _TypeAlias = ListLedgerEntriesResponse  # noqa: Y015
 
 @_typing.final
+class GetCoinStatementRequest(_message.Message):
+    """Request for GetCoinStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The account's user."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period (included); unset: before the account's first entry."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the period (excluded); unset: now. Not before start_time."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCoinStatementRequest: _TypeAlias = GetCoinStatementRequest  # noqa: Y015
+
+@_typing.final
+class CoinStatementLine(_message.Message):
+    """What one kind of entry did to a balance over a period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    CREDITED_FIELD_NUMBER: _builtins.int
+    DEBITED_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    kind: Global___EntryKind.ValueType
+    """The kind of entry."""
+    credited: _builtins.int
+    """Coins its entries added."""
+    debited: _builtins.int
+    """Coins its entries took (a positive number)."""
+    entries: _builtins.int
+    """How many entries."""
+    def __init__(
+        self,
+        *,
+        kind: Global___EntryKind.ValueType = ...,
+        credited: _builtins.int = ...,
+        debited: _builtins.int = ...,
+        entries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credited", b"credited", "debited", b"debited", "entries", b"entries", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoinStatementLine: _TypeAlias = CoinStatementLine  # noqa: Y015
+
+@_typing.final
+class GetCoinStatementResponse(_message.Message):
+    """Response for GetCoinStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPENING_BALANCE_FIELD_NUMBER: _builtins.int
+    CLOSING_BALANCE_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    opening_balance: _builtins.int
+    """The balance at start_time."""
+    closing_balance: _builtins.int
+    """The balance at end_time."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___CoinStatementLine]:
+        """Movements by kind, in kind order; kinds without entries in the period are left out."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's start, as applied."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's end, as applied."""
+
+    def __init__(
+        self,
+        *,
+        opening_balance: _builtins.int = ...,
+        closing_balance: _builtins.int = ...,
+        lines: _abc.Iterable[Global___CoinStatementLine] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing_balance", b"closing_balance", "end_time", b"end_time", "lines", b"lines", "opening_balance", b"opening_balance", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCoinStatementResponse: _TypeAlias = GetCoinStatementResponse  # noqa: Y015
+
+@_typing.final
 class DebitCoinsRequest(_message.Message):
     """Request for DebitCoins."""
 

@@ -70,6 +70,11 @@ class WalletServiceStub:
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ListLedgerEntriesRequest.SerializeToString,
                 response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ListLedgerEntriesResponse.FromString,
                 _registered_method=True)
+        self.GetCoinStatement = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/GetCoinStatement',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetCoinStatementRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetCoinStatementResponse.FromString,
+                _registered_method=True)
         self.DebitCoins = channel.unary_unary(
                 '/coins.wallet.v1.WalletService/DebitCoins',
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.DebitCoinsRequest.SerializeToString,
@@ -164,6 +169,15 @@ class WalletServiceServicer:
 
     def ListLedgerEntries(self, request, context):
         """Lists an account's ledger entries, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCoinStatement(self, request, context):
+        """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
+        added and took in between (opening + credited - debited = closing). The balance at any past time is
+        the closing balance of a statement that ends then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -281,6 +295,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.ListLedgerEntries,
                     request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ListLedgerEntriesRequest.FromString,
                     response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.ListLedgerEntriesResponse.SerializeToString,
+            ),
+            'GetCoinStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCoinStatement,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetCoinStatementRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetCoinStatementResponse.SerializeToString,
             ),
             'DebitCoins': grpc.unary_unary_rpc_method_handler(
                     servicer.DebitCoins,
@@ -496,6 +515,33 @@ class WalletService:
             '/coins.wallet.v1.WalletService/ListLedgerEntries',
             coins_dot_wallet_dot_v1_dot_wallet__pb2.ListLedgerEntriesRequest.SerializeToString,
             coins_dot_wallet_dot_v1_dot_wallet__pb2.ListLedgerEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCoinStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/GetCoinStatement',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.GetCoinStatementRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.GetCoinStatementResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class WalletServiceStub:
     """
     ListLedgerEntries: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListLedgerEntriesRequest, _wallet_pb2.ListLedgerEntriesResponse]
     """Lists an account's ledger entries, newest first."""
+    GetCoinStatement: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetCoinStatementRequest, _wallet_pb2.GetCoinStatementResponse]
+    """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
+    added and took in between (opening + credited - debited = closing). The balance at any past time is
+    the closing balance of a statement that ends then.
+    """
     DebitCoins: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.DebitCoinsRequest, _wallet_pb2.DebitCoinsResponse]
     """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
     services with a request id derived from their own record, so that their retries never debit twice.
@@ -123,6 +128,11 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """
     ListLedgerEntries: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListLedgerEntriesRequest, _wallet_pb2.ListLedgerEntriesResponse]  # type: ignore[assignment]
     """Lists an account's ledger entries, newest first."""
+    GetCoinStatement: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetCoinStatementRequest, _wallet_pb2.GetCoinStatementResponse]  # type: ignore[assignment]
+    """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
+    added and took in between (opening + credited - debited = closing). The balance at any past time is
+    the closing balance of a statement that ends then.
+    """
     DebitCoins: _aio.UnaryUnaryMultiCallable[_wallet_pb2.DebitCoinsRequest, _wallet_pb2.DebitCoinsResponse]  # type: ignore[assignment]
     """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
     services with a request id derived from their own record, so that their retries never debit twice.
@@ -224,6 +234,17 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.ListLedgerEntriesResponse, _abc.Awaitable[_wallet_pb2.ListLedgerEntriesResponse]]:
         """Lists an account's ledger entries, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetCoinStatement(
+        self,
+        request: _wallet_pb2.GetCoinStatementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.GetCoinStatementResponse, _abc.Awaitable[_wallet_pb2.GetCoinStatementResponse]]:
+        """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
+        added and took in between (opening + credited - debited = closing). The balance at any past time is
+        the closing balance of a statement that ends then.
+        """
 
     @_abc_1.abstractmethod
     def DebitCoins(

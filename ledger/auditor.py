@@ -1,0 +1,229 @@
+"""The ledger audit as a job: its own process, its own connection, its report kept in the database.
+
+An audit reads every entry; run inside a serving process it would take that process's CPU (and GIL)
+for minutes. So it always runs here, in a process of its own at a lower CPU priority:
+
+    python -m ledger.auditor wallet                 # a full audit, with the wallet's settings
+    python -m ledger.auditor payout --incremental   # only what was appended since the last clean one
+
+(or started by the service itself: AuditLedger, and the periodic incremental audit). Each run is
+recorded in `ledger_audit_runs` (findings as JSON) and a clean run moves the checkpoints
+(`ledger_audit_checkpoints`) to the heads it verified, in the snapshot it verified, so the next
+incremental run starts exactly there. Exit status: 0 clean, 1 findings, 2 could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib
+import json
+import os
+import sqlite3
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from ledger.anchors import AnchorStore
+from ledger.audit import AuditReport, audit_books
+from runtime.sql import Driver, Statement, Tx
+
+_LAST_CHECKPOINT = Statement(
+    "audit.last_checkpoint",
+    "SELECT entry_watermark FROM ledger_audit_runs WHERE checkpointed "
+    "ORDER BY finished_at DESC LIMIT 1",
+)
+_MOVE_CHECKPOINTS = Statement(
+    "audit.move_checkpoints",
+    "INSERT INTO ledger_audit_checkpoints (account_id, seq, hash, balance, verified_at) "
+    "SELECT account_id, seq, head_hash, balance, :now FROM ledger_accounts "
+    "WHERE keeps_balance AND seq > 0 "
+    "ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+    "balance = excluded.balance, verified_at = excluded.verified_at",
+)
+_RECORD_RUN = Statement(
+    "audit.record_run",
+    "INSERT INTO ledger_audit_runs (run_id, mode, started_at, finished_at, ok, checkpointed, "
+    "entries_checked, transactions_checked, entry_watermark, report) VALUES (:run_id, :mode, "
+    ":started_at, :finished_at, :ok, :checkpointed, :entries_checked, :transactions_checked, "
+    ":entry_watermark, :report)",
+)
+_LATEST_RUN = Statement(
+    "audit.latest_run",
+    "SELECT run_id, started_at, finished_at, report FROM ledger_audit_runs "
+    "ORDER BY finished_at DESC LIMIT 1",
+)
+
+SERVICES = {
+    "wallet": "services.wallet.settings:WalletSettings",
+    "payout": "services.payout.settings:PayoutSettings",
+}
+"""The services that keep a ledger, and their settings (read from the environment, as they read it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRun:
+    run_id: str
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    report: AuditReport
+
+
+def report_to_json(report: AuditReport) -> str:
+    return json.dumps(dataclasses.asdict(report), sort_keys=True)
+
+
+def report_from_json(text: str) -> AuditReport:
+    data: dict[str, Any] = json.loads(text)
+    for name in ("mismatches", "held_mismatches"):
+        data[name] = {a: (int(k), int(r)) for a, (k, r) in data[name].items()}
+    return AuditReport(**data)
+
+
+def when(value: Any) -> dt.datetime:
+    moment = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+async def _record(tx: Tx, run: AuditRun, checkpointed: bool) -> None:
+    await tx.run(
+        _RECORD_RUN,
+        run_id=run.run_id,
+        mode=run.report.mode,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        ok=run.report.ok,
+        checkpointed=checkpointed,
+        entries_checked=run.report.entries_checked,
+        transactions_checked=run.report.transactions_checked,
+        entry_watermark=run.report.entry_watermark,
+        report=report_to_json(run.report),
+    )
+
+
+async def run_audit(
+    driver: Driver, *, incremental: bool, anchors: AnchorStore | None = None
+) -> AuditRun:
+    """Audit the books in one snapshot and record the run; a clean run moves the checkpoints.
+    An incremental run with no clean run before it is a full one."""
+    started = dt.datetime.now(dt.UTC)
+    anchor = anchors.latest() if anchors is not None else None
+    run: AuditRun | None = None
+    try:
+        async with driver.snapshot() as tx:
+            after = None
+            if incremental:
+                row = await tx.one(_LAST_CHECKPOINT)
+                after = None if row is None else int(row[0])
+            report = await audit_books(tx, anchor=anchor, incremental_after=after)
+            run = AuditRun(uuid.uuid4().hex, started, dt.datetime.now(dt.UTC), report)
+            if report.ok:  # the heads this snapshot shows are the heads just verified
+                await tx.run(_MOVE_CHECKPOINTS, now=run.finished_at)
+            await _record(tx, run, checkpointed=report.ok)
+        return run
+    except (asyncpg.SerializationError, asyncpg.UniqueViolationError, sqlite3.OperationalError):
+        if run is None:
+            raise
+    # Another audit moved the checkpoints meanwhile (PostgreSQL), or the file changed under this
+    # snapshot (SQLite): keep the report, leave the checkpoints for the next run.
+    async with driver.transaction() as tx:
+        await _record(tx, run, checkpointed=False)
+    return run
+
+
+async def latest_run(driver: Driver) -> AuditRun | None:
+    async with driver.read() as tx:
+        row = await tx.one(_LATEST_RUN)
+    if row is None:
+        return None
+    return AuditRun(str(row[0]), when(row[1]), when(row[2]), report_from_json(str(row[3])))
+
+
+def driver_for(url: str, role: str = "") -> Driver:
+    """A connection of the job's own to a service database (one at a time is all it needs)."""
+    sqlite_path = url.split(":///", 1)[1] if url.startswith("sqlite") else None
+    return Driver(
+        url,
+        sqlite_path=sqlite_path,
+        write_lock=asyncio.Lock(),
+        tracer_provider=None,
+        pool_size=1,
+        server_settings={"role": role} if role and sqlite_path is None else {},
+    )
+
+
+async def _main(url: str, role: str, anchor_dir: Path | None, incremental: bool) -> AuditRun:
+    driver = driver_for(url, role)
+    try:
+        anchors = AnchorStore(anchor_dir) if anchor_dir is not None else None
+        return await run_audit(driver, incremental=incremental, anchors=anchors)
+    finally:
+        await driver.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ledger.auditor", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("service", nargs="?", choices=sorted(SERVICES))
+    parser.add_argument(
+        "--incremental", action="store_true", help="only what was appended since the last clean run"
+    )
+    parser.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read {database_url, database_role, anchor_dir, incremental} as JSON from stdin "
+        "(how a service starts it); print the run as JSON",
+    )
+    args = parser.parse_args(argv)
+    with contextlib.suppress(OSError):
+        os.nice(10)  # the serving processes on this host come first
+    if args.stdin:
+        job = json.loads(sys.stdin.read())
+        url, role = job["database_url"], job.get("database_role", "")
+        anchor_dir = Path(job["anchor_dir"]) if job.get("anchor_dir") else None
+        incremental = bool(job.get("incremental"))
+    else:
+        if args.service is None:
+            parser.error("name the service whose ledger to audit")
+        module, name = SERVICES[args.service].split(":")
+        settings = getattr(importlib.import_module(module), name)()
+        url, role = settings.resolved_database_url(), settings.database_role
+        anchor_dir, incremental = settings.anchor_dir(), args.incremental
+    try:
+        run = asyncio.run(_main(url, role, anchor_dir, incremental))
+    except (OSError, asyncpg.PostgresError, sqlite3.Error) as error:
+        print(f"the audit could not run: {error}", file=sys.stderr)
+        return 2
+    report = run.report
+    if args.stdin:
+        print(
+            json.dumps(
+                {
+                    "run_id": run.run_id,
+                    "started_at": run.started_at.isoformat(),
+                    "finished_at": run.finished_at.isoformat(),
+                    "report": report_to_json(report),
+                }
+            )
+        )
+    else:
+        seconds = (run.finished_at - run.started_at).total_seconds()
+        verdict = "clean" if report.ok else "FINDINGS"
+        print(
+            f"{report.mode} audit {verdict} in {seconds:.1f} s: {report.transactions_checked} "
+            f"transactions, {report.entries_checked} chain links, {report.chains_checked} chains"
+        )
+        if not report.ok:
+            print(report_to_json(report))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

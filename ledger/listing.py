@@ -1,0 +1,72 @@
+"""The gRPC side of every ledger history listing and statement (wallet's coins, payout's diamonds):
+reading a request's page size, token, kinds and period the same way, and writing the next token."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ledger.history import HistoryEntry
+from runtime.clock import utc
+from runtime.errors import FieldViolation, InvalidArgument
+from runtime.pagination import decode_token, encode_token, instant, int64, page_size
+from runtime.protos import to_datetime
+
+BEGINNING = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+"""A statement without a start begins here: before any entry."""
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """One page's worth of a listing request, in domain terms."""
+
+    size: int
+    kinds: list[str]
+    since: dt.datetime | None
+    until: dt.datetime | None
+    cursor: tuple[dt.datetime, int] | None
+    scope: str
+    """What a token of this listing is bound to (the account and the filters)."""
+
+    def next_token(self, rows: Sequence[HistoryEntry]) -> str:
+        """The token for the page after `rows` (fetched with `size + 1`), empty on the last page."""
+        if len(rows) <= self.size:
+            return ""
+        last = rows[self.size - 1]
+        return encode_token(self.scope, last.created_at.isoformat(), last.entry_id)
+
+
+def _time(request: Any, name: str) -> dt.datetime | None:
+    return to_datetime(getattr(request, name), name) if request.HasField(name) else None
+
+
+def history_query(request: Any, owner: str, kind_names: Mapping[Any, str]) -> HistoryQuery:
+    """Read a listing request (page_size, page_token, kinds, start_time, end_time)."""
+    kinds = sorted(kind_names[k] for k in request.kinds)
+    since, until = _time(request, "start_time"), _time(request, "end_time")
+    # The filters are part of the token's scope: a token only continues the listing it came from.
+    scope = f"ledger:{owner}:{','.join(kinds)}:{since}:{until}"
+    after = decode_token(request.page_token, scope, instant, int64)
+    return HistoryQuery(
+        size=page_size(request.page_size),
+        kinds=kinds,
+        since=since,
+        until=until,
+        cursor=(after[0], after[1]) if after else None,
+        scope=scope,
+    )
+
+
+def statement_period(request: Any, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """[start_time, end_time) of a statement request: from the beginning, until now, by default."""
+    since = _time(request, "start_time") or BEGINNING
+    until = _time(request, "end_time") or utc(now)
+    if until < since:
+        raise InvalidArgument(
+            "INVALID_PERIOD",
+            "end_time is before start_time",
+            violations=(FieldViolation("end_time", "must not be before start_time"),),
+        )
+    return since, until
