@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TypeVar
 
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from ledger.anchors import AnchorStore
-from ledger.auditor import AuditRun, latest_run, report_from_json, when
+from ledger.auditor import JOB_VARIABLE, AuditRun, latest_run, report_from_json, when
 from ledger.book import Ledger
 from runtime.access import Access, method_rules
 from runtime.clock import utc
@@ -67,19 +68,21 @@ class AuditJobs:
 
     async def run(self, *, incremental: bool) -> AuditRun:
         async with self._one_at_a_time:
+            # The job is handed over in the environment, not on stdin: under uvloop with gRPC's
+            # threads running, a pipe to the child's stdin can be closed before it is written.
+            job = json.dumps({**self._job, "incremental": incremental})
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "ledger.auditor",
-                "--stdin",
-                stdin=asyncio.subprocess.PIPE,
+                "--job-from-env",
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, JOB_VARIABLE: job},
             )
             try:
-                out, err = await child.communicate(
-                    json.dumps({**self._job, "incremental": incremental}).encode()
-                )
+                out, err = await child.communicate()
             finally:
                 if child.returncode is None:  # the caller gave up: so does the job
                     child.kill()

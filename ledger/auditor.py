@@ -60,6 +60,8 @@ _LATEST_RUN = Statement(
     "ORDER BY finished_at DESC LIMIT 1",
 )
 
+JOB_VARIABLE = "COINS_AUDIT_JOB"
+
 SERVICES = {
     "wallet": "services.wallet.settings:WalletSettings",
     "payout": "services.payout.settings:PayoutSettings",
@@ -176,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         "--incremental", action="store_true", help="only what was appended since the last clean run"
     )
     parser.add_argument(
-        "--stdin",
+        "--job-from-env",
         action="store_true",
-        help="read {database_url, database_role, anchor_dir, incremental} as JSON from stdin "
-        "(how a service starts it); print the run as JSON",
+        help=f"read {{database_url, database_role, anchor_dir, incremental}} as JSON from "
+        f"${JOB_VARIABLE} (how a service starts it); print the run as JSON",
     )
     args = parser.parse_args(argv)
     with contextlib.suppress(OSError):
         os.nice(10)  # the serving processes on this host come first
-    if args.stdin:
-        job = json.loads(sys.stdin.read())
+    if args.job_from_env:
+        job = json.loads(os.environ[JOB_VARIABLE])
         url, role = job["database_url"], job.get("database_role", "")
         anchor_dir = Path(job["anchor_dir"]) if job.get("anchor_dir") else None
         incremental = bool(job.get("incremental"))
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the audit could not run: {error}", file=sys.stderr)
         return 2
     report = run.report
-    if args.stdin:
+    if args.job_from_env:
         print(
             json.dumps(
                 {

@@ -1,0 +1,234 @@
+"""The ledger at scale, on a real database of each backend: history pages by index ranges (kinds merged,
+time windows, equal timestamps), balances at past times and statements, the audit job's incremental
+mode with its checkpoints, and the bulk path writing exactly what posting writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+
+from ledger import Ledger, Posting, entries
+from ledger.auditor import driver_for, latest_run, run_audit
+from ledger.bulk import Movement, append_postgres
+from ledger.history import balance_at, entries_page, period
+from runtime.clock import FixedClock
+from runtime.db import Database
+from runtime.migrations import upgrade
+from tests.helpers import rewrite_history
+from tests.suite import create_pg_database, drop_pg_database
+
+
+class SetClock(FixedClock):
+    """A clock the test sets to any time."""
+
+    def set(self, moment: dt.datetime) -> None:
+        self._now = moment
+
+
+SERVICES = Path(__file__).resolve().parents[1] / "services"
+SALES, SPEND = "system:coin_sales", "system:gift_spend"
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+async def books(backend: str, tmp_path: Path) -> AsyncIterator[tuple[Database, Ledger, SetClock]]:
+    """A migrated wallet database with alice's account and the two system accounts, and a ledger
+    on a clock the test moves."""
+    name = f"coins_scale_{uuid.uuid4().hex[:12]}"
+    url = (
+        await create_pg_database(name)
+        if backend == "postgres"
+        else f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    )
+    db = Database(url)
+    await upgrade(db, SERVICES / "wallet" / "migrations")
+    clock = SetClock(T0)
+    ledger = Ledger(clock, unit="coins")
+    async with db.transaction() as conn:
+        await ledger.open_account(conn, "alice")
+        for system in (SALES, SPEND):
+            await ledger.open_account(conn, system, allow_negative=True, keeps_balance=False)
+    try:
+        yield db, ledger, clock
+    finally:
+        await db.close()
+        if backend == "postgres":
+            await drop_pg_database(name)
+
+
+async def post(db: Database, ledger: Ledger, amount: int, kind: str) -> None:
+    counter = SALES if amount > 0 else SPEND
+    async with db.transaction() as conn:
+        await ledger.post(
+            conn,
+            [Posting("alice", amount), Posting(counter, -amount)],
+            kind=kind,
+            reference=uuid.uuid4().hex,
+            request_id=uuid.uuid4().hex,
+            caller="test",
+        )
+
+
+async def test_pages_merge_kinds_keep_time_order_and_continue_across_equal_times(
+    books: tuple[Database, Ledger, SetClock],
+) -> None:
+    db, ledger, clock = books
+    await post(db, ledger, 1000, "purchase")
+    for minute in range(1, 13):
+        clock.set(T0 + dt.timedelta(minutes=minute // 2))  # two entries per timestamp
+        await post(db, ledger, -minute, "gift" if minute % 3 else "promotion")
+    async with db.driver.read() as tx:
+        everything = await entries_page(tx, "alice", limit=100)
+        assert [e.amount for e in everything] == [
+            -12,
+            -11,
+            -10,
+            -9,
+            -8,
+            -7,
+            -6,
+            -5,
+            -4,
+            -3,
+            -2,
+            -1,
+            1000,
+        ]
+        assert everything[0].balance_after == 1000 - sum(range(1, 13))
+        # Two kinds, merged newest first, paged 4 at a time through entries with equal times.
+        seen: list[int] = []
+        cursor = None
+        while True:
+            page = await entries_page(
+                tx, "alice", limit=4, cursor=cursor, kinds=["promotion", "purchase"]
+            )
+            seen += [e.amount for e in page]
+            if len(page) < 4:
+                break
+            cursor = page[-1].cursor
+        assert seen == [-12, -9, -6, -3, 1000]
+        # A time window [since, until) in the middle.
+        window = await entries_page(
+            tx,
+            "alice",
+            limit=100,
+            since=T0 + dt.timedelta(minutes=2),
+            until=T0 + dt.timedelta(minutes=4),
+        )
+        assert [e.amount for e in window] == [-7, -6, -5, -4]
+        # A kind the account never had: nothing, at once.
+        assert await entries_page(tx, "alice", limit=10, kinds=["refund"]) == []
+
+
+async def test_balances_at_past_times_and_statements_add_up(
+    books: tuple[Database, Ledger, SetClock],
+) -> None:
+    db, ledger, clock = books
+    moves = [
+        (0, 500, "purchase"),
+        (1, -20, "gift"),
+        (2, -30, "gift"),
+        (3, 200, "purchase"),
+        (4, -5, "promotion"),
+    ]
+    for hour, amount, kind in moves:
+        clock.set(T0 + dt.timedelta(hours=hour))
+        await post(db, ledger, amount, kind)
+    async with db.driver.read() as tx:
+        assert await balance_at(tx, "alice", T0) == 0  # before the first entry
+        assert await balance_at(tx, "alice", T0 + dt.timedelta(minutes=1)) == 500
+        assert await balance_at(tx, "alice", T0 + dt.timedelta(hours=2, minutes=1)) == 450
+        statement = await period(
+            tx, "alice", T0 + dt.timedelta(hours=1), T0 + dt.timedelta(hours=4)
+        )
+    assert (statement.opening, statement.closing) == (500, 650)
+    lines = {m.kind: (m.credited, m.debited, m.entries) for m in statement.movements}
+    assert lines == {"gift": (0, 50, 2), "purchase": (200, 0, 1)}
+    assert statement.opening + sum(m.credited - m.debited for m in statement.movements) == (
+        statement.closing
+    )
+
+
+async def test_the_incremental_audit_verifies_what_was_appended_since_its_checkpoint(
+    books: tuple[Database, Ledger, SetClock],
+) -> None:
+    db, ledger, _ = books
+    await post(db, ledger, 1000, "purchase")
+    for n in range(1, 6):
+        await post(db, ledger, -n, "gift")
+    driver = driver_for(db.url)
+    try:
+        full = await run_audit(driver, incremental=True)  # no clean run yet: a full one
+        assert full.report.ok and full.report.mode == "full"
+        assert full.report.entries_checked == 6 and full.report.transactions_checked == 6
+        for n in range(6, 9):
+            await post(db, ledger, -n, "gift")
+        step = await run_audit(driver, incremental=True)
+        assert step.report.ok and step.report.mode == "incremental"
+        assert step.report.entries_checked == 3  # only the three appended links
+        latest = await latest_run(driver)
+        assert latest is not None and latest.run_id == step.run_id
+
+        # A rewrite after the checkpoint is found by the next incremental run...
+        await post(db, ledger, -9, "gift")
+        async with db.read() as conn:
+            newest = await conn.scalar(
+                sa.select(sa.func.max(entries.c.entry_id)).where(entries.c.account_id == "alice")
+            )
+        newest_entry = entries.c.entry_id == newest
+        await rewrite_history(db.url, sa.update(entries).where(newest_entry).values(amount=-1))
+        found = await run_audit(driver, incremental=True)
+        assert not found.report.ok and "alice" in found.report.broken_chains
+        # ...until it is put back: then the run is clean and its checkpoint stands on that entry.
+        await rewrite_history(db.url, sa.update(entries).where(newest_entry).values(amount=-9))
+        assert (await run_audit(driver, incremental=True)).report.ok
+        # A rewrite of the entry a checkpoint stands on is found too.
+        await rewrite_history(db.url, sa.update(entries).where(newest_entry).values(hash="f" * 64))
+        changed = await run_audit(driver, incremental=True)
+        assert "has changed: history was rewritten" in changed.report.broken_chains["alice"]
+    finally:
+        await driver.close()
+
+
+async def test_the_bulk_path_writes_what_posting_writes(
+    backend: str, books: tuple[Database, Ledger, SetClock]
+) -> None:
+    if backend != "postgres":
+        pytest.skip("the bulk path is PostgreSQL's (COPY); SQLite runs the same test of posting")
+    db, ledger, _ = books
+    await post(db, ledger, 100, "purchase")  # posted
+    conn = await asyncpg.connect(db.url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        movements = [
+            Movement(
+                "gift" if n % 4 else "purchase",
+                50 if n % 4 == 0 else -5,
+                SPEND if n % 4 else SALES,
+                f"r{n}",
+                T0 + dt.timedelta(seconds=n),
+            )
+            for n in range(1, 401)
+        ]
+        head = await append_postgres(conn, "alice", movements, chunk=150)
+    finally:
+        await conn.close()
+    await post(db, ledger, -1, "gift")  # posted after the bulk rows: the chain continues
+    assert head.seq == 401
+    async with db.read() as conn2:
+        report = await ledger.audit(conn2)
+        columns = (
+            await conn2.execute(sa.select(entries).where(entries.c.account_id == "alice"))
+        ).all()
+    assert report.ok, report
+    assert report.entries_checked == 402 and report.transactions_checked == 402
+    # Every column posting fills, the bulk path fills too.
+    filled = {
+        tuple(name for name, value in row._mapping.items() if value is not None) for row in columns
+    }
+    assert len(filled) == 1
