@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: up test bench bench-smoke demo certs gen gen-check lint format buf buf-baseline check clean help
+.PHONY: up test bench bench-ledger bench-smoke demo certs gen gen-check lint format buf buf-baseline check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -26,8 +26,13 @@ test: $(STAMP)  ## run the whole test suite (real servers; SQLite and PostgreSQL
 bench: $(STAMP)  ## performance: the suite against its gRPC ceilings, SQLite and PostgreSQL (~8 min)
 	$(BIN)/python -m benchmarks.perf --backend both
 
-bench-smoke: $(STAMP)  ## every benchmark case for a second: checks the benchmark runs, no timing asserted
+bench-ledger: $(STAMP)  ## the ledger at 10k, 1M and 10M entries in one account: pages, audit, memory (PostgreSQL, ~20 min)
+	$(BIN)/python -m benchmarks.ledger --service wallet --scales 10k,1m,10m
+
+bench-smoke: $(STAMP)  ## every benchmark case for a second: checks the benchmarks run, no timing asserted
 	$(BIN)/python -m benchmarks.perf --smoke
+	$(BIN)/python -m benchmarks.ledger --smoke --service wallet
+	$(BIN)/python -m benchmarks.ledger --smoke --service payout
 
 demo: $(STAMP)  ## drive the real money flow against a running suite (`make up` first)
 	$(BIN)/coinsctl demo

@@ -22,7 +22,9 @@ that leave the heads alone (and the anchors outside the database catch rewrites 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,11 +165,23 @@ def _pages(ids: Sequence[str], size: int = PAGE) -> Iterator[list[str]]:
 
 
 class _Auditor:
-    def __init__(self, tx: Tx, report: AuditReport, anchor: Anchor | None) -> None:
+    def __init__(
+        self, tx: Tx, report: AuditReport, anchor: Anchor | None, duty_cycle: float
+    ) -> None:
         self.tx, self.report = tx, report
+        self.duty_cycle = min(1.0, max(0.05, duty_cycle))
+        self._since = time.monotonic()
         self.anchored = anchor.heads if anchor is not None else {}
         self.anchor_time = anchor.written_at.isoformat() if anchor is not None else ""
         self.legs_seen = 0
+
+    async def pace(self) -> None:
+        """After a page: rest so that the audit (here and in its database backend) is busy only
+        `duty_cycle` of the time, leaving the rest to the serving processes it shares hosts with."""
+        if self.duty_cycle < 1.0:
+            busy = time.monotonic() - self._since
+            await asyncio.sleep(busy * (1.0 / self.duty_cycle - 1.0))
+        self._since = time.monotonic()
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -231,6 +245,7 @@ class _Auditor:
         while True:
             rows = await self.tx.all(_TRANSACTIONS_AFTER, after=after, limit=PAGE)
             await self.verify_transactions(rows)
+            await self.pace()
             if len(rows) < PAGE:
                 return
             after = str(rows[-1][0])
@@ -248,6 +263,7 @@ class _Auditor:
                     "missing: entries refer to a transaction that is not there"
                 )
             await self.verify_transactions(found)
+            await self.pace()
             after = int(rows[-1][0])
 
     # -- chains ---------------------------------------------------------------------------------
@@ -311,6 +327,7 @@ class _Auditor:
                 )
                 for row in rows:
                     self._link(state, row)
+                await self.pace()
                 if len(rows) < PAGE:
                     break
                 from_seq = int(rows[-1][2]) + 1
@@ -326,6 +343,7 @@ class _Auditor:
                 params = {"ranges": [list(r) for r in ranges]}
             for row in await self.tx.all(_CHAINS_OF_MANY, **params):
                 self._link(states[str(row[0])], row)
+            await self.pace()
         for state in states.values():
             self._finish(state)
 
@@ -435,15 +453,17 @@ async def audit_books(
     *,
     anchor: Anchor | None = None,
     incremental_after: int | None = None,
+    duty_cycle: float = 1.0,
 ) -> AuditReport:
     """Audit the books `tx` sees (run it in a snapshot: `Driver.snapshot`, `Database.snapshot`).
 
     `incremental_after`: the entry watermark of the last clean audit, whose checkpoints the chains
-    start from; None for a full audit.
+    start from; None for a full audit. `duty_cycle`: the share of the time it may be busy (it rests
+    after each page for the rest).
     """
     incremental = incremental_after is not None
     report = AuditReport(mode="incremental" if incremental else "full")
-    auditor = _Auditor(tx, report, anchor)
+    auditor = _Auditor(tx, report, anchor, duty_cycle)
     if incremental:
         (watermark,) = await tx.one(_WATERMARK) or (0,)
         report.entry_watermark = int(watermark)

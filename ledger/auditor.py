@@ -22,9 +22,11 @@ import datetime as dt
 import importlib
 import json
 import os
+import resource
 import sqlite3
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ _MOVE_CHECKPOINTS = Statement(
     "ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
     "balance = excluded.balance, verified_at = excluded.verified_at",
 )
+_BACKEND_PID = Statement("audit.backend_pid", "SELECT 0", postgres="SELECT pg_backend_pid()")
 _RECORD_RUN = Statement(
     "audit.record_run",
     "INSERT INTO ledger_audit_runs (run_id, mode, started_at, finished_at, ok, checkpointed, "
@@ -109,8 +112,16 @@ async def _record(tx: Tx, run: AuditRun, checkpointed: bool) -> None:
     )
 
 
+DUTY_CYCLE = 1.0
+"""The share of the time a job started by a service may be busy (see ledger.audit's pace)."""
+
+
 async def run_audit(
-    driver: Driver, *, incremental: bool, anchors: AnchorStore | None = None
+    driver: Driver,
+    *,
+    incremental: bool,
+    anchors: AnchorStore | None = None,
+    duty_cycle: float = 1.0,
 ) -> AuditRun:
     """Audit the books in one snapshot and record the run; a clean run moves the checkpoints.
     An incremental run with no clean run before it is a full one."""
@@ -119,11 +130,15 @@ async def run_audit(
     run: AuditRun | None = None
     try:
         async with driver.snapshot() as tx:
+            if tx.dialect == "postgresql":
+                _lower_priority(await tx.one(_BACKEND_PID))
             after = None
             if incremental:
                 row = await tx.one(_LAST_CHECKPOINT)
                 after = None if row is None else int(row[0])
-            report = await audit_books(tx, anchor=anchor, incremental_after=after)
+            report = await audit_books(
+                tx, anchor=anchor, incremental_after=after, duty_cycle=duty_cycle
+            )
             run = AuditRun(uuid.uuid4().hex, started, dt.datetime.now(dt.UTC), report)
             if report.ok:  # the heads this snapshot shows are the heads just verified
                 await tx.run(_MOVE_CHECKPOINTS, now=run.finished_at)
@@ -137,6 +152,36 @@ async def run_audit(
     async with driver.transaction() as tx:
         await _record(tx, run, checkpointed=False)
     return run
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark (VmHWM: of this program alone; getrusage's
+    maxrss would also count the process it was forked from)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def lowest_priority(pid: int = 0) -> None:
+    """Run `pid` (0: this process) only when a CPU would otherwise idle (SCHED_IDLE: a serving
+    process that wakes up takes the CPU at once), or failing that at the lowest nice level."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
+
+
+def _lower_priority(row: Sequence[Any] | None) -> None:
+    """The job's PostgreSQL backend runs at the lowest nice level too, when the database runs on
+    this host and this user may say so (elsewhere the database's own scheduling applies). Not
+    SCHED_IDLE: a backend parked while it holds one of the server's shared locks would stall the
+    serving backends behind it."""
+    if row is not None and int(row[0]) > 0:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(row[0]), 19)
 
 
 async def latest_run(driver: Driver) -> AuditRun | None:
@@ -160,11 +205,15 @@ def driver_for(url: str, role: str = "") -> Driver:
     )
 
 
-async def _main(url: str, role: str, anchor_dir: Path | None, incremental: bool) -> AuditRun:
+async def _main(
+    url: str, role: str, anchor_dir: Path | None, incremental: bool, duty_cycle: float
+) -> AuditRun:
     driver = driver_for(url, role)
     try:
         anchors = AnchorStore(anchor_dir) if anchor_dir is not None else None
-        return await run_audit(driver, incremental=incremental, anchors=anchors)
+        return await run_audit(
+            driver, incremental=incremental, anchors=anchors, duty_cycle=duty_cycle
+        )
     finally:
         await driver.close()
 
@@ -178,19 +227,26 @@ def main(argv: list[str] | None = None) -> int:
         "--incremental", action="store_true", help="only what was appended since the last clean run"
     )
     parser.add_argument(
+        "--duty-cycle",
+        type=float,
+        default=1.0,
+        help="the share of the time the job may be busy, resting after each page (default 1: "
+        f"flat out; a job a service starts uses {DUTY_CYCLE})",
+    )
+    parser.add_argument(
         "--job-from-env",
         action="store_true",
         help=f"read {{database_url, database_role, anchor_dir, incremental}} as JSON from "
         f"${JOB_VARIABLE} (how a service starts it); print the run as JSON",
     )
     args = parser.parse_args(argv)
-    with contextlib.suppress(OSError):
-        os.nice(10)  # the serving processes on this host come first
+    lowest_priority()  # the serving processes on this host come first
     if args.job_from_env:
         job = json.loads(os.environ[JOB_VARIABLE])
         url, role = job["database_url"], job.get("database_role", "")
         anchor_dir = Path(job["anchor_dir"]) if job.get("anchor_dir") else None
         incremental = bool(job.get("incremental"))
+        duty_cycle = float(job.get("duty_cycle", DUTY_CYCLE))
     else:
         if args.service is None:
             parser.error("name the service whose ledger to audit")
@@ -198,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = getattr(importlib.import_module(module), name)()
         url, role = settings.resolved_database_url(), settings.database_role
         anchor_dir, incremental = settings.anchor_dir(), args.incremental
+        duty_cycle = args.duty_cycle
     try:
-        run = asyncio.run(_main(url, role, anchor_dir, incremental))
+        run = asyncio.run(_main(url, role, anchor_dir, incremental, duty_cycle))
     except (OSError, asyncpg.PostgresError, sqlite3.Error) as error:
         print(f"the audit could not run: {error}", file=sys.stderr)
         return 2
@@ -212,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                     "started_at": run.started_at.isoformat(),
                     "finished_at": run.finished_at.isoformat(),
                     "report": report_to_json(report),
+                    "peak_rss_mb": peak_rss_mb(),
                 }
             )
         )

@@ -26,13 +26,15 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import asyncpg
 from opentelemetry import trace
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime import deadlines
+
+if TYPE_CHECKING:  # not imported at run time: the audit job uses this module without SQLAlchemy
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 TRACER_SCOPE = "coins.db"
@@ -183,7 +185,9 @@ class ConnTx:
 
 def as_tx(conn: AsyncConnection | Tx) -> Tx:
     """Shared SQL takes either an SQLAlchemy connection (slow paths) or a driver `Tx` (hot paths)."""
-    return ConnTx(conn) if isinstance(conn, AsyncConnection) else conn
+    if isinstance(conn, PgTx | SqliteTx | ConnTx):
+        return conn
+    return ConnTx(cast("AsyncConnection", conn))
 
 
 def is_conflict(error: BaseException) -> bool:
