@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from alembic import command
 
 from ledger import Ledger, Posting, entries
 from ledger.auditor import driver_for, latest_run, run_audit
@@ -19,7 +20,7 @@ from ledger.bulk import Movement, append_postgres
 from ledger.history import balance_at, entries_page, period
 from runtime.clock import FixedClock
 from runtime.db import Database
-from runtime.migrations import upgrade
+from runtime.migrations import alembic_config, upgrade
 from tests.helpers import rewrite_history
 from tests.suite import create_pg_database, drop_pg_database
 
@@ -60,6 +61,17 @@ async def books(backend: str, tmp_path: Path) -> AsyncIterator[tuple[Database, L
         await db.close()
         if backend == "postgres":
             await drop_pg_database(name)
+
+
+async def downgrade(db: Database, migrations: Path, revision: str) -> None:
+    config = alembic_config(migrations, db.url)
+
+    def run(connection: sa.Connection) -> None:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+    async with db.engine.begin() as conn:
+        await conn.run_sync(run)
 
 
 async def post(db: Database, ledger: Ledger, amount: int, kind: str) -> None:
@@ -232,3 +244,27 @@ async def test_the_bulk_path_writes_what_posting_writes(
         tuple(name for name, value in row._mapping.items() if value is not None) for row in columns
     }
     assert len(filled) == 1
+
+
+async def test_the_migration_gives_an_existing_ledger_its_kinds(
+    books: tuple[Database, Ledger, SetClock],
+) -> None:
+    """Ledger v6 on books written before it: every entry gets its transaction's kind (past the
+    append-only triggers, which stay in force afterwards), and the audit and kind filters hold."""
+    db, ledger, _ = books
+    await post(db, ledger, 300, "purchase")
+    await post(db, ledger, -7, "gift")
+    migrations = SERVICES / "wallet" / "migrations"
+    await downgrade(db, migrations, "0009")  # the books as they were: no kind on the entries
+    await upgrade(db, migrations)
+    async with db.read() as conn:
+        kinds = (await conn.execute(sa.select(entries.c.kind).order_by(entries.c.entry_id))).all()
+        report = await ledger.audit(conn)
+    assert [k for (k,) in kinds] == ["purchase", "purchase", "gift", "gift"]
+    assert report.ok, report
+    async with db.driver.read() as tx:
+        gifts = await entries_page(tx, "alice", limit=10, kinds=["gift"])
+    assert [e.amount for e in gifts] == [-7]
+    with pytest.raises(Exception, match="append-only"):
+        async with db.transaction() as conn:
+            await conn.execute(sa.update(entries).values(kind="edited"))
