@@ -50,6 +50,13 @@ _MOVE_CHECKPOINTS = Statement(
     "balance = excluded.balance, verified_at = excluded.verified_at",
 )
 _BACKEND_PID = Statement("audit.backend_pid", "SELECT 0", postgres="SELECT pg_backend_pid()")
+_NO_PARALLEL_WORKERS = Statement(
+    "audit.no_parallel_workers",
+    "SELECT 0",
+    postgres="SELECT set_config('max_parallel_workers_per_gather', '0', true)",
+)
+"""PostgreSQL would run the chain pages with parallel workers: processes of their own, at the
+serving backends' priority, for queries that stop at a page anyway."""
 _RECORD_RUN = Statement(
     "audit.record_run",
     "INSERT INTO ledger_audit_runs (run_id, mode, started_at, finished_at, ok, checkpointed, "
@@ -132,6 +139,7 @@ async def run_audit(
         async with driver.snapshot() as tx:
             if tx.dialect == "postgresql":
                 _lower_priority(await tx.one(_BACKEND_PID))
+                await tx.one(_NO_PARALLEL_WORKERS)
             after = None
             if incremental:
                 row = await tx.one(_LAST_CHECKPOINT)
