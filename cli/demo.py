@@ -87,6 +87,14 @@ def run(c: Clients) -> None:
     console.print(render.diamonds(balance))
 
     console.rule(f"6. {leo} withdraws 4,000 diamonds to PayPal")
+    if balance.available_diamonds < 4000:
+        console.print(
+            f"{leo}'s diamonds are still pending: each gift's diamonds become available "
+            "PAYOUT_MATURATION_DAYS (15) days after it, the chargeback window. To see a withdrawal "
+            "now, restart the suite with PAYOUT_MATURATION_DAYS=0 make up."
+        )
+        _promotion_part(c, ava, t, run_id)
+        return
     requested = c.payout.RequestWithdrawal(
         payout_pb2.RequestWithdrawalRequest(
             request_id=_rid(),
@@ -117,6 +125,11 @@ def run(c: Clients) -> None:
     ).balance
     console.print(render.diamonds(balance))
 
+    _promotion_part(c, ava, t, run_id)
+
+
+def _promotion_part(c: Clients, ava: str, t: float, run_id: str) -> None:
+    """Steps 7 and 8: a promotion, then the viewer's balance and ledger."""
     console.rule(f"7. {ava} promotes a video with 1,000 coins: held, consumed as delivered")
     promoted = c.promotion.CreatePromotion(
         promotion_pb2.CreatePromotionRequest(

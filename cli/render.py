@@ -135,11 +135,24 @@ def top_gifters(live_id: str, items: Iterable[gifting_pb2.Gifter]) -> Table:
 
 def diamonds(value: payout_pb2.DiamondBalance) -> Table:
     table = Table(title=f"Diamonds of {value.creator_id}")
-    table.add_column("diamonds", justify="right")
-    table.add_column("withdrawable", justify="right")
+    table.add_column("pending", justify="right")
+    table.add_column("available", justify="right")
     table.add_column("worth", justify="right")
+    table.add_column("withdrawing", justify="right")
+    table.add_column("paid out", justify="right")
+    table.add_column("next available", justify="right")
+    upcoming = (
+        value.next_available_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
+        if value.HasField("next_available_time")
+        else "-"
+    )
     table.add_row(
-        f"{value.diamonds:,}", f"{value.available_diamonds:,}", money(value.available_value)
+        f"{value.pending_diamonds:,}",
+        f"{value.available_diamonds:,}",
+        money(value.available_value),
+        f"{value.held_diamonds:,}",
+        f"{value.paid_out_diamonds:,}",
+        upcoming,
     )
     return table
 

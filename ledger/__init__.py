@@ -13,7 +13,8 @@ the audit (`ledger.audit`, run as a job of its own by `ledger.auditor`) verifies
 Holds (`ledger.holds`) reserve part of an account's balance for a later capture or release; debits
 spend only the available balance (balance - held). History at any depth: `ledger.history`.
 
-The names below are imported when first used, so that the audit job, which needs only `ledger.audit`,
+The holds table is `ledger.schema.holds` (`ledger.holds` is the module). The names below are imported
+when first used, so that the audit job, which needs only `ledger.audit`,
 does not load the posting side (SQLAlchemy, Alembic, the auth stack) into its memory.
 """
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
         downgrade_ledger_tables_v5,
         downgrade_ledger_tables_v6,
         entries,
-        holds,
         metadata,
         transactions,
         upgrade_ledger_tables_v2,
@@ -63,7 +63,6 @@ _WHERE = {
             "downgrade_ledger_tables_v5",
             "downgrade_ledger_tables_v6",
             "entries",
-            "holds",
             "metadata",
             "transactions",
             "upgrade_ledger_tables_v2",
@@ -90,7 +89,6 @@ __all__ = [
     "downgrade_ledger_tables_v5",
     "downgrade_ledger_tables_v6",
     "entries",
-    "holds",
     "metadata",
     "transactions",
     "upgrade_ledger_tables_v2",

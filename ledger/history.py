@@ -29,7 +29,7 @@ from runtime.sql import Statement, Tx
 PAGE_BUDGET_SECONDS = 2.0
 STATEMENT_BUDGET_SECONDS = 10.0
 
-_ENTRY = "entry_id, transaction_id, kind, amount, balance_after, created_at"
+_ENTRY = "entry_id, transaction_id, kind, amount, balance_after, created_at, account_id"
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class HistoryEntry:
     balance_after: int | None
     reference: str
     created_at: dt.datetime
+    account_id: str = ""
 
     @property
     def cursor(self) -> tuple[dt.datetime, int]:
@@ -76,11 +77,12 @@ def moment(value: object) -> dt.datetime:
 
 
 @cache
-def _page_statement(kinds: int, since: bool, until: bool, cursor: bool) -> Statement:
-    """One statement per filter shape, built once: a range per kind, merged, with the references."""
+def _page_statement(accounts: int, kinds: int, since: bool, until: bool, cursor: bool) -> Statement:
+    """One statement per filter shape, built once: a range per account and kind, merged, with the
+    references."""
 
-    def branch(kind: int | None) -> str:
-        where = ["account_id = :account_id"]
+    def branch(account: int, kind: int | None) -> str:
+        where = [f"account_id = :account_{account}"]
         if kind is not None:
             where.append(f"kind = :kind_{kind}")
         if since:
@@ -95,15 +97,16 @@ def _page_statement(kinds: int, since: bool, until: bool, cursor: bool) -> State
             "ORDER BY created_at DESC, entry_id DESC LIMIT :limit"
         )
 
-    if kinds:
-        merged = " UNION ALL ".join(f"SELECT * FROM ({branch(k)}) AS k{k}" for k in range(kinds))
+    branches = [branch(a, k) for a in range(accounts) for k in (range(kinds) if kinds else [None])]
+    if len(branches) > 1:
+        merged = " UNION ALL ".join(f"SELECT * FROM ({b}) AS b{n}" for n, b in enumerate(branches))
         page = f"SELECT * FROM ({merged}) AS m ORDER BY created_at DESC, entry_id DESC LIMIT :limit"
     else:
-        page = branch(None)
+        page = branches[0]
     return Statement(
-        f"ledger.history_{kinds}{'s' * since}{'u' * until}{'c' * cursor}",
+        f"ledger.history_{accounts}a{kinds}{'s' * since}{'u' * until}{'c' * cursor}",
         f"SELECT p.entry_id, p.transaction_id, p.kind, p.amount, p.balance_after, t.reference, "
-        f"p.created_at FROM ({page}) AS p "
+        f"p.created_at, p.account_id FROM ({page}) AS p "
         "JOIN ledger_transactions AS t ON t.transaction_id = p.transaction_id "
         "ORDER BY p.created_at DESC, p.entry_id DESC",
     )
@@ -118,8 +121,12 @@ _MOVEMENTS = Statement(
     "ledger.movements",
     "SELECT kind, sum(CASE WHEN amount > 0 THEN amount ELSE 0 END), "
     "sum(CASE WHEN amount < 0 THEN -amount ELSE 0 END), count(*) FROM ledger_entries "
-    "WHERE account_id = :account_id AND created_at >= :since AND created_at < :until "
-    "GROUP BY kind ORDER BY kind",
+    "WHERE account_id IN (SELECT value FROM json_each(:accounts)) "
+    "AND created_at >= :since AND created_at < :until GROUP BY kind ORDER BY kind",
+    postgres="SELECT kind, sum(CASE WHEN amount > 0 THEN amount ELSE 0 END), "
+    "sum(CASE WHEN amount < 0 THEN -amount ELSE 0 END), count(*) FROM ledger_entries "
+    "WHERE account_id = ANY(:accounts::text[]) "
+    "AND created_at >= :since AND created_at < :until GROUP BY kind ORDER BY kind",
 )
 
 
@@ -137,9 +144,13 @@ async def _bounded(
         ) from None
 
 
+def _accounts(account_ids: str | Sequence[str]) -> list[str]:
+    return [account_ids] if isinstance(account_ids, str) else list(account_ids)
+
+
 async def entries_page(
     tx: Tx,
-    account_id: str,
+    account_ids: str | Sequence[str],
     *,
     limit: int,
     cursor: tuple[dt.datetime, int] | None = None,
@@ -147,12 +158,15 @@ async def entries_page(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
 ) -> list[HistoryEntry]:
-    """An account's entries, newest first, after `cursor` (a previous page's last `cursor`);
-    optionally only of `kinds`, and created in [since, until)."""
+    """The entries of an account (or of a few, merged: a creator's pending and available diamonds),
+    newest first, after `cursor` (a previous page's last `cursor`); optionally only of `kinds`, and
+    created in [since, until)."""
+    accounts = _accounts(account_ids)
     statement = _page_statement(
-        len(kinds), since is not None, until is not None, cursor is not None
+        len(accounts), len(kinds), since is not None, until is not None, cursor is not None
     )
-    params: dict[str, object] = {"account_id": account_id, "limit": limit}
+    params: dict[str, object] = {"limit": limit}
+    params.update({f"account_{i}": account for i, account in enumerate(accounts)})
     params.update({f"kind_{i}": kind for i, kind in enumerate(kinds)})
     if since is not None:
         params["since"] = utc(since)
@@ -170,31 +184,40 @@ async def entries_page(
             balance_after=None if r[4] is None else int(r[4]),
             reference=str(r[5]),
             created_at=moment(r[6]),
+            account_id=str(r[7]),
         )
         for r in rows
     ]
 
 
-async def balance_at(tx: Tx, account_id: str, at: dt.datetime) -> int:
-    """A balance-keeping account's balance just before `at` (0 before its first entry)."""
-    row = await tx.one(_BALANCE_BEFORE, account_id=account_id, at=utc(at))
-    return 0 if row is None or row[0] is None else int(row[0])
+async def balance_at(tx: Tx, account_ids: str | Sequence[str], at: dt.datetime) -> int:
+    """The balance of balance-keeping accounts (summed) just before `at` (0 before the first
+    entry)."""
+    total = 0
+    for account_id in _accounts(account_ids):
+        row = await tx.one(_BALANCE_BEFORE, account_id=account_id, at=utc(at))
+        total += 0 if row is None or row[0] is None else int(row[0])
+    return total
 
 
-async def period(tx: Tx, account_id: str, since: dt.datetime, until: dt.datetime) -> Period:
-    """Opening balance at `since`, closing balance at `until`, and each kind's movements between."""
+async def period(
+    tx: Tx, account_ids: str | Sequence[str], since: dt.datetime, until: dt.datetime
+) -> Period:
+    """Opening balance at `since`, closing balance at `until`, and each kind's movements between
+    (of one account, or of a few taken together)."""
+    accounts = _accounts(account_ids)
     rows = await _bounded(
         "statement",
         STATEMENT_BUDGET_SECONDS,
         tx,
         _MOVEMENTS,
-        account_id=account_id,
+        accounts=accounts,
         since=utc(since),
         until=utc(until),
     )
     return Period(
-        opening=await balance_at(tx, account_id, since),
-        closing=await balance_at(tx, account_id, until),
+        opening=await balance_at(tx, accounts, since),
+        closing=await balance_at(tx, accounts, until),
         movements=tuple(
             Movement(kind=str(k), credited=int(c), debited=int(d), entries=int(n))
             for k, c, d, n in rows

@@ -283,6 +283,10 @@ async def start_suite(
                     options[f"{dependency}_address"] = suite.services[dependency].address
             if name == "wallet":
                 options["hold_sweep_seconds"] = 0.2  # expiries show within a test's patience
+            if name == "payout":
+                # Most tests withdraw what they just credited; tests/test_payout_maturation.py
+                # runs payout with its maturation period on a clock it moves.
+                options["maturation_days"] = 0
             options.update(overrides.get(name, {}))
             settings = spec.settings_type(**options)
             provider = make_tracer_provider(name, exporter=suite.spans)

@@ -74,8 +74,8 @@ from coins.wallet.v1 import wallet_pb2
 from ledger import Ledger
 from ledger import accounts as ledger_accounts
 from ledger import entries as ledger_entries
-from ledger import holds as ledger_holds
 from ledger import transactions as ledger_transactions
+from ledger.schema import holds as ledger_holds
 from runtime.audit import AdminAuditApi
 from runtime.clock import SystemClock
 from runtime.db import Database

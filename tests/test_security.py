@@ -59,7 +59,7 @@ from sqlalchemy.engine import Connection
 
 from coins.common.v1 import admin_audit_pb2
 from coins.wallet.v1 import wallet_pb2
-from ledger import holds as ledger_holds
+from ledger.schema import holds as ledger_holds
 from runtime import pki
 from runtime.access import Access
 from runtime.audit import AdminAuditApi
@@ -69,7 +69,7 @@ from runtime.status import bad_request, error_info
 from services.gifting.service import SPEC as GIFTING_SPEC
 from services.gifting.storage import credit_outbox, sent_gifts
 from services.payout.service import SPEC as PAYOUT_SPEC
-from services.payout.storage import withdrawals
+from services.payout.storage import gift_credits, withdrawals
 from services.promotion.service import SPEC as PROMOTION_SPEC
 from services.promotion.storage import pending_captures, promotions
 from services.wallet.service import SPEC as WALLET_SPEC
@@ -480,6 +480,9 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
     ),
     ("gifting", "settled_pending_gifts"): _rows_where(
         "gifting", sent_gifts, sent_gifts.c.status == "pending"
+    ),
+    ("payout", "matured_gift_credits"): _rows_where(
+        "payout", gift_credits, gift_credits.c.matured_at.is_(None)
     ),
     ("payout", "WithdrawalWorker.run"): _rows_where(
         "payout", withdrawals, withdrawals.c.status.in_(("pending", "processing"))

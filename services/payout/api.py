@@ -14,7 +14,7 @@ from runtime.pagination import decode_token, encode_token, instant, page_size, t
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
 from services.payout import policy
-from services.payout.domain import GiftCredit, Payouts
+from services.payout.domain import CreatorDiamonds, GiftCredit, Payouts, is_pending
 from services.payout.settings import PayoutSettings
 from services.payout.storage import WithdrawalRecord
 
@@ -47,6 +47,7 @@ _ENTRY_KINDS = {
     "gift": payout_pb2.DIAMOND_ENTRY_KIND_GIFT,
     "withdrawal": payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL,
     "withdrawal_returned": payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED,
+    "maturation": payout_pb2.DIAMOND_ENTRY_KIND_MATURATION,
 }
 _KIND_NAMES = {value: name for name, value in _ENTRY_KINDS.items()}
 
@@ -62,15 +63,22 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self._payouts = payouts
         self._wake_worker = wake_worker
 
-    def _balance(self, creator_id: str, diamonds: int) -> payout_pb2.DiamondBalance:
-        return payout_pb2.DiamondBalance(
+    def _balance(self, creator_id: str, diamonds: CreatorDiamonds) -> payout_pb2.DiamondBalance:
+        balance = payout_pb2.DiamondBalance(
             creator_id=creator_id,
-            diamonds=diamonds,
-            available_diamonds=diamonds,
+            diamonds=diamonds.total,
+            available_diamonds=diamonds.available,
             available_value=money(
-                self._settings.currency_code, policy.cash_value(diamonds, self._settings)
+                self._settings.currency_code, policy.cash_value(diamonds.available, self._settings)
             ),
+            pending_diamonds=diamonds.pending,
+            held_diamonds=diamonds.held,
+            paid_out_diamonds=diamonds.paid_out,
+            debt_diamonds=diamonds.debt,
         )
+        if diamonds.next_available_at is not None:
+            balance.next_available_time.CopyFrom(timestamp(diamonds.next_available_at))
+        return balance
 
     def _withdrawal(self, w: WithdrawalRecord) -> payout_pb2.Withdrawal:
         currency = w.currency_code
@@ -91,8 +99,8 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def GetDiamondBalance(
         self, request: payout_pb2.GetDiamondBalanceRequest, context: RpcContext
     ) -> payout_pb2.GetDiamondBalanceResponse:
-        async with self._db.read() as conn:
-            diamonds = await self._payouts.balance(conn, request.creator_id)
+        async with self._db.driver.read() as tx:
+            diamonds = await self._payouts.diamonds(tx, request.creator_id)
         return payout_pb2.GetDiamondBalanceResponse(
             balance=self._balance(request.creator_id, diamonds)
         )
@@ -124,7 +132,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             for r in requests
         )
 
-        def answer(creator_id: str, diamonds: int, balance: int) -> bytes:
+        def answer(creator_id: str, diamonds: int, balance: CreatorDiamonds) -> bytes:
             return payout_pb2.CreditDiamondsResponse(
                 diamonds_credited=diamonds, balance=self._balance(creator_id, balance)
             ).SerializeToString()
@@ -211,6 +219,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                     balance_after=row.balance_after or 0,
                     reference=row.reference,
                     create_time=timestamp(row.created_at),
+                    pending=is_pending(row.account_id),
                 )
                 for row in rows[: query.size]
             ],

@@ -20,7 +20,7 @@ from runtime.errors import (
     InvalidArgument,
     NotFound,
 )
-from runtime.sql import Driver, Tx, is_conflict
+from runtime.sql import Driver, Tx, as_tx, is_conflict
 from services.payout import policy, storage
 from services.payout.settings import PayoutSettings
 
@@ -30,8 +30,37 @@ PAID_OUT = "system:paid_out"
 
 
 def creator_account(creator_id: str) -> str:
-    """The ledger account that holds a creator's diamonds."""
+    """The ledger account that holds a creator's available diamonds (what can be withdrawn)."""
     return f"creator:{creator_id}"
+
+
+def pending_account(creator_id: str) -> str:
+    """The ledger account that holds a creator's pending diamonds: credited, not yet matured."""
+    return f"pending:{creator_id}"
+
+
+def is_pending(account_id: str) -> bool:
+    return account_id.startswith("pending:")
+
+
+@dataclass(frozen=True)
+class CreatorDiamonds:
+    """Where a creator's diamonds are."""
+
+    pending: int
+    """Credited for gifts, maturing (`maturation_days` after each gift)."""
+    available: int
+    """Matured: what can be withdrawn."""
+    held: int = 0
+    """Taken for withdrawals that are on their way out."""
+    paid_out: int = 0
+    debt: int = 0
+    next_available_at: dt.datetime | None = None
+    """When the oldest pending diamonds become available (None: nothing pending)."""
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.available
 
 
 @dataclass(frozen=True)
@@ -46,8 +75,9 @@ class GiftCredit:
     reference: str
 
 
-Answer = Callable[[str, int, int], bytes]
-"""Renders a credit's answer from (creator, diamonds credited, balance after): the gRPC layer's."""
+Answer = Callable[[str, int, CreatorDiamonds], bytes]
+"""Renders a credit's answer from (creator, diamonds credited, the creator's diamonds right after
+it): the gRPC layer's."""
 
 
 class Payouts:
@@ -140,11 +170,14 @@ class Payouts:
         totals = await storage.accrue_coins_many(
             tx, {creator: sum(c.coins for c in items) for creator, items in fresh.items()}, now
         )
-        new = [
-            creator_account(creator) for creator, (_, credited) in totals.items() if not credited
-        ]
+        new = [creator for creator, (_, credited) in totals.items() if not credited]
         if new:
-            await self.ledger.open_accounts(tx, new)
+            await self.ledger.open_accounts(
+                tx,
+                [creator_account(c) for c in new]
+                + ([pending_account(c) for c in new] if self.maturing else []),
+            )
+        credited_to = pending_account if self.maturing else creator_account
         owed: dict[str, int] = {}
         shares: dict[str, int] = {}
         for creator, items in fresh.items():
@@ -158,7 +191,7 @@ class Payouts:
             owed[creator] = before
         await storage.set_diamonds_credited_many(tx, owed)
         deltas = {creator: owed[creator] - totals[creator][1] for creator in fresh}
-        gained = {creator_account(c): d for c, d in deltas.items() if d > 0}
+        gained = {credited_to(c): d for c, d in deltas.items() if d > 0}
         balances: dict[str, int] = {}
         transaction_id: str | None = None
         if gained:  # one ledger transaction for the whole batch: issuance -> every creator
@@ -178,17 +211,28 @@ class Payouts:
             balances, transaction_id = posted.balances, posted.transaction_id
         for creator, delta in deltas.items():
             if delta < 0:  # the policy changed since the last credit: settle the difference
-                balances[creator_account(creator)] = await self._reverse(tx, creator, -delta)
-        unchanged = [creator_account(c) for c, d in deltas.items() if d == 0]
+                account = credited_to(creator)
+                balances[account] = await self._reverse(tx, account, -delta)
+        unchanged = [credited_to(c) for c, d in deltas.items() if d == 0]
         if unchanged:
             balances.update(await self.ledger.balances(tx, unchanged))
+        available = (
+            await self.ledger.balances(tx, [creator_account(c) for c in fresh])
+            if self.maturing
+            else {}
+        )
         rows: list[storage.CreditRow] = []
         answers: dict[str, bytes] = {}
         for creator, items in fresh.items():
-            running_balance = balances.get(creator_account(creator), 0) - deltas[creator]
+            running_balance = balances.get(credited_to(creator), 0) - deltas[creator]
             for c in items:
                 running_balance += shares[c.key]
-                answers[c.key] = answer(creator, shares[c.key], running_balance)
+                standing = (
+                    CreatorDiamonds(running_balance, available.get(creator_account(creator), 0))
+                    if self.maturing
+                    else CreatorDiamonds(0, running_balance)
+                )
+                answers[c.key] = answer(creator, shares[c.key], standing)
                 rows.append(
                     storage.CreditRow(
                         c.key,
@@ -200,15 +244,14 @@ class Payouts:
                         answers[c.key],
                     )
                 )
-        if await storage.insert_credits(tx, rows, now) != len(rows):
+        if await storage.insert_credits(tx, rows, now, matured=not self.maturing) != len(rows):
             raise Aborted(
                 "CONCURRENT_CREDIT",
                 "another delivery of some of these credits committed first; retry to read its answers",
             )
         return answers
 
-    async def _reverse(self, tx: Tx, creator_id: str, diamonds: int) -> int:
-        account = creator_account(creator_id)
+    async def _reverse(self, tx: Tx, account: str, diamonds: int) -> int:
         posted = await self.ledger.post(
             tx,
             [Posting(ISSUANCE, diamonds), Posting(account, -diamonds)],
@@ -231,10 +274,11 @@ class Payouts:
         since: dt.datetime | None,
         until: dt.datetime | None,
     ) -> list[HistoryEntry]:
-        """A creator's diamond entries, newest first (none for a creator never credited)."""
+        """A creator's diamond entries, pending and available, newest first (none for a creator
+        never credited)."""
         return await entries_page(
             tx,
-            creator_account(creator_id),
+            [creator_account(creator_id), pending_account(creator_id)],
             limit=limit,
             cursor=cursor,
             kinds=kinds,
@@ -245,11 +289,72 @@ class Payouts:
     async def statement(
         self, tx: Tx, creator_id: str, since: dt.datetime, until: dt.datetime
     ) -> Period:
-        """A creator's diamonds over [since, until): opening, each kind's movements, closing."""
-        return await period(tx, creator_account(creator_id), since, until)
+        """A creator's diamonds (pending and available) over [since, until): opening, each kind's
+        movements, closing."""
+        return await period(
+            tx, [creator_account(creator_id), pending_account(creator_id)], since, until
+        )
 
-    async def balance(self, conn: AsyncConnection, creator_id: str) -> int:
-        return await self.ledger.balance(conn, creator_account(creator_id)) or 0
+    @property
+    def maturing(self) -> bool:
+        """Whether credits wait as pending diamonds (a maturation period is set)."""
+        return self.settings.maturation_days > 0
+
+    async def diamonds(self, conn: AsyncConnection | Tx, creator_id: str) -> CreatorDiamonds:
+        """Where a creator's diamonds are (all zero for a creator never credited)."""
+        tx = as_tx(conn)
+        accounts = [creator_account(creator_id), pending_account(creator_id)]
+        balances = await self.ledger.balances(tx, accounts)
+        held, paid_out = await storage.withdrawal_totals(tx, creator_id)
+        oldest = await storage.next_maturing(tx, creator_id) if self.maturing else None
+        return CreatorDiamonds(
+            pending=balances.get(accounts[1], 0),
+            available=balances.get(accounts[0], 0),
+            held=held,
+            paid_out=paid_out,
+            next_available_at=None
+            if oldest is None
+            else oldest + dt.timedelta(days=self.settings.maturation_days),
+        )
+
+    async def mature(self, driver: Driver, now: dt.datetime) -> int:
+        """Move the diamonds of credits older than the maturation period from pending to available:
+        one ledger transaction (kind `maturation`) per sweep batch, the credits marked matured in the
+        same database transaction, so each credit matures exactly once, after restarts and with
+        several replicas sweeping (PostgreSQL: each claims rows the others skip). Returns how many
+        credits matured."""
+        if not self.maturing:
+            return 0
+        due = now - dt.timedelta(days=self.settings.maturation_days)
+        async with driver.transaction() as tx:
+            claimed = await storage.claim_due_credits(tx, due, self.settings.maturation_batch)
+            if not claimed:
+                return 0
+            by_creator: dict[str, int] = {}
+            for _, creator, diamonds in claimed:
+                by_creator[creator] = by_creator.get(creator, 0) + diamonds
+            postings = [
+                posting
+                for creator, diamonds in sorted(by_creator.items())
+                if diamonds > 0
+                for posting in (
+                    Posting(pending_account(creator), -diamonds),
+                    Posting(creator_account(creator), diamonds),
+                )
+            ]
+            if postings:
+                await self.ledger.post(
+                    tx,
+                    postings,
+                    kind="maturation",
+                    reference=f"{len(claimed)} gift credits made by {due.isoformat()}",
+                    request_id=f"maturation:{uuid.uuid4().hex}",
+                    caller="payout",
+                    policy_version=self.settings.policy_version,
+                    acting_user="",
+                )
+            await storage.mark_matured(tx, [key for key, _, _ in claimed], now)
+        return len(claimed)
 
     async def request_withdrawal(
         self,
@@ -261,8 +366,8 @@ class Payouts:
         destination_token: str,
         request_id: str,
         now: dt.datetime,
-    ) -> tuple[storage.WithdrawalRecord, int]:
-        """Take the diamonds into the in-flight account and record a pending withdrawal."""
+    ) -> tuple[storage.WithdrawalRecord, CreatorDiamonds]:
+        """Take available diamonds into the in-flight account and record a pending withdrawal."""
         if not await storage.creator_exists(conn, creator_id):
             raise NotFound(
                 "CREATOR_NOT_FOUND",
@@ -282,18 +387,23 @@ class Payouts:
         withdrawal_id = uuid.uuid4().hex
         # Taking the diamonds first locks the creator's balance row, so the daily-cap sum below sees
         # every concurrent withdrawal of this creator that committed before us.
-        posted = await self.ledger.post(
-            conn,
-            [
-                Posting(creator_account(creator_id), -quote.diamonds),
-                Posting(IN_FLIGHT, quote.diamonds),
-            ],
-            kind="withdrawal",
-            reference=withdrawal_id,
-            request_id=request_id,
-            caller="payout",
-            policy_version=self.settings.policy_version,
-        )
+        try:
+            await self.ledger.post(
+                conn,
+                [
+                    Posting(creator_account(creator_id), -quote.diamonds),
+                    Posting(IN_FLIGHT, quote.diamonds),
+                ],
+                kind="withdrawal",
+                reference=withdrawal_id,
+                request_id=request_id,
+                caller="payout",
+                policy_version=self.settings.policy_version,
+            )
+        except FailedPrecondition as refused:
+            if refused.reason != "INSUFFICIENT_FUNDS":
+                raise
+            raise await self._not_available(conn, creator_id, quote.diamonds) from None
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         today = await storage.withdrawn_since(conn, creator_id, day_start)
         cap = self.settings.daily_withdrawal_cap_minor
@@ -320,7 +430,29 @@ class Payouts:
             updated_at=now,
         )
         await storage.insert_withdrawal(conn, withdrawal)
-        return withdrawal, posted.balances[creator_account(creator_id)]
+        return withdrawal, await self.diamonds(conn, creator_id)
+
+    async def _not_available(
+        self, conn: AsyncConnection, creator_id: str, needed: int
+    ) -> FailedPrecondition:
+        """INSUFFICIENT_FUNDS for a withdrawal, saying what is available and what is still pending."""
+        diamonds = await self.diamonds(conn, creator_id)
+        pending = ""
+        if diamonds.pending and diamonds.next_available_at is not None:
+            pending = (
+                f"; {diamonds.pending} more are pending (each gift's diamonds become available "
+                f"{self.settings.maturation_days:g} days after it; the next at "
+                f"{diamonds.next_available_at.isoformat(timespec='seconds')})"
+            )
+        return FailedPrecondition(
+            "INSUFFICIENT_FUNDS",
+            f"not enough available diamonds: {diamonds.available} are available, {needed} are "
+            f"needed{pending}",
+            available=diamonds.available,
+            pending=diamonds.pending,
+            required=needed,
+            unit="diamonds",
+        )
 
     async def settle(
         self,

@@ -20,6 +20,17 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
         runtime, payouts, SandboxProcessor(runtime.settings.processor_latency_ms)
     )
     runtime.add_worker(worker.run)
+    runtime.parts["payouts"] = payouts
+
+    async def mature() -> int:
+        return await payouts.mature(runtime.db.driver, runtime.clock.now())
+
+    runtime.add_periodic(
+        "matured gift credits",
+        runtime.settings.maturation_every_seconds,
+        mature,
+        batch=runtime.settings.maturation_batch,
+    )
     ledger_api.serve_ledger_audit(runtime, payouts.ledger)
     payout_pb2_grpc.add_PayoutServiceServicer_to_server(
         PayoutApi(runtime, payouts, worker.wake.set), runtime.server

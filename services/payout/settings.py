@@ -35,6 +35,13 @@ class PayoutSettings(LedgerServiceSettings):
     """The longest pause between two attempts to pay one withdrawal."""
     processor_calls_at_once: int = 8
     """Withdrawals paid side by side (one hung call never holds up the others)."""
+    maturation_days: float = 15.0
+    """Credited diamonds stay *pending* this long (the chargeback window) before they become
+    *available* to withdraw; 0: available at once."""
+    maturation_every_seconds: float = 60.0
+    """How often the maturation sweep moves due diamonds from pending to available."""
+    maturation_batch: int = 2000
+    """Gift credits matured per sweep transaction (a backlog drains in several)."""
     credit_batches_at_once: int = 4
     """Credit batches applied at the same time; more wait their turn. Batches lock the same creators'
     rows, so more at once only queue inside PostgreSQL, holding connections and memory."""

@@ -67,8 +67,10 @@ gift_credits = Table(
     Column("transaction_id", String(40)),
     Column("response", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("matured_at", DateTime(timezone=True)),
 )
-"""One row per applied gift credit (migration 0007): the exactly-once record and its answer."""
+"""One row per applied gift credit (migration 0007): the exactly-once record and its answer; its
+diamonds are pending until `matured_at` (migration 0011)."""
 
 
 @dataclass(frozen=True)
@@ -137,20 +139,45 @@ _SET_CREDITED_MANY_PG = Statement(
     "WHERE c.creator_id = d.creator_id",
 )
 _CREDIT_COLUMNS = (
-    "credit_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, created_at"
+    "credit_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, created_at, "
+    "matured_at"
 )
 _INSERT_CREDIT = Statement(
     "payout.insert_credit",
     f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) VALUES (:credit_key, :fingerprint, :creator_id, "
-    ":coins, :diamonds, :transaction_id, :response, :now) ON CONFLICT DO NOTHING",
+    ":coins, :diamonds, :transaction_id, :response, :now, :matured_at) ON CONFLICT DO NOTHING",
 )
 _INSERT_CREDITS_PG = Statement(
     "payout.insert_credits",
     "",
     postgres=f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) "
-    "SELECT c.*, :now::timestamptz FROM unnest(:keys::text[], :fingerprints::text[], "
-    ":creator_ids::text[], :coins::bigint[], :diamonds::bigint[], :transaction_ids::text[], "
-    ":responses::bytea[]) AS c ON CONFLICT DO NOTHING",
+    "SELECT c.*, :now::timestamptz, :matured_at::timestamptz FROM unnest(:keys::text[], "
+    ":fingerprints::text[], :creator_ids::text[], :coins::bigint[], :diamonds::bigint[], "
+    ":transaction_ids::text[], :responses::bytea[]) AS c ON CONFLICT DO NOTHING",
+)
+_DUE_CREDITS = Statement(
+    "payout.due_credits",
+    "SELECT credit_key, creator_id, diamonds FROM gift_credits "
+    "WHERE matured_at IS NULL AND created_at <= :due ORDER BY created_at LIMIT :limit",
+    postgres="SELECT credit_key, creator_id, diamonds FROM gift_credits "
+    "WHERE matured_at IS NULL AND created_at <= :due ORDER BY created_at LIMIT :limit "
+    "FOR UPDATE SKIP LOCKED",
+)
+_MARK_MATURED = Statement(
+    "payout.mark_matured",
+    "UPDATE gift_credits SET matured_at = :now "
+    "WHERE credit_key IN (SELECT value FROM json_each(:keys))",
+    postgres="UPDATE gift_credits SET matured_at = :now WHERE credit_key = ANY(:keys::text[])",
+)
+_NEXT_MATURING = Statement(
+    "payout.next_maturing",
+    "SELECT min(created_at) FROM gift_credits WHERE creator_id = :creator_id AND matured_at IS NULL",
+)
+_WITHDRAWAL_TOTALS = Statement(
+    "payout.withdrawal_totals",
+    "SELECT coalesce(sum(CASE WHEN status IN ('pending', 'processing') THEN diamonds ELSE 0 END), "
+    "0), coalesce(sum(CASE WHEN status = 'paid' THEN diamonds ELSE 0 END), 0) "
+    "FROM withdrawals WHERE creator_id = :creator_id",
 )
 
 
@@ -203,8 +230,12 @@ async def set_diamonds_credited_many(tx: Tx, owed: dict[str, int]) -> None:
         await tx.run(_SET_CREDITED, creator_id=creator_id, owed=diamonds)
 
 
-async def insert_credits(tx: Tx, rows: Sequence[CreditRow], now: dt.datetime) -> int:
-    """Record applied credits; returns how many were new (fewer: a concurrent twin applied some)."""
+async def insert_credits(
+    tx: Tx, rows: Sequence[CreditRow], now: dt.datetime, *, matured: bool
+) -> int:
+    """Record applied credits, pending (or `matured` at once); returns how many were new (fewer: a
+    concurrent twin applied some)."""
+    matured_at = now if matured else None
     if tx.dialect == "postgresql":
         return await tx.run(
             _INSERT_CREDITS_PG,
@@ -216,11 +247,39 @@ async def insert_credits(tx: Tx, rows: Sequence[CreditRow], now: dt.datetime) ->
             transaction_ids=[r.transaction_id for r in rows],
             responses=[r.response for r in rows],
             now=now,
+            matured_at=matured_at,
         )
     inserted = 0
     for r in rows:
-        inserted += await tx.run(_INSERT_CREDIT, **r.__dict__, now=now)
+        inserted += await tx.run(_INSERT_CREDIT, **r.__dict__, now=now, matured_at=matured_at)
     return inserted
+
+
+async def claim_due_credits(tx: Tx, due: dt.datetime, limit: int) -> list[tuple[str, str, int]]:
+    """Pending credits made at or before `due`, oldest first: (key, creator, diamonds). On
+    PostgreSQL they stay locked until the transaction ends, and a concurrent sweep (another
+    replica) skips them."""
+    rows = await tx.all(_DUE_CREDITS, due=due, limit=limit)
+    return [(str(k), str(c), int(d)) for k, c, d in rows]
+
+
+async def mark_matured(tx: Tx, keys: Sequence[str], now: dt.datetime) -> None:
+    await tx.run(_MARK_MATURED, keys=list(keys), now=now)
+
+
+async def next_maturing(tx: Tx, creator_id: str) -> dt.datetime | None:
+    """When the creator's oldest pending credit was made (None: nothing pending)."""
+    row = await tx.one(_NEXT_MATURING, creator_id=creator_id)
+    if row is None or row[0] is None:
+        return None
+    value = row[0]
+    return utc(value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value)))
+
+
+async def withdrawal_totals(tx: Tx, creator_id: str) -> tuple[int, int]:
+    """(diamonds in withdrawals on their way out, diamonds paid out) of a creator."""
+    row = await tx.one(_WITHDRAWAL_TOTALS, creator_id=creator_id)
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
 
 async def creator_exists(conn: AsyncConnection, creator_id: str) -> bool:

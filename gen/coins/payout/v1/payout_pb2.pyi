@@ -91,6 +91,8 @@ class _DiamondEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Diam
     """Diamonds taken for a withdrawal."""
     DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED: _DiamondEntryKind.ValueType  # 3
     """Diamonds given back by a withdrawal that failed."""
+    DIAMOND_ENTRY_KIND_MATURATION: _DiamondEntryKind.ValueType  # 4
+    """Pending diamonds that matured: one entry leaves the pending balance, one enters the available one."""
 
 class DiamondEntryKind(_DiamondEntryKind, metaclass=_DiamondEntryKindEnumTypeWrapper):
     """What moved a creator's diamonds."""
@@ -103,6 +105,8 @@ DIAMOND_ENTRY_KIND_WITHDRAWAL: DiamondEntryKind.ValueType  # 2
 """Diamonds taken for a withdrawal."""
 DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED: DiamondEntryKind.ValueType  # 3
 """Diamonds given back by a withdrawal that failed."""
+DIAMOND_ENTRY_KIND_MATURATION: DiamondEntryKind.ValueType  # 4
+"""Pending diamonds that matured: one entry leaves the pending balance, one enters the available one."""
 Global___DiamondEntryKind: _TypeAlias = DiamondEntryKind  # noqa: Y015
 
 @_typing.final
@@ -115,15 +119,34 @@ class DiamondBalance(_message.Message):
     DIAMONDS_FIELD_NUMBER: _builtins.int
     AVAILABLE_DIAMONDS_FIELD_NUMBER: _builtins.int
     AVAILABLE_VALUE_FIELD_NUMBER: _builtins.int
+    PENDING_DIAMONDS_FIELD_NUMBER: _builtins.int
+    HELD_DIAMONDS_FIELD_NUMBER: _builtins.int
+    PAID_OUT_DIAMONDS_FIELD_NUMBER: _builtins.int
+    DEBT_DIAMONDS_FIELD_NUMBER: _builtins.int
+    NEXT_AVAILABLE_TIME_FIELD_NUMBER: _builtins.int
     creator_id: _builtins.str
     """The creator."""
     diamonds: _builtins.int
-    """Diamonds owned."""
+    """Diamonds on the creator's balance: pending plus available."""
     available_diamonds: _builtins.int
-    """Diamonds that can be withdrawn now."""
+    """Diamonds that can be withdrawn now (matured)."""
+    pending_diamonds: _builtins.int
+    """Diamonds credited for gifts that are still maturing (PAYOUT_MATURATION_DAYS after each gift);
+    they cannot be withdrawn yet.
+    """
+    held_diamonds: _builtins.int
+    """Diamonds taken for withdrawals that are on their way out (requested or processing)."""
+    paid_out_diamonds: _builtins.int
+    """Diamonds paid out, all time."""
+    debt_diamonds: _builtins.int
+    """Diamonds owed back (reversed gifts not yet covered by later credits); withdrawals wait for it."""
     @_builtins.property
     def available_value(self) -> _money_pb2.Money:
         """What the available diamonds are worth in cash, before fees."""
+
+    @_builtins.property
+    def next_available_time(self) -> _timestamp_pb2.Timestamp:
+        """When the oldest pending diamonds become available; unset when nothing is pending."""
 
     def __init__(
         self,
@@ -132,10 +155,15 @@ class DiamondBalance(_message.Message):
         diamonds: _builtins.int = ...,
         available_diamonds: _builtins.int = ...,
         available_value: _money_pb2.Money | None = ...,
+        pending_diamonds: _builtins.int = ...,
+        held_diamonds: _builtins.int = ...,
+        paid_out_diamonds: _builtins.int = ...,
+        debt_diamonds: _builtins.int = ...,
+        next_available_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["available_value", b"available_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_value", b"available_value", "next_available_time", b"next_available_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_diamonds", b"available_diamonds", "available_value", b"available_value", "creator_id", b"creator_id", "diamonds", b"diamonds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_diamonds", b"available_diamonds", "available_value", b"available_value", "creator_id", b"creator_id", "debt_diamonds", b"debt_diamonds", "diamonds", b"diamonds", "held_diamonds", b"held_diamonds", "next_available_time", b"next_available_time", "paid_out_diamonds", b"paid_out_diamonds", "pending_diamonds", b"pending_diamonds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,6 +584,7 @@ class DiamondEntry(_message.Message):
     BALANCE_AFTER_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     """The entry's id."""
     transaction_id: _builtins.str
@@ -568,6 +597,10 @@ class DiamondEntry(_message.Message):
     """The creator's diamonds right after this entry."""
     reference: _builtins.str
     """The gift (or batch of gifts) or withdrawal it was for."""
+    pending: _builtins.bool
+    """True when it moved pending diamonds (a gift's credit, a maturation's first leg); false when it
+    moved available ones. balance_after is that balance's.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was written."""
@@ -582,10 +615,11 @@ class DiamondEntry(_message.Message):
         balance_after: _builtins.int = ...,
         reference: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "create_time", b"create_time", "diamonds", b"diamonds", "entry_id", b"entry_id", "kind", b"kind", "reference", b"reference", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "create_time", b"create_time", "diamonds", b"diamonds", "entry_id", b"entry_id", "kind", b"kind", "pending", b"pending", "reference", b"reference", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,166 @@
+"""Diamonds mature: a gift's diamonds are pending for the maturation period, then available, moved by
+the payout service's own sweep (no one calls), each credit exactly once, on an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from coins.payout.v1 import payout_pb2
+from services.payout.domain import Payouts
+from tests.helpers import ShiftedClock, eventually, expect_error, new_id
+from tests.suite import Suite, require_postgres, start_suite
+
+DAYS = 15
+
+
+@pytest.fixture(scope="module")
+async def maturing(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
+    """Payout with a 15-day maturation period, swept every 0.2 s, on a clock the tests move."""
+    if backend == "postgres":
+        await require_postgres()
+    clock = ShiftedClock()
+    running = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"maturing-{backend}"),
+        only=("payout",),
+        overrides={"payout": {"maturation_days": DAYS, "maturation_every_seconds": 0.2}},
+        clock=clock,
+    )
+    yield running, clock
+    await running.stop()
+
+
+async def credit(suite: Suite, creator: str, diamonds: int) -> payout_pb2.CreditDiamondsResponse:
+    return await suite.as_caller("gifting").payout.CreditDiamonds(
+        payout_pb2.CreditDiamondsRequest(
+            request_id=new_id("gift"), creator_id=creator, coins=diamonds * 2, reference=new_id("g")
+        )
+    )
+
+
+async def balance_of(suite: Suite, creator: str) -> payout_pb2.DiamondBalance:
+    response = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    return response.balance
+
+
+def withdrawal(creator: str, diamonds: int) -> payout_pb2.RequestWithdrawalRequest:
+    return payout_pb2.RequestWithdrawalRequest(
+        request_id=new_id("wd"),
+        creator_id=creator,
+        diamonds=diamonds,
+        method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+        destination_token="dest_paypal_ok",
+    )
+
+
+async def test_diamonds_wait_pending_then_become_available_by_themselves(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, clock = maturing
+    creator = new_id("creator")
+    answer = await credit(suite, creator, 3_000)
+    assert (answer.balance.pending_diamonds, answer.balance.available_diamonds) == (3_000, 0)
+    before = await balance_of(suite, creator)
+    assert (before.diamonds, before.pending_diamonds, before.available_diamonds) == (
+        3_000,
+        3_000,
+        0,
+    )
+    matures = before.next_available_time.ToDatetime(dt.UTC)
+    assert abs(matures - (clock.now() + dt.timedelta(days=DAYS))) < dt.timedelta(seconds=5)
+
+    # Pending diamonds cannot leave: the refusal says what is pending and until when.
+    refused = await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(creator, 2_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    assert "3000 more are pending" in (refused.details() or "")
+
+    clock.shift += dt.timedelta(days=DAYS, seconds=1)
+
+    async def matured() -> bool:
+        return (await balance_of(suite, creator)).available_diamonds == 3_000
+
+    await eventually(matured, "the maturation sweep")
+    after = await balance_of(suite, creator)
+    assert (after.pending_diamonds, after.available_diamonds, after.diamonds) == (0, 3_000, 3_000)
+    assert not after.HasField("next_available_time")
+
+    taken = await suite.payout.RequestWithdrawal(withdrawal(creator, 2_000))
+    assert taken.balance.available_diamonds == 1_000
+
+    entries = await suite.payout.ListDiamondEntries(
+        payout_pb2.ListDiamondEntriesRequest(creator_id=creator)
+    )
+    seen = [(e.kind, e.diamonds, e.pending) for e in entries.entries]
+    assert seen[0] == (payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL, -2_000, False)
+    assert sorted(seen[1:3]) == sorted(
+        [
+            (payout_pb2.DIAMOND_ENTRY_KIND_MATURATION, 3_000, False),
+            (payout_pb2.DIAMOND_ENTRY_KIND_MATURATION, -3_000, True),
+        ]
+    )
+    assert seen[3] == (payout_pb2.DIAMOND_ENTRY_KIND_GIFT, 3_000, True)
+    statement = await suite.payout.GetDiamondStatement(
+        payout_pb2.GetDiamondStatementRequest(creator_id=creator)
+    )
+    assert (statement.opening_balance, statement.closing_balance) == (0, 1_000)
+    lines = {line.kind: (line.credited, line.debited) for line in statement.lines}
+    assert lines[payout_pb2.DIAMOND_ENTRY_KIND_MATURATION] == (3_000, 3_000)
+
+
+async def test_each_gift_matures_on_its_own_day(maturing: tuple[Suite, ShiftedClock]) -> None:
+    suite, clock = maturing
+    creator = new_id("creator")
+    await credit(suite, creator, 1_000)
+    clock.shift += dt.timedelta(days=10)
+    await credit(suite, creator, 400)
+    clock.shift += dt.timedelta(days=5, seconds=1)
+
+    async def first_matured() -> bool:
+        return (await balance_of(suite, creator)).available_diamonds == 1_000
+
+    await eventually(first_matured, "the first gift's maturation")
+    now = await balance_of(suite, creator)
+    assert (now.pending_diamonds, now.available_diamonds) == (400, 1_000)
+    left = now.next_available_time.ToDatetime(dt.UTC) - clock.now()
+    assert dt.timedelta(days=9) < left < dt.timedelta(days=10)
+
+
+async def test_concurrent_sweeps_mature_each_credit_once(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """Several sweeps at once (replicas, a restart mid-sweep): every credit matures exactly once
+    and the audit of the diamond ledger stays clean."""
+    suite, clock = maturing
+    creators = [new_id("creator") for _ in range(6)]
+    for n, creator in enumerate(creators):
+        for _ in range(5):
+            await credit(suite, creator, 100 + n)
+    clock.shift += dt.timedelta(days=DAYS, seconds=1)
+    runtime = suite.services["payout"].runtime
+    payouts = runtime.parts["payouts"]
+    assert isinstance(payouts, Payouts)
+    # Four sweeps at once, besides the service's own: none fails, and (below) none matures a
+    # credit twice: each creator ends with exactly its credits available and nothing pending.
+    await asyncio.gather(*(payouts.mature(runtime.db.driver, clock.now()) for _ in range(4)))
+    for n, creator in enumerate(creators):
+
+        async def done(creator: str = creator, n: int = n) -> bool:
+            return (await balance_of(suite, creator)).available_diamonds == 5 * (100 + n)
+
+        await eventually(done, "every credit matured")
+        assert (await balance_of(suite, creator)).pending_diamonds == 0
+    async with runtime.db.read() as conn:
+        report = await payouts.ledger.audit(conn)
+    assert report.ok, report
