@@ -10,8 +10,10 @@ import datetime as dt
 import sys
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import date_pb2
 
 from cli import render
@@ -116,6 +118,63 @@ def diamonds(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.GetDiamondBalanceRequest(creator_id=a.creator), timeout=c.timeout
     )
     console.print(render.diamonds(response.balance))
+
+
+def diamond_ledger(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.ListDiamondEntries(
+        payout_pb2.ListDiamondEntriesRequest(creator_id=a.creator, page_size=a.limit),
+        timeout=c.timeout,
+    )
+    console.print(render.diamond_ledger(a.creator, response.entries))
+
+
+def _period(a: argparse.Namespace) -> dict[str, Timestamp]:
+    period: dict[str, Timestamp] = {}
+    for name, value in (("start_time", a.since), ("end_time", a.until)):
+        if value:
+            stamp = Timestamp()
+            stamp.FromDatetime(dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC))
+            period[name] = stamp
+    return period
+
+
+def statement(c: Clients, a: argparse.Namespace) -> None:
+    """A coin statement for a viewer, or with --diamonds a diamond statement for a creator."""
+    if a.diamonds:
+        answer: Any = c.payout.GetDiamondStatement(
+            payout_pb2.GetDiamondStatementRequest(creator_id=a.owner, **_period(a)),
+            timeout=c.timeout,
+        )
+        kinds: Any = payout_pb2.DiamondEntryKind
+        prefix, unit = "DIAMOND_ENTRY_KIND_", "diamonds"
+    else:
+        answer = c.wallet.GetCoinStatement(
+            wallet_pb2.GetCoinStatementRequest(user_id=a.owner, **_period(a)), timeout=c.timeout
+        )
+        kinds, prefix, unit = wallet_pb2.EntryKind, "ENTRY_KIND_", "coins"
+    lines = [
+        (render.enum_name(kinds, line.kind, prefix), line.credited, line.debited, line.entries)
+        for line in answer.lines
+    ]
+    period = (
+        answer.start_time.ToDatetime().strftime("%Y-%m-%d %H:%M"),
+        answer.end_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    console.print(
+        render.statement(
+            a.owner, unit, answer.opening_balance, answer.closing_balance, lines, period
+        )
+    )
+
+
+def quote(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.QuoteWithdrawal(
+        payout_pb2.QuoteWithdrawalRequest(
+            creator_id=a.creator, diamonds=a.diamonds, method=_METHODS[a.method]
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.quote(a.creator, response))
 
 
 def withdraw(c: Clients, a: argparse.Namespace) -> None:
@@ -246,6 +305,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("live")
     p.add_argument("--limit", type=int, default=10)
     command("diamonds", diamonds, "show a creator's diamonds").add_argument("creator")
+    p = command("diamond-ledger", diamond_ledger, "show a creator's diamond movements")
+    p.add_argument("creator")
+    p.add_argument("--limit", type=int, default=20)
+    p = command(
+        "statement", statement, "opening and closing balance of a period, movements by kind"
+    )
+    p.add_argument("owner", help="the viewer (coins) or, with --diamonds, the creator")
+    p.add_argument("--diamonds", action="store_true", help="the creator's diamonds")
+    p.add_argument("--since", help="YYYY-MM-DD[THH:MM] UTC (default: the beginning)")
+    p.add_argument("--until", help="YYYY-MM-DD[THH:MM] UTC (default: now)")
+    p = command("quote", quote, "what a withdrawal of some diamonds would pay")
+    p.add_argument("creator")
+    p.add_argument("diamonds", type=int)
+    p.add_argument("--method", choices=sorted(_METHODS), default="paypal")
     p = command("withdraw", withdraw, "withdraw diamonds as cash")
     p.add_argument("creator")
     p.add_argument("diamonds", type=int)

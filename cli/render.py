@@ -103,6 +103,59 @@ def ledger(user_id: str, entries: Iterable[wallet_pb2.LedgerEntry]) -> Table:
     return table
 
 
+def diamond_ledger(creator_id: str, entries: Iterable[payout_pb2.DiamondEntry]) -> Table:
+    table = Table(title=f"Diamonds of {creator_id}, movements (newest first)")
+    table.add_column("when")
+    table.add_column("kind")
+    table.add_column("diamonds", justify="right")
+    table.add_column("balance")
+    table.add_column("after", justify="right")
+    table.add_column("reference")
+    for e in entries:
+        colour = "green" if e.diamonds > 0 else "red"
+        table.add_row(
+            when(e),
+            enum_name(payout_pb2.DiamondEntryKind, e.kind, "DIAMOND_ENTRY_KIND_"),
+            f"[{colour}]{e.diamonds:+,}[/{colour}]",
+            "pending" if e.pending else "available",
+            f"{e.balance_after:,}",
+            e.reference[:24],
+        )
+    return table
+
+
+def statement(
+    owner: str,
+    unit: str,
+    opening: int,
+    closing: int,
+    lines: Iterable[tuple[str, int, int, int]],
+    period: tuple[str, str],
+) -> Table:
+    """A period statement: (kind, credited, debited, entries) per line."""
+    table = Table(title=f"{unit.capitalize()} of {owner}, {period[0]} to {period[1]}")
+    table.add_column("")
+    table.add_column("in", justify="right")
+    table.add_column("out", justify="right")
+    table.add_column("entries", justify="right")
+    table.add_row("opening balance", f"{opening:,}", "", "")
+    for kind, credited, debited, count in lines:
+        table.add_row(kind, f"{credited:,}", f"{debited:,}", f"{count:,}")
+    table.add_row("closing balance", f"{closing:,}", "", "")
+    return table
+
+
+def quote(creator_id: str, q: payout_pb2.QuoteWithdrawalResponse) -> Table:
+    table = Table(title=f"Withdrawal quote for {creator_id}", show_header=False)
+    table.add_row("diamonds taken", f"{q.diamonds:,}")
+    table.add_row("gross", money(q.gross))
+    table.add_row("fee", money(q.fee))
+    table.add_row("net", money(q.net))
+    table.add_row("available now", f"{q.available_diamonds:,}")
+    table.add_row("verdict", q.refusal or "can be requested")
+    return table
+
+
 def gifts(items: Iterable[gifting_pb2.Gift]) -> Table:
     table = Table(title="Gift catalog")
     table.add_column("gift")

@@ -108,6 +108,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _P + "GetWithdrawal": _RECORD,
         _P + "ListWithdrawals": _user_reads("creator_id"),
         _P + "ListDiamondEntries": _user_reads("creator_id"),
+        _P + "QuoteWithdrawal": _user_reads("creator_id"),
         _P + "GetDiamondStatement": _user_reads("creator_id"),
         _P + "CreditDiamonds": _only("gifting"),
         _P + "BatchCreditDiamonds": _only("gifting"),

@@ -452,6 +452,12 @@ async def _list_withdrawals(suite: Suite) -> Sample:
     return Sample(payout_pb2.ListWithdrawalsRequest(creator_id=creator, page_size=5), creator)
 
 
+@sample(PAYOUT, "QuoteWithdrawal")
+async def _quote_withdrawal(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 3_000)
+    return Sample(payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=2_001), creator)
+
+
 @sample(PAYOUT, "ListDiamondEntries")
 async def _list_diamond_entries(suite: Suite) -> Sample:
     creator = await creator_with_diamonds(suite, 100)

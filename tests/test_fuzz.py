@@ -312,6 +312,11 @@ async def build_pools(suite: Suite) -> Pools:
             None,
         ),
         (
+            suite.payout.ListDiamondEntries,
+            payout_pb2.ListDiamondEntriesRequest(creator_id=makers[0], page_size=1),
+            None,
+        ),
+        (
             suite.promotion.ListPromotions,
             promotion_pb2.ListPromotionsRequest(user_id=viewers[0], page_size=1),
             None,

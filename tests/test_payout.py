@@ -168,3 +168,33 @@ async def test_an_unknown_withdrawal_is_not_found(suite: Suite) -> None:
         grpc.StatusCode.NOT_FOUND,
         "WITHDRAWAL_NOT_FOUND",
     )
+
+
+async def test_a_quote_is_what_the_withdrawal_then_charges(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 5_000)
+    quoted = await suite.payout.QuoteWithdrawal(
+        payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=3_001)
+    )
+    # 3,001 diamonds are worth $15.005: the quote takes 3,000, and the odd one stays.
+    assert (quoted.diamonds, quoted.gross.amount_minor, quoted.net.amount_minor) == (
+        3_000,
+        1_500,
+        1_500,
+    )
+    assert (quoted.available_diamonds, quoted.refusal) == (5_000, "")
+    taken = (await suite.payout.RequestWithdrawal(withdrawal(creator, 3_001))).withdrawal
+    assert (taken.diamonds, taken.gross, taken.fee, taken.net) == (
+        quoted.diamonds,
+        quoted.gross,
+        quoted.fee,
+        quoted.net,
+    )
+    too_small = await suite.payout.QuoteWithdrawal(
+        payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=1_999)
+    )
+    assert (too_small.refusal, too_small.minimum.amount_minor) == ("BELOW_MINIMUM", 1_000)
+    too_many = await suite.payout.QuoteWithdrawal(
+        payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=2_002)
+    )
+    assert (too_many.refusal, too_many.available_diamonds) == ("INSUFFICIENT_FUNDS", 2_000)
+    assert await diamonds_of(suite, creator) == 2_000  # quoting moved nothing

@@ -35,6 +35,7 @@ ACCESS = method_rules(
         "CreditDiamonds": Access.internal({"gifting"}),
         "BatchCreditDiamonds": Access.internal({"gifting"}),
         "RequestWithdrawal": Access.user("creator_id", moves_money=True),
+        "QuoteWithdrawal": Access.user("creator_id", admin_may_read=True),
         "GetWithdrawal": Access.record_owner(),
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
         "ListDiamondEntries": Access.user("creator_id", admin_may_read=True),
@@ -193,6 +194,24 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
         return payout_pb2.ListWithdrawalsResponse(
             withdrawals=[self._withdrawal(w) for w in rows], next_page_token=token
+        )
+
+    async def QuoteWithdrawal(
+        self, request: payout_pb2.QuoteWithdrawalRequest, context: RpcContext
+    ) -> payout_pb2.QuoteWithdrawalResponse:
+        async with self._db.driver.read() as tx:
+            quote, standing, refusal = await self._payouts.quote(
+                tx, request.creator_id, request.diamonds
+            )
+        currency = self._settings.currency_code
+        return payout_pb2.QuoteWithdrawalResponse(
+            diamonds=quote.diamonds,
+            gross=money(currency, quote.gross_minor),
+            fee=money(currency, quote.fee_minor),
+            net=money(currency, quote.net_minor),
+            minimum=money(currency, self._settings.min_withdrawal_minor),
+            available_diamonds=standing.available,
+            refusal=refusal,
         )
 
     async def ListDiamondEntries(

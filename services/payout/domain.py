@@ -356,6 +356,20 @@ class Payouts:
             await storage.mark_matured(tx, [key for key, _, _ in claimed], now)
         return len(claimed)
 
+    async def quote(
+        self, tx: Tx, creator_id: str, diamonds: int
+    ) -> tuple[policy.Quote, CreatorDiamonds, str]:
+        """What a withdrawal of `diamonds` would pay, the creator's diamonds, and the reason
+        RequestWithdrawal would refuse it now ("" if none; the daily cap is checked there)."""
+        quote = policy.quote(diamonds, self.settings)
+        standing = await self.diamonds(tx, creator_id)
+        refusal = ""
+        if quote.gross_minor < self.settings.min_withdrawal_minor or quote.net_minor <= 0:
+            refusal = "BELOW_MINIMUM"
+        elif quote.diamonds > standing.available:
+            refusal = "INSUFFICIENT_FUNDS"
+        return quote, standing, refusal
+
     async def request_withdrawal(
         self,
         conn: AsyncConnection,

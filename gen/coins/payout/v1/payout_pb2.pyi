@@ -438,6 +438,92 @@ class RequestWithdrawalRequest(_message.Message):
 Global___RequestWithdrawalRequest: _TypeAlias = RequestWithdrawalRequest  # noqa: Y015
 
 @_typing.final
+class QuoteWithdrawalRequest(_message.Message):
+    """Request for QuoteWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    creator_id: _builtins.str
+    """The creator."""
+    diamonds: _builtins.int
+    """Diamonds to withdraw."""
+    method: Global___PayoutMethod.ValueType
+    """How it would be paid; unset: PayPal. The fee is the same for every method today."""
+    def __init__(
+        self,
+        *,
+        creator_id: _builtins.str = ...,
+        diamonds: _builtins.int = ...,
+        method: Global___PayoutMethod.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "diamonds", b"diamonds", "method", b"method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuoteWithdrawalRequest: _TypeAlias = QuoteWithdrawalRequest  # noqa: Y015
+
+@_typing.final
+class QuoteWithdrawalResponse(_message.Message):
+    """Response for QuoteWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    GROSS_FIELD_NUMBER: _builtins.int
+    FEE_FIELD_NUMBER: _builtins.int
+    NET_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    AVAILABLE_DIAMONDS_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    diamonds: _builtins.int
+    """Diamonds the withdrawal would take: the requested ones less those worth a fraction of a minor unit."""
+    available_diamonds: _builtins.int
+    """The creator's available diamonds now."""
+    refusal: _builtins.str
+    """Empty when RequestWithdrawal would accept these diamonds now (limits of the day aside); else the
+    reason it would refuse them: BELOW_MINIMUM or INSUFFICIENT_FUNDS.
+    """
+    @_builtins.property
+    def gross(self) -> _money_pb2.Money:
+        """Their cash value."""
+
+    @_builtins.property
+    def fee(self) -> _money_pb2.Money:
+        """The withdrawal fee."""
+
+    @_builtins.property
+    def net(self) -> _money_pb2.Money:
+        """What reaches the creator: gross minus fee."""
+
+    @_builtins.property
+    def minimum(self) -> _money_pb2.Money:
+        """The smallest gross a withdrawal may have."""
+
+    def __init__(
+        self,
+        *,
+        diamonds: _builtins.int = ...,
+        gross: _money_pb2.Money | None = ...,
+        fee: _money_pb2.Money | None = ...,
+        net: _money_pb2.Money | None = ...,
+        minimum: _money_pb2.Money | None = ...,
+        available_diamonds: _builtins.int = ...,
+        refusal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fee", b"fee", "gross", b"gross", "minimum", b"minimum", "net", b"net"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_diamonds", b"available_diamonds", "diamonds", b"diamonds", "fee", b"fee", "gross", b"gross", "minimum", b"minimum", "net", b"net", "refusal", b"refusal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuoteWithdrawalResponse: _TypeAlias = QuoteWithdrawalResponse  # noqa: Y015
+
+@_typing.final
 class RequestWithdrawalResponse(_message.Message):
     """Response for RequestWithdrawal."""
 

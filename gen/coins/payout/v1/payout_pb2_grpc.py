@@ -60,6 +60,11 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.RequestWithdrawalRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.RequestWithdrawalResponse.FromString,
                 _registered_method=True)
+        self.QuoteWithdrawal = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/QuoteWithdrawal',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.FromString,
+                _registered_method=True)
         self.GetWithdrawal = channel.unary_unary(
                 '/coins.payout.v1.PayoutService/GetWithdrawal',
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalRequest.SerializeToString,
@@ -124,6 +129,15 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuoteWithdrawal(self, request, context):
+        """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
+        of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
+        could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWithdrawal(self, request, context):
         """Reads a withdrawal and its status.
         """
@@ -176,6 +190,11 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.RequestWithdrawal,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.RequestWithdrawalRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.RequestWithdrawalResponse.SerializeToString,
+            ),
+            'QuoteWithdrawal': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuoteWithdrawal,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.SerializeToString,
             ),
             'GetWithdrawal': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWithdrawal,
@@ -312,6 +331,33 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/RequestWithdrawal',
             coins_dot_payout_dot_v1_dot_payout__pb2.RequestWithdrawalRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.RequestWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuoteWithdrawal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/QuoteWithdrawal',
+            coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.FromString,
             options,
             channel_credentials,
             insecure,

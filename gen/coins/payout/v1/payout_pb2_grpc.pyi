@@ -55,6 +55,11 @@ class PayoutServiceStub:
     """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
     DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
     """
+    QuoteWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.QuoteWithdrawalRequest, _payout_pb2.QuoteWithdrawalResponse]
+    """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
+    of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
+    could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+    """
     GetWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]
     """Reads a withdrawal and its status."""
     ListWithdrawals: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]
@@ -94,6 +99,11 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     RequestWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]  # type: ignore[assignment]
     """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
     DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
+    """
+    QuoteWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.QuoteWithdrawalRequest, _payout_pb2.QuoteWithdrawalResponse]  # type: ignore[assignment]
+    """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
+    of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
+    could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
     """
     GetWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]  # type: ignore[assignment]
     """Reads a withdrawal and its status."""
@@ -155,6 +165,17 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.RequestWithdrawalResponse, _abc.Awaitable[_payout_pb2.RequestWithdrawalResponse]]:
         """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
         DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def QuoteWithdrawal(
+        self,
+        request: _payout_pb2.QuoteWithdrawalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.QuoteWithdrawalResponse, _abc.Awaitable[_payout_pb2.QuoteWithdrawalResponse]]:
+        """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
+        of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
+        could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
         """
 
     @_abc_1.abstractmethod
