@@ -139,6 +139,13 @@ _LOCK_ACCOUNTS_PG = Statement(
     "WHERE account_id = ANY(:account_ids::text[]) AND keeps_balance "
     "ORDER BY account_id FOR UPDATE",
 )
+_LOCK_BALANCES = Statement(
+    "ledger.lock_balances",
+    "SELECT account_id, balance FROM ledger_accounts "
+    "WHERE account_id IN (SELECT value FROM json_each(:account_ids)) ORDER BY account_id",
+    postgres="SELECT account_id, balance FROM ledger_accounts "
+    "WHERE account_id = ANY(:account_ids::text[]) ORDER BY account_id FOR UPDATE",
+)
 _OPEN_ACCOUNT = Statement(
     "ledger.open_account",
     "INSERT INTO ledger_accounts (account_id, kind, balance, allow_negative, keeps_balance, "
@@ -708,6 +715,13 @@ class Ledger:
             select(accounts.c.balance).where(accounts.c.account_id == account_id)
         )
         return None if value is None else int(value)
+
+    async def lock_balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
+        """Row-lock existing accounts in id order (PostgreSQL; SQLite writes are serialized already)
+        and read their kept balances, which then stay true until this transaction posts: for
+        decisions computed from balances (a reversal takes what is available)."""
+        rows = await tx.all(_LOCK_BALANCES, account_ids=sorted(account_ids))
+        return {str(a): int(b) for a, b in rows}
 
     async def lock(self, conn: AsyncConnection, account_id: str) -> None:
         """Row-lock an account until the transaction ends (PostgreSQL; SQLite writes are serialized

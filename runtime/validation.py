@@ -104,8 +104,15 @@ def _suspect_fields(message: Message, prefix: str = "") -> tuple[list[str], list
     cards: list[str] = []
     for field, value in message.ListFields():
         path = f"{prefix}{field.name}"
-        single = isinstance(value, (str, bytes, Message)) or not hasattr(value, "__iter__")
-        for item in [value] if single else list(value):
+        # Decided by the descriptor: upb's repeated containers have no __iter__ attribute (they
+        # iterate through __getitem__), so looking for one skipped every repeated message field.
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            items = [*value.keys(), *value.values()]
+        elif field.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
             if isinstance(item, str):
                 if "\x00" in item:
                     nul.append(path)

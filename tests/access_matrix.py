@@ -109,6 +109,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _P + "ListWithdrawals": _user_reads("creator_id"),
         _P + "ListDiamondEntries": _user_reads("creator_id"),
         _P + "QuoteWithdrawal": _user_reads("creator_id"),
+        _P + "ReverseGiftCredits": _ADMIN,
         _P + "GetDiamondStatement": _user_reads("creator_id"),
         _P + "CreditDiamonds": _only("gifting"),
         _P + "BatchCreditDiamonds": _only("gifting"),

@@ -458,6 +458,16 @@ async def _quote_withdrawal(suite: Suite) -> Sample:
     return Sample(payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=2_001), creator)
 
 
+@sample(PAYOUT, "ReverseGiftCredits")
+async def _reverse_gift_credits(suite: Suite) -> Sample:
+    request = payout_pb2.ReverseGiftCreditsRequest(
+        request_id=new_id("reverse"),
+        gift_ids=[new_id("gift")],  # never credited: the audit trail is what changes
+        reason="security test sample",
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
 @sample(PAYOUT, "ListDiamondEntries")
 async def _list_diamond_entries(suite: Suite) -> Sample:
     creator = await creator_with_diamonds(suite, 100)

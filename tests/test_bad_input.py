@@ -143,3 +143,31 @@ async def test_unspecified_enums_are_refused(suite: Suite) -> None:
         suite.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(user_id=user))
     )
     assert field_violations(error) == {"channel"}
+
+
+async def test_a_nul_inside_a_repeated_message_is_refused_and_credits_nothing(
+    suite: Suite,
+) -> None:
+    """The guard reads every element of repeated message fields (a batch's credits) too."""
+    creator = new_id("creator")
+    error = await expect_error(
+        suite.as_caller("gifting").payout.BatchCreditDiamonds(
+            payout_pb2.BatchCreditDiamondsRequest(
+                requests=[
+                    payout_pb2.CreditDiamondsRequest(
+                        request_id=new_id("g"), creator_id=creator, coins=10, reference="ok"
+                    ),
+                    payout_pb2.CreditDiamondsRequest(
+                        request_id=new_id("g"), creator_id=creator, coins=10, reference="a\x00b"
+                    ),
+                ]
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    assert "requests.reference" in (error.details() or "")
+    balance = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    assert balance.balance.diamonds == 0

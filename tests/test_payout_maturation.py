@@ -164,3 +164,78 @@ async def test_concurrent_sweeps_mature_each_credit_once(
     async with runtime.db.read() as conn:
         report = await payouts.ledger.audit(conn)
     assert report.ok, report
+
+
+async def test_reversals_take_pending_then_available_then_leave_a_debt(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """Fraud found later: a pending gift is taken from pending and never matures; a matured one from
+    what is available, the rest becomes a debt that blocks withdrawals until later diamonds repay it.
+    Each gift is reversed once, however often it is named."""
+    suite, clock = maturing
+    creator = new_id("creator")
+    gifting = suite.as_caller("gifting").payout
+
+    async def gift(diamonds: int) -> str:
+        gift_id = new_id("g")
+        await gifting.CreditDiamonds(
+            payout_pb2.CreditDiamondsRequest(
+                request_id=f"gift:{gift_id}",
+                creator_id=creator,
+                coins=diamonds * 2,
+                reference=gift_id,
+            )
+        )
+        return gift_id
+
+    old, older = await gift(3_000), await gift(1_000)
+    clock.shift += dt.timedelta(days=DAYS, seconds=1)
+
+    async def matured() -> bool:
+        return (await balance_of(suite, creator)).available_diamonds == 4_000
+
+    await eventually(matured, "the first gifts maturing")
+    await suite.payout.RequestWithdrawal(withdrawal(creator, 2_500))  # 1,500 left available
+    fresh = await gift(700)  # still pending
+    admin = suite.token(new_id("risk"), admin=True)
+    request = payout_pb2.ReverseGiftCreditsRequest(
+        request_id=new_id("rev"), gift_ids=[old, fresh, "no-such-gift"], reason="chargeback fraud"
+    )
+    reversed_ = await suite.payout.ReverseGiftCredits(request, metadata=admin)
+    by_gift = {r.gift_id: r for r in reversed_.reversals}
+    assert list(reversed_.not_found) == ["no-such-gift"]
+    assert (by_gift[fresh].from_pending, by_gift[fresh].to_debt) == (700, 0)
+    assert (by_gift[old].from_available, by_gift[old].to_debt) == (1_500, 1_500)
+    after = await balance_of(suite, creator)
+    assert (after.pending_diamonds, after.available_diamonds, after.debt_diamonds) == (0, 0, 1_500)
+    # The same request again answers the same; naming a gift again moves nothing.
+    assert await suite.payout.ReverseGiftCredits(request, metadata=admin) == reversed_
+    again = await suite.payout.ReverseGiftCredits(
+        payout_pb2.ReverseGiftCreditsRequest(
+            request_id=new_id("rev"), gift_ids=[old], reason="named twice"
+        ),
+        metadata=admin,
+    )
+    assert again.reversals[0].already_reversed
+    assert (await balance_of(suite, creator)).debt_diamonds == 1_500
+
+    refused = await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(creator, 2_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEBT_OUTSTANDING",
+    )
+    assert "1500" in (refused.details() or "")
+    # The reversed pending gift never matures; a later gift repays the debt when it does.
+    await gift(2_000)
+    clock.shift += dt.timedelta(days=DAYS, seconds=1)
+
+    async def repaid() -> bool:
+        now = await balance_of(suite, creator)
+        return (now.debt_diamonds, now.available_diamonds, now.pending_diamonds) == (0, 500, 0)
+
+    await eventually(repaid, "the debt repaid by the next matured gift")
+    assert older  # untouched: still part of what matured
+    runtime = suite.services["payout"].runtime
+    async with runtime.db.read() as conn:
+        report = await runtime.parts["payouts"].ledger.audit(conn)  # type: ignore[attr-defined]
+    assert report.ok, report

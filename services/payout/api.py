@@ -13,6 +13,7 @@ from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
+from runtime.sql import as_tx
 from services.payout import policy
 from services.payout.domain import CreatorDiamonds, GiftCredit, Payouts, is_pending
 from services.payout.settings import PayoutSettings
@@ -36,6 +37,7 @@ ACCESS = method_rules(
         "BatchCreditDiamonds": Access.internal({"gifting"}),
         "RequestWithdrawal": Access.user("creator_id", moves_money=True),
         "QuoteWithdrawal": Access.user("creator_id", admin_may_read=True),
+        "ReverseGiftCredits": Access.admin_only(),
         "GetWithdrawal": Access.record_owner(),
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
         "ListDiamondEntries": Access.user("creator_id", admin_may_read=True),
@@ -194,6 +196,34 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
         return payout_pb2.ListWithdrawalsResponse(
             withdrawals=[self._withdrawal(w) for w in rows], next_page_token=token
+        )
+
+    async def ReverseGiftCredits(
+        self, request: payout_pb2.ReverseGiftCreditsRequest, context: RpcContext
+    ) -> payout_pb2.ReverseGiftCreditsResponse:
+        async def effect(conn: AsyncConnection) -> payout_pb2.ReverseGiftCreditsResponse:
+            done = await self._payouts.reverse_gifts(
+                as_tx(conn), request.gift_ids, reason=request.reason, now=self._clock.now()
+            )
+            found = {r.gift_id for r in done}
+            return payout_pb2.ReverseGiftCreditsResponse(
+                reversals=[
+                    payout_pb2.GiftReversal(
+                        gift_id=r.gift_id,
+                        creator_id=r.creator_id,
+                        diamonds=r.diamonds,
+                        from_pending=r.from_pending,
+                        from_available=r.from_available,
+                        to_debt=r.to_debt,
+                        already_reversed=r.already_reversed,
+                    )
+                    for r in done
+                ],
+                not_found=[g for g in request.gift_ids if g not in found],
+            )
+
+        return await self._idempotency.once(
+            "ReverseGiftCredits", request, payout_pb2.ReverseGiftCreditsResponse, effect
         )
 
     async def QuoteWithdrawal(

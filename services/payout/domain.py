@@ -43,6 +43,24 @@ def is_pending(account_id: str) -> bool:
     return account_id.startswith("pending:")
 
 
+def debt_account(creator_id: str) -> str:
+    """The ledger account of what a creator owes back after reversals (never above zero)."""
+    return f"debt:{creator_id}"
+
+
+@dataclass(frozen=True)
+class Reversal:
+    """What reversing one gift's credit did."""
+
+    gift_id: str
+    creator_id: str
+    diamonds: int
+    from_pending: int = 0
+    from_available: int = 0
+    to_debt: int = 0
+    already_reversed: bool = False
+
+
 @dataclass(frozen=True)
 class CreatorDiamonds:
     """Where a creator's diamonds are."""
@@ -242,6 +260,7 @@ class Payouts:
                         shares[c.key],
                         transaction_id,
                         answers[c.key],
+                        c.reference,
                     )
                 )
         if await storage.insert_credits(tx, rows, now, matured=not self.maturing) != len(rows):
@@ -304,7 +323,7 @@ class Payouts:
         """Where a creator's diamonds are (all zero for a creator never credited)."""
         tx = as_tx(conn)
         accounts = [creator_account(creator_id), pending_account(creator_id)]
-        balances = await self.ledger.balances(tx, accounts)
+        balances = await self.ledger.balances(tx, [*accounts, debt_account(creator_id)])
         held, paid_out = await storage.withdrawal_totals(tx, creator_id)
         oldest = await storage.next_maturing(tx, creator_id) if self.maturing else None
         return CreatorDiamonds(
@@ -312,10 +331,115 @@ class Payouts:
             available=balances.get(accounts[0], 0),
             held=held,
             paid_out=paid_out,
+            debt=-balances.get(debt_account(creator_id), 0),
             next_available_at=None
             if oldest is None
             else oldest + dt.timedelta(days=self.settings.maturation_days),
         )
+
+    async def reverse_gifts(
+        self, tx: Tx, gift_ids: Sequence[str], *, reason: str, now: dt.datetime
+    ) -> list[Reversal]:
+        """Take back the diamonds of these gifts' credits, each exactly once: a credit still pending
+        from the pending balance (and it never matures), a matured one from the available balance,
+        and what that lacks becomes a debt that blocks withdrawals until later diamonds repay it.
+        One ledger transaction (kind `reversal`) per creator. Gifts payout never credited are
+        left out of the answer."""
+        found = await storage.credits_of_gifts(tx, gift_ids)
+        reversals: list[Reversal] = []
+        by_creator: dict[str, list[storage.CreditOfGift]] = {}
+        for credit in found:
+            if credit.reversed:
+                reversals.append(
+                    Reversal(
+                        credit.reference, credit.creator_id, credit.diamonds, already_reversed=True
+                    )
+                )
+            else:
+                by_creator.setdefault(credit.creator_id, []).append(credit)
+        # Every account these reversals touch, locked in id order before any is posted to.
+        balances = await self.ledger.lock_balances(
+            tx,
+            [
+                account(creator)
+                for creator in by_creator
+                for account in (creator_account, pending_account, debt_account)
+            ],
+        )
+        for creator, credits in sorted(by_creator.items()):
+            available = balances.get(creator_account(creator), 0)
+            from_pending = sum(c.diamonds for c in credits if c.pending)
+            matured = sum(c.diamonds for c in credits if not c.pending)
+            from_available = min(matured, max(available, 0))
+            to_debt = matured - from_available
+            legs = [
+                (pending_account(creator), -from_pending),
+                (creator_account(creator), -from_available),
+                (debt_account(creator), -to_debt),
+            ]
+            postings = [Posting(a, d) for a, d in legs if d]
+            if to_debt:
+                await self.ledger.open_account(tx, debt_account(creator), allow_negative=True)
+            transaction_id = ""
+            if postings:
+                posted = await self.ledger.post(
+                    tx,
+                    [*postings, Posting(ISSUANCE, from_pending + matured)],
+                    kind="reversal",
+                    reference=reason[:128],
+                    request_id=f"reversal:{uuid.uuid4().hex}",
+                    caller="payout",
+                    policy_version=self.settings.policy_version,
+                )
+                transaction_id = posted.transaction_id
+            left_available = from_available
+            for credit in credits:
+                if not await storage.mark_reversed(tx, credit.credit_key, transaction_id, now):
+                    raise Aborted("CONCURRENT_REVERSAL", "these gifts are being reversed already")
+                share_available = 0 if credit.pending else min(credit.diamonds, left_available)
+                left_available -= share_available
+                reversals.append(
+                    Reversal(
+                        credit.reference,
+                        creator,
+                        credit.diamonds,
+                        from_pending=credit.diamonds if credit.pending else 0,
+                        from_available=share_available,
+                        to_debt=0 if credit.pending else credit.diamonds - share_available,
+                    )
+                )
+        return reversals
+
+    async def repay_debts(self, driver: Driver) -> int:
+        """Repay creators' reversal debts from their available diamonds (kind `debt_repayment`):
+        run after each maturation, so later credits repay the debt before they can be withdrawn.
+        Returns how many creators repaid something."""
+        repaid = 0
+        async with driver.transaction() as tx:
+            owing = await storage.creators_in_debt(tx)
+            balances = await self.ledger.lock_balances(
+                tx, [a(c) for c in owing for a in (creator_account, debt_account)]
+            )
+            for creator in sorted(owing):
+                owed = -balances.get(debt_account(creator), 0)
+                amount = min(owed, balances.get(creator_account(creator), 0))
+                if amount <= 0:
+                    continue
+                await self.ledger.post(
+                    tx,
+                    [
+                        Posting(creator_account(creator), -amount),
+                        Posting(debt_account(creator), amount),
+                    ],
+                    kind="debt_repayment",
+                    reference="reversal debt",
+                    request_id=f"repay:{uuid.uuid4().hex}",
+                    caller="payout",
+                    policy_version=self.settings.policy_version,
+                    acting_user="",
+                )
+                repaid += 1
+        return repaid
 
     async def mature(self, driver: Driver, now: dt.datetime) -> int:
         """Move the diamonds of credits older than the maturation period from pending to available:
@@ -387,6 +511,17 @@ class Payouts:
                 "CREATOR_NOT_FOUND",
                 f"creator {creator_id} has never received diamonds",
                 creator_id=creator_id,
+            )
+        debt = -(await self.ledger.balances(as_tx(conn), [debt_account(creator_id)])).get(
+            debt_account(creator_id), 0
+        )
+        if debt > 0:
+            raise FailedPrecondition(
+                "DEBT_OUTSTANDING",
+                f"creator {creator_id} owes {debt} diamonds from reversed gifts; withdrawals wait "
+                "until later diamonds repay it",
+                creator_id=creator_id,
+                debt=debt,
             )
         quote = policy.quote(diamonds, self.settings)
         minimum = self.settings.min_withdrawal_minor

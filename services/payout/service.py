@@ -23,7 +23,9 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
     runtime.parts["payouts"] = payouts
 
     async def mature() -> int:
-        return await payouts.mature(runtime.db.driver, runtime.clock.now())
+        matured = await payouts.mature(runtime.db.driver, runtime.clock.now())
+        await payouts.repay_debts(runtime.db.driver)  # later diamonds repay reversal debts first
+        return matured
 
     runtime.add_periodic(
         "matured gift credits",

@@ -68,6 +68,9 @@ gift_credits = Table(
     Column("response", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("matured_at", DateTime(timezone=True)),
+    Column("reference", String(128)),
+    Column("reversed_at", DateTime(timezone=True)),
+    Column("reversal_transaction_id", String(40)),
 )
 """One row per applied gift credit (migration 0007): the exactly-once record and its answer; its
 diamonds are pending until `matured_at` (migration 0011)."""
@@ -139,13 +142,14 @@ _SET_CREDITED_MANY_PG = Statement(
     "WHERE c.creator_id = d.creator_id",
 )
 _CREDIT_COLUMNS = (
-    "credit_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, created_at, "
-    "matured_at"
+    "credit_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, reference, "
+    "created_at, matured_at"
 )
 _INSERT_CREDIT = Statement(
     "payout.insert_credit",
     f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) VALUES (:credit_key, :fingerprint, :creator_id, "
-    ":coins, :diamonds, :transaction_id, :response, :now, :matured_at) ON CONFLICT DO NOTHING",
+    ":coins, :diamonds, :transaction_id, :response, :reference, :now, :matured_at) "
+    "ON CONFLICT DO NOTHING",
 )
 _INSERT_CREDITS_PG = Statement(
     "payout.insert_credits",
@@ -153,7 +157,27 @@ _INSERT_CREDITS_PG = Statement(
     postgres=f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) "
     "SELECT c.*, :now::timestamptz, :matured_at::timestamptz FROM unnest(:keys::text[], "
     ":fingerprints::text[], :creator_ids::text[], :coins::bigint[], :diamonds::bigint[], "
-    ":transaction_ids::text[], :responses::bytea[]) AS c ON CONFLICT DO NOTHING",
+    ":transaction_ids::text[], :responses::bytea[], :references::text[]) AS c "
+    "ON CONFLICT DO NOTHING",
+)
+_CREDITS_OF_GIFTS = Statement(
+    "payout.credits_of_gifts",
+    "SELECT credit_key, creator_id, diamonds, matured_at IS NULL, reference, reversed_at IS NOT NULL "
+    "FROM gift_credits WHERE reference IN (SELECT value FROM json_each(:references)) "
+    "ORDER BY creator_id, credit_key",
+    postgres="SELECT credit_key, creator_id, diamonds, matured_at IS NULL, reference, "
+    "reversed_at IS NOT NULL FROM gift_credits WHERE reference = ANY(:references::text[]) "
+    "ORDER BY creator_id, credit_key FOR UPDATE",
+)
+_IN_DEBT = Statement(
+    "payout.in_debt",
+    "SELECT account_id FROM ledger_accounts WHERE account_id LIKE 'debt:%' AND balance < 0 "
+    "ORDER BY account_id LIMIT 500",
+)
+_MARK_REVERSED = Statement(
+    "payout.mark_reversed",
+    "UPDATE gift_credits SET reversed_at = :now, reversal_transaction_id = :transaction_id, "
+    "matured_at = coalesce(matured_at, :now) WHERE credit_key = :credit_key AND reversed_at IS NULL",
 )
 _DUE_CREDITS = Statement(
     "payout.due_credits",
@@ -192,6 +216,7 @@ class CreditRow:
     diamonds: int
     transaction_id: str | None
     response: bytes
+    reference: str
 
 
 async def stored_credits(tx: Tx, keys: Sequence[str]) -> dict[str, tuple[str, bytes]]:
@@ -246,6 +271,7 @@ async def insert_credits(
             diamonds=[r.diamonds for r in rows],
             transaction_ids=[r.transaction_id for r in rows],
             responses=[r.response for r in rows],
+            references=[r.reference for r in rows],
             now=now,
             matured_at=matured_at,
         )
@@ -386,3 +412,34 @@ async def move_withdrawal(
         .values(**values)
     )
     return result.rowcount == 1
+
+
+@dataclass(frozen=True)
+class CreditOfGift:
+    credit_key: str
+    creator_id: str
+    diamonds: int
+    pending: bool
+    reference: str
+    reversed: bool
+
+
+async def credits_of_gifts(tx: Tx, references: Sequence[str]) -> list[CreditOfGift]:
+    """The credits of these gifts, by creator (locked until the transaction ends, on PostgreSQL)."""
+    rows = await tx.all(_CREDITS_OF_GIFTS, references=list(references))
+    return [
+        CreditOfGift(str(k), str(c), int(d), bool(p), str(r), bool(v)) for k, c, d, p, r, v in rows
+    ]
+
+
+async def mark_reversed(tx: Tx, credit_key: str, transaction_id: str, now: dt.datetime) -> bool:
+    """Mark a credit reversed (and no longer pending); False if it was reversed already."""
+    return (
+        await tx.run(_MARK_REVERSED, credit_key=credit_key, transaction_id=transaction_id, now=now)
+        == 1
+    )
+
+
+async def creators_in_debt(tx: Tx) -> list[str]:
+    """Creators whose reversal debt is not repaid yet (a few hundred at a time)."""
+    return [str(row[0]).removeprefix("debt:") for row in await tx.all(_IN_DEBT)]

@@ -438,6 +438,114 @@ class RequestWithdrawalRequest(_message.Message):
 Global___RequestWithdrawalRequest: _TypeAlias = RequestWithdrawalRequest  # noqa: Y015
 
 @_typing.final
+class ReverseGiftCreditsRequest(_message.Message):
+    """Request for ReverseGiftCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GIFT_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    reason: _builtins.str
+    """Why, for the ledger and the audit trail."""
+    @_builtins.property
+    def gift_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The gifts (the sent gift ids gifting credited them under)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        gift_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gift_ids", b"gift_ids", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseGiftCreditsRequest: _TypeAlias = ReverseGiftCreditsRequest  # noqa: Y015
+
+@_typing.final
+class GiftReversal(_message.Message):
+    """What reversing one gift's credit did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GIFT_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    FROM_PENDING_FIELD_NUMBER: _builtins.int
+    FROM_AVAILABLE_FIELD_NUMBER: _builtins.int
+    TO_DEBT_FIELD_NUMBER: _builtins.int
+    ALREADY_REVERSED_FIELD_NUMBER: _builtins.int
+    gift_id: _builtins.str
+    """The gift."""
+    creator_id: _builtins.str
+    """Its creator."""
+    diamonds: _builtins.int
+    """The diamonds it had credited."""
+    from_pending: _builtins.int
+    """Taken from the pending balance."""
+    from_available: _builtins.int
+    """Taken from the available balance."""
+    to_debt: _builtins.int
+    """Owed back: the debt it added."""
+    already_reversed: _builtins.bool
+    """True when an earlier request reversed it already (nothing moved now)."""
+    def __init__(
+        self,
+        *,
+        gift_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        diamonds: _builtins.int = ...,
+        from_pending: _builtins.int = ...,
+        from_available: _builtins.int = ...,
+        to_debt: _builtins.int = ...,
+        already_reversed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_reversed", b"already_reversed", "creator_id", b"creator_id", "diamonds", b"diamonds", "from_available", b"from_available", "from_pending", b"from_pending", "gift_id", b"gift_id", "to_debt", b"to_debt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GiftReversal: _TypeAlias = GiftReversal  # noqa: Y015
+
+@_typing.final
+class ReverseGiftCreditsResponse(_message.Message):
+    """Response for ReverseGiftCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVERSALS_FIELD_NUMBER: _builtins.int
+    NOT_FOUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reversals(self) -> _containers.RepeatedCompositeFieldContainer[Global___GiftReversal]:
+        """One per gift payout credited."""
+
+    @_builtins.property
+    def not_found(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The gift ids payout has no credit for (never credited, or credited before references were kept)."""
+
+    def __init__(
+        self,
+        *,
+        reversals: _abc.Iterable[Global___GiftReversal] | None = ...,
+        not_found: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_found", b"not_found", "reversals", b"reversals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseGiftCreditsResponse: _TypeAlias = ReverseGiftCreditsResponse  # noqa: Y015
+
+@_typing.final
 class QuoteWithdrawalRequest(_message.Message):
     """Request for QuoteWithdrawal."""
 

@@ -65,6 +65,11 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.FromString,
                 _registered_method=True)
+        self.ReverseGiftCredits = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/ReverseGiftCredits',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsResponse.FromString,
+                _registered_method=True)
         self.GetWithdrawal = channel.unary_unary(
                 '/coins.payout.v1.PayoutService/GetWithdrawal',
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalRequest.SerializeToString,
@@ -138,6 +143,16 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReverseGiftCredits(self, request, context):
+        """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
+        credit still pending from the pending balance (it then never matures), a matured one from the
+        available balance, and what that lacks becomes a debt that blocks withdrawals
+        (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWithdrawal(self, request, context):
         """Reads a withdrawal and its status.
         """
@@ -195,6 +210,11 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.QuoteWithdrawal,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.SerializeToString,
+            ),
+            'ReverseGiftCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseGiftCredits,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsResponse.SerializeToString,
             ),
             'GetWithdrawal': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWithdrawal,
@@ -358,6 +378,33 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/QuoteWithdrawal',
             coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseGiftCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/ReverseGiftCredits',
+            coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

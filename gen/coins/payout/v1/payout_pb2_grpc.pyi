@@ -60,6 +60,12 @@ class PayoutServiceStub:
     of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
     could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
     """
+    ReverseGiftCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]
+    """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
+    credit still pending from the pending balance (it then never matures), a matured one from the
+    available balance, and what that lacks becomes a debt that blocks withdrawals
+    (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
+    """
     GetWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]
     """Reads a withdrawal and its status."""
     ListWithdrawals: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]
@@ -104,6 +110,12 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
     of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
     could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+    """
+    ReverseGiftCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]  # type: ignore[assignment]
+    """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
+    credit still pending from the pending balance (it then never matures), a matured one from the
+    available balance, and what that lacks becomes a debt that blocks withdrawals
+    (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
     GetWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]  # type: ignore[assignment]
     """Reads a withdrawal and its status."""
@@ -176,6 +188,18 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
         of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
         could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ReverseGiftCredits(
+        self,
+        request: _payout_pb2.ReverseGiftCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.ReverseGiftCreditsResponse, _abc.Awaitable[_payout_pb2.ReverseGiftCreditsResponse]]:
+        """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
+        credit still pending from the pending balance (it then never matures), a matured one from the
+        available balance, and what that lacks becomes a debt that blocks withdrawals
+        (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
         """
 
     @_abc_1.abstractmethod
