@@ -94,6 +94,10 @@ class Clients:
         roles = ["admin"] if self.admin else []
         return tuple(token_metadata(self.issuer.mint(user, roles=roles)))
 
+    def token_as(self, user: str, *, admin: bool) -> tuple[tuple[str, str | bytes], ...]:
+        """Call metadata with a fresh dev token for `user`, with the admin role if `admin`."""
+        return tuple(token_metadata(self.issuer.mint(user, roles=["admin"] if admin else [])))
+
     def _token_for(self, request: Any) -> str:
         named = next((getattr(request, f) for f in _USER_FIELDS if hasattr(request, f)), "")
         user = self.acting_user or named or "coinsctl"

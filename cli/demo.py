@@ -26,8 +26,8 @@ def run(c: Clients) -> None:
     live = f"live-{run_id}"
     t = c.timeout
 
-    console.rule("1. Two viewers open coin accounts")
-    for user in (ava, ben):
+    console.rule("1. Two viewers and a creator open accounts")
+    for user in (ava, ben, leo):
         account = c.wallet.OpenAccount(
             wallet_pb2.OpenAccountRequest(
                 request_id=_rid(),
@@ -95,14 +95,28 @@ def run(c: Clients) -> None:
         )
         _promotion_part(c, ava, t, run_id)
         return
-    requested = c.payout.RequestWithdrawal(
-        payout_pb2.RequestWithdrawalRequest(
+    # An admin verifies leo (withdrawals need it); leo registers where the money goes.
+    c.payout.SetCreatorVerification(
+        payout_pb2.SetCreatorVerificationRequest(
             request_id=_rid(),
             creator_id=leo,
-            diamonds=4000,
-            method=payout_pb2.PAYOUT_METHOD_PAYPAL,
-            destination_token="dest_paypal_demo",
+            status=payout_pb2.KYC_STATUS_VERIFIED,
+            reason="documents checked (demo)",
         ),
+        timeout=t,
+        metadata=c.token_as(f"ops-{run_id}", admin=True),
+    )
+    method = c.payout.AddPayoutMethod(
+        payout_pb2.AddPayoutMethodRequest(
+            request_id=_rid(),
+            creator_id=leo,
+            paypal=payout_pb2.PayPalAccount(email=f"{leo}@example.com"),
+        ),
+        timeout=t,
+    ).payout_method
+    console.print(f"{leo} is verified and gets paid to {method.display}")
+    requested = c.payout.RequestWithdrawal(
+        payout_pb2.RequestWithdrawalRequest(request_id=_rid(), creator_id=leo, diamonds=4000),
         timeout=t,
     ).withdrawal
     console.print(render.withdrawal(requested))

@@ -178,17 +178,91 @@ def quote(c: Clients, a: argparse.Namespace) -> None:
 
 
 def withdraw(c: Clients, a: argparse.Namespace) -> None:
-    response = c.payout.RequestWithdrawal(
-        payout_pb2.RequestWithdrawalRequest(
+    request = payout_pb2.RequestWithdrawalRequest(
+        request_id=_rid(a),
+        creator_id=a.creator,
+        diamonds=a.diamonds,
+        payout_method_id=a.method_id or "",
+    )
+    if a.destination:  # a one-off destination (processors' test tokens)
+        request.method = _METHODS[a.method]
+        request.destination_token = a.destination
+    response = c.payout.RequestWithdrawal(request, timeout=c.timeout)
+    console.print(render.withdrawal(response.withdrawal))
+
+
+def add_paypal(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.AddPayoutMethod(
+        payout_pb2.AddPayoutMethodRequest(
             request_id=_rid(a),
             creator_id=a.creator,
-            diamonds=a.diamonds,
-            method=_METHODS[a.method],
-            destination_token=a.destination,
+            paypal=payout_pb2.PayPalAccount(email=a.email),
+            make_default=a.default,
         ),
         timeout=c.timeout,
     )
-    console.print(render.withdrawal(response.withdrawal))
+    console.print(render.payout_methods(a.creator, [response.payout_method]))
+
+
+def add_bank(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.AddPayoutMethod(
+        payout_pb2.AddPayoutMethodRequest(
+            request_id=_rid(a),
+            creator_id=a.creator,
+            bank=payout_pb2.BankAccount(processor_token=a.token, last4=a.last4),
+            make_default=a.default,
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.payout_methods(a.creator, [response.payout_method]))
+
+
+def methods(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.ListPayoutMethods(
+        payout_pb2.ListPayoutMethodsRequest(creator_id=a.creator), timeout=c.timeout
+    )
+    console.print(render.payout_methods(a.creator, response.payout_methods))
+    status = render.enum_name(payout_pb2.KycStatus, response.kyc_status, "KYC_STATUS_")
+    console.print(f"verification: {status}")
+
+
+def default_method(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.SetDefaultPayoutMethod(
+        payout_pb2.SetDefaultPayoutMethodRequest(
+            request_id=_rid(a), creator_id=a.creator, payout_method_id=a.method_id
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.payout_methods(a.creator, [response.payout_method]))
+
+
+def remove_method(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.RemovePayoutMethod(
+        payout_pb2.RemovePayoutMethodRequest(
+            request_id=_rid(a), creator_id=a.creator, payout_method_id=a.method_id
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.payout_methods(a.creator, response.payout_methods))
+
+
+_KYC = {
+    "unverified": payout_pb2.KYC_STATUS_UNVERIFIED,
+    "pending": payout_pb2.KYC_STATUS_PENDING,
+    "verified": payout_pb2.KYC_STATUS_VERIFIED,
+    "rejected": payout_pb2.KYC_STATUS_REJECTED,
+}
+
+
+def verify(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.SetCreatorVerification(
+        payout_pb2.SetCreatorVerificationRequest(
+            request_id=_rid(a), creator_id=a.creator, status=_KYC[a.status], reason=a.reason
+        ),
+        timeout=c.timeout,
+    )
+    status = render.enum_name(payout_pb2.KycStatus, response.kyc_status, "KYC_STATUS_")
+    console.print(f"{a.creator}: verification {status}")
 
 
 def withdrawal(c: Clients, a: argparse.Namespace) -> None:
@@ -319,11 +393,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("creator")
     p.add_argument("diamonds", type=int)
     p.add_argument("--method", choices=sorted(_METHODS), default="paypal")
-    p = command("withdraw", withdraw, "withdraw diamonds as cash")
+    p = command("withdraw", withdraw, "withdraw diamonds as cash, to the default payout method")
     p.add_argument("creator")
     p.add_argument("diamonds", type=int)
-    p.add_argument("--method", choices=sorted(_METHODS), default="paypal")
-    p.add_argument("--destination", default="dest_paypal_demo", help="dest_fail fails the payout")
+    p.add_argument("--method-id", help="another registered payout method (see `methods`)")
+    p.add_argument(
+        "--destination",
+        help="a one-off processor token instead of a registered method (dest_fail… fails)",
+    )
+    p.add_argument(
+        "--method", choices=sorted(_METHODS), default="paypal", help="with --destination"
+    )
+    p = command("add-paypal", add_paypal, "register a PayPal account for withdrawals")
+    p.add_argument("creator")
+    p.add_argument("email", help="fail…@ and hang…@ make the sandbox fail or never answer")
+    p.add_argument("--default", action="store_true", help="make it the default")
+    p = command("add-bank", add_bank, "register a bank account (processor token, last 4 digits)")
+    p.add_argument("creator")
+    p.add_argument("token", help="the processor's token for the account, never its number")
+    p.add_argument("last4")
+    p.add_argument("--default", action="store_true", help="make it the default")
+    command("methods", methods, "a creator's payout methods and verification").add_argument(
+        "creator"
+    )
+    p = command("default-method", default_method, "make a payout method the default")
+    p.add_argument("creator")
+    p.add_argument("method_id")
+    p = command("remove-method", remove_method, "remove a payout method")
+    p.add_argument("creator")
+    p.add_argument("method_id")
+    p = command("verify", verify, "set a creator's verification (KYC), as an admin (--admin)")
+    p.add_argument("creator")
+    p.add_argument("--status", choices=sorted(_KYC), default="verified")
+    p.add_argument("--reason", default="documents checked")
     command("withdrawal", withdrawal, "show a withdrawal (--as CREATOR)").add_argument(
         "withdrawal_id"
     )

@@ -145,6 +145,16 @@ def statement(
     return table
 
 
+def payout_methods(creator_id: str, methods: Iterable[payout_pb2.PayoutMethodInfo]) -> Table:
+    table = Table(title=f"Payout methods of {creator_id}")
+    table.add_column("id")
+    table.add_column("method")
+    table.add_column("default")
+    for m in methods:
+        table.add_row(m.payout_method_id, m.display, "yes" if m.is_default else "")
+    return table
+
+
 def quote(creator_id: str, q: payout_pb2.QuoteWithdrawalResponse) -> Table:
     table = Table(title=f"Withdrawal quote for {creator_id}", show_header=False)
     table.add_row("diamonds taken", f"{q.diamonds:,}")

@@ -87,14 +87,19 @@ class AuditJobs:
                 if child.returncode is None:  # the caller gave up: so does the job
                     child.kill()
                     await child.wait()
-        if child.returncode not in (0, 1):
-            reason = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        # The report on stdout is the answer, whatever the exit status says (under some event loops
+        # a child reaped elsewhere reports 255): no report, no answer.
+        try:
+            body = json.loads(out)
+        except ValueError:
+            said = err.decode(errors="replace").strip()
+            log.warning("the audit job exited with %s: %s", child.returncode, said[-2000:] or "-")
+            reason = said.splitlines()[-1:] or [f"it exited with {child.returncode}"]
             raise Unavailable(
                 "AUDIT_FAILED_TO_RUN",
                 f"the audit job could not run: {reason[0]}",
                 retry_after=5,
-            )
-        body = json.loads(out)
+            ) from None
         return AuditRun(
             body["run_id"],
             when(body["started_at"]),

@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         duty_cycle = args.duty_cycle
     try:
         run = asyncio.run(_main(url, role, anchor_dir, incremental, duty_cycle))
-    except (OSError, asyncpg.PostgresError, sqlite3.Error) as error:
-        print(f"the audit could not run: {error}", file=sys.stderr)
+    except Exception as error:  # a database gone mid-run, say: exit 2, never 1 ("findings")
+        print(f"the audit could not run: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     report = run.report
     if args.job_from_env:

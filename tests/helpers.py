@@ -177,3 +177,18 @@ class ShiftedClock(SystemClock):
 
     def now(self) -> dt.datetime:
         return super().now() + self.shift
+
+
+async def verify_creator(suite: Any, creator_id: str) -> None:
+    """An admin marks the creator verified (KYC), as withdrawals require."""
+    from coins.payout.v1 import payout_pb2
+
+    await suite.payout.SetCreatorVerification(
+        payout_pb2.SetCreatorVerificationRequest(
+            request_id=new_id("kyc"),
+            creator_id=creator_id,
+            status=payout_pb2.KYC_STATUS_VERIFIED,
+            reason="documents checked (test)",
+        ),
+        metadata=suite.token(new_id("ops"), admin=True),
+    )

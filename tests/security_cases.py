@@ -28,6 +28,7 @@ from tests.helpers import (
     new_creator,
     new_id,
     open_account,
+    verify_creator,
 )
 from tests.suite import Suite
 
@@ -132,6 +133,7 @@ async def creator_with_diamonds(suite: Suite, diamonds: int) -> str:
             request_id=new_id("gift"), creator_id=creator, coins=diamonds * 2, reference="seed"
         )
     )
+    await verify_creator(suite, creator)
     return creator
 
 
@@ -456,6 +458,64 @@ async def _list_withdrawals(suite: Suite) -> Sample:
 async def _quote_withdrawal(suite: Suite) -> Sample:
     creator = await creator_with_diamonds(suite, 3_000)
     return Sample(payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=2_001), creator)
+
+
+@sample(PAYOUT, "SetCreatorVerification")
+async def _set_creator_verification(suite: Suite) -> Sample:
+    request = payout_pb2.SetCreatorVerificationRequest(
+        request_id=new_id("kyc"),
+        creator_id=new_id("creator"),
+        status=payout_pb2.KYC_STATUS_PENDING,
+        reason="security test sample",
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
+async def creator_with_method(suite: Suite) -> tuple[str, str]:
+    creator = await creator_with_diamonds(suite, 100)
+    added = await suite.payout.AddPayoutMethod(
+        payout_pb2.AddPayoutMethodRequest(
+            request_id=new_id("pm"),
+            creator_id=creator,
+            paypal=payout_pb2.PayPalAccount(email=f"{creator}@example.com"),
+        )
+    )
+    return creator, added.payout_method.payout_method_id
+
+
+@sample(PAYOUT, "AddPayoutMethod")
+async def _add_payout_method(suite: Suite) -> Sample:
+    creator = await creator_with_diamonds(suite, 100)
+    request = payout_pb2.AddPayoutMethodRequest(
+        request_id=new_id("pm"),
+        creator_id=creator,
+        bank=payout_pb2.BankAccount(processor_token="btok_sample_1", last4="6789"),
+    )
+    return Sample(request, creator, mutates=True)
+
+
+@sample(PAYOUT, "ListPayoutMethods")
+async def _list_payout_methods(suite: Suite) -> Sample:
+    creator, _ = await creator_with_method(suite)
+    return Sample(payout_pb2.ListPayoutMethodsRequest(creator_id=creator), creator)
+
+
+@sample(PAYOUT, "SetDefaultPayoutMethod")
+async def _set_default_payout_method(suite: Suite) -> Sample:
+    creator, method_id = await creator_with_method(suite)
+    request = payout_pb2.SetDefaultPayoutMethodRequest(
+        request_id=new_id("pm"), creator_id=creator, payout_method_id=method_id
+    )
+    return Sample(request, creator, mutates=True)
+
+
+@sample(PAYOUT, "RemovePayoutMethod")
+async def _remove_payout_method(suite: Suite) -> Sample:
+    creator, method_id = await creator_with_method(suite)
+    request = payout_pb2.RemovePayoutMethodRequest(
+        request_id=new_id("pm"), creator_id=creator, payout_method_id=method_id
+    )
+    return Sample(request, creator, mutates=True)
 
 
 @sample(PAYOUT, "ReverseGiftCredits")

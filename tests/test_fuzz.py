@@ -95,6 +95,7 @@ from tests.helpers import (
     new_id,
     open_account,
     rpc_error,
+    verify_creator,
 )
 from tests.suite import Suite, start_suite
 
@@ -248,6 +249,7 @@ async def build_pools(suite: Suite) -> Pools:
         )
         for viewer in viewers[:2]
     ]
+    await verify_creator(suite, makers[0])
     paid_or_failed = [
         await suite.payout.RequestWithdrawal(
             payout_pb2.RequestWithdrawalRequest(

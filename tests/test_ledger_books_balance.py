@@ -15,7 +15,7 @@ from coins.promotion.v1 import promotion_pb2
 from ledger import Ledger
 from runtime.clock import SystemClock
 from runtime.status import error_info
-from tests.helpers import funded_user, new_creator, new_id
+from tests.helpers import funded_user, new_creator, new_id, verify_creator
 from tests.suite import Suite
 from tests.test_fuzz import wait_until_idle
 
@@ -75,6 +75,7 @@ async def test_the_books_balance_after_a_mixed_concurrent_run(suite: Suite) -> N
         payout_pb2.GetDiamondBalanceRequest(creator_id=creators[0])
     )
     if balance.balance.diamonds >= 2000:
+        await verify_creator(suite, creators[0])
         await suite.payout.RequestWithdrawal(
             payout_pb2.RequestWithdrawalRequest(
                 request_id=new_id("w"),

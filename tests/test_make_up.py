@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env.update({f"{n.upper()}_HEALTH_PORT": str(p) for n, p in health_ports.items()})
     env["GIFTING_WALLET_ADDRESS"] = env["PROMOTION_WALLET_ADDRESS"] = f"127.0.0.1:{ports['wallet']}"
     env["GIFTING_PAYOUT_ADDRESS"] = f"127.0.0.1:{ports['payout']}"
+    env["PAYOUT_MATURATION_DAYS"] = "0"  # the demo withdraws what its gifts just earned
     launcher = subprocess.Popen(
         [sys.executable, "-m", "tools.suite"],
         cwd=tmp_path,  # the default data/ folder lands here
@@ -59,6 +61,20 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         ]
         assert (tmp_path / "certs" / "ca.pem").exists(), "no dev CA was generated on first start"
         assert not (tmp_path / "certs" / "ca-key.pem").stat().st_mode & 0o077, "keys are private"
+        # `make demo`, as the README runs it against the suite: the whole money flow, no error.
+        demo_env = {**env, "COINS_CERTS_DIR": str(tmp_path / "certs")}
+        demo_env.update({f"COINS_{n.upper()}_ADDRESS": f"127.0.0.1:{p}" for n, p in ports.items()})
+        demo = subprocess.run(
+            [sys.executable, "-m", "cli.main", "demo"],
+            cwd=Path(__file__).resolve().parents[1],
+            env=demo_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        settled = demo.stdout.split("after the payment processor answered", 1)[-1]
+        assert re.search(r"status\s+│\s+paid", settled), demo.stdout[-3000:]
         launcher.send_signal(signal.SIGINT)
         output, _ = launcher.communicate(timeout=30)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from coins.payout.v1 import payout_pb2
-from tests.helpers import eventually, expect_error, new_id
+from tests.helpers import eventually, expect_error, new_id, verify_creator
 from tests.suite import Suite
 
 
@@ -16,6 +16,7 @@ async def creator_with_diamonds(suite: Suite, diamonds: int) -> str:
             request_id=new_id("gift"), creator_id=creator, coins=diamonds * 2, reference="seed"
         )
     )
+    await verify_creator(suite, creator)
     return creator
 
 
@@ -198,3 +199,83 @@ async def test_a_quote_is_what_the_withdrawal_then_charges(suite: Suite) -> None
     )
     assert (too_many.refusal, too_many.available_diamonds) == ("INSUFFICIENT_FUNDS", 2_000)
     assert await diamonds_of(suite, creator) == 2_000  # quoting moved nothing
+
+
+async def add_paypal(suite: Suite, creator: str, email: str, *, default: bool = False) -> str:
+    added = await suite.payout.AddPayoutMethod(
+        payout_pb2.AddPayoutMethodRequest(
+            request_id=new_id("pm"),
+            creator_id=creator,
+            paypal=payout_pb2.PayPalAccount(email=email),
+            make_default=default,
+        )
+    )
+    return added.payout_method.payout_method_id
+
+
+def to_method(
+    creator: str, diamonds: int, method_id: str = ""
+) -> payout_pb2.RequestWithdrawalRequest:
+    return payout_pb2.RequestWithdrawalRequest(
+        request_id=new_id("wd"), creator_id=creator, diamonds=diamonds, payout_method_id=method_id
+    )
+
+
+async def test_withdrawals_wait_for_verification(suite: Suite) -> None:
+    creator = new_id("creator")
+    await suite.as_caller("gifting").payout.CreditDiamonds(
+        payout_pb2.CreditDiamondsRequest(
+            request_id=new_id("gift"), creator_id=creator, coins=10_000, reference="seed"
+        )
+    )
+    await add_paypal(suite, creator, "kyc@example.com")
+    unverified = await expect_error(
+        suite.payout.RequestWithdrawal(to_method(creator, 2_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "KYC_REQUIRED",
+    )
+    assert "unverified" in (unverified.details() or "")
+    admin = suite.token(new_id("ops"), admin=True)
+    await suite.payout.SetCreatorVerification(
+        payout_pb2.SetCreatorVerificationRequest(
+            request_id=new_id("kyc"),
+            creator_id=creator,
+            status=payout_pb2.KYC_STATUS_REJECTED,
+            reason="document expired",
+        ),
+        metadata=admin,
+    )
+    rejected = await expect_error(
+        suite.payout.RequestWithdrawal(to_method(creator, 2_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "KYC_REQUIRED",
+    )
+    assert "document expired" in (rejected.details() or "")
+    listed = await suite.payout.ListPayoutMethods(
+        payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
+    )
+    assert listed.kyc_status == payout_pb2.KYC_STATUS_REJECTED
+    await verify_creator(suite, creator)
+    paid = await suite.payout.RequestWithdrawal(to_method(creator, 2_000))
+    assert paid.withdrawal.method == payout_pb2.PAYOUT_METHOD_PAYPAL
+    assert await diamonds_of(suite, creator) == 3_000
+
+
+async def test_a_bank_account_number_is_refused_and_stored_nowhere(suite: Suite) -> None:
+    creator = await creator_with_diamonds(suite, 100)
+    for token in ("acct_12345678", "bank_00001234567"):
+        await expect_error(
+            suite.payout.AddPayoutMethod(
+                payout_pb2.AddPayoutMethodRequest(
+                    request_id=new_id("pm"),
+                    creator_id=creator,
+                    bank=payout_pb2.BankAccount(processor_token=token, last4="3000"),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "BANK_ACCOUNT_NUMBER_REFUSED",
+        )
+    listed = await suite.payout.ListPayoutMethods(
+        payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
+    )
+    assert list(listed.payout_methods) == []

@@ -12,7 +12,7 @@ import pytest
 
 from coins.payout.v1 import payout_pb2
 from services.payout.domain import Payouts
-from tests.helpers import ShiftedClock, eventually, expect_error, new_id
+from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify_creator
 from tests.suite import Suite, require_postgres, start_suite
 
 DAYS = 15
@@ -68,6 +68,7 @@ async def test_diamonds_wait_pending_then_become_available_by_themselves(
     suite, clock = maturing
     creator = new_id("creator")
     answer = await credit(suite, creator, 3_000)
+    await verify_creator(suite, creator)
     assert (answer.balance.pending_diamonds, answer.balance.available_diamonds) == (3_000, 0)
     before = await balance_of(suite, creator)
     assert (before.diamonds, before.pending_diamonds, before.available_diamonds) == (
@@ -189,6 +190,7 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
         return gift_id
 
     old, older = await gift(3_000), await gift(1_000)
+    await verify_creator(suite, creator)
     clock.shift += dt.timedelta(days=DAYS, seconds=1)
 
     async def matured() -> bool:

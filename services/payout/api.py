@@ -16,8 +16,9 @@ from runtime.server import Runtime
 from runtime.sql import as_tx
 from services.payout import policy
 from services.payout.domain import CreatorDiamonds, GiftCredit, Payouts, is_pending
+from services.payout.methods import NewMethod
 from services.payout.settings import PayoutSettings
-from services.payout.storage import WithdrawalRecord
+from services.payout.storage import PayoutMethodRecord, WithdrawalRecord
 
 _METHODS = {payout_pb2.PAYOUT_METHOD_PAYPAL: "paypal", payout_pb2.PAYOUT_METHOD_BANK: "bank"}
 _METHOD_ENUM = {name: value for value, name in _METHODS.items()}
@@ -38,6 +39,11 @@ ACCESS = method_rules(
         "RequestWithdrawal": Access.user("creator_id", moves_money=True),
         "QuoteWithdrawal": Access.user("creator_id", admin_may_read=True),
         "ReverseGiftCredits": Access.admin_only(),
+        "AddPayoutMethod": Access.user("creator_id"),
+        "ListPayoutMethods": Access.user("creator_id", admin_may_read=True),
+        "SetDefaultPayoutMethod": Access.user("creator_id"),
+        "RemovePayoutMethod": Access.user("creator_id"),
+        "SetCreatorVerification": Access.admin_only(),
         "GetWithdrawal": Access.record_owner(),
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
         "ListDiamondEntries": Access.user("creator_id", admin_may_read=True),
@@ -53,6 +59,23 @@ _ENTRY_KINDS = {
     "maturation": payout_pb2.DIAMOND_ENTRY_KIND_MATURATION,
 }
 _KIND_NAMES = {value: name for name, value in _ENTRY_KINDS.items()}
+_KYC = {
+    "unverified": payout_pb2.KYC_STATUS_UNVERIFIED,
+    "pending": payout_pb2.KYC_STATUS_PENDING,
+    "verified": payout_pb2.KYC_STATUS_VERIFIED,
+    "rejected": payout_pb2.KYC_STATUS_REJECTED,
+}
+_KYC_NAMES = {value: name for name, value in _KYC.items()}
+
+
+def _method_info(m: PayoutMethodRecord) -> payout_pb2.PayoutMethodInfo:
+    return payout_pb2.PayoutMethodInfo(
+        payout_method_id=m.method_id,
+        method=_METHOD_ENUM[m.kind],
+        display=m.display,
+        is_default=m.is_default,
+        create_time=timestamp(m.created_at),
+    )
 
 
 class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
@@ -153,10 +176,11 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 conn,
                 creator_id=request.creator_id,
                 diamonds=request.diamonds,
-                method=_METHODS[request.method],
+                method=_METHODS.get(request.method, ""),
                 destination_token=request.destination_token,
                 request_id=f"{scope}/{request.request_id}",
                 now=self._clock.now(),
+                payout_method_id=request.payout_method_id,
             )
             return payout_pb2.RequestWithdrawalResponse(
                 withdrawal=self._withdrawal(withdrawal),
@@ -196,6 +220,99 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
         return payout_pb2.ListWithdrawalsResponse(
             withdrawals=[self._withdrawal(w) for w in rows], next_page_token=token
+        )
+
+    async def AddPayoutMethod(
+        self, request: payout_pb2.AddPayoutMethodRequest, context: RpcContext
+    ) -> payout_pb2.AddPayoutMethodResponse:
+        if request.HasField("bank"):
+            method = NewMethod(
+                "bank", bank_token=request.bank.processor_token, bank_last4=request.bank.last4
+            )
+        else:
+            method = NewMethod("paypal", paypal_email=request.paypal.email)
+
+        async def effect(conn: AsyncConnection) -> payout_pb2.AddPayoutMethodResponse:
+            added = await self._payouts.methods.add(
+                conn,
+                request.creator_id,
+                method,
+                make_default=request.make_default,
+                now=self._clock.now(),
+            )
+            return payout_pb2.AddPayoutMethodResponse(payout_method=_method_info(added))
+
+        return await self._idempotency.once(
+            f"AddPayoutMethod:{request.creator_id}",
+            request,
+            payout_pb2.AddPayoutMethodResponse,
+            effect,
+        )
+
+    async def ListPayoutMethods(
+        self, request: payout_pb2.ListPayoutMethodsRequest, context: RpcContext
+    ) -> payout_pb2.ListPayoutMethodsResponse:
+        async with self._db.read() as conn:
+            methods = await self._payouts.methods.of(conn, request.creator_id)
+            status, _ = await self._payouts.methods.verification(conn, request.creator_id)
+        return payout_pb2.ListPayoutMethodsResponse(
+            payout_methods=[_method_info(m) for m in methods], kyc_status=_KYC[status]
+        )
+
+    async def SetDefaultPayoutMethod(
+        self, request: payout_pb2.SetDefaultPayoutMethodRequest, context: RpcContext
+    ) -> payout_pb2.SetDefaultPayoutMethodResponse:
+        async def effect(conn: AsyncConnection) -> payout_pb2.SetDefaultPayoutMethodResponse:
+            method = await self._payouts.methods.set_default(
+                conn, request.creator_id, request.payout_method_id
+            )
+            return payout_pb2.SetDefaultPayoutMethodResponse(payout_method=_method_info(method))
+
+        return await self._idempotency.once(
+            f"SetDefaultPayoutMethod:{request.creator_id}",
+            request,
+            payout_pb2.SetDefaultPayoutMethodResponse,
+            effect,
+        )
+
+    async def RemovePayoutMethod(
+        self, request: payout_pb2.RemovePayoutMethodRequest, context: RpcContext
+    ) -> payout_pb2.RemovePayoutMethodResponse:
+        async def effect(conn: AsyncConnection) -> payout_pb2.RemovePayoutMethodResponse:
+            methods = self._payouts.methods
+            await methods.remove(
+                conn, request.creator_id, request.payout_method_id, self._clock.now()
+            )
+            left = await methods.of(conn, request.creator_id)
+            return payout_pb2.RemovePayoutMethodResponse(
+                payout_methods=[_method_info(m) for m in left]
+            )
+
+        return await self._idempotency.once(
+            f"RemovePayoutMethod:{request.creator_id}",
+            request,
+            payout_pb2.RemovePayoutMethodResponse,
+            effect,
+        )
+
+    async def SetCreatorVerification(
+        self, request: payout_pb2.SetCreatorVerificationRequest, context: RpcContext
+    ) -> payout_pb2.SetCreatorVerificationResponse:
+        async def effect(conn: AsyncConnection) -> payout_pb2.SetCreatorVerificationResponse:
+            await self._payouts.methods.set_verification(
+                conn,
+                request.creator_id,
+                _KYC_NAMES[request.status],
+                request.reason,
+                self._clock.now(),
+            )
+            return payout_pb2.SetCreatorVerificationResponse(kyc_status=request.status)
+
+        return await self._idempotency.once(
+            "SetCreatorVerification",
+            request,
+            payout_pb2.SetCreatorVerificationResponse,
+            effect,
         )
 
     async def ReverseGiftCredits(

@@ -22,6 +22,7 @@ from runtime.errors import (
 )
 from runtime.sql import Driver, Tx, as_tx, is_conflict
 from services.payout import policy, storage
+from services.payout.methods import PayoutMethods
 from services.payout.settings import PayoutSettings
 
 ISSUANCE = "system:diamond_issuance"
@@ -102,6 +103,7 @@ class Payouts:
     def __init__(self, settings: PayoutSettings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
+        self.methods = PayoutMethods()
         self._crediting = asyncio.Semaphore(settings.credit_batches_at_once)
         """Batches lock the same creators' rows: more at once only queue inside the database,
         holding connections and memory."""
@@ -504,12 +506,25 @@ class Payouts:
         destination_token: str,
         request_id: str,
         now: dt.datetime,
+        payout_method_id: str = "",
     ) -> tuple[storage.WithdrawalRecord, CreatorDiamonds]:
-        """Take available diamonds into the in-flight account and record a pending withdrawal."""
+        """Take available diamonds into the in-flight account and record a pending withdrawal to
+        the payout method named (else the creator's default; else the one-off `method` and
+        `destination_token`)."""
         if not await storage.creator_exists(conn, creator_id):
             raise NotFound(
                 "CREATOR_NOT_FOUND",
                 f"creator {creator_id} has never received diamonds",
+                creator_id=creator_id,
+            )
+        await self.methods.require_verified(conn, creator_id)
+        registered = await self.methods.for_withdrawal(conn, creator_id, payout_method_id)
+        if registered is not None:
+            method, destination_token = registered.kind, registered.destination_token
+        elif not (method and destination_token):
+            raise FailedPrecondition(
+                "NO_PAYOUT_METHOD",
+                f"creator {creator_id} has no payout method: add one (AddPayoutMethod) first",
                 creator_id=creator_id,
             )
         debt = -(await self.ledger.balances(as_tx(conn), [debt_account(creator_id)])).get(
@@ -577,6 +592,7 @@ class Payouts:
             processor_reference=None,
             created_at=now,
             updated_at=now,
+            method_id=registered.method_id if registered is not None else None,
         )
         await storage.insert_withdrawal(conn, withdrawal)
         return withdrawal, await self.diamonds(conn, creator_id)

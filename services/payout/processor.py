@@ -40,7 +40,8 @@ class SandboxProcessor:
     """Like PayPal Payouts or a bank rail, locally: it takes time, and some destinations fail.
 
     Destinations starting `dest_fail` fail (`dest_fail_account_closed` gives that reason); those
-    starting `dest_hang` never answer (a hung processor call); others pay.
+    starting `dest_hang` never answer (a hung processor call); others pay. PayPal emails work alike:
+    `fail…@` fails, `hang…@` hangs.
     """
 
     def __init__(self, latency_ms: int) -> None:
@@ -51,11 +52,11 @@ class SandboxProcessor:
         self, *, idempotency_key: str, destination_token: str, amount_minor: int, currency: str
     ) -> PayoutResult:
         await asyncio.sleep(self._latency)
-        if destination_token.startswith("dest_hang"):
+        if destination_token.startswith(("dest_hang", "hang")):
             await asyncio.Event().wait()  # forever: the worker's timeout must end it
         if idempotency_key not in self._results:
             reference = f"sbx_po_{uuid.uuid4().hex[:16]}"
-            if destination_token.startswith("dest_fail"):
+            if destination_token.startswith(("dest_fail", "fail")):
                 reason = destination_token.removeprefix("dest_fail").strip("_") or "payment_failed"
                 self._results[idempotency_key] = PayoutResult(False, reference, reason)
             else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Integer,
@@ -22,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
+from runtime.db import upsert
 from runtime.sql import Statement, Tx
 
 metadata = MetaData()
@@ -54,7 +56,32 @@ withdrawals = Table(
     Column("attempts", Integer, nullable=False),
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("last_error", String(256), nullable=False),
+    Column("method_id", String(40)),
 )
+
+payout_methods = Table(
+    "payout_methods",
+    metadata,
+    Column("method_id", String(40), primary_key=True),
+    Column("creator_id", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("destination_token", String(256), nullable=False),
+    Column("display", String(128), nullable=False),
+    Column("is_default", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("removed_at", DateTime(timezone=True)),
+)
+"""Where a creator's withdrawals go (migration 0013); removed ones are kept for the history."""
+
+creator_verifications = Table(
+    "creator_verifications",
+    metadata,
+    Column("creator_id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("reason", String(256), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""KYC status per creator, set by admins; a creator without a row is unverified."""
 
 gift_credits = Table(
     "gift_credits",
@@ -95,6 +122,8 @@ class WithdrawalRecord:
     """Processor calls that failed (timed out, errored) so far."""
     next_attempt_at: dt.datetime | None = None
     last_error: str = ""
+    method_id: str | None = None
+    """The registered payout method it pays (None: a one-off destination)."""
 
 
 def _withdrawal(row: object) -> WithdrawalRecord:
@@ -443,3 +472,90 @@ async def mark_reversed(tx: Tx, credit_key: str, transaction_id: str, now: dt.da
 async def creators_in_debt(tx: Tx) -> list[str]:
     """Creators whose reversal debt is not repaid yet (a few hundred at a time)."""
     return [str(row[0]).removeprefix("debt:") for row in await tx.all(_IN_DEBT)]
+
+
+@dataclass(frozen=True)
+class PayoutMethodRecord:
+    method_id: str
+    creator_id: str
+    kind: str
+    destination_token: str
+    display: str
+    is_default: bool
+    created_at: dt.datetime
+    removed_at: dt.datetime | None = None
+
+
+def _method(row: object) -> PayoutMethodRecord:
+    data = row._asdict()  # type: ignore[attr-defined]
+    data["created_at"] = utc(data["created_at"])
+    if data["removed_at"] is not None:
+        data["removed_at"] = utc(data["removed_at"])
+    return PayoutMethodRecord(**data)
+
+
+async def payout_methods_of(conn: AsyncConnection, creator_id: str) -> list[PayoutMethodRecord]:
+    """A creator's payout methods in use (not removed), oldest first."""
+    rows = await conn.execute(
+        select(payout_methods)
+        .where(payout_methods.c.creator_id == creator_id, payout_methods.c.removed_at.is_(None))
+        .order_by(payout_methods.c.created_at, payout_methods.c.method_id)
+    )
+    return [_method(row) for row in rows]
+
+
+async def insert_payout_method(conn: AsyncConnection, method: PayoutMethodRecord) -> None:
+    await conn.execute(payout_methods.insert().values(**method.__dict__))
+
+
+async def set_default_method(conn: AsyncConnection, creator_id: str, method_id: str) -> None:
+    """Make one method the creator's default, and none of the others."""
+    await conn.execute(
+        update(payout_methods)
+        .where(payout_methods.c.creator_id == creator_id, payout_methods.c.removed_at.is_(None))
+        .values(is_default=payout_methods.c.method_id == method_id)
+    )
+
+
+async def remove_method(conn: AsyncConnection, method_id: str, now: dt.datetime) -> None:
+    await conn.execute(
+        update(payout_methods)
+        .where(payout_methods.c.method_id == method_id)
+        .values(removed_at=now, is_default=False)
+    )
+
+
+async def open_withdrawals_on(conn: AsyncConnection, method_id: str) -> int:
+    """Withdrawals on their way out through this method."""
+    found = await conn.scalar(
+        select(func.count())
+        .select_from(withdrawals)
+        .where(
+            withdrawals.c.method_id == method_id,
+            withdrawals.c.status.in_(("pending", "processing")),
+        )
+    )
+    return int(found or 0)
+
+
+async def verification_of(conn: AsyncConnection, creator_id: str) -> tuple[str, str]:
+    """(status, reason) of a creator's verification; ("unverified", "") without a record."""
+    row = (
+        await conn.execute(
+            select(creator_verifications.c.status, creator_verifications.c.reason).where(
+                creator_verifications.c.creator_id == creator_id
+            )
+        )
+    ).first()
+    return ("unverified", "") if row is None else (str(row[0]), str(row[1]))
+
+
+async def set_verification(
+    conn: AsyncConnection, creator_id: str, status: str, reason: str, now: dt.datetime
+) -> None:
+    await upsert(
+        conn,
+        creator_verifications,
+        {"creator_id": creator_id, "status": status, "reason": reason, "updated_at": now},
+        ["creator_id"],
+    )

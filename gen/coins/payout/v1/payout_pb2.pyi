@@ -77,6 +77,38 @@ WITHDRAWAL_STATUS_FAILED: WithdrawalStatus.ValueType  # 4
 """The processor failed the payment; the diamonds were returned to the creator."""
 Global___WithdrawalStatus: _TypeAlias = WithdrawalStatus  # noqa: Y015
 
+class _KycStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KycStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KycStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KYC_STATUS_UNSPECIFIED: _KycStatus.ValueType  # 0
+    """Not set (never returned; not accepted)."""
+    KYC_STATUS_UNVERIFIED: _KycStatus.ValueType  # 1
+    """Not verified yet: no withdrawals."""
+    KYC_STATUS_PENDING: _KycStatus.ValueType  # 2
+    """Documents under review: no withdrawals yet."""
+    KYC_STATUS_VERIFIED: _KycStatus.ValueType  # 3
+    """Verified: withdrawals allowed."""
+    KYC_STATUS_REJECTED: _KycStatus.ValueType  # 4
+    """Refused: no withdrawals."""
+
+class KycStatus(_KycStatus, metaclass=_KycStatusEnumTypeWrapper):
+    """A creator's verification (KYC) status."""
+
+KYC_STATUS_UNSPECIFIED: KycStatus.ValueType  # 0
+"""Not set (never returned; not accepted)."""
+KYC_STATUS_UNVERIFIED: KycStatus.ValueType  # 1
+"""Not verified yet: no withdrawals."""
+KYC_STATUS_PENDING: KycStatus.ValueType  # 2
+"""Documents under review: no withdrawals yet."""
+KYC_STATUS_VERIFIED: KycStatus.ValueType  # 3
+"""Verified: withdrawals allowed."""
+KYC_STATUS_REJECTED: KycStatus.ValueType  # 4
+"""Refused: no withdrawals."""
+Global___KycStatus: _TypeAlias = KycStatus  # noqa: Y015
+
 class _DiamondEntryKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -408,6 +440,7 @@ class RequestWithdrawalRequest(_message.Message):
     DIAMONDS_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     DESTINATION_TOKEN_FIELD_NUMBER: _builtins.int
+    PAYOUT_METHOD_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     creator_id: _builtins.str
@@ -417,9 +450,15 @@ class RequestWithdrawalRequest(_message.Message):
     cent stays in the balance.
     """
     method: Global___PayoutMethod.ValueType
-    """How to pay."""
+    """A one-off destination instead of a registered payout method (processors' test tokens): how to
+    pay. Ignored when the creator has a payout method.
+    """
     destination_token: _builtins.str
-    """The processor's token for the creator's PayPal or bank account. Account numbers never reach payout."""
+    """With `method`: the processor's token for the creator's PayPal or bank account. Account numbers
+    never reach payout.
+    """
+    payout_method_id: _builtins.str
+    """The registered payout method to pay (AddPayoutMethod); unset: the creator's default one."""
     def __init__(
         self,
         *,
@@ -428,14 +467,385 @@ class RequestWithdrawalRequest(_message.Message):
         diamonds: _builtins.int = ...,
         method: Global___PayoutMethod.ValueType = ...,
         destination_token: _builtins.str = ...,
+        payout_method_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "destination_token", b"destination_token", "diamonds", b"diamonds", "method", b"method", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "destination_token", b"destination_token", "diamonds", b"diamonds", "method", b"method", "payout_method_id", b"payout_method_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RequestWithdrawalRequest: _TypeAlias = RequestWithdrawalRequest  # noqa: Y015
+
+@_typing.final
+class PayPalAccount(_message.Message):
+    """A PayPal account to pay."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The account's email (kept to pay it; shown masked)."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayPalAccount: _TypeAlias = PayPalAccount  # noqa: Y015
+
+@_typing.final
+class BankAccount(_message.Message):
+    """A bank account to pay, by the processor's token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSOR_TOKEN_FIELD_NUMBER: _builtins.int
+    LAST4_FIELD_NUMBER: _builtins.int
+    processor_token: _builtins.str
+    """The payment processor's token for the account (never the account number)."""
+    last4: _builtins.str
+    """The account number's last four digits, to show."""
+    def __init__(
+        self,
+        *,
+        processor_token: _builtins.str = ...,
+        last4: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last4", b"last4", "processor_token", b"processor_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BankAccount: _TypeAlias = BankAccount  # noqa: Y015
+
+@_typing.final
+class PayoutMethodInfo(_message.Message):
+    """A registered payout method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_METHOD_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    DISPLAY_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    payout_method_id: _builtins.str
+    """Its id, for RequestWithdrawal, SetDefaultPayoutMethod, RemovePayoutMethod."""
+    method: Global___PayoutMethod.ValueType
+    """PayPal or bank."""
+    display: _builtins.str
+    """For people: "PayPal a**@example.com", "bank ····1234"."""
+    is_default: _builtins.bool
+    """Whether withdrawals go here when they name no method."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was added."""
+
+    def __init__(
+        self,
+        *,
+        payout_method_id: _builtins.str = ...,
+        method: Global___PayoutMethod.ValueType = ...,
+        display: _builtins.str = ...,
+        is_default: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display", b"display", "is_default", b"is_default", "method", b"method", "payout_method_id", b"payout_method_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayoutMethodInfo: _TypeAlias = PayoutMethodInfo  # noqa: Y015
+
+@_typing.final
+class AddPayoutMethodRequest(_message.Message):
+    """Request for AddPayoutMethod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    PAYPAL_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    MAKE_DEFAULT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    creator_id: _builtins.str
+    """The creator."""
+    make_default: _builtins.bool
+    """Make it the default (the first method always is)."""
+    @_builtins.property
+    def paypal(self) -> Global___PayPalAccount:
+        """A PayPal account."""
+
+    @_builtins.property
+    def bank(self) -> Global___BankAccount:
+        """A bank account."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        paypal: Global___PayPalAccount | None = ...,
+        bank: Global___BankAccount | None = ...,
+        make_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "destination", b"destination", "paypal", b"paypal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "creator_id", b"creator_id", "destination", b"destination", "make_default", b"make_default", "paypal", b"paypal", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_destination: _TypeAlias = _typing.Literal["paypal", "bank"]  # noqa: Y015
+    _WhichOneofArgType_destination: _TypeAlias = _typing.Literal["destination", b"destination"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_destination) -> _WhichOneofReturnType_destination | None: ...
+
+Global___AddPayoutMethodRequest: _TypeAlias = AddPayoutMethodRequest  # noqa: Y015
+
+@_typing.final
+class AddPayoutMethodResponse(_message.Message):
+    """Response for AddPayoutMethod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_METHOD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout_method(self) -> Global___PayoutMethodInfo:
+        """The method."""
+
+    def __init__(
+        self,
+        *,
+        payout_method: Global___PayoutMethodInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout_method", b"payout_method"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_method", b"payout_method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddPayoutMethodResponse: _TypeAlias = AddPayoutMethodResponse  # noqa: Y015
+
+@_typing.final
+class ListPayoutMethodsRequest(_message.Message):
+    """Request for ListPayoutMethods."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    creator_id: _builtins.str
+    """The creator."""
+    def __init__(
+        self,
+        *,
+        creator_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPayoutMethodsRequest: _TypeAlias = ListPayoutMethodsRequest  # noqa: Y015
+
+@_typing.final
+class ListPayoutMethodsResponse(_message.Message):
+    """Response for ListPayoutMethods."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_METHODS_FIELD_NUMBER: _builtins.int
+    KYC_STATUS_FIELD_NUMBER: _builtins.int
+    kyc_status: Global___KycStatus.ValueType
+    """The creator's verification status."""
+    @_builtins.property
+    def payout_methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PayoutMethodInfo]:
+        """The methods in use, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        payout_methods: _abc.Iterable[Global___PayoutMethodInfo] | None = ...,
+        kyc_status: Global___KycStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kyc_status", b"kyc_status", "payout_methods", b"payout_methods"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPayoutMethodsResponse: _TypeAlias = ListPayoutMethodsResponse  # noqa: Y015
+
+@_typing.final
+class SetDefaultPayoutMethodRequest(_message.Message):
+    """Request for SetDefaultPayoutMethod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_METHOD_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    creator_id: _builtins.str
+    """The creator."""
+    payout_method_id: _builtins.str
+    """The method."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        payout_method_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "payout_method_id", b"payout_method_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDefaultPayoutMethodRequest: _TypeAlias = SetDefaultPayoutMethodRequest  # noqa: Y015
+
+@_typing.final
+class SetDefaultPayoutMethodResponse(_message.Message):
+    """Response for SetDefaultPayoutMethod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_METHOD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout_method(self) -> Global___PayoutMethodInfo:
+        """The method, now the default."""
+
+    def __init__(
+        self,
+        *,
+        payout_method: Global___PayoutMethodInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout_method", b"payout_method"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_method", b"payout_method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDefaultPayoutMethodResponse: _TypeAlias = SetDefaultPayoutMethodResponse  # noqa: Y015
+
+@_typing.final
+class RemovePayoutMethodRequest(_message.Message):
+    """Request for RemovePayoutMethod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_METHOD_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    creator_id: _builtins.str
+    """The creator."""
+    payout_method_id: _builtins.str
+    """The method."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        payout_method_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "payout_method_id", b"payout_method_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePayoutMethodRequest: _TypeAlias = RemovePayoutMethodRequest  # noqa: Y015
+
+@_typing.final
+class RemovePayoutMethodResponse(_message.Message):
+    """Response for RemovePayoutMethod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_METHODS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout_methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PayoutMethodInfo]:
+        """The methods left."""
+
+    def __init__(
+        self,
+        *,
+        payout_methods: _abc.Iterable[Global___PayoutMethodInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_methods", b"payout_methods"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePayoutMethodResponse: _TypeAlias = RemovePayoutMethodResponse  # noqa: Y015
+
+@_typing.final
+class SetCreatorVerificationRequest(_message.Message):
+    """Request for SetCreatorVerification."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    creator_id: _builtins.str
+    """The creator."""
+    status: Global___KycStatus.ValueType
+    """The new status."""
+    reason: _builtins.str
+    """Why (shown to the creator when rejected), for the audit trail."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        status: Global___KycStatus.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "reason", b"reason", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCreatorVerificationRequest: _TypeAlias = SetCreatorVerificationRequest  # noqa: Y015
+
+@_typing.final
+class SetCreatorVerificationResponse(_message.Message):
+    """Response for SetCreatorVerification."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KYC_STATUS_FIELD_NUMBER: _builtins.int
+    kyc_status: Global___KycStatus.ValueType
+    """The creator's status now."""
+    def __init__(
+        self,
+        *,
+        kyc_status: Global___KycStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kyc_status", b"kyc_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCreatorVerificationResponse: _TypeAlias = SetCreatorVerificationResponse  # noqa: Y015
 
 @_typing.final
 class ReverseGiftCreditsRequest(_message.Message):

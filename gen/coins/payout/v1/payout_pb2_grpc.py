@@ -65,6 +65,31 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.FromString,
                 _registered_method=True)
+        self.AddPayoutMethod = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/AddPayoutMethod',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.AddPayoutMethodRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.AddPayoutMethodResponse.FromString,
+                _registered_method=True)
+        self.ListPayoutMethods = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/ListPayoutMethods',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListPayoutMethodsRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListPayoutMethodsResponse.FromString,
+                _registered_method=True)
+        self.SetDefaultPayoutMethod = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/SetDefaultPayoutMethod',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetDefaultPayoutMethodRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetDefaultPayoutMethodResponse.FromString,
+                _registered_method=True)
+        self.RemovePayoutMethod = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/RemovePayoutMethod',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.RemovePayoutMethodRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.RemovePayoutMethodResponse.FromString,
+                _registered_method=True)
+        self.SetCreatorVerification = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/SetCreatorVerification',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetCreatorVerificationRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetCreatorVerificationResponse.FromString,
+                _registered_method=True)
         self.ReverseGiftCredits = channel.unary_unary(
                 '/coins.payout.v1.PayoutService/ReverseGiftCredits',
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsRequest.SerializeToString,
@@ -127,8 +152,9 @@ class PayoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RequestWithdrawal(self, request, context):
-        """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
-        DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
+        """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
+        FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
+        DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND, PAYOUT_METHOD_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +164,44 @@ class PayoutServiceServicer:
         """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
         of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
         could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPayoutMethod(self, request, context):
+        """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
+        processor's token and the last four digits; an account number is refused,
+        BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPayoutMethods(self, request, context):
+        """A creator's payout methods (masked) and verification status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultPayoutMethod(self, request, context):
+        """Makes a method the creator's default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePayoutMethod(self, request, context):
+        """Removes a method; FAILED_PRECONDITION METHOD_IN_USE while a withdrawal to it is on its way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCreatorVerification(self, request, context):
+        """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
+        KYC_REQUIRED). Admin only; audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,6 +274,31 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.QuoteWithdrawal,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.SerializeToString,
+            ),
+            'AddPayoutMethod': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPayoutMethod,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.AddPayoutMethodRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.AddPayoutMethodResponse.SerializeToString,
+            ),
+            'ListPayoutMethods': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPayoutMethods,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListPayoutMethodsRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListPayoutMethodsResponse.SerializeToString,
+            ),
+            'SetDefaultPayoutMethod': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultPayoutMethod,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetDefaultPayoutMethodRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetDefaultPayoutMethodResponse.SerializeToString,
+            ),
+            'RemovePayoutMethod': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePayoutMethod,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.RemovePayoutMethodRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.RemovePayoutMethodResponse.SerializeToString,
+            ),
+            'SetCreatorVerification': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCreatorVerification,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetCreatorVerificationRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.SetCreatorVerificationResponse.SerializeToString,
             ),
             'ReverseGiftCredits': grpc.unary_unary_rpc_method_handler(
                     servicer.ReverseGiftCredits,
@@ -378,6 +467,141 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/QuoteWithdrawal',
             coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.QuoteWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPayoutMethod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/AddPayoutMethod',
+            coins_dot_payout_dot_v1_dot_payout__pb2.AddPayoutMethodRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.AddPayoutMethodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPayoutMethods(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/ListPayoutMethods',
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListPayoutMethodsRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListPayoutMethodsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultPayoutMethod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/SetDefaultPayoutMethod',
+            coins_dot_payout_dot_v1_dot_payout__pb2.SetDefaultPayoutMethodRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.SetDefaultPayoutMethodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePayoutMethod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/RemovePayoutMethod',
+            coins_dot_payout_dot_v1_dot_payout__pb2.RemovePayoutMethodRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.RemovePayoutMethodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCreatorVerification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/SetCreatorVerification',
+            coins_dot_payout_dot_v1_dot_payout__pb2.SetCreatorVerificationRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.SetCreatorVerificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

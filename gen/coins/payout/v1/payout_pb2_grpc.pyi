@@ -52,13 +52,29 @@ class PayoutServiceStub:
     one creator are aggregated into one ledger posting, so a hot creator is not a serial bottleneck.
     """
     RequestWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]
-    """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
-    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
+    """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
+    FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
+    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND, PAYOUT_METHOD_NOT_FOUND).
     """
     QuoteWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.QuoteWithdrawalRequest, _payout_pb2.QuoteWithdrawalResponse]
     """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
     of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
     could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+    """
+    AddPayoutMethod: _grpc.UnaryUnaryMultiCallable[_payout_pb2.AddPayoutMethodRequest, _payout_pb2.AddPayoutMethodResponse]
+    """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
+    processor's token and the last four digits; an account number is refused,
+    BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+    """
+    ListPayoutMethods: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListPayoutMethodsRequest, _payout_pb2.ListPayoutMethodsResponse]
+    """A creator's payout methods (masked) and verification status."""
+    SetDefaultPayoutMethod: _grpc.UnaryUnaryMultiCallable[_payout_pb2.SetDefaultPayoutMethodRequest, _payout_pb2.SetDefaultPayoutMethodResponse]
+    """Makes a method the creator's default."""
+    RemovePayoutMethod: _grpc.UnaryUnaryMultiCallable[_payout_pb2.RemovePayoutMethodRequest, _payout_pb2.RemovePayoutMethodResponse]
+    """Removes a method; FAILED_PRECONDITION METHOD_IN_USE while a withdrawal to it is on its way."""
+    SetCreatorVerification: _grpc.UnaryUnaryMultiCallable[_payout_pb2.SetCreatorVerificationRequest, _payout_pb2.SetCreatorVerificationResponse]
+    """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
+    KYC_REQUIRED). Admin only; audited.
     """
     ReverseGiftCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]
     """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
@@ -103,13 +119,29 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     one creator are aggregated into one ledger posting, so a hot creator is not a serial bottleneck.
     """
     RequestWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]  # type: ignore[assignment]
-    """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
-    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
+    """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
+    FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
+    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND, PAYOUT_METHOD_NOT_FOUND).
     """
     QuoteWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.QuoteWithdrawalRequest, _payout_pb2.QuoteWithdrawalResponse]  # type: ignore[assignment]
     """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
     of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
     could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+    """
+    AddPayoutMethod: _aio.UnaryUnaryMultiCallable[_payout_pb2.AddPayoutMethodRequest, _payout_pb2.AddPayoutMethodResponse]  # type: ignore[assignment]
+    """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
+    processor's token and the last four digits; an account number is refused,
+    BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+    """
+    ListPayoutMethods: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListPayoutMethodsRequest, _payout_pb2.ListPayoutMethodsResponse]  # type: ignore[assignment]
+    """A creator's payout methods (masked) and verification status."""
+    SetDefaultPayoutMethod: _aio.UnaryUnaryMultiCallable[_payout_pb2.SetDefaultPayoutMethodRequest, _payout_pb2.SetDefaultPayoutMethodResponse]  # type: ignore[assignment]
+    """Makes a method the creator's default."""
+    RemovePayoutMethod: _aio.UnaryUnaryMultiCallable[_payout_pb2.RemovePayoutMethodRequest, _payout_pb2.RemovePayoutMethodResponse]  # type: ignore[assignment]
+    """Removes a method; FAILED_PRECONDITION METHOD_IN_USE while a withdrawal to it is on its way."""
+    SetCreatorVerification: _aio.UnaryUnaryMultiCallable[_payout_pb2.SetCreatorVerificationRequest, _payout_pb2.SetCreatorVerificationResponse]  # type: ignore[assignment]
+    """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
+    KYC_REQUIRED). Admin only; audited.
     """
     ReverseGiftCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]  # type: ignore[assignment]
     """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
@@ -175,8 +207,9 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _payout_pb2.RequestWithdrawalRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.RequestWithdrawalResponse, _abc.Awaitable[_payout_pb2.RequestWithdrawalResponse]]:
-        """Requests a withdrawal of diamonds as cash. Fails with FAILED_PRECONDITION (BELOW_MINIMUM,
-        DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND).
+        """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
+        FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
+        DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND, PAYOUT_METHOD_NOT_FOUND).
         """
 
     @_abc_1.abstractmethod
@@ -188,6 +221,51 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
         of a minor unit stay in the balance), gross, fee and net in integer minor units, and whether it
         could be requested now. RequestWithdrawal charges exactly this for the same diamonds. Moves nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def AddPayoutMethod(
+        self,
+        request: _payout_pb2.AddPayoutMethodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.AddPayoutMethodResponse, _abc.Awaitable[_payout_pb2.AddPayoutMethodResponse]]:
+        """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
+        processor's token and the last four digits; an account number is refused,
+        BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPayoutMethods(
+        self,
+        request: _payout_pb2.ListPayoutMethodsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.ListPayoutMethodsResponse, _abc.Awaitable[_payout_pb2.ListPayoutMethodsResponse]]:
+        """A creator's payout methods (masked) and verification status."""
+
+    @_abc_1.abstractmethod
+    def SetDefaultPayoutMethod(
+        self,
+        request: _payout_pb2.SetDefaultPayoutMethodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.SetDefaultPayoutMethodResponse, _abc.Awaitable[_payout_pb2.SetDefaultPayoutMethodResponse]]:
+        """Makes a method the creator's default."""
+
+    @_abc_1.abstractmethod
+    def RemovePayoutMethod(
+        self,
+        request: _payout_pb2.RemovePayoutMethodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.RemovePayoutMethodResponse, _abc.Awaitable[_payout_pb2.RemovePayoutMethodResponse]]:
+        """Removes a method; FAILED_PRECONDITION METHOD_IN_USE while a withdrawal to it is on its way."""
+
+    @_abc_1.abstractmethod
+    def SetCreatorVerification(
+        self,
+        request: _payout_pb2.SetCreatorVerificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.SetCreatorVerificationResponse, _abc.Awaitable[_payout_pb2.SetCreatorVerificationResponse]]:
+        """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
+        KYC_REQUIRED). Admin only; audited.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,152 @@
+"""Where creators' money goes, and who may take it out: payout methods and verification (KYC).
+
+A payout method is PayPal (an email, shown masked) or a bank account (the processor's token and the
+last four digits; a full account number is refused and never stored or logged). A creator's first
+method is their default. A creator must be verified by an admin before any withdrawal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from services.payout import storage
+
+KYC_STATUSES = ("unverified", "pending", "verified", "rejected")
+_DIGIT_RUN = re.compile(r"\d{8,}")
+"""Eight digits or more in a row: an account number, never a processor's token."""
+
+
+@dataclass(frozen=True)
+class NewMethod:
+    kind: str
+    """"paypal" or "bank"."""
+    paypal_email: str = ""
+    bank_token: str = ""
+    bank_last4: str = ""
+
+
+def mask_email(email: str) -> str:
+    """ava.smith@example.com -> a********@example.com: enough to recognise, not to use."""
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}{'*' * max(len(local) - 1, 1)}@{domain}"
+
+
+def _account_number_refused(field: str) -> InvalidArgument:
+    return InvalidArgument(
+        "BANK_ACCOUNT_NUMBER_REFUSED",
+        f"{field} looks like a bank account number: send the processor's token for the account and "
+        "its last four digits, never the number",
+        violations=(FieldViolation(field, "must be a processor token, not an account number"),),
+    )
+
+
+class PayoutMethods:
+    async def add(
+        self,
+        conn: AsyncConnection,
+        creator_id: str,
+        method: NewMethod,
+        *,
+        make_default: bool,
+        now: dt.datetime,
+    ) -> storage.PayoutMethodRecord:
+        if method.kind == "bank":
+            if _DIGIT_RUN.search(method.bank_token):
+                raise _account_number_refused("bank.processor_token")
+            destination, display = method.bank_token, f"bank ····{method.bank_last4}"
+        else:
+            destination, display = method.paypal_email, f"PayPal {mask_email(method.paypal_email)}"
+        existing = await storage.payout_methods_of(conn, creator_id)
+        record = storage.PayoutMethodRecord(
+            method_id=uuid.uuid4().hex,
+            creator_id=creator_id,
+            kind=method.kind,
+            destination_token=destination,
+            display=display,
+            is_default=False,
+            created_at=now,
+        )
+        await storage.insert_payout_method(conn, record)
+        if make_default or not existing:
+            await storage.set_default_method(conn, creator_id, record.method_id)
+            record = storage.PayoutMethodRecord(**{**record.__dict__, "is_default": True})
+        return record
+
+    async def of(self, conn: AsyncConnection, creator_id: str) -> list[storage.PayoutMethodRecord]:
+        return await storage.payout_methods_of(conn, creator_id)
+
+    async def one(
+        self, conn: AsyncConnection, creator_id: str, method_id: str
+    ) -> storage.PayoutMethodRecord:
+        """A method of this creator in use; NOT_FOUND PAYOUT_METHOD_NOT_FOUND otherwise."""
+        for method in await storage.payout_methods_of(conn, creator_id):
+            if method.method_id == method_id:
+                return method
+        raise NotFound(
+            "PAYOUT_METHOD_NOT_FOUND",
+            f"creator {creator_id} has no payout method {method_id!r}",
+            method_id=method_id,
+        )
+
+    async def set_default(
+        self, conn: AsyncConnection, creator_id: str, method_id: str
+    ) -> storage.PayoutMethodRecord:
+        method = await self.one(conn, creator_id, method_id)
+        await storage.set_default_method(conn, creator_id, method_id)
+        return storage.PayoutMethodRecord(**{**method.__dict__, "is_default": True})
+
+    async def remove(
+        self, conn: AsyncConnection, creator_id: str, method_id: str, now: dt.datetime
+    ) -> None:
+        """Remove a method; not while a withdrawal on it is on its way (METHOD_IN_USE). When the
+        default goes, the oldest remaining method becomes the default."""
+        method = await self.one(conn, creator_id, method_id)
+        if await storage.open_withdrawals_on(conn, method_id):
+            raise FailedPrecondition(
+                "METHOD_IN_USE",
+                f"a withdrawal to {method.display} is still on its way; remove it once it is paid "
+                "or has failed",
+                method_id=method_id,
+            )
+        await storage.remove_method(conn, method_id, now)
+        if method.is_default:
+            left = await storage.payout_methods_of(conn, creator_id)
+            if left:
+                await storage.set_default_method(conn, creator_id, left[0].method_id)
+
+    async def for_withdrawal(
+        self, conn: AsyncConnection, creator_id: str, method_id: str
+    ) -> storage.PayoutMethodRecord | None:
+        """The method a withdrawal pays: the one named, else the creator's default (None: the
+        creator has none)."""
+        if method_id:
+            return await self.one(conn, creator_id, method_id)
+        methods = await storage.payout_methods_of(conn, creator_id)
+        return next((m for m in methods if m.is_default), None)
+
+    async def verification(self, conn: AsyncConnection, creator_id: str) -> tuple[str, str]:
+        return await storage.verification_of(conn, creator_id)
+
+    async def set_verification(
+        self, conn: AsyncConnection, creator_id: str, status: str, reason: str, now: dt.datetime
+    ) -> None:
+        await storage.set_verification(conn, creator_id, status, reason, now)
+
+    async def require_verified(self, conn: AsyncConnection, creator_id: str) -> None:
+        """FAILED_PRECONDITION KYC_REQUIRED unless an admin verified the creator."""
+        status, reason = await storage.verification_of(conn, creator_id)
+        if status != "verified":
+            why = f" ({reason})" if reason and status == "rejected" else ""
+            raise FailedPrecondition(
+                "KYC_REQUIRED",
+                f"creator {creator_id} must be verified before withdrawing; verification is "
+                f"{status}{why}",
+                creator_id=creator_id,
+                kyc_status=status,
+            )

@@ -1,0 +1,91 @@
+"""Payout methods on a payout of this module's own: a withdrawal to a PayPal account the sandbox never
+answers stays on its way for good, which the shared suites' quiet checks would wait on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from coins.payout.v1 import payout_pb2
+from tests.helpers import eventually, expect_error, new_id
+from tests.suite import Suite, require_postgres, start_suite
+from tests.test_payout import add_paypal, creator_with_diamonds, to_method
+
+
+@pytest.fixture(scope="module")
+async def suite(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+    if backend == "postgres":
+        await require_postgres()
+    running = await start_suite(
+        backend, tmp_path_factory.mktemp(f"methods-{backend}"), only=("payout",)
+    )
+    yield running
+    await running.stop()
+
+
+async def test_payout_methods_are_masked_defaulted_and_not_removed_while_in_use(
+    suite: Suite,
+) -> None:
+    creator = await creator_with_diamonds(suite, 10_000)
+    await expect_error(  # no method, no one-off destination
+        suite.payout.RequestWithdrawal(to_method(creator, 2_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NO_PAYOUT_METHOD",
+    )
+    slow = await add_paypal(suite, creator, "hang.leo@example.com")  # the sandbox never answers
+    bank = await suite.payout.AddPayoutMethod(
+        payout_pb2.AddPayoutMethodRequest(
+            request_id=new_id("pm"),
+            creator_id=creator,
+            bank=payout_pb2.BankAccount(processor_token="btok_leo_checking", last4="4321"),
+        )
+    )
+    methods = (
+        await suite.payout.ListPayoutMethods(
+            payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
+        )
+    ).payout_methods
+    assert [(m.display, m.is_default) for m in methods] == [
+        ("PayPal h*******@example.com", True),
+        ("bank ····4321", False),
+    ]
+    pending = await suite.payout.RequestWithdrawal(to_method(creator, 2_000))  # to the default
+    assert pending.withdrawal.method == payout_pb2.PAYOUT_METHOD_PAYPAL
+    await expect_error(
+        suite.payout.RemovePayoutMethod(
+            payout_pb2.RemovePayoutMethodRequest(
+                request_id=new_id("pm"), creator_id=creator, payout_method_id=slow
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "METHOD_IN_USE",
+    )
+    await suite.payout.SetDefaultPayoutMethod(
+        payout_pb2.SetDefaultPayoutMethodRequest(
+            request_id=new_id("pm"),
+            creator_id=creator,
+            payout_method_id=bank.payout_method.payout_method_id,
+        )
+    )
+    to_bank = await suite.payout.RequestWithdrawal(to_method(creator, 2_000))
+    assert to_bank.withdrawal.method == payout_pb2.PAYOUT_METHOD_BANK
+
+    async def paid() -> bool:
+        found = await suite.payout.GetWithdrawal(
+            payout_pb2.GetWithdrawalRequest(withdrawal_id=to_bank.withdrawal.withdrawal_id),
+            metadata=suite.token(creator),
+        )
+        return found.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+
+    await eventually(paid, "the bank withdrawal paid")  # then its method may go
+    left = await suite.payout.RemovePayoutMethod(
+        payout_pb2.RemovePayoutMethodRequest(
+            request_id=new_id("pm"),
+            creator_id=creator,
+            payout_method_id=bank.payout_method.payout_method_id,
+        )
+    )
+    assert [m.payout_method_id for m in left.payout_methods] == [slow]
+    assert left.payout_methods[0].is_default  # the default went: the oldest left took over
