@@ -117,7 +117,7 @@ def diamond_ledger(creator_id: str, entries: Iterable[payout_pb2.DiamondEntry]) 
             when(e),
             enum_name(payout_pb2.DiamondEntryKind, e.kind, "DIAMOND_ENTRY_KIND_"),
             f"[{colour}]{e.diamonds:+,}[/{colour}]",
-            "pending" if e.pending else "available",
+            enum_name(payout_pb2.DiamondBucket, e.bucket, "DIAMOND_BUCKET_"),
             f"{e.balance_after:,}",
             e.reference[:24],
         )

@@ -73,6 +73,8 @@ class AuditJobs:
             job = json.dumps({**self._job, "incremental": incremental})
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-X",
+                "faulthandler",  # a crash of the job leaves its Python stack on stderr
                 "-m",
                 "ledger.auditor",
                 "--job-from-env",
@@ -91,6 +93,12 @@ class AuditJobs:
         # a child reaped elsewhere reports 255): no report, no answer.
         try:
             body = json.loads(out)
+            if child.returncode not in (0, 1):
+                log.warning(
+                    "the audit job exited with %s after its report: %s",
+                    child.returncode,
+                    err.decode(errors="replace").strip()[-2000:] or "-",
+                )
         except ValueError:
             said = err.decode(errors="replace").strip()
             log.warning("the audit job exited with %s: %s", child.returncode, said[-2000:] or "-")

@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                     "report": report_to_json(report),
                     "peak_rss_mb": peak_rss_mb(),
                 }
-            )
+            ),
+            flush=True,  # the report is the answer: out before anything at exit can go wrong
         )
     else:
         seconds = (run.finished_at - run.started_at).total_seconds()

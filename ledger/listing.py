@@ -4,16 +4,17 @@ reading a request's page size, token, kinds and period the same way, and writing
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from ledger.history import HistoryEntry
+from ledger.history import HistoryEntry, Period
 from runtime.clock import utc
 from runtime.errors import FieldViolation, InvalidArgument
 from runtime.pagination import decode_token, encode_token, instant, int64, page_size
-from runtime.protos import to_datetime
+from runtime.protos import timestamp, to_datetime
 
+M = TypeVar("M")
 BEGINNING = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 """A statement without a start begins here: before any entry."""
 
@@ -56,6 +57,32 @@ def history_query(request: Any, owner: str, kind_names: Mapping[Any, str]) -> Hi
         until=until,
         cursor=(after[0], after[1]) if after else None,
         scope=scope,
+    )
+
+
+def statement_response(
+    response_type: Callable[..., M],
+    line_type: Callable[..., Any],
+    kinds: Mapping[str, int],
+    period: Period,
+    since: dt.datetime,
+    until: dt.datetime,
+) -> M:
+    """A Get*Statement response (wallet's and payout's share their field names)."""
+    return response_type(
+        opening_balance=period.opening,
+        closing_balance=period.closing,
+        lines=[
+            line_type(
+                kind=kinds.get(line.kind, 0),
+                credited=line.credited,
+                debited=line.debited,
+                entries=line.entries,
+            )
+            for line in period.movements
+        ],
+        start_time=timestamp(since),
+        end_time=timestamp(until),
     )
 
 

@@ -16,6 +16,7 @@ from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify
 from tests.suite import Suite, require_postgres, start_suite
 
 DAYS = 15
+PENDING, AVAILABLE = payout_pb2.DIAMOND_BUCKET_PENDING, payout_pb2.DIAMOND_BUCKET_AVAILABLE
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +104,15 @@ async def test_diamonds_wait_pending_then_become_available_by_themselves(
     entries = await suite.payout.ListDiamondEntries(
         payout_pb2.ListDiamondEntriesRequest(creator_id=creator)
     )
-    seen = [(e.kind, e.diamonds, e.pending) for e in entries.entries]
-    assert seen[0] == (payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL, -2_000, False)
+    seen = [(e.kind, e.diamonds, e.bucket) for e in entries.entries]
+    assert seen[0] == (payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL, -2_000, AVAILABLE)
     assert sorted(seen[1:3]) == sorted(
         [
-            (payout_pb2.DIAMOND_ENTRY_KIND_MATURATION, 3_000, False),
-            (payout_pb2.DIAMOND_ENTRY_KIND_MATURATION, -3_000, True),
+            (payout_pb2.DIAMOND_ENTRY_KIND_MATURATION, 3_000, AVAILABLE),
+            (payout_pb2.DIAMOND_ENTRY_KIND_MATURATION, -3_000, PENDING),
         ]
     )
-    assert seen[3] == (payout_pb2.DIAMOND_ENTRY_KIND_GIFT, 3_000, True)
+    assert seen[3] == (payout_pb2.DIAMOND_ENTRY_KIND_GIFT, 3_000, PENDING)
     statement = await suite.payout.GetDiamondStatement(
         payout_pb2.GetDiamondStatementRequest(creator_id=creator)
     )
@@ -236,6 +237,21 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
         return (now.debt_diamonds, now.available_diamonds, now.pending_diamonds) == (0, 500, 0)
 
     await eventually(repaid, "the debt repaid by the next matured gift")
+    listed = await suite.payout.ListDiamondEntries(
+        payout_pb2.ListDiamondEntriesRequest(creator_id=creator, page_size=100)
+    )
+    moves = {(e.kind, e.bucket, e.diamonds) for e in listed.entries}
+    assert (payout_pb2.DIAMOND_ENTRY_KIND_REVERSAL, payout_pb2.DIAMOND_BUCKET_DEBT, -1_500) in moves
+    assert (payout_pb2.DIAMOND_ENTRY_KIND_DEBT_REPAYMENT, AVAILABLE, -1_500) in moves
+    assert (
+        payout_pb2.DIAMOND_ENTRY_KIND_DEBT_REPAYMENT,
+        payout_pb2.DIAMOND_BUCKET_DEBT,
+        1_500,
+    ) in (moves)
+    statement = await suite.payout.GetDiamondStatement(
+        payout_pb2.GetDiamondStatementRequest(creator_id=creator)
+    )
+    assert statement.closing_balance == 500  # available 500, nothing pending, no debt
     assert older  # untouched: still part of what matured
     runtime = suite.services["payout"].runtime
     async with runtime.db.read() as conn:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
-from ledger.listing import history_query, statement_period
+from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import Access, method_rules, require_owner
 from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
@@ -15,7 +15,7 @@ from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
 from runtime.sql import as_tx
 from services.payout import policy
-from services.payout.domain import CreatorDiamonds, GiftCredit, Payouts, is_pending
+from services.payout.domain import CreatorDiamonds, GiftCredit, Payouts, bucket_of
 from services.payout.methods import NewMethod
 from services.payout.settings import PayoutSettings
 from services.payout.storage import PayoutMethodRecord, WithdrawalRecord
@@ -57,6 +57,13 @@ _ENTRY_KINDS = {
     "withdrawal": payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL,
     "withdrawal_returned": payout_pb2.DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED,
     "maturation": payout_pb2.DIAMOND_ENTRY_KIND_MATURATION,
+    "reversal": payout_pb2.DIAMOND_ENTRY_KIND_REVERSAL,
+    "debt_repayment": payout_pb2.DIAMOND_ENTRY_KIND_DEBT_REPAYMENT,
+}
+_BUCKETS = {
+    "pending": payout_pb2.DIAMOND_BUCKET_PENDING,
+    "available": payout_pb2.DIAMOND_BUCKET_AVAILABLE,
+    "debt": payout_pb2.DIAMOND_BUCKET_DEBT,
 }
 _KIND_NAMES = {value: name for name, value in _ENTRY_KINDS.items()}
 _KYC = {
@@ -385,7 +392,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                     balance_after=row.balance_after or 0,
                     reference=row.reference,
                     create_time=timestamp(row.created_at),
-                    pending=is_pending(row.account_id),
+                    bucket=_BUCKETS[bucket_of(row.account_id)],
                 )
                 for row in rows[: query.size]
             ],
@@ -398,18 +405,11 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         since, until = statement_period(request, self._clock.now())
         async with self._db.driver.read() as tx:
             period = await self._payouts.statement(tx, request.creator_id, since, until)
-        return payout_pb2.GetDiamondStatementResponse(
-            opening_balance=period.opening,
-            closing_balance=period.closing,
-            lines=[
-                payout_pb2.DiamondStatementLine(
-                    kind=_ENTRY_KINDS.get(line.kind, payout_pb2.DIAMOND_ENTRY_KIND_UNSPECIFIED),
-                    credited=line.credited,
-                    debited=line.debited,
-                    entries=line.entries,
-                )
-                for line in period.movements
-            ],
-            start_time=timestamp(since),
-            end_time=timestamp(until),
+        return statement_response(
+            payout_pb2.GetDiamondStatementResponse,
+            payout_pb2.DiamondStatementLine,
+            _ENTRY_KINDS,
+            period,
+            since,
+            until,
         )

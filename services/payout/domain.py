@@ -40,8 +40,15 @@ def pending_account(creator_id: str) -> str:
     return f"pending:{creator_id}"
 
 
-def is_pending(account_id: str) -> bool:
-    return account_id.startswith("pending:")
+def bucket_of(account_id: str) -> str:
+    """Which of a creator's balances an account is: "pending", "available" or "debt"."""
+    prefix = account_id.split(":", 1)[0]
+    return {"pending": "pending", "debt": "debt"}.get(prefix, "available")
+
+
+def creator_accounts(creator_id: str) -> list[str]:
+    """All of a creator's diamond accounts: what their statements and listings cover."""
+    return [creator_account(creator_id), pending_account(creator_id), debt_account(creator_id)]
 
 
 def debt_account(creator_id: str) -> str:
@@ -295,11 +302,11 @@ class Payouts:
         since: dt.datetime | None,
         until: dt.datetime | None,
     ) -> list[HistoryEntry]:
-        """A creator's diamond entries, pending and available, newest first (none for a creator
-        never credited)."""
+        """A creator's diamond entries (pending, available, debt), newest first (none for a
+        creator never credited)."""
         return await entries_page(
             tx,
-            [creator_account(creator_id), pending_account(creator_id)],
+            creator_accounts(creator_id),
             limit=limit,
             cursor=cursor,
             kinds=kinds,
@@ -310,11 +317,9 @@ class Payouts:
     async def statement(
         self, tx: Tx, creator_id: str, since: dt.datetime, until: dt.datetime
     ) -> Period:
-        """A creator's diamonds (pending and available) over [since, until): opening, each kind's
-        movements, closing."""
-        return await period(
-            tx, [creator_account(creator_id), pending_account(creator_id)], since, until
-        )
+        """A creator's diamonds (pending, available, less any debt) over [since, until): opening,
+        each kind's movements, closing."""
+        return await period(tx, creator_accounts(creator_id), since, until)
 
     @property
     def maturing(self) -> bool:

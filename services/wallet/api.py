@@ -6,7 +6,7 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from ledger.listing import history_query, statement_period
+from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
 from runtime.idempotency import AnsweredKey
@@ -195,20 +195,13 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         since, until = statement_period(request, self._clock.now())
         async with self._db.driver.read() as tx:
             period = await self._wallet.statement(tx, request.user_id, since, until)
-        return wallet_pb2.GetCoinStatementResponse(
-            opening_balance=period.opening,
-            closing_balance=period.closing,
-            lines=[
-                wallet_pb2.CoinStatementLine(
-                    kind=ENTRY_KINDS.get(line.kind, wallet_pb2.ENTRY_KIND_UNSPECIFIED),
-                    credited=line.credited,
-                    debited=line.debited,
-                    entries=line.entries,
-                )
-                for line in period.movements
-            ],
-            start_time=timestamp(since),
-            end_time=timestamp(until),
+        return statement_response(
+            wallet_pb2.GetCoinStatementResponse,
+            wallet_pb2.CoinStatementLine,
+            ENTRY_KINDS,
+            period,
+            since,
+            until,
         )
 
     async def DebitCoins(

@@ -125,6 +125,10 @@ class _DiamondEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Diam
     """Diamonds given back by a withdrawal that failed."""
     DIAMOND_ENTRY_KIND_MATURATION: _DiamondEntryKind.ValueType  # 4
     """Pending diamonds that matured: one entry leaves the pending balance, one enters the available one."""
+    DIAMOND_ENTRY_KIND_REVERSAL: _DiamondEntryKind.ValueType  # 5
+    """A gift's diamonds taken back (ReverseGiftCredits), from pending, available or into debt."""
+    DIAMOND_ENTRY_KIND_DEBT_REPAYMENT: _DiamondEntryKind.ValueType  # 6
+    """Available diamonds that paid back a reversal debt."""
 
 class DiamondEntryKind(_DiamondEntryKind, metaclass=_DiamondEntryKindEnumTypeWrapper):
     """What moved a creator's diamonds."""
@@ -139,7 +143,39 @@ DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED: DiamondEntryKind.ValueType  # 3
 """Diamonds given back by a withdrawal that failed."""
 DIAMOND_ENTRY_KIND_MATURATION: DiamondEntryKind.ValueType  # 4
 """Pending diamonds that matured: one entry leaves the pending balance, one enters the available one."""
+DIAMOND_ENTRY_KIND_REVERSAL: DiamondEntryKind.ValueType  # 5
+"""A gift's diamonds taken back (ReverseGiftCredits), from pending, available or into debt."""
+DIAMOND_ENTRY_KIND_DEBT_REPAYMENT: DiamondEntryKind.ValueType  # 6
+"""Available diamonds that paid back a reversal debt."""
 Global___DiamondEntryKind: _TypeAlias = DiamondEntryKind  # noqa: Y015
+
+class _DiamondBucket:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DiamondBucketEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DiamondBucket.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DIAMOND_BUCKET_UNSPECIFIED: _DiamondBucket.ValueType  # 0
+    """Not set (never returned)."""
+    DIAMOND_BUCKET_PENDING: _DiamondBucket.ValueType  # 1
+    """Credited, maturing."""
+    DIAMOND_BUCKET_AVAILABLE: _DiamondBucket.ValueType  # 2
+    """Matured: can be withdrawn."""
+    DIAMOND_BUCKET_DEBT: _DiamondBucket.ValueType  # 3
+    """Owed back after reversals (never above zero)."""
+
+class DiamondBucket(_DiamondBucket, metaclass=_DiamondBucketEnumTypeWrapper):
+    """One of a creator's balances."""
+
+DIAMOND_BUCKET_UNSPECIFIED: DiamondBucket.ValueType  # 0
+"""Not set (never returned)."""
+DIAMOND_BUCKET_PENDING: DiamondBucket.ValueType  # 1
+"""Credited, maturing."""
+DIAMOND_BUCKET_AVAILABLE: DiamondBucket.ValueType  # 2
+"""Matured: can be withdrawn."""
+DIAMOND_BUCKET_DEBT: DiamondBucket.ValueType  # 3
+"""Owed back after reversals (never above zero)."""
+Global___DiamondBucket: _TypeAlias = DiamondBucket  # noqa: Y015
 
 @_typing.final
 class DiamondBalance(_message.Message):
@@ -1188,7 +1224,7 @@ class DiamondEntry(_message.Message):
     BALANCE_AFTER_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
-    PENDING_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     """The entry's id."""
     transaction_id: _builtins.str
@@ -1201,10 +1237,8 @@ class DiamondEntry(_message.Message):
     """The creator's diamonds right after this entry."""
     reference: _builtins.str
     """The gift (or batch of gifts) or withdrawal it was for."""
-    pending: _builtins.bool
-    """True when it moved pending diamonds (a gift's credit, a maturation's first leg); false when it
-    moved available ones. balance_after is that balance's.
-    """
+    bucket: Global___DiamondBucket.ValueType
+    """Which of the creator's balances it moved; balance_after is that balance's."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was written."""
@@ -1219,11 +1253,11 @@ class DiamondEntry(_message.Message):
         balance_after: _builtins.int = ...,
         reference: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
-        pending: _builtins.bool = ...,
+        bucket: Global___DiamondBucket.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "create_time", b"create_time", "diamonds", b"diamonds", "entry_id", b"entry_id", "kind", b"kind", "pending", b"pending", "reference", b"reference", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "bucket", b"bucket", "create_time", b"create_time", "diamonds", b"diamonds", "entry_id", b"entry_id", "kind", b"kind", "reference", b"reference", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
