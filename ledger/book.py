@@ -139,6 +139,11 @@ _LOCK_ACCOUNTS_PG = Statement(
     "WHERE account_id = ANY(:account_ids::text[]) AND keeps_balance "
     "ORDER BY account_id FOR UPDATE",
 )
+_BELOW_ZERO = Statement(
+    "ledger.below_zero",
+    "SELECT account_id FROM ledger_accounts WHERE account_id LIKE :pattern AND balance < 0 "
+    "ORDER BY account_id LIMIT :limit",
+)
 _LOCK_BALANCES = Statement(
     "ledger.lock_balances",
     "SELECT account_id, balance FROM ledger_accounts "
@@ -715,6 +720,12 @@ class Ledger:
             select(accounts.c.balance).where(accounts.c.account_id == account_id)
         )
         return None if value is None else int(value)
+
+    async def below_zero(self, tx: Tx, prefix: str, *, limit: int = 500) -> list[str]:
+        """Accounts whose id starts with `prefix` and whose kept balance is below zero (debts owed),
+        in id order, `limit` at a time."""
+        rows = await tx.all(_BELOW_ZERO, pattern=f"{prefix}%", limit=limit)
+        return [str(row[0]) for row in rows]
 
     async def lock_balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
         """Row-lock existing accounts in id order (PostgreSQL; SQLite writes are serialized already)

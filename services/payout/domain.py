@@ -423,7 +423,10 @@ class Payouts:
         Returns how many creators repaid something."""
         repaid = 0
         async with driver.transaction() as tx:
-            owing = await storage.creators_in_debt(tx)
+            owing = [
+                account.removeprefix("debt:")
+                for account in await self.ledger.below_zero(tx, "debt:")
+            ]
             balances = await self.ledger.lock_balances(
                 tx, [a(c) for c in owing for a in (creator_account, debt_account)]
             )

@@ -198,11 +198,6 @@ _CREDITS_OF_GIFTS = Statement(
     "reversed_at IS NOT NULL FROM gift_credits WHERE reference = ANY(:references::text[]) "
     "ORDER BY creator_id, credit_key FOR UPDATE",
 )
-_IN_DEBT = Statement(
-    "payout.in_debt",
-    "SELECT account_id FROM ledger_accounts WHERE account_id LIKE 'debt:%' AND balance < 0 "
-    "ORDER BY account_id LIMIT 500",
-)
 _MARK_REVERSED = Statement(
     "payout.mark_reversed",
     "UPDATE gift_credits SET reversed_at = :now, reversal_transaction_id = :transaction_id, "
@@ -467,11 +462,6 @@ async def mark_reversed(tx: Tx, credit_key: str, transaction_id: str, now: dt.da
         await tx.run(_MARK_REVERSED, credit_key=credit_key, transaction_id=transaction_id, now=now)
         == 1
     )
-
-
-async def creators_in_debt(tx: Tx) -> list[str]:
-    """Creators whose reversal debt is not repaid yet (a few hundred at a time)."""
-    return [str(row[0]).removeprefix("debt:") for row in await tx.all(_IN_DEBT)]
 
 
 @dataclass(frozen=True)
