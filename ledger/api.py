@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import TypeVar
@@ -68,27 +69,31 @@ class AuditJobs:
 
     async def run(self, *, incremental: bool) -> AuditRun:
         async with self._one_at_a_time:
-            # The job is handed over in the environment, not on stdin: under uvloop with gRPC's
-            # threads running, a pipe to the child's stdin can be closed before it is written.
+            # Started by the standard library from a thread (vfork and exec), not by the event
+            # loop: uvloop forks the whole serving process, gRPC's fork handlers run in the copy,
+            # and under load that copy died with SIGSEGV before it ever ran the job.
             job = json.dumps({**self._job, "incremental": incremental})
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-X",
-                "faulthandler",  # a crash of the job leaves its Python stack on stderr
-                "-m",
-                "ledger.auditor",
-                "--job-from-env",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            child = await asyncio.to_thread(
+                subprocess.Popen,
+                [
+                    sys.executable,
+                    "-X",
+                    "faulthandler",  # a crash of the job leaves its Python stack on stderr
+                    "-m",
+                    "ledger.auditor",
+                    "--job-from-env",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env={**os.environ, JOB_VARIABLE: job},
             )
             try:
-                out, err = await child.communicate()
+                out, err = await asyncio.to_thread(child.communicate)
             finally:
                 if child.returncode is None:  # the caller gave up: so does the job
                     child.kill()
-                    await child.wait()
+                    await asyncio.to_thread(child.wait)
         # The report on stdout is the answer, whatever the exit status says (under some event loops
         # a child reaped elsewhere reports 255): no report, no answer.
         try:

@@ -1,0 +1,200 @@
+"""A seeded random walk over payout against a model of it: credits, the clock moving (maturation and
+debt repayment by the service's own sweep), reversals, quotes and withdrawals, each step checked
+against what the model says every balance must be and what every refusal must say; the diamond ledger's
+audit clean at the end. COINS_MODEL_SEED replays a walk."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from coins.payout.v1 import payout_pb2
+from runtime.status import error_info
+from tests.helpers import ShiftedClock, eventually, new_id, rpc_error, verify_creator
+from tests.suite import Suite, require_postgres, start_suite
+
+DAYS = 15
+STEPS = 80
+MINIMUM_DIAMONDS = 2_000  # $10.00 at 200 diamonds a dollar
+
+
+@dataclass
+class Credit:
+    gift_id: str
+    diamonds: int
+    at: dt.datetime
+    matured: bool = False
+    reversed: bool = False
+
+
+@dataclass
+class Creator:
+    name: str
+    credits: list[Credit] = field(default_factory=list)
+    available: int = 0
+    debt: int = 0
+
+    @property
+    def pending(self) -> int:
+        return sum(c.diamonds for c in self.credits if not c.matured and not c.reversed)
+
+
+class Model:
+    def __init__(self, creators: list[str]) -> None:
+        self.creators = {name: Creator(name) for name in creators}
+
+    def mature(self, now: dt.datetime) -> None:
+        """What the sweep does: due credits become available, then debts are repaid from it."""
+        for creator in self.creators.values():
+            for credit in creator.credits:
+                due = credit.at + dt.timedelta(days=DAYS) <= now
+                if due and not credit.matured and not credit.reversed:
+                    credit.matured = True
+                    creator.available += credit.diamonds
+            repay = min(creator.debt, creator.available)
+            creator.debt -= repay
+            creator.available -= repay
+
+    def reverse(self, creator: Creator, credit: Credit) -> None:
+        credit.reversed = True
+        if not credit.matured:
+            return  # taken from pending
+        taken = min(credit.diamonds, creator.available)
+        creator.available -= taken
+        creator.debt += credit.diamonds - taken
+
+    @staticmethod
+    def refusal(creator: Creator, diamonds: int) -> str:
+        taken = diamonds - diamonds % 2  # whole cents only
+        if creator.debt:
+            return "DEBT_OUTSTANDING"
+        if taken < MINIMUM_DIAMONDS:
+            return "BELOW_MINIMUM"
+        if taken > creator.available:
+            return "INSUFFICIENT_FUNDS"
+        return ""
+
+
+@pytest.fixture(scope="module")
+async def walk_suite(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
+    if backend == "postgres":
+        await require_postgres()
+    clock = ShiftedClock()
+    running = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"model-{backend}"),
+        only=("payout",),
+        overrides={"payout": {"maturation_days": DAYS, "maturation_every_seconds": 0.1}},
+        clock=clock,
+    )
+    yield running, clock
+    await running.stop()
+
+
+async def test_payout_matches_its_model_through_a_random_walk(
+    walk_suite: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, clock = walk_suite
+    seed = int(os.environ.get("COINS_MODEL_SEED", random.randrange(10**6)))
+    rng = random.Random(seed)
+    names = [new_id("creator") for _ in range(3)]
+    model = Model(names)
+    admin = suite.token(new_id("risk"), admin=True)
+    gifting = suite.as_caller("gifting").payout
+    verified: set[str] = set()
+    outcomes: dict[str, int] = {}
+
+    async def matches() -> bool:
+        for creator in model.creators.values():
+            got = (
+                await suite.payout.GetDiamondBalance(
+                    payout_pb2.GetDiamondBalanceRequest(creator_id=creator.name)
+                )
+            ).balance
+            if (got.pending_diamonds, got.available_diamonds, got.debt_diamonds) != (
+                creator.pending,
+                creator.available,
+                creator.debt,
+            ):
+                return False
+        return True
+
+    for step in range(STEPS):
+        creator = model.creators[rng.choice(names)]
+        action = rng.choices(["credit", "advance", "reverse", "withdraw"], weights=[5, 2, 2, 3])[0]
+        where = f"seed {seed}, step {step}: {action} {creator.name}"
+        if action == "credit":
+            gift_id, diamonds = new_id("g"), rng.randrange(1, 4_000)
+            await gifting.CreditDiamonds(
+                payout_pb2.CreditDiamondsRequest(
+                    request_id=f"gift:{gift_id}",
+                    creator_id=creator.name,
+                    coins=diamonds * 2,
+                    reference=gift_id,
+                )
+            )
+            creator.credits.append(Credit(gift_id, diamonds, clock.now()))
+        elif action == "advance":
+            clock.shift += dt.timedelta(days=rng.choice([1, 7, 16]))
+            model.mature(clock.now())
+        elif action == "reverse":
+            live = [c for c in creator.credits if not c.reversed]
+            if not live:
+                continue
+            matured = [c for c in live if c.matured]
+            credit = rng.choice(matured if matured and rng.random() < 0.7 else live)
+            await suite.payout.ReverseGiftCredits(
+                payout_pb2.ReverseGiftCreditsRequest(
+                    request_id=new_id("rev"), gift_ids=[credit.gift_id], reason=where
+                ),
+                metadata=admin,
+            )
+            model.reverse(creator, credit)
+            outcomes["reversal"] = outcomes.get("reversal", 0) + 1
+        else:
+            if not creator.credits:
+                continue  # payout has never heard of this creator
+            if creator.name not in verified:
+                await verify_creator(suite, creator.name)
+                verified.add(creator.name)
+            # Often all that is available: later reversals of matured gifts then leave debts.
+            everything = max(creator.available - creator.available % 2, 1)
+            diamonds = rng.choice([rng.randrange(1_000, 6_000), everything, everything])
+            expected = model.refusal(creator, diamonds)
+            quote = await suite.payout.QuoteWithdrawal(
+                payout_pb2.QuoteWithdrawalRequest(creator_id=creator.name, diamonds=diamonds)
+            )
+            if expected != "DEBT_OUTSTANDING":  # the quote leaves debts to the request
+                assert quote.refusal == expected, where
+            request = payout_pb2.RequestWithdrawalRequest(
+                request_id=new_id("wd"),
+                creator_id=creator.name,
+                diamonds=diamonds,
+                method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+                destination_token="dest_paypal_ok",
+            )
+            outcomes[expected or "paid"] = outcomes.get(expected or "paid", 0) + 1
+            if expected:
+                error = await rpc_error(suite.payout.RequestWithdrawal(request))
+                info = error_info(error)
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, where
+                assert info is not None and info.reason == expected, (where, error.details())
+            else:
+                taken = await suite.payout.RequestWithdrawal(request)
+                assert taken.withdrawal.diamonds == quote.diamonds, where
+                creator.available -= quote.diamonds
+        await eventually(matches, f"the balances the model expects ({where})")
+
+    runtime = suite.services["payout"].runtime
+    async with runtime.db.read() as conn:
+        report = await runtime.parts["payouts"].ledger.audit(conn)  # type: ignore[attr-defined]
+    assert report.ok, (seed, report)
+    print(f"model walk, seed {seed}: {sorted(outcomes.items())}")  # shown with -s
