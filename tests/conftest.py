@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults import TcpProxy, suite_with_wallet_db_behind_proxy
+from tests.helpers import ShiftedClock
 from tests.suite import Suite, require_postgres, start_suite
 
 BACKENDS = [b for b in os.environ.get("COINS_TEST_BACKENDS", "sqlite,postgres").split(",") if b]
@@ -52,3 +53,23 @@ async def wallet_behind_proxy(tmp_path: Path) -> AsyncIterator[tuple[Suite, TcpP
     """The suite on PostgreSQL with the wallet's database behind a proxy the test cuts or holds."""
     async with suite_with_wallet_db_behind_proxy(tmp_path) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+async def maturing(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
+    """Payout alone, with a 15-day maturation period swept every 0.2 s, on a clock the tests move
+    (a module's own: the tests move its clock)."""
+    if backend == "postgres":
+        await require_postgres()
+    clock = ShiftedClock()
+    running = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"maturing-{backend}"),
+        only=("payout",),
+        overrides={"payout": {"maturation_days": 15, "maturation_every_seconds": 0.2}},
+        clock=clock,
+    )
+    yield running, clock
+    await running.stop()

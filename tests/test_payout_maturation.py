@@ -5,37 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 
 import grpc
-import pytest
 
 from coins.payout.v1 import payout_pb2
 from services.payout.domain import Payouts
 from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify_creator
-from tests.suite import Suite, require_postgres, start_suite
+from tests.suite import Suite
 
 DAYS = 15
 PENDING, AVAILABLE = payout_pb2.DIAMOND_BUCKET_PENDING, payout_pb2.DIAMOND_BUCKET_AVAILABLE
-
-
-@pytest.fixture(scope="module")
-async def maturing(
-    backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
-    """Payout with a 15-day maturation period, swept every 0.2 s, on a clock the tests move."""
-    if backend == "postgres":
-        await require_postgres()
-    clock = ShiftedClock()
-    running = await start_suite(
-        backend,
-        tmp_path_factory.mktemp(f"maturing-{backend}"),
-        only=("payout",),
-        overrides={"payout": {"maturation_days": DAYS, "maturation_every_seconds": 0.2}},
-        clock=clock,
-    )
-    yield running, clock
-    await running.stop()
 
 
 async def credit(suite: Suite, creator: str, diamonds: int) -> payout_pb2.CreditDiamondsResponse:

@@ -8,18 +8,16 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-import pytest
 
 from coins.payout.v1 import payout_pb2
 from runtime.status import error_info
 from tests.helpers import ShiftedClock, eventually, new_id, rpc_error, verify_creator
-from tests.suite import Suite, require_postgres, start_suite
+from tests.suite import Suite
+from tests.test_payout_maturation import DAYS
 
-DAYS = 15
 STEPS = 80
 MINIMUM_DIAMONDS = 2_000  # $10.00 at 200 diamonds a dollar
 
@@ -81,28 +79,10 @@ class Model:
         return ""
 
 
-@pytest.fixture(scope="module")
-async def walk_suite(
-    backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
-    if backend == "postgres":
-        await require_postgres()
-    clock = ShiftedClock()
-    running = await start_suite(
-        backend,
-        tmp_path_factory.mktemp(f"model-{backend}"),
-        only=("payout",),
-        overrides={"payout": {"maturation_days": DAYS, "maturation_every_seconds": 0.1}},
-        clock=clock,
-    )
-    yield running, clock
-    await running.stop()
-
-
 async def test_payout_matches_its_model_through_a_random_walk(
-    walk_suite: tuple[Suite, ShiftedClock],
+    maturing: tuple[Suite, ShiftedClock],
 ) -> None:
-    suite, clock = walk_suite
+    suite, clock = maturing
     seed = int(os.environ.get("COINS_MODEL_SEED", random.randrange(10**6)))
     rng = random.Random(seed)
     names = [new_id("creator") for _ in range(3)]
