@@ -144,12 +144,19 @@ _BELOW_ZERO = Statement(
     "SELECT account_id FROM ledger_accounts WHERE account_id LIKE :pattern AND balance < 0 "
     "ORDER BY account_id LIMIT :limit",
 )
-_LOCK_BALANCES = Statement(
-    "ledger.lock_balances",
-    "SELECT account_id, balance FROM ledger_accounts "
+_LOCK_AVAILABLE = Statement(
+    "ledger.lock_available",
+    "SELECT account_id, balance - held FROM ledger_accounts "
     "WHERE account_id IN (SELECT value FROM json_each(:account_ids)) ORDER BY account_id",
-    postgres="SELECT account_id, balance FROM ledger_accounts "
+    postgres="SELECT account_id, balance - held FROM ledger_accounts "
     "WHERE account_id = ANY(:account_ids::text[]) ORDER BY account_id FOR UPDATE",
+)
+_AVAILABLE = Statement(
+    "ledger.available_balances",
+    "SELECT account_id, balance - held FROM ledger_accounts "
+    "WHERE account_id IN (SELECT value FROM json_each(:account_ids))",
+    postgres="SELECT account_id, balance - held FROM ledger_accounts "
+    "WHERE account_id = ANY(:account_ids::text[])",
 )
 _OPEN_ACCOUNT = Statement(
     "ledger.open_account",
@@ -727,12 +734,18 @@ class Ledger:
         rows = await tx.all(_BELOW_ZERO, pattern=f"{prefix}%", limit=limit)
         return [str(row[0]) for row in rows]
 
-    async def lock_balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
+    async def lock_available(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
         """Row-lock existing accounts in id order (PostgreSQL; SQLite writes are serialized already)
-        and read their kept balances, which then stay true until this transaction posts: for
-        decisions computed from balances (a reversal takes what is available)."""
-        rows = await tx.all(_LOCK_BALANCES, account_ids=sorted(account_ids))
+        and read what is available on them (balance less active holds), which then stays true until
+        this transaction posts: for decisions computed from balances (a reversal takes what is
+        available)."""
+        rows = await tx.all(_LOCK_AVAILABLE, account_ids=sorted(account_ids))
         return {str(a): int(b) for a, b in rows}
+
+    async def available_balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
+        """What is available (balance less active holds) on existing accounts, in one read."""
+        rows = await tx.all(_AVAILABLE, account_ids=list(account_ids))
+        return {str(row[0]): int(row[1]) for row in rows}
 
     async def lock(self, conn: AsyncConnection, account_id: str) -> None:
         """Row-lock an account until the transaction ends (PostgreSQL; SQLite writes are serialized

@@ -28,10 +28,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SERVICE_IDENTITIES = ("wallet", "gifting", "payout", "promotion")
-CALLER_IDENTITIES = ("gateway", "admin-console", "ad-delivery", "payment-webhooks")
+CALLER_IDENTITIES = (
+    "gateway",
+    "admin-console",
+    "ad-delivery",
+    "payment-webhooks",
+    "payout-webhooks",
+)
 """Platform callers: the API gateway (coinsctl plays it locally) and the admin console carry users'
 requests; ad delivery reports promotions' delivery; the payment webhook receiver relays the payment
-provider's events (refunds, chargebacks)."""
+provider's events (refunds, chargebacks), the payout webhook receiver the payout processor's."""
 DEV_KEY_ID = "dev-1"
 _VALIDITY = dt.timedelta(days=825)
 

@@ -72,13 +72,19 @@ class Runtime(Generic[S]):
         self.idempotency = Idempotency(db, clock)
         self.parts: dict[str, object] = {}
         """The service's parts by name (its payment provider, say), for tools and tests to reach."""
+        self.port = settings.port
+        """The port the server listens on (known once it is bound: settings may say 0)."""
         self._channels: list[grpc.aio.Channel] = []
         self._workers: list[Callable[[], Awaitable[None]]] = []
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """A traced, retrying channel to another service; closed when this service stops."""
+    def channel(self, address: str, identity: str | None = None) -> grpc.aio.Channel:
+        """A traced, retrying channel to another service, presenting this service's certificate (or
+        `identity`'s: a simulated outside party's); closed when this service stops."""
         channel = service_channel(
-            address, self.settings.security, self.settings.service_name, self.tracer_provider
+            address,
+            self.settings.security,
+            identity or self.settings.service_name,
+            self.tracer_provider,
         )
         self._channels.append(channel)
         return channel
@@ -94,11 +100,14 @@ class Runtime(Generic[S]):
         work: Callable[[], Awaitable[int]],
         *,
         batch: int | None = None,
+        first_after: float = 0.0,
     ) -> None:
-        """Run `work` every `every` seconds (sweeps, reconcilers); it returns how much it did, which
-        is logged; when it did a full `batch`, it runs again at once to drain a backlog."""
+        """Run `work` every `every` seconds (sweeps, reconcilers), the first time `first_after`
+        seconds after start; it returns how much it did, which is logged; when it did a full
+        `batch`, it runs again at once to drain a backlog."""
 
         async def periodically() -> None:
+            await asyncio.sleep(first_after)
             while True:
                 done = await work()
                 if done:
@@ -284,7 +293,7 @@ async def start_service(
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
-    port = _listen(server, settings.address, server_credentials(security, spec.name))
+    port = runtime.port = _listen(server, settings.address, server_credentials(security, spec.name))
 
     # Probes (Kubernetes' gRPC probes speak plaintext) get health checking, and nothing else.
     health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])

@@ -10,9 +10,11 @@ mutating RPCs would change the books if admitted, so "nothing changed" after a r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -21,6 +23,8 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from services.payout import storage as payout_storage
+from services.payout.sandbox import sign
 from tests.helpers import (
     adult_birth_date,
     eventually,
@@ -116,6 +120,9 @@ def withdrawal_settled(
             return response.withdrawal.status in (
                 payout_pb2.WITHDRAWAL_STATUS_PAID,
                 payout_pb2.WITHDRAWAL_STATUS_FAILED,
+                payout_pb2.WITHDRAWAL_STATUS_RETURNED,
+                payout_pb2.WITHDRAWAL_STATUS_REJECTED,
+                payout_pb2.WITHDRAWAL_STATUS_CANCELLED,
             )
 
         await eventually(settled, f"withdrawal {withdrawal_id} to be paid")
@@ -446,6 +453,86 @@ async def _get_withdrawal(suite: Suite) -> Sample:
     await withdrawal_settled(suite, withdrawal_id, creator)()
     request = payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id)
     return Sample(request, creator)
+
+
+async def withdrawal_in_review(suite: Suite) -> tuple[str, str]:
+    """(creator, withdrawal id) of a withdrawal above the auto-approve threshold: it waits."""
+    creator = await creator_with_diamonds(suite, 50_000)
+    made = await suite.payout.RequestWithdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            request_id=new_id("wd"),
+            creator_id=creator,
+            diamonds=40_000,  # $200
+            method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+            destination_token="dest_paypal_ok",
+        )
+    )
+    assert made.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_IN_REVIEW
+    return creator, made.withdrawal.withdrawal_id
+
+
+@sample(PAYOUT, "CancelWithdrawal", record_owned=True)
+async def _cancel_withdrawal(suite: Suite) -> Sample:
+    creator, withdrawal_id = await withdrawal_in_review(suite)
+    request = payout_pb2.CancelWithdrawalRequest(
+        request_id=new_id("cancel"), withdrawal_id=withdrawal_id
+    )
+    return Sample(request, creator, mutates=True)
+
+
+@sample(PAYOUT, "ReviewWithdrawal")
+async def _review_withdrawal(suite: Suite) -> Sample:
+    _, withdrawal_id = await withdrawal_in_review(suite)
+    request = payout_pb2.ReviewWithdrawalRequest(
+        request_id=new_id("review"),
+        withdrawal_id=withdrawal_id,
+        decision=payout_pb2.REVIEW_DECISION_REJECT,
+        reason="security test sample",
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
+@sample(PAYOUT, "ListWithdrawalQueue")
+async def _list_withdrawal_queue(suite: Suite) -> Sample:
+    request = payout_pb2.ListWithdrawalQueueRequest(
+        queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED, page_size=5
+    )
+    return Sample(request, new_id("admin"), admin=True)
+
+
+@sample(PAYOUT, "RetryWithdrawal")
+async def _retry_withdrawal(suite: Suite) -> Sample:
+    _, withdrawal_id = await withdrawal_in_review(suite)
+    async with suite.services["payout"].runtime.db.transaction() as conn:  # as the worker parks
+        await conn.execute(
+            sa.update(payout_storage.withdrawals)
+            .where(payout_storage.withdrawals.c.withdrawal_id == withdrawal_id)
+            .values(parked_at=sa.func.now())
+        )
+    request = payout_pb2.RetryWithdrawalRequest(
+        request_id=new_id("retry"), withdrawal_id=withdrawal_id
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
+@sample(PAYOUT, "HandleProcessorEvent")
+async def _handle_processor_event(suite: Suite) -> Sample:
+    body = json.dumps(
+        {
+            "id": new_id("WH"),
+            "event_type": "PAYMENT.PAYOUTS-ITEM.SUCCEEDED",
+            "resource": {"sender_item_id": new_id("not-ours"), "transaction_status": "SUCCESS"},
+        }
+    ).encode()
+    secret = b"dev-payout-webhook-secret"
+    request = payout_pb2.HandleProcessorEventRequest(body=body, signature=sign(secret, body))
+    return Sample(request, None, mutates=True)
+
+
+@sample(PAYOUT, "ReconcileWithdrawals")
+async def _reconcile_withdrawals(suite: Suite) -> Sample:
+    request = payout_pb2.ReconcileWithdrawalsRequest(run_now=False)
+    return Sample(request, new_id("admin"), admin=True)
 
 
 @sample(PAYOUT, "ListWithdrawals")

@@ -287,6 +287,16 @@ async def start_suite(
                 # Most tests withdraw what they just credited; tests/test_payout_maturation.py
                 # runs payout with its maturation period on a clock it moves.
                 options["maturation_days"] = 0
+                # The sandbox processor at test speed: items settle, and callbacks arrive (late,
+                # out of order, some twice), within a few hundred milliseconds.
+                options.update(
+                    processor_latency_ms=5,
+                    processor_settle_ms=30,
+                    processor_unclaimed_return_ms=300,
+                    processor_callback_delay_ms=100,
+                    processor_duplicate_callback_percent=50,
+                    processor_poll_seconds=1.0,
+                )
             options.update(overrides.get(name, {}))
             settings = spec.settings_type(**options)
             provider = make_tracer_provider(name, exporter=suite.spans)

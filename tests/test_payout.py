@@ -41,7 +41,11 @@ async def diamonds_of(suite: Suite, creator: str) -> int:
 
 async def settled(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Withdrawal:
     """The processor worker pays in the background; wait (bounded) for the outcome."""
-    final = (payout_pb2.WITHDRAWAL_STATUS_PAID, payout_pb2.WITHDRAWAL_STATUS_FAILED)
+    final = (
+        payout_pb2.WITHDRAWAL_STATUS_PAID,
+        payout_pb2.WITHDRAWAL_STATUS_FAILED,
+        payout_pb2.WITHDRAWAL_STATUS_RETURNED,
+    )
 
     async def read() -> payout_pb2.Withdrawal:
         response = await suite.payout.GetWithdrawal(
@@ -84,12 +88,26 @@ async def test_a_withdrawal_takes_the_diamonds_and_gets_paid(suite: Suite) -> No
         0,
         1_500,
     )
-    assert w.status == payout_pb2.WITHDRAWAL_STATUS_PENDING
-    assert response.balance.diamonds == 2_000
-    assert (
-        await settled(suite, w.withdrawal_id, creator)
-    ).status == payout_pb2.WITHDRAWAL_STATUS_PAID
-    assert await diamonds_of(suite, creator) == 2_000
+    # $15 is at most the auto-approve threshold ($100): approved at once; the diamonds are held.
+    assert w.status == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+    assert [e.status for e in w.history] == [
+        payout_pb2.WITHDRAWAL_STATUS_REQUESTED,
+        payout_pb2.WITHDRAWAL_STATUS_APPROVED,
+    ]
+    assert (response.balance.diamonds, response.balance.held_diamonds) == (2_000, 3_000)
+    paid = await settled(suite, w.withdrawal_id, creator)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert paid.processor_reference.startswith("SBXITEM")
+    assert [e.status for e in paid.history][2:] == [
+        payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+        payout_pb2.WITHDRAWAL_STATUS_PAID,
+    ]
+    balance = (
+        await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+    ).balance
+    assert (balance.diamonds, balance.held_diamonds, balance.paid_out_diamonds) == (2_000, 0, 3_000)
 
 
 async def test_a_failed_payout_returns_the_diamonds(suite: Suite) -> None:

@@ -12,6 +12,7 @@ from coins.payout.v1 import payout_pb2
 from services.payout.domain import Payouts
 from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify_creator
 from tests.suite import Suite
+from tests.test_payout import settled
 
 DAYS = 15
 PENDING, AVAILABLE = payout_pb2.DIAMOND_BUCKET_PENDING, payout_pb2.DIAMOND_BUCKET_AVAILABLE
@@ -79,6 +80,9 @@ async def test_diamonds_wait_pending_then_become_available_by_themselves(
 
     taken = await suite.payout.RequestWithdrawal(withdrawal(creator, 2_000))
     assert taken.balance.available_diamonds == 1_000
+    # The hold becomes a ledger entry when the processor has paid.
+    paid = await settled(suite, taken.withdrawal.withdrawal_id, creator)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
 
     entries = await suite.payout.ListDiamondEntries(
         payout_pb2.ListDiamondEntriesRequest(creator_id=creator)

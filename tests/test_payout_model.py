@@ -1,7 +1,9 @@
 """A seeded random walk over payout against a model of it: credits, the clock moving (maturation and
-debt repayment by the service's own sweep), reversals, quotes and withdrawals, each step checked
-against what the model says every balance must be and what every refusal must say; the diamond ledger's
-audit clean at the end. COINS_MODEL_SEED replays a walk."""
+debt repayment by the service's own sweep), reversals, quotes, withdrawals to receivers the sandbox
+processor pays, fails, leaves unclaimed or returns after paying (its callbacks late, out of order and
+some twice), reviews and cancels; each step checked against what the model says every balance must be
+and what every refusal must say; the diamond ledger's audit clean at the end. COINS_MODEL_SEED
+replays a walk."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tests.helpers import ShiftedClock, eventually, new_id, rpc_error, verify_cr
 from tests.suite import Suite
 from tests.test_payout_maturation import DAYS
 
-STEPS = 80
+STEPS = 120
 MINIMUM_DIAMONDS = 2_000  # $10.00 at 200 diamonds a dollar
 
 
@@ -31,12 +33,42 @@ class Credit:
     reversed: bool = False
 
 
+OUTCOMES = {  # receiver -> what the sandbox processor does with the payment
+    "ok@example.com": "paid",
+    "fail_card_declined@example.com": "failed",
+    "unclaimed@example.com": "returned",
+    "returned@example.com": "paid then returned",
+}
+AUTO_APPROVE_DIAMONDS = 20_000  # $100
+
+
+@dataclass
+class Withdrawal:
+    withdrawal_id: str
+    diamonds: int
+    receiver: str
+    status: str  # "in_review", "approved" (on to its outcome), "rejected", "cancelled"
+
+
 @dataclass
 class Creator:
     name: str
     credits: list[Credit] = field(default_factory=list)
     available: int = 0
     debt: int = 0
+    withdrawals: list[Withdrawal] = field(default_factory=list)
+
+    @property
+    def held(self) -> int:
+        return sum(w.diamonds for w in self.withdrawals if w.status == "in_review")
+
+    @property
+    def paid_out(self) -> int:
+        return sum(
+            w.diamonds
+            for w in self.withdrawals
+            if w.status == "approved" and OUTCOMES[w.receiver] == "paid"
+        )
 
     @property
     def pending(self) -> int:
@@ -55,9 +87,22 @@ class Model:
                 if due and not credit.matured and not credit.reversed:
                     credit.matured = True
                     creator.available += credit.diamonds
+        self.repay()
+
+    def repay(self) -> None:
+        """The sweep (every 0.2 s) repays debts from whatever became available."""
+        for creator in self.creators.values():
             repay = min(creator.debt, creator.available)
             creator.debt -= repay
             creator.available -= repay
+
+    @staticmethod
+    def approved(withdrawal: Withdrawal, creator: Creator) -> None:
+        """On to the processor: what comes back (failed, unclaimed, returned after paid) is
+        available again once the processor says so."""
+        withdrawal.status = "approved"
+        if OUTCOMES[withdrawal.receiver] != "paid":
+            creator.available += withdrawal.diamonds
 
     def reverse(self, creator: Creator, credit: Credit) -> None:
         credit.reversed = True
@@ -99,17 +144,29 @@ async def test_payout_matches_its_model_through_a_random_walk(
                     payout_pb2.GetDiamondBalanceRequest(creator_id=creator.name)
                 )
             ).balance
-            if (got.pending_diamonds, got.available_diamonds, got.debt_diamonds) != (
+            expected = (
                 creator.pending,
                 creator.available,
                 creator.debt,
-            ):
+                creator.held,
+                creator.paid_out,
+            )
+            if (
+                got.pending_diamonds,
+                got.available_diamonds,
+                got.debt_diamonds,
+                got.held_diamonds,
+                got.paid_out_diamonds,
+            ) != expected:
                 return False
         return True
 
     for step in range(STEPS):
         creator = model.creators[rng.choice(names)]
-        action = rng.choices(["credit", "advance", "reverse", "withdraw"], weights=[5, 2, 2, 3])[0]
+        action = rng.choices(
+            ["credit", "advance", "reverse", "withdraw", "review", "cancel"],
+            weights=[5, 2, 2, 3, 1, 1],
+        )[0]
         where = f"seed {seed}, step {step}: {action} {creator.name}"
         if action == "credit":
             gift_id, diamonds = new_id("g"), rng.randrange(1, 4_000)
@@ -139,6 +196,40 @@ async def test_payout_matches_its_model_through_a_random_walk(
             )
             model.reverse(creator, credit)
             outcomes["reversal"] = outcomes.get("reversal", 0) + 1
+        elif action in ("review", "cancel"):
+            waiting = [w for w in creator.withdrawals if w.status == "in_review"]
+            if not waiting:
+                continue
+            withdrawal = rng.choice(waiting)
+            if action == "cancel":
+                await suite.payout.CancelWithdrawal(
+                    payout_pb2.CancelWithdrawalRequest(
+                        request_id=new_id("cancel"), withdrawal_id=withdrawal.withdrawal_id
+                    ),
+                    metadata=suite.token(creator.name),
+                )
+                withdrawal.status = "cancelled"
+                creator.available += withdrawal.diamonds
+            else:
+                approve = rng.random() < 0.6
+                await suite.payout.ReviewWithdrawal(
+                    payout_pb2.ReviewWithdrawalRequest(
+                        request_id=new_id("review"),
+                        withdrawal_id=withdrawal.withdrawal_id,
+                        decision=payout_pb2.REVIEW_DECISION_APPROVE
+                        if approve
+                        else payout_pb2.REVIEW_DECISION_REJECT,
+                        reason=where,
+                    ),
+                    metadata=admin,
+                )
+                if approve:
+                    model.approved(withdrawal, creator)
+                else:
+                    withdrawal.status = "rejected"
+                    creator.available += withdrawal.diamonds
+            outcomes[action] = outcomes.get(action, 0) + 1
+            model.repay()
         else:
             if not creator.credits:
                 continue  # payout has never heard of this creator
@@ -147,7 +238,10 @@ async def test_payout_matches_its_model_through_a_random_walk(
                 verified.add(creator.name)
             # Often all that is available: later reversals of matured gifts then leave debts.
             everything = max(creator.available - creator.available % 2, 1)
-            diamonds = rng.choice([rng.randrange(1_000, 6_000), everything, everything])
+            diamonds = rng.choice(
+                [rng.randrange(1_000, 6_000), rng.randrange(20_000, 30_000), everything, everything]
+            )
+            receiver = rng.choice(list(OUTCOMES))
             expected = model.refusal(creator, diamonds)
             quote = await suite.payout.QuoteWithdrawal(
                 payout_pb2.QuoteWithdrawalRequest(creator_id=creator.name, diamonds=diamonds)
@@ -159,9 +253,10 @@ async def test_payout_matches_its_model_through_a_random_walk(
                 creator_id=creator.name,
                 diamonds=diamonds,
                 method=payout_pb2.PAYOUT_METHOD_PAYPAL,
-                destination_token="dest_paypal_ok",
+                destination_token=receiver,
             )
-            outcomes[expected or "paid"] = outcomes.get(expected or "paid", 0) + 1
+            outcome = expected or OUTCOMES[receiver]
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
             if expected:
                 error = await rpc_error(suite.payout.RequestWithdrawal(request))
                 info = error_info(error)
@@ -171,6 +266,16 @@ async def test_payout_matches_its_model_through_a_random_walk(
                 taken = await suite.payout.RequestWithdrawal(request)
                 assert taken.withdrawal.diamonds == quote.diamonds, where
                 creator.available -= quote.diamonds
+                withdrawal = Withdrawal(
+                    taken.withdrawal.withdrawal_id, quote.diamonds, receiver, "in_review"
+                )
+                creator.withdrawals.append(withdrawal)
+                if quote.diamonds <= AUTO_APPROVE_DIAMONDS:
+                    assert taken.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_APPROVED, where
+                    model.approved(withdrawal, creator)
+                else:
+                    assert taken.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_IN_REVIEW, where
+                model.repay()
         await eventually(matches, f"the balances the model expects ({where})")
 
     runtime = suite.services["payout"].runtime

@@ -1,18 +1,18 @@
-"""The withdrawal worker never stalls: a processor call that hangs times out, is counted and retried
-after a growing pause, while the other withdrawals are paid."""
+"""The withdrawal worker never stalls and never pays twice: a lost answer is looked up, not resent;
+a lost request is resent under the same key; what cannot be finished is parked for an admin."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
-import sqlalchemy as sa
 
 from coins.payout.v1 import payout_pb2
-from services.payout import storage
-from tests.helpers import eventually
+from services.payout.sandbox import PayPalSandbox
+from tests.helpers import eventually, expect_error, new_id
 from tests.suite import Suite, require_postgres, start_suite
-from tests.test_payout import creator_with_diamonds, withdrawal
+from tests.test_payout import creator_with_diamonds, settled, withdrawal
 
 
 @pytest.fixture(scope="module")
@@ -22,49 +22,112 @@ async def impatient(backend: str, tmp_path_factory: pytest.TempPathFactory) -> A
     suite = await start_suite(
         backend,
         tmp_path_factory.mktemp(f"payout-worker-{backend}"),
-        overrides={"payout": {"processor_timeout_seconds": 0.3}},
+        only=("payout",),
+        overrides={
+            "payout": {
+                "processor_timeout_seconds": 0.3,
+                "processor_max_backoff_seconds": 1.0,
+                "processor_max_attempts": 3,
+            }
+        },
     )
     yield suite
     await suite.stop()
 
 
-async def test_a_hung_processor_call_is_retried_and_holds_up_no_one(impatient: Suite) -> None:
+def sandbox(suite: Suite) -> PayPalSandbox:
+    processor = suite.services["payout"].runtime.parts["processor"]
+    assert isinstance(processor, PayPalSandbox)
+    return processor
+
+
+async def read(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Withdrawal:
+    found = await suite.payout.GetWithdrawal(
+        payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id), metadata=suite.token(creator)
+    )
+    return found.withdrawal
+
+
+async def test_a_lost_answer_is_looked_up_and_paid_once_while_others_are_paid(
+    impatient: Suite,
+) -> None:
     suite = impatient
-    stuck_creator = await creator_with_diamonds(suite, 5_000)
+    lost_creator = await creator_with_diamonds(suite, 5_000)
     other_creator = await creator_with_diamonds(suite, 5_000)
-    stuck = await suite.payout.RequestWithdrawal(
-        withdrawal(stuck_creator, 2_000, "dest_hang_forever"), metadata=suite.token(stuck_creator)
+    # The processor records this payment, but its answer never comes back (the call times out).
+    lost = await suite.payout.RequestWithdrawal(
+        withdrawal(lost_creator, 2_000, "dest_hang_answer_lost"), metadata=suite.token(lost_creator)
     )
     other = await suite.payout.RequestWithdrawal(
         withdrawal(other_creator, 2_000), metadata=suite.token(other_creator)
     )
-
-    async def status(answer: payout_pb2.RequestWithdrawalResponse, creator: str) -> int:
-        found = await suite.payout.GetWithdrawal(
-            payout_pb2.GetWithdrawalRequest(withdrawal_id=answer.withdrawal.withdrawal_id),
-            metadata=suite.token(creator),
+    assert (
+        await settled(suite, other.withdrawal.withdrawal_id, other_creator)
+    ).status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    paid = await settled(suite, lost.withdrawal.withdrawal_id, lost_creator)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    # Exactly one item at the processor, and the diamonds left once.
+    items = [
+        i
+        for i in await sandbox(suite).items_since(paid.create_time.ToDatetime().astimezone())
+        if i.sender_item_id == paid.withdrawal_id
+    ]
+    assert [(i.status, i.amount_minor) for i in items] == [("SUCCESS", 1_000)]
+    balance = (
+        await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=lost_creator)
         )
-        return int(found.withdrawal.status)
+    ).balance
+    assert (balance.diamonds, balance.held_diamonds, balance.paid_out_diamonds) == (3_000, 0, 2_000)
 
-    async def other_paid() -> bool:
-        return await status(other, other_creator) == payout_pb2.WITHDRAWAL_STATUS_PAID
 
-    await eventually(other_paid, "the other withdrawal paid")
+async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by_an_admin(
+    impatient: Suite,
+) -> None:
+    suite = impatient
+    creator = await creator_with_diamonds(suite, 5_000)
+    # Every request to this receiver is lost: nothing recorded, no answer.
+    made = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 2_000, "dest_drop_everything"), metadata=suite.token(creator)
+    )
+    withdrawal_id = made.withdrawal.withdrawal_id
 
-    async def attempts() -> tuple[int, str]:
-        async with suite.services["payout"].runtime.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(
-                        storage.withdrawals.c.attempts, storage.withdrawals.c.last_error
-                    ).where(storage.withdrawals.c.withdrawal_id == stuck.withdrawal.withdrawal_id)
-                )
-            ).one()
-        return int(row[0]), str(row[1])
+    async def parked() -> bool:
+        return (await read(suite, withdrawal_id, creator)).parked
 
-    async def retried() -> bool:
-        return (await attempts())[0] >= 2  # timed out, paused a second, tried and timed out again
-
-    await eventually(retried, "the hung call retried", seconds=10)
-    assert "timed out" in (await attempts())[1]
-    assert await status(stuck, stuck_creator) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    await eventually(parked, "the withdrawal parked", seconds=15)
+    found = await read(suite, withdrawal_id, creator)
+    assert found.status == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert found.attempts == 3 and "timed out" in found.last_error
+    admin = suite.token("ops-1", admin=True)
+    queue = await suite.payout.ListWithdrawalQueue(
+        payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
+        metadata=admin,
+    )
+    assert withdrawal_id in [w.withdrawal_id for w in queue.withdrawals]
+    # Its diamonds stay held while its outcome is unknown.
+    balance = (
+        await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+    ).balance
+    assert (balance.diamonds, balance.held_diamonds) == (3_000, 2_000)
+    retried = await suite.payout.RetryWithdrawal(
+        payout_pb2.RetryWithdrawalRequest(request_id=new_id("retry"), withdrawal_id=withdrawal_id),
+        metadata=admin,
+    )
+    assert (retried.withdrawal.parked, retried.withdrawal.attempts) == (False, 0)
+    await expect_error(
+        suite.payout.RetryWithdrawal(
+            payout_pb2.RetryWithdrawalRequest(
+                request_id=new_id("retry"), withdrawal_id=made.withdrawal.withdrawal_id
+            ),
+            metadata=admin,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_PARKED",
+    )
+    await eventually(parked, "the retried withdrawal parked again", seconds=15)
+    assert (await read(suite, withdrawal_id, creator)).status == (
+        payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    )

@@ -9,24 +9,51 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import Access, method_rules, require_owner
+from runtime.auth import current_principal
+from runtime.errors import FailedPrecondition
 from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
 from runtime.sql import as_tx
-from services.payout import policy
+from services.payout import policy, storage
+from services.payout.callbacks import Callbacks
 from services.payout.domain import CreatorDiamonds, GiftCredit, Payouts, bucket_of
 from services.payout.methods import NewMethod
+from services.payout.reconciliation import Reconciler
 from services.payout.settings import PayoutSettings
-from services.payout.storage import PayoutMethodRecord, WithdrawalRecord
+from services.payout.storage import PayoutMethodRecord, WithdrawalEvent, WithdrawalRecord
+from services.payout.withdrawals import Withdrawals, time_zone
+
+
+def _actor() -> str:
+    """Who is acting, for a withdrawal's history: the token's user (a creator or an admin)."""
+    principal = current_principal()
+    return principal.user_id or principal.service
+
 
 _METHODS = {payout_pb2.PAYOUT_METHOD_PAYPAL: "paypal", payout_pb2.PAYOUT_METHOD_BANK: "bank"}
 _METHOD_ENUM = {name: value for value, name in _METHODS.items()}
 _STATUS = {
-    "pending": payout_pb2.WITHDRAWAL_STATUS_PENDING,
+    "requested": payout_pb2.WITHDRAWAL_STATUS_REQUESTED,
+    "in_review": payout_pb2.WITHDRAWAL_STATUS_IN_REVIEW,
+    "approved": payout_pb2.WITHDRAWAL_STATUS_APPROVED,
     "processing": payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
     "paid": payout_pb2.WITHDRAWAL_STATUS_PAID,
     "failed": payout_pb2.WITHDRAWAL_STATUS_FAILED,
+    "returned": payout_pb2.WITHDRAWAL_STATUS_RETURNED,
+    "rejected": payout_pb2.WITHDRAWAL_STATUS_REJECTED,
+    "cancelled": payout_pb2.WITHDRAWAL_STATUS_CANCELLED,
+}
+_QUEUES = {
+    payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW: "in_review",
+    payout_pb2.WITHDRAWAL_QUEUE_PARKED: "parked",
+}
+_MISMATCHES = {
+    "paid_there_not_here": payout_pb2.MISMATCH_KIND_PAID_THERE_NOT_HERE,
+    "paid_here_not_there": payout_pb2.MISMATCH_KIND_PAID_HERE_NOT_THERE,
+    "amount_differs": payout_pb2.MISMATCH_KIND_AMOUNT_DIFFERS,
+    "unknown_at_processor": payout_pb2.MISMATCH_KIND_UNKNOWN_AT_PROCESSOR,
 }
 
 
@@ -45,6 +72,12 @@ ACCESS = method_rules(
         "RemovePayoutMethod": Access.user("creator_id"),
         "SetCreatorVerification": Access.admin_only(),
         "GetWithdrawal": Access.record_owner(),
+        "CancelWithdrawal": Access.record_owner(),
+        "ReviewWithdrawal": Access.admin_only(),
+        "ListWithdrawalQueue": Access.admin_only(),
+        "RetryWithdrawal": Access.admin_only(),
+        "HandleProcessorEvent": Access.internal({"payout-webhooks"}),
+        "ReconcileWithdrawals": Access.admin_only(),
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
         "ListDiamondEntries": Access.user("creator_id", admin_may_read=True),
         "GetDiamondStatement": Access.user("creator_id", admin_may_read=True),
@@ -87,13 +120,22 @@ def _method_info(m: PayoutMethodRecord) -> payout_pb2.PayoutMethodInfo:
 
 class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     def __init__(
-        self, runtime: Runtime[PayoutSettings], payouts: Payouts, wake_worker: Callable[[], None]
+        self,
+        runtime: Runtime[PayoutSettings],
+        payouts: Payouts,
+        withdrawals: Withdrawals,
+        callbacks: Callbacks,
+        reconciler: Reconciler,
+        wake_worker: Callable[[], None],
     ) -> None:
         self._db = runtime.db
         self._idempotency = runtime.idempotency
         self._clock = runtime.clock
         self._settings = runtime.settings
         self._payouts = payouts
+        self._withdrawals = withdrawals
+        self._callbacks = callbacks
+        self._reconciler = reconciler
         self._wake_worker = wake_worker
 
     def _balance(self, creator_id: str, diamonds: CreatorDiamonds) -> payout_pb2.DiamondBalance:
@@ -113,7 +155,9 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             balance.next_available_time.CopyFrom(timestamp(diamonds.next_available_at))
         return balance
 
-    def _withdrawal(self, w: WithdrawalRecord) -> payout_pb2.Withdrawal:
+    def _withdrawal(
+        self, w: WithdrawalRecord, history: Sequence[WithdrawalEvent] = ()
+    ) -> payout_pb2.Withdrawal:
         currency = w.currency_code
         return payout_pb2.Withdrawal(
             withdrawal_id=w.withdrawal_id,
@@ -127,7 +171,24 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             failure_reason=w.failure_reason,
             create_time=timestamp(w.created_at),
             update_time=timestamp(w.updated_at),
+            payout_method_id=w.method_id or "",
+            history=[
+                payout_pb2.WithdrawalEvent(
+                    status=_STATUS[e.status], actor=e.actor, reason=e.reason, time=timestamp(e.at)
+                )
+                for e in history
+            ],
+            processor_reference=w.processor_reference or "",
+            attempts=w.attempts,
+            parked=w.parked_at is not None,
+            last_error=w.last_error,
         )
+
+    async def _with_history(
+        self, conn: AsyncConnection, rows: Sequence[WithdrawalRecord]
+    ) -> list[payout_pb2.Withdrawal]:
+        events = await storage.events_of(conn, [w.withdrawal_id for w in rows])
+        return [self._withdrawal(w, events.get(w.withdrawal_id, ())) for w in rows]
 
     async def GetDiamondBalance(
         self, request: payout_pb2.GetDiamondBalanceRequest, context: RpcContext
@@ -179,7 +240,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         scope = f"RequestWithdrawal:{request.creator_id}"
 
         async def effect(conn: AsyncConnection) -> payout_pb2.RequestWithdrawalResponse:
-            withdrawal, balance = await self._payouts.request_withdrawal(
+            withdrawal, balance = await self._withdrawals.request(
                 conn,
                 creator_id=request.creator_id,
                 diamonds=request.diamonds,
@@ -189,9 +250,9 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 now=self._clock.now(),
                 payout_method_id=request.payout_method_id,
             )
+            (answer,) = await self._with_history(conn, [withdrawal])
             return payout_pb2.RequestWithdrawalResponse(
-                withdrawal=self._withdrawal(withdrawal),
-                balance=self._balance(request.creator_id, balance),
+                withdrawal=answer, balance=self._balance(request.creator_id, balance)
             )
 
         response = await self._idempotency.once(
@@ -204,9 +265,134 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.GetWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.GetWithdrawalResponse:
         async with self._db.read() as conn:
-            withdrawal = await self._payouts.withdrawal(conn, request.withdrawal_id)
-        require_owner(withdrawal.creator_id)
-        return payout_pb2.GetWithdrawalResponse(withdrawal=self._withdrawal(withdrawal))
+            withdrawal = await self._withdrawals.get(conn, request.withdrawal_id)
+            require_owner(withdrawal.creator_id)
+            (answer,) = await self._with_history(conn, [withdrawal])
+        return payout_pb2.GetWithdrawalResponse(withdrawal=answer)
+
+    async def CancelWithdrawal(
+        self, request: payout_pb2.CancelWithdrawalRequest, context: RpcContext
+    ) -> payout_pb2.CancelWithdrawalResponse:
+        async with self._db.read() as conn:  # the owner is checked before anything is written
+            owner = (await self._withdrawals.get(conn, request.withdrawal_id)).creator_id
+        require_owner(owner)
+
+        async def effect(conn: AsyncConnection) -> payout_pb2.CancelWithdrawalResponse:
+            cancelled = await self._withdrawals.cancel(
+                conn, request.withdrawal_id, actor=_actor(), now=self._clock.now()
+            )
+            (answer,) = await self._with_history(conn, [cancelled])
+            return payout_pb2.CancelWithdrawalResponse(withdrawal=answer)
+
+        return await self._idempotency.once(
+            f"CancelWithdrawal:{request.withdrawal_id}",
+            request,
+            payout_pb2.CancelWithdrawalResponse,
+            effect,
+        )
+
+    async def ReviewWithdrawal(
+        self, request: payout_pb2.ReviewWithdrawalRequest, context: RpcContext
+    ) -> payout_pb2.ReviewWithdrawalResponse:
+        async def effect(conn: AsyncConnection) -> payout_pb2.ReviewWithdrawalResponse:
+            reviewed = await self._withdrawals.review(
+                conn,
+                request.withdrawal_id,
+                approve=request.decision == payout_pb2.REVIEW_DECISION_APPROVE,
+                reason=request.reason,
+                reviewer=_actor(),
+                now=self._clock.now(),
+            )
+            (answer,) = await self._with_history(conn, [reviewed])
+            return payout_pb2.ReviewWithdrawalResponse(withdrawal=answer)
+
+        response = await self._idempotency.once(
+            "ReviewWithdrawal", request, payout_pb2.ReviewWithdrawalResponse, effect
+        )
+        self._wake_worker()
+        return response
+
+    async def ListWithdrawalQueue(
+        self, request: payout_pb2.ListWithdrawalQueueRequest, context: RpcContext
+    ) -> payout_pb2.ListWithdrawalQueueResponse:
+        size = page_size(request.page_size)
+        queue = _QUEUES[request.queue]
+        kind = f"withdrawal-queue:{queue}"
+        after = decode_token(request.page_token, kind, instant, text)
+        async with self._db.read() as conn:
+            rows = await storage.queue(
+                conn, queue, limit=size + 1, after=(after[0], after[1]) if after else None
+            )
+            token = ""
+            if len(rows) > size:
+                rows = rows[:size]
+                last = rows[-1]
+                at = last.created_at if queue == "in_review" else last.parked_at
+                assert at is not None
+                token = encode_token(kind, at.isoformat(), last.withdrawal_id)
+            withdrawals = await self._with_history(conn, rows)
+        return payout_pb2.ListWithdrawalQueueResponse(
+            withdrawals=withdrawals, next_page_token=token
+        )
+
+    async def RetryWithdrawal(
+        self, request: payout_pb2.RetryWithdrawalRequest, context: RpcContext
+    ) -> payout_pb2.RetryWithdrawalResponse:
+        async def effect(conn: AsyncConnection) -> payout_pb2.RetryWithdrawalResponse:
+            withdrawal = await self._withdrawals.get(conn, request.withdrawal_id)
+            if not await storage.unpark(conn, request.withdrawal_id):
+                raise FailedPrecondition(
+                    "WITHDRAWAL_NOT_PARKED",
+                    f"withdrawal {request.withdrawal_id} is not parked ({withdrawal.status}); "
+                    "the worker is on it",
+                    withdrawal_id=request.withdrawal_id,
+                )
+            (answer,) = await self._with_history(
+                conn, [await self._withdrawals.get(conn, request.withdrawal_id)]
+            )
+            return payout_pb2.RetryWithdrawalResponse(withdrawal=answer)
+
+        response = await self._idempotency.once(
+            "RetryWithdrawal", request, payout_pb2.RetryWithdrawalResponse, effect
+        )
+        self._wake_worker()
+        return response
+
+    async def HandleProcessorEvent(
+        self, request: payout_pb2.HandleProcessorEventRequest, context: RpcContext
+    ) -> payout_pb2.HandleProcessorEventResponse:
+        handled = await self._callbacks.handle(request.body, request.signature)
+        return payout_pb2.HandleProcessorEventResponse(
+            event_id=handled.event_id,
+            duplicate=handled.duplicate,
+            withdrawal_id=handled.withdrawal_id,
+            status=_STATUS.get(handled.status, payout_pb2.WITHDRAWAL_STATUS_UNSPECIFIED),
+        )
+
+    async def ReconcileWithdrawals(
+        self, request: payout_pb2.ReconcileWithdrawalsRequest, context: RpcContext
+    ) -> payout_pb2.ReconcileWithdrawalsResponse:
+        report = await (self._reconciler.run() if request.run_now else self._reconciler.latest())
+        response = payout_pb2.ReconcileWithdrawalsResponse(
+            run_id=report.run_id,
+            checked=report.checked,
+            mismatches=[
+                payout_pb2.ReconciliationMismatch(
+                    kind=_MISMATCHES[m.kind],
+                    withdrawal_id=m.withdrawal_id,
+                    processor_reference=m.processor_reference,
+                    our_status=_STATUS.get(m.our_status, payout_pb2.WITHDRAWAL_STATUS_UNSPECIFIED),
+                    processor_status=m.processor_status,
+                    our_amount_minor=m.our_amount_minor,
+                    processor_amount_minor=m.processor_amount_minor,
+                )
+                for m in report.mismatches
+            ],
+        )
+        if report.started_at is not None and report.finished_at is not None:
+            response.start_time.CopyFrom(timestamp(report.started_at))
+            response.finish_time.CopyFrom(timestamp(report.finished_at))
+        return response
 
     async def ListWithdrawals(
         self, request: payout_pb2.ListWithdrawalsRequest, context: RpcContext
@@ -221,13 +407,12 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 limit=size + 1,
                 before=(before[0], before[1]) if before else None,
             )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
-        return payout_pb2.ListWithdrawalsResponse(
-            withdrawals=[self._withdrawal(w) for w in rows], next_page_token=token
-        )
+            token = ""
+            if len(rows) > size:
+                rows = rows[:size]
+                token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
+            withdrawals = await self._with_history(conn, rows)
+        return payout_pb2.ListWithdrawalsResponse(withdrawals=withdrawals, next_page_token=token)
 
     async def AddPayoutMethod(
         self, request: payout_pb2.AddPayoutMethodRequest, context: RpcContext
@@ -262,8 +447,11 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         async with self._db.read() as conn:
             methods = await self._payouts.methods.of(conn, request.creator_id)
             status, _ = await self._payouts.methods.verification(conn, request.creator_id)
+            zone = await storage.time_zone_of(conn, request.creator_id)
         return payout_pb2.ListPayoutMethodsResponse(
-            payout_methods=[_method_info(m) for m in methods], kyc_status=_KYC[status]
+            payout_methods=[_method_info(m) for m in methods],
+            kyc_status=_KYC[status],
+            time_zone=zone,
         )
 
     async def SetDefaultPayoutMethod(
@@ -305,6 +493,9 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def SetCreatorVerification(
         self, request: payout_pb2.SetCreatorVerificationRequest, context: RpcContext
     ) -> payout_pb2.SetCreatorVerificationResponse:
+        if request.time_zone:
+            time_zone(request.time_zone)  # INVALID_ARGUMENT before anything is written
+
         async def effect(conn: AsyncConnection) -> payout_pb2.SetCreatorVerificationResponse:
             await self._payouts.methods.set_verification(
                 conn,
@@ -312,6 +503,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 _KYC_NAMES[request.status],
                 request.reason,
                 self._clock.now(),
+                time_zone=request.time_zone,
             )
             return payout_pb2.SetCreatorVerificationResponse(kyc_status=request.status)
 

@@ -15,10 +15,8 @@ from ledger.history import HistoryEntry, Period, entries_page, period
 from runtime.errors import (
     Aborted,
     AlreadyExists,
-    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
-    NotFound,
 )
 from runtime.sql import Driver, Tx, as_tx, is_conflict
 from services.payout import policy, storage
@@ -114,19 +112,6 @@ class Payouts:
         self._crediting = asyncio.Semaphore(settings.credit_batches_at_once)
         """Batches lock the same creators' rows: more at once only queue inside the database,
         holding connections and memory."""
-
-    async def withdrawal(
-        self, conn: AsyncConnection, withdrawal_id: str
-    ) -> storage.WithdrawalRecord:
-        """A withdrawal by id; NOT_FOUND WITHDRAWAL_NOT_FOUND if there is none."""
-        withdrawal = await storage.get_withdrawal(conn, withdrawal_id)
-        if withdrawal is None:
-            raise NotFound(
-                "WITHDRAWAL_NOT_FOUND",
-                f"no withdrawal {withdrawal_id!r}",
-                withdrawal_id=withdrawal_id,
-            )
-        return withdrawal
 
     async def withdrawals_of(
         self,
@@ -330,7 +315,7 @@ class Payouts:
         """Where a creator's diamonds are (all zero for a creator never credited)."""
         tx = as_tx(conn)
         accounts = [creator_account(creator_id), pending_account(creator_id)]
-        balances = await self.ledger.balances(tx, [*accounts, debt_account(creator_id)])
+        balances = await self.ledger.available_balances(tx, [*accounts, debt_account(creator_id)])
         held, paid_out = await storage.withdrawal_totals(tx, creator_id)
         oldest = await storage.next_maturing(tx, creator_id) if self.maturing else None
         return CreatorDiamonds(
@@ -365,7 +350,7 @@ class Payouts:
             else:
                 by_creator.setdefault(credit.creator_id, []).append(credit)
         # Every account these reversals touch, locked in id order before any is posted to.
-        balances = await self.ledger.lock_balances(
+        balances = await self.ledger.lock_available(
             tx,
             [
                 account(creator)
@@ -427,7 +412,7 @@ class Payouts:
                 account.removeprefix("debt:")
                 for account in await self.ledger.below_zero(tx, "debt:")
             ]
-            balances = await self.ledger.lock_balances(
+            balances = await self.ledger.lock_available(
                 tx, [a(c) for c in owing for a in (creator_account, debt_account)]
             )
             for creator in sorted(owing):
@@ -503,160 +488,3 @@ class Payouts:
         elif quote.diamonds > standing.available:
             refusal = "INSUFFICIENT_FUNDS"
         return quote, standing, refusal
-
-    async def request_withdrawal(
-        self,
-        conn: AsyncConnection,
-        *,
-        creator_id: str,
-        diamonds: int,
-        method: str,
-        destination_token: str,
-        request_id: str,
-        now: dt.datetime,
-        payout_method_id: str = "",
-    ) -> tuple[storage.WithdrawalRecord, CreatorDiamonds]:
-        """Take available diamonds into the in-flight account and record a pending withdrawal to
-        the payout method named (else the creator's default; else the one-off `method` and
-        `destination_token`)."""
-        if not await storage.creator_exists(conn, creator_id):
-            raise NotFound(
-                "CREATOR_NOT_FOUND",
-                f"creator {creator_id} has never received diamonds",
-                creator_id=creator_id,
-            )
-        await self.methods.require_verified(conn, creator_id)
-        registered = await self.methods.for_withdrawal(conn, creator_id, payout_method_id)
-        if registered is not None:
-            method, destination_token = registered.kind, registered.destination_token
-        elif not (method and destination_token):
-            raise FailedPrecondition(
-                "NO_PAYOUT_METHOD",
-                f"creator {creator_id} has no payout method: add one (AddPayoutMethod) first",
-                creator_id=creator_id,
-            )
-        debt = -(await self.ledger.balances(as_tx(conn), [debt_account(creator_id)])).get(
-            debt_account(creator_id), 0
-        )
-        if debt > 0:
-            raise FailedPrecondition(
-                "DEBT_OUTSTANDING",
-                f"creator {creator_id} owes {debt} diamonds from reversed gifts; withdrawals wait "
-                "until later diamonds repay it",
-                creator_id=creator_id,
-                debt=debt,
-            )
-        quote = policy.quote(diamonds, self.settings)
-        minimum = self.settings.min_withdrawal_minor
-        if quote.gross_minor < minimum or quote.net_minor <= 0:
-            raise FailedPrecondition(
-                "BELOW_MINIMUM",
-                f"{diamonds} diamonds are worth {quote.gross_minor} minor units; the minimum "
-                f"withdrawal is {minimum} ({minimum * self.settings.diamonds_per_minor_unit} diamonds)",
-                minimum_minor=minimum,
-                requested_minor=quote.gross_minor,
-            )
-        withdrawal_id = uuid.uuid4().hex
-        # Taking the diamonds first locks the creator's balance row, so the daily-cap sum below sees
-        # every concurrent withdrawal of this creator that committed before us.
-        try:
-            await self.ledger.post(
-                conn,
-                [
-                    Posting(creator_account(creator_id), -quote.diamonds),
-                    Posting(IN_FLIGHT, quote.diamonds),
-                ],
-                kind="withdrawal",
-                reference=withdrawal_id,
-                request_id=request_id,
-                caller="payout",
-                policy_version=self.settings.policy_version,
-            )
-        except FailedPrecondition as refused:
-            if refused.reason != "INSUFFICIENT_FUNDS":
-                raise
-            raise await self._not_available(conn, creator_id, quote.diamonds) from None
-        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        today = await storage.withdrawn_since(conn, creator_id, day_start)
-        cap = self.settings.daily_withdrawal_cap_minor
-        if today + quote.gross_minor > cap:
-            raise FailedPrecondition(
-                "DAILY_LIMIT_EXCEEDED",
-                f"withdrawals are capped at {cap} minor units a day; {max(0, cap - today)} remain today",
-                cap_minor=cap,
-                remaining_minor=max(0, cap - today),
-            )
-        withdrawal = storage.WithdrawalRecord(
-            withdrawal_id=withdrawal_id,
-            creator_id=creator_id,
-            diamonds=quote.diamonds,
-            gross_minor=quote.gross_minor,
-            fee_minor=quote.fee_minor,
-            currency_code=self.settings.currency_code,
-            method=method,
-            destination_token=destination_token,
-            status="pending",
-            failure_reason="",
-            processor_reference=None,
-            created_at=now,
-            updated_at=now,
-            method_id=registered.method_id if registered is not None else None,
-        )
-        await storage.insert_withdrawal(conn, withdrawal)
-        return withdrawal, await self.diamonds(conn, creator_id)
-
-    async def _not_available(
-        self, conn: AsyncConnection, creator_id: str, needed: int
-    ) -> FailedPrecondition:
-        """INSUFFICIENT_FUNDS for a withdrawal, saying what is available and what is still pending."""
-        diamonds = await self.diamonds(conn, creator_id)
-        pending = ""
-        if diamonds.pending and diamonds.next_available_at is not None:
-            pending = (
-                f"; {diamonds.pending} more are pending (each gift's diamonds become available "
-                f"{self.settings.maturation_days:g} days after it; the next at "
-                f"{diamonds.next_available_at.isoformat(timespec='seconds')})"
-            )
-        return FailedPrecondition(
-            "INSUFFICIENT_FUNDS",
-            f"not enough available diamonds: {diamonds.available} are available, {needed} are "
-            f"needed{pending}",
-            available=diamonds.available,
-            pending=diamonds.pending,
-            required=needed,
-            unit="diamonds",
-        )
-
-    async def settle(
-        self,
-        conn: AsyncConnection,
-        withdrawal: storage.WithdrawalRecord,
-        *,
-        paid: bool,
-        processor_reference: str,
-        failure_reason: str,
-        now: dt.datetime,
-    ) -> bool:
-        """Record the processor's outcome once: paid diamonds leave the books, failed ones go back."""
-        moved = await storage.move_withdrawal(
-            conn,
-            withdrawal.withdrawal_id,
-            from_status="processing",
-            to_status="paid" if paid else "failed",
-            now=now,
-            failure_reason=failure_reason,
-            processor_reference=processor_reference,
-        )
-        if not moved:
-            return False
-        destination = PAID_OUT if paid else creator_account(withdrawal.creator_id)
-        await self.ledger.post(
-            conn,
-            [Posting(IN_FLIGHT, -withdrawal.diamonds), Posting(destination, withdrawal.diamonds)],
-            kind="withdrawal_paid" if paid else "withdrawal_returned",
-            reference=withdrawal.withdrawal_id,
-            request_id=f"settle:{withdrawal.withdrawal_id}",
-            caller="payout",
-            policy_version=self.settings.policy_version,
-        )
-        return True

@@ -134,9 +134,16 @@ class PayoutMethods:
         return await storage.verification_of(conn, creator_id)
 
     async def set_verification(
-        self, conn: AsyncConnection, creator_id: str, status: str, reason: str, now: dt.datetime
+        self,
+        conn: AsyncConnection,
+        creator_id: str,
+        status: str,
+        reason: str,
+        now: dt.datetime,
+        *,
+        time_zone: str = "",
     ) -> None:
-        await storage.set_verification(conn, creator_id, status, reason, now)
+        await storage.set_verification(conn, creator_id, status, reason, now, time_zone)
 
     async def require_verified(self, conn: AsyncConnection, creator_id: str) -> None:
         """FAILED_PRECONDITION KYC_REQUIRED unless an admin verified the creator."""

@@ -1,8 +1,11 @@
-"""The payment-processor port, its local sandbox, and the worker that pays pending withdrawals.
+"""The payout-processor port (shaped like PayPal Payouts) and the worker that sends approved
+withdrawals and follows them to their outcome.
 
-Paying happens off the request path: RequestWithdrawal takes the diamonds and answers PENDING; the worker
-sends each withdrawal to the processor with the withdrawal id as the processor's idempotency key (so a
-retry after a crash or a timeout never pays twice) and records the outcome.
+Sending is exactly once by the processor's idempotency key, the withdrawal id (`sender_item_id`).
+Before a withdrawal is first sent it is marked submitted, in the same transaction that moves it to
+processing; from then on a timeout or a lost answer is never followed by a blind resend: the worker
+looks the item up, and sends it again only if the processor has never heard of it (and then with the
+same key, so a processor that had it after all answers with the first item).
 """
 
 from __future__ import annotations
@@ -11,158 +14,236 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from runtime.backoff import backoff
 from runtime.server import Runtime, wait_for_wake
 from services.payout import storage
-from services.payout.domain import Payouts
 from services.payout.settings import PayoutSettings
+from services.payout.withdrawals import Withdrawals
 
 log = logging.getLogger("coins.payout.processor")
 
+IN_FLIGHT_STATUSES = ("PENDING", "UNCLAIMED", "ONHOLD")
+_OUTCOMES = {
+    "SUCCESS": "paid",
+    "FAILED": "failed",
+    "DENIED": "failed",
+    "BLOCKED": "failed",
+    "RETURNED": "returned",
+    "REFUNDED": "returned",
+    "REVERSED": "returned",
+}
+
 
 @dataclass(frozen=True)
-class PayoutResult:
-    paid: bool
-    reference: str
-    failure_reason: str = ""
+class PayoutItem:
+    """One payment to send."""
+
+    sender_item_id: str
+    """Our idempotency key: the withdrawal id."""
+    receiver: str
+    amount_minor: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class ItemStatus:
+    """The processor's record of one payment."""
+
+    sender_item_id: str
+    payout_item_id: str
+    status: str
+    """PENDING, UNCLAIMED, ONHOLD (still in flight); SUCCESS; FAILED, DENIED, BLOCKED; RETURNED,
+    REFUNDED, REVERSED (the money came back)."""
+    amount_minor: int
+    currency: str
+    failure_reason: str
+    updated_at: dt.datetime
+
+
+def outcome_of(item: ItemStatus) -> str | None:
+    """Our outcome for the processor's status: "paid", "failed", "returned"; None while in flight."""
+    return _OUTCOMES.get(item.status)
 
 
 class PayoutProcessor(Protocol):
-    async def pay(
-        self, *, idempotency_key: str, destination_token: str, amount_minor: int, currency: str
-    ) -> PayoutResult: ...
+    async def submit(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> list[ItemStatus]:
+        """Send a batch; each item is created once per sender_item_id (a known one is answered
+        with its record)."""
+        ...
+
+    async def lookup(self, sender_item_id: str) -> ItemStatus | None:
+        """The processor's record of an item, None if it never received it."""
+        ...
+
+    async def items_since(self, since: dt.datetime) -> list[ItemStatus]:
+        """Every item created since `since` (for reconciliation)."""
+        ...
 
 
-class SandboxProcessor:
-    """Like PayPal Payouts or a bank rail, locally: it takes time, and some destinations fail.
-
-    Destinations starting `dest_fail` fail (`dest_fail_account_closed` gives that reason); those
-    starting `dest_hang` never answer (a hung processor call); others pay. PayPal emails work alike:
-    `fail…@` fails, `hang…@` hangs.
-    """
-
-    def __init__(self, latency_ms: int) -> None:
-        self._latency = latency_ms / 1000
-        self._results: dict[str, PayoutResult] = {}
-
-    async def pay(
-        self, *, idempotency_key: str, destination_token: str, amount_minor: int, currency: str
-    ) -> PayoutResult:
-        await asyncio.sleep(self._latency)
-        if destination_token.startswith(("dest_hang", "hang")):
-            await asyncio.Event().wait()  # forever: the worker's timeout must end it
-        if idempotency_key not in self._results:
-            reference = f"sbx_po_{uuid.uuid4().hex[:16]}"
-            if destination_token.startswith(("dest_fail", "fail")):
-                reason = destination_token.removeprefix("dest_fail").strip("_") or "payment_failed"
-                self._results[idempotency_key] = PayoutResult(False, reference, reason)
-            else:
-                self._results[idempotency_key] = PayoutResult(True, reference)
-        return self._results[idempotency_key]
+def item_of(withdrawal: storage.WithdrawalRecord) -> PayoutItem:
+    return PayoutItem(
+        withdrawal.withdrawal_id,
+        withdrawal.destination_token,
+        withdrawal.net_minor,
+        withdrawal.currency_code,
+    )
 
 
 class WithdrawalWorker:
-    """Pays due withdrawals; woken at once by new requests, and every second for retries.
+    """Sends approved withdrawals in batches and follows processing ones until they end.
 
     The worker shape every background worker here follows: each outside call has a timeout
-    (`PAYOUT_PROCESSOR_TIMEOUT_SECONDS`), a failed call is counted on its withdrawal and retried after
-    a capped, growing pause (1 s doubling to `PAYOUT_PROCESSOR_MAX_BACKOFF_SECONDS`), and withdrawals
-    are paid side by side (`PAYOUT_PROCESSOR_CALLS_AT_ONCE`), so one that hangs never holds up the rest.
-    A withdrawal is never given up: its diamonds are held until the processor answers.
+    (`PAYOUT_PROCESSOR_TIMEOUT_SECONDS`); a failed call is counted on its withdrawals and retried
+    after a capped, growing pause (1 s doubling to `PAYOUT_PROCESSOR_MAX_BACKOFF_SECONDS`); after
+    `PAYOUT_PROCESSOR_MAX_ATTEMPTS` the withdrawal is parked where an admin sees it
+    (ListWithdrawalQueue PARKED) and can retry it (RetryWithdrawal); calls run side by side
+    (`PAYOUT_PROCESSOR_CALLS_AT_ONCE`), so one that hangs never holds up the rest. A parked
+    withdrawal keeps its hold: its diamonds stay reserved until its outcome is known.
     """
 
     def __init__(
-        self, runtime: Runtime[PayoutSettings], payouts: Payouts, processor: PayoutProcessor
+        self, runtime: Runtime[PayoutSettings], withdrawals: Withdrawals, processor: PayoutProcessor
     ) -> None:
         self._rt = runtime
-        self._payouts = payouts
-        self._processor = processor
+        self._withdrawals = withdrawals
+        self.processor = processor
         self.wake = asyncio.Event()
         self._calls = asyncio.Semaphore(runtime.settings.processor_calls_at_once)
-        self._paying: set[str] = set()
+        self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         try:
             while True:
                 await wait_for_wake(self.wake, 1.0)
-                await self.pay_due()
+                await self.work_due()
         finally:
             for task in self._tasks:
                 task.cancel()
 
-    async def pay_due(self) -> None:
+    async def work_due(self) -> None:
+        clock = self._rt.clock
         async with self._rt.db.read() as conn:
-            due = await storage.due_withdrawals(conn, self._rt.clock.now(), limit=50)
+            due = await storage.due_withdrawals(conn, clock.now(), limit=500)
+        due = [w for w in due if w.withdrawal_id not in self._busy]
+        fresh: list[storage.WithdrawalRecord] = []
         for withdrawal in due:
-            if withdrawal.withdrawal_id in self._paying:
-                continue  # still with the processor
-            self._paying.add(withdrawal.withdrawal_id)
-            task = asyncio.create_task(self._pay_traced(withdrawal))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if withdrawal.status == "approved":
+                async with self._rt.db.transaction() as conn:
+                    if await self._withdrawals.start_processing(conn, withdrawal, clock.now()):
+                        fresh.append(withdrawal)
+            else:
+                self._spawn([withdrawal], self._follow_up(withdrawal))
+        size = self._rt.settings.processor_batch_size
+        for start in range(0, len(fresh), size):
+            batch = fresh[start : start + size]
+            self._spawn(batch, self._send(batch))
 
-    async def _pay_traced(self, withdrawal: storage.WithdrawalRecord) -> None:
-        try:
-            async with self._calls:
-                with self._rt.tracer.start_as_current_span("payout.pay_withdrawal") as span:
-                    span.set_attribute("coins.withdrawal_id", withdrawal.withdrawal_id)
-                    span.set_attribute("coins.attempt", withdrawal.attempts + 1)
-                    await self._pay(withdrawal)
-        except Exception:
-            log.exception("paying withdrawal %s failed; retrying", withdrawal.withdrawal_id)
-        finally:
-            self._paying.discard(withdrawal.withdrawal_id)
+    def _spawn(
+        self,
+        withdrawals: Sequence[storage.WithdrawalRecord],
+        work: Coroutine[Any, Any, None],
+    ) -> None:
+        ids = [w.withdrawal_id for w in withdrawals]
+        self._busy.update(ids)
 
-    async def _pay(self, withdrawal: storage.WithdrawalRecord) -> None:
-        clock, settings = self._rt.clock, self._rt.settings
-        if withdrawal.status == "pending":
-            async with self._rt.db.transaction() as conn:
-                await storage.move_withdrawal(
-                    conn,
-                    withdrawal.withdrawal_id,
-                    from_status="pending",
-                    to_status="processing",
-                    now=clock.now(),
-                )
+        async def traced() -> None:
+            try:
+                async with self._calls:
+                    with self._rt.tracer.start_as_current_span("payout.processor") as span:
+                        span.set_attribute("coins.withdrawal_ids", ids)
+                        await work
+            except Exception:
+                log.exception("processor work on %s failed; it is retried", ids)
+            finally:
+                self._busy.difference_update(ids)
+
+        task = asyncio.create_task(traced())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def _timeout(self) -> float:
+        return self._rt.settings.processor_timeout_seconds
+
+    async def _send(self, batch: Sequence[storage.WithdrawalRecord]) -> None:
         try:
-            result = await asyncio.wait_for(
-                self._processor.pay(
-                    idempotency_key=withdrawal.withdrawal_id,
-                    destination_token=withdrawal.destination_token,
-                    amount_minor=withdrawal.gross_minor - withdrawal.fee_minor,
-                    currency=withdrawal.currency_code,
-                ),
-                timeout=settings.processor_timeout_seconds,
+            items = await asyncio.wait_for(
+                self.processor.submit(f"batch-{uuid.uuid4().hex}", [item_of(w) for w in batch]),
+                self._timeout,
             )
         except Exception as error:
-            attempts = withdrawal.attempts + 1
-            pause = backoff(attempts, first=1.0, cap=settings.processor_max_backoff_seconds)
-            why = "timed out" if isinstance(error, TimeoutError) else type(error).__name__
-            log.warning(
-                "processor call for %s %s (attempt %d); retrying in %.0fs",
-                withdrawal.withdrawal_id,
-                why,
-                attempts,
-                pause,
+            await self._failed(batch, error)
+            return
+        found = {item.sender_item_id: item for item in items}
+        for withdrawal in batch:
+            await self._apply(withdrawal, found.get(withdrawal.withdrawal_id))
+
+    async def _follow_up(self, withdrawal: storage.WithdrawalRecord) -> None:
+        """Look a processing withdrawal up; send it (with the same key) only if the processor has
+        never heard of it."""
+        try:
+            item = await asyncio.wait_for(
+                self.processor.lookup(withdrawal.withdrawal_id), self._timeout
             )
-            async with self._rt.db.transaction() as conn:
+            if item is None:
+                log.info("processor has no item %s: sending it", withdrawal.withdrawal_id)
+                items = await asyncio.wait_for(
+                    self.processor.submit(f"batch-{uuid.uuid4().hex}", [item_of(withdrawal)]),
+                    self._timeout,
+                )
+                item = next(
+                    (i for i in items if i.sender_item_id == withdrawal.withdrawal_id), None
+                )
+        except Exception as error:
+            await self._failed([withdrawal], error)
+            return
+        await self._apply(withdrawal, item)
+
+    async def _apply(self, withdrawal: storage.WithdrawalRecord, item: ItemStatus | None) -> None:
+        """Record the processor's answer: an outcome ends the withdrawal; in flight, it is looked
+        up again after `PAYOUT_PROCESSOR_POLL_SECONDS` (a callback usually comes first)."""
+        now = self._rt.clock.now()
+        outcome = None if item is None else outcome_of(item)
+        async with self._rt.db.transaction() as conn:
+            if item is not None and outcome is not None:
+                await self._withdrawals.resolve(
+                    conn,
+                    withdrawal.withdrawal_id,
+                    outcome,
+                    processor_reference=item.payout_item_id,
+                    reason=item.failure_reason,
+                    now=now,
+                )
+            else:
+                poll = dt.timedelta(seconds=self._rt.settings.processor_poll_seconds)
+                await storage.schedule_follow_up(conn, withdrawal.withdrawal_id, now + poll)
+
+    async def _failed(
+        self, withdrawals: Sequence[storage.WithdrawalRecord], error: Exception
+    ) -> None:
+        settings, now = self._rt.settings, self._rt.clock.now()
+        why = "timed out" if isinstance(error, TimeoutError) else type(error).__name__
+        async with self._rt.db.transaction() as conn:
+            for withdrawal in withdrawals:
+                attempts = withdrawal.attempts + 1
+                pause = backoff(attempts, first=1.0, cap=settings.processor_max_backoff_seconds)
+                parked = attempts >= settings.processor_max_attempts
+                log.warning(
+                    "processor call for %s %s (attempt %d); %s",
+                    withdrawal.withdrawal_id,
+                    why,
+                    attempts,
+                    "parked for an admin" if parked else f"retrying in {pause:.0f}s",
+                )
                 await storage.note_failed_attempt(
                     conn,
                     withdrawal.withdrawal_id,
-                    retry_at=clock.now() + dt.timedelta(seconds=pause),
+                    retry_at=now + dt.timedelta(seconds=pause),
                     error=f"{why}: {error}",
+                    park_at=now if parked else None,
                 )
-            return
-        async with self._rt.db.transaction() as conn:
-            await self._payouts.settle(
-                conn,
-                withdrawal,
-                paid=result.paid,
-                processor_reference=result.reference,
-                failure_reason=result.failure_reason,
-                now=clock.now(),
-            )

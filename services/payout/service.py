@@ -3,24 +3,52 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger import Ledger
 from ledger import api as ledger_api
 from runtime.server import Runtime, ServiceSpec
 from services.payout.api import ACCESS, PayoutApi
+from services.payout.callbacks import Callbacks
 from services.payout.domain import Payouts
-from services.payout.processor import SandboxProcessor, WithdrawalWorker
+from services.payout.processor import WithdrawalWorker
+from services.payout.reconciliation import Reconciler
+from services.payout.sandbox import PayPalSandbox
 from services.payout.settings import PayoutSettings
+from services.payout.withdrawals import Withdrawals
+
+WEBHOOKS_IDENTITY = "payout-webhooks"
+
+
+def sandbox(runtime: Runtime[PayoutSettings]) -> PayPalSandbox:
+    """The PayPal-like sandbox, its callbacks relayed to this service as the webhook receiver
+    (the `payout-webhooks` identity) would relay the real processor's."""
+    processor = PayPalSandbox(runtime.settings, runtime.clock)
+    stubs: list[Any] = []  # the async stub, made at the first callback (the port is bound then)
+
+    async def deliver(body: bytes, signature: str) -> None:
+        if not stubs:
+            channel = runtime.channel(f"127.0.0.1:{runtime.port}", identity=WEBHOOKS_IDENTITY)
+            stubs.append(payout_pb2_grpc.PayoutServiceStub(channel))
+        await stubs[0].HandleProcessorEvent(
+            payout_pb2.HandleProcessorEventRequest(body=body, signature=signature), timeout=10
+        )
+
+    processor.deliver = deliver
+    return processor
 
 
 async def setup(runtime: Runtime[PayoutSettings]) -> None:
     payouts = Payouts(runtime.settings, Ledger(runtime.clock, unit="diamonds"))
-    worker = WithdrawalWorker(
-        runtime, payouts, SandboxProcessor(runtime.settings.processor_latency_ms)
-    )
+    withdrawals = Withdrawals(payouts)
+    processor = sandbox(runtime)
+    worker = WithdrawalWorker(runtime, withdrawals, processor)
+    reconciler = Reconciler(runtime, processor)
     runtime.add_worker(worker.run)
-    runtime.parts["payouts"] = payouts
+    runtime.parts.update(
+        payouts=payouts, withdrawals=withdrawals, processor=processor, worker=worker
+    )
 
     async def mature() -> int:
         matured = await payouts.mature(runtime.db.driver, runtime.clock.now())
@@ -33,9 +61,23 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
         mature,
         batch=runtime.settings.maturation_batch,
     )
+    runtime.add_periodic(
+        "withdrawal reconciliation mismatches",
+        runtime.settings.reconcile_every_seconds,
+        reconciler.periodic,
+        first_after=runtime.settings.reconcile_every_seconds,
+    )
     ledger_api.serve_ledger_audit(runtime, payouts.ledger)
     payout_pb2_grpc.add_PayoutServiceServicer_to_server(
-        PayoutApi(runtime, payouts, worker.wake.set), runtime.server
+        PayoutApi(
+            runtime,
+            payouts,
+            withdrawals,
+            Callbacks(runtime, withdrawals, processor),
+            reconciler,
+            worker.wake.set,
+        ),
+        runtime.server,
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from ledger.api import LedgerServiceSettings
@@ -24,17 +25,48 @@ class PayoutSettings(LedgerServiceSettings):
     min_withdrawal_minor: int = 1000
     """$10.00: smaller withdrawals are refused (BELOW_MINIMUM)."""
     daily_withdrawal_cap_minor: int = 100_000
-    """$1,000.00 per creator per UTC calendar day (DAILY_LIMIT_EXCEEDED)."""
+    """$1,000.00 per creator per calendar day in the creator's time zone (set with their
+    verification; UTC by default): DAILY_LIMIT_EXCEEDED."""
+    auto_approve_max_minor: int = 10_000
+    """Withdrawals up to $100.00 (from verified creators: all are) are approved at once; larger ones
+    wait for a reviewer (ReviewWithdrawal). 0: every withdrawal is reviewed."""
     withdrawal_fee_bps: int = 0
     withdrawal_fee_fixed_minor: int = 0
     """The platform charges no fee by default; both are configurable."""
+    processor: Literal["sandbox"] = "sandbox"
+    """The payout processor adapter. Only the local PayPal-like sandbox exists: no real money moves."""
     processor_latency_ms: int = 50
+    """Sandbox: how long each processor call takes."""
+    processor_settle_ms: int = 200
+    """Sandbox: how long after submission an item succeeds or fails."""
+    processor_unclaimed_return_ms: int = 2_000
+    """Sandbox: how long an unclaimed item (receiver `unclaimed…`) waits before it is returned; a paid
+    item to a receiver `returned…` is returned after this long too."""
+    processor_callback_delay_ms: int = 300
+    """Sandbox: each callback is delivered after a random delay up to this (so out of order)."""
+    processor_duplicate_callback_percent: int = 20
+    """Sandbox: the share of callbacks delivered twice."""
+    processor_webhook_secret: SecretStr = SecretStr("dev-payout-webhook-secret")
+    """The HMAC-SHA256 key processor callbacks are signed with (set a real one in production)."""
     processor_timeout_seconds: float = 10.0
     """How long one processor call may take before it counts as failed and is retried later."""
     processor_max_backoff_seconds: float = 300.0
-    """The longest pause between two attempts to pay one withdrawal."""
+    """The longest pause between two attempts on one withdrawal."""
+    processor_max_attempts: int = 20
+    """Failed attempts after which a withdrawal is parked for an admin (RetryWithdrawal)."""
     processor_calls_at_once: int = 8
-    """Withdrawals paid side by side (one hung call never holds up the others)."""
+    """Processor calls side by side (one hung call never holds up the others)."""
+    processor_batch_size: int = 50
+    """Withdrawals sent to the processor in one payout batch."""
+    processor_poll_seconds: float = 30.0
+    """How often a withdrawal still processing is looked up at the processor (callbacks are the fast
+    path; polling finds what a lost callback never said)."""
+    reconcile_every_seconds: float = 3600.0
+    """How often the reconciliation job compares the processor's records with ours."""
+    reconcile_window_hours: float = 72.0
+    """Withdrawals sent in this window (and the processor's items of it) are compared."""
+    reconcile_grace_seconds: float = 300.0
+    """A processor outcome younger than this is not yet a mismatch (its callback may be on its way)."""
     maturation_days: float = 15.0
     """Credited diamonds stay *pending* this long (the chargeback window) before they become
     *available* to withdraw; 0: available at once."""

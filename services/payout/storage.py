@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -14,12 +15,15 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Row,
     String,
     Table,
+    Text,
     func,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
@@ -57,7 +61,51 @@ withdrawals = Table(
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("last_error", String(256), nullable=False),
     Column("method_id", String(40)),
+    Column("hold_id", String(40)),
+    Column("submitted_at", DateTime(timezone=True)),
+    Column("parked_at", DateTime(timezone=True)),
 )
+"""A withdrawal holds its diamonds (`hold_id`, a ledger hold; migration 0014) from its request to
+its ending; `submitted_at`: first sent to the processor; `parked_at`: given up on until an admin
+retries it."""
+
+ON_ITS_WAY = ("requested", "in_review", "approved", "processing")
+"""Statuses of a withdrawal whose diamonds are held."""
+NOT_COUNTED = ("failed", "rejected", "cancelled", "returned")
+"""Endings whose money never left (or came back): they do not count against the daily cap."""
+
+withdrawal_events = Table(
+    "withdrawal_events",
+    metadata,
+    Column("withdrawal_id", String(40), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("reason", String(256), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""Every status a withdrawal went through (migration 0014)."""
+
+processor_events = Table(
+    "processor_events",
+    metadata,
+    Column("event_id", String(128), primary_key=True),
+    Column("item_reference", String(128), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+"""Processor callbacks handled, by their event id: a redelivered one changes nothing."""
+
+reconciliation_runs = Table(
+    "reconciliation_runs",
+    metadata,
+    Column("run_id", String(40), primary_key=True),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("checked", BigInteger, nullable=False),
+    Column("report", Text, nullable=False),
+)
+"""Reconciliation reports (the mismatches as JSON), newest by `started_at`."""
 
 payout_methods = Table(
     "payout_methods",
@@ -80,8 +128,10 @@ creator_verifications = Table(
     Column("status", String(16), nullable=False),
     Column("reason", String(256), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("time_zone", String(64), nullable=False, server_default="UTC"),
 )
-"""KYC status per creator, set by admins; a creator without a row is unverified."""
+"""KYC status per creator, set by admins; a creator without a row is unverified. The time zone
+(migration 0014) sets the calendar day of the daily withdrawal cap."""
 
 gift_credits = Table(
     "gift_credits",
@@ -124,14 +174,24 @@ class WithdrawalRecord:
     last_error: str = ""
     method_id: str | None = None
     """The registered payout method it pays (None: a one-off destination)."""
+    hold_id: str | None = None
+    """The ledger hold on its diamonds (None: accepted before holds; its diamonds are in the
+    in-flight account)."""
+    submitted_at: dt.datetime | None = None
+    parked_at: dt.datetime | None = None
+
+    @property
+    def net_minor(self) -> int:
+        return self.gross_minor - self.fee_minor
 
 
 def _withdrawal(row: object) -> WithdrawalRecord:
     data = row._asdict()  # type: ignore[attr-defined]
     data["created_at"] = utc(data["created_at"])
     data["updated_at"] = utc(data["updated_at"])
-    if data["next_attempt_at"] is not None:
-        data["next_attempt_at"] = utc(data["next_attempt_at"])
+    for name in ("next_attempt_at", "submitted_at", "parked_at"):
+        if data[name] is not None:
+            data[name] = utc(data[name])
     return WithdrawalRecord(**data)
 
 
@@ -223,7 +283,8 @@ _NEXT_MATURING = Statement(
 )
 _WITHDRAWAL_TOTALS = Statement(
     "payout.withdrawal_totals",
-    "SELECT coalesce(sum(CASE WHEN status IN ('pending', 'processing') THEN diamonds ELSE 0 END), "
+    "SELECT coalesce(sum(CASE WHEN status IN ('requested', 'in_review', 'approved', 'processing') "
+    "THEN diamonds ELSE 0 END), "
     "0), coalesce(sum(CASE WHEN status = 'paid' THEN diamonds ELSE 0 END), 0) "
     "FROM withdrawals WHERE creator_id = :creator_id",
 )
@@ -351,12 +412,13 @@ async def get_withdrawal(conn: AsyncConnection, withdrawal_id: str) -> Withdrawa
 
 
 async def withdrawn_since(conn: AsyncConnection, creator_id: str, since: dt.datetime) -> int:
-    """Gross cash of a creator's withdrawals since `since` that did not fail (for the daily cap)."""
+    """Gross cash of a creator's withdrawals since `since`, but for those whose money never left
+    or came back (for the daily cap)."""
     total = await conn.scalar(
         select(func.coalesce(func.sum(withdrawals.c.gross_minor), 0)).where(
             withdrawals.c.creator_id == creator_id,
             withdrawals.c.created_at >= since,
-            withdrawals.c.status != "failed",
+            withdrawals.c.status.not_in(NOT_COUNTED),
         )
     )
     return int(total or 0)
@@ -387,12 +449,14 @@ async def list_withdrawals(
 async def due_withdrawals(
     conn: AsyncConnection, now: dt.datetime, limit: int
 ) -> list[WithdrawalRecord]:
-    """Withdrawals the processor worker has to pay or finish now, oldest first (ix_withdrawals_open);
-    one whose last attempt failed waits for its next attempt."""
+    """Withdrawals the processor worker has to send or follow up now, oldest first
+    (ix_withdrawals_work); one whose last attempt failed waits for its next attempt, a parked one
+    for an admin."""
     query = (
         select(withdrawals)
         .where(
-            withdrawals.c.status.in_(("pending", "processing")),
+            withdrawals.c.status.in_(("approved", "processing")),
+            withdrawals.c.parked_at.is_(None),
             (withdrawals.c.next_attempt_at.is_(None)) | (withdrawals.c.next_attempt_at <= now),
         )
         .order_by(withdrawals.c.created_at)
@@ -402,29 +466,206 @@ async def due_withdrawals(
 
 
 async def note_failed_attempt(
-    conn: AsyncConnection, withdrawal_id: str, *, retry_at: dt.datetime, error: str
+    conn: AsyncConnection,
+    withdrawal_id: str,
+    *,
+    retry_at: dt.datetime,
+    error: str,
+    park_at: dt.datetime | None = None,
 ) -> None:
-    """The processor call failed: count it, and leave the withdrawal until `retry_at`."""
+    """The processor call failed: count it, and leave the withdrawal until `retry_at` (or, with
+    `park_at`, until an admin retries it)."""
     await conn.execute(
         update(withdrawals)
         .where(withdrawals.c.withdrawal_id == withdrawal_id)
         .values(
-            attempts=withdrawals.c.attempts + 1, next_attempt_at=retry_at, last_error=error[:256]
+            attempts=withdrawals.c.attempts + 1,
+            next_attempt_at=retry_at,
+            last_error=error[:256],
+            parked_at=park_at,
         )
     )
+
+
+async def schedule_follow_up(
+    conn: AsyncConnection, withdrawal_id: str, at: dt.datetime | None
+) -> None:
+    """When the worker should next look at a withdrawal (a successful call resets the count)."""
+    await conn.execute(
+        update(withdrawals)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id)
+        .values(next_attempt_at=at, attempts=0, last_error="")
+    )
+
+
+async def mark_submitted(
+    conn: AsyncConnection, withdrawal_ids: Sequence[str], now: dt.datetime
+) -> None:
+    """About to be sent to the processor: from now on its outcome is looked up before any resend."""
+    await conn.execute(
+        update(withdrawals)
+        .where(
+            withdrawals.c.withdrawal_id.in_(withdrawal_ids), withdrawals.c.submitted_at.is_(None)
+        )
+        .values(submitted_at=now)
+    )
+
+
+async def unpark(conn: AsyncConnection, withdrawal_id: str) -> bool:
+    result = await conn.execute(
+        update(withdrawals)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.parked_at.is_not(None))
+        .values(parked_at=None, attempts=0, next_attempt_at=None)
+    )
+    return result.rowcount == 1
+
+
+async def queue(
+    conn: AsyncConnection, name: str, *, limit: int, after: tuple[dt.datetime, str] | None
+) -> list[WithdrawalRecord]:
+    """An admin queue, oldest first: "in_review" (by request time) or "parked" (by parking time)."""
+    order = withdrawals.c.created_at if name == "in_review" else withdrawals.c.parked_at
+    query = select(withdrawals).order_by(order, withdrawals.c.withdrawal_id).limit(limit)
+    if name == "in_review":
+        query = query.where(withdrawals.c.status == "in_review")
+    else:
+        query = query.where(withdrawals.c.parked_at.is_not(None))
+    if after is not None:
+        at, withdrawal_id = after
+        query = query.where(
+            (order > at) | ((order == at) & (withdrawals.c.withdrawal_id > withdrawal_id))
+        )
+    return [_withdrawal(row) for row in (await conn.execute(query)).all()]
+
+
+async def submitted_since(conn: AsyncConnection, since: dt.datetime) -> list[WithdrawalRecord]:
+    """Withdrawals sent to the processor since `since` (reconciliation)."""
+    query = select(withdrawals).where(withdrawals.c.submitted_at >= since)
+    return [_withdrawal(row) for row in (await conn.execute(query)).all()]
+
+
+async def withdrawals_by_id(
+    conn: AsyncConnection, withdrawal_ids: Sequence[str]
+) -> dict[str, WithdrawalRecord]:
+    rows = await conn.execute(
+        select(withdrawals).where(withdrawals.c.withdrawal_id.in_(withdrawal_ids))
+    )
+    return {row.withdrawal_id: _withdrawal(row) for row in rows}
+
+
+@dataclass(frozen=True)
+class WithdrawalEvent:
+    status: str
+    actor: str
+    reason: str
+    at: dt.datetime
+
+
+async def add_event(
+    conn: AsyncConnection,
+    withdrawal_id: str,
+    status: str,
+    actor: str,
+    reason: str,
+    now: dt.datetime,
+) -> None:
+    """Append a status change to the withdrawal's history (its seq follows the last one)."""
+    seq = await conn.scalar(
+        select(func.coalesce(func.max(withdrawal_events.c.seq), 0)).where(
+            withdrawal_events.c.withdrawal_id == withdrawal_id
+        )
+    )
+    await conn.execute(
+        withdrawal_events.insert().values(
+            withdrawal_id=withdrawal_id,
+            seq=int(seq or 0) + 1,
+            status=status,
+            actor=actor[:64],
+            reason=reason[:256],
+            created_at=now,
+        )
+    )
+
+
+async def events_of(
+    conn: AsyncConnection, withdrawal_ids: Sequence[str]
+) -> dict[str, list[WithdrawalEvent]]:
+    """The histories of these withdrawals, each oldest first."""
+    rows = await conn.execute(
+        select(withdrawal_events)
+        .where(withdrawal_events.c.withdrawal_id.in_(withdrawal_ids))
+        .order_by(withdrawal_events.c.withdrawal_id, withdrawal_events.c.seq)
+    )
+    found: dict[str, list[WithdrawalEvent]] = {}
+    for row in rows:
+        found.setdefault(row.withdrawal_id, []).append(
+            WithdrawalEvent(row.status, row.actor, row.reason, utc(row.created_at))
+        )
+    return found
+
+
+async def processor_event_seen(conn: AsyncConnection, event_id: str) -> bool:
+    found = await conn.scalar(
+        select(processor_events.c.event_id).where(processor_events.c.event_id == event_id)
+    )
+    return found is not None
+
+
+async def record_processor_event(
+    conn: AsyncConnection, event_id: str, item_reference: str, event_type: str, now: dt.datetime
+) -> bool:
+    """Keep a processor callback by its id; False if it was kept before (a concurrent copy that
+    inserted first waits for it: ON CONFLICT DO NOTHING)."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(
+        processor_events
+    )
+    result = await conn.execute(
+        insert.values(
+            event_id=event_id, item_reference=item_reference, event_type=event_type, received_at=now
+        ).on_conflict_do_nothing(index_elements=["event_id"])
+    )
+    return result.rowcount == 1
+
+
+async def save_reconciliation(
+    conn: AsyncConnection,
+    run_id: str,
+    started_at: dt.datetime,
+    finished_at: dt.datetime,
+    checked: int,
+    report: str,
+) -> None:
+    await conn.execute(
+        reconciliation_runs.insert().values(
+            run_id=run_id,
+            started_at=started_at,
+            finished_at=finished_at,
+            checked=checked,
+            report=report,
+        )
+    )
+
+
+async def latest_reconciliation(conn: AsyncConnection) -> Row[Any] | None:
+    return (
+        await conn.execute(
+            select(reconciliation_runs).order_by(reconciliation_runs.c.started_at.desc()).limit(1)
+        )
+    ).first()
 
 
 async def move_withdrawal(
     conn: AsyncConnection,
     withdrawal_id: str,
     *,
-    from_status: str,
+    from_status: str | Sequence[str],
     to_status: str,
     now: dt.datetime,
     failure_reason: str = "",
     processor_reference: str | None = None,
 ) -> bool:
-    """A conditional status change: False if the withdrawal was no longer in `from_status`."""
+    """A conditional status change: False if the withdrawal was no longer in (one of)
+    `from_status`."""
     values: dict[str, object] = {"status": to_status, "updated_at": now}
     if failure_reason:
         values["failure_reason"] = failure_reason
@@ -432,7 +673,12 @@ async def move_withdrawal(
         values["processor_reference"] = processor_reference
     result = await conn.execute(
         update(withdrawals)
-        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == from_status)
+        .where(
+            withdrawals.c.withdrawal_id == withdrawal_id,
+            withdrawals.c.status.in_(
+                [from_status] if isinstance(from_status, str) else from_status
+            ),
+        )
         .values(**values)
     )
     return result.rowcount == 1
@@ -522,7 +768,7 @@ async def open_withdrawals_on(conn: AsyncConnection, method_id: str) -> int:
         .select_from(withdrawals)
         .where(
             withdrawals.c.method_id == method_id,
-            withdrawals.c.status.in_(("pending", "processing")),
+            withdrawals.c.status.in_(ON_ITS_WAY),
         )
     )
     return int(found or 0)
@@ -541,11 +787,30 @@ async def verification_of(conn: AsyncConnection, creator_id: str) -> tuple[str, 
 
 
 async def set_verification(
-    conn: AsyncConnection, creator_id: str, status: str, reason: str, now: dt.datetime
+    conn: AsyncConnection,
+    creator_id: str,
+    status: str,
+    reason: str,
+    now: dt.datetime,
+    time_zone: str = "",
 ) -> None:
-    await upsert(
-        conn,
-        creator_verifications,
-        {"creator_id": creator_id, "status": status, "reason": reason, "updated_at": now},
-        ["creator_id"],
+    """Set a creator's KYC status (and time zone, unless empty: then the one set before stays)."""
+    values: dict[str, object] = {
+        "creator_id": creator_id,
+        "status": status,
+        "reason": reason,
+        "updated_at": now,
+    }
+    if time_zone:
+        values["time_zone"] = time_zone
+    await upsert(conn, creator_verifications, values, ["creator_id"])
+
+
+async def time_zone_of(conn: AsyncConnection, creator_id: str) -> str:
+    """The IANA time zone of a creator's calendar day ("UTC" unless verification set one)."""
+    found = await conn.scalar(
+        select(creator_verifications.c.time_zone).where(
+            creator_verifications.c.creator_id == creator_id
+        )
     )
+    return str(found) if found else "UTC"

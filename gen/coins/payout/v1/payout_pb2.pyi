@@ -54,27 +54,65 @@ class _WithdrawalStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_With
     WITHDRAWAL_STATUS_UNSPECIFIED: _WithdrawalStatus.ValueType  # 0
     """Not set."""
     WITHDRAWAL_STATUS_PENDING: _WithdrawalStatus.ValueType  # 1
-    """Accepted; the diamonds are taken; waiting to be sent to the processor."""
+    """Before reviews existed: accepted and waiting for the processor. No longer returned (such
+    withdrawals read as APPROVED).
+    """
     WITHDRAWAL_STATUS_PROCESSING: _WithdrawalStatus.ValueType  # 2
     """Sent to the payment processor; waiting for its outcome."""
     WITHDRAWAL_STATUS_PAID: _WithdrawalStatus.ValueType  # 3
-    """The processor paid the creator."""
+    """The processor paid the creator; the held diamonds left the balance."""
     WITHDRAWAL_STATUS_FAILED: _WithdrawalStatus.ValueType  # 4
-    """The processor failed the payment; the diamonds were returned to the creator."""
+    """The processor failed the payment; the hold was released."""
+    WITHDRAWAL_STATUS_REQUESTED: _WithdrawalStatus.ValueType  # 5
+    """Accepted and the diamonds held; about to be routed to review or approved."""
+    WITHDRAWAL_STATUS_IN_REVIEW: _WithdrawalStatus.ValueType  # 6
+    """Waiting for a reviewer (above PAYOUT_AUTO_APPROVE_MAX_MINOR)."""
+    WITHDRAWAL_STATUS_APPROVED: _WithdrawalStatus.ValueType  # 7
+    """Approved (by a reviewer or by the auto-approve policy); waiting to be sent to the processor."""
+    WITHDRAWAL_STATUS_RETURNED: _WithdrawalStatus.ValueType  # 8
+    """The money came back (unclaimed, or reversed by the processor after it paid); the diamonds are
+    available again.
+    """
+    WITHDRAWAL_STATUS_REJECTED: _WithdrawalStatus.ValueType  # 9
+    """Refused by a reviewer; the hold was released."""
+    WITHDRAWAL_STATUS_CANCELLED: _WithdrawalStatus.ValueType  # 10
+    """Cancelled before it reached the processor; the hold was released."""
 
 class WithdrawalStatus(_WithdrawalStatus, metaclass=_WithdrawalStatusEnumTypeWrapper):
-    """Where a withdrawal stands."""
+    """Where a withdrawal stands.
+
+    requested -> in_review -> approved -> processing -> paid | failed | returned; requested and in_review
+    may end rejected (by a reviewer) or cancelled (by the creator), approved may be cancelled; a paid
+    withdrawal whose money comes back later ends returned. The diamonds are held from the request on;
+    paid captures the hold, every other ending releases it (returned after paid gives the diamonds back).
+    """
 
 WITHDRAWAL_STATUS_UNSPECIFIED: WithdrawalStatus.ValueType  # 0
 """Not set."""
 WITHDRAWAL_STATUS_PENDING: WithdrawalStatus.ValueType  # 1
-"""Accepted; the diamonds are taken; waiting to be sent to the processor."""
+"""Before reviews existed: accepted and waiting for the processor. No longer returned (such
+withdrawals read as APPROVED).
+"""
 WITHDRAWAL_STATUS_PROCESSING: WithdrawalStatus.ValueType  # 2
 """Sent to the payment processor; waiting for its outcome."""
 WITHDRAWAL_STATUS_PAID: WithdrawalStatus.ValueType  # 3
-"""The processor paid the creator."""
+"""The processor paid the creator; the held diamonds left the balance."""
 WITHDRAWAL_STATUS_FAILED: WithdrawalStatus.ValueType  # 4
-"""The processor failed the payment; the diamonds were returned to the creator."""
+"""The processor failed the payment; the hold was released."""
+WITHDRAWAL_STATUS_REQUESTED: WithdrawalStatus.ValueType  # 5
+"""Accepted and the diamonds held; about to be routed to review or approved."""
+WITHDRAWAL_STATUS_IN_REVIEW: WithdrawalStatus.ValueType  # 6
+"""Waiting for a reviewer (above PAYOUT_AUTO_APPROVE_MAX_MINOR)."""
+WITHDRAWAL_STATUS_APPROVED: WithdrawalStatus.ValueType  # 7
+"""Approved (by a reviewer or by the auto-approve policy); waiting to be sent to the processor."""
+WITHDRAWAL_STATUS_RETURNED: WithdrawalStatus.ValueType  # 8
+"""The money came back (unclaimed, or reversed by the processor after it paid); the diamonds are
+available again.
+"""
+WITHDRAWAL_STATUS_REJECTED: WithdrawalStatus.ValueType  # 9
+"""Refused by a reviewer; the hold was released."""
+WITHDRAWAL_STATUS_CANCELLED: WithdrawalStatus.ValueType  # 10
+"""Cancelled before it reached the processor; the hold was released."""
 Global___WithdrawalStatus: _TypeAlias = WithdrawalStatus  # noqa: Y015
 
 class _KycStatus:
@@ -177,6 +215,122 @@ DIAMOND_BUCKET_DEBT: DiamondBucket.ValueType  # 3
 """Owed back after reversals (never above zero)."""
 Global___DiamondBucket: _TypeAlias = DiamondBucket  # noqa: Y015
 
+class _ReviewDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_DECISION_UNSPECIFIED: _ReviewDecision.ValueType  # 0
+    """Not set (not accepted)."""
+    REVIEW_DECISION_APPROVE: _ReviewDecision.ValueType  # 1
+    """Pay it."""
+    REVIEW_DECISION_REJECT: _ReviewDecision.ValueType  # 2
+    """Refuse it; the diamonds are released."""
+
+class ReviewDecision(_ReviewDecision, metaclass=_ReviewDecisionEnumTypeWrapper):
+    """A reviewer's decision."""
+
+REVIEW_DECISION_UNSPECIFIED: ReviewDecision.ValueType  # 0
+"""Not set (not accepted)."""
+REVIEW_DECISION_APPROVE: ReviewDecision.ValueType  # 1
+"""Pay it."""
+REVIEW_DECISION_REJECT: ReviewDecision.ValueType  # 2
+"""Refuse it; the diamonds are released."""
+Global___ReviewDecision: _TypeAlias = ReviewDecision  # noqa: Y015
+
+class _WithdrawalQueue:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WithdrawalQueueEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WithdrawalQueue.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WITHDRAWAL_QUEUE_UNSPECIFIED: _WithdrawalQueue.ValueType  # 0
+    """Not set (not accepted)."""
+    WITHDRAWAL_QUEUE_IN_REVIEW: _WithdrawalQueue.ValueType  # 1
+    """Waiting for a reviewer, oldest first."""
+    WITHDRAWAL_QUEUE_PARKED: _WithdrawalQueue.ValueType  # 2
+    """Parked by the worker after too many failed processor attempts, oldest first."""
+
+class WithdrawalQueue(_WithdrawalQueue, metaclass=_WithdrawalQueueEnumTypeWrapper):
+    """An admin work queue of withdrawals."""
+
+WITHDRAWAL_QUEUE_UNSPECIFIED: WithdrawalQueue.ValueType  # 0
+"""Not set (not accepted)."""
+WITHDRAWAL_QUEUE_IN_REVIEW: WithdrawalQueue.ValueType  # 1
+"""Waiting for a reviewer, oldest first."""
+WITHDRAWAL_QUEUE_PARKED: WithdrawalQueue.ValueType  # 2
+"""Parked by the worker after too many failed processor attempts, oldest first."""
+Global___WithdrawalQueue: _TypeAlias = WithdrawalQueue  # noqa: Y015
+
+class _MismatchKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MismatchKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MismatchKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MISMATCH_KIND_UNSPECIFIED: _MismatchKind.ValueType  # 0
+    """Not set (never returned)."""
+    MISMATCH_KIND_PAID_THERE_NOT_HERE: _MismatchKind.ValueType  # 1
+    """The processor paid it; our withdrawal is not paid."""
+    MISMATCH_KIND_PAID_HERE_NOT_THERE: _MismatchKind.ValueType  # 2
+    """Our withdrawal is paid; the processor has no successful payment for it."""
+    MISMATCH_KIND_AMOUNT_DIFFERS: _MismatchKind.ValueType  # 3
+    """Both have it; the amounts differ."""
+    MISMATCH_KIND_UNKNOWN_AT_PROCESSOR: _MismatchKind.ValueType  # 4
+    """The processor has an item we never sent."""
+
+class MismatchKind(_MismatchKind, metaclass=_MismatchKindEnumTypeWrapper):
+    """What a reconciliation found wrong with one payment."""
+
+MISMATCH_KIND_UNSPECIFIED: MismatchKind.ValueType  # 0
+"""Not set (never returned)."""
+MISMATCH_KIND_PAID_THERE_NOT_HERE: MismatchKind.ValueType  # 1
+"""The processor paid it; our withdrawal is not paid."""
+MISMATCH_KIND_PAID_HERE_NOT_THERE: MismatchKind.ValueType  # 2
+"""Our withdrawal is paid; the processor has no successful payment for it."""
+MISMATCH_KIND_AMOUNT_DIFFERS: MismatchKind.ValueType  # 3
+"""Both have it; the amounts differ."""
+MISMATCH_KIND_UNKNOWN_AT_PROCESSOR: MismatchKind.ValueType  # 4
+"""The processor has an item we never sent."""
+Global___MismatchKind: _TypeAlias = MismatchKind  # noqa: Y015
+
+@_typing.final
+class WithdrawalEvent(_message.Message):
+    """One step of a withdrawal's history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    status: Global___WithdrawalStatus.ValueType
+    """The status it moved to."""
+    actor: _builtins.str
+    """Who moved it: the creator, an admin's user id, "auto-approve", "processor" or "worker"."""
+    reason: _builtins.str
+    """Why (a reviewer's reason, the processor's failure reason), when there is one."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___WithdrawalStatus.ValueType = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "status", b"status", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithdrawalEvent: _TypeAlias = WithdrawalEvent  # noqa: Y015
+
 @_typing.final
 class DiamondBalance(_message.Message):
     """A creator's diamonds."""
@@ -254,6 +408,12 @@ class Withdrawal(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PAYOUT_METHOD_ID_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    PROCESSOR_REFERENCE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PARKED_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
     withdrawal_id: _builtins.str
     """Identifier of the withdrawal."""
     creator_id: _builtins.str
@@ -266,6 +426,16 @@ class Withdrawal(_message.Message):
     """Where it stands."""
     failure_reason: _builtins.str
     """Why it failed, when it did."""
+    payout_method_id: _builtins.str
+    """The payout method it pays (empty: a one-off destination)."""
+    processor_reference: _builtins.str
+    """The processor's id of the payment, once it has one."""
+    attempts: _builtins.int
+    """Failed attempts to reach the processor so far."""
+    parked: _builtins.bool
+    """Parked after too many failed attempts: waits for an admin (RetryWithdrawal)."""
+    last_error: _builtins.str
+    """The last attempt's error, for admins."""
     @_builtins.property
     def gross(self) -> _money_pb2.Money:
         """Cash value of those diamonds."""
@@ -286,6 +456,10 @@ class Withdrawal(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed status."""
 
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___WithdrawalEvent]:
+        """Every status it went through, oldest first."""
+
     def __init__(
         self,
         *,
@@ -300,10 +474,16 @@ class Withdrawal(_message.Message):
         failure_reason: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        payout_method_id: _builtins.str = ...,
+        history: _abc.Iterable[Global___WithdrawalEvent] | None = ...,
+        processor_reference: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        parked: _builtins.bool = ...,
+        last_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "fee", b"fee", "gross", b"gross", "net", b"net", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator_id", b"creator_id", "diamonds", b"diamonds", "failure_reason", b"failure_reason", "fee", b"fee", "gross", b"gross", "method", b"method", "net", b"net", "status", b"status", "update_time", b"update_time", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "creator_id", b"creator_id", "diamonds", b"diamonds", "failure_reason", b"failure_reason", "fee", b"fee", "gross", b"gross", "history", b"history", "last_error", b"last_error", "method", b"method", "net", b"net", "parked", b"parked", "payout_method_id", b"payout_method_id", "processor_reference", b"processor_reference", "status", b"status", "update_time", b"update_time", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -699,8 +879,11 @@ class ListPayoutMethodsResponse(_message.Message):
 
     PAYOUT_METHODS_FIELD_NUMBER: _builtins.int
     KYC_STATUS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     kyc_status: Global___KycStatus.ValueType
     """The creator's verification status."""
+    time_zone: _builtins.str
+    """The time zone whose calendar day the daily withdrawal cap counts (IANA name)."""
     @_builtins.property
     def payout_methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PayoutMethodInfo]:
         """The methods in use, oldest first."""
@@ -710,10 +893,11 @@ class ListPayoutMethodsResponse(_message.Message):
         *,
         payout_methods: _abc.Iterable[Global___PayoutMethodInfo] | None = ...,
         kyc_status: Global___KycStatus.ValueType = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kyc_status", b"kyc_status", "payout_methods", b"payout_methods"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kyc_status", b"kyc_status", "payout_methods", b"payout_methods", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -837,6 +1021,7 @@ class SetCreatorVerificationRequest(_message.Message):
     CREATOR_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     creator_id: _builtins.str
@@ -845,6 +1030,10 @@ class SetCreatorVerificationRequest(_message.Message):
     """The new status."""
     reason: _builtins.str
     """Why (shown to the creator when rejected), for the audit trail."""
+    time_zone: _builtins.str
+    """The creator's time zone from the verified documents (IANA name, e.g. "America/New_York"): the daily
+    withdrawal cap counts the calendar day there. Empty keeps the one set before (UTC by default).
+    """
     def __init__(
         self,
         *,
@@ -852,10 +1041,11 @@ class SetCreatorVerificationRequest(_message.Message):
         creator_id: _builtins.str = ...,
         status: Global___KycStatus.ValueType = ...,
         reason: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "reason", b"reason", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "reason", b"reason", "request_id", b"request_id", "status", b"status", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1450,3 +1640,391 @@ class GetDiamondStatementResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetDiamondStatementResponse: _TypeAlias = GetDiamondStatementResponse  # noqa: Y015
+
+@_typing.final
+class CancelWithdrawalRequest(_message.Message):
+    """Request for CancelWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    withdrawal_id: _builtins.str
+    """The withdrawal."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        withdrawal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelWithdrawalRequest: _TypeAlias = CancelWithdrawalRequest  # noqa: Y015
+
+@_typing.final
+class CancelWithdrawalResponse(_message.Message):
+    """Response for CancelWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal(self) -> Global___Withdrawal:
+        """The withdrawal, cancelled."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal: Global___Withdrawal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelWithdrawalResponse: _TypeAlias = CancelWithdrawalResponse  # noqa: Y015
+
+@_typing.final
+class ReviewWithdrawalRequest(_message.Message):
+    """Request for ReviewWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    withdrawal_id: _builtins.str
+    """The withdrawal."""
+    decision: Global___ReviewDecision.ValueType
+    """Approve or reject."""
+    reason: _builtins.str
+    """Why (shown to the creator on a rejection), for the audit trail."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        withdrawal_id: _builtins.str = ...,
+        decision: Global___ReviewDecision.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reason", b"reason", "request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewWithdrawalRequest: _TypeAlias = ReviewWithdrawalRequest  # noqa: Y015
+
+@_typing.final
+class ReviewWithdrawalResponse(_message.Message):
+    """Response for ReviewWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal(self) -> Global___Withdrawal:
+        """The withdrawal after the decision."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal: Global___Withdrawal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewWithdrawalResponse: _TypeAlias = ReviewWithdrawalResponse  # noqa: Y015
+
+@_typing.final
+class ListWithdrawalQueueRequest(_message.Message):
+    """Request for ListWithdrawalQueue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    queue: Global___WithdrawalQueue.ValueType
+    """Which queue."""
+    page_size: _builtins.int
+    """Maximum withdrawals to return; 0 means the default of 50."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response, to continue a listing."""
+    def __init__(
+        self,
+        *,
+        queue: Global___WithdrawalQueue.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWithdrawalQueueRequest: _TypeAlias = ListWithdrawalQueueRequest  # noqa: Y015
+
+@_typing.final
+class ListWithdrawalQueueResponse(_message.Message):
+    """Response for ListWithdrawalQueue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def withdrawals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Withdrawal]:
+        """Withdrawals, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        withdrawals: _abc.Iterable[Global___Withdrawal] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "withdrawals", b"withdrawals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWithdrawalQueueResponse: _TypeAlias = ListWithdrawalQueueResponse  # noqa: Y015
+
+@_typing.final
+class RetryWithdrawalRequest(_message.Message):
+    """Request for RetryWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    withdrawal_id: _builtins.str
+    """The parked withdrawal."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        withdrawal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryWithdrawalRequest: _TypeAlias = RetryWithdrawalRequest  # noqa: Y015
+
+@_typing.final
+class RetryWithdrawalResponse(_message.Message):
+    """Response for RetryWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal(self) -> Global___Withdrawal:
+        """The withdrawal, back with the worker."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal: Global___Withdrawal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryWithdrawalResponse: _TypeAlias = RetryWithdrawalResponse  # noqa: Y015
+
+@_typing.final
+class HandleProcessorEventRequest(_message.Message):
+    """Request for HandleProcessorEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    """The event's body exactly as the processor sent it (JSON)."""
+    signature: _builtins.str
+    """Its signature: lowercase hex HMAC-SHA256 of the body with the shared webhook secret."""
+    def __init__(
+        self,
+        *,
+        body: _builtins.bytes = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandleProcessorEventRequest: _TypeAlias = HandleProcessorEventRequest  # noqa: Y015
+
+@_typing.final
+class HandleProcessorEventResponse(_message.Message):
+    """Response for HandleProcessorEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The processor's event id."""
+    duplicate: _builtins.bool
+    """True when this event had been handled before (nothing changed now)."""
+    withdrawal_id: _builtins.str
+    """The withdrawal it concerns (empty when the item is not one of ours)."""
+    status: Global___WithdrawalStatus.ValueType
+    """The withdrawal's status after the event."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        duplicate: _builtins.bool = ...,
+        withdrawal_id: _builtins.str = ...,
+        status: Global___WithdrawalStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "event_id", b"event_id", "status", b"status", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandleProcessorEventResponse: _TypeAlias = HandleProcessorEventResponse  # noqa: Y015
+
+@_typing.final
+class ReconcileWithdrawalsRequest(_message.Message):
+    """Request for ReconcileWithdrawals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_NOW_FIELD_NUMBER: _builtins.int
+    run_now: _builtins.bool
+    """Run a reconciliation now (true) or answer the latest report (false)."""
+    def __init__(
+        self,
+        *,
+        run_now: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_now", b"run_now"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileWithdrawalsRequest: _TypeAlias = ReconcileWithdrawalsRequest  # noqa: Y015
+
+@_typing.final
+class ReconciliationMismatch(_message.Message):
+    """One mismatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    PROCESSOR_REFERENCE_FIELD_NUMBER: _builtins.int
+    OUR_STATUS_FIELD_NUMBER: _builtins.int
+    PROCESSOR_STATUS_FIELD_NUMBER: _builtins.int
+    OUR_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    PROCESSOR_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    kind: Global___MismatchKind.ValueType
+    """What is wrong."""
+    withdrawal_id: _builtins.str
+    """Our withdrawal (empty for an item we never sent)."""
+    processor_reference: _builtins.str
+    """The processor's item id (empty when it has none)."""
+    our_status: Global___WithdrawalStatus.ValueType
+    """Our status."""
+    processor_status: _builtins.str
+    """The processor's status of the item ("SUCCESS", "FAILED", ... or "" when it has none)."""
+    our_amount_minor: _builtins.int
+    """What we pay (net, minor units)."""
+    processor_amount_minor: _builtins.int
+    """What the processor has (minor units)."""
+    def __init__(
+        self,
+        *,
+        kind: Global___MismatchKind.ValueType = ...,
+        withdrawal_id: _builtins.str = ...,
+        processor_reference: _builtins.str = ...,
+        our_status: Global___WithdrawalStatus.ValueType = ...,
+        processor_status: _builtins.str = ...,
+        our_amount_minor: _builtins.int = ...,
+        processor_amount_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "our_amount_minor", b"our_amount_minor", "our_status", b"our_status", "processor_amount_minor", b"processor_amount_minor", "processor_reference", b"processor_reference", "processor_status", b"processor_status", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconciliationMismatch: _TypeAlias = ReconciliationMismatch  # noqa: Y015
+
+@_typing.final
+class ReconcileWithdrawalsResponse(_message.Message):
+    """Response for ReconcileWithdrawals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id (empty when no reconciliation has run yet)."""
+    checked: _builtins.int
+    """Payments compared: ours sent to the processor and the processor's items."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When it finished."""
+
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReconciliationMismatch]:
+        """Every mismatch found."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
+        checked: _builtins.int = ...,
+        mismatches: _abc.Iterable[Global___ReconciliationMismatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "finish_time", b"finish_time", "mismatches", b"mismatches", "run_id", b"run_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileWithdrawalsResponse: _TypeAlias = ReconcileWithdrawalsResponse  # noqa: Y015

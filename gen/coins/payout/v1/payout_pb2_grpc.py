@@ -100,6 +100,36 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalResponse.FromString,
                 _registered_method=True)
+        self.CancelWithdrawal = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/CancelWithdrawal',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.CancelWithdrawalRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.CancelWithdrawalResponse.FromString,
+                _registered_method=True)
+        self.ReviewWithdrawal = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/ReviewWithdrawal',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReviewWithdrawalRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReviewWithdrawalResponse.FromString,
+                _registered_method=True)
+        self.ListWithdrawalQueue = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/ListWithdrawalQueue',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalQueueRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalQueueResponse.FromString,
+                _registered_method=True)
+        self.RetryWithdrawal = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/RetryWithdrawal',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.RetryWithdrawalRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.RetryWithdrawalResponse.FromString,
+                _registered_method=True)
+        self.HandleProcessorEvent = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/HandleProcessorEvent',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.HandleProcessorEventRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.HandleProcessorEventResponse.FromString,
+                _registered_method=True)
+        self.ReconcileWithdrawals = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/ReconcileWithdrawals',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReconcileWithdrawalsRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReconcileWithdrawalsResponse.FromString,
+                _registered_method=True)
         self.ListWithdrawals = channel.unary_unary(
                 '/coins.payout.v1.PayoutService/ListWithdrawals',
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalsRequest.SerializeToString,
@@ -218,7 +248,59 @@ class PayoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetWithdrawal(self, request, context):
-        """Reads a withdrawal and its status.
+        """Reads a withdrawal, its status and its history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelWithdrawal(self, request, context):
+        """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
+        hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
+        once it is processing or ended. The creator's own, or an admin's (audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviewWithdrawal(self, request, context):
+        """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
+        WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWithdrawalQueue(self, request, context):
+        """Admin work queues: withdrawals waiting for review (oldest first), and withdrawals parked after the
+        processor could not be reached for PAYOUT_PROCESSOR_MAX_ATTEMPTS attempts. Admin only; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryWithdrawal(self, request, context):
+        """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
+        (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HandleProcessorEvent(self, request, context):
+        """The payout processor's callback (PayPal-like webhook event), relayed by the `payout-webhooks`
+        receiver: the body exactly as received and its HMAC-SHA256 signature. A bad signature is refused
+        (UNAUTHENTICATED BAD_SIGNATURE) and changes nothing; an event seen before changes nothing; events
+        may arrive late and out of order: the item's status is taken from the processor, not the event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconcileWithdrawals(self, request, context):
+        """Compares the processor's records of our withdrawals with ours and reports every mismatch (paid there
+        but not here, paid here but not there, amounts that differ, items we never sent). Runs now, or
+        answers the latest report of the periodic job. Admin only; audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -309,6 +391,36 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.GetWithdrawal,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalResponse.SerializeToString,
+            ),
+            'CancelWithdrawal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelWithdrawal,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.CancelWithdrawalRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.CancelWithdrawalResponse.SerializeToString,
+            ),
+            'ReviewWithdrawal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewWithdrawal,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReviewWithdrawalRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReviewWithdrawalResponse.SerializeToString,
+            ),
+            'ListWithdrawalQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWithdrawalQueue,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalQueueRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalQueueResponse.SerializeToString,
+            ),
+            'RetryWithdrawal': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWithdrawal,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.RetryWithdrawalRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.RetryWithdrawalResponse.SerializeToString,
+            ),
+            'HandleProcessorEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandleProcessorEvent,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.HandleProcessorEventRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.HandleProcessorEventResponse.SerializeToString,
+            ),
+            'ReconcileWithdrawals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconcileWithdrawals,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReconcileWithdrawalsRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReconcileWithdrawalsResponse.SerializeToString,
             ),
             'ListWithdrawals': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWithdrawals,
@@ -656,6 +768,168 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/GetWithdrawal',
             coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelWithdrawal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/CancelWithdrawal',
+            coins_dot_payout_dot_v1_dot_payout__pb2.CancelWithdrawalRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.CancelWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewWithdrawal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/ReviewWithdrawal',
+            coins_dot_payout_dot_v1_dot_payout__pb2.ReviewWithdrawalRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.ReviewWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWithdrawalQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/ListWithdrawalQueue',
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalQueueRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListWithdrawalQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWithdrawal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/RetryWithdrawal',
+            coins_dot_payout_dot_v1_dot_payout__pb2.RetryWithdrawalRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.RetryWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandleProcessorEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/HandleProcessorEvent',
+            coins_dot_payout_dot_v1_dot_payout__pb2.HandleProcessorEventRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.HandleProcessorEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcileWithdrawals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/ReconcileWithdrawals',
+            coins_dot_payout_dot_v1_dot_payout__pb2.ReconcileWithdrawalsRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.ReconcileWithdrawalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

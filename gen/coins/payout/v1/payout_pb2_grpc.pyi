@@ -83,7 +83,35 @@ class PayoutServiceStub:
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
     GetWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]
-    """Reads a withdrawal and its status."""
+    """Reads a withdrawal, its status and its history."""
+    CancelWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.CancelWithdrawalRequest, _payout_pb2.CancelWithdrawalResponse]
+    """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
+    hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
+    once it is processing or ended. The creator's own, or an admin's (audited).
+    """
+    ReviewWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]
+    """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
+    WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+    """
+    ListWithdrawalQueue: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalQueueRequest, _payout_pb2.ListWithdrawalQueueResponse]
+    """Admin work queues: withdrawals waiting for review (oldest first), and withdrawals parked after the
+    processor could not be reached for PAYOUT_PROCESSOR_MAX_ATTEMPTS attempts. Admin only; audited.
+    """
+    RetryWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.RetryWithdrawalRequest, _payout_pb2.RetryWithdrawalResponse]
+    """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
+    (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+    """
+    HandleProcessorEvent: _grpc.UnaryUnaryMultiCallable[_payout_pb2.HandleProcessorEventRequest, _payout_pb2.HandleProcessorEventResponse]
+    """The payout processor's callback (PayPal-like webhook event), relayed by the `payout-webhooks`
+    receiver: the body exactly as received and its HMAC-SHA256 signature. A bad signature is refused
+    (UNAUTHENTICATED BAD_SIGNATURE) and changes nothing; an event seen before changes nothing; events
+    may arrive late and out of order: the item's status is taken from the processor, not the event.
+    """
+    ReconcileWithdrawals: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReconcileWithdrawalsRequest, _payout_pb2.ReconcileWithdrawalsResponse]
+    """Compares the processor's records of our withdrawals with ours and reports every mismatch (paid there
+    but not here, paid here but not there, amounts that differ, items we never sent). Runs now, or
+    answers the latest report of the periodic job. Admin only; audited.
+    """
     ListWithdrawals: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]
     """Lists a creator's withdrawals, newest first."""
     ListDiamondEntries: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListDiamondEntriesRequest, _payout_pb2.ListDiamondEntriesResponse]
@@ -150,7 +178,35 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
     GetWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]  # type: ignore[assignment]
-    """Reads a withdrawal and its status."""
+    """Reads a withdrawal, its status and its history."""
+    CancelWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.CancelWithdrawalRequest, _payout_pb2.CancelWithdrawalResponse]  # type: ignore[assignment]
+    """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
+    hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
+    once it is processing or ended. The creator's own, or an admin's (audited).
+    """
+    ReviewWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]  # type: ignore[assignment]
+    """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
+    WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+    """
+    ListWithdrawalQueue: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalQueueRequest, _payout_pb2.ListWithdrawalQueueResponse]  # type: ignore[assignment]
+    """Admin work queues: withdrawals waiting for review (oldest first), and withdrawals parked after the
+    processor could not be reached for PAYOUT_PROCESSOR_MAX_ATTEMPTS attempts. Admin only; audited.
+    """
+    RetryWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.RetryWithdrawalRequest, _payout_pb2.RetryWithdrawalResponse]  # type: ignore[assignment]
+    """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
+    (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+    """
+    HandleProcessorEvent: _aio.UnaryUnaryMultiCallable[_payout_pb2.HandleProcessorEventRequest, _payout_pb2.HandleProcessorEventResponse]  # type: ignore[assignment]
+    """The payout processor's callback (PayPal-like webhook event), relayed by the `payout-webhooks`
+    receiver: the body exactly as received and its HMAC-SHA256 signature. A bad signature is refused
+    (UNAUTHENTICATED BAD_SIGNATURE) and changes nothing; an event seen before changes nothing; events
+    may arrive late and out of order: the item's status is taken from the processor, not the event.
+    """
+    ReconcileWithdrawals: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReconcileWithdrawalsRequest, _payout_pb2.ReconcileWithdrawalsResponse]  # type: ignore[assignment]
+    """Compares the processor's records of our withdrawals with ours and reports every mismatch (paid there
+    but not here, paid here but not there, amounts that differ, items we never sent). Runs now, or
+    answers the latest report of the periodic job. Admin only; audited.
+    """
     ListWithdrawals: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]  # type: ignore[assignment]
     """Lists a creator's withdrawals, newest first."""
     ListDiamondEntries: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListDiamondEntriesRequest, _payout_pb2.ListDiamondEntriesResponse]  # type: ignore[assignment]
@@ -286,7 +342,71 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _payout_pb2.GetWithdrawalRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.GetWithdrawalResponse, _abc.Awaitable[_payout_pb2.GetWithdrawalResponse]]:
-        """Reads a withdrawal and its status."""
+        """Reads a withdrawal, its status and its history."""
+
+    @_abc_1.abstractmethod
+    def CancelWithdrawal(
+        self,
+        request: _payout_pb2.CancelWithdrawalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.CancelWithdrawalResponse, _abc.Awaitable[_payout_pb2.CancelWithdrawalResponse]]:
+        """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
+        hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
+        once it is processing or ended. The creator's own, or an admin's (audited).
+        """
+
+    @_abc_1.abstractmethod
+    def ReviewWithdrawal(
+        self,
+        request: _payout_pb2.ReviewWithdrawalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.ReviewWithdrawalResponse, _abc.Awaitable[_payout_pb2.ReviewWithdrawalResponse]]:
+        """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
+        WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWithdrawalQueue(
+        self,
+        request: _payout_pb2.ListWithdrawalQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.ListWithdrawalQueueResponse, _abc.Awaitable[_payout_pb2.ListWithdrawalQueueResponse]]:
+        """Admin work queues: withdrawals waiting for review (oldest first), and withdrawals parked after the
+        processor could not be reached for PAYOUT_PROCESSOR_MAX_ATTEMPTS attempts. Admin only; audited.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryWithdrawal(
+        self,
+        request: _payout_pb2.RetryWithdrawalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.RetryWithdrawalResponse, _abc.Awaitable[_payout_pb2.RetryWithdrawalResponse]]:
+        """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
+        (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+        """
+
+    @_abc_1.abstractmethod
+    def HandleProcessorEvent(
+        self,
+        request: _payout_pb2.HandleProcessorEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.HandleProcessorEventResponse, _abc.Awaitable[_payout_pb2.HandleProcessorEventResponse]]:
+        """The payout processor's callback (PayPal-like webhook event), relayed by the `payout-webhooks`
+        receiver: the body exactly as received and its HMAC-SHA256 signature. A bad signature is refused
+        (UNAUTHENTICATED BAD_SIGNATURE) and changes nothing; an event seen before changes nothing; events
+        may arrive late and out of order: the item's status is taken from the processor, not the event.
+        """
+
+    @_abc_1.abstractmethod
+    def ReconcileWithdrawals(
+        self,
+        request: _payout_pb2.ReconcileWithdrawalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.ReconcileWithdrawalsResponse, _abc.Awaitable[_payout_pb2.ReconcileWithdrawalsResponse]]:
+        """Compares the processor's records of our withdrawals with ours and reports every mismatch (paid there
+        but not here, paid here but not there, amounts that differ, items we never sent). Runs now, or
+        answers the latest report of the periodic job. Admin only; audited.
+        """
 
     @_abc_1.abstractmethod
     def ListWithdrawals(

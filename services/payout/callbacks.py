@@ -1,0 +1,120 @@
+"""The processor's callbacks (webhook events): verified, handled once, applied from the source.
+
+A callback is a signed nudge, not the truth: it is verified (HMAC-SHA256 over the body with the
+shared secret; a bad signature is refused and changes nothing), kept by its event id (a redelivered
+event changes nothing), and then the item it names is looked up at the processor and that status is
+applied. So events that arrive late, twice or out of order all converge on the processor's current
+record, and an old "succeeded" arriving after "returned" cannot pay again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass
+
+from runtime.errors import FieldViolation, InvalidArgument, Unauthenticated
+from runtime.server import Runtime
+from services.payout import storage
+from services.payout.processor import PayoutProcessor, outcome_of
+from services.payout.sandbox import sign
+from services.payout.settings import PayoutSettings
+from services.payout.withdrawals import Withdrawals
+
+
+@dataclass(frozen=True)
+class Handled:
+    event_id: str
+    duplicate: bool
+    withdrawal_id: str
+    status: str
+    """The withdrawal's status after the event ("" when the item is not ours)."""
+
+
+def _malformed(why: str) -> InvalidArgument:
+    return InvalidArgument(
+        "MALFORMED_EVENT",
+        f"the processor event is not one payout understands: {why}",
+        violations=(FieldViolation("body", why),),
+    )
+
+
+def parse(body: bytes) -> tuple[str, str, str]:
+    """(event id, event type, sender_item_id) of a callback body."""
+    try:
+        event = json.loads(body)
+        resource = event["resource"]
+        event_id, event_type = str(event["id"]), str(event["event_type"])
+        item = str(resource["sender_item_id"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise _malformed(f"{type(error).__name__}: {error}") from None
+    if not (event_id and item) or len(event_id) > 128 or len(item) > 128:
+        raise _malformed("an event needs an id and a resource.sender_item_id")
+    return event_id, event_type[:64], item
+
+
+class Callbacks:
+    def __init__(
+        self,
+        runtime: Runtime[PayoutSettings],
+        withdrawals: Withdrawals,
+        processor: PayoutProcessor,
+    ) -> None:
+        self._rt = runtime
+        self._withdrawals = withdrawals
+        self._processor = processor
+
+    def verify(self, body: bytes, signature: str) -> None:
+        secret = self._rt.settings.processor_webhook_secret.get_secret_value().encode()
+        given = signature.strip().lower().encode("utf-8", "replace")
+        if not hmac.compare_digest(sign(secret, body).encode(), given):
+            raise Unauthenticated(
+                "BAD_SIGNATURE",
+                "the event's signature does not match its body (HMAC-SHA256 with the webhook "
+                "secret): refused, nothing changed",
+            )
+
+    async def handle(self, body: bytes, signature: str) -> Handled:
+        self.verify(body, signature)
+        event_id, event_type, item_id = parse(body)
+        db, now = self._rt.db, self._rt.clock.now()
+        async with db.read() as conn:
+            withdrawal = await storage.get_withdrawal(conn, item_id)
+            seen = await storage.processor_event_seen(conn, event_id)
+        if seen or withdrawal is None:
+            async with db.transaction() as conn:
+                first = await storage.record_processor_event(
+                    conn, event_id, item_id, event_type, now
+                )
+            return (
+                Handled(event_id, not first, "", "")
+                if withdrawal is None
+                else Handled(event_id, True, item_id, withdrawal.status)
+            )
+        # The truth is the processor's record, read outside any database transaction.
+        try:
+            item = await asyncio.wait_for(
+                self._processor.lookup(item_id), self._rt.settings.processor_timeout_seconds
+            )
+        except Exception:
+            item = None  # not now: the worker looks it up soon (below)
+        async with db.transaction() as conn:
+            if not await storage.record_processor_event(conn, event_id, item_id, event_type, now):
+                current = await self._withdrawals.get(conn, item_id)
+                return Handled(event_id, True, item_id, current.status)
+            outcome = None if item is None else outcome_of(item)
+            if item is not None and outcome is not None:
+                current = await self._withdrawals.resolve(
+                    conn,
+                    item_id,
+                    outcome,
+                    processor_reference=item.payout_item_id,
+                    reason=item.failure_reason,
+                    now=now,
+                )
+            else:
+                current = await self._withdrawals.get(conn, item_id)
+                if item is None and current.status == "processing":
+                    await storage.schedule_follow_up(conn, item_id, now)
+        return Handled(event_id, False, item_id, current.status)

@@ -1,0 +1,373 @@
+"""Withdrawals: requested -> in_review -> approved -> processing -> paid | failed | returned.
+
+A withdrawal holds its diamonds with a ledger hold (`ledger.holds`) from the request on: held
+diamonds stay on the creator's balance but cannot be spent, withdrawn again or reversed. Each move
+is a conditional UPDATE from the statuses it may leave, so concurrent reviewers, cancels, callbacks
+and workers resolve it once; the hold is captured (paid) or released (every other ending) in the same
+database transaction as the move, so exactly once too. A payment the processor returns after it paid
+gives the diamonds back by a ledger transaction of its own (kind `withdrawal_returned`).
+
+Withdrawals accepted before holds existed (no `hold_id`) moved their diamonds to the in-flight
+account; they settle from there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+import zoneinfo
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger import Posting
+from ledger.holds import Holds
+from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from runtime.sql import as_tx
+from services.payout import policy, storage
+from services.payout.domain import (
+    IN_FLIGHT,
+    PAID_OUT,
+    CreatorDiamonds,
+    Payouts,
+    creator_account,
+    debt_account,
+)
+
+HOLD_OWNER = "payout"
+REVIEWABLE = ("requested", "in_review")
+CANCELLABLE = ("requested", "in_review", "approved")
+ENDINGS = ("paid", "failed", "returned", "rejected", "cancelled")
+
+
+def time_zone(name: str) -> zoneinfo.ZoneInfo:
+    """An IANA time zone; INVALID_ARGUMENT UNKNOWN_TIME_ZONE for a name that is not one."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise InvalidArgument(
+            "UNKNOWN_TIME_ZONE",
+            f"{name!r} is not an IANA time zone (for example 'Europe/Paris' or 'UTC')",
+            violations=(FieldViolation("time_zone", "must be an IANA time zone name"),),
+        ) from None
+
+
+def day_start(now: dt.datetime, zone: zoneinfo.ZoneInfo) -> dt.datetime:
+    """The start of `now`'s calendar day in `zone`, as a UTC instant (DST-safe)."""
+    local_day = now.astimezone(zone).date()
+    return dt.datetime.combine(local_day, dt.time(0), tzinfo=zone).astimezone(dt.UTC)
+
+
+class Withdrawals:
+    def __init__(self, payouts: Payouts) -> None:
+        self._payouts = payouts
+        self.settings = payouts.settings
+        self.ledger = payouts.ledger
+        self.holds = Holds(payouts.ledger)
+
+    async def request(
+        self,
+        conn: AsyncConnection,
+        *,
+        creator_id: str,
+        diamonds: int,
+        method: str,
+        destination_token: str,
+        request_id: str,
+        now: dt.datetime,
+        payout_method_id: str = "",
+    ) -> tuple[storage.WithdrawalRecord, CreatorDiamonds]:
+        """Check the request, hold the diamonds and record the withdrawal: approved at once when
+        the auto-approve policy allows it, else in review. It pays the payout method named (else the
+        creator's default; else the one-off `method` and `destination_token`)."""
+        settings = self.settings
+        if not await storage.creator_exists(conn, creator_id):
+            raise NotFound(
+                "CREATOR_NOT_FOUND",
+                f"creator {creator_id} has never received diamonds",
+                creator_id=creator_id,
+            )
+        methods = self._payouts.methods
+        await methods.require_verified(conn, creator_id)
+        registered = await methods.for_withdrawal(conn, creator_id, payout_method_id)
+        if registered is not None:
+            method, destination_token = registered.kind, registered.destination_token
+        elif not (method and destination_token):
+            raise FailedPrecondition(
+                "NO_PAYOUT_METHOD",
+                f"creator {creator_id} has no payout method: add one (AddPayoutMethod) first",
+                creator_id=creator_id,
+            )
+        debt = -(await self.ledger.balances(as_tx(conn), [debt_account(creator_id)])).get(
+            debt_account(creator_id), 0
+        )
+        if debt > 0:
+            raise FailedPrecondition(
+                "DEBT_OUTSTANDING",
+                f"creator {creator_id} owes {debt} diamonds from reversed gifts; withdrawals wait "
+                "until later diamonds repay it",
+                creator_id=creator_id,
+                debt=debt,
+            )
+        quote = policy.quote(diamonds, settings)
+        minimum = settings.min_withdrawal_minor
+        if quote.gross_minor < minimum or quote.net_minor <= 0:
+            raise FailedPrecondition(
+                "BELOW_MINIMUM",
+                f"{diamonds} diamonds are worth {quote.gross_minor} minor units; the minimum "
+                f"withdrawal is {minimum} ({minimum * settings.diamonds_per_minor_unit} diamonds)",
+                minimum_minor=minimum,
+                requested_minor=quote.gross_minor,
+            )
+        withdrawal_id = uuid.uuid4().hex
+        # Holding first locks the creator's balance row, so the daily-cap sum below sees every
+        # concurrent withdrawal of this creator that committed before us.
+        try:
+            hold = await self.holds.place(
+                conn,
+                creator_account(creator_id),
+                quote.diamonds,
+                counter_account_id=PAID_OUT,
+                owner=HOLD_OWNER,
+                kind="withdrawal",
+                reference=withdrawal_id,
+            )
+        except FailedPrecondition as refused:
+            if refused.reason != "INSUFFICIENT_FUNDS":
+                raise
+            raise await self._not_available(conn, creator_id, quote.diamonds) from None
+        zone = time_zone(await storage.time_zone_of(conn, creator_id))
+        today = await storage.withdrawn_since(conn, creator_id, day_start(now, zone))
+        cap = settings.daily_withdrawal_cap_minor
+        if today + quote.gross_minor > cap:
+            raise FailedPrecondition(
+                "DAILY_LIMIT_EXCEEDED",
+                f"withdrawals are capped at {cap} minor units a calendar day ({zone.key}); "
+                f"{max(0, cap - today)} remain today",
+                cap_minor=cap,
+                remaining_minor=max(0, cap - today),
+                time_zone=zone.key,
+            )
+        auto = quote.gross_minor <= settings.auto_approve_max_minor
+        withdrawal = storage.WithdrawalRecord(
+            withdrawal_id=withdrawal_id,
+            creator_id=creator_id,
+            diamonds=quote.diamonds,
+            gross_minor=quote.gross_minor,
+            fee_minor=quote.fee_minor,
+            currency_code=settings.currency_code,
+            method=method,
+            destination_token=destination_token,
+            status="approved" if auto else "in_review",
+            failure_reason="",
+            processor_reference=None,
+            created_at=now,
+            updated_at=now,
+            method_id=registered.method_id if registered is not None else None,
+            hold_id=hold.hold_id,
+        )
+        await storage.insert_withdrawal(conn, withdrawal)
+        await storage.add_event(conn, withdrawal_id, "requested", creator_id, "", now)
+        if auto:
+            why = f"at most {settings.auto_approve_max_minor} minor units from a verified creator"
+            await storage.add_event(conn, withdrawal_id, "approved", "auto-approve", why, now)
+        else:
+            why = f"above {settings.auto_approve_max_minor} minor units: a reviewer decides"
+            await storage.add_event(conn, withdrawal_id, "in_review", "policy", why, now)
+        return withdrawal, await self._payouts.diamonds(conn, creator_id)
+
+    async def _not_available(
+        self, conn: AsyncConnection, creator_id: str, needed: int
+    ) -> FailedPrecondition:
+        """INSUFFICIENT_FUNDS for a withdrawal, saying what is available and what is still pending."""
+        diamonds = await self._payouts.diamonds(conn, creator_id)
+        pending = ""
+        if diamonds.pending and diamonds.next_available_at is not None:
+            pending = (
+                f"; {diamonds.pending} more are pending (each gift's diamonds become available "
+                f"{self.settings.maturation_days:g} days after it; the next at "
+                f"{diamonds.next_available_at.isoformat(timespec='seconds')})"
+            )
+        held = f"; {diamonds.held} are held for withdrawals on their way" if diamonds.held else ""
+        return FailedPrecondition(
+            "INSUFFICIENT_FUNDS",
+            f"not enough available diamonds: {diamonds.available} are available, {needed} are "
+            f"needed{held}{pending}",
+            available=diamonds.available,
+            pending=diamonds.pending,
+            required=needed,
+            unit="diamonds",
+        )
+
+    async def get(self, conn: AsyncConnection, withdrawal_id: str) -> storage.WithdrawalRecord:
+        """A withdrawal by id; NOT_FOUND WITHDRAWAL_NOT_FOUND if there is none."""
+        withdrawal = await storage.get_withdrawal(conn, withdrawal_id)
+        if withdrawal is None:
+            raise NotFound(
+                "WITHDRAWAL_NOT_FOUND",
+                f"no withdrawal {withdrawal_id!r}",
+                withdrawal_id=withdrawal_id,
+            )
+        return withdrawal
+
+    async def review(
+        self,
+        conn: AsyncConnection,
+        withdrawal_id: str,
+        *,
+        approve: bool,
+        reason: str,
+        reviewer: str,
+        now: dt.datetime,
+    ) -> storage.WithdrawalRecord:
+        """A reviewer's decision on a withdrawal in review: approved goes on to the processor,
+        rejected releases the hold. WITHDRAWAL_NOT_IN_REVIEW otherwise."""
+        withdrawal = await self.get(conn, withdrawal_id)
+        to = "approved" if approve else "rejected"
+        if not await self._move(conn, withdrawal, REVIEWABLE, to, reviewer, reason, now):
+            current = await self.get(conn, withdrawal_id)
+            raise FailedPrecondition(
+                "WITHDRAWAL_NOT_IN_REVIEW",
+                f"withdrawal {withdrawal_id} is {current.status}: only a withdrawal in review can "
+                "be approved or rejected",
+                withdrawal_id=withdrawal_id,
+                status=current.status,
+            )
+        if not approve:
+            await self._give_back(conn, withdrawal, now)
+        return await self.get(conn, withdrawal_id)
+
+    async def cancel(
+        self, conn: AsyncConnection, withdrawal_id: str, *, actor: str, now: dt.datetime
+    ) -> storage.WithdrawalRecord:
+        """Cancel a withdrawal that has not gone to the processor; its hold is released."""
+        withdrawal = await self.get(conn, withdrawal_id)
+        if not await self._move(conn, withdrawal, CANCELLABLE, "cancelled", actor, "", now):
+            current = await self.get(conn, withdrawal_id)
+            raise FailedPrecondition(
+                "WITHDRAWAL_NOT_CANCELLABLE",
+                f"withdrawal {withdrawal_id} is {current.status}: only a withdrawal that has not "
+                "gone to the processor (requested, in review, approved) can be cancelled",
+                withdrawal_id=withdrawal_id,
+                status=current.status,
+            )
+        await self._give_back(conn, withdrawal, now)
+        return await self.get(conn, withdrawal_id)
+
+    async def start_processing(
+        self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord, now: dt.datetime
+    ) -> bool:
+        """approved -> processing, just before the worker sends it (False: cancelled meanwhile)."""
+        moved = await self._move(conn, withdrawal, ("approved",), "processing", "worker", "", now)
+        if moved:
+            await storage.mark_submitted(conn, [withdrawal.withdrawal_id], now)
+        return moved
+
+    async def resolve(
+        self,
+        conn: AsyncConnection,
+        withdrawal_id: str,
+        outcome: str,
+        *,
+        processor_reference: str,
+        reason: str,
+        now: dt.datetime,
+    ) -> storage.WithdrawalRecord:
+        """Apply the processor's outcome ("paid", "failed" or "returned") once:
+        - processing -> paid captures the hold (the diamonds leave the balance);
+        - processing -> failed | returned releases it;
+        - paid -> returned (failed or returned after it was paid) gives the diamonds back.
+        Anything else (an outcome seen before, an older one arriving late) changes nothing."""
+        withdrawal = await self.get(conn, withdrawal_id)
+        if withdrawal.status == "processing":
+            if await self._move(
+                conn,
+                withdrawal,
+                ("processing",),
+                outcome,
+                "processor",
+                reason,
+                now,
+                processor_reference=processor_reference,
+            ):
+                if outcome == "paid":
+                    await self._capture(conn, withdrawal)
+                else:
+                    await self._give_back(conn, withdrawal, now)
+        elif withdrawal.status == "paid" and outcome in ("failed", "returned"):
+            why = reason or "the processor returned the payment"
+            if await self._move(conn, withdrawal, ("paid",), "returned", "processor", why, now):
+                await self.ledger.post(
+                    conn,
+                    [
+                        Posting(PAID_OUT, -withdrawal.diamonds),
+                        Posting(creator_account(withdrawal.creator_id), withdrawal.diamonds),
+                    ],
+                    kind="withdrawal_returned",
+                    reference=withdrawal_id,
+                    request_id=f"returned:{withdrawal_id}",
+                    caller="payout",
+                    policy_version=self.settings.policy_version,
+                )
+        return await self.get(conn, withdrawal_id)
+
+    async def _move(
+        self,
+        conn: AsyncConnection,
+        withdrawal: storage.WithdrawalRecord,
+        from_statuses: tuple[str, ...],
+        to: str,
+        actor: str,
+        reason: str,
+        now: dt.datetime,
+        *,
+        processor_reference: str | None = None,
+    ) -> bool:
+        moved = await storage.move_withdrawal(
+            conn,
+            withdrawal.withdrawal_id,
+            from_status=from_statuses,
+            to_status=to,
+            now=now,
+            failure_reason=reason if to in ("failed", "returned", "rejected") else "",
+            processor_reference=processor_reference or None,
+        )
+        if moved:
+            await storage.add_event(conn, withdrawal.withdrawal_id, to, actor, reason, now)
+        return moved
+
+    async def _capture(self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord) -> None:
+        if withdrawal.hold_id is None:  # accepted before holds: its diamonds are in flight
+            await self._settle_in_flight(conn, withdrawal, PAID_OUT, "withdrawal_paid")
+            return
+        await self.holds.capture(
+            conn,
+            withdrawal.hold_id,
+            withdrawal.diamonds,
+            owner=HOLD_OWNER,
+            request_id=f"paid:{withdrawal.withdrawal_id}",
+            caller="payout",
+            policy_version=self.settings.policy_version,
+        )
+
+    async def _give_back(
+        self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord, now: dt.datetime
+    ) -> None:
+        if withdrawal.hold_id is None:
+            await self._settle_in_flight(
+                conn, withdrawal, creator_account(withdrawal.creator_id), "withdrawal_returned"
+            )
+            return
+        await self.holds.release(conn, withdrawal.hold_id, owner=HOLD_OWNER)
+
+    async def _settle_in_flight(
+        self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord, to: str, kind: str
+    ) -> None:
+        await self.ledger.post(
+            conn,
+            [Posting(IN_FLIGHT, -withdrawal.diamonds), Posting(to, withdrawal.diamonds)],
+            kind=kind,
+            reference=withdrawal.withdrawal_id,
+            request_id=f"settle:{withdrawal.withdrawal_id}",
+            caller="payout",
+            policy_version=self.settings.policy_version,
+        )

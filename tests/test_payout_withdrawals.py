@@ -1,0 +1,361 @@
+"""Withdrawals with review on ledger holds, a processor that behaves like PayPal Payouts (callbacks
+late, twice and out of order; unclaimed items returned; a payment returned after it was paid), and
+reconciliation. Each ending moves the held diamonds exactly once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import zoneinfo
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from coins.payout.v1 import payout_pb2
+from services.payout.sandbox import PayPalSandbox, sign
+from tests.helpers import ShiftedClock, eventually, expect_error, new_id
+from tests.suite import Suite, require_postgres, start_suite
+from tests.test_payout import creator_with_diamonds, settled, withdrawal
+
+S = payout_pb2
+
+
+@pytest.fixture(scope="module")
+async def payout(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
+    """Payout alone (reconciliation reads every item: a module's own), on a clock tests move."""
+    if backend == "postgres":
+        await require_postgres()
+    clock = ShiftedClock()
+    suite = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"withdrawals-{backend}"),
+        only=("payout",),
+        overrides={"payout": {"reconcile_grace_seconds": 0}},
+        clock=clock,
+    )
+    yield suite, clock
+    await suite.stop()
+
+
+def sandbox(suite: Suite) -> PayPalSandbox:
+    processor = suite.services["payout"].runtime.parts["processor"]
+    assert isinstance(processor, PayPalSandbox)
+    return processor
+
+
+async def balance_of(suite: Suite, creator: str) -> tuple[int, int, int, int]:
+    """(diamonds, available, held, paid out)."""
+    b = (
+        await suite.payout.GetDiamondBalance(S.GetDiamondBalanceRequest(creator_id=creator))
+    ).balance
+    return b.diamonds, b.available_diamonds, b.held_diamonds, b.paid_out_diamonds
+
+
+async def status_of(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Withdrawal:
+    return (
+        await suite.payout.GetWithdrawal(
+            S.GetWithdrawalRequest(withdrawal_id=withdrawal_id), metadata=suite.token(creator)
+        )
+    ).withdrawal
+
+
+def admin(suite: Suite) -> tuple[tuple[str, str], ...]:
+    return suite.token("reviewer-1", admin=True)
+
+
+def review(withdrawal_id: str, approve: bool, reason: str = "checked") -> S.ReviewWithdrawalRequest:
+    return S.ReviewWithdrawalRequest(
+        request_id=new_id("review"),
+        withdrawal_id=withdrawal_id,
+        decision=S.REVIEW_DECISION_APPROVE if approve else S.REVIEW_DECISION_REJECT,
+        reason=reason,
+    )
+
+
+async def test_a_large_withdrawal_waits_for_review_and_is_paid_once_approved(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 50_000)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 40_000))).withdrawal  # $200
+    assert made.status == S.WITHDRAWAL_STATUS_IN_REVIEW
+    assert await balance_of(suite, creator) == (10_000, 10_000, 40_000, 0)
+    queue = await suite.payout.ListWithdrawalQueue(
+        S.ListWithdrawalQueueRequest(queue=S.WITHDRAWAL_QUEUE_IN_REVIEW), metadata=admin(suite)
+    )
+    assert made.withdrawal_id in [w.withdrawal_id for w in queue.withdrawals]
+    # Held diamonds cannot be withdrawn again.
+    await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(creator, 20_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    approved = await suite.payout.ReviewWithdrawal(
+        review(made.withdrawal_id, True), metadata=admin(suite)
+    )
+    assert approved.withdrawal.status == S.WITHDRAWAL_STATUS_APPROVED
+    assert approved.withdrawal.history[-1].actor == "reviewer-1"
+    paid = await settled(suite, made.withdrawal_id, creator)
+    assert paid.status == S.WITHDRAWAL_STATUS_PAID
+    assert await balance_of(suite, creator) == (10_000, 10_000, 0, 40_000)
+    # A decision on a withdrawal no longer in review changes nothing.
+    await expect_error(
+        suite.payout.ReviewWithdrawal(review(made.withdrawal_id, False), metadata=admin(suite)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_IN_REVIEW",
+    )
+    assert await balance_of(suite, creator) == (10_000, 10_000, 0, 40_000)
+
+
+async def test_a_rejection_and_a_cancel_release_the_hold_once(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 100_000)
+    big = (await suite.payout.RequestWithdrawal(withdrawal(creator, 60_000))).withdrawal
+    small = (await suite.payout.RequestWithdrawal(withdrawal(creator, 30_000))).withdrawal
+    assert await balance_of(suite, creator) == (10_000, 10_000, 90_000, 0)
+    rejected = await suite.payout.ReviewWithdrawal(
+        review(big.withdrawal_id, False, "payout method under investigation"), metadata=admin(suite)
+    )
+    assert rejected.withdrawal.status == S.WITHDRAWAL_STATUS_REJECTED
+    assert rejected.withdrawal.failure_reason == "payout method under investigation"
+    cancel = S.CancelWithdrawalRequest(request_id=new_id("c"), withdrawal_id=small.withdrawal_id)
+    cancelled = await suite.payout.CancelWithdrawal(cancel, metadata=suite.token(creator))
+    assert cancelled.withdrawal.status == S.WITHDRAWAL_STATUS_CANCELLED
+    # The same request again is answered from its record; a new one is refused; nothing moves.
+    again = await suite.payout.CancelWithdrawal(cancel, metadata=suite.token(creator))
+    assert again == cancelled
+    await expect_error(
+        suite.payout.CancelWithdrawal(
+            S.CancelWithdrawalRequest(request_id=new_id("c"), withdrawal_id=big.withdrawal_id),
+            metadata=suite.token(creator),
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_CANCELLABLE",
+    )
+    assert await balance_of(suite, creator) == (100_000, 100_000, 0, 0)
+    # Another creator cannot cancel it.
+    await expect_error(
+        suite.payout.CancelWithdrawal(
+            S.CancelWithdrawalRequest(request_id=new_id("c"), withdrawal_id=small.withdrawal_id),
+            metadata=suite.token("someone-else"),
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "NOT_ACCOUNT_OWNER",
+    )
+
+
+async def test_the_daily_cap_counts_the_calendar_day_in_the_creators_time_zone(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, clock = payout
+    creator = await creator_with_diamonds(suite, 500_000)
+    await suite.payout.SetCreatorVerification(
+        S.SetCreatorVerificationRequest(
+            request_id=new_id("kyc"),
+            creator_id=creator,
+            status=S.KYC_STATUS_VERIFIED,
+            reason="documents checked",
+            time_zone="America/Los_Angeles",
+        ),
+        metadata=admin(suite),
+    )
+    listed = await suite.payout.ListPayoutMethods(
+        S.ListPayoutMethodsRequest(creator_id=creator), metadata=suite.token(creator)
+    )
+    assert listed.time_zone == "America/Los_Angeles"
+    # 23:00 in Los Angeles: 07:00 UTC the next day. The whole $1,000 of the local day is used...
+    zone = zoneinfo.ZoneInfo("America/Los_Angeles")
+    late = dt.datetime.now(zone).replace(hour=23, minute=0, second=0, microsecond=0)
+    clock.shift = late.astimezone(dt.UTC) - dt.datetime.now(dt.UTC)
+    try:
+        await suite.payout.RequestWithdrawal(withdrawal(creator, 200_000))  # $1,000
+        await expect_error(
+            suite.payout.RequestWithdrawal(withdrawal(creator, 2_000)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "DAILY_LIMIT_EXCEEDED",
+        )
+        # ...and an hour and a bit later it is a new day there (still the same UTC day).
+        clock.shift += dt.timedelta(hours=1, minutes=5)
+        await suite.payout.RequestWithdrawal(withdrawal(creator, 2_000))
+    finally:
+        clock.shift = dt.timedelta(0)
+    await expect_error(
+        suite.payout.SetCreatorVerification(
+            S.SetCreatorVerificationRequest(
+                request_id=new_id("kyc"),
+                creator_id=creator,
+                status=S.KYC_STATUS_VERIFIED,
+                reason="moved",
+                time_zone="Mars/Olympus_Mons",
+            ),
+            metadata=admin(suite),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_TIME_ZONE",
+    )
+
+
+async def test_an_unclaimed_payment_is_returned_and_the_diamonds_come_back(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = (
+        await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000, "unclaimed@example.com"))
+    ).withdrawal
+    returned = await settled(suite, made.withdrawal_id, creator)
+    assert returned.status == S.WITHDRAWAL_STATUS_RETURNED
+    assert "unclaimed" in returned.failure_reason
+    assert await balance_of(suite, creator) == (5_000, 5_000, 0, 0)
+
+
+async def test_a_payment_returned_after_it_was_paid_gives_the_diamonds_back_once(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = (
+        await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000, "returned@example.com"))
+    ).withdrawal
+
+    async def paid_first() -> bool:
+        found = await status_of(suite, made.withdrawal_id, creator)
+        return found.status in (S.WITHDRAWAL_STATUS_PAID, S.WITHDRAWAL_STATUS_RETURNED)
+
+    await eventually(paid_first, "the payment paid")
+
+    async def returned() -> bool:
+        found = await status_of(suite, made.withdrawal_id, creator)
+        return found.status == S.WITHDRAWAL_STATUS_RETURNED
+
+    await eventually(returned, "the payment returned")
+    assert await balance_of(suite, creator) == (5_000, 5_000, 0, 0)
+    entries = await suite.payout.ListDiamondEntries(
+        S.ListDiamondEntriesRequest(creator_id=creator), metadata=suite.token(creator)
+    )
+    kinds = [e.kind for e in entries.entries if e.reference == made.withdrawal_id]
+    # Paid (the hold captured) once, returned once: not a second payment, not a second return.
+    assert sorted(kinds) == sorted(
+        [S.DIAMOND_ENTRY_KIND_WITHDRAWAL, S.DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED]
+    )
+
+
+def _event(withdrawal_id: str, status: str, event_id: str | None = None) -> bytes:
+    return json.dumps(
+        {
+            "id": event_id or new_id("WH"),
+            "event_type": f"PAYMENT.PAYOUTS-ITEM.{status}",
+            "resource": {"sender_item_id": withdrawal_id, "transaction_status": status},
+        }
+    ).encode()
+
+
+async def test_callbacks_are_verified_deduplicated_and_taken_from_the_processor(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    webhooks = suite.as_caller("payout-webhooks").payout
+    secret = b"dev-payout-webhook-secret"
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
+    paid = await settled(suite, made.withdrawal_id, creator)
+    assert paid.status == S.WITHDRAWAL_STATUS_PAID
+    # A forged "failed" with a bad signature is refused and changes nothing.
+    forged = _event(made.withdrawal_id, "FAILED")
+    await expect_error(
+        webhooks.HandleProcessorEvent(
+            S.HandleProcessorEventRequest(body=forged, signature=sign(b"wrong", forged))
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "BAD_SIGNATURE",
+    )
+    # A correctly signed but stale "failed" (the processor's record says SUCCESS) pays nothing back.
+    stale = _event(made.withdrawal_id, "FAILED", event_id="WH-stale-1")
+    first = await webhooks.HandleProcessorEvent(
+        S.HandleProcessorEventRequest(body=stale, signature=sign(secret, stale))
+    )
+    assert (first.duplicate, first.status) == (False, S.WITHDRAWAL_STATUS_PAID)
+    again = await webhooks.HandleProcessorEvent(
+        S.HandleProcessorEventRequest(body=stale, signature=sign(secret, stale))
+    )
+    assert (again.duplicate, again.status) == (True, S.WITHDRAWAL_STATUS_PAID)
+    assert await balance_of(suite, creator) == (1_000, 1_000, 0, 4_000)
+    # Only the webhook receiver may call it.
+    await expect_error(
+        suite.payout.HandleProcessorEvent(
+            S.HandleProcessorEventRequest(body=stale, signature=sign(secret, stale))
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "CALLER_NOT_ALLOWED",
+    )
+    # Malformed bodies are refused.
+    junk = b"{not json"
+    await expect_error(
+        webhooks.HandleProcessorEvent(
+            S.HandleProcessorEventRequest(body=junk, signature=sign(secret, junk))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_EVENT",
+    )
+    assert sandbox(suite).delivered > 0  # the sandbox's own callbacks came through the same RPC
+
+
+async def test_reconciliation_reports_every_mismatch(payout: tuple[Suite, ShiftedClock]) -> None:
+    suite, _ = payout
+    processor = sandbox(suite)
+    creator = await creator_with_diamonds(suite, 20_000)
+    made = []
+    for _ in range(3):
+        w = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
+        made.append(w.withdrawal_id)
+    for withdrawal_id in made:
+        assert (await settled(suite, withdrawal_id, creator)).status == S.WITHDRAWAL_STATUS_PAID
+    clean = await suite.payout.ReconcileWithdrawals(
+        S.ReconcileWithdrawalsRequest(run_now=True), metadata=admin(suite)
+    )
+    assert [m for m in clean.mismatches if m.withdrawal_id in made] == []
+    # The processor's records drift from ours and no callback tells us (the late copies of the
+    # earlier callbacks delivered first: each makes payout look the item up).
+    await processor.drain()
+    processor.set_status(made[0], "SUCCESS", amount_minor=1_999, notify=False)
+    processor.set_status(made[1], "FAILED", "reversed by the bank", notify=False)
+    foreign = processor.add_foreign_item(12_345)
+    report = await suite.payout.ReconcileWithdrawals(
+        S.ReconcileWithdrawalsRequest(run_now=True), metadata=admin(suite)
+    )
+    found = {(m.kind, m.withdrawal_id) for m in report.mismatches}
+    assert (S.MISMATCH_KIND_AMOUNT_DIFFERS, made[0]) in found
+    assert (S.MISMATCH_KIND_PAID_HERE_NOT_THERE, made[1]) in found
+    assert (S.MISMATCH_KIND_UNKNOWN_AT_PROCESSOR, "") in found
+    assert not any(m.withdrawal_id == made[2] for m in report.mismatches)
+    assert any(m.processor_amount_minor == 12_345 for m in report.mismatches)
+    latest = await suite.payout.ReconcileWithdrawals(
+        S.ReconcileWithdrawalsRequest(run_now=False), metadata=admin(suite)
+    )
+    assert latest.run_id == report.run_id and len(latest.mismatches) == len(report.mismatches)
+    assert foreign  # reported without a withdrawal id: we never sent it
+    # Reconciliation reports; it moves nothing.
+    assert await balance_of(suite, creator) == (8_000, 8_000, 0, 12_000)
+
+
+async def test_only_an_admin_reviews(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 50_000)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 40_000))).withdrawal
+    await expect_error(
+        suite.payout.ReviewWithdrawal(
+            review(made.withdrawal_id, True), metadata=suite.token(creator)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ADMIN_ROLE_REQUIRED",
+    )
+    assert (await status_of(suite, made.withdrawal_id, creator)).status == (
+        S.WITHDRAWAL_STATUS_IN_REVIEW
+    )
