@@ -1250,7 +1250,7 @@ def payout_problems(state: Snapshot, settings: Any) -> list[str]:
     moves = Counter((t.reference, t.kind) for t in state.payout.transactions)
     for w in state.withdrawals:
         found = {kind: n for (ref, kind), n in moves.items() if ref == w.withdrawal_id}
-        allowed = [{}]
+        allowed: list[dict[str, int]] = [{}]
         if w.status == "paid":
             allowed = [{"withdrawal": 1}]
         elif w.status == "returned":
