@@ -359,3 +359,34 @@ async def test_only_an_admin_reviews(
     assert (await status_of(suite, made.withdrawal_id, creator)).status == (
         S.WITHDRAWAL_STATUS_IN_REVIEW
     )
+
+
+async def test_a_failure_after_success_takes_back_the_payment_once(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    processor = sandbox(suite)
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
+    assert (await settled(suite, made.withdrawal_id, creator)).status == S.WITHDRAWAL_STATUS_PAID
+    await processor.drain()
+    # The bank reverses the payment after the processor reported success; its callbacks (some
+    # twice) reach payout.
+    processor.set_status(made.withdrawal_id, "FAILED", "reversed by the receiving bank")
+
+    async def returned() -> bool:
+        found = await status_of(suite, made.withdrawal_id, creator)
+        return found.status == S.WITHDRAWAL_STATUS_RETURNED
+
+    await eventually(returned, "the payment taken back")
+    await processor.drain()
+    assert await balance_of(suite, creator) == (5_000, 5_000, 0, 0)
+    entries = await suite.payout.ListDiamondEntries(
+        S.ListDiamondEntriesRequest(creator_id=creator), metadata=suite.token(creator)
+    )
+    kinds = sorted(e.kind for e in entries.entries if e.reference == made.withdrawal_id)
+    assert kinds == sorted(
+        [S.DIAMOND_ENTRY_KIND_WITHDRAWAL, S.DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED]
+    )
+    history = [e.status for e in (await status_of(suite, made.withdrawal_id, creator)).history]
+    assert history[-2:] == [S.WITHDRAWAL_STATUS_PAID, S.WITHDRAWAL_STATUS_RETURNED]

@@ -132,11 +132,18 @@ class WithdrawalWorker:
         due = [w for w in due if w.withdrawal_id not in self._busy]
         fresh: list[storage.WithdrawalRecord] = []
         for withdrawal in due:
-            if withdrawal.status == "approved":
-                async with self._rt.db.transaction() as conn:
-                    if await self._withdrawals.start_processing(conn, withdrawal, clock.now()):
-                        fresh.append(withdrawal)
-            else:
+            # Each is leased (a conditional UPDATE) for as long as its calls may take, so that with
+            # several replicas one worker at a time sends or looks up a withdrawal.
+            now = clock.now()
+            until = now + dt.timedelta(seconds=2 * self._timeout + 1)
+            async with self._rt.db.transaction() as conn:
+                if withdrawal.status == "approved":
+                    claimed = await self._withdrawals.start_processing(conn, withdrawal, now, until)
+                else:
+                    claimed = await storage.lease(conn, withdrawal.withdrawal_id, now, until)
+            if claimed and withdrawal.status == "approved":
+                fresh.append(withdrawal)
+            elif claimed:
                 self._spawn([withdrawal], self._follow_up(withdrawal))
         size = self._rt.settings.processor_batch_size
         for start in range(0, len(fresh), size):

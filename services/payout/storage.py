@@ -499,16 +499,34 @@ async def schedule_follow_up(
 
 
 async def mark_submitted(
-    conn: AsyncConnection, withdrawal_ids: Sequence[str], now: dt.datetime
+    conn: AsyncConnection, withdrawal_id: str, now: dt.datetime, lease_until: dt.datetime
 ) -> None:
-    """About to be sent to the processor: from now on its outcome is looked up before any resend."""
+    """About to be sent to the processor: from now on its outcome is looked up before any resend;
+    no worker (of any replica) follows it up before `lease_until`."""
     await conn.execute(
         update(withdrawals)
-        .where(
-            withdrawals.c.withdrawal_id.in_(withdrawal_ids), withdrawals.c.submitted_at.is_(None)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id)
+        .values(
+            submitted_at=func.coalesce(withdrawals.c.submitted_at, now), next_attempt_at=lease_until
         )
-        .values(submitted_at=now)
     )
+
+
+async def lease(
+    conn: AsyncConnection, withdrawal_id: str, now: dt.datetime, until: dt.datetime
+) -> bool:
+    """Claim a due withdrawal for one follow-up until `until`: False if another worker (another
+    replica) claimed it first, or it is parked."""
+    result = await conn.execute(
+        update(withdrawals)
+        .where(
+            withdrawals.c.withdrawal_id == withdrawal_id,
+            withdrawals.c.parked_at.is_(None),
+            (withdrawals.c.next_attempt_at.is_(None)) | (withdrawals.c.next_attempt_at <= now),
+        )
+        .values(next_attempt_at=until)
+    )
+    return result.rowcount == 1
 
 
 async def unpark(conn: AsyncConnection, withdrawal_id: str) -> bool:

@@ -254,12 +254,17 @@ class Withdrawals:
         return await self.get(conn, withdrawal_id)
 
     async def start_processing(
-        self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord, now: dt.datetime
+        self,
+        conn: AsyncConnection,
+        withdrawal: storage.WithdrawalRecord,
+        now: dt.datetime,
+        lease_until: dt.datetime,
     ) -> bool:
-        """approved -> processing, just before the worker sends it (False: cancelled meanwhile)."""
+        """approved -> processing, just before the worker sends it (False: cancelled, or taken by
+        another replica, meanwhile); no worker follows it up before `lease_until`."""
         moved = await self._move(conn, withdrawal, ("approved",), "processing", "worker", "", now)
         if moved:
-            await storage.mark_submitted(conn, [withdrawal.withdrawal_id], now)
+            await storage.mark_submitted(conn, withdrawal.withdrawal_id, now, lease_until)
         return moved
 
     async def resolve(
