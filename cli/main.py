@@ -224,6 +224,7 @@ def methods(c: Clients, a: argparse.Namespace) -> None:
     console.print(render.payout_methods(a.creator, response.payout_methods))
     status = render.enum_name(payout_pb2.KycStatus, response.kyc_status, "KYC_STATUS_")
     console.print(f"verification: {status}")
+    console.print(f"time zone: {response.time_zone} (the daily withdrawal cap counts its days)")
 
 
 def default_method(c: Clients, a: argparse.Namespace) -> None:
@@ -257,12 +258,17 @@ _KYC = {
 def verify(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.SetCreatorVerification(
         payout_pb2.SetCreatorVerificationRequest(
-            request_id=_rid(a), creator_id=a.creator, status=_KYC[a.status], reason=a.reason
+            request_id=_rid(a),
+            creator_id=a.creator,
+            status=_KYC[a.status],
+            reason=a.reason,
+            time_zone=a.time_zone or "",
         ),
         timeout=c.timeout,
     )
     status = render.enum_name(payout_pb2.KycStatus, response.kyc_status, "KYC_STATUS_")
-    console.print(f"{a.creator}: verification {status}")
+    zone = f", time zone {a.time_zone}" if a.time_zone else ""
+    console.print(f"{a.creator}: verification {status}{zone}")
 
 
 def withdrawal(c: Clients, a: argparse.Namespace) -> None:
@@ -270,6 +276,73 @@ def withdrawal(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.GetWithdrawalRequest(withdrawal_id=a.withdrawal_id), timeout=c.timeout
     )
     console.print(render.withdrawal(response.withdrawal))
+
+
+def withdrawals(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.ListWithdrawals(
+        payout_pb2.ListWithdrawalsRequest(creator_id=a.creator, page_size=a.limit),
+        timeout=c.timeout,
+    )
+    console.print(
+        render.withdrawals(
+            f"Withdrawals of {a.creator} (newest first)", response.withdrawals, creators=False
+        )
+    )
+
+
+def cancel_withdrawal(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.CancelWithdrawal(
+        payout_pb2.CancelWithdrawalRequest(request_id=_rid(a), withdrawal_id=a.withdrawal_id),
+        timeout=c.timeout,
+    )
+    console.print(render.withdrawal(response.withdrawal))
+
+
+def review(c: Clients, a: argparse.Namespace) -> None:
+    decision = (
+        payout_pb2.REVIEW_DECISION_APPROVE if a.approve else payout_pb2.REVIEW_DECISION_REJECT
+    )
+    response = c.payout.ReviewWithdrawal(
+        payout_pb2.ReviewWithdrawalRequest(
+            request_id=_rid(a), withdrawal_id=a.withdrawal_id, decision=decision, reason=a.reason
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.withdrawal(response.withdrawal))
+
+
+def review_queue(c: Clients, a: argparse.Namespace) -> None:
+    queue = (
+        payout_pb2.WITHDRAWAL_QUEUE_PARKED if a.parked else payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW
+    )
+    response = c.payout.ListWithdrawalQueue(
+        payout_pb2.ListWithdrawalQueueRequest(queue=queue, page_size=a.limit), timeout=c.timeout
+    )
+    title = "Parked withdrawals" if a.parked else "Withdrawals in review"
+    console.print(render.withdrawals(f"{title} (oldest first)", response.withdrawals))
+
+
+def retry_withdrawal(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.RetryWithdrawal(
+        payout_pb2.RetryWithdrawalRequest(request_id=_rid(a), withdrawal_id=a.withdrawal_id),
+        timeout=c.timeout,
+    )
+    console.print(render.withdrawal(response.withdrawal))
+
+
+def reconcile(c: Clients, a: argparse.Namespace) -> None:
+    response = c.payout.ReconcileWithdrawals(
+        payout_pb2.ReconcileWithdrawalsRequest(run_now=not a.latest), timeout=c.timeout
+    )
+    if not response.run_id:
+        console.print("no reconciliation has run yet (run one: coinsctl --admin reconcile)")
+        return
+    console.print(
+        f"reconciliation {response.run_id} ({render.stamp(response.start_time)} UTC): "
+        f"{response.checked:,} payments checked, {len(response.mismatches)} mismatches"
+    )
+    if response.mismatches:
+        console.print(render.mismatches(response.mismatches))
 
 
 def promote(c: Clients, a: argparse.Namespace) -> None:
@@ -347,7 +420,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(run=run)
         return p
 
@@ -426,8 +499,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("creator")
     p.add_argument("--status", choices=sorted(_KYC), default="verified")
     p.add_argument("--reason", default="documents checked")
-    command("withdrawal", withdrawal, "show a withdrawal (--as CREATOR)").add_argument(
-        "withdrawal_id"
+    p.add_argument(
+        "--time-zone",
+        metavar="IANA",
+        help="the creator's time zone, e.g. America/New_York: the daily cap counts its days",
+    )
+    command(
+        "withdrawal", withdrawal, "show a withdrawal and its history (--as CREATOR)"
+    ).add_argument("withdrawal_id")
+    p = command("withdrawals", withdrawals, "list a creator's withdrawals, newest first")
+    p.add_argument("creator")
+    p.add_argument("--limit", type=int, default=20)
+    command(
+        "cancel-withdrawal",
+        cancel_withdrawal,
+        "cancel a withdrawal not yet sent to the processor (--as CREATOR)",
+    ).add_argument("withdrawal_id")
+    p = command("review", review, "approve or reject a withdrawal in review, as an admin (--admin)")
+    p.add_argument("withdrawal_id")
+    decision = p.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--approve", action="store_true", help="pay it")
+    decision.add_argument("--reject", action="store_true", help="refuse it: the diamonds come back")
+    p.add_argument(
+        "--reason", required=True, help="why, for the audit trail (shown on a rejection)"
+    )
+    p = command(
+        "review-queue", review_queue, "withdrawals waiting for review, as an admin (--admin)"
+    )
+    p.add_argument(
+        "--parked", action="store_true", help="the withdrawals parked after failed processor calls"
+    )
+    p.add_argument("--limit", type=int, default=50)
+    command(
+        "retry-withdrawal",
+        retry_withdrawal,
+        "give a parked withdrawal back to the processor worker, as an admin (--admin)",
+    ).add_argument("withdrawal_id")
+    p = command(
+        "reconcile", reconcile, "compare the processor's payments with ours, as an admin (--admin)"
+    )
+    p.add_argument(
+        "--latest",
+        action="store_true",
+        help="the periodic job's latest report instead of a run now",
     )
     p = command("promote", promote, "promote a video with a coin budget")
     p.add_argument("user")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from coins.common.v1 import money_pb2
@@ -220,17 +220,88 @@ def diamonds(value: payout_pb2.DiamondBalance) -> Table:
     return table
 
 
-def withdrawal(w: payout_pb2.Withdrawal) -> Table:
-    table = Table(title=f"Withdrawal {w.withdrawal_id[:12]}", show_header=False)
+def stamp(value: object) -> str:
+    """A protobuf Timestamp as UTC date and time; "" when unset."""
+    if not value.seconds:  # type: ignore[attr-defined]
+        return ""
+    return str(value.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))  # type: ignore[attr-defined]
+
+
+def withdrawal_status(status: int) -> str:
+    return enum_name(payout_pb2.WithdrawalStatus, status, "WITHDRAWAL_STATUS_")
+
+
+def withdrawal(w: payout_pb2.Withdrawal) -> Group:
+    """A withdrawal, then its history (oldest first)."""
+    table = Table(title="Withdrawal", show_header=False)
+    table.add_row("id", w.withdrawal_id)
     table.add_row("creator", w.creator_id)
     table.add_row("diamonds", f"{w.diamonds:,}")
     table.add_row("gross", money(w.gross))
     table.add_row("fee", money(w.fee))
     table.add_row("net", money(w.net))
     table.add_row("method", enum_name(payout_pb2.PayoutMethod, w.method, "PAYOUT_METHOD_"))
-    table.add_row("status", enum_name(payout_pb2.WithdrawalStatus, w.status, "WITHDRAWAL_STATUS_"))
+    table.add_row("status", withdrawal_status(w.status))
     if w.failure_reason:
         table.add_row("failure", w.failure_reason)
+    if w.processor_reference:
+        table.add_row("processor item", w.processor_reference)
+    if w.attempts or w.parked:
+        parked = ", parked: waits for an admin (retry-withdrawal)" if w.parked else ""
+        table.add_row("failed attempts", f"{w.attempts}{parked}")
+    if w.last_error:
+        table.add_row("last error", w.last_error)
+    history = Table(title=f"History of withdrawal {w.withdrawal_id}")
+    history.add_column("when", no_wrap=True)
+    history.add_column("status", no_wrap=True)
+    history.add_column("by")
+    history.add_column("reason")
+    for event in w.history:
+        history.add_row(
+            stamp(event.time), withdrawal_status(event.status), event.actor, event.reason
+        )
+    return Group(table, history) if w.history else Group(table)
+
+
+def withdrawals(
+    title: str, items: Iterable[payout_pb2.Withdrawal], *, creators: bool = True
+) -> Table:
+    """Withdrawals, one a row, with their full ids (to pass to `withdrawal`, `review`, ...); the
+    reasons and errors are in each one's `withdrawal`."""
+    table = Table(title=title)
+    table.add_column("id", no_wrap=True, min_width=32)
+    if creators:
+        table.add_column("creator")
+    table.add_column("requested")
+    table.add_column("net", justify="right", no_wrap=True)
+    table.add_column("status")
+    for w in items:
+        status = "parked" if w.parked else withdrawal_status(w.status)  # parked: processing
+        row = [w.withdrawal_id, w.creator_id] if creators else [w.withdrawal_id]
+        table.add_row(*row, when(w), money(w.net), status)
+    return table
+
+
+def mismatches(items: Iterable[payout_pb2.ReconciliationMismatch]) -> Table:
+    """A reconciliation's mismatches, one a row (amounts in minor units)."""
+    table = Table(title="Mismatches")
+    table.add_column("mismatch")
+    table.add_column("withdrawal", no_wrap=True)
+    table.add_column("processor item")
+    table.add_column("ours")
+    table.add_column("processor's")
+    table.add_column("our amount", justify="right")
+    table.add_column("processor amount", justify="right")
+    for m in items:
+        table.add_row(
+            enum_name(payout_pb2.MismatchKind, m.kind, "MISMATCH_KIND_"),
+            m.withdrawal_id or "-",
+            m.processor_reference or "-",
+            withdrawal_status(m.our_status) if m.our_status else "-",
+            m.processor_status.lower() or "-",
+            f"{m.our_amount_minor:,}",
+            f"{m.processor_amount_minor:,}",
+        )
     return table
 
 

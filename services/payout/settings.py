@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from ledger.api import LedgerServiceSettings
@@ -61,7 +61,7 @@ class PayoutSettings(LedgerServiceSettings):
     processor_poll_seconds: float = 30.0
     """How often a withdrawal still processing is looked up at the processor (callbacks are the fast
     path; polling finds what a lost callback never said)."""
-    reconcile_every_seconds: float = 3600.0
+    reconcile_every_seconds: float = Field(default=3600.0, gt=0)
     """How often the reconciliation job compares the processor's records with ours."""
     reconcile_window_hours: float = 72.0
     """Withdrawals sent in this window (and the processor's items of it) are compared."""
