@@ -1017,6 +1017,11 @@ class SuiteClient:
             gifting_pb2.SendGiftRequest,
             gifting_pb2.SendGiftResponse,
         )
+        self.start_live = gifting.unary(
+            "/coins.gifting.v1.GiftingService/StartLive",
+            gifting_pb2.StartLiveRequest,
+            gifting_pb2.StartLiveResponse,
+        )[0]
         self.get_gift = gifting.unary(
             "/coins.gifting.v1.GiftingService/GetGift",
             gifting_pb2.GetGiftRequest,
@@ -1078,8 +1083,22 @@ class SuiteClient:
                 timeout=CALL_TIMEOUT,
             )
 
-        # Creators get wallet accounts too: they are users of the platform like any other.
+        async def start_live(creator: str) -> None:
+            await self.start_live(
+                gifting_pb2.StartLiveRequest(
+                    request_id=self.request_id("live"),
+                    creator_id=creator,
+                    title="benchmark",
+                    live_id=f"live-{creator}",
+                ),
+                metadata=self.tokens[creator],
+                timeout=CALL_TIMEOUT,
+            )
+
+        # Creators get wallet accounts too: they are users of the platform like any other; each
+        # is live (gifts go to the creator's open LIVE).
         await bounded(16, (open_account(u) for u in self.tokens))
+        await bounded(16, (start_live(c) for c in [*self.creators, self.hot_creator]))
         await bounded(16, (fund(u) for u in self.senders))
         catalog = await self.list_gifts(
             gifting_pb2.ListGiftsRequest(page_size=100),

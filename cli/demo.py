@@ -55,7 +55,13 @@ def run(c: Clients) -> None:
         )
         console.print(render.purchase(bought.purchase, bought.balance))
 
-    console.rule(f"4. They send gifts to {leo} in {live}")
+    console.rule(f"4. {leo} goes LIVE; they send gifts to {leo} in {live}")
+    c.gifting.StartLive(
+        gifting_pb2.StartLiveRequest(
+            request_id=_rid(), creator_id=leo, title=f"{leo} live", live_id=live
+        ),
+        timeout=t,
+    )
     for sender, gift, count in (
         (ava, "drama-queen", 2),
         (ava, "concert", 4),

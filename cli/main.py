@@ -113,6 +113,62 @@ def top(c: Clients, a: argparse.Namespace) -> None:
     console.print(render.top_gifters(a.live, response.gifters))
 
 
+def live_start(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.StartLive(
+        gifting_pb2.StartLiveRequest(
+            request_id=_rid(a), creator_id=a.creator, title=a.title, live_id=a.id or ""
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.live(response.live))
+
+
+def _as_creator(c: Clients, live_id: str) -> tuple[tuple[str, str | bytes], ...]:
+    """The LIVE's creator's token (or --as USER's): ending or switching a LIVE is its creator's."""
+    if c.acting_user:
+        return c.token(c.acting_user)
+    live = c.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=live_id), timeout=c.timeout).live
+    return c.token(live.creator_id)
+
+
+def live_end(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.EndLive(
+        gifting_pb2.EndLiveRequest(request_id=_rid(a), live_id=a.live_id),
+        metadata=_as_creator(c, a.live_id),
+        timeout=c.timeout,
+    )
+    console.print(render.live(response.live, response.summary))
+
+
+def live_gifts(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.SetLiveGifts(
+        gifting_pb2.SetLiveGiftsRequest(
+            request_id=_rid(a), live_id=a.live_id, gifts_enabled=a.state == "on"
+        ),
+        metadata=_as_creator(c, a.live_id),
+        timeout=c.timeout,
+    )
+    console.print(render.live(response.live))
+
+
+def live_show(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=a.live_id), timeout=c.timeout)
+    console.print(render.live(response.live, response.summary))
+
+
+def live_watch(c: Clients, a: argparse.Namespace) -> None:
+    """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes)."""
+    stream = c.gifting.WatchLive(
+        gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=a.after),
+        metadata=c.token(c.acting_user or "coinsctl"),
+    )
+    try:
+        for event in stream:
+            console.print(render.live_event(event))
+    except KeyboardInterrupt:
+        stream.cancel()
+
+
 def diamonds(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.GetDiamondBalance(
         payout_pb2.GetDiamondBalanceRequest(creator_id=a.creator), timeout=c.timeout
@@ -403,6 +459,12 @@ def demo(c: Clients, a: argparse.Namespace) -> None:
     run(c)
 
 
+def _live_help(
+    c: Clients, a: argparse.Namespace
+) -> None:  # pragma: no cover - argparse requires a subcommand
+    raise SystemExit("coinsctl live start|end|gifts|show|watch: see coinsctl live --help")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__)
     for service in DEFAULTS:
@@ -448,6 +510,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--live", default="live-1")
     p.add_argument("--video")
+    live = command("live", _live_help, "a creator's LIVE: start, end, gifts on/off, show, watch")
+    lives = live.add_subparsers(dest="live_command", required=True)
+
+    def live_command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
+        p = lives.add_parser(name, help=help_, description=help_)
+        p.set_defaults(run=run)
+        return p
+
+    p = live_command("start", live_start, "a creator goes LIVE (gifts on)")
+    p.add_argument("creator")
+    p.add_argument("--title", default="LIVE", help="what viewers see (default: %(default)s)")
+    p.add_argument("--id", help="choose the LIVE's id (default: a new one)")
+    p = live_command("end", live_end, "end a LIVE (as its creator, or --as USER)")
+    p.add_argument("live_id")
+    p = live_command("gifts", live_gifts, "turn gifts on or off for a LIVE (as its creator)")
+    p.add_argument("live_id")
+    p.add_argument("state", choices=["on", "off"])
+    live_command("show", live_show, "a LIVE and what it received").add_argument("live_id")
+    p = live_command("watch", live_watch, "print a LIVE's gift feed as it comes, until it ends")
+    p.add_argument("live_id")
+    p.add_argument(
+        "--after", type=int, default=0, help="resume after this cursor (default: from the start)"
+    )
     p = command("top", top, "top gifters of a LIVE")
     p.add_argument("live")
     p.add_argument("--limit", type=int, default=10)

@@ -319,3 +319,35 @@ def promotion(p: promotion_pb2.Promotion) -> Table:
         table.add_row(ending, p.end_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
     table.add_row("status", enum_name(promotion_pb2.PromotionStatus, p.status, "PROMOTION_STATUS_"))
     return table
+
+
+def live(value: gifting_pb2.Live, summary: gifting_pb2.LiveSummary | None = None) -> Table:
+    table = Table(title=f"LIVE {value.live_id}: {value.title}", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("creator", value.creator_id)
+    table.add_row("started", stamp(value.start_time))
+    table.add_row("ended", stamp(value.end_time) if value.HasField("end_time") else "live now")
+    table.add_row("gifts", "on" if value.gifts_enabled else "off")
+    if summary is not None:
+        table.add_row("coins received", f"{summary.coins_received:,}")
+        table.add_row("gifts sent", f"{summary.gifts_sent:,}")
+        table.add_row("unique gifters", f"{summary.unique_gifters:,}")
+        top = ", ".join(f"{g.rank}. {g.user_id} ({g.coins:,})" for g in summary.top_gifters)
+        table.add_row("top gifters", top or "-")
+        table.add_row("feed cursor", str(summary.last_cursor))
+    return table
+
+
+def live_event(event: gifting_pb2.WatchLiveResponse) -> str:
+    at = event.time.ToDatetime().strftime("%H:%M:%S")
+    if event.HasField("gift"):
+        g = event.gift
+        return (
+            f"#{event.cursor} {at} {g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins)"
+        )
+    s = event.ended.summary
+    return (
+        f"#{event.cursor} {at} the LIVE ended: {s.coins_received:,} coins from "
+        f"{s.unique_gifters:,} gifters, {s.gifts_sent:,} gifts"
+    )

@@ -1,4 +1,4 @@
-"""The request guard every unary RPC passes through: authenticate, authorize, validate, limit, run.
+"""The request guard every RPC passes through: authenticate, authorize, validate, limit, run.
 
 A grpc.aio server interceptor cannot see the request, so this one returns a wrapped method handler
 (the documented way to see requests in Python). Order of work for each call:
@@ -13,13 +13,15 @@ A grpc.aio server interceptor cannot see the request, so this one returns a wrap
 7. a DomainError leaves as its status with ErrorInfo; a failed downstream call becomes UNAVAILABLE or
    its business error; any other exception becomes INTERNAL with an opaque incident id that is in the
    log and the trace, and nothing else (no stack trace, no SQL) reaches the caller.
+Server-streaming calls (a live feed) pass the same checks before their first message; they are not
+counted by the load shedder (they are long-lived and mostly idle).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -58,6 +60,7 @@ OPEN_STREAMS = frozenset(
 """Streaming methods served to any caller with a platform certificate: health and reflection."""
 
 Behavior = Callable[[Any, RpcContext], Awaitable[Any]]
+StreamBehavior = Callable[[Any, RpcContext], AsyncIterator[Any]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
@@ -105,11 +108,24 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary is None:
-            # Streaming calls skip the per-call checks below, so only these known ones are served
-            # (behind mutual TLS, like everything); any other streaming method is not.
-            self._guarded[method] = handler if method in OPEN_STREAMS else None
+        if method in OPEN_STREAMS:  # health and reflection: behind mutual TLS, like everything
+            self._guarded[method] = handler
+            return handler
+        if handler.unary_stream is not None:
+            self._guarded[method] = grpc.unary_stream_rpc_method_handler(
+                self._guard_stream(
+                    cast(StreamBehavior, handler.unary_stream),
+                    method,
+                    self._access.get(method),
+                    handler.request_deserializer,
+                ),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
             return self._guarded[method]
+        if handler.unary_unary is None:  # client streaming: no such RPC is served
+            self._guarded[method] = None
+            return None
         # The request arrives as bytes and is parsed inside the guard, so that bytes that do not
         # parse get INVALID_ARGUMENT with ErrorInfo like any bad request (grpcio would say UNKNOWN).
         self._guarded[method] = grpc.unary_unary_rpc_method_handler(
@@ -182,37 +198,45 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
                 return response
-            except DomainError as error:
-                await self._refuse(context, error, principal, method, request, audited)
             except grpc.aio.AbortError:
                 raise
-            except grpc.RpcError as error:
-                dependency = getattr(error, "dependency", "downstream")
-                relayed = from_rpc_error(error, dependency=dependency)
-                await self._refuse(context, relayed, principal, method, request, audited)
             except Exception as error:
-                outage = outage_of(error)
-                if outage is not None:  # expected in an outage: one line, no stack trace
-                    log.warning(
-                        "%s: database unavailable (%s: %s)", method, type(error).__name__, error
-                    )
-                    await self._refuse(context, outage, principal, method, request, audited)
-                    return None
-                incident = uuid.uuid4().hex
-                span = trace.get_current_span()
-                span.record_exception(error)
-                span.set_attribute("coins.incident_id", incident)
-                log.exception("incident %s in %s", incident, method)
-                internal = Internal(
-                    "INTERNAL_ERROR",
-                    f"internal error; quote incident {incident} to the operators",
-                    incident_id=incident,
-                )
-                await self._refuse(context, internal, principal, method, request, audited)
+                failure = _as_domain_error(error, method)
+                await self._refuse(context, failure, principal, method, request, audited)
             finally:
                 if started is not None:
                     assert self._shedder is not None
                     self._shedder.done(started)
+
+        return guarded
+
+    def _guard_stream(
+        self,
+        behavior: StreamBehavior,
+        method: str,
+        rule: Access | None,
+        parse: Callable[[bytes], Any] | None,
+    ) -> StreamBehavior:
+        async def guarded(raw: Any, context: RpcContext) -> AsyncIterator[Any]:
+            audited = False
+            principal: Principal | None = None
+            request: Any = raw
+            try:
+                request = _parse(parse, raw)
+                principal = self._principal(context)
+                audited = await self._admit(principal, rule, method, request)
+                set_principal(principal)
+                if audited:
+                    await self._audit.record(principal, method, request, "STARTED")
+                async for message in behavior(request, context):
+                    yield message
+                if audited:
+                    await self._audit.record(principal, method, request, "OK")
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                failure = _as_domain_error(error, method)
+                await self._refuse(context, failure, principal, method, request, audited)
 
         return guarded
 
@@ -235,6 +259,30 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("could not record the outcome of an admin call to %s", method)
         await abort(context, error, self._domain)
+
+
+def _as_domain_error(error: Exception, method: str) -> DomainError:
+    """What a handler's exception tells the caller: a domain error as it is; a failed downstream call
+    as UNAVAILABLE or its business error; an outage as UNAVAILABLE (one log line, no stack trace);
+    anything else as INTERNAL with an incident id (logged with its stack trace and on the span)."""
+    if isinstance(error, DomainError):
+        return error
+    if isinstance(error, grpc.RpcError):
+        return from_rpc_error(error, dependency=getattr(error, "dependency", "downstream"))
+    outage = outage_of(error)
+    if outage is not None:
+        log.warning("%s: database unavailable (%s: %s)", method, type(error).__name__, error)
+        return outage
+    incident = uuid.uuid4().hex
+    span = trace.get_current_span()
+    span.record_exception(error)
+    span.set_attribute("coins.incident_id", incident)
+    log.exception("incident %s in %s", incident, method)
+    return Internal(
+        "INTERNAL_ERROR",
+        f"internal error; quote incident {incident} to the operators",
+        incident_id=incident,
+    )
 
 
 _ACCESS_REFUSALS = (ErrorKind.PERMISSION_DENIED, ErrorKind.UNAUTHENTICATED)

@@ -45,10 +45,29 @@ async def open_account(suite: Suite, user_id: str, country: str = "US") -> walle
 
 
 async def new_creator(suite: Suite) -> str:
-    """A new adult creator with a wallet account (gifts go only to users who have one)."""
+    """A new adult creator with a wallet account (gifts go only to users who have one), live now in
+    the LIVE `live_of(creator)` (gifts to a LIVE go only to its creator's open LIVE)."""
     creator_id = new_id("creator")
     await open_account(suite, creator_id)
+    await start_live(suite, creator_id, live_of(creator_id))
     return creator_id
+
+
+def live_of(creator_id: str) -> str:
+    """The LIVE `new_creator` started for the creator."""
+    return f"live-{creator_id}"
+
+
+async def start_live(suite: Suite, creator_id: str, live_id: str = "") -> str:
+    """The creator starts a LIVE (with this id, or a new one); returns its id."""
+    from coins.gifting.v1 import gifting_pb2
+
+    started = await suite.gifting.StartLive(
+        gifting_pb2.StartLiveRequest(
+            request_id=new_id("live"), creator_id=creator_id, title="test LIVE", live_id=live_id
+        )
+    )
+    return started.live.live_id
 
 
 async def funded_user(suite: Suite, package_id: str = "us-web-700") -> tuple[str, int]:
@@ -60,7 +79,7 @@ async def funded_user(suite: Suite, package_id: str = "us-web-700") -> tuple[str
             request_id=new_id("buy"),
             user_id=user_id,
             package_id=package_id,
-            payment_token="tok_visa",
+            payment_token=f"tok_visa_{user_id}",  # each user's own card: cards have daily limits
         )
     )
     return user_id, bought.balance.coins

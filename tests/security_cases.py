@@ -29,6 +29,7 @@ from tests.helpers import (
     adult_birth_date,
     eventually,
     funded_user,
+    live_of,
     new_creator,
     new_id,
     open_account,
@@ -161,7 +162,7 @@ def gift_request(sender: str, creator: str) -> gifting_pb2.SendGiftRequest:
         creator_id=creator,
         gift_id="rose",
         count=3,
-        live_id=new_id("live"),
+        live_id=live_of(creator),
     )
 
 
@@ -401,6 +402,43 @@ async def _redeliver_parked_credits(suite: Suite) -> Sample:
         reason="security test sample",
     )
     return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
+@sample(GIFTING, "StartLive")
+async def _start_live(suite: Suite) -> Sample:
+    creator = new_id("creator")
+    request = gifting_pb2.StartLiveRequest(
+        request_id=new_id("live"), creator_id=creator, title="security test sample"
+    )
+    return Sample(request, creator, mutates=True)
+
+
+@sample(GIFTING, "EndLive", record_owned=True)
+async def _end_live(suite: Suite) -> Sample:
+    creator = await new_creator(suite)
+    request = gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator))
+    return Sample(request, creator, mutates=True)
+
+
+@sample(GIFTING, "SetLiveGifts", record_owned=True)
+async def _set_live_gifts(suite: Suite) -> Sample:
+    creator = await new_creator(suite)
+    request = gifting_pb2.SetLiveGiftsRequest(
+        request_id=new_id("gifts"), live_id=live_of(creator), gifts_enabled=False
+    )
+    return Sample(request, creator, mutates=True)
+
+
+@sample(GIFTING, "GetLive", any_user=True)
+async def _get_live(suite: Suite) -> Sample:
+    creator = await new_creator(suite)
+    return Sample(gifting_pb2.GetLiveRequest(live_id=live_of(creator)), new_id("viewer"))
+
+
+@sample(GIFTING, "WatchLive", any_user=True)
+async def _watch_live(suite: Suite) -> Sample:
+    creator = await new_creator(suite)
+    return Sample(gifting_pb2.WatchLiveRequest(live_id=live_of(creator)), new_id("viewer"))
 
 
 # --------------------------------------------------------------------------------------------- payout

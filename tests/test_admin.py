@@ -15,7 +15,7 @@ from coins.common.v1.money_pb2 import Money
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.audit import admin_audit
-from tests.helpers import expect_error, funded_user, new_creator, new_id, open_account
+from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id, open_account
 from tests.suite import Suite
 
 ADMIN = "ops-alice"
@@ -134,7 +134,7 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
             creator_id=creator,
             gift_id="snowman",
             count=2,
-            live_id="live-x",
+            live_id=live_of(creator),
         )
     )
     assert sent.sent_gift.coins == 60
@@ -156,7 +156,7 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
                 creator_id=creator,
                 gift_id="snowman",
                 count=1,
-                live_id="live-x",
+                live_id=live_of(creator),
             )
         ),
         grpc.StatusCode.NOT_FOUND,

@@ -242,10 +242,10 @@ async def send_gifts(
         request = gifting_pb2.SendGiftRequest(
             request_id=uuid.uuid4().hex,
             sender_id=sender,
-            creator_id=rng.choice(creators),
+            creator_id=(creator := rng.choice(creators)),
             gift_id=rng.choice(["rose", "panda", "love-bang"]),
             count=rng.randint(1, 3),
-            live_id="live-chaos",
+            live_id=f"live-{creator}",
         )
         while True:
             try:
@@ -400,6 +400,16 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                         birth_date=date_pb2.Date(year=1990, month=1, day=1),
                     ),
                     metadata=tokens[user],
+                )
+            for creator in creators:
+                await gifting.StartLive(
+                    gifting_pb2.StartLiveRequest(
+                        request_id=uuid.uuid4().hex,
+                        creator_id=creator,
+                        title="chaos",
+                        live_id=f"live-{creator}",
+                    ),
+                    metadata=tokens[creator],
                 )
             for user in viewers:
                 await wallet.PurchaseCoins(

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from coins.gifting.v1 import gifting_pb2
 from coins.promotion.v1 import promotion_pb2
-from tests.helpers import eventually, funded_user, new_creator, new_id, rewrite_history
+from tests.helpers import eventually, funded_user, live_of, new_creator, new_id, rewrite_history
 from tests.suite import Suite
 from tools.cross_audit import cross_audit
 
@@ -31,7 +31,7 @@ async def test_the_books_of_all_services_agree_and_a_lost_credit_is_named(
                 creator_id=creator,
                 gift_id=gift,
                 count=1,
-                live_id="live-audit",
+                live_id=live_of(creator),
             )
         )
         sent.append(answer.sent_gift.sent_gift_id)

@@ -16,7 +16,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from services.gifting import storage
-from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id
+from tests.helpers import eventually, expect_error, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite, start_suite
 
 
@@ -88,7 +88,7 @@ async def test_a_gift_debited_but_never_recorded_is_credited(reconciling: Suite)
             creator_id=creator,
             gift_id="panda",
             count=2,
-            live_id="live-crash",
+            live_id=live_of(creator),
         )
         await expect_error(
             suite.gifting.SendGift(request), grpc.StatusCode.INTERNAL, "INTERNAL_ERROR"

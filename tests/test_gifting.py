@@ -11,7 +11,16 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
-from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id, open_account
+from tests.helpers import (
+    eventually,
+    expect_error,
+    funded_user,
+    live_of,
+    new_creator,
+    new_id,
+    open_account,
+    start_live,
+)
 from tests.suite import Suite
 
 
@@ -46,15 +55,16 @@ async def wait_until_credited(suite: Suite, sent: gifting_pb2.SentGift) -> None:
 
 
 def gift_request(
-    sender: str, creator: str, gift_id: str = "rose", count: int = 1, live_id: str = "live-1"
+    sender: str, creator: str, gift_id: str = "rose", count: int = 1, live_id: str = ""
 ) -> gifting_pb2.SendGiftRequest:
+    """A gift in the creator's LIVE (`live_of(creator)`, started by `new_creator`), or in `live_id`."""
     return gifting_pb2.SendGiftRequest(
         request_id=new_id("gift"),
         sender_id=sender,
         creator_id=creator,
         gift_id=gift_id,
         count=count,
-        live_id=live_id,
+        live_id=live_id or live_of(creator),
     )
 
 
@@ -163,6 +173,7 @@ async def test_a_gift_to_a_user_without_an_account_is_refused_and_moves_nothing(
 ) -> None:
     sender, coins = await funded_user(suite)
     nobody = new_id("creator")  # well-formed, but never opened a wallet account
+    await start_live(suite, nobody, live_of(nobody))  # the wallet, not gifting, knows accounts
     request = gift_request(sender, nobody, "concert")
     error = await expect_error(
         suite.gifting.SendGift(request), grpc.StatusCode.NOT_FOUND, "RECIPIENT_NOT_FOUND"
@@ -190,6 +201,7 @@ async def test_a_gift_to_a_minor_is_refused_and_moves_nothing(suite: Suite) -> N
             birth_date=date_pb2.Date(year=dt.date.today().year - 15, month=1, day=1),
         )
     )
+    await start_live(suite, minor, live_of(minor))
     error = await expect_error(
         suite.gifting.SendGift(gift_request(sender, minor, "concert")),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -211,8 +223,9 @@ async def test_sender_without_account_is_not_found(suite: Suite) -> None:
 
 
 async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:
-    live = new_id("live")
     creator = await new_creator(suite)
+    live = await start_live(suite, creator)
+    another_live = await start_live(suite, creator)
     big, _ = await funded_user(suite)
     small, _ = await funded_user(suite)
     other = new_id("viewer")
@@ -220,7 +233,7 @@ async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:
     await suite.gifting.SendGift(gift_request(big, creator, "concert", live_id=live))
     await suite.gifting.SendGift(gift_request(small, creator, "panda", count=3, live_id=live))
     await suite.gifting.SendGift(gift_request(small, creator, "rose", live_id=live))
-    await suite.gifting.SendGift(gift_request(big, creator, "rose", live_id="another-live"))
+    await suite.gifting.SendGift(gift_request(big, creator, "rose", live_id=another_live))
     top = await suite.gifting.ListTopGifters(gifting_pb2.ListTopGiftersRequest(live_id=live))
     assert [(g.user_id, g.coins, g.rank) for g in top.gifters] == [(big, 500, 1), (small, 16, 2)]
     first = await suite.gifting.ListTopGifters(

@@ -9,7 +9,7 @@ import grpc
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, funded_user, new_creator, new_id, rpc_error
+from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id, rpc_error
 from tests.suite import Suite
 
 
@@ -104,7 +104,7 @@ async def test_concurrent_retries_of_one_gift_send_it_once(suite: Suite) -> None
         creator_id=creator,
         gift_id="sun-cream",
         count=1,
-        live_id="live-race",
+        live_id=live_of(creator),
     )
     results = await asyncio.gather(
         *(suite.gifting.SendGift(request) for _ in range(10)), return_exceptions=True

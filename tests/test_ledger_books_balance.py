@@ -15,7 +15,7 @@ from coins.promotion.v1 import promotion_pb2
 from ledger import Ledger
 from runtime.clock import SystemClock
 from runtime.status import error_info
-from tests.helpers import funded_user, new_creator, new_id, verify_creator
+from tests.helpers import funded_user, live_of, new_creator, new_id, verify_creator
 from tests.suite import Suite
 from tests.test_fuzz import wait_until_idle
 
@@ -27,14 +27,15 @@ async def test_the_books_balance_after_a_mixed_concurrent_run(suite: Suite) -> N
     gifts = ["rose", "panda", "love-bang", "concert", "im-very-rich"]
 
     async def gift(sender: str) -> None:
+        creator = rng.choice(creators)
         await suite.gifting.SendGift(
             gifting_pb2.SendGiftRequest(
                 request_id=new_id("g"),
                 sender_id=sender,
-                creator_id=rng.choice(creators),
+                creator_id=creator,
                 gift_id=rng.choice(gifts),
                 count=rng.randint(1, 3),
-                live_id="live-audit",
+                live_id=live_of(creator),
             )
         )
 

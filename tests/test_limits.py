@@ -18,7 +18,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.ratelimit import TokenBuckets
 from runtime.status import error_info, retry_info
-from tests.helpers import funded_user, new_creator, new_id
+from tests.helpers import funded_user, live_of, new_creator, new_id
 from tests.suite import Suite, start_suite
 
 BURST = 3
@@ -50,7 +50,7 @@ def gift(sender: str, creator: str) -> gifting_pb2.SendGiftRequest:
         creator_id=creator,
         gift_id="rose",
         count=1,
-        live_id="live-limits",
+        live_id=live_of(creator),
     )
 
 

@@ -75,6 +75,27 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         settled = demo.stdout.split("after the payment processor answered", 1)[-1]
         assert re.search(r"status\s+│\s+paid", settled), demo.stdout[-3000:]
+
+        def coinsctl(*arguments: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "cli.main", *arguments],
+                cwd=Path(__file__).resolve().parents[1],
+                env=demo_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+            return done.stdout
+
+        # A LIVE through coinsctl: start, show, end, and its feed (streamed) to the end.
+        live = f"live-make-up-{tmp_path.name}"
+        assert "live now" in coinsctl("live", "start", "zoe", "--title", "make up", "--id", live)
+        assert "zoe" in coinsctl("live", "show", live)
+        coinsctl("live", "end", live)
+        assert "#1" in coinsctl("live", "watch", live) and "the LIVE ended" in coinsctl(
+            "live", "watch", live
+        )
         launcher.send_signal(signal.SIGINT)
         output, _ = launcher.communicate(timeout=30)
     finally:

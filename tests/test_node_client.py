@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import funded_user, new_creator, new_id
+from coins.gifting.v1 import gifting_pb2
+from tests.helpers import funded_user, live_of, new_creator, new_id, start_live
 from tests.suite import Suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +33,12 @@ async def _run(*command: str, cwd: Path) -> str:
     return out.decode()
 
 
-async def node_client(arguments: dict[str, Any]) -> dict[str, Any]:
+async def node_client(arguments: dict[str, Any], script: str = "client.mjs") -> dict[str, Any]:
     node, npm = shutil.which("node"), shutil.which("npm")
     assert node and npm, "Node.js and npm are needed for the cross-language client test"
-    if not (CLIENT / "node_modules" / "@grpc" / "grpc-js").exists():
+    if not (CLIENT / "node_modules" / "grpc-js-reflection-client").exists():
         await _run(npm, "ci", "--no-audit", "--no-fund", cwd=CLIENT)
-    answer: dict[str, Any] = json.loads(
-        await _run(node, "client.mjs", json.dumps(arguments), cwd=CLIENT)
-    )
+    answer: dict[str, Any] = json.loads(await _run(node, script, json.dumps(arguments), cwd=CLIENT))
     return answer
 
 
@@ -56,6 +55,7 @@ async def test_a_node_grpc_js_client_reads_a_balance_and_sends_a_gift(suite: Sui
             "token": token,
             "sender": sender,
             "creator": creator,
+            "live": live_of(creator),
             "requestId": new_id("node-gift"),
         }
     )
@@ -68,3 +68,45 @@ async def test_a_node_grpc_js_client_reads_a_balance_and_sends_a_gift(suite: Sui
     assert answer["after"]["response"]["balance"]["coins"] == str(coins - 3)
     assert answer["foreign"]["code"] == "PERMISSION_DENIED"
     assert answer["foreign"]["info"] == {"reason": "NOT_ACCOUNT_OWNER", "domain": "wallet.coins"}
+
+
+async def test_a_node_client_watches_a_live_through_reflection_alone(suite: Suite) -> None:
+    """The feed from a client that has no .proto and no descriptor set: it learns the service from
+    the server's reflection and reads WatchLive's stream to the LIVE's end."""
+    creator = await new_creator(suite)
+    live = await start_live(suite, creator)
+    senders = [(await funded_user(suite))[0] for _ in range(2)]
+    sent = []
+    for i in range(4):
+        answer = await suite.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                request_id=new_id("g"),
+                sender_id=senders[i % 2],
+                creator_id=creator,
+                gift_id="rose",
+                count=i + 1,
+                live_id=live,
+            )
+        )
+        sent.append(answer.sent_gift.sent_gift_id)
+    watching = asyncio.create_task(
+        node_client(
+            {
+                "certs": str(suite.security.certs_dir),
+                "gifting": suite.services["gifting"].address,
+                "token": suite.token(new_id("viewer"))[0][1].split(" ", 1)[1],
+                "live": live,
+            },
+            script="watch.mjs",
+        )
+    )
+    await suite.gifting.EndLive(
+        gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live),
+        metadata=suite.token(creator),
+    )
+    events = (await watching)["events"]
+    assert [e["cursor"] for e in events] == ["1", "2", "3", "4", "5"], events
+    assert [e["gift"]["sent_gift_id"] for e in events[:4]] == sent
+    assert [e["gift"]["count"] for e in events[:4]] == [1, 2, 3, 4]
+    assert events[-1]["event"] == "ended"
+    assert events[-1]["ended"]["summary"]["gifts_sent"] == "10"

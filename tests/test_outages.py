@@ -21,7 +21,15 @@ from runtime.errors import DeadlineExceeded
 from runtime.sql import Statement
 from runtime.status import retry_info
 from tests.faults import TcpProxy
-from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id, rpc_error
+from tests.helpers import (
+    eventually,
+    expect_error,
+    funded_user,
+    live_of,
+    new_creator,
+    new_id,
+    rpc_error,
+)
 from tests.suite import Suite
 
 
@@ -37,7 +45,7 @@ async def test_a_database_outage_is_unavailable_and_heals(
         creator_id=creator,
         gift_id="rose",
         count=2,
-        live_id="live-outage",
+        live_id=live_of(creator),
     )
     caplog.set_level(logging.WARNING)
     proxy.cut()

@@ -8,7 +8,7 @@ from opentelemetry.trace import SpanKind
 
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import funded_user, new_creator, new_id
+from tests.helpers import funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
 
 
@@ -44,7 +44,7 @@ async def test_a_gift_costs_gifting_two_statements_and_the_wallet_two(suite: Sui
                 creator_id=creator,
                 gift_id="rose",
                 count=1,
-                live_id="live-rt",
+                live_id=live_of(creator),
             )
         )
 

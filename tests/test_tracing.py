@@ -6,7 +6,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from coins.gifting.v1 import gifting_pb2
-from tests.helpers import eventually, funded_user, new_creator, new_id
+from tests.helpers import eventually, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
 
 DB_SCOPES = {"opentelemetry.instrumentation.sqlalchemy", "coins.db"}
@@ -48,7 +48,7 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
             creator_id=creator,
             gift_id="concert",
             count=1,
-            live_id="live-traced",
+            live_id=live_of(creator),
         )
     )
     gift_span = server_span(list(suite.spans.get_finished_spans()), "coins-gifting", "/SendGift")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -13,8 +13,16 @@ from runtime.clients import downstream_timeout
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
 from runtime.protos import RpcContext
 from runtime.server import Runtime
-from services.gifting.convert import gift_pb, parked_credit_pb, sent_gift_pb
+from services.gifting.convert import (
+    gift_pb,
+    live_event_pb,
+    live_pb,
+    live_summary_pb,
+    parked_credit_pb,
+    sent_gift_pb,
+)
 from services.gifting.domain import Gifting, GiftOrder, Target
+from services.gifting.lives import LiveFeed, Lives
 from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
 
@@ -28,6 +36,11 @@ ACCESS = method_rules(
         "SetGift": Access.admin_only(),
         "ListParkedCredits": Access.admin_only(),
         "RedeliverParkedCredits": Access.admin_only(),
+        "StartLive": Access.user("creator_id"),
+        "EndLive": Access.record_owner(),
+        "SetLiveGifts": Access.record_owner(),
+        "GetLive": Access.user(),  # a LIVE and its summary are public to signed-in users
+        "WatchLive": Access.user(),  # so is its gift feed
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -40,8 +53,12 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         gifting: Gifting,
         sender: GiftSender,
         wake_relay: Callable[[], None],
+        lives: Lives,
+        feed: LiveFeed,
     ) -> None:
         self._rt = runtime
+        self._lives = lives
+        self._feed = feed
         self._db = runtime.db
         self._idempotency = runtime.idempotency
         self._gifting = gifting
@@ -168,3 +185,73 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         )
         self._wake_relay()
         return response
+
+    async def StartLive(
+        self, request: gifting_pb2.StartLiveRequest, context: RpcContext
+    ) -> gifting_pb2.StartLiveResponse:
+        async def effect(conn: AsyncConnection) -> gifting_pb2.StartLiveResponse:
+            live = await self._lives.start(
+                conn, request.creator_id, request.title, request.live_id, self._rt.clock.now()
+            )
+            return gifting_pb2.StartLiveResponse(live=live_pb(live))
+
+        return await self._idempotency.once(
+            f"StartLive:{request.creator_id}", request, gifting_pb2.StartLiveResponse, effect
+        )
+
+    async def _owned_live(self, live_id: str) -> None:
+        """The LIVE exists and the token's user is its creator (or an admin): checked before
+        anything is written."""
+        async with self._db.read() as conn:
+            live = await self._lives.get(conn, live_id)
+        require_owner(live.creator_id)
+
+    async def EndLive(
+        self, request: gifting_pb2.EndLiveRequest, context: RpcContext
+    ) -> gifting_pb2.EndLiveResponse:
+        await self._owned_live(request.live_id)
+
+        async def effect(conn: AsyncConnection) -> gifting_pb2.EndLiveResponse:
+            live = await self._lives.end(conn, request.live_id, self._rt.clock.now())
+            summary = await self._lives.summary(conn, live)
+            return gifting_pb2.EndLiveResponse(live=live_pb(live), summary=live_summary_pb(summary))
+
+        response = await self._idempotency.once(
+            f"EndLive:{request.live_id}", request, gifting_pb2.EndLiveResponse, effect
+        )
+        self._feed.notify(request.live_id)
+        return response
+
+    async def SetLiveGifts(
+        self, request: gifting_pb2.SetLiveGiftsRequest, context: RpcContext
+    ) -> gifting_pb2.SetLiveGiftsResponse:
+        await self._owned_live(request.live_id)
+
+        async def effect(conn: AsyncConnection) -> gifting_pb2.SetLiveGiftsResponse:
+            live = await self._lives.set_gifts(conn, request.live_id, request.gifts_enabled)
+            return gifting_pb2.SetLiveGiftsResponse(live=live_pb(live))
+
+        return await self._idempotency.once(
+            f"SetLiveGifts:{request.live_id}", request, gifting_pb2.SetLiveGiftsResponse, effect
+        )
+
+    async def GetLive(
+        self, request: gifting_pb2.GetLiveRequest, context: RpcContext
+    ) -> gifting_pb2.GetLiveResponse:
+        async with self._db.read() as conn:
+            live = await self._lives.get(conn, request.live_id)
+            summary = await self._lives.summary(conn, live)
+        return gifting_pb2.GetLiveResponse(live=live_pb(live), summary=live_summary_pb(summary))
+
+    async def WatchLive(
+        self, request: gifting_pb2.WatchLiveRequest, context: RpcContext
+    ) -> AsyncIterator[gifting_pb2.WatchLiveResponse]:
+        async with self._db.read() as conn:
+            await self._lives.get(conn, request.live_id)  # NOT_FOUND before the stream starts
+        async for event in self._feed.watch(request.live_id, request.after_cursor):
+            summary = None
+            if event.kind == "ended":
+                async with self._db.read() as conn:
+                    live = await self._lives.get(conn, request.live_id)
+                    summary = await self._lives.summary(conn, live)
+            yield live_event_pb(event, summary)

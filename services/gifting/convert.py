@@ -5,6 +5,7 @@ from __future__ import annotations
 from coins.gifting.v1 import gifting_pb2
 from runtime.protos import timestamp
 from services.gifting import storage
+from services.gifting.lives import LiveSummary
 
 _CREDIT_STATUS = {
     "debited": gifting_pb2.CREDIT_STATUS_PENDING,
@@ -54,3 +55,50 @@ def parked_credit_pb(credit: storage.ParkedCreditRecord) -> gifting_pb2.ParkedCr
         last_error=credit.last_error,
         create_time=timestamp(credit.created_at),
     )
+
+
+def live_pb(live: storage.LiveRecord) -> gifting_pb2.Live:
+    message = gifting_pb2.Live(
+        live_id=live.live_id,
+        creator_id=live.creator_id,
+        title=live.title,
+        gifts_enabled=live.gifts_enabled and live.ended_at is None,
+        start_time=timestamp(live.started_at),
+    )
+    if live.ended_at is not None:
+        message.end_time.CopyFrom(timestamp(live.ended_at))
+    return message
+
+
+def live_summary_pb(summary: LiveSummary) -> gifting_pb2.LiveSummary:
+    return gifting_pb2.LiveSummary(
+        coins_received=summary.coins_received,
+        gifts_sent=summary.gifts_sent,
+        unique_gifters=summary.unique_gifters,
+        top_gifters=[
+            gifting_pb2.Gifter(user_id=user, coins=coins, rank=rank)
+            for rank, (user, coins) in enumerate(summary.top_gifters, start=1)
+        ],
+        last_cursor=summary.last_cursor,
+    )
+
+
+def live_event_pb(
+    event: storage.LiveEventRecord, summary: LiveSummary | None = None
+) -> gifting_pb2.WatchLiveResponse:
+    message = gifting_pb2.WatchLiveResponse(cursor=event.seq, time=timestamp(event.created_at))
+    if event.kind == "gift":
+        message.gift.CopyFrom(
+            gifting_pb2.LiveGift(
+                sent_gift_id=event.sent_gift_id or "",
+                sender_id=event.sender_id or "",
+                gift_id=event.gift_id or "",
+                count=event.count or 0,
+                coins=event.coins or 0,
+            )
+        )
+    else:
+        message.ended.CopyFrom(
+            gifting_pb2.LiveEnded(summary=live_summary_pb(summary) if summary else None)
+        )
+    return message

@@ -20,6 +20,7 @@ from runtime.sql import Tx
 from services.gifting import storage
 from services.gifting.convert import send_gift_response
 from services.gifting.domain import CoinDebiter, Gifting, GiftOrder
+from services.gifting.lives import LiveFeed, Lives
 
 log = logging.getLogger("coins.gifting.sending")
 
@@ -33,9 +34,12 @@ class GiftSender:
         gifting: Gifting,
         wallet: CoinDebiter,
         wake_relay: Callable[[], None],
+        lives: Lives,
+        feed: LiveFeed,
     ) -> None:
         self._db, self._idempotency, self._clock = db, idempotency, clock
         self._gifting, self._wallet, self._wake_relay = gifting, wallet, wake_relay
+        self._lives, self._feed = lives, feed
 
     async def send(
         self, request: Message, order: GiftOrder, *, time_limit: float
@@ -49,7 +53,8 @@ class GiftSender:
             return await self._gifting.start(tx, claim, sent_gift_id, order, self._clock.now())
 
         async def refusal(tx: Tx) -> DomainError:
-            return await self._gifting.refusal(tx, order.gift_id, order.count)
+            live_refusal = await self._lives.refusal(tx, order)
+            return live_refusal or await self._gifting.refusal(tx, order.gift_id, order.count)
 
         claim, sent = await self._idempotency.begin_direct(
             scope, request, sent_gift_id, start, refusal
@@ -90,6 +95,8 @@ class GiftSender:
                 "another attempt with this request_id completed the gift; retry to read it",
             )
         self._wake_relay()
+        if sent.live_id:
+            self._feed.notify(sent.live_id)
         return response
 
     async def reconcile(
@@ -119,6 +126,8 @@ class GiftSender:
                     transaction_id, balance = outcome
                     if not await self._gifting.record_debit(conn, sent, transaction_id, now):
                         continue  # the request's own retry recorded it meanwhile
+                    if sent.live_id:
+                        self._feed.notify(sent.live_id)
                     recorded = await storage.get_sent_gift(conn, sent.sent_gift_id)
                     assert recorded is not None
                     await self._idempotency.complete_resource(

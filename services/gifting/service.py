@@ -10,6 +10,7 @@ from runtime.server import Runtime, ServiceSpec
 from services.gifting.api import ACCESS, GiftingApi
 from services.gifting.clients import PayoutCrediter, WalletDebiter
 from services.gifting.domain import Gifting
+from services.gifting.lives import LiveFeed, Lives
 from services.gifting.outbox import CreditRelay
 from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
@@ -20,8 +21,28 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
     runtime.add_worker(relay.run)
     gifting, wallet = Gifting(), WalletDebiter(runtime.channel(settings.wallet_address))
+    lives = Lives()
+    feed = LiveFeed(
+        runtime.db,
+        poll_seconds=settings.feed_poll_seconds,
+        max_backlog=settings.feed_max_backlog,
+        page=settings.feed_page,
+    )
+
+    async def live_feed_listener() -> None:
+        await feed.listen(settings.resolved_database_url())
+
+    runtime.add_worker(live_feed_listener)
+    runtime.parts.update(feed=feed)
     sender = GiftSender(
-        runtime.db, runtime.idempotency, runtime.clock, gifting, wallet, relay.wake.set
+        runtime.db,
+        runtime.idempotency,
+        runtime.clock,
+        gifting,
+        wallet,
+        relay.wake.set,
+        lives,
+        feed,
     )
     stale = dt.timedelta(seconds=settings.reconcile_after_seconds)
     runtime.add_periodic(
@@ -30,7 +51,7 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
         lambda: sender.reconcile(stale, time_limit=settings.downstream_timeout_seconds),
     )
     gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
-        GiftingApi(runtime, gifting, sender, relay.wake.set), runtime.server
+        GiftingApi(runtime, gifting, sender, relay.wake.set, lives, feed), runtime.server
     )
 
 

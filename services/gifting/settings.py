@@ -24,3 +24,11 @@ class GiftingSettings(ServiceSettings):
     reconcile_after_seconds: float = 60.0
     """Gifts still pending after this (a crash or a lost wallet answer mid-send) are settled by asking
     the wallet what became of their debit."""
+    feed_poll_seconds: float = 1.0
+    """A LIVE's watchers look for new events at least this often (they are woken at once when a gift
+    is recorded: in-process, and across replicas by PostgreSQL NOTIFY)."""
+    feed_page: int = 200
+    """Events a watcher reads (and holds) at a time."""
+    feed_max_backlog: int = 5_000
+    """A watcher further behind than this, and still losing ground, is told to resume from its
+    cursor (ABORTED FEED_TOO_SLOW)."""

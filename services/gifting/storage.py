@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    func,
     select,
     tuple_,
     update,
@@ -63,6 +64,36 @@ live_gifters = Table(
     Column("sender_id", String(64), primary_key=True),
     Column("coins", BigInteger, nullable=False),
 )
+
+lives = Table(
+    "lives",
+    metadata,
+    Column("live_id", String(64), primary_key=True),
+    Column("creator_id", String(64), nullable=False),
+    Column("title", String(128), nullable=False),
+    Column("gifts_enabled", Boolean, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("coins_received", BigInteger, nullable=False),
+    Column("gifts_sent", BigInteger, nullable=False),
+)
+"""A creator's LIVE (migration 0007): its feed counter and summary sums are kept on the row."""
+
+live_events = Table(
+    "live_events",
+    metadata,
+    Column("live_id", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("sent_gift_id", String(40)),
+    Column("sender_id", String(64)),
+    Column("gift_id", String(64)),
+    Column("count", Integer),
+    Column("coins", BigInteger),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""A LIVE's feed, numbered by the LIVE's counter: "gift" events, then one "ended"."""
 
 credit_outbox = Table(
     "credit_outbox",
@@ -248,9 +279,15 @@ async def move_sent_gift(
     return moved == 1
 
 
+_OPEN_LIVE = (
+    "(:live_id{t} IS NULL OR EXISTS (SELECT 1 FROM lives WHERE live_id = :live_id{t} "
+    "AND creator_id = :creator_id{t} AND ended_at IS NULL AND gifts_enabled))"
+)
+"""A gift names no LIVE, or a LIVE of its creator that is live with gifts on."""
 _PRICED = (
     "priced AS (SELECT coins * :count::integer AS coins FROM gifts "
-    "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint)"
+    "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint "
+    f"AND {_OPEN_LIVE.format(t='::text')})"
 )
 _START_GIFT_PG = Statement(
     "gifting.start_gift",
@@ -265,7 +302,7 @@ _START_GIFT_PG = Statement(
 _PRICE = Statement(
     "gifting.price",
     "SELECT coins * :count FROM gifts "
-    "WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins",
+    f"WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins AND {_OPEN_LIVE.format(t='')}",
 )
 _INSERT_SENT_GIFT = Statement(
     "gifting.insert_sent_gift",
@@ -281,8 +318,9 @@ async def start_sent_gift(
     tx: Tx, sent: SentGiftRecord, claim: KeyClaim, max_coins: int
 ) -> int | None:
     """Claim the request id and record the pending gift, priced from the catalog, in one statement
-    (PostgreSQL); its coins, or None if nothing was written: the id was claimed before, or the gift
-    is not in the catalog, inactive, or would cost more than `max_coins`."""
+    (PostgreSQL); its coins, or None if nothing was written: the id was claimed before, the gift
+    is not in the catalog, inactive, or would cost more than `max_coins`, or the LIVE it names is
+    not its creator's open LIVE with gifts on."""
     params = {
         "sent_gift_id": sent.sent_gift_id,
         "sender_id": sent.sender_id,
@@ -367,16 +405,28 @@ _QUEUED = (
     "SELECT sent_gift_id, :creator_id::text, :coins::bigint, :traceparent::text, 0, "
     ":now::timestamptz, NULL, FALSE, '', :now::timestamptz FROM moved)"
 )
+_FED = (
+    "fed AS (UPDATE lives SET last_seq = last_seq + 1, "
+    "coins_received = coins_received + :coins::bigint, gifts_sent = gifts_sent + :count::integer "
+    "WHERE live_id = :live_id::text AND EXISTS (SELECT 1 FROM moved) RETURNING last_seq), "
+    "event AS (INSERT INTO live_events (live_id, seq, kind, sent_gift_id, sender_id, gift_id, "
+    "count, coins, created_at) SELECT :live_id::text, last_seq, 'gift', :sent_gift_id::text, "
+    ":sender_id::text, :gift_id::text, :count::integer, :coins::bigint, :now::timestamptz FROM fed), "
+    "notified AS (SELECT pg_notify('live_feed', :live_id::text) FROM fed)"
+)
+"""A gift in a LIVE is the LIVE's next feed event; watchers on every replica are woken (NOTIFY is
+delivered at commit)."""
+_RECORDED = "SELECT (SELECT count(*) FROM moved) + 0 * (SELECT count(*) FROM notified)"
 _RECORD_DEBIT_PG = Statement(
     "gifting.record_debit",
     "",
-    postgres=f"WITH {_MOVED}, {_RANKED}, {_QUEUED} SELECT count(*) FROM moved",
+    postgres=f"WITH {_MOVED}, {_RANKED}, {_QUEUED}, {_FED} {_RECORDED}",
 )
 _RECORD_DEBIT_ANSWERED_PG = Statement(
     "gifting.record_debit",
     "",
-    postgres=f"WITH {_MOVED}, {_RANKED}, {_QUEUED}, "
-    f"answered AS ({ANSWER_SQL} AND EXISTS (SELECT 1 FROM moved)) SELECT count(*) FROM moved",
+    postgres=f"WITH {_MOVED}, {_RANKED}, {_QUEUED}, {_FED}, "
+    f"answered AS ({ANSWER_SQL} AND EXISTS (SELECT 1 FROM moved)) {_RECORDED}",
 )
 
 
@@ -402,6 +452,8 @@ async def record_debited(
             live_id=sent.live_id,
             sender_id=sent.sender_id,
             creator_id=sent.creator_id,
+            gift_id=sent.gift_id,
+            count=sent.count,
             coins=sent.coins,
             traceparent=traceparent,
             **(answer.params if answer is not None else {}),
@@ -419,6 +471,17 @@ async def record_debited(
         return False
     if sent.live_id:
         await add_to_leaderboard(tx, sent.live_id, sent.sender_id, sent.coins)
+        await tx.run(
+            _FEED_GIFT_SQLITE,
+            live_id=sent.live_id,
+            coins=sent.coins,
+            count=sent.count,
+            sent_gift_id=sent.sent_gift_id,
+            sender_id=sent.sender_id,
+            gift_id=sent.gift_id,
+            now=now,
+        )
+        await tx.run(_COUNT_FED_SQLITE, live_id=sent.live_id, coins=sent.coins, count=sent.count)
     await enqueue_credit(
         tx,
         sent_gift_id=sent.sent_gift_id,
@@ -553,3 +616,138 @@ async def unpark_credits(
         .values(dead=False, next_attempt_at=now)
     )
     return int(result.rowcount)
+
+
+_FEED_GIFT_SQLITE = Statement(
+    "gifting.feed_gift",
+    "INSERT INTO live_events (live_id, seq, kind, sent_gift_id, sender_id, gift_id, count, coins, "
+    "created_at) SELECT live_id, last_seq + 1, 'gift', :sent_gift_id, :sender_id, :gift_id, :count, "
+    ":coins, :now FROM lives WHERE live_id = :live_id",
+)
+_COUNT_FED_SQLITE = Statement(
+    "gifting.count_fed",
+    "UPDATE lives SET last_seq = last_seq + 1, coins_received = coins_received + :coins, "
+    "gifts_sent = gifts_sent + :count WHERE live_id = :live_id",
+)
+"""SQLite: the gift's feed event, then the LIVE's counter and sums (in the same transaction; writes
+are serialized, so no other gift takes the number between)."""
+
+
+@dataclass(frozen=True)
+class LiveRecord:
+    live_id: str
+    creator_id: str
+    title: str
+    gifts_enabled: bool
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    last_seq: int
+    coins_received: int
+    gifts_sent: int
+
+
+async def insert_live(conn: AsyncConnection, live: LiveRecord) -> bool:
+    """A new LIVE; False if its id is taken."""
+    found = await conn.scalar(select(lives.c.live_id).where(lives.c.live_id == live.live_id))
+    if found is not None:
+        return False
+    await conn.execute(lives.insert().values(**live.__dict__))
+    return True
+
+
+_GET_LIVE = Statement(
+    "gifting.get_live",
+    "SELECT live_id, creator_id, title, gifts_enabled, started_at, ended_at, last_seq, "
+    "coins_received, gifts_sent FROM lives WHERE live_id = :live_id",
+)
+
+
+def _instant(value: Any) -> dt.datetime:
+    return utc(value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value)))
+
+
+async def get_live(conn: AsyncConnection | Tx, live_id: str) -> LiveRecord | None:
+    row = await as_tx(conn).one(_GET_LIVE, live_id=live_id)
+    if row is None:
+        return None
+    live, creator, title, enabled, started, ended, seq, coins, gifts = row
+    return LiveRecord(
+        live_id=live,
+        creator_id=creator,
+        title=title,
+        gifts_enabled=bool(enabled),
+        started_at=_instant(started),
+        ended_at=None if ended is None else _instant(ended),
+        last_seq=int(seq),
+        coins_received=int(coins),
+        gifts_sent=int(gifts),
+    )
+
+
+async def end_live(conn: AsyncConnection, live_id: str, now: dt.datetime) -> bool:
+    """End a LIVE and write its feed's last event; False if it had ended already."""
+    ended = await conn.execute(
+        update(lives)
+        .where(lives.c.live_id == live_id, lives.c.ended_at.is_(None))
+        .values(ended_at=now, last_seq=lives.c.last_seq + 1)
+        .returning(lives.c.last_seq)
+    )
+    seq = ended.scalar()
+    if seq is None:
+        return False
+    await conn.execute(
+        live_events.insert().values(live_id=live_id, seq=seq, kind="ended", created_at=now)
+    )
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_notify("live_feed", live_id)))
+    return True
+
+
+async def set_live_gifts(conn: AsyncConnection, live_id: str, enabled: bool) -> None:
+    await conn.execute(
+        update(lives).where(lives.c.live_id == live_id).values(gifts_enabled=enabled)
+    )
+
+
+async def unique_gifters(conn: AsyncConnection, live_id: str) -> int:
+    found = await conn.scalar(
+        select(func.count()).select_from(live_gifters).where(live_gifters.c.live_id == live_id)
+    )
+    return int(found or 0)
+
+
+@dataclass(frozen=True)
+class LiveEventRecord:
+    seq: int
+    kind: str
+    sent_gift_id: str | None
+    sender_id: str | None
+    gift_id: str | None
+    count: int | None
+    coins: int | None
+    created_at: dt.datetime
+
+
+async def live_events_after(
+    conn: AsyncConnection, live_id: str, after: int, limit: int
+) -> list[LiveEventRecord]:
+    """A LIVE's feed events after cursor `after`, in order (its primary key's order)."""
+    rows = await conn.execute(
+        select(
+            live_events.c.seq,
+            live_events.c.kind,
+            live_events.c.sent_gift_id,
+            live_events.c.sender_id,
+            live_events.c.gift_id,
+            live_events.c.count,
+            live_events.c.coins,
+            live_events.c.created_at,
+        )
+        .where(live_events.c.live_id == live_id, live_events.c.seq > after)
+        .order_by(live_events.c.seq)
+        .limit(limit)
+    )
+    return [
+        LiveEventRecord(int(seq), kind, gift, sender, gift_id, count, coins, utc(at))
+        for seq, kind, gift, sender, gift_id, count, coins, at in rows
+    ]

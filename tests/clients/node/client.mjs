@@ -1,6 +1,6 @@
 // A client written the way a Node team would: grpc-js + proto-loader, loading the shipped descriptor
 // set (gen/coins.protoset), mutual TLS with the gateway's certificate and a user's bearer token.
-// Usage: node client.mjs '<json: {protoset, certs, wallet, gifting, token, sender, creator, requestId}>'
+// Usage: node client.mjs '<json: {protoset, certs, wallet, gifting, token, sender, creator, live, requestId}>'
 // Prints one JSON line with what each call answered.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -65,7 +65,7 @@ const gift = {
   creator_id: args.creator,
   gift_id: "rose",
   count: 3,
-  live_id: "live-node",
+  live_id: args.live,
 };
 const sent = await call(gifting, "SendGift", gift, args.token);
 const replay = await call(gifting, "SendGift", gift, args.token); // same request id: same answer

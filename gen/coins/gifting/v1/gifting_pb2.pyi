@@ -625,3 +625,439 @@ class RedeliverParkedCreditsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedeliverParkedCreditsResponse: _TypeAlias = RedeliverParkedCreditsResponse  # noqa: Y015
+
+@_typing.final
+class Live(_message.Message):
+    """A LIVE stream of a creator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    GIFTS_ENABLED_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    live_id: _builtins.str
+    """Identifier of the LIVE."""
+    creator_id: _builtins.str
+    """The creator streaming."""
+    title: _builtins.str
+    """Its title."""
+    gifts_enabled: _builtins.bool
+    """Whether viewers may send gifts now."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ended; unset while it is live."""
+
+    def __init__(
+        self,
+        *,
+        live_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        title: _builtins.str = ...,
+        gifts_enabled: _builtins.bool = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "end_time", b"end_time", "gifts_enabled", b"gifts_enabled", "live_id", b"live_id", "start_time", b"start_time", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Live: _TypeAlias = Live  # noqa: Y015
+
+@_typing.final
+class LiveSummary(_message.Message):
+    """What a LIVE received."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COINS_RECEIVED_FIELD_NUMBER: _builtins.int
+    GIFTS_SENT_FIELD_NUMBER: _builtins.int
+    UNIQUE_GIFTERS_FIELD_NUMBER: _builtins.int
+    TOP_GIFTERS_FIELD_NUMBER: _builtins.int
+    LAST_CURSOR_FIELD_NUMBER: _builtins.int
+    coins_received: _builtins.int
+    """Coins of every gift recorded in the LIVE."""
+    gifts_sent: _builtins.int
+    """Gifts sent (a send of `count` gifts counts `count`)."""
+    unique_gifters: _builtins.int
+    """Viewers who sent at least one gift."""
+    last_cursor: _builtins.int
+    """The cursor of the LIVE's newest feed event (0: none yet)."""
+    @_builtins.property
+    def top_gifters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gifter]:
+        """The top gifters, highest first (at most 10)."""
+
+    def __init__(
+        self,
+        *,
+        coins_received: _builtins.int = ...,
+        gifts_sent: _builtins.int = ...,
+        unique_gifters: _builtins.int = ...,
+        top_gifters: _abc.Iterable[Global___Gifter] | None = ...,
+        last_cursor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_received", b"coins_received", "gifts_sent", b"gifts_sent", "last_cursor", b"last_cursor", "top_gifters", b"top_gifters", "unique_gifters", b"unique_gifters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveSummary: _TypeAlias = LiveSummary  # noqa: Y015
+
+@_typing.final
+class StartLiveRequest(_message.Message):
+    """Request for StartLive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    LIVE_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    creator_id: _builtins.str
+    """The creator going live (the token's user)."""
+    title: _builtins.str
+    """A title for viewers."""
+    live_id: _builtins.str
+    """The LIVE's id, if the caller chooses it (unique); empty: one is made."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        title: _builtins.str = ...,
+        live_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "live_id", b"live_id", "request_id", b"request_id", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartLiveRequest: _TypeAlias = StartLiveRequest  # noqa: Y015
+
+@_typing.final
+class StartLiveResponse(_message.Message):
+    """Response for StartLive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def live(self) -> Global___Live:
+        """The LIVE."""
+
+    def __init__(
+        self,
+        *,
+        live: Global___Live | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["live", b"live"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartLiveResponse: _TypeAlias = StartLiveResponse  # noqa: Y015
+
+@_typing.final
+class EndLiveRequest(_message.Message):
+    """Request for EndLive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LIVE_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    live_id: _builtins.str
+    """The LIVE."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        live_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_id", b"live_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndLiveRequest: _TypeAlias = EndLiveRequest  # noqa: Y015
+
+@_typing.final
+class EndLiveResponse(_message.Message):
+    """Response for EndLive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def live(self) -> Global___Live:
+        """The LIVE, ended."""
+
+    @_builtins.property
+    def summary(self) -> Global___LiveSummary:
+        """What it received."""
+
+    def __init__(
+        self,
+        *,
+        live: Global___Live | None = ...,
+        summary: Global___LiveSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndLiveResponse: _TypeAlias = EndLiveResponse  # noqa: Y015
+
+@_typing.final
+class SetLiveGiftsRequest(_message.Message):
+    """Request for SetLiveGifts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LIVE_ID_FIELD_NUMBER: _builtins.int
+    GIFTS_ENABLED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    live_id: _builtins.str
+    """The LIVE."""
+    gifts_enabled: _builtins.bool
+    """Gifts on (true) or off."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        live_id: _builtins.str = ...,
+        gifts_enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gifts_enabled", b"gifts_enabled", "live_id", b"live_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLiveGiftsRequest: _TypeAlias = SetLiveGiftsRequest  # noqa: Y015
+
+@_typing.final
+class SetLiveGiftsResponse(_message.Message):
+    """Response for SetLiveGifts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def live(self) -> Global___Live:
+        """The LIVE."""
+
+    def __init__(
+        self,
+        *,
+        live: Global___Live | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["live", b"live"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLiveGiftsResponse: _TypeAlias = SetLiveGiftsResponse  # noqa: Y015
+
+@_typing.final
+class GetLiveRequest(_message.Message):
+    """Request for GetLive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_ID_FIELD_NUMBER: _builtins.int
+    live_id: _builtins.str
+    """The LIVE."""
+    def __init__(
+        self,
+        *,
+        live_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_id", b"live_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLiveRequest: _TypeAlias = GetLiveRequest  # noqa: Y015
+
+@_typing.final
+class GetLiveResponse(_message.Message):
+    """Response for GetLive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def live(self) -> Global___Live:
+        """The LIVE."""
+
+    @_builtins.property
+    def summary(self) -> Global___LiveSummary:
+        """What it received."""
+
+    def __init__(
+        self,
+        *,
+        live: Global___Live | None = ...,
+        summary: Global___LiveSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLiveResponse: _TypeAlias = GetLiveResponse  # noqa: Y015
+
+@_typing.final
+class WatchLiveRequest(_message.Message):
+    """Request for WatchLive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_ID_FIELD_NUMBER: _builtins.int
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    live_id: _builtins.str
+    """The LIVE."""
+    after_cursor: _builtins.int
+    """Resume after this cursor (the last event seen); 0: from the LIVE's first event."""
+    def __init__(
+        self,
+        *,
+        live_id: _builtins.str = ...,
+        after_cursor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "live_id", b"live_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLiveRequest: _TypeAlias = WatchLiveRequest  # noqa: Y015
+
+@_typing.final
+class LiveGift(_message.Message):
+    """A gift in a LIVE's feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_GIFT_ID_FIELD_NUMBER: _builtins.int
+    SENDER_ID_FIELD_NUMBER: _builtins.int
+    GIFT_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    sent_gift_id: _builtins.str
+    """The sent gift."""
+    sender_id: _builtins.str
+    """The viewer who sent it."""
+    gift_id: _builtins.str
+    """The catalog gift."""
+    count: _builtins.int
+    """How many."""
+    coins: _builtins.int
+    """Coins it cost."""
+    def __init__(
+        self,
+        *,
+        sent_gift_id: _builtins.str = ...,
+        sender_id: _builtins.str = ...,
+        gift_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+        coins: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "count", b"count", "gift_id", b"gift_id", "sender_id", b"sender_id", "sent_gift_id", b"sent_gift_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveGift: _TypeAlias = LiveGift  # noqa: Y015
+
+@_typing.final
+class LiveEnded(_message.Message):
+    """The LIVE ended: the last event of its feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def summary(self) -> Global___LiveSummary:
+        """What it received."""
+
+    def __init__(
+        self,
+        *,
+        summary: Global___LiveSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveEnded: _TypeAlias = LiveEnded  # noqa: Y015
+
+@_typing.final
+class WatchLiveResponse(_message.Message):
+    """One event of a LIVE's feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    GIFT_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """Its position in the LIVE's feed (1, 2, ...): resume after it with WatchLiveRequest.after_cursor."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def gift(self) -> Global___LiveGift:
+        """A gift."""
+
+    @_builtins.property
+    def ended(self) -> Global___LiveEnded:
+        """The LIVE ended."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        gift: Global___LiveGift | None = ...,
+        ended: Global___LiveEnded | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "event", b"event", "gift", b"gift", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "ended", b"ended", "event", b"event", "gift", b"gift", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["gift", "ended"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchLiveResponse: _TypeAlias = WatchLiveResponse  # noqa: Y015

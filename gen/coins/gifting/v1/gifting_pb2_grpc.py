@@ -74,6 +74,31 @@ class GiftingServiceStub:
                 request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsRequest.SerializeToString,
                 response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsResponse.FromString,
                 _registered_method=True)
+        self.StartLive = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/StartLive',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.StartLiveRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.StartLiveResponse.FromString,
+                _registered_method=True)
+        self.EndLive = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/EndLive',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.EndLiveRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.EndLiveResponse.FromString,
+                _registered_method=True)
+        self.SetLiveGifts = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/SetLiveGifts',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetLiveGiftsRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetLiveGiftsResponse.FromString,
+                _registered_method=True)
+        self.GetLive = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/GetLive',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.GetLiveRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.GetLiveResponse.FromString,
+                _registered_method=True)
+        self.WatchLive = channel.unary_stream(
+                '/coins.gifting.v1.GiftingService/WatchLive',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveResponse.FromString,
+                _registered_method=True)
 
 
 class GiftingServiceServicer:
@@ -93,9 +118,10 @@ class GiftingServiceServicer:
 
     def SendGift(self, request, context):
         """Sends `count` gifts of one kind from a viewer to a creator.
-        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
-        RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
-        (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
+        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
+        RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
+        (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift
+        to a LIVE goes only to its creator's open LIVE with gifts on); nothing moves when it fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +165,46 @@ class GiftingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartLive(self, request, context):
+        """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndLive(self, request, context):
+        """The creator ends their LIVE (FAILED_PRECONDITION LIVE_ENDED if it has ended already); watchers get
+        a final `ended` event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLiveGifts(self, request, context):
+        """The creator turns gifts on or off for their LIVE; while off, gifts are refused (LIVE_GIFTS_OFF).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLive(self, request, context):
+        """A LIVE and its summary (coins received, gifts, unique gifters, top gifters), exact for the gifts
+        recorded so far. Open to every signed-in user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchLive(self, request, context):
+        """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
+        cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
+        no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
+        FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GiftingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +242,31 @@ def add_GiftingServiceServicer_to_server(servicer, server):
                     servicer.RedeliverParkedCredits,
                     request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsRequest.FromString,
                     response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsResponse.SerializeToString,
+            ),
+            'StartLive': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartLive,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.StartLiveRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.StartLiveResponse.SerializeToString,
+            ),
+            'EndLive': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndLive,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.EndLiveRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.EndLiveResponse.SerializeToString,
+            ),
+            'SetLiveGifts': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLiveGifts,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetLiveGiftsRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetLiveGiftsResponse.SerializeToString,
+            ),
+            'GetLive': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLive,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.GetLiveRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.GetLiveResponse.SerializeToString,
+            ),
+            'WatchLive': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLive,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -372,6 +463,141 @@ class GiftingService:
             '/coins.gifting.v1.GiftingService/RedeliverParkedCredits',
             coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsRequest.SerializeToString,
             coins_dot_gifting_dot_v1_dot_gifting__pb2.RedeliverParkedCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartLive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/StartLive',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.StartLiveRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.StartLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndLive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/EndLive',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.EndLiveRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.EndLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLiveGifts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/SetLiveGifts',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.SetLiveGiftsRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.SetLiveGiftsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/GetLive',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.GetLiveRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.GetLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/WatchLive',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,9 +42,10 @@ class GiftingServiceStub:
     """Lists the gift catalog, cheapest first."""
     SendGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.SendGiftRequest, _gifting_pb2.SendGiftResponse]
     """Sends `count` gifts of one kind from a viewer to a creator.
-    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
-    RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
+    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
+    RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
+    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift
+    to a LIVE goes only to its creator's open LIVE with gifts on); nothing moves when it fails.
     """
     GetGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.GetGiftRequest, _gifting_pb2.GetGiftResponse]
     """Reads one sent gift."""
@@ -62,6 +63,24 @@ class GiftingServiceStub:
     """Admin: puts parked credits back on the outbox once their cause is fixed; they are delivered again,
     still exactly once per gift. Requires a reason; recorded in the admin audit trail.
     """
+    StartLive: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.StartLiveRequest, _gifting_pb2.StartLiveResponse]
+    """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends."""
+    EndLive: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.EndLiveRequest, _gifting_pb2.EndLiveResponse]
+    """The creator ends their LIVE (FAILED_PRECONDITION LIVE_ENDED if it has ended already); watchers get
+    a final `ended` event.
+    """
+    SetLiveGifts: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.SetLiveGiftsRequest, _gifting_pb2.SetLiveGiftsResponse]
+    """The creator turns gifts on or off for their LIVE; while off, gifts are refused (LIVE_GIFTS_OFF)."""
+    GetLive: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.GetLiveRequest, _gifting_pb2.GetLiveResponse]
+    """A LIVE and its summary (coins received, gifts, unique gifters, top gifters), exact for the gifts
+    recorded so far. Open to every signed-in user.
+    """
+    WatchLive: _grpc.UnaryStreamMultiCallable[_gifting_pb2.WatchLiveRequest, _gifting_pb2.WatchLiveResponse]
+    """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
+    cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
+    no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
+    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
+    """
 
 @_typing.type_check_only
 class GiftingServiceAsyncStub(GiftingServiceStub):
@@ -77,9 +96,10 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     """Lists the gift catalog, cheapest first."""
     SendGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.SendGiftRequest, _gifting_pb2.SendGiftResponse]  # type: ignore[assignment]
     """Sends `count` gifts of one kind from a viewer to a creator.
-    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
-    RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
+    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
+    RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
+    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift
+    to a LIVE goes only to its creator's open LIVE with gifts on); nothing moves when it fails.
     """
     GetGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.GetGiftRequest, _gifting_pb2.GetGiftResponse]  # type: ignore[assignment]
     """Reads one sent gift."""
@@ -96,6 +116,24 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     RedeliverParkedCredits: _aio.UnaryUnaryMultiCallable[_gifting_pb2.RedeliverParkedCreditsRequest, _gifting_pb2.RedeliverParkedCreditsResponse]  # type: ignore[assignment]
     """Admin: puts parked credits back on the outbox once their cause is fixed; they are delivered again,
     still exactly once per gift. Requires a reason; recorded in the admin audit trail.
+    """
+    StartLive: _aio.UnaryUnaryMultiCallable[_gifting_pb2.StartLiveRequest, _gifting_pb2.StartLiveResponse]  # type: ignore[assignment]
+    """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends."""
+    EndLive: _aio.UnaryUnaryMultiCallable[_gifting_pb2.EndLiveRequest, _gifting_pb2.EndLiveResponse]  # type: ignore[assignment]
+    """The creator ends their LIVE (FAILED_PRECONDITION LIVE_ENDED if it has ended already); watchers get
+    a final `ended` event.
+    """
+    SetLiveGifts: _aio.UnaryUnaryMultiCallable[_gifting_pb2.SetLiveGiftsRequest, _gifting_pb2.SetLiveGiftsResponse]  # type: ignore[assignment]
+    """The creator turns gifts on or off for their LIVE; while off, gifts are refused (LIVE_GIFTS_OFF)."""
+    GetLive: _aio.UnaryUnaryMultiCallable[_gifting_pb2.GetLiveRequest, _gifting_pb2.GetLiveResponse]  # type: ignore[assignment]
+    """A LIVE and its summary (coins received, gifts, unique gifters, top gifters), exact for the gifts
+    recorded so far. Open to every signed-in user.
+    """
+    WatchLive: _aio.UnaryStreamMultiCallable[_gifting_pb2.WatchLiveRequest, _gifting_pb2.WatchLiveResponse]  # type: ignore[assignment]
+    """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
+    cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
+    no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
+    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
     """
 
 class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -121,9 +159,10 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gifting_pb2.SendGiftResponse, _abc.Awaitable[_gifting_pb2.SendGiftResponse]]:
         """Sends `count` gifts of one kind from a viewer to a creator.
-        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, or
-        RECIPIENT_NOT_FOUND: the creator has no wallet account) or FAILED_PRECONDITION
-        (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE); nothing moves when it fails.
+        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
+        RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
+        (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift
+        to a LIVE goes only to its creator's open LIVE with gifts on); nothing moves when it fails.
         """
 
     @_abc_1.abstractmethod
@@ -170,6 +209,54 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gifting_pb2.RedeliverParkedCreditsResponse, _abc.Awaitable[_gifting_pb2.RedeliverParkedCreditsResponse]]:
         """Admin: puts parked credits back on the outbox once their cause is fixed; they are delivered again,
         still exactly once per gift. Requires a reason; recorded in the admin audit trail.
+        """
+
+    @_abc_1.abstractmethod
+    def StartLive(
+        self,
+        request: _gifting_pb2.StartLiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.StartLiveResponse, _abc.Awaitable[_gifting_pb2.StartLiveResponse]]:
+        """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends."""
+
+    @_abc_1.abstractmethod
+    def EndLive(
+        self,
+        request: _gifting_pb2.EndLiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.EndLiveResponse, _abc.Awaitable[_gifting_pb2.EndLiveResponse]]:
+        """The creator ends their LIVE (FAILED_PRECONDITION LIVE_ENDED if it has ended already); watchers get
+        a final `ended` event.
+        """
+
+    @_abc_1.abstractmethod
+    def SetLiveGifts(
+        self,
+        request: _gifting_pb2.SetLiveGiftsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.SetLiveGiftsResponse, _abc.Awaitable[_gifting_pb2.SetLiveGiftsResponse]]:
+        """The creator turns gifts on or off for their LIVE; while off, gifts are refused (LIVE_GIFTS_OFF)."""
+
+    @_abc_1.abstractmethod
+    def GetLive(
+        self,
+        request: _gifting_pb2.GetLiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.GetLiveResponse, _abc.Awaitable[_gifting_pb2.GetLiveResponse]]:
+        """A LIVE and its summary (coins received, gifts, unique gifters, top gifters), exact for the gifts
+        recorded so far. Open to every signed-in user.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchLive(
+        self,
+        request: _gifting_pb2.WatchLiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gifting_pb2.WatchLiveResponse], _abc.AsyncIterator[_gifting_pb2.WatchLiveResponse]]:
+        """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
+        cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
+        no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
+        FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
         """
 
 def add_GiftingServiceServicer_to_server(servicer: GiftingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
