@@ -180,9 +180,10 @@ def gifts(items: Iterable[gifting_pb2.Gift]) -> Table:
 def sent_gift(response: gifting_pb2.SendGiftResponse) -> str:
     g = response.sent_gift
     where = f"LIVE {g.live_id}" if g.HasField("live_id") else f"video {g.video_id}"
+    streak = f" (streak x{g.streak.count})" if g.HasField("streak") else ""
     return (
-        f"{g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins) to {g.creator_id} in "
-        f"{where}; sender has {response.sender_balance_coins:,} coins left"
+        f"{g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins){streak} to {g.creator_id} "
+        f"in {where}; sender has {response.sender_balance_coins:,} coins left"
     )
 
 
@@ -343,9 +344,14 @@ def live_event(event: gifting_pb2.WatchLiveResponse) -> str:
     at = event.time.ToDatetime().strftime("%H:%M:%S")
     if event.HasField("gift"):
         g = event.gift
+        streak = f", streak x{g.streak_count}" if g.streak_count else ""
         return (
-            f"#{event.cursor} {at} {g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins)"
+            f"#{event.cursor} {at} {g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins"
+            f"{streak})"
         )
+    if event.HasField("streak_ended"):
+        e = event.streak_ended
+        return f"#{event.cursor} {at} {e.sender_id}'s {e.gift_id} streak ended at x{e.count}"
     s = event.ended.summary
     return (
         f"#{event.cursor} {at} the LIVE ended: {s.coins_received:,} coins from "

@@ -117,6 +117,7 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
         coins=30,
         active=True,
         reason="winter campaign",
+        streakable=True,  # the admin's to say (not derived from the price)
     )
     created = await suite.gifting.SetGift(gift, metadata=admin)
     assert created.gift == gifting_pb2.Gift(

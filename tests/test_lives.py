@@ -67,13 +67,15 @@ async def test_a_live_starts_takes_gifts_and_ends_with_an_exact_summary(suite: S
         (big, 500, 1),
         (small, 16, 2),
     ]
-    assert summary.last_cursor == 3
+    assert summary.last_cursor >= 3  # three gifts, and the end of a streak that has paused
     ended = await suite.gifting.EndLive(
         G.EndLiveRequest(request_id=new_id("e"), live_id=live.live_id),
         metadata=suite.token(creator),
     )
     assert ended.live.HasField("end_time") and not ended.live.gifts_enabled
-    assert ended.summary.coins_received == 516 and ended.summary.last_cursor == 4
+    # Three gifts, the ends of small's two streaks (panda, rose: their pause, or the LIVE's end) and
+    # the LIVE's end.
+    assert ended.summary.coins_received == 516 and ended.summary.last_cursor == 6
     await expect_error(
         suite.gifting.EndLive(
             G.EndLiveRequest(request_id=new_id("e"), live_id=live.live_id),
@@ -204,7 +206,7 @@ async def test_every_watcher_sees_every_gift_once_in_order_across_replicas(
     streams = await asyncio.wait_for(asyncio.gather(*watchers), timeout=20)
     for events in streams:
         assert gift_ids(events) == sent  # every gift, once, in the order recorded
-        assert [e.cursor for e in events] == list(range(1, 32))
+        assert [e.cursor for e in events] == list(range(1, len(events) + 1))
         assert events[-1].HasField("ended") and events[-1].ended.summary.gifts_sent == 30
     seen = await leaver
     assert [e.cursor for e in seen] == [1, 2, 3]

@@ -105,8 +105,14 @@ async def test_a_node_client_watches_a_live_through_reflection_alone(suite: Suit
         metadata=suite.token(creator),
     )
     events = (await watching)["events"]
-    assert [e["cursor"] for e in events] == ["1", "2", "3", "4", "5"], events
-    assert [e["gift"]["sent_gift_id"] for e in events[:4]] == sent
-    assert [e["gift"]["count"] for e in events[:4]] == [1, 2, 3, 4]
+    # Four gifts, the two viewers' rose streaks ending (their pause, or the LIVE's end), the end.
+    assert [e["cursor"] for e in events] == [str(n) for n in range(1, 8)], events
+    gifts = [e["gift"] for e in events if e["event"] == "gift"]
+    assert [g["sent_gift_id"] for g in gifts] == sent
+    assert [g["count"] for g in gifts] == [1, 2, 3, 4]
+    assert sorted(e["streak_ended"]["count"] for e in events if e["event"] == "streak_ended") == [
+        4,
+        6,
+    ]
     assert events[-1]["event"] == "ended"
     assert events[-1]["ended"]["summary"]["gifts_sent"] == "10"

@@ -36,13 +36,13 @@ async def test_a_gift_costs_gifting_two_statements_and_the_wallet_two(suite: Sui
     sender, _ = await funded_user(suite)
     creator = await new_creator(suite)
 
-    async def gift() -> None:
+    async def gift(gift_id: str = "rose") -> None:
         await suite.gifting.SendGift(
             gifting_pb2.SendGiftRequest(
                 request_id=new_id("gift"),
                 sender_id=sender,
                 creator_id=creator,
-                gift_id="rose",
+                gift_id=gift_id,
                 count=1,
                 live_id=live_of(creator),
             )
@@ -50,7 +50,7 @@ async def test_a_gift_costs_gifting_two_statements_and_the_wallet_two(suite: Sui
 
     await gift()  # the wallet learns that system:gift_spend keeps no balance
     suite.spans.clear()
-    await gift()
+    await gift("rainbow-puke")  # 100 coins: does not streak
 
     gifting = units_under(suite, "gifting", "/SendGift")
     wallet = units_under(suite, "wallet", "/DebitCoins")
@@ -58,6 +58,14 @@ async def test_a_gift_costs_gifting_two_statements_and_the_wallet_two(suite: Sui
         assert gifting == [
             ("db.statement", ("gifting.start_gift",)),
             ("db.statement", ("gifting.record_debit",)),
+        ]
+        # A gift that streaks (rose) joins its streak in the transaction that records it: its
+        # running count is in the answer.
+        suite.spans.clear()
+        await gift()
+        assert units_under(suite, "gifting", "/SendGift") == [
+            ("db.statement", ("gifting.start_gift",)),
+            ("db.transaction", ("gifting.join_streak", "gifting.record_debit")),
         ]
         # One read, then the debit, its rows and the request's answer as one statement.
         assert wallet == [

@@ -68,7 +68,7 @@ from runtime.auth import AUTHORIZATION, TokenIssuer
 from runtime.server import ServiceSpec
 from runtime.status import bad_request, error_info
 from services.gifting.service import SPEC as GIFTING_SPEC
-from services.gifting.storage import credit_outbox, sent_gifts
+from services.gifting.storage import credit_outbox, sent_gifts, streaks
 from services.payout.sandbox import PayPalSandbox
 from services.payout.service import SPEC as PAYOUT_SPEC
 from services.payout.storage import gift_credits, withdrawals
@@ -518,6 +518,7 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
     # Reports only (a row per run); its first run comes a period (an hour) after start.
     ("payout", "withdrawal_reconciliation_mismatches"): None,
     ("gifting", "live_feed_listener"): None,  # wakes LIVE watchers; writes nothing
+    ("gifting", "ended_streaks"): _rows_where("gifting", streaks, streaks.c.ended_at.is_(None)),
     ("promotion", "settled_pending_promotions"): _rows_where(
         "promotion", promotions, promotions.c.status == "pending"
     ),

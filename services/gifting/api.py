@@ -89,8 +89,13 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         admin = current_principal().require_admin()
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.SetGiftResponse:
-            gift = self._gifting.catalog_entry(
-                request.gift_id, request.name, request.coins, request.active
+            gift = await self._gifting.catalog_entry(
+                conn,
+                request.gift_id,
+                request.name,
+                request.coins,
+                request.active,
+                request.streakable if request.HasField("streakable") else None,
             )
             await self._gifting.put_gift(conn, gift)
             return gifting_pb2.SetGiftResponse(gift=gift_pb(gift), active=gift.active)

@@ -28,6 +28,12 @@ def sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
         message.live_id = sent.live_id
     if sent.video_id:
         message.video_id = sent.video_id
+    if sent.streak_id:
+        message.streak.CopyFrom(
+            gifting_pb2.Streak(streak_id=sent.streak_id, count=sent.streak_count or 0)
+        )
+        if sent.streak_ended_at is not None:
+            message.streak.end_time.CopyFrom(timestamp(sent.streak_ended_at))
     return message
 
 
@@ -95,6 +101,17 @@ def live_event_pb(
                 gift_id=event.gift_id or "",
                 count=event.count or 0,
                 coins=event.coins or 0,
+                streak_id=event.streak_id or "",
+                streak_count=event.streak_count or 0,
+            )
+        )
+    elif event.kind == "streak_ended":
+        message.streak_ended.CopyFrom(
+            gifting_pb2.LiveStreakEnded(
+                streak_id=event.streak_id or "",
+                sender_id=event.sender_id or "",
+                gift_id=event.gift_id or "",
+                count=event.count or 0,
             )
         )
     else:

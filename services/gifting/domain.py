@@ -95,20 +95,27 @@ def credit_request_id(sent_gift_id: str) -> str:
 
 MAX_COINS_PER_SEND = 1_000_000_000
 """The most coins one SendGift may move: the wallet's DebitCoins bound."""
-STREAK_BELOW_COINS = 100
-"""Gifts cheaper than this form streaks (combos) when tapped repeatedly."""
 
 
 class Gifting:
-    def catalog_entry(
-        self, gift_id: str, name: str, coins: int, active: bool
+    async def catalog_entry(
+        self,
+        conn: AsyncConnection,
+        gift_id: str,
+        name: str,
+        coins: int,
+        active: bool,
+        streakable: bool | None,
     ) -> storage.GiftRecord:
-        """A catalog entry as an admin sets it; whether it streaks follows from its price."""
+        """A catalog entry as an admin sets it. Whether it streaks is the admin's to say; unsaid, an
+        existing gift keeps its setting and a new one does not streak."""
+        if streakable is None:
+            streakable = bool(await storage.gift_streakable(conn, gift_id))
         return storage.GiftRecord(
             gift_id=gift_id,
             name=name.strip() or gift_id,
             coins=coins,
-            streakable=coins < STREAK_BELOW_COINS,
+            streakable=streakable,
             active=active,
         )
 
@@ -176,8 +183,11 @@ class Gifting:
             created_at=now,
             updated_at=now,
         )
-        coins = await storage.start_sent_gift(tx, pending, claim, MAX_COINS_PER_SEND)
-        return None if coins is None else replace(pending, coins=coins)
+        priced = await storage.start_sent_gift(tx, pending, claim, MAX_COINS_PER_SEND)
+        if priced is None:
+            return None
+        coins, streakable = priced
+        return replace(pending, coins=coins, streakable=streakable)
 
     async def refusal(self, tx: Tx, gift_id: str, count: int) -> DomainError:
         """Why a gift could not be started: not in the catalog (or inactive), or too large."""

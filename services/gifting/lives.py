@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 from sqlalchemy import make_url
@@ -55,6 +55,37 @@ def _ended(live: storage.LiveRecord) -> FailedPrecondition:
 
 
 class Lives:
+    def __init__(self, streak_pause: dt.timedelta) -> None:
+        self.streak_pause = streak_pause
+
+    async def streak(
+        self, tx: Tx, sent: storage.SentGiftRecord, now: dt.datetime
+    ) -> tuple[storage.SentGiftRecord, set[str]]:
+        """A streakable gift sent in a LIVE joins its viewer's streak of that gift, if the last send
+        was within the pause, else starts a new one (ending the old one, with its feed event, if the
+        sweep has not yet). Returns the gift with its streak and running count, and the LIVEs whose
+        feeds gained an event. Runs in the transaction that records the gift: if that fails, so
+        does this."""
+        if sent.live_id is None or not sent.streakable:
+            return sent, set()
+        streak_id, count, ended = await storage.extend_streak(
+            tx,
+            live_id=sent.live_id,
+            sender_id=sent.sender_id,
+            gift_id=sent.gift_id,
+            count=sent.count,
+            now=now,
+            cutoff=now - self.streak_pause,
+            new_streak_id=uuid.uuid4().hex,
+        )
+        fed = await storage.feed_streak_ends(tx, ended, now)
+        return replace(sent, streak_id=streak_id, streak_count=count), fed
+
+    async def end_due_streaks(self, tx: Tx, now: dt.datetime, limit: int) -> set[str]:
+        """End the streaks whose pause has passed (each with its feed event); the LIVEs fed."""
+        ended = await storage.end_due_streaks(tx, now, now - self.streak_pause, limit)
+        return await storage.feed_streak_ends(tx, ended, now)
+
     async def start(
         self, conn: AsyncConnection, creator_id: str, title: str, live_id: str, now: dt.datetime
     ) -> storage.LiveRecord:

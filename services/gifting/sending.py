@@ -83,20 +83,22 @@ class GiftSender:
                         tx, sent.sent_gift_id, self._clock.now(), answer
                     )
             raise error from None
-        response = send_gift_response(replace(sent, status="debited"), balance)
-        answer = self._idempotency.answer(scope, request, response=response)
-        async with self._db.driver.transaction(single_statement=True) as tx:
-            recorded = await self._gifting.record_debit(
-                tx, sent, transaction_id, self._clock.now(), answer
-            )
-        if not recorded:
-            raise Aborted(
-                "CONCURRENT_RETRY",
-                "another attempt with this request_id completed the gift; retry to read it",
-            )
+        streaks = sent.live_id is not None and sent.streakable
+        fed: set[str] = set()
+        # One statement on PostgreSQL, unless the gift joins a streak (its count is in the answer).
+        async with self._db.driver.transaction(single_statement=not streaks) as tx:
+            now = self._clock.now()
+            sent, fed = await self._lives.streak(tx, sent, now)
+            response = send_gift_response(replace(sent, status="debited"), balance)
+            answer = self._idempotency.answer(scope, request, response=response)
+            if not await self._gifting.record_debit(tx, sent, transaction_id, now, answer):
+                raise Aborted(  # the streak's step is rolled back with it
+                    "CONCURRENT_RETRY",
+                    "another attempt with this request_id completed the gift; retry to read it",
+                )
         self._wake_relay()
-        if sent.live_id:
-            self._feed.notify(sent.live_id)
+        for live_id in {*fed, *([sent.live_id] if sent.live_id else [])}:
+            self._feed.notify(live_id)
         return response
 
     async def reconcile(

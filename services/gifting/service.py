@@ -21,7 +21,15 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
     runtime.add_worker(relay.run)
     gifting, wallet = Gifting(), WalletDebiter(runtime.channel(settings.wallet_address))
-    lives = Lives()
+    lives = Lives(dt.timedelta(seconds=settings.streak_pause_seconds))
+
+    async def ended_streaks() -> int:
+        async with runtime.db.driver.transaction() as tx:
+            fed = await lives.end_due_streaks(tx, runtime.clock.now(), limit=500)
+        for live_id in fed:
+            feed.notify(live_id)
+        return len(fed)  # LIVEs whose feeds gained streak ends
+
     feed = LiveFeed(
         runtime.db,
         poll_seconds=settings.feed_poll_seconds,
@@ -45,6 +53,7 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
         feed,
     )
     stale = dt.timedelta(seconds=settings.reconcile_after_seconds)
+    runtime.add_periodic("ended streaks", settings.streak_sweep_seconds, ended_streaks)
     runtime.add_periodic(
         "settled pending gifts",
         settings.reconcile_every_seconds,

@@ -24,6 +24,11 @@ class GiftingSettings(ServiceSettings):
     reconcile_after_seconds: float = 60.0
     """Gifts still pending after this (a crash or a lost wallet answer mid-send) are settled by asking
     the wallet what became of their debit."""
+    streak_pause_seconds: float = 5.0
+    """Sends of a streakable gift by one viewer in one LIVE at most this far apart form a streak; it
+    ends when the pause passes (a `streak_ended` event in the feed)."""
+    streak_sweep_seconds: float = 0.5
+    """How often ended streaks are looked for (so a streak's end shows within this of the pause)."""
     feed_poll_seconds: float = 1.0
     """A LIVE's watchers look for new events at least this often (they are woken at once when a gift
     is recorded: in-process, and across replicas by PostgreSQL NOTIFY)."""

@@ -55,6 +55,9 @@ sent_gifts = Table(
     Column("wallet_transaction_id", String(40)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("streakable", Boolean, nullable=False),
+    Column("streak_id", String(40)),
+    Column("streak_count", Integer),
 )
 
 live_gifters = Table(
@@ -92,8 +95,24 @@ live_events = Table(
     Column("count", Integer),
     Column("coins", BigInteger),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("streak_id", String(40)),
+    Column("streak_count", Integer),
 )
-"""A LIVE's feed, numbered by the LIVE's counter: "gift" events, then one "ended"."""
+"""A LIVE's feed, numbered by the LIVE's counter: "gift" and "streak_ended" events, then one
+"ended"."""
+
+streaks = Table(
+    "streaks",
+    metadata,
+    Column("streak_id", String(40), primary_key=True),
+    Column("live_id", String(64), nullable=False),
+    Column("sender_id", String(64), nullable=False),
+    Column("gift_id", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("last_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+)
+"""Streaks (migration 0008): at most one open per (LIVE, viewer, gift)."""
 
 credit_outbox = Table(
     "credit_outbox",
@@ -135,6 +154,12 @@ class SentGiftRecord:
     wallet_transaction_id: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    streakable: bool = False
+    """The catalog said, when it was priced, that this gift streaks."""
+    streak_id: str | None = None
+    streak_count: int | None = None
+    """Its streak's running count, this send included."""
+    streak_ended_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +174,7 @@ class OutboxRecord:
 
 _START_GIFT_COLUMNS = (
     "sent_gift_id, sender_id, creator_id, gift_id, count, coins, live_id, video_id, status, "
-    "wallet_transaction_id, created_at, updated_at"
+    "wallet_transaction_id, created_at, updated_at, streakable"
 )
 
 
@@ -182,6 +207,7 @@ async def insert_sent_gift(conn: AsyncConnection | Tx, sent: SentGiftRecord) -> 
         live_id=sent.live_id,
         video_id=sent.video_id,
         now=sent.created_at,
+        streakable=sent.streakable,
     )
 
 
@@ -196,8 +222,10 @@ _GET_SENT_GIFT = Statement(
     "gifting.get_sent_gift",
     "SELECT s.sent_gift_id, s.sender_id, s.creator_id, s.gift_id, s.count, s.coins, s.live_id, "
     "s.video_id, CASE WHEN s.status = 'debited' AND o.delivered_at IS NOT NULL THEN 'credited' "
-    "ELSE s.status END, s.wallet_transaction_id, s.created_at, s.updated_at "
+    "ELSE s.status END, s.wallet_transaction_id, s.created_at, s.updated_at, s.streakable, "
+    "s.streak_id, s.streak_count, st.ended_at "
     "FROM sent_gifts s LEFT JOIN credit_outbox o ON o.sent_gift_id = s.sent_gift_id "
+    "LEFT JOIN streaks st ON st.streak_id = s.streak_id "
     "WHERE s.sent_gift_id = :sent_gift_id",
 )
 """A gift reads `credited` once its outbox credit is delivered: the relay marks only the outbox row, so
@@ -221,6 +249,10 @@ async def get_sent_gift(conn: AsyncConnection | Tx, sent_gift_id: str) -> SentGi
         wallet_tx,
         created,
         updated,
+        streakable,
+        streak_id,
+        streak_count,
+        streak_ended,
     ) = row
     return SentGiftRecord(
         sent_gift_id=sent_id,
@@ -233,8 +265,12 @@ async def get_sent_gift(conn: AsyncConnection | Tx, sent_gift_id: str) -> SentGi
         video_id=video,
         status=status,
         wallet_transaction_id=wallet_tx,
-        created_at=utc(created),
-        updated_at=utc(updated),
+        created_at=_instant(created),
+        updated_at=_instant(updated),
+        streakable=bool(streakable),
+        streak_id=streak_id,
+        streak_count=None if streak_count is None else int(streak_count),
+        streak_ended_at=None if streak_ended is None else _instant(streak_ended),
     )
 
 
@@ -285,7 +321,7 @@ _OPEN_LIVE = (
 )
 """A gift names no LIVE, or a LIVE of its creator that is live with gifts on."""
 _PRICED = (
-    "priced AS (SELECT coins * :count::integer AS coins FROM gifts "
+    "priced AS (SELECT coins * :count::integer AS coins, streakable FROM gifts "
     "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint "
     f"AND {_OPEN_LIVE.format(t='::text')})"
 )
@@ -296,18 +332,19 @@ _START_GIFT_PG = Statement(
     f"started AS (INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) "
     "SELECT :sent_gift_id::text, :sender_id::text, :creator_id::text, :gift_id::text, "
     ":count::integer, priced.coins, :live_id::text, :video_id::text, 'pending', NULL, "
-    ":now::timestamptz, :now::timestamptz FROM priced, claim RETURNING coins) "
-    "SELECT coins FROM started",
+    ":now::timestamptz, :now::timestamptz, priced.streakable FROM priced, claim "
+    "RETURNING coins, streakable) SELECT coins, streakable FROM started",
 )
 _PRICE = Statement(
     "gifting.price",
-    "SELECT coins * :count FROM gifts "
+    "SELECT coins * :count, streakable FROM gifts "
     f"WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins AND {_OPEN_LIVE.format(t='')}",
 )
 _INSERT_SENT_GIFT = Statement(
     "gifting.insert_sent_gift",
     f"INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) VALUES (:sent_gift_id, :sender_id, "
-    ":creator_id, :gift_id, :count, :coins, :live_id, :video_id, 'pending', NULL, :now, :now)",
+    ":creator_id, :gift_id, :count, :coins, :live_id, :video_id, 'pending', NULL, :now, :now, "
+    ":streakable)",
 )
 _GIFT_PRICE = Statement(
     "gifting.gift_price", "SELECT coins, active FROM gifts WHERE gift_id = :gift_id"
@@ -316,11 +353,11 @@ _GIFT_PRICE = Statement(
 
 async def start_sent_gift(
     tx: Tx, sent: SentGiftRecord, claim: KeyClaim, max_coins: int
-) -> int | None:
+) -> tuple[int, bool] | None:
     """Claim the request id and record the pending gift, priced from the catalog, in one statement
     (PostgreSQL); its coins, or None if nothing was written: the id was claimed before, the gift
     is not in the catalog, inactive, or would cost more than `max_coins`, or the LIVE it names is
-    not its creator's open LIVE with gifts on."""
+    not its creator's open LIVE with gifts on. Answers (coins, whether the gift streaks)."""
     params = {
         "sent_gift_id": sent.sent_gift_id,
         "sender_id": sent.sender_id,
@@ -334,12 +371,19 @@ async def start_sent_gift(
     }
     if tx.dialect == "postgresql":
         row = await tx.one(_START_GIFT_PG, **params, **claim.params)
-        return None if row is None else int(row[0])
+        return None if row is None else (int(row[0]), bool(row[1]))
     priced = await tx.one(_PRICE, **params)
     if priced is None or not await claim.insert(tx):
         return None
-    await insert_sent_gift(tx, replace(sent, coins=int(priced[0])))
-    return int(priced[0])
+    coins, streakable = int(priced[0]), bool(priced[1])
+    await insert_sent_gift(tx, replace(sent, coins=coins, streakable=streakable))
+    return coins, streakable
+
+
+async def gift_streakable(conn: AsyncConnection, gift_id: str) -> bool | None:
+    """Whether a catalog gift streaks; None if there is no such gift."""
+    found = await conn.scalar(select(gifts.c.streakable).where(gifts.c.gift_id == gift_id))
+    return None if found is None else bool(found)
 
 
 async def gift_price(tx: Tx, gift_id: str) -> tuple[int, bool] | None:
@@ -390,7 +434,8 @@ async def enqueue_credit(
 
 _MOVED = (
     "moved AS (UPDATE sent_gifts SET status = 'debited', "
-    "wallet_transaction_id = :wallet_transaction_id, updated_at = :now "
+    "wallet_transaction_id = :wallet_transaction_id, updated_at = :now, "
+    "streak_id = :streak_id::text, streak_count = :streak_count::integer "
     "WHERE sent_gift_id = :sent_gift_id AND status = 'pending' RETURNING sent_gift_id)"
 )
 _RANKED = (
@@ -406,16 +451,19 @@ _QUEUED = (
     ":now::timestamptz, NULL, FALSE, '', :now::timestamptz FROM moved)"
 )
 _FED = (
-    "fed AS (UPDATE lives SET last_seq = last_seq + 1, "
+    "fed AS (UPDATE lives SET last_seq = last_seq + CASE WHEN ended_at IS NULL THEN 1 ELSE 0 END, "
     "coins_received = coins_received + :coins::bigint, gifts_sent = gifts_sent + :count::integer "
-    "WHERE live_id = :live_id::text AND EXISTS (SELECT 1 FROM moved) RETURNING last_seq), "
+    "WHERE live_id = :live_id::text AND EXISTS (SELECT 1 FROM moved) "
+    "RETURNING last_seq, ended_at IS NULL AS open), "
     "event AS (INSERT INTO live_events (live_id, seq, kind, sent_gift_id, sender_id, gift_id, "
-    "count, coins, created_at) SELECT :live_id::text, last_seq, 'gift', :sent_gift_id::text, "
-    ":sender_id::text, :gift_id::text, :count::integer, :coins::bigint, :now::timestamptz FROM fed), "
+    "count, coins, created_at, streak_id, streak_count) SELECT :live_id::text, last_seq, 'gift', "
+    ":sent_gift_id::text, :sender_id::text, :gift_id::text, :count::integer, :coins::bigint, "
+    ":now::timestamptz, :streak_id::text, :streak_count::integer FROM fed WHERE open), "
     "notified AS (SELECT pg_notify('live_feed', :live_id::text) FROM fed)"
 )
 """A gift in a LIVE is the LIVE's next feed event; watchers on every replica are woken (NOTIFY is
-delivered at commit)."""
+delivered at commit). A gift accepted while the LIVE was open but recorded after it ended counts in
+the summary, not in the feed (which ends with `ended`)."""
 _RECORDED = "SELECT (SELECT count(*) FROM moved) + 0 * (SELECT count(*) FROM notified)"
 _RECORD_DEBIT_PG = Statement(
     "gifting.record_debit",
@@ -456,6 +504,8 @@ async def record_debited(
             count=sent.count,
             coins=sent.coins,
             traceparent=traceparent,
+            streak_id=sent.streak_id,
+            streak_count=sent.streak_count,
             **(answer.params if answer is not None else {}),
         )
         return row is not None and int(row[0]) == 1
@@ -469,6 +519,13 @@ async def record_debited(
     )
     if not moved:
         return False
+    if sent.streak_id is not None:
+        await tx.run(
+            _STREAK_OF_GIFT_SQLITE,
+            sent_gift_id=sent.sent_gift_id,
+            streak_id=sent.streak_id,
+            streak_count=sent.streak_count,
+        )
     if sent.live_id:
         await add_to_leaderboard(tx, sent.live_id, sent.sender_id, sent.coins)
         await tx.run(
@@ -480,6 +537,8 @@ async def record_debited(
             sender_id=sent.sender_id,
             gift_id=sent.gift_id,
             now=now,
+            streak_id=sent.streak_id,
+            streak_count=sent.streak_count,
         )
         await tx.run(_COUNT_FED_SQLITE, live_id=sent.live_id, coins=sent.coins, count=sent.count)
     await enqueue_credit(
@@ -621,13 +680,20 @@ async def unpark_credits(
 _FEED_GIFT_SQLITE = Statement(
     "gifting.feed_gift",
     "INSERT INTO live_events (live_id, seq, kind, sent_gift_id, sender_id, gift_id, count, coins, "
-    "created_at) SELECT live_id, last_seq + 1, 'gift', :sent_gift_id, :sender_id, :gift_id, :count, "
-    ":coins, :now FROM lives WHERE live_id = :live_id",
+    "created_at, streak_id, streak_count) SELECT live_id, last_seq + 1, 'gift', :sent_gift_id, "
+    ":sender_id, :gift_id, :count, :coins, :now, :streak_id, :streak_count FROM lives "
+    "WHERE live_id = :live_id AND ended_at IS NULL",
+)
+_STREAK_OF_GIFT_SQLITE = Statement(
+    "gifting.streak_of_gift",
+    "UPDATE sent_gifts SET streak_id = :streak_id, streak_count = :streak_count "
+    "WHERE sent_gift_id = :sent_gift_id",
 )
 _COUNT_FED_SQLITE = Statement(
     "gifting.count_fed",
-    "UPDATE lives SET last_seq = last_seq + 1, coins_received = coins_received + :coins, "
-    "gifts_sent = gifts_sent + :count WHERE live_id = :live_id",
+    "UPDATE lives SET last_seq = last_seq + CASE WHEN ended_at IS NULL THEN 1 ELSE 0 END, "
+    "coins_received = coins_received + :coins, gifts_sent = gifts_sent + :count "
+    "WHERE live_id = :live_id",
 )
 """SQLite: the gift's feed event, then the LIVE's counter and sums (in the same transaction; writes
 are serialized, so no other gift takes the number between)."""
@@ -685,7 +751,10 @@ async def get_live(conn: AsyncConnection | Tx, live_id: str) -> LiveRecord | Non
 
 
 async def end_live(conn: AsyncConnection, live_id: str, now: dt.datetime) -> bool:
-    """End a LIVE and write its feed's last event; False if it had ended already."""
+    """End a LIVE (its open streaks first, each with its event) and write its feed's last event;
+    False if it had ended already."""
+    tx = as_tx(conn)
+    await feed_streak_ends(tx, await end_live_streaks(tx, live_id, now), now)
     ended = await conn.execute(
         update(lives)
         .where(lives.c.live_id == live_id, lives.c.ended_at.is_(None))
@@ -726,6 +795,8 @@ class LiveEventRecord:
     count: int | None
     coins: int | None
     created_at: dt.datetime
+    streak_id: str | None = None
+    streak_count: int | None = None
 
 
 async def live_events_after(
@@ -742,12 +813,138 @@ async def live_events_after(
             live_events.c.count,
             live_events.c.coins,
             live_events.c.created_at,
+            live_events.c.streak_id,
+            live_events.c.streak_count,
         )
         .where(live_events.c.live_id == live_id, live_events.c.seq > after)
         .order_by(live_events.c.seq)
         .limit(limit)
     )
     return [
-        LiveEventRecord(int(seq), kind, gift, sender, gift_id, count, coins, utc(at))
-        for seq, kind, gift, sender, gift_id, count, coins, at in rows
+        LiveEventRecord(
+            int(seq), kind, gift, sender, gift_id, count, coins, utc(at), streak, streak_count
+        )
+        for seq, kind, gift, sender, gift_id, count, coins, at, streak, streak_count in rows
     ]
+
+
+@dataclass(frozen=True)
+class StreakEnd:
+    streak_id: str
+    live_id: str
+    sender_id: str
+    gift_id: str
+    count: int
+
+
+_STREAK_COLUMNS = "streak_id, live_id, sender_id, gift_id, count"
+_JOIN_STREAK = Statement(
+    "gifting.join_streak",
+    "INSERT INTO streaks (streak_id, live_id, sender_id, gift_id, count, last_at, ended_at) "
+    "VALUES (:streak_id, :live_id, :sender_id, :gift_id, :count, :now, NULL) "
+    "ON CONFLICT (live_id, sender_id, gift_id) WHERE ended_at IS NULL DO UPDATE "
+    "SET count = streaks.count + excluded.count, last_at = excluded.last_at "
+    "WHERE streaks.last_at >= :cutoff RETURNING streak_id, count",
+)
+"""Open a streak, or join the open one if its last send was within the pause (a concurrent send of
+the same viewer and gift waits on the open-streak index and then joins); nothing if the open one
+has paused (it must end first)."""
+_END_OPEN_STREAK = Statement(
+    "gifting.end_open_streak",
+    "UPDATE streaks SET ended_at = :now WHERE live_id = :live_id AND sender_id = :sender_id "
+    f"AND gift_id = :gift_id AND ended_at IS NULL RETURNING {_STREAK_COLUMNS}",
+)
+_END_DUE_STREAKS = Statement(
+    "gifting.end_due_streaks",
+    "UPDATE streaks SET ended_at = :now WHERE streak_id IN (SELECT streak_id FROM streaks "
+    "WHERE ended_at IS NULL AND last_at < :cutoff ORDER BY last_at LIMIT :limit) "
+    f"RETURNING {_STREAK_COLUMNS}",
+    postgres="UPDATE streaks SET ended_at = :now WHERE streak_id IN (SELECT streak_id FROM streaks "
+    "WHERE ended_at IS NULL AND last_at < :cutoff ORDER BY last_at LIMIT :limit "
+    "FOR UPDATE SKIP LOCKED) "
+    f"RETURNING {_STREAK_COLUMNS}",
+)
+_END_LIVE_STREAKS = Statement(
+    "gifting.end_live_streaks",
+    "UPDATE streaks SET ended_at = :now WHERE live_id = :live_id AND ended_at IS NULL "
+    f"RETURNING {_STREAK_COLUMNS}",
+)
+_NEXT_SEQ = Statement(
+    "gifting.next_seq",
+    "UPDATE lives SET last_seq = last_seq + 1 WHERE live_id = :live_id AND ended_at IS NULL "
+    "RETURNING last_seq",
+)
+_STREAK_ENDED_EVENT = Statement(
+    "gifting.streak_ended_event",
+    "INSERT INTO live_events (live_id, seq, kind, sender_id, gift_id, count, created_at, "
+    "streak_id, streak_count) VALUES (:live_id, :seq, 'streak_ended', :sender_id, :gift_id, "
+    ":count, :now, :streak_id, :count)",
+)
+_NOTIFY = Statement("gifting.notify", "", postgres="SELECT pg_notify('live_feed', :live_id)")
+
+
+def _streak_ends(rows: Sequence[Sequence[Any]]) -> list[StreakEnd]:
+    return [StreakEnd(str(i), str(lv), str(s), str(g), int(c)) for i, lv, s, g, c in rows]
+
+
+async def extend_streak(
+    tx: Tx,
+    *,
+    live_id: str,
+    sender_id: str,
+    gift_id: str,
+    count: int,
+    now: dt.datetime,
+    cutoff: dt.datetime,
+    new_streak_id: str,
+) -> tuple[str, int, list[StreakEnd]]:
+    """Add a send to the open streak of (LIVE, viewer, gift) if its last send was at `cutoff` or
+    later; else end that streak (if the sweep has not yet) and open a new one. Returns (streak id,
+    running count, the streaks it ended)."""
+    keys = {"live_id": live_id, "sender_id": sender_id, "gift_id": gift_id}
+    ended: list[StreakEnd] = []
+    for _ in range(3):
+        row = await tx.one(
+            _JOIN_STREAK, streak_id=new_streak_id, count=count, now=now, cutoff=cutoff, **keys
+        )
+        if row is not None:
+            return str(row[0]), int(row[1]), ended
+        ended += _streak_ends(await tx.all(_END_OPEN_STREAK, now=now, **keys))
+    raise RuntimeError(f"could not open a streak for {keys}")  # pragma: no cover - needs 3 races
+
+
+async def end_due_streaks(
+    tx: Tx, now: dt.datetime, cutoff: dt.datetime, limit: int
+) -> list[StreakEnd]:
+    """End up to `limit` streaks whose last send was before `cutoff` (with several replicas each
+    takes rows the others skip)."""
+    return _streak_ends(await tx.all(_END_DUE_STREAKS, now=now, cutoff=cutoff, limit=limit))
+
+
+async def end_live_streaks(tx: Tx, live_id: str, now: dt.datetime) -> list[StreakEnd]:
+    return _streak_ends(await tx.all(_END_LIVE_STREAKS, live_id=live_id, now=now))
+
+
+async def feed_streak_ends(tx: Tx, ended: Sequence[StreakEnd], now: dt.datetime) -> set[str]:
+    """Each ended streak's event in its LIVE's feed (none once the LIVE has ended); the LIVEs
+    whose watchers are to be woken (on PostgreSQL, every replica's, at commit)."""
+    fed: set[str] = set()
+    for streak in ended:
+        row = await tx.one(_NEXT_SEQ, live_id=streak.live_id)
+        if row is None:
+            continue
+        await tx.run(
+            _STREAK_ENDED_EVENT,
+            live_id=streak.live_id,
+            seq=int(row[0]),
+            sender_id=streak.sender_id,
+            gift_id=streak.gift_id,
+            count=streak.count,
+            now=now,
+            streak_id=streak.streak_id,
+        )
+        fed.add(streak.live_id)
+    if tx.dialect == "postgresql":
+        for live_id in fed:
+            await tx.one(_NOTIFY, live_id=live_id)
+    return fed

@@ -61,7 +61,7 @@ class Gift(_message.Message):
     coins: _builtins.int
     """Price of one gift in coins."""
     streakable: _builtins.bool
-    """Whether repeated taps form a streak (combo); true for cheap gifts."""
+    """Whether repeated sends in a LIVE form a streak (combo); set by an admin (SetGift)."""
     def __init__(
         self,
         *,
@@ -94,6 +94,7 @@ class SentGift(_message.Message):
     VIDEO_ID_FIELD_NUMBER: _builtins.int
     CREDIT_STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STREAK_FIELD_NUMBER: _builtins.int
     sent_gift_id: _builtins.str
     """Identifier of the sent gift."""
     sender_id: _builtins.str
@@ -116,6 +117,10 @@ class SentGift(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was sent."""
 
+    @_builtins.property
+    def streak(self) -> Global___Streak:
+        """The streak this send belongs to (a streakable gift sent in a LIVE); unset otherwise."""
+
     def __init__(
         self,
         *,
@@ -129,16 +134,51 @@ class SentGift(_message.Message):
         video_id: _builtins.str = ...,
         credit_status: Global___CreditStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        streak: Global___Streak | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "live_id", b"live_id", "target", b"target", "video_id", b"video_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "live_id", b"live_id", "streak", b"streak", "target", b"target", "video_id", b"video_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "count", b"count", "create_time", b"create_time", "creator_id", b"creator_id", "credit_status", b"credit_status", "gift_id", b"gift_id", "live_id", b"live_id", "sender_id", b"sender_id", "sent_gift_id", b"sent_gift_id", "target", b"target", "video_id", b"video_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "count", b"count", "create_time", b"create_time", "creator_id", b"creator_id", "credit_status", b"credit_status", "gift_id", b"gift_id", "live_id", b"live_id", "sender_id", b"sender_id", "sent_gift_id", b"sent_gift_id", "streak", b"streak", "target", b"target", "video_id", b"video_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["live_id", "video_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
 Global___SentGift: _TypeAlias = SentGift  # noqa: Y015
+
+@_typing.final
+class Streak(_message.Message):
+    """Repeated sends of one streakable gift by one viewer in one LIVE, each within GIFTING_STREAK_PAUSE_SECONDS
+    of the one before.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAK_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    streak_id: _builtins.str
+    """Identifier of the streak."""
+    count: _builtins.int
+    """The streak's running count of gifts, this send included."""
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the streak ended (the pause passed, or the LIVE ended); unset while it runs."""
+
+    def __init__(
+        self,
+        *,
+        streak_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "end_time", b"end_time", "streak_id", b"streak_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Streak: _TypeAlias = Streak  # noqa: Y015
 
 @_typing.final
 class Gifter(_message.Message):
@@ -416,6 +456,7 @@ class SetGiftRequest(_message.Message):
     COINS_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    STREAKABLE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     gift_id: _builtins.str
@@ -428,6 +469,10 @@ class SetGiftRequest(_message.Message):
     """Whether the gift is in the catalog."""
     reason: _builtins.str
     """Why the change is made, for the audit trail."""
+    streakable: _builtins.bool
+    """Whether repeated sends form a streak (combo) in a LIVE. Unset: unchanged for an existing gift, false
+    for a new one.
+    """
     def __init__(
         self,
         *,
@@ -437,12 +482,15 @@ class SetGiftRequest(_message.Message):
         coins: _builtins.int = ...,
         active: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        streakable: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_streakable", b"_streakable", "streakable", b"streakable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "coins", b"coins", "gift_id", b"gift_id", "name", b"name", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_streakable", b"_streakable", "active", b"active", "coins", b"coins", "gift_id", b"gift_id", "name", b"name", "reason", b"reason", "request_id", b"request_id", "streakable", b"streakable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__streakable: _TypeAlias = _typing.Literal["streakable"]  # noqa: Y015
+    _WhichOneofArgType__streakable: _TypeAlias = _typing.Literal["_streakable", b"_streakable"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__streakable) -> _WhichOneofReturnType__streakable | None: ...
 
 Global___SetGiftRequest: _TypeAlias = SetGiftRequest  # noqa: Y015
 
@@ -969,6 +1017,8 @@ class LiveGift(_message.Message):
     GIFT_ID_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     COINS_FIELD_NUMBER: _builtins.int
+    STREAK_ID_FIELD_NUMBER: _builtins.int
+    STREAK_COUNT_FIELD_NUMBER: _builtins.int
     sent_gift_id: _builtins.str
     """The sent gift."""
     sender_id: _builtins.str
@@ -979,6 +1029,10 @@ class LiveGift(_message.Message):
     """How many."""
     coins: _builtins.int
     """Coins it cost."""
+    streak_id: _builtins.str
+    """Its streak (empty for a gift that does not streak)."""
+    streak_count: _builtins.int
+    """The streak's running count of gifts, this send included (0 for a gift that does not streak)."""
     def __init__(
         self,
         *,
@@ -987,14 +1041,50 @@ class LiveGift(_message.Message):
         gift_id: _builtins.str = ...,
         count: _builtins.int = ...,
         coins: _builtins.int = ...,
+        streak_id: _builtins.str = ...,
+        streak_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "count", b"count", "gift_id", b"gift_id", "sender_id", b"sender_id", "sent_gift_id", b"sent_gift_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "count", b"count", "gift_id", b"gift_id", "sender_id", b"sender_id", "sent_gift_id", b"sent_gift_id", "streak_count", b"streak_count", "streak_id", b"streak_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LiveGift: _TypeAlias = LiveGift  # noqa: Y015
+
+@_typing.final
+class LiveStreakEnded(_message.Message):
+    """A streak ended: no send of its gift by its viewer within the pause (or the LIVE ended)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAK_ID_FIELD_NUMBER: _builtins.int
+    SENDER_ID_FIELD_NUMBER: _builtins.int
+    GIFT_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    streak_id: _builtins.str
+    """The streak."""
+    sender_id: _builtins.str
+    """The viewer."""
+    gift_id: _builtins.str
+    """The catalog gift."""
+    count: _builtins.int
+    """Gifts in the whole streak."""
+    def __init__(
+        self,
+        *,
+        streak_id: _builtins.str = ...,
+        sender_id: _builtins.str = ...,
+        gift_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "gift_id", b"gift_id", "sender_id", b"sender_id", "streak_id", b"streak_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveStreakEnded: _TypeAlias = LiveStreakEnded  # noqa: Y015
 
 @_typing.final
 class LiveEnded(_message.Message):
@@ -1030,6 +1120,7 @@ class WatchLiveResponse(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     GIFT_FIELD_NUMBER: _builtins.int
     ENDED_FIELD_NUMBER: _builtins.int
+    STREAK_ENDED_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Its position in the LIVE's feed (1, 2, ...): resume after it with WatchLiveRequest.after_cursor."""
     @_builtins.property
@@ -1044,6 +1135,10 @@ class WatchLiveResponse(_message.Message):
     def ended(self) -> Global___LiveEnded:
         """The LIVE ended."""
 
+    @_builtins.property
+    def streak_ended(self) -> Global___LiveStreakEnded:
+        """A streak ended."""
+
     def __init__(
         self,
         *,
@@ -1051,12 +1146,13 @@ class WatchLiveResponse(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         gift: Global___LiveGift | None = ...,
         ended: Global___LiveEnded | None = ...,
+        streak_ended: Global___LiveStreakEnded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "event", b"event", "gift", b"gift", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "event", b"event", "gift", b"gift", "streak_ended", b"streak_ended", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "ended", b"ended", "event", b"event", "gift", b"gift", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "ended", b"ended", "event", b"event", "gift", b"gift", "streak_ended", b"streak_ended", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["gift", "ended"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["gift", "ended", "streak_ended"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
