@@ -169,6 +169,29 @@ def live_watch(c: Clients, a: argparse.Namespace) -> None:
         stream.cancel()
 
 
+_PERIODS = {
+    "day": gifting_pb2.RANKING_PERIOD_DAY,
+    "week": gifting_pb2.RANKING_PERIOD_WEEK,
+    "all": gifting_pb2.RANKING_PERIOD_ALL_TIME,
+}
+
+
+def rankings(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.ListCreatorRankings(
+        gifting_pb2.ListCreatorRankingsRequest(period=_PERIODS[a.period], page_size=a.limit),
+        timeout=c.timeout,
+    )
+    console.print(render.rankings(response))
+
+
+def creator_gifters(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.ListCreatorTopGifters(
+        gifting_pb2.ListCreatorTopGiftersRequest(creator_id=a.creator, page_size=a.limit),
+        timeout=c.timeout,
+    )
+    console.print(render.top_gifters(f"creator {a.creator}", response.gifters, scope=""))
+
+
 def diamonds(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.GetDiamondBalance(
         payout_pb2.GetDiamondBalanceRequest(creator_id=a.creator), timeout=c.timeout
@@ -533,6 +556,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--after", type=int, default=0, help="resume after this cursor (default: from the start)"
     )
+    p = command("rankings", rankings, "creators ranked by the coins of their credited gifts")
+    p.add_argument("--period", choices=sorted(_PERIODS), default="day", help="default: %(default)s")
+    p.add_argument("--limit", type=int, default=10)
+    p = command("creator-gifters", creator_gifters, "a creator's top gifters, all time")
+    p.add_argument("creator")
+    p.add_argument("--limit", type=int, default=10)
     p = command("top", top, "top gifters of a LIVE")
     p.add_argument("live")
     p.add_argument("--limit", type=int, default=10)

@@ -187,8 +187,10 @@ def sent_gift(response: gifting_pb2.SendGiftResponse) -> str:
     )
 
 
-def top_gifters(live_id: str, items: Iterable[gifting_pb2.Gifter]) -> Table:
-    table = Table(title=f"Top gifters of LIVE {live_id}")
+def top_gifters(
+    live_id: str, items: Iterable[gifting_pb2.Gifter], *, scope: str = "LIVE "
+) -> Table:
+    table = Table(title=f"Top gifters of {scope}{live_id}")
     table.add_column("#", justify="right")
     table.add_column("viewer")
     table.add_column("coins", justify="right")
@@ -357,3 +359,13 @@ def live_event(event: gifting_pb2.WatchLiveResponse) -> str:
         f"#{event.cursor} {at} the LIVE ended: {s.coins_received:,} coins from "
         f"{s.unique_gifters:,} gifters, {s.gifts_sent:,} gifts"
     )
+
+
+def rankings(response: gifting_pb2.ListCreatorRankingsResponse) -> Table:
+    table = Table(title=f"Creators by coins received, {response.period_key}")
+    table.add_column("#", justify="right")
+    table.add_column("creator")
+    table.add_column("coins", justify="right")
+    for c in response.creators:
+        table.add_row(str(c.rank), c.creator_id, f"{c.coins:,}")
+    return table

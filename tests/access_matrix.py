@@ -103,6 +103,8 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _G + "SetLiveGifts": _RECORD,
         _G + "GetLive": _PUBLIC,
         _G + "WatchLive": _PUBLIC,
+        _G + "ListCreatorRankings": _PUBLIC,
+        _G + "ListCreatorTopGifters": _PUBLIC,
         _G + "ListParkedCredits": _ADMIN,
         _G + "RedeliverParkedCredits": _ADMIN,
         _AUDIT: _AUDIT_TRAIL,

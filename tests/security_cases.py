@@ -435,6 +435,20 @@ async def _get_live(suite: Suite) -> Sample:
     return Sample(gifting_pb2.GetLiveRequest(live_id=live_of(creator)), new_id("viewer"))
 
 
+@sample(GIFTING, "ListCreatorRankings", any_user=True)
+async def _list_creator_rankings(suite: Suite) -> Sample:
+    request = gifting_pb2.ListCreatorRankingsRequest(
+        period=gifting_pb2.RANKING_PERIOD_ALL_TIME, page_size=5
+    )
+    return Sample(request, new_id("viewer"))
+
+
+@sample(GIFTING, "ListCreatorTopGifters", any_user=True)
+async def _list_creator_top_gifters(suite: Suite) -> Sample:
+    request = gifting_pb2.ListCreatorTopGiftersRequest(creator_id=new_id("creator"), page_size=5)
+    return Sample(request, new_id("viewer"))
+
+
 @sample(GIFTING, "WatchLive", any_user=True)
 async def _watch_live(suite: Suite) -> Sample:
     creator = await new_creator(suite)

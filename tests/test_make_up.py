@@ -93,6 +93,7 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert "live now" in coinsctl("live", "start", "zoe", "--title", "make up", "--id", live)
         assert "zoe" in coinsctl("live", "show", live)
         coinsctl("live", "end", live)
+        assert "leo-" in coinsctl("rankings", "--period", "all")  # the demo's creator, credited
         assert "#1" in coinsctl("live", "watch", live) and "the LIVE ended" in coinsctl(
             "live", "watch", live
         )

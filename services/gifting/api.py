@@ -25,6 +25,13 @@ from services.gifting.domain import Gifting, GiftOrder, Target
 from services.gifting.lives import LiveFeed, Lives
 from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
+from services.gifting.storage import period_keys
+
+_PERIODS = {
+    gifting_pb2.RANKING_PERIOD_DAY: "day",
+    gifting_pb2.RANKING_PERIOD_WEEK: "week",
+    gifting_pb2.RANKING_PERIOD_ALL_TIME: "all",
+}
 
 ACCESS = method_rules(
     gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name,
@@ -41,6 +48,8 @@ ACCESS = method_rules(
         "SetLiveGifts": Access.record_owner(),
         "GetLive": Access.user(),  # a LIVE and its summary are public to signed-in users
         "WatchLive": Access.user(),  # so is its gift feed
+        "ListCreatorRankings": Access.user(),  # rankings are public to signed-in users
+        "ListCreatorTopGifters": Access.user(),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -260,3 +269,55 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                     live = await self._lives.get(conn, request.live_id)
                     summary = await self._lives.summary(conn, live)
             yield live_event_pb(event, summary)
+
+    async def ListCreatorRankings(
+        self, request: gifting_pb2.ListCreatorRankingsRequest, context: RpcContext
+    ) -> gifting_pb2.ListCreatorRankingsResponse:
+        period = _PERIODS[request.period]
+        key = period_keys(self._rt.clock.now())[period]
+        size = page_size(request.page_size, default=10, maximum=100)
+        kind = f"rankings:{period}:{key}"
+        after = decode_token(request.page_token, kind, int64, text, int64)
+        async with self._db.read() as conn:
+            rows = await self._gifting.creator_rankings(
+                conn, period, key, limit=size + 1, after=(after[0], after[1]) if after else None
+            )
+        first_rank = after[2] + 1 if after else 1
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = encode_token(kind, rows[-1][1], rows[-1][0], first_rank + size - 1)
+        return gifting_pb2.ListCreatorRankingsResponse(
+            creators=[
+                gifting_pb2.RankedCreator(creator_id=creator, coins=coins, rank=first_rank + i)
+                for i, (creator, coins) in enumerate(rows)
+            ],
+            period_key=key,
+            next_page_token=token,
+        )
+
+    async def ListCreatorTopGifters(
+        self, request: gifting_pb2.ListCreatorTopGiftersRequest, context: RpcContext
+    ) -> gifting_pb2.ListCreatorTopGiftersResponse:
+        size = page_size(request.page_size, default=10, maximum=100)
+        kind = f"creator-gifters:{request.creator_id}"
+        after = decode_token(request.page_token, kind, int64, text, int64)
+        async with self._db.read() as conn:
+            rows = await self._gifting.creator_gifters(
+                conn,
+                request.creator_id,
+                limit=size + 1,
+                after=(after[0], after[1]) if after else None,
+            )
+        first_rank = after[2] + 1 if after else 1
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = encode_token(kind, rows[-1][1], rows[-1][0], first_rank + size - 1)
+        return gifting_pb2.ListCreatorTopGiftersResponse(
+            gifters=[
+                gifting_pb2.Gifter(user_id=sender, coins=coins, rank=first_rank + i)
+                for i, (sender, coins) in enumerate(rows)
+            ],
+            next_page_token=token,
+        )

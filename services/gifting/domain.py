@@ -131,6 +131,24 @@ class Gifting:
         """A page of a LIVE's gifters (sender, coins), most coins first."""
         return await storage.top_gifters(conn, live_id, limit=limit, after=after)
 
+    async def creator_rankings(
+        self,
+        conn: AsyncConnection,
+        period: str,
+        key: str,
+        *,
+        limit: int,
+        after: tuple[int, str] | None,
+    ) -> list[tuple[str, int]]:
+        """A page of a period's creators (creator, coins), most coins first: credited gifts only."""
+        return await storage.creator_rankings_page(conn, period, key, limit=limit, after=after)
+
+    async def creator_gifters(
+        self, conn: AsyncConnection, creator_id: str, *, limit: int, after: tuple[int, str] | None
+    ) -> list[tuple[str, int]]:
+        """A page of a creator's gifters (sender, coins), most coins first: credited gifts only."""
+        return await storage.creator_gifters_page(conn, creator_id, limit=limit, after=after)
+
     async def put_gift(self, conn: AsyncConnection, gift: storage.GiftRecord) -> None:
         """Add or change a catalog entry (made by `catalog_entry`)."""
         await storage.put_gift(conn, gift)

@@ -101,6 +101,25 @@ live_events = Table(
 """A LIVE's feed, numbered by the LIVE's counter: "gift" and "streak_ended" events, then one
 "ended"."""
 
+creator_rankings = Table(
+    "creator_rankings",
+    metadata,
+    Column("period", String(8), primary_key=True),
+    Column("period_key", String(16), primary_key=True),
+    Column("creator_id", String(64), primary_key=True),
+    Column("coins", BigInteger, nullable=False),
+)
+"""Coins of each creator's credited gifts per period ("day", "week", "all"; migration 0009)."""
+
+creator_gifters = Table(
+    "creator_gifters",
+    metadata,
+    Column("creator_id", String(64), primary_key=True),
+    Column("sender_id", String(64), primary_key=True),
+    Column("coins", BigInteger, nullable=False),
+)
+"""Coins each viewer's credited gifts gave each creator, all time."""
+
 streaks = Table(
     "streaks",
     metadata,
@@ -582,10 +601,48 @@ _DUE_CREDITS = Statement(
 _MARK_DELIVERED = Statement(
     "gifting.mark_delivered",
     "UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
-    "WHERE outbox_id IN (SELECT value FROM json_each(:outbox_ids))",
+    "WHERE outbox_id IN (SELECT value FROM json_each(:outbox_ids)) AND delivered_at IS NULL "
+    "RETURNING sent_gift_id",
     postgres="UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
-    "WHERE outbox_id = ANY(:outbox_ids::bigint[])",
+    "WHERE outbox_id = ANY(:outbox_ids::bigint[]) AND delivered_at IS NULL RETURNING sent_gift_id",
 )
+_CREDITED_GIFTS = Statement(
+    "gifting.credited_gifts",
+    "SELECT creator_id, sender_id, coins, created_at FROM sent_gifts "
+    "WHERE sent_gift_id IN (SELECT value FROM json_each(:sent_gift_ids))",
+    postgres="SELECT creator_id, sender_id, coins, created_at FROM sent_gifts "
+    "WHERE sent_gift_id = ANY(:sent_gift_ids::text[])",
+)
+_ADD_TO_RANKINGS = Statement(
+    "gifting.add_to_rankings",
+    "INSERT INTO creator_rankings (period, period_key, creator_id, coins) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), "
+    "json_extract(value, '$[3]') FROM json_each(:rows) WHERE true "
+    "ON CONFLICT (period, period_key, creator_id) "
+    "DO UPDATE SET coins = creator_rankings.coins + excluded.coins",
+    postgres="INSERT INTO creator_rankings (period, period_key, creator_id, coins) "
+    "SELECT * FROM unnest(:periods::text[], :keys::text[], :creators::text[], :amounts::bigint[]) "
+    "ON CONFLICT (period, period_key, creator_id) "
+    "DO UPDATE SET coins = creator_rankings.coins + excluded.coins",
+)
+_ADD_TO_GIFTERS = Statement(
+    "gifting.add_to_creator_gifters",
+    "INSERT INTO creator_gifters (creator_id, sender_id, coins) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') "
+    "FROM json_each(:rows) WHERE true ON CONFLICT (creator_id, sender_id) "
+    "DO UPDATE SET coins = creator_gifters.coins + excluded.coins",
+    postgres="INSERT INTO creator_gifters (creator_id, sender_id, coins) "
+    "SELECT * FROM unnest(:creators::text[], :senders::text[], :amounts::bigint[]) "
+    "ON CONFLICT (creator_id, sender_id) "
+    "DO UPDATE SET coins = creator_gifters.coins + excluded.coins",
+)
+
+
+def period_keys(at: dt.datetime) -> dict[str, str]:
+    """The ranking periods a moment belongs to: its UTC day, its ISO week, all time."""
+    day = at.astimezone(dt.UTC).date()
+    year, week, _ = day.isocalendar()
+    return {"day": day.isoformat(), "week": f"{year}-W{week:02d}", "all": "all"}
 
 
 async def due_credits(tx: Tx, now: dt.datetime, limit: int) -> list[OutboxRecord]:
@@ -596,9 +653,79 @@ async def due_credits(tx: Tx, now: dt.datetime, limit: int) -> list[OutboxRecord
     ]
 
 
-async def mark_delivered(tx: Tx, credits: Sequence[OutboxRecord], now: dt.datetime) -> None:
-    """Payout acknowledged these credits: their outbox rows are done, so their gifts read `credited`."""
-    await tx.run(_MARK_DELIVERED, outbox_ids=[c.outbox_id for c in credits], now=now)
+async def mark_delivered(tx: Tx, credits: Sequence[OutboxRecord], now: dt.datetime) -> int:
+    """Payout acknowledged these credits: their outbox rows are done, so their gifts read `credited`,
+    and their coins join the rankings, each credit once (one marked by another delivery is skipped).
+    A batch adds one row per (period, creator) and per (creator, gifter). Returns how many it marked."""
+    marked = await tx.all(_MARK_DELIVERED, outbox_ids=[c.outbox_id for c in credits], now=now)
+    if not marked:
+        return 0
+    gifts = await tx.all(_CREDITED_GIFTS, sent_gift_ids=[str(row[0]) for row in marked])
+    ranked: dict[tuple[str, str, str], int] = {}
+    gifters: dict[tuple[str, str], int] = {}
+    for creator, sender, coins, created in gifts:
+        for period, key in period_keys(_instant(created)).items():
+            ranked[period, key, creator] = ranked.get((period, key, creator), 0) + int(coins)
+        gifters[creator, sender] = gifters.get((creator, sender), 0) + int(coins)
+    rows = [[p, k, c, n] for (p, k, c), n in ranked.items()]
+    await tx.run(
+        _ADD_TO_RANKINGS,
+        rows=rows,
+        periods=[r[0] for r in rows],
+        keys=[r[1] for r in rows],
+        creators=[r[2] for r in rows],
+        amounts=[r[3] for r in rows],
+    )
+    pairs = [[c, s, n] for (c, s), n in gifters.items()]
+    await tx.run(
+        _ADD_TO_GIFTERS,
+        rows=pairs,
+        creators=[r[0] for r in pairs],
+        senders=[r[1] for r in pairs],
+        amounts=[r[2] for r in pairs],
+    )
+    return len(marked)
+
+
+async def creator_rankings_page(
+    conn: AsyncConnection,
+    period: str,
+    key: str,
+    *,
+    limit: int,
+    after: tuple[int, str] | None,
+) -> list[tuple[str, int]]:
+    """(creator, coins) of a period, most coins first, ties by creator id."""
+    t = creator_rankings
+    query = (
+        select(t.c.creator_id, t.c.coins)
+        .where(t.c.period == period, t.c.period_key == key)
+        .order_by(t.c.coins.desc(), t.c.creator_id)
+        .limit(limit)
+    )
+    if after is not None:
+        coins, creator = after
+        query = query.where(
+            (t.c.coins < coins) | ((t.c.coins == coins) & (t.c.creator_id > creator))
+        )
+    return [(row.creator_id, int(row.coins)) for row in (await conn.execute(query)).all()]
+
+
+async def creator_gifters_page(
+    conn: AsyncConnection, creator_id: str, *, limit: int, after: tuple[int, str] | None
+) -> list[tuple[str, int]]:
+    """(sender, coins) of a creator's gifters, most coins first, ties by sender id."""
+    t = creator_gifters
+    query = (
+        select(t.c.sender_id, t.c.coins)
+        .where(t.c.creator_id == creator_id)
+        .order_by(t.c.coins.desc(), t.c.sender_id)
+        .limit(limit)
+    )
+    if after is not None:
+        coins, sender = after
+        query = query.where((t.c.coins < coins) | ((t.c.coins == coins) & (t.c.sender_id > sender)))
+    return [(row.sender_id, int(row.coins)) for row in (await conn.execute(query)).all()]
 
 
 async def mark_failed_attempt(

@@ -44,6 +44,34 @@ CREDIT_STATUS_CREDITED: CreditStatus.ValueType  # 2
 """The creator's diamonds are credited."""
 Global___CreditStatus: _TypeAlias = CreditStatus  # noqa: Y015
 
+class _RankingPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RankingPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RankingPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RANKING_PERIOD_UNSPECIFIED: _RankingPeriod.ValueType  # 0
+    """Not set (not accepted)."""
+    RANKING_PERIOD_DAY: _RankingPeriod.ValueType  # 1
+    """Today (UTC)."""
+    RANKING_PERIOD_WEEK: _RankingPeriod.ValueType  # 2
+    """This ISO week (Monday to Sunday, UTC)."""
+    RANKING_PERIOD_ALL_TIME: _RankingPeriod.ValueType  # 3
+    """All time."""
+
+class RankingPeriod(_RankingPeriod, metaclass=_RankingPeriodEnumTypeWrapper):
+    """A ranking's period."""
+
+RANKING_PERIOD_UNSPECIFIED: RankingPeriod.ValueType  # 0
+"""Not set (not accepted)."""
+RANKING_PERIOD_DAY: RankingPeriod.ValueType  # 1
+"""Today (UTC)."""
+RANKING_PERIOD_WEEK: RankingPeriod.ValueType  # 2
+"""This ISO week (Monday to Sunday, UTC)."""
+RANKING_PERIOD_ALL_TIME: RankingPeriod.ValueType  # 3
+"""All time."""
+Global___RankingPeriod: _TypeAlias = RankingPeriod  # noqa: Y015
+
 @_typing.final
 class Gift(_message.Message):
     """A gift in the catalog."""
@@ -1157,3 +1185,153 @@ class WatchLiveResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___WatchLiveResponse: _TypeAlias = WatchLiveResponse  # noqa: Y015
+
+@_typing.final
+class RankedCreator(_message.Message):
+    """A creator's place in a ranking."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    creator_id: _builtins.str
+    """The creator."""
+    coins: _builtins.int
+    """Coins of the creator's credited gifts in the period."""
+    rank: _builtins.int
+    """1-based rank."""
+    def __init__(
+        self,
+        *,
+        creator_id: _builtins.str = ...,
+        coins: _builtins.int = ...,
+        rank: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "creator_id", b"creator_id", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankedCreator: _TypeAlias = RankedCreator  # noqa: Y015
+
+@_typing.final
+class ListCreatorRankingsRequest(_message.Message):
+    """Request for ListCreatorRankings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    period: Global___RankingPeriod.ValueType
+    """Which period."""
+    page_size: _builtins.int
+    """Maximum creators to return; 0 means the default of 10."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response, to continue a listing."""
+    def __init__(
+        self,
+        *,
+        period: Global___RankingPeriod.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "period", b"period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreatorRankingsRequest: _TypeAlias = ListCreatorRankingsRequest  # noqa: Y015
+
+@_typing.final
+class ListCreatorRankingsResponse(_message.Message):
+    """Response for ListCreatorRankings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATORS_FIELD_NUMBER: _builtins.int
+    PERIOD_KEY_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    period_key: _builtins.str
+    """The period's key: "2026-12-05", "2026-W49" or "all"."""
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def creators(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedCreator]:
+        """Creators, highest first."""
+
+    def __init__(
+        self,
+        *,
+        creators: _abc.Iterable[Global___RankedCreator] | None = ...,
+        period_key: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creators", b"creators", "next_page_token", b"next_page_token", "period_key", b"period_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreatorRankingsResponse: _TypeAlias = ListCreatorRankingsResponse  # noqa: Y015
+
+@_typing.final
+class ListCreatorTopGiftersRequest(_message.Message):
+    """Request for ListCreatorTopGifters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    creator_id: _builtins.str
+    """The creator."""
+    page_size: _builtins.int
+    """Maximum gifters to return; 0 means the default of 10."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response, to continue a listing."""
+    def __init__(
+        self,
+        *,
+        creator_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreatorTopGiftersRequest: _TypeAlias = ListCreatorTopGiftersRequest  # noqa: Y015
+
+@_typing.final
+class ListCreatorTopGiftersResponse(_message.Message):
+    """Response for ListCreatorTopGifters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GIFTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def gifters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gifter]:
+        """Gifters, highest first."""
+
+    def __init__(
+        self,
+        *,
+        gifters: _abc.Iterable[Global___Gifter] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gifters", b"gifters", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreatorTopGiftersResponse: _TypeAlias = ListCreatorTopGiftersResponse  # noqa: Y015

@@ -99,6 +99,16 @@ class GiftingServiceStub:
                 request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveRequest.SerializeToString,
                 response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveResponse.FromString,
                 _registered_method=True)
+        self.ListCreatorRankings = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/ListCreatorRankings',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorRankingsRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorRankingsResponse.FromString,
+                _registered_method=True)
+        self.ListCreatorTopGifters = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/ListCreatorTopGifters',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorTopGiftersRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorTopGiftersResponse.FromString,
+                _registered_method=True)
 
 
 class GiftingServiceServicer:
@@ -205,6 +215,22 @@ class GiftingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCreatorRankings(self, request, context):
+        """Creators ranked by the coins of their credited gifts, highest first: today, this week (ISO weeks,
+        UTC) or all time. Open to every signed-in user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCreatorTopGifters(self, request, context):
+        """A creator's top gifters, all time, by the coins of their credited gifts, highest first. Open to
+        every signed-in user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GiftingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +293,16 @@ def add_GiftingServiceServicer_to_server(servicer, server):
                     servicer.WatchLive,
                     request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveRequest.FromString,
                     response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveResponse.SerializeToString,
+            ),
+            'ListCreatorRankings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCreatorRankings,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorRankingsRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorRankingsResponse.SerializeToString,
+            ),
+            'ListCreatorTopGifters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCreatorTopGifters,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorTopGiftersRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorTopGiftersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -598,6 +634,60 @@ class GiftingService:
             '/coins.gifting.v1.GiftingService/WatchLive',
             coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveRequest.SerializeToString,
             coins_dot_gifting_dot_v1_dot_gifting__pb2.WatchLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCreatorRankings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/ListCreatorRankings',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorRankingsRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorRankingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCreatorTopGifters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/ListCreatorTopGifters',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorTopGiftersRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListCreatorTopGiftersResponse.FromString,
             options,
             channel_credentials,
             insecure,

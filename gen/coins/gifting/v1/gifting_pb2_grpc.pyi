@@ -81,6 +81,14 @@ class GiftingServiceStub:
     no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
     FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
     """
+    ListCreatorRankings: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.ListCreatorRankingsRequest, _gifting_pb2.ListCreatorRankingsResponse]
+    """Creators ranked by the coins of their credited gifts, highest first: today, this week (ISO weeks,
+    UTC) or all time. Open to every signed-in user.
+    """
+    ListCreatorTopGifters: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.ListCreatorTopGiftersRequest, _gifting_pb2.ListCreatorTopGiftersResponse]
+    """A creator's top gifters, all time, by the coins of their credited gifts, highest first. Open to
+    every signed-in user.
+    """
 
 @_typing.type_check_only
 class GiftingServiceAsyncStub(GiftingServiceStub):
@@ -134,6 +142,14 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
     no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
     FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
+    """
+    ListCreatorRankings: _aio.UnaryUnaryMultiCallable[_gifting_pb2.ListCreatorRankingsRequest, _gifting_pb2.ListCreatorRankingsResponse]  # type: ignore[assignment]
+    """Creators ranked by the coins of their credited gifts, highest first: today, this week (ISO weeks,
+    UTC) or all time. Open to every signed-in user.
+    """
+    ListCreatorTopGifters: _aio.UnaryUnaryMultiCallable[_gifting_pb2.ListCreatorTopGiftersRequest, _gifting_pb2.ListCreatorTopGiftersResponse]  # type: ignore[assignment]
+    """A creator's top gifters, all time, by the coins of their credited gifts, highest first. Open to
+    every signed-in user.
     """
 
 class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -257,6 +273,26 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
         no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
         FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCreatorRankings(
+        self,
+        request: _gifting_pb2.ListCreatorRankingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.ListCreatorRankingsResponse, _abc.Awaitable[_gifting_pb2.ListCreatorRankingsResponse]]:
+        """Creators ranked by the coins of their credited gifts, highest first: today, this week (ISO weeks,
+        UTC) or all time. Open to every signed-in user.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCreatorTopGifters(
+        self,
+        request: _gifting_pb2.ListCreatorTopGiftersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.ListCreatorTopGiftersResponse, _abc.Awaitable[_gifting_pb2.ListCreatorTopGiftersResponse]]:
+        """A creator's top gifters, all time, by the coins of their credited gifts, highest first. Open to
+        every signed-in user.
         """
 
 def add_GiftingServiceServicer_to_server(servicer: GiftingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
