@@ -300,6 +300,7 @@ async def start_suite(
                     processor_callback_delay_ms=100,
                     processor_duplicate_callback_percent=50,
                     processor_poll_seconds=1.0,
+                    processor_timeout_seconds=2.0,  # a withdrawal's lease: 2 x this + 1 s
                 )
             options.update(overrides.get(name, {}))
             settings = spec.settings_type(**options)

@@ -564,10 +564,10 @@ async def quiet_snapshot(suite: Suite) -> Snapshot:
         return not await background_work(suite)
 
     try:
-        await eventually(idle, "the background workers idle", seconds=10.0)
+        await eventually(idle, "the background workers idle", seconds=20.0)
     except AssertionError:
         raise AssertionError(
-            f"the background workers still busy after 10s: {await background_work(suite)}"
+            f"the background workers still busy after 20s: {await background_work(suite)}"
         ) from None
     return await snapshot(suite)
 

@@ -237,6 +237,7 @@ class PayPalSandbox:
                 self.delivered += 1
                 return
             except Exception as error:
-                pause = backoff(attempt, first=0.5, cap=30.0)
-                log.info("sandbox callback not accepted (%s); again in %.1fs", error, pause)
+                # PayPal retries for days; the simulation retries within seconds.
+                pause = backoff(attempt, first=0.2, cap=2.0)
+                log.warning("sandbox callback not accepted (%s); again in %.1fs", error, pause)
                 await asyncio.sleep(pause)
