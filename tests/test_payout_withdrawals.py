@@ -274,6 +274,14 @@ async def test_callbacks_are_verified_deduplicated_and_taken_from_the_processor(
         grpc.StatusCode.UNAUTHENTICATED,
         "BAD_SIGNATURE",
     )
+    # A hex digest may hold a Luhn-valid run of digits: it is a signature, not card data.
+    await expect_error(
+        webhooks.HandleProcessorEvent(
+            S.HandleProcessorEventRequest(body=forged, signature="4111111111111111" + "a" * 48)
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "BAD_SIGNATURE",
+    )
     # A correctly signed but stale "failed" (the processor's record says SUCCESS) pays nothing back.
     stale = _event(made.withdrawal_id, "FAILED", event_id="WH-stale-1")
     first = await webhooks.HandleProcessorEvent(
