@@ -176,6 +176,19 @@ def run_state_machine(
         loop.close()
 
 
+async def first_message(stream: Any, wait: float = 0.5) -> Any:
+    """A server stream's first message, None if it has sent none within `wait` (admitted, and
+    waiting for events) or ended without one; the stream is cancelled either way. Its refusal
+    raises, as a unary call's would."""
+    try:
+        first = await asyncio.wait_for(stream.read(), wait)
+    except TimeoutError:
+        return None
+    finally:
+        stream.cancel()
+    return None if first is grpc.aio.EOF else first
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], what: str, *, seconds: float = 5.0
 ) -> None:

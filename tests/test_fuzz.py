@@ -91,6 +91,7 @@ from services.wallet.storage import purchases, wallet_accounts
 from tests.helpers import (
     adult_birth_date,
     eventually,
+    first_message,
     funded_user,
     live_of,
     new_creator,
@@ -651,14 +652,8 @@ def _first_of_stream(multicallable: Any) -> Any:
     answers b"" once the stream has been admitted and has waited a moment), then cancelled."""
 
     async def call(payload: bytes, **options: Any) -> bytes:  # metadata, timeout
-        stream = multicallable(payload, **options)
-        try:
-            first = await asyncio.wait_for(stream.read(), 0.5)
-        except TimeoutError:
-            return b""  # admitted, and waiting for events: nothing wrong
-        finally:
-            stream.cancel()
-        return b"" if first is grpc.aio.EOF else first
+        first = await first_message(multicallable(payload, **options))
+        return b"" if first is None else bytes(first)
 
     return call
 

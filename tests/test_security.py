@@ -29,7 +29,6 @@ certificate; and a certificate of our CA that names no one is refused.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -77,7 +76,7 @@ from services.promotion.storage import pending_captures, promotions
 from services.wallet.service import SPEC as WALLET_SPEC
 from services.wallet.storage import purchases
 from tests.access_matrix import DOCUMENTED
-from tests.helpers import eventually, funded_user, new_id
+from tests.helpers import eventually, first_message, funded_user, new_id
 from tests.security_cases import GIFTING, PAYOUT, PROMOTION, SAMPLES, WALLET, Entry, Sample
 from tests.suite import Suite
 
@@ -235,14 +234,8 @@ class Calls:
                 request_serializer=lambda message: message.SerializeToString(),
                 response_deserializer=response_type.FromString,
             )
-            stream = watch(request, metadata=metadata, timeout=CALL_TIMEOUT)
-            try:
-                first = await asyncio.wait_for(stream.read(), 0.5)
-            except TimeoutError:
-                return response_type()
-            finally:
-                stream.cancel()
-            return response_type() if first is grpc.aio.EOF else cast(Message, first)
+            first = await first_message(watch(request, metadata=metadata, timeout=CALL_TIMEOUT))
+            return response_type() if first is None else cast(Message, first)
         call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = channel.unary_unary(
             method,
             request_serializer=lambda message: message.SerializeToString(),

@@ -284,12 +284,12 @@ async def get_sent_gift(conn: AsyncConnection | Tx, sent_gift_id: str) -> SentGi
         video_id=video,
         status=status,
         wallet_transaction_id=wallet_tx,
-        created_at=_instant(created),
-        updated_at=_instant(updated),
+        created_at=utc(created),
+        updated_at=utc(updated),
         streakable=bool(streakable),
         streak_id=streak_id,
         streak_count=None if streak_count is None else int(streak_count),
-        streak_ended_at=None if streak_ended is None else _instant(streak_ended),
+        streak_ended_at=None if streak_ended is None else utc(streak_ended),
     )
 
 
@@ -664,7 +664,7 @@ async def mark_delivered(tx: Tx, credits: Sequence[OutboxRecord], now: dt.dateti
     ranked: dict[tuple[str, str, str], int] = {}
     gifters: dict[tuple[str, str], int] = {}
     for creator, sender, coins, created in gifts:
-        for period, key in period_keys(_instant(created)).items():
+        for period, key in period_keys(utc(created)).items():
             ranked[period, key, creator] = ranked.get((period, key, creator), 0) + int(coins)
         gifters[creator, sender] = gifters.get((creator, sender), 0) + int(coins)
     rows = [[p, k, c, n] for (p, k, c), n in ranked.items()]
@@ -855,10 +855,6 @@ _GET_LIVE = Statement(
 )
 
 
-def _instant(value: Any) -> dt.datetime:
-    return utc(value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value)))
-
-
 async def get_live(conn: AsyncConnection | Tx, live_id: str) -> LiveRecord | None:
     row = await as_tx(conn).one(_GET_LIVE, live_id=live_id)
     if row is None:
@@ -869,8 +865,8 @@ async def get_live(conn: AsyncConnection | Tx, live_id: str) -> LiveRecord | Non
         creator_id=creator,
         title=title,
         gifts_enabled=bool(enabled),
-        started_at=_instant(started),
-        ended_at=None if ended is None else _instant(ended),
+        started_at=utc(started),
+        ended_at=None if ended is None else utc(ended),
         last_seq=int(seq),
         coins_received=int(coins),
         gifts_sent=int(gifts),

@@ -10,13 +10,12 @@ from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import Access, method_rules, require_owner
 from runtime.auth import current_principal
-from runtime.errors import FailedPrecondition
 from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp
 from runtime.server import Runtime
 from runtime.sql import as_tx
-from services.payout import policy, storage
+from services.payout import policy
 from services.payout.callbacks import Callbacks
 from services.payout.domain import CreatorDiamonds, GiftCredit, Payouts, bucket_of
 from services.payout.methods import NewMethod
@@ -187,7 +186,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def _with_history(
         self, conn: AsyncConnection, rows: Sequence[WithdrawalRecord]
     ) -> list[payout_pb2.Withdrawal]:
-        events = await storage.events_of(conn, [w.withdrawal_id for w in rows])
+        events = await self._withdrawals.histories(conn, [w.withdrawal_id for w in rows])
         return [self._withdrawal(w, events.get(w.withdrawal_id, ())) for w in rows]
 
     async def GetDiamondBalance(
@@ -320,7 +319,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         kind = f"withdrawal-queue:{queue}"
         after = decode_token(request.page_token, kind, instant, text)
         async with self._db.read() as conn:
-            rows = await storage.queue(
+            rows = await self._withdrawals.queue(
                 conn, queue, limit=size + 1, after=(after[0], after[1]) if after else None
             )
             token = ""
@@ -339,17 +338,8 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.RetryWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.RetryWithdrawalResponse:
         async def effect(conn: AsyncConnection) -> payout_pb2.RetryWithdrawalResponse:
-            withdrawal = await self._withdrawals.get(conn, request.withdrawal_id)
-            if not await storage.unpark(conn, request.withdrawal_id):
-                raise FailedPrecondition(
-                    "WITHDRAWAL_NOT_PARKED",
-                    f"withdrawal {request.withdrawal_id} is not parked ({withdrawal.status}); "
-                    "the worker is on it",
-                    withdrawal_id=request.withdrawal_id,
-                )
-            (answer,) = await self._with_history(
-                conn, [await self._withdrawals.get(conn, request.withdrawal_id)]
-            )
+            retried = await self._withdrawals.retry(conn, request.withdrawal_id)
+            (answer,) = await self._with_history(conn, [retried])
             return payout_pb2.RetryWithdrawalResponse(withdrawal=answer)
 
         response = await self._idempotency.once(
@@ -447,7 +437,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         async with self._db.read() as conn:
             methods = await self._payouts.methods.of(conn, request.creator_id)
             status, _ = await self._payouts.methods.verification(conn, request.creator_id)
-            zone = await storage.time_zone_of(conn, request.creator_id)
+            zone = await self._payouts.methods.time_zone(conn, request.creator_id)
         return payout_pb2.ListPayoutMethodsResponse(
             payout_methods=[_method_info(m) for m in methods],
             kyc_status=_KYC[status],

@@ -145,6 +145,10 @@ class PayoutMethods:
     ) -> None:
         await storage.set_verification(conn, creator_id, status, reason, now, time_zone)
 
+    async def time_zone(self, conn: AsyncConnection, creator_id: str) -> str:
+        """The IANA time zone whose calendar day the creator's daily cap counts."""
+        return await storage.time_zone_of(conn, creator_id)
+
     async def require_verified(self, conn: AsyncConnection, creator_id: str) -> None:
         """FAILED_PRECONDITION KYC_REQUIRED unless an admin verified the creator."""
         status, reason = await storage.verification_of(conn, creator_id)

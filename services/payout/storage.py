@@ -384,7 +384,7 @@ async def next_maturing(tx: Tx, creator_id: str) -> dt.datetime | None:
     if row is None or row[0] is None:
         return None
     value = row[0]
-    return utc(value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value)))
+    return utc(value)  # a datetime, or text from SQLite's driver
 
 
 async def withdrawal_totals(tx: Tx, creator_id: str) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 import zoneinfo
+from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -208,6 +209,30 @@ class Withdrawals:
                 withdrawal_id=withdrawal_id,
             )
         return withdrawal
+
+    async def histories(
+        self, conn: AsyncConnection, withdrawal_ids: Sequence[str]
+    ) -> dict[str, list[storage.WithdrawalEvent]]:
+        """Each withdrawal's status changes, oldest first."""
+        return await storage.events_of(conn, withdrawal_ids)
+
+    async def queue(
+        self, conn: AsyncConnection, name: str, *, limit: int, after: tuple[dt.datetime, str] | None
+    ) -> list[storage.WithdrawalRecord]:
+        """An admin queue, oldest first: "in_review" or "parked"."""
+        return await storage.queue(conn, name, limit=limit, after=after)
+
+    async def retry(self, conn: AsyncConnection, withdrawal_id: str) -> storage.WithdrawalRecord:
+        """Hand a parked withdrawal back to the worker (which looks it up first);
+        WITHDRAWAL_NOT_PARKED otherwise."""
+        withdrawal = await self.get(conn, withdrawal_id)
+        if not await storage.unpark(conn, withdrawal_id):
+            raise FailedPrecondition(
+                "WITHDRAWAL_NOT_PARKED",
+                f"withdrawal {withdrawal_id} is not parked ({withdrawal.status}); the worker is on it",
+                withdrawal_id=withdrawal_id,
+            )
+        return await self.get(conn, withdrawal_id)
 
     async def review(
         self,
