@@ -555,11 +555,12 @@ async def _list_withdrawal_queue(suite: Suite) -> Sample:
 @sample(PAYOUT, "RetryWithdrawal")
 async def _retry_withdrawal(suite: Suite) -> Sample:
     _, withdrawal_id = await withdrawal_in_review(suite)
-    async with suite.services["payout"].runtime.db.transaction() as conn:  # as the worker parks
+    # As the worker parks one it could not send (only a processing withdrawal is parked).
+    async with suite.services["payout"].runtime.db.transaction() as conn:
         await conn.execute(
             sa.update(payout_storage.withdrawals)
             .where(payout_storage.withdrawals.c.withdrawal_id == withdrawal_id)
-            .values(parked_at=sa.func.now())
+            .values(status="processing", submitted_at=sa.func.now(), parked_at=sa.func.now())
         )
     request = payout_pb2.RetryWithdrawalRequest(
         request_id=new_id("retry"), withdrawal_id=withdrawal_id

@@ -398,3 +398,34 @@ async def test_a_failure_after_success_takes_back_the_payment_once(
     )
     history = [e.status for e in (await status_of(suite, made.withdrawal_id, creator)).history]
     assert history[-2:] == [S.WITHDRAWAL_STATUS_PAID, S.WITHDRAWAL_STATUS_RETURNED]
+
+
+async def test_small_withdrawals_of_one_day_add_up_to_a_review(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 60_000)
+    first = (await suite.payout.RequestWithdrawal(withdrawal(creator, 12_000))).withdrawal  # $60
+    assert first.status == S.WITHDRAWAL_STATUS_APPROVED
+    second = (await suite.payout.RequestWithdrawal(withdrawal(creator, 12_000))).withdrawal
+    assert second.status == S.WITHDRAWAL_STATUS_IN_REVIEW  # $120 today: above $100
+    assert "12000 minor units today" in second.history[-1].reason
+    third = (await suite.payout.RequestWithdrawal(withdrawal(creator, 12_000))).withdrawal
+    assert third.status == S.WITHDRAWAL_STATUS_IN_REVIEW
+    # A reviewer's request id is scoped by the withdrawal: the same id decides each once.
+    decision = review(second.withdrawal_id, True)
+    approved = await suite.payout.ReviewWithdrawal(decision, metadata=admin(suite))
+    other = S.ReviewWithdrawalRequest()
+    other.CopyFrom(decision)
+    other.withdrawal_id = third.withdrawal_id
+    other.decision = S.REVIEW_DECISION_REJECT
+    rejected = await suite.payout.ReviewWithdrawal(other, metadata=admin(suite))
+    assert rejected.withdrawal.status == S.WITHDRAWAL_STATUS_REJECTED
+    again = await suite.payout.ReviewWithdrawal(decision, metadata=admin(suite))
+    assert again.withdrawal.withdrawal_id == approved.withdrawal.withdrawal_id
+    assert approved.withdrawal.status == S.WITHDRAWAL_STATUS_APPROVED
+    for made in (first, second):
+        assert (await settled(suite, made.withdrawal_id, creator)).status == (
+            S.WITHDRAWAL_STATUS_PAID
+        )
+    assert await balance_of(suite, creator) == (36_000, 36_000, 0, 24_000)

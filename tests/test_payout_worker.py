@@ -3,13 +3,17 @@ a lost request is resent under the same key; what cannot be finished is parked f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
 from coins.payout.v1 import payout_pb2
+from services.payout.processor import PayoutItem, WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox
+from services.payout.withdrawals import Withdrawals
 from tests.helpers import eventually, expect_error, new_id
 from tests.suite import Suite, require_postgres, start_suite
 from tests.test_payout import creator_with_diamonds, settled, withdrawal
@@ -73,6 +77,7 @@ async def test_a_lost_answer_is_looked_up_and_paid_once_while_others_are_paid(
         if i.sender_item_id == paid.withdrawal_id
     ]
     assert [(i.status, i.amount_minor) for i in items] == [("SUCCESS", 1_000)]
+    assert sandbox(suite).payments[paid.withdrawal_id] == 1
     balance = (
         await suite.payout.GetDiamondBalance(
             payout_pb2.GetDiamondBalanceRequest(creator_id=lost_creator)
@@ -130,4 +135,130 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     await eventually(parked, "the retried withdrawal parked again", seconds=15)
     assert (await read(suite, withdrawal_id, creator)).status == (
         payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    )
+
+
+async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
+    impatient: Suite,
+) -> None:
+    suite = impatient
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 2_000, "dest_drop_then_late"), metadata=suite.token(creator)
+    )
+    withdrawal_id = made.withdrawal.withdrawal_id
+
+    async def parked() -> bool:
+        return (await read(suite, withdrawal_id, creator)).parked
+
+    await eventually(parked, "the withdrawal parked", seconds=15)
+    # The lost request reaches the processor after all: it pays and calls back.
+    sandbox(suite).arrive_late(
+        "late-batch", [PayoutItem(withdrawal_id, "dest_drop_then_late", 1_000, "USD")]
+    )
+    paid = await settled(suite, withdrawal_id, creator)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert not paid.parked
+    admin = suite.token("ops-1", admin=True)
+    queue = await suite.payout.ListWithdrawalQueue(
+        payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
+        metadata=admin,
+    )
+    assert withdrawal_id not in [w.withdrawal_id for w in queue.withdrawals]
+    # A paid withdrawal is not handed back to the worker.
+    await expect_error(
+        suite.payout.RetryWithdrawal(
+            payout_pb2.RetryWithdrawalRequest(
+                request_id=new_id("retry"), withdrawal_id=withdrawal_id
+            ),
+            metadata=admin,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_PARKED",
+    )
+    assert sandbox(suite).payments[withdrawal_id] == 1
+
+
+async def test_a_processor_that_does_not_answer_reconciliation_is_unavailable(
+    impatient: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    suite = impatient
+
+    async def hangs(since: object) -> list[object]:
+        await asyncio.Event().wait()
+        return []
+
+    monkeypatch.setattr(sandbox(suite), "items_since", hangs)
+    await expect_error(
+        suite.payout.ReconcileWithdrawals(
+            payout_pb2.ReconcileWithdrawalsRequest(run_now=True),
+            metadata=suite.token("ops-1", admin=True),
+        ),
+        grpc.StatusCode.UNAVAILABLE,
+        "PROCESSOR_UNAVAILABLE",
+    )
+
+
+@pytest.fixture(scope="module")
+async def crowded(backend: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+    """One call at a time to a slow processor, one withdrawal per batch: sends queue up for
+    longer than a withdrawal's lease lasts."""
+    if backend == "postgres":
+        await require_postgres()
+    suite = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"payout-crowded-{backend}"),
+        only=("payout",),
+        overrides={
+            "payout": {
+                "processor_timeout_seconds": 0.3,
+                "processor_latency_ms": 150,
+                "processor_calls_at_once": 1,
+                "processor_batch_size": 1,
+                "auto_approve_max_minor": 10**9,
+                "daily_withdrawal_cap_minor": 10**9,
+            }
+        },
+    )
+    yield suite
+    await suite.stop()
+
+
+async def test_two_workers_with_queued_sends_pay_each_withdrawal_once(crowded: Suite) -> None:
+    """A second replica's worker (on the same database and processor) must never resend what the
+    first has queued: a lease is taken only when its call can start, so it cannot run out while
+    the send waits its turn; and a resend goes under a batch id of its own, deduped."""
+    suite = crowded
+    runtime = suite.services["payout"].runtime
+    withdrawals = runtime.parts["withdrawals"]
+    assert isinstance(withdrawals, Withdrawals)
+    second = WithdrawalWorker(runtime, withdrawals, sandbox(suite))
+    replica = asyncio.create_task(second.run())
+    try:
+        creator = await creator_with_diamonds(suite, 40_000)
+        made = [
+            (
+                await suite.payout.RequestWithdrawal(
+                    withdrawal(creator, 2_000), metadata=suite.token(creator)
+                )
+            ).withdrawal.withdrawal_id
+            for _ in range(16)
+        ]
+        for withdrawal_id in made:
+            found = await settled(suite, withdrawal_id, creator)
+            assert found.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    finally:
+        replica.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replica
+    assert {w: sandbox(suite).payments[w] for w in made} == {w: 1 for w in made}
+    balance = (
+        await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+    ).balance
+    assert (balance.diamonds, balance.held_diamonds, balance.paid_out_diamonds) == (
+        8_000,
+        0,
+        32_000,
     )

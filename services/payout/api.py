@@ -306,7 +306,10 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             return payout_pb2.ReviewWithdrawalResponse(withdrawal=answer)
 
         response = await self._idempotency.once(
-            "ReviewWithdrawal", request, payout_pb2.ReviewWithdrawalResponse, effect
+            f"ReviewWithdrawal:{request.withdrawal_id}",
+            request,
+            payout_pb2.ReviewWithdrawalResponse,
+            effect,
         )
         self._wake_worker()
         return response
@@ -343,7 +346,10 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             return payout_pb2.RetryWithdrawalResponse(withdrawal=answer)
 
         response = await self._idempotency.once(
-            "RetryWithdrawal", request, payout_pb2.RetryWithdrawalResponse, effect
+            f"RetryWithdrawal:{request.withdrawal_id}",
+            request,
+            payout_pb2.RetryWithdrawalResponse,
+            effect,
         )
         self._wake_worker()
         return response

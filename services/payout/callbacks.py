@@ -116,5 +116,5 @@ class Callbacks:
             else:
                 current = await self._withdrawals.get(conn, item_id)
                 if item is None and current.status == "processing":
-                    await storage.schedule_follow_up(conn, item_id, now)
+                    await self._withdrawals.nudge(conn, item_id, now)
         return Handled(event_id, False, item_id, current.status)

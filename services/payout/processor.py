@@ -1,11 +1,12 @@
 """The payout-processor port (shaped like PayPal Payouts) and the worker that sends approved
 withdrawals and follows them to their outcome.
 
-Sending is exactly once by the processor's idempotency key, the withdrawal id (`sender_item_id`).
-Before a withdrawal is first sent it is marked submitted, in the same transaction that moves it to
-processing; from then on a timeout or a lost answer is never followed by a blind resend: the worker
-looks the item up, and sends it again only if the processor has never heard of it (and then with the
-same key, so a processor that had it after all answers with the first item).
+Sending is exactly once by the processor's idempotency key, the batch id (`sender_batch_id`, as
+PayPal dedupes; the item's `sender_item_id` is the withdrawal id). Before a withdrawal is first sent
+it is marked submitted with its batch id, in the same transaction that moves it to processing; from
+then on a timeout or a lost answer is never followed by a blind resend: the worker looks the item up,
+and sends it again only if the processor has never heard of it, under a batch id derived from the
+withdrawal, so two resends (two replicas, a lost answer) are one payment.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def outcome_of(item: ItemStatus) -> str | None:
 
 class PayoutProcessor(Protocol):
     async def submit(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> list[ItemStatus]:
-        """Send a batch; each item is created once per sender_item_id (a known one is answered
-        with its record)."""
+        """Send a batch, once per `sender_batch_id`: a batch id seen before is answered with that
+        batch's items and creates nothing. Items are not deduped (as at PayPal): the same
+        sender_item_id in a new batch is a second payment."""
         ...
 
     async def lookup(self, sender_item_id: str) -> ItemStatus | None:
@@ -82,6 +84,11 @@ class PayoutProcessor(Protocol):
     async def items_since(self, since: dt.datetime) -> list[ItemStatus]:
         """Every item created since `since` (for reconciliation)."""
         ...
+
+
+def resend_batch_id(withdrawal: storage.WithdrawalRecord) -> str:
+    """The batch id a withdrawal is sent again under: the same on every resend of it."""
+    return f"resend-{withdrawal.withdrawal_id}"
 
 
 def item_of(withdrawal: storage.WithdrawalRecord) -> PayoutItem:
@@ -126,24 +133,14 @@ class WithdrawalWorker:
                 task.cancel()
 
     async def work_due(self) -> None:
-        clock = self._rt.clock
+        """Start work on what is due; each piece takes its withdrawals' lease only once it has a
+        call slot, so a lease never runs out while the work waits its turn."""
         async with self._rt.db.read() as conn:
-            due = await storage.due_withdrawals(conn, clock.now(), limit=500)
+            due = await storage.due_withdrawals(conn, self._rt.clock.now(), limit=500)
         due = [w for w in due if w.withdrawal_id not in self._busy]
-        fresh: list[storage.WithdrawalRecord] = []
+        fresh = [w for w in due if w.status == "approved"]
         for withdrawal in due:
-            # Each is leased (a conditional UPDATE) for as long as its calls may take, so that with
-            # several replicas one worker at a time sends or looks up a withdrawal.
-            now = clock.now()
-            until = now + dt.timedelta(seconds=2 * self._timeout + 1)
-            async with self._rt.db.transaction() as conn:
-                if withdrawal.status == "approved":
-                    claimed = await self._withdrawals.start_processing(conn, withdrawal, now, until)
-                else:
-                    claimed = await storage.lease(conn, withdrawal.withdrawal_id, now, until)
-            if claimed and withdrawal.status == "approved":
-                fresh.append(withdrawal)
-            elif claimed:
+            if withdrawal.status == "processing":
                 self._spawn([withdrawal], self._follow_up(withdrawal))
         size = self._rt.settings.processor_batch_size
         for start in range(0, len(fresh), size):
@@ -177,22 +174,48 @@ class WithdrawalWorker:
     def _timeout(self) -> float:
         return self._rt.settings.processor_timeout_seconds
 
+    def _lease_until(self) -> dt.datetime:
+        """Long enough for the two calls a follow-up may make (a lookup and a resend)."""
+        return self._rt.clock.now() + dt.timedelta(seconds=2 * self._timeout + 1)
+
     async def _send(self, batch: Sequence[storage.WithdrawalRecord]) -> None:
+        """approved -> processing (the lease, and the batch id kept with each), then one submit."""
+        batch_id = f"batch-{uuid.uuid4().hex}"
+        now, until = self._rt.clock.now(), self._lease_until()
+        async with self._rt.db.transaction() as conn:
+            claimed = [
+                w
+                for w in batch
+                if await self._withdrawals.start_processing(conn, w, now, until, batch_id)
+            ]
+        if not claimed:
+            return
         try:
             items = await asyncio.wait_for(
-                self.processor.submit(f"batch-{uuid.uuid4().hex}", [item_of(w) for w in batch]),
-                self._timeout,
+                self.processor.submit(batch_id, [item_of(w) for w in claimed]), self._timeout
             )
         except Exception as error:
-            await self._failed(batch, error)
+            await self._failed(claimed, error)
             return
         found = {item.sender_item_id: item for item in items}
-        for withdrawal in batch:
-            await self._apply(withdrawal, found.get(withdrawal.withdrawal_id))
+        for withdrawal in claimed:
+            item = found.get(withdrawal.withdrawal_id)
+            if item is None:
+                missing = LookupError(f"not in the processor's answer to batch {batch_id}")
+                await self._failed([withdrawal], missing)
+            else:
+                await self._apply(withdrawal, item)
 
     async def _follow_up(self, withdrawal: storage.WithdrawalRecord) -> None:
-        """Look a processing withdrawal up; send it (with the same key) only if the processor has
-        never heard of it."""
+        """Look a processing withdrawal up; send it again only if the processor has never heard of
+        it, in a batch whose id comes from the withdrawal (a processor dedupes batches by id, so a
+        resend repeated by another worker or after a lost answer is still one payment)."""
+        async with self._rt.db.transaction() as conn:
+            leased = await self._withdrawals.follow_up(
+                conn, withdrawal.withdrawal_id, self._rt.clock.now(), self._lease_until()
+            )
+        if not leased:
+            return
         try:
             item = await asyncio.wait_for(
                 self.processor.lookup(withdrawal.withdrawal_id), self._timeout
@@ -200,35 +223,43 @@ class WithdrawalWorker:
             if item is None:
                 log.info("processor has no item %s: sending it", withdrawal.withdrawal_id)
                 items = await asyncio.wait_for(
-                    self.processor.submit(f"batch-{uuid.uuid4().hex}", [item_of(withdrawal)]),
+                    self.processor.submit(resend_batch_id(withdrawal), [item_of(withdrawal)]),
                     self._timeout,
                 )
                 item = next(
                     (i for i in items if i.sender_item_id == withdrawal.withdrawal_id), None
                 )
+                if item is None:
+                    raise LookupError("not in the processor's answer to its resend")
         except Exception as error:
             await self._failed([withdrawal], error)
             return
         await self._apply(withdrawal, item)
 
-    async def _apply(self, withdrawal: storage.WithdrawalRecord, item: ItemStatus | None) -> None:
+    async def _apply(self, withdrawal: storage.WithdrawalRecord, item: ItemStatus) -> None:
         """Record the processor's answer: an outcome ends the withdrawal; in flight, it is looked
-        up again after `PAYOUT_PROCESSOR_POLL_SECONDS` (a callback usually comes first)."""
+        up again after `PAYOUT_PROCESSOR_POLL_SECONDS` (a callback usually comes first). A failure
+        to record it counts as a failed attempt."""
         now = self._rt.clock.now()
-        outcome = None if item is None else outcome_of(item)
-        async with self._rt.db.transaction() as conn:
-            if item is not None and outcome is not None:
-                await self._withdrawals.resolve(
-                    conn,
-                    withdrawal.withdrawal_id,
-                    outcome,
-                    processor_reference=item.payout_item_id,
-                    reason=item.failure_reason,
-                    now=now,
-                )
-            else:
-                poll = dt.timedelta(seconds=self._rt.settings.processor_poll_seconds)
-                await storage.schedule_follow_up(conn, withdrawal.withdrawal_id, now + poll)
+        outcome = outcome_of(item)
+        try:
+            async with self._rt.db.transaction() as conn:
+                if outcome is not None:
+                    await self._withdrawals.resolve(
+                        conn,
+                        withdrawal.withdrawal_id,
+                        outcome,
+                        processor_reference=item.payout_item_id,
+                        reason=item.failure_reason,
+                        now=now,
+                    )
+                else:
+                    poll = dt.timedelta(seconds=self._rt.settings.processor_poll_seconds)
+                    await self._withdrawals.still_on_its_way(
+                        conn, withdrawal.withdrawal_id, now + poll
+                    )
+        except Exception as error:
+            await self._failed([withdrawal], error)
 
     async def _failed(
         self, withdrawals: Sequence[storage.WithdrawalRecord], error: Exception
@@ -247,7 +278,7 @@ class WithdrawalWorker:
                     attempts,
                     "parked for an admin" if parked else f"retrying in {pause:.0f}s",
                 )
-                await storage.note_failed_attempt(
+                await self._withdrawals.attempt_failed(
                     conn,
                     withdrawal.withdrawal_id,
                     retry_at=now + dt.timedelta(seconds=pause),

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from runtime.clock import utc
+from runtime.errors import Unavailable
 from runtime.server import Runtime
 from services.payout import storage
 from services.payout.processor import ItemStatus, PayoutProcessor, outcome_of
@@ -95,9 +96,17 @@ class Reconciler:
         started = clock.now()
         report = Report(run_id=uuid.uuid4().hex, started_at=started)
         since = started - dt.timedelta(hours=settings.reconcile_window_hours)
-        items = await asyncio.wait_for(
-            self._processor.items_since(since), settings.processor_timeout_seconds
-        )
+        try:
+            items = await asyncio.wait_for(
+                self._processor.items_since(since), settings.processor_timeout_seconds
+            )
+        except Exception as error:
+            why = "did not answer in time" if isinstance(error, TimeoutError) else repr(error)
+            raise Unavailable(
+                "PROCESSOR_UNAVAILABLE",
+                f"the payout processor {why}: reconciliation did not run; try again shortly",
+                retry_after=settings.processor_timeout_seconds,
+            ) from error
         theirs = {item.sender_item_id: item for item in items}
         async with self._rt.db.read() as conn:
             ours = {w.withdrawal_id: w for w in await storage.submitted_since(conn, since)}

@@ -1,8 +1,10 @@
 """A local simulation of a PayPal-Payouts-like processor: no money moves, nothing leaves the machine.
 
 What it simulates, so that the payout path meets the real thing's behaviour here:
-- batches of items, each created once per `sender_item_id` (our idempotency key); a batch id seen
-  before is answered with its items;
+- batches of items, created once per `sender_batch_id` (the idempotency key, as at PayPal); a
+  batch id seen before is answered with its items; an item is *not* deduped by its
+  `sender_item_id`: sent again in a new batch it is paid again (counted in `payments`, logged as
+  an error), so a test sees any double payment the worker would cause;
 - every call takes `PAYOUT_PROCESSOR_LATENCY_MS`; items settle `PAYOUT_PROCESSOR_SETTLE_MS` after
   submission;
 - outcomes chosen by the receiver (a PayPal email or a bank token), so tests and demos pick them:
@@ -28,6 +30,7 @@ import json
 import logging
 import random
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -68,7 +71,10 @@ class PayPalSandbox:
         self._clock = clock
         self._random = random.Random(seed)
         self._items: dict[str, SandboxItem] = {}
-        self._batches: dict[str, list[str]] = {}
+        """The first item created for each sender_item_id (what lookups answer)."""
+        self._batches: dict[str, list[ItemStatus]] = {}
+        self.payments: Counter[str] = Counter()
+        """Items created per sender_item_id: more than 1 is a double payment."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.deliver: Deliver | None = None
         """Where callbacks go (set once the service listens); None: callbacks are not sent."""
@@ -87,16 +93,16 @@ class PayPalSandbox:
         if any(i.receiver.startswith(("drop", "dest_drop")) for i in items):
             await asyncio.Event().wait()  # the request is lost: nothing recorded, no answer
         if sender_batch_id not in self._batches:
-            self._batches[sender_batch_id] = [i.sender_item_id for i in items]
-            for payout in items:
-                if payout.sender_item_id not in self._items:
-                    self._create(payout, sender_batch_id)
-        answer = [
-            self._items[i.sender_item_id].item for i in items if i.sender_item_id in self._items
-        ]
+            self._batches[sender_batch_id] = [self._create(i, sender_batch_id) for i in items]
+        answer = [self._items[i.sender_item_id].item for i in self._batches[sender_batch_id]]
         if any(i.receiver.startswith(("hang", "dest_hang")) for i in items):
             await asyncio.Event().wait()  # recorded, but the answer is lost
         return answer
+
+    def arrive_late(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> None:
+        """A request that was lost on its way arrives after all (tests): recorded, called back."""
+        if sender_batch_id not in self._batches:
+            self._batches[sender_batch_id] = [self._create(i, sender_batch_id) for i in items]
 
     async def lookup(self, sender_item_id: str) -> ItemStatus | None:
         await self._latency()
@@ -107,7 +113,15 @@ class PayPalSandbox:
         await self._latency()
         return [s.item for s in self._items.values() if s.item.updated_at >= since]
 
-    def _create(self, payout: PayoutItem, batch_id: str) -> None:
+    def _create(self, payout: PayoutItem, batch_id: str) -> ItemStatus:
+        self.payments[payout.sender_item_id] += 1
+        if payout.sender_item_id in self._items:
+            log.error(
+                "sandbox: item %s paid AGAIN in batch %s (a double payment)",
+                payout.sender_item_id,
+                batch_id,
+            )
+            return self._items[payout.sender_item_id].item
         item = ItemStatus(
             sender_item_id=payout.sender_item_id,
             payout_item_id=f"SBXITEM{uuid.uuid4().hex[:17].upper()}",
@@ -119,6 +133,7 @@ class PayPalSandbox:
         )
         self._items[payout.sender_item_id] = SandboxItem(item, payout.receiver, batch_id)
         self._background(self._progress(payout.sender_item_id))
+        return item
 
     def _background(self, work: Awaitable[None]) -> None:
         async def run() -> None:

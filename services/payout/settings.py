@@ -28,8 +28,9 @@ class PayoutSettings(LedgerServiceSettings):
     """$1,000.00 per creator per calendar day in the creator's time zone (set with their
     verification; UTC by default): DAILY_LIMIT_EXCEEDED."""
     auto_approve_max_minor: int = 10_000
-    """Withdrawals up to $100.00 (from verified creators: all are) are approved at once; larger ones
-    wait for a reviewer (ReviewWithdrawal). 0: every withdrawal is reviewed."""
+    """Withdrawals are approved at once while the creator's day (the daily cap's calendar day) totals
+    at most $100.00 with them (verified creators: all are); beyond, a reviewer decides
+    (ReviewWithdrawal). 0: every withdrawal is reviewed."""
     withdrawal_fee_bps: int = 0
     withdrawal_fee_fixed_minor: int = 0
     """The platform charges no fee by default; both are configurable."""

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     DateTime,
     Integer,
     LargeBinary,
@@ -64,15 +65,20 @@ withdrawals = Table(
     Column("hold_id", String(40)),
     Column("submitted_at", DateTime(timezone=True)),
     Column("parked_at", DateTime(timezone=True)),
+    Column("leased_until", DateTime(timezone=True)),
+    Column("sender_batch_id", String(64)),
 )
 """A withdrawal holds its diamonds (`hold_id`, a ledger hold; migration 0014) from its request to
-its ending; `submitted_at`: first sent to the processor; `parked_at`: given up on until an admin
-retries it."""
+its ending; `submitted_at`: first sent to the processor (in batch `sender_batch_id`); `parked_at`:
+given up on until an admin retries it; `leased_until`: a worker of some replica works it until
+then; `next_attempt_at`: when it is next due (a poll, a retry after a pause)."""
 
 ON_ITS_WAY = ("requested", "in_review", "approved", "processing")
 """Statuses of a withdrawal whose diamonds are held."""
 NOT_COUNTED = ("failed", "rejected", "cancelled", "returned")
 """Endings whose money never left (or came back): they do not count against the daily cap."""
+ENDINGS = ("paid", *NOT_COUNTED)
+"""Where a withdrawal ends (a paid one may still move on to returned)."""
 
 withdrawal_events = Table(
     "withdrawal_events",
@@ -179,6 +185,8 @@ class WithdrawalRecord:
     in-flight account)."""
     submitted_at: dt.datetime | None = None
     parked_at: dt.datetime | None = None
+    leased_until: dt.datetime | None = None
+    sender_batch_id: str | None = None
 
     @property
     def net_minor(self) -> int:
@@ -189,7 +197,7 @@ def _withdrawal(row: object) -> WithdrawalRecord:
     data = row._asdict()  # type: ignore[attr-defined]
     data["created_at"] = utc(data["created_at"])
     data["updated_at"] = utc(data["updated_at"])
-    for name in ("next_attempt_at", "submitted_at", "parked_at"):
+    for name in ("next_attempt_at", "submitted_at", "parked_at", "leased_until"):
         if data[name] is not None:
             data[name] = utc(data[name])
     return WithdrawalRecord(**data)
@@ -446,19 +454,24 @@ async def list_withdrawals(
     return [_withdrawal(row) for row in (await conn.execute(query)).all()]
 
 
+def _due(now: dt.datetime) -> tuple[ColumnElement[bool], ...]:
+    """Due for the worker: not parked, its pause over, no live lease."""
+    return (
+        withdrawals.c.parked_at.is_(None),
+        (withdrawals.c.next_attempt_at.is_(None)) | (withdrawals.c.next_attempt_at <= now),
+        (withdrawals.c.leased_until.is_(None)) | (withdrawals.c.leased_until <= now),
+    )
+
+
 async def due_withdrawals(
     conn: AsyncConnection, now: dt.datetime, limit: int
 ) -> list[WithdrawalRecord]:
     """Withdrawals the processor worker has to send or follow up now, oldest first
     (ix_withdrawals_work); one whose last attempt failed waits for its next attempt, a parked one
-    for an admin."""
+    for an admin, a leased one for its worker."""
     query = (
         select(withdrawals)
-        .where(
-            withdrawals.c.status.in_(("approved", "processing")),
-            withdrawals.c.parked_at.is_(None),
-            (withdrawals.c.next_attempt_at.is_(None)) | (withdrawals.c.next_attempt_at <= now),
-        )
+        .where(withdrawals.c.status.in_(("approved", "processing")), *_due(now))
         .order_by(withdrawals.c.created_at)
         .limit(limit)
     )
@@ -473,41 +486,58 @@ async def note_failed_attempt(
     error: str,
     park_at: dt.datetime | None = None,
 ) -> None:
-    """The processor call failed: count it, and leave the withdrawal until `retry_at` (or, with
-    `park_at`, until an admin retries it)."""
+    """The processor call failed: count it, give the lease back, and leave the withdrawal until
+    `retry_at` (or, with `park_at`, until an admin retries it)."""
     await conn.execute(
         update(withdrawals)
-        .where(withdrawals.c.withdrawal_id == withdrawal_id)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "processing")
         .values(
             attempts=withdrawals.c.attempts + 1,
             next_attempt_at=retry_at,
             last_error=error[:256],
             parked_at=park_at,
+            leased_until=None,
         )
     )
 
 
-async def schedule_follow_up(
-    conn: AsyncConnection, withdrawal_id: str, at: dt.datetime | None
-) -> None:
-    """When the worker should next look at a withdrawal (a successful call resets the count)."""
+async def schedule_follow_up(conn: AsyncConnection, withdrawal_id: str, at: dt.datetime) -> None:
+    """The worker's call succeeded and the payment is still on its way: look again at `at`; the
+    count of failed attempts starts over and the lease is given back."""
     await conn.execute(
         update(withdrawals)
-        .where(withdrawals.c.withdrawal_id == withdrawal_id)
-        .values(next_attempt_at=at, attempts=0, last_error="")
+        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "processing")
+        .values(next_attempt_at=at, attempts=0, last_error="", leased_until=None)
+    )
+
+
+async def nudge(conn: AsyncConnection, withdrawal_id: str, now: dt.datetime) -> None:
+    """Ask for a prompt look (a callback the worker could not confirm): due now, but a live lease,
+    the count of attempts and a parking stay as they are."""
+    await conn.execute(
+        update(withdrawals)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "processing")
+        .values(next_attempt_at=now)
     )
 
 
 async def mark_submitted(
-    conn: AsyncConnection, withdrawal_id: str, now: dt.datetime, lease_until: dt.datetime
+    conn: AsyncConnection,
+    withdrawal_id: str,
+    now: dt.datetime,
+    lease_until: dt.datetime,
+    sender_batch_id: str,
 ) -> None:
-    """About to be sent to the processor: from now on its outcome is looked up before any resend;
-    no worker (of any replica) follows it up before `lease_until`."""
+    """About to be sent to the processor in `sender_batch_id`: from now on its outcome is looked up
+    before any resend; this worker holds it until `lease_until`."""
     await conn.execute(
         update(withdrawals)
         .where(withdrawals.c.withdrawal_id == withdrawal_id)
         .values(
-            submitted_at=func.coalesce(withdrawals.c.submitted_at, now), next_attempt_at=lease_until
+            submitted_at=func.coalesce(withdrawals.c.submitted_at, now),
+            sender_batch_id=func.coalesce(withdrawals.c.sender_batch_id, sender_batch_id),
+            leased_until=lease_until,
+            next_attempt_at=None,
         )
     )
 
@@ -515,25 +545,30 @@ async def mark_submitted(
 async def lease(
     conn: AsyncConnection, withdrawal_id: str, now: dt.datetime, until: dt.datetime
 ) -> bool:
-    """Claim a due withdrawal for one follow-up until `until`: False if another worker (another
-    replica) claimed it first, or it is parked."""
+    """Claim a due processing withdrawal for one follow-up until `until`: False if another worker
+    (another replica) holds it, it is parked, not yet due, or no longer processing."""
     result = await conn.execute(
         update(withdrawals)
         .where(
             withdrawals.c.withdrawal_id == withdrawal_id,
-            withdrawals.c.parked_at.is_(None),
-            (withdrawals.c.next_attempt_at.is_(None)) | (withdrawals.c.next_attempt_at <= now),
+            withdrawals.c.status == "processing",
+            *_due(now),
         )
-        .values(next_attempt_at=until)
+        .values(leased_until=until)
     )
     return result.rowcount == 1
 
 
 async def unpark(conn: AsyncConnection, withdrawal_id: str) -> bool:
+    """Hand a parked withdrawal that is still processing back to the worker, due now."""
     result = await conn.execute(
         update(withdrawals)
-        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.parked_at.is_not(None))
-        .values(parked_at=None, attempts=0, next_attempt_at=None)
+        .where(
+            withdrawals.c.withdrawal_id == withdrawal_id,
+            withdrawals.c.status == "processing",
+            withdrawals.c.parked_at.is_not(None),
+        )
+        .values(parked_at=None, attempts=0, next_attempt_at=None, leased_until=None)
     )
     return result.rowcount == 1
 
@@ -685,6 +720,9 @@ async def move_withdrawal(
     """A conditional status change: False if the withdrawal was no longer in (one of)
     `from_status`."""
     values: dict[str, object] = {"status": to_status, "updated_at": now}
+    if to_status in ENDINGS:
+        # Nothing left for the worker: no lease, no schedule, off the parked queue.
+        values.update(parked_at=None, leased_until=None, next_attempt_at=None)
     if failure_reason:
         values["failure_reason"] = failure_reason
     if processor_reference is not None:

@@ -37,7 +37,6 @@ from services.payout.domain import (
 HOLD_OWNER = "payout"
 REVIEWABLE = ("requested", "in_review")
 CANCELLABLE = ("requested", "in_review", "approved")
-ENDINGS = ("paid", "failed", "returned", "rejected", "cancelled")
 
 
 def time_zone(name: str) -> zoneinfo.ZoneInfo:
@@ -148,7 +147,8 @@ class Withdrawals:
                 remaining_minor=max(0, cap - today),
                 time_zone=zone.key,
             )
-        auto = quote.gross_minor <= settings.auto_approve_max_minor
+        # Auto-approval counts the day's withdrawals too: ten small ones are one large one.
+        auto = today + quote.gross_minor <= settings.auto_approve_max_minor
         withdrawal = storage.WithdrawalRecord(
             withdrawal_id=withdrawal_id,
             creator_id=creator_id,
@@ -169,10 +169,16 @@ class Withdrawals:
         await storage.insert_withdrawal(conn, withdrawal)
         await storage.add_event(conn, withdrawal_id, "requested", creator_id, "", now)
         if auto:
-            why = f"at most {settings.auto_approve_max_minor} minor units from a verified creator"
+            why = (
+                f"at most {settings.auto_approve_max_minor} minor units today from a verified "
+                "creator"
+            )
             await storage.add_event(conn, withdrawal_id, "approved", "auto-approve", why, now)
         else:
-            why = f"above {settings.auto_approve_max_minor} minor units: a reviewer decides"
+            why = (
+                f"{today + quote.gross_minor} minor units today, above "
+                f"{settings.auto_approve_max_minor}: a reviewer decides"
+            )
             await storage.add_event(conn, withdrawal_id, "in_review", "policy", why, now)
         return withdrawal, await self._payouts.diamonds(conn, creator_id)
 
@@ -284,13 +290,49 @@ class Withdrawals:
         withdrawal: storage.WithdrawalRecord,
         now: dt.datetime,
         lease_until: dt.datetime,
+        sender_batch_id: str,
     ) -> bool:
-        """approved -> processing, just before the worker sends it (False: cancelled, or taken by
-        another replica, meanwhile); no worker follows it up before `lease_until`."""
+        """approved -> processing, just before the worker sends it in `sender_batch_id` (False:
+        cancelled, or taken by another replica, meanwhile); the worker holds it until
+        `lease_until`."""
         moved = await self._move(conn, withdrawal, ("approved",), "processing", "worker", "", now)
         if moved:
-            await storage.mark_submitted(conn, withdrawal.withdrawal_id, now, lease_until)
+            await storage.mark_submitted(
+                conn, withdrawal.withdrawal_id, now, lease_until, sender_batch_id
+            )
         return moved
+
+    async def follow_up(
+        self, conn: AsyncConnection, withdrawal_id: str, now: dt.datetime, lease_until: dt.datetime
+    ) -> bool:
+        """Lease a processing withdrawal that is due for a look at the processor (False: another
+        worker holds it, or it ended meanwhile)."""
+        return await storage.lease(conn, withdrawal_id, now, lease_until)
+
+    async def still_on_its_way(
+        self, conn: AsyncConnection, withdrawal_id: str, look_again_at: dt.datetime
+    ) -> None:
+        """The processor answered and the payment is still in flight: look again later."""
+        await storage.schedule_follow_up(conn, withdrawal_id, look_again_at)
+
+    async def nudge(self, conn: AsyncConnection, withdrawal_id: str, now: dt.datetime) -> None:
+        """A callback the processor could not confirm right now: the worker looks soon (a live
+        lease, the attempt count and a parking are kept)."""
+        await storage.nudge(conn, withdrawal_id, now)
+
+    async def attempt_failed(
+        self,
+        conn: AsyncConnection,
+        withdrawal_id: str,
+        *,
+        retry_at: dt.datetime,
+        error: str,
+        park_at: dt.datetime | None,
+    ) -> None:
+        """A processor call for it failed: counted; retried at `retry_at` or parked."""
+        await storage.note_failed_attempt(
+            conn, withdrawal_id, retry_at=retry_at, error=error, park_at=park_at
+        )
 
     async def resolve(
         self,

@@ -73,6 +73,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Before this revision a waiting withdrawal's diamonds sat in the in-flight account; one that
+    # holds them instead would lose its hold here, and its diamonds could be spent twice.
+    open_holds = op.get_bind().scalar(
+        sa.text(
+            "SELECT count(*) FROM withdrawals WHERE hold_id IS NOT NULL "
+            "AND status IN ('requested', 'in_review', 'approved', 'processing')"
+        )
+    )
+    if open_holds:
+        raise RuntimeError(
+            f"{open_holds} withdrawals hold diamonds with ledger holds, which revision 0013 cannot "
+            "represent: let them end (paid, failed, cancelled...) before downgrading"
+        )
     with op.batch_alter_table("creator_verifications") as batch:
         batch.drop_column("time_zone")
     op.drop_index("ix_reconciliation_runs_started", table_name="reconciliation_runs")
