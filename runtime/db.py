@@ -103,6 +103,14 @@ class Database:
         await self.engine.dispose()
 
 
+async def insert_new(conn: AsyncConnection, table: Table, values: Mapping[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING: False if a row with that key exists (a concurrent insert
+    included), never a unique-violation error."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+    result = await conn.execute(insert.values(**values).on_conflict_do_nothing())
+    return result.rowcount == 1
+
+
 async def upsert(
     conn: AsyncConnection, table: Table, values: Mapping[str, Any], keys: Sequence[str]
 ) -> None:

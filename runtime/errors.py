@@ -22,6 +22,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
@@ -146,6 +147,12 @@ class Aborted(DomainError):
     kind = ErrorKind.ABORTED
 
 
+class OutOfRange(DomainError):
+    """A position past the end of what exists (a cursor beyond a feed's last event)."""
+
+    kind = ErrorKind.OUT_OF_RANGE
+
+
 class Unavailable(_RetryLater):
     """Cannot be served now (a dependency or the database is unreachable); the same request may
     pass later."""
@@ -174,6 +181,7 @@ _BY_KIND: dict[ErrorKind, type[DomainError]] = {
         Unauthenticated,
         ResourceExhausted,
         Aborted,
+        OutOfRange,
         DeadlineExceeded,
         Unavailable,
         Internal,

@@ -19,9 +19,10 @@ counted by the load shedder (they are long-lived and mostly idle).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -228,8 +229,12 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 set_principal(principal)
                 if audited:
                     await self._audit.record(principal, method, request, "STARTED")
-                async for message in behavior(request, context):
-                    yield message
+                # Closed explicitly: when the caller goes away, the handler's clean-up runs now,
+                # not whenever the garbage collector gets to it.
+                stream = cast(AsyncGenerator[Any, None], behavior(request, context))
+                async with contextlib.aclosing(stream) as messages:
+                    async for message in messages:
+                        yield message
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
             except grpc.aio.AbortError:

@@ -20,13 +20,14 @@ it. Each unit of work is one span (`db.transaction` / `db.query`) naming its sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import asyncpg
 from opentelemetry import trace
@@ -366,6 +367,38 @@ class Driver:
             conn.execute("COMMIT")
         finally:
             conn.close()
+
+    async def listen(
+        self,
+        channel: str,
+        on_notify: Callable[[str], None],
+        *,
+        on_connect: Callable[[], None] | None = None,
+        check_every: float = 5.0,
+    ) -> NoReturn:
+        """Call `on_notify(payload)` for every PostgreSQL NOTIFY on `channel`, on a connection of
+        its own (LISTEN holds it). Never returns: when the connection is lost it raises
+        ConnectionError, so the worker running it restarts it; notifications sent meanwhile are
+        lost, so `on_connect` runs after each (re)connection to cover the gap."""
+        if not self.is_postgres:
+            raise RuntimeError("LISTEN/NOTIFY needs PostgreSQL")
+        conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+            if on_connect is not None:
+                on_connect()
+            while True:
+                try:
+                    await asyncio.wait_for(lost.wait(), check_every)
+                except TimeoutError:
+                    await conn.execute("SELECT 1")  # a silently dead connection raises here
+                else:
+                    raise ConnectionError(f"the connection listening on {channel!r} was lost")
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=1)
 
     async def close(self) -> None:
         if self._pool is not None:

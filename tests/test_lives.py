@@ -13,9 +13,11 @@ import pytest
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from coins.wallet.v1 import wallet_pb2
+from runtime.errors import Aborted
 from runtime.server import RunningService, start_service
+from runtime.status import error_info
 from runtime.telemetry import make_tracer_provider
-from services.gifting.lives import LiveFeed
+from services.gifting.feed import FeedLimits, LiveFeed
 from services.gifting.service import SPEC as GIFTING
 from tests.helpers import (
     eventually,
@@ -161,12 +163,14 @@ def gift_ids(events: list[G.WatchLiveResponse]) -> list[str]:
 
 @pytest.fixture
 async def replica(suite: Suite) -> AsyncIterator[RunningService[Any]]:
-    """A second gifting process on the same database (PostgreSQL; on SQLite, the same one)."""
+    """A second gifting process on the same database (PostgreSQL; on SQLite, the same one). It
+    polls its feeds once a minute: gifts recorded by the other process reach its watchers in time
+    only by NOTIFY."""
     if suite.backend != "postgres":
         yield suite.services["gifting"]
         return
     settings = suite.services["gifting"].runtime.settings.model_copy(
-        update={"port": 0, "health_port": 0}
+        update={"port": 0, "health_port": 0, "feed_poll_seconds": 60.0}
     )
     running = await start_service(
         GIFTING, settings, tracer_provider=make_tracer_provider("gifting-2", exporter=suite.spans)
@@ -195,23 +199,34 @@ async def test_every_watcher_sees_every_gift_once_in_order_across_replicas(
     leaver = asyncio.create_task(collect(first, viewer, live, limit=3))
     await eventually(lambda: _watching(suite, replica, 5), "the watchers subscribed")
     sent: list[str] = []
-    for i in range(30):  # through both replicas
-        stub = suite.gifting if i % 2 == 0 else second
-        sender = senders[i % 3]
-        answer = await stub.SendGift(gift(sender, creator, live), metadata=suite.token(sender))
-        sent.append(answer.sent_gift.sent_gift_id)
+    for round_ in range(6):  # five at once, through both replicas
+        answers = await asyncio.gather(
+            *(
+                (suite.gifting if (round_ + i) % 2 == 0 else second).SendGift(
+                    gift(senders[i % 3], creator, live), metadata=suite.token(senders[i % 3])
+                )
+                for i in range(5)
+            )
+        )
+        sent.extend(a.sent_gift.sent_gift_id for a in answers)
+    # Every watcher has every gift before the LIVE ends (the replica's by NOTIFY: it polls once a
+    # minute).
+    recorded = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live))).summary.last_cursor
+    await eventually(lambda: _fed(suite, replica, live, recorded), "every feed read", seconds=10)
     await suite.gifting.EndLive(
         G.EndLiveRequest(request_id=new_id("e"), live_id=live), metadata=suite.token(creator)
     )
     streams = await asyncio.wait_for(asyncio.gather(*watchers), timeout=20)
+    order = gift_ids(streams[0])
+    assert sorted(order) == sorted(sent)  # every gift, once
     for events in streams:
-        assert gift_ids(events) == sent  # every gift, once, in the order recorded
+        assert gift_ids(events) == order  # in the one order recorded
         assert [e.cursor for e in events] == list(range(1, len(events) + 1))
         assert events[-1].HasField("ended") and events[-1].ended.summary.gifts_sent == 30
     seen = await leaver
     assert [e.cursor for e in seen] == [1, 2, 3]
     rest = await collect(second, viewer, live, after=seen[-1].cursor)
-    assert gift_ids(seen) + gift_ids(rest) == sent  # no gap, no duplicate
+    assert gift_ids(seen) + gift_ids(rest) == order  # no gap, no duplicate
     assert rest[-1].HasField("ended")
 
 
@@ -227,12 +242,21 @@ def _channel_to(suite: Suite, replica: RunningService[Any]) -> grpc.aio.Channel:
     return channel
 
 
-async def _watching(suite: Suite, replica: RunningService[Any], count: int) -> bool:
+def _feeds(suite: Suite, replica: RunningService[Any]) -> list[LiveFeed]:
     feeds = {
         id(s.runtime.parts["feed"]): s.runtime.parts["feed"]
         for s in (suite.services["gifting"], replica)
     }
-    return sum(f.watchers for f in feeds.values() if isinstance(f, LiveFeed)) >= count
+    return [f for f in feeds.values() if isinstance(f, LiveFeed)]
+
+
+async def _fed(suite: Suite, replica: RunningService[Any], live_id: str, cursor: int) -> bool:
+    """Each process's reader of the LIVE has read its events up to `cursor`."""
+    return all(f.read_up_to(live_id) >= cursor for f in _feeds(suite, replica))
+
+
+async def _watching(suite: Suite, replica: RunningService[Any], count: int) -> bool:
+    return sum(f.watchers for f in _feeds(suite, replica)) >= count
 
 
 async def test_a_slow_watcher_holds_up_neither_senders_nor_other_watchers(suite: Suite) -> None:
@@ -270,3 +294,138 @@ async def test_watching_a_live_that_does_not_exist_is_not_found(suite: Suite) ->
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await anonymous.read()
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_cursor_at_the_end_ends_at_once_and_one_beyond_it_is_out_of_range(
+    suite: Suite,
+) -> None:
+    creator = await new_creator(suite)
+    live = await start_live(suite, creator)
+    sender, _ = await funded_user(suite)
+    viewer = suite.token(new_id("viewer"))
+    stub = suite.stub("gifting")
+    await suite.gifting.SendGift(gift(sender, creator, live, "rainbow-puke"))  # not streakable
+    call = stub.WatchLive(G.WatchLiveRequest(live_id=live, after_cursor=2), metadata=viewer)
+    with pytest.raises(grpc.aio.AioRpcError) as beyond:
+        await call.read()
+    assert beyond.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    ended = await suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("e"), live_id=live), metadata=suite.token(creator)
+    )
+    last = ended.summary.last_cursor
+    everything = await collect(stub, viewer, live)
+    assert [e.cursor for e in everything] == [1, last] and everything[-1].HasField("ended")
+    # A watcher that saw the end and reconnects with its cursor gets an empty feed that ends.
+    assert await asyncio.wait_for(collect(stub, viewer, live, after=last), timeout=5) == []
+
+
+async def test_two_creators_racing_for_one_live_id_get_it_once(suite: Suite) -> None:
+    first, second = new_id("creator"), new_id("creator")
+    live_id = new_id("live")
+    answers = await asyncio.gather(
+        *(
+            suite.gifting.StartLive(
+                G.StartLiveRequest(
+                    request_id=new_id("s"), creator_id=c, live_id=live_id, title="race"
+                )
+            )
+            for c in (first, second, first, second)
+        ),
+        return_exceptions=True,
+    )
+    won = [a for a in answers if not isinstance(a, BaseException)]
+    lost = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(won) == 1 and len(lost) == 3
+    for error in lost:
+        info = error_info(error)
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS, error.details()
+        assert info is not None and info.reason == "LIVE_ID_TAKEN"
+    owner = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_id))).live.creator_id
+    assert owner == won[0].live.creator_id
+
+
+async def test_a_watcher_that_keeps_losing_ground_is_told_to_resume(suite: Suite) -> None:
+    """A feed with small limits on the suite's gifting database: the watcher reads one event for
+    every three gifts, falls out of the kept events, and is ended with its cursor; resuming from
+    it gives the rest with no gap."""
+    creator = await new_creator(suite)
+    live = await start_live(suite, creator)
+    senders = [(await funded_user(suite))[0] for _ in range(8)]
+    feed = LiveFeed(
+        suite.services["gifting"].runtime.db,
+        FeedLimits(
+            poll_seconds=0.05,
+            page=5,
+            keep=5,
+            max_backlog=10,
+            max_watchers=10,
+            max_watchers_per_user=10,
+        ),
+    )
+    sent = 0
+
+    async def send(n: int) -> None:
+        nonlocal sent
+        for _ in range(n):
+            sender = senders[sent % len(senders)]
+            await suite.gifting.SendGift(gift(sender, creator, live, "panda"))
+            sent += 1
+
+    await send(1)
+    watcher = feed.watch(live, 0, "slow-viewer")
+    seen = [await anext(watcher)]
+    with pytest.raises(Aborted) as told:
+        for _ in range(60):
+            await send(3)
+            seen.append(await anext(watcher))
+    await watcher.aclose()
+    assert told.value.reason == "FEED_TOO_SLOW"
+    resume = int(told.value.metadata["resume_after"])
+    assert resume == seen[-1].seq
+    assert [e.seq for e in seen] == list(range(1, resume + 1))
+    assert feed.watchers == 0
+    last = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live))).summary.last_cursor
+    rest = feed.watch(live, resume, "slow-viewer")
+    more = [await anext(rest) for _ in range(last - resume)]
+    await rest.aclose()
+    assert [e.seq for e in more] == list(range(resume + 1, last + 1))
+    assert sum(1 for e in seen + more if e.kind == "gift") == sent
+
+
+async def test_gifts_racing_the_end_of_a_live_are_refused_or_counted_never_lost(
+    suite: Suite,
+) -> None:
+    creator = await new_creator(suite)
+    live = await start_live(suite, creator)
+    senders = [(await funded_user(suite)) for _ in range(5)]
+    viewer = suite.token(new_id("viewer"))
+    watcher = asyncio.create_task(collect(suite.stub("gifting"), viewer, live))
+    await eventually(lambda: _watching(suite, suite.services["gifting"], 1), "subscribed")
+    sends = [
+        suite.gifting.SendGift(gift(senders[i % 5][0], creator, live, "panda")) for i in range(20)
+    ]
+    end = suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("e"), live_id=live), metadata=suite.token(creator)
+    )
+    results = await asyncio.gather(*sends[:10], end, *sends[10:], return_exceptions=True)
+    assert isinstance(results.pop(10), G.EndLiveResponse)
+    accepted = [a for a in results if isinstance(a, G.SendGiftResponse)]
+    refused = [a for a in results if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(accepted) + len(refused) == 20
+    for error in refused:
+        info = error_info(error)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+        assert info is not None and info.reason == "LIVE_ENDED"
+    events = await asyncio.wait_for(watcher, timeout=10)
+    assert events[-1].HasField("ended")  # the end is the feed's last event
+    fed = set(gift_ids(events))
+    assert fed <= {a.sent_gift.sent_gift_id for a in accepted}
+    summary = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live))).summary
+    # Every accepted gift counts in the summary (one accepted just before the end and recorded
+    # just after it counts, without a feed event after the end); no refused gift moved a coin.
+    assert summary.gifts_sent == len(accepted)
+    assert summary.coins_received == sum(a.sent_gift.coins for a in accepted)
+    spent = sum(coins for _, coins in senders) - sum(
+        [await coins_of(suite, user) for user, _ in senders]
+    )
+    assert spent == summary.coins_received

@@ -510,7 +510,7 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
     ("payout", "WithdrawalWorker.run"): _withdrawals_in_flight,
     # Reports only (a row per run); its first run comes a period (an hour) after start.
     ("payout", "withdrawal_reconciliation_mismatches"): None,
-    ("gifting", "live_feed_listener"): None,  # wakes LIVE watchers; writes nothing
+    ("gifting", "LiveFeed.listen"): None,  # wakes LIVE feed readers; writes nothing
     ("gifting", "ended_streaks"): _rows_where("gifting", streaks, streaks.c.ended_at.is_(None)),
     ("promotion", "settled_pending_promotions"): _rows_where(
         "promotion", promotions, promotions.c.status == "pending"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,7 +23,8 @@ from services.gifting.convert import (
     sent_gift_pb,
 )
 from services.gifting.domain import Gifting, GiftOrder, Target
-from services.gifting.lives import LiveFeed, Lives
+from services.gifting.feed import LiveFeed
+from services.gifting.lives import Lives
 from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
 from services.gifting.storage import period_keys
@@ -260,15 +262,17 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def WatchLive(
         self, request: gifting_pb2.WatchLiveRequest, context: RpcContext
     ) -> AsyncIterator[gifting_pb2.WatchLiveResponse]:
-        async with self._db.read() as conn:
-            await self._lives.get(conn, request.live_id)  # NOT_FOUND before the stream starts
-        async for event in self._feed.watch(request.live_id, request.after_cursor):
-            summary = None
-            if event.kind == "ended":
-                async with self._db.read() as conn:
-                    live = await self._lives.get(conn, request.live_id)
-                    summary = await self._lives.summary(conn, live)
-            yield live_event_pb(event, summary)
+        principal = current_principal()
+        viewer = principal.user_id or principal.service
+        events = self._feed.watch(request.live_id, request.after_cursor, viewer)
+        async with contextlib.aclosing(events):  # a watcher that leaves is let go at once
+            async for event in events:
+                summary = None
+                if event.kind == "ended":
+                    async with self._db.read() as conn:
+                        live = await self._lives.get(conn, request.live_id)
+                        summary = await self._lives.summary(conn, live)
+                yield live_event_pb(event, summary)
 
     async def ListCreatorRankings(
         self, request: gifting_pb2.ListCreatorRankingsRequest, context: RpcContext

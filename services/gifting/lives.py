@@ -1,38 +1,19 @@
-"""LIVE rooms: a creator's LIVE, the rules for gifts to it, and its gift feed.
-
-The feed is gifting's database: each gift recorded in a LIVE takes the LIVE's next number in the
-same statement that records it (`storage.record_debited`), so the feed's order is the database's,
-any replica can serve any watcher, and a watcher that reconnects after cursor N reads N+1... with no
-gap and no duplicate. Watchers are woken at once in the process that recorded the gift and, on
-PostgreSQL, in every replica by LISTEN/NOTIFY (NOTIFY is delivered at commit); a poll every
-`GIFTING_FEED_POLL_SECONDS` covers a lost notification. Each watcher reads in pages of its own, so a
-slow one holds one page in memory and slows no one else; one that falls more than
-`GIFTING_FEED_MAX_BACKLOG` events behind, and still losing ground, is told to resume from its
-cursor (ABORTED FEED_TOO_SLOW); one reconnecting far behind may catch up at its own pace.
-"""
+"""LIVE rooms: a creator's LIVE, the rules for gifts to it, and its streaks (its gift feed is
+`services.gifting.feed`)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
-import logging
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-import asyncpg
-from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runtime.db import Database
-from runtime.errors import Aborted, AlreadyExists, DomainError, FailedPrecondition, NotFound
+from runtime.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
 from runtime.sql import Tx
 from services.gifting import storage
 from services.gifting.domain import GiftOrder
 
-log = logging.getLogger("coins.gifting.lives")
-CHANNEL = "live_feed"
 TOP_GIFTERS = 10
 
 
@@ -170,75 +151,3 @@ class Lives:
                 live_id=live_id,
             )
         return None
-
-
-class LiveFeed:
-    def __init__(self, db: Database, *, poll_seconds: float, max_backlog: int, page: int) -> None:
-        self._db = db
-        self._poll = poll_seconds
-        self._max_backlog = max_backlog
-        self._page = page
-        self._watchers: dict[str, set[asyncio.Event]] = {}
-
-    @property
-    def watchers(self) -> int:
-        return sum(len(events) for events in self._watchers.values())
-
-    def notify(self, live_id: str) -> None:
-        """New events in a LIVE: wake its watchers in this process."""
-        for event in self._watchers.get(live_id, ()):
-            event.set()
-
-    async def listen(self, database_url: str) -> None:
-        """Wake this process's watchers for events recorded by any replica (PostgreSQL NOTIFY)."""
-        url = make_url(database_url)
-        if url.get_backend_name() != "postgresql":
-            return
-        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.add_listener(CHANNEL, lambda _c, _pid, _ch, live_id: self.notify(live_id))
-            while not conn.is_closed():
-                await asyncio.sleep(5)
-                await conn.execute("SELECT 1")  # a dead connection ends the worker: it restarts
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.close()
-
-    async def watch(self, live_id: str, after: int) -> AsyncIterator[storage.LiveEventRecord]:
-        """The LIVE's events after cursor `after`, as they are recorded, until it ends."""
-        woken = asyncio.Event()
-        self._watchers.setdefault(live_id, set()).add(woken)
-        cursor = after
-        first_backlog: int | None = None
-        try:
-            while True:
-                woken.clear()
-                async with self._db.read() as conn:
-                    events = await storage.live_events_after(conn, live_id, cursor, self._page)
-                    if len(events) == self._page:  # behind: is it catching up or losing ground?
-                        live = await storage.get_live(conn, live_id)
-                        backlog = 0 if live is None else live.last_seq - cursor
-                        if first_backlog is None:
-                            first_backlog = backlog
-                        if backlog > self._max_backlog and backlog > first_backlog + self._page:
-                            raise Aborted(
-                                "FEED_TOO_SLOW",
-                                f"this watcher is {backlog} events behind LIVE "
-                                f"{live_id}; reconnect with after_cursor={cursor}",
-                                live_id=live_id,
-                                resume_after=str(cursor),
-                            )
-                for event in events:
-                    yield event
-                    cursor = event.seq
-                    if event.kind == "ended":
-                        return
-                if len(events) < self._page:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), self._poll)
-        finally:
-            waiting = self._watchers.get(live_id, set())
-            waiting.discard(woken)
-            if not waiting:
-                self._watchers.pop(live_id, None)

@@ -20,7 +20,8 @@ from runtime.sql import Tx
 from services.gifting import storage
 from services.gifting.convert import send_gift_response
 from services.gifting.domain import CoinDebiter, Gifting, GiftOrder
-from services.gifting.lives import LiveFeed, Lives
+from services.gifting.feed import LiveFeed
+from services.gifting.lives import Lives
 
 log = logging.getLogger("coins.gifting.sending")
 

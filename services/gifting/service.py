@@ -10,7 +10,8 @@ from runtime.server import Runtime, ServiceSpec
 from services.gifting.api import ACCESS, GiftingApi
 from services.gifting.clients import PayoutCrediter, WalletDebiter
 from services.gifting.domain import Gifting
-from services.gifting.lives import LiveFeed, Lives
+from services.gifting.feed import FeedLimits, LiveFeed
+from services.gifting.lives import Lives
 from services.gifting.outbox import CreditRelay
 from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
@@ -32,15 +33,16 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
 
     feed = LiveFeed(
         runtime.db,
-        poll_seconds=settings.feed_poll_seconds,
-        max_backlog=settings.feed_max_backlog,
-        page=settings.feed_page,
+        FeedLimits(
+            poll_seconds=settings.feed_poll_seconds,
+            page=settings.feed_page,
+            keep=settings.feed_keep,
+            max_backlog=settings.feed_max_backlog,
+            max_watchers=settings.feed_max_watchers,
+            max_watchers_per_user=settings.feed_max_watchers_per_user,
+        ),
     )
-
-    async def live_feed_listener() -> None:
-        await feed.listen(settings.resolved_database_url())
-
-    runtime.add_worker(live_feed_listener)
+    runtime.add_worker(feed.listen)  # other replicas' gifts, by LISTEN/NOTIFY
     runtime.parts.update(feed=feed)
     sender = GiftSender(
         runtime.db,

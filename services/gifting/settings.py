@@ -30,10 +30,18 @@ class GiftingSettings(ServiceSettings):
     streak_sweep_seconds: float = 0.5
     """How often ended streaks are looked for (so a streak's end shows within this of the pause)."""
     feed_poll_seconds: float = 1.0
-    """A LIVE's watchers look for new events at least this often (they are woken at once when a gift
-    is recorded: in-process, and across replicas by PostgreSQL NOTIFY)."""
+    """Each LIVE's feed reader (one per LIVE per process) looks for new events at least this often;
+    it is woken at once when a gift is recorded: in-process, and across replicas by PostgreSQL
+    NOTIFY."""
     feed_page: int = 200
-    """Events a watcher reads (and holds) at a time."""
+    """Events read at a time (by a LIVE's reader, and by a watcher catching up)."""
+    feed_keep: int = 1_000
+    """A LIVE's newest events kept in memory per process for all its watchers; a watcher further
+    behind reads pages of its own."""
     feed_max_backlog: int = 5_000
     """A watcher further behind than this, and still losing ground, is told to resume from its
     cursor (ABORTED FEED_TOO_SLOW)."""
+    feed_max_watchers: int = 10_000
+    """Feed watchers one process serves at once (RESOURCE_EXHAUSTED TOO_MANY_WATCHERS beyond)."""
+    feed_max_watchers_per_user: int = 10
+    """Feed watchers of one user one process serves at once."""

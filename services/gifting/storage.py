@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
-from runtime.db import upsert
+from runtime.db import insert_new, upsert
 from runtime.idempotency import ANSWER_SQL, KeyAnswer, KeyClaim
 from runtime.sql import Statement, Tx, as_tx
 
@@ -840,12 +840,8 @@ class LiveRecord:
 
 
 async def insert_live(conn: AsyncConnection, live: LiveRecord) -> bool:
-    """A new LIVE; False if its id is taken."""
-    found = await conn.scalar(select(lives.c.live_id).where(lives.c.live_id == live.live_id))
-    if found is not None:
-        return False
-    await conn.execute(lives.insert().values(**live.__dict__))
-    return True
+    """A new LIVE; False if its id is taken (by a concurrent StartLive too)."""
+    return await insert_new(conn, lives, live.__dict__)
 
 
 _GET_LIVE = Statement(
