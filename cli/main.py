@@ -424,6 +424,38 @@ def reconcile(c: Clients, a: argparse.Namespace) -> None:
         console.print(render.mismatches(response.mismatches))
 
 
+_CLASSIFICATIONS = {
+    "personal": wallet_pb2.ACCOUNT_CLASSIFICATION_PERSONAL,
+    "government": wallet_pb2.ACCOUNT_CLASSIFICATION_GOVERNMENT,
+    "political": wallet_pb2.ACCOUNT_CLASSIFICATION_POLITICAL,
+}
+
+
+def classify(c: Clients, a: argparse.Namespace) -> None:
+    response = c.wallet.SetAccountClassification(
+        wallet_pb2.SetAccountClassificationRequest(
+            request_id=_rid(a),
+            user_id=a.user,
+            classification=_CLASSIFICATIONS[a.classification],
+            reason=a.reason,
+        ),
+        timeout=c.timeout,
+    )
+    console.print(render.account(response.account))
+
+
+def revenue(c: Clients, a: argparse.Namespace) -> None:
+    period = _period(a)
+    if "start_time" not in period:
+        period["start_time"] = Timestamp()
+        today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        period["start_time"].FromDatetime(today - dt.timedelta(days=a.days - 1))
+    response = c.payout.GetRevenueReport(
+        payout_pb2.GetRevenueReportRequest(**period), timeout=c.timeout
+    )
+    console.print(render.revenue(response))
+
+
 def promote(c: Clients, a: argparse.Namespace) -> None:
     response = c.promotion.CreatePromotion(
         promotion_pb2.CreatePromotionRequest(
@@ -657,6 +689,21 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the periodic job's latest report instead of a run now",
     )
+    p = command(
+        "classify",
+        classify,
+        "classify an account (government and political ones neither send nor receive gifts), "
+        "as an admin (--admin)",
+    )
+    p.add_argument("user")
+    p.add_argument("classification", choices=sorted(_CLASSIFICATIONS))
+    p.add_argument("--reason", default="", help="why (kept in the audit trail)")
+    p = command(
+        "revenue", revenue, "the platform's revenue from gifts per UTC day, as an admin (--admin)"
+    )
+    p.add_argument("--days", type=int, default=7, help="the last N days, today included")
+    p.add_argument("--since", help="YYYY-MM-DD[THH:MM] UTC (instead of --days)")
+    p.add_argument("--until", help="YYYY-MM-DD[THH:MM] UTC (default: now)")
     p = command("promote", promote, "promote a video with a coin budget")
     p.add_argument("user")
     p.add_argument("video")

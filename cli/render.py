@@ -42,6 +42,10 @@ def account(acc: wallet_pb2.Account) -> Table:
     d = acc.birth_date
     table.add_row("birth date", f"{d.year:04d}-{d.month:02d}-{d.day:02d}")
     table.add_row("coins", f"{acc.balance.coins:,}")
+    table.add_row(
+        "classification",
+        enum_name(wallet_pb2.AccountClassification, acc.classification, "ACCOUNT_CLASSIFICATION_"),
+    )
     table.add_row("opened", when(acc))
     return table
 
@@ -282,6 +286,32 @@ def withdrawals(
         status = "parked" if w.parked else withdrawal_status(w.status)  # parked: processing
         row = [w.withdrawal_id, w.creator_id] if creators else [w.withdrawal_id]
         table.add_row(*row, when(w), money(w.net), status)
+    return table
+
+
+def _micros(value: int, currency: str) -> str:
+    """Millionths of a currency unit, shown exactly: 1234500 USD -> 1.234500 USD."""
+    sign = "-" if value < 0 else ""
+    units, micros = divmod(abs(value), 1_000_000)
+    return f"{sign}{units:,}.{micros:06d} {currency}"
+
+
+def revenue(report: payout_pb2.GetRevenueReportResponse) -> Table:
+    """The platform's revenue from gifts per UTC day, with the total."""
+    table = Table(title="Revenue from gifts (each gift at its own rates)")
+    for name in ("day", "gifts", "coins", "diamonds", "gifts' value", "creators'", "platform"):
+        table.add_column(name, justify="left" if name == "day" else "right")
+    currency = report.currency_code
+    for d in [*report.days, report.total]:
+        table.add_row(
+            d.day,
+            f"{d.gifts:,}",
+            f"{d.coins:,}",
+            f"{d.diamonds:,}",
+            _micros(d.gifts_value_micros, currency),
+            _micros(d.creators_value_micros, currency),
+            _micros(d.platform_revenue_micros, currency),
+        )
     return table
 
 

@@ -10,6 +10,7 @@ mutating RPCs would change the books if admitted, so "nothing changed" after a r
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -338,6 +339,19 @@ async def _set_coin_package(suite: Suite) -> Sample:
     return Sample(request, new_id("admin"), admin=True, mutates=True)
 
 
+@sample(WALLET, "SetAccountClassification")
+async def _set_account_classification(suite: Suite) -> Sample:
+    user = new_id("viewer")
+    await open_account(suite, user)
+    request = wallet_pb2.SetAccountClassificationRequest(
+        request_id=new_id("class"),
+        user_id=user,
+        classification=wallet_pb2.ACCOUNT_CLASSIFICATION_POLITICAL,
+        reason="security test sample",
+    )
+    return Sample(request, new_id("admin"), admin=True, mutates=True)
+
+
 # -------------------------------------------------------------------------------------------- gifting
 
 
@@ -549,6 +563,13 @@ async def _list_withdrawal_queue(suite: Suite) -> Sample:
     request = payout_pb2.ListWithdrawalQueueRequest(
         queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED, page_size=5
     )
+    return Sample(request, new_id("admin"), admin=True)
+
+
+@sample(PAYOUT, "GetRevenueReport")
+async def _get_revenue_report(suite: Suite) -> Sample:
+    request = payout_pb2.GetRevenueReportRequest()
+    request.start_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
     return Sample(request, new_id("admin"), admin=True)
 
 

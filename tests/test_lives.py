@@ -351,8 +351,10 @@ async def test_a_watcher_that_keeps_losing_ground_is_told_to_resume(suite: Suite
     creator = await new_creator(suite)
     live = await start_live(suite, creator)
     senders = [(await funded_user(suite))[0] for _ in range(8)]
+    runtime = suite.services["gifting"].runtime
     feed = LiveFeed(
-        suite.services["gifting"].runtime.db,
+        runtime.db,
+        runtime.clock,
         FeedLimits(
             poll_seconds=0.05,
             page=5,

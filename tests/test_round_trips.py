@@ -59,13 +59,13 @@ async def test_a_gift_costs_gifting_two_statements_and_the_wallet_two(suite: Sui
             ("db.statement", ("gifting.start_gift",)),
             ("db.statement", ("gifting.record_debit",)),
         ]
-        # A gift that streaks (rose) joins its streak in the transaction that records it: its
+        # A gift that streaks (rose) joins its streak in the statement that records it: its
         # running count is in the answer.
         suite.spans.clear()
-        await gift()
+        await gift("panda")  # a new streak of panda
         assert units_under(suite, "gifting", "/SendGift") == [
             ("db.statement", ("gifting.start_gift",)),
-            ("db.transaction", ("gifting.join_streak", "gifting.record_debit")),
+            ("db.statement", ("gifting.record_debit_in_streak",)),
         ]
         # One read, then the debit, its rows and the request's answer as one statement.
         assert wallet == [

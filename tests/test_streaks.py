@@ -174,3 +174,46 @@ async def test_concurrent_sends_join_one_streak_and_each_count_once(
     streaks = {a.sent_gift.streak.streak_id for a in answers}
     assert len(streaks) == 1
     assert sorted(a.sent_gift.streak.count for a in answers) == list(range(1, 11))
+
+
+@pytest.fixture(scope="module")
+async def unswept(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Suite, ShiftedClock]]:
+    """Streaks that no sweep ends (it runs once an hour): a send after the pause finds its open
+    streak paused and must end it itself."""
+    if backend == "postgres":
+        await require_postgres()
+    clock = ShiftedClock()
+    suite = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"unswept-{backend}"),
+        only=("wallet", "gifting"),
+        overrides={"gifting": {"streak_pause_seconds": PAUSE, "streak_sweep_seconds": 3600}},
+        clock=clock,
+    )
+    yield suite, clock
+    await suite.stop()
+
+
+async def test_a_send_after_the_pause_ends_the_paused_streak_and_a_replay_keeps_its_count(
+    unswept: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, clock = unswept
+    creator = await new_creator(suite)
+    live = await start_live(suite, creator)
+    sender, _ = await funded_user(suite)
+    first = await suite.gifting.SendGift(gift(sender, creator, live, "rose", 2))
+    second_request = gift(sender, creator, live, "rose")
+    second = await suite.gifting.SendGift(second_request)
+    streak = second.sent_gift.streak
+    assert (streak.streak_id, streak.count) == (first.sent_gift.streak.streak_id, 3)
+    # The same request again is answered as the first time: its streak and running count.
+    assert await suite.gifting.SendGift(second_request) == second
+    clock.shift += dt.timedelta(seconds=PAUSE + 1)
+    third = await suite.gifting.SendGift(gift(sender, creator, live, "rose"))
+    assert third.sent_gift.streak.streak_id != streak.streak_id
+    assert third.sent_gift.streak.count == 1
+    kinds = [(e.WhichOneof("event"), e.cursor) for e in await feed(suite, live)]
+    # The paused streak's end comes before the gift that started the next one.
+    assert [k for k, _ in kinds] == ["gift", "gift", "streak_ended", "gift"]

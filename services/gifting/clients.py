@@ -76,11 +76,18 @@ class PayoutCrediter:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._payout = payout_pb2_grpc.PayoutServiceStub(channel)
 
-    async def credit_gifts(self, credits: Sequence[PendingCredit], *, time_limit: float) -> None:
+    async def credit_gifts(
+        self, credits: Sequence[PendingCredit], *, time_limit: float
+    ) -> dict[str, int]:
+        """Credit the gifts' creators; the diamonds each gift earned, by sent gift id."""
         request = payout_pb2.BatchCreditDiamondsRequest(
             requests=[credit_request(c.sent_gift_id, c.creator_id, c.coins) for c in credits]
         )
         try:
-            await self._payout.BatchCreditDiamonds(request, timeout=time_limit)
+            answer = await self._payout.BatchCreditDiamonds(request, timeout=time_limit)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, dependency="payout") from None
+        return {
+            c.sent_gift_id: r.diamonds_credited
+            for c, r in zip(credits, answer.responses, strict=True)
+        }

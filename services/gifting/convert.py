@@ -86,6 +86,7 @@ def live_summary_pb(summary: LiveSummary) -> gifting_pb2.LiveSummary:
             for rank, (user, coins) in enumerate(summary.top_gifters, start=1)
         ],
         last_cursor=summary.last_cursor,
+        diamonds_earned=summary.diamonds_earned,
     )
 
 

@@ -59,8 +59,11 @@ class PendingCredit:
 class DiamondCrediter(Protocol):
     """The payout service, as the gifting service needs it."""
 
-    async def credit_gifts(self, credits: Sequence[PendingCredit], *, time_limit: float) -> None:
-        """Credit many gifts in one call and one transaction, each exactly once by its gift id."""
+    async def credit_gifts(
+        self, credits: Sequence[PendingCredit], *, time_limit: float
+    ) -> dict[str, int]:
+        """Credit many gifts in one call and one transaction, each exactly once by its gift id;
+        answers the diamonds each gift earned (by sent gift id)."""
         ...
 
 
@@ -253,6 +256,32 @@ class Gifting:
             traceparent=carrier.get("traceparent", ""),
             now=now,
             answer=answer,
+        )
+
+    async def record_debit_in_streak(
+        self,
+        tx: Tx,
+        sent: storage.SentGiftRecord,
+        wallet_transaction_id: str,
+        now: dt.datetime,
+        answer: KeyAnswer,
+        *,
+        new_streak_id: str,
+        cutoff: dt.datetime,
+    ) -> storage.InStreak:
+        """`record_debit` for a streaking gift that joins its streak in the same statement
+        (PostgreSQL)."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return await storage.record_debited_in_streak(
+            tx,
+            sent,
+            wallet_transaction_id=wallet_transaction_id,
+            traceparent=carrier.get("traceparent", ""),
+            now=now,
+            answer=answer,
+            new_streak_id=new_streak_id,
+            cutoff=cutoff,
         )
 
     async def record_failure(

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from runtime.backoff import backoff
+from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import Aborted, NotFound, OutOfRange, ResourceExhausted
 from services.gifting import storage
@@ -48,6 +50,9 @@ class FeedLimits:
     """Watchers one process serves at once."""
     max_watchers_per_user: int
     """Watchers of one user one process serves at once."""
+    watch_lease_seconds: float = 30.0
+    """A LIVE with a reader is marked watched this far ahead (renewed at a third of it): gifts
+    NOTIFY other replicas only for a watched LIVE."""
 
 
 class _Tail:
@@ -64,6 +69,8 @@ class _Tail:
         self.woken = asyncio.Event()
         self.watchers = 0
         self.reader: asyncio.Task[None] | None = None
+        self.marked_until: dt.datetime | None = None
+        """Until when this process has marked the LIVE watched in the database."""
 
     def after(self, cursor: int) -> list[storage.LiveEventRecord] | None:
         """The kept events after `cursor`; None if some it needs rolled out (read them from the
@@ -86,8 +93,9 @@ class _Tail:
 
 
 class LiveFeed:
-    def __init__(self, db: Database, limits: FeedLimits) -> None:
+    def __init__(self, db: Database, clock: Clock, limits: FeedLimits) -> None:
         self._db = db
+        self._clock = clock
         self._limits = limits
         self._tails: dict[str, _Tail] = {}
         self._per_user: collections.Counter[str] = collections.Counter()
@@ -212,12 +220,27 @@ class LiveFeed:
             if tail.reader is not None:
                 tail.reader.cancel()
 
+    async def _mark_watched(self, tail: _Tail) -> None:
+        """Keep the LIVE marked watched while this reader runs, so gifts recorded by any replica
+        NOTIFY (a gift checks the mark in its own statement). SQLite has one process: no NOTIFY."""
+        if not self._db.driver.is_postgres:
+            return
+        now = self._clock.now()
+        lease = dt.timedelta(seconds=self._limits.watch_lease_seconds)
+        if tail.marked_until is not None and tail.marked_until - now > lease * 2 / 3:
+            return
+        until = now + lease
+        async with self._db.driver.transaction(single_statement=True) as tx:
+            await storage.mark_watched(tx, tail.live_id, until)
+        tail.marked_until = until
+
     async def _read(self, tail: _Tail) -> None:
         """The LIVE's reader: reads new events when woken (or every poll) until the LIVE ends."""
         failures = 0
         while not tail.ended:
             tail.woken.clear()
             try:
+                await self._mark_watched(tail)
                 async with self._db.read() as conn:
                     events = await storage.live_events_after(
                         conn, tail.live_id, tail.last_seq, self._limits.page

@@ -24,6 +24,7 @@ class LiveSummary:
     unique_gifters: int
     top_gifters: list[tuple[str, int]]
     last_cursor: int
+    diamonds_earned: int
 
 
 def _ended(live: storage.LiveRecord) -> FailedPrecondition:
@@ -61,6 +62,10 @@ class Lives:
         )
         fed = await storage.feed_streak_ends(tx, ended, now)
         return replace(sent, streak_id=streak_id, streak_count=count), fed
+
+    def streak_cutoff(self, now: dt.datetime) -> dt.datetime:
+        """A streak whose last send was before this has paused."""
+        return now - self.streak_pause
 
     async def end_due_streaks(self, tx: Tx, now: dt.datetime, limit: int) -> set[str]:
         """End the streaks whose pause has passed (each with its feed event); the LIVEs fed."""
@@ -121,6 +126,7 @@ class Lives:
                 conn, live.live_id, limit=TOP_GIFTERS, after=None
             ),
             last_cursor=live.last_seq,
+            diamonds_earned=live.diamonds_earned,
         )
 
     async def refusal(self, conn: AsyncConnection | Tx, order: GiftOrder) -> DomainError | None:

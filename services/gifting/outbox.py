@@ -79,7 +79,7 @@ class CreditRelay:
             span.set_attribute("coins.sent_gift_id", items[0].sent_gift_id)
             span.set_attribute("coins.attempt", max(item.attempts for item in items) + 1)
             try:
-                await self._payout.credit_gifts(
+                diamonds = await self._payout.credit_gifts(
                     [PendingCredit(i.sent_gift_id, i.creator_id, i.coins) for i in items],
                     time_limit=self._rt.settings.downstream_timeout_seconds,
                 )
@@ -96,7 +96,7 @@ class CreditRelay:
                 await self._retry_later(items, error)
                 return
             async with self._rt.db.driver.transaction() as tx:
-                await storage.mark_delivered(tx, items, self._rt.clock.now())
+                await storage.mark_delivered(tx, items, self._rt.clock.now(), diamonds)
 
     async def _retry_later(self, items: list[storage.OutboxRecord], error: DomainError) -> None:
         # A business refusal will not change on retry: park it (dead) and say so loudly. A refusal

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -61,7 +62,7 @@ class GiftSender:
             scope, request, sent_gift_id, start, refusal
         )
         if claim.finished:
-            return claim.replay(gifting_pb2.SendGiftResponse)
+            return await self._with_streak(claim.replay(gifting_pb2.SendGiftResponse))
         if sent is None:  # an earlier attempt started this gift: resume it
             assert claim.resource_id is not None
             async with self._db.driver.read() as tx:
@@ -86,20 +87,58 @@ class GiftSender:
             raise error from None
         streaks = sent.live_id is not None and sent.streakable
         fed: set[str] = set()
-        # One statement on PostgreSQL, unless the gift joins a streak (its count is in the answer).
-        async with self._db.driver.transaction(single_statement=not streaks) as tx:
+        recorded = False
+        if streaks and self._db.driver.is_postgres:
+            # One statement: the gift joins its streak and is recorded (the stored answer leaves
+            # the streak out; a replay reads it from the gift).
             now = self._clock.now()
-            sent, fed = await self._lives.streak(tx, sent, now)
             response = send_gift_response(replace(sent, status="debited"), balance)
             answer = self._idempotency.answer(scope, request, response=response)
-            if not await self._gifting.record_debit(tx, sent, transaction_id, now, answer):
-                raise Aborted(  # the streak's step is rolled back with it
-                    "CONCURRENT_RETRY",
-                    "another attempt with this request_id completed the gift; retry to read it",
+            async with self._db.driver.transaction(single_statement=True) as tx:
+                joined = await self._gifting.record_debit_in_streak(
+                    tx,
+                    sent,
+                    transaction_id,
+                    now,
+                    answer,
+                    new_streak_id=uuid.uuid4().hex,
+                    cutoff=self._lives.streak_cutoff(now),
                 )
+            if joined.recorded:
+                sent = replace(sent, streak_id=joined.streak_id, streak_count=joined.streak_count)
+                response = send_gift_response(replace(sent, status="debited"), balance)
+                recorded = True
+            elif not joined.paused:
+                raise _concurrent_retry()
+        if not recorded:
+            # One statement on PostgreSQL for a gift outside a streak; a streaking gift whose
+            # open streak paused (the sweep has not ended it yet) ends it here first.
+            async with self._db.driver.transaction(single_statement=not streaks) as tx:
+                now = self._clock.now()
+                sent, fed = await self._lives.streak(tx, sent, now)
+                response = send_gift_response(replace(sent, status="debited"), balance)
+                answer = self._idempotency.answer(scope, request, response=response)
+                if not await self._gifting.record_debit(tx, sent, transaction_id, now, answer):
+                    raise _concurrent_retry()  # the streak's step is rolled back with it
         self._wake_relay()
         for live_id in {*fed, *([sent.live_id] if sent.live_id else [])}:
             self._feed.notify(live_id)
+        return response
+
+    async def _with_streak(
+        self, response: gifting_pb2.SendGiftResponse
+    ) -> gifting_pb2.SendGiftResponse:
+        """A replayed answer of a gift that joined its streak in the statement recording it
+        (PostgreSQL) gets the streak from the gift's record, as the first answer had it."""
+        gift = response.sent_gift
+        if not gift.live_id or gift.HasField("streak"):
+            return response
+        async with self._db.driver.read() as tx:
+            recorded = await storage.get_sent_gift(tx, gift.sent_gift_id)
+        if recorded is not None and recorded.streak_id:
+            gift.streak.CopyFrom(
+                gifting_pb2.Streak(streak_id=recorded.streak_id, count=recorded.streak_count or 0)
+            )
         return response
 
     async def reconcile(
@@ -151,6 +190,13 @@ class GiftSender:
         if settled:
             self._wake_relay()
         return settled
+
+
+def _concurrent_retry() -> Aborted:
+    return Aborted(
+        "CONCURRENT_RETRY",
+        "another attempt with this request_id completed the gift; retry to read it",
+    )
 
 
 def _voided(sent_gift_id: str) -> FailedPrecondition:

@@ -33,6 +33,7 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
 
     feed = LiveFeed(
         runtime.db,
+        runtime.clock,
         FeedLimits(
             poll_seconds=settings.feed_poll_seconds,
             page=settings.feed_page,
@@ -40,6 +41,7 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
             max_backlog=settings.feed_max_backlog,
             max_watchers=settings.feed_max_watchers,
             max_watchers_per_user=settings.feed_max_watchers_per_user,
+            watch_lease_seconds=settings.feed_watch_lease_seconds,
         ),
     )
     runtime.add_worker(feed.listen)  # other replicas' gifts, by LISTEN/NOTIFY

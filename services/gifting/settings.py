@@ -45,3 +45,7 @@ class GiftingSettings(ServiceSettings):
     """Feed watchers one process serves at once (RESOURCE_EXHAUSTED TOO_MANY_WATCHERS beyond)."""
     feed_max_watchers_per_user: int = 10
     """Feed watchers of one user one process serves at once."""
+    feed_watch_lease_seconds: float = 30.0
+    """A LIVE with watchers in a process is marked watched this far ahead (renewed at a third of
+    it); gifts NOTIFY the other replicas only for a watched LIVE (NOTIFY costs every commit a
+    database-wide lock)."""

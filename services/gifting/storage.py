@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,8 +80,12 @@ lives = Table(
     Column("last_seq", BigInteger, nullable=False),
     Column("coins_received", BigInteger, nullable=False),
     Column("gifts_sent", BigInteger, nullable=False),
+    Column("watched_until", DateTime(timezone=True)),
+    Column("diamonds_earned", BigInteger, nullable=False, server_default="0"),
 )
-"""A creator's LIVE (migration 0007): its feed counter and summary sums are kept on the row."""
+"""A creator's LIVE (migration 0007): its feed counter and summary sums are kept on the row;
+`watched_until` (0010): some process has watchers of its feed until then (NOTIFY only then);
+`diamonds_earned` (0010): what payout credited for its gifts, added as the credits are delivered."""
 
 live_events = Table(
     "live_events",
@@ -473,16 +477,17 @@ _FED = (
     "fed AS (UPDATE lives SET last_seq = last_seq + CASE WHEN ended_at IS NULL THEN 1 ELSE 0 END, "
     "coins_received = coins_received + :coins::bigint, gifts_sent = gifts_sent + :count::integer "
     "WHERE live_id = :live_id::text AND EXISTS (SELECT 1 FROM moved) "
-    "RETURNING last_seq, ended_at IS NULL AS open), "
+    "RETURNING last_seq, ended_at IS NULL AS open, watched_until), "
     "event AS (INSERT INTO live_events (live_id, seq, kind, sent_gift_id, sender_id, gift_id, "
     "count, coins, created_at, streak_id, streak_count) SELECT :live_id::text, last_seq, 'gift', "
     ":sent_gift_id::text, :sender_id::text, :gift_id::text, :count::integer, :coins::bigint, "
     ":now::timestamptz, :streak_id::text, :streak_count::integer FROM fed WHERE open), "
-    "notified AS (SELECT pg_notify('live_feed', :live_id::text) FROM fed)"
+    "notified AS (SELECT pg_notify('live_feed', :live_id::text) FROM fed "
+    "WHERE watched_until > :now::timestamptz)"
 )
-"""A gift in a LIVE is the LIVE's next feed event; watchers on every replica are woken (NOTIFY is
-delivered at commit). A gift accepted while the LIVE was open but recorded after it ended counts in
-the summary, not in the feed (which ends with `ended`)."""
+"""A gift in a LIVE is the LIVE's next feed event; if some process watches the LIVE, watchers on
+every replica are woken (NOTIFY is delivered at commit). A gift accepted while the LIVE was open but
+recorded after it ended counts in the summary, not in the feed (which ends with `ended`)."""
 _RECORDED = "SELECT (SELECT count(*) FROM moved) + 0 * (SELECT count(*) FROM notified)"
 _RECORD_DEBIT_PG = Statement(
     "gifting.record_debit",
@@ -495,6 +500,100 @@ _RECORD_DEBIT_ANSWERED_PG = Statement(
     postgres=f"WITH {_MOVED}, {_RANKED}, {_QUEUED}, {_FED}, "
     f"answered AS ({ANSWER_SQL} AND EXISTS (SELECT 1 FROM moved)) {_RECORDED}",
 )
+
+
+_CLAIMED = (
+    "claim AS (SELECT sent_gift_id FROM sent_gifts WHERE sent_gift_id = :sent_gift_id::text "
+    "AND status = 'pending' FOR UPDATE)"
+)
+_JOINED = (
+    "streak AS (INSERT INTO streaks (streak_id, live_id, sender_id, gift_id, count, last_at, "
+    "ended_at) SELECT :new_streak_id::text, :live_id::text, :sender_id::text, :gift_id::text, "
+    ":count::integer, :now::timestamptz, NULL FROM claim "
+    "ON CONFLICT (live_id, sender_id, gift_id) WHERE ended_at IS NULL DO UPDATE "
+    "SET count = streaks.count + excluded.count, last_at = excluded.last_at "
+    "WHERE streaks.last_at >= :cutoff::timestamptz RETURNING streak_id, count)"
+)
+_IN_STREAK = {
+    ":streak_id::text": "(SELECT streak_id FROM streak)",
+    ":streak_count::integer": "(SELECT count FROM streak)",
+    "WHERE sent_gift_id = :sent_gift_id AND status = 'pending'": (
+        "WHERE sent_gift_id IN (SELECT sent_gift_id FROM claim) AND EXISTS (SELECT 1 FROM streak)"
+    ),
+}
+
+
+def _in_streak(sql: str) -> str:
+    for portable, joined in _IN_STREAK.items():
+        sql = sql.replace(portable, joined)
+    return sql
+
+
+_RECORD_IN_STREAK_PG = Statement(
+    "gifting.record_debit_in_streak",
+    "",
+    postgres=f"WITH {_CLAIMED}, {_JOINED}, {_in_streak(_MOVED)}, {_RANKED}, {_QUEUED}, "
+    f"{_in_streak(_FED)}, answered AS ({ANSWER_SQL} AND EXISTS (SELECT 1 FROM moved)) "
+    "SELECT (SELECT count(*) FROM moved) + 0 * (SELECT count(*) FROM notified), "
+    "(SELECT count(*) FROM claim), (SELECT streak_id FROM streak), (SELECT count FROM streak)",
+)
+"""A streaking gift recorded in one statement (PostgreSQL): the pending gift is locked, joins its
+viewer's open streak (or opens one) and is recorded with the streak's id and running count. A
+concurrent retry finds the gift no longer pending and changes nothing; an open streak that has
+paused changes nothing either (it must end first, with its feed event: the caller does that in a
+transaction). The stored answer leaves the streak out (it is known only here): a replay reads it
+from the gift's record."""
+
+
+@dataclass(frozen=True)
+class InStreak:
+    """What recording a gift in its streak did."""
+
+    recorded: bool
+    paused: bool
+    """Not recorded: the viewer's open streak of this gift paused and has not been ended yet."""
+    streak_id: str | None
+    streak_count: int | None
+
+
+async def record_debited_in_streak(
+    tx: Tx,
+    sent: SentGiftRecord,
+    *,
+    wallet_transaction_id: str,
+    traceparent: str,
+    now: dt.datetime,
+    answer: KeyAnswer,
+    new_streak_id: str,
+    cutoff: dt.datetime,
+) -> InStreak:
+    """`record_debited` for a streakable gift in a LIVE, joining its streak: one statement on
+    PostgreSQL (`_RECORD_IN_STREAK_PG`)."""
+    assert tx.dialect == "postgresql" and sent.live_id is not None
+    row = await tx.one(
+        _RECORD_IN_STREAK_PG,
+        sent_gift_id=sent.sent_gift_id,
+        wallet_transaction_id=wallet_transaction_id,
+        now=now,
+        live_id=sent.live_id,
+        sender_id=sent.sender_id,
+        creator_id=sent.creator_id,
+        gift_id=sent.gift_id,
+        count=sent.count,
+        coins=sent.coins,
+        traceparent=traceparent,
+        new_streak_id=new_streak_id,
+        cutoff=cutoff,
+        **answer.params,
+    )
+    assert row is not None
+    moved, claimed, streak_id, streak_count = row
+    return InStreak(
+        recorded=int(moved) == 1,
+        paused=int(moved) == 0 and int(claimed) == 1,
+        streak_id=streak_id,
+        streak_count=None if streak_count is None else int(streak_count),
+    )
 
 
 async def record_debited(
@@ -608,10 +707,18 @@ _MARK_DELIVERED = Statement(
 )
 _CREDITED_GIFTS = Statement(
     "gifting.credited_gifts",
-    "SELECT creator_id, sender_id, coins, created_at FROM sent_gifts "
+    "SELECT creator_id, sender_id, coins, created_at, live_id, sent_gift_id FROM sent_gifts "
     "WHERE sent_gift_id IN (SELECT value FROM json_each(:sent_gift_ids))",
-    postgres="SELECT creator_id, sender_id, coins, created_at FROM sent_gifts "
-    "WHERE sent_gift_id = ANY(:sent_gift_ids::text[])",
+    postgres="SELECT creator_id, sender_id, coins, created_at, live_id, sent_gift_id "
+    "FROM sent_gifts WHERE sent_gift_id = ANY(:sent_gift_ids::text[])",
+)
+_ADD_DIAMONDS_EARNED = Statement(
+    "gifting.add_diamonds_earned",
+    "UPDATE lives SET diamonds_earned = diamonds_earned + json_extract(value, '$[1]') "
+    "FROM json_each(:rows) WHERE lives.live_id = json_extract(value, '$[0]')",
+    postgres="UPDATE lives SET diamonds_earned = diamonds_earned + d.diamonds "
+    "FROM unnest(:live_ids::text[], :amounts::bigint[]) AS d(live_id, diamonds) "
+    "WHERE lives.live_id = d.live_id",
 )
 _ADD_TO_RANKINGS = Statement(
     "gifting.add_to_rankings",
@@ -653,17 +760,34 @@ async def due_credits(tx: Tx, now: dt.datetime, limit: int) -> list[OutboxRecord
     ]
 
 
-async def mark_delivered(tx: Tx, credits: Sequence[OutboxRecord], now: dt.datetime) -> int:
+async def mark_delivered(
+    tx: Tx,
+    credits: Sequence[OutboxRecord],
+    now: dt.datetime,
+    diamonds: Mapping[str, int] | None = None,
+) -> int:
     """Payout acknowledged these credits: their outbox rows are done, so their gifts read `credited`,
-    and their coins join the rankings, each credit once (one marked by another delivery is skipped).
-    A batch adds one row per (period, creator) and per (creator, gifter). Returns how many it marked."""
+    their coins join the rankings and the `diamonds` payout credited for each (by sent gift id) join
+    its LIVE's, each credit once (one marked by another delivery is skipped). A batch adds one row
+    per (period, creator), per (creator, gifter) and per LIVE. Returns how many it marked."""
     marked = await tx.all(_MARK_DELIVERED, outbox_ids=[c.outbox_id for c in credits], now=now)
     if not marked:
         return 0
     gifts = await tx.all(_CREDITED_GIFTS, sent_gift_ids=[str(row[0]) for row in marked])
     ranked: dict[tuple[str, str, str], int] = {}
     gifters: dict[tuple[str, str], int] = {}
-    for creator, sender, coins, created in gifts:
+    earned: dict[str, int] = {}
+    for *_, live_id, sent_gift_id in gifts:
+        if live_id and diamonds and diamonds.get(sent_gift_id):
+            earned[live_id] = earned.get(live_id, 0) + diamonds[sent_gift_id]
+    if earned:
+        await tx.run(
+            _ADD_DIAMONDS_EARNED,
+            rows=[[live, n] for live, n in earned.items()],
+            live_ids=list(earned),
+            amounts=list(earned.values()),
+        )
+    for creator, sender, coins, created, *_ in gifts:
         for period, key in period_keys(utc(created)).items():
             ranked[period, key, creator] = ranked.get((period, key, creator), 0) + int(coins)
         gifters[creator, sender] = gifters.get((creator, sender), 0) + int(coins)
@@ -837,6 +961,7 @@ class LiveRecord:
     last_seq: int
     coins_received: int
     gifts_sent: int
+    diamonds_earned: int = 0
 
 
 async def insert_live(conn: AsyncConnection, live: LiveRecord) -> bool:
@@ -847,7 +972,7 @@ async def insert_live(conn: AsyncConnection, live: LiveRecord) -> bool:
 _GET_LIVE = Statement(
     "gifting.get_live",
     "SELECT live_id, creator_id, title, gifts_enabled, started_at, ended_at, last_seq, "
-    "coins_received, gifts_sent FROM lives WHERE live_id = :live_id",
+    "coins_received, gifts_sent, diamonds_earned FROM lives WHERE live_id = :live_id",
 )
 
 
@@ -855,7 +980,7 @@ async def get_live(conn: AsyncConnection | Tx, live_id: str) -> LiveRecord | Non
     row = await as_tx(conn).one(_GET_LIVE, live_id=live_id)
     if row is None:
         return None
-    live, creator, title, enabled, started, ended, seq, coins, gifts = row
+    live, creator, title, enabled, started, ended, seq, coins, gifts, diamonds = row
     return LiveRecord(
         live_id=live,
         creator_id=creator,
@@ -866,6 +991,7 @@ async def get_live(conn: AsyncConnection | Tx, live_id: str) -> LiveRecord | Non
         last_seq=int(seq),
         coins_received=int(coins),
         gifts_sent=int(gifts),
+        diamonds_earned=int(diamonds),
     )
 
 
@@ -916,6 +1042,18 @@ class LiveEventRecord:
     created_at: dt.datetime
     streak_id: str | None = None
     streak_count: int | None = None
+
+
+_MARK_WATCHED = Statement(
+    "gifting.mark_watched",
+    "UPDATE lives SET watched_until = :until WHERE live_id = :live_id AND ended_at IS NULL "
+    "AND (watched_until IS NULL OR watched_until < :until)",
+)
+
+
+async def mark_watched(tx: Tx, live_id: str, until: dt.datetime) -> None:
+    """Some process has watchers of the LIVE's feed until `until` (gifts NOTIFY until then)."""
+    await tx.run(_MARK_WATCHED, live_id=live_id, until=until)
 
 
 async def live_events_after(
@@ -999,7 +1137,12 @@ _STREAK_ENDED_EVENT = Statement(
     "streak_id, streak_count) VALUES (:live_id, :seq, 'streak_ended', :sender_id, :gift_id, "
     ":count, :now, :streak_id, :count)",
 )
-_NOTIFY = Statement("gifting.notify", "", postgres="SELECT pg_notify('live_feed', :live_id)")
+_NOTIFY = Statement(
+    "gifting.notify",
+    "",
+    postgres="SELECT pg_notify('live_feed', live_id) FROM lives WHERE live_id = :live_id "
+    "AND watched_until > :now",
+)
 
 
 def _streak_ends(rows: Sequence[Sequence[Any]]) -> list[StreakEnd]:
@@ -1065,5 +1208,5 @@ async def feed_streak_ends(tx: Tx, ended: Sequence[StreakEnd], now: dt.datetime)
         fed.add(streak.live_id)
     if tx.dialect == "postgresql":
         for live_id in fed:
-            await tx.one(_NOTIFY, live_id=live_id)
+            await tx.one(_NOTIFY, live_id=live_id, now=now)
     return fed

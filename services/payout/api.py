@@ -12,7 +12,7 @@ from runtime.access import Access, method_rules, require_owner
 from runtime.auth import current_principal
 from runtime.idempotency import fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
-from runtime.protos import RpcContext, money, timestamp
+from runtime.protos import RpcContext, money, timestamp, to_datetime
 from runtime.server import Runtime
 from runtime.sql import as_tx
 from services.payout import policy
@@ -80,6 +80,7 @@ ACCESS = method_rules(
         "ListWithdrawals": Access.user("creator_id", admin_may_read=True),
         "ListDiamondEntries": Access.user("creator_id", admin_may_read=True),
         "GetDiamondStatement": Access.user("creator_id", admin_may_read=True),
+        "GetRevenueReport": Access.admin_only(),
     },
 )
 """Who may call each RPC (see runtime.access): the account acted on is always the token's user."""
@@ -600,4 +601,41 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             period,
             since,
             until,
+        )
+
+    async def GetRevenueReport(
+        self, request: payout_pb2.GetRevenueReportRequest, context: RpcContext
+    ) -> payout_pb2.GetRevenueReportResponse:
+        since = to_datetime(request.start_time, "start_time")
+        until = (
+            to_datetime(request.end_time, "end_time")
+            if request.HasField("end_time")
+            else self._clock.now()
+        )
+        async with self._db.driver.read() as tx:
+            days = await self._payouts.revenue(tx, since, until)
+        total = payout_pb2.RevenueDay(
+            day="total",
+            gifts=sum(d.gifts for d in days),
+            coins=sum(d.coins for d in days),
+            diamonds=sum(d.diamonds for d in days),
+            gifts_value_micros=sum(d.gifts_value for d in days),
+            creators_value_micros=sum(d.creators_value for d in days),
+            platform_revenue_micros=sum(d.platform for d in days),
+        )
+        return payout_pb2.GetRevenueReportResponse(
+            currency_code=self._settings.currency_code,
+            days=[
+                payout_pb2.RevenueDay(
+                    day=d.day,
+                    gifts=d.gifts,
+                    coins=d.coins,
+                    diamonds=d.diamonds,
+                    gifts_value_micros=d.gifts_value,
+                    creators_value_micros=d.creators_value,
+                    platform_revenue_micros=d.platform,
+                )
+                for d in days
+            ],
+            total=total,
         )

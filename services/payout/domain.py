@@ -257,7 +257,16 @@ class Payouts:
                         c.reference,
                     )
                 )
-        if await storage.insert_credits(tx, rows, now, matured=not self.maturing) != len(rows):
+        rates = storage.Rates(
+            numerator=self.settings.diamonds_per_coin_numerator,
+            denominator=self.settings.diamonds_per_coin_denominator,
+            coin_value=self.settings.coin_value_micros,
+            diamond_value=self.settings.diamond_value_micros,
+        )
+        inserted = await storage.insert_credits(
+            tx, rows, now, matured=not self.maturing, rates=rates
+        )
+        if inserted != len(rows):
             raise Aborted(
                 "CONCURRENT_CREDIT",
                 "another delivery of some of these credits committed first; retry to read its answers",
@@ -275,6 +284,22 @@ class Payouts:
             policy_version=self.settings.policy_version,
         )
         return posted.balances[account]
+
+    async def revenue(
+        self, tx: Tx, since: dt.datetime, until: dt.datetime
+    ) -> list[storage.RevenueDay]:
+        """The platform's revenue from gifts per UTC day in [since, until) (at most 92 days), each
+        gift valued at the rates kept with it."""
+        day = dt.timedelta(days=1)
+        start = dt.datetime.combine(since.astimezone(dt.UTC).date(), dt.time(0), tzinfo=dt.UTC)
+        if until <= start or until - start > 92 * day:
+            raise InvalidArgument(
+                "BAD_REPORT_PERIOD",
+                "a revenue report covers 1 to 92 days: end_time must be after start_time and at "
+                "most 92 days later",
+                violations=(FieldViolation("end_time", "after start_time, within 92 days"),),
+            )
+        return await storage.revenue_by_day(tx, start, until)
 
     async def entries(
         self,

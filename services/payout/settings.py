@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from ledger.api import LedgerServiceSettings
+
+_MICROS_PER_MINOR_UNIT = 10_000
+"""Millionths of a currency unit in one minor unit (cents: two decimals)."""
 
 
 class PayoutSettings(LedgerServiceSettings):
@@ -21,6 +24,10 @@ class PayoutSettings(LedgerServiceSettings):
     """A creator earns floor(coins received x 1/2) diamonds: 2 coins = 1 diamond (the platform keeps ~50%)."""
     diamonds_per_minor_unit: int = 2
     """2 diamonds = 1 cent, so 200 diamonds = $1 and 1 diamond = $0.005."""
+    coin_value_micros: int = 9_900
+    """What a coin is worth on the books, in millionths of the currency: $0.0099 (100 coins =
+    $0.99, the platform's own coin rate). A gift's value is its coins at this; the platform's
+    revenue from it is that less its creator's diamonds' value (each kept with the gift)."""
     currency_code: str = "USD"
     min_withdrawal_minor: int = 1000
     """$10.00: smaller withdrawals are refused (BELOW_MINIMUM)."""
@@ -79,3 +86,16 @@ class PayoutSettings(LedgerServiceSettings):
     """Credit batches applied at the same time; more wait their turn. Batches lock the same creators'
     rows, so more at once only queue inside PostgreSQL, holding connections and memory."""
     policy_version: str = "2026-11"
+
+    @property
+    def diamond_value_micros(self) -> int:
+        """What a diamond is worth, in millionths: a minor unit over the diamonds it takes (rounded
+        down when they do not divide 10,000; a gift's platform share is what its value leaves, so
+        the books still add up exactly)."""
+        return _MICROS_PER_MINOR_UNIT // self.diamonds_per_minor_unit
+
+    @model_validator(mode="after")
+    def _coins_have_value(self) -> PayoutSettings:
+        if self.coin_value_micros <= 0:
+            raise ValueError("PAYOUT_COIN_VALUE_MICROS must be positive")
+        return self

@@ -154,9 +154,15 @@ gift_credits = Table(
     Column("reference", String(128)),
     Column("reversed_at", DateTime(timezone=True)),
     Column("reversal_transaction_id", String(40)),
+    Column("rate_numerator", Integer, nullable=False),
+    Column("rate_denominator", Integer, nullable=False),
+    Column("coin_value_micros", BigInteger, nullable=False),
+    Column("diamond_value_micros", BigInteger, nullable=False),
+    Column("platform_micros", BigInteger, nullable=False),
 )
 """One row per applied gift credit (migration 0007): the exactly-once record and its answer; its
-diamonds are pending until `matured_at` (migration 0011)."""
+diamonds are pending until `matured_at` (migration 0011); the rates it was converted at and the
+platform's share, coins x coin value - diamonds x diamond value, in millionths (migration 0016)."""
 
 
 @dataclass(frozen=True)
@@ -240,21 +246,27 @@ _SET_CREDITED_MANY_PG = Statement(
 )
 _CREDIT_COLUMNS = (
     "credit_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, reference, "
-    "created_at, matured_at"
+    "created_at, matured_at, rate_numerator, rate_denominator, coin_value_micros, "
+    "diamond_value_micros, platform_micros"
 )
 _INSERT_CREDIT = Statement(
     "payout.insert_credit",
     f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) VALUES (:credit_key, :fingerprint, :creator_id, "
-    ":coins, :diamonds, :transaction_id, :response, :reference, :now, :matured_at) "
+    ":coins, :diamonds, :transaction_id, :response, :reference, :now, :matured_at, :numerator, "
+    ":denominator, :coin_value, :diamond_value, :coins * :coin_value - :diamonds * :diamond_value) "
     "ON CONFLICT DO NOTHING",
 )
 _INSERT_CREDITS_PG = Statement(
     "payout.insert_credits",
     "",
     postgres=f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) "
-    "SELECT c.*, :now::timestamptz, :matured_at::timestamptz FROM unnest(:keys::text[], "
+    "SELECT c.*, :now::timestamptz, :matured_at::timestamptz, :numerator::integer, "
+    ":denominator::integer, :coin_value::bigint, :diamond_value::bigint, "
+    "c.coins * :coin_value::bigint - c.diamonds * :diamond_value::bigint "
+    "FROM unnest(:keys::text[], "
     ":fingerprints::text[], :creator_ids::text[], :coins::bigint[], :diamonds::bigint[], "
-    ":transaction_ids::text[], :responses::bytea[], :references::text[]) AS c "
+    ":transaction_ids::text[], :responses::bytea[], :references::text[]) "
+    "AS c(key, fingerprint, creator_id, coins, diamonds, transaction_id, response, reference) "
     "ON CONFLICT DO NOTHING",
 )
 _CREDITS_OF_GIFTS = Statement(
@@ -348,12 +360,26 @@ async def set_diamonds_credited_many(tx: Tx, owed: dict[str, int]) -> None:
         await tx.run(_SET_CREDITED, creator_id=creator_id, owed=diamonds)
 
 
+@dataclass(frozen=True)
+class Rates:
+    """The conversion policy a credit is applied at, kept with it."""
+
+    numerator: int
+    denominator: int
+    """Diamonds per coin: numerator / denominator."""
+    coin_value: int
+    diamond_value: int
+    """What a coin and a diamond are worth, in millionths of the currency unit."""
+
+
 async def insert_credits(
-    tx: Tx, rows: Sequence[CreditRow], now: dt.datetime, *, matured: bool
+    tx: Tx, rows: Sequence[CreditRow], now: dt.datetime, *, matured: bool, rates: Rates
 ) -> int:
-    """Record applied credits, pending (or `matured` at once); returns how many were new (fewer: a
-    concurrent twin applied some)."""
+    """Record applied credits, pending (or `matured` at once), each with the rates it was applied
+    at and the platform's share; returns how many were new (fewer: a concurrent twin applied
+    some)."""
     matured_at = now if matured else None
+    snapshot = rates.__dict__
     if tx.dialect == "postgresql":
         return await tx.run(
             _INSERT_CREDITS_PG,
@@ -367,10 +393,13 @@ async def insert_credits(
             references=[r.reference for r in rows],
             now=now,
             matured_at=matured_at,
+            **snapshot,
         )
     inserted = 0
     for r in rows:
-        inserted += await tx.run(_INSERT_CREDIT, **r.__dict__, now=now, matured_at=matured_at)
+        inserted += await tx.run(
+            _INSERT_CREDIT, **r.__dict__, now=now, matured_at=matured_at, **snapshot
+        )
     return inserted
 
 
@@ -748,6 +777,35 @@ class CreditOfGift:
     pending: bool
     reference: str
     reversed: bool
+
+
+@dataclass(frozen=True)
+class RevenueDay:
+    day: str
+    gifts: int
+    coins: int
+    diamonds: int
+    gifts_value: int
+    creators_value: int
+    platform: int
+
+
+_REVENUE_BY_DAY = Statement(
+    "payout.revenue_by_day",
+    "SELECT substr(created_at, 1, 10) AS day, count(*), sum(coins), sum(diamonds), "
+    "sum(coins * coin_value_micros), sum(diamonds * diamond_value_micros), sum(platform_micros) "
+    "FROM gift_credits WHERE created_at >= :since AND created_at < :until GROUP BY day ORDER BY day",
+    postgres="SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*), "
+    "sum(coins), sum(diamonds), sum(coins * coin_value_micros), "
+    "sum(diamonds * diamond_value_micros), sum(platform_micros) "
+    "FROM gift_credits WHERE created_at >= :since AND created_at < :until GROUP BY day ORDER BY day",
+)
+
+
+async def revenue_by_day(tx: Tx, since: dt.datetime, until: dt.datetime) -> list[RevenueDay]:
+    """The gift credits applied in [since, until), summed per UTC day (ix_gift_credits_day)."""
+    rows = await tx.all(_REVENUE_BY_DAY, since=since, until=until)
+    return [RevenueDay(str(day), *(int(v) for v in values)) for day, *values in rows]
 
 
 async def credits_of_gifts(tx: Tx, references: Sequence[str]) -> list[CreditOfGift]:

@@ -18,6 +18,7 @@ from services.wallet.api_holds import HoldRpcs
 from services.wallet.api_payments import PaymentEventRpcs
 from services.wallet.convert import (
     CHANNELS,
+    CLASSIFICATION_NAMES,
     DEBIT_REASONS,
     ENTRY_KINDS,
     KIND_NAMES,
@@ -42,6 +43,7 @@ ACCESS = method_rules(
         "GetCoinStatement": Access.user("user_id", admin_may_read=True),
         "DebitCoins": Access.internal({"gifting", "promotion"}, owner_field="user_id"),
         "SetCoinPackage": Access.admin_only(),
+        "SetAccountClassification": Access.admin_only(),
         "PlaceHold": Access.internal({"promotion"}, owner_field="user_id"),
         "CaptureHold": Access.internal({"promotion"}),  # only the hold's owner service, too
         "ReleaseHold": Access.internal({"promotion"}),
@@ -79,6 +81,23 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
 
         return await self._idempotency.once(
             f"OpenAccount:{request.user_id}", request, wallet_pb2.OpenAccountResponse, effect
+        )
+
+    async def SetAccountClassification(
+        self, request: wallet_pb2.SetAccountClassificationRequest, context: RpcContext
+    ) -> wallet_pb2.SetAccountClassificationResponse:
+        async def effect(conn: AsyncConnection) -> wallet_pb2.SetAccountClassificationResponse:
+            account = await self._wallet.classify(
+                conn, request.user_id, CLASSIFICATION_NAMES[request.classification]
+            )
+            balance = await self._wallet.coins(conn, account.user_id)
+            return wallet_pb2.SetAccountClassificationResponse(account=account_pb(account, balance))
+
+        return await self._idempotency.once(
+            f"SetAccountClassification:{request.user_id}",
+            request,
+            wallet_pb2.SetAccountClassificationResponse,
+            effect,
         )
 
     async def SetCoinPackage(

@@ -48,6 +48,14 @@ def to_date(value: date_pb2.Date) -> dt.date:
         ) from None
 
 
+CLASSIFICATIONS = {
+    "personal": wallet_pb2.ACCOUNT_CLASSIFICATION_PERSONAL,
+    "government": wallet_pb2.ACCOUNT_CLASSIFICATION_GOVERNMENT,
+    "political": wallet_pb2.ACCOUNT_CLASSIFICATION_POLITICAL,
+}
+CLASSIFICATION_NAMES = {value: name for name, value in CLASSIFICATIONS.items()}
+
+
 def account_pb(account: storage.AccountRecord, balance: Coins) -> wallet_pb2.Account:
     return wallet_pb2.Account(
         user_id=account.user_id,
@@ -60,6 +68,7 @@ def account_pb(account: storage.AccountRecord, balance: Coins) -> wallet_pb2.Acc
         ),
         balance=balance_pb(balance),
         create_time=timestamp(account.created_at),
+        classification=CLASSIFICATIONS[account.classification],
     )
 
 

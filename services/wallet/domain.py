@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -99,7 +100,8 @@ class Wallet:
         self.settings = settings
         self.ledger = ledger
         self.holds = Holds(ledger)
-        self._eligible_recipients: dict[str, None] = {}
+        self._eligible: dict[str, float] = {}
+        """Users known eligible for gifts, until (monotonic time)."""
 
     def price_package(
         self,
@@ -161,6 +163,20 @@ class Wallet:
         return await storage.list_packages(
             conn, account.country_code, channel, limit=limit, after=after
         )
+
+    async def classify(
+        self, conn: AsyncConnection, user_id: str, classification: str
+    ) -> storage.AccountRecord:
+        """Set an account's classification (personal, government, political); NOT_FOUND for a
+        user without an account. Every process honours it within its eligibility cache time."""
+        if not await storage.set_classification(conn, user_id, classification):
+            raise NotFound(
+                "ACCOUNT_NOT_FOUND", f"user {user_id} has no wallet account", user_id=user_id
+            )
+        self._eligible.pop(user_id, None)
+        account = await storage.get_account(conn, user_id)
+        assert account is not None
+        return account
 
     async def open_account(
         self,
@@ -280,11 +296,12 @@ class Wallet:
     ) -> None:
         """Age and region gating; raises FailedPrecondition with the rule that refused."""
         age = age_on(account.birth_date, today)
-        if age < self.settings.minimum_age:
+        minimum = self.minimum_age_in(account.country_code)
+        if age < minimum:
             raise FailedPrecondition(
                 "AGE_RESTRICTED",
-                f"users under {self.settings.minimum_age} cannot buy coins",
-                minimum_age=self.settings.minimum_age,
+                f"users under {minimum} cannot buy coins in {account.country_code}",
+                minimum_age=minimum,
             )
         if account.country_code not in self.settings.regions:
             raise FailedPrecondition(
@@ -491,44 +508,94 @@ class Wallet:
         return await self.coins(conn, purchase.user_id)
 
     async def check_recipient(self, conn: AsyncConnection | Tx, what: DebitRequest) -> None:
-        """Coins go to someone only if that someone may receive: another user, with a wallet account,
-        of age. An eligible recipient stays eligible (accounts are never removed, birth dates never
-        change, age only grows), so each process remembers them and the hot path reads nothing."""
+        """Coins for a gift move only between users who may send and receive: the creator has a
+        wallet account, and neither side is a government or political account, under the minimum
+        age of their country, or in a region without gifts; no one gifts themself. Each refusal has
+        its own reason. An eligible user is remembered by each process for
+        `WALLET_ELIGIBILITY_CACHE_SECONDS`, so the hot path reads nothing."""
         recipient = what.recipient_id
-        if not recipient or recipient in self._eligible_recipients:
-            return
-        if recipient == what.user_id:
+        if recipient == what.user_id and recipient:
             raise InvalidArgument(
                 "SELF_GIFTING",
                 "users cannot send gifts to themselves",
                 violations=(FieldViolation("recipient_id", "must not be the user debited"),),
                 user_id=recipient,
             )
-        born = await storage.birth_date(conn, recipient)
-        if born is None:
+        today = self.ledger.clock.now().date()
+        if what.reason == "gift" and not self._remembered(what.user_id):
+            sender = await storage.party(conn, what.user_id)
+            if sender is not None:  # no account: the ledger says ACCOUNT_NOT_FOUND
+                refused = self._ineligible(what.user_id, sender, today, receiving=False)
+                if refused is not None:
+                    raise refused
+                self._remember(what.user_id)
+        if not recipient or self._remembered(recipient):
+            return
+        party = await storage.party(conn, recipient)
+        if party is None:
             raise NotFound(
                 "RECIPIENT_NOT_FOUND",
                 f"user {recipient} has no wallet account, so cannot receive; nothing was debited",
                 recipient_id=recipient,
             )
-        minimum = self.settings.minimum_age
-        if age_on(born, self.ledger.clock.now().date()) < minimum:
-            raise FailedPrecondition(
-                "RECIPIENT_NOT_ELIGIBLE",
-                f"user {recipient} cannot receive gifts: receivers must be {minimum} or older",
-                recipient_id=recipient,
+        refused = self._ineligible(recipient, party, today, receiving=True)
+        if refused is not None:
+            raise refused
+        self._remember(recipient)
+
+    def minimum_age_in(self, country_code: str) -> int:
+        return self.settings.minimum_age_by_country.get(country_code, self.settings.minimum_age)
+
+    def _ineligible(
+        self, user_id: str, party: storage.Party, today: dt.date, *, receiving: bool
+    ) -> FailedPrecondition | None:
+        """Why `user_id` may not send (or, `receiving`, receive) gifts; None if they may."""
+        role = "receive" if receiving else "send"
+        prefix = "RECIPIENT_" if receiving else ""
+        if party.classification != "personal":
+            return FailedPrecondition(
+                f"{prefix}GOVERNMENT_ACCOUNT",
+                f"user {user_id} is a {party.classification} account: government and political "
+                f"accounts cannot {role} gifts; nothing was debited",
+                user_id=user_id,
+                classification=party.classification,
+            )
+        minimum = self.minimum_age_in(party.country_code)
+        if age_on(party.birth_date, today) < minimum:
+            return FailedPrecondition(
+                "RECIPIENT_NOT_ELIGIBLE" if receiving else "AGE_RESTRICTED",
+                f"user {user_id} cannot {role} gifts: users in {party.country_code} must be "
+                f"{minimum} or older; nothing was debited",
+                user_id=user_id,
                 rule="minimum_age",
                 minimum_age=minimum,
             )
-        if len(self._eligible_recipients) >= RECIPIENTS_REMEMBERED:
-            self._eligible_recipients.pop(next(iter(self._eligible_recipients)))
-        self._eligible_recipients[recipient] = None
+        if party.country_code not in self.settings.regions:
+            return FailedPrecondition(
+                f"{prefix}REGION_UNSUPPORTED",
+                f"user {user_id} cannot {role} gifts: gifts are not offered in "
+                f"{party.country_code}; nothing was debited",
+                user_id=user_id,
+                country_code=party.country_code,
+            )
+        return None
+
+    def _remembered(self, user_id: str) -> bool:
+        until = self._eligible.get(user_id)
+        return until is not None and until > time.monotonic()
+
+    def _remember(self, user_id: str) -> None:
+        if len(self._eligible) >= RECIPIENTS_REMEMBERED:
+            self._eligible.pop(next(iter(self._eligible)))
+        self._eligible[user_id] = time.monotonic() + self.settings.eligibility_cache_seconds
 
     def knows_recipient(self, what: DebitRequest) -> bool:
-        """Whether `check_recipient` would pass without a read (no recipient, or one known)."""
-        return not what.recipient_id or (
-            what.recipient_id in self._eligible_recipients and what.recipient_id != what.user_id
-        )
+        """Whether `check_recipient` would pass without a read (both sides known eligible)."""
+        if what.recipient_id and what.recipient_id == what.user_id:
+            return False
+        if what.reason == "gift" and not self._remembered(what.user_id):
+            return False
+        return not what.recipient_id or self._remembered(what.recipient_id)
 
     async def debit(self, conn: AsyncConnection | Tx, what: DebitRequest) -> Debit:
         """Take coins for a gift or a promotion; INSUFFICIENT_FUNDS if the balance is too low, and

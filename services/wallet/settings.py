@@ -19,6 +19,12 @@ class WalletSettings(LedgerServiceSettings):
     regions: dict[str, str] = {"US": "USD", "GB": "GBP"}
     """Countries where coins are sold, and the currency each buys in (JSON in WALLET_REGIONS)."""
     minimum_age: int = 18
+    """The minimum age to buy coins, send and receive gifts..."""
+    minimum_age_by_country: dict[str, int] = {"KR": 19}
+    """...except where a country sets another (JSON in WALLET_MINIMUM_AGE_BY_COUNTRY)."""
+    eligibility_cache_seconds: float = 60.0
+    """How long a process remembers a user as eligible for gifts (so the hot path reads nothing);
+    a new classification (SetAccountClassification) takes effect within this."""
     payment_latency_ms: int = 20
     sandbox_payments_file: Path | None = None
     """Where the sandbox payment provider records its charges (default

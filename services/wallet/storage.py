@@ -38,7 +38,9 @@ wallet_accounts = Table(
     Column("currency_code", String(3), nullable=False),
     Column("birth_date", Date, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("classification", String(16), nullable=False, server_default="personal"),
 )
+"""`classification` (migration 0011): personal, government or political."""
 
 coin_packages = Table(
     "coin_packages",
@@ -78,6 +80,7 @@ class AccountRecord:
     currency_code: str
     birth_date: dt.date
     created_at: dt.datetime
+    classification: str = "personal"
 
 
 @dataclass(frozen=True)
@@ -148,18 +151,42 @@ async def coin_state(
     return CoinState(int(balance or 0), int(held or 0), bool(frozen), int(debt or 0))
 
 
-_BIRTH_DATE = Statement(
-    "wallet.birth_date", "SELECT birth_date FROM wallet_accounts WHERE user_id = :user_id"
+_PARTY = Statement(
+    "wallet.party",
+    "SELECT birth_date, country_code, classification FROM wallet_accounts WHERE user_id = :user_id",
 )
 
 
-async def birth_date(conn: AsyncConnection | Tx, user_id: str) -> dt.date | None:
-    """A user's birth date; None if the user has no wallet account."""
-    row = await as_tx(conn).one(_BIRTH_DATE, user_id=user_id)
+@dataclass(frozen=True)
+class Party:
+    """What decides whether a user may send or receive gifts."""
+
+    birth_date: dt.date
+    country_code: str
+    classification: str
+
+
+async def party(conn: AsyncConnection | Tx, user_id: str) -> Party | None:
+    """A user's birth date, country and classification; None if the user has no wallet account."""
+    row = await as_tx(conn).one(_PARTY, user_id=user_id)
     if row is None:
         return None
-    value = row[0]
-    return dt.date.fromisoformat(value) if isinstance(value, str) else value
+    born, country, classification = row
+    return Party(
+        dt.date.fromisoformat(born) if isinstance(born, str) else born,
+        str(country),
+        str(classification),
+    )
+
+
+async def set_classification(conn: AsyncConnection, user_id: str, classification: str) -> bool:
+    """False if the user has no wallet account."""
+    result = await conn.execute(
+        update(wallet_accounts)
+        .where(wallet_accounts.c.user_id == user_id)
+        .values(classification=classification)
+    )
+    return result.rowcount == 1
 
 
 async def get_account(conn: AsyncConnection, user_id: str) -> AccountRecord | None:

@@ -759,6 +759,7 @@ class LiveSummary(_message.Message):
     UNIQUE_GIFTERS_FIELD_NUMBER: _builtins.int
     TOP_GIFTERS_FIELD_NUMBER: _builtins.int
     LAST_CURSOR_FIELD_NUMBER: _builtins.int
+    DIAMONDS_EARNED_FIELD_NUMBER: _builtins.int
     coins_received: _builtins.int
     """Coins of every gift recorded in the LIVE."""
     gifts_sent: _builtins.int
@@ -767,6 +768,10 @@ class LiveSummary(_message.Message):
     """Viewers who sent at least one gift."""
     last_cursor: _builtins.int
     """The cursor of the LIVE's newest feed event (0: none yet)."""
+    diamonds_earned: _builtins.int
+    """Diamonds the creator earned from the LIVE's gifts credited so far (a gift's diamonds are known
+    once payout has credited it, moments after it is sent).
+    """
     @_builtins.property
     def top_gifters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gifter]:
         """The top gifters, highest first (at most 10)."""
@@ -779,10 +784,11 @@ class LiveSummary(_message.Message):
         unique_gifters: _builtins.int = ...,
         top_gifters: _abc.Iterable[Global___Gifter] | None = ...,
         last_cursor: _builtins.int = ...,
+        diamonds_earned: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_received", b"coins_received", "gifts_sent", b"gifts_sent", "last_cursor", b"last_cursor", "top_gifters", b"top_gifters", "unique_gifters", b"unique_gifters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_received", b"coins_received", "diamonds_earned", b"diamonds_earned", "gifts_sent", b"gifts_sent", "last_cursor", b"last_cursor", "top_gifters", b"top_gifters", "unique_gifters", b"unique_gifters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2028,3 +2028,113 @@ class ReconcileWithdrawalsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReconcileWithdrawalsResponse: _TypeAlias = ReconcileWithdrawalsResponse  # noqa: Y015
+
+@_typing.final
+class GetRevenueReportRequest(_message.Message):
+    """Request for GetRevenueReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """First moment of the report (included), rounded down to its UTC day."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the report (excluded); unset: now. At most 92 days after start_time."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevenueReportRequest: _TypeAlias = GetRevenueReportRequest  # noqa: Y015
+
+@_typing.final
+class RevenueDay(_message.Message):
+    """The gifts credited on one UTC day, valued at each gift's own snapshotted rates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    GIFTS_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    GIFTS_VALUE_MICROS_FIELD_NUMBER: _builtins.int
+    CREATORS_VALUE_MICROS_FIELD_NUMBER: _builtins.int
+    PLATFORM_REVENUE_MICROS_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """The UTC day, as YYYY-MM-DD."""
+    gifts: _builtins.int
+    """Gift credits (one per sent gift)."""
+    coins: _builtins.int
+    """Coins spent on those gifts."""
+    diamonds: _builtins.int
+    """Diamonds their creators were credited."""
+    gifts_value_micros: _builtins.int
+    """What the coins were worth: coins x the coin's value, in millionths of the currency unit."""
+    creators_value_micros: _builtins.int
+    """What the creators' diamonds are worth: diamonds x the diamond's value, in millionths."""
+    platform_revenue_micros: _builtins.int
+    """The platform's share: gifts_value_micros - creators_value_micros, booked gift by gift."""
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        gifts: _builtins.int = ...,
+        coins: _builtins.int = ...,
+        diamonds: _builtins.int = ...,
+        gifts_value_micros: _builtins.int = ...,
+        creators_value_micros: _builtins.int = ...,
+        platform_revenue_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "creators_value_micros", b"creators_value_micros", "day", b"day", "diamonds", b"diamonds", "gifts", b"gifts", "gifts_value_micros", b"gifts_value_micros", "platform_revenue_micros", b"platform_revenue_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevenueDay: _TypeAlias = RevenueDay  # noqa: Y015
+
+@_typing.final
+class GetRevenueReportResponse(_message.Message):
+    """Response for GetRevenueReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    currency_code: _builtins.str
+    """The currency of every value (ISO 4217)."""
+    @_builtins.property
+    def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevenueDay]:
+        """Each UTC day with gifts, oldest first."""
+
+    @_builtins.property
+    def total(self) -> Global___RevenueDay:
+        """The sums over the days."""
+
+    def __init__(
+        self,
+        *,
+        currency_code: _builtins.str = ...,
+        days: _abc.Iterable[Global___RevenueDay] | None = ...,
+        total: Global___RevenueDay | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "days", b"days", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevenueReportResponse: _TypeAlias = GetRevenueReportResponse  # noqa: Y015

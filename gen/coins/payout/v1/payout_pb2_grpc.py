@@ -145,6 +145,11 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementResponse.FromString,
                 _registered_method=True)
+        self.GetRevenueReport = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/GetRevenueReport',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetRevenueReportRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetRevenueReportResponse.FromString,
+                _registered_method=True)
 
 
 class PayoutServiceServicer:
@@ -329,6 +334,15 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevenueReport(self, request, context):
+        """The platform's revenue from gifts, per UTC day: what the gifts were worth, what their creators'
+        diamonds are worth, and the platform's share, each gift valued at the rates snapshotted when it was
+        credited (so for every gift: value = creators' value + platform revenue, exactly). Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PayoutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -436,6 +450,11 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.GetDiamondStatement,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementResponse.SerializeToString,
+            ),
+            'GetRevenueReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevenueReport,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetRevenueReportRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetRevenueReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1011,6 +1030,33 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/GetDiamondStatement',
             coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.GetDiamondStatementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevenueReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/GetRevenueReport',
+            coins_dot_payout_dot_v1_dot_payout__pb2.GetRevenueReportRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.GetRevenueReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

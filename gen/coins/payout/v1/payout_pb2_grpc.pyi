@@ -122,6 +122,11 @@ class PayoutServiceStub:
     """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
     The balance at any past time is the closing balance of a statement that ends then.
     """
+    GetRevenueReport: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetRevenueReportRequest, _payout_pb2.GetRevenueReportResponse]
+    """The platform's revenue from gifts, per UTC day: what the gifts were worth, what their creators'
+    diamonds are worth, and the platform's share, each gift valued at the rates snapshotted when it was
+    credited (so for every gift: value = creators' value + platform revenue, exactly). Admin only.
+    """
 
 @_typing.type_check_only
 class PayoutServiceAsyncStub(PayoutServiceStub):
@@ -216,6 +221,11 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     GetDiamondStatement: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetDiamondStatementRequest, _payout_pb2.GetDiamondStatementResponse]  # type: ignore[assignment]
     """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
     The balance at any past time is the closing balance of a statement that ends then.
+    """
+    GetRevenueReport: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetRevenueReportRequest, _payout_pb2.GetRevenueReportResponse]  # type: ignore[assignment]
+    """The platform's revenue from gifts, per UTC day: what the gifts were worth, what their creators'
+    diamonds are worth, and the platform's share, each gift valued at the rates snapshotted when it was
+    credited (so for every gift: value = creators' value + platform revenue, exactly). Admin only.
     """
 
 class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -434,6 +444,17 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.GetDiamondStatementResponse, _abc.Awaitable[_payout_pb2.GetDiamondStatementResponse]]:
         """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
         The balance at any past time is the closing balance of a statement that ends then.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRevenueReport(
+        self,
+        request: _payout_pb2.GetRevenueReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.GetRevenueReportResponse, _abc.Awaitable[_payout_pb2.GetRevenueReportResponse]]:
+        """The platform's revenue from gifts, per UTC day: what the gifts were worth, what their creators'
+        diamonds are worth, and the platform's share, each gift valued at the rates snapshotted when it was
+        credited (so for every gift: value = creators' value + platform revenue, exactly). Admin only.
         """
 
 def add_PayoutServiceServicer_to_server(servicer: PayoutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,6 +25,36 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AccountClassification:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AccountClassificationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccountClassification.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACCOUNT_CLASSIFICATION_UNSPECIFIED: _AccountClassification.ValueType  # 0
+    """Not set."""
+    ACCOUNT_CLASSIFICATION_PERSONAL: _AccountClassification.ValueType  # 1
+    """A person's account (every account until classified otherwise)."""
+    ACCOUNT_CLASSIFICATION_GOVERNMENT: _AccountClassification.ValueType  # 2
+    """A government's account."""
+    ACCOUNT_CLASSIFICATION_POLITICAL: _AccountClassification.ValueType  # 3
+    """A politician's or political party's account."""
+
+class AccountClassification(_AccountClassification, metaclass=_AccountClassificationEnumTypeWrapper):
+    """What kind of account a user's is; government and political accounts may neither send nor receive
+    gifts.
+    """
+
+ACCOUNT_CLASSIFICATION_UNSPECIFIED: AccountClassification.ValueType  # 0
+"""Not set."""
+ACCOUNT_CLASSIFICATION_PERSONAL: AccountClassification.ValueType  # 1
+"""A person's account (every account until classified otherwise)."""
+ACCOUNT_CLASSIFICATION_GOVERNMENT: AccountClassification.ValueType  # 2
+"""A government's account."""
+ACCOUNT_CLASSIFICATION_POLITICAL: AccountClassification.ValueType  # 3
+"""A politician's or political party's account."""
+Global___AccountClassification: _TypeAlias = AccountClassification  # noqa: Y015
+
 class _Channel:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -273,12 +303,15 @@ class Account(_message.Message):
     BIRTH_DATE_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user who owns the account."""
     country_code: _builtins.str
     """ISO 3166-1 alpha-2 country of the account; it selects the region, currency and prices."""
     currency_code: _builtins.str
     """The currency the account buys coins in, derived from its country."""
+    classification: Global___AccountClassification.ValueType
+    """What kind of account it is."""
     @_builtins.property
     def birth_date(self) -> _date_pb2.Date:
         """The user's birth date; users under 18 cannot buy coins."""
@@ -300,10 +333,11 @@ class Account(_message.Message):
         birth_date: _date_pb2.Date | None = ...,
         balance: Global___Balance | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        classification: Global___AccountClassification.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "birth_date", b"birth_date", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "birth_date", b"birth_date", "country_code", b"country_code", "create_time", b"create_time", "currency_code", b"currency_code", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "birth_date", b"birth_date", "classification", b"classification", "country_code", b"country_code", "create_time", b"create_time", "currency_code", b"currency_code", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1585,3 +1619,61 @@ class ResolveHoldResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveHoldResponse: _TypeAlias = ResolveHoldResponse  # noqa: Y015
+
+@_typing.final
+class SetAccountClassificationRequest(_message.Message):
+    """Request for SetAccountClassification."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of this request (AIP-155)."""
+    user_id: _builtins.str
+    """The account's user."""
+    classification: Global___AccountClassification.ValueType
+    """The classification."""
+    reason: _builtins.str
+    """Why (kept in the admin audit trail)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        classification: Global___AccountClassification.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "reason", b"reason", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountClassificationRequest: _TypeAlias = SetAccountClassificationRequest  # noqa: Y015
+
+@_typing.final
+class SetAccountClassificationResponse(_message.Message):
+    """Response for SetAccountClassification."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> Global___Account:
+        """The account as it is now."""
+
+    def __init__(
+        self,
+        *,
+        account: Global___Account | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountClassificationResponse: _TypeAlias = SetAccountClassificationResponse  # noqa: Y015

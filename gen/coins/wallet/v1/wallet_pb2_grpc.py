@@ -120,6 +120,11 @@ class WalletServiceStub:
                 request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.SerializeToString,
                 response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldResponse.FromString,
                 _registered_method=True)
+        self.SetAccountClassification = channel.unary_unary(
+                '/coins.wallet.v1.WalletService/SetAccountClassification',
+                request_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetAccountClassificationRequest.SerializeToString,
+                response_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetAccountClassificationResponse.FromString,
+                _registered_method=True)
 
 
 class WalletServiceServicer:
@@ -263,6 +268,14 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAccountClassification(self, request, context):
+        """Classifies an account as personal, government or political (government and political accounts
+        may neither send nor receive gifts). Admin only; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WalletServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +358,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.GetHold,
                     request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.FromString,
                     response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldResponse.SerializeToString,
+            ),
+            'SetAccountClassification': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountClassification,
+                    request_deserializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetAccountClassificationRequest.FromString,
+                    response_serializer=coins_dot_wallet_dot_v1_dot_wallet__pb2.SetAccountClassificationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -785,6 +803,33 @@ class WalletService:
             '/coins.wallet.v1.WalletService/GetHold',
             coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.SerializeToString,
             coins_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountClassification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.wallet.v1.WalletService/SetAccountClassification',
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.SetAccountClassificationRequest.SerializeToString,
+            coins_dot_wallet_dot_v1_dot_wallet__pb2.SetAccountClassificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,6 +102,10 @@ class WalletServiceStub:
     """Internal: gives back what a hold has not captured and resolves it (exactly once)."""
     GetHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.GetHoldResponse]
     """Internal: reads a hold placed by the calling service."""
+    SetAccountClassification: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetAccountClassificationRequest, _wallet_pb2.SetAccountClassificationResponse]
+    """Classifies an account as personal, government or political (government and political accounts
+    may neither send nor receive gifts). Admin only; audited.
+    """
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -175,6 +179,10 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Internal: gives back what a hold has not captured and resolves it (exactly once)."""
     GetHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.GetHoldResponse]  # type: ignore[assignment]
     """Internal: reads a hold placed by the calling service."""
+    SetAccountClassification: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetAccountClassificationRequest, _wallet_pb2.SetAccountClassificationResponse]  # type: ignore[assignment]
+    """Classifies an account as personal, government or political (government and political accounts
+    may neither send nor receive gifts). Admin only; audited.
+    """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     """WalletService is the only way to create, move or read coins.
@@ -341,5 +349,15 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.GetHoldResponse, _abc.Awaitable[_wallet_pb2.GetHoldResponse]]:
         """Internal: reads a hold placed by the calling service."""
+
+    @_abc_1.abstractmethod
+    def SetAccountClassification(
+        self,
+        request: _wallet_pb2.SetAccountClassificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.SetAccountClassificationResponse, _abc.Awaitable[_wallet_pb2.SetAccountClassificationResponse]]:
+        """Classifies an account as personal, government or political (government and political accounts
+        may neither send nor receive gifts). Admin only; audited.
+        """
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
