@@ -90,7 +90,10 @@ def ledger(c: Clients, a: argparse.Namespace) -> None:
 
 
 def gifts(c: Clients, a: argparse.Namespace) -> None:
-    response = c.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=100), timeout=c.timeout)
+    response = c.gifting.ListGifts(
+        gifting_pb2.ListGiftsRequest(page_size=100, region=(a.region or "").upper()),
+        timeout=c.timeout,
+    )
     console.print(render.gifts(response.gifts))
 
 
@@ -557,7 +560,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("ledger", ledger, "show a user's ledger history")
     p.add_argument("user")
     p.add_argument("--limit", type=int, default=20)
-    command("gifts", gifts, "list the gift catalog")
+    command("gifts", gifts, "list the gift catalog").add_argument(
+        "--region", help="only the gifts offered in this country (ISO code, e.g. GB)"
+    )
     p = command("gift", send_gift, "send a gift to a creator")
     p.add_argument("sender")
     p.add_argument("creator")

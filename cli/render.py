@@ -176,8 +176,19 @@ def gifts(items: Iterable[gifting_pb2.Gift]) -> Table:
     table.add_column("name")
     table.add_column("coins", justify="right")
     table.add_column("streak")
+    table.add_column("animation", justify="right")
+    table.add_column("regions")
+    table.add_column("version", justify="right")
     for g in items:
-        table.add_row(g.gift_id, g.name, f"{g.coins:,}", "yes" if g.streakable else "")
+        table.add_row(
+            g.gift_id,
+            g.name,
+            f"{g.coins:,}",
+            "yes" if g.streakable else "",
+            f"{g.animation_ms / 1000:g} s",
+            ", ".join(g.regions) or "all",
+            str(g.version),
+        )
     return table
 
 

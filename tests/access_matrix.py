@@ -103,6 +103,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _G + "EndLive": _RECORD,
         _G + "SetLiveGifts": _RECORD,
         _G + "GetLive": _PUBLIC,
+        _G + "ListGiftVersions": _PUBLIC,
         _G + "WatchLive": _PUBLIC,
         _G + "ListCreatorRankings": _PUBLIC,
         _G + "ListCreatorTopGifters": _PUBLIC,

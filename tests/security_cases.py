@@ -360,6 +360,11 @@ async def _list_gifts(suite: Suite) -> Sample:
     return Sample(gifting_pb2.ListGiftsRequest(page_size=5), new_id("viewer"))
 
 
+@sample(GIFTING, "ListGiftVersions", any_user=True)
+async def _list_gift_versions(suite: Suite) -> Sample:
+    return Sample(gifting_pb2.ListGiftVersionsRequest(gift_id="rose"), new_id("viewer"))
+
+
 @sample(GIFTING, "SendGift")
 async def _send_gift(suite: Suite) -> Sample:
     sender, _ = await funded_user(suite)

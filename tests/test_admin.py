@@ -121,7 +121,7 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
     )
     created = await suite.gifting.SetGift(gift, metadata=admin)
     assert created.gift == gifting_pb2.Gift(
-        gift_id="snowman", name="Snowman", coins=30, streakable=True
+        gift_id="snowman", name="Snowman", coins=30, streakable=True, version=1, animation_ms=1000
     )
     catalog = await suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=100))
     assert "snowman" in {g.gift_id for g in catalog.gifts}

@@ -16,13 +16,14 @@ from runtime.protos import RpcContext
 from runtime.server import Runtime
 from services.gifting.convert import (
     gift_pb,
+    gift_version_pb,
     live_event_pb,
     live_pb,
     live_summary_pb,
     parked_credit_pb,
     sent_gift_pb,
 )
-from services.gifting.domain import Gifting, GiftOrder, Target
+from services.gifting.domain import GiftChange, Gifting, GiftOrder, Target
 from services.gifting.feed import LiveFeed
 from services.gifting.lives import Lives
 from services.gifting.sending import GiftSender
@@ -48,7 +49,8 @@ ACCESS = method_rules(
         "StartLive": Access.user("creator_id"),
         "EndLive": Access.record_owner(),
         "SetLiveGifts": Access.record_owner(),
-        "GetLive": Access.user(),  # a LIVE and its summary are public to signed-in users
+        "GetLive": Access.user(),
+        "ListGiftVersions": Access.user(),  # the catalog's history is public to signed-in users  # a LIVE and its summary are public to signed-in users
         "WatchLive": Access.user(),  # so is its gift feed
         "ListCreatorRankings": Access.user(),  # rankings are public to signed-in users
         "ListCreatorTopGifters": Access.user(),
@@ -83,7 +85,10 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         after = decode_token(request.page_token, "gifts", int64, text)
         async with self._db.read() as conn:
             gifts = await self._gifting.catalog(
-                conn, limit=size + 1, after=(after[0], after[1]) if after else None
+                conn,
+                limit=size + 1,
+                after=(after[0], after[1]) if after else None,
+                region=request.region,
             )
         token = ""
         if len(gifts) > size:
@@ -99,21 +104,32 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     ) -> gifting_pb2.SetGiftResponse:
         admin = current_principal().require_admin()
 
+        change = GiftChange(
+            gift_id=request.gift_id,
+            name=request.name,
+            coins=request.coins,
+            active=request.active,
+            regions=list(request.regions),
+            streakable=request.streakable if request.HasField("streakable") else None,
+            animation_ms=request.animation_ms if request.HasField("animation_ms") else None,
+        )
+
         async def effect(conn: AsyncConnection) -> gifting_pb2.SetGiftResponse:
-            gift = await self._gifting.catalog_entry(
-                conn,
-                request.gift_id,
-                request.name,
-                request.coins,
-                request.active,
-                request.streakable if request.HasField("streakable") else None,
+            gift = await self._gifting.set_gift(
+                conn, change, now=self._rt.clock.now(), changed_by=admin, reason=request.reason
             )
-            await self._gifting.put_gift(conn, gift)
             return gifting_pb2.SetGiftResponse(gift=gift_pb(gift), active=gift.active)
 
         return await self._idempotency.once(
             f"SetGift:{admin}", request, gifting_pb2.SetGiftResponse, effect
         )
+
+    async def ListGiftVersions(
+        self, request: gifting_pb2.ListGiftVersionsRequest, context: RpcContext
+    ) -> gifting_pb2.ListGiftVersionsResponse:
+        async with self._db.read() as conn:
+            versions = await self._gifting.gift_versions(conn, request.gift_id)
+        return gifting_pb2.ListGiftVersionsResponse(versions=[gift_version_pb(v) for v in versions])
 
     async def SendGift(
         self, request: gifting_pb2.SendGiftRequest, context: RpcContext

@@ -28,6 +28,8 @@ def sent_gift_pb(sent: storage.SentGiftRecord) -> gifting_pb2.SentGift:
         message.live_id = sent.live_id
     if sent.video_id:
         message.video_id = sent.video_id
+    if sent.gift_version is not None:
+        message.gift_version = sent.gift_version
     if sent.streak_id:
         message.streak.CopyFrom(
             gifting_pb2.Streak(streak_id=sent.streak_id, count=sent.streak_count or 0)
@@ -48,7 +50,23 @@ def send_gift_response(
 
 def gift_pb(gift: storage.GiftRecord) -> gifting_pb2.Gift:
     return gifting_pb2.Gift(
-        gift_id=gift.gift_id, name=gift.name, coins=gift.coins, streakable=gift.streakable
+        gift_id=gift.gift_id,
+        name=gift.name,
+        coins=gift.coins,
+        streakable=gift.streakable,
+        version=gift.version,
+        regions=gift.regions,
+        animation_ms=gift.animation_ms,
+    )
+
+
+def gift_version_pb(version: storage.GiftVersionRecord) -> gifting_pb2.GiftVersion:
+    return gifting_pb2.GiftVersion(
+        gift=gift_pb(version.gift),
+        active=version.gift.active,
+        create_time=timestamp(version.created_at),
+        changed_by=version.changed_by,
+        reason=version.reason,
     )
 
 

@@ -56,6 +56,19 @@ class PendingCredit:
     coins: int
 
 
+@dataclass(frozen=True)
+class GiftChange:
+    """A catalog gift as an admin sets it (SetGift)."""
+
+    gift_id: str
+    name: str
+    coins: int
+    active: bool
+    regions: Sequence[str] = ()
+    streakable: bool | None = None
+    animation_ms: int | None = None
+
+
 class DiamondCrediter(Protocol):
     """The payout service, as the gifting service needs it."""
 
@@ -101,32 +114,56 @@ MAX_COINS_PER_SEND = 1_000_000_000
 
 
 class Gifting:
-    async def catalog_entry(
+    async def set_gift(
         self,
         conn: AsyncConnection,
-        gift_id: str,
-        name: str,
-        coins: int,
-        active: bool,
-        streakable: bool | None,
+        change: GiftChange,
+        *,
+        now: dt.datetime,
+        changed_by: str,
+        reason: str,
     ) -> storage.GiftRecord:
-        """A catalog entry as an admin sets it. Whether it streaks is the admin's to say; unsaid, an
-        existing gift keeps its setting and a new one does not streak."""
+        """Add, reprice, change or retire (active false) a catalog gift: every change is the gift's
+        next version, kept with who made it and why; gifts already sent keep the version they
+        were priced at. Unsaid, whether it streaks and its animation length stay as they are (a
+        new gift: no streak, 1 s)."""
+        current = await storage.get_gift(conn, change.gift_id)
+        streakable = change.streakable
         if streakable is None:
-            streakable = bool(await storage.gift_streakable(conn, gift_id))
-        return storage.GiftRecord(
-            gift_id=gift_id,
-            name=name.strip() or gift_id,
-            coins=coins,
+            streakable = current.streakable if current is not None else False
+        animation_ms = change.animation_ms
+        if animation_ms is None:
+            animation_ms = current.animation_ms if current is not None else 1000
+        gift = storage.GiftRecord(
+            gift_id=change.gift_id,
+            name=change.name.strip() or change.gift_id,
+            coins=change.coins,
             streakable=streakable,
-            active=active,
+            active=change.active,
+            regions=tuple(sorted(set(change.regions))),
+            animation_ms=animation_ms,
         )
+        return await storage.save_gift(conn, gift, now=now, changed_by=changed_by, reason=reason)
+
+    async def gift_versions(
+        self, conn: AsyncConnection, gift_id: str
+    ) -> list[storage.GiftVersionRecord]:
+        """A catalog gift's versions, newest first; NOT_FOUND GIFT_NOT_FOUND for no such gift."""
+        versions = await storage.gift_versions_of(conn, gift_id)
+        if not versions:
+            raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id)
+        return versions
 
     async def catalog(
-        self, conn: AsyncConnection, *, limit: int, after: tuple[int, str] | None
+        self,
+        conn: AsyncConnection,
+        *,
+        limit: int,
+        after: tuple[int, str] | None,
+        region: str = "",
     ) -> list[storage.GiftRecord]:
-        """A page of the active catalog, cheapest first."""
-        return await storage.list_gifts(conn, limit=limit, after=after)
+        """A page of the active catalog, cheapest first (with `region`: the gifts offered there)."""
+        return await storage.list_gifts(conn, limit=limit, after=after, region=region)
 
     async def top_gifters(
         self, conn: AsyncConnection, live_id: str, *, limit: int, after: tuple[int, str] | None
@@ -151,10 +188,6 @@ class Gifting:
     ) -> list[tuple[str, int]]:
         """A page of a creator's gifters (sender, coins), most coins first: credited gifts only."""
         return await storage.creator_gifters_page(conn, creator_id, limit=limit, after=after)
-
-    async def put_gift(self, conn: AsyncConnection, gift: storage.GiftRecord) -> None:
-        """Add or change a catalog entry (made by `catalog_entry`)."""
-        await storage.put_gift(conn, gift)
 
     async def parked_credits(
         self, conn: AsyncConnection, *, limit: int, after_outbox_id: int | None
@@ -207,8 +240,8 @@ class Gifting:
         priced = await storage.start_sent_gift(tx, pending, claim, MAX_COINS_PER_SEND)
         if priced is None:
             return None
-        coins, streakable = priced
-        return replace(pending, coins=coins, streakable=streakable)
+        coins, streakable, version = priced
+        return replace(pending, coins=coins, streakable=streakable, gift_version=version)
 
     async def refusal(self, tx: Tx, gift_id: str, count: int) -> DomainError:
         """Why a gift could not be started: not in the catalog (or inactive), or too large."""

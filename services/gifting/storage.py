@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
-from runtime.db import insert_new, upsert
+from runtime.db import insert_new
 from runtime.idempotency import ANSWER_SQL, KeyAnswer, KeyClaim
 from runtime.sql import Statement, Tx, as_tx
 
@@ -38,6 +38,27 @@ gifts = Table(
     Column("coins", BigInteger, nullable=False),
     Column("streakable", Boolean, nullable=False),
     Column("active", Boolean, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("regions", String(1024), nullable=False),
+    Column("animation_ms", Integer, nullable=False),
+)
+"""The catalog as it is now; every version of each gift is in `gift_versions` (migration 0011).
+`regions` is ",US,GB," (empty: offered everywhere)."""
+
+gift_versions = Table(
+    "gift_versions",
+    metadata,
+    Column("gift_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("coins", BigInteger, nullable=False),
+    Column("streakable", Boolean, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("regions", String(1024), nullable=False),
+    Column("animation_ms", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("changed_by", String(64), nullable=False),
+    Column("reason", String(500), nullable=False),
 )
 
 sent_gifts = Table(
@@ -58,6 +79,7 @@ sent_gifts = Table(
     Column("streakable", Boolean, nullable=False),
     Column("streak_id", String(40)),
     Column("streak_count", Integer),
+    Column("gift_version", Integer),
 )
 
 live_gifters = Table(
@@ -161,6 +183,40 @@ class GiftRecord:
     coins: int
     streakable: bool
     active: bool
+    version: int = 0
+    """0 until saved (`save_gift` numbers it)."""
+    regions: tuple[str, ...] = ()
+    """Where it is offered; empty: everywhere."""
+    animation_ms: int = 1000
+
+    def same_as(self, other: GiftRecord) -> bool:
+        """The same catalog entry, whatever the version numbers."""
+        return replace(self, version=0) == replace(other, version=0)
+
+
+@dataclass(frozen=True)
+class GiftVersionRecord:
+    gift: GiftRecord
+    created_at: dt.datetime
+    changed_by: str
+    reason: str
+
+
+def _regions_text(regions: Sequence[str]) -> str:
+    return f",{','.join(sorted(regions))}," if regions else ""
+
+
+def _gift(row: Any) -> GiftRecord:
+    return GiftRecord(
+        gift_id=row.gift_id,
+        name=row.name,
+        coins=int(row.coins),
+        streakable=bool(row.streakable),
+        active=bool(row.active),
+        version=int(row.version),
+        regions=tuple(r for r in str(row.regions).split(",") if r),
+        animation_ms=int(row.animation_ms),
+    )
 
 
 @dataclass(frozen=True)
@@ -183,6 +239,8 @@ class SentGiftRecord:
     streak_count: int | None = None
     """Its streak's running count, this send included."""
     streak_ended_at: dt.datetime | None = None
+    gift_version: int | None = None
+    """The catalog version it was priced at (None: sent before versions were kept)."""
 
 
 @dataclass(frozen=True)
@@ -197,23 +255,86 @@ class OutboxRecord:
 
 _START_GIFT_COLUMNS = (
     "sent_gift_id, sender_id, creator_id, gift_id, count, coins, live_id, video_id, status, "
-    "wallet_transaction_id, created_at, updated_at, streakable"
+    "wallet_transaction_id, created_at, updated_at, streakable, gift_version"
 )
 
 
 async def list_gifts(
-    conn: AsyncConnection, *, limit: int, after: tuple[int, str] | None
+    conn: AsyncConnection, *, limit: int, after: tuple[int, str] | None, region: str = ""
 ) -> list[GiftRecord]:
+    """Active gifts, cheapest first; with `region`, only those offered there."""
     query = (
         select(gifts).where(gifts.c.active).order_by(gifts.c.coins, gifts.c.gift_id).limit(limit)
     )
+    if region:
+        query = query.where((gifts.c.regions == "") | gifts.c.regions.contains(f",{region},"))
     if after is not None:
         query = query.where(tuple_(gifts.c.coins, gifts.c.gift_id) > after)
-    return [GiftRecord(**row._asdict()) for row in (await conn.execute(query)).all()]
+    return [_gift(row) for row in (await conn.execute(query)).all()]
 
 
-async def put_gift(conn: AsyncConnection, gift: GiftRecord) -> None:
-    await upsert(conn, gifts, gift.__dict__, ["gift_id"])
+async def get_gift(conn: AsyncConnection, gift_id: str, *, lock: bool = False) -> GiftRecord | None:
+    """A catalog gift as it is now (`lock`: held until the transaction ends, for a change)."""
+    query = select(gifts).where(gifts.c.gift_id == gift_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    return None if row is None else _gift(row)
+
+
+async def save_gift(
+    conn: AsyncConnection, gift: GiftRecord, *, now: dt.datetime, changed_by: str, reason: str
+) -> GiftRecord:
+    """Add a gift (version 1) or change it (its next version); every version is kept. The same
+    values again change nothing. Concurrent changes of one gift are serialised by its row lock."""
+    values = {
+        "name": gift.name,
+        "coins": gift.coins,
+        "streakable": gift.streakable,
+        "active": gift.active,
+        "regions": _regions_text(gift.regions),
+        "animation_ms": gift.animation_ms,
+    }
+    current = await get_gift(conn, gift.gift_id, lock=True)
+    if current is None and await insert_new(
+        conn, gifts, {"gift_id": gift.gift_id, "version": 1, **values}
+    ):
+        saved = replace(gift, version=1)
+    else:
+        current = current or await get_gift(conn, gift.gift_id, lock=True)
+        assert current is not None
+        if current.same_as(gift):
+            return current
+        saved = replace(gift, version=current.version + 1)
+        await conn.execute(
+            update(gifts)
+            .where(gifts.c.gift_id == gift.gift_id)
+            .values(version=saved.version, **values)
+        )
+    await conn.execute(
+        gift_versions.insert().values(
+            gift_id=saved.gift_id,
+            version=saved.version,
+            created_at=now,
+            changed_by=changed_by[:64],
+            reason=reason[:500],
+            **values,
+        )
+    )
+    return saved
+
+
+async def gift_versions_of(conn: AsyncConnection, gift_id: str) -> list[GiftVersionRecord]:
+    """Every version of a gift, newest first."""
+    rows = await conn.execute(
+        select(gift_versions)
+        .where(gift_versions.c.gift_id == gift_id)
+        .order_by(gift_versions.c.version.desc())
+    )
+    return [
+        GiftVersionRecord(_gift(row), utc(row.created_at), row.changed_by, row.reason)
+        for row in rows.all()
+    ]
 
 
 async def insert_sent_gift(conn: AsyncConnection | Tx, sent: SentGiftRecord) -> None:
@@ -231,6 +352,7 @@ async def insert_sent_gift(conn: AsyncConnection | Tx, sent: SentGiftRecord) -> 
         video_id=sent.video_id,
         now=sent.created_at,
         streakable=sent.streakable,
+        gift_version=sent.gift_version,
     )
 
 
@@ -246,7 +368,7 @@ _GET_SENT_GIFT = Statement(
     "SELECT s.sent_gift_id, s.sender_id, s.creator_id, s.gift_id, s.count, s.coins, s.live_id, "
     "s.video_id, CASE WHEN s.status = 'debited' AND o.delivered_at IS NOT NULL THEN 'credited' "
     "ELSE s.status END, s.wallet_transaction_id, s.created_at, s.updated_at, s.streakable, "
-    "s.streak_id, s.streak_count, st.ended_at "
+    "s.streak_id, s.streak_count, st.ended_at, s.gift_version "
     "FROM sent_gifts s LEFT JOIN credit_outbox o ON o.sent_gift_id = s.sent_gift_id "
     "LEFT JOIN streaks st ON st.streak_id = s.streak_id "
     "WHERE s.sent_gift_id = :sent_gift_id",
@@ -276,6 +398,7 @@ async def get_sent_gift(conn: AsyncConnection | Tx, sent_gift_id: str) -> SentGi
         streak_id,
         streak_count,
         streak_ended,
+        gift_version,
     ) = row
     return SentGiftRecord(
         sent_gift_id=sent_id,
@@ -294,6 +417,7 @@ async def get_sent_gift(conn: AsyncConnection | Tx, sent_gift_id: str) -> SentGi
         streak_id=streak_id,
         streak_count=None if streak_count is None else int(streak_count),
         streak_ended_at=None if streak_ended is None else utc(streak_ended),
+        gift_version=None if gift_version is None else int(gift_version),
     )
 
 
@@ -344,7 +468,7 @@ _OPEN_LIVE = (
 )
 """A gift names no LIVE, or a LIVE of its creator that is live with gifts on."""
 _PRICED = (
-    "priced AS (SELECT coins * :count::integer AS coins, streakable FROM gifts "
+    "priced AS (SELECT coins * :count::integer AS coins, streakable, version FROM gifts "
     "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint "
     f"AND {_OPEN_LIVE.format(t='::text')})"
 )
@@ -355,19 +479,19 @@ _START_GIFT_PG = Statement(
     f"started AS (INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) "
     "SELECT :sent_gift_id::text, :sender_id::text, :creator_id::text, :gift_id::text, "
     ":count::integer, priced.coins, :live_id::text, :video_id::text, 'pending', NULL, "
-    ":now::timestamptz, :now::timestamptz, priced.streakable FROM priced, claim "
-    "RETURNING coins, streakable) SELECT coins, streakable FROM started",
+    ":now::timestamptz, :now::timestamptz, priced.streakable, priced.version FROM priced, claim "
+    "RETURNING coins, streakable, gift_version) SELECT coins, streakable, gift_version FROM started",
 )
 _PRICE = Statement(
     "gifting.price",
-    "SELECT coins * :count, streakable FROM gifts "
+    "SELECT coins * :count, streakable, version FROM gifts "
     f"WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins AND {_OPEN_LIVE.format(t='')}",
 )
 _INSERT_SENT_GIFT = Statement(
     "gifting.insert_sent_gift",
     f"INSERT INTO sent_gifts ({_START_GIFT_COLUMNS}) VALUES (:sent_gift_id, :sender_id, "
     ":creator_id, :gift_id, :count, :coins, :live_id, :video_id, 'pending', NULL, :now, :now, "
-    ":streakable)",
+    ":streakable, :gift_version)",
 )
 _GIFT_PRICE = Statement(
     "gifting.gift_price", "SELECT coins, active FROM gifts WHERE gift_id = :gift_id"
@@ -376,11 +500,12 @@ _GIFT_PRICE = Statement(
 
 async def start_sent_gift(
     tx: Tx, sent: SentGiftRecord, claim: KeyClaim, max_coins: int
-) -> tuple[int, bool] | None:
+) -> tuple[int, bool, int] | None:
     """Claim the request id and record the pending gift, priced from the catalog, in one statement
     (PostgreSQL); its coins, or None if nothing was written: the id was claimed before, the gift
     is not in the catalog, inactive, or would cost more than `max_coins`, or the LIVE it names is
-    not its creator's open LIVE with gifts on. Answers (coins, whether the gift streaks)."""
+    not its creator's open LIVE with gifts on. Answers (coins, whether the gift streaks, the
+    catalog version it was priced at)."""
     params = {
         "sent_gift_id": sent.sent_gift_id,
         "sender_id": sent.sender_id,
@@ -394,19 +519,15 @@ async def start_sent_gift(
     }
     if tx.dialect == "postgresql":
         row = await tx.one(_START_GIFT_PG, **params, **claim.params)
-        return None if row is None else (int(row[0]), bool(row[1]))
+        return None if row is None else (int(row[0]), bool(row[1]), int(row[2]))
     priced = await tx.one(_PRICE, **params)
     if priced is None or not await claim.insert(tx):
         return None
-    coins, streakable = int(priced[0]), bool(priced[1])
-    await insert_sent_gift(tx, replace(sent, coins=coins, streakable=streakable))
-    return coins, streakable
-
-
-async def gift_streakable(conn: AsyncConnection, gift_id: str) -> bool | None:
-    """Whether a catalog gift streaks; None if there is no such gift."""
-    found = await conn.scalar(select(gifts.c.streakable).where(gifts.c.gift_id == gift_id))
-    return None if found is None else bool(found)
+    coins, streakable, version = int(priced[0]), bool(priced[1]), int(priced[2])
+    await insert_sent_gift(
+        tx, replace(sent, coins=coins, streakable=streakable, gift_version=version)
+    )
+    return coins, streakable, version
 
 
 async def gift_price(tx: Tx, gift_id: str) -> tuple[int, bool] | None:

@@ -82,6 +82,9 @@ class Gift(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     COINS_FIELD_NUMBER: _builtins.int
     STREAKABLE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    ANIMATION_MS_FIELD_NUMBER: _builtins.int
     gift_id: _builtins.str
     """Stable identifier, for example "rose"."""
     name: _builtins.str
@@ -90,6 +93,14 @@ class Gift(_message.Message):
     """Price of one gift in coins."""
     streakable: _builtins.bool
     """Whether repeated sends in a LIVE form a streak (combo); set by an admin (SetGift)."""
+    version: _builtins.int
+    """The catalog version of this gift: 1 when added, one more for each change (SetGift)."""
+    animation_ms: _builtins.int
+    """How long its animation plays, in milliseconds."""
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 countries where the gift is offered; empty: everywhere."""
+
     def __init__(
         self,
         *,
@@ -97,14 +108,59 @@ class Gift(_message.Message):
         name: _builtins.str = ...,
         coins: _builtins.int = ...,
         streakable: _builtins.bool = ...,
+        version: _builtins.int = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
+        animation_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "gift_id", b"gift_id", "name", b"name", "streakable", b"streakable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["animation_ms", b"animation_ms", "coins", b"coins", "gift_id", b"gift_id", "name", b"name", "regions", b"regions", "streakable", b"streakable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Gift: _TypeAlias = Gift  # noqa: Y015
+
+@_typing.final
+class GiftVersion(_message.Message):
+    """One version of a catalog gift: what it was from `create_time` until the next version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GIFT_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CHANGED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    """Whether it was in the catalog."""
+    changed_by: _builtins.str
+    """The admin who made it (empty for the seeded catalog)."""
+    reason: _builtins.str
+    """Why (from SetGift)."""
+    @_builtins.property
+    def gift(self) -> Global___Gift:
+        """The gift as it was in this version."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When this version was made."""
+
+    def __init__(
+        self,
+        *,
+        gift: Global___Gift | None = ...,
+        active: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        changed_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "gift", b"gift"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "changed_by", b"changed_by", "create_time", b"create_time", "gift", b"gift", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GiftVersion: _TypeAlias = GiftVersion  # noqa: Y015
 
 @_typing.final
 class SentGift(_message.Message):
@@ -123,6 +179,7 @@ class SentGift(_message.Message):
     CREDIT_STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     STREAK_FIELD_NUMBER: _builtins.int
+    GIFT_VERSION_FIELD_NUMBER: _builtins.int
     sent_gift_id: _builtins.str
     """Identifier of the sent gift."""
     sender_id: _builtins.str
@@ -141,6 +198,8 @@ class SentGift(_message.Message):
     """The video it was sent on."""
     credit_status: Global___CreditStatus.ValueType
     """Where the creator's diamond credit stands."""
+    gift_version: _builtins.int
+    """The catalog version of the gift it was priced at (0 for gifts sent before versions were kept)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was sent."""
@@ -163,10 +222,11 @@ class SentGift(_message.Message):
         credit_status: Global___CreditStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         streak: Global___Streak | None = ...,
+        gift_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "live_id", b"live_id", "streak", b"streak", "target", b"target", "video_id", b"video_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "count", b"count", "create_time", b"create_time", "creator_id", b"creator_id", "credit_status", b"credit_status", "gift_id", b"gift_id", "live_id", b"live_id", "sender_id", b"sender_id", "sent_gift_id", b"sent_gift_id", "streak", b"streak", "target", b"target", "video_id", b"video_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "count", b"count", "create_time", b"create_time", "creator_id", b"creator_id", "credit_status", b"credit_status", "gift_id", b"gift_id", "gift_version", b"gift_version", "live_id", b"live_id", "sender_id", b"sender_id", "sent_gift_id", b"sent_gift_id", "streak", b"streak", "target", b"target", "video_id", b"video_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["live_id", "video_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -246,19 +306,23 @@ class ListGiftsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum gifts to return; 0 means the default of 50."""
     page_token: _builtins.str
     """The next_page_token of a previous response, to continue a listing."""
+    region: _builtins.str
+    """The viewer's country (ISO 3166-1 alpha-2): only gifts offered there. Empty: every gift."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,6 +549,8 @@ class SetGiftRequest(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     STREAKABLE_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    ANIMATION_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     gift_id: _builtins.str
@@ -501,6 +567,14 @@ class SetGiftRequest(_message.Message):
     """Whether repeated sends form a streak (combo) in a LIVE. Unset: unchanged for an existing gift, false
     for a new one.
     """
+    animation_ms: _builtins.int
+    """How long its animation plays, in milliseconds (0 to 60,000). Unset: unchanged for an existing
+    gift, 1,000 for a new one.
+    """
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Countries (ISO 3166-1 alpha-2) where the gift is offered; empty: everywhere."""
+
     def __init__(
         self,
         *,
@@ -511,13 +585,20 @@ class SetGiftRequest(_message.Message):
         active: _builtins.bool = ...,
         reason: _builtins.str = ...,
         streakable: _builtins.bool | None = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
+        animation_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_streakable", b"_streakable", "streakable", b"streakable"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_animation_ms", b"_animation_ms", "_streakable", b"_streakable", "animation_ms", b"animation_ms", "streakable", b"streakable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_streakable", b"_streakable", "active", b"active", "coins", b"coins", "gift_id", b"gift_id", "name", b"name", "reason", b"reason", "request_id", b"request_id", "streakable", b"streakable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_animation_ms", b"_animation_ms", "_streakable", b"_streakable", "active", b"active", "animation_ms", b"animation_ms", "coins", b"coins", "gift_id", b"gift_id", "name", b"name", "reason", b"reason", "regions", b"regions", "request_id", b"request_id", "streakable", b"streakable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__animation_ms: _TypeAlias = _typing.Literal["animation_ms"]  # noqa: Y015
+    _WhichOneofArgType__animation_ms: _TypeAlias = _typing.Literal["_animation_ms", b"_animation_ms"]  # noqa: Y015
     _WhichOneofReturnType__streakable: _TypeAlias = _typing.Literal["streakable"]  # noqa: Y015
     _WhichOneofArgType__streakable: _TypeAlias = _typing.Literal["_streakable", b"_streakable"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__animation_ms) -> _WhichOneofReturnType__animation_ms | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__streakable) -> _WhichOneofReturnType__streakable | None: ...
 
 Global___SetGiftRequest: _TypeAlias = SetGiftRequest  # noqa: Y015
@@ -1341,3 +1422,49 @@ class ListCreatorTopGiftersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListCreatorTopGiftersResponse: _TypeAlias = ListCreatorTopGiftersResponse  # noqa: Y015
+
+@_typing.final
+class ListGiftVersionsRequest(_message.Message):
+    """Request for ListGiftVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GIFT_ID_FIELD_NUMBER: _builtins.int
+    gift_id: _builtins.str
+    """The catalog gift."""
+    def __init__(
+        self,
+        *,
+        gift_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gift_id", b"gift_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGiftVersionsRequest: _TypeAlias = ListGiftVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ListGiftVersionsResponse(_message.Message):
+    """Response for ListGiftVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___GiftVersion]:
+        """Every version of the gift, newest first."""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___GiftVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGiftVersionsResponse: _TypeAlias = ListGiftVersionsResponse  # noqa: Y015

@@ -64,6 +64,11 @@ class GiftingServiceStub:
                 request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.SerializeToString,
                 response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.FromString,
                 _registered_method=True)
+        self.ListGiftVersions = channel.unary_unary(
+                '/coins.gifting.v1.GiftingService/ListGiftVersions',
+                request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListGiftVersionsRequest.SerializeToString,
+                response_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListGiftVersionsResponse.FromString,
+                _registered_method=True)
         self.ListParkedCredits = channel.unary_unary(
                 '/coins.gifting.v1.GiftingService/ListParkedCredits',
                 request_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListParkedCreditsRequest.SerializeToString,
@@ -154,6 +159,15 @@ class GiftingServiceServicer:
     def SetGift(self, request, context):
         """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
         the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+        Every change makes a new version of the gift (ListGiftVersions); a sent gift keeps the version and
+        price it was sent at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGiftVersions(self, request, context):
+        """A catalog gift's versions, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +272,11 @@ def add_GiftingServiceServicer_to_server(servicer, server):
                     servicer.SetGift,
                     request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.FromString,
                     response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.SerializeToString,
+            ),
+            'ListGiftVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGiftVersions,
+                    request_deserializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListGiftVersionsRequest.FromString,
+                    response_serializer=coins_dot_gifting_dot_v1_dot_gifting__pb2.ListGiftVersionsResponse.SerializeToString,
             ),
             'ListParkedCredits': grpc.unary_unary_rpc_method_handler(
                     servicer.ListParkedCredits,
@@ -445,6 +464,33 @@ class GiftingService:
             '/coins.gifting.v1.GiftingService/SetGift',
             coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftRequest.SerializeToString,
             coins_dot_gifting_dot_v1_dot_gifting__pb2.SetGiftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGiftVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.gifting.v1.GiftingService/ListGiftVersions',
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListGiftVersionsRequest.SerializeToString,
+            coins_dot_gifting_dot_v1_dot_gifting__pb2.ListGiftVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

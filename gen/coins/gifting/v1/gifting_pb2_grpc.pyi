@@ -54,7 +54,11 @@ class GiftingServiceStub:
     SetGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.SetGiftRequest, _gifting_pb2.SetGiftResponse]
     """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+    Every change makes a new version of the gift (ListGiftVersions); a sent gift keeps the version and
+    price it was sent at.
     """
+    ListGiftVersions: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.ListGiftVersionsRequest, _gifting_pb2.ListGiftVersionsResponse]
+    """A catalog gift's versions, newest first."""
     ListParkedCredits: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.ListParkedCreditsRequest, _gifting_pb2.ListParkedCreditsResponse]
     """Admin: the diamond credits the payout service refused for good ("parked"), oldest first. The coins
     are debited and the gift recorded; only the creator's credit waits, for an operator.
@@ -116,7 +120,11 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     SetGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.SetGiftRequest, _gifting_pb2.SetGiftResponse]  # type: ignore[assignment]
     """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+    Every change makes a new version of the gift (ListGiftVersions); a sent gift keeps the version and
+    price it was sent at.
     """
+    ListGiftVersions: _aio.UnaryUnaryMultiCallable[_gifting_pb2.ListGiftVersionsRequest, _gifting_pb2.ListGiftVersionsResponse]  # type: ignore[assignment]
+    """A catalog gift's versions, newest first."""
     ListParkedCredits: _aio.UnaryUnaryMultiCallable[_gifting_pb2.ListParkedCreditsRequest, _gifting_pb2.ListParkedCreditsResponse]  # type: ignore[assignment]
     """Admin: the diamond credits the payout service refused for good ("parked"), oldest first. The coins
     are debited and the gift recorded; only the creator's credit waits, for an operator.
@@ -205,7 +213,17 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gifting_pb2.SetGiftResponse, _abc.Awaitable[_gifting_pb2.SetGiftResponse]]:
         """Admin: adds a gift to the catalog, changes its name or price, or retires it (`active` false). Requires
         the admin role and a reason; recorded in the admin audit trail. Gifts already sent keep their price.
+        Every change makes a new version of the gift (ListGiftVersions); a sent gift keeps the version and
+        price it was sent at.
         """
+
+    @_abc_1.abstractmethod
+    def ListGiftVersions(
+        self,
+        request: _gifting_pb2.ListGiftVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gifting_pb2.ListGiftVersionsResponse, _abc.Awaitable[_gifting_pb2.ListGiftVersionsResponse]]:
+        """A catalog gift's versions, newest first."""
 
     @_abc_1.abstractmethod
     def ListParkedCredits(

@@ -1,0 +1,115 @@
+"""A versioned catalog: every change of a gift is its next version, kept with who made it and why;
+a sent gift keeps the version and price it was sent at; gifts carry the regions where they are
+offered and an animation length, and ListGifts filters by the viewer's region."""
+
+from __future__ import annotations
+
+import grpc
+
+from coins.gifting.v1 import gifting_pb2
+from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id
+from tests.suite import Suite
+
+G = gifting_pb2
+
+
+def set_gift(gift_id: str, coins: int, *, reason: str, **fields: object) -> G.SetGiftRequest:
+    return G.SetGiftRequest(
+        request_id=new_id("set"),
+        gift_id=gift_id,
+        name=gift_id.title(),
+        coins=coins,
+        active=fields.pop("active", True),  # type: ignore[arg-type]
+        reason=reason,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_repriced_gift_is_a_new_version_and_sent_gifts_keep_theirs(
+    private_suite: Suite,
+) -> None:
+    suite = private_suite  # the catalog every other test sees stays as seeded
+    admin = suite.token("catalog-admin", admin=True)
+    gift_id = new_id("lantern").lower()
+    first = await suite.gifting.SetGift(
+        set_gift(gift_id, 40, reason="new gift", animation_ms=2500), metadata=admin
+    )
+    assert (first.gift.version, first.gift.animation_ms, list(first.gift.regions)) == (1, 2500, [])
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+
+    async def send() -> G.SentGift:
+        answer = await suite.gifting.SendGift(
+            G.SendGiftRequest(
+                request_id=new_id("g"),
+                sender_id=sender,
+                creator_id=creator,
+                gift_id=gift_id,
+                count=2,
+                live_id=live_of(creator),
+            )
+        )
+        return answer.sent_gift
+
+    before = await send()
+    assert (before.coins, before.gift_version) == (80, 1)
+    repriced = await suite.gifting.SetGift(set_gift(gift_id, 55, reason="reprice"), metadata=admin)
+    assert (repriced.gift.version, repriced.gift.coins) == (2, 55)
+    assert repriced.gift.animation_ms == 2500  # unsaid: unchanged
+    # The same values again make no new version.
+    again = await suite.gifting.SetGift(set_gift(gift_id, 55, reason="again"), metadata=admin)
+    assert again.gift.version == 2
+    after = await send()
+    assert (after.coins, after.gift_version) == (110, 2)
+    # The gift sent before keeps its version and price.
+    kept = await suite.gifting.GetGift(
+        G.GetGiftRequest(sent_gift_id=before.sent_gift_id), metadata=suite.token(sender)
+    )
+    assert (kept.sent_gift.coins, kept.sent_gift.gift_version) == (80, 1)
+    retired = await suite.gifting.SetGift(
+        set_gift(gift_id, 55, reason="retired", active=False), metadata=admin
+    )
+    assert retired.gift.version == 3 and not retired.active
+    history = await suite.gifting.ListGiftVersions(G.ListGiftVersionsRequest(gift_id=gift_id))
+    assert [(v.gift.version, v.gift.coins, v.active, v.reason) for v in history.versions] == [
+        (3, 55, False, "retired"),
+        (2, 55, True, "reprice"),
+        (1, 40, True, "new gift"),
+    ]
+    assert all(v.changed_by == "catalog-admin" for v in history.versions)
+    await expect_error(
+        suite.gifting.ListGiftVersions(G.ListGiftVersionsRequest(gift_id="no-such-gift")),
+        grpc.StatusCode.NOT_FOUND,
+        "GIFT_NOT_FOUND",
+    )
+
+
+async def test_the_catalog_lists_the_gifts_offered_in_the_viewers_region(
+    private_suite: Suite,
+) -> None:
+    suite = private_suite
+    admin = suite.token("catalog-admin", admin=True)
+    british = new_id("teapot").lower()
+    await suite.gifting.SetGift(
+        set_gift(british, 7, reason="UK only", regions=["GB"]), metadata=admin
+    )
+
+    async def listed(region: str) -> set[str]:
+        found: set[str] = set()
+        token = ""
+        while True:
+            page = await suite.gifting.ListGifts(
+                G.ListGiftsRequest(page_size=100, page_token=token, region=region)
+            )
+            found |= {g.gift_id for g in page.gifts}
+            token = page.next_page_token
+            if not token:
+                return found
+
+    assert british in await listed("GB") and "rose" in await listed("GB")
+    assert british not in await listed("US") and "rose" in await listed("US")
+    assert british in await listed("")  # no region: the whole catalog
+    # The seeded catalog is version 1 of each gift, offered everywhere, animated by price.
+    history = await suite.gifting.ListGiftVersions(G.ListGiftVersionsRequest(gift_id="universe"))
+    first = history.versions[-1].gift
+    assert (first.version, first.coins, first.animation_ms) == (1, 44_999, 6000)
