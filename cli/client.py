@@ -22,31 +22,28 @@ from coins.payout.v1 import payout_pb2_grpc
 from coins.promotion.v1 import promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2_grpc
 from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
-from runtime.config import SecuritySettings
+from runtime.config import SecuritySettings, suite_address
 
-DEFAULTS = {
-    "wallet": "127.0.0.1:50051",
-    "gifting": "127.0.0.1:50052",
-    "payout": "127.0.0.1:50053",
-    "promotion": "127.0.0.1:50054",
-}
 _USER_FIELDS = ("user_id", "sender_id", "creator_id")
 IDENTITY = os.environ.get("COINS_CLI_IDENTITY", "gateway")
 
 
 def default_address(service: str) -> str:
-    return os.environ.get(f"COINS_{service.upper()}_ADDRESS", DEFAULTS[service])
+    """COINS_<SERVICE>_ADDRESS, else where this suite runs it (COINS_PORT_BASE)."""
+    return os.environ.get(f"COINS_{service.upper()}_ADDRESS") or suite_address(service)
 
 
 class _DevTokens(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Adds a dev token for the acting user to every call that has none."""
 
-    def __init__(self, token_for: Callable[[Any], str]) -> None:
+    def __init__(self, token_for: Callable[[Any], str], called: Callable[[], None]) -> None:
         self._token_for = token_for
+        self._called = called
 
     def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
+        self._called()
         metadata = list(details.metadata or ())
         if not any(key == AUTHORIZATION for key, _ in metadata):
             metadata.extend(token_metadata(self._token_for(request)))
@@ -79,6 +76,8 @@ class Clients:
     """--as: act for this user on every call (else: the user each request names)."""
     admin: bool = False
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    last_service: str | None = None
+    """The service of the latest call (an error report names it and its address)."""
 
     @cached_property
     def issuer(self) -> TokenIssuer:
@@ -119,8 +118,13 @@ class Clients:
             ) from None
         channel = grpc.secure_channel(self.addresses[service], credentials)
         if not user_tokens:
+            self.last_service = service
             return channel
-        return grpc.intercept_channel(channel, _DevTokens(self._token_for))
+
+        def called() -> None:
+            self.last_service = service
+
+        return grpc.intercept_channel(channel, _DevTokens(self._token_for, called))
 
     @cached_property
     def wallet(self) -> wallet_pb2_grpc.WalletServiceStub:

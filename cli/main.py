@@ -17,12 +17,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import date_pb2
 
 from cli import render
-from cli.client import DEFAULTS, Clients, default_address
+from cli.client import Clients, default_address
 from cli.render import console
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.config import SUITE_PLACES
 from runtime.status import bad_request, error_info
 
 Command = Callable[[Clients, argparse.Namespace], None]
@@ -37,11 +38,22 @@ _GOALS = {
 
 
 def _rid(args: argparse.Namespace) -> str:
-    return args.request_id or uuid.uuid4().hex
+    """The request id of a mutating command: --request-id, else a new one (kept on `args`, so a
+    failure can say how to retry with it)."""
+    if not args.request_id:
+        args.request_id = uuid.uuid4().hex
+    return str(args.request_id)
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date: use YYYY-MM-DD") from None
 
 
 def open_account(c: Clients, a: argparse.Namespace) -> None:
-    born = dt.date.fromisoformat(a.birth_date)
+    born: dt.date = a.birth_date
     response = c.wallet.OpenAccount(
         wallet_pb2.OpenAccountRequest(
             request_id=_rid(a),
@@ -523,9 +535,23 @@ def _live_help(
     raise SystemExit("coinsctl live start|end|gifts|show|watch: see coinsctl live --help")
 
 
+_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _anywhere() -> argparse.ArgumentParser:
+    """--request-id, --as and --admin, accepted after the subcommand too (they override the ones
+    given before it)."""
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--request-id", help="idempotency key: repeat one to retry safely")
+    common.add_argument("--as", dest="acting_user", metavar="USER", help="act for USER")
+    common.add_argument("--admin", action="store_true", help="mint tokens with the admin role")
+    return common
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__)
-    for service in DEFAULTS:
+    parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__, formatter_class=_FORMAT)
+    anywhere = _anywhere()
+    for service in SUITE_PLACES:
         parser.add_argument(
             f"--{service}",
             default=default_address(service),
@@ -540,18 +566,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(
+            name, help=help_, description=help_, parents=[anywhere], formatter_class=_FORMAT
+        )
         p.set_defaults(run=run)
         return p
 
     p = command("open-account", open_account, "open a viewer's coin account")
     p.add_argument("user")
-    p.add_argument("--country", default="US")
-    p.add_argument("--birth-date", default="1995-01-01", help="YYYY-MM-DD")
+    p.add_argument(
+        "--country", default="US", help="the account's country (ISO code; its region and currency)"
+    )
+    p.add_argument("--birth-date", type=_date, default=dt.date(1995, 1, 1), help="YYYY-MM-DD")
     command("account", show_account, "show an account").add_argument("user")
     p = command("packages", packages, "list the coin packages a user can buy")
     p.add_argument("user")
-    p.add_argument("--channel", choices=sorted(_CHANNELS), default="web")
+    p.add_argument(
+        "--channel",
+        choices=sorted(_CHANNELS),
+        default="web",
+        help="where the coins are bought (prices differ)",
+    )
     p = command("buy", buy, "buy a coin package (sandbox payment)")
     p.add_argument("user")
     p.add_argument("package")
@@ -559,7 +594,7 @@ def _parser() -> argparse.ArgumentParser:
     command("balance", balance, "show a user's coins").add_argument("user")
     p = command("ledger", ledger, "show a user's ledger history")
     p.add_argument("user")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="most rows shown")
     command("gifts", gifts, "list the gift catalog").add_argument(
         "--region", help="only the gifts offered in this country (ISO code, e.g. GB)"
     )
@@ -567,20 +602,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sender")
     p.add_argument("creator")
     p.add_argument("gift")
-    p.add_argument("--count", type=int, default=1)
-    p.add_argument("--live", default="live-1")
+    p.add_argument("--count", type=int, default=1, help="how many of the gift")
+    p.add_argument(
+        "--live", default="live-1", help="the LIVE the gift is sent in (the creator's open LIVE)"
+    )
     p.add_argument("--video")
     live = command("live", _live_help, "a creator's LIVE: start, end, gifts on/off, show, watch")
     lives = live.add_subparsers(dest="live_command", required=True)
 
     def live_command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
-        p = lives.add_parser(name, help=help_, description=help_)
+        p = lives.add_parser(
+            name, help=help_, description=help_, parents=[anywhere], formatter_class=_FORMAT
+        )
         p.set_defaults(run=run)
         return p
 
     p = live_command("start", live_start, "a creator goes LIVE (gifts on)")
     p.add_argument("creator")
-    p.add_argument("--title", default="LIVE", help="what viewers see (default: %(default)s)")
+    p.add_argument("--title", default="LIVE", help="what viewers see")
     p.add_argument("--id", help="choose the LIVE's id (default: a new one)")
     p = live_command("end", live_end, "end a LIVE (as its creator, or --as USER)")
     p.add_argument("live_id")
@@ -595,17 +634,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = command("rankings", rankings, "creators ranked by the coins of their credited gifts")
     p.add_argument("--period", choices=sorted(_PERIODS), default="day", help="default: %(default)s")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=int, default=10, help="most rows shown")
     p = command("creator-gifters", creator_gifters, "a creator's top gifters, all time")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=int, default=10, help="most rows shown")
     p = command("top", top, "top gifters of a LIVE")
     p.add_argument("live")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=int, default=10, help="most rows shown")
     command("diamonds", diamonds, "show a creator's diamonds").add_argument("creator")
     p = command("diamond-ledger", diamond_ledger, "show a creator's diamond movements")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="most rows shown")
     p = command(
         "statement", statement, "opening and closing balance of a period, movements by kind"
     )
@@ -616,7 +655,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("quote", quote, "what a withdrawal of some diamonds would pay")
     p.add_argument("creator")
     p.add_argument("diamonds", type=int)
-    p.add_argument("--method", choices=sorted(_METHODS), default="paypal")
+    p.add_argument(
+        "--method", choices=sorted(_METHODS), default="paypal", help="how the withdrawal is paid"
+    )
     p = command("withdraw", withdraw, "withdraw diamonds as cash, to the default payout method")
     p.add_argument("creator")
     p.add_argument("diamonds", type=int)
@@ -648,8 +689,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("method_id")
     p = command("verify", verify, "set a creator's verification (KYC), as an admin (--admin)")
     p.add_argument("creator")
-    p.add_argument("--status", choices=sorted(_KYC), default="verified")
-    p.add_argument("--reason", default="documents checked")
+    p.add_argument(
+        "--status", choices=sorted(_KYC), default="verified", help="the KYC status to set"
+    )
+    p.add_argument("--reason", default="documents checked", help="why (kept in the audit trail)")
     p.add_argument(
         "--time-zone",
         metavar="IANA",
@@ -660,7 +703,7 @@ def _parser() -> argparse.ArgumentParser:
     ).add_argument("withdrawal_id")
     p = command("withdrawals", withdrawals, "list a creator's withdrawals, newest first")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="most rows shown")
     command(
         "cancel-withdrawal",
         cancel_withdrawal,
@@ -680,7 +723,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parked", action="store_true", help="the withdrawals parked after failed processor calls"
     )
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help="most rows shown")
     command(
         "retry-withdrawal",
         retry_withdrawal,
@@ -713,8 +756,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.add_argument("video")
     p.add_argument("budget", type=int)
-    p.add_argument("--goal", choices=sorted(_GOALS), default="views")
-    p.add_argument("--days", type=int, default=3)
+    p.add_argument(
+        "--goal", choices=sorted(_GOALS), default="views", help="what the promotion buys"
+    )
+    p.add_argument("--days", type=int, default=3, help="how long it runs")
     command("promotion", show_promotion, "show a promotion (--as OWNER)").add_argument(
         "promotion_id"
     )
@@ -729,30 +774,66 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RETRYABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED", "INTERNAL"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(arguments)
     clients = Clients(
-        {service: getattr(args, service) for service in DEFAULTS},
+        {service: getattr(args, service) for service in SUITE_PLACES},
         acting_user=args.acting_user,
         admin=args.admin,
     )
     try:
         args.run(clients, args)
     except grpc.RpcError as error:
-        report_error(error)
+        report_error(error, clients)
+        code = error.code().name if hasattr(error, "code") else ""
+        if code in _RETRYABLE and args.request_id:
+            again = ["coinsctl", *_without_request_id(arguments), "--request-id", args.request_id]
+            console.print(
+                f"It may or may not have been applied. Retry with the same request id (it is "
+                f"applied at most once):\n  {' '.join(again)}",
+                markup=False,
+            )
         return 1
     return 0
 
 
-def report_error(error: grpc.RpcError) -> None:
+def _without_request_id(arguments: list[str]) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--request-id":
+            skip = True
+        elif not argument.startswith("--request-id="):
+            kept.append(argument)
+    return kept
+
+
+def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
     info = error_info(error)
     code = error.code().name if hasattr(error, "code") else "UNKNOWN"
     details = error.details() if hasattr(error, "details") else str(error)
+    if code == "UNAVAILABLE" and info is None and clients is not None:
+        service = clients.last_service or "the service"
+        address = clients.addresses.get(service, "its address")
+        console.print(
+            f"cannot reach {service} at {address}: is the suite running (make up)? The address "
+            f"comes from --{service} or COINS_{service.upper()}_ADDRESS (default: the suite's, "
+            f"from COINS_PORT_BASE); certificates from COINS_CERTS_DIR "
+            f"({clients.security.certs_dir}/). gRPC said: {details}",
+            markup=False,
+        )
+        return
     reason = f" [{info.reason}]" if info else ""
-    console.print(f"[bold red]{code}{reason}[/bold red] {details}")
+    console.print(f"{code}{reason} {details}", style="bold red", markup=False)
     violations = bad_request(error)
     for violation in violations.field_violations if violations else ():
-        console.print(f"  [red]{violation.field}[/red]: {violation.description}")
+        console.print(f"  {violation.field}: {violation.description}", markup=False)
 
 
 if __name__ == "__main__":

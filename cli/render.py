@@ -13,7 +13,8 @@ from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 
-console = Console()
+console = Console(soft_wrap=True)
+"""soft_wrap: a long line (a command to copy) is never broken."""
 
 _SYMBOLS = {"USD": "$", "GBP": "£", "EUR": "€"}
 

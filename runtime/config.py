@@ -6,11 +6,37 @@ PAYOUT_MIN_WITHDRAWAL_MINOR, ... Defaults run the whole suite on one machine wit
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SUITE_PLACES = {"wallet": 1, "gifting": 2, "payout": 3, "promotion": 4}
+"""Each service's place in the suite: its API port is COINS_PORT_BASE + place, its health port 10
+more (with the default base 50050: wallet 50051 and 50061 ... promotion 50054 and 50064)."""
+DEFAULT_PORT_BASE = 50050
+
+
+def port_base() -> int:
+    """COINS_PORT_BASE: one setting that moves the whole suite (services, their downstream
+    addresses, coinsctl) to other ports."""
+    value = os.environ.get("COINS_PORT_BASE", "").strip()
+    if not value:
+        return DEFAULT_PORT_BASE
+    try:
+        base = int(value)
+    except ValueError:
+        raise SystemExit(f"COINS_PORT_BASE={value!r} is not a port number (e.g. 60050)") from None
+    if not 1024 <= base <= 65_500:
+        raise SystemExit(f"COINS_PORT_BASE={base} must be between 1024 and 65500")
+    return base
+
+
+def suite_address(service: str, *, health: bool = False) -> str:
+    """Where a service of this suite listens by default (its API, or its health port)."""
+    return f"127.0.0.1:{port_base() + SUITE_PLACES[service] + (10 if health else 0)}"
 
 
 class SecuritySettings(BaseSettings):
@@ -55,9 +81,12 @@ class ServiceSettings(BaseSettings):
     service_name: ClassVar[str]
 
     host: str = "127.0.0.1"
-    port: int = 0
-    health_port: int = 0
-    """Plaintext port that serves only grpc.health.v1 (Kubernetes' gRPC probes speak plaintext)."""
+    port: int = -1
+    """Where the API listens (mutual TLS); -1: COINS_PORT_BASE + the service's place (SUITE_PLACES);
+    0: any free port."""
+    health_port: int = -1
+    """Plaintext port that serves only grpc.health.v1 (Kubernetes' gRPC probes speak plaintext);
+    -1: 10 above the API's default."""
     database_url: str = ""
     """SQLAlchemy async URL; empty means a SQLite file `<data_dir>/<service>.db`."""
     data_dir: Path = Path("data")
@@ -86,9 +115,37 @@ class ServiceSettings(BaseSettings):
     """How long answered request ids are remembered (a retry within it never acts twice)."""
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 
+    @model_validator(mode="after")
+    def _place_in_suite(self) -> ServiceSettings:
+        """Ports and downstream addresses left unset follow COINS_PORT_BASE."""
+        place = SUITE_PLACES.get(self.service_name, 0)
+        if self.port < 0:
+            self.port = port_base() + place
+        if self.health_port < 0:
+            self.health_port = port_base() + 10 + place
+        for name in type(self).model_fields:
+            if name.endswith("_address") and getattr(self, name) == "":
+                setattr(self, name, suite_address(name.removesuffix("_address")))
+        return self
+
+    @property
+    def env_prefix(self) -> str:
+        """The prefix of this service's variables, e.g. "GIFTING_"."""
+        return str(self.model_config.get("env_prefix", ""))
+
     def resolved_database_url(self) -> str:
-        if self.database_url:
-            return self.database_url
+        """The URL with its async driver: postgresql:// (or postgres://) is taken as
+        postgresql+asyncpg://, sqlite:/// as sqlite+aiosqlite:///."""
+        url = self.database_url
+        for plain, driver in (
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("postgres://", "postgresql+asyncpg://"),
+            ("sqlite:///", "sqlite+aiosqlite:///"),
+        ):
+            if url.startswith(plain):
+                return driver + url.removeprefix(plain)
+        if url:
+            return url
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite+aiosqlite:///{(self.data_dir / f'{self.service_name}.db').resolve()}"
 

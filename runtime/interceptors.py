@@ -256,6 +256,16 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     ) -> None:
         if error.kind in _ACCESS_REFUSALS:
             _log_access_refused(error, principal, method, context)
+        elif error.kind not in _LOGGED_ALREADY:
+            # One line per refusal (with the call's trace id, like every log line): what a person
+            # reading the terminal needs to see why a call failed.
+            log.info(
+                "%s refused %s %s: %s",
+                method,
+                error.kind.value,
+                error.reason,
+                error.message[:300],
+            )
         if audited and principal is not None:
             try:
                 await self._audit.record(
@@ -291,6 +301,8 @@ def _as_domain_error(error: Exception, method: str) -> DomainError:
 
 
 _ACCESS_REFUSALS = (ErrorKind.PERMISSION_DENIED, ErrorKind.UNAUTHENTICATED)
+_LOGGED_ALREADY = (ErrorKind.INTERNAL,)
+"""Bugs are logged with their stack trace where they are turned into INTERNAL."""
 security_log = logging.getLogger("coins.security")
 
 

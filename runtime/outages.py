@@ -27,7 +27,8 @@ _POSTGRES_OUTAGES = (
 )
 
 
-def _causes(error: BaseException) -> Iterator[BaseException]:
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and everything that caused it (SQLAlchemy's `orig`, `__cause__`, `__context__`)."""
     seen: set[int] = set()
     stack = [error]
     while stack:
@@ -58,7 +59,7 @@ def _is_outage(cause: BaseException) -> bool:
 def outage_of(error: BaseException) -> Unavailable | None:
     """UNAVAILABLE DATABASE_UNAVAILABLE (with a suggested wait) if `error` is the database being
     unreachable, anywhere in its chain of causes; None if it is something else (a bug)."""
-    for cause in _causes(error):
+    for cause in causes(error):
         if _is_outage(cause):
             return Unavailable(
                 "DATABASE_UNAVAILABLE",

@@ -30,7 +30,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.trace import TracerProvider
 
 from coins.common.v1 import admin_audit_pb2_grpc
-from runtime import migrations, pki
+from runtime import migrations, pki, startup
 from runtime.access import Access
 from runtime.audit import AdminAudit, AdminAuditApi
 from runtime.auth import TokenVerifier
@@ -211,16 +211,34 @@ def _check_access(service: str, names: tuple[str, ...], access: Mapping[str, Acc
         raise SystemExit(f"{service}: no access rule for {', '.join(missing)}")
 
 
+_EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+"""Without it two servers (two suites) bind one port side by side and calls land on either."""
+
+
 def _listen(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    *,
+    what: str,
+    variable: str,
 ) -> int:
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
+    """Bind `address`; a port held by another program stops the service with one line saying
+    which port, and which variable moves it."""
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise SystemExit(
+            f"{what}: cannot listen on {address}: the port is in use (another coins suite, or "
+            f"another program?). Stop it, or move this port with {variable} (or the whole suite "
+            "with COINS_PORT_BASE, e.g. COINS_PORT_BASE=60050)."
+        )
     return port
 
 
@@ -272,6 +290,7 @@ async def start_service(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            _EXCLUSIVE_PORT,
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -293,12 +312,27 @@ async def start_service(
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
-    port = runtime.port = _listen(server, settings.address, server_credentials(security, spec.name))
+    prefix = settings.env_prefix
+    port = runtime.port = _listen(
+        server,
+        settings.address,
+        server_credentials(security, spec.name),
+        what=f"{spec.name} API",
+        variable=f"{prefix}PORT",
+    )
 
     # Probes (Kubernetes' gRPC probes speak plaintext) get health checking, and nothing else.
-    health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+    health_server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 4096), _EXCLUSIVE_PORT]
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-    health_port = _listen(health_server, f"{settings.host}:{settings.health_port}", None)
+    health_port = _listen(
+        health_server,
+        f"{settings.host}:{settings.health_port}",
+        None,
+        what=f"{spec.name} health",
+        variable=f"{prefix}HEALTH_PORT",
+    )
 
     await server.start()
     await health_server.start()
@@ -310,14 +344,20 @@ async def start_service(
     running._tasks = [
         asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers
     ]
+    downstream = ", ".join(
+        f"{name.removesuffix('_address')} at {getattr(settings, name)}"
+        for name in type(settings).model_fields
+        if name.endswith("_address")
+    )
     log.info(
-        "%s serving on %s:%d (mutual TLS), health on %s:%d (plaintext), %s",
+        "%s serving on %s:%d (mutual TLS), health on %s:%d (plaintext), %s%s",
         spec.name,
         settings.host,
         port,
         settings.host,
         health_port,
         db.engine.url.drivername,
+        f"; calls {downstream}" if downstream else "",
     )
     return running
 
@@ -347,7 +387,13 @@ def main(spec: ServiceSpec[S]) -> None:
         await running.stop()
         log.info("%s stopped", spec.name)
 
-    run(serve())
+    try:
+        run(serve())
+    except Exception as error:
+        why = startup.explain(error, spec.name, settings)
+        if why is None:
+            raise
+        raise SystemExit(why) from None
 
 
 def run(main: Awaitable[None]) -> None:

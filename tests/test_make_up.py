@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -14,20 +15,31 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+PLACES = {"wallet": 1, "gifting": 2, "payout": 3, "promotion": 4}
 
-def free_port() -> int:
+
+def free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_base() -> int:
+    """A COINS_PORT_BASE whose eight ports (base+1..4, base+11..14) are all free."""
+    for base in random.sample(range(20_000, 40_000, 100), 50):
+        if all(free(base + place + extra) for place in PLACES.values() for extra in (0, 10)):
+            return base
+    raise AssertionError("no free port range found")
 
 
 def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("wallet", "gifting", "payout", "promotion")}
-    health_ports = {name: free_port() for name in ports}
-    env = {**os.environ, **{f"{n.upper()}_PORT": str(p) for n, p in ports.items()}}
-    env.update({f"{n.upper()}_HEALTH_PORT": str(p) for n, p in health_ports.items()})
-    env["GIFTING_WALLET_ADDRESS"] = env["PROMOTION_WALLET_ADDRESS"] = f"127.0.0.1:{ports['wallet']}"
-    env["GIFTING_PAYOUT_ADDRESS"] = f"127.0.0.1:{ports['payout']}"
+    base = free_port_base()  # one setting moves the services, their downstreams and coinsctl
+    ports = {name: base + place for name, place in PLACES.items()}
+    health_ports = {name: base + 10 + place for name, place in PLACES.items()}
+    env = {**os.environ, "COINS_PORT_BASE": str(base)}
     env["PAYOUT_MATURATION_DAYS"] = "0"  # the demo withdraws what its gifts just earned
     launcher = subprocess.Popen(
         [sys.executable, "-m", "tools.suite"],
@@ -47,6 +59,25 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             if "coins suite is up" in line or not line:
                 break
         assert any("coins suite is up" in line for line in lines), "".join(lines)
+        while "try: make demo" not in lines[-1] and time.monotonic() < deadline:
+            lines.append(launcher.stdout.readline())
+        started = "".join(lines)
+        assert f"API 127.0.0.1:{ports['gifting']} (mutual TLS)" in started, started
+        assert f"health 127.0.0.1:{health_ports['gifting']} (plaintext)" in started, started
+        assert f"export COINS_PORT_BASE={base}" in started, started
+        # A second suite on the same ports stops at once, saying which ports and what to do.
+        (tmp_path / "second").mkdir()
+        second = subprocess.run(
+            [sys.executable, "-m", "tools.suite"],
+            cwd=tmp_path / "second",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"port {ports['wallet']} (wallet API, WALLET_PORT) is in use" in second.stderr
+        assert "COINS_PORT_BASE" in second.stderr and "Traceback" not in second.stderr
         for port in health_ports.values():  # plaintext, as Kubernetes' gRPC probes connect
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 response = health_pb2_grpc.HealthStub(channel).Check(
@@ -62,8 +93,7 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert (tmp_path / "certs" / "ca.pem").exists(), "no dev CA was generated on first start"
         assert not (tmp_path / "certs" / "ca-key.pem").stat().st_mode & 0o077, "keys are private"
         # `make demo`, as the README runs it against the suite: the whole money flow, no error.
-        demo_env = {**env, "COINS_CERTS_DIR": str(tmp_path / "certs")}
-        demo_env.update({f"COINS_{n.upper()}_ADDRESS": f"127.0.0.1:{p}" for n, p in ports.items()})
+        demo_env = {**env, "COINS_CERTS_DIR": str(tmp_path / "certs")}  # addresses: the base
         demo = subprocess.run(
             [sys.executable, "-m", "cli.main", "demo"],
             cwd=Path(__file__).resolve().parents[1],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runtime import pki
-from runtime.config import SecuritySettings, ServiceSettings
+from runtime.config import SecuritySettings, ServiceSettings, suite_address
 from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.promotion.settings import PromotionSettings
@@ -46,7 +47,52 @@ def _settings() -> dict[str, ServiceSettings]:
     return {name: settings() for name, settings in SETTINGS.items()}
 
 
+def _busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _busy_ports(settings: dict[str, ServiceSettings]) -> list[str]:
+    """One line for each port the suite needs that another program holds."""
+    lines = []
+    for name, s in settings.items():
+        for what, port, variable in (
+            ("API", s.port, f"{s.env_prefix}PORT"),
+            ("health", s.health_port, f"{s.env_prefix}HEALTH_PORT"),
+        ):
+            if port and _busy(s.host, port):
+                lines.append(f"port {port} ({name} {what}, {variable}) is in use")
+    return lines
+
+
+def _second_terminal(settings: dict[str, ServiceSettings]) -> list[str]:
+    """What a second terminal exports so coinsctl finds this suite."""
+    if os.environ.get("COINS_PORT_BASE"):
+        lines = [f"export COINS_PORT_BASE={os.environ['COINS_PORT_BASE']}"]
+    else:
+        lines = []
+    for name, s in settings.items():
+        if f"{s.host}:{s.port}" != suite_address(name):
+            lines.append(f"export COINS_{name.upper()}_ADDRESS={s.host}:{s.port}")
+    return lines
+
+
 def main() -> int:
+    settings = _settings()
+    busy = _busy_ports(settings)
+    if busy:
+        for line in busy:
+            print(line, file=sys.stderr)
+        print(
+            "the suite cannot start: is another coins suite running? Stop it, or move this one "
+            "with COINS_PORT_BASE (e.g. COINS_PORT_BASE=60050 make up)",
+            file=sys.stderr,
+        )
+        return 1
     security = SecuritySettings()
     if security.dev_pki and pki.ensure_dev_pki(security.certs_dir):
         print(f"generated a development CA, certificates and a token key in {security.certs_dir}/")
@@ -58,7 +104,7 @@ def main() -> int:
         )
         for name in SETTINGS
     }
-    addresses = {name: f"{s.host}:{s.health_port}" for name, s in _settings().items()}
+    addresses = {name: f"{s.host}:{s.health_port}" for name, s in settings.items()}
     stopping = False
 
     def stop(*_: object) -> None:
@@ -70,18 +116,36 @@ def main() -> int:
 
     deadline = time.monotonic() + 60
     pending = set(SETTINGS)
+    exited: dict[str, int] = {}
     while pending and not stopping and time.monotonic() < deadline:
         pending = {n for n in pending if not _serving(addresses[n])}
-        if any(child.poll() is not None for child in children.values()):
+        exited = {n: code for n, c in children.items() if (code := c.poll()) is not None}
+        if exited:
             break
         time.sleep(0.2)
-    if not pending:
+    if exited:
+        for name, code in exited.items():
+            print(
+                f"{name} exited with code {code} while starting (its reason is above)",
+                file=sys.stderr,
+            )
+        stopping = True
+    elif not pending:
         print("\ncoins suite is up (Ctrl-C stops it):", flush=True)
-        for name, address in addresses.items():
-            print(f"  {name:<10} {address}", flush=True)
+        for name, s in settings.items():
+            print(
+                f"  {name:<10} API {s.host}:{s.port} (mutual TLS)   "
+                f"health {s.host}:{s.health_port} (plaintext)",
+                flush=True,
+            )
+        exports = _second_terminal(settings)
+        if exports:
+            print("in a second terminal, first:", flush=True)
+            for line in exports:
+                print(f"  {line}", flush=True)
         print("try: make demo   (or .venv/bin/coinsctl --help)\n", flush=True)
     else:
-        print(f"services did not become healthy: {sorted(pending)}", file=sys.stderr)
+        print(f"services did not become healthy within 60 s: {sorted(pending)}", file=sys.stderr)
         stopping = True
 
     while not stopping and all(child.poll() is None for child in children.values()):

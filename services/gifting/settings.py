@@ -13,10 +13,10 @@ class GiftingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GIFTING_", extra="ignore")
     service_name: ClassVar[str] = "gifting"
 
-    port: int = 50052
-    health_port: int = 50062
-    wallet_address: str = "127.0.0.1:50051"
-    payout_address: str = "127.0.0.1:50053"
+    wallet_address: str = ""
+    """Where the wallet listens; empty: this suite's (COINS_PORT_BASE + 1)."""
+    payout_address: str = ""
+    """Where payout listens; empty: this suite's (COINS_PORT_BASE + 3)."""
     relay_batch_size: int = 500
     """Most credits the outbox relay sends in one BatchCreditDiamonds call (payout takes up to 1,000)."""
     relay_max_backoff_seconds: float = 60.0

@@ -17,8 +17,6 @@ class PayoutSettings(LedgerServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PAYOUT_", extra="ignore")
     service_name: ClassVar[str] = "payout"
 
-    port: int = 50053
-    health_port: int = 50063
     diamonds_per_coin_numerator: int = 1
     diamonds_per_coin_denominator: int = 2
     """A creator earns floor(coins received x 1/2) diamonds: 2 coins = 1 diamond (the platform keeps ~50%)."""

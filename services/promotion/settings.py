@@ -13,9 +13,8 @@ class PromotionSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PROMOTION_", extra="ignore")
     service_name: ClassVar[str] = "promotion"
 
-    port: int = 50054
-    health_port: int = 50064
-    wallet_address: str = "127.0.0.1:50051"
+    wallet_address: str = ""
+    """Where the wallet listens; empty: this suite's (COINS_PORT_BASE + 1)."""
     reconcile_every_seconds: float = 30.0
     reconcile_after_seconds: float = 60.0
     """Promotions still pending after this (a crash or a lost wallet answer mid-create) are settled

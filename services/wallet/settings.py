@@ -14,8 +14,6 @@ class WalletSettings(LedgerServiceSettings):
     model_config = SettingsConfigDict(env_prefix="WALLET_", extra="ignore")
     service_name: ClassVar[str] = "wallet"
 
-    port: int = 50051
-    health_port: int = 50061
     regions: dict[str, str] = {"US": "USD", "GB": "GBP"}
     """Countries where coins are sold, and the currency each buys in (JSON in WALLET_REGIONS)."""
     minimum_age: int = 18

@@ -1,0 +1,58 @@
+"""What stops a service from starting, said in one line with the fix (not a traceback whose cause
+is on its last line): a database that does not exist, a PostgreSQL that cannot be reached, a
+database URL the service cannot use."""
+
+from __future__ import annotations
+
+import asyncpg
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
+from runtime.config import ServiceSettings
+from runtime.outages import causes
+
+
+def _where(url: str) -> str:
+    parsed = make_url(url)
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+
+
+def explain(error: BaseException, service: str, settings: ServiceSettings) -> str | None:
+    """One line saying why `service` could not start and what to do; None if `error` is not a
+    known start-up problem (then its traceback is what helps)."""
+    variable = f"{settings.env_prefix}DATABASE_URL"
+    url = settings.database_url
+    for cause in causes(error):
+        if isinstance(cause, asyncpg.exceptions.InvalidCatalogNameError):
+            name = make_url(url).database if url else "?"
+            return (
+                f"{service}: the database {name!r} does not exist on {_where(url)}: create it "
+                f"(createdb -h {make_url(url).host or 'localhost'} -U "
+                f"{make_url(url).username or 'postgres'} {name}) or point {variable} at one"
+            )
+        if isinstance(
+            cause,
+            asyncpg.exceptions.InvalidPasswordError
+            | asyncpg.InvalidAuthorizationSpecificationError,
+        ):
+            return (
+                f"{service}: PostgreSQL at {_where(url)} refused the login in {variable}: {cause}"
+            )
+        if (
+            url
+            and isinstance(cause, ConnectionRefusedError | OSError)
+            and not isinstance(cause, FileNotFoundError | PermissionError)
+        ):
+            return (
+                f"{service}: cannot reach PostgreSQL at {_where(url)} ({cause.strerror or cause}): "
+                f"is it running? (or point {variable} elsewhere; unset, the service uses a SQLite "
+                "file)"
+            )
+        if isinstance(cause, sa_exc.NoSuchModuleError | sa_exc.ArgumentError) or (
+            url and isinstance(cause, ModuleNotFoundError)
+        ):
+            return (
+                f"{service}: {variable}={url!r} is not a database URL the service can use: write "
+                "postgresql://user@host:port/name (or leave it unset for a SQLite file)"
+            )
+    return None

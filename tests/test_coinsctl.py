@@ -1,0 +1,90 @@
+"""coinsctl as a newcomer meets it: options anywhere, help that shows defaults, bad input refused
+without a traceback, error text shown as the server wrote it, and a failure that says what to check
+and how to retry with the same request id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coins.wallet.v1 import wallet_pb2
+from tests.helpers import expect_error, new_id
+from tests.suite import Suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
+    """Run coinsctl against the suite (without blocking the event loop the suite serves on)."""
+    env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir)}
+    env.update({f"COINS_{n.upper()}_ADDRESS": s.address for n, s in suite.services.items()})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli.main",
+        *arguments,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_request_id_and_as_work_after_the_subcommand(suite: Suite) -> None:
+    user = new_id("viewer")
+    request_id = new_id("open")
+    first = await coinsctl(suite, "open-account", user, "--request-id", request_id)
+    again = await coinsctl(suite, "open-account", user, "--request-id", request_id)
+    assert first[0] == again[0] == 0, first[1] + again[1]
+    assert user in again[1]
+    code, output = await coinsctl(suite, "balance", user, "--as", user)
+    assert code == 0 and "coins" in output.lower(), output
+
+
+async def test_help_shows_defaults_and_bad_input_gets_no_traceback(suite: Suite) -> None:
+    code, output = await coinsctl(suite, "open-account", "--help")
+    assert code == 0 and "(default: US)" in output and "(default: 1995-01-01)" in output
+    code, output = await coinsctl(suite, "open-account", "bob", "--birth-date", "1990-02-30")
+    assert code == 2 and "is not a date: use YYYY-MM-DD" in output and "Traceback" not in output
+    # A refusal's text is shown as the server wrote it (a pattern's brackets included).
+    code, output = await coinsctl(suite, "open-account", "not a user id!")
+    assert code == 1 and "INVALID_ARGUMENT" in output and "[A-Za-z0-9]" in output, output
+
+
+async def test_an_unreachable_service_is_named_and_a_retry_keeps_the_request_id(
+    suite: Suite,
+) -> None:
+    code, output = await coinsctl(
+        suite, "--wallet", "127.0.0.1:1", "open-account", new_id("viewer"), "--country", "GB"
+    )
+    assert code == 1, output
+    assert "cannot reach wallet at 127.0.0.1:1: is the suite running" in output
+    assert "COINS_WALLET_ADDRESS" in output
+    retry = next(line for line in output.splitlines() if line.strip().startswith("coinsctl "))
+    assert "--request-id" in retry and "--country GB" in retry
+
+
+async def test_a_refused_call_is_one_log_line_with_its_reason(
+    suite: Suite, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="coins.rpc")
+    user = new_id("viewer")
+    await expect_error(
+        suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user)),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "coins.rpc" and user in r.getMessage()
+    ]
+    assert len(lines) == 1, lines
+    assert "GetBalance refused NOT_FOUND ACCOUNT_NOT_FOUND" in lines[0]

@@ -1,0 +1,65 @@
+"""A service that cannot start says why in one line with the fix, not in a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_wallet(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.wallet"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "COINS_CERTS_DIR": str(tmp_path / "certs"),
+            "WALLET_PORT": "0",
+            "WALLET_HEALTH_PORT": "0",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (
+            "postgresql://postgres@127.0.0.1:5432/coins_no_such_database",
+            "the database 'coins_no_such_database' does not exist on 127.0.0.1:5432: create it",
+        ),
+        ("postgresql://postgres@127.0.0.1:1/coins", "cannot reach PostgreSQL at 127.0.0.1:1"),
+        ("mysql://someone@somewhere/coins", "is not a database URL the service can use"),
+    ],
+)
+def test_a_database_it_cannot_use_stops_the_service_with_one_line(
+    tmp_path: Path, url: str, says: str
+) -> None:
+    done = start_wallet(tmp_path, WALLET_DATABASE_URL=url)
+    assert done.returncode == 1
+    assert says in done.stderr and "WALLET_DATABASE_URL" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = start_wallet(tmp_path, WALLET_PORT=str(port), WALLET_DATA_DIR=str(tmp_path / "data"))
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in done.stderr
+    assert "WALLET_PORT" in done.stderr and "COINS_PORT_BASE" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
