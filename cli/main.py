@@ -283,6 +283,12 @@ def withdraw(c: Clients, a: argparse.Namespace) -> None:
         request.destination_token = a.destination
     response = c.payout.RequestWithdrawal(request, timeout=c.timeout)
     console.print(render.withdrawal(response.withdrawal))
+    kept = a.diamonds - response.withdrawal.diamonds
+    if kept > 0:
+        console.print(
+            f"{kept} of the {a.diamonds} diamonds asked for stay in the balance: only whole cents "
+            "are paid (2 diamonds = 1 cent)"
+        )
 
 
 def add_paypal(c: Clients, a: argparse.Namespace) -> None:
@@ -495,6 +501,13 @@ def show_promotion(c: Clients, a: argparse.Namespace) -> None:
         promotion_pb2.GetPromotionRequest(promotion_id=a.promotion_id), timeout=c.timeout
     )
     console.print(render.promotion(response.promotion))
+
+
+def list_promotions(c: Clients, a: argparse.Namespace) -> None:
+    response = c.promotion.ListPromotions(
+        promotion_pb2.ListPromotionsRequest(user_id=a.user, page_size=a.limit), timeout=c.timeout
+    )
+    console.print(render.promotions(a.user, response.promotions))
 
 
 def deliver(c: Clients, a: argparse.Namespace) -> None:
@@ -763,6 +776,9 @@ def _parser() -> argparse.ArgumentParser:
     command("promotion", show_promotion, "show a promotion (--as OWNER)").add_argument(
         "promotion_id"
     )
+    p = command("promotions", list_promotions, "a user's promotions, newest first, with their ids")
+    p.add_argument("user")
+    p.add_argument("--limit", type=int, default=20, help="most rows shown")
     p = command("deliver", deliver, "report a promotion's delivery, as the ad-delivery system")
     p.add_argument("promotion_id")
     p.add_argument("coins", type=int, help="what the delivery is worth")

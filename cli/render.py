@@ -80,7 +80,7 @@ def packages(items: Iterable[wallet_pb2.CoinPackage]) -> Table:
 
 
 def purchase(p: wallet_pb2.Purchase, after: wallet_pb2.Balance) -> Table:
-    table = Table(title=f"Purchase {p.purchase_id[:12]}", show_header=False)
+    table = Table(title=f"Purchase {p.purchase_id}", show_header=False)
     table.add_row("package", p.package.package_id)
     table.add_row("coins", f"{p.package.coins:,}")
     table.add_row("paid", money(p.package.price))
@@ -351,7 +351,7 @@ def mismatches(items: Iterable[payout_pb2.ReconciliationMismatch]) -> Table:
 
 
 def promotion(p: promotion_pb2.Promotion) -> Table:
-    table = Table(title=f"Promotion {p.promotion_id[:12]}", show_header=False)
+    table = Table(title=f"Promotion {p.promotion_id}", show_header=False)
     table.add_row("video", p.video_id)
     table.add_row("goal", enum_name(promotion_pb2.Goal, p.goal, "GOAL_"))
     table.add_row("budget", f"{p.budget_coins:,} coins")
@@ -366,6 +366,23 @@ def promotion(p: promotion_pb2.Promotion) -> Table:
     return table
 
 
+def promotions(user_id: str, items: Iterable[promotion_pb2.Promotion]) -> Table:
+    """A user's promotions, newest first, with their full ids (what the other commands take)."""
+    table = Table(title=f"Promotions of {user_id} (newest first)")
+    for name in ("promotion", "video", "goal", "budget", "spent", "status"):
+        table.add_column(name, justify="right" if name in ("budget", "spent") else "left")
+    for p in items:
+        table.add_row(
+            p.promotion_id,
+            p.video_id,
+            enum_name(promotion_pb2.Goal, p.goal, "GOAL_"),
+            f"{p.budget_coins:,}",
+            f"{p.spent_coins:,}",
+            enum_name(promotion_pb2.PromotionStatus, p.status, "PROMOTION_STATUS_"),
+        )
+    return table
+
+
 def live(value: gifting_pb2.Live, summary: gifting_pb2.LiveSummary | None = None) -> Table:
     table = Table(title=f"LIVE {value.live_id}: {value.title}", show_header=False)
     table.add_column("field")
@@ -376,6 +393,7 @@ def live(value: gifting_pb2.Live, summary: gifting_pb2.LiveSummary | None = None
     table.add_row("gifts", "on" if value.gifts_enabled else "off")
     if summary is not None:
         table.add_row("coins received", f"{summary.coins_received:,}")
+        table.add_row("diamonds earned", f"{summary.diamonds_earned:,} (as credited)")
         table.add_row("gifts sent", f"{summary.gifts_sent:,}")
         table.add_row("unique gifters", f"{summary.unique_gifters:,}")
         top = ", ".join(f"{g.rank}. {g.user_id} ({g.coins:,})" for g in summary.top_gifters)

@@ -27,6 +27,19 @@ def money(currency_code: str, amount_minor: int) -> money_pb2.Money:
     return money_pb2.Money(currency_code=currency_code, amount_minor=amount_minor)
 
 
+_SYMBOLS = {"USD": "$", "GBP": "£", "EUR": "€"}
+
+
+def money_text(currency_code: str, amount_minor: int) -> str:
+    """An amount as a person reads it: 1250 USD -> "$12.50" (two-decimal currencies)."""
+    sign = "-" if amount_minor < 0 else ""
+    units, cents = divmod(abs(amount_minor), 100)
+    symbol = _SYMBOLS.get(currency_code)
+    if symbol:
+        return f"{sign}{symbol}{units:,}.{cents:02d}"
+    return f"{sign}{units:,}.{cents:02d} {currency_code}"
+
+
 def to_datetime(value: Timestamp, field: str) -> dt.datetime:
     """A request's Timestamp as an aware UTC datetime; INVALID_ARGUMENT if it is not a valid time."""
     try:

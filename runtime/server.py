@@ -321,11 +321,15 @@ async def start_service(
         variable=f"{prefix}PORT",
     )
 
-    # Probes (Kubernetes' gRPC probes speak plaintext) get health checking, and nothing else.
+    # Probes (Kubernetes' gRPC probes speak plaintext) get health checking (and reflection of it),
+    # and nothing else.
     health_server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 4096), _EXCLUSIVE_PORT]
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    if settings.reflection:  # so a reflection-based client (grpcurl, buf curl) can call it bare
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((health_name, reflection.SERVICE_NAME), health_server)
     health_port = _listen(
         health_server,
         f"{settings.host}:{settings.health_port}",

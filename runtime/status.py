@@ -65,10 +65,16 @@ def to_status(error: DomainError, domain: str) -> status_pb2.Status:
     )
 
 
+REASON_KEY = "coins-error-reason"
+"""The ErrorInfo reason again as plain trailing metadata, for clients that cannot decode the rich
+status details (`buf curl -v`, `grpcurl -v` print trailers)."""
+
+
 async def abort(context: RpcContext, error: DomainError, domain: str) -> NoReturn:
     """End the RPC with `error`; raises grpc's AbortError as grpc.aio requires."""
     status = rpc_status.to_status(to_status(error, domain))
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailers = (*status.trailing_metadata, (REASON_KEY, error.reason))
+    await context.abort(status.code, status.details, trailers)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 

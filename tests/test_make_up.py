@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+ROOT = Path(__file__).resolve().parents[1]
 PLACES = {"wallet": 1, "gifting": 2, "payout": 3, "promotion": 4}
 
 
@@ -33,6 +35,51 @@ def free_port_base() -> int:
         if all(free(base + place + extra) for place in PLACES.values() for extra in (0, 10)):
             return base
     raise AssertionError("no free port range found")
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """The walk-through's coinsctl lines (command, comment), in order, from the README's first
+    shell block after "## Walk-through"."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Walk-through", 1)[1]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    found = []
+    for line in block.splitlines():
+        command, _, comment = line.partition("#")
+        for part in command.split("&&"):
+            if part.strip().startswith("coinsctl "):
+                found.append((part.strip(), comment.strip()))
+    return found
+
+
+def walk_through(env: dict[str, str]) -> None:
+    """Run every coinsctl line of the walk-through; a line whose comment says "refused" must be
+    refused, every other must succeed. Ids the README writes as WITHDRAWAL_ID and PROMOTION_ID are
+    taken from what the commands before printed, as a reader would."""
+    ids: dict[str, str] = {}
+    commands = readme_commands()
+    assert len(commands) > 20, commands
+    for command, comment in commands:
+        if "live watch" in command:
+            continue  # "in a third terminal": it streams until the LIVE ends (run below)
+        for name, value in ids.items():
+            command = command.replace(name, value)
+        arguments = shlex.split(command)[1:]
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", *arguments],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        expected = 1 if "refused" in comment else 0
+        assert done.returncode == expected, f"{command}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+        if arguments[0] == "withdrawals":
+            ids["WITHDRAWAL_ID"] = re.findall(r"\b[0-9a-f]{32}\b", done.stdout)[0]
+        if arguments[0] == "promote":
+            ids["PROMOTION_ID"] = re.findall(r"Promotion (\S+)", done.stdout)[0]
+    assert {"WITHDRAWAL_ID", "PROMOTION_ID"} <= set(ids)
 
 
 def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
@@ -92,8 +139,10 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         ]
         assert (tmp_path / "certs" / "ca.pem").exists(), "no dev CA was generated on first start"
         assert not (tmp_path / "certs" / "ca-key.pem").stat().st_mode & 0o077, "keys are private"
-        # `make demo`, as the README runs it against the suite: the whole money flow, no error.
         demo_env = {**env, "COINS_CERTS_DIR": str(tmp_path / "certs")}  # addresses: the base
+        # The README's walk-through, command by command, as a newcomer types it.
+        walk_through(demo_env)
+        # `make demo`, as the README runs it against the suite: the whole money flow, no error.
         demo = subprocess.run(
             [sys.executable, "-m", "cli.main", "demo"],
             cwd=Path(__file__).resolve().parents[1],

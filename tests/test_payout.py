@@ -149,7 +149,7 @@ async def test_the_daily_cap_limits_what_a_creator_withdraws_in_a_day(suite: Sui
         grpc.StatusCode.FAILED_PRECONDITION,
         "DAILY_LIMIT_EXCEEDED",
     )
-    assert "10000 remain" in (error.details() or "")
+    assert "$100.00 remain today" in (error.details() or "")
     assert await diamonds_of(suite, creator) == 120_000
     await suite.payout.RequestWithdrawal(withdrawal(creator, 20_000))  # exactly the $100 left
 

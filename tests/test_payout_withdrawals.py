@@ -409,7 +409,7 @@ async def test_small_withdrawals_of_one_day_add_up_to_a_review(
     assert first.status == S.WITHDRAWAL_STATUS_APPROVED
     second = (await suite.payout.RequestWithdrawal(withdrawal(creator, 12_000))).withdrawal
     assert second.status == S.WITHDRAWAL_STATUS_IN_REVIEW  # $120 today: above $100
-    assert "12000 minor units today" in second.history[-1].reason
+    assert "$120.00 today" in second.history[-1].reason
     third = (await suite.payout.RequestWithdrawal(withdrawal(creator, 12_000))).withdrawal
     assert third.status == S.WITHDRAWAL_STATUS_IN_REVIEW
     # A reviewer's request id is scoped by the withdrawal: the same id decides each once.

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
+
+from runtime.migrations import alembic_config
+from services.wallet.service import SPEC as WALLET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +68,25 @@ def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(
     assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in done.stderr
     assert "WALLET_PORT" in done.stderr and "COINS_PORT_BASE" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_migrations_run_on_their_own_for_services_that_do_not_migrate_on_start(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.migrate", "wallet", "payout"],
+        cwd=ROOT,
+        env={**os.environ, "WALLET_DATA_DIR": str(tmp_path), "PAYOUT_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "wallet: migrated to the newest schema" in done.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["payout.db", "wallet.db"]
+    with sqlite3.connect(tmp_path / "wallet.db") as db:
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    head = ScriptDirectory.from_config(
+        alembic_config(WALLET.migrations_dir, "sqlite://")
+    ).get_current_head()
+    assert revision == head

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger import Posting
 from ledger.holds import Holds
 from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from runtime.protos import money_text
 from runtime.sql import as_tx
 from services.payout import policy, storage
 from services.payout.domain import (
@@ -110,11 +111,15 @@ class Withdrawals:
             )
         quote = policy.quote(diamonds, settings)
         minimum = settings.min_withdrawal_minor
+
+        def cash(minor: int) -> str:
+            return money_text(settings.currency_code, minor)
+
         if quote.gross_minor < minimum or quote.net_minor <= 0:
             raise FailedPrecondition(
                 "BELOW_MINIMUM",
-                f"{diamonds} diamonds are worth {quote.gross_minor} minor units; the minimum "
-                f"withdrawal is {minimum} ({minimum * settings.diamonds_per_minor_unit} diamonds)",
+                f"{diamonds} diamonds are worth {cash(quote.gross_minor)}; the minimum withdrawal "
+                f"is {cash(minimum)} ({minimum * settings.diamonds_per_minor_unit} diamonds)",
                 minimum_minor=minimum,
                 requested_minor=quote.gross_minor,
             )
@@ -141,8 +146,8 @@ class Withdrawals:
         if today + quote.gross_minor > cap:
             raise FailedPrecondition(
                 "DAILY_LIMIT_EXCEEDED",
-                f"withdrawals are capped at {cap} minor units a calendar day ({zone.key}); "
-                f"{max(0, cap - today)} remain today",
+                f"withdrawals are capped at {cash(cap)} a calendar day ({zone.key}); "
+                f"{cash(max(0, cap - today))} remain today",
                 cap_minor=cap,
                 remaining_minor=max(0, cap - today),
                 time_zone=zone.key,
@@ -169,15 +174,12 @@ class Withdrawals:
         await storage.insert_withdrawal(conn, withdrawal)
         await storage.add_event(conn, withdrawal_id, "requested", creator_id, "", now)
         if auto:
-            why = (
-                f"at most {settings.auto_approve_max_minor} minor units today from a verified "
-                "creator"
-            )
+            why = f"at most {cash(settings.auto_approve_max_minor)} today from a verified creator"
             await storage.add_event(conn, withdrawal_id, "approved", "auto-approve", why, now)
         else:
             why = (
-                f"{today + quote.gross_minor} minor units today, above "
-                f"{settings.auto_approve_max_minor}: a reviewer decides"
+                f"{cash(today + quote.gross_minor)} today, above "
+                f"{cash(settings.auto_approve_max_minor)}: a reviewer decides"
             )
             await storage.add_event(conn, withdrawal_id, "in_review", "policy", why, now)
         return withdrawal, await self._payouts.diamonds(conn, creator_id)

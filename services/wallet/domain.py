@@ -20,6 +20,7 @@ from runtime.errors import (
     ResourceExhausted,
 )
 from runtime.idempotency import AnsweredKey
+from runtime.protos import money_text
 from runtime.sql import Driver, Tx
 from services.wallet import storage
 from services.wallet.settings import WalletSettings
@@ -352,15 +353,18 @@ class Wallet:
         for name, limit, used, adding, unit in checks:
             if used + adding > limit:
                 remaining = max(0, limit - used)
-                shown = (
-                    f"{remaining} coins"
+                shown, limit_shown = (
+                    (f"{remaining:,} coins", f"{limit:,} coins")
                     if unit == "coins"
-                    else (f"{remaining} minor units of {account.currency_code}")
+                    else (
+                        money_text(account.currency_code, remaining),
+                        money_text(account.currency_code, limit),
+                    )
                 )
                 raise ResourceExhausted(
                     "PURCHASE_LIMIT_EXCEEDED",
-                    f"this purchase would pass the {name.replace('_', ' ')} limit of {limit}; "
-                    f"{shown} remain",
+                    f"this purchase would pass the {name.replace('_', ' ')} limit of "
+                    f"{limit_shown}; {shown} remain",
                     limit=name,
                     limit_value=limit,
                     used=used,
