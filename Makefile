@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: up test bench bench-ledger bench-smoke demo certs gen gen-check lint format buf buf-baseline check clean help
+.PHONY: manifests up test bench bench-ledger bench-smoke demo certs gen gen-check lint format buf buf-baseline check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -42,6 +42,9 @@ certs: $(STAMP)  ## generate the dev CA, service certificates and token key unde
 
 gen: $(STAMP)  ## regenerate gen/ and build/image.binpb from protos/
 	$(BIN)/python tools/gen_protos.py
+
+manifests: $(STAMP)  ## regenerate deploy/k8s/base from the services' settings
+	$(BIN)/python -m tools.deploy_manifests
 
 gen-check: gen  ## fail if the committed generated code is stale
 	@git diff --exit-code --stat -- gen || (echo "gen/ is stale: run make gen and commit" && exit 1)

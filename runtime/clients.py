@@ -24,6 +24,9 @@ from runtime.tls import channel_credentials
 
 _RETRY_ON_UNAVAILABLE = json.dumps(
     {
+        # Every address the name resolves to (a headless Service's pods: dns:///wallet:50051)
+        # takes a share of the calls; one address behaves as before.
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],
@@ -35,7 +38,7 @@ _RETRY_ON_UNAVAILABLE = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 

@@ -67,6 +67,9 @@ class SecuritySettings(BaseSettings):
     caller_rate_per_second: float = 2000.0
     """Per calling service, per money-moving RPC (a whole gateway or gifting's traffic)."""
     caller_rate_burst: int = 4000
+    rate_limit_redis_url: str = ""
+    """Redis shared by every replica for the rate limits (e.g. redis://127.0.0.1:6379/0); empty:
+    each process enforces them alone."""
 
     @property
     def verification_keys_dir(self) -> Path:
@@ -96,6 +99,9 @@ class ServiceSettings(BaseSettings):
     and audit rows). Migrations run as the login user. Empty: act as the login user, for a deployment
     whose login role is restricted already."""
     migrate_on_start: bool = True
+    health_check_seconds: float = 2.0
+    """How often the service checks that its database answers; health reports NOT_SERVING while
+    it does not."""
     reflection: bool = True
     grace_seconds: float = 5.0
     max_concurrent_rpcs: int = 2000

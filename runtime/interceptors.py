@@ -168,7 +168,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._validator.check(request)
         admin_read = rule.check_owner(principal, request)
         if rule.moves_money:
-            self._limiter.check(method, principal.service, principal.user_id)
+            await self._limiter.check(method, principal.service, principal.user_id)
         return rule.audited or admin_read
 
     def _guard(

@@ -1,16 +1,35 @@
 """Token buckets for the RPCs that move money: per user and per calling service, per method.
 
-In-process, so each replica enforces its own share; a shared store (Redis) is the next step once
-services run more than one replica. Refusals carry how long to wait (google.rpc.RetryInfo).
+In-process by default (each replica enforces the limits alone); with COINS_RATE_LIMIT_REDIS_URL every
+replica takes its tokens from the same buckets in Redis (one Lua script per call: atomic, on Redis's
+clock), so the limits hold for the suite, however many replicas serve it. If Redis does not answer,
+a replica falls back to its own buckets (one warning) rather than refusing every call. Refusals carry
+how long to wait (google.rpc.RetryInfo).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from runtime.errors import ResourceExhausted
+
+log = logging.getLogger("coins.ratelimit")
+
+
+class Buckets(Protocol):
+    rate: float
+    burst: int
+
+    async def take(self, key: str) -> float:
+        """Take one token; 0.0 if granted, otherwise the seconds until one is available."""
+        ...
 
 
 class TokenBuckets:
@@ -30,7 +49,10 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def take(self, key: str) -> float:
+    async def take(self, key: str) -> float:
+        return self.take_now(key)
+
+    def take_now(self, key: str) -> float:
         """Take one token; 0.0 if granted, otherwise the seconds until one is available."""
         now = self._clock()
         tokens, stamp = self._buckets.pop(key, (float(self.burst), now))
@@ -46,14 +68,68 @@ class TokenBuckets:
         return wait
 
 
+_TAKE = """
+local now = redis.call('TIME')
+local at = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, stamp = tonumber(state[1]), tonumber(state[2])
+if tokens == nil then tokens, stamp = burst, at end
+tokens = math.min(burst, tokens + math.max(0, at - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1
+elseif rate > 0 then wait = (1 - tokens) / rate
+else wait = 3600 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(at))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / math.max(rate, 0.001)) + 60)
+return tostring(wait)
+"""
+
+
+class RedisTokenBuckets:
+    """The same buckets, shared by every replica through Redis (`_TAKE`, atomic on the server)."""
+
+    def __init__(self, url: str, rate: float, burst: int, *, prefix: str) -> None:
+        self.rate, self.burst = rate, burst
+        self._redis: Any = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._script = self._redis.register_script(_TAKE)
+        self._prefix = prefix
+        self._fallback = TokenBuckets(rate, burst)
+        self._warned = False
+
+    async def take(self, key: str) -> float:
+        try:
+            wait = float(
+                await self._script(keys=[f"{self._prefix}{key}"], args=[self.rate, self.burst])
+            )
+        except (RedisError, OSError) as error:
+            if not self._warned:
+                log.warning(
+                    "rate limits: Redis does not answer (%r); this replica's own buckets", error
+                )
+                self._warned = True
+            return self._fallback.take_now(key)
+        self._warned = False
+        return wait
+
+
+def buckets(
+    rate: float, burst: int, *, redis_url: str = "", prefix: str = "coins:rate:"
+) -> Buckets:
+    """Shared buckets when a Redis URL is set, else this process's own."""
+    if redis_url:
+        return RedisTokenBuckets(redis_url, rate, burst, prefix=prefix)
+    return TokenBuckets(rate, burst)
+
+
 class RateLimiter:
-    def __init__(self, per_user: TokenBuckets, per_caller: TokenBuckets) -> None:
+    def __init__(self, per_user: Buckets, per_caller: Buckets) -> None:
         self._per_user, self._per_caller = per_user, per_caller
 
-    def check(self, method: str, caller: str, user: str | None) -> None:
+    async def check(self, method: str, caller: str, user: str | None) -> None:
         short = method.rsplit("/", 1)[-1]
         if user is not None:
-            wait = self._per_user.take(f"{method}|{user}")
+            wait = await self._per_user.take(f"{method}|{user}")
             if wait:
                 raise ResourceExhausted(
                     "RATE_LIMITED",
@@ -62,7 +138,7 @@ class RateLimiter:
                     scope="user",
                     limit_per_second=self._per_user.rate,
                 )
-        wait = self._per_caller.take(f"{method}|{caller}")
+        wait = await self._per_caller.take(f"{method}|{caller}")
         if wait:
             raise ResourceExhausted(
                 "RATE_LIMITED",

@@ -15,7 +15,7 @@ import datetime as dt
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -42,8 +42,9 @@ from runtime.db import Database
 from runtime.idempotency import Idempotency
 from runtime.interceptors import RequestGuard
 from runtime.outages import outage_of
-from runtime.ratelimit import RateLimiter, TokenBuckets
+from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
+from runtime.sql import Statement
 from runtime.telemetry import configure_logging, make_tracer_provider
 from runtime.tls import server_credentials
 
@@ -165,6 +166,46 @@ class RunningService(Generic[S]):
 
 
 WORKER_BACKOFF_CAP_SECONDS = 30.0
+_PING = Statement("runtime.ping", "SELECT 1")
+
+
+async def _database_health(
+    name: str,
+    servicer: health.aio.HealthServicer,
+    names: Sequence[str],
+    db: Database,
+    every: float,
+) -> None:
+    """Health says NOT_SERVING while the service's database cannot be reached (a readiness probe
+    then takes the replica out of rotation, instead of sending it calls it can only refuse), and
+    SERVING again once it answers."""
+    serving = True
+    while True:
+        await asyncio.sleep(every)
+        try:
+            async with asyncio.timeout(every):
+                async with db.driver.read() as tx:
+                    await tx.one(_PING)
+            answers = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            answers = False
+            why = f"{type(error).__name__}: {error}"
+        if answers == serving:
+            continue
+        serving = answers
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if answers
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", *names):
+            await servicer.set(service, status)
+        if answers:
+            log.info("%s: the database answers again: health SERVING", name)
+        else:
+            log.warning("%s: the database does not answer (%s): health NOT_SERVING", name, why)
 
 
 async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
@@ -280,8 +321,18 @@ async def start_service(
                 access=access,
                 verifier=TokenVerifier(security),
                 limiter=RateLimiter(
-                    TokenBuckets(security.user_rate_per_second, security.user_rate_burst),
-                    TokenBuckets(security.caller_rate_per_second, security.caller_rate_burst),
+                    buckets(
+                        security.user_rate_per_second,
+                        security.user_rate_burst,
+                        redis_url=security.rate_limit_redis_url,
+                        prefix="coins:rate:user:",
+                    ),
+                    buckets(
+                        security.caller_rate_per_second,
+                        security.caller_rate_burst,
+                        redis_url=security.rate_limit_redis_url,
+                        prefix="coins:rate:caller:",
+                    ),
                 ),
                 audit=audit,
                 shedder=shedder,
@@ -348,6 +399,11 @@ async def start_service(
     running._tasks = [
         asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers
     ]
+    running._tasks.append(
+        asyncio.create_task(
+            _database_health(spec.name, health_servicer, names, db, settings.health_check_seconds)
+        )
+    )
     downstream = ", ".join(
         f"{name.removesuffix('_address')} at {getattr(settings, name)}"
         for name in type(settings).model_fields

@@ -8,6 +8,8 @@ with tight limits.
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,7 +18,8 @@ import pytest
 
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
-from runtime.ratelimit import TokenBuckets
+from runtime.errors import ResourceExhausted
+from runtime.ratelimit import RateLimiter, TokenBuckets, buckets
 from runtime.status import error_info, retry_info
 from tests.helpers import funded_user, live_of, new_creator, new_id
 from tests.suite import Suite, start_suite
@@ -82,13 +85,49 @@ async def test_a_user_sending_too_fast_is_told_to_wait(tight: Suite) -> None:
 def test_token_buckets_refill_at_their_rate() -> None:
     now = [100.0]
     buckets = TokenBuckets(rate=2.0, burst=2, clock=lambda: now[0])
-    assert buckets.take("k") == 0.0
-    assert buckets.take("k") == 0.0
-    assert buckets.take("k") == pytest.approx(0.5)  # empty: the next token in 1/2 s
+    assert buckets.take_now("k") == 0.0
+    assert buckets.take_now("k") == 0.0
+    assert buckets.take_now("k") == pytest.approx(0.5)  # empty: the next token in 1/2 s
     now[0] += 0.5
-    assert buckets.take("k") == 0.0
+    assert buckets.take_now("k") == 0.0
     now[0] += 100
-    assert [buckets.take("k") for _ in range(3)][:2] == [0.0, 0.0]  # refills only up to the burst
+    assert [buckets.take_now("k") for _ in range(3)][:2] == [0.0, 0.0]  # refills only up to burst
+
+
+REDIS_URL = os.environ.get("COINS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def test_replicas_share_their_rate_limits_through_redis() -> None:
+    """Two replicas' limiters on one Redis: the burst is the suite's, not each replica's (Redis is
+    on the machine; a run without it fails here, loudly)."""
+    prefix = f"coins:test:{uuid.uuid4().hex}:"
+    first, second = (
+        RateLimiter(
+            buckets(0.0, 5, redis_url=REDIS_URL, prefix=prefix),
+            buckets(1000.0, 1000, redis_url=REDIS_URL, prefix=prefix + "caller:"),
+        )
+        for _ in range(2)
+    )
+    granted, refused = 0, 0
+    for limiter in (first, second) * 4:
+        try:
+            await limiter.check("/coins.gifting.v1.GiftingService/SendGift", "gateway", "ava")
+            granted += 1
+        except ResourceExhausted as refusal:
+            assert refusal.reason == "RATE_LIMITED"
+            refused += 1
+    assert (granted, refused) == (5, 3)
+
+
+async def test_a_replica_whose_redis_is_gone_keeps_its_own_limits() -> None:
+    limiter = RateLimiter(
+        buckets(0.0, 2, redis_url="redis://127.0.0.1:1/0", prefix="coins:test:"),
+        buckets(1000.0, 1000),
+    )
+    await limiter.check("/m", "gateway", "bob")
+    await limiter.check("/m", "gateway", "bob")
+    with pytest.raises(ResourceExhausted):
+        await limiter.check("/m", "gateway", "bob")
 
 
 async def test_an_oversized_request_is_refused_before_any_handler(tight: Suite) -> None:

@@ -10,6 +10,7 @@ import logging
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
@@ -61,8 +62,19 @@ async def test_a_database_outage_is_unavailable_and_heals(
     )
     assert not [r for r in caplog.records if r.exc_info], "an outage logged a stack trace"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # Its health says so, and a readiness probe takes it out of rotation.
+    probe = health_pb2_grpc.HealthStub(suite.health_channel("wallet"))
+
+    async def health_is(status: int) -> bool:
+        answer = await probe.Check(health_pb2.HealthCheckRequest())
+        return bool(answer.status == status)
+
+    await eventually(
+        lambda: health_is(health_pb2.HealthCheckResponse.NOT_SERVING), "wallet NOT_SERVING"
+    )
 
     proxy.heal()
+    await eventually(lambda: health_is(health_pb2.HealthCheckResponse.SERVING), "SERVING again")
 
     async def healed() -> bool:
         try:

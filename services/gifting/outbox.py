@@ -55,10 +55,13 @@ class CreditRelay:
                 pass  # a full batch: there may be more waiting
 
     async def deliver_due(self) -> int:
-        """Deliver every credit that is due now (one batch); returns how many were attempted."""
-        async with self._rt.db.driver.read() as tx:
-            due = await storage.due_credits(
-                tx, self._rt.clock.now(), self._rt.settings.relay_batch_size
+        """Deliver the credits that are due now (one batch, claimed by this relay for a lease
+        longer than a delivery may take); returns how many were attempted."""
+        now = self._rt.clock.now()
+        lease = dt.timedelta(seconds=self._rt.settings.downstream_timeout_seconds + 2)
+        async with self._rt.db.driver.transaction(single_statement=True) as tx:
+            due = await storage.claim_due_credits(
+                tx, now, self._rt.settings.relay_batch_size, now + lease
             )
         if due:
             await self._deliver(due)

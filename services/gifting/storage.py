@@ -812,12 +812,20 @@ async def top_gifters(
     return [(row.sender_id, int(row.coins)) for row in (await conn.execute(query)).all()]
 
 
-_DUE_CREDITS = Statement(
-    "gifting.due_credits",
-    "SELECT outbox_id, sent_gift_id, creator_id, coins, traceparent, attempts FROM credit_outbox "
-    "WHERE delivered_at IS NULL AND NOT dead AND next_attempt_at <= :now "
-    "ORDER BY outbox_id LIMIT :limit",
+_CLAIM_DUE_CREDITS = Statement(
+    "gifting.claim_due_credits",
+    "UPDATE credit_outbox SET next_attempt_at = :lease_until WHERE outbox_id IN ("
+    "SELECT outbox_id FROM credit_outbox WHERE delivered_at IS NULL AND NOT dead "
+    "AND next_attempt_at <= :now ORDER BY outbox_id LIMIT :limit) "
+    "RETURNING outbox_id, sent_gift_id, creator_id, coins, traceparent, attempts",
+    postgres="UPDATE credit_outbox SET next_attempt_at = :lease_until WHERE outbox_id IN ("
+    "SELECT outbox_id FROM credit_outbox WHERE delivered_at IS NULL AND NOT dead "
+    "AND next_attempt_at <= :now ORDER BY outbox_id LIMIT :limit FOR UPDATE SKIP LOCKED) "
+    "RETURNING outbox_id, sent_gift_id, creator_id, coins, traceparent, attempts",
 )
+"""Claim a batch of due credits for one relay until `lease_until` (pushing their next attempt
+there): with several gifting replicas each takes rows the others have not (SKIP LOCKED), and a
+relay that dies mid-delivery leaves its batch to be retried after the lease."""
 _MARK_DELIVERED = Statement(
     "gifting.mark_delivered",
     "UPDATE credit_outbox SET delivered_at = :now, attempts = attempts + 1 "
@@ -873,12 +881,16 @@ def period_keys(at: dt.datetime) -> dict[str, str]:
     return {"day": day.isoformat(), "week": f"{year}-W{week:02d}", "all": "all"}
 
 
-async def due_credits(tx: Tx, now: dt.datetime, limit: int) -> list[OutboxRecord]:
-    """Undelivered credits whose next attempt is due, oldest first (the outbox's partial index)."""
-    rows = await tx.all(_DUE_CREDITS, now=now, limit=limit)
-    return [
+async def claim_due_credits(
+    tx: Tx, now: dt.datetime, limit: int, lease_until: dt.datetime
+) -> list[OutboxRecord]:
+    """Undelivered credits whose next attempt is due, oldest first (the outbox's partial index),
+    claimed by this relay until `lease_until` (`_CLAIM_DUE_CREDITS`)."""
+    rows = await tx.all(_CLAIM_DUE_CREDITS, now=now, limit=limit, lease_until=lease_until)
+    records = [
         OutboxRecord(int(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]), int(r[5])) for r in rows
     ]
+    return sorted(records, key=lambda r: r.outbox_id)
 
 
 async def mark_delivered(
