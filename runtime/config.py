@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -115,6 +115,8 @@ class ServiceSettings(BaseSettings):
     budget is the process's, not each method's."""
     max_message_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per line with trace and span ids (for a log pipeline)."""
     downstream_timeout_seconds: float = 5.0
     """Deadline for a call to another service when the incoming call carries none."""
     idempotency_retention_hours: float = Field(default=48.0, ge=24.0)

@@ -434,7 +434,7 @@ def main(spec: ServiceSpec[S]) -> None:
     """Entry point of `python -m services.<name>`: serve until SIGINT or SIGTERM."""
     _few_malloc_arenas()
     settings = spec.settings_type()
-    configure_logging(spec.name, settings.log_level)
+    configure_logging(spec.name, settings.log_level, settings.log_format)
 
     async def serve() -> None:
         running = await start_service(spec, settings)

@@ -9,8 +9,10 @@ OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise nothing is exported.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
@@ -57,22 +59,50 @@ def trace_engine(engine: AsyncEngine, provider: trace.TracerProvider) -> None:
 
 
 class _TraceIdFilter(logging.Filter):
-    """Adds the current trace id to every log record, so a log line leads to its trace."""
+    """Adds the current trace and span ids to every log record, so a log line leads to its trace."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = trace.get_current_span().get_span_context()
         record.trace_id = format(context.trace_id, "032x") if context.is_valid else "-"
+        record.span_id = format(context.span_id, "016x") if context.is_valid else "-"
         return True
 
 
-def configure_logging(service: str, level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (for a log pipeline): time, level, service, logger, trace and span
+    ids, message, and the exception's text when there is one."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self._service,
+            "logger": record.name,
+            "trace_id": getattr(record, "trace_id", "-"),
+            "span_id": getattr(record, "span_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(service: str, level: str, log_format: str = "text") -> None:
+    """Log lines to stderr: readable text (default) or JSON (`<SVC>_LOG_FORMAT=json`)."""
     handler = logging.StreamHandler()
     handler.addFilter(_TraceIdFilter())
-    handler.setFormatter(
-        logging.Formatter(
+    if log_format == "json":
+        formatter: logging.Formatter = JsonFormatter(service)
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter(
             f"%(asctime)s %(levelname)-5s {service:<9} %(name)s trace=%(trace_id)s %(message)s"
         )
-    )
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -55,6 +55,7 @@ def config(name: str) -> dict[str, str]:
         f"{prefix}PORT": str(api),
         f"{prefix}HEALTH_PORT": str(health),
         f"{prefix}MIGRATE_ON_START": "false",
+        f"{prefix}LOG_FORMAT": "json",
         "COINS_CERTS_DIR": CERTS_DIR,
         "COINS_JWT_KEYS_DIR": JWT_DIR,
         "COINS_DEV_PKI": "false",
