@@ -13,11 +13,13 @@ Needs PostgreSQL's initdb and pg_ctl on PATH (CI's machine has them): without th
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
 import shutil
 import signal
+import sqlite3
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -33,6 +35,7 @@ from google.type import date_pb2
 from benchmarks.perf import SERVICES, SuiteProcesses, free_port, gateway_credentials
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime import pki
@@ -129,6 +132,9 @@ class Ledger:
     abandoned: set[str] = field(default_factory=set)
     purchases: dict[str, str] = field(default_factory=dict)
     """request id -> purchase id of every acknowledged purchase."""
+    withdrawals: dict[str, str] = field(default_factory=dict)
+    """request id -> withdrawal id of every acknowledged withdrawal."""
+    withdrawal_refusals: dict[str, str] = field(default_factory=dict)
     """request ids a caller gave up on (the reconciler settles their gifts)."""
     retried_codes: dict[str, int] = field(default_factory=dict)
 
@@ -165,6 +171,16 @@ async def chaos_suite(
             "GIFTING_RELAY_MAX_BACKOFF_SECONDS": "1",
             "GIFTING_DOWNSTREAM_TIMEOUT_SECONDS": "2",
             "GIFTING_WALLET_ADDRESS": f"127.0.0.1:{link.port}",
+            # Withdrawals: diamonds available at once, no review, no cap; a fast, patient worker.
+            "PAYOUT_MATURATION_DAYS": "0",
+            "PAYOUT_MIN_WITHDRAWAL_MINOR": "100",
+            "PAYOUT_AUTO_APPROVE_MAX_MINOR": "1000000000",
+            "PAYOUT_DAILY_WITHDRAWAL_CAP_MINOR": "1000000000",
+            "PAYOUT_PROCESSOR_TIMEOUT_SECONDS": "2",
+            "PAYOUT_PROCESSOR_POLL_SECONDS": "1",
+            "PAYOUT_PROCESSOR_MAX_BACKOFF_SECONDS": "2",
+            "PAYOUT_PROCESSOR_MAX_ATTEMPTS": "1000",
+            "PAYOUT_PROCESSOR_SETTLE_MS": "100",
         },
         ports=ports,
     )
@@ -268,6 +284,49 @@ async def send_gifts(
                 sent.sent_gift.coins,
             )
             break
+
+
+async def withdraw(
+    payout: Any,
+    tokens: dict[str, tuple[tuple[str, str], ...]],
+    creators: Sequence[str],
+    rng: random.Random,
+    book: Ledger,
+    *,
+    work_until: float,
+    answer_until: float,
+) -> None:
+    """A creator's app: withdrawals of $1 to PayPal, each retried under its request id until it is
+    answered (refusals such as not enough available diamonds yet are answers)."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < work_until:
+        creator = rng.choice(creators)
+        request = payout_pb2.RequestWithdrawalRequest(
+            request_id=uuid.uuid4().hex,
+            creator_id=creator,
+            diamonds=200,
+            method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+            destination_token=f"dest_paypal_{creator}",
+        )
+        while True:
+            try:
+                made = await payout.RequestWithdrawal(
+                    request, metadata=tokens[creator], timeout=3.0
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE:
+                    reason = error_info(error)
+                    book.withdrawal_refusals[request.request_id] = (
+                        f"{error.code().name} {reason and reason.reason}"
+                    )
+                    break
+                await asyncio.sleep(rng.uniform(0.1, 0.5))
+                if loop.time() > answer_until:
+                    break
+                continue
+            book.withdrawals[request.request_id] = made.withdrawal.withdrawal_id
+            break
+        await asyncio.sleep(rng.uniform(0.2, 0.6))
 
 
 async def buy_coins(
@@ -411,6 +470,18 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                     ),
                     metadata=tokens[creator],
                 )
+            admin = tuple(token_metadata(issuer.mint("ops-chaos", roles=["admin"])))
+            payout_stub = payout_pb2_grpc.PayoutServiceStub(payout_channel)
+            for creator in creators:
+                await payout_stub.SetCreatorVerification(
+                    payout_pb2.SetCreatorVerificationRequest(
+                        request_id=uuid.uuid4().hex,
+                        creator_id=creator,
+                        status=payout_pb2.KYC_STATUS_VERIFIED,
+                        reason="chaos creators are verified",
+                    ),
+                    metadata=admin,
+                )
             for user in viewers:
                 await wallet.PurchaseCoins(
                     wallet_pb2.PurchaseCoinsRequest(
@@ -443,6 +514,19 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                         )
                     )
                     for i in range(WORKERS)
+                ]
+                + [
+                    asyncio.create_task(
+                        withdraw(
+                            payout_stub,
+                            tokens,
+                            creators,
+                            random.Random(rng.random()),
+                            book,
+                            work_until=work_until,
+                            answer_until=answer_until,
+                        )
+                    )
                 ]
                 + [
                     asyncio.create_task(
@@ -511,7 +595,16 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                     "SELECT (SELECT count(*) FROM promotions WHERE status = 'pending') + "
                     "(SELECT count(*) FROM pending_captures)",
                 )
-                return int(rows[0][0]) == 0 and int(buying[0][0]) == 0 and int(promoting[0][0]) == 0
+                paying = await fetch(
+                    urls["payout"],
+                    "SELECT count(*) FROM withdrawals WHERE status IN ('approved', 'processing')",
+                )
+                return (
+                    int(rows[0][0]) == 0
+                    and int(buying[0][0]) == 0
+                    and int(promoting[0][0]) == 0
+                    and int(paying[0][0]) == 0
+                )
 
             await eventually(settled, "every gift settled and credited", seconds=SETTLE_SECONDS)
 
@@ -585,6 +678,35 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 assert sent_gift_id in by_gift, f"gift {sent_gift_id} debited but never credited"
                 assert (by_gift[sent_gift_id][1], by_gift[sent_gift_id][2]) == (gift[2], gift[3])
 
+            # Withdrawals: every acknowledged one ended; every paid one was paid once at the
+            # processor (whose records survive payout's restarts), for its amount; nothing else.
+            refused_by = collections.Counter(book.withdrawal_refusals.values())
+            print(f"withdrawals {len(book.withdrawals)}, refused {dict(refused_by)}")
+            assert set(book.withdrawal_refusals.values()) <= {
+                "FAILED_PRECONDITION INSUFFICIENT_FUNDS",
+                "NOT_FOUND CREATOR_NOT_FOUND",
+            }, book.withdrawal_refusals
+            withdrawals = {
+                w[0]: w
+                for w in await fetch(
+                    urls["payout"],
+                    "SELECT withdrawal_id, status, gross_minor - fee_minor FROM withdrawals",
+                )
+            }
+            for withdrawal_id in book.withdrawals.values():
+                assert withdrawals[withdrawal_id][1] == "paid", withdrawals[withdrawal_id]
+            with sqlite3.connect(suite.tmp / "data" / "sandbox-payouts.sqlite3") as sandbox:
+                payments = sandbox.execute(
+                    "SELECT sender_item_id, count(*), min(amount_minor) FROM payments GROUP BY 1"
+                ).fetchall()
+            paid = {w for w, row in withdrawals.items() if row[1] == "paid"}
+            assert {p[0] for p in payments} == paid, (
+                "a payment without a paid withdrawal, or one lost"
+            )
+            for item, count, amount in payments:
+                assert count == 1, f"withdrawal {item} paid {count} times at the processor"
+                assert amount == withdrawals[item][2]
+
             books = await cross_audit(
                 {
                     name: f"postgresql+asyncpg://postgres@127.0.0.1:{postgres.port}/"
@@ -593,7 +715,6 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 }
             )
             assert books.ok and not books.in_flight, books.differences[:5]
-            admin = tuple(token_metadata(issuer.mint("ops-chaos", roles=["admin"])))
             for channel in (wallet_channel, payout_channel):
                 report = await ledger_audit_pb2_grpc.LedgerAuditServiceStub(channel).AuditLedger(
                     ledger_audit_pb2.AuditLedgerRequest(), metadata=admin, timeout=30

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from coins.payout.v1 import payout_pb2
+from runtime.clock import SystemClock
 from services.payout.processor import PayoutItem, WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox
+from services.payout.settings import PayoutSettings
 from services.payout.withdrawals import Withdrawals
 from tests.helpers import eventually, expect_error, new_id
 from tests.suite import Suite, require_postgres, start_suite
@@ -262,3 +265,27 @@ async def test_two_workers_with_queued_sends_pay_each_withdrawal_once(crowded: S
         0,
         32_000,
     )
+
+
+async def test_the_sandbox_processor_keeps_its_records_for_every_payout_process(
+    tmp_path: Path,
+) -> None:
+    """Two payout processes (or one restarted) see one processor, as with PayPal: what one sent the
+    other looks up, a batch id is deduped across them, and a second payment is visible to both."""
+    settings = PayoutSettings().model_copy(
+        update={"processor_latency_ms": 0, "processor_settle_ms": 0}
+    )
+    store = tmp_path / "sandbox-payouts.sqlite3"
+    first = PayPalSandbox(settings, SystemClock(), store_path=store)
+    second = PayPalSandbox(settings, SystemClock(), store_path=store)
+    item = PayoutItem("w-1", "dest_paypal_ok", 1_000, "USD")
+    (sent,) = await first.submit("batch-1", [item])
+    found = await second.lookup("w-1")
+    assert found is not None and found.payout_item_id == sent.payout_item_id
+    assert found.status == "SUCCESS"  # settled, whichever process looks
+    (again,) = await second.submit("batch-1", [item])  # the same batch id: nothing new
+    assert again.payout_item_id == sent.payout_item_id and first.payments["w-1"] == 1
+    await second.submit("batch-2", [item])  # a new batch: paid again, and both can tell
+    assert first.payments["w-1"] == second.payments["w-1"] == 2
+    await first.drain()
+    await second.drain()

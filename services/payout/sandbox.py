@@ -16,8 +16,11 @@ What it simulates, so that the payout path meets the real thing's behaviour here
   a random delay (so out of order), `PAYOUT_PROCESSOR_DUPLICATE_CALLBACK_PERCENT` of them twice, and
   redelivered with backoff while our endpoint fails, as PayPal does.
 
-Its records live in memory: a restart of payout forgets them, as if the processor had never received
-what it was sent, and the worker (which looks items up before any resend) sends them again.
+Its records live in a SQLite file (`PAYOUT_SANDBOX_FILE`, default `<data_dir>/sandbox-payouts.sqlite3`)
+shared by every payout process on the machine and kept across restarts, as a real processor keeps its
+records whoever asks: a replica looks up what another sent, and a restart forgets nothing. An item's
+status follows from its receiver and the time since it arrived (computed when asked), so it settles
+whichever process looks; its callbacks are sent by the process that received it.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import hmac
 import json
 import logging
 import random
+import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
 from runtime.backoff import backoff
 from runtime.clock import Clock
@@ -58,28 +63,129 @@ def sign(secret: bytes, body: bytes) -> str:
     return hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+class _Store:
+    """The sandbox's records: in a SQLite file shared by every payout process on the machine (and
+    kept across restarts), as a real processor keeps its records whoever asks; `:memory:` for one
+    process alone. `payments` has one row per item created (an item sent again in a new batch is a
+    second row: a double payment); an item's record is its first row."""
+
+    def __init__(self, path: Path | None) -> None:
+        target = ":memory:"
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            target = str(path)
+        self._db = sqlite3.connect(target, isolation_level=None, timeout=5)
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS payments (seq INTEGER PRIMARY KEY, sender_item_id TEXT NOT "
+            "NULL, payout_item_id TEXT NOT NULL, batch_id TEXT NOT NULL, receiver TEXT NOT NULL, "
+            "amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, created_at REAL NOT NULL, "
+            "status TEXT, reason TEXT NOT NULL DEFAULT '', changed_at REAL);"
+            "CREATE INDEX IF NOT EXISTS ix_payments_item ON payments (sender_item_id, seq);"
+            "CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, items TEXT NOT NULL);"
+        )
+
+    def batch(self, batch_id: str) -> list[str] | None:
+        row = self._db.execute(
+            "SELECT items FROM batches WHERE batch_id = ?", (batch_id,)
+        ).fetchone()
+        return None if row is None else list(json.loads(row[0]))
+
+    def add_batch(self, batch_id: str, items: Sequence[str]) -> bool:
+        """False if the batch id was taken (by another process too)."""
+        done = self._db.execute(
+            "INSERT OR IGNORE INTO batches VALUES (?, ?)", (batch_id, json.dumps(list(items)))
+        )
+        return done.rowcount == 1
+
+    def add_payment(self, record: _Payment) -> None:
+        self._db.execute(
+            "INSERT INTO payments (sender_item_id, payout_item_id, batch_id, receiver, "
+            "amount_minor, currency, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.sender_item_id,
+                record.payout_item_id,
+                record.batch_id,
+                record.receiver,
+                record.amount_minor,
+                record.currency,
+                record.created_at,
+            ),
+        )
+
+    def first(self, sender_item_id: str) -> _Payment | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM payments WHERE sender_item_id = ? ORDER BY seq LIMIT 1",
+            (sender_item_id,),
+        ).fetchone()
+        return None if row is None else _Payment(*row)
+
+    def all_first(self) -> list[_Payment]:
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM payments WHERE seq IN "
+            "(SELECT min(seq) FROM payments GROUP BY sender_item_id)"
+        ).fetchall()
+        return [_Payment(*row) for row in rows]
+
+    def override(
+        self, sender_item_id: str, status: str, reason: str, amount: int, at: float
+    ) -> None:
+        self._db.execute(
+            "UPDATE payments SET status = ?, reason = ?, amount_minor = ?, changed_at = ? "
+            "WHERE seq = (SELECT min(seq) FROM payments WHERE sender_item_id = ?)",
+            (status, reason, amount, at, sender_item_id),
+        )
+
+    def payments(self) -> Counter[str]:
+        rows = self._db.execute("SELECT sender_item_id, count(*) FROM payments GROUP BY 1")
+        return Counter({item: int(n) for item, n in rows.fetchall()})
+
+
+_COLUMNS = (
+    "sender_item_id, payout_item_id, batch_id, receiver, amount_minor, currency, created_at, "
+    "status, reason, changed_at"
+)
+
+
 @dataclass(frozen=True)
-class SandboxItem:
-    item: ItemStatus
-    receiver: str
+class _Payment:
+    sender_item_id: str
+    payout_item_id: str
     batch_id: str
+    receiver: str
+    amount_minor: int
+    currency: str
+    created_at: float
+    """When the processor received it (epoch seconds, on the service's clock)."""
+    status: str | None = None
+    """Set by `set_status` (a test breaking things); None: the receiver's story, by time."""
+    reason: str = ""
+    changed_at: float | None = None
 
 
 class PayPalSandbox:
-    def __init__(self, settings: PayoutSettings, clock: Clock, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: PayoutSettings,
+        clock: Clock,
+        seed: int | None = None,
+        store_path: Path | None = None,
+    ) -> None:
         self._settings = settings
         self._clock = clock
         self._random = random.Random(seed)
-        self._items: dict[str, SandboxItem] = {}
-        """The first item created for each sender_item_id (what lookups answer)."""
-        self._batches: dict[str, list[ItemStatus]] = {}
-        self.payments: Counter[str] = Counter()
-        """Items created per sender_item_id: more than 1 is a double payment."""
+        self._store = _Store(store_path)
         self._tasks: set[asyncio.Task[None]] = set()
         self.deliver: Deliver | None = None
         """Where callbacks go (set once the service listens); None: callbacks are not sent."""
         self.delivered = 0
         """Callbacks our endpoint accepted (duplicates included)."""
+
+    @property
+    def payments(self) -> Counter[str]:
+        """Items created per sender_item_id: more than 1 is a double payment."""
+        return self._store.payments()
 
     @property
     def _secret(self) -> bytes:
@@ -92,48 +198,107 @@ class PayPalSandbox:
         await self._latency()
         if any(i.receiver.startswith(("drop", "dest_drop")) for i in items):
             await asyncio.Event().wait()  # the request is lost: nothing recorded, no answer
-        if sender_batch_id not in self._batches:
-            self._batches[sender_batch_id] = [self._create(i, sender_batch_id) for i in items]
-        answer = [self._items[i.sender_item_id].item for i in self._batches[sender_batch_id]]
+        self._accept(sender_batch_id, items)
+        answer = [self._status(i) for i in self._batch_items(sender_batch_id)]
         if any(i.receiver.startswith(("hang", "dest_hang")) for i in items):
             await asyncio.Event().wait()  # recorded, but the answer is lost
         return answer
 
     def arrive_late(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> None:
         """A request that was lost on its way arrives after all (tests): recorded, called back."""
-        if sender_batch_id not in self._batches:
-            self._batches[sender_batch_id] = [self._create(i, sender_batch_id) for i in items]
+        self._accept(sender_batch_id, items)
+
+    def _accept(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> None:
+        """Record a batch once per batch id; each of its items is a payment (a second one for an
+        item some earlier batch had: a double payment, logged)."""
+        if not self._store.add_batch(sender_batch_id, [i.sender_item_id for i in items]):
+            return
+        for payout in items:
+            first_time = self._store.first(payout.sender_item_id) is None
+            if not first_time:
+                log.error(
+                    "sandbox: item %s paid AGAIN in batch %s (a double payment)",
+                    payout.sender_item_id,
+                    sender_batch_id,
+                )
+            self._store.add_payment(
+                _Payment(
+                    payout.sender_item_id,
+                    f"SBXITEM{uuid.uuid4().hex[:17].upper()}",
+                    sender_batch_id,
+                    payout.receiver.removeprefix("dest_"),
+                    payout.amount_minor,
+                    payout.currency,
+                    self._clock.now().timestamp(),
+                )
+            )
+            if first_time:
+                self._background(self._tell(payout.sender_item_id))
+
+    def _batch_items(self, batch_id: str) -> list[_Payment]:
+        found = [self._store.first(i) for i in self._store.batch(batch_id) or []]
+        return [p for p in found if p is not None]
 
     async def lookup(self, sender_item_id: str) -> ItemStatus | None:
         await self._latency()
-        found = self._items.get(sender_item_id)
-        return None if found is None else found.item
+        found = self._store.first(sender_item_id)
+        return None if found is None else self._status(found)
 
     async def items_since(self, since: dt.datetime) -> list[ItemStatus]:
         await self._latency()
-        return [s.item for s in self._items.values() if s.item.updated_at >= since]
+        statuses = [self._status(p) for p in self._store.all_first()]
+        return [s for s in statuses if s.updated_at >= since]
 
-    def _create(self, payout: PayoutItem, batch_id: str) -> ItemStatus:
-        self.payments[payout.sender_item_id] += 1
-        if payout.sender_item_id in self._items:
-            log.error(
-                "sandbox: item %s paid AGAIN in batch %s (a double payment)",
-                payout.sender_item_id,
-                batch_id,
-            )
-            return self._items[payout.sender_item_id].item
-        item = ItemStatus(
-            sender_item_id=payout.sender_item_id,
-            payout_item_id=f"SBXITEM{uuid.uuid4().hex[:17].upper()}",
-            status="PENDING",
-            amount_minor=payout.amount_minor,
-            currency=payout.currency,
-            failure_reason="",
-            updated_at=self._clock.now(),
+    def _status(self, payment: _Payment) -> ItemStatus:
+        """The item as the processor has it now: what a test set, else its receiver's story."""
+        status, reason, at = self._story(payment, self._clock.now().timestamp())
+        if payment.status is not None and payment.changed_at is not None:
+            status, reason, at = payment.status, payment.reason, payment.changed_at
+        return ItemStatus(
+            sender_item_id=payment.sender_item_id,
+            payout_item_id=payment.payout_item_id,
+            status=status,
+            amount_minor=payment.amount_minor,
+            currency=payment.currency,
+            failure_reason=reason,
+            updated_at=dt.datetime.fromtimestamp(at, dt.UTC),
         )
-        self._items[payout.sender_item_id] = SandboxItem(item, payout.receiver, batch_id)
-        self._background(self._progress(payout.sender_item_id))
-        return item
+
+    def _story(self, payment: _Payment, now: float) -> tuple[str, str, float]:
+        """(status, reason, since when) of an item at `now`, by its receiver: it settles
+        `PAYOUT_PROCESSOR_SETTLE_MS` after it arrived; an unclaimed one is returned, and a
+        `returned…` one taken back after it was paid, `PAYOUT_PROCESSOR_UNCLAIMED_RETURN_MS`
+        later."""
+        settings = self._settings
+        settled = payment.created_at + settings.processor_settle_ms / 1000
+        later = settled + settings.processor_unclaimed_return_ms / 1000
+        receiver = payment.receiver
+        if now < settled:
+            return "PENDING", "", payment.created_at
+        if receiver.startswith("fail"):
+            reason = receiver.removeprefix("fail").strip("_").split("@")[0] or "payment_failed"
+            return "FAILED", reason, settled
+        if receiver.startswith("unclaimed"):
+            if now < later:
+                return "UNCLAIMED", "", settled
+            return "RETURNED", "unclaimed: returned to the sender", later
+        if receiver.startswith("returned"):
+            if now < later:
+                return "SUCCESS", "", settled
+            return "RETURNED", "returned by the receiver's provider", later
+        return "SUCCESS", "", settled
+
+    async def _tell(self, sender_item_id: str) -> None:
+        """Call back at each change of the item's story (best effort: the process that received
+        the item tells; the worker's polls cover a callback that never comes)."""
+        settings = self._settings
+        self._emit(sender_item_id)
+        await asyncio.sleep(settings.processor_settle_ms / 1000)
+        self._emit(sender_item_id)
+        payment = self._store.first(sender_item_id)
+        if payment is not None and payment.receiver.startswith(("unclaimed", "returned")):
+            await asyncio.sleep(settings.processor_unclaimed_return_ms / 1000)
+            self._emit(sender_item_id)
 
     def _background(self, work: Awaitable[None]) -> None:
         async def run() -> None:
@@ -142,26 +307,6 @@ class PayPalSandbox:
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _progress(self, sender_item_id: str) -> None:
-        """The item's life at the processor, by its receiver."""
-        settings = self._settings
-        receiver = self._items[sender_item_id].receiver.removeprefix("dest_")
-        self._emit(sender_item_id)
-        await asyncio.sleep(settings.processor_settle_ms / 1000)
-        if receiver.startswith("fail"):
-            reason = receiver.removeprefix("fail").strip("_").split("@")[0] or "payment_failed"
-            self.set_status(sender_item_id, "FAILED", reason)
-        elif receiver.startswith("unclaimed"):
-            self.set_status(sender_item_id, "UNCLAIMED")
-            await asyncio.sleep(settings.processor_unclaimed_return_ms / 1000)
-            self.set_status(sender_item_id, "RETURNED", "unclaimed: returned to the sender")
-        elif receiver.startswith("returned"):
-            self.set_status(sender_item_id, "SUCCESS")
-            await asyncio.sleep(settings.processor_unclaimed_return_ms / 1000)
-            self.set_status(sender_item_id, "RETURNED", "returned by the receiver's provider")
-        else:
-            self.set_status(sender_item_id, "SUCCESS")
 
     def set_status(
         self,
@@ -174,15 +319,10 @@ class PayPalSandbox:
     ) -> None:
         """Change an item at the processor and (unless `notify` is False: a lost callback) send its
         callback. Tests use it to break things: a payment reversed, an amount that differs."""
-        current = self._items[sender_item_id]
-        item = replace(
-            current.item,
-            status=status,
-            failure_reason=reason,
-            updated_at=self._clock.now(),
-            amount_minor=current.item.amount_minor if amount_minor is None else amount_minor,
-        )
-        self._items[sender_item_id] = replace(current, item=item)
+        current = self._store.first(sender_item_id)
+        assert current is not None, sender_item_id
+        amount = current.amount_minor if amount_minor is None else amount_minor
+        self._store.override(sender_item_id, status, reason, amount, self._clock.now().timestamp())
         if notify:
             self._emit(sender_item_id)
 
@@ -199,23 +339,26 @@ class PayPalSandbox:
     def add_foreign_item(self, amount_minor: int, currency: str = "USD") -> str:
         """An item the processor has that we never sent (for reconciliation tests)."""
         sender_item_id = f"foreign-{uuid.uuid4().hex[:12]}"
-        self._items[sender_item_id] = SandboxItem(
-            ItemStatus(
+        batch_id = f"foreign-{uuid.uuid4().hex[:12]}"
+        self._store.add_batch(batch_id, [sender_item_id])
+        self._store.add_payment(
+            _Payment(
                 sender_item_id,
                 f"SBXITEM{uuid.uuid4().hex[:17].upper()}",
-                "SUCCESS",
+                batch_id,
+                "someone@example.com",
                 amount_minor,
                 currency,
-                "",
-                self._clock.now(),
-            ),
-            "someone@example.com",
-            "foreign",
+                self._clock.now().timestamp(),
+            )
         )
         return sender_item_id
 
     def _emit(self, sender_item_id: str) -> None:
-        item = self._items[sender_item_id].item
+        payment = self._store.first(sender_item_id)
+        if payment is None:
+            return
+        item = self._status(payment)
         body = json.dumps(
             {
                 "id": f"WH-{uuid.uuid4().hex.upper()}",

@@ -24,7 +24,12 @@ WEBHOOKS_IDENTITY = "payout-webhooks"
 def sandbox(runtime: Runtime[PayoutSettings]) -> PayPalSandbox:
     """The PayPal-like sandbox, its callbacks relayed to this service as the webhook receiver
     (the `payout-webhooks` identity) would relay the real processor's."""
-    processor = PayPalSandbox(runtime.settings, runtime.clock)
+    settings = runtime.settings
+    processor = PayPalSandbox(
+        settings,
+        runtime.clock,
+        store_path=settings.sandbox_file or settings.data_dir / "sandbox-payouts.sqlite3",
+    )
     stubs: list[Any] = []  # the async stub, made at the first callback (the port is bound then)
 
     async def deliver(body: bytes, signature: str) -> None:

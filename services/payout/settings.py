@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -41,6 +42,9 @@ class PayoutSettings(LedgerServiceSettings):
     """The platform charges no fee by default; both are configurable."""
     processor: Literal["sandbox"] = "sandbox"
     """The payout processor adapter. Only the local PayPal-like sandbox exists: no real money moves."""
+    sandbox_file: Path | None = None
+    """Where the sandbox processor keeps its records (default `<data_dir>/sandbox-payouts.sqlite3`):
+    shared by every payout process on the machine and kept across restarts, like a real processor's."""
     processor_latency_ms: int = 50
     """Sandbox: how long each processor call takes."""
     processor_settle_ms: int = 200
