@@ -41,6 +41,7 @@ from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
 from runtime.idempotency import Idempotency
 from runtime.interceptors import RequestGuard
+from runtime.leadership import Leadership
 from runtime.outages import outage_of
 from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
@@ -77,6 +78,8 @@ class Runtime(Generic[S]):
         """The port the server listens on (known once it is bound: settings may say 0)."""
         self._channels: list[grpc.aio.Channel] = []
         self._workers: list[Callable[[], Awaitable[None]]] = []
+        self.leadership = Leadership(settings.service_name, db.driver)
+        """Whether this replica runs the periodic jobs (see runtime.leadership)."""
 
     def channel(self, address: str, identity: str | None = None) -> grpc.aio.Channel:
         """A traced, retrying channel to another service, presenting this service's certificate (or
@@ -104,12 +107,16 @@ class Runtime(Generic[S]):
         first_after: float = 0.0,
     ) -> None:
         """Run `work` every `every` seconds (sweeps, reconcilers), the first time `first_after`
-        seconds after start; it returns how much it did, which is logged; when it did a full
-        `batch`, it runs again at once to drain a backlog."""
+        seconds after start, in one replica at a time (the leader: runtime.leadership); it
+        returns how much it did, which is logged; when it did a full `batch`, it runs again at
+        once to drain a backlog."""
 
         async def periodically() -> None:
             await asyncio.sleep(first_after)
             while True:
+                if not self.leadership.leading:
+                    await asyncio.sleep(min(every, 1.0))
+                    continue
                 done = await work()
                 if done:
                     log.info("%s: %d", name, done)
@@ -399,6 +406,7 @@ async def start_service(
     running._tasks = [
         asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers
     ]
+    running._tasks.append(asyncio.create_task(runtime.leadership.run()))
     running._tasks.append(
         asyncio.create_task(
             _database_health(spec.name, health_servicer, names, db, settings.health_check_seconds)

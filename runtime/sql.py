@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -232,6 +233,11 @@ class _UnitSpan:
             self._span.set_attribute("db.outcome", kind.__name__)
         self._span.set_attribute("db.statements", self._unit.statements)
         self._span.end()
+
+
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
+"""While the database is down, asyncpg's pool logs a stack trace at each try to reconnect in the
+background; the service itself says the database is unreachable, once per failed call or job."""
 
 
 class Driver:

@@ -39,7 +39,7 @@ OUTCOMES = {  # receiver -> what the sandbox processor does with the payment
     "unclaimed@example.com": "returned",
     "returned@example.com": "paid then returned",
 }
-AUTO_APPROVE_DIAMONDS = 20_000  # $100
+AUTO_APPROVE_MINOR = 10_000  # $100 a day
 
 
 @dataclass
@@ -48,6 +48,16 @@ class Withdrawal:
     diamonds: int
     receiver: str
     status: str  # "in_review", "approved" (on to its outcome), "rejected", "cancelled"
+    day: dt.date = dt.date.min
+    """The UTC calendar day it was requested (the creators' time zone is UTC here)."""
+
+    @property
+    def counts_today(self) -> bool:
+        """Counted in its day's total (auto-approval): not failed, returned, rejected or
+        cancelled (outcomes have settled when the next step runs: the walk waits for them)."""
+        return self.status == "in_review" or (
+            self.status == "approved" and OUTCOMES[self.receiver] == "paid"
+        )
 
 
 @dataclass
@@ -266,11 +276,17 @@ async def test_payout_matches_its_model_through_a_random_walk(
                 taken = await suite.payout.RequestWithdrawal(request)
                 assert taken.withdrawal.diamonds == quote.diamonds, where
                 creator.available -= quote.diamonds
+                today = clock.now().astimezone(dt.UTC).date()
+                day_total = sum(
+                    w.diamonds // 2
+                    for w in creator.withdrawals
+                    if w.day == today and w.counts_today
+                )
                 withdrawal = Withdrawal(
-                    taken.withdrawal.withdrawal_id, quote.diamonds, receiver, "in_review"
+                    taken.withdrawal.withdrawal_id, quote.diamonds, receiver, "in_review", today
                 )
                 creator.withdrawals.append(withdrawal)
-                if quote.diamonds <= AUTO_APPROVE_DIAMONDS:
+                if day_total + quote.diamonds // 2 <= AUTO_APPROVE_MINOR:
                     assert taken.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_APPROVED, where
                     model.approved(withdrawal, creator)
                 else:

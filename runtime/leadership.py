@@ -1,0 +1,108 @@
+"""One replica at a time runs a service's periodic jobs (sweeps, reconcilers, maturation, purges).
+
+Every job is safe to run twice (conditional updates, request ids), but with N replicas each would
+run N times. The leader holds a lease in the service's own database (`job_leases`, one row per
+service): it renews it every `retry_every` seconds for `lease` seconds ahead; a replica that dies or
+stops renewing loses it when it runs out, and another takes it at its next try. No connection is
+held for it. On SQLite there is one process: it leads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import uuid
+
+import sqlalchemy as sa
+from alembic.operations import Operations
+
+from runtime.sql import Driver, Statement
+
+log = logging.getLogger("coins.leadership")
+
+_CLAIM = Statement(
+    "runtime.claim_leadership",
+    "INSERT INTO job_leases (name, holder, until) VALUES (:name, :holder, :until) "
+    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until "
+    "WHERE job_leases.until < :now OR job_leases.holder = excluded.holder RETURNING holder",
+)
+
+
+def upgrade_job_leases(op: Operations) -> None:
+    """The lease table, for a service's migration (every service has one)."""
+    op.create_table(
+        "job_leases",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("holder", sa.String(128), nullable=False),
+        sa.Column("until", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
+def downgrade_job_leases(op: Operations) -> None:
+    op.drop_table("job_leases")
+
+
+class Leadership:
+    def __init__(
+        self,
+        service: str,
+        driver: Driver | None,
+        *,
+        lease: float = 10.0,
+        retry_every: float = 2.0,
+    ) -> None:
+        """`driver`: the service's database (None, or SQLite: one process, always the leader)."""
+        self._service = service
+        self._driver = driver if driver is not None and driver.is_postgres else None
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease = dt.timedelta(seconds=lease)
+        self._retry_every = retry_every
+        self._leading = self._driver is None
+        self.tries = 0
+        """Claims that found the lease held by another replica."""
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
+    async def run(self) -> None:
+        """Claim or renew the lease every `retry_every` seconds, forever."""
+        driver = self._driver
+        if driver is None:
+            await asyncio.Event().wait()
+            return
+        try:
+            while True:
+                await self._claim(driver)
+                await asyncio.sleep(self._retry_every)
+        finally:
+            self._leading = False  # stopped: it renews no more
+
+    async def _claim(self, driver: Driver) -> None:
+        was = self._leading
+        try:
+            now = dt.datetime.now(dt.UTC)
+            async with driver.transaction(single_statement=True) as tx:
+                row = await tx.one(
+                    _CLAIM,
+                    name=self._service,
+                    holder=self._holder,
+                    now=now,
+                    until=now + self._lease,
+                )
+            self._leading = row is not None
+        except Exception as error:
+            self._leading = False
+            if was:
+                log.warning("%s: cannot renew the periodic jobs' lease (%r)", self._service, error)
+        if not self._leading:
+            self.tries += 1
+        if self._leading != was:
+            log.info(
+                "%s: this replica %s the periodic jobs",
+                self._service,
+                "runs" if self._leading else "no longer runs",
+            )
