@@ -148,6 +148,18 @@ class AuditReport:
     """The newest entry id in the snapshot audited."""
 
     @property
+    def findings(self) -> int:
+        """How many things this audit found wrong (0 in a correct book)."""
+        return (
+            len(self.mismatches)
+            + (self.total != 0)
+            + len(self.bad_transactions)
+            + len(self.broken_chains)
+            + len(self.held_mismatches)
+            + len(self.negative)
+        )
+
+    @property
     def ok(self) -> bool:
         return (
             not self.mismatches

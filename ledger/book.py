@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from runtime.auth import principal_or_none
 from runtime.clock import Clock, utc
 from runtime.errors import FailedPrecondition, NotFound
 from runtime.idempotency import AnsweredKey
+from runtime.metrics import after_commit
 from runtime.sql import Driver, Statement, Tx, as_tx, is_conflict
 
 MAX_BALANCE = 2**63 - 1
@@ -293,11 +295,16 @@ def frozen(account_id: str) -> FailedPrecondition:
 
 
 class Ledger:
-    def __init__(self, clock: Clock, *, unit: str) -> None:
+    def __init__(
+        self, clock: Clock, *, unit: str, on_posted: Callable[[str, int], None] | None = None
+    ) -> None:
         self.clock = clock
         self._clock = clock
         self.unit = unit
         """What the amounts count ("coins", "diamonds"), for error messages."""
+        self.on_posted = on_posted
+        """Told (kind, amount moved) of every transaction once it has committed: the service's
+        business metrics (runtime.metrics.after_commit)."""
         self._passive: set[str] = set()
         """Accounts known to keep no balance row: postings to them skip the UPDATE."""
 
@@ -425,7 +432,13 @@ class Ledger:
             ],
             heads=heads,
         )
+        self._count(kind, postings)
         return Posted(transaction_id, balances, available)
+
+    def _count(self, kind: str, postings: Sequence[Posting]) -> None:
+        if self.on_posted is not None:
+            moved = sum(p.amount for p in postings if p.amount > 0)
+            after_commit(functools.partial(self.on_posted, kind, moved))
 
     async def open_accounts(self, tx: Tx, account_ids: Sequence[str]) -> None:
         """Create balance-keeping user accounts that do not exist yet, in id order."""
@@ -552,7 +565,10 @@ class Ledger:
             if is_conflict(error):  # a twin recorded the request first: the slow path replays it
                 return None
             raise
-        return posted if applied is not None and int(applied[0]) == 1 else None
+        if applied is None or int(applied[0]) != 1:
+            return None
+        self._count(kind, postings)  # after its one statement: committed
+        return posted
 
     async def credit_many(
         self,
@@ -667,6 +683,7 @@ class Ledger:
             locked=True,
         )
         balances = {account: link.balance for account, link in links.items()}
+        self._count(kind, postings)
         return Posted(
             transaction_id,
             balances,

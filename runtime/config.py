@@ -117,6 +117,14 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per line with trace and span ids (for a log pipeline)."""
+    access_log: bool | None = None
+    """One log line per RPC (method, code, reason, duration, request id); default: with JSON logs."""
+    metrics_port: int | None = None
+    """Serve the service's metrics for a Prometheus scrape on this port (`/metrics`); unset: none.
+    OTLP export follows OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_METRICS_EXPORTER."""
+    metrics_sample_seconds: float = 15.0
+    """How often the replica that runs the periodic jobs reads the gauges from the database
+    (backlogs, holds open, withdrawals by state, parked work, audit findings)."""
     downstream_timeout_seconds: float = 5.0
     """Deadline for a call to another service when the incoming call carries none."""
     idempotency_retention_hours: float = Field(default=48.0, ge=24.0)
@@ -135,6 +143,11 @@ class ServiceSettings(BaseSettings):
             if name.endswith("_address") and getattr(self, name) == "":
                 setattr(self, name, suite_address(name.removesuffix("_address")))
         return self
+
+    @property
+    def step_log(self) -> bool:
+        """Whether every RPC and every background step gets its own log line."""
+        return self.log_format == "json" if self.access_log is None else self.access_log
 
     @property
     def env_prefix(self) -> str:

@@ -13,6 +13,7 @@ fails its call once (UNAVAILABLE, retried by the caller) and is replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from runtime import deadlines
+from runtime.metrics import close_commit_scope, open_commit_scope
 from runtime.sql import Driver
 from runtime.telemetry import trace_engine
 
@@ -67,15 +69,17 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A read-write transaction, committed when the block ends and rolled back if it raises."""
-        if self._write_lock is None:
-            async with self.engine.begin() as conn:
+        """A read-write transaction, committed when the block ends and rolled back if it raises;
+        what it counted (runtime.metrics.after_commit) is counted once it has committed."""
+        token = open_commit_scope()
+        committed = False
+        try:
+            async with self._write_lock or contextlib.nullcontext(), self.engine.begin() as conn:
                 yield conn
                 deadlines.check("the transaction committed")
-            return
-        async with self._write_lock, self.engine.begin() as conn:
-            yield conn
-            deadlines.check("the transaction committed")
+            committed = True
+        finally:
+            close_commit_scope(token, committed=committed)
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[AsyncConnection]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
@@ -42,6 +43,7 @@ from runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from runtime.metrics import ServiceMetrics
 from runtime.outages import outage_of
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
@@ -87,8 +89,12 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         audit: AdminAudit,
         shedder: LoadShedder | None = None,
         validator: RequestValidator | None = None,
+        metrics: ServiceMetrics | None = None,
+        access_log: bool = False,
     ) -> None:
         self._domain = error_domain
+        self._metrics = metrics
+        self._access_log = access_log
         self._shedder = shedder
         self._access = access
         self._verifier = verifier
@@ -183,8 +189,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             started: float | None = None
             principal: Principal | None = None
             request: Any = raw
+            began = time.perf_counter()
+            outcome: tuple[int, str] = (_ABORTED_ELSEWHERE, "")
             try:
                 request = _parse(parse, raw)
+                _annotate(request)
                 remaining = context.time_remaining()
                 deadlines.set_deadline(remaining)
                 deadlines.check("the work started")
@@ -198,16 +207,19 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 response = await behavior(request, context)
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
+                outcome = (0, "")
                 return response
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
                 failure = _as_domain_error(error, method)
+                outcome = (_CODES[failure.kind], failure.reason)
                 await self._refuse(context, failure, principal, method, request, audited)
             finally:
                 if started is not None:
                     assert self._shedder is not None
                     self._shedder.done(started)
+                self._measured(method, outcome, time.perf_counter() - began, request)
 
         return guarded
 
@@ -222,8 +234,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             audited = False
             principal: Principal | None = None
             request: Any = raw
+            began = time.perf_counter()
+            outcome: tuple[int, str] = (_ABORTED_ELSEWHERE, "")
             try:
                 request = _parse(parse, raw)
+                _annotate(request)
                 principal = self._principal(context)
                 audited = await self._admit(principal, rule, method, request)
                 set_principal(principal)
@@ -237,13 +252,43 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                         yield message
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
+                outcome = (0, "")
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
                 failure = _as_domain_error(error, method)
+                outcome = (_CODES[failure.kind], failure.reason)
                 await self._refuse(context, failure, principal, method, request, audited)
+            finally:
+                self._measured(method, outcome, time.perf_counter() - began, request)
 
         return guarded
+
+    def _measured(
+        self, method: str, outcome: tuple[int, str], seconds: float, request: Any
+    ) -> None:
+        """The call's duration and status in the RPC histogram, and its access-log line."""
+        code, reason = outcome
+        if code == _ABORTED_ELSEWHERE:  # the handler aborted itself, or the caller went away
+            code = grpc.StatusCode.CANCELLED.value[0]
+        if self._metrics is not None:
+            self._metrics.rpc(method, code, reason, seconds)
+        if self._access_log:
+            fields = {
+                "method": method,
+                "code": _CODE_NAMES[code],
+                "reason": reason,
+                "duration_ms": round(seconds * 1000, 2),
+                "request_id": getattr(request, "request_id", "") or "",
+            }
+            log.info(
+                "%s %s%s %.1fms",
+                method,
+                fields["code"],
+                f" {reason}" if reason else "",
+                fields["duration_ms"],
+                extra={"fields": fields},
+            )
 
     async def _refuse(
         self,
@@ -254,6 +299,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         request: Any,
         audited: bool,
     ) -> None:
+        trace.get_current_span().set_attribute("coins.reason", error.reason)
         if error.kind in _ACCESS_REFUSALS:
             _log_access_refused(error, principal, method, context)
         elif error.kind not in _LOGGED_ALREADY:
@@ -274,6 +320,51 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("could not record the outcome of an admin call to %s", method)
         await abort(context, error, self._domain)
+
+
+_CODES = {kind: grpc.StatusCode[kind.value].value[0] for kind in ErrorKind}
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_ABORTED_ELSEWHERE = -1
+
+_SPAN_FIELDS = {
+    "request_id": "coins.request_id",
+    "user_id": "coins.user_id",
+    "sender_id": "coins.sender_id",
+    "creator_id": "coins.creator_id",
+    "gift_id": "coins.gift_id",
+    "live_id": "coins.live_id",
+    "sent_gift_id": "coins.sent_gift_id",
+    "count": "coins.count",
+    "coins": "coins.coins",
+    "amount_minor": "coins.amount_minor",
+    "diamonds": "coins.diamonds",
+    "package_id": "coins.package_id",
+    "purchase_id": "coins.purchase_id",
+    "withdrawal_id": "coins.withdrawal_id",
+    "promotion_id": "coins.promotion_id",
+    "hold_id": "coins.hold_id",
+}
+"""Request fields an SRE filters traces on, and the span attribute each becomes."""
+_fields_of: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def _annotate(request: Any) -> None:
+    """Put the request's ids and amounts on the RPC's span (never a token or payment data)."""
+    span = trace.get_current_span()
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None or not span.is_recording():
+        return
+    name = descriptor.full_name
+    fields = _fields_of.get(name)
+    if fields is None:
+        present = descriptor.fields_by_name
+        fields = _fields_of[name] = tuple(
+            (field, attribute) for field, attribute in _SPAN_FIELDS.items() if field in present
+        )
+    for field, attribute in fields:
+        value = getattr(request, field)
+        if value:
+            span.set_attribute(attribute, value)
 
 
 def _as_domain_error(error: Exception, method: str) -> DomainError:

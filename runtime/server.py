@@ -27,6 +27,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
 from coins.common.v1 import admin_audit_pb2_grpc
@@ -42,11 +43,12 @@ from runtime.db import Database
 from runtime.idempotency import Idempotency
 from runtime.interceptors import RequestGuard
 from runtime.leadership import Leadership
+from runtime.metrics import MetricsEndpoint, Sampler, ServiceMetrics, make_meter_provider
 from runtime.outages import outage_of
 from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
 from runtime.sql import Statement
-from runtime.telemetry import configure_logging, make_tracer_provider
+from runtime.telemetry import configure_logging, make_tracer_provider, service_resource_name
 from runtime.tls import server_credentials
 
 log = logging.getLogger("coins.server")
@@ -64,8 +66,11 @@ class Runtime(Generic[S]):
         db: Database,
         tracer_provider: TracerProvider,
         clock: Clock,
+        metrics: ServiceMetrics,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
+        """The service's instruments (runtime.metrics): its meter, gauges, RPC and job metrics."""
         self.server = server
         self.db = db
         self.tracer_provider = tracer_provider
@@ -111,20 +116,50 @@ class Runtime(Generic[S]):
         returns how much it did, which is logged; when it did a full `batch`, it runs again at
         once to drain a backlog."""
 
+        steps_log = self.settings.step_log
+
         async def periodically() -> None:
             await asyncio.sleep(first_after)
             while True:
                 if not self.leadership.leading:
                     await asyncio.sleep(min(every, 1.0))
                     continue
-                done = await work()
-                if done:
-                    log.info("%s: %d", name, done)
+                started = time.perf_counter()
+                try:
+                    done = await work()
+                except BaseException:
+                    self.metrics.job(name, "failed", 0, time.perf_counter() - started)
+                    raise
+                self.metrics.job(name, "ok", done, time.perf_counter() - started)
+                if done or steps_log:
+                    log.info("%s: %d", name, done, extra={"fields": {"job": name, "items": done}})
                 if batch is None or done < batch:
                     await asyncio.sleep(every)
 
         periodically.__name__ = name.replace(" ", "_")
         self._workers.append(periodically)
+
+    def add_sampler(self, sample: Sampler) -> None:
+        """Read the service's gauges from its database every `metrics_sample_seconds`, in the
+        replica that runs the periodic jobs (the others report none: see runtime.metrics.Gauges)."""
+        gauges = self.metrics.gauges
+
+        async def sampled() -> int:
+            await sample(gauges)
+            return 0
+
+        async def sampling() -> None:
+            while True:
+                if self.leadership.leading:
+                    try:
+                        await sampled()
+                    except Exception as error:  # a gauge never stops the service
+                        log.warning("metrics: could not sample the gauges (%r)", error)
+                else:
+                    gauges.clear()
+                await asyncio.sleep(self.settings.metrics_sample_seconds)
+
+        self._workers.append(sampling)
 
 
 @dataclass(frozen=True)
@@ -150,6 +185,8 @@ class RunningService(Generic[S]):
     health: health.aio.HealthServicer
     health_server: grpc.aio.Server
     shedder: LoadShedder
+    metrics_endpoint: MetricsEndpoint | None = None
+    """The Prometheus scrape endpoint, when `<SVC>_METRICS_PORT` is set."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -170,6 +207,9 @@ class RunningService(Generic[S]):
             await channel.close()
         await rt.db.close()
         rt.tracer_provider.force_flush()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+        rt.metrics.shutdown()
 
 
 WORKER_BACKOFF_CAP_SECONDS = 30.0
@@ -296,13 +336,24 @@ async def start_service(
     *,
     tracer_provider: TracerProvider | None = None,
     clock: Clock | None = None,
+    metric_readers: Sequence[MetricReader] = (),
 ) -> RunningService[S]:
+    """Start a service: migrations, database, the guarded gRPC server, its health port, its
+    workers. `tracer_provider` and `metric_readers` let tests read what it emits."""
     security: SecuritySettings = settings.security
     if security.dev_pki and pki.ensure_dev_pki(security.certs_dir):
         log.warning(
             "generated a development CA and keys in %s/ (never for production)", security.certs_dir
         )
     provider = tracer_provider or make_tracer_provider(spec.name)
+    meter_provider, metrics_endpoint = make_meter_provider(
+        service_resource_name(spec.name),
+        readers=metric_readers,
+        prometheus=(settings.host, settings.metrics_port)
+        if settings.metrics_port is not None
+        else None,
+    )
+    metrics = ServiceMetrics(meter_provider, spec.name)
     clock = clock or SystemClock()
     url = settings.resolved_database_url()
     if settings.migrate_on_start:  # as the login user, who owns the tables
@@ -343,6 +394,8 @@ async def start_service(
                 ),
                 audit=audit,
                 shedder=shedder,
+                metrics=metrics,
+                access_log=settings.step_log,
             ),
         ],
         options=[
@@ -352,7 +405,7 @@ async def start_service(
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    runtime = Runtime(settings, server, db, provider, clock)
+    runtime = Runtime(settings, server, db, provider, clock, metrics)
     await spec.setup(runtime)
     retention = dt.timedelta(hours=settings.idempotency_retention_hours)
     runtime.add_periodic(
@@ -401,7 +454,7 @@ async def start_service(
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningService(
-        spec, runtime, port, health_port, health_servicer, health_server, shedder
+        spec, runtime, port, health_port, health_servicer, health_server, shedder, metrics_endpoint
     )
     running._tasks = [
         asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers
@@ -442,7 +495,7 @@ def main(spec: ServiceSpec[S]) -> None:
     """Entry point of `python -m services.<name>`: serve until SIGINT or SIGTERM."""
     _few_malloc_arenas()
     settings = spec.settings_type()
-    configure_logging(spec.name, settings.log_level, settings.log_format)
+    flush_logs = configure_logging(spec.name, settings.log_level, settings.log_format)
 
     async def serve() -> None:
         running = await start_service(spec, settings)
@@ -454,6 +507,7 @@ def main(spec: ServiceSpec[S]) -> None:
         log.info("%s shutting down (grace %.1fs)", spec.name, settings.grace_seconds)
         await running.stop()
         log.info("%s stopped", spec.name)
+        flush_logs()
 
     try:
         run(serve())

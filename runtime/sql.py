@@ -34,6 +34,7 @@ import asyncpg
 from opentelemetry import trace
 
 from runtime import deadlines
+from runtime.metrics import close_commit_scope, open_commit_scope
 
 if TYPE_CHECKING:  # not imported at run time: the audit job uses this module without SQLAlchemy
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -299,12 +300,24 @@ class Driver:
 
     @asynccontextmanager
     async def transaction(self, *, single_statement: bool = False) -> AsyncIterator[Tx]:
-        """A read-write transaction: committed when the block ends, rolled back if it raises.
+        """A read-write transaction: committed when the block ends, rolled back if it raises;
+        what it counted (runtime.metrics.after_commit) is counted once it has committed.
 
         `single_statement`: on PostgreSQL the block runs one statement (a data-modifying CTE), which
         is a transaction by itself: no BEGIN and COMMIT round trips. SQLite ignores it (its statements
         cost no round trip, and the storage may run several where PostgreSQL runs one).
         """
+        token = open_commit_scope()
+        committed = False
+        try:
+            async with self._transaction(single_statement) as unit:
+                yield unit
+            committed = True
+        finally:
+            close_commit_scope(token, committed=committed)
+
+    @asynccontextmanager
+    async def _transaction(self, single_statement: bool) -> AsyncIterator[Tx]:
         if self._sqlite_path is None:
             pool = await self._pg()
             async with pool.acquire() as conn:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
@@ -86,13 +87,39 @@ class JsonFormatter(logging.Formatter):
             "span_id": getattr(record, "span_id", "-"),
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):  # structured fields a line carries (an RPC's code, duration)
+            line.update({key: value for key, value in fields.items() if key not in line})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
 
-def configure_logging(service: str, level: str, log_format: str = "text") -> None:
-    """Log lines to stderr: readable text (default) or JSON (`<SVC>_LOG_FORMAT=json`)."""
+def _otlp_logs_wanted() -> bool:
+    choice = os.environ.get("OTEL_LOGS_EXPORTER", "").strip().lower()
+    if choice:
+        return choice == "otlp"
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def _otlp_log_handler(service: str) -> tuple[logging.Handler, Callable[[], None]]:
+    """Log records as OTLP log records (with their trace and span ids), batched off the caller's
+    thread; and what flushes them at shutdown."""
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    provider = LoggerProvider(
+        resource=Resource.create({"service.name": service_resource_name(service)})
+    )
+    provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
+    return LoggingHandler(logger_provider=provider), provider.shutdown
+
+
+def configure_logging(service: str, level: str, log_format: str = "text") -> Callable[[], None]:
+    """Log lines to stderr: readable text (default) or JSON (`<SVC>_LOG_FORMAT=json`); also as
+    OTLP log records when OTEL_LOGS_EXPORTER=otlp (or it is unset and OTEL_EXPORTER_OTLP_ENDPOINT
+    is set). Returns what flushes the exported logs at shutdown."""
     handler = logging.StreamHandler()
     handler.addFilter(_TraceIdFilter())
     if log_format == "json":
@@ -106,3 +133,8 @@ def configure_logging(service: str, level: str, log_format: str = "text") -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if not _otlp_logs_wanted():
+        return lambda: None
+    exported, flush = _otlp_log_handler(service)
+    root.addHandler(exported)
+    return flush

@@ -142,8 +142,17 @@ def test_variables_and_ports_match_the_services_settings() -> None:
         assert exposed == {
             "grpc": DEFAULT_PORT_BASE + place,
             "health": DEFAULT_PORT_BASE + 10 + place,
+            "metrics": DEFAULT_PORT_BASE + 20 + place,
         }
         assert container["readinessProbe"]["grpc"]["port"] == exposed["health"]
+        (settings,) = [
+            d
+            for d in documents(DEPLOY / "k8s" / "base" / f"{name}.yaml")
+            if d["kind"] == "ConfigMap"
+        ]
+        assert settings["data"][f"{name.upper()}_METRICS_PORT"] == str(exposed["metrics"])
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(exposed["metrics"])
         assert container["args"] == [f"services.{name}"]
         compose_ports = compose["services"][name]["ports"]
         assert compose_ports == [f"{exposed['grpc']}:{exposed['grpc']}"]

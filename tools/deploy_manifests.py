@@ -41,6 +41,11 @@ def ports(name: str) -> tuple[int, int]:
     return DEFAULT_PORT_BASE + place, DEFAULT_PORT_BASE + 10 + place
 
 
+def metrics_port(name: str) -> int:
+    """The Prometheus scrape port (`<SVC>_METRICS_PORT`): 20 above the API's."""
+    return DEFAULT_PORT_BASE + 20 + SUITE_PLACES[name]
+
+
 def labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "coins"}
 
@@ -54,6 +59,7 @@ def config(name: str) -> dict[str, str]:
         f"{prefix}HOST": "0.0.0.0",
         f"{prefix}PORT": str(api),
         f"{prefix}HEALTH_PORT": str(health),
+        f"{prefix}METRICS_PORT": str(metrics_port(name)),
         f"{prefix}MIGRATE_ON_START": "false",
         f"{prefix}LOG_FORMAT": "json",
         "COINS_CERTS_DIR": CERTS_DIR,
@@ -109,6 +115,7 @@ def service_documents(name: str) -> list[dict[str, Any]]:
         "ports": [
             {"name": "grpc", "containerPort": api},
             {"name": "health", "containerPort": health},
+            {"name": "metrics", "containerPort": metrics_port(name)},
         ],
         "envFrom": [{"configMapRef": {"name": f"{name}-settings"}}],
         "env": [database_env(name)],
@@ -143,7 +150,14 @@ def service_documents(name: str) -> list[dict[str, Any]]:
                 "selector": {"matchLabels": labels(name)},
                 "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
                 "template": {
-                    "metadata": {"labels": labels(name)},
+                    "metadata": {
+                        "labels": labels(name),
+                        "annotations": {  # for a Prometheus that discovers pods by annotation
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(metrics_port(name)),
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
                     "spec": {
                         "serviceAccountName": name,
                         "automountServiceAccountToken": False,
@@ -237,14 +251,17 @@ def collector_documents() -> list[dict[str, Any]]:
         {
             "receivers": {"otlp": {"protocols": {"grpc": {"endpoint": "0.0.0.0:4317"}}}},
             "processors": {"batch": {}},
+            # debug: stands in for the cluster's own backends (Tempo/Jaeger, Prometheus/Mimir,
+            # Loki); an overlay replaces it.
             "exporters": {"debug": {}},
             "service": {
                 "pipelines": {
-                    "traces": {
+                    signal: {
                         "receivers": ["otlp"],
                         "processors": ["batch"],
                         "exporters": ["debug"],
                     }
+                    for signal in ("traces", "metrics", "logs")
                 }
             },
         },

@@ -15,8 +15,9 @@ Any retry of any step repeats nothing: each step is keyed by the gift id.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.errors import DomainError, FieldViolation, InvalidArgument, NotFound
 from runtime.idempotency import KeyAnswer, KeyClaim
+from runtime.metrics import after_commit
 from runtime.sql import Tx, as_tx
 from services.gifting import storage
 
@@ -114,6 +116,13 @@ MAX_COINS_PER_SEND = 1_000_000_000
 
 
 class Gifting:
+    on_sent: Callable[[storage.SentGiftRecord], None] | None = None
+    """Told of every gift once its debit is recorded and committed (the gift metrics)."""
+
+    def _count(self, sent: storage.SentGiftRecord) -> None:
+        if self.on_sent is not None:
+            after_commit(functools.partial(self.on_sent, sent))
+
     async def set_gift(
         self,
         conn: AsyncConnection,
@@ -282,7 +291,7 @@ class Gifting:
         store the request's answer, all at once. False if done already."""
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
-        return await storage.record_debited(
+        recorded = await storage.record_debited(
             conn,
             sent,
             wallet_transaction_id=wallet_transaction_id,
@@ -290,6 +299,9 @@ class Gifting:
             now=now,
             answer=answer,
         )
+        if recorded:
+            self._count(sent)
+        return recorded
 
     async def record_debit_in_streak(
         self,
@@ -306,7 +318,7 @@ class Gifting:
         (PostgreSQL)."""
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
-        return await storage.record_debited_in_streak(
+        joined = await storage.record_debited_in_streak(
             tx,
             sent,
             wallet_transaction_id=wallet_transaction_id,
@@ -316,6 +328,9 @@ class Gifting:
             new_streak_id=new_streak_id,
             cutoff=cutoff,
         )
+        if joined.recorded:
+            self._count(sent)
+        return joined
 
     async def record_failure(
         self,

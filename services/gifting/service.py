@@ -6,7 +6,9 @@ import datetime as dt
 from pathlib import Path
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from runtime.metrics import Gauges
 from runtime.server import Runtime, ServiceSpec
+from services.gifting import storage
 from services.gifting.api import ACCESS, GiftingApi
 from services.gifting.clients import PayoutCrediter, WalletDebiter
 from services.gifting.domain import Gifting
@@ -22,6 +24,7 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
     runtime.add_worker(relay.run)
     gifting, wallet = Gifting(), WalletDebiter(runtime.channel(settings.wallet_address))
+    _measure(runtime, gifting)
     lives = Lives(dt.timedelta(seconds=settings.streak_pause_seconds))
 
     async def ended_streaks() -> int:
@@ -66,6 +69,39 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
         GiftingApi(runtime, gifting, sender, relay.wake.set, lives, feed), runtime.server
     )
+
+
+def _measure(runtime: Runtime[GiftingSettings], gifting: Gifting) -> None:
+    """Gifting's business metrics and gauges (runtime.metrics)."""
+    meter = runtime.metrics.meter
+    sent = meter.create_counter("coins.gifts.sent", description="Gifts sent (debited), by where")
+    coins = meter.create_counter(
+        "coins.gifts.coins", unit="{coins}", description="Coins of the gifts sent, by where"
+    )
+    where = {True: {"where": "live"}, False: {"where": "video"}}
+
+    def count(gift: storage.SentGiftRecord) -> None:
+        attributes = where[gift.live_id is not None]
+        sent.add(gift.count, attributes)
+        coins.add(gift.coins, attributes)
+
+    gifting.on_sent = count
+    gauges = runtime.metrics.gauges
+    gauges.declare("coins.outbox.backlog", "Creator credits waiting to be delivered to payout")
+    gauges.declare("coins.outbox.oldest_age", "Age of the oldest undelivered credit", "s")
+    gauges.declare("coins.outbox.parked", "Credits parked for an operator")
+    gauges.declare("coins.gifts.pending", "Gifts whose debit is not settled yet")
+
+    async def sample(gauges: Gauges) -> None:
+        async with runtime.db.driver.read() as tx:
+            now = await storage.outbox_gauges(tx)
+        gauges.set("coins.outbox.backlog", {(): now.backlog})
+        age = (runtime.clock.now() - now.oldest).total_seconds() if now.oldest else 0.0
+        gauges.set("coins.outbox.oldest_age", {(): max(0.0, age)})
+        gauges.set("coins.outbox.parked", {(): now.parked})
+        gauges.set("coins.gifts.pending", {(): now.pending_gifts})
+
+    runtime.add_sampler(sample)
 
 
 SPEC = ServiceSpec(

@@ -1343,3 +1343,40 @@ async def feed_streak_ends(tx: Tx, ended: Sequence[StreakEnd], now: dt.datetime)
         for live_id in fed:
             await tx.one(_NOTIFY, live_id=live_id, now=now)
     return fed
+
+
+_GAUGE_OUTBOX = Statement(
+    "gifting.gauge_outbox",
+    "SELECT COUNT(*), MIN(created_at) FROM credit_outbox "
+    "WHERE delivered_at IS NULL AND NOT dead",  # ix_credit_outbox_pending
+)
+_GAUGE_PARKED = Statement(
+    "gifting.gauge_parked",
+    "SELECT COUNT(*) FROM credit_outbox WHERE dead AND delivered_at IS NULL",  # ..._parked
+)
+_GAUGE_PENDING_GIFTS = Statement(
+    "gifting.gauge_pending_gifts",
+    "SELECT COUNT(*) FROM sent_gifts WHERE status = 'pending'",  # ix_sent_gifts_status_created
+)
+
+
+@dataclass(frozen=True)
+class OutboxGauges:
+    backlog: int
+    oldest: dt.datetime | None
+    parked: int
+    pending_gifts: int
+
+
+async def outbox_gauges(tx: Tx) -> OutboxGauges:
+    """Credits waiting for delivery (and since when), parked credits, gifts not yet settled."""
+    backlog = await tx.one(_GAUGE_OUTBOX)
+    parked = await tx.one(_GAUGE_PARKED)
+    pending = await tx.one(_GAUGE_PENDING_GIFTS)
+    assert backlog is not None and parked is not None and pending is not None
+    return OutboxGauges(
+        int(backlog[0]),
+        utc(backlog[1]) if backlog[1] is not None else None,
+        int(parked[0]),
+        int(pending[0]),
+    )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger import Ledger
 from ledger import api as ledger_api
+from ledger import metrics as ledger_metrics
+from runtime.metrics import Gauges, attrs
 from runtime.server import Runtime, ServiceSpec
+from services.payout import storage
 from services.payout.api import ACCESS, PayoutApi
 from services.payout.callbacks import Callbacks
 from services.payout.domain import Payouts
@@ -19,6 +23,7 @@ from services.payout.settings import PayoutSettings
 from services.payout.withdrawals import Withdrawals
 
 WEBHOOKS_IDENTITY = "payout-webhooks"
+OPEN = storage.OPEN_WITHDRAWAL_STATUSES
 
 
 def sandbox(runtime: Runtime[PayoutSettings]) -> PayPalSandbox:
@@ -73,6 +78,7 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
         first_after=runtime.settings.reconcile_every_seconds,
     )
     ledger_api.serve_ledger_audit(runtime, payouts.ledger)
+    _measure(runtime, payouts)
     payout_pb2_grpc.add_PayoutServiceServicer_to_server(
         PayoutApi(
             runtime,
@@ -84,6 +90,54 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
         ),
         runtime.server,
     )
+
+
+def _measure(runtime: Runtime[PayoutSettings], payouts: Payouts) -> None:
+    """Payout's business metrics and gauges (runtime.metrics)."""
+    ledger_metrics.instrument(
+        runtime,
+        payouts.ledger,
+        {
+            "gift": ("coins.diamonds.credited", "Diamonds credited to creators for gifts", {}),
+            "withdrawal": ("coins.diamonds.paid_out", "Diamonds paid out by withdrawals", {}),
+            "withdrawal_returned": (
+                "coins.diamonds.returned",
+                "Diamonds back in balances from withdrawals returned after payment",
+                {},
+            ),
+            "reversal": ("coins.diamonds.reversed", "Diamonds taken back for reversed gifts", {}),
+        },
+        hold_kinds=("withdrawal",),
+    )
+    gauges = runtime.metrics.gauges
+    gauges.declare("coins.withdrawals.open", "Withdrawals not yet ended, by status")
+    gauges.declare(
+        "coins.withdrawals.open_amount", "Gross amount of open withdrawals, by status", "{minor}"
+    )
+    gauges.declare("coins.withdrawals.parked", "Withdrawals parked for an operator")
+    gauges.declare(
+        "coins.reconciliation.mismatches", "Mismatches the last withdrawal reconciliation found"
+    )
+
+    async def sample(gauges: Gauges) -> None:
+        async with runtime.db.driver.read() as tx:
+            now = await storage.payout_gauges(tx)
+        gauges.set(
+            "coins.withdrawals.open",
+            {attrs(status=s): now.open_withdrawals.get(s, (0, 0))[0] for s in OPEN},
+        )
+        gauges.set(
+            "coins.withdrawals.open_amount",
+            {attrs(status=s): now.open_withdrawals.get(s, (0, 0))[1] for s in OPEN},
+        )
+        gauges.set("coins.withdrawals.parked", {(): now.parked})
+        if now.reconciliation is not None:
+            gauges.set(
+                "coins.reconciliation.mismatches",
+                {(): len(json.loads(now.reconciliation[1]))},
+            )
+
+    runtime.add_sampler(sample)
 
 
 SPEC = ServiceSpec(

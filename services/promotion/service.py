@@ -6,7 +6,9 @@ import datetime as dt
 from pathlib import Path
 
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
+from runtime.metrics import Gauges, attrs
 from runtime.server import Runtime, ServiceSpec
+from services.promotion import storage
 from services.promotion.api import ACCESS, PromotionApi
 from services.promotion.campaigns import Campaigns
 from services.promotion.clients import WalletBudget
@@ -33,10 +35,35 @@ async def setup(runtime: Runtime[PromotionSettings]) -> None:
             stale, time_limit=runtime.settings.downstream_timeout_seconds
         ),
     )
+    _measure(runtime)
     promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
         PromotionApi(runtime, campaigns),
         runtime.server,
     )
+
+
+def _measure(runtime: Runtime[PromotionSettings]) -> None:
+    """Promotion's gauges (runtime.metrics); the coins it spends are counted where they move, in
+    the wallet (coins.spent, purpose promotion)."""
+    gauges = runtime.metrics.gauges
+    gauges.declare("coins.promotions.open", "Promotions pending or active, by status")
+    gauges.declare("coins.promotions.pending_captures", "Deliveries whose capture is unconfirmed")
+    gauges.declare(
+        "coins.promotions.pending_captures_age", "Age of the oldest unconfirmed capture", "s"
+    )
+
+    async def sample(gauges: Gauges) -> None:
+        async with runtime.db.driver.read() as tx:
+            by_status, captures, oldest = await storage.promotion_gauges(tx)
+        gauges.set(
+            "coins.promotions.open",
+            {attrs(status=s): by_status.get(s, 0) for s in ("pending", "active")},
+        )
+        gauges.set("coins.promotions.pending_captures", {(): captures})
+        age = (runtime.clock.now() - oldest).total_seconds() if oldest else 0.0
+        gauges.set("coins.promotions.pending_captures_age", {(): max(0.0, age)})
+
+    runtime.add_sampler(sample)
 
 
 SPEC = ServiceSpec(

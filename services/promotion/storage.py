@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
+from runtime.sql import Statement, Tx
 
 metadata = MetaData()
 
@@ -275,3 +276,27 @@ async def add_spent(
         )
     )
     return result.rowcount == 1
+
+
+_GAUGE_PROMOTIONS = Statement(
+    "promotion.gauge_promotions",
+    "SELECT status, COUNT(*) FROM promotions "
+    "WHERE status IN ('pending', 'active') GROUP BY status",  # ix_promotions_status_created
+)
+_GAUGE_PENDING_CAPTURES = Statement(
+    "promotion.gauge_pending_captures",
+    "SELECT COUNT(*), MIN(created_at) FROM pending_captures",  # ix_pending_captures_created
+)
+
+
+async def promotion_gauges(tx: Tx) -> tuple[dict[str, int], int, dt.datetime | None]:
+    """Promotions waiting or running by status; delivery captures not yet confirmed by the wallet,
+    and the oldest one's start."""
+    rows = await tx.all(_GAUGE_PROMOTIONS)
+    captures = await tx.one(_GAUGE_PENDING_CAPTURES)
+    assert captures is not None
+    return (
+        {str(r[0]): int(r[1]) for r in rows},
+        int(captures[0]),
+        utc(captures[1]) if captures[1] is not None else None,
+    )

@@ -8,7 +8,10 @@ from pathlib import Path
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from ledger import Ledger
 from ledger import api as ledger_api
+from ledger import metrics as ledger_metrics
+from runtime.metrics import Gauges
 from runtime.server import Runtime, ServiceSpec
+from services.wallet import storage
 from services.wallet.api import ACCESS, WalletApi
 from services.wallet.domain import Wallet
 from services.wallet.payments import SandboxPaymentProvider
@@ -47,9 +50,37 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
         lambda: purchases.reconcile(stale),
     )
     ledger_api.serve_ledger_audit(runtime, wallet.ledger)
+    _measure(runtime, wallet)
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(
         WalletApi(runtime, wallet, purchases), runtime.server
     )
+
+
+def _measure(runtime: Runtime[WalletSettings], wallet: Wallet) -> None:
+    """The wallet's business metrics and gauges (runtime.metrics)."""
+    spent = "Coins spent, by purpose"
+    ledger_metrics.instrument(
+        runtime,
+        wallet.ledger,
+        {
+            "purchase": ("coins.purchased", "Coins issued to buyers by completed purchases", {}),
+            "gift": ("coins.spent", spent, {"purpose": "gift"}),
+            "promotion": ("coins.spent", spent, {"purpose": "promotion"}),
+        },
+        hold_kinds=("promotion",),
+    )
+    gauges = runtime.metrics.gauges
+    gauges.declare("coins.purchases.pending", "Purchases whose charge is not settled yet")
+    gauges.declare("coins.purchases.pending_age", "Age of the oldest unsettled purchase", unit="s")
+
+    async def sample(gauges: Gauges) -> None:
+        async with runtime.db.driver.read() as tx:
+            count, oldest = await storage.unsettled_purchases(tx)
+        gauges.set("coins.purchases.pending", {(): count})
+        age = (runtime.clock.now() - oldest).total_seconds() if oldest else 0.0
+        gauges.set("coins.purchases.pending_age", {(): max(0.0, age)})
+
+    runtime.add_sampler(sample)
 
 
 SPEC = ServiceSpec(

@@ -336,3 +336,17 @@ async def settle_purchase(
         .values(status=status, provider_transaction_id=provider_transaction_id, updated_at=now)
     )
     return result.rowcount == 1
+
+
+_GAUGE_PENDING_PURCHASES = Statement(
+    "wallet.gauge_pending_purchases",
+    "SELECT COUNT(*), MIN(created_at) FROM purchases "
+    "WHERE status = 'pending'",  # ix_purchases_status_created
+)
+
+
+async def unsettled_purchases(tx: Tx) -> tuple[int, dt.datetime | None]:
+    """Purchases whose charge is not settled yet, and the oldest one's start."""
+    row = await tx.one(_GAUGE_PENDING_PURCHASES)
+    assert row is not None
+    return int(row[0]), utc(row[1]) if row[1] is not None else None
