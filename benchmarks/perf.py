@@ -808,6 +808,31 @@ class SuiteProcesses:
     settings: dict[str, str] = field(default_factory=dict)
     """Extra environment settings (after the benchmark's own)."""
     env: dict[str, str] = field(default_factory=dict)
+    replicas: int = 1
+    """Processes per service, each on ports of its own, all on the service's one database;
+    callers spread their calls over them (an `ipv4:` list of every replica's address)."""
+
+    def instances(self, names: Iterable[str] = SERVICES) -> list[str]:
+        """Every process: `wallet`, and `wallet.2`... for further replicas."""
+        return [
+            name if replica == 1 else f"{name}.{replica}"
+            for name in names
+            for replica in range(1, self.replicas + 1)
+        ]
+
+    def instance_environment(self, instance: str) -> dict[str, str]:
+        prefix = instance.split(".")[0].upper()
+        return self.env | {
+            f"{prefix}_PORT": str(self.ports[instance]),
+            f"{prefix}_HEALTH_PORT": str(self.health_ports[instance]),
+        }
+
+    def channel_options(self, name: str) -> list[tuple[str, Any]]:
+        """What a client channel to `address(name)` needs: calls spread over the replicas, whose
+        certificates are checked against the service's name (a list of addresses has none)."""
+        if self.replicas == 1:
+            return []
+        return [("grpc.lb_policy_name", "round_robin"), ("grpc.default_authority", name)]
 
     def environment(self, urls: dict[str, str]) -> dict[str, str]:
         env = clean_environment()
@@ -819,9 +844,9 @@ class SuiteProcesses:
             "COINS_USER_RATE_BURST": str(10**9),
             "COINS_CALLER_RATE_PER_SECOND": "1e9",
             "COINS_CALLER_RATE_BURST": str(10**9),
-            "GIFTING_WALLET_ADDRESS": f"127.0.0.1:{self.ports['wallet']}",
-            "GIFTING_PAYOUT_ADDRESS": f"127.0.0.1:{self.ports['payout']}",
-            "PROMOTION_WALLET_ADDRESS": f"127.0.0.1:{self.ports['wallet']}",
+            "GIFTING_WALLET_ADDRESS": self.address("wallet"),
+            "GIFTING_PAYOUT_ADDRESS": self.address("payout"),
+            "PROMOTION_WALLET_ADDRESS": self.address("wallet"),
         }
         for limit in ("HOURLY_COINS", "DAILY_COINS", "HOURLY_MINOR", "DAILY_MINOR"):
             env[f"WALLET_LIMIT_{limit}"] = LIFTED
@@ -829,15 +854,14 @@ class SuiteProcesses:
         for name in SERVICES:
             prefix = name.upper()
             env[f"{prefix}_HOST"] = "127.0.0.1"
-            env[f"{prefix}_PORT"] = str(self.ports[name])
-            env[f"{prefix}_HEALTH_PORT"] = str(self.health_ports[name])
             env[f"{prefix}_DATA_DIR"] = str(self.tmp / "data")
             env[f"{prefix}_DATABASE_URL"] = urls.get(name, "")
         return env | self.settings
 
     async def start(self) -> None:
-        self.ports = self.ports or {name: free_port() for name in SERVICES}
-        self.health_ports = self.health_ports or {name: free_port() for name in SERVICES}
+        for instance in self.instances():
+            self.ports.setdefault(instance, free_port())
+            self.health_ports.setdefault(instance, free_port())
         urls: dict[str, str] = {}
         if self.backend == "postgres":
             run = self.run
@@ -851,16 +875,25 @@ class SuiteProcesses:
                 urls[name] = f"{base}/{database}"
         self.env = self.environment(urls)
         for name in SERVICES:
-            self.children[name] = await spawn(name, ["-m", f"services.{name}"], self.env, self.logs)
+            # The first replica migrates the database; the others start on it once it serves.
+            first, *others = self.instances([name])
+            await self.restart(first)
+            if others:
+                await self.wait_serving([first])
+            for instance in others:
+                await self.restart(instance)
         await self.wait_serving()
 
-    async def restart(self, name: str) -> None:
-        """Start a service again (after it was killed), with the same settings."""
-        self.children[name] = await spawn(name, ["-m", f"services.{name}"], self.env, self.logs)
+    async def restart(self, instance: str) -> None:
+        """Start a service's process (again, after it was killed), with the same settings."""
+        service = instance.split(".")[0]
+        self.children[instance] = await spawn(
+            instance, ["-m", f"services.{service}"], self.instance_environment(instance), self.logs
+        )
 
-    async def wait_serving(self, names: Iterable[str] = SERVICES) -> None:
+    async def wait_serving(self, names: Iterable[str] | None = None) -> None:
         deadline = time.monotonic() + 90
-        pending = set(names)
+        pending = set(self.instances() if names is None else names)
         while pending:
             for name in sorted(pending):
                 child = self.children[name]
@@ -878,7 +911,10 @@ class SuiteProcesses:
                 await asyncio.sleep(0.2)
 
     def address(self, name: str) -> str:
-        return f"127.0.0.1:{self.ports[name]}"
+        """Where a service listens: its one process, or the list of its replicas."""
+        if self.replicas == 1:
+            return f"127.0.0.1:{self.ports[name]}"
+        return "ipv4:" + ",".join(f"127.0.0.1:{self.ports[i]}" for i in self.instances([name]))
 
     def monitor(self) -> Monitor:
         return Monitor(
@@ -932,9 +968,9 @@ class SuiteProcesses:
         return errors, problems, warnings
 
     async def stop(self) -> None:
-        for name in ("gifting", "promotion", "payout", "wallet"):
-            if name in self.children:
-                self.exit_codes[name] = await self.children[name].stop()
+        for instance in self.instances(("gifting", "promotion", "payout", "wallet")):
+            if instance in self.children:
+                self.exit_codes[instance] = await self.children[instance].stop()
         for database in self.databases:
             with contextlib.suppress(Exception):
                 await _pg_admin(

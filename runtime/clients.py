@@ -71,19 +71,30 @@ def service_channel(
     security: SecuritySettings,
     identity: str,
     tracer_provider: TracerProvider | None = None,
+    *,
+    peer: str | None = None,
 ) -> grpc.aio.Channel:
-    """A mutual-TLS channel to another coins service, presenting `identity`'s certificate."""
+    """A mutual-TLS channel to another coins service, presenting `identity`'s certificate.
+
+    `address` is one address (`wallet:50051`), a name resolving to every replica
+    (`dns:///wallet:50051`) or a list of replicas (`ipv4:10.0.0.7:50051,10.0.0.8:50051`); calls
+    are spread round-robin. A list has no host name to check certificates against: they are
+    checked against `peer`, the called service's name (every service's certificate carries it).
+    """
     interceptors: list[Any] = [ForwardUserToken()]
     if tracer_provider:
         interceptors.extend(aio_client_interceptors(tracer_provider=tracer_provider))
+    options: list[tuple[str, Any]] = [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _RETRY_ON_UNAVAILABLE),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if peer and address.startswith(("ipv4:", "ipv6:")) and "," in address:
+        options.append(("grpc.default_authority", peer))
     return grpc.aio.secure_channel(
         address,
         channel_credentials(security, identity),
-        options=[
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _RETRY_ON_UNAVAILABLE),
-            ("grpc.keepalive_time_ms", 30_000),
-        ],
+        options=options,
         interceptors=interceptors,
     )
 

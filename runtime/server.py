@@ -86,14 +86,18 @@ class Runtime(Generic[S]):
         self.leadership = Leadership(settings.service_name, db.driver)
         """Whether this replica runs the periodic jobs (see runtime.leadership)."""
 
-    def channel(self, address: str, identity: str | None = None) -> grpc.aio.Channel:
-        """A traced, retrying channel to another service, presenting this service's certificate (or
-        `identity`'s: a simulated outside party's); closed when this service stops."""
+    def channel(
+        self, address: str, identity: str | None = None, *, peer: str | None = None
+    ) -> grpc.aio.Channel:
+        """A traced, retrying channel to another service (`peer`, e.g. "wallet"), presenting this
+        service's certificate (or `identity`'s: a simulated outside party's); closed when this
+        service stops. See runtime.clients.service_channel for the forms `address` takes."""
         channel = service_channel(
             address,
             self.settings.security,
             identity or self.settings.service_name,
             self.tracer_provider,
+            peer=peer,
         )
         self._channels.append(channel)
         return channel

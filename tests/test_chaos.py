@@ -17,6 +17,7 @@ import collections
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -51,6 +52,8 @@ if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi
     from coins.promotion.v1.promotion_pb2_grpc import PromotionServiceAsyncStub
     from coins.wallet.v1.wallet_pb2_grpc import WalletServiceAsyncStub
 
+ANSWERED = re.compile(r" coins\.rpc .*/\w+ OK [0-9.]+ms")
+"""An access log line of a call answered OK."""
 WORK_SECONDS = 20.0
 """How long the workload and the nemesis run before healing."""
 SETTLE_SECONDS = 90.0
@@ -141,10 +144,10 @@ class Ledger:
 
 @contextlib.asynccontextmanager
 async def chaos_suite(
-    root: Path,
+    root: Path, replicas: int = 1
 ) -> AsyncIterator[tuple[SuiteProcesses, PrivatePostgres, TcpProxy]]:
     """The suite on its own PostgreSQL, gifting reaching the wallet through a proxy the nemesis
-    can cut or hold."""
+    can cut or hold (with one replica each; with more, gifting spreads its calls over them)."""
     postgres = PrivatePostgres()
     await postgres.init()
     ports = {name: free_port() for name in SERVICES}
@@ -170,7 +173,7 @@ async def chaos_suite(
             "GIFTING_RECONCILE_EVERY_SECONDS": "1",
             "GIFTING_RELAY_MAX_BACKOFF_SECONDS": "1",
             "GIFTING_DOWNSTREAM_TIMEOUT_SECONDS": "2",
-            "GIFTING_WALLET_ADDRESS": f"127.0.0.1:{link.port}",
+            **({"GIFTING_WALLET_ADDRESS": f"127.0.0.1:{link.port}"} if replicas == 1 else {}),
             # Withdrawals: diamonds available at once, no review, no cap; a fast, patient worker.
             "PAYOUT_MATURATION_DAYS": "0",
             "PAYOUT_MIN_WITHDRAWAL_MINOR": "100",
@@ -181,8 +184,11 @@ async def chaos_suite(
             "PAYOUT_PROCESSOR_MAX_BACKOFF_SECONDS": "2",
             "PAYOUT_PROCESSOR_MAX_ATTEMPTS": "1000",
             "PAYOUT_PROCESSOR_SETTLE_MS": "100",
+            # One line per answered call: with replicas, the test checks each served its share.
+            **{f"{name.upper()}_ACCESS_LOG": str(replicas > 1).lower() for name in SERVICES},
         },
         ports=ports,
+        replicas=replicas,
     )
     try:
         await suite.start()
@@ -193,11 +199,20 @@ async def chaos_suite(
         await postgres.stop()
 
 
+ALL_FAULTS = ("kill", "kill", "pause", "crash_database", "cut", "hold")
+
+
 class Nemesis:
     def __init__(
-        self, suite: SuiteProcesses, postgres: PrivatePostgres, link: TcpProxy, rng: random.Random
+        self,
+        suite: SuiteProcesses,
+        postgres: PrivatePostgres,
+        link: TcpProxy,
+        rng: random.Random,
+        faults: Sequence[str] = ALL_FAULTS,
     ) -> None:
         self.suite, self.postgres, self.link, self.rng = suite, postgres, link, rng
+        self.faults = faults
         self.done: list[str] = []
 
     async def run(self, seconds: float) -> None:
@@ -205,8 +220,8 @@ class Nemesis:
         end = loop.time() + seconds
         while loop.time() < end:
             await asyncio.sleep(self.rng.uniform(1.0, 2.5))
-            fault = self.rng.choice(["kill", "kill", "pause", "crash_database", "cut", "hold"])
-            target = self.rng.choice(["wallet", "gifting", "payout"])
+            fault = self.rng.choice(self.faults)
+            target = self.rng.choice(self.suite.instances(["wallet", "gifting", "payout"]))
             self.done.append(f"{fault} {target}" if fault in ("kill", "pause") else fault)
             if fault in ("cut", "hold"):  # the network between gifting and the wallet
                 if fault == "cut":
@@ -425,10 +440,24 @@ async def promote(
 
 
 async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path: Path) -> None:
+    await books_hold(tmp_path, replicas=1, faults=ALL_FAULTS, work_seconds=WORK_SECONDS)
+
+
+async def test_two_replicas_of_every_service_keep_the_books(tmp_path: Path) -> None:
+    """Every service as two processes on its one PostgreSQL, callers and services spreading their
+    calls over both, one replica at a time killed or paused (its periodic jobs' lease passes to the
+    other): the same workload and the same checks: nothing applied twice, nothing lost."""
+    await books_hold(tmp_path, replicas=2, faults=("kill", "pause"), work_seconds=12.0)
+
+
+async def books_hold(
+    tmp_path: Path, *, replicas: int, faults: Sequence[str], work_seconds: float
+) -> None:
+    """The mixed workload under the nemesis, then every check of the books."""
     seed = int(os.environ.get("COINS_CHAOS_SEED") or random.randrange(1 << 30))
-    print(f"chaos seed {seed} (COINS_CHAOS_SEED={seed} replays it)")
+    print(f"chaos seed {seed} (COINS_CHAOS_SEED={seed} replays it), {replicas} replica(s) each")
     rng = random.Random(seed)
-    async with chaos_suite(tmp_path) as (suite, postgres, link):
+    async with chaos_suite(tmp_path, replicas) as (suite, postgres, link):
         issuer = TokenIssuer(
             (suite.certs / "jwt" / f"{pki.DEV_KEY_ID}-key.pem").read_bytes(),
             key_id=pki.DEV_KEY_ID,
@@ -440,12 +469,12 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
         tokens = {u: tuple(token_metadata(issuer.mint(u))) for u in [*viewers, *creators]}
         credentials = gateway_credentials(suite.certs)
         async with (
-            grpc.aio.secure_channel(suite.address("wallet"), credentials) as wallet_channel,
-            grpc.aio.secure_channel(suite.address("gifting"), credentials) as gifting_channel,
-            grpc.aio.secure_channel(suite.address("payout"), credentials) as payout_channel,
-            grpc.aio.secure_channel(suite.address("promotion"), credentials) as promotion_channel,
-            grpc.aio.secure_channel(
-                suite.address("promotion"), gateway_credentials(suite.certs, "ad-delivery")
+            caller_channel(suite, "wallet", credentials) as wallet_channel,
+            caller_channel(suite, "gifting", credentials) as gifting_channel,
+            caller_channel(suite, "payout", credentials) as payout_channel,
+            caller_channel(suite, "promotion", credentials) as promotion_channel,
+            caller_channel(
+                suite, "promotion", gateway_credentials(suite.certs, "ad-delivery")
             ) as ad_channel,
         ):
             wallet: WalletServiceAsyncStub = wallet_pb2_grpc.WalletServiceStub(wallet_channel)  # type: ignore[assignment]
@@ -494,9 +523,9 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 )
 
             book = Ledger()
-            nemesis = Nemesis(suite, postgres, link, rng)
+            nemesis = Nemesis(suite, postgres, link, rng, faults)
             loop = asyncio.get_running_loop()
-            work_until = loop.time() + WORK_SECONDS
+            work_until = loop.time() + work_seconds
             answer_until = work_until + SETTLE_SECONDS / 2
             callers = (
                 [
@@ -558,7 +587,7 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 ]
             )
             try:
-                await nemesis.run(WORK_SECONDS)
+                await nemesis.run(work_seconds)
             finally:
                 await nemesis.heal()
             await asyncio.gather(*callers)
@@ -722,6 +751,23 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
                 assert report.ok, report
             errors, problems, _ = suite.log_problems()
             print(f"service log errors: {errors} {dict(problems)}")
+            if replicas > 1:
+                served = {
+                    instance: len(ANSWERED.findall(suite.children[instance].log.read_text()))
+                    for instance in suite.instances()
+                }
+                print(f"calls answered by each process: {served}")
+                busy = ("wallet", "gifting", "payout")
+                assert all(served[i] > 0 for i in suite.instances(busy)), served
+
+
+def caller_channel(
+    suite: SuiteProcesses, name: str, credentials: grpc.ChannelCredentials
+) -> grpc.aio.Channel:
+    """A caller's channel to a service: to its one process, or spread over its replicas."""
+    return grpc.aio.secure_channel(
+        suite.address(name), credentials, options=suite.channel_options(name)
+    )
 
 
 async def fetch(url: str, query: str) -> list[asyncpg.Record]:

@@ -21,9 +21,14 @@ from services.gifting.settings import GiftingSettings
 
 async def setup(runtime: Runtime[GiftingSettings]) -> None:
     settings = runtime.settings
-    relay = CreditRelay(runtime, PayoutCrediter(runtime.channel(settings.payout_address)))
+    relay = CreditRelay(
+        runtime, PayoutCrediter(runtime.channel(settings.payout_address, peer="payout"))
+    )
     runtime.add_worker(relay.run)
-    gifting, wallet = Gifting(), WalletDebiter(runtime.channel(settings.wallet_address))
+    gifting, wallet = (
+        Gifting(),
+        WalletDebiter(runtime.channel(settings.wallet_address, peer="wallet")),
+    )
     _measure(runtime, gifting)
     lives = Lives(dt.timedelta(seconds=settings.streak_pause_seconds))
 

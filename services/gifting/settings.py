@@ -14,9 +14,10 @@ class GiftingSettings(ServiceSettings):
     service_name: ClassVar[str] = "gifting"
 
     wallet_address: str = ""
-    """Where the wallet listens; empty: this suite's (COINS_PORT_BASE + 1)."""
+    """Where the wallet listens: host:port, dns:///name:port (every replica the name resolves to)
+    or ipv4:host:port,host:port (a list of replicas); empty: this suite's (COINS_PORT_BASE + 1)."""
     payout_address: str = ""
-    """Where payout listens; empty: this suite's (COINS_PORT_BASE + 3)."""
+    """Where payout listens (the forms of wallet_address); empty: this suite's (COINS_PORT_BASE + 3)."""
     relay_batch_size: int = 500
     """Most credits the outbox relay sends in one BatchCreditDiamonds call (payout takes up to 1,000)."""
     relay_max_backoff_seconds: float = 60.0

@@ -18,7 +18,7 @@ from services.promotion.settings import PromotionSettings
 
 
 async def setup(runtime: Runtime[PromotionSettings]) -> None:
-    wallet = WalletBudget(runtime.channel(runtime.settings.wallet_address))
+    wallet = WalletBudget(runtime.channel(runtime.settings.wallet_address, peer="wallet"))
     promotions = Promotions()
     reconciler = PromotionReconciler(runtime, promotions, wallet)
     stale = dt.timedelta(seconds=runtime.settings.reconcile_after_seconds)

@@ -14,7 +14,8 @@ class PromotionSettings(ServiceSettings):
     service_name: ClassVar[str] = "promotion"
 
     wallet_address: str = ""
-    """Where the wallet listens; empty: this suite's (COINS_PORT_BASE + 1)."""
+    """Where the wallet listens: host:port, dns:///name:port (every replica the name resolves to)
+    or ipv4:host:port,host:port (a list of replicas); empty: this suite's (COINS_PORT_BASE + 1)."""
     reconcile_every_seconds: float = 30.0
     reconcile_after_seconds: float = 60.0
     """Promotions still pending after this (a crash or a lost wallet answer mid-create) are settled
