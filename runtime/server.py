@@ -163,6 +163,7 @@ class Runtime(Generic[S]):
                     gauges.clear()
                 await asyncio.sleep(self.settings.metrics_sample_seconds)
 
+        sampling.__name__ = "sampled_gauges"
         self._workers.append(sampling)
 
 

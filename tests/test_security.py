@@ -523,6 +523,7 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
     **{(service, "anchored_chain_heads"): None for service in ("wallet", "payout")},
     **{(service, "audited_the_ledger"): None for service in ("wallet", "payout")},
     **{(service, "forgotten_request_ids"): None for service in SPECS},
+    **{(service, "sampled_gauges"): None for service in SPECS},  # reads the gauges, writes nothing
 }
 """Every background worker the services run (by service and name, see `background_workers`), and
 what it still has to do; None for one that changes no database while the tests run."""
