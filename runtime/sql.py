@@ -200,6 +200,12 @@ def is_conflict(error: BaseException) -> bool:
     return isinstance(error, sqlite3.IntegrityError) and "UNIQUE" in str(error)
 
 
+def is_transient(error: BaseException) -> bool:
+    """A deadlock or serialization failure: PostgreSQL rolled the transaction back, and running it
+    again may well succeed."""
+    return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
+
+
 def _sqlite_connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")

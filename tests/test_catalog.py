@@ -7,10 +7,12 @@ from __future__ import annotations
 import grpc
 
 from coins.gifting.v1 import gifting_pb2
+from coins.wallet.v1 import wallet_pb2
 from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
 
 G = gifting_pb2
+W = wallet_pb2
 
 
 def set_gift(gift_id: str, coins: int, *, reason: str, **fields: object) -> G.SetGiftRequest:
@@ -113,3 +115,51 @@ async def test_the_catalog_lists_the_gifts_offered_in_the_viewers_region(
     history = await suite.gifting.ListGiftVersions(G.ListGiftVersionsRequest(gift_id="universe"))
     first = history.versions[-1].gift
     assert (first.version, first.coins, first.animation_ms) == (1, 44_999, 6000)
+
+
+async def test_a_gift_not_offered_in_the_senders_country_is_refused_and_nothing_moves(
+    private_suite: Suite,
+) -> None:
+    """The wallet knows the sender's country, so it refuses the debit of a gift not offered there;
+    the gift fails, and no coin moves."""
+    suite = private_suite
+    admin = suite.token("catalog-admin", admin=True)
+    british, anglo = new_id("teapot").lower(), new_id("kettle").lower()
+    await suite.gifting.SetGift(
+        set_gift(british, 7, reason="UK only", regions=["GB"]), metadata=admin
+    )
+    await suite.gifting.SetGift(
+        set_gift(anglo, 9, reason="UK and US", regions=["GB", "US"]), metadata=admin
+    )
+    sender, coins = await funded_user(suite)  # a US account
+    creator = await new_creator(suite)
+
+    def send(gift_id: str, request_id: str) -> G.SendGiftRequest:
+        return G.SendGiftRequest(
+            request_id=request_id,
+            sender_id=sender,
+            creator_id=creator,
+            gift_id=gift_id,
+            count=1,
+            live_id=live_of(creator),
+        )
+
+    refused_id = new_id("g")
+    error = await expect_error(
+        suite.gifting.SendGift(send(british, refused_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_OFFERED_IN_REGION",
+    )
+    assert "US" in (error.details() or "")
+    balance = await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins  # nothing moved
+    # The refusal is the request's answer: a retry gets it again and still moves nothing.
+    await expect_error(
+        suite.gifting.SendGift(send(british, refused_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_OFFERED_IN_REGION",
+    )
+    sent = await suite.gifting.SendGift(send(anglo, new_id("g")))
+    assert sent.sent_gift.coins == 9
+    after = await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=sender))
+    assert after.balance.coins == coins - 9

@@ -13,9 +13,14 @@ from services.gifting.domain import PendingCredit, credit_request_id, debit_requ
 
 
 def debit_request(
-    sent_gift_id: str, sender_id: str, creator_id: str, coins: int
+    sent_gift_id: str,
+    sender_id: str,
+    creator_id: str,
+    coins: int,
+    offered_in: Sequence[str] = (),
 ) -> wallet_pb2.DebitCoinsRequest:
-    """What gifting asks of the wallet for one gift (pinned by contracts/wallet.json)."""
+    """What gifting asks of the wallet for one gift (pinned by contracts/wallet.json); the wallet,
+    which knows the sender's country, refuses a gift not offered there (`offered_in`)."""
     return wallet_pb2.DebitCoinsRequest(
         request_id=debit_request_id(sent_gift_id),
         user_id=sender_id,
@@ -23,6 +28,7 @@ def debit_request(
         reason=wallet_pb2.DEBIT_REASON_GIFT,
         reference=sent_gift_id,
         recipient_id=creator_id,
+        offered_in=sorted(offered_in),
     )
 
 
@@ -43,11 +49,19 @@ class WalletDebiter:
         self._wallet = wallet_pb2_grpc.WalletServiceStub(channel)
 
     async def debit_for_gift(
-        self, *, sent_gift_id: str, sender_id: str, creator_id: str, coins: int, time_limit: float
+        self,
+        *,
+        sent_gift_id: str,
+        sender_id: str,
+        creator_id: str,
+        coins: int,
+        offered_in: Sequence[str] = (),
+        time_limit: float,
     ) -> tuple[str, int]:
         try:
             response = await self._wallet.DebitCoins(
-                debit_request(sent_gift_id, sender_id, creator_id, coins), timeout=time_limit
+                debit_request(sent_gift_id, sender_id, creator_id, coins, offered_in),
+                timeout=time_limit,
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, dependency="wallet") from None

@@ -35,10 +35,18 @@ class CoinDebiter(Protocol):
     """The wallet, as the gifting service needs it."""
 
     async def debit_for_gift(
-        self, *, sent_gift_id: str, sender_id: str, creator_id: str, coins: int, time_limit: float
+        self,
+        *,
+        sent_gift_id: str,
+        sender_id: str,
+        creator_id: str,
+        coins: int,
+        offered_in: Sequence[str] = (),
+        time_limit: float,
     ) -> tuple[str, int]:
-        """Debit the sender, only if the creator may receive; returns (wallet transaction id, sender's
-        balance after)."""
+        """Debit the sender, only if the creator may receive and the sender's country is one the
+        gift is `offered_in` (empty: everywhere); returns (wallet transaction id, sender's balance
+        after)."""
         ...
 
     async def resolve_gift_debit(
@@ -249,8 +257,16 @@ class Gifting:
         priced = await storage.start_sent_gift(tx, pending, claim, MAX_COINS_PER_SEND)
         if priced is None:
             return None
-        coins, streakable, version = priced
-        return replace(pending, coins=coins, streakable=streakable, gift_version=version)
+        coins, streakable, version, regions = priced
+        return replace(
+            pending, coins=coins, streakable=streakable, gift_version=version, offered_in=regions
+        )
+
+    async def offered_in(self, tx: Tx, sent: storage.SentGiftRecord) -> tuple[str, ...]:
+        """Where the version a resumed gift was priced at is offered (empty: everywhere)."""
+        if sent.gift_version is None:
+            return ()
+        return await storage.version_regions(tx, sent.gift_id, sent.gift_version)
 
     async def refusal(self, tx: Tx, gift_id: str, count: int) -> DomainError:
         """Why a gift could not be started: not in the catalog (or inactive), or too large."""

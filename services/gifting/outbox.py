@@ -29,6 +29,7 @@ from opentelemetry.trace import Link
 from runtime.backoff import backoff
 from runtime.errors import DomainError, ErrorKind
 from runtime.server import Runtime, wait_for_wake
+from runtime.sql import is_transient
 from services.gifting import storage
 from services.gifting.domain import DiamondCrediter, PendingCredit
 from services.gifting.settings import GiftingSettings
@@ -98,8 +99,17 @@ class CreditRelay:
                     return
                 await self._retry_later(items, error)
                 return
-            async with self._rt.db.driver.transaction() as tx:
-                await storage.mark_delivered(tx, items, self._rt.clock.now(), diamonds)
+            for attempt in range(1, 4):
+                try:
+                    async with self._rt.db.driver.transaction() as tx:
+                        await storage.mark_delivered(tx, items, self._rt.clock.now(), diamonds)
+                    break
+                except Exception as error:
+                    # Payout has the credits: marking them is worth another go at once (a
+                    # redelivery after the lease would also be answered, but later).
+                    if not is_transient(error) or attempt == 3:
+                        raise
+                    log.info("marking %d credits delivered: %r; again", len(items), error)
 
     async def _retry_later(self, items: list[storage.OutboxRecord], error: DomainError) -> None:
         # A business refusal will not change on retry: park it (dead) and say so loudly. A refusal

@@ -67,13 +67,15 @@ class GiftSender:
             assert claim.resource_id is not None
             async with self._db.driver.read() as tx:
                 sent = await storage.get_sent_gift(tx, claim.resource_id)
-            assert sent is not None
+                assert sent is not None
+                sent = replace(sent, offered_in=await self._gifting.offered_in(tx, sent))
         try:
             transaction_id, balance = await self._wallet.debit_for_gift(
                 sent_gift_id=sent.sent_gift_id,
                 sender_id=sent.sender_id,
                 creator_id=sent.creator_id,
                 coins=sent.coins,
+                offered_in=sent.offered_in,
                 time_limit=time_limit,
             )
         except DomainError as refused:

@@ -241,6 +241,8 @@ class SentGiftRecord:
     streak_ended_at: dt.datetime | None = None
     gift_version: int | None = None
     """The catalog version it was priced at (None: sent before versions were kept)."""
+    offered_in: tuple[str, ...] = ()
+    """Where that version is offered (empty: everywhere): known when priced, not stored."""
 
 
 @dataclass(frozen=True)
@@ -468,7 +470,7 @@ _OPEN_LIVE = (
 )
 """A gift names no LIVE, or a LIVE of its creator that is live with gifts on."""
 _PRICED = (
-    "priced AS (SELECT coins * :count::integer AS coins, streakable, version FROM gifts "
+    "priced AS (SELECT coins * :count::integer AS coins, streakable, version, regions FROM gifts "
     "WHERE gift_id = :gift_id::text AND active AND coins * :count::integer <= :max_coins::bigint "
     f"AND {_OPEN_LIVE.format(t='::text')})"
 )
@@ -480,11 +482,13 @@ _START_GIFT_PG = Statement(
     "SELECT :sent_gift_id::text, :sender_id::text, :creator_id::text, :gift_id::text, "
     ":count::integer, priced.coins, :live_id::text, :video_id::text, 'pending', NULL, "
     ":now::timestamptz, :now::timestamptz, priced.streakable, priced.version FROM priced, claim "
-    "RETURNING coins, streakable, gift_version) SELECT coins, streakable, gift_version FROM started",
+    "RETURNING coins, streakable, gift_version) "
+    "SELECT started.coins, started.streakable, started.gift_version, priced.regions "
+    "FROM started, priced",
 )
 _PRICE = Statement(
     "gifting.price",
-    "SELECT coins * :count, streakable, version FROM gifts "
+    "SELECT coins * :count, streakable, version, regions FROM gifts "
     f"WHERE gift_id = :gift_id AND active AND coins * :count <= :max_coins AND {_OPEN_LIVE.format(t='')}",
 )
 _INSERT_SENT_GIFT = Statement(
@@ -500,12 +504,12 @@ _GIFT_PRICE = Statement(
 
 async def start_sent_gift(
     tx: Tx, sent: SentGiftRecord, claim: KeyClaim, max_coins: int
-) -> tuple[int, bool, int] | None:
+) -> tuple[int, bool, int, tuple[str, ...]] | None:
     """Claim the request id and record the pending gift, priced from the catalog, in one statement
     (PostgreSQL); its coins, or None if nothing was written: the id was claimed before, the gift
     is not in the catalog, inactive, or would cost more than `max_coins`, or the LIVE it names is
     not its creator's open LIVE with gifts on. Answers (coins, whether the gift streaks, the
-    catalog version it was priced at)."""
+    catalog version it was priced at, where it is offered)."""
     params = {
         "sent_gift_id": sent.sent_gift_id,
         "sender_id": sent.sender_id,
@@ -519,7 +523,9 @@ async def start_sent_gift(
     }
     if tx.dialect == "postgresql":
         row = await tx.one(_START_GIFT_PG, **params, **claim.params)
-        return None if row is None else (int(row[0]), bool(row[1]), int(row[2]))
+        if row is None:
+            return None
+        return int(row[0]), bool(row[1]), int(row[2]), _regions(row[3])
     priced = await tx.one(_PRICE, **params)
     if priced is None or not await claim.insert(tx):
         return None
@@ -527,7 +533,22 @@ async def start_sent_gift(
     await insert_sent_gift(
         tx, replace(sent, coins=coins, streakable=streakable, gift_version=version)
     )
-    return coins, streakable, version
+    return coins, streakable, version, _regions(priced[3])
+
+
+def _regions(text: str) -> tuple[str, ...]:
+    return tuple(r for r in str(text).split(",") if r)
+
+
+_VERSION_REGIONS = Statement(
+    "gifting.version_regions",
+    "SELECT regions FROM gift_versions WHERE gift_id = :gift_id AND version = :version",
+)
+
+
+async def version_regions(tx: Tx, gift_id: str, version: int) -> tuple[str, ...]:
+    row = await tx.one(_VERSION_REGIONS, gift_id=gift_id, version=version)
+    return () if row is None else _regions(row[0])
 
 
 async def gift_price(tx: Tx, gift_id: str) -> tuple[int, bool] | None:
@@ -841,6 +862,15 @@ _CREDITED_GIFTS = Statement(
     postgres="SELECT creator_id, sender_id, coins, created_at, live_id, sent_gift_id "
     "FROM sent_gifts WHERE sent_gift_id = ANY(:sent_gift_ids::text[])",
 )
+_LOCK_LIVES = Statement(
+    "gifting.lock_lives",
+    "SELECT live_id FROM lives WHERE live_id IN (SELECT value FROM json_each(:rows)) "
+    "ORDER BY live_id",
+    postgres="SELECT live_id FROM lives WHERE live_id = ANY(:live_ids::text[]) "
+    "ORDER BY live_id FOR UPDATE",
+)
+"""Several LIVEs' rows, locked in id order: every transaction that changes more than one LIVE
+(a delivery, the streak sweep) takes them in that order, so two such can never deadlock."""
 _ADD_DIAMONDS_EARNED = Statement(
     "gifting.add_diamonds_earned",
     "UPDATE lives SET diamonds_earned = diamonds_earned + json_extract(value, '$[1]') "
@@ -914,6 +944,9 @@ async def mark_delivered(
         if live_id and diamonds and diamonds.get(sent_gift_id):
             earned[live_id] = earned.get(live_id, 0) + diamonds[sent_gift_id]
     if earned:
+        earned = dict(sorted(earned.items()))
+        if len(earned) > 1 and tx.dialect == "postgresql":
+            await tx.all(_LOCK_LIVES, rows=list(earned), live_ids=list(earned))
         await tx.run(
             _ADD_DIAMONDS_EARNED,
             rows=[[live, n] for live, n in earned.items()],
@@ -924,7 +957,8 @@ async def mark_delivered(
         for period, key in period_keys(utc(created)).items():
             ranked[period, key, creator] = ranked.get((period, key, creator), 0) + int(coins)
         gifters[creator, sender] = gifters.get((creator, sender), 0) + int(coins)
-    rows = [[p, k, c, n] for (p, k, c), n in ranked.items()]
+    # Upserted in key order, so that two deliveries (two replicas) lock shared rows alike.
+    rows = [[p, k, c, n] for (p, k, c), n in sorted(ranked.items())]
     await tx.run(
         _ADD_TO_RANKINGS,
         rows=rows,
@@ -933,7 +967,7 @@ async def mark_delivered(
         creators=[r[2] for r in rows],
         amounts=[r[3] for r in rows],
     )
-    pairs = [[c, s, n] for (c, s), n in gifters.items()]
+    pairs = [[c, s, n] for (c, s), n in sorted(gifters.items())]
     await tx.run(
         _ADD_TO_GIFTERS,
         rows=pairs,
@@ -1324,7 +1358,8 @@ async def feed_streak_ends(tx: Tx, ended: Sequence[StreakEnd], now: dt.datetime)
     """Each ended streak's event in its LIVE's feed (none once the LIVE has ended); the LIVEs
     whose watchers are to be woken (on PostgreSQL, every replica's, at commit)."""
     fed: set[str] = set()
-    for streak in ended:
+    # Each LIVE's row is locked by its first event: in LIVE id order, as a delivery locks them.
+    for streak in sorted(ended, key=lambda s: (s.live_id, s.streak_id)):
         row = await tx.one(_NEXT_SEQ, live_id=streak.live_id)
         if row is None:
             continue

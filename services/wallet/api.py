@@ -234,6 +234,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
             request_id=f"DebitCoins:{request.user_id}/{request.request_id}",
             caller=current_principal().service,
             recipient_id=request.recipient_id,
+            offered_in=frozenset(request.offered_in),
         )
 
         def answer(debit: Debit) -> wallet_pb2.DebitCoinsResponse:

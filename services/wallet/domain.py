@@ -69,6 +69,8 @@ class DebitRequest:
     caller: str
     recipient_id: str = ""
     """Who receives what the coins pay for (a gift's creator), when someone does."""
+    offered_in: frozenset[str] = frozenset()
+    """Countries where what the coins pay for is offered (a gift's regions); empty: everywhere."""
 
     def postings(self) -> list[Posting]:
         return [
@@ -101,7 +103,8 @@ class Wallet:
         self.settings = settings
         self.ledger = ledger
         self.holds = Holds(ledger)
-        self._eligible: dict[str, float] = {}
+        self._eligible: dict[str, tuple[float, str]] = {}
+        """Users known eligible to send and receive gifts: until when, and their country."""
         """Users known eligible for gifts, until (monotonic time)."""
 
     def price_package(
@@ -526,13 +529,23 @@ class Wallet:
                 user_id=recipient,
             )
         today = self.ledger.clock.now().date()
-        if what.reason == "gift" and not self._remembered(what.user_id):
+        country = self._remembered_country(what.user_id)
+        if (what.reason == "gift" or what.offered_in) and country is None:
             sender = await storage.party(conn, what.user_id)
             if sender is not None:  # no account: the ledger says ACCOUNT_NOT_FOUND
                 refused = self._ineligible(what.user_id, sender, today, receiving=False)
                 if refused is not None:
                     raise refused
-                self._remember(what.user_id)
+                self._remember(what.user_id, sender.country_code)
+                country = sender.country_code
+        if what.offered_in and country is not None and country not in what.offered_in:
+            raise FailedPrecondition(
+                "NOT_OFFERED_IN_REGION",
+                f"this gift is not offered in {country} (offered in "
+                f"{', '.join(sorted(what.offered_in))}); nothing was debited",
+                user_id=what.user_id,
+                country_code=country,
+            )
         if not recipient or self._remembered(recipient):
             return
         party = await storage.party(conn, recipient)
@@ -545,7 +558,7 @@ class Wallet:
         refused = self._ineligible(recipient, party, today, receiving=True)
         if refused is not None:
             raise refused
-        self._remember(recipient)
+        self._remember(recipient, party.country_code)
 
     def minimum_age_in(self, country_code: str) -> int:
         return self.settings.minimum_age_by_country.get(country_code, self.settings.minimum_age)
@@ -585,20 +598,28 @@ class Wallet:
         return None
 
     def _remembered(self, user_id: str) -> bool:
-        until = self._eligible.get(user_id)
-        return until is not None and until > time.monotonic()
+        return self._remembered_country(user_id) is not None
 
-    def _remember(self, user_id: str) -> None:
+    def _remembered_country(self, user_id: str) -> str | None:
+        """The country of a user known eligible (None: not known, or no longer)."""
+        known = self._eligible.get(user_id)
+        return known[1] if known is not None and known[0] > time.monotonic() else None
+
+    def _remember(self, user_id: str, country_code: str) -> None:
         if len(self._eligible) >= RECIPIENTS_REMEMBERED:
             self._eligible.pop(next(iter(self._eligible)))
-        self._eligible[user_id] = time.monotonic() + self.settings.eligibility_cache_seconds
+        until = time.monotonic() + self.settings.eligibility_cache_seconds
+        self._eligible[user_id] = (until, country_code)
 
     def knows_recipient(self, what: DebitRequest) -> bool:
         """Whether `check_recipient` would pass without a read (both sides known eligible)."""
         if what.recipient_id and what.recipient_id == what.user_id:
             return False
-        if what.reason == "gift" and not self._remembered(what.user_id):
+        country = self._remembered_country(what.user_id)
+        if (what.reason == "gift" or what.offered_in) and country is None:
             return False
+        if what.offered_in and country not in what.offered_in:
+            return False  # the transactional path refuses it
         return not what.recipient_id or self._remembered(what.recipient_id)
 
     async def debit(self, conn: AsyncConnection | Tx, what: DebitRequest) -> Debit:

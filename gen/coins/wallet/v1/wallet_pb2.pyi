@@ -1062,6 +1062,7 @@ class DebitCoinsRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     RECIPIENT_ID_FIELD_NUMBER: _builtins.int
+    OFFERED_IN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155); callers derive it from their own record."""
     user_id: _builtins.str
@@ -1078,6 +1079,13 @@ class DebitCoinsRequest(_message.Message):
     FAILED_PRECONDITION RECIPIENT_NOT_ELIGIBLE) and is not the user debited (INVALID_ARGUMENT
     SELF_GIFTING).
     """
+    @_builtins.property
+    def offered_in(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Countries (ISO 3166-1 alpha-2) where what the coins pay for is offered (a gift's regions in the
+        catalog); empty: everywhere. A user of another country is refused (FAILED_PRECONDITION
+        NOT_OFFERED_IN_REGION) and nothing is debited.
+        """
+
     def __init__(
         self,
         *,
@@ -1087,10 +1095,11 @@ class DebitCoinsRequest(_message.Message):
         reason: Global___DebitReason.ValueType = ...,
         reference: _builtins.str = ...,
         recipient_id: _builtins.str = ...,
+        offered_in: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "reason", b"reason", "recipient_id", b"recipient_id", "reference", b"reference", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "offered_in", b"offered_in", "reason", b"reason", "recipient_id", b"recipient_id", "reference", b"reference", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
