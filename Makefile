@@ -23,6 +23,9 @@ up: $(STAMP)  ## start all four services on localhost (SQLite files under data/)
 test: $(STAMP)  ## run the whole test suite (real servers; SQLite and PostgreSQL)
 	$(BIN)/pytest
 
+test-nightly: $(STAMP)  ## the chaos test with the shipped reconciler timings (~5 min; not in make test)
+	$(BIN)/pytest -m nightly -s
+
 bench: $(STAMP)  ## performance: the suite against its gRPC ceilings, SQLite and PostgreSQL (~8 min)
 	$(BIN)/python -m benchmarks.perf --backend both
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import grpc
 import grpc.aio
+import pytest
 from google.type import date_pb2
 
 from benchmarks.perf import SERVICES, SuiteProcesses, free_port, gateway_credentials
@@ -45,7 +46,7 @@ from runtime.status import error_info
 from services.wallet.payments import SandboxPaymentProvider
 from tests.faults import TcpProxy
 from tests.helpers import eventually
-from tools.cross_audit import cross_audit
+from tools.cross_audit import cross_audit, sandbox_items
 
 if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi
     from coins.gifting.v1.gifting_pb2_grpc import GiftingServiceAsyncStub
@@ -58,6 +59,9 @@ WORK_SECONDS = 20.0
 """How long the workload and the nemesis run before healing."""
 SETTLE_SECONDS = 90.0
 """How long healing may take: retries answered, reconcilers and the outbox done."""
+SHIPPED_SETTLE_SECONDS = 360.0
+"""... with the shipped timings: a purchase is reconciled 120 s after it started (checked every
+30 s), a gift or promotion after 60 s, and the relay backs off up to 60 s."""
 VIEWERS, CREATORS, WORKERS = 6, 3, 12
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -144,7 +148,7 @@ class Ledger:
 
 @contextlib.asynccontextmanager
 async def chaos_suite(
-    root: Path, replicas: int = 1
+    root: Path, replicas: int = 1, shipped_timings: bool = False
 ) -> AsyncIterator[tuple[SuiteProcesses, PrivatePostgres, TcpProxy]]:
     """The suite on its own PostgreSQL, gifting reaching the wallet through a proxy the nemesis
     can cut or hold (with one replica each; with more, gifting spreads its calls over them)."""
@@ -156,6 +160,18 @@ async def chaos_suite(
     pki.ensure_dev_pki(certs)
     logs = root / "logs"
     logs.mkdir()
+    fast_reconcilers = {
+        "GIFTING_RECONCILE_AFTER_SECONDS": "3",
+        "WALLET_RECONCILE_AFTER_SECONDS": "3",
+        "PROMOTION_RECONCILE_AFTER_SECONDS": "3",
+        "PROMOTION_RECONCILE_EVERY_SECONDS": "1",
+        "PROMOTION_DOWNSTREAM_TIMEOUT_SECONDS": "2",
+        "WALLET_RECONCILE_EVERY_SECONDS": "1",
+        "WALLET_PAYMENT_TIMEOUT_SECONDS": "1",
+        "GIFTING_RECONCILE_EVERY_SECONDS": "1",
+        "GIFTING_RELAY_MAX_BACKOFF_SECONDS": "1",
+        "GIFTING_DOWNSTREAM_TIMEOUT_SECONDS": "2",
+    }
     suite = SuiteProcesses(
         "postgres",
         root,
@@ -163,16 +179,7 @@ async def chaos_suite(
         logs,
         pg_admin_url=postgres.admin_url,
         settings={
-            "GIFTING_RECONCILE_AFTER_SECONDS": "3",
-            "WALLET_RECONCILE_AFTER_SECONDS": "3",
-            "PROMOTION_RECONCILE_AFTER_SECONDS": "3",
-            "PROMOTION_RECONCILE_EVERY_SECONDS": "1",
-            "PROMOTION_DOWNSTREAM_TIMEOUT_SECONDS": "2",
-            "WALLET_RECONCILE_EVERY_SECONDS": "1",
-            "WALLET_PAYMENT_TIMEOUT_SECONDS": "1",
-            "GIFTING_RECONCILE_EVERY_SECONDS": "1",
-            "GIFTING_RELAY_MAX_BACKOFF_SECONDS": "1",
-            "GIFTING_DOWNSTREAM_TIMEOUT_SECONDS": "2",
+            **({} if shipped_timings else fast_reconcilers),
             **({"GIFTING_WALLET_ADDRESS": f"127.0.0.1:{link.port}"} if replicas == 1 else {}),
             # Withdrawals: diamonds available at once, no review, no cap; a fast, patient worker.
             "PAYOUT_MATURATION_DAYS": "0",
@@ -443,6 +450,16 @@ async def test_the_books_hold_through_kills_pauses_and_database_crashes(tmp_path
     await books_hold(tmp_path, replicas=1, faults=ALL_FAULTS, work_seconds=WORK_SECONDS)
 
 
+@pytest.mark.nightly
+async def test_the_books_hold_with_the_shipped_reconciler_timings(tmp_path: Path) -> None:
+    """The same faults with the reconcilers, relay and payment timeouts as shipped (minutes, not
+    seconds): a quarter of the gift callers give up at their first failure, so the reconcilers, not
+    client retries, finish their abandoned work."""
+    await books_hold(
+        tmp_path, replicas=1, faults=ALL_FAULTS, work_seconds=WORK_SECONDS, shipped_timings=True
+    )
+
+
 async def test_two_replicas_of_every_service_keep_the_books(tmp_path: Path) -> None:
     """Every service as two processes on its one PostgreSQL, callers and services spreading their
     calls over both, one replica at a time killed or paused (its periodic jobs' lease passes to the
@@ -451,13 +468,19 @@ async def test_two_replicas_of_every_service_keep_the_books(tmp_path: Path) -> N
 
 
 async def books_hold(
-    tmp_path: Path, *, replicas: int, faults: Sequence[str], work_seconds: float
+    tmp_path: Path,
+    *,
+    replicas: int,
+    faults: Sequence[str],
+    work_seconds: float,
+    shipped_timings: bool = False,
 ) -> None:
     """The mixed workload under the nemesis, then every check of the books."""
+    settle_seconds = SHIPPED_SETTLE_SECONDS if shipped_timings else SETTLE_SECONDS
     seed = int(os.environ.get("COINS_CHAOS_SEED") or random.randrange(1 << 30))
     print(f"chaos seed {seed} (COINS_CHAOS_SEED={seed} replays it), {replicas} replica(s) each")
     rng = random.Random(seed)
-    async with chaos_suite(tmp_path, replicas) as (suite, postgres, link):
+    async with chaos_suite(tmp_path, replicas, shipped_timings) as (suite, postgres, link):
         issuer = TokenIssuer(
             (suite.certs / "jwt" / f"{pki.DEV_KEY_ID}-key.pem").read_bytes(),
             key_id=pki.DEV_KEY_ID,
@@ -526,7 +549,7 @@ async def books_hold(
             nemesis = Nemesis(suite, postgres, link, rng, faults)
             loop = asyncio.get_running_loop()
             work_until = loop.time() + work_seconds
-            answer_until = work_until + SETTLE_SECONDS / 2
+            answer_until = work_until + settle_seconds / 2
             callers = (
                 [
                     asyncio.create_task(
@@ -635,7 +658,7 @@ async def books_hold(
                     and int(paying[0][0]) == 0
                 )
 
-            await eventually(settled, "every gift settled and credited", seconds=SETTLE_SECONDS)
+            await eventually(settled, "every gift settled and credited", seconds=settle_seconds)
 
             gifts = await fetch(
                 urls["gifting"],
@@ -741,8 +764,10 @@ async def books_hold(
                     name: f"postgresql+asyncpg://postgres@127.0.0.1:{postgres.port}/"
                     f"coins_bench_{name}_{suite.run}"
                     for name in SERVICES
-                }
+                },
+                sandbox_items(suite.tmp / "data" / "sandbox-payouts.sqlite3"),
             )
+            assert books.withdrawals_checked >= len(book.withdrawals)
             assert books.ok and not books.in_flight, books.differences[:5]
             for channel in (wallet_channel, payout_channel):
                 report = await ledger_audit_pb2_grpc.LedgerAuditServiceStub(channel).AuditLedger(

@@ -3,13 +3,16 @@ one story, and a difference planted in one database is reported with the ids inv
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import sqlalchemy as sa
 
 from coins.gifting.v1 import gifting_pb2
 from coins.promotion.v1 import promotion_pb2
 from tests.helpers import eventually, funded_user, live_of, new_creator, new_id, rewrite_history
 from tests.suite import Suite
-from tools.cross_audit import cross_audit
+from tools.cross_audit import Report, cross_audit
 
 
 def urls(suite: Suite) -> dict[str, str]:
@@ -68,6 +71,97 @@ async def test_the_books_of_all_services_agree_and_a_lost_credit_is_named(
         {"key": f"%/gift:{lost}"},
     )
     report = await cross_audit(urls(suite))
-    assert [(d["what"], d["sent_gift_id"]) for d in report.differences] == [
+    per_gift = [d for d in report.differences if "sent_gift_id" in d]
+    assert [(d["what"], d["sent_gift_id"]) for d in per_gift] == [
         ("gift sent but not credited once", lost)
     ]
+
+
+async def test_diamonds_not_as_the_policy_gives_and_payments_the_processor_made_are_named(
+    private_suite: Suite,
+) -> None:
+    """A credit whose value does not add up, a creator holding more diamonds than the policy gives
+    for the coins received, and processor payments payout cannot account for."""
+    suite = private_suite
+    sender, _ = await funded_user(suite, "us-web-1400")
+    creator = await new_creator(suite)
+    for gift in ("rose", "panda", "concert"):
+        await suite.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                request_id=new_id("g"),
+                sender_id=sender,
+                creator_id=creator,
+                gift_id=gift,
+                count=1,
+                live_id=live_of(creator),
+            )
+        )
+
+    async def settled() -> bool:
+        return not (await cross_audit(urls(suite))).in_flight
+
+    await eventually(settled, "every credit delivered")
+    before = await cross_audit(urls(suite), processor_items={})
+    assert before.credits_checked >= 3 and before.creators_checked >= 1
+    known = {json.dumps(d, sort_keys=True) for d in before.differences}  # earlier tests' plants
+
+    def new(report: Report) -> list[dict[str, Any]]:
+        return [d for d in report.differences if json.dumps(d, sort_keys=True) not in known]
+
+    assert not [d for d in before.differences if creator in json.dumps(d)]
+
+    payout_url = suite.services["payout"].runtime.db.url
+    (key,) = [
+        str(row[0])
+        for row in await fetch_all(
+            payout_url,
+            "SELECT credit_key FROM gift_credits WHERE creator_id = :creator ORDER BY coins DESC "
+            "LIMIT 1",
+            creator=creator,
+        )
+    ]
+    # The platform's share shaved: the credit's value no longer adds up.
+    await rewrite_history(
+        payout_url,
+        sa.text(
+            "UPDATE gift_credits SET platform_micros = platform_micros - 1 WHERE credit_key = :k"
+        ),
+        {"k": key},
+    )
+    report = await cross_audit(urls(suite))
+    assert [(d["what"], d["credit_key"]) for d in new(report)] == [
+        ("gift credit's value does not add up", key)
+    ]
+    # A diamond more for the creator, paid for by the platform's share: the value adds up, the
+    # policy does not.
+    await rewrite_history(
+        payout_url,
+        sa.text(
+            "UPDATE gift_credits SET diamonds = diamonds + 1, "
+            "platform_micros = platform_micros + 1 - diamond_value_micros WHERE credit_key = :k"
+        ),
+        {"k": key},
+    )
+    report = await cross_audit(urls(suite))
+    assert [(d["what"], d["creator_id"]) for d in new(report)] == [
+        ("creator's diamonds differ from the policy in force", creator)
+    ]
+    assert new(report)[0]["diamonds"] == new(report)[0]["policy"] + 1
+
+    # Payments at the processor for withdrawals payout never made.
+    report = await cross_audit(urls(suite), processor_items={"wd-unknown": [1500, 1500]})
+    assert [(d["what"], d.get("withdrawal_id")) for d in new(report)][-1] == (
+        "processor paid a withdrawal payout does not know",
+        "wd-unknown",
+    )
+
+
+async def fetch_all(url: str, query: str, **params: object) -> list[sa.Row[Any]]:
+    from runtime.db import Database
+
+    db = Database(url)
+    try:
+        async with db.read() as conn:
+            return list((await conn.execute(sa.text(query), params)).all())
+    finally:
+        await db.close()

@@ -8,20 +8,30 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
 - every sent gift was credited once in payout (`gift_credits`, the same creator and coins), unless its
   credit is still on its way in gifting's outbox, and payout credited no gift gifting does not know;
 - every promotion's spend in the wallet (captures of its hold, or the debit that paid it up front)
-  equals what the promotion service counts (`spent_coins`, or the budget for a debit-paid one).
+  equals what the promotion service counts (`spent_coins`, or the budget for a debit-paid one);
+- every gift credit's value adds up (coins x coin value = diamonds x diamond value + the platform's
+  share, in millionths, exactly), and each creator's diamonds are what the policy in force gives for
+  the coins received (floor of total coins x rate, the fraction carried from gift to gift; checked
+  for creators whose credits all carry one rate, counted otherwise);
+- with the processor's payout items (the sandbox's file, or an export of the real processor's),
+  every paid withdrawal was paid exactly once, for its net amount, and nothing else was paid.
 
 Usage: `python -m tools.cross_audit` with the services' usual <SVC>_DATABASE_URL variables (or their
-SQLite defaults under <SVC>_DATA_DIR). It prints a JSON report and exits 1 when anything differs.
+SQLite defaults under <SVC>_DATA_DIR); the sandbox processor's file (PAYOUT_SANDBOX_FILE) is read when
+it exists. It prints a JSON report and exits 1 when anything differs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -46,12 +56,25 @@ _PROMOTION_SPEND = (
     "WHERE t.kind = 'promotion' AND e.account_id = 'system:promotion_spend' GROUP BY t.reference"
 )
 _PROMOTIONS = "SELECT promotion_id, funding, status, budget_coins, spent_coins FROM promotions"
+_CREDIT_VALUES = (
+    "SELECT credit_key, creator_id, coins, diamonds, rate_numerator, rate_denominator, "
+    "coin_value_micros, diamond_value_micros, platform_micros FROM gift_credits"
+)
+_WITHDRAWALS = "SELECT withdrawal_id, status, gross_minor - fee_minor FROM withdrawals"
+_SENT_STATUSES = ("processing", "paid", "failed", "returned")
+"""Withdrawals that were sent to the processor (the only ones it may have items for)."""
 
 
 @dataclass
 class Report:
     gifts_checked: int = 0
     promotions_checked: int = 0
+    credits_checked: int = 0
+    creators_checked: int = 0
+    creators_with_rate_changes: int = 0
+    """Creators whose credits carry more than one rate: their per-credit values are checked, their
+    totals are not (the carry crosses the change)."""
+    withdrawals_checked: int = 0
     differences: list[dict[str, Any]] = field(default_factory=list)
     """One entry per difference: what, and the ids and amounts involved."""
     in_flight: list[str] = field(default_factory=list)
@@ -74,9 +97,12 @@ async def _rows(url: str, query: str) -> Sequence[Any]:
         await db.close()
 
 
-async def cross_audit(urls: dict[str, str]) -> Report:
+async def cross_audit(
+    urls: dict[str, str], processor_items: Mapping[str, Sequence[int]] | None = None
+) -> Report:
     """Compare the books of the services whose database URLs are given (wallet, gifting, payout,
-    promotion)."""
+    promotion); and payout's withdrawals with `processor_items` (sender item id, which is the
+    withdrawal id -> the amount of each item the processor created for it) when given."""
     report = Report()
     gifts = {
         str(g[0]): (str(g[1]), str(g[2]), int(g[3]), str(g[4]))
@@ -139,7 +165,94 @@ async def cross_audit(urls: dict[str, str]) -> Report:
                 promotion=expected,
                 wallet=spend.get(str(promotion_id), 0),
             )
+    await _check_diamonds(report, urls["payout"])
+    if processor_items is not None:
+        await _check_payouts(report, urls["payout"], processor_items)
     return report
+
+
+async def _check_diamonds(report: Report, payout_url: str) -> None:
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    rates: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for row in await _rows(payout_url, _CREDIT_VALUES):
+        key, creator, coins, diamonds, num, den, coin_value, diamond_value, platform = row
+        report.credits_checked += 1
+        if int(coins) * int(coin_value) != int(diamonds) * int(diamond_value) + int(platform):
+            report.differ(
+                "gift credit's value does not add up",
+                credit_key=str(key),
+                coins=int(coins),
+                diamonds=int(diamonds),
+                coin_value_micros=int(coin_value),
+                diamond_value_micros=int(diamond_value),
+                platform_micros=int(platform),
+            )
+        totals[str(creator)][0] += int(coins)
+        totals[str(creator)][1] += int(diamonds)
+        rates[str(creator)].add((int(num), int(den)))
+    for creator, (coins, diamonds) in totals.items():
+        if len(rates[creator]) != 1:
+            report.creators_with_rate_changes += 1
+            continue
+        report.creators_checked += 1
+        ((num, den),) = rates[creator]
+        if diamonds != coins * num // den:
+            report.differ(
+                "creator's diamonds differ from the policy in force",
+                creator_id=creator,
+                coins=coins,
+                diamonds=diamonds,
+                policy=coins * num // den,
+                rate=f"{num}/{den}",
+            )
+
+
+async def _check_payouts(
+    report: Report, payout_url: str, items: Mapping[str, Sequence[int]]
+) -> None:
+    withdrawals = {str(w[0]): (str(w[1]), int(w[2])) for w in await _rows(payout_url, _WITHDRAWALS)}
+    for withdrawal_id, (status, net) in withdrawals.items():
+        report.withdrawals_checked += 1
+        paid = list(items.get(withdrawal_id, []))
+        if status == "paid" and paid != [net]:
+            report.differ(
+                "withdrawal paid here, not paid once for its amount by the processor",
+                withdrawal_id=withdrawal_id,
+                net_minor=net,
+                processor=paid,
+            )
+        elif len(paid) > 1:
+            report.differ(
+                "withdrawal paid more than once by the processor",
+                withdrawal_id=withdrawal_id,
+                status=status,
+                processor=paid,
+            )
+        elif paid and status not in _SENT_STATUSES:
+            report.differ(
+                "processor paid a withdrawal never sent to it",
+                withdrawal_id=withdrawal_id,
+                status=status,
+                processor=paid,
+            )
+    for withdrawal_id, amounts in items.items():
+        if withdrawal_id not in withdrawals:
+            report.differ(
+                "processor paid a withdrawal payout does not know",
+                withdrawal_id=withdrawal_id,
+                processor=list(amounts),
+            )
+
+
+def sandbox_items(path: Path) -> dict[str, list[int]]:
+    """The sandbox processor's items from its file: sender item id -> amounts, in order."""
+    found: dict[str, list[int]] = defaultdict(list)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for item, amount in db.execute(
+            "SELECT sender_item_id, amount_minor FROM payments ORDER BY seq"
+        ):
+            found[str(item)].append(int(amount))
+    return dict(found)
 
 
 def _urls() -> dict[str, str]:
@@ -153,7 +266,10 @@ def _urls() -> dict[str, str]:
 
 
 def main() -> int:
-    report = asyncio.run(cross_audit(_urls()))
+    payout = PayoutSettings()
+    sandbox = payout.sandbox_file or payout.data_dir / "sandbox-payouts.sqlite3"
+    items = sandbox_items(sandbox) if Path(sandbox).exists() else None
+    report = asyncio.run(cross_audit(_urls(), items))
     print(json.dumps({"ok": report.ok, **asdict(report)}, indent=2))
     return 0 if report.ok else 1
 
