@@ -89,7 +89,7 @@ def service_channel(
         ("grpc.service_config", _RETRY_ON_UNAVAILABLE),
         ("grpc.keepalive_time_ms", 30_000),
     ]
-    if peer and address.startswith(("ipv4:", "ipv6:")) and "," in address:
+    if peer and address.startswith(("ipv4:", "ipv6:")):
         options.append(("grpc.default_authority", peer))
     return grpc.aio.secure_channel(
         address,

@@ -133,7 +133,9 @@ class Gauges:
         self._values: dict[str, dict[Attributes, float]] = {}
         self._lock = threading.Lock()  # callbacks run on the exporter's thread
 
-    def declare(self, name: str, description: str, unit: str = "1") -> None:
+    def declare(self, name: str, description: str, unit: str = "") -> None:
+        """`unit` "" for counts: "1" would make a collector's Prometheus exporter name them
+        `..._ratio`, which the alert rules and dashboard do not query."""
         self._values.setdefault(name, {})
 
         def observe(_options: CallbackOptions) -> Iterable[Observation]:

@@ -8,6 +8,7 @@ import grpc
 
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
+from services.gifting.clients import debit_request
 from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
 
@@ -163,3 +164,21 @@ async def test_a_gift_not_offered_in_the_senders_country_is_refused_and_nothing_
     assert sent.sent_gift.coins == 9
     after = await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=sender))
     assert after.balance.coins == coins - 9
+
+
+async def test_a_debit_retried_with_or_without_regions_is_one_debit(suite: Suite) -> None:
+    """Two gifting versions may send one gift's debit with and without its regions (a rolling
+    deploy): the retry replays the first answer, never REQUEST_ID_REUSED (which gifting would take
+    as voided, failing a gift whose coins were taken)."""
+    sender, coins = await funded_user(suite)
+    creator = await new_creator(suite)
+    wallet = suite.as_caller("gifting").wallet
+    gift = new_id("gift")
+    first = await wallet.DebitCoins(
+        debit_request(gift, sender, creator, 5), metadata=suite.token(sender)
+    )
+    again = await wallet.DebitCoins(
+        debit_request(gift, sender, creator, 5, ["US", "GB"]), metadata=suite.token(sender)
+    )
+    assert again.transaction_id == first.transaction_id
+    assert again.balance.coins == first.balance.coins == coins - 5

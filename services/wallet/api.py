@@ -252,9 +252,16 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         async def effect(tx: Tx) -> wallet_pb2.DebitCoinsResponse:
             return answer(await self._wallet.debit(tx, what))
 
+        # The request id's fingerprint leaves `offered_in` out: it is the catalog's say, which a
+        # caller of another version may send or not on a retry of the same debit, and a retry that
+        # differed only there must replay, never be refused as a reused id (a gift would then be
+        # failed after its coins were taken).
+        fingerprinted = wallet_pb2.DebitCoinsRequest()
+        fingerprinted.CopyFrom(request)
+        fingerprinted.ClearField("offered_in")
         return await self._idempotency.once_direct(
             f"DebitCoins:{request.user_id}",
-            request,
+            fingerprinted,
             wallet_pb2.DebitCoinsResponse,
             effect,
             at_once=at_once,
