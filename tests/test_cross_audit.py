@@ -12,17 +12,15 @@ from coins.gifting.v1 import gifting_pb2
 from coins.promotion.v1 import promotion_pb2
 from tests.helpers import eventually, funded_user, live_of, new_creator, new_id, rewrite_history
 from tests.suite import Suite
-from tools.cross_audit import Report, cross_audit
+from tools.cross_audit import Report, _rows, cross_audit
 
 
 def urls(suite: Suite) -> dict[str, str]:
     return {name: running.runtime.db.url for name, running in suite.services.items()}
 
 
-async def test_the_books_of_all_services_agree_and_a_lost_credit_is_named(
-    private_suite: Suite,
-) -> None:
-    suite = private_suite
+async def three_gifts(suite: Suite) -> tuple[str, str, list[str]]:
+    """A new viewer sends a new creator a rose, a panda and a concert: (sender, creator, ids)."""
     sender, _ = await funded_user(suite, "us-web-1400")
     creator = await new_creator(suite)
     sent = []
@@ -38,6 +36,14 @@ async def test_the_books_of_all_services_agree_and_a_lost_credit_is_named(
             )
         )
         sent.append(answer.sent_gift.sent_gift_id)
+    return sender, creator, sent
+
+
+async def test_the_books_of_all_services_agree_and_a_lost_credit_is_named(
+    private_suite: Suite,
+) -> None:
+    suite = private_suite
+    sender, _, sent = await three_gifts(suite)
     made = await suite.promotion.CreatePromotion(
         promotion_pb2.CreatePromotionRequest(
             request_id=new_id("p"),
@@ -83,19 +89,7 @@ async def test_diamonds_not_as_the_policy_gives_and_payments_the_processor_made_
     """A credit whose value does not add up, a creator holding more diamonds than the policy gives
     for the coins received, and processor payments payout cannot account for."""
     suite = private_suite
-    sender, _ = await funded_user(suite, "us-web-1400")
-    creator = await new_creator(suite)
-    for gift in ("rose", "panda", "concert"):
-        await suite.gifting.SendGift(
-            gifting_pb2.SendGiftRequest(
-                request_id=new_id("g"),
-                sender_id=sender,
-                creator_id=creator,
-                gift_id=gift,
-                count=1,
-                live_id=live_of(creator),
-            )
-        )
+    _, creator, _ = await three_gifts(suite)
 
     async def settled() -> bool:
         return not (await cross_audit(urls(suite))).in_flight
@@ -113,11 +107,10 @@ async def test_diamonds_not_as_the_policy_gives_and_payments_the_processor_made_
     payout_url = suite.services["payout"].runtime.db.url
     (key,) = [
         str(row[0])
-        for row in await fetch_all(
+        for row in await _rows(
             payout_url,
-            "SELECT credit_key FROM gift_credits WHERE creator_id = :creator ORDER BY coins DESC "
-            "LIMIT 1",
-            creator=creator,
+            f"SELECT credit_key FROM gift_credits WHERE creator_id = '{creator}' "
+            "ORDER BY coins DESC LIMIT 1",
         )
     ]
     # The platform's share shaved: the credit's value no longer adds up.
@@ -154,14 +147,3 @@ async def test_diamonds_not_as_the_policy_gives_and_payments_the_processor_made_
         "processor paid a withdrawal payout does not know",
         "wd-unknown",
     )
-
-
-async def fetch_all(url: str, query: str, **params: object) -> list[sa.Row[Any]]:
-    from runtime.db import Database
-
-    db = Database(url)
-    try:
-        async with db.read() as conn:
-            return list((await conn.execute(sa.text(query), params)).all())
-    finally:
-        await db.close()
