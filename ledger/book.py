@@ -341,8 +341,11 @@ class Ledger:
         caller: str,
         policy_version: str = "",
         acting_user: str | None = None,
+        counted_as: str | None = None,
     ) -> Posted:
         """Write one balanced transaction, or raise and write nothing (the caller's transaction rolls back).
+        `counted_as` names it for the metrics (`on_posted`) when its kind alone would miscount it,
+        as a correction posted in the other direction under the kind it corrects.
 
         Round trips: one conditional UPDATE per balance-keeping account, then one write of the chain
         heads, the transaction and its entries (a single statement on PostgreSQL).
@@ -432,7 +435,7 @@ class Ledger:
             ],
             heads=heads,
         )
-        self._count(kind, postings)
+        self._count(counted_as or kind, postings)
         return Posted(transaction_id, balances, available)
 
     def _count(self, kind: str, postings: Sequence[Posting]) -> None:

@@ -167,6 +167,22 @@ Sampler = Callable[[Gauges], Awaitable[None]]
 """Reads a service's gauges from its database and `set`s them."""
 
 
+async def sample_round(gauges: Gauges, sample: Sampler, *, leading: bool) -> bool:
+    """One round of sampling; whether it sampled. A replica that does not lead reports nothing
+    (the leader does), and neither does one whose sample failed: old values would read as
+    current, where an absent gauge says that it is not known (an alert on absence tells)."""
+    if not leading:
+        gauges.clear()
+        return False
+    try:
+        await sample(gauges)
+    except Exception as error:  # a gauge never stops the service
+        gauges.clear()
+        log.warning("metrics: could not sample the gauges (%r)", error)
+        return False
+    return True
+
+
 def attrs(**values: Any) -> Attributes:
     """Gauge attributes as a key of `Gauges.set`."""
     return tuple(sorted((key, str(value)) for key, value in values.items()))

@@ -43,7 +43,13 @@ from runtime.db import Database
 from runtime.idempotency import Idempotency
 from runtime.interceptors import RequestGuard
 from runtime.leadership import Leadership
-from runtime.metrics import MetricsEndpoint, Sampler, ServiceMetrics, make_meter_provider
+from runtime.metrics import (
+    MetricsEndpoint,
+    Sampler,
+    ServiceMetrics,
+    make_meter_provider,
+    sample_round,
+)
 from runtime.outages import outage_of
 from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
@@ -131,6 +137,8 @@ class Runtime(Generic[S]):
                 started = time.perf_counter()
                 try:
                     done = await work()
+                except asyncio.CancelledError:
+                    raise  # the service stopping: not a failed run
                 except BaseException:
                     self.metrics.job(name, "failed", 0, time.perf_counter() - started)
                     raise
@@ -148,19 +156,9 @@ class Runtime(Generic[S]):
         replica that runs the periodic jobs (the others report none: see runtime.metrics.Gauges)."""
         gauges = self.metrics.gauges
 
-        async def sampled() -> int:
-            await sample(gauges)
-            return 0
-
         async def sampling() -> None:
             while True:
-                if self.leadership.leading:
-                    try:
-                        await sampled()
-                    except Exception as error:  # a gauge never stops the service
-                        log.warning("metrics: could not sample the gauges (%r)", error)
-                else:
-                    gauges.clear()
+                await sample_round(gauges, sample, leading=self.leadership.leading)
                 await asyncio.sleep(self.settings.metrics_sample_seconds)
 
         sampling.__name__ = "sampled_gauges"

@@ -26,6 +26,10 @@ from services.payout.settings import PayoutSettings
 ISSUANCE = "system:diamond_issuance"
 IN_FLIGHT = "system:withdrawals_in_flight"
 PAID_OUT = "system:paid_out"
+POLICY_CORRECTION = "gift_correction"
+"""What the metrics count a policy change's correction as: it is posted as kind `gift` (so the
+creator's history shows it with the gifts it corrects) but moves diamonds back, and counted as
+credited it would add to `coins.diamonds.credited` what it takes away."""
 
 
 def creator_account(creator_id: str) -> str:
@@ -282,6 +286,7 @@ class Payouts:
             request_id=f"policy:{uuid.uuid4().hex}",
             caller="internal",
             policy_version=self.settings.policy_version,
+            counted_as=POLICY_CORRECTION,
         )
         return posted.balances[account]
 
