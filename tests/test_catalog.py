@@ -4,11 +4,15 @@ offered and an animation length, and ListGifts filters by the viewer's region.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+import pytest
 
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
-from services.gifting.clients import debit_request
+from runtime.errors import Unavailable
+from services.gifting.clients import WalletDebiter, debit_request
 from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
 
@@ -164,6 +168,65 @@ async def test_a_gift_not_offered_in_the_senders_country_is_refused_and_nothing_
     assert sent.sent_gift.coins == 9
     after = await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=sender))
     assert after.balance.coins == coins - 9
+
+
+async def test_regions_are_checked_for_a_known_sender_and_for_a_resumed_gift(
+    private_suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two paths the first test does not take: a sender the wallet already knows eligible (its
+    country cached, the debit answered without a read) and a gift resumed by the request's retry
+    after the wallet could not be reached (its regions read back from the version it priced)."""
+    suite = private_suite
+    admin = suite.token("catalog-admin", admin=True)
+    british = new_id("crumpet").lower()
+    await suite.gifting.SetGift(
+        set_gift(british, 6, reason="UK only", regions=["GB"]), metadata=admin
+    )
+    sender, coins = await funded_user(suite)  # a US account
+    creator = await new_creator(suite)
+
+    def send(gift_id: str, request_id: str) -> G.SendGiftRequest:
+        return G.SendGiftRequest(
+            request_id=request_id,
+            sender_id=sender,
+            creator_id=creator,
+            gift_id=gift_id,
+            count=1,
+            live_id=live_of(creator),
+        )
+
+    await suite.gifting.SendGift(send("rose", new_id("g")))  # the wallet now knows the sender
+    await expect_error(
+        suite.gifting.SendGift(send(british, new_id("g"))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_OFFERED_IN_REGION",
+    )
+
+    # The wallet unreachable once: the gift stays pending, and the request's retry resumes it.
+    original = WalletDebiter.debit_for_gift
+    failures = {"left": 1}
+
+    async def unreachable_once(self: WalletDebiter, **kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise Unavailable("WALLET_UNAVAILABLE", "the wallet did not answer")
+        return await original(self, **kwargs)
+
+    monkeypatch.setattr(WalletDebiter, "debit_for_gift", unreachable_once)
+    resumed_id = new_id("g")
+    await expect_error(
+        suite.gifting.SendGift(send(british, resumed_id)),
+        grpc.StatusCode.UNAVAILABLE,
+        "WALLET_UNAVAILABLE",
+    )
+    assert failures["left"] == 0
+    await expect_error(
+        suite.gifting.SendGift(send(british, resumed_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_OFFERED_IN_REGION",
+    )
+    balance = await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - 1  # the rose only
 
 
 async def test_a_debit_retried_with_or_without_regions_is_one_debit(suite: Suite) -> None:
