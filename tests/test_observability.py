@@ -243,7 +243,20 @@ async def test_traces_metrics_and_logs_reach_the_collector(
 
     await eventually(logged, "gifting's access log line for the gift, with its trace", seconds=15)
     assert {line.service for line in otlp.logs} >= {f"coins-{s}" for s in SERVICES}
-    assert not any("Bearer" in line.body or "eyJ" in line.body for line in otlp.logs)
+    # No credential in any signal: log bodies and attributes, span attributes, metric attributes.
+    secrets = ["Bearer", "eyJ", "tok_visa", *(value for md in tokens.values() for _, value in md)]
+    signals = [
+        *(f"{line.body} {line.attributes}" for line in otlp.logs),
+        *(str(span.attributes) for span in otlp.spans),
+        *(
+            str(key)
+            for streams in otlp.metrics.values()
+            for stream in streams.values()
+            for key in stream
+        ),
+    ]
+    leaks = [text for text in signals if any(secret in text for secret in secrets)]
+    assert not leaks, leaks[:3]
 
     # The Prometheus scrape says the same, and has every metric the alerts and the dashboard use.
     text = await asyncio.to_thread(_scrape, scrape_ports["payout"])
