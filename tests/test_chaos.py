@@ -217,10 +217,16 @@ class Nemesis:
         link: TcpProxy,
         rng: random.Random,
         faults: Sequence[str] = ALL_FAULTS,
+        leader: Callable[[str], str | None] | None = None,
     ) -> None:
+        """`leader`: the instance leading a service's periodic jobs now, if known; the first kill
+        then takes a leader, so that a handover is always exercised."""
         self.suite, self.postgres, self.link, self.rng = suite, postgres, link, rng
         self.faults = faults
+        self.leader = leader
         self.done: list[str] = []
+        self.killed: list[tuple[str, int, float]] = []
+        """(instance, its pid, when) of every kill."""
 
     async def run(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -228,6 +234,8 @@ class Nemesis:
         while loop.time() < end:
             await asyncio.sleep(self.rng.uniform(1.0, 2.5))
             fault = self.rng.choice(self.faults)
+            if self.leader is not None and not self.done:
+                fault = "kill"  # a leader first (see `leader`)
             target = self.rng.choice(self.suite.instances(["wallet", "gifting", "payout"]))
             self.done.append(f"{fault} {target}" if fault in ("kill", "pause") else fault)
             if fault in ("cut", "hold"):  # the network between gifting and the wallet
@@ -238,7 +246,11 @@ class Nemesis:
                 await asyncio.sleep(self.rng.uniform(0.5, 2.0))
                 self.link.heal()
             elif fault == "kill":
+                if self.leader is not None and not self.killed:
+                    target = self.leader(target.split(".")[0]) or target
+                    self.done[-1] = f"kill {target} (leading)"
                 child = self.suite.children[target]
+                self.killed.append((target, child.pid, loop.time()))
                 with contextlib.suppress(ProcessLookupError):
                     child.process.send_signal(signal.SIGKILL)
                 await child.process.wait()
@@ -546,7 +558,14 @@ async def books_hold(
                 )
 
             book = Ledger()
-            nemesis = Nemesis(suite, postgres, link, rng, faults)
+            urls = {
+                name: f"postgresql://postgres@127.0.0.1:{postgres.port}/coins_bench_{name}_{suite.run}"
+                for name in SERVICES
+            }
+            leases = LeaseWatch(urls, suite) if replicas > 1 else None
+            nemesis = Nemesis(
+                suite, postgres, link, rng, faults, leases.leader if leases is not None else None
+            )
             loop = asyncio.get_running_loop()
             work_until = loop.time() + work_seconds
             answer_until = work_until + settle_seconds / 2
@@ -628,11 +647,6 @@ async def books_hold(
             allowed = {"FAILED_PRECONDITION INSUFFICIENT_FUNDS", "FAILED_PRECONDITION DEBIT_VOIDED"}
             assert refusals <= allowed, refusals
 
-            urls = {
-                name: f"postgresql://postgres@127.0.0.1:{postgres.port}/coins_bench_{name}_{suite.run}"
-                for name in SERVICES
-            }
-
             async def settled() -> bool:
                 rows = await fetch(
                     urls["gifting"],
@@ -659,6 +673,8 @@ async def books_hold(
                 )
 
             await eventually(settled, "every gift settled and credited", seconds=settle_seconds)
+            if leases is not None:
+                await leases.check_handovers(nemesis.killed)
 
             gifts = await fetch(
                 urls["gifting"],
@@ -793,6 +809,67 @@ def caller_channel(
     return grpc.aio.secure_channel(
         suite.address(name), credentials, options=suite.channel_options(name)
     )
+
+
+class LeaseWatch:
+    """Who holds each service's periodic jobs' lease (runtime.leadership), read from its database
+    every quarter second while the chaos runs."""
+
+    def __init__(self, urls: dict[str, str], suite: SuiteProcesses) -> None:
+        self.urls, self.suite = urls, suite
+        self.seen: dict[str, list[tuple[float, str]]] = {name: [] for name in urls}
+        """Service -> (when first seen, holder) in the order holders were seen."""
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for name, url in self.urls.items():
+                with contextlib.suppress(Exception):  # the database may be down: read it next time
+                    rows = await fetch(url, f"SELECT holder FROM job_leases WHERE name = '{name}'")
+                    holder = str(rows[0][0]) if rows else ""
+                    seen = self.seen[name]
+                    if holder and (not seen or seen[-1][1] != holder):
+                        seen.append((loop.time(), holder))
+            await asyncio.sleep(0.25)
+
+    def leader(self, service: str) -> str | None:
+        """The instance holding `service`'s lease as last seen (None: not seen yet)."""
+        seen = self.seen[service]
+        if not seen:
+            return None
+        pid = seen[-1][1].split(":")[1]
+        for instance in self.suite.instances([service]):
+            if str(self.suite.children[instance].pid) == pid:
+                return instance
+        return None
+
+    def holder_at(self, service: str, when: float) -> str | None:
+        held = [holder for seen, holder in self.seen[service] if seen <= when]
+        return held[-1] if held else None
+
+    async def check_handovers(self, killed: Sequence[tuple[str, int, float]]) -> None:
+        """Every kill of a lease holder was followed by another process holding the lease: the
+        periodic jobs went on without it. Holders read `host:pid:nonce`."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        taken_over = 0
+        for instance, pid, when in killed:
+            service = instance.split(".")[0]
+            holder = self.holder_at(service, when)
+            if holder is None or holder.split(":")[1] != str(pid):
+                continue  # it was not leading
+            after = [h for seen, h in self.seen[service] if seen > when and h != holder]
+            assert after, (
+                f"{instance} (pid {pid}) held {service}'s lease and was killed; no other process took it: {self.seen[service]}"
+            )
+            taken_over += 1
+        assert taken_over, f"no lease holder was killed, no handover exercised: {killed}"
+        print(
+            f"lease handovers after a leader was killed: {taken_over}; holders seen: "
+            + ", ".join(f"{s} {len(h)}" for s, h in self.seen.items())
+        )
 
 
 async def fetch(url: str, query: str) -> list[asyncpg.Record]:
