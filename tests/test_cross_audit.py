@@ -3,16 +3,29 @@ one story, and a difference planted in one database is reported with the ids inv
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
 import sqlalchemy as sa
 
 from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
-from tests.helpers import eventually, funded_user, live_of, new_creator, new_id, rewrite_history
+from services.payout.processor import PayoutItem
+from services.payout.sandbox import PayPalSandbox
+from tests.helpers import (
+    eventually,
+    funded_user,
+    live_of,
+    new_creator,
+    new_id,
+    rewrite_history,
+    verify_creator,
+)
 from tests.suite import Suite
-from tools.cross_audit import Report, _rows, cross_audit
+from tests.test_payout import settled, withdrawal
+from tools.cross_audit import Report, _rows, cross_audit, sandbox_items
 
 
 def urls(suite: Suite) -> dict[str, str]:
@@ -146,4 +159,158 @@ async def test_diamonds_not_as_the_policy_gives_and_payments_the_processor_made_
     assert [(d["what"], d.get("withdrawal_id")) for d in new(report)][-1] == (
         "processor paid a withdrawal payout does not know",
         "wd-unknown",
+    )
+
+
+async def test_a_withdrawal_payout_gave_back_that_the_processor_paid_is_named(
+    private_suite: Suite,
+) -> None:
+    """Real withdrawals (paid, failed at the processor, unclaimed and returned) agree with the
+    processor's items and their statuses, a failed attempt beside a payment included; a withdrawal
+    whose diamonds went back to the creator while the processor paid it, and a paid one the
+    processor failed, are named."""
+    suite = private_suite
+    payout = suite.services["payout"].runtime
+    processor = payout.parts["processor"]
+    assert isinstance(processor, PayPalSandbox)
+    settings = payout.settings
+    sandbox_file = settings.sandbox_file or settings.data_dir / "sandbox-payouts.sqlite3"
+
+    # 8,000 diamonds from real gifts (16,000 coins at 1/2), for four $10 withdrawals.
+    sender, _ = await funded_user(suite, "us-web-17500")
+    creator = await new_creator(suite)
+    await verify_creator(suite, creator)
+    for gift in ("planet", "im-very-rich"):
+        await suite.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                request_id=new_id("g"),
+                sender_id=sender,
+                creator_id=creator,
+                gift_id=gift,
+                count=1,
+                live_id=live_of(creator),
+            )
+        )
+
+    async def credited() -> bool:
+        balance = await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+        return balance.balance.available_diamonds == 8_000
+
+    await eventually(credited, "the gifts' diamonds credited")
+    made: dict[str, str] = {}
+    for name, destination in (
+        ("paid", "dest_paypal_ok"),
+        ("paid too", "dest_paypal_ok"),
+        ("failed", "dest_fail_account_closed"),
+        ("returned", "dest_unclaimed_cross_audit"),
+    ):
+        request = withdrawal(creator, 2_000, destination)
+        made[name] = (await suite.payout.RequestWithdrawal(request)).withdrawal.withdrawal_id
+    ended = {name: (await settled(suite, w, creator)).status for name, w in made.items()}
+    assert ended == {
+        "paid": payout_pb2.WITHDRAWAL_STATUS_PAID,
+        "paid too": payout_pb2.WITHDRAWAL_STATUS_PAID,
+        "failed": payout_pb2.WITHDRAWAL_STATUS_FAILED,
+        "returned": payout_pb2.WITHDRAWAL_STATUS_RETURNED,
+    }
+    await processor.drain()  # every callback delivered: nothing tells payout what follows
+    net = 1_000  # 2,000 diamonds at 2 a cent, no fee
+
+    def named(report: Report) -> list[tuple[str, str, str, list[int], list[str]]]:
+        ids = {w: name for name, w in made.items()}
+        return sorted(
+            (d["what"], ids[d["withdrawal_id"]], d["status"], d["processor"], d["processor_status"])
+            for d in report.differences
+            if d.get("withdrawal_id") in ids
+        )
+
+    items = sandbox_items(sandbox_file, settings)
+    assert {name: [(i.amount_minor, i.status) for i in items[w]] for name, w in made.items()} == {
+        "paid": [(net, "SUCCESS")],
+        "paid too": [(net, "SUCCESS")],
+        "failed": [(net, "FAILED")],
+        "returned": [(net, "RETURNED")],
+    }
+    clean = await cross_audit(urls(suite), items)
+    assert clean.withdrawals_checked >= 4 and named(clean) == []
+
+    # The processor also holds a failed attempt at the first paid one (a second item, to a closed
+    # account): no payment, so still paid once. While it is pending it may yet pay: a second
+    # payment under way.
+    arriving = dt.datetime.now(dt.UTC)
+    processor.arrive_late(
+        new_id("batch"), [PayoutItem(made["paid"], "dest_fail_account_closed", net, "USD")]
+    )
+    later = arriving + dt.timedelta(seconds=5)
+    assert [i.status for i in sandbox_items(sandbox_file, settings, later)[made["paid"]]] == [
+        "SUCCESS",
+        "FAILED",
+    ]
+    assert named(await cross_audit(urls(suite), sandbox_items(sandbox_file, settings, later))) == []
+    assert named(
+        await cross_audit(urls(suite), sandbox_items(sandbox_file, settings, arriving))
+    ) == [
+        (
+            "withdrawal paid here, not paid once for its amount by the processor",
+            "paid",
+            "paid",
+            [net, net],
+            ["SUCCESS", "PENDING"],
+        )
+    ]
+
+    # Plants. Payout's record of the first paid one says it failed (its diamonds would be given
+    # back) while the processor paid it; the failed one is paid after all, sent again in a new
+    # batch; the processor fails the second paid one after payout recorded it paid, and no
+    # callback says so.
+    await rewrite_history(
+        payout.db.url,
+        sa.text("UPDATE withdrawals SET status = 'failed' WHERE withdrawal_id = :w"),
+        {"w": made["paid"]},
+    )
+    processor.arrive_late(
+        new_id("batch"), [PayoutItem(made["failed"], "dest_paypal_ok", net, "USD")]
+    )
+    processor.set_status(made["paid too"], "FAILED", "reversed by the bank", notify=False)
+    assert named(
+        await cross_audit(urls(suite), sandbox_items(sandbox_file, settings, arriving))
+    ) == [
+        (
+            "processor may still pay a withdrawal payout failed",
+            "failed",
+            "failed",
+            [net, net],
+            ["FAILED", "PENDING"],
+        ),
+        (
+            "processor paid a withdrawal payout failed",
+            "paid",
+            "failed",
+            [net, net],
+            ["SUCCESS", "PENDING"],
+        ),
+        ("withdrawal paid here, failed at the processor", "paid too", "paid", [net], ["FAILED"]),
+    ]
+    report = await cross_audit(urls(suite), sandbox_items(sandbox_file, settings, later))
+    assert named(report) == [
+        (
+            "processor paid a withdrawal payout failed",
+            "failed",
+            "failed",
+            [net, net],
+            ["FAILED", "SUCCESS"],
+        ),
+        (
+            "processor paid a withdrawal payout failed",
+            "paid",
+            "failed",
+            [net, net],
+            ["SUCCESS", "FAILED"],
+        ),
+        ("withdrawal paid here, failed at the processor", "paid too", "paid", [net], ["FAILED"]),
+    ]
+    assert all(
+        d["net_minor"] == net for d in report.differences if d.get("withdrawal_id") in made.values()
     )

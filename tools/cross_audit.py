@@ -14,7 +14,10 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
   the coins received (floor of total coins x rate, the fraction carried from gift to gift; checked
   for creators whose credits all carry one rate, counted otherwise);
 - with the processor's payout items (the sandbox's file, or an export of the real processor's),
-  every paid withdrawal was paid exactly once, for its net amount, and nothing else was paid.
+  every paid withdrawal was paid exactly once, for its net amount, and nothing else was paid: an
+  item the processor failed or returned is no payment (a failed attempt and one successful resend
+  are one payment), an item it paid for a withdrawal that gave its diamonds back (failed, returned,
+  rejected, cancelled) is a difference, and so is a paid withdrawal whose items all failed.
 
 Usage: `python -m tools.cross_audit` with the services' usual <SVC>_DATABASE_URL variables (or their
 SQLite defaults under <SVC>_DATA_DIR); the sandbox processor's file (PAYOUT_SANDBOX_FILE) is read when
@@ -24,9 +27,8 @@ it exists. It prints a JSON report and exits 1 when anything differs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import datetime as dt
 import json
-import sqlite3
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -38,7 +40,10 @@ from sqlalchemy import text
 
 from runtime.db import Database
 from services.gifting.settings import GiftingSettings
+from services.payout.processor import ItemStatus, outcome_of
+from services.payout.sandbox import recorded_payments
 from services.payout.settings import PayoutSettings
+from services.payout.storage import NOT_COUNTED
 from services.promotion.settings import PromotionSettings
 from services.wallet.settings import WalletSettings
 
@@ -63,6 +68,9 @@ _CREDIT_VALUES = (
 _WITHDRAWALS = "SELECT withdrawal_id, status, gross_minor - fee_minor FROM withdrawals"
 _SENT_STATUSES = ("processing", "paid", "failed", "returned")
 """Withdrawals that were sent to the processor (the only ones it may have items for)."""
+_GIVEN_BACK = NOT_COUNTED
+"""Withdrawals whose diamonds went back to the creator (failed, returned, rejected, cancelled): the
+processor must not have paid them."""
 
 
 @dataclass
@@ -97,12 +105,17 @@ async def _rows(url: str, query: str) -> Sequence[Any]:
         await db.close()
 
 
+ProcessorItems = Mapping[str, Sequence[ItemStatus | int]]
+"""The processor's items: sender item id (the withdrawal id) -> each item it created for it, in
+order, as it has them now (`ItemStatus`: amount and status), or its amount alone for a payment known
+to have been made (an export of payments)."""
+
+
 async def cross_audit(
-    urls: dict[str, str], processor_items: Mapping[str, Sequence[int]] | None = None
+    urls: dict[str, str], processor_items: ProcessorItems | None = None
 ) -> Report:
     """Compare the books of the services whose database URLs are given (wallet, gifting, payout,
-    promotion); and payout's withdrawals with `processor_items` (sender item id, which is the
-    withdrawal id -> the amount of each item the processor created for it) when given."""
+    promotion); and payout's withdrawals with `processor_items` when given."""
     report = Report()
     gifts = {
         str(g[0]): (str(g[1]), str(g[2]), int(g[3]), str(g[4]))
@@ -207,51 +220,71 @@ async def _check_diamonds(report: Report, payout_url: str) -> None:
             )
 
 
-async def _check_payouts(
-    report: Report, payout_url: str, items: Mapping[str, Sequence[int]]
-) -> None:
+def _outcome(item: ItemStatus | int) -> tuple[int, str, str | None]:
+    """(amount, the processor's status, our outcome: "paid", "failed", "returned", None while in
+    flight) of an item; an amount alone was paid."""
+    if isinstance(item, int):
+        return item, "SUCCESS", "paid"
+    return item.amount_minor, item.status, outcome_of(item)
+
+
+async def _check_payouts(report: Report, payout_url: str, items: ProcessorItems) -> None:
+    """Each withdrawal against the items the processor has for it. An item the processor failed or
+    returned moved no money; one still in flight (pending, unclaimed, on hold) may yet, so it counts
+    as a payment wherever one more would be too many, and is normal for a withdrawal still in flight
+    here."""
     withdrawals = {str(w[0]): (str(w[1]), int(w[2])) for w in await _rows(payout_url, _WITHDRAWALS)}
     for withdrawal_id, (status, net) in withdrawals.items():
         report.withdrawals_checked += 1
-        paid = list(items.get(withdrawal_id, []))
-        if status == "paid" and paid != [net]:
-            report.differ(
-                "withdrawal paid here, not paid once for its amount by the processor",
-                withdrawal_id=withdrawal_id,
-                net_minor=net,
-                processor=paid,
+        found = [_outcome(i) for i in items.get(withdrawal_id, [])]
+        paid = [amount for amount, _, outcome in found if outcome == "paid"]
+        pending = [amount for amount, _, outcome in found if outcome is None]
+        facts = {
+            "withdrawal_id": withdrawal_id,
+            "status": status,
+            "processor": [amount for amount, _, _ in found],
+            "processor_status": [s for _, s, _ in found],
+        }
+        if status == "paid":
+            if paid == [net] and not pending:
+                continue
+            what = (
+                "withdrawal paid here, failed at the processor"
+                if found and not paid and not pending
+                else "withdrawal paid here, not paid once for its amount by the processor"
             )
-        elif len(paid) > 1:
-            report.differ(
-                "withdrawal paid more than once by the processor",
-                withdrawal_id=withdrawal_id,
-                status=status,
-                processor=paid,
-            )
-        elif paid and status not in _SENT_STATUSES:
-            report.differ(
-                "processor paid a withdrawal never sent to it",
-                withdrawal_id=withdrawal_id,
-                status=status,
-                processor=paid,
-            )
-    for withdrawal_id, amounts in items.items():
+            report.differ(what, net_minor=net, **facts)
+        elif status in _GIVEN_BACK and paid:
+            report.differ("processor paid a withdrawal payout failed", net_minor=net, **facts)
+        elif len(paid) + len(pending) > 1:
+            report.differ("withdrawal paid more than once by the processor", **facts)
+        elif (paid or pending) and status not in _SENT_STATUSES:
+            report.differ("processor paid a withdrawal never sent to it", **facts)
+        elif pending and status in _GIVEN_BACK:
+            report.differ("processor may still pay a withdrawal payout failed", **facts)
+    for withdrawal_id, unknown in items.items():
         if withdrawal_id not in withdrawals:
+            found = [_outcome(i) for i in unknown]
             report.differ(
                 "processor paid a withdrawal payout does not know",
                 withdrawal_id=withdrawal_id,
-                processor=list(amounts),
+                processor=[amount for amount, _, _ in found],
+                processor_status=[s for _, s, _ in found],
             )
 
 
-def sandbox_items(path: Path) -> dict[str, list[int]]:
-    """The sandbox processor's items from its file: sender item id -> amounts, in order."""
-    found: dict[str, list[int]] = defaultdict(list)
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        for item, amount in db.execute(
-            "SELECT sender_item_id, amount_minor FROM payments ORDER BY seq"
-        ):
-            found[str(item)].append(int(amount))
+def sandbox_items(
+    path: Path, settings: PayoutSettings | None = None, now: dt.datetime | None = None
+) -> dict[str, list[ItemStatus]]:
+    """The sandbox processor's items from its file: sender item id -> each item created for it, in
+    order, with its amount and its status as the sandbox answers at `now` (default: now). The
+    sandbox stores no status (only what a test set): it follows from the receiver and the item's
+    age under the payout service's `settings` (default: PayoutSettings() from the environment)."""
+    found: dict[str, list[ItemStatus]] = defaultdict(list)
+    for item in recorded_payments(
+        path, settings or PayoutSettings(), now or dt.datetime.now(dt.UTC)
+    ):
+        found[item.sender_item_id].append(item)
     return dict(found)
 
 
@@ -268,7 +301,7 @@ def _urls() -> dict[str, str]:
 def main() -> int:
     payout = PayoutSettings()
     sandbox = payout.sandbox_file or payout.data_dir / "sandbox-payouts.sqlite3"
-    items = sandbox_items(sandbox) if Path(sandbox).exists() else None
+    items = sandbox_items(sandbox, payout) if Path(sandbox).exists() else None
     report = asyncio.run(cross_audit(_urls(), items))
     print(json.dumps({"ok": report.ok, **asdict(report)}, indent=2))
     return 0 if report.ok else 1

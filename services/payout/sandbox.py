@@ -26,6 +26,7 @@ whichever process looks; its callbacks are sent by the process that received it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -164,6 +165,56 @@ class _Payment:
     changed_at: float | None = None
 
 
+def status_at(payment: _Payment, settings: PayoutSettings, now: float) -> ItemStatus:
+    """A payment as the processor has it at `now` (epoch seconds): what a test set (`set_status`),
+    else its receiver's story."""
+    status, reason, at = _story(payment, settings, now)
+    if payment.status is not None and payment.changed_at is not None:
+        status, reason, at = payment.status, payment.reason, payment.changed_at
+    return ItemStatus(
+        sender_item_id=payment.sender_item_id,
+        payout_item_id=payment.payout_item_id,
+        status=status,
+        amount_minor=payment.amount_minor,
+        currency=payment.currency,
+        failure_reason=reason,
+        updated_at=dt.datetime.fromtimestamp(at, dt.UTC),
+    )
+
+
+def _story(payment: _Payment, settings: PayoutSettings, now: float) -> tuple[str, str, float]:
+    """(status, reason, since when) of an item at `now`, by its receiver: it settles
+    `PAYOUT_PROCESSOR_SETTLE_MS` after it arrived; an unclaimed one is returned, and a
+    `returned…` one taken back after it was paid, `PAYOUT_PROCESSOR_UNCLAIMED_RETURN_MS` later."""
+    settled = payment.created_at + settings.processor_settle_ms / 1000
+    later = settled + settings.processor_unclaimed_return_ms / 1000
+    receiver = payment.receiver
+    if now < settled:
+        return "PENDING", "", payment.created_at
+    if receiver.startswith("fail"):
+        reason = receiver.removeprefix("fail").strip("_").split("@")[0] or "payment_failed"
+        return "FAILED", reason, settled
+    if receiver.startswith("unclaimed"):
+        if now < later:
+            return "UNCLAIMED", "", settled
+        return "RETURNED", "unclaimed: returned to the sender", later
+    if receiver.startswith("returned"):
+        if now < later:
+            return "SUCCESS", "", settled
+        return "RETURNED", "returned by the receiver's provider", later
+    return "SUCCESS", "", settled
+
+
+def recorded_payments(path: Path, settings: PayoutSettings, now: dt.datetime) -> list[ItemStatus]:
+    """Every payment a sandbox file records, in the order they were made (an item sent again in a
+    new batch is a second payment), each as the sandbox would answer at `now` with `settings` (its
+    statuses are not stored but follow from the receiver and the time, `status_at`). For audits: it
+    reads the file and changes nothing."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(f"SELECT {_COLUMNS} FROM payments ORDER BY seq").fetchall()
+    return [status_at(_Payment(*row), settings, now.timestamp()) for row in rows]
+
+
 class PayPalSandbox:
     def __init__(
         self,
@@ -250,43 +301,7 @@ class PayPalSandbox:
         return [s for s in statuses if s.updated_at >= since]
 
     def _status(self, payment: _Payment) -> ItemStatus:
-        """The item as the processor has it now: what a test set, else its receiver's story."""
-        status, reason, at = self._story(payment, self._clock.now().timestamp())
-        if payment.status is not None and payment.changed_at is not None:
-            status, reason, at = payment.status, payment.reason, payment.changed_at
-        return ItemStatus(
-            sender_item_id=payment.sender_item_id,
-            payout_item_id=payment.payout_item_id,
-            status=status,
-            amount_minor=payment.amount_minor,
-            currency=payment.currency,
-            failure_reason=reason,
-            updated_at=dt.datetime.fromtimestamp(at, dt.UTC),
-        )
-
-    def _story(self, payment: _Payment, now: float) -> tuple[str, str, float]:
-        """(status, reason, since when) of an item at `now`, by its receiver: it settles
-        `PAYOUT_PROCESSOR_SETTLE_MS` after it arrived; an unclaimed one is returned, and a
-        `returned…` one taken back after it was paid, `PAYOUT_PROCESSOR_UNCLAIMED_RETURN_MS`
-        later."""
-        settings = self._settings
-        settled = payment.created_at + settings.processor_settle_ms / 1000
-        later = settled + settings.processor_unclaimed_return_ms / 1000
-        receiver = payment.receiver
-        if now < settled:
-            return "PENDING", "", payment.created_at
-        if receiver.startswith("fail"):
-            reason = receiver.removeprefix("fail").strip("_").split("@")[0] or "payment_failed"
-            return "FAILED", reason, settled
-        if receiver.startswith("unclaimed"):
-            if now < later:
-                return "UNCLAIMED", "", settled
-            return "RETURNED", "unclaimed: returned to the sender", later
-        if receiver.startswith("returned"):
-            if now < later:
-                return "SUCCESS", "", settled
-            return "RETURNED", "returned by the receiver's provider", later
-        return "SUCCESS", "", settled
+        return status_at(payment, self._settings, self._clock.now().timestamp())
 
     async def _tell(self, sender_item_id: str) -> None:
         """Call back at each change of the item's story (best effort: the process that received
