@@ -3,7 +3,7 @@
 A credit is written in the same transaction that records the gift's debit, so it can never be lost; the
 relay delivers it until payout acknowledges it, and payout applies it once (its request id is the gift's).
 Delivery is off the gift's request path: SendGift answers after the debit, and the relay, woken at once,
-credits the creator a few milliseconds later.
+lingers `relay_linger_seconds` (0.05) for more credits to join the batch, then credits the creator.
 
 Credits travel in batches: everything due (up to `relay_batch_size`) goes in one BatchCreditDiamonds
 call, which payout applies in one transaction, and is marked delivered, its coins added to the
@@ -52,6 +52,8 @@ class CreditRelay:
     async def run(self) -> None:
         while True:
             await wait_for_wake(self.wake, 0.5)
+            if self._rt.settings.relay_linger_seconds > 0:
+                await asyncio.sleep(self._rt.settings.relay_linger_seconds)
             while await self.deliver_due() == self._rt.settings.relay_batch_size:
                 pass  # a full batch: there may be more waiting
 
