@@ -522,10 +522,23 @@ async def open_loop(
 # ---------------------------------------------------------------- child processes
 
 
+_LISTEN_PORTS = (20_000, 32_000)
+"""Where the benchmark's and tests' servers listen: below Linux's ephemeral range (32768-60999),
+which outgoing connections (to PostgreSQL, between services) take ports from, so a port found free
+here cannot be taken by a client before the server that was given it binds it."""
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on now, outside the ephemeral range (see _LISTEN_PORTS)."""
+    for _ in range(1000):
+        port = random.randrange(*_LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_LISTEN_PORTS}")
 
 
 def clean_environment() -> dict[str, str]:
