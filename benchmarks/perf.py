@@ -528,16 +528,25 @@ which outgoing connections (to PostgreSQL, between services) take ports from, so
 here cannot be taken by a client before the server that was given it binds it."""
 
 
+_PICK = random.Random()  # its own: a test that seeds the global generator must not steer ports
+_GIVEN: set[int] = set()
+"""Ports this process handed out: one not bound yet still looks free, and must not be given twice."""
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now, outside the ephemeral range (see _LISTEN_PORTS)."""
+    """A loopback port nothing listens on now, outside the ephemeral range (see _LISTEN_PORTS),
+    and never one this process gave before."""
     for _ in range(1000):
-        port = random.randrange(*_LISTEN_PORTS)
+        port = _PICK.randrange(*_LISTEN_PORTS)
+        if port in _GIVEN:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _GIVEN.add(port)
+        return port
     raise RuntimeError(f"no free port in {_LISTEN_PORTS}")
 
 
