@@ -150,11 +150,14 @@ class Gauges:
             raise KeyError(f"gauge {name!r} was not declared")
         with self._lock:
             self._values[name] = dict(values)
+        setting = _sampler_names.get()
+        if setting is not None:  # inside sample_round: the gauge is that sampler's
+            setting.add(name)
 
-    def clear(self) -> None:
-        """This replica no longer samples: report nothing until it does again."""
+    def clear(self, names: Iterable[str] | None = None) -> None:
+        """Report nothing for `names` (default: every gauge) until they are set again."""
         with self._lock:
-            for name in self._values:
+            for name in self._values if names is None else names:
                 self._values[name] = {}
 
     def value(self, name: str, **attributes: str) -> float | None:
@@ -167,20 +170,29 @@ Sampler = Callable[[Gauges], Awaitable[None]]
 """Reads a service's gauges from its database and `set`s them."""
 
 
-async def sample_round(gauges: Gauges, sample: Sampler, *, leading: bool) -> bool:
-    """One round of sampling; whether it sampled. A replica that does not lead reports nothing
-    (the leader does), and neither does one whose sample failed: old values would read as
-    current, where an absent gauge says that it is not known (an alert on absence tells)."""
+_sampler_names: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "coins_sampler_names", default=None
+)
+
+
+async def sample_round(gauges: Gauges, sample: Sampler, *, leading: bool, owned: set[str]) -> str:
+    """One round of one sampler: "idle" (not leading: the leader reports, this replica reports
+    nothing), "ok", or "failed". `owned` collects the gauges this sampler sets, across rounds:
+    when it fails, those (and only those: a service has several samplers) report nothing until it
+    works again, since old values would read as current."""
     if not leading:
         gauges.clear()
-        return False
+        return "idle"
+    token = _sampler_names.set(owned)
     try:
         await sample(gauges)
     except Exception as error:  # a gauge never stops the service
-        gauges.clear()
+        gauges.clear(owned)
         log.warning("metrics: could not sample the gauges (%r)", error)
-        return False
-    return True
+        return "failed"
+    finally:
+        _sampler_names.reset(token)
+    return "ok"
 
 
 def attrs(**values: Any) -> Attributes:

@@ -157,9 +157,16 @@ class Runtime(Generic[S]):
         replica that runs the periodic jobs (the others report none: see runtime.metrics.Gauges)."""
         gauges = self.metrics.gauges
 
+        owned: set[str] = set()
+
         async def sampling() -> None:
             while True:
-                await sample_round(gauges, sample, leading=self.leadership.leading)
+                started = time.perf_counter()
+                outcome = await sample_round(
+                    gauges, sample, leading=self.leadership.leading, owned=owned
+                )
+                if outcome != "idle":  # a sample failing again and again raises an alert
+                    self.metrics.job("sampled gauges", outcome, 0, time.perf_counter() - started)
                 await asyncio.sleep(self.settings.metrics_sample_seconds)
 
         sampling.__name__ = "sampled_gauges"

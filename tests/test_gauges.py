@@ -23,26 +23,41 @@ def observed(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[tuple[str, s
 
 
 async def test_gauges_report_the_last_sample_and_nothing_after_a_failure_or_a_handover() -> None:
+    """Two samplers, as wallet and payout have (the ledger's and the service's): one failing
+    clears its own gauges, never the other's."""
     reader = InMemoryMetricReader()
     gauges = Gauges(MeterProvider(metric_readers=[reader]), "test")
     gauges.declare("coins.withdrawals.parked", "parked")
+    gauges.declare("coins.ledger.audit.findings", "findings")
     backlog = {"parked": 3}
+    parked, ledger = set[str](), set[str]()
 
     async def sample(g: Gauges) -> None:
         if backlog["parked"] < 0:
             raise ConnectionError("the database does not answer")
         g.set("coins.withdrawals.parked", {attrs(): backlog["parked"]})
 
-    assert await sample_round(gauges, sample, leading=True)
-    assert observed(reader) == {("coins.withdrawals.parked", ()): 3}
+    async def audit(g: Gauges) -> None:
+        g.set("coins.ledger.audit.findings", {attrs(): 0})
+
+    assert await sample_round(gauges, sample, leading=True, owned=parked) == "ok"
+    assert await sample_round(gauges, audit, leading=True, owned=ledger) == "ok"
+    assert observed(reader) == {
+        ("coins.withdrawals.parked", ()): 3,
+        ("coins.ledger.audit.findings", ()): 0,
+    }
 
     backlog["parked"] = -1  # the database goes away: 3 would read as current
-    assert not await sample_round(gauges, sample, leading=True)
-    assert observed(reader) == {}
+    assert await sample_round(gauges, sample, leading=True, owned=parked) == "failed"
+    assert observed(reader) == {("coins.ledger.audit.findings", ()): 0}  # the other's stays
 
     backlog["parked"] = 5
-    assert await sample_round(gauges, sample, leading=True)
-    assert observed(reader) == {("coins.withdrawals.parked", ()): 5}
+    assert await sample_round(gauges, sample, leading=True, owned=parked) == "ok"
+    assert observed(reader) == {
+        ("coins.withdrawals.parked", ()): 5,
+        ("coins.ledger.audit.findings", ()): 0,
+    }
 
-    assert not await sample_round(gauges, sample, leading=False)  # another replica leads now
+    # another replica leads now
+    assert await sample_round(gauges, sample, leading=False, owned=parked) == "idle"
     assert observed(reader) == {}
