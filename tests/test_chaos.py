@@ -43,6 +43,7 @@ from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime import pki
 from runtime.auth import TokenIssuer, token_metadata
 from runtime.status import error_info
+from services.payout.settings import PayoutSettings
 from services.wallet.payments import SandboxPaymentProvider
 from tests.faults import TcpProxy
 from tests.helpers import eventually
@@ -562,7 +563,13 @@ async def books_hold(
                 name: f"postgresql://postgres@127.0.0.1:{postgres.port}/coins_bench_{name}_{suite.run}"
                 for name in SERVICES
             }
-            leases = LeaseWatch(urls, suite) if replicas > 1 else None
+            leases = (
+                LeaseWatch(urls, suite, seconds=work_seconds + settle_seconds + 60)
+                if replicas > 1
+                else None
+            )
+            if leases is not None:
+                await leases.ready(["wallet", "gifting", "payout"])
             nemesis = Nemesis(
                 suite, postgres, link, rng, faults, leases.leader if leases is not None else None
             )
@@ -781,7 +788,13 @@ async def books_hold(
                     f"coins_bench_{name}_{suite.run}"
                     for name in SERVICES
                 },
-                sandbox_items(suite.tmp / "data" / "sandbox-payouts.sqlite3"),
+                # The items' statuses as the sandbox answers the services: with their timings.
+                sandbox_items(
+                    suite.tmp / "data" / "sandbox-payouts.sqlite3",
+                    PayoutSettings(
+                        processor_settle_ms=int(suite.settings["PAYOUT_PROCESSOR_SETTLE_MS"])
+                    ),
+                ),
             )
             assert books.withdrawals_checked >= len(book.withdrawals)
             assert books.ok and not books.in_flight, books.differences[:5]
@@ -815,15 +828,25 @@ class LeaseWatch:
     """Who holds each service's periodic jobs' lease (runtime.leadership), read from its database
     every quarter second while the chaos runs."""
 
-    def __init__(self, urls: dict[str, str], suite: SuiteProcesses) -> None:
+    def __init__(self, urls: dict[str, str], suite: SuiteProcesses, *, seconds: float) -> None:
+        """Watch for at most `seconds` (it stops by itself if the test fails before it checks)."""
         self.urls, self.suite = urls, suite
         self.seen: dict[str, list[tuple[float, str]]] = {name: [] for name in urls}
         """Service -> (when first seen, holder) in the order holders were seen."""
+        self._until = asyncio.get_running_loop().time() + seconds
         self._task = asyncio.create_task(self._watch())
+
+    async def ready(self, services: Sequence[str]) -> None:
+        """Wait until the leader of each of `services` is known (the nemesis kills one first)."""
+
+        async def known() -> bool:
+            return all(self.leader(name) is not None for name in services)
+
+        await eventually(known, f"the lease holders of {list(services)}", seconds=15)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while loop.time() < self._until:
             for name, url in self.urls.items():
                 with contextlib.suppress(Exception):  # the database may be down: read it next time
                     rows = await fetch(url, f"SELECT holder FROM job_leases WHERE name = '{name}'")
@@ -845,6 +868,7 @@ class LeaseWatch:
         return None
 
     def holder_at(self, service: str, when: float) -> str | None:
+        """The holder of `service`'s lease as last seen at or before `when`."""
         held = [holder for seen, holder in self.seen[service] if seen <= when]
         return held[-1] if held else None
 
@@ -869,7 +893,10 @@ class LeaseWatch:
 
         try:
             await eventually(
-                all_taken_over, "another process taking every killed leader's lease", seconds=30
+                all_taken_over,
+                f"another process taking every killed leader's lease: {leaders_killed}, "
+                f"holders seen {self.seen}",
+                seconds=30,
             )
         finally:
             self._task.cancel()
