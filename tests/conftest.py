@@ -7,14 +7,22 @@ run only the SQLite half on a machine without PostgreSQL; CI never sets it.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from runtime.db import Database
 from tests.faults import TcpProxy, suite_with_wallet_db_behind_proxy
 from tests.helpers import ShiftedClock
-from tests.suite import Suite, require_postgres, start_suite
+from tests.suite import (
+    Suite,
+    create_pg_database,
+    drop_pg_database,
+    require_postgres,
+    start_suite,
+)
 
 BACKENDS = [b for b in os.environ.get("COINS_TEST_BACKENDS", "sqlite,postgres").split(",") if b]
 
@@ -46,6 +54,23 @@ async def private_suite(
     running = await start_suite(backend, tmp_path_factory.mktemp(f"private-{backend}"))
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def database(backend: str, tmp_path: Path) -> AsyncIterator[Database]:
+    """An empty database of the session's backend (not migrated: `helpers.migrated`), dropped after."""
+    name = f"coins_test_{uuid.uuid4().hex[:12]}"
+    if backend == "postgres":
+        url = await create_pg_database(name)
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    db = Database(url)
+    try:
+        yield db
+    finally:
+        await db.close()
+        if backend == "postgres":
+            await drop_pg_database(name)
 
 
 @pytest.fixture

@@ -16,12 +16,15 @@ from google.type import date_pb2
 from hypothesis import HealthCheck, settings
 from sqlalchemy import text
 
+from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.clock import SystemClock
 from runtime.db import Database
 from runtime.migrations import upgrade
 from runtime.status import bad_request, error_info
 from tests.suite import Suite, create_pg_database, drop_pg_database
+
+SERVICES = Path(__file__).resolve().parents[1] / "services"
 
 
 def new_id(prefix: str = "u") -> str:
@@ -56,6 +59,21 @@ async def new_creator(suite: Suite) -> str:
 def live_of(creator_id: str) -> str:
     """The LIVE `new_creator` started for the creator."""
     return f"live-{creator_id}"
+
+
+def live_gift(
+    sender: str, creator: str, gift_id: str, *, request_id: str = "", count: int = 1
+) -> gifting_pb2.SendGiftRequest:
+    """A SendGift of `count` x `gift_id` to the creator's LIVE (`live_of`), under `request_id`
+    (default: a new one)."""
+    return gifting_pb2.SendGiftRequest(
+        request_id=request_id or new_id("g"),
+        sender_id=sender,
+        creator_id=creator,
+        gift_id=gift_id,
+        count=count,
+        live_id=live_of(creator),
+    )
 
 
 async def start_live(suite: Suite, creator_id: str, live_id: str = "") -> str:
@@ -135,6 +153,12 @@ def field_violations(error: grpc.RpcError) -> set[str]:
     return {v.field for v in found.field_violations} if found else set()
 
 
+async def migrated(db: Database, service: str = "wallet", revision: str = "head") -> Database:
+    """`db` migrated with `service`'s own Alembic history up to `revision`."""
+    await upgrade(db, SERVICES / service / "migrations", revision)
+    return db
+
+
 def run_state_machine(
     machine: type[Any],
     backend: str,
@@ -156,8 +180,7 @@ def run_state_machine(
             else f"sqlite+aiosqlite:///{tmp_path / 'machine.db'}"
         )
         database = Database(url)
-        services = Path(__file__).resolve().parents[1] / "services"
-        loop.run_until_complete(upgrade(database, services / migrations / "migrations"))
+        loop.run_until_complete(migrated(database, migrations))
         machine.db = database
         machine.run = staticmethod(loop.run_until_complete)
         runner = machine.TestCase

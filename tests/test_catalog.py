@@ -13,7 +13,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.errors import Unavailable
 from services.gifting.clients import WalletDebiter, debit_request
-from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id
+from tests.helpers import expect_error, funded_user, live_gift, live_of, new_creator, new_id
 from tests.suite import Suite
 
 G = gifting_pb2
@@ -140,14 +140,7 @@ async def test_a_gift_not_offered_in_the_senders_country_is_refused_and_nothing_
     creator = await new_creator(suite)
 
     def send(gift_id: str, request_id: str) -> G.SendGiftRequest:
-        return G.SendGiftRequest(
-            request_id=request_id,
-            sender_id=sender,
-            creator_id=creator,
-            gift_id=gift_id,
-            count=1,
-            live_id=live_of(creator),
-        )
+        return live_gift(sender, creator, gift_id, request_id=request_id)
 
     refused_id = new_id("g")
     error = await expect_error(
@@ -186,14 +179,7 @@ async def test_regions_are_checked_for_a_known_sender_and_for_a_resumed_gift(
     creator = await new_creator(suite)
 
     def send(gift_id: str, request_id: str) -> G.SendGiftRequest:
-        return G.SendGiftRequest(
-            request_id=request_id,
-            sender_id=sender,
-            creator_id=creator,
-            gift_id=gift_id,
-            count=1,
-            live_id=live_of(creator),
-        )
+        return live_gift(sender, creator, gift_id, request_id=request_id)
 
     await suite.gifting.SendGift(send("rose", new_id("g")))  # the wallet now knows the sender
     await expect_error(

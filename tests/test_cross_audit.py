@@ -9,7 +9,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from services.payout.processor import PayoutItem
@@ -17,7 +16,7 @@ from services.payout.sandbox import PayPalSandbox
 from tests.helpers import (
     eventually,
     funded_user,
-    live_of,
+    live_gift,
     new_creator,
     new_id,
     rewrite_history,
@@ -38,16 +37,7 @@ async def three_gifts(suite: Suite) -> tuple[str, str, list[str]]:
     creator = await new_creator(suite)
     sent = []
     for gift in ("rose", "panda", "concert"):
-        answer = await suite.gifting.SendGift(
-            gifting_pb2.SendGiftRequest(
-                request_id=new_id("g"),
-                sender_id=sender,
-                creator_id=creator,
-                gift_id=gift,
-                count=1,
-                live_id=live_of(creator),
-            )
-        )
+        answer = await suite.gifting.SendGift(live_gift(sender, creator, gift))
         sent.append(answer.sent_gift.sent_gift_id)
     return sender, creator, sent
 
@@ -181,16 +171,7 @@ async def test_a_withdrawal_payout_gave_back_that_the_processor_paid_is_named(
     creator = await new_creator(suite)
     await verify_creator(suite, creator)
     for gift in ("planet", "im-very-rich"):
-        await suite.gifting.SendGift(
-            gifting_pb2.SendGiftRequest(
-                request_id=new_id("g"),
-                sender_id=sender,
-                creator_id=creator,
-                gift_id=gift,
-                count=1,
-                live_id=live_of(creator),
-            )
-        )
+        await suite.gifting.SendGift(live_gift(sender, creator, gift))
 
     async def credited() -> bool:
         balance = await suite.payout.GetDiamondBalance(

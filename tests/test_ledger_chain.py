@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,35 +21,10 @@ from ledger.anchors import AnchorStore
 from ledger.chain import entry_hash, transaction_digest
 from runtime.clock import SystemClock
 from runtime.db import Database
-from runtime.migrations import upgrade
-from tests.helpers import rewrite_history
-from tests.suite import create_pg_database, drop_pg_database
+from tests.helpers import migrated, rewrite_history
 
-SERVICES = Path(__file__).resolve().parents[1] / "services"
 COIN_SALES = "system:coin_sales"
 GIFT_SPEND = "system:gift_spend"
-
-
-@pytest.fixture
-async def database(backend: str, tmp_path: Path) -> AsyncIterator[Database]:
-    """An empty database of the session's backend (not migrated)."""
-    name = f"coins_chain_{uuid.uuid4().hex[:12]}"
-    if backend == "postgres":
-        url = await create_pg_database(name)
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
-    db = Database(url)
-    try:
-        yield db
-    finally:
-        await db.close()
-        if backend == "postgres":
-            await drop_pg_database(name)
-
-
-async def migrated(db: Database, service: str = "wallet", revision: str = "head") -> Database:
-    await upgrade(db, SERVICES / service / "migrations", revision)
-    return db
 
 
 async def post(db: Database, ledger: Ledger, *legs: tuple[str, int], kind: str = "test") -> str:

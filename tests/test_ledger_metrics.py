@@ -12,12 +12,12 @@ import sqlalchemy as sa
 from ledger import Ledger, Posting
 from runtime.clock import SystemClock
 from runtime.db import Database
-from tests.test_ledger_chain import database, migrated  # noqa: F401  (the fixture)
+from tests.helpers import migrated
 
 ISSUANCE = "system:diamond_issuance"
 
 
-async def test_a_correction_is_counted_as_itself_once_committed(database: Database) -> None:  # noqa: F811
+async def test_a_correction_is_counted_as_itself_once_committed(database: Database) -> None:
     db = await migrated(database, "payout")
     counted: list[tuple[str, int]] = []
     ledger = Ledger(SystemClock(), unit="diamonds", on_posted=lambda k, n: counted.append((k, n)))
