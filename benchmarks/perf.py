@@ -522,7 +522,7 @@ async def open_loop(
 # ---------------------------------------------------------------- child processes
 
 
-_LISTEN_PORTS = (20_000, 32_000)
+LISTEN_PORTS = (20_000, 32_000)
 """Where the benchmark's and tests' servers listen: below Linux's ephemeral range (32768-60999),
 which outgoing connections (to PostgreSQL, between services) take ports from, so a port found free
 here cannot be taken by a client before the server that was given it binds it."""
@@ -534,10 +534,10 @@ _GIVEN: set[int] = set()
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on now, outside the ephemeral range (see _LISTEN_PORTS),
+    """A loopback port nothing listens on now, outside the ephemeral range (see LISTEN_PORTS),
     and never one this process gave before."""
     for _ in range(1000):
-        port = _PICK.randrange(*_LISTEN_PORTS)
+        port = _PICK.randrange(*LISTEN_PORTS)
         if port in _GIVEN:
             continue
         with socket.socket() as sock:
@@ -547,7 +547,7 @@ def free_port() -> int:
                 continue
         _GIVEN.add(port)
         return port
-    raise RuntimeError(f"no free port in {_LISTEN_PORTS}")
+    raise RuntimeError(f"no free port in {LISTEN_PORTS}")
 
 
 def clean_environment() -> dict[str, str]:

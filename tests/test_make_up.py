@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.perf import LISTEN_PORTS
+
 ROOT = Path(__file__).resolve().parents[1]
 PLACES = {"wallet": 1, "gifting": 2, "payout": 3, "promotion": 4}
 
@@ -32,7 +34,7 @@ def free(port: int) -> bool:
 def free_port_base() -> int:
     """A COINS_PORT_BASE whose eight ports (base+1..4, base+11..14) are all free, below the
     ephemeral range (32768-) that outgoing connections take ports from while the suite starts."""
-    for base in random.sample(range(20_000, 32_000, 100), 50):
+    for base in random.sample(range(*LISTEN_PORTS, 100), 50):
         if all(free(base + place + extra) for place in PLACES.values() for extra in (0, 10)):
             return base
     raise AssertionError("no free port range found")

@@ -122,6 +122,14 @@ class _Store:
         ).fetchone()
         return None if row is None else _Payment(*row)
 
+    def every_payment(self) -> list[_Payment]:
+        """Every row, in the order the payments were made."""
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM payments ORDER BY seq").fetchall()
+        return [_Payment(*row) for row in rows]
+
+    def close(self) -> None:
+        self._db.close()
+
     def all_first(self) -> list[_Payment]:
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM payments WHERE seq IN "
@@ -210,9 +218,9 @@ def recorded_payments(path: Path, settings: PayoutSettings, now: dt.datetime) ->
     new batch is a second payment), each as the sandbox would answer at `now` with `settings` (its
     statuses are not stored but follow from the receiver and the time, `status_at`). For audits: it
     reads the file and changes nothing."""
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        rows = db.execute(f"SELECT {_COLUMNS} FROM payments ORDER BY seq").fetchall()
-    return [status_at(_Payment(*row), settings, now.timestamp()) for row in rows]
+    with contextlib.closing(_Store(path)) as store:
+        payments = store.every_payment()
+    return [status_at(payment, settings, now.timestamp()) for payment in payments]
 
 
 class PayPalSandbox:
