@@ -278,7 +278,8 @@ class Result:
     closed_at: float = 0.0
     """time.perf_counter() when the window closed."""
     shed: int = 0
-    """Calls the suite refused at once as OVERLOADED (expected only in the burst cases)."""
+    """Calls the suite refused at once, as OVERLOADED or as streams beyond a connection's limit
+    (expected only in the burst cases)."""
 
     @property
     def throughput(self) -> float:
@@ -1471,17 +1472,23 @@ async def gift_case(
 
 def _count_shed(report: BackendReport, result: Result) -> None:
     """Move what overload is expected to cause out of a case's errors and into a note: OVERLOADED
-    refusals (the shedding working; SendGift or the lag's GetGift) and calls still queued when the
-    drain gave up (CANCELLED by the benchmark itself)."""
-    cancelled = 0
+    refusals (the shedding working; SendGift or the lag's GetGift), streams a connection opened
+    beyond the service's MAX_CONCURRENT_STREAMS (refused by grpc before any work, UNAVAILABLE
+    "Stream removed"; see `max_streams_per_connection` in runtime/config.py) and calls still
+    queued when the drain gave up (CANCELLED by the benchmark itself)."""
+    cancelled = refused_streams = 0
     for what in list(result.errors):
         if "RESOURCE_EXHAUSTED" in what and "overloaded" in what:
             result.shed += result.errors.pop(what)
+        elif "UNAVAILABLE: Stream removed" in what:
+            refused_streams += result.errors.pop(what)
         elif what.startswith("CANCELLED"):
             cancelled += result.errors.pop(what)
+    result.shed += refused_streams
     p50, p99 = result.quantile(0.5), result.quantile(0.99)
     report.notes.append(
-        f"{result.case}: {result.shed} calls refused at once as OVERLOADED, {cancelled} still "
+        f"{result.case}: {result.shed - refused_streams} calls refused at once as OVERLOADED, "
+        f"{refused_streams} as streams beyond a connection's limit, {cancelled} still "
         f"queued at the drain, {result.completed} served in the window, p50 {_ms(p50)} ms, "
         f"p99 {_ms(p99)} ms"
     )

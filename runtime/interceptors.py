@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
@@ -48,7 +49,7 @@ from runtime.outages import outage_of
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
 from runtime.shedding import LoadShedder
-from runtime.status import abort, from_rpc_error
+from runtime.status import fail, from_rpc_error
 from runtime.validation import RequestValidator
 
 log = logging.getLogger("coins.rpc")
@@ -212,9 +213,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
-                failure = _as_domain_error(error, method)
-                outcome = (_CODES[failure.kind], failure.reason)
-                await self._refuse(context, failure, principal, method, request, audited)
+                outcome = await self._refuse(
+                    context, _as_domain_error(error, method), principal, method, request, audited
+                )
+                _release_frames(error)
+                return None  # the status is set: grpc sends it, without a message
             finally:
                 if started is not None:
                     assert self._shedder is not None
@@ -256,9 +259,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
-                failure = _as_domain_error(error, method)
-                outcome = (_CODES[failure.kind], failure.reason)
-                await self._refuse(context, failure, principal, method, request, audited)
+                outcome = await self._refuse(
+                    context, _as_domain_error(error, method), principal, method, request, audited
+                )
+                _release_frames(error)
             finally:
                 self._measured(method, outcome, time.perf_counter() - began, request)
 
@@ -298,7 +302,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         method: str,
         request: Any,
         audited: bool,
-    ) -> None:
+    ) -> tuple[int, str]:
+        """Answer the call with `error` (and log or audit it); returns its (code, reason)."""
         trace.get_current_span().set_attribute("coins.reason", error.reason)
         if error.kind in _ACCESS_REFUSALS:
             _log_access_refused(error, principal, method, context)
@@ -319,7 +324,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 )
             except Exception:
                 log.exception("could not record the outcome of an admin call to %s", method)
-        await abort(context, error, self._domain)
+        fail(context, error, self._domain)
+        return _CODES[error.kind], error.reason
 
 
 _CODES = {kind: grpc.StatusCode[kind.value].value[0] for kind in ErrorKind}
@@ -389,6 +395,25 @@ def _as_domain_error(error: Exception, method: str) -> DomainError:
         f"internal error; quote incident {incident} to the operators",
         incident_id=incident,
     )
+
+
+def _release_frames(error: BaseException) -> None:
+    """Let go of the frames a refused call's exceptions hold. An exception's traceback holds every
+    frame it passed through, with their locals (the request, the call's context), and a frame that
+    kept the exception in a local closes a cycle only the garbage collector frees: under a flood
+    of refusals, thousands of calls' requests and grpc buffers would wait for it. The frames have
+    returned; the guard's own (still running) is left as it is."""
+    seen: set[int] = set()
+    chain: list[BaseException | None] = [error]
+    while chain:
+        each = chain.pop()
+        if each is None or id(each) in seen:
+            continue
+        seen.add(id(each))
+        if each.__traceback__ is not None:
+            traceback.clear_frames(each.__traceback__)
+            each.__traceback__ = None
+        chain += (each.__cause__, each.__context__)
 
 
 _ACCESS_REFUSALS = (ErrorKind.PERMISSION_DENIED, ErrorKind.UNAUTHENTICATED)

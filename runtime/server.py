@@ -412,6 +412,7 @@ async def start_service(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
             _EXCLUSIVE_PORT,
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -1,13 +1,14 @@
 """The one place where domain errors become gRPC statuses, and where callers read them back.
 
 A status leaves with exactly one google.rpc.ErrorInfo (reason, domain, metadata) and, when fields were
-wrong, one google.rpc.BadRequest (AIP-193). `await context.abort(...)` is used rather than
-`abort_with_status` because OpenTelemetry's aio server instrumentation only records the former.
+wrong, one google.rpc.BadRequest (AIP-193). The status is set on the context (`fail`) rather than
+raised with `abort_with_status`, which OpenTelemetry's aio server instrumentation does not record
+(it records `set_code` and `set_details`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -70,12 +71,17 @@ REASON_KEY = "coins-error-reason"
 status details (`buf curl -v`, `grpcurl -v` print trailers)."""
 
 
-async def abort(context: RpcContext, error: DomainError, domain: str) -> NoReturn:
-    """End the RPC with `error`; raises grpc's AbortError as grpc.aio requires."""
+def fail(context: RpcContext, error: DomainError, domain: str) -> None:
+    """Make `error` the RPC's status; the handler then returns (grpc discards its response).
+
+    Not `context.abort()`: that raises an AbortError which grpc keeps on the call, and whose
+    traceback holds the handler's frames, which hold the call: a reference cycle per refused call,
+    freed only by the garbage collector, that keeps the call's request and grpc's buffers alive
+    until then (a flood of refused 500-credit batches grew payout by ~40 MB that way)."""
     status = rpc_status.to_status(to_status(error, domain))
-    trailers = (*status.trailing_metadata, (REASON_KEY, error.reason))
-    await context.abort(status.code, status.details, trailers)
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata((*status.trailing_metadata, (REASON_KEY, error.reason)))
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
