@@ -280,6 +280,9 @@ class Result:
     shed: int = 0
     """Calls the suite refused at once, as OVERLOADED or as streams beyond a connection's limit
     (expected only in the burst cases)."""
+    unsent: int = 0
+    """Open loop: arrivals the load generator dropped because its queue was full (its calls wait
+    on its side once every connection has as many streams open as the server allows)."""
 
     @property
     def throughput(self) -> float:
@@ -505,7 +508,7 @@ async def open_loop(
     await _drain(list(tasks), timing.drain, errors)
     if shed:
         errors[f"OVERLOAD: {shed} arrivals shed with {max_outstanding} calls outstanding"] += 1
-    return Result(
+    result = Result(
         case,
         group,
         f"{rate:.0f}/s",
@@ -518,6 +521,8 @@ async def open_loop(
         Monitor.used_ms(snapshots[0], snapshots[1]),
         closed_at=closes,
     )
+    result.unsent = shed
+    return result
 
 
 # ---------------------------------------------------------------- child processes
@@ -1474,8 +1479,9 @@ def _count_shed(report: BackendReport, result: Result) -> None:
     """Move what overload is expected to cause out of a case's errors and into a note: OVERLOADED
     refusals (the shedding working; SendGift or the lag's GetGift), streams a connection opened
     beyond the service's MAX_CONCURRENT_STREAMS (refused by grpc before any work, UNAVAILABLE
-    "Stream removed"; see `max_streams_per_connection` in runtime/config.py) and calls still
-    queued when the drain gave up (CANCELLED by the benchmark itself)."""
+    "Stream removed"; see `max_streams_per_connection` in runtime/config.py), arrivals the load
+    generator could not send (its queue full behind those streams) and calls still queued when the
+    drain gave up (CANCELLED by the benchmark itself)."""
     cancelled = refused_streams = 0
     for what in list(result.errors):
         if "RESOURCE_EXHAUSTED" in what and "overloaded" in what:
@@ -1484,13 +1490,16 @@ def _count_shed(report: BackendReport, result: Result) -> None:
             refused_streams += result.errors.pop(what)
         elif what.startswith("CANCELLED"):
             cancelled += result.errors.pop(what)
+        elif what.startswith("OVERLOAD:"):  # the load generator's own queue was full
+            del result.errors[what]
     result.shed += refused_streams
     p50, p99 = result.quantile(0.5), result.quantile(0.99)
     report.notes.append(
         f"{result.case}: {result.shed - refused_streams} calls refused at once as OVERLOADED, "
         f"{refused_streams} as streams beyond a connection's limit, {cancelled} still "
-        f"queued at the drain, {result.completed} served in the window, p50 {_ms(p50)} ms, "
-        f"p99 {_ms(p99)} ms"
+        f"queued at the drain, {result.unsent} never sent (the load generator's queue was full: "
+        f"each connection had as many calls open as the service allows), {result.completed} "
+        f"served in the window, p50 {_ms(p50)} ms, p99 {_ms(p99)} ms"
     )
 
 

@@ -110,8 +110,8 @@ class ServiceSettings(BaseSettings):
     """HTTP/2 streams (calls) one client connection may have open at once (MAX_CONCURRENT_STREAMS).
     What bounds a burst's memory: without it grpc takes in every stream a client sends and holds its
     request until the event loop gets to it (a 5x burst grew a service by 60 MB, all outside
-    Python). A well-behaved client queues the excess on its side; one that opens more gets them
-    refused at once (UNAVAILABLE, never processed, so safe to retry)."""
+    Python). A gRPC client queues the excess on its side (HTTP/2 flow control); a stream opened
+    beyond the limit anyway is refused at once (UNAVAILABLE, never processed, so safe to retry)."""
     max_in_flight_rpcs: int = 512
     """Calls in flight beyond which new ones are refused at once (OVERLOADED, see runtime.shedding)."""
     max_queue_seconds: float = 2.0

@@ -413,6 +413,10 @@ async def start_service(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            # Count a stream against the limit while it is open on the wire, as the client does,
+            # not until the application lets go of its call: else calls the client may send are
+            # refused (UNAVAILABLE) whenever the event loop is slow to release finished ones.
+            ("grpc.http.overload_protection", 0),
             _EXCLUSIVE_PORT,
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

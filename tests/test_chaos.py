@@ -226,6 +226,9 @@ class Nemesis:
         self.faults = faults
         self.leader = leader
         self.done: list[str] = []
+        self.restarted: list[str] = []
+        """Services that exited by themselves (started while the database was down) and were
+        started again."""
         self.killed: list[tuple[str, int, float]] = []
         """(instance, its pid, when) of every kill."""
 
@@ -234,6 +237,9 @@ class Nemesis:
         end = loop.time() + seconds
         while loop.time() < end:
             await asyncio.sleep(self.rng.uniform(1.0, 2.5))
+            for name in self.suite.died():  # as a supervisor would: a service restarted into a
+                self.restarted.append(name)  # database crash exits (it cannot migrate)
+                await self.suite.restart(name)
             fault = self.rng.choice(self.faults)
             if self.leader is not None and not self.done:
                 fault = "kill"  # a leader first (see `leader`)
@@ -640,7 +646,7 @@ async def books_hold(
             finally:
                 await nemesis.heal()
             await asyncio.gather(*callers)
-            print(f"faults: {nemesis.done}")
+            print(f"faults: {nemesis.done}; restarted after exiting: {nemesis.restarted}")
             print(
                 f"acknowledged {len(book.acked)} gifts and {len(book.purchases)} purchases, refused "
                 f"{len(book.refused)}, abandoned "
