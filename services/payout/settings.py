@@ -84,9 +84,11 @@ class PayoutSettings(LedgerServiceSettings):
     """How often the maturation sweep moves due diamonds from pending to available."""
     maturation_batch: int = 2000
     """Gift credits matured per sweep transaction (a backlog drains in several)."""
-    credit_batches_at_once: int = 4
+    credit_batches_at_once: int = Field(default=2, ge=1)
     """Credit batches applied at the same time; more wait their turn. Batches lock the same creators'
-    rows, so more at once only queue inside PostgreSQL, holding connections and memory."""
+    rows, so more at once only queue inside PostgreSQL, holding connections and memory: measured
+    (500-credit batches over 200 creators, 16 in flight) 2 at once gave 29-30 batches/s at 19 ms
+    of PostgreSQL CPU per batch, 4 at once 25/s at 29 ms."""
     policy_version: str = "2026-11"
 
     @property
