@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import grpc
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from coins.gifting.v1 import gifting_pb2
-from tests.helpers import eventually, funded_user, live_of, new_creator, new_id
+from runtime.status import error_info
+from tests.helpers import (
+    eventually,
+    funded_user,
+    live_gift,
+    live_of,
+    new_creator,
+    new_id,
+    rpc_error,
+)
 from tests.suite import Suite
 
 DB_SCOPES = {"opentelemetry.instrumentation.sqlalchemy", "coins.db"}
@@ -88,3 +98,22 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
             if span.instrumentation_scope and span.instrumentation_scope.name == "coins.db":
                 assert span.attributes and span.attributes.get("db.statements"), span.name
     assert {service_of(s) for s in spans} == {"coins-gifting", "coins-wallet", "coins-payout"}
+
+
+async def test_a_refused_call_is_marked_on_its_server_span(suite: Suite) -> None:
+    """An SRE finds refusals in traces: the server span of a refused call carries the gRPC status
+    code and the ErrorInfo reason. Its span status follows OpenTelemetry's server conventions: a
+    caller's error (NOT_FOUND here) leaves it UNSET; only server faults (INTERNAL, UNAVAILABLE,
+    DEADLINE_EXCEEDED...) make it ERROR."""
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    suite.spans.clear()
+    error = await rpc_error(suite.gifting.SendGift(live_gift(sender, creator, "no-such-gift")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+    info = error_info(error)
+    assert info is not None
+    span = server_span(list(suite.spans.get_finished_spans()), "coins-gifting", "/SendGift")
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert span.attributes["coins.reason"] == info.reason
+    assert span.status.status_code == StatusCode.UNSET
