@@ -3,10 +3,9 @@ and so on are the frozen DDL of each version, called by the services' migrations
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic.operations import Operations
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -24,7 +23,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 from ledger.chain import GENESIS, entry_hash, transaction_digest
-from runtime.migrations import drop_append_only, make_append_only
+
+if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
+    from alembic.operations import Operations
 
 metadata = MetaData()
 
@@ -458,6 +459,8 @@ def upgrade_ledger_tables_v6(op: Operations) -> None:
         )
         op.execute("ALTER TABLE ledger_entries ENABLE TRIGGER USER")
     else:
+        from runtime.migrations import drop_append_only, make_append_only  # alembic: see above
+
         drop_append_only(op, "ledger_entries")
         op.execute(backfill)
         make_append_only(op, "ledger_entries")

@@ -9,9 +9,8 @@ unrecorded, even if the process dies halfway.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic.operations import Operations
 from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 from opentelemetry import trace
@@ -35,6 +34,9 @@ from runtime.clock import Clock
 from runtime.db import Database
 from runtime.pagination import decode_token, encode_token, int64, page_size
 from runtime.protos import RpcContext, timestamp
+
+if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
+    from alembic.operations import Operations
 
 metadata = MetaData()
 

@@ -22,9 +22,8 @@ import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from alembic.operations import Operations
 from google.protobuf.message import Message
 from sqlalchemy import (
     Column,
@@ -46,6 +45,9 @@ from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import AlreadyExists, DomainError, Unavailable
 from runtime.sql import Statement, Tx
+
+if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
+    from alembic.operations import Operations
 
 metadata = MetaData()
 

@@ -15,11 +15,14 @@ import logging
 import os
 import socket
 import uuid
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic.operations import Operations
 
 from runtime.sql import Driver, Statement
+
+if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
+    from alembic.operations import Operations
 
 log = logging.getLogger("coins.leadership")
 

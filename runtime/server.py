@@ -32,7 +32,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
 from coins.common.v1 import admin_audit_pb2_grpc
-from runtime import migrations, pki, startup
+from runtime import pki, startup
 from runtime.access import Access
 from runtime.audit import AdminAudit, AdminAuditApi
 from runtime.auth import TokenVerifier
@@ -368,6 +368,8 @@ async def start_service(
     clock = clock or SystemClock()
     url = settings.resolved_database_url()
     if settings.migrate_on_start:  # as the login user, who owns the tables
+        from runtime import migrations  # alembic (~11 MB) only in a process that migrates
+
         owner = Database(url)
         try:
             await migrations.upgrade(owner, spec.migrations_dir)
