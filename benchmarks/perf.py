@@ -520,7 +520,7 @@ async def open_loop(
     await _drain(list(tasks), timing.drain, errors)
     if shed:
         errors[f"OVERLOAD: {shed} arrivals shed with {max_outstanding} calls outstanding"] += 1
-    result = Result(
+    return Result(
         case,
         group,
         f"{rate:.0f}/s",
@@ -532,9 +532,8 @@ async def open_loop(
         errors,
         Monitor.used_ms(snapshots[0], snapshots[1]),
         closed_at=closes,
+        unsent=shed,
     )
-    result.unsent = shed
-    return result
 
 
 # ---------------------------------------------------------------- child processes
@@ -1494,20 +1493,20 @@ def _count_shed(report: BackendReport, result: Result) -> None:
     "Stream removed"; see `max_streams_per_connection` in runtime/config.py), arrivals the load
     generator could not send (its queue full behind those streams) and calls still queued when the
     drain gave up (CANCELLED by the benchmark itself)."""
-    cancelled = refused_streams = 0
+    overloaded = refused_streams = cancelled = 0
     for what in list(result.errors):
         if "RESOURCE_EXHAUSTED" in what and "overloaded" in what:
-            result.shed += result.errors.pop(what)
+            overloaded += result.errors.pop(what)
         elif "UNAVAILABLE: Stream removed" in what:
             refused_streams += result.errors.pop(what)
         elif what.startswith("CANCELLED"):
             cancelled += result.errors.pop(what)
         elif what.startswith("OVERLOAD:"):  # the load generator's own queue was full
             del result.errors[what]
-    result.shed += refused_streams
+    result.shed = overloaded + refused_streams
     p50, p99 = result.quantile(0.5), result.quantile(0.99)
     report.notes.append(
-        f"{result.case}: {result.shed - refused_streams} calls refused at once as OVERLOADED, "
+        f"{result.case}: {overloaded} calls refused at once as OVERLOADED, "
         f"{refused_streams} as streams beyond a connection's limit, {cancelled} still "
         f"queued at the drain, {result.unsent} never sent (the load generator's queue was full: "
         f"each connection had as many calls open as the service allows), {result.completed} "
