@@ -106,11 +106,12 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = 5.0
     max_concurrent_rpcs: int = 2000
     """gRPC's own bound on calls in flight (refused RESOURCE_EXHAUSTED beyond it, no queue)."""
-    max_streams_per_connection: int = Field(default=100, ge=1)
+    max_streams_per_connection: int = Field(default=64, ge=1)
     """HTTP/2 streams (calls) one client connection may have open at once (MAX_CONCURRENT_STREAMS).
     What bounds a burst's memory: without it grpc takes in every stream a client sends and holds its
     request until the event loop gets to it (a 5x burst grew a service by 60 MB, all outside
-    Python). A gRPC client queues the excess on its side (HTTP/2 flow control); a stream opened
+    Python); each call in flight costs ~50 KB, mostly outside Python (gifting: 100 streams peaked
+    at 157 MB in the benchmark's burst, 64 at 148). A gRPC client queues the excess on its side (HTTP/2 flow control); a stream opened
     beyond the limit anyway is refused at once (UNAVAILABLE, never processed, so safe to retry)."""
     max_in_flight_rpcs: int = 512
     """Calls in flight beyond which new ones are refused at once (OVERLOADED, see runtime.shedding)."""

@@ -15,6 +15,8 @@ import datetime as dt
 import gc
 import logging
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -509,6 +511,16 @@ def _few_malloc_arenas() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
 
 
+def _migrate_in_a_child_process(service: str) -> None:
+    """Migrate with `python -m tools.migrate SERVICE` in a short-lived child (same environment, so
+    the same settings), not in the server: alembic pulls in mako and pygments, ~10 MB that a
+    long-lived process would keep for nothing. The child explains a database it cannot use in one
+    line, as the server would; the server then stops with the child's exit code."""
+    done = subprocess.run([sys.executable, "-m", "tools.migrate", service], check=False)
+    if done.returncode != 0:
+        raise SystemExit(done.returncode)
+
+
 def _quiet_garbage_collector() -> None:
     """Move what start-up made (modules, descriptors, compiled statements: a few hundred thousand
     objects that live as long as the process) out of the collector's sight, and let the youngest
@@ -525,6 +537,9 @@ def main(spec: ServiceSpec[S]) -> None:
     _few_malloc_arenas()
     settings = spec.settings_type()
     flush_logs = configure_logging(spec.name, settings.log_level, settings.log_format)
+    if settings.migrate_on_start:
+        _migrate_in_a_child_process(spec.name)
+        settings = settings.model_copy(update={"migrate_on_start": False})
 
     async def serve() -> None:
         running = await start_service(spec, settings)

@@ -71,6 +71,27 @@ def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+def test_a_service_that_migrates_on_start_does_so_in_a_child_process(tmp_path: Path) -> None:
+    """`python -m services.wallet` migrates with `tools.migrate` in a short-lived child (its line on
+    stdout, the database at head), so the server itself never loads alembic (see
+    runtime.server.main); here the taken port then stops the server after the migration."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = start_wallet(tmp_path, WALLET_PORT=str(port), WALLET_DATA_DIR=str(tmp_path / "data"))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "wallet: migrated to the newest schema" in done.stdout, done.stdout[-2000:]
+    with sqlite3.connect(tmp_path / "data" / "wallet.db") as db:
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    head = ScriptDirectory.from_config(
+        alembic_config(WALLET.migrations_dir, "sqlite://")
+    ).get_current_head()
+    assert revision == head
+
+
 def test_migrations_run_on_their_own_for_services_that_do_not_migrate_on_start(
     tmp_path: Path,
 ) -> None:

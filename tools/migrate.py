@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from runtime import migrations, startup
 from runtime.db import Database
 from runtime.server import ServiceSpec
+from runtime.telemetry import configure_logging
 from services.gifting.service import SPEC as GIFTING
 from services.payout.service import SPEC as PAYOUT
 from services.promotion.service import SPEC as PROMOTION
@@ -28,8 +29,12 @@ async def migrate(names: list[str]) -> None:
     for name in names:
         spec = SPECS[name]
         settings = spec.settings_type()
-        db = Database(settings.resolved_database_url())
+        # Alembic's "Running upgrade ..." lines look like the service's own (a service that
+        # migrates on start runs this in a child process: runtime.server.main).
+        flush_logs = configure_logging(name, settings.log_level, settings.log_format)
+        db: Database | None = None
         try:
+            db = Database(settings.resolved_database_url())  # refuses a URL it cannot use
             await migrations.upgrade(db, spec.migrations_dir)
         except Exception as error:
             why = startup.explain(error, name, settings)
@@ -37,7 +42,9 @@ async def migrate(names: list[str]) -> None:
                 raise
             raise SystemExit(why) from None
         finally:
-            await db.close()
+            if db is not None:
+                await db.close()
+            flush_logs()
         where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
         print(f"{name}: migrated to the newest schema ({where})")
 
