@@ -33,13 +33,12 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 import runtime.server
 from runtime.auth import AUTHORIZATION
 from runtime.clients import downstream_timeout, service_channel
 from runtime.config import SecuritySettings
-from runtime.telemetry import make_tracer_provider
+from runtime.telemetry import make_tracer_provider, server_tracing
 from runtime.tls import server_credentials
 
 SERVICE = "coins.bench.v1.Echo"
@@ -95,11 +94,7 @@ async def serve(flavour: str, identity: str, certs: Path, forward: str | None, p
     if flavour == "suite":
         provider = make_tracer_provider(f"echo-{identity}")
         server = grpc.aio.server(
-            interceptors=[
-                aio_server_interceptor(  # type: ignore[no-untyped-call]
-                    tracer_provider=provider, filter_=filters.negate(filters.health_check())
-                )
-            ],
+            interceptors=[server_tracing(provider)],
             options=[
                 ("grpc.max_receive_message_length", 1024 * 1024),
                 ("grpc.max_send_message_length", 1024 * 1024),

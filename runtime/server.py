@@ -29,7 +29,6 @@ import uvloop
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -57,7 +56,12 @@ from runtime.outages import outage_of
 from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
 from runtime.sql import Statement
-from runtime.telemetry import configure_logging, make_tracer_provider, service_resource_name
+from runtime.telemetry import (
+    configure_logging,
+    make_tracer_provider,
+    server_tracing,
+    service_resource_name,
+)
 from runtime.tls import server_credentials
 
 log = logging.getLogger("coins.server")
@@ -386,9 +390,7 @@ async def start_service(
     access = {**spec.access, **AdminAuditApi.ACCESS, health_check: Access(needs_user=False)}
     server = grpc.aio.server(
         interceptors=[
-            aio_server_interceptor(
-                tracer_provider=provider, filter_=filters.negate(filters.health_check())
-            ),
+            server_tracing(provider),
             RequestGuard(
                 spec.error_domain,
                 access=access,

@@ -15,7 +15,10 @@ import os
 import time
 from collections.abc import Callable
 
+import grpc
+import grpc.aio
 from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -50,6 +53,25 @@ def make_tracer_provider(service: str, exporter: SpanExporter | None = None) -> 
     elif choice == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     return provider
+
+
+_HEALTH_SERVICE = "/grpc.health.v1.Health/"
+
+
+def _not_a_health_check(details: grpc.HandlerCallDetails) -> bool:
+    """What `filters.negate(filters.health_check())` decides, by one string comparison: that
+    filter parses the method path and checks it against a typing Protocol on every call, ~2.5% of
+    a GetBalance's CPU."""
+    return not details.method.startswith(_HEALTH_SERVICE)
+
+
+def server_tracing(provider: trace.TracerProvider) -> grpc.aio.ServerInterceptor:
+    """OpenTelemetry's server interceptor: a span for every call but health checks (probes every
+    few seconds would bury the traces)."""
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(
+        tracer_provider=provider, filter_=_not_a_health_check
+    )
+    return interceptor
 
 
 def trace_engine(engine: AsyncEngine, provider: trace.TracerProvider) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -117,3 +119,20 @@ async def test_a_refused_call_is_marked_on_its_server_span(suite: Suite) -> None
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     assert span.attributes["coins.reason"] == info.reason
     assert span.status.status_code == StatusCode.UNSET
+
+
+async def test_health_checks_leave_no_span_and_every_other_call_does(suite: Suite) -> None:
+    """Probes every few seconds would bury the traces: the service port's health checks are not
+    traced (runtime.telemetry.server_tracing), its other calls, reflection included, are."""
+    channel = suite.channel("wallet")
+    suite.spans.clear()
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "coins.wallet.v1.WalletService"):
+        await health.Check(health_pb2.HealthCheckRequest(service=service))
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    async for _ in reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    ):
+        pass
+    servers = [s.name for s in suite.spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert servers == ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"]
