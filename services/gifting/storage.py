@@ -1293,22 +1293,35 @@ _END_LIVE_STREAKS = Statement(
     "UPDATE streaks SET ended_at = :now WHERE live_id = :live_id AND ended_at IS NULL "
     f"RETURNING {_STREAK_COLUMNS}",
 )
-_NEXT_SEQ = Statement(
-    "gifting.next_seq",
-    "UPDATE lives SET last_seq = last_seq + 1 WHERE live_id = :live_id AND ended_at IS NULL "
-    "RETURNING last_seq",
+_BUMP_SEQS = Statement(
+    "gifting.bump_seqs",
+    "UPDATE lives SET last_seq = last_seq + json_extract(value, '$[1]') FROM json_each(:rows) "
+    "WHERE lives.live_id = json_extract(value, '$[0]') AND lives.ended_at IS NULL "
+    "RETURNING live_id, last_seq",
+    postgres="UPDATE lives SET last_seq = lives.last_seq + d.n "
+    "FROM unnest(:live_ids::text[], :counts::bigint[]) AS d(live_id, n) "
+    "WHERE lives.live_id = d.live_id AND lives.ended_at IS NULL "
+    "RETURNING lives.live_id, lives.last_seq",
 )
-_STREAK_ENDED_EVENT = Statement(
-    "gifting.streak_ended_event",
+"""Take the next `n` feed numbers of each LIVE still on air (its last one returned)."""
+_STREAK_ENDED_EVENTS = Statement(
+    "gifting.streak_ended_events",
     "INSERT INTO live_events (live_id, seq, kind, sender_id, gift_id, count, created_at, "
-    "streak_id, streak_count) VALUES (:live_id, :seq, 'streak_ended', :sender_id, :gift_id, "
-    ":count, :now, :streak_id, :count)",
+    "streak_id, streak_count) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "'streak_ended', json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
+    "json_extract(value, '$[4]'), :now, json_extract(value, '$[5]'), json_extract(value, '$[4]') "
+    "FROM json_each(:rows) WHERE true",
+    postgres="INSERT INTO live_events (live_id, seq, kind, sender_id, gift_id, count, created_at, "
+    "streak_id, streak_count) SELECT e.live_id, e.seq, 'streak_ended', e.sender_id, e.gift_id, "
+    "e.count, :now, e.streak_id, e.count FROM unnest(:live_ids::text[], :seqs::bigint[], "
+    ":sender_ids::text[], :gift_ids::text[], :counts::bigint[], :streak_ids::text[]) "
+    "AS e(live_id, seq, sender_id, gift_id, count, streak_id)",
 )
 _NOTIFY = Statement(
     "gifting.notify",
     "",
-    postgres="SELECT pg_notify('live_feed', live_id) FROM lives WHERE live_id = :live_id "
-    "AND watched_until > :now",
+    postgres="SELECT pg_notify('live_feed', live_id) FROM lives "
+    "WHERE live_id = ANY(:live_ids::text[]) AND watched_until > :now",
 )
 
 
@@ -1356,27 +1369,48 @@ async def end_live_streaks(tx: Tx, live_id: str, now: dt.datetime) -> list[Strea
 
 async def feed_streak_ends(tx: Tx, ended: Sequence[StreakEnd], now: dt.datetime) -> set[str]:
     """Each ended streak's event in its LIVE's feed (none once the LIVE has ended); the LIVEs
-    whose watchers are to be woken (on PostgreSQL, every replica's, at commit)."""
-    fed: set[str] = set()
-    # Each LIVE's row is locked by its first event: in LIVE id order, as a delivery locks them.
+    whose watchers are to be woken (on PostgreSQL, every replica's, at commit). A sweep ends
+    hundreds at once: a few statements for all of them, not two round trips per streak."""
+    if not ended:
+        return set()
+    by_live: dict[str, list[StreakEnd]] = {}
     for streak in sorted(ended, key=lambda s: (s.live_id, s.streak_id)):
-        row = await tx.one(_NEXT_SEQ, live_id=streak.live_id)
-        if row is None:
-            continue
-        await tx.run(
-            _STREAK_ENDED_EVENT,
-            live_id=streak.live_id,
-            seq=int(row[0]),
-            sender_id=streak.sender_id,
-            gift_id=streak.gift_id,
-            count=streak.count,
-            now=now,
-            streak_id=streak.streak_id,
-        )
-        fed.add(streak.live_id)
+        by_live.setdefault(streak.live_id, []).append(streak)
+    lives_ = list(by_live)  # in id order
+    if len(lives_) > 1 and tx.dialect == "postgresql":
+        # Several LIVEs' rows, locked in id order as a delivery locks them (`_LOCK_LIVES`).
+        await tx.all(_LOCK_LIVES, rows=lives_, live_ids=lives_)
+    counts = [len(by_live[live]) for live in lives_]
+    bumped = await tx.all(
+        _BUMP_SEQS,
+        rows=[[live, n] for live, n in zip(lives_, counts, strict=True)],
+        live_ids=lives_,
+        counts=counts,
+    )
+    rows: list[list[Any]] = []
+    for live_id, last_seq in sorted((str(r[0]), int(r[1])) for r in bumped):
+        streaks = by_live[live_id]
+        first = last_seq - len(streaks) + 1
+        for seq, streak in enumerate(streaks, start=first):
+            rows.append(
+                [live_id, seq, streak.sender_id, streak.gift_id, streak.count, streak.streak_id]
+            )
+    if not rows:
+        return set()
+    await tx.run(
+        _STREAK_ENDED_EVENTS,
+        rows=rows,
+        now=now,
+        live_ids=[r[0] for r in rows],
+        seqs=[r[1] for r in rows],
+        sender_ids=[r[2] for r in rows],
+        gift_ids=[r[3] for r in rows],
+        counts=[r[4] for r in rows],
+        streak_ids=[r[5] for r in rows],
+    )
+    fed = {str(r[0]) for r in bumped}
     if tx.dialect == "postgresql":
-        for live_id in fed:
-            await tx.one(_NOTIFY, live_id=live_id, now=now)
+        await tx.all(_NOTIFY, live_ids=sorted(fed), now=now)
     return fed
 
 
