@@ -111,8 +111,9 @@ class ServiceSettings(BaseSettings):
     What bounds a burst's memory: without it grpc takes in every stream a client sends and holds its
     request until the event loop gets to it (a 5x burst grew a service by 60 MB, all outside
     Python); each call in flight costs ~50 KB, mostly outside Python (gifting: 100 streams peaked
-    at 157 MB in the benchmark's burst, 64 at 148). A gRPC client queues the excess on its side (HTTP/2 flow control); a stream opened
-    beyond the limit anyway is refused at once (UNAVAILABLE, never processed, so safe to retry)."""
+    at 157 MB in the benchmark's burst, 64 at 148). A gRPC client queues the excess on its side
+    (HTTP/2 flow control); a stream opened beyond the limit anyway is refused at once
+    (UNAVAILABLE, never processed, so safe to retry)."""
     max_in_flight_rpcs: int = 512
     """Calls in flight beyond which new ones are refused at once (OVERLOADED, see runtime.shedding)."""
     max_queue_seconds: float = 2.0

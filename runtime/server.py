@@ -515,7 +515,7 @@ def _few_malloc_arenas() -> None:
 
 def _migrate_in_a_child_process(service: str) -> None:
     """Migrate with `python -m tools.migrate SERVICE` in a short-lived child (same environment, so
-    the same settings), not in the server: alembic pulls in mako and pygments, ~10 MB that a
+    the same settings), not in the server: alembic pulls in mako and pygments, ~8 MB that a
     long-lived process would keep for nothing. The child explains a database it cannot use in one
     line, as the server would; the server then stops with the child's exit code."""
     done = subprocess.run([sys.executable, "-m", "tools.migrate", service], check=False)
