@@ -14,6 +14,7 @@ from pathlib import Path
 from alembic import command, context
 from alembic.config import Config
 from alembic.operations import Operations
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -39,9 +40,17 @@ async def upgrade(db: Database, migrations_dir: Path, revision: str = "head") ->
         await conn.run_sync(run)
 
 
+_MIGRATION_LOCK = 0x636F696E5F6D6967  # "coins_mig": one advisory lock key, per database
+"""Replicas starting at once each migrate their service's database: the first takes this lock, the
+others wait for its commit and then find the schema at head (without it they failed on the tables
+the first was creating)."""
+
+
 def _migrate(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=None, render_as_batch=True)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":  # held until the migration commits
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         context.run_migrations()
 
 
