@@ -99,6 +99,10 @@ class ServiceSettings(BaseSettings):
     and audit rows). Migrations run as the login user. Empty: act as the login user, for a deployment
     whose login role is restricted already."""
     migrate_on_start: bool = True
+    migration_wait_seconds: float = Field(default=30.0, ge=0)
+    """With `migrate_on_start` false: how long a starting service waits for its database to be
+    migrated (the migrate Job may still be running) before it stops with what to run. Under the
+    Kubernetes liveness probe's ~40 s."""
     health_check_seconds: float = 2.0
     """How often the service checks that its database answers; health reports NOT_SERVING while
     it does not."""

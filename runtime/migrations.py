@@ -11,9 +11,11 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command, context
 from alembic.config import Config
 from alembic.operations import Operations
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -44,6 +46,29 @@ _MIGRATION_LOCK = 0x636F696E5F6D6967  # "coins_mig": one advisory lock key, per 
 """Replicas starting at once each migrate their service's database: the first takes this lock, the
 others wait for its commit and then find the schema at head (without it they failed on the tables
 the first was creating)."""
+
+
+async def behind(db: Database, migrations_dir: Path) -> tuple[str | None, str] | None:
+    """(the database's revision, the code's head) when the database is behind the code (never
+    migrated, or at an older revision); None when it is at head, or at a revision this code does
+    not know (newer: a rollback of the code after an additive migration still runs)."""
+
+    script = ScriptDirectory.from_config(alembic_config(migrations_dir, db.url))
+    head = script.get_current_head()
+    assert head is not None
+
+    def read(connection: Connection) -> str | None:
+        if not sa.inspect(connection).has_table("alembic_version"):
+            return None
+        value = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return None if value is None else str(value)
+
+    async with db.engine.connect() as conn:
+        current = await conn.run_sync(read)
+    known = {revision.revision for revision in script.walk_revisions()}
+    if current == head or (current is not None and current not in known):
+        return None
+    return current, head
 
 
 def _migrate(connection: Connection) -> None:

@@ -513,12 +513,15 @@ def _few_malloc_arenas() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
 
 
-def _migrate_in_a_child_process(service: str) -> None:
+def _migrations_in_a_child_process(service: str, *, check: bool) -> None:
     """Migrate with `python -m tools.migrate SERVICE` in a short-lived child (same environment, so
     the same settings), not in the server: alembic pulls in mako and pygments, ~8 MB that a
-    long-lived process would keep for nothing. The child explains a database it cannot use in one
-    line, as the server would; the server then stops with the child's exit code."""
-    done = subprocess.run([sys.executable, "-m", "tools.migrate", service], check=False)
+    long-lived process would keep for nothing. `check` (`<SVC>_MIGRATE_ON_START=false`): only
+    verify that the database is not behind the code, else a server would report SERVING and fail
+    every call on missing tables. The child explains a database it cannot use in one line, as
+    the server would; the server then stops with the child's exit code."""
+    command = [sys.executable, "-m", "tools.migrate", service, *(["--check"] if check else [])]
+    done = subprocess.run(command, check=False)
     if done.returncode != 0:
         raise SystemExit(done.returncode)
 
@@ -539,9 +542,9 @@ def main(spec: ServiceSpec[S]) -> None:
     _few_malloc_arenas()
     settings = spec.settings_type()
     flush_logs = configure_logging(spec.name, settings.log_level, settings.log_format)
-    if settings.migrate_on_start:
-        _migrate_in_a_child_process(spec.name)
-        settings = settings.model_copy(update={"migrate_on_start": False})
+    # Migrate, or check that the migrate Job did, in a short-lived child process.
+    _migrations_in_a_child_process(spec.name, check=not settings.migrate_on_start)
+    settings = settings.model_copy(update={"migrate_on_start": False})
 
     async def serve() -> None:
         running = await start_service(spec, settings)

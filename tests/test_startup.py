@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
 
-from runtime.migrations import alembic_config
+from runtime.db import Database
+from runtime.migrations import alembic_config, upgrade
 from services.wallet.service import SPEC as WALLET
 from tools.migrate import SPECS
 
@@ -90,6 +93,74 @@ def test_a_service_that_migrates_on_start_does_so_in_a_child_process(tmp_path: P
         alembic_config(WALLET.migrations_dir, "sqlite://")
     ).get_current_head()
     assert revision == head
+
+
+def test_a_service_that_does_not_migrate_refuses_a_database_that_was_not(tmp_path: Path) -> None:
+    """With `<SVC>_MIGRATE_ON_START=false` and no migrate Job run first, a server would report
+    SERVING and fail every call on missing tables: it stops with one line saying what to run."""
+    done = start_wallet(
+        tmp_path,
+        WALLET_MIGRATE_ON_START="false",
+        WALLET_MIGRATION_WAIT_SECONDS="0",
+        WALLET_DATA_DIR=str(tmp_path / "data"),
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "wallet: the database (sqlite+aiosqlite:///" in done.stderr
+    assert "is not migrated, this code needs" in done.stderr
+    assert "run `python -m tools.migrate wallet` first" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def migrate_tool(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.migrate", *args],
+        cwd=ROOT,
+        env={**os.environ, "WALLET_DATA_DIR": str(data_dir), "WALLET_MIGRATION_WAIT_SECONDS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_check_names_the_revision_a_database_is_behind_at(tmp_path: Path) -> None:
+    async def migrate_to_0005() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}")
+        try:
+            await upgrade(db, WALLET.migrations_dir, "0005")
+        finally:
+            await db.close()
+
+    asyncio.run(migrate_to_0005())
+    behind = migrate_tool(tmp_path, "--check", "wallet")
+    assert behind.returncode == 1
+    assert "is at revision 0005, this code needs" in behind.stderr, behind.stderr[-2000:]
+    assert migrate_tool(tmp_path, "wallet").returncode == 0
+    at_head = migrate_tool(tmp_path, "--check", "wallet")
+    assert at_head.returncode == 0, at_head.stderr[-2000:]
+
+
+def test_a_service_that_does_not_migrate_waits_for_the_migrate_job(tmp_path: Path) -> None:
+    """Deployed with its migrate Job (applied at the same time), a service that starts first waits
+    for the Job instead of stopping: the check passes once the database reaches head."""
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "tools.migrate", "--check", "wallet"],
+        cwd=ROOT,
+        env={**os.environ, "WALLET_DATA_DIR": str(tmp_path), "WALLET_MIGRATION_WAIT_SECONDS": "60"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "wallet.db").exists():  # the check has looked once
+            assert waiting.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert migrate_tool(tmp_path, "wallet").returncode == 0  # the Job
+        _, stderr = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, stderr[-2000:]
+    assert "waiting up to 60s for it to be migrated" in stderr
 
 
 def test_migrations_run_on_their_own_for_services_that_do_not_migrate_on_start(

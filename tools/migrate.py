@@ -1,12 +1,17 @@
 """`python -m tools.migrate [SERVICE ...]`: bring services' databases to the newest schema, for a
 deployment that starts its services with `<SVC>_MIGRATE_ON_START=false` (a Kubernetes Job before a
-rollout). Reads the same settings as the services (`<SVC>_DATABASE_URL`, ...); idempotent."""
+rollout). Reads the same settings as the services (`<SVC>_DATABASE_URL`, ...); idempotent.
+
+`--check`: change nothing; fail with one line per service whose database is behind the code (a
+service started with `<SVC>_MIGRATE_ON_START=false` runs this first, see runtime.server.main)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
+import time
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -20,12 +25,14 @@ from services.payout.service import SPEC as PAYOUT
 from services.promotion.service import SPEC as PROMOTION
 from services.wallet.service import SPEC as WALLET
 
+log = logging.getLogger("coins.migrate")
+
 SPECS: dict[str, ServiceSpec[Any]] = {
     spec.name: spec for spec in (WALLET, GIFTING, PAYOUT, PROMOTION)
 }
 
 
-async def migrate(names: list[str]) -> None:
+async def migrate(names: list[str], *, check: bool = False) -> None:
     for name in names:
         spec = SPECS[name]
         settings = spec.settings_type()
@@ -35,7 +42,10 @@ async def migrate(names: list[str]) -> None:
         db: Database | None = None
         try:
             db = Database(settings.resolved_database_url())  # refuses a URL it cannot use
-            await migrations.upgrade(db, spec.migrations_dir)
+            if check:
+                lag = await _wait_until_migrated(name, db, spec, settings.migration_wait_seconds)
+            else:
+                await migrations.upgrade(db, spec.migrations_dir)
         except Exception as error:
             why = startup.explain(error, name, settings)
             if why is None:
@@ -46,7 +56,38 @@ async def migrate(names: list[str]) -> None:
                 await db.close()
             flush_logs()
         where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
-        print(f"{name}: migrated to the newest schema ({where})")
+        if not check:
+            print(f"{name}: migrated to the newest schema ({where})")
+        elif lag is not None:
+            current, head = lag
+            raise SystemExit(
+                f"{name}: the database ({where}) is "
+                f"{'not migrated' if current is None else f'at revision {current}'}, this code "
+                f"needs {head}: run `python -m tools.migrate {name}` first (or start it with "
+                f"{name.upper()}_MIGRATE_ON_START=true; waited "
+                f"{name.upper()}_MIGRATION_WAIT_SECONDS={settings.migration_wait_seconds:g}s)"
+            )
+
+
+async def _wait_until_migrated(
+    name: str, db: Database, spec: ServiceSpec[Any], seconds: float
+) -> tuple[str | None, str] | None:
+    """Whether the database is behind the code, after waiting up to `seconds` for someone else
+    (the migrate Job) to migrate it."""
+    deadline = time.monotonic() + seconds
+    lag = await migrations.behind(db, spec.migrations_dir)
+    if lag is not None and seconds > 0:
+        log.info(
+            "%s: the database is %s, this code needs %s: waiting up to %.0fs for it to be migrated",
+            name,
+            "not migrated" if lag[0] is None else f"at revision {lag[0]}",
+            lag[1],
+            seconds,
+        )
+    while lag is not None and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        lag = await migrations.behind(db, spec.migrations_dir)
+    return lag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SPECS)} (default: all)"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing: fail if a database is behind the code (with what to run)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.services) - set(SPECS))
     if unknown:
         parser.error(f"unknown services {unknown}: choose from {', '.join(SPECS)}")
-    asyncio.run(migrate(args.services or list(SPECS)))
+    asyncio.run(migrate(args.services or list(SPECS), check=args.check))
     return 0
 
 
