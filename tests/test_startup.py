@@ -21,9 +21,11 @@ from tools.migrate import SPECS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_wallet(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def start_wallet(
+    tmp_path: Path, *python_options: str, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.wallet"],
+        [sys.executable, *python_options, "-m", "services.wallet"],
         cwd=ROOT,
         env={
             **os.environ,
@@ -74,25 +76,43 @@ def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+def assert_wallet_at_head(database: Path) -> None:
+    with sqlite3.connect(database) as db:
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    head = ScriptDirectory.from_config(
+        alembic_config(WALLET.migrations_dir, "sqlite://")
+    ).get_current_head()
+    assert revision == head
+
+
 def test_a_service_that_migrates_on_start_does_so_in_a_child_process(tmp_path: Path) -> None:
     """`python -m services.wallet` migrates with `tools.migrate` in a short-lived child (its line on
-    stdout, the database at head), so the server itself never loads alembic (see
-    runtime.server.main); here the taken port then stops the server after the migration."""
+    stdout, the database at head) and the server itself never imports alembic (`-X importtime`
+    lists the server's imports, not the child's); here the taken port then stops the server after
+    the migration."""
     import socket
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        done = start_wallet(tmp_path, WALLET_PORT=str(port), WALLET_DATA_DIR=str(tmp_path / "data"))
+        done = start_wallet(
+            tmp_path,
+            "-X",
+            "importtime",
+            WALLET_PORT=str(port),
+            WALLET_DATA_DIR=str(tmp_path / "data"),
+        )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "wallet: migrated to the newest schema" in done.stdout, done.stdout[-2000:]
-    with sqlite3.connect(tmp_path / "data" / "wallet.db") as db:
-        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
-    head = ScriptDirectory.from_config(
-        alembic_config(WALLET.migrations_dir, "sqlite://")
-    ).get_current_head()
-    assert revision == head
+    imported = [
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    ]
+    assert "runtime.server" in imported  # the server's own imports are listed
+    assert not [m for m in imported if m.split(".")[0] in ("alembic", "mako", "pygments")]
+    assert_wallet_at_head(tmp_path / "data" / "wallet.db")
 
 
 def test_a_service_that_does_not_migrate_refuses_a_database_that_was_not(tmp_path: Path) -> None:
@@ -177,12 +197,7 @@ def test_migrations_run_on_their_own_for_services_that_do_not_migrate_on_start(
     assert done.returncode == 0, done.stderr[-2000:]
     assert "wallet: migrated to the newest schema" in done.stdout
     assert sorted(p.name for p in tmp_path.glob("*.db")) == ["payout.db", "wallet.db"]
-    with sqlite3.connect(tmp_path / "wallet.db") as db:
-        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
-    head = ScriptDirectory.from_config(
-        alembic_config(WALLET.migrations_dir, "sqlite://")
-    ).get_current_head()
-    assert revision == head
+    assert_wallet_at_head(tmp_path / "wallet.db")
 
 
 def test_a_service_that_does_not_migrate_does_not_load_alembic() -> None:
