@@ -124,10 +124,17 @@ async def test_a_charge_still_on_its_way_when_reconciled_can_never_charge(
     provider = suite.services["wallet"].runtime.parts["payments"]
     assert isinstance(provider, SandboxPaymentProvider)
 
-    async def provider_answered() -> bool:  # the late charge reached the provider
-        return provider.charged(purchase_id) is not None
+    async def reconciled_and_late_charge_refused() -> bool:
+        # Both must have happened: the purchase failed in the wallet (before, a retry would rightly
+        # resume it) and the late charge reached the provider (the void alone also leaves a record).
+        async with suite.services["wallet"].runtime.db.read() as conn:
+            found = await storage.get_purchase(conn, purchase_id)
+        failed = found is not None and found.status == "failed"
+        return failed and provider.late_charges_in_flight() == 0
 
-    await eventually(provider_answered, "the late charge at the provider", seconds=5)
+    await eventually(
+        reconciled_and_late_charge_refused, "the reconciliation and the late charge", seconds=5
+    )
     charge = provider.charged(purchase_id)
     assert charge is not None and not charge.approved and charge.decline_reason == "voided"
     await expect_error(  # the request's answer: declined, nothing bought

@@ -47,8 +47,10 @@ class SandboxPaymentProvider:
     reason); `tok_timeout...` is approved but the first answer for a key is lost on the way (the
     caller sees PaymentOutcomeUnknown, and asking again returns the approval); `tok_late...` is
     approved after two seconds, whether the caller still waits or not (a slow provider: the charge
-    goes on after the caller's timeout, as a real one's would); other tokens are approved. Each
-    call takes `latency_ms`, like a real network call.
+    goes on after the caller's timeout, as a real one's would); other tokens are approved. A key
+    the provider has already recorded (charged, declined or voided) is answered from that record at
+    once, as a real provider replays an idempotency key. Each call takes `latency_ms`, like a real
+    network call.
     """
 
     LATE_SECONDS = 2.0
@@ -61,6 +63,10 @@ class SandboxPaymentProvider:
     def charged(self, idempotency_key: str) -> ChargeResult | None:
         """What the provider recorded under the key (for tests that count charges)."""
         return self._charges.get(idempotency_key)
+
+    def late_charges_in_flight(self) -> int:
+        """`tok_late` charges the provider is still working on (for tests that wait for them)."""
+        return len(self._late)
 
     def charges(self) -> dict[str, ChargeResult]:
         """Everything the provider recorded, by idempotency key (for tests that count charges)."""
@@ -80,6 +86,9 @@ class SandboxPaymentProvider:
         self, *, idempotency_key: str, token: str, amount_minor: int, currency: str
     ) -> ChargeResult:
         await asyncio.sleep(self._latency)
+        recorded = self._charges.get(idempotency_key)
+        if recorded is not None:  # a repeat, or a key voided (reconciled as never charged)
+            return recorded
         if token.startswith("tok_late"):
             # Runs on at the provider even if the caller stops waiting (hence shield).
             task = asyncio.create_task(self._late_charge(idempotency_key, token))
