@@ -1,11 +1,12 @@
 """The withdrawal worker never stalls and never pays twice: a lost answer is looked up, not resent;
-a lost request is resent under the same key; what cannot be finished is parked for an admin."""
+a lost (or only delayed) request is resent as the same batch, under the same key; what cannot be
+finished is parked for an admin; reconciliation names a payment made twice."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,7 @@ import pytest
 
 from coins.payout.v1 import payout_pb2
 from runtime.clock import SystemClock
-from services.payout.processor import PayoutItem, WithdrawalWorker
+from services.payout.processor import ItemStatus, PayoutItem, WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox
 from services.payout.settings import PayoutSettings
 from services.payout.withdrawals import Withdrawals
@@ -200,6 +201,84 @@ async def test_a_processor_that_does_not_answer_reconciliation_is_unavailable(
         grpc.StatusCode.UNAVAILABLE,
         "PROCESSOR_UNAVAILABLE",
     )
+
+
+async def test_a_delayed_batch_and_its_resend_pay_each_of_its_withdrawals_once(
+    impatient: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request of a two-withdrawal batch is delayed, not lost: the worker times out, finds
+    neither item at the processor and sends the batch again, whole, under its own batch id; when
+    the original then arrives it is a repeat of a batch the processor has, and pays nothing more.
+    (Resent under a new batch id, each withdrawal was paid twice.)"""
+    suite = impatient
+    box = sandbox(suite)
+    worker = suite.services["payout"].runtime.parts["worker"]
+    assert isinstance(worker, WithdrawalWorker)
+    creators = [await creator_with_diamonds(suite, 5_000) for _ in range(2)]
+    real_submit = box.submit
+    delayed: list[tuple[str, list[PayoutItem]]] = []
+
+    async def slow_link(batch_id: str, items: Sequence[PayoutItem]) -> list[ItemStatus]:
+        if not delayed:  # the first request: still on its way when the worker stops waiting
+            delayed.append((batch_id, list(items)))
+            await asyncio.Event().wait()
+        return await real_submit(batch_id, items)
+
+    monkeypatch.setattr(box, "submit", slow_link)
+
+    async def later() -> None:
+        return None
+
+    real_work_due = worker.work_due
+    monkeypatch.setattr(worker, "work_due", later)  # both approved before the worker looks
+    made = [
+        (
+            await suite.payout.RequestWithdrawal(
+                withdrawal(creator, 2_000, "dest_paypal_ok"), metadata=suite.token(creator)
+            )
+        ).withdrawal.withdrawal_id
+        for creator in creators
+    ]
+    monkeypatch.setattr(worker, "work_due", real_work_due)
+    worker.wake.set()
+    for withdrawal_id, creator in zip(made, creators, strict=True):
+        found = await settled(suite, withdrawal_id, creator)
+        assert found.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    (batch_id, items) = delayed[0]
+    assert sorted(i.sender_item_id for i in items) == sorted(made)  # one batch of two
+    box.arrive_late(batch_id, items)  # the original reaches the processor after all
+    assert {w: box.payments[w] for w in made} == {w: 1 for w in made}
+    report = await suite.payout.ReconcileWithdrawals(
+        payout_pb2.ReconcileWithdrawalsRequest(run_now=True),
+        metadata=suite.token("ops-1", admin=True),
+    )
+    assert [m for m in report.mismatches if m.withdrawal_id in made] == []
+
+
+async def test_reconciliation_names_a_withdrawal_paid_twice(impatient: Suite) -> None:
+    """Whatever the cause (here the sandbox is handed a second batch with the same item), a second
+    live item for one withdrawal is a mismatch of its own, naming the extra item."""
+    suite = impatient
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 2_000), metadata=suite.token(creator)
+    )
+    withdrawal_id = made.withdrawal.withdrawal_id
+    paid = await settled(suite, withdrawal_id, creator)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    sandbox(suite).arrive_late(
+        f"another-{withdrawal_id}", [PayoutItem(withdrawal_id, "dest_paypal_ok", 1_000, "USD")]
+    )
+    assert sandbox(suite).payments[withdrawal_id] == 2
+    report = await suite.payout.ReconcileWithdrawals(
+        payout_pb2.ReconcileWithdrawalsRequest(run_now=True),
+        metadata=suite.token("ops-1", admin=True),
+    )
+    mine = [m for m in report.mismatches if m.withdrawal_id == withdrawal_id]
+    assert [m.kind for m in mine] == [payout_pb2.MISMATCH_KIND_PAID_MORE_THAN_ONCE]
+    (double,) = mine
+    assert double.processor_reference and double.processor_reference != paid.processor_reference
+    assert (double.our_amount_minor, double.processor_amount_minor) == (1_000, 1_000)
 
 
 @pytest.fixture(scope="module")

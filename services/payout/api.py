@@ -53,6 +53,7 @@ _MISMATCHES = {
     "paid_here_not_there": payout_pb2.MISMATCH_KIND_PAID_HERE_NOT_THERE,
     "amount_differs": payout_pb2.MISMATCH_KIND_AMOUNT_DIFFERS,
     "unknown_at_processor": payout_pb2.MISMATCH_KIND_UNKNOWN_AT_PROCESSOR,
+    "paid_more_than_once": payout_pb2.MISMATCH_KIND_PAID_MORE_THAN_ONCE,
 }
 
 

@@ -5,8 +5,10 @@ Sending is exactly once by the processor's idempotency key, the batch id (`sende
 PayPal dedupes; the item's `sender_item_id` is the withdrawal id). Before a withdrawal is first sent
 it is marked submitted with its batch id, in the same transaction that moves it to processing; from
 then on a timeout or a lost answer is never followed by a blind resend: the worker looks the item up,
-and sends it again only if the processor has never heard of it, under a batch id derived from the
-withdrawal, so two resends (two replicas, a lost answer) are one payment.
+and if the processor has never heard of it sends the SAME batch again (the same batch id and the
+same items, read back from the withdrawals that kept that id). A request that was only delayed, not
+lost, then arrives as a repeat of a batch the processor already has and pays nothing more; and two
+resends (two replicas, a lost answer) are one payment.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ class PayoutProcessor(Protocol):
 
 
 def resend_batch_id(withdrawal: storage.WithdrawalRecord) -> str:
-    """The batch id a withdrawal is sent again under: the same on every resend of it."""
-    return f"resend-{withdrawal.withdrawal_id}"
+    """The batch id a withdrawal is sent again under: the batch it was first sent in, so that the
+    first request, if it was only delayed, and every resend are one batch at the processor. (A
+    withdrawal submitted before batch ids were kept, migration 0015, has a batch id of its own.)"""
+    return withdrawal.sender_batch_id or f"resend-{withdrawal.withdrawal_id}"
 
 
 def item_of(withdrawal: storage.WithdrawalRecord) -> PayoutItem:
@@ -208,8 +212,9 @@ class WithdrawalWorker:
 
     async def _follow_up(self, withdrawal: storage.WithdrawalRecord) -> None:
         """Look a processing withdrawal up; send it again only if the processor has never heard of
-        it, in a batch whose id comes from the withdrawal (a processor dedupes batches by id, so a
-        resend repeated by another worker or after a lost answer is still one payment)."""
+        it, as the batch it was first sent in, whole (a processor dedupes batches by id and knows a
+        batch whole or not at all, so the late original, a resend repeated by another worker and
+        the resends of the batch's other withdrawals are all one payment each)."""
         async with self._rt.db.transaction() as conn:
             leased = await self._withdrawals.follow_up(
                 conn, withdrawal.withdrawal_id, self._rt.clock.now(), self._lease_until()
@@ -221,10 +226,17 @@ class WithdrawalWorker:
                 self.processor.lookup(withdrawal.withdrawal_id), self._timeout
             )
             if item is None:
-                log.info("processor has no item %s: sending it", withdrawal.withdrawal_id)
+                batch_id = resend_batch_id(withdrawal)
+                log.info(
+                    "processor has no item %s: sending its batch %s again",
+                    withdrawal.withdrawal_id,
+                    batch_id,
+                )
+                async with self._rt.db.read() as conn:
+                    batch = await storage.withdrawals_in_batch(conn, batch_id)
+                resend = [item_of(w) for w in batch] or [item_of(withdrawal)]
                 items = await asyncio.wait_for(
-                    self.processor.submit(resend_batch_id(withdrawal), [item_of(withdrawal)]),
-                    self._timeout,
+                    self.processor.submit(batch_id, resend), self._timeout
                 )
                 item = next(
                     (i for i in items if i.sender_item_id == withdrawal.withdrawal_id), None

@@ -2,7 +2,8 @@
 
 Compared: every withdrawal sent in the window (`PAYOUT_RECONCILE_WINDOW_HOURS`) and every item the
 processor has from it. A mismatch is a payment paid there but not here, paid here but not there,
-with amounts that differ, or an item we never sent. An outcome younger than
+with amounts that differ, an item we never sent, or a withdrawal the processor has more than one
+live item for (paid, or still on its way): a double payment. An outcome younger than
 `PAYOUT_RECONCILE_GRACE_SECONDS` is not yet a mismatch: its callback may be on its way. The job
 reports; it never moves money (a person decides, and the worker's lookups fix what was merely late).
 """
@@ -14,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from runtime.clock import utc
@@ -29,7 +31,8 @@ log = logging.getLogger("coins.payout.reconciliation")
 @dataclass(frozen=True)
 class Mismatch:
     kind: str
-    """paid_there_not_here, paid_here_not_there, amount_differs, unknown_at_processor."""
+    """paid_there_not_here, paid_here_not_there, amount_differs, unknown_at_processor,
+    paid_more_than_once."""
     withdrawal_id: str
     processor_reference: str
     our_status: str
@@ -62,15 +65,30 @@ def _mismatch(w: storage.WithdrawalRecord | None, item: ItemStatus | None, kind:
     )
 
 
+def by_withdrawal(items: Sequence[ItemStatus]) -> dict[str, list[ItemStatus]]:
+    """The processor's items grouped by our withdrawal id (`sender_item_id`), in the order the
+    processor lists them (its first item for a withdrawal first)."""
+    grouped: dict[str, list[ItemStatus]] = {}
+    for item in items:
+        grouped.setdefault(item.sender_item_id, []).append(item)
+    return grouped
+
+
 def compare(
     ours: dict[str, storage.WithdrawalRecord],
-    theirs: dict[str, ItemStatus],
+    theirs: dict[str, list[ItemStatus]],
     settled_before: dt.datetime,
 ) -> list[Mismatch]:
-    """The mismatches between our withdrawals and the processor's items, by withdrawal id."""
-    found = []
+    """The mismatches between our withdrawals and the processor's items, by withdrawal id. Of
+    several items for one withdrawal, the first live one (paid or on its way) is the payment; each
+    further live item is a double payment; failed and returned items paid nothing."""
+    found: list[Mismatch] = []
     for withdrawal_id in sorted(set(ours) | set(theirs)):
-        w, item = ours.get(withdrawal_id), theirs.get(withdrawal_id)
+        w, items = ours.get(withdrawal_id), theirs.get(withdrawal_id, [])
+        live = [i for i in items if outcome_of(i) not in ("failed", "returned")]
+        item = live[0] if live else (items[0] if items else None)
+        if w is not None:
+            found.extend(_mismatch(w, extra, "paid_more_than_once") for extra in live[1:])
 
         if w is None:
             found.append(_mismatch(w, item, "unknown_at_processor"))
@@ -107,7 +125,7 @@ class Reconciler:
                 f"the payout processor {why}: reconciliation did not run; try again shortly",
                 retry_after=settings.processor_timeout_seconds,
             ) from error
-        theirs = {item.sender_item_id: item for item in items}
+        theirs = by_withdrawal(items)
         async with self._rt.db.read() as conn:
             ours = {w.withdrawal_id: w for w in await storage.submitted_since(conn, since)}
             # Items of ours sent before the window but updated in it.

@@ -130,13 +130,6 @@ class _Store:
     def close(self) -> None:
         self._db.close()
 
-    def all_first(self) -> list[_Payment]:
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM payments WHERE seq IN "
-            "(SELECT min(seq) FROM payments GROUP BY sender_item_id)"
-        ).fetchall()
-        return [_Payment(*row) for row in rows]
-
     def override(
         self, sender_item_id: str, status: str, reason: str, amount: int, at: float
     ) -> None:
@@ -305,7 +298,7 @@ class PayPalSandbox:
 
     async def items_since(self, since: dt.datetime) -> list[ItemStatus]:
         await self._latency()
-        statuses = [self._status(p) for p in self._store.all_first()]
+        statuses = [self._status(p) for p in self._store.every_payment()]
         return [s for s in statuses if s.updated_at >= since]
 
     def _status(self, payment: _Payment) -> ItemStatus:

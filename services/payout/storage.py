@@ -626,6 +626,19 @@ async def submitted_since(conn: AsyncConnection, since: dt.datetime) -> list[Wit
     return [_withdrawal(row) for row in (await conn.execute(query)).all()]
 
 
+async def withdrawals_in_batch(
+    conn: AsyncConnection, sender_batch_id: str
+) -> list[WithdrawalRecord]:
+    """The withdrawals first sent in `sender_batch_id`, i.e. that batch's items, in withdrawal-id
+    order (ix_withdrawals_sender_batch)."""
+    query = (
+        select(withdrawals)
+        .where(withdrawals.c.sender_batch_id == sender_batch_id)
+        .order_by(withdrawals.c.withdrawal_id)
+    )
+    return [_withdrawal(row) for row in (await conn.execute(query)).all()]
+
+
 async def withdrawals_by_id(
     conn: AsyncConnection, withdrawal_ids: Sequence[str]
 ) -> dict[str, WithdrawalRecord]:

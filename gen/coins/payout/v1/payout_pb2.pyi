@@ -279,6 +279,10 @@ class _MismatchKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Mismatch
     """Both have it; the amounts differ."""
     MISMATCH_KIND_UNKNOWN_AT_PROCESSOR: _MismatchKind.ValueType  # 4
     """The processor has an item we never sent."""
+    MISMATCH_KIND_PAID_MORE_THAN_ONCE: _MismatchKind.ValueType  # 5
+    """The processor has more than one item for our withdrawal that paid or may still pay (one
+    mismatch per extra item, named by processor_reference): a double payment.
+    """
 
 class MismatchKind(_MismatchKind, metaclass=_MismatchKindEnumTypeWrapper):
     """What a reconciliation found wrong with one payment."""
@@ -293,6 +297,10 @@ MISMATCH_KIND_AMOUNT_DIFFERS: MismatchKind.ValueType  # 3
 """Both have it; the amounts differ."""
 MISMATCH_KIND_UNKNOWN_AT_PROCESSOR: MismatchKind.ValueType  # 4
 """The processor has an item we never sent."""
+MISMATCH_KIND_PAID_MORE_THAN_ONCE: MismatchKind.ValueType  # 5
+"""The processor has more than one item for our withdrawal that paid or may still pay (one
+mismatch per extra item, named by processor_reference): a double payment.
+"""
 Global___MismatchKind: _TypeAlias = MismatchKind  # noqa: Y015
 
 @_typing.final
