@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from pathlib import Path
 
 import grpc
 
 from coins.payout.v1 import payout_pb2
-from services.payout.domain import Payouts
+from ledger.book import Ledger
+from ledger.chain import GENESIS
+from runtime.clock import SystemClock
+from runtime.db import Database
+from runtime.migrations import upgrade
+from services.payout.domain import GiftCredit, Payouts
+from services.payout.service import SPEC as PAYOUT
 from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify_creator
 from tests.suite import Suite
 from tests.test_payout import settled
@@ -240,3 +247,74 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
     async with runtime.db.read() as conn:
         report = await runtime.parts["payouts"].ledger.audit(conn)  # type: ignore[attr-defined]
     assert report.ok, report
+
+
+def without_maturation(suite: Suite) -> Payouts:
+    """The same payout, configured with `PAYOUT_MATURATION_DAYS=0` (as before or after a change)."""
+    payouts = suite.services["payout"].runtime.parts["payouts"]
+    assert isinstance(payouts, Payouts)
+    settings = payouts.settings.model_copy(update={"maturation_days": 0})
+    return Payouts(settings, payouts.ledger)
+
+
+async def test_a_maturation_period_set_later_still_credits_creators_credited_without_one(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """A creator first credited with no maturation period, then credited once it is set: the gift
+    goes to their pending diamonds (it was refused, ACCOUNT_NOT_FOUND, and parked for good)."""
+    suite, clock = maturing
+    creator = new_id("creator")
+    runtime = suite.services["payout"].runtime
+    await without_maturation(suite).credit(
+        runtime.db.driver,
+        [GiftCredit(new_id("gift-key"), "fp", creator, 2_000, "before the change")],
+        clock.now(),
+        lambda creator_id, diamonds, balance: b"",
+    )
+    await verify_creator(suite, creator)
+    assert (await balance_of(suite, creator)).available_diamonds == 1_000
+    answer = await credit(suite, creator, 300)
+    assert (answer.balance.pending_diamonds, answer.balance.available_diamonds) == (300, 1_000)
+
+
+async def test_pending_diamonds_mature_at_once_when_the_maturation_period_is_removed(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    suite, clock = maturing
+    creator = new_id("creator")
+    await credit(suite, creator, 700)
+    await verify_creator(suite, creator)
+    runtime = suite.services["payout"].runtime
+    matured = await without_maturation(suite).mature(runtime.db.driver, clock.now())
+    assert matured >= 1
+    after = await balance_of(suite, creator)
+    assert (after.pending_diamonds, after.available_diamonds) == (0, 700)
+
+
+async def test_the_migration_opens_a_pending_account_for_every_creator_without_one(
+    tmp_path: Path,
+) -> None:
+    """Creators first credited with no maturation period had no pending account (see above)."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}")
+    try:
+        await upgrade(db, PAYOUT.migrations_dir, "0018")
+        ledger = Ledger(SystemClock(), unit="diamonds")
+        async with db.transaction() as conn:
+            for account in ("creator:old-1", "creator:old-2", "pending:old-2", "issuance"):
+                await ledger.open_account(conn, account)
+        await upgrade(db, PAYOUT.migrations_dir)
+        async with db.read() as conn:
+            rows = (
+                await conn.exec_driver_sql(
+                    "SELECT account_id, balance, seq, head_hash, keeps_balance "
+                    "FROM ledger_accounts WHERE account_id LIKE 'pending:%' ORDER BY 1"
+                )
+            ).all()
+            report = await ledger.audit(conn)
+        assert [tuple(r) for r in rows] == [
+            ("pending:old-1", 0, 0, GENESIS, 1),
+            ("pending:old-2", 0, 0, GENESIS, 1),
+        ]
+        assert report.ok, report
+    finally:
+        await db.close()

@@ -187,11 +187,9 @@ class Payouts:
             tx, {creator: sum(c.coins for c in items) for creator, items in fresh.items()}, now
         )
         new = [creator for creator, (_, credited) in totals.items() if not credited]
-        if new:
+        if new:  # both, whatever the maturation period: it may be changed later (migration 0019)
             await self.ledger.open_accounts(
-                tx,
-                [creator_account(c) for c in new]
-                + ([pending_account(c) for c in new] if self.maturing else []),
+                tx, [creator_account(c) for c in new] + [pending_account(c) for c in new]
             )
         credited_to = pending_account if self.maturing else creator_account
         owed: dict[str, int] = {}
@@ -471,9 +469,8 @@ class Payouts:
         one ledger transaction (kind `maturation`) per sweep batch, the credits marked matured in the
         same database transaction, so each credit matures exactly once, after restarts and with
         several replicas sweeping (PostgreSQL: each claims rows the others skip). Returns how many
-        credits matured."""
-        if not self.maturing:
-            return 0
+        credits matured. With no maturation period (`PAYOUT_MATURATION_DAYS=0`) new credits are
+        available at once, and what was still pending when the period was removed matures now."""
         due = now - dt.timedelta(days=self.settings.maturation_days)
         async with driver.transaction() as tx:
             claimed = await storage.claim_due_credits(tx, due, self.settings.maturation_batch)
