@@ -148,3 +148,116 @@ async def test_a_delivery_captured_but_never_counted_is_counted_without_a_retry(
     async with suite.services["promotion"].runtime.db.read() as conn:
         assert await storage.stale_pending_captures(conn, dt.datetime.now(dt.UTC), limit=10) == []
     assert (await hold_of(suite, promotion_id)).captured_coins == 60  # captured once
+
+
+async def paid_up_front(suite: Suite, user: str, budget: int) -> storage.PromotionRecord:
+    """An active promotion whose budget was debited up front (funding `debit`, no hold): how
+    promotions were paid before holds, and still served."""
+    now = dt.datetime.now(dt.UTC)
+    record = storage.PromotionRecord(
+        promotion_id=new_id("upfront"),
+        user_id=user,
+        video_id="v1",
+        goal="video_views",
+        budget_coins=budget,
+        spent_coins=0,
+        duration_days=3,
+        status="active",
+        wallet_transaction_id=new_id("tx"),
+        created_at=now,
+        updated_at=now,
+        hold_id=None,
+        ends_at=now + dt.timedelta(days=3),
+        funding="debit",
+    )
+    async with suite.services["promotion"].runtime.db.transaction() as conn:
+        await storage.insert_promotion(conn, record)
+    return record
+
+
+async def pending_captures_of(suite: Suite, promotion_id: str) -> list[storage.PendingCapture]:
+    async with suite.services["promotion"].runtime.db.read() as conn:
+        stale = await storage.stale_pending_captures(
+            conn, dt.datetime.now(dt.UTC) + dt.timedelta(days=1), limit=1000
+        )
+    return [p for p in stale if p.promotion_id == promotion_id]
+
+
+async def test_a_report_refused_over_an_up_front_budget_leaves_nothing_to_reconcile(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report that fitted the budget at its claim, but not once another report counted first, is
+    refused BUDGET_EXCEEDED, and its pending capture goes with it (it stayed, and the reconciler
+    failed on it every round)."""
+    suite = reconciling
+    user, _ = await funded_user(suite)
+    upfront = await paid_up_front(suite, user, 200)
+    original = Promotions.record_delivery
+
+    async def another_counted_first(
+        self: Promotions, conn: Any, promotion: storage.PromotionRecord, **kwargs: Any
+    ) -> bool:
+        assert await storage.add_spent(conn, promotion.promotion_id, 150, now=kwargs["now"])
+        return await original(self, conn, promotion, **kwargs)
+
+    monkeypatch.setattr(Promotions, "record_delivery", another_counted_first)
+    await expect_error(
+        suite.ad_delivery.ReportDelivery(delivery(upfront.promotion_id, 150)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "BUDGET_EXCEEDED",
+    )
+    monkeypatch.setattr(Promotions, "record_delivery", original)
+    assert (await read(suite, upfront.promotion_id, user)).spent_coins == 0  # rolled back
+    assert await pending_captures_of(suite, upfront.promotion_id) == []
+
+
+async def test_a_report_the_reconciler_cannot_settle_holds_up_no_other(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two older lost reports the reconciler cannot count (one over an up-front budget, one whose
+    count fails) and a newer one captured but never counted: the newer one is counted, the one
+    that can never count is dropped, and the failing one waits for the next round."""
+    suite = reconciling
+    user, _ = await funded_user(suite)
+    over = await paid_up_front(suite, user, 100)
+    failing = await paid_up_front(suite, user, 100)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    async with suite.services["promotion"].runtime.db.transaction() as conn:
+        await storage.add_pending_capture(conn, over.promotion_id, new_id("d"), 150, long_ago)
+        await storage.add_pending_capture(conn, failing.promotion_id, new_id("d"), 50, long_ago)
+    original = Promotions.record_delivery
+
+    async def fails_for_one(
+        self: Promotions, conn: Any, promotion: storage.PromotionRecord, **kwargs: Any
+    ) -> bool:
+        if promotion.promotion_id == failing.promotion_id:
+            raise RuntimeError("this one cannot be counted yet")
+        return await original(self, conn, promotion, **kwargs)
+
+    async def crash(self: Promotions, *args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("the process died here")
+
+    made = await suite.promotion.CreatePromotion(promotion(user, 300), metadata=suite.token(user))
+    held_id = made.promotion.promotion_id
+    monkeypatch.setattr(Promotions, "record_delivery", crash)
+    await expect_error(
+        suite.ad_delivery.ReportDelivery(delivery(held_id, 60)),
+        grpc.StatusCode.INTERNAL,
+        "INTERNAL_ERROR",
+    )
+    monkeypatch.setattr(Promotions, "record_delivery", fails_for_one)
+
+    async def counted() -> bool:
+        return (await read(suite, held_id, user)).spent_coins == 60
+
+    await eventually(counted, "the newer lost capture counted past the two it cannot settle")
+    assert await pending_captures_of(suite, over.promotion_id) == []
+    assert [p.coins for p in await pending_captures_of(suite, failing.promotion_id)] == [50]
+    assert (await read(suite, over.promotion_id, user)).spent_coins == 0
+    monkeypatch.setattr(Promotions, "record_delivery", original)
+
+    async def settled() -> bool:
+        return await pending_captures_of(suite, failing.promotion_id) == []
+
+    await eventually(settled, "the failing report counted once it can be")
+    assert (await read(suite, failing.promotion_id, user)).spent_coins == 50

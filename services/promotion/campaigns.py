@@ -6,6 +6,7 @@ crash resumes where the first attempt stopped and never moves coins twice."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,6 +19,8 @@ from runtime.idempotency import Idempotency
 from services.promotion import storage
 from services.promotion.convert import GOALS, not_found, promotion_pb
 from services.promotion.domain import BudgetWallet, Promotions
+
+log = logging.getLogger("coins.promotion.campaigns")
 
 
 class Campaigns:
@@ -172,6 +175,13 @@ class Campaigns:
                 response = response_type(promotion=promotion_pb(current, now))
                 await self._idempotency.complete(conn, scope, request, response=response)
         except DomainError as error:
+            if transaction_id is None and not error.retryable:
+                # Nothing was captured (a budget paid up front) and this report will never count
+                # (BUDGET_EXCEEDED): its pending capture goes, or the reconciler would retry it.
+                async with self._db.transaction() as conn:
+                    await storage.clear_pending_capture(
+                        conn, promotion.promotion_id, request.request_id
+                    )
             await self._idempotency.record_error(scope, request, error)
             raise
         return response
@@ -254,26 +264,40 @@ class Campaigns:
         """Count delivery reports whose capture answer was lost and whose reporter never came back:
         the same capture is sent again (the wallet answers it from its store, capturing nothing
         twice) and the delivery counted once, so the promotion's spent coins never fall behind the
-        wallet's captures. A report the wallet refuses captured nothing and is dropped; the report
-        request itself is answered when its reporter retries."""
+        wallet's captures. A report the wallet refuses captured nothing and is dropped, and so is
+        one paid up front that no longer fits its budget; the report request itself is answered
+        when its reporter retries. One report that cannot be settled never holds up the others."""
         async with self._db.read() as conn:
             stale = await storage.stale_pending_captures(
                 conn, self._clock.now() - older_than, limit=limit
             )
         settled = 0
         for pending in stale:
-            async with self._db.read() as conn:
-                promotion = await storage.get_promotion(conn, pending.promotion_id)
-            transaction_id = None
-            if promotion is not None:
-                try:
-                    transaction_id = await self._capture(
-                        promotion, pending.request_id, pending.coins, time_limit
-                    )
-                except DomainError as error:
-                    if error.retryable:
-                        continue  # the wallet is out: next round
-                    promotion = None  # refused: nothing was captured
+            try:
+                settled += await self._settle_capture(pending, time_limit)
+            except Exception:
+                log.exception(
+                    "cannot count delivery %s of promotion %s yet; the other reports go on",
+                    pending.request_id,
+                    pending.promotion_id,
+                )
+        return settled
+
+    async def _settle_capture(self, pending: storage.PendingCapture, time_limit: float) -> int:
+        """One lost report: captured again (nothing twice) and counted; 1 if settled, 0 if not yet."""
+        async with self._db.read() as conn:
+            promotion = await storage.get_promotion(conn, pending.promotion_id)
+        transaction_id = None
+        if promotion is not None:
+            try:
+                transaction_id = await self._capture(
+                    promotion, pending.request_id, pending.coins, time_limit
+                )
+            except DomainError as error:
+                if error.retryable:
+                    return 0  # the wallet is out: next round
+                promotion = None  # refused: nothing was captured
+        try:
             async with self._db.transaction() as conn:
                 if promotion is not None:
                     await self._promotions.record_delivery(
@@ -285,5 +309,10 @@ class Campaigns:
                         now=self._clock.now(),
                     )
                 await storage.clear_pending_capture(conn, pending.promotion_id, pending.request_id)
-            settled += 1
-        return settled
+        except DomainError as error:
+            if transaction_id is not None or error.retryable:
+                raise
+            # Paid up front and over its budget: nothing was captured and it can never count.
+            async with self._db.transaction() as conn:
+                await storage.clear_pending_capture(conn, pending.promotion_id, pending.request_id)
+        return 1
