@@ -544,6 +544,13 @@ class Idempotency:
             }
         )
 
+    async def twin_answer(self, scope: str, request: Message) -> Claim | None:
+        """The answer stored by a concurrent attempt with the same request id that finished the
+        request first (None if it has none): what an attempt that lost that race answers, so that
+        every duplicate of a request gets the first answer, concurrent or not."""
+        claim = await self._stored(scoped_scope(scope), _request_id(request), fingerprint(request))
+        return claim if claim is not None and claim.finished else None
+
     async def _stored(self, scope: str, request_id: str, print_: str) -> Claim | None:
         """The request id's record, if it has one; REQUEST_ID_REUSED if its parameters differ."""
         async with self._db.driver.read() as tx:

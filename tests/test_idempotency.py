@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import grpc
+from google.protobuf.message import Message
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id, rpc_error
 from tests.suite import Suite
@@ -165,3 +168,54 @@ async def test_request_ids_are_scoped_to_the_user(suite: Suite) -> None:
         )
     )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_racing_duplicates_of_every_saga_all_get_the_first_answer(suite: Suite) -> None:
+    """A client that retries before its first attempt answered (a timeout, a hedged request) sends
+    duplicates that race each other through the saga: each gets the first answer, as a later
+    retry does, never a CONCURRENT_RETRY or PROMOTION_ENDED of its own."""
+    user, coins = await funded_user(suite)
+    creator = await new_creator(suite)
+    token = suite.token(user)
+
+    async def all_alike(call: Callable[[], Awaitable[Message]]) -> Message:
+        answers = await asyncio.gather(*(call() for _ in range(12)), return_exceptions=True)
+        errors = [a for a in answers if not isinstance(a, Message)]
+        assert errors == [], errors
+        assert len({a.SerializeToString(deterministic=True) for a in answers}) == 1, answers
+        later = await call()
+        assert later == answers[0]
+        return answers[0]
+
+    buy = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id("buy"), user_id=user, package_id="us-web-700", payment_token="tok_visa_2"
+    )
+    bought = await all_alike(lambda: suite.wallet.PurchaseCoins(buy))
+    assert isinstance(bought, wallet_pb2.PurchaseCoinsResponse)
+    assert bought.balance.coins == coins + 700
+    gift = gifting_pb2.SendGiftRequest(
+        request_id=new_id("g"),
+        sender_id=user,
+        creator_id=creator,
+        gift_id="sun-cream",
+        count=1,
+        live_id=live_of(creator),
+    )
+    await all_alike(lambda: suite.gifting.SendGift(gift))
+    create = promotion_pb2.CreatePromotionRequest(
+        request_id=new_id("promo"),
+        user_id=user,
+        video_id="v1",
+        goal=promotion_pb2.GOAL_VIDEO_VIEWS,
+        budget_coins=100,
+        duration_days=3,
+    )
+    made = await all_alike(lambda: suite.promotion.CreatePromotion(create, metadata=token))
+    assert isinstance(made, promotion_pb2.CreatePromotionResponse)
+    end = promotion_pb2.EndPromotionRequest(
+        request_id=new_id("end"), promotion_id=made.promotion.promotion_id
+    )
+    ended = await all_alike(lambda: suite.promotion.EndPromotion(end, metadata=token))
+    assert isinstance(ended, promotion_pb2.EndPromotionResponse)
+    assert ended.released_coins == 100
+    assert await coins_of(suite, user) == coins + 700 - 50

@@ -111,21 +111,34 @@ class GiftSender:
                 response = send_gift_response(replace(sent, status="debited"), balance)
                 recorded = True
             elif not joined.paused:
-                raise _concurrent_retry()
+                return await self._twin_answer(scope, request)
         if not recorded:
             # One statement on PostgreSQL for a gift outside a streak; a streaking gift whose
             # open streak paused (the sweep has not ended it yet) ends it here first.
-            async with self._db.driver.transaction(single_statement=not streaks) as tx:
-                now = self._clock.now()
-                sent, fed = await self._lives.streak(tx, sent, now)
-                response = send_gift_response(replace(sent, status="debited"), balance)
-                answer = self._idempotency.answer(scope, request, response=response)
-                if not await self._gifting.record_debit(tx, sent, transaction_id, now, answer):
-                    raise _concurrent_retry()  # the streak's step is rolled back with it
+            try:
+                async with self._db.driver.transaction(single_statement=not streaks) as tx:
+                    now = self._clock.now()
+                    sent, fed = await self._lives.streak(tx, sent, now)
+                    response = send_gift_response(replace(sent, status="debited"), balance)
+                    answer = self._idempotency.answer(scope, request, response=response)
+                    if not await self._gifting.record_debit(tx, sent, transaction_id, now, answer):
+                        raise _concurrent_retry()  # the streak's step is rolled back with it
+            except Aborted as error:
+                if error.reason != "CONCURRENT_RETRY":
+                    raise
+                return await self._twin_answer(scope, request)
         self._wake_relay()
         for live_id in {*fed, *([sent.live_id] if sent.live_id else [])}:
             self._feed.notify(live_id)
         return response
+
+    async def _twin_answer(self, scope: str, request: Message) -> gifting_pb2.SendGiftResponse:
+        """A concurrent duplicate recorded the gift first: its answer (CONCURRENT_RETRY if it has
+        none stored yet)."""
+        twin = await self._idempotency.twin_answer(scope, request)
+        if twin is None:
+            raise _concurrent_retry()
+        return await self._with_streak(twin.replay(gifting_pb2.SendGiftResponse))
 
     async def _with_streak(
         self, response: gifting_pb2.SendGiftResponse

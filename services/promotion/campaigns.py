@@ -104,6 +104,9 @@ class Campaigns:
             if not await self._promotions.activate(
                 conn, promotion_id, now, hold_id=hold_id, wallet_transaction_id=transaction_id
             ):
+                again = await self._idempotency.claim(conn, scope, request)
+                if again.finished:  # a concurrent duplicate activated it first: its answer
+                    return again.replay(promotion_pb2.CreatePromotionResponse)
                 raise Aborted(
                     "CONCURRENT_RETRY",
                     "another attempt with this request_id completed the promotion; retry to read it",
@@ -204,6 +207,7 @@ class Campaigns:
         claim = await self._idempotency.begin(scope, request, start)
         if claim.finished:
             return claim.replay(response_type)
+        promotion = await self.promotion(promotion.promotion_id)  # its hold, if it has one now
         released = 0
         try:
             if promotion.hold_id is not None:
@@ -221,6 +225,9 @@ class Campaigns:
                     await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
                 error = self._promotions.ended(promotion)
             await self._idempotency.record_error(scope, request, error)
+            twin = await self._idempotency.twin_answer(scope, request)
+            if twin is not None:  # the first answer (a concurrent duplicate's, or this error)
+                return twin.replay(response_type)
             raise error from None
         async with self._db.transaction() as conn:
             now = self._clock.now()
@@ -233,6 +240,9 @@ class Campaigns:
                 )
                 await self._idempotency.complete(conn, scope, request, response=response)
                 return response
+            again = await self._idempotency.claim(conn, scope, request)
+            if again.finished:  # a concurrent duplicate ended it first: its answer
+                return again.replay(response_type)
         # Ended meanwhile, by another request (the release was the same one) or spent in full.
         refusal = self._promotions.ended(current)
         await self._idempotency.record_error(scope, request, refusal)

@@ -70,7 +70,13 @@ class Purchases:
         if claim.finished:
             return claim.replay(wallet_pb2.PurchaseCoinsResponse)
         assert claim.resource_id is not None
-        return await self._complete(claim.resource_id, f"{scope}/{order.request_id}")
+        try:
+            return await self._complete(claim.resource_id, f"{scope}/{order.request_id}")
+        except Aborted as error:  # a concurrent duplicate settled it first: its answer
+            twin = await self._idempotency.twin_answer(scope, request)
+            if error.reason != "CONCURRENT_RETRY" or twin is None:
+                raise
+            return twin.replay(wallet_pb2.PurchaseCoinsResponse)
 
     async def _open(self, conn: AsyncConnection, order: PurchaseOrder) -> str:
         """Check the buyer may buy it (age, region, package) within the limits, and record the
