@@ -188,3 +188,22 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     assert "coins suite stopped" in output
     for name in ports:
         assert f"{name} stopped" in output
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_suite_is_not_in_use() -> None:
+    """Restarting right after Ctrl-C: the old suite's connections linger in TIME_WAIT for a minute
+    and hold nothing, so the launcher must not call the port in use (a listener still is)."""
+    from tools.suite import _busy
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.listen()
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    assert _busy("127.0.0.1", port)  # listening: in use
+    accepted.close()  # the server side closes first: its end of the connection is in TIME_WAIT
+    client.close()
+    listener.close()
+    assert not _busy("127.0.0.1", port)

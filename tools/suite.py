@@ -48,7 +48,10 @@ def _settings() -> dict[str, ServiceSettings]:
 
 
 def _busy(host: str, port: int) -> bool:
+    """Whether another program listens on the port. SO_REUSEADDR as the servers bind: sockets of a
+    suite stopped a moment ago linger in TIME_WAIT for a minute, and hold nothing."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
