@@ -616,10 +616,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("creator")
     p.add_argument("gift")
     p.add_argument("--count", type=int, default=1, help="how many of the gift")
-    p.add_argument(
-        "--live", default="live-1", help="the LIVE the gift is sent in (the creator's open LIVE)"
-    )
-    p.add_argument("--video")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--live", help="the LIVE the gift is sent in (the creator's open LIVE)")
+    where.add_argument("--video", help="the creator's video the gift is sent on")
     live = command("live", _live_help, "a creator's LIVE: start, end, gifts on/off, show, watch")
     lives = live.add_subparsers(dest="live_command", required=True)
 
