@@ -357,7 +357,9 @@ class DiamondBalance(_message.Message):
     creator_id: _builtins.str
     """The creator."""
     diamonds: _builtins.int
-    """Diamonds on the creator's balance: pending plus available."""
+    """Diamonds on the creator's balance: pending plus available (diamonds held for withdrawals on
+    their way out are in held_diamonds, not here, although the ledger account still holds them).
+    """
     available_diamonds: _builtins.int
     """Diamonds that can be withdrawn now (matured)."""
     pending_diamonds: _builtins.int
