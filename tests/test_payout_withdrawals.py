@@ -13,6 +13,8 @@ import grpc
 import pytest
 
 from coins.payout.v1 import payout_pb2
+from runtime.errors import InvalidArgument
+from services.payout.callbacks import parse
 from services.payout.sandbox import PayPalSandbox, sign
 from tests.helpers import ShiftedClock, eventually, expect_error, new_id
 from tests.suite import Suite, require_postgres, start_suite
@@ -311,6 +313,30 @@ async def test_callbacks_are_verified_deduplicated_and_taken_from_the_processor(
         "MALFORMED_EVENT",
     )
     assert sandbox(suite).delivered > 0  # the sandbox's own callbacks came through the same RPC
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe{", "not JSON"),  # json.loads takes it for UTF-16, and fails
+        (b"[1, 2]", "not an object"),
+        (b'{"id": "e1", "event_type": "X"}', "resource is missing"),
+        (b'{"id": "e1", "event_type": "X", "resource": []}', "resource is missing"),
+        (b'{"event_type": "X", "resource": {"sender_item_id": "w"}}', "id is missing"),
+        (b'{"id": 7, "event_type": "X", "resource": {"sender_item_id": "w"}}', "id is missing"),
+        (b'{"id": "e1", "event_type": "X", "resource": {}}', "resource.sender_item_id is missing"),
+    ],
+)
+def test_a_malformed_event_is_refused_naming_what_is_wrong(body: bytes, named: str) -> None:
+    """The refusal says which field is missing or wrong and the shape expected, never a Python
+    exception's text (KeyError: 'resource', a codec error)."""
+    with pytest.raises(InvalidArgument) as refused:
+        parse(body)
+    assert refused.value.reason == "MALFORMED_EVENT"
+    assert named in refused.value.message
+    assert "Error" not in refused.value.message
+    assert '"sender_item_id"' in refused.value.message or "128" in refused.value.message
 
 
 async def test_reconciliation_reports_every_mismatch(payout: tuple[Suite, ShiftedClock]) -> None:

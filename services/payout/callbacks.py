@@ -40,17 +40,36 @@ def _malformed(why: str) -> InvalidArgument:
     )
 
 
+_SHAPE = (
+    'a JSON object {"id": ..., "event_type": ..., "resource": {"sender_item_id": ...}}, '
+    "each a string"
+)
+
+
 def parse(body: bytes) -> tuple[str, str, str]:
-    """(event id, event type, sender_item_id) of a callback body."""
+    """(event id, event type, sender_item_id) of a callback body; MALFORMED_EVENT naming what is
+    missing or wrong (never a Python exception's text)."""
     try:
         event = json.loads(body)
-        resource = event["resource"]
-        event_id, event_type = str(event["id"]), str(event["event_type"])
-        item = str(resource["sender_item_id"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise _malformed(f"{type(error).__name__}: {error}") from None
-    if not (event_id and item) or len(event_id) > 128 or len(item) > 128:
-        raise _malformed("an event needs an id and a resource.sender_item_id")
+    except (ValueError, RecursionError):
+        raise _malformed(f"the body is not JSON (UTF-8, -16 or -32); expected {_SHAPE}") from None
+    if not isinstance(event, dict):
+        raise _malformed(f"the body is JSON but not an object; expected {_SHAPE}")
+    resource = event.get("resource")
+    if not isinstance(resource, dict):
+        raise _malformed(f"resource is missing or not an object; expected {_SHAPE}")
+    fields = {
+        "id": event.get("id"),
+        "event_type": event.get("event_type"),
+        "resource.sender_item_id": resource.get("sender_item_id"),
+    }
+    for name, value in fields.items():
+        if not isinstance(value, str) or not value:
+            raise _malformed(f"{name} is missing or not a non-empty string; expected {_SHAPE}")
+    event_id, event_type, item = (str(v) for v in fields.values())
+    for name, value in (("id", event_id), ("resource.sender_item_id", item)):
+        if len(value) > 128:
+            raise _malformed(f"{name} is longer than 128 characters")
     return event_id, event_type[:64], item
 
 
