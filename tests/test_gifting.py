@@ -215,11 +215,16 @@ async def test_a_gift_to_a_minor_is_refused_and_moves_nothing(suite: Suite) -> N
 
 
 async def test_sender_without_account_is_not_found(suite: Suite) -> None:
-    await expect_error(
-        suite.gifting.SendGift(gift_request(new_id("ghost"), await new_creator(suite))),
+    ghost = new_id("ghost")
+    error = await expect_error(
+        suite.gifting.SendGift(gift_request(ghost, await new_creator(suite))),
         grpc.StatusCode.NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
     )
+    # In the caller's terms (the user, what to do), not the ledger's account id "user:<id>".
+    assert error.details() == f"user {ghost} has no wallet account; open one first"
+    info = error_info(error)
+    assert info is not None and info.metadata["user_id"] == ghost
 
 
 async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:

@@ -629,16 +629,26 @@ class Wallet:
         An unknown user fails in the ledger (ACCOUNT_NOT_FOUND) without an extra lookup on this hot path.
         """
         await self.check_recipient(conn, what)
-        posted = await self.ledger.post(
-            conn,
-            what.postings(),
-            kind=what.reason,
-            reference=what.reference,
-            request_id=what.request_id,
-            caller=what.caller,
-            policy_version=self.settings.policy_version,
-        )
-        return _debit(posted, user_account(what.user_id))
+        account = user_account(what.user_id)
+        try:
+            posted = await self.ledger.post(
+                conn,
+                what.postings(),
+                kind=what.reason,
+                reference=what.reference,
+                request_id=what.request_id,
+                caller=what.caller,
+                policy_version=self.settings.policy_version,
+            )
+        except NotFound as error:
+            if error.reason != "ACCOUNT_NOT_FOUND" or error.metadata.get("account_id") != account:
+                raise
+            raise NotFound(  # in the caller's terms, not the ledger's account id
+                "ACCOUNT_NOT_FOUND",
+                f"user {what.user_id} has no wallet account; open one first",
+                user_id=what.user_id,
+            ) from None
+        return _debit(posted, account)
 
     async def debit_at_once(
         self,
