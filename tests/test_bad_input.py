@@ -94,6 +94,7 @@ async def test_an_impossible_or_future_birth_date_is_invalid(suite: Suite) -> No
     for date in (
         date_pb2.Date(year=2001, month=2, day=30),
         date_pb2.Date(year=2999, month=1, day=1),
+        date_pb2.Date(year=1, month=1, day=1),  # a typo, not a 2,025-year-old
     ):
         error = await rpc_error(
             suite.wallet.OpenAccount(
@@ -104,6 +105,41 @@ async def test_an_impossible_or_future_birth_date_is_invalid(suite: Suite) -> No
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field_violations(error) == {"birth_date"}
+
+
+async def test_a_country_that_is_not_an_iso_code_is_refused_and_opens_nothing(
+    suite: Suite,
+) -> None:
+    user = new_id()
+    for country in ("ZZ", "XX", "UK"):  # placeholders, and the common mistake for GB
+        error = await expect_error(
+            suite.wallet.OpenAccount(
+                wallet_pb2.OpenAccountRequest(
+                    request_id=new_id(),
+                    user_id=user,
+                    country_code=country,
+                    birth_date=date_pb2.Date(year=1990, month=5, day=1),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNKNOWN_COUNTRY",
+        )
+        assert field_violations(error) == {"country_code"}
+        assert f"'{country}' is not an assigned ISO 3166-1 alpha-2 code" in (error.details() or "")
+    await expect_error(
+        suite.wallet.GetAccount(wallet_pb2.GetAccountRequest(user_id=user)),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )
+    opened = await suite.wallet.OpenAccount(  # a country with no price list of its own: USD
+        wallet_pb2.OpenAccountRequest(
+            request_id=new_id(),
+            user_id=user,
+            country_code="KR",
+            birth_date=date_pb2.Date(year=1990, month=5, day=1),
+        )
+    )
+    assert (opened.account.country_code, opened.account.currency_code) == ("KR", "USD")
 
 
 async def test_a_foreign_page_token_is_refused(suite: Suite) -> None:

@@ -22,11 +22,13 @@ from runtime.errors import (
 from runtime.idempotency import AnsweredKey
 from runtime.protos import money_text
 from runtime.sql import Driver, Tx
-from services.wallet import storage
+from services.wallet import countries, storage
 from services.wallet.settings import WalletSettings
 
 COIN_SALES = "system:coin_sales"
 RECIPIENTS_REMEMBERED = 100_000
+MAX_AGE_YEARS = 130
+"""A birth date further back is a typo (year 1, 1026), not a user."""
 """Eligible recipients a wallet process remembers, so the gift path skips their lookup."""
 SPEND_ACCOUNTS = {"gift": "system:gift_spend", "promotion": "system:promotion_spend"}
 
@@ -195,6 +197,24 @@ class Wallet:
                 "INVALID_REQUEST",
                 "birth_date is in the future",
                 violations=(FieldViolation("birth_date", "must not be in the future"),),
+            )
+        if birth_date < now.date().replace(year=now.year - MAX_AGE_YEARS, day=1):
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                f"birth_date {birth_date.isoformat()} would make the user older than "
+                f"{MAX_AGE_YEARS}: check the year",
+                violations=(
+                    FieldViolation("birth_date", f"must be within the last {MAX_AGE_YEARS} years"),
+                ),
+            )
+        if country_code not in countries.ASSIGNED:
+            raise InvalidArgument(
+                "UNKNOWN_COUNTRY",
+                f"country_code {country_code!r} is not an assigned ISO 3166-1 alpha-2 code "
+                "(e.g. US, GB, DE)",
+                violations=(
+                    FieldViolation("country_code", "must be an assigned ISO 3166-1 alpha-2 code"),
+                ),
             )
         account = storage.AccountRecord(
             user_id=user_id,
