@@ -2,8 +2,7 @@
 the tz database's iso3166.tab), so that a typo or a placeholder ("ZZ", "XX") is refused instead of
 becoming a user's country, which decides their prices and what they may buy."""
 
-ASSIGNED = frozenset(
-    """
+_TABLE = """
     AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO
     BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ
     DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP
@@ -13,5 +12,5 @@ ASSIGNED = frozenset(
     PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL
     SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM
     US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW
-    """.split()
-)
+"""
+ASSIGNED = frozenset(_TABLE.split())
