@@ -55,6 +55,22 @@ class RequestValidator:
                 violations=violations,
                 fields=fields,
             ) from None
+        if _blank_reason(request):
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                "reason is only spaces: say why (it is kept in the audit trail)",
+                violations=(FieldViolation("reason", "must say why, not only spaces"),),
+                fields="reason",
+            )
+
+
+def _blank_reason(request: Message) -> bool:
+    """A `reason` (why an admin acts, for the audit trail) given but made of spaces only."""
+    field = request.DESCRIPTOR.fields_by_name.get("reason")
+    if field is None or field.type != FieldDescriptor.TYPE_STRING:
+        return False
+    reason: str = request.reason  # type: ignore[attr-defined]
+    return bool(reason) and not reason.strip()
 
 
 _DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){12,}")

@@ -13,7 +13,15 @@ from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.errors import Unavailable
 from services.gifting.clients import WalletDebiter, debit_request
-from tests.helpers import expect_error, funded_user, live_gift, live_of, new_creator, new_id
+from tests.helpers import (
+    expect_error,
+    field_violations,
+    funded_user,
+    live_gift,
+    live_of,
+    new_creator,
+    new_id,
+)
 from tests.suite import Suite
 
 G = gifting_pb2
@@ -231,3 +239,20 @@ async def test_a_debit_retried_with_or_without_regions_is_one_debit(suite: Suite
     )
     assert again.transaction_id == first.transaction_id
     assert again.balance.coins == first.balance.coins == coins - 5
+
+
+async def test_an_audit_reason_of_spaces_only_is_refused_and_changes_nothing(
+    private_suite: Suite,
+) -> None:
+    suite = private_suite
+    admin = suite.token("catalog-admin", admin=True)
+    gift_id = new_id("blank").lower()
+    error = await expect_error(
+        suite.gifting.SetGift(set_gift(gift_id, 40, reason="   \t "), metadata=admin),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    assert field_violations(error) == {"reason"}
+    assert "say why" in (error.details() or "")
+    listed = await suite.gifting.ListGifts(G.ListGiftsRequest(page_size=500))
+    assert gift_id not in {g.gift_id for g in listed.gifts}
