@@ -91,9 +91,14 @@ def statement_period(request: Any, now: dt.datetime) -> tuple[dt.datetime, dt.da
     since = _time(request, "start_time") or BEGINNING
     until = _time(request, "end_time") or utc(now)
     if until < since:
+        start = (
+            f"start_time ({since.isoformat()})"
+            if _time(request, "start_time")
+            else f"the ledger's beginning ({since.isoformat()}; no start_time was given)"
+        )
         raise InvalidArgument(
             "INVALID_PERIOD",
-            "end_time is before start_time",
-            violations=(FieldViolation("end_time", "must not be before start_time"),),
+            f"end_time ({until.isoformat()}) is before {start}",
+            violations=(FieldViolation("end_time", f"must not be before {start}"),),
         )
     return since, until

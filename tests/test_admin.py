@@ -149,7 +149,7 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
         reason="campaign over",
     )
     await suite.gifting.SetGift(retire, metadata=admin)
-    await expect_error(
+    refused = await expect_error(
         suite.gifting.SendGift(
             gifting_pb2.SendGiftRequest(
                 request_id=new_id(),
@@ -162,6 +162,9 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
         ),
         grpc.StatusCode.NOT_FOUND,
         "GIFT_NOT_FOUND",
+    )
+    assert refused.details() == (
+        "gift 'snowman' is retired: no longer on sale (ListGifts shows what is)"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import symbol_database
+from google.protobuf import symbol_database, timestamp_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.type import date_pb2
 
@@ -207,3 +207,20 @@ async def test_a_nul_inside_a_repeated_message_is_refused_and_credits_nothing(
         payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
     )
     assert balance.balance.diamonds == 0
+
+
+async def test_a_statement_ending_before_its_start_says_which_start(suite: Suite) -> None:
+    """Without a start_time a statement starts at the ledger's beginning: an end_time before that
+    is refused saying so, not blaming a start_time nobody sent."""
+    user, _ = await funded_user(suite)
+    error = await expect_error(
+        suite.wallet.GetCoinStatement(
+            wallet_pb2.GetCoinStatementRequest(
+                user_id=user, end_time=timestamp_pb2.Timestamp(seconds=-86_400 * 365)
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PERIOD",
+    )
+    assert field_violations(error) == {"end_time"}
+    assert "no start_time was given" in (error.details() or "")

@@ -271,9 +271,15 @@ class Gifting:
     async def refusal(self, tx: Tx, gift_id: str, count: int) -> DomainError:
         """Why a gift could not be started: not in the catalog (or inactive), or too large."""
         price = await storage.gift_price(tx, gift_id)
-        if price is None or not price[1]:
+        if price is None:
             return NotFound(
                 "GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id
+            )
+        if not price[1]:
+            return NotFound(
+                "GIFT_NOT_FOUND",
+                f"gift {gift_id!r} is retired: no longer on sale (ListGifts shows what is)",
+                gift_id=gift_id,
             )
         unit = price[0]
         return InvalidArgument(

@@ -298,9 +298,13 @@ class Payouts:
         if until <= start or until - start > 92 * day:
             raise InvalidArgument(
                 "BAD_REPORT_PERIOD",
-                "a revenue report covers 1 to 92 days: end_time must be after start_time and at "
-                "most 92 days later",
-                violations=(FieldViolation("end_time", "after start_time, within 92 days"),),
+                f"a revenue report covers 1 to 92 days; this one runs from {start.date()} to "
+                f"{until.isoformat()} (end_time is now when not given): move start_time or "
+                "end_time",
+                violations=(
+                    FieldViolation("start_time", "within 92 days before end_time"),
+                    FieldViolation("end_time", "after start_time, within 92 days"),
+                ),
             )
         return await storage.revenue_by_day(tx, start, until)
 
