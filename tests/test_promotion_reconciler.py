@@ -221,31 +221,32 @@ async def test_a_report_the_reconciler_cannot_settle_holds_up_no_other(
     user, _ = await funded_user(suite)
     over = await paid_up_front(suite, user, 100)
     failing = await paid_up_front(suite, user, 100)
-    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    async with suite.services["promotion"].runtime.db.transaction() as conn:
-        await storage.add_pending_capture(conn, over.promotion_id, new_id("d"), 150, long_ago)
-        await storage.add_pending_capture(conn, failing.promotion_id, new_id("d"), 50, long_ago)
     original = Promotions.record_delivery
+    dies_once: set[str] = set()
 
-    async def fails_for_one(
+    async def patched(
         self: Promotions, conn: Any, promotion: storage.PromotionRecord, **kwargs: Any
     ) -> bool:
         if promotion.promotion_id == failing.promotion_id:
             raise RuntimeError("this one cannot be counted yet")
+        if promotion.promotion_id in dies_once:
+            dies_once.discard(promotion.promotion_id)
+            raise RuntimeError("the process died here")
         return await original(self, conn, promotion, **kwargs)
 
-    async def crash(self: Promotions, *args: Any, **kwargs: Any) -> bool:
-        raise RuntimeError("the process died here")
-
+    monkeypatch.setattr(Promotions, "record_delivery", patched)  # before the reconciler sees any
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    async with suite.services["promotion"].runtime.db.transaction() as conn:
+        await storage.add_pending_capture(conn, over.promotion_id, new_id("d"), 150, long_ago)
+        await storage.add_pending_capture(conn, failing.promotion_id, new_id("d"), 50, long_ago)
     made = await suite.promotion.CreatePromotion(promotion(user, 300), metadata=suite.token(user))
     held_id = made.promotion.promotion_id
-    monkeypatch.setattr(Promotions, "record_delivery", crash)
+    dies_once.add(held_id)
     await expect_error(
         suite.ad_delivery.ReportDelivery(delivery(held_id, 60)),
         grpc.StatusCode.INTERNAL,
         "INTERNAL_ERROR",
     )
-    monkeypatch.setattr(Promotions, "record_delivery", fails_for_one)
 
     async def counted() -> bool:
         return (await read(suite, held_id, user)).spent_coins == 60
