@@ -89,3 +89,26 @@ async def test_payout_methods_are_masked_defaulted_and_not_removed_while_in_use(
     )
     assert [m.payout_method_id for m in left.payout_methods] == [slow]
     assert left.payout_methods[0].is_default  # the default went: the oldest left took over
+
+
+async def test_the_same_destination_twice_is_one_method(suite: Suite) -> None:
+    """Adding a PayPal account (any case of its email) or a bank token a creator already has is
+    refused, naming the method they have: two methods for one account would only confuse."""
+    creator = new_id("creator")
+    first = await add_paypal(suite, creator, "Ava.Smith@example.com")
+    again = await expect_error(
+        suite.payout.AddPayoutMethod(
+            payout_pb2.AddPayoutMethodRequest(
+                request_id=new_id("pm"),
+                creator_id=creator,
+                paypal=payout_pb2.PayPalAccount(email="ava.smith@EXAMPLE.com"),
+            )
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "PAYOUT_METHOD_EXISTS",
+    )
+    assert first in (again.details() or "")
+    listed = await suite.payout.ListPayoutMethods(
+        payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
+    )
+    assert [m.payout_method_id for m in listed.payout_methods] == [first]

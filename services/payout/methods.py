@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
 from services.payout import storage
 
 KYC_STATUSES = ("unverified", "pending", "verified", "rejected")
@@ -46,6 +52,13 @@ def _account_number_refused(field: str) -> InvalidArgument:
     )
 
 
+def _same(kept: str, given: str) -> bool:
+    """One destination: an email's case does not matter (PayPal treats them as one), a token's does."""
+    if "@" in kept:
+        return kept.casefold() == given.casefold()
+    return kept == given
+
+
 class PayoutMethods:
     async def add(
         self,
@@ -63,6 +76,14 @@ class PayoutMethods:
         else:
             destination, display = method.paypal_email, f"PayPal {mask_email(method.paypal_email)}"
         existing = await storage.payout_methods_of(conn, creator_id)
+        for kept in existing:
+            if kept.kind == method.kind and _same(kept.destination_token, destination):
+                raise AlreadyExists(
+                    "PAYOUT_METHOD_EXISTS",
+                    f"{display} is already one of {creator_id}'s payout methods "
+                    f"({kept.method_id}); SetDefaultPayoutMethod makes it the default",
+                    method_id=kept.method_id,
+                )
         record = storage.PayoutMethodRecord(
             method_id=uuid.uuid4().hex,
             creator_id=creator_id,
