@@ -390,7 +390,8 @@ async def _get_gift(suite: Suite) -> Sample:
 
 @sample(GIFTING, "ListTopGifters", any_user=True)
 async def _list_top_gifters(suite: Suite) -> Sample:
-    request = gifting_pb2.ListTopGiftersRequest(live_id="live-1", page_size=5)
+    creator = await new_creator(suite)
+    request = gifting_pb2.ListTopGiftersRequest(live_id=live_of(creator), page_size=5)
     return Sample(request, new_id("viewer"))
 
 

@@ -260,3 +260,18 @@ async def test_video_gifts_are_not_ranked_in_a_live(suite: Suite) -> None:
     response = await suite.gifting.SendGift(request)
     assert response.sent_gift.video_id == "video-1"
     assert not response.sent_gift.HasField("live_id")
+
+
+async def test_the_leaderboard_of_a_live_that_does_not_exist_is_not_found(suite: Suite) -> None:
+    """An empty leaderboard is a LIVE nobody gifted in yet; no LIVE at all is NOT_FOUND, as GetLive
+    says (a typo in the id should not look like a quiet room)."""
+    creator = await new_creator(suite)
+    quiet = await suite.gifting.ListTopGifters(
+        gifting_pb2.ListTopGiftersRequest(live_id=live_of(creator))
+    )
+    assert list(quiet.gifters) == []
+    await expect_error(
+        suite.gifting.ListTopGifters(gifting_pb2.ListTopGiftersRequest(live_id=new_id("nope"))),
+        grpc.StatusCode.NOT_FOUND,
+        "LIVE_NOT_FOUND",
+    )

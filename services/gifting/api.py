@@ -171,6 +171,8 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                 limit=size + 1,
                 after=(after[0], after[1]) if after else None,
             )
+            if not rows and not after:  # nobody gifted yet, or no such LIVE: which one
+                await self._lives.get(conn, request.live_id)
         first_rank = after[2] + 1 if after else 1
         token = ""
         if len(rows) > size:
