@@ -14,6 +14,8 @@ from coins.payout.v1 import payout_pb2
 from services.gifting import storage
 from tests.helpers import eventually, expect_error, funded_user, new_creator, new_id
 from tests.suite import Suite
+from tests.test_cross_audit import urls
+from tools.cross_audit import cross_audit
 
 
 async def park(suite: Suite, sender: str, creator: str, coins: int) -> str:
@@ -73,6 +75,7 @@ async def test_a_parked_credit_is_listed_redelivered_and_credited_once(suite: Su
                 return found
 
     assert parked in await listed()
+    assert parked in (await cross_audit(urls(suite))).parked  # the operators' audit names it
     await expect_error(  # not for a plain user
         suite.gifting.ListParkedCredits(
             gifting_pb2.ListParkedCreditsRequest(), metadata=suite.token(creator)
@@ -94,6 +97,7 @@ async def test_a_parked_credit_is_listed_redelivered_and_credited_once(suite: Su
 
     await eventually(credited, "the redelivered credit")
     assert parked not in await listed()
+    assert parked not in (await cross_audit(urls(suite))).parked
     again = await suite.gifting.RedeliverParkedCredits(redeliver, metadata=admin)
     assert again == answer  # the same request: the same answer
     fresh = gifting_pb2.RedeliverParkedCreditsRequest(
