@@ -25,6 +25,7 @@ from typing import Generic, TypeVar
 
 import grpc
 import grpc.aio
+import pydantic
 import uvloop
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -540,7 +541,11 @@ def _quiet_garbage_collector() -> None:
 def main(spec: ServiceSpec[S]) -> None:
     """Entry point of `python -m services.<name>`: serve until SIGINT or SIGTERM."""
     _few_malloc_arenas()
-    settings = spec.settings_type()
+    try:
+        settings = spec.settings_type()
+    except pydantic.ValidationError as error:
+        prefix = spec.settings_type.model_config.get("env_prefix", "")
+        raise SystemExit(startup.explain_settings(error, spec.name, prefix)) from None
     flush_logs = configure_logging(spec.name, settings.log_level, settings.log_format)
     # Migrate, or check that the migrate Job did, in a short-lived child process.
     _migrations_in_a_child_process(spec.name, check=not settings.migrate_on_start)

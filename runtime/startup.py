@@ -5,6 +5,7 @@ database URL the service cannot use."""
 from __future__ import annotations
 
 import asyncpg
+import pydantic
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
@@ -56,3 +57,18 @@ def explain(error: BaseException, service: str, settings: ServiceSettings) -> st
                 "postgresql://user@host:port/name (or leave it unset for a SQLite file)"
             )
     return None
+
+
+def explain_settings(error: pydantic.ValidationError, service: str, env_prefix: str) -> str:
+    """A configuration the service refuses, one line per bad variable: its name, what it was set
+    to, and what it must be (not pydantic's traceback)."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        what = problem["msg"].removeprefix("Value error, ")
+        if field:
+            given = problem.get("input")
+            lines.append(f"{service}: {env_prefix}{field.upper()}={given!s}: {what}")
+        else:
+            lines.append(f"{service}: bad configuration: {what}")
+    return "\n".join(lines)

@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pydantic
 import pytest
 from alembic.script import ScriptDirectory
 
 from runtime.db import Database
 from runtime.migrations import alembic_config, upgrade
+from services.payout.settings import PayoutSettings
 from services.wallet.service import SPEC as WALLET
 from tools.migrate import SPECS
 
@@ -58,6 +60,39 @@ def test_a_database_it_cannot_use_stops_the_service_with_one_line(
     assert done.returncode == 1
     assert says in done.stderr and "WALLET_DATABASE_URL" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_setting_it_refuses_stops_the_service_naming_the_variable(tmp_path: Path) -> None:
+    done = start_wallet(tmp_path, WALLET_MAX_IN_FLIGHT_RPCS="lots")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "wallet: WALLET_MAX_IN_FLIGHT_RPCS=lots: Input should be a valid integer, unable to parse "
+        "string as an integer"
+    ], done.stderr[-2000:]
+
+
+def test_make_up_names_every_variable_a_service_would_refuse() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.suite"],
+        cwd=ROOT,
+        env={**os.environ, "PAYOUT_WITHDRAWAL_FEE_BPS": "-5", "PROMOTION_GRACE_SECONDS": "soon"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        "payout: PAYOUT_WITHDRAWAL_FEE_BPS=-5: Input should be greater than or equal to 0",
+        "promotion: PROMOTION_GRACE_SECONDS=soon: Input should be a valid number, unable to "
+        "parse string as a number",
+        "the suite cannot start: fix the variables above",
+    ], done.stderr[-2000:]
+
+
+def test_a_payout_configuration_that_would_misvalue_diamonds_is_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match="must divide 10000"):
+        PayoutSettings(diamonds_per_minor_unit=3)
 
 
 def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(

@@ -15,16 +15,17 @@ import sys
 import time
 
 import grpc
+import pydantic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runtime import pki
+from runtime import pki, startup
 from runtime.config import SecuritySettings, ServiceSettings, suite_address
 from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.promotion.settings import PromotionSettings
 from services.wallet.settings import WalletSettings
 
-SETTINGS = {
+SETTINGS: dict[str, type[ServiceSettings]] = {
     "wallet": WalletSettings,
     "payout": PayoutSettings,
     "gifting": GiftingSettings,
@@ -45,6 +46,19 @@ def _serving(address: str) -> bool:
 
 def _settings() -> dict[str, ServiceSettings]:
     return {name: settings() for name, settings in SETTINGS.items()}
+
+
+def _refused_settings() -> str:
+    """What each service would refuse in its configuration (the environment), one line per bad
+    variable, as the service itself says it; "" when all is well."""
+    lines = []
+    for name, settings_type in SETTINGS.items():
+        try:
+            settings_type()
+        except pydantic.ValidationError as error:
+            prefix = settings_type.model_config.get("env_prefix", "")
+            lines.append(startup.explain_settings(error, name, prefix))
+    return "\n".join(lines)
 
 
 def _busy(host: str, port: int) -> bool:
@@ -85,6 +99,11 @@ def _second_terminal(settings: dict[str, ServiceSettings]) -> list[str]:
 
 
 def main() -> int:
+    refused = _refused_settings()
+    if refused:
+        print(refused, file=sys.stderr)
+        print("the suite cannot start: fix the variables above", file=sys.stderr)
+        return 1
     settings = _settings()
     busy = _busy_ports(settings)
     if busy:

@@ -37,9 +37,10 @@ class PayoutSettings(LedgerServiceSettings):
     """Withdrawals are approved at once while the creator's day (the daily cap's calendar day) totals
     at most $100.00 with them (verified creators: all are); beyond, a reviewer decides
     (ReviewWithdrawal). 0: every withdrawal is reviewed."""
-    withdrawal_fee_bps: int = 0
-    withdrawal_fee_fixed_minor: int = 0
-    """The platform charges no fee by default; both are configurable."""
+    withdrawal_fee_bps: int = Field(default=0, ge=0, le=10_000)
+    withdrawal_fee_fixed_minor: int = Field(default=0, ge=0)
+    """The platform charges no fee by default; both are configurable (a negative fee would pay out
+    more than the diamonds are worth)."""
     processor: Literal["sandbox"] = "sandbox"
     """The payout processor adapter. Only the local PayPal-like sandbox exists: no real money moves."""
     sandbox_file: Path | None = None
@@ -102,4 +103,14 @@ class PayoutSettings(LedgerServiceSettings):
     def _coins_have_value(self) -> PayoutSettings:
         if self.coin_value_micros <= 0:
             raise ValueError("PAYOUT_COIN_VALUE_MICROS must be positive")
+        if (
+            self.diamonds_per_minor_unit <= 0
+            or _MICROS_PER_MINOR_UNIT % self.diamonds_per_minor_unit
+        ):
+            raise ValueError(
+                "PAYOUT_DIAMONDS_PER_MINOR_UNIT must divide 10000, so that a diamond's value is "
+                "exact in millionths (the books would value diamonds below what withdrawals pay)"
+            )
+        if self.diamonds_per_coin_numerator <= 0 or self.diamonds_per_coin_denominator <= 0:
+            raise ValueError("PAYOUT_DIAMONDS_PER_COIN_NUMERATOR and _DENOMINATOR must be positive")
         return self
