@@ -113,6 +113,24 @@ class FailedPrecondition(DomainError):
     kind = ErrorKind.FAILED_PRECONDITION
 
 
+class NotYet:
+    """Mixin for a refusal that holds only for now, because what the request needs is still on its
+    way (a payment event about a purchase not settled yet): never stored as the request's answer, so
+    the same request, redelivered, is decided again."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class NotFoundYet(NotYet, NotFound):
+    pass
+
+
+class FailedPreconditionYet(NotYet, FailedPrecondition):
+    pass
+
+
 class PermissionDenied(DomainError):
     kind = ErrorKind.PERMISSION_DENIED
 

@@ -142,3 +142,47 @@ async def test_a_charge_still_on_its_way_when_reconciled_can_never_charge(
     )
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == 0
+
+
+async def test_a_chargeback_that_arrives_before_its_purchase_is_settled_applies_when_redelivered(
+    reconciling: Suite,
+) -> None:
+    """The provider charged, its answer was lost, and the buyer disputes at once: the chargeback
+    names a payment the wallet cannot match yet (the purchase learns its provider transaction id
+    when it is settled). That refusal is not the event's final answer: redelivered after the
+    reconciler settled the purchase, the event takes the coins back (it replayed the refusal)."""
+    suite = reconciling
+    user = new_id()
+    await open_account(suite, user)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_timeout"
+    )
+    error = await expect_error(
+        suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
+    )
+    info = error_info(error)
+    assert info is not None
+    provider = suite.services["wallet"].runtime.parts["payments"]
+    assert isinstance(provider, SandboxPaymentProvider)
+    charge = provider.charged(info.metadata["purchase_id"])
+    assert charge is not None and charge.approved  # the buyer paid
+    webhooks = suite.as_caller("payment-webhooks").wallet
+    chargeback = wallet_pb2.RecordPaymentEventRequest(
+        request_id=new_id("evt"),
+        type=wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK,
+        provider_transaction_id=charge.provider_transaction_id,
+    )
+    await expect_error(
+        webhooks.RecordPaymentEvent(chargeback), grpc.StatusCode.NOT_FOUND, "PURCHASE_NOT_FOUND"
+    )
+
+    async def credited() -> bool:
+        balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+        return balance.balance.coins == 700
+
+    await eventually(credited, "the purchase reconciled and credited")
+    reversed_ = await webhooks.RecordPaymentEvent(chargeback)  # the provider redelivers
+    assert reversed_.purchase.status == wallet_pb2.PURCHASE_STATUS_CHARGED_BACK
+    assert reversed_.balance.coins == 0
+    again = await webhooks.RecordPaymentEvent(chargeback)  # and again: the same answer
+    assert again == reversed_

@@ -19,7 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coins.wallet.v1 import wallet_pb2
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import Aborted, DomainError, FailedPrecondition, NotFound, Unavailable
+from runtime.errors import (
+    Aborted,
+    DomainError,
+    FailedPrecondition,
+    FailedPreconditionYet,
+    NotFoundYet,
+    Unavailable,
+)
 from runtime.idempotency import Idempotency
 from services.wallet import storage
 from services.wallet.convert import balance_pb, purchase_pb
@@ -228,9 +235,12 @@ async def reverse(
     purchase and the buyer's coins afterwards."""
     purchase = await storage.get_purchase_by_provider_transaction(conn, provider_transaction_id)
     if purchase is None:
-        raise NotFound(
+        # Not final: a purchase whose charge answer was lost learns its provider transaction id
+        # only when it is settled (a retry, the reconciler); the event, redelivered, applies then.
+        raise NotFoundYet(
             "PURCHASE_NOT_FOUND",
-            f"no purchase was paid with {provider_transaction_id!r}",
+            f"no purchase was paid with {provider_transaction_id!r} (yet: a purchase still being "
+            "settled gets it then); redeliver the event later",
             provider_transaction_id=provider_transaction_id,
         )
     if purchase.status in _REVERSALS.values():
@@ -241,7 +251,9 @@ async def reverse(
             status=purchase.status,
         )
     if not await storage.reverse_purchase(conn, purchase.purchase_id, _REVERSALS[kind], now):
-        raise FailedPrecondition(
+        # Final for a failed purchase; a pending one may still complete (then the event applies).
+        refusal = FailedPreconditionYet if purchase.status == "pending" else FailedPrecondition
+        raise refusal(
             "PURCHASE_NOT_COMPLETED",
             f"purchase {purchase.purchase_id} is {purchase.status}; redeliver the event "
             "once it has completed",

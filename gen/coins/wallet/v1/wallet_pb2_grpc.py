@@ -239,7 +239,9 @@ class WalletServiceServicer:
         user already spent becomes a debt and freezes the account for spending until later purchases pay it
         off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
         reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
-        completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
+        completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, or NOT_FOUND PURCHASE_NOT_FOUND
+        while no purchase knows the provider transaction id; neither of these two is stored as the event's
+        answer, so the provider's redelivery is decided again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -91,7 +91,9 @@ class WalletServiceStub:
     user already spent becomes a debt and freezes the account for spending until later purchases pay it
     off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
     reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
-    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
+    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, or NOT_FOUND PURCHASE_NOT_FOUND
+    while no purchase knows the provider transaction id; neither of these two is stored as the event's
+    answer, so the provider's redelivery is decided again.
     """
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]
     """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
@@ -168,7 +170,9 @@ class WalletServiceAsyncStub(WalletServiceStub):
     user already spent becomes a debt and freezes the account for spending until later purchases pay it
     off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
     reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
-    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
+    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, or NOT_FOUND PURCHASE_NOT_FOUND
+    while no purchase knows the provider transaction id; neither of these two is stored as the event's
+    answer, so the provider's redelivery is decided again.
     """
     CaptureHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]  # type: ignore[assignment]
     """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
@@ -320,7 +324,9 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         user already spent becomes a debt and freezes the account for spending until later purchases pay it
         off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
         reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
-        completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED (the provider redelivers later).
+        completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, or NOT_FOUND PURCHASE_NOT_FOUND
+        while no purchase knows the provider transaction id; neither of these two is stored as the event's
+        answer, so the provider's redelivery is decided again.
         """
 
     @_abc_1.abstractmethod
