@@ -166,6 +166,13 @@ _OPEN_ACCOUNT = Statement(
     "created_at, seq, head_hash) VALUES (:account_id, :kind, 0, :allow_negative, :keeps_balance, "
     ":now, 0, :genesis) ON CONFLICT DO NOTHING",
 )
+_POSTED_UNDER = Statement(
+    "ledger.posted_under",
+    "SELECT t.transaction_id, e.balance_after FROM ledger_transactions t "
+    "JOIN ledger_entries e ON e.transaction_id = t.transaction_id "
+    "WHERE t.caller = :caller AND t.request_id = :request_id AND e.account_id = :account_id",
+)
+"""ux_ledger_transactions_request: the one transaction a caller's request id can have."""
 _BALANCES = Statement(
     "ledger.balances",
     "SELECT account_id, balance FROM ledger_accounts "
@@ -447,6 +454,17 @@ class Ledger:
         """Create balance-keeping user accounts that do not exist yet, in id order."""
         for account_id in sorted(account_ids):
             await self.open_account(tx, account_id)
+
+    async def posted_under(
+        self, tx: Tx, *, caller: str, request_id: str, account_id: str
+    ) -> tuple[str, int] | None:
+        """The transaction `caller` posted under `request_id` (unique, kept for ever, unlike the
+        request-id answers the services purge) and `account_id`'s balance after it; None if there is
+        none or it did not touch that account."""
+        row = await tx.one(
+            _POSTED_UNDER, caller=caller, request_id=request_id, account_id=account_id
+        )
+        return None if row is None else (str(row[0]), int(row[1]))
 
     async def balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
         """Kept balances of existing accounts, in one read."""

@@ -544,6 +544,15 @@ class Idempotency:
             }
         )
 
+    async def is_recorded(self, scope: str, request: Message) -> bool:
+        """Whether the request id `request` carries has a record in `scope`, whatever its
+        parameters (answered, in progress or voided); False if it never had one or it was purged."""
+        async with self._db.driver.read() as tx:
+            row = await tx.one(
+                _READ_KEY, scope=scoped_scope(scope), request_id=_request_id(request)
+            )
+        return row is not None
+
     async def twin_answer(self, scope: str, request: Message) -> Claim | None:
         """The answer stored by a concurrent attempt with the same request id that finished the
         request first (None if it has none): what an attempt that lost that race answers, so that

@@ -4,6 +4,7 @@ never debited, and the debit voided so it can never happen late. No coin is lost
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -15,8 +16,18 @@ import pytest
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.errors import Unavailable
 from services.gifting import storage
-from tests.helpers import eventually, expect_error, funded_user, live_of, new_creator, new_id
+from services.gifting.clients import WalletDebiter
+from tests.helpers import (
+    eventually,
+    expect_error,
+    funded_user,
+    live_gift,
+    live_of,
+    new_creator,
+    new_id,
+)
 from tests.suite import Suite, start_suite
 
 
@@ -149,3 +160,49 @@ async def test_a_gift_the_wallet_never_debited_fails_and_can_never_debit(
     await eventually(failed, "the gift to fail")
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins
+
+
+async def test_a_debit_resolved_after_the_wallet_purged_its_request_id_is_still_a_debit(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wallet debited, its answer was lost, and gifting could not ask until the wallet had
+    purged the debit's request id (WALLET_IDEMPOTENCY_RETENTION_HOURS): the ledger, which keeps
+    every transaction under its request id for ever, still says it was debited, so the gift is
+    recorded and credited (it was voided and failed: the sender's coins gone, the creator unpaid)."""
+    suite = reconciling
+    sender, coins = await funded_user(suite)
+    creator = await new_creator(suite)
+    real_debit, real_resolve = WalletDebiter.debit_for_gift, WalletDebiter.resolve_gift_debit
+    reachable = asyncio.Event()
+
+    async def answer_lost(self: WalletDebiter, **kwargs: Any) -> Any:
+        await real_debit(self, **kwargs)  # the wallet debits, and its answer never arrives
+        raise Unavailable("DEPENDENCY_UNAVAILABLE", "the wallet's answer was lost")
+
+    async def once_reachable(self: WalletDebiter, **kwargs: Any) -> Any:
+        if not reachable.is_set():
+            raise Unavailable("DEPENDENCY_UNAVAILABLE", "the wallet is unreachable")
+        return await real_resolve(self, **kwargs)
+
+    monkeypatch.setattr(WalletDebiter, "debit_for_gift", answer_lost)
+    monkeypatch.setattr(WalletDebiter, "resolve_gift_debit", once_reachable)
+    request = live_gift(sender, creator, "panda", count=2)  # 10 coins
+    await expect_error(
+        suite.gifting.SendGift(request), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"
+    )
+    monkeypatch.setattr(WalletDebiter, "debit_for_gift", real_debit)
+    # Two days pass: the wallet's purge forgets its answered request ids.
+    assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
+    reachable.set()
+
+    async def credited() -> bool:
+        answer = await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+        return answer.balance.diamonds == 5  # 10 coins -> 5 diamonds
+
+    await eventually(credited, "the gift recorded by the reconciler and credited")
+    replayed = await suite.gifting.SendGift(request)  # the request's own retry: its answer
+    assert (replayed.sent_gift.coins, replayed.sent_gift.sender_id) == (10, sender)
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - 10  # debited once

@@ -270,7 +270,27 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def ResolveDebit(
         self, request: wallet_pb2.ResolveDebitRequest, context: RpcContext
     ) -> wallet_pb2.ResolveDebitResponse:
-        response, reason = await self._resolve(f"DebitCoins:{request.user_id}", request)
+        scope = f"DebitCoins:{request.user_id}"
+        debit = None
+        if not await self._idempotency.is_recorded(scope, request):
+            # Never received, or its record purged after the retention: the ledger, which never
+            # forgets, tells them apart before the request id is voided.
+            async with self._db.driver.read() as tx:
+                debit = await self._wallet.debit_on_record(
+                    tx,
+                    caller=current_principal().service,
+                    user_id=request.user_id,
+                    request_id=f"{scope}/{request.request_id}",
+                )
+        if debit is not None:
+            return wallet_pb2.ResolveDebitResponse(
+                outcome=wallet_pb2.DEBIT_OUTCOME_DEBITED,
+                debit=wallet_pb2.DebitCoinsResponse(
+                    transaction_id=debit.transaction_id,
+                    balance=balance_pb(Coins(debit.balance, debit.available)),
+                ),
+            )
+        response, reason = await self._resolve(scope, request)
         if response is not None:
             return wallet_pb2.ResolveDebitResponse(
                 outcome=wallet_pb2.DEBIT_OUTCOME_DEBITED,

@@ -670,6 +670,21 @@ class Wallet:
             ) from None
         return _debit(posted, account)
 
+    async def debit_on_record(
+        self, tx: Tx, *, caller: str, user_id: str, request_id: str
+    ) -> Debit | None:
+        """A debit the ledger holds under `request_id` (as `DebitRequest.request_id` builds it),
+        whatever became of its request-id record: those are purged after
+        `WALLET_IDEMPOTENCY_RETENTION_HOURS`, the ledger's transactions never are. The balance is
+        the one right after it (holds at that moment are not on record: available = balance)."""
+        found = await self.ledger.posted_under(
+            tx, caller=caller, request_id=request_id, account_id=user_account(user_id)
+        )
+        if found is None:
+            return None
+        transaction_id, balance = found
+        return Debit(transaction_id, balance, balance)
+
     async def debit_at_once(
         self,
         driver: Driver,
