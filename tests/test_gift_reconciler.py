@@ -44,6 +44,38 @@ async def reconciling(
     await suite.stop()
 
 
+async def pending_gift(suite: Suite, sender: str) -> str:
+    """A gift left pending before its debit (the gifting process died): the reconciler's work."""
+    sent_gift_id = uuid.uuid4().hex
+    now = dt.datetime.now(dt.UTC)
+    async with suite.services["gifting"].runtime.db.transaction() as conn:
+        await storage.insert_sent_gift(
+            conn,
+            storage.SentGiftRecord(
+                sent_gift_id=sent_gift_id,
+                sender_id=sender,
+                creator_id=new_id("creator"),
+                gift_id="rose",
+                count=1,
+                coins=1,
+                live_id="live-x",
+                video_id=None,
+                status="pending",
+                wallet_transaction_id=None,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+    return sent_gift_id
+
+
+async def status_of(suite: Suite, sent_gift_id: str) -> str:
+    async with suite.services["gifting"].runtime.db.read() as conn:
+        gift = await storage.get_sent_gift(conn, sent_gift_id)
+    assert gift is not None
+    return gift.status
+
+
 async def test_wallet_resolves_debits_it_did_refused_or_never_saw(reconciling: Suite) -> None:
     suite = reconciling
     gifting = suite.as_caller("gifting").wallet
@@ -131,26 +163,7 @@ async def test_a_gift_the_wallet_never_debited_fails_and_can_never_debit(
 ) -> None:
     suite = reconciling
     sender, coins = await funded_user(suite)
-    sent_gift_id = uuid.uuid4().hex
-    now = dt.datetime.now(dt.UTC)
-    async with suite.services["gifting"].runtime.db.transaction() as conn:  # died before the debit
-        await storage.insert_sent_gift(
-            conn,
-            storage.SentGiftRecord(
-                sent_gift_id=sent_gift_id,
-                sender_id=sender,
-                creator_id=new_id("creator"),
-                gift_id="rose",
-                count=1,
-                coins=1,
-                live_id="live-x",
-                video_id=None,
-                status="pending",
-                wallet_transaction_id=None,
-                created_at=now,
-                updated_at=now,
-            ),
-        )
+    sent_gift_id = await pending_gift(suite, sender)  # died before the debit
 
     async def failed() -> bool:
         async with suite.services["gifting"].runtime.db.read() as conn:
@@ -206,3 +219,34 @@ async def test_a_debit_resolved_after_the_wallet_purged_its_request_id_is_still_
     assert (replayed.sent_gift.coins, replayed.sent_gift.sender_id) == (10, sender)
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins - 10  # debited once
+
+
+async def test_a_gift_the_reconciler_cannot_settle_holds_up_no_other(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking the wallet about one gift fails with something unexpected (a bug, a bad row): the
+    reconciler logs it and settles the next gift in the same round (the round ended there)."""
+    suite = reconciling
+    sender, _ = await funded_user(suite)
+    stuck = await pending_gift(suite, sender)
+    real_resolve = WalletDebiter.resolve_gift_debit
+
+    async def fails_for_one(self: WalletDebiter, **kwargs: Any) -> Any:
+        if kwargs["sent_gift_id"] == stuck:
+            raise RuntimeError("unexpected")
+        return await real_resolve(self, **kwargs)
+
+    monkeypatch.setattr(WalletDebiter, "resolve_gift_debit", fails_for_one)
+    later = await pending_gift(suite, sender)
+
+    async def later_failed() -> bool:
+        return await status_of(suite, later) == "failed"  # never debited: failed, voided
+
+    await eventually(later_failed, "the later gift settled past the one that fails")
+    assert await status_of(suite, stuck) == "pending"
+    monkeypatch.setattr(WalletDebiter, "resolve_gift_debit", real_resolve)
+
+    async def stuck_failed() -> bool:
+        return await status_of(suite, stuck) == "failed"
+
+    await eventually(stuck_failed, "the stuck gift settled once it can be")

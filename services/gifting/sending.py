@@ -171,40 +171,47 @@ class GiftSender:
         settled = 0
         for sent in stale:
             try:
-                outcome = await self._wallet.resolve_gift_debit(
-                    sent_gift_id=sent.sent_gift_id, sender_id=sent.sender_id, time_limit=time_limit
-                )
-            except DomainError as error:
-                log.warning("cannot resolve gift %s yet: %s", sent.sent_gift_id, error.reason)
-                continue
-            async with self._db.transaction() as conn:
-                now = self._clock.now()
-                if isinstance(outcome, tuple):
-                    transaction_id, balance = outcome
-                    if not await self._gifting.record_debit(conn, sent, transaction_id, now):
-                        continue  # the request's own retry recorded it meanwhile
-                    if sent.live_id:
-                        self._feed.notify(sent.live_id)
-                    recorded = await storage.get_sent_gift(conn, sent.sent_gift_id)
-                    assert recorded is not None
-                    await self._idempotency.complete_resource(
-                        conn, sent.sent_gift_id, response=send_gift_response(recorded, balance)
-                    )
-                else:
-                    await self._gifting.record_failure(conn, sent.sent_gift_id, now)
-                    await self._idempotency.complete_resource(
-                        conn,
-                        sent.sent_gift_id,
-                        error=_voided(sent.sent_gift_id)
-                        if outcome == "DEBIT_VOIDED"
-                        else FailedPrecondition(
-                            outcome, f"the gift was not sent: the wallet answered {outcome}"
-                        ),
-                    )
-            settled += 1
+                settled += await self._reconcile_one(sent, time_limit)
+            except Exception:  # one gift that cannot be settled never holds up the others
+                log.exception("cannot settle gift %s yet; the others go on", sent.sent_gift_id)
         if settled:
             self._wake_relay()
         return settled
+
+    async def _reconcile_one(self, sent: storage.SentGiftRecord, time_limit: float) -> int:
+        """1 if this pending gift was settled now, 0 if not (yet)."""
+        try:
+            outcome = await self._wallet.resolve_gift_debit(
+                sent_gift_id=sent.sent_gift_id, sender_id=sent.sender_id, time_limit=time_limit
+            )
+        except DomainError as error:
+            log.warning("cannot resolve gift %s yet: %s", sent.sent_gift_id, error.reason)
+            return 0
+        async with self._db.transaction() as conn:
+            now = self._clock.now()
+            if isinstance(outcome, tuple):
+                transaction_id, balance = outcome
+                if not await self._gifting.record_debit(conn, sent, transaction_id, now):
+                    return 0  # the request's own retry recorded it meanwhile
+                if sent.live_id:
+                    self._feed.notify(sent.live_id)
+                recorded = await storage.get_sent_gift(conn, sent.sent_gift_id)
+                assert recorded is not None
+                await self._idempotency.complete_resource(
+                    conn, sent.sent_gift_id, response=send_gift_response(recorded, balance)
+                )
+            else:
+                await self._gifting.record_failure(conn, sent.sent_gift_id, now)
+                await self._idempotency.complete_resource(
+                    conn,
+                    sent.sent_gift_id,
+                    error=_voided(sent.sent_gift_id)
+                    if outcome == "DEBIT_VOIDED"
+                    else FailedPrecondition(
+                        outcome, f"the gift was not sent: the wallet answered {outcome}"
+                    ),
+                )
+        return 1
 
 
 def _concurrent_retry() -> Aborted:

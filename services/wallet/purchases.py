@@ -203,19 +203,28 @@ class Purchases:
         settled = 0
         for purchase in stale:
             try:
-                charge = await asyncio.wait_for(
-                    self._payments.void(purchase.purchase_id), timeout=self._charge_timeout
+                settled += await self._reconcile_one(purchase)
+            except Exception:  # one purchase that cannot be settled never holds up the others
+                log.exception(
+                    "cannot settle purchase %s yet; the others go on", purchase.purchase_id
                 )
-            except (PaymentOutcomeUnknown, TimeoutError):
-                continue  # the provider is not answering; next round
-            if charge is None:
-                charge = ChargeResult(False, f"none:{purchase.purchase_id}", "never_charged")
-            try:
-                await self.settle(purchase.purchase_id, charge, f"reconcile/{purchase.purchase_id}")
-                settled += 1
-            except Aborted:
-                continue  # the request's own retry settled it
         return settled
+
+    async def _reconcile_one(self, purchase: storage.PurchaseRecord) -> int:
+        """1 if this pending purchase was settled now, 0 if not (yet)."""
+        try:
+            charge = await asyncio.wait_for(
+                self._payments.void(purchase.purchase_id), timeout=self._charge_timeout
+            )
+        except (PaymentOutcomeUnknown, TimeoutError):
+            return 0  # the provider is not answering; next round
+        if charge is None:
+            charge = ChargeResult(False, f"none:{purchase.purchase_id}", "never_charged")
+        try:
+            await self.settle(purchase.purchase_id, charge, f"reconcile/{purchase.purchase_id}")
+        except Aborted:
+            return 0  # the request's own retry settled it
+        return 1
 
 
 _REVERSALS = {"refund": "refunded", "chargeback": "charged_back"}
