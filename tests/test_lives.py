@@ -13,10 +13,11 @@ import pytest
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from coins.wallet.v1 import wallet_pb2
-from runtime.errors import Aborted
+from runtime.errors import Aborted, Unavailable
 from runtime.server import RunningService, start_service
 from runtime.status import error_info
 from runtime.telemetry import make_tracer_provider
+from services.gifting.clients import WalletDebiter
 from services.gifting.feed import FeedLimits, LiveFeed
 from services.gifting.service import SPEC as GIFTING
 from tests.helpers import (
@@ -431,3 +432,64 @@ async def test_gifts_racing_the_end_of_a_live_are_refused_or_counted_never_lost(
         [await coins_of(suite, user) for user, _ in senders]
     )
     assert spent == summary.coins_received
+
+
+async def test_a_gift_retried_after_its_live_ended_is_never_charged_into_it(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gift's first attempt stopped before its debit (a deadline, a lost connection); the LIVE
+    ends; the client retries with the same request id. The debit never happened, so it is voided and
+    the gift fails LIVE_ENDED: nobody pays for a gift into a LIVE that is over, which no feed would
+    show, and the summary EndLive answered stays true (it was charged and counted after the end)."""
+    creator = await new_creator(suite)
+    live_id = await start_live(suite, creator)
+    sender, coins = await funded_user(suite)
+
+    async def stopped_before_the_debit(self: WalletDebiter, **kwargs: Any) -> Any:
+        raise Unavailable("DEPENDENCY_UNAVAILABLE", "the attempt stopped before the debit")
+
+    request = gift(sender, creator, live_id, "panda")
+    monkeypatch.setattr(WalletDebiter, "debit_for_gift", stopped_before_the_debit)
+    await expect_error(
+        suite.gifting.SendGift(request), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"
+    )
+    monkeypatch.undo()
+    ended = await suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("e"), live_id=live_id), metadata=suite.token(creator)
+    )
+    for _ in range(2):  # the retry, and the same answer again
+        await expect_error(
+            suite.gifting.SendGift(request), grpc.StatusCode.FAILED_PRECONDITION, "LIVE_ENDED"
+        )
+    assert await coins_of(suite, sender) == coins
+    after = await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_id))
+    assert after.summary == ended.summary
+
+
+async def test_a_gift_debited_before_its_live_ended_is_recorded_on_its_retry(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt's debit happened (its answer was lost) while the LIVE was on: the retry
+    after the end records that debit, once, as the reconciler would; nothing is debited again."""
+    creator = await new_creator(suite)
+    live_id = await start_live(suite, creator)
+    sender, coins = await funded_user(suite)
+    real_debit = WalletDebiter.debit_for_gift
+
+    async def answer_lost(self: WalletDebiter, **kwargs: Any) -> Any:
+        await real_debit(self, **kwargs)
+        raise Unavailable("DEPENDENCY_UNAVAILABLE", "the wallet's answer was lost")
+
+    request = gift(sender, creator, live_id, "panda")
+    monkeypatch.setattr(WalletDebiter, "debit_for_gift", answer_lost)
+    await expect_error(
+        suite.gifting.SendGift(request), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"
+    )
+    monkeypatch.undo()
+    await suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("e"), live_id=live_id), metadata=suite.token(creator)
+    )
+    sent = await suite.gifting.SendGift(request)
+    assert (sent.sent_gift.coins, sent.sent_gift.live_id) == (5, live_id)
+    assert await suite.gifting.SendGift(request) == sent
+    assert await coins_of(suite, sender) == coins - 5

@@ -27,7 +27,8 @@ class LiveSummary:
     diamonds_earned: int
 
 
-def _ended(live: storage.LiveRecord) -> FailedPrecondition:
+def live_ended(live: storage.LiveRecord) -> FailedPrecondition:
+    """LIVE_ENDED: gifts to a LIVE that is over are refused."""
     assert live.ended_at is not None
     return FailedPrecondition(
         "LIVE_ENDED",
@@ -105,7 +106,7 @@ class Lives:
     ) -> storage.LiveRecord:
         """End the LIVE once (its feed's last event is written with it)."""
         if not await storage.end_live(conn, live_id, now):
-            raise _ended(await self.get(conn, live_id))
+            raise live_ended(await self.get(conn, live_id))
         return await self.get(conn, live_id)
 
     async def set_gifts(
@@ -113,7 +114,7 @@ class Lives:
     ) -> storage.LiveRecord:
         live = await self.get(conn, live_id)
         if live.ended_at is not None:
-            raise _ended(live)
+            raise live_ended(live)
         await storage.set_live_gifts(conn, live_id, enabled)
         return await self.get(conn, live_id)
 
@@ -149,7 +150,7 @@ class Lives:
                 creator_id=live.creator_id,
             )
         if live.ended_at is not None:
-            return _ended(live)
+            return live_ended(live)
         if not live.gifts_enabled:
             return FailedPrecondition(
                 "LIVE_GIFTS_OFF",

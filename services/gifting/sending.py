@@ -22,7 +22,7 @@ from services.gifting import storage
 from services.gifting.convert import send_gift_response
 from services.gifting.domain import CoinDebiter, Gifting, GiftOrder
 from services.gifting.feed import LiveFeed
-from services.gifting.lives import Lives
+from services.gifting.lives import Lives, live_ended
 
 log = logging.getLogger("coins.gifting.sending")
 
@@ -63,14 +63,20 @@ class GiftSender:
         )
         if claim.finished:
             return await self._with_streak(claim.replay(gifting_pb2.SendGiftResponse))
+        debited: tuple[str, int] | None = None
         if sent is None:  # an earlier attempt started this gift: resume it
             assert claim.resource_id is not None
             async with self._db.driver.read() as tx:
                 sent = await storage.get_sent_gift(tx, claim.resource_id)
                 assert sent is not None
                 sent = replace(sent, offered_in=await self._gifting.offered_in(tx, sent))
+                live = await storage.get_live(tx, sent.live_id) if sent.live_id else None
+            if live is not None and live.ended_at is not None:
+                debited = await self._resume_in_an_ended_live(
+                    scope, request, sent, live, time_limit
+                )
         try:
-            transaction_id, balance = await self._wallet.debit_for_gift(
+            transaction_id, balance = debited or await self._wallet.debit_for_gift(
                 sent_gift_id=sent.sent_gift_id,
                 sender_id=sent.sender_id,
                 creator_id=sent.creator_id,
@@ -131,6 +137,29 @@ class GiftSender:
         for live_id in {*fed, *([sent.live_id] if sent.live_id else [])}:
             self._feed.notify(live_id)
         return response
+
+    async def _resume_in_an_ended_live(
+        self,
+        scope: str,
+        request: Message,
+        sent: storage.SentGiftRecord,
+        live: storage.LiveRecord,
+        time_limit: float,
+    ) -> tuple[str, int]:
+        """A retry of a gift started before its LIVE ended: the wallet says whether the first
+        attempt's debit happened (then it is recorded, as the reconciler would: the coins were
+        taken while the LIVE was on). If not, it is voided there and the gift fails LIVE_ENDED:
+        no viewer is charged for a gift into a LIVE that is over, which no feed would show."""
+        outcome = await self._wallet.resolve_gift_debit(
+            sent_gift_id=sent.sent_gift_id, sender_id=sent.sender_id, time_limit=time_limit
+        )
+        if isinstance(outcome, tuple):
+            return outcome
+        error = live_ended(live)
+        answer = self._idempotency.answer(scope, request, error=error)
+        async with self._db.driver.transaction() as tx:
+            await self._gifting.record_failure(tx, sent.sent_gift_id, self._clock.now(), answer)
+        raise error
 
     async def _twin_answer(self, scope: str, request: Message) -> gifting_pb2.SendGiftResponse:
         """A concurrent duplicate recorded the gift first: its answer (CONCURRENT_RETRY if it has
