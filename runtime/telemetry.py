@@ -81,6 +81,26 @@ def trace_engine(engine: AsyncEngine, provider: trace.TracerProvider) -> None:
     EngineTracer(tracer, engine.sync_engine, usage)
 
 
+class _CancelledStreamDetach(logging.Filter):
+    """Drops OpenTelemetry's "Failed to detach context" for a server stream the client cancelled.
+
+    The interceptor attaches the call's span context in the stream's generator; when a watcher
+    leaves (WatchLive cancelled), grpc closes that generator from another task's context, where the
+    token cannot be reset: a ValueError that the SDK logs at ERROR with a traceback, twice per
+    cancel. It is harmless (the span ends; the generator's context is discarded) and a viewer
+    leaving is the normal end of a stream, so it must not read as an error. Any other failure to
+    detach still logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != "Failed to detach context" or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        return not (isinstance(error, ValueError) and "different Context" in str(error))
+
+
+logging.getLogger("opentelemetry.context").addFilter(_CancelledStreamDetach())
+
+
 class _TraceIdFilter(logging.Filter):
     """Adds the current trace and span ids to every log record, so a log line leads to its trace."""
 
