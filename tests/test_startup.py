@@ -91,8 +91,10 @@ def test_make_up_names_every_variable_a_service_would_refuse() -> None:
 
 
 def test_a_payout_configuration_that_would_misvalue_diamonds_is_refused() -> None:
-    with pytest.raises(pydantic.ValidationError, match="must divide 10000"):
-        PayoutSettings(diamonds_per_minor_unit=3)
+    with pytest.raises(pydantic.ValidationError, match="must be positive"):
+        PayoutSettings(diamonds_per_minor_unit=0)
+    with pytest.raises(pydantic.ValidationError, match="greater than or equal to 0"):
+        PayoutSettings(withdrawal_fee_fixed_minor=-1)
 
 
 def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(

@@ -103,14 +103,8 @@ class PayoutSettings(LedgerServiceSettings):
     def _coins_have_value(self) -> PayoutSettings:
         if self.coin_value_micros <= 0:
             raise ValueError("PAYOUT_COIN_VALUE_MICROS must be positive")
-        if (
-            self.diamonds_per_minor_unit <= 0
-            or _MICROS_PER_MINOR_UNIT % self.diamonds_per_minor_unit
-        ):
-            raise ValueError(
-                "PAYOUT_DIAMONDS_PER_MINOR_UNIT must divide 10000, so that a diamond's value is "
-                "exact in millionths (the books would value diamonds below what withdrawals pay)"
-            )
+        if self.diamonds_per_minor_unit <= 0:
+            raise ValueError("PAYOUT_DIAMONDS_PER_MINOR_UNIT must be positive")
         if self.diamonds_per_coin_numerator <= 0 or self.diamonds_per_coin_denominator <= 0:
             raise ValueError("PAYOUT_DIAMONDS_PER_COIN_NUMERATOR and _DENOMINATOR must be positive")
         return self
