@@ -90,7 +90,7 @@ def test_make_up_names_every_variable_a_service_would_refuse() -> None:
     ], done.stderr[-2000:]
 
 
-def test_a_payout_configuration_that_would_misvalue_diamonds_is_refused() -> None:
+def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() -> None:
     with pytest.raises(pydantic.ValidationError, match="must be positive"):
         PayoutSettings(diamonds_per_minor_unit=0)
     with pytest.raises(pydantic.ValidationError, match="greater than or equal to 0"):
