@@ -119,6 +119,11 @@ def _details(error: grpc.RpcError) -> status_pb2.Status:
     return status_pb2.Status()
 
 
+DEPENDENCY_RETRY_AFTER_SECONDS = 1.0
+"""The RetryInfo a caller gets when a service this one depends on is out: a second, like the first
+step of the services' own backoff; a client that honours it does not hammer a recovering service."""
+
+
 def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
     """Turn a failed call to another service into a DomainError this service can raise.
 
@@ -137,9 +142,15 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
             dependency=dependency,
         )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        what = (
+            "did not answer in time"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED
+            else ("is unavailable")
+        )
         return Unavailable(
             "DEPENDENCY_UNAVAILABLE",
-            f"the {dependency} service did not answer in time; retry with the same request_id",
+            f"the {dependency} service {what}; retry with the same request_id",
+            retry_after=DEPENDENCY_RETRY_AFTER_SECONDS,
             dependency=dependency,
         )
     passthrough = {

@@ -57,9 +57,11 @@ async def test_a_database_outage_is_unavailable_and_heals(
     )
     delay = retry_info(error)
     assert delay is not None and delay.retry_delay.ToMilliseconds() > 0
-    await expect_error(  # gifting's caller learns the wallet is out, and may retry
+    relayed = await expect_error(  # gifting's caller learns the wallet is out, and when to retry
         suite.gifting.SendGift(gift), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"
     )
+    hint = retry_info(relayed)
+    assert hint is not None and hint.retry_delay.ToMilliseconds() == 1_000
     assert not [r for r in caplog.records if r.exc_info], "an outage logged a stack trace"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     # Its health says so, and a readiness probe takes it out of rotation.
