@@ -118,15 +118,17 @@ class CreditRelay:
         # of *us* (certificate, access rule, token) is a configuration fault an operator fixes:
         # keep retrying, so the credits flow again once it is fixed.
         dead = not error.retryable and error.kind not in _CONFIGURATION_FAULTS
-        for item in items:
-            if dead:
+        if dead:  # each parked credit by name: an operator looks at each
+            for item in items:
                 log.error("credit for gift %s refused by payout: %r", item.sent_gift_id, error)
-            else:
-                log.warning(
-                    "credit for gift %s not delivered (%s); retrying",
-                    item.sent_gift_id,
-                    error.reason,
-                )
+        else:  # one line per batch, not per gift: an outage of payout would flood the log
+            log.warning(
+                "%d credits not delivered (%s; first: gift %s, attempt %d); retrying",
+                len(items),
+                error.reason,
+                items[0].sent_gift_id,
+                max(item.attempts for item in items) + 1,
+            )
         async with self._rt.db.transaction() as conn:
             for item in items:
                 delay = backoff(
