@@ -206,6 +206,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 if audited:
                     await self._audit.record(principal, method, request, "STARTED")
                 response = await behavior(request, context)
+                _annotate_answer(response)
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
                 outcome = (0, "")
@@ -352,6 +353,35 @@ _SPAN_FIELDS = {
 }
 """Request fields an SRE filters traces on, and the span attribute each becomes."""
 _fields_of: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+_RESOURCES = ("sent_gift", "purchase", "withdrawal", "promotion")
+"""Answer fields holding the record a call made or read, whose ids and amounts go on its span: a
+SendGift's trace is then found by the sent gift's id (a support ticket names that, not the
+request id). A balance's `coins` is not an amount moved, so only these records are read."""
+_answer_fields_of: dict[str, tuple[tuple[str, str, str], ...]] = {}
+
+
+def _annotate_answer(response: Any) -> None:
+    """Put the ids and amounts of the record the call answers with on the RPC's span."""
+    span = trace.get_current_span()
+    descriptor = getattr(response, "DESCRIPTOR", None)
+    if descriptor is None or not span.is_recording():
+        return
+    fields = _answer_fields_of.get(descriptor.full_name)
+    if fields is None:
+        plan = []
+        for outer in _RESOURCES:
+            field = descriptor.fields_by_name.get(outer)
+            if field is None or field.message_type is None:
+                continue
+            inner = field.message_type.fields_by_name
+            plan += [(outer, name, attr) for name, attr in _SPAN_FIELDS.items() if name in inner]
+        fields = _answer_fields_of[descriptor.full_name] = tuple(plan)
+    for outer, name, attribute in fields:
+        value = getattr(getattr(response, outer), name)
+        if value:
+            span.set_attribute(attribute, value)
 
 
 def _annotate(request: Any) -> None:

@@ -59,7 +59,7 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
     sender, _ = await funded_user(suite)
     creator = await new_creator(suite)
     suite.spans.clear()
-    await suite.gifting.SendGift(
+    sent = await suite.gifting.SendGift(
         gifting_pb2.SendGiftRequest(
             request_id=new_id("gift"),
             sender_id=sender,
@@ -71,6 +71,10 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
     )
     gift_span = server_span(list(suite.spans.get_finished_spans()), "coins-gifting", "/SendGift")
     trace_id = gift_span.context.trace_id
+    # Found by the sent gift's id (what a support ticket names), with the coins it moved.
+    assert gift_span.attributes is not None
+    assert gift_span.attributes["coins.sent_gift_id"] == sent.sent_gift.sent_gift_id
+    assert gift_span.attributes["coins.coins"] == 500
 
     def in_trace() -> list[ReadableSpan]:
         return [s for s in suite.spans.get_finished_spans() if s.context.trace_id == trace_id]
