@@ -186,3 +186,23 @@ async def test_a_chargeback_that_arrives_before_its_purchase_is_settled_applies_
     assert reversed_.balance.coins == 0
     again = await webhooks.RecordPaymentEvent(chargeback)  # and again: the same answer
     assert again == reversed_
+
+
+async def test_a_request_id_reused_after_its_record_was_purged_is_a_new_purchase(
+    reconciling: Suite,
+) -> None:
+    """After WALLET_IDEMPOTENCY_RETENTION_HOURS a request id is forgotten, and a request that
+    reuses it is a new purchase: charged and credited like any other (its credit collided with the
+    first purchase's ledger request id, and the charged buyer got INTERNAL)."""
+    suite = reconciling
+    user = new_id()
+    await open_account(suite, user)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_visa_r"
+    )
+    first = await suite.wallet.PurchaseCoins(request)
+    assert first.balance.coins == 700
+    await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0))
+    second = await suite.wallet.PurchaseCoins(request)
+    assert second.purchase.purchase_id != first.purchase.purchase_id
+    assert second.balance.coins == 1_400

@@ -78,7 +78,9 @@ class Purchases:
             return claim.replay(wallet_pb2.PurchaseCoinsResponse)
         assert claim.resource_id is not None
         try:
-            return await self._complete(claim.resource_id, f"{scope}/{order.request_id}")
+            # The ledger's request id is the purchase's own: a client's request id may come back
+            # after its record is purged (a new request by then), the purchase id never does.
+            return await self._complete(claim.resource_id, f"purchase:{claim.resource_id}")
         except Aborted as error:  # a concurrent duplicate settled it first: its answer
             twin = await self._idempotency.twin_answer(scope, request)
             if error.reason != "CONCURRENT_RETRY" or twin is None:
