@@ -315,17 +315,16 @@ async def test_a_crash_between_the_capture_and_its_count_counts_it_once(
     assert await suite.ad_delivery.ReportDelivery(report) == delivered
 
 
-async def test_a_promotion_paid_up_front_counts_deliveries_and_releases_nothing(
-    suite: Suite,
-) -> None:
-    user, coins = await funded_user(suite)
+async def paid_up_front(suite: Suite, user: str, budget: int) -> storage.PromotionRecord:
+    """An active promotion whose budget was debited up front (funding `debit`, no hold): how
+    promotions were paid before holds, and still served."""
     now = dt.datetime.now(dt.UTC)
-    legacy = storage.PromotionRecord(
-        promotion_id=new_id("legacy"),
+    record = storage.PromotionRecord(
+        promotion_id=new_id("upfront"),
         user_id=user,
         video_id="video-1",
         goal="video_views",
-        budget_coins=200,
+        budget_coins=budget,
         spent_coins=0,
         duration_days=3,
         status="active",
@@ -337,7 +336,15 @@ async def test_a_promotion_paid_up_front_counts_deliveries_and_releases_nothing(
         funding="debit",
     )
     async with suite.services["promotion"].runtime.db.transaction() as conn:
-        await storage.insert_promotion(conn, legacy)
+        await storage.insert_promotion(conn, record)
+    return record
+
+
+async def test_a_promotion_paid_up_front_counts_deliveries_and_releases_nothing(
+    suite: Suite,
+) -> None:
+    user, coins = await funded_user(suite)
+    legacy = await paid_up_front(suite, user, 200)
     pid = legacy.promotion_id
     delivered = await suite.ad_delivery.ReportDelivery(delivery(pid, 150))
     assert delivered.promotion.spent_coins == 150

@@ -18,7 +18,7 @@ from services.promotion import storage
 from services.promotion.domain import Promotions
 from tests.helpers import eventually, expect_error, funded_user, new_id
 from tests.suite import Suite, start_suite
-from tests.test_promotion import delivery, hold_of, promotion, read
+from tests.test_promotion import delivery, hold_of, paid_up_front, promotion, read
 
 
 @pytest.fixture(scope="module")
@@ -148,31 +148,6 @@ async def test_a_delivery_captured_but_never_counted_is_counted_without_a_retry(
     async with suite.services["promotion"].runtime.db.read() as conn:
         assert await storage.stale_pending_captures(conn, dt.datetime.now(dt.UTC), limit=10) == []
     assert (await hold_of(suite, promotion_id)).captured_coins == 60  # captured once
-
-
-async def paid_up_front(suite: Suite, user: str, budget: int) -> storage.PromotionRecord:
-    """An active promotion whose budget was debited up front (funding `debit`, no hold): how
-    promotions were paid before holds, and still served."""
-    now = dt.datetime.now(dt.UTC)
-    record = storage.PromotionRecord(
-        promotion_id=new_id("upfront"),
-        user_id=user,
-        video_id="v1",
-        goal="video_views",
-        budget_coins=budget,
-        spent_coins=0,
-        duration_days=3,
-        status="active",
-        wallet_transaction_id=new_id("tx"),
-        created_at=now,
-        updated_at=now,
-        hold_id=None,
-        ends_at=now + dt.timedelta(days=3),
-        funding="debit",
-    )
-    async with suite.services["promotion"].runtime.db.transaction() as conn:
-        await storage.insert_promotion(conn, record)
-    return record
 
 
 async def pending_captures_of(suite: Suite, promotion_id: str) -> list[storage.PendingCapture]:
