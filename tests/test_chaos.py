@@ -653,11 +653,16 @@ async def books_hold(
                 f"{len(book.abandoned)}, retries {book.retried_codes}"
             )
             assert book.acked, "no gift got through: the workload measured nothing"
-            # Refusals are definitive answers: not enough coins, or the reconciler settled a gift
-            # left pending while its caller was still retrying (the wallet never saw the debit, so
-            # it was voided there and the gift failed: nothing moved).
+            # Refusals are definitive answers: not enough coins, or a reconciler settled a gift or
+            # a purchase left pending while its caller was still retrying (the wallet never saw the
+            # debit, or the provider never saw the charge and its key was voided there: it failed
+            # and nothing moved; the workload's payment tokens are never declined otherwise).
             refusals = set(book.refused.values())
-            allowed = {"FAILED_PRECONDITION INSUFFICIENT_FUNDS", "FAILED_PRECONDITION DEBIT_VOIDED"}
+            allowed = {
+                "FAILED_PRECONDITION INSUFFICIENT_FUNDS",
+                "FAILED_PRECONDITION DEBIT_VOIDED",
+                "FAILED_PRECONDITION PAYMENT_DECLINED",
+            }
             assert refusals <= allowed, refusals
 
             async def settled() -> bool:
