@@ -142,11 +142,8 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
             dependency=dependency,
         )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        what = (
-            "did not answer in time"
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED
-            else ("is unavailable")
-        )
+        timed_out = code == grpc.StatusCode.DEADLINE_EXCEEDED
+        what = "did not answer in time" if timed_out else "is unavailable"
         return Unavailable(
             "DEPENDENCY_UNAVAILABLE",
             f"the {dependency} service {what}; retry with the same request_id",

@@ -103,6 +103,26 @@ async def test_a_pending_purchase_the_provider_never_saw_fails_without_a_charge(
     assert balance.balance.coins == 0
 
 
+async def unanswered_purchase(
+    suite: Suite, token: str
+) -> tuple[str, wallet_pb2.PurchaseCoinsRequest, str, SandboxPaymentProvider]:
+    """A new user's purchase whose provider answer did not come in time (PAYMENT_OUTCOME_UNKNOWN):
+    (user, the request, the purchase id, the sandbox provider)."""
+    user = new_id()
+    await open_account(suite, user)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token=token
+    )
+    error = await expect_error(
+        suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
+    )
+    info = error_info(error)
+    assert info is not None
+    provider = suite.services["wallet"].runtime.parts["payments"]
+    assert isinstance(provider, SandboxPaymentProvider)
+    return user, request, info.metadata["purchase_id"], provider
+
+
 async def test_a_charge_still_on_its_way_when_reconciled_can_never_charge(
     reconciling: Suite,
 ) -> None:
@@ -110,19 +130,7 @@ async def test_a_charge_still_on_its_way_when_reconciled_can_never_charge(
     key is voided at the provider first, so the late charge is refused there: nobody pays for coins
     they did not get."""
     suite = reconciling
-    user = new_id()
-    await open_account(suite, user)
-    request = wallet_pb2.PurchaseCoinsRequest(
-        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_late"
-    )
-    error = await expect_error(
-        suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
-    )
-    info = error_info(error)
-    assert info is not None
-    purchase_id = info.metadata["purchase_id"]
-    provider = suite.services["wallet"].runtime.parts["payments"]
-    assert isinstance(provider, SandboxPaymentProvider)
+    user, request, purchase_id, provider = await unanswered_purchase(suite, "tok_late")
 
     async def reconciled_and_late_charge_refused() -> bool:
         # Both must have happened: the purchase failed in the wallet (before, a retry would rightly
@@ -152,19 +160,8 @@ async def test_a_chargeback_that_arrives_before_its_purchase_is_settled_applies_
     when it is settled). That refusal is not the event's final answer: redelivered after the
     reconciler settled the purchase, the event takes the coins back (it replayed the refusal)."""
     suite = reconciling
-    user = new_id()
-    await open_account(suite, user)
-    request = wallet_pb2.PurchaseCoinsRequest(
-        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_timeout"
-    )
-    error = await expect_error(
-        suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
-    )
-    info = error_info(error)
-    assert info is not None
-    provider = suite.services["wallet"].runtime.parts["payments"]
-    assert isinstance(provider, SandboxPaymentProvider)
-    charge = provider.charged(info.metadata["purchase_id"])
+    user, _, purchase_id, provider = await unanswered_purchase(suite, "tok_timeout")
+    charge = provider.charged(purchase_id)
     assert charge is not None and charge.approved  # the buyer paid
     webhooks = suite.as_caller("payment-webhooks").wallet
     chargeback = wallet_pb2.RecordPaymentEventRequest(
