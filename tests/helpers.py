@@ -47,12 +47,14 @@ async def open_account(suite: Suite, user_id: str, country: str = "US") -> walle
     return response.account
 
 
-async def new_creator(suite: Suite) -> str:
+async def new_creator(suite: Suite, *, live: bool = True) -> str:
     """A new adult creator with a wallet account (gifts go only to users who have one), live now in
-    the LIVE `live_of(creator)` (gifts to a LIVE go only to its creator's open LIVE)."""
+    the LIVE `live_of(creator)` (gifts to a LIVE go only to its creator's open LIVE); with
+    `live=False` not live yet (a creator runs one LIVE at a time)."""
     creator_id = new_id("creator")
     await open_account(suite, creator_id)
-    await start_live(suite, creator_id, live_of(creator_id))
+    if live:
+        await start_live(suite, creator_id, live_of(creator_id))
     return creator_id
 
 

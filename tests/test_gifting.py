@@ -228,9 +228,9 @@ async def test_sender_without_account_is_not_found(suite: Suite) -> None:
 
 
 async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
-    another_live = await start_live(suite, creator)
+    elsewhere = await new_creator(suite)  # live in live_of(elsewhere)
     big, _ = await funded_user(suite)
     small, _ = await funded_user(suite)
     other = new_id("viewer")
@@ -238,7 +238,7 @@ async def test_top_gifters_of_a_live_rank_by_coins(suite: Suite) -> None:
     await suite.gifting.SendGift(gift_request(big, creator, "concert", live_id=live))
     await suite.gifting.SendGift(gift_request(small, creator, "panda", count=3, live_id=live))
     await suite.gifting.SendGift(gift_request(small, creator, "rose", live_id=live))
-    await suite.gifting.SendGift(gift_request(big, creator, "rose", live_id=another_live))
+    await suite.gifting.SendGift(gift_request(big, elsewhere, "rose", live_id=live_of(elsewhere)))
     top = await suite.gifting.ListTopGifters(gifting_pb2.ListTopGiftersRequest(live_id=live))
     assert [(g.user_id, g.coins, g.rank) for g in top.gifters] == [(big, 500, 1), (small, 16, 2)]
     first = await suite.gifting.ListTopGifters(

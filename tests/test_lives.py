@@ -5,21 +5,27 @@ replicas, after reconnects, and whatever a slow watcher does."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from coins.wallet.v1 import wallet_pb2
+from runtime.db import Database
 from runtime.errors import Aborted, Unavailable
+from runtime.migrations import upgrade
 from runtime.server import RunningService, start_service
 from runtime.status import error_info
 from runtime.telemetry import make_tracer_provider
 from services.gifting.clients import WalletDebiter
 from services.gifting.feed import FeedLimits, LiveFeed
 from services.gifting.service import SPEC as GIFTING
+from services.gifting.storage import live_events, lives
 from tests.helpers import (
     eventually,
     expect_error,
@@ -51,7 +57,7 @@ async def coins_of(suite: Suite, user: str) -> int:
 
 
 async def test_a_live_starts_takes_gifts_and_ends_with_an_exact_summary(suite: Suite) -> None:
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     started = await suite.gifting.StartLive(
         G.StartLiveRequest(request_id=new_id("s"), creator_id=creator, title="Friday night")
     )
@@ -87,6 +93,114 @@ async def test_a_live_starts_takes_gifts_and_ends_with_an_exact_summary(suite: S
         grpc.StatusCode.FAILED_PRECONDITION,
         "LIVE_ENDED",
     )
+
+
+async def test_a_creator_runs_one_live_at_a_time(suite: Suite) -> None:
+    """A second StartLive while one runs is refused with the running LIVE's id and writes nothing;
+    the same request, retried once that LIVE has ended, starts the new one (the refusal held only
+    until then, so it is not kept as the request's answer)."""
+    creator = await new_creator(suite)  # LIVE in live_of(creator)
+    second = G.StartLiveRequest(
+        request_id=new_id("s"), creator_id=creator, title="again", live_id=new_id("l")
+    )
+    error = await expect_error(
+        suite.gifting.StartLive(second), grpc.StatusCode.FAILED_PRECONDITION, "LIVE_ALREADY_RUNNING"
+    )
+    info = error_info(error)
+    assert info is not None and info.metadata["live_id"] == live_of(creator)
+    await expect_error(
+        suite.gifting.GetLive(G.GetLiveRequest(live_id=second.live_id)),
+        grpc.StatusCode.NOT_FOUND,
+        "LIVE_NOT_FOUND",
+    )
+    await suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("e"), live_id=live_of(creator)),
+        metadata=suite.token(creator),
+    )
+    started = await suite.gifting.StartLive(second)
+    assert (started.live.live_id, started.live.creator_id) == (second.live_id, creator)
+    assert await suite.gifting.StartLive(second) == started
+
+
+async def test_racing_starts_of_one_creator_open_one_live(suite: Suite) -> None:
+    creator = await new_creator(suite, live=False)
+    starts = [
+        G.StartLiveRequest(request_id=new_id("s"), creator_id=creator, title="race")
+        for _ in range(8)
+    ]
+    answers = await asyncio.gather(
+        *(suite.gifting.StartLive(r) for r in starts), return_exceptions=True
+    )
+    started = [a for a in answers if isinstance(a, G.StartLiveResponse)]
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(started) == 1 and len(refused) == 7, answers
+    for error in refused:
+        info = error_info(error)
+        assert info is not None and info.reason == "LIVE_ALREADY_RUNNING", error.details()
+        assert info.metadata["live_id"] == started[0].live.live_id
+
+
+async def test_the_migration_ends_all_but_the_newest_running_live_of_a_creator(
+    database: Database,
+) -> None:
+    """Before migration 0013 a creator could run several LIVEs: the newest keeps running, the
+    others end with their feed's "ended" event, and the index then holds one running per creator."""
+    await upgrade(database, GIFTING.migrations_dir, "0012")
+    t0 = dt.datetime(2026, 12, 1, 20, 0, tzinfo=dt.UTC)
+    rows = [  # (live, creator, started, ended)
+        ("a-old", "ann", t0, None),
+        ("a-new", "ann", t0 + dt.timedelta(minutes=5), None),
+        ("a-done", "ann", t0 - dt.timedelta(hours=1), t0),
+        ("b-only", "bob", t0, None),
+    ]
+    async with database.transaction() as conn:
+        for live_id, creator, started, ended_at in rows:
+            await conn.execute(
+                lives.insert().values(
+                    live_id=live_id,
+                    creator_id=creator,
+                    title="t",
+                    gifts_enabled=True,
+                    started_at=started,
+                    ended_at=ended_at,
+                    last_seq=3,
+                    coins_received=0,
+                    gifts_sent=0,
+                )
+            )
+    await upgrade(database, GIFTING.migrations_dir)
+    async with database.read() as conn:
+        running = (
+            (
+                await conn.execute(
+                    select(lives.c.live_id)
+                    .where(lives.c.ended_at.is_(None))
+                    .order_by(lives.c.live_id)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        ended = (
+            await conn.execute(select(live_events.c.live_id, live_events.c.seq, live_events.c.kind))
+        ).all()
+        seq = await conn.scalar(select(lives.c.last_seq).where(lives.c.live_id == "a-old"))
+    assert running == ["a-new", "b-only"]
+    assert [tuple(r) for r in ended] == [("a-old", 4, "ended")] and seq == 4
+    with pytest.raises(IntegrityError):
+        async with database.transaction() as conn:
+            await conn.execute(
+                lives.insert().values(
+                    live_id="b-second",
+                    creator_id="bob",
+                    title="t",
+                    gifts_enabled=True,
+                    started_at=t0,
+                    last_seq=0,
+                    coins_received=0,
+                    gifts_sent=0,
+                )
+            )
 
 
 async def test_gifts_go_only_to_the_creators_open_live_with_gifts_on(suite: Suite) -> None:
@@ -183,7 +297,7 @@ async def replica(suite: Suite) -> AsyncIterator[RunningService[Any]]:
 async def test_every_watcher_sees_every_gift_once_in_order_across_replicas(
     suite: Suite, replica: RunningService[Any]
 ) -> None:
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     senders = [(await funded_user(suite))[0] for _ in range(3)]
     first = suite.stub("gifting")
@@ -261,7 +375,7 @@ async def _watching(suite: Suite, replica: RunningService[Any], count: int) -> b
 
 
 async def test_a_slow_watcher_holds_up_neither_senders_nor_other_watchers(suite: Suite) -> None:
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     senders = [(await funded_user(suite))[0] for _ in range(10)]  # within each one's rate limit
     stub = suite.stub("gifting")
@@ -300,7 +414,7 @@ async def test_watching_a_live_that_does_not_exist_is_not_found(suite: Suite) ->
 async def test_a_cursor_at_the_end_ends_at_once_and_one_beyond_it_is_out_of_range(
     suite: Suite,
 ) -> None:
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     sender, _ = await funded_user(suite)
     viewer = suite.token(new_id("viewer"))
@@ -349,7 +463,7 @@ async def test_a_watcher_that_keeps_losing_ground_is_told_to_resume(suite: Suite
     """A feed with small limits on the suite's gifting database: the watcher reads one event for
     every three gifts, falls out of the kept events, and is ended with its cursor; resuming from
     it gives the rest with no gap."""
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     senders = [(await funded_user(suite))[0] for _ in range(8)]
     runtime = suite.services["gifting"].runtime
@@ -398,7 +512,7 @@ async def test_a_watcher_that_keeps_losing_ground_is_told_to_resume(suite: Suite
 async def test_gifts_racing_the_end_of_a_live_are_refused_or_counted_never_lost(
     suite: Suite,
 ) -> None:
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     senders = [(await funded_user(suite)) for _ in range(5)]
     viewer = suite.token(new_id("viewer"))
@@ -441,7 +555,7 @@ async def test_a_gift_retried_after_its_live_ended_is_never_charged_into_it(
     ends; the client retries with the same request id. The debit never happened, so it is voided and
     the gift fails LIVE_ENDED: nobody pays for a gift into a LIVE that is over, which no feed would
     show, and the summary EndLive answered stays true (it was charged and counted after the end)."""
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live_id = await start_live(suite, creator)
     sender, coins = await funded_user(suite)
 
@@ -471,7 +585,7 @@ async def test_a_gift_debited_before_its_live_ended_is_recorded_on_its_retry(
 ) -> None:
     """The first attempt's debit happened (its answer was lost) while the LIVE was on: the retry
     after the end records that debit, once, as the reconciler would; nothing is debited again."""
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live_id = await start_live(suite, creator)
     sender, coins = await funded_user(suite)
     real_debit = WalletDebiter.debit_for_gift

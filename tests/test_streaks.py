@@ -73,7 +73,7 @@ async def test_sends_within_the_pause_form_a_streak_that_ends_when_the_pause_pas
     streaking: tuple[Suite, ShiftedClock],
 ) -> None:
     suite, clock = streaking
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     sender, _ = await funded_user(suite)
     counts = []
@@ -124,7 +124,7 @@ async def test_a_live_that_ends_ends_its_streaks_first(
     streaking: tuple[Suite, ShiftedClock],
 ) -> None:
     suite, _ = streaking
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     sender, _ = await funded_user(suite)
     await suite.gifting.SendGift(gift(sender, creator, live, "panda", 2))
@@ -165,7 +165,7 @@ async def test_concurrent_sends_join_one_streak_and_each_count_once(
     streaking: tuple[Suite, ShiftedClock],
 ) -> None:
     suite, _ = streaking
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     sender, _ = await funded_user(suite)
     answers = await asyncio.gather(
@@ -200,7 +200,7 @@ async def test_a_send_after_the_pause_ends_the_paused_streak_and_a_replay_keeps_
     unswept: tuple[Suite, ShiftedClock],
 ) -> None:
     suite, clock = unswept
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     sender, _ = await funded_user(suite)
     first = await suite.gifting.SendGift(gift(sender, creator, live, "rose", 2))

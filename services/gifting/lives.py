@@ -9,7 +9,13 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runtime.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
+from runtime.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    FailedPreconditionYet,
+    NotFound,
+)
 from runtime.sql import Tx
 from services.gifting import storage
 from services.gifting.domain import GiftOrder
@@ -87,13 +93,24 @@ class Lives:
             coins_received=0,
             gifts_sent=0,
         )
-        if not await storage.insert_live(conn, live):
-            raise AlreadyExists(
-                "LIVE_ID_TAKEN",
-                f"a LIVE {live.live_id} exists already: choose another id, or leave it empty",
-                live_id=live.live_id,
+        if await storage.insert_live(conn, live):
+            return live
+        running = await storage.running_live_of(conn, creator_id)
+        if running is not None and running != live.live_id:
+            # Holds until that LIVE ends: not kept as this request's answer (the same request,
+            # retried after EndLive, starts the LIVE).
+            raise FailedPreconditionYet(
+                "LIVE_ALREADY_RUNNING",
+                f"creator {creator_id} is LIVE already in {running}: end it (EndLive) before "
+                "starting another",
+                live_id=running,
+                creator_id=creator_id,
             )
-        return live
+        raise AlreadyExists(
+            "LIVE_ID_TAKEN",
+            f"a LIVE {live.live_id} exists already: choose another id, or leave it empty",
+            live_id=live.live_id,
+        )
 
     async def get(self, conn: AsyncConnection, live_id: str) -> storage.LiveRecord:
         live = await storage.get_live(conn, live_id)

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
     String,
@@ -108,6 +109,13 @@ lives = Table(
 """A creator's LIVE (migration 0007): its feed counter and summary sums are kept on the row;
 `watched_until` (0010): some process has watchers of its feed until then (NOTIFY only then);
 `diamonds_earned` (0010): what payout credited for its gifts, added as the credits are delivered."""
+Index(  # one running LIVE per creator (migration 0013)
+    "ix_lives_running_creator",
+    lives.c.creator_id,
+    unique=True,
+    postgresql_where=lives.c.ended_at.is_(None),
+    sqlite_where=lives.c.ended_at.is_(None),
+)
 
 live_events = Table(
     "live_events",
@@ -1132,8 +1140,21 @@ class LiveRecord:
 
 
 async def insert_live(conn: AsyncConnection, live: LiveRecord) -> bool:
-    """A new LIVE; False if its id is taken (by a concurrent StartLive too)."""
+    """A new LIVE; False if its id is taken or its creator has a LIVE running (by a concurrent
+    StartLive too: the partial unique index of migration 0013)."""
     return await insert_new(conn, lives, live.__dict__)
+
+
+_RUNNING_LIVE = Statement(
+    "gifting.running_live",
+    "SELECT live_id FROM lives WHERE creator_id = :creator_id AND ended_at IS NULL",
+)
+
+
+async def running_live_of(conn: AsyncConnection, creator_id: str) -> str | None:
+    """The creator's LIVE that has not ended, if any (at most one)."""
+    row = await as_tx(conn).one(_RUNNING_LIVE, creator_id=creator_id)
+    return None if row is None else str(row[0])
 
 
 _GET_LIVE = Statement(

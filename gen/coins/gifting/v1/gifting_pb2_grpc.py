@@ -190,7 +190,9 @@ class GiftingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartLive(self, request, context):
-        """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends.
+        """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends. A creator runs one LIVE
+        at a time: FAILED_PRECONDITION LIVE_ALREADY_RUNNING (metadata live_id: the running one) until it
+        ends; ALREADY_EXISTS LIVE_ID_TAKEN for a live_id in use.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

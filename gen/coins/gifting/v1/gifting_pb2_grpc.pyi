@@ -68,7 +68,10 @@ class GiftingServiceStub:
     still exactly once per gift. Requires a reason; recorded in the admin audit trail.
     """
     StartLive: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.StartLiveRequest, _gifting_pb2.StartLiveResponse]
-    """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends."""
+    """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends. A creator runs one LIVE
+    at a time: FAILED_PRECONDITION LIVE_ALREADY_RUNNING (metadata live_id: the running one) until it
+    ends; ALREADY_EXISTS LIVE_ID_TAKEN for a live_id in use.
+    """
     EndLive: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.EndLiveRequest, _gifting_pb2.EndLiveResponse]
     """The creator ends their LIVE (FAILED_PRECONDITION LIVE_ENDED if it has ended already); watchers get
     a final `ended` event.
@@ -134,7 +137,10 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     still exactly once per gift. Requires a reason; recorded in the admin audit trail.
     """
     StartLive: _aio.UnaryUnaryMultiCallable[_gifting_pb2.StartLiveRequest, _gifting_pb2.StartLiveResponse]  # type: ignore[assignment]
-    """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends."""
+    """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends. A creator runs one LIVE
+    at a time: FAILED_PRECONDITION LIVE_ALREADY_RUNNING (metadata live_id: the running one) until it
+    ends; ALREADY_EXISTS LIVE_ID_TAKEN for a live_id in use.
+    """
     EndLive: _aio.UnaryUnaryMultiCallable[_gifting_pb2.EndLiveRequest, _gifting_pb2.EndLiveResponse]  # type: ignore[assignment]
     """The creator ends their LIVE (FAILED_PRECONDITION LIVE_ENDED if it has ended already); watchers get
     a final `ended` event.
@@ -251,7 +257,10 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gifting_pb2.StartLiveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gifting_pb2.StartLiveResponse, _abc.Awaitable[_gifting_pb2.StartLiveResponse]]:
-        """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends."""
+        """A creator starts a LIVE: gifts may be sent to it (gifts on) until it ends. A creator runs one LIVE
+        at a time: FAILED_PRECONDITION LIVE_ALREADY_RUNNING (metadata live_id: the running one) until it
+        ends; ALREADY_EXISTS LIVE_ID_TAKEN for a live_id in use.
+        """
 
     @_abc_1.abstractmethod
     def EndLive(
