@@ -84,10 +84,12 @@ async def test_a_parked_credit_is_listed_redelivered_and_credited_once(suite: Su
         "ADMIN_ROLE_REQUIRED",
     )
     redeliver = gifting_pb2.RedeliverParkedCreditsRequest(
-        request_id=new_id("redeliver"), sent_gift_ids=[parked], reason="payout fixed"
+        request_id=new_id("redeliver"),
+        sent_gift_ids=["no-such-gift", parked],
+        reason="payout fixed",
     )
     answer = await suite.gifting.RedeliverParkedCredits(redeliver, metadata=admin)
-    assert answer.redelivered == 1
+    assert (answer.redelivered, list(answer.not_parked_ids)) == (1, ["no-such-gift"])
 
     async def credited() -> bool:
         balance = await suite.payout.GetDiamondBalance(
@@ -103,4 +105,5 @@ async def test_a_parked_credit_is_listed_redelivered_and_credited_once(suite: Su
     fresh = gifting_pb2.RedeliverParkedCreditsRequest(
         request_id=new_id("redeliver"), sent_gift_ids=[parked], reason="payout fixed"
     )
-    assert (await suite.gifting.RedeliverParkedCredits(fresh, metadata=admin)).redelivered == 0
+    delivered = await suite.gifting.RedeliverParkedCredits(fresh, metadata=admin)
+    assert (delivered.redelivered, list(delivered.not_parked_ids)) == (0, [parked])

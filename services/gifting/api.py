@@ -206,10 +206,12 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         admin = current_principal().require_admin()
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.RedeliverParkedCreditsResponse:
-            count = await self._gifting.redeliver(
+            redelivered, not_parked = await self._gifting.redeliver(
                 conn, list(request.sent_gift_ids), self._rt.clock.now()
             )
-            return gifting_pb2.RedeliverParkedCreditsResponse(redelivered=count)
+            return gifting_pb2.RedeliverParkedCreditsResponse(
+                redelivered=len(redelivered), not_parked_ids=not_parked
+            )
 
         response = await self._idempotency.once(
             f"RedeliverParkedCredits:{admin}",

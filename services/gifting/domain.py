@@ -214,10 +214,16 @@ class Gifting:
 
     async def redeliver(
         self, conn: AsyncConnection, sent_gift_ids: Sequence[str], now: dt.datetime
-    ) -> int:
+    ) -> tuple[list[str], list[str]]:
         """Put parked credits back on the outbox (their cause fixed); delivered credits and credits
-        still on their way are left alone. Payout credits each gift once, whatever happened before."""
-        return await storage.unpark_credits(conn, sent_gift_ids, now)
+        still on their way are left alone. Payout credits each gift once, whatever happened before.
+        Returns (the gifts redelivered, the others asked for: unknown, delivered or on their way),
+        each in the order asked, so an operator sees a mistyped id rather than a short count."""
+        unparked = await storage.unpark_credits(conn, sent_gift_ids, now)
+        return (
+            [g for g in sent_gift_ids if g in unparked],
+            [g for g in sent_gift_ids if g not in unparked],
+        )
 
     def new_sent_gift_id(self) -> str:
         return uuid.uuid4().hex

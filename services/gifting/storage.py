@@ -1089,8 +1089,9 @@ async def parked_credits(
 
 async def unpark_credits(
     conn: AsyncConnection, sent_gift_ids: Sequence[str], now: dt.datetime
-) -> int:
-    """Put these gifts' parked credits back on the outbox, due now; returns how many were parked."""
+) -> set[str]:
+    """Put these gifts' parked credits back on the outbox, due now; returns the gifts whose credits
+    were parked."""
     result = await conn.execute(
         update(credit_outbox)
         .where(
@@ -1099,8 +1100,9 @@ async def unpark_credits(
             credit_outbox.c.delivered_at.is_(None),
         )
         .values(dead=False, next_attempt_at=now)
+        .returning(credit_outbox.c.sent_gift_id)
     )
-    return int(result.rowcount)
+    return {str(row[0]) for row in result}
 
 
 _FEED_GIFT_SQLITE = Statement(

@@ -768,16 +768,24 @@ class RedeliverParkedCreditsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REDELIVERED_FIELD_NUMBER: _builtins.int
+    NOT_PARKED_IDS_FIELD_NUMBER: _builtins.int
     redelivered: _builtins.int
     """How many parked credits went back on the outbox."""
+    @_builtins.property
+    def not_parked_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids asked for that had no parked credit, in the order asked: unknown (a typo?), delivered
+        already, or still on their way. Nothing was changed for them.
+        """
+
     def __init__(
         self,
         *,
         redelivered: _builtins.int = ...,
+        not_parked_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["redelivered", b"redelivered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_parked_ids", b"not_parked_ids", "redelivered", b"redelivered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
