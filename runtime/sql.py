@@ -206,13 +206,43 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
 
 
-def _sqlite_connect(path: str) -> sqlite3.Connection:
+SQLITE_LOCK_PATIENCE = 5.0
+"""Seconds a write waits for SQLite's write lock held by another process (an operator's `sqlite3`
+shell, a tool) before the call is answered UNAVAILABLE."""
+
+
+def _sqlite_connect(path: str, *, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     return conn
+
+
+def _sqlite_busy(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
+
+
+async def _begin_immediate(conn: sqlite3.Connection, patience: float) -> None:
+    """Take the write lock without blocking the event loop: the writer's busy timeout is 0, so a lock
+    held by another process fails at once and is tried again after an asyncio sleep (1 ms doubling to
+    50 ms), until `patience` runs out (then SQLite's "database is locked": UNAVAILABLE) or the
+    call's deadline does. With SQLite's own busy wait, that process would freeze every call, health
+    check and stream of this service for up to the busy timeout."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as error:
+            if not _sqlite_busy(error) or loop.time() >= give_up:
+                raise
+        deadlines.check("the database's write lock was free")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -292,8 +322,8 @@ class Driver:
     def _sqlite(self, *, write: bool) -> sqlite3.Connection:
         assert self._sqlite_path is not None
         if write:
-            if self._writer is None:
-                self._writer = _sqlite_connect(self._sqlite_path)
+            if self._writer is None:  # never waits inside SQLite: see _begin_immediate
+                self._writer = _sqlite_connect(self._sqlite_path, busy_timeout_ms=0)
             return self._writer
         if self._reader is None:
             self._reader = _sqlite_connect(self._sqlite_path)
@@ -345,7 +375,7 @@ class Driver:
             conn = self._sqlite(write=True)
             unit = SqliteTx(conn)
             with self._span("db.transaction", unit):
-                conn.execute("BEGIN IMMEDIATE")
+                await _begin_immediate(conn, SQLITE_LOCK_PATIENCE)
                 try:
                     yield unit
                     deadlines.check("the transaction committed")
