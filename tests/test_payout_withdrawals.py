@@ -426,6 +426,41 @@ async def test_a_failure_after_success_takes_back_the_payment_once(
     assert history[-2:] == [S.WITHDRAWAL_STATUS_PAID, S.WITHDRAWAL_STATUS_RETURNED]
 
 
+async def test_a_return_that_cannot_be_confirmed_yet_is_applied_when_delivered_again(
+    payout: tuple[Suite, ShiftedClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A return after payment comes only by callback (the worker follows a withdrawal only until
+    it is paid). While the processor's API cannot confirm it, the callback is answered UNAVAILABLE
+    and nothing is recorded, so the processor's redelivery applies it; recorded as seen, it was lost
+    and the creator's diamonds stayed paid out for good."""
+    suite, _ = payout
+    processor = sandbox(suite)
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
+    assert (await settled(suite, made.withdrawal_id, creator)).status == S.WITHDRAWAL_STATUS_PAID
+    await processor.drain()
+    lookup, refused = processor.lookup, 0
+
+    async def unreachable_twice(sender_item_id: str) -> object:
+        nonlocal refused
+        if refused < 2:
+            refused += 1
+            raise TimeoutError("the processor's API timed out")
+        return await lookup(sender_item_id)
+
+    monkeypatch.setattr(processor, "lookup", unreachable_twice)
+    processor.set_status(made.withdrawal_id, "RETURNED", "returned by the bank")
+
+    async def returned() -> bool:
+        found = await status_of(suite, made.withdrawal_id, creator)
+        return found.status == S.WITHDRAWAL_STATUS_RETURNED
+
+    await eventually(returned, "the return, redelivered after the lookups failed")
+    await processor.drain()
+    assert refused == 2
+    assert await balance_of(suite, creator) == (5_000, 5_000, 0, 0)
+
+
 async def test_small_withdrawals_of_one_day_add_up_to_a_review(
     payout: tuple[Suite, ShiftedClock],
 ) -> None:

@@ -14,7 +14,8 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from runtime.errors import FieldViolation, InvalidArgument, Unauthenticated
+from runtime.errors import FieldViolation, InvalidArgument, Unauthenticated, Unavailable
+from runtime.outages import RETRY_AFTER_SECONDS
 from runtime.server import Runtime
 from services.payout import storage
 from services.payout.processor import PayoutProcessor, outcome_of
@@ -119,6 +120,18 @@ class Callbacks:
         except Exception:
             item = None  # not now: the worker looks it up soon (below)
         async with db.transaction() as conn:
+            if item is None:
+                current = await self._withdrawals.get(conn, item_id)
+                if current.status not in storage.FOLLOWED_BY_THE_WORKER:
+                    # Nothing will look this withdrawal up again (a return after it was paid):
+                    # recording the event now would lose it. The processor redelivers.
+                    raise Unavailable(
+                        "PROCESSOR_UNAVAILABLE",
+                        f"could not confirm event {event_id} with the processor for withdrawal "
+                        f"{item_id} ({current.status}); nothing was recorded: deliver it again",
+                        retry_after=RETRY_AFTER_SECONDS,
+                        event_id=event_id,
+                    )
             if not await storage.record_processor_event(conn, event_id, item_id, event_type, now):
                 current = await self._withdrawals.get(conn, item_id)
                 return Handled(event_id, True, item_id, current.status)

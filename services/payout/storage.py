@@ -492,6 +492,11 @@ def _due(now: dt.datetime) -> tuple[ColumnElement[bool], ...]:
     )
 
 
+FOLLOWED_BY_THE_WORKER = ("approved", "processing")
+"""The statuses whose withdrawals the processor worker sends or looks up (`due_withdrawals`); after
+them only a callback moves a withdrawal (a payment returned after it was paid)."""
+
+
 async def due_withdrawals(
     conn: AsyncConnection, now: dt.datetime, limit: int
 ) -> list[WithdrawalRecord]:
@@ -500,7 +505,7 @@ async def due_withdrawals(
     for an admin, a leased one for its worker."""
     query = (
         select(withdrawals)
-        .where(withdrawals.c.status.in_(("approved", "processing")), *_due(now))
+        .where(withdrawals.c.status.in_(FOLLOWED_BY_THE_WORKER), *_due(now))
         .order_by(withdrawals.c.created_at)
         .limit(limit)
     )
