@@ -143,8 +143,8 @@ _LOCK_ACCOUNTS_PG = Statement(
 )
 _BELOW_ZERO = Statement(
     "ledger.below_zero",
-    "SELECT account_id FROM ledger_accounts WHERE account_id LIKE :pattern AND balance < 0 "
-    "ORDER BY account_id LIMIT :limit",
+    "SELECT account_id FROM ledger_accounts WHERE account_id > :after AND account_id < :end "
+    "AND balance < 0 ORDER BY account_id LIMIT :limit",
 )
 _LOCK_AVAILABLE = Statement(
     "ledger.lock_available",
@@ -766,10 +766,14 @@ class Ledger:
         )
         return None if value is None else int(value)
 
-    async def below_zero(self, tx: Tx, prefix: str, *, limit: int = 500) -> list[str]:
+    async def below_zero(
+        self, tx: Tx, prefix: str, *, after: str = "", limit: int = 500
+    ) -> list[str]:
         """Accounts whose id starts with `prefix` and whose kept balance is below zero (debts owed),
-        in id order, `limit` at a time."""
-        rows = await tx.all(_BELOW_ZERO, pattern=f"{prefix}%", limit=limit)
+        in id order, `limit` at a time from the one `after` (a range of the primary key, not a
+        LIKE: an index range on either database)."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = await tx.all(_BELOW_ZERO, after=max(after, prefix), end=end, limit=limit)
         return [str(row[0]) for row in rows]
 
     async def lock_available(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:

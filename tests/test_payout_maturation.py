@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 
 from coins.payout.v1 import payout_pb2
 from ledger.book import Ledger
@@ -247,6 +249,70 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
     async with runtime.db.read() as conn:
         report = await runtime.parts["payouts"].ledger.audit(conn)  # type: ignore[attr-defined]
     assert report.ok, report
+
+
+async def test_every_debtor_is_repaid_however_many_owe_with_nothing_to_repay(
+    maturing: tuple[Suite, ShiftedClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep looks at debtors a page at a time (PAYOUT_MATURATION_BATCH, here 1) in id order:
+    a first page of debtors with nothing available does not keep the later ones from repaying.
+    Before, it read the first 500 by id on every sweep and no other."""
+    suite, clock = maturing
+    payouts = suite.services["payout"].runtime.parts["payouts"]
+    assert isinstance(payouts, Payouts)
+    monkeypatch.setattr(
+        payouts, "settings", payouts.settings.model_copy(update={"maturation_batch": 1})
+    )
+    admin = suite.token(new_id("risk"), admin=True)
+    run = uuid.uuid4().hex[:10]
+
+    async def debtor(name: str, *, rejected: bool) -> str:
+        """A creator owing 40,000 diamonds: a matured gift reversed while a withdrawal of all of
+        it waits in review (held diamonds are not taken); the withdrawal then stays in review, or
+        is rejected, which makes the diamonds available to repay the debt."""
+        creator, gift = f"{name}-{run}", new_id("g")
+        await suite.as_caller("gifting").payout.CreditDiamonds(
+            payout_pb2.CreditDiamondsRequest(
+                request_id=f"gift:{gift}", creator_id=creator, coins=80_000, reference=gift
+            )
+        )
+        await verify_creator(suite, creator)
+        clock.shift += dt.timedelta(days=DAYS, seconds=1)
+
+        async def matured() -> bool:
+            return (await balance_of(suite, creator)).available_diamonds == 40_000
+
+        await eventually(matured, f"{creator}'s gift maturing")
+        made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 40_000))).withdrawal
+        assert made.status == payout_pb2.WITHDRAWAL_STATUS_IN_REVIEW
+        await suite.payout.ReverseGiftCredits(
+            payout_pb2.ReverseGiftCreditsRequest(
+                request_id=new_id("rev"), gift_ids=[gift], reason="chargeback fraud"
+            ),
+            metadata=admin,
+        )
+        assert (await balance_of(suite, creator)).debt_diamonds == 40_000
+        if rejected:
+            await suite.payout.ReviewWithdrawal(
+                payout_pb2.ReviewWithdrawalRequest(
+                    request_id=new_id("review"),
+                    withdrawal_id=made.withdrawal_id,
+                    decision=payout_pb2.REVIEW_DECISION_REJECT,
+                    reason="its gift was reversed",
+                ),
+                metadata=admin,
+            )
+        return creator
+
+    stuck = await debtor("aaa", rejected=False)  # first by id, nothing available
+    owing = await debtor("zzz", rejected=True)
+
+    async def repaid() -> bool:
+        now = await balance_of(suite, owing)
+        return (now.debt_diamonds, now.available_diamonds) == (0, 0)
+
+    await eventually(repaid, "the second page's debtor repaid")
+    assert (await balance_of(suite, stuck)).debt_diamonds == 40_000
 
 
 def without_maturation(suite: Suite) -> Payouts:

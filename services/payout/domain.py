@@ -437,35 +437,43 @@ class Payouts:
     async def repay_debts(self, driver: Driver) -> int:
         """Repay creators' reversal debts from their available diamonds (kind `debt_repayment`):
         run after each maturation, so later credits repay the debt before they can be withdrawn.
-        Returns how many creators repaid something."""
+        Every debtor is looked at, `PAYOUT_MATURATION_BATCH` per transaction in id order (debtors
+        with nothing available would otherwise hold the first page for good). Returns how many
+        creators repaid something."""
+        repaid, after, page = 0, "", self.settings.maturation_batch
+        while True:
+            async with driver.transaction() as tx:
+                debtors = await self.ledger.below_zero(tx, "debt:", after=after, limit=page)
+                repaid += await self._repay(tx, [a.removeprefix("debt:") for a in debtors])
+            if len(debtors) < page:
+                return repaid
+            after = debtors[-1]
+
+    async def _repay(self, tx: Tx, owing: list[str]) -> int:
+        """Each of these creators repays what they can of their debt now (their rows locked)."""
         repaid = 0
-        async with driver.transaction() as tx:
-            owing = [
-                account.removeprefix("debt:")
-                for account in await self.ledger.below_zero(tx, "debt:")
-            ]
-            balances = await self.ledger.lock_available(
-                tx, [a(c) for c in owing for a in (creator_account, debt_account)]
+        balances = await self.ledger.lock_available(
+            tx, [a(c) for c in owing for a in (creator_account, debt_account)]
+        )
+        for creator in sorted(owing):
+            owed = -balances.get(debt_account(creator), 0)
+            amount = min(owed, balances.get(creator_account(creator), 0))
+            if amount <= 0:
+                continue
+            await self.ledger.post(
+                tx,
+                [
+                    Posting(creator_account(creator), -amount),
+                    Posting(debt_account(creator), amount),
+                ],
+                kind="debt_repayment",
+                reference="reversal debt",
+                request_id=f"repay:{uuid.uuid4().hex}",
+                caller="payout",
+                policy_version=self.settings.policy_version,
+                acting_user="",
             )
-            for creator in sorted(owing):
-                owed = -balances.get(debt_account(creator), 0)
-                amount = min(owed, balances.get(creator_account(creator), 0))
-                if amount <= 0:
-                    continue
-                await self.ledger.post(
-                    tx,
-                    [
-                        Posting(creator_account(creator), -amount),
-                        Posting(debt_account(creator), amount),
-                    ],
-                    kind="debt_repayment",
-                    reference="reversal debt",
-                    request_id=f"repay:{uuid.uuid4().hex}",
-                    caller="payout",
-                    policy_version=self.settings.policy_version,
-                    acting_user="",
-                )
-                repaid += 1
+            repaid += 1
         return repaid
 
     async def mature(self, driver: Driver, now: dt.datetime) -> int:

@@ -83,8 +83,9 @@ class PayoutSettings(LedgerServiceSettings):
     *available* to withdraw; 0: available at once."""
     maturation_every_seconds: float = 60.0
     """How often the maturation sweep moves due diamonds from pending to available."""
-    maturation_batch: int = 2000
-    """Gift credits matured per sweep transaction (a backlog drains in several)."""
+    maturation_batch: int = Field(default=2000, ge=1)
+    """Gift credits matured, and debtors looked at for repayment, per sweep transaction (a backlog
+    drains in several)."""
     credit_batches_at_once: int = Field(default=2, ge=1)
     """Credit batches applied at the same time; more wait their turn. Batches lock the same creators'
     rows, so more at once only queue inside PostgreSQL, holding connections and memory: measured
