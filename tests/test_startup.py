@@ -93,6 +93,8 @@ def test_make_up_names_every_variable_a_service_would_refuse() -> None:
 def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() -> None:
     with pytest.raises(pydantic.ValidationError, match="must be positive"):
         PayoutSettings(diamonds_per_minor_unit=0)
+    with pytest.raises(pydantic.ValidationError, match="must divide 10000"):
+        PayoutSettings(diamonds_per_minor_unit=3)  # 3,333 millionths a diamond, paid 3,333.33
     with pytest.raises(pydantic.ValidationError, match="greater than or equal to 0"):
         PayoutSettings(withdrawal_fee_fixed_minor=-1)
 

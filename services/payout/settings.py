@@ -95,9 +95,8 @@ class PayoutSettings(LedgerServiceSettings):
 
     @property
     def diamond_value_micros(self) -> int:
-        """What a diamond is worth, in millionths: a minor unit over the diamonds it takes (rounded
-        down when they do not divide 10,000; a gift's platform share is what its value leaves, so
-        the books still add up exactly)."""
+        """What a diamond is worth, in millionths: a minor unit over the diamonds it takes (exact:
+        the setting must divide 10,000, see `_coins_have_value`)."""
         return _MICROS_PER_MINOR_UNIT // self.diamonds_per_minor_unit
 
     @model_validator(mode="after")
@@ -106,6 +105,13 @@ class PayoutSettings(LedgerServiceSettings):
             raise ValueError("PAYOUT_COIN_VALUE_MICROS must be positive")
         if self.diamonds_per_minor_unit <= 0:
             raise ValueError("PAYOUT_DIAMONDS_PER_MINOR_UNIT must be positive")
+        if _MICROS_PER_MINOR_UNIT % self.diamonds_per_minor_unit:
+            raise ValueError(
+                f"PAYOUT_DIAMONDS_PER_MINOR_UNIT={self.diamonds_per_minor_unit} must divide 10000 "
+                "(e.g. 1, 2, 4, 5, 8, 10, 20, 25, 50, 100), so a diamond's value is a whole number "
+                "of millionths: otherwise the books value diamonds below what withdrawals pay and "
+                "overstate the platform's share"
+            )
         if self.diamonds_per_coin_numerator <= 0 or self.diamonds_per_coin_denominator <= 0:
             raise ValueError("PAYOUT_DIAMONDS_PER_COIN_NUMERATOR and _DENOMINATOR must be positive")
         return self
