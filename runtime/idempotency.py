@@ -191,6 +191,16 @@ def scoped_scope(scope: str) -> str:
     return f"{principal.service}|{scope}" if principal is not None else scope
 
 
+def acting_scope(rpc: str) -> str:
+    """The scope of an RPC whose request names a record but no user (an admin's review of a
+    withdrawal, a service's delivery report): the user the call acts for (none for a service's own
+    call), never the record. Keyed by the record, one request id sent for two records ran twice;
+    keyed by the actor, the second is REQUEST_ID_REUSED (its fingerprint names the other record).
+    A user's record (a LIVE, a promotion) is scoped by its owner instead, as the owner's calls are."""
+    principal = principal_or_none()
+    return f"{rpc}:{principal.user_id or '' if principal is not None else ''}"
+
+
 def _request_id(request: Message) -> str:
     value = getattr(request, "request_id", None)
     if not isinstance(value, str):

@@ -12,8 +12,19 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id, rpc_error
+from tests.helpers import (
+    expect_error,
+    funded_user,
+    live_of,
+    new_creator,
+    new_id,
+    rpc_error,
+    start_live,
+)
 from tests.suite import Suite
+from tests.test_payout import creator_with_diamonds, withdrawal
+from tests.test_promotion import delivery, ending, promotion
+from tests.test_promotion import read as read_promotion
 
 
 async def coins_of(suite: Suite, user: str) -> int:
@@ -219,3 +230,95 @@ async def test_racing_duplicates_of_every_saga_all_get_the_first_answer(suite: S
     assert isinstance(ended, promotion_pb2.EndPromotionResponse)
     assert ended.released_coins == 100
     assert await coins_of(suite, user) == coins + 700 - 50
+
+
+async def test_a_request_id_sent_again_for_another_record_is_refused_not_run_again(
+    suite: Suite,
+) -> None:
+    """Request ids belong to the caller and the user it acts for, not to the record a request
+    names: the id of an EndLive, a ReportDelivery or a CancelWithdrawal sent again for another LIVE,
+    promotion or withdrawal is REQUEST_ID_REUSED, and that record is left as it was."""
+    reused = (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    admin = suite.token(new_id("ops"), admin=True)
+
+    creator = await new_creator(suite)  # LIVE in live_of(creator)
+    creators = suite.token(creator)
+    switch, end = new_id("switch"), new_id("end")
+    await suite.gifting.SetLiveGifts(
+        gifting_pb2.SetLiveGiftsRequest(
+            request_id=switch, live_id=live_of(creator), gifts_enabled=False
+        ),
+        metadata=creators,
+    )
+    await suite.gifting.EndLive(
+        gifting_pb2.EndLiveRequest(request_id=end, live_id=live_of(creator)), metadata=creators
+    )
+    later = await start_live(suite, creator)
+    await expect_error(
+        suite.gifting.SetLiveGifts(
+            gifting_pb2.SetLiveGiftsRequest(request_id=switch, live_id=later, gifts_enabled=False),
+            metadata=creators,
+        ),
+        *reused,
+    )
+    await expect_error(
+        suite.gifting.EndLive(
+            gifting_pb2.EndLiveRequest(request_id=end, live_id=later), metadata=creators
+        ),
+        *reused,
+    )
+    untouched = await suite.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=later))
+    assert untouched.live.gifts_enabled and not untouched.live.HasField("end_time")
+
+    user, coins = await funded_user(suite)
+    token = suite.token(user)
+    p1, p2 = [
+        (await suite.promotion.CreatePromotion(promotion(user, 100), metadata=token)).promotion
+        for _ in range(2)
+    ]
+    report = new_id("delivery")
+    await suite.ad_delivery.ReportDelivery(delivery(p1.promotion_id, 10, report))
+    await expect_error(
+        suite.ad_delivery.ReportDelivery(delivery(p2.promotion_id, 10, report)), *reused
+    )
+    stop = new_id("end")
+    await suite.promotion.EndPromotion(ending(p1.promotion_id, stop), metadata=token)
+    await expect_error(
+        suite.promotion.EndPromotion(ending(p2.promotion_id, stop), metadata=token), *reused
+    )
+    p2_now = await read_promotion(suite, p2.promotion_id, user)
+    assert (p2_now.spent_coins, p2_now.status) == (0, promotion_pb2.PROMOTION_STATUS_ACTIVE)
+    assert await coins_of(suite, user) == coins - 10  # p1's delivery; p2's budget still held
+
+    creator = await creator_with_diamonds(suite, 100_000)
+    w1, w2 = [
+        (await suite.payout.RequestWithdrawal(withdrawal(creator, 40_000))).withdrawal
+        for _ in range(2)
+    ]
+    review = new_id("review")
+    for made in (w1, w2):
+        decision = payout_pb2.ReviewWithdrawalRequest(
+            request_id=review,
+            withdrawal_id=made.withdrawal_id,
+            decision=payout_pb2.REVIEW_DECISION_REJECT,
+            reason="duplicate request",
+        )
+        if made is w1:
+            await suite.payout.ReviewWithdrawal(decision, metadata=admin)
+        else:
+            await expect_error(suite.payout.ReviewWithdrawal(decision, metadata=admin), *reused)
+    w3 = (await suite.payout.RequestWithdrawal(withdrawal(creator, 10_000))).withdrawal
+    cancel = new_id("cancel")
+    owner = suite.token(creator)
+    for made in (w2, w3):
+        withdrawn = payout_pb2.CancelWithdrawalRequest(
+            request_id=cancel, withdrawal_id=made.withdrawal_id
+        )
+        if made is w2:
+            await suite.payout.CancelWithdrawal(withdrawn, metadata=owner)
+        else:
+            await expect_error(suite.payout.CancelWithdrawal(withdrawn, metadata=owner), *reused)
+    left = await suite.payout.GetWithdrawal(
+        payout_pb2.GetWithdrawalRequest(withdrawal_id=w3.withdrawal_id), metadata=owner
+    )
+    assert left.withdrawal.status != payout_pb2.WITHDRAWAL_STATUS_CANCELLED

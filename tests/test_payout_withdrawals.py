@@ -473,13 +473,20 @@ async def test_small_withdrawals_of_one_day_add_up_to_a_review(
     assert "$120.00 today" in second.history[-1].reason
     third = (await suite.payout.RequestWithdrawal(withdrawal(creator, 12_000))).withdrawal
     assert third.status == S.WITHDRAWAL_STATUS_IN_REVIEW
-    # A reviewer's request id is scoped by the withdrawal: the same id decides each once.
+    # A reviewer's request id is the reviewer's: sent again for another withdrawal it is refused,
+    # and that one is decided by a request of its own.
     decision = review(second.withdrawal_id, True)
     approved = await suite.payout.ReviewWithdrawal(decision, metadata=admin(suite))
     other = S.ReviewWithdrawalRequest()
     other.CopyFrom(decision)
     other.withdrawal_id = third.withdrawal_id
     other.decision = S.REVIEW_DECISION_REJECT
+    await expect_error(
+        suite.payout.ReviewWithdrawal(other, metadata=admin(suite)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+    )
+    other.request_id = new_id("review")
     rejected = await suite.payout.ReviewWithdrawal(other, metadata=admin(suite))
     assert rejected.withdrawal.status == S.WITHDRAWAL_STATUS_REJECTED
     again = await suite.payout.ReviewWithdrawal(decision, metadata=admin(suite))

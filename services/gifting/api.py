@@ -235,17 +235,18 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             f"StartLive:{request.creator_id}", request, gifting_pb2.StartLiveResponse, effect
         )
 
-    async def _owned_live(self, live_id: str) -> None:
+    async def _owned_live(self, live_id: str) -> str:
         """The LIVE exists and the token's user is its creator (or an admin): checked before
-        anything is written."""
+        anything is written. Returns its creator, whose request ids the call's are."""
         async with self._db.read() as conn:
             live = await self._lives.get(conn, live_id)
         require_owner(live.creator_id)
+        return live.creator_id
 
     async def EndLive(
         self, request: gifting_pb2.EndLiveRequest, context: RpcContext
     ) -> gifting_pb2.EndLiveResponse:
-        await self._owned_live(request.live_id)
+        creator = await self._owned_live(request.live_id)
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.EndLiveResponse:
             live = await self._lives.end(conn, request.live_id, self._rt.clock.now())
@@ -253,7 +254,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             return gifting_pb2.EndLiveResponse(live=live_pb(live), summary=live_summary_pb(summary))
 
         response = await self._idempotency.once(
-            f"EndLive:{request.live_id}", request, gifting_pb2.EndLiveResponse, effect
+            f"EndLive:{creator}", request, gifting_pb2.EndLiveResponse, effect
         )
         self._feed.notify(request.live_id)
         return response
@@ -261,14 +262,14 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def SetLiveGifts(
         self, request: gifting_pb2.SetLiveGiftsRequest, context: RpcContext
     ) -> gifting_pb2.SetLiveGiftsResponse:
-        await self._owned_live(request.live_id)
+        creator = await self._owned_live(request.live_id)
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.SetLiveGiftsResponse:
             live = await self._lives.set_gifts(conn, request.live_id, request.gifts_enabled)
             return gifting_pb2.SetLiveGiftsResponse(live=live_pb(live))
 
         return await self._idempotency.once(
-            f"SetLiveGifts:{request.live_id}", request, gifting_pb2.SetLiveGiftsResponse, effect
+            f"SetLiveGifts:{creator}", request, gifting_pb2.SetLiveGiftsResponse, effect
         )
 
     async def GetLive(

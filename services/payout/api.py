@@ -10,7 +10,7 @@ from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import Access, method_rules, require_owner
 from runtime.auth import current_principal
-from runtime.idempotency import fingerprint, scoped_scope
+from runtime.idempotency import acting_scope, fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp, to_datetime
 from runtime.server import Runtime
@@ -286,7 +286,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             return payout_pb2.CancelWithdrawalResponse(withdrawal=answer)
 
         return await self._idempotency.once(
-            f"CancelWithdrawal:{request.withdrawal_id}",
+            f"CancelWithdrawal:{owner}",
             request,
             payout_pb2.CancelWithdrawalResponse,
             effect,
@@ -308,7 +308,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             return payout_pb2.ReviewWithdrawalResponse(withdrawal=answer)
 
         response = await self._idempotency.once(
-            f"ReviewWithdrawal:{request.withdrawal_id}",
+            acting_scope("ReviewWithdrawal"),
             request,
             payout_pb2.ReviewWithdrawalResponse,
             effect,
@@ -348,7 +348,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             return payout_pb2.RetryWithdrawalResponse(withdrawal=answer)
 
         response = await self._idempotency.once(
-            f"RetryWithdrawal:{request.withdrawal_id}",
+            acting_scope("RetryWithdrawal"),
             request,
             payout_pb2.RetryWithdrawalResponse,
             effect,

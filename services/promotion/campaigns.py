@@ -15,7 +15,7 @@ from runtime.access import require_owner
 from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import Aborted, DomainError
-from runtime.idempotency import Idempotency
+from runtime.idempotency import Idempotency, acting_scope
 from services.promotion import storage
 from services.promotion.convert import GOALS, not_found, promotion_pb
 from services.promotion.domain import BudgetWallet, Promotions
@@ -124,7 +124,7 @@ class Campaigns:
     ) -> promotion_pb2.ReportDeliveryResponse:
         """Checked once (the claim); resumed after a crash by re-sending the same capture, which the
         wallet answers from its idempotency store, so a capture is counted exactly once."""
-        scope = f"ReportDelivery:{request.promotion_id}"
+        scope = acting_scope("ReportDelivery")
         response_type = promotion_pb2.ReportDeliveryResponse
 
         async def start(conn: AsyncConnection) -> str:
@@ -195,7 +195,7 @@ class Campaigns:
         """End early: release what is left of the held budget, then record the end with the answer."""
         promotion = await self.promotion(request.promotion_id)
         require_owner(promotion.user_id)  # before anything is written
-        scope = f"EndPromotion:{promotion.promotion_id}"
+        scope = f"EndPromotion:{promotion.user_id}"
         response_type = promotion_pb2.EndPromotionResponse
 
         async def start(conn: AsyncConnection) -> str:
