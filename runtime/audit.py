@@ -105,8 +105,11 @@ def _request_json(request: Message) -> str:
 
 
 class AdminAudit:
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, service: str) -> None:
         self._db, self._clock = db, clock
+        self._token_kind = f"audit:{service}"
+        """Every service serves this listing: its tokens name the service, so one service's token
+        is refused by another's trail."""
 
     async def record(
         self, principal: Principal, method: str, request: Message, outcome: str
@@ -130,7 +133,7 @@ class AdminAudit:
             )
 
     async def list(self, size: int, token: str) -> tuple[list[Any], str]:
-        after = decode_token(token, "audit", int64)
+        after = decode_token(token, self._token_kind, int64)
         query = select(admin_audit).order_by(admin_audit.c.sequence.desc()).limit(size + 1)
         if after is not None:
             query = query.where(admin_audit.c.sequence < after[0])
@@ -138,7 +141,7 @@ class AdminAudit:
             rows = list((await conn.execute(query)).all())
         more = len(rows) > size
         rows = rows[:size]
-        return rows, encode_token("audit", rows[-1].sequence) if more and rows else ""
+        return rows, encode_token(self._token_kind, rows[-1].sequence) if more and rows else ""
 
 
 class AdminAuditApi(admin_audit_pb2_grpc.AdminAuditServiceServicer):

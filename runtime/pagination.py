@@ -1,12 +1,18 @@
 """Cursor pagination (AIP-158): opaque page tokens that carry the last row's sort key.
 
-Keyset pagination keeps every page an index range scan, however deep the caller pages.
+Keyset pagination keeps every page an index range scan, however deep the caller pages. A token also
+carries what the service cannot recompute cheaply (the rank of a leaderboard page's last row), so it
+is signed: an HMAC under a key derived from the service's private TLS key (`use_token_key`, set at
+start; every replica of a service mounts the same key), so an altered token is INVALID_PAGE_TOKEN,
+never a page with made-up ranks.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
+import hmac
 import json
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +26,31 @@ def page_size(requested: int, default: int = 50, maximum: int = 1000) -> int:
     return min(requested or default, maximum)
 
 
+_key = hashlib.sha256(b"coins page tokens\0development").digest()
+"""Until a service sets its own (tools and tests that serve nothing)."""
+
+
+def use_token_key(secret: bytes) -> None:
+    """Sign and check page tokens with a key derived from `secret` (the service's private key)."""
+    global _key
+    _key = hashlib.sha256(b"coins page tokens\0" + secret).digest()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(raw: bytes) -> bytes:
+    return hmac.new(_key, raw, hashlib.sha256).digest()[:16]
+
+
 def encode_token(kind: str, *key: Any) -> str:
     raw = json.dumps([kind, *key], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{_b64(raw)}.{_b64(_mac(raw))}"
 
 
 def int64(value: Any) -> int:
@@ -47,12 +75,16 @@ def instant(value: Any) -> dt.datetime:
 
 def decode_token(token: str, kind: str, *keys: Callable[[Any], Any]) -> list[Any] | None:
     """The sort key a token carries, each part checked by its converter in `keys` (int64, text,
-    instant); None for an empty token; INVALID_ARGUMENT for a foreign or forged one. Tokens are
-    not secret (they carry only what the caller may see), but they are never trusted."""
+    instant); None for an empty token; INVALID_ARGUMENT for a foreign, altered or forged one. Tokens
+    are not secret (they carry only what the caller may see), but they are never trusted."""
     if not token:
         return None
     try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        body, _, signature = token.partition(".")
+        raw = _unb64(body)
+        if not hmac.compare_digest(_unb64(signature), _mac(raw)):
+            raise ValueError(token)
+        data = json.loads(raw)
         if not isinstance(data, list) or len(data) != len(keys) + 1 or data[0] != kind:
             raise ValueError(token)
         return [convert(value) for convert, value in zip(keys, data[1:], strict=True)]

@@ -34,7 +34,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
 from coins.common.v1 import admin_audit_pb2_grpc
-from runtime import pki, startup
+from runtime import pagination, pki, startup
 from runtime.access import Access
 from runtime.audit import AdminAudit, AdminAuditApi
 from runtime.auth import TokenVerifier
@@ -63,7 +63,7 @@ from runtime.telemetry import (
     server_tracing,
     service_resource_name,
 )
-from runtime.tls import server_credentials
+from runtime.tls import private_key, server_credentials
 
 log = logging.getLogger("coins.server")
 
@@ -383,7 +383,7 @@ async def start_service(
         finally:
             await owner.close()
     db = Database(url, provider, role=settings.database_role)
-    audit = AdminAudit(db, clock)
+    audit = AdminAudit(db, clock, spec.name)
     shedder = LoadShedder(
         max_in_flight=settings.max_in_flight_rpcs, max_queue_seconds=settings.max_queue_seconds
     )
@@ -446,6 +446,7 @@ async def start_service(
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
+    pagination.use_token_key(private_key(security, spec.name))
     prefix = settings.env_prefix
     port = runtime.port = _listen(
         server,

@@ -22,6 +22,12 @@ def _read(path: Path) -> bytes:
         ) from None
 
 
+def private_key(security: SecuritySettings, identity: str) -> bytes:
+    """The identity's private key (PEM): also the secret the service's page tokens are signed
+    with (runtime.pagination)."""
+    return _read(security.certs_dir / f"{identity}-key.pem")
+
+
 def server_credentials(security: SecuritySettings, identity: str) -> grpc.ServerCredentials:
     d = security.certs_dir
     return grpc.ssl_server_credentials(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import grpc
 import grpc.aio
 import pytest
@@ -9,12 +12,22 @@ from google.protobuf import symbol_database, timestamp_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.type import date_pb2
 
+from coins.common.v1 import admin_audit_pb2, admin_audit_pb2_grpc
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
-from tests.helpers import expect_error, field_violations, funded_user, new_id, rpc_error
+from tests.helpers import (
+    eventually,
+    expect_error,
+    field_violations,
+    funded_user,
+    live_of,
+    new_creator,
+    new_id,
+    rpc_error,
+)
 from tests.suite import Suite
 
 SERVICES: dict[str, ServiceDescriptor] = {
@@ -167,6 +180,97 @@ async def test_a_foreign_page_token_is_refused(suite: Suite) -> None:
     await expect_error(  # a token from another user's listing does not leak into this one
         suite.wallet.ListLedgerEntries(
             wallet_pb2.ListLedgerEntriesRequest(user_id=other, page_token=first.next_page_token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+
+
+async def test_an_altered_page_token_is_refused_and_every_token_keeps_to_its_listing(
+    suite: Suite,
+) -> None:
+    """A leaderboard token carries the rank its next page starts from (recounting it would scan the
+    board): altered (rank 500, or 2**40, which answered INTERNAL), it is refused, never a page with
+    made-up ranks. A gift catalog token pages one region's listing; an audit trail token one
+    service's trail."""
+    creators = [await new_creator(suite) for _ in range(3)]
+    sender, _ = await funded_user(suite, "us-web-1400")
+    for coins, creator in zip((30, 20, 10), creators, strict=True):
+        await suite.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                request_id=new_id("g"),
+                sender_id=sender,
+                creator_id=creator,
+                gift_id="rose",
+                count=coins,
+                live_id=live_of(creator),
+            )
+        )
+    ranking = gifting_pb2.ListCreatorRankingsRequest(
+        period=gifting_pb2.RANKING_PERIOD_ALL_TIME, page_size=1
+    )
+
+    async def ranked() -> bool:  # rankings count credited gifts
+        return bool((await suite.gifting.ListCreatorRankings(ranking)).next_page_token)
+
+    await eventually(ranked, "the gifts ranked")
+    first = await suite.gifting.ListCreatorRankings(ranking)
+    body, _, signature = first.next_page_token.partition(".")
+    kind, coins, creator, rank = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    assert rank == 1
+    for forged_rank in (500, 2**40, -7):
+        forged = base64.urlsafe_b64encode(
+            json.dumps([kind, coins, creator, forged_rank], separators=(",", ":")).encode()
+        )
+        await expect_error(
+            suite.gifting.ListCreatorRankings(
+                gifting_pb2.ListCreatorRankingsRequest(
+                    period=gifting_pb2.RANKING_PERIOD_ALL_TIME,
+                    page_token=f"{forged.decode().rstrip('=')}.{signature}",
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+        )
+    second = await suite.gifting.ListCreatorRankings(
+        gifting_pb2.ListCreatorRankingsRequest(
+            period=gifting_pb2.RANKING_PERIOD_ALL_TIME,
+            page_size=1,
+            page_token=first.next_page_token,
+        )
+    )
+    assert [c.rank for c in second.creators] == [2]
+
+    catalog = await suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=1))
+    await expect_error(
+        suite.gifting.ListGifts(
+            gifting_pb2.ListGiftsRequest(region="GB", page_token=catalog.next_page_token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+    admin = suite.token(new_id("ops"), admin=True)
+    trails = {
+        name: admin_audit_pb2_grpc.AdminAuditServiceStub(suite.channel(name))
+        for name in ("gifting", "promotion")
+    }
+    for enabled in (False, True):  # two audited admin actions: the gifting trail has a 2nd page
+        await suite.gifting.SetLiveGifts(
+            gifting_pb2.SetLiveGiftsRequest(
+                request_id=new_id("switch"), live_id=live_of(creators[0]), gifts_enabled=enabled
+            ),
+            metadata=admin,
+        )
+    gifting_page = await trails["gifting"].ListAdminActions(
+        admin_audit_pb2.ListAdminActionsRequest(page_size=1), metadata=admin
+    )
+    assert gifting_page.next_page_token
+    await expect_error(
+        trails["promotion"].ListAdminActions(
+            admin_audit_pb2.ListAdminActionsRequest(
+                page_size=1, page_token=gifting_page.next_page_token
+            ),
+            metadata=admin,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_PAGE_TOKEN",

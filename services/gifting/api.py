@@ -82,7 +82,8 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         self, request: gifting_pb2.ListGiftsRequest, context: RpcContext
     ) -> gifting_pb2.ListGiftsResponse:
         size = page_size(request.page_size)
-        after = decode_token(request.page_token, "gifts", int64, text)
+        kind = f"gifts:{request.region}"  # a token pages the listing of one region
+        after = decode_token(request.page_token, kind, int64, text)
         async with self._db.read() as conn:
             gifts = await self._gifting.catalog(
                 conn,
@@ -93,7 +94,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         token = ""
         if len(gifts) > size:
             gifts = gifts[:size]
-            token = encode_token("gifts", gifts[-1].coins, gifts[-1].gift_id)
+            token = encode_token(kind, gifts[-1].coins, gifts[-1].gift_id)
         return gifting_pb2.ListGiftsResponse(
             gifts=[gift_pb(g) for g in gifts],
             next_page_token=token,
