@@ -188,7 +188,8 @@ async def test_delivery_beyond_the_budget_is_refused_and_spending_it_all_complet
     assert (last.promotion.spent_coins, last.promotion.status) == (300, COMPLETED)
     assert (await hold_of(suite, made.promotion_id)).status == wallet_pb2.HOLD_STATUS_CAPTURED
     assert await coins_of(suite, user) == (coins - 300, coins - 300)
-    await expect_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 1)), *EXCEEDED)
+    # Completed: the delivery system is told to stop, as by EndPromotion.
+    await expect_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 1)), *ENDED)
     await expect_error(end(suite, ending(made.promotion_id), user), *ENDED)
 
 

@@ -230,8 +230,15 @@ class Promotions:
         """A delivery may be reported for an active promotion before its end, within its budget."""
         if promotion.status in ("pending", "rejected"):
             raise _not_active(promotion)
-        spent_out = promotion.spent_coins == promotion.budget_coins
-        if status_at(promotion, now) == "completed" and not spent_out:
+        if promotion.spent_coins == promotion.budget_coins:
+            raise FailedPrecondition(  # completed: nothing more can be delivered (PROMOTION_ENDED)
+                "PROMOTION_ENDED",
+                f"promotion {promotion.promotion_id} is completed: all {promotion.budget_coins} "
+                "coins of its budget are spent",
+                promotion_id=promotion.promotion_id,
+                budget_coins=promotion.budget_coins,
+            )
+        if status_at(promotion, now) == "completed":
             raise _ended(promotion)
         if promotion.spent_coins + coins > promotion.budget_coins:
             raise _exceeded(promotion, coins)

@@ -100,7 +100,8 @@ class PromotionServiceServicer:
         """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
         promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
         (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-        PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+        PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
+        PROMOTION_NOT_ACTIVE (not paid for), or
         CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

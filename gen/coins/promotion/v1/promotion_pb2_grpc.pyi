@@ -50,7 +50,8 @@ class PromotionServiceStub:
     """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
     promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
     (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-    PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+    PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
+    PROMOTION_NOT_ACTIVE (not paid for), or
     CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
     """
     EndPromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]
@@ -82,7 +83,8 @@ class PromotionServiceAsyncStub(PromotionServiceStub):
     """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
     promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
     (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-    PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+    PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
+    PROMOTION_NOT_ACTIVE (not paid for), or
     CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
     """
     EndPromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]  # type: ignore[assignment]
@@ -135,7 +137,8 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
         promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
         (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-        PROMOTION_ENDED (ended, or past its end time), PROMOTION_NOT_ACTIVE (not paid for), or
+        PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
+        PROMOTION_NOT_ACTIVE (not paid for), or
         CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
         """
 
