@@ -47,6 +47,12 @@ def history_query(request: Any, owner: str, kind_names: Mapping[Any, str]) -> Hi
     """Read a listing request (page_size, page_token, kinds, start_time, end_time)."""
     kinds = sorted(kind_names[k] for k in request.kinds)
     since, until = _time(request, "start_time"), _time(request, "end_time")
+    if since is not None and until is not None and until < since:
+        raise InvalidArgument(  # as a statement says: an empty page would hide the mistake
+            "INVALID_PERIOD",
+            f"end_time ({until.isoformat()}) is before start_time ({since.isoformat()})",
+            violations=(FieldViolation("end_time", "must not be before start_time"),),
+        )
     # The filters are part of the token's scope: a token only continues the listing it came from.
     scope = f"ledger:{owner}:{','.join(kinds)}:{since}:{until}"
     after = decode_token(request.page_token, scope, instant, int64)

@@ -328,3 +328,46 @@ async def test_a_statement_ending_before_its_start_says_which_start(suite: Suite
     )
     assert field_violations(error) == {"end_time"}
     assert "no start_time was given" in (error.details() or "")
+
+
+async def test_a_history_listing_ending_before_its_start_is_refused(suite: Suite) -> None:
+    """As a statement's period is: an inverted window answered an empty page, hiding the mistake."""
+    user, _ = await funded_user(suite)
+    start, end = (
+        timestamp_pb2.Timestamp(seconds=2_000_000_000),
+        timestamp_pb2.Timestamp(seconds=1_000_000_000),
+    )
+    for listing in (
+        suite.wallet.ListLedgerEntries(
+            wallet_pb2.ListLedgerEntriesRequest(user_id=user, start_time=start, end_time=end)
+        ),
+        suite.payout.ListDiamondEntries(
+            payout_pb2.ListDiamondEntriesRequest(creator_id=user, start_time=start, end_time=end)
+        ),
+    ):
+        error = await expect_error(listing, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PERIOD")
+        assert field_violations(error) == {"end_time"}
+
+
+async def test_a_purchase_naming_neither_a_package_nor_an_amount_says_so(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    for package_id, custom_coins, which in (("", 0, "neither"), ("us-web-70", 100, "both")):
+        error = await expect_error(
+            suite.wallet.PurchaseCoins(
+                wallet_pb2.PurchaseCoinsRequest(
+                    request_id=new_id("buy"),
+                    user_id=user,
+                    package_id=package_id,
+                    custom_coins=custom_coins,
+                    payment_token="tok_visa",
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+        )
+        assert f"{which} is set" in (error.details() or "") or f"{which} are set" in (
+            error.details() or ""
+        )
+        assert field_violations(error) == {"package_id", "custom_coins"}
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins

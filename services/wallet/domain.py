@@ -404,12 +404,18 @@ class Wallet:
     ) -> storage.PackageRecord:
         """The package a purchase names, or a custom amount's; exactly one must be given."""
         if bool(package_id) == bool(custom_coins):
+            which = "both are set" if package_id else "neither is set"
             raise InvalidArgument(
                 "INVALID_REQUEST",
-                "set exactly one of package_id and custom_coins",
+                f"set exactly one of package_id (a package from ListCoinPackages) and custom_coins "
+                f"(a custom amount); {which}",
                 violations=(
-                    FieldViolation("package_id", "set it or custom_coins, not both"),
-                    FieldViolation("custom_coins", "set it or package_id, not both"),
+                    FieldViolation(
+                        "package_id", f"exactly one of package_id, custom_coins: {which}"
+                    ),
+                    FieldViolation(
+                        "custom_coins", f"exactly one of package_id, custom_coins: {which}"
+                    ),
                 ),
                 fields="package_id, custom_coins",
             )
