@@ -44,7 +44,7 @@ class RequestValidator:
             violations = tuple(
                 FieldViolation(
                     ".".join(e.field_name for e in v.proto.field.elements) if v.proto.field else "",
-                    v.proto.message,
+                    _explained(v),
                 )
                 for v in error.violations
             )
@@ -55,22 +55,39 @@ class RequestValidator:
                 violations=violations,
                 fields=fields,
             ) from None
-        if _blank_reason(request):
+        if blank := _blank_text(request):
             raise InvalidArgument(
                 "INVALID_REQUEST",
-                "reason is only spaces: say why (it is kept in the audit trail)",
-                violations=(FieldViolation("reason", "must say why, not only spaces"),),
-                fields="reason",
+                f"{blank} is only spaces: "
+                + ("say why (it is kept in the audit trail)" if blank == "reason" else "write one"),
+                violations=(FieldViolation(blank, "must have words, not only spaces"),),
+                fields=blank,
             )
 
 
-def _blank_reason(request: Message) -> bool:
-    """A `reason` (why an admin acts, for the audit trail) given but made of spaces only."""
-    field = request.DESCRIPTOR.fields_by_name.get("reason")
-    if field is None or field.type != FieldDescriptor.TYPE_STRING:
-        return False
-    reason: str = request.reason  # type: ignore[attr-defined]
-    return bool(reason) and not reason.strip()
+def _explained(violation: protovalidate.Violation) -> str:
+    """protovalidate's message, or for an id left empty (a pattern fails on ""), that it is
+    required: "does not match regex pattern `^[A-Za-z0-9]...`" does not say what was wrong."""
+    if violation.proto.rule_id == "string.pattern" and violation.field_value == "":
+        return f"is required ({violation.proto.message.replace('does not match', 'to match')})"
+    return str(violation.proto.message)
+
+
+_TEXT_FIELDS = ("reason", "title", "name")
+"""Free text people read (why an admin acts, a LIVE's title, a gift's name): when given, it has
+words in it."""
+
+
+def _blank_text(request: Message) -> str | None:
+    """The first such field given but made of spaces only."""
+    for name in _TEXT_FIELDS:
+        field = request.DESCRIPTOR.fields_by_name.get(name)
+        if field is None or field.type != FieldDescriptor.TYPE_STRING:
+            continue
+        value = getattr(request, name)
+        if isinstance(value, str) and value and not value.strip():
+            return name
+    return None
 
 
 _DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){12,}")

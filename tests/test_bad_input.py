@@ -17,7 +17,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from runtime.status import error_info
+from runtime.status import bad_request, error_info
 from tests.helpers import (
     eventually,
     expect_error,
@@ -371,3 +371,46 @@ async def test_a_purchase_naming_neither_a_package_nor_an_amount_says_so(suite: 
         assert field_violations(error) == {"package_id", "custom_coins"}
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == coins
+
+
+async def test_blank_text_and_empty_ids_are_refused_saying_what_is_missing(suite: Suite) -> None:
+    """A LIVE's title or a gift's name of spaces only is refused like an audit reason; an id left
+    empty is "required", not "does not match regex pattern ..."."""
+    creator = await new_creator(suite, live=False)
+    error = await expect_error(
+        suite.gifting.StartLive(
+            gifting_pb2.StartLiveRequest(request_id=new_id("s"), creator_id=creator, title="   ")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    assert field_violations(error) == {"title"}
+    assert "title is only spaces" in (error.details() or "")
+    await suite.gifting.StartLive(  # nothing was started: the creator may go LIVE
+        gifting_pb2.StartLiveRequest(request_id=new_id("s"), creator_id=creator, title="Hi")
+    )
+    error = await expect_error(
+        suite.gifting.SetGift(
+            gifting_pb2.SetGiftRequest(
+                request_id=new_id("gift"),
+                gift_id=new_id("blank").lower(),
+                name=" \t ",
+                coins=10,
+                reason="new gift",
+            ),
+            metadata=suite.token(new_id("ops"), admin=True),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    assert field_violations(error) == {"name"}
+    error = await expect_error(
+        suite.gifting.EndLive(gifting_pb2.EndLiveRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    details = bad_request(error)
+    assert details is not None
+    by_field = {v.field: v.description for v in details.field_violations}
+    assert set(by_field) == {"request_id", "live_id"}
+    assert all(d.startswith("is required") for d in by_field.values()), by_field
