@@ -49,7 +49,10 @@ def run(c: Clients) -> None:
     for user, package in ((ava, "us-web-17500"), (ben, "us-web-700")):
         bought = c.wallet.PurchaseCoins(
             wallet_pb2.PurchaseCoinsRequest(
-                request_id=_rid(), user_id=user, package_id=package, payment_token="tok_visa"
+                request_id=_rid(),
+                user_id=user,
+                package_id=package,
+                payment_token=f"tok_visa_{user}",
             ),
             timeout=t,
         )

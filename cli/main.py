@@ -82,7 +82,10 @@ def packages(c: Clients, a: argparse.Namespace) -> None:
 def buy(c: Clients, a: argparse.Namespace) -> None:
     response = c.wallet.PurchaseCoins(
         wallet_pb2.PurchaseCoinsRequest(
-            request_id=_rid(a), user_id=a.user, package_id=a.package, payment_token=a.token
+            request_id=_rid(a),
+            user_id=a.user,
+            package_id=a.package,
+            payment_token=a.token or f"tok_visa_{a.user}",
         ),
         timeout=c.timeout,
     )
@@ -603,7 +606,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("buy", buy, "buy a coin package (sandbox payment)")
     p.add_argument("user")
     p.add_argument("package")
-    p.add_argument("--token", default="tok_visa", help="payment token; tok_decline declines")
+    p.add_argument(
+        "--token",
+        help="sandbox payment token (default: tok_visa_USER, the user's own card: the wallet "
+        "limits spending per card and day); tok_decline declines",
+    )
     command("balance", balance, "show a user's coins").add_argument("user")
     p = command("ledger", ledger, "show a user's ledger history")
     p.add_argument("user")
@@ -789,7 +796,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_RETRYABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED", "INTERNAL"}
+_UNCERTAIN = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL"}
+"""Codes after which a mutating call may or may not have been applied."""
+_TRY_LATER = {"OVERLOADED", "RATE_LIMITED"}
+"""RESOURCE_EXHAUSTED reasons refused before any work (a definite limit, such as
+PURCHASE_LIMIT_EXCEEDED, is an answer: retrying changes nothing)."""
+
+
+def _worth_retrying(error: grpc.RpcError) -> bool:
+    code = error.code().name if hasattr(error, "code") else ""
+    if code == "RESOURCE_EXHAUSTED":
+        info = error_info(error)
+        return info is not None and info.reason in _TRY_LATER
+    return code in _UNCERTAIN
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -804,8 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(clients, args)
     except grpc.RpcError as error:
         report_error(error, clients)
-        code = error.code().name if hasattr(error, "code") else ""
-        if code in _RETRYABLE and args.request_id:
+        if _worth_retrying(error) and args.request_id:
             again = ["coinsctl", *_without_request_id(arguments), "--request-id", args.request_id]
             console.print(
                 f"It may or may not have been applied. Retry with the same request id (it is "

@@ -14,6 +14,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
 from tests.helpers import expect_error, new_id, open_account
 from tests.suite import Suite, start_suite
+from tests.test_coinsctl import coinsctl
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,19 @@ async def test_a_payment_method_limit_holds_under_concurrent_purchases(limited: 
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(approved) * 499 <= 1_200 < (len(approved) + 1) * 499  # exactly as many as fit
     assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
+
+
+async def test_coinsctl_buys_with_each_users_own_card_and_gives_no_retry_advice_for_a_limit(
+    limited: Suite,
+) -> None:
+    """Its default payment token is the user's own sandbox card (two users' $9.99 purchases fit the
+    $12 per-card limit); a limit reached is an answer, not an outage: no "retry with the same
+    request id" advice."""
+    first, second = new_id("viewer"), new_id("viewer")
+    for user in (first, second):
+        await open_account(limited, user)
+        code, output = await coinsctl(limited, "buy", user, "us-web-700")
+        assert code == 0, output
+    code, output = await coinsctl(limited, "buy", first, "us-web-1400")
+    assert code == 1 and "PURCHASE_LIMIT_EXCEEDED" in output, output
+    assert "may or may not" not in output and "--request-id" not in output, output
