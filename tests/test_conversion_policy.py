@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.payout.policy import diamonds_owed, quote
+from services.payout.policy import diamonds_owed, quote, segment_for
 from services.payout.settings import PayoutSettings
 
 DEFAULT = PayoutSettings()
@@ -46,3 +46,50 @@ def test_a_withdrawal_quote_pays_exactly_what_it_takes(
     assert q.diamonds * settings.diamond_value_micros == q.gross_minor * 10_000  # and their books
     assert 0 <= q.fee_minor <= q.gross_minor
     assert q.net_minor + q.fee_minor == q.gross_minor
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=10_000),  # a gift's coins
+            st.sampled_from([(1, 2), (1, 3), (2, 5), (1, 1)]),  # the rate in force for it
+        ),
+        max_size=60,
+    )
+)
+def test_a_changed_rate_never_takes_back_or_adds_to_what_was_credited(
+    gifts_and_rates: list[tuple[int, tuple[int, int]]],
+) -> None:
+    """Gift by gift under rates that change: every share is >= 0, and the diamonds credited are
+    those of each rate's own segment of coins (segment_for/diamonds_owed, as payout applies them)."""
+    received = credited = 0
+    stored_rate: tuple[int, int] | None = None
+    segment = (0, 0)
+    expected = 0
+    run_coins, run_rate = 0, None
+    for coins, (numerator, denominator) in gifts_and_rates:
+        settings = PayoutSettings(
+            diamonds_per_coin_numerator=numerator, diamonds_per_coin_denominator=denominator
+        )
+        segment = segment_for(stored_rate, segment, received, credited, settings)
+        stored_rate = (numerator, denominator)
+        received += coins
+        owed = diamonds_owed(received, settings, segment)
+        assert owed >= credited
+        credited = owed
+        if run_rate != (numerator, denominator):  # a new segment: the last one's diamonds stand
+            expected += run_coins * run_rate[0] // run_rate[1] if run_rate else 0
+            run_coins, run_rate = 0, (numerator, denominator)
+        run_coins += coins
+    if run_rate:
+        expected += run_coins * run_rate[0] // run_rate[1]
+    assert credited == expected
+
+
+def test_a_creator_credited_before_rates_were_kept_continues_or_starts_a_segment() -> None:
+    """No rate stored (credited before migration 0020): the current rate continues from the
+    beginning when it explains what was credited, and starts here when it does not."""
+    assert segment_for(None, (0, 0), 101, 50, DEFAULT) == (0, 0)  # 101 x 1/2 = 50
+    assert segment_for(None, (0, 0), 101, 33, DEFAULT) == (101, 33)  # credited at 1/3 before
+    assert segment_for((1, 2), (40, 10), 101, 40, DEFAULT) == (40, 10)  # the rate goes on
+    assert segment_for((1, 3), (0, 0), 99, 33, DEFAULT) == (99, 33)  # a new rate starts here

@@ -1,5 +1,5 @@
 """The ledger tells the metrics what each committed transaction moved, under the name it is counted
-as: a correction posted in the other direction under the kind it corrects (payout's policy change)
+as: a correction posted in the other direction under the kind it corrects
 is counted as itself, not as more of that kind."""
 
 from __future__ import annotations

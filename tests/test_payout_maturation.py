@@ -315,6 +315,72 @@ async def test_every_debtor_is_repaid_however_many_owe_with_nothing_to_repay(
     assert (await balance_of(suite, stuck)).debt_diamonds == 40_000
 
 
+async def test_a_new_rate_applies_to_coins_received_from_then_on(
+    maturing: tuple[Suite, ShiftedClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Diamonds credited stand when the rate changes: a cut used to take the difference back from
+    pending diamonds (a negative share, which then stopped every creator's maturation sweep, and
+    refused a small gift to a creator with nothing pending), and a raise paid the new rate on every
+    past coin. Each creator's current rate now runs from where it came in."""
+    suite, clock = maturing
+    payouts = suite.services["payout"].runtime.parts["payouts"]
+    assert isinstance(payouts, Payouts)
+    cut, other, matured = new_id("creator"), new_id("creator"), new_id("creator")
+    gifting = suite.as_caller("gifting").payout
+
+    async def gift(creator: str, coins: int) -> int:
+        answer = await gifting.CreditDiamonds(
+            payout_pb2.CreditDiamondsRequest(
+                request_id=new_id("gift"), creator_id=creator, coins=coins, reference=new_id("g")
+            )
+        )
+        return answer.diamonds_credited
+
+    assert await gift(cut, 101) == 50  # 1/2: half a diamond not paid yet
+    assert await gift(other, 1_000) == 500
+    assert await gift(matured, 100) == 50
+    clock.shift += dt.timedelta(days=DAYS, seconds=1)
+
+    async def all_matured() -> bool:
+        return (await balance_of(suite, matured)).available_diamonds == 50
+
+    await eventually(all_matured, "the first credits maturing")
+    clock.shift -= dt.timedelta(days=DAYS, seconds=1)  # what follows is credited later
+    monkeypatch.setattr(
+        payouts,
+        "settings",
+        payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 3}),
+    )
+    assert [await gift(cut, 2), await gift(cut, 1), await gift(cut, 3)] == [0, 1, 1]
+    assert await gift(matured, 2) == 0  # was refused: "not enough diamonds"
+    assert await gift(matured, 1) == 1
+    monkeypatch.setattr(
+        payouts,
+        "settings",
+        payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 1}),
+    )
+    assert await gift(cut, 4) == 4  # 1 a coin from now on, nothing more for the past 107 coins
+    clock.shift += dt.timedelta(days=2 * DAYS)
+
+    async def matured_in_full() -> bool:
+        standing = [await balance_of(suite, c) for c in (cut, other, matured)]
+        return [(b.pending_diamonds, b.available_diamonds) for b in standing] == [
+            (0, 56),
+            (0, 500),
+            (0, 51),
+        ]
+
+    await eventually(matured_in_full, "every credit maturing, none negative")
+    runtime = suite.services["payout"].runtime
+    async with runtime.db.read() as conn:
+        report = await payouts.ledger.audit(conn)
+        negative = await conn.exec_driver_sql(
+            "SELECT count(*) FROM gift_credits WHERE diamonds < 0"
+        )
+        assert negative.scalar_one() == 0
+    assert report.ok, report
+
+
 def without_maturation(suite: Suite) -> Payouts:
     """The same payout, configured with `PAYOUT_MATURATION_DAYS=0` (as before or after a change)."""
     payouts = suite.services["payout"].runtime.parts["payouts"]

@@ -26,10 +26,6 @@ from services.payout.settings import PayoutSettings
 ISSUANCE = "system:diamond_issuance"
 IN_FLIGHT = "system:withdrawals_in_flight"
 PAID_OUT = "system:paid_out"
-POLICY_CORRECTION = "gift_correction"
-"""What the metrics count a policy change's correction as: it is posted as kind `gift` (so the
-creator's history shows it with the gifts it corrects) but moves diamonds back, and counted as
-credited it would add to `coins.diamonds.credited` what it takes away."""
 
 
 def creator_account(creator_id: str) -> str:
@@ -186,7 +182,7 @@ class Payouts:
         totals = await storage.accrue_coins_many(
             tx, {creator: sum(c.coins for c in items) for creator, items in fresh.items()}, now
         )
-        new = [creator for creator, (_, credited) in totals.items() if not credited]
+        new = [creator for creator, t in totals.items() if not t.diamonds_credited]
         if new:  # both, whatever the maturation period: it may be changed later (migration 0019)
             await self.ledger.open_accounts(
                 tx, [creator_account(c) for c in new] + [pending_account(c) for c in new]
@@ -194,18 +190,29 @@ class Payouts:
         credited_to = pending_account if self.maturing else creator_account
         owed: dict[str, int] = {}
         shares: dict[str, int] = {}
+        segments: dict[str, policy.Segment] = {}
         for creator, items in fresh.items():
-            received, credited = totals[creator]
-            running = received - sum(c.coins for c in items)
-            before = credited
-            for c in items:  # each gift's share: how far it moved floor(total x rate)
+            t = totals[creator]
+            running = t.coins_received - sum(c.coins for c in items)
+            segment = segments[creator] = policy.segment_for(
+                t.rate,
+                (t.coins_at_rate, t.diamonds_at_rate),
+                running,
+                t.diamonds_credited,
+                self.settings,
+            )
+            before = t.diamonds_credited
+            for c in items:  # each gift's share: how far it moved what the creator is owed
                 running += c.coins
-                after = policy.diamonds_owed(running, self.settings)
+                after = policy.diamonds_owed(running, self.settings, segment)
                 shares[c.key], before = after - before, after
             owed[creator] = before
-        await storage.set_diamonds_credited_many(tx, owed)
-        deltas = {creator: owed[creator] - totals[creator][1] for creator in fresh}
-        gained = {credited_to(c): d for c, d in deltas.items() if d > 0}
+        await storage.set_diamonds_credited_many(tx, owed, segments, policy.rate(self.settings))
+        gained = {
+            credited_to(c): owed[c] - totals[c].diamonds_credited
+            for c in fresh
+            if owed[c] > totals[c].diamonds_credited
+        }
         balances: dict[str, int] = {}
         transaction_id: str | None = None
         if gained:  # one ledger transaction for the whole batch: issuance -> every creator
@@ -223,11 +230,7 @@ class Payouts:
                 policy_version=self.settings.policy_version,
             )
             balances, transaction_id = posted.balances, posted.transaction_id
-        for creator, delta in deltas.items():
-            if delta < 0:  # the policy changed since the last credit: settle the difference
-                account = credited_to(creator)
-                balances[account] = await self._reverse(tx, account, -delta)
-        unchanged = [credited_to(c) for c, d in deltas.items() if d == 0]
+        unchanged = [credited_to(c) for c in fresh if credited_to(c) not in gained]
         if unchanged:
             balances.update(await self.ledger.balances(tx, unchanged))
         available = (
@@ -238,7 +241,9 @@ class Payouts:
         rows: list[storage.CreditRow] = []
         answers: dict[str, bytes] = {}
         for creator, items in fresh.items():
-            running_balance = balances.get(credited_to(creator), 0) - deltas[creator]
+            running_balance = balances.get(credited_to(creator), 0) - gained.get(
+                credited_to(creator), 0
+            )
             for c in items:
                 running_balance += shares[c.key]
                 standing = (
@@ -274,19 +279,6 @@ class Payouts:
                 "another delivery of some of these credits committed first; retry to read its answers",
             )
         return answers
-
-    async def _reverse(self, tx: Tx, account: str, diamonds: int) -> int:
-        posted = await self.ledger.post(
-            tx,
-            [Posting(ISSUANCE, diamonds), Posting(account, -diamonds)],
-            kind="gift",
-            reference="policy change",
-            request_id=f"policy:{uuid.uuid4().hex}",
-            caller="internal",
-            policy_version=self.settings.policy_version,
-            counted_as=POLICY_CORRECTION,
-        )
-        return posted.balances[account]
 
     async def revenue(
         self, tx: Tx, since: dt.datetime, until: dt.datetime

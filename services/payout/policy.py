@@ -1,7 +1,8 @@
 """The conversion policy, as pure integer arithmetic: coins -> diamonds -> cash, and the withdrawal fee.
 
-Rounding never creates or loses value: diamonds are always floor(total coins received x rate), so the
-fraction a single cheap gift earns is carried into the next gift; cash is paid in whole minor units and the
+Rounding never creates or loses value: diamonds are floor(coins received x rate) over all the coins
+received at the rate in force (from when it came in), so the fraction a single cheap gift earns is
+carried into the next gift; cash is paid in whole minor units and the
 diamonds that would make a fraction of a cent stay with the creator.
 """
 
@@ -11,14 +12,46 @@ from dataclasses import dataclass
 
 from services.payout.settings import PayoutSettings
 
+Segment = tuple[int, int]
+"""Where a creator's current rate began: (coins received, diamonds credited) then."""
 
-def diamonds_owed(total_coins_received: int, settings: PayoutSettings) -> int:
-    """Diamonds a creator has earned in total from `total_coins_received` coins of gifts."""
-    return (
-        total_coins_received
+
+def diamonds_owed(
+    total_coins_received: int, settings: PayoutSettings, segment: Segment = (0, 0)
+) -> int:
+    """Diamonds a creator has earned in total from `total_coins_received` coins of gifts: what was
+    credited when the rate in force began, and that rate on every coin received since."""
+    coins_at, diamonds_at = segment
+    return diamonds_at + (
+        (total_coins_received - coins_at)
         * settings.diamonds_per_coin_numerator
         // settings.diamonds_per_coin_denominator
     )
+
+
+def rate(settings: PayoutSettings) -> tuple[int, int]:
+    return settings.diamonds_per_coin_numerator, settings.diamonds_per_coin_denominator
+
+
+def segment_for(
+    stored_rate: tuple[int, int] | None,
+    stored_segment: Segment,
+    coins_received: int,
+    diamonds_credited: int,
+    settings: PayoutSettings,
+) -> Segment:
+    """The segment the next coins convert in, for a creator with `coins_received` and
+    `diamonds_credited` so far. The rate in force continues its segment; a changed rate starts a new
+    one here, so it applies to coins received from now on and never takes back or adds to diamonds
+    already credited (the fraction of a diamond the old rate had not paid yet is the platform's, as
+    each credit's platform share already counted it). A creator with no rate stored yet (credited
+    before rates were kept) continues from the beginning if the current rate explains what they
+    were credited, and starts a new segment otherwise."""
+    if stored_rate == rate(settings):
+        return stored_segment
+    if stored_rate is None and diamonds_owed(coins_received, settings) == diamonds_credited:
+        return (0, 0)
+    return (coins_received, diamonds_credited)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from runtime.server import Runtime, ServiceSpec
 from services.payout import storage
 from services.payout.api import ACCESS, PayoutApi
 from services.payout.callbacks import Callbacks
-from services.payout.domain import POLICY_CORRECTION, Payouts
+from services.payout.domain import Payouts
 from services.payout.processor import WithdrawalWorker
 from services.payout.reconciliation import Reconciler
 from services.payout.sandbox import PayPalSandbox
@@ -106,11 +106,6 @@ def _measure(runtime: Runtime[PayoutSettings], payouts: Payouts) -> None:
                 {},
             ),
             "reversal": ("coins.diamonds.reversed", "Diamonds taken back for reversed gifts", {}),
-            POLICY_CORRECTION: (
-                "coins.diamonds.corrected",
-                "Diamonds taken back because the conversion policy changed since earlier credits",
-                {},
-            ),
         },
         hold_kinds=("withdrawal",),
     )

@@ -40,7 +40,14 @@ creators = Table(
     Column("coins_received", BigInteger, nullable=False),
     Column("diamonds_credited", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("rate_numerator", Integer),
+    Column("rate_denominator", Integer),
+    Column("coins_at_rate", BigInteger, nullable=False, server_default="0"),
+    Column("diamonds_at_rate", BigInteger, nullable=False, server_default="0"),
 )
+"""A creator's running totals. The rate of their current segment (migration 0020; none yet for a
+creator not credited since) applies from `coins_at_rate` received, when `diamonds_at_rate` had been
+credited."""
 
 withdrawals = Table(
     "withdrawals",
@@ -221,7 +228,8 @@ _ACCRUE = Statement(
     "INSERT INTO creators (creator_id, coins_received, diamonds_credited, created_at) "
     "VALUES (:creator_id, :coins, 0, :now) ON CONFLICT (creator_id) DO UPDATE "
     "SET coins_received = creators.coins_received + excluded.coins_received "
-    "RETURNING creator_id, coins_received, diamonds_credited",
+    "RETURNING creator_id, coins_received, diamonds_credited, rate_numerator, rate_denominator, "
+    "coins_at_rate, diamonds_at_rate",
 )
 _ACCRUE_MANY_PG = Statement(
     "payout.accrue_coins",
@@ -231,17 +239,23 @@ _ACCRUE_MANY_PG = Statement(
     "FROM unnest(:creator_ids::text[], :coins::bigint[]) AS c(creator_id, coins) "
     "ON CONFLICT (creator_id) DO UPDATE "
     "SET coins_received = creators.coins_received + excluded.coins_received "
-    "RETURNING creator_id, coins_received, diamonds_credited",
+    "RETURNING creator_id, coins_received, diamonds_credited, rate_numerator, rate_denominator, "
+    "coins_at_rate, diamonds_at_rate",
 )
 _SET_CREDITED = Statement(
     "payout.set_diamonds_credited",
-    "UPDATE creators SET diamonds_credited = :owed WHERE creator_id = :creator_id",
+    "UPDATE creators SET diamonds_credited = :owed, rate_numerator = :numerator, "
+    "rate_denominator = :denominator, coins_at_rate = :coins_at, diamonds_at_rate = :diamonds_at "
+    "WHERE creator_id = :creator_id",
 )
 _SET_CREDITED_MANY_PG = Statement(
     "payout.set_diamonds_credited",
     "",
-    postgres="UPDATE creators AS c SET diamonds_credited = d.owed "
-    "FROM unnest(:creator_ids::text[], :owed::bigint[]) AS d(creator_id, owed) "
+    postgres="UPDATE creators AS c SET diamonds_credited = d.owed, "
+    "rate_numerator = :numerator::integer, rate_denominator = :denominator::integer, "
+    "coins_at_rate = d.coins_at, diamonds_at_rate = d.diamonds_at "
+    "FROM unnest(:creator_ids::text[], :owed::bigint[], :coins_at::bigint[], "
+    ":diamonds_at::bigint[]) AS d(creator_id, owed, coins_at, diamonds_at) "
     "WHERE c.creator_id = d.creator_id",
 )
 _CREDIT_COLUMNS = (
@@ -330,11 +344,23 @@ async def stored_credits(tx: Tx, keys: Sequence[str]) -> dict[str, tuple[str, by
     return {str(row[0]): (str(row[1]), bytes(row[2])) for row in rows}
 
 
+@dataclass(frozen=True)
+class CreatorTotals:
+    """A creator's running totals right after a batch's coins were added (see `creators`)."""
+
+    coins_received: int
+    diamonds_credited: int
+    rate: tuple[int, int] | None
+    """(numerator, denominator) of the current segment; None: not credited since migration 0020."""
+    coins_at_rate: int
+    diamonds_at_rate: int
+
+
 async def accrue_coins_many(
     tx: Tx, coins_by_creator: dict[str, int], now: dt.datetime
-) -> dict[str, tuple[int, int]]:
+) -> dict[str, CreatorTotals]:
     """Add gift coins to creators' running totals (creating creators) in creator order, which is
-    also the order their rows are locked in; returns creator -> (coins received, diamonds credited)."""
+    also the order their rows are locked in; returns each creator's totals after it."""
     creators_ = sorted(coins_by_creator)
     if tx.dialect == "postgresql":
         rows = await tx.all(
@@ -349,15 +375,47 @@ async def accrue_coins_many(
             for c in creators_
             if (row := await tx.one(_ACCRUE, creator_id=c, coins=coins_by_creator[c], now=now))
         ]
-    return {str(row[0]): (int(row[1]), int(row[2])) for row in rows}
+    return {
+        str(creator): CreatorTotals(
+            int(received),
+            int(credited),
+            None if numerator is None else (int(numerator), int(denominator)),
+            int(coins_at),
+            int(diamonds_at),
+        )
+        for creator, received, credited, numerator, denominator, coins_at, diamonds_at in rows
+    }
 
 
-async def set_diamonds_credited_many(tx: Tx, owed: dict[str, int]) -> None:
+async def set_diamonds_credited_many(
+    tx: Tx, owed: dict[str, int], segments: dict[str, tuple[int, int]], rate: tuple[int, int]
+) -> None:
+    """Creators' diamonds credited in total, each with the segment (coins_at_rate,
+    diamonds_at_rate) its `rate` runs from."""
+    numerator, denominator = rate
+    creators_ = list(owed)
     if tx.dialect == "postgresql":
-        await tx.run(_SET_CREDITED_MANY_PG, creator_ids=list(owed), owed=list(owed.values()))
+        await tx.run(
+            _SET_CREDITED_MANY_PG,
+            creator_ids=creators_,
+            owed=[owed[c] for c in creators_],
+            coins_at=[segments[c][0] for c in creators_],
+            diamonds_at=[segments[c][1] for c in creators_],
+            numerator=numerator,
+            denominator=denominator,
+        )
         return
-    for creator_id, diamonds in owed.items():
-        await tx.run(_SET_CREDITED, creator_id=creator_id, owed=diamonds)
+    for creator_id in creators_:
+        coins_at, diamonds_at = segments[creator_id]
+        await tx.run(
+            _SET_CREDITED,
+            creator_id=creator_id,
+            owed=owed[creator_id],
+            numerator=numerator,
+            denominator=denominator,
+            coins_at=coins_at,
+            diamonds_at=diamonds_at,
+        )
 
 
 @dataclass(frozen=True)
