@@ -573,7 +573,10 @@ class SetGiftRequest(_message.Message):
     """
     @_builtins.property
     def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Countries (ISO 3166-1 alpha-2) where the gift is offered; empty: everywhere."""
+        """Countries (ISO 3166-1 alpha-2) where the gift is offered; empty: everywhere. Unlike `streakable`,
+        a list cannot be told unset from empty: an update that leaves it out offers the gift everywhere,
+        so send the regions again with every change of a regional gift.
+        """
 
     def __init__(
         self,
@@ -859,7 +862,8 @@ class LiveSummary(_message.Message):
     """The cursor of the LIVE's newest feed event (0: none yet)."""
     diamonds_earned: _builtins.int
     """Diamonds the creator earned from the LIVE's gifts credited so far (a gift's diamonds are known
-    once payout has credited it, moments after it is sent).
+    once payout has credited it, moments after it is sent). A summary taken when the LIVE ends (EndLive,
+    the feed's `ended` event) may not yet count the last gifts' credits; GetLive later does.
     """
     @_builtins.property
     def top_gifters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gifter]:
