@@ -134,6 +134,7 @@ DOCUMENTED: dict[str, dict[str, Documented]] = {
         _P + "GetDiamondStatement": _user_reads("creator_id"),
         _P + "CreditDiamonds": _only("gifting"),
         _P + "BatchCreditDiamonds": _only("gifting"),
+        _P + "ListReversedCredits": _only("gifting"),
         _AUDIT: _AUDIT_TRAIL,
         _LEDGER: _ADMIN,
     },

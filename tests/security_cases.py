@@ -505,6 +505,11 @@ async def _batch_credit_diamonds(suite: Suite) -> Sample:
     return Sample(request, None, mutates=True)
 
 
+@sample(PAYOUT, "ListReversedCredits")
+async def _list_reversed_credits(suite: Suite) -> Sample:
+    return Sample(payout_pb2.ListReversedCreditsRequest(page_size=5), None)
+
+
 @sample(PAYOUT, "RequestWithdrawal")
 async def _request_withdrawal(suite: Suite) -> Sample:
     creator = await creator_with_diamonds(suite, 5_000)

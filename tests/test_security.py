@@ -66,8 +66,9 @@ from runtime.audit import AdminAuditApi
 from runtime.auth import AUTHORIZATION, TokenIssuer
 from runtime.server import ServiceSpec
 from runtime.status import bad_request, error_info
+from services.gifting.reversals import FEED as REVERSALS_FEED
 from services.gifting.service import SPEC as GIFTING_SPEC
-from services.gifting.storage import credit_outbox, sent_gifts, streaks
+from services.gifting.storage import credit_outbox, followed_positions, sent_gifts, streaks
 from services.payout.sandbox import PayPalSandbox
 from services.payout.service import SPEC as PAYOUT_SPEC
 from services.payout.storage import gift_credits, withdrawals
@@ -494,6 +495,21 @@ async def _withdrawals_in_flight(suite: Suite) -> int:
     return await rows(suite) + processor.busy
 
 
+async def _reversals_to_follow(suite: Suite) -> int:
+    """Payout's reversed credits gifting has not applied yet."""
+    async with suite.services["payout"].runtime.db.read() as conn:
+        last = (await conn.execute(sql_select(func.max(gift_credits.c.reversal_seq)))).scalar()
+    async with suite.services["gifting"].runtime.db.read() as conn:
+        at = (
+            await conn.execute(
+                sql_select(followed_positions.c.position).where(
+                    followed_positions.c.name == REVERSALS_FEED
+                )
+            )
+        ).scalar()
+    return int(last or 0) - int(at or 0)
+
+
 BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
     ("wallet", "expired_holds"): _expired_holds,
     ("wallet", "reconciled_purchases"): _rows_where(
@@ -513,6 +529,7 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
     ("payout", "withdrawal_reconciliation_mismatches"): None,
     ("gifting", "LiveFeed.listen"): None,  # wakes LIVE feed readers; writes nothing
     ("gifting", "ended_streaks"): _rows_where("gifting", streaks, streaks.c.ended_at.is_(None)),
+    ("gifting", "reversed_gifts"): _reversals_to_follow,
     ("promotion", "settled_pending_promotions"): _rows_where(
         "promotion", promotions, promotions.c.status == "pending"
     ),

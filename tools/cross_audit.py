@@ -124,7 +124,7 @@ async def cross_audit(
         str(g[0]): (str(g[1]), str(g[2]), int(g[3]), str(g[4]))
         for g in await _rows(urls["gifting"], _SENT_GIFTS)
     }
-    sent = {gift_id: g for gift_id, g in gifts.items() if g[3] == "debited"}
+    sent = {gift_id: g for gift_id, g in gifts.items() if g[3] in ("debited", "reversed")}
     report.gifts_checked = len(sent)
     debits: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for reference, account, coins in await _rows(urls["wallet"], _GIFT_DEBITS):

@@ -10,6 +10,7 @@ from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.status import from_rpc_error
 from services.gifting.domain import PendingCredit, credit_request_id, debit_request_id
+from services.gifting.reversals import ReversedCredit
 
 
 def debit_request(
@@ -105,3 +106,16 @@ class PayoutCrediter:
             c.sent_gift_id: r.diamonds_credited
             for c, r in zip(credits, answer.responses, strict=True)
         }
+
+    async def reversed_credits(
+        self, after: int, *, limit: int, time_limit: float
+    ) -> list[ReversedCredit]:
+        """Payout's gift credits reversed after reversal number `after`, in order."""
+        try:
+            answer = await self._payout.ListReversedCredits(
+                payout_pb2.ListReversedCreditsRequest(after_sequence=after, page_size=limit),
+                timeout=time_limit,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, dependency="payout") from None
+        return [ReversedCredit(c.sequence, c.gift_id, c.diamonds) for c in answer.credits]

@@ -10,6 +10,7 @@ from services.gifting.lives import LiveSummary
 _CREDIT_STATUS = {
     "debited": gifting_pb2.CREDIT_STATUS_PENDING,
     "credited": gifting_pb2.CREDIT_STATUS_CREDITED,
+    "reversed": gifting_pb2.CREDIT_STATUS_REVERSED,
 }
 
 

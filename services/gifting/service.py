@@ -15,16 +15,26 @@ from services.gifting.domain import Gifting
 from services.gifting.feed import FeedLimits, LiveFeed
 from services.gifting.lives import Lives
 from services.gifting.outbox import CreditRelay
+from services.gifting.reversals import ReversedGifts
 from services.gifting.sending import GiftSender
 from services.gifting.settings import GiftingSettings
 
 
 async def setup(runtime: Runtime[GiftingSettings]) -> None:
     settings = runtime.settings
-    relay = CreditRelay(
-        runtime, PayoutCrediter(runtime.channel(settings.payout_address, peer="payout"))
-    )
+    payout = PayoutCrediter(runtime.channel(settings.payout_address, peer="payout"))
+    relay = CreditRelay(runtime, payout)
     runtime.add_worker(relay.run)
+    reversals = ReversedGifts(
+        runtime.db,
+        runtime.clock,
+        payout,
+        page=500,
+        time_limit=settings.downstream_timeout_seconds,
+    )
+    runtime.add_periodic(
+        "reversed gifts", settings.reversals_every_seconds, reversals.follow, batch=reversals.page
+    )
     gifting, wallet = (
         Gifting(),
         WalletDebiter(runtime.channel(settings.wallet_address, peer="wallet")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from runtime.config import ServiceSettings
@@ -35,6 +36,9 @@ class GiftingSettings(ServiceSettings):
     ends when the pause passes (a `streak_ended` event in the feed)."""
     streak_sweep_seconds: float = 0.5
     """How often ended streaks are looked for (so a streak's end shows within this of the pause)."""
+    reversals_every_seconds: float = Field(default=2.0, gt=0)
+    """How often payout's reversed gift credits are looked for: a reversed gift leaves the rankings,
+    top gifters and LIVE summaries (and reads REVERSED) within this (services.gifting.reversals)."""
     feed_poll_seconds: float = 1.0
     """Each LIVE's feed reader (one per LIVE per process) looks for new events at least this often;
     it is woken at once when a gift is recorded: in-process, and across replicas by PostgreSQL

@@ -66,6 +66,7 @@ ACCESS = method_rules(
         "RequestWithdrawal": Access.user("creator_id", moves_money=True),
         "QuoteWithdrawal": Access.user("creator_id", admin_may_read=True),
         "ReverseGiftCredits": Access.admin_only(),
+        "ListReversedCredits": Access.internal({"gifting"}),
         "AddPayoutMethod": Access.user("creator_id"),
         "ListPayoutMethods": Access.user("creator_id", admin_may_read=True),
         "SetDefaultPayoutMethod": Access.user("creator_id"),
@@ -538,6 +539,25 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
 
         return await self._idempotency.once(
             "ReverseGiftCredits", request, payout_pb2.ReverseGiftCreditsResponse, effect
+        )
+
+    async def ListReversedCredits(
+        self, request: payout_pb2.ListReversedCreditsRequest, context: RpcContext
+    ) -> payout_pb2.ListReversedCreditsResponse:
+        async with self._db.driver.read() as tx:
+            found = await self._payouts.reversed_credits(
+                tx, request.after_sequence, page_size(request.page_size, 100, 1000)
+            )
+        return payout_pb2.ListReversedCreditsResponse(
+            credits=[
+                payout_pb2.ReversedCredit(
+                    sequence=r.sequence,
+                    gift_id=r.gift_id,
+                    creator_id=r.creator_id,
+                    diamonds=r.diamonds,
+                )
+                for r in found
+            ]
         )
 
     async def QuoteWithdrawal(

@@ -382,6 +382,11 @@ class Payouts:
                 for account in (creator_account, pending_account, debt_account)
             ],
         )
+        numbers = iter(
+            await storage.next_reversal_seqs(tx, sum(len(c) for c in by_creator.values()))
+            if by_creator
+            else []
+        )
         for creator, credits in sorted(by_creator.items()):
             available = balances.get(creator_account(creator), 0)
             from_pending = sum(c.diamonds for c in credits if c.pending)
@@ -410,7 +415,9 @@ class Payouts:
                 transaction_id = posted.transaction_id
             left_available = from_available
             for credit in credits:
-                if not await storage.mark_reversed(tx, credit.credit_key, transaction_id, now):
+                if not await storage.mark_reversed(
+                    tx, credit.credit_key, transaction_id, now, next(numbers)
+                ):
                     raise Aborted("CONCURRENT_REVERSAL", "these gifts are being reversed already")
                 share_available = 0 if credit.pending else min(credit.diamonds, left_available)
                 left_available -= share_available
@@ -425,6 +432,13 @@ class Payouts:
                     )
                 )
         return reversals
+
+    async def reversed_credits(
+        self, tx: Tx, after: int, limit: int
+    ) -> list[storage.ReversedCreditRecord]:
+        """Gift credits reversed after reversal number `after`, in the order they committed (what
+        gifting follows to take reversed gifts out of its rankings)."""
+        return await storage.reversed_credits(tx, after, limit)
 
     async def repay_debts(self, driver: Driver) -> int:
         """Repay creators' reversal debts from their available diamonds (kind `debt_repayment`):

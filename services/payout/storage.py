@@ -166,6 +166,7 @@ gift_credits = Table(
     Column("coin_value_micros", BigInteger, nullable=False),
     Column("diamond_value_micros", BigInteger, nullable=False),
     Column("platform_micros", BigInteger, nullable=False),
+    Column("reversal_seq", BigInteger, unique=True),
 )
 """One row per applied gift credit (migration 0007): the exactly-once record and its answer; its
 diamonds are pending until `matured_at` (migration 0011); the rates it was converted at and the
@@ -295,7 +296,18 @@ _CREDITS_OF_GIFTS = Statement(
 _MARK_REVERSED = Statement(
     "payout.mark_reversed",
     "UPDATE gift_credits SET reversed_at = :now, reversal_transaction_id = :transaction_id, "
-    "matured_at = coalesce(matured_at, :now) WHERE credit_key = :credit_key AND reversed_at IS NULL",
+    "matured_at = coalesce(matured_at, :now), reversal_seq = :seq "
+    "WHERE credit_key = :credit_key AND reversed_at IS NULL",
+)
+_NEXT_REVERSAL_SEQS = Statement(
+    "payout.next_reversal_seqs",
+    "UPDATE reversal_sequence SET last = last + :n WHERE id = 1 RETURNING last",
+)
+"""The counter's row stays locked until the reversal commits: numbers commit in order."""
+_REVERSED_CREDITS = Statement(
+    "payout.reversed_credits",
+    "SELECT reversal_seq, reference, creator_id, diamonds FROM gift_credits "
+    "WHERE reversal_seq > :after ORDER BY reversal_seq LIMIT :limit",
 )
 _DUE_CREDITS = Statement(
     "payout.due_credits",
@@ -892,12 +904,39 @@ async def credits_of_gifts(tx: Tx, references: Sequence[str]) -> list[CreditOfGi
     ]
 
 
-async def mark_reversed(tx: Tx, credit_key: str, transaction_id: str, now: dt.datetime) -> bool:
-    """Mark a credit reversed (and no longer pending); False if it was reversed already."""
+async def next_reversal_seqs(tx: Tx, n: int) -> list[int]:
+    """`n` new reversal numbers, higher than any committed before (see `_NEXT_REVERSAL_SEQS`)."""
+    row = await tx.one(_NEXT_REVERSAL_SEQS, n=n)
+    assert row is not None, "migration 0021 seeds the counter"
+    last = int(row[0])
+    return list(range(last - n + 1, last + 1))
+
+
+async def mark_reversed(
+    tx: Tx, credit_key: str, transaction_id: str, now: dt.datetime, seq: int
+) -> bool:
+    """Mark a credit reversed (and no longer pending) as reversal number `seq`; False if it was
+    reversed already."""
     return (
-        await tx.run(_MARK_REVERSED, credit_key=credit_key, transaction_id=transaction_id, now=now)
+        await tx.run(
+            _MARK_REVERSED, credit_key=credit_key, transaction_id=transaction_id, now=now, seq=seq
+        )
         == 1
     )
+
+
+@dataclass(frozen=True)
+class ReversedCreditRecord:
+    sequence: int
+    gift_id: str
+    creator_id: str
+    diamonds: int
+
+
+async def reversed_credits(tx: Tx, after: int, limit: int) -> list[ReversedCreditRecord]:
+    """The credits reversed after reversal number `after`, in number order (its unique index)."""
+    rows = await tx.all(_REVERSED_CREDITS, after=after, limit=limit)
+    return [ReversedCreditRecord(int(q), str(g or ""), str(c), int(d)) for q, g, c, d in rows]
 
 
 @dataclass(frozen=True)

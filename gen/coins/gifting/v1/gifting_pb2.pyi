@@ -32,6 +32,10 @@ class _CreditStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CreditSt
     """The coins are debited; the diamond credit is queued in the outbox and will be delivered."""
     CREDIT_STATUS_CREDITED: _CreditStatus.ValueType  # 2
     """The creator's diamonds are credited."""
+    CREDIT_STATUS_REVERSED: _CreditStatus.ValueType  # 3
+    """The credit was taken back (payout's ReverseGiftCredits: the coins were found fraudulent); the gift
+    no longer counts in rankings, top gifters or its LIVE's summary.
+    """
 
 class CreditStatus(_CreditStatus, metaclass=_CreditStatusEnumTypeWrapper):
     """Where the creator's diamond credit for a sent gift stands."""
@@ -42,6 +46,10 @@ CREDIT_STATUS_PENDING: CreditStatus.ValueType  # 1
 """The coins are debited; the diamond credit is queued in the outbox and will be delivered."""
 CREDIT_STATUS_CREDITED: CreditStatus.ValueType  # 2
 """The creator's diamonds are credited."""
+CREDIT_STATUS_REVERSED: CreditStatus.ValueType  # 3
+"""The credit was taken back (payout's ReverseGiftCredits: the coins were found fraudulent); the gift
+no longer counts in rankings, top gifters or its LIVE's summary.
+"""
 Global___CreditStatus: _TypeAlias = CreditStatus  # noqa: Y015
 
 class _RankingPeriod:

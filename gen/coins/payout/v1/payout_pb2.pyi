@@ -1192,6 +1192,90 @@ class ReverseGiftCreditsResponse(_message.Message):
 Global___ReverseGiftCreditsResponse: _TypeAlias = ReverseGiftCreditsResponse  # noqa: Y015
 
 @_typing.final
+class ListReversedCreditsRequest(_message.Message):
+    """Request for ListReversedCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    after_sequence: _builtins.int
+    """Only the reversals after this sequence number (0: from the first)."""
+    page_size: _builtins.int
+    """At most this many; 0: 100."""
+    def __init__(
+        self,
+        *,
+        after_sequence: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReversedCreditsRequest: _TypeAlias = ListReversedCreditsRequest  # noqa: Y015
+
+@_typing.final
+class ReversedCredit(_message.Message):
+    """A gift credit taken back by ReverseGiftCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    GIFT_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_ID_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Its place in the order reversals committed: strictly increasing, never reused."""
+    gift_id: _builtins.str
+    """The gift (the credit's reference)."""
+    creator_id: _builtins.str
+    """The creator it was credited to."""
+    diamonds: _builtins.int
+    """The diamonds it had credited, taken back."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        gift_id: _builtins.str = ...,
+        creator_id: _builtins.str = ...,
+        diamonds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "diamonds", b"diamonds", "gift_id", b"gift_id", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReversedCredit: _TypeAlias = ReversedCredit  # noqa: Y015
+
+@_typing.final
+class ListReversedCreditsResponse(_message.Message):
+    """Response for ListReversedCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReversedCredit]:
+        """Oldest first; fewer than page_size: there are no more for now."""
+
+    def __init__(
+        self,
+        *,
+        credits: _abc.Iterable[Global___ReversedCredit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReversedCreditsResponse: _TypeAlias = ListReversedCreditsResponse  # noqa: Y015
+
+@_typing.final
 class QuoteWithdrawalRequest(_message.Message):
     """Request for QuoteWithdrawal."""
 

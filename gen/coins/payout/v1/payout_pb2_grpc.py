@@ -95,6 +95,11 @@ class PayoutServiceStub:
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsRequest.SerializeToString,
                 response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsResponse.FromString,
                 _registered_method=True)
+        self.ListReversedCredits = channel.unary_unary(
+                '/coins.payout.v1.PayoutService/ListReversedCredits',
+                request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListReversedCreditsRequest.SerializeToString,
+                response_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListReversedCreditsResponse.FromString,
+                _registered_method=True)
         self.GetWithdrawal = channel.unary_unary(
                 '/coins.payout.v1.PayoutService/GetWithdrawal',
                 request_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.GetWithdrawalRequest.SerializeToString,
@@ -252,6 +257,14 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReversedCredits(self, request, context):
+        """Internal (gifting): the gift credits reversed, in the order the reversals committed, after
+        `after_sequence`. Gifting follows it to take reversed gifts out of its rankings and LIVE summaries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWithdrawal(self, request, context):
         """Reads a withdrawal, its status and its history.
         """
@@ -400,6 +413,11 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.ReverseGiftCredits,
                     request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsRequest.FromString,
                     response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsResponse.SerializeToString,
+            ),
+            'ListReversedCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReversedCredits,
+                    request_deserializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListReversedCreditsRequest.FromString,
+                    response_serializer=coins_dot_payout_dot_v1_dot_payout__pb2.ListReversedCreditsResponse.SerializeToString,
             ),
             'GetWithdrawal': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWithdrawal,
@@ -760,6 +778,33 @@ class PayoutService:
             '/coins.payout.v1.PayoutService/ReverseGiftCredits',
             coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsRequest.SerializeToString,
             coins_dot_payout_dot_v1_dot_payout__pb2.ReverseGiftCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReversedCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coins.payout.v1.PayoutService/ListReversedCredits',
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListReversedCreditsRequest.SerializeToString,
+            coins_dot_payout_dot_v1_dot_payout__pb2.ListReversedCreditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

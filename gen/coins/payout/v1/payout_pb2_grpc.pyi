@@ -82,6 +82,10 @@ class PayoutServiceStub:
     available balance, and what that lacks becomes a debt that blocks withdrawals
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
+    ListReversedCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListReversedCreditsRequest, _payout_pb2.ListReversedCreditsResponse]
+    """Internal (gifting): the gift credits reversed, in the order the reversals committed, after
+    `after_sequence`. Gifting follows it to take reversed gifts out of its rankings and LIVE summaries.
+    """
     GetWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]
     """Reads a withdrawal, its status and its history."""
     CancelWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.CancelWithdrawalRequest, _payout_pb2.CancelWithdrawalResponse]
@@ -181,6 +185,10 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     credit still pending from the pending balance (it then never matures), a matured one from the
     available balance, and what that lacks becomes a debt that blocks withdrawals
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
+    """
+    ListReversedCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListReversedCreditsRequest, _payout_pb2.ListReversedCreditsResponse]  # type: ignore[assignment]
+    """Internal (gifting): the gift credits reversed, in the order the reversals committed, after
+    `after_sequence`. Gifting follows it to take reversed gifts out of its rankings and LIVE summaries.
     """
     GetWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetWithdrawalRequest, _payout_pb2.GetWithdrawalResponse]  # type: ignore[assignment]
     """Reads a withdrawal, its status and its history."""
@@ -344,6 +352,16 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         credit still pending from the pending balance (it then never matures), a matured one from the
         available balance, and what that lacks becomes a debt that blocks withdrawals
         (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReversedCredits(
+        self,
+        request: _payout_pb2.ListReversedCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_pb2.ListReversedCreditsResponse, _abc.Awaitable[_payout_pb2.ListReversedCreditsResponse]]:
+        """Internal (gifting): the gift credits reversed, in the order the reversals committed, after
+        `after_sequence`. Gifting follows it to take reversed gifts out of its rankings and LIVE summaries.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,137 @@
+"""A gift whose credit payout reverses (ReverseGiftCredits: the coins were found fraudulent) leaves
+everything in gifting that counted it: its LIVE's sums and top gifters, the rankings and the
+creator's top gifters; GetGift reads REVERSED. Gifting follows payout's reversals in the order they
+committed, each gift once."""
+
+from __future__ import annotations
+
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from tests.helpers import eventually, funded_user, live_of, new_creator, new_id
+from tests.suite import Suite
+
+G = gifting_pb2
+
+
+async def send(suite: Suite, sender: str, creator: str, gift_id: str, count: int = 1) -> str:
+    answer = await suite.gifting.SendGift(
+        G.SendGiftRequest(
+            request_id=new_id("g"),
+            sender_id=sender,
+            creator_id=creator,
+            gift_id=gift_id,
+            count=count,
+            live_id=live_of(creator),
+        )
+    )
+    return answer.sent_gift.sent_gift_id
+
+
+async def status_of(suite: Suite, sent_gift_id: str) -> int:
+    found = await suite.gifting.GetGift(
+        G.GetGiftRequest(sent_gift_id=sent_gift_id), metadata=suite.token("ops", admin=True)
+    )
+    return found.sent_gift.credit_status
+
+
+async def ranked_coins(suite: Suite, creator: str) -> int | None:
+    """The creator's coins in the all-time ranking (None: not ranked), however far down."""
+    token = ""
+    while True:
+        page = await suite.gifting.ListCreatorRankings(
+            G.ListCreatorRankingsRequest(
+                period=G.RANKING_PERIOD_ALL_TIME, page_size=100, page_token=token
+            )
+        )
+        found = next((c.coins for c in page.creators if c.creator_id == creator), None)
+        if found is not None or not page.next_page_token:
+            return found
+        token = page.next_page_token
+
+
+async def test_a_reversed_gift_leaves_the_rankings_the_top_gifters_and_its_live(
+    suite: Suite,
+) -> None:
+    creator = await new_creator(suite)
+    fraud, honest = (await funded_user(suite, "us-web-1400"))[0], (await funded_user(suite))[0]
+    big = await send(suite, fraud, creator, "concert")  # 500 coins
+    small = await send(suite, fraud, creator, "rose", 3)  # 3
+    kept = await send(suite, honest, creator, "rose", 2)  # 2
+
+    async def credited() -> bool:
+        return {await status_of(suite, g) for g in (big, small, kept)} == {G.CREDIT_STATUS_CREDITED}
+
+    await eventually(credited, "the three gifts credited")
+    assert await ranked_coins(suite, creator) == 505
+    before = await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_of(creator)))
+    assert (before.summary.coins_received, before.summary.gifts_sent) == (505, 6)
+    assert before.summary.diamonds_earned == 250 + 1 + 1  # floor(500/2), then 501, 503... 505
+
+    admin = suite.token(new_id("risk"), admin=True)
+    reverse = payout_pb2.ReverseGiftCreditsRequest(
+        request_id=new_id("rev"), gift_ids=[big], reason="chargeback fraud"
+    )
+    reversed_ = await suite.payout.ReverseGiftCredits(reverse, metadata=admin)
+    assert [r.diamonds for r in reversed_.reversals] == [250]
+
+    async def reversed_in_gifting() -> bool:
+        return await status_of(suite, big) == G.CREDIT_STATUS_REVERSED
+
+    await eventually(reversed_in_gifting, "the reversal followed by gifting")
+    assert await status_of(suite, small) == G.CREDIT_STATUS_CREDITED
+    assert await ranked_coins(suite, creator) == 5
+    live = await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_of(creator)))
+    assert (live.summary.coins_received, live.summary.gifts_sent) == (5, 5)
+    assert live.summary.diamonds_earned == 2
+    assert [(g.user_id, g.coins) for g in live.summary.top_gifters] == [(fraud, 3), (honest, 2)]
+    top = await suite.gifting.ListCreatorTopGifters(
+        G.ListCreatorTopGiftersRequest(creator_id=creator)
+    )
+    assert [(g.user_id, g.coins) for g in top.gifters] == [(fraud, 3), (honest, 2)]
+
+    # Reversing the small one too takes the fraudulent viewer off the boards altogether.
+    await suite.payout.ReverseGiftCredits(
+        payout_pb2.ReverseGiftCreditsRequest(
+            request_id=new_id("rev"), gift_ids=[small, big], reason="the rest of it"
+        ),
+        metadata=admin,
+    )
+
+    async def both_reversed() -> bool:
+        return await status_of(suite, small) == G.CREDIT_STATUS_REVERSED
+
+    await eventually(both_reversed, "the second reversal followed")
+    live = await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_of(creator)))
+    assert (live.summary.coins_received, live.summary.unique_gifters) == (2, 1)
+    assert [(g.user_id, g.coins) for g in live.summary.top_gifters] == [(honest, 2)]
+    assert await ranked_coins(suite, creator) == 2  # the big one was not taken off twice
+
+
+async def test_reversals_are_followed_in_the_order_they_committed_once_each(
+    suite: Suite,
+) -> None:
+    """Payout numbers reversals as they commit; a credit gifting never sent (a direct
+    CreditDiamonds) is read and passed over."""
+    admin = suite.token(new_id("risk"), admin=True)
+    foreign = new_id("elsewhere")
+    await suite.as_caller("gifting").payout.CreditDiamonds(
+        payout_pb2.CreditDiamondsRequest(
+            request_id=new_id("credit"), creator_id=new_id("creator"), coins=10, reference=foreign
+        )
+    )
+    await suite.payout.ReverseGiftCredits(
+        payout_pb2.ReverseGiftCreditsRequest(
+            request_id=new_id("rev"), gift_ids=[foreign], reason="not a gift of gifting's"
+        ),
+        metadata=admin,
+    )
+    listed = await suite.as_caller("gifting").payout.ListReversedCredits(
+        payout_pb2.ListReversedCreditsRequest(page_size=1000)
+    )
+    numbers = [c.sequence for c in listed.credits]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    assert foreign in {c.gift_id for c in listed.credits}
+    later = await suite.as_caller("gifting").payout.ListReversedCredits(
+        payout_pb2.ListReversedCreditsRequest(after_sequence=numbers[-1])
+    )
+    assert list(later.credits) == []
