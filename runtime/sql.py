@@ -314,6 +314,9 @@ class Driver:
                         self._dsn,
                         min_size=1,
                         max_size=self._pool_size,
+                        # A burst's extra connections close after half a minute idle, not five:
+                        # each holds a PostgreSQL backend (memory, a max_connections slot).
+                        max_inactive_connection_lifetime=30.0,
                         reset=_reset,
                         server_settings=self._server_settings,
                     )

@@ -73,7 +73,7 @@ async def test_a_node_grpc_js_client_reads_a_balance_and_sends_a_gift(suite: Sui
 async def test_a_node_client_watches_a_live_through_reflection_alone(suite: Suite) -> None:
     """The feed from a client that has no .proto and no descriptor set: it learns the service from
     the server's reflection and reads WatchLive's stream to the LIVE's end."""
-    creator = await new_creator(suite)
+    creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     senders = [(await funded_user(suite))[0] for _ in range(2)]
     sent = []

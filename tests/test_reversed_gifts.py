@@ -5,8 +5,15 @@ committed, each gift once."""
 
 from __future__ import annotations
 
+import logging
+
+import grpc
+import pytest
+
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
+from services.gifting.clients import PayoutCrediter
+from services.gifting.reversals import ReversedGifts
 from tests.helpers import eventually, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
 
@@ -135,3 +142,19 @@ async def test_reversals_are_followed_in_the_order_they_committed_once_each(
         payout_pb2.ListReversedCreditsRequest(after_sequence=numbers[-1])
     )
     assert list(later.credits) == []
+
+
+async def test_payout_out_of_reach_is_one_warning_and_the_next_period_tries_again(
+    suite: Suite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As at `make up` before payout listens: no crash, no stack trace, nothing moved."""
+    runtime = suite.services["gifting"].runtime
+    async with grpc.aio.insecure_channel("127.0.0.1:1") as nowhere:
+        follower = ReversedGifts(
+            runtime.db, runtime.clock, PayoutCrediter(nowhere), page=10, time_limit=1.0
+        )
+        with caplog.at_level(logging.WARNING, logger="coins.gifting.reversals"):
+            assert await follower.follow() == 0
+    (line,) = [r for r in caplog.records if r.name == "coins.gifting.reversals"]
+    assert "payout did not answer (DEPENDENCY_UNAVAILABLE)" in line.getMessage()
+    assert line.exc_info is None

@@ -11,16 +11,18 @@ position. A crash before that commit reads the same page again; a gift is revers
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import Aborted
+from runtime.errors import Aborted, DomainError
 from services.gifting import storage
 
 FEED = "reversed credits"
+log = logging.getLogger("coins.gifting.reversals")
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,16 @@ class ReversedGifts:
         """Apply the next page of reversals; returns how many were read (a full page: run again)."""
         async with self._db.driver.read() as tx:
             after = await storage.followed_position(tx, FEED)
-        found = await self._source.reversed_credits(
-            after, limit=self.page, time_limit=self._time_limit
-        )
+        try:
+            found = await self._source.reversed_credits(
+                after, limit=self.page, time_limit=self._time_limit
+            )
+        except DomainError as error:
+            if not error.retryable:
+                raise
+            # Payout down or slow (or not started yet): one line, and the next period tries again.
+            log.warning("reversed gifts: payout did not answer (%s); trying again", error.reason)
+            return 0
         if not found:
             return 0
         async with self._db.driver.transaction() as tx:
