@@ -3,6 +3,7 @@ answers stays on its way for good, which the shared suites' quiet checks would w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -112,3 +113,33 @@ async def test_the_same_destination_twice_is_one_method(suite: Suite) -> None:
         payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
     )
     assert [m.payout_method_id for m in listed.payout_methods] == [first]
+
+
+async def test_a_method_removed_while_a_withdrawal_pays_through_it_is_never_both(
+    suite: Suite,
+) -> None:
+    """RemovePayoutMethod racing RequestWithdrawal on one method: either the withdrawal comes first
+    (and the removal is METHOD_IN_USE) or the removal does (and the withdrawal finds no such
+    method), never a withdrawal on its way through a removed method. Each round races the two on a
+    method the sandbox never answers for, so a withdrawal stays on its way."""
+    creator = await creator_with_diamonds(suite, 200_000)
+    outcomes: set[tuple[bool, bool]] = set()
+    for round_ in range(12):
+        method = await add_paypal(suite, creator, f"hang.race{round_}@example.com")
+        withdrawn, removed = await asyncio.gather(
+            suite.payout.RequestWithdrawal(to_method(creator, 2_000, method)),
+            suite.payout.RemovePayoutMethod(
+                payout_pb2.RemovePayoutMethodRequest(
+                    request_id=new_id("pm"), creator_id=creator, payout_method_id=method
+                )
+            ),
+            return_exceptions=True,
+        )
+        paid_through = isinstance(withdrawn, payout_pb2.RequestWithdrawalResponse)
+        gone = isinstance(removed, payout_pb2.RemovePayoutMethodResponse)
+        assert paid_through != gone, (withdrawn, removed)
+        outcomes.add((paid_through, gone))
+        listed = await suite.payout.ListPayoutMethods(
+            payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
+        )
+        assert (method in {m.payout_method_id for m in listed.payout_methods}) == paid_through

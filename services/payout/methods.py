@@ -103,10 +103,15 @@ class PayoutMethods:
         return await storage.payout_methods_of(conn, creator_id)
 
     async def one(
-        self, conn: AsyncConnection, creator_id: str, method_id: str
+        self,
+        conn: AsyncConnection,
+        creator_id: str,
+        method_id: str,
+        *,
+        lock: storage.Lock = None,
     ) -> storage.PayoutMethodRecord:
         """A method of this creator in use; NOT_FOUND PAYOUT_METHOD_NOT_FOUND otherwise."""
-        for method in await storage.payout_methods_of(conn, creator_id):
+        for method in await storage.payout_methods_of(conn, creator_id, lock=lock):
             if method.method_id == method_id:
                 return method
         raise NotFound(
@@ -127,7 +132,9 @@ class PayoutMethods:
     ) -> None:
         """Remove a method; not while a withdrawal on it is on its way (METHOD_IN_USE). When the
         default goes, the oldest remaining method becomes the default."""
-        method = await self.one(conn, creator_id, method_id)
+        # Locked first: a withdrawal paying through it (which holds it in share) commits before
+        # the check below, or finds it removed.
+        method = await self.one(conn, creator_id, method_id, lock="update")
         if await storage.open_withdrawals_on(conn, method_id):
             raise FailedPrecondition(
                 "METHOD_IN_USE",
@@ -145,10 +152,11 @@ class PayoutMethods:
         self, conn: AsyncConnection, creator_id: str, method_id: str
     ) -> storage.PayoutMethodRecord | None:
         """The method a withdrawal pays: the one named, else the creator's default (None: the
-        creator has none)."""
+        creator has none); held in share until the withdrawal is written, so it cannot be removed
+        meanwhile (RemovePayoutMethod would not see the withdrawal on its way)."""
         if method_id:
-            return await self.one(conn, creator_id, method_id)
-        methods = await storage.payout_methods_of(conn, creator_id)
+            return await self.one(conn, creator_id, method_id, lock="share")
+        methods = await storage.payout_methods_of(conn, creator_id, lock="share")
         return next((m for m in methods if m.is_default), None)
 
     async def verification(self, conn: AsyncConnection, creator_id: str) -> tuple[str, str]:
@@ -171,8 +179,10 @@ class PayoutMethods:
         return await storage.time_zone_of(conn, creator_id)
 
     async def require_verified(self, conn: AsyncConnection, creator_id: str) -> None:
-        """FAILED_PRECONDITION KYC_REQUIRED unless an admin verified the creator."""
-        status, reason = await storage.verification_of(conn, creator_id)
+        """FAILED_PRECONDITION KYC_REQUIRED unless an admin verified the creator; the verification
+        is held in share until the withdrawal is written (a revocation waits for it, or it sees the
+        revocation)."""
+        status, reason = await storage.verification_of(conn, creator_id, lock="share")
         if status != "verified":
             why = f" ({reason})" if reason and status == "rejected" else ""
             raise FailedPrecondition(

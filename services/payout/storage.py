@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -959,14 +959,24 @@ def _method(row: object) -> PayoutMethodRecord:
     return PayoutMethodRecord(**data)
 
 
-async def payout_methods_of(conn: AsyncConnection, creator_id: str) -> list[PayoutMethodRecord]:
+Lock = Literal["share", "update"] | None
+"""A row lock taken with a read, held until the transaction ends (PostgreSQL; SQLite serializes
+writes already): "share" for a withdrawal paying through a method (several may at once), "update"
+for removing it (waits for them, and they for it)."""
+
+
+async def payout_methods_of(
+    conn: AsyncConnection, creator_id: str, *, lock: Lock = None
+) -> list[PayoutMethodRecord]:
     """A creator's payout methods in use (not removed), oldest first."""
-    rows = await conn.execute(
+    query = (
         select(payout_methods)
         .where(payout_methods.c.creator_id == creator_id, payout_methods.c.removed_at.is_(None))
         .order_by(payout_methods.c.created_at, payout_methods.c.method_id)
     )
-    return [_method(row) for row in rows]
+    if lock is not None:
+        query = query.with_for_update(read=lock == "share")
+    return [_method(row) for row in await conn.execute(query)]
 
 
 async def insert_payout_method(conn: AsyncConnection, method: PayoutMethodRecord) -> None:
@@ -1003,15 +1013,16 @@ async def open_withdrawals_on(conn: AsyncConnection, method_id: str) -> int:
     return int(found or 0)
 
 
-async def verification_of(conn: AsyncConnection, creator_id: str) -> tuple[str, str]:
+async def verification_of(
+    conn: AsyncConnection, creator_id: str, *, lock: Lock = None
+) -> tuple[str, str]:
     """(status, reason) of a creator's verification; ("unverified", "") without a record."""
-    row = (
-        await conn.execute(
-            select(creator_verifications.c.status, creator_verifications.c.reason).where(
-                creator_verifications.c.creator_id == creator_id
-            )
-        )
-    ).first()
+    query = select(creator_verifications.c.status, creator_verifications.c.reason).where(
+        creator_verifications.c.creator_id == creator_id
+    )
+    if lock is not None:
+        query = query.with_for_update(read=lock == "share")
+    row = (await conn.execute(query)).first()
     return ("unverified", "") if row is None else (str(row[0]), str(row[1]))
 
 
