@@ -21,6 +21,7 @@ from ledger.book import Ledger, Posted, Posting, frozen, insufficient
 from ledger.schema import accounts, holds
 from runtime.clock import utc
 from runtime.errors import FailedPrecondition, NotFound, PermissionDenied
+from runtime.sql import as_tx
 
 ACTIVE, CAPTURED, RELEASED, EXPIRED = "active", "captured", "released", "expired"
 
@@ -150,6 +151,15 @@ class Holds:
         """Move `amount` of the hold to its counter account; the hold stays active until fully
         captured. CAPTURE_EXCEEDS_HOLD past its amount; HOLD_<STATUS> once it is resolved."""
         hold = await self.owned(conn, hold_id, owner)
+        # The same capture again after its request-id record was purged (the services keep those
+        # for a while, the ledger its transactions for good): answered from the ledger, never
+        # captured twice (the unique request id would refuse the posting: INTERNAL, for ever).
+        done = await self._ledger.posted_under(
+            as_tx(conn), caller=caller, request_id=request_id, account_id=hold.account_id
+        )
+        if done is not None:
+            transaction_id, balance = done
+            return hold, Posted(transaction_id, {hold.account_id: balance})
         now = self._clock.now()
         taken = await conn.execute(
             update(holds)

@@ -173,3 +173,22 @@ async def test_a_hold_past_its_expiry_releases_itself(timed: tuple[Suite, Shifte
     got = await promotion.GetHold(wallet_pb2.GetHoldRequest(hold_id=hold.hold_id))
     assert got.hold.status == wallet_pb2.HOLD_STATUS_EXPIRED
     assert await balance(suite, user) == (coins, coins)
+
+
+async def test_a_capture_sent_again_after_its_request_id_was_purged_is_not_captured_twice(
+    timed: tuple[Suite, ShiftedClock],
+) -> None:
+    """Promotion re-sends a capture it never heard back about, possibly after the wallet purged
+    the request id (WALLET_IDEMPOTENCY_RETENTION_HOURS): the ledger, which keeps its transactions,
+    answers it; it captured again up to the unique request id, then answered INTERNAL for ever."""
+    suite, _ = timed
+    user, coins = await funded_user(suite)
+    promotion = suite.as_caller("promotion").wallet
+    hold = (await promotion.PlaceHold(place(user, 300))).hold
+    request = capture(hold.hold_id, 120)
+    first = await promotion.CaptureHold(request)
+    assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
+    again = await promotion.CaptureHold(request)
+    assert again.transaction_id == first.transaction_id
+    assert (again.hold.captured_coins, again.hold.amount_coins) == (120, 300)
+    assert await balance(suite, user) == (coins - 120, coins - 300)
