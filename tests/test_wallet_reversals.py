@@ -169,6 +169,42 @@ async def test_held_coins_stay_held_through_a_refund(suite: Suite) -> None:
     await books_are_exact(suite)
 
 
+async def test_coins_a_released_hold_gives_back_pay_the_debt_first(suite: Suite) -> None:
+    """A refund while coins were held leaves a debt and a frozen account; what the hold gives back
+    pays the debt at once (and thaws the account once paid), as a purchase's coins would. Before,
+    they sat in the frozen account, the debt unpaid, until the next purchase."""
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)  # 700
+    promotion = suite.as_caller("promotion").wallet
+    hold = (
+        await promotion.PlaceHold(
+            wallet_pb2.PlaceHoldRequest(
+                request_id=new_id(),
+                user_id=user,
+                coins=600,
+                reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+                reference="p",
+            )
+        )
+    ).hold
+    await promotion.CaptureHold(
+        wallet_pb2.CaptureHoldRequest(request_id=new_id(), hold_id=hold.hold_id, coins=50)
+    )
+    refunded = await suite.as_caller("payment-webhooks").wallet.RecordPaymentEvent(event(purchase))
+    b = refunded.balance
+    assert (b.coins, b.debt_coins, b.frozen) == (550, 600, True)  # took the 100 available
+    released = await promotion.ReleaseHold(
+        wallet_pb2.ReleaseHoldRequest(request_id=new_id(), hold_id=hold.hold_id)
+    )
+    b = released.balance
+    assert (b.coins, b.debt_coins, b.frozen) == (0, 50, True)  # 550 back, all of it to the debt
+    await buy(suite, user, "us-web-70")  # 70 more: pays the last 50, 20 left, thawed
+    b = await balance(suite, user)
+    assert (b.coins, b.debt_coins, b.frozen) == (20, 0, False)
+    await books_are_exact(suite)
+
+
 async def test_events_for_unknown_or_unfinished_payments_are_refused(suite: Suite) -> None:
     webhooks = suite.as_caller("payment-webhooks").wallet
     await expect_error(

@@ -87,7 +87,7 @@ class HoldRpcs:
         caller = current_principal().service
 
         async def effect(conn: AsyncConnection) -> wallet_pb2.ReleaseHoldResponse:
-            hold = await self._wallet.holds.release(conn, request.hold_id, owner=caller)
+            hold = await self._wallet.release_hold(conn, request.hold_id, owner=caller)
             return wallet_pb2.ReleaseHoldResponse(
                 hold=hold_pb(hold), balance=await self._coins(conn, hold.account_id)
             )

@@ -292,6 +292,23 @@ class Wallet:
         await self.coins(tx, user_id)
         return await period(tx, user_account(user_id), since, until)
 
+    async def release_hold(self, conn: AsyncConnection, hold_id: str, *, owner: str) -> Hold:
+        """Give back what the hold did not capture; coins that come back to an account frozen by a
+        debt pay the debt first (and thaw it once paid), as a purchase's coins do."""
+        hold = await self.holds.release(conn, hold_id, owner=owner)
+        await self.settle_debt(conn, hold.account_id.removeprefix("user:"), f"release:{hold_id}")
+        return hold
+
+    async def expire_holds(self, conn: AsyncConnection, *, limit: int) -> int:
+        """Expire holds past their time (their rest comes back, paying debts first, as on
+        release); returns how many."""
+        expired = await self.holds.expire_due(conn, limit=limit)
+        for hold in expired:
+            await self.settle_debt(
+                conn, hold.account_id.removeprefix("user:"), f"expiry:{hold.hold_id}"
+            )
+        return len(expired)
+
     async def place_hold(
         self,
         conn: AsyncConnection,

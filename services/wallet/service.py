@@ -31,7 +31,7 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
 
     async def expire_holds() -> int:
         async with runtime.db.transaction() as conn:
-            return len(await wallet.holds.expire_due(conn, limit=200))
+            return await wallet.expire_holds(conn, limit=200)
 
     runtime.add_periodic("expired holds", settings.hold_sweep_seconds, expire_holds, batch=200)
     purchases = Purchases(
