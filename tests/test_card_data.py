@@ -44,7 +44,14 @@ def logged() -> Iterator[list[str]]:
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    # grpc's own DEBUG lines (call objects created, never a request's fields) stay off: grpc logs
+    # them while holding its own locks, and a garbage collection in another thread that finalizes
+    # a grpc object while holding a logging handler's lock then deadlocks the two (seen in CI).
+    grpc_logger = logging.getLogger("grpc")
+    old_grpc_level = grpc_logger.level
+    grpc_logger.setLevel(logging.INFO)
     yield lines
+    grpc_logger.setLevel(old_grpc_level)
     root.removeHandler(handler)
     root.setLevel(old_level)
 
