@@ -7,10 +7,12 @@ import datetime as dt
 import json
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
+from services.payout.domain import Payouts
 from services.payout.processor import PayoutItem
 from services.payout.sandbox import PayPalSandbox
 from tests.helpers import (
@@ -295,3 +297,48 @@ async def test_a_withdrawal_payout_gave_back_that_the_processor_paid_is_named(
     assert all(
         d["net_minor"] == net for d in report.differences if d.get("withdrawal_id") in made.values()
     )
+
+
+async def test_a_creator_credited_at_two_rates_is_checked_rate_by_rate(
+    private_suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rate applies to the coins received while it is in force: 101 coins at 1/2 give 50 (half a
+    diamond never paid), 4 more at 1/3 give 1. The audit checks each run at one rate (before, a
+    creator whose credits carried two rates was only counted) and names one that is off."""
+    suite = private_suite
+    payouts = suite.services["payout"].runtime.parts["payouts"]
+    assert isinstance(payouts, Payouts)
+    creator = new_id("creator")
+    gifting = suite.as_caller("gifting").payout
+
+    async def credit(coins: int) -> int:
+        answer = await gifting.CreditDiamonds(
+            payout_pb2.CreditDiamondsRequest(
+                request_id=new_id("gift"), creator_id=creator, coins=coins, reference=new_id("g")
+            )
+        )
+        return answer.diamonds_credited
+
+    assert await credit(101) == 50
+    monkeypatch.setattr(
+        payouts,
+        "settings",
+        payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 3}),
+    )
+    assert [await credit(2), await credit(2)] == [0, 1]
+    report = await cross_audit(urls(suite))
+    assert report.creators_with_rate_changes >= 1
+    assert not [d for d in report.differences if d.get("creator_id") == creator]
+    payout_url = suite.services["payout"].runtime.db.url
+    await rewrite_history(  # a diamond more on the 1/3 run, paid for by the platform's share
+        payout_url,
+        sa.text(
+            "UPDATE gift_credits SET diamonds = diamonds + 1, "
+            "platform_micros = platform_micros + 1 - diamond_value_micros "
+            "WHERE creator_id = :c AND rate_denominator = 3 AND diamonds = 1"
+        ),
+        {"c": creator},
+    )
+    report = await cross_audit(urls(suite))
+    (found,) = [d for d in report.differences if d.get("creator_id") == creator]
+    assert (found["rate"], found["coins"], found["diamonds"], found["policy"]) == ("1/3", 4, 2, 1)

@@ -10,9 +10,9 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
 - every promotion's spend in the wallet (captures of its hold, or the debit that paid it up front)
   equals what the promotion service counts (`spent_coins`, or the budget for a debit-paid one);
 - every gift credit's value adds up (coins x coin value = diamonds x diamond value + the platform's
-  share, in millionths, exactly), and each creator's diamonds are what the policy in force gives for
-  the coins received (floor of total coins x rate, the fraction carried from gift to gift; checked
-  for creators whose credits all carry one rate, counted otherwise);
+  share, in millionths, exactly), and each creator's diamonds are what the policy gives for the
+  coins received: floor(coins x rate) over each run of credits applied at one rate (a rate applies
+  to the coins received while it is in force), the fraction carried from gift to gift;
 - with the processor's payout items (the sandbox's file, or an export of the real processor's),
   every paid withdrawal was paid exactly once, for its net amount, and nothing else was paid: an
   item the processor failed or returned is no payment (a failed attempt and one successful resend
@@ -63,7 +63,8 @@ _PROMOTION_SPEND = (
 _PROMOTIONS = "SELECT promotion_id, funding, status, budget_coins, spent_coins FROM promotions"
 _CREDIT_VALUES = (
     "SELECT credit_key, creator_id, coins, diamonds, rate_numerator, rate_denominator, "
-    "coin_value_micros, diamond_value_micros, platform_micros FROM gift_credits"
+    "coin_value_micros, diamond_value_micros, platform_micros FROM gift_credits "
+    "ORDER BY creator_id, created_at, credit_key"
 )
 _WITHDRAWALS = "SELECT withdrawal_id, status, gross_minor - fee_minor FROM withdrawals"
 _SENT_STATUSES = ("processing", "paid", "failed", "returned")
@@ -80,8 +81,7 @@ class Report:
     credits_checked: int = 0
     creators_checked: int = 0
     creators_with_rate_changes: int = 0
-    """Creators whose credits carry more than one rate: their per-credit values are checked, their
-    totals are not (the carry crosses the change)."""
+    """Creators whose credits carry more than one rate (each run at one rate is checked on its own)."""
     withdrawals_checked: int = 0
     differences: list[dict[str, Any]] = field(default_factory=list)
     """One entry per difference: what, and the ids and amounts involved."""
@@ -190,8 +190,10 @@ async def cross_audit(
 
 
 async def _check_diamonds(report: Report, payout_url: str) -> None:
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    rates: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    # Per creator, the runs of credits applied at one rate, in the order they were applied: a rate
+    # applies to the coins received while it is in force (payout's `policy.segment_for`), so each
+    # run's diamonds are floor(its coins x its rate), the fraction carried from gift to gift.
+    runs: dict[str, list[list[int]]] = defaultdict(list)  # creator -> [[num, den, coins, diamonds]]
     for row in await _rows(payout_url, _CREDIT_VALUES):
         key, creator, coins, diamonds, num, den, coin_value, diamond_value, platform = row
         report.credits_checked += 1
@@ -205,24 +207,25 @@ async def _check_diamonds(report: Report, payout_url: str) -> None:
                 diamond_value_micros=int(diamond_value),
                 platform_micros=int(platform),
             )
-        totals[str(creator)][0] += int(coins)
-        totals[str(creator)][1] += int(diamonds)
-        rates[str(creator)].add((int(num), int(den)))
-    for creator, (coins, diamonds) in totals.items():
-        if len(rates[creator]) != 1:
-            report.creators_with_rate_changes += 1
-            continue
+        creator_runs = runs[str(creator)]
+        if not creator_runs or creator_runs[-1][:2] != [int(num), int(den)]:
+            creator_runs.append([int(num), int(den), 0, 0])
+        creator_runs[-1][2] += int(coins)
+        creator_runs[-1][3] += int(diamonds)
+    for creator, creator_runs in runs.items():
         report.creators_checked += 1
-        ((num, den),) = rates[creator]
-        if diamonds != coins * num // den:
-            report.differ(
-                "creator's diamonds differ from the policy in force",
-                creator_id=creator,
-                coins=coins,
-                diamonds=diamonds,
-                policy=coins * num // den,
-                rate=f"{num}/{den}",
-            )
+        if len(creator_runs) > 1:
+            report.creators_with_rate_changes += 1
+        for num, den, coins, diamonds in creator_runs:
+            if diamonds != coins * num // den:
+                report.differ(
+                    "creator's diamonds differ from the policy in force",
+                    creator_id=creator,
+                    coins=coins,
+                    diamonds=diamonds,
+                    policy=coins * num // den,
+                    rate=f"{num}/{den}",
+                )
 
 
 def _outcome(item: ItemStatus | int) -> tuple[int, str, str | None]:
