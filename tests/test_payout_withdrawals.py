@@ -16,7 +16,7 @@ from coins.payout.v1 import payout_pb2
 from runtime.errors import InvalidArgument
 from services.payout.callbacks import parse
 from services.payout.sandbox import PayPalSandbox, sign
-from tests.helpers import ShiftedClock, eventually, expect_error, new_id
+from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify_creator
 from tests.suite import Suite, require_postgres, start_suite
 from tests.test_payout import creator_with_diamonds, settled, withdrawal
 
@@ -497,3 +497,61 @@ async def test_small_withdrawals_of_one_day_add_up_to_a_review(
             S.WITHDRAWAL_STATUS_PAID
         )
     assert await balance_of(suite, creator) == (36_000, 36_000, 0, 24_000)
+
+
+async def test_diamonds_owed_back_are_never_paid_out_by_a_withdrawal_already_asked_for(
+    payout: tuple[Suite, ShiftedClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gifts reversed after a withdrawal was asked for leave a debt: the withdrawal is not sent
+    while it stands (an approved one goes back to review), and a reviewer cannot approve it; it was
+    approved and paid with the debt unpaid."""
+    suite, _ = payout
+    worker = suite.services["payout"].runtime.parts["worker"]
+
+    async def paused() -> None:
+        return None
+
+    monkeypatch.setattr(worker, "work_due", paused)  # nothing is sent for now
+    creator, gifts = new_id("creator"), [new_id("g"), new_id("g")]
+    for gift, coins in zip(gifts, (4_000, 6_000), strict=True):
+        await suite.as_caller("gifting").payout.CreditDiamonds(
+            S.CreditDiamondsRequest(
+                request_id=f"gift:{gift}", creator_id=creator, coins=coins, reference=gift
+            )
+        )
+    await verify_creator(suite, creator)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
+    assert made.status == S.WITHDRAWAL_STATUS_APPROVED  # $20: approved at once, not yet sent
+    await suite.payout.ReverseGiftCredits(
+        S.ReverseGiftCreditsRequest(
+            request_id=new_id("rev"), gift_ids=[gifts[1]], reason="chargeback fraud"
+        ),
+        metadata=admin(suite),
+    )
+    standing = (
+        await suite.payout.GetDiamondBalance(S.GetDiamondBalanceRequest(creator_id=creator))
+    ).balance
+    assert (standing.available_diamonds, standing.held_diamonds, standing.debt_diamonds) == (
+        0,
+        4_000,
+        2_000,
+    )  # of the 3,000 reversed, the 1,000 available were taken and 2,000 are owed
+    monkeypatch.undo()
+    worker.wake.set()
+
+    async def back_in_review() -> bool:
+        found = await status_of(suite, made.withdrawal_id, creator)
+        return found.status == S.WITHDRAWAL_STATUS_IN_REVIEW
+
+    await eventually(back_in_review, "the worker sending it back to review")
+    found = await status_of(suite, made.withdrawal_id, creator)
+    assert "owes 2000 diamonds" in found.history[-1].reason
+    await expect_error(
+        suite.payout.ReviewWithdrawal(review(made.withdrawal_id, True), metadata=admin(suite)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEBT_OUTSTANDING",
+    )
+    await suite.payout.ReviewWithdrawal(
+        review(made.withdrawal_id, False, "owes diamonds"), metadata=admin(suite)
+    )
+    assert (await balance_of(suite, creator))[3] == 0  # nothing was paid out

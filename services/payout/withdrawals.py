@@ -40,6 +40,21 @@ REVIEWABLE = ("requested", "in_review")
 CANCELLABLE = ("requested", "in_review", "approved")
 
 
+def debt_outstanding(creator_id: str, debt: int, *, reviewing: bool = False) -> FailedPrecondition:
+    """DEBT_OUTSTANDING: diamonds owed back from reversed gifts come before any withdrawal."""
+    then = (
+        "reject the withdrawal, or approve it once later diamonds repay the debt"
+        if reviewing
+        else "withdrawals wait until later diamonds repay it"
+    )
+    return FailedPrecondition(
+        "DEBT_OUTSTANDING",
+        f"creator {creator_id} owes {debt} diamonds from reversed gifts; {then}",
+        creator_id=creator_id,
+        debt=debt,
+    )
+
+
 def time_zone(name: str) -> zoneinfo.ZoneInfo:
     """An IANA time zone; INVALID_ARGUMENT UNKNOWN_TIME_ZONE for a name that is not one."""
     try:
@@ -98,17 +113,8 @@ class Withdrawals:
                 f"creator {creator_id} has no payout method: add one (AddPayoutMethod) first",
                 creator_id=creator_id,
             )
-        debt = -(await self.ledger.balances(as_tx(conn), [debt_account(creator_id)])).get(
-            debt_account(creator_id), 0
-        )
-        if debt > 0:
-            raise FailedPrecondition(
-                "DEBT_OUTSTANDING",
-                f"creator {creator_id} owes {debt} diamonds from reversed gifts; withdrawals wait "
-                "until later diamonds repay it",
-                creator_id=creator_id,
-                debt=debt,
-            )
+        if debt := await self._debt_of(conn, creator_id):
+            raise debt_outstanding(creator_id, debt)
         quote = policy.quote(diamonds, settings)
         minimum = settings.min_withdrawal_minor
 
@@ -256,6 +262,10 @@ class Withdrawals:
         rejected releases the hold. WITHDRAWAL_NOT_IN_REVIEW otherwise."""
         withdrawal = await self.get(conn, withdrawal_id)
         to = "approved" if approve else "rejected"
+        # A debt (gifts reversed after the request) is owed back before anything is paid out.
+        debt = await self._debt_of(conn, withdrawal.creator_id) if approve else 0
+        if debt and withdrawal.status in REVIEWABLE:
+            raise debt_outstanding(withdrawal.creator_id, debt, reviewing=True)
         if not await self._move(conn, withdrawal, REVIEWABLE, to, reviewer, reason, now):
             current = await self.get(conn, withdrawal_id)
             raise FailedPrecondition(
@@ -296,7 +306,20 @@ class Withdrawals:
     ) -> bool:
         """approved -> processing, just before the worker sends it in `sender_batch_id` (False:
         cancelled, or taken by another replica, meanwhile); the worker holds it until
-        `lease_until`."""
+        `lease_until`. A creator who owes diamonds by now (gifts reversed since it was approved)
+        has it sent back to review instead: a reviewer rejects it, or approves it once the debt is
+        repaid."""
+        if debt := await self._debt_of(conn, withdrawal.creator_id):
+            await self._move(
+                conn,
+                withdrawal,
+                ("approved",),
+                "in_review",
+                "worker",
+                f"the creator owes {debt} diamonds from gifts reversed since it was approved",
+                now,
+            )
+            return False
         moved = await self._move(conn, withdrawal, ("approved",), "processing", "worker", "", now)
         if moved:
             await storage.mark_submitted(
@@ -383,6 +406,11 @@ class Withdrawals:
                     policy_version=self.settings.policy_version,
                 )
         return await self.get(conn, withdrawal_id)
+
+    async def _debt_of(self, conn: AsyncConnection, creator_id: str) -> int:
+        """Diamonds the creator owes from reversed gifts (0: none)."""
+        account = debt_account(creator_id)
+        return -(await self.ledger.balances(as_tx(conn), [account])).get(account, 0)
 
     async def _move(
         self,
