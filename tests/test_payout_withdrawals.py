@@ -15,6 +15,7 @@ import pytest
 from coins.payout.v1 import payout_pb2
 from runtime.errors import InvalidArgument
 from services.payout.callbacks import parse
+from services.payout.processor import WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox, sign
 from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify_creator
 from tests.suite import Suite, require_postgres, start_suite
@@ -507,6 +508,7 @@ async def test_diamonds_owed_back_are_never_paid_out_by_a_withdrawal_already_ask
     approved and paid with the debt unpaid."""
     suite, _ = payout
     worker = suite.services["payout"].runtime.parts["worker"]
+    assert isinstance(worker, WithdrawalWorker)
 
     async def paused() -> None:
         return None
