@@ -10,7 +10,14 @@ import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SUITE_PLACES = {"wallet": 1, "gifting": 2, "payout": 3, "promotion": 4}
@@ -57,16 +64,16 @@ class SecuritySettings(BaseSettings):
     a token names an unknown kid, so a new key is picked up without a restart."""
     jwt_issuer: str = "coins-dev"
     jwt_audience: str = "coins"
-    jwt_max_ttl_seconds: int = 3600
+    jwt_max_ttl_seconds: PositiveInt = 3600
     """Tokens valid for longer than this (exp - iat) are refused: user tokens are short-lived."""
-    jwt_leeway_seconds: int = 30
-    user_rate_per_second: float = 10.0
+    jwt_leeway_seconds: NonNegativeInt = 30
+    user_rate_per_second: PositiveFloat = 10.0
     """Per user, per money-moving RPC: sustained calls per second ..."""
-    user_rate_burst: int = 40
+    user_rate_burst: PositiveInt = 40
     """... and how many may come at once."""
-    caller_rate_per_second: float = 2000.0
+    caller_rate_per_second: PositiveFloat = 2000.0
     """Per calling service, per money-moving RPC (a whole gateway or gifting's traffic)."""
-    caller_rate_burst: int = 4000
+    caller_rate_burst: PositiveInt = 4000
     rate_limit_redis_url: str = ""
     """Redis shared by every replica for the rate limits (e.g. redis://127.0.0.1:6379/0); empty:
     each process enforces them alone."""
@@ -103,12 +110,12 @@ class ServiceSettings(BaseSettings):
     """With `migrate_on_start` false: how long a starting service waits for its database to be
     migrated (the migrate Job may still be running) before it stops with what to run. Under the
     Kubernetes liveness probe's ~40 s."""
-    health_check_seconds: float = 2.0
+    health_check_seconds: PositiveFloat = 2.0
     """How often the service checks that its database answers; health reports NOT_SERVING while
     it does not."""
     reflection: bool = True
-    grace_seconds: float = 5.0
-    max_concurrent_rpcs: int = 2000
+    grace_seconds: NonNegativeFloat = 5.0
+    max_concurrent_rpcs: PositiveInt = 2000
     """gRPC's own bound on calls in flight (refused RESOURCE_EXHAUSTED beyond it, no queue)."""
     max_streams_per_connection: int = Field(default=64, ge=1)
     """HTTP/2 streams (calls) one client connection may have open at once (MAX_CONCURRENT_STREAMS).
@@ -118,14 +125,14 @@ class ServiceSettings(BaseSettings):
     at 157 MB in the benchmark's burst, 64 at 148). A gRPC client queues the excess on its side
     (HTTP/2 flow control); a stream opened beyond the limit anyway is refused at once
     (UNAVAILABLE, never processed, so safe to retry)."""
-    max_in_flight_rpcs: int = 512
+    max_in_flight_rpcs: PositiveInt = 512
     """Calls in flight beyond which new ones are refused at once (OVERLOADED, see runtime.shedding)."""
-    max_queue_seconds: float = 2.0
+    max_queue_seconds: PositiveFloat = 2.0
     """How long a new call may expect to wait behind those in flight before it is refused instead
     (OVERLOADED with a RetryInfo): accepted calls keep their latency through a burst. Above the
     slowest legitimate call (a 500-credit settlement batch takes ~0.5-0.8 s under load), since the
     budget is the process's, not each method's."""
-    max_message_bytes: int = 1024 * 1024
+    max_message_bytes: PositiveInt = 1024 * 1024
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per line with trace and span ids (for a log pipeline)."""
@@ -134,10 +141,10 @@ class ServiceSettings(BaseSettings):
     metrics_port: int | None = None
     """Serve the service's metrics for a Prometheus scrape on this port (`/metrics`); unset: none.
     OTLP export follows OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_METRICS_EXPORTER."""
-    metrics_sample_seconds: float = 15.0
+    metrics_sample_seconds: PositiveFloat = 15.0
     """How often the replica that runs the periodic jobs reads the gauges from the database
     (backlogs, holds open, withdrawals by state, parked work, audit findings)."""
-    downstream_timeout_seconds: float = 5.0
+    downstream_timeout_seconds: PositiveFloat = 5.0
     """Deadline for a call to another service when the incoming call carries none."""
     idempotency_retention_hours: float = Field(default=48.0, ge=24.0)
     """How long answered request ids are remembered (a retry within it never acts twice)."""

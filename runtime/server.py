@@ -548,6 +548,8 @@ def main(spec: ServiceSpec[S]) -> None:
         prefix = spec.settings_type.model_config.get("env_prefix", "")
         raise SystemExit(startup.explain_settings(error, spec.name, prefix)) from None
     flush_logs = configure_logging(spec.name, settings.log_level, settings.log_format)
+    for line in startup.mistyped_settings(spec.name, spec.settings_type):
+        log.warning("%s", line)
     # Migrate, or check that the migrate Job did, in a short-lived child process.
     _migrations_in_a_child_process(spec.name, check=not settings.migrate_on_start)
     settings = settings.model_copy(update={"migrate_on_start": False})

@@ -4,6 +4,10 @@ database URL the service cannot use."""
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
+
 import asyncpg
 import pydantic
 from sqlalchemy import exc as sa_exc
@@ -72,3 +76,19 @@ def explain_settings(error: pydantic.ValidationError, service: str, env_prefix: 
         else:
             lines.append(f"{service}: bad configuration: {what}")
     return "\n".join(lines)
+
+
+def mistyped_settings(
+    service: str, settings_type: type[pydantic.BaseModel], environ: Mapping[str, str] = os.environ
+) -> list[str]:
+    """Variables that look like a misspelt setting of the service (PAYOUT_MATURATION_DAY), each
+    with the setting meant: settings ignore unknown variables (Kubernetes adds some of its own), so
+    a typo would otherwise leave the default in force without a word."""
+    prefix = str(settings_type.model_config.get("env_prefix", ""))
+    known = {prefix + name.upper() for name in settings_type.model_fields}
+    lines = []
+    for key in sorted(k for k in environ if k.startswith(prefix) and k not in known):
+        meant = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if meant:
+            lines.append(f"{service}: {key} is not a setting (did you mean {meant[0]}?): ignored")
+    return lines

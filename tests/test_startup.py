@@ -16,6 +16,8 @@ from alembic.script import ScriptDirectory
 
 from runtime.db import Database
 from runtime.migrations import alembic_config, upgrade
+from runtime.startup import explain_settings, mistyped_settings
+from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.wallet.service import SPEC as WALLET
 from tools.migrate import SPECS
@@ -91,7 +93,7 @@ def test_make_up_names_every_variable_a_service_would_refuse() -> None:
 
 
 def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() -> None:
-    with pytest.raises(pydantic.ValidationError, match="must be positive"):
+    with pytest.raises(pydantic.ValidationError, match="greater than 0"):
         PayoutSettings(diamonds_per_minor_unit=0)
     with pytest.raises(pydantic.ValidationError, match="must divide 10000"):
         PayoutSettings(diamonds_per_minor_unit=3)  # 3,333 millionths a diamond, paid 3,333.33
@@ -258,3 +260,25 @@ def test_a_service_that_does_not_migrate_does_not_load_alembic() -> None:
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
+
+
+def test_settings_that_are_never_valid_are_refused_and_a_misspelt_one_is_named() -> None:
+    """A relay batch of 0 spun gifting at full CPU without a log line; a negative maturation
+    period skipped the chargeback window; a typo left the default in force without a word."""
+    refused = {
+        GiftingSettings: ("relay_batch_size", 0),
+        PayoutSettings: ("maturation_days", -1),
+    }
+    for settings_type, (field, value) in refused.items():
+        with pytest.raises(pydantic.ValidationError) as caught:
+            settings_type(**{field: value})
+        prefix = settings_type.model_config.get("env_prefix", "")
+        (line,) = explain_settings(caught.value, "svc", prefix).splitlines()
+        assert line.startswith(f"svc: {prefix}{field.upper()}={value}: Input should be greater")
+    assert mistyped_settings(
+        "payout",
+        PayoutSettings,
+        {"PAYOUT_MATURATION_DAY": "0", "PAYOUT_SERVICE_HOST": "10.0.0.1", "PATH": "/bin"},
+    ) == [
+        "payout: PAYOUT_MATURATION_DAY is not a setting (did you mean PAYOUT_MATURATION_DAYS?): ignored"
+    ]

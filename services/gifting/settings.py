@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from runtime.config import ServiceSettings
@@ -19,43 +19,43 @@ class GiftingSettings(ServiceSettings):
     or ipv4:host:port,host:port (a list of replicas); empty: this suite's (COINS_PORT_BASE + 1)."""
     payout_address: str = ""
     """Where payout listens (the forms of wallet_address); empty: this suite's (COINS_PORT_BASE + 3)."""
-    relay_batch_size: int = 500
+    relay_batch_size: PositiveInt = 500
     """Most credits the outbox relay sends in one BatchCreditDiamonds call (payout takes up to 1,000)."""
-    relay_max_backoff_seconds: float = 60.0
-    relay_linger_seconds: float = 0.05
+    relay_max_backoff_seconds: PositiveFloat = 60.0
+    relay_linger_seconds: NonNegativeFloat = 0.05
     """How long the relay, woken by a gift, waits for more before it sends a batch (a producer's
     linger): fewer, larger batches for up to this much more credit lag. At half the maximum gift
     rate 0.05 s cut payout's CPU per gift from 0.54 to 0.16 ms and PostgreSQL's from 1.96 to 1.42.
     0: at once."""
-    reconcile_every_seconds: float = 30.0
-    reconcile_after_seconds: float = 60.0
+    reconcile_every_seconds: PositiveFloat = 30.0
+    reconcile_after_seconds: PositiveFloat = 60.0
     """Gifts still pending after this (a crash or a lost wallet answer mid-send) are settled by asking
     the wallet what became of their debit."""
-    streak_pause_seconds: float = 5.0
+    streak_pause_seconds: PositiveFloat = 5.0
     """Sends of a streakable gift by one viewer in one LIVE at most this far apart form a streak; it
     ends when the pause passes (a `streak_ended` event in the feed)."""
-    streak_sweep_seconds: float = 0.5
+    streak_sweep_seconds: PositiveFloat = 0.5
     """How often ended streaks are looked for (so a streak's end shows within this of the pause)."""
     reversals_every_seconds: float = Field(default=2.0, gt=0)
     """How often payout's reversed gift credits are looked for: a reversed gift leaves the rankings,
     top gifters and LIVE summaries (and reads REVERSED) within this (services.gifting.reversals)."""
-    feed_poll_seconds: float = 1.0
+    feed_poll_seconds: PositiveFloat = 1.0
     """Each LIVE's feed reader (one per LIVE per process) looks for new events at least this often;
     it is woken at once when a gift is recorded: in-process, and across replicas by PostgreSQL
     NOTIFY."""
-    feed_page: int = 200
+    feed_page: PositiveInt = 200
     """Events read at a time (by a LIVE's reader, and by a watcher catching up)."""
-    feed_keep: int = 1_000
+    feed_keep: PositiveInt = 1_000
     """A LIVE's newest events kept in memory per process for all its watchers; a watcher further
     behind reads pages of its own."""
-    feed_max_backlog: int = 5_000
+    feed_max_backlog: PositiveInt = 5_000
     """A watcher further behind than this, and still losing ground, is told to resume from its
     cursor (ABORTED FEED_TOO_SLOW)."""
-    feed_max_watchers: int = 10_000
+    feed_max_watchers: PositiveInt = 10_000
     """Feed watchers one process serves at once (RESOURCE_EXHAUSTED TOO_MANY_WATCHERS beyond)."""
-    feed_max_watchers_per_user: int = 10
+    feed_max_watchers_per_user: PositiveInt = 10
     """Feed watchers of one user one process serves at once."""
-    feed_watch_lease_seconds: float = 30.0
+    feed_watch_lease_seconds: PositiveFloat = 30.0
     """A LIVE with watchers in a process is marked watched this far ahead (renewed at a third of
     it); gifts NOTIFY the other replicas only for a watched LIVE (NOTIFY costs every commit a
     database-wide lock)."""

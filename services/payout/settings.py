@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from ledger.api import LedgerServiceSettings
@@ -18,22 +26,22 @@ class PayoutSettings(LedgerServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PAYOUT_", extra="ignore")
     service_name: ClassVar[str] = "payout"
 
-    diamonds_per_coin_numerator: int = 1
-    diamonds_per_coin_denominator: int = 2
+    diamonds_per_coin_numerator: PositiveInt = 1
+    diamonds_per_coin_denominator: PositiveInt = 2
     """A creator earns floor(coins received x 1/2) diamonds: 2 coins = 1 diamond (the platform keeps ~50%)."""
-    diamonds_per_minor_unit: int = 2
+    diamonds_per_minor_unit: PositiveInt = 2
     """2 diamonds = 1 cent, so 200 diamonds = $1 and 1 diamond = $0.005."""
-    coin_value_micros: int = 9_900
+    coin_value_micros: PositiveInt = 9_900
     """What a coin is worth on the books, in millionths of the currency: $0.0099 (100 coins =
     $0.99, the platform's own coin rate). A gift's value is its coins at this; the platform's
     revenue from it is that less its creator's diamonds' value (each kept with the gift)."""
     currency_code: str = "USD"
-    min_withdrawal_minor: int = 1000
+    min_withdrawal_minor: NonNegativeInt = 1000
     """$10.00: smaller withdrawals are refused (BELOW_MINIMUM)."""
-    daily_withdrawal_cap_minor: int = 100_000
+    daily_withdrawal_cap_minor: NonNegativeInt = 100_000
     """$1,000.00 per creator per calendar day in the creator's time zone (set with their
     verification; UTC by default): DAILY_LIMIT_EXCEEDED."""
-    auto_approve_max_minor: int = 10_000
+    auto_approve_max_minor: NonNegativeInt = 10_000
     """Withdrawals are approved at once while the creator's day (the daily cap's calendar day) totals
     at most $100.00 with them (verified creators: all are); beyond, a reviewer decides
     (ReviewWithdrawal). 0: every withdrawal is reviewed."""
@@ -46,42 +54,42 @@ class PayoutSettings(LedgerServiceSettings):
     sandbox_file: Path | None = None
     """Where the sandbox processor keeps its records (default `<data_dir>/sandbox-payouts.sqlite3`):
     shared by every payout process on the machine and kept across restarts, like a real processor's."""
-    processor_latency_ms: int = 50
+    processor_latency_ms: NonNegativeInt = 50
     """Sandbox: how long each processor call takes."""
-    processor_settle_ms: int = 200
+    processor_settle_ms: NonNegativeInt = 200
     """Sandbox: how long after submission an item succeeds or fails."""
-    processor_unclaimed_return_ms: int = 2_000
+    processor_unclaimed_return_ms: NonNegativeInt = 2_000
     """Sandbox: how long an unclaimed item (receiver `unclaimed…`) waits before it is returned; a paid
     item to a receiver `returned…` is returned after this long too."""
-    processor_callback_delay_ms: int = 300
+    processor_callback_delay_ms: NonNegativeInt = 300
     """Sandbox: each callback is delivered after a random delay up to this (so out of order)."""
-    processor_duplicate_callback_percent: int = 20
+    processor_duplicate_callback_percent: int = Field(default=20, ge=0, le=100)
     """Sandbox: the share of callbacks delivered twice."""
     processor_webhook_secret: SecretStr = SecretStr("dev-payout-webhook-secret")
     """The HMAC-SHA256 key processor callbacks are signed with (set a real one in production)."""
-    processor_timeout_seconds: float = 10.0
+    processor_timeout_seconds: PositiveFloat = 10.0
     """How long one processor call may take before it counts as failed and is retried later."""
-    processor_max_backoff_seconds: float = 300.0
+    processor_max_backoff_seconds: PositiveFloat = 300.0
     """The longest pause between two attempts on one withdrawal."""
-    processor_max_attempts: int = 20
+    processor_max_attempts: PositiveInt = 20
     """Failed attempts after which a withdrawal is parked for an admin (RetryWithdrawal)."""
-    processor_calls_at_once: int = 8
+    processor_calls_at_once: PositiveInt = 8
     """Processor calls side by side (one hung call never holds up the others)."""
-    processor_batch_size: int = 50
+    processor_batch_size: PositiveInt = 50
     """Withdrawals sent to the processor in one payout batch."""
-    processor_poll_seconds: float = 30.0
+    processor_poll_seconds: PositiveFloat = 30.0
     """How often a withdrawal still processing is looked up at the processor (callbacks are the fast
     path; polling finds what a lost callback never said)."""
     reconcile_every_seconds: float = Field(default=3600.0, gt=0)
     """How often the reconciliation job compares the processor's records with ours."""
-    reconcile_window_hours: float = 72.0
+    reconcile_window_hours: PositiveFloat = 72.0
     """Withdrawals sent in this window (and the processor's items of it) are compared."""
-    reconcile_grace_seconds: float = 300.0
+    reconcile_grace_seconds: NonNegativeFloat = 300.0
     """A processor outcome younger than this is not yet a mismatch (its callback may be on its way)."""
-    maturation_days: float = 15.0
+    maturation_days: NonNegativeFloat = 15.0
     """Credited diamonds stay *pending* this long (the chargeback window) before they become
     *available* to withdraw; 0: available at once."""
-    maturation_every_seconds: float = 60.0
+    maturation_every_seconds: PositiveFloat = 60.0
     """How often the maturation sweep moves due diamonds from pending to available."""
     maturation_batch: int = Field(default=2000, ge=1)
     """Gift credits matured, and debtors looked at for repayment, per sweep transaction (a backlog

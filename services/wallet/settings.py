@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from ledger.api import LedgerServiceSettings
@@ -16,38 +17,38 @@ class WalletSettings(LedgerServiceSettings):
 
     regions: dict[str, str] = {"US": "USD", "GB": "GBP"}
     """Countries where coins are sold, and the currency each buys in (JSON in WALLET_REGIONS)."""
-    minimum_age: int = 18
+    minimum_age: NonNegativeInt = 18
     """The minimum age to buy coins, send and receive gifts..."""
     minimum_age_by_country: dict[str, int] = {"KR": 19}
     """...except where a country sets another (JSON in WALLET_MINIMUM_AGE_BY_COUNTRY)."""
-    eligibility_cache_seconds: float = 60.0
+    eligibility_cache_seconds: NonNegativeFloat = 60.0
     """How long a process remembers a user as eligible for gifts (so the hot path reads nothing);
     a new classification (SetAccountClassification) takes effect within this."""
-    payment_latency_ms: int = 20
+    payment_latency_ms: NonNegativeInt = 20
     sandbox_payments_file: Path | None = None
     """Where the sandbox payment provider records its charges (default
     `<data_dir>/sandbox-payments.sqlite3`): like a real provider, it remembers them across wallet
     restarts and replicas."""
-    payment_timeout_seconds: float = 10.0
+    payment_timeout_seconds: PositiveFloat = 10.0
     """How long one call to the payment provider may take; the outcome of one that timed out is
     settled under the purchase's key (a retry, or the reconciler, which voids a charge never made).
     Keep it well under WALLET_RECONCILE_AFTER_SECONDS."""
     """Simulated latency of the sandbox payment provider."""
-    reconcile_every_seconds: float = 30.0
-    reconcile_after_seconds: float = 120.0
+    reconcile_every_seconds: PositiveFloat = 30.0
+    reconcile_after_seconds: NonNegativeFloat = 120.0
     """Purchases pending longer than this are finished by asking the provider (a crash, a lost answer)."""
-    hold_sweep_seconds: float = 5.0
+    hold_sweep_seconds: PositiveFloat = 5.0
     """How often holds past their expiry are released."""
     policy_version: str = "2026-11"
     """Recorded on every ledger transaction: which pricing policy was in force."""
-    custom_min_coins: int = 30
-    custom_max_coins: int = 2_500_000
+    custom_min_coins: PositiveInt = 30
+    custom_max_coins: PositiveInt = 2_500_000
     custom_price_per_100_coins_minor: dict[str, int] = {"US": 143, "GB": 129}
     """Custom amounts (web): price per 100 coins by region, in its currency's minor units."""
     # Purchase limits, per user over rolling windows (money in the account's currency's minor units),
     # and per payment method (provider token) over 24 hours. Pending and completed purchases count.
-    limit_hourly_coins: int = 50_000
-    limit_daily_coins: int = 200_000
-    limit_hourly_minor: int = 50_000
-    limit_daily_minor: int = 100_000
-    limit_payment_method_daily_minor: int = 150_000
+    limit_hourly_coins: NonNegativeInt = 50_000
+    limit_daily_coins: NonNegativeInt = 200_000
+    limit_hourly_minor: NonNegativeInt = 50_000
+    limit_daily_minor: NonNegativeInt = 100_000
+    limit_payment_method_daily_minor: NonNegativeInt = 150_000
