@@ -265,14 +265,14 @@ def test_a_service_that_does_not_migrate_does_not_load_alembic() -> None:
 def test_settings_that_are_never_valid_are_refused_and_a_misspelt_one_is_named() -> None:
     """A relay batch of 0 spun gifting at full CPU without a log line; a negative maturation
     period skipped the chargeback window; a typo left the default in force without a word."""
-    refused = {
-        GiftingSettings: ("relay_batch_size", 0),
-        PayoutSettings: ("maturation_days", -1),
-    }
-    for settings_type, (field, value) in refused.items():
+    refused: list[tuple[type[pydantic.BaseModel], str, int]] = [
+        (GiftingSettings, "relay_batch_size", 0),
+        (PayoutSettings, "maturation_days", -1),
+    ]
+    for settings_type, field, value in refused:
         with pytest.raises(pydantic.ValidationError) as caught:
             settings_type(**{field: value})
-        prefix = settings_type.model_config.get("env_prefix", "")
+        prefix = str(settings_type.model_config.get("env_prefix", ""))
         (line,) = explain_settings(caught.value, "svc", prefix).splitlines()
         assert line.startswith(f"svc: {prefix}{field.upper()}={value}: Input should be greater")
     assert mistyped_settings(
