@@ -99,7 +99,9 @@ class ServiceSettings(BaseSettings):
     -1: 10 above the API's default."""
     database_url: str = ""
     """SQLAlchemy async URL; empty means a SQLite file `<data_dir>/<service>.db`."""
-    data_dir: Path = Path("data")
+    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("COINS_DATA_DIR") or "data"))
+    """SQLite files and the sandboxes' files; COINS_DATA_DIR moves every service's (as
+    COINS_PORT_BASE moves their ports), <SVC>_DATA_DIR one service's."""
     database_role: str = "coins_service"
     """On PostgreSQL, the role the service's connections act as (set at connection start): the one
     the migrations grant everything but rewriting history (no UPDATE, DELETE or TRUNCATE of ledger

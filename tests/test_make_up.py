@@ -128,6 +128,19 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert second.returncode == 1, second.stdout + second.stderr
         assert f"port {ports['wallet']} (wallet API, WALLET_PORT) is in use" in second.stderr
         assert "COINS_PORT_BASE" in second.stderr and "Traceback" not in second.stderr
+        # One on other ports but in the same folder would share data/ (SQLite files, sandboxes):
+        # it stops at once too, saying how to give it data of its own.
+        elsewhere = subprocess.run(
+            [sys.executable, "-m", "tools.suite"],
+            cwd=tmp_path,
+            env={**env, "COINS_PORT_BASE": str(free_port_base())},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
+        assert "another coins suite uses" in elsewhere.stderr, elsewhere.stderr
+        assert "COINS_DATA_DIR=" in elsewhere.stderr and "Traceback" not in elsewhere.stderr
         for port in health_ports.values():  # plaintext, as Kubernetes' gRPC probes connect
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 response = health_pb2_grpc.HealthStub(channel).Check(
@@ -207,3 +220,36 @@ def test_a_port_left_in_time_wait_by_a_stopped_suite_is_not_in_use() -> None:
     client.close()
     listener.close()
     assert not _busy("127.0.0.1", port)
+
+
+def test_a_service_dies_with_a_launcher_that_is_killed() -> None:
+    """The services run in sessions of their own (a Ctrl-C reaches only the launcher, which stops
+    them in order); a launcher killed outright must not leave them holding the ports."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; from tools.suite import _die_with_parent; "
+            "child = subprocess.Popen(['sleep', '60'], start_new_session=True, "
+            "preexec_fn=_die_with_parent); print(child.pid, flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as stat:  # reaped by init once it is a zombie
+            if stat.read().split()[2] == "Z":
+                return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child outlived its killed parent")

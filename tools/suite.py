@@ -7,12 +7,15 @@ gRPC health service, prints where they are, and on Ctrl-C or SIGTERM stops them 
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import grpc
 import pydantic
@@ -98,6 +101,37 @@ def _second_terminal(settings: dict[str, ServiceSettings]) -> list[str]:
     return lines
 
 
+STOP_ORDER = (("gifting", "promotion"), ("wallet", "payout"))
+"""gifting calls wallet and payout, promotion calls wallet."""
+
+
+def _die_with_parent() -> None:
+    """In the child before it runs (Linux): SIGTERM when the launcher dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _hold_data_dirs(settings: dict[str, ServiceSettings]) -> list[Any] | str:
+    """Lock each data directory for this suite's lifetime (the locks go with the process): a second
+    suite started from the same checkout would share the SQLite files and the sandboxes', and run
+    every background job on them twice. The open lock files, or why the suite cannot start."""
+    held = []
+    for directory in sorted({s.data_dir.resolve() for s in settings.values()}):
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / ".suite.lock", "w")  # noqa: SIM115 - held until the process ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return (
+                f"the suite cannot start: another coins suite uses {directory} (its SQLite files "
+                "and sandboxes); stop it, or give this one data of its own: "
+                "COINS_DATA_DIR=data-2 COINS_PORT_BASE=60050 make up"
+            )
+        held.append(lock)
+    return held
+
+
 def main() -> int:
     refused = _refused_settings()
     if refused:
@@ -115,14 +149,22 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    held = _hold_data_dirs(settings)
+    if isinstance(held, str):
+        print(held, file=sys.stderr)
+        return 1
     security = SecuritySettings()
     if security.dev_pki and pki.ensure_dev_pki(security.certs_dir):
         print(f"generated a development CA, certificates and a token key in {security.certs_dir}/")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Own sessions: a Ctrl-C reaches only the launcher, which then stops each service with SIGTERM.
+    # ... and each dies with the launcher, should it be killed before it can stop them.
     children = {
         name: subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=env, start_new_session=True
+            [sys.executable, "-m", f"services.{name}"],
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         for name in SETTINGS
     }
@@ -173,15 +215,16 @@ def main() -> int:
     while not stopping and all(child.poll() is None for child in children.values()):
         time.sleep(0.2)
     failed = [n for n, c in children.items() if c.poll() not in (None, 0)]
-    for child in children.values():
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for name, child in children.items():
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            print(f"{name} did not stop in time; killing it", file=sys.stderr)
-            child.kill()
+    for group in STOP_ORDER:  # the callers first, so none is left calling a stopped service
+        for name in group:
+            if children[name].poll() is None:
+                children[name].send_signal(signal.SIGTERM)
+        for name in group:
+            try:
+                children[name].wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in time; killing it", file=sys.stderr)
+                children[name].kill()
     if failed:
         print(f"stopped because {', '.join(failed)} exited", file=sys.stderr)
         return 1
