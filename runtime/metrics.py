@@ -223,8 +223,15 @@ class ServiceMetrics:
             "coins.job.items", description="Items a background step handled (0 when idle)"
         )
         self._job_duration = self.meter.create_histogram(
-            "coins.job.duration", unit="s", description="Time a background step took"
-        )
+            "coins.job.duration",
+            unit="s",
+            description="Time a background step took",
+            # Steps take milliseconds to a few seconds: the default buckets (0, 5, 10, 25, ...)
+            # put every one of them in the first.
+            explicit_bucket_boundaries_advisory=(
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+            ),
+        )  # fmt: skip
 
     def rpc(self, method: str, code: int, reason: str, seconds: float) -> None:
         key = (method, code, reason)

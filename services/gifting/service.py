@@ -32,8 +32,12 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
         page=500,
         time_limit=settings.downstream_timeout_seconds,
     )
-    runtime.add_periodic(
-        "reversed gifts", settings.reversals_every_seconds, reversals.follow, batch=reversals.page
+    runtime.add_periodic(  # the first pass a period after start: payout may start after gifting
+        "reversed gifts",
+        settings.reversals_every_seconds,
+        reversals.follow,
+        batch=reversals.page,
+        first_after=settings.reversals_every_seconds,
     )
     gifting, wallet = (
         Gifting(),

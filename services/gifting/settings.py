@@ -36,7 +36,7 @@ class GiftingSettings(ServiceSettings):
     ends when the pause passes (a `streak_ended` event in the feed)."""
     streak_sweep_seconds: PositiveFloat = 0.5
     """How often ended streaks are looked for (so a streak's end shows within this of the pause)."""
-    reversals_every_seconds: float = Field(default=2.0, gt=0)
+    reversals_every_seconds: float = Field(default=10.0, gt=0)
     """How often payout's reversed gift credits are looked for: a reversed gift leaves the rankings,
     top gifters and LIVE summaries (and reads REVERSED) within this (services.gifting.reversals)."""
     feed_poll_seconds: PositiveFloat = 1.0
