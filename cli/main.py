@@ -52,6 +52,18 @@ def _date(value: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date: use YYYY-MM-DD") from None
 
 
+def _moment(value: str) -> dt.datetime:
+    """A time given on the command line: ISO 8601, in UTC unless it carries an offset (converted)."""
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a time: use YYYY-MM-DD, YYYY-MM-DDTHH:MM (UTC) or add an offset "
+            "(2026-12-06T05:00+02:00)"
+        ) from None
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+
+
 def open_account(c: Clients, a: argparse.Namespace) -> None:
     born: dt.date = a.birth_date
     response = c.wallet.OpenAccount(
@@ -230,7 +242,7 @@ def _period(a: argparse.Namespace) -> dict[str, Timestamp]:
     for name, value in (("start_time", a.since), ("end_time", a.until)):
         if value:
             stamp = Timestamp()
-            stamp.FromDatetime(dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC))
+            stamp.FromDatetime(value)
             period[name] = stamp
     return period
 
@@ -669,8 +681,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("owner", help="the viewer (coins) or, with --diamonds, the creator")
     p.add_argument("--diamonds", action="store_true", help="the creator's diamonds")
-    p.add_argument("--since", help="YYYY-MM-DD[THH:MM] UTC (default: the beginning)")
-    p.add_argument("--until", help="YYYY-MM-DD[THH:MM] UTC (default: now)")
+    p.add_argument(
+        "--since",
+        type=_moment,
+        help="YYYY-MM-DD[THH:MM] UTC, or with an offset (default: the beginning)",
+    )
+    p.add_argument(
+        "--until", type=_moment, help="YYYY-MM-DD[THH:MM] UTC, or with an offset (default: now)"
+    )
     p = command("quote", quote, "what a withdrawal of some diamonds would pay")
     p.add_argument("creator")
     p.add_argument("diamonds", type=int)
@@ -769,8 +787,14 @@ def _parser() -> argparse.ArgumentParser:
         "revenue", revenue, "the platform's revenue from gifts per UTC day, as an admin (--admin)"
     )
     p.add_argument("--days", type=int, default=7, help="the last N days, today included")
-    p.add_argument("--since", help="YYYY-MM-DD[THH:MM] UTC (instead of --days)")
-    p.add_argument("--until", help="YYYY-MM-DD[THH:MM] UTC (default: now)")
+    p.add_argument(
+        "--since",
+        type=_moment,
+        help="YYYY-MM-DD[THH:MM] UTC, or with an offset (instead of --days)",
+    )
+    p.add_argument(
+        "--until", type=_moment, help="YYYY-MM-DD[THH:MM] UTC, or with an offset (default: now)"
+    )
     p = command("promote", promote, "promote a video with a coin budget")
     p.add_argument("user")
     p.add_argument("video")

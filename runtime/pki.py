@@ -167,8 +167,19 @@ def ensure_dev_pki(directory: Path) -> bool:
 
 
 if __name__ == "__main__":  # `make certs`
-    import sys
+    import argparse
 
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("COINS_CERTS_DIR", "certs"))
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.pki",
+        description="Write a development CA, a certificate per service and a token signing key "
+        "(nothing is overwritten).",
+    )
+    parser.add_argument(
+        "directory",
+        nargs="?",
+        default=os.environ.get("COINS_CERTS_DIR", "certs"),
+        help="where (default: $COINS_CERTS_DIR, else certs)",
+    )
+    target = Path(parser.parse_args().directory)
     created = ensure_dev_pki(target)
     print(f"dev PKI {'written to' if created else 'already in'} {target}/")

@@ -5,8 +5,10 @@ and how to retry with the same request id."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +90,26 @@ async def test_a_refused_call_is_one_log_line_with_its_reason(
     ]
     assert len(lines) == 1, lines
     assert "GetBalance refused NOT_FOUND ACCOUNT_NOT_FOUND" in lines[0]
+
+
+async def test_times_and_tools_refuse_bad_input_without_a_traceback(suite: Suite) -> None:
+    """A time that is not ISO 8601 gets a usage error (it was a traceback), and one with an offset
+    is converted to UTC (the offset was replaced); the operator tools answer --help."""
+    code, output = await coinsctl(suite, "statement", "ava", "--since", "yesterday")
+    assert code == 2 and "is not a time" in output and "Traceback" not in output, output
+    user = new_id("viewer")
+    await coinsctl(suite, "open-account", user)
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).replace(microsecond=0)
+    local = later.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()  # the same moment
+    code, output = await coinsctl(suite, "statement", user, "--until", local)
+    assert code == 0, output  # read as 2 hours later than meant, it was still after now: fine
+    earlier = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)).replace(microsecond=0)
+    local = earlier.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+    code, output = await coinsctl(suite, "statement", user, "--since", local)
+    assert code == 0, output  # taken as UTC it lay 90 minutes ahead: INVALID_PERIOD
+    for tool in ("tools.healthcheck", "tools.cross_audit", "runtime.pki"):
+        done = subprocess.run(
+            [sys.executable, "-m", tool, "--help"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "usage:" in done.stdout, (tool, done.stderr[-500:])
+    assert not (ROOT / "--help").exists()

@@ -26,6 +26,7 @@ it exists. It prints a JSON report and exits 1 when anything differs.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -306,7 +307,14 @@ def _urls() -> dict[str, str]:
     return {name: s.resolved_database_url() for name, s in settings.items()}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m tools.cross_audit",
+        description="Check that the four services' books tell one story (gift by gift, promotion "
+        "by promotion, credit by credit, creator by creator, and withdrawals against the payout "
+        "processor's items); reads each service's database from its usual <SVC>_DATABASE_URL. "
+        "Prints a JSON report; exits 1 if anything differs.",
+    ).parse_args(argv)
     payout = PayoutSettings()
     sandbox = payout.sandbox_file or payout.data_dir / "sandbox-payouts.sqlite3"
     items = sandbox_items(sandbox, payout) if Path(sandbox).exists() else None

@@ -3,14 +3,27 @@ SERVING (a container's health check: the image has no other gRPC client)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from runtime.config import SUITE_PLACES, port_base
+
 
 def main(argv: list[str] | None = None) -> int:
-    target = (sys.argv[1:] if argv is None else argv or ["50061"])[0]
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.healthcheck",
+        description="Exit 0 if the gRPC health service at [HOST:]PORT answers SERVING.",
+    )
+    parser.add_argument(
+        "target",
+        nargs="?",
+        default=str(port_base() + 10 + SUITE_PLACES["wallet"]),
+        help="[HOST:]PORT of a health probe (default: the wallet's, COINS_PORT_BASE + 11)",
+    )
+    target = parser.parse_args(argv).target
     address = target if ":" in target else f"127.0.0.1:{target}"
     with grpc.insecure_channel(address) as channel:
         try:
