@@ -8,7 +8,6 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -108,8 +107,9 @@ async def test_times_and_tools_refuse_bad_input_without_a_traceback(suite: Suite
     code, output = await coinsctl(suite, "statement", user, "--since", local)
     assert code == 0, output  # taken as UTC it lay 90 minutes ahead: INVALID_PERIOD
     for tool in ("tools.healthcheck", "tools.cross_audit", "runtime.pki"):
-        done = subprocess.run(
-            [sys.executable, "-m", tool, "--help"], cwd=ROOT, capture_output=True, text=True
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", tool, "--help", cwd=ROOT, stdout=asyncio.subprocess.PIPE
         )
-        assert done.returncode == 0 and "usage:" in done.stdout, (tool, done.stderr[-500:])
+        shown, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        assert process.returncode == 0 and b"usage:" in shown, (tool, shown[-500:])
     assert not (ROOT / "--help").exists()
