@@ -26,7 +26,7 @@ test: $(STAMP)  ## run the whole test suite (real servers; SQLite and PostgreSQL
 test-nightly: $(STAMP)  ## the chaos test with the shipped reconciler timings (~5 min; not in make test)
 	$(BIN)/pytest -m nightly -s
 
-bench: $(STAMP)  ## performance: the suite against its gRPC ceilings, SQLite and PostgreSQL (~8 min)
+bench: $(STAMP)  ## performance: the suite against its gRPC ceilings, SQLite and PostgreSQL (~9 min)
 	$(BIN)/python -m benchmarks.perf --backend both
 
 bench-ledger: $(STAMP)  ## the ledger at 10k, 1M and 10M entries in one account: pages, audit, memory (PostgreSQL, ~20 min)

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console, Group
-from rich.table import Table
+from rich.table import Table as RichTable
 
 from coins.common.v1 import money_pb2
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+
+
+class Table(RichTable):
+    """A table whose cells wrap rather than cut: ids are meant to be copied into the next command
+    (a promotion id cut to `a8cbcfc6…` cannot be)."""
+
+    def add_column(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(*args, **kwargs)
+
 
 console = Console(soft_wrap=True)
 """soft_wrap: a long line (a command to copy) is never broken."""
