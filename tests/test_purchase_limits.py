@@ -125,3 +125,15 @@ async def test_coinsctl_buys_with_each_users_own_card_and_gives_no_retry_advice_
     code, output = await coinsctl(limited, "buy", first, "us-web-1400")
     assert code == 1 and "PURCHASE_LIMIT_EXCEEDED" in output, output
     assert "may or may not" not in output and "--request-id" not in output, output
+
+
+async def test_a_cards_daily_money_is_counted_per_currency(limited: Suite) -> None:
+    """A card that bought $9.99 in the US and is then used in the UK: the pounds have a window of
+    their own ($9.99 counted as 999 pence refused a £4.49 purchase under a £12 limit)."""
+    card = new_id("tok_travel")
+    american, british = new_id(), new_id()
+    await open_account(limited, american)
+    await open_account(limited, british, "GB")
+    await limited.wallet.PurchaseCoins(buy(american, "us-web-700", card))  # 999 cents
+    bought = await limited.wallet.PurchaseCoins(buy(british, "gb-in-app-330", card))  # £4.49
+    assert bought.purchase.package.price.currency_code == "GBP"

@@ -376,7 +376,11 @@ class Wallet:
         hour, day = now - dt.timedelta(hours=1), now - dt.timedelta(days=1)
         hour_coins, hour_minor = await storage.purchased_since(conn, hour, user_id=account.user_id)
         day_coins, day_minor = await storage.purchased_since(conn, day, user_id=account.user_id)
-        _, method_minor = await storage.purchased_since(conn, day, token=token)
+        # A card's daily money, in this account's currency (a card used in USD and in GBP has a
+        # window in each: cents and pence do not add up).
+        _, method_minor = await storage.purchased_since(
+            conn, day, token=token, currency=account.currency_code
+        )
         checks = [
             ("hourly_coins", s.limit_hourly_coins, hour_coins, package.coins, "coins"),
             ("daily_coins", s.limit_daily_coins, day_coins, package.coins, "coins"),

@@ -253,9 +253,11 @@ async def purchased_since(
     *,
     user_id: str | None = None,
     token: str | None = None,
+    currency: str | None = None,
 ) -> tuple[int, int]:
     """(coins, money in minor units) of a user's (or a payment method's) purchases since `since`
-    that are pending or completed: what counts against the purchase limits."""
+    that are pending or completed, in one `currency` if given (minor units of two currencies do
+    not add up): what counts against the purchase limits."""
     query = select(
         func.coalesce(func.sum(purchases.c.coins), 0),
         func.coalesce(func.sum(purchases.c.price_minor), 0),
@@ -264,6 +266,8 @@ async def purchased_since(
         query = query.where(purchases.c.user_id == user_id)
     if token is not None:
         query = query.where(purchases.c.payment_token == token)
+    if currency is not None:
+        query = query.where(purchases.c.currency_code == currency)
     coins, minor = (await conn.execute(query)).one()
     return int(coins), int(minor)
 
