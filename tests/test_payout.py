@@ -217,6 +217,21 @@ async def test_a_quote_is_what_the_withdrawal_then_charges(suite: Suite) -> None
     )
     assert (too_many.refusal, too_many.available_diamonds) == ("INSUFFICIENT_FUNDS", 2_000)
     assert await diamonds_of(suite, creator) == 2_000  # quoting moved nothing
+    unverified = new_id("creator")  # what the request would say first, as it says it
+    await suite.as_caller("gifting").payout.CreditDiamonds(
+        payout_pb2.CreditDiamondsRequest(
+            request_id=new_id("gift"), creator_id=unverified, coins=10_000, reference="seed"
+        )
+    )
+    first = await suite.payout.QuoteWithdrawal(
+        payout_pb2.QuoteWithdrawalRequest(creator_id=unverified, diamonds=10_000)
+    )
+    assert first.refusal == "KYC_REQUIRED"
+    await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(unverified, 2_000)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "KYC_REQUIRED",
+    )
 
 
 async def add_paypal(suite: Suite, creator: str, email: str, *, default: bool = False) -> str:

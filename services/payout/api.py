@@ -563,9 +563,9 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def QuoteWithdrawal(
         self, request: payout_pb2.QuoteWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.QuoteWithdrawalResponse:
-        async with self._db.driver.read() as tx:
+        async with self._db.read() as conn:
             quote, standing, refusal = await self._payouts.quote(
-                tx, request.creator_id, request.diamonds
+                conn, request.creator_id, request.diamonds
             )
         currency = self._settings.currency_code
         return payout_pb2.QuoteWithdrawalResponse(

@@ -521,14 +521,20 @@ class Payouts:
         return len(claimed)
 
     async def quote(
-        self, tx: Tx, creator_id: str, diamonds: int
+        self, conn: AsyncConnection, creator_id: str, diamonds: int
     ) -> tuple[policy.Quote, CreatorDiamonds, str]:
         """What a withdrawal of `diamonds` would pay, the creator's diamonds, and the reason
-        RequestWithdrawal would refuse it now ("" if none; the daily cap is checked there)."""
+        RequestWithdrawal would refuse it now, in the order it checks ("" if none; the daily cap
+        is checked there, and a payout method, which the request may name or bring)."""
         quote = policy.quote(diamonds, self.settings)
-        standing = await self.diamonds(tx, creator_id)
+        standing = await self.diamonds(conn, creator_id)
+        verification, _ = await self.methods.verification(conn, creator_id)
         refusal = ""
-        if quote.gross_minor < self.settings.min_withdrawal_minor or quote.net_minor <= 0:
+        if verification != "verified":
+            refusal = "KYC_REQUIRED"
+        elif standing.debt > 0:
+            refusal = "DEBT_OUTSTANDING"
+        elif quote.gross_minor < self.settings.min_withdrawal_minor or quote.net_minor <= 0:
             refusal = "BELOW_MINIMUM"
         elif quote.diamonds > standing.available:
             refusal = "INSUFFICIENT_FUNDS"

@@ -149,7 +149,10 @@ class PayoutMethods:
                 await storage.set_default_method(conn, creator_id, left[0].method_id)
 
     async def for_withdrawal(
-        self, conn: AsyncConnection, creator_id: str, method_id: str
+        self,
+        conn: AsyncConnection,
+        creator_id: str,
+        method_id: str,
     ) -> storage.PayoutMethodRecord | None:
         """The method a withdrawal pays: the one named, else the creator's default (None: the
         creator has none); held in share until the withdrawal is written, so it cannot be removed

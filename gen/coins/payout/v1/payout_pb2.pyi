@@ -1324,7 +1324,8 @@ class QuoteWithdrawalResponse(_message.Message):
     """The creator's available diamonds now."""
     refusal: _builtins.str
     """Empty when RequestWithdrawal would accept these diamonds now (limits of the day aside); else the
-    reason it would refuse them: BELOW_MINIMUM or INSUFFICIENT_FUNDS.
+    reason it would refuse them, the first it checks: KYC_REQUIRED, DEBT_OUTSTANDING, BELOW_MINIMUM
+    or INSUFFICIENT_FUNDS. (A request that names no payout method needs one registered.)
     """
     @_builtins.property
     def gross(self) -> _money_pb2.Money:
