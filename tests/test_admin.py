@@ -78,6 +78,19 @@ async def test_an_admin_prices_a_package_and_buyers_see_it(private_suite: Suite)
         wallet_pb2.ListCoinPackagesRequest(user_id=buyer, channel=wallet_pb2.CHANNEL_WEB)
     )
     assert list(listed.packages) == []
+    off_sale = await expect_error(
+        suite.wallet.PurchaseCoins(
+            wallet_pb2.PurchaseCoinsRequest(
+                request_id=new_id(),
+                user_id=buyer,
+                package_id="gb-web-1000",
+                payment_token="tok_visa",
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PACKAGE_NOT_AVAILABLE",
+    )
+    assert "package gb-web-1000 is off sale" in (off_sale.details() or "")
     ledger = await suite.wallet.ListLedgerEntries(
         wallet_pb2.ListLedgerEntriesRequest(user_id=buyer)
     )

@@ -153,6 +153,15 @@ async def test_a_country_that_is_not_an_iso_code_is_refused_and_opens_nothing(
         )
     )
     assert (opened.account.country_code, opened.account.currency_code) == ("KR", "USD")
+    # Coins are not sold there: the shop says so (it was an empty list), as a purchase does.
+    error = await expect_error(
+        suite.wallet.ListCoinPackages(
+            wallet_pb2.ListCoinPackagesRequest(user_id=user, channel=wallet_pb2.CHANNEL_WEB)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REGION_UNSUPPORTED",
+    )
+    assert "coins are not sold in KR (they are in GB, US)" in (error.details() or "")
 
 
 async def test_a_foreign_page_token_is_refused(suite: Suite) -> None:

@@ -164,8 +164,10 @@ class Wallet:
         limit: int,
         after: tuple[int, str] | None,
     ) -> list[storage.PackageRecord]:
-        """The active packages a user may buy on `channel`: their account's region, cheapest first."""
+        """The active packages a user may buy on `channel`: their account's region, cheapest first
+        (REGION_UNSUPPORTED where coins are not sold: an empty shop says nothing)."""
         account = await self.account(conn, user_id)
+        self.require_sold_in(account)
         return await storage.list_packages(
             conn, account.country_code, channel, limit=limit, after=after
         )
@@ -344,22 +346,31 @@ class Wallet:
                 f"users under {minimum} cannot buy coins in {account.country_code}",
                 minimum_age=minimum,
             )
-        if account.country_code not in self.settings.regions:
-            raise FailedPrecondition(
-                "REGION_UNSUPPORTED",
-                f"coins are not sold in {account.country_code}",
-                country_code=account.country_code,
-            )
+        self.require_sold_in(account)
         if (
             not package.active
             or package.region != account.country_code
             or package.currency_code != account.currency_code
         ):
+            why = (
+                "is off sale"
+                if not package.active
+                else f"is not sold in {account.country_code} ({account.currency_code})"
+            )
             raise FailedPrecondition(
                 "PACKAGE_NOT_AVAILABLE",
-                f"package {package.package_id} is not sold in {account.country_code} "
-                f"({account.currency_code}); list the packages for this account",
+                f"package {package.package_id} {why}; list the packages for this account",
                 package_id=package.package_id,
+            )
+
+    def require_sold_in(self, account: storage.AccountRecord) -> None:
+        """REGION_UNSUPPORTED for an account in a country where coins are not sold."""
+        if account.country_code not in self.settings.regions:
+            raise FailedPrecondition(
+                "REGION_UNSUPPORTED",
+                f"coins are not sold in {account.country_code} (they are in "
+                f"{', '.join(sorted(self.settings.regions))})",
+                country_code=account.country_code,
             )
 
     async def check_limits(
