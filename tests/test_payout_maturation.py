@@ -234,6 +234,10 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
     )
     moves = {(e.kind, e.bucket, e.diamonds) for e in listed.entries}
     assert (payout_pb2.DIAMOND_ENTRY_KIND_REVERSAL, payout_pb2.DIAMOND_BUCKET_DEBT, -1_500) in moves
+    # The reversal's entries name the gifts taken back (they named the admin's reason).
+    assert {
+        e.reference for e in listed.entries if e.kind == payout_pb2.DIAMOND_ENTRY_KIND_REVERSAL
+    } == {f"2 gifts: {', '.join(sorted([old, fresh]))}"}
     assert (payout_pb2.DIAMOND_ENTRY_KIND_DEBT_REPAYMENT, AVAILABLE, -1_500) in moves
     assert (
         payout_pb2.DIAMOND_ENTRY_KIND_DEBT_REPAYMENT,

@@ -553,6 +553,15 @@ async def test_diamonds_owed_back_are_never_paid_out_by_a_withdrawal_already_ask
         grpc.StatusCode.FAILED_PRECONDITION,
         "DEBT_OUTSTANDING",
     )
+    waiting = await expect_error(
+        suite.payout.RetryWithdrawal(
+            S.RetryWithdrawalRequest(request_id=new_id("retry"), withdrawal_id=made.withdrawal_id),
+            metadata=admin(suite),
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_PARKED",
+    )
+    assert "it waits for a reviewer" in (waiting.details() or "")
     await suite.payout.ReviewWithdrawal(
         review(made.withdrawal_id, False, "owes diamonds"), metadata=admin(suite)
     )

@@ -133,6 +133,16 @@ async def test_a_revenue_report_needs_an_admin_and_a_sane_period(books: Suite) -
         grpc.StatusCode.INVALID_ARGUMENT,
         "BAD_REPORT_PERIOD",
     )
+    await suite.payout.GetRevenueReport(  # exactly 92 days: the most, not refused
+        report_request(now - dt.timedelta(days=92), now), metadata=admin
+    )
+    await expect_error(
+        suite.payout.GetRevenueReport(
+            report_request(now - dt.timedelta(days=92, seconds=1), now), metadata=admin
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BAD_REPORT_PERIOD",
+    )
     empty = await suite.payout.GetRevenueReport(
         report_request(now - dt.timedelta(days=40), now - dt.timedelta(days=39)), metadata=admin
     )

@@ -518,7 +518,9 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     ) -> payout_pb2.ReverseGiftCreditsResponse:
         async def effect(conn: AsyncConnection) -> payout_pb2.ReverseGiftCreditsResponse:
             done = await self._payouts.reverse_gifts(
-                as_tx(conn), request.gift_ids, reason=request.reason, now=self._clock.now()
+                as_tx(conn),
+                request.gift_ids,
+                now=self._clock.now(),  # the reason: in the audit
             )
             found = {r.gift_id for r in done}
             return payout_pb2.ReverseGiftCreditsResponse(

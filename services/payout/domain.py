@@ -287,7 +287,8 @@ class Payouts:
         gift valued at the rates kept with it."""
         day = dt.timedelta(days=1)
         start = dt.datetime.combine(since.astimezone(dt.UTC).date(), dt.time(0), tzinfo=dt.UTC)
-        if until <= start or until - start > 92 * day:
+        # The length asked for, not the whole days it is widened to (92 days back from now is 92).
+        if until <= start or until - since > 92 * day:
             raise InvalidArgument(
                 "BAD_REPORT_PERIOD",
                 f"a revenue report covers 1 to 92 days; this one runs from {start.date()} to "
@@ -354,7 +355,7 @@ class Payouts:
         )
 
     async def reverse_gifts(
-        self, tx: Tx, gift_ids: Sequence[str], *, reason: str, now: dt.datetime
+        self, tx: Tx, gift_ids: Sequence[str], *, now: dt.datetime
     ) -> list[Reversal]:
         """Take back the diamonds of these gifts' credits, each exactly once: a credit still pending
         from the pending balance (and it never matures), a matured one from the available balance,
@@ -403,11 +404,16 @@ class Payouts:
                 await self.ledger.open_account(tx, debt_account(creator), allow_negative=True)
             transaction_id = ""
             if postings:
+                gifts = sorted(c.reference for c in credits)
                 posted = await self.ledger.post(
                     tx,
                     [*postings, Posting(ISSUANCE, from_pending + matured)],
                     kind="reversal",
-                    reference=reason[:128],
+                    # The gifts it takes back, as a credit's entry names its gift (the reason is
+                    # in the admin audit trail).
+                    reference=(
+                        gifts[0] if len(gifts) == 1 else f"{len(gifts)} gifts: {', '.join(gifts)}"
+                    )[:128],
                     request_id=f"reversal:{uuid.uuid4().hex}",
                     caller="payout",
                     policy_version=self.settings.policy_version,

@@ -241,10 +241,19 @@ class Withdrawals:
         WITHDRAWAL_NOT_PARKED otherwise."""
         withdrawal = await self.get(conn, withdrawal_id)
         if not await storage.unpark(conn, withdrawal_id):
+            status = withdrawal.status
+            who = (
+                "the worker is on it"
+                if status in storage.FOLLOWED_BY_THE_WORKER
+                else "it waits for a reviewer (ReviewWithdrawal)"
+                if status in REVIEWABLE
+                else "it has ended"
+            )
             raise FailedPrecondition(
                 "WITHDRAWAL_NOT_PARKED",
-                f"withdrawal {withdrawal_id} is not parked ({withdrawal.status}); the worker is on it",
+                f"withdrawal {withdrawal_id} is not parked ({status}): {who}",
                 withdrawal_id=withdrawal_id,
+                status=status,
             )
         return await self.get(conn, withdrawal_id)
 
