@@ -170,6 +170,11 @@ class ServiceSettings(BaseSettings):
         """Whether every RPC and every background step gets its own log line."""
         return self.log_format == "json" if self.access_log is None else self.access_log
 
+    def policy(self) -> str:
+        """The business settings in force, said once at start ("" for none): an operator reading
+        the log sees which rates and limits the service runs with."""
+        return ""
+
     @property
     def env_prefix(self) -> str:
         """The prefix of this service's variables, e.g. "GIFTING_"."""

@@ -502,6 +502,8 @@ async def start_service(
         db.engine.url.drivername,
         f"; calls {downstream}" if downstream else "",
     )
+    if policy := settings.policy():
+        log.info("%s runs with %s", spec.name, policy)
     return running
 
 

@@ -20,6 +20,7 @@ from runtime.startup import explain_settings, mistyped_settings
 from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.wallet.service import SPEC as WALLET
+from services.wallet.settings import WalletSettings
 from tools.migrate import SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,3 +283,15 @@ def test_settings_that_are_never_valid_are_refused_and_a_misspelt_one_is_named()
     ) == [
         "payout: PAYOUT_MATURATION_DAY is not a setting (did you mean PAYOUT_MATURATION_DAYS?): ignored"
     ]
+
+
+def test_a_service_says_the_rates_and_limits_it_runs_with() -> None:
+    """Logged once at start ("payout runs with ..."): a changed rate or maturation period shows in
+    the log, not only in the environment."""
+    payout = PayoutSettings(
+        diamonds_per_coin_denominator=4, maturation_days=0, withdrawal_fee_bps=250
+    )
+    said = payout.policy()
+    assert "1 diamond(s) per 4 coin(s)" in said and "maturation 0 days" in said
+    assert "fee 250 bps + $0.00" in said and "200 diamonds = $1.00" in said
+    assert "coins sold in GB (GBP), US (USD)" in WalletSettings().policy()

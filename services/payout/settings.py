@@ -17,6 +17,7 @@ from pydantic import (
 from pydantic_settings import SettingsConfigDict
 
 from ledger.api import LedgerServiceSettings
+from runtime.protos import money_text
 
 _MICROS_PER_MINOR_UNIT = 10_000
 """Millionths of a currency unit in one minor unit (cents: two decimals)."""
@@ -100,6 +101,19 @@ class PayoutSettings(LedgerServiceSettings):
     (500-credit batches over 200 creators, 16 in flight) 2 at once gave 29-30 batches/s at 19 ms
     of PostgreSQL CPU per batch, 4 at once 25/s at 29 ms."""
     policy_version: str = "2026-11"
+
+    def policy(self) -> str:
+        def cash(minor: int) -> str:
+            return money_text(self.currency_code, minor)
+
+        return (
+            f"{self.diamonds_per_coin_numerator} diamond(s) per {self.diamonds_per_coin_denominator}"
+            f" coin(s), {self.diamonds_per_minor_unit * 100} diamonds = {cash(100)}, maturation "
+            f"{self.maturation_days:g} days, withdrawals from {cash(self.min_withdrawal_minor)}, "
+            f"approved at once up to {cash(self.auto_approve_max_minor)} a day, at most "
+            f"{cash(self.daily_withdrawal_cap_minor)} a day, fee {self.withdrawal_fee_bps} bps + "
+            f"{cash(self.withdrawal_fee_fixed_minor)}, policy {self.policy_version}"
+        )
 
     @property
     def diamond_value_micros(self) -> int:

@@ -52,3 +52,13 @@ class WalletSettings(LedgerServiceSettings):
     limit_hourly_minor: NonNegativeInt = 50_000
     limit_daily_minor: NonNegativeInt = 100_000
     limit_payment_method_daily_minor: NonNegativeInt = 150_000
+
+    def policy(self) -> str:
+        sold = ", ".join(f"{c} ({m})" for c, m in sorted(self.regions.items()))
+        ages = "".join(f", {a} in {c}" for c, a in sorted(self.minimum_age_by_country.items()))
+        return (
+            f"coins sold in {sold}; from age {self.minimum_age}{ages}; a user buys at most "
+            f"{self.limit_hourly_coins:,} coins an hour and {self.limit_daily_coins:,} a day, "
+            f"{self.limit_hourly_minor:,} and {self.limit_daily_minor:,} minor units, a card "
+            f"{self.limit_payment_method_daily_minor:,} a day; policy {self.policy_version}"
+        )
