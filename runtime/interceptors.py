@@ -191,7 +191,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             principal: Principal | None = None
             request: Any = raw
             began = time.perf_counter()
-            outcome: tuple[int, str] = (_ABORTED_ELSEWHERE, "")
+            outcome: Outcome = (_ABORTED_ELSEWHERE, "", "")
             try:
                 request = _parse(parse, raw)
                 _annotate(request)
@@ -209,7 +209,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 _annotate_answer(response)
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
-                outcome = (0, "")
+                outcome = (0, "", "")
                 return response
             except grpc.aio.AbortError:
                 raise
@@ -239,7 +239,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             principal: Principal | None = None
             request: Any = raw
             began = time.perf_counter()
-            outcome: tuple[int, str] = (_ABORTED_ELSEWHERE, "")
+            outcome: Outcome = (_ABORTED_ELSEWHERE, "", "")
             try:
                 request = _parse(parse, raw)
                 _annotate(request)
@@ -256,7 +256,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                         yield message
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
-                outcome = (0, "")
+                outcome = (0, "", "")
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
@@ -269,11 +269,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
         return guarded
 
-    def _measured(
-        self, method: str, outcome: tuple[int, str], seconds: float, request: Any
-    ) -> None:
-        """The call's duration and status in the RPC histogram, and its access-log line."""
-        code, reason = outcome
+    def _measured(self, method: str, outcome: Outcome, seconds: float, request: Any) -> None:
+        """The call's duration and status in the RPC histogram, and its access-log line (which
+        says a refusal's message too: then it is the refusal's only line)."""
+        code, reason, message = outcome
         if code == _ABORTED_ELSEWHERE:  # the handler aborted itself, or the caller went away
             code = grpc.StatusCode.CANCELLED.value[0]
         if self._metrics is not None:
@@ -286,12 +285,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 "duration_ms": round(seconds * 1000, 2),
                 "request_id": getattr(request, "request_id", "") or "",
             }
+            if message:
+                fields["message"] = message
             log.info(
-                "%s %s%s %.1fms",
+                "%s %s%s %.1fms%s",
                 method,
                 fields["code"],
                 f" {reason}" if reason else "",
                 fields["duration_ms"],
+                f": {message}" if message else "",
                 extra={"fields": fields},
             )
 
@@ -303,11 +305,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         method: str,
         request: Any,
         audited: bool,
-    ) -> tuple[int, str]:
-        """Answer the call with `error` (and log or audit it); returns its (code, reason)."""
+    ) -> Outcome:
+        """Answer the call with `error` (and log or audit it); returns its (code, reason, message
+        for the access log)."""
         trace.get_current_span().set_attribute("coins.reason", error.reason)
+        message = ""
         if error.kind in _ACCESS_REFUSALS:
             _log_access_refused(error, principal, method, context)
+        elif error.kind not in _LOGGED_ALREADY and self._access_log:
+            message = error.message[:300]  # said by the call's access line
         elif error.kind not in _LOGGED_ALREADY:
             # One line per refusal (with the call's trace id, like every log line): what a person
             # reading the terminal needs to see why a call failed.
@@ -326,9 +332,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("could not record the outcome of an admin call to %s", method)
         fail(context, error, self._domain)
-        return _CODES[error.kind], error.reason
+        return _CODES[error.kind], error.reason, message
 
 
+Outcome = tuple[int, str, str]
+"""How a call ended: its gRPC code, the ErrorInfo reason and a refusal's message ("" if none)."""
 _CODES = {kind: grpc.StatusCode[kind.value].value[0] for kind in ErrorKind}
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _ABORTED_ELSEWHERE = -1

@@ -16,7 +16,7 @@ import pytest
 
 from coins.wallet.v1 import wallet_pb2
 from tests.helpers import expect_error, new_id
-from tests.suite import Suite
+from tests.suite import Suite, start_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,30 @@ async def test_times_and_tools_refuse_bad_input_without_a_traceback(suite: Suite
         shown, _ = await asyncio.wait_for(process.communicate(), timeout=60)
         assert process.returncode == 0 and b"usage:" in shown, (tool, shown[-500:])
     assert not (ROOT / "--help").exists()
+
+
+async def test_with_the_access_log_a_refused_call_is_still_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the access log (on by default with JSON logs) every call has a line; a refusal's says
+    its message too, and there is no second line for it (JSON mode logged each refusal twice)."""
+    suite = await start_suite(
+        "sqlite", tmp_path, only=("wallet",), overrides={"wallet": {"access_log": True}}
+    )
+    try:
+        caplog.set_level(logging.INFO, logger="coins.rpc")
+        user = new_id("viewer")
+        await expect_error(
+            suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user)),
+            grpc.StatusCode.NOT_FOUND,
+            "ACCOUNT_NOT_FOUND",
+        )
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "coins.rpc" and "GetBalance" in r.getMessage()
+        ]
+        assert len(lines) == 1, lines
+        assert "NOT_FOUND ACCOUNT_NOT_FOUND" in lines[0] and user in lines[0], lines
+    finally:
+        await suite.stop()
