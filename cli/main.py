@@ -563,7 +563,15 @@ def _live_help(
     raise SystemExit("coinsctl live start|end|gifts|show|watch: see coinsctl live --help")
 
 
-_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, but only real ones: not "(default: None)" after a help text that says what
+    an option left out means, nor a second "(default: ...)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "(default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _anywhere() -> argparse.ArgumentParser:
@@ -577,7 +585,7 @@ def _anywhere() -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__, formatter_class=_FORMAT)
+    parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__, formatter_class=_Help)
     anywhere = _anywhere()
     for service in SUITE_PLACES:
         parser.add_argument(
@@ -595,7 +603,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name, help=help_, description=help_, parents=[anywhere], formatter_class=_FORMAT
+            name, help=help_, description=help_, parents=[anywhere], formatter_class=_Help
         )
         p.set_defaults(run=run)
         return p
@@ -643,7 +651,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def live_command(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
         p = lives.add_parser(
-            name, help=help_, description=help_, parents=[anywhere], formatter_class=_FORMAT
+            name, help=help_, description=help_, parents=[anywhere], formatter_class=_Help
         )
         p.set_defaults(run=run)
         return p
