@@ -36,15 +36,19 @@ async def migrate(names: list[str], *, check: bool = False) -> None:
     for name in names:
         spec = SPECS[name]
         settings = spec.settings_type()
-        # Alembic's "Running upgrade ..." lines look like the service's own (a service that
-        # migrates on start runs this in a child process: runtime.server.main).
+        # Its lines look like the service's own (a service that migrates on start runs this in a
+        # child process: runtime.server.main); alembic's line per revision (some 20 per service
+        # on a first start) gives way to one line saying from where to where.
         flush_logs = configure_logging(name, settings.log_level, settings.log_format)
+        logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
         db: Database | None = None
+        lag: tuple[str | None, str] | None = None
         try:
             db = Database(settings.resolved_database_url())  # refuses a URL it cannot use
             if check:
                 lag = await _wait_until_migrated(name, db, spec, settings.migration_wait_seconds)
             else:
+                lag = await migrations.behind(db, spec.migrations_dir)
                 await migrations.upgrade(db, spec.migrations_dir)
         except Exception as error:
             why = startup.explain(error, name, settings)
@@ -57,7 +61,8 @@ async def migrate(names: list[str], *, check: bool = False) -> None:
             flush_logs()
         where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
         if not check:
-            print(f"{name}: migrated to the newest schema ({where})")
+            moved = f" from {lag[0] or 'an empty database'} to {lag[1]}" if lag is not None else ""
+            print(f"{name}: migrated to the newest schema{moved} ({where})")
         elif lag is not None:
             current, head = lag
             raise SystemExit(
