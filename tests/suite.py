@@ -285,7 +285,7 @@ async def start_suite(
                 options["hold_sweep_seconds"] = 0.2  # expiries show within a test's patience
             if name == "gifting":  # streaks end (tests/test_streaks.py moves a clock), and
                 options.update(  # payout's reversals apply, within a test's patience
-                    streak_pause_seconds=0.3, streak_sweep_seconds=0.05, reversals_every_seconds=0.1
+                    streak_pause_seconds=0.3, streak_sweep_seconds=0.05, reversals_every_seconds=0.5
                 )
             if name == "payout":
                 # Most tests withdraw what they just credited; tests/test_payout_maturation.py
