@@ -44,7 +44,7 @@ def enum_name(enum: object, value: int, prefix: str) -> str:
 
 def when(message: object) -> str:
     stamp = message.create_time  # type: ignore[attr-defined]
-    return str(stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")) if stamp.seconds else ""
+    return str(stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")) if stamp.seconds else ""
 
 
 def account(acc: wallet_pb2.Account) -> Table:
@@ -254,7 +254,7 @@ def stamp(value: object) -> str:
     """A protobuf Timestamp as UTC date and time; "" when unset."""
     if not value.seconds:  # type: ignore[attr-defined]
         return ""
-    return str(value.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))  # type: ignore[attr-defined]
+    return str(value.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC"))  # type: ignore[attr-defined]
 
 
 def withdrawal_status(status: int) -> str:
@@ -372,7 +372,7 @@ def promotion(p: promotion_pb2.Promotion) -> Table:
     table.add_row("days", str(p.duration_days))
     if p.end_time.seconds:
         ending = "ends" if p.status == promotion_pb2.PROMOTION_STATUS_ACTIVE else "ended"
-        table.add_row(ending, p.end_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+        table.add_row(ending, p.end_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC"))
     table.add_row("status", enum_name(promotion_pb2.PromotionStatus, p.status, "PROMOTION_STATUS_"))
     return table
 
