@@ -143,3 +143,31 @@ async def test_a_method_removed_while_a_withdrawal_pays_through_it_is_never_both
             payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
         )
         assert (method in {m.payout_method_id for m in listed.payout_methods}) == paid_through
+
+
+async def test_the_same_destination_added_twice_at_once_is_one_method(suite: Suite) -> None:
+    """Racing AddPayoutMethod calls with one destination (two devices, a retry with a new id): one
+    adds it, the others are PAYOUT_METHOD_EXISTS naming the destination as it was kept."""
+    creator = new_id("creator")
+    added = await asyncio.gather(
+        *(
+            suite.payout.AddPayoutMethod(
+                payout_pb2.AddPayoutMethodRequest(
+                    request_id=new_id("pm"),
+                    creator_id=creator,
+                    paypal=payout_pb2.PayPalAccount(email=email),
+                )
+            )
+            for email in ["leo@example.com"] * 4 + ["LEO@Example.com"] * 4
+        ),
+        return_exceptions=True,
+    )
+    kept = [a for a in added if isinstance(a, payout_pb2.AddPayoutMethodResponse)]
+    assert len(kept) == 1, added
+    for error in [a for a in added if isinstance(a, grpc.aio.AioRpcError)]:
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS, error.details()
+        assert (error.details() or "").startswith(kept[0].payout_method.display)
+    listed = await suite.payout.ListPayoutMethods(
+        payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
+    )
+    assert len(listed.payout_methods) == 1

@@ -75,12 +75,15 @@ class PayoutMethods:
             destination, display = method.bank_token, f"bank ····{method.bank_last4}"
         else:
             destination, display = method.paypal_email, f"PayPal {mask_email(method.paypal_email)}"
+        # One creator's additions one at a time: two adding the same destination at once both
+        # found it absent and both added it.
+        await storage.lock_creator_methods(conn, creator_id)
         existing = await storage.payout_methods_of(conn, creator_id)
         for kept in existing:
             if kept.kind == method.kind and _same(kept.destination_token, destination):
                 raise AlreadyExists(
                     "PAYOUT_METHOD_EXISTS",
-                    f"{display} is already one of {creator_id}'s payout methods "
+                    f"{kept.display} is already one of {creator_id}'s payout methods "
                     f"({kept.method_id}); SetDefaultPayoutMethod makes it the default",
                     method_id=kept.method_id,
                 )

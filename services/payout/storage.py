@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -977,6 +978,17 @@ async def payout_methods_of(
     if lock is not None:
         query = query.with_for_update(read=lock == "share")
     return [_method(row) for row in await conn.execute(query)]
+
+
+async def lock_creator_methods(conn: AsyncConnection, creator_id: str) -> None:
+    """Serialize changes to one creator's payout methods until the transaction ends: a
+    transaction-scoped advisory lock on PostgreSQL (a creator may have no row to lock yet); SQLite
+    writes are serialized already."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+            {"key": f"payout-methods:{creator_id}"},
+        )
 
 
 async def insert_payout_method(conn: AsyncConnection, method: PayoutMethodRecord) -> None:
