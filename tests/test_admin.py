@@ -118,6 +118,22 @@ async def test_prices_must_be_in_a_sold_region_and_its_currency(private_suite: S
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_REQUEST",
     )
+    # An existing package keeps what it is (its id says it): its price may change, not its region,
+    # channel or coins (a GB user was shown "us-web-999" once it could be moved).
+    package = new_id("gb-web").lower()
+    await suite.wallet.SetCoinPackage(set_package(4_242, 999, package_id=package), metadata=admin)
+    moved = set_package(4_242, 999, package_id=package, region="US")
+    moved.price.currency_code = "USD"
+    for changed in (moved, set_package(10, 999, package_id=package)):
+        await expect_error(
+            suite.wallet.SetCoinPackage(changed, metadata=admin),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PACKAGE_IS_FIXED",
+        )
+    repriced = await suite.wallet.SetCoinPackage(
+        set_package(4_242, 1_099, package_id=package), metadata=admin
+    )
+    assert repriced.package.price.amount_minor == 1_099
 
 
 async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:

@@ -152,7 +152,20 @@ class Wallet:
         )
 
     async def put_package(self, conn: AsyncConnection, package: storage.PackageRecord) -> None:
-        """Create or replace a package (priced by `price_package`)."""
+        """Create a package, or change an existing one's price or whether it is on sale (priced by
+        `price_package`). What a package is (its region, channel and coins, which its id names:
+        `us-web-1400`) does not change: PACKAGE_IS_FIXED, use a new id."""
+        existing = await storage.get_package(conn, package.package_id)
+        if existing is not None:
+            was = (existing.region, existing.channel, existing.coins)
+            if was != (package.region, package.channel, package.coins):
+                raise FailedPrecondition(
+                    "PACKAGE_IS_FIXED",
+                    f"package {package.package_id} is {existing.coins:,} coins on "
+                    f"{existing.channel} in {existing.region}: its price and whether it is on sale "
+                    "may change, not what it is; give the new package an id of its own",
+                    package_id=package.package_id,
+                )
         await storage.put_package(conn, package)
 
     async def packages_for(

@@ -218,7 +218,8 @@ class WalletServiceServicer:
     def SetCoinPackage(self, request, context):
         """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
         the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
-        Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
+        Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH, PACKAGE_IS_FIXED: an existing
+        package keeps its region, channel and coins; give a new one its own id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,7 +78,8 @@ class WalletServiceStub:
     SetCoinPackage: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
-    Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
+    Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH, PACKAGE_IS_FIXED: an existing
+    package keeps its region, channel and coins; give a new one its own id).
     """
     PlaceHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.PlaceHoldRequest, _wallet_pb2.PlaceHoldResponse]
     """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
@@ -157,7 +158,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     SetCoinPackage: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]  # type: ignore[assignment]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
     the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
-    Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
+    Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH, PACKAGE_IS_FIXED: an existing
+    package keeps its region, channel and coins; give a new one its own id).
     """
     PlaceHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.PlaceHoldRequest, _wallet_pb2.PlaceHoldResponse]  # type: ignore[assignment]
     """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
@@ -299,7 +301,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_wallet_pb2.SetCoinPackageResponse, _abc.Awaitable[_wallet_pb2.SetCoinPackageResponse]]:
         """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
         the admin role and a reason; recorded in the admin audit trail. Purchases keep the price they paid.
-        Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH).
+        Fails with FAILED_PRECONDITION (REGION_UNSUPPORTED, CURRENCY_MISMATCH, PACKAGE_IS_FIXED: an existing
+        package keeps its region, channel and coins; give a new one its own id).
         """
 
     @_abc_1.abstractmethod
