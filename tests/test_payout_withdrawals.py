@@ -13,11 +13,20 @@ import grpc
 import pytest
 
 from coins.payout.v1 import payout_pb2
+from runtime.db import Database
 from runtime.errors import InvalidArgument
+from services.payout import storage as payout_storage
 from services.payout.callbacks import parse
 from services.payout.processor import WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox, sign
-from tests.helpers import ShiftedClock, eventually, expect_error, new_id, verify_creator
+from tests.helpers import (
+    ShiftedClock,
+    eventually,
+    expect_error,
+    migrated,
+    new_id,
+    verify_creator,
+)
 from tests.suite import Suite, require_postgres, start_suite
 from tests.test_payout import creator_with_diamonds, settled, withdrawal
 
@@ -566,3 +575,30 @@ async def test_diamonds_owed_back_are_never_paid_out_by_a_withdrawal_already_ask
         review(made.withdrawal_id, False, "owes diamonds"), metadata=admin(suite)
     )
     assert (await balance_of(suite, creator))[3] == 0  # nothing was paid out
+
+
+async def test_processor_callbacks_are_forgotten_after_their_retention_oldest_first(
+    database: Database,
+) -> None:
+    """They were kept for ever; a redelivery after PAYOUT_PROCESSOR_EVENT_RETENTION_DAYS is looked
+    up at the processor again, which resolves nothing twice."""
+    db = await migrated(database, "payout")
+    now = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
+    async with db.transaction() as conn:
+        for event_id, days in (("old-1", 40), ("old-2", 31), ("recent", 2)):
+            assert await payout_storage.record_processor_event(
+                conn,
+                event_id,
+                "wd-1",
+                "PAYMENT.PAYOUTS-ITEM.SUCCEEDED",
+                now - dt.timedelta(days=days),
+            )
+    cut = now - dt.timedelta(days=30)
+    async with db.transaction() as conn:
+        assert await payout_storage.forget_processor_events(conn, cut, limit=1) == 1
+    async with db.transaction() as conn:
+        assert await payout_storage.processor_event_seen(conn, "old-2")  # the older went first
+        assert not await payout_storage.processor_event_seen(conn, "old-1")
+        assert await payout_storage.forget_processor_events(conn, cut, limit=10) == 1
+        assert await payout_storage.processor_event_seen(conn, "recent")
+        assert not await payout_storage.processor_event_seen(conn, "old-2")

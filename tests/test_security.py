@@ -525,6 +525,7 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
         "payout", gift_credits, gift_credits.c.matured_at.is_(None)
     ),
     ("payout", "WithdrawalWorker.run"): _withdrawals_in_flight,
+    ("payout", "forgotten_processor_events"): None,  # forgets only month-old callbacks
     # Reports only (a row per run); its first run comes a period (an hour) after start.
     ("payout", "withdrawal_reconciliation_mismatches"): None,
     ("gifting", "LiveFeed.listen"): None,  # wakes LIVE feed readers; writes nothing

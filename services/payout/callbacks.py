@@ -10,6 +10,7 @@ record, and an old "succeeded" arriving after "returned" cannot pay again.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hmac
 import json
 from dataclasses import dataclass
@@ -84,6 +85,15 @@ class Callbacks:
         self._rt = runtime
         self._withdrawals = withdrawals
         self._processor = processor
+
+    async def forget_old(self, limit: int = 1000) -> int:
+        """Forget callbacks older than `PAYOUT_PROCESSOR_EVENT_RETENTION_DAYS` (a periodic job): a
+        redelivery after that is looked up at the processor again, and resolving a withdrawal twice
+        with the same outcome changes nothing."""
+        days = self._rt.settings.processor_event_retention_days
+        before = self._rt.clock.now() - dt.timedelta(days=days)
+        async with self._rt.db.transaction() as conn:
+            return await storage.forget_processor_events(conn, before, limit)
 
     def verify(self, body: bytes, signature: str) -> None:
         secret = self._rt.settings.processor_webhook_secret.get_secret_value().encode()

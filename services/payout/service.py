@@ -77,6 +77,8 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
         reconciler.periodic,
         first_after=runtime.settings.reconcile_every_seconds,
     )
+    callbacks = Callbacks(runtime, withdrawals, processor)
+    runtime.add_periodic("forgotten processor events", 3600.0, callbacks.forget_old, batch=1000)
     ledger_api.serve_ledger_audit(runtime, payouts.ledger)
     _measure(runtime, payouts)
     payout_pb2_grpc.add_PayoutServiceServicer_to_server(
@@ -84,7 +86,7 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
             runtime,
             payouts,
             withdrawals,
-            Callbacks(runtime, withdrawals, processor),
+            callbacks,
             reconciler,
             worker.wake.set,
         ),

@@ -87,6 +87,9 @@ class PayoutSettings(LedgerServiceSettings):
     """Withdrawals sent in this window (and the processor's items of it) are compared."""
     reconcile_grace_seconds: NonNegativeFloat = 300.0
     """A processor outcome younger than this is not yet a mismatch (its callback may be on its way)."""
+    processor_event_retention_days: PositiveFloat = 30.0
+    """How long a processor callback's id is kept to recognise a redelivery (PayPal redelivers for
+    up to 3 days; one redelivered later than this is looked up again, which changes nothing)."""
     maturation_days: NonNegativeFloat = 15.0
     """Credited diamonds stay *pending* this long (the chargeback window) before they become
     *available* to withdraw; 0: available at once."""

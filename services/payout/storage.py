@@ -782,6 +782,21 @@ async def processor_event_seen(conn: AsyncConnection, event_id: str) -> bool:
     return found is not None
 
 
+async def forget_processor_events(conn: AsyncConnection, before: dt.datetime, limit: int) -> int:
+    """Forget up to `limit` processor callbacks received before `before`, oldest first (migration
+    0022's index); returns how many."""
+    oldest = (
+        select(processor_events.c.event_id)
+        .where(processor_events.c.received_at < before)
+        .order_by(processor_events.c.received_at)
+        .limit(limit)
+    )
+    result = await conn.execute(
+        processor_events.delete().where(processor_events.c.event_id.in_(oldest.scalar_subquery()))
+    )
+    return int(result.rowcount)
+
+
 async def record_processor_event(
     conn: AsyncConnection, event_id: str, item_reference: str, event_type: str, now: dt.datetime
 ) -> bool:
