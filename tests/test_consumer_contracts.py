@@ -22,6 +22,7 @@ import pytest
 from google.protobuf import descriptor_pool, json_format, symbol_database
 from google.type import date_pb2
 
+from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
 from tests.suite import Suite
@@ -112,10 +113,44 @@ async def _promotion_hold(suite: Suite, params: dict[str, Any]) -> dict[str, str
     return {"hold_id": hold_id}
 
 
+async def _reversed_credit(suite: Suite, params: dict[str, Any]) -> dict[str, str]:
+    """A gift credited by payout (`gift_id`, `creator_id`, `coins`) and then reversed by an admin.
+    Defines {after}: the last reversal number before it, and {sequence}: its own."""
+    payout = suite.as_caller("gifting").payout
+
+    async def credited_and_reversed(gift_id: str) -> None:
+        await payout.CreditDiamonds(
+            payout_pb2.CreditDiamondsRequest(
+                request_id=f"gift:{gift_id}",
+                creator_id=params["creator_id"],
+                coins=params["coins"],
+                reference=gift_id,
+            )
+        )
+        await suite.payout.ReverseGiftCredits(
+            payout_pb2.ReverseGiftCreditsRequest(
+                request_id=uuid.uuid4().hex, gift_ids=[gift_id], reason="contract state"
+            ),
+            metadata=suite.token("contract-admin", admin=True),
+        )
+
+    await credited_and_reversed(f"{params['gift_id']}-before")  # so {after} is never 0 (unset)
+    after = 0
+    while page := (
+        await payout.ListReversedCredits(
+            payout_pb2.ListReversedCreditsRequest(after_sequence=after, page_size=1000)
+        )
+    ).credits:
+        after = page[-1].sequence
+    await credited_and_reversed(params["gift_id"])
+    return {"after": str(after), "sequence": str(after + 1)}
+
+
 _STATES = {
     "user_with_coins": _user_with_coins,
     "account": _account,
     "promotion_hold": _promotion_hold,
+    "reversed_credit": _reversed_credit,
 }
 
 

@@ -45,6 +45,11 @@ def credit_request(
     )
 
 
+def reversed_credits_request(after: int | str, limit: int) -> payout_pb2.ListReversedCreditsRequest:
+    """What gifting asks of payout to follow its reversals (pinned by contracts/payout.json)."""
+    return payout_pb2.ListReversedCreditsRequest(after_sequence=int(after), page_size=limit)
+
+
 class WalletDebiter:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._wallet = wallet_pb2_grpc.WalletServiceStub(channel)
@@ -113,8 +118,7 @@ class PayoutCrediter:
         """Payout's gift credits reversed after reversal number `after`, in order."""
         try:
             answer = await self._payout.ListReversedCredits(
-                payout_pb2.ListReversedCreditsRequest(after_sequence=after, page_size=limit),
-                timeout=time_limit,
+                reversed_credits_request(after, limit), timeout=time_limit
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, dependency="payout") from None
