@@ -16,22 +16,9 @@ from services.gifting.clients import PayoutCrediter
 from services.gifting.reversals import ReversedGifts
 from tests.helpers import eventually, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
+from tests.test_rankings import send
 
 G = gifting_pb2
-
-
-async def send(suite: Suite, sender: str, creator: str, gift_id: str, count: int = 1) -> str:
-    answer = await suite.gifting.SendGift(
-        G.SendGiftRequest(
-            request_id=new_id("g"),
-            sender_id=sender,
-            creator_id=creator,
-            gift_id=gift_id,
-            count=count,
-            live_id=live_of(creator),
-        )
-    )
-    return answer.sent_gift.sent_gift_id
 
 
 async def status_of(suite: Suite, sent_gift_id: str) -> int:

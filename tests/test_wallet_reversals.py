@@ -143,22 +143,28 @@ async def test_a_chargeback_of_spent_coins_leaves_a_debt_that_freezes_spending(
     await books_are_exact(suite)
 
 
-async def test_held_coins_stay_held_through_a_refund(suite: Suite) -> None:
+async def bought_and_held(
+    suite: Suite, coins: int
+) -> tuple[str, wallet_pb2.Purchase, wallet_pb2.Hold]:
+    """A new user who bought 700 coins, `coins` of them held by the promotion service."""
     user = new_id()
     await open_account(suite, user)
-    purchase = await buy(suite, user)  # 700
-    promotion = suite.as_caller("promotion").wallet
-    hold = (
-        await promotion.PlaceHold(
-            wallet_pb2.PlaceHoldRequest(
-                request_id=new_id(),
-                user_id=user,
-                coins=600,
-                reason=wallet_pb2.DEBIT_REASON_PROMOTION,
-                reference="p",
-            )
+    purchase = await buy(suite, user)
+    placed = await suite.as_caller("promotion").wallet.PlaceHold(
+        wallet_pb2.PlaceHoldRequest(
+            request_id=new_id(),
+            user_id=user,
+            coins=coins,
+            reason=wallet_pb2.DEBIT_REASON_PROMOTION,
+            reference="p",
         )
-    ).hold
+    )
+    return user, purchase, placed.hold
+
+
+async def test_held_coins_stay_held_through_a_refund(suite: Suite) -> None:
+    _, purchase, hold = await bought_and_held(suite, 600)  # 700 bought
+    promotion = suite.as_caller("promotion").wallet
     refunded = await suite.as_caller("payment-webhooks").wallet.RecordPaymentEvent(event(purchase))
     b = refunded.balance
     assert (b.coins, b.debt_coins, b.frozen) == (600, 600, True)  # took the 100 available
@@ -173,21 +179,8 @@ async def test_coins_a_released_hold_gives_back_pay_the_debt_first(suite: Suite)
     """A refund while coins were held leaves a debt and a frozen account; what the hold gives back
     pays the debt at once (and thaws the account once paid), as a purchase's coins would. Before,
     they sat in the frozen account, the debt unpaid, until the next purchase."""
-    user = new_id()
-    await open_account(suite, user)
-    purchase = await buy(suite, user)  # 700
+    user, purchase, hold = await bought_and_held(suite, 600)  # 700 bought
     promotion = suite.as_caller("promotion").wallet
-    hold = (
-        await promotion.PlaceHold(
-            wallet_pb2.PlaceHoldRequest(
-                request_id=new_id(),
-                user_id=user,
-                coins=600,
-                reason=wallet_pb2.DEBIT_REASON_PROMOTION,
-                reference="p",
-            )
-        )
-    ).hold
     await promotion.CaptureHold(
         wallet_pb2.CaptureHoldRequest(request_id=new_id(), hold_id=hold.hold_id, coins=50)
     )

@@ -974,7 +974,16 @@ async def mark_delivered(
         for period, key in period_keys(utc(created)).items():
             ranked[period, key, creator] = ranked.get((period, key, creator), 0) + int(coins)
         gifters[creator, sender] = gifters.get((creator, sender), 0) + int(coins)
-    # Upserted in key order, so that two deliveries (two replicas) lock shared rows alike.
+    await _add_to_rankings(tx, ranked, gifters)
+    return len(marked)
+
+
+async def _add_to_rankings(
+    tx: Tx, ranked: Mapping[tuple[str, str, str], int], gifters: Mapping[tuple[str, str], int]
+) -> None:
+    """Add coins (negative: take them off) to the rankings, by (period, period key, creator), and
+    to the creators' top gifters, by (creator, sender): one statement each, upserted in key order,
+    so that two transactions (two replicas) lock shared rows alike."""
     rows = [[p, k, c, n] for (p, k, c), n in sorted(ranked.items())]
     await tx.run(
         _ADD_TO_RANKINGS,
@@ -992,7 +1001,6 @@ async def mark_delivered(
         senders=[r[1] for r in pairs],
         amounts=[r[2] for r in pairs],
     )
-    return len(marked)
 
 
 async def creator_rankings_page(
@@ -1623,23 +1631,7 @@ async def reverse_gifts(tx: Tx, diamonds: Mapping[str, int], now: dt.datetime) -
         )
         await tx.run(_DROP_EMPTY_LIVE_GIFTERS, live_ids=live_ids)
     if ranked:
-        rows = [[p, k, c, n] for (p, k, c), n in sorted(ranked.items())]
-        await tx.run(
-            _ADD_TO_RANKINGS,
-            rows=rows,
-            periods=[r[0] for r in rows],
-            keys=[r[1] for r in rows],
-            creators=[r[2] for r in rows],
-            amounts=[r[3] for r in rows],
-        )
-        pairs = [[c, s, n] for (c, s), n in sorted(gifters.items())]
-        await tx.run(
-            _ADD_TO_GIFTERS,
-            rows=pairs,
-            creators=[r[0] for r in pairs],
-            senders=[r[1] for r in pairs],
-            amounts=[r[2] for r in pairs],
-        )
+        await _add_to_rankings(tx, ranked, gifters)
         creators_ = sorted({c for _, _, c in ranked})
         await tx.run(_DROP_EMPTY_RANKINGS, creators=creators_)
         await tx.run(_DROP_EMPTY_GIFTERS, creators=creators_)
