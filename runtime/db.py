@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from opentelemetry.trace import TracerProvider
-from sqlalchemy import Table, event
+from sqlalchemy import Table, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
@@ -105,6 +105,16 @@ class Database:
     async def close(self) -> None:
         await self.driver.close()
         await self.engine.dispose()
+
+
+async def lock_name(conn: AsyncConnection, name: str) -> None:
+    """Serialize the transactions that take the same `name` until each ends: a transaction-scoped
+    advisory lock on PostgreSQL (for what has no row to lock: a payment card, a creator's payout
+    methods before the first); SQLite serializes every write already."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name}
+        )
 
 
 async def insert_new(conn: AsyncConnection, table: Table, values: Mapping[str, Any]) -> bool:

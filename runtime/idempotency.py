@@ -198,7 +198,8 @@ def acting_scope(rpc: str) -> str:
     keyed by the actor, the second is REQUEST_ID_REUSED (its fingerprint names the other record).
     A user's record (a LIVE, a promotion) is scoped by its owner instead, as the owner's calls are."""
     principal = principal_or_none()
-    return f"{rpc}:{principal.user_id or '' if principal is not None else ''}"
+    actor = principal.user_id if principal is not None else None
+    return f"{rpc}:{actor or ''}"
 
 
 def _request_id(request: Message) -> str:

@@ -27,6 +27,11 @@ _POSTGRES_OUTAGES = (
 )
 
 
+def sqlite_busy(error: sqlite3.OperationalError) -> bool:
+    """SQLite's write lock is held by another connection ("database is locked" / "busy")."""
+    return "locked" in str(error) or "busy" in str(error)
+
+
 def causes(error: BaseException) -> Iterator[BaseException]:
     """`error` and everything that caused it (SQLAlchemy's `orig`, `__cause__`, `__context__`)."""
     seen: set[int] = set()
@@ -50,7 +55,7 @@ def _is_outage(cause: BaseException) -> bool:
     if isinstance(cause, asyncpg.exceptions.InterfaceError):
         return "connection" in str(cause) and "closed" in str(cause)
     if isinstance(cause, sqlite3.OperationalError):
-        return "locked" in str(cause) or "busy" in str(cause)
+        return sqlite_busy(cause)
     if isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated:
         return True
     return isinstance(cause, sa_exc.TimeoutError)  # no pooled connection came in time

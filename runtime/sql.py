@@ -35,6 +35,7 @@ from opentelemetry import trace
 
 from runtime import deadlines
 from runtime.metrics import close_commit_scope, open_commit_scope
+from runtime.outages import sqlite_busy
 
 if TYPE_CHECKING:  # not imported at run time: the audit job uses this module without SQLAlchemy
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -220,10 +221,6 @@ def _sqlite_connect(path: str, *, busy_timeout_ms: int = 5000) -> sqlite3.Connec
     return conn
 
 
-def _sqlite_busy(error: sqlite3.OperationalError) -> bool:
-    return "locked" in str(error) or "busy" in str(error)
-
-
 async def _begin_immediate(conn: sqlite3.Connection, patience: float) -> None:
     """Take the write lock without blocking the event loop: the writer's busy timeout is 0, so a lock
     held by another process fails at once and is tried again after an asyncio sleep (1 ms doubling to
@@ -238,7 +235,7 @@ async def _begin_immediate(conn: sqlite3.Connection, patience: float) -> None:
             conn.execute("BEGIN IMMEDIATE")
             return
         except sqlite3.OperationalError as error:
-            if not _sqlite_busy(error) or loop.time() >= give_up:
+            if not sqlite_busy(error) or loop.time() >= give_up:
                 raise
         deadlines.check("the database's write lock was free")
         await asyncio.sleep(delay)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import protovalidate
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from runtime.errors import FieldViolation, InvalidArgument
@@ -78,12 +79,21 @@ _TEXT_FIELDS = ("reason", "title", "name")
 words in it."""
 
 
+@functools.cache
+def _text_fields(descriptor: Descriptor) -> tuple[str, ...]:
+    """The message type's string fields among `_TEXT_FIELDS` (looked up once per type: this runs on
+    every call)."""
+    return tuple(
+        name
+        for name in _TEXT_FIELDS
+        if (field := descriptor.fields_by_name.get(name)) is not None
+        and field.type == FieldDescriptor.TYPE_STRING
+    )
+
+
 def _blank_text(request: Message) -> str | None:
     """The first such field given but made of spaces only."""
-    for name in _TEXT_FIELDS:
-        field = request.DESCRIPTOR.fields_by_name.get(name)
-        if field is None or field.type != FieldDescriptor.TYPE_STRING:
-            continue
+    for name in _text_fields(request.DESCRIPTOR):
         value = getattr(request, name)
         if isinstance(value, str) and value and not value.strip():
             return name

@@ -1513,9 +1513,8 @@ _REVERSE_GIFTS = Statement(
 )
 _DELIVERED_OF = Statement(
     "gifting.delivered_of",
-    "SELECT sent_gift_id FROM credit_outbox "
-    "WHERE sent_gift_id IN (SELECT value FROM json_each(:sent_gift_ids)) "
-    "AND delivered_at IS NOT NULL",
+    "SELECT sent_gift_id, delivered_at IS NOT NULL FROM credit_outbox "
+    "WHERE sent_gift_id IN (SELECT value FROM json_each(:sent_gift_ids))",
     postgres="SELECT sent_gift_id, delivered_at IS NOT NULL FROM credit_outbox "
     "WHERE sent_gift_id = ANY(:sent_gift_ids::text[]) ORDER BY outbox_id FOR UPDATE",
 )
@@ -1585,7 +1584,7 @@ async def reverse_gifts(tx: Tx, diamonds: Mapping[str, int], now: dt.datetime) -
     if not ids:
         return 0
     delivered_rows = await tx.all(_DELIVERED_OF, sent_gift_ids=ids)
-    delivered = {str(r[0]) for r in delivered_rows if len(r) == 1 or r[1]}
+    delivered = {str(gift_id) for gift_id, done in delivered_rows if done}
     reversed_ = await tx.all(_REVERSE_GIFTS, sent_gift_ids=ids, now=now)
     if not reversed_:
         return 0

@@ -22,14 +22,13 @@ from sqlalchemy import (
     Text,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
-from runtime.db import upsert
+from runtime.db import lock_name, upsert
 from runtime.sql import Statement, Tx
 
 metadata = MetaData()
@@ -996,14 +995,9 @@ async def payout_methods_of(
 
 
 async def lock_creator_methods(conn: AsyncConnection, creator_id: str) -> None:
-    """Serialize changes to one creator's payout methods until the transaction ends: a
-    transaction-scoped advisory lock on PostgreSQL (a creator may have no row to lock yet); SQLite
-    writes are serialized already."""
-    if conn.dialect.name == "postgresql":
-        await conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-            {"key": f"payout-methods:{creator_id}"},
-        )
+    """Serialize changes to one creator's payout methods until the transaction ends (a creator may
+    have no row to lock yet)."""
+    await lock_name(conn, f"payout-methods:{creator_id}")
 
 
 async def insert_payout_method(conn: AsyncConnection, method: PayoutMethodRecord) -> None:

@@ -15,7 +15,7 @@ from runtime.db import Database
 from runtime.idempotency import Idempotency
 from runtime.protos import RpcContext
 from services.wallet.convert import DEBIT_REASONS, balance_pb, hold_pb
-from services.wallet.domain import Wallet
+from services.wallet.domain import Wallet, user_of
 
 
 class HoldRpcs:
@@ -24,7 +24,7 @@ class HoldRpcs:
     _wallet: Wallet
 
     async def _coins(self, conn: AsyncConnection, account_id: str) -> wallet_pb2.Balance:
-        return balance_pb(await self._wallet.coins(conn, account_id.removeprefix("user:")))
+        return balance_pb(await self._wallet.coins(conn, user_of(account_id)))
 
     async def PlaceHold(
         self, request: wallet_pb2.PlaceHoldRequest, context: RpcContext

@@ -11,7 +11,7 @@ from ledger import Hold
 from runtime.errors import FieldViolation, InvalidArgument
 from runtime.protos import money, timestamp
 from services.wallet import storage
-from services.wallet.domain import Coins
+from services.wallet.domain import Coins, user_of
 
 CHANNELS = {wallet_pb2.CHANNEL_IN_APP: "in_app", wallet_pb2.CHANNEL_WEB: "web"}
 CHANNEL_ENUM = {name: value for value, name in CHANNELS.items()}
@@ -119,7 +119,7 @@ def balance_pb(coins: Coins) -> wallet_pb2.Balance:
 def hold_pb(hold: Hold) -> wallet_pb2.Hold:
     message = wallet_pb2.Hold(
         hold_id=hold.hold_id,
-        user_id=hold.account_id.removeprefix("user:"),
+        user_id=user_of(hold.account_id),
         amount_coins=hold.amount,
         captured_coins=hold.captured,
         status=HOLD_STATUS[hold.status],

@@ -38,6 +38,11 @@ def user_account(user_id: str) -> str:
     return f"user:{user_id}"
 
 
+def user_of(account_id: str) -> str:
+    """The user whose coins a `user:` ledger account holds (a hold names its account)."""
+    return account_id.removeprefix("user:")
+
+
 def debt_account(user_id: str) -> str:
     """The ledger account that records what a user owes after a clawback (never positive)."""
     return f"debt:{user_id}"
@@ -121,13 +126,8 @@ class Wallet:
         active: bool,
     ) -> storage.PackageRecord:
         """A package as an admin prices it: only where coins are sold, in that region's currency."""
-        currency = self.settings.regions.get(region)
-        if currency is None:
-            raise FailedPrecondition(
-                "REGION_UNSUPPORTED",
-                f"coins are not sold in {region}; supported: {', '.join(sorted(self.settings.regions))}",
-                region=region,
-            )
+        self.require_sold_in(region)
+        currency = self.settings.regions[region]
         if currency_code != currency:
             raise FailedPrecondition(
                 "CURRENCY_MISMATCH",
@@ -180,7 +180,7 @@ class Wallet:
         """The active packages a user may buy on `channel`: their account's region, cheapest first
         (REGION_UNSUPPORTED where coins are not sold: an empty shop says nothing)."""
         account = await self.account(conn, user_id)
-        self.require_sold_in(account)
+        self.require_sold_in(account.country_code)
         return await storage.list_packages(
             conn, account.country_code, channel, limit=limit, after=after
         )
@@ -311,7 +311,7 @@ class Wallet:
         """Give back what the hold did not capture; coins that come back to an account frozen by a
         debt pay the debt first (and thaw it once paid), as a purchase's coins do."""
         hold = await self.holds.release(conn, hold_id, owner=owner)
-        await self.settle_debt(conn, hold.account_id.removeprefix("user:"), f"release:{hold_id}")
+        await self.settle_debt(conn, user_of(hold.account_id), f"release:{hold_id}")
         return hold
 
     async def expire_holds(self, conn: AsyncConnection, *, limit: int) -> int:
@@ -319,9 +319,7 @@ class Wallet:
         release); returns how many."""
         expired = await self.holds.expire_due(conn, limit=limit)
         for hold in expired:
-            await self.settle_debt(
-                conn, hold.account_id.removeprefix("user:"), f"expiry:{hold.hold_id}"
-            )
+            await self.settle_debt(conn, user_of(hold.account_id), f"expiry:{hold.hold_id}")
         return len(expired)
 
     async def place_hold(
@@ -359,7 +357,7 @@ class Wallet:
                 f"users under {minimum} cannot buy coins in {account.country_code}",
                 minimum_age=minimum,
             )
-        self.require_sold_in(account)
+        self.require_sold_in(account.country_code)
         if (
             not package.active
             or package.region != account.country_code
@@ -376,14 +374,14 @@ class Wallet:
                 package_id=package.package_id,
             )
 
-    def require_sold_in(self, account: storage.AccountRecord) -> None:
-        """REGION_UNSUPPORTED for an account in a country where coins are not sold."""
-        if account.country_code not in self.settings.regions:
+    def require_sold_in(self, country_code: str) -> None:
+        """REGION_UNSUPPORTED for a country where coins are not sold (an account's, a package's)."""
+        if country_code not in self.settings.regions:
             raise FailedPrecondition(
                 "REGION_UNSUPPORTED",
-                f"coins are not sold in {account.country_code} (they are in "
+                f"coins are not sold in {country_code} (they are in "
                 f"{', '.join(sorted(self.settings.regions))})",
-                country_code=account.country_code,
+                country_code=country_code,
             )
 
     async def check_limits(

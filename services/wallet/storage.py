@@ -17,7 +17,6 @@ from sqlalchemy import (
     Table,
     func,
     select,
-    text,
     tuple_,
     update,
 )
@@ -25,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
-from runtime.db import upsert
+from runtime.db import lock_name, upsert
 from runtime.sql import Statement, Tx, as_tx
 
 metadata = MetaData()
@@ -273,12 +272,8 @@ async def purchased_since(
 
 
 async def lock_payment_method(conn: AsyncConnection, token: str) -> None:
-    """Serialize purchases with one payment method across users (its limit spans them): a
-    transaction-scoped advisory lock on PostgreSQL; SQLite writes are serialized already."""
-    if conn.dialect.name == "postgresql":
-        await conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:token, 0))"), {"token": token}
-        )
+    """Serialize purchases with one payment method across users (its limit spans them)."""
+    await lock_name(conn, token)
 
 
 async def lock_account(conn: AsyncConnection, user_id: str) -> None:
