@@ -13,7 +13,8 @@ import pytest
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from services.gifting.clients import PayoutCrediter
-from services.gifting.reversals import ReversedGifts
+from services.gifting.reversals import FEED, ReversedGifts
+from services.gifting.storage import followed_position
 from tests.helpers import eventually, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite
 from tests.test_rankings import send
@@ -101,7 +102,7 @@ async def test_a_reversed_gift_leaves_the_rankings_the_top_gifters_and_its_live(
     assert await ranked_coins(suite, creator) == 2  # the big one was not taken off twice
 
 
-async def test_reversals_are_followed_in_the_order_they_committed_once_each(
+async def test_payout_lists_reversals_in_commit_order_and_gifting_passes_a_foreign_one(
     suite: Suite,
 ) -> None:
     """Payout numbers reversals as they commit; a credit gifting never sent (a direct
@@ -129,6 +130,13 @@ async def test_reversals_are_followed_in_the_order_they_committed_once_each(
         payout_pb2.ListReversedCreditsRequest(after_sequence=numbers[-1])
     )
     assert list(later.credits) == []
+    gifting_db = suite.services["gifting"].runtime.db
+
+    async def passed_over() -> bool:  # gifting's position moves past it; nothing of gifting's moved
+        async with gifting_db.driver.read() as tx:
+            return await followed_position(tx, FEED) >= numbers[-1]
+
+    await eventually(passed_over, "gifting following past the foreign reversal")
 
 
 async def test_payout_out_of_reach_is_one_warning_and_the_next_period_tries_again(
