@@ -228,22 +228,31 @@ async def write_posting(
             hashes=list(columns[5]),
         )
         return
-    for account_id, head_hash in heads.items():
-        await tx.run(_SET_HEAD, account_id=account_id, hash=head_hash)
+    if heads:
+        await tx.run_many(_SET_HEAD, [{"account_id": a, "hash": h} for a, h in heads.items()])
     await tx.run(_INSERT_TRANSACTION, **transaction)
-    for account_id, amount, after, seq, prev_hash, hash_ in entries:
-        await tx.run(
-            _INSERT_ENTRY,
-            transaction_id=transaction["transaction_id"],
-            account_id=account_id,
-            amount=amount,
-            balance_after=after,
-            created_at=transaction["created_at"],
-            seq=seq,
-            prev_hash=prev_hash,
-            hash=hash_,
-            kind=transaction["kind"],
-        )
+    transaction_id, created_at, kind = (
+        transaction["transaction_id"],
+        transaction["created_at"],
+        transaction["kind"],
+    )
+    await tx.run_many(
+        _INSERT_ENTRY,
+        [
+            {
+                "transaction_id": transaction_id,
+                "account_id": account_id,
+                "amount": amount,
+                "balance_after": after,
+                "created_at": created_at,
+                "seq": seq,
+                "prev_hash": prev_hash,
+                "hash": hash_,
+                "kind": kind,
+            }
+            for account_id, amount, after, seq, prev_hash, hash_ in entries
+        ],
+    )
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,12 @@ class Tx(Protocol):
         """Execute; the number of rows it changed."""
         ...
 
+    async def run_many(self, statement: Statement, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Execute once per parameter set, in one call to the driver (SQLite's executemany loops in
+        C); the number of rows changed in all. PostgreSQL's hot paths send arrays to one statement
+        instead, which is one round trip."""
+        ...
+
 
 class _Traced:
     def __init__(self) -> None:
@@ -137,6 +143,12 @@ class PgTx(_Traced):
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
 
+    async def run_many(self, statement: Statement, rows: Sequence[Mapping[str, Any]]) -> int:
+        changed = 0
+        for params in rows:  # asyncpg's executemany answers no row counts
+            changed += await self.run(statement, **params)
+        return changed
+
 
 class SqliteTx(_Traced):
     dialect = "sqlite"
@@ -159,6 +171,10 @@ class SqliteTx(_Traced):
     async def run(self, statement: Statement, **params: Any) -> int:
         self.statements.append(statement.name)
         return self._conn.execute(statement.sqlite, _sqlite_params(params)).rowcount
+
+    async def run_many(self, statement: Statement, rows: Sequence[Mapping[str, Any]]) -> int:
+        self.statements.append(f"{statement.name} x{len(rows)}")
+        return self._conn.executemany(statement.sqlite, map(_sqlite_params, rows)).rowcount
 
 
 class ConnTx:
@@ -185,6 +201,12 @@ class ConnTx:
 
     async def run(self, statement: Statement, **params: Any) -> int:
         return int((await self._execute(statement, params)).rowcount)
+
+    async def run_many(self, statement: Statement, rows: Sequence[Mapping[str, Any]]) -> int:
+        changed = 0
+        for params in rows:
+            changed += await self.run(statement, **params)
+        return changed
 
 
 def as_tx(conn: AsyncConnection | Tx) -> Tx:

@@ -166,7 +166,7 @@ gift_credits = Table(
     Column("coin_value_micros", BigInteger, nullable=False),
     Column("diamond_value_micros", BigInteger, nullable=False),
     Column("platform_micros", BigInteger, nullable=False),
-    Column("reversal_seq", BigInteger, unique=True),
+    Column("reversal_seq", BigInteger),
 )
 """One row per applied gift credit (migration 0007): the exactly-once record and its answer; its
 diamonds are pending until `matured_at` (migration 0011); the rates it was converted at and the
@@ -417,17 +417,20 @@ async def set_diamonds_credited_many(
             denominator=denominator,
         )
         return
-    for creator_id in creators_:
-        coins_at, diamonds_at = segments[creator_id]
-        await tx.run(
-            _SET_CREDITED,
-            creator_id=creator_id,
-            owed=owed[creator_id],
-            numerator=numerator,
-            denominator=denominator,
-            coins_at=coins_at,
-            diamonds_at=diamonds_at,
-        )
+    await tx.run_many(
+        _SET_CREDITED,
+        [
+            {
+                "creator_id": creator_id,
+                "owed": owed[creator_id],
+                "numerator": numerator,
+                "denominator": denominator,
+                "coins_at": segments[creator_id][0],
+                "diamonds_at": segments[creator_id][1],
+            }
+            for creator_id in creators_
+        ],
+    )
 
 
 @dataclass(frozen=True)
@@ -465,12 +468,10 @@ async def insert_credits(
             matured_at=matured_at,
             **snapshot,
         )
-    inserted = 0
-    for r in rows:
-        inserted += await tx.run(
-            _INSERT_CREDIT, **r.__dict__, now=now, matured_at=matured_at, **snapshot
-        )
-    return inserted
+    return await tx.run_many(
+        _INSERT_CREDIT,
+        [{**r.__dict__, "now": now, "matured_at": matured_at, **snapshot} for r in rows],
+    )
 
 
 async def claim_due_credits(tx: Tx, due: dt.datetime, limit: int) -> list[tuple[str, str, int]]:
