@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         downgrade_ledger_tables_v4,
         downgrade_ledger_tables_v5,
         downgrade_ledger_tables_v6,
+        downgrade_ledger_tables_v7,
         entries,
         metadata,
         transactions,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
         upgrade_ledger_tables_v4,
         upgrade_ledger_tables_v5,
         upgrade_ledger_tables_v6,
+        upgrade_ledger_tables_v7,
     )
 
 _WHERE = {
@@ -62,6 +64,7 @@ _WHERE = {
             "downgrade_ledger_tables_v4",
             "downgrade_ledger_tables_v5",
             "downgrade_ledger_tables_v6",
+            "downgrade_ledger_tables_v7",
             "entries",
             "metadata",
             "transactions",
@@ -70,6 +73,7 @@ _WHERE = {
             "upgrade_ledger_tables_v4",
             "upgrade_ledger_tables_v5",
             "upgrade_ledger_tables_v6",
+            "upgrade_ledger_tables_v7",
         )
     },
 }
@@ -88,6 +92,7 @@ __all__ = [
     "downgrade_ledger_tables_v4",
     "downgrade_ledger_tables_v5",
     "downgrade_ledger_tables_v6",
+    "downgrade_ledger_tables_v7",
     "entries",
     "metadata",
     "transactions",
@@ -96,6 +101,7 @@ __all__ = [
     "upgrade_ledger_tables_v4",
     "upgrade_ledger_tables_v5",
     "upgrade_ledger_tables_v6",
+    "upgrade_ledger_tables_v7",
 ]
 
 

@@ -20,10 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger.book import Ledger, Posted, Posting, frozen, insufficient
 from ledger.schema import accounts, holds
 from runtime.clock import utc
-from runtime.errors import FailedPrecondition, NotFound, PermissionDenied
+from runtime.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from runtime.sql import as_tx
 
 ACTIVE, CAPTURED, RELEASED, EXPIRED = "active", "captured", "released", "expired"
+_HOLD_COLUMNS = [c for c in holds.c if c.name != "placed_under"]
+"""What `Hold` carries (the request that placed a hold is only looked up by)."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,33 @@ class Holds:
         kind: str,
         reference: str,
         expires_at: dt.datetime | None = None,
+        placed_under: str | None = None,
     ) -> Hold:
-        """Reserve `amount` of the account's available balance; INSUFFICIENT_FUNDS if it is short."""
+        """Reserve `amount` of the account's available balance; INSUFFICIENT_FUNDS if it is short.
+
+        `placed_under` names the request (`<scope>/<request id>`): the hold keeps it, and the same
+        request again, after the service purged its idempotency record, answers that hold (in
+        whatever state it is now) instead of reserving a second time."""
         if amount <= 0:
             raise ValueError("a hold must be positive")
+        if placed_under is not None:
+            placed = await self.placed_under(conn, placed_under)
+            if placed is not None:
+                if (placed.account_id, placed.amount, placed.counter_account_id, placed.owner) != (
+                    account_id,
+                    amount,
+                    counter_account_id,
+                    owner,
+                ):
+                    request_id = placed_under.rsplit("/", 1)[-1]
+                    raise AlreadyExists(
+                        "REQUEST_ID_REUSED",
+                        f"request_id {request_id!r} already placed hold {placed.hold_id} with "
+                        "different parameters; use a new request_id for a new request",
+                        request_id=request_id,
+                        hold_id=placed.hold_id,
+                    )
+                return placed
         reserved = await conn.execute(
             update(accounts)
             .where(
@@ -111,11 +136,19 @@ class Holds:
             created_at=now,
             updated_at=now,
         )
-        await conn.execute(holds.insert().values(**hold.__dict__))
+        await conn.execute(holds.insert().values(**hold.__dict__, placed_under=placed_under))
         return hold
 
+    async def placed_under(self, conn: AsyncConnection, placed_under: str) -> Hold | None:
+        """The hold the request `placed_under` placed, if any (kept for good, unlike idempotency
+        records)."""
+        row = (
+            await conn.execute(select(*_HOLD_COLUMNS).where(holds.c.placed_under == placed_under))
+        ).first()
+        return None if row is None else Hold.of(row)
+
     async def get(self, conn: AsyncConnection, hold_id: str) -> Hold:
-        row = (await conn.execute(select(holds).where(holds.c.hold_id == hold_id))).first()
+        row = (await conn.execute(select(*_HOLD_COLUMNS).where(holds.c.hold_id == hold_id))).first()
         if row is None:
             raise NotFound("HOLD_NOT_FOUND", f"no hold {hold_id!r}", hold_id=hold_id)
         return Hold.of(row)

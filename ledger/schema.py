@@ -142,10 +142,24 @@ accounts = Table(
     *_accounts_freeze_columns(),
     CheckConstraint(_BALANCE_RULE),
 )
+
+
+# Version 7: a hold keeps the request that placed it (`<scope>/<request id>`, unique where set), so the
+# same request sent again after the service purged its idempotency record finds the hold it placed
+# instead of placing a second one.
+_HOLDS_PLACED_UNDER = "ix_ledger_holds_placed_under"
+_PLACED_UNDER_SET = sa.text("placed_under IS NOT NULL")
+
+
+def _holds_request_columns() -> list[Column[Any]]:
+    return [Column("placed_under", String(320))]
+
+
 holds = Table(
     "ledger_holds",
     metadata,
     *_holds_columns(),
+    *_holds_request_columns(),
     *(CheckConstraint(rule) for rule in _HOLD_RULES),
     Index("ix_ledger_holds_account", "account_id", "status"),
     Index("ix_ledger_holds_expiry", "status", "expires_at"),
@@ -480,3 +494,24 @@ def downgrade_ledger_tables_v6(op: Operations) -> None:
         op.drop_index(name, "ledger_entries")
     with op.batch_alter_table("ledger_entries", recreate="never") as batch:
         batch.drop_column("kind")
+
+
+def upgrade_ledger_tables_v7(op: Operations) -> None:
+    """Frozen DDL of the ledger's seventh version (a hold keeps the request that placed it)."""
+    with op.batch_alter_table("ledger_holds", recreate="never") as batch:
+        for column in _holds_request_columns():
+            batch.add_column(column)
+    op.create_index(
+        _HOLDS_PLACED_UNDER,
+        "ledger_holds",
+        ["placed_under"],
+        unique=True,
+        postgresql_where=_PLACED_UNDER_SET,
+        sqlite_where=_PLACED_UNDER_SET,
+    )
+
+
+def downgrade_ledger_tables_v7(op: Operations) -> None:
+    op.drop_index(_HOLDS_PLACED_UNDER, table_name="ledger_holds")
+    with op.batch_alter_table("ledger_holds", recreate="never") as batch:
+        batch.drop_column("placed_under")

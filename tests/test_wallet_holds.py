@@ -12,7 +12,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import ShiftedClock, eventually, expect_error, funded_user, new_id
+from tests.helpers import ShiftedClock, eventually, expect_error, funded_user, new_id, rpc_error
 from tests.suite import Suite, require_postgres, start_suite
 
 
@@ -173,6 +173,66 @@ async def test_a_hold_past_its_expiry_releases_itself(timed: tuple[Suite, Shifte
     got = await promotion.GetHold(wallet_pb2.GetHoldRequest(hold_id=hold.hold_id))
     assert got.hold.status == wallet_pb2.HOLD_STATUS_EXPIRED
     assert await balance(suite, user) == (coins, coins)
+
+
+async def test_a_hold_placed_again_after_its_request_id_was_purged_is_the_same_hold(
+    timed: tuple[Suite, ShiftedClock],
+) -> None:
+    """CreatePromotion retried after the wallet purged the PlaceHold's request id
+    (WALLET_IDEMPOTENCY_RETENTION_HOURS): the hold kept the request that placed it and is answered,
+    in the state it is in now; a second hold was placed before (ledger v7). The same request id
+    for another amount is refused and reserves nothing."""
+    suite, _ = timed
+    user, coins = await funded_user(suite)
+    promotion = suite.as_caller("promotion").wallet
+    request = place(user, 300)
+    first = (await promotion.PlaceHold(request)).hold
+    await promotion.CaptureHold(capture(first.hold_id, 100))
+    assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
+    again = await promotion.PlaceHold(request)
+    assert again.hold.hold_id == first.hold_id
+    assert (again.hold.captured_coins, again.hold.amount_coins) == (100, 300)
+    assert (again.balance.coins, again.balance.available_coins) == (coins - 100, coins - 300)
+    assert await balance(suite, user) == (coins - 100, coins - 300)
+
+    assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
+    other = wallet_pb2.PlaceHoldRequest()
+    other.CopyFrom(request)
+    other.coins = 50
+    refused = await expect_error(
+        promotion.PlaceHold(other), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    assert first.hold_id in (refused.details() or "")
+    assert await balance(suite, user) == (coins - 100, coins - 300)
+
+
+async def test_resolving_a_hold_whose_request_id_was_purged_finds_it_in_the_ledger(
+    timed: tuple[Suite, ShiftedClock],
+) -> None:
+    """The promotion reconciler asks what became of a PlaceHold after the wallet purged its request
+    id: the hold it placed is answered PLACED, not voided (which left it reserving the budget of a
+    promotion that then failed, until it expired); a request that placed nothing is voided, and
+    the same request arriving late is refused and reserves nothing."""
+    suite, _ = timed
+    user, coins = await funded_user(suite)
+    promotion = suite.as_caller("promotion").wallet
+    request = place(user, 300)
+    placed = (await promotion.PlaceHold(request)).hold
+    assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
+    resolved = await promotion.ResolveHold(
+        wallet_pb2.ResolveHoldRequest(request_id=request.request_id, user_id=user)
+    )
+    assert resolved.outcome == wallet_pb2.HOLD_OUTCOME_PLACED
+    assert resolved.placed.hold.hold_id == placed.hold_id
+    assert resolved.placed.balance.available_coins == coins - 300
+
+    never = place(user, 100)
+    resolved = await promotion.ResolveHold(
+        wallet_pb2.ResolveHoldRequest(request_id=never.request_id, user_id=user)
+    )
+    assert resolved.outcome == wallet_pb2.HOLD_OUTCOME_VOIDED
+    await rpc_error(promotion.PlaceHold(never))
+    assert await balance(suite, user) == (coins, coins - 300)
 
 
 async def test_a_capture_sent_again_after_its_request_id_was_purged_is_not_captured_twice(

@@ -24,6 +24,7 @@ from services.wallet.convert import (
     KIND_NAMES,
     account_pb,
     balance_pb,
+    hold_pb,
     package_pb,
     to_date,
 )
@@ -306,7 +307,21 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         self, request: wallet_pb2.ResolveHoldRequest, context: RpcContext
     ) -> wallet_pb2.ResolveHoldResponse:
         caller = current_principal().service
-        response, reason = await self._resolve(f"PlaceHold:{caller}:{request.user_id}", request)
+        scope = f"PlaceHold:{caller}:{request.user_id}"
+        if not await self._idempotency.is_recorded(scope, request):
+            # Never received, or its record purged: the hold, if it was placed, kept the request
+            # (ledger v7), and is answered in the state it is in now rather than voided.
+            async with self._db.read() as conn:
+                hold = await self._wallet.holds.placed_under(conn, f"{scope}/{request.request_id}")
+                if hold is not None:
+                    return wallet_pb2.ResolveHoldResponse(
+                        outcome=wallet_pb2.HOLD_OUTCOME_PLACED,
+                        placed=wallet_pb2.PlaceHoldResponse(
+                            hold=hold_pb(hold),
+                            balance=balance_pb(await self._wallet.coins(conn, request.user_id)),
+                        ),
+                    )
+        response, reason = await self._resolve(scope, request)
         if response is not None:
             return wallet_pb2.ResolveHoldResponse(
                 outcome=wallet_pb2.HOLD_OUTCOME_PLACED,

@@ -33,6 +33,7 @@ class HoldRpcs:
         expire_after = (
             request.expire_after.ToTimedelta() if request.HasField("expire_after") else None
         )
+        scope = f"PlaceHold:{caller}:{request.user_id}"
 
         async def effect(conn: AsyncConnection) -> wallet_pb2.PlaceHoldResponse:
             hold = await self._wallet.place_hold(
@@ -43,14 +44,13 @@ class HoldRpcs:
                 reference=request.reference,
                 owner=caller,
                 expire_after=expire_after,
+                placed_under=f"{scope}/{request.request_id}",
             )
             return wallet_pb2.PlaceHoldResponse(
                 hold=hold_pb(hold), balance=await self._coins(conn, hold.account_id)
             )
 
-        return await self._idempotency.once(
-            f"PlaceHold:{caller}:{request.user_id}", request, wallet_pb2.PlaceHoldResponse, effect
-        )
+        return await self._idempotency.once(scope, request, wallet_pb2.PlaceHoldResponse, effect)
 
     async def CaptureHold(
         self, request: wallet_pb2.CaptureHoldRequest, context: RpcContext

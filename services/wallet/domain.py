@@ -332,8 +332,10 @@ class Wallet:
         reference: str,
         owner: str,
         expire_after: dt.timedelta | None,
+        placed_under: str | None = None,
     ) -> Hold:
-        """Reserve coins for what `reason` will pay for; captures go to that spend account."""
+        """Reserve coins for what `reason` will pay for; captures go to that spend account. The hold
+        keeps `placed_under`, the request that placed it (see `Holds.place`)."""
         return await self.holds.place(
             conn,
             user_account(user_id),
@@ -343,6 +345,7 @@ class Wallet:
             kind=reason,
             reference=reference,
             expires_at=self.ledger.clock.now() + expire_after if expire_after else None,
+            placed_under=placed_under,
         )
 
     def check_can_buy(
