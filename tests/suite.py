@@ -284,8 +284,12 @@ async def start_suite(
             if name == "wallet":
                 options["hold_sweep_seconds"] = 0.2  # expiries show within a test's patience
             if name == "gifting":  # streaks end (tests/test_streaks.py moves a clock), and
-                options.update(  # payout's reversals apply, within a test's patience
-                    streak_pause_seconds=0.3, streak_sweep_seconds=0.05, reversals_every_seconds=0.5
+                options.update(  # payout's reversals apply, within a test's patience; an
+                    # EndLive waits at most 2 s for a gift left pending (tests leave some on purpose)
+                    streak_pause_seconds=0.3,
+                    streak_sweep_seconds=0.05,
+                    reversals_every_seconds=0.5,
+                    end_live_patience_seconds=2.0,
                 )
             if name == "payout":
                 # Most tests withdraw what they just credited; tests/test_payout_maturation.py

@@ -509,9 +509,14 @@ async def test_a_watcher_that_keeps_losing_ground_is_told_to_resume(suite: Suite
     assert sum(1 for e in seen + more if e.kind == "gift") == sent
 
 
-async def test_gifts_racing_the_end_of_a_live_are_refused_or_counted_never_lost(
+async def test_gifts_racing_the_end_of_a_live_are_refused_or_fed_before_its_end(
     suite: Suite,
 ) -> None:
+    """EndLive turns the LIVE's gifts off, lets the gifts it took already be recorded, then ends
+    it: every gift answered OK is in the feed before `ended`, EndLive's summary is final (GetLive
+    reads the same later), and a refused gift moved no coin. Before, a gift accepted just before
+    the end and recorded just after it was charged and counted, but never fed (9 of 144 in a
+    review's run), and EndLive's summary went stale."""
     creator = await new_creator(suite, live=False)
     live = await start_live(suite, creator)
     senders = [(await funded_user(suite)) for _ in range(5)]
@@ -525,21 +530,23 @@ async def test_gifts_racing_the_end_of_a_live_are_refused_or_counted_never_lost(
         G.EndLiveRequest(request_id=new_id("e"), live_id=live), metadata=suite.token(creator)
     )
     results = await asyncio.gather(*sends[:10], end, *sends[10:], return_exceptions=True)
-    assert isinstance(results.pop(10), G.EndLiveResponse)
+    ended = results.pop(10)
+    assert isinstance(ended, G.EndLiveResponse)
     accepted = [a for a in results if isinstance(a, G.SendGiftResponse)]
     refused = [a for a in results if isinstance(a, grpc.aio.AioRpcError)]
     assert len(accepted) + len(refused) == 20
     for error in refused:
         info = error_info(error)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
-        assert info is not None and info.reason == "LIVE_ENDED"
+        assert info is not None and info.reason in {"LIVE_ENDED", "LIVE_GIFTS_OFF"}
     events = await asyncio.wait_for(watcher, timeout=10)
     assert events[-1].HasField("ended")  # the end is the feed's last event
-    fed = set(gift_ids(events))
-    assert fed <= {a.sent_gift.sent_gift_id for a in accepted}
+    assert set(gift_ids(events)) == {a.sent_gift.sent_gift_id for a in accepted}
     summary = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live))).summary
-    # Every accepted gift counts in the summary (one accepted just before the end and recorded
-    # just after it counts, without a feed event after the end); no refused gift moved a coin.
+    assert (ended.summary.gifts_sent, ended.summary.coins_received) == (
+        summary.gifts_sent,
+        summary.coins_received,
+    )
     assert summary.gifts_sent == len(accepted)
     assert summary.coins_received == sum(a.sent_gift.coins for a in accepted)
     spent = sum(coins for _, coins in senders) - sum(

@@ -248,15 +248,21 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         self, request: gifting_pb2.EndLiveRequest, context: RpcContext
     ) -> gifting_pb2.EndLiveResponse:
         creator = await self._owned_live(request.live_id)
+        scope = f"EndLive:{creator}"
+        if not await self._idempotency.is_recorded(scope, request):
+            await self._lives.close_to_gifts(
+                self._db,
+                request.live_id,
+                self._rt.clock,
+                patience=self._rt.settings.end_live_patience_seconds,
+            )
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.EndLiveResponse:
             live = await self._lives.end(conn, request.live_id, self._rt.clock.now())
             summary = await self._lives.summary(conn, live)
             return gifting_pb2.EndLiveResponse(live=live_pb(live), summary=live_summary_pb(summary))
 
-        response = await self._idempotency.once(
-            f"EndLive:{creator}", request, gifting_pb2.EndLiveResponse, effect
-        )
+        response = await self._idempotency.once(scope, request, gifting_pb2.EndLiveResponse, effect)
         self._feed.notify(request.live_id)
         return response
 

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 import uuid
 from dataclasses import dataclass, replace
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.clock import Clock
+from runtime.db import Database
 from runtime.errors import (
     AlreadyExists,
     DomainError,
@@ -125,6 +129,30 @@ class Lives:
         if not await storage.end_live(conn, live_id, now):
             raise live_ended(await self.get(conn, live_id))
         return await self.get(conn, live_id)
+
+    async def close_to_gifts(
+        self, db: Database, live_id: str, clock: Clock, *, patience: float
+    ) -> None:
+        """EndLive's first step: the LIVE takes no new gift (gifts off), and the gifts it took
+        already, debited or being debited, are recorded before it ends, so that every gift it
+        took is in its feed and the summary EndLive answers is final. A gift still pending after
+        `patience` seconds (its wallet call is slow or down: the reconciler's) does not hold up
+        the end; it is then counted in the LIVE's totals but not fed."""
+        async with db.transaction() as conn:
+            live = await storage.get_live(conn, live_id)
+            if live is None or live.ended_at is not None:
+                return
+            if live.gifts_enabled:
+                await storage.set_live_gifts(conn, live_id, False)
+        give_up = time.monotonic() + patience
+        since = clock.now() - dt.timedelta(seconds=patience)
+        pause = 0.002
+        while time.monotonic() < give_up:
+            async with db.read() as conn:
+                if not await storage.pending_gifts_in_live(conn, live_id, since):
+                    return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     async def set_gifts(
         self, conn: AsyncConnection, live_id: str, enabled: bool

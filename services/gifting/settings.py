@@ -31,6 +31,10 @@ class GiftingSettings(ServiceSettings):
     reconcile_after_seconds: PositiveFloat = 60.0
     """Gifts still pending after this (a crash or a lost wallet answer mid-send) are settled by asking
     the wallet what became of their debit."""
+    end_live_patience_seconds: NonNegativeFloat = 5.0
+    """EndLive first turns the LIVE's gifts off, then waits up to this long for the gifts it took
+    already to be recorded, so each is in the feed and EndLive's summary is final. A gift still on
+    its way after this (a slow or unreachable wallet) counts in the LIVE's totals, not its feed."""
     streak_pause_seconds: PositiveFloat = 5.0
     """Sends of a streakable gift by one viewer in one LIVE at most this far apart form a streak; it
     ends when the pause passes (a `streak_ended` event in the feed)."""

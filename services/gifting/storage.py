@@ -1224,6 +1224,21 @@ async def end_live(conn: AsyncConnection, live_id: str, now: dt.datetime) -> boo
     return True
 
 
+async def pending_gifts_in_live(conn: AsyncConnection, live_id: str, since: dt.datetime) -> int:
+    """Gifts to the LIVE started since `since` and not yet recorded or failed
+    (ix_sent_gifts_live_created: a range of the LIVE's newest gifts)."""
+    found = await conn.scalar(
+        select(func.count())
+        .select_from(sent_gifts)
+        .where(
+            sent_gifts.c.live_id == live_id,
+            sent_gifts.c.created_at >= since,
+            sent_gifts.c.status == "pending",
+        )
+    )
+    return int(found or 0)
+
+
 async def set_live_gifts(conn: AsyncConnection, live_id: str, enabled: bool) -> None:
     await conn.execute(
         update(lives).where(lives.c.live_id == live_id).values(gifts_enabled=enabled)
