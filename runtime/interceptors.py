@@ -19,13 +19,14 @@ counted by the load shedder (they are long-lived and mostly idle).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import traceback
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -53,6 +54,38 @@ from runtime.status import fail, from_rpc_error
 from runtime.validation import RequestValidator
 
 log = logging.getLogger("coins.rpc")
+
+T = TypeVar("T")
+_UNFINISHED: set[asyncio.Task[Any]] = set()
+"""Unary calls whose caller went away before they finished, kept until they do."""
+
+
+async def uninterrupted(work: Awaitable[T]) -> T:
+    """Run a unary call's work in a task of its own that the caller's deadline or cancellation does
+    not interrupt: grpc answers the caller at once (DEADLINE_EXCEEDED, CANCELLED) while the work goes
+    on to its next safe point (`deadlines.check`) and commits or rolls back whole. A cancellation
+    landing inside a database statement could otherwise leave a transaction open: SQLAlchemy then
+    invalidates the aiosqlite connection, and a race in its close can leave the file's write lock
+    held until the garbage collector frees the connection (a review saw a wallet and a promotion
+    refuse every write for minutes)."""
+    task = asyncio.ensure_future(work)
+    _UNFINISHED.add(task)
+    task.add_done_callback(_finished)
+    return await asyncio.shield(task)
+
+
+async def finish_unfinished(patience: float) -> None:
+    """At shutdown, before the database closes: let the work of calls whose callers went away
+    finish (at most `patience` seconds)."""
+    if _UNFINISHED:
+        await asyncio.wait(set(_UNFINISHED), timeout=patience)
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    _UNFINISHED.discard(task)
+    if not task.cancelled():
+        task.exception()  # seen: a caller that went away has no one else to give it to
+
 
 OPEN_STREAMS = frozenset(
     {
@@ -205,7 +238,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 set_principal(principal)
                 if audited:
                     await self._audit.record(principal, method, request, "STARTED")
-                response = await behavior(request, context)
+                response = await uninterrupted(behavior(request, context))
                 _annotate_answer(response)
                 if audited:
                     await self._audit.record(principal, method, request, "OK")

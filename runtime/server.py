@@ -44,7 +44,7 @@ from runtime.clock import Clock, SystemClock
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
 from runtime.idempotency import Idempotency
-from runtime.interceptors import RequestGuard
+from runtime.interceptors import RequestGuard, finish_unfinished
 from runtime.leadership import Leadership
 from runtime.metrics import (
     MetricsEndpoint,
@@ -219,6 +219,7 @@ class RunningService(Generic[S]):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await finish_unfinished(rt.settings.grace_seconds if grace is None else grace)
         for channel in rt._channels:
             await channel.close()
         await rt.db.close()

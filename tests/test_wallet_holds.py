@@ -252,3 +252,35 @@ async def test_a_capture_sent_again_after_its_request_id_was_purged_is_not_captu
     assert again.transaction_id == first.transaction_id
     assert (again.hold.captured_coins, again.hold.amount_coins) == (120, 300)
     assert await balance(suite, user) == (coins - 120, coins - 300)
+
+
+async def test_a_call_whose_caller_gives_up_mid_transaction_finishes_its_work_whole(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's deadline passes while PlaceHold is inside its transaction: the caller gets
+    DEADLINE_EXCEEDED at once, but the work is not cut off mid-statement; it reaches its next safe
+    point, rolls back whole (nothing held) and frees the database for the next write. Cut off
+    inside an aiosqlite statement, it could leave the SQLite write lock held for minutes."""
+    from services.wallet.domain import Wallet
+
+    place_hold = Wallet.place_hold
+    reached: list[str] = []
+
+    async def slow_place_hold(self: Wallet, *args: object, **kwargs: object) -> object:
+        await asyncio.sleep(0.3)  # inside the transaction, past the caller's deadline
+        reached.append("placed")
+        return await place_hold(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    promotion = suite.as_caller("promotion").wallet
+    user, coins = await funded_user(suite)
+    monkeypatch.setattr(Wallet, "place_hold", slow_place_hold)
+    error = await rpc_error(promotion.PlaceHold(place(user, 100), timeout=0.1))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def went_on() -> bool:
+        return reached == ["placed"]
+
+    await eventually(went_on, "the work went on to its safe point")
+    monkeypatch.undo()
+    placed = await promotion.PlaceHold(place(user, 50))  # the database takes the next write
+    assert placed.balance.available_coins == coins - 50  # the first one rolled back whole
