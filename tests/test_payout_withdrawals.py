@@ -471,6 +471,57 @@ async def test_a_return_that_cannot_be_confirmed_yet_is_applied_when_delivered_a
     assert await balance_of(suite, creator) == (5_000, 5_000, 0, 0)
 
 
+async def test_a_return_whose_callback_was_lost_is_found_by_looking_the_payment_up_again(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    """The processor returns a paid withdrawal and its callback never comes (the sandbox's die with
+    the process sending them: a review saw four withdrawals stay PAID for good across restarts). A
+    paid withdrawal is looked up again every PAYOUT_RETURN_POLL_SECONDS while it is watched, and the
+    return gives the diamonds back; once the watch is over it is no longer looked up."""
+    suite, clock = payout
+    settings = suite.services["payout"].runtime.settings
+    worker = suite.services["payout"].runtime.parts["worker"]
+    processor = sandbox(suite)
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
+    assert (await settled(suite, made.withdrawal_id, creator)).status == S.WITHDRAWAL_STATUS_PAID
+    await processor.drain()
+    processor.set_status(made.withdrawal_id, "RETURNED", "returned by the bank", notify=False)
+    try:
+        clock.shift += dt.timedelta(seconds=settings.return_poll_seconds + 1)
+        worker.wake.set()
+
+        async def returned() -> bool:
+            found = await status_of(suite, made.withdrawal_id, creator)
+            return found.status == S.WITHDRAWAL_STATUS_RETURNED
+
+        await eventually(returned, "the return, found by the watch")
+        assert await balance_of(suite, creator) == (5_000, 5_000, 0, 0)
+
+        kept = (await suite.payout.RequestWithdrawal(withdrawal(creator, 2_000))).withdrawal
+        assert (await settled(suite, kept.withdrawal_id, creator)).status == (
+            S.WITHDRAWAL_STATUS_PAID
+        )
+        db = suite.services["payout"].runtime.db
+
+        async def watched_until() -> dt.datetime | None:
+            async with db.read() as conn:
+                row = await payout_storage.get_withdrawal(conn, kept.withdrawal_id)
+            assert row is not None and row.status == "paid"
+            return row.next_attempt_at
+
+        assert await watched_until() is not None
+        clock.shift += dt.timedelta(days=settings.return_watch_days, seconds=1)
+        worker.wake.set()
+
+        async def no_longer_watched() -> bool:
+            return await watched_until() is None
+
+        await eventually(no_longer_watched, "the last look after the watch, then none")
+    finally:
+        clock.shift = dt.timedelta(0)
+
+
 async def test_small_withdrawals_of_one_day_add_up_to_a_review(
     payout: tuple[Suite, ShiftedClock],
 ) -> None:

@@ -146,6 +146,8 @@ class WithdrawalWorker:
         for withdrawal in due:
             if withdrawal.status == "processing":
                 self._spawn([withdrawal], self._follow_up(withdrawal))
+            elif withdrawal.status == "paid":
+                self._spawn([withdrawal], self._check_for_return(withdrawal))
         size = self._rt.settings.processor_batch_size
         for start in range(0, len(fresh), size):
             batch = fresh[start : start + size]
@@ -247,6 +249,42 @@ class WithdrawalWorker:
             await self._failed([withdrawal], error)
             return
         await self._apply(withdrawal, item)
+
+    async def _check_for_return(self, withdrawal: storage.WithdrawalRecord) -> None:
+        """Look a paid withdrawal up again while it is watched (`PAYOUT_RETURN_WATCH_DAYS`): a
+        return whose callback was lost (the process sending it died) still gives the diamonds
+        back. A failed lookup is simply tried at the next poll: nothing waits on it."""
+        settings, now = self._rt.settings, self._rt.clock.now()
+        watched_until = withdrawal.updated_at + dt.timedelta(days=settings.return_watch_days)
+        next_at = now + dt.timedelta(seconds=settings.return_poll_seconds)
+        async with self._rt.db.transaction() as conn:
+            if not await storage.claim_return_check(conn, withdrawal.withdrawal_id, now, next_at):
+                return
+        try:
+            item = await asyncio.wait_for(
+                self.processor.lookup(withdrawal.withdrawal_id), self._timeout
+            )
+        except Exception as error:
+            log.info(
+                "return check of paid %s failed (%s); next poll", withdrawal.withdrawal_id, error
+            )
+            return
+        outcome = None if item is None else outcome_of(item)
+        async with self._rt.db.transaction() as conn:
+            if item is not None and outcome in ("failed", "returned"):
+                log.info(
+                    "paid withdrawal %s was returned by the processor", withdrawal.withdrawal_id
+                )
+                await self._withdrawals.resolve(
+                    conn,
+                    withdrawal.withdrawal_id,
+                    outcome,
+                    processor_reference=item.payout_item_id,
+                    reason=item.failure_reason,
+                    now=now,
+                )
+            elif next_at >= watched_until:
+                await storage.watch_for_return(conn, withdrawal.withdrawal_id, None)
 
     async def _apply(self, withdrawal: storage.WithdrawalRecord, item: ItemStatus) -> None:
         """Record the processor's answer: an outcome ends the withdrawal; in flight, it is looked

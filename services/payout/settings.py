@@ -81,6 +81,12 @@ class PayoutSettings(LedgerServiceSettings):
     processor_poll_seconds: PositiveFloat = 30.0
     """How often a withdrawal still processing is looked up at the processor (callbacks are the fast
     path; polling finds what a lost callback never said)."""
+    return_watch_days: NonNegativeFloat = 30.0
+    """How long after it was paid a withdrawal is still looked up at the processor, for a return
+    whose callback was lost (the sandbox's callbacks die with the process that sends them; PayPal
+    returns an unclaimed payment after 30 days). 0: returns arrive by callback only."""
+    return_poll_seconds: PositiveFloat = 3600.0
+    """How often a paid withdrawal is looked up for a return while it is watched."""
     reconcile_every_seconds: float = Field(default=3600.0, gt=0)
     """How often the reconciliation job compares the processor's records with ours."""
     reconcile_window_hours: PositiveFloat = 72.0

@@ -564,8 +564,10 @@ def _due(now: dt.datetime) -> tuple[ColumnElement[bool], ...]:
 
 
 FOLLOWED_BY_THE_WORKER = ("approved", "processing")
-"""The statuses whose withdrawals the processor worker sends or looks up (`due_withdrawals`); after
-them only a callback moves a withdrawal (a payment returned after it was paid)."""
+"""The statuses whose withdrawals the processor worker sends or follows until they end
+(`due_withdrawals`). A paid one is only looked up again for a return, every
+`PAYOUT_RETURN_POLL_SECONDS` for `PAYOUT_RETURN_WATCH_DAYS` (its `next_attempt_at`, migration
+0025); a return's callback usually comes first."""
 
 
 async def due_withdrawals(
@@ -580,7 +582,43 @@ async def due_withdrawals(
         .order_by(withdrawals.c.created_at)
         .limit(limit)
     )
-    return [_withdrawal(row) for row in (await conn.execute(query)).all()]
+    watched = (  # ix_withdrawals_return_watch
+        select(withdrawals)
+        .where(withdrawals.c.status == "paid", withdrawals.c.next_attempt_at <= now)
+        .order_by(withdrawals.c.next_attempt_at)
+        .limit(limit)
+    )
+    return [_withdrawal(row) for q in (query, watched) for row in (await conn.execute(q)).all()]
+
+
+async def watch_for_return(
+    conn: AsyncConnection, withdrawal_id: str, at: dt.datetime | None
+) -> bool:
+    """A paid withdrawal is next looked up for a return at `at` (None: no longer). False if it is
+    no longer paid."""
+    result = await conn.execute(
+        update(withdrawals)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "paid")
+        .values(next_attempt_at=at)
+    )
+    return result.rowcount == 1
+
+
+async def claim_return_check(
+    conn: AsyncConnection, withdrawal_id: str, now: dt.datetime, next_at: dt.datetime
+) -> bool:
+    """Take a paid withdrawal's due return check (moving its next one to `next_at`); False if
+    another worker took it, or it is no longer paid."""
+    result = await conn.execute(
+        update(withdrawals)
+        .where(
+            withdrawals.c.withdrawal_id == withdrawal_id,
+            withdrawals.c.status == "paid",
+            withdrawals.c.next_attempt_at <= now,
+        )
+        .values(next_attempt_at=next_at)
+    )
+    return result.rowcount == 1
 
 
 async def note_failed_attempt(

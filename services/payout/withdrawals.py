@@ -397,6 +397,9 @@ class Withdrawals:
             ):
                 if outcome == "paid":
                     await self._capture(conn, withdrawal)
+                    if self.settings.return_watch_days > 0:  # a return's callback may be lost
+                        poll = dt.timedelta(seconds=self.settings.return_poll_seconds)
+                        await storage.watch_for_return(conn, withdrawal_id, now + poll)
                 else:
                     await self._give_back(conn, withdrawal, now)
         elif withdrawal.status == "paid" and outcome in ("failed", "returned"):
