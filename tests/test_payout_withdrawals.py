@@ -481,6 +481,7 @@ async def test_a_return_whose_callback_was_lost_is_found_by_looking_the_payment_
     suite, clock = payout
     settings = suite.services["payout"].runtime.settings
     worker = suite.services["payout"].runtime.parts["worker"]
+    assert isinstance(worker, WithdrawalWorker)
     processor = sandbox(suite)
     creator = await creator_with_diamonds(suite, 5_000)
     made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
