@@ -54,6 +54,10 @@ def _is_outage(cause: BaseException) -> bool:
         return True  # refused, unreachable, reset (a missing file is a configuration bug)
     if isinstance(cause, asyncpg.exceptions.InterfaceError):
         return "connection" in str(cause) and "closed" in str(cause)
+    if isinstance(cause, asyncpg.exceptions.InternalClientError):
+        # A pooled connection whose server process was terminated mid-operation (a restart,
+        # pg_terminate_backend): "cannot switch to state ...; another operation is in progress".
+        return "another operation" in str(cause)
     if isinstance(cause, sqlite3.OperationalError):
         return sqlite_busy(cause)
     if isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated:

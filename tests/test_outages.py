@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime import deadlines
 from runtime.backoff import backoff
 from runtime.errors import DeadlineExceeded
+from runtime.outages import outage_of
 from runtime.sql import Statement
 from runtime.status import retry_info
 from tests.faults import TcpProxy
@@ -92,6 +94,22 @@ async def test_a_database_outage_is_unavailable_and_heals(
     assert again == sent
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins - 2
+
+
+def test_a_connection_broken_mid_operation_is_an_outage_not_a_bug() -> None:
+    """asyncpg's state error on a pooled connection whose server process was terminated (a
+    PostgreSQL restart under load, as a fault-injection review saw) is UNAVAILABLE with a retry
+    delay, not INTERNAL; a state error of another kind is still a bug."""
+    broken = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+    assert outage_of(RuntimeError("the gift's write failed")) is None
+    wrapped = RuntimeError("the gift's write failed")
+    wrapped.__cause__ = broken
+    outage = outage_of(wrapped)
+    assert outage is not None and outage.reason == "DATABASE_UNAVAILABLE"
+    assert outage.retry_after is not None
+    assert outage_of(asyncpg.exceptions.InternalClientError("unexpected state")) is None
 
 
 def test_backoff_doubles_is_capped_and_never_overflows() -> None:
