@@ -160,8 +160,15 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
         grpc.StatusCode.UNAUTHENTICATED,
     }
     if info is not None and code in passthrough:
-        message = error.details() if hasattr(error, "details") else info.reason
-        relayed = error_of_kind(ErrorKind[code.name], info.reason, message or info.reason)
+        message = (error.details() if hasattr(error, "details") else "") or info.reason
+        if info.reason == "OVERLOADED":  # whose overload: not this service's
+            message = message.replace("the service", f"the {dependency} service", 1)
+        relayed = error_of_kind(ErrorKind[code.name], info.reason, message)
         relayed.metadata = dict(info.metadata)
+        wait = retry_info(error)
+        if isinstance(relayed, ResourceExhausted) and wait is not None:  # OVERLOADED, RATE_LIMITED
+            relayed.retry_after = wait.retry_delay.ToTimedelta().total_seconds()
+        if info.reason == "OVERLOADED":
+            relayed.metadata.setdefault("dependency", dependency)
         return relayed
     return Internal("DEPENDENCY_FAILED", f"the {dependency} service failed", dependency=dependency)

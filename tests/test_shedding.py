@@ -25,6 +25,7 @@ from tests.helpers import (
     new_creator,
     new_id,
     open_account,
+    rpc_error,
 )
 from tests.suite import Suite
 
@@ -178,3 +179,28 @@ async def test_a_refused_call_leaves_nothing_for_the_garbage_collector(suite: Su
         gc.garbage.clear()
         gc.enable()
     assert not held, f"frames left in reference cycles: {held}"
+
+
+async def test_an_overloaded_wallet_is_named_and_its_retry_delay_passed_on_by_gifting(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wallet refuses a gift's debit as OVERLOADED: gifting's answer keeps the wallet's
+    suggested wait (RetryInfo), as the Errors table promises, and says whose overload it was. It
+    dropped the RetryInfo and said "the service is overloaded", which read as gifting's own."""
+    creator = await new_creator(suite)
+    sender, _ = await funded_user(suite)
+    shedder = suite.services["wallet"].shedder
+
+    def overloaded(remaining: float | None) -> float:
+        shedder._refuse("a test")  # type: ignore[attr-defined]
+        raise AssertionError("refused above")
+
+    monkeypatch.setattr(shedder, "admit", overloaded)
+    error = await rpc_error(suite.gifting.SendGift(live_gift(sender, creator, "rose")))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    info = error_info(error)
+    assert info is not None and info.reason == "OVERLOADED"
+    assert info.metadata["dependency"] == "wallet"
+    assert "the wallet service is overloaded" in (error.details() or "")
+    wait = retry_info(error)
+    assert wait is not None and wait.retry_delay.ToTimedelta().total_seconds() > 0
