@@ -44,8 +44,13 @@ class GiftingServiceStub:
     """Sends `count` gifts of one kind from a viewer to a creator.
     Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
     RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift
-    to a LIVE goes only to its creator's open LIVE with gifts on); nothing moves when it fails.
+    (INSUFFICIENT_FUNDS, GIFT_TOO_LARGE; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
+    NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE,
+    RECIPIENT_REGION_UNSUPPORTED; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
+    only to its creator's open LIVE with gifts on, and EndLive turns gifts off first; DEBIT_VOIDED:
+    a retried gift whose first attempt the reconciler settled as never debited, send it with a new
+    request_id); nothing moves when it fails. A refusal is the request id's answer: the same request
+    id answers it again, even once its cause has passed (use a new request_id for a new attempt).
     """
     GetGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.GetGiftRequest, _gifting_pb2.GetGiftResponse]
     """Reads one sent gift."""
@@ -113,8 +118,13 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     """Sends `count` gifts of one kind from a viewer to a creator.
     Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
     RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift
-    to a LIVE goes only to its creator's open LIVE with gifts on); nothing moves when it fails.
+    (INSUFFICIENT_FUNDS, GIFT_TOO_LARGE; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
+    NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE,
+    RECIPIENT_REGION_UNSUPPORTED; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
+    only to its creator's open LIVE with gifts on, and EndLive turns gifts off first; DEBIT_VOIDED:
+    a retried gift whose first attempt the reconciler settled as never debited, send it with a new
+    request_id); nothing moves when it fails. A refusal is the request id's answer: the same request
+    id answers it again, even once its cause has passed (use a new request_id for a new attempt).
     """
     GetGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.GetGiftRequest, _gifting_pb2.GetGiftResponse]  # type: ignore[assignment]
     """Reads one sent gift."""
@@ -191,8 +201,13 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sends `count` gifts of one kind from a viewer to a creator.
         Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
         RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
-        (INSUFFICIENT_FUNDS, RECIPIENT_NOT_ELIGIBLE; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift
-        to a LIVE goes only to its creator's open LIVE with gifts on); nothing moves when it fails.
+        (INSUFFICIENT_FUNDS, GIFT_TOO_LARGE; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
+        NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE,
+        RECIPIENT_REGION_UNSUPPORTED; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
+        only to its creator's open LIVE with gifts on, and EndLive turns gifts off first; DEBIT_VOIDED:
+        a retried gift whose first attempt the reconciler settled as never debited, send it with a new
+        request_id); nothing moves when it fails. A refusal is the request id's answer: the same request
+        id answers it again, even once its cause has passed (use a new request_id for a new attempt).
         """
 
     @_abc_1.abstractmethod
