@@ -447,3 +447,28 @@ async def test_a_promotion_past_its_end_is_completed_and_its_hold_expires_by_its
     await eventually(released, "the sweeper releasing the rest of the hold")
     hold = await hold_of(suite, made.promotion_id)
     assert (hold.status, hold.captured_coins) == (wallet_pb2.HOLD_STATUS_EXPIRED, 100)
+
+
+async def test_a_promotion_whose_end_was_cut_short_after_its_release_reads_ended(
+    suite: Suite,
+) -> None:
+    """EndPromotion released the hold, then its caller's deadline cut it short before the end was
+    recorded (a review saw this with 10-40 ms deadlines): the promotion read ACTIVE for days with
+    nothing held, and a delivery was refused as ended "at" a date to come. The next delivery report
+    records the end: the promotion reads COMPLETED, ending now."""
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 100))
+    hold = await hold_of(suite, made.promotion_id)
+    await suite.as_caller("promotion").wallet.ReleaseHold(
+        wallet_pb2.ReleaseHoldRequest(request_id=new_id("release"), hold_id=hold.hold_id)
+    )  # EndPromotion's first step, then nothing
+    assert (await read(suite, made.promotion_id, user)).status == ACTIVE
+    refused = await expect_error(
+        suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 10)), *ENDED
+    )
+    after = await read(suite, made.promotion_id, user)
+    assert (after.status, after.spent_coins) == (COMPLETED, 100)
+    assert after.end_time.ToDatetime() < made.end_time.ToDatetime()
+    assert after.end_time.ToDatetime().isoformat()[:10] in (refused.details() or "")
+    assert await coins_of(suite, user) == (coins - 100, coins - 100)

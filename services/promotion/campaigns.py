@@ -147,12 +147,20 @@ class Campaigns:
                 promotion, request.request_id, request.coins, time_limit
             )
         except DomainError as error:
-            refusal = self._promotions.capture_refused(promotion, request.coins, error)
             if not error.retryable:  # nothing was captured, nor will be
                 async with self._db.transaction() as conn:
                     await storage.clear_pending_capture(
                         conn, promotion.promotion_id, request.request_id
                     )
+                    if self._promotions.hold_over(error):
+                        # Released or expired: the promotion is over even if its end was not
+                        # recorded (an EndPromotion cut short after its release): record it now.
+                        now = self._clock.now()
+                        await self._promotions.end(conn, promotion.promotion_id, now)
+                        promotion = await storage.get_promotion(conn, promotion.promotion_id) or (
+                            promotion
+                        )
+            refusal = self._promotions.capture_refused(promotion, request.coins, error)
             await self._idempotency.record_error(scope, request, refusal)
             raise refusal from None
         try:

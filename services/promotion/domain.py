@@ -256,11 +256,16 @@ class Promotions:
         """The wallet's refusal of a capture, in the promotion's terms: a hold released or expired
         means the promotion ended; one captured in full, that its budget is spent. Other errors
         (CAPTURE_EXCEEDS_HOLD among them) pass through."""
-        if error.reason in ("HOLD_RELEASED", "HOLD_EXPIRED"):
+        if self.hold_over(error):
             return _ended(promotion)
         if error.reason == "HOLD_CAPTURED":
             return _exceeded(replace(promotion, spent_coins=promotion.budget_coins), coins)
         return error
+
+    def hold_over(self, error: DomainError) -> bool:
+        """The wallet's refusal says the budget's hold was released or expired: the promotion is
+        over, whatever its own record says."""
+        return error.reason in ("HOLD_RELEASED", "HOLD_EXPIRED")
 
     def release_refused(self, promotion: storage.PromotionRecord, error: DomainError) -> bool:
         """True if the wallet refused the release because the hold is resolved already (expired,
