@@ -139,7 +139,13 @@ def status_at(promotion: storage.PromotionRecord, now: dt.datetime) -> str:
 def _not_active(promotion: storage.PromotionRecord) -> FailedPrecondition:
     return FailedPrecondition(
         "PROMOTION_NOT_ACTIVE",
-        f"promotion {promotion.promotion_id} is {promotion.status}: its budget was not held",
+        f"promotion {promotion.promotion_id} is {promotion.status}: "
+        + (
+            "its budget hold is not settled yet (CreatePromotion did not finish); retry "
+            "CreatePromotion with its request_id, or wait for the reconciler (about a minute)"
+            if promotion.status == "pending"
+            else "its budget was never held"
+        ),
         promotion_id=promotion.promotion_id,
         status=promotion.status,
     )
