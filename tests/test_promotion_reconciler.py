@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
@@ -237,3 +238,48 @@ async def test_a_report_the_reconciler_cannot_settle_holds_up_no_other(
 
     await eventually(settled, "the failing report counted once it can be")
     assert (await read(suite, failing.promotion_id, user)).spent_coins == 50
+
+
+async def test_a_create_whose_hold_never_reached_the_wallet_answers_that_nothing_was_held(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CreatePromotion stopped before its hold reached the wallet; the reconciler voids the hold's
+    request and rejects the promotion. The same CreatePromotion again answers HOLD_VOIDED, saying
+    nothing is held and to use a new request id (it answered DEBIT_VOIDED, "not paid", naming a
+    debit for what is a hold)."""
+    from services.promotion.clients import WalletBudget
+
+    suite = reconciling
+    user, coins = await funded_user(suite)
+
+    async def stopped_before_the_hold(self: Any, **kwargs: Any) -> Any:
+        from runtime.errors import Unavailable
+
+        raise Unavailable("DEPENDENCY_UNAVAILABLE", "the attempt stopped before the hold")
+
+    request = promotion(user, 200)
+    monkeypatch.setattr(WalletBudget, "hold_budget", stopped_before_the_hold)
+    await expect_error(
+        suite.promotion.CreatePromotion(request),
+        grpc.StatusCode.UNAVAILABLE,
+        "DEPENDENCY_UNAVAILABLE",
+    )
+    monkeypatch.undo()
+
+    async def rejected() -> bool:
+        async with suite.services["promotion"].runtime.db.read() as conn:
+            statuses = (
+                await conn.execute(
+                    sa.select(storage.promotions.c.status).where(
+                        storage.promotions.c.user_id == user
+                    )
+                )
+            ).scalars()
+            return list(statuses) == ["rejected"]
+
+    await eventually(rejected, "the reconciler to void the hold and reject the promotion")
+    error = await expect_error(
+        suite.promotion.CreatePromotion(request), grpc.StatusCode.FAILED_PRECONDITION, "HOLD_VOIDED"
+    )
+    assert "nothing is held" in (error.details() or "")
+    assert await available(suite, user) == coins
