@@ -40,7 +40,10 @@ class PromotionServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PromotionServiceAsyncStub: ...
     CreatePromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.CreatePromotionRequest, _promotion_pb2.CreatePromotionResponse]
     """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS: not enough available coins) or NOT_FOUND (ACCOUNT_NOT_FOUND).
+    (INSUFFICIENT_FUNDS: not enough available coins; ACCOUNT_FROZEN: the payer owes coins;
+    HOLD_VOIDED: an earlier attempt with this request id never reached the wallet and the reconciler
+    settled it, nothing is held, use a new request_id), NOT_FOUND (ACCOUNT_NOT_FOUND) or
+    ALREADY_EXISTS (REQUEST_ID_REUSED: the request id was used with other parameters).
     """
     GetPromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.GetPromotionRequest, _promotion_pb2.GetPromotionResponse]
     """Reads one promotion."""
@@ -73,7 +76,10 @@ class PromotionServiceAsyncStub(PromotionServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreatePromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.CreatePromotionRequest, _promotion_pb2.CreatePromotionResponse]  # type: ignore[assignment]
     """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS: not enough available coins) or NOT_FOUND (ACCOUNT_NOT_FOUND).
+    (INSUFFICIENT_FUNDS: not enough available coins; ACCOUNT_FROZEN: the payer owes coins;
+    HOLD_VOIDED: an earlier attempt with this request id never reached the wallet and the reconciler
+    settled it, nothing is held, use a new request_id), NOT_FOUND (ACCOUNT_NOT_FOUND) or
+    ALREADY_EXISTS (REQUEST_ID_REUSED: the request id was used with other parameters).
     """
     GetPromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.GetPromotionRequest, _promotion_pb2.GetPromotionResponse]  # type: ignore[assignment]
     """Reads one promotion."""
@@ -109,7 +115,10 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_promotion_pb2.CreatePromotionResponse, _abc.Awaitable[_promotion_pb2.CreatePromotionResponse]]:
         """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
-        (INSUFFICIENT_FUNDS: not enough available coins) or NOT_FOUND (ACCOUNT_NOT_FOUND).
+        (INSUFFICIENT_FUNDS: not enough available coins; ACCOUNT_FROZEN: the payer owes coins;
+        HOLD_VOIDED: an earlier attempt with this request id never reached the wallet and the reconciler
+        settled it, nothing is held, use a new request_id), NOT_FOUND (ACCOUNT_NOT_FOUND) or
+        ALREADY_EXISTS (REQUEST_ID_REUSED: the request id was used with other parameters).
         """
 
     @_abc_1.abstractmethod
