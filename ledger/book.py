@@ -168,7 +168,7 @@ _OPEN_ACCOUNT = Statement(
 )
 _POSTED_UNDER = Statement(
     "ledger.posted_under",
-    "SELECT t.transaction_id, e.balance_after FROM ledger_transactions t "
+    "SELECT t.transaction_id, e.balance_after, e.amount FROM ledger_transactions t "
     "JOIN ledger_entries e ON e.transaction_id = t.transaction_id "
     "WHERE t.caller = :caller AND t.request_id = :request_id AND e.account_id = :account_id",
 )
@@ -466,14 +466,14 @@ class Ledger:
 
     async def posted_under(
         self, tx: Tx, *, caller: str, request_id: str, account_id: str
-    ) -> tuple[str, int] | None:
+    ) -> tuple[str, int, int] | None:
         """The transaction `caller` posted under `request_id` (unique, kept for ever, unlike the
-        request-id answers the services purge) and `account_id`'s balance after it; None if there is
-        none or it did not touch that account."""
+        request-id answers the services purge): its id, `account_id`'s balance after it and what it
+        moved on that account; None if there is none or it did not touch that account."""
         row = await tx.one(
             _POSTED_UNDER, caller=caller, request_id=request_id, account_id=account_id
         )
-        return None if row is None else (str(row[0]), int(row[1]))
+        return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
 
     async def balances(self, tx: Tx, account_ids: Sequence[str]) -> dict[str, int]:
         """Kept balances of existing accounts, in one read."""

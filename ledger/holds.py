@@ -191,7 +191,16 @@ class Holds:
             as_tx(conn), caller=caller, request_id=request_id, account_id=hold.account_id
         )
         if done is not None:
-            transaction_id, balance = done
+            transaction_id, balance, moved = done
+            if moved != -amount:
+                request = request_id.rsplit("/", 1)[-1]
+                raise AlreadyExists(
+                    "REQUEST_ID_REUSED",
+                    f"request_id {request!r} already captured {-moved} from hold {hold_id}, not "
+                    f"{amount}; use a new request_id for a new capture",
+                    request_id=request,
+                    hold_id=hold_id,
+                )
             return hold, Posted(transaction_id, {hold.account_id: balance})
         now = self._clock.now()
         taken = await conn.execute(

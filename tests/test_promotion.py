@@ -472,3 +472,22 @@ async def test_a_promotion_whose_end_was_cut_short_after_its_release_reads_ended
     assert after.end_time.ToDatetime() < made.end_time.ToDatetime()
     assert after.end_time.ToDatetime().isoformat()[:10] in (refused.details() or "")
     assert await coins_of(suite, user) == (coins - 100, coins - 100)
+
+
+async def test_a_report_id_reused_for_another_amount_after_its_purge_is_refused(
+    suite: Suite,
+) -> None:
+    """The same delivery report id, after the services purged its record, for another amount: it
+    was answered OK while counting nothing, so the ad-delivery system believed 50 coins recorded.
+    The wallet's ledger and the promotion's deliveries keep the first amount: REQUEST_ID_REUSED."""
+    user, _ = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    first = delivery(made.promotion_id, 10)
+    await suite.ad_delivery.ReportDelivery(first)
+    for service in ("promotion", "wallet"):
+        await suite.services[service].runtime.idempotency.purge(dt.timedelta(0))
+    again = delivery(made.promotion_id, 50, request_id=first.request_id)
+    await expect_error(
+        suite.ad_delivery.ReportDelivery(again), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    assert (await read(suite, made.promotion_id, user)).spent_coins == 10

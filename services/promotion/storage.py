@@ -251,6 +251,17 @@ async def insert_delivery(
     return result.rowcount == 1
 
 
+async def delivery_coins(conn: AsyncConnection, promotion_id: str, request_id: str) -> int | None:
+    """The coins a recorded delivery report counted (None: no such report)."""
+    found = await conn.scalar(
+        select(promotion_deliveries.c.coins).where(
+            promotion_deliveries.c.promotion_id == promotion_id,
+            promotion_deliveries.c.request_id == request_id,
+        )
+    )
+    return None if found is None else int(found)
+
+
 async def add_spent(
     conn: AsyncConnection, promotion_id: str, coins: int, *, now: dt.datetime
 ) -> bool:

@@ -734,7 +734,7 @@ class Wallet:
         )
         if found is None:
             return None
-        transaction_id, balance = found
+        transaction_id, balance, _ = found
         return Debit(transaction_id, balance, balance)
 
     async def debit_at_once(
