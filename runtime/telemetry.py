@@ -101,6 +101,25 @@ class _CancelledStreamDetach(logging.Filter):
 logging.getLogger("opentelemetry.context").addFilter(_CancelledStreamDetach())
 
 
+class _AnswerAfterTheCallEnded(logging.Filter):
+    """grpc logs "ExecuteBatchError raised in core by servicer method [...]" at ERROR, with a
+    traceback, when a handler answers a call that is already over: its deadline passed or its caller
+    cancelled while the work went on to its safe point (runtime.interceptors.uninterrupted). The
+    caller had its status already; nothing failed. It becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("ExecuteBatchError raised in core by servicer method"):
+            record.msg = "%s: not sent, the call had ended (deadline passed or caller cancelled)"
+            record.args = (message.rsplit(" ", 1)[-1],)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_AnswerAfterTheCallEnded())
+
+
 class _TraceIdFilter(logging.Filter):
     """Adds the current trace and span ids to every log record, so a log line leads to its trace."""
 

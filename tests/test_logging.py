@@ -36,3 +36,34 @@ def test_json_log_lines_carry_the_trace_and_span_ids() -> None:
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def test_an_answer_to_a_call_that_had_ended_is_one_info_line_not_an_error() -> None:
+    """grpc's ERROR with a traceback for an answer sent after the call ended (its deadline passed
+    while the work went on to its safe point) is one INFO line; other grpc errors stay errors."""
+    import runtime.telemetry  # noqa: F401  (installs the filter on grpc's logger)
+
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    grpc_log.addHandler(keep)
+    try:
+        try:
+            raise RuntimeError('Failed "execute_batch"')
+        except RuntimeError:
+            grpc_log.exception(
+                "ExecuteBatchError raised in core by servicer method [%s]",
+                "/coins.wallet.v1.WalletService/ReleaseHold",
+            )
+        grpc_log.error("Unexpected [%s] raised by servicer method [%s]", "KeyError", "/x/Y")
+    finally:
+        grpc_log.removeHandler(keep)
+    late, other = seen
+    assert (late.levelno, late.exc_info) == (logging.INFO, None)
+    assert "ReleaseHold" in late.getMessage() and "not sent" in late.getMessage()
+    assert other.levelno == logging.ERROR
