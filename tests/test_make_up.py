@@ -192,8 +192,26 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert "#1" in coinsctl("live", "watch", live) and "the LIVE ended" in coinsctl(
             "live", "watch", live
         )
+        # A service killed outright is restarted by the launcher, and serves again.
+        os.kill(_child_of(launcher.pid, "services.wallet"), signal.SIGKILL)
+        serving_again = time.monotonic() + 60
+        while time.monotonic() < serving_again:
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{health_ports['wallet']}") as channel:
+                    status = (
+                        health_pb2_grpc.HealthStub(channel)
+                        .Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        .status
+                    )
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        assert "coins" in coinsctl("balance", "ava")  # the restarted wallet answers
         launcher.send_signal(signal.SIGINT)
         output, _ = launcher.communicate(timeout=30)
+        assert "wallet exited with code -9; restarting it" in output, output
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -253,3 +271,19 @@ def test_a_service_dies_with_a_launcher_that_is_killed() -> None:
         time.sleep(0.05)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the child outlived its killed parent")
+
+
+def _child_of(parent: int, module: str) -> int:
+    """The pid of `parent`'s child process running `python -m <module>`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and module.encode() in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"no child of {parent} runs {module}")

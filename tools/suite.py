@@ -2,7 +2,9 @@
 
 Each service is `python -m services.<name>` with its own SQLite file under data/ (or the database its
 <SERVICE>_DATABASE_URL names). The launcher waits until every service reports SERVING on the standard
-gRPC health service, prints where they are, and on Ctrl-C or SIGTERM stops them gracefully.
+gRPC health service, prints where they are, and on Ctrl-C or SIGTERM stops them gracefully. A service
+that dies meanwhile (a crash, kill -9) is restarted, with a growing pause; one that keeps dying
+(`CRASH_LOOP_RESTARTS` in `CRASH_LOOP_SECONDS`) stops the suite.
 """
 
 from __future__ import annotations
@@ -132,6 +134,11 @@ def _hold_data_dirs(settings: dict[str, ServiceSettings]) -> list[Any] | str:
     return held
 
 
+CRASH_LOOP_RESTARTS = 5
+CRASH_LOOP_SECONDS = 60.0
+"""A service restarted more than this many times in this long is crash-looping: the suite stops."""
+
+
 def main() -> int:
     refused = _refused_settings()
     if refused:
@@ -159,15 +166,16 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Own sessions: a Ctrl-C reaches only the launcher, which then stops each service with SIGTERM.
     # ... and each dies with the launcher, should it be killed before it can stop them.
-    children = {
-        name: subprocess.Popen(
+
+    def spawn(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
             env=env,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        for name in SETTINGS
-    }
+
+    children = {name: spawn(name) for name in SETTINGS}
     addresses = {name: f"{s.host}:{s.health_port}" for name, s in settings.items()}
     stopping = False
 
@@ -212,9 +220,36 @@ def main() -> int:
         print(f"services did not become healthy within 60 s: {sorted(pending)}", file=sys.stderr)
         stopping = True
 
-    while not stopping and all(child.poll() is None for child in children.values()):
+    failed: list[str] = []
+    exits: dict[str, list[float]] = {name: [] for name in children}
+    while not stopping:
+        # A service that dies (a crash, kill -9) is restarted, as a supervisor or Kubernetes would:
+        # its callers retry meanwhile. One that keeps dying stops the suite.
+        for name, child in children.items():
+            code = child.poll()
+            if code is None or stopping:
+                continue
+            now = time.monotonic()
+            exits[name] = [t for t in exits[name] if now - t < CRASH_LOOP_SECONDS] + [now]
+            if len(exits[name]) > CRASH_LOOP_RESTARTS:
+                print(
+                    f"{name} exited with code {code} {len(exits[name])} times in "
+                    f"{CRASH_LOOP_SECONDS:.0f} s; stopping the suite",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                failed.append(name)
+                stopping = True
+                break
+            pause = min(0.5 * 2 ** (len(exits[name]) - 1), 8.0)
+            print(
+                f"{name} exited with code {code}; restarting it in {pause:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(pause)
+            children[name] = spawn(name)
         time.sleep(0.2)
-    failed = [n for n, c in children.items() if c.poll() not in (None, 0)]
     for group in STOP_ORDER:  # the callers first, so none is left calling a stopped service
         for name in group:
             if children[name].poll() is None:
