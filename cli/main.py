@@ -453,7 +453,7 @@ def reconcile(c: Clients, a: argparse.Namespace) -> None:
         console.print("no reconciliation has run yet (run one: coinsctl --admin reconcile)")
         return
     console.print(
-        f"reconciliation {response.run_id} ({render.stamp(response.start_time)} UTC): "
+        f"reconciliation {response.run_id} ({render.stamp(response.start_time)}): "
         f"{response.checked:,} payments checked, {len(response.mismatches)} mismatches"
     )
     if response.mismatches:

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from coins.wallet.v1 import wallet_pb2
-from runtime.status import error_info
+from runtime.status import error_info, retry_info
 from services.wallet import storage
 from services.wallet.payments import SandboxPaymentProvider
 from tests.helpers import eventually, expect_error, new_id, open_account
@@ -47,9 +47,10 @@ async def test_a_purchase_with_a_lost_answer_is_credited_once_without_a_retry(
     request = wallet_pb2.PurchaseCoinsRequest(
         request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_timeout"
     )
-    await expect_error(
+    lost = await expect_error(
         suite.wallet.PurchaseCoins(request), grpc.StatusCode.UNAVAILABLE, "PAYMENT_OUTCOME_UNKNOWN"
     )
+    assert retry_info(lost) is not None  # how long to wait before the retry, as UNAVAILABLE says
 
     async def credited() -> bool:
         balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))

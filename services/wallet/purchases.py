@@ -33,6 +33,10 @@ from services.wallet.convert import balance_pb, purchase_pb
 from services.wallet.domain import Coins, Wallet
 from services.wallet.payments import ChargeResult, PaymentOutcomeUnknown, PaymentProvider
 
+PAYMENT_RETRY_AFTER_SECONDS = 2.0
+"""The wait suggested (RetryInfo) when the payment provider's answer was lost: long enough for the
+provider to settle the charge the retry then reads back."""
+
 log = logging.getLogger("coins.wallet.purchases")
 
 
@@ -135,6 +139,7 @@ class Purchases:
                 "PAYMENT_OUTCOME_UNKNOWN",
                 "the payment provider did not answer in time; retry with the same request_id "
                 "(you will not be charged twice)",
+                retry_after=PAYMENT_RETRY_AFTER_SECONDS,
                 purchase_id=purchase_id,
             ) from None
         outcome = await self.settle(purchase_id, charge, ledger_request_id)
