@@ -107,14 +107,18 @@ def method_rules(service_full_name: str, rules: Mapping[str, Access]) -> dict[st
     return {f"/{service_full_name}/{method}": rule for method, rule in rules.items()}
 
 
-def require_owner(*owners: str) -> None:
-    """For reads by id (a withdrawal, a promotion): the token's user must be one of the record's
-    owners, or an admin."""
+def require_owner(*owners: str, record: str = "") -> None:
+    """For calls on a record by id (a withdrawal, a promotion, a LIVE): the token's user must be one
+    of the record's owners, or an admin. `record` names it ("LIVE live-1") in the refusal."""
     from runtime.auth import current_principal
 
     principal = current_principal()
     user = principal.require_user()
     if user not in owners and not principal.is_admin:
-        raise PermissionDenied(
-            "NOT_ACCOUNT_OWNER", f"the token acts for {user!r}, who does not own this record"
+        refusal = PermissionDenied(
+            "NOT_ACCOUNT_OWNER",
+            f"the token acts for {user!r}, who does not own {record or 'this record'}",
         )
+        if record:
+            refusal.metadata["record"] = record
+        raise refusal

@@ -14,6 +14,7 @@ import pytest
 
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.status import error_info
 from services.promotion import storage
 from services.promotion.domain import Promotions
 from tests.helpers import (
@@ -264,11 +265,13 @@ async def test_ending_a_promotion_releases_the_rest_and_no_coin_is_lost(suite: S
 async def test_only_the_owner_ends_a_promotion(suite: Suite) -> None:
     user, coins = await funded_user(suite)
     made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
-    await expect_error(
+    refused = await expect_error(
         end(suite, ending(made.promotion_id), new_id("intruder")),
         grpc.StatusCode.PERMISSION_DENIED,
         "NOT_ACCOUNT_OWNER",
     )
+    info = error_info(refused)  # names the record refused, for the caller's logs
+    assert info is not None and info.metadata["record"] == f"promotion {made.promotion_id}"
     await expect_error(
         end(suite, ending("0" * 32), user), grpc.StatusCode.NOT_FOUND, "PROMOTION_NOT_FOUND"
     )

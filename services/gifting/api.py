@@ -156,7 +156,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     ) -> gifting_pb2.GetGiftResponse:
         async with self._db.driver.read() as tx:
             sent = await self._gifting.sent_gift(tx, request.sent_gift_id)
-        require_owner(sent.sender_id, sent.creator_id)
+        require_owner(sent.sender_id, sent.creator_id, record=f"gift {request.sent_gift_id}")
         return gifting_pb2.GetGiftResponse(sent_gift=sent_gift_pb(sent))
 
     async def ListTopGifters(
@@ -241,7 +241,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         anything is written. Returns its creator, whose request ids the call's are."""
         async with self._db.read() as conn:
             live = await self._lives.get(conn, live_id)
-        require_owner(live.creator_id)
+        require_owner(live.creator_id, record=f"LIVE {live_id}")
         return live.creator_id
 
     async def EndLive(

@@ -268,7 +268,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     ) -> payout_pb2.GetWithdrawalResponse:
         async with self._db.read() as conn:
             withdrawal = await self._withdrawals.get(conn, request.withdrawal_id)
-            require_owner(withdrawal.creator_id)
+            require_owner(withdrawal.creator_id, record=f"withdrawal {withdrawal.withdrawal_id}")
             (answer,) = await self._with_history(conn, [withdrawal])
         return payout_pb2.GetWithdrawalResponse(withdrawal=answer)
 
@@ -277,7 +277,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     ) -> payout_pb2.CancelWithdrawalResponse:
         async with self._db.read() as conn:  # the owner is checked before anything is written
             owner = (await self._withdrawals.get(conn, request.withdrawal_id)).creator_id
-        require_owner(owner)
+        require_owner(owner, record=f"withdrawal {request.withdrawal_id}")
 
         async def effect(conn: AsyncConnection) -> payout_pb2.CancelWithdrawalResponse:
             cancelled = await self._withdrawals.cancel(

@@ -44,7 +44,7 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
         self, request: promotion_pb2.GetPromotionRequest, context: RpcContext
     ) -> promotion_pb2.GetPromotionResponse:
         promotion = await self._campaigns.promotion(request.promotion_id)
-        require_owner(promotion.user_id)
+        require_owner(promotion.user_id, record=f"promotion {promotion.promotion_id}")
         return promotion_pb2.GetPromotionResponse(
             promotion=promotion_pb(promotion, self._clock.now())
         )

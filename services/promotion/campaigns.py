@@ -202,7 +202,7 @@ class Campaigns:
     ) -> promotion_pb2.EndPromotionResponse:
         """End early: release what is left of the held budget, then record the end with the answer."""
         promotion = await self.promotion(request.promotion_id)
-        require_owner(promotion.user_id)  # before anything is written
+        require_owner(promotion.user_id, record=f"promotion {promotion.promotion_id}")  # first
         scope = f"EndPromotion:{promotion.user_id}"
         response_type = promotion_pb2.EndPromotionResponse
 
