@@ -21,6 +21,8 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from runtime.backoff import backoff
 from runtime.server import Runtime, wait_for_wake
 from services.payout import storage
@@ -275,16 +277,27 @@ class WithdrawalWorker:
                 log.info(
                     "paid withdrawal %s was returned by the processor", withdrawal.withdrawal_id
                 )
-                await self._withdrawals.resolve(
-                    conn,
-                    withdrawal.withdrawal_id,
-                    outcome,
-                    processor_reference=item.payout_item_id,
-                    reason=item.failure_reason,
-                    now=now,
-                )
+                await self._record(conn, withdrawal, outcome, item, now)
             elif next_at >= watched_until:
                 await storage.watch_for_return(conn, withdrawal.withdrawal_id, None)
+
+    async def _record(
+        self,
+        conn: AsyncConnection,
+        withdrawal: storage.WithdrawalRecord,
+        outcome: str,
+        item: ItemStatus,
+        now: dt.datetime,
+    ) -> None:
+        """The processor's outcome for the withdrawal, as its item tells it."""
+        await self._withdrawals.resolve(
+            conn,
+            withdrawal.withdrawal_id,
+            outcome,
+            processor_reference=item.payout_item_id,
+            reason=item.failure_reason,
+            now=now,
+        )
 
     async def _apply(self, withdrawal: storage.WithdrawalRecord, item: ItemStatus) -> None:
         """Record the processor's answer: an outcome ends the withdrawal; in flight, it is looked
@@ -295,14 +308,7 @@ class WithdrawalWorker:
         try:
             async with self._rt.db.transaction() as conn:
                 if outcome is not None:
-                    await self._withdrawals.resolve(
-                        conn,
-                        withdrawal.withdrawal_id,
-                        outcome,
-                        processor_reference=item.payout_item_id,
-                        reason=item.failure_reason,
-                        now=now,
-                    )
+                    await self._record(conn, withdrawal, outcome, item, now)
                 else:
                     poll = dt.timedelta(seconds=self._rt.settings.processor_poll_seconds)
                     await self._withdrawals.still_on_its_way(
