@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime import deadlines
 from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import (
@@ -144,6 +145,9 @@ class Lives:
                 return
             if live.gifts_enabled:
                 await storage.set_live_gifts(conn, live_id, False)
+        left = deadlines.remaining()  # the caller's deadline bounds the wait too
+        if left is not None:
+            patience = min(patience, max(0.0, left - 0.2))
         give_up = time.monotonic() + patience
         since = clock.now() - dt.timedelta(seconds=patience)
         pause = 0.002
