@@ -173,6 +173,7 @@ class WithdrawalWorker:
                 log.exception("processor work on %s failed; it is retried", ids)
             finally:
                 self._busy.difference_update(ids)
+                work.close()  # never started (cancelled at shutdown while waiting for a slot)
 
         task = asyncio.create_task(traced())
         self._tasks.add(task)
