@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger.book import Ledger, Posted, Posting, frozen, insufficient
 from ledger.schema import accounts, holds
 from runtime.clock import utc
-from runtime.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from runtime.errors import FailedPrecondition, NotFound, PermissionDenied, request_id_reused
 from runtime.sql import as_tx
 
 ACTIVE, CAPTURED, RELEASED, EXPIRED = "active", "captured", "released", "expired"
@@ -90,12 +90,9 @@ class Holds:
                     counter_account_id,
                     owner,
                 ):
-                    request_id = placed_under.rsplit("/", 1)[-1]
-                    raise AlreadyExists(
-                        "REQUEST_ID_REUSED",
-                        f"request_id {request_id!r} already placed hold {placed.hold_id} with "
-                        "different parameters; use a new request_id for a new request",
-                        request_id=request_id,
+                    raise request_id_reused(
+                        placed_under.rsplit("/", 1)[-1],
+                        f"it placed hold {placed.hold_id} of {placed.amount}",
                         hold_id=placed.hold_id,
                     )
                 return placed
@@ -193,12 +190,9 @@ class Holds:
         if done is not None:
             transaction_id, balance, moved = done
             if moved != -amount:
-                request = request_id.rsplit("/", 1)[-1]
-                raise AlreadyExists(
-                    "REQUEST_ID_REUSED",
-                    f"request_id {request!r} already captured {-moved} from hold {hold_id}, not "
-                    f"{amount}; use a new request_id for a new capture",
-                    request_id=request,
+                raise request_id_reused(
+                    request_id.rsplit("/", 1)[-1],
+                    f"it captured {-moved} from hold {hold_id}",
                     hold_id=hold_id,
                 )
             return hold, Posted(transaction_id, {hold.account_id: balance})

@@ -109,6 +109,20 @@ class AlreadyExists(DomainError):
     kind = ErrorKind.ALREADY_EXISTS
 
 
+def request_id_reused(request_id: str, done: str = "", hold_id: str = "") -> AlreadyExists:
+    """REQUEST_ID_REUSED: the request id was used before with other parameters (`done`: what it
+    did then, to name in the message; `hold_id`: the hold it placed or captured from)."""
+    refusal = AlreadyExists(
+        "REQUEST_ID_REUSED",
+        f"request_id {request_id!r} was already used with different parameters"
+        f"{f' ({done})' if done else ''}; use a new request_id for a new request",
+        request_id=request_id,
+    )
+    if hold_id:
+        refusal.metadata["hold_id"] = hold_id
+    return refusal
+
+
 class FailedPrecondition(DomainError):
     kind = ErrorKind.FAILED_PRECONDITION
 

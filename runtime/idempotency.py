@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runtime.auth import principal_or_none
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import AlreadyExists, DomainError, Unavailable
+from runtime.errors import DomainError, Unavailable, request_id_reused
 from runtime.sql import Statement, Tx
 
 if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
@@ -269,12 +269,7 @@ class Idempotency:
             )
         ).one()
         if row.fingerprint != print_:
-            raise AlreadyExists(
-                "REQUEST_ID_REUSED",
-                f"request_id {request_id!r} was already used with different parameters; "
-                "use a new request_id for a new request",
-                request_id=request_id,
-            )
+            raise request_id_reused(request_id)
         return Claim(
             is_new=False, resource_id=row.resource_id, response=row.response, error=row.error
         )
@@ -579,12 +574,7 @@ class Idempotency:
             return None
         stored_print, resource_id, response, error = row
         if stored_print != print_:
-            raise AlreadyExists(
-                "REQUEST_ID_REUSED",
-                f"request_id {request_id!r} was already used with different parameters; "
-                "use a new request_id for a new request",
-                request_id=request_id,
-            )
+            raise request_id_reused(request_id)
         return Claim(
             is_new=False,
             resource_id=resource_id,

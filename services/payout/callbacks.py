@@ -19,7 +19,7 @@ from runtime.errors import FieldViolation, InvalidArgument, Unauthenticated, Una
 from runtime.outages import RETRY_AFTER_SECONDS
 from runtime.server import Runtime
 from services.payout import storage
-from services.payout.processor import PayoutProcessor, outcome_of
+from services.payout.processor import PayoutProcessor, outcome_of, record_outcome
 from services.payout.sandbox import sign
 from services.payout.settings import PayoutSettings
 from services.payout.withdrawals import Withdrawals
@@ -147,14 +147,7 @@ class Callbacks:
                 return Handled(event_id, True, item_id, current.status)
             outcome = None if item is None else outcome_of(item)
             if item is not None and outcome is not None:
-                current = await self._withdrawals.resolve(
-                    conn,
-                    item_id,
-                    outcome,
-                    processor_reference=item.payout_item_id,
-                    reason=item.failure_reason,
-                    now=now,
-                )
+                current = await record_outcome(self._withdrawals, conn, item_id, item, now)
             else:
                 current = await self._withdrawals.get(conn, item_id)
                 if item is None and current.status == "processing":

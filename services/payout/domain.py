@@ -14,9 +14,9 @@ from ledger import Ledger, Posting
 from ledger.history import HistoryEntry, Period, entries_page, period
 from runtime.errors import (
     Aborted,
-    AlreadyExists,
     FieldViolation,
     InvalidArgument,
+    request_id_reused,
 )
 from runtime.sql import Driver, Tx, as_tx, is_conflict
 from services.payout import policy, storage
@@ -163,12 +163,7 @@ class Payouts:
         for c in credits:
             if c.key in stored:
                 if stored[c.key][0] != c.fingerprint:
-                    raise AlreadyExists(
-                        "REQUEST_ID_REUSED",
-                        f"request_id {c.key.rsplit('/', 1)[-1]!r} was already used with different "
-                        "parameters; use a new request_id for a new request",
-                        request_id=c.key.rsplit("/", 1)[-1],
-                    )
+                    raise request_id_reused(c.key.rsplit("/", 1)[-1])
             else:
                 fresh.setdefault(c.creator_id, []).append(c)
         answers = {key: response for key, (_, response) in stored.items()}

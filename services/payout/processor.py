@@ -74,6 +74,27 @@ def outcome_of(item: ItemStatus) -> str | None:
     return _OUTCOMES.get(item.status)
 
 
+async def record_outcome(
+    withdrawals: Withdrawals,
+    conn: AsyncConnection,
+    withdrawal_id: str,
+    item: ItemStatus,
+    now: dt.datetime,
+) -> storage.WithdrawalRecord:
+    """Apply the outcome the processor's item tells (it has one: `outcome_of` is not None), with
+    its item id and failure reason: the worker's follow-ups and return checks and the callbacks."""
+    outcome = outcome_of(item)
+    assert outcome is not None, item
+    return await withdrawals.resolve(
+        conn,
+        withdrawal_id,
+        outcome,
+        processor_reference=item.payout_item_id,
+        reason=item.failure_reason,
+        now=now,
+    )
+
+
 class PayoutProcessor(Protocol):
     async def submit(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> list[ItemStatus]:
         """Send a batch, once per `sender_batch_id`: a batch id seen before is answered with that
@@ -261,7 +282,9 @@ class WithdrawalWorker:
         watched_until = withdrawal.updated_at + dt.timedelta(days=settings.return_watch_days)
         next_at = now + dt.timedelta(seconds=settings.return_poll_seconds)
         async with self._rt.db.transaction() as conn:
-            if not await storage.claim_return_check(conn, withdrawal.withdrawal_id, now, next_at):
+            if not await storage.watch_for_return(
+                conn, withdrawal.withdrawal_id, next_at, due_by=now
+            ):
                 return
         try:
             item = await asyncio.wait_for(
@@ -278,27 +301,9 @@ class WithdrawalWorker:
                 log.info(
                     "paid withdrawal %s was returned by the processor", withdrawal.withdrawal_id
                 )
-                await self._record(conn, withdrawal, outcome, item, now)
+                await record_outcome(self._withdrawals, conn, withdrawal.withdrawal_id, item, now)
             elif next_at >= watched_until:
                 await storage.watch_for_return(conn, withdrawal.withdrawal_id, None)
-
-    async def _record(
-        self,
-        conn: AsyncConnection,
-        withdrawal: storage.WithdrawalRecord,
-        outcome: str,
-        item: ItemStatus,
-        now: dt.datetime,
-    ) -> None:
-        """The processor's outcome for the withdrawal, as its item tells it."""
-        await self._withdrawals.resolve(
-            conn,
-            withdrawal.withdrawal_id,
-            outcome,
-            processor_reference=item.payout_item_id,
-            reason=item.failure_reason,
-            now=now,
-        )
 
     async def _apply(self, withdrawal: storage.WithdrawalRecord, item: ItemStatus) -> None:
         """Record the processor's answer: an outcome ends the withdrawal; in flight, it is looked
@@ -309,7 +314,9 @@ class WithdrawalWorker:
         try:
             async with self._rt.db.transaction() as conn:
                 if outcome is not None:
-                    await self._record(conn, withdrawal, outcome, item, now)
+                    await record_outcome(
+                        self._withdrawals, conn, withdrawal.withdrawal_id, item, now
+                    )
                 else:
                     poll = dt.timedelta(seconds=self._rt.settings.processor_poll_seconds)
                     await self._withdrawals.still_on_its_way(

@@ -592,31 +592,20 @@ async def due_withdrawals(
 
 
 async def watch_for_return(
-    conn: AsyncConnection, withdrawal_id: str, at: dt.datetime | None
+    conn: AsyncConnection,
+    withdrawal_id: str,
+    at: dt.datetime | None,
+    *,
+    due_by: dt.datetime | None = None,
 ) -> bool:
-    """A paid withdrawal is next looked up for a return at `at` (None: no longer). False if it is
-    no longer paid."""
+    """A paid withdrawal is next looked up for a return at `at` (None: no longer). With `due_by`,
+    only if its check was due by then: a worker taking the check (another took it: False). False
+    too if it is no longer paid."""
+    due = () if due_by is None else (withdrawals.c.next_attempt_at <= due_by,)
     result = await conn.execute(
         update(withdrawals)
-        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "paid")
+        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "paid", *due)
         .values(next_attempt_at=at)
-    )
-    return result.rowcount == 1
-
-
-async def claim_return_check(
-    conn: AsyncConnection, withdrawal_id: str, now: dt.datetime, next_at: dt.datetime
-) -> bool:
-    """Take a paid withdrawal's due return check (moving its next one to `next_at`); False if
-    another worker took it, or it is no longer paid."""
-    result = await conn.execute(
-        update(withdrawals)
-        .where(
-            withdrawals.c.withdrawal_id == withdrawal_id,
-            withdrawals.c.status == "paid",
-            withdrawals.c.next_attempt_at <= now,
-        )
-        .values(next_attempt_at=next_at)
     )
     return result.rowcount == 1
 

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runtime.errors import AlreadyExists, DomainError, FailedPrecondition
+from runtime.errors import DomainError, FailedPrecondition, request_id_reused
 from services.promotion import storage
 
 GRACE = dt.timedelta(days=1)
@@ -305,13 +305,7 @@ class Promotions:
         if not recorded:
             counted = await storage.delivery_coins(conn, promotion.promotion_id, request_id)
             if counted is not None and counted != coins:  # a request id reused after its purge
-                raise AlreadyExists(
-                    "REQUEST_ID_REUSED",
-                    f"request_id {request_id!r} already reported {counted} coins delivered for "
-                    f"promotion {promotion.promotion_id}, not {coins}; use a new request_id for a "
-                    "new report",
-                    request_id=request_id,
-                )
+                raise request_id_reused(request_id, f"it reported {counted} coins delivered")
             return False
         if not await storage.add_spent(conn, promotion.promotion_id, coins, now=now):
             current = await storage.get_promotion(conn, promotion.promotion_id)
