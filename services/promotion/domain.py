@@ -276,7 +276,7 @@ class Promotions:
     def release_refused(self, promotion: storage.PromotionRecord, error: DomainError) -> bool:
         """True if the wallet refused the release because the hold is resolved already (expired,
         captured in full, or released): the promotion is over."""
-        return error.reason in ("HOLD_RELEASED", "HOLD_EXPIRED", "HOLD_CAPTURED")
+        return self.hold_over(error) or error.reason == "HOLD_CAPTURED"
 
     def ended(self, promotion: storage.PromotionRecord) -> FailedPrecondition:
         return _ended(promotion)
