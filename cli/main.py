@@ -520,7 +520,14 @@ def show_promotion(c: Clients, a: argparse.Namespace) -> None:
 
 def list_promotions(c: Clients, a: argparse.Namespace) -> None:
     response = c.promotion.ListPromotions(
-        promotion_pb2.ListPromotionsRequest(user_id=a.user, page_size=a.limit), timeout=c.timeout
+        promotion_pb2.ListPromotionsRequest(
+            user_id=a.user,
+            page_size=a.limit,
+            status=promotion_pb2.PromotionStatus.Value(f"PROMOTION_STATUS_{a.status.upper()}")
+            if a.status
+            else promotion_pb2.PROMOTION_STATUS_UNSPECIFIED,
+        ),
+        timeout=c.timeout,
     )
     console.print(render.promotions(a.user, response.promotions))
 
@@ -817,6 +824,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("promotions", list_promotions, "a user's promotions, newest first, with their ids")
     p.add_argument("user")
     p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    p.add_argument(
+        "--status",
+        choices=["pending", "active", "rejected", "completed"],
+        help="only promotions in this status",
+    )
     p = command("deliver", deliver, "report a promotion's delivery, as the ad-delivery system")
     p.add_argument("promotion_id")
     p.add_argument("coins", type=int, help="what the delivery is worth")

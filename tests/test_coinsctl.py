@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, new_id
+from tests.helpers import expect_error, funded_user, new_id
 from tests.suite import Suite, start_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +140,15 @@ async def test_with_the_access_log_a_refused_call_is_still_one_line(
         assert "NOT_FOUND ACCOUNT_NOT_FOUND" in lines[0] and user in lines[0], lines
     finally:
         await suite.stop()
+
+
+async def test_promotions_can_be_listed_by_status(suite: Suite) -> None:
+    user, _ = await funded_user(suite)
+    code, output = await coinsctl(suite, "promote", user, "video-7", "150", "--as", user)
+    assert code == 0, output
+    code, output = await coinsctl(suite, "promotions", user, "--status", "active", "--as", user)
+    assert code == 0 and "video-7" in output, output
+    code, output = await coinsctl(suite, "promotions", user, "--status", "completed", "--as", user)
+    assert code == 0 and "video-7" not in output, output
+    code, output = await coinsctl(suite, "promotions", user, "--status", "paused")
+    assert code == 2 and "invalid choice" in output and "Traceback" not in output, output

@@ -452,6 +452,55 @@ async def test_a_promotion_past_its_end_is_completed_and_its_hold_expires_by_its
     assert (hold.status, hold.captured_coins) == (wallet_pb2.HOLD_STATUS_EXPIRED, 100)
 
 
+async def test_promotions_are_listed_by_status_as_they_read_now(
+    timed: tuple[Suite, ShiftedClock],
+) -> None:
+    """The filter matches Promotion.status as read: an active promotion past its end is listed as
+    COMPLETED, not ACTIVE, though nothing was written when its time ran out."""
+    suite, clock = timed
+    user, coins = await funded_user(suite)
+    short = (await suite.promotion.CreatePromotion(promotion(user, 100, "short", days=1))).promotion
+    long = (await suite.promotion.CreatePromotion(promotion(user, 100, "long", days=3))).promotion
+    await expect_error(
+        suite.promotion.CreatePromotion(promotion(user, coins, "unpaid")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    clock.shift += dt.timedelta(days=1, seconds=1)
+
+    async def listed(status: int, **page: Any) -> promotion_pb2.ListPromotionsResponse:
+        return await suite.promotion.ListPromotions(
+            promotion_pb2.ListPromotionsRequest(user_id=user, status=status, **page)  # type: ignore[arg-type]
+        )
+
+    def videos(response: promotion_pb2.ListPromotionsResponse) -> list[str]:
+        return [p.video_id for p in response.promotions]
+
+    assert videos(await listed(promotion_pb2.PROMOTION_STATUS_UNSPECIFIED)) == [
+        "unpaid",
+        "long",
+        "short",
+    ]
+    assert videos(await listed(ACTIVE)) == ["long"]
+    completed = await listed(COMPLETED)
+    assert videos(completed) == ["short"] and completed.promotions[0].status == COMPLETED
+    assert videos(await listed(promotion_pb2.PROMOTION_STATUS_REJECTED)) == ["unpaid"]
+    assert videos(await listed(promotion_pb2.PROMOTION_STATUS_PENDING)) == []
+
+    first = await listed(promotion_pb2.PROMOTION_STATUS_UNSPECIFIED, page_size=1)
+    error = await expect_error(
+        listed(ACTIVE, page_token=first.next_page_token),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+    assert "page_token" in (error.details() or "")
+    paged = await listed(COMPLETED, page_size=1)
+    assert videos(paged) == ["short"] and not paged.next_page_token
+    assert {short.promotion_id, long.promotion_id} <= {
+        p.promotion_id for p in (await listed(0)).promotions
+    }
+
+
 async def test_a_promotion_whose_end_was_cut_short_after_its_release_reads_ended(
     suite: Suite,
 ) -> None:

@@ -9,7 +9,7 @@ from runtime.pagination import decode_token, encode_token, instant, page_size, t
 from runtime.protos import RpcContext
 from runtime.server import Runtime
 from services.promotion.campaigns import Campaigns
-from services.promotion.convert import promotion_pb
+from services.promotion.convert import STATUSES, promotion_pb
 from services.promotion.settings import PromotionSettings
 
 ACCESS = method_rules(
@@ -53,16 +53,21 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
         self, request: promotion_pb2.ListPromotionsRequest, context: RpcContext
     ) -> promotion_pb2.ListPromotionsResponse:
         size = page_size(request.page_size)
-        kind = f"promotions:{request.user_id}"
+        status = STATUSES.get(request.status)
+        kind = f"promotions:{request.user_id}" + (f":{status}" if status else "")
         before = decode_token(request.page_token, kind, instant, text)
+        now = self._clock.now()
         rows = await self._campaigns.of_user(
-            request.user_id, limit=size + 1, before=(before[0], before[1]) if before else None
+            request.user_id,
+            limit=size + 1,
+            before=(before[0], before[1]) if before else None,
+            status=status,
+            now=now,
         )
         token = ""
         if len(rows) > size:
             rows = rows[:size]
             token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].promotion_id)
-        now = self._clock.now()
         return promotion_pb2.ListPromotionsResponse(
             promotions=[promotion_pb(p, now) for p in rows], next_page_token=token
         )

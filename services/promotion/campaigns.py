@@ -44,12 +44,21 @@ class Campaigns:
         return promotion
 
     async def of_user(
-        self, user_id: str, *, limit: int, before: tuple[dt.datetime, str] | None
+        self,
+        user_id: str,
+        *,
+        limit: int,
+        before: tuple[dt.datetime, str] | None,
+        status: str | None = None,
+        now: dt.datetime,
     ) -> list[storage.PromotionRecord]:
         """The user's promotions, newest first, from just before `before` (created_at, id): a
-        page boundary that stays put while new promotions arrive."""
+        page boundary that stays put while new promotions arrive. With `status`, only those that
+        read so at `now`."""
         async with self._db.read() as conn:
-            return await storage.list_promotions(conn, user_id, limit=limit, before=before)
+            return await storage.list_promotions(
+                conn, user_id, limit=limit, before=before, status=status, now=now
+            )
 
     async def create(
         self, request: promotion_pb2.CreatePromotionRequest, *, time_limit: float

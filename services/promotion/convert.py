@@ -24,6 +24,8 @@ _STATUS = {
     "rejected": promotion_pb2.PROMOTION_STATUS_REJECTED,
     "completed": promotion_pb2.PROMOTION_STATUS_COMPLETED,
 }
+STATUSES = {value: name for name, value in _STATUS.items()}
+"""A status filter's stored name (PROMOTION_STATUS_UNSPECIFIED: none)."""
 
 
 def promotion_pb(p: storage.PromotionRecord, now: dt.datetime) -> promotion_pb2.Promotion:

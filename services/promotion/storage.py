@@ -117,14 +117,31 @@ async def pending_promotions(
 
 
 async def list_promotions(
-    conn: AsyncConnection, user_id: str, *, limit: int, before: tuple[dt.datetime, str] | None
+    conn: AsyncConnection,
+    user_id: str,
+    *,
+    limit: int,
+    before: tuple[dt.datetime, str] | None,
+    status: str | None = None,
+    now: dt.datetime | None = None,
 ) -> list[PromotionRecord]:
+    """A page of the user's promotions, newest first; with `status`, only those in that status as
+    read at `now` (an active promotion past its end reads completed: see domain.status_at)."""
     query = (
         select(promotions)
         .where(promotions.c.user_id == user_id)
         .order_by(promotions.c.created_at.desc(), promotions.c.promotion_id.desc())
         .limit(limit)
     )
+    if status is not None:
+        assert now is not None, "a status filter reads statuses at a time"
+        ended = (promotions.c.status == "active") & (promotions.c.ends_at <= now)
+        if status == "active":
+            query = query.where((promotions.c.status == "active") & (promotions.c.ends_at > now))
+        elif status == "completed":
+            query = query.where((promotions.c.status == "completed") | ended)
+        else:
+            query = query.where(promotions.c.status == status)
     if before is not None:
         at, promotion_id = before
         query = query.where(

@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"coins/promotion/v1/promotion.proto\x12\x12\x63oins.promotion.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x02\n\tPromotion\x12\x14\n\x0cpromotion_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08video_id\x18\x03 \x01(\t\x12&\n\x04goal\x18\x04 \x01(\x0e\x32\x18.coins.promotion.v1.Goal\x12\x14\n\x0c\x62udget_coins\x18\x05 \x01(\x03\x12\x13\n\x0bspent_coins\x18\x06 \x01(\x03\x12\x15\n\rduration_days\x18\x07 \x01(\x05\x12\x33\n\x06status\x18\x08 \x01(\x0e\x32#.coins.promotion.v1.PromotionStatus\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x02\n\x16\x43reatePromotionRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12\x39\n\x07user_id\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12:\n\x08video_id\x18\x03 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x32\n\x04goal\x18\x04 \x01(\x0e\x32\x18.coins.promotion.v1.GoalB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\"\n\x0c\x62udget_coins\x18\x05 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/(d\x12 \n\rduration_days\x18\x06 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x1e(\x01\"h\n\x17\x43reatePromotionResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\x12\x1b\n\x13payer_balance_coins\x18\x02 \x01(\x03\"6\n\x13GetPromotionRequest\x12\x1f\n\x0cpromotion_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"H\n\x14GetPromotionResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\"\x8f\x01\n\x15ListPromotionsRequest\x12\x39\n\x07user_id\x18\x01 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"d\n\x16ListPromotionsResponse\x12\x31\n\npromotions\x18\x01 \x03(\x0b\x32\x1d.coins.promotion.v1.Promotion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x95\x01\n\x15ReportDeliveryRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12\x1f\n\x0cpromotion_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1b\n\x05\x63oins\x18\x03 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/ \x00\"J\n\x16ReportDeliveryResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\"v\n\x13\x45ndPromotionRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12\x1f\n\x0cpromotion_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"`\n\x14\x45ndPromotionResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\x12\x16\n\x0ereleased_coins\x18\x02 \x01(\x03*x\n\x04Goal\x12\x14\n\x10GOAL_UNSPECIFIED\x10\x00\x12\x14\n\x10GOAL_VIDEO_VIEWS\x10\x01\x12\x17\n\x13GOAL_PROFILE_VISITS\x10\x02\x12\x12\n\x0eGOAL_FOLLOWERS\x10\x03\x12\x17\n\x13GOAL_WEBSITE_VISITS\x10\x04*\xad\x01\n\x0fPromotionStatus\x12 \n\x1cPROMOTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROMOTION_STATUS_PENDING\x10\x01\x12\x1b\n\x17PROMOTION_STATUS_ACTIVE\x10\x02\x12\x1d\n\x19PROMOTION_STATUS_REJECTED\x10\x03\x12\x1e\n\x1aPROMOTION_STATUS_COMPLETED\x10\x04\x32\x96\x04\n\x10PromotionService\x12j\n\x0f\x43reatePromotion\x12*.coins.promotion.v1.CreatePromotionRequest\x1a+.coins.promotion.v1.CreatePromotionResponse\x12\x61\n\x0cGetPromotion\x12\'.coins.promotion.v1.GetPromotionRequest\x1a(.coins.promotion.v1.GetPromotionResponse\x12g\n\x0eListPromotions\x12).coins.promotion.v1.ListPromotionsRequest\x1a*.coins.promotion.v1.ListPromotionsResponse\x12g\n\x0eReportDelivery\x12).coins.promotion.v1.ReportDeliveryRequest\x1a*.coins.promotion.v1.ReportDeliveryResponse\x12\x61\n\x0c\x45ndPromotion\x12\'.coins.promotion.v1.EndPromotionRequest\x1a(.coins.promotion.v1.EndPromotionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"coins/promotion/v1/promotion.proto\x12\x12\x63oins.promotion.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x02\n\tPromotion\x12\x14\n\x0cpromotion_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08video_id\x18\x03 \x01(\t\x12&\n\x04goal\x18\x04 \x01(\x0e\x32\x18.coins.promotion.v1.Goal\x12\x14\n\x0c\x62udget_coins\x18\x05 \x01(\x03\x12\x13\n\x0bspent_coins\x18\x06 \x01(\x03\x12\x15\n\rduration_days\x18\x07 \x01(\x05\x12\x33\n\x06status\x18\x08 \x01(\x0e\x32#.coins.promotion.v1.PromotionStatus\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x02\n\x16\x43reatePromotionRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12\x39\n\x07user_id\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12:\n\x08video_id\x18\x03 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x32\n\x04goal\x18\x04 \x01(\x0e\x32\x18.coins.promotion.v1.GoalB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\"\n\x0c\x62udget_coins\x18\x05 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/(d\x12 \n\rduration_days\x18\x06 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x1e(\x01\"h\n\x17\x43reatePromotionResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\x12\x1b\n\x13payer_balance_coins\x18\x02 \x01(\x03\"6\n\x13GetPromotionRequest\x12\x1f\n\x0cpromotion_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"H\n\x14GetPromotionResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\"\xce\x01\n\x15ListPromotionsRequest\x12\x39\n\x07user_id\x18\x01 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12=\n\x06status\x18\x04 \x01(\x0e\x32#.coins.promotion.v1.PromotionStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\"d\n\x16ListPromotionsResponse\x12\x31\n\npromotions\x18\x01 \x03(\x0b\x32\x1d.coins.promotion.v1.Promotion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x95\x01\n\x15ReportDeliveryRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12\x1f\n\x0cpromotion_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1b\n\x05\x63oins\x18\x03 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/ \x00\"J\n\x16ReportDeliveryResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\"v\n\x13\x45ndPromotionRequest\x12>\n\nrequest_id\x18\x01 \x01(\tB*\xbaH\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$\x12\x1f\n\x0cpromotion_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"`\n\x14\x45ndPromotionResponse\x12\x30\n\tpromotion\x18\x01 \x01(\x0b\x32\x1d.coins.promotion.v1.Promotion\x12\x16\n\x0ereleased_coins\x18\x02 \x01(\x03*x\n\x04Goal\x12\x14\n\x10GOAL_UNSPECIFIED\x10\x00\x12\x14\n\x10GOAL_VIDEO_VIEWS\x10\x01\x12\x17\n\x13GOAL_PROFILE_VISITS\x10\x02\x12\x12\n\x0eGOAL_FOLLOWERS\x10\x03\x12\x17\n\x13GOAL_WEBSITE_VISITS\x10\x04*\xad\x01\n\x0fPromotionStatus\x12 \n\x1cPROMOTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROMOTION_STATUS_PENDING\x10\x01\x12\x1b\n\x17PROMOTION_STATUS_ACTIVE\x10\x02\x12\x1d\n\x19PROMOTION_STATUS_REJECTED\x10\x03\x12\x1e\n\x1aPROMOTION_STATUS_COMPLETED\x10\x04\x32\x96\x04\n\x10PromotionService\x12j\n\x0f\x43reatePromotion\x12*.coins.promotion.v1.CreatePromotionRequest\x1a+.coins.promotion.v1.CreatePromotionResponse\x12\x61\n\x0cGetPromotion\x12\'.coins.promotion.v1.GetPromotionRequest\x1a(.coins.promotion.v1.GetPromotionResponse\x12g\n\x0eListPromotions\x12).coins.promotion.v1.ListPromotionsRequest\x1a*.coins.promotion.v1.ListPromotionsResponse\x12g\n\x0eReportDelivery\x12).coins.promotion.v1.ReportDeliveryRequest\x1a*.coins.promotion.v1.ReportDeliveryResponse\x12\x61\n\x0c\x45ndPromotion\x12\'.coins.promotion.v1.EndPromotionRequest\x1a(.coins.promotion.v1.EndPromotionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,6 +53,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPROMOTIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\350\007(\000'
   _globals['_LISTPROMOTIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTPROMOTIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\004'
+  _globals['_LISTPROMOTIONSREQUEST'].fields_by_name['status']._loaded_options = None
+  _globals['_LISTPROMOTIONSREQUEST'].fields_by_name['status']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_REPORTDELIVERYREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_REPORTDELIVERYREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$'
   _globals['_REPORTDELIVERYREQUEST'].fields_by_name['promotion_id']._loaded_options = None
@@ -63,10 +65,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDPROMOTIONREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\'r%2#^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$'
   _globals['_ENDPROMOTIONREQUEST'].fields_by_name['promotion_id']._loaded_options = None
   _globals['_ENDPROMOTIONREQUEST'].fields_by_name['promotion_id']._serialized_options = b'\272H\006r\004\020\001\030@'
-  _globals['_GOAL']._serialized_start=1707
-  _globals['_GOAL']._serialized_end=1827
-  _globals['_PROMOTIONSTATUS']._serialized_start=1830
-  _globals['_PROMOTIONSTATUS']._serialized_end=2003
+  _globals['_GOAL']._serialized_start=1770
+  _globals['_GOAL']._serialized_end=1890
+  _globals['_PROMOTIONSTATUS']._serialized_start=1893
+  _globals['_PROMOTIONSTATUS']._serialized_end=2066
   _globals['_PROMOTION']._serialized_start=121
   _globals['_PROMOTION']._serialized_end=443
   _globals['_CREATEPROMOTIONREQUEST']._serialized_start=446
@@ -78,17 +80,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROMOTIONRESPONSE']._serialized_start=939
   _globals['_GETPROMOTIONRESPONSE']._serialized_end=1011
   _globals['_LISTPROMOTIONSREQUEST']._serialized_start=1014
-  _globals['_LISTPROMOTIONSREQUEST']._serialized_end=1157
-  _globals['_LISTPROMOTIONSRESPONSE']._serialized_start=1159
-  _globals['_LISTPROMOTIONSRESPONSE']._serialized_end=1259
-  _globals['_REPORTDELIVERYREQUEST']._serialized_start=1262
-  _globals['_REPORTDELIVERYREQUEST']._serialized_end=1411
-  _globals['_REPORTDELIVERYRESPONSE']._serialized_start=1413
-  _globals['_REPORTDELIVERYRESPONSE']._serialized_end=1487
-  _globals['_ENDPROMOTIONREQUEST']._serialized_start=1489
-  _globals['_ENDPROMOTIONREQUEST']._serialized_end=1607
-  _globals['_ENDPROMOTIONRESPONSE']._serialized_start=1609
-  _globals['_ENDPROMOTIONRESPONSE']._serialized_end=1705
-  _globals['_PROMOTIONSERVICE']._serialized_start=2006
-  _globals['_PROMOTIONSERVICE']._serialized_end=2540
+  _globals['_LISTPROMOTIONSREQUEST']._serialized_end=1220
+  _globals['_LISTPROMOTIONSRESPONSE']._serialized_start=1222
+  _globals['_LISTPROMOTIONSRESPONSE']._serialized_end=1322
+  _globals['_REPORTDELIVERYREQUEST']._serialized_start=1325
+  _globals['_REPORTDELIVERYREQUEST']._serialized_end=1474
+  _globals['_REPORTDELIVERYRESPONSE']._serialized_start=1476
+  _globals['_REPORTDELIVERYRESPONSE']._serialized_end=1550
+  _globals['_ENDPROMOTIONREQUEST']._serialized_start=1552
+  _globals['_ENDPROMOTIONREQUEST']._serialized_end=1670
+  _globals['_ENDPROMOTIONRESPONSE']._serialized_start=1672
+  _globals['_ENDPROMOTIONRESPONSE']._serialized_end=1768
+  _globals['_PROMOTIONSERVICE']._serialized_start=2069
+  _globals['_PROMOTIONSERVICE']._serialized_end=2603
 # @@protoc_insertion_point(module_scope)

@@ -281,22 +281,28 @@ class ListPromotionsRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The paying user."""
     page_size: _builtins.int
     """Maximum promotions to return; 0 means the default of 50."""
     page_token: _builtins.str
-    """The next_page_token of a previous response, to continue a listing."""
+    """The next_page_token of a previous response, to continue a listing (with the same filter)."""
+    status: Global___PromotionStatus.ValueType
+    """Only promotions in this status, as Promotion.status reads now (an active promotion past its
+    end_time is COMPLETED); unspecified: every promotion.
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        status: Global___PromotionStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,7 +93,7 @@ class PromotionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPromotions(self, request, context):
-        """Lists a user's promotions, newest first.
+        """Lists a user's promotions, newest first, optionally only those in one status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,7 @@ class PromotionServiceStub:
     GetPromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.GetPromotionRequest, _promotion_pb2.GetPromotionResponse]
     """Reads one promotion."""
     ListPromotions: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.ListPromotionsRequest, _promotion_pb2.ListPromotionsResponse]
-    """Lists a user's promotions, newest first."""
+    """Lists a user's promotions, newest first, optionally only those in one status."""
     ReportDelivery: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.ReportDeliveryRequest, _promotion_pb2.ReportDeliveryResponse]
     """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
     promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
@@ -84,7 +84,7 @@ class PromotionServiceAsyncStub(PromotionServiceStub):
     GetPromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.GetPromotionRequest, _promotion_pb2.GetPromotionResponse]  # type: ignore[assignment]
     """Reads one promotion."""
     ListPromotions: _aio.UnaryUnaryMultiCallable[_promotion_pb2.ListPromotionsRequest, _promotion_pb2.ListPromotionsResponse]  # type: ignore[assignment]
-    """Lists a user's promotions, newest first."""
+    """Lists a user's promotions, newest first, optionally only those in one status."""
     ReportDelivery: _aio.UnaryUnaryMultiCallable[_promotion_pb2.ReportDeliveryRequest, _promotion_pb2.ReportDeliveryResponse]  # type: ignore[assignment]
     """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
     promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
@@ -135,7 +135,7 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _promotion_pb2.ListPromotionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_promotion_pb2.ListPromotionsResponse, _abc.Awaitable[_promotion_pb2.ListPromotionsResponse]]:
-        """Lists a user's promotions, newest first."""
+        """Lists a user's promotions, newest first, optionally only those in one status."""
 
     @_abc_1.abstractmethod
     def ReportDelivery(
