@@ -544,7 +544,9 @@ def deliver(c: Clients, a: argparse.Namespace) -> None:
 
 def end_promotion(c: Clients, a: argparse.Namespace) -> None:
     response = c.promotion.EndPromotion(
-        promotion_pb2.EndPromotionRequest(request_id=_rid(a), promotion_id=a.promotion_id),
+        promotion_pb2.EndPromotionRequest(
+            request_id=_rid(a), promotion_id=a.promotion_id, reason=a.reason
+        ),
         timeout=c.timeout,
     )
     console.print(render.promotion(response.promotion))
@@ -832,9 +834,13 @@ def _parser() -> argparse.ArgumentParser:
     p = command("deliver", deliver, "report a promotion's delivery, as the ad-delivery system")
     p.add_argument("promotion_id")
     p.add_argument("coins", type=int, help="what the delivery is worth")
-    command(
+    p = command(
         "end-promotion", end_promotion, "end a promotion early, releasing the rest (--as OWNER)"
-    ).add_argument("promotion_id")
+    )
+    p.add_argument("promotion_id")
+    p.add_argument(
+        "--reason", default="", help="why (required when an admin ends another user's promotion)"
+    )
     command("token", token, "print a dev token for USER (for grpcurl)").add_argument("user")
     command("demo", demo, "run the whole money flow against the running suite")
     return parser

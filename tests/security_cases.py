@@ -757,7 +757,9 @@ async def _report_delivery(suite: Suite) -> Sample:
 @sample(PROMOTION, "EndPromotion", record_owned=True)
 async def _end_promotion(suite: Suite) -> Sample:
     user, promotion_id = await active_promotion(suite)
-    request = promotion_pb2.EndPromotionRequest(request_id=new_id("end"), promotion_id=promotion_id)
+    request = promotion_pb2.EndPromotionRequest(
+        request_id=new_id("end"), promotion_id=promotion_id, reason="ended at the owner's request"
+    )  # the reason an admin ending it must give (an owner may give one too)
     return Sample(request, user, mutates=True)
 
 

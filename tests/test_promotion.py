@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from coins.common.v1 import admin_audit_pb2, admin_audit_pb2_grpc
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
@@ -499,6 +500,41 @@ async def test_promotions_are_listed_by_status_as_they_read_now(
     assert {short.promotion_id, long.promotion_id} <= {
         p.promotion_id for p in (await listed(0)).promotions
     }
+
+
+async def test_an_admin_ends_another_users_promotion_only_saying_why(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    admin = "support-ana"
+    silent = ending(made.promotion_id)
+    error = await expect_error(
+        suite.promotion.EndPromotion(silent, metadata=suite.token(admin, admin=True)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REASON_REQUIRED",
+    )
+    assert field_violations(error) == {"reason"} and user in (error.details() or "")
+    assert (await read(suite, made.promotion_id, user)).status == ACTIVE
+    assert await coins_of(suite, user) == (coins, coins - 300)
+
+    said = ending(made.promotion_id)
+    said.reason = "video taken down for a copyright claim"
+    ended = await suite.promotion.EndPromotion(said, metadata=suite.token(admin, admin=True))
+    assert (ended.promotion.status, ended.released_coins) == (COMPLETED, 300)
+    trail = await admin_audit_pb2_grpc.AdminAuditServiceStub(
+        suite.channel("promotion")
+    ).ListAdminActions(
+        admin_audit_pb2.ListAdminActionsRequest(page_size=50),
+        metadata=suite.token(admin, admin=True),
+    )
+    recorded = [
+        a
+        for a in trail.actions
+        if a.method.endswith("EndPromotion") and made.promotion_id in a.request_json
+    ]
+    assert {a.reason for a in recorded} >= {said.reason}
+    # The owner needs no reason.
+    other = (await suite.promotion.CreatePromotion(promotion(user, 100))).promotion
+    assert (await end(suite, ending(other.promotion_id), user)).released_coins == 100
 
 
 async def test_a_promotion_whose_end_was_cut_short_after_its_release_reads_ended(

@@ -398,19 +398,25 @@ class EndPromotionRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PROMOTION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     promotion_id: _builtins.str
     """The promotion to end."""
+    reason: _builtins.str
+    """Why it is ended, for the audit trail: required (3 characters or more) when an admin ends another
+    user's promotion (INVALID_ARGUMENT REASON_REQUIRED without it); optional for the owner.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         promotion_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion_id", b"promotion_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion_id", b"promotion_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
