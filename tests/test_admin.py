@@ -15,7 +15,15 @@ from coins.common.v1.money_pb2 import Money
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.audit import admin_audit
-from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id, open_account
+from tests.helpers import (
+    expect_error,
+    field_violations,
+    funded_user,
+    live_of,
+    new_creator,
+    new_id,
+    open_account,
+)
 from tests.suite import Suite
 
 ADMIN = "ops-alice"
@@ -195,6 +203,41 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
     assert refused.details() == (
         "gift 'snowman' is retired: no longer on sale (ListGifts shows what is)"
     )
+
+
+async def test_a_gift_offered_in_a_country_that_does_not_exist_is_refused(
+    private_suite: Suite,
+) -> None:
+    """ "ZZ" matches the pattern of a country code but no viewer is ever in it: a regional gift
+    offered there is a typo that would hide the gift from the countries meant."""
+    suite = private_suite
+    admin = suite.token(ADMIN, admin=True)
+    gift = gifting_pb2.SetGiftRequest(
+        request_id=new_id(),
+        gift_id="maple-leaf",
+        name="Maple leaf",
+        coins=15,
+        active=True,
+        reason="Canada day",
+        regions=["CA", "ZZ"],
+    )
+    error = await expect_error(
+        suite.gifting.SetGift(gift, metadata=admin),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_COUNTRY",
+    )
+    assert field_violations(error) == {"regions[1]"}
+    assert "'ZZ' is not an assigned ISO 3166-1 alpha-2 code" in (error.details() or "")
+    catalog = await suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=1000))
+    assert "maple-leaf" not in {g.gift_id for g in catalog.gifts}
+    await expect_error(
+        suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(region="ZZ")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_COUNTRY",
+    )
+    gift.request_id, gift.regions[1] = new_id(), "US"
+    offered = await suite.gifting.SetGift(gift, metadata=admin)
+    assert list(offered.gift.regions) == ["CA", "US"]
 
 
 async def test_non_admins_cannot_change_the_catalog(private_suite: Suite) -> None:

@@ -24,6 +24,7 @@ from typing import Protocol
 from opentelemetry import propagate
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime import countries
 from runtime.errors import DomainError, FieldViolation, InvalidArgument, NotFound
 from runtime.idempotency import KeyAnswer, KeyClaim
 from runtime.metrics import after_commit
@@ -144,6 +145,8 @@ class Gifting:
         next version, kept with who made it and why; gifts already sent keep the version they
         were priced at. Unsaid, whether it streaks and its animation length stay as they are (a
         new gift: no streak, 1 s)."""
+        for index, region in enumerate(change.regions):
+            countries.check_assigned(f"regions[{index}]", region)
         current = await storage.get_gift(conn, change.gift_id)
         streakable = change.streakable
         if streakable is None:
@@ -180,6 +183,8 @@ class Gifting:
         region: str = "",
     ) -> list[storage.GiftRecord]:
         """A page of the active catalog, cheapest first (with `region`: the gifts offered there)."""
+        if region:
+            countries.check_assigned("region", region)
         return await storage.list_gifts(conn, limit=limit, after=after, region=region)
 
     async def top_gifters(

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger import Hold, Holds, Ledger, Posted, Posting
 from ledger.history import HistoryEntry, Period, entries_page, period
+from runtime import countries
 from runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -22,7 +23,7 @@ from runtime.errors import (
 from runtime.idempotency import AnsweredKey
 from runtime.protos import money_text
 from runtime.sql import Driver, Tx
-from services.wallet import countries, storage
+from services.wallet import storage
 from services.wallet.settings import WalletSettings
 
 COIN_SALES = "system:coin_sales"
@@ -222,15 +223,7 @@ class Wallet:
                     FieldViolation("birth_date", f"must be within the last {MAX_AGE_YEARS} years"),
                 ),
             )
-        if country_code not in countries.ASSIGNED:
-            raise InvalidArgument(
-                "UNKNOWN_COUNTRY",
-                f"country_code {country_code!r} is not an assigned ISO 3166-1 alpha-2 code "
-                "(e.g. US, GB, DE)",
-                violations=(
-                    FieldViolation("country_code", "must be an assigned ISO 3166-1 alpha-2 code"),
-                ),
-            )
+        countries.check_assigned("country_code", country_code)
         account = storage.AccountRecord(
             user_id=user_id,
             country_code=country_code,

@@ -320,7 +320,9 @@ class ListGiftsRequest(_message.Message):
     page_token: _builtins.str
     """The next_page_token of a previous response, to continue a listing."""
     region: _builtins.str
-    """The viewer's country (ISO 3166-1 alpha-2): only gifts offered there. Empty: every gift."""
+    """The viewer's country (an assigned ISO 3166-1 alpha-2 code; others are UNKNOWN_COUNTRY): only
+    gifts offered there. Empty: every gift.
+    """
     def __init__(
         self,
         *,
@@ -581,7 +583,8 @@ class SetGiftRequest(_message.Message):
     """
     @_builtins.property
     def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Countries (ISO 3166-1 alpha-2) where the gift is offered; empty: everywhere. Unlike `streakable`,
+        """Countries (assigned ISO 3166-1 alpha-2 codes; others are INVALID_ARGUMENT UNKNOWN_COUNTRY) where
+        the gift is offered; empty: everywhere. Unlike `streakable`,
         a list cannot be told unset from empty: an update that leaves it out offers the gift everywhere,
         so send the regions again with every change of a regional gift.
         """

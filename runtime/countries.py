@@ -1,6 +1,10 @@
-"""The countries a wallet account can be opened in: ISO 3166-1 alpha-2's assigned codes (the 249 of
-the tz database's iso3166.tab), so that a typo or a placeholder ("ZZ", "XX") is refused instead of
-becoming a user's country, which decides their prices and what they may buy."""
+"""ISO 3166-1 alpha-2's assigned codes (the 249 of the tz database's iso3166.tab), so that a typo
+or a placeholder ("ZZ", "XX") is refused instead of becoming a user's country (which decides their
+prices and what they may buy) or a region a gift is offered in (which no viewer could be in)."""
+
+from __future__ import annotations
+
+from runtime.errors import FieldViolation, InvalidArgument
 
 _TABLE = """
     AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO
@@ -14,3 +18,13 @@ _TABLE = """
     US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW
 """
 ASSIGNED = frozenset(_TABLE.split())
+
+
+def check_assigned(path: str, code: str) -> None:
+    """INVALID_ARGUMENT UNKNOWN_COUNTRY unless `code` (the request field at `path`) is assigned."""
+    if code not in ASSIGNED:
+        raise InvalidArgument(
+            "UNKNOWN_COUNTRY",
+            f"{path} {code!r} is not an assigned ISO 3166-1 alpha-2 code (e.g. US, GB, DE)",
+            violations=(FieldViolation(path, "must be an assigned ISO 3166-1 alpha-2 code"),),
+        )
