@@ -10,6 +10,7 @@ import grpc
 
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.wallet.v1 import wallet_pb2
+from runtime.status import error_info
 from tests.helpers import expect_error, new_id, open_account
 from tests.suite import Suite
 
@@ -224,6 +225,42 @@ async def test_duplicate_events_delivered_at_once_reverse_once(suite: Suite) -> 
     )
     ok = [r for r in results if isinstance(r, wallet_pb2.RecordPaymentEventResponse)]
     assert ok and all(r == ok[0] for r in ok)
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.amount for e in history.entries] == [-700, 700]
+    await books_are_exact(suite)
+
+
+async def test_different_events_racing_for_one_purchase_apply_one_and_refuse_the_rest_for_good(
+    suite: Suite,
+) -> None:
+    """A refund and chargebacks of one purchase, each its own event, all at once: one applies, the
+    others are PURCHASE_ALREADY_REVERSED, also when redelivered. A review saw losers told the
+    completed purchase was "not completed" (its status read before the winner's update), a refusal
+    then replayed for good."""
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)
+    kinds = [wallet_pb2.PAYMENT_EVENT_TYPE_REFUND, wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK] * 4
+    requests = [event(purchase, kind) for kind in kinds]
+    webhooks = suite.as_caller("payment-webhooks").wallet
+    results = await asyncio.gather(
+        *(webhooks.RecordPaymentEvent(r) for r in requests), return_exceptions=True
+    )
+    applied = [r for r in results if isinstance(r, wallet_pb2.RecordPaymentEventResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(applied) == 1 and len(refused) == len(requests) - 1, results
+    for error in refused:
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        assert error_info(error).reason == "PURCHASE_ALREADY_REVERSED", error
+    for request, result in zip(requests, results, strict=True):
+        if isinstance(result, grpc.aio.AioRpcError):  # redelivered: the same refusal
+            await expect_error(
+                webhooks.RecordPaymentEvent(request),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "PURCHASE_ALREADY_REVERSED",
+            )
     history = await suite.wallet.ListLedgerEntries(
         wallet_pb2.ListLedgerEntriesRequest(user_id=user)
     )

@@ -259,6 +259,26 @@ async def reverse(
             "settled gets it then); redeliver the event later",
             provider_transaction_id=provider_transaction_id,
         )
+    _refuse_unless_reversible(purchase, completed_only=False)
+    if not await storage.reverse_purchase(conn, purchase.purchase_id, _REVERSALS[kind], now):
+        # Its status moved since it was read: a concurrent event reversed it, or it settled.
+        current = await storage.get_purchase(conn, purchase.purchase_id)
+        assert current is not None
+        _refuse_unless_reversible(current, completed_only=True)
+        raise Aborted(
+            "CONCURRENT_UPDATE",
+            f"purchase {purchase.purchase_id} changed while this event applied; redeliver it",
+        )
+    coins = await wallet.reverse_purchase(conn, purchase, kind, event_id)
+    reversed_ = await storage.get_purchase(conn, purchase.purchase_id)
+    assert reversed_ is not None
+    return reversed_, coins
+
+
+def _refuse_unless_reversible(purchase: storage.PurchaseRecord, *, completed_only: bool) -> None:
+    """PURCHASE_ALREADY_REVERSED for a reversed purchase; with `completed_only`, PURCHASE_NOT_COMPLETED
+    for any other that is not completed (final for a failed one; a pending one may still complete,
+    and the event, redelivered, applies then)."""
     if purchase.status in _REVERSALS.values():
         raise FailedPrecondition(
             "PURCHASE_ALREADY_REVERSED",
@@ -266,8 +286,7 @@ async def reverse(
             purchase_id=purchase.purchase_id,
             status=purchase.status,
         )
-    if not await storage.reverse_purchase(conn, purchase.purchase_id, _REVERSALS[kind], now):
-        # Final for a failed purchase; a pending one may still complete (then the event applies).
+    if completed_only and purchase.status != "completed":
         refusal = FailedPreconditionYet if purchase.status == "pending" else FailedPrecondition
         raise refusal(
             "PURCHASE_NOT_COMPLETED",
@@ -276,7 +295,3 @@ async def reverse(
             purchase_id=purchase.purchase_id,
             status=purchase.status,
         )
-    coins = await wallet.reverse_purchase(conn, purchase, kind, event_id)
-    reversed_ = await storage.get_purchase(conn, purchase.purchase_id)
-    assert reversed_ is not None
-    return reversed_, coins
