@@ -253,7 +253,8 @@ async def test_different_events_racing_for_one_purchase_apply_one_and_refuse_the
     assert len(applied) == 1 and len(refused) == len(requests) - 1, results
     for error in refused:
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
-        assert error_info(error).reason == "PURCHASE_ALREADY_REVERSED", error
+        info = error_info(error)
+        assert info is not None and info.reason == "PURCHASE_ALREADY_REVERSED", error
     for request, result in zip(requests, results, strict=True):
         if isinstance(result, grpc.aio.AioRpcError):  # redelivered: the same refusal
             await expect_error(
