@@ -123,6 +123,35 @@ async def test_twenty_concurrent_places_with_one_request_id_hold_once(suite: Sui
     assert await balance(suite, user) == (coins, coins - 100)
 
 
+async def test_a_request_id_sent_again_for_another_hold_moves_nothing(suite: Suite) -> None:
+    """Request ids belong to the caller and the RPC, never to the record named: a caller re-using
+    a capture's or a release's id for another hold has a bug, told REQUEST_ID_REUSED. The review
+    that found it saw the other hold captured, and released."""
+    promotion = suite.as_caller("promotion").wallet
+    user, coins = await funded_user(suite)
+    first = (await promotion.PlaceHold(place(user, 100))).hold
+    other = (await promotion.PlaceHold(place(user, 100))).hold
+    captured = capture(first.hold_id, 5)
+    await promotion.CaptureHold(captured)
+    reused = capture(other.hold_id, 5)
+    reused.request_id = captured.request_id
+    await expect_error(
+        promotion.CaptureHold(reused), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    released = wallet_pb2.ReleaseHoldRequest(request_id=new_id("release"), hold_id=first.hold_id)
+    await promotion.ReleaseHold(released)
+    await expect_error(
+        promotion.ReleaseHold(
+            wallet_pb2.ReleaseHoldRequest(request_id=released.request_id, hold_id=other.hold_id)
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+    )
+    held = await promotion.GetHold(wallet_pb2.GetHoldRequest(hold_id=other.hold_id))
+    assert (held.hold.status, held.hold.captured_coins) == (wallet_pb2.HOLD_STATUS_ACTIVE, 0)
+    assert await balance(suite, user) == (coins - 5, coins - 5 - 100)
+
+
 async def test_only_the_service_that_placed_a_hold_may_resolve_it(suite: Suite) -> None:
     user, _ = await funded_user(suite)
     hold = (await suite.as_caller("promotion").wallet.PlaceHold(place(user, 50))).hold

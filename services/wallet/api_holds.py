@@ -75,7 +75,7 @@ class HoldRpcs:
             )
 
         return await self._idempotency.once(
-            f"CaptureHold:{caller}:{request.hold_id}",
+            f"CaptureHold:{caller}",  # never the hold: an id reused for another is REQUEST_ID_REUSED
             request,
             wallet_pb2.CaptureHoldResponse,
             effect,
@@ -93,7 +93,7 @@ class HoldRpcs:
             )
 
         return await self._idempotency.once(
-            f"ReleaseHold:{caller}:{request.hold_id}",
+            f"ReleaseHold:{caller}",  # never the hold: an id reused for another is REQUEST_ID_REUSED
             request,
             wallet_pb2.ReleaseHoldResponse,
             effect,
