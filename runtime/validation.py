@@ -100,8 +100,9 @@ def _blank_text(request: Message) -> str | None:
     return None
 
 
-_DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){12,}")
-"""13 or more digits, optionally grouped by single spaces or dashes ("4111 1111 1111 1111")."""
+_DIGIT_RUN = re.compile(r"\d(?:[ ./_-]?\d){12,}")
+"""13 or more digits, optionally grouped by single separators a person types between groups
+("4111 1111 1111 1111", "4111-1111-…", "4111.1111.…", "4111/1111/…", "4111_1111_…")."""
 
 
 def contains_card_number(text: str) -> bool:

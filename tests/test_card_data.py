@@ -18,7 +18,15 @@ from tests.helpers import expect_error, field_violations, funded_user, new_id
 from tests.suite import Suite
 
 PAN = "4111111111111111"  # the classic Visa test number
-SPELLINGS = [PAN, "4111 1111 1111 1111", "4111-1111-1111-1111", f"tok_{PAN}"]
+SPELLINGS = [
+    PAN,
+    "4111 1111 1111 1111",
+    "4111-1111-1111-1111",
+    "4111.1111.1111.1111",
+    "4111/1111/1111/1111",
+    "4111_1111_1111_1111",
+    f"tok_{PAN}",
+]
 
 
 def test_card_numbers_are_recognised_and_ordinary_text_is_not() -> None:
