@@ -120,6 +120,14 @@ async def test_prices_must_be_in_a_sold_region_and_its_currency(private_suite: S
         grpc.StatusCode.FAILED_PRECONDITION,
         "CURRENCY_MISMATCH",
     )
+    for price in (100_000_001, 100_000_000_000):  # above 1,000,000.00: a typo, never on sale
+        too_dear = set_package(10, price, package_id=new_id("gb-web").lower())
+        error = await expect_error(
+            suite.wallet.SetCoinPackage(too_dear, metadata=admin),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PRICE_TOO_HIGH",
+        )
+        assert field_violations(error) == {"price.amount_minor"}
     no_reason = set_package(10, 99, reason="")
     await expect_error(
         suite.wallet.SetCoinPackage(no_reason, metadata=admin),

@@ -28,9 +28,11 @@ from services.wallet.settings import WalletSettings
 
 COIN_SALES = "system:coin_sales"
 RECIPIENTS_REMEMBERED = 100_000
+"""Eligible recipients a wallet process remembers, so the gift path skips their lookup."""
 MAX_AGE_YEARS = 130
 """A birth date further back is a typo (year 1, 1026), not a user."""
-"""Eligible recipients a wallet process remembers, so the gift path skips their lookup."""
+MAX_PACKAGE_PRICE_MINOR = 100_000_000
+"""1,000,000.00 in the two-decimal currencies coins are sold in: a price above is a typo."""
 SPEND_ACCOUNTS = {"gift": "system:gift_spend", "promotion": "system:promotion_spend"}
 
 
@@ -141,6 +143,17 @@ class Wallet:
                 "PRICE_NOT_POSITIVE",
                 "a package must cost at least one minor unit",
                 violations=(FieldViolation("price.amount_minor", "must be at least 1"),),
+            )
+        if price_minor > MAX_PACKAGE_PRICE_MINOR:
+            raise InvalidArgument(
+                "PRICE_TOO_HIGH",
+                f"a package costs at most {money_text(currency, MAX_PACKAGE_PRICE_MINOR)}; "
+                f"{money_text(currency, price_minor)} is likely a mistyped price",
+                violations=(
+                    FieldViolation(
+                        "price.amount_minor", f"must be at most {MAX_PACKAGE_PRICE_MINOR:,}"
+                    ),
+                ),
             )
         return storage.PackageRecord(
             package_id=package_id,

@@ -1163,7 +1163,9 @@ class SetCoinPackageRequest(_message.Message):
     """Why the change is made, for the audit trail."""
     @_builtins.property
     def price(self) -> _money_pb2.Money:
-        """The price, in the region's currency: at least one minor unit, at most 1,000,000.00."""
+        """The price, in the region's currency: at least one minor unit, at most 1,000,000.00 (above:
+        INVALID_ARGUMENT PRICE_TOO_HIGH).
+        """
 
     def __init__(
         self,
