@@ -85,8 +85,8 @@ def statement_response(
                 debited=line.debited,
                 entries=line.entries,
             )
-            for line in period.movements
-        ],
+            for line in sorted(period.movements, key=lambda m: kinds.get(m.kind, 0))
+        ],  # in the kind enum's order, as the contract says
         start_time=timestamp(since),
         end_time=timestamp(until),
     )

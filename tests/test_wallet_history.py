@@ -89,3 +89,17 @@ async def test_unknown_or_repeated_kinds_are_refused(suite: Suite) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_REQUEST",
     )
+
+
+async def test_a_statements_lines_come_in_kind_order(suite: Suite) -> None:
+    user, coins = await funded_user(suite)
+    await debit(suite, user, 30, wallet_pb2.DEBIT_REASON_GIFT)
+    await debit(suite, user, 20, wallet_pb2.DEBIT_REASON_PROMOTION)
+    statement = await suite.wallet.GetCoinStatement(
+        wallet_pb2.GetCoinStatementRequest(user_id=user)
+    )
+    assert [(line.kind, line.credited, line.debited) for line in statement.lines] == [
+        (wallet_pb2.ENTRY_KIND_PURCHASE, coins, 0),  # enum order, not the kinds' names
+        (wallet_pb2.ENTRY_KIND_GIFT, 0, 30),
+        (wallet_pb2.ENTRY_KIND_PROMOTION, 0, 20),
+    ]

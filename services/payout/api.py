@@ -615,7 +615,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.GetDiamondStatementRequest, context: RpcContext
     ) -> payout_pb2.GetDiamondStatementResponse:
         since, until = statement_period(request, self._clock.now())
-        async with self._db.driver.read() as tx:
+        async with self._db.driver.snapshot() as tx:  # opening, lines, closing: one moment
             period = await self._payouts.statement(tx, request.creator_id, since, until)
         return statement_response(
             payout_pb2.GetDiamondStatementResponse,

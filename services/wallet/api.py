@@ -213,7 +213,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         self, request: wallet_pb2.GetCoinStatementRequest, context: RpcContext
     ) -> wallet_pb2.GetCoinStatementResponse:
         since, until = statement_period(request, self._clock.now())
-        async with self._db.driver.read() as tx:
+        async with self._db.driver.snapshot() as tx:  # opening, lines, closing: one moment
             period = await self._wallet.statement(tx, request.user_id, since, until)
         return statement_response(
             wallet_pb2.GetCoinStatementResponse,

@@ -341,7 +341,8 @@ class PayoutServiceServicer:
 
     def GetDiamondStatement(self, request, context):
         """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
-        The balance at any past time is the closing balance of a statement that ends then.
+        The balance at any past time is the closing balance of a statement that ends then. A period ended
+        in the last few seconds may still gain an entry that was committing when it was read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

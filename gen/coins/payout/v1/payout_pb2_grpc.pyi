@@ -124,7 +124,8 @@ class PayoutServiceStub:
     """
     GetDiamondStatement: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetDiamondStatementRequest, _payout_pb2.GetDiamondStatementResponse]
     """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
-    The balance at any past time is the closing balance of a statement that ends then.
+    The balance at any past time is the closing balance of a statement that ends then. A period ended
+    in the last few seconds may still gain an entry that was committing when it was read.
     """
     GetRevenueReport: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetRevenueReportRequest, _payout_pb2.GetRevenueReportResponse]
     """The platform's revenue from gifts, per UTC day: what the gifts were worth, what their creators'
@@ -228,7 +229,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """
     GetDiamondStatement: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetDiamondStatementRequest, _payout_pb2.GetDiamondStatementResponse]  # type: ignore[assignment]
     """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
-    The balance at any past time is the closing balance of a statement that ends then.
+    The balance at any past time is the closing balance of a statement that ends then. A period ended
+    in the last few seconds may still gain an entry that was committing when it was read.
     """
     GetRevenueReport: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetRevenueReportRequest, _payout_pb2.GetRevenueReportResponse]  # type: ignore[assignment]
     """The platform's revenue from gifts, per UTC day: what the gifts were worth, what their creators'
@@ -461,7 +463,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.GetDiamondStatementResponse, _abc.Awaitable[_payout_pb2.GetDiamondStatementResponse]]:
         """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
-        The balance at any past time is the closing balance of a statement that ends then.
+        The balance at any past time is the closing balance of a statement that ends then. A period ended
+        in the last few seconds may still gain an entry that was committing when it was read.
         """
 
     @_abc_1.abstractmethod

@@ -182,7 +182,8 @@ class WalletServiceServicer:
     def GetCoinStatement(self, request, context):
         """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
         added and took in between (opening + credited - debited = closing). The balance at any past time is
-        the closing balance of a statement that ends then.
+        the closing balance of a statement that ends then. A period ended in the last few seconds may
+        still gain an entry that was committing when it was read (see the README's "The ledger at scale").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

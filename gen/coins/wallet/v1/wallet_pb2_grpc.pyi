@@ -58,7 +58,8 @@ class WalletServiceStub:
     GetCoinStatement: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetCoinStatementRequest, _wallet_pb2.GetCoinStatementResponse]
     """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
     added and took in between (opening + credited - debited = closing). The balance at any past time is
-    the closing balance of a statement that ends then.
+    the closing balance of a statement that ends then. A period ended in the last few seconds may
+    still gain an entry that was committing when it was read (see the README's "The ledger at scale").
     """
     DebitCoins: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.DebitCoinsRequest, _wallet_pb2.DebitCoinsResponse]
     """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
@@ -138,7 +139,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     GetCoinStatement: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetCoinStatementRequest, _wallet_pb2.GetCoinStatementResponse]  # type: ignore[assignment]
     """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
     added and took in between (opening + credited - debited = closing). The balance at any past time is
-    the closing balance of a statement that ends then.
+    the closing balance of a statement that ends then. A period ended in the last few seconds may
+    still gain an entry that was committing when it was read (see the README's "The ledger at scale").
     """
     DebitCoins: _aio.UnaryUnaryMultiCallable[_wallet_pb2.DebitCoinsRequest, _wallet_pb2.DebitCoinsResponse]  # type: ignore[assignment]
     """Internal: debits coins from a user for a gift or a promotion. Called by the gifting and promotion
@@ -257,7 +259,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_wallet_pb2.GetCoinStatementResponse, _abc.Awaitable[_wallet_pb2.GetCoinStatementResponse]]:
         """A user's coins over a period: the balance at its start and at its end, and what each kind of entry
         added and took in between (opening + credited - debited = closing). The balance at any past time is
-        the closing balance of a statement that ends then.
+        the closing balance of a statement that ends then. A period ended in the last few seconds may
+        still gain an entry that was committing when it was read (see the README's "The ledger at scale").
         """
 
     @_abc_1.abstractmethod
