@@ -40,7 +40,19 @@ class HistoryQuery:
 
 
 def _time(request: Any, name: str) -> dt.datetime | None:
-    return to_datetime(getattr(request, name), name) if request.HasField(name) else None
+    """A period bound, rounded up to the microsecond entries are dated in: an entry at e is inside
+    [start, end) exactly when it is inside [ceil(start), ceil(end)) (truncating moved an entry a
+    nanosecond before a bound to its other side)."""
+    if not request.HasField(name):
+        return None
+    value = getattr(request, name)
+    moment = to_datetime(value, name)
+    if value.nanos % 1000 and moment < MAX_MOMENT:
+        return moment + dt.timedelta(microseconds=1)
+    return moment
+
+
+MAX_MOMENT = dt.datetime.max.replace(tzinfo=dt.UTC)
 
 
 def history_query(request: Any, owner: str, kind_names: Mapping[Any, str]) -> HistoryQuery:

@@ -103,3 +103,30 @@ async def test_a_statements_lines_come_in_kind_order(suite: Suite) -> None:
         (wallet_pb2.ENTRY_KIND_GIFT, 0, 30),
         (wallet_pb2.ENTRY_KIND_PROMOTION, 0, 20),
     ]
+
+
+async def test_a_bound_between_microseconds_keeps_entries_on_their_side(suite: Suite) -> None:
+    """Entries are dated to the microsecond; a bound a nanosecond after an entry's time has the
+    entry before it: outside a period starting there, inside one ending there."""
+    user, coins = await funded_user(suite)
+    history = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    (bought,) = history.entries
+    after = Timestamp(seconds=bought.create_time.seconds, nanos=bought.create_time.nanos + 1)
+    since = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user, start_time=after)
+    )
+    assert list(since.entries) == []
+    until = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user, end_time=after)
+    )
+    assert [e.entry_id for e in until.entries] == [bought.entry_id]
+    statement = await suite.wallet.GetCoinStatement(
+        wallet_pb2.GetCoinStatementRequest(user_id=user, end_time=after)
+    )
+    assert statement.closing_balance == coins
+    ends = await suite.wallet.GetCoinStatement(
+        wallet_pb2.GetCoinStatementRequest(user_id=user, start_time=after)
+    )
+    assert (ends.opening_balance, list(ends.lines)) == (coins, [])
