@@ -172,6 +172,12 @@ class _AnsweredBefore(Exception):
     """The request id already has an answer: roll the effect back and replay that answer."""
 
 
+VOIDED = "voided"
+"""The fingerprint of a request id voided by a reconciliation (`resolve`): whatever the request
+arriving late under it says, its answer is the void, never REQUEST_ID_REUSED (which would tell its
+caller the parameters differ when they do not)."""
+
+
 def fingerprint(request: Message) -> str:
     """A hash of the request's parameters: everything but its request_id."""
     copy = type(request)()
@@ -268,7 +274,7 @@ class Idempotency:
                 )
             )
         ).one()
-        if row.fingerprint != print_:
+        if row.fingerprint not in (print_, VOIDED):
             raise request_id_reused(request_id)
         return Claim(
             is_new=False, resource_id=row.resource_id, response=row.response, error=row.error
@@ -326,7 +332,7 @@ class Idempotency:
             .values(
                 scope=scoped,
                 request_id=request_id,
-                fingerprint=fingerprint(request),
+                fingerprint=VOIDED,
                 error=void.to_json(),
                 created_at=self._clock.now(),
             )
@@ -573,7 +579,7 @@ class Idempotency:
         if row is None:
             return None
         stored_print, resource_id, response, error = row
-        if stored_print != print_:
+        if stored_print not in (print_, VOIDED):
             raise request_id_reused(request_id)
         return Claim(
             is_new=False,

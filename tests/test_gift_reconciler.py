@@ -99,9 +99,10 @@ async def test_wallet_resolves_debits_it_did_refused_or_never_saw(reconciling: S
     late = wallet_pb2.DebitCoinsRequest(
         request_id=lost, user_id=user, coins=5, reason=wallet_pb2.DEBIT_REASON_GIFT, reference="g"
     )
-    await expect_error(
-        gifting.DebitCoins(late), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    voided = await expect_error(  # the void, not "used with different parameters": they match
+        gifting.DebitCoins(late), grpc.StatusCode.FAILED_PRECONDITION, "DEBIT_VOIDED"
     )
+    assert "voided by a reconciliation" in (voided.details() or "")
     assert (await gifting.ResolveDebit(resolve_lost)).outcome == wallet_pb2.DEBIT_OUTCOME_VOIDED
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == coins - 5  # the late debit never happened

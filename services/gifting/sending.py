@@ -85,7 +85,7 @@ class GiftSender:
                 time_limit=time_limit,
             )
         except DomainError as refused:
-            error = _voided(sent.sent_gift_id) if refused.reason == "REQUEST_ID_REUSED" else refused
+            error = _voided(sent.sent_gift_id) if refused.reason in _VOIDED_BY_WALLET else refused
             if not error.retryable:
                 answer = self._idempotency.answer(scope, request, error=error)
                 async with self._db.driver.transaction() as tx:
@@ -250,10 +250,15 @@ def _concurrent_retry() -> Aborted:
     )
 
 
+_VOIDED_BY_WALLET = ("DEBIT_VOIDED", "REQUEST_ID_REUSED")
+"""The wallet's answers to a debit arriving after its request id was voided: DEBIT_VOIDED, and
+REQUEST_ID_REUSED from a wallet that voided it before it said so (for the gift's own retry, the
+gift id's request id is never reused for anything else)."""
+
+
 def _voided(sent_gift_id: str) -> FailedPrecondition:
     """The gift's answer when its debit was voided by reconciliation (the wallet never took the coins,
-    and never will under that gift): the wallet says REQUEST_ID_REUSED to a debit that arrives after
-    that, which for the gift's own retry means exactly this."""
+    and never will under that gift)."""
     return FailedPrecondition(
         "DEBIT_VOIDED",
         "the gift was not sent: it was left unfinished and settled as failed (no coins moved); "

@@ -19,7 +19,7 @@ from runtime.errors import Aborted, DomainError
 from runtime.idempotency import Idempotency, acting_scope
 from services.promotion import storage
 from services.promotion.convert import GOALS, not_found, promotion_pb
-from services.promotion.domain import BudgetWallet, Promotions
+from services.promotion.domain import BudgetWallet, Promotions, unpaid
 
 log = logging.getLogger("coins.promotion.campaigns")
 
@@ -103,12 +103,18 @@ class Campaigns:
                     time_limit=time_limit,
                 )
                 hold_id, available = held.hold_id, held.available_coins
-        except DomainError as error:
+        except DomainError as refused:
+            error = refused
+            if refused.reason in ("DEBIT_VOIDED", "REQUEST_ID_REUSED"):
+                # The reconciler voided the hold's request id before this late attempt reached the
+                # wallet (REQUEST_ID_REUSED from a wallet that voided it before it said so: the
+                # hold's request id, derived from the promotion's, is never reused).
+                error = unpaid("DEBIT_VOIDED")
             if not error.retryable:
                 async with self._db.transaction() as conn:
                     await self._promotions.reject(conn, promotion_id, self._clock.now())
                     await self._idempotency.complete(conn, scope, request, error=error)
-            raise
+            raise error from None
         async with self._db.transaction() as conn:
             now = self._clock.now()
             if not await self._promotions.activate(

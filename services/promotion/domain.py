@@ -32,6 +32,7 @@ from runtime.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     request_id_reused,
 )
 from services.promotion import storage
@@ -336,3 +337,19 @@ class Promotions:
     async def end(self, conn: AsyncConnection, promotion_id: str, now: dt.datetime) -> bool:
         """Complete an active promotion now; False if it is not active (ended meanwhile)."""
         return await storage.end_promotion(conn, promotion_id, now=now)
+
+
+def unpaid(outcome: str) -> DomainError:
+    """CreatePromotion's answer when its budget hold was never placed (found by the reconciler, or
+    by the request's own late hold): the wallet's refusal with the code a direct call gets, or, for
+    a hold the wallet voided (never received), HOLD_VOIDED, which says nothing was held."""
+    if outcome == "DEBIT_VOIDED":
+        return FailedPrecondition(
+            "HOLD_VOIDED",
+            "the promotion was not paid: its budget hold never reached the wallet, so nothing is "
+            "held; send CreatePromotion again with a new request_id",
+        )
+    message = f"the promotion was not paid: the wallet answered {outcome}"
+    if outcome == "ACCOUNT_NOT_FOUND":
+        return NotFound(outcome, message)
+    return FailedPrecondition(outcome, message)

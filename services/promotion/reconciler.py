@@ -10,11 +10,11 @@ import datetime as dt
 import logging
 
 from coins.promotion.v1 import promotion_pb2
-from runtime.errors import DomainError, FailedPrecondition, NotFound
+from runtime.errors import DomainError
 from runtime.server import Runtime
 from services.promotion import storage
 from services.promotion.convert import promotion_pb
-from services.promotion.domain import BudgetWallet, Promotions
+from services.promotion.domain import BudgetWallet, Promotions, unpaid
 from services.promotion.settings import PromotionSettings
 
 log = logging.getLogger("coins.promotion.reconciler")
@@ -48,7 +48,7 @@ class PromotionReconciler:
                     await rt.idempotency.complete_resource(
                         conn,
                         promotion.promotion_id,
-                        error=_unpaid(outcome),
+                        error=unpaid(outcome),
                     )
                 elif await self._promotions.activate(
                     conn, promotion.promotion_id, now, hold_id=outcome.hold_id
@@ -67,19 +67,3 @@ class PromotionReconciler:
                     continue  # the request's own retry activated it meanwhile
             settled += 1
         return settled
-
-
-def _unpaid(outcome: str) -> DomainError:
-    """CreatePromotion's answer once the reconciler finds its budget hold was never placed: the
-    wallet's refusal with the code a direct call gets, or, for a hold the wallet voided (never
-    received), HOLD_VOIDED, which says nothing was held."""
-    if outcome == "DEBIT_VOIDED":
-        return FailedPrecondition(
-            "HOLD_VOIDED",
-            "the promotion was not paid: its budget hold never reached the wallet, so nothing is "
-            "held; send CreatePromotion again with a new request_id",
-        )
-    message = f"the promotion was not paid: the wallet answered {outcome}"
-    if outcome == "ACCOUNT_NOT_FOUND":
-        return NotFound(outcome, message)
-    return FailedPrecondition(outcome, message)

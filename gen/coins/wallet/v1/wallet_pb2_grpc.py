@@ -201,8 +201,8 @@ class WalletServiceServicer:
     def ResolveDebit(self, request, context):
         """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
         answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
-        if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
-        Callers reconcile their pending records with it. Only the caller's own request ids are visible.
+        if the wallet never saw it, the request id is voided, so that a late arrival can never debit
+        (it is answered FAILED_PRECONDITION DEBIT_VOIDED). Callers reconcile their pending records with it. Only the caller's own request ids are visible.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,7 +210,8 @@ class WalletServiceServicer:
 
     def ResolveHold(self, request, context):
         """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
-        refusal, or (never received) the request id voided so that it can never place a hold late.
+        refusal, or (never received) the request id voided so that it can never place a hold late
+        (answered FAILED_PRECONDITION DEBIT_VOIDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

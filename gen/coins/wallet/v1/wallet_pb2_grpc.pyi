@@ -69,12 +69,13 @@ class WalletServiceStub:
     ResolveDebit: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ResolveDebitRequest, _wallet_pb2.ResolveDebitResponse]
     """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
     answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
-    if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
-    Callers reconcile their pending records with it. Only the caller's own request ids are visible.
+    if the wallet never saw it, the request id is voided, so that a late arrival can never debit
+    (it is answered FAILED_PRECONDITION DEBIT_VOIDED). Callers reconcile their pending records with it. Only the caller's own request ids are visible.
     """
     ResolveHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ResolveHoldRequest, _wallet_pb2.ResolveHoldResponse]
     """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
-    refusal, or (never received) the request id voided so that it can never place a hold late.
+    refusal, or (never received) the request id voided so that it can never place a hold late
+    (answered FAILED_PRECONDITION DEBIT_VOIDED).
     """
     SetCoinPackage: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
@@ -150,12 +151,13 @@ class WalletServiceAsyncStub(WalletServiceStub):
     ResolveDebit: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ResolveDebitRequest, _wallet_pb2.ResolveDebitResponse]  # type: ignore[assignment]
     """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
     answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
-    if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
-    Callers reconcile their pending records with it. Only the caller's own request ids are visible.
+    if the wallet never saw it, the request id is voided, so that a late arrival can never debit
+    (it is answered FAILED_PRECONDITION DEBIT_VOIDED). Callers reconcile their pending records with it. Only the caller's own request ids are visible.
     """
     ResolveHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ResolveHoldRequest, _wallet_pb2.ResolveHoldResponse]  # type: ignore[assignment]
     """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
-    refusal, or (never received) the request id voided so that it can never place a hold late.
+    refusal, or (never received) the request id voided so that it can never place a hold late
+    (answered FAILED_PRECONDITION DEBIT_VOIDED).
     """
     SetCoinPackage: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetCoinPackageRequest, _wallet_pb2.SetCoinPackageResponse]  # type: ignore[assignment]
     """Admin: creates a coin package or replaces its price, or takes it off sale (`active` false). Requires
@@ -282,8 +284,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_wallet_pb2.ResolveDebitResponse, _abc.Awaitable[_wallet_pb2.ResolveDebitResponse]]:
         """Internal: settles the fate of a DebitCoins request the caller lost track of (a crash, a lost
         answer), without a user token: if that debit happened, its answer; if it was refused, the refusal;
-        if the wallet never saw it, the request id is voided, so that a late arrival can never debit.
-        Callers reconcile their pending records with it. Only the caller's own request ids are visible.
+        if the wallet never saw it, the request id is voided, so that a late arrival can never debit
+        (it is answered FAILED_PRECONDITION DEBIT_VOIDED). Callers reconcile their pending records with it. Only the caller's own request ids are visible.
         """
 
     @_abc_1.abstractmethod
@@ -293,7 +295,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.ResolveHoldResponse, _abc.Awaitable[_wallet_pb2.ResolveHoldResponse]]:
         """Internal: the same for a PlaceHold request the caller lost track of: the hold it placed, its
-        refusal, or (never received) the request id voided so that it can never place a hold late.
+        refusal, or (never received) the request id voided so that it can never place a hold late
+        (answered FAILED_PRECONDITION DEBIT_VOIDED).
         """
 
     @_abc_1.abstractmethod
