@@ -154,12 +154,30 @@ async def test_the_daily_cap_limits_what_a_creator_withdraws_in_a_day(suite: Sui
     await suite.payout.RequestWithdrawal(withdrawal(creator, 20_000))  # exactly the $100 left
 
 
-async def test_an_unknown_creator_cannot_withdraw(suite: Suite) -> None:
-    await expect_error(
-        suite.payout.RequestWithdrawal(withdrawal(new_id("nobody"), 5_000)),
-        grpc.StatusCode.NOT_FOUND,
-        "CREATOR_NOT_FOUND",
+async def test_a_creator_never_credited_is_refused_as_the_quote_says(suite: Suite) -> None:
+    """A creator with no gifts yet exists as far as every other payout call goes (zero diamonds,
+    payout methods, verification): a withdrawal is refused as QuoteWithdrawal predicts, never
+    NOT_FOUND (a gateway would tell a real creator they do not exist)."""
+    creator = new_id("newcomer")
+
+    async def quoted_and_refused(reason: str) -> None:
+        quote = await suite.payout.QuoteWithdrawal(
+            payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=5_000)
+        )
+        assert (quote.refusal, quote.available_diamonds) == (reason, 0)
+        await expect_error(
+            suite.payout.RequestWithdrawal(withdrawal(creator, 5_000)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            reason,
+        )
+
+    await quoted_and_refused("KYC_REQUIRED")
+    await verify_creator(suite, creator)
+    await quoted_and_refused("INSUFFICIENT_FUNDS")
+    listed = await suite.payout.ListWithdrawals(
+        payout_pb2.ListWithdrawalsRequest(creator_id=creator)
     )
+    assert list(listed.withdrawals) == []
 
 
 async def test_withdrawals_are_listed_newest_first(suite: Suite) -> None:

@@ -96,12 +96,6 @@ class Withdrawals:
         the auto-approve policy allows it, else in review. It pays the payout method named (else the
         creator's default; else the one-off `method` and `destination_token`)."""
         settings = self.settings
-        if not await storage.creator_exists(conn, creator_id):
-            raise NotFound(
-                "CREATOR_NOT_FOUND",
-                f"creator {creator_id} has never received diamonds",
-                creator_id=creator_id,
-            )
         methods = self._payouts.methods
         await methods.require_verified(conn, creator_id)
         registered = await methods.for_withdrawal(conn, creator_id, payout_method_id)
@@ -129,6 +123,8 @@ class Withdrawals:
                 minimum_minor=minimum,
                 requested_minor=quote.gross_minor,
             )
+        if not await storage.creator_exists(conn, creator_id):  # nothing credited yet: nothing
+            raise await self._not_available(conn, creator_id, quote.diamonds)  # to hold, as quoted
         withdrawal_id = uuid.uuid4().hex
         # Holding first locks the creator's balance row, so the daily-cap sum below sees every
         # concurrent withdrawal of this creator that committed before us.

@@ -54,7 +54,8 @@ class PayoutServiceStub:
     RequestWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]
     """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
     FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
-    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND, PAYOUT_METHOD_NOT_FOUND).
+    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS: also for a creator never credited) or NOT_FOUND
+    (PAYOUT_METHOD_NOT_FOUND), in the order QuoteWithdrawal's `refusal` predicts.
     """
     QuoteWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.QuoteWithdrawalRequest, _payout_pb2.QuoteWithdrawalResponse]
     """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
@@ -159,7 +160,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     RequestWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]  # type: ignore[assignment]
     """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
     FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
-    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND, PAYOUT_METHOD_NOT_FOUND).
+    DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS: also for a creator never credited) or NOT_FOUND
+    (PAYOUT_METHOD_NOT_FOUND), in the order QuoteWithdrawal's `refusal` predicts.
     """
     QuoteWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.QuoteWithdrawalRequest, _payout_pb2.QuoteWithdrawalResponse]  # type: ignore[assignment]
     """What a withdrawal of some diamonds would pay: the diamonds taken (those that would make a fraction
@@ -285,7 +287,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.RequestWithdrawalResponse, _abc.Awaitable[_payout_pb2.RequestWithdrawalResponse]]:
         """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
         FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
-        DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS) or NOT_FOUND (CREATOR_NOT_FOUND, PAYOUT_METHOD_NOT_FOUND).
+        DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS: also for a creator never credited) or NOT_FOUND
+        (PAYOUT_METHOD_NOT_FOUND), in the order QuoteWithdrawal's `refusal` predicts.
         """
 
     @_abc_1.abstractmethod
