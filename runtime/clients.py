@@ -88,6 +88,11 @@ def service_channel(
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _RETRY_ON_UNAVAILABLE),
         ("grpc.keepalive_time_ms", 30_000),
+        # A peer restarting (a crash, a deploy) is back in seconds: reconnect within a second of
+        # it, not after gRPC's default backoff, which grows towards two minutes while it is down.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
     if peer and address.startswith(("ipv4:", "ipv6:")):
         options.append(("grpc.default_authority", peer))
