@@ -29,7 +29,7 @@ import pydantic
 import uvloop
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -303,6 +303,32 @@ async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
             await asyncio.sleep(pause)
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
+    """Server reflection under both of its names: v1alpha (grpcio-reflection's) and v1, which
+    clients that speak only v1 ask for. The two protocols' messages are the same on the wire
+    (v1 renamed the package), so one servicer answers both."""
+    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+
+
 def _check_access(service: str, names: tuple[str, ...], access: Mapping[str, Access]) -> None:
     """Refuse to start a service with a method that has no access rule (access is fail-closed)."""
     pool = descriptor_pool.Default()
@@ -444,7 +470,7 @@ async def start_service(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
+        enable_reflection((*names, health_name), server)
     pagination.use_token_key(private_key(security, spec.name))
     prefix = settings.env_prefix
     port = runtime.port = _listen(
@@ -463,7 +489,7 @@ async def start_service(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
     if settings.reflection:  # so a reflection-based client (grpcurl, buf curl) can call it bare
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection((health_name, reflection.SERVICE_NAME), health_server)
+        enable_reflection((health_name,), health_server)
     health_port = _listen(
         health_server,
         f"{settings.host}:{settings.health_port}",

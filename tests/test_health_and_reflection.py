@@ -41,7 +41,11 @@ async def test_the_plaintext_probe_port_serves_nothing_but_health(suite: Suite, 
         )
     ]
     listed = {s.name for s in listing[0].list_services_response.service}
-    assert listed == {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert listed == {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
     method = f"/{SERVICES[name]}/{'ListGifts' if name == 'gifting' else 'GetBalance'}"
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = suite.health_channel(name).unary_unary(
         method
@@ -64,3 +68,22 @@ async def test_reflection_describes_the_contract(suite: Suite, name: str) -> Non
     assert "grpc.health.v1.Health" in listed
     files = responses[1].file_descriptor_response.file_descriptor_proto
     assert files, "reflection returned no file descriptor for the service"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+async def test_reflection_answers_clients_that_speak_only_v1(suite: Suite, name: str) -> None:
+    """grpc.reflection.v1 (what newer grpcurl, Postman and grpc-js tools ask first) answers as
+    v1alpha does: its messages are the same on the wire."""
+    v1 = suite.channel(name).stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICES[name]),
+    ]
+    responses = [r async for r in v1(iter(requests))]
+    listed = {s.name for s in responses[0].list_services_response.service}
+    assert {SERVICES[name], "grpc.reflection.v1.ServerReflection"} <= listed
+    assert responses[1].file_descriptor_response.file_descriptor_proto
