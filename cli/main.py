@@ -89,6 +89,12 @@ def packages(c: Clients, a: argparse.Namespace) -> None:
         timeout=c.timeout,
     )
     console.print(render.packages(response.packages))
+    if not response.packages:
+        other = next(name for name in _CHANNELS if name != a.channel)
+        console.print(
+            f"no {a.channel} packages are on sale to {a.user}'s country; try --channel {other}",
+            markup=False,
+        )
 
 
 def buy(c: Clients, a: argparse.Namespace) -> None:
@@ -917,6 +923,18 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
     violations = bad_request(error)
     for violation in violations.field_violations if violations else ():
         console.print(f"  {violation.field}: {violation.description}", markup=False)
+    # A record named by id (a promotion, a withdrawal): coinsctl cannot tell whose it is.
+    if (
+        info is not None
+        and info.reason == "NOT_ACCOUNT_OWNER"
+        and clients
+        and not clients.acting_user
+    ):
+        console.print(
+            "coinsctl acted as 'coinsctl' (no --as): pass --as OWNER, the user the record "
+            "belongs to (or --admin --as SOMEONE for an admin)",
+            markup=False,
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.table import Table as RichTable
+from rich.text import Text
 
 from coins.common.v1 import money_pb2
 from coins.gifting.v1 import gifting_pb2
@@ -114,7 +115,7 @@ def ledger(user_id: str, entries: Iterable[wallet_pb2.LedgerEntry]) -> Table:
             enum_name(wallet_pb2.EntryKind, e.kind, "ENTRY_KIND_"),
             f"[{colour}]{e.amount:+,}[/{colour}]",
             f"{e.balance_after:,}",
-            e.reference[:16],
+            Text(e.reference),  # whole (ids are copied from it), never read as markup
         )
     return table
 
@@ -135,7 +136,7 @@ def diamond_ledger(creator_id: str, entries: Iterable[payout_pb2.DiamondEntry]) 
             f"[{colour}]{e.diamonds:+,}[/{colour}]",
             enum_name(payout_pb2.DiamondBucket, e.bucket, "DIAMOND_BUCKET_"),
             f"{e.balance_after:,}",
-            e.reference[:24],
+            Text(e.reference),  # whole (ids are copied from it), never read as markup
         )
     return table
 
@@ -230,7 +231,7 @@ def diamonds(value: payout_pb2.DiamondBalance) -> Table:
     table = Table(title=f"Diamonds of {value.creator_id}")
     table.add_column("pending", justify="right")
     table.add_column("available", justify="right")
-    table.add_column("worth", justify="right")
+    table.add_column("available worth", justify="right")
     table.add_column("withdrawing", justify="right")
     table.add_column("paid out", justify="right")
     table.add_column("next available", justify="right")

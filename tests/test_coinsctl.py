@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -146,9 +147,12 @@ async def test_promotions_can_be_listed_by_status(suite: Suite) -> None:
     user, _ = await funded_user(suite)
     code, output = await coinsctl(suite, "promote", user, "video-7", "150", "--as", user)
     assert code == 0, output
+    promotion_id = re.findall(r"\b[0-9a-f]{32}\b", output)[0]
     code, output = await coinsctl(suite, "promotions", user, "--status", "active", "--as", user)
     assert code == 0 and "video-7" in output, output
     code, output = await coinsctl(suite, "promotions", user, "--status", "completed", "--as", user)
     assert code == 0 and "video-7" not in output, output
+    code, output = await coinsctl(suite, "promotion", promotion_id)  # whose? coinsctl cannot tell
+    assert code == 1 and "NOT_ACCOUNT_OWNER" in output and "pass --as OWNER" in output, output
     code, output = await coinsctl(suite, "promotions", user, "--status", "paused")
     assert code == 2 and "invalid choice" in output and "Traceback" not in output, output
