@@ -141,6 +141,18 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
         assert "another coins suite uses" in elsewhere.stderr, elsewhere.stderr
         assert "COINS_DATA_DIR=" in elsewhere.stderr and "Traceback" not in elsewhere.stderr
+        # The same folder and the same ports: the one refusal names both ways out (it named the
+        # ports alone, and a newcomer moving them hit the data's refusal next).
+        same = subprocess.run(
+            [sys.executable, "-m", "tools.suite"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert same.returncode == 1, same.stdout + same.stderr
+        assert "COINS_DATA_DIR=data-2 COINS_PORT_BASE=" in same.stderr, same.stderr
         for port in health_ports.values():  # plaintext, as Kubernetes' gRPC probes connect
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 response = health_pb2_grpc.HealthStub(channel).Check(

@@ -146,6 +146,12 @@ def main() -> int:
         print("the suite cannot start: fix the variables above", file=sys.stderr)
         return 1
     settings = _settings()
+    # The data first: a second suite from the same checkout needs data AND ports of its own, and
+    # this refusal names both (the ports' alone would send it to the data's next).
+    held = _hold_data_dirs(settings)
+    if isinstance(held, str):
+        print(held, file=sys.stderr)
+        return 1
     busy = _busy_ports(settings)
     if busy:
         for line in busy:
@@ -155,10 +161,6 @@ def main() -> int:
             "with COINS_PORT_BASE (e.g. COINS_PORT_BASE=60050 make up)",
             file=sys.stderr,
         )
-        return 1
-    held = _hold_data_dirs(settings)
-    if isinstance(held, str):
-        print(held, file=sys.stderr)
         return 1
     security = SecuritySettings()
     if security.dev_pki and pki.ensure_dev_pki(security.certs_dir):
