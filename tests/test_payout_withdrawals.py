@@ -122,6 +122,39 @@ async def test_a_large_withdrawal_waits_for_review_and_is_paid_once_approved(
     assert await balance_of(suite, creator) == (10_000, 10_000, 0, 40_000)
 
 
+async def test_a_withdrawal_is_not_approved_once_its_creators_verification_is_revoked(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    """KYC revoked while a withdrawal waits in review: approving it is KYC_REQUIRED (it was
+    approved and paid), and it stays in review, its diamonds held, until the creator is verified
+    again or a reviewer rejects it."""
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 50_000)
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 40_000))).withdrawal  # $200
+    await suite.payout.SetCreatorVerification(
+        S.SetCreatorVerificationRequest(
+            request_id=new_id("kyc"),
+            creator_id=creator,
+            status=S.KYC_STATUS_REJECTED,
+            reason="document forged",
+        ),
+        metadata=admin(suite),
+    )
+    refused = await expect_error(
+        suite.payout.ReviewWithdrawal(review(made.withdrawal_id, True), metadata=admin(suite)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "KYC_REQUIRED",
+    )
+    assert "document forged" in (refused.details() or "")
+    assert (await status_of(suite, made.withdrawal_id, creator)).status == (
+        S.WITHDRAWAL_STATUS_IN_REVIEW
+    )
+    assert await balance_of(suite, creator) == (10_000, 10_000, 40_000, 0)
+    await verify_creator(suite, creator)
+    await suite.payout.ReviewWithdrawal(review(made.withdrawal_id, True), metadata=admin(suite))
+    assert (await settled(suite, made.withdrawal_id, creator)).status == S.WITHDRAWAL_STATUS_PAID
+
+
 async def test_a_rejection_and_a_cancel_release_the_hold_once(
     payout: tuple[Suite, ShiftedClock],
 ) -> None:

@@ -271,6 +271,8 @@ class Withdrawals:
         debt = await self._debt_of(conn, withdrawal.creator_id) if approve else 0
         if debt and withdrawal.status in REVIEWABLE:
             raise debt_outstanding(withdrawal.creator_id, debt, reviewing=True)
+        if approve and withdrawal.status in REVIEWABLE:  # verification revoked since the request
+            await self._payouts.methods.require_verified(conn, withdrawal.creator_id)
         if not await self._move(conn, withdrawal, REVIEWABLE, to, reviewer, reason, now):
             current = await self.get(conn, withdrawal_id)
             raise FailedPrecondition(
@@ -312,8 +314,8 @@ class Withdrawals:
         """approved -> processing, just before the worker sends it in `sender_batch_id` (False:
         cancelled, or taken by another replica, meanwhile); the worker holds it until
         `lease_until`. A creator who owes diamonds by now (gifts reversed since it was approved)
-        has it sent back to review instead: a reviewer rejects it, or approves it once the debt is
-        repaid."""
+        has it sent back to review instead, and so does one no longer verified (KYC revoked): a
+        reviewer rejects it, or approves it once the debt is repaid or the creator verified again."""
         if debt := await self._debt_of(conn, withdrawal.creator_id):
             await self._move(
                 conn,
@@ -322,6 +324,18 @@ class Withdrawals:
                 "in_review",
                 "worker",
                 f"the creator owes {debt} diamonds from gifts reversed since it was approved",
+                now,
+            )
+            return False
+        status, _ = await storage.verification_of(conn, withdrawal.creator_id, lock="share")
+        if status != "verified":  # revoked since it was approved: no money leaves unverified
+            await self._move(
+                conn,
+                withdrawal,
+                ("approved",),
+                "in_review",
+                "worker",
+                f"the creator's verification is {status} since it was approved",
                 now,
             )
             return False
