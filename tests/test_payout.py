@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from coins.payout.v1 import payout_pb2
-from tests.helpers import eventually, expect_error, new_id, verify_creator
+from tests.helpers import eventually, expect_error, field_violations, new_id, verify_creator
 from tests.suite import Suite
 
 
@@ -313,7 +313,7 @@ async def test_withdrawals_wait_for_verification(suite: Suite) -> None:
 
 
 async def test_a_bank_account_number_is_refused_and_stored_nowhere(suite: Suite) -> None:
-    creator = await creator_with_diamonds(suite, 100)
+    creator = await creator_with_diamonds(suite, 5_000)
     for token in ("acct_12345678", "bank_00001234567"):
         await expect_error(
             suite.payout.AddPayoutMethod(
@@ -330,3 +330,13 @@ async def test_a_bank_account_number_is_refused_and_stored_nowhere(suite: Suite)
         payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
     )
     assert list(listed.payout_methods) == []
+    for token in ("12345678", "dest_12345678", "acct 1234 5678"):  # a one-off destination too
+        one_off = withdrawal(creator, 2_000, destination=token)
+        one_off.method = payout_pb2.PAYOUT_METHOD_BANK
+        error = await expect_error(
+            suite.payout.RequestWithdrawal(one_off),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "BANK_ACCOUNT_NUMBER_REFUSED",
+        )
+        assert field_violations(error) == {"destination_token"}
+    assert await diamonds_of(suite, creator) == 5_000

@@ -24,8 +24,16 @@ from runtime.errors import (
 from services.payout import storage
 
 KYC_STATUSES = ("unverified", "pending", "verified", "rejected")
-_DIGIT_RUN = re.compile(r"\d{8,}")
-"""Eight digits or more in a row: an account number, never a processor's token."""
+_DIGIT_RUN = re.compile(r"\d(?:[ ./_-]?\d){7,}")
+"""Eight digits or more in a row, perhaps grouped ("1234 5678"): an account number, never a
+processor's token."""
+
+
+def refuse_account_number(token: str, field: str) -> None:
+    """BANK_ACCOUNT_NUMBER_REFUSED for a bank destination holding what looks like the account's
+    number: account numbers never reach payout, only the processor's token for them."""
+    if _DIGIT_RUN.search(token):
+        raise _account_number_refused(field)
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,7 @@ class PayoutMethods:
         now: dt.datetime,
     ) -> storage.PayoutMethodRecord:
         if method.kind == "bank":
-            if _DIGIT_RUN.search(method.bank_token):
-                raise _account_number_refused("bank.processor_token")
+            refuse_account_number(method.bank_token, "bank.processor_token")
             destination, display = method.bank_token, f"bank ····{method.bank_last4}"
         else:
             destination, display = method.paypal_email, f"PayPal {mask_email(method.paypal_email)}"

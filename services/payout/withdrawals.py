@@ -34,6 +34,7 @@ from services.payout.domain import (
     creator_account,
     debt_account,
 )
+from services.payout.methods import refuse_account_number
 
 HOLD_OWNER = "payout"
 REVIEWABLE = ("requested", "in_review")
@@ -96,6 +97,8 @@ class Withdrawals:
         the auto-approve policy allows it, else in review. It pays the payout method named (else the
         creator's default; else the one-off `method` and `destination_token`)."""
         settings = self.settings
+        if method == "bank" and destination_token:  # one-off: a token, as a registered one is
+            refuse_account_number(destination_token, "destination_token")
         methods = self._payouts.methods
         await methods.require_verified(conn, creator_id)
         registered = await methods.for_withdrawal(conn, creator_id, payout_method_id)
