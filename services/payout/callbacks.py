@@ -72,6 +72,13 @@ def parse(body: bytes) -> tuple[str, str, str]:
     for name, value in (("id", event_id), ("resource.sender_item_id", item)):
         if len(value) > 128:
             raise _malformed(f"{name} is longer than 128 characters")
+    for name, value in (
+        ("id", event_id),
+        ("event_type", event_type),
+        ("resource.sender_item_id", item),
+    ):
+        if "\x00" in value:  # no identifier holds one, and PostgreSQL cannot store it
+            raise _malformed(f"{name} contains a NUL character (U+0000)")
     return event_id, event_type[:64], item
 
 
