@@ -14,6 +14,7 @@ account; they settle from there.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 import zoneinfo
 from collections.abc import Sequence
@@ -56,9 +57,22 @@ def debt_outstanding(creator_id: str, debt: int, *, reviewing: bool = False) -> 
     )
 
 
+_HOST_FILES = frozenset({"localtime", "posixrules", "Factory"})
+"""Files a host's zoneinfo folder may hold that are not IANA zones (the first is whatever zone the
+host is set to)."""
+
+
+@functools.cache
+def _iana_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones()) - _HOST_FILES
+
+
 def time_zone(name: str) -> zoneinfo.ZoneInfo:
-    """An IANA time zone; INVALID_ARGUMENT UNKNOWN_TIME_ZONE for a name that is not one."""
+    """An IANA time zone; INVALID_ARGUMENT UNKNOWN_TIME_ZONE for a name that is not one (a file
+    the host happens to have, "localtime" or "posixrules", means what the host says: refused)."""
     try:
+        if name not in _iana_names():
+            raise ValueError(name)
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise InvalidArgument(
@@ -145,7 +159,7 @@ class Withdrawals:
             if refused.reason != "INSUFFICIENT_FUNDS":
                 raise
             raise await self._not_available(conn, creator_id, quote.diamonds) from None
-        zone = time_zone(await storage.time_zone_of(conn, creator_id))
+        zone = zoneinfo.ZoneInfo(await storage.time_zone_of(conn, creator_id))  # checked when set
         today = await storage.withdrawn_since(conn, creator_id, day_start(now, zone))
         cap = settings.daily_withdrawal_cap_minor
         if today + quote.gross_minor > cap:
