@@ -100,6 +100,13 @@ def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() 
         PayoutSettings(diamonds_per_minor_unit=3)  # 3,333 millionths a diamond, paid 3,333.33
     with pytest.raises(pydantic.ValidationError, match="greater than or equal to 0"):
         PayoutSettings(withdrawal_fee_fixed_minor=-1)
+    # A fee that eats the smallest withdrawal: refused with what to change (it answered
+    # "$10.00 is below the minimum of $10.00", and paid $0.01 of $15.01).
+    with pytest.raises(pydantic.ValidationError, match="must pay the creator something"):
+        PayoutSettings(withdrawal_fee_fixed_minor=1500)
+    with pytest.raises(pydantic.ValidationError, match="PAYOUT_WITHDRAWAL_FEE_BPS=10000"):
+        PayoutSettings(withdrawal_fee_bps=10_000)
+    assert PayoutSettings(withdrawal_fee_fixed_minor=999).withdrawal_fee_fixed_minor == 999
 
 
 def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(

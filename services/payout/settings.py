@@ -145,4 +145,13 @@ class PayoutSettings(LedgerServiceSettings):
             )
         if self.diamonds_per_coin_numerator <= 0 or self.diamonds_per_coin_denominator <= 0:
             raise ValueError("PAYOUT_DIAMONDS_PER_COIN_NUMERATOR and _DENOMINATOR must be positive")
+        smallest = max(self.min_withdrawal_minor, 1)
+        fee = self.withdrawal_fee_fixed_minor + -(-smallest * self.withdrawal_fee_bps // 10_000)
+        if fee >= smallest:
+            raise ValueError(
+                f"the fee on the smallest withdrawal (PAYOUT_MIN_WITHDRAWAL_MINOR={smallest}) is "
+                f"{fee} (PAYOUT_WITHDRAWAL_FEE_FIXED_MINOR={self.withdrawal_fee_fixed_minor}, "
+                f"PAYOUT_WITHDRAWAL_FEE_BPS={self.withdrawal_fee_bps}): it must pay the creator "
+                "something, so raise the minimum or lower the fee"
+            )
         return self
