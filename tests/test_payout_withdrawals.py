@@ -340,6 +340,30 @@ async def test_callbacks_are_verified_deduplicated_and_taken_from_the_processor(
     )
     assert (again.duplicate, again.status) == (True, S.WITHDRAWAL_STATUS_PAID)
     assert await balance_of(suite, creator) == (1_000, 1_000, 0, 4_000)
+    # An event about a withdrawal never sent (in review: the processor has no such item) is
+    # answered, nothing applied; it was UNAVAILABLE "deliver it again", for ever.
+    waiting = await creator_with_diamonds(suite, 50_000)
+    unsent = (await suite.payout.RequestWithdrawal(withdrawal(waiting, 40_000))).withdrawal
+    assert unsent.status == S.WITHDRAWAL_STATUS_IN_REVIEW
+    stray = _event(unsent.withdrawal_id, "SUCCESS")
+    answered = await webhooks.HandleProcessorEvent(
+        S.HandleProcessorEventRequest(body=stray, signature=sign(secret, stray))
+    )
+    assert (answered.withdrawal_id, answered.status) == (
+        unsent.withdrawal_id,
+        S.WITHDRAWAL_STATUS_IN_REVIEW,
+    )
+    assert await balance_of(suite, waiting) == (10_000, 10_000, 40_000, 0)
+    # A known event id sent again with another body is answered about what it was first about.
+    other = _event(unsent.withdrawal_id, "FAILED", event_id="WH-stale-1")
+    repeated = await webhooks.HandleProcessorEvent(
+        S.HandleProcessorEventRequest(body=other, signature=sign(secret, other))
+    )
+    assert (repeated.duplicate, repeated.withdrawal_id, repeated.status) == (
+        True,
+        made.withdrawal_id,
+        S.WITHDRAWAL_STATUS_PAID,
+    )
     # Only the webhook receiver may call it.
     await expect_error(
         suite.payout.HandleProcessorEvent(
@@ -697,8 +721,10 @@ async def test_processor_callbacks_are_forgotten_after_their_retention_oldest_fi
     async with db.transaction() as conn:
         assert await payout_storage.forget_processor_events(conn, cut, limit=1) == 1
     async with db.transaction() as conn:
-        assert await payout_storage.processor_event_seen(conn, "old-2")  # the older went first
-        assert not await payout_storage.processor_event_seen(conn, "old-1")
+        assert (
+            await payout_storage.processor_event_item(conn, "old-2") is not None
+        )  # the older went first
+        assert await payout_storage.processor_event_item(conn, "old-1") is None
         assert await payout_storage.forget_processor_events(conn, cut, limit=10) == 1
-        assert await payout_storage.processor_event_seen(conn, "recent")
-        assert not await payout_storage.processor_event_seen(conn, "old-2")
+        assert await payout_storage.processor_event_item(conn, "recent") is not None
+        assert await payout_storage.processor_event_item(conn, "old-2") is None

@@ -117,27 +117,33 @@ class Callbacks:
         event_id, event_type, item_id = parse(body)
         db, now = self._rt.db, self._rt.clock.now()
         async with db.read() as conn:
+            seen_for = await storage.processor_event_item(conn, event_id)
+            if seen_for is not None:  # a duplicate: answered about what it was first about
+                item_id = seen_for
             withdrawal = await storage.get_withdrawal(conn, item_id)
-            seen = await storage.processor_event_seen(conn, event_id)
-        if seen or withdrawal is None:
-            async with db.transaction() as conn:
-                first = await storage.record_processor_event(
-                    conn, event_id, item_id, event_type, now
-                )
+        if seen_for is not None or withdrawal is None:
+            first = False
+            if seen_for is None:
+                async with db.transaction() as conn:
+                    first = await storage.record_processor_event(
+                        conn, event_id, item_id, event_type, now
+                    )
             return (
                 Handled(event_id, not first, "", "")
                 if withdrawal is None
                 else Handled(event_id, True, item_id, withdrawal.status)
             )
         # The truth is the processor's record, read outside any database transaction.
+        looked_up = False
         try:
             item = await asyncio.wait_for(
                 self._processor.lookup(item_id), self._rt.settings.processor_timeout_seconds
             )
+            looked_up = True
         except Exception:
             item = None  # not now: the worker looks it up soon (below)
         async with db.transaction() as conn:
-            if item is None:
+            if item is None and not looked_up:
                 current = await self._withdrawals.get(conn, item_id)
                 if current.status not in storage.FOLLOWED_BY_THE_WORKER:
                     # Nothing will look this withdrawal up again (a return after it was paid):

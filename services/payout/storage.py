@@ -802,11 +802,12 @@ async def events_of(
     return found
 
 
-async def processor_event_seen(conn: AsyncConnection, event_id: str) -> bool:
+async def processor_event_item(conn: AsyncConnection, event_id: str) -> str | None:
+    """The item a processor callback kept before was about; None if it was not kept."""
     found = await conn.scalar(
-        select(processor_events.c.event_id).where(processor_events.c.event_id == event_id)
+        select(processor_events.c.item_reference).where(processor_events.c.event_id == event_id)
     )
-    return found is not None
+    return None if found is None else str(found)
 
 
 async def forget_processor_events(conn: AsyncConnection, before: dt.datetime, limit: int) -> int:
