@@ -171,3 +171,26 @@ async def test_the_same_destination_added_twice_at_once_is_one_method(suite: Sui
         payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
     )
     assert len(listed.payout_methods) == 1
+
+
+async def test_a_creator_keeps_at_most_twenty_payout_methods(suite: Suite) -> None:
+    creator = new_id("collector")
+    for n in range(20):
+        await add_paypal(suite, creator, f"account{n}@example.com")
+    await expect_error(
+        add_paypal(suite, creator, "account20@example.com"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "TOO_MANY_PAYOUT_METHODS",
+    )
+    listed = await suite.payout.ListPayoutMethods(
+        payout_pb2.ListPayoutMethodsRequest(creator_id=creator)
+    )
+    assert len(listed.payout_methods) == 20
+    await suite.payout.RemovePayoutMethod(
+        payout_pb2.RemovePayoutMethodRequest(
+            request_id=new_id("rm"),
+            creator_id=creator,
+            payout_method_id=listed.payout_methods[-1].payout_method_id,
+        )
+    )
+    await add_paypal(suite, creator, "account20@example.com")  # room again

@@ -24,6 +24,9 @@ from runtime.errors import (
 from services.payout import storage
 
 KYC_STATUSES = ("unverified", "pending", "verified", "rejected")
+MAX_PAYOUT_METHODS = 20
+"""Payout methods one creator keeps (ListPayoutMethods answers them all, unpaged)."""
+
 _DIGIT_RUN = re.compile(r"\d(?:[ ./_-]?\d){7,}")
 """Eight digits or more in a row, perhaps grouped ("1234 5678"): an account number, never a
 processor's token."""
@@ -94,6 +97,14 @@ class PayoutMethods:
                     f"({kept.method_id}); SetDefaultPayoutMethod makes it the default",
                     method_id=kept.method_id,
                 )
+        if len(existing) >= MAX_PAYOUT_METHODS:
+            raise FailedPrecondition(
+                "TOO_MANY_PAYOUT_METHODS",
+                f"{creator_id} has {len(existing)} payout methods, the most a creator may keep: "
+                "remove one (RemovePayoutMethod) first",
+                creator_id=creator_id,
+                limit=str(MAX_PAYOUT_METHODS),
+            )
         record = storage.PayoutMethodRecord(
             method_id=uuid.uuid4().hex,
             creator_id=creator_id,

@@ -213,7 +213,8 @@ class PayoutServiceServicer:
     def AddPayoutMethod(self, request, context):
         """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
         processor's token and the last four digits; an account number is refused,
-        BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+        BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default; a
+        creator keeps at most 20 (FAILED_PRECONDITION TOO_MANY_PAYOUT_METHODS beyond).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,7 +65,8 @@ class PayoutServiceStub:
     AddPayoutMethod: _grpc.UnaryUnaryMultiCallable[_payout_pb2.AddPayoutMethodRequest, _payout_pb2.AddPayoutMethodResponse]
     """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
     processor's token and the last four digits; an account number is refused,
-    BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+    BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default; a
+    creator keeps at most 20 (FAILED_PRECONDITION TOO_MANY_PAYOUT_METHODS beyond).
     """
     ListPayoutMethods: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListPayoutMethodsRequest, _payout_pb2.ListPayoutMethodsResponse]
     """A creator's payout methods (masked) and verification status."""
@@ -171,7 +172,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     AddPayoutMethod: _aio.UnaryUnaryMultiCallable[_payout_pb2.AddPayoutMethodRequest, _payout_pb2.AddPayoutMethodResponse]  # type: ignore[assignment]
     """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
     processor's token and the last four digits; an account number is refused,
-    BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+    BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default; a
+    creator keeps at most 20 (FAILED_PRECONDITION TOO_MANY_PAYOUT_METHODS beyond).
     """
     ListPayoutMethods: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListPayoutMethodsRequest, _payout_pb2.ListPayoutMethodsResponse]  # type: ignore[assignment]
     """A creator's payout methods (masked) and verification status."""
@@ -310,7 +312,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.AddPayoutMethodResponse, _abc.Awaitable[_payout_pb2.AddPayoutMethodResponse]]:
         """Registers where withdrawals may go: PayPal (an email, shown masked) or a bank account (the
         processor's token and the last four digits; an account number is refused,
-        BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default.
+        BANK_ACCOUNT_NUMBER_REFUSED, and never stored). A creator's first method is the default; a
+        creator keeps at most 20 (FAILED_PRECONDITION TOO_MANY_PAYOUT_METHODS beyond).
         """
 
     @_abc_1.abstractmethod
