@@ -413,7 +413,9 @@ def withdrawals(c: Clients, a: argparse.Namespace) -> None:
 
 def cancel_withdrawal(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.CancelWithdrawal(
-        payout_pb2.CancelWithdrawalRequest(request_id=_rid(a), withdrawal_id=a.withdrawal_id),
+        payout_pb2.CancelWithdrawalRequest(
+            request_id=_rid(a), withdrawal_id=a.withdrawal_id, reason=a.reason
+        ),
         timeout=c.timeout,
     )
     console.print(render.withdrawal(response.withdrawal))
@@ -764,11 +766,15 @@ def _parser() -> argparse.ArgumentParser:
     p = command("withdrawals", withdrawals, "list a creator's withdrawals, newest first")
     p.add_argument("creator")
     p.add_argument("--limit", type=int, default=20, help="most rows shown")
-    command(
+    p = command(
         "cancel-withdrawal",
         cancel_withdrawal,
         "cancel a withdrawal not yet sent to the processor (--as CREATOR)",
-    ).add_argument("withdrawal_id")
+    )
+    p.add_argument("withdrawal_id")
+    p.add_argument(
+        "--reason", default="", help="why (required when an admin cancels a creator's withdrawal)"
+    )
     p = command("review", review, "approve or reject a withdrawal in review, as an admin (--admin)")
     p.add_argument("withdrawal_id")
     decision = p.add_mutually_exclusive_group(required=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.auth import Principal
-from runtime.errors import PermissionDenied
+from runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
 
 ADMIN_CALLERS = frozenset({"gateway", "admin-console"})
 """The platform callers that carry admins' own requests (the API gateway, the admin console)."""
@@ -122,3 +122,17 @@ def require_owner(*owners: str, record: str = "") -> None:
         if record:
             refusal.metadata["record"] = record
         raise refusal
+
+
+def require_reason(owner: str, reason: str, *, record: str) -> None:
+    """Someone other than the record's owner (an admin) acting on it says why: for the audit
+    trail, and for the owner who finds it changed. INVALID_ARGUMENT REASON_REQUIRED otherwise."""
+    from runtime.auth import current_principal
+
+    if current_principal().require_user() != owner and len(reason.strip()) < 3:
+        raise InvalidArgument(
+            "REASON_REQUIRED",
+            f"{record} belongs to {owner!r}: acting on another user's record needs a reason "
+            "(3 characters or more) for the audit trail",
+            violations=(FieldViolation("reason", "required when acting on another user's record"),),
+        )

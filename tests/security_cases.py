@@ -552,8 +552,8 @@ async def withdrawal_in_review(suite: Suite) -> tuple[str, str]:
 async def _cancel_withdrawal(suite: Suite) -> Sample:
     creator, withdrawal_id = await withdrawal_in_review(suite)
     request = payout_pb2.CancelWithdrawalRequest(
-        request_id=new_id("cancel"), withdrawal_id=withdrawal_id
-    )
+        request_id=new_id("cancel"), withdrawal_id=withdrawal_id, reason="the creator asked support"
+    )  # the reason an admin cancelling it must give (a creator may give one too)
     return Sample(request, creator, mutates=True)
 
 

@@ -169,10 +169,19 @@ async def test_a_rejection_and_a_cancel_release_the_hold_once(
     assert rejected.withdrawal.status == S.WITHDRAWAL_STATUS_REJECTED
     assert rejected.withdrawal.failure_reason == "payout method under investigation"
     cancel = S.CancelWithdrawalRequest(request_id=new_id("c"), withdrawal_id=small.withdrawal_id)
-    cancelled = await suite.payout.CancelWithdrawal(cancel, metadata=suite.token(creator))
+    silent = S.CancelWithdrawalRequest(request_id=new_id("c"), withdrawal_id=small.withdrawal_id)
+    await expect_error(  # an admin cancelling a creator's withdrawal says why
+        suite.payout.CancelWithdrawal(silent, metadata=admin(suite)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REASON_REQUIRED",
+    )
+    cancel.reason = "the creator asked support to stop it"
+    cancelled = await suite.payout.CancelWithdrawal(cancel, metadata=admin(suite))
     assert cancelled.withdrawal.status == S.WITHDRAWAL_STATUS_CANCELLED
+    last = cancelled.withdrawal.history[-1]
+    assert (last.actor, last.reason) == ("reviewer-1", cancel.reason)
     # The same request again is answered from its record; a new one is refused; nothing moves.
-    again = await suite.payout.CancelWithdrawal(cancel, metadata=suite.token(creator))
+    again = await suite.payout.CancelWithdrawal(cancel, metadata=admin(suite))
     assert again == cancelled
     await expect_error(
         suite.payout.CancelWithdrawal(

@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger.listing import history_query, statement_period, statement_response
-from runtime.access import Access, method_rules, require_owner
+from runtime.access import Access, method_rules, require_owner, require_reason
 from runtime.auth import current_principal
 from runtime.idempotency import acting_scope, fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
@@ -278,10 +278,15 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         async with self._db.read() as conn:  # the owner is checked before anything is written
             owner = (await self._withdrawals.get(conn, request.withdrawal_id)).creator_id
         require_owner(owner, record=f"withdrawal {request.withdrawal_id}")
+        require_reason(owner, request.reason, record=f"withdrawal {request.withdrawal_id}")
 
         async def effect(conn: AsyncConnection) -> payout_pb2.CancelWithdrawalResponse:
             cancelled = await self._withdrawals.cancel(
-                conn, request.withdrawal_id, actor=_actor(), now=self._clock.now()
+                conn,
+                request.withdrawal_id,
+                actor=_actor(),
+                reason=request.reason,
+                now=self._clock.now(),
             )
             (answer,) = await self._with_history(conn, [cancelled])
             return payout_pb2.CancelWithdrawalResponse(withdrawal=answer)

@@ -304,11 +304,17 @@ class Withdrawals:
         return await self.get(conn, withdrawal_id)
 
     async def cancel(
-        self, conn: AsyncConnection, withdrawal_id: str, *, actor: str, now: dt.datetime
+        self,
+        conn: AsyncConnection,
+        withdrawal_id: str,
+        *,
+        actor: str,
+        now: dt.datetime,
+        reason: str = "",
     ) -> storage.WithdrawalRecord:
         """Cancel a withdrawal that has not gone to the processor; its hold is released."""
         withdrawal = await self.get(conn, withdrawal_id)
-        if not await self._move(conn, withdrawal, CANCELLABLE, "cancelled", actor, "", now):
+        if not await self._move(conn, withdrawal, CANCELLABLE, "cancelled", actor, reason, now):
             current = await self.get(conn, withdrawal_id)
             raise FailedPrecondition(
                 "WITHDRAWAL_NOT_CANCELLABLE",

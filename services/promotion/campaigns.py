@@ -11,8 +11,7 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.promotion.v1 import promotion_pb2
-from runtime.access import require_owner
-from runtime.auth import current_principal
+from runtime.access import require_owner, require_reason
 from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import Aborted, DomainError
@@ -219,8 +218,8 @@ class Campaigns:
         """End early: release what is left of the held budget, then record the end with the answer."""
         promotion = await self.promotion(request.promotion_id)
         require_owner(promotion.user_id, record=f"promotion {promotion.promotion_id}")  # first
-        self._promotions.check_end_reason(
-            promotion, current_principal().require_user(), request.reason
+        require_reason(
+            promotion.user_id, request.reason, record=f"promotion {promotion.promotion_id}"
         )
         scope = f"EndPromotion:{promotion.user_id}"
         response_type = promotion_pb2.EndPromotionResponse

@@ -30,8 +30,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runtime.errors import (
     DomainError,
     FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
     NotFound,
     request_id_reused,
 )
@@ -262,21 +260,6 @@ class Promotions:
             raise _not_active(promotion)
         if status_at(promotion, now) == "completed":
             raise _ended(promotion)
-
-    def check_end_reason(
-        self, promotion: storage.PromotionRecord, acting_user: str, reason: str
-    ) -> None:
-        """Someone other than the owner (an admin) ending a promotion says why, for the audit trail
-        and for the owner who finds it ended."""
-        if acting_user != promotion.user_id and len(reason.strip()) < 3:
-            raise InvalidArgument(
-                "REASON_REQUIRED",
-                f"promotion {promotion.promotion_id} belongs to {promotion.user_id!r}: ending "
-                "another user's promotion needs a reason (3 characters or more) for the audit trail",
-                violations=(
-                    FieldViolation("reason", "required when ending another user's promotion"),
-                ),
-            )
 
     def capture_refused(
         self, promotion: storage.PromotionRecord, coins: int, error: DomainError

@@ -160,7 +160,9 @@ class _DiamondEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Diam
     DIAMOND_ENTRY_KIND_WITHDRAWAL: _DiamondEntryKind.ValueType  # 2
     """Diamonds taken for a withdrawal."""
     DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED: _DiamondEntryKind.ValueType  # 3
-    """Diamonds given back by a withdrawal that failed."""
+    """Diamonds given back by a withdrawal returned after it was paid (a withdrawal that fails before
+    it is paid only releases its hold, which writes no entry).
+    """
     DIAMOND_ENTRY_KIND_MATURATION: _DiamondEntryKind.ValueType  # 4
     """Pending diamonds that matured: one entry leaves the pending balance, one enters the available one."""
     DIAMOND_ENTRY_KIND_REVERSAL: _DiamondEntryKind.ValueType  # 5
@@ -178,7 +180,9 @@ DIAMOND_ENTRY_KIND_GIFT: DiamondEntryKind.ValueType  # 1
 DIAMOND_ENTRY_KIND_WITHDRAWAL: DiamondEntryKind.ValueType  # 2
 """Diamonds taken for a withdrawal."""
 DIAMOND_ENTRY_KIND_WITHDRAWAL_RETURNED: DiamondEntryKind.ValueType  # 3
-"""Diamonds given back by a withdrawal that failed."""
+"""Diamonds given back by a withdrawal returned after it was paid (a withdrawal that fails before
+it is paid only releases its hold, which writes no entry).
+"""
 DIAMOND_ENTRY_KIND_MATURATION: DiamondEntryKind.ValueType  # 4
 """Pending diamonds that matured: one entry leaves the pending balance, one enters the available one."""
 DIAMOND_ENTRY_KIND_REVERSAL: DiamondEntryKind.ValueType  # 5
@@ -316,7 +320,9 @@ class WithdrawalEvent(_message.Message):
     status: Global___WithdrawalStatus.ValueType
     """The status it moved to."""
     actor: _builtins.str
-    """Who moved it: the creator, an admin's user id, "auto-approve", "processor" or "worker"."""
+    """Who moved it: the creator, an admin's user id, "auto-approve", "policy" (sent to review),
+    "processor" or "worker".
+    """
     reason: _builtins.str
     """Why (a reviewer's reason, the processor's failure reason), when there is one."""
     @_builtins.property
@@ -367,7 +373,7 @@ class DiamondBalance(_message.Message):
     they cannot be withdrawn yet.
     """
     held_diamonds: _builtins.int
-    """Diamonds taken for withdrawals that are on their way out (requested or processing)."""
+    """Diamonds held for withdrawals not ended yet (in review, approved or processing)."""
     paid_out_diamonds: _builtins.int
     """Diamonds paid out, all time."""
     debt_diamonds: _builtins.int
@@ -1744,19 +1750,25 @@ class CancelWithdrawalRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     withdrawal_id: _builtins.str
     """The withdrawal."""
+    reason: _builtins.str
+    """Why, kept in the withdrawal's history and the audit trail: required (3 characters or more) when
+    an admin cancels a creator's withdrawal (INVALID_ARGUMENT REASON_REQUIRED without it).
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         withdrawal_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1963,7 +1975,7 @@ class HandleProcessorEventRequest(_message.Message):
     body: _builtins.bytes
     """The event's body exactly as the processor sent it (JSON)."""
     signature: _builtins.str
-    """Its signature: lowercase hex HMAC-SHA256 of the body with the shared webhook secret."""
+    """Its signature: hex HMAC-SHA256 of the body with the shared webhook secret (either case)."""
     def __init__(
         self,
         *,

@@ -277,7 +277,7 @@ class PayoutServiceServicer:
     def CancelWithdrawal(self, request, context):
         """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
         hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-        once it is processing or ended. The creator's own, or an admin's (audited).
+        once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -334,8 +334,8 @@ class PayoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListDiamondEntries(self, request, context):
-        """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
-        kind and time, paged.
+        """A creator's diamond entries (gift credits, one entry per settlement batch naming its gifts;
+        withdrawals; returns), newest first, filterable by kind and time, paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

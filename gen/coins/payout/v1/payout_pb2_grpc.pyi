@@ -93,7 +93,7 @@ class PayoutServiceStub:
     CancelWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.CancelWithdrawalRequest, _payout_pb2.CancelWithdrawalResponse]
     """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
     hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-    once it is processing or ended. The creator's own, or an admin's (audited).
+    once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
     """
     ReviewWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
@@ -121,8 +121,8 @@ class PayoutServiceStub:
     ListWithdrawals: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]
     """Lists a creator's withdrawals, newest first."""
     ListDiamondEntries: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListDiamondEntriesRequest, _payout_pb2.ListDiamondEntriesResponse]
-    """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
-    kind and time, paged.
+    """A creator's diamond entries (gift credits, one entry per settlement batch naming its gifts;
+    withdrawals; returns), newest first, filterable by kind and time, paged.
     """
     GetDiamondStatement: _grpc.UnaryUnaryMultiCallable[_payout_pb2.GetDiamondStatementRequest, _payout_pb2.GetDiamondStatementResponse]
     """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
@@ -200,7 +200,7 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     CancelWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.CancelWithdrawalRequest, _payout_pb2.CancelWithdrawalResponse]  # type: ignore[assignment]
     """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
     hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-    once it is processing or ended. The creator's own, or an admin's (audited).
+    once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
     """
     ReviewWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]  # type: ignore[assignment]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
@@ -228,8 +228,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     ListWithdrawals: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalsRequest, _payout_pb2.ListWithdrawalsResponse]  # type: ignore[assignment]
     """Lists a creator's withdrawals, newest first."""
     ListDiamondEntries: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListDiamondEntriesRequest, _payout_pb2.ListDiamondEntriesResponse]  # type: ignore[assignment]
-    """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
-    kind and time, paged.
+    """A creator's diamond entries (gift credits, one entry per settlement batch naming its gifts;
+    withdrawals; returns), newest first, filterable by kind and time, paged.
     """
     GetDiamondStatement: _aio.UnaryUnaryMultiCallable[_payout_pb2.GetDiamondStatementRequest, _payout_pb2.GetDiamondStatementResponse]  # type: ignore[assignment]
     """A creator's diamonds over a period: opening and closing balance and each kind's movements between.
@@ -388,7 +388,7 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.CancelWithdrawalResponse, _abc.Awaitable[_payout_pb2.CancelWithdrawalResponse]]:
         """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
         hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-        once it is processing or ended. The creator's own, or an admin's (audited).
+        once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
         """
 
     @_abc_1.abstractmethod
@@ -458,8 +458,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _payout_pb2.ListDiamondEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.ListDiamondEntriesResponse, _abc.Awaitable[_payout_pb2.ListDiamondEntriesResponse]]:
-        """A creator's diamond entries (credits per gift, withdrawals, returns), newest first, filterable by
-        kind and time, paged.
+        """A creator's diamond entries (gift credits, one entry per settlement batch naming its gifts;
+        withdrawals; returns), newest first, filterable by kind and time, paged.
         """
 
     @_abc_1.abstractmethod
