@@ -107,7 +107,7 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     await eventually(parked, "the withdrawal parked", seconds=15)
     found = await read(suite, withdrawal_id, creator)
     assert found.status == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
-    assert found.attempts == 3 and "timed out" in found.last_error
+    assert found.attempts == 3 and "timed out: no answer within 0.3s" in found.last_error
     admin = suite.token("ops-1", admin=True)
     queue = await suite.payout.ListWithdrawalQueue(
         payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
@@ -142,6 +142,73 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     )
 
 
+async def test_an_admin_gives_up_a_parked_withdrawal_the_processor_never_received(
+    impatient: Suite,
+) -> None:
+    """Every send lost (a receiver whose requests never arrive): parked, its diamonds held, and the
+    worker's retries park it again. Once the processor says it has no record of it, an admin
+    cancels it, saying why: the diamonds come back, and it is never sent again (it stayed held
+    for good: nothing could end it)."""
+    suite = impatient
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 2_000, "dest_drop_everything"), metadata=suite.token(creator)
+    )
+    withdrawal_id = made.withdrawal.withdrawal_id
+
+    async def parked() -> bool:
+        return (await read(suite, withdrawal_id, creator)).parked
+
+    await eventually(parked, "the withdrawal parked", seconds=15)
+
+    def cancel(reason: str = "") -> payout_pb2.CancelWithdrawalRequest:
+        return payout_pb2.CancelWithdrawalRequest(
+            request_id=new_id("cancel"), withdrawal_id=withdrawal_id, reason=reason
+        )
+
+    await expect_error(  # its creator cannot: whether it is lost is the processor's to say
+        suite.payout.CancelWithdrawal(cancel(), metadata=suite.token(creator)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_CANCELLABLE",
+    )
+    admin = suite.token("ops-1", admin=True)
+    await expect_error(
+        suite.payout.CancelWithdrawal(cancel(), metadata=admin),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REASON_REQUIRED",
+    )
+    given_up = await suite.payout.CancelWithdrawal(
+        cancel("the processor never received it (3 sends lost)"), metadata=admin
+    )
+    assert (given_up.withdrawal.status, given_up.withdrawal.parked) == (
+        payout_pb2.WITHDRAWAL_STATUS_CANCELLED,
+        False,
+    )
+    assert given_up.withdrawal.history[-1].reason.startswith("the processor never received it")
+    balance = (
+        await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+    ).balance
+    assert (balance.diamonds, balance.held_diamonds) == (5_000, 0)
+    queue = await suite.payout.ListWithdrawalQueue(
+        payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
+        metadata=admin,
+    )
+    assert withdrawal_id not in [w.withdrawal_id for w in queue.withdrawals]
+    await expect_error(
+        suite.payout.RetryWithdrawal(
+            payout_pb2.RetryWithdrawalRequest(
+                request_id=new_id("retry"), withdrawal_id=withdrawal_id
+            ),
+            metadata=admin,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_PARKED",
+    )
+    assert withdrawal_id not in sandbox(suite).payments
+
+
 async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
     impatient: Suite,
 ) -> None:
@@ -160,10 +227,20 @@ async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
     sandbox(suite).arrive_late(
         "late-batch", [PayoutItem(withdrawal_id, "dest_drop_then_late", 1_000, "USD")]
     )
+    admin = suite.token("ops-1", admin=True)
+    await expect_error(  # the processor has it now (on its way or paid): not to be given up
+        suite.payout.CancelWithdrawal(
+            payout_pb2.CancelWithdrawalRequest(
+                request_id=new_id("cancel"), withdrawal_id=withdrawal_id, reason="stuck for days"
+            ),
+            metadata=admin,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_CANCELLABLE",
+    )
     paid = await settled(suite, withdrawal_id, creator)
     assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
     assert not paid.parked
-    admin = suite.token("ops-1", admin=True)
     queue = await suite.payout.ListWithdrawalQueue(
         payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
         metadata=admin,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -129,6 +129,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         callbacks: Callbacks,
         reconciler: Reconciler,
         wake_worker: Callable[[], None],
+        processor_has: Callable[[str], Awaitable[bool]],
     ) -> None:
         self._db = runtime.db
         self._idempotency = runtime.idempotency
@@ -139,6 +140,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self._callbacks = callbacks
         self._reconciler = reconciler
         self._wake_worker = wake_worker
+        self._processor_has = processor_has
 
     def _balance(self, creator_id: str, diamonds: CreatorDiamonds) -> payout_pb2.DiamondBalance:
         balance = payout_pb2.DiamondBalance(
@@ -278,9 +280,18 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.CancelWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.CancelWithdrawalResponse:
         async with self._db.read() as conn:  # the owner is checked before anything is written
-            owner = (await self._withdrawals.get(conn, request.withdrawal_id)).creator_id
+            withdrawal = await self._withdrawals.get(conn, request.withdrawal_id)
+        owner = withdrawal.creator_id
         require_owner(owner, record=f"withdrawal {request.withdrawal_id}")
         require_reason(owner, request.reason, record=f"withdrawal {request.withdrawal_id}")
+        # A parked one (its sends all lost) is an admin's to give up, once the processor says it
+        # never received it: asked here, outside the transaction, on every attempt.
+        never_received = (
+            withdrawal.parked_at is not None
+            and withdrawal.status == "processing"
+            and current_principal().is_admin
+            and not await self._processor_has(request.withdrawal_id)
+        )
 
         async def effect(conn: AsyncConnection) -> payout_pb2.CancelWithdrawalResponse:
             cancelled = await self._withdrawals.cancel(
@@ -289,6 +300,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 actor=_actor(),
                 reason=request.reason,
                 now=self._clock.now(),
+                never_received=never_received,
             )
             (answer,) = await self._with_history(conn, [cancelled])
             return payout_pb2.CancelWithdrawalResponse(withdrawal=answer)

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.backoff import backoff
+from runtime.errors import Unavailable
+from runtime.outages import RETRY_AFTER_SECONDS
 from runtime.server import Runtime, wait_for_wake
 from services.payout import storage
 from services.payout.settings import PayoutSettings
@@ -260,7 +262,11 @@ class WithdrawalWorker:
                 )
                 async with self._rt.db.read() as conn:
                     batch = await storage.withdrawals_in_batch(conn, batch_id)
-                resend = [item_of(w) for w in batch] or [item_of(withdrawal)]
+                # Only what is still processing: a parked one an admin cancelled since (the
+                # processor never had it) is never sent again.
+                resend = [item_of(w) for w in batch if w.status == "processing"] or [
+                    item_of(withdrawal)
+                ]
                 items = await asyncio.wait_for(
                     self.processor.submit(batch_id, resend), self._timeout
                 )
@@ -273,6 +279,22 @@ class WithdrawalWorker:
             await self._failed([withdrawal], error)
             return
         await self._apply(withdrawal, item)
+
+    async def received(self, withdrawal_id: str) -> bool:
+        """Whether the processor has a record of the withdrawal, asked now (UNAVAILABLE
+        PROCESSOR_UNAVAILABLE when it does not answer): an admin may cancel a parked withdrawal
+        only once the processor says it never received it."""
+        try:
+            item = await asyncio.wait_for(self.processor.lookup(withdrawal_id), self._timeout)
+        except Exception as error:
+            raise Unavailable(
+                "PROCESSOR_UNAVAILABLE",
+                f"could not ask the processor about withdrawal {withdrawal_id} "
+                f"({type(error).__name__}): try again",
+                retry_after=RETRY_AFTER_SECONDS,
+                withdrawal_id=withdrawal_id,
+            ) from None
+        return item is not None
 
     async def _check_for_return(self, withdrawal: storage.WithdrawalRecord) -> None:
         """Look a paid withdrawal up again while it is watched (`PAYOUT_RETURN_WATCH_DAYS`): a
@@ -346,6 +368,6 @@ class WithdrawalWorker:
                     conn,
                     withdrawal.withdrawal_id,
                     retry_at=now + dt.timedelta(seconds=pause),
-                    error=f"{why}: {error}",
+                    error=f"{why}: {str(error) or f'no answer within {self._timeout:g}s'}",
                     park_at=now if parked else None,
                 )

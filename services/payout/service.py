@@ -89,6 +89,7 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
             callbacks,
             reconciler,
             worker.wake.set,
+            worker.received,
         ),
         runtime.server,
     )

@@ -877,9 +877,10 @@ async def move_withdrawal(
     now: dt.datetime,
     failure_reason: str = "",
     processor_reference: str | None = None,
+    parked_only: bool = False,
 ) -> bool:
     """A conditional status change: False if the withdrawal was no longer in (one of)
-    `from_status`."""
+    `from_status` (or, `parked_only`, no longer parked)."""
     values: dict[str, object] = {"status": to_status, "updated_at": now}
     if to_status in ENDINGS:
         # Nothing left for the worker: no lease, no schedule, off the parked queue.
@@ -895,6 +896,7 @@ async def move_withdrawal(
             withdrawals.c.status.in_(
                 [from_status] if isinstance(from_status, str) else from_status
             ),
+            *((withdrawals.c.parked_at.is_not(None),) if parked_only else ()),
         )
         .values(**values)
     )

@@ -311,15 +311,24 @@ class Withdrawals:
         actor: str,
         now: dt.datetime,
         reason: str = "",
+        never_received: bool = False,
     ) -> storage.WithdrawalRecord:
-        """Cancel a withdrawal that has not gone to the processor; its hold is released."""
+        """Cancel a withdrawal that has not gone to the processor; its hold is released. With
+        `never_received` (the processor just said it has no record of it), a parked one too: its
+        sends were all lost, and it is not sent again (see WithdrawalWorker.received)."""
         withdrawal = await self.get(conn, withdrawal_id)
-        if not await self._move(conn, withdrawal, CANCELLABLE, "cancelled", actor, reason, now):
+        moved = await self._move(conn, withdrawal, CANCELLABLE, "cancelled", actor, reason, now)
+        if not moved and never_received:
+            moved = await self._move(
+                conn, withdrawal, ("processing",), "cancelled", actor, reason, now, parked_only=True
+            )
+        if not moved:
             current = await self.get(conn, withdrawal_id)
             raise FailedPrecondition(
                 "WITHDRAWAL_NOT_CANCELLABLE",
                 f"withdrawal {withdrawal_id} is {current.status}: only a withdrawal that has not "
-                "gone to the processor (requested, in review, approved) can be cancelled",
+                "gone to the processor (requested, in review, approved) can be cancelled, or a "
+                "parked one the processor has no record of, by an admin",
                 withdrawal_id=withdrawal_id,
                 status=current.status,
             )
@@ -468,6 +477,7 @@ class Withdrawals:
         now: dt.datetime,
         *,
         processor_reference: str | None = None,
+        parked_only: bool = False,
     ) -> bool:
         moved = await storage.move_withdrawal(
             conn,
@@ -477,6 +487,7 @@ class Withdrawals:
             now=now,
             failure_reason=reason if to in ("failed", "returned", "rejected") else "",
             processor_reference=processor_reference or None,
+            parked_only=parked_only,
         )
         if moved:
             await storage.add_event(conn, withdrawal.withdrawal_id, to, actor, reason, now)

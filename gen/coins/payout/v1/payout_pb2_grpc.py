@@ -277,7 +277,10 @@ class PayoutServiceServicer:
     def CancelWithdrawal(self, request, context):
         """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
         hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-        once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
+        once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
+        admin may also give up a parked withdrawal (every send lost) once the processor says it has no
+        record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
+        diamonds come back and it is never sent again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

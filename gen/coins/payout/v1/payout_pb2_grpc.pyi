@@ -93,7 +93,10 @@ class PayoutServiceStub:
     CancelWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.CancelWithdrawalRequest, _payout_pb2.CancelWithdrawalResponse]
     """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
     hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-    once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
+    once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
+    admin may also give up a parked withdrawal (every send lost) once the processor says it has no
+    record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
+    diamonds come back and it is never sent again.
     """
     ReviewWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
@@ -200,7 +203,10 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     CancelWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.CancelWithdrawalRequest, _payout_pb2.CancelWithdrawalResponse]  # type: ignore[assignment]
     """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
     hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-    once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
+    once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
+    admin may also give up a parked withdrawal (every send lost) once the processor says it has no
+    record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
+    diamonds come back and it is never sent again.
     """
     ReviewWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]  # type: ignore[assignment]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
@@ -388,7 +394,10 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.CancelWithdrawalResponse, _abc.Awaitable[_payout_pb2.CancelWithdrawalResponse]]:
         """Cancels a withdrawal that has not gone to the processor yet (requested, in review or approved): its
         hold is released and the diamonds are available again. FAILED_PRECONDITION WITHDRAWAL_NOT_CANCELLABLE
-        once it is processing or ended. The creator's own, or an admin's (audited, with a reason).
+        once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
+        admin may also give up a parked withdrawal (every send lost) once the processor says it has no
+        record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
+        diamonds come back and it is never sent again.
         """
 
     @_abc_1.abstractmethod
