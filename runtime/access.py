@@ -136,3 +136,16 @@ def require_reason(owner: str, reason: str, *, record: str) -> None:
             "(3 characters or more) for the audit trail",
             violations=(FieldViolation("reason", "required when acting on another user's record"),),
         )
+
+
+def require_another_admin(subject: str, action: str) -> None:
+    """Separation of duties: an admin never decides on their own money (verifying themself,
+    approving their own withdrawal): PERMISSION_DENIED OWN_DECISION, another admin must."""
+    from runtime.auth import current_principal
+
+    if current_principal().user_id == subject:
+        raise PermissionDenied(
+            "OWN_DECISION",
+            f"an admin may not {action} for themself ({subject!r}): another admin must",
+            subject=subject,
+        )

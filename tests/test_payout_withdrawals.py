@@ -155,6 +155,40 @@ async def test_a_withdrawal_is_not_approved_once_its_creators_verification_is_re
     assert (await settled(suite, made.withdrawal_id, creator)).status == S.WITHDRAWAL_STATUS_PAID
 
 
+async def test_an_admin_never_decides_on_their_own_withdrawal_or_verification(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    """Separation of duties: an admin who is also a creator cannot verify themself nor approve
+    their own withdrawal (both were accepted, audited only); another admin can."""
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 50_000)  # verified by another admin
+    made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 40_000))).withdrawal
+    themself = suite.token(creator, admin=True)
+    await expect_error(
+        suite.payout.ReviewWithdrawal(review(made.withdrawal_id, True), metadata=themself),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "OWN_DECISION",
+    )
+    await expect_error(
+        suite.payout.SetCreatorVerification(
+            S.SetCreatorVerificationRequest(
+                request_id=new_id("kyc"),
+                creator_id=creator,
+                status=S.KYC_STATUS_VERIFIED,
+                reason="it is me",
+            ),
+            metadata=themself,
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "OWN_DECISION",
+    )
+    assert (await status_of(suite, made.withdrawal_id, creator)).status == (
+        S.WITHDRAWAL_STATUS_IN_REVIEW
+    )
+    await suite.payout.ReviewWithdrawal(review(made.withdrawal_id, True), metadata=admin(suite))
+    assert (await settled(suite, made.withdrawal_id, creator)).status == S.WITHDRAWAL_STATUS_PAID
+
+
 async def test_a_rejection_and_a_cancel_release_the_hold_once(
     payout: tuple[Suite, ShiftedClock],
 ) -> None:

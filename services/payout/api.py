@@ -8,7 +8,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger.listing import history_query, statement_period, statement_response
-from runtime.access import Access, method_rules, require_owner, require_reason
+from runtime.access import (
+    Access,
+    method_rules,
+    require_another_admin,
+    require_owner,
+    require_reason,
+)
 from runtime.auth import current_principal
 from runtime.idempotency import acting_scope, fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
@@ -511,6 +517,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def SetCreatorVerification(
         self, request: payout_pb2.SetCreatorVerificationRequest, context: RpcContext
     ) -> payout_pb2.SetCreatorVerificationResponse:
+        require_another_admin(request.creator_id, "set the verification")
         if request.time_zone:
             time_zone(request.time_zone)  # INVALID_ARGUMENT before anything is written
 

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger import Posting
 from ledger.holds import Holds
+from runtime.access import require_another_admin
 from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from runtime.protos import money_text
 from runtime.sql import as_tx
@@ -283,6 +284,7 @@ class Withdrawals:
         """A reviewer's decision on a withdrawal in review: approved goes on to the processor,
         rejected releases the hold. WITHDRAWAL_NOT_IN_REVIEW otherwise."""
         withdrawal = await self.get(conn, withdrawal_id)
+        require_another_admin(withdrawal.creator_id, "review a withdrawal")
         to = "approved" if approve else "rejected"
         # A debt (gifts reversed after the request) is owed back before anything is paid out.
         debt = await self._debt_of(conn, withdrawal.creator_id) if approve else 0
