@@ -243,7 +243,7 @@ class PayoutServiceServicer:
 
     def SetCreatorVerification(self, request, context):
         """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
-        KYC_REQUIRED). Admin only; audited.
+        KYC_REQUIRED). Admin only, never for themself (PERMISSION_DENIED OWN_DECISION); audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -288,7 +288,8 @@ class PayoutServiceServicer:
 
     def ReviewWithdrawal(self, request, context):
         """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
-        WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+        WITHDRAWAL_NOT_IN_REVIEW otherwise; KYC_REQUIRED to approve once the creator's verification was
+        revoked. Admin only, never their own (PERMISSION_DENIED OWN_DECISION); audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -76,7 +76,7 @@ class PayoutServiceStub:
     """Removes a method; FAILED_PRECONDITION METHOD_IN_USE while a withdrawal to it is on its way."""
     SetCreatorVerification: _grpc.UnaryUnaryMultiCallable[_payout_pb2.SetCreatorVerificationRequest, _payout_pb2.SetCreatorVerificationResponse]
     """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
-    KYC_REQUIRED). Admin only; audited.
+    KYC_REQUIRED). Admin only, never for themself (PERMISSION_DENIED OWN_DECISION); audited.
     """
     ReverseGiftCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]
     """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
@@ -100,7 +100,8 @@ class PayoutServiceStub:
     """
     ReviewWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
-    WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+    WITHDRAWAL_NOT_IN_REVIEW otherwise; KYC_REQUIRED to approve once the creator's verification was
+    revoked. Admin only, never their own (PERMISSION_DENIED OWN_DECISION); audited.
     """
     ListWithdrawalQueue: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalQueueRequest, _payout_pb2.ListWithdrawalQueueResponse]
     """Admin work queues: withdrawals waiting for review (oldest first), and withdrawals parked after the
@@ -186,7 +187,7 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """Removes a method; FAILED_PRECONDITION METHOD_IN_USE while a withdrawal to it is on its way."""
     SetCreatorVerification: _aio.UnaryUnaryMultiCallable[_payout_pb2.SetCreatorVerificationRequest, _payout_pb2.SetCreatorVerificationResponse]  # type: ignore[assignment]
     """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
-    KYC_REQUIRED). Admin only; audited.
+    KYC_REQUIRED). Admin only, never for themself (PERMISSION_DENIED OWN_DECISION); audited.
     """
     ReverseGiftCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]  # type: ignore[assignment]
     """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
@@ -210,7 +211,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """
     ReviewWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]  # type: ignore[assignment]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
-    WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+    WITHDRAWAL_NOT_IN_REVIEW otherwise; KYC_REQUIRED to approve once the creator's verification was
+    revoked. Admin only, never their own (PERMISSION_DENIED OWN_DECISION); audited.
     """
     ListWithdrawalQueue: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListWithdrawalQueueRequest, _payout_pb2.ListWithdrawalQueueResponse]  # type: ignore[assignment]
     """Admin work queues: withdrawals waiting for review (oldest first), and withdrawals parked after the
@@ -353,7 +355,7 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.SetCreatorVerificationResponse, _abc.Awaitable[_payout_pb2.SetCreatorVerificationResponse]]:
         """Sets a creator's verification (KYC) status; withdrawals need VERIFIED (else FAILED_PRECONDITION
-        KYC_REQUIRED). Admin only; audited.
+        KYC_REQUIRED). Admin only, never for themself (PERMISSION_DENIED OWN_DECISION); audited.
         """
 
     @_abc_1.abstractmethod
@@ -407,7 +409,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.ReviewWithdrawalResponse, _abc.Awaitable[_payout_pb2.ReviewWithdrawalResponse]]:
         """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
-        WITHDRAWAL_NOT_IN_REVIEW otherwise. Admin only; audited.
+        WITHDRAWAL_NOT_IN_REVIEW otherwise; KYC_REQUIRED to approve once the creator's verification was
+        revoked. Admin only, never their own (PERMISSION_DENIED OWN_DECISION); audited.
         """
 
     @_abc_1.abstractmethod
