@@ -5,21 +5,13 @@ creator's credits aggregated into one ledger posting and the books still exact."
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import uuid
-from pathlib import Path
 
 import grpc
-import sqlalchemy as sa
 
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.payout.v1 import payout_pb2
-from runtime.db import Database
-from runtime.migrations import upgrade
-from services.payout.service import SPEC as PAYOUT
-from services.payout.storage import gift_credits
 from tests.helpers import expect_error, new_id
-from tests.suite import Suite, create_pg_database, drop_pg_database
+from tests.suite import Suite
 
 
 def credit(
@@ -118,84 +110,6 @@ async def test_a_reused_request_id_fails_the_whole_batch_and_changes_nothing(
     )
     assert await diamonds_of(suite, creator) == 20
     assert await diamonds_of(suite, bystander) == 0
-
-
-async def test_a_request_id_sent_again_for_another_creator_is_refused(suite: Suite) -> None:
-    """A credit's request id is the gift's, whoever it names: sent again for another creator (a
-    caller's bug) it is REQUEST_ID_REUSED, alone or in a batch. A review credited one gift's coins
-    to three creators under one id (ids were kept per creator)."""
-    first, second, third = new_id("creator"), new_id("creator"), new_id("creator")
-    payout = suite.as_caller("gifting").payout
-    gift = credit(first, 10_000)
-    await payout.CreditDiamonds(gift)
-    await expect_error(
-        payout.CreditDiamonds(credit(second, 10_000, request_id=gift.request_id)),
-        grpc.StatusCode.ALREADY_EXISTS,
-        "REQUEST_ID_REUSED",
-    )
-    await expect_error(
-        payout.BatchCreditDiamonds(batch(credit(third, 10_000, request_id=gift.request_id))),
-        grpc.StatusCode.ALREADY_EXISTS,
-        "REQUEST_ID_REUSED",
-    )
-    assert [await diamonds_of(suite, c) for c in (first, second, third)] == [5_000, 0, 0]
-    assert (await payout.CreditDiamonds(gift)).diamonds_credited == 5_000  # its own retry: answered
-
-
-async def test_the_migration_keys_credits_by_request_id_alone(backend: str, tmp_path: Path) -> None:
-    """Keys kept per creator become the caller's request id alone; of one id credited to two
-    creators (before this), the first credited takes it, so a retry for the other is refused."""
-    name = f"coins_rekey_{uuid.uuid4().hex[:12]}"
-    url = (
-        await create_pg_database(name)
-        if backend == "postgres"
-        else f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}"
-    )
-    db = Database(url)
-    t0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-    try:
-        await upgrade(db, PAYOUT.migrations_dir, "0025")
-        rows = [
-            ("gifting|CreditDiamonds:ann/gift:1", "ann", t0),
-            ("gifting|CreditDiamonds:bob/gift:1", "bob", t0 + dt.timedelta(seconds=1)),
-            ("gifting|CreditDiamonds:ann/gift:2", "ann", t0),
-        ]
-        async with db.transaction() as conn:
-            for key, creator, at in rows:
-                await conn.execute(
-                    sa.insert(gift_credits).values(
-                        credit_key=key,
-                        fingerprint="f",
-                        creator_id=creator,
-                        coins=2,
-                        diamonds=1,
-                        response=b"",
-                        created_at=at,
-                        rate_numerator=1,
-                        rate_denominator=2,
-                        coin_value_micros=5_000,
-                        diamond_value_micros=5_000,
-                        platform_micros=5_000,
-                    )
-                )
-        await upgrade(db, PAYOUT.migrations_dir)
-        async with db.read() as conn:
-            keys = (
-                await conn.execute(
-                    sa.select(gift_credits.c.credit_key, gift_credits.c.creator_id).order_by(
-                        gift_credits.c.credit_key
-                    )
-                )
-            ).all()
-        assert [tuple(k) for k in keys] == [
-            ("gifting|CreditDiamonds/gift:1", "ann"),
-            ("gifting|CreditDiamonds/gift:2", "ann"),
-            ("gifting|CreditDiamonds:bob/gift:1", "bob"),
-        ]
-    finally:
-        await db.close()
-        if backend == "postgres":
-            await drop_pg_database(name)
 
 
 async def test_one_request_id_twice_in_a_batch_is_refused(suite: Suite) -> None:

@@ -1226,7 +1226,9 @@ def gifting_problems(state: Snapshot) -> list[str]:
             problems.append(f"{named} of {g.coins} coins debited {debit.legs}")
         if box is None or (box.creator_id, box.coins) != (g.creator_id, g.coins):
             problems.append(f"{named}: outbox {box}")
-        credited = state.answer("payout", "CreditDiamonds", f"gift:{g.sent_gift_id}")
+        credited = state.answer(
+            "payout", f"CreditDiamonds:{g.creator_id}", f"gift:{g.sent_gift_id}"
+        )
         delivered = g.status == "credited" or (box is not None and box.delivered_at is not None)
         if delivered != (credited == "ok"):
             problems.append(f"{named}: payout's answer to its credit is {credited}")

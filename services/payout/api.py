@@ -227,9 +227,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     ) -> list[payout_pb2.CreditDiamondsResponse]:
         credits = (  # built when payout takes the batch (see Payouts.credit)
             GiftCredit(
-                # The caller's request id alone (migration 0026): never the creator's, so one
-                # gift's id sent again for another creator is REQUEST_ID_REUSED.
-                key=f"{scoped_scope('CreditDiamonds')}/{r.request_id}",
+                key=f"{scoped_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
                 fingerprint=fingerprint(r),
                 creator_id=r.creator_id,
                 coins=r.coins,
