@@ -56,6 +56,27 @@ async def read(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Wit
     return found.withdrawal
 
 
+async def no_longer_parked(
+    suite: Suite, withdrawal_id: str, admin: tuple[tuple[str, str], ...]
+) -> None:
+    """Off the parked queue, and not handed back to the worker (WITHDRAWAL_NOT_PARKED)."""
+    queue = await suite.payout.ListWithdrawalQueue(
+        payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
+        metadata=admin,
+    )
+    assert withdrawal_id not in [w.withdrawal_id for w in queue.withdrawals]
+    await expect_error(
+        suite.payout.RetryWithdrawal(
+            payout_pb2.RetryWithdrawalRequest(
+                request_id=new_id("retry"), withdrawal_id=withdrawal_id
+            ),
+            metadata=admin,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WITHDRAWAL_NOT_PARKED",
+    )
+
+
 async def test_a_lost_answer_is_looked_up_and_paid_once_while_others_are_paid(
     impatient: Suite,
 ) -> None:
@@ -142,17 +163,18 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     )
 
 
-async def test_an_admin_gives_up_a_parked_withdrawal_the_processor_never_received(
+async def test_an_admin_gives_up_a_parked_withdrawal_and_a_late_payment_takes_it_again(
     impatient: Suite,
 ) -> None:
-    """Every send lost (a receiver whose requests never arrive): parked, its diamonds held, and the
-    worker's retries park it again. Once the processor says it has no record of it, an admin
-    cancels it, saying why: the diamonds come back, and it is never sent again (it stayed held
-    for good: nothing could end it)."""
+    """Every send lost: parked, its diamonds held, and the worker's retries park it again (it
+    stayed held for good: nothing could end it). Once the processor says it has no record of it,
+    another admin cancels it, saying why, and the diamonds come back. Should the send have been
+    only delayed and the payment land after all, the withdrawal reads paid and its diamonds leave
+    the balance again: what is available, the rest a debt."""
     suite = impatient
     creator = await creator_with_diamonds(suite, 5_000)
     made = await suite.payout.RequestWithdrawal(
-        withdrawal(creator, 2_000, "dest_drop_everything"), metadata=suite.token(creator)
+        withdrawal(creator, 2_000, "dest_drop_then_late"), metadata=suite.token(creator)
     )
     withdrawal_id = made.withdrawal.withdrawal_id
 
@@ -171,6 +193,11 @@ async def test_an_admin_gives_up_a_parked_withdrawal_the_processor_never_receive
         grpc.StatusCode.FAILED_PRECONDITION,
         "WITHDRAWAL_NOT_CANCELLABLE",
     )
+    await expect_error(  # nor the creator as an admin: another admin decides
+        suite.payout.CancelWithdrawal(cancel("mine"), metadata=suite.token(creator, admin=True)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "OWN_DECISION",
+    )
     admin = suite.token("ops-1", admin=True)
     await expect_error(
         suite.payout.CancelWithdrawal(cancel(), metadata=admin),
@@ -185,28 +212,38 @@ async def test_an_admin_gives_up_a_parked_withdrawal_the_processor_never_receive
         False,
     )
     assert given_up.withdrawal.history[-1].reason.startswith("the processor never received it")
-    balance = (
+    assert await diamonds(suite, creator) == (5_000, 5_000, 0, 0)
+    await no_longer_parked(suite, withdrawal_id, admin)
+
+    # The creator withdraws most of it again, and is paid...
+    again = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 4_000), metadata=suite.token(creator)
+    )
+    await settled(suite, again.withdrawal.withdrawal_id, creator)
+    assert await diamonds(suite, creator) == (1_000, 1_000, 0, 0)
+    # ...then the first send, only delayed, reaches the processor and is paid.
+    sandbox(suite).arrive_late(
+        new_id("late-batch"), [PayoutItem(withdrawal_id, "dest_drop_then_late", 1_000, "USD")]
+    )
+    paid = await settled(suite, withdrawal_id, creator)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert await diamonds(suite, creator) == (0, 0, 0, 1_000)  # 1,000 taken, 1,000 owed
+    await expect_error(
+        suite.payout.RequestWithdrawal(withdrawal(creator, 2_000), metadata=suite.token(creator)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEBT_OUTSTANDING",
+    )
+    assert sandbox(suite).payments[withdrawal_id] == 1
+
+
+async def diamonds(suite: Suite, creator: str) -> tuple[int, int, int, int]:
+    """(diamonds, available, held, debt) of a creator."""
+    b = (
         await suite.payout.GetDiamondBalance(
             payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
         )
     ).balance
-    assert (balance.diamonds, balance.held_diamonds) == (5_000, 0)
-    queue = await suite.payout.ListWithdrawalQueue(
-        payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
-        metadata=admin,
-    )
-    assert withdrawal_id not in [w.withdrawal_id for w in queue.withdrawals]
-    await expect_error(
-        suite.payout.RetryWithdrawal(
-            payout_pb2.RetryWithdrawalRequest(
-                request_id=new_id("retry"), withdrawal_id=withdrawal_id
-            ),
-            metadata=admin,
-        ),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "WITHDRAWAL_NOT_PARKED",
-    )
-    assert withdrawal_id not in sandbox(suite).payments
+    return b.diamonds, b.available_diamonds, b.held_diamonds, b.debt_diamonds
 
 
 async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
@@ -225,7 +262,7 @@ async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
     await eventually(parked, "the withdrawal parked", seconds=15)
     # The lost request reaches the processor after all: it pays and calls back.
     sandbox(suite).arrive_late(
-        "late-batch", [PayoutItem(withdrawal_id, "dest_drop_then_late", 1_000, "USD")]
+        new_id("late-batch"), [PayoutItem(withdrawal_id, "dest_drop_then_late", 1_000, "USD")]
     )
     admin = suite.token("ops-1", admin=True)
     await expect_error(  # the processor has it now (on its way or paid): not to be given up
@@ -241,22 +278,7 @@ async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
     paid = await settled(suite, withdrawal_id, creator)
     assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
     assert not paid.parked
-    queue = await suite.payout.ListWithdrawalQueue(
-        payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),
-        metadata=admin,
-    )
-    assert withdrawal_id not in [w.withdrawal_id for w in queue.withdrawals]
-    # A paid withdrawal is not handed back to the worker.
-    await expect_error(
-        suite.payout.RetryWithdrawal(
-            payout_pb2.RetryWithdrawalRequest(
-                request_id=new_id("retry"), withdrawal_id=withdrawal_id
-            ),
-            metadata=admin,
-        ),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "WITHDRAWAL_NOT_PARKED",
-    )
+    await no_longer_parked(suite, withdrawal_id, admin)  # nor handed back to the worker
     assert sandbox(suite).payments[withdrawal_id] == 1
 
 
@@ -445,3 +467,25 @@ async def test_the_sandbox_processor_keeps_its_records_for_every_payout_process(
     assert first.payments["w-1"] == second.payments["w-1"] == 2
     await first.drain()
     await second.drain()
+
+
+async def test_a_batch_is_recorded_with_its_payments_or_not_at_all(tmp_path: Path) -> None:
+    """The sandbox's process dying between a batch and its payments (a chaos run's kill -9) left the
+    batch without its items: every resend under its id was answered without them, for good."""
+    settings = PayoutSettings().model_copy(
+        update={"processor_latency_ms": 0, "processor_settle_ms": 0}
+    )
+    sandbox = PayPalSandbox(settings, SystemClock(), store_path=tmp_path / "sandbox.sqlite3")
+    item = PayoutItem("w-1", "dest_paypal_ok", 1_000, "USD")
+    store = sandbox._store  # the fault is injected between its two writes
+
+    def dies(*_: object) -> None:
+        raise KeyboardInterrupt  # the process going away mid-request
+
+    real_add_payment, store.add_payment = store.add_payment, dies  # type: ignore[method-assign,assignment]
+    with pytest.raises(KeyboardInterrupt):
+        await sandbox.submit("batch-1", [item])
+    store.add_payment = real_add_payment  # type: ignore[method-assign]
+    (sent,) = await sandbox.submit("batch-1", [item])  # the resend: recorded now, whole
+    assert sent.sender_item_id == "w-1" and sandbox.payments["w-1"] == 1
+    await sandbox.drain()

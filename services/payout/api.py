@@ -290,12 +290,11 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         require_reason(owner, request.reason, record=f"withdrawal {request.withdrawal_id}")
         # A parked one (its sends all lost) is an admin's to give up, once the processor says it
         # never received it: asked here, outside the transaction, on every attempt.
-        never_received = (
-            withdrawal.parked_at is not None
-            and withdrawal.status == "processing"
-            and current_principal().is_admin
-            and not await self._processor_has(request.withdrawal_id)
-        )
+        never_received = False
+        parked = withdrawal.parked_at is not None and withdrawal.status == "processing"
+        if parked and current_principal().is_admin:
+            require_another_admin(owner, "give up a withdrawal")
+            never_received = not await self._processor_has(request.withdrawal_id)
 
         async def effect(conn: AsyncConnection) -> payout_pb2.CancelWithdrawalResponse:
             cancelled = await self._withdrawals.cancel(

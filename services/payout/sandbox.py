@@ -36,7 +36,7 @@ import random
 import sqlite3
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,19 @@ class _Store:
             "SELECT items FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
         return None if row is None else list(json.loads(row[0]))
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One transaction: a batch is recorded with all its payments or not at all, as a real
+        processor's is (a payout process killed between the two left a batch without its items,
+        which every resend under its id then answered without them)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def add_batch(self, batch_id: str, items: Sequence[str]) -> bool:
         """False if the batch id was taken (by another process too)."""
@@ -263,8 +276,17 @@ class PayPalSandbox:
     def _accept(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> None:
         """Record a batch once per batch id; each of its items is a payment (a second one for an
         item some earlier batch had: a double payment, logged)."""
+        with self._store.atomic():
+            told = self._record(sender_batch_id, items)
+        for sender_item_id in told:
+            self._background(self._tell(sender_item_id))
+
+    def _record(self, sender_batch_id: str, items: Sequence[PayoutItem]) -> list[str]:
+        """The batch and its payments (in the caller's transaction); the items paid for the first
+        time, to be called back about."""
         if not self._store.add_batch(sender_batch_id, [i.sender_item_id for i in items]):
-            return
+            return []
+        told: list[str] = []
         for payout in items:
             first_time = self._store.first(payout.sender_item_id) is None
             if not first_time:
@@ -285,7 +307,8 @@ class PayPalSandbox:
                 )
             )
             if first_time:
-                self._background(self._tell(payout.sender_item_id))
+                told.append(payout.sender_item_id)
+        return told
 
     def _batch_items(self, batch_id: str) -> list[_Payment]:
         found = [self._store.first(i) for i in self._store.batch(batch_id) or []]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 import uuid
 import zoneinfo
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ from services.payout.domain import (
     debt_account,
 )
 from services.payout.methods import refuse_account_number
+
+log = logging.getLogger("coins.payout.withdrawals")
 
 HOLD_OWNER = "payout"
 REVIEWABLE = ("requested", "in_review")
@@ -425,7 +428,10 @@ class Withdrawals:
         """Apply the processor's outcome ("paid", "failed" or "returned") once:
         - processing -> paid captures the hold (the diamonds leave the balance);
         - processing -> failed | returned releases it;
-        - paid -> returned (failed or returned after it was paid) gives the diamonds back.
+        - paid -> returned (failed or returned after it was paid) gives the diamonds back;
+        - cancelled -> paid (given up by an admin as never received, then paid after all: its send
+          was only delayed) takes the diamonds again, from what is available and the rest as a
+          debt, as a reversed gift does.
         Anything else (an outcome seen before, an older one arriving late) changes nothing."""
         withdrawal = await self.get(conn, withdrawal_id)
         if withdrawal.status == "processing":
@@ -461,7 +467,46 @@ class Withdrawals:
                     caller="payout",
                     policy_version=self.settings.policy_version,
                 )
+        elif withdrawal.status == "cancelled" and outcome == "paid":
+            why = "paid after it was given up: its diamonds are taken again"
+            if await self._move(
+                conn,
+                withdrawal,
+                ("cancelled",),
+                "paid",
+                "processor",
+                why,
+                now,
+                processor_reference=processor_reference,
+            ):
+                log.warning("withdrawal %s was paid after it was given up", withdrawal_id)
+                await self._take_again(conn, withdrawal)
         return await self.get(conn, withdrawal_id)
+
+    async def _take_again(
+        self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord
+    ) -> None:
+        """A withdrawal paid after its diamonds were given back: they leave the balance again, what
+        is available first, the rest a debt that blocks withdrawals until later diamonds repay it."""
+        creator = withdrawal.creator_id
+        available_account, owed_account = creator_account(creator), debt_account(creator)
+        available = (
+            await self.ledger.lock_available(as_tx(conn), [available_account, owed_account])
+        ).get(available_account, 0)
+        from_available = min(withdrawal.diamonds, max(available, 0))
+        to_debt = withdrawal.diamonds - from_available
+        if to_debt:
+            await self.ledger.open_account(conn, owed_account, allow_negative=True)
+        legs = [(available_account, -from_available), (owed_account, -to_debt)]
+        await self.ledger.post(
+            conn,
+            [*(Posting(a, d) for a, d in legs if d), Posting(PAID_OUT, withdrawal.diamonds)],
+            kind="withdrawal",
+            reference=withdrawal.withdrawal_id,
+            request_id=f"paid-after-cancel:{withdrawal.withdrawal_id}",
+            caller="payout",
+            policy_version=self.settings.policy_version,
+        )
 
     async def _debt_of(self, conn: AsyncConnection, creator_id: str) -> int:
         """Diamonds the creator owes from reversed gifts (0: none)."""
