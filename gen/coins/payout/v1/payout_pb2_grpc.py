@@ -280,7 +280,8 @@ class PayoutServiceServicer:
         once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
         admin may also give up a parked withdrawal (every send lost) once the processor says it has no
         record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
-        diamonds come back and it is never sent again.
+        diamonds come back and it is never sent again (paid after all, it reads PAID and takes them again,
+        the rest a debt). Never an admin's own (PERMISSION_DENIED OWN_DECISION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -96,7 +96,8 @@ class PayoutServiceStub:
     once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
     admin may also give up a parked withdrawal (every send lost) once the processor says it has no
     record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
-    diamonds come back and it is never sent again.
+    diamonds come back and it is never sent again (paid after all, it reads PAID and takes them again,
+    the rest a debt). Never an admin's own (PERMISSION_DENIED OWN_DECISION).
     """
     ReviewWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
@@ -207,7 +208,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
     admin may also give up a parked withdrawal (every send lost) once the processor says it has no
     record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
-    diamonds come back and it is never sent again.
+    diamonds come back and it is never sent again (paid after all, it reads PAID and takes them again,
+    the rest a debt). Never an admin's own (PERMISSION_DENIED OWN_DECISION).
     """
     ReviewWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReviewWithdrawalRequest, _payout_pb2.ReviewWithdrawalResponse]  # type: ignore[assignment]
     """Approves or rejects a withdrawal in review (a rejection releases its hold). FAILED_PRECONDITION
@@ -399,7 +401,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         once it is processing or ended. The creator's own, or an admin's (audited, with a reason). An
         admin may also give up a parked withdrawal (every send lost) once the processor says it has no
         record of it: asked at the call (UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer); the
-        diamonds come back and it is never sent again.
+        diamonds come back and it is never sent again (paid after all, it reads PAID and takes them again,
+        the rest a debt). Never an admin's own (PERMISSION_DENIED OWN_DECISION).
         """
 
     @_abc_1.abstractmethod
