@@ -87,6 +87,18 @@ def review(withdrawal_id: str, approve: bool, reason: str = "checked") -> S.Revi
     )
 
 
+def verification(
+    creator: str, status: S.KycStatus.ValueType, reason: str, *, time_zone: str = ""
+) -> S.SetCreatorVerificationRequest:
+    return S.SetCreatorVerificationRequest(
+        request_id=new_id("kyc"),
+        creator_id=creator,
+        status=status,
+        reason=reason,
+        time_zone=time_zone,
+    )
+
+
 async def test_a_large_withdrawal_waits_for_review_and_is_paid_once_approved(
     payout: tuple[Suite, ShiftedClock],
 ) -> None:
@@ -132,12 +144,7 @@ async def test_a_withdrawal_is_not_approved_once_its_creators_verification_is_re
     creator = await creator_with_diamonds(suite, 50_000)
     made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 40_000))).withdrawal  # $200
     await suite.payout.SetCreatorVerification(
-        S.SetCreatorVerificationRequest(
-            request_id=new_id("kyc"),
-            creator_id=creator,
-            status=S.KYC_STATUS_REJECTED,
-            reason="document forged",
-        ),
+        verification(creator, S.KYC_STATUS_REJECTED, "document forged"),
         metadata=admin(suite),
     )
     refused = await expect_error(
@@ -171,12 +178,7 @@ async def test_an_admin_never_decides_on_their_own_withdrawal_or_verification(
     )
     await expect_error(
         suite.payout.SetCreatorVerification(
-            S.SetCreatorVerificationRequest(
-                request_id=new_id("kyc"),
-                creator_id=creator,
-                status=S.KYC_STATUS_VERIFIED,
-                reason="it is me",
-            ),
+            verification(creator, S.KYC_STATUS_VERIFIED, "it is me"),
             metadata=themself,
         ),
         grpc.StatusCode.PERMISSION_DENIED,
@@ -243,12 +245,8 @@ async def test_the_daily_cap_counts_the_calendar_day_in_the_creators_time_zone(
     suite, clock = payout
     creator = await creator_with_diamonds(suite, 500_000)
     await suite.payout.SetCreatorVerification(
-        S.SetCreatorVerificationRequest(
-            request_id=new_id("kyc"),
-            creator_id=creator,
-            status=S.KYC_STATUS_VERIFIED,
-            reason="documents checked",
-            time_zone="America/Los_Angeles",
+        verification(
+            creator, S.KYC_STATUS_VERIFIED, "documents checked", time_zone="America/Los_Angeles"
         ),
         metadata=admin(suite),
     )
@@ -276,13 +274,7 @@ async def test_the_daily_cap_counts_the_calendar_day_in_the_creators_time_zone(
     for name in ("Mars/Olympus_Mons", "localtime", "posixrules"):
         await expect_error(
             suite.payout.SetCreatorVerification(
-                S.SetCreatorVerificationRequest(
-                    request_id=new_id("kyc"),
-                    creator_id=creator,
-                    status=S.KYC_STATUS_VERIFIED,
-                    reason="moved",
-                    time_zone=name,
-                ),
+                verification(creator, S.KYC_STATUS_VERIFIED, "moved", time_zone=name),
                 metadata=admin(suite),
             ),
             grpc.StatusCode.INVALID_ARGUMENT,

@@ -56,6 +56,20 @@ async def read(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Wit
     return found.withdrawal
 
 
+async def parked_withdrawal(suite: Suite, creator: str, receiver: str) -> str:
+    """A withdrawal of 2,000 diamonds to a receiver whose requests are lost, once it is parked."""
+    made = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 2_000, receiver), metadata=suite.token(creator)
+    )
+    withdrawal_id = made.withdrawal.withdrawal_id
+
+    async def parked() -> bool:
+        return (await read(suite, withdrawal_id, creator)).parked
+
+    await eventually(parked, "the withdrawal parked", seconds=15)
+    return withdrawal_id
+
+
 async def no_longer_parked(
     suite: Suite, withdrawal_id: str, admin: tuple[tuple[str, str], ...]
 ) -> None:
@@ -117,15 +131,7 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     suite = impatient
     creator = await creator_with_diamonds(suite, 5_000)
     # Every request to this receiver is lost: nothing recorded, no answer.
-    made = await suite.payout.RequestWithdrawal(
-        withdrawal(creator, 2_000, "dest_drop_everything"), metadata=suite.token(creator)
-    )
-    withdrawal_id = made.withdrawal.withdrawal_id
-
-    async def parked() -> bool:
-        return (await read(suite, withdrawal_id, creator)).parked
-
-    await eventually(parked, "the withdrawal parked", seconds=15)
+    withdrawal_id = await parked_withdrawal(suite, creator, "dest_drop_everything")
     found = await read(suite, withdrawal_id, creator)
     assert found.status == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
     assert found.attempts == 3 and "timed out: no answer within 0.3s" in found.last_error
@@ -150,14 +156,18 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     await expect_error(
         suite.payout.RetryWithdrawal(
             payout_pb2.RetryWithdrawalRequest(
-                request_id=new_id("retry"), withdrawal_id=made.withdrawal.withdrawal_id
+                request_id=new_id("retry"), withdrawal_id=withdrawal_id
             ),
             metadata=admin,
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "WITHDRAWAL_NOT_PARKED",
     )
-    await eventually(parked, "the retried withdrawal parked again", seconds=15)
+
+    async def parked_again() -> bool:
+        return (await read(suite, withdrawal_id, creator)).parked
+
+    await eventually(parked_again, "the retried withdrawal parked again", seconds=15)
     assert (await read(suite, withdrawal_id, creator)).status == (
         payout_pb2.WITHDRAWAL_STATUS_PROCESSING
     )
@@ -173,15 +183,7 @@ async def test_an_admin_gives_up_a_parked_withdrawal_and_a_late_payment_takes_it
     the balance again: what is available, the rest a debt."""
     suite = impatient
     creator = await creator_with_diamonds(suite, 5_000)
-    made = await suite.payout.RequestWithdrawal(
-        withdrawal(creator, 2_000, "dest_drop_then_late"), metadata=suite.token(creator)
-    )
-    withdrawal_id = made.withdrawal.withdrawal_id
-
-    async def parked() -> bool:
-        return (await read(suite, withdrawal_id, creator)).parked
-
-    await eventually(parked, "the withdrawal parked", seconds=15)
+    withdrawal_id = await parked_withdrawal(suite, creator, "dest_drop_then_late")
 
     def cancel(reason: str = "") -> payout_pb2.CancelWithdrawalRequest:
         return payout_pb2.CancelWithdrawalRequest(
@@ -251,15 +253,7 @@ async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
 ) -> None:
     suite = impatient
     creator = await creator_with_diamonds(suite, 5_000)
-    made = await suite.payout.RequestWithdrawal(
-        withdrawal(creator, 2_000, "dest_drop_then_late"), metadata=suite.token(creator)
-    )
-    withdrawal_id = made.withdrawal.withdrawal_id
-
-    async def parked() -> bool:
-        return (await read(suite, withdrawal_id, creator)).parked
-
-    await eventually(parked, "the withdrawal parked", seconds=15)
+    withdrawal_id = await parked_withdrawal(suite, creator, "dest_drop_then_late")
     # The lost request reaches the processor after all: it pays and calls back.
     sandbox(suite).arrive_late(
         new_id("late-batch"), [PayoutItem(withdrawal_id, "dest_drop_then_late", 1_000, "USD")]
