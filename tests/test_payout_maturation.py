@@ -403,7 +403,7 @@ async def test_a_maturation_period_set_later_still_credits_creators_credited_wit
     runtime = suite.services["payout"].runtime
     await without_maturation(suite).credit(
         runtime.db.driver,
-        [GiftCredit(new_id("gift-key"), "fp", creator, 2_000, "before the change")],
+        [GiftCredit(key := new_id("gift-key"), key, "fp", creator, 2_000, "before the change")],
         clock.now(),
         lambda creator_id, diamonds, balance: b"",
     )

@@ -228,6 +228,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         credits = (  # built when payout takes the batch (see Payouts.credit)
             GiftCredit(
                 key=f"{scoped_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
+                request=f"{scoped_scope('CreditDiamonds')}/{r.request_id}",
                 fingerprint=fingerprint(r),
                 creator_id=r.creator_id,
                 coins=r.coins,

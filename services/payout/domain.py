@@ -89,10 +89,12 @@ class CreatorDiamonds:
 
 @dataclass(frozen=True)
 class GiftCredit:
-    """One gift's credit as asked for: `key` is its request id in the caller's scope (exactly once),
+    """One gift's credit as asked for: `key` is its request id in the caller's scope and the
+    creator's (exactly once), `request` the same without the creator (one creator per request id),
     `fingerprint` its parameters (a reused key with other parameters is refused)."""
 
     key: str
+    request: str
     fingerprint: str
     creator_id: str
     coins: int
@@ -152,21 +154,25 @@ class Payouts:
         gift's own share (what it moved floor(total x rate) by) and the balance after it are its answer,
         kept with it; a credit applied before is answered with its first answer.
         """
-        if len({c.key for c in credits}) != len(credits):
+        if len({c.request for c in credits}) != len(credits):
             raise InvalidArgument(
                 "DUPLICATE_REQUEST_ID",
                 "each credit in a batch needs its own request_id",
                 violations=(FieldViolation("requests", "request ids must be unique"),),
             )
-        stored = await storage.stored_credits(tx, [c.key for c in credits])
+        stored = await storage.stored_credits(
+            tx, [c.key for c in credits], [c.request for c in credits]
+        )
         fresh: dict[str, list[GiftCredit]] = {}
         for c in credits:
-            if c.key in stored:
-                if stored[c.key][0] != c.fingerprint:
+            if c.key in stored.answers:
+                if stored.answers[c.key][0] != c.fingerprint:
                     raise request_id_reused(c.key.rsplit("/", 1)[-1])
+            elif c.request in stored.requests_taken:  # credited to another creator
+                raise request_id_reused(c.request.rsplit("/", 1)[-1], "a credit to another creator")
             else:
                 fresh.setdefault(c.creator_id, []).append(c)
-        answers = {key: response for key, (_, response) in stored.items()}
+        answers = {key: response for key, (_, response) in stored.answers.items()}
         if fresh:
             answers.update(await self._apply_credits(tx, fresh, now, answer))
         return [answers[c.key] for c in credits]
@@ -250,6 +256,7 @@ class Payouts:
                 rows.append(
                     storage.CreditRow(
                         c.key,
+                        c.request,
                         c.fingerprint,
                         creator,
                         c.coins,

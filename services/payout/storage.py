@@ -167,10 +167,13 @@ gift_credits = Table(
     Column("diamond_value_micros", BigInteger, nullable=False),
     Column("platform_micros", BigInteger, nullable=False),
     Column("reversal_seq", BigInteger),
+    Column("request_key", String(320)),
 )
 """One row per applied gift credit (migration 0007): the exactly-once record and its answer; its
 diamonds are pending until `matured_at` (migration 0011); the rates it was converted at and the
-platform's share, coins x coin value - diamonds x diamond value, in millionths (migration 0016)."""
+platform's share, coins x coin value - diamonds x diamond value, in millionths (migration 0016).
+`credit_key` names the creator, `request_key` (unique, migration 0026) does not: one request id is
+one creator's credit."""
 
 
 @dataclass(frozen=True)
@@ -219,10 +222,11 @@ def _withdrawal(row: object) -> WithdrawalRecord:
 
 _STORED_CREDITS = Statement(
     "payout.stored_credits",
-    "SELECT credit_key, fingerprint, response FROM gift_credits "
-    "WHERE credit_key IN (SELECT value FROM json_each(:keys))",
-    postgres="SELECT credit_key, fingerprint, response FROM gift_credits "
-    "WHERE credit_key = ANY(:keys::text[])",
+    "SELECT credit_key, fingerprint, response, request_key FROM gift_credits "
+    "WHERE credit_key IN (SELECT value FROM json_each(:keys)) "
+    "OR request_key IN (SELECT value FROM json_each(:requests))",
+    postgres="SELECT credit_key, fingerprint, response, request_key FROM gift_credits "
+    "WHERE credit_key = ANY(:keys::text[]) OR request_key = ANY(:requests::text[])",
 )
 _ACCRUE = Statement(
     "payout.accrue_coins",
@@ -260,13 +264,14 @@ _SET_CREDITED_MANY_PG = Statement(
     "WHERE c.creator_id = d.creator_id",
 )
 _CREDIT_COLUMNS = (
-    "credit_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, reference, "
-    "created_at, matured_at, rate_numerator, rate_denominator, coin_value_micros, "
+    "credit_key, request_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, "
+    "reference, created_at, matured_at, rate_numerator, rate_denominator, coin_value_micros, "
     "diamond_value_micros, platform_micros"
 )
 _INSERT_CREDIT = Statement(
     "payout.insert_credit",
-    f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) VALUES (:credit_key, :fingerprint, :creator_id, "
+    f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) VALUES (:credit_key, :request_key, "
+    ":fingerprint, :creator_id, "
     ":coins, :diamonds, :transaction_id, :response, :reference, :now, :matured_at, :numerator, "
     ":denominator, :coin_value, :diamond_value, :coins * :coin_value - :diamonds * :diamond_value) "
     "ON CONFLICT DO NOTHING",
@@ -278,10 +283,11 @@ _INSERT_CREDITS_PG = Statement(
     "SELECT c.*, :now::timestamptz, :matured_at::timestamptz, :numerator::integer, "
     ":denominator::integer, :coin_value::bigint, :diamond_value::bigint, "
     "c.coins * :coin_value::bigint - c.diamonds * :diamond_value::bigint "
-    "FROM unnest(:keys::text[], "
+    "FROM unnest(:keys::text[], :request_keys::text[], "
     ":fingerprints::text[], :creator_ids::text[], :coins::bigint[], :diamonds::bigint[], "
     ":transaction_ids::text[], :responses::bytea[], :references::text[]) "
-    "AS c(key, fingerprint, creator_id, coins, diamonds, transaction_id, response, reference) "
+    "AS c(key, request_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, "
+    "reference) "
     "ON CONFLICT DO NOTHING",
 )
 _CREDITS_OF_GIFTS = Statement(
@@ -341,6 +347,7 @@ class CreditRow:
     """One applied gift credit: its request key, what it was, and the answer it got."""
 
     credit_key: str
+    request_key: str
     fingerprint: str
     creator_id: str
     coins: int
@@ -350,10 +357,22 @@ class CreditRow:
     reference: str
 
 
-async def stored_credits(tx: Tx, keys: Sequence[str]) -> dict[str, tuple[str, bytes]]:
-    """Credits applied before, by key: (fingerprint, response)."""
-    rows = await tx.all(_STORED_CREDITS, keys=list(keys))
-    return {str(row[0]): (str(row[1]), bytes(row[2])) for row in rows}
+@dataclass(frozen=True)
+class StoredCredits:
+    """What is on record for a batch's credits (one statement)."""
+
+    answers: dict[str, tuple[str, bytes]]
+    """Credits applied before, by credit key: (fingerprint, response)."""
+    requests_taken: set[str]
+    """Request keys already credited (to whichever creator)."""
+
+
+async def stored_credits(tx: Tx, keys: Sequence[str], requests: Sequence[str]) -> StoredCredits:
+    rows = await tx.all(_STORED_CREDITS, keys=list(keys), requests=list(requests))
+    return StoredCredits(
+        answers={str(row[0]): (str(row[1]), bytes(row[2])) for row in rows},
+        requests_taken={str(row[3]) for row in rows if row[3] is not None},
+    )
 
 
 @dataclass(frozen=True)
@@ -457,6 +476,7 @@ async def insert_credits(
         return await tx.run(
             _INSERT_CREDITS_PG,
             keys=[r.credit_key for r in rows],
+            request_keys=[r.request_key for r in rows],
             fingerprints=[r.fingerprint for r in rows],
             creator_ids=[r.creator_id for r in rows],
             coins=[r.coins for r in rows],

@@ -562,7 +562,9 @@ class CreditDiamondsRequest(_message.Message):
     COINS_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key of this request (AIP-155): the gift's id."""
+    """Idempotency key of this request (AIP-155): the gift's id. One id credits one creator: sent
+    again for another creator it is ALREADY_EXISTS REQUEST_ID_REUSED.
+    """
     creator_id: _builtins.str
     """The creator to credit."""
     coins: _builtins.int
