@@ -250,11 +250,12 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         creator = await self._owned_live(request.live_id)
         scope = f"EndLive:{creator}"
         if not await self._idempotency.is_recorded(scope, request):
-            await self._lives.close_to_gifts(
-                self._db,
+            await self._sender.close_live(
                 request.live_id,
-                self._rt.clock,
                 patience=self._rt.settings.end_live_patience_seconds,
+                time_limit=downstream_timeout(
+                    context, self._rt.settings.downstream_timeout_seconds
+                ),
             )
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.EndLiveResponse:

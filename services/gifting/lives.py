@@ -48,6 +48,16 @@ def live_ended(live: storage.LiveRecord) -> FailedPrecondition:
     )
 
 
+def ended_before_the_debit(live_id: str) -> FailedPrecondition:
+    """LIVE_ENDED for a gift its LIVE's end settled as failed: its debit had not happened (and now
+    never will: it was voided in the wallet)."""
+    return FailedPrecondition(
+        "LIVE_ENDED",
+        f"LIVE {live_id} ended before this gift's coins were taken: no coins moved",
+        live_id=live_id,
+    )
+
+
 class Lives:
     def __init__(self, streak_pause: dt.timedelta) -> None:
         self.streak_pause = streak_pause

@@ -4,6 +4,7 @@ gifts whose process died between the debit and its record."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -13,6 +14,7 @@ from dataclasses import replace
 from google.protobuf.message import Message
 
 from coins.gifting.v1 import gifting_pb2
+from runtime import deadlines
 from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import Aborted, DomainError, FailedPrecondition
@@ -22,7 +24,7 @@ from services.gifting import storage
 from services.gifting.convert import send_gift_response
 from services.gifting.domain import CoinDebiter, Gifting, GiftOrder
 from services.gifting.feed import LiveFeed
-from services.gifting.lives import Lives, live_ended
+from services.gifting.lives import Lives, ended_before_the_debit, live_ended
 
 log = logging.getLogger("coins.gifting.sending")
 
@@ -185,6 +187,38 @@ class GiftSender:
             )
         return response
 
+    async def close_live(self, live_id: str, *, patience: float, time_limit: float) -> None:
+        """EndLive's first step: the LIVE takes no new gift and the gifts in flight are recorded
+        (`Lives.close_to_gifts`); then the gifts it still has pending are settled with the wallet
+        as the reconciler would, before the LIVE ends: those of a gifting process that died (their
+        retries would otherwise record them after the end, in its totals but not its feed, and
+        EndLive's summary would not be final) and those still waiting on the wallet after
+        `patience`, which the settling voids if the wallet never took the coins. A gift that cannot
+        be settled now (the wallet is down) is left to the reconciler."""
+        await self._lives.close_to_gifts(self._db, live_id, self._clock, patience=patience)
+        async with self._db.read() as conn:
+            pending = await storage.pending_gifts_of_live(conn, live_id, limit=_SETTLED_AT_END)
+        if not pending:
+            return
+        left = deadlines.remaining()  # what the wait left of the caller's deadline
+        if left is not None:
+            time_limit = max(0.001, min(time_limit, left - 0.2))
+        at_once = asyncio.Semaphore(16)
+
+        async def settle(sent: storage.SentGiftRecord) -> int:
+            async with at_once:
+                try:
+                    return await self._reconcile_one(
+                        sent, time_limit, voided=ended_before_the_debit(live_id)
+                    )
+                except Exception:  # left to the reconciler; the LIVE still ends
+                    log.exception("cannot settle gift %s before its LIVE ends", sent.sent_gift_id)
+                    return 0
+
+        log.info("settling %d gifts left pending in LIVE %s before it ends", len(pending), live_id)
+        if sum(await asyncio.gather(*(settle(sent) for sent in pending))):
+            self._wake_relay()
+
     async def reconcile(
         self, older_than: dt.timedelta, *, time_limit: float, limit: int = 100
     ) -> int:
@@ -207,8 +241,15 @@ class GiftSender:
             self._wake_relay()
         return settled
 
-    async def _reconcile_one(self, sent: storage.SentGiftRecord, time_limit: float) -> int:
-        """1 if this pending gift was settled now, 0 if not (yet)."""
+    async def _reconcile_one(
+        self,
+        sent: storage.SentGiftRecord,
+        time_limit: float,
+        *,
+        voided: FailedPrecondition | None = None,
+    ) -> int:
+        """1 if this pending gift was settled now, 0 if not (yet). `voided`: the request's answer
+        if the wallet never took its coins (DEBIT_VOIDED by default)."""
         try:
             outcome = await self._wallet.resolve_gift_debit(
                 sent_gift_id=sent.sent_gift_id, sender_id=sent.sender_id, time_limit=time_limit
@@ -234,13 +275,17 @@ class GiftSender:
                 await self._idempotency.complete_resource(
                     conn,
                     sent.sent_gift_id,
-                    error=_voided(sent.sent_gift_id)
+                    error=(voided or _voided(sent.sent_gift_id))
                     if outcome == "DEBIT_VOIDED"
                     else FailedPrecondition(
                         outcome, f"the gift was not sent: the wallet answered {outcome}"
                     ),
                 )
         return 1
+
+
+_SETTLED_AT_END = 500
+"""At most this many pending gifts are settled by EndLive itself (more: the reconciler's)."""
 
 
 def _concurrent_retry() -> Aborted:

@@ -1239,6 +1239,20 @@ async def pending_gifts_in_live(conn: AsyncConnection, live_id: str, since: dt.d
     return int(found or 0)
 
 
+async def pending_gifts_of_live(
+    conn: AsyncConnection, live_id: str, *, limit: int
+) -> list[SentGiftRecord]:
+    """The LIVE's gifts not yet recorded or failed, oldest first (ix_sent_gifts_status_created:
+    pending gifts are few)."""
+    rows = await conn.execute(
+        select(sent_gifts)
+        .where(sent_gifts.c.status == "pending", sent_gifts.c.live_id == live_id)
+        .order_by(sent_gifts.c.created_at)
+        .limit(limit)
+    )
+    return [_sent_gift(row) for row in rows]
+
+
 async def set_live_gifts(conn: AsyncConnection, live_id: str, enabled: bool) -> None:
     await conn.execute(
         update(lives).where(lives.c.live_id == live_id).values(gifts_enabled=enabled)
