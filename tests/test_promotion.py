@@ -579,3 +579,40 @@ async def test_a_report_id_reused_for_another_amount_after_its_purge_is_refused(
         suite.ad_delivery.ReportDelivery(again), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
     )
     assert (await read(suite, made.promotion_id, user)).spent_coins == 10
+
+
+async def test_deliveries_captured_but_not_counted_are_counted_before_the_end(
+    suite: Suite,
+) -> None:
+    """The wallet captured three reports' coins but the promotion service died before counting
+    them (no reporter comes back; the reconciler's turn is a minute away). EndPromotion counts them
+    first: its answer's spent and released coins add up to the budget and the promotion's spent
+    does not grow after its end. A review saw the answer short by 111 of 2,000 coins and spent
+    grow from 185 to 296 after the end."""
+    user, coins = await funded_user(suite)
+    made = await suite.promotion.CreatePromotion(promotion(user, 500), metadata=suite.token(user))
+    promotion_id = made.promotion.promotion_id
+    await suite.ad_delivery.ReportDelivery(delivery(promotion_id, 100))  # counted
+    original = Promotions.record_delivery
+
+    async def crash(self: Promotions, *args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("the process died here")
+
+    Promotions.record_delivery = crash  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            await expect_error(
+                suite.ad_delivery.ReportDelivery(delivery(promotion_id, 37)),
+                grpc.StatusCode.INTERNAL,
+                "INTERNAL_ERROR",
+            )
+    finally:
+        Promotions.record_delivery = original  # type: ignore[method-assign]
+    assert (await hold_of(suite, promotion_id)).captured_coins == 211
+
+    ended = await end(suite, ending(promotion_id), user)
+    assert ended.promotion.spent_coins == 211
+    assert ended.promotion.spent_coins + ended.released_coins == 500
+    assert (await read(suite, promotion_id, user)).spent_coins == 211
+    assert (await hold_of(suite, promotion_id)).captured_coins == 211  # captured once
+    assert (await balance_of(suite, user)).available_coins == coins - 211

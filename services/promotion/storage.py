@@ -228,6 +228,18 @@ async def clear_pending_capture(conn: AsyncConnection, promotion_id: str, reques
     )
 
 
+async def pending_captures_of(conn: AsyncConnection, promotion_id: str) -> list[PendingCapture]:
+    """A promotion's reports whose capture is not counted yet (its primary key's prefix)."""
+    rows = await conn.execute(
+        select(
+            pending_captures.c.promotion_id, pending_captures.c.request_id, pending_captures.c.coins
+        )
+        .where(pending_captures.c.promotion_id == promotion_id)
+        .order_by(pending_captures.c.created_at)
+    )
+    return [PendingCapture(r.promotion_id, r.request_id, int(r.coins)) for r in rows]
+
+
 async def stale_pending_captures(
     conn: AsyncConnection, created_before: dt.datetime, *, limit: int
 ) -> list[PendingCapture]:
