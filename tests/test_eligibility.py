@@ -1,6 +1,7 @@
 """Who may send and receive gifts (the wallet decides, with the debit): government and political
-accounts neither send nor receive, both sides must be of age for their country and in a region with
-gifts, no one gifts themself. Each refusal has its own reason and moves nothing."""
+accounts neither send nor receive (nor pay for promotions), both sides must be of age for their
+country and in a region with gifts, no one gifts themself. Each refusal has its own reason and
+moves nothing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import grpc
 from google.type import date_pb2
 
 from coins.gifting.v1 import gifting_pb2
+from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
 from tests.helpers import (
@@ -93,6 +95,35 @@ async def test_government_and_political_accounts_neither_send_nor_receive(suite:
     await classify(suite, ministry, W.ACCOUNT_CLASSIFICATION_PERSONAL)
     sent = await suite.gifting.SendGift(gift(ministry, creator))
     assert sent.sent_gift.coins == 5
+
+
+async def test_government_and_political_accounts_cannot_pay_for_promotions(suite: Suite) -> None:
+    """Paid reach for a political account is what ad policies forbid first: its budget is refused
+    before a coin is held (a review's political account promoted a video and paid 400 coins)."""
+    politician, coins = await funded_user(suite)
+    await classify(suite, politician, W.ACCOUNT_CLASSIFICATION_POLITICAL)
+    create = promotion_pb2.CreatePromotionRequest(
+        request_id=new_id("p"),
+        user_id=politician,
+        video_id=new_id("video"),
+        budget_coins=300,
+        duration_days=1,
+        goal=promotion_pb2.GOAL_VIDEO_VIEWS,
+    )
+    error = await expect_error(
+        suite.promotion.CreatePromotion(create, metadata=suite.token(politician)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "GOVERNMENT_ACCOUNT",
+    )
+    info = error_info(error)
+    assert info is not None and info.metadata["classification"] == "political"
+    assert "promotions" in (error.details() or "")
+    balance = (await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=politician))).balance
+    assert (balance.coins, balance.available_coins) == (coins, coins)
+    await classify(suite, politician, W.ACCOUNT_CLASSIFICATION_PERSONAL)
+    create.request_id = new_id("p")
+    made = await suite.promotion.CreatePromotion(create, metadata=suite.token(politician))
+    assert made.promotion.status == promotion_pb2.PROMOTION_STATUS_ACTIVE
 
 
 async def test_each_side_must_be_of_age_for_its_country_and_in_a_region_with_gifts(

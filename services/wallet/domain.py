@@ -341,7 +341,18 @@ class Wallet:
         placed_under: str | None = None,
     ) -> Hold:
         """Reserve coins for what `reason` will pay for; captures go to that spend account. The hold
-        keeps `placed_under`, the request that placed it (see `Holds.place`)."""
+        keeps `placed_under`, the request that placed it (see `Holds.place`). Government and
+        political accounts cannot pay for promotions (paid reach), as they cannot send gifts."""
+        if reason == "promotion":
+            party = await storage.party(conn, user_id)
+            if party is not None and party.classification != "personal":
+                raise FailedPrecondition(
+                    "GOVERNMENT_ACCOUNT",
+                    f"user {user_id} is a {party.classification} account: government and "
+                    "political accounts cannot pay for promotions; nothing was held",
+                    user_id=user_id,
+                    classification=party.classification,
+                )
         return await self.holds.place(
             conn,
             user_account(user_id),

@@ -77,6 +77,7 @@ class PromotionServiceServicer:
     def CreatePromotion(self, request, context):
         """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
         (INSUFFICIENT_FUNDS: not enough available coins; ACCOUNT_FROZEN: the payer owes coins;
+        GOVERNMENT_ACCOUNT: government and political accounts cannot pay for promotions;
         HOLD_VOIDED: an earlier attempt with this request id never reached the wallet and the reconciler
         settled it, nothing is held, use a new request_id), NOT_FOUND (ACCOUNT_NOT_FOUND) or
         ALREADY_EXISTS (REQUEST_ID_REUSED: the request id was used with other parameters).

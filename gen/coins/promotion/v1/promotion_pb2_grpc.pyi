@@ -41,6 +41,7 @@ class PromotionServiceStub:
     CreatePromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.CreatePromotionRequest, _promotion_pb2.CreatePromotionResponse]
     """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
     (INSUFFICIENT_FUNDS: not enough available coins; ACCOUNT_FROZEN: the payer owes coins;
+    GOVERNMENT_ACCOUNT: government and political accounts cannot pay for promotions;
     HOLD_VOIDED: an earlier attempt with this request id never reached the wallet and the reconciler
     settled it, nothing is held, use a new request_id), NOT_FOUND (ACCOUNT_NOT_FOUND) or
     ALREADY_EXISTS (REQUEST_ID_REUSED: the request id was used with other parameters).
@@ -79,6 +80,7 @@ class PromotionServiceAsyncStub(PromotionServiceStub):
     CreatePromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.CreatePromotionRequest, _promotion_pb2.CreatePromotionResponse]  # type: ignore[assignment]
     """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
     (INSUFFICIENT_FUNDS: not enough available coins; ACCOUNT_FROZEN: the payer owes coins;
+    GOVERNMENT_ACCOUNT: government and political accounts cannot pay for promotions;
     HOLD_VOIDED: an earlier attempt with this request id never reached the wallet and the reconciler
     settled it, nothing is held, use a new request_id), NOT_FOUND (ACCOUNT_NOT_FOUND) or
     ALREADY_EXISTS (REQUEST_ID_REUSED: the request id was used with other parameters).
@@ -120,6 +122,7 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_promotion_pb2.CreatePromotionResponse, _abc.Awaitable[_promotion_pb2.CreatePromotionResponse]]:
         """Creates a promotion and holds its budget in the wallet. Fails with FAILED_PRECONDITION
         (INSUFFICIENT_FUNDS: not enough available coins; ACCOUNT_FROZEN: the payer owes coins;
+        GOVERNMENT_ACCOUNT: government and political accounts cannot pay for promotions;
         HOLD_VOIDED: an earlier attempt with this request id never reached the wallet and the reconciler
         settled it, nothing is held, use a new request_id), NOT_FOUND (ACCOUNT_NOT_FOUND) or
         ALREADY_EXISTS (REQUEST_ID_REUSED: the request id was used with other parameters).

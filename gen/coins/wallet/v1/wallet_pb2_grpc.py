@@ -230,7 +230,8 @@ class WalletServiceServicer:
     def PlaceHold(self, request, context):
         """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
         balance drops. Called by the promotion service for a budget, passing the user's token on.
-        Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+        Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available,
+        GOVERNMENT_ACCOUNT for a promotion budget of a government or political account.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -86,7 +86,8 @@ class WalletServiceStub:
     PlaceHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.PlaceHoldRequest, _wallet_pb2.PlaceHoldResponse]
     """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
     balance drops. Called by the promotion service for a budget, passing the user's token on.
-    Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+    Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available,
+    GOVERNMENT_ACCOUNT for a promotion budget of a government or political account.
     """
     RecordPaymentEvent: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.RecordPaymentEventRequest, _wallet_pb2.RecordPaymentEventResponse]
     """Internal: records a payment provider's event about a completed purchase (a refund or a
@@ -168,7 +169,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     PlaceHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.PlaceHoldRequest, _wallet_pb2.PlaceHoldResponse]  # type: ignore[assignment]
     """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
     balance drops. Called by the promotion service for a budget, passing the user's token on.
-    Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+    Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available,
+    GOVERNMENT_ACCOUNT for a promotion budget of a government or political account.
     """
     RecordPaymentEvent: _aio.UnaryUnaryMultiCallable[_wallet_pb2.RecordPaymentEventRequest, _wallet_pb2.RecordPaymentEventResponse]  # type: ignore[assignment]
     """Internal: records a payment provider's event about a completed purchase (a refund or a
@@ -319,7 +321,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_wallet_pb2.PlaceHoldResponse, _abc.Awaitable[_wallet_pb2.PlaceHoldResponse]]:
         """Internal: reserves coins of a user for a later capture (two-phase): the balance stays, the available
         balance drops. Called by the promotion service for a budget, passing the user's token on.
-        Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available.
+        Fails with FAILED_PRECONDITION and reason INSUFFICIENT_FUNDS when too little is available,
+        GOVERNMENT_ACCOUNT for a promotion budget of a government or political account.
         """
 
     @_abc_1.abstractmethod
