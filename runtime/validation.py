@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 
 import protovalidate
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -59,10 +60,21 @@ class RequestValidator:
         if blank := _blank_text(request):
             raise InvalidArgument(
                 "INVALID_REQUEST",
-                f"{blank} is only spaces: "
+                f"{blank} is only spaces or invisible characters: "
                 + ("say why (it is kept in the audit trail)" if blank == "reason" else "write one"),
                 violations=(FieldViolation(blank, "must have words, not only spaces"),),
                 fields=blank,
+            )
+        if turned := _text_with_direction_controls(request):
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                f"{turned} holds a bidirectional control character (U+202A-U+202E, "
+                "U+2066-U+2069), which reorders how the text and what follows it are shown: "
+                "remove it (right-to-left text needs none)",
+                violations=(
+                    FieldViolation(turned, "must not contain bidirectional control characters"),
+                ),
+                fields=turned,
             )
 
 
@@ -92,10 +104,28 @@ def _text_fields(descriptor: Descriptor) -> tuple[str, ...]:
 
 
 def _blank_text(request: Message) -> str | None:
-    """The first such field given but made of spaces only."""
+    """The first such field given but made of spaces and invisible format characters only (zero-
+    width spaces and joiners, byte order marks: a name that shows as nothing)."""
     for name in _text_fields(request.DESCRIPTOR):
         value = getattr(request, name)
-        if isinstance(value, str) and value and not value.strip():
+        if (
+            isinstance(value, str)
+            and value
+            and all(c.isspace() or unicodedata.category(c) == "Cf" for c in value)
+        ):
+            return name
+    return None
+
+
+_DIRECTION_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+"""Embeddings, overrides and isolates: they turn the text after them around ("Trojan Source");
+the marks U+200E/U+200F, which do not, are left alone."""
+
+
+def _text_with_direction_controls(request: Message) -> str | None:
+    for name in _text_fields(request.DESCRIPTOR):
+        value = getattr(request, name)
+        if isinstance(value, str) and _DIRECTION_CONTROLS.search(value):
             return name
     return None
 

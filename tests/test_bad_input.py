@@ -413,6 +413,38 @@ async def test_blank_text_and_empty_ids_are_refused_saying_what_is_missing(suite
         "INVALID_REQUEST",
     )
     assert field_violations(error) == {"name"}
+    # Invisible characters are blank too, and direction overrides (which turn the text after them
+    # around in a feed or a catalog) are refused wherever they are (a review named a gift so).
+    for name, says in (
+        ("\u200b\ufeff \u2060", "only spaces or invisible characters"),
+        ("\u202eevil\u200b", "bidirectional control character"),
+        ("Rose \u2066x\u2069", "bidirectional control character"),
+    ):
+        error = await expect_error(
+            suite.gifting.SetGift(
+                gifting_pb2.SetGiftRequest(
+                    request_id=new_id("gift"),
+                    gift_id=new_id("odd").lower(),
+                    name=name,
+                    coins=10,
+                    reason="new gift",
+                ),
+                metadata=suite.token(new_id("ops"), admin=True),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+        )
+        assert field_violations(error) == {"name"}
+        assert says in (error.details() or "")
+    # Right-to-left text and emoji joined by zero-width joiners are words.
+    started = await suite.gifting.StartLive(
+        gifting_pb2.StartLiveRequest(
+            request_id=new_id("s"),
+            creator_id=new_id("creator"),
+            title="\u0645\u0631\u062d\u0628\u0627 \U0001f469\u200d\U0001f4bb",
+        )
+    )
+    assert started.live.title.endswith("\u200d\U0001f4bb")
     error = await expect_error(
         suite.gifting.EndLive(gifting_pb2.EndLiveRequest()),
         grpc.StatusCode.INVALID_ARGUMENT,
