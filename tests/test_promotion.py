@@ -137,7 +137,7 @@ async def test_held_coins_cannot_pay_for_another_promotion(suite: Suite) -> None
 async def test_a_promotion_without_enough_coins_holds_nothing(suite: Suite) -> None:
     user, coins = await funded_user(suite)
     request = promotion(user, coins + 1)
-    await expect_error(
+    error = await expect_error(
         suite.promotion.CreatePromotion(request),
         grpc.StatusCode.FAILED_PRECONDITION,
         "INSUFFICIENT_FUNDS",
@@ -145,6 +145,17 @@ async def test_a_promotion_without_enough_coins_holds_nothing(suite: Suite) -> N
     assert await coins_of(suite, user) == (coins, coins)
     listed = await suite.promotion.ListPromotions(promotion_pb2.ListPromotionsRequest(user_id=user))
     assert [p.status for p in listed.promotions] == [promotion_pb2.PROMOTION_STATUS_REJECTED]
+    # The refusal names the rejected promotion it leaves, and so does its replay.
+    info = error_info(error)
+    assert info is not None and info.metadata["promotion_id"] == listed.promotions[0].promotion_id
+    again = error_info(
+        await expect_error(
+            suite.promotion.CreatePromotion(request),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "INSUFFICIENT_FUNDS",
+        )
+    )
+    assert again is not None and again.metadata["promotion_id"] == info.metadata["promotion_id"]
 
 
 async def test_delivery_is_captured_from_the_hold_once(suite: Suite) -> None:

@@ -110,6 +110,8 @@ class Campaigns:
                 # hold's request id, derived from the promotion's, is never reused).
                 error = unpaid("DEBIT_VOIDED")
             if not error.retryable:
+                # The promotion stays, REJECTED (ListPromotions shows it): the refusal names it.
+                error.metadata["promotion_id"] = promotion_id
                 async with self._db.transaction() as conn:
                     await self._promotions.reject(conn, promotion_id, self._clock.now())
                     await self._idempotency.complete(conn, scope, request, error=error)
