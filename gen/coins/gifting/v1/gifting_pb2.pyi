@@ -290,7 +290,9 @@ class Gifter(_message.Message):
     coins: _builtins.int
     """Coins the viewer has sent in the LIVE."""
     rank: _builtins.int
-    """1-based rank."""
+    """1-based position in the ranking: equal coins are ordered by user_id (ascending), so every
+    position is distinct and stable across pages; compare `coins` to show ties.
+    """
     def __init__(
         self,
         *,
@@ -1310,7 +1312,9 @@ class RankedCreator(_message.Message):
     coins: _builtins.int
     """Coins of the creator's credited gifts in the period."""
     rank: _builtins.int
-    """1-based rank."""
+    """1-based position in the ranking: equal coins are ordered by creator_id (ascending), so every
+    position is distinct and stable across pages; compare `coins` to show ties.
+    """
     def __init__(
         self,
         *,
