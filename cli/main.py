@@ -169,7 +169,7 @@ def _as_creator(c: Clients, live_id: str) -> tuple[tuple[str, str | bytes], ...]
 
 def live_end(c: Clients, a: argparse.Namespace) -> None:
     response = c.gifting.EndLive(
-        gifting_pb2.EndLiveRequest(request_id=_rid(a), live_id=a.live_id),
+        gifting_pb2.EndLiveRequest(request_id=_rid(a), live_id=a.live_id, reason=a.reason),
         metadata=_as_creator(c, a.live_id),
         timeout=c.timeout,
     )
@@ -179,7 +179,7 @@ def live_end(c: Clients, a: argparse.Namespace) -> None:
 def live_gifts(c: Clients, a: argparse.Namespace) -> None:
     response = c.gifting.SetLiveGifts(
         gifting_pb2.SetLiveGiftsRequest(
-            request_id=_rid(a), live_id=a.live_id, gifts_enabled=a.state == "on"
+            request_id=_rid(a), live_id=a.live_id, gifts_enabled=a.state == "on", reason=a.reason
         ),
         metadata=_as_creator(c, a.live_id),
         timeout=c.timeout,
@@ -679,9 +679,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="choose the LIVE's id (default: a new one)")
     p = live_command("end", live_end, "end a LIVE (as its creator, or --as USER)")
     p.add_argument("live_id")
+    live_reason = "why (required when an admin acts on a creator's LIVE; kept in the audit trail)"
+    p.add_argument("--reason", default="", help=live_reason)
     p = live_command("gifts", live_gifts, "turn gifts on or off for a LIVE (as its creator)")
     p.add_argument("live_id")
     p.add_argument("state", choices=["on", "off"])
+    p.add_argument("--reason", default="", help=live_reason)
     live_command("show", live_show, "a LIVE and what it received").add_argument("live_id")
     p = live_command("watch", live_watch, "print a LIVE's gift feed as it comes, until it ends")
     p.add_argument("live_id")

@@ -436,7 +436,9 @@ async def _start_live(suite: Suite) -> Sample:
 @sample(GIFTING, "EndLive", record_owned=True)
 async def _end_live(suite: Suite) -> Sample:
     creator = await new_creator(suite)
-    request = gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator))
+    request = gifting_pb2.EndLiveRequest(
+        request_id=new_id("end"), live_id=live_of(creator), reason="security test sample"
+    )
     return Sample(request, creator, mutates=True)
 
 
@@ -444,7 +446,10 @@ async def _end_live(suite: Suite) -> Sample:
 async def _set_live_gifts(suite: Suite) -> Sample:
     creator = await new_creator(suite)
     request = gifting_pb2.SetLiveGiftsRequest(
-        request_id=new_id("gifts"), live_id=live_of(creator), gifts_enabled=False
+        request_id=new_id("gifts"),
+        live_id=live_of(creator),
+        gifts_enabled=False,
+        reason="security test sample",
     )
     return Sample(request, creator, mutates=True)
 

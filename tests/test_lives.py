@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from coins.common.v1 import admin_audit_pb2, admin_audit_pb2_grpc
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from coins.wallet.v1 import wallet_pb2
 from runtime.db import Database
@@ -641,3 +642,41 @@ async def test_gifts_left_pending_are_settled_by_endlive_into_its_summary_and_fe
     after.ClearField("diamonds_earned")  # the creator's credits arrive after the end
     ended.summary.ClearField("diamonds_earned")
     assert after == ended.summary
+
+
+async def test_an_admin_ends_or_switches_a_creators_live_only_saying_why(suite: Suite) -> None:
+    """As for a promotion or a withdrawal: an admin acting on a creator's LIVE gives a reason, kept
+    in the audit trail; its creator need not (a review found admin ends with an empty reason)."""
+    creator = await new_creator(suite, live=False)
+    live_id = await start_live(suite, creator)
+    admin = suite.token("moderator-1", admin=True)
+    for call in (
+        suite.gifting.SetLiveGifts(
+            G.SetLiveGiftsRequest(request_id=new_id("g"), live_id=live_id, gifts_enabled=False),
+            metadata=admin,
+        ),
+        suite.gifting.EndLive(
+            G.EndLiveRequest(request_id=new_id("e"), live_id=live_id, reason="ok"), metadata=admin
+        ),
+    ):
+        error = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "REASON_REQUIRED")
+        assert creator in (error.details() or "")
+    live = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_id))).live
+    assert live.gifts_enabled and not live.HasField("end_time")
+    await suite.gifting.SetLiveGifts(  # its creator, no reason
+        G.SetLiveGiftsRequest(request_id=new_id("g"), live_id=live_id, gifts_enabled=False),
+        metadata=suite.token(creator),
+    )
+    why = "community guidelines: dangerous acts"
+    ended = await suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("e"), live_id=live_id, reason=why), metadata=admin
+    )
+    assert ended.live.HasField("end_time")
+    trail = await admin_audit_pb2_grpc.AdminAuditServiceStub(
+        suite.channel("gifting")
+    ).ListAdminActions(admin_audit_pb2.ListAdminActionsRequest(page_size=50), metadata=admin)
+    assert why in {
+        a.reason
+        for a in trail.actions
+        if a.method.endswith("EndLive") and live_id in a.request_json
+    }

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
-from runtime.access import Access, method_rules, require_owner
+from runtime.access import Access, method_rules, require_owner, require_reason
 from runtime.auth import current_principal
 from runtime.clients import downstream_timeout
 from runtime.pagination import decode_token, encode_token, int64, page_size, text
@@ -236,18 +236,19 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             f"StartLive:{request.creator_id}", request, gifting_pb2.StartLiveResponse, effect
         )
 
-    async def _owned_live(self, live_id: str) -> str:
-        """The LIVE exists and the token's user is its creator (or an admin): checked before
-        anything is written. Returns its creator, whose request ids the call's are."""
+    async def _owned_live(self, live_id: str, reason: str) -> str:
+        """The LIVE exists and the token's user is its creator (or an admin, who says why): checked
+        before anything is written. Returns its creator, whose request ids the call's are."""
         async with self._db.read() as conn:
             live = await self._lives.get(conn, live_id)
         require_owner(live.creator_id, record=f"LIVE {live_id}")
+        require_reason(live.creator_id, reason, record=f"LIVE {live_id}")
         return live.creator_id
 
     async def EndLive(
         self, request: gifting_pb2.EndLiveRequest, context: RpcContext
     ) -> gifting_pb2.EndLiveResponse:
-        creator = await self._owned_live(request.live_id)
+        creator = await self._owned_live(request.live_id, request.reason)
         scope = f"EndLive:{creator}"
         if not await self._idempotency.is_recorded(scope, request):
             await self._sender.close_live(
@@ -270,7 +271,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def SetLiveGifts(
         self, request: gifting_pb2.SetLiveGiftsRequest, context: RpcContext
     ) -> gifting_pb2.SetLiveGiftsResponse:
-        creator = await self._owned_live(request.live_id)
+        creator = await self._owned_live(request.live_id, request.reason)
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.SetLiveGiftsResponse:
             live = await self._lives.set_gifts(conn, request.live_id, request.gifts_enabled)

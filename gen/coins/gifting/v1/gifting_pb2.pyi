@@ -966,19 +966,25 @@ class EndLiveRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LIVE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     live_id: _builtins.str
     """The LIVE."""
+    reason: _builtins.str
+    """Why, for the audit trail: required (3 characters or more) when an admin ends another
+    creator's LIVE (INVALID_ARGUMENT REASON_REQUIRED without it); optional for its creator.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         live_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_id", b"live_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_id", b"live_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1023,22 +1029,28 @@ class SetLiveGiftsRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LIVE_ID_FIELD_NUMBER: _builtins.int
     GIFTS_ENABLED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     live_id: _builtins.str
     """The LIVE."""
     gifts_enabled: _builtins.bool
     """Gifts on (true) or off."""
+    reason: _builtins.str
+    """Why, for the audit trail: required (3 characters or more) when an admin turns gifts on or off in another
+    creator's LIVE (INVALID_ARGUMENT REASON_REQUIRED without it); optional for its creator.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         live_id: _builtins.str = ...,
         gifts_enabled: _builtins.bool = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gifts_enabled", b"gifts_enabled", "live_id", b"live_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gifts_enabled", b"gifts_enabled", "live_id", b"live_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
