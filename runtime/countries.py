@@ -27,4 +27,6 @@ def check_assigned(path: str, code: str) -> None:
             "UNKNOWN_COUNTRY",
             f"{path} {code!r} is not an assigned ISO 3166-1 alpha-2 code (e.g. US, GB, DE)",
             violations=(FieldViolation(path, "must be an assigned ISO 3166-1 alpha-2 code"),),
+            field=path,
+            country_code=code,
         )

@@ -15,6 +15,7 @@ from coins.common.v1.money_pb2 import Money
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.audit import admin_audit
+from runtime.status import error_info
 from tests.helpers import (
     expect_error,
     field_violations,
@@ -236,6 +237,9 @@ async def test_a_gift_offered_in_a_country_that_does_not_exist_is_refused(
     )
     assert field_violations(error) == {"regions[1]"}
     assert "'ZZ' is not an assigned ISO 3166-1 alpha-2 code" in (error.details() or "")
+    info = error_info(error)
+    assert info is not None
+    assert dict(info.metadata) == {"field": "regions[1]", "country_code": "ZZ"}
     catalog = await suite.gifting.ListGifts(gifting_pb2.ListGiftsRequest(page_size=1000))
     assert "maple-leaf" not in {g.gift_id for g in catalog.gifts}
     await expect_error(

@@ -266,7 +266,10 @@ async def test_an_altered_page_token_is_refused_and_every_token_keeps_to_its_lis
     for enabled in (False, True):  # two audited admin actions: the gifting trail has a 2nd page
         await suite.gifting.SetLiveGifts(
             gifting_pb2.SetLiveGiftsRequest(
-                request_id=new_id("switch"), live_id=live_of(creators[0]), gifts_enabled=enabled
+                request_id=new_id("switch"),
+                live_id=live_of(creators[0]),
+                gifts_enabled=enabled,
+                reason="moderation test",
             ),
             metadata=admin,
         )
