@@ -274,9 +274,22 @@ class Nemesis:
                 await self.postgres.start()
 
     async def heal(self) -> None:
-        for name in self.suite.died():
-            await self.suite.restart(name)
-        await self.suite.wait_serving()
+        """Restart what exited until every service serves, as a supervisor would: a service
+        restarted just before the last database crash may still be starting, and exit, after the
+        first look (a CI run's heal found it alive, then saw it exit)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
+        while True:
+            for name in self.suite.died():
+                self.restarted.append(name)
+                await self.suite.restart(name)
+            try:
+                await self.suite.wait_serving()
+                return
+            except SystemExit:
+                if loop.time() > give_up:
+                    raise
+                await asyncio.sleep(0.5)
 
 
 async def send_gifts(
