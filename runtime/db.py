@@ -47,7 +47,9 @@ class Database:
         """`role`: on PostgreSQL, the role every connection acts as (see ServiceSettings.database_role)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        options: dict[str, Any] = {}
+        # A failed statement's error names its SQL, never its bound values (payment tokens,
+        # payout e-mail addresses, user ids): they would reach logs and spans.
+        options: dict[str, Any] = {"hide_parameters": True}
         server_settings = {"role": role} if role and not self.is_sqlite else {}
         if not self.is_sqlite:
             options.update(pool_size=4, max_overflow=6)

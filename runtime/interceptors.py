@@ -46,7 +46,7 @@ from runtime.errors import (
     Unauthenticated,
 )
 from runtime.metrics import ServiceMetrics
-from runtime.outages import outage_of
+from runtime.outages import outage_cause, outage_of
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
 from runtime.shedding import LoadShedder
@@ -460,7 +460,7 @@ def _as_domain_error(error: Exception, method: str) -> DomainError:
         return from_rpc_error(error, dependency=getattr(error, "dependency", "downstream"))
     outage = outage_of(error)
     if outage is not None:
-        log.warning("%s: database unavailable (%s: %s)", method, type(error).__name__, error)
+        log.warning("%s: database unavailable (%s)", method, outage_cause(error))
         return outage
     incident = uuid.uuid4().hex
     span = trace.get_current_span()

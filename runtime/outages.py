@@ -65,6 +65,17 @@ def _is_outage(cause: BaseException) -> bool:
     return isinstance(cause, sa_exc.TimeoutError)  # no pooled connection came in time
 
 
+def outage_cause(error: BaseException) -> str:
+    """What made `error` an outage, for one log line: the cause's type and its first line (the
+    driver's words: "Connection refused"), never the statement wrapped around it, whose bound
+    parameters may hold payment tokens or e-mail addresses."""
+    for cause in causes(error):
+        if _is_outage(cause):
+            text = str(cause).strip().splitlines()
+            return f"{type(cause).__name__}: {text[0][:200]}" if text else type(cause).__name__
+    return type(error).__name__
+
+
 def outage_of(error: BaseException) -> Unavailable | None:
     """UNAVAILABLE DATABASE_UNAVAILABLE (with a suggested wait) if `error` is the database being
     unreachable, anywhere in its chain of causes; None if it is something else (a bug)."""

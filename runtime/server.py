@@ -53,7 +53,7 @@ from runtime.metrics import (
     make_meter_provider,
     sample_round,
 )
-from runtime.outages import outage_of
+from runtime.outages import outage_cause, outage_of
 from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
 from runtime.sql import Statement
@@ -255,7 +255,7 @@ async def _database_health(
             raise
         except Exception as error:
             answers = False
-            why = f"{type(error).__name__}: {error}"
+            why = outage_cause(error)
         if answers == serving:
             continue
         serving = answers

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
@@ -19,8 +22,9 @@ from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime import deadlines
 from runtime.backoff import backoff
+from runtime.db import Database
 from runtime.errors import DeadlineExceeded
-from runtime.outages import outage_of
+from runtime.outages import outage_cause, outage_of
 from runtime.sql import Statement
 from runtime.status import retry_info
 from tests.faults import TcpProxy
@@ -33,7 +37,7 @@ from tests.helpers import (
     new_id,
     rpc_error,
 )
-from tests.suite import Suite
+from tests.suite import Suite, create_pg_database, drop_pg_database
 
 
 async def test_a_database_outage_is_unavailable_and_heals(
@@ -208,3 +212,39 @@ _SPEND = Statement(
     "test.spend",
     "UPDATE ledger_accounts SET balance = balance - 1 WHERE account_id = :account",
 )
+
+
+async def test_a_failed_statement_never_carries_its_values_into_logs(
+    backend: str, tmp_path: Path
+) -> None:
+    """A statement's bound values (payment tokens, payout e-mail addresses) never reach an error's
+    text, which the logs and spans carry: a fault-injection review found `tok_visa_…` in WARNING
+    lines while PostgreSQL connections were being terminated. The outage's log line names only
+    the driver's cause."""
+    secret = "tok_visa_SECRET_p07"
+    name = f"coins_hidden_{uuid.uuid4().hex[:12]}"
+    url = (
+        await create_pg_database(name)
+        if backend == "postgres"
+        else f"sqlite+aiosqlite:///{tmp_path / 'hidden.db'}"
+    )
+    db = Database(url)
+    try:
+        async with db.read() as conn:
+            with pytest.raises(sa.exc.DBAPIError) as failed:
+                await conn.execute(
+                    sa.text("SELECT token FROM no_such_table WHERE token = :t"), {"t": secret}
+                )
+        assert secret not in str(failed.value)
+        assert "no_such_table" in str(failed.value)  # the statement is still named
+    finally:
+        await db.close()
+        if backend == "postgres":
+            await drop_pg_database(name)
+    cut = sa.exc.OperationalError(
+        "INSERT INTO purchases (payment_token) VALUES (:t)",
+        {"t": secret},
+        ConnectionResetError("connection reset by peer"),
+    )
+    assert outage_of(cut) is not None
+    assert outage_cause(cut) == "ConnectionResetError: connection reset by peer"
