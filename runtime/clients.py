@@ -8,6 +8,7 @@ enabled on money RPCs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from opentelemetry.trace import TracerProvider
 from runtime.auth import AUTHORIZATION, forwarded_metadata
 from runtime.config import SecuritySettings
 from runtime.protos import RpcContext
+from runtime.shedding import downstream_call
 from runtime.tls import channel_credentials
 
 _RETRY_ON_UNAVAILABLE = json.dumps(
@@ -66,6 +68,23 @@ class ForwardUserToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mi
         return await continuation(client_call_details, request)
 
 
+class DownstreamWait(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The time a call to another service waits for its answer is that service's, not a queue in
+    this one: the load shedder leaves it out (see runtime.shedding)."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        with downstream_call():
+            call = await continuation(client_call_details, request)
+            with contextlib.suppress(grpc.RpcError):  # the caller awaits it again and sees it
+                await call
+        return call
+
+
 def service_channel(
     address: str,
     security: SecuritySettings,
@@ -81,7 +100,7 @@ def service_channel(
     are spread round-robin. A list has no host name to check certificates against: they are
     checked against `peer`, the called service's name (every service's certificate carries it).
     """
-    interceptors: list[Any] = [ForwardUserToken()]
+    interceptors: list[Any] = [DownstreamWait(), ForwardUserToken()]
     if tracer_provider:
         interceptors.extend(aio_client_interceptors(tracer_provider=tracer_provider))
     options: list[tuple[str, Any]] = [

@@ -33,7 +33,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
-from runtime import deadlines
+from runtime import deadlines, shedding
 from runtime.access import Access
 from runtime.audit import AdminAudit
 from runtime.auth import Principal, TokenVerifier, bearer_token, peer_service, set_principal
@@ -225,7 +225,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
         async def guarded(raw: Any, context: RpcContext) -> Any:
             audited = False
-            started: float | None = None
+            started: shedding.Admitted | None = None
             principal: Principal | None = None
             request: Any = raw
             began = time.perf_counter()
@@ -238,6 +238,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 deadlines.check("the work started")
                 if self._shedder is not None:
                     started = self._shedder.admit(remaining)
+                    shedding.serving(self._shedder, started)
                 principal = self._principal(context)
                 audited = await self._admit(principal, rule, method, request)
                 set_principal(principal)

@@ -2,25 +2,76 @@
 
 A service under a burst it cannot absorb should answer most callers at once ("busy, retry in X")
 rather than queue everyone until their deadlines pass: queued calls hold connections and memory and
-make every accepted call slow. In asyncio there is no visible queue (every call runs, interleaved), so
-the signal is how long calls take, as CoDel reads a router's queue: when even the *fastest* call that
-completed in the last half second took longer than the queue budget (`<SVC>_MAX_QUEUE_SECONDS`), the
-service is standing in a queue of its own making, and new calls are refused (RESOURCE_EXHAUSTED
-OVERLOADED, with a RetryInfo) until calls are fast again; so they are while a call in flight has
-waited longer than that budget (a stalled service completes nothing to measure). A step up in healthy load passes (its calls
-stay fast); a call whose deadline is shorter than what calls take now is refused as well, and so is
-everything beyond `<SVC>_MAX_IN_FLIGHT_RPCS` in flight. Below a few calls in flight nothing is refused.
+make every accepted call slow. In asyncio there is no visible queue (every call runs, interleaved),
+so the signal is how long calls take, as CoDel reads a router's queue: when even the *fastest* call
+that completed in the last half second took longer than the queue budget
+(`<SVC>_MAX_QUEUE_SECONDS`), the service is standing in a queue of its own making, and new calls are
+refused (RESOURCE_EXHAUSTED OVERLOADED, with a RetryInfo) until calls are fast again; so they are
+while a call in flight has waited longer than that budget (a stalled service completes nothing to
+measure). A step up in healthy load passes (its calls stay fast); so is everything beyond
+`<SVC>_MAX_IN_FLIGHT_RPCS` in flight. Below a few calls in flight nothing is refused.
+
+A call whose deadline is shorter than what calls take now is not started either, but answered
+DEADLINE_EXCEEDED DEADLINE_TOO_SHORT: its caller's deadline, not load, is the cause (it was
+OVERLOADED with a wait to sit out, counted as shedding while the service was idle).
+
+Time a call spends waiting on another service (gifting on the wallet) is not queueing here: it is
+left out of both signals (`downstream_call`), so a hung dependency fails the calls that need it
+(their own timeouts) without this service shedding the calls that do not (a fault-injection review
+saw gifting refuse 80% of its catalog reads while the wallet was stopped).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from runtime.errors import ResourceExhausted
+from runtime.errors import DeadlineExceeded, ResourceExhausted
 
 _BUCKET_SECONDS = 0.1
 _BUCKETS = 5  # the last half second decides
+
+
+@dataclass
+class Admitted:
+    """A call in flight, as the shedder counts it."""
+
+    started: float
+    slot: int
+    """The 0.1 s slot it is counted in: its start moved on by the time it spent downstream."""
+    downstream: float = 0.0
+    """Seconds spent waiting on other services so far."""
+    waiting: int = 0
+    """Downstream calls it is waiting on now (it is counted in no slot meanwhile)."""
+    waiting_since: float = 0.0
+
+
+_current: contextvars.ContextVar[tuple[LoadShedder, Admitted] | None] = contextvars.ContextVar(
+    "shed_call", default=None
+)
+
+
+def serving(shedder: LoadShedder, call: Admitted) -> None:
+    """Make `call` the one `downstream_call` accounts for in this task (and the tasks it starts)."""
+    _current.set((shedder, call))
+
+
+@contextlib.contextmanager
+def downstream_call() -> Iterator[None]:
+    """Around a call to another service made while serving a call: its wait is not ours."""
+    current = _current.get()
+    if current is None:
+        yield
+        return
+    shedder, call = current
+    shedder.wait_begins(call)
+    try:
+        yield
+    finally:
+        shedder.wait_ends(call)
 
 
 class LoadShedder:
@@ -44,7 +95,7 @@ class LoadShedder:
         self._typical = 0.0
         """Exponentially weighted call duration: what a new call can expect to take."""
 
-    def admit(self, time_remaining: float | None) -> float:
+    def admit(self, time_remaining: float | None) -> Admitted:
         """Count the call in and return its start time, or refuse it (RESOURCE_EXHAUSTED OVERLOADED)
         if it cannot be served in time. Every admitted call must be ended with `done(start)`."""
         if self.in_flight >= self._min_in_flight:
@@ -57,27 +108,55 @@ class LoadShedder:
             if oldest > self._target:
                 self._refuse(f"a call has been in flight for {oldest:.2f}s")
             if time_remaining is not None and self._typical > time_remaining:
-                self._refuse(f"calls take {self._typical:.2f}s now, more than its deadline allows")
+                # Not overload (nothing to wait out): this caller's deadline is too short.
+                raise DeadlineExceeded(
+                    "DEADLINE_TOO_SHORT",
+                    f"calls take {self._typical:.2f}s now and this one's deadline leaves "
+                    f"{max(time_remaining, 0.0):.3f}s: it was not started (nothing was done); "
+                    "send it again with a longer deadline",
+                    typical_seconds=f"{self._typical:.3f}",
+                )
         self.in_flight += 1
         started = self._now()
         slot = int(started / _BUCKET_SECONDS)
         self._started[slot] = self._started.get(slot, 0) + 1
-        return started
+        return Admitted(started, slot)
 
-    def done(self, started: float) -> None:
+    def done(self, call: Admitted) -> None:
         self.in_flight -= 1
-        slot = int(started / _BUCKET_SECONDS)
+        now = self._now()
+        if call.waiting:  # a downstream call left unfinished (cancelled): its wait ends here
+            call.waiting = 1
+            self.wait_ends(call)
+        self._uncount(call.slot)
+        took = now - call.started
+        self._typical += 0.1 * (took - self._typical)
+        here = took - call.downstream  # the time it spent in this process
+        self._roll()
+        slot = self._bucket % _BUCKETS
+        fastest = self._fastest[slot]
+        self._fastest[slot] = here if fastest is None else min(fastest, here)
+
+    def wait_begins(self, call: Admitted) -> None:
+        """The call waits on another service: it is not in our queue meanwhile."""
+        call.waiting += 1
+        if call.waiting == 1:
+            call.waiting_since = self._now()
+            self._uncount(call.slot)
+
+    def wait_ends(self, call: Admitted) -> None:
+        call.waiting -= 1
+        if call.waiting == 0:
+            call.downstream += self._now() - call.waiting_since
+            call.slot = int((call.started + call.downstream) / _BUCKET_SECONDS)
+            self._started[call.slot] = self._started.get(call.slot, 0) + 1
+
+    def _uncount(self, slot: int) -> None:
         left = self._started[slot] - 1
         if left:
             self._started[slot] = left
         else:
             del self._started[slot]
-        took = self._now() - started
-        self._typical += 0.1 * (took - self._typical)
-        self._roll()
-        slot = self._bucket % _BUCKETS
-        fastest = self._fastest[slot]
-        self._fastest[slot] = took if fastest is None else min(fastest, took)
 
     def oldest_waiting(self) -> float:
         """How long the oldest call in flight has been running (0 with none): a stalled service

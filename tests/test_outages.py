@@ -25,6 +25,7 @@ from runtime.backoff import backoff
 from runtime.db import Database
 from runtime.errors import DeadlineExceeded
 from runtime.outages import outage_cause, outage_of
+from runtime.shedding import Admitted
 from runtime.sql import Statement
 from runtime.status import retry_info
 from tests.faults import TcpProxy
@@ -135,7 +136,7 @@ async def test_work_whose_caller_gave_up_is_never_applied(
     admit = shedder.admit
     server_deadlines: list[float] = []
 
-    def admit_and_note_the_deadline(time_remaining: float | None) -> float:
+    def admit_and_note_the_deadline(time_remaining: float | None) -> Admitted:
         # Called by the wallet's request guard once it has taken the caller's deadline on.
         left = deadlines.remaining()
         if left is not None:

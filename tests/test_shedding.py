@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from coins.wallet.v1 import wallet_pb2
-from runtime.errors import ResourceExhausted
-from runtime.shedding import LoadShedder
+from runtime.errors import DeadlineExceeded, ResourceExhausted
+from runtime.shedding import LoadShedder, downstream_call, serving
 from runtime.status import error_info, retry_info
 from tests.faults import TcpProxy
 from tests.helpers import (
@@ -80,9 +80,57 @@ def test_a_call_whose_deadline_is_shorter_than_calls_take_is_refused() -> None:
         shedder.done(started)
     for _ in range(8):
         shedder.admit(None)
-    with pytest.raises(ResourceExhausted):
+    with pytest.raises(DeadlineExceeded) as refused:  # the caller's deadline, not overload
         shedder.admit(0.05)
+    assert refused.value.reason == "DEADLINE_TOO_SHORT"
+    assert "longer deadline" in refused.value.message
     shedder.admit(1.0)
+
+
+def test_time_spent_waiting_on_another_service_is_not_queueing() -> None:
+    """Calls waiting on a hung dependency (gifting's on the wallet) neither look queued nor slow:
+    calls that do not need it are admitted meanwhile, and once the dependency answers, the waits
+    are not counted as time spent here (a review saw gifting shed 80% of its reads)."""
+    clock = FakeTime()
+    shedder = LoadShedder(max_in_flight=512, max_queue_seconds=0.5, now=clock)
+    gifts = [shedder.admit(None) for _ in range(20)]
+    for gift in gifts:
+        shedder.wait_begins(gift)
+    clock.now += 3.0  # the wallet hangs
+    assert shedder.oldest_waiting() == 0.0
+    reads = [shedder.admit(None) for _ in range(20)]  # admitted: nothing waits here
+    clock.now += 0.01
+    for read in reads:
+        shedder.done(read)
+    for gift in gifts:  # the wallet answers
+        shedder.wait_ends(gift)
+    clock.now += 0.01
+    for gift in gifts:
+        shedder.done(gift)
+    fastest = shedder.fastest_recent()
+    assert fastest is not None and fastest < 0.05
+    assert [shedder.admit(None) for _ in range(20)]
+    # Not left out, the same wait is a queue: new calls are refused.
+    blind = LoadShedder(max_in_flight=512, max_queue_seconds=0.5, now=clock)
+    assert [blind.admit(None) for _ in range(20)]
+    clock.now += 3.0
+    with pytest.raises(ResourceExhausted):
+        blind.admit(None)
+
+
+def test_a_downstream_call_is_accounted_to_the_call_being_served() -> None:
+    clock = FakeTime()
+    shedder = LoadShedder(max_in_flight=512, max_queue_seconds=0.5, now=clock)
+    call = shedder.admit(None)
+    serving(shedder, call)
+    with downstream_call(), downstream_call():  # two at once: one wait
+        clock.now += 2.0
+        assert shedder.oldest_waiting() == 0.0
+    clock.now += 0.3  # back here: its age counts again, from where the wait ended
+    assert call.downstream == 2.0
+    assert 0.1 < shedder.oldest_waiting() <= 0.3
+    shedder.done(call)
+    assert shedder.fastest_recent() == pytest.approx(0.3)
 
 
 def test_beyond_the_in_flight_bound_calls_are_refused() -> None:
