@@ -116,7 +116,17 @@ class Clients:
             raise SystemExit(
                 f"{missing.filename} is missing: run `make up` (or `make certs`)"
             ) from None
-        channel = grpc.secure_channel(self.addresses[service], credentials)
+        channel = grpc.secure_channel(
+            self.addresses[service],
+            credentials,
+            # A restarted service is back in seconds: reconnect within a second of it (gRPC's
+            # default backoff grows towards two minutes while it is down), as the services do.
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1_000),
+            ],
+        )
         if not user_tokens:
             self.last_service = service
             return channel

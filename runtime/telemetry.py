@@ -101,6 +101,18 @@ class _CancelledStreamDetach(logging.Filter):
 logging.getLogger("opentelemetry.context").addFilter(_CancelledStreamDetach())
 
 
+class _NoPeerAddress(logging.Filter):
+    """Drops the gRPC server instrumentation's "Failed to parse peer address ''": a call whose
+    connection was already gone has no peer to name (the span simply has no peer attributes). A
+    review counted 160 such warnings in 7 minutes of load, each with nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Failed to parse peer address '%s'" and record.args == ("",))
+
+
+logging.getLogger("opentelemetry.instrumentation.grpc._server").addFilter(_NoPeerAddress())
+
+
 class _AnswerAfterTheCallEnded(logging.Filter):
     """grpc logs "ExecuteBatchError raised in core by servicer method [...]" at ERROR, with a
     traceback, when a handler answers a call that is already over: its deadline passed or its caller

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from runtime.telemetry import configure_logging
@@ -67,3 +68,15 @@ def test_an_answer_to_a_call_that_had_ended_is_one_info_line_not_an_error() -> N
     assert (late.levelno, late.exc_info) == (logging.INFO, None)
     assert "ReleaseHold" in late.getMessage() and "not sent" in late.getMessage()
     assert other.levelno == logging.ERROR
+
+
+def test_a_call_without_a_peer_address_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """OpenTelemetry's "Failed to parse peer address ''" (a call whose connection was gone) says
+    nothing to act on: dropped; a peer address it cannot parse still warns."""
+    caplog.set_level(logging.WARNING)
+    server_log = logging.getLogger("opentelemetry.instrumentation.grpc._server")
+    server_log.warning("Failed to parse peer address '%s'", "")
+    server_log.warning("Failed to parse peer address '%s'", "unix-abstract:odd")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to parse peer address 'unix-abstract:odd'"
+    ]
