@@ -244,8 +244,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 set_principal(principal)
                 if audited:
                     await self._audit.record(principal, method, request, "STARTED")
-                work = behavior(request, context)
-                response = await (work if reads else uninterrupted(work))
+                if reads:
+                    response = await _read_once_more_on_outage(behavior, request, context)
+                else:
+                    response = await uninterrupted(behavior(request, context))
                 _annotate_answer(response)
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
@@ -449,6 +451,20 @@ def _annotate(request: Any) -> None:
         value = getattr(request, field)
         if value:
             span.set_attribute(attribute, value)
+
+
+async def _read_once_more_on_outage(behavior: Behavior, request: Any, context: RpcContext) -> Any:
+    """A read that met a database outage runs once more at once: a pooled connection the server
+    dropped (a restart, pg_terminate_backend) is gone from the pool after the first failure, so the
+    second attempt usually gets a fresh one. Reads change nothing, so running one twice is safe;
+    a real outage fails the second attempt too and is answered UNAVAILABLE as before."""
+    try:
+        return await behavior(request, context)
+    except Exception as error:
+        if outage_of(error) is None:
+            raise
+        deadlines.check("the read's second attempt")
+        return await behavior(request, context)
 
 
 def _as_domain_error(error: Exception, method: str) -> DomainError:

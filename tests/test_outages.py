@@ -9,6 +9,7 @@ import asyncio
 import logging
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -249,3 +250,39 @@ async def test_a_failed_statement_never_carries_its_values_into_logs(
     )
     assert outage_of(cut) is not None
     assert outage_cause(cut) == "ConnectionResetError: connection reset by peer"
+
+
+async def test_a_read_whose_pooled_connection_was_dropped_is_served_on_a_fresh_one(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that meets a dropped connection (the server terminated it mid-call) runs once more
+    and is answered; a write is not run again by the guard (its retry is the caller's, by request
+    id). A fault-injection review saw every pg_terminate_backend fail a few reads."""
+    from services.wallet.domain import Wallet
+
+    user, coins = await funded_user(suite)
+    real = Wallet.coins
+    failures = 0
+
+    async def dropped_once(self: Wallet, *args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise asyncpg.exceptions.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation"
+            )
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Wallet, "coins", dropped_once)
+    answer = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert answer.balance.coins == coins and failures == 1
+
+    async def always_dropped(self: Wallet, *args: Any, **kwargs: Any) -> Any:
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("the database is down")
+
+    monkeypatch.setattr(Wallet, "coins", always_dropped)  # a real outage: still UNAVAILABLE
+    await expect_error(
+        suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user)),
+        grpc.StatusCode.UNAVAILABLE,
+        "DATABASE_UNAVAILABLE",
+    )
