@@ -224,12 +224,19 @@ def main() -> int:
 
     failed: list[str] = []
     exits: dict[str, list[float]] = {name: [] for name in children}
+    restart_at: dict[str, float] = {}
+    """Services waiting out their pause, each on its own clock: one crash-looping service never
+    delays another's restart."""
     while not stopping:
         # A service that dies (a crash, kill -9) is restarted, as a supervisor or Kubernetes would:
         # its callers retry meanwhile. One that keeps dying stops the suite.
+        for name, due in list(restart_at.items()):
+            if time.monotonic() >= due:
+                del restart_at[name]
+                children[name] = spawn(name)
         for name, child in children.items():
             code = child.poll()
-            if code is None or stopping:
+            if code is None or stopping or name in restart_at:
                 continue
             now = time.monotonic()
             exits[name] = [t for t in exits[name] if now - t < CRASH_LOOP_SECONDS] + [now]
@@ -249,9 +256,8 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            time.sleep(pause)
-            children[name] = spawn(name)
-        time.sleep(0.2)
+            restart_at[name] = now + pause
+        time.sleep(0.1)
     for group in STOP_ORDER:  # the callers first, so none is left calling a stopped service
         for name in group:
             if children[name].poll() is None:
