@@ -47,6 +47,9 @@ class Admitted:
     waiting: int = 0
     """Downstream calls it is waiting on now (it is counted in no slot meanwhile)."""
     waiting_since: float = 0.0
+    finished: bool = False
+    """Answered (`done`): a write's work may go on past its answer (a caller that gave up), and
+    its later downstream calls are no longer this shedder's to count."""
 
 
 _current: contextvars.ContextVar[tuple[LoadShedder, Admitted] | None] = contextvars.ContextVar(
@@ -123,15 +126,17 @@ class LoadShedder:
         return Admitted(started, slot)
 
     def done(self, call: Admitted) -> None:
+        if call.finished:
+            return
         self.in_flight -= 1
         now = self._now()
-        if call.waiting:  # a downstream call left unfinished (cancelled): its wait ends here
-            call.waiting = 1
-            self.wait_ends(call)
-        self._uncount(call.slot)
-        took = now - call.started
-        self._typical += 0.1 * (took - self._typical)
-        here = took - call.downstream  # the time it spent in this process
+        if call.waiting:  # answered while waiting downstream: the wait ends here for us
+            call.downstream += now - call.waiting_since
+        else:
+            self._uncount(call.slot)
+        call.finished = True
+        here = now - call.started - call.downstream  # the time it spent in this process
+        self._typical += 0.1 * (here - self._typical)
         self._roll()
         slot = self._bucket % _BUCKETS
         fastest = self._fastest[slot]
@@ -140,23 +145,23 @@ class LoadShedder:
     def wait_begins(self, call: Admitted) -> None:
         """The call waits on another service: it is not in our queue meanwhile."""
         call.waiting += 1
-        if call.waiting == 1:
+        if call.waiting == 1 and not call.finished:
             call.waiting_since = self._now()
             self._uncount(call.slot)
 
     def wait_ends(self, call: Admitted) -> None:
         call.waiting -= 1
-        if call.waiting == 0:
+        if call.waiting == 0 and not call.finished:
             call.downstream += self._now() - call.waiting_since
             call.slot = int((call.started + call.downstream) / _BUCKET_SECONDS)
             self._started[call.slot] = self._started.get(call.slot, 0) + 1
 
     def _uncount(self, slot: int) -> None:
-        left = self._started[slot] - 1
-        if left:
+        left = self._started.get(slot, 0) - 1
+        if left > 0:
             self._started[slot] = left
         else:
-            del self._started[slot]
+            self._started.pop(slot, None)
 
     def oldest_waiting(self) -> float:
         """How long the oldest call in flight has been running (0 with none): a stalled service

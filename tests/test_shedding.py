@@ -252,3 +252,28 @@ async def test_an_overloaded_wallet_is_named_and_its_retry_delay_passed_on_by_gi
     assert "the wallet service is overloaded" in (error.details() or "")
     wait = retry_info(error)
     assert wait is not None and wait.retry_delay.ToTimedelta().total_seconds() > 0
+
+
+def test_a_write_answered_before_its_work_ends_leaves_the_counts_right() -> None:
+    """A write keeps working past its answer (its caller gave up): its later downstream calls
+    change nothing, and the shedder's counts stay right (a review's trace: a KeyError in another
+    call's answer, then every call refused for good as 'in flight for 10 s')."""
+    clock = FakeTime()
+    shedder = LoadShedder(max_in_flight=512, max_queue_seconds=0.5, min_in_flight=1, now=clock)
+    gave_up, other = shedder.admit(None), shedder.admit(None)
+    clock.now += 0.3
+    shedder.done(gave_up)  # answered DEADLINE_EXCEEDED; its work goes on
+    shedder.wait_begins(gave_up)  # ... and calls the wallet
+    clock.now += 0.5
+    shedder.wait_ends(gave_up)
+    shedder.done(other)
+    shedder.done(gave_up)  # a second `done` changes nothing
+    assert shedder.in_flight == 0 and shedder.oldest_waiting() == 0.0
+    clock.now += 10.0
+    assert [shedder.admit(None) for _ in range(20)]
+    # Answered while waiting downstream: the wait ends for the shedder at the answer.
+    waiting = shedder.admit(None)
+    shedder.wait_begins(waiting)
+    shedder.done(waiting)
+    shedder.wait_ends(waiting)
+    assert waiting.finished and shedder.in_flight == 20
