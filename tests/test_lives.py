@@ -23,6 +23,7 @@ from runtime.migrations import upgrade
 from runtime.server import RunningService, start_service
 from runtime.status import error_info
 from runtime.telemetry import make_tracer_provider
+from services.gifting import sending
 from services.gifting.clients import WalletDebiter
 from services.gifting.feed import FeedLimits, LiveFeed
 from services.gifting.service import SPEC as GIFTING
@@ -622,6 +623,9 @@ async def test_gifts_left_pending_are_settled_by_endlive_into_its_summary_and_fe
         suite.gifting.SendGift(never), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"
     )
     monkeypatch.undo()
+    # (EndLive settles gifts pending for a second or more, younger ones being on their way: these
+    # are as old as a crashed process's would be.)
+    monkeypatch.setattr(sending, "_SETTLE_AFTER", dt.timedelta(0))
     ended = await suite.gifting.EndLive(
         G.EndLiveRequest(request_id=new_id("e"), live_id=live_id), metadata=suite.token(creator)
     )

@@ -192,31 +192,52 @@ class GiftSender:
         (`Lives.close_to_gifts`); then the gifts it still has pending are settled with the wallet
         as the reconciler would, before the LIVE ends: those of a gifting process that died (their
         retries would otherwise record them after the end, in its totals but not its feed, and
-        EndLive's summary would not be final) and those still waiting on the wallet after
-        `patience`, which the settling voids if the wallet never took the coins. A gift that cannot
-        be settled now (the wallet is down) is left to the reconciler."""
+        EndLive's summary would not be final) and those still waiting on the wallet after the
+        wait, which the settling voids if the wallet never took the coins. Only gifts pending for
+        `_SETTLE_AFTER` are settled (a younger one is on its way: a short deadline cut the wait);
+        the whole step has one time budget (`time_limit`, within the caller's deadline), and what
+        it cannot settle in it (the wallet slow or down) is left to the reconciler."""
         await self._lives.close_to_gifts(self._db, live_id, self._clock, patience=patience)
+        started_before = self._clock.now() - _SETTLE_AFTER
         async with self._db.read() as conn:
-            pending = await storage.pending_gifts_of_live(conn, live_id, limit=_SETTLED_AT_END)
+            pending = [
+                sent
+                for sent in await storage.pending_gifts_of_live(
+                    conn, live_id, limit=_SETTLED_AT_END
+                )
+                if sent.created_at < started_before
+            ]
         if not pending:
             return
         left = deadlines.remaining()  # what the wait left of the caller's deadline
-        if left is not None:
-            time_limit = max(0.001, min(time_limit, left - 0.2))
+        budget = time_limit if left is None else min(time_limit, left - 0.2)
+        if budget <= 0:
+            return
         at_once = asyncio.Semaphore(16)
+        settled = 0
 
-        async def settle(sent: storage.SentGiftRecord) -> int:
+        async def settle(sent: storage.SentGiftRecord) -> None:
+            nonlocal settled
             async with at_once:
                 try:
-                    return await self._reconcile_one(
-                        sent, time_limit, voided=ended_before_the_debit(live_id)
+                    settled += await self._reconcile_one(
+                        sent, budget, voided=ended_before_the_debit(live_id)
                     )
                 except Exception:  # left to the reconciler; the LIVE still ends
                     log.exception("cannot settle gift %s before its LIVE ends", sent.sent_gift_id)
-                    return 0
 
         log.info("settling %d gifts left pending in LIVE %s before it ends", len(pending), live_id)
-        if sum(await asyncio.gather(*(settle(sent) for sent in pending))):
+        try:
+            async with asyncio.timeout(budget):
+                await asyncio.gather(*(settle(sent) for sent in pending))
+        except TimeoutError:
+            log.warning(
+                "LIVE %s ends with gifts still pending (the wallet did not answer in %.1fs): the "
+                "reconciler settles them",
+                live_id,
+                budget,
+            )
+        if settled:
             self._wake_relay()
 
     async def reconcile(
@@ -286,6 +307,9 @@ class GiftSender:
 
 _SETTLED_AT_END = 500
 """At most this many pending gifts are settled by EndLive itself (more: the reconciler's)."""
+_SETTLE_AFTER = dt.timedelta(seconds=1)
+"""EndLive settles a gift pending this long (a healthy wallet answers in milliseconds); a younger
+one is still on its way and is not voided under its sender."""
 
 
 def _concurrent_retry() -> Aborted:
