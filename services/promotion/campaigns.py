@@ -258,6 +258,9 @@ class Campaigns:
             if twin is not None:  # the first answer (a concurrent duplicate's, or this error)
                 return twin.replay(response_type)
             raise error from None
+        # A report that claimed after the first count and captured before the release: counted
+        # now (after the release no capture can succeed, so this count is the last).
+        await self._count_pending_deliveries(promotion.promotion_id, time_limit)
         async with self._db.transaction() as conn:
             now = self._clock.now()
             ended = await self._promotions.end(conn, promotion.promotion_id, now)
