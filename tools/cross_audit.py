@@ -66,8 +66,8 @@ _PROMOTION_SPEND = (
 )
 _PROMOTIONS = (
     "SELECT promotion_id, funding, status, budget_coins, spent_coins, updated_at, "
-    "EXISTS (SELECT 1 FROM pending_captures c WHERE c.promotion_id = promotions.promotion_id) "
-    "FROM promotions"
+    "(SELECT max(c.created_at) FROM pending_captures c "
+    "WHERE c.promotion_id = promotions.promotion_id) FROM promotions"
 )
 _CREDIT_VALUES = (
     "SELECT credit_key, creator_id, coins, diamonds, rate_numerator, rate_denominator, "
@@ -208,8 +208,8 @@ async def cross_audit(
     spend = {str(r[0]): int(r[1]) for r in spend_rows}
     spent_lately = {str(r[0]) for r in spend_rows if recent(r[2])}
     for row in await _rows(urls["promotion"], _PROMOTIONS):
-        promotion_id, funding, status, budget, spent, at, reports_pending = row
-        if recent(at) or bool(reports_pending) or str(promotion_id) in spent_lately:
+        promotion_id, funding, status, budget, spent, at, last_report_pending = row
+        if recent(at) or recent(last_report_pending) or str(promotion_id) in spent_lately:
             continue  # a delivery report or its end on its way between the two services
         report.promotions_checked += 1
         expected = (

@@ -8,7 +8,9 @@ version; pods of the previous release leave `request_key` empty (NULLs do not co
 as before until they are replaced. Existing credits get theirs here; where earlier calls left one
 request id with several creators, the first credited takes it (a retry for another is then
 refused) and the others keep none. Credits written by old pods during the deploy get theirs from
-the next release's migration (the same statement).
+a later migration running the same statement (it keys only credits without a key, and never a
+request key taken already). The statements run under the migration's one transaction: on a large
+`gift_credits` table, add the column, backfill in batches and build the index CONCURRENTLY instead.
 
 Revision ID: 0026
 Revises: 0025
@@ -38,6 +40,8 @@ def upgrade() -> None:
         )
         UPDATE gift_credits SET request_key = keyed.request
         FROM keyed WHERE keyed.credit = gift_credits.credit_key AND keyed.n = 1
+        AND gift_credits.request_key IS NULL
+        AND NOT EXISTS (SELECT 1 FROM gift_credits taken WHERE taken.request_key = keyed.request)
         """
     )
     op.create_index("ux_gift_credits_request", "gift_credits", ["request_key"], unique=True)
