@@ -46,7 +46,7 @@ from runtime.errors import (
     Unauthenticated,
 )
 from runtime.metrics import ServiceMetrics
-from runtime.outages import outage_cause, outage_of
+from runtime.outages import connection_dropped, outage_cause, outage_of
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
 from runtime.shedding import LoadShedder
@@ -454,14 +454,14 @@ def _annotate(request: Any) -> None:
 
 
 async def _read_once_more_on_outage(behavior: Behavior, request: Any, context: RpcContext) -> Any:
-    """A read that met a database outage runs once more at once: a pooled connection the server
+    """A read that met a dropped connection runs once more at once: a pooled connection the server
     dropped (a restart, pg_terminate_backend) is gone from the pool after the first failure, so the
     second attempt usually gets a fresh one. Reads change nothing, so running one twice is safe;
     a real outage fails the second attempt too and is answered UNAVAILABLE as before."""
     try:
         return await behavior(request, context)
     except Exception as error:
-        if outage_of(error) is None:
+        if not connection_dropped(error):
             raise
         deadlines.check("the read's second attempt")
         return await behavior(request, context)

@@ -65,6 +65,20 @@ def _is_outage(cause: BaseException) -> bool:
     return isinstance(cause, sa_exc.TimeoutError)  # no pooled connection came in time
 
 
+def connection_dropped(error: BaseException) -> bool:
+    """Whether `error` is a database connection that was lost (the server closed or terminated
+    it), not a wait that ran out: the one outage worth trying again at once on another
+    connection (a timeout would only double the wait and the load)."""
+    for cause in causes(error):
+        if isinstance(cause, asyncio.TimeoutError | sa_exc.TimeoutError):
+            return False
+    return any(
+        _is_outage(cause)
+        and not isinstance(cause, sqlite3.OperationalError | asyncpg.InsufficientResourcesError)
+        for cause in causes(error)
+    )
+
+
 def outage_cause(error: BaseException) -> str:
     """What made `error` an outage, for one log line: the cause's type and its first line (the
     driver's words: "Connection refused"), never the statement wrapped around it, whose bound

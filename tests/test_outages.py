@@ -25,7 +25,7 @@ from runtime import deadlines
 from runtime.backoff import backoff
 from runtime.db import Database
 from runtime.errors import DeadlineExceeded
-from runtime.outages import outage_cause, outage_of
+from runtime.outages import connection_dropped, outage_cause, outage_of
 from runtime.shedding import Admitted
 from runtime.sql import Statement
 from runtime.status import retry_info
@@ -286,3 +286,16 @@ async def test_a_read_whose_pooled_connection_was_dropped_is_served_on_a_fresh_o
         grpc.StatusCode.UNAVAILABLE,
         "DATABASE_UNAVAILABLE",
     )
+
+
+def test_only_a_dropped_connection_is_worth_a_second_read_at_once() -> None:
+    """A timeout (no pooled connection in time, a slow statement) is an outage too, but trying
+    again at once would only double the wait and the load: reads are tried again only when the
+    connection was dropped (review)."""
+    dropped = asyncpg.exceptions.ConnectionDoesNotExistError("closed in the middle of operation")
+    assert connection_dropped(dropped)
+    assert connection_dropped(ConnectionResetError("reset by peer"))
+    assert not connection_dropped(sa.exc.TimeoutError("QueuePool limit reached"))
+    assert not connection_dropped(TimeoutError())
+    assert not connection_dropped(RuntimeError("a bug"))
+    assert outage_of(sa.exc.TimeoutError("QueuePool limit reached")) is not None
