@@ -51,6 +51,7 @@ from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
 from runtime.shedding import LoadShedder
 from runtime.status import fail, from_rpc_error
+from runtime.telemetry import without_row_values
 from runtime.validation import RequestValidator
 
 log = logging.getLogger("coins.rpc")
@@ -481,7 +482,13 @@ def _as_domain_error(error: Exception, method: str) -> DomainError:
         return outage
     incident = uuid.uuid4().hex
     span = trace.get_current_span()
-    span.record_exception(error)
+    span.record_exception(  # without the row values PostgreSQL's DETAIL quotes
+        error,
+        attributes={
+            "exception.message": without_row_values(str(error)),
+            "exception.stacktrace": without_row_values("".join(traceback.format_exception(error))),
+        },
+    )
     span.set_attribute("coins.incident_id", incident)
     log.exception("incident %s in %s", incident, method)
     return Internal(

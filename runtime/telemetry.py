@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -142,6 +143,32 @@ class _TraceIdFilter(logging.Filter):
         return True
 
 
+_DETAIL = re.compile(r"^(\s*DETAIL:).*$", re.MULTILINE)
+
+
+def without_row_values(text: str) -> str:
+    """`text` with PostgreSQL's DETAIL lines cut: they quote the row or key a statement failed on
+    ("Key (payment_token)=(tok_...) already exists", "Failing row contains (...)"), values that
+    must not reach logs or traces (SQLAlchemy's hide_parameters keeps only the bound parameters
+    out)."""
+    return _DETAIL.sub(r"\1 [row values withheld]", text)
+
+
+class _NoRowValues(logging.Filter):
+    """Formats a record's exception once, without row values (the formatters reuse the text)."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self._formatter = formatter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = without_row_values(self._formatter.formatException(record.exc_info))
+        if isinstance(record.msg, str) and "DETAIL:" in record.msg:
+            record.msg = without_row_values(record.msg)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (for a log pipeline): time, level, service, logger, trace and span
     ids, message, and the exception's text when there is one."""
@@ -164,7 +191,7 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):  # structured fields a line carries (an RPC's code, duration)
             line.update({key: value for key, value in fields.items() if key not in line})
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
 
@@ -203,6 +230,7 @@ def configure_logging(service: str, level: str, log_format: str = "text") -> Cal
             f"%(asctime)s %(levelname)-5s {service:<9} %(name)s trace=%(trace_id)s %(message)s"
         )
     handler.setFormatter(formatter)
+    handler.addFilter(_NoRowValues(formatter))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

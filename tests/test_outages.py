@@ -299,3 +299,44 @@ def test_only_a_dropped_connection_is_worth_a_second_read_at_once() -> None:
     assert not connection_dropped(TimeoutError())
     assert not connection_dropped(RuntimeError("a bug"))
     assert outage_of(sa.exc.TimeoutError("QueuePool limit reached")) is not None
+
+
+async def test_row_values_postgresql_quotes_never_reach_a_log_line(tmp_path: Path) -> None:
+    """PostgreSQL's DETAIL quotes the key or row a statement failed on ("Key (t)=(tok_...)
+    already exists"): an INTERNAL incident's log line and span would carry a payment token
+    (review). The log handler and the incident span cut DETAIL lines."""
+    import io
+
+    from runtime.telemetry import _NoRowValues, without_row_values
+
+    secret = "tok_visa_SECRET_d01"
+    name = f"coins_detail_{uuid.uuid4().hex[:12]}"
+    db = Database(await create_pg_database(name))
+    try:
+        async with db.transaction() as conn:
+            await conn.execute(sa.text("CREATE TABLE t (token text PRIMARY KEY)"))
+            await conn.execute(sa.text("INSERT INTO t VALUES (:v)"), {"v": secret})
+        with pytest.raises(sa.exc.IntegrityError) as failed:
+            async with db.transaction() as conn:
+                await conn.execute(sa.text("INSERT INTO t VALUES (:v)"), {"v": secret})
+    finally:
+        await db.close()
+        await drop_pg_database(name)
+    assert secret in str(failed.value)  # PostgreSQL's own words quote it...
+    assert secret not in without_row_values(str(failed.value))  # ... cut
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_NoRowValues(handler.formatter))  # type: ignore[arg-type]
+    log = logging.getLogger("coins.test.detail")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        try:
+            raise RuntimeError("the write failed") from failed.value
+        except RuntimeError:
+            log.exception("incident x")
+    finally:
+        log.removeHandler(handler)
+    assert "IntegrityError" in out.getvalue() and "DETAIL: [row values withheld]" in out.getvalue()
+    assert secret not in out.getvalue()
