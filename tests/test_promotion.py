@@ -73,6 +73,26 @@ async def coins_of(suite: Suite, user: str) -> tuple[int, int]:
     return balance.coins, balance.available_coins
 
 
+async def captured_not_counted(suite: Suite, promotion_id: str, coins: int, times: int = 1) -> None:
+    """Delivery reports whose capture the wallet made but the promotion service never counted (it
+    died between the two, as `record_delivery` failing here does); their reporters never retry."""
+    original = Promotions.record_delivery
+
+    async def crash(self: Promotions, *args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("the process died here")
+
+    Promotions.record_delivery = crash  # type: ignore[method-assign]
+    try:
+        for _ in range(times):
+            await expect_error(
+                suite.ad_delivery.ReportDelivery(delivery(promotion_id, coins)),
+                grpc.StatusCode.INTERNAL,
+                "INTERNAL_ERROR",
+            )
+    finally:
+        Promotions.record_delivery = original  # type: ignore[method-assign]
+
+
 async def hold_of(suite: Suite, promotion_id: str) -> wallet_pb2.Hold:
     """The wallet hold of a promotion's budget, read as the promotion service reads it."""
     async with suite.services["promotion"].runtime.db.read() as conn:
@@ -604,21 +624,7 @@ async def test_deliveries_captured_but_not_counted_are_counted_before_the_end(
     made = await suite.promotion.CreatePromotion(promotion(user, 500), metadata=suite.token(user))
     promotion_id = made.promotion.promotion_id
     await suite.ad_delivery.ReportDelivery(delivery(promotion_id, 100))  # counted
-    original = Promotions.record_delivery
-
-    async def crash(self: Promotions, *args: Any, **kwargs: Any) -> bool:
-        raise RuntimeError("the process died here")
-
-    Promotions.record_delivery = crash  # type: ignore[method-assign]
-    try:
-        for _ in range(3):
-            await expect_error(
-                suite.ad_delivery.ReportDelivery(delivery(promotion_id, 37)),
-                grpc.StatusCode.INTERNAL,
-                "INTERNAL_ERROR",
-            )
-    finally:
-        Promotions.record_delivery = original  # type: ignore[method-assign]
+    await captured_not_counted(suite, promotion_id, 37, times=3)
     assert (await hold_of(suite, promotion_id)).captured_coins == 211
 
     ended = await end(suite, ending(promotion_id), user)

@@ -19,7 +19,14 @@ from services.promotion import storage
 from services.promotion.domain import Promotions
 from tests.helpers import eventually, expect_error, funded_user, new_id
 from tests.suite import Suite, start_suite
-from tests.test_promotion import delivery, hold_of, paid_up_front, promotion, read
+from tests.test_promotion import (
+    captured_not_counted,
+    delivery,
+    hold_of,
+    paid_up_front,
+    promotion,
+    read,
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +133,7 @@ async def test_a_delivery_captured_but_never_counted_is_counted_without_a_retry(
     user, _ = await funded_user(suite)
     made = await suite.promotion.CreatePromotion(promotion(user, 300), metadata=suite.token(user))
     promotion_id = made.promotion.promotion_id
-    original = Promotions.record_delivery
-
-    async def crash(self: Promotions, *args: Any, **kwargs: Any) -> bool:
-        raise RuntimeError("the process died here")
-
-    Promotions.record_delivery = crash  # type: ignore[method-assign]
-    try:
-        await expect_error(
-            suite.ad_delivery.ReportDelivery(delivery(promotion_id, 60)),
-            grpc.StatusCode.INTERNAL,
-            "INTERNAL_ERROR",
-        )
-    finally:
-        Promotions.record_delivery = original  # type: ignore[method-assign]
+    await captured_not_counted(suite, promotion_id, 60)
     assert (await hold_of(suite, promotion_id)).captured_coins == 60  # the wallet took them
 
     async def counted() -> bool:
