@@ -36,6 +36,22 @@ MAX_PACKAGE_PRICE_MINOR = 100_000_000
 SPEND_ACCOUNTS = {"gift": "system:gift_spend", "promotion": "system:promotion_spend"}
 
 
+def _not_personal(
+    user_id: str, party: storage.Party, reason: str, cannot: str
+) -> FailedPrecondition | None:
+    """Government and political accounts neither send nor receive gifts nor pay for promotions:
+    `reason` and what they `cannot` do, or None for a person's account."""
+    if party.classification == "personal":
+        return None
+    return FailedPrecondition(
+        reason,
+        f"user {user_id} is a {party.classification} account: government and political "
+        f"accounts cannot {cannot}",
+        user_id=user_id,
+        classification=party.classification,
+    )
+
+
 def user_account(user_id: str) -> str:
     """The ledger account that holds a user's coins."""
     return f"user:{user_id}"
@@ -345,14 +361,15 @@ class Wallet:
         political accounts cannot pay for promotions (paid reach), as they cannot send gifts."""
         if reason == "promotion":
             party = await storage.party(conn, user_id)
-            if party is not None and party.classification != "personal":
-                raise FailedPrecondition(
-                    "GOVERNMENT_ACCOUNT",
-                    f"user {user_id} is a {party.classification} account: government and "
-                    "political accounts cannot pay for promotions; nothing was held",
-                    user_id=user_id,
-                    classification=party.classification,
+            refused = (
+                None
+                if party is None
+                else _not_personal(
+                    user_id, party, "GOVERNMENT_ACCOUNT", "pay for promotions; nothing was held"
                 )
+            )
+            if refused is not None:
+                raise refused
         return await self.holds.place(
             conn,
             user_account(user_id),
@@ -658,14 +675,11 @@ class Wallet:
         """Why `user_id` may not send (or, `receiving`, receive) gifts; None if they may."""
         role = "receive" if receiving else "send"
         prefix = "RECIPIENT_" if receiving else ""
-        if party.classification != "personal":
-            return FailedPrecondition(
-                f"{prefix}GOVERNMENT_ACCOUNT",
-                f"user {user_id} is a {party.classification} account: government and political "
-                f"accounts cannot {role} gifts; nothing was debited",
-                user_id=user_id,
-                classification=party.classification,
-            )
+        refused = _not_personal(
+            user_id, party, f"{prefix}GOVERNMENT_ACCOUNT", f"{role} gifts; nothing was debited"
+        )
+        if refused is not None:
+            return refused
         minimum = self.minimum_age_in(party.country_code)
         if age_on(party.birth_date, today) < minimum:
             return FailedPrecondition(
