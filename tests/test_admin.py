@@ -206,8 +206,8 @@ async def test_an_admin_changes_the_gift_catalog(private_suite: Suite) -> None:
                 live_id=live_of(creator),
             )
         ),
-        grpc.StatusCode.NOT_FOUND,
-        "GIFT_NOT_FOUND",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "GIFT_RETIRED",
     )
     assert refused.details() == (
         "gift 'snowman' is retired: no longer on sale (ListGifts shows what is)"

@@ -25,7 +25,13 @@ from opentelemetry import propagate
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime import countries
-from runtime.errors import DomainError, FieldViolation, InvalidArgument, NotFound
+from runtime.errors import (
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
 from runtime.idempotency import KeyAnswer, KeyClaim
 from runtime.metrics import after_commit
 from runtime.sql import Tx, as_tx
@@ -280,15 +286,15 @@ class Gifting:
         return await storage.version_regions(tx, sent.gift_id, sent.gift_version)
 
     async def refusal(self, tx: Tx, gift_id: str, count: int) -> DomainError:
-        """Why a gift could not be started: not in the catalog (or inactive), or too large."""
+        """Why a gift could not be started: not in the catalog, retired, or too large."""
         price = await storage.gift_price(tx, gift_id)
         if price is None:
             return NotFound(
                 "GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id
             )
         if not price[1]:
-            return NotFound(
-                "GIFT_NOT_FOUND",
+            return FailedPrecondition(
+                "GIFT_RETIRED",
                 f"gift {gift_id!r} is retired: no longer on sale (ListGifts shows what is)",
                 gift_id=gift_id,
             )

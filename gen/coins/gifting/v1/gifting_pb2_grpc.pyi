@@ -42,9 +42,10 @@ class GiftingServiceStub:
     """Lists the gift catalog, cheapest first."""
     SendGift: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.SendGiftRequest, _gifting_pb2.SendGiftResponse]
     """Sends `count` gifts of one kind from a viewer to a creator.
-    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
-    RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS, GIFT_TOO_LARGE; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
+    Fails with INVALID_ARGUMENT (SELF_GIFTING; GIFT_TOO_LARGE: count x price above one send's maximum),
+    NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, RECIPIENT_NOT_FOUND: the creator has no wallet
+    account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION (INSUFFICIENT_FUNDS; GIFT_RETIRED: no longer on
+    sale; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
     NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE,
     RECIPIENT_REGION_UNSUPPORTED; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
     only to its creator's open LIVE with gifts on, and EndLive turns gifts off first; DEBIT_VOIDED:
@@ -116,9 +117,10 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     """Lists the gift catalog, cheapest first."""
     SendGift: _aio.UnaryUnaryMultiCallable[_gifting_pb2.SendGiftRequest, _gifting_pb2.SendGiftResponse]  # type: ignore[assignment]
     """Sends `count` gifts of one kind from a viewer to a creator.
-    Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
-    RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
-    (INSUFFICIENT_FUNDS, GIFT_TOO_LARGE; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
+    Fails with INVALID_ARGUMENT (SELF_GIFTING; GIFT_TOO_LARGE: count x price above one send's maximum),
+    NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, RECIPIENT_NOT_FOUND: the creator has no wallet
+    account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION (INSUFFICIENT_FUNDS; GIFT_RETIRED: no longer on
+    sale; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
     NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE,
     RECIPIENT_REGION_UNSUPPORTED; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
     only to its creator's open LIVE with gifts on, and EndLive turns gifts off first; DEBIT_VOIDED:
@@ -199,9 +201,10 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gifting_pb2.SendGiftResponse, _abc.Awaitable[_gifting_pb2.SendGiftResponse]]:
         """Sends `count` gifts of one kind from a viewer to a creator.
-        Fails with INVALID_ARGUMENT (SELF_GIFTING), NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND,
-        RECIPIENT_NOT_FOUND: the creator has no wallet account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION
-        (INSUFFICIENT_FUNDS, GIFT_TOO_LARGE; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
+        Fails with INVALID_ARGUMENT (SELF_GIFTING; GIFT_TOO_LARGE: count x price above one send's maximum),
+        NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, RECIPIENT_NOT_FOUND: the creator has no wallet
+        account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION (INSUFFICIENT_FUNDS; GIFT_RETIRED: no longer on
+        sale; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
         NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE,
         RECIPIENT_REGION_UNSUPPORTED; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
         only to its creator's open LIVE with gifts on, and EndLive turns gifts off first; DEBIT_VOIDED:
