@@ -135,6 +135,8 @@ class ServiceSettings(BaseSettings):
     slowest legitimate call (a 500-credit settlement batch takes ~0.5-0.8 s under load), since the
     budget is the process's, not each method's."""
     max_message_bytes: PositiveInt = 1024 * 1024
+    """The largest request (and answer) a call may carry: a larger request is refused
+    RESOURCE_EXHAUSTED REQUEST_TOO_LARGE; one above 4x this by gRPC's core (same code, no ErrorInfo)."""
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per line with trace and span ids (for a log pipeline)."""

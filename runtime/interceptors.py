@@ -43,6 +43,7 @@ from runtime.errors import (
     Internal,
     InvalidArgument,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 from runtime.metrics import ServiceMetrics
@@ -103,9 +104,19 @@ StreamBehavior = Callable[[Any, RpcContext], AsyncIterator[Any]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-def _parse(parse: Callable[[bytes], Any] | None, raw: Any) -> Any:
+def _parse(parse: Callable[[bytes], Any] | None, raw: Any, max_bytes: int | None) -> Any:
     if parse is None:
         return raw
+    if max_bytes is not None and len(raw) > max_bytes:
+        # gRPC's core refuses only what is larger still (runtime.server: a multiple of this), and
+        # without an ErrorInfo; up to there the caller learns the limit and that it is the size.
+        raise ResourceExhausted(
+            "REQUEST_TOO_LARGE",
+            f"the request is {len(raw):,} bytes; a call takes at most {max_bytes:,} "
+            "(send less per call: page or split it)",
+            size_bytes=len(raw),
+            max_bytes=max_bytes,
+        )
     try:
         return parse(raw)
     except DecodeError:
@@ -127,8 +138,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         validator: RequestValidator | None = None,
         metrics: ServiceMetrics | None = None,
         access_log: bool = False,
+        max_request_bytes: int | None = None,
     ) -> None:
         self._domain = error_domain
+        self._max_request_bytes = max_request_bytes
         self._metrics = metrics
         self._access_log = access_log
         self._shedder = shedder
@@ -232,7 +245,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             began = time.perf_counter()
             outcome: Outcome = (_ABORTED_ELSEWHERE, "", "")
             try:
-                request = _parse(parse, raw)
+                request = _parse(parse, raw, self._max_request_bytes)
                 _annotate(request)
                 remaining = context.time_remaining()
                 deadlines.set_deadline(remaining)
@@ -284,7 +297,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             began = time.perf_counter()
             outcome: Outcome = (_ABORTED_ELSEWHERE, "", "")
             try:
-                request = _parse(parse, raw)
+                request = _parse(parse, raw, self._max_request_bytes)
                 _annotate(request)
                 principal = self._principal(context)
                 audited = await self._admit(principal, rule, method, request)

@@ -343,6 +343,9 @@ def _check_access(service: str, names: tuple[str, ...], access: Mapping[str, Acc
 
 
 _EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+REQUEST_BYTES_READ_MULTIPLE = 4
+"""gRPC's core reads a request up to this many times `max_message_bytes` (the guard then refuses it
+REQUEST_TOO_LARGE with an ErrorInfo); a larger one is refused by the core itself, without one."""
 """Without it two servers (two suites) bind one port side by side and calls land on either."""
 
 
@@ -439,10 +442,17 @@ async def start_service(
                 shedder=shedder,
                 metrics=metrics,
                 access_log=settings.step_log,
+                max_request_bytes=settings.max_message_bytes,
             ),
         ],
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # The guard refuses a request above max_message_bytes with an ErrorInfo; gRPC's core
+            # only refuses (without one) what is above this multiple, which bounds what one call
+            # may make the process read.
+            (
+                "grpc.max_receive_message_length",
+                settings.max_message_bytes * REQUEST_BYTES_READ_MULTIPLE,
+            ),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
             # Count a stream against the limit while it is open on the wire, as the client does,

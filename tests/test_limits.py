@@ -131,13 +131,32 @@ async def test_a_replica_whose_redis_is_gone_keeps_its_own_limits() -> None:
 
 
 async def test_an_oversized_request_is_refused_before_any_handler(tight: Suite) -> None:
+    """Above the wallet's 64 KiB: REQUEST_TOO_LARGE naming the limit, before any handler. Above
+    4x that, gRPC's core refuses it unread (the same code, its own message). Nothing moves."""
     user, coins = await funded_user(tight)
-    huge = wallet_pb2.PurchaseCoinsRequest(
-        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="t" * 100_000
-    )
+
+    def purchase(token_bytes: int) -> wallet_pb2.PurchaseCoinsRequest:
+        return wallet_pb2.PurchaseCoinsRequest(
+            request_id=new_id(),
+            user_id=user,
+            package_id="us-web-700",
+            payment_token="t" * token_bytes,
+        )
+
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await tight.wallet.PurchaseCoins(huge)
+        await tight.wallet.PurchaseCoins(purchase(100_000))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(caught.value)
+    assert info is not None and info.reason == "REQUEST_TOO_LARGE", caught.value.details()
+    assert info.metadata["max_bytes"] == str(64 * 1024)
+    assert int(info.metadata["size_bytes"]) > 100_000
+    assert "at most 65,536" in (caught.value.details() or "")
+    assert retry_info(caught.value) is None  # the same request never passes later
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tight.wallet.PurchaseCoins(purchase(300_000))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value) is None  # the core's refusal
     balance = await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == coins
 
