@@ -104,6 +104,10 @@ StreamBehavior = Callable[[Any, RpcContext], AsyncIterator[Any]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
+Replay = Callable[[Any], Awaitable[Any | None]]
+"""The stored answer of a request (None if it has none): see runtime.server.Runtime.replay_stored."""
+
+
 def _parse(parse: Callable[[bytes], Any] | None, raw: Any, max_bytes: int | None) -> Any:
     if parse is None:
         return raw
@@ -139,9 +143,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         metrics: ServiceMetrics | None = None,
         access_log: bool = False,
         max_request_bytes: int | None = None,
+        replays: Mapping[str, Replay] | None = None,
     ) -> None:
         self._domain = error_domain
         self._max_request_bytes = max_request_bytes
+        self._replays = replays if replays is not None else {}
         self._metrics = metrics
         self._access_log = access_log
         self._shedder = shedder
@@ -211,8 +217,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
     async def _admit(
         self, principal: Principal, rule: Access | None, method: str, request: Any
-    ) -> bool:
-        """Everything before the handler, for an authenticated caller; whether the call is audited."""
+    ) -> tuple[bool, Any | None]:
+        """Everything before the handler, for an authenticated caller: whether the call is audited,
+        and the stored answer of a retry the rate limit refused (None: run the handler)."""
         if rule is None:
             raise PermissionDenied("RPC_NOT_ALLOWED", "this RPC is not open to any caller")
         rule.check_caller(principal)
@@ -222,9 +229,24 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             principal.require_admin()
         self._validator.check(request)
         admin_read = rule.check_owner(principal, request)
+        audited = rule.audited or admin_read
         if rule.moves_money:
-            await self._limiter.check(method, principal.service, principal.user_id)
-        return rule.audited or admin_read
+            try:
+                await self._limiter.check(method, principal.service, principal.user_id)
+            except ResourceExhausted as limited:
+                replay = self._replays.get(method)
+                if replay is None:
+                    raise
+                try:
+                    stored = await replay(request)  # a stored refusal is raised: the answer
+                except DomainError:
+                    raise
+                except Exception:  # the store unreachable: the limit's refusal stands
+                    raise limited from None
+                if stored is None:
+                    raise limited from None
+                return audited, stored
+        return audited, None
 
     def _guard(
         self,
@@ -254,11 +276,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                     started = self._shedder.admit(remaining)
                     shedding.serving(self._shedder, started)
                 principal = self._principal(context)
-                audited = await self._admit(principal, rule, method, request)
-                set_principal(principal)
+                set_principal(principal)  # a replay's lookup is scoped by it (idempotency)
+                audited, replayed = await self._admit(principal, rule, method, request)
                 if audited:
                     await self._audit.record(principal, method, request, "STARTED")
-                if reads:
+                if replayed is not None:
+                    response = replayed
+                elif reads:
                     response = await _read_once_more_on_outage(behavior, request, context)
                 else:
                     response = await uninterrupted(behavior(request, context))
@@ -300,8 +324,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 request = _parse(parse, raw, self._max_request_bytes)
                 _annotate(request)
                 principal = self._principal(context)
-                audited = await self._admit(principal, rule, method, request)
                 set_principal(principal)
+                audited, _ = await self._admit(principal, rule, method, request)
                 if audited:
                     await self._audit.record(principal, method, request, "STARTED")
                 # Closed explicitly: when the caller goes away, the handler's clean-up runs now,

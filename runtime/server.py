@@ -21,13 +21,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
 import pydantic
 import uvloop
 from google.protobuf import descriptor_pool
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -44,7 +45,7 @@ from runtime.clock import Clock, SystemClock
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
 from runtime.idempotency import Idempotency
-from runtime.interceptors import RequestGuard, finish_unfinished
+from runtime.interceptors import Replay, RequestGuard, finish_unfinished
 from runtime.leadership import Leadership
 from runtime.metrics import (
     MetricsEndpoint,
@@ -81,6 +82,7 @@ class Runtime(Generic[S]):
         tracer_provider: TracerProvider,
         clock: Clock,
         metrics: ServiceMetrics,
+        replays: dict[str, Replay] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -99,6 +101,8 @@ class Runtime(Generic[S]):
         self._workers: list[Callable[[], Awaitable[None]]] = []
         self.leadership = Leadership(settings.service_name, db.driver)
         """Whether this replica runs the periodic jobs (see runtime.leadership)."""
+        self.replays: dict[str, Replay] = {} if replays is None else replays
+        """Per RPC path, the stored answer of a request the rate limit refuses (`replay_stored`)."""
 
     def channel(
         self, address: str, identity: str | None = None, *, peer: str | None = None
@@ -115,6 +119,30 @@ class Runtime(Generic[S]):
         )
         self._channels.append(channel)
         return channel
+
+    def replay_stored(
+        self,
+        rpc: str,
+        scope: Callable[[Any], str],
+        response_type: type[Message],
+        *,
+        fingerprinted: Callable[[Any], Message] = lambda request: request,
+        then: Callable[[Any], Awaitable[Any]] | None = None,
+    ) -> None:
+        """A request of `rpc` (its path) refused by the rate limit is answered from the store when
+        its request id was answered before (under `scope(request)`, as the handler keys it): a
+        client's retry of work already done gets that answer, not RATE_LIMITED. The limit exists
+        to hold back new work; this read happens only on its refusals. `fingerprinted`: the
+        request as the handler fingerprints it; `then`: what the handler adds to a replay."""
+
+        async def replay(request: Any) -> Any | None:
+            claim = await self.idempotency.twin_answer(scope(request), fingerprinted(request))
+            if claim is None:
+                return None
+            response = claim.replay(response_type)  # a stored refusal is raised again
+            return response if then is None else await then(response)
+
+        self.replays[rpc] = replay
 
     def add_worker(self, run: Callable[[], Awaitable[None]]) -> None:
         """A background loop (an outbox relay, a processor poller) started with the server, cancelled at stop."""
@@ -417,6 +445,7 @@ async def start_service(
     )
     health_check = "/grpc.health.v1.Health/Check"
     access = {**spec.access, **AdminAuditApi.ACCESS, health_check: Access(needs_user=False)}
+    replays: dict[str, Replay] = {}  # filled by the service's setup (Runtime.replay_stored)
     server = grpc.aio.server(
         interceptors=[
             server_tracing(provider),
@@ -443,6 +472,7 @@ async def start_service(
                 metrics=metrics,
                 access_log=settings.step_log,
                 max_request_bytes=settings.max_message_bytes,
+                replays=replays,
             ),
         ],
         options=[
@@ -463,7 +493,7 @@ async def start_service(
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    runtime = Runtime(settings, server, db, provider, clock, metrics)
+    runtime = Runtime(settings, server, db, provider, clock, metrics, replays)
     await spec.setup(runtime)
     retention = dt.timedelta(hours=settings.idempotency_retention_hours)
     runtime.add_periodic(

@@ -21,7 +21,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.errors import ResourceExhausted
 from runtime.ratelimit import RateLimiter, TokenBuckets, buckets
 from runtime.status import error_info, retry_info
-from tests.helpers import funded_user, live_of, new_creator, new_id
+from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id
 from tests.suite import Suite, start_suite
 
 BURST = 3
@@ -80,6 +80,68 @@ async def test_a_user_sending_too_fast_is_told_to_wait(tight: Suite) -> None:
     await tight.gifting.SendGift(gift(other, creator))
     for _ in range(BURST * 3):
         await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+
+
+async def test_a_retry_the_rate_limit_refuses_gets_its_stored_answer(tight: Suite) -> None:
+    """The limit holds back new work: a retry of a request already answered gets that answer (the
+    gift, or its refusal) as it would without the limit; a new request still waits, and the same
+    id with other parameters is still REQUEST_ID_REUSED. Nothing moves twice."""
+    sender, coins = await funded_user(tight)
+    creator = await new_creator(tight)
+    too_dear = gift(sender, creator)
+    too_dear.gift_id = "lion"  # 29,999 coins: more than the sender has
+    await expect_error(
+        tight.gifting.SendGift(too_dear), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"
+    )
+    first = gift(sender, creator)
+    sent = await tight.gifting.SendGift(first)
+    for _ in range(BURST - 2):
+        await tight.gifting.SendGift(gift(sender, creator))
+    await expect_error(
+        tight.gifting.SendGift(gift(sender, creator)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+
+    assert await tight.gifting.SendGift(first) == sent
+    await expect_error(
+        tight.gifting.SendGift(too_dear), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"
+    )
+    changed = gifting_pb2.SendGiftRequest()
+    changed.CopyFrom(first)
+    changed.count = 2
+    await expect_error(
+        tight.gifting.SendGift(changed), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    balance = await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - (BURST - 1)  # one rose per gift sent, once each
+
+    # The same for a purchase (funded_user bought once: the burst's first token).
+    buys = [
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=new_id(),
+            user_id=sender,
+            package_id="us-web-700",
+            payment_token=f"tok_visa_{sender}",
+        )
+        for _ in range(BURST - 1)
+    ]
+    bought = [await tight.wallet.PurchaseCoins(buy) for buy in buys]
+    assert await tight.wallet.PurchaseCoins(buys[0]) == bought[0]
+    await expect_error(
+        tight.wallet.PurchaseCoins(
+            wallet_pb2.PurchaseCoinsRequest(
+                request_id=new_id(),
+                user_id=sender,
+                package_id="us-web-700",
+                payment_token=f"tok_visa_{sender}",
+            )
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+    balance = await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == bought[-1].balance.coins  # each purchase credited once
 
 
 def test_token_buckets_refill_at_their_rate() -> None:

@@ -26,7 +26,7 @@ from services.gifting.convert import (
 from services.gifting.domain import GiftChange, Gifting, GiftOrder, Target
 from services.gifting.feed import LiveFeed
 from services.gifting.lives import Lives
-from services.gifting.sending import GiftSender
+from services.gifting.sending import GiftSender, send_scope
 from services.gifting.settings import GiftingSettings
 from services.gifting.storage import period_keys
 
@@ -36,8 +36,9 @@ _PERIODS = {
     gifting_pb2.RANKING_PERIOD_ALL_TIME: "all",
 }
 
+SERVICE = gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name
 ACCESS = method_rules(
-    gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name,
+    SERVICE,
     {
         "ListGifts": Access.user(),
         "SendGift": Access.user("sender_id", moves_money=True),
@@ -77,6 +78,12 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
         self._gifting = gifting
         self._sender = sender
         self._wake_relay = wake_relay
+        runtime.replay_stored(
+            f"/{SERVICE}/SendGift",
+            lambda request: send_scope(request.sender_id),
+            gifting_pb2.SendGiftResponse,
+            then=sender.with_streak,
+        )
 
     async def ListGifts(
         self, request: gifting_pb2.ListGiftsRequest, context: RpcContext

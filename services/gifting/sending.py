@@ -50,7 +50,7 @@ class GiftSender:
     ) -> gifting_pb2.SendGiftResponse:
         """Send `order` once per request id (`request` is what the caller sent, for its fingerprint):
         a retry resumes where an earlier attempt stopped, or replays its answer."""
-        scope = f"SendGift:{order.sender_id}"
+        scope = send_scope(order.sender_id)
         sent_gift_id = self._gifting.new_sent_gift_id()
 
         async def start(tx: Tx, claim: KeyClaim) -> storage.SentGiftRecord | None:
@@ -64,7 +64,7 @@ class GiftSender:
             scope, request, sent_gift_id, start, refusal
         )
         if claim.finished:
-            return await self._with_streak(claim.replay(gifting_pb2.SendGiftResponse))
+            return await self.with_streak(claim.replay(gifting_pb2.SendGiftResponse))
         debited: tuple[str, int] | None = None
         if sent is None:  # an earlier attempt started this gift: resume it
             assert claim.resource_id is not None
@@ -169,9 +169,9 @@ class GiftSender:
         twin = await self._idempotency.twin_answer(scope, request)
         if twin is None:
             raise _concurrent_retry()
-        return await self._with_streak(twin.replay(gifting_pb2.SendGiftResponse))
+        return await self.with_streak(twin.replay(gifting_pb2.SendGiftResponse))
 
-    async def _with_streak(
+    async def with_streak(
         self, response: gifting_pb2.SendGiftResponse
     ) -> gifting_pb2.SendGiftResponse:
         """A replayed answer of a gift that joined its streak in the statement recording it
@@ -310,6 +310,11 @@ _SETTLED_AT_END = 500
 _SETTLE_AFTER = dt.timedelta(seconds=1)
 """EndLive settles a gift pending this long (a healthy wallet answers in milliseconds); a younger
 one is still on its way and is not voided under its sender."""
+
+
+def send_scope(sender_id: str) -> str:
+    """Where a sender's SendGift request ids are kept (runtime.idempotency)."""
+    return f"SendGift:{sender_id}"
 
 
 def _concurrent_retry() -> Aborted:

@@ -63,8 +63,9 @@ _MISMATCHES = {
 }
 
 
+SERVICE = payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name
 ACCESS = method_rules(
-    payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name,
+    SERVICE,
     {
         "GetDiamondBalance": Access.user("creator_id", admin_may_read=True),
         "CreditDiamonds": Access.internal({"gifting"}),
@@ -147,6 +148,11 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self._reconciler = reconciler
         self._wake_worker = wake_worker
         self._processor_has = processor_has
+        runtime.replay_stored(
+            f"/{SERVICE}/RequestWithdrawal",
+            lambda request: withdrawal_scope(request.creator_id),
+            payout_pb2.RequestWithdrawalResponse,
+        )
 
     def _balance(self, creator_id: str, diamonds: CreatorDiamonds) -> payout_pb2.DiamondBalance:
         balance = payout_pb2.DiamondBalance(
@@ -248,7 +254,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def RequestWithdrawal(
         self, request: payout_pb2.RequestWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.RequestWithdrawalResponse:
-        scope = f"RequestWithdrawal:{request.creator_id}"
+        scope = withdrawal_scope(request.creator_id)
 
         async def effect(conn: AsyncConnection) -> payout_pb2.RequestWithdrawalResponse:
             withdrawal, balance = await self._withdrawals.request(
@@ -686,3 +692,8 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             ],
             total=total,
         )
+
+
+def withdrawal_scope(creator_id: str) -> str:
+    """Where a creator's RequestWithdrawal request ids are kept (runtime.idempotency)."""
+    return f"RequestWithdrawal:{creator_id}"

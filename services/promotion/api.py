@@ -8,12 +8,13 @@ from runtime.clients import downstream_timeout
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext
 from runtime.server import Runtime
-from services.promotion.campaigns import Campaigns
+from services.promotion.campaigns import Campaigns, create_scope
 from services.promotion.convert import STATUSES, promotion_pb
 from services.promotion.settings import PromotionSettings
 
+SERVICE = promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name
 ACCESS = method_rules(
-    promotion_pb2.DESCRIPTOR.services_by_name["PromotionService"].full_name,
+    SERVICE,
     {
         "CreatePromotion": Access.user("user_id", moves_money=True),
         "GetPromotion": Access.record_owner(),
@@ -31,6 +32,11 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
         self._rt = runtime
         self._clock = runtime.clock
         self._campaigns = campaigns
+        runtime.replay_stored(
+            f"/{SERVICE}/CreatePromotion",
+            lambda request: create_scope(request.user_id),
+            promotion_pb2.CreatePromotionResponse,
+        )
 
     def _time_limit(self, context: RpcContext) -> float:
         return downstream_timeout(context, self._rt.settings.downstream_timeout_seconds)

@@ -65,7 +65,7 @@ class Campaigns:
     ) -> promotion_pb2.CreatePromotionResponse:
         """Claim the request and record the promotion pending; hold its budget in the wallet (the
         pivot); activate it with the request's answer. Refused by the wallet: rejected, answered."""
-        scope = f"CreatePromotion:{request.user_id}"
+        scope = create_scope(request.user_id)
 
         async def start(conn: AsyncConnection) -> str:
             return await self._promotions.create(
@@ -378,3 +378,8 @@ class Campaigns:
             async with self._db.transaction() as conn:
                 await storage.clear_pending_capture(conn, pending.promotion_id, pending.request_id)
         return 1
+
+
+def create_scope(user_id: str) -> str:
+    """Where a user's CreatePromotion request ids are kept (runtime.idempotency)."""
+    return f"CreatePromotion:{user_id}"

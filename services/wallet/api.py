@@ -29,11 +29,12 @@ from services.wallet.convert import (
     to_date,
 )
 from services.wallet.domain import Coins, Debit, DebitRequest, Wallet, voided
-from services.wallet.purchases import PurchaseOrder, Purchases
+from services.wallet.purchases import PurchaseOrder, Purchases, purchase_scope
 from services.wallet.settings import WalletSettings
 
+SERVICE = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
 ACCESS = method_rules(
-    wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
+    SERVICE,
     {
         "OpenAccount": Access.user("user_id"),
         "GetAccount": Access.user("user_id", admin_may_read=True),
@@ -67,6 +68,17 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         self._clock = runtime.clock
         self._wallet = wallet
         self._purchases = purchases
+        runtime.replay_stored(
+            f"/{SERVICE}/PurchaseCoins",
+            lambda request: purchase_scope(request.user_id),
+            wallet_pb2.PurchaseCoinsResponse,
+        )
+        runtime.replay_stored(
+            f"/{SERVICE}/DebitCoins",
+            lambda request: debit_scope(request.user_id),
+            wallet_pb2.DebitCoinsResponse,
+            fingerprinted=_debit_fingerprinted,
+        )
 
     async def OpenAccount(
         self, request: wallet_pb2.OpenAccountRequest, context: RpcContext
@@ -232,7 +244,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
             coins=request.coins,
             reason=DEBIT_REASONS[request.reason],
             reference=request.reference,
-            request_id=f"DebitCoins:{request.user_id}/{request.request_id}",
+            request_id=f"{debit_scope(request.user_id)}/{request.request_id}",
             caller=current_principal().service,
             recipient_id=request.recipient_id,
             offered_in=frozenset(request.offered_in),
@@ -253,16 +265,9 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         async def effect(tx: Tx) -> wallet_pb2.DebitCoinsResponse:
             return answer(await self._wallet.debit(tx, what))
 
-        # The request id's fingerprint leaves `offered_in` out: it is the catalog's say, which a
-        # caller of another version may send or not on a retry of the same debit, and a retry that
-        # differed only there must replay, never be refused as a reused id (a gift would then be
-        # failed after its coins were taken).
-        fingerprinted = wallet_pb2.DebitCoinsRequest()
-        fingerprinted.CopyFrom(request)
-        fingerprinted.ClearField("offered_in")
         return await self._idempotency.once_direct(
-            f"DebitCoins:{request.user_id}",
-            fingerprinted,
+            debit_scope(request.user_id),
+            _debit_fingerprinted(request),
             wallet_pb2.DebitCoinsResponse,
             effect,
             at_once=at_once,
@@ -271,7 +276,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def ResolveDebit(
         self, request: wallet_pb2.ResolveDebitRequest, context: RpcContext
     ) -> wallet_pb2.ResolveDebitResponse:
-        scope = f"DebitCoins:{request.user_id}"
+        scope = debit_scope(request.user_id)
         debit = None
         if not await self._idempotency.is_recorded(scope, request):
             # Never received, or its record purged after the retention: the ledger, which never
@@ -337,3 +342,20 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         return await self._idempotency.outcome(
             scope, request, voided(getattr(request, "request_id", ""))
         )
+
+
+def debit_scope(user_id: str) -> str:
+    """Where a user's DebitCoins request ids are kept (runtime.idempotency; the ledger's request
+    id of a debit is this scope, "/" and the caller's request id)."""
+    return f"DebitCoins:{user_id}"
+
+
+def _debit_fingerprinted(request: wallet_pb2.DebitCoinsRequest) -> wallet_pb2.DebitCoinsRequest:
+    """The request as its id's fingerprint sees it: without `offered_in`, the catalog's say, which
+    a caller of another version may send or not on a retry of the same debit; a retry that
+    differed only there must replay, never be refused as a reused id (a gift would then be failed
+    after its coins were taken)."""
+    fingerprinted = wallet_pb2.DebitCoinsRequest()
+    fingerprinted.CopyFrom(request)
+    fingerprinted.ClearField("offered_in")
+    return fingerprinted

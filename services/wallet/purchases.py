@@ -72,7 +72,7 @@ class Purchases:
         """A purchase, once per request id (`request` is what the caller sent, for its fingerprint):
         priced, checked and recorded pending; charged under its own id; settled and credited. A retry
         resumes an unfinished purchase (never charging twice) or replays the answer."""
-        scope = f"PurchaseCoins:{order.user_id}"
+        scope = purchase_scope(order.user_id)
 
         async def start(conn: AsyncConnection) -> str:
             return await self._open(conn, order)
@@ -295,3 +295,8 @@ def _refuse_unless_reversible(purchase: storage.PurchaseRecord, *, completed_onl
             purchase_id=purchase.purchase_id,
             status=purchase.status,
         )
+
+
+def purchase_scope(user_id: str) -> str:
+    """Where a user's PurchaseCoins request ids are kept (runtime.idempotency)."""
+    return f"PurchaseCoins:{user_id}"
