@@ -140,6 +140,7 @@ async def test_payout_matches_its_model_through_a_random_walk(
     suite, clock = maturing
     seed = int(os.environ.get("COINS_MODEL_SEED", random.randrange(10**6)))
     rng = random.Random(seed)
+    print(f"model walk, seed {seed} (COINS_MODEL_SEED={seed} replays it)")  # shown on a failure
     names = [new_id("creator") for _ in range(3)]
     model = Model(names)
     admin = suite.token(new_id("risk"), admin=True)
@@ -222,7 +223,7 @@ async def test_payout_matches_its_model_through_a_random_walk(
                 creator.available += withdrawal.diamonds
             else:
                 approve = rng.random() < 0.6
-                await suite.payout.ReviewWithdrawal(
+                review = suite.payout.ReviewWithdrawal(
                     payout_pb2.ReviewWithdrawalRequest(
                         request_id=new_id("review"),
                         withdrawal_id=withdrawal.withdrawal_id,
@@ -233,9 +234,15 @@ async def test_payout_matches_its_model_through_a_random_walk(
                     ),
                     metadata=admin,
                 )
-                if approve:
+                if approve and creator.debt:  # owed back first: the withdrawal stays in review
+                    info = error_info(await rpc_error(review))
+                    assert info is not None and info.reason == "DEBT_OUTSTANDING", where
+                    action = "review refused for a debt"
+                elif approve:
+                    await review
                     model.approved(withdrawal, creator)
                 else:
+                    await review
                     withdrawal.status = "rejected"
                     creator.available += withdrawal.diamonds
             outcomes[action] = outcomes.get(action, 0) + 1
