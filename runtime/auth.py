@@ -196,6 +196,27 @@ class TokenVerifier:
             raise Unauthenticated("TOKEN_INVALID", "the token is for another audience") from None
         except jwt.InvalidIssuerError:
             raise Unauthenticated("TOKEN_INVALID", "the token comes from another issuer") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated(
+                "TOKEN_INVALID",
+                f"the token's signature does not verify with its key {kid!r}: it was altered, or "
+                "signed with another key",
+                claim="signature",
+            ) from None
+        except jwt.ImmatureSignatureError as error:
+            claim = "nbf" if "nbf" in str(error) else "iat"
+            raise Unauthenticated(
+                "TOKEN_INVALID",
+                f"the token is not valid yet: its {claim} is more than {s.jwt_leeway_seconds}s "
+                "ahead of this server's clock (check the issuer's clock)",
+                claim=claim,
+            ) from None
+        except jwt.MissingRequiredClaimError as error:
+            raise Unauthenticated(
+                "TOKEN_INVALID",
+                f"the token has no {error.claim!r} claim (exp, iat, iss, aud and sub are required)",
+                claim=error.claim,
+            ) from None
         except jwt.PyJWTError:
             raise Unauthenticated(
                 "TOKEN_INVALID", "the token's signature or claims are invalid"

@@ -178,6 +178,20 @@ async def test_a_promotion_without_enough_coins_holds_nothing(suite: Suite) -> N
     assert again is not None and again.metadata["promotion_id"] == info.metadata["promotion_id"]
 
 
+async def test_a_user_without_a_wallet_account_is_told_so_in_their_terms(suite: Suite) -> None:
+    """The wallet's refusal names the user, not the ledger's internal account id."""
+    user = new_id("no-wallet")
+    error = await expect_error(
+        suite.promotion.CreatePromotion(promotion(user, 500)),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )
+    assert error.details() == f"user {user} has no wallet account; open one first"
+    info = error_info(error)
+    assert info is not None and info.metadata["user_id"] == user
+    assert "account_id" not in info.metadata
+
+
 async def test_delivery_is_captured_from_the_hold_once(suite: Suite) -> None:
     user, coins = await funded_user(suite)
     made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion

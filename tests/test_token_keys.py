@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import grpc
+import jwt
 import pytest
 
 from coins.wallet.v1 import wallet_pb2
 from runtime import pki
 from runtime.auth import TokenIssuer, token_metadata
+from runtime.status import error_info
 from tests.helpers import eventually, expect_error, funded_user
 from tests.suite import Suite
 
@@ -75,3 +78,48 @@ async def test_long_lived_tokens_are_refused(suite: Suite) -> None:
         grpc.StatusCode.UNAUTHENTICATED,
         "TOKEN_INVALID",
     )
+
+
+async def test_a_refused_token_says_what_is_wrong_with_it(suite: Suite, tmp_path: Path) -> None:
+    """A client whose clock is off, or whose token lacks a claim, is told so: not the same words
+    as a forged signature (all TOKEN_INVALID, `claim` naming the culprit)."""
+    user, _ = await funded_user(suite)
+    key_id = pki.DEV_KEY_ID
+    key = (suite.security.certs_dir / "jwt" / f"{key_id}-key.pem").read_bytes()
+    now = dt.datetime.now(dt.UTC)
+    claims = {
+        "sub": user,
+        "iss": suite.security.jwt_issuer,
+        "aud": suite.security.jwt_audience,
+        "iat": now,
+        "exp": now + dt.timedelta(minutes=5),
+    }
+    ahead = now + dt.timedelta(minutes=50)
+    pki.make_signing_key(tmp_path, key_id=key_id)  # another key under the trusted key id
+    rogue = TokenIssuer(
+        (tmp_path / "jwt" / f"{key_id}-key.pem").read_bytes(),
+        key_id=key_id,
+        issuer=suite.security.jwt_issuer,
+        audience=suite.security.jwt_audience,
+    )
+    cases = [
+        ({**claims, "iat": ahead, "exp": ahead + dt.timedelta(minutes=5)}, "iat", "not valid yet"),
+        ({**claims, "nbf": ahead}, "nbf", "not valid yet"),
+        ({k: v for k, v in claims.items() if k != "iat"}, "iat", "has no 'iat' claim"),
+    ]
+    tokens = [
+        (jwt.encode(c, key, algorithm="ES256", headers={"kid": key_id}), claim, says)
+        for c, claim, says in cases
+    ]
+    tokens.append((rogue.mint(user), "signature", "does not verify"))
+    for token, claim, says in tokens:
+        error = await expect_error(
+            suite.stub("wallet").GetBalance(
+                wallet_pb2.GetBalanceRequest(user_id=user), metadata=tuple(token_metadata(token))
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_INVALID",
+        )
+        assert says in (error.details() or ""), (claim, error.details())
+        info = error_info(error)
+        assert info is not None and info.metadata["claim"] == claim

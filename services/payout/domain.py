@@ -293,9 +293,9 @@ class Payouts:
         if until <= start or until - since > 92 * day:
             raise InvalidArgument(
                 "BAD_REPORT_PERIOD",
-                f"a revenue report covers 1 to 92 days; this one runs from {start.date()} to "
-                f"{until.isoformat()} (end_time is now when not given): move start_time or "
-                "end_time",
+                f"a revenue report covers 1 to 92 days; this one runs from {start.isoformat()} "
+                f"(start_time's UTC day) to {until.isoformat()} (end_time is now when not given): "
+                "move start_time or end_time",
                 violations=(
                     FieldViolation("start_time", "within 92 days before end_time"),
                     FieldViolation("end_time", "after start_time, within 92 days"),

@@ -370,17 +370,20 @@ class Wallet:
             )
             if refused is not None:
                 raise refused
-        return await self.holds.place(
-            conn,
-            user_account(user_id),
-            coins,
-            counter_account_id=SPEND_ACCOUNTS[reason],
-            owner=owner,
-            kind=reason,
-            reference=reference,
-            expires_at=self.ledger.clock.now() + expire_after if expire_after else None,
-            placed_under=placed_under,
-        )
+        try:
+            return await self.holds.place(
+                conn,
+                user_account(user_id),
+                coins,
+                counter_account_id=SPEND_ACCOUNTS[reason],
+                owner=owner,
+                kind=reason,
+                reference=reference,
+                expires_at=self.ledger.clock.now() + expire_after if expire_after else None,
+                placed_under=placed_under,
+            )
+        except NotFound as error:
+            raise _in_users_terms(error, user_id) from None
 
     def check_can_buy(
         self, account: storage.AccountRecord, package: storage.PackageRecord, today: dt.date
@@ -744,13 +747,7 @@ class Wallet:
                 policy_version=self.settings.policy_version,
             )
         except NotFound as error:
-            if error.reason != "ACCOUNT_NOT_FOUND" or error.metadata.get("account_id") != account:
-                raise
-            raise NotFound(  # in the caller's terms, not the ledger's account id
-                "ACCOUNT_NOT_FOUND",
-                f"user {what.user_id} has no wallet account; open one first",
-                user_id=what.user_id,
-            ) from None
+            raise _in_users_terms(error, what.user_id) from None
         return _debit(posted, account)
 
     async def debit_on_record(
@@ -798,3 +795,17 @@ class Wallet:
 
 def _debit(posted: Posted, account: str) -> Debit:
     return Debit(posted.transaction_id, posted.balances[account], posted.available[account])
+
+
+def _in_users_terms(error: NotFound, user_id: str) -> NotFound:
+    """The ledger's ACCOUNT_NOT_FOUND for the user's own account, as the caller knows it (the user,
+    not the ledger's account id); any other NotFound as it is."""
+    if error.reason != "ACCOUNT_NOT_FOUND" or error.metadata.get("account_id") != user_account(
+        user_id
+    ):
+        return error
+    return NotFound(
+        "ACCOUNT_NOT_FOUND",
+        f"user {user_id} has no wallet account; open one first",
+        user_id=user_id,
+    )
