@@ -92,6 +92,35 @@ async def test_payout_methods_are_masked_defaulted_and_not_removed_while_in_use(
     assert left.payout_methods[0].is_default  # the default went: the oldest left took over
 
 
+async def test_a_one_off_destination_is_refused_not_ignored_once_a_method_is_registered(
+    suite: Suite,
+) -> None:
+    """A withdrawal never pays elsewhere than asked: a creator with a registered method who names a
+    one-off destination is refused (nothing held), not paid to the method instead."""
+    creator = await creator_with_diamonds(suite, 10_000)
+    await add_paypal(suite, creator, "leo@example.com")
+    one_off = payout_pb2.RequestWithdrawalRequest(
+        request_id=new_id("wd"),
+        creator_id=creator,
+        diamonds=2_000,
+        method=payout_pb2.PAYOUT_METHOD_PAYPAL,
+        destination_token="dest_fail_demo",
+    )
+    await expect_error(
+        suite.payout.RequestWithdrawal(one_off),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REGISTERED_METHOD_REQUIRED",
+    )
+    balance = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    assert balance.balance.available_diamonds == 10_000  # nothing held
+    listed = await suite.payout.ListWithdrawals(
+        payout_pb2.ListWithdrawalsRequest(creator_id=creator)
+    )
+    assert not listed.withdrawals
+
+
 async def test_the_same_destination_twice_is_one_method(suite: Suite) -> None:
     """Adding a PayPal account (any case of its email) or a bank token a creator already has is
     refused, naming the method they have: two methods for one account would only confuse."""

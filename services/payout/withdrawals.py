@@ -113,13 +113,26 @@ class Withdrawals:
     ) -> tuple[storage.WithdrawalRecord, CreatorDiamonds]:
         """Check the request, hold the diamonds and record the withdrawal: approved at once when
         the auto-approve policy allows it, else in review. It pays the payout method named (else the
-        creator's default; else the one-off `method` and `destination_token`)."""
+        creator's default; else the one-off `method` and `destination_token`, which a creator with a
+        registered method may not name: REGISTERED_METHOD_REQUIRED)."""
         settings = self.settings
         if method == "bank" and destination_token:  # one-off: a token, as a registered one is
             refuse_account_number(destination_token, "destination_token")
         methods = self._payouts.methods
         await methods.require_verified(conn, creator_id)
         registered = await methods.for_withdrawal(conn, creator_id, payout_method_id)
+        if registered is not None and destination_token:
+            # Never pay elsewhere than asked: the one-off destination is refused, not ignored.
+            raise FailedPrecondition(
+                "REGISTERED_METHOD_REQUIRED",
+                f"creator {creator_id} has a registered payout method: a withdrawal pays one "
+                "(payout_method_id, or the default when unset), not a one-off destination; to pay "
+                "this destination, register it with AddPayoutMethod",
+                violations=(
+                    FieldViolation("destination_token", "leave unset: pay a registered method"),
+                ),
+                creator_id=creator_id,
+            )
         if registered is not None:
             method, destination_token = registered.kind, registered.destination_token
         elif not (method and destination_token):

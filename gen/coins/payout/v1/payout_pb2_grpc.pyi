@@ -53,7 +53,8 @@ class PayoutServiceStub:
     """
     RequestWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]
     """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
-    FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
+    FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, REGISTERED_METHOD_REQUIRED: a one-off
+    destination named by a creator who has a payout method, DEBT_OUTSTANDING, BELOW_MINIMUM,
     DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS: also for a creator never credited) or NOT_FOUND
     (PAYOUT_METHOD_NOT_FOUND), in the order QuoteWithdrawal's `refusal` predicts.
     """
@@ -165,7 +166,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """
     RequestWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.RequestWithdrawalRequest, _payout_pb2.RequestWithdrawalResponse]  # type: ignore[assignment]
     """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
-    FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
+    FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, REGISTERED_METHOD_REQUIRED: a one-off
+    destination named by a creator who has a payout method, DEBT_OUTSTANDING, BELOW_MINIMUM,
     DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS: also for a creator never credited) or NOT_FOUND
     (PAYOUT_METHOD_NOT_FOUND), in the order QuoteWithdrawal's `refusal` predicts.
     """
@@ -298,7 +300,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.RequestWithdrawalResponse, _abc.Awaitable[_payout_pb2.RequestWithdrawalResponse]]:
         """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
-        FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, DEBT_OUTSTANDING, BELOW_MINIMUM,
+        FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, REGISTERED_METHOD_REQUIRED: a one-off
+        destination named by a creator who has a payout method, DEBT_OUTSTANDING, BELOW_MINIMUM,
         DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS: also for a creator never credited) or NOT_FOUND
         (PAYOUT_METHOD_NOT_FOUND), in the order QuoteWithdrawal's `refusal` predicts.
         """
