@@ -17,6 +17,7 @@ from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
 from services.promotion import storage
+from services.promotion.campaigns import Campaigns
 from services.promotion.domain import Promotions
 from tests.helpers import (
     ShiftedClock,
@@ -306,6 +307,39 @@ async def test_ending_a_promotion_releases_the_rest_and_no_coin_is_lost(suite: S
     await expect_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 10)), *ENDED)
     assert await coins_of(suite, user) == (coins - 120, coins - 120)
     assert await read(suite, made.promotion_id, user) == ended.promotion
+
+
+async def test_the_end_that_released_the_budget_answers_it_when_a_delivery_recorded_the_end_first(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery report that meets the hold EndPromotion just released records the promotion's
+    end itself; the End that released it still answers OK with what it released (it was answered
+    PROMOTION_ENDED, stored under its request id, and no caller learned released_coins)."""
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 120))
+    count = Campaigns._count_pending_deliveries
+    calls = 0
+    late: list[grpc.aio.AioRpcError] = []
+
+    async def a_report_arrives_after_the_release(self: Campaigns, *args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second count runs just after the release
+            late.append(
+                await rpc_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 30)))
+            )
+        await count(self, *args)
+
+    monkeypatch.setattr(Campaigns, "_count_pending_deliveries", a_report_arrives_after_the_release)
+    request = ending(made.promotion_id)
+    ended = await end(suite, request, user)
+    assert [info.reason for e in late if (info := error_info(e))] == ["PROMOTION_ENDED"]
+    assert (ended.promotion.status, ended.promotion.spent_coins) == (COMPLETED, 120)
+    assert ended.released_coins == 180
+    monkeypatch.undo()
+    assert await end(suite, request, user) == ended  # its retry: the same answer
+    assert await coins_of(suite, user) == (coins - 120, coins - 120)
 
 
 async def test_only_the_owner_ends_a_promotion(suite: Suite) -> None:

@@ -266,16 +266,19 @@ class Campaigns:
             ended = await self._promotions.end(conn, promotion.promotion_id, now)
             current = await storage.get_promotion(conn, promotion.promotion_id)
             assert current is not None
-            if ended:
+            if not ended:
+                again = await self._idempotency.claim(conn, scope, request)
+                if again.finished:  # a concurrent duplicate ended it first: its answer
+                    return again.replay(response_type)
+            # Not recorded by this request but ended by its release all the same: a delivery
+            # report that met the released hold records the end too, and may do it first.
+            if ended or promotion.hold_id is not None:
                 response = response_type(
                     promotion=promotion_pb(current, now), released_coins=released
                 )
                 await self._idempotency.complete(conn, scope, request, response=response)
                 return response
-            again = await self._idempotency.claim(conn, scope, request)
-            if again.finished:  # a concurrent duplicate ended it first: its answer
-                return again.replay(response_type)
-        # Ended meanwhile, by another request (the release was the same one) or spent in full.
+        # Paid up front (nothing to release) and ended meanwhile by another request.
         refusal = self._promotions.ended(current)
         await self._idempotency.record_error(scope, request, refusal)
         raise refusal
