@@ -38,6 +38,14 @@ class Access:
     record, and every admin call is audited."""
     moves_money: bool = False
 
+    @property
+    def service_to_service(self) -> bool:
+        """Only named services call it (`internal`): a user's own rate limit applies where the
+        user's request came in (SendGift, EndPromotion), not again to the service's calls it
+        makes on the user's behalf, which its caller's limit bounds (a promotion's end re-capturing
+        its pending reports must not be refused as the user's)."""
+        return self.callers is not None and not self.admin
+
     @staticmethod
     def user(
         owner_field: str | None = None, *, moves_money: bool = False, admin_may_read: bool = False

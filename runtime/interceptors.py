@@ -232,7 +232,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         audited = rule.audited or admin_read
         if rule.moves_money:
             try:
-                await self._limiter.check(method, principal.service, principal.user_id)
+                user = None if rule.service_to_service else principal.user_id
+                await self._limiter.check(method, principal.service, user)
             except ResourceExhausted as limited:
                 replay = self._replays.get(method)
                 if replay is None:

@@ -144,6 +144,27 @@ async def test_a_retry_the_rate_limit_refuses_gets_its_stored_answer(tight: Suit
     assert balance.balance.coins == bought[-1].balance.coins  # each purchase credited once
 
 
+async def test_a_services_calls_for_a_user_count_against_its_own_limit_not_the_users(
+    tight: Suite,
+) -> None:
+    """The user's limit is taken where the user's request comes in: calls a service makes on the
+    user's behalf (gifting's debits, a promotion's re-captures) count against that service's limit
+    only. Here more debits for one user than the user's burst all pass."""
+    user, coins = await funded_user(tight)
+    for _ in range(BURST * 2):
+        await tight.as_caller("gifting").wallet.DebitCoins(
+            wallet_pb2.DebitCoinsRequest(
+                request_id=new_id(),
+                user_id=user,
+                coins=1,
+                reason=wallet_pb2.DEBIT_REASON_GIFT,
+                reference="r",
+            )
+        )
+    balance = await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins - BURST * 2
+
+
 def test_token_buckets_refill_at_their_rate() -> None:
     now = [100.0]
     buckets = TokenBuckets(rate=2.0, burst=2, clock=lambda: now[0])
