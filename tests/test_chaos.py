@@ -674,7 +674,7 @@ async def books_hold(
             allowed = {
                 "FAILED_PRECONDITION INSUFFICIENT_FUNDS",
                 "FAILED_PRECONDITION DEBIT_VOIDED",
-                "FAILED_PRECONDITION PAYMENT_DECLINED",
+                "FAILED_PRECONDITION PURCHASE_VOIDED",
             }
             assert refusals <= allowed, refusals
 

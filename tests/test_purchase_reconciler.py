@@ -146,9 +146,14 @@ async def test_a_charge_still_on_its_way_when_reconciled_can_never_charge(
     )
     charge = provider.charged(purchase_id)
     assert charge is not None and not charge.approved and charge.decline_reason == "voided"
-    await expect_error(  # the request's answer: declined, nothing bought
-        suite.wallet.PurchaseCoins(request), grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_DECLINED"
+    error = (
+        await expect_error(  # the request's answer: voided (not the card's decline), nothing bought
+            suite.wallet.PurchaseCoins(request),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PURCHASE_VOIDED",
+        )
     )
+    assert "never charged" in (error.details() or "")
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == 0
 

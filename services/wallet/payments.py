@@ -75,10 +75,10 @@ class SandboxPaymentProvider:
     async def void(self, idempotency_key: str) -> ChargeResult | None:
         await asyncio.sleep(self._latency)
         recorded = self._charges.get(idempotency_key)
-        if recorded is not None and recorded.decline_reason != _VOIDED:
+        if recorded is not None and recorded.decline_reason != VOIDED_KEY:
             return recorded
         self._charges.put(
-            idempotency_key, ChargeResult(False, f"sbx_void_{idempotency_key}", _VOIDED)
+            idempotency_key, ChargeResult(False, f"sbx_void_{idempotency_key}", VOIDED_KEY)
         )
         return None
 
@@ -117,7 +117,8 @@ class SandboxPaymentProvider:
         return result
 
 
-_VOIDED = "voided"
+VOIDED_KEY = "voided"
+"""The decline reason of a charge under a key `void` voided: the platform's doing, not the card's."""
 
 
 class _ChargeStore:

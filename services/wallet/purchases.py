@@ -31,7 +31,12 @@ from runtime.idempotency import Idempotency
 from services.wallet import storage
 from services.wallet.convert import balance_pb, purchase_pb
 from services.wallet.domain import Coins, Wallet
-from services.wallet.payments import ChargeResult, PaymentOutcomeUnknown, PaymentProvider
+from services.wallet.payments import (
+    VOIDED_KEY,
+    ChargeResult,
+    PaymentOutcomeUnknown,
+    PaymentProvider,
+)
 
 PAYMENT_RETRY_AFTER_SECONDS = 2.0
 """The wait suggested (RetryInfo) when the payment provider's answer was lost: long enough for the
@@ -190,11 +195,20 @@ class Purchases:
                 )
                 await self._idempotency.complete_resource(conn, purchase_id, response=response)
                 return response
-            declined = FailedPrecondition(
-                "PAYMENT_DECLINED",
-                f"the payment provider declined the payment ({charge.decline_reason})",
-                decline_reason=charge.decline_reason,
-                purchase_id=purchase_id,
+            declined = (
+                FailedPrecondition(
+                    "PURCHASE_VOIDED",
+                    "the purchase was left unfinished (no retry came in time) and voided: the card "
+                    "was never charged and no coins moved; buy again with a new request_id",
+                    purchase_id=purchase_id,
+                )
+                if charge.decline_reason in (NEVER_CHARGED, VOIDED_KEY)
+                else FailedPrecondition(
+                    "PAYMENT_DECLINED",
+                    f"the payment provider declined the payment ({charge.decline_reason})",
+                    decline_reason=charge.decline_reason,
+                    purchase_id=purchase_id,
+                )
             )
             await self._idempotency.complete_resource(conn, purchase_id, error=declined)
             return declined
@@ -226,7 +240,7 @@ class Purchases:
         except (PaymentOutcomeUnknown, TimeoutError):
             return 0  # the provider is not answering; next round
         if charge is None:
-            charge = ChargeResult(False, f"none:{purchase.purchase_id}", "never_charged")
+            charge = ChargeResult(False, f"none:{purchase.purchase_id}", NEVER_CHARGED)
         try:
             await self.settle(purchase.purchase_id, charge, f"reconcile/{purchase.purchase_id}")
         except Aborted:
@@ -234,6 +248,8 @@ class Purchases:
         return 1
 
 
+NEVER_CHARGED = "never_charged"
+"""The reconciler's outcome for a purchase the provider never charged (voided there first)."""
 _REVERSALS = {"refund": "refunded", "chargeback": "charged_back"}
 
 

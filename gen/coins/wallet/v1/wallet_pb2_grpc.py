@@ -166,7 +166,8 @@ class WalletServiceServicer:
 
     def PurchaseCoins(self, request, context):
         """Buys a coin package through the payment provider and credits its coins.
-        Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED).
+        Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED: the card's
+        decline; PURCHASE_VOIDED: left unfinished, no retry came in time, and voided: never charged).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,7 +51,8 @@ class WalletServiceStub:
     """Lists the coin packages on sale in the account's region and currency, for one sales channel."""
     PurchaseCoins: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.PurchaseCoinsRequest, _wallet_pb2.PurchaseCoinsResponse]
     """Buys a coin package through the payment provider and credits its coins.
-    Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED).
+    Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED: the card's
+    decline; PURCHASE_VOIDED: left unfinished, no retry came in time, and voided: never charged).
     """
     ListLedgerEntries: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListLedgerEntriesRequest, _wallet_pb2.ListLedgerEntriesResponse]
     """Lists an account's ledger entries, newest first."""
@@ -134,7 +135,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Lists the coin packages on sale in the account's region and currency, for one sales channel."""
     PurchaseCoins: _aio.UnaryUnaryMultiCallable[_wallet_pb2.PurchaseCoinsRequest, _wallet_pb2.PurchaseCoinsResponse]  # type: ignore[assignment]
     """Buys a coin package through the payment provider and credits its coins.
-    Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED).
+    Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED: the card's
+    decline; PURCHASE_VOIDED: left unfinished, no retry came in time, and voided: never charged).
     """
     ListLedgerEntries: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListLedgerEntriesRequest, _wallet_pb2.ListLedgerEntriesResponse]  # type: ignore[assignment]
     """Lists an account's ledger entries, newest first."""
@@ -244,7 +246,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.PurchaseCoinsResponse, _abc.Awaitable[_wallet_pb2.PurchaseCoinsResponse]]:
         """Buys a coin package through the payment provider and credits its coins.
-        Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED).
+        Fails with FAILED_PRECONDITION (AGE_RESTRICTED, REGION_UNSUPPORTED, PAYMENT_DECLINED: the card's
+        decline; PURCHASE_VOIDED: left unfinished, no retry came in time, and voided: never charged).
         """
 
     @_abc_1.abstractmethod
