@@ -26,7 +26,7 @@ class RequestValidator:
         if nul:
             raise InvalidArgument(
                 "INVALID_REQUEST",
-                f"the request has invalid fields: {', '.join(nul)}",
+                f"invalid request: {'; '.join(f'{f} must not contain NUL characters' for f in nul)}",
                 violations=tuple(FieldViolation(f, "must not contain NUL characters") for f in nul),
                 fields=", ".join(nul),
             )
@@ -51,9 +51,10 @@ class RequestValidator:
                 for v in error.violations
             )
             fields = ", ".join(v.field for v in violations)
+            said = "; ".join(f"{v.field or 'the request'}: {v.description}" for v in violations)
             raise InvalidArgument(
                 "INVALID_REQUEST",
-                f"the request has invalid fields: {fields}",
+                f"invalid request: {said[:400]}",  # each field also in the BadRequest detail
                 violations=violations,
                 fields=fields,
             ) from None

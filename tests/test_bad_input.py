@@ -65,7 +65,11 @@ async def test_an_empty_request_is_refused_with_field_violations(
     info = error_info(error)
     assert info is not None and info.reason == "INVALID_REQUEST"
     assert info.domain == f"{service}.coins"
-    assert field_violations(error), "no BadRequest field violations"
+    violations = field_violations(error)
+    assert violations, "no BadRequest field violations"
+    assert set(info.metadata["fields"].split(", ")) == violations
+    first = sorted(violations)[0]  # the message says what is wrong with each field, not only its name
+    assert f"{first}: " in (error.details() or ""), error.details()
 
 
 async def test_amounts_out_of_bounds_are_refused_and_nothing_moves(suite: Suite) -> None:
@@ -118,6 +122,8 @@ async def test_an_impossible_or_future_birth_date_is_invalid(suite: Suite) -> No
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field_violations(error) == {"birth_date"}
+        info = error_info(error)
+        assert info is not None and info.metadata["fields"] == "birth_date"
 
 
 async def test_a_country_that_is_not_an_iso_code_is_refused_and_opens_nothing(
