@@ -68,7 +68,8 @@ async def test_an_empty_request_is_refused_with_field_violations(
     violations = field_violations(error)
     assert violations, "no BadRequest field violations"
     assert set(info.metadata["fields"].split(", ")) == violations
-    first = sorted(violations)[0]  # the message says what is wrong with each field, not only its name
+    # The message says what is wrong with each field, not only its name.
+    first = sorted(violations)[0]
     assert f"{first}: " in (error.details() or ""), error.details()
 
 
