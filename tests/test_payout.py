@@ -151,6 +151,14 @@ async def test_the_daily_cap_limits_what_a_creator_withdraws_in_a_day(suite: Sui
     )
     assert "$100.00 remain today" in (error.details() or "")
     assert await diamonds_of(suite, creator) == 120_000
+    quoted = await suite.payout.QuoteWithdrawal(  # the quote says so too
+        payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=40_000)
+    )
+    assert quoted.refusal == "DAILY_LIMIT_EXCEEDED"
+    quoted = await suite.payout.QuoteWithdrawal(
+        payout_pb2.QuoteWithdrawalRequest(creator_id=creator, diamonds=20_000)
+    )
+    assert quoted.refusal == ""
     await suite.payout.RequestWithdrawal(withdrawal(creator, 20_000))  # exactly the $100 left
 
 

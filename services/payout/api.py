@@ -596,8 +596,8 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.QuoteWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.QuoteWithdrawalResponse:
         async with self._db.read() as conn:
-            quote, standing, refusal = await self._payouts.quote(
-                conn, request.creator_id, request.diamonds
+            quote, standing, refusal = await self._withdrawals.quote(
+                conn, request.creator_id, request.diamonds, self._clock.now()
             )
         currency = self._settings.currency_code
         return payout_pb2.QuoteWithdrawalResponse(

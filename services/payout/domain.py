@@ -532,8 +532,8 @@ class Payouts:
         self, conn: AsyncConnection, creator_id: str, diamonds: int
     ) -> tuple[policy.Quote, CreatorDiamonds, str]:
         """What a withdrawal of `diamonds` would pay, the creator's diamonds, and the reason
-        RequestWithdrawal would refuse it now, in the order it checks ("" if none; the daily cap
-        is checked there, and a payout method, which the request may name or bring)."""
+        RequestWithdrawal would refuse it now, in the order it checks, up to the balance ("" if
+        none; `Withdrawals.quote` adds the daily cap)."""
         quote = policy.quote(diamonds, self.settings)
         standing = await self.diamonds(conn, creator_id)
         verification, _ = await self.methods.verification(conn, creator_id)

@@ -99,6 +99,27 @@ class Withdrawals:
         self.ledger = payouts.ledger
         self.holds = Holds(payouts.ledger)
 
+    async def quote(
+        self, conn: AsyncConnection, creator_id: str, diamonds: int, now: dt.datetime
+    ) -> tuple[policy.Quote, CreatorDiamonds, str]:
+        """What a withdrawal of `diamonds` would pay, the creator's diamonds, and the reason
+        `request` would refuse it now, in the order it checks, the daily cap included ("" if none;
+        not a payout method, which the request may name or bring)."""
+        quote, standing, refusal = await self._payouts.quote(conn, creator_id, diamonds)
+        if not refusal:
+            today, _ = await self._withdrawn_today(conn, creator_id, now)
+            if today + quote.gross_minor > self.settings.daily_withdrawal_cap_minor:
+                refusal = "DAILY_LIMIT_EXCEEDED"
+        return quote, standing, refusal
+
+    async def _withdrawn_today(
+        self, conn: AsyncConnection, creator_id: str, now: dt.datetime
+    ) -> tuple[int, zoneinfo.ZoneInfo]:
+        """Cash (minor units) the creator's withdrawals take on `now`'s calendar day in their time
+        zone (the daily cap's day), and that zone."""
+        zone = zoneinfo.ZoneInfo(await storage.time_zone_of(conn, creator_id))  # checked when set
+        return await storage.withdrawn_since(conn, creator_id, day_start(now, zone)), zone
+
     async def request(
         self,
         conn: AsyncConnection,
@@ -176,8 +197,7 @@ class Withdrawals:
             if refused.reason != "INSUFFICIENT_FUNDS":
                 raise
             raise await self._not_available(conn, creator_id, quote.diamonds) from None
-        zone = zoneinfo.ZoneInfo(await storage.time_zone_of(conn, creator_id))  # checked when set
-        today = await storage.withdrawn_since(conn, creator_id, day_start(now, zone))
+        today, zone = await self._withdrawn_today(conn, creator_id, now)
         cap = settings.daily_withdrawal_cap_minor
         if today + quote.gross_minor > cap:
             raise FailedPrecondition(

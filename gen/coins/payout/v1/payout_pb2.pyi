@@ -1332,9 +1332,10 @@ class QuoteWithdrawalResponse(_message.Message):
     available_diamonds: _builtins.int
     """The creator's available diamonds now."""
     refusal: _builtins.str
-    """Empty when RequestWithdrawal would accept these diamonds now (limits of the day aside); else the
-    reason it would refuse them, the first it checks: KYC_REQUIRED, DEBT_OUTSTANDING, BELOW_MINIMUM
-    or INSUFFICIENT_FUNDS. (A request that names no payout method needs one registered.)
+    """Empty when RequestWithdrawal would accept these diamonds now; else the reason it would refuse
+    them, the first it checks: KYC_REQUIRED, DEBT_OUTSTANDING, BELOW_MINIMUM, INSUFFICIENT_FUNDS or
+    DAILY_LIMIT_EXCEEDED (the creator's calendar day so far). (A request that names no payout method
+    needs one registered.)
     """
     @_builtins.property
     def gross(self) -> _money_pb2.Money:
