@@ -382,9 +382,25 @@ def main(argv: list[str] | None = None) -> int:
     payout = PayoutSettings()
     sandbox = payout.sandbox_file or payout.data_dir / "sandbox-payouts.sqlite3"
     items = sandbox_items(sandbox, payout, now) if Path(sandbox).exists() else None
+    if items is None:
+        print(
+            f"the processor's items are not at {Path(sandbox).resolve()}: withdrawals are NOT "
+            "checked (set PAYOUT_SANDBOX_FILE, or COINS_DATA_DIR / PAYOUT_DATA_DIR as the suite "
+            "runs with, relative to where it runs)",
+            file=sys.stderr,
+        )
     cutoff = now - dt.timedelta(seconds=settle) if settle > 0 else None
     report = asyncio.run(cross_audit(_urls(), items, settled_before=cutoff))
-    print(json.dumps({"ok": report.ok, **asdict(report)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "ok": report.ok,
+                **asdict(report),
+                "processor_items": str(Path(sandbox).resolve()) if items is not None else None,
+            },
+            indent=2,
+        )
+    )
     if report.parked:
         print(
             f"{len(report.parked)} gift credits are parked: payout refused them and they wait "
