@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -75,7 +76,7 @@ class Clients:
     acting_user: str | None = None
     """--as: act for this user on every call (else: the user each request names)."""
     admin: bool = False
-    security: SecuritySettings = field(default_factory=SecuritySettings)
+    security: SecuritySettings = field(default_factory=lambda: _security())
     last_service: str | None = None
     """The service of the latest call (an error report names it and its address)."""
 
@@ -114,7 +115,8 @@ class Clients:
             )
         except FileNotFoundError as missing:
             raise SystemExit(
-                f"{missing.filename} is missing: run `make up` (or `make certs`)"
+                f"{missing.filename} is missing: run `make up` (or `make certs`) in the checkout, "
+                "or point COINS_CERTS_DIR at its certs/"
             ) from None
         channel = grpc.secure_channel(
             self.addresses[service],
@@ -157,3 +159,20 @@ class Clients:
         """Promotion as the ad-delivery system calls it (ReportDelivery): its certificate, no token."""
         channel = self._channel("promotion", "ad-delivery", user_tokens=False)
         return promotion_pb2_grpc.PromotionServiceStub(channel)
+
+
+_CHECKOUT_CERTS = Path(__file__).resolve().parents[1] / "certs"
+
+
+def _security() -> SecuritySettings:
+    """The suite's settings; run from outside the checkout (coinsctl on PATH) with no
+    COINS_CERTS_DIR, the checkout's own certs/ (where `make up` writes them), not ./certs."""
+    settings = SecuritySettings()
+    if (
+        "COINS_CERTS_DIR" not in os.environ
+        and not settings.certs_dir.is_absolute()
+        and not settings.certs_dir.exists()
+        and _CHECKOUT_CERTS.exists()
+    ):
+        settings = settings.model_copy(update={"certs_dir": _CHECKOUT_CERTS})
+    return settings

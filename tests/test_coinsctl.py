@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cli import client as client_module
 from coins.wallet.v1 import wallet_pb2
 from tests.helpers import expect_error, funded_user, new_id
 from tests.suite import Suite, start_suite
@@ -156,3 +157,22 @@ async def test_promotions_can_be_listed_by_status(suite: Suite) -> None:
     assert code == 1 and "NOT_ACCOUNT_OWNER" in output and "pass --as OWNER" in output, output
     code, output = await coinsctl(suite, "promotions", user, "--status", "paused")
     assert code == 2 and "invalid choice" in output and "Traceback" not in output, output
+
+
+def test_coinsctl_run_outside_the_checkout_finds_the_checkouts_certs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PATH, coinsctl runs from anywhere: without COINS_CERTS_DIR it uses the checkout's certs/
+    (where `make up` writes them) when the working directory has none; COINS_CERTS_DIR wins."""
+    checkout_certs = tmp_path / "checkout" / "certs"
+    checkout_certs.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(client_module, "_CHECKOUT_CERTS", checkout_certs)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("COINS_CERTS_DIR", raising=False)
+    assert client_module._security().certs_dir == checkout_certs
+    (elsewhere / "certs").mkdir()  # a certs/ where it runs: that one, as before
+    assert client_module._security().certs_dir == Path("certs")
+    monkeypatch.setenv("COINS_CERTS_DIR", str(tmp_path / "mine"))
+    assert client_module._security().certs_dir == tmp_path / "mine"
