@@ -38,7 +38,9 @@ def _code(kind: ErrorKind) -> grpc.StatusCode:
 def to_status(error: DomainError, domain: str) -> status_pb2.Status:
     """The google.rpc.Status for `error`, with ErrorInfo first and BadRequest when fields were wrong."""
     metadata = error.metadata
-    if error.violations and not {"field", "fields"} & metadata.keys():  # names its fields
+    # Every refusal with field violations names them in `fields` (derived here, once for all),
+    # unless it names its one field already (`field`).
+    if error.violations and not {"field", "fields"} & metadata.keys():
         fields = ", ".join(dict.fromkeys(v.field for v in error.violations if v.field))
         metadata = {**metadata, "fields": fields}
     info = any_pb2.Any()

@@ -28,7 +28,6 @@ class RequestValidator:
                 "INVALID_REQUEST",
                 f"invalid request: {'; '.join(f'{f} must not contain NUL characters' for f in nul)}",
                 violations=tuple(FieldViolation(f, "must not contain NUL characters") for f in nul),
-                fields=", ".join(nul),
             )
         if cards:
             raise InvalidArgument(
@@ -38,7 +37,6 @@ class RequestValidator:
                 violations=tuple(
                     FieldViolation(f, "must not contain a card number (PAN)") for f in cards
                 ),
-                fields=", ".join(cards),
             )
         try:
             self._validator.validate(request)
@@ -50,13 +48,11 @@ class RequestValidator:
                 )
                 for v in error.violations
             )
-            fields = ", ".join(v.field for v in violations)
             said = "; ".join(f"{v.field or 'the request'}: {v.description}" for v in violations)
             raise InvalidArgument(
                 "INVALID_REQUEST",
                 f"invalid request: {said[:400]}",  # each field also in the BadRequest detail
                 violations=violations,
-                fields=fields,
             ) from None
         if blank := _blank_text(request):
             raise InvalidArgument(

@@ -500,7 +500,6 @@ class Wallet:
                         "custom_coins", f"exactly one of package_id, custom_coins: {which}"
                     ),
                 ),
-                fields="package_id, custom_coins",
             )
         if package_id:
             return await self.package(conn, package_id)
