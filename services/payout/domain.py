@@ -527,23 +527,3 @@ class Payouts:
                 )
             await storage.mark_matured(tx, [key for key, _, _ in claimed], now)
         return len(claimed)
-
-    async def quote(
-        self, conn: AsyncConnection, creator_id: str, diamonds: int
-    ) -> tuple[policy.Quote, CreatorDiamonds, str]:
-        """What a withdrawal of `diamonds` would pay, the creator's diamonds, and the reason
-        RequestWithdrawal would refuse it now, in the order it checks, up to the balance ("" if
-        none; `Withdrawals.quote` adds the daily cap)."""
-        quote = policy.quote(diamonds, self.settings)
-        standing = await self.diamonds(conn, creator_id)
-        verification, _ = await self.methods.verification(conn, creator_id)
-        refusal = ""
-        if verification != "verified":
-            refusal = "KYC_REQUIRED"
-        elif standing.debt > 0:
-            refusal = "DEBT_OUTSTANDING"
-        elif quote.gross_minor < self.settings.min_withdrawal_minor or quote.net_minor <= 0:
-            refusal = "BELOW_MINIMUM"
-        elif quote.diamonds > standing.available:
-            refusal = "INSUFFICIENT_FUNDS"
-        return quote, standing, refusal

@@ -105,10 +105,22 @@ class Withdrawals:
         """What a withdrawal of `diamonds` would pay, the creator's diamonds, and the reason
         `request` would refuse it now, in the order it checks, the daily cap included ("" if none;
         not a payout method, which the request may name or bring)."""
-        quote, standing, refusal = await self._payouts.quote(conn, creator_id, diamonds)
-        if not refusal:
+        settings = self.settings
+        quote = policy.quote(diamonds, settings)
+        standing = await self._payouts.diamonds(conn, creator_id)
+        verification, _ = await self._payouts.methods.verification(conn, creator_id)
+        refusal = ""
+        if verification != "verified":
+            refusal = "KYC_REQUIRED"
+        elif standing.debt > 0:
+            refusal = "DEBT_OUTSTANDING"
+        elif quote.gross_minor < settings.min_withdrawal_minor or quote.net_minor <= 0:
+            refusal = "BELOW_MINIMUM"
+        elif quote.diamonds > standing.available:
+            refusal = "INSUFFICIENT_FUNDS"
+        if not refusal:  # the day's total is read only for a withdrawal it may stop
             today, _ = await self._withdrawn_today(conn, creator_id, now)
-            if today + quote.gross_minor > self.settings.daily_withdrawal_cap_minor:
+            if today + quote.gross_minor > settings.daily_withdrawal_cap_minor:
                 refusal = "DAILY_LIMIT_EXCEEDED"
         return quote, standing, refusal
 
