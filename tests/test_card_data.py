@@ -9,12 +9,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from sqlalchemy import MetaData, String, Text, select
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
-from runtime.validation import contains_card_number
+from runtime.validation import _suspect_fields, contains_card_number
 from tests.helpers import expect_error, field_violations, funded_user, new_id
 from tests.suite import Suite
 
@@ -42,6 +43,21 @@ def test_card_numbers_are_recognised_and_ordinary_text_is_not() -> None:
         start = dt.date(2026, 1, 1) + dt.timedelta(days=day)
         text = f"refund for {start.isoformat()}/{(start + dt.timedelta(days=30)).isoformat()}"
         assert not contains_card_number(text), text
+
+
+def test_the_guard_reads_text_in_nested_repeated_and_map_fields() -> None:
+    """The walk behind CARD_DATA_REFUSED and the NUL refusal reaches text at any depth: map keys
+    and values, repeated items, singular messages (Struct has all three)."""
+    request = struct_pb2.Struct()
+    request.update({"a": {"b": ["ok", "x\x00y"]}, "note": f"card {SPELLINGS[1]}", "k\x00": 1})
+    nul, cards = _suspect_fields(request)
+    assert nul == ["fields", "fields.struct_value.fields.list_value.values.string_value"]
+    assert cards == ["fields.string_value"]
+    listed = struct_pb2.Value(
+        list_value=struct_pb2.ListValue(values=[struct_pb2.Value(string_value=PAN)])
+    )
+    assert _suspect_fields(listed) == ([], ["list_value.values.string_value"])
+    assert _suspect_fields(struct_pb2.Value(number_value=4111111111111111)) == ([], [])
 
 
 @pytest.fixture
