@@ -261,6 +261,12 @@ WORKER_BACKOFF_CAP_SECONDS = 30.0
 _PING = Statement("runtime.ping", "SELECT 1")
 
 
+async def _ping(db: Database, seconds: float) -> None:
+    async with asyncio.timeout(seconds):
+        async with db.driver.read() as tx:
+            await tx.one(_PING)
+
+
 async def _database_health(
     name: str,
     servicer: health.aio.HealthServicer,
@@ -270,34 +276,43 @@ async def _database_health(
 ) -> None:
     """Health says NOT_SERVING while the service's database cannot be reached (a readiness probe
     then takes the replica out of rotation, instead of sending it calls it can only refuse), and
-    SERVING again once it answers."""
+    SERVING again once it answers.
+
+    The ping runs as a task of its own, waited on for `every` seconds at most: against a database
+    that hangs (packets held, not refused), cancelling a query does not return until the driver
+    gives its connection back, which can take as long as the hang. A ping still out is no answer;
+    the next one starts when it returns."""
     serving = True
-    while True:
-        await asyncio.sleep(every)
-        try:
-            async with asyncio.timeout(every):
-                async with db.driver.read() as tx:
-                    await tx.one(_PING)
-            answers = True
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            answers = False
-            why = outage_cause(error)
-        if answers == serving:
-            continue
-        serving = answers
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if answers
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", *names):
-            await servicer.set(service, status)
-        if answers:
-            log.info("%s: the database answers again: health SERVING", name)
-        else:
-            log.warning("%s: the database does not answer (%s): health NOT_SERVING", name, why)
+    ping: asyncio.Task[None] | None = None
+    try:
+        while True:
+            await asyncio.sleep(every)
+            if ping is None:
+                ping = asyncio.create_task(_ping(db, every))
+            done, _ = await asyncio.wait({ping}, timeout=every)
+            if not done:
+                answers, why = False, f"no answer to a ping in {every:g}s"
+            else:
+                error, ping = ping.exception(), None
+                answers = error is None
+                why = "" if error is None else outage_cause(error)
+            if answers == serving:
+                continue
+            serving = answers
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if answers
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", *names):
+                await servicer.set(service, status)
+            if answers:
+                log.info("%s: the database answers again: health SERVING", name)
+            else:
+                log.warning("%s: the database does not answer (%s): health NOT_SERVING", name, why)
+    finally:
+        if ping is not None:
+            ping.cancel()
 
 
 async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:

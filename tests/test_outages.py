@@ -102,6 +102,30 @@ async def test_a_database_outage_is_unavailable_and_heals(
     assert balance.balance.coins == coins - 2
 
 
+async def test_a_hung_database_turns_health_not_serving_and_back(
+    wallet_behind_proxy: tuple[Suite, TcpProxy],
+) -> None:
+    """A database that stops answering without refusing (packets held) is an outage for the
+    readiness probe too, not only one that refuses connections (an operator review saw SERVING
+    for half a minute of a hang: the ping waited for the hung driver)."""
+    suite, proxy = wallet_behind_proxy
+    probe = health_pb2_grpc.HealthStub(suite.health_channel("wallet"))
+
+    async def health_is(status: int) -> bool:
+        answer = await probe.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return bool(answer.status == status)
+
+    assert await health_is(health_pb2.HealthCheckResponse.SERVING)
+    proxy.hold()
+    try:
+        await eventually(
+            lambda: health_is(health_pb2.HealthCheckResponse.NOT_SERVING), "NOT_SERVING in a hang"
+        )
+    finally:
+        proxy.heal()
+    await eventually(lambda: health_is(health_pb2.HealthCheckResponse.SERVING), "SERVING again")
+
+
 def test_a_connection_broken_mid_operation_is_an_outage_not_a_bug() -> None:
     """asyncpg's state error on a pooled connection whose server process was terminated (a
     PostgreSQL restart under load, as a fault-injection review saw) is UNAVAILABLE with a retry
