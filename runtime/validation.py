@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import protovalidate
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -163,11 +163,12 @@ def _luhn_valid(digits: list[int]) -> bool:
 
 
 def _may_hold_card_data(field: FieldDescriptor) -> bool:
-    """Tokens and free text a person could paste a card number into. Identifiers (`*_id`, the
-    caller's `reference`), page tokens and signatures (hex digests, whose digit runs pass the Luhn
-    check now and then) are left alone: numeric ids and digests are legitimate there."""
+    """Tokens and free text a person could paste a card number into. Identifiers (`*_id`, lists of
+    them `*_ids`: one 32-hex gift id in 350 holds a Luhn-valid digit run), the caller's
+    `reference`, page tokens and signatures (hex digests) are left alone: numeric ids and digests
+    are legitimate there."""
     name = field.name
-    return not (name.endswith("_id") or name in ("reference", "page_token", "signature"))
+    return not (name.endswith(("_id", "_ids")) or name in ("reference", "page_token", "signature"))
 
 
 _TEXT, _MESSAGE, _MAP = range(3)
@@ -190,32 +191,39 @@ def _suspect_plan(descriptor: Descriptor) -> tuple[tuple[str, int, bool, bool], 
     return tuple(plan)
 
 
-def _suspect_fields(message: Message, prefix: str = "") -> tuple[list[str], list[str]]:
+def _suspect_fields(message: Message) -> tuple[list[str], list[str]]:
     """Paths of string fields holding U+0000, which no identifier or text of ours may contain (and
     which PostgreSQL cannot store), and of those holding a card number: refused for every field,
-    whatever its rules say."""
+    whatever its rules say. Items of a repeated field are named by their index (`gift_ids[3]`):
+    in a batch of a hundred, the caller learns which one to fix."""
     nul: list[str] = []
     cards: list[str] = []
     for name, kind, repeated, card_check in _suspect_plan(message.DESCRIPTOR):
         value = getattr(message, name)
-        if kind == _TEXT:
-            texts = value if repeated else (value,)
-            inner: Iterable[Message] = ()
-        elif kind == _MAP:
-            texts = [t for t in (*value.keys(), *value.values()) if type(t) is str]
-            inner = [m for m in value.values() if isinstance(m, Message)]
+        if kind == _MESSAGE:
+            items = value if repeated else (value,) if message.HasField(name) else ()
+            for i, item in enumerate(items):
+                inner_nul, inner_cards = _suspect_fields(item)
+                if inner_nul or inner_cards:  # paths are built only for what is refused
+                    where = f"{name}[{i}]." if repeated else f"{name}."
+                    nul += [where + path for path in inner_nul]
+                    cards += [where + path for path in inner_cards]
+            continue
+        if kind == _MAP:
+            texts: Sequence[str] = [t for t in (*value.keys(), *value.values()) if type(t) is str]
+            for item in value.values():
+                if isinstance(item, Message):
+                    inner_nul, inner_cards = _suspect_fields(item)
+                    nul += [f"{name}.{path}" for path in inner_nul]
+                    cards += [f"{name}.{path}" for path in inner_cards]
+            repeated = False
         else:
-            texts = ()
-            inner = value if repeated else (value,) if message.HasField(name) else ()
-        for text in texts:
+            texts = value if repeated else (value,)
+        for i, text in enumerate(texts):
             if "\x00" in text:
-                nul.append(f"{prefix}{name}")
+                nul.append(f"{name}[{i}]" if repeated else name)
                 break
             if card_check and contains_card_number(text):
-                cards.append(f"{prefix}{name}")
+                cards.append(f"{name}[{i}]" if repeated else name)
                 break
-        for item in inner:
-            inner_nul, inner_cards = _suspect_fields(item, f"{prefix}{name}.")
-            nul += inner_nul
-            cards += inner_cards
     return nul, cards

@@ -325,7 +325,7 @@ async def test_a_nul_inside_a_repeated_message_is_refused_and_credits_nothing(
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_REQUEST",
     )
-    assert "requests.reference" in (error.details() or "")
+    assert "requests[1].reference" in (error.details() or "")  # which of the batch's credits
     balance = await suite.payout.GetDiamondBalance(
         payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
     )
