@@ -115,7 +115,9 @@ def make_meter_provider(
 
         endpoint = MetricsEndpoint(bound, stop)
     provider = MeterProvider(
-        resource=Resource.create({"service.name": service_resource}), metric_readers=chosen
+        resource=Resource.create({"service.name": service_resource}),
+        metric_readers=chosen,
+        shutdown_on_exit=False,  # shut down by the service's stop, within a budget
     )
     return provider, endpoint
 

@@ -15,6 +15,7 @@ import datetime as dt
 import gc
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,7 +60,9 @@ from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
 from runtime.sql import Statement
 from runtime.telemetry import (
+    TELEMETRY_FLUSH_SECONDS,
     configure_logging,
+    flush_within,
     make_tracer_provider,
     server_tracing,
     service_resource_name,
@@ -251,10 +254,9 @@ class RunningService(Generic[S]):
         for channel in rt._channels:
             await channel.close()
         await rt.db.close()
-        rt.tracer_provider.force_flush()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
-        rt.metrics.shutdown()
+        flush_within(TELEMETRY_FLUSH_SECONDS, rt.tracer_provider.force_flush, rt.metrics.shutdown)
 
 
 WORKER_BACKOFF_CAP_SECONDS = 30.0
@@ -392,6 +394,18 @@ REQUEST_TOO_LARGE with an ErrorInfo); a larger one is refused by the core itself
 """Without it two servers (two suites) bind one port side by side and calls land on either."""
 
 
+def _held(address: str) -> bool:
+    """Whether another socket holds `address` (host:port): binding it as the servers do fails."""
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except (OSError, ValueError):
+            return True
+    return False
+
+
 def _listen(
     server: grpc.aio.Server,
     address: str,
@@ -410,6 +424,11 @@ def _listen(
         )
     except RuntimeError:
         port = 0
+    if port == 0 and not _held(address):
+        raise SystemExit(
+            f"{what}: gRPC could not listen on {address}, although the port is free: check the "
+            "address, and the certificate files in COINS_CERTS_DIR"
+        )
     if port == 0:
         raise SystemExit(
             f"{what}: cannot listen on {address}: the port is in use (another coins suite, or "
@@ -435,13 +454,20 @@ async def start_service(
             "generated a development CA and keys in %s/ (never for production)", security.certs_dir
         )
     provider = tracer_provider or make_tracer_provider(spec.name)
-    meter_provider, metrics_endpoint = make_meter_provider(
-        service_resource_name(spec.name),
-        readers=metric_readers,
-        prometheus=(settings.host, settings.metrics_port)
-        if settings.metrics_port is not None
-        else None,
-    )
+    try:
+        meter_provider, metrics_endpoint = make_meter_provider(
+            service_resource_name(spec.name),
+            readers=metric_readers,
+            prometheus=(settings.host, settings.metrics_port)
+            if settings.metrics_port is not None
+            else None,
+        )
+    except OSError as error:  # the scrape port: said as the API and health ports are (_listen)
+        raise SystemExit(
+            f"{spec.name} metrics: cannot listen on {settings.host}:{settings.metrics_port}: "
+            f"{error.strerror or error}. Stop what holds it, or move it with "
+            f"{settings.env_prefix}METRICS_PORT."
+        ) from None
     metrics = ServiceMetrics(meter_provider, spec.name)
     clock = clock or SystemClock()
     url = settings.resolved_database_url()
@@ -626,9 +652,10 @@ def main(spec: ServiceSpec[S]) -> None:
     _few_malloc_arenas()
     try:
         settings = spec.settings_type()
-    except pydantic.ValidationError as error:
-        prefix = spec.settings_type.model_config.get("env_prefix", "")
-        raise SystemExit(startup.explain_settings(error, spec.name, prefix)) from None
+    except pydantic.ValidationError:
+        raise SystemExit(
+            "\n".join(startup.refused_settings(spec.settings_type, spec.name))
+        ) from None
     flush_logs = configure_logging(spec.name, settings.log_level, settings.log_format)
     for line in startup.mistyped_settings(spec.name, spec.settings_type):
         log.warning("%s", line)
@@ -647,7 +674,7 @@ def main(spec: ServiceSpec[S]) -> None:
         log.info("%s shutting down (grace %.1fs)", spec.name, settings.grace_seconds)
         await running.stop()
         log.info("%s stopped", spec.name)
-        flush_logs()
+        flush_within(TELEMETRY_FLUSH_SECONDS, flush_logs)
 
     try:
         run(serve())

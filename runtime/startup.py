@@ -13,7 +13,7 @@ import pydantic
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from runtime.config import ServiceSettings
+from runtime.config import SecuritySettings, ServiceSettings
 from runtime.outages import causes
 
 
@@ -76,6 +76,28 @@ def explain_settings(error: pydantic.ValidationError, service: str, env_prefix: 
         else:
             lines.append(f"{service}: bad configuration: {what}")
     return "\n".join(lines)
+
+
+def refused_settings(settings_type: type[ServiceSettings], service: str) -> list[str]:
+    """Every variable the service would refuse, one line each, named as it is set: the shared
+    COINS_* ones (SecuritySettings, built inside the service's settings, whose first refusal would
+    otherwise hide the service's own and be named with the service's prefix) and the service's."""
+    lines: list[str] = []
+    try:
+        SecuritySettings()
+        shared_ok = True
+    except pydantic.ValidationError as error:
+        lines += explain_settings(error, service, "COINS_").splitlines()
+        shared_ok = False
+    try:
+        if shared_ok:
+            settings_type()
+        else:  # the service's own variables, read beside shared settings left at their defaults
+            settings_type(security=SecuritySettings.model_construct())
+    except pydantic.ValidationError as error:
+        prefix = str(settings_type.model_config.get("env_prefix", ""))
+        lines += explain_settings(error, service, prefix).splitlines()
+    return lines
 
 
 def mistyped_settings(

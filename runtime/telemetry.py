@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 
@@ -39,7 +41,8 @@ def service_resource_name(service: str) -> str:
 def make_tracer_provider(service: str, exporter: SpanExporter | None = None) -> TracerProvider:
     """A provider whose spans say which service made them; `exporter` overrides the environment (tests)."""
     provider = TracerProvider(
-        resource=Resource.create({"service.name": service_resource_name(service)})
+        resource=Resource.create({"service.name": service_resource_name(service)}),
+        shutdown_on_exit=False,  # flushed by the service's stop, within a budget (flush_within)
     )
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -133,6 +136,64 @@ class _AnswerAfterTheCallEnded(logging.Filter):
 logging.getLogger("grpc._cython.cygrpc").addFilter(_AnswerAfterTheCallEnded())
 
 
+class _ExportFailuresOncePerMinute(logging.Filter):
+    """While the collector is unreachable, the OTLP exporters log a failure or a retry about once a
+    second per signal (and those lines are log records to export in turn). The first of each kind
+    is kept, then one a minute, saying how many were left out: the outage stays visible without
+    burying the service's own lines."""
+
+    EVERY_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, int], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (str(record.msg)[:24], record.levelno)
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._last.get(kind, (-math.inf, 0))
+            if now - last < self.EVERY_SECONDS:
+                self._last[kind] = (last, skipped + 1)
+                return False
+            self._last[kind] = (now, 0)
+        if skipped:
+            record.msg = f"{record.msg} ({skipped} more like this in the last minute, not logged)"
+        return True
+
+
+logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").addFilter(
+    _ExportFailuresOncePerMinute()
+)
+
+
+TELEMETRY_FLUSH_SECONDS = 2.0
+"""How long a stopping process waits for its last spans, metrics and log records to be exported.
+A reachable collector takes milliseconds; an unreachable one would hold the stop for the
+exporters' retries (10 s per signal and flush), past the grace period an orchestrator allows."""
+
+
+def flush_within(seconds: float, *flushes: Callable[[], object]) -> bool:
+    """Run `flushes` in a daemon thread for at most `seconds`; False (and a warning) if they did
+    not finish: what they were exporting is lost, and the process exits anyway."""
+    thread = threading.Thread(
+        target=lambda: [flush() for flush in flushes], name="telemetry flush", daemon=True
+    )
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        logging.getLogger("coins.telemetry").warning(
+            "telemetry not exported within %.1fs of stopping (collector unreachable?): "
+            "the last spans, metrics or log records are lost",
+            seconds,
+        )
+        return False
+    return True
+
+
 class _TraceIdFilter(logging.Filter):
     """Adds the current trace and span ids to every log record, so a log line leads to its trace."""
 
@@ -210,7 +271,8 @@ def _otlp_log_handler(service: str) -> tuple[logging.Handler, Callable[[], None]
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
     provider = LoggerProvider(
-        resource=Resource.create({"service.name": service_resource_name(service)})
+        resource=Resource.create({"service.name": service_resource_name(service)}),
+        shutdown_on_exit=False,  # flushed at the end of main, within a budget (flush_within)
     )
     provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
     return LoggingHandler(logger_provider=provider), provider.shutdown

@@ -302,3 +302,152 @@ def test_a_service_says_the_rates_and_limits_it_runs_with() -> None:
     assert "1 diamond(s) per 4 coin(s)" in said and "maturation 0 days" in said
     assert "fee 250 bps + $0.00" in said and "200 diamonds = $1.00" in said
     assert "coins sold in GB (GBP), US (USD)" in WalletSettings().policy()
+
+
+def test_shared_variables_are_named_as_set_and_no_refusal_hides_another() -> None:
+    """COINS_* variables are shared by every service: a refusal names them as they are set (not
+    WALLET_DEV_PKI, which no service reads), make up says each once, and a refused shared variable
+    no longer hides the service's own refusals."""
+    env = {
+        **os.environ,
+        "COINS_DEV_PKI": "maybe",
+        "COINS_USER_RATE_BURST": "-3",
+        "PAYOUT_WITHDRAWAL_FEE_BPS": "-5",
+    }
+    suite = subprocess.run(
+        [sys.executable, "-m", "tools.suite"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert suite.returncode == 1
+    assert suite.stderr.strip().splitlines() == [
+        "all services: COINS_DEV_PKI=maybe: Input should be a valid boolean, unable to interpret "
+        "input",
+        "all services: COINS_USER_RATE_BURST=-3: Input should be greater than 0",
+        "payout: PAYOUT_WITHDRAWAL_FEE_BPS=-5: Input should be greater than or equal to 0",
+        "the suite cannot start: fix the variables above",
+    ], suite.stderr[-2000:]
+    alone = subprocess.run(
+        [sys.executable, "-m", "services.payout"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert alone.returncode == 1
+    assert "payout: COINS_DEV_PKI=maybe" in alone.stderr, alone.stderr[-2000:]
+    assert "payout: PAYOUT_WITHDRAWAL_FEE_BPS=-5" in alone.stderr, alone.stderr[-2000:]
+    assert "PAYOUT_DEV_PKI" not in alone.stderr and "Traceback" not in alone.stderr
+
+
+def test_a_metrics_port_in_use_stops_the_service_naming_its_variable(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = start_wallet(
+            tmp_path, WALLET_METRICS_PORT=str(port), WALLET_DATA_DIR=str(tmp_path / "data")
+        )
+    assert done.returncode == 1
+    assert f"wallet metrics: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr[-2000:]
+    assert "WALLET_METRICS_PORT" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_certificate_that_is_not_pem_is_named_not_taken_for_a_port_in_use(
+    tmp_path: Path,
+) -> None:
+    """gRPC takes any bytes as a certificate and then fails to listen: that read as "the port is
+    in use" (an operator review), sending the operator after the wrong problem."""
+    from runtime import pki
+
+    certs = tmp_path / "certs"
+    pki.ensure_dev_pki(certs)
+    (certs / "wallet.pem").write_text("garbage\n")
+    done = start_wallet(tmp_path, COINS_DEV_PKI="false", WALLET_DATA_DIR=str(tmp_path / "data"))
+    assert done.returncode == 1
+    assert f"{certs / 'wallet.pem'} is not a PEM certificate" in done.stderr, done.stderr[-2000:]
+    assert "port is in use" not in done.stderr and "Traceback" not in done.stderr
+    pki.ensure_dev_pki(tmp_path / "other")  # a key that is not the certificate's
+    (certs / "wallet.pem").write_bytes((tmp_path / "other" / "wallet.pem").read_bytes())
+    done = start_wallet(tmp_path, COINS_DEV_PKI="false", WALLET_DATA_DIR=str(tmp_path / "data"))
+    assert done.returncode == 1
+    assert f"{certs / 'wallet-key.pem'} is not the key of" in done.stderr, done.stderr[-2000:]
+
+
+def test_make_up_exits_non_zero_when_a_service_cannot_start(tmp_path: Path) -> None:
+    """A script or CI running `make up` learns that the suite did not start."""
+    from tests.test_make_up import free_port_base
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.suite"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "COINS_PORT_BASE": str(free_port_base()),
+            "COINS_CERTS_DIR": str(tmp_path / "certs"),
+            "WALLET_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/coins",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "cannot reach PostgreSQL at 127.0.0.1:1" in done.stderr, done.stderr[-2000:]
+    assert "wallet exited with code 1 while starting" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_service_stops_within_its_grace_when_the_trace_collector_is_down(
+    tmp_path: Path,
+) -> None:
+    """The exporters retry an unreachable collector for 10 s per signal and flush: a review saw a
+    stop take 18-25 s, past the 15 s an orchestrator allows before it kills. The last telemetry
+    gets a bounded wait (runtime.telemetry.flush_within); the stop says what was lost."""
+    import signal
+    import socket
+
+    from runtime.telemetry import TELEMETRY_FLUSH_SECONDS
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        collector = closed.getsockname()[1]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        health_port = free.getsockname()[1]
+    wallet = subprocess.Popen(
+        [sys.executable, "-m", "services.wallet"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "COINS_CERTS_DIR": str(tmp_path / "certs"),
+            "WALLET_DATA_DIR": str(tmp_path / "data"),
+            "WALLET_PORT": "0",
+            "WALLET_HEALTH_PORT": str(health_port),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector}",
+        },
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        from tools.suite import _serving
+
+        deadline = time.monotonic() + 60
+        while not _serving(f"127.0.0.1:{health_port}"):
+            assert wallet.poll() is None and time.monotonic() < deadline, "the wallet did not start"
+            time.sleep(0.2)
+        wallet.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        _, stderr = wallet.communicate(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        if wallet.poll() is None:
+            wallet.kill()
+    grace = 5.0  # WALLET_GRACE_SECONDS' default; nothing is in flight, so it is not waited out
+    assert wallet.returncode == 0, stderr[-2000:]
+    assert took < grace + 2 * TELEMETRY_FLUSH_SECONDS + 3, f"stopped after {took:.1f}s"
+    assert "telemetry not exported within" in stderr, stderr[-2000:]

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from runtime import migrations, startup
 from runtime.db import Database
 from runtime.server import ServiceSpec
-from runtime.telemetry import configure_logging
+from runtime.telemetry import TELEMETRY_FLUSH_SECONDS, configure_logging, flush_within
 from services.gifting.service import SPEC as GIFTING
 from services.payout.service import SPEC as PAYOUT
 from services.promotion.service import SPEC as PROMOTION
@@ -58,7 +58,7 @@ async def migrate(names: list[str], *, check: bool = False) -> None:
         finally:
             if db is not None:
                 await db.close()
-            flush_logs()
+            flush_within(TELEMETRY_FLUSH_SECONDS, flush_logs)
         where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
         if not check:
             moved = f" from {lag[0] or 'an empty database'} to {lag[1]}" if lag is not None else ""

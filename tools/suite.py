@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import grpc
-import pydantic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runtime import pki, startup
@@ -55,14 +54,16 @@ def _settings() -> dict[str, ServiceSettings]:
 
 def _refused_settings() -> str:
     """What each service would refuse in its configuration (the environment), one line per bad
-    variable, as the service itself says it; "" when all is well."""
-    lines = []
+    variable, as the service itself says it; a shared COINS_* variable once, not once per
+    service; "" when all is well."""
+    lines: list[str] = []
     for name, settings_type in SETTINGS.items():
-        try:
-            settings_type()
-        except pydantic.ValidationError as error:
-            prefix = settings_type.model_config.get("env_prefix", "")
-            lines.append(startup.explain_settings(error, name, prefix))
+        for line in startup.refused_settings(settings_type, name):
+            shared = line.removeprefix(f"{name}: ")
+            if shared.startswith("COINS_"):
+                line = f"all services: {shared}"
+            if line not in lines:
+                lines.append(line)
     return "\n".join(lines)
 
 
@@ -85,6 +86,7 @@ def _busy_ports(settings: dict[str, ServiceSettings]) -> list[str]:
         for what, port, variable in (
             ("API", s.port, f"{s.env_prefix}PORT"),
             ("health", s.health_port, f"{s.env_prefix}HEALTH_PORT"),
+            ("metrics", s.metrics_port, f"{s.env_prefix}METRICS_PORT"),
         ):
             if port and _busy(s.host, port):
                 lines.append(f"port {port} ({name} {what}, {variable}) is in use")
@@ -191,6 +193,7 @@ def main() -> int:
     deadline = time.monotonic() + 60
     pending = set(SETTINGS)
     exited: dict[str, int] = {}
+    unhealthy: list[str] = []
     while pending and not stopping and time.monotonic() < deadline:
         pending = {n for n in pending if not _serving(addresses[n])}
         exited = {n: code for n, c in children.items() if (code := c.poll()) is not None}
@@ -218,11 +221,14 @@ def main() -> int:
             for line in exports:
                 print(f"  {line}", flush=True)
         print("try: make demo   (or .venv/bin/coinsctl --help)\n", flush=True)
-    else:
+    elif not stopping:  # not Ctrl-C while starting: the minute ran out
         print(f"services did not become healthy within 60 s: {sorted(pending)}", file=sys.stderr)
+        unhealthy = sorted(pending)
         stopping = True
 
-    failed: list[str] = []
+    failed: list[str] = [*exited, *unhealthy]
+    """Services that stopped the suite, or never started: a non-zero exit, so a script or CI that
+    runs `make up` notices."""
     exits: dict[str, list[float]] = {name: [] for name in children}
     restart_at: dict[str, float] = {}
     """Services waiting out their pause, each on its own clock: one crash-looping service never
@@ -269,7 +275,7 @@ def main() -> int:
                 print(f"{name} did not stop in time; killing it", file=sys.stderr)
                 children[name].kill()
     if failed:
-        print(f"stopped because {', '.join(failed)} exited", file=sys.stderr)
+        print(f"stopped because {', '.join(failed)} did not start or kept exiting", file=sys.stderr)
         return 1
     print("coins suite stopped", flush=True)
     return 0
