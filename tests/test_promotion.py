@@ -256,9 +256,12 @@ async def test_concurrent_deliveries_never_capture_more_than_the_budget(suite: S
     assert await coins_of(suite, user) == (coins - 300, coins - 300)
 
 
-async def test_the_wallets_refusal_is_relayed_when_the_hold_has_less_left_than_counted(
+async def test_the_wallets_refusal_is_budget_exceeded_when_the_hold_has_less_left_than_counted(
     suite: Suite,
 ) -> None:
+    """The wallet's hold refuses a capture the promotion's own count let through (concurrent
+    reports overtook it): the ad-delivery system gets BUDGET_EXCEEDED with what is left, as from
+    the promotion's check, not the wallet's CAPTURE_EXCEEDS_HOLD naming a hold it never saw."""
     user, coins = await funded_user(suite)
     made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
     hold = await hold_of(suite, made.promotion_id)
@@ -271,12 +274,18 @@ async def test_the_wallets_refusal_is_relayed_when_the_hold_has_less_left_than_c
     refused = await expect_error(
         suite.ad_delivery.ReportDelivery(report),
         grpc.StatusCode.FAILED_PRECONDITION,
-        "CAPTURE_EXCEEDS_HOLD",
+        "BUDGET_EXCEEDED",
     )
+    info = error_info(refused)
+    assert info is not None and dict(info.metadata) == {
+        "promotion_id": made.promotion_id,
+        "remaining": "50",
+        "requested": "100",
+    }
     await expect_error(
         suite.ad_delivery.ReportDelivery(report),  # the answer stands
         refused.code(),
-        "CAPTURE_EXCEEDS_HOLD",
+        "BUDGET_EXCEEDED",
     )
     assert (await read(suite, made.promotion_id, user)).spent_coins == 0
     assert await coins_of(suite, user) == (coins - 250, coins - 300)

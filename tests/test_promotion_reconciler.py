@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.status import error_info
 from services.promotion import storage
 from services.promotion.domain import Promotions
 from tests.helpers import eventually, expect_error, funded_user, new_id
@@ -276,4 +277,12 @@ async def test_a_create_whose_hold_never_reached_the_wallet_answers_that_nothing
         suite.promotion.CreatePromotion(request), grpc.StatusCode.FAILED_PRECONDITION, "HOLD_VOIDED"
     )
     assert "nothing is held" in (error.details() or "")
+    info = error_info(
+        error
+    )  # it names the promotion, REJECTED and listed, as a direct refusal does
+    listing = await suite.promotion.ListPromotions(
+        promotion_pb2.ListPromotionsRequest(user_id=user)
+    )
+    (rejected_id,) = [p.promotion_id for p in listing.promotions]
+    assert info is not None and info.metadata["promotion_id"] == rejected_id
     assert await available(suite, user) == coins

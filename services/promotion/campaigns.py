@@ -108,7 +108,7 @@ class Campaigns:
                 # The reconciler voided the hold's request id before this late attempt reached the
                 # wallet (REQUEST_ID_REUSED from a wallet that voided it before it said so: the
                 # hold's request id, derived from the promotion's, is never reused).
-                error = unpaid("DEBIT_VOIDED")
+                error = unpaid("DEBIT_VOIDED", promotion_id)
             if not error.retryable:
                 # The promotion stays, REJECTED (ListPromotions shows it): the refusal names it.
                 error.metadata["promotion_id"] = promotion_id

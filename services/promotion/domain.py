@@ -265,12 +265,17 @@ class Promotions:
         self, promotion: storage.PromotionRecord, coins: int, error: DomainError
     ) -> DomainError:
         """The wallet's refusal of a capture, in the promotion's terms: a hold released or expired
-        means the promotion ended; one captured in full, that its budget is spent. Other errors
-        (CAPTURE_EXCEEDS_HOLD among them) pass through."""
+        means the promotion ended; one captured in full, or with less left than this delivery
+        (CAPTURE_EXCEEDS_HOLD: concurrent reports overtook the promotion's own check), that its
+        budget is exceeded, as the check would have said (the ad-delivery system branches on one
+        reason, whichever check caught it). Other errors pass through."""
         if self.hold_over(error):
             return _ended(promotion)
         if error.reason == "HOLD_CAPTURED":
             return _exceeded(replace(promotion, spent_coins=promotion.budget_coins), coins)
+        if error.reason == "CAPTURE_EXCEEDS_HOLD" and error.metadata.get("remaining", "").isdigit():
+            spent = promotion.budget_coins - int(error.metadata["remaining"])
+            return _exceeded(replace(promotion, spent_coins=spent), coins)
         return error
 
     def hold_over(self, error: DomainError) -> bool:
@@ -322,17 +327,19 @@ class Promotions:
         return await storage.end_promotion(conn, promotion_id, now=now)
 
 
-def unpaid(outcome: str) -> DomainError:
+def unpaid(outcome: str, promotion_id: str) -> DomainError:
     """CreatePromotion's answer when its budget hold was never placed (found by the reconciler, or
     by the request's own late hold): the wallet's refusal with the code a direct call gets, or, for
-    a hold the wallet voided (never received), HOLD_VOIDED, which says nothing was held."""
+    a hold the wallet voided (never received), HOLD_VOIDED, which says nothing was held. It names
+    the promotion, REJECTED and listed, as a direct refusal does."""
     if outcome == "DEBIT_VOIDED":
         return FailedPrecondition(
             "HOLD_VOIDED",
             "the promotion was not paid: its budget hold never reached the wallet, so nothing is "
             "held; send CreatePromotion again with a new request_id",
+            promotion_id=promotion_id,
         )
     message = f"the promotion was not paid: the wallet answered {outcome}"
     if outcome == "ACCOUNT_NOT_FOUND":
-        return NotFound(outcome, message)
-    return FailedPrecondition(outcome, message)
+        return NotFound(outcome, message, promotion_id=promotion_id)
+    return FailedPrecondition(outcome, message, promotion_id=promotion_id)

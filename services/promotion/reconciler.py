@@ -48,7 +48,7 @@ class PromotionReconciler:
                     await rt.idempotency.complete_resource(
                         conn,
                         promotion.promotion_id,
-                        error=unpaid(outcome),
+                        error=unpaid(outcome, promotion.promotion_id),
                     )
                 elif await self._promotions.activate(
                     conn, promotion.promotion_id, now, hold_id=outcome.hold_id

@@ -103,10 +103,10 @@ class PromotionServiceServicer:
     def ReportDelivery(self, request, context):
         """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
         promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
-        (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-        PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
-        PROMOTION_NOT_ACTIVE (not paid for), or
-        CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+        (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left,
+        also when concurrent reports overtook the check and the wallet's hold refused the capture;
+        metadata promotion_id, remaining, requested), PROMOTION_ENDED (ended, completed with its budget
+        spent, or past its end time), or PROMOTION_NOT_ACTIVE (not paid for).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

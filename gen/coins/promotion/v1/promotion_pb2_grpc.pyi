@@ -53,10 +53,10 @@ class PromotionServiceStub:
     ReportDelivery: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.ReportDeliveryRequest, _promotion_pb2.ReportDeliveryResponse]
     """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
     promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
-    (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-    PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
-    PROMOTION_NOT_ACTIVE (not paid for), or
-    CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+    (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left,
+    also when concurrent reports overtook the check and the wallet's hold refused the capture;
+    metadata promotion_id, remaining, requested), PROMOTION_ENDED (ended, completed with its budget
+    spent, or past its end time), or PROMOTION_NOT_ACTIVE (not paid for).
     """
     EndPromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]
     """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
@@ -92,10 +92,10 @@ class PromotionServiceAsyncStub(PromotionServiceStub):
     ReportDelivery: _aio.UnaryUnaryMultiCallable[_promotion_pb2.ReportDeliveryRequest, _promotion_pb2.ReportDeliveryResponse]  # type: ignore[assignment]
     """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
     promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
-    (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-    PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
-    PROMOTION_NOT_ACTIVE (not paid for), or
-    CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+    (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left,
+    also when concurrent reports overtook the check and the wallet's hold refused the capture;
+    metadata promotion_id, remaining, requested), PROMOTION_ENDED (ended, completed with its budget
+    spent, or past its end time), or PROMOTION_NOT_ACTIVE (not paid for).
     """
     EndPromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]  # type: ignore[assignment]
     """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
@@ -152,10 +152,10 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_promotion_pb2.ReportDeliveryResponse, _abc.Awaitable[_promotion_pb2.ReportDeliveryResponse]]:
         """Internal (the ad-delivery system): reports delivery worth `coins`, which are captured from the
         promotion's held budget and added to its spent coins, once per request_id. Fails with NOT_FOUND
-        (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left),
-        PROMOTION_ENDED (ended, completed with its budget spent, or past its end time),
-        PROMOTION_NOT_ACTIVE (not paid for), or
-        CAPTURE_EXCEEDS_HOLD (relayed from the wallet when concurrent reports overtook the check).
+        (PROMOTION_NOT_FOUND) or FAILED_PRECONDITION: BUDGET_EXCEEDED (more than the budget has left,
+        also when concurrent reports overtook the check and the wallet's hold refused the capture;
+        metadata promotion_id, remaining, requested), PROMOTION_ENDED (ended, completed with its budget
+        spent, or past its end time), or PROMOTION_NOT_ACTIVE (not paid for).
         """
 
     @_abc_1.abstractmethod
