@@ -12,11 +12,13 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.errors import Unavailable
+from runtime.status import error_info
 from services.gifting import storage
 from services.gifting.clients import WalletDebiter
 from tests.helpers import (
@@ -27,6 +29,7 @@ from tests.helpers import (
     live_of,
     new_creator,
     new_id,
+    rpc_error,
 )
 from tests.suite import Suite, start_suite
 
@@ -172,6 +175,58 @@ async def test_a_gift_the_wallet_never_debited_fails_and_can_never_debit(
         return gift is not None and gift.status == "failed"
 
     await eventually(failed, "the gift to fail")
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins
+
+
+async def test_a_gift_voided_after_its_live_ended_says_the_live_ended(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler voids a gift whose debit never happened, after its LIVE ended: its answer is
+    LIVE_ENDED, no coins moved, as when EndLive settles it, not DEBIT_VOIDED's "send it again",
+    which could only meet LIVE_ENDED (review C)."""
+    from services.gifting import sending
+
+    suite = reconciling
+    sender, coins = await funded_user(suite)
+    creator = await new_creator(suite)
+
+    async def stopped_before_the_debit(self: WalletDebiter, **kwargs: Any) -> Any:
+        raise Unavailable("DEPENDENCY_UNAVAILABLE", "the attempt stopped before the debit")
+
+    async def wallet_unreachable(self: WalletDebiter, **kwargs: Any) -> Any:
+        raise Unavailable("DEPENDENCY_UNAVAILABLE", "the wallet cannot be reached yet")
+
+    request = live_gift(sender, creator, "rose")
+    monkeypatch.setattr(WalletDebiter, "debit_for_gift", stopped_before_the_debit)
+    monkeypatch.setattr(WalletDebiter, "resolve_gift_debit", wallet_unreachable)  # not settled yet
+    await expect_error(
+        suite.gifting.SendGift(request), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"
+    )
+    # EndLive leaves it (as it leaves a gift still on its way), so the reconciler settles it.
+    monkeypatch.setattr(sending, "_SETTLE_AFTER", dt.timedelta(days=1))
+    await suite.gifting.EndLive(
+        gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator)),
+        metadata=suite.token(creator),
+    )
+    monkeypatch.undo()
+
+    async def failed() -> bool:
+        async with suite.services["gifting"].runtime.db.read() as conn:
+            statuses = (
+                await conn.execute(
+                    sa.select(storage.sent_gifts.c.status).where(
+                        storage.sent_gifts.c.sender_id == sender
+                    )
+                )
+            ).scalars()
+            return list(statuses) == ["failed"]
+
+    await eventually(failed, "the reconciler to settle the gift as failed")
+    error = await rpc_error(suite.gifting.SendGift(request))  # the retry reads the answer
+    info = error_info(error)
+    assert info is not None and info.reason == "LIVE_ENDED", error.details()
+    assert "no coins moved" in (error.details() or "")
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins
 

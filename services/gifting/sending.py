@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.gifting.v1 import gifting_pb2
 from runtime import deadlines
@@ -262,6 +263,12 @@ class GiftSender:
             self._wake_relay()
         return settled
 
+    async def _live_over(self, conn: AsyncConnection, live_id: str | None) -> bool:
+        if not live_id:
+            return False
+        live = await storage.get_live(conn, live_id)
+        return live is not None and live.ended_at is not None
+
     async def _reconcile_one(
         self,
         sent: storage.SentGiftRecord,
@@ -293,15 +300,16 @@ class GiftSender:
                 )
             else:
                 await self._gifting.record_failure(conn, sent.sent_gift_id, now)
-                await self._idempotency.complete_resource(
-                    conn,
-                    sent.sent_gift_id,
-                    error=(voided or _voided(sent.sent_gift_id))
-                    if outcome == "DEBIT_VOIDED"
-                    else FailedPrecondition(
+                if outcome != "DEBIT_VOIDED":
+                    refusal = FailedPrecondition(
                         outcome, f"the gift was not sent: the wallet answered {outcome}"
-                    ),
-                )
+                    )
+                elif voided is None and await self._live_over(conn, sent.live_id):
+                    # "Send it again" would only meet LIVE_ENDED: say that, as EndLive would.
+                    refusal = ended_before_the_debit(str(sent.live_id))
+                else:
+                    refusal = voided or _voided(sent.sent_gift_id)
+                await self._idempotency.complete_resource(conn, sent.sent_gift_id, error=refusal)
         return 1
 
 
