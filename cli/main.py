@@ -195,8 +195,7 @@ def live_show(c: Clients, a: argparse.Namespace) -> None:
 def live_watch(c: Clients, a: argparse.Namespace) -> None:
     """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes)."""
     stream = c.gifting.WatchLive(
-        gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=a.after),
-        metadata=c.token(c.acting_user or "coinsctl"),
+        gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=a.after)
     )
     try:
         for event in stream:
@@ -917,13 +916,17 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
     code = error.code().name if hasattr(error, "code") else "UNKNOWN"
     details = error.details() if hasattr(error, "details") else str(error)
     if code == "UNAVAILABLE" and info is None and clients is not None:
-        service = clients.last_service or "the service"
-        address = clients.addresses.get(service, "its address")
+        service = clients.last_service
+        where = (
+            f"{service} at {clients.addresses[service]}: is the suite running (make up)? The "
+            f"address comes from --{service} or COINS_{service.upper()}_ADDRESS"
+            if service in clients.addresses
+            else "the service: is the suite running (make up)? Addresses come from --SERVICE or "
+            "COINS_<SERVICE>_ADDRESS"
+        )
         console.print(
-            f"cannot reach {service} at {address}: is the suite running (make up)? The address "
-            f"comes from --{service} or COINS_{service.upper()}_ADDRESS (default: the suite's, "
-            f"from COINS_PORT_BASE); certificates from COINS_CERTS_DIR "
-            f"({clients.security.certs_dir}/). gRPC said: {details}",
+            f"cannot reach {where} (default: the suite's, from COINS_PORT_BASE); certificates "
+            f"from COINS_CERTS_DIR ({clients.security.certs_dir}/). gRPC said: {details}",
             markup=False,
         )
         return

@@ -17,17 +17,18 @@ import pytest
 
 from cli import client as client_module
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, funded_user, new_id
+from tests.faults import TcpProxy
+from tests.helpers import expect_error, funded_user, live_gift, live_of, new_creator, new_id
 from tests.suite import Suite, start_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
-    """Run coinsctl against the suite (without blocking the event loop the suite serves on)."""
+async def start_coinsctl(suite: Suite, *arguments: str) -> asyncio.subprocess.Process:
+    """coinsctl started against the suite, its output (stdout and stderr) on a pipe."""
     env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir)}
     env.update({f"COINS_{n.upper()}_ADDRESS": s.address for n, s in suite.services.items()})
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "cli.main",
@@ -37,6 +38,11 @@ async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
+    """Run coinsctl against the suite (without blocking the event loop the suite serves on)."""
+    process = await start_coinsctl(suite, *arguments)
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode is not None
     return process.returncode, output.decode()
@@ -74,6 +80,39 @@ async def test_an_unreachable_service_is_named_and_a_retry_keeps_the_request_id(
     assert "COINS_WALLET_ADDRESS" in output
     retry = next(line for line in output.splitlines() if line.strip().startswith("coinsctl "))
     assert "--request-id" in retry and "--country GB" in retry
+
+
+async def test_a_watch_that_cannot_reach_gifting_names_it(suite: Suite) -> None:
+    """A stream names the service it could not reach, as a unary call does (it said "the service"
+    and COINS_THE SERVICE_ADDRESS: streams never recorded the service they called)."""
+    code, output = await coinsctl(suite, "--gifting", "127.0.0.1:1", "live", "watch", "live-x")
+    assert code == 1, output
+    assert "cannot reach gifting at 127.0.0.1:1: is the suite running" in output, output
+    assert "--gifting or COINS_GIFTING_ADDRESS" in output, output
+
+
+async def test_a_watch_that_loses_gifting_names_it(suite: Suite) -> None:
+    """Gifting gone while a watch runs (here its connection cut): the watch ends naming gifting,
+    the address it watched through and the variable that sets it."""
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    host, port = suite.services["gifting"].address.rsplit(":", 1)
+    proxy = await TcpProxy(host, int(port)).start()
+    address = f"127.0.0.1:{proxy.port}"
+    try:
+        watch = await start_coinsctl(suite, "--gifting", address, "live", "watch", live_of(creator))
+        assert watch.stdout is not None
+        await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+        first = await asyncio.wait_for(watch.stdout.readline(), timeout=30)
+        assert b"rose" in first, first  # the feed is flowing through the proxy
+        proxy.cut()
+        rest, _ = await asyncio.wait_for(watch.communicate(), timeout=30)
+    finally:
+        await proxy.close()
+    output = rest.decode()
+    assert watch.returncode == 1, output
+    assert f"cannot reach gifting at {address}" in output, output
+    assert "COINS_GIFTING_ADDRESS" in output and "THE SERVICE" not in output, output
 
 
 async def test_a_refused_call_is_one_log_line_with_its_reason(
