@@ -452,6 +452,34 @@ def retry_withdrawal(c: Clients, a: argparse.Namespace) -> None:
     console.print(render.withdrawal(response.withdrawal))
 
 
+def parked_credits(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.ListParkedCredits(
+        gifting_pb2.ListParkedCreditsRequest(page_size=a.limit), timeout=c.timeout
+    )
+    console.print(render.parked_credits(response.credits))
+    if response.next_page_token:
+        console.print(f"more are parked than the {a.limit} shown: --limit (up to 500)")
+
+
+def redeliver_credits(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.RedeliverParkedCredits(
+        gifting_pb2.RedeliverParkedCreditsRequest(
+            request_id=_rid(a), sent_gift_ids=a.sent_gift_ids, reason=a.reason
+        ),
+        timeout=c.timeout,
+    )
+    console.print(
+        f"{response.redelivered} parked credit(s) back on the outbox: delivered to payout again, "
+        "each credited once"
+    )
+    if response.not_parked_ids:
+        console.print(
+            "not parked, left as they are (unknown, delivered already, or still on their way): "
+            + ", ".join(response.not_parked_ids),
+            markup=False,
+        )
+
+
 def reconcile(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.ReconcileWithdrawals(
         payout_pb2.ReconcileWithdrawalsRequest(run_now=not a.latest), timeout=c.timeout
@@ -797,6 +825,22 @@ def _parser() -> argparse.ArgumentParser:
         retry_withdrawal,
         "give a parked withdrawal back to the processor worker, as an admin (--admin)",
     ).add_argument("withdrawal_id")
+    p = command(
+        "parked-credits",
+        parked_credits,
+        "gift credits payout refused for good, oldest first, as an admin (--admin)",
+    )
+    p.add_argument("--limit", type=int, default=50, help="most rows shown")
+    p = command(
+        "redeliver-credits",
+        redeliver_credits,
+        "put parked gift credits back on the outbox once their cause is fixed, as an admin "
+        "(--admin)",
+    )
+    p.add_argument("sent_gift_ids", nargs="+", metavar="ID", help="sent gift ids (parked-credits)")
+    p.add_argument(
+        "--reason", required=True, help="what was fixed, for the audit trail (3 characters or more)"
+    )
     p = command(
         "reconcile", reconcile, "compare the processor's payments with ours, as an admin (--admin)"
     )

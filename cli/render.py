@@ -313,6 +313,24 @@ def withdrawals(
     return table
 
 
+def parked_credits(items: Iterable[gifting_pb2.ParkedCredit]) -> Table:
+    """Parked gift credits, oldest first: each sent gift's full id (what `redeliver-credits`
+    takes) on one line, its creator under it, and the refusal that parked it."""
+    table = Table(title="Parked gift credits (oldest first)")
+    table.add_column("sent gift / creator", no_wrap=True, min_width=32)
+    table.add_column("coins", justify="right", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("last error")
+    for credit in items:
+        table.add_row(
+            Text(f"{credit.sent_gift_id}\n{credit.creator_id}"),
+            f"{credit.coins:,}",
+            str(credit.attempts),
+            Text(credit.last_error),  # as the server wrote it, never read as markup
+        )
+    return table
+
+
 def _micros(value: int, currency: str) -> str:
     """Millionths of a currency unit, shown exactly: 1234500 USD -> 1.234500 USD."""
     sign = "-" if value < 0 else ""

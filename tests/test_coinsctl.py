@@ -16,17 +16,28 @@ import grpc
 import pytest
 
 from cli import client as client_module
+from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from tests.faults import TcpProxy
-from tests.helpers import expect_error, funded_user, live_gift, live_of, new_creator, new_id
+from tests.helpers import (
+    eventually,
+    expect_error,
+    funded_user,
+    live_gift,
+    live_of,
+    new_creator,
+    new_id,
+)
 from tests.suite import Suite, start_suite
+from tests.test_parked_credits import park
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 async def start_coinsctl(suite: Suite, *arguments: str) -> asyncio.subprocess.Process:
-    """coinsctl started against the suite, its output (stdout and stderr) on a pipe."""
-    env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir)}
+    """coinsctl started against the suite, its output (stdout and stderr) on a pipe, as an
+    80-column terminal shows it."""
+    env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir), "COLUMNS": "80"}
     env.update({f"COINS_{n.upper()}_ADDRESS": s.address for n, s in suite.services.items()})
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -196,6 +207,41 @@ async def test_promotions_can_be_listed_by_status(suite: Suite) -> None:
     assert code == 1 and "NOT_ACCOUNT_OWNER" in output and "pass --as OWNER" in output, output
     code, output = await coinsctl(suite, "promotions", user, "--status", "paused")
     assert code == 2 and "invalid choice" in output and "Traceback" not in output, output
+
+
+async def test_parked_credits_are_listed_and_redelivered(suite: Suite) -> None:
+    """The CoinsParkedWork runbook's commands: parked credits listed with their full ids (one
+    line each in 80 columns) and last error, for admins only; redelivered with a reason, a
+    mistyped id named; the creator is credited once."""
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    parked = await park(suite, sender, creator, 40)
+    admin = ("--admin", "--as", new_id("ops"))
+    code, output = await coinsctl(suite, "parked-credits")
+    assert code == 1 and "ADMIN_ROLE_REQUIRED" in output, output
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
+    assert code == 0, output
+    row = next(line for line in output.splitlines() if parked in line)
+    assert "40" in row and "INVALID_ARGUMENT" in row, output
+    assert creator in output, output
+    code, output = await coinsctl(suite, *admin, "redeliver-credits", parked)
+    assert code == 2 and "--reason" in output and "Traceback" not in output, output
+    code, output = await coinsctl(
+        suite, *admin, "redeliver-credits", "no-such-gift", parked, "--reason", "payout fixed"
+    )
+    assert code == 0, output
+    assert "1 parked credit(s) back on the outbox" in output, output
+    assert "no-such-gift" in output.split("not parked", 1)[1], output
+
+    async def credited() -> bool:
+        balance = await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+        return balance.balance.diamonds == 20  # 40 coins -> 20 diamonds
+
+    await eventually(credited, "the redelivered credit")
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
+    assert code == 0 and parked not in output, output
 
 
 def test_coinsctl_run_outside_the_checkout_finds_the_checkouts_certs(
