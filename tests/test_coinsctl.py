@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import logging
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
+from rich.console import Console
 
 from cli import client as client_module
+from cli import render
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from tests.faults import TcpProxy
@@ -201,6 +205,7 @@ async def test_promotions_can_be_listed_by_status(suite: Suite) -> None:
     promotion_id = re.findall(r"\b[0-9a-f]{32}\b", output)[0]
     code, output = await coinsctl(suite, "promotions", user, "--status", "active", "--as", user)
     assert code == 0 and "video-7" in output, output
+    assert promotion_id in output and "0 / 150" in output, output  # the id whole in 80 columns
     code, output = await coinsctl(suite, "promotions", user, "--status", "completed", "--as", user)
     assert code == 0 and "video-7" not in output, output
     code, output = await coinsctl(suite, "promotion", promotion_id)  # whose? coinsctl cannot tell
@@ -242,6 +247,25 @@ async def test_parked_credits_are_listed_and_redelivered(suite: Suite) -> None:
     await eventually(credited, "the redelivered credit")
     code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
     assert code == 0 and parked not in output, output
+
+
+def test_a_reconciliations_ids_stay_whole_in_80_columns() -> None:
+    """Both ids of a mismatch (ours and the processor's) are looked up elsewhere: each is whole on
+    a line of an 80-column terminal (seven columns folded them)."""
+    ours, theirs = uuid.uuid4().hex, f"SBXITEM{uuid.uuid4().hex[:17].upper()}"
+    mismatch = payout_pb2.ReconciliationMismatch(
+        kind=payout_pb2.MISMATCH_KIND_AMOUNT_DIFFERS,
+        withdrawal_id=ours,
+        processor_reference=theirs,
+        our_status=payout_pb2.WITHDRAWAL_STATUS_PAID,
+        processor_status="SUCCESS",
+        our_amount_minor=1_250,
+        processor_amount_minor=125_000,
+    )
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(render.mismatches([mismatch]))
+    shown = console.export_text()
+    assert ours in shown and theirs in shown and "125,000" in shown, shown
 
 
 def test_coinsctl_run_outside_the_checkout_finds_the_checkouts_certs(
