@@ -34,12 +34,18 @@ def default_address(service: str) -> str:
     return os.environ.get(f"COINS_{service.upper()}_ADDRESS") or suite_address(service)
 
 
-class _DevTokens(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Adds a dev token for the acting user to every call that has none."""
+class _DevTokens(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds a dev token for the acting user to every call that has none, and notes the service
+    called: streams too (`live watch`), so that losing one names its service and address."""
 
     def __init__(self, token_for: Callable[[Any], str], called: Callable[[], None]) -> None:
         self._token_for = token_for
         self._called = called
+
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return self.intercept_unary_unary(continuation, details, request)
 
     def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any

@@ -195,8 +195,7 @@ def live_show(c: Clients, a: argparse.Namespace) -> None:
 def live_watch(c: Clients, a: argparse.Namespace) -> None:
     """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes)."""
     stream = c.gifting.WatchLive(
-        gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=a.after),
-        metadata=c.token(c.acting_user or "coinsctl"),
+        gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=a.after)
     )
     try:
         for event in stream:
@@ -451,6 +450,34 @@ def retry_withdrawal(c: Clients, a: argparse.Namespace) -> None:
         timeout=c.timeout,
     )
     console.print(render.withdrawal(response.withdrawal))
+
+
+def parked_credits(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.ListParkedCredits(
+        gifting_pb2.ListParkedCreditsRequest(page_size=a.limit), timeout=c.timeout
+    )
+    console.print(render.parked_credits(response.credits))
+    if response.next_page_token:
+        console.print(f"more are parked than the {a.limit} shown: --limit (up to 500)")
+
+
+def redeliver_credits(c: Clients, a: argparse.Namespace) -> None:
+    response = c.gifting.RedeliverParkedCredits(
+        gifting_pb2.RedeliverParkedCreditsRequest(
+            request_id=_rid(a), sent_gift_ids=a.sent_gift_ids, reason=a.reason
+        ),
+        timeout=c.timeout,
+    )
+    console.print(
+        f"{response.redelivered} parked credit(s) back on the outbox: delivered to payout again, "
+        "each credited once"
+    )
+    if response.not_parked_ids:
+        console.print(
+            "not parked, left as they are (unknown, delivered already, or still on their way): "
+            + ", ".join(response.not_parked_ids),
+            markup=False,
+        )
 
 
 def reconcile(c: Clients, a: argparse.Namespace) -> None:
@@ -799,6 +826,22 @@ def _parser() -> argparse.ArgumentParser:
         "give a parked withdrawal back to the processor worker, as an admin (--admin)",
     ).add_argument("withdrawal_id")
     p = command(
+        "parked-credits",
+        parked_credits,
+        "gift credits payout refused for good, oldest first, as an admin (--admin)",
+    )
+    p.add_argument("--limit", type=int, default=50, help="most rows shown")
+    p = command(
+        "redeliver-credits",
+        redeliver_credits,
+        "put parked gift credits back on the outbox once their cause is fixed, as an admin "
+        "(--admin)",
+    )
+    p.add_argument("sent_gift_ids", nargs="+", metavar="ID", help="sent gift ids (parked-credits)")
+    p.add_argument(
+        "--reason", required=True, help="what was fixed, for the audit trail (3 characters or more)"
+    )
+    p = command(
         "reconcile", reconcile, "compare the processor's payments with ours, as an admin (--admin)"
     )
     p.add_argument(
@@ -917,13 +960,17 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
     code = error.code().name if hasattr(error, "code") else "UNKNOWN"
     details = error.details() if hasattr(error, "details") else str(error)
     if code == "UNAVAILABLE" and info is None and clients is not None:
-        service = clients.last_service or "the service"
-        address = clients.addresses.get(service, "its address")
+        service = clients.last_service
+        where = (
+            f"{service} at {clients.addresses[service]}: is the suite running (make up)? The "
+            f"address comes from --{service} or COINS_{service.upper()}_ADDRESS"
+            if service in clients.addresses
+            else "the service: is the suite running (make up)? Addresses come from --SERVICE or "
+            "COINS_<SERVICE>_ADDRESS"
+        )
         console.print(
-            f"cannot reach {service} at {address}: is the suite running (make up)? The address "
-            f"comes from --{service} or COINS_{service.upper()}_ADDRESS (default: the suite's, "
-            f"from COINS_PORT_BASE); certificates from COINS_CERTS_DIR "
-            f"({clients.security.certs_dir}/). gRPC said: {details}",
+            f"cannot reach {where} (default: the suite's, from COINS_PORT_BASE); certificates "
+            f"from COINS_CERTS_DIR ({clients.security.certs_dir}/). gRPC said: {details}",
             markup=False,
         )
         return

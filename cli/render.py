@@ -313,6 +313,24 @@ def withdrawals(
     return table
 
 
+def parked_credits(items: Iterable[gifting_pb2.ParkedCredit]) -> Table:
+    """Parked gift credits, oldest first: each sent gift's full id (what `redeliver-credits`
+    takes) on one line, its creator under it, and the refusal that parked it."""
+    table = Table(title="Parked gift credits (oldest first)")
+    table.add_column("sent gift / creator", no_wrap=True, min_width=32)
+    table.add_column("coins", justify="right", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("last error")
+    for credit in items:
+        table.add_row(
+            Text(f"{credit.sent_gift_id}\n{credit.creator_id}"),
+            f"{credit.coins:,}",
+            str(credit.attempts),
+            Text(credit.last_error),  # as the server wrote it, never read as markup
+        )
+    return table
+
+
 def _micros(value: int, currency: str) -> str:
     """Millionths of a currency unit, shown exactly: 1234500 USD -> 1.234500 USD."""
     sign = "-" if value < 0 else ""
@@ -340,24 +358,21 @@ def revenue(report: payout_pb2.GetRevenueReportResponse) -> Table:
 
 
 def mismatches(items: Iterable[payout_pb2.ReconciliationMismatch]) -> Table:
-    """A reconciliation's mismatches, one a row (amounts in minor units)."""
-    table = Table(title="Mismatches")
+    """A reconciliation's mismatches (amounts in minor units), two lines each: our withdrawal,
+    then the processor's item, so that both ids stay whole on a line in 80 columns (they are what
+    an operator looks up)."""
+    table = Table(title="Mismatches (ours, then the processor's)")
     table.add_column("mismatch")
-    table.add_column("withdrawal", no_wrap=True)
-    table.add_column("processor item")
-    table.add_column("ours")
-    table.add_column("processor's")
-    table.add_column("our amount", justify="right")
-    table.add_column("processor amount", justify="right")
+    table.add_column("withdrawal / processor item", no_wrap=True, min_width=32)
+    table.add_column("status", no_wrap=True)
+    table.add_column("amount", justify="right", no_wrap=True)
     for m in items:
+        ours = withdrawal_status(m.our_status) if m.our_status else "-"
         table.add_row(
             enum_name(payout_pb2.MismatchKind, m.kind, "MISMATCH_KIND_"),
-            m.withdrawal_id or "-",
-            m.processor_reference or "-",
-            withdrawal_status(m.our_status) if m.our_status else "-",
-            m.processor_status.lower() or "-",
-            f"{m.our_amount_minor:,}",
-            f"{m.processor_amount_minor:,}",
+            Text(f"{m.withdrawal_id or '-'}\n{m.processor_reference or '-'}"),
+            Text(f"{ours}\n{m.processor_status.lower() or '-'}"),
+            f"{m.our_amount_minor:,}\n{m.processor_amount_minor:,}",
         )
     return table
 
@@ -379,17 +394,19 @@ def promotion(p: promotion_pb2.Promotion) -> Table:
 
 
 def promotions(user_id: str, items: Iterable[promotion_pb2.Promotion]) -> Table:
-    """A user's promotions, newest first, with their full ids (what the other commands take)."""
+    """A user's promotions, newest first, with their full ids (what the other commands take), each
+    on one line in 80 columns: so the goal is left to `promotion ID`, and spent and budget share
+    a column."""
     table = Table(title=f"Promotions of {user_id} (newest first)")
-    for name in ("promotion", "video", "goal", "budget", "spent", "status"):
-        table.add_column(name, justify="right" if name in ("budget", "spent") else "left")
+    table.add_column("promotion", no_wrap=True, min_width=32)
+    table.add_column("video")
+    table.add_column("spent / budget", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     for p in items:
         table.add_row(
             p.promotion_id,
             p.video_id,
-            enum_name(promotion_pb2.Goal, p.goal, "GOAL_"),
-            f"{p.budget_coins:,}",
-            f"{p.spent_coins:,}",
+            f"{p.spent_coins:,} / {p.budget_coins:,}",
             enum_name(promotion_pb2.PromotionStatus, p.status, "PROMOTION_STATUS_"),
         )
     return table

@@ -28,13 +28,18 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from sqlalchemy.engine import make_url
 
 from ledger.anchors import AnchorStore
 from ledger.audit import AuditReport, audit_books
+from runtime.outages import causes
 from runtime.sql import Driver, Statement, Tx
+
+if TYPE_CHECKING:  # a job a service starts never loads the settings (pydantic: ~9 MB)
+    from runtime.config import ServiceSettings
 
 _LAST_CHECKPOINT = Statement(
     "audit.last_checkpoint",
@@ -213,6 +218,65 @@ def driver_for(url: str, role: str = "") -> Driver:
     )
 
 
+def _database_url(settings: ServiceSettings) -> str:
+    """The URL the service itself would use, without creating its data directory on the way
+    (`resolved_database_url` does, for a service about to make its database)."""
+    if settings.database_url:
+        return settings.resolved_database_url()
+    path = (settings.data_dir / f"{settings.service_name}.db").resolve()
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def _shown(url: str) -> str:
+    """The URL as it may be printed: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide in what it is
+        return url
+
+
+def _sqlite_file(url: str) -> Path | None:
+    return Path(url.split(":///", 1)[1]) if url.startswith("sqlite") else None
+
+
+def _missing_database(url: str, settings: ServiceSettings | None) -> str | None:
+    """Why the audit will not open `url`: a SQLite file that does not exist. Connecting would
+    create an empty one (and fail on its missing tables), leaving it for the next reader."""
+    path = _sqlite_file(url)
+    if path is None or path.exists():
+        return None
+    if settings is None:
+        return f"there is no database at {_shown(url)}"
+    prefix = settings.env_prefix
+    return (
+        f"there is no database at {_shown(url)}: set {prefix}DATABASE_URL to the "
+        f"{settings.service_name}'s database, or for its SQLite file COINS_DATA_DIR (or "
+        f"{prefix}DATA_DIR) to its data directory (now {settings.data_dir}/), as the service has "
+        "them"
+    )
+
+
+def _explain(error: BaseException, url: str, settings: ServiceSettings | None) -> str:
+    """Why the audit could not run, naming the database it opened (never its password)."""
+    for cause in causes(error):
+        if isinstance(cause, asyncpg.UndefinedTableError) or (
+            isinstance(cause, sqlite3.OperationalError) and "no such table" in str(cause)
+        ):
+            service = settings.service_name if settings is not None else "SERVICE"
+            return (
+                f"the database at {_shown(url)} has not been migrated ({cause}): start the "
+                f"{service} service on it once (it migrates on start) or run `python -m "
+                f"tools.migrate {service}` with the same settings; or is it not the {service}'s?"
+            )
+    if settings is not None:  # loaded: a known start-up problem (no such database, ...) in a line
+        from runtime import startup
+
+        known = startup.explain(error, settings.service_name, settings)
+        if known is not None:
+            return known
+    return f"{type(error).__name__}: {error} (database: {_shown(url)})"
+
+
 async def _main(
     url: str, role: str, anchor_dir: Path | None, incremental: bool, duty_cycle: float
 ) -> AuditRun:
@@ -249,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     lowest_priority()  # the serving processes on this host come first
+    settings: ServiceSettings | None = None
     if args.job_from_env:
         job = json.loads(os.environ[JOB_VARIABLE])
         url, role = job["database_url"], job.get("database_role", "")
@@ -259,14 +324,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.service is None:
             parser.error("name the service whose ledger to audit")
         module, name = SERVICES[args.service].split(":")
-        settings = getattr(importlib.import_module(module), name)()
-        url, role = settings.resolved_database_url(), settings.database_role
-        anchor_dir, incremental = settings.anchor_dir(), args.incremental
+        loaded = getattr(importlib.import_module(module), name)()
+        url, role = _database_url(loaded), loaded.database_role
+        anchor_dir, incremental = loaded.anchor_dir(), args.incremental
+        settings = loaded
         duty_cycle = args.duty_cycle
+    missing = _missing_database(url, settings)
+    if missing is not None:
+        print(f"the audit could not run: {missing}", file=sys.stderr)
+        return 2
     try:
         run = asyncio.run(_main(url, role, anchor_dir, incremental, duty_cycle))
     except Exception as error:  # a database gone mid-run, say: exit 2, never 1 ("findings")
-        print(f"the audit could not run: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"the audit could not run: {_explain(error, url, settings)}", file=sys.stderr)
         return 2
     report = run.report
     if args.job_from_env:

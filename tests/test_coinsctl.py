@@ -6,28 +6,44 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import logging
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
+from rich.console import Console
 
 from cli import client as client_module
+from cli import render
+from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import expect_error, funded_user, new_id
+from tests.faults import TcpProxy
+from tests.helpers import (
+    eventually,
+    expect_error,
+    funded_user,
+    live_gift,
+    live_of,
+    new_creator,
+    new_id,
+)
 from tests.suite import Suite, start_suite
+from tests.test_parked_credits import park
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
-    """Run coinsctl against the suite (without blocking the event loop the suite serves on)."""
-    env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir)}
+async def start_coinsctl(suite: Suite, *arguments: str) -> asyncio.subprocess.Process:
+    """coinsctl started against the suite, its output (stdout and stderr) on a pipe, as an
+    80-column terminal shows it."""
+    env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir), "COLUMNS": "80"}
     env.update({f"COINS_{n.upper()}_ADDRESS": s.address for n, s in suite.services.items()})
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "cli.main",
@@ -37,6 +53,11 @@ async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
+    """Run coinsctl against the suite (without blocking the event loop the suite serves on)."""
+    process = await start_coinsctl(suite, *arguments)
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode is not None
     return process.returncode, output.decode()
@@ -74,6 +95,39 @@ async def test_an_unreachable_service_is_named_and_a_retry_keeps_the_request_id(
     assert "COINS_WALLET_ADDRESS" in output
     retry = next(line for line in output.splitlines() if line.strip().startswith("coinsctl "))
     assert "--request-id" in retry and "--country GB" in retry
+
+
+async def test_a_watch_that_cannot_reach_gifting_names_it(suite: Suite) -> None:
+    """A stream names the service it could not reach, as a unary call does (it said "the service"
+    and COINS_THE SERVICE_ADDRESS: streams never recorded the service they called)."""
+    code, output = await coinsctl(suite, "--gifting", "127.0.0.1:1", "live", "watch", "live-x")
+    assert code == 1, output
+    assert "cannot reach gifting at 127.0.0.1:1: is the suite running" in output, output
+    assert "--gifting or COINS_GIFTING_ADDRESS" in output, output
+
+
+async def test_a_watch_that_loses_gifting_names_it(suite: Suite) -> None:
+    """Gifting gone while a watch runs (here its connection cut): the watch ends naming gifting,
+    the address it watched through and the variable that sets it."""
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    host, port = suite.services["gifting"].address.rsplit(":", 1)
+    proxy = await TcpProxy(host, int(port)).start()
+    address = f"127.0.0.1:{proxy.port}"
+    try:
+        watch = await start_coinsctl(suite, "--gifting", address, "live", "watch", live_of(creator))
+        assert watch.stdout is not None
+        await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+        first = await asyncio.wait_for(watch.stdout.readline(), timeout=30)
+        assert b"rose" in first, first  # the feed is flowing through the proxy
+        proxy.cut()
+        rest, _ = await asyncio.wait_for(watch.communicate(), timeout=30)
+    finally:
+        await proxy.close()
+    output = rest.decode()
+    assert watch.returncode == 1, output
+    assert f"cannot reach gifting at {address}" in output, output
+    assert "COINS_GIFTING_ADDRESS" in output and "THE SERVICE" not in output, output
 
 
 async def test_a_refused_call_is_one_log_line_with_its_reason(
@@ -151,12 +205,67 @@ async def test_promotions_can_be_listed_by_status(suite: Suite) -> None:
     promotion_id = re.findall(r"\b[0-9a-f]{32}\b", output)[0]
     code, output = await coinsctl(suite, "promotions", user, "--status", "active", "--as", user)
     assert code == 0 and "video-7" in output, output
+    assert promotion_id in output and "0 / 150" in output, output  # the id whole in 80 columns
     code, output = await coinsctl(suite, "promotions", user, "--status", "completed", "--as", user)
     assert code == 0 and "video-7" not in output, output
     code, output = await coinsctl(suite, "promotion", promotion_id)  # whose? coinsctl cannot tell
     assert code == 1 and "NOT_ACCOUNT_OWNER" in output and "pass --as OWNER" in output, output
     code, output = await coinsctl(suite, "promotions", user, "--status", "paused")
     assert code == 2 and "invalid choice" in output and "Traceback" not in output, output
+
+
+async def test_parked_credits_are_listed_and_redelivered(suite: Suite) -> None:
+    """The CoinsParkedWork runbook's commands: parked credits listed with their full ids (one
+    line each in 80 columns) and last error, for admins only; redelivered with a reason, a
+    mistyped id named; the creator is credited once."""
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    parked = await park(suite, sender, creator, 40)
+    admin = ("--admin", "--as", new_id("ops"))
+    code, output = await coinsctl(suite, "parked-credits")
+    assert code == 1 and "ADMIN_ROLE_REQUIRED" in output, output
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
+    assert code == 0, output
+    row = next(line for line in output.splitlines() if parked in line)
+    assert "40" in row and "INVALID_ARGUMENT" in row, output
+    assert creator in output, output
+    code, output = await coinsctl(suite, *admin, "redeliver-credits", parked)
+    assert code == 2 and "--reason" in output and "Traceback" not in output, output
+    code, output = await coinsctl(
+        suite, *admin, "redeliver-credits", "no-such-gift", parked, "--reason", "payout fixed"
+    )
+    assert code == 0, output
+    assert "1 parked credit(s) back on the outbox" in output, output
+    assert "no-such-gift" in output.split("not parked", 1)[1], output
+
+    async def credited() -> bool:
+        balance = await suite.payout.GetDiamondBalance(
+            payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+        )
+        return balance.balance.diamonds == 20  # 40 coins -> 20 diamonds
+
+    await eventually(credited, "the redelivered credit")
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
+    assert code == 0 and parked not in output, output
+
+
+def test_a_reconciliations_ids_stay_whole_in_80_columns() -> None:
+    """Both ids of a mismatch (ours and the processor's) are looked up elsewhere: each is whole on
+    a line of an 80-column terminal (seven columns folded them)."""
+    ours, theirs = uuid.uuid4().hex, f"SBXITEM{uuid.uuid4().hex[:17].upper()}"
+    mismatch = payout_pb2.ReconciliationMismatch(
+        kind=payout_pb2.MISMATCH_KIND_AMOUNT_DIFFERS,
+        withdrawal_id=ours,
+        processor_reference=theirs,
+        our_status=payout_pb2.WITHDRAWAL_STATUS_PAID,
+        processor_status="SUCCESS",
+        our_amount_minor=1_250,
+        processor_amount_minor=125_000,
+    )
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(render.mismatches([mismatch]))
+    shown = console.export_text()
+    assert ours in shown and theirs in shown and "125,000" in shown, shown
 
 
 def test_coinsctl_run_outside_the_checkout_finds_the_checkouts_certs(
