@@ -1,4 +1,6 @@
-"""Payout rules: crediting diamonds from gifts, withdrawal limits, and settling with the processor."""
+"""Payout rules for diamonds: crediting gifts (in batches, each exactly once), reversing them and
+the debts that leaves, maturation, balances, revenue and statements. Withdrawals and their limits
+are in withdrawals.py, the processor worker in processor.py."""
 
 from __future__ import annotations
 

@@ -291,7 +291,9 @@ class Gifter(_message.Message):
     """Coins the viewer has sent in the LIVE."""
     rank: _builtins.int
     """1-based position in the ranking: equal coins are ordered by user_id (ascending), so every
-    position is distinct and stable across pages; compare `coins` to show ties.
+    position is distinct; compare `coins` to show ties. Pages are a keyset walk (the next starts
+    after the last entry seen, ranks counted on from the page token): an entry that climbs between
+    pages is not shown again; re-read from the first page for a current board.
     """
     def __init__(
         self,
@@ -1325,7 +1327,9 @@ class RankedCreator(_message.Message):
     """Coins of the creator's credited gifts in the period."""
     rank: _builtins.int
     """1-based position in the ranking: equal coins are ordered by creator_id (ascending), so every
-    position is distinct and stable across pages; compare `coins` to show ties.
+    position is distinct; compare `coins` to show ties. Pages are a keyset walk (the next starts
+    after the last entry seen, ranks counted on from the page token): an entry that climbs between
+    pages is not shown again; re-read from the first page for a current board.
     """
     def __init__(
         self,
