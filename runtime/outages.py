@@ -97,8 +97,9 @@ def outage_of(error: BaseException) -> Unavailable | None:
         if _is_outage(cause):
             return Unavailable(
                 "DATABASE_UNAVAILABLE",
-                "the service's database is unreachable right now; retry with the same request_id "
-                "(a request that was applied is answered, never applied twice)",
+                "the service's database is unreachable right now; retry after the suggested delay (a "
+                "call with a request_id: with the same one; one that was applied is answered, never "
+                "applied twice)",
                 retry_after=RETRY_AFTER_SECONDS,
                 cause=type(cause).__name__,
             )

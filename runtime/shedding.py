@@ -186,8 +186,8 @@ class LoadShedder:
     def _refuse(self, why: str) -> None:
         raise ResourceExhausted(
             "OVERLOADED",
-            f"the service is overloaded ({why}); retry with the same request_id after the "
-            "suggested delay",
+            f"the service is overloaded ({why}); retry after the suggested delay (a call with a "
+            "request_id: with the same one)",
             retry_after=min(max(self._typical, self._target), 5.0),
             in_flight=self.in_flight,
         )

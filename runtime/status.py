@@ -150,7 +150,7 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
         what = "did not answer in time" if timed_out else "is unavailable"
         return Unavailable(
             "DEPENDENCY_UNAVAILABLE",
-            f"the {dependency} service {what}; retry with the same request_id",
+            f"the {dependency} service {what}; retry (a call with a request_id: with the same one)",
             retry_after=DEPENDENCY_RETRY_AFTER_SECONDS,
             dependency=dependency,
         )
