@@ -449,6 +449,8 @@ _RESOURCES = ("sent_gift", "purchase", "withdrawal", "promotion")
 SendGift's trace is then found by the sent gift's id (a support ticket names that, not the
 request id). A balance's `coins` is not an amount moved, so only these records are read."""
 _answer_fields_of: dict[str, tuple[tuple[str, str, str], ...]] = {}
+_ANSWER_IDS = ("withdrawal_id", "event_id")
+"""Ids at the top of an answer that go on its span (HandleProcessorEvent's withdrawal and event)."""
 
 
 def _annotate_answer(response: Any) -> None:
@@ -466,15 +468,41 @@ def _annotate_answer(response: Any) -> None:
                 continue
             inner = field.message_type.fields_by_name
             plan += [(outer, name, attr) for name, attr in _SPAN_FIELDS.items() if name in inner]
+        top = descriptor.fields_by_name  # an answer naming what it acted on (a processor event's)
+        plan += [("", name, f"coins.{name}") for name in _ANSWER_IDS if name in top]
         fields = _answer_fields_of[descriptor.full_name] = tuple(plan)
     for outer, name, attribute in fields:
-        value = getattr(getattr(response, outer), name)
+        value = getattr(getattr(response, outer), name) if outer else getattr(response, name)
         if value:
             span.set_attribute(attribute, value)
 
 
+_LISTED_AT_MOST = 100
+"""Ids a batch puts on its span: enough to find a creator's or a gift's batch, bounded in size."""
+_lists_of: dict[str, tuple[tuple[str, str, str], ...]] = {}
+
+
+def _list_plan(descriptor: Any) -> tuple[tuple[str, str, str], ...]:
+    """A batch request's lists an SRE searches by, as (field, inner field, attribute): the
+    creators of a batch's credits (`requests[].creator_id` -> coins.creator_ids), and lists of ids
+    (`gift_ids` -> coins.gift_ids)."""
+    plan = []
+    for field in descriptor.fields:
+        if not field.is_repeated:
+            continue
+        if field.message_type is not None:
+            inner = field.message_type.fields_by_name
+            plan += (
+                [(field.name, "creator_id", "coins.creator_ids")] if "creator_id" in inner else []
+            )
+        elif field.name.endswith("_ids"):
+            plan.append((field.name, "", f"coins.{field.name}"))
+    return tuple(plan)
+
+
 def _annotate(request: Any) -> None:
-    """Put the request's ids and amounts on the RPC's span (never a token or payment data)."""
+    """Put the request's ids and amounts on the RPC's span (never a token or payment data); a
+    batch's size and its creators or gift ids, so a ticket about one of them finds its batch."""
     span = trace.get_current_span()
     descriptor = getattr(request, "DESCRIPTOR", None)
     if descriptor is None or not span.is_recording():
@@ -486,10 +514,18 @@ def _annotate(request: Any) -> None:
         fields = _fields_of[name] = tuple(
             (field, attribute) for field, attribute in _SPAN_FIELDS.items() if field in present
         )
+        _lists_of[name] = _list_plan(descriptor)
     for field, attribute in fields:
         value = getattr(request, field)
         if value:
             span.set_attribute(attribute, value)
+    for field, inner, attribute in _lists_of[name]:
+        items = getattr(request, field)
+        if not items:
+            continue
+        span.set_attribute("coins.items", len(items))
+        ids = sorted({getattr(item, inner) for item in items}) if inner else list(items)
+        span.set_attribute(attribute, ids[:_LISTED_AT_MOST])
 
 
 async def _read_once_more_on_outage(behavior: Behavior, request: Any, context: RpcContext) -> Any:
