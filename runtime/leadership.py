@@ -18,8 +18,10 @@ import uuid
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from opentelemetry import trace
 
 from runtime.sql import Driver, Statement
+from runtime.telemetry import background_pass
 
 if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
     from alembic.operations import Operations
@@ -56,6 +58,7 @@ class Leadership:
         *,
         lease: float = 10.0,
         retry_every: float = 2.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         """`driver`: the service's database (None, or SQLite: one process, always the leader)."""
         self._service = service
@@ -63,6 +66,7 @@ class Leadership:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lease = dt.timedelta(seconds=lease)
         self._retry_every = retry_every
+        self._tracer = tracer or trace.get_tracer(__name__)
         self._leading = self._driver is None
         self.tries = 0
         """Claims that found the lease held by another replica."""
@@ -79,7 +83,8 @@ class Leadership:
             return
         try:
             while True:
-                await self._claim(driver)
+                with background_pass(self._tracer, "periodic jobs' lease"):  # exported if it fails
+                    await self._claim(driver)
                 await asyncio.sleep(self._retry_every)
         finally:
             self._leading = False  # stopped: it renews no more

@@ -32,6 +32,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -60,7 +61,9 @@ from runtime.ratelimit import RateLimiter, buckets
 from runtime.shedding import LoadShedder
 from runtime.sql import Statement
 from runtime.telemetry import (
+    ITEMS,
     TELEMETRY_FLUSH_SECONDS,
+    background_pass,
     configure_logging,
     flush_within,
     make_tracer_provider,
@@ -102,7 +105,7 @@ class Runtime(Generic[S]):
         """The port the server listens on (known once it is bound: settings may say 0)."""
         self._channels: list[grpc.aio.Channel] = []
         self._workers: list[Callable[[], Awaitable[None]]] = []
-        self.leadership = Leadership(settings.service_name, db.driver)
+        self.leadership = Leadership(settings.service_name, db.driver, tracer=self.tracer)
         """Whether this replica runs the periodic jobs (see runtime.leadership)."""
         self.replays: dict[str, Replay] = {} if replays is None else replays
         """Per RPC path, the stored answer of a request the rate limit refuses (`replay_stored`)."""
@@ -173,7 +176,9 @@ class Runtime(Generic[S]):
                     continue
                 started = time.perf_counter()
                 try:
-                    done = await work()
+                    with background_pass(self.tracer, f"job {name}") as span:
+                        done = await work()
+                        span.set_attribute(ITEMS, done)
                 except asyncio.CancelledError:
                     raise  # the service stopping: not a failed run
                 except BaseException:
@@ -198,9 +203,10 @@ class Runtime(Generic[S]):
         async def sampling() -> None:
             while True:
                 started = time.perf_counter()
-                outcome = await sample_round(
-                    gauges, sample, leading=self.leadership.leading, owned=owned
-                )
+                with background_pass(self.tracer, "sampled gauges"):
+                    outcome = await sample_round(
+                        gauges, sample, leading=self.leadership.leading, owned=owned
+                    )
                 if outcome != "idle":  # a sample failing again and again raises an alert
                     self.metrics.job("sampled gauges", outcome, 0, time.perf_counter() - started)
                 await asyncio.sleep(self.settings.metrics_sample_seconds)
@@ -263,10 +269,11 @@ WORKER_BACKOFF_CAP_SECONDS = 30.0
 _PING = Statement("runtime.ping", "SELECT 1")
 
 
-async def _ping(db: Database, seconds: float) -> None:
-    async with asyncio.timeout(seconds):
-        async with db.driver.read() as tx:
-            await tx.one(_PING)
+async def _ping(db: Database, seconds: float, tracer: trace.Tracer) -> None:
+    with background_pass(tracer, "health ping"):  # exported only when it fails
+        async with asyncio.timeout(seconds):
+            async with db.driver.read() as tx:
+                await tx.one(_PING)
 
 
 async def _database_health(
@@ -275,6 +282,7 @@ async def _database_health(
     names: Sequence[str],
     db: Database,
     every: float,
+    tracer: trace.Tracer,
 ) -> None:
     """Health says NOT_SERVING while the service's database cannot be reached (a readiness probe
     then takes the replica out of rotation, instead of sending it calls it can only refuse), and
@@ -290,7 +298,7 @@ async def _database_health(
         while True:
             await asyncio.sleep(every)
             if ping is None:
-                ping = asyncio.create_task(_ping(db, every))
+                ping = asyncio.create_task(_ping(db, every, tracer))
             done, _ = await asyncio.wait({ping}, timeout=every)
             if not done:
                 answers, why = False, f"no answer to a ping in {every:g}s"
@@ -592,7 +600,9 @@ async def start_service(
     running._tasks.append(asyncio.create_task(runtime.leadership.run()))
     running._tasks.append(
         asyncio.create_task(
-            _database_health(spec.name, health_servicer, names, db, settings.health_check_seconds)
+            _database_health(
+                spec.name, health_servicer, names, db, settings.health_check_seconds, runtime.tracer
+            )
         )
     )
     downstream = ", ".join(

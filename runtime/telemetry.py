@@ -16,15 +16,17 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 import grpc.aio
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -45,7 +47,7 @@ def make_tracer_provider(service: str, exporter: SpanExporter | None = None) -> 
         shutdown_on_exit=False,  # flushed by the service's stop, within a budget (flush_within)
     )
     if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider.add_span_processor(IdlePassFilter(SimpleSpanProcessor(exporter)))
         return provider
     choice = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if not choice:
@@ -53,10 +55,81 @@ def make_tracer_provider(service: str, exporter: SpanExporter | None = None) -> 
     if choice == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(IdlePassFilter(BatchSpanProcessor(OTLPSpanExporter())))
     elif choice == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        provider.add_span_processor(IdlePassFilter(BatchSpanProcessor(ConsoleSpanExporter())))
     return provider
+
+
+BACKGROUND = "coins.background"
+"""Marks the root span of one pass of a background loop (a sweep, a poll, a health ping)."""
+ITEMS = "coins.items"
+"""What a pass handled; a pass that handled nothing is idle."""
+
+
+@contextmanager
+def background_pass(tracer: trace.Tracer, name: str) -> Iterator[trace.Span]:
+    """The root span of one pass of a background loop, in a trace of its own; set ITEMS on it to
+    what the pass handled. An idle pass that did not fail is not exported (IdlePassFilter): the
+    loops poll every half second or so, ~11 traces a second per idle suite, and an SRE looks for
+    the passes that did something or failed."""
+    with tracer.start_as_current_span(
+        name, context=otel_context.Context(), attributes={BACKGROUND: True, ITEMS: 0}
+    ) as span:
+        yield span
+
+
+class IdlePassFilter(SpanProcessor):
+    """Holds back the spans of a background pass's trace (`background_pass`) until its root ends,
+    then passes them on, or drops them all when the pass was idle (no ITEMS, no error). Every
+    other span goes straight through."""
+
+    HELD_AT_MOST = 256
+    """Spans held for one pass; a pass with more is passed on as it goes."""
+
+    def __init__(self, delegate: SpanProcessor) -> None:
+        self._delegate = delegate
+        self._held: dict[int, list[ReadableSpan] | None] = {}
+        """Per pass trace: its spans ended so far (None: too many, passed on as they end)."""
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        if span.parent is None and span.attributes and span.attributes.get(BACKGROUND):
+            with self._lock:
+                self._held[span.context.trace_id] = []
+        self._delegate.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        trace_id = span.context.trace_id if span.context else 0
+        with self._lock:
+            if trace_id not in self._held:
+                held: list[ReadableSpan] | None = None
+                passing = True
+            elif span.parent is not None:  # inside a pass
+                held = self._held[trace_id]
+                if held is not None and len(held) < self.HELD_AT_MOST:
+                    held.append(span)
+                    return
+                if held is not None:
+                    self._held[trace_id] = None
+                passing = True
+            else:  # the pass's root: its end decides
+                held = self._held.pop(trace_id)
+                idle = not (span.attributes or {}).get(ITEMS)
+                error = span.status.status_code == trace.StatusCode.ERROR
+                passing = held is None or not idle or error  # None: its spans went on already
+                if not passing:
+                    return
+        for earlier in held or ():
+            self._delegate.on_end(earlier)
+        if passing:
+            self._delegate.on_end(span)
+
+    def shutdown(self) -> None:
+        self._delegate.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._delegate.force_flush(timeout_millis)
 
 
 _HEALTH_SERVICE = "/grpc.health.v1.Health/"

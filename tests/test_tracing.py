@@ -83,6 +83,12 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
         return any(s.name == "gifting.credit_outbox.deliver" for s in in_trace())
 
     await eventually(delivered, "the credit's delivery in the gift's trace")
+    claims = [  # the relay's pass that claimed it, a trace of its own, exported: it did something
+        s
+        for s in suite.spans.get_finished_spans()
+        if s.name == "gifting.credit_outbox.claim" and s.attributes
+    ]
+    assert claims and all(s.attributes and s.attributes["coins.items"] for s in claims)
     spans = in_trace()
     by_id = {s.context.span_id: s for s in spans}
 
@@ -168,3 +174,35 @@ def test_a_cancelled_stream_s_context_detach_logs_no_error(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     otel_context.detach("not a token")  # type: ignore[arg-type]
     assert [r.getMessage() for r in caplog.records] == ["Failed to detach context"]
+
+
+def test_idle_background_passes_are_not_exported_busy_and_failed_ones_are() -> None:
+    """Background loops poll every half second or so: an idle suite exported ~11 traces a second
+    (a review). A pass that handled nothing and did not fail is dropped with its statements; one
+    that handled something, or failed, is exported whole; other spans are untouched."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from runtime.telemetry import ITEMS, background_pass, make_tracer_provider
+
+    exported = InMemorySpanExporter()
+    tracer = make_tracer_provider("test", exporter=exported).get_tracer("test")
+    with background_pass(tracer, "idle pass"), tracer.start_as_current_span("its statement"):
+        pass
+    assert exported.get_finished_spans() == ()
+    with background_pass(tracer, "busy pass") as span:
+        with tracer.start_as_current_span("its claim"):
+            pass
+        span.set_attribute(ITEMS, 3)
+    assert [s.name for s in exported.get_finished_spans()] == ["its claim", "busy pass"]
+    exported.clear()
+    with pytest.raises(RuntimeError), background_pass(tracer, "failed pass"):
+        with tracer.start_as_current_span("its statement"):
+            pass
+        raise RuntimeError("the database went away")
+    failed = exported.get_finished_spans()
+    assert [s.name for s in failed] == ["its statement", "failed pass"]
+    assert failed[-1].status.status_code == StatusCode.ERROR
+    exported.clear()
+    with tracer.start_as_current_span("an RPC"), background_pass(tracer, "a pass inside it"):
+        pass  # a pass is a trace of its own, even when started inside a call's span
+    assert [s.name for s in exported.get_finished_spans()] == ["an RPC"]

@@ -30,6 +30,7 @@ from runtime.backoff import backoff
 from runtime.errors import DomainError, ErrorKind
 from runtime.server import Runtime, wait_for_wake
 from runtime.sql import is_transient
+from runtime.telemetry import ITEMS, background_pass
 from services.gifting import storage
 from services.gifting.domain import DiamondCrediter, PendingCredit
 from services.gifting.settings import GiftingSettings
@@ -62,10 +63,12 @@ class CreditRelay:
         longer than a delivery may take); returns how many were attempted."""
         now = self._rt.clock.now()
         lease = dt.timedelta(seconds=self._rt.settings.downstream_timeout_seconds + 2)
-        async with self._rt.db.driver.transaction(single_statement=True) as tx:
-            due = await storage.claim_due_credits(
-                tx, now, self._rt.settings.relay_batch_size, now + lease
-            )
+        with background_pass(self._rt.tracer, "gifting.credit_outbox.claim") as span:
+            async with self._rt.db.driver.transaction(single_statement=True) as tx:
+                due = await storage.claim_due_credits(
+                    tx, now, self._rt.settings.relay_batch_size, now + lease
+                )
+            span.set_attribute(ITEMS, len(due))
         if due:
             await self._deliver(due)
         return len(due)

@@ -27,6 +27,7 @@ from runtime.backoff import backoff
 from runtime.errors import Unavailable
 from runtime.outages import RETRY_AFTER_SECONDS
 from runtime.server import Runtime, wait_for_wake
+from runtime.telemetry import ITEMS, background_pass
 from services.payout import storage
 from services.payout.settings import PayoutSettings
 from services.payout.withdrawals import Withdrawals
@@ -164,9 +165,11 @@ class WithdrawalWorker:
     async def work_due(self) -> None:
         """Start work on what is due; each piece takes its withdrawals' lease only once it has a
         call slot, so a lease never runs out while the work waits its turn."""
-        async with self._rt.db.read() as conn:
-            due = await storage.due_withdrawals(conn, self._rt.clock.now(), limit=500)
-        due = [w for w in due if w.withdrawal_id not in self._busy]
+        with background_pass(self._rt.tracer, "payout.processor.poll") as span:
+            async with self._rt.db.read() as conn:
+                due = await storage.due_withdrawals(conn, self._rt.clock.now(), limit=500)
+            due = [w for w in due if w.withdrawal_id not in self._busy]
+            span.set_attribute(ITEMS, len(due))
         fresh = [w for w in due if w.status == "approved"]
         for withdrawal in due:
             if withdrawal.status == "processing":
