@@ -105,6 +105,7 @@ class Runtime(Generic[S]):
         """The port the server listens on (known once it is bound: settings may say 0)."""
         self._channels: list[grpc.aio.Channel] = []
         self._workers: list[Callable[[], Awaitable[None]]] = []
+        self._on_stopping: list[Callable[[], None]] = []
         self.leadership = Leadership(settings.service_name, db.driver, tracer=self.tracer)
         """Whether this replica runs the periodic jobs (see runtime.leadership)."""
         self.replays: dict[str, Replay] = {} if replays is None else replays
@@ -149,6 +150,15 @@ class Runtime(Generic[S]):
             return response if then is None else await then(response)
 
         self.replays[rpc] = replay
+
+    def on_stopping(self, hook: Callable[[], None]) -> None:
+        """Called when the service starts to stop, before calls in flight get their grace: what
+        would hold the stop for all of it (an open stream that never ends by itself) ends now."""
+        self._on_stopping.append(hook)
+
+    def stopping(self) -> None:
+        for hook in self._on_stopping:
+            hook()
 
     def add_worker(self, run: Callable[[], Awaitable[None]]) -> None:
         """A background loop (an outbox relay, a processor poller) started with the server, cancelled at stop."""
@@ -249,6 +259,7 @@ class RunningService(Generic[S]):
     async def stop(self, grace: float | None = None) -> None:
         rt = self.runtime
         await self.health.enter_graceful_shutdown()
+        rt.stopping()
         await rt.server.stop(rt.settings.grace_seconds if grace is None else grace)
         await self.health_server.stop(0)
         for task in self._tasks:

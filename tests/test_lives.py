@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -684,3 +685,34 @@ async def test_an_admin_ends_or_switches_a_creators_live_only_saying_why(suite: 
         for a in trail.actions
         if a.method.endswith("EndLive") and live_id in a.request_json
     }
+
+
+async def test_a_stopping_gifting_ends_its_watchers_at_once_with_their_cursor(
+    backend: str, tmp_path: Path
+) -> None:
+    """A watch never ends by itself: it held a stopping gifting for its whole grace period, then was
+    cut with "Cancelling all calls" (an operator review). Now it ends when the stop begins, with
+    UNAVAILABLE SHUTTING_DOWN and the cursor to reconnect from (to another replica, or this one
+    restarted)."""
+    from tests.suite import start_suite
+
+    suite = await start_suite(backend, tmp_path, only=("wallet", "payout", "gifting"))
+    try:
+        creator = await new_creator(suite)
+        sender, _ = await funded_user(suite)
+        await suite.gifting.SendGift(gift(sender, creator, live_of(creator)))
+        watch = suite.stub("gifting").WatchLive(
+            G.WatchLiveRequest(live_id=live_of(creator)), metadata=suite.token(new_id("viewer"))
+        )
+        first = await watch.read()
+        gifting = suite.services.pop("gifting")
+        stopping = asyncio.create_task(gifting.stop(grace=60))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(watch.read(), timeout=30)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+        info = error_info(ended.value)
+        assert info is not None and info.reason == "SHUTTING_DOWN"
+        assert info.metadata["resume_after"] == str(first.cursor)
+        await asyncio.wait_for(stopping, timeout=30)  # not the 60 s grace
+    finally:
+        await suite.stop()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from runtime.backoff import backoff
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import Aborted, NotFound, OutOfRange, ResourceExhausted
+from runtime.errors import Aborted, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from services.gifting import storage
 
 log = logging.getLogger("coins.gifting.feed")
@@ -99,6 +99,7 @@ class LiveFeed:
         self._limits = limits
         self._tails: dict[str, _Tail] = {}
         self._per_user: collections.Counter[str] = collections.Counter()
+        self._closing = False
 
     @property
     def watchers(self) -> int:
@@ -114,6 +115,14 @@ class LiveFeed:
         tail = self._tails.get(live_id)
         if tail is not None:
             tail.woken.set()
+
+    def close(self) -> None:
+        """The process is stopping: every watcher is told to reconnect (to another replica, or to
+        this one restarted) from its cursor, now rather than when the grace period runs out."""
+        self._closing = True
+        for tail in self._tails.values():
+            changed, tail.changed = tail.changed, asyncio.Event()
+            changed.set()
 
     def notify_all(self) -> None:
         """Notifications may have been missed (a reconnect): every reader looks now."""
@@ -153,6 +162,14 @@ class LiveFeed:
             cursor = after
             first_backlog: int | None = None
             while True:
+                if self._closing:
+                    raise Unavailable(
+                        "SHUTTING_DOWN",
+                        f"this gifting process is stopping; reconnect with after_cursor={cursor}",
+                        retry_after=0.5,
+                        live_id=live_id,
+                        resume_after=str(cursor),
+                    )
                 changed = tail.changed
                 events = tail.after(cursor)
                 if events is not None:

@@ -67,6 +67,7 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
         ),
     )
     runtime.add_worker(feed.listen)  # other replicas' gifts, by LISTEN/NOTIFY
+    runtime.on_stopping(feed.close)  # watchers reconnect at once, not after the grace
     runtime.parts.update(feed=feed)
     sender = GiftSender(
         runtime.db,

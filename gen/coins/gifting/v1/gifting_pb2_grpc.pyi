@@ -92,7 +92,9 @@ class GiftingServiceStub:
     """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
     cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
     no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
-    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
+    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after); a watcher of a gifting process
+    that is stopping, with UNAVAILABLE SHUTTING_DOWN (the same, and a RetryInfo). Open to every
+    signed-in user.
     """
     ListCreatorRankings: _grpc.UnaryUnaryMultiCallable[_gifting_pb2.ListCreatorRankingsRequest, _gifting_pb2.ListCreatorRankingsResponse]
     """Creators ranked by the coins of their credited gifts, highest first: today, this week (ISO weeks,
@@ -167,7 +169,9 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
     cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
     no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
-    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
+    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after); a watcher of a gifting process
+    that is stopping, with UNAVAILABLE SHUTTING_DOWN (the same, and a RetryInfo). Open to every
+    signed-in user.
     """
     ListCreatorRankings: _aio.UnaryUnaryMultiCallable[_gifting_pb2.ListCreatorRankingsRequest, _gifting_pb2.ListCreatorRankingsResponse]  # type: ignore[assignment]
     """Creators ranked by the coins of their credited gifts, highest first: today, this week (ISO weeks,
@@ -317,7 +321,9 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
         """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
         cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
         no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
-        FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after). Open to every signed-in user.
+        FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after); a watcher of a gifting process
+        that is stopping, with UNAVAILABLE SHUTTING_DOWN (the same, and a RetryInfo). Open to every
+        signed-in user.
         """
 
     @_abc_1.abstractmethod
