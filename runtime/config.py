@@ -7,6 +7,7 @@ PAYOUT_MIN_WITHDRAWAL_MINOR, ... Defaults run the whole suite on one machine wit
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -81,6 +82,15 @@ class SecuritySettings(BaseSettings):
     @property
     def verification_keys_dir(self) -> Path:
         return self.jwt_keys_dir or self.certs_dir / "jwt"
+
+
+_HOST_PORT = r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}"
+_GRPC_TARGET = re.compile(
+    rf"{_HOST_PORT}|dns:(?:///|//[^/]+/)?{_HOST_PORT}|ipv4:{_HOST_PORT}(?:,{_HOST_PORT})*"
+    rf"|ipv6:{_HOST_PORT}(?:,{_HOST_PORT})*|unix:.+"
+)
+"""The gRPC targets a downstream address may be (a typo such as "not a host::" started, logged
+where it would call and answered SERVING, then failed every call that needed it)."""
 
 
 class ServiceSettings(BaseSettings):
@@ -163,8 +173,16 @@ class ServiceSettings(BaseSettings):
         if self.health_port < 0:
             self.health_port = port_base() + 10 + place
         for name in type(self).model_fields:
-            if name.endswith("_address") and getattr(self, name) == "":
+            if not name.endswith("_address"):
+                continue
+            value = getattr(self, name)
+            if value == "":
                 setattr(self, name, suite_address(name.removesuffix("_address")))
+            elif not _GRPC_TARGET.fullmatch(value):
+                raise ValueError(
+                    f"{self.env_prefix}{name.upper()}={value!r} is not an address: write "
+                    "host:port, dns:///name:port or ipv4:host:port,host:port"
+                )
         return self
 
     @property

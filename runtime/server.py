@@ -678,7 +678,10 @@ def main(spec: ServiceSpec[S]) -> None:
             "\n".join(startup.refused_settings(spec.settings_type, spec.name))
         ) from None
     flush_logs = configure_logging(spec.name, settings.log_level, settings.log_format)
-    for line in startup.mistyped_settings(spec.name, spec.settings_type):
+    for line in [
+        *startup.mistyped_settings(spec.name, spec.settings_type),
+        *startup.unknown_exporters(spec.name),
+    ]:
         log.warning("%s", line)
     # Migrate, or check that the migrate Job did, in a short-lived child process.
     _migrations_in_a_child_process(spec.name, check=not settings.migrate_on_start)

@@ -114,3 +114,25 @@ def mistyped_settings(
         if meant:
             lines.append(f"{service}: {key} is not a setting (did you mean {meant[0]}?): ignored")
     return lines
+
+
+_EXPORTERS = {
+    "OTEL_TRACES_EXPORTER": ("otlp", "console", "none"),
+    "OTEL_METRICS_EXPORTER": ("otlp", "none"),
+    "OTEL_LOGS_EXPORTER": ("otlp", "none"),
+}
+"""The OpenTelemetry exporters each signal can use here (runtime.telemetry, runtime.metrics)."""
+
+
+def unknown_exporters(service: str, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """OTEL_*_EXPORTER values the service does not know (`jaeger`, a typo): said at start, since
+    that signal then exports nothing."""
+    lines = []
+    for variable, known in _EXPORTERS.items():
+        value = environ.get(variable, "").strip().lower()
+        if value and value not in known:
+            lines.append(
+                f"{service}: {variable}={value} is not an exporter this service has "
+                f"({', '.join(known)}): it exports none"
+            )
+    return lines

@@ -451,3 +451,26 @@ def test_a_service_stops_within_its_grace_when_the_trace_collector_is_down(
     assert wallet.returncode == 0, stderr[-2000:]
     assert took < grace + 2 * TELEMETRY_FLUSH_SECONDS + 3, f"stopped after {took:.1f}s"
     assert "telemetry not exported within" in stderr, stderr[-2000:]
+
+
+def test_a_downstream_address_that_is_no_address_is_refused_and_an_unknown_exporter_named() -> None:
+    """`GIFTING_WALLET_ADDRESS="not a host::"` started, answered SERVING and failed every gift;
+    `OTEL_TRACES_EXPORTER=jaeger` exported nothing without a word (an operator review)."""
+    from runtime.startup import refused_settings, unknown_exporters
+
+    env = {**os.environ, "GIFTING_WALLET_ADDRESS": "not a host::"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert refused_settings(GiftingSettings, "gifting") == [
+            "gifting: bad configuration: GIFTING_WALLET_ADDRESS='not a host::' is not an address: "
+            "write host:port, dns:///name:port or ipv4:host:port,host:port"
+        ]
+        for good in ("wallet:50051", "dns:///wallet:50051", "ipv4:10.0.0.1:1,10.0.0.2:1"):
+            patch.setenv("GIFTING_WALLET_ADDRESS", good)
+            assert GiftingSettings().wallet_address == good
+    assert unknown_exporters("wallet", {"OTEL_TRACES_EXPORTER": "jaeger"}) == [
+        "wallet: OTEL_TRACES_EXPORTER=jaeger is not an exporter this service has "
+        "(otlp, console, none): it exports none"
+    ]
+    assert unknown_exporters("wallet", {"OTEL_TRACES_EXPORTER": "otlp"}) == []
