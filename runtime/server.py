@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
+import functools
 import gc
 import logging
 import signal
@@ -28,7 +29,7 @@ import grpc
 import grpc.aio
 import pydantic
 import uvloop
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -370,10 +371,33 @@ async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
+@functools.cache
+def _describe_reflection_v1() -> None:
+    """Put grpc.reflection.v1 in the descriptor pool (grpcio-reflection ships only v1alpha's), so
+    that reflection can describe the v1 service it lists: `grpcurl describe` and `buf curl
+    --list-methods` failed on it. The file is v1alpha's, renamed: the messages are the same."""
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    old, new = "grpc.reflection.v1alpha", "grpc.reflection.v1"
+    file.name = "grpc/reflection/v1/reflection.proto"
+    file.package = new
+    for service in file.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    for message in file.message_type:
+        for each in message.field:
+            if each.type_name:  # (set to "" it would mark a string field as a message's)
+                each.type_name = each.type_name.replace(old, new)
+    with contextlib.suppress(TypeError):  # already there (a test process starts many servers)
+        descriptor_pool.Default().Add(file)
+
+
 def enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
     """Server reflection under both of its names: v1alpha (grpcio-reflection's) and v1, which
     clients that speak only v1 ask for. The two protocols' messages are the same on the wire
     (v1 renamed the package), so one servicer answers both."""
+    _describe_reflection_v1()
     names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
     servicer = reflection.aio.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)

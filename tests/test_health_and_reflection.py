@@ -46,6 +46,24 @@ async def test_the_plaintext_probe_port_serves_nothing_but_health(suite: Suite, 
         "grpc.reflection.v1alpha.ServerReflection",
         "grpc.reflection.v1.ServerReflection",
     }
+    # Every service it lists can be described (`grpcurl describe`, `buf curl --list-methods`
+    # describe each: they failed on v1, which grpcio-reflection does not ship).
+    described = [
+        r
+        async for r in reflection.ServerReflectionInfo(
+            iter(
+                [
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol=s)
+                    for s in sorted(listed)
+                ]
+            )
+        )
+    ]
+    for service, answer in zip(sorted(listed), described, strict=True):
+        assert answer.WhichOneof("message_response") == "file_descriptor_response", (
+            service,
+            answer.error_response.error_message,
+        )
     method = f"/{SERVICES[name]}/{'ListGifts' if name == 'gifting' else 'GetBalance'}"
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = suite.health_channel(name).unary_unary(
         method
