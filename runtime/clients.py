@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -22,6 +22,7 @@ from runtime.auth import AUTHORIZATION, forwarded_metadata
 from runtime.config import SecuritySettings
 from runtime.protos import RpcContext
 from runtime.shedding import downstream_call
+from runtime.status import from_rpc_error
 from runtime.tls import channel_credentials
 
 _RETRY_ON_UNAVAILABLE = json.dumps(
@@ -132,3 +133,16 @@ def downstream_timeout(context: RpcContext | None, default: float) -> float:
     if remaining is None:
         return default
     return max(0.001, min(default, remaining - 0.01))
+
+
+R = TypeVar("R")
+
+
+async def answer_of(call: Awaitable[R], dependency: str) -> R:
+    """A call to another service, its refusal raised as the DomainError it stands for (the
+    ErrorInfo kept; an outage or a passed deadline as UNAVAILABLE or DEADLINE_EXCEEDED naming
+    `dependency`), which the caller's own rules and its answer build on."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error, dependency=dependency) from None

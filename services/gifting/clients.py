@@ -8,7 +8,7 @@ import grpc
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from runtime.status import from_rpc_error
+from runtime.clients import answer_of
 from services.gifting.domain import PendingCredit, credit_request_id, debit_request_id
 from services.gifting.reversals import ReversedCredit
 
@@ -64,27 +64,27 @@ class WalletDebiter:
         offered_in: Sequence[str] = (),
         time_limit: float,
     ) -> tuple[str, int]:
-        try:
-            response = await self._wallet.DebitCoins(
+        response = await answer_of(
+            self._wallet.DebitCoins(
                 debit_request(sent_gift_id, sender_id, creator_id, coins, offered_in),
                 timeout=time_limit,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, dependency="wallet") from None
+            ),
+            "wallet",
+        )
         return response.transaction_id, response.balance.coins
 
     async def resolve_gift_debit(
         self, *, sent_gift_id: str, sender_id: str, time_limit: float
     ) -> tuple[str, int] | str:
-        try:
-            response = await self._wallet.ResolveDebit(
+        response = await answer_of(
+            self._wallet.ResolveDebit(
                 wallet_pb2.ResolveDebitRequest(
                     request_id=debit_request_id(sent_gift_id), user_id=sender_id
                 ),
                 timeout=time_limit,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, dependency="wallet") from None
+            ),
+            "wallet",
+        )
         if response.outcome == wallet_pb2.DEBIT_OUTCOME_DEBITED:
             return response.debit.transaction_id, response.debit.balance.coins
         if response.outcome == wallet_pb2.DEBIT_OUTCOME_VOIDED:
@@ -103,10 +103,10 @@ class PayoutCrediter:
         request = payout_pb2.BatchCreditDiamondsRequest(
             requests=[credit_request(c.sent_gift_id, c.creator_id, c.coins) for c in credits]
         )
-        try:
-            answer = await self._payout.BatchCreditDiamonds(request, timeout=time_limit)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, dependency="payout") from None
+        answer = await answer_of(
+            self._payout.BatchCreditDiamonds(request, timeout=time_limit),
+            "payout",
+        )
         return {
             c.sent_gift_id: r.diamonds_credited
             for c, r in zip(credits, answer.responses, strict=True)
@@ -116,10 +116,10 @@ class PayoutCrediter:
         self, after: int, *, limit: int, time_limit: float
     ) -> list[ReversedCredit]:
         """Payout's gift credits reversed after reversal number `after`, in order."""
-        try:
-            answer = await self._payout.ListReversedCredits(
+        answer = await answer_of(
+            self._payout.ListReversedCredits(
                 reversed_credits_request(after, limit), timeout=time_limit
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, dependency="payout") from None
+            ),
+            "payout",
+        )
         return [ReversedCredit(c.sequence, c.gift_id, c.diamonds) for c in answer.credits]

@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from runtime.status import from_rpc_error
+from runtime.clients import answer_of
 from services.promotion.domain import (
     Captured,
     HeldBudget,
@@ -73,11 +73,8 @@ def release_request(promotion_id: str, hold_id: str) -> wallet_pb2.ReleaseHoldRe
     )
 
 
-async def _call(call: Awaitable[R]) -> R:
-    try:
-        return await call
-    except grpc.aio.AioRpcError as error:
-        raise from_rpc_error(error, dependency="wallet") from None
+def _call(call: Awaitable[R]) -> Awaitable[R]:
+    return answer_of(call, "wallet")
 
 
 class WalletBudget:
