@@ -128,26 +128,42 @@ def _text_with_direction_controls(request: Message) -> str | None:
     return None
 
 
-_DIGIT_RUN = re.compile(r"\d(?:[ ._-]?\d){12,}")
-"""13 or more digits, optionally grouped by single separators a person types between groups
-("4111 1111 1111 1111", "4111-1111-…", "4111.1111.…", "4111_1111_…"). Not slashes: a date range
-("2026-01-05/2026-02-04") is 16 digits that pass the Luhn check one time in ten."""
+_DIGIT_RUN = re.compile(r"\d+(?:[ \t\u00a0\u2007\u202f._,/-]{1,3}\d+)*")
+"""Digits in groups, apart by up to three of what a person types or pastes between groups: spaces
+(no-break ones too), dots, underscores, commas, slashes, dashes ("4111 1111 1111 1111",
+"4111 - 1111 - 1111 - 1111", "4111/1111/..."). A review got card numbers through with two spaces,
+" - ", "/", "," and a no-break space when one separator was all it took."""
+_DIGIT_GROUP = re.compile(r"\d+")
+
+
+def _digit_chains(run: str) -> list[list[int]]:
+    """The run's groups of three or more digits, chained: how card numbers are written (4-4-4-4,
+    4-6-5, 4-4-4-4-3, or not grouped). A shorter group breaks a chain, so a date range
+    ("2026-01-05/2026-02-04": its 2-digit groups, 16 digits that pass the Luhn check one time in ten)
+    is no card number."""
+    chains: list[list[int]] = [[]]
+    for group in _DIGIT_GROUP.findall(run):
+        if len(group) >= 3:
+            chains[-1].extend(int(c) for c in group)
+        elif chains[-1]:
+            chains.append([])
+    return [chain for chain in chains if len(chain) >= 13]
 
 
 def contains_card_number(text: str) -> bool:
-    """Whether `text` holds a primary account number: a run of 13 to 19 digits passing the Luhn
-    check, or such a window inside a longer run. Fields holding one are refused, so it never
+    """Whether `text` holds a primary account number: a chain of 13 to 19 digits passing the Luhn
+    check, or such a window inside a longer chain. Fields holding one are refused, so it never
     reaches a database or a log (PCI DSS: we store no card data)."""
     for run in _DIGIT_RUN.findall(text):
-        digits = [int(c) for c in run if c.isdigit()]
-        if len(digits) <= 19:
-            if _luhn_valid(digits):
-                return True
-            continue
-        for length in range(13, 20):
-            for start in range(len(digits) - length + 1):
-                if _luhn_valid(digits[start : start + length]):
+        for digits in _digit_chains(run):
+            if len(digits) <= 19:
+                if _luhn_valid(digits):
                     return True
+                continue
+            for length in range(13, 20):
+                for start in range(len(digits) - length + 1):
+                    if _luhn_valid(digits[start : start + length]):
+                        return True
     return False
 
 

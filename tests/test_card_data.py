@@ -27,6 +27,12 @@ SPELLINGS = [
     "4111.1111.1111.1111",
     "4111_1111_1111_1111",
     f"tok_{PAN}",
+    # What a review got through when one separator was all it took:
+    "4111  1111  1111  1111",
+    "4111 - 1111 - 1111 - 1111",
+    "4111/1111/1111/1111",
+    "4111,1111,1111,1111",
+    "4111\u00a01111\u00a01111\u00a01111",
 ]
 
 
@@ -35,6 +41,8 @@ def test_card_numbers_are_recognised_and_ordinary_text_is_not() -> None:
         assert contains_card_number(pan) and contains_card_number(f"paid with {pan} today")
     assert contains_card_number("30569309025904")  # 14 digits (Diners)
     assert contains_card_number("xx 40128888888818810000 yy")  # a PAN inside a longer run
+    assert contains_card_number("3782 822463 10005")  # Amex, 4-6-5
+    assert contains_card_number(f"{SPELLINGS[1]} 12 items")  # a short group after it
     for text in ("tok_visa", "4111111111111112", "1234567890", "2026-12-04 12:00:00", "dest_ok"):
         assert not contains_card_number(text), text
     # Date ranges in a reason ("refund for 2026-01-05/2026-02-04"): a slash is no card grouping
