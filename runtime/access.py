@@ -13,11 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.auth import Principal
+from runtime.auth import ADMIN_CALLERS, Principal
 from runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
-
-ADMIN_CALLERS = frozenset({"gateway", "admin-console"})
-"""The platform callers that carry admins' own requests (the API gateway, the admin console)."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ AUTHORIZATION = "authorization"
 ADMIN_ROLE = "admin"
 
 
+ADMIN_CALLERS = frozenset({"gateway", "admin-console"})
+"""The platform callers that carry admins' own requests (the API gateway, the admin console)."""
+
+
 @dataclass(frozen=True)
 class Principal:
     """The caller of one RPC: a platform service, and the user it acts for (if a token came)."""
@@ -44,7 +48,10 @@ class Principal:
 
     @property
     def is_admin(self) -> bool:
-        return ADMIN_ROLE in self.roles
+        """An admin's own request: the role in the token, through an admin caller. Services pass
+        users' tokens on to the services they call, so an admin's token in another service's hands
+        (a compromised one, a webhook receiver) grants no admin power: it acts for that user only."""
+        return ADMIN_ROLE in self.roles and self.service in ADMIN_CALLERS
 
     def require_user(self) -> str:
         if self.user_id is None:

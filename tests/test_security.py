@@ -946,6 +946,11 @@ async def test_an_admin_may_read_another_users_account_and_the_read_is_audited(
     # A read by id names the record; any other read names the account.
     named = sample.request.ListFields()[0][1] if SAMPLES[path].record_owned else sample.user
     assert_audited(await audit_records(rpc, admin), path, "gateway", str(named))
+    # Only through an admin caller: services pass users' tokens on, so an admin's token in another
+    # service's hands (a review used the wallet's and the ad-delivery certificates) is a user's.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await rpc.call(path, sample.request, identity="ad-delivery", metadata=admin_token)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
 
 
 @pytest.mark.parametrize(("service", "path"), rpcs_where(lambda rule, entry: rule.audited))
@@ -1041,3 +1046,25 @@ async def test_refused_attempts_are_logged_without_the_token(
     secret = token[0][1].split(" ", 1)[1]
     for record in caplog.records:
         assert secret not in record.getMessage() and "not.a.token" not in record.getMessage()
+
+
+async def test_an_admins_token_grants_no_admin_power_through_another_service(suite: Suite) -> None:
+    """Admin overrides of a user's record (ending another creator's LIVE, cancelling another's
+    withdrawal, ending another's promotion) are an admin's own request, through the gateway or the
+    admin console. The same token presented by another platform service (services pass users'
+    tokens on: a compromised one holds admins' too) acts for that admin as a user only (review E)."""
+    from coins.gifting.v1 import gifting_pb2
+    from tests.helpers import live_of, new_creator
+
+    creator = await new_creator(suite)
+    admin = suite.token(new_id("ops"), admin=True)
+    end = gifting_pb2.EndLiveRequest(
+        request_id=new_id("end"), live_id=live_of(creator), reason="policy violation"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await suite.stub("gifting", identity="ad-delivery").EndLive(end, metadata=admin)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
+    live = await suite.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=live_of(creator)))
+    assert not live.live.HasField("end_time")  # still on
+    ended = await suite.gifting.EndLive(end, metadata=admin)  # through the gateway: an admin's
+    assert ended.live.HasField("end_time")
