@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import SecretStr
 
 from runtime.config import DEFAULT_PORT_BASE, SUITE_PLACES, ServiceSettings
 from services.gifting.settings import GiftingSettings
@@ -83,6 +84,23 @@ def database_env(name: str) -> dict[str, Any]:
     }
 
 
+def secret_envs(name: str) -> list[dict[str, Any]]:
+    """The service's secret settings (SecretStr: the payout webhook's signing key), each from a
+    Secret `coins-<service>-<setting>` (key `value`), never from the ConfigMap or a default."""
+    settings = SETTINGS[name]
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    return [
+        {
+            "name": f"{prefix}{field.upper()}",
+            "valueFrom": {
+                "secretKeyRef": {"name": f"coins-{name}-{field.replace('_', '-')}", "key": "value"}
+            },
+        }
+        for field, info in sorted(settings.model_fields.items())
+        if info.annotation is SecretStr
+    ]
+
+
 SECURITY_CONTEXT = {
     "runAsNonRoot": True,
     "runAsUser": 10001,
@@ -118,7 +136,7 @@ def service_documents(name: str) -> list[dict[str, Any]]:
             {"name": "metrics", "containerPort": metrics_port(name)},
         ],
         "envFrom": [{"configMapRef": {"name": f"{name}-settings"}}],
-        "env": [database_env(name)],
+        "env": [database_env(name), *secret_envs(name)],
         "readinessProbe": {**probe, "failureThreshold": 2},
         "livenessProbe": {**probe, "failureThreshold": 6, "initialDelaySeconds": 10},
         "resources": {
