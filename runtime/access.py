@@ -34,6 +34,13 @@ class Access:
     """A read by id: the handler checks the record's owner (`require_owner`); admins may read any
     record, and every admin call is audited."""
     moves_money: bool = False
+    writes: bool = False
+    """A user's write that moves no money (opening an account, a LIVE, a payout method): rate
+    limited as money is, so no one can flood a service with records."""
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.moves_money or self.writes
 
     @property
     def service_to_service(self) -> bool:
@@ -45,17 +52,24 @@ class Access:
 
     @staticmethod
     def user(
-        owner_field: str | None = None, *, moves_money: bool = False, admin_may_read: bool = False
+        owner_field: str | None = None,
+        *,
+        moves_money: bool = False,
+        writes: bool = False,
+        admin_may_read: bool = False,
     ) -> Access:
         """A user-facing RPC: any platform caller, acting for the user in the token."""
         return Access(
-            owner_field=owner_field, moves_money=moves_money, admin_may_read=admin_may_read
+            owner_field=owner_field,
+            moves_money=moves_money,
+            writes=writes,
+            admin_may_read=admin_may_read,
         )
 
     @staticmethod
-    def record_owner() -> Access:
-        """A user-facing read of one record by id: its owner, or an admin (audited)."""
-        return Access(owner_in_record=True)
+    def record_owner(*, writes: bool = False) -> Access:
+        """A user-facing call on one record by id: its owner, or an admin (audited)."""
+        return Access(owner_in_record=True, writes=writes)
 
     @staticmethod
     def internal(

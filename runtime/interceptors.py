@@ -230,7 +230,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._validator.check(request)
         admin_read = rule.check_owner(principal, request)
         audited = rule.audited or admin_read
-        if rule.moves_money:
+        if rule.rate_limited:
             try:
                 user = None if rule.service_to_service else principal.user_id
                 await self._limiter.check(method, principal.service, user)

@@ -21,7 +21,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.errors import ResourceExhausted
 from runtime.ratelimit import RateLimiter, TokenBuckets, buckets
 from runtime.status import error_info, retry_info
-from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id
+from tests.helpers import expect_error, funded_user, live_of, new_creator, new_id, start_live
 from tests.suite import Suite, start_suite
 
 BURST = 3
@@ -80,6 +80,27 @@ async def test_a_user_sending_too_fast_is_told_to_wait(tight: Suite) -> None:
     await tight.gifting.SendGift(gift(other, creator))
     for _ in range(BURST * 3):
         await tight.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+
+
+async def test_writes_that_move_no_money_are_limited_too(tight: Suite) -> None:
+    """A user flooding StartLive/EndLive (or payout methods, accounts) creates records as fast as
+    it can call: a user's writes have the same limit as money (a security review)."""
+    creator = await new_creator(tight, live=False)
+    refused = None
+    for _ in range(BURST + 1):
+        try:
+            live_id = await start_live(tight, creator)
+        except grpc.aio.AioRpcError as error:
+            refused = error
+            break
+        await tight.gifting.EndLive(
+            gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_id),
+            metadata=tight.token(creator),
+        )
+    assert refused is not None, f"{BURST + 1} LIVEs started without a limit"
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refused)
+    assert info is not None and info.reason == "RATE_LIMITED"
 
 
 async def test_a_retry_the_rate_limit_refuses_gets_its_stored_answer(tight: Suite) -> None:

@@ -47,9 +47,9 @@ ACCESS = method_rules(
         "SetGift": Access.admin_only(),
         "ListParkedCredits": Access.admin_only(),
         "RedeliverParkedCredits": Access.admin_only(),
-        "StartLive": Access.user("creator_id"),
-        "EndLive": Access.record_owner(),
-        "SetLiveGifts": Access.record_owner(),
+        "StartLive": Access.user("creator_id", writes=True),
+        "EndLive": Access.record_owner(writes=True),
+        "SetLiveGifts": Access.record_owner(writes=True),
         "GetLive": Access.user(),
         "ListGiftVersions": Access.user(),  # the catalog's history is public to signed-in users  # a LIVE and its summary are public to signed-in users
         "WatchLive": Access.user(),  # so is its gift feed

@@ -20,7 +20,7 @@ ACCESS = method_rules(
         "GetPromotion": Access.record_owner(),
         "ListPromotions": Access.user("user_id", admin_may_read=True),
         "ReportDelivery": Access.internal({"ad-delivery"}),
-        "EndPromotion": Access.record_owner(),
+        "EndPromotion": Access.record_owner(writes=True),
     },
 )
 """Who may call each RPC (see runtime.access): a user acts on their own promotions (EndPromotion

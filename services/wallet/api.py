@@ -36,7 +36,7 @@ SERVICE = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
 ACCESS = method_rules(
     SERVICE,
     {
-        "OpenAccount": Access.user("user_id"),
+        "OpenAccount": Access.user("user_id", writes=True),
         "GetAccount": Access.user("user_id", admin_may_read=True),
         "GetBalance": Access.user("user_id", admin_may_read=True),
         "ListCoinPackages": Access.user("user_id", admin_may_read=True),
