@@ -449,6 +449,23 @@ def _held(address: str) -> bool:
     return False
 
 
+def _ports_free_or_exit(service: str, settings: ServiceSettings) -> None:
+    """Stop at once, before any migration, if another program holds one of the service's ports."""
+    prefix = settings.env_prefix
+    for what, port, variable in (
+        ("API", settings.port, f"{prefix}PORT"),
+        ("health", settings.health_port, f"{prefix}HEALTH_PORT"),
+        ("metrics", settings.metrics_port, f"{prefix}METRICS_PORT"),
+    ):
+        address = f"{settings.host}:{port}"
+        if port and _held(address):
+            raise SystemExit(
+                f"{service} {what}: cannot listen on {address}: the port is in use (another coins "
+                f"suite, or another program?). Stop it, or move this port with {variable} (or the "
+                "whole suite with COINS_PORT_BASE, e.g. COINS_PORT_BASE=60050)."
+            )
+
+
 def _listen(
     server: grpc.aio.Server,
     address: str,
@@ -707,6 +724,7 @@ def main(spec: ServiceSpec[S]) -> None:
         *startup.unknown_exporters(spec.name),
     ]:
         log.warning("%s", line)
+    _ports_free_or_exit(spec.name, settings)  # before migrating: a clash is said at once
     # Migrate, or check that the migrate Job did, in a short-lived child process.
     _migrations_in_a_child_process(spec.name, check=not settings.migrate_on_start)
     settings = settings.model_copy(update={"migrate_on_start": False})

@@ -123,6 +123,7 @@ def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(
     assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in done.stderr
     assert "WALLET_PORT" in done.stderr and "COINS_PORT_BASE" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "data" / "wallet.db").exists(), "it migrated before finding the clash"
 
 
 def assert_wallet_at_head(database: Path) -> None:
