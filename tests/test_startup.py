@@ -138,22 +138,21 @@ def assert_wallet_at_head(database: Path) -> None:
 def test_a_service_that_migrates_on_start_does_so_in_a_child_process(tmp_path: Path) -> None:
     """`python -m services.wallet` migrates with `tools.migrate` in a short-lived child (its line on
     stdout, the database at head) and the server itself never imports alembic (`-X importtime`
-    lists the server's imports, not the child's); here the taken port then stops the server after
-    the migration."""
-    import socket
+    lists the server's imports, not the child's); here a certificate that is not one then stops
+    the server after the migration."""
+    from runtime import pki
 
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        done = start_wallet(
-            tmp_path,
-            "-X",
-            "importtime",
-            WALLET_PORT=str(port),
-            WALLET_DATA_DIR=str(tmp_path / "data"),
-        )
+    pki.ensure_dev_pki(tmp_path / "certs")
+    (tmp_path / "certs" / "wallet.pem").write_text("not a certificate\n")
+    done = start_wallet(
+        tmp_path,
+        "-X",
+        "importtime",
+        COINS_DEV_PKI="false",
+        WALLET_DATA_DIR=str(tmp_path / "data"),
+    )
     assert done.returncode == 1, done.stderr[-2000:]
+    assert "is not a PEM certificate" in done.stderr, done.stderr[-2000:]
     assert "wallet: migrated to the newest schema" in done.stdout, done.stdout[-2000:]
     imported = [
         line.rsplit("|", 1)[1].strip()
