@@ -101,42 +101,47 @@ def purchase(p: wallet_pb2.Purchase, after: wallet_pb2.Balance) -> Table:
     return table
 
 
+def _when_2_lines(message: object) -> str:
+    """Date above time: a narrow column, so the reference beside it stays whole in 80 columns."""
+    return when(message).replace(" ", "\n", 1)
+
+
 def ledger(user_id: str, entries: Iterable[wallet_pb2.LedgerEntry]) -> Table:
+    """Each entry on two lines: its kind above its reference (`gift:` + a 32-hex gift id, copied
+    into the next command), which a fifth column folded in an 80-column terminal."""
     table = Table(title=f"Ledger of {user_id} (newest first)")
-    table.add_column("when")
-    table.add_column("kind")
-    table.add_column("coins", justify="right")
-    table.add_column("balance", justify="right")
-    table.add_column("reference")
+    table.add_column("when", no_wrap=True)
+    table.add_column("coins", justify="right", no_wrap=True)
+    table.add_column("balance", justify="right", no_wrap=True)
+    table.add_column("kind / reference", no_wrap=True, min_width=37)
     for e in entries:
         colour = "green" if e.amount > 0 else "red"
+        kind = enum_name(wallet_pb2.EntryKind, e.kind, "ENTRY_KIND_")
         table.add_row(
-            when(e),
-            enum_name(wallet_pb2.EntryKind, e.kind, "ENTRY_KIND_"),
+            _when_2_lines(e),
             f"[{colour}]{e.amount:+,}[/{colour}]",
             f"{e.balance_after:,}",
-            Text(e.reference),  # whole (ids are copied from it), never read as markup
+            Text(f"{kind}\n{e.reference}"),  # whole, never read as markup
         )
     return table
 
 
 def diamond_ledger(creator_id: str, entries: Iterable[payout_pb2.DiamondEntry]) -> Table:
+    """As `ledger`: the kind and the bucket above the reference."""
     table = Table(title=f"Diamonds of {creator_id}, movements (newest first)")
-    table.add_column("when")
-    table.add_column("kind")
-    table.add_column("diamonds", justify="right")
-    table.add_column("balance")
-    table.add_column("after", justify="right")
-    table.add_column("reference")
+    table.add_column("when", no_wrap=True)
+    table.add_column("diamonds", justify="right", no_wrap=True)
+    table.add_column("after", justify="right", no_wrap=True)
+    table.add_column("kind, bucket / reference", no_wrap=True, min_width=37)
     for e in entries:
         colour = "green" if e.diamonds > 0 else "red"
+        kind = enum_name(payout_pb2.DiamondEntryKind, e.kind, "DIAMOND_ENTRY_KIND_")
+        bucket = enum_name(payout_pb2.DiamondBucket, e.bucket, "DIAMOND_BUCKET_")
         table.add_row(
-            when(e),
-            enum_name(payout_pb2.DiamondEntryKind, e.kind, "DIAMOND_ENTRY_KIND_"),
+            _when_2_lines(e),
             f"[{colour}]{e.diamonds:+,}[/{colour}]",
-            enum_name(payout_pb2.DiamondBucket, e.bucket, "DIAMOND_BUCKET_"),
             f"{e.balance_after:,}",
-            Text(e.reference),  # whole (ids are copied from it), never read as markup
+            Text(f"{kind}, {bucket}\n{e.reference}"),
         )
     return table
 

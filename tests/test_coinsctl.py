@@ -285,3 +285,32 @@ def test_coinsctl_run_outside_the_checkout_finds_the_checkouts_certs(
     assert client_module._security().certs_dir == Path("certs")
     monkeypatch.setenv("COINS_CERTS_DIR", str(tmp_path / "mine"))
     assert client_module._security().certs_dir == tmp_path / "mine"
+
+
+def test_ledger_references_stay_whole_in_80_columns() -> None:
+    """A ledger entry's reference (`gift:` + a 32-hex id) is copied into the next command: whole
+    on a line of an 80-column terminal, for coins and for diamonds."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    reference = f"gift:{uuid.uuid4().hex}"
+    stamp = Timestamp(seconds=1_796_000_000)
+    coins = wallet_pb2.LedgerEntry(
+        kind=wallet_pb2.ENTRY_KIND_GIFT,
+        amount=-1_500,
+        balance_after=1_234_567,
+        reference=reference,
+        create_time=stamp,
+    )
+    diamonds = payout_pb2.DiamondEntry(
+        kind=payout_pb2.DIAMOND_ENTRY_KIND_GIFT,
+        diamonds=750,
+        bucket=payout_pb2.DIAMOND_BUCKET_PENDING,
+        balance_after=1_234_567,
+        reference=reference,
+        create_time=stamp,
+    )
+    for table in (render.ledger("u", [coins]), render.diamond_ledger("c", [diamonds])):
+        console = Console(width=80, record=True, file=io.StringIO())
+        console.print(table)
+        shown = console.export_text()
+        assert reference in shown and "1,234,567" in shown, shown
