@@ -91,6 +91,8 @@ _GRPC_TARGET = re.compile(
 )
 """The gRPC targets a downstream address may be (a typo such as "not a host::" started, logged
 where it would call and answered SERVING, then failed every call that needed it)."""
+_TARGET_PORTS = re.compile(r"(?<!unix):(\d+)(?=,|$)")
+"""Their port numbers, each 1-65535 (`localhost:99999` started and could never connect)."""
 
 
 class ServiceSettings(BaseSettings):
@@ -178,7 +180,9 @@ class ServiceSettings(BaseSettings):
             value = getattr(self, name)
             if value == "":
                 setattr(self, name, suite_address(name.removesuffix("_address")))
-            elif not _GRPC_TARGET.fullmatch(value):
+            elif not _GRPC_TARGET.fullmatch(value) or not all(
+                0 < int(port) < 65536 for port in _TARGET_PORTS.findall(value)
+            ):
                 raise ValueError(
                     f"{self.env_prefix}{name.upper()}={value!r} is not an address: write "
                     "host:port, dns:///name:port or ipv4:host:port,host:port"

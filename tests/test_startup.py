@@ -466,6 +466,8 @@ def test_a_downstream_address_that_is_no_address_is_refused_and_an_unknown_expor
             "gifting: bad configuration: GIFTING_WALLET_ADDRESS='not a host::' is not an address: "
             "write host:port, dns:///name:port or ipv4:host:port,host:port"
         ]
+        patch.setenv("GIFTING_WALLET_ADDRESS", "localhost:99999")  # no such port
+        assert len(refused_settings(GiftingSettings, "gifting")) == 1
         for good in ("wallet:50051", "dns:///wallet:50051", "ipv4:10.0.0.1:1,10.0.0.2:1"):
             patch.setenv("GIFTING_WALLET_ADDRESS", good)
             assert GiftingSettings().wallet_address == good
