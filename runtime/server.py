@@ -274,7 +274,12 @@ class RunningService(Generic[S]):
         await rt.db.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
-        flush_within(TELEMETRY_FLUSH_SECONDS, rt.tracer_provider.force_flush, rt.metrics.shutdown)
+        flush_within(
+            TELEMETRY_FLUSH_SECONDS,
+            "spans and metrics",
+            rt.tracer_provider.force_flush,
+            rt.metrics.shutdown,
+        )
 
 
 WORKER_BACKOFF_CAP_SECONDS = 30.0
@@ -725,6 +730,8 @@ def main(spec: ServiceSpec[S]) -> None:
     ]:
         log.warning("%s", line)
     _ports_free_or_exit(spec.name, settings)  # before migrating: a clash is said at once
+    if not settings.security.dev_pki:  # (a dev PKI is made at start: nothing to check yet)
+        server_credentials(settings.security, spec.name)  # a bad certificate, said at once too
     # Migrate, or check that the migrate Job did, in a short-lived child process.
     _migrations_in_a_child_process(spec.name, check=not settings.migrate_on_start)
     settings = settings.model_copy(update={"migrate_on_start": False})
@@ -740,7 +747,7 @@ def main(spec: ServiceSpec[S]) -> None:
         log.info("%s shutting down (grace %.1fs)", spec.name, settings.grace_seconds)
         await running.stop()
         log.info("%s stopped", spec.name)
-        flush_within(TELEMETRY_FLUSH_SECONDS, flush_logs)
+        flush_within(TELEMETRY_FLUSH_SECONDS, "log records", flush_logs)
 
     try:
         run(serve())

@@ -249,9 +249,10 @@ A reachable collector takes milliseconds; an unreachable one would hold the stop
 exporters' retries (10 s per signal and flush), past the grace period an orchestrator allows."""
 
 
-def flush_within(seconds: float, *flushes: Callable[[], object]) -> bool:
-    """Run `flushes` in a daemon thread for at most `seconds`; False (and a warning) if they did
-    not finish: what they were exporting is lost, and the process exits anyway."""
+def flush_within(seconds: float, what: str, *flushes: Callable[[], object]) -> bool:
+    """Run `flushes` (exporting `what`) in a daemon thread for at most `seconds`; False (and a
+    warning) if they did not finish: what they were exporting is lost, and the process exits
+    anyway."""
     thread = threading.Thread(
         target=lambda: [flush() for flush in flushes], name="telemetry flush", daemon=True
     )
@@ -259,8 +260,8 @@ def flush_within(seconds: float, *flushes: Callable[[], object]) -> bool:
     thread.join(seconds)
     if thread.is_alive():
         logging.getLogger("coins.telemetry").warning(
-            "telemetry not exported within %.1fs of stopping (collector unreachable?): "
-            "the last spans, metrics or log records are lost",
+            "%s not exported within %.1fs of stopping (collector unreachable?): the last are lost",
+            what,
             seconds,
         )
         return False

@@ -138,21 +138,23 @@ def assert_wallet_at_head(database: Path) -> None:
 def test_a_service_that_migrates_on_start_does_so_in_a_child_process(tmp_path: Path) -> None:
     """`python -m services.wallet` migrates with `tools.migrate` in a short-lived child (its line on
     stdout, the database at head) and the server itself never imports alembic (`-X importtime`
-    lists the server's imports, not the child's); here a certificate that is not one then stops
-    the server after the migration."""
-    from runtime import pki
+    lists the server's imports, not the child's); here the health port set to the API's (both
+    free before the migration) then stops the server after it."""
+    import socket
 
-    pki.ensure_dev_pki(tmp_path / "certs")
-    (tmp_path / "certs" / "wallet.pem").write_text("not a certificate\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     done = start_wallet(
         tmp_path,
         "-X",
         "importtime",
-        COINS_DEV_PKI="false",
+        WALLET_PORT=port,
+        WALLET_HEALTH_PORT=port,
         WALLET_DATA_DIR=str(tmp_path / "data"),
     )
     assert done.returncode == 1, done.stderr[-2000:]
-    assert "is not a PEM certificate" in done.stderr, done.stderr[-2000:]
+    assert f"wallet health: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr[-2000:]
     assert "wallet: migrated to the newest schema" in done.stdout, done.stdout[-2000:]
     imported = [
         line.rsplit("|", 1)[1].strip()
@@ -373,6 +375,7 @@ def test_a_certificate_that_is_not_pem_is_named_not_taken_for_a_port_in_use(
     assert done.returncode == 1
     assert f"{certs / 'wallet.pem'} is not a PEM certificate" in done.stderr, done.stderr[-2000:]
     assert "port is in use" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data" / "wallet.db").exists(), "it migrated before finding it"
     pki.ensure_dev_pki(tmp_path / "other")  # a key that is not the certificate's
     (certs / "wallet.pem").write_bytes((tmp_path / "other" / "wallet.pem").read_bytes())
     done = start_wallet(tmp_path, COINS_DEV_PKI="false", WALLET_DATA_DIR=str(tmp_path / "data"))
@@ -450,7 +453,7 @@ def test_a_service_stops_within_its_grace_when_the_trace_collector_is_down(
     grace = 5.0  # WALLET_GRACE_SECONDS' default; nothing is in flight, so it is not waited out
     assert wallet.returncode == 0, stderr[-2000:]
     assert took < grace + 2 * TELEMETRY_FLUSH_SECONDS + 3, f"stopped after {took:.1f}s"
-    assert "telemetry not exported within" in stderr, stderr[-2000:]
+    assert "spans and metrics not exported within" in stderr, stderr[-2000:]
 
 
 def test_a_downstream_address_that_is_no_address_is_refused_and_an_unknown_exporter_named() -> None:

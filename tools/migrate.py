@@ -58,7 +58,7 @@ async def migrate(names: list[str], *, check: bool = False) -> None:
         finally:
             if db is not None:
                 await db.close()
-            flush_within(TELEMETRY_FLUSH_SECONDS, flush_logs)
+            flush_within(TELEMETRY_FLUSH_SECONDS, "log records", flush_logs)
         where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
         if not check:
             moved = f" from {lag[0] or 'an empty database'} to {lag[1]}" if lag is not None else ""
