@@ -470,8 +470,13 @@ def _annotate_answer(response: Any) -> None:
             plan += [(outer, name, attr) for name, attr in _SPAN_FIELDS.items() if name in inner]
         top = descriptor.fields_by_name  # an answer naming what it acted on (a processor event's)
         plan += [("", name, f"coins.{name}") for name in _ANSWER_IDS if name in top]
+        listed = [f.name for f in descriptor.fields if f.is_repeated and f.message_type]
+        plan += [("#", listed[0], "coins.items")] if listed else []  # a listing: how many
         fields = _answer_fields_of[descriptor.full_name] = tuple(plan)
     for outer, name, attribute in fields:
+        if outer == "#":  # a listing's size, 0 included (an idle poll's answer: IdlePassFilter)
+            span.set_attribute(attribute, len(getattr(response, name)))
+            continue
         value = getattr(getattr(response, outer), name) if outer else getattr(response, name)
         if value:
             span.set_attribute(attribute, value)

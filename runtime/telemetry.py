@@ -21,8 +21,8 @@ from contextlib import contextmanager
 
 import grpc
 import grpc.aio
+from opentelemetry import baggage, metrics, trace
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.resources import Resource
@@ -72,40 +72,55 @@ def background_pass(tracer: trace.Tracer, name: str) -> Iterator[trace.Span]:
     """The root span of one pass of a background loop, in a trace of its own; set ITEMS on it to
     what the pass handled. An idle pass that did not fail is not exported (IdlePassFilter): the
     loops poll every half second or so, ~11 traces a second per idle suite, and an SRE looks for
-    the passes that did something or failed."""
-    with tracer.start_as_current_span(
-        name, context=otel_context.Context(), attributes={BACKGROUND: True, ITEMS: 0}
-    ) as span:
-        yield span
+    the passes that did something or failed. The pass's calls to other services carry BACKGROUND
+    as baggage, so their side of an idle poll (an empty listing) is left out there too."""
+    token = otel_context.attach(baggage.set_baggage(BACKGROUND, "1", otel_context.Context()))
+    try:
+        with tracer.start_as_current_span(name, attributes={BACKGROUND: True, ITEMS: 0}) as span:
+            yield span
+    finally:
+        otel_context.detach(token)
 
 
 class IdlePassFilter(SpanProcessor):
-    """Holds back the spans of a background pass's trace (`background_pass`) until its root ends,
-    then passes them on, or drops them all when the pass was idle (no ITEMS, no error). Every
-    other span goes straight through."""
+    """Holds back the spans of a background pass's trace until its root ends, then passes them
+    on, or drops them all when the pass was idle (ITEMS 0, no error). A pass's root is a
+    `background_pass` span, or, in the service it calls, the server span of a call carrying the
+    BACKGROUND baggage (idle when its answer lists nothing: ITEMS 0, set by the request guard).
+    Every other span goes straight through."""
 
     HELD_AT_MOST = 256
     """Spans held for one pass; a pass with more is passed on as it goes."""
 
     def __init__(self, delegate: SpanProcessor) -> None:
         self._delegate = delegate
+        self._roots: dict[int, int] = {}
+        """Per pass trace held here: its root's span id."""
         self._held: dict[int, list[ReadableSpan] | None] = {}
         """Per pass trace: its spans ended so far (None: too many, passed on as they end)."""
         self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
-        if span.parent is None and span.attributes and span.attributes.get(BACKGROUND):
+        local_root = span.parent is None and span.attributes and span.attributes.get(BACKGROUND)
+        remote_root = (
+            span.parent is not None
+            and span.parent.is_remote
+            and baggage.get_baggage(BACKGROUND, parent_context) == "1"
+        )
+        if local_root or remote_root:
             with self._lock:
+                self._roots[span.context.trace_id] = span.context.span_id
                 self._held[span.context.trace_id] = []
         self._delegate.on_start(span, parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
         trace_id = span.context.trace_id if span.context else 0
         with self._lock:
-            if trace_id not in self._held:
+            root = self._roots.get(trace_id)
+            if root is None:
                 held: list[ReadableSpan] | None = None
                 passing = True
-            elif span.parent is not None:  # inside a pass
+            elif span.context is None or span.context.span_id != root:  # inside a pass
                 held = self._held[trace_id]
                 if held is not None and len(held) < self.HELD_AT_MOST:
                     held.append(span)
@@ -114,8 +129,9 @@ class IdlePassFilter(SpanProcessor):
                     self._held[trace_id] = None
                 passing = True
             else:  # the pass's root: its end decides
+                del self._roots[trace_id]
                 held = self._held.pop(trace_id)
-                idle = not (span.attributes or {}).get(ITEMS)
+                idle = (span.attributes or {}).get(ITEMS) == 0
                 error = span.status.status_code == trace.StatusCode.ERROR
                 passing = held is None or not idle or error  # None: its spans went on already
                 if not passing:

@@ -206,3 +206,29 @@ def test_idle_background_passes_are_not_exported_busy_and_failed_ones_are() -> N
     with tracer.start_as_current_span("an RPC"), background_pass(tracer, "a pass inside it"):
         pass  # a pass is a trace of its own, even when started inside a call's span
     assert [s.name for s in exported.get_finished_spans()] == ["an RPC"]
+
+
+def test_the_called_services_side_of_an_idle_poll_is_left_out_too() -> None:
+    """A pass's calls carry its BACKGROUND baggage: in the service called, the server span of a
+    poll that listed nothing (gifting's reversals follower asking payout every 10 s, a
+    verification saw) is dropped with its statements; one that listed something is exported."""
+    from opentelemetry import baggage, propagate
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from runtime.telemetry import ITEMS, background_pass, make_tracer_provider
+
+    caller = make_tracer_provider("caller", exporter=InMemorySpanExporter()).get_tracer("t")
+    exported = InMemorySpanExporter()
+    callee = make_tracer_provider("callee", exporter=exported).get_tracer("t")
+    for listed in (0, 2):
+        carrier: dict[str, str] = {}
+        with background_pass(caller, "poll"):
+            propagate.inject(carrier)  # what the gRPC client instrumentation sends
+        incoming = propagate.extract(carrier)
+        assert baggage.get_baggage("coins.background", incoming) == "1"
+        with callee.start_as_current_span("/Svc/List", context=incoming) as server:
+            with callee.start_as_current_span("its statement"):
+                pass
+            server.set_attribute(ITEMS, listed)  # as the request guard sets it from the answer
+    assert [s.name for s in exported.get_finished_spans()] == ["its statement", "/Svc/List"]
+    assert exported.get_finished_spans()[-1].attributes == {ITEMS: 2}
