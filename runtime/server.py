@@ -16,7 +16,6 @@ import functools
 import gc
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -443,15 +442,8 @@ REQUEST_TOO_LARGE with an ErrorInfo); a larger one is refused by the core itself
 
 
 def _held(address: str) -> bool:
-    """Whether another socket holds `address` (host:port): binding it as the servers do fails."""
     host, _, port = address.rpartition(":")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host.strip("[]"), int(port)))
-        except (OSError, ValueError):
-            return True
-    return False
+    return not port.isdigit() or startup.port_held(host, int(port))
 
 
 def _ports_free_or_exit(service: str, settings: ServiceSettings) -> None:
@@ -462,13 +454,8 @@ def _ports_free_or_exit(service: str, settings: ServiceSettings) -> None:
         ("health", settings.health_port, f"{prefix}HEALTH_PORT"),
         ("metrics", settings.metrics_port, f"{prefix}METRICS_PORT"),
     ):
-        address = f"{settings.host}:{port}"
-        if port and _held(address):
-            raise SystemExit(
-                f"{service} {what}: cannot listen on {address}: the port is in use (another coins "
-                f"suite, or another program?). Stop it, or move this port with {variable} (or the "
-                "whole suite with COINS_PORT_BASE, e.g. COINS_PORT_BASE=60050)."
-            )
+        if port and startup.port_held(settings.host, port):
+            raise startup.port_in_use(f"{service} {what}", f"{settings.host}:{port}", variable)
 
 
 def _listen(
@@ -495,11 +482,7 @@ def _listen(
             "address, and the certificate files in COINS_CERTS_DIR"
         )
     if port == 0:
-        raise SystemExit(
-            f"{what}: cannot listen on {address}: the port is in use (another coins suite, or "
-            f"another program?). Stop it, or move this port with {variable} (or the whole suite "
-            "with COINS_PORT_BASE, e.g. COINS_PORT_BASE=60050)."
-        )
+        raise startup.port_in_use(what, address, variable)
     return port
 
 
@@ -527,11 +510,11 @@ async def start_service(
             if settings.metrics_port is not None
             else None,
         )
-    except OSError as error:  # the scrape port: said as the API and health ports are (_listen)
-        raise SystemExit(
-            f"{spec.name} metrics: cannot listen on {settings.host}:{settings.metrics_port}: "
-            f"{error.strerror or error}. Stop what holds it, or move it with "
-            f"{settings.env_prefix}METRICS_PORT."
+    except OSError:  # the scrape port (taken since main's check): said as the others are
+        raise startup.port_in_use(
+            f"{spec.name} metrics",
+            f"{settings.host}:{settings.metrics_port}",
+            f"{settings.env_prefix}METRICS_PORT",
         ) from None
     metrics = ServiceMetrics(meter_provider, spec.name)
     clock = clock or SystemClock()

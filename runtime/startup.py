@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
 from collections.abc import Mapping
 
 import asyncpg
@@ -136,3 +137,24 @@ def unknown_exporters(service: str, environ: Mapping[str, str] = os.environ) -> 
                 f"({', '.join(known)}): it exports none"
             )
     return lines
+
+
+def port_held(host: str, port: int) -> bool:
+    """Whether another program listens on the port. SO_REUSEADDR as the servers bind: sockets of a
+    suite stopped a moment ago linger in TIME_WAIT for a minute, and hold nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except (OSError, ValueError):
+            return True
+    return False
+
+
+def port_in_use(what: str, address: str, variable: str) -> SystemExit:
+    """The one line a service stops with when a port it needs is held: which, and what moves it."""
+    return SystemExit(
+        f"{what}: cannot listen on {address}: the port is in use (another coins suite, or another "
+        f"program?). Stop it, or move this port with {variable} (or the whole suite with "
+        "COINS_PORT_BASE, e.g. COINS_PORT_BASE=60050)."
+    )

@@ -235,8 +235,8 @@ def test_the_suite_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
 
 def test_a_port_left_in_time_wait_by_a_stopped_suite_is_not_in_use() -> None:
     """Restarting right after Ctrl-C: the old suite's connections linger in TIME_WAIT for a minute
-    and hold nothing, so the launcher must not call the port in use (a listener still is)."""
-    from tools.suite import _busy
+    and hold nothing, so neither the launcher nor a service must call the port in use (a listener still is)."""
+    from runtime.startup import port_held
 
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -245,11 +245,11 @@ def test_a_port_left_in_time_wait_by_a_stopped_suite_is_not_in_use() -> None:
     listener.listen()
     client = socket.create_connection(("127.0.0.1", port))
     accepted, _ = listener.accept()
-    assert _busy("127.0.0.1", port)  # listening: in use
+    assert port_held("127.0.0.1", port)  # listening: in use
     accepted.close()  # the server side closes first: its end of the connection is in TIME_WAIT
     client.close()
     listener.close()
-    assert not _busy("127.0.0.1", port)
+    assert not port_held("127.0.0.1", port)
 
 
 def test_a_service_dies_with_a_launcher_that_is_killed() -> None:

@@ -13,7 +13,6 @@ import ctypes
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -67,18 +66,6 @@ def _refused_settings() -> str:
     return "\n".join(lines)
 
 
-def _busy(host: str, port: int) -> bool:
-    """Whether another program listens on the port. SO_REUSEADDR as the servers bind: sockets of a
-    suite stopped a moment ago linger in TIME_WAIT for a minute, and hold nothing."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def _busy_ports(settings: dict[str, ServiceSettings]) -> list[str]:
     """One line for each port the suite needs that another program holds."""
     lines = []
@@ -88,7 +75,7 @@ def _busy_ports(settings: dict[str, ServiceSettings]) -> list[str]:
             ("health", s.health_port, f"{s.env_prefix}HEALTH_PORT"),
             ("metrics", s.metrics_port, f"{s.env_prefix}METRICS_PORT"),
         ):
-            if port and _busy(s.host, port):
+            if port and startup.port_held(s.host, port):
                 lines.append(f"port {port} ({name} {what}, {variable}) is in use")
     return lines
 
