@@ -94,10 +94,9 @@ class IdlePassFilter(SpanProcessor):
 
     def __init__(self, delegate: SpanProcessor) -> None:
         self._delegate = delegate
-        self._roots: dict[int, int] = {}
-        """Per pass trace held here: its root's span id."""
-        self._held: dict[int, list[ReadableSpan] | None] = {}
-        """Per pass trace: its spans ended so far (None: too many, passed on as they end)."""
+        self._passes: dict[int, tuple[int, list[ReadableSpan] | None]] = {}
+        """Per pass trace held here: its root's span id, and its spans ended so far (None: too
+        many, passed on as they end)."""
         self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
@@ -109,28 +108,23 @@ class IdlePassFilter(SpanProcessor):
         )
         if local_root or remote_root:
             with self._lock:
-                self._roots[span.context.trace_id] = span.context.span_id
-                self._held[span.context.trace_id] = []
+                self._passes[span.context.trace_id] = (span.context.span_id, [])
         self._delegate.on_start(span, parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
         trace_id = span.context.trace_id if span.context else 0
         with self._lock:
-            root = self._roots.get(trace_id)
+            root, held = self._passes.get(trace_id, (None, None))
             if root is None:
-                held: list[ReadableSpan] | None = None
                 passing = True
             elif span.context is None or span.context.span_id != root:  # inside a pass
-                held = self._held[trace_id]
                 if held is not None and len(held) < self.HELD_AT_MOST:
                     held.append(span)
                     return
-                if held is not None:
-                    self._held[trace_id] = None
+                self._passes[trace_id] = (root, None)
                 passing = True
             else:  # the pass's root: its end decides
-                del self._roots[trace_id]
-                held = self._held.pop(trace_id)
+                del self._passes[trace_id]
                 idle = (span.attributes or {}).get(ITEMS) == 0
                 error = span.status.status_code == trace.StatusCode.ERROR
                 passing = held is None or not idle or error  # None: its spans went on already

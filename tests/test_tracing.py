@@ -232,3 +232,24 @@ def test_the_called_services_side_of_an_idle_poll_is_left_out_too() -> None:
             server.set_attribute(ITEMS, listed)  # as the request guard sets it from the answer
     assert [s.name for s in exported.get_finished_spans()] == ["its statement", "/Svc/List"]
     assert exported.get_finished_spans()[-1].attributes == {ITEMS: 2}
+
+
+def test_exporter_failures_are_logged_once_a_minute_per_kind() -> None:
+    """With the collector down the exporters log a failure or a retry every second or so per
+    signal: the first of each kind is kept, the rest of the minute counted into the next one."""
+    import logging
+
+    from runtime.telemetry import _ExportFailuresOncePerMinute
+
+    kept = _ExportFailuresOncePerMinute()
+
+    def record(message: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord("otlp", level, __file__, 1, message, (), None)
+
+    assert kept.filter(record("Failed to export traces to x"))
+    assert not kept.filter(record("Failed to export traces to x"))  # within the minute
+    assert kept.filter(record("Transient error StatusCode.UNAVAILABLE", logging.WARNING))
+    assert kept.filter(record("Failed to export traces", logging.INFO))  # below WARNING: all
+    kept._last = {kind: (-1e9, 3) for kind in kept._last}  # a minute later, 3 left out
+    later = record("Failed to export traces to x")
+    assert kept.filter(later) and "3 more like this" in later.getMessage()
