@@ -115,6 +115,44 @@ WITHDRAWAL_STATUS_CANCELLED: WithdrawalStatus.ValueType  # 10
 """Cancelled before it reached the processor; the hold was released."""
 Global___WithdrawalStatus: _TypeAlias = WithdrawalStatus  # noqa: Y015
 
+class _WithdrawalEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WithdrawalEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WithdrawalEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WITHDRAWAL_EVENT_KIND_UNSPECIFIED: _WithdrawalEventKind.ValueType  # 0
+    """Not set: never returned (events recorded before kinds existed read as STATUS_CHANGED)."""
+    WITHDRAWAL_EVENT_KIND_STATUS_CHANGED: _WithdrawalEventKind.ValueType  # 1
+    """It moved to `status`."""
+    WITHDRAWAL_EVENT_KIND_PARKED: _WithdrawalEventKind.ValueType  # 2
+    """The worker gave up reaching the processor after PAYOUT_PROCESSOR_MAX_ATTEMPTS failed attempts
+    in a row and parked it for an admin (still PROCESSING, its diamonds held); `reason` is the last
+    attempt's error.
+    """
+    WITHDRAWAL_EVENT_KIND_RETRIED: _WithdrawalEventKind.ValueType  # 3
+    """An admin handed it back to the worker (RetryWithdrawal), which looks it up at the processor
+    first; `actor` is the admin.
+    """
+
+class WithdrawalEventKind(_WithdrawalEventKind, metaclass=_WithdrawalEventKindEnumTypeWrapper):
+    """What a step of a withdrawal's history records."""
+
+WITHDRAWAL_EVENT_KIND_UNSPECIFIED: WithdrawalEventKind.ValueType  # 0
+"""Not set: never returned (events recorded before kinds existed read as STATUS_CHANGED)."""
+WITHDRAWAL_EVENT_KIND_STATUS_CHANGED: WithdrawalEventKind.ValueType  # 1
+"""It moved to `status`."""
+WITHDRAWAL_EVENT_KIND_PARKED: WithdrawalEventKind.ValueType  # 2
+"""The worker gave up reaching the processor after PAYOUT_PROCESSOR_MAX_ATTEMPTS failed attempts
+in a row and parked it for an admin (still PROCESSING, its diamonds held); `reason` is the last
+attempt's error.
+"""
+WITHDRAWAL_EVENT_KIND_RETRIED: WithdrawalEventKind.ValueType  # 3
+"""An admin handed it back to the worker (RetryWithdrawal), which looks it up at the processor
+first; `actor` is the admin.
+"""
+Global___WithdrawalEventKind: _TypeAlias = WithdrawalEventKind  # noqa: Y015
+
 class _KycStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -317,14 +355,23 @@ class WithdrawalEvent(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     status: Global___WithdrawalStatus.ValueType
-    """The status it moved to."""
+    """The status it moved to (STATUS_CHANGED), or the status it was in (the other kinds: the status
+    does not change).
+    """
     actor: _builtins.str
-    """Who moved it: the creator, an admin's user id, "auto-approve", "policy" (sent to review),
-    "processor" or "worker".
+    """Who: the creator, an admin's user id, "auto-approve", "policy" (sent to review), "processor"
+    or "worker".
     """
     reason: _builtins.str
-    """Why (a reviewer's reason, the processor's failure reason), when there is one."""
+    """Why (a reviewer's reason, the processor's failure reason, the error that parked it), when there
+    is one.
+    """
+    kind: Global___WithdrawalEventKind.ValueType
+    """What happened: a status change, a parking, a retry. Clients that predate it see every event as
+    a status change (to the status it was in, for a parking or a retry).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When."""
@@ -336,10 +383,11 @@ class WithdrawalEvent(_message.Message):
         actor: _builtins.str = ...,
         reason: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___WithdrawalEventKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "status", b"status", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "kind", b"kind", "reason", b"reason", "status", b"status", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,7 +522,7 @@ class Withdrawal(_message.Message):
 
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___WithdrawalEvent]:
-        """Every status it went through, oldest first."""
+        """Every status it went through, and each time it was parked and retried, oldest first."""
 
     def __init__(
         self,
@@ -1926,19 +1974,23 @@ class RetryWithdrawalRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this request (AIP-155)."""
     withdrawal_id: _builtins.str
     """The parked withdrawal."""
+    reason: _builtins.str
+    """Why, optional: kept in the withdrawal's history (the RETRIED event) and the audit trail."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         withdrawal_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

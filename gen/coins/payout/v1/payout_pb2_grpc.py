@@ -307,7 +307,8 @@ class PayoutServiceServicer:
 
     def RetryWithdrawal(self, request, context):
         """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
-        (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+        (never resubmitted blindly). Its history records it (RETRIED, by the admin, with the reason if
+        given). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -111,7 +111,8 @@ class PayoutServiceStub:
     """
     RetryWithdrawal: _grpc.UnaryUnaryMultiCallable[_payout_pb2.RetryWithdrawalRequest, _payout_pb2.RetryWithdrawalResponse]
     """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
-    (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+    (never resubmitted blindly). Its history records it (RETRIED, by the admin, with the reason if
+    given). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
     """
     HandleProcessorEvent: _grpc.UnaryUnaryMultiCallable[_payout_pb2.HandleProcessorEventRequest, _payout_pb2.HandleProcessorEventResponse]
     """The payout processor's callback (PayPal-like webhook event), relayed by the `payout-webhooks`
@@ -224,7 +225,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """
     RetryWithdrawal: _aio.UnaryUnaryMultiCallable[_payout_pb2.RetryWithdrawalRequest, _payout_pb2.RetryWithdrawalResponse]  # type: ignore[assignment]
     """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
-    (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+    (never resubmitted blindly). Its history records it (RETRIED, by the admin, with the reason if
+    given). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
     """
     HandleProcessorEvent: _aio.UnaryUnaryMultiCallable[_payout_pb2.HandleProcessorEventRequest, _payout_pb2.HandleProcessorEventResponse]  # type: ignore[assignment]
     """The payout processor's callback (PayPal-like webhook event), relayed by the `payout-webhooks`
@@ -436,7 +438,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.RetryWithdrawalResponse, _abc.Awaitable[_payout_pb2.RetryWithdrawalResponse]]:
         """Takes a parked withdrawal back into the worker's hands: its outcome is looked up at the processor
-        (never resubmitted blindly). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
+        (never resubmitted blindly). Its history records it (RETRIED, by the admin, with the reason if
+        given). FAILED_PRECONDITION WITHDRAWAL_NOT_PARKED otherwise. Admin only; audited.
         """
 
     @_abc_1.abstractmethod
