@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from coins.payout.v1 import payout_pb2
 from runtime.db import Database
@@ -124,6 +125,16 @@ async def test_a_large_withdrawal_waits_for_review_and_is_paid_once_approved(
     assert approved.withdrawal.history[-1].actor == "reviewer-1"
     paid = await settled(suite, made.withdrawal_id, creator)
     assert paid.status == S.WITHDRAWAL_STATUS_PAID
+    assert [(e.kind, e.status, e.actor) for e in paid.history] == [
+        (S.WITHDRAWAL_EVENT_KIND_STATUS_CHANGED, status, actor)
+        for status, actor in (
+            (S.WITHDRAWAL_STATUS_REQUESTED, creator),
+            (S.WITHDRAWAL_STATUS_IN_REVIEW, "policy"),
+            (S.WITHDRAWAL_STATUS_APPROVED, "reviewer-1"),
+            (S.WITHDRAWAL_STATUS_PROCESSING, "worker"),
+            (S.WITHDRAWAL_STATUS_PAID, "processor"),
+        )
+    ]
     assert await balance_of(suite, creator) == (10_000, 10_000, 0, 40_000)
     # A decision on a withdrawal no longer in review changes nothing.
     await expect_error(
@@ -766,3 +777,38 @@ async def test_processor_callbacks_are_forgotten_after_their_retention_oldest_fi
         assert await payout_storage.forget_processor_events(conn, cut, limit=10) == 1
         assert await payout_storage.processor_event_item(conn, "recent") is not None
         assert await payout_storage.processor_event_item(conn, "old-2") is None
+
+
+async def test_history_written_before_event_kinds_reads_as_status_changes(
+    database: Database, backend: str
+) -> None:
+    """Migration 0027 gives withdrawal events a kind: the events already stored read as status
+    changes, and the column is added without rewriting the table (PostgreSQL keeps its constant
+    default in the catalog: the table's file stays the same)."""
+    db = await migrated(database, "payout", "0026")
+    at = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    async with db.transaction() as conn:
+        for seq, status, actor in ((1, "requested", "ann"), (2, "approved", "auto-approve")):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO withdrawal_events (withdrawal_id, seq, status, actor, reason, "
+                    "created_at) VALUES ('wd-old', :seq, :status, :actor, '', :at)"
+                ),
+                {"seq": seq, "status": status, "actor": actor, "at": at},
+            )
+    file_of_table = sa.text("SELECT relfilenode FROM pg_class WHERE relname = 'withdrawal_events'")
+    before = await _scalar(db, file_of_table) if backend == "postgres" else None
+    await migrated(database, "payout")
+    if backend == "postgres":
+        assert await _scalar(db, file_of_table) == before
+    async with db.read() as conn:
+        events = (await payout_storage.events_of(conn, ["wd-old"]))["wd-old"]
+    assert [(e.kind, e.status, e.actor) for e in events] == [
+        ("status_changed", "requested", "ann"),
+        ("status_changed", "approved", "auto-approve"),
+    ]
+
+
+async def _scalar(db: Database, query: sa.TextClause) -> object:
+    async with db.read() as conn:
+        return await conn.scalar(query)

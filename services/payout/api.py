@@ -50,6 +50,11 @@ _STATUS = {
     "rejected": payout_pb2.WITHDRAWAL_STATUS_REJECTED,
     "cancelled": payout_pb2.WITHDRAWAL_STATUS_CANCELLED,
 }
+_EVENT_KINDS = {
+    "status_changed": payout_pb2.WITHDRAWAL_EVENT_KIND_STATUS_CHANGED,
+    "parked": payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
+    "retried": payout_pb2.WITHDRAWAL_EVENT_KIND_RETRIED,
+}
 _QUEUES = {
     payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW: "in_review",
     payout_pb2.WITHDRAWAL_QUEUE_PARKED: "parked",
@@ -190,7 +195,11 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             payout_method_id=w.method_id or "",
             history=[
                 payout_pb2.WithdrawalEvent(
-                    status=_STATUS[e.status], actor=e.actor, reason=e.reason, time=timestamp(e.at)
+                    status=_STATUS[e.status],
+                    actor=e.actor,
+                    reason=e.reason,
+                    time=timestamp(e.at),
+                    kind=_EVENT_KINDS[e.kind],
                 )
                 for e in history
             ],

@@ -88,8 +88,18 @@ withdrawal_events = Table(
     Column("actor", String(64), nullable=False),
     Column("reason", String(256), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(16), nullable=False, server_default="status_changed"),
 )
-"""Every status a withdrawal went through (migration 0014)."""
+"""Every status a withdrawal went through (migration 0014), and since migration 0027 each time the
+worker parked it and an admin retried it (`kind`, see EVENT_KINDS; `status` is then the one it was
+in). Events written before that read as status changes."""
+
+
+EVENT_KINDS = ("status_changed", "parked", "retried")
+"""What a withdrawal event records: a move to its `status`; the worker giving up reaching the
+processor (the reason: the last error); an admin handing it back to the worker (RetryWithdrawal).
+Failed attempts are not events: they are counted on the withdrawal (`attempts`, `last_error`),
+reset by every answer and every retry, so one per attempt would grow a history without bound."""
 
 
 processor_events = Table(

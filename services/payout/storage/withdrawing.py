@@ -12,7 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
 from runtime.sql import Statement, Tx
-from services.payout.storage.tables import ENDINGS, NOT_COUNTED, withdrawal_events, withdrawals
+from services.payout.storage.tables import (
+    ENDINGS,
+    EVENT_KINDS,
+    NOT_COUNTED,
+    withdrawal_events,
+    withdrawals,
+)
 
 
 @dataclass(frozen=True)
@@ -320,9 +326,12 @@ async def withdrawals_by_id(
 @dataclass(frozen=True)
 class WithdrawalEvent:
     status: str
+    """The status it moved to (a status change), or the one it was in (a parking, a retry)."""
     actor: str
     reason: str
     at: dt.datetime
+    kind: str = "status_changed"
+    """One of EVENT_KINDS."""
 
 
 async def add_event(
@@ -332,8 +341,13 @@ async def add_event(
     actor: str,
     reason: str,
     now: dt.datetime,
+    *,
+    kind: str = "status_changed",
 ) -> None:
-    """Append a status change to the withdrawal's history (its seq follows the last one)."""
+    """Append an event to the withdrawal's history (its seq follows the last one): by default a
+    move to `status`; a parking or a retry (`kind`, one of EVENT_KINDS) names the status it was
+    in."""
+    assert kind in EVENT_KINDS, kind
     seq = await conn.scalar(
         select(func.coalesce(func.max(withdrawal_events.c.seq), 0)).where(
             withdrawal_events.c.withdrawal_id == withdrawal_id
@@ -347,6 +361,7 @@ async def add_event(
             actor=actor[:64],
             reason=reason[:256],
             created_at=now,
+            kind=kind,
         )
     )
 
@@ -363,7 +378,7 @@ async def events_of(
     found: dict[str, list[WithdrawalEvent]] = {}
     for row in rows:
         found.setdefault(row.withdrawal_id, []).append(
-            WithdrawalEvent(row.status, row.actor, row.reason, utc(row.created_at))
+            WithdrawalEvent(row.status, row.actor, row.reason, utc(row.created_at), row.kind)
         )
     return found
 
