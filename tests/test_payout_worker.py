@@ -149,10 +149,37 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     ).balance
     assert (balance.diamonds, balance.held_diamonds) == (3_000, 2_000)
     retried = await suite.payout.RetryWithdrawal(
-        payout_pb2.RetryWithdrawalRequest(request_id=new_id("retry"), withdrawal_id=withdrawal_id),
+        payout_pb2.RetryWithdrawalRequest(
+            request_id=new_id("retry"),
+            withdrawal_id=withdrawal_id,
+            reason="processor says it is back",
+        ),
         metadata=admin,
     )
     assert (retried.withdrawal.parked, retried.withdrawal.attempts) == (False, 0)
+    # Its history says when it was parked and why, and who retried it and why.
+    *moves, parked, retry = retried.withdrawal.history
+    assert [(e.kind, e.status) for e in moves] == [
+        (payout_pb2.WITHDRAWAL_EVENT_KIND_STATUS_CHANGED, status)
+        for status in (
+            payout_pb2.WITHDRAWAL_STATUS_REQUESTED,
+            payout_pb2.WITHDRAWAL_STATUS_APPROVED,
+            payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+        )
+    ]  # no event per failed attempt: the withdrawal counts them
+    assert (parked.kind, parked.status, parked.actor, parked.reason) == (
+        payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
+        payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+        "worker",
+        found.last_error,
+    )
+    assert (retry.kind, retry.status, retry.actor, retry.reason) == (
+        payout_pb2.WITHDRAWAL_EVENT_KIND_RETRIED,
+        payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+        "ops-1",
+        "processor says it is back",
+    )
+    assert parked.time.ToDatetime() <= retry.time.ToDatetime()
     await expect_error(
         suite.payout.RetryWithdrawal(
             payout_pb2.RetryWithdrawalRequest(
@@ -168,9 +195,14 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
         return (await read(suite, withdrawal_id, creator)).parked
 
     await eventually(parked_again, "the retried withdrawal parked again", seconds=15)
-    assert (await read(suite, withdrawal_id, creator)).status == (
-        payout_pb2.WITHDRAWAL_STATUS_PROCESSING
-    )
+    again = await read(suite, withdrawal_id, creator)
+    assert again.status == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert [e.kind for e in again.history[-3:]] == [
+        payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
+        payout_pb2.WITHDRAWAL_EVENT_KIND_RETRIED,
+        payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
+    ]
+    assert len(again.history) == 6 and again.history[-1].reason == again.last_error
 
 
 async def test_an_admin_gives_up_a_parked_withdrawal_and_a_late_payment_takes_it_again(

@@ -382,7 +382,13 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.RetryWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.RetryWithdrawalResponse:
         async def effect(conn: AsyncConnection) -> payout_pb2.RetryWithdrawalResponse:
-            retried = await self._withdrawals.retry(conn, request.withdrawal_id)
+            retried = await self._withdrawals.retry(
+                conn,
+                request.withdrawal_id,
+                actor=_actor(),
+                reason=request.reason,
+                now=self._clock.now(),
+            )
             (answer,) = await self._with_history(conn, [retried])
             return payout_pb2.RetryWithdrawalResponse(withdrawal=answer)
 

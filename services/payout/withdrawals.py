@@ -289,7 +289,7 @@ class Withdrawals:
     async def histories(
         self, conn: AsyncConnection, withdrawal_ids: Sequence[str]
     ) -> dict[str, list[storage.WithdrawalEvent]]:
-        """Each withdrawal's status changes, oldest first."""
+        """Each withdrawal's history, oldest first: its status changes, parkings and retries."""
         return await storage.events_of(conn, withdrawal_ids)
 
     async def queue(
@@ -298,11 +298,19 @@ class Withdrawals:
         """An admin queue, oldest first: "in_review" or "parked"."""
         return await storage.queue(conn, name, limit=limit, after=after)
 
-    async def retry(self, conn: AsyncConnection, withdrawal_id: str) -> storage.WithdrawalRecord:
-        """Hand a parked withdrawal back to the worker (which looks it up first);
-        WITHDRAWAL_NOT_PARKED otherwise."""
+    async def retry(
+        self,
+        conn: AsyncConnection,
+        withdrawal_id: str,
+        *,
+        actor: str,
+        reason: str,
+        now: dt.datetime,
+    ) -> storage.WithdrawalRecord:
+        """Hand a parked withdrawal back to the worker (which looks it up first), recorded in its
+        history as retried by `actor`; WITHDRAWAL_NOT_PARKED otherwise."""
         withdrawal = await self.get(conn, withdrawal_id)
-        if not await storage.unpark(conn, withdrawal_id):
+        if not await storage.unpark(conn, withdrawal_id):  # only a parked one, still processing
             status = withdrawal.status
             who = (
                 "the worker is on it"
@@ -317,6 +325,9 @@ class Withdrawals:
                 withdrawal_id=withdrawal_id,
                 status=status,
             )
+        await storage.add_event(
+            conn, withdrawal_id, "processing", actor, reason, now, kind="retried"
+        )
         return await self.get(conn, withdrawal_id)
 
     async def review(
@@ -455,10 +466,16 @@ class Withdrawals:
         error: str,
         park_at: dt.datetime | None,
     ) -> None:
-        """A processor call for it failed: counted; retried at `retry_at` or parked."""
-        await storage.note_failed_attempt(
+        """A processor call for it failed: counted; retried at `retry_at`, or parked, which its
+        history records (by "worker", the error as the reason). A single failed attempt is not
+        recorded there: the withdrawal counts the ones in a row (`attempts`, `last_error`)."""
+        noted = await storage.note_failed_attempt(
             conn, withdrawal_id, retry_at=retry_at, error=error, park_at=park_at
         )
+        if noted and park_at is not None:
+            await storage.add_event(
+                conn, withdrawal_id, "processing", "worker", error, park_at, kind="parked"
+            )
 
     async def resolve(
         self,

@@ -189,10 +189,11 @@ async def note_failed_attempt(
     retry_at: dt.datetime,
     error: str,
     park_at: dt.datetime | None = None,
-) -> None:
+) -> bool:
     """The processor call failed: count it, give the lease back, and leave the withdrawal until
-    `retry_at` (or, with `park_at`, until an admin retries it)."""
-    await conn.execute(
+    `retry_at` (or, with `park_at`, until an admin retries it). False if it is no longer
+    processing (it ended meanwhile: nothing noted)."""
+    result = await conn.execute(
         update(withdrawals)
         .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "processing")
         .values(
@@ -203,6 +204,7 @@ async def note_failed_attempt(
             leased_until=None,
         )
     )
+    return result.rowcount == 1
 
 
 async def schedule_follow_up(conn: AsyncConnection, withdrawal_id: str, at: dt.datetime) -> None:
