@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2
 from runtime.clock import SystemClock
+from services.payout import storage as payout_storage
 from services.payout.processor import ItemStatus, PayoutItem, WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox
 from services.payout.settings import PayoutSettings
@@ -203,6 +206,57 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
         payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
     ]
     assert len(again.history) == 6 and again.history[-1].reason == again.last_error
+
+
+async def test_a_parking_is_written_with_its_history_event_or_not_at_all(
+    impatient: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker parks a withdrawal and records it in its history in one transaction: when the
+    event cannot be written, the withdrawal is not parked (nor its last attempt counted), and the
+    worker's next attempt parks it, recorded once."""
+    suite = impatient
+    creator = await creator_with_diamonds(suite, 5_000)
+    record_event = payout_storage.add_event
+    refused: list[str] = []
+
+    async def history_fails_on_parking(
+        conn: AsyncConnection,
+        withdrawal_id: str,
+        status: str,
+        actor: str,
+        reason: str,
+        now: dt.datetime,
+        *,
+        kind: str = "status_changed",
+    ) -> None:
+        if kind == "parked":
+            refused.append(withdrawal_id)
+            raise RuntimeError("the history table is unavailable")
+        await record_event(conn, withdrawal_id, status, actor, reason, now, kind=kind)
+
+    monkeypatch.setattr(payout_storage, "add_event", history_fails_on_parking)
+    made = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 2_000, "dest_drop_history_fails"), metadata=suite.token(creator)
+    )
+    withdrawal_id = made.withdrawal.withdrawal_id
+
+    async def parking_refused() -> bool:
+        return withdrawal_id in refused
+
+    await eventually(parking_refused, "the worker trying to park it", seconds=15)
+    found = await read(suite, withdrawal_id, creator)
+    assert (found.parked, found.attempts) == (False, 2)  # the third attempt rolled back with it
+    assert payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED not in [e.kind for e in found.history]
+    monkeypatch.setattr(payout_storage, "add_event", record_event)
+
+    async def parked() -> bool:
+        return (await read(suite, withdrawal_id, creator)).parked
+
+    await eventually(parked, "the withdrawal parked once the history can be written", seconds=15)
+    found = await read(suite, withdrawal_id, creator)
+    assert found.attempts == 3
+    assert [e.kind for e in found.history].count(payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED) == 1
+    assert found.history[-1].reason == found.last_error
 
 
 async def test_an_admin_gives_up_a_parked_withdrawal_and_a_late_payment_takes_it_again(
