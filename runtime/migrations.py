@@ -8,7 +8,7 @@ calls `run_env()`. At start-up `upgrade()` shares the service's async engine wit
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -168,3 +168,27 @@ END $$"""
         f"REVOKE UPDATE, DELETE, TRUNCATE ON {revoked} FROM {role}",
     ):
         op.execute(statement)
+
+
+def leave_room_for_updates(op: Operations, fillfactors: Mapping[str, int]) -> None:
+    """On PostgreSQL, keep `100 - fillfactor`% of each page of these tables free, for tables whose
+    rows are updated all the time (a creator's totals on every batch of credits, an account's
+    balance on every posting). A row's new version then fits on its own page (a HOT update: no new
+    index entries), and the next statement to read the page prunes the dead versions, between
+    autovacuum's visits (a minute apart by default) or without it: measured on payout's `creators`
+    (200 rows, 500-credit batches, autovacuum off), dead versions grew without bound at the default
+    fillfactor (185k after 30 s; PostgreSQL CPU per batch 30 -> 118 ms) and leveled off at ~16k at
+    30. Pages written from now on leave the room; a table's existing pages get it when it is next
+    rewritten (VACUUM FULL, pg_repack). Only a table setting changes: no rewrite, and its lock
+    (SHARE UPDATE EXCLUSIVE) blocks no read or write."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    for table, fillfactor in fillfactors.items():
+        op.execute(f"ALTER TABLE {table} SET (fillfactor = {int(fillfactor)})")
+
+
+def restore_default_fill(op: Operations, *tables: str) -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    for table in tables:
+        op.execute(f"ALTER TABLE {table} RESET (fillfactor)")
