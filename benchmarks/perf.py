@@ -820,6 +820,18 @@ async def postgres_reachable() -> str | None:
     return None
 
 
+async def postgres_settings(*names: str, admin_url: str = PG_ADMIN_URL) -> str:
+    """The server's `names` as `name=value, ...`: the report says what the figures ran on (this
+    machine's PostgreSQL runs with autovacuum off, so dead row versions stay until a statement
+    prunes its page; see runtime.migrations.leave_room_for_updates)."""
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        values = [await conn.fetchval("SELECT current_setting($1)", name) for name in names]
+        return ", ".join(f"{name}={value}" for name, value in zip(names, values, strict=True))
+    finally:
+        await conn.close()
+
+
 async def _pg_admin(statement: str, admin_url: str = PG_ADMIN_URL) -> None:
     conn = await asyncpg.connect(admin_url, timeout=10)
     try:
@@ -1530,6 +1542,9 @@ async def measure_suite(
 ) -> float:
     """The suite's cases; returns SendGift's maximum closed-loop rate (spread)."""
     progress(f"{report.backend}: starting the suite (4 service processes)")
+    if report.backend == "postgres":
+        settings = ("server_version", "autovacuum", "shared_buffers", "max_wal_size")
+        report.notes.append(f"PostgreSQL: {await postgres_settings(*settings)}")
     async with suite_processes(report.backend, tmp, certs, logs) as suite:
         client = SuiteClient(suite, options, issuer)
         try:
