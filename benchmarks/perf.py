@@ -862,6 +862,8 @@ class SuiteProcesses:
     replicas: int = 1
     """Processes per service, each on ports of its own, all on the service's one database;
     callers spread their calls over them (an `ipv4:` list of every replica's address)."""
+    autovacuum: bool | None = None
+    """Whether the PostgreSQL server vacuums by itself (None: not asked yet); see `tidy`."""
 
     def instances(self, names: Iterable[str] = SERVICES) -> list[str]:
         """Every process: `wallet`, and `wallet.2`... for further replicas."""
@@ -1017,6 +1019,27 @@ class SuiteProcesses:
             if message is not None:
                 problems[f"{name}: {message}"] += 1
         return errors, problems, warnings
+
+    async def tidy(self) -> None:
+        """Between cases, on a PostgreSQL server that runs without autovacuum (this machine's), VACUUM
+        (ANALYZE) the run's databases, as autovacuum would have in the meantime: each case then
+        starts from a database as it is served, not from every earlier case's dead row versions,
+        which charged the later cases (the hot creator's, settlement) for the earlier ones."""
+        if self.backend != "postgres" or not self.databases:
+            return
+        if self.autovacuum is None:
+            self.autovacuum = "autovacuum=on" in await postgres_settings(
+                "autovacuum", admin_url=self.pg_admin_url
+            )
+        if self.autovacuum:
+            return
+        base = self.pg_admin_url.rsplit("/", 1)[0]
+        for database in self.databases:
+            conn = await asyncpg.connect(f"{base}/{database}", timeout=10)
+            try:
+                await conn.execute("VACUUM (ANALYZE)")
+            finally:
+                await conn.close()
 
     async def stop(self) -> None:
         for instance in self.instances(("gifting", "promotion", "payout", "wallet")):
@@ -1544,7 +1567,10 @@ async def measure_suite(
     progress(f"{report.backend}: starting the suite (4 service processes)")
     if report.backend == "postgres":
         settings = ("server_version", "autovacuum", "shared_buffers", "max_wal_size")
-        report.notes.append(f"PostgreSQL: {await postgres_settings(*settings)}")
+        report.notes.append(
+            f"PostgreSQL: {await postgres_settings(*settings)} (with autovacuum off, the run's "
+            "databases are vacuumed between cases, as autovacuum would)"
+        )
     async with suite_processes(report.backend, tmp, certs, logs) as suite:
         client = SuiteClient(suite, options, issuer)
         try:
@@ -1562,11 +1588,13 @@ async def measure_suite(
             monitor = suite.monitor()
             for hot in (False, True):
                 for concurrency in options.concurrency:
+                    await suite.tidy()
                     await gift_case(
                         report, client, options, timing, monitor, hot=hot, concurrency=concurrency
                     )
                     await asyncio.sleep(0.2)
             for concurrency in options.concurrency:
+                await suite.tidy()
                 _note_result(
                     report,
                     await closed_loop(
@@ -1583,6 +1611,7 @@ async def measure_suite(
             if max_rate <= 0:
                 report.failures.append("SendGift never completed: no open-loop cases")
             else:
+                await suite.tidy()
                 await gift_case(
                     report,
                     client,
@@ -1594,6 +1623,7 @@ async def measure_suite(
                     seed=7,
                     case="SendGift spread open-loop 50%",
                 )
+                await suite.tidy()
                 await gift_case(
                     report,
                     client,
@@ -1612,6 +1642,7 @@ async def measure_suite(
                     (5, "SendGift burst 5x", 9),
                     (0.5, "SendGift after the burst 50%", 10),
                 ):
+                    await suite.tidy()
                     await gift_case(
                         report,
                         client,
@@ -1627,6 +1658,7 @@ async def measure_suite(
             # Last: its bulk writes leave PostgreSQL vacuuming for a while after, which would
             # otherwise be charged to the cases that follow.
             for concurrency in options.concurrency:
+                await suite.tidy()
                 settlement = await closed_loop(
                     f"settlement (batch {options.batch})",
                     "suite",
