@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.auth import ADMIN_CALLERS, Principal
+from runtime.auth import ADMIN_CALLERS, USER_CALLERS, Principal
 from runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
 
 
@@ -48,7 +48,7 @@ class Access:
         user's request came in (SendGift, EndPromotion), not again to the service's calls it
         makes on the user's behalf, which its caller's limit bounds (a promotion's end re-capturing
         its pending reports must not be refused as the user's)."""
-        return self.callers is not None and not self.admin
+        return self.callers is not None and self.callers.isdisjoint(USER_CALLERS)
 
     @staticmethod
     def user(
@@ -58,8 +58,10 @@ class Access:
         writes: bool = False,
         admin_may_read: bool = False,
     ) -> Access:
-        """A user-facing RPC: any platform caller, acting for the user in the token."""
+        """A user-facing RPC: the callers that carry users' requests (USER_CALLERS), acting for
+        the user in the token."""
         return Access(
+            callers=USER_CALLERS,
             owner_field=owner_field,
             moves_money=moves_money,
             writes=writes,
@@ -69,7 +71,7 @@ class Access:
     @staticmethod
     def record_owner(*, writes: bool = False) -> Access:
         """A user-facing call on one record by id: its owner, or an admin (audited)."""
-        return Access(owner_in_record=True, writes=writes)
+        return Access(callers=USER_CALLERS, owner_in_record=True, writes=writes)
 
     @staticmethod
     def internal(

@@ -33,8 +33,13 @@ AUTHORIZATION = "authorization"
 ADMIN_ROLE = "admin"
 
 
-ADMIN_CALLERS = frozenset({"gateway", "admin-console"})
-"""The platform callers that carry admins' own requests (the API gateway, the admin console)."""
+USER_CALLERS = frozenset({"gateway", "admin-console"})
+"""The platform callers that carry users' own requests (the API gateway, the admin console): the
+only ones a user-facing RPC answers. Services pass a user's token on only to the internal RPCs
+that name them (a gift's debit, a promotion's hold), so a service holding a user's token cannot
+act as that user anywhere else."""
+ADMIN_CALLERS = USER_CALLERS
+"""The platform callers that carry admins' own requests: the same edge."""
 
 
 @dataclass(frozen=True)

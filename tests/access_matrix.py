@@ -18,15 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ANY = None
-"""Any platform service (a certificate of the platform CA) may call."""
 ADMIN_CALLERS = frozenset({"gateway", "admin-console"})
+USER_CALLERS = frozenset({"gateway", "admin-console"})
+"""The table's "`gateway`, `admin-console` only, with a user token": the callers that carry users'
+requests."""
 
 
 @dataclass(frozen=True)
 class Documented:
     callers: frozenset[str] | None
-    """Services that may call (certificate common names); ANY: every platform caller."""
+    """Services that may call (certificate common names); None: every platform caller."""
     needs_user: bool
     """A user token is required."""
     owner_field: str | None = None
@@ -42,15 +43,15 @@ class Documented:
 
 
 def _user_reads(owner: str) -> Documented:
-    return Documented(ANY, True, owner_field=owner, admin_may_read=True)
+    return Documented(USER_CALLERS, True, owner_field=owner, admin_may_read=True)
 
 
 def _user_writes(owner: str) -> Documented:
-    return Documented(ANY, True, owner_field=owner)
+    return Documented(USER_CALLERS, True, owner_field=owner)
 
 
-_RECORD = Documented(ANY, True, owner_in_record=True)
-_PUBLIC = Documented(ANY, True)
+_RECORD = Documented(USER_CALLERS, True, owner_in_record=True)
+_PUBLIC = Documented(USER_CALLERS, True)
 _ADMIN = Documented(ADMIN_CALLERS, True, admin=True, audited=True)
 _AUDIT_TRAIL = Documented(ADMIN_CALLERS, True, admin=True)
 """ListAdminActions: the table says only "that service's audit trail", not "audited"; reading the

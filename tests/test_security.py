@@ -947,7 +947,8 @@ async def test_an_admin_may_read_another_users_account_and_the_read_is_audited(
     named = sample.request.ListFields()[0][1] if SAMPLES[path].record_owned else sample.user
     assert_audited(await audit_records(rpc, admin), path, "gateway", str(named))
     # Only through an admin caller: services pass users' tokens on, so an admin's token in another
-    # service's hands (a review used the wallet's and the ad-delivery certificates) is a user's.
+    # service's hands (a review used the wallet's and the ad-delivery certificates) is refused
+    # there (CALLER_NOT_ALLOWED: a user's RPCs answer only the gateway and the admin console).
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await rpc.call(path, sample.request, identity="ad-delivery", metadata=admin_token)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
@@ -1052,7 +1053,7 @@ async def test_an_admins_token_grants_no_admin_power_through_another_service(sui
     """Admin overrides of a user's record (ending another creator's LIVE, cancelling another's
     withdrawal, ending another's promotion) are an admin's own request, through the gateway or the
     admin console. The same token presented by another platform service (services pass users'
-    tokens on: a compromised one holds admins' too) acts for that admin as a user only (review E)."""
+    tokens on: a compromised one holds admins' too) is refused, as any user's is there (review E)."""
     from coins.gifting.v1 import gifting_pb2
     from tests.helpers import live_of, new_creator
 
