@@ -222,7 +222,9 @@ async def test_a_rejection_and_a_cancel_release_the_hold_once(
         grpc.StatusCode.INVALID_ARGUMENT,
         "REASON_REQUIRED",
     )
-    cancel.reason = "the creator asked support to stop it"
+    # As long a reason as the API takes (500 characters) is kept whole in the history.
+    cancel.reason = "the creator asked support to stop it; " + "é" * 462
+    assert len(cancel.reason) == 500
     cancelled = await suite.payout.CancelWithdrawal(cancel, metadata=admin(suite))
     assert cancelled.withdrawal.status == S.WITHDRAWAL_STATUS_CANCELLED
     last = cancelled.withdrawal.history[-1]

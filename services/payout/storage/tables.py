@@ -86,7 +86,7 @@ withdrawal_events = Table(
     Column("seq", Integer, primary_key=True),
     Column("status", String(16), nullable=False),
     Column("actor", String(64), nullable=False),
-    Column("reason", String(256), nullable=False),
+    Column("reason", String(500), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("kind", String(16), nullable=False, server_default="status_changed"),
 )

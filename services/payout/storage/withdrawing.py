@@ -361,7 +361,7 @@ async def add_event(
             seq=int(seq or 0) + 1,
             status=status,
             actor=actor[:64],
-            reason=reason[:256],
+            reason=reason[:500],  # what CancelWithdrawal accepts (a processor's error: cut)
             created_at=now,
             kind=kind,
         )
