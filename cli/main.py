@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.backoff import backoff
 from runtime.config import SUITE_PLACES
 from runtime.status import bad_request, error_info
 
@@ -192,16 +194,102 @@ def live_show(c: Clients, a: argparse.Namespace) -> None:
     console.print(render.live(response.live, response.summary))
 
 
+RECONNECT_FIRST_SECONDS, RECONNECT_MAX_SECONDS = 0.25, 2.0
+"""`live watch`'s pauses between reconnects to a stopped gifting: doubling, at most 2 s."""
+
+
 def live_watch(c: Clients, a: argparse.Namespace) -> None:
-    """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes)."""
-    stream = c.gifting.WatchLive(
-        gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=a.after)
-    )
+    """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes).
+
+    A gifting process that stops (a restart, a rollout) ends the watch with UNAVAILABLE
+    SHUTTING_DOWN and the cursor to resume after: the watch reconnects from it by itself, to
+    that gifting restarted or to another replica, saying so on stderr, and gives up after
+    --reconnect-for seconds without an answer. Any other end is reported as before."""
+    cursor: int = a.after
+    stream: Any = None
     try:
-        for event in stream:
-            console.print(render.live_event(event))
+        while True:
+            stream = c.gifting.WatchLive(
+                gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=cursor)
+            )
+            try:
+                for event in stream:
+                    console.print(render.live_event(event))
+                    cursor = event.cursor
+                return
+            except grpc.RpcError as error:
+                resume = _stopping_gifting_resumes_after(error)
+                if resume is None or a.reconnect_for <= 0:
+                    raise
+                cursor = resume
+            _note(
+                f"gifting is stopping (SHUTTING_DOWN): reconnecting to watch {a.live_id} after "
+                f"cursor {cursor}"
+            )
+            _wait_for_gifting(c, a, cursor)
     except KeyboardInterrupt:
-        stream.cancel()
+        if stream is not None:
+            stream.cancel()
+
+
+def _stopping_gifting_resumes_after(error: grpc.RpcError) -> int | None:
+    """The cursor a stopping gifting said to reconnect after (UNAVAILABLE SHUTTING_DOWN, its
+    ErrorInfo's `resume_after`); None for any other end of a watch."""
+    info = error_info(error)
+    if error.code() != grpc.StatusCode.UNAVAILABLE or info is None:
+        return None
+    if info.reason != "SHUTTING_DOWN" or not info.metadata.get("resume_after", "").isdigit():
+        return None
+    return int(info.metadata["resume_after"])
+
+
+def _wait_for_gifting(c: Clients, a: argparse.Namespace, cursor: int) -> None:
+    """Until gifting answers again (GetLive of the watched LIVE), with pauses doubling from
+    RECONNECT_FIRST_SECONDS to RECONNECT_MAX_SECONDS; after --reconnect-for seconds of
+    attempts that found it down, stop saying how to resume."""
+    deadline = time.monotonic() + a.reconnect_for
+    failures = 0
+    while True:
+        pause = backoff(failures + 1, first=RECONNECT_FIRST_SECONDS, cap=RECONNECT_MAX_SECONDS)
+        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        try:
+            c.gifting.GetLive(
+                gifting_pb2.GetLiveRequest(live_id=a.live_id),
+                timeout=max(0.5, min(c.timeout, deadline - time.monotonic())),
+            )
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            failures += 1
+            if time.monotonic() >= deadline:
+                raise SystemExit(
+                    f"gifting at {c.addresses['gifting']} did not come back within "
+                    f"{a.reconnect_for:g} s ({failures} reconnects failed, the last "
+                    f"{error.code().name}): resume once it is up with\n  "
+                    f"{_resume_command(a, cursor)}"
+                ) from None
+            continue
+        _note(f"reconnected to gifting: watching {a.live_id} after cursor {cursor}")
+        return
+
+
+def _resume_command(a: argparse.Namespace, cursor: int) -> str:
+    """This command again, resuming after `cursor` (its other options as they were given)."""
+    kept: list[str] = []
+    skip = False
+    for argument in getattr(a, "command_line", None) or ["live", "watch", a.live_id]:
+        if skip:
+            skip = False
+        elif argument == "--after":
+            skip = True
+        elif not argument.startswith("--after="):
+            kept.append(argument)
+    return " ".join(["coinsctl", *kept, "--after", str(cursor)])
+
+
+def _note(text: str) -> None:
+    """A line about the command itself (not its output) on stderr."""
+    print(f"coinsctl: {text}", file=sys.stderr, flush=True)
 
 
 _PERIODS = {
@@ -718,6 +806,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--after", type=int, default=0, help="resume after this cursor (default: from the start)"
     )
+    p.add_argument(
+        "--reconnect-for",
+        type=float,
+        default=30,
+        metavar="SECONDS",
+        help="when gifting stops (a restart, a rollout), keep reconnecting this long; 0: end",
+    )
     p = command("rankings", rankings, "creators ranked by the coins of their credited gifts")
     p.add_argument("--period", choices=sorted(_PERIODS), default="day", help="default: %(default)s")
     p.add_argument("--limit", type=int, default=10, help="most rows shown")
@@ -927,6 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
         acting_user=args.acting_user,
         admin=args.admin,
     )
+    args.command_line = arguments  # (a watch that gives up says how to resume)
     try:
         args.run(clients, args)
     except grpc.RpcError as error:
