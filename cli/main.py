@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import re
 import sys
 import time
 import uuid
@@ -1051,10 +1052,23 @@ def _without_request_id(arguments: list[str]) -> list[str]:
     return kept
 
 
+_OUR_FLAGS = {"after_cursor": "--after"}
+"""Request fields a service's message names, and the coinsctl flag that sets each: a refusal is
+shown in coinsctl's terms ("reconnect with --after 41", not "after_cursor=41"). The service's own
+message names its fields, for every client."""
+
+
+def _in_our_terms(text: str) -> str:
+    for field, flag in _OUR_FLAGS.items():
+        text = re.sub(rf"\b{field}=(?=-?\d)", f"{flag} ", text)
+        text = re.sub(rf"\b{field}\b", flag, text)
+    return text
+
+
 def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
     info = error_info(error)
     code = error.code().name if hasattr(error, "code") else "UNKNOWN"
-    details = error.details() if hasattr(error, "details") else str(error)
+    details = (error.details() if hasattr(error, "details") else str(error)) or ""
     if code == "UNAVAILABLE" and info is None and clients is not None:
         service = clients.last_service
         where = (
@@ -1071,10 +1085,13 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
         )
         return
     reason = f" [{info.reason}]" if info else ""
-    console.print(f"{code}{reason} {details}", style="bold red", markup=False)
+    console.print(f"{code}{reason} {_in_our_terms(details)}", style="bold red", markup=False)
     violations = bad_request(error)
     for violation in violations.field_violations if violations else ():
-        console.print(f"  {violation.field}: {violation.description}", markup=False)
+        console.print(
+            f"  {_in_our_terms(violation.field)}: {_in_our_terms(violation.description)}",
+            markup=False,
+        )
     # A record named by id (a promotion, a withdrawal): coinsctl cannot tell whose it is.
     if (
         info is not None

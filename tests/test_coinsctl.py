@@ -253,6 +253,37 @@ async def test_a_watch_gives_up_when_gifting_stays_down(restartable: Suite) -> N
     assert "Traceback" not in everything, everything
 
 
+async def test_a_feeds_refusals_name_coinsctls_flag_not_the_apis_field(restartable: Suite) -> None:
+    """The service's messages name its request's field ("reconnect with after_cursor=2"), which
+    a coinsctl user never typed: coinsctl shows them with its own flag (--after 2)."""
+    suite = restartable
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+    live = live_of(creator)
+    code, output = await coinsctl(suite, "live", "watch", live, "--after", "99")
+    assert code == 1 and "CURSOR_BEYOND_END" in output, output
+    assert "--after 99 is past it" in output and "after_cursor" not in output, output
+    watch = await start_coinsctl(suite, "live", "watch", live, "--reconnect-for", "0")
+    watching = Output(watch)
+    try:
+        await watching.line_with("x rose")
+        await watching.line_with("#2 ")  # the rose's streak ended (0.3 s without another)
+        stopped = await stop_gifting(suite)
+        try:
+            everything = await watching.rest()
+            await asyncio.wait_for(watch.wait(), timeout=30)
+        finally:
+            await start_gifting_again(suite, stopped)
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+    assert watch.returncode == 1, everything
+    stopping = "this gifting process is stopping; reconnect with --after 2"
+    assert f"UNAVAILABLE [SHUTTING_DOWN] {stopping}" in everything, everything
+    assert "after_cursor" not in everything, everything
+
+
 async def test_a_refused_call_is_one_log_line_with_its_reason(
     suite: Suite, caplog: pytest.LogCaptureFixture
 ) -> None:
