@@ -15,9 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import date_pb2
 
+from buf.validate import validate_pb2
 from cli import render
 from cli.client import Clients, default_address
 from cli.render import console
@@ -547,7 +549,8 @@ def parked_credits(c: Clients, a: argparse.Namespace) -> None:
     )
     console.print(render.parked_credits(response.credits))
     if response.next_page_token:
-        console.print(f"more are parked than the {a.limit} shown: --limit (up to 500)")
+        most = most_at_once(gifting_pb2.ListParkedCreditsRequest)
+        console.print(f"more are parked than the {a.limit} shown: --limit (up to {most})")
 
 
 def redeliver_credits(c: Clients, a: argparse.Namespace) -> None:
@@ -717,6 +720,36 @@ def _anywhere() -> argparse.ArgumentParser:
     return common
 
 
+def most_at_once(request: type[Message]) -> int:
+    """The most rows a listing returns at once: its `page_size` rule in the proto (`lte`)."""
+    field = request.DESCRIPTOR.fields_by_name["page_size"]
+    rules = field.GetOptions().Extensions[validate_pb2.field]
+    if not rules.int32.HasField("lte"):
+        raise TypeError(f"{request.DESCRIPTOR.full_name}.page_size has no upper bound")
+    return int(rules.int32.lte)
+
+
+def add_limit(p: argparse.ArgumentParser, request: type[Message], *, default: int) -> None:
+    """A listing's --limit: from 1 to what its RPC returns at once, checked by coinsctl and named
+    as its flag (the service would refuse `page_size`, a field the user never typed)."""
+    most = most_at_once(request)
+
+    def limit(value: str) -> int:
+        try:
+            rows = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number of rows") from None
+        if not 1 <= rows <= most:
+            raise argparse.ArgumentTypeError(
+                f"{rows} is out of range: give 1 to {most} (the most one call returns)"
+            )
+        return rows
+
+    p.add_argument(
+        "--limit", type=limit, default=default, metavar="N", help=f"most rows shown, 1 to {most}"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__, formatter_class=_Help)
     anywhere = _anywhere()
@@ -767,7 +800,7 @@ def _parser() -> argparse.ArgumentParser:
     command("balance", balance, "show a user's coins").add_argument("user")
     p = command("ledger", ledger, "show a user's ledger history")
     p.add_argument("user")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, wallet_pb2.ListLedgerEntriesRequest, default=20)
     command("gifts", gifts, "list the gift catalog").add_argument(
         "--region", help="only the gifts offered in this country (ISO code, e.g. GB)"
     )
@@ -816,17 +849,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = command("rankings", rankings, "creators ranked by the coins of their credited gifts")
     p.add_argument("--period", choices=sorted(_PERIODS), default="day", help="default: %(default)s")
-    p.add_argument("--limit", type=int, default=10, help="most rows shown")
+    add_limit(p, gifting_pb2.ListCreatorRankingsRequest, default=10)
     p = command("creator-gifters", creator_gifters, "a creator's top gifters, all time")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=10, help="most rows shown")
+    add_limit(p, gifting_pb2.ListCreatorTopGiftersRequest, default=10)
     p = command("top", top, "top gifters of a LIVE")
     p.add_argument("live")
-    p.add_argument("--limit", type=int, default=10, help="most rows shown")
+    add_limit(p, gifting_pb2.ListTopGiftersRequest, default=10)
     command("diamonds", diamonds, "show a creator's diamonds").add_argument("creator")
     p = command("diamond-ledger", diamond_ledger, "show a creator's diamond movements")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, payout_pb2.ListDiamondEntriesRequest, default=20)
     p = command(
         "statement", statement, "opening and closing balance of a period, movements by kind"
     )
@@ -891,7 +924,7 @@ def _parser() -> argparse.ArgumentParser:
     ).add_argument("withdrawal_id")
     p = command("withdrawals", withdrawals, "list a creator's withdrawals, newest first")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, payout_pb2.ListWithdrawalsRequest, default=20)
     p = command(
         "cancel-withdrawal",
         cancel_withdrawal,
@@ -915,7 +948,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parked", action="store_true", help="the withdrawals parked after failed processor calls"
     )
-    p.add_argument("--limit", type=int, default=50, help="most rows shown")
+    add_limit(p, payout_pb2.ListWithdrawalQueueRequest, default=50)
     command(
         "retry-withdrawal",
         retry_withdrawal,
@@ -926,7 +959,7 @@ def _parser() -> argparse.ArgumentParser:
         parked_credits,
         "gift credits payout refused for good, oldest first, as an admin (--admin)",
     )
-    p.add_argument("--limit", type=int, default=50, help="most rows shown")
+    add_limit(p, gifting_pb2.ListParkedCreditsRequest, default=50)
     p = command(
         "redeliver-credits",
         redeliver_credits,
@@ -979,7 +1012,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = command("promotions", list_promotions, "a user's promotions, newest first, with their ids")
     p.add_argument("user")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, promotion_pb2.ListPromotionsRequest, default=20)
     p.add_argument(
         "--status",
         choices=["pending", "active", "rejected", "completed"],

@@ -403,6 +403,25 @@ async def test_parked_credits_are_listed_and_redelivered(suite: Suite) -> None:
     assert code == 0 and parked not in output, output
 
 
+async def test_a_limit_out_of_range_is_refused_naming_limit(suite: Suite) -> None:
+    """`parked-credits --limit 501` went to gifting, whose refusal named `page_size`, a field the
+    user never typed. coinsctl checks each listing's --limit against what its RPC returns at once
+    (the proto's page_size rule) and names its own flag."""
+    admin = ("--admin", "--as", new_id("ops"))
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "501")
+    assert code == 2, output
+    assert "argument --limit: 501 is out of range: give 1 to 500" in output, output
+    assert "page_size" not in output and "Traceback" not in output, output
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "0")
+    assert code == 2 and "argument --limit: 0 is out of range: give 1 to 500" in output, output
+    code, output = await coinsctl(suite, "rankings", "--limit", "101")
+    assert code == 2 and "argument --limit: 101 is out of range: give 1 to 100" in output, output
+    code, output = await coinsctl(suite, "rankings", "--help")
+    assert code == 0 and "most rows shown, 1 to 100 (default: 10)" in output, output
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
+    assert code == 0, output
+
+
 def test_a_reconciliations_ids_stay_whole_in_80_columns() -> None:
     """Both ids of a mismatch (ours and the processor's) are looked up elsewhere: each is whole on
     a line of an 80-column terminal (seven columns folded them)."""
