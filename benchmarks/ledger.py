@@ -282,6 +282,7 @@ class Bench:
         env = clean_environment() | {
             "COINS_CERTS_DIR": str(certs),
             "COINS_DEV_PKI": "false",
+            "PAYOUT_PROCESSOR_WEBHOOK_SECRET": os.urandom(32).hex(),  # off a dev PKI: its own
             "COINS_USER_RATE_PER_SECOND": "1e9",
             "COINS_USER_RATE_BURST": str(10**9),
             f"{prefix}_HOST": "127.0.0.1",

@@ -892,6 +892,7 @@ class SuiteProcesses:
         env |= {
             "COINS_CERTS_DIR": str(self.certs),
             "COINS_DEV_PKI": "false",
+            "PAYOUT_PROCESSOR_WEBHOOK_SECRET": os.urandom(32).hex(),  # off a dev PKI: its own
             # The abuse limits would measure themselves: lift them.
             "COINS_USER_RATE_PER_SECOND": "1e9",
             "COINS_USER_RATE_BURST": str(10**9),

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import re
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import date_pb2
 
+from buf.validate import validate_pb2
 from cli import render
 from cli.client import Clients, default_address
 from cli.render import console
@@ -23,6 +27,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.backoff import backoff
 from runtime.config import SUITE_PLACES
 from runtime.status import bad_request, error_info
 
@@ -192,16 +197,102 @@ def live_show(c: Clients, a: argparse.Namespace) -> None:
     console.print(render.live(response.live, response.summary))
 
 
+RECONNECT_FIRST_SECONDS, RECONNECT_MAX_SECONDS = 0.25, 2.0
+"""`live watch`'s pauses between reconnects to a stopped gifting: doubling, at most 2 s."""
+
+
 def live_watch(c: Clients, a: argparse.Namespace) -> None:
-    """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes)."""
-    stream = c.gifting.WatchLive(
-        gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=a.after)
-    )
+    """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes).
+
+    A gifting process that stops (a restart, a rollout) ends the watch with UNAVAILABLE
+    SHUTTING_DOWN and the cursor to resume after: the watch reconnects from it by itself, to
+    that gifting restarted or to another replica, saying so on stderr, and gives up after
+    --reconnect-for seconds without an answer. Any other end is reported as before."""
+    cursor: int = a.after
+    stream: Any = None
     try:
-        for event in stream:
-            console.print(render.live_event(event))
+        while True:
+            stream = c.gifting.WatchLive(
+                gifting_pb2.WatchLiveRequest(live_id=a.live_id, after_cursor=cursor)
+            )
+            try:
+                for event in stream:
+                    console.print(render.live_event(event))
+                    cursor = event.cursor
+                return
+            except grpc.RpcError as error:
+                resume = _stopping_gifting_resumes_after(error)
+                if resume is None or a.reconnect_for <= 0:
+                    raise
+                cursor = resume
+            _note(
+                f"gifting is stopping (SHUTTING_DOWN): reconnecting to watch {a.live_id} after "
+                f"cursor {cursor}"
+            )
+            _wait_for_gifting(c, a, cursor)
     except KeyboardInterrupt:
-        stream.cancel()
+        if stream is not None:
+            stream.cancel()
+
+
+def _stopping_gifting_resumes_after(error: grpc.RpcError) -> int | None:
+    """The cursor a stopping gifting said to reconnect after (UNAVAILABLE SHUTTING_DOWN, its
+    ErrorInfo's `resume_after`); None for any other end of a watch."""
+    info = error_info(error)
+    if error.code() != grpc.StatusCode.UNAVAILABLE or info is None:
+        return None
+    if info.reason != "SHUTTING_DOWN" or not info.metadata.get("resume_after", "").isdigit():
+        return None
+    return int(info.metadata["resume_after"])
+
+
+def _wait_for_gifting(c: Clients, a: argparse.Namespace, cursor: int) -> None:
+    """Until gifting answers again (GetLive of the watched LIVE), with pauses doubling from
+    RECONNECT_FIRST_SECONDS to RECONNECT_MAX_SECONDS; after --reconnect-for seconds of
+    attempts that found it down, stop saying how to resume."""
+    deadline = time.monotonic() + a.reconnect_for
+    failures = 0
+    while True:
+        pause = backoff(failures + 1, first=RECONNECT_FIRST_SECONDS, cap=RECONNECT_MAX_SECONDS)
+        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        try:
+            c.gifting.GetLive(
+                gifting_pb2.GetLiveRequest(live_id=a.live_id),
+                timeout=max(0.5, min(c.timeout, deadline - time.monotonic())),
+            )
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            failures += 1
+            if time.monotonic() >= deadline:
+                raise SystemExit(
+                    f"gifting at {c.addresses['gifting']} did not come back within "
+                    f"{a.reconnect_for:g} s ({failures} reconnects failed, the last "
+                    f"{error.code().name}): resume once it is up with\n  "
+                    f"{_resume_command(a, cursor)}"
+                ) from None
+            continue
+        _note(f"reconnected to gifting: watching {a.live_id} after cursor {cursor}")
+        return
+
+
+def _resume_command(a: argparse.Namespace, cursor: int) -> str:
+    """This command again, resuming after `cursor` (its other options as they were given)."""
+    kept: list[str] = []
+    skip = False
+    for argument in getattr(a, "command_line", None) or ["live", "watch", a.live_id]:
+        if skip:
+            skip = False
+        elif argument == "--after":
+            skip = True
+        elif not argument.startswith("--after="):
+            kept.append(argument)
+    return " ".join(["coinsctl", *kept, "--after", str(cursor)])
+
+
+def _note(text: str) -> None:
+    """A line about the command itself (not its output) on stderr."""
+    print(f"coinsctl: {text}", file=sys.stderr, flush=True)
 
 
 _PERIODS = {
@@ -458,7 +549,8 @@ def parked_credits(c: Clients, a: argparse.Namespace) -> None:
     )
     console.print(render.parked_credits(response.credits))
     if response.next_page_token:
-        console.print(f"more are parked than the {a.limit} shown: --limit (up to 500)")
+        most = most_at_once(gifting_pb2.ListParkedCreditsRequest)
+        console.print(f"more are parked than the {a.limit} shown: --limit (up to {most})")
 
 
 def redeliver_credits(c: Clients, a: argparse.Namespace) -> None:
@@ -628,6 +720,36 @@ def _anywhere() -> argparse.ArgumentParser:
     return common
 
 
+def most_at_once(request: type[Message]) -> int:
+    """The most rows a listing returns at once: its `page_size` rule in the proto (`lte`)."""
+    field = request.DESCRIPTOR.fields_by_name["page_size"]
+    rules = field.GetOptions().Extensions[validate_pb2.field]
+    if not rules.int32.HasField("lte"):
+        raise TypeError(f"{request.DESCRIPTOR.full_name}.page_size has no upper bound")
+    return int(rules.int32.lte)
+
+
+def add_limit(p: argparse.ArgumentParser, request: type[Message], *, default: int) -> None:
+    """A listing's --limit: from 1 to what its RPC returns at once, checked by coinsctl and named
+    as its flag (the service would refuse `page_size`, a field the user never typed)."""
+    most = most_at_once(request)
+
+    def limit(value: str) -> int:
+        try:
+            rows = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number of rows") from None
+        if not 1 <= rows <= most:
+            raise argparse.ArgumentTypeError(
+                f"{rows} is out of range: give 1 to {most} (the most one call returns)"
+            )
+        return rows
+
+    p.add_argument(
+        "--limit", type=limit, default=default, metavar="N", help=f"most rows shown, 1 to {most}"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coinsctl", description=__doc__, formatter_class=_Help)
     anywhere = _anywhere()
@@ -678,7 +800,7 @@ def _parser() -> argparse.ArgumentParser:
     command("balance", balance, "show a user's coins").add_argument("user")
     p = command("ledger", ledger, "show a user's ledger history")
     p.add_argument("user")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, wallet_pb2.ListLedgerEntriesRequest, default=20)
     command("gifts", gifts, "list the gift catalog").add_argument(
         "--region", help="only the gifts offered in this country (ISO code, e.g. GB)"
     )
@@ -718,19 +840,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--after", type=int, default=0, help="resume after this cursor (default: from the start)"
     )
+    p.add_argument(
+        "--reconnect-for",
+        type=float,
+        default=30,
+        metavar="SECONDS",
+        help="when gifting stops (a restart, a rollout), keep reconnecting this long; 0: end",
+    )
     p = command("rankings", rankings, "creators ranked by the coins of their credited gifts")
     p.add_argument("--period", choices=sorted(_PERIODS), default="day", help="default: %(default)s")
-    p.add_argument("--limit", type=int, default=10, help="most rows shown")
+    add_limit(p, gifting_pb2.ListCreatorRankingsRequest, default=10)
     p = command("creator-gifters", creator_gifters, "a creator's top gifters, all time")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=10, help="most rows shown")
+    add_limit(p, gifting_pb2.ListCreatorTopGiftersRequest, default=10)
     p = command("top", top, "top gifters of a LIVE")
     p.add_argument("live")
-    p.add_argument("--limit", type=int, default=10, help="most rows shown")
+    add_limit(p, gifting_pb2.ListTopGiftersRequest, default=10)
     command("diamonds", diamonds, "show a creator's diamonds").add_argument("creator")
     p = command("diamond-ledger", diamond_ledger, "show a creator's diamond movements")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, payout_pb2.ListDiamondEntriesRequest, default=20)
     p = command(
         "statement", statement, "opening and closing balance of a period, movements by kind"
     )
@@ -795,7 +924,7 @@ def _parser() -> argparse.ArgumentParser:
     ).add_argument("withdrawal_id")
     p = command("withdrawals", withdrawals, "list a creator's withdrawals, newest first")
     p.add_argument("creator")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, payout_pb2.ListWithdrawalsRequest, default=20)
     p = command(
         "cancel-withdrawal",
         cancel_withdrawal,
@@ -819,7 +948,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parked", action="store_true", help="the withdrawals parked after failed processor calls"
     )
-    p.add_argument("--limit", type=int, default=50, help="most rows shown")
+    add_limit(p, payout_pb2.ListWithdrawalQueueRequest, default=50)
     command(
         "retry-withdrawal",
         retry_withdrawal,
@@ -830,7 +959,7 @@ def _parser() -> argparse.ArgumentParser:
         parked_credits,
         "gift credits payout refused for good, oldest first, as an admin (--admin)",
     )
-    p.add_argument("--limit", type=int, default=50, help="most rows shown")
+    add_limit(p, gifting_pb2.ListParkedCreditsRequest, default=50)
     p = command(
         "redeliver-credits",
         redeliver_credits,
@@ -883,7 +1012,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = command("promotions", list_promotions, "a user's promotions, newest first, with their ids")
     p.add_argument("user")
-    p.add_argument("--limit", type=int, default=20, help="most rows shown")
+    add_limit(p, promotion_pb2.ListPromotionsRequest, default=20)
     p.add_argument(
         "--status",
         choices=["pending", "active", "rejected", "completed"],
@@ -927,6 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         acting_user=args.acting_user,
         admin=args.admin,
     )
+    args.command_line = arguments  # (a watch that gives up says how to resume)
     try:
         args.run(clients, args)
     except grpc.RpcError as error:
@@ -955,10 +1085,23 @@ def _without_request_id(arguments: list[str]) -> list[str]:
     return kept
 
 
+_OUR_FLAGS = {"after_cursor": "--after"}
+"""Request fields a service's message names, and the coinsctl flag that sets each: a refusal is
+shown in coinsctl's terms ("reconnect with --after 41", not "after_cursor=41"). The service's own
+message names its fields, for every client."""
+
+
+def _in_our_terms(text: str) -> str:
+    for field, flag in _OUR_FLAGS.items():
+        text = re.sub(rf"\b{field}=(?=-?\d)", f"{flag} ", text)
+        text = re.sub(rf"\b{field}\b", flag, text)
+    return text
+
+
 def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
     info = error_info(error)
     code = error.code().name if hasattr(error, "code") else "UNKNOWN"
-    details = error.details() if hasattr(error, "details") else str(error)
+    details = (error.details() if hasattr(error, "details") else str(error)) or ""
     if code == "UNAVAILABLE" and info is None and clients is not None:
         service = clients.last_service
         where = (
@@ -975,10 +1118,13 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
         )
         return
     reason = f" [{info.reason}]" if info else ""
-    console.print(f"{code}{reason} {details}", style="bold red", markup=False)
+    console.print(f"{code}{reason} {_in_our_terms(details)}", style="bold red", markup=False)
     violations = bad_request(error)
     for violation in violations.field_violations if violations else ():
-        console.print(f"  {violation.field}: {violation.description}", markup=False)
+        console.print(
+            f"  {_in_our_terms(violation.field)}: {_in_our_terms(violation.description)}",
+            markup=False,
+        )
     # A record named by id (a promotion, a withdrawal): coinsctl cannot tell whose it is.
     if (
         info is not None

@@ -36,7 +36,7 @@ from tests.helpers import (
     open_account,
     verify_creator,
 )
-from tests.suite import Suite
+from tests.suite import PAYOUT_WEBHOOK_SECRET, Suite
 
 
 @dataclass(frozen=True)
@@ -614,7 +614,7 @@ async def _handle_processor_event(suite: Suite) -> Sample:
             "resource": {"sender_item_id": new_id("not-ours"), "transaction_status": "SUCCESS"},
         }
     ).encode()
-    secret = b"dev-payout-webhook-secret"
+    secret = PAYOUT_WEBHOOK_SECRET.encode()
     request = payout_pb2.HandleProcessorEventRequest(body=body, signature=sign(secret, body))
     return Sample(request, None, mutates=True)
 

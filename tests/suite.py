@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi files
     from coins.payout.v1.payout_pb2_grpc import PayoutServiceAsyncStub
     from coins.promotion.v1.promotion_pb2_grpc import PromotionServiceAsyncStub
     from coins.wallet.v1.wallet_pb2_grpc import WalletServiceAsyncStub
+
+PAYOUT_WEBHOOK_SECRET = secrets.token_hex(32)
+"""The suite's payout webhook secret, made for the run: off a dev PKI (as the suite runs) payout
+refuses the public default, and the sandbox processor signs its callbacks with this one."""
 
 PG_ADMIN_URL = os.environ.get(
     "COINS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -292,6 +297,7 @@ async def start_suite(
                     end_live_patience_seconds=2.0,
                 )
             if name == "payout":
+                options["processor_webhook_secret"] = PAYOUT_WEBHOOK_SECRET
                 # Most tests withdraw what they just credited; tests/test_payout_maturation.py
                 # runs payout with its maturation period on a clock it moves.
                 options["maturation_days"] = 0

@@ -12,7 +12,9 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -20,8 +22,11 @@ from rich.console import Console
 
 from cli import client as client_module
 from cli import render
+from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.server import RunningService, start_service
+from services.gifting.service import SPEC as GIFTING
 from tests.faults import TcpProxy
 from tests.helpers import (
     eventually,
@@ -32,7 +37,7 @@ from tests.helpers import (
     new_creator,
     new_id,
 )
-from tests.suite import Suite, start_suite
+from tests.suite import Suite, require_postgres, start_suite
 from tests.test_parked_credits import park
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +133,155 @@ async def test_a_watch_that_loses_gifting_names_it(suite: Suite) -> None:
     assert watch.returncode == 1, output
     assert f"cannot reach gifting at {address}" in output, output
     assert "COINS_GIFTING_ADDRESS" in output and "THE SERVICE" not in output, output
+
+
+@pytest.fixture(scope="module")
+async def restartable(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Suite]:
+    """A suite of the module's own whose gifting the tests stop and start again (on its port, with
+    its database), as a restart or a rollout does; each test leaves it running."""
+    if backend == "postgres":
+        await require_postgres()
+    running = await start_suite(
+        backend,
+        tmp_path_factory.mktemp(f"restartable-{backend}"),
+        only=("wallet", "payout", "gifting"),
+    )
+    yield running
+    await running.stop()
+
+
+async def stop_gifting(suite: Suite) -> RunningService[Any]:
+    """Stop the suite's gifting as SIGTERM does: its watchers are told SHUTTING_DOWN at once."""
+    gifting = suite.services.pop("gifting")
+    await gifting.stop(grace=5)
+    return gifting
+
+
+async def start_gifting_again(suite: Suite, stopped: RunningService[Any]) -> None:
+    settings = stopped.runtime.settings.model_copy(update={"port": stopped.port})
+    suite.services["gifting"] = await start_service(GIFTING, settings)
+
+
+class Output:
+    """A running coinsctl's output (stdout and stderr), read line by line as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        self.lines: list[str] = []
+
+    async def line_with(self, text: str) -> str:
+        while True:
+            line = (await asyncio.wait_for(self._stdout.readline(), timeout=30)).decode()
+            assert line, f"coinsctl ended before {text!r}:\n{''.join(self.lines)}"
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    async def rest(self) -> str:
+        self.lines.append((await asyncio.wait_for(self._stdout.read(), timeout=60)).decode())
+        return "".join(self.lines)
+
+
+async def test_a_watch_reconnects_by_itself_when_gifting_restarts(restartable: Suite) -> None:
+    """A stopping gifting ends each watch with UNAVAILABLE SHUTTING_DOWN and the cursor to resume
+    after: `live watch` ended there, and its user had to find the cursor and start it again. It
+    reconnects from that cursor by itself, says so on stderr, and misses and repeats nothing."""
+    suite = restartable
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+    watch = await start_coinsctl(suite, "live", "watch", live_of(creator))
+    output = Output(watch)
+    try:
+        await output.line_with("x rose")
+        await output.line_with("#2 ")  # the rose's streak ended (0.3 s without another)
+        stopped = await stop_gifting(suite)
+        try:
+            said = await output.line_with("gifting is stopping")
+            assert f"reconnecting to watch {live_of(creator)} after cursor 2" in said, said
+        finally:
+            await start_gifting_again(suite, stopped)
+        await output.line_with("coinsctl: reconnected to gifting")
+        await suite.gifting.SendGift(live_gift(sender, creator, "panda"))
+        await output.line_with("x panda")
+        await suite.gifting.EndLive(
+            gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator)),
+            metadata=suite.token(creator),
+        )
+        everything = await output.rest()
+        await asyncio.wait_for(watch.wait(), timeout=30)
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+    assert watch.returncode == 0, everything
+    assert everything.count(" x rose") == everything.count(" x panda") == 1, everything
+    assert "the LIVE ended" in everything and "Traceback" not in everything, everything
+
+
+async def test_a_watch_gives_up_when_gifting_stays_down(restartable: Suite) -> None:
+    """Reconnects are bounded (--reconnect-for, 30 s by default): a gifting that stays down ends
+    the watch with what happened and the command that resumes it from the last cursor."""
+    suite = restartable
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+    live = live_of(creator)
+    watch = await start_coinsctl(suite, "live", "watch", live, "--reconnect-for", "1.5")
+    output = Output(watch)
+    try:
+        await output.line_with("x rose")
+        await output.line_with("#2 ")  # the rose's streak ended (0.3 s without another)
+        stopped = await stop_gifting(suite)
+        try:
+            everything = await output.rest()
+            await asyncio.wait_for(watch.wait(), timeout=30)
+        finally:
+            await start_gifting_again(suite, stopped)
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+    assert watch.returncode == 1, everything
+    assert "coinsctl: gifting is stopping (SHUTTING_DOWN): reconnecting" in everything, everything
+    address = suite.services["gifting"].address
+    assert f"gifting at {address} did not come back within 1.5 s" in everything, everything
+    assert "reconnects failed, the last UNAVAILABLE" in everything, everything
+    resume = f"coinsctl live watch {live} --reconnect-for 1.5 --after 2"
+    assert everything.rstrip().endswith(resume), everything
+    assert "Traceback" not in everything, everything
+
+
+async def test_a_feeds_refusals_name_coinsctls_flag_not_the_apis_field(restartable: Suite) -> None:
+    """The service's messages name its request's field ("reconnect with after_cursor=2"), which
+    a coinsctl user never typed: coinsctl shows them with its own flag (--after 2)."""
+    suite = restartable
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+    live = live_of(creator)
+    code, output = await coinsctl(suite, "live", "watch", live, "--after", "99")
+    assert code == 1 and "CURSOR_BEYOND_END" in output, output
+    assert "--after 99 is past it" in output and "after_cursor" not in output, output
+    watch = await start_coinsctl(suite, "live", "watch", live, "--reconnect-for", "0")
+    watching = Output(watch)
+    try:
+        await watching.line_with("x rose")
+        await watching.line_with("#2 ")  # the rose's streak ended (0.3 s without another)
+        stopped = await stop_gifting(suite)
+        try:
+            everything = await watching.rest()
+            await asyncio.wait_for(watch.wait(), timeout=30)
+        finally:
+            await start_gifting_again(suite, stopped)
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+    assert watch.returncode == 1, everything
+    stopping = "this gifting process is stopping; reconnect with --after 2"
+    assert f"UNAVAILABLE [SHUTTING_DOWN] {stopping}" in everything, everything
+    assert "after_cursor" not in everything, everything
 
 
 async def test_a_refused_call_is_one_log_line_with_its_reason(
@@ -247,6 +401,25 @@ async def test_parked_credits_are_listed_and_redelivered(suite: Suite) -> None:
     await eventually(credited, "the redelivered credit")
     code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
     assert code == 0 and parked not in output, output
+
+
+async def test_a_limit_out_of_range_is_refused_naming_limit(suite: Suite) -> None:
+    """`parked-credits --limit 501` went to gifting, whose refusal named `page_size`, a field the
+    user never typed. coinsctl checks each listing's --limit against what its RPC returns at once
+    (the proto's page_size rule) and names its own flag."""
+    admin = ("--admin", "--as", new_id("ops"))
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "501")
+    assert code == 2, output
+    assert "argument --limit: 501 is out of range: give 1 to 500" in output, output
+    assert "page_size" not in output and "Traceback" not in output, output
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "0")
+    assert code == 2 and "argument --limit: 0 is out of range: give 1 to 500" in output, output
+    code, output = await coinsctl(suite, "rankings", "--limit", "101")
+    assert code == 2 and "argument --limit: 101 is out of range: give 1 to 100" in output, output
+    code, output = await coinsctl(suite, "rankings", "--help")
+    assert code == 0 and "most rows shown, 1 to 100 (default: 10)" in output, output
+    code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
+    assert code == 0, output
 
 
 def test_a_reconciliations_ids_stay_whole_in_80_columns() -> None:

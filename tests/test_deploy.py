@@ -158,6 +158,27 @@ def test_variables_and_ports_match_the_services_settings() -> None:
         assert compose_ports == [f"{exposed['grpc']}:{exposed['grpc']}"]
 
 
+def test_payout_off_a_dev_pki_is_given_a_webhook_secret_of_its_own() -> None:
+    """Compose and Kubernetes run the services with COINS_DEV_PKI=false, where payout refuses the
+    public default webhook secret: compose takes it from the environment it is started in (no
+    default: `docker compose up` without it stops saying what to set), Kubernetes from a Secret."""
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    environment = compose["services"]["payout"]["environment"]
+    assert environment["COINS_DEV_PKI"] == "false"
+    secret = environment.get("PAYOUT_PROCESSOR_WEBHOOK_SECRET", "")
+    assert secret.startswith("${PAYOUT_PROCESSOR_WEBHOOK_SECRET:?") and secret.endswith("}")
+    docs = documents(DEPLOY / "k8s" / "base" / "payout.yaml")
+    (settings,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert settings["data"]["COINS_DEV_PKI"] == "false"
+    assert "PAYOUT_PROCESSOR_WEBHOOK_SECRET" not in settings["data"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = _containers(deployment)
+    (from_secret,) = [e for e in container["env"] if e["name"] == "PAYOUT_PROCESSOR_WEBHOOK_SECRET"]
+    assert (
+        from_secret["valueFrom"]["secretKeyRef"]["name"] == "coins-payout-processor-webhook-secret"
+    )
+
+
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec", {})
     template = spec.get("template", {}).get("spec", {})

@@ -28,7 +28,7 @@ from tests.helpers import (
     new_id,
     verify_creator,
 )
-from tests.suite import Suite, require_postgres, start_suite
+from tests.suite import PAYOUT_WEBHOOK_SECRET, Suite, require_postgres, start_suite
 from tests.test_payout import creator_with_diamonds, settled, withdrawal
 
 S = payout_pb2
@@ -358,7 +358,7 @@ async def test_callbacks_are_verified_deduplicated_and_taken_from_the_processor(
 ) -> None:
     suite, _ = payout
     webhooks = suite.as_caller("payout-webhooks").payout
-    secret = b"dev-payout-webhook-secret"
+    secret = PAYOUT_WEBHOOK_SECRET.encode()
     creator = await creator_with_diamonds(suite, 5_000)
     made = (await suite.payout.RequestWithdrawal(withdrawal(creator, 4_000))).withdrawal
     paid = await settled(suite, made.withdrawal_id, creator)

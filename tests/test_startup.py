@@ -13,7 +13,9 @@ from pathlib import Path
 import pydantic
 import pytest
 from alembic.script import ScriptDirectory
+from pydantic import SecretStr
 
+from runtime.config import SecuritySettings
 from runtime.db import Database
 from runtime.migrations import alembic_config, upgrade
 from runtime.startup import explain_settings, mistyped_settings
@@ -107,6 +109,66 @@ def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() 
     with pytest.raises(pydantic.ValidationError, match="PAYOUT_WITHDRAWAL_FEE_BPS=10000"):
         PayoutSettings(withdrawal_fee_bps=10_000)
     assert PayoutSettings(withdrawal_fee_fixed_minor=999).withdrawal_fee_fixed_minor == 999
+
+
+def test_payout_off_a_dev_pki_refuses_a_webhook_secret_anyone_knows(tmp_path: Path) -> None:
+    """The default webhook secret is public: a real deployment (COINS_DEV_PKI=false, certificates
+    from the operator) that kept it accepted forged processor callbacks, a "failed" after a real
+    "paid" giving back diamonds that were paid out. Payout, and make up, refuse it (and an empty
+    or short one) in one line naming the variable, without echoing the secret."""
+    env = {
+        **os.environ,
+        "COINS_CERTS_DIR": str(tmp_path / "certs"),
+        "COINS_DEV_PKI": "false",
+        "PAYOUT_DATA_DIR": str(tmp_path / "data"),
+        "PAYOUT_PORT": "0",
+        "PAYOUT_HEALTH_PORT": "0",
+    }
+    env.pop("PAYOUT_PROCESSOR_WEBHOOK_SECRET", None)
+    why = (
+        "and with COINS_DEV_PKI=false (a real deployment) a forged processor callback signed with "
+        "it would be believed: set it to the secret the processor signs its webhooks with, at "
+        "least 16 bytes (e.g. `openssl rand -hex 32`)"
+    )
+    for secret, problem in (
+        (None, "the public development default"),
+        ("", "empty"),
+        ("fifteen-bytes!!", "15 bytes long"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "services.payout"],
+            cwd=ROOT,
+            env=env if secret is None else {**env, "PAYOUT_PROCESSOR_WEBHOOK_SECRET": secret},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines() == [
+            f"payout: bad configuration: PAYOUT_PROCESSOR_WEBHOOK_SECRET is {problem}, {why}"
+        ], done.stderr[-2000:]
+        assert not secret or secret not in done.stderr
+    assert not (tmp_path / "data").exists(), "it started (migrated) before refusing"
+    suite = subprocess.run(
+        [sys.executable, "-m", "tools.suite"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert suite.returncode == 1
+    assert suite.stderr.strip().splitlines() == [
+        f"payout: bad configuration: PAYOUT_PROCESSOR_WEBHOOK_SECRET is the public development "
+        f"default, {why}",
+        "the suite cannot start: fix the variables above",
+    ], suite.stderr[-2000:]
+    # A dev PKI (make up, the dev defaults) keeps the default; off one, a secret of 16 bytes will do.
+    assert PayoutSettings(security=SecuritySettings(dev_pki=True))
+    off = SecuritySettings(dev_pki=False)
+    assert PayoutSettings(security=off, processor_webhook_secret=SecretStr("sixteen-bytes!!!"))
+    with pytest.raises(pydantic.ValidationError, match="PAYOUT_PROCESSOR_WEBHOOK_SECRET"):
+        PayoutSettings(security=off)
 
 
 def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(

@@ -21,6 +21,12 @@ from runtime.protos import money_text
 
 _MICROS_PER_MINOR_UNIT = 10_000
 """Millionths of a currency unit in one minor unit (cents: two decimals)."""
+DEV_WEBHOOK_SECRET = "dev-payout-webhook-secret"
+"""The webhook secret of a development suite: public (it is in this file), so anyone could sign a
+processor callback with it."""
+MIN_WEBHOOK_SECRET_BYTES = 16
+"""The shortest webhook secret payout starts with off a dev PKI (HMAC-SHA256 keys of 32 random
+bytes are the norm: `openssl rand -hex 32`)."""
 
 
 class PayoutSettings(LedgerServiceSettings):
@@ -66,8 +72,10 @@ class PayoutSettings(LedgerServiceSettings):
     """Sandbox: each callback is delivered after a random delay up to this (so out of order)."""
     processor_duplicate_callback_percent: int = Field(default=20, ge=0, le=100)
     """Sandbox: the share of callbacks delivered twice."""
-    processor_webhook_secret: SecretStr = SecretStr("dev-payout-webhook-secret")
-    """The HMAC-SHA256 key processor callbacks are signed with (set a real one in production)."""
+    processor_webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
+    """The HMAC-SHA256 key processor callbacks are signed with. The default is public: off a dev
+    PKI (COINS_DEV_PKI=false, a real deployment) payout refuses to start on it, or on one shorter
+    than MIN_WEBHOOK_SECRET_BYTES (`_webhook_secret_is_private`)."""
     processor_timeout_seconds: PositiveFloat = 10.0
     """How long one processor call may take before it counts as failed and is retried later."""
     processor_max_backoff_seconds: PositiveFloat = 300.0
@@ -155,3 +163,26 @@ class PayoutSettings(LedgerServiceSettings):
                 "something, so raise the minimum or lower the fee"
             )
         return self
+
+    @model_validator(mode="after")
+    def _webhook_secret_is_private(self) -> PayoutSettings:
+        """Off a dev PKI, a webhook secret anyone knows (the public default) or could guess (empty,
+        short) would let them forge processor callbacks: a "failed" after a real "paid" gives back
+        the diamonds that were paid out. Said without the secret's value."""
+        if self.security.dev_pki:
+            return self
+        secret = self.processor_webhook_secret.get_secret_value()
+        if secret == DEV_WEBHOOK_SECRET:
+            problem = "the public development default"
+        elif not secret:
+            problem = "empty"
+        elif len(secret.encode()) < MIN_WEBHOOK_SECRET_BYTES:
+            problem = f"{len(secret.encode())} bytes long"
+        else:
+            return self
+        raise ValueError(
+            f"PAYOUT_PROCESSOR_WEBHOOK_SECRET is {problem}, and with COINS_DEV_PKI=false (a real "
+            "deployment) a forged processor callback signed with it would be believed: set it to "
+            f"the secret the processor signs its webhooks with, at least {MIN_WEBHOOK_SECRET_BYTES} bytes (e.g. "
+            "`openssl rand -hex 32`)"
+        )
