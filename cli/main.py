@@ -537,7 +537,9 @@ def review_queue(c: Clients, a: argparse.Namespace) -> None:
 
 def retry_withdrawal(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.RetryWithdrawal(
-        payout_pb2.RetryWithdrawalRequest(request_id=_rid(a), withdrawal_id=a.withdrawal_id),
+        payout_pb2.RetryWithdrawalRequest(
+            request_id=_rid(a), withdrawal_id=a.withdrawal_id, reason=a.reason
+        ),
         timeout=c.timeout,
     )
     console.print(render.withdrawal(response.withdrawal))
@@ -949,11 +951,15 @@ def _parser() -> argparse.ArgumentParser:
         "--parked", action="store_true", help="the withdrawals parked after failed processor calls"
     )
     add_limit(p, payout_pb2.ListWithdrawalQueueRequest, default=50)
-    command(
+    p = command(
         "retry-withdrawal",
         retry_withdrawal,
         "give a parked withdrawal back to the processor worker, as an admin (--admin)",
-    ).add_argument("withdrawal_id")
+    )
+    p.add_argument("withdrawal_id")
+    p.add_argument(
+        "--reason", default="", help="why (kept in the withdrawal's history and the audit trail)"
+    )
     p = command(
         "parked-credits",
         parked_credits,

@@ -267,6 +267,17 @@ def withdrawal_status(status: int) -> str:
     return enum_name(payout_pb2.WithdrawalStatus, status, "WITHDRAWAL_STATUS_")
 
 
+def withdrawal_event(event: payout_pb2.WithdrawalEvent) -> str:
+    """A status change names the status it moved to; a parking or a retry says so (the status is
+    the one the withdrawal stayed in, processing)."""
+    if event.kind in (
+        payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
+        payout_pb2.WITHDRAWAL_EVENT_KIND_RETRIED,
+    ):
+        return enum_name(payout_pb2.WithdrawalEventKind, event.kind, "WITHDRAWAL_EVENT_KIND_")
+    return withdrawal_status(event.status)
+
+
 def withdrawal(w: payout_pb2.Withdrawal) -> Group:
     """A withdrawal, then its history (oldest first)."""
     table = Table(title="Withdrawal", show_header=False)
@@ -289,13 +300,11 @@ def withdrawal(w: payout_pb2.Withdrawal) -> Group:
         table.add_row("last error", w.last_error)
     history = Table(title=f"History of withdrawal {w.withdrawal_id}")
     history.add_column("when", no_wrap=True)
-    history.add_column("status", no_wrap=True)
+    history.add_column("what", no_wrap=True)
     history.add_column("by")
     history.add_column("reason")
     for event in w.history:
-        history.add_row(
-            stamp(event.time), withdrawal_status(event.status), event.actor, event.reason
-        )
+        history.add_row(stamp(event.time), withdrawal_event(event), event.actor, event.reason)
     return Group(table, history) if w.history else Group(table)
 
 

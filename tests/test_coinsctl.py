@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 
 from cli import client as client_module
@@ -487,3 +488,37 @@ def test_ledger_references_stay_whole_in_80_columns() -> None:
         console.print(table)
         shown = console.export_text()
         assert reference in shown and "1,234,567" in shown, shown
+
+
+def test_a_withdrawals_history_says_when_it_was_parked_and_who_retried_it() -> None:
+    """A parking and a retry leave the withdrawal processing: the history's "what" names them, not
+    the status, which would read as if it had moved to processing again."""
+    at = Timestamp(seconds=1_796_000_000)
+    event = payout_pb2.WithdrawalEvent
+    w = payout_pb2.Withdrawal(
+        withdrawal_id="wd-1",
+        creator_id="cleo",
+        status=payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+        history=[
+            event(status=payout_pb2.WITHDRAWAL_STATUS_PROCESSING, actor="auto-approve", time=at),
+            event(
+                status=payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+                actor="worker",
+                reason="processor timed out",
+                time=at,
+                kind=payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
+            ),
+            event(
+                status=payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+                actor="ops-ann",
+                reason="processor is back",
+                time=at,
+                kind=payout_pb2.WITHDRAWAL_EVENT_KIND_RETRIED,
+            ),
+        ],
+    )
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(render.withdrawal(w))
+    rows = [line for line in console.export_text().splitlines() if "│" in line and "2026" in line]
+    assert [row.split("│")[2].strip() for row in rows] == ["processing", "parked", "retried"]
+    assert "processor timed out" in rows[1] and "ops-ann" in rows[2]
