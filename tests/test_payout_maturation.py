@@ -190,7 +190,7 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
         return (await balance_of(suite, creator)).available_diamonds == 4_000
 
     await eventually(matured, "the first gifts maturing")
-    await suite.payout.RequestWithdrawal(withdrawal(creator, 2_500))  # 1,500 left available
+    made = await suite.payout.RequestWithdrawal(withdrawal(creator, 2_500))  # 1,500 left
     fresh = await gift(700)  # still pending
     admin = suite.token(new_id("risk"), admin=True)
     request = payout_pb2.ReverseGiftCreditsRequest(
@@ -244,6 +244,17 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
         payout_pb2.DIAMOND_BUCKET_DEBT,
         1_500,
     ) in (moves)
+
+    # The withdrawal's diamonds stay on the account, held, until the processor pays it (the
+    # sandbox's settle time; slower on a loaded machine): then the statement closes at 500.
+    async def paid() -> bool:
+        got = await suite.payout.GetWithdrawal(
+            payout_pb2.GetWithdrawalRequest(withdrawal_id=made.withdrawal.withdrawal_id),
+            metadata=suite.token(creator),
+        )
+        return got.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+
+    await eventually(paid, "the withdrawal paid")
     statement = await suite.payout.GetDiamondStatement(
         payout_pb2.GetDiamondStatementRequest(creator_id=creator)
     )
