@@ -323,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.service is None:
             parser.error("name the service whose ledger to audit")
+        from runtime import startup
+
         module, name = SERVICES[args.service].split(":")
-        loaded = getattr(importlib.import_module(module), name)()
+        loaded = startup.settings_or_exit(  # a refused setting: could not run
+            getattr(importlib.import_module(module), name), args.service, code=2
+        )
         url, role = _database_url(loaded), loaded.database_role
         anchor_dir, incremental = loaded.anchor_dir(), args.incremental
         settings = loaded

@@ -7,7 +7,9 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+import sys
 from collections.abc import Mapping
+from typing import TypeVar
 
 import asyncpg
 import pydantic
@@ -99,6 +101,20 @@ def refused_settings(settings_type: type[ServiceSettings], service: str) -> list
         prefix = str(settings_type.model_config.get("env_prefix", ""))
         lines += explain_settings(error, service, prefix).splitlines()
     return lines
+
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+def settings_or_exit(settings_type: type[SettingsT], service: str, *, code: int = 1) -> SettingsT:
+    """A tool's copy of a service's settings (the migration job, the cross audit, the ledger
+    audit), or the refusal the service itself would print (one line per variable, named as set,
+    not pydantic's traceback) and exit `code`."""
+    try:
+        return settings_type()
+    except pydantic.ValidationError:
+        print("\n".join(refused_settings(settings_type, service)), file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 def mistyped_settings(

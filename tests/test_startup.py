@@ -171,6 +171,40 @@ def test_payout_off_a_dev_pki_refuses_a_webhook_secret_anyone_knows(tmp_path: Pa
         PayoutSettings(security=off)
 
 
+@pytest.mark.parametrize(
+    ("tool", "code"),
+    [
+        (["tools.migrate", "payout"], 1),
+        (["tools.cross_audit"], 2),  # 1 is "the books differ"
+        (["ledger.auditor", "payout"], 2),  # 1 is "findings"
+    ],
+)
+def test_a_tool_refuses_the_settings_its_service_would_in_one_line(
+    tmp_path: Path, tool: list[str], code: int
+) -> None:
+    """The migration job, the cross audit and the ledger audit read a service's settings: what
+    the service refuses (here payout's public webhook secret off a dev PKI) they refuse in the
+    service's own words, exiting `code`, not with pydantic's traceback."""
+    env = {**os.environ, "COINS_DEV_PKI": "false", "COINS_DATA_DIR": str(tmp_path / "data")}
+    env.pop("PAYOUT_PROCESSOR_WEBHOOK_SECRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", *tool],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == code, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(
+        "payout: bad configuration: PAYOUT_PROCESSOR_WEBHOOK_SECRET is the public development "
+        "default"
+    ), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists(), "it went on after refusing"
+
+
 def test_a_port_in_use_stops_the_service_naming_the_port_and_its_variable(
     tmp_path: Path,
 ) -> None:

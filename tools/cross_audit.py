@@ -21,7 +21,8 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
 
 Usage: `python -m tools.cross_audit` with the services' usual <SVC>_DATABASE_URL variables (or their
 SQLite defaults under <SVC>_DATA_DIR); the sandbox processor's file (PAYOUT_SANDBOX_FILE) is read when
-it exists. It prints a JSON report and exits 1 when anything differs.
+it exists. It prints a JSON report and exits 1 when anything differs, 2 when a service's settings
+are refused (one line per variable, as the service itself says).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sqlalchemy import text
 
 from runtime.clock import utc
 from runtime.db import Database
+from runtime.startup import settings_or_exit
 from services.gifting.settings import GiftingSettings
 from services.payout.processor import ItemStatus, outcome_of
 from services.payout.sandbox import recorded_payments
@@ -353,10 +355,13 @@ def sandbox_items(
 
 def _urls() -> dict[str, str]:
     settings = {
-        "wallet": WalletSettings(),
-        "gifting": GiftingSettings(),
-        "payout": PayoutSettings(),
-        "promotion": PromotionSettings(),
+        name: settings_or_exit(settings_type, name, code=2)
+        for name, settings_type in (
+            ("wallet", WalletSettings),
+            ("gifting", GiftingSettings),
+            ("payout", PayoutSettings),
+            ("promotion", PromotionSettings),
+        )
     }
     return {name: s.resolved_database_url() for name, s in settings.items()}
 
@@ -379,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settle = parser.parse_args(argv).settle_seconds
     now = dt.datetime.now(dt.UTC)
-    payout = PayoutSettings()
+    payout = settings_or_exit(PayoutSettings, "payout", code=2)
     sandbox = payout.sandbox_file or payout.data_dir / "sandbox-payouts.sqlite3"
     items = sandbox_items(sandbox, payout, now) if Path(sandbox).exists() else None
     if items is None:

@@ -35,7 +35,7 @@ SPECS: dict[str, ServiceSpec[Any]] = {
 async def migrate(names: list[str], *, check: bool = False) -> None:
     for name in names:
         spec = SPECS[name]
-        settings = spec.settings_type()
+        settings = startup.settings_or_exit(spec.settings_type, name)
         # Its lines look like the service's own (a service that migrates on start runs this in a
         # child process: runtime.server.main); alembic's line per revision (some 20 per service
         # on a first start) gives way to one line saying from where to where.
