@@ -119,6 +119,10 @@ class ServiceSettings(BaseSettings):
     the migrations grant everything but rewriting history (no UPDATE, DELETE or TRUNCATE of ledger
     and audit rows). Migrations run as the login user. Empty: act as the login user, for a deployment
     whose login role is restricted already."""
+    database_connections: int = Field(default=10, ge=2)
+    """On PostgreSQL, the most connections each of the service's two pools opens: the calls' own
+    (asyncpg) and the slow paths' (SQLAlchemy, which keeps up to 4 open when idle). Up to twice
+    this per replica counts against PostgreSQL's max_connections (100 by default)."""
     migrate_on_start: bool = True
     migration_wait_seconds: float = Field(default=30.0, ge=0)
     """With `migrate_on_start` false: how long a starting service waits for its database to be

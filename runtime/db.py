@@ -42,9 +42,15 @@ class Database:
     """A service's database: `transaction()` for writes, `read()` for reads."""
 
     def __init__(
-        self, url: str, tracer_provider: TracerProvider | None = None, *, role: str = ""
+        self,
+        url: str,
+        tracer_provider: TracerProvider | None = None,
+        *,
+        role: str = "",
+        connections: int = 10,
     ) -> None:
-        """`role`: on PostgreSQL, the role every connection acts as (see ServiceSettings.database_role)."""
+        """`role`: on PostgreSQL, the role every connection acts as (see ServiceSettings.database_role);
+        `connections`: at most this many for the calls (ServiceSettings.database_connections)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         # A failed statement's error names its SQL, never its bound values (payment tokens,
@@ -52,7 +58,8 @@ class Database:
         options: dict[str, Any] = {"hide_parameters": True}
         server_settings = {"role": role} if role and not self.is_sqlite else {}
         if not self.is_sqlite:
-            options.update(pool_size=4, max_overflow=6)
+            slow_paths = min(4, connections)
+            options.update(pool_size=slow_paths, max_overflow=connections - slow_paths)
             if server_settings:
                 options.update(connect_args={"server_settings": server_settings})
         self.engine = create_async_engine(url, **options)
@@ -67,6 +74,7 @@ class Database:
             write_lock=self._write_lock,
             tracer_provider=tracer_provider,
             server_settings=server_settings,
+            pool_size=connections,
         )
 
     @asynccontextmanager

@@ -527,7 +527,9 @@ async def start_service(
             await migrations.upgrade(owner, spec.migrations_dir)
         finally:
             await owner.close()
-    db = Database(url, provider, role=settings.database_role)
+    db = Database(
+        url, provider, role=settings.database_role, connections=settings.database_connections
+    )
     audit = AdminAudit(db, clock, spec.name)
     shedder = LoadShedder(
         max_in_flight=settings.max_in_flight_rpcs, max_queue_seconds=settings.max_queue_seconds

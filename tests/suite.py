@@ -280,6 +280,9 @@ async def start_suite(
             if backend == "postgres":
                 database = f"coins_test_{name}_{run_id}"
                 options["database_url"] = await create_pg_database(database)
+                # A run keeps a shared suite and a test's own alive at once, on a server whose
+                # max_connections is 100 (this machine's): 4 services x 10 each left too few.
+                options["database_connections"] = 5
                 suite.pg_databases.append(database)
             else:
                 options["database_url"] = f"sqlite+aiosqlite:///{data_dir / f'{name}-{run_id}.db'}"

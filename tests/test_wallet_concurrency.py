@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import pytest
 
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.wallet.v1 import wallet_pb2
 from tests.helpers import funded_user, new_id
-from tests.suite import Suite, start_suite
+from tests.suite import PG_ADMIN_URL, Suite, start_suite
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,52 @@ async def test_a_statement_adds_up_while_the_account_is_written(unlimited: Suite
         moved = sum(line.credited - line.debited for line in s.lines)
         assert s.opening_balance + moved == s.closing_balance, s
     assert statements[-1].closing_balance < coins  # the spenders did spend meanwhile
+
+
+async def test_a_service_opens_no_more_connections_than_it_is_allowed(
+    unlimited: Suite, backend: str
+) -> None:
+    """<SVC>_DATABASE_CONNECTIONS bounds each of a service's two pools (the test suite runs with 5:
+    several suites share one server's 100 connections): 150 calls at once, reads and money moves,
+    never hold more than twice that on the wallet's database."""
+    if backend != "postgres":
+        return  # SQLite: one writer and one reader connection, in process
+    user, _ = await funded_user(unlimited)  # 700 coins: the 50 debits take 50
+    database = next(d for d in unlimited.pg_databases if d.startswith("coins_test_wallet_"))
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    seen: list[int] = []
+    busy = True
+
+    async def watch() -> None:
+        while busy:
+            seen.append(
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", database
+                )
+            )
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        reads = [
+            unlimited.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+            for _ in range(100)
+        ]
+        debits = [
+            unlimited.as_caller("gifting").wallet.DebitCoins(
+                wallet_pb2.DebitCoinsRequest(
+                    request_id=new_id("d"),
+                    user_id=user,
+                    coins=1,
+                    reason=wallet_pb2.DEBIT_REASON_GIFT,
+                    reference="r",
+                )
+            )
+            for _ in range(50)
+        ]
+        await asyncio.gather(*reads, *debits)
+    finally:
+        busy = False
+        await watcher
+        await admin.close()
+    assert seen and max(seen) <= 2 * 5, max(seen)
