@@ -204,12 +204,15 @@ RECONNECT_FIRST_SECONDS, RECONNECT_MAX_SECONDS = 0.25, 2.0
 def live_watch(c: Clients, a: argparse.Namespace) -> None:
     """Print the LIVE's feed as it comes, until the LIVE ends (Ctrl-C stops; --after resumes).
 
-    A gifting process that stops (a restart, a rollout) ends the watch with UNAVAILABLE
-    SHUTTING_DOWN and the cursor to resume after: the watch reconnects from it by itself, to
-    that gifting restarted or to another replica, saying so on stderr, and gives up after
-    --reconnect-for seconds without an answer. Any other end is reported as before."""
+    A watch that ends early resumes by itself, saying so on stderr: a gifting process that stops
+    (a restart, a rollout: UNAVAILABLE SHUTTING_DOWN) or that finds the watcher too far behind
+    (ABORTED FEED_TOO_SLOW) says the cursor to resume after; a connection lost once the feed was
+    flowing (a gifting killed, a network cut) resumes after the last event printed. It reconnects
+    to that gifting restarted or to another replica, and gives up after --reconnect-for seconds
+    without an answer. A gifting never reached, or any other refusal, ends the watch as before."""
     cursor: int = a.after
     stream: Any = None
+    flowing = False
     try:
         while True:
             stream = c.gifting.WatchLive(
@@ -218,32 +221,41 @@ def live_watch(c: Clients, a: argparse.Namespace) -> None:
             try:
                 for event in stream:
                     console.print(render.live_event(event))
-                    cursor = event.cursor
+                    cursor, flowing = event.cursor, True
                 return
             except grpc.RpcError as error:
-                resume = _stopping_gifting_resumes_after(error)
-                if resume is None or a.reconnect_for <= 0:
+                said = _feed_resumes_after(error)
+                lost = error.code() == grpc.StatusCode.UNAVAILABLE and flowing
+                if (said is None and not lost) or a.reconnect_for <= 0:
                     raise
-                cursor = resume
-            _note(
-                f"gifting is stopping (SHUTTING_DOWN): reconnecting to watch {a.live_id} after "
-                f"cursor {cursor}"
-            )
-            _wait_for_gifting(c, a, cursor)
+                why = "the connection to gifting was lost (UNAVAILABLE)"
+                if said is not None:
+                    why, cursor = said
+                down = error.code() == grpc.StatusCode.UNAVAILABLE
+            _note(f"{why}: reconnecting to watch {a.live_id} after cursor {cursor}")
+            if down:  # FEED_TOO_SLOW: gifting is up, so at once
+                _wait_for_gifting(c, a, cursor)
     except KeyboardInterrupt:
         if stream is not None:
             stream.cancel()
 
 
-def _stopping_gifting_resumes_after(error: grpc.RpcError) -> int | None:
-    """The cursor a stopping gifting said to reconnect after (UNAVAILABLE SHUTTING_DOWN, its
-    ErrorInfo's `resume_after`); None for any other end of a watch."""
+_RESUMABLE = {
+    (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"): "gifting is stopping (SHUTTING_DOWN)",
+    (grpc.StatusCode.ABORTED, "FEED_TOO_SLOW"): "this watch fell too far behind (FEED_TOO_SLOW)",
+}
+"""How gifting ends a watch it wants resumed, with the cursor to resume after (ErrorInfo
+`resume_after`), and what the watch says on stderr."""
+
+
+def _feed_resumes_after(error: grpc.RpcError) -> tuple[str, int] | None:
+    """What gifting said when it ended a watch to be resumed, and the cursor to resume after;
+    None for any other end of a watch."""
     info = error_info(error)
-    if error.code() != grpc.StatusCode.UNAVAILABLE or info is None:
+    why = None if info is None else _RESUMABLE.get((error.code(), info.reason))
+    if info is None or why is None or not info.metadata.get("resume_after", "").isdigit():
         return None
-    if info.reason != "SHUTTING_DOWN" or not info.metadata.get("resume_after", "").isdigit():
-        return None
-    return int(info.metadata["resume_after"])
+    return why, int(info.metadata["resume_after"])
 
 
 def _wait_for_gifting(c: Clients, a: argparse.Namespace, cursor: int) -> None:

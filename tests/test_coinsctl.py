@@ -112,9 +112,10 @@ async def test_a_watch_that_cannot_reach_gifting_names_it(suite: Suite) -> None:
     assert "--gifting or COINS_GIFTING_ADDRESS" in output, output
 
 
-async def test_a_watch_that_loses_gifting_names_it(suite: Suite) -> None:
-    """Gifting gone while a watch runs (here its connection cut): the watch ends naming gifting,
-    the address it watched through and the variable that sets it."""
+async def test_a_watch_that_loses_gifting_resumes_after_its_last_event(suite: Suite) -> None:
+    """Gifting's connection lost while the feed flows (a gifting killed, a network cut: no
+    SHUTTING_DOWN, no cursor from gifting): the watch ended there. It reconnects by itself after
+    the last event it printed, once gifting answers again, and misses and repeats nothing."""
     sender, _ = await funded_user(suite)
     creator = await new_creator(suite)
     host, port = suite.services["gifting"].address.rsplit(":", 1)
@@ -122,18 +123,66 @@ async def test_a_watch_that_loses_gifting_names_it(suite: Suite) -> None:
     address = f"127.0.0.1:{proxy.port}"
     try:
         watch = await start_coinsctl(suite, "--gifting", address, "live", "watch", live_of(creator))
-        assert watch.stdout is not None
-        await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
-        first = await asyncio.wait_for(watch.stdout.readline(), timeout=30)
-        assert b"rose" in first, first  # the feed is flowing through the proxy
-        proxy.cut()
-        rest, _ = await asyncio.wait_for(watch.communicate(), timeout=30)
+        output = Output(watch)
+        try:
+            await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+            await output.line_with("x rose")  # the feed is flowing through the proxy
+            await output.line_with("#2 ")  # the rose's streak ended (0.3 s without another)
+            proxy.cut()
+            said = await output.line_with("the connection to gifting was lost (UNAVAILABLE)")
+            assert f"reconnecting to watch {live_of(creator)} after cursor 2" in said, said
+            await suite.gifting.SendGift(live_gift(sender, creator, "panda"))  # while it is cut
+            proxy.heal()
+            await output.line_with("coinsctl: reconnected to gifting")
+            await output.line_with("x panda")
+            await suite.gifting.EndLive(
+                gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator)),
+                metadata=suite.token(creator),
+            )
+            everything = await output.rest()
+            await asyncio.wait_for(watch.wait(), timeout=30)
+        finally:
+            if watch.returncode is None:
+                watch.kill()
     finally:
         await proxy.close()
-    output = rest.decode()
-    assert watch.returncode == 1, output
-    assert f"cannot reach gifting at {address}" in output, output
-    assert "COINS_GIFTING_ADDRESS" in output and "THE SERVICE" not in output, output
+    assert watch.returncode == 0, everything
+    assert everything.count(" x rose") == everything.count(" x panda") == 1, everything
+    assert "Traceback" not in everything, everything
+
+
+async def test_a_watch_that_loses_gifting_for_good_names_it(suite: Suite) -> None:
+    """A lost gifting that does not come back within --reconnect-for ends the watch naming the
+    address it watched through and the command that resumes it."""
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    host, port = suite.services["gifting"].address.rsplit(":", 1)
+    proxy = await TcpProxy(host, int(port)).start()
+    address = f"127.0.0.1:{proxy.port}"
+    live = live_of(creator)
+    try:
+        watch = await start_coinsctl(
+            suite, "--gifting", address, "live", "watch", live, "--reconnect-for", "1"
+        )
+        output = Output(watch)
+        try:
+            await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+            await output.line_with("x rose")
+            await output.line_with("#2 ")  # the rose's streak ended
+            proxy.cut()
+            everything = await output.rest()
+            await asyncio.wait_for(watch.wait(), timeout=30)
+        finally:
+            if watch.returncode is None:
+                watch.kill()
+    finally:
+        await proxy.close()
+    assert watch.returncode == 1, everything
+    assert f"gifting at {address} did not come back within 1 s" in everything, everything
+    assert everything.rstrip().endswith(
+        f"coinsctl --gifting {address} live watch {live} --reconnect-for 1 --after 2"
+    ), everything
+    assert "Traceback" not in everything, everything
 
 
 @pytest.fixture(scope="module")
