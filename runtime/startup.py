@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -19,6 +20,9 @@ from sqlalchemy.engine import make_url
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.outages import causes
 
+_UNKNOWN_REVISION = re.compile(r"Can't locate revision identified by '([^']+)'")
+"""Alembic's error for a database stamped with a revision this code's history lacks."""
+
 
 def _where(url: str) -> str:
     parsed = make_url(url)
@@ -31,6 +35,15 @@ def explain(error: BaseException, service: str, settings: ServiceSettings) -> st
     variable = f"{settings.env_prefix}DATABASE_URL"
     url = settings.database_url
     for cause in causes(error):
+        newer = _UNKNOWN_REVISION.search(str(cause))
+        if newer and type(cause).__module__.startswith("alembic"):  # not imported here: ~11 MB
+            where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
+            return (
+                f"{service}: the database ({where}) is at schema revision {newer[1]}, which this "
+                "code does not know: a newer release migrated it. Run that release (or a newer "
+                "one), or first downgrade the database with that release's migrations (`alembic "
+                "downgrade`)"
+            )
         if isinstance(cause, asyncpg.exceptions.InvalidCatalogNameError):
             name = make_url(url).database if url else "?"
             return (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -169,12 +170,23 @@ def test_payout_off_a_dev_pki_refuses_a_webhook_secret_anyone_knows(tmp_path: Pa
     assert PayoutSettings(security=off, processor_webhook_secret=SecretStr("sixteen-bytes!!!"))
     with pytest.raises(pydantic.ValidationError, match="PAYOUT_PROCESSOR_WEBHOOK_SECRET"):
         PayoutSettings(security=off)
+    # Judged without the spaces and line breaks around it (a Secret made from a file ends with a
+    # newline): the default with one, or 16 spaces, is no secret either.
+    for padded, problem in (
+        ("dev-payout-webhook-secret\n", "the public development default (with spaces"),
+        ("  dev-payout-webhook-secret ", "the public development default (with spaces"),
+        (" " * 16, "only spaces or line breaks"),
+        ("fifteen-bytes!!\n", "15 bytes long (with spaces"),
+    ):
+        with pytest.raises(pydantic.ValidationError, match=re.escape(f"SECRET is {problem}")):
+            PayoutSettings(security=off, processor_webhook_secret=SecretStr(padded))
 
 
 @pytest.mark.parametrize(
     ("tool", "code"),
     [
         (["tools.migrate", "payout"], 1),
+        (["tools.migrate"], 1),  # every service: none migrated (it migrated those before payout)
         (["tools.cross_audit"], 2),  # 1 is "the books differ"
         (["ledger.auditor", "payout"], 2),  # 1 is "findings"
     ],
@@ -287,6 +299,20 @@ def migrate_tool(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]
         text=True,
         timeout=60,
     )
+
+
+def test_a_database_a_newer_release_migrated_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """A rollback: the database is at a revision this code's history lacks. The migration job and a
+    service that migrates on start said it in alembic's traceback ("Can't locate revision")."""
+    assert migrate_tool(tmp_path, "wallet").returncode == 0
+    with sqlite3.connect(tmp_path / "wallet.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    says = "is at schema revision 9999, which this code does not know: a newer release migrated it"
+    job = migrate_tool(tmp_path, "wallet")
+    started = start_wallet(tmp_path, WALLET_DATA_DIR=str(tmp_path))
+    for done in (job, started):
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
 def test_the_check_names_the_revision_a_database_is_behind_at(tmp_path: Path) -> None:

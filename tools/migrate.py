@@ -33,9 +33,16 @@ SPECS: dict[str, ServiceSpec[Any]] = {
 
 
 async def migrate(names: list[str], *, check: bool = False) -> None:
+    # Every service's settings first: a refused one stops the job before it migrates any database
+    # (it migrated the services before it and left the ones after it behind).
+    refused = [
+        line for name in names for line in startup.refused_settings(SPECS[name].settings_type, name)
+    ]
+    if refused:
+        raise SystemExit("\n".join(refused))
     for name in names:
         spec = SPECS[name]
-        settings = startup.settings_or_exit(spec.settings_type, name)
+        settings = spec.settings_type()
         # Its lines look like the service's own (a service that migrates on start runs this in a
         # child process: runtime.server.main); alembic's line per revision (some 20 per service
         # on a first start) gives way to one line saying from where to where.

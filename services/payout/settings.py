@@ -171,13 +171,17 @@ class PayoutSettings(LedgerServiceSettings):
         the diamonds that were paid out. Said without the secret's value."""
         if self.security.dev_pki:
             return self
-        secret = self.processor_webhook_secret.get_secret_value()
+        # Judged without the spaces or line break around it (a Secret made from a file often
+        # ends with a newline): the default with a newline is still the default.
+        given = self.processor_webhook_secret.get_secret_value()
+        secret = given.strip()
+        padded = " (with spaces or a line break around it)" if secret != given else ""
         if secret == DEV_WEBHOOK_SECRET:
-            problem = "the public development default"
+            problem = f"the public development default{padded}"
         elif not secret:
-            problem = "empty"
+            problem = "empty" if not given else "only spaces or line breaks"
         elif len(secret.encode()) < MIN_WEBHOOK_SECRET_BYTES:
-            problem = f"{len(secret.encode())} bytes long"
+            problem = f"{len(secret.encode())} bytes long{padded}"
         else:
             return self
         raise ValueError(
