@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import re
 import sys
 import time
@@ -743,6 +744,37 @@ def most_at_once(request: type[Message]) -> int:
     return int(rules.int32.lte)
 
 
+def _days(low: int, high: int) -> Callable[[str], int]:
+    """A --days flag checked by coinsctl, from `low` to `high`, and named as its flag (the service
+    would refuse a field the user never typed: `duration_days`, `start_time`)."""
+
+    def days(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number of days") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is out of range: give {low} to {high}")
+        return number
+
+    return days
+
+
+def _seconds(value: str) -> float:
+    """--reconnect-for: a finite number of seconds, 0 or more (nan and inf never gave up)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: give 0 or more seconds")
+    return seconds
+
+
+REVENUE_DAYS_AT_MOST = 92
+"""The longest revenue report payout answers (GetRevenueReport: 1 to 92 days)."""
+
+
 def add_limit(p: argparse.ArgumentParser, request: type[Message], *, default: int) -> None:
     """A listing's --limit: from 1 to what its RPC returns at once, checked by coinsctl and named
     as its flag (the service would refuse `page_size`, a field the user never typed)."""
@@ -856,7 +888,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--reconnect-for",
-        type=float,
+        type=_seconds,
         default=30,
         metavar="SECONDS",
         help="when gifting stops (a restart, a rollout), keep reconnecting this long; 0: end",
@@ -1008,7 +1040,12 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "revenue", revenue, "the platform's revenue from gifts per UTC day, as an admin (--admin)"
     )
-    p.add_argument("--days", type=int, default=7, help="the last N days, today included")
+    p.add_argument(
+        "--days",
+        type=_days(1, REVENUE_DAYS_AT_MOST),
+        default=7,
+        help=f"the last N days, today included (1 to {REVENUE_DAYS_AT_MOST})",
+    )
     p.add_argument(
         "--since",
         type=_moment,
@@ -1024,7 +1061,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--goal", choices=sorted(_GOALS), default="views", help="what the promotion buys"
     )
-    p.add_argument("--days", type=int, default=3, help="how long it runs")
+    duration = promotion_pb2.CreatePromotionRequest.DESCRIPTOR.fields_by_name["duration_days"]
+    runs = duration.GetOptions().Extensions[validate_pb2.field].int32
+    p.add_argument(
+        "--days",
+        type=_days(runs.gte, runs.lte),
+        default=3,
+        help=f"how long it runs ({runs.gte} to {runs.lte})",
+    )
     command("promotion", show_promotion, "show a promotion (--as OWNER)").add_argument(
         "promotion_id"
     )

@@ -314,6 +314,7 @@ async def test_a_feeds_refusals_name_coinsctls_flag_not_the_apis_field(restartab
     code, output = await coinsctl(suite, "live", "watch", live, "--after", "99")
     assert code == 1 and "CURSOR_BEYOND_END" in output, output
     assert "--after 99 is past it" in output and "after_cursor" not in output, output
+    assert re.search(f"LIVE {live}'s feed is so far at cursor [12];", output), output  # it is on
     watch = await start_coinsctl(suite, "live", "watch", live, "--reconnect-for", "0")
     watching = Output(watch)
     try:
@@ -469,6 +470,41 @@ async def test_a_limit_out_of_range_is_refused_naming_limit(suite: Suite) -> Non
     code, output = await coinsctl(suite, "rankings", "--help")
     assert code == 0 and "most rows shown, 1 to 100 (default: 10)" in output, output
     code, output = await coinsctl(suite, *admin, "parked-credits", "--limit", "500")
+    assert code == 0, output
+
+
+async def test_days_and_seconds_out_of_range_are_refused_naming_the_flag(suite: Suite) -> None:
+    """`promote --days 0` was refused as `duration_days`, `revenue --days 0` as `start_time` and
+    `end_time` (fields the user never typed), and `live watch --reconnect-for nan` never gave up."""
+    admin = ("--admin", "--as", new_id("ops"))
+    for arguments, said in (
+        (
+            ("promote", "u", "v", "100", "--days", "0"),
+            "--days: 0 is out of range: give 1 to 30",
+        ),
+        (
+            ("promote", "u", "v", "100", "--days", "31"),
+            "--days: 31 is out of range: give 1 to 30",
+        ),
+        ((*admin, "revenue", "--days", "0"), "--days: 0 is out of range: give 1 to 92"),
+        ((*admin, "revenue", "--days", "93"), "--days: 93 is out of range: give 1 to 92"),
+        (
+            ("live", "watch", "live-x", "--reconnect-for", "nan"),
+            "--reconnect-for: nan is out of range",
+        ),
+        (
+            ("live", "watch", "live-x", "--reconnect-for", "inf"),
+            "--reconnect-for: inf is out of range",
+        ),
+        (
+            ("live", "watch", "live-x", "--reconnect-for", "-1"),
+            "--reconnect-for: -1 is out of range",
+        ),
+    ):
+        code, output = await coinsctl(suite, *arguments)
+        assert code == 2 and f"argument {said}" in output, (arguments, output)
+        assert "duration_days" not in output and "start_time" not in output, output
+    code, output = await coinsctl(suite, *admin, "revenue", "--days", "92")
     assert code == 0, output
 
 

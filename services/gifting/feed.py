@@ -150,8 +150,10 @@ class LiveFeed:
         if after > live.last_seq:
             raise OutOfRange(
                 "CURSOR_BEYOND_END",
-                f"LIVE {live_id}'s feed ends at cursor {live.last_seq}; after_cursor={after} is "
-                "past it (a cursor comes from an event of this LIVE)",
+                f"LIVE {live_id}'s feed "
+                f"{'ended' if live.ended_at is not None else 'is so far'} at cursor "
+                f"{live.last_seq}; after_cursor={after} is past it (a cursor comes from an event "
+                "of this LIVE)",
                 live_id=live_id,
                 last_cursor=live.last_seq,
             )
