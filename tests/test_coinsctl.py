@@ -271,15 +271,10 @@ async def test_a_watch_reconnects_by_itself_when_gifting_restarts(restartable: S
     assert "the LIVE ended" in everything and "Traceback" not in everything, everything
 
 
-async def test_a_watch_gives_up_when_gifting_stays_down(restartable: Suite) -> None:
-    """Reconnects are bounded (--reconnect-for, 30 s by default): a gifting that stays down ends
-    the watch with what happened and the command that resumes it from the last cursor."""
-    suite = restartable
-    sender, _ = await funded_user(suite)
-    creator = await new_creator(suite)
-    await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
-    live = live_of(creator)
-    watch = await start_coinsctl(suite, "live", "watch", live, "--reconnect-for", "1.5")
+async def watch_while_gifting_stops(suite: Suite, live: str, *flags: str) -> tuple[int, str]:
+    """`live watch LIVE FLAGS` until the LIVE's rose streak ended, then gifting stopped (started
+    again once the watch ended): the watch's exit code and everything it printed."""
+    watch = await start_coinsctl(suite, "live", "watch", live, *flags)
     output = Output(watch)
     try:
         await output.line_with("x rose")
@@ -293,7 +288,20 @@ async def test_a_watch_gives_up_when_gifting_stays_down(restartable: Suite) -> N
     finally:
         if watch.returncode is None:
             watch.kill()
-    assert watch.returncode == 1, everything
+    assert watch.returncode is not None
+    return watch.returncode, everything
+
+
+async def test_a_watch_gives_up_when_gifting_stays_down(restartable: Suite) -> None:
+    """Reconnects are bounded (--reconnect-for, 30 s by default): a gifting that stays down ends
+    the watch with what happened and the command that resumes it from the last cursor."""
+    suite = restartable
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+    live = live_of(creator)
+    code, everything = await watch_while_gifting_stops(suite, live, "--reconnect-for", "1.5")
+    assert code == 1, everything
     assert "coinsctl: gifting is stopping (SHUTTING_DOWN): reconnecting" in everything, everything
     address = suite.services["gifting"].address
     assert f"gifting at {address} did not come back within 1.5 s" in everything, everything
@@ -315,21 +323,8 @@ async def test_a_feeds_refusals_name_coinsctls_flag_not_the_apis_field(restartab
     assert code == 1 and "CURSOR_BEYOND_END" in output, output
     assert "--after 99 is past it" in output and "after_cursor" not in output, output
     assert re.search(f"LIVE {live}'s feed is so far at cursor [12];", output), output  # it is on
-    watch = await start_coinsctl(suite, "live", "watch", live, "--reconnect-for", "0")
-    watching = Output(watch)
-    try:
-        await watching.line_with("x rose")
-        await watching.line_with("#2 ")  # the rose's streak ended (0.3 s without another)
-        stopped = await stop_gifting(suite)
-        try:
-            everything = await watching.rest()
-            await asyncio.wait_for(watch.wait(), timeout=30)
-        finally:
-            await start_gifting_again(suite, stopped)
-    finally:
-        if watch.returncode is None:
-            watch.kill()
-    assert watch.returncode == 1, everything
+    code, everything = await watch_while_gifting_stops(suite, live, "--reconnect-for", "0")
+    assert code == 1, everything
     stopping = "this gifting process is stopping; reconnect with --after 2"
     assert f"UNAVAILABLE [SHUTTING_DOWN] {stopping}" in everything, everything
     assert "after_cursor" not in everything, everything
