@@ -10,7 +10,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import pydantic
@@ -105,14 +105,27 @@ def refused_settings(settings_type: type[ServiceSettings], service: str) -> list
     except pydantic.ValidationError as error:
         lines += explain_settings(error, service, "COINS_").splitlines()
         shared_ok = False
+    # Without the shared ones: the service's own variables, beside shared settings at their defaults.
+    base: dict[str, Any] = {} if shared_ok else {"security": SecuritySettings.model_construct()}
+    prefix = str(settings_type.model_config.get("env_prefix", ""))
     try:
-        if shared_ok:
-            settings_type()
-        else:  # the service's own variables, read beside shared settings left at their defaults
-            settings_type(security=SecuritySettings.model_construct())
+        settings_type(**base)
     except pydantic.ValidationError as error:
-        prefix = str(settings_type.model_config.get("env_prefix", ""))
         lines += explain_settings(error, service, prefix).splitlines()
+        # A rule across settings (a model validator) runs only once every field is valid: run it
+        # again with the refused fields at their defaults, so that it is named now, not after a fix.
+        fields = settings_type.model_fields
+        refused = {str(p["loc"][0]) for p in error.errors() if p["loc"]} & set(fields)
+        defaults = {name: fields[name].get_default(call_default_factory=True) for name in refused}
+        try:
+            if defaults:
+                settings_type(**base, **defaults)
+        except pydantic.ValidationError as rules:
+            lines += [
+                line
+                for line in explain_settings(rules, service, prefix).splitlines()
+                if line not in lines
+            ]
     return lines
 
 

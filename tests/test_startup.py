@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from runtime.config import SecuritySettings
 from runtime.db import Database
 from runtime.migrations import alembic_config, upgrade
-from runtime.startup import explain_settings, mistyped_settings
+from runtime.startup import explain_settings, mistyped_settings, refused_settings
 from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.wallet.service import SPEC as WALLET
@@ -426,6 +426,26 @@ def test_a_service_says_the_rates_and_limits_it_runs_with() -> None:
     assert "1 diamond(s) per 4 coin(s)" in said and "maturation 0 days" in said
     assert "fee 250 bps + $0.00" in said and "200 diamonds = $1.00" in said
     assert "coins sold in GB (GBP), US (USD)" in WalletSettings().policy()
+
+
+def test_a_rule_across_settings_is_named_beside_a_refused_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydantic runs a rule across settings (payout's webhook secret off a dev PKI) only once every
+    field is valid: with a bad fee beside it, only the fee was named, and the secret after the fee
+    was fixed (verification G). Both are named at once."""
+    monkeypatch.setenv("COINS_DEV_PKI", "false")
+    monkeypatch.setenv("PAYOUT_WITHDRAWAL_FEE_BPS", "-5")
+    monkeypatch.delenv("PAYOUT_PROCESSOR_WEBHOOK_SECRET", raising=False)
+    lines = refused_settings(PayoutSettings, "payout")
+    assert len(lines) == 2, lines
+    assert (
+        lines[0]
+        == "payout: PAYOUT_WITHDRAWAL_FEE_BPS=-5: Input should be greater than or equal to 0"
+    )
+    assert lines[1].startswith(
+        "payout: bad configuration: PAYOUT_PROCESSOR_WEBHOOK_SECRET is the public development default"
+    ), lines
 
 
 def test_shared_variables_are_named_as_set_and_no_refusal_hides_another() -> None:
