@@ -291,16 +291,8 @@ def _wait_for_gifting(c: Clients, a: argparse.Namespace, cursor: int) -> None:
 
 def _resume_command(a: argparse.Namespace, cursor: int) -> str:
     """This command again, resuming after `cursor` (its other options as they were given)."""
-    kept: list[str] = []
-    skip = False
-    for argument in getattr(a, "command_line", None) or ["live", "watch", a.live_id]:
-        if skip:
-            skip = False
-        elif argument == "--after":
-            skip = True
-        elif not argument.startswith("--after="):
-            kept.append(argument)
-    return " ".join(["coinsctl", *kept, "--after", str(cursor)])
+    given = getattr(a, "command_line", None) or ["live", "watch", a.live_id]
+    return " ".join(["coinsctl", *_without_option(given, "--after"), "--after", str(cursor)])
 
 
 def _note(text: str) -> None:
@@ -1124,7 +1116,12 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         report_error(error, clients)
         if _worth_retrying(error) and args.request_id:
-            again = ["coinsctl", *_without_request_id(arguments), "--request-id", args.request_id]
+            again = [
+                "coinsctl",
+                *_without_option(arguments, "--request-id"),
+                "--request-id",
+                args.request_id,
+            ]
             console.print(
                 f"It may or may not have been applied. Retry with the same request id (it is "
                 f"applied at most once):\n  {' '.join(again)}",
@@ -1134,15 +1131,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _without_request_id(arguments: list[str]) -> list[str]:
+def _without_option(arguments: list[str], option: str) -> list[str]:
+    """A command line without `option` and its value (`--opt V` or `--opt=V`), to repeat it with
+    a value of its own."""
     kept: list[str] = []
     skip = False
     for argument in arguments:
         if skip:
             skip = False
-        elif argument == "--request-id":
+        elif argument == option:
             skip = True
-        elif not argument.startswith("--request-id="):
+        elif not argument.startswith(f"{option}="):
             kept.append(argument)
     return kept
 
