@@ -112,6 +112,19 @@ async def test_a_watch_that_cannot_reach_gifting_names_it(suite: Suite) -> None:
     assert "--gifting or COINS_GIFTING_ADDRESS" in output, output
 
 
+async def end_live_and_read(
+    suite: Suite, creator: str, watch: asyncio.subprocess.Process, output: Output
+) -> str:
+    """The creator ends the watched LIVE: everything the watch printed, once it has ended."""
+    await suite.gifting.EndLive(
+        gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator)),
+        metadata=suite.token(creator),
+    )
+    everything = await output.rest()
+    await asyncio.wait_for(watch.wait(), timeout=30)
+    return everything
+
+
 async def test_a_watch_that_loses_gifting_resumes_after_its_last_event(suite: Suite) -> None:
     """Gifting's connection lost while the feed flows (a gifting killed, a network cut: no
     SHUTTING_DOWN, no cursor from gifting): the watch ended there. It reconnects by itself after
@@ -135,12 +148,7 @@ async def test_a_watch_that_loses_gifting_resumes_after_its_last_event(suite: Su
             proxy.heal()
             await output.line_with("coinsctl: reconnected to gifting")
             await output.line_with("x panda")
-            await suite.gifting.EndLive(
-                gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator)),
-                metadata=suite.token(creator),
-            )
-            everything = await output.rest()
-            await asyncio.wait_for(watch.wait(), timeout=30)
+            everything = await end_live_and_read(suite, creator, watch, output)
         finally:
             if watch.returncode is None:
                 watch.kill()
@@ -257,12 +265,7 @@ async def test_a_watch_reconnects_by_itself_when_gifting_restarts(restartable: S
         await output.line_with("coinsctl: reconnected to gifting")
         await suite.gifting.SendGift(live_gift(sender, creator, "panda"))
         await output.line_with("x panda")
-        await suite.gifting.EndLive(
-            gifting_pb2.EndLiveRequest(request_id=new_id("end"), live_id=live_of(creator)),
-            metadata=suite.token(creator),
-        )
-        everything = await output.rest()
-        await asyncio.wait_for(watch.wait(), timeout=30)
+        everything = await end_live_and_read(suite, creator, watch, output)
     finally:
         if watch.returncode is None:
             watch.kill()

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pydantic
@@ -27,6 +28,18 @@ from services.wallet.settings import WalletSettings
 from tools.migrate import SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_module(*arguments: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m ARGUMENTS` in the checkout with `env`: its exit code and what it printed."""
+    return subprocess.run(
+        [sys.executable, "-m", *arguments],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def start_wallet(
@@ -78,13 +91,9 @@ def test_a_setting_it_refuses_stops_the_service_naming_the_variable(tmp_path: Pa
 
 
 def test_make_up_names_every_variable_a_service_would_refuse() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tools.suite"],
-        cwd=ROOT,
+    done = python_module(
+        "tools.suite",
         env={**os.environ, "PAYOUT_WITHDRAWAL_FEE_BPS": "-5", "PROMOTION_GRACE_SECONDS": "soon"},
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
@@ -136,13 +145,9 @@ def test_payout_off_a_dev_pki_refuses_a_webhook_secret_anyone_knows(tmp_path: Pa
         ("", "empty"),
         ("fifteen-bytes!!", "15 bytes long"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "services.payout"],
-            cwd=ROOT,
+        done = python_module(
+            "services.payout",
             env=env if secret is None else {**env, "PAYOUT_PROCESSOR_WEBHOOK_SECRET": secret},
-            capture_output=True,
-            text=True,
-            timeout=60,
         )
         assert done.returncode == 1
         assert done.stderr.strip().splitlines() == [
@@ -150,14 +155,7 @@ def test_payout_off_a_dev_pki_refuses_a_webhook_secret_anyone_knows(tmp_path: Pa
         ], done.stderr[-2000:]
         assert not secret or secret not in done.stderr
     assert not (tmp_path / "data").exists(), "it started (migrated) before refusing"
-    suite = subprocess.run(
-        [sys.executable, "-m", "tools.suite"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    suite = python_module("tools.suite", env=env)
     assert suite.returncode == 1
     assert suite.stderr.strip().splitlines() == [
         f"payout: bad configuration: PAYOUT_PROCESSOR_WEBHOOK_SECRET is the public development "
@@ -199,14 +197,7 @@ def test_a_tool_refuses_the_settings_its_service_would_in_one_line(
     service's own words, exiting `code`, not with pydantic's traceback."""
     env = {**os.environ, "COINS_DEV_PKI": "false", "COINS_DATA_DIR": str(tmp_path / "data")}
     env.pop("PAYOUT_PROCESSOR_WEBHOOK_SECRET", None)
-    done = subprocess.run(
-        [sys.executable, "-m", *tool],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = python_module(*tool, env=env)
     assert done.returncode == code, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith(
@@ -291,13 +282,10 @@ def test_a_service_that_does_not_migrate_refuses_a_database_that_was_not(tmp_pat
 
 
 def migrate_tool(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.migrate", *args],
-        cwd=ROOT,
+    return python_module(
+        "tools.migrate",
+        *args,
         env={**os.environ, "WALLET_DATA_DIR": str(data_dir), "WALLET_MIGRATION_WAIT_SECONDS": "0"},
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
 
 
@@ -458,14 +446,7 @@ def test_shared_variables_are_named_as_set_and_no_refusal_hides_another() -> Non
         "COINS_USER_RATE_BURST": "-3",
         "PAYOUT_WITHDRAWAL_FEE_BPS": "-5",
     }
-    suite = subprocess.run(
-        [sys.executable, "-m", "tools.suite"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    suite = python_module("tools.suite", env=env)
     assert suite.returncode == 1
     assert suite.stderr.strip().splitlines() == [
         "all services: COINS_DEV_PKI=maybe: Input should be a valid boolean, unable to interpret "
@@ -474,14 +455,7 @@ def test_shared_variables_are_named_as_set_and_no_refusal_hides_another() -> Non
         "payout: PAYOUT_WITHDRAWAL_FEE_BPS=-5: Input should be greater than or equal to 0",
         "the suite cannot start: fix the variables above",
     ], suite.stderr[-2000:]
-    alone = subprocess.run(
-        [sys.executable, "-m", "services.payout"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    alone = python_module("services.payout", env=env)
     assert alone.returncode == 1
     assert "payout: COINS_DEV_PKI=maybe" in alone.stderr, alone.stderr[-2000:]
     assert "payout: PAYOUT_WITHDRAWAL_FEE_BPS=-5" in alone.stderr, alone.stderr[-2000:]
