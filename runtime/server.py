@@ -435,6 +435,17 @@ def _check_access(service: str, names: tuple[str, ...], access: Mapping[str, Acc
 
 
 _EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+KEEPALIVE_PING_FLOOR_MS = 5_000
+"""Clients may ping every 5 s or more, on an idle stream or channel (a quiet LIVE's feed): gRPC's
+core otherwise allows one ping in 5 minutes without data and cuts the connection after the third
+too soon (`Too many pings`), which load balancers' 10-30 s keepalives meet. Faster still is refused."""
+KEEPALIVE_OPTIONS = [
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_PING_FLOOR_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # The server pings too, so a watcher that vanished (a host gone, a cable cut) frees its stream.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
 REQUEST_BYTES_READ_MULTIPLE = 4
 """gRPC's core reads a request up to this many times `max_message_bytes` (the guard then refuses it
 REQUEST_TOO_LARGE with an ErrorInfo); a larger one is refused by the core itself, without one."""
@@ -580,6 +591,7 @@ async def start_service(
             # not until the application lets go of its call: else calls the client may send are
             # refused (UNAVAILABLE) whenever the event loop is slow to release finished ones.
             ("grpc.http.overload_protection", 0),
+            *KEEPALIVE_OPTIONS,
             _EXCLUSIVE_PORT,
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

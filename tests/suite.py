@@ -14,7 +14,7 @@ import functools
 import os
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,8 +154,10 @@ class Suite:
         identity: str | None = "gateway",
         credentials: grpc.ChannelCredentials | None = None,
         act_for_request_user: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> grpc.aio.Channel:
-        """A channel to `service` presenting `identity`'s certificate (None: no client certificate)."""
+        """A channel to `service` presenting `identity`'s certificate (None: no client certificate),
+        with gRPC channel `options` (keepalive, say) if given."""
         certs = self.security.certs_dir
         if credentials is None:
             ca = (certs / "ca.pem").read_bytes()
@@ -170,7 +172,10 @@ class Suite:
             )
         interceptors = [ActForRequestUser(self.issuer)] if act_for_request_user else None
         channel = grpc.aio.secure_channel(
-            self.services[service].address, credentials, interceptors=interceptors
+            self.services[service].address,
+            credentials,
+            options=list(options),
+            interceptors=interceptors,
         )
         self.channels.append(channel)
         return channel

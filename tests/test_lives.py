@@ -21,7 +21,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.db import Database
 from runtime.errors import Aborted, Unavailable
 from runtime.migrations import upgrade
-from runtime.server import RunningService, start_service
+from runtime.server import KEEPALIVE_PING_FLOOR_MS, RunningService, start_service
 from runtime.status import error_info
 from runtime.telemetry import make_tracer_provider
 from services.gifting import sending
@@ -412,6 +412,42 @@ async def test_watching_a_live_that_does_not_exist_is_not_found(suite: Suite) ->
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await anonymous.read()
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_quiet_feed_outlives_client_keepalive_pings_every_5s_but_not_every_second(
+    suite: Suite,
+) -> None:
+    """A watcher behind a load balancer pings its idle stream every 10-30 s (grpc-js and Envoy
+    users often set 5-20 s); gRPC's default server policy (one ping in 5 minutes without data)
+    cut such a feed after its third ping. Pings every 5 s are allowed; faster is refused."""
+    if suite.backend == "postgres":
+        pytest.skip("the ping policy is the gRPC server's, whatever its database")
+    creator = await new_creator(suite, live=False)
+    live = await start_live(suite, creator)
+    viewer = suite.token(new_id("viewer"))
+
+    def watch(ping_ms: int) -> Any:
+        pings = [
+            ("grpc.keepalive_time_ms", ping_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        stub = suite.stub("gifting", options=pings)
+        return stub.WatchLive(G.WatchLiveRequest(live_id=live), metadata=viewer)
+
+    polite, eager = watch(KEEPALIVE_PING_FLOOR_MS), watch(1_000)
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        await asyncio.wait_for(eager.read(), timeout=15)
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "too many pings" in (cut.value.details() or "").lower()
+    # Without the policy the polite watcher was cut at its fourth ping (20 s); wait past that.
+    first = asyncio.ensure_future(polite.read())
+    done, _ = await asyncio.wait([first], timeout=22)
+    assert not done, f"the polite watcher's feed ended with nothing in the LIVE: {first.result()}"
+    await suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("e"), live_id=live), metadata=suite.token(creator)
+    )
+    assert (await asyncio.wait_for(first, timeout=10)).HasField("ended")
 
 
 async def test_a_cursor_at_the_end_ends_at_once_and_one_beyond_it_is_out_of_range(
