@@ -351,6 +351,23 @@ class Idempotency:
             is_new=False, resource_id=row.resource_id, response=row.response, error=row.error
         )
 
+    async def answered_another(
+        self, conn: AsyncConnection, scope: str, resource_id: str, request: Message
+    ) -> bool:
+        """Whether a request other than `request` in `scope` acted on `resource_id` and answered
+        success: of concurrent requests (different ids) doing one thing once, the one that did it."""
+        found = await conn.scalar(
+            select(idempotency_keys.c.request_id)
+            .where(
+                idempotency_keys.c.scope == scoped_scope(scope),
+                idempotency_keys.c.resource_id == resource_id,
+                idempotency_keys.c.request_id != _request_id(request),
+                idempotency_keys.c.response.is_not(None),
+            )
+            .limit(1)
+        )
+        return found is not None
+
     async def complete_resource(
         self,
         conn: AsyncConnection,

@@ -351,6 +351,43 @@ async def test_the_end_that_released_the_budget_answers_it_when_a_delivery_recor
     assert await coins_of(suite, user) == (coins - 120, coins - 120)
 
 
+async def test_of_ends_racing_under_their_own_request_ids_one_answers_the_release(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three EndPromotion calls (a double tap, an admin tool) all pass the release, which the wallet
+    does once: one answers what was released, the others PROMOTION_ENDED (review R3: all of them
+    answered released_coins, so the answers added up to three times what came back)."""
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 120))
+    count = Campaigns._count_pending_deliveries
+    in_step = asyncio.Barrier(3)
+
+    async def all_at_once(self: Campaigns, *args: Any) -> None:
+        await in_step.wait()  # each count (before and after the release) waits for the others
+        await count(self, *args)
+
+    monkeypatch.setattr(Campaigns, "_count_pending_deliveries", all_at_once)
+    requests = [ending(made.promotion_id) for _ in range(3)]
+    answers = await asyncio.gather(*(end(suite, r, user) for r in requests), return_exceptions=True)
+    monkeypatch.undo()
+    ok = [a for a in answers if isinstance(a, promotion_pb2.EndPromotionResponse)]
+    refused = [
+        info.reason
+        for a in answers
+        if isinstance(a, grpc.aio.AioRpcError)
+        if (info := error_info(a))
+    ]
+    assert len(ok) == 1 and ok[0].released_coins == 180, answers
+    assert refused == ["PROMOTION_ENDED"] * 2
+    assert await coins_of(suite, user) == (coins - 120, coins - 120)
+    for request, answer in zip(requests, answers, strict=True):  # each retry: its own answer
+        if isinstance(answer, promotion_pb2.EndPromotionResponse):
+            assert await end(suite, request, user) == answer
+        else:
+            await expect_error(end(suite, request, user), *ENDED)
+
+
 async def test_only_the_owner_ends_a_promotion(suite: Suite) -> None:
     user, coins = await funded_user(suite)
     made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion

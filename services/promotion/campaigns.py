@@ -266,19 +266,25 @@ class Campaigns:
             ended = await self._promotions.end(conn, promotion.promotion_id, now)
             current = await storage.get_promotion(conn, promotion.promotion_id)
             assert current is not None
+            ended_by_another = False
             if not ended:
                 again = await self._idempotency.claim(conn, scope, request)
                 if again.finished:  # a concurrent duplicate ended it first: its answer
                     return again.replay(response_type)
+                # Another EndPromotion (its own request id) ended it first: that one answers
+                # what was released, this one that the promotion is over.
+                ended_by_another = await self._idempotency.answered_another(
+                    conn, scope, promotion.promotion_id, request
+                )
             # Not recorded by this request but ended by its release all the same: a delivery
             # report that met the released hold records the end too, and may do it first.
-            if ended or promotion.hold_id is not None:
+            if ended or (promotion.hold_id is not None and not ended_by_another):
                 response = response_type(
                     promotion=promotion_pb(current, now), released_coins=released
                 )
                 await self._idempotency.complete(conn, scope, request, response=response)
                 return response
-        # Paid up front (nothing to release) and ended meanwhile by another request.
+        # Ended meanwhile by another request (or paid up front, nothing to release, and ended).
         refusal = self._promotions.ended(current)
         await self._idempotency.record_error(scope, request, refusal)
         raise refusal
