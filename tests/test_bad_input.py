@@ -169,6 +169,17 @@ async def test_a_country_that_is_not_an_iso_code_is_refused_and_opens_nothing(
         "REGION_UNSUPPORTED",
     )
     assert "coins are not sold in KR (they are in GB, US)" in (error.details() or "")
+    # A custom amount too (it was CUSTOM_AMOUNT_UNAVAILABLE, advising a package there is none of).
+    custom = await expect_error(
+        suite.wallet.PurchaseCoins(
+            wallet_pb2.PurchaseCoinsRequest(
+                request_id=new_id(), user_id=user, custom_coins=100, payment_token="tok_visa"
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REGION_UNSUPPORTED",
+    )
+    assert "coins are not sold in KR" in (custom.details() or "")
 
 
 async def test_a_foreign_page_token_is_refused(suite: Suite) -> None:

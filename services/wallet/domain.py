@@ -521,6 +521,7 @@ class Wallet:
                 minimum=s.custom_min_coins,
                 maximum=s.custom_max_coins,
             )
+        self.require_sold_in(account.country_code)  # no package to advise there either
         rate = s.custom_price_per_100_coins_minor.get(account.country_code)
         if rate is None:
             raise FailedPrecondition(
