@@ -1028,7 +1028,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("user")
     p.add_argument("classification", choices=sorted(_CLASSIFICATIONS))
-    p.add_argument("--reason", default="", help="why (kept in the audit trail)")
+    p.add_argument("--reason", required=True, help="why, 3+ characters (kept in the audit trail)")
     p = command(
         "revenue", revenue, "the platform's revenue from gifts per UTC day, as an admin (--admin)"
     )

@@ -16,6 +16,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
 from tests.helpers import (
     expect_error,
+    field_violations,
     funded_user,
     live_of,
     new_creator,
@@ -146,19 +147,35 @@ async def test_only_an_admin_classifies_an_account_that_exists(suite: Suite) -> 
     user = new_id("viewer")
     await open_account(suite, user)
     request = W.SetAccountClassificationRequest(
-        request_id=new_id("c"), user_id=user, classification=W.ACCOUNT_CLASSIFICATION_POLITICAL
+        request_id=new_id("c"),
+        user_id=user,
+        classification=W.ACCOUNT_CLASSIFICATION_POLITICAL,
+        reason="party account",
     )
     await expect_error(
         suite.wallet.SetAccountClassification(request, metadata=suite.token(user)),
         grpc.StatusCode.PERMISSION_DENIED,
         "ADMIN_ROLE_REQUIRED",
     )
+    # An admin says why: the audit trail is where a user's lost right to gift is explained.
+    unexplained = await expect_error(
+        suite.wallet.SetAccountClassification(
+            W.SetAccountClassificationRequest(
+                request_id=new_id("c"), user_id=user, classification=request.classification
+            ),
+            metadata=suite.token("trust-1", admin=True),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    assert field_violations(unexplained) == {"reason"}
     await expect_error(
         suite.wallet.SetAccountClassification(
             W.SetAccountClassificationRequest(
                 request_id=new_id("c"),
                 user_id=new_id("ghost"),
                 classification=W.ACCOUNT_CLASSIFICATION_POLITICAL,
+                reason="party account",
             ),
             metadata=suite.token("trust-1", admin=True),
         ),

@@ -1648,7 +1648,7 @@ class SetAccountClassificationRequest(_message.Message):
     classification: Global___AccountClassification.ValueType
     """The classification."""
     reason: _builtins.str
-    """Why (kept in the admin audit trail)."""
+    """Why, required (kept in the admin audit trail): it decides whether the user may send or receive."""
     def __init__(
         self,
         *,
