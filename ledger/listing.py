@@ -114,9 +114,14 @@ def statement_period(request: Any, now: dt.datetime) -> tuple[dt.datetime, dt.da
             if _time(request, "start_time")
             else f"the ledger's beginning ({since.isoformat()}; no start_time was given)"
         )
+        end = (
+            f"end_time ({until.isoformat()})"
+            if _time(request, "end_time")
+            else f"the end (now, {until.isoformat()}; no end_time was given)"
+        )
         raise InvalidArgument(
             "INVALID_PERIOD",
-            f"end_time ({until.isoformat()}) is before {start}",
+            f"{end} is before {start}",
             violations=(FieldViolation("end_time", f"must not be before {start}"),),
         )
     return since, until

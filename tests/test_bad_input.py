@@ -358,6 +358,18 @@ async def test_a_statement_ending_before_its_start_says_which_start(suite: Suite
     )
     assert field_violations(error) == {"end_time"}
     assert "no start_time was given" in (error.details() or "")
+    # Nor an end_time nobody sent: a start in the future is after the default end, now.
+    future = await expect_error(
+        suite.wallet.GetCoinStatement(
+            wallet_pb2.GetCoinStatementRequest(
+                user_id=user, start_time=timestamp_pb2.Timestamp(seconds=4_070_908_800)
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PERIOD",
+    )
+    assert "the end (now, " in (future.details() or "")
+    assert "no end_time was given" in (future.details() or "")
 
 
 async def test_a_history_listing_ending_before_its_start_is_refused(suite: Suite) -> None:
