@@ -67,7 +67,11 @@ async def test_a_node_grpc_js_client_reads_a_balance_and_sends_a_gift(suite: Sui
     assert answer["replay"]["response"] == sent  # the same request id: the same answer, once
     assert answer["after"]["response"]["balance"]["coins"] == str(coins - 3)
     assert answer["foreign"]["code"] == "PERMISSION_DENIED"
-    assert answer["foreign"]["info"] == {"reason": "NOT_ACCOUNT_OWNER", "domain": "wallet.coins"}
+    assert answer["foreign"]["info"] == {
+        "reason": "NOT_ACCOUNT_OWNER",
+        "domain": "wallet.coins",
+        "metadata": {"field": "user_id", "account": creator},
+    }
 
 
 async def test_a_node_client_watches_a_live_through_reflection_alone(suite: Suite) -> None:

@@ -30,7 +30,9 @@ function errorInfo(error) {
   for (const detail of status.details) {
     if (detail.type_url.endsWith("/google.rpc.ErrorInfo")) {
       const info = types.lookupType("google.rpc.ErrorInfo").decode(detail.value);
-      return { reason: info.reason, domain: info.domain };
+      // protobufjs decodes a map from a descriptor set as a list of {key, value} entries.
+      const metadata = Object.fromEntries(info.metadata.map((e) => [e.key, e.value]));
+      return { reason: info.reason, domain: info.domain, metadata };
     }
   }
   return null;
