@@ -299,7 +299,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                     context, _as_domain_error(error, method), principal, method, request, audited
                 )
                 _release_frames(error)
-                return None  # the status is set: grpc sends it, without a message
+                return None  # the status is sent (grpc raises the abort again, and drops it)
             finally:
                 if started is not None:
                     assert self._shedder is not None
@@ -412,7 +412,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 )
             except Exception:
                 log.exception("could not record the outcome of an admin call to %s", method)
-        fail(context, error, self._domain)
+        await fail(context, error, self._domain)
         return _CODES[error.kind], error.reason, message
 
 

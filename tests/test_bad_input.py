@@ -26,6 +26,7 @@ from tests.helpers import (
     live_of,
     new_creator,
     new_id,
+    open_account,
     rpc_error,
 )
 from tests.suite import Suite
@@ -180,6 +181,49 @@ async def test_a_country_that_is_not_an_iso_code_is_refused_and_opens_nothing(
         "REGION_UNSUPPORTED",
     )
     assert "coins are not sold in KR" in (custom.details() or "")
+
+
+async def test_a_refusal_is_a_status_alone_with_no_response_message_before_it(
+    suite: Suite,
+) -> None:
+    """What a client's interceptor (grpc-js's onReceiveMessage) or a proxy sees on the wire: grpc
+    sent an empty response message before a status set on the context, so a refusal looked like
+    an answer with every field unset first (review R1). Read here as a stream of messages, which
+    shows every message the server sent; a refusal in the guard and one deep in a saga."""
+    channel = suite.channel("wallet")
+    as_stream = channel.unary_stream(
+        "/coins.wallet.v1.WalletService/GetBalance",
+        request_serializer=wallet_pb2.GetBalanceRequest.SerializeToString,
+    )
+    user, _ = await funded_user(suite)
+    refused = as_stream(wallet_pb2.GetBalanceRequest(user_id=user), metadata=suite.token("other"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for message in refused:
+            pytest.fail(f"a message came before the refusal: {message!r}")
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (info := error_info(caught.value)) is not None and info.reason == "NOT_ACCOUNT_OWNER"
+    mine = as_stream(wallet_pb2.GetBalanceRequest(user_id=user), metadata=suite.token(user))
+    answered = [m async for m in mine]
+    assert len(answered) == 1  # and an answer is one message, as before
+    gifting = suite.channel("gifting").unary_stream(
+        "/coins.gifting.v1.GiftingService/SendGift",
+        request_serializer=gifting_pb2.SendGiftRequest.SerializeToString,
+    )
+    poor = new_id("viewer")
+    await open_account(suite, poor)
+    creator = await new_creator(suite)
+    gift = gifting_pb2.SendGiftRequest(
+        request_id=new_id("g"),
+        sender_id=poor,
+        creator_id=creator,
+        gift_id="rose",
+        count=1,
+        live_id=live_of(creator),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as unpaid:
+        async for message in gifting(gift, metadata=suite.token(poor)):
+            pytest.fail(f"a message came before the refusal: {message!r}")
+    assert (info := error_info(unpaid.value)) is not None and info.reason == "INSUFFICIENT_FUNDS"
 
 
 async def test_a_foreign_page_token_is_refused(suite: Suite) -> None:
