@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -191,7 +192,7 @@ async def test_a_refusal_is_a_status_alone_with_no_response_message_before_it(
     an answer with every field unset first (review R1). Read here as a stream of messages, which
     shows every message the server sent; a refusal in the guard and one deep in a saga."""
     channel = suite.channel("wallet")
-    as_stream = channel.unary_stream(
+    as_stream: Any = channel.unary_stream(
         "/coins.wallet.v1.WalletService/GetBalance",
         request_serializer=wallet_pb2.GetBalanceRequest.SerializeToString,
     )
@@ -205,7 +206,7 @@ async def test_a_refusal_is_a_status_alone_with_no_response_message_before_it(
     mine = as_stream(wallet_pb2.GetBalanceRequest(user_id=user), metadata=suite.token(user))
     answered = [m async for m in mine]
     assert len(answered) == 1  # and an answer is one message, as before
-    gifting = suite.channel("gifting").unary_stream(
+    gifting: Any = suite.channel("gifting").unary_stream(
         "/coins.gifting.v1.GiftingService/SendGift",
         request_serializer=gifting_pb2.SendGiftRequest.SerializeToString,
     )
