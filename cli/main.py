@@ -12,7 +12,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -123,9 +123,50 @@ def balance(c: Clients, a: argparse.Namespace) -> None:
 
 def ledger(c: Clients, a: argparse.Namespace) -> None:
     response = c.wallet.ListLedgerEntries(
-        wallet_pb2.ListLedgerEntriesRequest(user_id=a.user, page_size=a.limit), timeout=c.timeout
+        wallet_pb2.ListLedgerEntriesRequest(
+            user_id=a.user,
+            page_size=a.limit,
+            kinds=[_KINDS[k] for k in a.kind or ()],
+            page_token=a.page_token or "",
+            **_period(a),
+        ),
+        timeout=c.timeout,
     )
     console.print(render.ledger(a.user, response.entries))
+    _next_page(a, response.next_page_token)
+
+
+def _next_page(a: argparse.Namespace, token: str) -> None:
+    """Where a listing goes on: the same command with --page-token (its filters must stay)."""
+    if token:
+        again = _without_option(a.command_line, "--page-token")
+        console.print(f"next page: coinsctl {' '.join(again)} --page-token {token}")
+
+
+def _kind_names(kinds: Any, prefix: str) -> dict[str, Any]:
+    """An entry-kind enum's values by their names on the command line: `purchase`, `gift`..."""
+    return {
+        name.removeprefix(prefix).lower(): number
+        for name, number in kinds.items()
+        if number and name.startswith(prefix)
+    }
+
+
+_KINDS = _kind_names(wallet_pb2.EntryKind, "ENTRY_KIND_")
+_DIAMOND_KINDS = _kind_names(payout_pb2.DiamondEntryKind, "DIAMOND_ENTRY_KIND_")
+
+
+def add_history_filters(p: argparse.ArgumentParser, kinds: Mapping[str, Any]) -> None:
+    """A ledger listing's filters, as its RPC takes them, and the token of its next page."""
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=sorted(kinds),
+        help="only entries of this kind (repeat for several)",
+    )
+    p.add_argument("--since", type=_moment, help="from this time on (YYYY-MM-DD[THH:MM] UTC)")
+    p.add_argument("--until", type=_moment, help="before this time (YYYY-MM-DD[THH:MM] UTC)")
+    p.add_argument("--page-token", help="the next page, as the previous page printed it")
 
 
 def gifts(c: Clients, a: argparse.Namespace) -> None:
@@ -332,10 +373,17 @@ def diamonds(c: Clients, a: argparse.Namespace) -> None:
 
 def diamond_ledger(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.ListDiamondEntries(
-        payout_pb2.ListDiamondEntriesRequest(creator_id=a.creator, page_size=a.limit),
+        payout_pb2.ListDiamondEntriesRequest(
+            creator_id=a.creator,
+            page_size=a.limit,
+            kinds=[_DIAMOND_KINDS[k] for k in a.kind or ()],
+            page_token=a.page_token or "",
+            **_period(a),
+        ),
         timeout=c.timeout,
     )
     console.print(render.diamond_ledger(a.creator, response.entries))
+    _next_page(a, response.next_page_token)
 
 
 def _period(a: argparse.Namespace) -> dict[str, Timestamp]:
@@ -839,6 +887,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("ledger", ledger, "show a user's ledger history")
     p.add_argument("user")
     add_limit(p, wallet_pb2.ListLedgerEntriesRequest, default=20)
+    add_history_filters(p, _KINDS)
     command("gifts", gifts, "list the gift catalog").add_argument(
         "--region", help="only the gifts offered in this country (ISO code, e.g. GB)"
     )
@@ -898,6 +947,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("diamond-ledger", diamond_ledger, "show a creator's diamond movements")
     p.add_argument("creator")
     add_limit(p, payout_pb2.ListDiamondEntriesRequest, default=20)
+    add_history_filters(p, _DIAMOND_KINDS)
     p = command(
         "statement", statement, "opening and closing balance of a period, movements by kind"
     )

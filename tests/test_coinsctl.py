@@ -605,3 +605,42 @@ def test_a_withdrawals_history_says_when_it_was_parked_and_who_retried_it() -> N
     rows = [line for line in console.export_text().splitlines() if "│" in line and "2026" in line]
     assert [row.split("│")[2].strip() for row in rows] == ["processing", "parked", "retried"]
     assert "processor timed out" in rows[1] and "ops-ann" in rows[2]
+
+
+async def test_ledger_filters_by_kind_and_time_and_prints_the_next_page(suite: Suite) -> None:
+    """`coinsctl ledger` takes the filters ListLedgerEntries has (review R3: only --limit) and,
+    when there is more, prints the command of the next page, its filters kept."""
+    user, _ = await funded_user(suite)  # a purchase of 700
+    await suite.wallet.PurchaseCoins(
+        wallet_pb2.PurchaseCoinsRequest(
+            request_id=new_id("buy"),
+            user_id=user,
+            package_id="us-web-70",
+            payment_token=f"tok_visa_{user}",
+        )
+    )
+    await suite.as_caller("gifting").wallet.DebitCoins(
+        wallet_pb2.DebitCoinsRequest(
+            request_id=new_id("d"),
+            user_id=user,
+            coins=5,
+            reason=wallet_pb2.DEBIT_REASON_GIFT,
+            reference=f"gift:{new_id('g')}",
+        )
+    )
+    code, first = await coinsctl(
+        suite, "ledger", user, "--as", user, "--kind", "purchase", "--limit", "1"
+    )
+    assert code == 0 and "+70" in first and "+700" not in first and "-5" not in first, first
+    follow = next(line for line in first.splitlines() if line.startswith("next page: coinsctl "))
+    again = follow.removeprefix("next page: coinsctl ").split()
+    assert again[:7] == ["ledger", user, "--as", user, "--kind", "purchase", "--limit"], follow
+    code, second = await coinsctl(suite, *again)
+    assert code == 0 and "+700" in second and "+70\n" not in second, second
+    assert "next page" not in second
+    code, spent = await coinsctl(suite, "ledger", user, "--as", user, "--kind", "gift")
+    assert code == 0 and "-5" in spent and "+70" not in spent, spent
+    code, later = await coinsctl(suite, "ledger", user, "--as", user, "--since", "2099-01-01")
+    assert code == 0 and "+70" not in later and "-5" not in later, later
+    code, wrong = await coinsctl(suite, "ledger", user, "--kind", "bonus")
+    assert code == 2 and "invalid choice: 'bonus'" in wrong, wrong
