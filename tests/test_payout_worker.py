@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2
@@ -569,3 +570,147 @@ async def test_a_batch_is_recorded_with_its_payments_or_not_at_all(tmp_path: Pat
     (sent,) = await sandbox.submit("batch-1", [item])  # the resend: recorded now, whole
     assert sent.sender_item_id == "w-1" and sandbox.payments["w-1"] == 1
     await sandbox.drain()
+
+
+async def lost_batch_of_two(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], list[str], asyncio.Event]:
+    """Two withdrawals approved together, sent in one batch whose requests are all lost until the
+    returned event is set: (their ids, their creators, the event), once both are parked."""
+    box = sandbox(suite)
+    worker = suite.services["payout"].runtime.parts["worker"]
+    assert isinstance(worker, WithdrawalWorker)
+    creators = [await creator_with_diamonds(suite, 5_000) for _ in range(2)]
+    real_submit = box.submit
+    link_up = asyncio.Event()
+
+    async def lossy_link(batch_id: str, items: Sequence[PayoutItem]) -> list[ItemStatus]:
+        if not link_up.is_set():
+            await asyncio.Event().wait()  # lost: the processor records nothing
+        return await real_submit(batch_id, items)
+
+    monkeypatch.setattr(box, "submit", lossy_link)
+
+    async def later() -> None:
+        return None
+
+    real_work_due = worker.work_due
+    monkeypatch.setattr(worker, "work_due", later)  # both approved before the worker looks
+    made = [
+        (
+            await suite.payout.RequestWithdrawal(
+                withdrawal(creator, 2_000, "dest_paypal_ok"), metadata=suite.token(creator)
+            )
+        ).withdrawal.withdrawal_id
+        for creator in creators
+    ]
+    monkeypatch.setattr(worker, "work_due", real_work_due)
+    worker.wake.set()
+    for withdrawal_id, creator in zip(made, creators, strict=True):
+
+        async def parked(withdrawal_id: str = withdrawal_id, creator: str = creator) -> bool:
+            return (await read(suite, withdrawal_id, creator)).parked
+
+        await eventually(parked, "the withdrawal parked", seconds=20)
+    return made, creators, link_up
+
+
+async def test_a_retry_resends_its_batch_without_the_parked_withdrawals_in_it(
+    impatient: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of two is lost and both park. Retrying one sends the batch again without the other,
+    which is in an admin's hands (review R2: it went along, and an admin who gave it up as never
+    received at that moment saw it paid after all). The other, given up meanwhile, is never paid;
+    retried instead, it goes in a batch of its own (the processor has its batch without it)."""
+    suite = impatient
+    box = sandbox(suite)
+    admin = suite.token("ops-1", admin=True)
+    (first, second), (first_creator, second_creator), link_up = await lost_batch_of_two(
+        suite, monkeypatch
+    )
+    link_up.set()
+    # While a follow-up of its batch-mate holds its lease, the second is not given up.
+    async with suite.services["payout"].runtime.db.transaction() as conn:
+        await conn.execute(
+            update(payout_storage.withdrawals)
+            .where(payout_storage.withdrawals.c.withdrawal_id == first)
+            .values(leased_until=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))
+        )
+
+    def give_up(withdrawal_id: str) -> payout_pb2.CancelWithdrawalRequest:
+        return payout_pb2.CancelWithdrawalRequest(
+            request_id=new_id("cancel"), withdrawal_id=withdrawal_id, reason="never received"
+        )
+
+    await expect_error(
+        suite.payout.CancelWithdrawal(give_up(second), metadata=admin),
+        grpc.StatusCode.UNAVAILABLE,
+        "BATCH_BEING_SENT",
+    )
+    async with suite.services["payout"].runtime.db.transaction() as conn:
+        await conn.execute(
+            update(payout_storage.withdrawals)
+            .where(payout_storage.withdrawals.c.withdrawal_id == first)
+            .values(leased_until=None)
+        )
+
+    def retry(withdrawal_id: str) -> payout_pb2.RetryWithdrawalRequest:
+        return payout_pb2.RetryWithdrawalRequest(
+            request_id=new_id("retry"), withdrawal_id=withdrawal_id
+        )
+
+    retried = await suite.payout.RetryWithdrawal(retry(first), metadata=admin)
+    assert retried.withdrawal.last_error == ""  # a retry starts over
+    assert (await settled(suite, first, first_creator)).status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert box.payments.get(second, 0) == 0 and box.payments[first] == 1
+    assert (await read(suite, second, second_creator)).parked
+    # Retried in its turn, the second cannot join its batch any more: it is sent alone, once.
+    await suite.payout.RetryWithdrawal(retry(second), metadata=admin)
+    paid = await settled(suite, second, second_creator)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert (box.payments[first], box.payments[second]) == (1, 1)
+    report = await suite.payout.ReconcileWithdrawals(
+        payout_pb2.ReconcileWithdrawalsRequest(run_now=True), metadata=admin
+    )
+    assert [m for m in report.mismatches if m.withdrawal_id in (first, second)] == []
+
+
+async def test_a_parked_withdrawal_the_processor_never_had_is_not_sent_to_an_unverified_creator(
+    impatient: Suite,
+) -> None:
+    """A retry would send it as a new payment: the creator must still be verified, as approving it
+    required (review R2: a creator rejected for fraud meanwhile was paid). Given up instead, the
+    diamonds come back; verified again, a retry would have sent it."""
+    suite = impatient
+    creator = await creator_with_diamonds(suite, 5_000)
+    withdrawal_id = await parked_withdrawal(suite, creator, "dest_drop_forever")
+    admin = suite.token("ops-1", admin=True)
+    await suite.payout.SetCreatorVerification(
+        payout_pb2.SetCreatorVerificationRequest(
+            request_id=new_id("kyc"),
+            creator_id=creator,
+            status=payout_pb2.KYC_STATUS_REJECTED,
+            reason="fraud suspected",
+        ),
+        metadata=suite.token("ops-2", admin=True),
+    )
+    refused = await expect_error(
+        suite.payout.RetryWithdrawal(
+            payout_pb2.RetryWithdrawalRequest(
+                request_id=new_id("retry"), withdrawal_id=withdrawal_id
+            ),
+            metadata=admin,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "KYC_REQUIRED",
+    )
+    assert "never reached the processor" in (refused.details() or "")
+    assert (await read(suite, withdrawal_id, creator)).parked  # nothing changed
+    given_up = await suite.payout.CancelWithdrawal(
+        payout_pb2.CancelWithdrawalRequest(
+            request_id=new_id("cancel"), withdrawal_id=withdrawal_id, reason="creator rejected"
+        ),
+        metadata=admin,
+    )
+    assert given_up.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_CANCELLED
+    assert sandbox(suite).payments.get(withdrawal_id, 0) == 0

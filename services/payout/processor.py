@@ -265,11 +265,15 @@ class WithdrawalWorker:
                 )
                 async with self._rt.db.read() as conn:
                     batch = await storage.withdrawals_in_batch(conn, batch_id)
-                # Only what is still processing: a parked one an admin cancelled since (the
-                # processor never had it) is never sent again.
-                resend = [item_of(w) for w in batch if w.status == "processing"] or [
-                    item_of(withdrawal)
-                ]
+                # Only what is still processing and not parked: a parked one is in an admin's
+                # hands, who may be giving it up as never received at this moment (resent with
+                # this one, it was paid after it was cancelled).
+                resend = [
+                    item_of(w)
+                    for w in batch
+                    if w.status == "processing"
+                    and (w.parked_at is None or w.withdrawal_id == withdrawal.withdrawal_id)
+                ] or [item_of(withdrawal)]
                 items = await asyncio.wait_for(
                     self.processor.submit(batch_id, resend), self._timeout
                 )
@@ -277,11 +281,32 @@ class WithdrawalWorker:
                     (i for i in items if i.sender_item_id == withdrawal.withdrawal_id), None
                 )
                 if item is None:
-                    raise LookupError("not in the processor's answer to its resend")
+                    item = await self._send_alone(withdrawal)
         except Exception as error:
             await self._failed([withdrawal], error)
             return
         await self._apply(withdrawal, item)
+
+    async def _send_alone(self, withdrawal: storage.WithdrawalRecord) -> ItemStatus:
+        """The processor has the withdrawal's batch without it (the batch went again while it was
+        parked): it can never join that batch, so it goes in one of its own, whose id is the same
+        on every attempt (a batch id the processor has seen pays nothing more)."""
+        alone = f"alone-{withdrawal.withdrawal_id}"
+        log.info(
+            "processor has batch %s without %s: sending it alone as %s",
+            withdrawal.sender_batch_id,
+            withdrawal.withdrawal_id,
+            alone,
+        )
+        async with self._rt.db.transaction() as conn:
+            await storage.send_alone(conn, withdrawal.withdrawal_id, alone)
+        items = await asyncio.wait_for(
+            self.processor.submit(alone, [item_of(withdrawal)]), self._timeout
+        )
+        item = next((i for i in items if i.sender_item_id == withdrawal.withdrawal_id), None)
+        if item is None:
+            raise LookupError(f"not in the processor's answer to batch {alone}")
+        return item
 
     async def received(self, withdrawal_id: str) -> bool:
         """Whether the processor has a record of the withdrawal, asked now (UNAVAILABLE

@@ -25,7 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger import Posting
 from ledger.holds import Holds
 from runtime.access import require_another_admin
-from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from runtime.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from runtime.protos import money_text
 from runtime.sql import as_tx
 from services.payout import policy, storage
@@ -330,6 +336,24 @@ class Withdrawals:
         )
         return await self.get(conn, withdrawal_id)
 
+    async def why_not_pay(
+        self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord
+    ) -> FailedPrecondition | None:
+        """What forbids paying the withdrawal's creator now, as approving it would be refused:
+        verification no longer `verified` (KYC_REQUIRED) or a debt (DEBT_OUTSTANDING); None if
+        nothing does."""
+        creator = withdrawal.creator_id
+        status, _ = await storage.verification_of(conn, creator)
+        if status != "verified":
+            return FailedPrecondition(
+                "KYC_REQUIRED",
+                f"creator {creator} is no longer verified ({status})",
+                creator_id=creator,
+                kyc_status=status,
+            )
+        debt = await self._debt_of(conn, creator)
+        return debt_outstanding(creator, debt) if debt else None
+
     async def review(
         self,
         conn: AsyncConnection,
@@ -380,6 +404,14 @@ class Withdrawals:
         withdrawal = await self.get(conn, withdrawal_id)
         moved = await self._move(conn, withdrawal, CANCELLABLE, "cancelled", actor, reason, now)
         if not moved and never_received:
+            if mate := await storage.batch_mate_leased(conn, withdrawal, now):
+                raise Unavailable(  # its follow-up may be sending the batch again (this one too)
+                    "BATCH_BEING_SENT",
+                    f"withdrawal {mate}, of the same batch as {withdrawal_id}, is being followed "
+                    "up with the processor now: give it up again in a few seconds",
+                    retry_after=5.0,
+                    withdrawal_id=withdrawal_id,
+                )
             moved = await self._move(
                 conn, withdrawal, ("processing",), "cancelled", actor, reason, now, parked_only=True
             )

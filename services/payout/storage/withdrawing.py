@@ -274,7 +274,7 @@ async def unpark(conn: AsyncConnection, withdrawal_id: str) -> bool:
             withdrawals.c.status == "processing",
             withdrawals.c.parked_at.is_not(None),
         )
-        .values(parked_at=None, attempts=0, next_attempt_at=None, leased_until=None)
+        .values(parked_at=None, attempts=0, next_attempt_at=None, leased_until=None, last_error="")
     )
     return result.rowcount == 1
 
@@ -314,6 +314,35 @@ async def withdrawals_in_batch(
         .order_by(withdrawals.c.withdrawal_id)
     )
     return [_withdrawal(row) for row in (await conn.execute(query)).all()]
+
+
+async def batch_mate_leased(
+    conn: AsyncConnection, withdrawal: WithdrawalRecord, now: dt.datetime
+) -> str | None:
+    """A withdrawal of `withdrawal`'s batch, other than it, that a worker holds now (its follow-up
+    may be sending the batch again): its id, None if there is none."""
+    if withdrawal.sender_batch_id is None:
+        return None
+    found = await conn.scalar(
+        select(withdrawals.c.withdrawal_id)
+        .where(
+            withdrawals.c.sender_batch_id == withdrawal.sender_batch_id,
+            withdrawals.c.withdrawal_id != withdrawal.withdrawal_id,
+            withdrawals.c.status == "processing",
+            withdrawals.c.leased_until > now,
+        )
+        .limit(1)
+    )
+    return None if found is None else str(found)
+
+
+async def send_alone(conn: AsyncConnection, withdrawal_id: str, sender_batch_id: str) -> None:
+    """From now on `withdrawal_id` is sent (and sent again) in a batch of its own."""
+    await conn.execute(
+        update(withdrawals)
+        .where(withdrawals.c.withdrawal_id == withdrawal_id, withdrawals.c.status == "processing")
+        .values(sender_batch_id=sender_batch_id)
+    )
 
 
 async def withdrawals_by_id(
