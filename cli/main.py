@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import math
 import re
+import shlex
 import sys
 import time
 import uuid
@@ -140,7 +141,8 @@ def _next_page(a: argparse.Namespace, token: str) -> None:
     """Where a listing goes on: the same command with --page-token (its filters must stay)."""
     if token:
         again = _without_option(a.command_line, "--page-token")
-        console.print(f"next page: coinsctl {' '.join(again)} --page-token {token}")
+        command = shlex.join(["coinsctl", *again, "--page-token", token])
+        console.print(f"next page: {command}", markup=False)
 
 
 def _kind_names(kinds: Any, prefix: str) -> dict[str, Any]:
@@ -333,7 +335,7 @@ def _wait_for_gifting(c: Clients, a: argparse.Namespace, cursor: int) -> None:
 def _resume_command(a: argparse.Namespace, cursor: int) -> str:
     """This command again, resuming after `cursor` (its other options as they were given)."""
     given = getattr(a, "command_line", None) or ["live", "watch", a.live_id]
-    return " ".join(["coinsctl", *_without_option(given, "--after"), "--after", str(cursor)])
+    return shlex.join(["coinsctl", *_without_option(given, "--after"), "--after", str(cursor)])
 
 
 def _note(text: str) -> None:
@@ -585,7 +587,9 @@ def review_queue(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.ListWithdrawalQueueRequest(queue=queue, page_size=a.limit), timeout=c.timeout
     )
     title = "Parked withdrawals" if a.parked else "Withdrawals in review"
-    console.print(render.withdrawals(f"{title} (oldest first)", response.withdrawals))
+    console.print(
+        render.withdrawals(f"{title} (oldest first)", response.withdrawals, errors=a.parked)
+    )
 
 
 def retry_withdrawal(c: Clients, a: argparse.Namespace) -> None:
@@ -1174,7 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             console.print(
                 f"It may or may not have been applied. Retry with the same request id (it is "
-                f"applied at most once):\n  {' '.join(again)}",
+                f"applied at most once):\n  {shlex.join(again)}",
                 markup=False,
             )
         return 1

@@ -239,6 +239,7 @@ def diamonds(value: payout_pb2.DiamondBalance) -> Table:
     table.add_column("available worth", justify="right")
     table.add_column("withdrawing", justify="right")
     table.add_column("paid out", justify="right")
+    table.add_column("owed", justify="right")
     table.add_column("next available", justify="right")
     upcoming = (
         value.next_available_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
@@ -251,6 +252,8 @@ def diamonds(value: payout_pb2.DiamondBalance) -> Table:
         money(value.available_value),
         f"{value.held_diamonds:,}",
         f"{value.paid_out_diamonds:,}",
+        # Owed back from reversed gifts: later diamonds repay it before any withdrawal.
+        f"[red]{value.debt_diamonds:,}[/red]" if value.debt_diamonds else "0",
         upcoming,
     )
     return table
@@ -309,10 +312,15 @@ def withdrawal(w: payout_pb2.Withdrawal) -> Group:
 
 
 def withdrawals(
-    title: str, items: Iterable[payout_pb2.Withdrawal], *, creators: bool = True
+    title: str,
+    items: Iterable[payout_pb2.Withdrawal],
+    *,
+    creators: bool = True,
+    errors: bool = False,
 ) -> Table:
     """Withdrawals, one a row, with their full ids (to pass to `withdrawal`, `review`, ...); the
-    reasons and errors are in each one's `withdrawal`."""
+    reasons are in each one's `withdrawal`, and with `errors` (the parked queue) the processor
+    calls failed in a row and the last one's error are shown too."""
     table = Table(title=title)
     table.add_column("id", no_wrap=True, min_width=32)
     if creators:
@@ -320,10 +328,14 @@ def withdrawals(
     table.add_column("requested")
     table.add_column("net", justify="right", no_wrap=True)
     table.add_column("status")
+    if errors:
+        table.add_column("tries", justify="right")
+        table.add_column("last error")
     for w in items:
         status = "parked" if w.parked else withdrawal_status(w.status)  # parked: processing
         row = [w.withdrawal_id, w.creator_id] if creators else [w.withdrawal_id]
-        table.add_row(*row, when(w), money(w.net), status)
+        failed: list[str | Text] = [f"{w.attempts}", Text(w.last_error)] if errors else []
+        table.add_row(*row, when(w), money(w.net), status, *failed)
     return table
 
 

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import re
+import shlex
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -101,6 +102,21 @@ async def test_an_unreachable_service_is_named_and_a_retry_keeps_the_request_id(
     assert "COINS_WALLET_ADDRESS" in output
     retry = next(line for line in output.splitlines() if line.strip().startswith("coinsctl "))
     assert "--request-id" in retry and "--country GB" in retry
+    # Quoted for a shell: a reason with spaces pastes back as one argument (review R2).
+    code, output = await coinsctl(
+        suite,
+        "--payout",
+        "127.0.0.1:1",
+        "--admin",
+        "--as",
+        "ops-1",
+        "cancel-withdrawal",
+        "w-1",
+        "--reason",
+        "processor down",
+    )
+    retry = next(line for line in output.splitlines() if line.strip().startswith("coinsctl "))
+    assert "--reason 'processor down'" in retry and "--request-id" in retry, output
 
 
 async def test_a_watch_that_cannot_reach_gifting_names_it(suite: Suite) -> None:
@@ -633,7 +649,7 @@ async def test_ledger_filters_by_kind_and_time_and_prints_the_next_page(suite: S
     )
     assert code == 0 and "+70" in first and "+700" not in first and "-5" not in first, first
     follow = next(line for line in first.splitlines() if line.startswith("next page: coinsctl "))
-    again = follow.removeprefix("next page: coinsctl ").split()
+    again = shlex.split(follow.removeprefix("next page: coinsctl "))
     assert again[:7] == ["ledger", user, "--as", user, "--kind", "purchase", "--limit"], follow
     code, second = await coinsctl(suite, *again)
     assert code == 0 and "+700" in second and "+70\n" not in second, second
