@@ -833,3 +833,30 @@ async def test_tables_updated_on_every_credit_batch_leave_room_on_their_pages(
     async with db.read() as conn:
         found = {name: sorted(opts or []) for name, opts in (await conn.execute(options)).all()}
     assert found == {"creators": ["fillfactor=50"], "ledger_accounts": ["fillfactor=70"]}
+
+
+async def test_a_withdrawal_request_sent_again_after_its_record_was_purged_makes_no_second_one(
+    payout: tuple[Suite, ShiftedClock],
+) -> None:
+    """Request ids are forgotten after PAYOUT_IDEMPOTENCY_RETENTION_HOURS; the withdrawal's hold
+    keeps its request for good, so a client retrying days later is answered the withdrawal it made
+    (review R2: a second withdrawal was held and paid), and the id with another amount is refused."""
+    suite, _ = payout
+    creator = await creator_with_diamonds(suite, 10_000)
+    request = withdrawal(creator, 4_000)
+    first = (await suite.payout.RequestWithdrawal(request)).withdrawal
+    await settled(suite, first.withdrawal_id, creator)
+    idempotency = suite.services["payout"].runtime.idempotency
+    while await idempotency.purge(dt.timedelta(0)):  # every answered request id forgotten
+        pass
+    again = await suite.payout.RequestWithdrawal(request)
+    assert again.withdrawal.withdrawal_id == first.withdrawal_id
+    assert again.withdrawal.status == S.WITHDRAWAL_STATUS_PAID  # as it is now
+    assert await balance_of(suite, creator) == (6_000, 6_000, 0, 4_000)
+    other = S.RequestWithdrawalRequest()
+    other.CopyFrom(request)
+    other.diamonds = 2_000
+    await expect_error(
+        suite.payout.RequestWithdrawal(other), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    assert await balance_of(suite, creator) == (6_000, 6_000, 0, 4_000)

@@ -31,6 +31,7 @@ from runtime.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    request_id_reused,
 )
 from runtime.protos import money_text
 from runtime.sql import as_tx
@@ -155,6 +156,11 @@ class Withdrawals:
         creator's default; else the one-off `method` and `destination_token`, which a creator with a
         registered method may not name: REGISTERED_METHOD_REQUIRED)."""
         settings = self.settings
+        if placed := await self.holds.placed_under(conn, request_id):
+            # The request again after its idempotency record was purged: the withdrawal it made.
+            return await self._made_by(
+                conn, placed.reference, request_id, diamonds, payout_method_id, destination_token
+            ), await self._payouts.diamonds(conn, creator_id)
         if method == "bank" and destination_token:  # one-off: a token, as a registered one is
             refuse_account_number(destination_token, "destination_token")
         methods = self._payouts.methods
@@ -210,6 +216,7 @@ class Withdrawals:
                 owner=HOLD_OWNER,
                 kind="withdrawal",
                 reference=withdrawal_id,
+                placed_under=request_id,  # kept for good: the request never makes a second one
             )
         except FailedPrecondition as refused:
             if refused.reason != "INSUFFICIENT_FUNDS":
@@ -335,6 +342,28 @@ class Withdrawals:
             conn, withdrawal_id, "processing", actor, reason, now, kind="retried"
         )
         return await self.get(conn, withdrawal_id)
+
+    async def _made_by(
+        self,
+        conn: AsyncConnection,
+        withdrawal_id: str,
+        request_id: str,
+        diamonds: int,
+        payout_method_id: str,
+        destination_token: str,
+    ) -> storage.WithdrawalRecord:
+        """The withdrawal `request_id` made (as it is now); REQUEST_ID_REUSED if this request asks
+        for another amount or destination than that one did."""
+        made = await self.get(conn, withdrawal_id)
+        if (
+            made.diamonds != policy.quote(diamonds, self.settings).diamonds
+            or (payout_method_id and made.method_id != payout_method_id)
+            or (destination_token and made.destination_token != destination_token)
+        ):
+            raise request_id_reused(
+                request_id.rsplit("/", 1)[-1], f"it made withdrawal {withdrawal_id}"
+            )
+        return made
 
     async def why_not_pay(
         self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord
