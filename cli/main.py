@@ -580,15 +580,20 @@ def review(c: Clients, a: argparse.Namespace) -> None:
 
 
 def review_queue(c: Clients, a: argparse.Namespace) -> None:
-    queue = (
-        payout_pb2.WITHDRAWAL_QUEUE_PARKED if a.parked else payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW
+    queue, title = (
+        (payout_pb2.WITHDRAWAL_QUEUE_PARKED, "Parked withdrawals")
+        if a.parked
+        else (payout_pb2.WITHDRAWAL_QUEUE_PROCESSING, "Withdrawals with the processor")
+        if a.processing
+        else (payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW, "Withdrawals in review")
     )
     response = c.payout.ListWithdrawalQueue(
         payout_pb2.ListWithdrawalQueueRequest(queue=queue, page_size=a.limit), timeout=c.timeout
     )
-    title = "Parked withdrawals" if a.parked else "Withdrawals in review"
     console.print(
-        render.withdrawals(f"{title} (oldest first)", response.withdrawals, errors=a.parked)
+        render.withdrawals(
+            f"{title} (oldest first)", response.withdrawals, errors=a.parked or a.processing
+        )
     )
 
 
@@ -1037,8 +1042,14 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "review-queue", review_queue, "withdrawals waiting for review, as an admin (--admin)"
     )
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--parked", action="store_true", help="the withdrawals parked after failed processor calls"
+    )
+    which.add_argument(
+        "--processing",
+        action="store_true",
+        help="the withdrawals with the processor, not parked (their outcome awaited)",
     )
     add_limit(p, payout_pb2.ListWithdrawalQueueRequest, default=50)
     p = command(

@@ -40,6 +40,7 @@ async def impatient(backend: str, tmp_path_factory: pytest.TempPathFactory) -> A
                 "processor_timeout_seconds": 0.3,
                 "processor_max_backoff_seconds": 1.0,
                 "processor_max_attempts": 3,
+                "processor_unclaimed_return_ms": 600_000,  # an unclaimed payment stays so
             }
         },
     )
@@ -714,3 +715,32 @@ async def test_a_parked_withdrawal_the_processor_never_had_is_not_sent_to_an_unv
     )
     assert given_up.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_CANCELLED
     assert sandbox(suite).payments.get(withdrawal_id, 0) == 0
+
+
+async def test_a_payment_the_processor_holds_is_in_the_processing_queue_not_the_parked_one(
+    impatient: Suite,
+) -> None:
+    """An unclaimed payment waits at the processor without failing, so it never parks; an admin
+    still sees it, with how long it has waited (review R2: it was visible nowhere)."""
+    suite = impatient
+    creator = await creator_with_diamonds(suite, 5_000)
+    made = await suite.payout.RequestWithdrawal(
+        withdrawal(creator, 2_000, "dest_unclaimed_inbox"), metadata=suite.token(creator)
+    )
+    withdrawal_id = made.withdrawal.withdrawal_id
+    admin = suite.token("ops-1", admin=True)
+
+    async def queued(queue: payout_pb2.WithdrawalQueue.ValueType) -> list[str]:
+        listed = await suite.payout.ListWithdrawalQueue(
+            payout_pb2.ListWithdrawalQueueRequest(queue=queue, page_size=1000), metadata=admin
+        )
+        return [w.withdrawal_id for w in listed.withdrawals]
+
+    async def with_the_processor() -> bool:
+        return withdrawal_id in await queued(payout_pb2.WITHDRAWAL_QUEUE_PROCESSING)
+
+    await eventually(with_the_processor, "the processor holds the payment")
+    found = await read(suite, withdrawal_id, creator)
+    assert (found.status, found.parked) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, False)
+    assert withdrawal_id not in await queued(payout_pb2.WITHDRAWAL_QUEUE_PARKED)
+    assert withdrawal_id not in await queued(payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW)

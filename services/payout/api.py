@@ -59,6 +59,7 @@ _EVENT_KINDS = {
 _QUEUES = {
     payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW: "in_review",
     payout_pb2.WITHDRAWAL_QUEUE_PARKED: "parked",
+    payout_pb2.WITHDRAWAL_QUEUE_PROCESSING: "processing",
 }
 _MISMATCHES = {
     "paid_there_not_here": payout_pb2.MISMATCH_KIND_PAID_THERE_NOT_HERE,
@@ -371,7 +372,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             if len(rows) > size:
                 rows = rows[:size]
                 last = rows[-1]
-                at = last.created_at if queue == "in_review" else last.parked_at
+                at = last.parked_at if queue == "parked" else last.created_at
                 assert at is not None
                 token = encode_token(kind, at.isoformat(), last.withdrawal_id)
             withdrawals = await self._with_history(conn, rows)

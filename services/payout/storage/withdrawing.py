@@ -282,11 +282,14 @@ async def unpark(conn: AsyncConnection, withdrawal_id: str) -> bool:
 async def queue(
     conn: AsyncConnection, name: str, *, limit: int, after: tuple[dt.datetime, str] | None
 ) -> list[WithdrawalRecord]:
-    """An admin queue, oldest first: "in_review" (by request time) or "parked" (by parking time)."""
-    order = withdrawals.c.created_at if name == "in_review" else withdrawals.c.parked_at
+    """An admin queue, oldest first: "in_review", "processing" (not parked; both by request time,
+    ix_withdrawals_status_created) or "parked" (by parking time, ix_withdrawals_parked)."""
+    order = withdrawals.c.parked_at if name == "parked" else withdrawals.c.created_at
     query = select(withdrawals).order_by(order, withdrawals.c.withdrawal_id).limit(limit)
     if name == "in_review":
         query = query.where(withdrawals.c.status == "in_review")
+    elif name == "processing":
+        query = query.where(withdrawals.c.status == "processing", withdrawals.c.parked_at.is_(None))
     else:
         query = query.where(withdrawals.c.parked_at.is_not(None))
     if after is not None:

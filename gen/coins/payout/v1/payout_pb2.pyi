@@ -293,6 +293,10 @@ class _WithdrawalQueueEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Withd
     """Waiting for a reviewer, oldest first."""
     WITHDRAWAL_QUEUE_PARKED: _WithdrawalQueue.ValueType  # 2
     """Parked by the worker after too many failed processor attempts, oldest first."""
+    WITHDRAWAL_QUEUE_PROCESSING: _WithdrawalQueue.ValueType  # 3
+    """With the processor and not parked (sent, the outcome awaited; or failing, not yet parked), oldest
+    first: a payment the processor holds (pending, unclaimed, on hold) waits here without parking.
+    """
 
 class WithdrawalQueue(_WithdrawalQueue, metaclass=_WithdrawalQueueEnumTypeWrapper):
     """An admin work queue of withdrawals."""
@@ -303,6 +307,10 @@ WITHDRAWAL_QUEUE_IN_REVIEW: WithdrawalQueue.ValueType  # 1
 """Waiting for a reviewer, oldest first."""
 WITHDRAWAL_QUEUE_PARKED: WithdrawalQueue.ValueType  # 2
 """Parked by the worker after too many failed processor attempts, oldest first."""
+WITHDRAWAL_QUEUE_PROCESSING: WithdrawalQueue.ValueType  # 3
+"""With the processor and not parked (sent, the outcome awaited; or failing, not yet parked), oldest
+first: a payment the processor holds (pending, unclaimed, on hold) waits here without parking.
+"""
 Global___WithdrawalQueue: _TypeAlias = WithdrawalQueue  # noqa: Y015
 
 class _MismatchKind:
