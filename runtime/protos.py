@@ -49,7 +49,8 @@ def to_datetime(value: Timestamp, field: str) -> dt.datetime:
     except (ValueError, OverflowError, OSError):
         raise InvalidArgument(
             "INVALID_REQUEST",
-            f"the request has invalid fields: {field}",
+            f"the request has invalid fields: {field} (not a valid timestamp: seconds within "
+            "0001-01-01..9999-12-31, nanos 0..999,999,999)",
             violations=(FieldViolation(field, "not a valid timestamp"),),
             fields=field,
         ) from None
