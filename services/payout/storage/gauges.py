@@ -22,6 +22,13 @@ _GAUGE_PARKED = Statement(
 )
 
 
+_GAUGE_OLDEST_PROCESSING = Statement(
+    "payout.gauge_oldest_processing",
+    "SELECT MIN(created_at) FROM withdrawals "  # ix_withdrawals_status_created
+    "WHERE status = 'processing' AND parked_at IS NULL",
+)
+
+
 _GAUGE_RECONCILIATION = Statement(
     "payout.gauge_reconciliation",
     "SELECT finished_at, report FROM reconciliation_runs ORDER BY started_at DESC LIMIT 1",
@@ -33,6 +40,8 @@ class PayoutGauges:
     open_withdrawals: dict[str, tuple[int, int]]
     """status -> (how many, gross minor units), for the statuses a withdrawal passes through."""
     parked: int
+    oldest_processing: dt.datetime | None
+    """When the oldest withdrawal with the processor, not parked, was requested (None: none)."""
     reconciliation: tuple[dt.datetime, str] | None
     """The last reconciliation run: when it finished, its mismatches as JSON."""
 
@@ -40,10 +49,12 @@ class PayoutGauges:
 async def payout_gauges(tx: Tx) -> PayoutGauges:
     rows = await tx.all(_GAUGE_WITHDRAWALS)
     parked = await tx.one(_GAUGE_PARKED)
+    oldest = await tx.one(_GAUGE_OLDEST_PROCESSING)
     last = await tx.one(_GAUGE_RECONCILIATION)
     assert parked is not None
     return PayoutGauges(
         {str(r[0]): (int(r[1]), int(r[2])) for r in rows},
         int(parked[0]),
+        utc(oldest[0]) if oldest is not None and oldest[0] is not None else None,
         (utc(last[0]), str(last[1])) if last is not None else None,
     )
