@@ -159,8 +159,9 @@ class PayoutMethods:
         if await storage.open_withdrawals_on(conn, method_id):
             raise FailedPrecondition(
                 "METHOD_IN_USE",
-                f"a withdrawal to {method.display} is still on its way; remove it once it is paid "
-                "or has failed",
+                f"a withdrawal to {method.display} is still on its way; remove it once it has "
+                "ended (paid, failed, or cancelled: one the processor cannot be reached about is "
+                "parked for support to retry or give up)",
                 method_id=method_id,
             )
         await storage.remove_method(conn, method_id, now)
