@@ -114,14 +114,11 @@ def statement_period(request: Any, now: dt.datetime) -> tuple[dt.datetime, dt.da
             if _time(request, "start_time")
             else f"the ledger's beginning ({since.isoformat()}; no start_time was given)"
         )
-        end = (
-            f"end_time ({until.isoformat()})"
-            if _time(request, "end_time")
-            else f"the end (now, {until.isoformat()}; no end_time was given)"
-        )
-        raise InvalidArgument(
-            "INVALID_PERIOD",
-            f"{end} is before {start}",
-            violations=(FieldViolation("end_time", f"must not be before {start}"),),
-        )
+        if _time(request, "end_time"):
+            end = f"end_time ({until.isoformat()})"
+            violation = FieldViolation("end_time", f"must not be before {start}")
+        else:  # the caller sent a start in the future: that is the field to mend
+            end = f"the end (now, {until.isoformat()}; no end_time was given)"
+            violation = FieldViolation("start_time", f"must not be after {end}")
+        raise InvalidArgument("INVALID_PERIOD", f"{end} is before {start}", violations=(violation,))
     return since, until

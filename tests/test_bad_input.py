@@ -415,6 +415,7 @@ async def test_a_statement_ending_before_its_start_says_which_start(suite: Suite
     )
     assert "the end (now, " in (future.details() or "")
     assert "no end_time was given" in (future.details() or "")
+    assert field_violations(future) == {"start_time"}  # the field the caller sent
 
 
 async def test_a_history_listing_ending_before_its_start_is_refused(suite: Suite) -> None:

@@ -120,7 +120,7 @@ def _measure(runtime: Runtime[PayoutSettings], payouts: Payouts) -> None:
     gauges.declare("coins.withdrawals.parked", "Withdrawals parked for an operator")
     gauges.declare(
         "coins.withdrawals.processing_oldest_age",
-        "Age of the oldest withdrawal with the processor and not parked",
+        "Time since the oldest withdrawal with the processor (not parked) was first sent",
         "s",
     )
     gauges.declare(

@@ -24,7 +24,7 @@ _GAUGE_PARKED = Statement(
 
 _GAUGE_OLDEST_PROCESSING = Statement(
     "payout.gauge_oldest_processing",
-    "SELECT MIN(created_at) FROM withdrawals "  # ix_withdrawals_status_created
+    "SELECT MIN(submitted_at) FROM withdrawals "  # ix_withdrawals_status_created
     "WHERE status = 'processing' AND parked_at IS NULL",
 )
 
@@ -41,7 +41,7 @@ class PayoutGauges:
     """status -> (how many, gross minor units), for the statuses a withdrawal passes through."""
     parked: int
     oldest_processing: dt.datetime | None
-    """When the oldest withdrawal with the processor, not parked, was requested (None: none)."""
+    """When the oldest withdrawal with the processor, not parked, was first sent (None: none)."""
     reconciliation: tuple[dt.datetime, str] | None
     """The last reconciliation run: when it finished, its mismatches as JSON."""
 
