@@ -124,13 +124,7 @@ def balance(c: Clients, a: argparse.Namespace) -> None:
 
 def ledger(c: Clients, a: argparse.Namespace) -> None:
     response = c.wallet.ListLedgerEntries(
-        wallet_pb2.ListLedgerEntriesRequest(
-            user_id=a.user,
-            page_size=a.limit,
-            kinds=[_KINDS[k] for k in a.kind or ()],
-            page_token=a.page_token or "",
-            **_period(a),
-        ),
+        wallet_pb2.ListLedgerEntriesRequest(user_id=a.user, **_history_filters(a, _KINDS)),
         timeout=c.timeout,
     )
     console.print(render.ledger(a.user, response.entries))
@@ -156,6 +150,16 @@ def _kind_names(kinds: Any, prefix: str) -> dict[str, Any]:
 
 _KINDS = _kind_names(wallet_pb2.EntryKind, "ENTRY_KIND_")
 _DIAMOND_KINDS = _kind_names(payout_pb2.DiamondEntryKind, "DIAMOND_ENTRY_KIND_")
+
+
+def _history_filters(a: argparse.Namespace, kinds: Mapping[str, Any]) -> dict[str, Any]:
+    """A ledger listing's page and filters (`add_history_filters`) as its request's fields."""
+    return {
+        "page_size": a.limit,
+        "kinds": [kinds[k] for k in a.kind or ()],
+        "page_token": a.page_token or "",
+        **_period(a),
+    }
 
 
 def add_history_filters(p: argparse.ArgumentParser, kinds: Mapping[str, Any]) -> None:
@@ -376,11 +380,7 @@ def diamonds(c: Clients, a: argparse.Namespace) -> None:
 def diamond_ledger(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.ListDiamondEntries(
         payout_pb2.ListDiamondEntriesRequest(
-            creator_id=a.creator,
-            page_size=a.limit,
-            kinds=[_DIAMOND_KINDS[k] for k in a.kind or ()],
-            page_token=a.page_token or "",
-            **_period(a),
+            creator_id=a.creator, **_history_filters(a, _DIAMOND_KINDS)
         ),
         timeout=c.timeout,
     )

@@ -384,6 +384,31 @@ async def test_a_processor_that_does_not_answer_reconciliation_is_unavailable(
     )
 
 
+async def approved_together(
+    suite: Suite, creators: Sequence[str], monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """A withdrawal of 2,000 diamonds for each creator, all approved before the worker looks, so
+    that it sends them in one batch; their ids."""
+    worker = suite.services["payout"].runtime.parts["worker"]
+    assert isinstance(worker, WithdrawalWorker)
+
+    async def later() -> None:
+        return None
+
+    with monkeypatch.context() as held:
+        held.setattr(worker, "work_due", later)
+        made = [
+            (
+                await suite.payout.RequestWithdrawal(
+                    withdrawal(creator, 2_000, "dest_paypal_ok"), metadata=suite.token(creator)
+                )
+            ).withdrawal.withdrawal_id
+            for creator in creators
+        ]
+    worker.wake.set()
+    return made
+
+
 async def test_a_delayed_batch_and_its_resend_pay_each_of_its_withdrawals_once(
     impatient: Suite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -393,8 +418,6 @@ async def test_a_delayed_batch_and_its_resend_pay_each_of_its_withdrawals_once(
     (Resent under a new batch id, each withdrawal was paid twice.)"""
     suite = impatient
     box = sandbox(suite)
-    worker = suite.services["payout"].runtime.parts["worker"]
-    assert isinstance(worker, WithdrawalWorker)
     creators = [await creator_with_diamonds(suite, 5_000) for _ in range(2)]
     real_submit = box.submit
     delayed: list[tuple[str, list[PayoutItem]]] = []
@@ -407,21 +430,7 @@ async def test_a_delayed_batch_and_its_resend_pay_each_of_its_withdrawals_once(
 
     monkeypatch.setattr(box, "submit", slow_link)
 
-    async def later() -> None:
-        return None
-
-    real_work_due = worker.work_due
-    monkeypatch.setattr(worker, "work_due", later)  # both approved before the worker looks
-    made = [
-        (
-            await suite.payout.RequestWithdrawal(
-                withdrawal(creator, 2_000, "dest_paypal_ok"), metadata=suite.token(creator)
-            )
-        ).withdrawal.withdrawal_id
-        for creator in creators
-    ]
-    monkeypatch.setattr(worker, "work_due", real_work_due)
-    worker.wake.set()
+    made = await approved_together(suite, creators, monkeypatch)
     for withdrawal_id, creator in zip(made, creators, strict=True):
         found = await settled(suite, withdrawal_id, creator)
         assert found.status == payout_pb2.WITHDRAWAL_STATUS_PAID
@@ -579,8 +588,6 @@ async def lost_batch_of_two(
     """Two withdrawals approved together, sent in one batch whose requests are all lost until the
     returned event is set: (their ids, their creators, the event), once both are parked."""
     box = sandbox(suite)
-    worker = suite.services["payout"].runtime.parts["worker"]
-    assert isinstance(worker, WithdrawalWorker)
     creators = [await creator_with_diamonds(suite, 5_000) for _ in range(2)]
     real_submit = box.submit
     link_up = asyncio.Event()
@@ -592,21 +599,7 @@ async def lost_batch_of_two(
 
     monkeypatch.setattr(box, "submit", lossy_link)
 
-    async def later() -> None:
-        return None
-
-    real_work_due = worker.work_due
-    monkeypatch.setattr(worker, "work_due", later)  # both approved before the worker looks
-    made = [
-        (
-            await suite.payout.RequestWithdrawal(
-                withdrawal(creator, 2_000, "dest_paypal_ok"), metadata=suite.token(creator)
-            )
-        ).withdrawal.withdrawal_id
-        for creator in creators
-    ]
-    monkeypatch.setattr(worker, "work_due", real_work_due)
-    worker.wake.set()
+    made = await approved_together(suite, creators, monkeypatch)
     for withdrawal_id, creator in zip(made, creators, strict=True):
 
         async def parked(withdrawal_id: str = withdrawal_id, creator: str = creator) -> bool:
