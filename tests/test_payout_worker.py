@@ -75,6 +75,13 @@ async def parked_withdrawal(suite: Suite, creator: str, receiver: str) -> str:
     return withdrawal_id
 
 
+def retry_request(withdrawal_id: str, reason: str = "") -> payout_pb2.RetryWithdrawalRequest:
+    """An admin's RetryWithdrawal of `withdrawal_id`, under a request id of its own."""
+    return payout_pb2.RetryWithdrawalRequest(
+        request_id=new_id("retry"), withdrawal_id=withdrawal_id, reason=reason
+    )
+
+
 async def no_longer_parked(
     suite: Suite, withdrawal_id: str, admin: tuple[tuple[str, str], ...]
 ) -> None:
@@ -86,9 +93,7 @@ async def no_longer_parked(
     assert withdrawal_id not in [w.withdrawal_id for w in queue.withdrawals]
     await expect_error(
         suite.payout.RetryWithdrawal(
-            payout_pb2.RetryWithdrawalRequest(
-                request_id=new_id("retry"), withdrawal_id=withdrawal_id
-            ),
+            retry_request(withdrawal_id),
             metadata=admin,
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -154,11 +159,7 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     ).balance
     assert (balance.diamonds, balance.held_diamonds) == (3_000, 2_000)
     retried = await suite.payout.RetryWithdrawal(
-        payout_pb2.RetryWithdrawalRequest(
-            request_id=new_id("retry"),
-            withdrawal_id=withdrawal_id,
-            reason="processor says it is back",
-        ),
+        retry_request(withdrawal_id, reason="processor says it is back"),
         metadata=admin,
     )
     assert (retried.withdrawal.parked, retried.withdrawal.attempts) == (False, 0)
@@ -187,9 +188,7 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     assert parked.time.ToDatetime() <= retry.time.ToDatetime()
     await expect_error(
         suite.payout.RetryWithdrawal(
-            payout_pb2.RetryWithdrawalRequest(
-                request_id=new_id("retry"), withdrawal_id=withdrawal_id
-            ),
+            retry_request(withdrawal_id),
             metadata=admin,
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -648,18 +647,13 @@ async def test_a_retry_resends_its_batch_without_the_parked_withdrawals_in_it(
             .values(leased_until=None)
         )
 
-    def retry(withdrawal_id: str) -> payout_pb2.RetryWithdrawalRequest:
-        return payout_pb2.RetryWithdrawalRequest(
-            request_id=new_id("retry"), withdrawal_id=withdrawal_id
-        )
-
-    retried = await suite.payout.RetryWithdrawal(retry(first), metadata=admin)
+    retried = await suite.payout.RetryWithdrawal(retry_request(first), metadata=admin)
     assert retried.withdrawal.last_error == ""  # a retry starts over
     assert (await settled(suite, first, first_creator)).status == payout_pb2.WITHDRAWAL_STATUS_PAID
     assert box.payments.get(second, 0) == 0 and box.payments[first] == 1
     assert (await read(suite, second, second_creator)).parked
     # Retried in its turn, the second cannot join its batch any more: it is sent alone, once.
-    await suite.payout.RetryWithdrawal(retry(second), metadata=admin)
+    await suite.payout.RetryWithdrawal(retry_request(second), metadata=admin)
     paid = await settled(suite, second, second_creator)
     assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
     assert (box.payments[first], box.payments[second]) == (1, 1)
@@ -690,9 +684,7 @@ async def test_a_parked_withdrawal_the_processor_never_had_is_not_sent_to_an_unv
     )
     refused = await expect_error(
         suite.payout.RetryWithdrawal(
-            payout_pb2.RetryWithdrawalRequest(
-                request_id=new_id("retry"), withdrawal_id=withdrawal_id
-            ),
+            retry_request(withdrawal_id),
             metadata=admin,
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
