@@ -102,6 +102,53 @@ async def test_a_reversed_gift_leaves_the_rankings_the_top_gifters_and_its_live(
     assert await ranked_coins(suite, creator) == 2  # the big one was not taken off twice
 
 
+async def test_a_lives_ended_event_reads_as_endlive_answered_whatever_happens_later(
+    suite: Suite,
+) -> None:
+    """The feed's `ended` event keeps the summary EndLive answered: read again after the LIVE's
+    credits landed and after one of its gifts was reversed, it is the same event, while GetLive's
+    summary moves on (R4: the event was rebuilt from the LIVE at every read)."""
+    creator = await new_creator(suite)
+    viewer = (await funded_user(suite))[0]
+    big = await send(suite, viewer, creator, "concert")  # 500 coins
+    small = await send(suite, viewer, creator, "rose", 2)
+    live_id = live_of(creator)
+    ended = await suite.gifting.EndLive(
+        G.EndLiveRequest(request_id=new_id("end"), live_id=live_id), metadata=suite.token(creator)
+    )
+    assert ended.summary.coins_received == 502
+
+    async def ended_event() -> G.WatchLiveResponse:
+        after = ended.summary.last_cursor - 1
+        request = G.WatchLiveRequest(live_id=live_id, after_cursor=after)
+        call = suite.gifting.WatchLive(request, metadata=suite.token(viewer))
+        events = [event async for event in call]
+        assert [e.WhichOneof("event") for e in events] == ["ended"], events
+        return events[0]
+
+    first = await ended_event()
+    assert first.ended.summary == ended.summary
+
+    async def credited() -> bool:
+        return {await status_of(suite, g) for g in (big, small)} == {G.CREDIT_STATUS_CREDITED}
+
+    await eventually(credited, "the LIVE's gifts credited")
+    await suite.payout.ReverseGiftCredits(
+        payout_pb2.ReverseGiftCreditsRequest(
+            request_id=new_id("rev"), gift_ids=[big], reason="chargeback fraud"
+        ),
+        metadata=suite.token(new_id("risk"), admin=True),
+    )
+
+    async def reversed_in_gifting() -> bool:
+        return await status_of(suite, big) == G.CREDIT_STATUS_REVERSED
+
+    await eventually(reversed_in_gifting, "the reversal followed by gifting")
+    now = await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_id))
+    assert (now.summary.coins_received, now.summary.diamonds_earned) == (2, 1)
+    assert await ended_event() == first
+
+
 async def test_payout_lists_reversals_in_commit_order_and_gifting_passes_a_foreign_one(
     suite: Suite,
 ) -> None:

@@ -267,8 +267,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             )
 
         async def effect(conn: AsyncConnection) -> gifting_pb2.EndLiveResponse:
-            live = await self._lives.end(conn, request.live_id, self._rt.clock.now())
-            summary = await self._lives.summary(conn, live)
+            live, summary = await self._lives.end(conn, request.live_id, self._rt.clock.now())
             return gifting_pb2.EndLiveResponse(live=live_pb(live), summary=live_summary_pb(summary))
 
         response = await self._idempotency.once(scope, request, gifting_pb2.EndLiveResponse, effect)
@@ -306,9 +305,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             async for event in events:
                 summary = None
                 if event.kind == "ended":
-                    async with self._db.read() as conn:
-                        live = await self._lives.get(conn, request.live_id)
-                        summary = await self._lives.summary(conn, live)
+                    summary = await self._lives.ended_summary(self._db, request.live_id, event)
                 yield live_event_pb(event, summary)
 
     async def ListCreatorRankings(

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -36,6 +37,15 @@ class LiveSummary:
     top_gifters: list[tuple[str, int]]
     last_cursor: int
     diamonds_earned: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> LiveSummary:
+        fields = json.loads(text)
+        fields["top_gifters"] = [(str(user), int(coins)) for user, coins in fields["top_gifters"]]
+        return cls(**fields)
 
 
 def live_ended(live: storage.LiveRecord) -> FailedPrecondition:
@@ -135,11 +145,17 @@ class Lives:
 
     async def end(
         self, conn: AsyncConnection, live_id: str, now: dt.datetime
-    ) -> storage.LiveRecord:
-        """End the LIVE once (its feed's last event is written with it)."""
-        if not await storage.end_live(conn, live_id, now):
+    ) -> tuple[storage.LiveRecord, LiveSummary]:
+        """End the LIVE once. Its feed's last event is written with it and keeps the summary
+        answered here, so the event reads the same whenever it is read (GetLive's summary goes on
+        counting credits that land later, and reversals)."""
+        seq = await storage.end_live(conn, live_id, now)
+        if seq is None:
             raise live_ended(await self.get(conn, live_id))
-        return await self.get(conn, live_id)
+        live = await self.get(conn, live_id)
+        summary = await self.summary(conn, live)
+        await storage.feed_ended(conn, live_id, seq, now, summary.to_json())
+        return live, summary
 
     async def close_to_gifts(
         self, db: Database, live_id: str, clock: Clock, *, patience: float
@@ -176,6 +192,16 @@ class Lives:
             raise live_ended(live)
         await storage.set_live_gifts(conn, live_id, enabled)
         return await self.get(conn, live_id)
+
+    async def ended_summary(
+        self, db: Database, live_id: str, event: storage.LiveEventRecord
+    ) -> LiveSummary:
+        """An `ended` event's summary: the one EndLive answered (an event written before migration
+        0015 kept none, and reads the LIVE's summary now)."""
+        if event.summary is not None:
+            return LiveSummary.from_json(event.summary)
+        async with db.read() as conn:
+            return await self.summary(conn, await self.get(conn, live_id))
 
     async def summary(self, conn: AsyncConnection, live: storage.LiveRecord) -> LiveSummary:
         return LiveSummary(

@@ -85,9 +85,9 @@ async def get_live(conn: AsyncConnection | Tx, live_id: str) -> LiveRecord | Non
     )
 
 
-async def end_live(conn: AsyncConnection, live_id: str, now: dt.datetime) -> bool:
-    """End a LIVE (its open streaks first, each with its event) and write its feed's last event;
-    False if it had ended already."""
+async def end_live(conn: AsyncConnection, live_id: str, now: dt.datetime) -> int | None:
+    """End a LIVE (its open streaks first, each with its event); the cursor its feed's last event
+    takes (`feed_ended`), or None if it had ended already."""
     tx = as_tx(conn)
     await feed_streak_ends(tx, await end_live_streaks(tx, live_id, now), now)
     ended = await conn.execute(
@@ -96,15 +96,21 @@ async def end_live(conn: AsyncConnection, live_id: str, now: dt.datetime) -> boo
         .values(ended_at=now, last_seq=lives.c.last_seq + 1)
         .returning(lives.c.last_seq)
     )
-    seq = ended.scalar()
-    if seq is None:
-        return False
+    seq: int | None = ended.scalar()
+    return seq
+
+
+async def feed_ended(
+    conn: AsyncConnection, live_id: str, seq: int, now: dt.datetime, summary: str
+) -> None:
+    """The feed's last event, with the LIVE's summary at its end, in the transaction that ended it."""
     await conn.execute(
-        live_events.insert().values(live_id=live_id, seq=seq, kind="ended", created_at=now)
+        live_events.insert().values(
+            live_id=live_id, seq=seq, kind="ended", created_at=now, summary=summary
+        )
     )
     if conn.dialect.name == "postgresql":
         await conn.execute(select(func.pg_notify("live_feed", live_id)))
-    return True
 
 
 async def pending_gifts_in_live(conn: AsyncConnection, live_id: str, since: dt.datetime) -> int:
@@ -161,6 +167,9 @@ class LiveEventRecord:
     created_at: dt.datetime
     streak_id: str | None = None
     streak_count: int | None = None
+    summary: str | None = None
+    """An `ended` event's summary (JSON) as EndLive answered it; None for one written before
+    migration 0015."""
 
 
 _MARK_WATCHED = Statement(
@@ -191,6 +200,7 @@ async def live_events_after(
             live_events.c.created_at,
             live_events.c.streak_id,
             live_events.c.streak_count,
+            live_events.c.summary,
         )
         .where(live_events.c.live_id == live_id, live_events.c.seq > after)
         .order_by(live_events.c.seq)
@@ -198,9 +208,19 @@ async def live_events_after(
     )
     return [
         LiveEventRecord(
-            int(seq), kind, gift, sender, gift_id, count, coins, utc(at), streak, streak_count
+            int(seq),
+            kind,
+            gift,
+            sender,
+            gift_id,
+            count,
+            coins,
+            utc(at),
+            streak,
+            streak_count,
+            summary,
         )
-        for seq, kind, gift, sender, gift_id, count, coins, at, streak, streak_count in rows
+        for seq, kind, gift, sender, gift_id, count, coins, at, streak, streak_count, summary in rows
     ]
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 metadata = MetaData()
@@ -116,9 +117,11 @@ live_events = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("streak_id", String(40)),
     Column("streak_count", Integer),
+    Column("summary", Text),
 )
 """A LIVE's feed, numbered by the LIVE's counter: "gift" and "streak_ended" events, then one
-"ended"."""
+"ended", which carries the LIVE's summary as EndLive answered it (JSON, `summary`): an event reads
+the same whenever and however often it is read."""
 
 creator_rankings = Table(
     "creator_rankings",

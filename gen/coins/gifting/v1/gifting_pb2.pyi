@@ -1249,7 +1249,9 @@ class LiveEnded(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def summary(self) -> Global___LiveSummary:
-        """What it received."""
+        """What it received, as EndLive answered it: the event reads the same at every read (GetLive's
+        summary goes on counting credits that land later, and leaves out gifts reversed later).
+        """
 
     def __init__(
         self,
