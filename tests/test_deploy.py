@@ -4,6 +4,7 @@ fresh, and every variable and port in them one the services really read."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,23 @@ def test_every_overlay_renders_to_valid_kubernetes(tmp_path: Path) -> None:
                 for c in o["spec"]["template"]["spec"]["containers"]
             }
             assert "registry.example.com/coins:1.0.0" in images
+
+
+def test_every_service_pod_can_write_its_data_dir() -> None:
+    """The image points every <SVC>_DATA_DIR at one folder and the pods' root filesystem is
+    read-only: each Deployment mounts a writable volume there (R6: the wallet and payout crashed at
+    start, unable to open their sandbox processors' files)."""
+    image = dict(re.findall(r"(\w+)_DATA_DIR=(\S+)", (DEPLOY / "Dockerfile").read_text()))
+    assert set(image) == {name.upper() for name in deploy_manifests.SETTINGS}, image
+    for name in deploy_manifests.SETTINGS:
+        (deployment,) = [
+            d for d in documents(DEPLOY / "k8s" / "base" / f"{name}.yaml") if d["kind"] == "Deployment"
+        ]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+        assert image[name.upper()] in writable, (name, writable)
 
 
 def test_the_compose_file_is_valid_compose_spec() -> None:

@@ -34,6 +34,8 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
 }
 CERTS_DIR = "/etc/coins/certs"
 JWT_DIR = "/etc/coins/jwt"
+DATA_DIR = "/var/lib/coins"
+"""Where the image points every <SVC>_DATA_DIR (deploy/Dockerfile)."""
 COLLECTOR = "http://otel-collector:4317"
 
 
@@ -67,7 +69,6 @@ def config(name: str) -> dict[str, str]:
         "COINS_JWT_KEYS_DIR": JWT_DIR,
         "COINS_DEV_PKI": "false",
         "OTEL_EXPORTER_OTLP_ENDPOINT": COLLECTOR,
-        "OTEL_SERVICE_NAME": name,
     }
     for field in sorted(settings.model_fields):
         if field.endswith("_address"):
@@ -114,11 +115,16 @@ VOLUMES = [
     {"name": "certs", "secret": {"secretName": "coins-certs", "defaultMode": 0o440}},
     {"name": "jwt", "secret": {"secretName": "coins-jwt-keys", "defaultMode": 0o440}},
     {"name": "tmp", "emptyDir": {}},
+    # The image's <SVC>_DATA_DIR: the sandbox processors' files and the ledger anchors (the root
+    # filesystem is read-only). Pod-local here; anchors meant to outlive a pod go on storage of
+    # their own (<SVC>_LEDGER_ANCHOR_DIR, README "Security model").
+    {"name": "data", "emptyDir": {}},
 ]
 MOUNTS = [
     {"name": "certs", "mountPath": CERTS_DIR, "readOnly": True},
     {"name": "jwt", "mountPath": JWT_DIR, "readOnly": True},
     {"name": "tmp", "mountPath": "/tmp"},
+    {"name": "data", "mountPath": DATA_DIR},
 ]
 
 
