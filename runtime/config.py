@@ -17,6 +17,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,6 +80,15 @@ class SecuritySettings(BaseSettings):
     """Redis shared by every replica for the rate limits (e.g. redis://127.0.0.1:6379/0); empty:
     each process enforces them alone."""
 
+    @field_validator("rate_limit_redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "write redis://host:port/db (or rediss://, unix://), or leave it empty"
+            )
+        return value
+
     @property
     def verification_keys_dir(self) -> Path:
         return self.jwt_keys_dir or self.certs_dir / "jwt"
@@ -103,10 +113,10 @@ class ServiceSettings(BaseSettings):
     service_name: ClassVar[str]
 
     host: str = "127.0.0.1"
-    port: int = -1
+    port: int = Field(default=-1, ge=-1, le=65535)
     """Where the API listens (mutual TLS); -1: COINS_PORT_BASE + the service's place (SUITE_PLACES);
     0: any free port."""
-    health_port: int = -1
+    health_port: int = Field(default=-1, ge=-1, le=65535)
     """Plaintext port that serves only grpc.health.v1 (Kubernetes' gRPC probes speak plaintext);
     -1: 10 above the API's default."""
     database_url: str = ""
@@ -158,7 +168,7 @@ class ServiceSettings(BaseSettings):
     """`json`: one JSON object per line with trace and span ids (for a log pipeline)."""
     access_log: bool | None = None
     """One log line per RPC (method, code, reason, duration, request id); default: with JSON logs."""
-    metrics_port: int | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve the service's metrics for a Prometheus scrape on this port (`/metrics`); unset: none.
     OTLP export follows OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_METRICS_EXPORTER."""
     metrics_sample_seconds: PositiveFloat = 15.0

@@ -1,6 +1,6 @@
 """What stops a service from starting, said in one line with the fix (not a traceback whose cause
 is on its last line): a database that does not exist, a PostgreSQL that cannot be reached, a
-database URL the service cannot use."""
+database URL the service cannot use, a SQLite file or data folder it cannot write."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import difflib
 import os
 import re
 import socket
+import sqlite3
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -44,6 +46,19 @@ def explain(error: BaseException, service: str, settings: ServiceSettings) -> st
                 "one), or first downgrade the database with that release's migrations (`alembic "
                 "downgrade`)"
             )
+        if isinstance(cause, sqlite3.OperationalError) and "unable to open" in str(cause):
+            path = make_url(settings.resolved_database_url()).database or "?"
+            return (
+                f"{service}: cannot open the SQLite file {path}: its folder does not exist or the "
+                f"service cannot write it; point {variable} at a folder it can write (or leave it "
+                f"unset for one in {settings.env_prefix}DATA_DIR / COINS_DATA_DIR)"
+            )
+        if isinstance(cause, OSError) and _inside(cause.filename, settings.data_dir):
+            return (
+                f"{service}: cannot use the data folder {settings.data_dir} "
+                f"({cause.strerror or cause}): set {settings.env_prefix}DATA_DIR (or COINS_DATA_DIR "
+                "for every service) to a folder the service can create and write"
+            )
         if isinstance(cause, asyncpg.exceptions.InvalidCatalogNameError):
             name = make_url(url).database if url else "?"
             return (
@@ -77,6 +92,15 @@ def explain(error: BaseException, service: str, settings: ServiceSettings) -> st
                 "postgresql://user@host:port/name (or leave it unset for a SQLite file)"
             )
     return None
+
+
+def _inside(filename: object, folder: Path) -> bool:
+    """Whether an OSError's file is `folder` or in it (a data folder that cannot be made or
+    written, not any missing file)."""
+    if not isinstance(filename, str | Path):
+        return False
+    path, folder = Path(filename).absolute(), folder.absolute()
+    return path == folder or folder in path.parents
 
 
 def explain_settings(error: pydantic.ValidationError, service: str, env_prefix: str) -> str:

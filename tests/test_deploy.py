@@ -106,7 +106,9 @@ def test_every_service_pod_can_write_its_data_dir() -> None:
     assert set(image) == {name.upper() for name in deploy_manifests.SETTINGS}, image
     for name in deploy_manifests.SETTINGS:
         (deployment,) = [
-            d for d in documents(DEPLOY / "k8s" / "base" / f"{name}.yaml") if d["kind"] == "Deployment"
+            d
+            for d in documents(DEPLOY / "k8s" / "base" / f"{name}.yaml")
+            if d["kind"] == "Deployment"
         ]
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]

@@ -90,6 +90,46 @@ def test_a_setting_it_refuses_stops_the_service_naming_the_variable(tmp_path: Pa
     ], done.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        (
+            "WALLET_DATABASE_URL",
+            "sqlite+aiosqlite:////nonexistent/folder/wallet.db",
+            "wallet: cannot open the SQLite file /nonexistent/folder/wallet.db: its folder does "
+            "not exist",
+        ),
+        (
+            "WALLET_DATA_DIR",
+            "/proc/no-such-folder",
+            "wallet: cannot use the data folder /proc/no-such-folder (No such file or directory): "
+            "set WALLET_DATA_DIR",
+        ),
+        ("WALLET_PORT", "70000", "wallet: WALLET_PORT=70000: Input should be less than or equal"),
+        (
+            "COINS_RATE_LIMIT_REDIS_URL",
+            "http://cache:6379",
+            "COINS_RATE_LIMIT_REDIS_URL=http://cache:6379: write redis://host:port/db",
+        ),
+    ],
+)
+def test_a_folder_port_or_url_it_cannot_use_is_named_in_one_line(
+    tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    """R6: each of these printed a traceback (the launcher's own, for the port)."""
+    done = start_wallet(tmp_path, **{variable: value})
+    assert done.returncode == 1
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    env = {**os.environ, "COINS_DATA_DIR": str(tmp_path / "data"), variable: value}
+    from tests.test_make_up import free_port_base
+
+    env["COINS_PORT_BASE"] = str(free_port_base())
+    launched = python_module("tools.suite", env=env)
+    assert launched.returncode == 1
+    assert "Traceback" not in launched.stderr, launched.stderr[-2000:]
+    assert variable in launched.stderr, launched.stderr[-2000:]
+
+
 def test_make_up_names_every_variable_a_service_would_refuse() -> None:
     done = python_module(
         "tools.suite",

@@ -108,8 +108,20 @@ def _hold_data_dirs(settings: dict[str, ServiceSettings]) -> list[Any] | str:
     every background job on them twice. The open lock files, or why the suite cannot start."""
     held = []
     for directory in sorted({s.data_dir.resolve() for s in settings.values()}):
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = open(directory / ".suite.lock", "w")  # noqa: SIM115 - held until the process ends
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = open(directory / ".suite.lock", "w")  # noqa: SIM115 - held until the process ends
+        except OSError as error:
+            users = ", ".join(
+                f"{s.env_prefix}DATA_DIR"
+                for s in settings.values()
+                if s.data_dir.resolve() == directory
+            )
+            return (
+                f"the suite cannot start: cannot use the data folder {directory} "
+                f"({error.strerror or error}): set {users} (or COINS_DATA_DIR for every service) "
+                "to a folder it can create and write"
+            )
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
