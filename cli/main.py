@@ -24,7 +24,7 @@ from google.type import date_pb2
 from buf.validate import validate_pb2
 from cli import render
 from cli.client import Clients, default_address
-from cli.render import console
+from cli.render import console, errors
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
@@ -100,7 +100,6 @@ def packages(c: Clients, a: argparse.Namespace) -> None:
         other = next(name for name in _CHANNELS if name != a.channel)
         console.print(
             f"no {a.channel} packages are on sale to {a.user}'s country; try --channel {other}",
-            markup=False,
         )
 
 
@@ -136,7 +135,7 @@ def _next_page(a: argparse.Namespace, token: str) -> None:
     if token:
         again = _without_option(a.command_line, "--page-token")
         command = shlex.join(["coinsctl", *again, "--page-token", token])
-        console.print(f"next page: {command}", markup=False)
+        console.print(f"next page: {command}")
 
 
 def _kind_names(kinds: Any, prefix: str) -> dict[str, Any]:
@@ -632,7 +631,6 @@ def redeliver_credits(c: Clients, a: argparse.Namespace) -> None:
         console.print(
             "not parked, left as they are (unknown, delivered already, or still on their way): "
             + ", ".join(response.not_parked_ids),
-            markup=False,
         )
 
 
@@ -1190,7 +1188,6 @@ def main(argv: list[str] | None = None) -> int:
             console.print(
                 f"It may or may not have been applied. Retry with the same request id (it is "
                 f"applied at most once):\n  {shlex.join(again)}",
-                markup=False,
             )
         return 1
     return 0
@@ -1237,19 +1234,17 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
             else "the service: is the suite running (make up)? Addresses come from --SERVICE or "
             "COINS_<SERVICE>_ADDRESS"
         )
-        console.print(
+        errors.print(
             f"cannot reach {where} (default: the suite's, from COINS_PORT_BASE); certificates "
             f"from COINS_CERTS_DIR ({clients.security.certs_dir}/). gRPC said: {details}",
-            markup=False,
         )
         return
     reason = f" [{info.reason}]" if info else ""
-    console.print(f"{code}{reason} {_in_our_terms(details)}", style="bold red", markup=False)
+    errors.print(f"{code}{reason} {_in_our_terms(details)}", style="bold red")
     violations = bad_request(error)
     for violation in violations.field_violations if violations else ():
-        console.print(
+        errors.print(
             f"  {_in_our_terms(violation.field)}: {_in_our_terms(violation.description)}",
-            markup=False,
         )
     # A record named by id (a promotion, a withdrawal): coinsctl cannot tell whose it is.
     if (
@@ -1258,10 +1253,9 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
         and clients
         and not clients.acting_user
     ):
-        console.print(
+        errors.print(
             "coinsctl acted as 'coinsctl' (no --as): pass --as OWNER, the user the record "
             "belongs to (or --admin --as SOMEONE for an admin)",
-            markup=False,
         )
 
 

@@ -25,8 +25,12 @@ class Table(RichTable):
         super().add_column(*args, **kwargs)
 
 
-console = Console(soft_wrap=True)
-"""soft_wrap: a long line (a command to copy) is never broken."""
+console = Console(soft_wrap=True, markup=False, emoji=False)
+"""soft_wrap: a long line (a command to copy) is never broken. No markup and no emoji codes: what a
+service stores or a user types ("[b]Big[/b] night :x:") is shown as it is; styles are Text's."""
+errors = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+"""Refusals and unreachable services, on stderr: `coinsctl ... | grep` never swallows them (the exit
+code is 1 either way)."""
 
 _SYMBOLS = {"USD": "$", "GBP": "£", "EUR": "€"}
 
@@ -119,9 +123,9 @@ def ledger(user_id: str, entries: Iterable[wallet_pb2.LedgerEntry]) -> Table:
         kind = enum_name(wallet_pb2.EntryKind, e.kind, "ENTRY_KIND_")
         table.add_row(
             _when_2_lines(e),
-            f"[{colour}]{e.amount:+,}[/{colour}]",
+            Text(f"{e.amount:+,}", style=colour),
             f"{e.balance_after:,}",
-            Text(f"{kind}\n{e.reference}"),  # whole, never read as markup
+            f"{kind}\n{e.reference}",
         )
     return table
 
@@ -139,9 +143,9 @@ def diamond_ledger(creator_id: str, entries: Iterable[payout_pb2.DiamondEntry]) 
         bucket = enum_name(payout_pb2.DiamondBucket, e.bucket, "DIAMOND_BUCKET_")
         table.add_row(
             _when_2_lines(e),
-            f"[{colour}]{e.diamonds:+,}[/{colour}]",
+            Text(f"{e.diamonds:+,}", style=colour),
             f"{e.balance_after:,}",
-            Text(f"{kind}, {bucket}\n{e.reference}"),
+            f"{kind}, {bucket}\n{e.reference}",
         )
     return table
 
@@ -253,7 +257,7 @@ def diamonds(value: payout_pb2.DiamondBalance) -> Table:
         f"{value.held_diamonds:,}",
         f"{value.paid_out_diamonds:,}",
         # Owed back from reversed gifts: later diamonds repay it before any withdrawal.
-        f"[red]{value.debt_diamonds:,}[/red]" if value.debt_diamonds else "0",
+        Text(f"{value.debt_diamonds:,}", style="red") if value.debt_diamonds else "0",
         upcoming,
     )
     return table
@@ -352,7 +356,7 @@ def parked_credits(items: Iterable[gifting_pb2.ParkedCredit]) -> Table:
             Text(f"{credit.sent_gift_id}\n{credit.creator_id}"),
             f"{credit.coins:,}",
             str(credit.attempts),
-            Text(credit.last_error),  # as the server wrote it, never read as markup
+            credit.last_error,
         )
     return table
 

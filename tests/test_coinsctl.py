@@ -45,9 +45,11 @@ from tests.test_parked_credits import park
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def start_coinsctl(suite: Suite, *arguments: str) -> asyncio.subprocess.Process:
-    """coinsctl started against the suite, its output (stdout and stderr) on a pipe, as an
-    80-column terminal shows it."""
+async def start_coinsctl(
+    suite: Suite, *arguments: str, stderr_apart: bool = False
+) -> asyncio.subprocess.Process:
+    """coinsctl started against the suite, its output (stdout and stderr, or each on its own pipe)
+    on a pipe, as an 80-column terminal shows it."""
     env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir), "COLUMNS": "80"}
     env.update({f"COINS_{n.upper()}_ADDRESS": s.address for n, s in suite.services.items()})
     return await asyncio.create_subprocess_exec(
@@ -58,7 +60,7 @@ async def start_coinsctl(suite: Suite, *arguments: str) -> asyncio.subprocess.Pr
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE if stderr_apart else asyncio.subprocess.STDOUT,
     )
 
 
@@ -89,6 +91,29 @@ async def test_help_shows_defaults_and_bad_input_gets_no_traceback(suite: Suite)
     # A refusal's text is shown as the server wrote it (a pattern's brackets included).
     code, output = await coinsctl(suite, "open-account", "not a user id!")
     assert code == 1 and "INVALID_ARGUMENT" in output and "[A-Za-z0-9]" in output, output
+
+
+async def test_refusals_go_to_stderr_and_text_is_shown_as_typed(suite: Suite) -> None:
+    """R6: a refusal went to stdout (`coinsctl ... | grep` dropped it), and a LIVE titled
+    "[b]Big[/b] night :x:" was shown as "Big night ❌" (rich markup and emoji codes)."""
+    creator = await new_creator(suite, live=False)
+    live_id = new_id("live")
+    title = "[b]Big[/b] night :x: [red]"
+    code, started = await coinsctl(
+        suite, "live", "start", creator, "--id", live_id, "--title", title, "--as", creator
+    )
+    assert code == 0 and title in started, started
+
+    async def run(*arguments: str) -> tuple[int, str, str]:
+        process = await start_coinsctl(suite, *arguments, stderr_apart=True)
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    code, out, err = await run("live", "show", live_id)
+    assert code == 0 and title in out and "❌" not in out, out + err
+    code, out, err = await run("withdraw", creator, "2000", "--as", creator)
+    assert code == 1 and out == "" and "FAILED_PRECONDITION" in err, (out, err)
 
 
 async def test_an_unreachable_service_is_named_and_a_retry_keeps_the_request_id(
