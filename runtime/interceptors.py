@@ -47,7 +47,7 @@ from runtime.errors import (
     Unauthenticated,
 )
 from runtime.metrics import ServiceMetrics
-from runtime.outages import connection_dropped, outage_cause, outage_of
+from runtime.outages import connection_dropped, log_failure, outage_cause, outage_of
 from runtime.protos import RpcContext
 from runtime.ratelimit import RateLimiter
 from runtime.shedding import LoadShedder
@@ -410,8 +410,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 await self._audit.record(
                     principal, method, request, f"{error.kind.value} {error.reason}"
                 )
-            except Exception:
-                log.exception("could not record the outcome of an admin call to %s", method)
+            except Exception as failure:
+                log_failure(
+                    log, failure, "could not record the outcome of an admin call to %s", method
+                )
         await fail(context, error, self._domain)
         return _CODES[error.kind], error.reason, message
 

@@ -1,5 +1,6 @@
 """Telling an outage from a bug: a database that cannot be reached (down, restarting, out of
-connections, a connection cut mid-statement, SQLite's write lock held too long) is UNAVAILABLE, which
+connections, a connection cut mid-statement, SQLite's write lock held too long, its disk full) is
+UNAVAILABLE, which
 clients and gRPC retry policies retry with the same request id; only real bugs are INTERNAL.
 
 A statement cut off while committing may or may not have been applied: every mutating RPC is
@@ -9,6 +10,7 @@ idempotent by its request id, so the same advice holds either way: retry with th
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Iterator
 
@@ -30,6 +32,14 @@ _POSTGRES_OUTAGES = (
 def sqlite_busy(error: sqlite3.OperationalError) -> bool:
     """SQLite's write lock is held by another connection ("database is locked" / "busy")."""
     return "locked" in str(error) or "busy" in str(error)
+
+
+def sqlite_full(error: sqlite3.OperationalError) -> bool:
+    """SQLite cannot grow its file: the disk is full ("database or disk is full", SQLITE_FULL).
+    Nothing was written; the same call succeeds once there is room."""
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "is full" in str(
+        error
+    )
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:
@@ -59,7 +69,7 @@ def _is_outage(cause: BaseException) -> bool:
         # pg_terminate_backend): "cannot switch to state ...; another operation is in progress".
         return "another operation" in str(cause)
     if isinstance(cause, sqlite3.OperationalError):
-        return sqlite_busy(cause)
+        return sqlite_busy(cause) or sqlite_full(cause)
     if isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated:
         return True
     return isinstance(cause, sa_exc.TimeoutError)  # no pooled connection came in time
@@ -104,3 +114,13 @@ def outage_of(error: BaseException) -> Unavailable | None:
                 cause=type(cause).__name__,
             )
     return None
+
+
+def log_failure(log: logging.Logger, error: BaseException, message: str, *args: object) -> None:
+    """A failure of background work or bookkeeping, logged as what it is: an outage (the database
+    unreachable, locked or full) as one WARNING line naming its cause, every attempt; anything else,
+    a bug, at ERROR with its stack trace."""
+    if outage_of(error) is not None:
+        log.warning(f"{message}: database unavailable (%s)", *args, outage_cause(error))
+    else:
+        log.error(message, *args, exc_info=error)

@@ -287,6 +287,7 @@ _PING = Statement("runtime.ping", "SELECT 1")
 
 async def _ping(db: Database, seconds: float, tracer: trace.Tracer) -> None:
     with background_pass(tracer, "health ping"):  # exported only when it fails
+        db.driver.check_room()
         async with asyncio.timeout(seconds):
             async with db.driver.read() as tx:
                 await tx.one(_PING)
@@ -300,7 +301,8 @@ async def _database_health(
     every: float,
     tracer: trace.Tracer,
 ) -> None:
-    """Health says NOT_SERVING while the service's database cannot be reached (a readiness probe
+    """Health says NOT_SERVING while the service's database cannot be reached or, on SQLite, its
+    disk has no room for writes (a readiness probe
     then takes the replica out of rotation, instead of sending it calls it can only refuse), and
     SERVING again once it answers.
 

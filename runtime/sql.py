@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -229,6 +231,10 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
 
 
+SQLITE_MIN_FREE_BYTES = 4 << 20
+"""Below this much room on a SQLite file's disk the service reports NOT_SERVING: its writes fail
+(SQLITE_FULL) while its reads still answer."""
+
 SQLITE_LOCK_PATIENCE = 5.0
 """Seconds a write waits for SQLite's write lock held by another process (an operator's `sqlite3`
 shell, a tool) before the call is answered UNAVAILABLE."""
@@ -324,6 +330,17 @@ class Driver:
     @property
     def is_postgres(self) -> bool:
         return self._sqlite_path is None
+
+    def check_room(self) -> None:
+        """On SQLite, raise the outage a (nearly) full disk is (ENOSPC): health then says
+        NOT_SERVING while every write would fail, though reads, and so a read ping, still answer.
+        PostgreSQL reports its own full disk to every write."""
+        if self._sqlite_path is None:
+            return
+        folder = os.path.dirname(os.path.abspath(self._sqlite_path))
+        stats = os.statvfs(folder)
+        if stats.f_bavail * stats.f_frsize < SQLITE_MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, f"no room left on the disk of {folder}")
 
     async def _pg(self) -> asyncpg.Pool:
         if self._pool is None:

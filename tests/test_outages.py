@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from runtime import deadlines
 from runtime.backoff import backoff
 from runtime.db import Database
 from runtime.errors import DeadlineExceeded
-from runtime.outages import connection_dropped, outage_cause, outage_of
+from runtime.outages import connection_dropped, log_failure, outage_cause, outage_of
 from runtime.shedding import Admitted
 from runtime.sql import Statement
 from runtime.status import retry_info
@@ -364,3 +365,24 @@ async def test_row_values_postgresql_quotes_never_reach_a_log_line(tmp_path: Pat
         log.removeHandler(handler)
     assert "IntegrityError" in out.getvalue() and "DETAIL: [row values withheld]" in out.getvalue()
     assert secret not in out.getvalue()
+
+
+def test_background_work_logs_an_outage_in_one_line_and_a_bug_with_its_trace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """R5: reconcilers logged every attempt during an outage (a full disk, a held lock) as an ERROR
+    with its stack trace: 11,499 lines in 4 minutes."""
+    caplog.set_level(logging.WARNING)
+    log = logging.getLogger("coins.test.background")
+    for outage in (
+        sqlite3.OperationalError("database or disk is full"),
+        sqlite3.OperationalError("database is locked"),
+    ):
+        log_failure(log, outage, "cannot settle gift %s yet", "g1")
+    log_failure(log, KeyError("a bug"), "cannot settle gift %s yet", "g2")
+    outages, bug = caplog.records[:2], caplog.records[2]
+    assert [(r.levelno, r.exc_info) for r in outages] == [(logging.WARNING, None)] * 2
+    assert outages[0].getMessage() == (
+        "cannot settle gift g1 yet: database unavailable (OperationalError: database or disk is full)"
+    )
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None

@@ -20,6 +20,7 @@ from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import Aborted, DomainError, FailedPrecondition
 from runtime.idempotency import Idempotency, KeyClaim
+from runtime.outages import log_failure
 from runtime.sql import Tx
 from services.gifting import storage
 from services.gifting.convert import send_gift_response
@@ -224,8 +225,10 @@ class GiftSender:
                     settled += await self._reconcile_one(
                         sent, budget, voided=ended_before_the_debit(live_id)
                     )
-                except Exception:  # left to the reconciler; the LIVE still ends
-                    log.exception("cannot settle gift %s before its LIVE ends", sent.sent_gift_id)
+                except Exception as error:  # left to the reconciler; the LIVE still ends
+                    log_failure(
+                        log, error, "cannot settle gift %s before its LIVE ends", sent.sent_gift_id
+                    )
 
         log.info("settling %d gifts left pending in LIVE %s before it ends", len(pending), live_id)
         try:
@@ -257,8 +260,10 @@ class GiftSender:
         for sent in stale:
             try:
                 settled += await self._reconcile_one(sent, time_limit)
-            except Exception:  # one gift that cannot be settled never holds up the others
-                log.exception("cannot settle gift %s yet; the others go on", sent.sent_gift_id)
+            except Exception as error:  # one gift that cannot be settled never holds up the others
+                log_failure(
+                    log, error, "cannot settle gift %s yet; the others go on", sent.sent_gift_id
+                )
         if settled:
             self._wake_relay()
         return settled

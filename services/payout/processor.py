@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.backoff import backoff
 from runtime.errors import Unavailable
-from runtime.outages import RETRY_AFTER_SECONDS
+from runtime.outages import RETRY_AFTER_SECONDS, log_failure
 from runtime.server import Runtime, wait_for_wake
 from runtime.telemetry import ITEMS, background_pass
 from services.payout import storage
@@ -195,8 +195,8 @@ class WithdrawalWorker:
                     with self._rt.tracer.start_as_current_span("payout.processor") as span:
                         span.set_attribute("coins.withdrawal_ids", ids)
                         await work
-            except Exception:
-                log.exception("processor work on %s failed; it is retried", ids)
+            except Exception as error:
+                log_failure(log, error, "processor work on %s failed; it is retried", ids)
             finally:
                 self._busy.difference_update(ids)
                 work.close()  # never started (cancelled at shutdown while waiting for a slot)

@@ -16,6 +16,7 @@ from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import Aborted, DomainError, Unavailable
 from runtime.idempotency import Idempotency, acting_scope
+from runtime.outages import log_failure
 from services.promotion import storage
 from services.promotion.convert import GOALS, not_found, promotion_pb
 from services.promotion.domain import BudgetWallet, Promotions, unpaid
@@ -346,8 +347,10 @@ class Campaigns:
         for pending in stale:
             try:
                 settled += await self._settle_capture(pending, time_limit)
-            except Exception:
-                log.exception(
+            except Exception as error:
+                log_failure(
+                    log,
+                    error,
                     "cannot count delivery %s of promotion %s yet; the other reports go on",
                     pending.request_id,
                     pending.promotion_id,

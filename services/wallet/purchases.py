@@ -28,6 +28,7 @@ from runtime.errors import (
     Unavailable,
 )
 from runtime.idempotency import Idempotency
+from runtime.outages import log_failure
 from services.wallet import storage
 from services.wallet.convert import balance_pb, purchase_pb
 from services.wallet.domain import Coins, Wallet
@@ -225,9 +226,14 @@ class Purchases:
         for purchase in stale:
             try:
                 settled += await self._reconcile_one(purchase)
-            except Exception:  # one purchase that cannot be settled never holds up the others
-                log.exception(
-                    "cannot settle purchase %s yet; the others go on", purchase.purchase_id
+            except (
+                Exception
+            ) as error:  # one purchase that cannot be settled never holds up the others
+                log_failure(
+                    log,
+                    error,
+                    "cannot settle purchase %s yet; the others go on",
+                    purchase.purchase_id,
                 )
         return settled
 
