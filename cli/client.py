@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from coins.common.v1 import ledger_audit_pb2_grpc
 from coins.gifting.v1 import gifting_pb2_grpc
 from coins.payout.v1 import payout_pb2_grpc
 from coins.promotion.v1 import promotion_pb2_grpc
@@ -34,35 +35,40 @@ def default_address(service: str) -> str:
     return os.environ.get(f"COINS_{service.upper()}_ADDRESS") or suite_address(service)
 
 
-class _DevTokens(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    """Adds a dev token for the acting user to every call that has none, and notes the service
-    called: streams too (`live watch`), so that losing one names its service and address."""
+class _CallDefaults(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """What every call gets unless it says otherwise: a dev token for the acting user (when
+    `token_for` is given), and for a unary call the clients' deadline (`Clients.timeout`: a call
+    without one waited for ever on a hung service). It notes the service called, streams too (`live
+    watch`, which has no default deadline), so that losing one names its service and address."""
 
-    def __init__(self, token_for: Callable[[Any], str], called: Callable[[], None]) -> None:
-        self._token_for = token_for
-        self._called = called
+    def __init__(
+        self, token_for: Callable[[Any], str] | None, called: Callable[[], None], timeout: float
+    ) -> None:
+        self._token_for, self._called, self._timeout = token_for, called, timeout
 
     def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return self.intercept_unary_unary(continuation, details, request)
+        return continuation(self._details(details, request, None), request)
 
     def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
+        return continuation(self._details(details, request, self._timeout), request)
+
+    def _details(self, details: Any, request: Any, timeout: float | None) -> Any:
         self._called()
         metadata = list(details.metadata or ())
-        if not any(key == AUTHORIZATION for key, _ in metadata):
+        if self._token_for is not None and not any(key == AUTHORIZATION for key, _ in metadata):
             metadata.extend(token_metadata(self._token_for(request)))
-            details = _Details(
-                details.method,
-                details.timeout,
-                metadata,
-                details.credentials,
-                details.wait_for_ready,
-                details.compression,
-            )
-        return continuation(details, request)
+        return _Details(
+            details.method,
+            details.timeout if details.timeout is not None else timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
 class Clients:
     addresses: dict[str, str]
     timeout: float = 10.0
+    """The deadline of every unary call that names none (seconds)."""
     acting_user: str | None = None
     """--as: act for this user on every call (else: the user each request names)."""
     admin: bool = False
@@ -135,14 +142,12 @@ class Clients:
                 ("grpc.max_reconnect_backoff_ms", 1_000),
             ],
         )
-        if not user_tokens:
-            self.last_service = service
-            return channel
 
         def called() -> None:
             self.last_service = service
 
-        return grpc.intercept_channel(channel, _DevTokens(self._token_for, called))
+        token_for = self._token_for if user_tokens else None
+        return grpc.intercept_channel(channel, _CallDefaults(token_for, called, self.timeout))
 
     @cached_property
     def wallet(self) -> wallet_pb2_grpc.WalletServiceStub:
@@ -159,6 +164,10 @@ class Clients:
     @cached_property
     def promotion(self) -> promotion_pb2_grpc.PromotionServiceStub:
         return promotion_pb2_grpc.PromotionServiceStub(self._channel("promotion"))
+
+    def ledger_audit(self, service: str) -> ledger_audit_pb2_grpc.LedgerAuditServiceStub:
+        """The ledger audit of `service` (wallet: coins, payout: diamonds)."""
+        return ledger_audit_pb2_grpc.LedgerAuditServiceStub(self._channel(service))
 
     @cached_property
     def ad_delivery(self) -> promotion_pb2_grpc.PromotionServiceStub:

@@ -24,7 +24,6 @@ def run(c: Clients) -> None:
     run_id = uuid.uuid4().hex[:6]
     ava, ben, leo = f"ava-{run_id}", f"ben-{run_id}", f"leo-{run_id}"
     live = f"live-{run_id}"
-    t = c.timeout
 
     console.rule("1. Two viewers and a creator open accounts")
     for user in (ava, ben, leo):
@@ -35,13 +34,12 @@ def run(c: Clients) -> None:
                 country_code="US",
                 birth_date=date_pb2.Date(year=1994, month=3, day=8),
             ),
-            timeout=t,
         ).account
         console.print(render.account(account))
 
     console.rule("2. Coin packages on sale to them (web prices)")
     listed = c.wallet.ListCoinPackages(
-        wallet_pb2.ListCoinPackagesRequest(user_id=ava, channel=wallet_pb2.CHANNEL_WEB), timeout=t
+        wallet_pb2.ListCoinPackagesRequest(user_id=ava, channel=wallet_pb2.CHANNEL_WEB)
     )
     console.print(render.packages(listed.packages))
 
@@ -54,7 +52,6 @@ def run(c: Clients) -> None:
                 package_id=package,
                 payment_token=f"tok_visa_{user}",
             ),
-            timeout=t,
         )
         console.print(render.purchase(bought.purchase, bought.balance))
 
@@ -63,7 +60,6 @@ def run(c: Clients) -> None:
         gifting_pb2.StartLiveRequest(
             request_id=_rid(), creator_id=leo, title=f"{leo} live", live_id=live
         ),
-        timeout=t,
     )
     for sender, gift, count in (
         (ava, "drama-queen", 2),
@@ -80,10 +76,9 @@ def run(c: Clients) -> None:
                 count=count,
                 live_id=live,
             ),
-            timeout=t,
         )
         console.print(render.sent_gift(sent))
-    top = c.gifting.ListTopGifters(gifting_pb2.ListTopGiftersRequest(live_id=live), timeout=t)
+    top = c.gifting.ListTopGifters(gifting_pb2.ListTopGiftersRequest(live_id=live))
     console.print(render.top_gifters(live, top.gifters))
 
     console.rule(f"5. {leo}'s diamonds (2 coins = 1 diamond; 200 diamonds = $1)")
@@ -91,7 +86,7 @@ def run(c: Clients) -> None:
         0.3
     )  # the diamond credit is delivered by gifting's outbox relay, just after the gift
     balance = c.payout.GetDiamondBalance(
-        payout_pb2.GetDiamondBalanceRequest(creator_id=leo), timeout=t
+        payout_pb2.GetDiamondBalanceRequest(creator_id=leo)
     ).balance
     console.print(render.diamonds(balance))
 
@@ -102,7 +97,7 @@ def run(c: Clients) -> None:
             "PAYOUT_MATURATION_DAYS (15) days after it, the chargeback window. To see a withdrawal "
             "now, restart the suite with PAYOUT_MATURATION_DAYS=0 make up."
         )
-        _promotion_part(c, ava, t, run_id)
+        _promotion_part(c, ava, run_id)
         return
     # An admin verifies leo (withdrawals need it); leo registers where the money goes.
     c.payout.SetCreatorVerification(
@@ -112,7 +107,6 @@ def run(c: Clients) -> None:
             status=payout_pb2.KYC_STATUS_VERIFIED,
             reason="documents checked (demo)",
         ),
-        timeout=t,
         metadata=c.token_as(f"ops-{run_id}", admin=True),
     )
     method = c.payout.AddPayoutMethod(
@@ -121,18 +115,15 @@ def run(c: Clients) -> None:
             creator_id=leo,
             paypal=payout_pb2.PayPalAccount(email=f"{leo}@example.com"),
         ),
-        timeout=t,
     ).payout_method
     console.print(f"{leo} is verified and gets paid to {method.display}")
     requested = c.payout.RequestWithdrawal(
         payout_pb2.RequestWithdrawalRequest(request_id=_rid(), creator_id=leo, diamonds=4000),
-        timeout=t,
     ).withdrawal
     console.print(render.withdrawal(requested))
     for _ in range(50):
         current = c.payout.GetWithdrawal(
             payout_pb2.GetWithdrawalRequest(withdrawal_id=requested.withdrawal_id),
-            timeout=t,
             metadata=c.token(requested.creator_id),
         ).withdrawal
         if current.status in (
@@ -144,14 +135,14 @@ def run(c: Clients) -> None:
     console.print("after the payment processor answered:")
     console.print(render.withdrawal(current))
     balance = c.payout.GetDiamondBalance(
-        payout_pb2.GetDiamondBalanceRequest(creator_id=leo), timeout=t
+        payout_pb2.GetDiamondBalanceRequest(creator_id=leo)
     ).balance
     console.print(render.diamonds(balance))
 
-    _promotion_part(c, ava, t, run_id)
+    _promotion_part(c, ava, run_id)
 
 
-def _promotion_part(c: Clients, ava: str, t: float, run_id: str) -> None:
+def _promotion_part(c: Clients, ava: str, run_id: str) -> None:
     """Steps 7 and 8: a promotion, then the viewer's balance and ledger."""
     console.rule(f"7. {ava} promotes a video with 1,000 coins: held, consumed as delivered")
     promoted = c.promotion.CreatePromotion(
@@ -163,11 +154,10 @@ def _promotion_part(c: Clients, ava: str, t: float, run_id: str) -> None:
             budget_coins=1000,
             duration_days=3,
         ),
-        timeout=t,
     )
     promotion_id = promoted.promotion.promotion_id
     console.print(render.promotion(promoted.promotion))
-    coins = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=ava), timeout=t).balance
+    coins = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=ava)).balance
     console.print(render.balance(ava, coins))
     console.print("the ad-delivery system reports what it delivered:")
     for worth in (250, 150):
@@ -175,21 +165,19 @@ def _promotion_part(c: Clients, ava: str, t: float, run_id: str) -> None:
             promotion_pb2.ReportDeliveryRequest(
                 request_id=_rid(), promotion_id=promotion_id, coins=worth
             ),
-            timeout=t,
         ).promotion
         console.print(f"  delivery worth {worth} coins: {delivered.spent_coins:,} spent so far")
     ended = c.promotion.EndPromotion(
         promotion_pb2.EndPromotionRequest(request_id=_rid(), promotion_id=promotion_id),
-        timeout=t,
         metadata=c.token(ava),
     )
     console.print(f"{ava} ends it early; {ended.released_coins:,} unspent coins come back:")
     console.print(render.promotion(ended.promotion))
 
     console.rule(f"8. {ava}'s balance and ledger")
-    coins = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=ava), timeout=t).balance
+    coins = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=ava)).balance
     console.print(render.balance(ava, coins))
     entries = c.wallet.ListLedgerEntries(
-        wallet_pb2.ListLedgerEntriesRequest(user_id=ava, page_size=20), timeout=t
+        wallet_pb2.ListLedgerEntriesRequest(user_id=ava, page_size=20)
     ).entries
     console.print(render.ledger(ava, entries))

@@ -25,6 +25,7 @@ from buf.validate import validate_pb2
 from cli import render
 from cli.client import Clients, default_address
 from cli.render import console, errors
+from coins.common.v1 import ledger_audit_pb2
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
@@ -80,20 +81,18 @@ def open_account(c: Clients, a: argparse.Namespace) -> None:
             country_code=a.country,
             birth_date=date_pb2.Date(year=born.year, month=born.month, day=born.day),
         ),
-        timeout=c.timeout,
     )
     console.print(render.account(response.account))
 
 
 def show_account(c: Clients, a: argparse.Namespace) -> None:
-    response = c.wallet.GetAccount(wallet_pb2.GetAccountRequest(user_id=a.user), timeout=c.timeout)
+    response = c.wallet.GetAccount(wallet_pb2.GetAccountRequest(user_id=a.user))
     console.print(render.account(response.account))
 
 
 def packages(c: Clients, a: argparse.Namespace) -> None:
     response = c.wallet.ListCoinPackages(
         wallet_pb2.ListCoinPackagesRequest(user_id=a.user, channel=_CHANNELS[a.channel]),
-        timeout=c.timeout,
     )
     console.print(render.packages(response.packages))
     if not response.packages:
@@ -111,20 +110,18 @@ def buy(c: Clients, a: argparse.Namespace) -> None:
             package_id=a.package,
             payment_token=a.token or f"tok_visa_{a.user}",
         ),
-        timeout=c.timeout,
     )
     console.print(render.purchase(response.purchase, response.balance))
 
 
 def balance(c: Clients, a: argparse.Namespace) -> None:
-    response = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=a.user), timeout=c.timeout)
+    response = c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=a.user))
     console.print(render.balance(a.user, response.balance))
 
 
 def ledger(c: Clients, a: argparse.Namespace) -> None:
     response = c.wallet.ListLedgerEntries(
         wallet_pb2.ListLedgerEntriesRequest(user_id=a.user, **_history_filters(a, _KINDS)),
-        timeout=c.timeout,
     )
     console.print(render.ledger(a.user, response.entries))
     _next_page(a, response.next_page_token)
@@ -177,7 +174,6 @@ def add_history_filters(p: argparse.ArgumentParser, kinds: Mapping[str, Any]) ->
 def gifts(c: Clients, a: argparse.Namespace) -> None:
     response = c.gifting.ListGifts(
         gifting_pb2.ListGiftsRequest(page_size=100, region=(a.region or "").upper()),
-        timeout=c.timeout,
     )
     console.print(render.gifts(response.gifts))
 
@@ -190,13 +186,13 @@ def send_gift(c: Clients, a: argparse.Namespace) -> None:
         request.video_id = a.video
     else:
         request.live_id = a.live
-    response = c.gifting.SendGift(request, timeout=c.timeout)
+    response = c.gifting.SendGift(request)
     console.print(render.sent_gift(response))
 
 
 def top(c: Clients, a: argparse.Namespace) -> None:
     response = c.gifting.ListTopGifters(
-        gifting_pb2.ListTopGiftersRequest(live_id=a.live, page_size=a.limit), timeout=c.timeout
+        gifting_pb2.ListTopGiftersRequest(live_id=a.live, page_size=a.limit)
     )
     console.print(render.top_gifters(a.live, response.gifters))
 
@@ -206,7 +202,6 @@ def live_start(c: Clients, a: argparse.Namespace) -> None:
         gifting_pb2.StartLiveRequest(
             request_id=_rid(a), creator_id=a.creator, title=a.title, live_id=a.id or ""
         ),
-        timeout=c.timeout,
     )
     console.print(render.live(response.live))
 
@@ -215,7 +210,7 @@ def _as_creator(c: Clients, live_id: str) -> tuple[tuple[str, str | bytes], ...]
     """The LIVE's creator's token (or --as USER's): ending or switching a LIVE is its creator's."""
     if c.acting_user:
         return c.token(c.acting_user)
-    live = c.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=live_id), timeout=c.timeout).live
+    live = c.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=live_id)).live
     return c.token(live.creator_id)
 
 
@@ -223,7 +218,6 @@ def live_end(c: Clients, a: argparse.Namespace) -> None:
     response = c.gifting.EndLive(
         gifting_pb2.EndLiveRequest(request_id=_rid(a), live_id=a.live_id, reason=a.reason),
         metadata=_as_creator(c, a.live_id),
-        timeout=c.timeout,
     )
     console.print(render.live(response.live, response.summary))
 
@@ -234,13 +228,12 @@ def live_gifts(c: Clients, a: argparse.Namespace) -> None:
             request_id=_rid(a), live_id=a.live_id, gifts_enabled=a.state == "on", reason=a.reason
         ),
         metadata=_as_creator(c, a.live_id),
-        timeout=c.timeout,
     )
     console.print(render.live(response.live))
 
 
 def live_show(c: Clients, a: argparse.Namespace) -> None:
-    response = c.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=a.live_id), timeout=c.timeout)
+    response = c.gifting.GetLive(gifting_pb2.GetLiveRequest(live_id=a.live_id))
     console.print(render.live(response.live, response.summary))
 
 
@@ -356,7 +349,6 @@ _PERIODS = {
 def rankings(c: Clients, a: argparse.Namespace) -> None:
     response = c.gifting.ListCreatorRankings(
         gifting_pb2.ListCreatorRankingsRequest(period=_PERIODS[a.period], page_size=a.limit),
-        timeout=c.timeout,
     )
     console.print(render.rankings(response))
 
@@ -364,15 +356,12 @@ def rankings(c: Clients, a: argparse.Namespace) -> None:
 def creator_gifters(c: Clients, a: argparse.Namespace) -> None:
     response = c.gifting.ListCreatorTopGifters(
         gifting_pb2.ListCreatorTopGiftersRequest(creator_id=a.creator, page_size=a.limit),
-        timeout=c.timeout,
     )
     console.print(render.top_gifters(f"creator {a.creator}", response.gifters, scope=""))
 
 
 def diamonds(c: Clients, a: argparse.Namespace) -> None:
-    response = c.payout.GetDiamondBalance(
-        payout_pb2.GetDiamondBalanceRequest(creator_id=a.creator), timeout=c.timeout
-    )
+    response = c.payout.GetDiamondBalance(payout_pb2.GetDiamondBalanceRequest(creator_id=a.creator))
     console.print(render.diamonds(response.balance))
 
 
@@ -381,7 +370,6 @@ def diamond_ledger(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.ListDiamondEntriesRequest(
             creator_id=a.creator, **_history_filters(a, _DIAMOND_KINDS)
         ),
-        timeout=c.timeout,
     )
     console.print(render.diamond_ledger(a.creator, response.entries))
     _next_page(a, response.next_page_token)
@@ -402,13 +390,12 @@ def statement(c: Clients, a: argparse.Namespace) -> None:
     if a.diamonds:
         answer: Any = c.payout.GetDiamondStatement(
             payout_pb2.GetDiamondStatementRequest(creator_id=a.owner, **_period(a)),
-            timeout=c.timeout,
         )
         kinds: Any = payout_pb2.DiamondEntryKind
         prefix, unit = "DIAMOND_ENTRY_KIND_", "diamonds"
     else:
         answer = c.wallet.GetCoinStatement(
-            wallet_pb2.GetCoinStatementRequest(user_id=a.owner, **_period(a)), timeout=c.timeout
+            wallet_pb2.GetCoinStatementRequest(user_id=a.owner, **_period(a))
         )
         kinds, prefix, unit = wallet_pb2.EntryKind, "ENTRY_KIND_", "coins"
     lines = [
@@ -431,7 +418,6 @@ def quote(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.QuoteWithdrawalRequest(
             creator_id=a.creator, diamonds=a.diamonds, method=_METHODS[a.method]
         ),
-        timeout=c.timeout,
     )
     console.print(render.quote(a.creator, response))
 
@@ -446,7 +432,7 @@ def withdraw(c: Clients, a: argparse.Namespace) -> None:
     if a.destination:  # a one-off destination (processors' test tokens)
         request.method = _METHODS[a.method]
         request.destination_token = a.destination
-    response = c.payout.RequestWithdrawal(request, timeout=c.timeout)
+    response = c.payout.RequestWithdrawal(request)
     console.print(render.withdrawal(response.withdrawal))
     kept = a.diamonds - response.withdrawal.diamonds
     if kept > 0:
@@ -464,7 +450,6 @@ def add_paypal(c: Clients, a: argparse.Namespace) -> None:
             paypal=payout_pb2.PayPalAccount(email=a.email),
             make_default=a.default,
         ),
-        timeout=c.timeout,
     )
     console.print(render.payout_methods(a.creator, [response.payout_method]))
 
@@ -477,15 +462,12 @@ def add_bank(c: Clients, a: argparse.Namespace) -> None:
             bank=payout_pb2.BankAccount(processor_token=a.token, last4=a.last4),
             make_default=a.default,
         ),
-        timeout=c.timeout,
     )
     console.print(render.payout_methods(a.creator, [response.payout_method]))
 
 
 def methods(c: Clients, a: argparse.Namespace) -> None:
-    response = c.payout.ListPayoutMethods(
-        payout_pb2.ListPayoutMethodsRequest(creator_id=a.creator), timeout=c.timeout
-    )
+    response = c.payout.ListPayoutMethods(payout_pb2.ListPayoutMethodsRequest(creator_id=a.creator))
     console.print(render.payout_methods(a.creator, response.payout_methods))
     status = render.enum_name(payout_pb2.KycStatus, response.kyc_status, "KYC_STATUS_")
     console.print(f"verification: {status}")
@@ -497,7 +479,6 @@ def default_method(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.SetDefaultPayoutMethodRequest(
             request_id=_rid(a), creator_id=a.creator, payout_method_id=a.method_id
         ),
-        timeout=c.timeout,
     )
     console.print(render.payout_methods(a.creator, [response.payout_method]))
 
@@ -507,7 +488,6 @@ def remove_method(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.RemovePayoutMethodRequest(
             request_id=_rid(a), creator_id=a.creator, payout_method_id=a.method_id
         ),
-        timeout=c.timeout,
     )
     console.print(render.payout_methods(a.creator, response.payout_methods))
 
@@ -529,7 +509,6 @@ def verify(c: Clients, a: argparse.Namespace) -> None:
             reason=a.reason,
             time_zone=a.time_zone or "",
         ),
-        timeout=c.timeout,
     )
     status = render.enum_name(payout_pb2.KycStatus, response.kyc_status, "KYC_STATUS_")
     zone = f", time zone {a.time_zone}" if a.time_zone else ""
@@ -538,7 +517,7 @@ def verify(c: Clients, a: argparse.Namespace) -> None:
 
 def withdrawal(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.GetWithdrawal(
-        payout_pb2.GetWithdrawalRequest(withdrawal_id=a.withdrawal_id), timeout=c.timeout
+        payout_pb2.GetWithdrawalRequest(withdrawal_id=a.withdrawal_id)
     )
     console.print(render.withdrawal(response.withdrawal))
 
@@ -546,7 +525,6 @@ def withdrawal(c: Clients, a: argparse.Namespace) -> None:
 def withdrawals(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.ListWithdrawals(
         payout_pb2.ListWithdrawalsRequest(creator_id=a.creator, page_size=a.limit),
-        timeout=c.timeout,
     )
     console.print(
         render.withdrawals(
@@ -560,7 +538,6 @@ def cancel_withdrawal(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.CancelWithdrawalRequest(
             request_id=_rid(a), withdrawal_id=a.withdrawal_id, reason=a.reason
         ),
-        timeout=c.timeout,
     )
     console.print(render.withdrawal(response.withdrawal))
 
@@ -573,7 +550,6 @@ def review(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.ReviewWithdrawalRequest(
             request_id=_rid(a), withdrawal_id=a.withdrawal_id, decision=decision, reason=a.reason
         ),
-        timeout=c.timeout,
     )
     console.print(render.withdrawal(response.withdrawal))
 
@@ -587,7 +563,7 @@ def review_queue(c: Clients, a: argparse.Namespace) -> None:
         else (payout_pb2.WITHDRAWAL_QUEUE_IN_REVIEW, "Withdrawals in review")
     )
     response = c.payout.ListWithdrawalQueue(
-        payout_pb2.ListWithdrawalQueueRequest(queue=queue, page_size=a.limit), timeout=c.timeout
+        payout_pb2.ListWithdrawalQueueRequest(queue=queue, page_size=a.limit)
     )
     console.print(
         render.withdrawals(
@@ -601,15 +577,12 @@ def retry_withdrawal(c: Clients, a: argparse.Namespace) -> None:
         payout_pb2.RetryWithdrawalRequest(
             request_id=_rid(a), withdrawal_id=a.withdrawal_id, reason=a.reason
         ),
-        timeout=c.timeout,
     )
     console.print(render.withdrawal(response.withdrawal))
 
 
 def parked_credits(c: Clients, a: argparse.Namespace) -> None:
-    response = c.gifting.ListParkedCredits(
-        gifting_pb2.ListParkedCreditsRequest(page_size=a.limit), timeout=c.timeout
-    )
+    response = c.gifting.ListParkedCredits(gifting_pb2.ListParkedCreditsRequest(page_size=a.limit))
     console.print(render.parked_credits(response.credits))
     if response.next_page_token:
         most = most_at_once(gifting_pb2.ListParkedCreditsRequest)
@@ -621,7 +594,6 @@ def redeliver_credits(c: Clients, a: argparse.Namespace) -> None:
         gifting_pb2.RedeliverParkedCreditsRequest(
             request_id=_rid(a), sent_gift_ids=a.sent_gift_ids, reason=a.reason
         ),
-        timeout=c.timeout,
     )
     console.print(
         f"{response.redelivered} parked credit(s) back on the outbox: delivered to payout again, "
@@ -636,7 +608,7 @@ def redeliver_credits(c: Clients, a: argparse.Namespace) -> None:
 
 def reconcile(c: Clients, a: argparse.Namespace) -> None:
     response = c.payout.ReconcileWithdrawals(
-        payout_pb2.ReconcileWithdrawalsRequest(run_now=not a.latest), timeout=c.timeout
+        payout_pb2.ReconcileWithdrawalsRequest(run_now=not a.latest)
     )
     if not response.run_id:
         console.print("no reconciliation has run yet (run one: coinsctl --admin reconcile)")
@@ -647,6 +619,23 @@ def reconcile(c: Clients, a: argparse.Namespace) -> None:
     )
     if response.mismatches:
         console.print(render.mismatches(response.mismatches))
+
+
+_AUDIT_MODES = {
+    "full": ledger_audit_pb2.AUDIT_MODE_FULL,
+    "incremental": ledger_audit_pb2.AUDIT_MODE_INCREMENTAL,
+    "latest": ledger_audit_pb2.AUDIT_MODE_LATEST_REPORT,
+}
+
+
+def audit_ledger(c: Clients, a: argparse.Namespace) -> None:
+    response = c.ledger_audit(a.service).AuditLedger(
+        ledger_audit_pb2.AuditLedgerRequest(mode=_AUDIT_MODES[a.mode]),
+        timeout=max(c.timeout, 600.0),  # a full audit of a large ledger takes minutes
+    )
+    console.print(render.ledger_audit(a.service, response))
+    if not response.ok:
+        raise SystemExit(1)
 
 
 _CLASSIFICATIONS = {
@@ -664,7 +653,6 @@ def classify(c: Clients, a: argparse.Namespace) -> None:
             classification=_CLASSIFICATIONS[a.classification],
             reason=a.reason,
         ),
-        timeout=c.timeout,
     )
     console.print(render.account(response.account))
 
@@ -675,9 +663,7 @@ def revenue(c: Clients, a: argparse.Namespace) -> None:
         period["start_time"] = Timestamp()
         today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         period["start_time"].FromDatetime(today - dt.timedelta(days=a.days - 1))
-    response = c.payout.GetRevenueReport(
-        payout_pb2.GetRevenueReportRequest(**period), timeout=c.timeout
-    )
+    response = c.payout.GetRevenueReport(payout_pb2.GetRevenueReportRequest(**period))
     console.print(render.revenue(response))
 
 
@@ -691,7 +677,6 @@ def promote(c: Clients, a: argparse.Namespace) -> None:
             budget_coins=a.budget,
             duration_days=a.days,
         ),
-        timeout=c.timeout,
     )
     console.print(render.promotion(response.promotion))
     console.print(
@@ -702,7 +687,7 @@ def promote(c: Clients, a: argparse.Namespace) -> None:
 
 def show_promotion(c: Clients, a: argparse.Namespace) -> None:
     response = c.promotion.GetPromotion(
-        promotion_pb2.GetPromotionRequest(promotion_id=a.promotion_id), timeout=c.timeout
+        promotion_pb2.GetPromotionRequest(promotion_id=a.promotion_id)
     )
     console.print(render.promotion(response.promotion))
 
@@ -716,7 +701,6 @@ def list_promotions(c: Clients, a: argparse.Namespace) -> None:
             if a.status
             else promotion_pb2.PROMOTION_STATUS_UNSPECIFIED,
         ),
-        timeout=c.timeout,
     )
     console.print(render.promotions(a.user, response.promotions))
 
@@ -726,7 +710,6 @@ def deliver(c: Clients, a: argparse.Namespace) -> None:
         promotion_pb2.ReportDeliveryRequest(
             request_id=_rid(a), promotion_id=a.promotion_id, coins=a.coins
         ),
-        timeout=c.timeout,
     )
     console.print(render.promotion(response.promotion))
 
@@ -736,7 +719,6 @@ def end_promotion(c: Clients, a: argparse.Namespace) -> None:
         promotion_pb2.EndPromotionRequest(
             request_id=_rid(a), promotion_id=a.promotion_id, reason=a.reason
         ),
-        timeout=c.timeout,
     )
     console.print(render.promotion(response.promotion))
     console.print(
@@ -1082,6 +1064,20 @@ def _parser() -> argparse.ArgumentParser:
         "--latest",
         action="store_true",
         help="the periodic job's latest report instead of a run now",
+    )
+    p = command(
+        "audit-ledger",
+        audit_ledger,
+        "verify a ledger (balances, hash chains, holds) or read its latest audit, as an admin "
+        "(--admin); exit 1 if it found anything",
+    )
+    p.add_argument("service", choices=["wallet", "payout"], help="wallet: coins; payout: diamonds")
+    p.add_argument(
+        "--mode",
+        choices=sorted(_AUDIT_MODES),
+        default="full",
+        help="full: every entry; incremental: what was written since the last clean audit; "
+        "latest: the newest recorded report, without running one",
     )
     p = command(
         "classify",

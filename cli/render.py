@@ -9,7 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from coins.common.v1 import money_pb2
+from coins.common.v1 import ledger_audit_pb2, money_pb2
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
@@ -488,3 +488,48 @@ def rankings(response: gifting_pb2.ListCreatorRankingsResponse) -> Table:
     for c in response.creators:
         table.add_row(str(c.rank), c.creator_id, f"{c.coins:,}")
     return table
+
+
+def ledger_audit(service: str, r: ledger_audit_pb2.AuditLedgerResponse) -> Group:
+    """An audit's report: what it checked, then each finding by kind."""
+    mode = enum_name(ledger_audit_pb2.AuditMode, r.mode, "AUDIT_MODE_").lower()
+    found = (
+        len(r.balance_differences)
+        + len(r.held_differences)
+        + len(r.negative_balances)
+        + len(r.bad_transactions)
+        + len(r.broken_chains)
+    )
+    lines: list[Any] = [
+        Text(
+            f"{service} ledger audit {r.run_id} ({mode}, {stamp(r.start_time)} to "
+            f"{stamp(r.finish_time)}): {'OK' if r.ok else f'{found} FINDINGS'}; "
+            f"{r.accounts_checked:,} accounts, {r.transactions_checked:,} transactions, "
+            f"{r.entries_checked:,} entries checked; total {r.total:,}",
+            style="green" if r.ok else "bold red",
+        )
+    ]
+    for title, differences in (
+        ("balance differs from its entries", r.balance_differences),
+        ("held differs from its holds", r.held_differences),
+        ("negative where it may not be", r.negative_balances),
+    ):
+        if differences:
+            table = Table(title=title)
+            for column in ("account", "kept", "recomputed"):
+                table.add_column(column)
+            for d in differences:
+                table.add_row(d.account_id, f"{d.kept:,}", f"{d.recomputed:,}")
+            lines.append(table)
+    for title, findings in (
+        ("transactions whose digest does not recompute", r.bad_transactions),
+        ("accounts whose hash chain is broken", r.broken_chains),
+    ):
+        if findings:
+            table = Table(title=title)
+            table.add_column("id")
+            table.add_column("problem")
+            for f in findings:
+                table.add_row(f.id, f.problem)
+            lines.append(table)
+    return Group(*lines)

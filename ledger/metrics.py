@@ -58,8 +58,10 @@ def instrument(
     ledger.on_posted = posted
     declare(runtime.metrics.gauges, ledger.unit)
 
+    started = runtime.clock.now()
+
     async def sampled(gauges: Gauges) -> None:
-        await sample(gauges, runtime.db.driver, runtime.clock.now(), hold_kinds)
+        await sample(gauges, runtime.db.driver, runtime.clock.now(), hold_kinds, started=started)
 
     runtime.add_sampler(sampled)
 
@@ -73,13 +75,23 @@ def declare(gauges: Gauges, unit: str) -> None:
     )
     gauges.declare("coins.ledger.audit.findings", "What the last ledger audit found wrong")
     gauges.declare(
-        "coins.ledger.audit.age", "Seconds since the last ledger audit finished", unit="s"
+        "coins.ledger.audit.age",
+        "Seconds since the last ledger audit finished (before any has: since the service started)",
+        unit="s",
     )
 
 
 async def sample(
-    gauges: Gauges, driver: Driver, now: dt.datetime, hold_kinds: Sequence[str] = ()
+    gauges: Gauges,
+    driver: Driver,
+    now: dt.datetime,
+    hold_kinds: Sequence[str] = (),
+    *,
+    started: dt.datetime | None = None,
 ) -> None:
+    """`started`: when the service started. Before any audit has finished, the audit's age counts
+    from then, so that a deployment whose audits never finish is paged (CoinsLedgerAuditStale),
+    not silent for want of a series."""
     async with driver.read() as tx:
         rows = await tx.all(_OPEN_HOLDS)
     none = {attrs(kind=kind): 0 for kind in hold_kinds}
@@ -88,7 +100,10 @@ async def sample(
     run = await latest_run(driver)
     if run is None:
         gauges.set("coins.ledger.audit.findings", {})
-        gauges.set("coins.ledger.audit.age", {})
+        age: dict[tuple[tuple[str, str], ...], float] = (
+            {} if started is None else {(): max(0.0, (now - started).total_seconds())}
+        )
+        gauges.set("coins.ledger.audit.age", age)
         return
     gauges.set("coins.ledger.audit.findings", {(): run.report.findings})
     gauges.set(

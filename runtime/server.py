@@ -666,13 +666,19 @@ async def start_service(
         for name in type(settings).model_fields
         if name.endswith("_address")
     )
+    scrape = (
+        f", metrics on http://{settings.host}:{metrics_endpoint.port}/metrics"
+        if metrics_endpoint is not None
+        else ""
+    )
     log.info(
-        "%s serving on %s:%d (mutual TLS), health on %s:%d (plaintext), %s%s",
+        "%s serving on %s:%d (mutual TLS), health on %s:%d (plaintext)%s, %s%s",
         spec.name,
         settings.host,
         port,
         settings.host,
         health_port,
+        scrape,
         db.engine.url.drivername,
         f"; calls {downstream}" if downstream else "",
     )

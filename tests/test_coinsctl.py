@@ -24,6 +24,7 @@ from rich.console import Console
 
 from cli import client as client_module
 from cli import render
+from cli.client import _CallDefaults, _Details
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
@@ -114,6 +115,35 @@ async def test_refusals_go_to_stderr_and_text_is_shown_as_typed(suite: Suite) ->
     assert code == 0 and title in out and "❌" not in out, out + err
     code, out, err = await run("withdraw", creator, "2000", "--as", creator)
     assert code == 1 and out == "" and "FAILED_PRECONDITION" in err, (out, err)
+
+
+async def test_an_admin_audits_a_ledger_or_reads_its_latest_report(suite: Suite) -> None:
+    """The runbook's "read the latest report" is a command (R6: only a raw AuditLedger call, whose
+    default mode runs a new full audit)."""
+    code, ran = await coinsctl(suite, "--admin", "audit-ledger", "payout", "--mode", "incremental")
+    # (full the first time: an incremental audit starts from a clean run's chain heads)
+    assert code == 0 and "payout ledger audit" in ran and "): OK;" in ran, ran
+    run_id = ran.split("payout ledger audit ", 1)[1].split(" ", 1)[0]
+    code, latest = await coinsctl(suite, "--admin", "audit-ledger", "payout", "--mode", "latest")
+    assert code == 0 and f"payout ledger audit {run_id} " in latest, latest
+    code, refused = await coinsctl(suite, "audit-ledger", "wallet")
+    assert code == 1 and "PERMISSION_DENIED" in refused, refused
+
+
+def test_a_unary_call_without_a_deadline_gets_the_clients_own() -> None:
+    """R6: `Clients(timeout=...)` was applied only where a command passed it; a call without one
+    waited for ever on a hung service. Streams (a LIVE's feed) keep none."""
+    seen: list[float | None] = []
+    defaults = _CallDefaults(None, lambda: None, 7.5)
+
+    def continuation(details: Any, request: Any) -> None:
+        seen.append(details.timeout)
+
+    details = _Details("/m", None, (), None, None, None)
+    defaults.intercept_unary_unary(continuation, details, None)
+    defaults.intercept_unary_unary(continuation, _Details("/m", 2.0, (), None, None, None), None)
+    defaults.intercept_unary_stream(continuation, details, None)
+    assert seen == [7.5, 2.0, None]
 
 
 async def test_an_unreachable_service_is_named_and_a_retry_keeps_the_request_id(
