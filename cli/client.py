@@ -24,6 +24,7 @@ from coins.payout.v1 import payout_pb2_grpc
 from coins.promotion.v1 import promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2_grpc
 from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
+from runtime.channels import RETRY_ON_UNAVAILABLE
 from runtime.config import SecuritySettings, suite_address
 
 _USER_FIELDS = ("user_id", "sender_id", "creator_id")
@@ -137,6 +138,8 @@ class Clients:
             # A restarted service is back in seconds: reconnect within a second of it (gRPC's
             # default backoff grows towards two minutes while it is down), as the services do.
             options=[
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", RETRY_ON_UNAVAILABLE),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1_000),

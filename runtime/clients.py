@@ -9,7 +9,6 @@ enabled on money RPCs.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,31 +18,12 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.trace import TracerProvider
 
 from runtime.auth import AUTHORIZATION, forwarded_metadata
+from runtime.channels import RETRY_ON_UNAVAILABLE
 from runtime.config import SecuritySettings
 from runtime.protos import RpcContext
 from runtime.shedding import downstream_call
 from runtime.status import from_rpc_error
 from runtime.tls import channel_credentials
-
-_RETRY_ON_UNAVAILABLE = json.dumps(
-    {
-        # Every address the name resolves to (a headless Service's pods: dns:///wallet:50051)
-        # takes a share of the calls; one address behaves as before.
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": [{}],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-)
 
 
 class ForwardUserToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -106,7 +86,7 @@ def service_channel(
         interceptors.extend(aio_client_interceptors(tracer_provider=tracer_provider))
     options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", _RETRY_ON_UNAVAILABLE),
+        ("grpc.service_config", RETRY_ON_UNAVAILABLE),
         ("grpc.keepalive_time_ms", 30_000),
         # A peer restarting (a crash, a deploy) is back in seconds: reconnect within a second of
         # it, not after gRPC's default backoff, which grows towards two minutes while it is down.

@@ -1,0 +1,28 @@
+"""What every gRPC channel of the suite asks of gRPC itself (the services' own and the Python
+clients'), in a module light enough for coinsctl to import."""
+
+from __future__ import annotations
+
+import json
+
+RETRY_ON_UNAVAILABLE = json.dumps(
+    # A call refused UNAVAILABLE did nothing (or is idempotent by its request id): gRPC sends it
+    # again, up to 4 times within its deadline. The services' channels and the Python clients'.
+    {
+        # Every address the name resolves to (a headless Service's pods: dns:///wallet:50051)
+        # takes a share of the calls; one address behaves as before.
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
