@@ -406,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
+    if report.recent:
+        print(
+            f"{report.recent} records changed in the last {settle:g} s were left out (still on "
+            "their way between services); --settle-seconds 0 judges them too, on a quiet suite",
+            file=sys.stderr,
+        )
     if report.parked:
         print(
             f"{len(report.parked)} gift credits are parked: payout refused them and they wait "
