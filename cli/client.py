@@ -10,7 +10,8 @@ system's certificate and no user token.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,9 +27,63 @@ from coins.wallet.v1 import wallet_pb2_grpc
 from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
 from runtime.channels import RETRY_ON_UNAVAILABLE
 from runtime.config import SecuritySettings, suite_address
+from runtime.status import bad_request, error_info, retry_info
 
 _USER_FIELDS = ("user_id", "sender_id", "creator_id")
 IDENTITY = os.environ.get("COINS_CLI_IDENTITY", "gateway")
+
+
+def new_request_id() -> str:
+    """A fresh request id (AIP-155): send it again, with the same request, to retry safely."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A failed call as a caller branches on it, decoded from the status details: the stable
+    reason (google.rpc.ErrorInfo), the facts behind it, which fields were wrong (BadRequest) and
+    how long to wait before trying again (RetryInfo)."""
+
+    code: grpc.StatusCode
+    reason: str
+    """UPPER_SNAKE_CASE, stable ("" when the service attached none: gRPC's own refusals)."""
+    message: str
+    metadata: Mapping[str, str]
+    violations: Mapping[str, str]
+    """Field path -> what is wrong with it."""
+    retry_after: float | None
+    """Seconds to wait before sending the same request again, when the service said."""
+
+    @classmethod
+    def of(cls, error: grpc.RpcError) -> Refusal:
+        info = error_info(error)
+        fields = bad_request(error)
+        wait = retry_info(error)
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        return cls(
+            code=code,
+            reason=info.reason if info is not None else "",
+            message=(error.details() if hasattr(error, "details") else str(error)) or "",
+            metadata=dict(info.metadata) if info is not None else {},
+            violations={v.field: v.description for v in fields.field_violations}
+            if fields is not None
+            else {},
+            retry_after=wait.retry_delay.ToTimedelta().total_seconds()
+            if wait is not None
+            else None,
+        )
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request (the same request_id) may succeed if sent again: nothing was
+        applied, or it is answered once it was (an outage, a deadline, a concurrent duplicate, a
+        service that said when)."""
+        transient = (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.ABORTED,
+        )
+        return self.code in transient or self.retry_after is not None
 
 
 def default_address(service: str) -> str:

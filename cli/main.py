@@ -23,7 +23,7 @@ from google.type import date_pb2
 
 from buf.validate import validate_pb2
 from cli import render
-from cli.client import Clients, default_address
+from cli.client import Clients, Refusal, default_address
 from cli.render import console, errors
 from coins.common.v1 import ledger_audit_pb2
 from coins.gifting.v1 import gifting_pb2
@@ -32,7 +32,7 @@ from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.backoff import backoff
 from runtime.config import SUITE_PLACES
-from runtime.status import bad_request, error_info
+from runtime.status import error_info
 
 Command = Callable[[Clients, argparse.Namespace], None]
 _CHANNELS = {"in-app": wallet_pb2.CHANNEL_IN_APP, "web": wallet_pb2.CHANNEL_WEB}
@@ -1218,10 +1218,9 @@ def _in_our_terms(text: str) -> str:
 
 
 def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
-    info = error_info(error)
-    code = error.code().name if hasattr(error, "code") else "UNKNOWN"
-    details = (error.details() if hasattr(error, "details") else str(error)) or ""
-    if code == "UNAVAILABLE" and info is None and clients is not None:
+    refusal = Refusal.of(error)
+    code, details = refusal.code.name, refusal.message
+    if code == "UNAVAILABLE" and not refusal.reason and clients is not None:
         service = clients.last_service
         where = (
             f"{service} at {clients.addresses[service]}: is the suite running (make up)? The "
@@ -1235,20 +1234,12 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
             f"from COINS_CERTS_DIR ({clients.security.certs_dir}/). gRPC said: {details}",
         )
         return
-    reason = f" [{info.reason}]" if info else ""
+    reason = f" [{refusal.reason}]" if refusal.reason else ""
     errors.print(f"{code}{reason} {_in_our_terms(details)}", style="bold red")
-    violations = bad_request(error)
-    for violation in violations.field_violations if violations else ():
-        errors.print(
-            f"  {_in_our_terms(violation.field)}: {_in_our_terms(violation.description)}",
-        )
+    for field_path, description in refusal.violations.items():
+        errors.print(f"  {_in_our_terms(field_path)}: {_in_our_terms(description)}")
     # A record named by id (a promotion, a withdrawal): coinsctl cannot tell whose it is.
-    if (
-        info is not None
-        and info.reason == "NOT_ACCOUNT_OWNER"
-        and clients
-        and not clients.acting_user
-    ):
+    if refusal.reason == "NOT_ACCOUNT_OWNER" and clients and not clients.acting_user:
         errors.print(
             "coinsctl acted as 'coinsctl' (no --as): pass --as OWNER, the user the record "
             "belongs to (or --admin --as SOMEONE for an admin)",

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from cli import client as client_module
 from cli import render
-from cli.client import _CallDefaults, _Details
+from cli.client import Clients, Refusal, _CallDefaults, _Details, new_request_id
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
@@ -128,6 +128,37 @@ async def test_an_admin_audits_a_ledger_or_reads_its_latest_report(suite: Suite)
     assert code == 0 and f"payout ledger audit {run_id} " in latest, latest
     code, refused = await coinsctl(suite, "audit-ledger", "wallet")
     assert code == 1 and "PERMISSION_DENIED" in refused, refused
+
+
+async def test_a_refusal_reads_as_one_typed_value(suite: Suite) -> None:
+    """R6: a Python caller decoded ErrorInfo, BadRequest and RetryInfo by hand from internal
+    modules; `Refusal.of` gives them as one value."""
+    user, coins = await funded_user(suite)
+    creator = await new_creator(suite)
+    clients = Clients(
+        {name: s.address for name, s in suite.services.items()}, security=suite.security
+    )
+    too_big = gifting_pb2.SendGiftRequest(
+        request_id=new_request_id(),
+        sender_id=user,
+        creator_id=creator,
+        gift_id="universe",
+        count=1,
+        video_id="video-1",
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(clients.gifting.SendGift, too_big)
+    refusal = Refusal.of(caught.value)
+    assert (refusal.code, refusal.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_FUNDS",
+    )
+    assert refusal.metadata["available"] == str(coins) and not refusal.retryable
+    bad = wallet_pb2.OpenAccountRequest(request_id=new_request_id(), user_id="not a user id!")
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(clients.wallet.OpenAccount, bad)
+    refusal = Refusal.of(caught.value)
+    assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in refusal.violations
 
 
 def test_a_unary_call_without_a_deadline_gets_the_clients_own() -> None:
