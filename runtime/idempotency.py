@@ -40,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runtime.auth import principal_or_none
+from runtime.auth import USER_CALLERS, principal_or_none
 from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import DomainError, Unavailable, request_id_reused
@@ -190,11 +190,21 @@ def fingerprint(request: Message) -> str:
 R = TypeVar("R", bound=Message)
 
 
+EDGE_NAMESPACE = "gateway"
+"""Where the request ids of users' own requests are kept, whichever edge carries them."""
+
+
 def scoped_scope(scope: str) -> str:
     """Request ids are the calling service's: two services' ids never collide, even when equal.
+    A user's (or an admin's) own requests are one caller's, whichever edge carries them (the
+    gateway, the admin console): a retry through the other is the same request, answered, never
+    applied again (review R7: a purchase retried through the admin console charged twice).
     (Scopes name the user where a user is concerned; work a service does on its own has no caller.)"""
     principal = principal_or_none()
-    return f"{principal.service}|{scope}" if principal is not None else scope
+    if principal is None:
+        return scope
+    caller = EDGE_NAMESPACE if principal.service in USER_CALLERS else principal.service
+    return f"{caller}|{scope}"
 
 
 def acting_scope(rpc: str) -> str:

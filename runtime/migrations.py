@@ -192,3 +192,16 @@ def restore_default_fill(op: Operations, *tables: str) -> None:
         return
     for table in tables:
         op.execute(f"ALTER TABLE {table} RESET (fillfactor)")
+
+
+def merge_edge_request_ids(op: Operations) -> None:
+    """Request ids the admin console's calls recorded join the gateway's, where a user's own
+    requests are kept whichever edge carries them (`runtime.idempotency.scoped_scope`), so a retry
+    of one sent before the upgrade is still answered, not applied again. A request id both edges
+    recorded (the defect this fixes) keeps the gateway's record."""
+    op.execute(
+        "UPDATE idempotency_keys SET scope = 'gateway|' || substr(scope, 15) "
+        "WHERE scope LIKE 'admin-console|%' AND NOT EXISTS (SELECT 1 FROM idempotency_keys k "
+        "WHERE k.scope = 'gateway|' || substr(idempotency_keys.scope, 15) "
+        "AND k.request_id = idempotency_keys.request_id)"
+    )

@@ -249,6 +249,10 @@ class CallerStubs:
     def payout(self) -> PayoutServiceAsyncStub:
         return self.suite._gateway("payout", self.identity)  # type: ignore[no-any-return]
 
+    @property
+    def gifting(self) -> GiftingServiceAsyncStub:
+        return self.suite._gateway("gifting", self.identity)  # type: ignore[no-any-return]
+
 
 async def start_suite(
     backend: str,

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.clock import FixedClock
 from runtime.config import ServiceSettings
 from runtime.db import Database
 from runtime.idempotency import Idempotency, idempotency_keys
 from runtime.migrations import upgrade
-from tests.helpers import funded_user
+from tests.helpers import funded_user, new_creator, new_id
 from tests.suite import Suite
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
@@ -36,6 +37,75 @@ async def test_two_services_may_use_the_same_request_id(suite: Suite) -> None:
     )
     assert first.transaction_id != second.transaction_id
     assert second.balance.coins == coins - 20
+
+
+async def test_a_users_request_is_one_request_whichever_edge_carries_it(suite: Suite) -> None:
+    """The gateway and the admin console both carry users' own requests: the same request id
+    through either is one request (review R7: a purchase retried through the console charged the
+    card twice, a gift debited twice)."""
+    user, coins = await funded_user(suite)
+    creator = await new_creator(suite)
+    console = suite.as_caller("admin-console")
+    purchase = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id("buy"),
+        user_id=user,
+        package_id="us-web-70",
+        payment_token=f"tok_visa_{user}",
+    )
+    bought = await suite.wallet.PurchaseCoins(purchase)
+    assert await console.wallet.PurchaseCoins(purchase) == bought
+    gift = gifting_pb2.SendGiftRequest(
+        request_id=new_id("gift"),
+        sender_id=user,
+        creator_id=creator,
+        gift_id="rose",
+        count=5,
+        video_id="video-1",
+    )
+    sent = await console.gifting.SendGift(gift)
+    assert await suite.gifting.SendGift(gift) == sent
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.balance.coins == coins + 70 - 5
+
+
+async def test_the_migration_moves_the_consoles_request_ids_to_the_gateways(
+    tmp_path: Path,
+) -> None:
+    """A request sent through the console before the upgrade is still answered after it."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}")
+    await upgrade(db, SERVICES / "wallet" / "migrations", revision="0013")
+    now = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    rows = [
+        ("admin-console|PurchaseCoins:ava", "r1", "p1"),  # the console's alone: moves
+        ("admin-console|PurchaseCoins:ava", "r2", "p2"),  # recorded by both edges: stays
+        ("gateway|PurchaseCoins:ava", "r2", "p3"),
+        ("promotion|PlaceHold:ava", "r1", "p4"),  # a service's own: untouched
+    ]
+    async with db.transaction() as conn:
+        for scope, request_id, print_ in rows:
+            await conn.execute(
+                idempotency_keys.insert().values(
+                    scope=scope, request_id=request_id, fingerprint=print_, created_at=now
+                )
+            )
+    await upgrade(db, SERVICES / "wallet" / "migrations")
+    async with db.read() as conn:
+        found = (
+            await conn.execute(
+                sa.select(
+                    idempotency_keys.c.scope,
+                    idempotency_keys.c.request_id,
+                    idempotency_keys.c.fingerprint,
+                ).order_by(idempotency_keys.c.fingerprint)
+            )
+        ).all()
+    await db.close()
+    assert [tuple(r) for r in found] == [
+        ("gateway|PurchaseCoins:ava", "r1", "p1"),
+        ("admin-console|PurchaseCoins:ava", "r2", "p2"),
+        ("gateway|PurchaseCoins:ava", "r2", "p3"),
+        ("promotion|PlaceHold:ava", "r1", "p4"),
+    ]
 
 
 def test_retention_is_at_least_a_day() -> None:

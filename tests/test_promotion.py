@@ -388,6 +388,41 @@ async def test_of_ends_racing_under_their_own_request_ids_one_answers_the_releas
             await expect_error(end(suite, request, user), *ENDED)
 
 
+async def test_of_two_ends_after_a_report_recorded_the_end_one_answers_the_release(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two EndPromotion calls release the budget; a delivery report meets the released hold and
+    records the end before either does: one answers the release, the other PROMOTION_ENDED
+    (review R8, PostgreSQL: both read that no other end had answered before either committed,
+    and both answered released_coins)."""
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 120))
+    count = Campaigns._count_pending_deliveries
+    in_step = asyncio.Barrier(2)
+    counts = 0
+    late: list[grpc.aio.AioRpcError] = []
+
+    async def a_report_ends_it_after_the_release(self: Campaigns, *args: Any) -> None:
+        nonlocal counts
+        counts += 1
+        if counts == 3:  # the first count after the release: a report records the end
+            late.append(
+                await rpc_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 30)))
+            )
+        await in_step.wait()  # both ends step on together
+        await count(self, *args)
+
+    monkeypatch.setattr(Campaigns, "_count_pending_deliveries", a_report_ends_it_after_the_release)
+    requests = [ending(made.promotion_id) for _ in range(2)]
+    answers = await asyncio.gather(*(end(suite, r, user) for r in requests), return_exceptions=True)
+    monkeypatch.undo()
+    assert [info.reason for e in late if (info := error_info(e))] == ["PROMOTION_ENDED"]
+    ok = [a for a in answers if isinstance(a, promotion_pb2.EndPromotionResponse)]
+    assert len(ok) == 1 and ok[0].released_coins == 180, answers
+    assert await coins_of(suite, user) == (coins - 120, coins - 120)
+
+
 async def test_only_the_owner_ends_a_promotion(suite: Suite) -> None:
     user, coins = await funded_user(suite)
     made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion

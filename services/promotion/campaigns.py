@@ -263,6 +263,7 @@ class Campaigns:
         # now (after the release no capture can succeed, so this count is the last).
         await self._count_pending_deliveries(promotion.promotion_id, time_limit)
         async with self._db.transaction() as conn:
+            await self._promotions.lock(conn, promotion.promotion_id)
             now = self._clock.now()
             ended = await self._promotions.end(conn, promotion.promotion_id, now)
             current = await storage.get_promotion(conn, promotion.promotion_id)

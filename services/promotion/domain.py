@@ -326,6 +326,12 @@ class Promotions:
         """Complete an active promotion now; False if it is not active (ended meanwhile)."""
         return await storage.end_promotion(conn, promotion_id, now=now)
 
+    async def lock(self, conn: AsyncConnection, promotion_id: str) -> None:
+        """Decide about the promotion alone until `conn`'s transaction ends: of ends racing under
+        their own request ids, the one that answers the release commits before the others look
+        (an end recorded by a delivery report leaves no row for them to wait on otherwise)."""
+        await storage.lock_promotion(conn, promotion_id)
+
 
 def unpaid(outcome: str, promotion_id: str) -> DomainError:
     """CreatePromotion's answer when its budget hold was never placed (found by the reconciler, or

@@ -100,6 +100,16 @@ async def get_promotion(conn: AsyncConnection, promotion_id: str) -> PromotionRe
     return None if row is None else _record(row)
 
 
+async def lock_promotion(conn: AsyncConnection, promotion_id: str) -> None:
+    """Hold the promotion's row until the transaction ends (PostgreSQL; SQLite's writes take turns
+    already): transactions deciding about one promotion decide one after another."""
+    await conn.execute(
+        select(promotions.c.promotion_id)
+        .where(promotions.c.promotion_id == promotion_id)
+        .with_for_update()
+    )
+
+
 async def pending_promotions(
     conn: AsyncConnection, created_before: dt.datetime, *, limit: int
 ) -> list[PromotionRecord]:
