@@ -30,10 +30,13 @@ class ErrorKind(enum.Enum):
 
 @dataclass(frozen=True)
 class FieldViolation:
-    """One bad field of a request: its path (`coins`, `birth_date.year`) and what is wrong with it."""
+    """One bad field of a request: its path (`coins`, `birth_date.year`), what is wrong with it,
+    and that as a stable UPPER_SNAKE_CASE reason (a validation rule's id, `INT64_GTE_LTE`; empty:
+    the error's own reason stands for it)."""
 
     field: str
     description: str
+    reason: str = ""
 
 
 class DomainError(Exception):
@@ -77,7 +80,7 @@ class DomainError(Exception):
                 "reason": self.reason,
                 "message": self.message,
                 "metadata": self.metadata,
-                "violations": [[v.field, v.description] for v in self.violations],
+                "violations": [[v.field, v.description, v.reason] for v in self.violations],
             }
         )
 
@@ -88,7 +91,7 @@ class DomainError(Exception):
             ErrorKind(data["kind"]),
             data["reason"],
             data["message"],
-            violations=tuple(FieldViolation(f, d) for f, d in data["violations"]),
+            violations=tuple(FieldViolation(*v) for v in data["violations"]),  # 2 or 3 items
         )
         error.metadata = dict(data["metadata"])
         return error

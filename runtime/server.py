@@ -441,6 +441,9 @@ KEEPALIVE_PING_FLOOR_MS = 5_000
 """Clients may ping every 5 s or more, on an idle stream or channel (a quiet LIVE's feed): gRPC's
 core otherwise allows one ping in 5 minutes without data and cuts the connection after the third
 too soon (`Too many pings`), which load balancers' 10-30 s keepalives meet. Faster still is refused."""
+MAX_METADATA_BYTES = 16 * 1024
+"""The most metadata (headers: the token, tracing) one call may carry."""
+
 KEEPALIVE_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_PING_FLOOR_MS),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -593,6 +596,11 @@ async def start_service(
             # not until the application lets go of its call: else calls the client may send are
             # refused (UNAVAILABLE) whenever the event loop is slow to release finished ones.
             ("grpc.http.overload_protection", 0),
+            # One limit on a call's metadata, 16 KiB: gRPC refuses at random between its soft
+            # limit (8 KiB) and its hard one (16 KiB), so a 9-16 KiB token passed some calls and
+            # not others (R7).
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             *KEEPALIVE_OPTIONS,
             _EXCLUSIVE_PORT,
         ],

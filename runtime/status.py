@@ -52,7 +52,7 @@ def to_status(error: DomainError, domain: str) -> status_pb2.Status:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=v.field, description=v.description, reason=v.reason or error.reason
                     )
                     for v in error.violations
                 ]

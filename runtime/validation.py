@@ -46,6 +46,7 @@ class RequestValidator:
                 FieldViolation(
                     ".".join(e.field_name for e in v.proto.field.elements) if v.proto.field else "",
                     _explained(v),
+                    _rule_reason(v),
                 )
                 for v in error.violations
             )
@@ -243,3 +244,12 @@ def _suspect_fields(message: Message) -> tuple[list[str], list[str]]:
                 cards.append(f"{name}[{i}]" if repeated else name)
                 break
     return nul, cards
+
+
+def _rule_reason(violation: protovalidate.Violation) -> str:
+    """A protovalidate rule's id as a FieldViolation reason (AIP-193: UPPER_SNAKE_CASE, at most
+    63 characters): `int64.gte_lte` -> `INT64_GTE_LTE`; an id left empty is REQUIRED, as its
+    description says (`_explained`)."""
+    if violation.proto.rule_id == "string.pattern" and violation.field_value == "":
+        return "REQUIRED"
+    return re.sub(r"[^A-Za-z0-9]+", "_", violation.proto.rule_id).strip("_").upper()[:63]
