@@ -813,7 +813,10 @@ class PurchaseCoinsRequest(_message.Message):
     custom_coins: _builtins.int
     """Instead of a package: a custom number of coins, within the wallet's configured bounds (by default
     30 to 2,500,000), sold on the web at the account region's custom rate (the price is rounded up to
-    the minor unit and kept on the purchase). Exactly one of `package_id` and `custom_coins` is set.
+    the minor unit and kept on the purchase). The purchase limits apply too: with their defaults one
+    purchase is at most 50,000 coins and $500 (about 34,965 coins at $1.43 per 100), so a larger
+    amount in range is refused PURCHASE_LIMIT_EXCEEDED. Exactly one of `package_id` and
+    `custom_coins` is set.
     """
     def __init__(
         self,
