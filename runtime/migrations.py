@@ -105,6 +105,13 @@ SERVICE_ROLE = "coins_service"
 its tables except rewriting history (UPDATE, DELETE, TRUNCATE of the append-only ones)."""
 
 
+_APPEND_ONLY_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION coins_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME "
+    "USING ERRCODE = 'insufficient_privilege'; END $$"
+)
+
+
 def make_append_only(op: Operations, *tables: str) -> None:
     """Refuse UPDATE and DELETE of `tables` in the database itself (and TRUNCATE on PostgreSQL), for
     every connection, the service's own included: history is corrected by new rows, never rewritten."""
@@ -116,11 +123,7 @@ def make_append_only(op: Operations, *tables: str) -> None:
                     f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
                 )
         return
-    op.execute(
-        "CREATE OR REPLACE FUNCTION coins_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME "
-        "USING ERRCODE = 'insufficient_privilege'; END $$"
-    )
+    op.execute(_APPEND_ONLY_FUNCTION)
     for table in tables:
         op.execute(
             f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
@@ -130,6 +133,26 @@ def make_append_only(op: Operations, *tables: str) -> None:
             f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
             "FOR EACH STATEMENT EXECUTE FUNCTION coins_append_only()"
         )
+
+
+def forbid_truncate(op: Operations, *tables: str) -> None:
+    """On PostgreSQL, refuse TRUNCATE of `tables` to every connection, the tables' owner included
+    (row triggers do not fire on TRUNCATE). SQLite has no TRUNCATE: its `DELETE` without a `WHERE`
+    fires the row triggers."""
+    if op.get_bind().dialect.name == "sqlite":
+        return
+    op.execute(_APPEND_ONLY_FUNCTION)
+    for table in tables:
+        op.execute(
+            f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION coins_append_only()"
+        )
+
+
+def allow_truncate(op: Operations, *tables: str) -> None:
+    if op.get_bind().dialect.name != "sqlite":
+        for table in tables:
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
 
 
 def drop_append_only(op: Operations, *tables: str) -> None:
