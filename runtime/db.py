@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from opentelemetry.trace import TracerProvider
 from sqlalchemy import Table, event, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from runtime import deadlines
 from runtime.metrics import close_commit_scope, open_commit_scope
+from runtime.outages import refused_connection
 from runtime.sql import Driver
 from runtime.telemetry import trace_engine
 
@@ -36,6 +38,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
+
+
+def _connect_or_refused(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """SQLAlchemy's `do_connect` hook: the server refusing a new connection (an error PostgreSQL
+    sent while it opened) is the database unavailable to the service, an outage
+    (runtime.outages.DatabaseRefused), not a bug."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except asyncpg.PostgresError as error:
+        if (refused := refused_connection(error)) is None:
+            raise
+        raise refused from error
 
 
 class Database:
@@ -65,6 +79,8 @@ class Database:
         self.engine = create_async_engine(url, **options)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(self.engine.sync_engine, "do_connect", _connect_or_refused)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         if tracer_provider is not None:
             trace_engine(self.engine, tracer_provider)

@@ -29,6 +29,27 @@ _POSTGRES_OUTAGES = (
 )
 
 
+class DatabaseRefused(Exception):
+    """The database server refused a new connection: it is not accepting connections right now
+    (`ALLOW_CONNECTIONS false`, SQLSTATE 55000; starting or shutting down, 57P03), or no longer lets
+    the service in (its database dropped or renamed, the login or CONNECT right revoked). Whatever
+    the reason, the service cannot reach its data, so it is an outage: UNAVAILABLE, retried with the
+    same request id, never INTERNAL (review A4). Raised from the server's own error."""
+
+
+def refused_connection(error: BaseException) -> DatabaseRefused | None:
+    """`error`, raised while opening a connection, as a DatabaseRefused if it is the server's
+    refusal (an error PostgreSQL sent); None for anything else (unreachable: already an outage)."""
+    for cause in causes(error):
+        if isinstance(cause, asyncpg.PostgresError) and not isinstance(cause, _POSTGRES_OUTAGES):
+            text = str(cause).strip().splitlines()
+            sqlstate = getattr(cause, "sqlstate", "?")
+            return DatabaseRefused(
+                f"{text[0][:200] if text else type(cause).__name__} ({sqlstate})"
+            )
+    return None
+
+
 def sqlite_busy(error: sqlite3.OperationalError) -> bool:
     """SQLite's write lock is held by another connection ("database is locked" / "busy")."""
     return "locked" in str(error) or "busy" in str(error)
@@ -58,7 +79,7 @@ def causes(error: BaseException) -> Iterator[BaseException]:
 
 
 def _is_outage(cause: BaseException) -> bool:
-    if isinstance(cause, (*_POSTGRES_OUTAGES, ConnectionError, asyncio.TimeoutError)):
+    if isinstance(cause, (*_POSTGRES_OUTAGES, DatabaseRefused, ConnectionError, TimeoutError)):
         return True
     if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError | PermissionError):
         return True  # refused, unreachable, reset (a missing file is a configuration bug)
@@ -84,7 +105,10 @@ def connection_dropped(error: BaseException) -> bool:
             return False
     return any(
         _is_outage(cause)
-        and not isinstance(cause, sqlite3.OperationalError | asyncpg.InsufficientResourcesError)
+        and not isinstance(
+            cause,
+            sqlite3.OperationalError | asyncpg.InsufficientResourcesError | DatabaseRefused,
+        )
         for cause in causes(error)
     )
 

@@ -37,7 +37,7 @@ from opentelemetry import trace
 
 from runtime import deadlines
 from runtime.metrics import close_commit_scope, open_commit_scope
-from runtime.outages import sqlite_busy
+from runtime.outages import refused_connection, sqlite_busy
 
 if TYPE_CHECKING:  # not imported at run time: the audit job uses this module without SQLAlchemy
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -342,6 +342,22 @@ class Driver:
         if stats.f_bavail * stats.f_frsize < SQLITE_MIN_FREE_BYTES:
             raise OSError(errno.ENOSPC, f"no room left on the disk of {folder}")
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled PostgreSQL connection; the server refusing a new one is an outage
+        (runtime.outages.DatabaseRefused), not a bug."""
+        try:
+            pool = await self._pg()
+            conn = await pool.acquire()
+        except asyncpg.PostgresError as error:
+            if (refused := refused_connection(error)) is None:
+                raise
+            raise refused from error
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
+
     async def _pg(self) -> asyncpg.Pool:
         if self._pool is None:
             async with self._opening:
@@ -394,8 +410,7 @@ class Driver:
     @asynccontextmanager
     async def _transaction(self, single_statement: bool) -> AsyncIterator[Tx]:
         if self._sqlite_path is None:
-            pool = await self._pg()
-            async with pool.acquire() as conn:
+            async with self._connection() as conn:
                 deadlines.check("the write was sent")
                 unit: PgTx | SqliteTx = PgTx(conn)
                 if single_statement:
@@ -427,8 +442,7 @@ class Driver:
     async def read(self) -> AsyncIterator[Tx]:
         """Reads outside a transaction (each statement sees the latest commit; no BEGIN/COMMIT)."""
         if self._sqlite_path is None:
-            pool = await self._pg()
-            async with pool.acquire() as conn:
+            async with self._connection() as conn:
                 unit: PgTx | SqliteTx = PgTx(conn)
                 with self._span("db.query", unit):
                     yield unit
@@ -444,8 +458,7 @@ class Driver:
         connection of its own (WAL readers see one snapshot; a write at the end fails with
         SQLITE_BUSY if the file changed meanwhile, and the caller decides what that means)."""
         if self._sqlite_path is None:
-            pool = await self._pg()
-            async with pool.acquire() as conn:
+            async with self._connection() as conn:
                 unit: PgTx | SqliteTx = PgTx(conn)
                 async with conn.transaction(isolation="repeatable_read"):
                     yield unit

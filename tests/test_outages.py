@@ -26,7 +26,13 @@ from runtime import deadlines
 from runtime.backoff import backoff
 from runtime.db import Database
 from runtime.errors import DeadlineExceeded
-from runtime.outages import connection_dropped, log_failure, outage_cause, outage_of
+from runtime.outages import (
+    DatabaseRefused,
+    connection_dropped,
+    log_failure,
+    outage_cause,
+    outage_of,
+)
 from runtime.shedding import Admitted
 from runtime.sql import Statement
 from runtime.status import retry_info
@@ -35,12 +41,13 @@ from tests.helpers import (
     eventually,
     expect_error,
     funded_user,
+    live_gift,
     live_of,
     new_creator,
     new_id,
     rpc_error,
 )
-from tests.suite import Suite, create_pg_database, drop_pg_database
+from tests.suite import PG_ADMIN_URL, Suite, create_pg_database, drop_pg_database
 
 
 async def test_a_database_outage_is_unavailable_and_heals(
@@ -101,6 +108,57 @@ async def test_a_database_outage_is_unavailable_and_heals(
     assert again == sent
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
     assert balance.balance.coins == coins - 2
+
+
+async def test_a_database_that_refuses_connections_is_an_outage_not_a_bug(
+    wallet_behind_proxy: tuple[Suite, TcpProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that is up but refuses the service a connection (`ALLOW_CONNECTIONS false`,
+    SQLSTATE 55000; the same for a database starting, dropped, or a login revoked) cannot serve
+    the service's data: UNAVAILABLE DATABASE_UNAVAILABLE on the hot paths (the driver's pool) and
+    the slow ones (SQLAlchemy's), relayed as UNAVAILABLE by a caller, no stack trace. Review A4
+    saw INTERNAL INTERNAL_ERROR and a traceback per call."""
+    suite, _proxy = wallet_behind_proxy
+    sender, coins = await funded_user(suite)
+    creator = await new_creator(suite)
+    gift = live_gift(sender, creator, "rose")
+    name = sa.make_url(suite.services["wallet"].runtime.db.url).database
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    caplog.set_level(logging.WARNING)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        for call in (
+            suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender)),  # the driver
+            suite.wallet.ListCoinPackages(
+                wallet_pb2.ListCoinPackagesRequest(user_id=sender, channel=wallet_pb2.CHANNEL_WEB)
+            ),
+            suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender)),
+        ):
+            error = await expect_error(call, grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+            assert retry_info(error) is not None
+        await expect_error(
+            suite.gifting.SendGift(gift), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"
+        )
+        assert not [r for r in caplog.records if r.exc_info], "an outage logged a stack trace"
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("not currently accepting connections" in r.getMessage() for r in caplog.records)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+
+    async def healed() -> bool:
+        try:
+            await suite.gifting.SendGift(gift)  # the same request id, applied once
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    await eventually(healed, "the gift sent once the database lets the wallet in")
+    balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=sender))
+    assert balance.balance.coins == coins - 1
 
 
 async def test_a_hung_database_turns_health_not_serving_and_back(
@@ -323,6 +381,8 @@ def test_only_a_dropped_connection_is_worth_a_second_read_at_once() -> None:
     assert not connection_dropped(sa.exc.TimeoutError("QueuePool limit reached"))
     assert not connection_dropped(TimeoutError())
     assert not connection_dropped(RuntimeError("a bug"))
+    refused = DatabaseRefused('database "x" is not currently accepting connections (55000)')
+    assert not connection_dropped(refused) and outage_of(refused) is not None
     assert outage_of(sa.exc.TimeoutError("QueuePool limit reached")) is not None
 
 
