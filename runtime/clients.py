@@ -21,7 +21,7 @@ from runtime.auth import AUTHORIZATION, forwarded_metadata
 from runtime.channels import RETRY_ON_UNAVAILABLE
 from runtime.config import SecuritySettings
 from runtime.protos import RpcContext
-from runtime.shedding import downstream_call
+from runtime.shedding import SERVED_SECONDS, downstream_call
 from runtime.status import from_rpc_error
 from runtime.tls import channel_credentials
 
@@ -50,8 +50,9 @@ class ForwardUserToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mi
 
 
 class DownstreamWait(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """The time a call to another service waits for its answer is that service's, not a queue in
-    this one: the load shedder leaves it out (see runtime.shedding)."""
+    """The time another service spends on a call (its `SERVED_SECONDS` trailer) is that service's,
+    not a queue in this one: the load shedder leaves it out (see runtime.shedding). The rest of the
+    wait (a stream to free up on the connection, this process's event loop to come round) is ours."""
 
     async def intercept_unary_unary(
         self,
@@ -59,11 +60,25 @@ class DownstreamWait(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        with downstream_call():
+        with downstream_call() as wait:
             call = await continuation(client_call_details, request)
             with contextlib.suppress(grpc.RpcError):  # the caller awaits it again and sees it
                 await call
+            served = served_seconds(await call.trailing_metadata())
+            if served is not None:
+                wait.served(served)
         return call
+
+
+def served_seconds(trailers: Any) -> float | None:
+    """The seconds the called service says it spent on the call; None if it did not say."""
+    for key, value in trailers or ():
+        if key == SERVED_SECONDS:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
 
 
 def service_channel(

@@ -259,6 +259,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         # Reads (AIP's Get and List methods) have nothing to leave half done: they are answered
         # without the extra task that keeps a write's work whole past its caller's deadline.
         reads = method.rsplit("/", 1)[-1].startswith(READ_METHOD_PREFIXES)
+        # A service caller's load shedder counts its wait beyond this time as its own queue.
+        tell_served = rule is not None and rule.service_to_service
 
         async def guarded(raw: Any, context: RpcContext) -> Any:
             audited = False
@@ -291,6 +293,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 if audited:
                     await self._audit.record(principal, method, request, "OK")
                 outcome = (0, "", "")
+                if tell_served:
+                    served = f"{time.perf_counter() - began:.4f}"
+                    context.set_trailing_metadata(((shedding.SERVED_SECONDS, served),))
                 return response
             except grpc.aio.AbortError:
                 raise

@@ -18,7 +18,14 @@ OVERLOADED with a wait to sit out, counted as shedding while the service was idl
 Time a call spends waiting on another service (gifting on the wallet) is not queueing here: it is
 left out of both signals (`downstream_call`), so a hung dependency fails the calls that need it
 (their own timeouts) without this service shedding the calls that do not (a fault-injection review
-saw gifting refuse 80% of its catalog reads while the wallet was stopped).
+saw gifting refuse 80% of its catalog reads while the wallet was stopped). What is left out is the
+time the other service says it spent on the call (`SERVED_SECONDS`, a trailer every service sends
+its service callers), not the whole wait: the rest is this process's own queue, counted here. In a
+burst, calls wait on this side of the connection for a stream (the called service takes
+`MAX_STREAMS_PER_CONNECTION` at once) and for this process's busy event loop to resume them; left
+out with the dependency's time, that queue hid the overload and no call was refused (review A4:
+admitted gifts taking 2-4 s, 75-84% of a 5x burst hung to the callers' deadlines). A call with no
+trailer (a timeout, an outage, a hung dependency) leaves its whole wait out, as before.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from runtime.errors import DeadlineExceeded, ResourceExhausted
+
+SERVED_SECONDS = "coins-served-seconds"
+"""Trailing metadata a service sends a service caller: the seconds it spent on the call (the
+caller's shedder counts the rest of its wait as its own)."""
 
 _BUCKET_SECONDS = 0.1
 _BUCKETS = 5  # the last half second decides
@@ -47,6 +58,8 @@ class Admitted:
     waiting: int = 0
     """Downstream calls it is waiting on now (it is counted in no slot meanwhile)."""
     waiting_since: float = 0.0
+    ours_while_waiting: float = 0.0
+    """Of the current wait, the seconds the called services did not account for (`served`)."""
     finished: bool = False
     """Answered (`done`): a write's work may go on past its answer (a caller that gave up), and
     its later downstream calls are no longer this shedder's to count."""
@@ -62,17 +75,34 @@ def serving(shedder: LoadShedder, call: Admitted) -> None:
     _current.set((shedder, call))
 
 
+class Waiting:
+    """One call to another service, as the shedder sees it: `served(seconds)` once the service
+    says how long it spent on it."""
+
+    def __init__(self, shedder: LoadShedder | None, call: Admitted | None) -> None:
+        self._shedder, self._call = shedder, call
+        self._began = shedder._now() if shedder is not None else 0.0
+
+    def served(self, seconds: float) -> None:
+        """The called service spent `seconds` on the call: the rest of this wait was ours."""
+        if self._shedder is None or self._call is None:
+            return
+        waited = self._shedder._now() - self._began
+        self._call.ours_while_waiting += max(0.0, waited - max(0.0, seconds))
+
+
 @contextlib.contextmanager
-def downstream_call() -> Iterator[None]:
-    """Around a call to another service made while serving a call: its wait is not ours."""
+def downstream_call() -> Iterator[Waiting]:
+    """Around a call to another service made while serving a call: its wait is not ours, but for
+    what the service does not account for (`Waiting.served`)."""
     current = _current.get()
     if current is None:
-        yield
+        yield Waiting(None, None)
         return
     shedder, call = current
     shedder.wait_begins(call)
     try:
-        yield
+        yield Waiting(shedder, call)
     finally:
         shedder.wait_ends(call)
 
@@ -131,7 +161,7 @@ class LoadShedder:
         self.in_flight -= 1
         now = self._now()
         if call.waiting:  # answered while waiting downstream: the wait ends here for us
-            call.downstream += now - call.waiting_since
+            call.downstream += self._theirs(call, now)
         else:
             self._uncount(call.slot)
         call.finished = True
@@ -147,14 +177,21 @@ class LoadShedder:
         call.waiting += 1
         if call.waiting == 1 and not call.finished:
             call.waiting_since = self._now()
+            call.ours_while_waiting = 0.0
             self._uncount(call.slot)
 
     def wait_ends(self, call: Admitted) -> None:
         call.waiting -= 1
         if call.waiting == 0 and not call.finished:
-            call.downstream += self._now() - call.waiting_since
+            call.downstream += self._theirs(call, self._now())
             call.slot = int((call.started + call.downstream) / _BUCKET_SECONDS)
             self._started[call.slot] = self._started.get(call.slot, 0) + 1
+
+    @staticmethod
+    def _theirs(call: Admitted, now: float) -> float:
+        """Of the wait that ends now, the seconds the called services account for."""
+        waited = now - call.waiting_since
+        return max(0.0, waited - min(call.ours_while_waiting, waited))
 
     def _uncount(self, slot: int) -> None:
         left = self._started.get(slot, 0) - 1
