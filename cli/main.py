@@ -31,7 +31,7 @@ from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.backoff import backoff
-from runtime.config import SUITE_PLACES
+from runtime.config import SUITE_PLACES, suite_address
 from runtime.status import error_info
 
 Command = Callable[[Clients, argparse.Namespace], None]
@@ -420,6 +420,7 @@ def quote(c: Clients, a: argparse.Namespace) -> None:
         ),
     )
     console.print(render.quote(a.creator, response))
+    _note_kept(a.diamonds, response.diamonds)
 
 
 def withdraw(c: Clients, a: argparse.Namespace) -> None:
@@ -434,11 +435,15 @@ def withdraw(c: Clients, a: argparse.Namespace) -> None:
         request.destination_token = a.destination
     response = c.payout.RequestWithdrawal(request)
     console.print(render.withdrawal(response.withdrawal))
-    kept = a.diamonds - response.withdrawal.diamonds
-    if kept > 0:
+    _note_kept(a.diamonds, response.withdrawal.diamonds)
+
+
+def _note_kept(asked: int, taken: int) -> None:
+    """A withdrawal takes whole cents' worth of diamonds: say what stays of the amount asked for."""
+    if 0 < taken < asked:
         console.print(
-            f"{kept} of the {a.diamonds} diamonds asked for stay in the balance: only whole cents "
-            "are paid (2 diamonds = 1 cent)"
+            f"{asked - taken} of the {asked} diamonds asked for stay in the balance: only whole "
+            "cents are paid (2 diamonds = 1 cent)"
         )
 
 
@@ -1217,11 +1222,25 @@ def _in_our_terms(text: str) -> str:
     return text
 
 
+_HANDSHAKE_REFUSED = re.compile(r"handshake failed", re.IGNORECASE)
+"""The server answered but TLS failed: another authority's certificates, or a plaintext port."""
+
+
 def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
     refusal = Refusal.of(error)
     code, details = refusal.code.name, refusal.message
     if code == "UNAVAILABLE" and not refusal.reason and clients is not None:
         service = clients.last_service
+        if _HANDSHAKE_REFUSED.search(details) and service in clients.addresses:
+            errors.print(
+                f"{service} at {clients.addresses[service]} answers, but the TLS handshake failed: "
+                "its certificate is not from the certificate authority in COINS_CERTS_DIR "
+                f"({clients.security.certs_dir}/), or the address is not a coins API port (a "
+                "health port is plaintext). Point COINS_CERTS_DIR at the certs/ of the checkout "
+                f"whose suite runs there, or --{service} / COINS_{service.upper()}_ADDRESS at its "
+                f"API port. gRPC said: {details}",
+            )
+            return
         where = (
             f"{service} at {clients.addresses[service]}: is the suite running (make up)? The "
             f"address comes from --{service} or COINS_{service.upper()}_ADDRESS"
@@ -1234,6 +1253,16 @@ def report_error(error: grpc.RpcError, clients: Clients | None = None) -> None:
             f"from COINS_CERTS_DIR ({clients.security.certs_dir}/). gRPC said: {details}",
         )
         return
+    if code == "UNIMPLEMENTED" and not refusal.reason and clients is not None:
+        service = clients.last_service
+        if service in clients.addresses:
+            errors.print(
+                f"the server at {clients.addresses[service]} does not serve {service}'s calls "
+                f"(UNIMPLEMENTED: {details}): is --{service} / COINS_{service.upper()}_ADDRESS "
+                f"pointing at another service? The suite's {service} is at "
+                f"{suite_address(service)}",
+            )
+            return
     reason = f" [{refusal.reason}]" if refusal.reason else ""
     errors.print(f"{code}{reason} {_in_our_terms(details)}", style="bold red")
     for field_path, description in refusal.violations.items():

@@ -28,6 +28,7 @@ from cli.client import Clients, Refusal, _CallDefaults, _Details, new_request_id
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime import pki
 from runtime.server import RunningService, start_service
 from services.gifting.service import SPEC as GIFTING
 from tests.faults import TcpProxy
@@ -203,6 +204,50 @@ async def test_an_unreachable_service_is_named_and_a_retry_keeps_the_request_id(
     )
     retry = next(line for line in output.splitlines() if line.strip().startswith("coinsctl "))
     assert "--reason 'processor down'" in retry and "--request-id" in retry, output
+
+
+async def test_a_wrong_address_or_certificates_say_what_to_check_without_grpcs_own_lines(
+    suite: Suite, tmp_path: Path
+) -> None:
+    """Review A3: the wallet's address pointed at gifting printed only "UNIMPLEMENTED Method not
+    found!"; at a plaintext health port, or with another checkout's certificates, three gRPC core
+    log lines came first and then "is the suite running?", though it was."""
+    wallet, gifting = suite.services["wallet"], suite.services["gifting"]
+    code, output = await coinsctl(suite, "--wallet", gifting.address, "balance", "ava")
+    assert code == 1, output
+    assert f"the server at {gifting.address} does not serve wallet's calls" in output, output
+    health = f"127.0.0.1:{wallet.health_port}"
+    code, output = await coinsctl(suite, "--wallet", health, "balance", "ava")
+    assert code == 1, output
+    assert f"wallet at {health} answers, but the TLS handshake failed" in output, output
+    assert "ssl_transport_security" not in output, output
+    other = tmp_path / "other-certs"
+    pki.ensure_dev_pki(other)
+    env = {**os.environ, "COINS_CERTS_DIR": str(other), "COINS_WALLET_ADDRESS": wallet.address}
+    run = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli.main",
+        "balance",
+        "ava",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    raw, _ = await asyncio.wait_for(run.communicate(), timeout=60)
+    output = raw.decode()
+    assert run.returncode == 1, output
+    assert "certificate is not from the certificate authority in COINS_CERTS_DIR" in output
+    assert "ssl_transport_security" not in output, output
+
+
+async def test_a_quote_says_what_stays_of_an_odd_number_of_diamonds(suite: Suite) -> None:
+    """A withdrawal takes whole cents' worth: the quote says so, as the withdrawal does (review
+    A3: the quote showed 2,500 taken of 2,501 without a word)."""
+    code, output = await coinsctl(suite, "quote", new_id("creator"), "2501")
+    assert code == 0, output
+    assert "1 of the 2501 diamonds asked for stay in the balance" in output, output
 
 
 async def test_a_watch_that_cannot_reach_gifting_names_it(suite: Suite) -> None:
