@@ -189,14 +189,16 @@ class Runtime(Generic[S]):
                     with background_pass(self.tracer, f"job {name}") as span:
                         done = await work()
                         span.set_attribute(ITEMS, done)
+                        if done:  # inside the pass's span: the line carries its trace id
+                            log.info(
+                                "%s: %d", name, done, extra={"fields": {"job": name, "items": done}}
+                            )
                 except asyncio.CancelledError:
                     raise  # the service stopping: not a failed run
                 except BaseException:
                     self.metrics.job(name, "failed", 0, time.perf_counter() - started)
                     raise
                 self.metrics.job(name, "ok", done, time.perf_counter() - started)
-                if done:  # an idle pass is in the job metrics, not the log
-                    log.info("%s: %d", name, done, extra={"fields": {"job": name, "items": done}})
                 if batch is None or done < batch:
                     await asyncio.sleep(every)
 

@@ -117,6 +117,14 @@ def test_every_service_pod_can_write_its_data_dir() -> None:
         assert image[name.upper()] in writable, (name, writable)
 
 
+def test_the_migrations_job_makes_way_for_the_next_rollouts() -> None:
+    """A Job's pod template cannot change, so the next `kubectl apply` with a new image would be
+    refused while the last rollout's Job exists (review A4): it deletes itself once finished."""
+    (job,) = documents(DEPLOY / "k8s" / "base" / "migrations-job.yaml")
+    assert job["kind"] == "Job"
+    assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 3600
+
+
 def test_the_compose_file_is_valid_compose_spec() -> None:
     done = subprocess.run(
         [

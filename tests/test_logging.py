@@ -8,9 +8,12 @@ import json
 import logging
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from runtime.telemetry import configure_logging
+from tests.helpers import eventually, funded_user, live_gift, new_creator
+from tests.suite import Suite
 
 
 def test_json_log_lines_carry_the_trace_and_span_ids() -> None:
@@ -80,3 +83,34 @@ def test_a_call_without_a_peer_address_logs_nothing(caplog: pytest.LogCaptureFix
     assert [r.getMessage() for r in caplog.records] == [
         "Failed to parse peer address 'unix-abstract:odd'"
     ]
+
+
+async def test_a_background_pass_logs_what_it_did_inside_its_trace(suite: Suite) -> None:
+    """A pass that did something says so in one line that carries its trace id, so the line leads
+    to the pass's trace (review A4: every such line had trace_id "-")."""
+    seen: list[tuple[str, int]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            context = trace.get_current_span().get_span_context()
+            seen.append((record.getMessage(), context.trace_id))
+
+    keep = Keep()
+    server_log = logging.getLogger("coins.server")
+    server_log.addHandler(keep)
+    level = server_log.level
+    server_log.setLevel(logging.INFO)
+    try:
+        sender, _ = await funded_user(suite)
+        creator = await new_creator(suite)
+        await suite.gifting.SendGift(live_gift(sender, creator, "rose"))  # a streak, ended soon
+
+        async def ended_streak_logged() -> bool:
+            return any(message.startswith("ended streaks: ") for message, _ in seen)
+
+        await eventually(ended_streak_logged, "the sweep's line")
+    finally:
+        server_log.removeHandler(keep)
+        server_log.setLevel(level)
+    lines = [(m, t) for m, t in seen if m.startswith("ended streaks: ")]
+    assert all(trace_id != 0 for _, trace_id in lines), lines

@@ -234,6 +234,10 @@ def service_documents(name: str) -> list[dict[str, Any]]:
     ]
 
 
+MIGRATIONS_JOB_TTL_SECONDS = 600
+"""How long a finished migrations Job (and its pod's logs) is kept before Kubernetes deletes it."""
+
+
 def migrations_job() -> dict[str, Any]:
     """Every service's migrations, as the database owner, before a rollout (the services start
     with <SVC>_MIGRATE_ON_START=false)."""
@@ -243,6 +247,9 @@ def migrations_job() -> dict[str, Any]:
         "metadata": {"name": "coins-migrations", "labels": labels("migrations")},
         "spec": {
             "backoffLimit": 3,
+            # A Job's pod template cannot change: the next rollout's `kubectl apply` (a new image)
+            # would be refused while this one exists. It deletes itself once done and read.
+            "ttlSecondsAfterFinished": MIGRATIONS_JOB_TTL_SECONDS,
             "template": {
                 "metadata": {"labels": labels("migrations")},
                 "spec": {

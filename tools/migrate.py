@@ -69,7 +69,11 @@ async def migrate(names: list[str], *, check: bool = False) -> None:
         where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
         if not check:
             moved = f" from {lag[0] or 'an empty database'} to {lag[1]}" if lag is not None else ""
-            print(f"{name}: migrated to the newest schema{moved} ({where})")
+            done = f"{name}: migrated to the newest schema{moved} ({where})"
+            if settings.log_format == "json":  # one JSON object per line, as the service's own
+                log.info(done, extra={"fields": {"revision": lag[1] if lag else "unchanged"}})
+            else:
+                print(done)
         elif lag is not None:
             current, head = lag
             raise SystemExit(
