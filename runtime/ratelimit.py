@@ -86,12 +86,28 @@ return tostring(wait)
 """
 
 
+REDIS_CONNECTIONS = 16
+"""Connections to Redis per bucket set and process: a take is one script call of well under a
+millisecond, so a few connections serve thousands of calls a second."""
+
+
 class RedisTokenBuckets:
     """The same buckets, shared by every replica through Redis (`_TAKE`, atomic on the server)."""
 
     def __init__(self, url: str, rate: float, burst: int, *, prefix: str) -> None:
         self.rate, self.burst = rate, burst
-        self._redis: Any = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # A blocking pool: under a burst every call in flight asks at once, and redis-py's default
+        # pool refuses the 101st (MaxConnectionsError), which made the limits this replica's own
+        # for a while (review A4). Here a call waits for one of REDIS_CONNECTIONS instead, up to
+        # the same half second a Redis that does not answer gets.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=0.5,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+        self._redis: Any = aioredis.Redis(connection_pool=pool)
         self._script = self._redis.register_script(_TAKE)
         self._prefix = prefix
         self._fallback = TokenBuckets(rate, burst)

@@ -223,6 +223,16 @@ async def test_replicas_share_their_rate_limits_through_redis() -> None:
     assert (granted, refused) == (5, 3)
 
 
+async def test_a_burst_of_calls_all_take_from_the_shared_bucket() -> None:
+    """600 calls at once on one replica: every take is Redis's, so exactly the burst is granted
+    (review A4: redis-py's pool refused the 101st connection at once and those calls fell back to
+    this replica's own buckets, which granted more)."""
+    prefix = f"coins:test:{uuid.uuid4().hex}:"
+    shared = buckets(0.0, 50, redis_url=REDIS_URL, prefix=prefix)
+    waits = await asyncio.gather(*(shared.take("burst") for _ in range(600)))
+    assert sum(1 for wait in waits if wait == 0.0) == 50
+
+
 async def test_a_replica_whose_redis_is_gone_keeps_its_own_limits() -> None:
     limiter = RateLimiter(
         buckets(0.0, 2, redis_url="redis://127.0.0.1:1/0", prefix="coins:test:"),
