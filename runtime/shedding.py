@@ -81,13 +81,13 @@ class Waiting:
 
     def __init__(self, shedder: LoadShedder | None, call: Admitted | None) -> None:
         self._shedder, self._call = shedder, call
-        self._began = shedder._now() if shedder is not None else 0.0
+        self._began = shedder.now() if shedder is not None else 0.0
 
     def served(self, seconds: float) -> None:
         """The called service spent `seconds` on the call: the rest of this wait was ours."""
         if self._shedder is None or self._call is None:
             return
-        waited = self._shedder._now() - self._began
+        waited = self._shedder.now() - self._began
         self._call.ours_while_waiting += max(0.0, waited - max(0.0, seconds))
 
 
@@ -127,6 +127,10 @@ class LoadShedder:
         """Calls in flight by the 0.1 s slot they started in (the oldest is the smallest key)."""
         self._typical = 0.0
         """Exponentially weighted call duration: what a new call can expect to take."""
+
+    def now(self) -> float:
+        """The shedder's clock (monotonic seconds; a test's own)."""
+        return self._now()
 
     def admit(self, time_remaining: float | None) -> Admitted:
         """Count the call in and return its start time, or refuse it (RESOURCE_EXHAUSTED OVERLOADED)

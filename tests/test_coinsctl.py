@@ -48,11 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 async def start_coinsctl(
-    suite: Suite, *arguments: str, stderr_apart: bool = False
+    suite: Suite, *arguments: str, stderr_apart: bool = False, certs: Path | None = None
 ) -> asyncio.subprocess.Process:
-    """coinsctl started against the suite, its output (stdout and stderr, or each on its own pipe)
-    on a pipe, as an 80-column terminal shows it."""
-    env = {**os.environ, "COINS_CERTS_DIR": str(suite.security.certs_dir), "COLUMNS": "80"}
+    """coinsctl started against the suite (with the suite's certificates, or `certs`), its output
+    (stdout and stderr, or each on its own pipe) on a pipe, as an 80-column terminal shows it."""
+    env = {**os.environ, "COINS_CERTS_DIR": str(certs or suite.security.certs_dir), "COLUMNS": "80"}
     env.update({f"COINS_{n.upper()}_ADDRESS": s.address for n, s in suite.services.items()})
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -66,9 +66,9 @@ async def start_coinsctl(
     )
 
 
-async def coinsctl(suite: Suite, *arguments: str) -> tuple[int, str]:
+async def coinsctl(suite: Suite, *arguments: str, certs: Path | None = None) -> tuple[int, str]:
     """Run coinsctl against the suite (without blocking the event loop the suite serves on)."""
-    process = await start_coinsctl(suite, *arguments)
+    process = await start_coinsctl(suite, *arguments, certs=certs)
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode is not None
     return process.returncode, output.decode()
@@ -223,21 +223,8 @@ async def test_a_wrong_address_or_certificates_say_what_to_check_without_grpcs_o
     assert "ssl_transport_security" not in output, output
     other = tmp_path / "other-certs"
     pki.ensure_dev_pki(other)
-    env = {**os.environ, "COINS_CERTS_DIR": str(other), "COINS_WALLET_ADDRESS": wallet.address}
-    run = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli.main",
-        "balance",
-        "ava",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    raw, _ = await asyncio.wait_for(run.communicate(), timeout=60)
-    output = raw.decode()
-    assert run.returncode == 1, output
+    code, output = await coinsctl(suite, "balance", "ava", certs=other)
+    assert code == 1, output
     assert "certificate is not from the certificate authority in COINS_CERTS_DIR" in output
     assert "ssl_transport_security" not in output, output
 
