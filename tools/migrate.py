@@ -71,7 +71,7 @@ async def migrate(names: list[str], *, check: bool = False) -> None:
             moved = f" from {lag[0] or 'an empty database'} to {lag[1]}" if lag is not None else ""
             done = f"{name}: migrated to the newest schema{moved} ({where})"
             if settings.log_format == "json":  # one JSON object per line, as the service's own
-                log.info(done, extra={"fields": {"revision": lag[1] if lag else "unchanged"}})
+                log.info("%s", done, extra={"fields": {"revision": lag[1] if lag else "unchanged"}})
             else:
                 print(done)
         elif lag is not None:
