@@ -46,16 +46,16 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import date_pb2
 
-from benchmarks.perf import (
+from benchmarks.measure import quantile
+from benchmarks.processes import (
     PG_ADMIN_URL,
     Child,
-    _pg_admin,
-    _serving,
     clean_environment,
     free_port,
     gateway_credentials,
+    pg_admin,
     postgres_reachable,
-    quantile,
+    serving,
     spawn,
 )
 from coins.payout.v1 import payout_pb2
@@ -268,7 +268,7 @@ class Bench:
         self.failures: list[str] = []
 
     async def start(self) -> None:
-        await _pg_admin(f'CREATE DATABASE "{self.database}"')
+        await pg_admin(f'CREATE DATABASE "{self.database}"')
         from runtime.db import Database
 
         db = Database(self.url)
@@ -296,7 +296,7 @@ class Bench:
         logs.mkdir(parents=True, exist_ok=True)
         self.child = await spawn(self.service, ["-m", f"services.{self.service}"], env, logs)
         deadline = time.monotonic() + 60
-        while not await _serving(self.health_port):
+        while not await serving(self.health_port):
             if self.child.process.returncode is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{self.service} did not start:\n{self.child.tail()}")
             await asyncio.sleep(0.2)
@@ -442,7 +442,7 @@ class Bench:
         if self.child is not None:
             await self.child.stop()
         with contextlib.suppress(Exception):
-            await _pg_admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            await pg_admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
 
 
 def _ms(seconds: float) -> str:

@@ -34,7 +34,7 @@ import grpc.aio
 import pytest
 from google.type import date_pb2
 
-from benchmarks.perf import SERVICES, SuiteProcesses, free_port, gateway_credentials
+from benchmarks.processes import SERVICES, SuiteProcesses, free_port, gateway_credentials
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.perf import LISTEN_PORTS
+from benchmarks.processes import LISTEN_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACES = {"wallet": 1, "gifting": 2, "payout": 3, "promotion": 4}

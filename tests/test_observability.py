@@ -21,7 +21,7 @@ import pytest
 import yaml
 from google.type import date_pb2
 
-from benchmarks.perf import SuiteProcesses, free_port, gateway_credentials
+from benchmarks.processes import SuiteProcesses, free_port, gateway_credentials
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
