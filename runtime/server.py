@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
-import functools
 import gc
 import logging
 import signal
@@ -28,11 +27,9 @@ import grpc
 import grpc.aio
 import pydantic
 import uvloop
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pool
 from google.protobuf.message import Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-from opentelemetry import trace
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -46,6 +43,7 @@ from runtime.clients import service_channel
 from runtime.clock import Clock, SystemClock
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
+from runtime.health import CHECK, LIST, HealthServicer, watch_database
 from runtime.idempotency import Idempotency
 from runtime.interceptors import Replay, RequestGuard, finish_unfinished
 from runtime.leadership import Leadership
@@ -56,10 +54,10 @@ from runtime.metrics import (
     make_meter_provider,
     sample_round,
 )
-from runtime.outages import outage_cause, outage_of
+from runtime.outages import outage_of
 from runtime.ratelimit import RateLimiter, buckets
+from runtime.reflection import enable_reflection
 from runtime.shedding import LoadShedder
-from runtime.sql import Statement
 from runtime.telemetry import (
     ITEMS,
     TELEMETRY_FLUSH_SECONDS,
@@ -247,7 +245,7 @@ class RunningService(Generic[S]):
     runtime: Runtime[S]
     port: int
     health_port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     health_server: grpc.aio.Server
     shedder: LoadShedder
     metrics_endpoint: MetricsEndpoint | None = None
@@ -284,65 +282,6 @@ class RunningService(Generic[S]):
 
 
 WORKER_BACKOFF_CAP_SECONDS = 30.0
-_PING = Statement("runtime.ping", "SELECT 1")
-
-
-async def _ping(db: Database, seconds: float, tracer: trace.Tracer) -> None:
-    with background_pass(tracer, "health ping"):  # exported only when it fails
-        db.driver.check_room()
-        async with asyncio.timeout(seconds):
-            async with db.driver.read() as tx:
-                await tx.one(_PING)
-
-
-async def _database_health(
-    name: str,
-    servicer: health.aio.HealthServicer,
-    names: Sequence[str],
-    db: Database,
-    every: float,
-    tracer: trace.Tracer,
-) -> None:
-    """Health says NOT_SERVING while the service's database cannot be reached or, on SQLite, its
-    disk has no room for writes (a readiness probe
-    then takes the replica out of rotation, instead of sending it calls it can only refuse), and
-    SERVING again once it answers.
-
-    The ping runs as a task of its own, waited on for `every` seconds at most: against a database
-    that hangs (packets held, not refused), cancelling a query does not return until the driver
-    gives its connection back, which can take as long as the hang. A ping still out is no answer;
-    the next one starts when it returns."""
-    serving = True
-    ping: asyncio.Task[None] | None = None
-    try:
-        while True:
-            await asyncio.sleep(every)
-            if ping is None:
-                ping = asyncio.create_task(_ping(db, every, tracer))
-            done, _ = await asyncio.wait({ping}, timeout=every)
-            if not done:
-                answers, why = False, f"no answer to a ping in {every:g}s"
-            else:
-                error, ping = ping.exception(), None
-                answers = error is None
-                why = "" if error is None else outage_cause(error)
-            if answers == serving:
-                continue
-            serving = answers
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if answers
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            for service in ("", *names):
-                await servicer.set(service, status)
-            if answers:
-                log.info("%s: the database answers again: health SERVING", name)
-            else:
-                log.warning("%s: the database does not answer (%s): health NOT_SERVING", name, why)
-    finally:
-        if ping is not None:
-            ping.cancel()
 
 
 async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
@@ -374,55 +313,6 @@ async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
                     "worker %s crashed (attempt %d); restarting in %.1fs", name, failures, pause
                 )
             await asyncio.sleep(pause)
-
-
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
-
-@functools.cache
-def _describe_reflection_v1() -> None:
-    """Put grpc.reflection.v1 in the descriptor pool (grpcio-reflection ships only v1alpha's), so
-    that reflection can describe the v1 service it lists: `grpcurl describe` and `buf curl
-    --list-methods` failed on it. The file is v1alpha's, renamed: the messages are the same."""
-    file = descriptor_pb2.FileDescriptorProto()
-    reflection_pb2.DESCRIPTOR.CopyToProto(file)
-    old, new = "grpc.reflection.v1alpha", "grpc.reflection.v1"
-    file.name = "grpc/reflection/v1/reflection.proto"
-    file.package = new
-    for service in file.service:
-        for method in service.method:
-            method.input_type = method.input_type.replace(old, new)
-            method.output_type = method.output_type.replace(old, new)
-    for message in file.message_type:
-        for each in message.field:
-            if each.type_name:  # (set to "" it would mark a string field as a message's)
-                each.type_name = each.type_name.replace(old, new)
-    with contextlib.suppress(TypeError):  # already there (a test process starts many servers)
-        descriptor_pool.Default().Add(file)
-
-
-def enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
-    """Server reflection under both of its names: v1alpha (grpcio-reflection's) and v1, which
-    clients that speak only v1 ask for. The two protocols' messages are the same on the wire
-    (v1 renamed the package), so one servicer answers both."""
-    _describe_reflection_v1()
-    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
-    servicer = reflection.aio.ReflectionServicer(names)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                REFLECTION_V1,
-                {
-                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                        servicer.ServerReflectionInfo,
-                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-                    )
-                },
-            ),
-        )
-    )
 
 
 def _check_access(service: str, names: tuple[str, ...], access: Mapping[str, Access]) -> None:
@@ -552,8 +442,13 @@ async def start_service(
     shedder = LoadShedder(
         max_in_flight=settings.max_in_flight_rpcs, max_queue_seconds=settings.max_queue_seconds
     )
-    health_check = "/grpc.health.v1.Health/Check"
-    access = {**spec.access, **AdminAuditApi.ACCESS, health_check: Access(needs_user=False)}
+    open_to_any_caller = Access(needs_user=False)
+    access = {
+        **spec.access,
+        **AdminAuditApi.ACCESS,
+        CHECK: open_to_any_caller,
+        LIST: open_to_any_caller,
+    }
     replays: dict[str, Replay] = {}  # filled by the service's setup (Runtime.replay_stored)
     server = grpc.aio.server(
         interceptors=[
@@ -621,7 +516,7 @@ async def start_service(
     names = (*spec.grpc_services, AdminAuditApi.FULL_NAME)
     _check_access(spec.name, names, access)
 
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -644,7 +539,7 @@ async def start_service(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
     if settings.reflection:  # so a reflection-based client (grpcurl, buf curl) can call it bare
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        enable_reflection((health_name,), health_server)
+        enable_reflection((health_name,), health_server, health_only=True)
     health_port = _listen(
         health_server,
         f"{settings.host}:{settings.health_port}",
@@ -666,7 +561,7 @@ async def start_service(
     running._tasks.append(asyncio.create_task(runtime.leadership.run()))
     running._tasks.append(
         asyncio.create_task(
-            _database_health(
+            watch_database(
                 spec.name, health_servicer, names, db, settings.health_check_seconds, runtime.tracer
             )
         )

@@ -27,6 +27,13 @@ async def test_health_is_serving_to_platform_callers_and_plaintext_probes(
         for service in ("", SERVICES[name]):
             response = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+        # List (in grpc.health.v1, and listed by reflection) answers every service's status.
+        listing = await health.List(health_pb2.HealthListRequest())
+        statuses = {s: r.status for s, r in listing.statuses.items()}
+        assert statuses.items() >= {
+            ("", health_pb2.HealthCheckResponse.SERVING),
+            (SERVICES[name], health_pb2.HealthCheckResponse.SERVING),
+        }
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -64,6 +71,17 @@ async def test_the_plaintext_probe_port_serves_nothing_but_health(suite: Suite, 
             service,
             answer.error_response.error_message,
         )
+    # Nor does it describe the service's contract to whoever reaches it without a certificate
+    # (the API port's reflection does, to platform callers).
+    for symbol in (SERVICES[name], "coins.common.v1.AdminAuditService", "buf.validate.FieldRules"):
+        hidden = [
+            r
+            async for r in reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)])
+            )
+        ]
+        assert hidden[0].WhichOneof("message_response") == "error_response", symbol
+        assert hidden[0].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
     method = f"/{SERVICES[name]}/{'ListGifts' if name == 'gifting' else 'GetBalance'}"
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = suite.health_channel(name).unary_unary(
         method
