@@ -27,10 +27,16 @@ from coins.wallet.v1 import wallet_pb2_grpc
 from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
 from runtime.channels import RETRY_ON_UNAVAILABLE
 from runtime.config import SecuritySettings, suite_address
+from runtime.errors import FieldViolation
 from runtime.status import bad_request, error_info, retry_info
 
 _USER_FIELDS = ("user_id", "sender_id", "creator_id")
 IDENTITY = os.environ.get("COINS_CLI_IDENTITY", "gateway")
+
+
+class NoActingUser(ValueError):
+    """A call that needs a user token, for a request that names no user, from `Clients` that were
+    told no `acting_user` (nor a `default_user`): refused before anything is sent."""
 
 
 def new_request_id() -> str:
@@ -50,7 +56,11 @@ class Refusal:
     message: str
     metadata: Mapping[str, str]
     violations: Mapping[str, str]
-    """Field path -> what is wrong with it."""
+    """Field path -> what is wrong with it (several faults of one field joined by "; ")."""
+    field_violations: tuple[FieldViolation, ...]
+    """Each bad field as the service sent it: path, description and, as `reason`, the rule it
+    broke (`INT32_GTE_LTE`, `STRING_PATTERN`, `REQUIRED`, `CARD_DATA_REFUSED`): what code
+    branches on."""
     retry_after: float | None
     """Seconds to wait before sending the same request again, when the service said."""
 
@@ -60,14 +70,21 @@ class Refusal:
         fields = bad_request(error)
         wait = retry_info(error)
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        bad = tuple(
+            FieldViolation(v.field, v.description, v.reason)
+            for v in (fields.field_violations if fields is not None else ())
+        )
+        described: dict[str, str] = {}
+        for each in bad:
+            said = described.get(each.field)
+            described[each.field] = f"{said}; {each.description}" if said else each.description
         return cls(
             code=code,
             reason=info.reason if info is not None else "",
             message=(error.details() if hasattr(error, "details") else str(error)) or "",
             metadata=dict(info.metadata) if info is not None else {},
-            violations={v.field: v.description for v in fields.field_violations}
-            if fields is not None
-            else {},
+            violations=described,
+            field_violations=bad,
             retry_after=wait.retry_delay.ToTimedelta().total_seconds()
             if wait is not None
             else None,
@@ -144,6 +161,10 @@ class Clients:
     """The deadline of every unary call that names none (seconds)."""
     acting_user: str | None = None
     """--as: act for this user on every call (else: the user each request names)."""
+    default_user: str | None = None
+    """Who a request that names no user acts for when `acting_user` is not set (a gift's or a
+    withdrawal's record, the catalog, a LIVE). None: such a request is refused here, before it is
+    sent, saying to set `acting_user` (else the service would judge a made-up user's token)."""
     admin: bool = False
     security: SecuritySettings = field(default_factory=lambda: _security())
     last_service: str | None = None
@@ -169,7 +190,13 @@ class Clients:
 
     def _token_for(self, request: Any) -> str:
         named = next((getattr(request, f) for f in _USER_FIELDS if hasattr(request, f)), "")
-        user = self.acting_user or named or "coinsctl"
+        user = self.acting_user or named or self.default_user
+        if not user:
+            kind = type(request).__name__
+            raise NoActingUser(
+                f"a {kind} names no user (no {', '.join(_USER_FIELDS)}): say whom the call acts "
+                'for, Clients(..., acting_user="USER") (coinsctl: --as USER)'
+            )
         return self.issuer.mint(user, roles=["admin"] if self.admin else [])
 
     def _channel(

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     clients = Clients(
         {service: getattr(args, service) for service in SUITE_PLACES},
         acting_user=args.acting_user,
+        # A command whose request names no user (a gift's record, the catalog) acts for this
+        # made-up viewer unless --as says whom; an owner's refusal then says to pass --as.
+        default_user="coinsctl",
         admin=args.admin,
     )
     args.command_line = arguments  # (a watch that gives up says how to resume)

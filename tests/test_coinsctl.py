@@ -15,7 +15,8 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -24,11 +25,19 @@ from rich.console import Console
 
 from cli import client as client_module
 from cli import render
-from cli.client import Clients, Refusal, _CallDefaults, _Details, new_request_id
+from cli.client import (
+    Clients,
+    NoActingUser,
+    Refusal,
+    _CallDefaults,
+    _Details,
+    new_request_id,
+)
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime import pki
+from runtime.config import SecuritySettings
 from runtime.server import RunningService, start_service
 from services.gifting.service import SPEC as GIFTING
 from tests.faults import TcpProxy
@@ -160,6 +169,40 @@ async def test_a_refusal_reads_as_one_typed_value(suite: Suite) -> None:
         await asyncio.to_thread(clients.wallet.OpenAccount, bad)
     refusal = Refusal.of(caught.value)
     assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in refusal.violations
+    # The rule each field broke, as the service named it: what a caller branches on (review r2).
+    listing = wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=-3)
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(clients.wallet.ListLedgerEntries, listing)
+    refusal = Refusal.of(caught.value)
+    assert [(v.field, v.reason) for v in refusal.field_violations] == [
+        ("page_size", "INT32_GTE_LTE")
+    ]
+    assert refusal.violations["page_size"] == refusal.field_violations[0].description
+
+
+def test_a_request_naming_no_user_needs_an_acting_user(tmp_path: Path) -> None:
+    """Review r2: a record read by id (GetGift) went out with a token for a made-up user
+    "coinsctl", and came back PERMISSION_DENIED naming a user the caller never used. Without
+    `acting_user` it is refused before anything is sent; coinsctl names its default viewer."""
+    nowhere = {name: "127.0.0.1:1" for name in ("wallet", "gifting", "payout", "promotion")}
+    pki.ensure_dev_pki(tmp_path)
+    security = SecuritySettings(certs_dir=tmp_path, dev_pki=False)
+    clients = Clients(nowhere, security=security)
+    with pytest.raises(NoActingUser, match="acting_user") as refused:
+        clients.gifting.GetGift(gifting_pb2.GetGiftRequest(sent_gift_id="f" * 32))
+    assert "GetGiftRequest names no user" in str(refused.value)
+    minted: list[str] = []
+
+    def mint(user: str, roles: list[str]) -> str:
+        minted.append(user)
+        return "token"
+
+    issuer = cast(Any, SimpleNamespace(mint=mint))
+    for acting, default in (("ava", None), (None, "viewer"), ("ava", "viewer")):
+        chosen = Clients(nowhere, acting_user=acting, default_user=default, security=security)
+        chosen.__dict__["issuer"] = issuer  # (a cached property: no dev key needed here)
+        chosen._token_for(gifting_pb2.GetGiftRequest(sent_gift_id="f" * 32))
+    assert minted == ["ava", "viewer", "ava"]
 
 
 def test_a_unary_call_without_a_deadline_gets_the_clients_own() -> None:
