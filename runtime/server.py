@@ -282,6 +282,10 @@ class RunningService(Generic[S]):
 
 
 WORKER_BACKOFF_CAP_SECONDS = 30.0
+RECONCILE_PAGE = 100
+"""Items a reconciler takes per pass (pending gifts, purchases, promotions, lost captures); a pass
+that settles a full page runs again at once, so a backlog (after a burst of abandoned calls, an
+outage) drains in seconds rather than a page per period."""
 
 
 async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:

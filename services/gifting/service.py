@@ -7,7 +7,7 @@ from pathlib import Path
 
 from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from runtime.metrics import Gauges
-from runtime.server import Runtime, ServiceSpec
+from runtime.server import RECONCILE_PAGE, Runtime, ServiceSpec
 from services.gifting import storage
 from services.gifting.api import ACCESS, GiftingApi
 from services.gifting.clients import PayoutCrediter, WalletDebiter
@@ -84,7 +84,10 @@ async def setup(runtime: Runtime[GiftingSettings]) -> None:
     runtime.add_periodic(
         "settled pending gifts",
         settings.reconcile_every_seconds,
-        lambda: sender.reconcile(stale, time_limit=settings.downstream_timeout_seconds),
+        lambda: sender.reconcile(
+            stale, time_limit=settings.downstream_timeout_seconds, limit=RECONCILE_PAGE
+        ),
+        batch=RECONCILE_PAGE,
     )
     gifting_pb2_grpc.add_GiftingServiceServicer_to_server(
         GiftingApi(runtime, gifting, sender, relay.wake.set, lives, feed), runtime.server

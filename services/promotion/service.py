@@ -7,7 +7,7 @@ from pathlib import Path
 
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from runtime.metrics import Gauges, attrs
-from runtime.server import Runtime, ServiceSpec
+from runtime.server import RECONCILE_PAGE, Runtime, ServiceSpec
 from services.promotion import storage
 from services.promotion.api import ACCESS, PromotionApi
 from services.promotion.campaigns import Campaigns
@@ -25,15 +25,17 @@ async def setup(runtime: Runtime[PromotionSettings]) -> None:
     runtime.add_periodic(
         "settled pending promotions",
         runtime.settings.reconcile_every_seconds,
-        lambda: reconciler.reconcile(stale),
+        lambda: reconciler.reconcile(stale, limit=RECONCILE_PAGE),
+        batch=RECONCILE_PAGE,
     )
     campaigns = Campaigns(runtime.db, runtime.idempotency, runtime.clock, promotions, wallet)
     runtime.add_periodic(
         "counted lost delivery captures",
         runtime.settings.reconcile_every_seconds,
         lambda: campaigns.reconcile_captures(
-            stale, time_limit=runtime.settings.downstream_timeout_seconds
+            stale, time_limit=runtime.settings.downstream_timeout_seconds, limit=RECONCILE_PAGE
         ),
+        batch=RECONCILE_PAGE,
     )
     _measure(runtime)
     promotion_pb2_grpc.add_PromotionServiceServicer_to_server(

@@ -10,7 +10,7 @@ from ledger import Ledger
 from ledger import api as ledger_api
 from ledger import metrics as ledger_metrics
 from runtime.metrics import Gauges
-from runtime.server import Runtime, ServiceSpec
+from runtime.server import RECONCILE_PAGE, Runtime, ServiceSpec
 from services.wallet import storage
 from services.wallet.api import ACCESS, WalletApi
 from services.wallet.domain import Wallet
@@ -47,7 +47,8 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
     runtime.add_periodic(
         "reconciled purchases",
         settings.reconcile_every_seconds,
-        lambda: purchases.reconcile(stale),
+        lambda: purchases.reconcile(stale, limit=RECONCILE_PAGE),
+        batch=RECONCILE_PAGE,
     )
     ledger_api.serve_ledger_audit(runtime, wallet.ledger)
     _measure(runtime, wallet)
