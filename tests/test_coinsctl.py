@@ -133,6 +133,7 @@ async def test_an_admin_audits_a_ledger_or_reads_its_latest_report(suite: Suite)
     code, ran = await coinsctl(suite, "--admin", "audit-ledger", "payout", "--mode", "incremental")
     # (full the first time: an incremental audit starts from a clean run's chain heads)
     assert code == 0 and "payout ledger audit" in ran and "): OK;" in ran, ran
+    assert "transactions (every leg, by its digest)" in ran and " links) checked" in ran, ran
     run_id = ran.split("payout ledger audit ", 1)[1].split(" ", 1)[0]
     code, latest = await coinsctl(suite, "--admin", "audit-ledger", "payout", "--mode", "latest")
     assert code == 0 and f"payout ledger audit {run_id} " in latest, latest
