@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import secrets
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +18,7 @@ from runtime.auth import principal_or_none
 from runtime.clock import Clock, utc
 from runtime.errors import FailedPrecondition, NotFound
 from runtime.idempotency import AnsweredKey
+from runtime.ids import time_ordered_id
 from runtime.metrics import after_commit
 from runtime.sql import Driver, Statement, Tx, as_tx, is_conflict
 
@@ -183,10 +182,9 @@ _BALANCES = Statement(
 
 
 def new_transaction_id() -> str:
-    """32 hex digits: the microsecond first, then 72 random bits. Ids in time order keep the
-    transactions' primary key and the entries' transaction index appending at their right edge, where
-    random ids would touch a random page of a multi-gigabyte index on every posting."""
-    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(9)}"
+    """In time order (runtime.ids): the transactions' primary key and the entries' transaction
+    index append at their right edge."""
+    return time_ordered_id()
 
 
 def _current_trace_id() -> str:

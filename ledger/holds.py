@@ -11,7 +11,6 @@ each by a conditional UPDATE on the hold row, so it resolves exactly once.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import Row, and_, case, literal, or_, select, update
@@ -21,6 +20,7 @@ from ledger.book import Ledger, Posted, Posting, frozen, insufficient
 from ledger.schema import accounts, holds
 from runtime.clock import utc
 from runtime.errors import FailedPrecondition, NotFound, PermissionDenied, request_id_reused
+from runtime.ids import time_ordered_id
 from runtime.sql import as_tx
 
 ACTIVE, CAPTURED, RELEASED, EXPIRED = "active", "captured", "released", "expired"
@@ -120,7 +120,7 @@ class Holds:
             raise insufficient(self._ledger.unit, account_id, balance, balance - available, amount)
         now = self._clock.now()
         hold = Hold(
-            hold_id=uuid.uuid4().hex,
+            hold_id=time_ordered_id(),
             account_id=account_id,
             counter_account_id=counter_account_id,
             amount=amount,

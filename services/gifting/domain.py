@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -33,6 +32,7 @@ from runtime.errors import (
     NotFound,
 )
 from runtime.idempotency import KeyAnswer, KeyClaim
+from runtime.ids import time_ordered_id
 from runtime.metrics import after_commit
 from runtime.sql import Tx, as_tx
 from services.gifting import storage
@@ -237,7 +237,7 @@ class Gifting:
         )
 
     def new_sent_gift_id(self) -> str:
-        return uuid.uuid4().hex
+        return time_ordered_id()
 
     async def start(
         self,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import uuid
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -21,6 +20,7 @@ from runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from runtime.ids import time_ordered_id
 from services.payout import storage
 
 KYC_STATUSES = ("unverified", "pending", "verified", "rejected")
@@ -106,7 +106,7 @@ class PayoutMethods:
                 limit=str(MAX_PAYOUT_METHODS),
             )
         record = storage.PayoutMethodRecord(
-            method_id=uuid.uuid4().hex,
+            method_id=time_ordered_id(),
             creator_id=creator_id,
             kind=method.kind,
             destination_token=destination,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import uuid
 import zoneinfo
 from collections.abc import Sequence
 
@@ -33,6 +32,7 @@ from runtime.errors import (
     Unavailable,
     request_id_reused,
 )
+from runtime.ids import time_ordered_id
 from runtime.protos import money_text
 from runtime.sql import as_tx
 from services.payout import policy, storage
@@ -204,7 +204,7 @@ class Withdrawals:
             )
         if not await storage.creator_exists(conn, creator_id):  # nothing credited yet: nothing
             raise await self._not_available(conn, creator_id, quote.diamonds)  # to hold, as quoted
-        withdrawal_id = uuid.uuid4().hex
+        withdrawal_id = time_ordered_id()
         # Holding first locks the creator's balance row, so the daily-cap sum below sees every
         # concurrent withdrawal of this creator that committed before us.
         try:

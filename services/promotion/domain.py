@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import uuid
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -33,6 +32,7 @@ from runtime.errors import (
     NotFound,
     request_id_reused,
 )
+from runtime.ids import time_ordered_id
 from services.promotion import storage
 
 GRACE = dt.timedelta(days=1)
@@ -189,7 +189,7 @@ class Promotions:
         duration_days: int,
         now: dt.datetime,
     ) -> str:
-        promotion_id = uuid.uuid4().hex
+        promotion_id = time_ordered_id()
         await storage.insert_promotion(
             conn,
             storage.PromotionRecord(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import uuid
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -28,6 +27,7 @@ from runtime.errors import (
     Unavailable,
 )
 from runtime.idempotency import Idempotency
+from runtime.ids import time_ordered_id
 from runtime.outages import log_failure
 from services.wallet import storage
 from services.wallet.convert import balance_pb, purchase_pb
@@ -108,7 +108,7 @@ class Purchases:
         await storage.lock_account(conn, account.user_id)
         await storage.lock_payment_method(conn, order.payment_token)
         await wallet.check_limits(conn, account, package, order.payment_token, now)
-        purchase_id = uuid.uuid4().hex
+        purchase_id = time_ordered_id()
         await storage.insert_purchase(
             conn,
             storage.PurchaseRecord(
