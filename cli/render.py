@@ -505,7 +505,7 @@ def ledger_audit(service: str, r: ledger_audit_pb2.AuditLedgerResponse) -> Group
             f"{service} ledger audit {r.run_id} ({mode}, {stamp(r.start_time)} to "
             f"{stamp(r.finish_time)}): {'OK' if r.ok else f'{found} FINDINGS'}; "
             f"{r.transactions_checked:,} transactions (every leg, by its digest), "
-            f"{r.accounts_checked:,} accounts' chains ({r.entries_checked:,} links) checked; "
+            f"{r.accounts_checked:,} account chains ({r.entries_checked:,} links) checked; "
             f"total {r.total:,}",
             style="green" if r.ok else "bold red",
         )
