@@ -51,27 +51,33 @@ async def reconciling(
 
 async def pending_gift(suite: Suite, sender: str) -> str:
     """A gift left pending before its debit (the gifting process died): the reconciler's work."""
-    sent_gift_id = uuid.uuid4().hex
+    return (await pending_gifts(suite, sender, 1))[0]
+
+
+async def pending_gifts(suite: Suite, sender: str, count: int) -> list[str]:
+    """`count` such gifts, written at once (one transaction)."""
+    made = [uuid.uuid4().hex for _ in range(count)]
     now = dt.datetime.now(dt.UTC)
     async with suite.services["gifting"].runtime.db.transaction() as conn:
-        await storage.insert_sent_gift(
-            conn,
-            storage.SentGiftRecord(
-                sent_gift_id=sent_gift_id,
-                sender_id=sender,
-                creator_id=new_id("creator"),
-                gift_id="rose",
-                count=1,
-                coins=1,
-                live_id="live-x",
-                video_id=None,
-                status="pending",
-                wallet_transaction_id=None,
-                created_at=now,
-                updated_at=now,
-            ),
-        )
-    return sent_gift_id
+        for sent_gift_id in made:
+            await storage.insert_sent_gift(
+                conn,
+                storage.SentGiftRecord(
+                    sent_gift_id=sent_gift_id,
+                    sender_id=sender,
+                    creator_id=new_id("creator"),
+                    gift_id="rose",
+                    count=1,
+                    coins=1,
+                    live_id="live-x",
+                    video_id=None,
+                    status="pending",
+                    wallet_transaction_id=None,
+                    created_at=now,
+                    updated_at=now,
+                ),
+            )
+    return made
 
 
 async def status_of(suite: Suite, sent_gift_id: str) -> str:
@@ -324,27 +330,7 @@ async def test_a_backlog_of_pending_gifts_drains_in_one_period(
     )
     try:
         sender, _ = await funded_user(suite)
-        now = dt.datetime.now(dt.UTC)
-        backlog = [uuid.uuid4().hex for _ in range(2 * RECONCILE_PAGE + RECONCILE_PAGE // 2)]
-        async with suite.services["gifting"].runtime.db.transaction() as conn:
-            for sent_gift_id in backlog:
-                await storage.insert_sent_gift(
-                    conn,
-                    storage.SentGiftRecord(
-                        sent_gift_id=sent_gift_id,
-                        sender_id=sender,
-                        creator_id="creator-backlog",
-                        gift_id="rose",
-                        count=1,
-                        coins=1,
-                        live_id=None,
-                        video_id="video-backlog",
-                        status="pending",
-                        wallet_transaction_id=None,
-                        created_at=now,
-                        updated_at=now,
-                    ),
-                )
+        await pending_gifts(suite, sender, 2 * RECONCILE_PAGE + RECONCILE_PAGE // 2)
 
         async def none_pending() -> bool:
             async with suite.services["gifting"].runtime.db.read() as conn:
