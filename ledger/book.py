@@ -181,12 +181,6 @@ _BALANCES = Statement(
 )
 
 
-def new_transaction_id() -> str:
-    """In time order (runtime.ids): the transactions' primary key and the entries' transaction
-    index append at their right edge."""
-    return time_ordered_id()
-
-
 def _current_trace_id() -> str:
     """The trace the posting happens in, recorded on its transaction (empty outside a trace)."""
     context = trace.get_current_span().get_span_context()
@@ -371,7 +365,7 @@ class Ledger:
         if acting_user is None:  # who asked: the user the RPC being served acts for, if any
             principal = principal_or_none()
             acting_user = principal.user_id or "" if principal is not None else ""
-        transaction_id = new_transaction_id()
+        transaction_id = time_ordered_id()
         trace_id = _current_trace_id()
         # Lock order by account id, so two transactions touching the same accounts cannot deadlock.
         # Each keeping account's UPDATE also takes the next number of its chain under that row lock.
@@ -521,7 +515,7 @@ class Ledger:
         now = utc(self._clock.now())
         principal = principal_or_none()
         acting_user = principal.user_id or "" if principal is not None else ""
-        transaction_id = new_transaction_id()
+        transaction_id = time_ordered_id()
         trace_id = _current_trace_id()
         link = _Link(int(balance) + debit.amount, int(seq) + 1, str(head_hash), int(held))
         digest = transaction_digest(
@@ -653,7 +647,7 @@ class Ledger:
                 int(row[1]) + p.amount, int(row[2]) + 1, str(row[3]), int(row[4])
             )
         now = utc(self._clock.now())
-        transaction_id = new_transaction_id()
+        transaction_id = time_ordered_id()
         trace_id = _current_trace_id()
         digest = transaction_digest(
             transaction_id=transaction_id,

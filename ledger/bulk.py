@@ -17,9 +17,9 @@ from typing import Any
 
 import asyncpg
 
-from ledger.book import new_transaction_id
 from ledger.chain import entry_hash, transaction_digest
 from runtime.clock import utc
+from runtime.ids import time_ordered_id
 
 _TX_COLUMNS = (
     "transaction_id",
@@ -70,7 +70,7 @@ def chain_rows(
     """(transaction row, account entry row, counter entry row) per movement, moving `head`."""
     for m in movements:
         at = utc(m.at)
-        transaction_id = new_transaction_id()
+        transaction_id = time_ordered_id()
         request_id = f"bulk:{transaction_id}"
         balance = head.balance + m.amount
         if balance < 0:

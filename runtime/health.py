@@ -19,8 +19,8 @@ from runtime.telemetry import background_pass
 
 log = logging.getLogger("coins.server")
 
-CHECK = "/grpc.health.v1.Health/Check"
-LIST = "/grpc.health.v1.Health/List"
+SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+CHECK, LIST, WATCH = (f"/{SERVICE}/{method}" for method in ("Check", "List", "Watch"))
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]

@@ -33,7 +33,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
-from runtime import deadlines, shedding
+from runtime import deadlines, health, reflection, shedding
 from runtime.access import Access
 from runtime.audit import AdminAudit
 from runtime.auth import Principal, TokenVerifier, bearer_token, peer_service, set_principal
@@ -90,13 +90,7 @@ def _finished(task: asyncio.Task[Any]) -> None:
         task.exception()  # seen: a caller that went away has no one else to give it to
 
 
-OPEN_STREAMS = frozenset(
-    {
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    }
-)
+OPEN_STREAMS = frozenset({health.WATCH, *reflection.INFO_METHODS})
 """Streaming methods served to any caller with a platform certificate: health and reflection."""
 
 Behavior = Callable[[Any, RpcContext], Awaitable[Any]]

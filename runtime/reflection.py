@@ -15,6 +15,10 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+INFO_METHODS = tuple(
+    f"/{name}/ServerReflectionInfo" for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+)
+"""The one (streaming) method of reflection, under both of its names."""
 
 
 @functools.cache

@@ -44,6 +44,7 @@ from runtime.clock import Clock, SystemClock
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
 from runtime.health import CHECK, LIST, HealthServicer, watch_database
+from runtime.health import SERVICE as HEALTH
 from runtime.idempotency import Idempotency
 from runtime.interceptors import Replay, RequestGuard, finish_unfinished
 from runtime.leadership import Leadership
@@ -523,8 +524,7 @@ async def start_service(
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
-        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        enable_reflection((*names, health_name), server)
+        enable_reflection((*names, HEALTH), server)
     pagination.use_token_key(private_key(security, spec.name))
     prefix = settings.env_prefix
     port = runtime.port = _listen(
@@ -542,8 +542,7 @@ async def start_service(
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
     if settings.reflection:  # so a reflection-based client (grpcurl, buf curl) can call it bare
-        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        enable_reflection((health_name,), health_server, health_only=True)
+        enable_reflection((HEALTH,), health_server, health_only=True)
     health_port = _listen(
         health_server,
         f"{settings.host}:{settings.health_port}",
