@@ -11,6 +11,7 @@ import protovalidate
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from buf.validate import validate_pb2
 from runtime.errors import FieldViolation, InvalidArgument
 
 
@@ -42,15 +43,14 @@ class RequestValidator:
         try:
             self._validator.validate(request)
         except protovalidate.ValidationError as error:
-            violations = tuple(
-                FieldViolation(
-                    ".".join(e.field_name for e in v.proto.field.elements) if v.proto.field else "",
-                    _explained(v),
-                    _rule_reason(v),
-                )
-                for v in error.violations
+            violations = tuple(f for v in error.violations for f in _field_violations(request, v))
+            fields_saying: dict[str, list[str]] = {}  # a rule over several fields said once
+            for v in violations:
+                fields_saying.setdefault(v.description, []).append(v.field or "the request")
+            said = "; ".join(
+                f"{' and '.join(fields)}: {description}"
+                for description, fields in fields_saying.items()
             )
-            said = "; ".join(f"{v.field or 'the request'}: {v.description}" for v in violations)
             raise InvalidArgument(
                 "INVALID_REQUEST",
                 f"invalid request: {said[:400]}",  # each field also in the BadRequest detail
@@ -75,6 +75,43 @@ class RequestValidator:
                 ),
                 fields=turned,
             )
+
+
+def _field_violations(
+    request: Message, violation: protovalidate.Violation
+) -> tuple[FieldViolation, ...]:
+    if violation.proto.rule_id == "message.oneof":
+        return _oneof_violations(request, violation)
+    path = violation.proto.field
+    field = ".".join(e.field_name for e in path.elements) if path else ""
+    return (FieldViolation(field, _explained(violation), _rule_reason(violation)),)
+
+
+def _oneof_violations(
+    request: Message, violation: protovalidate.Violation
+) -> tuple[FieldViolation, ...]:
+    """A message's "exactly one of these fields" rule (`(buf.validate.message).oneof`) broken: one
+    violation per field it names, saying how many are set. protovalidate names the fields only in
+    its text, so the rule is found by them there."""
+    text = str(violation.proto.message)
+    for rule in _oneof_rules(request.DESCRIPTOR):
+        names = ", ".join(rule)
+        if names in text:
+            several = text.startswith("only")
+            which = (
+                ("both are set" if len(rule) == 2 else "more than one is set")
+                if several
+                else ("neither is set" if len(rule) == 2 else "none is set")
+            )
+            description = f"exactly one of {names} must be set; {which}"
+            return tuple(FieldViolation(name, description, "MESSAGE_ONEOF") for name in rule)
+    return (FieldViolation("", text, "MESSAGE_ONEOF"),)
+
+
+@functools.cache
+def _oneof_rules(descriptor: Descriptor) -> tuple[tuple[str, ...], ...]:
+    rules = descriptor.GetOptions().Extensions[validate_pb2.message].oneof
+    return tuple(tuple(rule.fields) for rule in rules)
 
 
 def _explained(violation: protovalidate.Violation) -> str:

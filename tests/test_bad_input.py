@@ -444,25 +444,32 @@ async def test_a_history_listing_ending_before_its_start_is_refused(suite: Suite
 
 
 async def test_a_purchase_naming_neither_a_package_nor_an_amount_says_so(suite: Suite) -> None:
+    """The rule is the contract's (`(buf.validate.message).oneof`), so it is reported with the
+    request's other faults in one answer, not after they are mended."""
     user, coins = await funded_user(suite)
     for package_id, custom_coins, which in (("", 0, "neither"), ("us-web-70", 100, "both")):
-        error = await expect_error(
-            suite.wallet.PurchaseCoins(
-                wallet_pb2.PurchaseCoinsRequest(
-                    request_id=new_id("buy"),
-                    user_id=user,
-                    package_id=package_id,
-                    custom_coins=custom_coins,
-                    payment_token="tok_visa",
-                )
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_REQUEST",
-        )
-        assert f"{which} is set" in (error.details() or "") or f"{which} are set" in (
-            error.details() or ""
-        )
-        assert field_violations(error) == {"package_id", "custom_coins"}
+        for payment_token, faults in (("tok_visa", set()), ("", {"payment_token"})):
+            error = await expect_error(
+                suite.wallet.PurchaseCoins(
+                    wallet_pb2.PurchaseCoinsRequest(
+                        request_id=new_id("buy"),
+                        user_id=user,
+                        package_id=package_id,
+                        custom_coins=custom_coins,
+                        payment_token=payment_token,
+                    )
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_REQUEST",
+            )
+            said = error.details() or ""
+            assert "package_id and custom_coins: exactly one of package_id, custom_coins" in said
+            assert f"{which} is set" in said or f"{which} are set" in said
+            assert field_violations(error) == {"package_id", "custom_coins", *faults}
+            details = bad_request(error)
+            assert details is not None
+            reasons = {v.field: v.reason for v in details.field_violations}
+            assert reasons["package_id"] == reasons["custom_coins"] == "MESSAGE_ONEOF"
     balance = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     assert balance.balance.coins == coins
 
