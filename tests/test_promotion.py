@@ -223,6 +223,30 @@ async def test_delivery_is_captured_from_the_hold_once(suite: Suite) -> None:
     assert await coins_of(suite, user) == (coins - 100, coins - 300)
 
 
+async def test_a_report_id_names_one_delivery_whoever_reports_it(suite: Suite) -> None:
+    """Reports are kept per caller and the user it acts for, so the ad-delivery system acting for
+    two users can send one report id twice. It names one delivery of the promotion: for other coins
+    the second is REQUEST_ID_REUSED before the wallet is asked (it used to reach the wallet, whose
+    refusal was stored as the second report's answer), for the same coins it reads as counted; the
+    coins are captured once either way."""
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    first = delivery(made.promotion_id, 100)
+    await suite.ad_delivery.ReportDelivery(first, metadata=suite.token("viewer-a"))
+
+    other_coins = delivery(made.promotion_id, 60, request_id=first.request_id)
+    error = await expect_error(
+        suite.ad_delivery.ReportDelivery(other_coins, metadata=suite.token("viewer-b")),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+    )
+    assert "a report of 100 coins delivered" in (error.details() or "")
+    again = await suite.ad_delivery.ReportDelivery(first, metadata=suite.token("viewer-c"))
+    assert again.promotion.spent_coins == 100
+    assert await coins_of(suite, user) == (coins - 100, coins - 300)
+    assert (await hold_of(suite, made.promotion_id)).captured_coins == 100
+
+
 async def test_delivery_beyond_the_budget_is_refused_and_spending_it_all_completes(
     suite: Suite,
 ) -> None:

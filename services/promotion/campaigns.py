@@ -149,6 +149,12 @@ class Campaigns:
             promotion = await storage.get_promotion(conn, request.promotion_id)
             if promotion is None:
                 raise not_found(request.promotion_id)
+            on_record = await storage.reported_coins(
+                conn, promotion.promotion_id, request.request_id
+            )
+            self._promotions.check_report_id(
+                promotion.promotion_id, request.request_id, request.coins, on_record
+            )
             now = self._clock.now()
             self._promotions.check_delivery(promotion, request.coins, now)
             await storage.add_pending_capture(

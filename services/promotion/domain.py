@@ -27,6 +27,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.errors import (
+    Aborted,
     DomainError,
     FailedPrecondition,
     NotFound,
@@ -253,6 +254,26 @@ class Promotions:
             raise _ended(promotion)
         if promotion.spent_coins + coins > promotion.budget_coins:
             raise _exceeded(promotion, coins)
+
+    def check_report_id(
+        self, promotion_id: str, request_id: str, coins: int, on_record: tuple[int, bool] | None
+    ) -> None:
+        """A report id names one delivery of a promotion, whoever reports it (reports are kept per
+        caller and the user it acts for, so two of them can send the same id): one on record for
+        other coins is REQUEST_ID_REUSED before anything is captured; one for the same coins still
+        being captured is CONCURRENT_RETRY (retried, it reads as counted)."""
+        if on_record is None:
+            return
+        recorded, pending = on_record
+        if recorded != coins:
+            raise request_id_reused(request_id, f"a report of {recorded} coins delivered")
+        if pending:
+            raise Aborted(
+                "CONCURRENT_RETRY",
+                f"delivery report {request_id!r} of promotion {promotion_id} is being counted "
+                "now: retry to read its answer",
+                promotion_id=promotion_id,
+            )
 
     def check_end(self, promotion: storage.PromotionRecord, now: dt.datetime) -> None:
         """Only an active promotion before its end can be ended."""

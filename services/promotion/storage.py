@@ -290,6 +290,23 @@ async def insert_delivery(
     return result.rowcount == 1
 
 
+async def reported_coins(
+    conn: AsyncConnection, promotion_id: str, request_id: str
+) -> tuple[int, bool] | None:
+    """What a delivery report id of a promotion is on record for, whoever reported it: (coins,
+    still pending), or None."""
+    pending = await conn.scalar(
+        select(pending_captures.c.coins).where(
+            pending_captures.c.promotion_id == promotion_id,
+            pending_captures.c.request_id == request_id,
+        )
+    )
+    if pending is not None:
+        return int(pending), True
+    counted = await delivery_coins(conn, promotion_id, request_id)
+    return None if counted is None else (counted, False)
+
+
 async def delivery_coins(conn: AsyncConnection, promotion_id: str, request_id: str) -> int | None:
     """The coins a recorded delivery report counted (None: no such report)."""
     found = await conn.scalar(
