@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: manifests up test bench bench-ledger bench-smoke demo certs gen gen-check lint format buf buf-baseline check clean help
+.PHONY: manifests up test test-nightly bench bench-ledger bench-smoke demo certs gen gen-check lint format buf buf-baseline check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -69,7 +69,7 @@ buf: gen  ## buf lint (STANDARD + COMMENTS) and buf breaking (FILE) against the 
 buf-baseline: gen  ## accept the current contracts as the new breaking-change baseline
 	cp build/image.binpb protos/baseline.binpb
 
-check: lint buf gen-check test  ## everything CI runs
+check: lint buf gen-check test bench-smoke  ## everything CI runs
 
 clean:  ## remove the virtual environment, build output and local databases
 	rm -rf $(VENV) build data certs

@@ -137,7 +137,6 @@ class Result:
     load: str
     """How it was driven: `16` calls in flight (closed loop) or `250/s` (open loop)."""
     concurrency: int | None
-    offered_rate: float | None
     window: float
     completed: int
     latencies: list[float]
@@ -304,17 +303,16 @@ async def closed_loop(
     running = False
     await _drain(tasks, timing.drain, errors)
     return Result(
-        case,
-        group,
-        str(concurrency),
-        concurrency,
-        None,
-        window[1] - window[0],
-        completed,
-        latencies,
-        errors,
-        Monitor.used_ms(before, after),
-        items_per_call,
+        case=case,
+        group=group,
+        load=str(concurrency),
+        concurrency=concurrency,
+        window=window[1] - window[0],
+        completed=completed,
+        latencies=latencies,
+        errors=errors,
+        cpu_ms=Monitor.used_ms(before, after),
+        items_per_call=items_per_call,
         closed_at=window[1],
     )
 
@@ -386,16 +384,15 @@ async def open_loop(
     if shed:
         errors[f"OVERLOAD: {shed} arrivals shed with {max_outstanding} calls outstanding"] += 1
     return Result(
-        case,
-        group,
-        f"{rate:.0f}/s",
-        None,
-        rate,
-        closes - opens,
-        completed,
-        latencies,
-        errors,
-        Monitor.used_ms(snapshots[0], snapshots[1]),
+        case=case,
+        group=group,
+        load=f"{rate:.0f}/s",
+        concurrency=None,
+        window=closes - opens,
+        completed=completed,
+        latencies=latencies,
+        errors=errors,
+        cpu_ms=Monitor.used_ms(snapshots[0], snapshots[1]),
         closed_at=closes,
         unsent=shed,
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,11 +169,6 @@ class AuditReport:
             and not self.held_mismatches
             and not self.negative
         )
-
-
-def _pages(ids: Sequence[str], size: int = PAGE) -> Iterator[list[str]]:
-    for start in range(0, len(ids), size):
-        yield list(ids[start : start + size])
 
 
 class _Auditor:

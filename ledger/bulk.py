@@ -5,7 +5,8 @@ a passive counter account: a transaction row with its digest, the account's entr
 previous one (seq, prev_hash, hash, running balance) and the counter account's unchained entry, both
 carrying the kind. Rows go in with COPY (PostgreSQL, where ledgers grow large), a chunk per
 transaction that also moves the account's head, so the books are whole after every chunk and the
-audit verifies them like any other (tests/test_ledger_bulk.py holds the two paths to each other).
+audit verifies them like any other (the two paths are held to each other by
+tests/test_ledger_at_scale.py::test_the_bulk_path_writes_what_posting_writes).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ text endpoint on `<SVC>_METRICS_PORT` when that is set.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import logging
 import os
 import threading
@@ -146,6 +147,12 @@ class Gauges:
             return [Observation(value, dict(attrs)) for attrs, value in values.items()]
 
         self._meter.create_observable_gauge(name, [observe], unit=unit, description=description)
+
+    def set_age(self, name: str, oldest: dt.datetime | None, now: dt.datetime) -> None:
+        """An "age of the oldest" gauge: seconds since `oldest` (0 with nothing waiting, and never
+        below 0 when the clocks of two replicas disagree)."""
+        age = 0.0 if oldest is None else (now - oldest).total_seconds()
+        self.set(name, {(): max(0.0, age)})
 
     def set(self, name: str, values: Mapping[Attributes, float]) -> None:
         if name not in self._values:

@@ -31,10 +31,6 @@ from runtime.protos import RpcContext
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def _code(kind: ErrorKind) -> grpc.StatusCode:
-    return grpc.StatusCode[kind.value]
-
-
 def to_status(error: DomainError, domain: str) -> status_pb2.Status:
     """The google.rpc.Status for `error`, with ErrorInfo first and BadRequest when fields were wrong."""
     metadata = error.metadata

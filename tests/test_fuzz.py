@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import operator
 import re
@@ -686,14 +685,6 @@ def _has_nul(message: Message) -> bool:
             if isinstance(item, Message) and _has_nul(item):
                 return True
     return False
-
-
-def _decodes_to_a_list(token: str) -> bool:
-    body = token.partition(".")[0]
-    try:
-        return isinstance(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))), list)
-    except (ValueError, binascii.Error):
-        return False
 
 
 @dataclass(frozen=True)

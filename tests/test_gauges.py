@@ -3,6 +3,8 @@ a replica that does not lead reports none, and neither does one whose last sampl
 
 from __future__ import annotations
 
+import datetime as dt
+
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
@@ -61,3 +63,19 @@ async def test_gauges_report_the_last_sample_and_nothing_after_a_failure_or_a_ha
     # another replica leads now
     assert await sample_round(gauges, sample, leading=False, owned=parked) == "idle"
     assert observed(reader) == {}
+
+
+def test_an_age_gauge_reads_seconds_since_the_oldest_and_zero_with_nothing_waiting() -> None:
+    """Every service's "age of the oldest" gauge (outbox, purchases, captures, withdrawals): never
+    negative when another replica's clock wrote the oldest a little ahead of this one's."""
+    reader = InMemoryMetricReader()
+    gauges = Gauges(MeterProvider(metric_readers=[reader]), "test")
+    gauges.declare("coins.outbox.oldest_age", "age", "s")
+    now = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
+    for oldest, age in (
+        (now - dt.timedelta(seconds=90, milliseconds=500), 90.5),
+        (None, 0.0),
+        (now + dt.timedelta(seconds=2), 0.0),
+    ):
+        gauges.set_age("coins.outbox.oldest_age", oldest, now)
+        assert observed(reader) == {("coins.outbox.oldest_age", ()): age}

@@ -119,8 +119,7 @@ def _measure(runtime: Runtime[GiftingSettings], gifting: Gifting) -> None:
         async with runtime.db.driver.read() as tx:
             now = await storage.outbox_gauges(tx)
         gauges.set("coins.outbox.backlog", {(): now.backlog})
-        age = (runtime.clock.now() - now.oldest).total_seconds() if now.oldest else 0.0
-        gauges.set("coins.outbox.oldest_age", {(): max(0.0, age)})
+        gauges.set_age("coins.outbox.oldest_age", now.oldest, runtime.clock.now())
         gauges.set("coins.outbox.parked", {(): now.parked})
         gauges.set("coins.gifts.pending", {(): now.pending_gifts})
 

@@ -586,10 +586,9 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.ReverseGiftCreditsRequest, context: RpcContext
     ) -> payout_pb2.ReverseGiftCreditsResponse:
         async def effect(conn: AsyncConnection) -> payout_pb2.ReverseGiftCreditsResponse:
+            # request.reason is kept by the admin audit trail, not here.
             done = await self._payouts.reverse_gifts(
-                as_tx(conn),
-                request.gift_ids,
-                now=self._clock.now(),  # the reason: in the audit
+                as_tx(conn), request.gift_ids, now=self._clock.now()
             )
             found = {r.gift_id for r in done}
             return payout_pb2.ReverseGiftCreditsResponse(

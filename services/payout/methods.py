@@ -23,7 +23,6 @@ from runtime.errors import (
 from runtime.ids import time_ordered_id
 from services.payout import storage
 
-KYC_STATUSES = ("unverified", "pending", "verified", "rejected")
 MAX_PAYOUT_METHODS = 20
 """Payout methods one creator keeps (ListPayoutMethods answers them all, unpaged)."""
 

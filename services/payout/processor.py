@@ -34,7 +34,6 @@ from services.payout.withdrawals import Withdrawals
 
 log = logging.getLogger("coins.payout.processor")
 
-IN_FLIGHT_STATUSES = ("PENDING", "UNCLAIMED", "ONHOLD")
 _OUTCOMES = {
     "SUCCESS": "paid",
     "FAILED": "failed",
@@ -44,6 +43,8 @@ _OUTCOMES = {
     "REFUNDED": "returned",
     "REVERSED": "returned",
 }
+"""The processor's final statuses; any other (PENDING, UNCLAIMED, ONHOLD, or one it adds later) is
+still on its way and is asked about again."""
 
 
 @dataclass(frozen=True)

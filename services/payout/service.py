@@ -139,9 +139,9 @@ def _measure(runtime: Runtime[PayoutSettings], payouts: Payouts) -> None:
             {attrs(status=s): now.open_withdrawals.get(s, (0, 0))[1] for s in OPEN},
         )
         gauges.set("coins.withdrawals.parked", {(): now.parked})
-        oldest = now.oldest_processing
-        age = 0.0 if oldest is None else (runtime.clock.now() - oldest).total_seconds()
-        gauges.set("coins.withdrawals.processing_oldest_age", {(): max(0.0, age)})
+        gauges.set_age(
+            "coins.withdrawals.processing_oldest_age", now.oldest_processing, runtime.clock.now()
+        )
         if now.reconciliation is not None:
             gauges.set(
                 "coins.reconciliation.mismatches",

@@ -62,8 +62,7 @@ def _measure(runtime: Runtime[PromotionSettings]) -> None:
             {attrs(status=s): by_status.get(s, 0) for s in ("pending", "active")},
         )
         gauges.set("coins.promotions.pending_captures", {(): captures})
-        age = (runtime.clock.now() - oldest).total_seconds() if oldest else 0.0
-        gauges.set("coins.promotions.pending_captures_age", {(): max(0.0, age)})
+        gauges.set_age("coins.promotions.pending_captures_age", oldest, runtime.clock.now())
 
     runtime.add_sampler(sample)
 

@@ -78,8 +78,7 @@ def _measure(runtime: Runtime[WalletSettings], wallet: Wallet) -> None:
         async with runtime.db.driver.read() as tx:
             count, oldest = await storage.unsettled_purchases(tx)
         gauges.set("coins.purchases.pending", {(): count})
-        age = (runtime.clock.now() - oldest).total_seconds() if oldest else 0.0
-        gauges.set("coins.purchases.pending_age", {(): max(0.0, age)})
+        gauges.set_age("coins.purchases.pending_age", oldest, runtime.clock.now())
 
     runtime.add_sampler(sample)
 

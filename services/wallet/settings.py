@@ -25,6 +25,7 @@ class WalletSettings(LedgerServiceSettings):
     """How long a process remembers a user as eligible for gifts (so the hot path reads nothing);
     a new classification (SetAccountClassification) takes effect within this."""
     payment_latency_ms: NonNegativeInt = 20
+    """Simulated latency of the sandbox payment provider."""
     sandbox_payments_file: Path | None = None
     """Where the sandbox payment provider records its charges (default
     `<data_dir>/sandbox-payments.sqlite3`): like a real provider, it remembers them across wallet
@@ -33,7 +34,6 @@ class WalletSettings(LedgerServiceSettings):
     """How long one call to the payment provider may take; the outcome of one that timed out is
     settled under the purchase's key (a retry, or the reconciler, which voids a charge never made).
     Keep it well under WALLET_RECONCILE_AFTER_SECONDS."""
-    """Simulated latency of the sandbox payment provider."""
     reconcile_every_seconds: PositiveFloat = 30.0
     reconcile_after_seconds: NonNegativeFloat = 120.0
     """Purchases pending longer than this are finished by asking the provider (a crash, a lost answer)."""

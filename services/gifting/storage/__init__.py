@@ -18,7 +18,6 @@ from services.gifting.storage.catalog import (
     gift_price,
     gift_versions_of,
     list_gifts,
-    regions_of,
     save_gift,
     version_regions,
 )
@@ -26,7 +25,6 @@ from services.gifting.storage.credits import (
     OutboxGauges,
     OutboxRecord,
     ParkedCreditRecord,
-    add_to_rankings,
     claim_due_credits,
     creator_gifters_page,
     creator_rankings_page,
@@ -38,13 +36,11 @@ from services.gifting.storage.credits import (
     unpark_credits,
 )
 from services.gifting.storage.live_feed import (
-    LOCK_LIVES,
     LiveEventRecord,
     LiveRecord,
     StreakEnd,
     end_due_streaks,
     end_live,
-    end_live_streaks,
     extend_streak,
     feed_ended,
     feed_streak_ends,
@@ -66,7 +62,6 @@ from services.gifting.storage.reversals import (
 from services.gifting.storage.sends import (
     InStreak,
     SentGiftRecord,
-    add_to_leaderboard,
     enqueue_credit,
     get_sent_gift,
     insert_sent_gift,
@@ -74,7 +69,6 @@ from services.gifting.storage.sends import (
     pending_sent_gifts,
     record_debited,
     record_debited_in_streak,
-    sent_gift_of_row,
     start_sent_gift,
     top_gifters,
 )
@@ -94,7 +88,6 @@ from services.gifting.storage.tables import (
 )
 
 __all__ = [
-    "LOCK_LIVES",
     "GiftRecord",
     "GiftVersionRecord",
     "InStreak",
@@ -105,8 +98,6 @@ __all__ = [
     "ParkedCreditRecord",
     "SentGiftRecord",
     "StreakEnd",
-    "add_to_leaderboard",
-    "add_to_rankings",
     "claim_due_credits",
     "creator_gifters",
     "creator_gifters_page",
@@ -115,7 +106,6 @@ __all__ = [
     "credit_outbox",
     "end_due_streaks",
     "end_live",
-    "end_live_streaks",
     "enqueue_credit",
     "extend_streak",
     "feed_ended",
@@ -150,11 +140,9 @@ __all__ = [
     "period_keys",
     "record_debited",
     "record_debited_in_streak",
-    "regions_of",
     "reverse_gifts",
     "running_live_of",
     "save_gift",
-    "sent_gift_of_row",
     "sent_gifts",
     "set_live_gifts",
     "start_sent_gift",

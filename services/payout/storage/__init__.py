@@ -61,9 +61,7 @@ from services.payout.storage.reversals import (
     reversed_credits,
 )
 from services.payout.storage.tables import (
-    ENDINGS,
     NOT_COUNTED,
-    ON_ITS_WAY,
     OPEN_WITHDRAWAL_STATUSES,
     creator_verifications,
     creators,
@@ -104,10 +102,8 @@ from services.payout.storage.withdrawing import (
 )
 
 __all__ = [
-    "ENDINGS",
     "FOLLOWED_BY_THE_WORKER",
     "NOT_COUNTED",
-    "ON_ITS_WAY",
     "OPEN_WITHDRAWAL_STATUSES",
     "CreatorTotals",
     "CreditOfGift",
