@@ -16,7 +16,6 @@ from runtime.access import (
     require_reason,
 )
 from runtime.auth import current_principal
-from runtime.errors import FailedPrecondition
 from runtime.idempotency import acting_scope, fingerprint, scoped_scope
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp, to_datetime
@@ -207,7 +206,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             ],
             processor_reference=w.processor_reference or "",
             attempts=w.attempts,
-            parked=w.parked_at is not None,
+            parked=w.parked,
             last_error=w.last_error,
         )
 
@@ -306,13 +305,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         owner = withdrawal.creator_id
         require_owner(owner, record=f"withdrawal {request.withdrawal_id}")
         require_reason(owner, request.reason, record=f"withdrawal {request.withdrawal_id}")
-        # A parked one (its sends all lost) is an admin's to give up, once the processor says it
-        # never received it: asked here, outside the transaction, on every attempt.
-        never_received = False
-        parked = withdrawal.parked_at is not None and withdrawal.status == "processing"
-        if parked and current_principal().is_admin:
-            require_another_admin(owner, "give up a withdrawal")
-            never_received = not await self._processor_has(request.withdrawal_id)
+        never_received = await self._withdrawals.gives_up(withdrawal, self._processor_has)
 
         async def effect(conn: AsyncConnection) -> payout_pb2.CancelWithdrawalResponse:
             cancelled = await self._withdrawals.cancel(
@@ -383,7 +376,8 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def RetryWithdrawal(
         self, request: payout_pb2.RetryWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.RetryWithdrawalResponse:
-        await self._refuse_a_send_policy_forbids(request.withdrawal_id)
+        async with self._db.read() as conn:
+            await self._withdrawals.check_resend(conn, request.withdrawal_id, self._processor_has)
 
         async def effect(conn: AsyncConnection) -> payout_pb2.RetryWithdrawalResponse:
             retried = await self._withdrawals.retry(
@@ -404,26 +398,6 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         )
         self._wake_worker()
         return response
-
-    async def _refuse_a_send_policy_forbids(self, withdrawal_id: str) -> None:
-        """A retry may send a parked withdrawal again, as a new payment if the processor never
-        received it: then the creator must still be verified and owe nothing, as approving it
-        required (review R2: retries paid a creator rejected for fraud, and one in debt). One the
-        processor has is only followed up: that learns its outcome and sends nothing."""
-        async with self._db.read() as conn:
-            withdrawal = await self._withdrawals.get(conn, withdrawal_id)
-            parked = withdrawal.parked_at is not None and withdrawal.status == "processing"
-            barred = await self._withdrawals.why_not_pay(conn, withdrawal) if parked else None
-        if barred is None or await self._processor_has(withdrawal_id):
-            return
-        refusal = FailedPrecondition(
-            barred.reason,
-            f"withdrawal {withdrawal_id} never reached the processor, and {barred.message}: "
-            "give it up (CancelWithdrawal) rather than send it",
-            withdrawal_id=withdrawal_id,
-        )
-        refusal.metadata.update(barred.metadata)
-        raise refusal
 
     async def HandleProcessorEvent(
         self, request: payout_pb2.HandleProcessorEventRequest, context: RpcContext

@@ -17,13 +17,14 @@ import datetime as dt
 import functools
 import logging
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger import Posting
 from ledger.holds import Holds
 from runtime.access import require_another_admin
+from runtime.auth import current_principal
 from runtime.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -97,6 +98,11 @@ def day_start(now: dt.datetime, zone: zoneinfo.ZoneInfo) -> dt.datetime:
     """The start of `now`'s calendar day in `zone`, as a UTC instant (DST-safe)."""
     local_day = now.astimezone(zone).date()
     return dt.datetime.combine(local_day, dt.time(0), tzinfo=zone).astimezone(dt.UTC)
+
+
+ProcessorHas = Callable[[str], Awaitable[bool]]
+"""Whether the processor has a withdrawal (`WithdrawalWorker.received`): asked outside any
+transaction, on every attempt of the call that needs it."""
 
 
 class Withdrawals:
@@ -364,6 +370,38 @@ class Withdrawals:
                 request_id.rsplit("/", 1)[-1], f"it made withdrawal {withdrawal_id}"
             )
         return made
+
+    async def gives_up(
+        self, withdrawal: storage.WithdrawalRecord, processor_has: ProcessorHas
+    ) -> bool:
+        """Whether this cancel gives up a parked withdrawal (`cancel(never_received=...)`): that is
+        an admin's (not the one who asked for it), and only once the processor says it never
+        received it; for anyone else, or one not parked, the cancel's own rules decide."""
+        if not withdrawal.parked or not current_principal().is_admin:
+            return False
+        require_another_admin(withdrawal.creator_id, "give up a withdrawal")
+        return not await processor_has(withdrawal.withdrawal_id)
+
+    async def check_resend(
+        self, conn: AsyncConnection, withdrawal_id: str, processor_has: ProcessorHas
+    ) -> None:
+        """Before `retry`: a retry may send a parked withdrawal again, as a new payment if the
+        processor never received it; then the creator must still be verified and owe nothing, as
+        approving it required (review R2: retries paid a creator rejected for fraud, and one in
+        debt). One the processor has is only followed up: that learns its outcome and sends
+        nothing."""
+        withdrawal = await self.get(conn, withdrawal_id)
+        barred = await self.why_not_pay(conn, withdrawal) if withdrawal.parked else None
+        if barred is None or await processor_has(withdrawal_id):
+            return
+        refusal = FailedPrecondition(
+            barred.reason,
+            f"withdrawal {withdrawal_id} never reached the processor, and {barred.message}: "
+            "give it up (CancelWithdrawal) rather than send it",
+            withdrawal_id=withdrawal_id,
+        )
+        refusal.metadata.update(barred.metadata)
+        raise refusal
 
     async def why_not_pay(
         self, conn: AsyncConnection, withdrawal: storage.WithdrawalRecord

@@ -54,6 +54,11 @@ class WithdrawalRecord:
     def net_minor(self) -> int:
         return self.gross_minor - self.fee_minor
 
+    @property
+    def parked(self) -> bool:
+        """With the processor, its sends all lost: the worker leaves it for an admin."""
+        return self.parked_at is not None and self.status == "processing"
+
 
 def _withdrawal(row: object) -> WithdrawalRecord:
     data = row._asdict()  # type: ignore[attr-defined]
