@@ -112,6 +112,16 @@ class AlreadyExists(DomainError):
     kind = ErrorKind.ALREADY_EXISTS
 
 
+DEBIT_VOIDED = "DEBIT_VOIDED"
+"""The wallet's reason for a debit or hold request id its caller voided by reconciliation
+(ResolveDebit, ResolveHold: the request never took effect and never will), and its callers' for the
+operation that request was for (a gift, a promotion's budget)."""
+VOIDED_BY_WALLET = (DEBIT_VOIDED, "REQUEST_ID_REUSED")
+"""The wallet's answers to a debit or hold arriving after its request id was voided: DEBIT_VOIDED,
+and REQUEST_ID_REUSED from a wallet that voided it before it said so (the request ids its callers
+derive from their own records are never reused for anything else)."""
+
+
 def request_id_reused(request_id: str, done: str = "", hold_id: str = "") -> AlreadyExists:
     """REQUEST_ID_REUSED: the request id was used before with other parameters (`done`: what it
     did then, to name in the message; `hold_id`: the hold it placed or captured from)."""

@@ -9,6 +9,7 @@ import grpc
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.clients import answer_of
+from runtime.errors import DEBIT_VOIDED
 from services.gifting.domain import PendingCredit, credit_request_id, debit_request_id
 from services.gifting.reversals import ReversedCredit
 
@@ -88,7 +89,7 @@ class WalletDebiter:
         if response.outcome == wallet_pb2.DEBIT_OUTCOME_DEBITED:
             return response.debit.transaction_id, response.debit.balance.coins
         if response.outcome == wallet_pb2.DEBIT_OUTCOME_VOIDED:
-            return "DEBIT_VOIDED"
+            return DEBIT_VOIDED
         return response.reason
 
 

@@ -18,7 +18,7 @@ from coins.gifting.v1 import gifting_pb2
 from runtime import deadlines
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import Aborted, DomainError, FailedPrecondition
+from runtime.errors import DEBIT_VOIDED, VOIDED_BY_WALLET, Aborted, DomainError, FailedPrecondition
 from runtime.idempotency import Idempotency, KeyClaim
 from runtime.outages import log_failure
 from runtime.sql import Tx
@@ -89,7 +89,7 @@ class GiftSender:
                 time_limit=time_limit,
             )
         except DomainError as refused:
-            error = _voided(sent.sent_gift_id) if refused.reason in _VOIDED_BY_WALLET else refused
+            error = _voided(sent.sent_gift_id) if refused.reason in VOIDED_BY_WALLET else refused
             if not error.retryable:
                 answer = self._idempotency.answer(scope, request, error=error)
                 async with self._db.driver.transaction() as tx:
@@ -305,7 +305,7 @@ class GiftSender:
                 )
             else:
                 await self._gifting.record_failure(conn, sent.sent_gift_id, now)
-                if outcome != "DEBIT_VOIDED":
+                if outcome != DEBIT_VOIDED:
                     refusal = FailedPrecondition(
                         outcome, f"the gift was not sent: the wallet answered {outcome}"
                     )
@@ -337,17 +337,11 @@ def _concurrent_retry() -> Aborted:
     )
 
 
-_VOIDED_BY_WALLET = ("DEBIT_VOIDED", "REQUEST_ID_REUSED")
-"""The wallet's answers to a debit arriving after its request id was voided: DEBIT_VOIDED, and
-REQUEST_ID_REUSED from a wallet that voided it before it said so (for the gift's own retry, the
-gift id's request id is never reused for anything else)."""
-
-
 def _voided(sent_gift_id: str) -> FailedPrecondition:
     """The gift's answer when its debit was voided by reconciliation (the wallet never took the coins,
     and never will under that gift)."""
     return FailedPrecondition(
-        "DEBIT_VOIDED",
+        DEBIT_VOIDED,
         "the gift was not sent: it was left unfinished and settled as failed (no coins moved); "
         "send it again with a new request_id",
         sent_gift_id=sent_gift_id,

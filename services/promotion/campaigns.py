@@ -14,7 +14,7 @@ from coins.promotion.v1 import promotion_pb2
 from runtime.access import require_owner, require_reason
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import Aborted, DomainError, Unavailable
+from runtime.errors import DEBIT_VOIDED, VOIDED_BY_WALLET, Aborted, DomainError, Unavailable
 from runtime.idempotency import Idempotency, acting_scope
 from runtime.outages import log_failure
 from services.promotion import storage
@@ -105,11 +105,10 @@ class Campaigns:
                 hold_id, available = held.hold_id, held.available_coins
         except DomainError as refused:
             error = refused
-            if refused.reason in ("DEBIT_VOIDED", "REQUEST_ID_REUSED"):
+            if refused.reason in VOIDED_BY_WALLET:
                 # The reconciler voided the hold's request id before this late attempt reached the
-                # wallet (REQUEST_ID_REUSED from a wallet that voided it before it said so: the
-                # hold's request id, derived from the promotion's, is never reused).
-                error = unpaid("DEBIT_VOIDED", promotion_id)
+                # wallet.
+                error = unpaid(DEBIT_VOIDED, promotion_id)
             if not error.retryable:
                 # The promotion stays, REJECTED (ListPromotions shows it): the refusal names it.
                 error.metadata["promotion_id"] = promotion_id

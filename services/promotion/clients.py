@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from runtime.clients import answer_of
+from runtime.errors import DEBIT_VOIDED
 from services.promotion.domain import (
     Captured,
     HeldBudget,
@@ -105,7 +106,7 @@ class WalletBudget:
             placed = response.placed
             return HeldBudget(placed.hold.hold_id, placed.balance.available_coins)
         if response.outcome == wallet_pb2.HOLD_OUTCOME_VOIDED:
-            return "DEBIT_VOIDED"
+            return DEBIT_VOIDED
         return response.reason
 
     async def capture(

@@ -27,6 +27,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.errors import (
+    DEBIT_VOIDED,
     Aborted,
     DomainError,
     FailedPrecondition,
@@ -359,7 +360,7 @@ def unpaid(outcome: str, promotion_id: str) -> DomainError:
     by the request's own late hold): the wallet's refusal with the code a direct call gets, or, for
     a hold the wallet voided (never received), HOLD_VOIDED, which says nothing was held. It names
     the promotion, REJECTED and listed, as a direct refusal does."""
-    if outcome == "DEBIT_VOIDED":
+    if outcome == DEBIT_VOIDED:
         return FailedPrecondition(
             "HOLD_VOIDED",
             "the promotion was not paid: its budget hold never reached the wallet, so nothing is "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
@@ -28,8 +27,9 @@ from services.wallet.convert import (
     package_pb,
     to_date,
 )
-from services.wallet.domain import Coins, Debit, DebitRequest, Wallet, voided
+from services.wallet.domain import Coins, Debit, DebitRequest, Wallet
 from services.wallet.purchases import PurchaseOrder, Purchases, purchase_scope
+from services.wallet.resolving import Resolver
 from services.wallet.settings import WalletSettings
 
 SERVICE = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
@@ -68,6 +68,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         self._clock = runtime.clock
         self._wallet = wallet
         self._purchases = purchases
+        self._resolver = Resolver(runtime.db, runtime.idempotency, wallet)
         runtime.replay_stored(
             f"/{SERVICE}/PurchaseCoins",
             lambda request: purchase_scope(request.user_id),
@@ -276,19 +277,14 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def ResolveDebit(
         self, request: wallet_pb2.ResolveDebitRequest, context: RpcContext
     ) -> wallet_pb2.ResolveDebitResponse:
-        scope = debit_scope(request.user_id)
-        debit = None
-        if not await self._idempotency.is_recorded(scope, request):
-            # Never received, or its record purged after the retention: the ledger, which never
-            # forgets, tells them apart before the request id is voided.
-            async with self._db.driver.read() as tx:
-                debit = await self._wallet.debit_on_record(
-                    tx,
-                    caller=current_principal().service,
-                    user_id=request.user_id,
-                    request_id=f"{scope}/{request.request_id}",
-                )
-        if debit is not None:
+        resolved = await self._resolver.debit(
+            debit_scope(request.user_id),
+            request,
+            caller=current_principal().service,
+            user_id=request.user_id,
+        )
+        if resolved.kept is not None:
+            debit = resolved.kept
             return wallet_pb2.ResolveDebitResponse(
                 outcome=wallet_pb2.DEBIT_OUTCOME_DEBITED,
                 debit=wallet_pb2.DebitCoinsResponse(
@@ -296,51 +292,37 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
                     balance=balance_pb(Coins(debit.balance, debit.available)),
                 ),
             )
-        response, reason = await self._resolve(scope, request)
-        if response is not None:
+        if resolved.answer is not None:
             return wallet_pb2.ResolveDebitResponse(
                 outcome=wallet_pb2.DEBIT_OUTCOME_DEBITED,
-                debit=wallet_pb2.DebitCoinsResponse.FromString(response),
+                debit=wallet_pb2.DebitCoinsResponse.FromString(resolved.answer),
             )
-        if reason == "DEBIT_VOIDED":
+        if resolved.voided:
             return wallet_pb2.ResolveDebitResponse(outcome=wallet_pb2.DEBIT_OUTCOME_VOIDED)
         return wallet_pb2.ResolveDebitResponse(
-            outcome=wallet_pb2.DEBIT_OUTCOME_REFUSED, reason=reason
+            outcome=wallet_pb2.DEBIT_OUTCOME_REFUSED, reason=resolved.reason
         )
 
     async def ResolveHold(
         self, request: wallet_pb2.ResolveHoldRequest, context: RpcContext
     ) -> wallet_pb2.ResolveHoldResponse:
-        caller = current_principal().service
-        scope = f"PlaceHold:{caller}:{request.user_id}"
-        if not await self._idempotency.is_recorded(scope, request):
-            # Never received, or its record purged: the hold, if it was placed, kept the request
-            # (ledger v7), and is answered in the state it is in now rather than voided.
-            async with self._db.read() as conn:
-                hold = await self._wallet.holds.placed_under(conn, f"{scope}/{request.request_id}")
-                if hold is not None:
-                    return wallet_pb2.ResolveHoldResponse(
-                        outcome=wallet_pb2.HOLD_OUTCOME_PLACED,
-                        placed=wallet_pb2.PlaceHoldResponse(
-                            hold=hold_pb(hold),
-                            balance=balance_pb(await self._wallet.coins(conn, request.user_id)),
-                        ),
-                    )
-        response, reason = await self._resolve(scope, request)
-        if response is not None:
+        scope = f"PlaceHold:{current_principal().service}:{request.user_id}"
+        resolved = await self._resolver.hold(scope, request, user_id=request.user_id)
+        if resolved.kept is not None:
+            hold, coins = resolved.kept
             return wallet_pb2.ResolveHoldResponse(
                 outcome=wallet_pb2.HOLD_OUTCOME_PLACED,
-                placed=wallet_pb2.PlaceHoldResponse.FromString(response),
+                placed=wallet_pb2.PlaceHoldResponse(hold=hold_pb(hold), balance=balance_pb(coins)),
             )
-        if reason == "DEBIT_VOIDED":
+        if resolved.answer is not None:
+            return wallet_pb2.ResolveHoldResponse(
+                outcome=wallet_pb2.HOLD_OUTCOME_PLACED,
+                placed=wallet_pb2.PlaceHoldResponse.FromString(resolved.answer),
+            )
+        if resolved.voided:
             return wallet_pb2.ResolveHoldResponse(outcome=wallet_pb2.HOLD_OUTCOME_VOIDED)
         return wallet_pb2.ResolveHoldResponse(
-            outcome=wallet_pb2.HOLD_OUTCOME_REFUSED, reason=reason
-        )
-
-    async def _resolve(self, scope: str, request: Message) -> tuple[bytes | None, str]:
-        return await self._idempotency.outcome(
-            scope, request, voided(getattr(request, "request_id", ""))
+            outcome=wallet_pb2.HOLD_OUTCOME_REFUSED, reason=resolved.reason
         )
 
 

@@ -13,6 +13,7 @@ from ledger import Hold, Holds, Ledger, Posted, Posting
 from ledger.history import HistoryEntry, Period, entries_page, period
 from runtime import countries
 from runtime.errors import (
+    DEBIT_VOIDED,
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,
@@ -109,7 +110,7 @@ def voided(request_id: str) -> FailedPrecondition:
     """The answer given to a debit or hold request that its caller reconciled before it arrived: it
     will never take effect (see ResolveDebit)."""
     return FailedPrecondition(
-        "DEBIT_VOIDED",
+        DEBIT_VOIDED,
         "this request id was voided by a reconciliation: it will never take effect",
         request_id=request_id,
     )
