@@ -31,7 +31,7 @@ _TRANSACTION_TAG = "coins.ledger.transaction/v1"
 _ENTRY_TAG = "coins.ledger.entry/v1"
 
 
-def instant(value: dt.datetime) -> str:
+def canonical_time(value: dt.datetime) -> str:
     """A timestamp as UTC microseconds; a naive value (SQLite returns them) is taken as UTC."""
     if value.tzinfo is not None:
         value = value.astimezone(dt.UTC).replace(tzinfo=None)
@@ -63,7 +63,7 @@ def transaction_digest(
     """sha256 of a transaction and all of its entries, given as (account, amount, balance after, time).
     The acting user (ledger v5) is hashed when there is one, so digests written before stay valid."""
     legs = sorted(
-        f"[{_text(str(account))}, {int(amount)!r}, {_number(after)}, {_text(instant(at))}]"
+        f"[{_text(str(account))}, {int(amount)!r}, {_number(after)}, {_text(canonical_time(at))}]"
         for account, amount, after, at in entries
     )
     parts = [
@@ -75,7 +75,7 @@ def transaction_digest(
         _text(str(caller)),
         _text(str(policy_version)),
         _text(str(trace_id)),
-        _text(instant(created_at)),
+        _text(canonical_time(created_at)),
         "[" + ",".join(_text(leg) for leg in legs) + "]",
     ]
     if acting_user:

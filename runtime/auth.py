@@ -52,6 +52,12 @@ class Principal:
     token: str | None = field(default=None, repr=False)
 
     @property
+    def actor(self) -> str:
+        """Who is acting, as a record's history names them: the user (a creator, an admin), or the
+        service itself when it acts for no one."""
+        return self.user_id or self.service
+
+    @property
     def is_admin(self) -> bool:
         """An admin's own request: the role in the token, through an admin caller. Services pass
         users' tokens on to the services they call, so an admin's token in another service's hands

@@ -194,7 +194,7 @@ EDGE_NAMESPACE = "gateway"
 """Where the request ids of users' own requests are kept, whichever edge carries them."""
 
 
-def scoped_scope(scope: str) -> str:
+def caller_scope(scope: str) -> str:
     """Request ids are the calling service's: two services' ids never collide, even when equal.
     A user's (or an admin's) own requests are one caller's, whichever edge carries them (the
     gateway, the admin console): a retry through the other is the same request, answered, never
@@ -260,7 +260,7 @@ class Idempotency:
         request: Message,
         resource_id: str | None = None,
     ) -> Claim:
-        scope = scoped_scope(scope)
+        scope = caller_scope(scope)
         request_id: str = _request_id(request)
         print_ = fingerprint(request)
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
@@ -299,7 +299,7 @@ class Idempotency:
         response: Message | None = None,
         error: DomainError | None = None,
     ) -> None:
-        scope = scoped_scope(scope)
+        scope = caller_scope(scope)
         await conn.execute(
             update(idempotency_keys)
             .where(
@@ -335,7 +335,7 @@ class Idempotency:
         claimed (whatever its parameters), else it is claimed now with `void` as its answer, so that
         the request, should it still arrive, is refused and never takes effect. `is_new` means voided
         now. Used to reconcile a call whose caller lost its answer."""
-        scoped, request_id = scoped_scope(scope), _request_id(request)
+        scoped, request_id = caller_scope(scope), _request_id(request)
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         inserted = await conn.execute(
             dialect.insert(idempotency_keys)
@@ -369,7 +369,7 @@ class Idempotency:
         found = await conn.scalar(
             select(idempotency_keys.c.request_id)
             .where(
-                idempotency_keys.c.scope == scoped_scope(scope),
+                idempotency_keys.c.scope == caller_scope(scope),
                 idempotency_keys.c.resource_id == resource_id,
                 idempotency_keys.c.request_id != _request_id(request),
                 idempotency_keys.c.response.is_not(None),
@@ -468,7 +468,7 @@ class Idempotency:
         `at_once`, if given, first tries the effect and the key as one optimistic statement (see
         `Ledger.post_at_once`): it answers, or writes nothing and returns None, and then the
         transactional path runs and decides (a replay, a refusal, a race lost)."""
-        scoped, request_id = scoped_scope(scope), _request_id(request)
+        scoped, request_id = caller_scope(scope), _request_id(request)
         print_ = fingerprint(request)
         if at_once is not None:
             answered = await at_once(
@@ -535,7 +535,7 @@ class Idempotency:
         says why (its error becomes the request's answer). Returns the claim and what `start` made;
         None when an earlier attempt made it (resume from `claim.resource_id`) or answered already
         (`claim.finished`)."""
-        scoped, request_id = scoped_scope(scope), _request_id(request)
+        scoped, request_id = caller_scope(scope), _request_id(request)
         print_ = fingerprint(request)
         claim_key = KeyClaim(
             {
@@ -576,7 +576,7 @@ class Idempotency:
         """The answer of a request begun with `begin_direct`, for storage to write with its effect."""
         return KeyAnswer(
             {
-                "answer_scope": scoped_scope(scope),
+                "answer_scope": caller_scope(scope),
                 "answer_request_id": _request_id(request),
                 "answer_response": response.SerializeToString() if response is not None else None,
                 "answer_error": error.to_json() if error is not None else None,
@@ -588,7 +588,7 @@ class Idempotency:
         parameters (answered, in progress or voided); False if it never had one or it was purged."""
         async with self._db.driver.read() as tx:
             row = await tx.one(
-                _READ_KEY, scope=scoped_scope(scope), request_id=_request_id(request)
+                _READ_KEY, scope=caller_scope(scope), request_id=_request_id(request)
             )
         return row is not None
 
@@ -596,7 +596,7 @@ class Idempotency:
         """The answer stored by a concurrent attempt with the same request id that finished the
         request first (None if it has none): what an attempt that lost that race answers, so that
         every duplicate of a request gets the first answer, concurrent or not."""
-        claim = await self._stored(scoped_scope(scope), _request_id(request), fingerprint(request))
+        claim = await self._stored(caller_scope(scope), _request_id(request), fingerprint(request))
         return claim if claim is not None and claim.finished else None
 
     async def _stored(self, scope: str, request_id: str, print_: str) -> Claim | None:
@@ -639,7 +639,7 @@ class Idempotency:
                 await conn.execute(
                     update(idempotency_keys)
                     .where(
-                        idempotency_keys.c.scope == scoped_scope(scope),
+                        idempotency_keys.c.scope == caller_scope(scope),
                         idempotency_keys.c.request_id == _request_id(request),
                     )
                     .values(resource_id=resource_id)

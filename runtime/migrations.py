@@ -219,7 +219,7 @@ def restore_default_fill(op: Operations, *tables: str) -> None:
 
 def merge_edge_request_ids(op: Operations) -> None:
     """Request ids the admin console's calls recorded join the gateway's, where a user's own
-    requests are kept whichever edge carries them (`runtime.idempotency.scoped_scope`), so a retry
+    requests are kept whichever edge carries them (`runtime.idempotency.caller_scope`), so a retry
     of one sent before the upgrade is still answered, not applied again. A request id both edges
     recorded (the defect this fixes) keeps the gateway's record."""
     op.execute(

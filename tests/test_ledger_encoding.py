@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.chain import entry_hash, instant, transaction_digest
+from ledger.chain import canonical_time, entry_hash, transaction_digest
 
 
 def reference(fields: list[Any]) -> str:
@@ -31,7 +31,8 @@ def reference_digest(
     acting: str,
 ) -> str:
     encoded_legs = sorted(
-        json.dumps([account, amount, after, instant(when)]) for account, amount, after, when in legs
+        json.dumps([account, amount, after, canonical_time(when)])
+        for account, amount, after, when in legs
     )
     return reference(
         [
@@ -43,7 +44,7 @@ def reference_digest(
             "caller",
             "v1",
             "t" * 32,
-            instant(at),
+            canonical_time(at),
             encoded_legs,
             *([f"acting_user={acting}"] if acting else []),
         ]

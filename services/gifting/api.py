@@ -298,9 +298,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def WatchLive(
         self, request: gifting_pb2.WatchLiveRequest, context: RpcContext
     ) -> AsyncIterator[gifting_pb2.WatchLiveResponse]:
-        principal = current_principal()
-        viewer = principal.user_id or principal.service
-        events = self._feed.watch(request.live_id, request.after_cursor, viewer)
+        events = self._feed.watch(request.live_id, request.after_cursor, current_principal().actor)
         async with contextlib.aclosing(events):  # a watcher that leaves is let go at once
             async for event in events:
                 summary = None

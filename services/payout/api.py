@@ -16,7 +16,7 @@ from runtime.access import (
     require_reason,
 )
 from runtime.auth import current_principal
-from runtime.idempotency import acting_scope, fingerprint, scoped_scope
+from runtime.idempotency import acting_scope, caller_scope, fingerprint
 from runtime.pagination import decode_token, encode_token, instant, page_size, text
 from runtime.protos import RpcContext, money, timestamp, to_datetime
 from runtime.server import Runtime
@@ -29,13 +29,6 @@ from services.payout.reconciliation import Reconciler
 from services.payout.settings import PayoutSettings
 from services.payout.storage import PayoutMethodRecord, WithdrawalEvent, WithdrawalRecord
 from services.payout.withdrawals import Withdrawals, time_zone
-
-
-def _actor() -> str:
-    """Who is acting, for a withdrawal's history: the token's user (a creator or an admin)."""
-    principal = current_principal()
-    return principal.user_id or principal.service
-
 
 _METHODS = {payout_pb2.PAYOUT_METHOD_PAYPAL: "paypal", payout_pb2.PAYOUT_METHOD_BANK: "bank"}
 _METHOD_ENUM = {name: value for value, name in _METHODS.items()}
@@ -243,8 +236,8 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     ) -> list[payout_pb2.CreditDiamondsResponse]:
         credits = (  # built when payout takes the batch (see Payouts.credit)
             GiftCredit(
-                key=f"{scoped_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
-                request=f"{scoped_scope('CreditDiamonds')}/{r.request_id}",
+                key=f"{caller_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
+                request=f"{caller_scope('CreditDiamonds')}/{r.request_id}",
                 fingerprint=fingerprint(r),
                 creator_id=r.creator_id,
                 coins=r.coins,
@@ -311,7 +304,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             cancelled = await self._withdrawals.cancel(
                 conn,
                 request.withdrawal_id,
-                actor=_actor(),
+                actor=current_principal().actor,
                 reason=request.reason,
                 now=self._clock.now(),
                 never_received=never_received,
@@ -335,7 +328,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 request.withdrawal_id,
                 approve=request.decision == payout_pb2.REVIEW_DECISION_APPROVE,
                 reason=request.reason,
-                reviewer=_actor(),
+                reviewer=current_principal().actor,
                 now=self._clock.now(),
             )
             (answer,) = await self._with_history(conn, [reviewed])
@@ -383,7 +376,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             retried = await self._withdrawals.retry(
                 conn,
                 request.withdrawal_id,
-                actor=_actor(),
+                actor=current_principal().actor,
                 reason=request.reason,
                 now=self._clock.now(),
             )

@@ -501,7 +501,7 @@ class Payouts:
         available at once, and what was still pending when the period was removed matures now."""
         due = now - dt.timedelta(days=self.settings.maturation_days)
         async with driver.transaction() as tx:
-            claimed = await storage.claim_due_credits(tx, due, self.settings.maturation_batch)
+            claimed = await storage.lock_maturing_credits(tx, due, self.settings.maturation_batch)
             if not claimed:
                 return 0
             by_creator: dict[str, int] = {}

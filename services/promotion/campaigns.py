@@ -18,8 +18,8 @@ from runtime.errors import DEBIT_VOIDED, VOIDED_BY_WALLET, Aborted, DomainError,
 from runtime.idempotency import Idempotency, acting_scope
 from runtime.outages import log_failure
 from services.promotion import storage
-from services.promotion.convert import GOALS, not_found, promotion_pb
-from services.promotion.domain import BudgetWallet, Promotions, unpaid
+from services.promotion.convert import GOALS, promotion_pb
+from services.promotion.domain import BudgetWallet, Promotions, not_found, unpaid
 
 log = logging.getLogger("coins.promotion.campaigns")
 

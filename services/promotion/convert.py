@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 
 from coins.promotion.v1 import promotion_pb2
-from runtime.errors import NotFound
 from runtime.protos import timestamp
 from services.promotion import storage
 from services.promotion.domain import status_at
@@ -40,10 +39,4 @@ def promotion_pb(p: storage.PromotionRecord, now: dt.datetime) -> promotion_pb2.
         status=_STATUS[status_at(p, now)],
         create_time=timestamp(p.created_at),
         end_time=timestamp(p.ends_at),
-    )
-
-
-def not_found(promotion_id: str) -> NotFound:
-    return NotFound(
-        "PROMOTION_NOT_FOUND", f"no promotion {promotion_id!r}", promotion_id=promotion_id
     )

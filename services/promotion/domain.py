@@ -355,6 +355,12 @@ class Promotions:
         await storage.lock_promotion(conn, promotion_id)
 
 
+def not_found(promotion_id: str) -> NotFound:
+    return NotFound(
+        "PROMOTION_NOT_FOUND", f"no promotion {promotion_id!r}", promotion_id=promotion_id
+    )
+
+
 def unpaid(outcome: str, promotion_id: str) -> DomainError:
     """CreatePromotion's answer when its budget hold was never placed (found by the reconciler, or
     by the request's own late hold): the wallet's refusal with the code a direct call gets, or, for

@@ -18,6 +18,9 @@ from services.wallet.payments import SandboxPaymentProvider
 from services.wallet.purchases import Purchases
 from services.wallet.settings import WalletSettings
 
+HOLD_SWEEP_PAGE = 200
+"""Holds one sweep expires; a sweep that expires a full page runs again at once (add_periodic)."""
+
 
 async def setup(runtime: Runtime[WalletSettings]) -> None:
     wallet = Wallet(runtime.settings, Ledger(runtime.clock, unit="coins"))
@@ -31,9 +34,11 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
 
     async def expire_holds() -> int:
         async with runtime.db.transaction() as conn:
-            return await wallet.expire_holds(conn, limit=200)
+            return await wallet.expire_holds(conn, limit=HOLD_SWEEP_PAGE)
 
-    runtime.add_periodic("expired holds", settings.hold_sweep_seconds, expire_holds, batch=200)
+    runtime.add_periodic(
+        "expired holds", settings.hold_sweep_seconds, expire_holds, batch=HOLD_SWEEP_PAGE
+    )
     purchases = Purchases(
         runtime.db,
         runtime.idempotency,

@@ -99,8 +99,8 @@ _INSERT_CREDITS_PG = Statement(
 )
 
 
-_DUE_CREDITS = Statement(
-    "payout.due_credits",
+_MATURING_CREDITS = Statement(
+    "payout.lock_maturing_credits",
     "SELECT credit_key, creator_id, diamonds FROM gift_credits "
     "WHERE matured_at IS NULL AND created_at <= :due ORDER BY created_at LIMIT :limit",
     postgres="SELECT credit_key, creator_id, diamonds FROM gift_credits "
@@ -275,11 +275,11 @@ async def insert_credits(
     )
 
 
-async def claim_due_credits(tx: Tx, due: dt.datetime, limit: int) -> list[tuple[str, str, int]]:
+async def lock_maturing_credits(tx: Tx, due: dt.datetime, limit: int) -> list[tuple[str, str, int]]:
     """Pending credits made at or before `due`, oldest first: (key, creator, diamonds). On
     PostgreSQL they stay locked until the transaction ends, and a concurrent sweep (another
     replica) skips them."""
-    rows = await tx.all(_DUE_CREDITS, due=due, limit=limit)
+    rows = await tx.all(_MATURING_CREDITS, due=due, limit=limit)
     return [(str(k), str(c), int(d)) for k, c, d in rows]
 
 
