@@ -14,8 +14,9 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from runtime.clock import utc
 from runtime.errors import FieldViolation, InvalidArgument
@@ -94,3 +95,41 @@ def decode_token(token: str, kind: str, *keys: Callable[[Any], Any]) -> list[Any
             "page_token is not a next_page_token of this listing; start again without one",
             violations=(FieldViolation("page_token", "not a token issued by this listing"),),
         ) from None
+
+
+T = TypeVar("T")
+
+
+def next_page(
+    rows: list[T], size: int, kind: str, key: Callable[[T], Sequence[Any]]
+) -> tuple[list[T], str]:
+    """A page read with `size + 1` rows (the extra one says whether another page follows): its
+    `size` rows, and the token for the next one from the last row's sort `key` ("" on the last)."""
+    if len(rows) <= size:
+        return rows, ""
+    page = rows[:size]
+    return page, encode_token(kind, *key(page[-1]))
+
+
+@dataclass(frozen=True)
+class RankedPage:
+    """A page of a ranking (coins, then id), whose token also carries the rank of its last row:
+    a rank cannot be recomputed without counting every row before it."""
+
+    kind: str
+    size: int
+    after: tuple[int, str] | None
+    """The sort key (coins, id) the page starts after; None for the first page."""
+    first_rank: int
+
+    @classmethod
+    def of(cls, token: str, kind: str, size: int) -> RankedPage:
+        after = decode_token(token, kind, int64, text, int64)
+        if after is None:
+            return cls(kind, size, None, 1)
+        return cls(kind, size, (after[0], after[1]), after[2] + 1)
+
+    def rows(self, rows: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], str]:
+        """The page of (id, coins) rows read with `size + 1`, and the next page's token."""
+        last_rank = self.first_rank + self.size - 1
+        return next_page(rows, self.size, self.kind, lambda row: (row[1], row[0], last_rank))

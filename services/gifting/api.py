@@ -11,7 +11,14 @@ from coins.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from runtime.access import Access, method_rules, require_owner, require_reason
 from runtime.auth import current_principal
 from runtime.clients import downstream_timeout
-from runtime.pagination import decode_token, encode_token, int64, page_size, text
+from runtime.pagination import (
+    RankedPage,
+    decode_token,
+    int64,
+    next_page,
+    page_size,
+    text,
+)
 from runtime.protos import RpcContext
 from runtime.server import Runtime
 from services.gifting.convert import (
@@ -98,10 +105,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
                 after=(after[0], after[1]) if after else None,
                 region=request.region,
             )
-        token = ""
-        if len(gifts) > size:
-            gifts = gifts[:size]
-            token = encode_token(kind, gifts[-1].coins, gifts[-1].gift_id)
+        gifts, token = next_page(gifts, size, kind, lambda g: (g.coins, g.gift_id))
         return gifting_pb2.ListGiftsResponse(
             gifts=[gift_pb(g) for g in gifts],
             next_page_token=token,
@@ -169,26 +173,21 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def ListTopGifters(
         self, request: gifting_pb2.ListTopGiftersRequest, context: RpcContext
     ) -> gifting_pb2.ListTopGiftersResponse:
-        size = page_size(request.page_size, default=10, maximum=100)
-        kind = f"top:{request.live_id}"
-        after = decode_token(request.page_token, kind, int64, text, int64)
+        page = RankedPage.of(
+            request.page_token,
+            f"top:{request.live_id}",
+            page_size(request.page_size, default=10, maximum=100),
+        )
         async with self._db.read() as conn:
             rows = await self._gifting.top_gifters(
-                conn,
-                request.live_id,
-                limit=size + 1,
-                after=(after[0], after[1]) if after else None,
+                conn, request.live_id, limit=page.size + 1, after=page.after
             )
-            if not rows and not after:  # nobody gifted yet, or no such LIVE: which one
+            if not rows and not page.after:  # nobody gifted yet, or no such LIVE: which one
                 await self._lives.get(conn, request.live_id)
-        first_rank = after[2] + 1 if after else 1
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = encode_token(kind, rows[-1][1], rows[-1][0], first_rank + size - 1)
+        rows, token = page.rows(rows)
         return gifting_pb2.ListTopGiftersResponse(
             gifters=[
-                gifting_pb2.Gifter(user_id=sender, coins=coins, rank=first_rank + i)
+                gifting_pb2.Gifter(user_id=sender, coins=coins, rank=page.first_rank + i)
                 for i, (sender, coins) in enumerate(rows)
             ],
             next_page_token=token,
@@ -203,9 +202,9 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
             rows = await self._gifting.parked_credits(
                 conn, limit=size + 1, after_outbox_id=after[0] if after else None
             )
-        token = encode_token("parked", rows[size - 1].outbox_id) if len(rows) > size else ""
+        rows, token = next_page(rows, size, "parked", lambda r: (r.outbox_id,))
         return gifting_pb2.ListParkedCreditsResponse(
-            credits=[parked_credit_pb(r) for r in rows[:size]], next_page_token=token
+            credits=[parked_credit_pb(r) for r in rows], next_page_token=token
         )
 
     async def RedeliverParkedCredits(
@@ -311,21 +310,19 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     ) -> gifting_pb2.ListCreatorRankingsResponse:
         period = _PERIODS[request.period]
         key = period_keys(self._rt.clock.now())[period]
-        size = page_size(request.page_size, default=10, maximum=100)
-        kind = f"rankings:{period}:{key}"
-        after = decode_token(request.page_token, kind, int64, text, int64)
+        page = RankedPage.of(
+            request.page_token,
+            f"rankings:{period}:{key}",
+            page_size(request.page_size, default=10, maximum=100),
+        )
         async with self._db.read() as conn:
             rows = await self._gifting.creator_rankings(
-                conn, period, key, limit=size + 1, after=(after[0], after[1]) if after else None
+                conn, period, key, limit=page.size + 1, after=page.after
             )
-        first_rank = after[2] + 1 if after else 1
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = encode_token(kind, rows[-1][1], rows[-1][0], first_rank + size - 1)
+        rows, token = page.rows(rows)
         return gifting_pb2.ListCreatorRankingsResponse(
             creators=[
-                gifting_pb2.RankedCreator(creator_id=creator, coins=coins, rank=first_rank + i)
+                gifting_pb2.RankedCreator(creator_id=creator, coins=coins, rank=page.first_rank + i)
                 for i, (creator, coins) in enumerate(rows)
             ],
             period_key=key,
@@ -335,24 +332,19 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def ListCreatorTopGifters(
         self, request: gifting_pb2.ListCreatorTopGiftersRequest, context: RpcContext
     ) -> gifting_pb2.ListCreatorTopGiftersResponse:
-        size = page_size(request.page_size, default=10, maximum=100)
-        kind = f"creator-gifters:{request.creator_id}"
-        after = decode_token(request.page_token, kind, int64, text, int64)
+        page = RankedPage.of(
+            request.page_token,
+            f"creator-gifters:{request.creator_id}",
+            page_size(request.page_size, default=10, maximum=100),
+        )
         async with self._db.read() as conn:
             rows = await self._gifting.creator_gifters(
-                conn,
-                request.creator_id,
-                limit=size + 1,
-                after=(after[0], after[1]) if after else None,
+                conn, request.creator_id, limit=page.size + 1, after=page.after
             )
-        first_rank = after[2] + 1 if after else 1
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = encode_token(kind, rows[-1][1], rows[-1][0], first_rank + size - 1)
+        rows, token = page.rows(rows)
         return gifting_pb2.ListCreatorTopGiftersResponse(
             gifters=[
-                gifting_pb2.Gifter(user_id=sender, coins=coins, rank=first_rank + i)
+                gifting_pb2.Gifter(user_id=sender, coins=coins, rank=page.first_rank + i)
                 for i, (sender, coins) in enumerate(rows)
             ],
             next_page_token=token,

@@ -17,7 +17,7 @@ from runtime.access import (
 )
 from runtime.auth import current_principal
 from runtime.idempotency import acting_scope, caller_scope, fingerprint
-from runtime.pagination import decode_token, encode_token, instant, page_size, text
+from runtime.pagination import decode_token, instant, next_page, page_size, text
 from runtime.protos import RpcContext, money, timestamp, to_datetime
 from runtime.server import Runtime
 from runtime.sql import as_tx
@@ -354,13 +354,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             rows = await self._withdrawals.queue(
                 conn, queue, limit=size + 1, after=(after[0], after[1]) if after else None
             )
-            token = ""
-            if len(rows) > size:
-                rows = rows[:size]
-                last = rows[-1]
-                at = last.parked_at if queue == "parked" else last.created_at
-                assert at is not None
-                token = encode_token(kind, at.isoformat(), last.withdrawal_id)
+            rows, token = next_page(rows, size, kind, lambda w: _queue_key(queue, w))
             withdrawals = await self._with_history(conn, rows)
         return payout_pb2.ListWithdrawalQueueResponse(
             withdrawals=withdrawals, next_page_token=token
@@ -441,10 +435,9 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                 limit=size + 1,
                 before=(before[0], before[1]) if before else None,
             )
-            token = ""
-            if len(rows) > size:
-                rows = rows[:size]
-                token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].withdrawal_id)
+            rows, token = next_page(
+                rows, size, kind, lambda w: (w.created_at.isoformat(), w.withdrawal_id)
+            )
             withdrawals = await self._with_history(conn, rows)
         return payout_pb2.ListWithdrawalsResponse(withdrawals=withdrawals, next_page_token=token)
 
@@ -702,3 +695,10 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
 def withdrawal_scope(creator_id: str) -> str:
     """Where a creator's RequestWithdrawal request ids are kept (runtime.idempotency)."""
     return f"RequestWithdrawal:{creator_id}"
+
+
+def _queue_key(queue: str, withdrawal: WithdrawalRecord) -> tuple[str, str]:
+    """A queue's sort key: when it was parked (the parked queue) or made (the others)."""
+    at = withdrawal.parked_at if queue == "parked" else withdrawal.created_at
+    assert at is not None
+    return at.isoformat(), withdrawal.withdrawal_id

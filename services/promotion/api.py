@@ -5,7 +5,7 @@ from __future__ import annotations
 from coins.promotion.v1 import promotion_pb2, promotion_pb2_grpc
 from runtime.access import Access, method_rules, require_owner
 from runtime.clients import downstream_timeout
-from runtime.pagination import decode_token, encode_token, instant, page_size, text
+from runtime.pagination import decode_token, instant, next_page, page_size, text
 from runtime.protos import RpcContext
 from runtime.server import Runtime
 from services.promotion.campaigns import Campaigns, create_scope
@@ -70,10 +70,9 @@ class PromotionApi(promotion_pb2_grpc.PromotionServiceServicer):
             status=status,
             now=now,
         )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = encode_token(kind, rows[-1].created_at.isoformat(), rows[-1].promotion_id)
+        rows, token = next_page(
+            rows, size, kind, lambda p: (p.created_at.isoformat(), p.promotion_id)
+        )
         return promotion_pb2.ListPromotionsResponse(
             promotions=[promotion_pb(p, now) for p in rows], next_page_token=token
         )

@@ -9,7 +9,13 @@ from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
 from runtime.idempotency import AnsweredKey
-from runtime.pagination import decode_token, encode_token, int64, page_size, text
+from runtime.pagination import (
+    decode_token,
+    int64,
+    next_page,
+    page_size,
+    text,
+)
 from runtime.protos import RpcContext, timestamp
 from runtime.server import Runtime
 from runtime.sql import Tx
@@ -158,9 +164,8 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     ) -> wallet_pb2.ListCoinPackagesResponse:
         size = page_size(request.page_size)
         channel = CHANNELS[request.channel]
-        after = decode_token(
-            request.page_token, f"packages:{request.user_id}:{channel}", int64, text
-        )
+        kind = f"packages:{request.user_id}:{channel}"
+        after = decode_token(request.page_token, kind, int64, text)
         async with self._db.read() as conn:
             packages = await self._wallet.packages_for(
                 conn,
@@ -169,13 +174,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
                 limit=size + 1,
                 after=(after[0], after[1]) if after else None,
             )
-        token = ""
-        if len(packages) > size:
-            packages = packages[:size]
-            last = packages[-1]
-            token = encode_token(
-                f"packages:{request.user_id}:{channel}", last.coins, last.package_id
-            )
+        packages, token = next_page(packages, size, kind, lambda p: (p.coins, p.package_id))
         return wallet_pb2.ListCoinPackagesResponse(
             packages=[package_pb(p) for p in packages], next_page_token=token
         )
