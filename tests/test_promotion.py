@@ -243,8 +243,23 @@ async def test_a_report_id_names_one_delivery_whoever_reports_it(suite: Suite) -
     assert "a report of 100 coins delivered" in (error.details() or "")
     again = await suite.ad_delivery.ReportDelivery(first, metadata=suite.token("viewer-c"))
     assert again.promotion.spent_coins == 100
-    assert await coins_of(suite, user) == (coins - 100, coins - 300)
-    assert (await hold_of(suite, made.promotion_id)).captured_coins == 100
+
+    # At once, from four actors: each is counted or told to retry, and counted once in all.
+    at_once = delivery(made.promotion_id, 50)
+
+    async def report(actor: str) -> promotion_pb2.ReportDeliveryResponse:
+        while True:
+            try:
+                return await suite.ad_delivery.ReportDelivery(at_once, metadata=suite.token(actor))
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                assert error.code() == grpc.StatusCode.ABORTED, error.details()
+                assert info is not None and info.reason == "CONCURRENT_RETRY"
+
+    answers = await asyncio.gather(*(report(f"viewer-{n}") for n in "defg"))
+    assert {a.promotion.spent_coins for a in answers} == {150}
+    assert await coins_of(suite, user) == (coins - 150, coins - 300)
+    assert (await hold_of(suite, made.promotion_id)).captured_coins == 150
 
 
 async def test_delivery_beyond_the_budget_is_refused_and_spending_it_all_completes(

@@ -156,9 +156,10 @@ class Campaigns:
             )
             now = self._clock.now()
             self._promotions.check_delivery(promotion, request.coins, now)
-            await storage.add_pending_capture(
+            if not await storage.add_pending_capture(
                 conn, promotion.promotion_id, request.request_id, request.coins, now
-            )
+            ):
+                raise self._promotions.report_in_flight(promotion.promotion_id, request.request_id)
             return promotion.promotion_id
 
         claim = await self._idempotency.begin(scope, request, start)

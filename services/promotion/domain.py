@@ -269,12 +269,15 @@ class Promotions:
         if recorded != coins:
             raise request_id_reused(request_id, f"a report of {recorded} coins delivered")
         if pending:
-            raise Aborted(
-                "CONCURRENT_RETRY",
-                f"delivery report {request_id!r} of promotion {promotion_id} is being counted "
-                "now: retry to read its answer",
-                promotion_id=promotion_id,
-            )
+            raise self.report_in_flight(promotion_id, request_id)
+
+    def report_in_flight(self, promotion_id: str, request_id: str) -> Aborted:
+        return Aborted(
+            "CONCURRENT_RETRY",
+            f"delivery report {request_id!r} of promotion {promotion_id} is being counted now: "
+            "retry to read its answer",
+            promotion_id=promotion_id,
+        )
 
     def check_end(self, promotion: storage.PromotionRecord, now: dt.datetime) -> None:
         """Only an active promotion before its end can be ended."""

@@ -220,13 +220,16 @@ class PendingCapture:
 
 async def add_pending_capture(
     conn: AsyncConnection, promotion_id: str, request_id: str, coins: int, now: dt.datetime
-) -> None:
-    """A delivery report is about to capture `coins` from the promotion's hold."""
-    await conn.execute(
-        pending_captures.insert().values(
-            promotion_id=promotion_id, request_id=request_id, coins=coins, created_at=now
-        )
+) -> bool:
+    """A delivery report is about to capture `coins` from the promotion's hold; False if a report
+    of this id is pending already (another caller's, committed since this transaction looked)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    result = await conn.execute(
+        dialect.insert(pending_captures)
+        .values(promotion_id=promotion_id, request_id=request_id, coins=coins, created_at=now)
+        .on_conflict_do_nothing()
     )
+    return result.rowcount == 1
 
 
 async def clear_pending_capture(conn: AsyncConnection, promotion_id: str, request_id: str) -> None:
