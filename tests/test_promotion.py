@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +261,12 @@ async def test_a_report_id_names_one_delivery_whoever_reports_it(suite: Suite) -
     assert await coins_of(suite, user) == (coins - 150, coins - 300)
     assert (await hold_of(suite, made.promotion_id)).captured_coins == 150
 
+    # Counted, it stays counted for another actor after the budget is spent (not PROMOTION_ENDED).
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 150))
+    late = await suite.ad_delivery.ReportDelivery(at_once, metadata=suite.token("viewer-h"))
+    assert (late.promotion.spent_coins, late.promotion.status) == (300, COMPLETED)
+    assert (await hold_of(suite, made.promotion_id)).captured_coins == 300
+
 
 async def test_delivery_beyond_the_budget_is_refused_and_spending_it_all_completes(
     suite: Suite,
@@ -460,6 +466,39 @@ async def test_of_two_ends_after_a_report_recorded_the_end_one_answers_the_relea
     ok = [a for a in answers if isinstance(a, promotion_pb2.EndPromotionResponse)]
     assert len(ok) == 1 and ok[0].released_coins == 180, answers
     assert await coins_of(suite, user) == (coins - 120, coins - 120)
+
+
+async def test_an_end_that_lost_the_race_to_the_budget_says_when_the_promotion_ended(
+    suite: Suite,
+) -> None:
+    """Reports that spend the whole budget while an end is on its way: the end is refused
+    PROMOTION_ENDED naming when the promotion ended (a moment ago), not when it was to end (days
+    ahead: the record the end had read before the reports captured the hold)."""
+    raced = 0
+    for _ in range(8):
+        user, _ = await funded_user(suite)
+        made = (await suite.promotion.CreatePromotion(promotion(user, 600, days=3))).promotion
+        reports: list[Awaitable[Any]] = [
+            suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 24)) for _ in range(30)
+        ]
+        reports.insert(10, end(suite, ending(made.promotion_id), user))
+        answers = await asyncio.gather(*reports, return_exceptions=True)
+        ended = answers[10]
+        if not isinstance(ended, grpc.aio.AioRpcError):
+            continue  # the end released what was left: no race this round
+        info = error_info(ended)
+        assert info is not None and info.reason == "PROMOTION_ENDED", ended.details()
+        at = dt.datetime.fromisoformat(info.metadata["end_time"])
+        assert at <= dt.datetime.now(dt.UTC), ended.details()
+        read = await suite.promotion.GetPromotion(
+            promotion_pb2.GetPromotionRequest(promotion_id=made.promotion_id),
+            metadata=suite.token(user),
+        )
+        assert read.promotion.end_time.ToDatetime(dt.UTC) == at
+        raced += 1
+        if raced == 2:
+            return
+    assert raced, "no end lost the race to the reports in 8 rounds"
 
 
 async def test_only_the_owner_ends_a_promotion(suite: Suite) -> None:

@@ -154,6 +154,8 @@ class Campaigns:
             self._promotions.check_report_id(
                 promotion.promotion_id, request.request_id, request.coins, on_record
             )
+            if on_record is not None:  # counted already (another actor's report): answered so
+                return promotion.promotion_id
             now = self._clock.now()
             self._promotions.check_delivery(promotion, request.coins, now)
             if not await storage.add_pending_capture(
@@ -165,7 +167,13 @@ class Campaigns:
         claim = await self._idempotency.begin(scope, request, start)
         if claim.finished:
             return claim.replay(response_type)
-        promotion = await self.promotion(request.promotion_id)
+        async with self._db.read() as conn:
+            promotion = await storage.get_promotion(conn, request.promotion_id)
+            counted = await storage.delivery_coins(conn, request.promotion_id, request.request_id)
+        if promotion is None:
+            raise not_found(request.promotion_id)
+        if counted is not None:  # by another actor's report of this id, or by a twin of this one
+            return await self._answer_counted(scope, request)
         try:
             transaction_id = await self._capture(
                 promotion, request.request_id, request.coins, time_limit
@@ -221,6 +229,22 @@ class Campaigns:
             raise
         return response
 
+    async def _answer_counted(
+        self, scope: str, request: promotion_pb2.ReportDeliveryRequest
+    ) -> promotion_pb2.ReportDeliveryResponse:
+        """A report whose delivery is counted already: answered with the promotion as it is now
+        (a concurrent twin's answer if it stored one first), whatever the promotion took since."""
+        response_type = promotion_pb2.ReportDeliveryResponse
+        async with self._db.transaction() as conn:
+            again = await self._idempotency.claim(conn, scope, request)
+            if again.finished:
+                return again.replay(response_type)
+            current = await storage.get_promotion(conn, request.promotion_id)
+            assert current is not None
+            response = response_type(promotion=promotion_pb(current, self._clock.now()))
+            await self._idempotency.complete(conn, scope, request, response=response)
+        return response
+
     async def end(
         self, request: promotion_pb2.EndPromotionRequest, *, time_limit: float
     ) -> promotion_pb2.EndPromotionResponse:
@@ -259,7 +283,9 @@ class Campaigns:
                 # The hold is resolved already (expired, or captured in full): the promotion is over.
                 async with self._db.transaction() as conn:
                     await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
-                error = self._promotions.ended(promotion)
+                    over = await storage.get_promotion(conn, promotion.promotion_id)
+                # When it ended (its budget spent meanwhile, or now), not when it was to end.
+                error = self._promotions.ended(over or promotion)
             await self._idempotency.record_error(scope, request, error)
             twin = await self._idempotency.twin_answer(scope, request)
             if twin is not None:  # the first answer (a concurrent duplicate's, or this error)
