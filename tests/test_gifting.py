@@ -159,6 +159,9 @@ async def test_not_enough_coins_sends_nothing(suite: Suite) -> None:
         suite.gifting.SendGift(request), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"
     )
     assert "29999" in (error.details() or "")
+    info = error_info(error)  # the sender, not the wallet's ledger account id (`user:<id>`)
+    assert info is not None and info.metadata["user_id"] == sender
+    assert "account_id" not in info.metadata
     # The refusal is the request's answer: a retry gets it again and nothing moves.
     await expect_error(
         suite.gifting.SendGift(request), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"

@@ -114,7 +114,7 @@ async def test_a_chargeback_of_spent_coins_leaves_a_debt_that_freezes_spending(
         grpc.StatusCode.FAILED_PRECONDITION,
         "ACCOUNT_FROZEN",
     )
-    await expect_error(
+    frozen = await expect_error(
         suite.as_caller("promotion").wallet.PlaceHold(
             wallet_pb2.PlaceHoldRequest(
                 request_id=new_id(),
@@ -126,6 +126,12 @@ async def test_a_chargeback_of_spent_coins_leaves_a_debt_that_freezes_spending(
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "ACCOUNT_FROZEN",
+    )
+    # In the user's terms, not the ledger's account id (`user:<id>`), which callers pass on.
+    info = error_info(frozen)
+    assert info is not None and dict(info.metadata) == {"user_id": user}
+    assert (
+        frozen.details() == f"user {user}'s coins are frozen until their clawback debt is paid off"
     )
     # The next purchase pays the debt off first; the account thaws once it is paid.
     await buy(suite, user, "us-web-350")

@@ -15,6 +15,7 @@ from runtime import countries
 from runtime.errors import (
     DEBIT_VOIDED,
     AlreadyExists,
+    DomainError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -383,7 +384,7 @@ class Wallet:
                 expires_at=self.ledger.clock.now() + expire_after if expire_after else None,
                 placed_under=placed_under,
             )
-        except NotFound as error:
+        except DomainError as error:
             raise _in_users_terms(error, user_id) from None
 
     def check_can_buy(
@@ -747,7 +748,7 @@ class Wallet:
                 caller=what.caller,
                 policy_version=self.settings.policy_version,
             )
-        except NotFound as error:
+        except DomainError as error:
             raise _in_users_terms(error, what.user_id) from None
         return _debit(posted, account)
 
@@ -798,15 +799,23 @@ def _debit(posted: Posted, account: str) -> Debit:
     return Debit(posted.transaction_id, posted.balances[account], posted.available[account])
 
 
-def _in_users_terms(error: NotFound, user_id: str) -> NotFound:
-    """The ledger's ACCOUNT_NOT_FOUND for the user's own account, as the caller knows it (the user,
-    not the ledger's account id); any other NotFound as it is."""
-    if error.reason != "ACCOUNT_NOT_FOUND" or error.metadata.get("account_id") != user_account(
-        user_id
-    ):
+def _in_users_terms(error: DomainError, user_id: str) -> DomainError:
+    """The ledger's refusal about the user's own account as the caller knows it: the user, not the
+    ledger's account id (`user:<id>`), which callers never send and gifting and promotion pass on
+    to theirs. Any other refusal as it is."""
+    if error.metadata.get("account_id") != user_account(user_id):
         return error
-    return NotFound(
-        "ACCOUNT_NOT_FOUND",
-        f"user {user_id} has no wallet account; open one first",
-        user_id=user_id,
-    )
+    if error.reason == "ACCOUNT_NOT_FOUND":
+        return NotFound(
+            "ACCOUNT_NOT_FOUND",
+            f"user {user_id} has no wallet account; open one first",
+            user_id=user_id,
+        )
+    if error.reason == "ACCOUNT_FROZEN":
+        error = FailedPrecondition(
+            "ACCOUNT_FROZEN",
+            f"user {user_id}'s coins are frozen until their clawback debt is paid off",
+        )
+    error.metadata.pop("account_id", None)
+    error.metadata["user_id"] = user_id
+    return error
