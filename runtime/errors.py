@@ -100,6 +100,13 @@ class DomainError(Exception):
         return f"{type(self).__name__}({self.reason!r}, {self.message!r}, {self.metadata!r})"
 
 
+def enum_name(enum: str, state: str) -> str:
+    """A stored state in the contract's words (`enum_name("WITHDRAWAL_STATUS", "in_review")` ->
+    `WITHDRAWAL_STATUS_IN_REVIEW`): what ErrorInfo metadata carries, so a client compares it with the
+    enum value names it reads everywhere else (tests check every stored state has one)."""
+    return f"{enum}_{state.upper()}"
+
+
 class InvalidArgument(DomainError):
     kind = ErrorKind.INVALID_ARGUMENT
 

@@ -150,6 +150,13 @@ async def expect_error(
     return error
 
 
+def error_metadata(error: grpc.RpcError) -> dict[str, str]:
+    """The ErrorInfo metadata of a refusal (which must carry an ErrorInfo)."""
+    info = error_info(error)
+    assert info is not None, "no ErrorInfo in the status details"
+    return dict(info.metadata)
+
+
 def field_violations(error: grpc.RpcError) -> set[str]:
     found = bad_request(error)
     return {v.field for v in found.field_violations} if found else set()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import grpc
 
 from coins.payout.v1 import payout_pb2
-from tests.helpers import eventually, expect_error, field_violations, new_id, verify_creator
+from tests.helpers import (
+    error_metadata,
+    eventually,
+    expect_error,
+    field_violations,
+    new_id,
+    verify_creator,
+)
 from tests.suite import Suite
 
 
@@ -294,6 +301,7 @@ async def test_withdrawals_wait_for_verification(suite: Suite) -> None:
         "KYC_REQUIRED",
     )
     assert "unverified" in (unverified.details() or "")
+    assert error_metadata(unverified)["kyc_status"] == "KYC_STATUS_UNVERIFIED"
     admin = suite.token(new_id("ops"), admin=True)
     await suite.payout.SetCreatorVerification(
         payout_pb2.SetCreatorVerificationRequest(

@@ -22,6 +22,7 @@ from services.payout.processor import WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox, sign
 from tests.helpers import (
     ShiftedClock,
+    error_metadata,
     eventually,
     expect_error,
     migrated,
@@ -232,7 +233,7 @@ async def test_a_rejection_and_a_cancel_release_the_hold_once(
     # The same request again is answered from its record; a new one is refused; nothing moves.
     again = await suite.payout.CancelWithdrawal(cancel, metadata=admin(suite))
     assert again == cancelled
-    await expect_error(
+    refused = await expect_error(
         suite.payout.CancelWithdrawal(
             S.CancelWithdrawalRequest(request_id=new_id("c"), withdrawal_id=big.withdrawal_id),
             metadata=suite.token(creator),
@@ -240,6 +241,8 @@ async def test_a_rejection_and_a_cancel_release_the_hold_once(
         grpc.StatusCode.FAILED_PRECONDITION,
         "WITHDRAWAL_NOT_CANCELLABLE",
     )
+    # Its state in the contract's words, as GetWithdrawal names it.
+    assert error_metadata(refused)["status"] == "WITHDRAWAL_STATUS_REJECTED"
     assert await balance_of(suite, creator) == (100_000, 100_000, 0, 0)
     # Another creator cannot cancel it.
     await expect_error(

@@ -11,7 +11,7 @@ import grpc
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
-from tests.helpers import expect_error, new_id, open_account
+from tests.helpers import error_metadata, expect_error, new_id, open_account
 from tests.suite import Suite
 
 
@@ -73,11 +73,12 @@ async def test_a_refund_of_unspent_coins_takes_them_back(suite: Suite) -> None:
         False,
     )
     assert await webhooks.RecordPaymentEvent(request) == refunded  # the provider redelivers
-    await expect_error(
+    refused = await expect_error(
         webhooks.RecordPaymentEvent(event(purchase, wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK)),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PURCHASE_ALREADY_REVERSED",
     )
+    assert error_metadata(refused)["status"] == "PURCHASE_STATUS_REFUNDED"
     history = await suite.wallet.ListLedgerEntries(
         wallet_pb2.ListLedgerEntriesRequest(user_id=user)
     )

@@ -19,6 +19,7 @@ from runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    enum_name,
 )
 from runtime.ids import time_ordered_id
 from services.payout import storage
@@ -214,5 +215,5 @@ class PayoutMethods:
                 f"creator {creator_id} must be verified before withdrawing; verification is "
                 f"{status}{why}",
                 creator_id=creator_id,
-                kyc_status=status,
+                kyc_status=enum_name("KYC_STATUS", status),
             )

@@ -31,6 +31,7 @@ from runtime.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    enum_name,
     request_id_reused,
 )
 from runtime.ids import time_ordered_id
@@ -342,7 +343,7 @@ class Withdrawals:
                 "WITHDRAWAL_NOT_PARKED",
                 f"withdrawal {withdrawal_id} is not parked ({status}): {who}",
                 withdrawal_id=withdrawal_id,
-                status=status,
+                status=enum_name("WITHDRAWAL_STATUS", status),
             )
         await storage.add_event(
             conn, withdrawal_id, "processing", actor, reason, now, kind="retried"
@@ -416,7 +417,7 @@ class Withdrawals:
                 "KYC_REQUIRED",
                 f"creator {creator} is no longer verified ({status})",
                 creator_id=creator,
-                kyc_status=status,
+                kyc_status=enum_name("KYC_STATUS", status),
             )
         debt = await self._debt_of(conn, creator)
         return debt_outstanding(creator, debt) if debt else None
@@ -449,7 +450,7 @@ class Withdrawals:
                 f"withdrawal {withdrawal_id} is {current.status}: only a withdrawal in review can "
                 "be approved or rejected",
                 withdrawal_id=withdrawal_id,
-                status=current.status,
+                status=enum_name("WITHDRAWAL_STATUS", current.status),
             )
         if not approve:
             await self._give_back(conn, withdrawal, now)
@@ -490,7 +491,7 @@ class Withdrawals:
                 "gone to the processor (requested, in review, approved) can be cancelled, or a "
                 "parked one the processor has no record of, by an admin",
                 withdrawal_id=withdrawal_id,
-                status=current.status,
+                status=enum_name("WITHDRAWAL_STATUS", current.status),
             )
         await self._give_back(conn, withdrawal, now)
         return await self.get(conn, withdrawal_id)

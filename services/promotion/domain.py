@@ -32,6 +32,7 @@ from runtime.errors import (
     DomainError,
     FailedPrecondition,
     NotFound,
+    enum_name,
     request_id_reused,
 )
 from runtime.ids import time_ordered_id
@@ -154,7 +155,7 @@ def _not_active(promotion: storage.PromotionRecord) -> FailedPrecondition:
             else "its budget was never held"
         ),
         promotion_id=promotion.promotion_id,
-        status=promotion.status,
+        status=enum_name("PROMOTION_STATUS", promotion.status),
     )
 
 

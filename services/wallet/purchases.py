@@ -25,6 +25,7 @@ from runtime.errors import (
     FailedPreconditionYet,
     NotFoundYet,
     Unavailable,
+    enum_name,
 )
 from runtime.idempotency import Idempotency
 from runtime.ids import time_ordered_id
@@ -306,7 +307,7 @@ def _refuse_unless_reversible(purchase: storage.PurchaseRecord, *, completed_onl
             "PURCHASE_ALREADY_REVERSED",
             f"purchase {purchase.purchase_id} is already {purchase.status}",
             purchase_id=purchase.purchase_id,
-            status=purchase.status,
+            status=enum_name("PURCHASE_STATUS", purchase.status),
         )
     if completed_only and purchase.status != "completed":
         refusal = FailedPreconditionYet if purchase.status == "pending" else FailedPrecondition
@@ -315,7 +316,7 @@ def _refuse_unless_reversible(purchase: storage.PurchaseRecord, *, completed_onl
             f"purchase {purchase.purchase_id} is {purchase.status}; redeliver the event "
             "once it has completed",
             purchase_id=purchase.purchase_id,
-            status=purchase.status,
+            status=enum_name("PURCHASE_STATUS", purchase.status),
         )
 
 
