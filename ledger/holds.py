@@ -19,7 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger.book import Ledger, Posted, Posting, frozen, insufficient
 from ledger.schema import accounts, holds
 from runtime.clock import utc
-from runtime.errors import FailedPrecondition, NotFound, PermissionDenied, request_id_reused
+from runtime.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    enum_name,
+    request_id_reused,
+)
 from runtime.ids import time_ordered_id
 from runtime.sql import as_tx
 
@@ -164,7 +170,7 @@ class Holds:
             f"HOLD_{status.upper()}",
             f"hold {hold.hold_id} is {status}: nothing more can be captured or released",
             hold_id=hold.hold_id,
-            status=status,
+            status=enum_name("HOLD_STATUS", status),
         )
 
     async def capture(

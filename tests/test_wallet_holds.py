@@ -12,7 +12,15 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from coins.wallet.v1 import wallet_pb2
-from tests.helpers import ShiftedClock, eventually, expect_error, funded_user, new_id, rpc_error
+from tests.helpers import (
+    ShiftedClock,
+    error_metadata,
+    eventually,
+    expect_error,
+    funded_user,
+    new_id,
+    rpc_error,
+)
 from tests.suite import Suite, require_postgres, start_suite
 
 
@@ -188,11 +196,12 @@ async def test_a_hold_past_its_expiry_releases_itself(timed: tuple[Suite, Shifte
     hold = (await promotion.PlaceHold(place(user, 300, expire_after=Duration(seconds=60)))).hold
     assert hold.HasField("expire_time")
     clock.shift += dt.timedelta(seconds=61)
-    await expect_error(
+    expired = await expect_error(
         promotion.CaptureHold(capture(hold.hold_id, 10)),
         grpc.StatusCode.FAILED_PRECONDITION,
         "HOLD_EXPIRED",
     )
+    assert error_metadata(expired)["status"] == "HOLD_STATUS_EXPIRED"
 
     async def swept() -> bool:  # the sweeper runs every hold_sweep_seconds (0.2 s in the tests)
         got = await promotion.GetHold(wallet_pb2.GetHoldRequest(hold_id=hold.hold_id))
