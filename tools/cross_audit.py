@@ -13,7 +13,7 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
   share, in millionths, exactly), and each creator's diamonds are what the policy gives for the
   coins received: floor(coins x rate) over each run of credits applied at one rate (a rate applies
   to the coins received while it is in force), the fraction carried from gift to gift;
-- with the processor's payout items (the sandbox's file, or an export of the real processor's),
+- with the processor's payout items (the sandbox's file: the only processor today),
   every paid withdrawal was paid exactly once, for its net amount, and nothing else was paid: an
   item the processor failed or returned is no payment (a failed attempt and one successful resend
   are one payment), an item it paid for a withdrawal that gave its diamonds back (failed, returned,
@@ -21,8 +21,9 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
 
 Usage: `python -m tools.cross_audit` with the services' usual <SVC>_DATABASE_URL variables (or their
 SQLite defaults under <SVC>_DATA_DIR); the sandbox processor's file (PAYOUT_SANDBOX_FILE) is read when
-it exists. It prints a JSON report and exits 1 when anything differs, 2 when a service's settings
-are refused (one line per variable, as the service itself says).
+it exists. It prints a JSON report and exits 1 when anything differs, 2 when it cannot judge: a
+service's settings are refused (one line per variable, as the service itself says), a SQLite file is
+not there, a database has none of the services' tables.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from runtime.clock import utc
 from runtime.db import Database
@@ -366,6 +370,25 @@ def _urls() -> dict[str, str]:
     return {name: s.resolved_database_url() for name, s in settings.items()}
 
 
+def _exit_unless_every_file_is_there(urls: Mapping[str, str]) -> None:
+    """A SQLite database that is not there is another folder than the suite's (opening it would
+    make an empty file, and a traceback about a missing table)."""
+    missing = [
+        f"{name}: no database at {path}"
+        for name, url in urls.items()
+        if make_url(url).get_backend_name() == "sqlite"
+        and not (path := Path(make_url(url).database or "").resolve()).exists()
+    ]
+    if missing:
+        print(
+            "\n".join(missing)
+            + "\nset COINS_DATA_DIR (or <SVC>_DATA_DIR / <SVC>_DATABASE_URL) as the suite runs "
+            "with, relative to where it runs",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.cross_audit",
@@ -395,7 +418,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     cutoff = now - dt.timedelta(seconds=settle) if settle > 0 else None
-    report = asyncio.run(cross_audit(_urls(), items, settled_before=cutoff))
+    urls = _urls()
+    _exit_unless_every_file_is_there(urls)
+    try:
+        report = asyncio.run(cross_audit(urls, items, settled_before=cutoff))
+    except DBAPIError as error:  # a server that refuses us, a database with none of our tables
+        cause = re.sub(r"^<class '[\w.]+'>: ", "", str(error.orig).strip()).splitlines()[0]
+        print(
+            f"cannot read the books: {cause}. Point <SVC>_DATABASE_URL (or COINS_DATA_DIR) at the "
+            "suite's migrated databases, as the services run with",
+            file=sys.stderr,
+        )
+        return 2
     print(
         json.dumps(
             {
