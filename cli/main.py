@@ -64,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_OUR_FLAGS = {"after_cursor": "--after"}
-"""Request fields a service's message names, and the coinsctl flag that sets each: a refusal is
-shown in coinsctl's terms ("reconnect with --after 41", not "after_cursor=41"). The service's own
-message names its fields, for every client."""
+_OUR_FLAGS = {
+    "after_cursor": "--after",
+    "AUDIT_MODE_FULL": "--mode full",
+    "AUDIT_MODE_INCREMENTAL": "--mode incremental",
+}
+"""Request fields and values a service's message names, and the coinsctl flag that sets each: a
+refusal is shown in coinsctl's terms ("reconnect with --after 41", not "after_cursor=41"; "ask for
+--mode full", not AUDIT_MODE_FULL). The service's own message names its fields, for every client."""
 
 
 def _in_our_terms(text: str) -> str:

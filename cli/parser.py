@@ -98,11 +98,19 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+REQUEST_ID_HELP = (
+    "a changing command's idempotency key: repeat one to retry it safely (reads ignore it)"
+)
+
+
 def _anywhere() -> argparse.ArgumentParser:
     """--request-id, --as and --admin, accepted after the subcommand too (they override the ones
     given before it)."""
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--request-id", help="idempotency key: repeat one to retry safely")
+    common.add_argument(
+        "--request-id",
+        help=REQUEST_ID_HELP,
+    )
     common.add_argument("--as", dest="acting_user", metavar="USER", help="act for USER")
     common.add_argument("--admin", action="store_true", help="mint tokens with the admin role")
     return common
@@ -170,7 +178,10 @@ def parser() -> argparse.ArgumentParser:
             metavar="HOST:PORT",
             help=f"{service} address (COINS_{service.upper()}_ADDRESS)",
         )
-    parser.add_argument("--request-id", help="idempotency key: repeat one to retry safely")
+    parser.add_argument(
+        "--request-id",
+        help=REQUEST_ID_HELP,
+    )
     parser.add_argument(
         "--as", dest="acting_user", metavar="USER", help="act for USER (default: the user named)"
     )

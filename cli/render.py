@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +27,10 @@ class Table(RichTable):
         super().add_column(*args, **kwargs)
 
 
-console = Console(soft_wrap=True, markup=False, emoji=False)
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
+"""A terminal's width, or COLUMNS; piped into a file or `grep`, wide enough that no table wraps
+(rich would assume 80 columns)."""
+console = Console(soft_wrap=True, markup=False, emoji=False, width=_WIDTH)
 """soft_wrap: a long line (a command to copy) is never broken. No markup and no emoji codes: what a
 service stores or a user types ("[b]Big[/b] night :x:") is shown as it is; styles are Text's."""
 errors = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
@@ -361,29 +366,38 @@ def parked_credits(items: Iterable[gifting_pb2.ParkedCredit]) -> Table:
     return table
 
 
-def _micros(value: int, currency: str) -> str:
-    """Millionths of a currency unit, shown exactly: 1234500 USD -> 1.234500 USD."""
+def _micros(value: int) -> str:
+    """Millionths of a currency unit, shown exactly: 1234500 -> 1.234500."""
     sign = "-" if value < 0 else ""
     units, micros = divmod(abs(value), 1_000_000)
-    return f"{sign}{units:,}.{micros:06d} {currency}"
+    return f"{sign}{units:,}.{micros:06d}"
 
 
 def revenue(report: payout_pb2.GetRevenueReportResponse) -> Table:
-    """The platform's revenue from gifts per UTC day, with the total."""
-    table = Table(title="Revenue from gifts (each gift at its own rates)")
-    for name in ("day", "gifts", "coins", "diamonds", "gifts' value", "creators'", "platform"):
-        table.add_column(name, justify="left" if name == "day" else "right")
-    currency = report.currency_code
-    for d in [*report.days, report.total]:
-        table.add_row(
+    """The platform's revenue from gifts per UTC day, with the total. The currency is said once,
+    in the title: seven columns of "1,222.214400 USD" do not fit 80 columns, and an amount folded
+    onto two lines reads as two numbers."""
+    rows = [
+        (
             d.day,
             f"{d.gifts:,}",
             f"{d.coins:,}",
             f"{d.diamonds:,}",
-            _micros(d.gifts_value_micros, currency),
-            _micros(d.creators_value_micros, currency),
-            _micros(d.platform_revenue_micros, currency),
+            _micros(d.gifts_value_micros),
+            _micros(d.creators_value_micros),
+            _micros(d.platform_revenue_micros),
         )
+        for d in [*report.days, report.total]
+    ]
+    table = Table(
+        title=f"Revenue from gifts in {report.currency_code} (each gift at its own rates)"
+    )
+    names = ("day", "gifts", "coins", "diamonds", "gifts' value", "creators'", "platform")
+    for i, name in enumerate(names):
+        widest = max(len(row[i]) for row in rows)  # a header may wrap, a number never
+        table.add_column(name, justify="left" if i == 0 else "right", min_width=widest)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

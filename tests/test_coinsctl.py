@@ -33,6 +33,7 @@ from cli.client import (
     _Details,
     new_request_id,
 )
+from cli.main import _in_our_terms
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
@@ -511,6 +512,13 @@ async def test_a_feeds_refusals_name_coinsctls_flag_not_the_apis_field(restartab
     assert "after_cursor" not in everything, everything
 
 
+def test_an_audit_refusal_names_coinsctls_mode_not_the_apis_enum() -> None:
+    """NO_AUDIT_YET says "ask for AUDIT_MODE_FULL" (every client's words): a coinsctl user reads
+    the flag to type (review r6)."""
+    said = "no audit has run yet; ask for AUDIT_MODE_FULL"
+    assert _in_our_terms(said) == "no audit has run yet; ask for --mode full"
+
+
 async def test_a_refused_call_is_one_log_line_with_its_reason(
     suite: Suite, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -828,3 +836,24 @@ async def test_ledger_filters_by_kind_and_time_and_prints_the_next_page(suite: S
     assert code == 0 and coin_column(later) == [], later
     code, wrong = await coinsctl(suite, "ledger", user, "--kind", "bonus")
     assert code == 2 and "invalid choice: 'bonus'" in wrong, wrong
+
+
+def test_revenue_amounts_stay_whole_in_80_columns() -> None:
+    """Seven columns of "1,222.214400 USD" folded an amount onto two lines ("307.24310" over
+    "0 USD": review r6), which reads as two numbers: the currency is in the title, and no number
+    is ever folded (a table wider than the terminal is the terminal's to wrap)."""
+    day = payout_pb2.RevenueDay(
+        day="2026-12-07",
+        gifts=1_234,
+        coins=123_456,
+        diamonds=61_728,
+        gifts_value_micros=1_222_214_400,
+        creators_value_micros=308_640_000,
+        platform_revenue_micros=913_574_400,
+    )
+    report = payout_pb2.GetRevenueReportResponse(days=[day], total=day, currency_code="USD")
+    shown = io.StringIO()
+    Console(width=80, file=shown, soft_wrap=True).print(render.revenue(report))
+    assert "Revenue from gifts in USD" in shown.getvalue(), shown.getvalue()
+    for amount in ("1,222.214400", "308.640000", "913.574400", "123,456", "61,728"):
+        assert amount in shown.getvalue(), shown.getvalue()

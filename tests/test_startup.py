@@ -361,6 +361,7 @@ def test_the_check_names_the_revision_a_database_is_behind_at(tmp_path: Path) ->
     assert migrate_tool(tmp_path, "wallet").returncode == 0
     at_head = migrate_tool(tmp_path, "--check", "wallet")
     assert at_head.returncode == 0, at_head.stderr[-2000:]
+    assert at_head.stdout.startswith("wallet: at the newest schema ("), at_head.stdout
 
 
 def test_a_service_that_does_not_migrate_waits_for_the_migrate_job(tmp_path: Path) -> None:

@@ -67,14 +67,18 @@ async def migrate(names: list[str], *, check: bool = False) -> None:
                 await db.close()
             flush_within(TELEMETRY_FLUSH_SECONDS, "log records", flush_logs)
         where = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
-        if not check:
+        if not check or lag is None:
             moved = f" from {lag[0] or 'an empty database'} to {lag[1]}" if lag is not None else ""
-            done = f"{name}: migrated to the newest schema{moved} ({where})"
+            done = (
+                f"{name}: migrated to the newest schema{moved} ({where})"
+                if not check
+                else f"{name}: at the newest schema ({where})"
+            )
             if settings.log_format == "json":  # one JSON object per line, as the service's own
                 log.info("%s", done, extra={"fields": {"revision": lag[1] if lag else "unchanged"}})
             else:
                 print(done)
-        elif lag is not None:
+        else:
             current, head = lag
             raise SystemExit(
                 f"{name}: the database ({where}) is "
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="change nothing: fail if a database is behind the code (with what to run)",
+        help="change nothing: fail if a database is behind the code (with what to run), after "
+        "waiting up to <SVC>_MIGRATION_WAIT_SECONDS for a migration under way",
     )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.services) - set(SPECS))

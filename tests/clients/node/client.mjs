@@ -28,10 +28,13 @@ function errorInfo(error) {
   if (!raw) return null;
   const status = types.lookupType("google.rpc.Status").decode(raw);
   for (const detail of status.details) {
-    if (detail.type_url.endsWith("/google.rpc.ErrorInfo")) {
+    // protobufjs 7 names the Any's field type_url and decodes a map from a descriptor set as a
+    // list of {key, value} entries; protobufjs 8 says typeUrl and gives an object.
+    if ((detail.type_url ?? detail.typeUrl).endsWith("/google.rpc.ErrorInfo")) {
       const info = types.lookupType("google.rpc.ErrorInfo").decode(detail.value);
-      // protobufjs decodes a map from a descriptor set as a list of {key, value} entries.
-      const metadata = Object.fromEntries(info.metadata.map((e) => [e.key, e.value]));
+      const metadata = Array.isArray(info.metadata)
+        ? Object.fromEntries(info.metadata.map((e) => [e.key, e.value]))
+        : { ...info.metadata };
       return { reason: info.reason, domain: info.domain, metadata };
     }
   }
