@@ -102,7 +102,8 @@ def buy(c: Clients, a: argparse.Namespace) -> None:
         wallet_pb2.PurchaseCoinsRequest(
             request_id=_rid(a),
             user_id=a.user,
-            package_id=a.package,
+            package_id=a.package or "",
+            custom_coins=a.coins or 0,
             payment_token=a.token or f"tok_visa_{a.user}",
         ),
     )

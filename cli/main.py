@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 _OUR_FLAGS = {
     "after_cursor": "--after",
+    "custom_coins": "--coins",
     "AUDIT_MODE_FULL": "--mode full",
     "AUDIT_MODE_INCREMENTAL": "--mode incremental",
 }

@@ -210,9 +210,17 @@ def parser() -> argparse.ArgumentParser:
         default="web",
         help="where the coins are bought (prices differ)",
     )
-    p = command("buy", buy, "buy a coin package (sandbox payment)")
+    p = command("buy", buy, "buy a coin package, or a custom amount (sandbox payment)")
     p.add_argument("user")
-    p.add_argument("package")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("package", nargs="?", help="a package id (coinsctl packages USER lists them)")
+    what.add_argument(
+        "--coins",
+        type=int,
+        metavar="N",
+        help="a custom number of coins instead of a package, at the region's web rate "
+        "(WALLET_CUSTOM_MIN_COINS to WALLET_CUSTOM_MAX_COINS)",
+    )
     p.add_argument(
         "--token",
         help="sandbox payment token (default: tok_visa_USER, the user's own card: the wallet "

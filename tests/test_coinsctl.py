@@ -857,3 +857,18 @@ def test_revenue_amounts_stay_whole_in_80_columns() -> None:
     assert "Revenue from gifts in USD" in shown.getvalue(), shown.getvalue()
     for amount in ("1,222.214400", "308.640000", "913.574400", "123,456", "61,728"):
         assert amount in shown.getvalue(), shown.getvalue()
+
+
+async def test_buy_takes_a_package_or_a_custom_amount(suite: Suite) -> None:
+    """The wallet sells custom amounts (WALLET_CUSTOM_*): coinsctl buys them too (review r6 had to
+    use buf curl), and refuses, as a usage error, neither or both."""
+    user = new_id("viewer")
+    assert (await coinsctl(suite, "open-account", user))[0] == 0
+    code, output = await coinsctl(suite, "buy", user, "--coins", "250")
+    assert code == 0 and "250" in output and "completed" in output, output
+    code, output = await coinsctl(suite, "balance", user)
+    assert code == 0 and "250" in output, output
+    code, output = await coinsctl(suite, "buy", user)
+    assert code == 2 and "one of the arguments package --coins is required" in output, output
+    code, output = await coinsctl(suite, "buy", user, "us-web-700", "--coins", "250")
+    assert code == 2 and "not allowed with argument" in output, output
