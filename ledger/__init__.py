@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         downgrade_ledger_tables_v5,
         downgrade_ledger_tables_v6,
         downgrade_ledger_tables_v7,
+        downgrade_ledger_tables_v8,
         entries,
         metadata,
         transactions,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
         upgrade_ledger_tables_v5,
         upgrade_ledger_tables_v6,
         upgrade_ledger_tables_v7,
+        upgrade_ledger_tables_v8,
     )
 
 _WHERE = {
@@ -65,6 +67,7 @@ _WHERE = {
             "downgrade_ledger_tables_v5",
             "downgrade_ledger_tables_v6",
             "downgrade_ledger_tables_v7",
+            "downgrade_ledger_tables_v8",
             "entries",
             "metadata",
             "transactions",
@@ -74,6 +77,7 @@ _WHERE = {
             "upgrade_ledger_tables_v5",
             "upgrade_ledger_tables_v6",
             "upgrade_ledger_tables_v7",
+            "upgrade_ledger_tables_v8",
         )
     },
 }
@@ -93,6 +97,7 @@ __all__ = [
     "downgrade_ledger_tables_v5",
     "downgrade_ledger_tables_v6",
     "downgrade_ledger_tables_v7",
+    "downgrade_ledger_tables_v8",
     "entries",
     "metadata",
     "transactions",
@@ -102,6 +107,7 @@ __all__ = [
     "upgrade_ledger_tables_v5",
     "upgrade_ledger_tables_v6",
     "upgrade_ledger_tables_v7",
+    "upgrade_ledger_tables_v8",
 ]
 
 

@@ -8,10 +8,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ledger.entry_ids import EntryIds
 from ledger.history import HistoryEntry, Period
 from runtime.clock import utc
 from runtime.errors import FieldViolation, InvalidArgument
-from runtime.pagination import decode_token, encode_token, instant, int64, page_size
+from runtime.pagination import decode_token, encode_token, instant, page_size
 from runtime.protos import timestamp, to_datetime
 
 M = TypeVar("M")
@@ -30,13 +31,15 @@ class HistoryQuery:
     cursor: tuple[dt.datetime, int] | None
     scope: str
     """What a token of this listing is bound to (the account and the filters)."""
+    ids: EntryIds
 
     def next_token(self, rows: Sequence[HistoryEntry]) -> str:
-        """The token for the page after `rows` (fetched with `size + 1`), empty on the last page."""
+        """The token for the page after `rows` (fetched with `size + 1`), empty on the last page;
+        it names the last entry as callers see it (ledger.entry_ids)."""
         if len(rows) <= self.size:
             return ""
         last = rows[self.size - 1]
-        return encode_token(self.scope, last.created_at.isoformat(), last.entry_id)
+        return encode_token(self.scope, last.created_at.isoformat(), self.ids.public(last.entry_id))
 
 
 def _time(request: Any, name: str) -> dt.datetime | None:
@@ -55,7 +58,9 @@ def _time(request: Any, name: str) -> dt.datetime | None:
 MAX_MOMENT = dt.datetime.max.replace(tzinfo=dt.UTC)
 
 
-def history_query(request: Any, owner: str, kind_names: Mapping[Any, str]) -> HistoryQuery:
+def history_query(
+    request: Any, owner: str, kind_names: Mapping[Any, str], ids: EntryIds
+) -> HistoryQuery:
     """Read a listing request (page_size, page_token, kinds, start_time, end_time)."""
     kinds = sorted(kind_names[k] for k in request.kinds)
     since, until = _time(request, "start_time"), _time(request, "end_time")
@@ -67,7 +72,7 @@ def history_query(request: Any, owner: str, kind_names: Mapping[Any, str]) -> Hi
         )
     # The filters are part of the token's scope: a token only continues the listing it came from.
     scope = f"ledger:{owner}:{','.join(kinds)}:{since}:{until}"
-    after = decode_token(request.page_token, scope, instant, int64)
+    after = decode_token(request.page_token, scope, instant, ids.internal)
     return HistoryQuery(
         size=page_size(request.page_size),
         kinds=kinds,
@@ -75,6 +80,7 @@ def history_query(request: Any, owner: str, kind_names: Mapping[Any, str]) -> Hi
         until=until,
         cursor=(after[0], after[1]) if after else None,
         scope=scope,
+        ids=ids,
     )
 
 

@@ -515,3 +515,21 @@ def downgrade_ledger_tables_v7(op: Operations) -> None:
     op.drop_index(_HOLDS_PLACED_UNDER, table_name="ledger_holds")
     with op.batch_alter_table("ledger_holds", recreate="never") as batch:
         batch.drop_column("placed_under")
+
+
+def upgrade_ledger_tables_v8(op: Operations) -> None:
+    """Frozen DDL of the ledger's eighth version: the key that makes entry ids opaque to callers
+    (ledger.entry_ids), random per database and written once."""
+    import secrets
+
+    table = op.create_table(
+        "ledger_secrets",
+        Column("name", String(32), primary_key=True),
+        Column("value", sa.LargeBinary, nullable=False),
+    )
+    assert table is not None
+    op.bulk_insert(table, [{"name": "entry_ids", "value": secrets.token_bytes(16)}])
+
+
+def downgrade_ledger_tables_v8(op: Operations) -> None:
+    op.drop_table("ledger_secrets")

@@ -105,6 +105,9 @@ async def test_diamonds_wait_pending_then_become_available_by_themselves(
         ]
     )
     assert seen[3] == (payout_pb2.DIAMOND_ENTRY_KIND_GIFT, 3_000, PENDING)
+    # Opaque ids (ledger.entry_ids), one per entry of both buckets.
+    ids = {e.entry_id for e in entries.entries}
+    assert len(ids) == 4 and all(len(i) == 32 and not i.isdigit() for i in ids), ids
     statement = await suite.payout.GetDiamondStatement(
         payout_pb2.GetDiamondStatementRequest(creator_id=creator)
     )

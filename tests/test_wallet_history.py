@@ -3,12 +3,19 @@ paged with tokens that only continue the listing they came from."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import re
 
 import grpc
+import pytest
+import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coins.wallet.v1 import wallet_pb2
+from ledger import entries
+from ledger.entry_ids import load_entry_ids
+from runtime.db import Database
 from tests.helpers import expect_error, funded_user, new_id
 from tests.suite import Suite
 
@@ -130,3 +137,46 @@ async def test_a_bound_between_microseconds_keeps_entries_on_their_side(suite: S
         wallet_pb2.GetCoinStatementRequest(user_id=user, start_time=after)
     )
     assert (ends.opening_balance, list(ends.lines)) == (coins, [])
+
+
+async def test_entry_ids_are_opaque_and_stable(suite: Suite) -> None:
+    """An entry's id and the page tokens do not show the ledger's sequence, which counts every
+    entry of every account: two of a user's own entries told them the platform's volume in
+    between. Ids are 32 hex digits, the same on every read and from every process (the key is in
+    the database), and still page."""
+    user, _ = await funded_user(suite)
+    for n in range(1, 4):
+        await debit(suite, user, n, wallet_pb2.DEBIT_REASON_GIFT)
+    listing = wallet_pb2.ListLedgerEntriesRequest(user_id=user, page_size=1)
+    shown, tokens = [], []
+    while True:
+        page = await suite.wallet.ListLedgerEntries(listing)
+        shown += [e.entry_id for e in page.entries]
+        if not page.next_page_token:
+            break
+        tokens.append(page.next_page_token)
+        listing.page_token = page.next_page_token
+    assert len(shown) == 4 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in shown), shown
+    everything = await suite.wallet.ListLedgerEntries(
+        wallet_pb2.ListLedgerEntriesRequest(user_id=user)
+    )
+    assert [e.entry_id for e in everything.entries] == shown  # the same ids page by page
+
+    db = Database(suite.services["wallet"].runtime.db.url)
+    try:
+        async with db.read() as conn:
+            rows = await conn.execute(
+                sa.select(entries.c.entry_id)
+                .where(entries.c.account_id == f"user:{user}")
+                .order_by(entries.c.entry_id.desc())
+            )
+            sequence = [int(r[0]) for r in rows]
+        again = await load_entry_ids(db)  # what another replica, or a restart, loads
+    finally:
+        await db.close()
+    assert [again.public(n) for n in sequence] == shown
+    readable = " ".join(base64.urlsafe_b64decode(t.split(".")[0] + "==").decode() for t in tokens)
+    for n in sequence:
+        assert str(n) not in shown and f",{n}]" not in readable, (n, readable)
+    with pytest.raises(ValueError):
+        again.internal("0" * 32)  # not an id this ledger made

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.payout.v1 import payout_pb2, payout_pb2_grpc
+from ledger.entry_ids import EntryIds
 from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import (
     Access,
@@ -136,8 +137,10 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         reconciler: Reconciler,
         wake_worker: Callable[[], None],
         processor_has: Callable[[str], Awaitable[bool]],
+        entry_ids: EntryIds,
     ) -> None:
         self._db = runtime.db
+        self._entry_ids = entry_ids
         self._idempotency = runtime.idempotency
         self._clock = runtime.clock
         self._settings = runtime.settings
@@ -611,7 +614,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def ListDiamondEntries(
         self, request: payout_pb2.ListDiamondEntriesRequest, context: RpcContext
     ) -> payout_pb2.ListDiamondEntriesResponse:
-        query = history_query(request, request.creator_id, _KIND_NAMES)
+        query = history_query(request, request.creator_id, _KIND_NAMES, self._entry_ids)
         async with self._db.driver.read() as tx:
             rows = await self._payouts.entries(
                 tx,
@@ -625,7 +628,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         return payout_pb2.ListDiamondEntriesResponse(
             entries=[
                 payout_pb2.DiamondEntry(
-                    entry_id=str(row.entry_id),
+                    entry_id=self._entry_ids.public(row.entry_id),
                     transaction_id=row.transaction_id,
                     kind=_ENTRY_KINDS.get(row.kind, payout_pb2.DIAMOND_ENTRY_KIND_UNSPECIFIED),
                     diamonds=row.amount,

@@ -10,6 +10,7 @@ from coins.payout.v1 import payout_pb2, payout_pb2_grpc
 from ledger import Ledger
 from ledger import api as ledger_api
 from ledger import metrics as ledger_metrics
+from ledger.entry_ids import load_entry_ids
 from runtime.metrics import Gauges, attrs
 from runtime.server import Runtime, ServiceSpec
 from services.payout import storage
@@ -90,6 +91,7 @@ async def setup(runtime: Runtime[PayoutSettings]) -> None:
             reconciler,
             worker.wake.set,
             worker.received,
+            await load_entry_ids(runtime.db),
         ),
         runtime.server,
     )

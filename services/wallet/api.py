@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from ledger.entry_ids import EntryIds
 from ledger.listing import history_query, statement_period, statement_response
 from runtime.access import Access, method_rules
 from runtime.auth import current_principal
@@ -66,9 +67,14 @@ ACCESS = method_rules(
 
 class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceServicer):
     def __init__(
-        self, runtime: Runtime[WalletSettings], wallet: Wallet, purchases: Purchases
+        self,
+        runtime: Runtime[WalletSettings],
+        wallet: Wallet,
+        purchases: Purchases,
+        entry_ids: EntryIds,
     ) -> None:
         self._rt = runtime
+        self._entry_ids = entry_ids
         self._db = runtime.db
         self._idempotency = runtime.idempotency
         self._clock = runtime.clock
@@ -194,7 +200,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
     async def ListLedgerEntries(
         self, request: wallet_pb2.ListLedgerEntriesRequest, context: RpcContext
     ) -> wallet_pb2.ListLedgerEntriesResponse:
-        query = history_query(request, request.user_id, KIND_NAMES)
+        query = history_query(request, request.user_id, KIND_NAMES, self._entry_ids)
         async with self._db.driver.read() as tx:
             rows = await self._wallet.entries(
                 tx,
@@ -208,7 +214,7 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         return wallet_pb2.ListLedgerEntriesResponse(
             entries=[
                 wallet_pb2.LedgerEntry(
-                    entry_id=str(row.entry_id),
+                    entry_id=self._entry_ids.public(row.entry_id),
                     transaction_id=row.transaction_id,
                     kind=ENTRY_KINDS.get(row.kind, wallet_pb2.ENTRY_KIND_UNSPECIFIED),
                     amount=row.amount,

@@ -9,6 +9,7 @@ from coins.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from ledger import Ledger
 from ledger import api as ledger_api
 from ledger import metrics as ledger_metrics
+from ledger.entry_ids import load_entry_ids
 from runtime.metrics import Gauges
 from runtime.server import RECONCILE_PAGE, Runtime, ServiceSpec
 from services.wallet import storage
@@ -58,7 +59,7 @@ async def setup(runtime: Runtime[WalletSettings]) -> None:
     ledger_api.serve_ledger_audit(runtime, wallet.ledger)
     _measure(runtime, wallet)
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(
-        WalletApi(runtime, wallet, purchases), runtime.server
+        WalletApi(runtime, wallet, purchases, await load_entry_ids(runtime.db)), runtime.server
     )
 
 

@@ -1577,7 +1577,7 @@ class DiamondEntry(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
-    """The entry's id."""
+    """The entry's id (32 hex digits, opaque: not a sequence)."""
     transaction_id: _builtins.str
     """The ledger transaction it belongs to."""
     kind: Global___DiamondEntryKind.ValueType

@@ -543,7 +543,7 @@ class LedgerEntry(_message.Message):
     REFERENCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
-    """Identifier of the entry; entries are immutable."""
+    """Identifier of the entry (32 hex digits, opaque: not a sequence); entries are immutable."""
     transaction_id: _builtins.str
     """The ledger transaction the entry belongs to; its postings sum to zero across accounts."""
     kind: Global___EntryKind.ValueType
