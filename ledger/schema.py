@@ -519,8 +519,11 @@ def downgrade_ledger_tables_v7(op: Operations) -> None:
 
 def upgrade_ledger_tables_v8(op: Operations) -> None:
     """Frozen DDL of the ledger's eighth version: the key that makes entry ids opaque to callers
-    (ledger.entry_ids), random per database and written once."""
+    (ledger.entry_ids), random per database and written once: append-only, since a changed key
+    would rename every entry."""
     import secrets
+
+    from runtime.migrations import make_append_only  # alembic: see upgrade_ledger_tables_v6
 
     table = op.create_table(
         "ledger_secrets",
@@ -529,7 +532,11 @@ def upgrade_ledger_tables_v8(op: Operations) -> None:
     )
     assert table is not None
     op.bulk_insert(table, [{"name": "entry_ids", "value": secrets.token_bytes(16)}])
+    make_append_only(op, "ledger_secrets")
 
 
 def downgrade_ledger_tables_v8(op: Operations) -> None:
+    from runtime.migrations import drop_append_only
+
+    drop_append_only(op, "ledger_secrets")
     op.drop_table("ledger_secrets")

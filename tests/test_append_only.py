@@ -129,3 +129,14 @@ async def test_every_service_guards_its_history_tables(suite: Suite) -> None:
                     sa.text("SELECT has_table_privilege(current_user, :t, 'INSERT')"),
                     {"t": table},
                 )
+
+
+@pytest.mark.parametrize("service", LEDGER_SERVICES)
+async def test_the_entry_id_key_cannot_be_changed(suite: Suite, service: str) -> None:
+    """The key behind the entry ids callers see (ledger.entry_ids) is written once: a changed key
+    would rename every entry a caller has kept."""
+    db = suite.services[service].runtime.db
+    assert await count(db, "ledger_secrets") == 1
+    for sql in ("UPDATE ledger_secrets SET value = value", "DELETE FROM ledger_secrets"):
+        assert "append-only" in await refused(db, sql), sql
+    assert await count(db, "ledger_secrets") == 1
