@@ -285,7 +285,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                     response = await uninterrupted(behavior(request, context))
                 _annotate_answer(response)
                 if audited:
-                    await self._audit.record(principal, method, request, "OK")
+                    await self._record_done(principal, method, request)
                 outcome = (0, "", "")
                 if tell_served:
                     served = f"{time.perf_counter() - began:.4f}"
@@ -335,7 +335,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                     async for message in messages:
                         yield message
                 if audited:
-                    await self._audit.record(principal, method, request, "OK")
+                    await self._record_done(principal, method, request)
                 outcome = (0, "", "")
             except grpc.aio.AbortError:
                 raise
@@ -348,6 +348,23 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 self._measured(method, outcome, time.perf_counter() - began, request)
 
         return guarded
+
+    async def _record_done(self, principal: Principal, method: str, request: Any) -> None:
+        """The audit trail's OK for an admin call whose work has committed. If that write fails
+        (the database refusing a new connection), the call still answers what it did: answered as
+        a failure, and recorded as refused, the trail said an approval that paid a withdrawal was
+        refused (review r5). The trail keeps the call's STARTED row and the log has the line."""
+        try:
+            await self._audit.record(principal, method, request, "OK")
+        except Exception as failure:
+            log_failure(
+                log,
+                failure,
+                "%s by %s was done, but its OK could not be added to the audit trail (which "
+                "shows it STARTED)",
+                method,
+                principal.actor,
+            )
 
     def _measured(self, method: str, outcome: Outcome, seconds: float, request: Any) -> None:
         """The call's duration and status in the RPC histogram, and its access-log line (which

@@ -15,6 +15,7 @@ from coins.common.v1.money_pb2 import Money
 from coins.gifting.v1 import gifting_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.audit import admin_audit
+from runtime.db import Database
 from runtime.status import error_info
 from tests.helpers import (
     expect_error,
@@ -336,3 +337,53 @@ async def test_the_audit_trail_is_append_only_in_the_database(private_suite: Sui
     async with db.read() as conn:
         reasons = (await conn.execute(sa.select(admin_audit.c.reason))).scalars().all()
     assert "audit test" in reasons and "nothing to see" not in reasons
+
+
+_REFUSE_OK = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_ok BEFORE INSERT ON admin_audit WHEN NEW.outcome = 'OK' "
+        "BEGIN SELECT RAISE(ABORT, 'the audit trail refuses this row'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_ok() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.outcome = 'OK' THEN RAISE EXCEPTION 'too many connections' USING ERRCODE = "
+        "'53300'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_ok BEFORE INSERT ON admin_audit FOR EACH ROW "
+        "EXECUTE FUNCTION refuse_ok()",
+    ],
+}
+_ALLOW_OK = {
+    "sqlite": ["DROP TRIGGER refuse_ok"],
+    "postgresql": ["DROP TRIGGER refuse_ok ON admin_audit", "DROP FUNCTION refuse_ok()"],
+}
+
+
+async def _run_as_owner(url: str, statements: list[str]) -> None:
+    db = Database(url)
+    try:
+        async with db.transaction() as conn:
+            for statement in statements:
+                await conn.execute(sa.text(statement))
+    finally:
+        await db.close()
+
+
+async def test_an_admin_call_that_was_done_is_answered_done_when_its_ok_cannot_be_recorded(
+    private_suite: Suite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit trail's OK is written after the call's work has committed. When that write failed
+    (PostgreSQL refusing a new connection), the call was answered UNAVAILABLE and recorded as
+    refused, though it was done (review r5: approvals that paid, reversals that applied)."""
+    suite = private_suite
+    url = suite.services["wallet"].runtime.db.url
+    dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+    request = set_package(2500, 2999, active=False, package_id="gb-web-2500")
+    await _run_as_owner(url, _REFUSE_OK[dialect])
+    try:
+        done = await suite.wallet.SetCoinPackage(request, metadata=suite.token(ADMIN, admin=True))
+    finally:
+        await _run_as_owner(url, _ALLOW_OK[dialect])
+    assert done.package.package_id == "gb-web-2500" and not done.active
+    rows = [a for a in await audit_trail(suite, "wallet") if request.request_id in a.request_json]
+    assert [a.outcome for a in rows] == ["STARTED"], rows  # not a refusal
+    assert any("could not be added to the audit trail" in r.getMessage() for r in caplog.records)
