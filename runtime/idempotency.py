@@ -593,9 +593,10 @@ class Idempotency:
         return row is not None
 
     async def twin_answer(self, scope: str, request: Message) -> Claim | None:
-        """The answer stored by a concurrent attempt with the same request id that finished the
-        request first (None if it has none): what an attempt that lost that race answers, so that
-        every duplicate of a request gets the first answer, concurrent or not."""
+        """The answer stored by an attempt with the same request id that finished the request
+        first (None if it has none): what an attempt that lost that race answers, so that every
+        duplicate of a request gets the first answer, concurrent or not; and what a repeat answers
+        before checks that need an outside call, which a transaction cannot hold."""
         claim = await self._stored(caller_scope(scope), _request_id(request), fingerprint(request))
         return claim if claim is not None and claim.finished else None
 

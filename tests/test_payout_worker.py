@@ -158,10 +158,8 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
         )
     ).balance
     assert (balance.diamonds, balance.held_diamonds) == (3_000, 2_000)
-    retried = await suite.payout.RetryWithdrawal(
-        retry_request(withdrawal_id, reason="processor says it is back"),
-        metadata=admin,
-    )
+    first_retry = retry_request(withdrawal_id, reason="processor says it is back")
+    retried = await suite.payout.RetryWithdrawal(first_retry, metadata=admin)
     assert (retried.withdrawal.parked, retried.withdrawal.attempts) == (False, 0)
     # Its history says when it was parked and why, and who retried it and why.
     *moves, parked, retry = retried.withdrawal.history
@@ -207,6 +205,19 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
         payout_pb2.WITHDRAWAL_EVENT_KIND_PARKED,
     ]
     assert len(again.history) == 6 and again.history[-1].reason == again.last_error
+    # The first retry repeated now, its creator no longer verified: its first answer (it was
+    # checked again and refused KYC_REQUIRED, review r5), nothing sent.
+    await suite.payout.SetCreatorVerification(
+        payout_pb2.SetCreatorVerificationRequest(
+            request_id=new_id("kyc"),
+            creator_id=creator,
+            status=payout_pb2.KYC_STATUS_REJECTED,
+            reason="fraud suspected",
+        ),
+        metadata=suite.token("ops-2", admin=True),
+    )
+    assert await suite.payout.RetryWithdrawal(first_retry, metadata=admin) == retried
+    assert (await read(suite, withdrawal_id, creator)).parked
 
 
 async def test_a_parking_is_written_with_its_history_event_or_not_at_all(

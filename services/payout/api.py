@@ -366,6 +366,12 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
     async def RetryWithdrawal(
         self, request: payout_pb2.RetryWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.RetryWithdrawalResponse:
+        scope = acting_scope("RetryWithdrawal")
+        # A repeat gets its first answer, before the resend check asks anyone anything (it was
+        # re-checked: KYC_REQUIRED for a retry that had been answered OK, review r5).
+        answered = await self._idempotency.twin_answer(scope, request)
+        if answered is not None:
+            return answered.replay(payout_pb2.RetryWithdrawalResponse)
         async with self._db.read() as conn:
             await self._withdrawals.check_resend(conn, request.withdrawal_id, self._processor_has)
 
@@ -381,7 +387,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             return payout_pb2.RetryWithdrawalResponse(withdrawal=answer)
 
         response = await self._idempotency.once(
-            acting_scope("RetryWithdrawal"),
+            scope,
             request,
             payout_pb2.RetryWithdrawalResponse,
             effect,
