@@ -158,6 +158,13 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
         )
     ).balance
     assert (balance.diamonds, balance.held_diamonds) == (3_000, 2_000)
+    await expect_error(  # not by its creator as an admin: a resend is a new payment (review r5)
+        suite.payout.RetryWithdrawal(
+            retry_request(withdrawal_id), metadata=suite.token(creator, admin=True)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "OWN_DECISION",
+    )
     first_retry = retry_request(withdrawal_id, reason="processor says it is back")
     retried = await suite.payout.RetryWithdrawal(first_retry, metadata=admin)
     assert (retried.withdrawal.parked, retried.withdrawal.attempts) == (False, 0)

@@ -328,8 +328,10 @@ class Withdrawals:
         now: dt.datetime,
     ) -> storage.WithdrawalRecord:
         """Hand a parked withdrawal back to the worker (which looks it up first), recorded in its
-        history as retried by `actor`; WITHDRAWAL_NOT_PARKED otherwise."""
+        history as retried by `actor`; WITHDRAWAL_NOT_PARKED otherwise. Never by the admin it
+        pays (OWN_DECISION): it may send a new payment, as approving it would."""
         withdrawal = await self.get(conn, withdrawal_id)
+        require_another_admin(withdrawal.creator_id, "retry a withdrawal")
         if not await storage.unpark(conn, withdrawal_id):  # only a parked one, still processing
             status = withdrawal.status
             who = (
@@ -392,6 +394,7 @@ class Withdrawals:
         debt). One the processor has is only followed up: that learns its outcome and sends
         nothing."""
         withdrawal = await self.get(conn, withdrawal_id)
+        require_another_admin(withdrawal.creator_id, "retry a withdrawal")
         barred = await self.why_not_pay(conn, withdrawal) if withdrawal.parked else None
         if barred is None or await processor_has(withdrawal_id):
             return
