@@ -87,7 +87,7 @@ async def test_government_and_political_accounts_neither_send_nor_receive(suite:
     account = await classify(suite, politician, W.ACCOUNT_CLASSIFICATION_POLITICAL)
     assert account.classification == W.ACCOUNT_CLASSIFICATION_POLITICAL
     meta = await refused(suite, sender, politician, "RECIPIENT_GOVERNMENT_ACCOUNT")
-    assert meta["classification"] == "political"
+    assert meta["classification"] == "ACCOUNT_CLASSIFICATION_POLITICAL"
     ministry, _ = await funded_user(suite)
     await classify(suite, ministry, W.ACCOUNT_CLASSIFICATION_GOVERNMENT)
     creator = await new_creator(suite)
@@ -117,7 +117,9 @@ async def test_government_and_political_accounts_cannot_pay_for_promotions(suite
         "GOVERNMENT_ACCOUNT",
     )
     info = error_info(error)
-    assert info is not None and info.metadata["classification"] == "political"
+    assert (
+        info is not None and info.metadata["classification"] == "ACCOUNT_CLASSIFICATION_POLITICAL"
+    )
     assert "promotions" in (error.details() or "")
     balance = (await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=politician))).balance
     assert (balance.coins, balance.available_coins) == (coins, coins)

@@ -21,6 +21,11 @@ from services.wallet import convert as wallet_convert
     [
         ("PURCHASE_STATUS", wallet_pb2.PurchaseStatus.DESCRIPTOR, wallet_convert.PURCHASE_STATUS),
         ("HOLD_STATUS", wallet_pb2.HoldStatus.DESCRIPTOR, wallet_convert.HOLD_STATUS),
+        (
+            "ACCOUNT_CLASSIFICATION",
+            wallet_pb2.AccountClassification.DESCRIPTOR,
+            wallet_convert.CLASSIFICATIONS,
+        ),
         ("WITHDRAWAL_STATUS", payout_pb2.WithdrawalStatus.DESCRIPTOR, payout_api._STATUS),
         ("KYC_STATUS", payout_pb2.KycStatus.DESCRIPTOR, payout_api._KYC),
         ("PROMOTION_STATUS", promotion_pb2.PromotionStatus.DESCRIPTOR, promotion_convert._STATUS),

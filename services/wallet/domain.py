@@ -21,6 +21,7 @@ from runtime.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    enum_name,
 )
 from runtime.idempotency import AnsweredKey
 from runtime.protos import money_text
@@ -50,7 +51,7 @@ def _not_personal(
         f"user {user_id} is a {party.classification} account: government and political "
         f"accounts cannot {cannot}",
         user_id=user_id,
-        classification=party.classification,
+        classification=enum_name("ACCOUNT_CLASSIFICATION", party.classification),
     )
 
 

@@ -195,7 +195,7 @@ class PayoutServiceServicer:
         """Requests a withdrawal of available diamonds as cash, to a payout method. Fails with
         FAILED_PRECONDITION (KYC_REQUIRED, NO_PAYOUT_METHOD, REGISTERED_METHOD_REQUIRED: a one-off
         destination named by a creator who has a payout method, DEBT_OUTSTANDING, BELOW_MINIMUM,
-        DAILY_LIMIT_EXCEEDED, INSUFFICIENT_FUNDS: also for a creator never credited) or NOT_FOUND
+        INSUFFICIENT_FUNDS: also for a creator never credited, DAILY_LIMIT_EXCEEDED) or NOT_FOUND
         (PAYOUT_METHOD_NOT_FOUND), in the order QuoteWithdrawal's `refusal` predicts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -431,7 +431,9 @@ class EndPromotionResponse(_message.Message):
     PROMOTION_FIELD_NUMBER: _builtins.int
     RELEASED_COINS_FIELD_NUMBER: _builtins.int
     released_coins: _builtins.int
-    """Coins of the budget that were not spent and went back to the payer's available coins."""
+    """Coins of the budget that were not spent and went back to the payer: to their available coins, or
+    first to a debt a refund or chargeback left them (DEBT_SETTLEMENT in their ledger).
+    """
     @_builtins.property
     def promotion(self) -> Global___Promotion:
         """The promotion, now COMPLETED."""

@@ -114,7 +114,8 @@ class PromotionServiceServicer:
 
     def EndPromotion(self, request, context):
         """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
-        the payer's available coins; an admin may end any promotion, saying why (`reason`, audited).
+        the payer (to their available coins, or first to a debt a refund or chargeback left them); an
+        admin may end any promotion, saying why (`reason`, audited).
         Fails with NOT_FOUND (PROMOTION_NOT_FOUND), INVALID_ARGUMENT (REASON_REQUIRED) or
         FAILED_PRECONDITION:
         PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid

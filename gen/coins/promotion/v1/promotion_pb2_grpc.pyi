@@ -60,7 +60,8 @@ class PromotionServiceStub:
     """
     EndPromotion: _grpc.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]
     """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
-    the payer's available coins; an admin may end any promotion, saying why (`reason`, audited).
+    the payer (to their available coins, or first to a debt a refund or chargeback left them); an
+    admin may end any promotion, saying why (`reason`, audited).
     Fails with NOT_FOUND (PROMOTION_NOT_FOUND), INVALID_ARGUMENT (REASON_REQUIRED) or
     FAILED_PRECONDITION:
     PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid
@@ -99,7 +100,8 @@ class PromotionServiceAsyncStub(PromotionServiceStub):
     """
     EndPromotion: _aio.UnaryUnaryMultiCallable[_promotion_pb2.EndPromotionRequest, _promotion_pb2.EndPromotionResponse]  # type: ignore[assignment]
     """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
-    the payer's available coins; an admin may end any promotion, saying why (`reason`, audited).
+    the payer (to their available coins, or first to a debt a refund or chargeback left them); an
+    admin may end any promotion, saying why (`reason`, audited).
     Fails with NOT_FOUND (PROMOTION_NOT_FOUND), INVALID_ARGUMENT (REASON_REQUIRED) or
     FAILED_PRECONDITION:
     PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid
@@ -165,7 +167,8 @@ class PromotionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_promotion_pb2.EndPromotionResponse, _abc.Awaitable[_promotion_pb2.EndPromotionResponse]]:
         """Ends a promotion early, for its owner: delivery stops and what the budget has left goes back to
-        the payer's available coins; an admin may end any promotion, saying why (`reason`, audited).
+        the payer (to their available coins, or first to a debt a refund or chargeback left them); an
+        admin may end any promotion, saying why (`reason`, audited).
         Fails with NOT_FOUND (PROMOTION_NOT_FOUND), INVALID_ARGUMENT (REASON_REQUIRED) or
         FAILED_PRECONDITION:
         PROMOTION_ENDED (already ended, completed or past its end time), PROMOTION_NOT_ACTIVE (not paid

@@ -122,7 +122,9 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     ENTRY_KIND_CHARGEBACK: _EntryKind.ValueType  # 5
     """Coins taken back because the payment was charged back by the card holder's bank."""
     ENTRY_KIND_DEBT_SETTLEMENT: _EntryKind.ValueType  # 6
-    """A later purchase's coins paying off a clawback debt."""
+    """Coins paying off a clawback debt: a later purchase's, or a hold's released while the account
+    owed (what a promotion ended early gives back).
+    """
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
     """The kind of movement a ledger entry belongs to."""
@@ -140,7 +142,9 @@ ENTRY_KIND_REFUND: EntryKind.ValueType  # 4
 ENTRY_KIND_CHARGEBACK: EntryKind.ValueType  # 5
 """Coins taken back because the payment was charged back by the card holder's bank."""
 ENTRY_KIND_DEBT_SETTLEMENT: EntryKind.ValueType  # 6
-"""A later purchase's coins paying off a clawback debt."""
+"""Coins paying off a clawback debt: a later purchase's, or a hold's released while the account
+owed (what a promotion ended early gives back).
+"""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
 class _PurchaseStatus:
@@ -359,7 +363,7 @@ class Balance(_message.Message):
     """Coins that can be spent now (the balance less active holds); 0 while the account is frozen."""
     debt_coins: _builtins.int
     """Coins owed after a refund or chargeback took back coins already spent; paid off first by the next
-    purchases.
+    purchases, and by coins a hold releases meanwhile.
     """
     frozen: _builtins.bool
     """True while a debt is open: the account cannot spend (ACCOUNT_FROZEN) but can buy."""
@@ -1078,9 +1082,10 @@ class DebitCoinsRequest(_message.Message):
     """The caller's reference, for example the gift or promotion id; shown in the ledger."""
     recipient_id: _builtins.str
     """Who receives what the coins pay for, when someone does: a gift's creator. When set, the debit is
-    refused unless that user has a wallet account that may receive (NOT_FOUND RECIPIENT_NOT_FOUND,
-    FAILED_PRECONDITION RECIPIENT_NOT_ELIGIBLE) and is not the user debited (INVALID_ARGUMENT
-    SELF_GIFTING).
+    refused unless that user has a wallet account that may receive (NOT_FOUND RECIPIENT_NOT_FOUND;
+    FAILED_PRECONDITION RECIPIENT_NOT_ELIGIBLE: under the region's minimum age,
+    RECIPIENT_GOVERNMENT_ACCOUNT, RECIPIENT_REGION_UNSUPPORTED) and is not the user debited
+    (INVALID_ARGUMENT SELF_GIFTING).
     """
     @_builtins.property
     def offered_in(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
