@@ -425,14 +425,20 @@ class Idempotency:
                 )
         return len(keys)
 
-    async def record_error(self, scope: str, request: Message, error: DomainError) -> None:
-        """Store a business error as the request's answer, unless the request already has one."""
+    async def record_error(self, scope: str, request: Message, error: DomainError) -> Claim | None:
+        """Store a business error as the request's answer, unless the request already has one:
+        then that answer, which the refused attempt gives too. The refusal is written after its
+        effect's transaction rolled back, and in between a resolver may void the request id (the
+        caller was told INSUFFICIENT_FUNDS while ResolveDebit said "never received" and the retry
+        DEBIT_VOIDED, review r8): whatever got there first is everyone's answer."""
         if error.retryable:
-            return
+            return None
         async with self._db.transaction() as conn:
             claim = await self.claim(conn, scope, request)
             if not claim.finished:
                 await self.complete(conn, scope, request, error=error)
+                return None
+        return claim
 
     async def once(
         self,
@@ -451,8 +457,10 @@ class Idempotency:
                 await self.complete(conn, scope, request, response=response)
                 return response
         except DomainError as error:
-            if error.reason != "REQUEST_ID_REUSED":
-                await self.record_error(scope, request, error)
+            if error.reason != "REQUEST_ID_REUSED" and (
+                earlier := await self.record_error(scope, request, error)
+            ):
+                return earlier.replay(response_type)
             raise
 
     async def once_direct(
@@ -506,8 +514,10 @@ class Idempotency:
                 error.reason == "REQUEST_ID_REUSED"
                 or await self._stored(scoped, request_id, print_) is None
             ):
-                if error.reason != "REQUEST_ID_REUSED":
-                    await self.record_error(scope, request, error)
+                if error.reason != "REQUEST_ID_REUSED" and (
+                    earlier := await self.record_error(scope, request, error)
+                ):
+                    return earlier.replay(response_type)
                 raise
         except Exception:
             # A retry's effect can collide with its first run's rows (the ledger's unique request id)
@@ -556,8 +566,10 @@ class Idempotency:
                 async with self._db.driver.read() as tx:
                     raise await refusal(tx)
         except DomainError as error:
-            if error.reason != "REQUEST_ID_REUSED":
-                await self.record_error(scope, request, error)
+            if error.reason != "REQUEST_ID_REUSED" and (
+                earlier := await self.record_error(scope, request, error)
+            ):
+                return earlier, None
             raise
         if claim.resource_id is None and not claim.finished:
             raise Unavailable(
@@ -647,6 +659,8 @@ class Idempotency:
                 )
                 return Claim(is_new=True, resource_id=resource_id)
         except DomainError as error:
-            if error.reason != "REQUEST_ID_REUSED":
-                await self.record_error(scope, request, error)
+            if error.reason != "REQUEST_ID_REUSED" and (
+                earlier := await self.record_error(scope, request, error)
+            ):
+                return earlier
             raise

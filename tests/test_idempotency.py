@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.message import Message
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.idempotency import Idempotency
+from runtime.status import error_info
 from tests.helpers import (
     expect_error,
     funded_user,
@@ -322,3 +326,42 @@ async def test_a_request_id_sent_again_for_another_record_is_refused_not_run_aga
         payout_pb2.GetWithdrawalRequest(withdrawal_id=w3.withdrawal_id), metadata=owner
     )
     assert left.withdrawal.status != payout_pb2.WITHDRAWAL_STATUS_CANCELLED
+
+
+async def test_a_refusal_and_a_void_in_its_gap_tell_one_story(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused effect rolls back, then its refusal is stored in a transaction of its own. A
+    ResolveDebit in between voided the request id: the caller was told INSUFFICIENT_FUNDS, the
+    resolver "never received", and the retry DEBIT_VOIDED (review r8). Whatever is stored first is
+    everyone's answer."""
+    user, coins = await funded_user(suite)
+    gifting = suite.as_caller("gifting").wallet
+    request = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("r"),
+        user_id=user,
+        coins=coins + 1,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference="x",
+    )
+    resolved: list[wallet_pb2.ResolveDebitResponse] = []
+    record_error = Idempotency.record_error
+
+    async def void_in_the_gap(self: Idempotency, *args: Any) -> Any:
+        if not resolved:  # the resolver runs once, in the gap
+            resolved.append(
+                await gifting.ResolveDebit(
+                    wallet_pb2.ResolveDebitRequest(request_id=request.request_id, user_id=user)
+                )
+            )
+        return await record_error(self, *args)
+
+    monkeypatch.setattr(Idempotency, "record_error", void_in_the_gap)
+    first = await rpc_error(gifting.DebitCoins(request))
+    assert [r.outcome for r in resolved] == [wallet_pb2.DEBIT_OUTCOME_VOIDED]
+    again = await rpc_error(gifting.DebitCoins(request))
+    assert (first.code(), first.details()) == (again.code(), again.details())
+    assert error_info(first) == error_info(again)
+    info = error_info(first)
+    assert info is not None and info.reason == "DEBIT_VOIDED", first
+    assert await coins_of(suite, user) == coins
