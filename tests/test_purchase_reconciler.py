@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info, retry_info
 from services.wallet import storage
-from services.wallet.payments import SandboxPaymentProvider
+from services.wallet.payments import ChargeResult, SandboxPaymentProvider, _ChargeStore
 from tests.helpers import eventually, expect_error, new_id, open_account
 from tests.suite import Suite, start_suite
 
@@ -209,3 +211,30 @@ async def test_a_request_id_reused_after_its_record_was_purged_is_a_new_purchase
     second = await suite.wallet.PurchaseCoins(request)
     assert second.purchase.purchase_id != first.purchase.purchase_id
     assert second.balance.coins == 1_400
+
+
+async def test_a_void_racing_a_charge_in_another_process_returns_the_charge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas share the sandbox's file. A void read the key (nothing), the other process charged
+    it, and the void's write kept the charge, yet it answered "never charged": the reconciler
+    failed a purchase whose card was charged (review r8, 1-8 keys in 3,000). It answers what the
+    key holds once its write is done."""
+    store = tmp_path / "sandbox-payments.sqlite3"
+    voiding = SandboxPaymentProvider(latency_ms=0, store=store)
+    charging = SandboxPaymentProvider(latency_ms=0, store=store)
+    key = f"purchase:{uuid.uuid4().hex}"
+    read = _ChargeStore.get
+    charged: list[ChargeResult] = []
+
+    def the_other_process_charges_after_this_read(self: _ChargeStore, k: str) -> Any:
+        found = read(self, k)
+        if self is voiding._charges and not charged:  # between the void's read and its write
+            charged.append(charging._apply(k, "tok_visa"))
+        return found
+
+    monkeypatch.setattr(_ChargeStore, "get", the_other_process_charges_after_this_read)
+    answer = await voiding.void(key)
+    assert charged and charged[0].approved
+    assert answer == charged[0]  # the charge, not "never charged"
+    assert charging.charged(key) == charged[0]

@@ -77,10 +77,13 @@ class SandboxPaymentProvider:
         recorded = self._charges.get(idempotency_key)
         if recorded is not None and recorded.decline_reason != VOIDED_KEY:
             return recorded
-        self._charges.put(
+        # What the key holds once the void is written: another process sharing the file may
+        # have charged it between the read and the write (review r8: the void answered "never
+        # charged" for an approved charge, and the purchase failed with the card charged).
+        kept = self._charges.put(
             idempotency_key, ChargeResult(False, f"sbx_void_{idempotency_key}", VOIDED_KEY)
         )
-        return None
+        return None if kept.decline_reason == VOIDED_KEY else kept
 
     async def charge(
         self, *, idempotency_key: str, token: str, amount_minor: int, currency: str
