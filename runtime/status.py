@@ -149,9 +149,22 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> DomainError:
             "with the same request_id and a longer deadline",
             dependency=dependency,
         )
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    # CANCELLED from the other side: it stopped (a graceful stop cancels the calls it had not
+    # started) while this call is still served here. Nothing was done there; the call may be sent
+    # again (it was INTERNAL DEPENDENCY_FAILED, unlogged: review r9).
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    ):
         timed_out = code == grpc.StatusCode.DEADLINE_EXCEEDED
-        what = "did not answer in time" if timed_out else "is unavailable"
+        what = (
+            "did not answer in time"
+            if timed_out
+            else "stopped the call (shutting down)"
+            if code == grpc.StatusCode.CANCELLED
+            else "is unavailable"
+        )
         return Unavailable(
             "DEPENDENCY_UNAVAILABLE",
             f"the {dependency} service {what}; retry (a call with a request_id: with the same one)",

@@ -25,7 +25,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime import deadlines
 from runtime.backoff import backoff
 from runtime.db import Database
-from runtime.errors import DeadlineExceeded
+from runtime.errors import DeadlineExceeded, ErrorKind
 from runtime.outages import (
     DatabaseRefused,
     connection_dropped,
@@ -35,7 +35,7 @@ from runtime.outages import (
 )
 from runtime.shedding import Admitted
 from runtime.sql import Statement
-from runtime.status import retry_info
+from runtime.status import from_rpc_error, retry_info
 from tests.faults import TcpProxy
 from tests.helpers import (
     eventually,
@@ -446,3 +446,19 @@ def test_background_work_logs_an_outage_in_one_line_and_a_bug_with_its_trace(
         "cannot settle gift g1 yet: database unavailable (OperationalError: database or disk is full)"
     )
     assert bug.levelno == logging.ERROR and bug.exc_info is not None
+
+
+def test_a_call_the_other_service_cancelled_is_unavailable_not_internal() -> None:
+    """A service stopping gracefully cancels the calls it had not started: its caller was told
+    INTERNAL DEPENDENCY_FAILED, with no log line, and the gift was voided later (review r9).
+    Nothing was done there: UNAVAILABLE DEPENDENCY_UNAVAILABLE, worth sending again."""
+    cancelled = grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "Cancelled"
+    )
+    error = from_rpc_error(cancelled, dependency="wallet")
+    assert (error.kind, error.reason, error.retryable) == (
+        ErrorKind.UNAVAILABLE,
+        "DEPENDENCY_UNAVAILABLE",
+        True,
+    )
+    assert "wallet service stopped the call" in error.message
