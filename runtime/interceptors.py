@@ -45,6 +45,7 @@ from runtime.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from runtime.metrics import ServiceMetrics
 from runtime.outages import connection_dropped, log_failure, outage_cause, outage_of
@@ -152,6 +153,22 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._validator = validator or RequestValidator()
         self._guarded: dict[str, Handler | None] = {}
         """The wrapped handler of each method, built on its first call (not on every call)."""
+        self.closing = False
+        """Set as the service stops (`drain`): calls still arriving are refused SHUTTING_DOWN."""
+        self.last_arrival = 0.0
+        """When the newest call reached the guard (monotonic seconds)."""
+
+    async def drain(self, *, quiet: float = 0.1, at_most: float = 1.0) -> None:
+        """Refuse what still arrives, UNAVAILABLE SHUTTING_DOWN with a RetryInfo (nothing done:
+        send it again), until no call has arrived for `quiet` seconds or `at_most` passed; then the
+        server may stop. Stopped at once, grpc cancelled the calls that were in its transport but
+        not yet started, and their callers read CANCELLED, no retry rule's (review r9)."""
+        self.closing = True
+        began = time.monotonic()
+        while time.monotonic() - began < at_most:
+            if time.monotonic() - self.last_arrival >= quiet:
+                return
+            await asyncio.sleep(quiet / 2)
 
     async def intercept_service(
         self,
@@ -263,7 +280,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             request: Any = raw
             began = time.perf_counter()
             outcome: Outcome = (_ABORTED_ELSEWHERE, "", "")
+            self.last_arrival = time.monotonic()
             try:
+                if self.closing:
+                    raise _shutting_down()
                 request = _parse(parse, raw, self._max_request_bytes)
                 _annotate(request)
                 remaining = context.time_remaining()
@@ -320,7 +340,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             request: Any = raw
             began = time.perf_counter()
             outcome: Outcome = (_ABORTED_ELSEWHERE, "", "")
+            self.last_arrival = time.monotonic()
             try:
+                if self.closing:
+                    raise _shutting_down()
                 request = _parse(parse, raw, self._max_request_bytes)
                 _annotate(request)
                 principal = self._principal(context)
@@ -432,6 +455,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 )
         await fail(context, error, self._domain)
         return _CODES[error.kind], error.reason, message
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable(
+        "SHUTTING_DOWN",
+        "this process is stopping and did not start the call: send it again (with the same "
+        "request_id); another replica, or this one restarted, answers it",
+        retry_after=0.5,
+    )
 
 
 Outcome = tuple[int, str, str]

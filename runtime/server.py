@@ -3,7 +3,9 @@
 `start_service()` opens the database (and migrates it), builds the grpc.aio server with tracing and the
 request guard, registers the service's servicers, health checking and reflection, and starts the
 service's background workers. `main()` runs that until SIGINT/SIGTERM, then shuts down gracefully: health
-turns NOT_SERVING, in-flight calls get `grace_seconds` to finish, workers stop, the database closes.
+turns NOT_SERVING, calls still arriving are refused UNAVAILABLE SHUTTING_DOWN until none has come for a
+tenth of a second (at most a second: `RequestGuard.drain`), in-flight calls get `grace_seconds` to
+finish, workers stop, the database closes.
 """
 
 from __future__ import annotations
@@ -249,6 +251,7 @@ class RunningService(Generic[S]):
     health: HealthServicer
     health_server: grpc.aio.Server
     shedder: LoadShedder
+    guard: RequestGuard
     metrics_endpoint: MetricsEndpoint | None = None
     """The Prometheus scrape endpoint, when `<SVC>_METRICS_PORT` is set."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -261,6 +264,7 @@ class RunningService(Generic[S]):
         rt = self.runtime
         await self.health.enter_graceful_shutdown()
         rt.stopping()
+        await self.guard.drain()
         await rt.server.stop(rt.settings.grace_seconds if grace is None else grace)
         await self.health_server.stop(0)
         for task in self._tasks:
@@ -455,35 +459,33 @@ async def start_service(
         LIST: open_to_any_caller,
     }
     replays: dict[str, Replay] = {}  # filled by the service's setup (Runtime.replay_stored)
-    server = grpc.aio.server(
-        interceptors=[
-            server_tracing(provider),
-            RequestGuard(
-                spec.error_domain,
-                access=access,
-                verifier=TokenVerifier(security),
-                limiter=RateLimiter(
-                    buckets(
-                        security.user_rate_per_second,
-                        security.user_rate_burst,
-                        redis_url=security.rate_limit_redis_url,
-                        prefix="coins:rate:user:",
-                    ),
-                    buckets(
-                        security.caller_rate_per_second,
-                        security.caller_rate_burst,
-                        redis_url=security.rate_limit_redis_url,
-                        prefix="coins:rate:caller:",
-                    ),
-                ),
-                audit=audit,
-                shedder=shedder,
-                metrics=metrics,
-                access_log=settings.step_log,
-                max_request_bytes=settings.max_message_bytes,
-                replays=replays,
+    guard = RequestGuard(
+        spec.error_domain,
+        access=access,
+        verifier=TokenVerifier(security),
+        limiter=RateLimiter(
+            buckets(
+                security.user_rate_per_second,
+                security.user_rate_burst,
+                redis_url=security.rate_limit_redis_url,
+                prefix="coins:rate:user:",
             ),
-        ],
+            buckets(
+                security.caller_rate_per_second,
+                security.caller_rate_burst,
+                redis_url=security.rate_limit_redis_url,
+                prefix="coins:rate:caller:",
+            ),
+        ),
+        audit=audit,
+        shedder=shedder,
+        metrics=metrics,
+        access_log=settings.step_log,
+        max_request_bytes=settings.max_message_bytes,
+        replays=replays,
+    )
+    server = grpc.aio.server(
+        interceptors=[server_tracing(provider), guard],
         options=[
             # The guard refuses a request above max_message_bytes with an ErrorInfo; gRPC's core
             # only refuses (without one) what is above this multiple, which bounds what one call
@@ -556,7 +558,15 @@ async def start_service(
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningService(
-        spec, runtime, port, health_port, health_servicer, health_server, shedder, metrics_endpoint
+        spec,
+        runtime,
+        port,
+        health_port,
+        health_servicer,
+        health_server,
+        shedder,
+        guard,
+        metrics_endpoint,
     )
     running._tasks = [
         asyncio.create_task(_run_worker(f"{spec.name}.{w.__name__}", w)) for w in runtime._workers

@@ -373,3 +373,51 @@ def test_a_write_answered_before_its_work_ends_leaves_the_counts_right() -> None
     shedder.done(waiting)
     shedder.wait_ends(waiting)
     assert waiting.finished and shedder.in_flight == 20
+
+
+async def test_calls_arriving_as_a_service_stops_are_refused_to_be_sent_again_never_cancelled(
+    backend: str, tmp_path: Path
+) -> None:
+    """Stopped at once, grpc cancelled the calls in its transport that no handler had started:
+    their callers read CANCELLED, which no retry rule sends again (review r9: gifts dropped by a
+    graceful stop). The service first refuses what still arrives, UNAVAILABLE SHUTTING_DOWN with
+    a RetryInfo, until it is quiet; the calls it started finish."""
+    from tests.suite import start_suite
+
+    suite = await start_suite(backend, tmp_path, only=("wallet",))
+    outcomes: list[str] = []
+    try:
+        user, _ = await funded_user(suite)
+        gone = asyncio.Event()
+
+        async def caller() -> None:
+            while not gone.is_set():
+                try:
+                    await suite.wallet.GetBalance(
+                        wallet_pb2.GetBalanceRequest(user_id=user), timeout=5
+                    )
+                    outcomes.append("OK")
+                except grpc.aio.AioRpcError as error:
+                    info = error_info(error)
+                    if info is None and error.code() == grpc.StatusCode.UNAVAILABLE:
+                        gone.set()  # the server is gone: nothing listens any more
+                        return
+                    outcomes.append(info.reason if info else error.code().name)
+                    wait = retry_info(error)
+                    if info is not None and info.reason == "SHUTTING_DOWN":
+                        assert wait is not None
+                    if wait is not None:  # as a client following the README does
+                        await asyncio.sleep(wait.retry_delay.ToTimedelta().total_seconds())
+
+        callers = [asyncio.create_task(caller()) for _ in range(16)]
+
+        async def serving_them() -> bool:
+            return outcomes.count("OK") >= 100
+
+        await eventually(serving_them, "the callers served")
+        await suite.services.pop("wallet").stop(grace=2.0)
+        await asyncio.wait_for(asyncio.gather(*callers), timeout=30)
+    finally:
+        await suite.stop()
+    assert set(outcomes) <= {"OK", "SHUTTING_DOWN"}, sorted(set(outcomes))
+    assert "SHUTTING_DOWN" in outcomes, "nothing arrived while it stopped"
