@@ -290,7 +290,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 deadlines.set_deadline(remaining)
                 deadlines.check("the work started")
                 if self._shedder is not None:
-                    started = self._shedder.admit(remaining)
+                    started = self._shedder.admit(remaining, read=reads)
                     shedding.serving(self._shedder, started)
                 principal = self._principal(context)
                 set_principal(principal)  # a replay's lookup is scoped by it (idempotency)

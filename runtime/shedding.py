@@ -26,6 +26,13 @@ burst, calls wait on this side of the connection for a stream (the called servic
 out with the dependency's time, that queue hid the overload and no call was refused (review A4:
 admitted gifts taking 2-4 s, 75-84% of a 5x burst hung to the callers' deadlines). A call with no
 trailer (a timeout, an outage, a hung dependency) leaves its whole wait out, as before.
+
+Reads (Get and List calls) are admitted by the reads' own signals: they queue behind no write
+(SQLite's readers do not wait for its writer, nor do PostgreSQL's), so writes waiting for a write
+lock another process holds, seconds each, are no reason to refuse them (review r9: every GetBalance
+refused OVERLOADED while an operator's shell held the wallet's SQLite file, whose README says reads go
+on). Writes are admitted by every call's signals, as before; an overload that slows reads down sheds
+them by their own.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class Admitted:
     finished: bool = False
     """Answered (`done`): a write's work may go on past its answer (a caller that gave up), and
     its later downstream calls are no longer this shedder's to count."""
+    read: bool = False
+    """A read (Get, List): counted in the reads' own signals too."""
 
 
 _current: contextvars.ContextVar[tuple[LoadShedder, Admitted] | None] = contextvars.ContextVar(
@@ -107,6 +116,53 @@ def downstream_call() -> Iterator[Waiting]:
         shedder.wait_ends(call)
 
 
+class _Signals:
+    """What the shedder reads of one set of calls: in flight by the 0.1 s slot each started in,
+    the fastest completion of each of the last five slots, and a typical duration."""
+
+    def __init__(self, bucket: int) -> None:
+        self.fastest: list[float | None] = [None] * _BUCKETS
+        self.bucket = bucket
+        self.started: dict[int, int] = {}
+        """Calls in flight by the 0.1 s slot they started in (the oldest is the smallest key)."""
+        self.typical = 0.0
+        """Exponentially weighted call duration: what a new call can expect to take."""
+
+    def count(self, slot: int) -> None:
+        self.started[slot] = self.started.get(slot, 0) + 1
+
+    def uncount(self, slot: int) -> None:
+        left = self.started.get(slot, 0) - 1
+        if left > 0:
+            self.started[slot] = left
+        else:
+            self.started.pop(slot, None)
+
+    def oldest(self, now: float) -> float:
+        if not self.started:
+            return 0.0
+        return max(0.0, now - (min(self.started) + 1) * _BUCKET_SECONDS)
+
+    def roll(self, now: float) -> None:
+        bucket = int(now / _BUCKET_SECONDS)
+        if bucket != self.bucket:
+            for skipped in range(self.bucket + 1, min(bucket, self.bucket + _BUCKETS) + 1):
+                self.fastest[skipped % _BUCKETS] = None
+            self.bucket = bucket
+
+    def completed(self, seconds: float, now: float) -> None:
+        self.typical += 0.1 * (seconds - self.typical)
+        self.roll(now)
+        slot = self.bucket % _BUCKETS
+        fastest = self.fastest[slot]
+        self.fastest[slot] = seconds if fastest is None else min(fastest, seconds)
+
+    def fastest_recent(self, now: float) -> float | None:
+        self.roll(now)
+        seen = [t for t in self.fastest if t is not None]
+        return min(seen) if seen else None
+
+
 class LoadShedder:
     def __init__(
         self,
@@ -121,43 +177,48 @@ class LoadShedder:
         self._min_in_flight = min_in_flight
         self._now = now
         self.in_flight = 0
-        self._fastest: list[float | None] = [None] * _BUCKETS
-        self._bucket = int(now() / _BUCKET_SECONDS)
-        self._started: dict[int, int] = {}
-        """Calls in flight by the 0.1 s slot they started in (the oldest is the smallest key)."""
-        self._typical = 0.0
-        """Exponentially weighted call duration: what a new call can expect to take."""
+        self._all = _Signals(int(now() / _BUCKET_SECONDS))
+        """Every call: what a write is admitted by."""
+        self._reads = _Signals(int(now() / _BUCKET_SECONDS))
+        """Reads alone: what a read is admitted by."""
 
     def now(self) -> float:
         """The shedder's clock (monotonic seconds; a test's own)."""
         return self._now()
 
-    def admit(self, time_remaining: float | None) -> Admitted:
+    def _views(self, call: Admitted) -> tuple[_Signals, ...]:
+        return (self._all, self._reads) if call.read else (self._all,)
+
+    def admit(self, time_remaining: float | None, *, read: bool = False) -> Admitted:
         """Count the call in and return its start time, or refuse it (RESOURCE_EXHAUSTED OVERLOADED)
-        if it cannot be served in time. Every admitted call must be ended with `done(start)`."""
+        if it cannot be served in time. Every admitted call must be ended with `done(start)`. A
+        `read` is judged by the reads' signals alone."""
+        signals = self._reads if read else self._all
         if self.in_flight >= self._min_in_flight:
             if self.in_flight >= self._max_in_flight:
-                self._refuse("too many calls in flight")
-            fastest = self.fastest_recent()
+                self._refuse("too many calls in flight", signals)
+            now = self._now()
+            fastest = signals.fastest_recent(now)
             if fastest is not None and fastest > self._target:
-                self._refuse(f"even the fastest recent call took {fastest:.2f}s")
-            oldest = self.oldest_waiting()
+                self._refuse(f"even the fastest recent call took {fastest:.2f}s", signals)
+            oldest = signals.oldest(now)
             if oldest > self._target:
-                self._refuse(f"a call has been in flight for {oldest:.2f}s")
-            if time_remaining is not None and self._typical > time_remaining:
+                self._refuse(f"a call has been in flight for {oldest:.2f}s", signals)
+            if time_remaining is not None and signals.typical > time_remaining:
                 # Not overload (nothing to wait out): this caller's deadline is too short.
                 raise DeadlineExceeded(
                     "DEADLINE_TOO_SHORT",
-                    f"calls take {self._typical:.2f}s now and this one's deadline leaves "
+                    f"calls take {signals.typical:.2f}s now and this one's deadline leaves "
                     f"{max(time_remaining, 0.0):.3f}s: it was not started (nothing was done); "
                     "send it again with a longer deadline",
-                    typical_seconds=f"{self._typical:.3f}",
+                    typical_seconds=f"{signals.typical:.3f}",
                 )
         self.in_flight += 1
         started = self._now()
-        slot = int(started / _BUCKET_SECONDS)
-        self._started[slot] = self._started.get(slot, 0) + 1
-        return Admitted(started, slot)
+        call = Admitted(started, int(started / _BUCKET_SECONDS), read=read)
+        for view in self._views(call):
+            view.count(call.slot)
+        return call
 
     def done(self, call: Admitted) -> None:
         if call.finished:
@@ -167,14 +228,12 @@ class LoadShedder:
         if call.waiting:  # answered while waiting downstream: the wait ends here for us
             call.downstream += self._theirs(call, now)
         else:
-            self._uncount(call.slot)
+            for view in self._views(call):
+                view.uncount(call.slot)
         call.finished = True
         here = now - call.started - call.downstream  # the time it spent in this process
-        self._typical += 0.1 * (here - self._typical)
-        self._roll()
-        slot = self._bucket % _BUCKETS
-        fastest = self._fastest[slot]
-        self._fastest[slot] = here if fastest is None else min(fastest, here)
+        for view in self._views(call):
+            view.completed(here, now)
 
     def wait_begins(self, call: Admitted) -> None:
         """The call waits on another service: it is not in our queue meanwhile."""
@@ -182,14 +241,16 @@ class LoadShedder:
         if call.waiting == 1 and not call.finished:
             call.waiting_since = self._now()
             call.ours_while_waiting = 0.0
-            self._uncount(call.slot)
+            for view in self._views(call):
+                view.uncount(call.slot)
 
     def wait_ends(self, call: Admitted) -> None:
         call.waiting -= 1
         if call.waiting == 0 and not call.finished:
             call.downstream += self._theirs(call, self._now())
             call.slot = int((call.started + call.downstream) / _BUCKET_SECONDS)
-            self._started[call.slot] = self._started.get(call.slot, 0) + 1
+            for view in self._views(call):
+                view.count(call.slot)
 
     @staticmethod
     def _theirs(call: Admitted, now: float) -> float:
@@ -197,38 +258,20 @@ class LoadShedder:
         waited = now - call.waiting_since
         return max(0.0, waited - min(call.ours_while_waiting, waited))
 
-    def _uncount(self, slot: int) -> None:
-        left = self._started.get(slot, 0) - 1
-        if left > 0:
-            self._started[slot] = left
-        else:
-            self._started.pop(slot, None)
-
     def oldest_waiting(self) -> float:
         """How long the oldest call in flight has been running (0 with none): a stalled service
         completes nothing, so this is its only sign."""
-        if not self._started:
-            return 0.0
-        return max(0.0, self._now() - (min(self._started) + 1) * _BUCKET_SECONDS)
+        return self._all.oldest(self._now())
 
     def fastest_recent(self) -> float | None:
         """The shortest call completed in the last half second; None if none completed."""
-        self._roll()
-        seen = [t for t in self._fastest if t is not None]
-        return min(seen) if seen else None
+        return self._all.fastest_recent(self._now())
 
-    def _roll(self) -> None:
-        bucket = int(self._now() / _BUCKET_SECONDS)
-        if bucket != self._bucket:
-            for skipped in range(self._bucket + 1, min(bucket, self._bucket + _BUCKETS) + 1):
-                self._fastest[skipped % _BUCKETS] = None
-            self._bucket = bucket
-
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str, signals: _Signals) -> None:
         raise ResourceExhausted(
             "OVERLOADED",
             f"the service is overloaded ({why}); retry after the suggested delay (a call with a "
             "request_id: with the same one)",
-            retry_after=min(max(self._typical, self._target), 5.0),
+            retry_after=min(max(signals.typical, self._target), 5.0),
             in_flight=self.in_flight,
         )

@@ -72,6 +72,30 @@ def test_when_even_the_fastest_calls_are_slow_new_ones_are_refused_until_they_ar
     assert [shedder.admit(5.0) for _ in range(20)]  # ... and keeps admitting
 
 
+def test_writes_stuck_on_a_lock_shed_writes_but_not_reads_which_have_their_own_signals() -> None:
+    """Writes waiting seconds for a write lock another process holds made every call OVERLOADED,
+    reads included, which wait for no lock (review r9: GetBalance refused while an operator's
+    SQLite shell held the wallet's file). Reads are judged by reads; when reads are slow
+    themselves (an overloaded CPU), they are shed too."""
+    clock = FakeTime()
+    shedder = LoadShedder(max_in_flight=512, max_queue_seconds=0.5, now=clock)
+    stuck = [shedder.admit(5.0) for _ in range(16)]  # writes waiting for the file's lock
+    clock.now += 2.0
+    with pytest.raises(ResourceExhausted):
+        shedder.admit(5.0)  # another write would queue behind them: refused
+    for _ in range(20):  # reads are quick: admitted, and stay admitted
+        read = shedder.admit(3.0, read=True)
+        clock.now += 0.003
+        shedder.done(read)
+    assert shedder.in_flight == 16
+    slow = [shedder.admit(5.0, read=True) for _ in range(16)]  # now reads stall as well
+    clock.now += 2.0
+    with pytest.raises(ResourceExhausted):
+        shedder.admit(5.0, read=True)
+    for call in stuck + slow:
+        shedder.done(call)
+
+
 def test_a_call_whose_deadline_is_shorter_than_calls_take_is_refused() -> None:
     clock = FakeTime()
     shedder = LoadShedder(max_in_flight=512, max_queue_seconds=10.0, now=clock)
@@ -335,8 +359,8 @@ async def test_an_overloaded_wallet_is_named_and_its_retry_delay_passed_on_by_gi
     sender, _ = await funded_user(suite)
     shedder = suite.services["wallet"].shedder
 
-    def overloaded(remaining: float | None) -> float:
-        shedder._refuse("a test")  # type: ignore[attr-defined]
+    def overloaded(remaining: float | None, *, read: bool = False) -> float:
+        shedder._refuse("a test", shedder._all)  # type: ignore[attr-defined]
         raise AssertionError("refused above")
 
     monkeypatch.setattr(shedder, "admit", overloaded)
