@@ -4,6 +4,7 @@ and answer the original request id; ones the provider never saw fail, and nobody
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,8 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info, retry_info
 from services.wallet import storage
 from services.wallet.payments import ChargeResult, SandboxPaymentProvider, _ChargeStore
-from tests.helpers import eventually, expect_error, new_id, open_account
+from services.wallet.purchases import Purchases
+from tests.helpers import eventually, expect_error, new_id, open_account, rpc_error
 from tests.suite import Suite, start_suite
 
 
@@ -238,3 +240,45 @@ async def test_a_void_racing_a_charge_in_another_process_returns_the_charge(
     assert charged and charged[0].approved
     assert answer == charged[0]  # the charge, not "never charged"
     assert charging.charged(key) == charged[0]
+
+
+async def test_no_card_is_charged_for_a_caller_whose_deadline_passed(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purchase was recorded pending, the caller's deadline passed, and the card was charged
+    anyway: the caller read DEADLINE_EXCEEDED and was credited minutes later by the reconciler
+    (review r9: 12 of 20 purchases with short deadlines). Now nothing is charged; a retry with the
+    same request id charges it, once (the suite's reconciler waits minutes to void it)."""
+    user = new_id()
+    await open_account(suite, user)
+    provider = suite.services["wallet"].runtime.parts["payments"]
+    assert isinstance(provider, SandboxPaymentProvider)
+
+    def charged() -> int:  # cards charged (a key the reconciler voids is no charge)
+        return sum(c.approved for c in provider.charges().values())
+
+    charges_before = charged()
+    complete = Purchases._complete
+
+    stopped = asyncio.Event()
+
+    async def slow_to_charge(self: Purchases, *args: Any) -> Any:
+        await asyncio.sleep(0.5)  # the caller's 0.2 s pass meanwhile
+        try:
+            return await complete(self, *args)
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(Purchases, "_complete", slow_to_charge)
+    request = wallet_pb2.PurchaseCoinsRequest(
+        request_id=new_id(), user_id=user, package_id="us-web-700", payment_token="tok_visa"
+    )
+    late = await rpc_error(suite.wallet.PurchaseCoins(request, timeout=0.2))
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.wait_for(stopped.wait(), 10)  # the work it left went on to the charge, no further
+    assert charged() == charges_before
+    monkeypatch.setattr(Purchases, "_complete", complete)
+    bought = await suite.wallet.PurchaseCoins(request)  # the retry: charged and credited once
+    assert bought.purchase.status == wallet_pb2.PURCHASE_STATUS_COMPLETED
+    assert charged() == charges_before + 1
+    assert bought.balance.coins == 700

@@ -230,8 +230,9 @@ class GiftingServiceServicer:
     def WatchLive(self, request, context):
         """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
         cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
-        no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
-        FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after); a watcher of a gifting process
+        no duplicate; any gifting replica serves any watcher. A watcher whose connection stops taking events
+        and falls too far behind is ended with ABORTED FEED_TOO_SLOW (its ErrorInfo says the cursor to resume
+        after; a client library that buffers for a slow reader is not behind); a watcher of a gifting process
         that is stopping, with UNAVAILABLE SHUTTING_DOWN (the same, and a RetryInfo). Open to every
         signed-in user.
         """

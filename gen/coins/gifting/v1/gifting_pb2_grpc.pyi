@@ -91,8 +91,9 @@ class GiftingServiceStub:
     WatchLive: _grpc.UnaryStreamMultiCallable[_gifting_pb2.WatchLiveRequest, _gifting_pb2.WatchLiveResponse]
     """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
     cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
-    no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
-    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after); a watcher of a gifting process
+    no duplicate; any gifting replica serves any watcher. A watcher whose connection stops taking events
+    and falls too far behind is ended with ABORTED FEED_TOO_SLOW (its ErrorInfo says the cursor to resume
+    after; a client library that buffers for a slow reader is not behind); a watcher of a gifting process
     that is stopping, with UNAVAILABLE SHUTTING_DOWN (the same, and a RetryInfo). Open to every
     signed-in user.
     """
@@ -168,8 +169,9 @@ class GiftingServiceAsyncStub(GiftingServiceStub):
     WatchLive: _aio.UnaryStreamMultiCallable[_gifting_pb2.WatchLiveRequest, _gifting_pb2.WatchLiveResponse]  # type: ignore[assignment]
     """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
     cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
-    no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
-    FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after); a watcher of a gifting process
+    no duplicate; any gifting replica serves any watcher. A watcher whose connection stops taking events
+    and falls too far behind is ended with ABORTED FEED_TOO_SLOW (its ErrorInfo says the cursor to resume
+    after; a client library that buffers for a slow reader is not behind); a watcher of a gifting process
     that is stopping, with UNAVAILABLE SHUTTING_DOWN (the same, and a RetryInfo). Open to every
     signed-in user.
     """
@@ -320,8 +322,9 @@ class GiftingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_gifting_pb2.WatchLiveResponse], _abc.AsyncIterator[_gifting_pb2.WatchLiveResponse]]:
         """The LIVE's gift feed: every gift of the LIVE in order, then `ended` when it ends, each event with a
         cursor. Reconnecting with the last cursor seen (`after_cursor`) gives everything after it, no gap and
-        no duplicate; any gifting replica serves any watcher. A watcher too far behind is ended with ABORTED
-        FEED_TOO_SLOW (its ErrorInfo says the cursor to resume after); a watcher of a gifting process
+        no duplicate; any gifting replica serves any watcher. A watcher whose connection stops taking events
+        and falls too far behind is ended with ABORTED FEED_TOO_SLOW (its ErrorInfo says the cursor to resume
+        after; a client library that buffers for a slow reader is not behind); a watcher of a gifting process
         that is stopping, with UNAVAILABLE SHUTTING_DOWN (the same, and a RetryInfo). Open to every
         signed-in user.
         """
