@@ -105,6 +105,7 @@ async def suite_with_wallet_db_behind_proxy(
     try:
         yield suite, proxy
     finally:
+        proxy.heal()  # a test that failed while holding it must not hang the suite's stop
         await suite.stop()
         await proxy.close()
         await drop_pg_database(name)

@@ -220,12 +220,14 @@ async def test_work_whose_caller_gave_up_is_never_applied(
     admit = shedder.admit
     server_deadlines: list[float] = []
 
-    def admit_and_note_the_deadline(time_remaining: float | None) -> Admitted:
+    def admit_and_note_the_deadline(
+        time_remaining: float | None, *, read: bool = False
+    ) -> Admitted:
         # Called by the wallet's request guard once it has taken the caller's deadline on.
         left = deadlines.remaining()
         if left is not None:
             server_deadlines.append(loop.time() + left)
-        return admit(time_remaining)
+        return admit(time_remaining, read=read)
 
     monkeypatch.setattr(shedder, "admit", admit_and_note_the_deadline)
     proxy.hold()
