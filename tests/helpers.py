@@ -243,16 +243,19 @@ class ShiftedClock(SystemClock):
         return super().now() + self.shift
 
 
-async def verify_creator(suite: Any, creator_id: str) -> None:
-    """An admin marks the creator verified (KYC), as withdrawals require."""
+async def verify_creator(
+    suite: Any, creator_id: str, *, rejected: bool = False, reason: str = "documents checked (test)"
+) -> None:
+    """An admin (never the creator) marks the creator verified (KYC), as withdrawals require; or,
+    `rejected`, rejects their verification."""
     from coins.payout.v1 import payout_pb2
 
     await suite.payout.SetCreatorVerification(
         payout_pb2.SetCreatorVerificationRequest(
             request_id=new_id("kyc"),
             creator_id=creator_id,
-            status=payout_pb2.KYC_STATUS_VERIFIED,
-            reason="documents checked (test)",
+            status=payout_pb2.KYC_STATUS_REJECTED if rejected else payout_pb2.KYC_STATUS_VERIFIED,
+            reason=reason,
         ),
         metadata=suite.token(new_id("ops"), admin=True),
     )

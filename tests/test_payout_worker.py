@@ -22,7 +22,7 @@ from services.payout.processor import ItemStatus, PayoutItem, WithdrawalWorker
 from services.payout.sandbox import PayPalSandbox
 from services.payout.settings import PayoutSettings
 from services.payout.withdrawals import Withdrawals
-from tests.helpers import eventually, expect_error, new_id
+from tests.helpers import eventually, expect_error, new_id, verify_creator
 from tests.suite import Suite, require_postgres, start_suite
 from tests.test_payout import creator_with_diamonds, settled, withdrawal
 
@@ -59,19 +59,6 @@ async def read(suite: Suite, withdrawal_id: str, creator: str) -> payout_pb2.Wit
         payout_pb2.GetWithdrawalRequest(withdrawal_id=withdrawal_id), metadata=suite.token(creator)
     )
     return found.withdrawal
-
-
-async def reject_creator(suite: Suite, creator: str) -> None:
-    """Another admin rejects the creator's verification (fraud suspected)."""
-    await suite.payout.SetCreatorVerification(
-        payout_pb2.SetCreatorVerificationRequest(
-            request_id=new_id("kyc"),
-            creator_id=creator,
-            status=payout_pb2.KYC_STATUS_REJECTED,
-            reason="fraud suspected",
-        ),
-        metadata=suite.token("ops-2", admin=True),
-    )
 
 
 async def parked_withdrawal(suite: Suite, creator: str, receiver: str) -> str:
@@ -227,7 +214,7 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     assert len(again.history) == 6 and again.history[-1].reason == again.last_error
     # The first retry repeated now, its creator no longer verified: its first answer (it was
     # checked again and refused KYC_REQUIRED, review r5), nothing sent.
-    await reject_creator(suite, creator)
+    await verify_creator(suite, creator, rejected=True, reason="fraud suspected")
     assert await suite.payout.RetryWithdrawal(first_retry, metadata=admin) == retried
     assert (await read(suite, withdrawal_id, creator)).parked
 
@@ -696,7 +683,7 @@ async def test_a_parked_withdrawal_the_processor_never_had_is_not_sent_to_an_unv
     creator = await creator_with_diamonds(suite, 5_000)
     withdrawal_id = await parked_withdrawal(suite, creator, "dest_drop_forever")
     admin = suite.token("ops-1", admin=True)
-    await reject_creator(suite, creator)
+    await verify_creator(suite, creator, rejected=True, reason="fraud suspected")
     refused = await expect_error(
         suite.payout.RetryWithdrawal(
             retry_request(withdrawal_id),
