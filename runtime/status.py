@@ -31,26 +31,42 @@ from runtime.protos import RpcContext
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
+MAX_VIOLATIONS = 20
+"""Field violations a status carries at most; `more_violations` in ErrorInfo counts the rest. gRPC
+refuses trailers above 16 KiB (and some above 8 KiB): a review's `kinds` list of 300 bad items made a
+23 KB status, which reached the caller as RESOURCE_EXHAUSTED with no reason at all."""
+_MAX_MESSAGE = 600
+_MAX_METADATA_VALUE = 400
+
+
 def to_status(error: DomainError, domain: str) -> status_pb2.Status:
-    """The google.rpc.Status for `error`, with ErrorInfo first and BadRequest when fields were wrong."""
-    metadata = error.metadata
+    """The google.rpc.Status for `error`, with ErrorInfo first and BadRequest when fields were wrong,
+    small enough for any trailer limit: at most MAX_VIOLATIONS violations and shortened texts."""
+    metadata = {
+        key: _shortened(value, _MAX_METADATA_VALUE) for key, value in error.metadata.items()
+    }
+    violations = error.violations[:MAX_VIOLATIONS]
+    if len(error.violations) > MAX_VIOLATIONS:
+        metadata["more_violations"] = str(len(error.violations) - MAX_VIOLATIONS)
     # Every refusal with field violations names them in `fields` (derived here, once for all),
     # unless it names its one field already (`field`).
-    if error.violations and not {"field", "fields"} & metadata.keys():
-        fields = ", ".join(dict.fromkeys(v.field for v in error.violations if v.field))
-        metadata = {**metadata, "fields": fields}
+    if violations and not {"field", "fields"} & metadata.keys():
+        fields = ", ".join(dict.fromkeys(v.field for v in violations if v.field))
+        metadata["fields"] = fields
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=metadata))
     details = [info]
-    if error.violations:
+    if violations:
         bad_request = any_pb2.Any()
         bad_request.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description, reason=v.reason or error.reason
+                        field=v.field,
+                        description=_shortened(v.description, _MAX_METADATA_VALUE),
+                        reason=v.reason or error.reason,
                     )
-                    for v in error.violations
+                    for v in violations
                 ]
             )
         )
@@ -62,8 +78,14 @@ def to_status(error: DomainError, domain: str) -> status_pb2.Status:
         retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(retry)
     return status_pb2.Status(
-        code=getattr(code_pb2, error.kind.value), message=error.message, details=details
+        code=getattr(code_pb2, error.kind.value),
+        message=_shortened(error.message, _MAX_MESSAGE),
+        details=details,
     )
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 REASON_KEY = "coins-error-reason"

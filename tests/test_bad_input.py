@@ -19,7 +19,7 @@ from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from runtime.status import bad_request, error_info
+from runtime.status import MAX_VIOLATIONS, bad_request, error_info
 from tests.helpers import (
     eventually,
     expect_error,
@@ -553,3 +553,47 @@ async def test_metadata_up_to_the_limit_always_passes_and_beyond_it_never(suite:
             else:
                 error = await rpc_error(call)
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+
+
+async def test_a_refusal_naming_hundreds_of_bad_items_stays_within_grpc_trailer_limits(
+    suite: Suite,
+) -> None:
+    """A status naming every bad item of a long list outgrew gRPC's 16 KiB trailer limit: the caller
+    read RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" and no reason (a review:
+    300 bad kinds, 1,000 bad request ids in a batch). It carries the first MAX_VIOLATIONS, each item
+    by its index, and ErrorInfo counts the rest in `more_violations`."""
+    user, _ = await funded_user(suite)
+    error = await expect_error(
+        suite.wallet.ListLedgerEntries(
+            wallet_pb2.ListLedgerEntriesRequest(user_id=user, kinds=[99] * 1000)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    found = bad_request(error)
+    assert found is not None and len(found.field_violations) == MAX_VIOLATIONS
+    assert {"kinds[0]", "kinds[1]"} <= field_violations(error)
+    info = error_info(error)
+    assert info is not None and int(info.metadata["more_violations"]) > 900
+    assert "and 998 more: value must be one of the defined enum values" in (error.details() or "")
+
+    creator = new_id("creator")
+    error = await expect_error(
+        suite.as_caller("gifting").payout.BatchCreditDiamonds(
+            payout_pb2.BatchCreditDiamondsRequest(
+                requests=[
+                    payout_pb2.CreditDiamondsRequest(
+                        request_id=f"bad id {i}", creator_id=creator, coins=10, reference="g"
+                    )
+                    for i in range(1000)
+                ]
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    )
+    assert "requests[0].request_id" in field_violations(error)
+    balance = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    assert balance.balance.diamonds == 0

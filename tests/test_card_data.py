@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 from collections.abc import Iterator
 
 import grpc
+import protovalidate
 import pytest
 from google.protobuf import struct_pb2
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message_factory import GetMessageClass
 from sqlalchemy import MetaData, String, Text, select
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from runtime.validation import _suspect_fields, contains_card_number
+from runtime.errors import InvalidArgument
+from runtime.validation import (
+    _TEXT,
+    RequestValidator,
+    _card_scan_bound,
+    _luhn_valid,
+    _luhn_window,
+    _may_hold_card_data,
+    _suspect_fields,
+    contains_card_number,
+)
 from tests.helpers import expect_error, field_violations, funded_user, new_id
 from tests.suite import Suite
 
@@ -56,6 +71,85 @@ def test_card_numbers_are_recognised_and_ordinary_text_is_not() -> None:
         start = dt.date(2026, 1, 1) + dt.timedelta(days=day)
         text = f"refund for {start.isoformat()}/{(start + dt.timedelta(days=30)).isoformat()}"
         assert not contains_card_number(text), text
+
+
+def test_long_digit_chains_are_checked_window_by_window_in_linear_time() -> None:
+    """The prefix-sum check finds exactly the chains in which some 13-19 digit window passes the
+    Luhn check, as reading each window digit by digit does (chains of few distinct digits, so that
+    about a third have no such window)."""
+    rng = random.Random(7)
+    found = missed = 0
+    for _ in range(20_000):
+        alphabet = rng.choice([[1], [1, 2], [3, 7], [0, 1, 1], [5]])
+        digits = [rng.choice(alphabet) for _ in range(rng.randint(20, 26))]
+        if rng.random() < 0.3:
+            digits[rng.randrange(len(digits))] = rng.randint(0, 9)
+        each_window = any(
+            _luhn_valid(digits[start : start + length])
+            for length in range(13, 20)
+            for start in range(len(digits) - length + 1)
+        )
+        assert _luhn_window(digits) == each_window, digits
+        found, missed = found + each_window, missed + (not each_window)
+    assert found > 5_000 and missed > 5_000
+
+
+def test_text_longer_than_its_field_allows_is_refused_for_its_length_unread() -> None:
+    """The card check reads no more of a field than its max_len allows: a review froze the wallet
+    for 14 s with a 1 MB payment token of ones (every window of the chain checked on the event
+    loop, before the length rule). Such a field is refused by its length rule instead, and what it
+    holds is stored nowhere either way."""
+    for token in (PAN + "1" * 300, "1" * 1_000_000, "111 " * 250_000):
+        with pytest.raises(InvalidArgument) as refused:
+            RequestValidator().check(
+                wallet_pb2.PurchaseCoinsRequest(
+                    user_id="u1", package_id="p1", payment_token=token, request_id="r1"
+                )
+            )
+        assert refused.value.reason == "INVALID_REQUEST"
+        assert [v.reason for v in refused.value.violations] == ["STRING_MAX_LEN"]
+
+
+def _request_types() -> Iterator[Descriptor]:
+    seen: set[str] = set()
+    pending = [
+        method.input_type
+        for module in (wallet_pb2, gifting_pb2, payout_pb2, promotion_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+    while pending:
+        descriptor = pending.pop()
+        if descriptor.full_name in seen or descriptor.full_name.startswith("google."):
+            continue
+        seen.add(descriptor.full_name)
+        yield descriptor
+        pending += [f.message_type for f in descriptor.fields if f.message_type is not None]
+
+
+def test_every_checked_field_without_a_max_len_refuses_what_the_check_does_not_read() -> None:
+    """A text field the card check reads only in part (no max_len: `_SCAN_WITHOUT_MAX_LEN`) must
+    refuse anything longer by its other rules (a pattern), or a card number could pass unread."""
+    validator = protovalidate.Validator()
+    checked = []
+    for descriptor in _request_types():
+        for field in descriptor.fields:
+            if field.type != field.TYPE_STRING or not _may_hold_card_data(field):
+                continue
+            bound = _card_scan_bound(field, _TEXT)
+            message = GetMessageClass(descriptor)()
+            long_text = PAN + "1" * bound
+            if field.is_repeated:
+                getattr(message, field.name).append(long_text)
+            else:
+                setattr(message, field.name, long_text)
+            violations = validator.collect_violations(message)
+            paths = {v.proto.field.elements[0].field_name for v in violations if v.proto.field}
+            assert field.name in paths, (
+                f"{descriptor.full_name}.{field.name} takes {len(long_text)}"
+            )
+            checked.append(field.name)
+    assert {"payment_token", "country_code", "processor_token", "regions"} <= set(checked)
 
 
 def test_the_guard_reads_text_in_nested_repeated_and_map_fields() -> None:
