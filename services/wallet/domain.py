@@ -679,18 +679,28 @@ class Wallet:
         self, user_id: str, party: storage.Party, today: dt.date, *, receiving: bool
     ) -> FailedPrecondition | None:
         """Why `user_id` may not send (or, `receiving`, receive) gifts; None if they may."""
-        role = "receive" if receiving else "send"
-        prefix = "RECIPIENT_" if receiving else ""
         refused = _not_personal(
-            user_id, party, f"{prefix}GOVERNMENT_ACCOUNT", f"{role} gifts; nothing was debited"
+            user_id,
+            party,
+            "RECIPIENT_GOVERNMENT_ACCOUNT" if receiving else "GOVERNMENT_ACCOUNT",
+            f"{'receive' if receiving else 'send'} gifts; nothing was debited",
         )
         if refused is not None:
             return refused
         minimum = self.minimum_age_in(party.country_code)
-        if age_on(party.birth_date, today) < minimum:
+        of_age = age_on(party.birth_date, today) >= minimum
+        if receiving and not (of_age and party.country_code in self.settings.regions):
+            # The sender learns only that the creator cannot receive: an age rule or a country
+            # named here told any viewer that a creator is a minor, or where they live (review r13).
             return FailedPrecondition(
-                "RECIPIENT_NOT_ELIGIBLE" if receiving else "AGE_RESTRICTED",
-                f"user {user_id} cannot {role} gifts: users in {party.country_code} must be "
+                "RECIPIENT_NOT_ELIGIBLE",
+                f"user {user_id} cannot receive gifts; nothing was debited",
+                user_id=user_id,
+            )
+        if not of_age:
+            return FailedPrecondition(
+                "AGE_RESTRICTED",
+                f"user {user_id} cannot send gifts: users in {party.country_code} must be "
                 f"{minimum} or older; nothing was debited",
                 user_id=user_id,
                 rule="minimum_age",
@@ -698,8 +708,8 @@ class Wallet:
             )
         if party.country_code not in self.settings.regions:
             return FailedPrecondition(
-                f"{prefix}REGION_UNSUPPORTED",
-                f"user {user_id} cannot {role} gifts: gifts are not offered in "
+                "REGION_UNSUPPORTED",
+                f"user {user_id} cannot send gifts: gifts are not offered in "
                 f"{party.country_code}; nothing was debited",
                 user_id=user_id,
                 country_code=party.country_code,

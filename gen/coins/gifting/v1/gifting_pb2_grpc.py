@@ -137,8 +137,8 @@ class GiftingServiceServicer:
         NOT_FOUND (GIFT_NOT_FOUND, ACCOUNT_NOT_FOUND, RECIPIENT_NOT_FOUND: the creator has no wallet
         account, or LIVE_NOT_FOUND) or FAILED_PRECONDITION (INSUFFICIENT_FUNDS; GIFT_RETIRED: no longer on
         sale; the sender's eligibility: AGE_RESTRICTED, REGION_UNSUPPORTED,
-        NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE,
-        RECIPIENT_REGION_UNSUPPORTED; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
+        NOT_OFFERED_IN_REGION, GOVERNMENT_ACCOUNT; the creator's: RECIPIENT_NOT_ELIGIBLE (age or
+        region, not said which), RECIPIENT_GOVERNMENT_ACCOUNT; LIVE_NOT_CREATORS, LIVE_ENDED, LIVE_GIFTS_OFF: a gift to a LIVE goes
         only to its creator's open LIVE with gifts on, and EndLive turns gifts off first; DEBIT_VOIDED:
         a retried gift whose first attempt the reconciler settled as never debited, send it with a new
         request_id); nothing moves when it fails. A refusal is the request id's answer: the same request

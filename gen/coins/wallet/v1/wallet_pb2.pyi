@@ -1083,8 +1083,8 @@ class DebitCoinsRequest(_message.Message):
     recipient_id: _builtins.str
     """Who receives what the coins pay for, when someone does: a gift's creator. When set, the debit is
     refused unless that user has a wallet account that may receive (NOT_FOUND RECIPIENT_NOT_FOUND;
-    FAILED_PRECONDITION RECIPIENT_NOT_ELIGIBLE: under the region's minimum age,
-    RECIPIENT_GOVERNMENT_ACCOUNT, RECIPIENT_REGION_UNSUPPORTED) and is not the user debited
+    FAILED_PRECONDITION RECIPIENT_NOT_ELIGIBLE: under the minimum age of their country or in a
+    country without gifts, which it does not say; RECIPIENT_GOVERNMENT_ACCOUNT) and is not the user debited
     (INVALID_ARGUMENT SELF_GIFTING).
     """
     @_builtins.property
