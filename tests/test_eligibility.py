@@ -186,3 +186,27 @@ async def test_only_an_admin_classifies_an_account_that_exists(suite: Suite) -> 
     )
     got = await suite.wallet.GetAccount(W.GetAccountRequest(user_id=user))
     assert got.account.classification == W.ACCOUNT_CLASSIFICATION_PERSONAL
+
+
+async def test_an_admin_never_classifies_themself(suite: Suite) -> None:
+    """An admin another admin classified political lifted it themself and could receive gifts
+    again (a review); classifying oneself is OWN_DECISION, as verifying oneself is."""
+    admin = new_id("trust")
+    await open_account(suite, admin)
+    await classify(suite, admin, W.ACCOUNT_CLASSIFICATION_POLITICAL)
+    error = await expect_error(
+        suite.wallet.SetAccountClassification(
+            W.SetAccountClassificationRequest(
+                request_id=new_id("c"),
+                user_id=admin,
+                classification=W.ACCOUNT_CLASSIFICATION_PERSONAL,
+                reason="my own account",
+            ),
+            metadata=suite.token(admin, admin=True),
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "OWN_DECISION",
+    )
+    assert "another admin must" in (error.details() or "")
+    got = await suite.wallet.GetAccount(W.GetAccountRequest(user_id=admin))
+    assert got.account.classification == W.ACCOUNT_CLASSIFICATION_POLITICAL

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger import Hold, Holds, Ledger, Posted, Posting
 from ledger.history import HistoryEntry, Period, entries_page, period
 from runtime import countries
+from runtime.access import require_another_admin
 from runtime.errors import (
     DEBIT_VOIDED,
     AlreadyExists,
@@ -222,7 +223,9 @@ class Wallet:
         self, conn: AsyncConnection, user_id: str, classification: str
     ) -> storage.AccountRecord:
         """Set an account's classification (personal, government, political); NOT_FOUND for a
-        user without an account. Every process honours it within its eligibility cache time."""
+        user without an account. Every process honours it within its eligibility cache time. An
+        admin never classifies themself (OWN_DECISION): one classified political could lift it."""
+        require_another_admin(user_id, "set the classification")
         if not await storage.set_classification(conn, user_id, classification):
             raise NotFound(
                 "ACCOUNT_NOT_FOUND", f"user {user_id} has no wallet account", user_id=user_id

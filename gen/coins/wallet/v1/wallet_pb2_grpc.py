@@ -277,7 +277,8 @@ class WalletServiceServicer:
 
     def SetAccountClassification(self, request, context):
         """Classifies an account as personal, government or political (government and political accounts
-        may neither send nor receive gifts). Admin only; audited.
+        may neither send nor receive gifts). Admin only, never on the admin's own account
+        (PERMISSION_DENIED OWN_DECISION); audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -111,7 +111,8 @@ class WalletServiceStub:
     """Internal: reads a hold placed by the calling service."""
     SetAccountClassification: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetAccountClassificationRequest, _wallet_pb2.SetAccountClassificationResponse]
     """Classifies an account as personal, government or political (government and political accounts
-    may neither send nor receive gifts). Admin only; audited.
+    may neither send nor receive gifts). Admin only, never on the admin's own account
+    (PERMISSION_DENIED OWN_DECISION); audited.
     """
 
 @_typing.type_check_only
@@ -195,7 +196,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Internal: reads a hold placed by the calling service."""
     SetAccountClassification: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetAccountClassificationRequest, _wallet_pb2.SetAccountClassificationResponse]  # type: ignore[assignment]
     """Classifies an account as personal, government or political (government and political accounts
-    may neither send nor receive gifts). Admin only; audited.
+    may neither send nor receive gifts). Admin only, never on the admin's own account
+    (PERMISSION_DENIED OWN_DECISION); audited.
     """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -378,7 +380,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.SetAccountClassificationResponse, _abc.Awaitable[_wallet_pb2.SetAccountClassificationResponse]]:
         """Classifies an account as personal, government or political (government and political accounts
-        may neither send nor receive gifts). Admin only; audited.
+        may neither send nor receive gifts). Admin only, never on the admin's own account
+        (PERMISSION_DENIED OWN_DECISION); audited.
         """
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
