@@ -462,6 +462,20 @@ async def test_callbacks_are_verified_deduplicated_and_taken_from_the_processor(
             b'{"id": "e", "event_type": "X", "resource": {"sender_item_id": "\\u0000"}}',
             "item_id contains",
         ),
+        # A lone surrogate, which no database stores (it answered INTERNAL, and a processor
+        # redelivers such an event forever): malformed too.
+        (
+            b'{"id": "e\\ud800", "event_type": "X", "resource": {"sender_item_id": "w"}}',
+            "id contains a lone",
+        ),
+        (
+            b'{"id": "e", "event_type": "\\udfff", "resource": {"sender_item_id": "w"}}',
+            "event_type contains a lone",
+        ),
+        (
+            b'{"id": "e", "event_type": "X", "resource": {"sender_item_id": "w\\udbff"}}',
+            "item_id contains a lone",
+        ),
     ],
 )
 def test_a_malformed_event_is_refused_naming_what_is_wrong(body: bytes, named: str) -> None:

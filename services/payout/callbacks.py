@@ -79,7 +79,20 @@ def parse(body: bytes) -> tuple[str, str, str]:
     ):
         if "\x00" in value:  # no identifier holds one, and PostgreSQL cannot store it
             raise _malformed(f"{name} contains a NUL character (U+0000)")
+        if not _encodable(value):  # JSON's "\ud800" escape: no database can store it
+            raise _malformed(
+                f"{name} contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; "
+                f"expected {_SHAPE}"
+            )
     return event_id, event_type[:64], item
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Callbacks:
