@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -27,13 +28,30 @@ class Table(RichTable):
         super().add_column(*args, **kwargs)
 
 
+_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters written out (`\\x1b`): what a service holds is shown,
+    never acted on by the terminal (a LIVE title with escape sequences cleared a viewer's screen and
+    forged lines in it, a review). Line breaks stay: tables break cells with them."""
+    return _CONTROLS.sub(lambda found: ascii(found.group())[1:-1], text)
+
+
+class _Console(Console):
+    """A console that shows every string it is given, table cells too, with `visible`."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(visible(text), **kwargs)
+
+
 _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
 """A terminal's width, or COLUMNS; piped into a file or `grep`, wide enough that no table wraps
 (rich would assume 80 columns)."""
-console = Console(soft_wrap=True, markup=False, emoji=False, width=_WIDTH)
+console = _Console(soft_wrap=True, markup=False, emoji=False, width=_WIDTH)
 """soft_wrap: a long line (a command to copy) is never broken. No markup and no emoji codes: what a
 service stores or a user types ("[b]Big[/b] night :x:") is shown as it is; styles are Text's."""
-errors = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+errors = _Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 """Refusals and unreachable services, on stderr: `coinsctl ... | grep` never swallows them (the exit
 code is 1 either way)."""
 
@@ -343,7 +361,7 @@ def withdrawals(
     for w in items:
         status = "parked" if w.parked else withdrawal_status(w.status)  # parked: processing
         row = [w.withdrawal_id, w.creator_id] if creators else [w.withdrawal_id]
-        failed: list[str | Text] = [f"{w.attempts}", Text(w.last_error)] if errors else []
+        failed: list[str | Text] = [f"{w.attempts}", Text(visible(w.last_error))] if errors else []
         table.add_row(*row, when(w), money(w.net), status, *failed)
     return table
 

@@ -65,7 +65,16 @@ class RequestValidator:
                 violations=(FieldViolation(blank, "must have words, not only spaces"),),
                 fields=blank,
             )
-        if turned := _text_with_direction_controls(request):
+        if controlled := _text_with(_CONTROL_CHARACTERS, request):
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                f"{controlled} holds a control character (U+0000-U+001F, U+007F-U+009F: a line "
+                "break, tab or terminal escape), which a feed, a catalog or a terminal would act "
+                "on rather than show: write it on one line of plain text",
+                violations=(FieldViolation(controlled, "must not contain control characters"),),
+                fields=controlled,
+            )
+        if turned := _text_with(_DIRECTION_CONTROLS, request):
             raise InvalidArgument(
                 "INVALID_REQUEST",
                 f"{turned} holds a bidirectional control character (U+202A-U+202E, "
@@ -177,10 +186,15 @@ _DIRECTION_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
 the marks U+200E/U+200F, which do not, are left alone."""
 
 
-def _text_with_direction_controls(request: Message) -> str | None:
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""C0 and C1 controls: a LIVE title with ESC sequences cleared a viewer's terminal in coinsctl and
+forged lines in it (a review); a line break or a carriage return forges a line in any log or feed."""
+
+
+def _text_with(characters: re.Pattern[str], request: Message) -> str | None:
     for name in _text_fields(request.DESCRIPTOR):
         value = getattr(request, name)
-        if isinstance(value, str) and _DIRECTION_CONTROLS.search(value):
+        if isinstance(value, str) and characters.search(value):
             return name
     return None
 

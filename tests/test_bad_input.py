@@ -498,6 +498,11 @@ async def test_blank_text_and_empty_ids_are_refused_saying_what_is_missing(suite
         ("\u200b\ufeff \u2060", "only spaces or invisible characters"),
         ("\u202eevil\u200b", "bidirectional control character"),
         ("Rose \u2066x\u2069", "bidirectional control character"),
+        # Terminal escapes and line breaks (a review's LIVE title cleared a viewer's terminal).
+        ("a\x1b[2J\x1b[31mFAKE", "control character"),
+        ("two\nlines", "control character"),
+        ("bell\x07", "control character"),
+        ("csi\x9b2J", "control character"),
     ):
         error = await expect_error(
             suite.gifting.SetGift(

@@ -872,3 +872,23 @@ async def test_buy_takes_a_package_or_a_custom_amount(suite: Suite) -> None:
     assert code == 2 and "one of the arguments package --coins is required" in output, output
     code, output = await coinsctl(suite, "buy", user, "us-web-700", "--coins", "250")
     assert code == 2 and "not allowed with argument" in output, output
+
+
+def test_control_characters_a_service_holds_are_shown_not_obeyed() -> None:
+    """A LIVE title held escape sequences (from before the services refused them): coinsctl
+    printed them raw, clearing a viewer's screen, retitling the terminal and forging a line (a
+    review). Every string it prints, table cells and refusals too, shows them written out."""
+    title = "a\x1b[2J\x1b]0;pwned\x07FAKE\rline\x9b"
+    live = gifting_pb2.Live(live_id="l1", creator_id="c1", title=title)
+    for console in (
+        type(render.console)(width=120, record=True, file=io.StringIO()),
+        type(render.errors)(width=120, record=True, file=io.StringIO()),
+    ):
+        console.print(render.live(live))
+        console.print(f"refused: {title}")
+        written = re.sub(
+            r"\x1b\[[0-9;]*m", "", console.export_text(clear=False, styles=True)
+        )  # its colours
+        assert not any(c in written for c in "\x1b\x07\r\x9b"), repr(written)
+        shown = console.export_text().replace("\n", "")
+        assert "\\x1b[2J" in shown and "\\x07FAKE\\rline" in shown.replace(" ", "")
