@@ -25,7 +25,7 @@ from coins.payout.v1 import payout_pb2_grpc
 from coins.promotion.v1 import promotion_pb2_grpc
 from coins.wallet.v1 import wallet_pb2_grpc
 from runtime.auth import AUTHORIZATION, TokenIssuer, token_metadata
-from runtime.channels import RETRY_ON_UNAVAILABLE
+from runtime.channels import SERVICE_CONFIG
 from runtime.config import SecuritySettings, suite_address
 from runtime.errors import FieldViolation
 from runtime.status import bad_request, error_info, retry_info
@@ -94,13 +94,15 @@ class Refusal:
     def retryable(self) -> bool:
         """Whether the same request (the same request_id) may succeed if sent again: nothing was
         applied, or it is answered once it was (an outage, a deadline, a concurrent duplicate, a
-        service that said when)."""
+        service that said when, a stopping server that cancelled the call: CANCELLED with no
+        ErrorInfo, as a caller never reads its own cancel)."""
         transient = (
             grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.ABORTED,
         )
-        return self.code in transient or self.retry_after is not None
+        stopped = self.code == grpc.StatusCode.CANCELLED and not self.reason
+        return self.code in transient or stopped or self.retry_after is not None
 
 
 def default_address(service: str) -> str:
@@ -221,7 +223,7 @@ class Clients:
             # default backoff grows towards two minutes while it is down), as the services do.
             options=[
                 ("grpc.enable_retries", 1),
-                ("grpc.service_config", RETRY_ON_UNAVAILABLE),
+                ("grpc.service_config", SERVICE_CONFIG),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1_000),

@@ -18,7 +18,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.trace import TracerProvider
 
 from runtime.auth import AUTHORIZATION, forwarded_metadata
-from runtime.channels import RETRY_ON_UNAVAILABLE
+from runtime.channels import SERVICE_CONFIG
 from runtime.config import SecuritySettings
 from runtime.protos import RpcContext
 from runtime.shedding import SERVED_SECONDS, downstream_call
@@ -101,7 +101,7 @@ def service_channel(
         interceptors.extend(aio_client_interceptors(tracer_provider=tracer_provider))
     options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", RETRY_ON_UNAVAILABLE),
+        ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.keepalive_time_ms", 30_000),
         # A peer restarting (a crash, a deploy) is back in seconds: reconnect within a second of
         # it, not after gRPC's default backoff, which grows towards two minutes while it is down.

@@ -570,7 +570,9 @@ async def test_a_refusal_naming_hundreds_of_bad_items_stays_within_grpc_trailer_
     user, _ = await funded_user(suite)
     error = await expect_error(
         suite.wallet.ListLedgerEntries(
-            wallet_pb2.ListLedgerEntriesRequest(user_id=user, kinds=[99] * 1000)
+            wallet_pb2.ListLedgerEntriesRequest(
+                user_id=user, kinds=[wallet_pb2.EntryKind.ValueType(99)] * 1000
+            )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_REQUEST",

@@ -1,0 +1,99 @@
+"""What the suite's channels send again by themselves, and what `Refusal.retryable` tells a caller
+to: calls that did nothing (UNAVAILABLE, and CANCELLED by a stopping server: a review saw 7-12 per
+graceful stop under callers that never pause), never a caller's own cancel or a definite refusal."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+
+from cli.client import Refusal
+from runtime.channels import SERVICE_CONFIG
+
+METHOD = "/test.Echo/Say"
+
+
+def _say(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    return channel.unary_unary(METHOD)
+
+
+class _Echo:
+    """Answers each call with what the next item of `answers` says: a status code to end it with,
+    or None to answer."""
+
+    def __init__(self, answers: list[grpc.StatusCode | None]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def say(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self.calls += 1
+        code = self.answers.pop(0) if self.answers else None
+        if code is not None:
+            await context.abort(code, "stopping")
+        return request
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[_Echo, grpc.aio.Channel]]:
+    servicer = _Echo([])
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(servicer.say)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)],
+    )
+    try:
+        yield servicer, channel
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+async def test_a_call_that_did_nothing_is_sent_again_by_the_channel(
+    echo: tuple[_Echo, grpc.aio.Channel], code: grpc.StatusCode
+) -> None:
+    servicer, channel = echo
+    servicer.answers = [code, code]
+    answer = await _say(channel)(b"gift", timeout=5)
+    assert answer == b"gift" and servicer.calls == 3
+
+
+async def test_a_definite_refusal_is_not_sent_again(echo: tuple[_Echo, grpc.aio.Channel]) -> None:
+    servicer, channel = echo
+    servicer.answers = [grpc.StatusCode.FAILED_PRECONDITION]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _say(channel)(b"gift", timeout=5)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and servicer.calls == 1
+
+
+async def test_a_callers_own_cancel_is_not_sent_again(echo: tuple[_Echo, grpc.aio.Channel]) -> None:
+    servicer, channel = echo
+    call = _say(channel)(b"gift", timeout=5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert servicer.calls <= 1
+
+
+def _refusal(code: grpc.StatusCode) -> Refusal:
+    return Refusal.of(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "x"))
+
+
+def test_a_refusal_says_a_stopping_servers_cancel_is_worth_sending_again() -> None:
+    assert _refusal(grpc.StatusCode.CANCELLED).retryable
+    assert _refusal(grpc.StatusCode.UNAVAILABLE).retryable
+    assert not _refusal(grpc.StatusCode.FAILED_PRECONDITION).retryable
+    assert not _refusal(grpc.StatusCode.INTERNAL).retryable
