@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any, TypeAlias
 
 import grpc.aio
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coins.common.v1 import money_pb2
@@ -38,6 +39,21 @@ def money_text(currency_code: str, amount_minor: int) -> str:
     if symbol:
         return f"{sign}{symbol}{units:,}.{cents:02d}"
     return f"{sign}{units:,}.{cents:02d} {currency_code}"
+
+
+def to_timedelta(value: Duration, field: str) -> dt.timedelta:
+    """A request's Duration; INVALID_ARGUMENT unless it is well formed (nanos within a second and of
+    the seconds' sign: `{1 s, -5 ns}` passed the range rule and meant 0.999999995 s)."""
+    nanos_ok = -1_000_000_000 < value.nanos < 1_000_000_000
+    if not nanos_ok or value.seconds * value.nanos < 0:
+        raise InvalidArgument(
+            "INVALID_REQUEST",
+            f"the request has invalid fields: {field} (not a valid duration: nanos within "
+            "-999,999,999..999,999,999 and of the same sign as seconds)",
+            violations=(FieldViolation(field, "not a valid duration"),),
+            fields=field,
+        )
+    return value.ToTimedelta()
 
 
 def to_datetime(value: Timestamp, field: str) -> dt.datetime:

@@ -17,6 +17,7 @@ from tests.helpers import (
     error_metadata,
     eventually,
     expect_error,
+    field_violations,
     funded_user,
     new_id,
     rpc_error,
@@ -322,3 +323,22 @@ async def test_a_call_whose_caller_gives_up_mid_transaction_finishes_its_work_wh
     monkeypatch.undo()
     placed = await promotion.PlaceHold(place(user, 50))  # the database takes the next write
     assert placed.balance.available_coins == coins - 50  # the first one rolled back whole
+
+
+async def test_a_malformed_expiry_is_refused_and_holds_nothing(suite: Suite) -> None:
+    """A Duration whose nanos have the other sign than its seconds, or a second or more of them,
+    is no duration (the range rule let `{1 s, -5 ns}` through, a review)."""
+    user, coins = await funded_user(suite)
+    promotion = suite.as_caller("promotion").wallet
+    for odd in (
+        Duration(seconds=1, nanos=-5),
+        Duration(seconds=-1, nanos=5),
+        Duration(nanos=10**9),
+    ):
+        error = await expect_error(
+            promotion.PlaceHold(place(user, 300, expire_after=odd)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+        )
+        assert field_violations(error) == {"expire_after"}, odd
+    assert await balance(suite, user) == (coins, coins)

@@ -13,7 +13,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.auth import current_principal
 from runtime.db import Database
 from runtime.idempotency import Idempotency
-from runtime.protos import RpcContext
+from runtime.protos import RpcContext, to_timedelta
 from services.wallet.convert import DEBIT_REASONS, balance_pb, hold_pb
 from services.wallet.domain import Wallet, user_of
 
@@ -31,7 +31,9 @@ class HoldRpcs:
     ) -> wallet_pb2.PlaceHoldResponse:
         caller = current_principal().service
         expire_after = (
-            request.expire_after.ToTimedelta() if request.HasField("expire_after") else None
+            to_timedelta(request.expire_after, "expire_after")
+            if request.HasField("expire_after")
+            else None
         )
         scope = f"PlaceHold:{caller}:{request.user_id}"
 
