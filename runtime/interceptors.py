@@ -482,6 +482,9 @@ _SPAN_FIELDS = {
     "sent_gift_id": "coins.sent_gift_id",
     "count": "coins.count",
     "coins": "coins.coins",
+    "custom_coins": "coins.coins",
+    "budget_coins": "coins.budget_coins",
+    "spent_coins": "coins.spent_coins",
     "amount_minor": "coins.amount_minor",
     "diamonds": "coins.diamonds",
     "package_id": "coins.package_id",
@@ -498,7 +501,7 @@ _RESOURCES = ("sent_gift", "purchase", "withdrawal", "promotion")
 """Answer fields holding the record a call made or read, whose ids and amounts go on its span: a
 SendGift's trace is then found by the sent gift's id (a support ticket names that, not the
 request id). A balance's `coins` is not an amount moved, so only these records are read."""
-_answer_fields_of: dict[str, tuple[tuple[str, str, str], ...]] = {}
+_answer_fields_of: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {}
 _ANSWER_IDS = ("withdrawal_id", "event_id")
 """Ids at the top of an answer that go on its span (HandleProcessorEvent's withdrawal and event)."""
 
@@ -511,25 +514,57 @@ def _annotate_answer(response: Any) -> None:
         return
     fields = _answer_fields_of.get(descriptor.full_name)
     if fields is None:
-        plan = []
-        for outer in _RESOURCES:
-            field = descriptor.fields_by_name.get(outer)
-            if field is None or field.message_type is None:
-                continue
-            inner = field.message_type.fields_by_name
-            plan += [(outer, name, attr) for name, attr in _SPAN_FIELDS.items() if name in inner]
-        top = descriptor.fields_by_name  # an answer naming what it acted on (a processor event's)
-        plan += [("", name, f"coins.{name}") for name in _ANSWER_IDS if name in top]
-        listed = [f.name for f in descriptor.fields if f.is_repeated and f.message_type]
-        plan += [("#", listed[0], "coins.items")] if listed else []  # a listing: how many
-        fields = _answer_fields_of[descriptor.full_name] = tuple(plan)
-    for outer, name, attribute in fields:
-        if outer == "#":  # a listing's size, 0 included (an idle poll's answer: IdlePassFilter)
-            span.set_attribute(attribute, len(getattr(response, name)))
+        fields = _answer_fields_of[descriptor.full_name] = _answer_plan(descriptor)
+    for path, attribute in fields:
+        if path[0] == "#":  # a listing's size, 0 included (an idle poll's answer: IdlePassFilter)
+            span.set_attribute(attribute, len(getattr(response, path[1])))
             continue
-        value = getattr(getattr(response, outer), name) if outer else getattr(response, name)
+        value = response
+        for name in path:
+            value = getattr(value, name)
         if value:
             span.set_attribute(attribute, value)
+
+
+def _answer_plan(descriptor: Any) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """What of an answer goes on its span, as (field path, attribute), worked out once per type:
+    the record's ids and amounts (`_SPAN_FIELDS`), its money as `coins.<field>_minor` and
+    `coins.currency` (a withdrawal's gross, fee and net; a purchase package's price is
+    `coins.amount_minor`), and those of a purchase's package; ids at the top; a listing's size."""
+    plan: list[tuple[tuple[str, ...], str]] = []
+
+    def amounts(path: tuple[str, ...], record: Any) -> None:
+        inner = record.fields_by_name
+        plan.extend(((*path, n), attr) for n, attr in _SPAN_FIELDS.items() if n in inner)
+        for field in record.fields:
+            kind = field.message_type
+            if kind is None or field.is_repeated:
+                continue
+            if kind.full_name == _MONEY:
+                minor = (
+                    "coins.amount_minor" if field.name == "price" else f"coins.{field.name}_minor"
+                )
+                plan.append(((*path, field.name, "amount_minor"), minor))
+                if not any(attribute == "coins.currency" for _, attribute in plan):
+                    plan.append(((*path, field.name, "currency_code"), "coins.currency"))
+            elif field.name in _RECORDS_INSIDE:
+                amounts((*path, field.name), kind)
+
+    for outer in _RESOURCES:
+        field = descriptor.fields_by_name.get(outer)
+        if field is not None and field.message_type is not None:
+            amounts((outer,), field.message_type)
+    top = descriptor.fields_by_name  # an answer naming what it acted on (a processor event's)
+    plan += [((name,), f"coins.{name}") for name in _ANSWER_IDS if name in top]
+    listed = [f.name for f in descriptor.fields if f.is_repeated and f.message_type]
+    plan += [(("#", listed[0]), "coins.items")] if listed else []  # a listing: how many
+    return tuple(plan)
+
+
+_RECORDS_INSIDE = ("package",)
+"""Records inside a record whose amounts are the call's: a purchase's package (its coins and
+price). Not a sent gift's streak: its `count` is the streak's, not the gift's."""
+_MONEY = "coins.common.v1.Money"
 
 
 _LISTED_AT_MOST = 100

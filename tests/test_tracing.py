@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +15,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
 from runtime import telemetry
+from runtime.interceptors import _answer_plan
 from runtime.status import error_info
 from tests.helpers import (
     eventually,
@@ -25,7 +28,7 @@ from tests.helpers import (
     new_id,
     rpc_error,
 )
-from tests.suite import Suite
+from tests.suite import Suite, start_suite
 
 DB_SCOPES = {"opentelemetry.instrumentation.sqlalchemy", "coins.db"}
 """SQLAlchemy's span per statement, and the hot paths' span per transaction naming its statements."""
@@ -83,6 +86,9 @@ async def test_a_gift_is_one_trace_across_gifting_wallet_payout_and_their_databa
         return any(s.name == "gifting.credit_outbox.deliver" for s in in_trace())
 
     await eventually(delivered, "the credit's delivery in the gift's trace")
+    delivery = next(s for s in in_trace() if s.name == "gifting.credit_outbox.deliver")
+    assert delivery.attributes is not None  # found by any of the batch's gifts
+    assert sent.sent_gift.sent_gift_id in tuple(delivery.attributes["coins.sent_gift_ids"])  # type: ignore[arg-type]
     claims = [  # the relay's pass that claimed it, a trace of its own, exported: it did something
         s
         for s in suite.spans.get_finished_spans()
@@ -253,3 +259,58 @@ def test_exporter_failures_are_logged_once_a_minute_per_kind() -> None:
     kept._last = {kind: (-1e9, 3) for kind in kept._last}  # a minute later, 3 left out
     later = record("Failed to export traces to x")
     assert kept.filter(later) and "3 more like this" in later.getMessage()
+
+
+async def test_a_purchases_span_carries_its_coins_and_price(suite: Suite) -> None:
+    """The amounts an SRE filters on, from the record the call made (a review found the README's
+    `coins.amount_minor` on no span): a purchase's coins and price, and (its answer's plan) a
+    withdrawal's gross, fee and net."""
+    suite.spans.clear()
+    await funded_user(suite)
+    purchase = server_span(list(suite.spans.get_finished_spans()), "coins-wallet", "/PurchaseCoins")
+    assert purchase.attributes is not None
+    assert purchase.attributes["coins.coins"] > 0  # type: ignore[operator]
+    assert purchase.attributes["coins.amount_minor"] > 0  # type: ignore[operator]
+    assert purchase.attributes["coins.currency"] == "USD"
+    plan = _answer_plan(payout_pb2.RequestWithdrawalResponse.DESCRIPTOR)
+    attributes = {attribute for _, attribute in plan}
+    assert {
+        "coins.gross_minor",
+        "coins.fee_minor",
+        "coins.net_minor",
+        "coins.currency",
+    } <= attributes
+    assert {"coins.diamonds", "coins.withdrawal_id", "coins.creator_id"} <= attributes
+
+
+async def test_a_failed_delivery_is_an_error_span_naming_its_reason_and_gifts(
+    backend: str, tmp_path: Path
+) -> None:
+    """A delivery payout did not take is marked ERROR with the reason on the relay's span (only
+    its client span was), and its retry is one statement for the batch, not one per credit."""
+    suite = await start_suite(backend, tmp_path, only=("wallet", "payout", "gifting"))
+    try:
+        sender, _ = await funded_user(suite)
+        creator = await new_creator(suite)
+        await suite.services.pop("payout").stop(grace=0)
+        suite.spans.clear()
+        sent = await suite.gifting.SendGift(live_gift(sender, creator, "rose"))
+
+        def failed() -> list[ReadableSpan]:
+            return [
+                s
+                for s in suite.spans.get_finished_spans()
+                if s.name == "gifting.credit_outbox.deliver"
+                and s.status.status_code == StatusCode.ERROR
+            ]
+
+        async def attempted() -> bool:
+            return bool(failed())
+
+        await eventually(attempted, "a failed delivery")
+        span = failed()[0]
+        assert span.attributes is not None
+        assert span.attributes["coins.reason"] == "DEPENDENCY_UNAVAILABLE"
+        assert tuple(span.attributes["coins.sent_gift_ids"]) == (sent.sent_gift.sent_gift_id,)  # type: ignore[arg-type]
+    finally:
+        await suite.stop()

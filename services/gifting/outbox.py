@@ -37,6 +37,8 @@ from services.gifting.settings import GiftingSettings
 
 log = logging.getLogger("coins.gifting.outbox")
 _CONFIGURATION_FAULTS = (ErrorKind.PERMISSION_DENIED, ErrorKind.UNAUTHENTICATED)
+_LISTED = 500
+"""Gift ids a delivery span lists: a whole batch at the default `relay_batch_size`."""
 
 
 def _context(item: storage.OutboxRecord) -> trace.SpanContext:
@@ -86,6 +88,8 @@ class CreditRelay:
         ) as span:
             span.set_attribute("coins.credits", len(items))
             span.set_attribute("coins.sent_gift_id", items[0].sent_gift_id)
+            # Every gift's id: a ticket naming any gift of the batch finds its delivery.
+            span.set_attribute("coins.sent_gift_ids", [i.sent_gift_id for i in items[:_LISTED]])
             span.set_attribute("coins.attempt", max(item.attempts for item in items) + 1)
             try:
                 diamonds = await self._payout.credit_gifts(
@@ -93,6 +97,8 @@ class CreditRelay:
                     time_limit=self._rt.settings.downstream_timeout_seconds,
                 )
             except DomainError as error:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.reason))
+                span.set_attribute("coins.reason", error.reason)
                 if not error.retryable and len(items) > 1:
                     log.warning(
                         "a batch of %d credits was refused (%s); delivering them one by one",
@@ -132,15 +138,13 @@ class CreditRelay:
                 items[0].sent_gift_id,
                 max(item.attempts for item in items) + 1,
             )
+        now, cap = self._rt.clock.now(), self._rt.settings.relay_max_backoff_seconds
+        retry_at = {
+            item.outbox_id: now
+            + dt.timedelta(seconds=backoff(item.attempts + 1, first=0.1, cap=cap))
+            for item in items
+        }
         async with self._rt.db.transaction() as conn:
-            for item in items:
-                delay = backoff(
-                    item.attempts + 1, first=0.1, cap=self._rt.settings.relay_max_backoff_seconds
-                )
-                await storage.mark_failed_attempt(
-                    conn,
-                    item.outbox_id,
-                    retry_at=self._rt.clock.now() + dt.timedelta(seconds=delay),
-                    error=f"{error.reason}: {error.message}",
-                    dead=dead,
-                )
+            await storage.mark_failed_attempts(
+                conn, retry_at, error=f"{error.reason}: {error.message}", dead=dead
+            )

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
@@ -214,18 +214,30 @@ async def creator_gifters_page(
     return [(row.sender_id, int(row.coins)) for row in (await conn.execute(query)).all()]
 
 
-async def mark_failed_attempt(
-    conn: AsyncConnection, outbox_id: int, *, retry_at: dt.datetime, error: str, dead: bool
+_MARK_FAILED = (
+    update(credit_outbox)
+    .where(credit_outbox.c.outbox_id == bindparam("failed_id"))
+    .values(
+        attempts=credit_outbox.c.attempts + 1,
+        next_attempt_at=bindparam("retry_at"),
+        last_error=bindparam("error"),
+        dead=bindparam("dead"),
+    )
+)
+
+
+async def mark_failed_attempts(
+    conn: AsyncConnection, retry_at: dict[int, dt.datetime], *, error: str, dead: bool
 ) -> None:
+    """A failed delivery's credits (outbox id -> when to try again), in one statement (executemany):
+    an outage's every retry of a 500-credit batch wrote 500 statements, each a span in the first
+    gift's trace."""
     await conn.execute(
-        update(credit_outbox)
-        .where(credit_outbox.c.outbox_id == outbox_id)
-        .values(
-            attempts=credit_outbox.c.attempts + 1,
-            next_attempt_at=retry_at,
-            last_error=error[:256],
-            dead=dead,
-        )
+        _MARK_FAILED,
+        [
+            {"failed_id": outbox_id, "retry_at": when, "error": error[:256], "dead": dead}
+            for outbox_id, when in retry_at.items()
+        ],
     )
 
 
