@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 
 from cli.client import Refusal
-from runtime.channels import SERVICE_CONFIG
+from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
+from coins.promotion.v1 import promotion_pb2
+from coins.wallet.v1 import wallet_pb2
+from runtime.channels import SERVICE_CONFIG, STREAMS
 
 METHOD = "/test.Echo/Say"
 
@@ -97,3 +102,54 @@ def test_a_refusal_says_a_stopping_servers_cancel_is_worth_sending_again() -> No
     assert _refusal(grpc.StatusCode.UNAVAILABLE).retryable
     assert not _refusal(grpc.StatusCode.FAILED_PRECONDITION).retryable
     assert not _refusal(grpc.StatusCode.INTERNAL).retryable
+
+
+def test_every_stream_of_the_contracts_is_left_out_of_the_retry_policy() -> None:
+    streams = {
+        (service.full_name, method.name)
+        for module in (wallet_pb2, gifting_pb2, payout_pb2, promotion_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+        if method.server_streaming or method.client_streaming
+    }
+    assert streams == set(STREAMS)
+
+
+async def test_a_refused_stream_is_not_sent_again_by_the_channel() -> None:
+    """A stream refused UNAVAILABLE is the caller's to resume (from its cursor), never the retry
+    policy's: grpcio could leave such a retried stream hanging for good."""
+    calls = 0
+
+    async def watch(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> Any:
+        nonlocal calls
+        calls += 1
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "stopping")
+        yield b""  # pragma: no cover
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "coins.gifting.v1.GiftingService",
+                {"WatchLive": grpc.unary_stream_rpc_method_handler(watch)},
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)],
+    )
+    try:
+        watching: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            "/coins.gifting.v1.GiftingService/WatchLive"
+        )
+        stream = watching(b"", timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stream:
+                pass
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and calls == 1
+    finally:
+        await channel.close()
+        await server.stop(None)
