@@ -15,9 +15,11 @@ import pytest
 from coins.common.v1 import admin_audit_pb2, admin_audit_pb2_grpc
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.errors import Aborted
 from runtime.status import error_info
 from services.promotion import storage
 from services.promotion.campaigns import Campaigns
+from services.promotion.clients import WalletBudget
 from services.promotion.domain import Promotions
 from tests.helpers import (
     ShiftedClock,
@@ -379,7 +381,7 @@ async def test_the_end_that_released_the_budget_answers_it_when_a_delivery_recor
     async def a_report_arrives_after_the_release(self: Campaigns, *args: Any) -> None:
         nonlocal calls
         calls += 1
-        if calls == 2:  # the second count runs just after the release
+        if calls == 1:  # the count runs just after the release
             late.append(
                 await rpc_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 30)))
             )
@@ -409,7 +411,7 @@ async def test_of_ends_racing_under_their_own_request_ids_one_answers_the_releas
     in_step = asyncio.Barrier(3)
 
     async def all_at_once(self: Campaigns, *args: Any) -> None:
-        await in_step.wait()  # each count (before and after the release) waits for the others
+        await in_step.wait()  # each count (after the release) waits for the others
         await count(self, *args)
 
     monkeypatch.setattr(Campaigns, "_count_pending_deliveries", all_at_once)
@@ -451,7 +453,7 @@ async def test_of_two_ends_after_a_report_recorded_the_end_one_answers_the_relea
     async def a_report_ends_it_after_the_release(self: Campaigns, *args: Any) -> None:
         nonlocal counts
         counts += 1
-        if counts == 3:  # the first count after the release: a report records the end
+        if counts == 1:  # the first count after the release: a report records the end
             late.append(
                 await rpc_error(suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 30)))
             )
@@ -469,36 +471,43 @@ async def test_of_two_ends_after_a_report_recorded_the_end_one_answers_the_relea
 
 
 async def test_an_end_that_lost_the_race_to_the_budget_says_when_the_promotion_ended(
-    suite: Suite,
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reports that spend the whole budget while an end is on its way: the end is refused
-    PROMOTION_ENDED naming when the promotion ended (a moment ago), not when it was to end (days
-    ahead: the record the end had read before the reports captured the hold)."""
-    raced = 0
-    for _ in range(8):
-        user, _ = await funded_user(suite)
-        made = (await suite.promotion.CreatePromotion(promotion(user, 600, days=3))).promotion
-        reports: list[Awaitable[Any]] = [
-            suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 24)) for _ in range(30)
-        ]
-        reports.insert(10, end(suite, ending(made.promotion_id), user))
-        answers = await asyncio.gather(*reports, return_exceptions=True)
-        ended = answers[10]
-        if not isinstance(ended, grpc.aio.AioRpcError):
-            continue  # the end released what was left: no race this round
-        info = error_info(ended)
-        assert info is not None and info.reason == "PROMOTION_ENDED", ended.details()
-        at = dt.datetime.fromisoformat(info.metadata["end_time"])
-        assert at <= dt.datetime.now(dt.UTC), ended.details()
-        read = await suite.promotion.GetPromotion(
-            promotion_pb2.GetPromotionRequest(promotion_id=made.promotion_id),
-            metadata=suite.token(user),
-        )
-        assert read.promotion.end_time.ToDatetime(dt.UTC) == at
-        raced += 1
-        if raced == 2:
-            return
-    assert raced, "no end lost the race to the reports in 8 rounds"
+    """Reports that spend the whole budget while an end is on its way (after it read the
+    promotion, before its release reached the wallet): the end is refused PROMOTION_ENDED naming
+    when the promotion ended (a moment ago), not when it was to end (days ahead: the record the
+    end had read before the reports captured the hold)."""
+    user, _ = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 600, days=3))).promotion
+    release = WalletBudget.release
+
+    async def reports_first(self: WalletBudget, **kwargs: Any) -> Any:
+        for _ in range(25):  # 25 x 24 = the budget, and one more
+            await rpc_error_or_answer(
+                suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 24))
+            )
+        return await release(self, **kwargs)
+
+    monkeypatch.setattr(WalletBudget, "release", reports_first)
+    ended = await rpc_error(end(suite, ending(made.promotion_id), user))
+    monkeypatch.undo()
+    info = error_info(ended)
+    assert info is not None and info.reason == "PROMOTION_ENDED", ended.details()
+    at = dt.datetime.fromisoformat(info.metadata["end_time"])
+    assert at <= dt.datetime.now(dt.UTC), ended.details()
+    read = await suite.promotion.GetPromotion(
+        promotion_pb2.GetPromotionRequest(promotion_id=made.promotion_id),
+        metadata=suite.token(user),
+    )
+    assert read.promotion.end_time.ToDatetime(dt.UTC) == at
+    assert read.promotion.spent_coins == 600
+
+
+async def rpc_error_or_answer(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        return error
 
 
 async def test_only_the_owner_ends_a_promotion(suite: Suite) -> None:
@@ -840,3 +849,89 @@ async def test_deliveries_captured_but_not_counted_are_counted_before_the_end(
     assert (await read(suite, promotion_id, user)).spent_coins == 211
     assert (await hold_of(suite, promotion_id)).captured_coins == 211  # captured once
     assert (await balance_of(suite, user)).available_coins == coins - 211
+
+
+async def test_an_end_under_busy_delivery_stops_the_spending_at_once(suite: Suite) -> None:
+    """Reporters keep reporting while the owner ends the promotion: the end releases first, so it
+    answers at its first call, no report spends after it, and spent + released is the budget (a
+    review: counting the reports in flight before the release held an end back for up to a
+    minute while they went on spending, and failed it UNAVAILABLE when one was at the wallet)."""
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 600))).promotion
+    ended_at: list[float] = []
+    late_spends: list[int] = []
+
+    async def reporter() -> None:
+        while True:
+            try:
+                await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 1))
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                assert info is not None and info.reason == "PROMOTION_ENDED", error.details()
+                return
+            if ended_at:  # answered OK after the end was answered: it spent after the end
+                late_spends.append(1)
+
+    reporters = [asyncio.create_task(reporter()) for _ in range(16)]
+
+    async def spending() -> bool:
+        return (await read(suite, made.promotion_id, user)).spent_coins >= 60
+
+    await eventually(spending, "the reporters spending")
+    ended = await end(suite, ending(made.promotion_id), user)
+    ended_at.append(asyncio.get_running_loop().time())
+    await asyncio.wait_for(asyncio.gather(*reporters), timeout=30)
+    assert late_spends == []
+    final = await read(suite, made.promotion_id, user)
+    assert final.spent_coins == ended.promotion.spent_coins
+    assert ended.promotion.spent_coins + ended.released_coins == 600
+    assert await coins_of(suite, user) == (coins - final.spent_coins,) * 2
+
+
+async def test_an_end_is_not_held_back_by_a_report_whose_capture_is_at_the_wallet(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report's capture is at the wallet (which answers a second capture under its id
+    CONCURRENT_RETRY until the first finishes) when the owner ends the promotion. The end releases
+    first, after which that capture is refused, and then counts: it answers OK, the report
+    PROMOTION_ENDED, and nothing is spent after the owner asked (settling such reports before the
+    release failed the end UNAVAILABLE for as long as reports kept coming: a review)."""
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 100))
+    capture, release = WalletBudget.capture, WalletBudget.release
+    at_wallet = asyncio.Event()
+    released = asyncio.Event()
+    stuck = new_id("delivery")
+
+    async def slow_capture(self: WalletBudget, **kwargs: Any) -> Any:
+        if stuck in kwargs["report_request_id"]:
+            if not at_wallet.is_set():  # the report's own capture: at the wallet until released
+                at_wallet.set()
+                await released.wait()
+            elif not released.is_set():  # anyone else's under its id meanwhile
+                raise Aborted("CONCURRENT_RETRY", "that capture is in progress")
+        return await capture(self, **kwargs)
+
+    async def release_then_let_go(self: WalletBudget, **kwargs: Any) -> Any:
+        answer = await release(self, **kwargs)
+        released.set()
+        return answer
+
+    monkeypatch.setattr(WalletBudget, "capture", slow_capture)
+    monkeypatch.setattr(WalletBudget, "release", release_then_let_go)
+    report = asyncio.create_task(
+        rpc_error_or_answer(
+            suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 50, request_id=stuck))
+        )
+    )
+    await asyncio.wait_for(at_wallet.wait(), timeout=10)
+    ended = await end(suite, ending(made.promotion_id), user)
+    late = await asyncio.wait_for(report, timeout=10)
+    monkeypatch.undo()
+    assert (ended.promotion.spent_coins, ended.released_coins) == (100, 200)
+    assert isinstance(late, grpc.aio.AioRpcError)
+    info = error_info(late)
+    assert info is not None and info.reason == "PROMOTION_ENDED", late.details()
+    assert (await read(suite, made.promotion_id, user)).spent_coins == 100
+    assert await coins_of(suite, user) == (coins - 100, coins - 100)

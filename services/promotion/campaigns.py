@@ -5,6 +5,7 @@ crash resumes where the first attempt stopped and never moves coins twice."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 
@@ -267,7 +268,9 @@ class Campaigns:
         if claim.finished:
             return claim.replay(response_type)
         promotion = await self.promotion(promotion.promotion_id)  # its hold, if it has one now
-        await self._count_pending_deliveries(promotion.promotion_id, time_limit)
+        # The release comes first: from then on no capture succeeds, so spending stops the moment
+        # the owner asks (counting the reports in flight first held an end back for up to a
+        # minute under busy delivery while they kept spending: a review).
         released = 0
         try:
             if promotion.hold_id is not None:
@@ -291,8 +294,9 @@ class Campaigns:
             if twin is not None:  # the first answer (a concurrent duplicate's, or this error)
                 return twin.replay(response_type)
             raise error from None
-        # A report that claimed after the first count and captured before the release: counted
-        # now (after the release no capture can succeed, so this count is the last).
+        # Every report that captured before the release, counted now (after the release no capture
+        # can succeed, so this count is the last): the answer's spent and released add up to the
+        # budget, and spent does not grow after the end.
         await self._count_pending_deliveries(promotion.promotion_id, time_limit)
         async with self._db.transaction() as conn:
             await self._promotions.lock(conn, promotion.promotion_id)
@@ -324,24 +328,30 @@ class Campaigns:
         raise refusal
 
     async def _count_pending_deliveries(self, promotion_id: str, time_limit: float) -> None:
-        """EndPromotion's first step: reports whose capture may have happened but is not counted
-        (their reporter died between the two, or is on its way) are captured again (nothing
-        twice) and counted, as the reconciler would. Then the release takes exactly what is left,
-        the answer's spent and released coins add up to the budget, and the promotion's spent
-        does not grow after its end (a review saw 111 of 2,000 coins counted after it). If the
-        wallet cannot answer, the end waits for it: UNAVAILABLE, and the same request later."""
-        async with self._db.read() as conn:
-            pending = await storage.pending_captures_of(conn, promotion_id)
-        for report in pending:
-            if not await self._settle_capture(report, time_limit):
-                raise Unavailable(
-                    "DEPENDENCY_UNAVAILABLE",
-                    f"promotion {promotion_id} has a delivery report whose capture the wallet "
-                    "cannot confirm now; it is counted before the promotion ends: retry the same "
-                    "request",
-                    retry_after=1.0,
-                    promotion_id=promotion_id,
-                )
+        """EndPromotion's step after the release: reports whose capture may have happened but is
+        not counted (their reporter died between the two, or is on its way) are captured again
+        (nothing twice: a capture after the release is refused) and counted, as the reconciler
+        would. A report whose own capture is still at the wallet is tried again for a moment (the
+        wallet answers CONCURRENT_RETRY until it finishes). If the wallet cannot answer, the end
+        waits for it: UNAVAILABLE, and the same request later (the release is not repeated)."""
+        for attempt in range(_SETTLE_ROUNDS):
+            async with self._db.read() as conn:
+                pending = await storage.pending_captures_of(conn, promotion_id)
+            unsettled = [
+                report for report in pending if not await self._settle_capture(report, time_limit)
+            ]
+            if not unsettled:
+                return
+            if attempt < _SETTLE_ROUNDS - 1:
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise Unavailable(
+            "DEPENDENCY_UNAVAILABLE",
+            f"promotion {promotion_id} has a delivery report whose capture the wallet "
+            "cannot confirm now; it is counted before the promotion ends: retry the same "
+            "request",
+            retry_after=1.0,
+            promotion_id=promotion_id,
+        )
 
     async def _capture(
         self,
@@ -423,6 +433,11 @@ class Campaigns:
             async with self._db.transaction() as conn:
                 await storage.clear_pending_capture(conn, pending.promotion_id, pending.request_id)
         return 1
+
+
+_SETTLE_ROUNDS = 4
+"""Rounds over an ending promotion's uncounted reports (0.05, 0.1, 0.2 s apart) before its end
+waits for a retry."""
 
 
 def create_scope(user_id: str) -> str:
