@@ -9,6 +9,9 @@ from runtime.config import SecuritySettings, ServiceSettings
 from tools.suite import SETTINGS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+TABLES = "\n".join(line for line in README.splitlines() if line.startswith("|"))
+"""The configuration tables: a setting named only in prose is not found where operators look (a
+review found twelve so)."""
 
 
 def test_every_setting_is_in_the_readme() -> None:
@@ -21,5 +24,5 @@ def test_every_setting_is_in_the_readme() -> None:
             if name not in ServiceSettings.model_fields:
                 variable = f"{prefix}{name.upper()}"
                 shared = f"<SVC>_{name.upper()}"  # the ledger's settings, in wallet and payout
-                missing.append(variable if shared not in README else shared)
-    assert [v for v in missing if v not in README] == []
+                missing.append(variable if shared not in TABLES else shared)
+    assert [v for v in missing if v not in TABLES] == []
