@@ -46,12 +46,8 @@ def to_timedelta(value: Duration, field: str) -> dt.timedelta:
     the seconds' sign: `{1 s, -5 ns}` passed the range rule and meant 0.999999995 s)."""
     nanos_ok = -1_000_000_000 < value.nanos < 1_000_000_000
     if not nanos_ok or value.seconds * value.nanos < 0:
-        raise InvalidArgument(
-            "INVALID_REQUEST",
-            f"the request has invalid fields: {field} (not a valid duration: nanos within "
-            "-999,999,999..999,999,999 and of the same sign as seconds)",
-            violations=(FieldViolation(field, "not a valid duration"),),
-            fields=field,
+        raise _not_valid(
+            field, "duration", "nanos within -999,999,999..999,999,999 and of the seconds' sign"
         )
     return value.ToTimedelta()
 
@@ -63,10 +59,15 @@ def to_datetime(value: Timestamp, field: str) -> dt.datetime:
             raise ValueError(value.nanos)
         return value.ToDatetime(dt.UTC)
     except (ValueError, OverflowError, OSError):
-        raise InvalidArgument(
-            "INVALID_REQUEST",
-            f"the request has invalid fields: {field} (not a valid timestamp: seconds within "
-            "0001-01-01..9999-12-31, nanos 0..999,999,999)",
-            violations=(FieldViolation(field, "not a valid timestamp"),),
-            fields=field,
+        raise _not_valid(
+            field, "timestamp", "seconds within 0001-01-01..9999-12-31, nanos 0..999,999,999"
         ) from None
+
+
+def _not_valid(field: str, kind: str, rule: str) -> InvalidArgument:
+    return InvalidArgument(
+        "INVALID_REQUEST",
+        f"the request has invalid fields: {field} (not a valid {kind}: {rule})",
+        violations=(FieldViolation(field, f"not a valid {kind}"),),
+        fields=field,
+    )

@@ -5,6 +5,7 @@ graceful stop under callers that never pause), never a caller's own cancel or a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,17 +43,14 @@ class _Echo:
         return request
 
 
-@pytest.fixture
-async def echo() -> AsyncIterator[tuple[_Echo, grpc.aio.Channel]]:
-    servicer = _Echo([])
+@contextlib.asynccontextmanager
+async def serving(
+    service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A plaintext server of `handlers` on a loopback port, and a channel to it with the suite's
+    service config."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(servicer.say)}
-            ),
-        )
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(
@@ -60,10 +58,19 @@ async def echo() -> AsyncIterator[tuple[_Echo, grpc.aio.Channel]]:
         options=[("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)],
     )
     try:
-        yield servicer, channel
+        yield channel
     finally:
         await channel.close()
         await server.stop(None)
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[_Echo, grpc.aio.Channel]]:
+    servicer = _Echo([])
+    async with serving(
+        "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(servicer.say)}
+    ) as channel:
+        yield servicer, channel
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
@@ -126,22 +133,10 @@ async def test_a_refused_stream_is_not_sent_again_by_the_channel() -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "stopping")
         yield b""  # pragma: no cover
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "coins.gifting.v1.GiftingService",
-                {"WatchLive": grpc.unary_stream_rpc_method_handler(watch)},
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)],
-    )
-    try:
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "WatchLive": grpc.unary_stream_rpc_method_handler(watch)
+    }
+    async with serving("coins.gifting.v1.GiftingService", handlers) as channel:
         watching: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
             "/coins.gifting.v1.GiftingService/WatchLive"
         )
@@ -150,6 +145,3 @@ async def test_a_refused_stream_is_not_sent_again_by_the_channel() -> None:
             async for _ in stream:
                 pass
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and calls == 1
-    finally:
-        await channel.close()
-        await server.stop(None)
