@@ -378,6 +378,32 @@ class Idempotency:
         )
         return found is not None
 
+    async def answer_stored(
+        self,
+        conn: AsyncConnection,
+        stored_scope: str,
+        request_id: str,
+        *,
+        response: Message | None = None,
+        error: DomainError | None = None,
+    ) -> bool:
+        """Answer one open claim by its stored scope (a reconciler's, which has no caller to derive
+        it from); False if it was answered meanwhile (the request's own retry finished first)."""
+        done = await conn.execute(
+            update(idempotency_keys)
+            .where(
+                idempotency_keys.c.scope == stored_scope,
+                idempotency_keys.c.request_id == request_id,
+                idempotency_keys.c.response.is_(None),
+                idempotency_keys.c.error.is_(None),
+            )
+            .values(
+                response=response.SerializeToString() if response is not None else None,
+                error=error.to_json() if error is not None else None,
+            )
+        )
+        return done.rowcount == 1
+
     async def complete_resource(
         self,
         conn: AsyncConnection,

@@ -17,8 +17,9 @@ from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.status import error_info
 from services.promotion import storage
+from services.promotion.campaigns import Campaigns
 from services.promotion.domain import Promotions
-from tests.helpers import eventually, expect_error, funded_user, new_id
+from tests.helpers import eventually, expect_error, funded_user, new_id, rpc_error
 from tests.suite import Suite, start_suite
 from tests.test_promotion import (
     captured_not_counted,
@@ -286,3 +287,38 @@ async def test_a_create_whose_hold_never_reached_the_wallet_answers_that_nothing
     (rejected_id,) = [p.promotion_id for p in listing.promotions]
     assert info is not None and info.metadata["promotion_id"] == rejected_id
     assert await available(suite, user) == coins
+
+
+async def test_an_end_that_released_the_budget_and_never_recorded_it_is_finished(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EndPromotion released the budget and then died (here: it could not count a report, and
+    the owner never sent it again): the promotion read ACTIVE with its hold released until its end
+    time (a review). The reconciler finishes it as the request's retry would: the end recorded,
+    the request id answered with what was released."""
+    suite = reconciling
+    user, coins = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 100))
+
+    async def the_count_fails(self: Campaigns, *args: Any) -> None:
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(Campaigns, "_count_pending_deliveries", the_count_fails)
+    request = promotion_pb2.EndPromotionRequest(
+        request_id=new_id("end"), promotion_id=made.promotion_id
+    )
+    error = await rpc_error(suite.promotion.EndPromotion(request, metadata=suite.token(user)))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert (await hold_of(suite, made.promotion_id)).status == wallet_pb2.HOLD_STATUS_RELEASED
+    monkeypatch.undo()
+
+    async def finished() -> bool:
+        return (await read(suite, made.promotion_id, user)).status == (
+            promotion_pb2.PROMOTION_STATUS_COMPLETED
+        )
+
+    await eventually(finished, "the reconciler finishing the end")
+    answer = await suite.promotion.EndPromotion(request, metadata=suite.token(user))
+    assert (answer.promotion.spent_coins, answer.released_coins) == (100, 200)
+    assert await available(suite, user) == coins - 100

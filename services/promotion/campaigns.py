@@ -373,6 +373,74 @@ class Campaigns:
         )
         return captured.transaction_id
 
+    async def finish_abandoned_ends(
+        self, older_than: dt.timedelta, *, time_limit: float, limit: int = 100
+    ) -> int:
+        """Finish EndPromotion requests that released the budget, or may have, and never recorded
+        the end: their process died between the two, or a report could not be counted after the
+        release and the owner never sent the request again. The promotion read ACTIVE with its hold
+        released until its end time (a review). Each is finished as the request's own retry would
+        (the release again: the wallet answers it from its store; the count; the end) and its
+        request id answered. One that cannot be finished yet never holds up the others."""
+        async with self._db.read() as conn:
+            abandoned = await storage.abandoned_ends(
+                conn, self._clock.now() - older_than, limit=limit
+            )
+        finished = 0
+        for end in abandoned:
+            try:
+                finished += await self._finish_end(end, time_limit)
+            except Exception as error:
+                log_failure(log, error, "cannot finish ending promotion %s yet", end.promotion_id)
+        return finished
+
+    async def _finish_end(self, end: storage.AbandonedEnd, time_limit: float) -> int:
+        promotion = await self.promotion(end.promotion_id)
+        released = 0
+        if promotion.hold_id is not None:
+            try:
+                released = (
+                    await self._wallet.release(
+                        promotion_id=promotion.promotion_id,
+                        hold_id=promotion.hold_id,
+                        time_limit=time_limit,
+                    )
+                ).released_coins
+            except DomainError as error:
+                if not self._promotions.release_refused(promotion, error):
+                    raise
+                async with self._db.transaction() as conn:  # resolved already: the end is over
+                    await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
+                    over = await storage.get_promotion(conn, promotion.promotion_id)
+                    refusal = self._promotions.ended(over or promotion)
+                    await self._idempotency.answer_stored(
+                        conn, end.scope, end.request_id, error=refusal
+                    )
+                return 1
+        await self._count_pending_deliveries(promotion.promotion_id, time_limit)
+        async with self._db.transaction() as conn:
+            await self._promotions.lock(conn, promotion.promotion_id)
+            now = self._clock.now()
+            ended = await self._promotions.end(conn, promotion.promotion_id, now)
+            current = await storage.get_promotion(conn, promotion.promotion_id)
+            assert current is not None
+            another = not ended and await storage.another_end_answered(
+                conn, end.scope, promotion.promotion_id, end.request_id
+            )
+            if ended or (promotion.hold_id is not None and not another):  # as `end` decides
+                answer = promotion_pb2.EndPromotionResponse(
+                    promotion=promotion_pb(current, now), released_coins=released
+                )
+                await self._idempotency.answer_stored(
+                    conn, end.scope, end.request_id, response=answer
+                )
+            else:
+                await self._idempotency.answer_stored(
+                    conn, end.scope, end.request_id, error=self._promotions.ended(current)
+                )
+        log.info("finished ending promotion %s (released %d coins)", end.promotion_id, released)
+        return 1
+
     async def reconcile_captures(
         self, older_than: dt.timedelta, *, time_limit: float, limit: int = 100
     ) -> int:

@@ -37,6 +37,14 @@ async def setup(runtime: Runtime[PromotionSettings]) -> None:
         ),
         batch=RECONCILE_PAGE,
     )
+    runtime.add_periodic(
+        "finished abandoned ends",
+        runtime.settings.reconcile_every_seconds,
+        lambda: campaigns.finish_abandoned_ends(
+            stale, time_limit=runtime.settings.downstream_timeout_seconds, limit=RECONCILE_PAGE
+        ),
+        batch=RECONCILE_PAGE,
+    )
     _measure(runtime)
     promotion_pb2_grpc.add_PromotionServiceServicer_to_server(
         PromotionApi(runtime, campaigns),

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.clock import utc
+from runtime.idempotency import idempotency_keys
 from runtime.sql import Statement, Tx
 
 metadata = MetaData()
@@ -266,6 +267,54 @@ async def stale_pending_captures(
         .limit(limit)
     )
     return [PendingCapture(r.promotion_id, r.request_id, int(r.coins)) for r in rows]
+
+
+@dataclass(frozen=True)
+class AbandonedEnd:
+    """An EndPromotion that claimed its request id and never answered (its process died, or it
+    could not count a report after the release), on a promotion still read as active."""
+
+    scope: str
+    request_id: str
+    promotion_id: str
+
+
+async def abandoned_ends(
+    conn: AsyncConnection, claimed_before: dt.datetime, *, limit: int
+) -> list[AbandonedEnd]:
+    """Active promotions' unanswered EndPromotion claims older than `claimed_before` (from the
+    active promotions, by ix_idempotency_keys_resource)."""
+    rows = await conn.execute(
+        select(idempotency_keys.c.scope, idempotency_keys.c.request_id, promotions.c.promotion_id)
+        .join(idempotency_keys, idempotency_keys.c.resource_id == promotions.c.promotion_id)
+        .where(
+            promotions.c.status == "active",
+            idempotency_keys.c.scope.contains("EndPromotion:"),
+            idempotency_keys.c.response.is_(None),
+            idempotency_keys.c.error.is_(None),
+            idempotency_keys.c.created_at < claimed_before,
+        )
+        .order_by(idempotency_keys.c.created_at)
+        .limit(limit)
+    )
+    return [AbandonedEnd(r.scope, r.request_id, r.promotion_id) for r in rows]
+
+
+async def another_end_answered(
+    conn: AsyncConnection, stored_scope: str, promotion_id: str, request_id: str
+) -> bool:
+    """Whether another EndPromotion of the promotion (its own request id) answered success."""
+    found = await conn.scalar(
+        select(idempotency_keys.c.request_id)
+        .where(
+            idempotency_keys.c.scope == stored_scope,
+            idempotency_keys.c.resource_id == promotion_id,
+            idempotency_keys.c.request_id != request_id,
+            idempotency_keys.c.response.is_not(None),
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 async def insert_delivery(
