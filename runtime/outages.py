@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TypeVar
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
 from runtime.errors import Unavailable
+
+T = TypeVar("T")
 
 RETRY_AFTER_SECONDS = 1.0
 """What an outage answer suggests waiting (google.rpc.RetryInfo) before the retry."""
@@ -138,6 +141,24 @@ def outage_of(error: BaseException) -> Unavailable | None:
                 cause=type(cause).__name__,
             )
     return None
+
+
+async def settle_each(
+    log: logging.Logger,
+    items: Iterable[T],
+    settle: Callable[[T], Awaitable[int]],
+    failed: Callable[[T], str],
+) -> int:
+    """A reconciler's pass: `settle` each item (how many it settled: 0 or 1), one that fails
+    logged (`failed`: what could not be done, to log) and never holding up the others; returns
+    how many were settled."""
+    settled = 0
+    for item in items:
+        try:
+            settled += await settle(item)
+        except Exception as error:
+            log_failure(log, error, "%s yet; the others go on", failed(item))
+    return settled
 
 
 def log_failure(log: logging.Logger, error: BaseException, message: str, *args: object) -> None:

@@ -20,7 +20,7 @@ from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import DEBIT_VOIDED, VOIDED_BY_WALLET, Aborted, DomainError, FailedPrecondition
 from runtime.idempotency import Idempotency, KeyClaim
-from runtime.outages import log_failure
+from runtime.outages import log_failure, settle_each
 from runtime.sql import Tx
 from services.gifting import storage
 from services.gifting.convert import send_gift_response
@@ -256,14 +256,12 @@ class GiftSender:
             stale = await storage.pending_sent_gifts(
                 conn, self._clock.now() - older_than, limit=limit
             )
-        settled = 0
-        for sent in stale:
-            try:
-                settled += await self._reconcile_one(sent, time_limit)
-            except Exception as error:  # one gift that cannot be settled never holds up the others
-                log_failure(
-                    log, error, "cannot settle gift %s yet; the others go on", sent.sent_gift_id
-                )
+        settled = await settle_each(
+            log,
+            stale,
+            lambda sent: self._reconcile_one(sent, time_limit),
+            lambda sent: f"cannot settle gift {sent.sent_gift_id}",
+        )
         if settled:
             self._wake_relay()
         return settled

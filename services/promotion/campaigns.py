@@ -17,7 +17,7 @@ from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import DEBIT_VOIDED, VOIDED_BY_WALLET, Aborted, DomainError, Unavailable
 from runtime.idempotency import Idempotency, acting_scope
-from runtime.outages import log_failure
+from runtime.outages import settle_each
 from services.promotion import storage
 from services.promotion.convert import GOALS, promotion_pb
 from services.promotion.domain import BudgetWallet, Promotions, not_found, unpaid
@@ -386,13 +386,12 @@ class Campaigns:
             abandoned = await storage.abandoned_ends(
                 conn, self._clock.now() - older_than, limit=limit
             )
-        finished = 0
-        for end in abandoned:
-            try:
-                finished += await self._finish_end(end, time_limit)
-            except Exception as error:
-                log_failure(log, error, "cannot finish ending promotion %s yet", end.promotion_id)
-        return finished
+        return await settle_each(
+            log,
+            abandoned,
+            lambda end: self._finish_end(end, time_limit),
+            lambda end: f"cannot finish ending promotion {end.promotion_id}",
+        )
 
     async def _finish_end(self, end: storage.AbandonedEnd, time_limit: float) -> int:
         promotion = await self.promotion(end.promotion_id)
@@ -454,19 +453,14 @@ class Campaigns:
             stale = await storage.stale_pending_captures(
                 conn, self._clock.now() - older_than, limit=limit
             )
-        settled = 0
-        for pending in stale:
-            try:
-                settled += await self._settle_capture(pending, time_limit)
-            except Exception as error:
-                log_failure(
-                    log,
-                    error,
-                    "cannot count delivery %s of promotion %s yet; the other reports go on",
-                    pending.request_id,
-                    pending.promotion_id,
-                )
-        return settled
+        return await settle_each(
+            log,
+            stale,
+            lambda pending: self._settle_capture(pending, time_limit),
+            lambda pending: (
+                f"cannot count delivery {pending.request_id} of promotion {pending.promotion_id}"
+            ),
+        )
 
     async def _settle_capture(self, pending: storage.PendingCapture, time_limit: float) -> int:
         """One lost report: captured again (nothing twice) and counted; 1 if settled, 0 if not yet."""

@@ -30,7 +30,7 @@ from runtime.errors import (
 )
 from runtime.idempotency import Idempotency
 from runtime.ids import time_ordered_id
-from runtime.outages import log_failure
+from runtime.outages import settle_each
 from services.wallet import storage
 from services.wallet.convert import balance_pb, purchase_pb
 from services.wallet.domain import Coins, Wallet
@@ -229,20 +229,9 @@ class Purchases:
             stale = await storage.pending_purchases(
                 conn, self._clock.now() - older_than, limit=limit
             )
-        settled = 0
-        for purchase in stale:
-            try:
-                settled += await self._reconcile_one(purchase)
-            except (
-                Exception
-            ) as error:  # one purchase that cannot be settled never holds up the others
-                log_failure(
-                    log,
-                    error,
-                    "cannot settle purchase %s yet; the others go on",
-                    purchase.purchase_id,
-                )
-        return settled
+        return await settle_each(
+            log, stale, self._reconcile_one, lambda p: f"cannot settle purchase {p.purchase_id}"
+        )
 
     async def _reconcile_one(self, purchase: storage.PurchaseRecord) -> int:
         """1 if this pending purchase was settled now, 0 if not (yet)."""
