@@ -72,6 +72,7 @@ from services.gifting.storage import credit_outbox, followed_positions, sent_gif
 from services.payout.sandbox import PayPalSandbox
 from services.payout.service import SPEC as PAYOUT_SPEC
 from services.payout.storage import gift_credits, withdrawals
+from services.promotion import storage as promotion_storage
 from services.promotion.service import SPEC as PROMOTION_SPEC
 from services.promotion.storage import pending_captures, promotions
 from services.wallet.service import SPEC as WALLET_SPEC
@@ -495,6 +496,14 @@ async def _withdrawals_in_flight(suite: Suite) -> int:
     return await rows(suite) + processor.busy
 
 
+async def _abandoned_ends(suite: Suite) -> int:
+    """EndPromotion requests left unanswered on active promotions (the reconciler finishes them)."""
+    runtime = suite.services["promotion"].runtime
+    async with runtime.db.read() as conn:
+        far = runtime.clock.now() + dt.timedelta(days=1)
+        return len(await promotion_storage.abandoned_ends(conn, far, limit=1_000))
+
+
 async def _reversals_to_follow(suite: Suite) -> int:
     """Payout's reversed credits gifting has not applied yet."""
     async with suite.services["payout"].runtime.db.read() as conn:
@@ -535,6 +544,7 @@ BACKGROUND_WORK: dict[tuple[str, str], PendingWork | None] = {
         "promotion", promotions, promotions.c.status == "pending"
     ),
     ("promotion", "counted_lost_delivery_captures"): _rows_where("promotion", pending_captures),
+    ("promotion", "finished_abandoned_ends"): _abandoned_ends,
     # Never a database change within a test session: the chain heads are anchored to files, the
     # first periodic audit comes a period (15 minutes) after start, and request ids are forgotten
     # only after a day at least.
