@@ -64,6 +64,14 @@ idempotency_keys = Table(
 )
 
 
+def _answer(response: Message | None, error: DomainError | None) -> dict[str, object]:
+    """A claim's answer as the row stores it: the response's bytes or the refusal's JSON."""
+    return {
+        "response": response.SerializeToString() if response is not None else None,
+        "error": error.to_json() if error is not None else None,
+    }
+
+
 def create_idempotency_table_v1(op: Operations) -> None:
     """Frozen DDL of the table's first version, for services' first migration."""
     op.create_table(
@@ -306,10 +314,7 @@ class Idempotency:
                 idempotency_keys.c.scope == scope,
                 idempotency_keys.c.request_id == _request_id(request),
             )
-            .values(
-                response=response.SerializeToString() if response is not None else None,
-                error=error.to_json() if error is not None else None,
-            )
+            .values(_answer(response, error))
         )
 
     async def outcome(
@@ -397,10 +402,7 @@ class Idempotency:
                 idempotency_keys.c.response.is_(None),
                 idempotency_keys.c.error.is_(None),
             )
-            .values(
-                response=response.SerializeToString() if response is not None else None,
-                error=error.to_json() if error is not None else None,
-            )
+            .values(_answer(response, error))
         )
         return done.rowcount == 1
 
@@ -421,10 +423,7 @@ class Idempotency:
                 idempotency_keys.c.response.is_(None),
                 idempotency_keys.c.error.is_(None),
             )
-            .values(
-                response=response.SerializeToString() if response is not None else None,
-                error=error.to_json() if error is not None else None,
-            )
+            .values(_answer(response, error))
         )
 
     async def purge(self, older_than: dt.timedelta, *, limit: int = 5_000) -> int:
