@@ -394,3 +394,64 @@ async def test_under_traffic_what_changed_after_the_cut_off_is_left_for_the_next
         "creator's diamonds differ from the policy in force"
     ]
     assert settled_only.recent >= 1
+
+
+async def test_reversed_gifts_are_off_their_run_with_the_diamonds_taken_back(
+    private_suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six one-coin gifts at 1/2 credit 0, 1, 0, 1, 0, 1; reversing the three that credited 0
+    takes back 2 (the creator keeps floor(3/2) = 1). Then two 2-coin gifts at 1/3 (0, 1), and the
+    first 1/2 gift that credited 1 reversed by its own share: the audit checks each run at the coins
+    it kept, and names a reversal that took back a diamond too few."""
+    suite = private_suite
+    payouts = suite.services["payout"].runtime.parts["payouts"]
+    assert isinstance(payouts, Payouts)
+    creator = new_id("creator")
+    gifting = suite.as_caller("gifting").payout
+    admin = suite.token(new_id("risk"), admin=True)
+
+    async def credit(coins: int) -> tuple[str, int]:
+        gift_id = new_id("g")
+        answer = await gifting.CreditDiamonds(
+            payout_pb2.CreditDiamondsRequest(
+                request_id=new_id("gift"), creator_id=creator, coins=coins, reference=gift_id
+            )
+        )
+        return gift_id, answer.diamonds_credited
+
+    async def reverse(gift_ids: list[str]) -> int:
+        answer = await suite.payout.ReverseGiftCredits(
+            payout_pb2.ReverseGiftCreditsRequest(
+                request_id=new_id("rev"), gift_ids=gift_ids, reason="chargeback"
+            ),
+            metadata=admin,
+        )
+        return sum(r.diamonds_taken for r in answer.reversals)
+
+    halves = [await credit(1) for _ in range(6)]
+    assert [d for _, d in halves] == [0, 1, 0, 1, 0, 1]
+    assert await reverse([g for g, d in halves if d == 0]) == 2
+
+    def mine(report: Report) -> list[dict[str, Any]]:
+        return [d for d in report.differences if d.get("creator_id") == creator]
+
+    assert not mine(await cross_audit(urls(suite)))
+    monkeypatch.setattr(
+        payouts,
+        "settings",
+        payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 3}),
+    )
+    assert [(await credit(2))[1], (await credit(2))[1]] == [0, 1]
+    assert await reverse([halves[1][0]]) == 1  # of the 1/2 run: its own share
+    assert not mine(await cross_audit(urls(suite)))
+    await rewrite_history(  # the first reversal took back one diamond fewer
+        suite.services["payout"].runtime.db.url,
+        sa.text(
+            "UPDATE gift_credits SET reversed_diamonds = 0 WHERE credit_key = ("
+            "SELECT min(credit_key) FROM gift_credits "
+            "WHERE creator_id = :c AND reversed_coins = 1 AND reversed_diamonds = 1)"
+        ),
+        {"c": creator},
+    )
+    (found,) = mine(await cross_audit(urls(suite)))
+    assert (found["rate"], found["coins"], found["diamonds"], found["policy"]) == ("1/2", 3, 2, 1)

@@ -11,8 +11,9 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
   equals what the promotion service counts (`spent_coins`, or the budget for a debit-paid one);
 - every gift credit's value adds up (coins x coin value = diamonds x diamond value + the platform's
   share, in millionths, exactly), and each creator's diamonds are what the policy gives for the
-  coins received: floor(coins x rate) over each run of credits applied at one rate (a rate applies
-  to the coins received while it is in force), the fraction carried from gift to gift;
+  coins they keep: floor(coins x rate) over each run of credits applied at one rate (a rate applies
+  to the coins received while it is in force), the fraction carried from gift to gift, less the
+  coins of gifts reversed since and the diamonds taken back with them;
 - with the processor's payout items (the sandbox's file: the only processor today),
   every paid withdrawal was paid exactly once, for its net amount, and nothing else was paid: an
   item the processor failed or returned is no payment (a failed attempt and one successful resend
@@ -77,7 +78,8 @@ _PROMOTIONS = (
 )
 _CREDIT_VALUES = (
     "SELECT credit_key, creator_id, coins, diamonds, rate_numerator, rate_denominator, "
-    "coin_value_micros, diamond_value_micros, platform_micros FROM gift_credits "
+    "coin_value_micros, diamond_value_micros, platform_micros, coalesce(reversed_coins, 0), "
+    "reversed_diamonds FROM gift_credits "
     "ORDER BY creator_id, created_at, credit_key"
 )
 _WITHDRAWALS = "SELECT withdrawal_id, status, gross_minor - fee_minor, updated_at FROM withdrawals"
@@ -239,10 +241,14 @@ async def cross_audit(
 async def _check_diamonds(report: Report, payout_url: str) -> None:
     # Per creator, the runs of credits applied at one rate, in the order they were applied: a rate
     # applies to the coins received while it is in force (payout's `policy.segment_for`), so each
-    # run's diamonds are floor(its coins x its rate), the fraction carried from gift to gift.
+    # run's diamonds are floor(its coins x its rate), the fraction carried from gift to gift. A
+    # reversal takes a gift's coins off the run with the diamonds it took back (`reversed_coins` 0:
+    # a gift of an earlier run reversed by its own share, which leaves the run's sums as they were).
     runs: dict[str, list[list[int]]] = defaultdict(list)  # creator -> [[num, den, coins, diamonds]]
     for row in await _rows(payout_url, _CREDIT_VALUES):
-        key, creator, coins, diamonds, num, den, coin_value, diamond_value, platform = row
+        key, creator, coins, diamonds, num, den, coin_value, diamond_value, platform = row[:9]
+        coins_off = int(row[9])
+        diamonds_off = int(row[10]) if coins_off else 0
         report.credits_checked += 1
         if int(coins) * int(coin_value) != int(diamonds) * int(diamond_value) + int(platform):
             report.differ(
@@ -257,8 +263,8 @@ async def _check_diamonds(report: Report, payout_url: str) -> None:
         creator_runs = runs[str(creator)]
         if not creator_runs or creator_runs[-1][:2] != [int(num), int(den)]:
             creator_runs.append([int(num), int(den), 0, 0])
-        creator_runs[-1][2] += int(coins)
-        creator_runs[-1][3] += int(diamonds)
+        creator_runs[-1][2] += int(coins) - coins_off
+        creator_runs[-1][3] += int(diamonds) - diamonds_off
     for creator, creator_runs in runs.items():
         report.creators_checked += 1
         if len(creator_runs) > 1:

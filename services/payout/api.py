@@ -566,6 +566,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                         gift_id=r.gift_id,
                         creator_id=r.creator_id,
                         diamonds=r.diamonds,
+                        diamonds_taken=r.taken,
                         from_pending=r.from_pending,
                         from_available=r.from_available,
                         to_debt=r.to_debt,
@@ -594,6 +595,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                     gift_id=r.gift_id,
                     creator_id=r.creator_id,
                     diamonds=r.diamonds,
+                    diamonds_taken=r.taken,
                 )
                 for r in found
             ]

@@ -63,6 +63,9 @@ class Reversal:
     gift_id: str
     creator_id: str
     diamonds: int
+    """What the gift had credited."""
+    taken: int
+    """What its reversal took back: from_pending + from_available + to_debt (see `_taken_back`)."""
     from_pending: int = 0
     from_available: int = 0
     to_debt: int = 0
@@ -106,6 +109,40 @@ class GiftCredit:
 Answer = Callable[[str, int, CreatorDiamonds], bytes]
 """Renders a credit's answer from (creator, diamonds credited, the creator's diamonds right after
 it): the gRPC layer's."""
+
+
+def _taken_back(
+    totals: storage.CreatorTotals, credits: Sequence[storage.CreditOfGift]
+) -> dict[str, tuple[int, int]]:
+    """Per credit (its key): the diamonds to take back and the coins that come off the creator's
+    totals with them.
+
+    A credit of the creator's current rate segment takes back what its coins moved floor(standing
+    coins x rate) by, each in turn from the creator's totals: one-coin gifts credited 0 and 1
+    alternately (rate 1/2) take back 1 every other gift whichever ones are reversed, so the creator
+    keeps floor(coins kept x rate). A credit of an earlier segment (the rate changed since; or made
+    before segments were numbered) takes back its own share and leaves the totals alone, which the
+    current segment counts from (`policy.segment_for`)."""
+    taken: dict[str, tuple[int, int]] = {}
+    coins = totals.coins_received
+    segment = (totals.coins_at_rate, totals.diamonds_at_rate)
+    for credit in credits:
+        current = (
+            totals.rate is not None
+            and credit.segment == totals.segment
+            and coins - credit.coins >= totals.coins_at_rate
+        )
+        if not current:
+            taken[credit.credit_key] = (credit.diamonds, 0)
+            continue
+        assert totals.rate is not None
+        before = policy.owed_at(coins, totals.rate, segment)
+        coins -= credit.coins
+        taken[credit.credit_key] = (
+            before - policy.owed_at(coins, totals.rate, segment),
+            credit.coins,
+        )
+    return taken
 
 
 class Payouts:
@@ -193,17 +230,20 @@ class Payouts:
         credited_to = pending_account if self.maturing else creator_account
         owed: dict[str, int] = {}
         shares: dict[str, int] = {}
-        segments: dict[str, policy.Segment] = {}
+        segments: dict[str, tuple[int, int, int]] = {}
         for creator, items in fresh.items():
             t = totals[creator]
             running = t.coins_received - sum(c.coins for c in items)
-            segment = segments[creator] = policy.segment_for(
+            segment = policy.segment_for(
                 t.rate,
                 (t.coins_at_rate, t.diamonds_at_rate),
                 running,
                 t.diamonds_credited,
                 self.settings,
             )
+            # The same segment runs on while the creator's rate is the one in force.
+            number = t.segment if t.rate == policy.rate(self.settings) else t.segment + 1
+            segments[creator] = (*segment, number)
             before = t.diamonds_credited
             for c in items:  # each gift's share: how far it moved what the creator is owed
                 running += c.coins
@@ -266,6 +306,7 @@ class Payouts:
                         transaction_id,
                         answers[c.key],
                         c.reference,
+                        segments[creator][2],
                     )
                 )
         rates = storage.Rates(
@@ -361,24 +402,37 @@ class Payouts:
     async def reverse_gifts(
         self, tx: Tx, gift_ids: Sequence[str], *, now: dt.datetime
     ) -> list[Reversal]:
-        """Take back the diamonds of these gifts' credits, each exactly once: a credit still pending
-        from the pending balance (and it never matures), a matured one from the available balance,
-        and what that lacks becomes a debt that blocks withdrawals until later diamonds repay it.
-        One ledger transaction (kind `reversal`) per creator. Gifts payout never credited are
-        left out of the answer."""
+        """Take back the diamonds of these gifts' credits, each exactly once, one ledger transaction
+        (kind `reversal`) per creator. Gifts payout never credited are left out of the answer.
+
+        What is taken back is what the creator's standing coins no longer earn: their totals lose
+        each gift's coins, and each gift takes back what that moved floor(coins x rate) by, so after
+        any reversals a creator holds what the policy gives for the coins they keep (not the
+        reversed gifts' own shares, which carried the rounding of other gifts: see
+        `_taken_back`). A credit still pending gives up what is taken from its pending diamonds
+        (the rest, if it was credited more, matures on its day); what else is taken comes from the
+        available balance, and what that lacks becomes a debt that blocks withdrawals until later
+        diamonds repay it."""
         found = await storage.credits_of_gifts(tx, gift_ids)
         reversals: list[Reversal] = []
         by_creator: dict[str, list[storage.CreditOfGift]] = {}
         for credit in found:
             if credit.reversed:
+                was_taken = credit.reversed_diamonds
                 reversals.append(
                     Reversal(
-                        credit.reference, credit.creator_id, credit.diamonds, already_reversed=True
+                        credit.reference,
+                        credit.creator_id,
+                        credit.diamonds,
+                        credit.diamonds if was_taken is None else was_taken,
+                        already_reversed=True,
                     )
                 )
             else:
                 by_creator.setdefault(credit.creator_id, []).append(credit)
-        # Every account these reversals touch, locked in id order before any is posted to.
+        # Locked as a credit batch locks them: the creators' totals in creator order, then every
+        # account these reversals touch in id order, before any is posted to.
+        totals = await storage.lock_creator_totals(tx, list(by_creator))
         balances = await self.ledger.lock_available(
             tx,
             [
@@ -393,55 +447,82 @@ class Payouts:
             else []
         )
         for creator, credits in sorted(by_creator.items()):
-            available = balances.get(creator_account(creator), 0)
-            from_pending = sum(c.diamonds for c in credits if c.pending)
-            matured = sum(c.diamonds for c in credits if not c.pending)
-            from_available = min(matured, max(available, 0))
-            to_debt = matured - from_available
-            legs = [
-                (pending_account(creator), -from_pending),
-                (creator_account(creator), -from_available),
-                (debt_account(creator), -to_debt),
-            ]
-            postings = [Posting(a, d) for a, d in legs if d]
-            if to_debt:
-                await self.ledger.open_account(tx, debt_account(creator), allow_negative=True)
-            transaction_id = ""
-            if postings:
-                gifts = sorted(c.reference for c in credits)
-                posted = await self.ledger.post(
-                    tx,
-                    [*postings, Posting(ISSUANCE, from_pending + matured)],
-                    kind="reversal",
-                    # The gifts it takes back, as a credit's entry names its gift (the reason is
-                    # in the admin audit trail).
-                    reference=(
-                        gifts[0] if len(gifts) == 1 else f"{len(gifts)} gifts: {', '.join(gifts)}"
-                    )[:128],
-                    request_id=f"reversal:{uuid.uuid4().hex}",
-                    caller="payout",
-                    policy_version=self.settings.policy_version,
+            taken = _taken_back(totals[creator], credits)
+            coins_off = sum(coins for _, coins in taken.values())
+            if coins_off:
+                await storage.take_back(
+                    tx, creator, coins_off, sum(d for d, coins in taken.values() if coins)
                 )
-                transaction_id = posted.transaction_id
-            left_available = from_available
+            budget = max(balances.get(creator_account(creator), 0), 0)
+            moves: list[Reversal] = []
             for credit in credits:
-                if not await storage.mark_reversed(
-                    tx, credit.credit_key, transaction_id, now, next(numbers)
-                ):
-                    raise Aborted("CONCURRENT_REVERSAL", "these gifts are being reversed already")
-                share_available = 0 if credit.pending else min(credit.diamonds, left_available)
-                left_available -= share_available
-                reversals.append(
+                diamonds = taken[credit.credit_key][0]
+                from_pending = min(diamonds, credit.diamonds) if credit.pending else 0
+                from_available = min(diamonds - from_pending, budget)
+                budget -= from_available
+                moves.append(
                     Reversal(
                         credit.reference,
                         creator,
                         credit.diamonds,
-                        from_pending=credit.diamonds if credit.pending else 0,
-                        from_available=share_available,
-                        to_debt=0 if credit.pending else credit.diamonds - share_available,
+                        diamonds,
+                        from_pending=from_pending,
+                        from_available=from_available,
+                        to_debt=diamonds - from_pending - from_available,
                     )
                 )
+            transaction_id = await self._post_reversal(creator, credits, moves, tx)
+            for credit, move in zip(credits, moves, strict=True):
+                if not await storage.mark_reversed(
+                    tx,
+                    credit.credit_key,
+                    transaction_id,
+                    now,
+                    next(numbers),
+                    diamonds=move.taken,
+                    coins=taken[credit.credit_key][1],
+                    keeps_pending=move.from_pending < credit.diamonds and credit.pending,
+                ):
+                    raise Aborted("CONCURRENT_REVERSAL", "these gifts are being reversed already")
+            reversals.extend(moves)
         return reversals
+
+    async def _post_reversal(
+        self,
+        creator: str,
+        credits: Sequence[storage.CreditOfGift],
+        moves: Sequence[Reversal],
+        tx: Tx,
+    ) -> str:
+        """The creator's ledger transaction for these reversals ("" when they take nothing)."""
+        from_pending = sum(m.from_pending for m in moves)
+        from_available = sum(m.from_available for m in moves)
+        to_debt = sum(m.to_debt for m in moves)
+        legs = [
+            (pending_account(creator), -from_pending),
+            (creator_account(creator), -from_available),
+            (debt_account(creator), -to_debt),
+        ]
+        postings = [Posting(a, d) for a, d in legs if d]
+        if not postings:
+            return ""
+        if to_debt:
+            await self.ledger.open_account(tx, debt_account(creator), allow_negative=True)
+        gifts = sorted(c.reference for c in credits)
+        posted = await self.ledger.post(
+            tx,
+            [*postings, Posting(ISSUANCE, from_pending + from_available + to_debt)],
+            kind="reversal",
+            # The gifts it takes back, as a credit's entry names its gift (the reason is in the
+            # admin audit trail).
+            reference=(gifts[0] if len(gifts) == 1 else f"{len(gifts)} gifts: {', '.join(gifts)}")[
+                :128
+            ],
+            request_id=f"reversal:{uuid.uuid4().hex}",
+            caller="payout",
+            policy_version=self.settings.policy_version,
+        )
+        return posted.transaction_id
 
     async def reversed_credits(
         self, tx: Tx, after: int, limit: int

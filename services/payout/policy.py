@@ -21,12 +21,13 @@ def diamonds_owed(
 ) -> int:
     """Diamonds a creator has earned in total from `total_coins_received` coins of gifts: what was
     credited when the rate in force began, and that rate on every coin received since."""
-    coins_at, diamonds_at = segment
-    return diamonds_at + (
-        (total_coins_received - coins_at)
-        * settings.diamonds_per_coin_numerator
-        // settings.diamonds_per_coin_denominator
-    )
+    return owed_at(total_coins_received, rate(settings), segment)
+
+
+def owed_at(total_coins_received: int, rate_: tuple[int, int], segment: Segment) -> int:
+    """`diamonds_owed` at a given (numerator, denominator) rate: a creator's stored one."""
+    (numerator, denominator), (coins_at, diamonds_at) = rate_, segment
+    return diamonds_at + (total_coins_received - coins_at) * numerator // denominator
 
 
 def rate(settings: PayoutSettings) -> tuple[int, int]:

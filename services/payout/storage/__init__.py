@@ -55,10 +55,12 @@ from services.payout.storage.reversals import (
     RevenueDay,
     ReversedCreditRecord,
     credits_of_gifts,
+    lock_creator_totals,
     mark_reversed,
     next_reversal_seqs,
     revenue_by_day,
     reversed_credits,
+    take_back,
 )
 from services.payout.storage.tables import (
     NOT_COUNTED,
@@ -136,6 +138,7 @@ __all__ = [
     "lease",
     "list_withdrawals",
     "lock_creator_methods",
+    "lock_creator_totals",
     "lock_maturing_credits",
     "mark_matured",
     "mark_reversed",
@@ -166,6 +169,7 @@ __all__ = [
     "set_verification",
     "stored_credits",
     "submitted_since",
+    "take_back",
     "time_zone_of",
     "unpark",
     "verification_of",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -29,7 +30,7 @@ _ACCRUE = Statement(
     "VALUES (:creator_id, :coins, 0, :now) ON CONFLICT (creator_id) DO UPDATE "
     "SET coins_received = creators.coins_received + excluded.coins_received "
     "RETURNING creator_id, coins_received, diamonds_credited, rate_numerator, rate_denominator, "
-    "coins_at_rate, diamonds_at_rate",
+    "coins_at_rate, diamonds_at_rate, rate_segment",
 )
 
 
@@ -42,15 +43,15 @@ _ACCRUE_MANY_PG = Statement(
     "ON CONFLICT (creator_id) DO UPDATE "
     "SET coins_received = creators.coins_received + excluded.coins_received "
     "RETURNING creator_id, coins_received, diamonds_credited, rate_numerator, rate_denominator, "
-    "coins_at_rate, diamonds_at_rate",
+    "coins_at_rate, diamonds_at_rate, rate_segment",
 )
 
 
 _SET_CREDITED = Statement(
     "payout.set_diamonds_credited",
     "UPDATE creators SET diamonds_credited = :owed, rate_numerator = :numerator, "
-    "rate_denominator = :denominator, coins_at_rate = :coins_at, diamonds_at_rate = :diamonds_at "
-    "WHERE creator_id = :creator_id",
+    "rate_denominator = :denominator, coins_at_rate = :coins_at, diamonds_at_rate = :diamonds_at, "
+    "rate_segment = :segment WHERE creator_id = :creator_id",
 )
 
 
@@ -59,9 +60,10 @@ _SET_CREDITED_MANY_PG = Statement(
     "",
     postgres="UPDATE creators AS c SET diamonds_credited = d.owed, "
     "rate_numerator = :numerator::integer, rate_denominator = :denominator::integer, "
-    "coins_at_rate = d.coins_at, diamonds_at_rate = d.diamonds_at "
+    "coins_at_rate = d.coins_at, diamonds_at_rate = d.diamonds_at, rate_segment = d.segment "
     "FROM unnest(:creator_ids::text[], :owed::bigint[], :coins_at::bigint[], "
-    ":diamonds_at::bigint[]) AS d(creator_id, owed, coins_at, diamonds_at) "
+    ":diamonds_at::bigint[], :segments::integer[]) "
+    "AS d(creator_id, owed, coins_at, diamonds_at, segment) "
     "WHERE c.creator_id = d.creator_id",
 )
 
@@ -69,7 +71,7 @@ _SET_CREDITED_MANY_PG = Statement(
 _CREDIT_COLUMNS = (
     "credit_key, request_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, "
     "reference, created_at, matured_at, rate_numerator, rate_denominator, coin_value_micros, "
-    "diamond_value_micros, platform_micros"
+    "diamond_value_micros, platform_micros, rate_segment"
 )
 
 
@@ -78,7 +80,8 @@ _INSERT_CREDIT = Statement(
     f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) VALUES (:credit_key, :request_key, "
     ":fingerprint, :creator_id, "
     ":coins, :diamonds, :transaction_id, :response, :reference, :now, :matured_at, :numerator, "
-    ":denominator, :coin_value, :diamond_value, :coins * :coin_value - :diamonds * :diamond_value) "
+    ":denominator, :coin_value, :diamond_value, :coins * :coin_value - :diamonds * :diamond_value, "
+    ":segment) "
     "ON CONFLICT DO NOTHING",
 )
 
@@ -87,23 +90,25 @@ _INSERT_CREDITS_PG = Statement(
     "payout.insert_credits",
     "",
     postgres=f"INSERT INTO gift_credits ({_CREDIT_COLUMNS}) "
-    "SELECT c.*, :now::timestamptz, :matured_at::timestamptz, :numerator::integer, "
-    ":denominator::integer, :coin_value::bigint, :diamond_value::bigint, "
-    "c.coins * :coin_value::bigint - c.diamonds * :diamond_value::bigint "
+    "SELECT c.key, c.request_key, c.fingerprint, c.creator_id, c.coins, c.diamonds, "
+    "c.transaction_id, c.response, c.reference, :now::timestamptz, :matured_at::timestamptz, "
+    ":numerator::integer, :denominator::integer, :coin_value::bigint, :diamond_value::bigint, "
+    "c.coins * :coin_value::bigint - c.diamonds * :diamond_value::bigint, c.segment "
     "FROM unnest(:keys::text[], :request_keys::text[], "
     ":fingerprints::text[], :creator_ids::text[], :coins::bigint[], :diamonds::bigint[], "
-    ":transaction_ids::text[], :responses::bytea[], :references::text[]) "
+    ":transaction_ids::text[], :responses::bytea[], :references::text[], :segments::integer[]) "
     "AS c(key, request_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, "
-    "reference) "
+    "reference, segment) "
     "ON CONFLICT DO NOTHING",
 )
 
 
 _MATURING_CREDITS = Statement(
     "payout.lock_maturing_credits",
-    "SELECT credit_key, creator_id, diamonds FROM gift_credits "
+    "SELECT credit_key, creator_id, diamonds - coalesce(reversed_diamonds, 0) FROM gift_credits "
     "WHERE matured_at IS NULL AND created_at <= :due ORDER BY created_at LIMIT :limit",
-    postgres="SELECT credit_key, creator_id, diamonds FROM gift_credits "
+    postgres="SELECT credit_key, creator_id, diamonds - coalesce(reversed_diamonds, 0) "
+    "FROM gift_credits "
     "WHERE matured_at IS NULL AND created_at <= :due ORDER BY created_at LIMIT :limit "
     "FOR UPDATE SKIP LOCKED",
 )
@@ -136,6 +141,8 @@ class CreditRow:
     transaction_id: str | None
     response: bytes
     reference: str
+    segment: int
+    """The creator's rate segment it was credited in (`creators.rate_segment`)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,8 @@ class CreatorTotals:
     """(numerator, denominator) of the current segment; None: not credited since migration 0020."""
     coins_at_rate: int
     diamonds_at_rate: int
+    segment: int
+    """The number of the current segment (`rate_segment`)."""
 
 
 async def accrue_coins_many(
@@ -187,23 +196,31 @@ async def accrue_coins_many(
             for c in creators_
             if (row := await tx.one(_ACCRUE, creator_id=c, coins=coins_by_creator[c], now=now))
         ]
-    return {
-        str(creator): CreatorTotals(
-            int(received),
-            int(credited),
-            None if numerator is None else (int(numerator), int(denominator)),
-            int(coins_at),
-            int(diamonds_at),
-        )
-        for creator, received, credited, numerator, denominator, coins_at, diamonds_at in rows
-    }
+    return {str(row[0]): totals_of(row[1:]) for row in rows}
+
+
+def totals_of(row: Sequence[Any]) -> CreatorTotals:
+    """A creator's totals from (coins_received, diamonds_credited, rate_numerator,
+    rate_denominator, coins_at_rate, diamonds_at_rate, rate_segment)."""
+    received, credited, numerator, denominator, coins_at, diamonds_at, segment = row
+    return CreatorTotals(
+        int(received),
+        int(credited),
+        None if numerator is None else (int(numerator), int(denominator)),
+        int(coins_at),
+        int(diamonds_at),
+        int(segment),
+    )
 
 
 async def set_diamonds_credited_many(
-    tx: Tx, owed: dict[str, int], segments: dict[str, tuple[int, int]], rate: tuple[int, int]
+    tx: Tx,
+    owed: dict[str, int],
+    segments: dict[str, tuple[int, int, int]],
+    rate: tuple[int, int],
 ) -> None:
     """Creators' diamonds credited in total, each with the segment (coins_at_rate,
-    diamonds_at_rate) its `rate` runs from."""
+    diamonds_at_rate, its number) its `rate` runs from."""
     numerator, denominator = rate
     creators_ = list(owed)
     if tx.dialect == "postgresql":
@@ -213,6 +230,7 @@ async def set_diamonds_credited_many(
             owed=[owed[c] for c in creators_],
             coins_at=[segments[c][0] for c in creators_],
             diamonds_at=[segments[c][1] for c in creators_],
+            segments=[segments[c][2] for c in creators_],
             numerator=numerator,
             denominator=denominator,
         )
@@ -227,6 +245,7 @@ async def set_diamonds_credited_many(
                 "denominator": denominator,
                 "coins_at": segments[creator_id][0],
                 "diamonds_at": segments[creator_id][1],
+                "segment": segments[creator_id][2],
             }
             for creator_id in creators_
         ],
@@ -265,6 +284,7 @@ async def insert_credits(
             transaction_ids=[r.transaction_id for r in rows],
             responses=[r.response for r in rows],
             references=[r.reference for r in rows],
+            segments=[r.segment for r in rows],
             now=now,
             matured_at=matured_at,
             **snapshot,

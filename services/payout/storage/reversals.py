@@ -7,22 +7,49 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.sql import Statement, Tx
+from services.payout.storage.credits import CreatorTotals, totals_of
+
+_CREDIT_OF_GIFT_COLUMNS = (
+    "credit_key, creator_id, diamonds, matured_at IS NULL, reference, reversed_at IS NOT NULL, "
+    "coins, rate_segment, reversed_diamonds"
+)
+
 
 _CREDITS_OF_GIFTS = Statement(
     "payout.credits_of_gifts",
-    "SELECT credit_key, creator_id, diamonds, matured_at IS NULL, reference, reversed_at IS NOT NULL "
+    f"SELECT {_CREDIT_OF_GIFT_COLUMNS} "
     "FROM gift_credits WHERE reference IN (SELECT value FROM json_each(:references)) "
     "ORDER BY creator_id, credit_key",
-    postgres="SELECT credit_key, creator_id, diamonds, matured_at IS NULL, reference, "
-    "reversed_at IS NOT NULL FROM gift_credits WHERE reference = ANY(:references::text[]) "
+    postgres=f"SELECT {_CREDIT_OF_GIFT_COLUMNS} "
+    "FROM gift_credits WHERE reference = ANY(:references::text[]) "
     "ORDER BY creator_id, credit_key FOR UPDATE",
+)
+
+
+_LOCK_TOTALS = Statement(
+    "payout.lock_creator_totals",
+    "SELECT creator_id, coins_received, diamonds_credited, rate_numerator, rate_denominator, "
+    "coins_at_rate, diamonds_at_rate, rate_segment FROM creators "
+    "WHERE creator_id IN (SELECT value FROM json_each(:creator_ids)) ORDER BY creator_id",
+    postgres="SELECT creator_id, coins_received, diamonds_credited, rate_numerator, "
+    "rate_denominator, coins_at_rate, diamonds_at_rate, rate_segment FROM creators "
+    "WHERE creator_id = ANY(:creator_ids::text[]) ORDER BY creator_id FOR UPDATE",
+)
+"""In creator order, as a credit batch locks them (`accrue_coins_many`)."""
+
+
+_TAKE_BACK = Statement(
+    "payout.take_back_totals",
+    "UPDATE creators SET coins_received = coins_received - :coins, "
+    "diamonds_credited = diamonds_credited - :diamonds WHERE creator_id = :creator_id",
 )
 
 
 _MARK_REVERSED = Statement(
     "payout.mark_reversed",
     "UPDATE gift_credits SET reversed_at = :now, reversal_transaction_id = :transaction_id, "
-    "matured_at = coalesce(matured_at, :now), reversal_seq = :seq "
+    "matured_at = coalesce(matured_at, :matured_at), reversal_seq = :seq, "
+    "reversed_diamonds = :diamonds, reversed_coins = :coins "
     "WHERE credit_key = :credit_key AND reversed_at IS NULL",
 )
 
@@ -36,7 +63,8 @@ _NEXT_REVERSAL_SEQS = Statement(
 
 _REVERSED_CREDITS = Statement(
     "payout.reversed_credits",
-    "SELECT reversal_seq, reference, creator_id, diamonds FROM gift_credits "
+    "SELECT reversal_seq, reference, creator_id, diamonds, coalesce(reversed_diamonds, diamonds) "
+    "FROM gift_credits "
     "WHERE reversal_seq > :after ORDER BY reversal_seq LIMIT :limit",
 )
 
@@ -49,6 +77,11 @@ class CreditOfGift:
     pending: bool
     reference: str
     reversed: bool
+    coins: int
+    segment: int | None
+    """The creator's rate segment it was credited in (None: not known, made before migration 0033)."""
+    reversed_diamonds: int | None
+    """What its reversal took back (None: not reversed)."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +117,30 @@ async def credits_of_gifts(tx: Tx, references: Sequence[str]) -> list[CreditOfGi
     """The credits of these gifts, by creator (locked until the transaction ends, on PostgreSQL)."""
     rows = await tx.all(_CREDITS_OF_GIFTS, references=list(references))
     return [
-        CreditOfGift(str(k), str(c), int(d), bool(p), str(r), bool(v)) for k, c, d, p, r, v in rows
+        CreditOfGift(
+            str(k),
+            str(c),
+            int(d),
+            bool(p),
+            str(r),
+            bool(v),
+            int(coins),
+            None if segment is None else int(segment),
+            None if taken is None else int(taken),
+        )
+        for k, c, d, p, r, v, coins, segment, taken in rows
     ]
+
+
+async def lock_creator_totals(tx: Tx, creator_ids: Sequence[str]) -> dict[str, CreatorTotals]:
+    """These creators' running totals, their rows locked (PostgreSQL) in creator order."""
+    rows = await tx.all(_LOCK_TOTALS, creator_ids=sorted(creator_ids))
+    return {str(row[0]): totals_of(row[1:]) for row in rows}
+
+
+async def take_back(tx: Tx, creator_id: str, coins: int, diamonds: int) -> None:
+    """Lower a creator's totals by reversed coins and the diamonds taken back for them."""
+    await tx.run(_TAKE_BACK, creator_id=creator_id, coins=coins, diamonds=diamonds)
 
 
 async def next_reversal_seqs(tx: Tx, n: int) -> list[int]:
@@ -97,13 +152,29 @@ async def next_reversal_seqs(tx: Tx, n: int) -> list[int]:
 
 
 async def mark_reversed(
-    tx: Tx, credit_key: str, transaction_id: str, now: dt.datetime, seq: int
+    tx: Tx,
+    credit_key: str,
+    transaction_id: str,
+    now: dt.datetime,
+    seq: int,
+    *,
+    diamonds: int,
+    coins: int,
+    keeps_pending: bool,
 ) -> bool:
-    """Mark a credit reversed (and no longer pending) as reversal number `seq`; False if it was
-    reversed already."""
+    """Mark a credit reversed as reversal number `seq`, with the `diamonds` taken back and the
+    `coins` taken off its creator's totals; it no longer matures unless it `keeps_pending` diamonds
+    (its share less those taken). False if it was reversed already."""
     return (
         await tx.run(
-            _MARK_REVERSED, credit_key=credit_key, transaction_id=transaction_id, now=now, seq=seq
+            _MARK_REVERSED,
+            credit_key=credit_key,
+            transaction_id=transaction_id,
+            now=now,
+            matured_at=None if keeps_pending else now,
+            seq=seq,
+            diamonds=diamonds,
+            coins=coins,
         )
         == 1
     )
@@ -115,9 +186,12 @@ class ReversedCreditRecord:
     gift_id: str
     creator_id: str
     diamonds: int
+    taken: int
 
 
 async def reversed_credits(tx: Tx, after: int, limit: int) -> list[ReversedCreditRecord]:
     """The credits reversed after reversal number `after`, in number order (its unique index)."""
     rows = await tx.all(_REVERSED_CREDITS, after=after, limit=limit)
-    return [ReversedCreditRecord(int(q), str(g or ""), str(c), int(d)) for q, g, c, d in rows]
+    return [
+        ReversedCreditRecord(int(q), str(g or ""), str(c), int(d), int(t)) for q, g, c, d, t in rows
+    ]

@@ -29,10 +29,12 @@ creators = Table(
     Column("rate_denominator", Integer),
     Column("coins_at_rate", BigInteger, nullable=False, server_default="0"),
     Column("diamonds_at_rate", BigInteger, nullable=False, server_default="0"),
+    Column("rate_segment", Integer, nullable=False, server_default="0"),
 )
-"""A creator's running totals. The rate of their current segment (migration 0020; none yet for a
-creator not credited since) applies from `coins_at_rate` received, when `diamonds_at_rate` had been
-credited."""
+"""A creator's running totals: coins received and diamonds credited, less those reversals took
+back (migration 0033). The rate of their current segment (migration 0020; none yet for a creator
+not credited since) applies from `coins_at_rate` received, when `diamonds_at_rate` had been
+credited; `rate_segment` counts the segments."""
 
 
 withdrawals = Table(
@@ -175,10 +177,16 @@ gift_credits = Table(
     Column("platform_micros", BigInteger, nullable=False),
     Column("reversal_seq", BigInteger),
     Column("request_key", String(320)),
+    Column("rate_segment", Integer),
+    Column("reversed_diamonds", BigInteger),
+    Column("reversed_coins", BigInteger),
 )
 """One row per applied gift credit (migration 0007): the exactly-once record and its answer; its
 diamonds are pending until `matured_at` (migration 0011); the rates it was converted at and the
 platform's share, coins x coin value - diamonds x diamond value, in millionths (migration 0016).
+The creator's rate segment it was credited in; once reversed, the diamonds taken back and the coins
+that came off the creator's totals with them (migration 0033; a reversed credit still pending keeps
+what was not taken pending, to mature on its day).
 `credit_key` names the creator, `request_key` (unique, migration 0026) does not: one request id is
 one creator's credit."""
 

@@ -1193,6 +1193,7 @@ class GiftReversal(_message.Message):
     FROM_AVAILABLE_FIELD_NUMBER: _builtins.int
     TO_DEBT_FIELD_NUMBER: _builtins.int
     ALREADY_REVERSED_FIELD_NUMBER: _builtins.int
+    DIAMONDS_TAKEN_FIELD_NUMBER: _builtins.int
     gift_id: _builtins.str
     """The gift."""
     creator_id: _builtins.str
@@ -1200,13 +1201,21 @@ class GiftReversal(_message.Message):
     diamonds: _builtins.int
     """The diamonds it had credited."""
     from_pending: _builtins.int
-    """Taken from the pending balance."""
+    """Taken from the pending balance (of its own pending diamonds, if it had not matured)."""
     from_available: _builtins.int
     """Taken from the available balance."""
     to_debt: _builtins.int
     """Owed back: the debt it added."""
     already_reversed: _builtins.bool
     """True when an earlier request reversed it already (nothing moved now)."""
+    diamonds_taken: _builtins.int
+    """What was taken back for it: from_pending + from_available + to_debt. The creator's totals lose
+    its coins and it takes back what that moves floor(coins x rate) by, so the creator keeps what
+    the policy gives for the coins they keep; this can differ from `diamonds` by the rounding other
+    gifts carried (one-coin gifts at 1/2 credit 0 and 1 alternately, and each takes back 0 or 1 in
+    turn). A credit made at an earlier rate takes back its own `diamonds`. What a pending credit
+    is not taken for still matures on its day.
+    """
     def __init__(
         self,
         *,
@@ -1217,10 +1226,11 @@ class GiftReversal(_message.Message):
         from_available: _builtins.int = ...,
         to_debt: _builtins.int = ...,
         already_reversed: _builtins.bool = ...,
+        diamonds_taken: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_reversed", b"already_reversed", "creator_id", b"creator_id", "diamonds", b"diamonds", "from_available", b"from_available", "from_pending", b"from_pending", "gift_id", b"gift_id", "to_debt", b"to_debt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_reversed", b"already_reversed", "creator_id", b"creator_id", "diamonds", b"diamonds", "diamonds_taken", b"diamonds_taken", "from_available", b"from_available", "from_pending", b"from_pending", "gift_id", b"gift_id", "to_debt", b"to_debt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1292,6 +1302,7 @@ class ReversedCredit(_message.Message):
     GIFT_ID_FIELD_NUMBER: _builtins.int
     CREATOR_ID_FIELD_NUMBER: _builtins.int
     DIAMONDS_FIELD_NUMBER: _builtins.int
+    DIAMONDS_TAKEN_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Its place in the order reversals committed: strictly increasing, never reused."""
     gift_id: _builtins.str
@@ -1299,7 +1310,9 @@ class ReversedCredit(_message.Message):
     creator_id: _builtins.str
     """The creator it was credited to."""
     diamonds: _builtins.int
-    """The diamonds it had credited, taken back."""
+    """The diamonds it had credited (what a LIVE's sums added for it)."""
+    diamonds_taken: _builtins.int
+    """The diamonds its reversal took back (`GiftReversal.diamonds_taken`)."""
     def __init__(
         self,
         *,
@@ -1307,10 +1320,11 @@ class ReversedCredit(_message.Message):
         gift_id: _builtins.str = ...,
         creator_id: _builtins.str = ...,
         diamonds: _builtins.int = ...,
+        diamonds_taken: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "diamonds", b"diamonds", "gift_id", b"gift_id", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_id", b"creator_id", "diamonds", b"diamonds", "diamonds_taken", b"diamonds_taken", "gift_id", b"gift_id", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -251,9 +251,10 @@ class PayoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReverseGiftCredits(self, request, context):
-        """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
-        credit still pending from the pending balance (it then never matures), a matured one from the
-        available balance, and what that lacks becomes a debt that blocks withdrawals
+        """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
+        what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
+        credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
+        the available balance, and what that lacks becomes a debt that blocks withdrawals
         (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -80,9 +80,10 @@ class PayoutServiceStub:
     KYC_REQUIRED). Admin only, never for themself (PERMISSION_DENIED OWN_DECISION); audited.
     """
     ReverseGiftCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]
-    """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
-    credit still pending from the pending balance (it then never matures), a matured one from the
-    available balance, and what that lacks becomes a debt that blocks withdrawals
+    """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
+    what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
+    credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
+    the available balance, and what that lacks becomes a debt that blocks withdrawals
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
     ListReversedCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListReversedCreditsRequest, _payout_pb2.ListReversedCreditsResponse]
@@ -194,9 +195,10 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     KYC_REQUIRED). Admin only, never for themself (PERMISSION_DENIED OWN_DECISION); audited.
     """
     ReverseGiftCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]  # type: ignore[assignment]
-    """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
-    credit still pending from the pending balance (it then never matures), a matured one from the
-    available balance, and what that lacks becomes a debt that blocks withdrawals
+    """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
+    what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
+    credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
+    the available balance, and what that lacks becomes a debt that blocks withdrawals
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
     ListReversedCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListReversedCreditsRequest, _payout_pb2.ListReversedCreditsResponse]  # type: ignore[assignment]
@@ -371,9 +373,10 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _payout_pb2.ReverseGiftCreditsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payout_pb2.ReverseGiftCreditsResponse, _abc.Awaitable[_payout_pb2.ReverseGiftCreditsResponse]]:
-        """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once: a
-        credit still pending from the pending balance (it then never matures), a matured one from the
-        available balance, and what that lacks becomes a debt that blocks withdrawals
+        """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
+        what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
+        credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
+        the available balance, and what that lacks becomes a debt that blocks withdrawals
         (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
         """
 

@@ -1,0 +1,221 @@
+"""A reversal takes back what the creator's standing coins no longer earn (review r11 #1): whichever
+gifts are reversed, a creator ends with floor(coins kept x rate) diamonds, pending or available, and
+later gifts round from what they keep. Gifts of an earlier rate take back their own share."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+
+from coins.payout.v1 import payout_pb2
+from services.payout.domain import GiftCredit, Payouts
+from tests.helpers import ShiftedClock, eventually, new_id
+from tests.suite import Suite
+from tests.test_payout_maturation import DAYS, balance_of
+
+
+async def gift(suite: Suite, creator: str, coins: int) -> tuple[str, int]:
+    """A gift of `coins` credited to `creator`: (its id, the diamonds it credited)."""
+    gift_id = new_id("g")
+    answer = await suite.as_caller("gifting").payout.CreditDiamonds(
+        payout_pb2.CreditDiamondsRequest(
+            request_id=f"gift:{gift_id}", creator_id=creator, coins=coins, reference=gift_id
+        )
+    )
+    return gift_id, answer.diamonds_credited
+
+
+async def reverse(suite: Suite, gift_ids: list[str]) -> list[payout_pb2.GiftReversal]:
+    answer = await suite.payout.ReverseGiftCredits(
+        payout_pb2.ReverseGiftCreditsRequest(
+            request_id=new_id("rev"), gift_ids=gift_ids, reason="chargeback"
+        ),
+        metadata=suite.token(new_id("risk"), admin=True),
+    )
+    return list(answer.reversals)
+
+
+def net(balance: payout_pb2.DiamondBalance) -> int:
+    """What the creator holds: pending and available, less what they owe back."""
+    return balance.pending_diamonds + balance.available_diamonds - balance.debt_diamonds
+
+
+async def matured(suite: Suite, clock: ShiftedClock, creator: str) -> payout_pb2.DiamondBalance:
+    """Every credit matured and debts repaid by the service's own sweep."""
+    clock.shift += dt.timedelta(days=DAYS, seconds=1)
+    await eventually(lambda: _nothing_pending(suite, creator), "every credit matured")
+    return await balance_of(suite, creator)
+
+
+async def _nothing_pending(suite: Suite, creator: str) -> bool:
+    balance = await balance_of(suite, creator)
+    return balance.pending_diamonds == 0 and not (
+        balance.debt_diamonds and balance.available_diamonds
+    )
+
+
+async def test_reversing_the_gifts_that_credited_nothing_still_takes_back_their_half(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """40 one-coin gifts at 1/2 credit 0 and 1 alternately (20 diamonds). Reversing the 20 that
+    credited 0 took nothing back (20 diamonds for 20 coins kept); now it takes back 10, as a debt
+    while the creator's diamonds are all pending, repaid when they mature."""
+    suite, clock = maturing
+    creator = new_id("creator")
+    gifts = [await gift(suite, creator, 1) for _ in range(40)]
+    assert sorted({diamonds for _, diamonds in gifts}) == [0, 1]
+    zeros = [gift_id for gift_id, diamonds in gifts if diamonds == 0]
+    reversals = await reverse(suite, zeros)
+    assert sum(r.diamonds for r in reversals) == 0  # what they had credited
+    assert sum(r.diamonds_taken for r in reversals) == 10
+    assert all(r.diamonds_taken == r.from_pending + r.from_available + r.to_debt for r in reversals)
+    balance = await balance_of(suite, creator)
+    assert (balance.pending_diamonds, balance.available_diamonds, balance.debt_diamonds) == (
+        20,
+        0,
+        10,
+    )
+    listed = await suite.as_caller("gifting").payout.ListReversedCredits(
+        payout_pb2.ListReversedCreditsRequest(page_size=1000)
+    )
+    mine = [c for c in listed.credits if c.creator_id == creator]
+    assert (sum(c.diamonds for c in mine), sum(c.diamonds_taken for c in mine)) == (0, 10)
+    # Later gifts round from the 20 coins kept: floor(21/2) - 10 = 0, then 1.
+    assert [(await gift(suite, creator, 1))[1] for _ in range(2)] == [0, 1]
+    done = await matured(suite, clock, creator)
+    assert (done.available_diamonds, done.debt_diamonds) == (11, 0)  # floor(22 / 2)
+
+
+async def test_reversing_the_gifts_that_credited_one_keeps_pending_what_was_not_taken(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """Reversing the 20 one-coin gifts that credited 1 took back 20 (0 diamonds for 20 coins kept);
+    now 10. Those taken back for 0 keep their pending diamond, which matures on its day."""
+    suite, clock = maturing
+    creator = new_id("creator")
+    gifts = [await gift(suite, creator, 1) for _ in range(40)]
+    ones = [gift_id for gift_id, diamonds in gifts if diamonds == 1]
+    reversals = await reverse(suite, ones)
+    assert sum(r.diamonds for r in reversals) == 20
+    assert sum(r.diamonds_taken for r in reversals) == sum(r.from_pending for r in reversals) == 10
+    balance = await balance_of(suite, creator)
+    assert (balance.pending_diamonds, balance.available_diamonds, balance.debt_diamonds) == (
+        10,
+        0,
+        0,
+    )
+    # Named again: nothing moves, the answer says what was taken.
+    again = await reverse(suite, ones[:3])
+    assert all(r.already_reversed for r in again)
+    taken = {r.gift_id: r.diamonds_taken for r in reversals}
+    assert {r.gift_id: r.diamonds_taken for r in again} == {g: taken[g] for g in ones[:3]}
+    done = await matured(suite, clock, creator)
+    assert (done.available_diamonds, done.debt_diamonds) == (10, 0)
+
+
+async def test_any_reversals_leave_floor_of_the_coins_kept(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """A seeded walk: gifts of 1-7 coins, some matured, reversed a few at a time in any order
+    between more gifts; after each step the creator holds floor(coins kept / 2), and in the end
+    it is all available."""
+    suite, clock = maturing
+    rng = random.Random(1207)
+    creator = new_id("creator")
+    standing: dict[str, int] = {}
+    for step in range(12):
+        for _ in range(rng.randint(3, 9)):
+            coins = rng.randint(1, 7)
+            gift_id, _ = await gift(suite, creator, coins)
+            standing[gift_id] = coins
+        if step == 5:  # the gifts so far mature: later reversals take from what is available
+            await matured(suite, clock, creator)
+        chosen = rng.sample(sorted(standing), k=min(len(standing), rng.randint(1, 4)))
+        reversals = await reverse(suite, chosen)
+        assert {r.gift_id for r in reversals} == set(chosen)
+        for gift_id in chosen:
+            del standing[gift_id]
+        assert net(await balance_of(suite, creator)) == sum(standing.values()) // 2, step
+    done = await matured(suite, clock, creator)
+    assert (done.available_diamonds, done.debt_diamonds) == (sum(standing.values()) // 2, 0)
+
+
+async def test_a_gift_of_an_earlier_rate_takes_back_its_own_share(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """Gifts credited at 1/2, then at 1/3 (a new segment from the 1/2 total): reversing a 1/2 gift
+    takes back what it credited and leaves the 1/3 segment as it was; a 1/3 gift is rounded in
+    its own segment."""
+    suite, clock = maturing
+    creator = new_id("creator")
+    old = [await gift(suite, creator, 3) for _ in range(3)]  # 1, 2, 1: 4 diamonds for 9 coins
+    assert [d for _, d in old] == [1, 2, 1]
+    payouts = suite.services["payout"].runtime.parts["payouts"]
+    assert isinstance(payouts, Payouts)
+    third = Payouts(
+        payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 3}), payouts.ledger
+    )
+    new: list[str] = []
+    for _ in range(4):  # 2 coins at 1/3: 0, 1, 1, 0
+        gift_id = new_id("g")
+        await third.credit(
+            suite.services["payout"].runtime.db.driver,
+            [GiftCredit(f"gifting/{gift_id}", gift_id, "fp", creator, 2, gift_id)],
+            clock.now(),
+            lambda creator_id, diamonds, balance: b"",
+        )
+        new.append(gift_id)
+    assert net(await balance_of(suite, creator)) == 4 + 2
+    # The second 1/2 gift credited 2 (of the fraction the first carried): it takes back its 2.
+    [earlier] = await reverse(suite, [old[1][0]])
+    assert (earlier.diamonds, earlier.diamonds_taken) == (2, 2)
+    # Reversed in the 1/3 segment: the first gift (it credited 0) takes back floor(8/3) -
+    # floor(6/3) = 0 of the 8 coins there; the second (it credited 1) floor(6/3) - floor(4/3) = 1.
+    [first] = await reverse(suite, [new[0]])
+    assert (first.diamonds, first.diamonds_taken) == (0, 0)
+    [second] = await reverse(suite, [new[1]])
+    assert (second.diamonds, second.diamonds_taken) == (1, 1)
+    assert net(await balance_of(suite, creator)) == 2 + 1  # floor(4 x 1/3) in the new segment
+    # The segment goes on from what is kept: floor(6/3) - floor(4/3) = 1.
+    gift_id = new_id("g")
+    await third.credit(
+        suite.services["payout"].runtime.db.driver,
+        [GiftCredit(f"gifting/{gift_id}", gift_id, "fp", creator, 2, gift_id)],
+        clock.now(),
+        lambda creator_id, diamonds, balance: b"",
+    )
+    assert net(await balance_of(suite, creator)) == 2 + 2
+
+
+async def test_reversals_racing_credits_and_the_sweep_leave_floor_of_the_coins_kept(
+    maturing: tuple[Suite, ShiftedClock],
+) -> None:
+    """Reversals in parallel batches while more gifts are credited to the same creator and the sweep
+    matures the earlier ones: no deadlock (both lock the creator's totals, then the accounts), and
+    the creator ends with floor(coins kept / 2)."""
+    suite, clock = maturing
+    rng = random.Random(4)
+    creator = new_id("creator")
+    earlier: dict[str, int] = {}
+    for coins in [rng.randint(1, 3) for _ in range(48)]:
+        gift_id, _ = await gift(suite, creator, coins)
+        earlier[gift_id] = coins
+    clock.shift += dt.timedelta(days=DAYS, seconds=1)  # the sweep matures them meanwhile
+    later: dict[str, int] = {}
+
+    async def credit_more(n: int) -> None:
+        for _ in range(n):
+            coins = rng.randint(1, 3)
+            gift_id, _ = await gift(suite, creator, coins)
+            later[gift_id] = coins
+
+    order = rng.sample(sorted(earlier), k=len(earlier))
+    batches = [order[i : i + 4] for i in range(0, 36, 4)]
+    await asyncio.gather(
+        *(credit_more(8) for _ in range(4)), *(reverse(suite, batch) for batch in batches)
+    )
+    kept = sum(earlier.values()) + sum(later.values()) - sum(earlier[g] for g in order[:36])
+    assert net(await balance_of(suite, creator)) == kept // 2
+    done = await matured(suite, clock, creator)
+    assert (done.available_diamonds, done.debt_diamonds) == (kept // 2, 0)
