@@ -156,8 +156,8 @@ async def test_a_gift_of_an_earlier_rate_takes_back_its_own_share(
     third = Payouts(
         payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 3}), payouts.ledger
     )
-    new: list[str] = []
-    for _ in range(4):  # 2 coins at 1/3: 0, 1, 1, 0
+
+    async def two_coins_at_a_third() -> str:
         gift_id = new_id("g")
         await third.credit(
             suite.services["payout"].runtime.db.driver,
@@ -165,7 +165,9 @@ async def test_a_gift_of_an_earlier_rate_takes_back_its_own_share(
             clock.now(),
             lambda creator_id, diamonds, balance: b"",
         )
-        new.append(gift_id)
+        return gift_id
+
+    new = [await two_coins_at_a_third() for _ in range(4)]  # 0, 1, 1, 0
     assert net(await balance_of(suite, creator)) == 4 + 2
     # The second 1/2 gift credited 2 (of the fraction the first carried): it takes back its 2.
     [earlier] = await reverse(suite, [old[1][0]])
@@ -178,13 +180,7 @@ async def test_a_gift_of_an_earlier_rate_takes_back_its_own_share(
     assert (second.diamonds, second.diamonds_taken) == (1, 1)
     assert net(await balance_of(suite, creator)) == 2 + 1  # floor(4 x 1/3) in the new segment
     # The segment goes on from what is kept: floor(6/3) - floor(4/3) = 1.
-    gift_id = new_id("g")
-    await third.credit(
-        suite.services["payout"].runtime.db.driver,
-        [GiftCredit(f"gifting/{gift_id}", gift_id, "fp", creator, 2, gift_id)],
-        clock.now(),
-        lambda creator_id, diamonds, balance: b"",
-    )
+    await two_coins_at_a_third()
     assert net(await balance_of(suite, creator)) == 2 + 2
 
 
