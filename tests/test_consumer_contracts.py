@@ -38,12 +38,19 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _matches(expected: Any, actual: Any, where: str = "response") -> None:
-    """Every expected field is present with that value ("*" = any non-empty value)."""
+    """Every expected field is present with that value ("*" = any non-empty value), in lists item by
+    item; fields the consumer does not name may be added by the provider."""
     if isinstance(expected, dict):
         assert isinstance(actual, dict), f"{where}: expected an object, got {actual!r}"
         for key, value in expected.items():
             assert key in actual, f"{where}.{key} is missing (got {sorted(actual)})"
             _matches(value, actual[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), (
+            f"{where}: expected {len(expected)} items, got {actual!r}"
+        )
+        for i, (item, got) in enumerate(zip(expected, actual, strict=True)):
+            _matches(item, got, f"{where}[{i}]")
     elif expected == "*":
         assert actual not in (None, "", 0), f"{where} is empty"
     else:

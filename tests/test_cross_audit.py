@@ -401,8 +401,8 @@ async def test_reversed_gifts_are_off_their_run_with_the_diamonds_taken_back(
 ) -> None:
     """Six one-coin gifts at 1/2 credit 0, 1, 0, 1, 0, 1; reversing the three that credited 0
     takes back 2 (the creator keeps floor(3/2) = 1). Then two 2-coin gifts at 1/3 (0, 1), and the
-    first 1/2 gift that credited 1 reversed by its own share: the audit checks each run at the coins
-    it kept, and names a reversal that took back a diamond too few."""
+    first 1/2 gift that credited 1 reversed in the 1/2 run (floor(3/2) - floor(2/2) = 0): the audit
+    checks each run at the coins it kept, and names a reversal that took back a diamond too few."""
     suite = private_suite
     payouts = suite.services["payout"].runtime.parts["payouts"]
     assert isinstance(payouts, Payouts)
@@ -442,7 +442,7 @@ async def test_reversed_gifts_are_off_their_run_with_the_diamonds_taken_back(
         payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 3}),
     )
     assert [(await credit(2))[1], (await credit(2))[1]] == [0, 1]
-    assert await reverse([halves[1][0]]) == 1  # of the 1/2 run: its own share
+    assert await reverse([halves[1][0]]) == 0
     assert not mine(await cross_audit(urls(suite)))
     await rewrite_history(  # the first reversal took back one diamond fewer
         suite.services["payout"].runtime.db.url,
@@ -454,4 +454,4 @@ async def test_reversed_gifts_are_off_their_run_with_the_diamonds_taken_back(
         {"c": creator},
     )
     (found,) = mine(await cross_audit(urls(suite)))
-    assert (found["rate"], found["coins"], found["diamonds"], found["policy"]) == ("1/2", 3, 2, 1)
+    assert (found["rate"], found["coins"], found["diamonds"], found["policy"]) == ("1/2", 2, 2, 1)

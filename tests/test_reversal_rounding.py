@@ -1,6 +1,7 @@
 """A reversal takes back what the creator's standing coins no longer earn (review r11 #1): whichever
 gifts are reversed, a creator ends with floor(coins kept x rate) diamonds, pending or available, and
-later gifts round from what they keep. Gifts of an earlier rate take back their own share."""
+later gifts round from what they keep; gifts of an earlier rate round in the coins that rate
+converted."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import asyncio
 import datetime as dt
 import random
 
+import sqlalchemy as sa
+
 from coins.payout.v1 import payout_pb2
+from runtime.db import Database
+from runtime.migrations import upgrade
 from services.payout.domain import GiftCredit, Payouts
-from tests.helpers import ShiftedClock, eventually, new_id
+from tests.helpers import SERVICES, ShiftedClock, eventually, new_id
 from tests.suite import Suite
 from tests.test_payout_maturation import DAYS, balance_of
 
@@ -141,12 +146,13 @@ async def test_any_reversals_leave_floor_of_the_coins_kept(
     assert (done.available_diamonds, done.debt_diamonds) == (sum(standing.values()) // 2, 0)
 
 
-async def test_a_gift_of_an_earlier_rate_takes_back_its_own_share(
+async def test_a_gift_of_an_earlier_rate_rounds_in_the_coins_that_rate_converted(
     maturing: tuple[Suite, ShiftedClock],
 ) -> None:
-    """Gifts credited at 1/2, then at 1/3 (a new segment from the 1/2 total): reversing a 1/2 gift
-    takes back what it credited and leaves the 1/3 segment as it was; a 1/3 gift is rounded in
-    its own segment."""
+    """Gifts credited at 1/2, then at 1/3 (a new segment from the 1/2 total): each reversal rounds
+    in its own gift's segment, before and after the rate changed, so the creator keeps
+    floor(kept x 1/2) + floor(kept x 1/3) (review: a gift of the ended segment took back its own
+    share, and with those reversed earlier by rounding a diamond was created or lost)."""
     suite, clock = maturing
     creator = new_id("creator")
     old = [await gift(suite, creator, 3) for _ in range(3)]  # 1, 2, 1: 4 diamonds for 9 coins
@@ -157,11 +163,11 @@ async def test_a_gift_of_an_earlier_rate_takes_back_its_own_share(
         payouts.settings.model_copy(update={"diamonds_per_coin_denominator": 3}), payouts.ledger
     )
 
-    async def two_coins_at_a_third() -> str:
+    async def two_coins_at_a_third(to: str = creator) -> str:
         gift_id = new_id("g")
         await third.credit(
             suite.services["payout"].runtime.db.driver,
-            [GiftCredit(f"gifting/{gift_id}", gift_id, "fp", creator, 2, gift_id)],
+            [GiftCredit(f"gifting/{gift_id}", gift_id, "fp", to, 2, gift_id)],
             clock.now(),
             lambda creator_id, diamonds, balance: b"",
         )
@@ -169,19 +175,35 @@ async def test_a_gift_of_an_earlier_rate_takes_back_its_own_share(
 
     new = [await two_coins_at_a_third() for _ in range(4)]  # 0, 1, 1, 0
     assert net(await balance_of(suite, creator)) == 4 + 2
-    # The second 1/2 gift credited 2 (of the fraction the first carried): it takes back its 2.
-    [earlier] = await reverse(suite, [old[1][0]])
-    assert (earlier.diamonds, earlier.diamonds_taken) == (2, 2)
-    # Reversed in the 1/3 segment: the first gift (it credited 0) takes back floor(8/3) -
-    # floor(6/3) = 0 of the 8 coins there; the second (it credited 1) floor(6/3) - floor(4/3) = 1.
-    [first] = await reverse(suite, [new[0]])
-    assert (first.diamonds, first.diamonds_taken) == (0, 0)
-    [second] = await reverse(suite, [new[1]])
-    assert (second.diamonds, second.diamonds_taken) == (1, 1)
-    assert net(await balance_of(suite, creator)) == 2 + 1  # floor(4 x 1/3) in the new segment
-    # The segment goes on from what is kept: floor(6/3) - floor(4/3) = 1.
+
+    async def taken(gift_id: str) -> tuple[int, int]:
+        [reversal] = await reverse(suite, [gift_id])
+        return reversal.diamonds, reversal.diamonds_taken
+
+    # The second 1/2 gift credited 2; of the 9 coins at 1/2 it takes back floor(9/2) - floor(6/2).
+    assert await taken(old[1][0]) == (2, 1)
+    # In the 1/3 segment: floor(8/3) - floor(6/3) = 0 for the first, floor(6/3) - floor(4/3) = 1.
+    assert await taken(new[0]) == (0, 0)
+    assert await taken(new[1]) == (1, 1)
+    assert net(await balance_of(suite, creator)) == 3 + 1  # floor(6 / 2) + floor(4 / 3)
+    # The 1/3 segment goes on from what it kept: floor(6/3) - floor(4/3) = 1.
     await two_coins_at_a_third()
-    assert net(await balance_of(suite, creator)) == 2 + 2
+    assert net(await balance_of(suite, creator)) == 3 + 2
+    # The rest at 1/2: floor(6/2) - floor(3/2) = 2, then 1.
+    assert [await taken(old[0][0]), await taken(old[2][0])] == [(1, 2), (1, 1)]
+    assert net(await balance_of(suite, creator)) == 0 + 2
+    # And the reviewer's case: 0, 1, 0 at 1/2, the 1 reversed (takes 0), the rate changes, then
+    # the two others reversed: they take 1 between them (by their own shares: 0, a diamond made).
+    other = new_id("creator")
+    halves = [await gift(suite, other, 1) for _ in range(3)]
+    assert [d for _, d in halves] == [0, 1, 0]
+    [middle] = await reverse(suite, [halves[1][0]])
+    assert middle.diamonds_taken == 0
+    await two_coins_at_a_third(other)
+    await two_coins_at_a_third(other)  # 0, 1
+    pair = await reverse(suite, [halves[0][0], halves[2][0]])
+    assert sum(r.diamonds_taken for r in pair) == 1
+    assert net(await balance_of(suite, other)) == 0 + 1
 
 
 async def test_reversals_racing_credits_and_the_sweep_leave_floor_of_the_coins_kept(
@@ -215,3 +237,84 @@ async def test_reversals_racing_credits_and_the_sweep_leave_floor_of_the_coins_k
     assert net(await balance_of(suite, creator)) == kept // 2
     done = await matured(suite, clock, creator)
     assert (done.available_diamonds, done.debt_diamonds) == (kept // 2, 0)
+
+
+async def test_the_upgrade_keeps_each_segment_to_one_rule(database: Database) -> None:
+    """Credits made before migration 0033 join their creator's current segment only where it holds
+    exactly them, none reversed; any other creator starts a new segment at their totals, and their
+    earlier credits keep the old rule (review: a gift reversed by its own share before the upgrade
+    left its coins in the segment, and the next reversal took its rounding: a debt of a diamond
+    for no coin kept)."""
+    await upgrade(database, SERVICES / "payout" / "migrations", revision="0032")
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    creators = [  # id, coins received, diamonds credited, rate, segment start
+        ("clean", 4, 2, (1, 2), (0, 0)),
+        ("reversed", 2, 1, (1, 2), (0, 0)),
+        ("no-rate", 3, 1, (None, None), (0, 0)),
+        ("changed", 7, 3, (1, 3), (4, 2)),
+    ]
+    credits = [  # creator, coins, diamonds, rate, reversed
+        *[("clean", 1, d, (1, 2), False) for d in (0, 1, 0, 1)],
+        ("reversed", 1, 0, (1, 2), False),
+        ("reversed", 1, 1, (1, 2), True),
+        ("no-rate", 3, 1, (1, 2), False),
+        *[("changed", 2, d, (1, 2), False) for d in (1, 1)],
+        ("changed", 3, 1, (1, 3), False),
+    ]
+    async with database.transaction() as conn:
+        for creator, received, credited, (num, den), (coins_at, diamonds_at) in creators:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO creators (creator_id, coins_received, diamonds_credited, "
+                    "created_at, rate_numerator, rate_denominator, coins_at_rate, "
+                    "diamonds_at_rate) VALUES (:c, :r, :d, :at, :num, :den, :ca, :da)"
+                ),
+                dict(c=creator, r=received, d=credited, at=at, num=num, den=den)
+                | dict(ca=coins_at, da=diamonds_at),
+            )
+        for i, (creator, coins, diamonds, (num, den), reversed_) in enumerate(credits):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO gift_credits (credit_key, fingerprint, creator_id, coins, "
+                    "diamonds, response, created_at, reversed_at, rate_numerator, "
+                    "rate_denominator, coin_value_micros, diamond_value_micros, "
+                    "platform_micros) VALUES (:k, 'fp', :c, :coins, :d, :r, :at, :rev, :num, "
+                    ":den, 10000, 10000, :p)"
+                ),
+                dict(k=f"k{i}", c=creator, coins=coins, d=diamonds, r=b"", num=num, den=den)
+                | dict(at=at + dt.timedelta(seconds=i), rev=at if reversed_ else None)
+                | dict(p=(coins - diamonds) * 10_000),
+            )
+    await upgrade(database, SERVICES / "payout" / "migrations")
+    async with database.read() as conn:
+        totals = {
+            row[0]: tuple(row[1:])
+            for row in await conn.execute(
+                sa.text(
+                    "SELECT creator_id, rate_segment, coins_at_rate, diamonds_at_rate, "
+                    "rate_numerator, rate_denominator FROM creators"
+                )
+            )
+        }
+        segments = {
+            (row[0], row[1])
+            for row in await conn.execute(
+                sa.text("SELECT creator_id, rate_segment FROM gift_credits")
+            )
+        }
+        reversed_rows = list(
+            await conn.execute(
+                sa.text(
+                    "SELECT reversed_diamonds, reversed_coins FROM gift_credits "
+                    "WHERE reversed_at IS NOT NULL"
+                )
+            )
+        )
+    assert totals == {
+        "clean": (0, 0, 0, 1, 2),
+        "reversed": (1, 2, 1, 1, 2),
+        "no-rate": (1, 3, 1, 1, 2),  # the rate of its last credit
+        "changed": (1, 7, 3, 1, 3),
+    }
+    assert segments == {("clean", 0), ("reversed", None), ("no-rate", None), ("changed", None)}
+    assert [tuple(r) for r in reversed_rows] == [(1, 0)]  # the old rule: its own share

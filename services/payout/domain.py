@@ -112,37 +112,42 @@ it): the gRPC layer's."""
 
 
 def _taken_back(
-    totals: storage.CreatorTotals, credits: Sequence[storage.CreditOfGift]
-) -> dict[str, tuple[int, int]]:
-    """Per credit (its key): the diamonds to take back and the coins that come off the creator's
-    totals with them.
+    totals: storage.CreatorTotals,
+    closed: dict[int, tuple[tuple[int, int], int]],
+    credits: Sequence[storage.CreditOfGift],
+) -> tuple[dict[str, tuple[int, int]], storage.TakenBack]:
+    """Per credit (its key): the diamonds to take back and the coins that come off its segment
+    with them; and what that takes off the creator's totals.
 
-    A credit of the creator's current rate segment takes back what its coins moved floor(standing
-    coins x rate) by, each in turn from the creator's totals: one-coin gifts credited 0 and 1
-    alternately (rate 1/2) take back 1 every other gift whichever ones are reversed, so the creator
-    keeps floor(coins kept x rate). A credit of an earlier segment (the rate changed since; or made
-    before segments were numbered) takes back its own share and leaves the totals alone, which the
-    current segment counts from (`policy.segment_for`)."""
+    A credit takes back what its coins moved floor(segment's coins x rate) by, each in turn from
+    what its rate segment converted: the current one (`totals`) or one that ended (`closed`).
+    One-coin gifts credited 0 and 1 alternately (rate 1/2) take back 1 every other gift whichever
+    ones are reversed, so the creator keeps floor(coins kept x rate) in each segment. A credit of
+    no known segment (made before segments were numbered, migration 0033) takes back its own share
+    and leaves the totals alone: its segment never mixes the two rules."""
     taken: dict[str, tuple[int, int]] = {}
-    coins = totals.coins_received
-    segment = (totals.coins_at_rate, totals.diamonds_at_rate)
+    back = storage.TakenBack()
+    coins = {n: c for n, (_, c) in closed.items()}
+    rates = {n: rate for n, (rate, _) in closed.items()}
+    if totals.rate is not None:
+        coins[totals.segment] = totals.coins_received - totals.coins_at_rate
+        rates[totals.segment] = totals.rate
     for credit in credits:
-        current = (
-            totals.rate is not None
-            and credit.segment == totals.segment
-            and coins - credit.coins >= totals.coins_at_rate
-        )
-        if not current:
+        n = credit.segment
+        if n is None or n not in coins or coins[n] < credit.coins:
             taken[credit.credit_key] = (credit.diamonds, 0)
             continue
-        assert totals.rate is not None
-        before = policy.owed_at(coins, totals.rate, segment)
-        coins -= credit.coins
-        taken[credit.credit_key] = (
-            before - policy.owed_at(coins, totals.rate, segment),
-            credit.coins,
-        )
-    return taken
+        before = policy.owed_at(coins[n], rates[n], (0, 0))
+        coins[n] -= credit.coins
+        diamonds = before - policy.owed_at(coins[n], rates[n], (0, 0))
+        taken[credit.credit_key] = (diamonds, credit.coins)
+        back.coins += credit.coins
+        back.diamonds += diamonds
+        if n != totals.segment:
+            back.earlier_coins += credit.coins
+            back.earlier_diamonds += diamonds
+            back.closed[n] = back.closed.get(n, 0) + credit.coins
+    return taken, back
 
 
 class Payouts:
@@ -231,6 +236,7 @@ class Payouts:
         owed: dict[str, int] = {}
         shares: dict[str, int] = {}
         segments: dict[str, tuple[int, int, int]] = {}
+        ended: list[storage.ClosedSegment] = []
         for creator, items in fresh.items():
             t = totals[creator]
             running = t.coins_received - sum(c.coins for c in items)
@@ -241,9 +247,14 @@ class Payouts:
                 t.diamonds_credited,
                 self.settings,
             )
-            # The same segment runs on while the creator's rate is the one in force.
+            # The same segment runs on while the creator's rate is the one in force; one that ends
+            # keeps what it converted, for reversals of its gifts.
             number = t.segment if t.rate == policy.rate(self.settings) else t.segment + 1
             segments[creator] = (*segment, number)
+            if number != t.segment and t.rate is not None:
+                ended.append(
+                    storage.ClosedSegment(creator, t.segment, *t.rate, running - t.coins_at_rate)
+                )
             before = t.diamonds_credited
             for c in items:  # each gift's share: how far it moved what the creator is owed
                 running += c.coins
@@ -251,6 +262,8 @@ class Payouts:
                 shares[c.key], before = after - before, after
             owed[creator] = before
         await storage.set_diamonds_credited_many(tx, owed, segments, policy.rate(self.settings))
+        if ended:
+            await storage.close_segments(tx, ended)
         gained = {
             credited_to(c): owed[c] - totals[c].diamonds_credited
             for c in fresh
@@ -447,12 +460,17 @@ class Payouts:
             else []
         )
         for creator, credits in sorted(by_creator.items()):
-            taken = _taken_back(totals[creator], credits)
-            coins_off = sum(coins for _, coins in taken.values())
-            if coins_off:
-                await storage.take_back(
-                    tx, creator, coins_off, sum(d for d, coins in taken.values() if coins)
-                )
+            closed = await storage.closed_segments(
+                tx,
+                creator,
+                [
+                    c.segment
+                    for c in credits
+                    if c.segment is not None and c.segment != totals[creator].segment
+                ],
+            )
+            taken, back = _taken_back(totals[creator], closed, credits)
+            await storage.take_back(tx, creator, back)
             budget = max(balances.get(creator_account(creator), 0), 0)
             moves: list[Reversal] = []
             for credit in credits:

@@ -68,6 +68,13 @@ _SET_CREDITED_MANY_PG = Statement(
 )
 
 
+_CLOSE_SEGMENT = Statement(
+    "payout.close_segment",
+    "INSERT INTO closed_segments (creator_id, rate_segment, rate_numerator, rate_denominator, "
+    "coins) VALUES (:creator_id, :segment, :numerator, :denominator, :coins)",
+)
+
+
 _CREDIT_COLUMNS = (
     "credit_key, request_key, fingerprint, creator_id, coins, diamonds, transaction_id, response, "
     "reference, created_at, matured_at, rate_numerator, rate_denominator, coin_value_micros, "
@@ -250,6 +257,22 @@ async def set_diamonds_credited_many(
             for creator_id in creators_
         ],
     )
+
+
+@dataclass(frozen=True)
+class ClosedSegment:
+    """A creator's rate segment that a new one follows: its rate and the coins it converted."""
+
+    creator_id: str
+    segment: int
+    numerator: int
+    denominator: int
+    coins: int
+
+
+async def close_segments(tx: Tx, ended: Sequence[ClosedSegment]) -> None:
+    """Keep segments that ended (rare: a creator's first credit after a rate change)."""
+    await tx.run_many(_CLOSE_SEGMENT, [segment.__dict__ for segment in ended])
 
 
 @dataclass(frozen=True)

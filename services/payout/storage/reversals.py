@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime.sql import Statement, Tx
 from services.payout.storage.credits import CreatorTotals, totals_of
@@ -41,7 +41,27 @@ _LOCK_TOTALS = Statement(
 _TAKE_BACK = Statement(
     "payout.take_back_totals",
     "UPDATE creators SET coins_received = coins_received - :coins, "
-    "diamonds_credited = diamonds_credited - :diamonds WHERE creator_id = :creator_id",
+    "diamonds_credited = diamonds_credited - :diamonds, "
+    "coins_at_rate = coins_at_rate - :earlier_coins, "
+    "diamonds_at_rate = diamonds_at_rate - :earlier_diamonds WHERE creator_id = :creator_id",
+)
+"""What earlier segments lose moves the current one's start down with it: it converts the same
+coins as before."""
+
+
+_CLOSED_SEGMENTS = Statement(
+    "payout.closed_segments",
+    "SELECT rate_segment, rate_numerator, rate_denominator, coins FROM closed_segments "
+    "WHERE creator_id = :creator_id AND rate_segment IN (SELECT value FROM json_each(:segments))",
+    postgres="SELECT rate_segment, rate_numerator, rate_denominator, coins FROM closed_segments "
+    "WHERE creator_id = :creator_id AND rate_segment = ANY(:segments::integer[])",
+)
+
+
+_TAKE_OFF_CLOSED = Statement(
+    "payout.take_off_closed_segment",
+    "UPDATE closed_segments SET coins = coins - :coins "
+    "WHERE creator_id = :creator_id AND rate_segment = :segment",
 )
 
 
@@ -67,6 +87,18 @@ _REVERSED_CREDITS = Statement(
     "FROM gift_credits "
     "WHERE reversal_seq > :after ORDER BY reversal_seq LIMIT :limit",
 )
+
+
+@dataclass
+class TakenBack:
+    """What reversals take off a creator's totals: the coins and diamonds in all, those of them
+    from ended segments, and each ended segment's coins."""
+
+    coins: int = 0
+    diamonds: int = 0
+    earlier_coins: int = 0
+    earlier_diamonds: int = 0
+    closed: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,9 +170,36 @@ async def lock_creator_totals(tx: Tx, creator_ids: Sequence[str]) -> dict[str, C
     return {str(row[0]): totals_of(row[1:]) for row in rows}
 
 
-async def take_back(tx: Tx, creator_id: str, coins: int, diamonds: int) -> None:
-    """Lower a creator's totals by reversed coins and the diamonds taken back for them."""
-    await tx.run(_TAKE_BACK, creator_id=creator_id, coins=coins, diamonds=diamonds)
+async def take_back(tx: Tx, creator_id: str, back: TakenBack) -> None:
+    """Lower a creator's totals by reversed coins and the diamonds taken back for them, and their
+    ended segments' coins."""
+    if back.coins:
+        await tx.run(
+            _TAKE_BACK,
+            creator_id=creator_id,
+            coins=back.coins,
+            diamonds=back.diamonds,
+            earlier_coins=back.earlier_coins,
+            earlier_diamonds=back.earlier_diamonds,
+        )
+    if back.closed:
+        await tx.run_many(
+            _TAKE_OFF_CLOSED,
+            [
+                {"creator_id": creator_id, "segment": segment, "coins": coins}
+                for segment, coins in sorted(back.closed.items())
+            ],
+        )
+
+
+async def closed_segments(
+    tx: Tx, creator_id: str, segments: Sequence[int]
+) -> dict[int, tuple[tuple[int, int], int]]:
+    """These ended segments of a creator: number -> ((numerator, denominator), coins)."""
+    if not segments:
+        return {}
+    rows = await tx.all(_CLOSED_SEGMENTS, creator_id=creator_id, segments=sorted(set(segments)))
+    return {int(n): ((int(num), int(den)), int(coins)) for n, num, den, coins in rows}
 
 
 async def next_reversal_seqs(tx: Tx, n: int) -> list[int]:

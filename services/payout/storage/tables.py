@@ -37,6 +37,19 @@ not credited since) applies from `coins_at_rate` received, when `diamonds_at_rat
 credited; `rate_segment` counts the segments."""
 
 
+closed_segments = Table(
+    "closed_segments",
+    metadata,
+    Column("creator_id", String(64), primary_key=True),
+    Column("rate_segment", Integer, primary_key=True),
+    Column("rate_numerator", Integer, nullable=False),
+    Column("rate_denominator", Integer, nullable=False),
+    Column("coins", BigInteger, nullable=False),
+)
+"""A creator's rate segment that ended (their rate changed), with the coins it converted less those
+reversed since (migration 0033): a reversal of one of its gifts rounds in it."""
+
+
 withdrawals = Table(
     "withdrawals",
     metadata,

@@ -1209,12 +1209,12 @@ class GiftReversal(_message.Message):
     already_reversed: _builtins.bool
     """True when an earlier request reversed it already (nothing moved now)."""
     diamonds_taken: _builtins.int
-    """What was taken back for it: from_pending + from_available + to_debt. The creator's totals lose
-    its coins and it takes back what that moves floor(coins x rate) by, so the creator keeps what
+    """What was taken back for it: from_pending + from_available + to_debt (already_reversed: what the
+    earlier reversal took, and nothing moved now). Its coins come off those its rate segment
+    converted and it takes back what that moves floor(coins x rate) by, so the creator keeps what
     the policy gives for the coins they keep; this can differ from `diamonds` by the rounding other
     gifts carried (one-coin gifts at 1/2 credit 0 and 1 alternately, and each takes back 0 or 1 in
-    turn). A credit made at an earlier rate takes back its own `diamonds`. What a pending credit
-    is not taken for still matures on its day.
+    turn). What a pending credit is not taken for still matures on its day.
     """
     def __init__(
         self,

@@ -1,15 +1,19 @@
-"""A reversal takes back what the creator's standing coins no longer earn (review r11 #1).
+"""A reversal takes back what the creator's kept coins no longer earn (review r11 #1).
 
 A reversal took back each gift's own share of floor(cumulative coins x rate), so after reversals of
-gifts worth a fraction of a diamond a creator held more or less than floor(standing coins x rate).
-A reversal now lowers the creator's totals by the gift's coins and takes back what that moved
-floor(...) by, in the rate segment the gift was credited in. For that each credit keeps the number of
-its creator's rate segment (`rate_segment`, counted on `creators`), and a reversed one what was taken
-(`reversed_diamonds`) and the coins that came off the creator's totals with it (`reversed_coins`; 0:
-reversed by its own share, the rule before, as credits of an earlier segment still are).
+gifts worth a fraction of a diamond a creator held more or less than floor(kept coins x rate). A
+reversal now takes the gift's coins off the coins its rate segment converted and takes back what that
+moves floor(...) by. For that each credit keeps the number of its creator's rate segment
+(`rate_segment`, counted on `creators`), a segment that ended keeps the coins it converted
+(`closed_segments`), and a reversed credit what was taken (`reversed_diamonds`) and the coins that
+came off its segment with it (`reversed_coins`; 0: reversed by its own share, the old rule).
 
-Credits made before this migration are known to be in their creator's current segment when that
-segment began at the first coin at the credit's rate; the others (NULL) keep the old rule.
+The rules must not mix within a segment (a review: a gift reversed by its own share leaves its coins
+in the segment's sum, and a later gift's rounding takes their diamonds). So credits made before this
+migration join their creator's current segment only where it holds exactly them: it began at the
+first coin, every credit is at its rate and none was reversed. Every other creator starts a new
+segment at their totals now (as a changed rate would: the fraction of a diamond not yet paid stays
+the platform's), and their earlier credits keep the old rule (NULL).
 
 Revision ID: 0033
 Revises: 0032
@@ -21,6 +25,14 @@ from alembic import op
 revision = "0033"
 down_revision = "0032"
 
+_CLEAN = (
+    "c.rate_numerator IS NOT NULL AND c.coins_at_rate = 0 AND c.diamonds_at_rate = 0 "
+    "AND NOT EXISTS (SELECT 1 FROM gift_credits g WHERE g.creator_id = c.creator_id "
+    "AND (g.reversed_at IS NOT NULL OR g.rate_numerator <> c.rate_numerator "
+    "OR g.rate_denominator <> c.rate_denominator))"
+)
+"""A creator whose current segment holds exactly their recorded credits, none reversed (`c`)."""
+
 
 def upgrade() -> None:
     with op.batch_alter_table("creators") as table:
@@ -31,20 +43,39 @@ def upgrade() -> None:
         table.add_column(sa.Column("rate_segment", sa.Integer()))
         table.add_column(sa.Column("reversed_diamonds", sa.BigInteger()))
         table.add_column(sa.Column("reversed_coins", sa.BigInteger()))
-    op.execute(
-        "UPDATE gift_credits SET rate_segment = 0 WHERE reversed_at IS NULL AND EXISTS ("
-        "SELECT 1 FROM creators c WHERE c.creator_id = gift_credits.creator_id "
-        "AND c.coins_at_rate = 0 AND c.diamonds_at_rate = 0 "
-        "AND c.rate_numerator = gift_credits.rate_numerator "
-        "AND c.rate_denominator = gift_credits.rate_denominator)"
+    op.create_table(
+        "closed_segments",
+        sa.Column("creator_id", sa.String(64), primary_key=True),
+        sa.Column("rate_segment", sa.Integer(), primary_key=True),
+        sa.Column("rate_numerator", sa.Integer(), nullable=False),
+        sa.Column("rate_denominator", sa.Integer(), nullable=False),
+        sa.Column("coins", sa.BigInteger(), nullable=False),
     )
     op.execute(
         "UPDATE gift_credits SET reversed_diamonds = diamonds, reversed_coins = 0 "
         "WHERE reversed_at IS NOT NULL"
     )
+    op.execute(
+        "UPDATE gift_credits SET rate_segment = 0 WHERE EXISTS (SELECT 1 FROM creators c "
+        f"WHERE c.creator_id = gift_credits.creator_id AND {_CLEAN})"
+    )
+    # The rest start a segment at their totals (a creator with no rate yet takes their last
+    # credit's, so the next credit does not count again from the first coin).
+    op.execute(
+        "UPDATE creators SET rate_segment = 1, coins_at_rate = coins_received, "
+        "diamonds_at_rate = diamonds_credited, "
+        "rate_numerator = coalesce(rate_numerator, (SELECT g.rate_numerator FROM gift_credits g "
+        "WHERE g.creator_id = creators.creator_id ORDER BY g.created_at DESC LIMIT 1)), "
+        "rate_denominator = coalesce(rate_denominator, (SELECT g.rate_denominator "
+        "FROM gift_credits g WHERE g.creator_id = creators.creator_id "
+        "ORDER BY g.created_at DESC LIMIT 1)) "
+        f"WHERE NOT EXISTS (SELECT 1 FROM creators c WHERE c.creator_id = creators.creator_id "
+        f"AND {_CLEAN})"
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("closed_segments")
     with op.batch_alter_table("gift_credits") as table:
         for name in ("reversed_coins", "reversed_diamonds", "rate_segment"):
             table.drop_column(name)
