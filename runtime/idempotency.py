@@ -44,7 +44,7 @@ from runtime.auth import USER_CALLERS, principal_or_none
 from runtime.clock import Clock
 from runtime.db import Database
 from runtime.errors import DomainError, Unavailable, request_id_reused
-from runtime.sql import Statement, Tx
+from runtime.sql import Statement, Tx, is_conflict
 
 if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
     from alembic.operations import Operations
@@ -495,25 +495,36 @@ class Idempotency:
         response_type: type[R],
         effect: Callable[[Tx], Awaitable[R]],
         at_once: Callable[[AnsweredKey], Awaitable[R | None]] | None = None,
+        on_record: Callable[[], Awaitable[R | None]] | None = None,
     ) -> R:
         """`once()` on the hot path: the effect on the driver, the key written with the answer.
 
         `at_once`, if given, first tries the effect and the key as one optimistic statement (see
         `Ledger.post_at_once`): it answers, or writes nothing and returns None, and then the
-        transactional path runs and decides (a replay, a refusal, a race lost)."""
+        transactional path runs and decides (a replay, a refusal, a race lost).
+
+        `on_record`, if given, answers from the effect's own record (the ledger's transaction,
+        unique by request id and kept for good) a retry whose effect collides with it after its
+        key was purged (`<SVC>_IDEMPOTENCY_RETENTION_HOURS`): without it such a retry collides
+        for ever (INTERNAL). It refuses REQUEST_ID_REUSED if the record is not this request's."""
         scoped, request_id = caller_scope(scope), _request_id(request)
         print_ = fingerprint(request)
         if at_once is not None:
-            answered = await at_once(
-                AnsweredKey(
-                    {
-                        "key_scope": scoped,
-                        "key_request_id": request_id,
-                        "key_fingerprint": print_,
-                        "key_created_at": self._clock.now(),
-                    }
+            try:
+                answered = await at_once(
+                    AnsweredKey(
+                        {
+                            "key_scope": scoped,
+                            "key_request_id": request_id,
+                            "key_fingerprint": print_,
+                            "key_created_at": self._clock.now(),
+                        }
+                    )
                 )
-            )
+            except Exception as error:
+                if not is_conflict(error):
+                    raise
+                answered = None  # the transactional path sorts it out
             if answered is not None:
                 return answered
         try:
@@ -544,11 +555,15 @@ class Idempotency:
                 ):
                     return earlier.replay(response_type)
                 raise
-        except Exception:
+        except Exception as error:
             # A retry's effect can collide with its first run's rows (the ledger's unique request id)
-            # before reaching the key: if the key has an answer, this was a retry; replay it.
+            # before reaching the key: if the key has an answer, this was a retry; replay it. Its
+            # key purged, the effect's own record answers.
             if await self._stored(scoped, request_id, print_) is None:
-                raise
+                kept = None if on_record is None or not is_conflict(error) else await on_record()
+                if kept is None:
+                    raise
+                return kept
         claim = await self._stored(scoped, request_id, print_)
         if claim is None or not claim.finished:
             raise Unavailable(

@@ -121,6 +121,21 @@ async def test_government_and_political_accounts_cannot_pay_for_promotions(suite
         info is not None and info.metadata["classification"] == "ACCOUNT_CLASSIFICATION_POLITICAL"
     )
     assert "promotions" in (error.details() or "")
+    # Nor a budget paid up front (promotion's path for promotions made before budgets were held;
+    # a review debited one).
+    await expect_error(
+        suite.as_caller("promotion").wallet.DebitCoins(
+            W.DebitCoinsRequest(
+                request_id=new_id("budget"),
+                user_id=politician,
+                coins=300,
+                reason=W.DEBIT_REASON_PROMOTION,
+                reference="promotion p",
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "GOVERNMENT_ACCOUNT",
+    )
     balance = (await suite.wallet.GetBalance(W.GetBalanceRequest(user_id=politician))).balance
     assert (balance.coins, balance.available_coins) == (coins, coins)
     await classify(suite, politician, W.ACCOUNT_CLASSIFICATION_PERSONAL)

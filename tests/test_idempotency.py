@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +35,35 @@ from tests.test_promotion import read as read_promotion
 async def coins_of(suite: Suite, user: str) -> int:
     response = await suite.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
     return response.balance.coins
+
+
+async def test_a_debit_retried_after_its_request_id_was_purged_is_answered_from_the_ledger(
+    suite: Suite,
+) -> None:
+    """The wallet forgets answered request ids after WALLET_IDEMPOTENCY_RETENTION_HOURS, the ledger
+    keeps its transactions under theirs for good: a retry after the purge (gifting re-sending a
+    gift's debit two days on) is answered from the ledger and debits nothing twice; with other coins
+    it is refused (review r15: INTERNAL on every retry, the unique request id colliding)."""
+    user, coins = await funded_user(suite)
+    gifting = suite.as_caller("gifting").wallet
+    request = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("r"),
+        user_id=user,
+        coins=30,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference="a gift",
+    )
+    first = await gifting.DebitCoins(request)
+    assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
+    again = await gifting.DebitCoins(request)
+    assert (again.transaction_id, again.balance.coins) == (first.transaction_id, coins - 30)
+    other = wallet_pb2.DebitCoinsRequest()
+    other.CopyFrom(request)
+    other.coins = 31
+    await expect_error(
+        gifting.DebitCoins(other), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    assert await coins_of(suite, user) == coins - 30
 
 
 async def test_a_retried_debit_returns_the_first_response(suite: Suite) -> None:

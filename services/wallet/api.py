@@ -271,12 +271,17 @@ class WalletApi(HoldRpcs, PaymentEventRpcs, wallet_pb2_grpc.WalletServiceService
         async def effect(tx: Tx) -> wallet_pb2.DebitCoinsResponse:
             return answer(await self._wallet.debit(tx, what))
 
+        async def on_record() -> wallet_pb2.DebitCoinsResponse | None:
+            kept = await self._wallet.debit_kept(self._db.driver, what)
+            return None if kept is None else answer(kept)
+
         return await self._idempotency.once_direct(
             debit_scope(request.user_id),
             _debit_fingerprinted(request),
             wallet_pb2.DebitCoinsResponse,
             effect,
             at_once=at_once,
+            on_record=on_record,
         )
 
     async def ResolveDebit(

@@ -23,6 +23,7 @@ from runtime.errors import (
     NotFound,
     ResourceExhausted,
     enum_name,
+    request_id_reused,
 )
 from runtime.idempotency import AnsweredKey
 from runtime.protos import money_text
@@ -366,16 +367,7 @@ class Wallet:
         keeps `placed_under`, the request that placed it (see `Holds.place`). Government and
         political accounts cannot pay for promotions (paid reach), as they cannot send gifts."""
         if reason == "promotion":
-            party = await storage.party(conn, user_id)
-            refused = (
-                None
-                if party is None
-                else _not_personal(
-                    user_id, party, "GOVERNMENT_ACCOUNT", "pay for promotions; nothing was held"
-                )
-            )
-            if refused is not None:
-                raise refused
+            await _may_pay_for_promotions(conn, user_id, "held")
         try:
             return await self.holds.place(
                 conn,
@@ -635,6 +627,8 @@ class Wallet:
         age of their country, or in a region without gifts; no one gifts themself. Each refusal has
         its own reason. An eligible user is remembered by each process for
         `WALLET_ELIGIBILITY_CACHE_SECONDS`, so the hot path reads nothing."""
+        if what.reason == "promotion":  # a budget paid up front: as PlaceHold refuses
+            await _may_pay_for_promotions(conn, what.user_id, "debited")
         recipient = what.recipient_id
         if recipient == what.user_id and recipient:
             raise InvalidArgument(
@@ -737,6 +731,8 @@ class Wallet:
         """Whether `check_recipient` would pass without a read (both sides known eligible)."""
         if what.recipient_id and what.recipient_id == what.user_id:
             return False
+        if what.reason == "promotion":
+            return False  # its payer's classification is read
         country = self._remembered_country(what.user_id)
         if (what.reason == "gift" or what.offered_in) and country is None:
             return False
@@ -781,6 +777,25 @@ class Wallet:
         transaction_id, balance, _ = found
         return Debit(transaction_id, balance, balance)
 
+    async def debit_kept(self, driver: Driver, what: DebitRequest) -> Debit | None:
+        """The debit the ledger holds for this request when its request-id record was purged
+        (`debit_on_record`); REQUEST_ID_REUSED if that took other coins. None: none on record."""
+        async with driver.read() as tx:
+            found = await self.ledger.posted_under(
+                tx,
+                caller=what.caller,
+                request_id=what.request_id,
+                account_id=user_account(what.user_id),
+            )
+        if found is None:
+            return None
+        transaction_id, balance, moved = found
+        if moved != -what.coins:
+            raise request_id_reused(
+                what.request_id.rsplit("/", 1)[-1], f"it debited {-moved} coins"
+            )
+        return Debit(transaction_id, balance, balance)
+
     async def debit_at_once(
         self,
         driver: Driver,
@@ -807,6 +822,22 @@ class Wallet:
             answer=lambda posted: answer(_debit(posted, account)),
         )
         return None if posted is None else _debit(posted, account)
+
+
+async def _may_pay_for_promotions(conn: AsyncConnection | Tx, user_id: str, nothing: str) -> None:
+    """Government and political accounts cannot pay for promotions (paid reach), as they cannot
+    send gifts: GOVERNMENT_ACCOUNT, nothing `nothing` (held, debited). No account: the ledger says
+    ACCOUNT_NOT_FOUND."""
+    party = await storage.party(conn, user_id)
+    refused = (
+        None
+        if party is None
+        else _not_personal(
+            user_id, party, "GOVERNMENT_ACCOUNT", f"pay for promotions; nothing was {nothing}"
+        )
+    )
+    if refused is not None:
+        raise refused
 
 
 def _debit(posted: Posted, account: str) -> Debit:
