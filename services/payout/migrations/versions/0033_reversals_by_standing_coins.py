@@ -25,13 +25,13 @@ from alembic import op
 revision = "0033"
 down_revision = "0032"
 
-_CLEAN = (
-    "c.rate_numerator IS NOT NULL AND c.coins_at_rate = 0 AND c.diamonds_at_rate = 0 "
-    "AND NOT EXISTS (SELECT 1 FROM gift_credits g WHERE g.creator_id = c.creator_id "
-    "AND (g.reversed_at IS NOT NULL OR g.rate_numerator <> c.rate_numerator "
-    "OR g.rate_denominator <> c.rate_denominator))"
+_MIXED = (
+    "SELECT g.creator_id FROM gift_credits g JOIN creators c ON c.creator_id = g.creator_id "
+    "WHERE g.reversed_at IS NOT NULL OR g.rate_numerator <> c.rate_numerator "
+    "OR g.rate_denominator <> c.rate_denominator"
 )
-"""A creator whose current segment holds exactly their recorded credits, none reversed (`c`)."""
+"""Creators with a credit reversed, or at another rate than their current one. Each statement below
+reads the tables once (no per-creator lookups: gift_credits has no index by creator alone)."""
 
 
 def upgrade() -> None:
@@ -55,22 +55,27 @@ def upgrade() -> None:
         "UPDATE gift_credits SET reversed_diamonds = diamonds, reversed_coins = 0 "
         "WHERE reversed_at IS NOT NULL"
     )
+    # Segment 1, from their totals now, for every creator whose current segment does not hold
+    # exactly their recorded credits (or who has no rate yet: their last credit's, so the next
+    # credit does not count again from the first coin); the others' credits join segment 0.
     op.execute(
-        "UPDATE gift_credits SET rate_segment = 0 WHERE EXISTS (SELECT 1 FROM creators c "
-        f"WHERE c.creator_id = gift_credits.creator_id AND {_CLEAN})"
+        "UPDATE creators SET rate_segment = 1 WHERE rate_numerator IS NULL "
+        f"OR coins_at_rate <> 0 OR diamonds_at_rate <> 0 OR creator_id IN ({_MIXED})"
     )
-    # The rest start a segment at their totals (a creator with no rate yet takes their last
-    # credit's, so the next credit does not count again from the first coin).
     op.execute(
-        "UPDATE creators SET rate_segment = 1, coins_at_rate = coins_received, "
-        "diamonds_at_rate = diamonds_credited, "
-        "rate_numerator = coalesce(rate_numerator, (SELECT g.rate_numerator FROM gift_credits g "
-        "WHERE g.creator_id = creators.creator_id ORDER BY g.created_at DESC LIMIT 1)), "
-        "rate_denominator = coalesce(rate_denominator, (SELECT g.rate_denominator "
-        "FROM gift_credits g WHERE g.creator_id = creators.creator_id "
-        "ORDER BY g.created_at DESC LIMIT 1)) "
-        f"WHERE NOT EXISTS (SELECT 1 FROM creators c WHERE c.creator_id = creators.creator_id "
-        f"AND {_CLEAN})"
+        "UPDATE gift_credits SET rate_segment = 0 "
+        "WHERE creator_id IN (SELECT creator_id FROM creators WHERE rate_segment = 0)"
+    )
+    op.execute(
+        "UPDATE creators SET rate_numerator = (SELECT g.rate_numerator FROM gift_credits g "
+        "WHERE g.creator_id = creators.creator_id ORDER BY g.created_at DESC LIMIT 1), "
+        "rate_denominator = (SELECT g.rate_denominator FROM gift_credits g "
+        "WHERE g.creator_id = creators.creator_id ORDER BY g.created_at DESC LIMIT 1) "
+        "WHERE rate_numerator IS NULL"
+    )  # credited before migration 0020 and not since: none where payout ran since
+    op.execute(
+        "UPDATE creators SET coins_at_rate = coins_received, diamonds_at_rate = diamonds_credited "
+        "WHERE rate_segment = 1"
     )
 
 
