@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import random
 
+import pytest
 import sqlalchemy as sa
 
 from coins.payout.v1 import payout_pb2
@@ -74,7 +75,10 @@ async def test_reversing_the_gifts_that_credited_nothing_still_takes_back_their_
     reversals = await reverse(suite, zeros)
     assert sum(r.diamonds for r in reversals) == 0  # what they had credited
     assert sum(r.diamonds_taken for r in reversals) == 10
-    assert all(r.diamonds_taken == r.from_pending + r.from_available + r.to_debt for r in reversals)
+    assert all(
+        r.diamonds_taken == r.from_pending + r.from_available + r.to_debt - r.to_available
+        for r in reversals
+    )
     balance = await balance_of(suite, creator)
     assert (balance.pending_diamonds, balance.available_diamonds, balance.debt_diamonds) == (
         20,
@@ -92,22 +96,24 @@ async def test_reversing_the_gifts_that_credited_nothing_still_takes_back_their_
     assert (done.available_diamonds, done.debt_diamonds) == (11, 0)  # floor(22 / 2)
 
 
-async def test_reversing_the_gifts_that_credited_one_keeps_pending_what_was_not_taken(
+async def test_reversing_the_gifts_that_credited_one_makes_available_what_was_not_taken(
     maturing: tuple[Suite, ShiftedClock],
 ) -> None:
     """Reversing the 20 one-coin gifts that credited 1 took back 20 (0 diamonds for 20 coins kept);
-    now 10. Those taken back for 0 keep their pending diamond, which matures on its day."""
+    now 10. Each pending credit gives up its diamond; of those taken back for 0 it is available
+    (the reversal settled what the creator keeps of it), so nothing reversed stays pending."""
     suite, clock = maturing
     creator = new_id("creator")
     gifts = [await gift(suite, creator, 1) for _ in range(40)]
     ones = [gift_id for gift_id, diamonds in gifts if diamonds == 1]
     reversals = await reverse(suite, ones)
-    assert sum(r.diamonds for r in reversals) == 20
-    assert sum(r.diamonds_taken for r in reversals) == sum(r.from_pending for r in reversals) == 10
+    assert sum(r.diamonds for r in reversals) == sum(r.from_pending for r in reversals) == 20
+    assert sum(r.diamonds_taken for r in reversals) == sum(r.to_available for r in reversals) == 10
+    assert not any(r.from_available or r.to_debt for r in reversals)
     balance = await balance_of(suite, creator)
     assert (balance.pending_diamonds, balance.available_diamonds, balance.debt_diamonds) == (
-        10,
         0,
+        10,
         0,
     )
     # Named again: nothing moves, the answer says what was taken.
@@ -316,5 +322,24 @@ async def test_the_upgrade_keeps_each_segment_to_one_rule(database: Database) ->
         "no-rate": (1, 3, 1, 1, 2),  # the rate of its last credit
         "changed": (1, 7, 3, 1, 3),
     }
-    assert segments == {("clean", 0), ("reversed", None), ("no-rate", None), ("changed", None)}
+    assert segments == {("clean", 0), ("reversed", -1), ("no-rate", -1), ("changed", -1)}
     assert [tuple(r) for r in reversed_rows] == [(1, 0)]  # the old rule: its own share
+    # A payout older than the migration, still running in a rolling update, writes nothing: its
+    # credit carries no segment, its reversal not what it took (review r17).
+    with pytest.raises(sa.exc.IntegrityError):
+        async with database.transaction() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO gift_credits (credit_key, fingerprint, creator_id, coins, "
+                    "diamonds, response, created_at, rate_numerator, rate_denominator, "
+                    "coin_value_micros, diamond_value_micros, platform_micros) VALUES ('old', "
+                    "'fp', 'clean', 1, 0, :r, :at, 1, 2, 10000, 10000, 10000)"
+                ),
+                {"r": b"", "at": at},
+            )
+    with pytest.raises(sa.exc.IntegrityError):
+        async with database.transaction() as conn:
+            await conn.execute(
+                sa.text("UPDATE gift_credits SET reversed_at = :at WHERE credit_key = 'k0'"),
+                {"at": at},
+            )

@@ -11,9 +11,9 @@ each) reads all of them and checks, gift by gift and promotion by promotion:
   equals what the promotion service counts (`spent_coins`, or the budget for a debit-paid one);
 - every gift credit's value adds up (coins x coin value = diamonds x diamond value + the platform's
   share, in millionths, exactly), and each creator's diamonds are what the policy gives for the
-  coins they keep: floor(coins x rate) over each run of credits applied at one rate (a rate applies
-  to the coins received while it is in force), the fraction carried from gift to gift, less the
-  coins of gifts reversed since and the diamonds taken back with them;
+  coins they keep: floor(coins x rate) over each of their rate segments (a rate applies to the
+  coins received while it is in force), the fraction carried from gift to gift, less the coins of
+  gifts reversed since and the diamonds taken back with them;
 - with the processor's payout items (the sandbox's file: the only processor today),
   every paid withdrawal was paid exactly once, for its net amount, and nothing else was paid: an
   item the processor failed or returned is no payment (a failed attempt and one successful resend
@@ -79,7 +79,7 @@ _PROMOTIONS = (
 _CREDIT_VALUES = (
     "SELECT credit_key, creator_id, coins, diamonds, rate_numerator, rate_denominator, "
     "coin_value_micros, diamond_value_micros, platform_micros, coalesce(reversed_coins, 0), "
-    "reversed_diamonds FROM gift_credits "
+    "reversed_diamonds, rate_segment FROM gift_credits "
     "ORDER BY creator_id, created_at, credit_key"
 )
 _WITHDRAWALS = "SELECT withdrawal_id, status, gross_minor - fee_minor, updated_at FROM withdrawals"
@@ -239,16 +239,20 @@ async def cross_audit(
 
 
 async def _check_diamonds(report: Report, payout_url: str) -> None:
-    # Per creator, the runs of credits applied at one rate, in the order they were applied: a rate
-    # applies to the coins received while it is in force (payout's `policy.segment_for`), so each
-    # run's diamonds are floor(its coins x its rate), the fraction carried from gift to gift. A
-    # reversal takes a gift's coins off the run with the diamonds it took back (`reversed_coins` 0:
-    # a gift of an earlier run reversed by its own share, which leaves the run's sums as they were).
+    # Per creator, the rate segments: each converts the coins received while its rate is in force
+    # (payout's `policy.segment_for`), so its diamonds are floor(its coins x its rate), the fraction
+    # carried from gift to gift. Numbered segments (migration 0033) are payout's own; credits of the
+    # rule before (-1, or none: a database not migrated yet) are runs at one rate in the order they
+    # were applied. A reversal takes a gift's coins off its segment with the diamonds it took back
+    # (`reversed_coins` 0: reversed by its own share, the old rule: its coins stay in the run).
     runs: dict[str, list[list[int]]] = defaultdict(list)  # creator -> [[num, den, coins, diamonds]]
+    numbered: dict[tuple[str, int], list[int]] = {}
+    legacy: dict[str, list[int]] = {}  # each creator's last run of credits before segments
     for row in await _rows(payout_url, _CREDIT_VALUES):
         key, creator, coins, diamonds, num, den, coin_value, diamond_value, platform = row[:9]
         coins_off = int(row[9])
         diamonds_off = int(row[10]) if coins_off else 0
+        segment = -1 if row[11] is None else int(row[11])
         report.credits_checked += 1
         if int(coins) * int(coin_value) != int(diamonds) * int(diamond_value) + int(platform):
             report.differ(
@@ -261,10 +265,24 @@ async def _check_diamonds(report: Report, payout_url: str) -> None:
                 platform_micros=int(platform),
             )
         creator_runs = runs[str(creator)]
-        if not creator_runs or creator_runs[-1][:2] != [int(num), int(den)]:
-            creator_runs.append([int(num), int(den), 0, 0])
-        creator_runs[-1][2] += int(coins) - coins_off
-        creator_runs[-1][3] += int(diamonds) - diamonds_off
+        if segment >= 0 and (str(creator), segment) in numbered:
+            run = numbered[(str(creator), segment)]
+        elif (
+            segment < 0
+            and creator_runs
+            and creator_runs[-1] is legacy.get(str(creator))
+            and creator_runs[-1][:2] == [int(num), int(den)]
+        ):
+            run = creator_runs[-1]
+        else:
+            run = [int(num), int(den), 0, 0]
+            creator_runs.append(run)
+            if segment >= 0:
+                numbered[(str(creator), segment)] = run
+            else:
+                legacy[str(creator)] = run
+        run[2] += int(coins) - coins_off
+        run[3] += int(diamonds) - diamonds_off
     for creator, creator_runs in runs.items():
         report.creators_checked += 1
         if len(creator_runs) > 1:

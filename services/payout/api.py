@@ -570,6 +570,7 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
                         from_pending=r.from_pending,
                         from_available=r.from_available,
                         to_debt=r.to_debt,
+                        to_available=r.to_available,
                         already_reversed=r.already_reversed,
                     )
                     for r in done

@@ -65,10 +65,13 @@ class Reversal:
     diamonds: int
     """What the gift had credited."""
     taken: int
-    """What its reversal took back: from_pending + from_available + to_debt (see `_taken_back`)."""
+    """What its reversal took back: from_pending + from_available + to_debt - to_available (see
+    `_taken_back`)."""
     from_pending: int = 0
     from_available: int = 0
     to_debt: int = 0
+    to_available: int = 0
+    """What a pending credit gave up beyond what was taken (at most a diamond): now available."""
     already_reversed: bool = False
 
 
@@ -422,10 +425,10 @@ class Payouts:
         each gift's coins, and each gift takes back what that moved floor(coins x rate) by, so after
         any reversals a creator holds what the policy gives for the coins they keep (not the
         reversed gifts' own shares, which carried the rounding of other gifts: see
-        `_taken_back`). A credit still pending gives up what is taken from its pending diamonds
-        (the rest, if it was credited more, matures on its day); what else is taken comes from the
-        available balance, and what that lacks becomes a debt that blocks withdrawals until later
-        diamonds repay it."""
+        `_taken_back`). A credit still pending gives up its pending diamonds (it never matures; what
+        they are more than is taken, at most a diamond, becomes available); what else is taken
+        comes from the available balance, and what that lacks becomes a debt that blocks
+        withdrawals until later diamonds repay it."""
         found = await storage.credits_of_gifts(tx, gift_ids)
         reversals: list[Reversal] = []
         by_creator: dict[str, list[storage.CreditOfGift]] = {}
@@ -471,12 +474,19 @@ class Payouts:
             )
             taken, back = _taken_back(totals[creator], closed, credits)
             await storage.take_back(tx, creator, back)
-            budget = max(balances.get(creator_account(creator), 0), 0)
+            # A pending credit gives up its whole share, and what that is more than is taken
+            # becomes available (first, so the others can take from it).
+            returned = {
+                c.credit_key: max(c.diamonds - taken[c.credit_key][0], 0) if c.pending else 0
+                for c in credits
+            }
+            budget = max(balances.get(creator_account(creator), 0), 0) + sum(returned.values())
             moves: list[Reversal] = []
             for credit in credits:
                 diamonds = taken[credit.credit_key][0]
-                from_pending = min(diamonds, credit.diamonds) if credit.pending else 0
-                from_available = min(diamonds - from_pending, budget)
+                from_pending = credit.diamonds if credit.pending else 0
+                rest = diamonds - from_pending + returned[credit.credit_key]
+                from_available = min(rest, budget)
                 budget -= from_available
                 moves.append(
                     Reversal(
@@ -486,7 +496,8 @@ class Payouts:
                         diamonds,
                         from_pending=from_pending,
                         from_available=from_available,
-                        to_debt=diamonds - from_pending - from_available,
+                        to_debt=rest - from_available,
+                        to_available=returned[credit.credit_key],
                     )
                 )
             transaction_id = await self._post_reversal(creator, credits, moves, tx)
@@ -499,7 +510,6 @@ class Payouts:
                     next(numbers),
                     diamonds=move.taken,
                     coins=taken[credit.credit_key][1],
-                    keeps_pending=move.from_pending < credit.diamonds and credit.pending,
                 ):
                     raise Aborted("CONCURRENT_REVERSAL", "these gifts are being reversed already")
             reversals.extend(moves)
@@ -514,12 +524,13 @@ class Payouts:
     ) -> str:
         """The creator's ledger transaction for these reversals ("" when they take nothing)."""
         from_pending = sum(m.from_pending for m in moves)
-        from_available = sum(m.from_available for m in moves)
+        from_available = sum(m.from_available - m.to_available for m in moves)
         to_debt = sum(m.to_debt for m in moves)
         legs = [
             (pending_account(creator), -from_pending),
             (creator_account(creator), -from_available),
             (debt_account(creator), -to_debt),
+            (ISSUANCE, from_pending + from_available + to_debt),
         ]
         postings = [Posting(a, d) for a, d in legs if d]
         if not postings:
@@ -529,7 +540,7 @@ class Payouts:
         gifts = sorted(c.reference for c in credits)
         posted = await self.ledger.post(
             tx,
-            [*postings, Posting(ISSUANCE, from_pending + from_available + to_debt)],
+            postings,
             kind="reversal",
             # The gifts it takes back, as a credit's entry names its gift (the reason is in the
             # admin audit trail).

@@ -112,10 +112,9 @@ _INSERT_CREDITS_PG = Statement(
 
 _MATURING_CREDITS = Statement(
     "payout.lock_maturing_credits",
-    "SELECT credit_key, creator_id, diamonds - coalesce(reversed_diamonds, 0) FROM gift_credits "
+    "SELECT credit_key, creator_id, diamonds FROM gift_credits "
     "WHERE matured_at IS NULL AND created_at <= :due ORDER BY created_at LIMIT :limit",
-    postgres="SELECT credit_key, creator_id, diamonds - coalesce(reversed_diamonds, 0) "
-    "FROM gift_credits "
+    postgres="SELECT credit_key, creator_id, diamonds FROM gift_credits "
     "WHERE matured_at IS NULL AND created_at <= :due ORDER BY created_at LIMIT :limit "
     "FOR UPDATE SKIP LOCKED",
 )

@@ -68,7 +68,7 @@ _TAKE_OFF_CLOSED = Statement(
 _MARK_REVERSED = Statement(
     "payout.mark_reversed",
     "UPDATE gift_credits SET reversed_at = :now, reversal_transaction_id = :transaction_id, "
-    "matured_at = coalesce(matured_at, :matured_at), reversal_seq = :seq, "
+    "matured_at = coalesce(matured_at, :now), reversal_seq = :seq, "
     "reversed_diamonds = :diamonds, reversed_coins = :coins "
     "WHERE credit_key = :credit_key AND reversed_at IS NULL",
 )
@@ -219,18 +219,15 @@ async def mark_reversed(
     *,
     diamonds: int,
     coins: int,
-    keeps_pending: bool,
 ) -> bool:
-    """Mark a credit reversed as reversal number `seq`, with the `diamonds` taken back and the
-    `coins` taken off its creator's totals; it no longer matures unless it `keeps_pending` diamonds
-    (its share less those taken). False if it was reversed already."""
+    """Mark a credit reversed (and no longer pending) as reversal number `seq`, with the `diamonds`
+    taken back and the `coins` taken off its segment; False if it was reversed already."""
     return (
         await tx.run(
             _MARK_REVERSED,
             credit_key=credit_key,
             transaction_id=transaction_id,
             now=now,
-            matured_at=None if keeps_pending else now,
             seq=seq,
             diamonds=diamonds,
             coins=coins,

@@ -198,8 +198,9 @@ gift_credits = Table(
 diamonds are pending until `matured_at` (migration 0011); the rates it was converted at and the
 platform's share, coins x coin value - diamonds x diamond value, in millionths (migration 0016).
 The creator's rate segment it was credited in; once reversed, the diamonds taken back and the coins
-that came off the creator's totals with them (migration 0033; a reversed credit still pending keeps
-what was not taken pending, to mature on its day).
+that came off its segment with them (migration 0033: -1 for a credit of the rule before it; the
+database refuses a credit without its segment and a reversal without what it took: a payout older
+than the migration).
 `credit_key` names the creator, `request_key` (unique, migration 0026) does not: one request id is
 one creator's credit."""
 

@@ -1194,6 +1194,7 @@ class GiftReversal(_message.Message):
     TO_DEBT_FIELD_NUMBER: _builtins.int
     ALREADY_REVERSED_FIELD_NUMBER: _builtins.int
     DIAMONDS_TAKEN_FIELD_NUMBER: _builtins.int
+    TO_AVAILABLE_FIELD_NUMBER: _builtins.int
     gift_id: _builtins.str
     """The gift."""
     creator_id: _builtins.str
@@ -1209,12 +1210,16 @@ class GiftReversal(_message.Message):
     already_reversed: _builtins.bool
     """True when an earlier request reversed it already (nothing moved now)."""
     diamonds_taken: _builtins.int
-    """What was taken back for it: from_pending + from_available + to_debt (already_reversed: what the
-    earlier reversal took, and nothing moved now). Its coins come off those its rate segment
-    converted and it takes back what that moves floor(coins x rate) by, so the creator keeps what
-    the policy gives for the coins they keep; this can differ from `diamonds` by the rounding other
-    gifts carried (one-coin gifts at 1/2 credit 0 and 1 alternately, and each takes back 0 or 1 in
-    turn). What a pending credit is not taken for still matures on its day.
+    """What was taken back for it: from_pending + from_available + to_debt - to_available
+    (already_reversed: what the earlier reversal took, and nothing moved now). Its coins come off
+    those its rate segment converted and it takes back what that moves floor(coins x rate) by, so
+    the creator keeps what the policy gives for the coins they keep; this can differ from `diamonds`
+    by the rounding other gifts carried (one-coin gifts at 1/2 credit 0 and 1 alternately, and each
+    takes back 0 or 1 in turn).
+    """
+    to_available: _builtins.int
+    """A pending credit gives up all its pending diamonds (`from_pending`); what they are more than
+    `diamonds_taken` (at most a diamond) moves to the available balance.
     """
     def __init__(
         self,
@@ -1227,10 +1232,11 @@ class GiftReversal(_message.Message):
         to_debt: _builtins.int = ...,
         already_reversed: _builtins.bool = ...,
         diamonds_taken: _builtins.int = ...,
+        to_available: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_reversed", b"already_reversed", "creator_id", b"creator_id", "diamonds", b"diamonds", "diamonds_taken", b"diamonds_taken", "from_available", b"from_available", "from_pending", b"from_pending", "gift_id", b"gift_id", "to_debt", b"to_debt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_reversed", b"already_reversed", "creator_id", b"creator_id", "diamonds", b"diamonds", "diamonds_taken", b"diamonds_taken", "from_available", b"from_available", "from_pending", b"from_pending", "gift_id", b"gift_id", "to_available", b"to_available", "to_debt", b"to_debt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

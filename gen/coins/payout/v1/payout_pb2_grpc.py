@@ -253,8 +253,8 @@ class PayoutServiceServicer:
     def ReverseGiftCredits(self, request, context):
         """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
         what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
-        credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
-        the available balance, and what that lacks becomes a debt that blocks withdrawals
+        credit's own pending diamonds (it then never matures), else from the available balance, and
+        what that lacks becomes a debt that blocks withdrawals
         (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

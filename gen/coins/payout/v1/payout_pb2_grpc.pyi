@@ -82,8 +82,8 @@ class PayoutServiceStub:
     ReverseGiftCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]
     """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
     what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
-    credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
-    the available balance, and what that lacks becomes a debt that blocks withdrawals
+    credit's own pending diamonds (it then never matures), else from the available balance, and
+    what that lacks becomes a debt that blocks withdrawals
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
     ListReversedCredits: _grpc.UnaryUnaryMultiCallable[_payout_pb2.ListReversedCreditsRequest, _payout_pb2.ListReversedCreditsResponse]
@@ -197,8 +197,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     ReverseGiftCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ReverseGiftCreditsRequest, _payout_pb2.ReverseGiftCreditsResponse]  # type: ignore[assignment]
     """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
     what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
-    credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
-    the available balance, and what that lacks becomes a debt that blocks withdrawals
+    credit's own pending diamonds (it then never matures), else from the available balance, and
+    what that lacks becomes a debt that blocks withdrawals
     (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
     """
     ListReversedCredits: _aio.UnaryUnaryMultiCallable[_payout_pb2.ListReversedCreditsRequest, _payout_pb2.ListReversedCreditsResponse]  # type: ignore[assignment]
@@ -375,8 +375,8 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_payout_pb2.ReverseGiftCreditsResponse, _abc.Awaitable[_payout_pb2.ReverseGiftCreditsResponse]]:
         """Takes back the diamonds of named gifts (coins found fraudulent later), each gift exactly once:
         what the creator's kept coins no longer earn (GiftReversal.diamonds_taken), from a pending
-        credit's own pending diamonds (it then no longer matures, but for what was not taken), else from
-        the available balance, and what that lacks becomes a debt that blocks withdrawals
+        credit's own pending diamonds (it then never matures), else from the available balance, and
+        what that lacks becomes a debt that blocks withdrawals
         (FAILED_PRECONDITION DEBT_OUTSTANDING) until later diamonds repay it. Risk and admin only; audited.
         """
 

@@ -6,14 +6,20 @@ reversal now takes the gift's coins off the coins its rate segment converted and
 moves floor(...) by. For that each credit keeps the number of its creator's rate segment
 (`rate_segment`, counted on `creators`), a segment that ended keeps the coins it converted
 (`closed_segments`), and a reversed credit what was taken (`reversed_diamonds`) and the coins that
-came off its segment with it (`reversed_coins`; 0: reversed by its own share, the old rule).
+came off its segment with it (`reversed_coins`; 0: reversed by its own share, the old rule). A
+credit still pending gives its share up from pending diamonds, so none is left pending to mature.
 
 The rules must not mix within a segment (a review: a gift reversed by its own share leaves its coins
 in the segment's sum, and a later gift's rounding takes their diamonds). So credits made before this
 migration join their creator's current segment only where it holds exactly them: it began at the
 first coin, every credit is at its rate and none was reversed. Every other creator starts a new
 segment at their totals now (as a changed rate would: the fraction of a diamond not yet paid stays
-the platform's), and their earlier credits keep the old rule (NULL).
+the platform's), and their earlier credits keep the old rule.
+
+Credits of the old rule are numbered -1. No payout older than this migration may write beside it (a
+rolling update: its credits would carry no segment, its reversals the old rule, inside segments that
+round): the database refuses a credit without a segment and a reversal without what it took, so
+such a payout's batch fails whole and gifting's relay delivers it again to a new one.
 
 Revision ID: 0033
 Revises: 0032
@@ -77,9 +83,42 @@ def upgrade() -> None:
         "UPDATE creators SET coins_at_rate = coins_received, diamonds_at_rate = diamonds_credited "
         "WHERE rate_segment = 1"
     )
+    op.execute("UPDATE gift_credits SET rate_segment = -1 WHERE rate_segment IS NULL")
+    _refuse_older_payouts()
+
+
+_OLDER_PAYOUT = (
+    "written by a payout older than migration 0033 (a rolling update: finish it, the credit or "
+    "reversal is sent again to a new payout)"
+)
+
+
+def _refuse_older_payouts() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute(
+            "CREATE TRIGGER gift_credits_numbered BEFORE INSERT ON gift_credits "
+            "WHEN NEW.rate_segment IS NULL "
+            f"BEGIN SELECT RAISE(ABORT, 'a gift credit without its rate segment, {_OLDER_PAYOUT}'); END"
+        )
+        op.execute(
+            "CREATE TRIGGER gift_credits_reversal_recorded BEFORE UPDATE ON gift_credits "
+            "WHEN NEW.reversed_at IS NOT NULL AND NEW.reversed_diamonds IS NULL "
+            f"BEGIN SELECT RAISE(ABORT, 'a reversal without what it took, {_OLDER_PAYOUT}'); END"
+        )
+        return
+    op.execute("ALTER TABLE gift_credits ALTER COLUMN rate_segment SET NOT NULL")
+    op.execute(
+        "ALTER TABLE gift_credits ADD CONSTRAINT ck_gift_credits_reversal_recorded "
+        "CHECK (reversed_at IS NULL OR reversed_diamonds IS NOT NULL)"
+    )
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute("DROP TRIGGER gift_credits_numbered")
+        op.execute("DROP TRIGGER gift_credits_reversal_recorded")
+    else:
+        op.execute("ALTER TABLE gift_credits DROP CONSTRAINT ck_gift_credits_reversal_recorded")
     op.drop_table("closed_segments")
     with op.batch_alter_table("gift_credits") as table:
         for name in ("reversed_coins", "reversed_diamonds", "rate_segment"):
