@@ -126,8 +126,8 @@ def _taken_back(
     what its rate segment converted: the current one (`totals`) or one that ended (`closed`).
     One-coin gifts credited 0 and 1 alternately (rate 1/2) take back 1 every other gift whichever
     ones are reversed, so the creator keeps floor(coins kept x rate) in each segment. A credit of
-    no known segment (made before segments were numbered, migration 0033) takes back its own share
-    and leaves the totals alone: its segment never mixes the two rules."""
+    the rule before segments were numbered (-1, migration 0033) takes back its own share and leaves
+    the totals alone: its segment never mixes the two rules."""
     taken: dict[str, tuple[int, int]] = {}
     back = storage.TakenBack()
     coins = {n: c for n, (_, c) in closed.items()}

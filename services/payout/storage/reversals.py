@@ -111,7 +111,8 @@ class CreditOfGift:
     reversed: bool
     coins: int
     segment: int | None
-    """The creator's rate segment it was credited in (None: not known, made before migration 0033)."""
+    """The creator's rate segment it was credited in (-1: credited under the rule before migration
+    0033, reversed by its own share)."""
     reversed_diamonds: int | None
     """What its reversal took back (None: not reversed)."""
 
