@@ -1,5 +1,7 @@
 """Health checking: the standard grpc.health.v1 service on the API port and the plaintext probe port,
-SERVING only while the service's database answers."""
+SERVING only while the service's database answers; `LIVENESS` answers SERVING while the process
+runs (a liveness probe: restarting a process does not bring a database back, and one that cannot
+reach it at start exits, which would keep pods crash-looping through an outage)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ log = logging.getLogger("coins.server")
 
 SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 CHECK, LIST, WATCH = (f"/{SERVICE}/{method}" for method in ("Check", "List", "Watch"))
+LIVENESS = "liveness"
+"""The health service name a liveness probe asks for: SERVING from start to shutdown, whatever
+the database does."""
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]

@@ -45,7 +45,7 @@ from runtime.clients import service_channel
 from runtime.clock import Clock, SystemClock
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
-from runtime.health import CHECK, LIST, HealthServicer, watch_database
+from runtime.health import CHECK, LIST, LIVENESS, HealthServicer, watch_database
 from runtime.health import SERVICE as HEALTH
 from runtime.idempotency import Idempotency
 from runtime.interceptors import Replay, RequestGuard, finish_unfinished
@@ -555,7 +555,7 @@ async def start_service(
 
     await server.start()
     await health_server.start()
-    for name in ("", *names):
+    for name in ("", LIVENESS, *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningService(
         spec,

@@ -26,6 +26,7 @@ from runtime import deadlines
 from runtime.backoff import backoff
 from runtime.db import Database
 from runtime.errors import DeadlineExceeded, ErrorKind
+from runtime.health import LIVENESS
 from runtime.outages import (
     DatabaseRefused,
     connection_dropped,
@@ -90,6 +91,10 @@ async def test_a_database_outage_is_unavailable_and_heals(
     await eventually(
         lambda: health_is(health_pb2.HealthCheckResponse.NOT_SERVING), "wallet NOT_SERVING"
     )
+    # A liveness probe never restarts it for the database (review r16: the manifests' liveness
+    # probe asked what readiness asks, and a restarted wallet exits while the database is out).
+    alive = await probe.Check(health_pb2.HealthCheckRequest(service=LIVENESS))
+    assert alive.status == health_pb2.HealthCheckResponse.SERVING
 
     proxy.heal()
     await eventually(lambda: health_is(health_pb2.HealthCheckResponse.SERVING), "SERVING again")

@@ -20,6 +20,7 @@ import yaml
 from pydantic import SecretStr
 
 from runtime.config import DEFAULT_PORT_BASE, SUITE_PLACES, ServiceSettings
+from runtime.health import LIVENESS
 from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.promotion.settings import PromotionSettings
@@ -144,7 +145,14 @@ def service_documents(name: str) -> list[dict[str, Any]]:
         "envFrom": [{"configMapRef": {"name": f"{name}-settings"}}],
         "env": [database_env(name), *secret_envs(name)],
         "readinessProbe": {**probe, "failureThreshold": 2},
-        "livenessProbe": {**probe, "failureThreshold": 6, "initialDelaySeconds": 10},
+        # Liveness asks for the process alone: a database outage takes pods out of rotation
+        # (readiness) and never restarts them (a restarted pod exits until the database is back).
+        "livenessProbe": {
+            **probe,
+            "grpc": {"port": health, "service": LIVENESS},
+            "failureThreshold": 6,
+            "initialDelaySeconds": 10,
+        },
         "resources": {
             "requests": {"cpu": "250m", "memory": "192Mi"},
             "limits": {"cpu": "1", "memory": "320Mi"},
