@@ -163,11 +163,18 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: PositiveInt = 1024 * 1024
     """The largest request (and answer) a call may carry: a larger request is refused
     RESOURCE_EXHAUSTED REQUEST_TOO_LARGE; one above 4x this by gRPC's core (same code, no ErrorInfo)."""
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """Any case (`debug`); anything else is refused at start (logging raised deep in start-up)."""
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per line with trace and span ids (for a log pipeline)."""
     access_log: bool | None = None
     """One log line per RPC (method, code, reason, duration, request id); default: with JSON logs."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_capitals(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve the service's metrics for a Prometheus scrape on this port (`/metrics`); unset: none.
     OTLP export follows OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_METRICS_EXPORTER."""

@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from runtime.config import SecuritySettings, ServiceSettings
-from runtime.outages import causes
+from runtime.outages import DatabaseRefused, causes
 
 _UNKNOWN_REVISION = re.compile(r"Can't locate revision identified by '([^']+)'")
 """Alembic's error for a database stamped with a revision this code's history lacks."""
@@ -90,6 +90,13 @@ def explain(error: BaseException, service: str, settings: ServiceSettings) -> st
             return (
                 f"{service}: {variable}={url!r} is not a database URL the service can use: write "
                 "postgresql://user@host:port/name (or leave it unset for a SQLite file)"
+            )
+    for cause in causes(error):  # after the refusals named above, which it wraps
+        if isinstance(cause, DatabaseRefused):
+            return (
+                f"{service}: PostgreSQL at {_where(url)} refuses connections to the database in "
+                f"{variable} ({cause}): start again once it takes them (ALLOW_CONNECTIONS, "
+                "max_connections, the login's CONNECT right)"
             )
     return None
 

@@ -9,9 +9,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import asyncpg
 import pydantic
 import pytest
 from alembic.script import ScriptDirectory
@@ -25,6 +27,7 @@ from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.wallet.service import SPEC as WALLET
 from services.wallet.settings import WalletSettings
+from tests.suite import PG_ADMIN_URL, create_pg_database, drop_pg_database, require_postgres
 from tools.migrate import SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +109,7 @@ def test_a_setting_it_refuses_stops_the_service_naming_the_variable(tmp_path: Pa
             "set WALLET_DATA_DIR",
         ),
         ("WALLET_PORT", "70000", "wallet: WALLET_PORT=70000: Input should be less than or equal"),
+        ("WALLET_LOG_LEVEL", "LOUD", "wallet: WALLET_LOG_LEVEL=LOUD: Input should be 'DEBUG'"),
         (
             "COINS_RATE_LIMIT_REDIS_URL",
             "http://cache:6379",
@@ -639,3 +643,37 @@ def test_a_downstream_address_that_is_no_address_is_refused_and_an_unknown_expor
         "(otlp, console, none): it exports none"
     ]
     assert unknown_exporters("wallet", {"OTEL_TRACES_EXPORTER": "otlp"}) == []
+
+
+async def test_a_database_that_refuses_connections_is_one_line_for_the_service_and_the_audit(
+    tmp_path: Path,
+) -> None:
+    """A database that takes no connections (ALLOW_CONNECTIONS false, max_connections reached):
+    the service stops with one line naming it, and the cross audit says it cannot read the books
+    (exit 2), not that they differ (review r16: ~100 lines of traceback, and exit 1 from the
+    audit, which would page for a money difference in a connection storm)."""
+    await require_postgres()
+    name = f"coins_test_refusing_{uuid.uuid4().hex[:8]}"
+    url = (await create_pg_database(name)).replace("+asyncpg", "")
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        started = start_wallet(tmp_path, WALLET_DATABASE_URL=url)
+        audited = python_module(
+            "tools.cross_audit",
+            env={**os.environ, "COINS_DATA_DIR": str(tmp_path), "WALLET_DATABASE_URL": url}
+            | {f"{svc}_DATABASE_URL": url for svc in ("GIFTING", "PAYOUT", "PROMOTION")},
+        )
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        await drop_pg_database(name)
+    assert started.returncode == 1
+    assert "refuses connections to the database in WALLET_DATABASE_URL" in started.stderr, (
+        started.stderr[-2000:]
+    )
+    assert "Traceback" not in started.stderr, started.stderr[-2000:]
+    assert audited.returncode == 2, audited.stderr[-2000:]
+    assert "cannot read the books" in audited.stderr and "Traceback" not in audited.stderr, (
+        audited.stderr[-2000:]
+    )

@@ -47,6 +47,7 @@ from sqlalchemy.exc import DBAPIError
 
 from runtime.clock import utc
 from runtime.db import Database
+from runtime.outages import DatabaseRefused
 from runtime.startup import settings_or_exit
 from services.gifting.settings import GiftingSettings
 from services.payout.processor import ItemStatus, outcome_of
@@ -446,8 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     _exit_unless_every_file_is_there(urls)
     try:
         report = asyncio.run(cross_audit(urls, items, settled_before=cutoff))
-    except DBAPIError as error:  # a server that refuses us, a database with none of our tables
-        cause = re.sub(r"^<class '[\w.]+'>: ", "", str(error.orig).strip()).splitlines()[0]
+    except (DBAPIError, DatabaseRefused, OSError) as error:
+        # A server that refuses us or cannot be reached, a database with none of our tables: the
+        # books cannot be read, which is no difference in them (exit 2, not 1).
+        text = str(error.orig) if isinstance(error, DBAPIError) else str(error) or repr(error)
+        cause = re.sub(r"^<class '[\w.]+'>: ", "", text.strip()).splitlines()[0]
         print(
             f"cannot read the books: {cause}. Point <SVC>_DATABASE_URL (or COINS_DATA_DIR) at the "
             "suite's migrated databases, as the services run with",
