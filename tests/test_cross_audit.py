@@ -455,3 +455,46 @@ async def test_reversed_gifts_are_off_their_run_with_the_diamonds_taken_back(
     )
     (found,) = mine(await cross_audit(urls(suite)))
     assert (found["rate"], found["coins"], found["diamonds"], found["policy"]) == ("1/2", 2, 2, 1)
+
+
+async def test_credits_of_the_old_rule_are_one_run_whatever_numbered_credit_is_dated_among_them(
+    private_suite: Suite,
+) -> None:
+    """Credits of the rule before migration 0033 (segment -1) are runs at one rate; one credited
+    after the upgrade by a replica whose clock was ahead can be dated among them, and must not split
+    their run (review r18: each half rounded on its own, a difference that is not there)."""
+    suite = private_suite
+    creator = new_id("creator")
+    gifting = suite.as_caller("gifting").payout
+    for _ in range(3):  # 0, 1, 0
+        await gifting.CreditDiamonds(
+            payout_pb2.CreditDiamondsRequest(
+                request_id=new_id("gift"), creator_id=creator, coins=1, reference=new_id("g")
+            )
+        )
+    payout_url = suite.services["payout"].runtime.db.url
+    async with suite.services["payout"].runtime.db.read() as conn:
+        keys = [
+            row[0]
+            for row in await conn.execute(
+                sa.text(
+                    "SELECT credit_key FROM gift_credits WHERE creator_id = :c "
+                    "ORDER BY created_at, credit_key"
+                ),
+                {"c": creator},
+            )
+        ]
+    # The first two as the old rule left them (1 diamond for 2 coins); the third in a segment of
+    # its own (0 for 1), dated between them.
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    for key, seconds, segment in ((keys[0], 0, -1), (keys[2], 1, 7), (keys[1], 2, -1)):
+        await rewrite_history(
+            payout_url,
+            sa.text(
+                "UPDATE gift_credits SET rate_segment = :segment, created_at = :at "
+                "WHERE credit_key = :key"
+            ),
+            {"segment": segment, "at": at + dt.timedelta(seconds=seconds), "key": key},
+        )
+    report = await cross_audit(urls(suite))
+    assert not [d for d in report.differences if d.get("creator_id") == creator]

@@ -268,13 +268,10 @@ async def _check_diamonds(report: Report, payout_url: str) -> None:
         creator_runs = runs[str(creator)]
         if segment >= 0 and (str(creator), segment) in numbered:
             run = numbered[(str(creator), segment)]
-        elif (
-            segment < 0
-            and creator_runs
-            and creator_runs[-1] is legacy.get(str(creator))
-            and creator_runs[-1][:2] == [int(num), int(den)]
-        ):
-            run = creator_runs[-1]
+        elif segment < 0 and legacy.get(str(creator), [0, 0])[:2] == [int(num), int(den)]:
+            # Old-rule credits all committed before any numbered one (migration 0033 refuses older
+            # payouts): a numbered credit dated among them (a clock ahead) does not end their run.
+            run = legacy[str(creator)]
         else:
             run = [int(num), int(den), 0, 0]
             creator_runs.append(run)
