@@ -284,17 +284,27 @@ async def test_a_burst_is_refused_fast_and_the_service_recovers(
     shedder = suite.services["wallet"].shedder
     stalled = [asyncio.create_task(balance()) for _ in range(30)]
 
-    async def stalled_past_budget() -> bool:
-        return shedder.in_flight >= 30 and shedder.oldest_waiting() > 0.5
+    def refused_already() -> int:
+        """On a loaded machine the 30 may reach the service over more than the budget: those after
+        it are refused at once, as the burst below is."""
+        return sum(1 for t in stalled if t.done() and not t.exception() and t.result() == "refused")
 
-    await eventually(stalled_past_budget, "30 calls stalled past the queue budget")
+    async def stalled_past_budget() -> bool:
+        return (
+            shedder.in_flight > 0
+            and shedder.in_flight + refused_already() >= 30
+            and shedder.oldest_waiting() > 0.5
+        )
+
+    await eventually(stalled_past_budget, "30 calls stalled past the queue budget or refused")
     # A burst meets the stalled service: it is refused at once rather than queued.
     loop = asyncio.get_running_loop()
     began = loop.time()
     burst = await asyncio.gather(*(balance() for _ in range(60)))
     assert set(burst) == {"refused"} and loop.time() - began < 1.0
     proxy.heal()
-    assert set(await asyncio.gather(*stalled)) == {coins}  # admitted before: all served
+    admitted = [r for r in await asyncio.gather(*stalled) if r != "refused"]
+    assert admitted and set(admitted) == {coins}  # admitted before: all served
 
     async def recovered() -> bool:
         return set(await asyncio.gather(*(balance() for _ in range(20)))) == {coins}
