@@ -329,6 +329,18 @@ async def test_a_refused_call_leaves_nothing_for_the_garbage_collector(suite: Su
     sender = new_id("viewer")
     await open_account(suite, sender)
     creator = await new_creator(suite)
+    # A leak of refused calls shows in every round; background work the shared suite still does
+    # for earlier tests (a processor callback failing, a relay retry) can leave a cycle in one.
+    for _ in range(3):
+        held = await _frames_held_after_refusals(suite, sender, creator)
+        if not held:
+            break
+    assert not held, f"frames left in reference cycles: {held}"
+
+
+async def _frames_held_after_refusals(suite: Suite, sender: str, creator: str) -> list[str]:
+    """The suite's frames left in reference cycles after five refusals at the guard and five deep
+    in a saga, with the collector off."""
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
@@ -345,7 +357,7 @@ async def test_a_refused_call_leaves_nothing_for_the_garbage_collector(suite: Su
                 "INSUFFICIENT_FUNDS",
             )
         gc.collect()
-        held = sorted(
+        return sorted(
             {
                 f"{Path(o.f_code.co_filename).name}:{o.f_code.co_name}"
                 for o in gc.garbage
@@ -356,7 +368,6 @@ async def test_a_refused_call_leaves_nothing_for_the_garbage_collector(suite: Su
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
-    assert not held, f"frames left in reference cycles: {held}"
 
 
 async def test_an_overloaded_wallet_is_named_and_its_retry_delay_passed_on_by_gifting(
