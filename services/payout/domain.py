@@ -469,23 +469,21 @@ class Payouts:
                 [
                     c.segment
                     for c in credits
-                    if c.segment is not None and c.segment != totals[creator].segment
+                    if c.segment is not None and 0 <= c.segment != totals[creator].segment
                 ],
             )
             taken, back = _taken_back(totals[creator], closed, credits)
             await storage.take_back(tx, creator, back)
             # A pending credit gives up its whole share, and what that is more than is taken
-            # becomes available (first, so the others can take from it).
-            returned = {
-                c.credit_key: max(c.diamonds - taken[c.credit_key][0], 0) if c.pending else 0
-                for c in credits
-            }
+            # becomes available (counted first, so the others can take from it).
+            given_up = {c.credit_key: c.diamonds if c.pending else 0 for c in credits}
+            returned = {key: max(given - taken[key][0], 0) for key, given in given_up.items()}
             budget = max(balances.get(creator_account(creator), 0), 0) + sum(returned.values())
             moves: list[Reversal] = []
             for credit in credits:
                 diamonds = taken[credit.credit_key][0]
-                from_pending = credit.diamonds if credit.pending else 0
-                rest = diamonds - from_pending + returned[credit.credit_key]
+                from_pending = given_up[credit.credit_key]
+                rest = max(diamonds - from_pending, 0)
                 from_available = min(rest, budget)
                 budget -= from_available
                 moves.append(
@@ -500,7 +498,7 @@ class Payouts:
                         to_available=returned[credit.credit_key],
                     )
                 )
-            transaction_id = await self._post_reversal(creator, credits, moves, tx)
+            transaction_id = await self._post_reversal(tx, creator, credits, moves)
             for credit, move in zip(credits, moves, strict=True):
                 if not await storage.mark_reversed(
                     tx,
@@ -517,10 +515,10 @@ class Payouts:
 
     async def _post_reversal(
         self,
+        tx: Tx,
         creator: str,
         credits: Sequence[storage.CreditOfGift],
         moves: Sequence[Reversal],
-        tx: Tx,
     ) -> str:
         """The creator's ledger transaction for these reversals ("" when they take nothing)."""
         from_pending = sum(m.from_pending for m in moves)

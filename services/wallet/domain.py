@@ -763,38 +763,33 @@ class Wallet:
         return _debit(posted, account)
 
     async def debit_on_record(
-        self, tx: Tx, *, caller: str, user_id: str, request_id: str
+        self, tx: Tx, *, caller: str, user_id: str, request_id: str, coins: int | None = None
     ) -> Debit | None:
         """A debit the ledger holds under `request_id` (as `DebitRequest.request_id` builds it),
         whatever became of its request-id record: those are purged after
         `WALLET_IDEMPOTENCY_RETENTION_HOURS`, the ledger's transactions never are. The balance is
-        the one right after it (holds at that moment are not on record: available = balance)."""
+        the one right after it (holds at that moment are not on record: available = balance).
+        With `coins`: REQUEST_ID_REUSED if it took other coins."""
         found = await self.ledger.posted_under(
             tx, caller=caller, request_id=request_id, account_id=user_account(user_id)
         )
         if found is None:
             return None
-        transaction_id, balance, _ = found
+        transaction_id, balance, moved = found
+        if coins is not None and moved != -coins:
+            raise request_id_reused(request_id.rsplit("/", 1)[-1], f"it debited {-moved} coins")
         return Debit(transaction_id, balance, balance)
 
     async def debit_kept(self, driver: Driver, what: DebitRequest) -> Debit | None:
-        """The debit the ledger holds for this request when its request-id record was purged
-        (`debit_on_record`); REQUEST_ID_REUSED if that took other coins. None: none on record."""
+        """`debit_on_record` for a `DebitCoins` sent again after its request id was purged."""
         async with driver.read() as tx:
-            found = await self.ledger.posted_under(
+            return await self.debit_on_record(
                 tx,
                 caller=what.caller,
+                user_id=what.user_id,
                 request_id=what.request_id,
-                account_id=user_account(what.user_id),
+                coins=what.coins,
             )
-        if found is None:
-            return None
-        transaction_id, balance, moved = found
-        if moved != -what.coins:
-            raise request_id_reused(
-                what.request_id.rsplit("/", 1)[-1], f"it debited {-moved} coins"
-            )
-        return Debit(transaction_id, balance, balance)
 
     async def debit_at_once(
         self,
