@@ -15,7 +15,14 @@ from coins.promotion.v1 import promotion_pb2
 from runtime.access import require_owner, require_reason
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import DEBIT_VOIDED, VOIDED_BY_WALLET, Aborted, DomainError, Unavailable
+from runtime.errors import (
+    DEBIT_VOIDED,
+    VOIDED_BY_WALLET,
+    Aborted,
+    DomainError,
+    FailedPrecondition,
+    Unavailable,
+)
 from runtime.idempotency import Idempotency, acting_scope
 from runtime.outages import settle_each
 from services.promotion import storage
@@ -271,24 +278,13 @@ class Campaigns:
         # The release comes first: from then on no capture succeeds, so spending stops the moment
         # the owner asks (counting the reports in flight first held an end back for up to a
         # minute under busy delivery while they kept spending: a review).
-        released = 0
         try:
-            if promotion.hold_id is not None:
-                released = (
-                    await self._wallet.release(
-                        promotion_id=promotion.promotion_id,
-                        hold_id=promotion.hold_id,
-                        time_limit=time_limit,
-                    )
-                ).released_coins
+            released = await self._release_rest(promotion, time_limit)
         except DomainError as error:
             if self._promotions.release_refused(promotion, error):
                 # The hold is resolved already (expired, or captured in full): the promotion is over.
                 async with self._db.transaction() as conn:
-                    await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
-                    over = await storage.get_promotion(conn, promotion.promotion_id)
-                # When it ended (its budget spent meanwhile, or now), not when it was to end.
-                error = self._promotions.ended(over or promotion)
+                    error = await self._end_over(conn, promotion)
             await self._idempotency.record_error(scope, request, error)
             twin = await self._idempotency.twin_answer(scope, request)
             if twin is not None:  # the first answer (a concurrent duplicate's, or this error)
@@ -326,6 +322,26 @@ class Campaigns:
         refusal = self._promotions.ended(current)
         await self._idempotency.record_error(scope, request, refusal)
         raise refusal
+
+    async def _release_rest(self, promotion: storage.PromotionRecord, time_limit: float) -> int:
+        """Release what is left of the promotion's hold (the wallet answers a repeat from its
+        store); nothing for a budget paid up front."""
+        if promotion.hold_id is None:
+            return 0
+        released = await self._wallet.release(
+            promotion_id=promotion.promotion_id, hold_id=promotion.hold_id, time_limit=time_limit
+        )
+        return released.released_coins
+
+    async def _end_over(
+        self, conn: AsyncConnection, promotion: storage.PromotionRecord
+    ) -> FailedPrecondition:
+        """The release was refused because the hold is resolved already: record the end (if a
+        report has not) and answer that the promotion is over, as of when it ended (its budget
+        spent meanwhile, or now), not when it was to end."""
+        await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
+        over = await storage.get_promotion(conn, promotion.promotion_id)
+        return self._promotions.ended(over or promotion)
 
     async def _count_pending_deliveries(self, promotion_id: str, time_limit: float) -> None:
         """EndPromotion's step after the release: reports whose capture may have happened but is
@@ -395,27 +411,17 @@ class Campaigns:
 
     async def _finish_end(self, end: storage.AbandonedEnd, time_limit: float) -> int:
         promotion = await self.promotion(end.promotion_id)
-        released = 0
-        if promotion.hold_id is not None:
-            try:
-                released = (
-                    await self._wallet.release(
-                        promotion_id=promotion.promotion_id,
-                        hold_id=promotion.hold_id,
-                        time_limit=time_limit,
-                    )
-                ).released_coins
-            except DomainError as error:
-                if not self._promotions.release_refused(promotion, error):
-                    raise
-                async with self._db.transaction() as conn:  # resolved already: the end is over
-                    await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
-                    over = await storage.get_promotion(conn, promotion.promotion_id)
-                    refusal = self._promotions.ended(over or promotion)
-                    await self._idempotency.answer_stored(
-                        conn, end.scope, end.request_id, error=refusal
-                    )
-                return 1
+        try:
+            released = await self._release_rest(promotion, time_limit)
+        except DomainError as error:
+            if not self._promotions.release_refused(promotion, error):
+                raise
+            async with self._db.transaction() as conn:  # resolved already: the end is over
+                refusal = await self._end_over(conn, promotion)
+                await self._idempotency.answer_stored(
+                    conn, end.scope, end.request_id, error=refusal
+                )
+            return 1
         await self._count_pending_deliveries(promotion.promotion_id, time_limit)
         async with self._db.transaction() as conn:
             await self._promotions.lock(conn, promotion.promotion_id)
