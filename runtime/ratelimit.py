@@ -15,9 +15,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from runtime.errors import ResourceExhausted
 
 log = logging.getLogger("coins.ratelimit")
@@ -96,6 +93,11 @@ class RedisTokenBuckets:
 
     def __init__(self, url: str, rate: float, burst: int, *, prefix: str) -> None:
         self.rate, self.burst = rate, burst
+        # Imported here: redis-py costs a process ~6 MB, and only a suite with shared limits uses it.
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
         # A blocking pool: under a burst every call in flight asks at once, and redis-py's default
         # pool refuses the 101st (MaxConnectionsError), which made the limits this replica's own
         # for a while (review A4). Here a call waits for one of REDIS_CONNECTIONS instead, up to
@@ -118,7 +120,7 @@ class RedisTokenBuckets:
             wait = float(
                 await self._script(keys=[f"{self._prefix}{key}"], args=[self.rate, self.burst])
             )
-        except (RedisError, OSError) as error:
+        except self._errors as error:
             if not self._warned:
                 log.warning(
                     "rate limits: Redis does not answer (%r); this replica's own buckets", error
