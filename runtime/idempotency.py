@@ -187,9 +187,12 @@ caller the parameters differ when they do not)."""
 
 
 def fingerprint(request: Message) -> str:
-    """A hash of the request's parameters: everything but its request_id."""
+    """A hash of the request's parameters as this service reads them: everything but its
+    request_id, and no field it does not know (a retry that a newer client, or a replica of another
+    release, sends with a field this one ignores is the same request; review r21)."""
     copy = type(request)()
     copy.CopyFrom(request)
+    copy.DiscardUnknownFields()
     if "request_id" in copy.DESCRIPTOR.fields_by_name:
         copy.ClearField("request_id")  # type: ignore[arg-type]
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()

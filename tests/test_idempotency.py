@@ -81,6 +81,28 @@ async def test_a_retried_debit_returns_the_first_response(suite: Suite) -> None:
     assert await coins_of(suite, user) == coins - 50
 
 
+async def test_a_retry_carrying_a_field_this_service_does_not_know_is_the_same_request(
+    suite: Suite,
+) -> None:
+    """A newer client (or a replica of the next release, relaying) sends a field this release does
+    not know: the retry is the request this service already answered, not a reuse of its id
+    (review r21: REQUEST_ID_REUSED told a genuine retry to take a new id and be applied twice)."""
+    user, coins = await funded_user(suite)
+    request = wallet_pb2.DebitCoinsRequest(
+        request_id=new_id("r"),
+        user_id=user,
+        coins=7,
+        reason=wallet_pb2.DEBIT_REASON_GIFT,
+        reference="unknown-field",
+    )
+    first = await suite.as_caller("gifting").wallet.DebitCoins(request)
+    field_99 = bytes([(99 << 3) & 0x7F | 0x80, 99 >> 4, 1])  # tag 99 (varint), value 1
+    retry = wallet_pb2.DebitCoinsRequest.FromString(request.SerializeToString() + field_99)
+    assert retry.SerializeToString().endswith(field_99)  # sent on the wire as it came
+    assert await suite.as_caller("gifting").wallet.DebitCoins(retry) == first
+    assert await coins_of(suite, user) == coins - 7
+
+
 async def test_reusing_a_request_id_with_other_parameters_is_refused(suite: Suite) -> None:
     user, coins = await funded_user(suite)
     request = wallet_pb2.DebitCoinsRequest(
