@@ -427,8 +427,10 @@ def withdraw(c: Clients, a: argparse.Namespace) -> None:
         payout_method_id=a.method_id or "",
     )
     if a.destination:  # a one-off destination (processors' test tokens)
-        request.method = METHODS[a.method]
+        request.method = METHODS[a.method or "paypal"]
         request.destination_token = a.destination
+    elif a.method:  # sent as asked: payout refuses a method without its destination
+        request.method = METHODS[a.method]
     response = c.payout.RequestWithdrawal(request)
     console.print(render.withdrawal(response.withdrawal))
     _note_kept(a.diamonds, response.withdrawal.diamonds)

@@ -320,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
         "--destination",
         help="a one-off processor token instead of a registered method (dest_fail… fails)",
     )
-    p.add_argument("--method", choices=sorted(METHODS), default="paypal", help="with --destination")
+    p.add_argument("--method", choices=sorted(METHODS), help="with --destination (default paypal)")
     p = command("add-paypal", add_paypal, "register a PayPal account for withdrawals")
     p.add_argument("creator")
     p.add_argument("email", help="fail…@ and hang…@ make the sandbox fail or never answer")

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from coins.payout.v1 import payout_pb2
-from tests.helpers import eventually, expect_error, new_id
+from tests.helpers import eventually, expect_error, field_violations, new_id
 from tests.suite import Suite, require_postgres, start_suite
 from tests.test_payout import add_paypal, creator_with_diamonds, to_method
 
@@ -110,6 +110,50 @@ async def test_a_one_off_destination_is_refused_not_ignored_once_a_method_is_reg
         suite.payout.RequestWithdrawal(one_off),
         grpc.StatusCode.FAILED_PRECONDITION,
         "REGISTERED_METHOD_REQUIRED",
+    )
+    balance = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    assert balance.balance.available_diamonds == 10_000  # nothing held
+    listed = await suite.payout.ListWithdrawals(
+        payout_pb2.ListWithdrawalsRequest(creator_id=creator)
+    )
+    assert not listed.withdrawals
+
+
+async def test_half_a_one_off_destination_is_refused_never_paid_to_the_default(
+    suite: Suite,
+) -> None:
+    """`method` and `destination_token` name a one-off destination together: either alone is bad
+    input naming the other (review r21: `method` alone was ignored, and a creator asking for a bank
+    transfer was paid to their PayPal default)."""
+    creator = await creator_with_diamonds(suite, 10_000)
+    for without in ("destination_token", "method"):  # no payout method registered yet
+        half = payout_pb2.RequestWithdrawalRequest(
+            request_id=new_id("wd"),
+            creator_id=creator,
+            diamonds=2_000,
+            method=payout_pb2.PAYOUT_METHOD_BANK,
+            destination_token="dest_bank_ok",
+        )
+        half.ClearField(without)  # type: ignore[arg-type]
+        error = await expect_error(
+            suite.payout.RequestWithdrawal(half),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+        )
+        assert field_violations(error) == {without}
+    await add_paypal(suite, creator, "leo@example.com")  # the default now
+    bank_asked = payout_pb2.RequestWithdrawalRequest(
+        request_id=new_id("wd"),
+        creator_id=creator,
+        diamonds=2_000,
+        method=payout_pb2.PAYOUT_METHOD_BANK,
+    )
+    await expect_error(
+        suite.payout.RequestWithdrawal(bank_asked),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
     )
     balance = await suite.payout.GetDiamondBalance(
         payout_pb2.GetDiamondBalanceRequest(creator_id=creator)

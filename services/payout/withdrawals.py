@@ -163,6 +163,18 @@ class Withdrawals:
         creator's default; else the one-off `method` and `destination_token`, which a creator with a
         registered method may not name: REGISTERED_METHOD_REQUIRED)."""
         settings = self.settings
+        if bool(method) != bool(destination_token):
+            # Half a one-off destination: never paid to a registered method instead (review r21:
+            # `method` alone was ignored and the default method paid).
+            missing, given = (
+                ("destination_token", "method") if method else ("method", "destination_token")
+            )
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                f"{given} names a one-off destination, which needs {missing} too; to pay a "
+                "registered payout method, send neither (payout_method_id, or the default)",
+                violations=(FieldViolation(missing, f"required with {given}"),),
+            )
         if placed := await self.holds.placed_under(conn, request_id):
             # The request again after its idempotency record was purged: the withdrawal it made.
             return await self._made_by(

@@ -742,7 +742,8 @@ class RequestWithdrawalRequest(_message.Message):
     method: Global___PayoutMethod.ValueType
     """A one-off destination instead of a registered payout method (processors' test tokens): how to
     pay, for a creator without a payout method. A creator with one is refused
-    (FAILED_PRECONDITION REGISTERED_METHOD_REQUIRED) rather than paid elsewhere than asked.
+    (FAILED_PRECONDITION REGISTERED_METHOD_REQUIRED) rather than paid elsewhere than asked. Set both
+    or neither: one without the other is INVALID_ARGUMENT.
     """
     destination_token: _builtins.str
     """With `method`: the processor's token for the creator's PayPal or bank account. Account numbers
