@@ -179,6 +179,7 @@ class Clients:
         except FileNotFoundError:
             raise SystemExit(
                 f"no dev token key in {self.security.certs_dir}/jwt: run `make up` (or `make certs`)"
+                " in the checkout, or point COINS_CERTS_DIR at its certs/"
             ) from None
 
     def token(self, user: str) -> tuple[tuple[str, str | bytes], ...]:
