@@ -58,6 +58,11 @@ code is 1 either way)."""
 _SYMBOLS = {"USD": "$", "GBP": "£", "EUR": "€"}
 
 
+def coin_count(n: int) -> str:
+    """`1 coin`, `2,500 coins`."""
+    return f"{n:,} coin" if n == 1 else f"{n:,} coins"
+
+
 def money(value: money_pb2.Money) -> str:
     whole, cents = divmod(value.amount_minor, 100)
     symbol = _SYMBOLS.get(value.currency_code)
@@ -242,8 +247,8 @@ def sent_gift(response: gifting_pb2.SendGiftResponse) -> str:
     where = f"LIVE {g.live_id}" if g.HasField("live_id") else f"video {g.video_id}"
     streak = f" (streak x{g.streak.count})" if g.HasField("streak") else ""
     return (
-        f"{g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins){streak} to {g.creator_id} "
-        f"in {where}; sender has {response.sender_balance_coins:,} coins left"
+        f"{g.sender_id} sent {g.count} x {g.gift_id} ({coin_count(g.coins)}){streak} to {g.creator_id} "
+        f"in {where}; sender has {coin_count(response.sender_balance_coins)} left"
     )
 
 
@@ -499,7 +504,7 @@ def live_event(event: gifting_pb2.WatchLiveResponse) -> str:
         g = event.gift
         streak = f", streak x{g.streak_count}" if g.streak_count else ""
         return (
-            f"#{event.cursor} {at} {g.sender_id} sent {g.count} x {g.gift_id} ({g.coins:,} coins"
+            f"#{event.cursor} {at} {g.sender_id} sent {g.count} x {g.gift_id} ({coin_count(g.coins)}"
             f"{streak})"
         )
     if event.HasField("streak_ended"):
