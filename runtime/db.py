@@ -109,19 +109,23 @@ class Database:
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[AsyncConnection]:
-        """Reads that all see one moment of the database, for audits that compare one table with
-        another while writes go on: a read-only REPEATABLE READ transaction on PostgreSQL; on SQLite,
-        the process's write lock held (writes wait; SQLite's readers are not snapshot-consistent
-        across statements otherwise)."""
-        if self._write_lock is None:
-            async with self.engine.connect() as conn:
+        """Reads that all see one moment of the database while writes go on (a LIVE's summary, an
+        audit comparing one table with another): a read-only REPEATABLE READ transaction on
+        PostgreSQL; on SQLite a deferred transaction, which in WAL mode reads one snapshot from its
+        first statement on without holding writers back (each statement outside one is its own
+        moment: the driver opens no transaction for a read)."""
+        async with self.engine.connect() as conn:
+            if self._write_lock is None:
                 await conn.execution_options(isolation_level="REPEATABLE READ")
                 async with conn.begin():
                     await conn.exec_driver_sql("SET TRANSACTION READ ONLY")
                     yield conn
-            return
-        async with self._write_lock, self.engine.connect() as conn:
-            yield conn
+                return
+            await conn.exec_driver_sql("BEGIN")
+            try:
+                yield conn
+            finally:
+                await conn.rollback()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -25,6 +25,7 @@ from runtime.server import KEEPALIVE_PING_FLOOR_MS, RunningService, start_servic
 from runtime.status import error_info
 from runtime.telemetry import make_tracer_provider
 from services.gifting import sending
+from services.gifting import storage as gifting_storage
 from services.gifting.clients import WalletDebiter
 from services.gifting.feed import FeedLimits, LiveFeed
 from services.gifting.service import SPEC as GIFTING
@@ -96,6 +97,46 @@ async def test_a_live_starts_takes_gifts_and_ends_with_an_exact_summary(suite: S
         grpc.StatusCode.FAILED_PRECONDITION,
         "LIVE_ENDED",
     )
+
+
+async def test_a_live_summary_is_read_at_one_moment_while_gifts_arrive(suite: Suite) -> None:
+    """GetLive reads the LIVE's sums and its gifters in one snapshot of gifting's database, which
+    never sees a gift committed after its first read (review r19: three statements each saw their
+    own moment, coins_received 200 beside top gifters summing to 300)."""
+    creator = await new_creator(suite)
+    live_id = live_of(creator)
+    sender, _ = await funded_user(suite)
+    await suite.gifting.SendGift(gift(sender, creator, live_id))  # 1 coin
+    async with suite.services["gifting"].runtime.db.snapshot() as conn:
+        live = await gifting_storage.get_live(conn, live_id)
+        assert live is not None and live.coins_received == 1
+        await suite.gifting.SendGift(gift(sender, creator, live_id, "panda"))  # 5, committed
+        gifters = await gifting_storage.top_gifters(conn, live_id, limit=10, after=None)
+        assert gifters == [(sender, 1)]  # the moment of the snapshot's first read
+    summary = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_id))).summary
+    assert summary.coins_received == sum(g.coins for g in summary.top_gifters) == 6
+    # And through the RPC while five gifters send at once (fewer than ten: all of them are in the
+    # top gifters, so their coins add up to the LIVE's).
+    senders = [sender] + [(await funded_user(suite))[0] for _ in range(4)]
+    sending_done = asyncio.Event()
+
+    async def send_all(user: str) -> None:
+        for _ in range(15):
+            await suite.gifting.SendGift(gift(user, creator, live_id))
+
+    async def read_until_done() -> int:
+        reads = 0
+        while not sending_done.is_set() or reads < 5:
+            s = (await suite.gifting.GetLive(G.GetLiveRequest(live_id=live_id))).summary
+            assert s.coins_received == sum(g.coins for g in s.top_gifters), s
+            assert s.unique_gifters == len(s.top_gifters), s
+            reads += 1
+        return reads
+
+    reader = asyncio.create_task(read_until_done())
+    await asyncio.gather(*(send_all(user) for user in senders))
+    sending_done.set()
+    assert await reader >= 5
 
 
 async def test_a_creator_runs_one_live_at_a_time(suite: Suite) -> None:

@@ -289,7 +289,7 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def GetLive(
         self, request: gifting_pb2.GetLiveRequest, context: RpcContext
     ) -> gifting_pb2.GetLiveResponse:
-        async with self._db.read() as conn:
+        async with self._db.snapshot() as conn:  # the LIVE's sums and its gifters: one moment
             live = await self._lives.get(conn, request.live_id)
             summary = await self._lives.summary(conn, live)
         return gifting_pb2.GetLiveResponse(live=live_pb(live), summary=live_summary_pb(summary))
