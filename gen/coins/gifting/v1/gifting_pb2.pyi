@@ -878,7 +878,10 @@ class LiveSummary(_message.Message):
     diamonds_earned: _builtins.int
     """Diamonds the creator earned from the LIVE's gifts credited so far (a gift's diamonds are known
     once payout has credited it, moments after it is sent). A summary taken when the LIVE ends (EndLive,
-    the feed's `ended` event) may not yet count the last gifts' credits; GetLive later does.
+    the feed's `ended` event) may not yet count the last gifts' credits; GetLive later does. It is the
+    sum of what each gift still kept credited: a reversed gift takes off what it credited, while payout
+    takes back what the creator's rounding moves by (a diamond more or less per reversed gift, across
+    the creator's LIVEs), so after reversals it may differ from the creator's diamonds by that much.
     """
     @_builtins.property
     def top_gifters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gifter]:
