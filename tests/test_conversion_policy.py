@@ -39,6 +39,7 @@ def test_a_withdrawal_quote_pays_exactly_what_it_takes(
         withdrawal_fee_fixed_minor=fee_fixed,
         diamonds_per_minor_unit=diamonds_per_minor,
         min_withdrawal_minor=10**7,  # high enough that every fee above leaves the minimum paying
+        daily_withdrawal_cap_minor=10**7,
     )
     q = quote(requested, settings)
     assert q.diamonds <= requested

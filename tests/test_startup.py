@@ -166,6 +166,13 @@ def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() 
     with pytest.raises(pydantic.ValidationError, match="PAYOUT_WITHDRAWAL_FEE_BPS=10000"):
         PayoutSettings(withdrawal_fee_bps=10_000)
     assert PayoutSettings(withdrawal_fee_fixed_minor=999).withdrawal_fee_fixed_minor == 999
+    # A daily cap below the minimum: every withdrawal refused, "capped at $5.00 a day" against a
+    # $10.00 minimum (review r22).
+    with pytest.raises(pydantic.ValidationError, match="no withdrawal could ever be made"):
+        PayoutSettings(daily_withdrawal_cap_minor=500)
+    with pytest.raises(pydantic.ValidationError, match="PAYOUT_DAILY_WITHDRAWAL_CAP_MINOR=0"):
+        PayoutSettings(daily_withdrawal_cap_minor=0)
+    assert PayoutSettings(daily_withdrawal_cap_minor=1000).daily_withdrawal_cap_minor == 1000
 
 
 def test_payout_off_a_dev_pki_refuses_a_webhook_secret_anyone_knows(tmp_path: Path) -> None:
