@@ -284,7 +284,7 @@ def diamonds(value: payout_pb2.DiamondBalance) -> Table:
         money(value.available_value),
         f"{value.held_diamonds:,}",
         f"{value.paid_out_diamonds:,}",
-        # Owed back from reversed gifts: later diamonds repay it before any withdrawal.
+        # Owed back (reversed gifts, a late payment): later diamonds repay it before any withdrawal.
         Text(f"{value.debt_diamonds:,}", style="red") if value.debt_diamonds else "0",
         upcoming,
     )

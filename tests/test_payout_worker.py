@@ -369,6 +369,9 @@ async def test_a_parked_withdrawal_that_ends_after_all_leaves_the_parked_queue(
     paid = await settled(suite, withdrawal_id, creator)
     assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
     assert not paid.parked
+    # The processor answered: no failed attempts in a row left on it (review r22: attempts=3 and
+    # the timeout's error stayed on a paid withdrawal).
+    assert (paid.attempts, paid.last_error) == (0, "")
     await no_longer_parked(suite, withdrawal_id, admin)  # nor handed back to the worker
     assert sandbox(suite).payments[withdrawal_id] == 1
 

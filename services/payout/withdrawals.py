@@ -56,7 +56,8 @@ CANCELLABLE = ("requested", "in_review", "approved")
 
 
 def debt_outstanding(creator_id: str, debt: int, *, reviewing: bool = False) -> FailedPrecondition:
-    """DEBT_OUTSTANDING: diamonds owed back from reversed gifts come before any withdrawal."""
+    """DEBT_OUTSTANDING: diamonds owed back (reversed gifts, or a withdrawal given up that the
+    processor paid after all) come before any withdrawal."""
     then = (
         "reject the withdrawal, or approve it once later diamonds repay the debt"
         if reviewing
@@ -64,7 +65,8 @@ def debt_outstanding(creator_id: str, debt: int, *, reviewing: bool = False) -> 
     )
     return FailedPrecondition(
         "DEBT_OUTSTANDING",
-        f"creator {creator_id} owes {debt} diamonds from reversed gifts; {then}",
+        f"creator {creator_id} owes {debt} diamonds (taken back after they were spent: reversed "
+        f"gifts, or a withdrawal given up that the processor paid after all); {then}",
         creator_id=creator_id,
         debt=debt,
     )
@@ -686,7 +688,7 @@ class Withdrawals:
         )
 
     async def _debt_of(self, conn: AsyncConnection, creator_id: str) -> int:
-        """Diamonds the creator owes from reversed gifts (0: none)."""
+        """Diamonds the creator owes (reversed gifts, a given-up withdrawal paid after all; 0: none)."""
         account = debt_account(creator_id)
         return -(await self.ledger.balances(as_tx(conn), [account])).get(account, 0)
 

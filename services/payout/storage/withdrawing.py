@@ -437,8 +437,11 @@ async def move_withdrawal(
     `from_status` (or, `parked_only`, no longer parked)."""
     values: dict[str, object] = {"status": to_status, "updated_at": now}
     if to_status in ENDINGS:
-        # Nothing left for the worker: no lease, no schedule, off the parked queue.
-        values.update(parked_at=None, leased_until=None, next_attempt_at=None)
+        # Nothing left for the worker: no lease, no schedule, off the parked queue, and no failed
+        # attempts in a row (an ending is the processor's answer, or an admin's decision).
+        values.update(
+            parked_at=None, leased_until=None, next_attempt_at=None, attempts=0, last_error=""
+        )
     if failure_reason:
         values["failure_reason"] = failure_reason
     if processor_reference is not None:
