@@ -163,9 +163,12 @@ async def settle_each(
 
 def log_failure(log: logging.Logger, error: BaseException, message: str, *args: object) -> None:
     """A failure of background work or bookkeeping, logged as what it is: an outage (the database
-    unreachable, locked or full) as one WARNING line naming its cause, every attempt; anything else,
-    a bug, at ERROR with its stack trace."""
+    unreachable, locked or full, or another service unavailable: a refusal the caller would retry)
+    as one WARNING line naming its cause, every attempt; anything else, a bug, at ERROR with its
+    stack trace."""
     if outage_of(error) is not None:
         log.warning(f"{message}: database unavailable (%s)", *args, outage_cause(error))
+    elif isinstance(error, Unavailable):
+        log.warning(f"{message}: %s (%s)", *args, error.message, error.reason)
     else:
         log.error(message, *args, exc_info=error)

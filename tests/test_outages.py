@@ -25,7 +25,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime import deadlines
 from runtime.backoff import backoff
 from runtime.db import Database
-from runtime.errors import DeadlineExceeded, ErrorKind
+from runtime.errors import DeadlineExceeded, ErrorKind, Unavailable
 from runtime.health import LIVENESS
 from runtime.outages import (
     DatabaseRefused,
@@ -446,11 +446,19 @@ def test_background_work_logs_an_outage_in_one_line_and_a_bug_with_its_trace(
         sqlite3.OperationalError("database is locked"),
     ):
         log_failure(log, outage, "cannot settle gift %s yet", "g1")
+    # Another service unavailable (review r20: the abandoned-end sweep logged a wallet outage as an
+    # ERROR with its traceback every pass).
+    down = Unavailable("DEPENDENCY_UNAVAILABLE", "the wallet service is unavailable")
+    log_failure(log, down, "cannot finish ending promotion %s yet", "p1")
     log_failure(log, KeyError("a bug"), "cannot settle gift %s yet", "g2")
-    outages, bug = caplog.records[:2], caplog.records[2]
-    assert [(r.levelno, r.exc_info) for r in outages] == [(logging.WARNING, None)] * 2
+    outages, bug = caplog.records[:3], caplog.records[3]
+    assert [(r.levelno, r.exc_info) for r in outages] == [(logging.WARNING, None)] * 3
     assert outages[0].getMessage() == (
         "cannot settle gift g1 yet: database unavailable (OperationalError: database or disk is full)"
+    )
+    assert outages[2].getMessage() == (
+        "cannot finish ending promotion p1 yet: the wallet service is unavailable "
+        "(DEPENDENCY_UNAVAILABLE)"
     )
     assert bug.levelno == logging.ERROR and bug.exc_info is not None
 
