@@ -322,3 +322,68 @@ async def test_an_end_that_released_the_budget_and_never_recorded_it_is_finished
     answer = await suite.promotion.EndPromotion(request, metadata=suite.token(user))
     assert (answer.promotion.spent_coins, answer.released_coins) == (100, 200)
     assert await available(suite, user) == coins - 100
+
+
+async def test_an_end_cut_short_is_answered_after_a_report_or_another_end_recorded_it(
+    reconciling: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EndPromotion released the budget and died, and before the sweep came something else
+    recorded the end: a delivery report meeting the released hold, or another EndPromotion (its
+    own request id). The promotion reads COMPLETED, and the sweep, which read active promotions
+    only, left the first request id unanswered for good (review r20). It answers it now: what was
+    released, where no other end answered that; PROMOTION_ENDED where another did."""
+    suite = reconciling
+    user, coins = await funded_user(suite)
+    by_report = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    by_another = (await suite.promotion.CreatePromotion(promotion(user, 300))).promotion
+    for made in (by_report, by_another):
+        await suite.ad_delivery.ReportDelivery(delivery(made.promotion_id, 100))
+
+    async def the_count_fails(self: Campaigns, *args: Any) -> None:
+        raise RuntimeError("the process died here")
+
+    cut_short = {}
+    for made in (by_report, by_another):
+        monkeypatch.setattr(Campaigns, "_count_pending_deliveries", the_count_fails)
+        cut_short[made.promotion_id] = request = promotion_pb2.EndPromotionRequest(
+            request_id=new_id("end"), promotion_id=made.promotion_id
+        )
+        error = await rpc_error(suite.promotion.EndPromotion(request, metadata=suite.token(user)))
+        assert error.code() == grpc.StatusCode.INTERNAL
+        monkeypatch.undo()
+    await expect_error(  # meets the released hold: records the end
+        suite.ad_delivery.ReportDelivery(delivery(by_report.promotion_id, 50)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROMOTION_ENDED",
+    )
+    other = await suite.promotion.EndPromotion(
+        promotion_pb2.EndPromotionRequest(
+            request_id=new_id("end"), promotion_id=by_another.promotion_id
+        ),
+        metadata=suite.token(user),
+    )
+    assert (other.promotion.spent_coins, other.released_coins) == (100, 200)
+    db = suite.services["promotion"].runtime.db
+
+    async def answered() -> bool:
+        ids = [r.request_id for r in cut_short.values()]
+        async with db.read() as conn:
+            rows = await conn.execute(
+                sa.select(
+                    storage.idempotency_keys.c.response, storage.idempotency_keys.c.error
+                ).where(storage.idempotency_keys.c.request_id.in_(ids))
+            )
+            return all(r.response is not None or r.error is not None for r in rows)
+
+    await eventually(answered, "the sweep answering both cut-short ends")
+    first = cut_short[by_report.promotion_id]
+    answer = await suite.promotion.EndPromotion(first, metadata=suite.token(user))
+    assert (answer.promotion.spent_coins, answer.released_coins) == (100, 200)
+    await expect_error(  # the other end answered the release
+        suite.promotion.EndPromotion(
+            cut_short[by_another.promotion_id], metadata=suite.token(user)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROMOTION_ENDED",
+    )
+    assert await available(suite, user) == coins - 200

@@ -272,7 +272,8 @@ async def stale_pending_captures(
 @dataclass(frozen=True)
 class AbandonedEnd:
     """An EndPromotion that claimed its request id and never answered (its process died, or it
-    could not count a report after the release), on a promotion still read as active."""
+    could not count a report after the release), on a promotion still active or ended since (a
+    delivery report meeting the released hold, or another EndPromotion, recorded the end)."""
 
     scope: str
     request_id: str
@@ -282,17 +283,17 @@ class AbandonedEnd:
 async def abandoned_ends(
     conn: AsyncConnection, claimed_before: dt.datetime, *, limit: int
 ) -> list[AbandonedEnd]:
-    """Active promotions' unanswered EndPromotion claims older than `claimed_before` (from the
-    active promotions, by ix_idempotency_keys_resource)."""
+    """Unanswered EndPromotion claims older than `claimed_before` of promotions active or ended
+    (from the few unanswered claims, by ix_idempotency_keys_unanswered)."""
     rows = await conn.execute(
         select(idempotency_keys.c.scope, idempotency_keys.c.request_id, promotions.c.promotion_id)
-        .join(idempotency_keys, idempotency_keys.c.resource_id == promotions.c.promotion_id)
+        .join(promotions, promotions.c.promotion_id == idempotency_keys.c.resource_id)
         .where(
-            promotions.c.status == "active",
-            idempotency_keys.c.scope.contains("EndPromotion:"),
             idempotency_keys.c.response.is_(None),
             idempotency_keys.c.error.is_(None),
             idempotency_keys.c.created_at < claimed_before,
+            idempotency_keys.c.scope.contains("EndPromotion:"),
+            promotions.c.status.in_(("active", "completed")),
         )
         .order_by(idempotency_keys.c.created_at)
         .limit(limit)
