@@ -144,6 +144,18 @@ async def test_a_delivery_captured_but_never_counted_is_counted_without_a_retry(
     await eventually(counted, "the lost capture counted by the reconciler")
     async with suite.services["promotion"].runtime.db.read() as conn:
         assert await storage.stale_pending_captures(conn, dt.datetime.now(dt.UTC), limit=10) == []
+        # Its request id answered as a retry would be, not claimed for good (review r20).
+        keys = storage.idempotency_keys
+        report_keys = (
+            await conn.execute(
+                sa.select(keys.c.response, keys.c.error).where(
+                    keys.c.resource_id == promotion_id, keys.c.scope.contains("ReportDelivery:")
+                )
+            )
+        ).all()
+    assert len(report_keys) == 1 and report_keys[0].error is None
+    answer = promotion_pb2.ReportDeliveryResponse.FromString(report_keys[0].response)
+    assert (answer.promotion.promotion_id, answer.promotion.spent_coins) == (promotion_id, 60)
     assert (await hold_of(suite, promotion_id)).captured_coins == 60  # captured once
 
 

@@ -469,10 +469,13 @@ class Campaigns:
         )
 
     async def _settle_capture(self, pending: storage.PendingCapture, time_limit: float) -> int:
-        """One lost report: captured again (nothing twice) and counted; 1 if settled, 0 if not yet."""
+        """One lost report: captured again (nothing twice) and counted, and its request id answered
+        as its reporter's retry would be (one that never retries left it claimed for good: a
+        review); 1 if settled, 0 if not yet."""
         async with self._db.read() as conn:
             promotion = await storage.get_promotion(conn, pending.promotion_id)
         transaction_id = None
+        refusal: DomainError | None = None
         if promotion is not None:
             try:
                 transaction_id = await self._capture(
@@ -481,10 +484,11 @@ class Campaigns:
             except DomainError as error:
                 if error.retryable:
                     return 0  # the wallet is out: next round
-                promotion = None  # refused: nothing was captured
+                # Refused: nothing was captured.
+                refusal = self._promotions.capture_refused(promotion, pending.coins, error)
         try:
             async with self._db.transaction() as conn:
-                if promotion is not None:
+                if promotion is not None and refusal is None:
                     await self._promotions.record_delivery(
                         conn,
                         promotion,
@@ -494,13 +498,35 @@ class Campaigns:
                         now=self._clock.now(),
                     )
                 await storage.clear_pending_capture(conn, pending.promotion_id, pending.request_id)
+                await self._answer_lost_report(conn, pending, refusal)
         except DomainError as error:
             if transaction_id is not None or error.retryable:
                 raise
             # Paid up front and over its budget: nothing was captured and it can never count.
             async with self._db.transaction() as conn:
                 await storage.clear_pending_capture(conn, pending.promotion_id, pending.request_id)
+                await self._answer_lost_report(conn, pending, error)
         return 1
+
+    async def _answer_lost_report(
+        self, conn: AsyncConnection, pending: storage.PendingCapture, refusal: DomainError | None
+    ) -> None:
+        """The open ReportDelivery claim of a report the reconciler settled: counted (the promotion
+        as it is now, as `_answer_counted` answers a retry) or refused."""
+        response = None
+        if refusal is None:
+            current = await storage.get_promotion(conn, pending.promotion_id)
+            if current is None:  # never: the report names a promotion on record
+                return
+            response = promotion_pb2.ReportDeliveryResponse(
+                promotion=promotion_pb(current, self._clock.now())
+            )
+        for scope in await storage.open_report_claims(
+            conn, pending.promotion_id, pending.request_id
+        ):
+            await self._idempotency.answer_stored(
+                conn, scope, pending.request_id, response=response, error=refusal
+            )
 
 
 _SETTLE_ROUNDS = 4

@@ -301,6 +301,23 @@ async def abandoned_ends(
     return [AbandonedEnd(r.scope, r.request_id, r.promotion_id) for r in rows]
 
 
+async def open_report_claims(
+    conn: AsyncConnection, promotion_id: str, request_id: str
+) -> list[str]:
+    """The scopes of unanswered ReportDelivery claims of this report (by
+    ix_idempotency_keys_unanswered; one, normally: a report is scoped by its caller)."""
+    rows = await conn.execute(
+        select(idempotency_keys.c.scope).where(
+            idempotency_keys.c.response.is_(None),
+            idempotency_keys.c.error.is_(None),
+            idempotency_keys.c.request_id == request_id,
+            idempotency_keys.c.resource_id == promotion_id,
+            idempotency_keys.c.scope.contains("ReportDelivery:"),
+        )
+    )
+    return [row.scope for row in rows]
+
+
 async def another_end_answered(
     conn: AsyncConnection, stored_scope: str, promotion_id: str, request_id: str
 ) -> bool:
