@@ -194,6 +194,21 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
 
     await eventually(matured, "the first gifts maturing")
     made = await suite.payout.RequestWithdrawal(withdrawal(creator, 2_500))  # 1,500 left
+
+    async def status() -> int:
+        got = await suite.payout.GetWithdrawal(
+            payout_pb2.GetWithdrawalRequest(withdrawal_id=made.withdrawal.withdrawal_id),
+            metadata=suite.token(creator),
+        )
+        return got.withdrawal.status
+
+    async def sent() -> bool:  # an approved one not yet sent would go back to review
+        return await status() in (
+            payout_pb2.WITHDRAWAL_STATUS_PROCESSING,
+            payout_pb2.WITHDRAWAL_STATUS_PAID,
+        )
+
+    await eventually(sent, "the withdrawal with the processor")
     fresh = await gift(700)  # still pending
     admin = suite.token(new_id("risk"), admin=True)
     request = payout_pb2.ReverseGiftCreditsRequest(
@@ -251,11 +266,7 @@ async def test_reversals_take_pending_then_available_then_leave_a_debt(
     # The withdrawal's diamonds stay on the account, held, until the processor pays it (the
     # sandbox's settle time; slower on a loaded machine): then the statement closes at 500.
     async def paid() -> bool:
-        got = await suite.payout.GetWithdrawal(
-            payout_pb2.GetWithdrawalRequest(withdrawal_id=made.withdrawal.withdrawal_id),
-            metadata=suite.token(creator),
-        )
-        return got.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+        return await status() == payout_pb2.WITHDRAWAL_STATUS_PAID
 
     await eventually(paid, "the withdrawal paid")
     statement = await suite.payout.GetDiamondStatement(
