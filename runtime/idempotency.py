@@ -187,14 +187,30 @@ caller the parameters differ when they do not)."""
 
 
 def fingerprint(request: Message) -> str:
-    """A hash of the request's parameters as this service reads them: everything but its
-    request_id, and no field it does not know (a retry that a newer client, or a replica of another
-    release, sends with a field this one ignores is the same request; review r21)."""
+    """A hash of the request's parameters as it came: everything but its request_id, fields this
+    release does not know included (kept as received, after the known ones: the bytes a release
+    that knows them serializes, as new fields are numbered last). What a claim stores."""
+    return _hash_without_request_id(request, known_only=False)
+
+
+def fingerprints(request: Message) -> tuple[str, ...]:
+    """Every fingerprint a record of this same request may carry: as it came (stored by a release
+    that knew the fields this one does not, or by this one), and without the fields this release
+    does not know (stored when the first attempt came without them: a retry that a newer client
+    or relay sends with a field this release ignores is the same request; review r21). Both, so
+    a retry crossing releases in a rolling update matches either way (review r23)."""
+    as_received = fingerprint(request)
+    known = _hash_without_request_id(request, known_only=True)
+    return (as_received,) if known == as_received else (as_received, known)
+
+
+def _hash_without_request_id(request: Message, *, known_only: bool) -> str:
     copy = type(request)()
     copy.CopyFrom(request)
-    copy.DiscardUnknownFields()
     if "request_id" in copy.DESCRIPTOR.fields_by_name:
         copy.ClearField("request_id")  # type: ignore[arg-type]
+    if known_only:
+        copy.DiscardUnknownFields()
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -295,7 +311,7 @@ class Idempotency:
                 )
             )
         ).one()
-        if row.fingerprint not in (print_, VOIDED):
+        if row.fingerprint not in (*fingerprints(request), VOIDED):
             raise request_id_reused(request_id)
         return Claim(
             is_new=False, resource_id=row.resource_id, response=row.response, error=row.error
@@ -551,7 +567,7 @@ class Idempotency:
             # A refusal now may be a retry of a request that succeeded then: that answer wins.
             if (
                 error.reason == "REQUEST_ID_REUSED"
-                or await self._stored(scoped, request_id, print_) is None
+                or await self._stored(scoped, request_id, fingerprints(request)) is None
             ):
                 if error.reason != "REQUEST_ID_REUSED" and (
                     earlier := await self.record_error(scope, request, error)
@@ -562,12 +578,12 @@ class Idempotency:
             # A retry's effect can collide with its first run's rows (the ledger's unique request id)
             # before reaching the key: if the key has an answer, this was a retry; replay it. Its
             # key purged, the effect's own record answers.
-            if await self._stored(scoped, request_id, print_) is None:
+            if await self._stored(scoped, request_id, fingerprints(request)) is None:
                 kept = None if on_record is None or not is_conflict(error) else await on_record()
                 if kept is None:
                     raise
                 return kept
-        claim = await self._stored(scoped, request_id, print_)
+        claim = await self._stored(scoped, request_id, fingerprints(request))
         if claim is None or not claim.finished:
             raise Unavailable(
                 "REQUEST_IN_PROGRESS", "the request is still in progress; retry it shortly"
@@ -604,7 +620,7 @@ class Idempotency:
                 made = await start(tx, claim_key)
             if made is not None:
                 return Claim(is_new=True, resource_id=resource_id), made
-            claim = await self._stored(scoped, request_id, print_)
+            claim = await self._stored(scoped, request_id, fingerprints(request))
             if claim is None:
                 async with self._db.driver.read() as tx:
                     raise await refusal(tx)
@@ -652,17 +668,18 @@ class Idempotency:
         first (None if it has none): what an attempt that lost that race answers, so that every
         duplicate of a request gets the first answer, concurrent or not; and what a repeat answers
         before checks that need an outside call, which a transaction cannot hold."""
-        claim = await self._stored(caller_scope(scope), _request_id(request), fingerprint(request))
+        claim = await self._stored(caller_scope(scope), _request_id(request), fingerprints(request))
         return claim if claim is not None and claim.finished else None
 
-    async def _stored(self, scope: str, request_id: str, print_: str) -> Claim | None:
-        """The request id's record, if it has one; REQUEST_ID_REUSED if its parameters differ."""
+    async def _stored(self, scope: str, request_id: str, prints: tuple[str, ...]) -> Claim | None:
+        """The request id's record, if it has one; REQUEST_ID_REUSED if its parameters differ
+        (its fingerprint none of `prints`, see `fingerprints`)."""
         async with self._db.driver.read() as tx:
             row = await tx.one(_READ_KEY, scope=scope, request_id=request_id)
         if row is None:
             return None
         stored_print, resource_id, response, error = row
-        if stored_print not in (print_, VOIDED):
+        if stored_print not in (*prints, VOIDED):
             raise request_id_reused(request_id)
         return Claim(
             is_new=False,

@@ -9,13 +9,14 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
-from runtime.idempotency import Idempotency
+from runtime.idempotency import Idempotency, fingerprint, fingerprints
 from runtime.status import error_info
 from tests.helpers import (
     expect_error,
@@ -101,6 +102,25 @@ async def test_a_retry_carrying_a_field_this_service_does_not_know_is_the_same_r
     assert retry.SerializeToString().endswith(field_99)  # sent on the wire as it came
     assert await suite.as_caller("gifting").wallet.DebitCoins(retry) == first
     assert await coins_of(suite, user) == coins - 7
+
+
+def test_a_request_is_one_request_whichever_release_reads_it() -> None:
+    """In a rolling update a retry can reach a release that does not know a field the first
+    attempt's release knew, or the other way round (review r23: discarding unknown fields made the
+    two releases' fingerprints differ: REQUEST_ID_REUSED for a genuine retry). A release that knows
+    none of the fields (Empty) fingerprints the bytes as they came exactly as one that knows them
+    all; and a retry is matched by that or by its known fields alone."""
+    full = wallet_pb2.DebitCoinsRequest(
+        user_id="u1", coins=7, reason=wallet_pb2.DEBIT_REASON_GIFT, reference="x"
+    )  # no request_id: Empty could not leave it out
+    unaware = empty_pb2.Empty.FromString(full.SerializeToString())
+    assert fingerprint(unaware) == fingerprint(full)  # stored by either: the same
+    assert fingerprints(full) == (fingerprint(full),)  # nothing unknown: one fingerprint
+    assert fingerprints(unaware) == (fingerprint(full), fingerprint(empty_pb2.Empty()))
+    other = wallet_pb2.DebitCoinsRequest()
+    other.CopyFrom(full)
+    other.coins = 8
+    assert fingerprint(other) not in fingerprints(unaware)  # other parameters stay refused
 
 
 async def test_reusing_a_request_id_with_other_parameters_is_refused(suite: Suite) -> None:

@@ -17,7 +17,7 @@ from runtime.access import (
     require_reason,
 )
 from runtime.auth import current_principal
-from runtime.idempotency import acting_scope, caller_scope, fingerprint
+from runtime.idempotency import acting_scope, caller_scope, fingerprints
 from runtime.pagination import decode_token, instant, next_page, page_size, text
 from runtime.protos import RpcContext, money, timestamp, to_datetime
 from runtime.server import Runtime
@@ -241,12 +241,14 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
             GiftCredit(
                 key=f"{caller_scope(f'CreditDiamonds:{r.creator_id}')}/{r.request_id}",
                 request=f"{caller_scope('CreditDiamonds')}/{r.request_id}",
-                fingerprint=fingerprint(r),
+                fingerprint=prints[0],
                 creator_id=r.creator_id,
                 coins=r.coins,
                 reference=r.reference,
+                also=prints[1:],
             )
             for r in requests
+            for prints in (fingerprints(r),)
         )
 
         def answer(creator_id: str, diamonds: int, balance: CreatorDiamonds) -> bytes:

@@ -99,7 +99,8 @@ class CreatorDiamonds:
 class GiftCredit:
     """One gift's credit as asked for: `key` is its request id in the caller's scope and the
     creator's (exactly once), `request` the same without the creator (one creator per request id),
-    `fingerprint` its parameters (a reused key with other parameters is refused)."""
+    `fingerprint` its parameters (a reused key with other parameters is refused), `also` the other
+    fingerprints a record of the same request may carry (runtime.idempotency.fingerprints)."""
 
     key: str
     request: str
@@ -107,6 +108,7 @@ class GiftCredit:
     creator_id: str
     coins: int
     reference: str
+    also: tuple[str, ...] = ()
 
 
 Answer = Callable[[str, int, CreatorDiamonds], bytes]
@@ -213,7 +215,7 @@ class Payouts:
         fresh: dict[str, list[GiftCredit]] = {}
         for c in credits:
             if c.key in stored.answers:
-                if stored.answers[c.key][0] != c.fingerprint:
+                if stored.answers[c.key][0] not in (c.fingerprint, *c.also):
                     raise request_id_reused(c.key.rsplit("/", 1)[-1])
             elif c.request in stored.requests_taken:  # credited to another creator
                 raise request_id_reused(c.request.rsplit("/", 1)[-1], "a credit to another creator")
