@@ -163,6 +163,10 @@ async def test_half_a_one_off_destination_is_refused_never_paid_to_the_default(
         payout_pb2.ListWithdrawalsRequest(creator_id=creator)
     )
     assert not listed.withdrawals
+    # Bad input claims nothing: the corrected request takes the same request id (review r23).
+    bank_asked.ClearField("method")
+    made = await suite.payout.RequestWithdrawal(bank_asked)
+    assert made.withdrawal.method == payout_pb2.PAYOUT_METHOD_PAYPAL  # the default, as asked now
 
 
 async def test_the_same_destination_twice_is_one_method(suite: Suite) -> None:

@@ -29,7 +29,7 @@ from services.payout.methods import NewMethod
 from services.payout.reconciliation import Reconciler
 from services.payout.settings import PayoutSettings
 from services.payout.storage import PayoutMethodRecord, WithdrawalEvent, WithdrawalRecord
-from services.payout.withdrawals import Withdrawals, time_zone
+from services.payout.withdrawals import Withdrawals, check_one_off_destination, time_zone
 
 _METHODS = {payout_pb2.PAYOUT_METHOD_PAYPAL: "paypal", payout_pb2.PAYOUT_METHOD_BANK: "bank"}
 _METHOD_ENUM = {name: value for value, name in _METHODS.items()}
@@ -263,13 +263,15 @@ class PayoutApi(payout_pb2_grpc.PayoutServiceServicer):
         self, request: payout_pb2.RequestWithdrawalRequest, context: RpcContext
     ) -> payout_pb2.RequestWithdrawalResponse:
         scope = withdrawal_scope(request.creator_id)
+        method = _METHODS.get(request.method, "")
+        check_one_off_destination(method, request.destination_token)  # bad input: nothing claimed
 
         async def effect(conn: AsyncConnection) -> payout_pb2.RequestWithdrawalResponse:
             withdrawal, balance = await self._withdrawals.request(
                 conn,
                 creator_id=request.creator_id,
                 diamonds=request.diamonds,
-                method=_METHODS.get(request.method, ""),
+                method=method,
                 destination_token=request.destination_token,
                 request_id=f"{scope}/{request.request_id}",
                 now=self._clock.now(),

@@ -72,6 +72,22 @@ def debt_outstanding(creator_id: str, debt: int, *, reviewing: bool = False) -> 
     )
 
 
+def check_one_off_destination(method: str, destination_token: str) -> None:
+    """`method` and `destination_token` name a one-off destination together: half of one is bad
+    input, refused before the request id is claimed (so the corrected request may reuse it; review
+    r23), never paid to a registered method instead (review r21: `method` alone was ignored and
+    the default method paid)."""
+    if bool(method) == bool(destination_token):
+        return
+    missing, given = ("destination_token", "method") if method else ("method", "destination_token")
+    raise InvalidArgument(
+        "INVALID_REQUEST",
+        f"{given} names a one-off destination, which needs {missing} too; to pay a registered "
+        "payout method, send neither (payout_method_id, or the default)",
+        violations=(FieldViolation(missing, f"required with {given}"),),
+    )
+
+
 _HOST_FILES = frozenset({"localtime", "posixrules", "Factory"})
 """Files a host's zoneinfo folder may hold that are not IANA zones (the first is whatever zone the
 host is set to)."""
@@ -165,18 +181,7 @@ class Withdrawals:
         creator's default; else the one-off `method` and `destination_token`, which a creator with a
         registered method may not name: REGISTERED_METHOD_REQUIRED)."""
         settings = self.settings
-        if bool(method) != bool(destination_token):
-            # Half a one-off destination: never paid to a registered method instead (review r21:
-            # `method` alone was ignored and the default method paid).
-            missing, given = (
-                ("destination_token", "method") if method else ("method", "destination_token")
-            )
-            raise InvalidArgument(
-                "INVALID_REQUEST",
-                f"{given} names a one-off destination, which needs {missing} too; to pay a "
-                "registered payout method, send neither (payout_method_id, or the default)",
-                violations=(FieldViolation(missing, f"required with {given}"),),
-            )
+        check_one_off_destination(method, destination_token)
         if placed := await self.holds.placed_under(conn, request_id):
             # The request again after its idempotency record was purged: the withdrawal it made.
             return await self._made_by(
