@@ -117,6 +117,23 @@ def test_every_service_pod_can_write_its_data_dir() -> None:
         assert image[name.upper()] in writable, (name, writable)
 
 
+def test_each_service_pod_mounts_only_its_own_certificate_secret() -> None:
+    """One Secret per service's identity: every pod mounting one `coins-certs` held every service's
+    private key, so a compromised promotion pod could call payout as gifting and credit diamonds
+    with no gift (review r25)."""
+    mounted = {}
+    for name in deploy_manifests.SETTINGS:
+        (deployment,) = [
+            d
+            for d in documents(DEPLOY / "k8s" / "base" / f"{name}.yaml")
+            if d["kind"] == "Deployment"
+        ]
+        pod = deployment["spec"]["template"]["spec"]
+        secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        mounted[name] = secrets - {"coins-jwt-keys"}
+    assert mounted == {name: {f"coins-{name}-certs"} for name in deploy_manifests.SETTINGS}
+
+
 def test_the_migrations_job_makes_way_for_the_next_rollouts() -> None:
     """A Job's pod template cannot change, so the next `kubectl apply` with a new image would be
     refused while the last rollout's Job exists (review A4): it deletes itself once finished."""

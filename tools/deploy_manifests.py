@@ -112,8 +112,24 @@ SECURITY_CONTEXT = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+
+def certs_secret(name: str) -> str:
+    """The service's own certificate Secret: `ca.pem`, `<service>.pem`, `<service>-key.pem`. One
+    Secret per service, never one for all: a pod that could read every service's key could call
+    as any of them (review r25: a promotion pod presenting gifting's certificate credited diamonds
+    with no gift)."""
+    return f"coins-{name}-certs"
+
+
+def volumes(name: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "certs", "secret": {"secretName": certs_secret(name), "defaultMode": 0o440}},
+        *VOLUMES,
+    ]
+
+
 VOLUMES = [
-    {"name": "certs", "secret": {"secretName": "coins-certs", "defaultMode": 0o440}},
     {"name": "jwt", "secret": {"secretName": "coins-jwt-keys", "defaultMode": 0o440}},
     {"name": "tmp", "emptyDir": {}},
     # The image's <SVC>_DATA_DIR: the sandbox processors' files and the ledger anchors (the root
@@ -196,7 +212,7 @@ def service_documents(name: str) -> list[dict[str, Any]]:
                         "terminationGracePeriodSeconds": 15,
                         "securityContext": {"fsGroup": 10001},
                         "containers": [container],
-                        "volumes": VOLUMES,
+                        "volumes": volumes(name),
                     },
                 },
             },
