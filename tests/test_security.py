@@ -404,9 +404,22 @@ class Tokens:
             _bearer(ours.mint(user, roles=roles, claims={"sub": ""})),
             "TOKEN_INVALID",
         )
+        # Its user goes where record's user ids go (64 characters) and into log lines (review r25:
+        # INTERNAL on PostgreSQL for a 76-character admin, forged log lines from a line break).
+        for why, sub in (("too long", "a" * 65), ("with a line break", f"{user}\nevent=forged")):
+            yield (
+                f"token whose sub is not a user id ({why})",
+                _bearer(ours.mint(user, roles=roles, claims={"sub": sub})),
+                "TOKEN_INVALID",
+            )
         yield (
             "roles claim that is not a list",
             _bearer(ours.mint(user, claims={"roles": "admin"})),
+            "TOKEN_INVALID",
+        )
+        yield (
+            "roles claim that is not a list of names",
+            _bearer(ours.mint(user, claims={"roles": [{"admin": True}]})),
             "TOKEN_INVALID",
         )
         yield "not a JWT", _bearer("not-a-jwt"), "TOKEN_MALFORMED"
