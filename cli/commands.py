@@ -426,11 +426,14 @@ def withdraw(c: Clients, a: argparse.Namespace) -> None:
         diamonds=a.diamonds,
         payout_method_id=a.method_id or "",
     )
+    if a.method and not a.destination:  # never dropped: a withdrawal pays where asked, or not
+        raise SystemExit(
+            f"--method {a.method} goes with --destination (a one-off processor token); a "
+            "registered payout method is paid with --method-id, or the default without either"
+        )
     if a.destination:  # a one-off destination (processors' test tokens)
         request.method = METHODS[a.method or "paypal"]
         request.destination_token = a.destination
-    elif a.method:  # sent as asked: payout refuses a method without its destination
-        request.method = METHODS[a.method]
     response = c.payout.RequestWithdrawal(request)
     console.print(render.withdrawal(response.withdrawal))
     _note_kept(a.diamonds, response.withdrawal.diamonds)

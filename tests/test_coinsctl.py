@@ -103,6 +103,10 @@ async def test_help_shows_defaults_and_bad_input_gets_no_traceback(suite: Suite)
     # A refusal's text is shown as the server wrote it (a pattern's brackets included).
     code, output = await coinsctl(suite, "open-account", "not a user id!")
     assert code == 1 and "INVALID_ARGUMENT" in output and "[A-Za-z0-9]" in output, output
+    # --method alone is never dropped (the default method paid: review r21), and the refusal
+    # names coinsctl's flags, not the API's fields (review r23).
+    code, output = await coinsctl(suite, "withdraw", "leo", "2000", "--method", "bank")
+    assert code == 1 and "--destination" in output and "destination_token" not in output, output
 
 
 async def test_refusals_go_to_stderr_and_text_is_shown_as_typed(suite: Suite) -> None:

@@ -172,6 +172,8 @@ def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() 
         PayoutSettings(daily_withdrawal_cap_minor=500)
     with pytest.raises(pydantic.ValidationError, match="PAYOUT_DAILY_WITHDRAWAL_CAP_MINOR=0"):
         PayoutSettings(daily_withdrawal_cap_minor=0)
+    with pytest.raises(pydantic.ValidationError, match="no withdrawal could ever be made"):
+        PayoutSettings(daily_withdrawal_cap_minor=0, min_withdrawal_minor=0)  # a cent is the least
     assert PayoutSettings(daily_withdrawal_cap_minor=1000).daily_withdrawal_cap_minor == 1000
 
 

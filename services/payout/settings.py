@@ -162,12 +162,12 @@ class PayoutSettings(LedgerServiceSettings):
                 f"PAYOUT_WITHDRAWAL_FEE_BPS={self.withdrawal_fee_bps}): it must pay the creator "
                 "something, so raise the minimum or lower the fee"
             )
-        if self.daily_withdrawal_cap_minor < self.min_withdrawal_minor:
+        if self.daily_withdrawal_cap_minor < smallest:
             raise ValueError(
                 f"PAYOUT_DAILY_WITHDRAWAL_CAP_MINOR={self.daily_withdrawal_cap_minor} is below "
-                f"PAYOUT_MIN_WITHDRAWAL_MINOR={self.min_withdrawal_minor}: no withdrawal could "
-                "ever be made (each would be refused DAILY_LIMIT_EXCEEDED), so raise the cap or "
-                "lower the minimum"
+                f"the smallest withdrawal ({smallest}, PAYOUT_MIN_WITHDRAWAL_MINOR="
+                f"{self.min_withdrawal_minor}): no withdrawal could ever be made (each would be "
+                "refused DAILY_LIMIT_EXCEEDED), so raise the cap or lower the minimum"
             )
         return self
 
