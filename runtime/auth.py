@@ -253,8 +253,8 @@ class TokenVerifier:
             # lines (review r25: INTERNAL on PostgreSQL for a 76-character admin).
             raise Unauthenticated(
                 "TOKEN_INVALID",
-                "the token's sub is not a user id (1 to 64 letters, digits, '_', '.' or '-', "
-                "starting with a letter or digit)",
+                f"the token's sub is not a user id: it must match {USER_ID.pattern} (1 to 64 "
+                "letters, digits, '_', '.' or '-')",
                 claim="sub",
             )
         roles = claims.get("roles", [])

@@ -101,8 +101,8 @@ async def test_help_shows_defaults_and_bad_input_gets_no_traceback(suite: Suite)
     code, output = await coinsctl(suite, "open-account", "bob", "--birth-date", "1990-02-30")
     assert code == 2 and "is not a date: use YYYY-MM-DD" in output and "Traceback" not in output
     # A refusal's text is shown as the server wrote it (a pattern's brackets included).
-    code, output = await coinsctl(suite, "open-account", "not a user id!")
-    assert code == 1 and "INVALID_ARGUMENT" in output and "[A-Za-z0-9]" in output, output
+    code, output = await coinsctl(suite, "open-account", "not a user id!")  # its token's sub too
+    assert code == 1 and "TOKEN_INVALID" in output and "[A-Za-z0-9]" in output, output
     # --method alone is never dropped (the default method paid: review r21), and the refusal
     # names coinsctl's flags, not the API's fields (review r23).
     code, output = await coinsctl(suite, "withdraw", "leo", "2000", "--method", "bank")
@@ -171,8 +171,13 @@ async def test_a_refusal_reads_as_one_typed_value(suite: Suite) -> None:
     )
     assert refusal.metadata["available"] == str(coins) and not refusal.retryable
     bad = wallet_pb2.OpenAccountRequest(request_id=new_request_id(), user_id="not a user id!")
+    as_user = Clients(  # a token for a user (no token can name "not a user id!")
+        {name: s.address for name, s in suite.services.items()},
+        security=suite.security,
+        acting_user=user,
+    )
     with pytest.raises(grpc.RpcError) as caught:
-        await asyncio.to_thread(clients.wallet.OpenAccount, bad)
+        await asyncio.to_thread(as_user.wallet.OpenAccount, bad)
     refusal = Refusal.of(caught.value)
     assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in refusal.violations
     # The rule each field broke, as the service named it: what a caller branches on (review r2).
