@@ -935,3 +935,37 @@ async def test_an_end_is_not_held_back_by_a_report_whose_capture_is_at_the_walle
     assert info is not None and info.reason == "PROMOTION_ENDED", late.details()
     assert (await read(suite, made.promotion_id, user)).spent_coins == 100
     assert await coins_of(suite, user) == (coins - 100, coins - 100)
+
+
+async def test_a_lost_report_the_end_finds_refused_is_answered_as_of_the_recorded_end(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report claimed its id and died before its capture reached the wallet. EndPromotion's count
+    sends that capture (refused: the hold is released) and answers the report's request id: with
+    PROMOTION_ENDED at the end the promotion records, as the report's own retry after the end would
+    be told (review r23: the answer named the end time it was to have, days ahead, for good)."""
+    user, _ = await funded_user(suite)
+    made = (await suite.promotion.CreatePromotion(promotion(user, 300, days=3))).promotion
+    original = Campaigns._capture
+
+    async def dies(self: Campaigns, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the reporter's process died before the wallet call")
+
+    monkeypatch.setattr(Campaigns, "_capture", dies)
+    lost = delivery(made.promotion_id, 40)
+    error = await rpc_error(suite.ad_delivery.ReportDelivery(lost))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    monkeypatch.setattr(Campaigns, "_capture", original)
+    ended = await suite.promotion.EndPromotion(
+        ending(made.promotion_id), metadata=suite.token(user)
+    )
+    assert ended.released_coins == 300
+    retried = await expect_error(
+        suite.ad_delivery.ReportDelivery(lost),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROMOTION_ENDED",
+    )
+    info = error_info(retried)
+    assert info is not None
+    recorded_end = ended.promotion.end_time.ToDatetime(tzinfo=dt.UTC)
+    assert dt.datetime.fromisoformat(info.metadata["end_time"]) == recorded_end

@@ -475,7 +475,7 @@ class Campaigns:
         async with self._db.read() as conn:
             promotion = await storage.get_promotion(conn, pending.promotion_id)
         transaction_id = None
-        refusal: DomainError | None = None
+        refused: DomainError | None = None
         if promotion is not None:
             try:
                 transaction_id = await self._capture(
@@ -484,11 +484,21 @@ class Campaigns:
             except DomainError as error:
                 if error.retryable:
                     return 0  # the wallet is out: next round
-                # Refused: nothing was captured.
-                refusal = self._promotions.capture_refused(promotion, pending.coins, error)
+                refused = error  # nothing was captured
+        refusal: DomainError | None = None
         try:
             async with self._db.transaction() as conn:
-                if promotion is not None and refusal is None:
+                if promotion is not None and refused is not None:
+                    if self._promotions.hold_over(refused):
+                        # Released or expired: the promotion is over, as the report's own retry
+                        # would record it, and answered as of its end (review r23: the end time
+                        # it was to have, days ahead, was stored as the report's answer).
+                        await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
+                        promotion = await storage.get_promotion(conn, promotion.promotion_id) or (
+                            promotion
+                        )
+                    refusal = self._promotions.capture_refused(promotion, pending.coins, refused)
+                elif promotion is not None:
                     await self._promotions.record_delivery(
                         conn,
                         promotion,
