@@ -177,6 +177,16 @@ def test_a_payout_configuration_with_a_negative_fee_or_a_zero_rate_is_refused() 
     assert PayoutSettings(daily_withdrawal_cap_minor=1000).daily_withdrawal_cap_minor == 1000
 
 
+def test_gifting_keeps_room_for_gifts_beside_its_feeds() -> None:
+    """Open WatchLive streams count against grpc's concurrency limit: 10,000 watchers allowed
+    beside a limit of 2,000 let 40 idle watchers (at a limit of 40) refuse every gift (review
+    r25). Watchers may take at most half."""
+    assert GiftingSettings().feed_max_watchers * 2 <= GiftingSettings().max_concurrent_rpcs
+    with pytest.raises(pydantic.ValidationError, match="leave no room for gifts"):
+        GiftingSettings(feed_max_watchers=1_001, max_concurrent_rpcs=2_000)
+    assert GiftingSettings(feed_max_watchers=1_000, max_concurrent_rpcs=2_000)
+
+
 def test_payout_off_a_dev_pki_refuses_a_webhook_secret_anyone_knows(tmp_path: Path) -> None:
     """The default webhook secret is public: a real deployment (COINS_DEV_PKI=false, certificates
     from the operator) that kept it accepted forged processor callbacks, a "failed" after a real

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from runtime.config import ServiceSettings
@@ -55,11 +55,23 @@ class GiftingSettings(ServiceSettings):
     feed_max_backlog: PositiveInt = 5_000
     """A watcher further behind than this, and still losing ground, is told to resume from its
     cursor (ABORTED FEED_TOO_SLOW)."""
-    feed_max_watchers: PositiveInt = 10_000
-    """Feed watchers one process serves at once (RESOURCE_EXHAUSTED TOO_MANY_WATCHERS beyond)."""
+    feed_max_watchers: PositiveInt = 1_000
+    """Feed watchers one process serves at once (RESOURCE_EXHAUSTED TOO_MANY_WATCHERS beyond). At
+    most half of GIFTING_MAX_CONCURRENT_RPCS, which counts open streams too: watchers up to that
+    limit refused every gift (review r25). More viewers: more replicas, or a fan-out in front."""
     feed_max_watchers_per_user: PositiveInt = 10
     """Feed watchers of one user one process serves at once."""
     feed_watch_lease_seconds: PositiveFloat = 30.0
     """A LIVE with watchers in a process is marked watched this far ahead (renewed at a third of
     it); gifts NOTIFY the other replicas only for a watched LIVE (NOTIFY costs every commit a
     database-wide lock)."""
+
+    @model_validator(mode="after")
+    def _watchers_leave_room_for_calls(self) -> GiftingSettings:
+        if self.feed_max_watchers * 2 > self.max_concurrent_rpcs:
+            raise ValueError(
+                f"GIFTING_FEED_MAX_WATCHERS={self.feed_max_watchers} is more than half of "
+                f"GIFTING_MAX_CONCURRENT_RPCS={self.max_concurrent_rpcs}, which counts open feeds "
+                "too: watchers would leave no room for gifts; lower the first or raise the second"
+            )
+        return self
