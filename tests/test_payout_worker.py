@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.trace import StatusCode
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -145,6 +146,16 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
     found = await read(suite, withdrawal_id, creator)
     assert found.status == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
     assert found.attempts == 3 and "timed out: no answer within 0.3s" in found.last_error
+    # Each failed attempt is an error on its trace, where an SRE looks (review r24: only the log).
+    failed = [
+        s
+        for s in suite.spans.get_finished_spans()
+        if s.name == "payout.processor"
+        and withdrawal_id in (s.attributes or {}).get("coins.withdrawal_ids", ())
+        and s.status.status_code == StatusCode.ERROR
+    ]
+    assert len(failed) >= 3, failed
+    assert {(s.attributes or {}).get("coins.reason") for s in failed} == {"PROCESSOR_TIMEOUT"}
     admin = suite.token("ops-1", admin=True)
     queue = await suite.payout.ListWithdrawalQueue(
         payout_pb2.ListWithdrawalQueueRequest(queue=payout_pb2.WITHDRAWAL_QUEUE_PARKED),

@@ -21,6 +21,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.backoff import backoff
@@ -381,6 +382,14 @@ class WithdrawalWorker:
     ) -> None:
         settings, now = self._rt.settings, self._rt.clock.now()
         why = "timed out" if isinstance(error, TimeoutError) else type(error).__name__
+        # The failure on the work's trace, where an SRE searching for errors finds it (its log
+        # lines alone told it; review r24).
+        span = trace.get_current_span()
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"processor call {why}"))
+        span.set_attribute(
+            "coins.reason",
+            "PROCESSOR_TIMEOUT" if isinstance(error, TimeoutError) else "PROCESSOR_FAILED",
+        )
         async with self._rt.db.transaction() as conn:
             for withdrawal in withdrawals:
                 attempts = withdrawal.attempts + 1
