@@ -151,7 +151,7 @@ async def test_a_withdrawal_the_processor_never_answers_is_parked_and_retried_by
         s
         for s in suite.spans.get_finished_spans()
         if s.name == "payout.processor"
-        and withdrawal_id in (s.attributes or {}).get("coins.withdrawal_ids", ())
+        and withdrawal_id in tuple((s.attributes or {}).get("coins.withdrawal_ids", ()))  # type: ignore[arg-type]
         and s.status.status_code == StatusCode.ERROR
     ]
     assert len(failed) >= 3, failed
