@@ -45,6 +45,7 @@ from runtime.clients import service_channel
 from runtime.clock import Clock, SystemClock
 from runtime.config import SecuritySettings, ServiceSettings
 from runtime.db import Database
+from runtime.errors import Unavailable
 from runtime.health import CHECK, LIST, LIVENESS, HealthServicer, watch_database
 from runtime.health import SERVICE as HEALTH
 from runtime.idempotency import Idempotency
@@ -314,6 +315,15 @@ async def _run_worker(name: str, run: Callable[[], Awaitable[None]]) -> None:
                     "worker %s: database unavailable (%s); attempt %d, retrying in %.1fs",
                     name,
                     type(error).__name__,
+                    failures,
+                    pause,
+                )
+            elif isinstance(error, Unavailable):  # another service out: one line, no trace
+                log.warning(
+                    "worker %s: %s (%s); attempt %d, retrying in %.1fs",
+                    name,
+                    error.message,
+                    error.reason,
                     failures,
                     pause,
                 )

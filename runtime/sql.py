@@ -489,7 +489,12 @@ class Driver:
         lost, so `on_connect` runs after each (re)connection to cover the gap."""
         if not self.is_postgres:
             raise RuntimeError("LISTEN/NOTIFY needs PostgreSQL")
-        conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
+        try:
+            conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
+        except Exception as error:  # the server refusing us is an outage, not a bug (review r24)
+            if (refused := refused_connection(error)) is None:
+                raise
+            raise refused from error
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())

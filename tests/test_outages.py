@@ -150,6 +150,10 @@ async def test_a_database_that_refuses_connections_is_an_outage_not_a_bug(
         assert not [r for r in caplog.records if r.exc_info], "an outage logged a stack trace"
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert any("not currently accepting connections" in r.getMessage() for r in caplog.records)
+        # A LISTEN's own connection too (review r24: the feed's listener logged it as a crash).
+        with pytest.raises(Exception) as listening:
+            await suite.services["wallet"].runtime.db.driver.listen("coins_test", lambda _: None)
+        assert outage_of(listening.value) is not None, listening.value
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.close()

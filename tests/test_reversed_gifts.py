@@ -12,6 +12,8 @@ import pytest
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
+from runtime.errors import Unavailable
+from runtime.server import _run_worker
 from services.gifting.clients import PayoutCrediter
 from services.gifting.reversals import FEED, ReversedGifts
 from services.gifting.storage import followed_position
@@ -189,14 +191,32 @@ async def test_payout_lists_reversals_in_commit_order_and_gifting_passes_a_forei
 async def test_payout_out_of_reach_is_one_warning_and_the_next_period_tries_again(
     suite: Suite, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """As at `make up` before payout listens: no crash, no stack trace, nothing moved."""
+    """As at `make up` before payout listens: no stack trace, nothing moved; the pass fails (a
+    failed run in the job's metrics, an ERROR on its trace: it read as an idle pass, review r24)
+    and its worker says so in one line and tries again."""
     runtime = suite.services["gifting"].runtime
+    async with runtime.db.driver.read() as tx:
+        before = await followed_position(tx, FEED)
     async with grpc.aio.insecure_channel("127.0.0.1:1") as nowhere:
         follower = ReversedGifts(
             runtime.db, runtime.clock, PayoutCrediter(nowhere), page=10, time_limit=1.0
         )
-        with caplog.at_level(logging.WARNING, logger="coins.gifting.reversals"):
-            assert await follower.follow() == 0
-    (line,) = [r for r in caplog.records if r.name == "coins.gifting.reversals"]
-    assert "payout did not answer (DEPENDENCY_UNAVAILABLE)" in line.getMessage()
-    assert line.exc_info is None
+        with pytest.raises(Unavailable) as raised:
+            await follower.follow()
+    assert raised.value.reason == "DEPENDENCY_UNAVAILABLE"
+    async with runtime.db.driver.read() as tx:
+        assert await followed_position(tx, FEED) == before
+    attempts = 0
+
+    async def follows() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise raised.value
+
+    with caplog.at_level(logging.WARNING, logger="coins.server"):
+        await _run_worker("reversed gifts", follows)
+    assert attempts == 2  # tried again
+    (line,) = [r for r in caplog.records if "reversed gifts" in r.getMessage()]
+    assert line.levelno == logging.WARNING and line.exc_info is None
+    assert "(DEPENDENCY_UNAVAILABLE); attempt 1" in line.getMessage()
