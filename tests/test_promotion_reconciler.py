@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from coins.promotion.v1 import promotion_pb2
 from coins.wallet.v1 import wallet_pb2
+from runtime.idempotency import idempotency_keys
 from runtime.status import error_info
 from services.promotion import storage
 from services.promotion.campaigns import Campaigns
@@ -145,7 +146,7 @@ async def test_a_delivery_captured_but_never_counted_is_counted_without_a_retry(
     async with suite.services["promotion"].runtime.db.read() as conn:
         assert await storage.stale_pending_captures(conn, dt.datetime.now(dt.UTC), limit=10) == []
         # Its request id answered as a retry would be, not claimed for good (review r20).
-        keys = storage.idempotency_keys
+        keys = idempotency_keys
         report_keys = (
             await conn.execute(
                 sa.select(keys.c.response, keys.c.error).where(
@@ -381,9 +382,9 @@ async def test_an_end_cut_short_is_answered_after_a_report_or_another_end_record
         ids = [r.request_id for r in cut_short.values()]
         async with db.read() as conn:
             rows = await conn.execute(
-                sa.select(
-                    storage.idempotency_keys.c.response, storage.idempotency_keys.c.error
-                ).where(storage.idempotency_keys.c.request_id.in_(ids))
+                sa.select(idempotency_keys.c.response, idempotency_keys.c.error).where(
+                    idempotency_keys.c.request_id.in_(ids)
+                )
             )
             return all(r.response is not None or r.error is not None for r in rows)
 
