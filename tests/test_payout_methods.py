@@ -26,6 +26,18 @@ async def suite(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Async
     await running.stop()
 
 
+async def nothing_withdrawn(suite: Suite, creator: str, available: int) -> None:
+    """A refused withdrawal held nothing and recorded none."""
+    balance = await suite.payout.GetDiamondBalance(
+        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
+    )
+    assert balance.balance.available_diamonds == available  # nothing held
+    listed = await suite.payout.ListWithdrawals(
+        payout_pb2.ListWithdrawalsRequest(creator_id=creator)
+    )
+    assert not listed.withdrawals
+
+
 async def test_payout_methods_are_masked_defaulted_and_not_removed_while_in_use(
     suite: Suite,
 ) -> None:
@@ -111,14 +123,7 @@ async def test_a_one_off_destination_is_refused_not_ignored_once_a_method_is_reg
         grpc.StatusCode.FAILED_PRECONDITION,
         "REGISTERED_METHOD_REQUIRED",
     )
-    balance = await suite.payout.GetDiamondBalance(
-        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
-    )
-    assert balance.balance.available_diamonds == 10_000  # nothing held
-    listed = await suite.payout.ListWithdrawals(
-        payout_pb2.ListWithdrawalsRequest(creator_id=creator)
-    )
-    assert not listed.withdrawals
+    await nothing_withdrawn(suite, creator, 10_000)
 
 
 async def test_half_a_one_off_destination_is_refused_never_paid_to_the_default(
@@ -155,14 +160,7 @@ async def test_half_a_one_off_destination_is_refused_never_paid_to_the_default(
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_REQUEST",
     )
-    balance = await suite.payout.GetDiamondBalance(
-        payout_pb2.GetDiamondBalanceRequest(creator_id=creator)
-    )
-    assert balance.balance.available_diamonds == 10_000  # nothing held
-    listed = await suite.payout.ListWithdrawals(
-        payout_pb2.ListWithdrawalsRequest(creator_id=creator)
-    )
-    assert not listed.withdrawals
+    await nothing_withdrawn(suite, creator, 10_000)
     # Bad input claims nothing: the corrected request takes the same request id (review r23).
     bank_asked.ClearField("method")
     made = await suite.payout.RequestWithdrawal(bank_asked)
