@@ -195,11 +195,7 @@ class Campaigns:
                     if self._promotions.hold_over(error):
                         # Released or expired: the promotion is over even if its end was not
                         # recorded (an EndPromotion cut short after its release): record it now.
-                        now = self._clock.now()
-                        await self._promotions.end(conn, promotion.promotion_id, now)
-                        promotion = await storage.get_promotion(conn, promotion.promotion_id) or (
-                            promotion
-                        )
+                        promotion = await self._record_end(conn, promotion)
             refusal = self._promotions.capture_refused(promotion, request.coins, error)
             await self._idempotency.record_error(scope, request, refusal)
             raise refusal from None
@@ -339,9 +335,15 @@ class Campaigns:
         """The release was refused because the hold is resolved already: record the end (if a
         report has not) and answer that the promotion is over, as of when it ended (its budget
         spent meanwhile, or now), not when it was to end."""
+        return self._promotions.ended(await self._record_end(conn, promotion))
+
+    async def _record_end(
+        self, conn: AsyncConnection, promotion: storage.PromotionRecord
+    ) -> storage.PromotionRecord:
+        """Record the promotion's end now (unless a report or another end did) and read it back:
+        what a refusal names is when it ended, not when it was to end."""
         await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
-        over = await storage.get_promotion(conn, promotion.promotion_id)
-        return self._promotions.ended(over or promotion)
+        return await storage.get_promotion(conn, promotion.promotion_id) or promotion
 
     async def _count_pending_deliveries(self, promotion_id: str, time_limit: float) -> None:
         """EndPromotion's step after the release: reports whose capture may have happened but is
@@ -493,10 +495,7 @@ class Campaigns:
                         # Released or expired: the promotion is over, as the report's own retry
                         # would record it, and answered as of its end (review r23: the end time
                         # it was to have, days ahead, was stored as the report's answer).
-                        await self._promotions.end(conn, promotion.promotion_id, self._clock.now())
-                        promotion = await storage.get_promotion(conn, promotion.promotion_id) or (
-                            promotion
-                        )
+                        promotion = await self._record_end(conn, promotion)
                     refusal = self._promotions.capture_refused(promotion, pending.coins, refused)
                 elif promotion is not None:
                     await self._promotions.record_delivery(
