@@ -497,12 +497,14 @@ _SPAN_FIELDS = {
     "withdrawal_id": "coins.withdrawal_id",
     "promotion_id": "coins.promotion_id",
     "hold_id": "coins.hold_id",
+    "amount_coins": "coins.hold_coins",
+    "captured_coins": "coins.captured_coins",
 }
 """Request fields an SRE filters traces on, and the span attribute each becomes."""
 _fields_of: dict[str, tuple[tuple[str, str], ...]] = {}
 
 
-_RESOURCES = ("sent_gift", "purchase", "withdrawal", "promotion")
+_RESOURCES = ("sent_gift", "purchase", "withdrawal", "promotion", "hold")
 """Answer fields holding the record a call made or read, whose ids and amounts go on its span: a
 SendGift's trace is then found by the sent gift's id (a support ticket names that, not the
 request id). A balance's `coins` is not an amount moved, so only these records are read."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry import context as otel_context
@@ -16,9 +17,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
+from coins.wallet.v1 import wallet_pb2
 from runtime import telemetry
 from runtime.interceptors import _answer_plan
 from runtime.status import error_info
+from services.gifting.storage.tables import sent_gifts
 from tests.helpers import (
     eventually,
     funded_user,
@@ -26,8 +29,10 @@ from tests.helpers import (
     live_of,
     new_creator,
     new_id,
+    open_account,
     rpc_error,
 )
+from tests.security_cases import gift_credited, hold_request
 from tests.suite import Suite, start_suite
 
 DB_SCOPES = {"opentelemetry.instrumentation.sqlalchemy", "coins.db"}
@@ -314,3 +319,67 @@ async def test_a_failed_delivery_is_an_error_span_naming_its_reason_and_gifts(
         assert tuple(span.attributes["coins.sent_gift_ids"]) == (sent.sent_gift.sent_gift_id,)  # type: ignore[arg-type]
     finally:
         await suite.stop()
+
+
+async def test_a_gift_refused_by_the_wallet_is_found_by_its_sent_gift_id(suite: Suite) -> None:
+    """A refused gift is recorded as failed under a sent gift id that logs and the reconciler name:
+    its SendGift span carries that id, as an accepted gift's does (a review found it missing)."""
+    sender = new_id("viewer")
+    await open_account(suite, sender)  # no coins
+    creator = await new_creator(suite)
+    suite.spans.clear()
+    error = await rpc_error(suite.gifting.SendGift(live_gift(sender, creator, "rose")))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    span = server_span(list(suite.spans.get_finished_spans()), "coins-gifting", "/SendGift")
+    assert span.attributes is not None
+    sent_gift_id = span.attributes["coins.sent_gift_id"]
+    async with suite.services["gifting"].runtime.db.read() as conn:
+        recorded = (
+            await conn.execute(
+                sa.select(sent_gifts.c.sender_id, sent_gifts.c.status).where(
+                    sent_gifts.c.sent_gift_id == sent_gift_id
+                )
+            )
+        ).one()
+    assert tuple(recorded) == (sender, "failed")
+
+
+async def test_hold_and_reversal_spans_carry_what_they_moved(suite: Suite) -> None:
+    """A hold's calls carry its coins (placed and captured), so a released rest is on the
+    ReleaseHold span; a reversal's carries the diamonds it took back and their creators."""
+    user, _ = await funded_user(suite)
+    promotion = suite.as_caller("promotion").wallet
+    suite.spans.clear()
+    hold = (await promotion.PlaceHold(hold_request(user, 300))).hold
+    await promotion.CaptureHold(
+        wallet_pb2.CaptureHoldRequest(request_id=new_id("cap"), hold_id=hold.hold_id, coins=120)
+    )
+    await promotion.ReleaseHold(
+        wallet_pb2.ReleaseHoldRequest(request_id=new_id("rel"), hold_id=hold.hold_id)
+    )
+    released = server_span(list(suite.spans.get_finished_spans()), "coins-wallet", "/ReleaseHold")
+    assert released.attributes is not None
+    assert released.attributes["coins.hold_id"] == hold.hold_id
+    assert released.attributes["coins.user_id"] == user
+    assert released.attributes["coins.hold_coins"] == 300
+    assert released.attributes["coins.captured_coins"] == 120
+
+    sender, _ = await funded_user(suite)
+    creator = await new_creator(suite)
+    sent = (await suite.gifting.SendGift(live_gift(sender, creator, "concert"))).sent_gift
+    await gift_credited(suite, sent.sent_gift_id, sender)()
+    suite.spans.clear()
+    reversed_ = await suite.payout.ReverseGiftCredits(
+        payout_pb2.ReverseGiftCreditsRequest(
+            request_id=new_id("rev"), gift_ids=[sent.sent_gift_id], reason="chargeback"
+        ),
+        metadata=suite.token(new_id("ops"), admin=True),
+    )
+    taken = reversed_.reversals[0].diamonds_taken
+    assert taken > 0
+    span = server_span(
+        list(suite.spans.get_finished_spans()), "coins-payout", "/ReverseGiftCredits"
+    )
+    assert span.attributes is not None
+    assert span.attributes["coins.diamonds"] == taken
+    assert tuple(span.attributes["coins.creator_ids"]) == (creator,)  # type: ignore[arg-type]

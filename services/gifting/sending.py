@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from google.protobuf.message import Message
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coins.gifting.v1 import gifting_pb2
@@ -79,6 +80,8 @@ class GiftSender:
                 debited = await self._resume_in_an_ended_live(
                     scope, request, sent, live, time_limit
                 )
+        # On the span before the debit: a refused gift's trace is found by its id too.
+        trace.get_current_span().set_attribute("coins.sent_gift_id", sent.sent_gift_id)
         try:
             transaction_id, balance = debited or await self._wallet.debit_for_gift(
                 sent_gift_id=sent.sent_gift_id,

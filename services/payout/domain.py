@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger import Ledger, Posting
@@ -513,6 +514,7 @@ class Payouts:
                 ):
                     raise Aborted("CONCURRENT_REVERSAL", "these gifts are being reversed already")
             reversals.extend(moves)
+        _annotate_reversals(reversals)
         return reversals
 
     async def _post_reversal(
@@ -639,3 +641,14 @@ class Payouts:
                 )
             await storage.mark_matured(tx, [key for key, _, _ in claimed], now)
         return len(claimed)
+
+
+def _annotate_reversals(reversals: Sequence[Reversal]) -> None:
+    """Put what a reversal took back on its RPC's span: the diamonds taken now (a gift reversed by
+    an earlier request adds nothing) and the creators they came from, which is what an SRE searches
+    by when a creator asks where diamonds went."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute("coins.diamonds", sum(r.taken for r in reversals if not r.already_reversed))
+    span.set_attribute("coins.creator_ids", sorted({r.creator_id for r in reversals})[:100])
