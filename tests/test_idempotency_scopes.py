@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,7 +18,7 @@ from runtime.config import ServiceSettings
 from runtime.db import Database
 from runtime.idempotency import Idempotency, idempotency_keys
 from runtime.migrations import upgrade
-from tests.helpers import funded_user, new_creator, new_id
+from tests.helpers import funded_user, migrated, new_creator, new_id
 from tests.suite import Suite
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
@@ -135,3 +136,42 @@ async def test_answered_ids_are_forgotten_after_the_retention_unfinished_ones_ne
         left = (await conn.execute(sa.select(idempotency_keys.c.scope))).scalars().all()
     assert left == ["PurchaseCoins:b"]
     await db.close()
+
+
+async def test_the_purge_forgets_a_batch_per_statement_and_only_old_answered_ids(
+    database: Database,
+) -> None:
+    """Each purge forgets at most its batch, in one statement (id by id it forgot ~1,600 ids a
+    second on PostgreSQL, slower than a busy service makes them); open and young ids stay."""
+    db = await migrated(database, "wallet")
+    clock = FixedClock(dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+    keys = Idempotency(db, clock)
+
+    async def claimed(scope: str, answered: bool) -> None:
+        request = wallet_pb2.DebitCoinsRequest(request_id=uuid.uuid4().hex, user_id="a", coins=1)
+        async with db.transaction() as conn:
+            await keys.claim(conn, scope, request, resource_id=scope)
+            if answered:
+                await keys.complete(conn, scope, request, response=wallet_pb2.GetBalanceRequest())
+
+    for n in range(7):
+        await claimed(f"old-answered-{n}", answered=True)
+    await claimed("old-open", answered=False)
+    clock.advance(dt.timedelta(hours=30))
+    for n in range(2):
+        await claimed(f"young-answered-{n}", answered=True)
+    clock.advance(dt.timedelta(hours=20))
+    statements: list[str] = []
+    sa.event.listen(db.engine.sync_engine, "before_cursor_execute", _record(statements))
+    assert [await keys.purge(dt.timedelta(hours=48), limit=3) for _ in range(4)] == [3, 3, 1, 0]
+    assert sum(s.lstrip().upper().startswith("DELETE") for s in statements) == 4
+    async with db.read() as conn:
+        left = (await conn.execute(sa.select(idempotency_keys.c.scope))).scalars().all()
+    assert sorted(left) == ["old-open", "young-answered-0", "young-answered-1"]
+
+
+def _record(statements: list[str]) -> Any:
+    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    return before
