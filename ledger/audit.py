@@ -239,7 +239,7 @@ class _Auditor:
                 )
             elif imbalance:
                 report.bad_transactions[tid] = f"its entries sum to {imbalance}, not zero"
-            elif any(leg[7] is not None and leg[7] != kind for leg in mine):
+            elif any(leg[7] != kind for leg in mine):  # NULL too: migration 6 set every one
                 report.bad_transactions[tid] = "an entry's kind is not its transaction's"
             for leg in mine:
                 if leg[4] is not None and leg[6] is None:  # a keeping account's entry, unchained

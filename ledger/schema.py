@@ -186,7 +186,8 @@ transactions = Table(
 
 
 def _entries_kind_columns() -> list[Column[Any]]:
-    # NULL only before migration 6 backfills it; the audit checks it against the transaction's kind.
+    # NULL only before migration 6 backfills it; the audit checks it against the transaction's kind
+    # (a NULL since is a finding: it would drop the entry from kind filters and statements).
     return [Column("kind", String(32))]
 
 

@@ -226,6 +226,24 @@ async def test_a_recomputed_digest_does_not_hide_an_altered_system_entry(books: 
     assert set(report.broken_chains) == {"alice"}
 
 
+@pytest.mark.parametrize("kind", [None, "refund"])
+async def test_an_entry_s_kind_unlike_its_transaction_s_is_reported(
+    books: Books, kind: str | None
+) -> None:
+    """The kind on an entry is what kind filters and statements read: an entry whose kind was
+    blanked (NULL: a review saw it drop out of `kinds=[GIFT]` and into an unspecified statement
+    line, unreported) or changed is reported, though the kind is not in the digest."""
+    await tamper(
+        books.db,
+        "UPDATE ledger_entries SET kind = :k WHERE transaction_id = :t AND account_id = 'alice'",
+        t=books.gift,
+        k=kind,
+    )
+    report = await audit(books.db)
+    assert not report.ok
+    assert report.bad_transactions == {books.gift: "an entry's kind is not its transaction's"}
+
+
 async def test_deleting_an_entry_leaves_a_gap(books: Books) -> None:
     await tamper(
         books.db,
