@@ -156,6 +156,7 @@ def _response(run: AuditRun) -> ledger_audit_pb2.AuditLedgerResponse:
         run_id=run.run_id,
         start_time=timestamp(utc(run.started_at)),
         finish_time=timestamp(utc(run.finished_at)),
+        carried_from_run_id=report.carried_from,
     )
 
 

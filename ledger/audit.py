@@ -146,6 +146,9 @@ class AuditReport:
     mode: str = "full"
     entry_watermark: int = 0
     """The newest entry id in the snapshot audited."""
+    carried_from: str = ""
+    """An incremental run's: the full run whose findings it keeps, as no clean full audit has
+    cleared them since (their ids are in the fields above)."""
 
     @property
     def findings(self) -> int:

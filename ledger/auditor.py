@@ -71,6 +71,11 @@ _RECORD_RUN = Statement(
     ":started_at, :finished_at, :ok, :checkpointed, :entries_checked, :transactions_checked, "
     ":entry_watermark, :report)",
 )
+_LATEST_FULL_RUN = Statement(
+    "audit.latest_full_run",
+    "SELECT run_id, ok, report FROM ledger_audit_runs WHERE mode = 'full' "
+    "ORDER BY finished_at DESC LIMIT 1",
+)
 _LATEST_RUN = Statement(
     "audit.latest_run",
     "SELECT run_id, started_at, finished_at, report FROM ledger_audit_runs "
@@ -138,7 +143,8 @@ async def run_audit(
     duty_cycle: float = 1.0,
 ) -> AuditRun:
     """Audit the books in one snapshot and record the run; a clean run moves the checkpoints.
-    An incremental run with no clean run before it is a full one."""
+    An incremental run with no clean run before it is a full one; one after a full audit that
+    found something keeps those findings (`_carry`)."""
     started = dt.datetime.now(dt.UTC)
     anchor = anchors.latest() if anchors is not None else None
     run: AuditRun | None = None
@@ -151,9 +157,12 @@ async def run_audit(
             if incremental:
                 row = await tx.one(_LAST_CHECKPOINT)
                 after = None if row is None else int(row[0])
+            outstanding = await tx.one(_LATEST_FULL_RUN) if after is not None else None
             report = await audit_books(
                 tx, anchor=anchor, incremental_after=after, duty_cycle=duty_cycle
             )
+            if outstanding is not None and not outstanding[1]:
+                _carry(report, str(outstanding[0]), report_from_json(str(outstanding[2])))
             run = AuditRun(uuid.uuid4().hex, started, dt.datetime.now(dt.UTC), report)
             if report.ok:  # the heads this snapshot shows are the heads just verified
                 await tx.run(_MOVE_CHECKPOINTS, now=run.finished_at)
@@ -167,6 +176,17 @@ async def run_audit(
     async with driver.transaction() as tx:
         await _record(tx, run, checkpointed=False)
     return run
+
+
+def _carry(report: AuditReport, run_id: str, full: AuditReport) -> None:
+    """An incremental run verifies only what came after the checkpoints, so it cannot see that
+    what a full audit found is mended: it keeps those findings (and, not clean, leaves the
+    checkpoints where they are) until a clean full audit. Else the next periodic run, clean,
+    answered LATEST_REPORT and reset the findings gauge within minutes of a full audit's page."""
+    report.carried_from = run_id
+    for name in ("mismatches", "bad_transactions", "broken_chains", "held_mismatches", "negative"):
+        setattr(report, name, {**getattr(full, name), **getattr(report, name)})
+    report.total = report.total or full.total
 
 
 def peak_rss_mb() -> float:

@@ -208,6 +208,46 @@ async def test_the_incremental_audit_verifies_what_was_appended_since_its_checkp
         await driver.close()
 
 
+async def test_a_full_audit_s_findings_stand_until_a_full_audit_is_clean(
+    books: tuple[Database, Ledger, SetClock],
+) -> None:
+    """An incremental run sees only what came after the checkpoints, so it cannot tell that what a
+    full audit found behind them is mended: it repeats those findings (and moves no checkpoint)
+    until a clean full audit. A review saw the next periodic run, clean, answer LATEST_REPORT and
+    reset the findings gauge within minutes of the full audit's page."""
+    db, ledger, _ = books
+    for amount in (1000, -1, -2):
+        await post(db, ledger, amount, "purchase" if amount > 0 else "gift")
+    driver = driver_for(db.url)
+    try:
+        assert (await run_audit(driver, incremental=False)).report.ok
+        async with db.read() as conn:
+            first = await conn.scalar(
+                sa.select(sa.func.min(entries.c.entry_id)).where(entries.c.account_id == "alice")
+            )
+        oldest = entries.c.entry_id == first
+        await rewrite_history(db.url, sa.update(entries).where(oldest).values(amount=2000))
+        full = await run_audit(driver, incremental=False)
+        assert not full.report.ok and "alice" in full.report.broken_chains
+        await post(db, ledger, -3, "gift")
+        step = await run_audit(driver, incremental=True)
+        assert step.report.mode == "incremental" and not step.report.ok
+        assert step.report.carried_from == full.run_id
+        assert step.report.broken_chains == full.report.broken_chains
+        assert step.report.bad_transactions == full.report.bad_transactions
+        latest = await latest_run(driver)
+        assert latest is not None and latest.run_id == step.run_id and not latest.report.ok
+        again = await run_audit(driver, incremental=True)  # the checkpoints did not move
+        assert again.report.entries_checked == step.report.entries_checked == 1
+
+        await rewrite_history(db.url, sa.update(entries).where(oldest).values(amount=1000))
+        assert (await run_audit(driver, incremental=False)).report.ok
+        cleared = await run_audit(driver, incremental=True)
+        assert cleared.report.ok and cleared.report.carried_from == ""
+    finally:
+        await driver.close()
+
+
 async def test_the_bulk_path_writes_what_posting_writes(
     backend: str, books: tuple[Database, Ledger, SetClock]
 ) -> None:

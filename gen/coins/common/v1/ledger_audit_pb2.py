@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"coins/common/v1/ledger_audit.proto\x12\x0f\x63oins.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x12\x41uditLedgerRequest\x12\x32\n\x04mode\x18\x01 \x01(\x0e\x32\x1a.coins.common.v1.AuditModeB\x08\xbaH\x05\x82\x01\x02\x10\x01\"I\n\x11\x41\x63\x63ountDifference\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04kept\x18\x02 \x01(\x03\x12\x12\n\nrecomputed\x18\x03 \x01(\x03\"&\n\x07\x46inding\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07problem\x18\x02 \x01(\t\"\xbf\x04\n\x13\x41uditLedgerResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x18\n\x10\x61\x63\x63ounts_checked\x18\x02 \x01(\x03\x12\x1c\n\x14transactions_checked\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12?\n\x13\x62\x61lance_differences\x18\x05 \x03(\x0b\x32\".coins.common.v1.AccountDifference\x12<\n\x10held_differences\x18\x06 \x03(\x0b\x32\".coins.common.v1.AccountDifference\x12=\n\x11negative_balances\x18\x07 \x03(\x0b\x32\".coins.common.v1.AccountDifference\x12\x32\n\x10\x62\x61\x64_transactions\x18\x08 \x03(\x0b\x32\x18.coins.common.v1.Finding\x12/\n\rbroken_chains\x18\t \x03(\x0b\x32\x18.coins.common.v1.Finding\x12(\n\x04mode\x18\n \x01(\x0e\x32\x1a.coins.common.v1.AuditMode\x12\x17\n\x0f\x65ntries_checked\x18\x0b \x01(\x03\x12\x0e\n\x06run_id\x18\x0c \x01(\t\x12.\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp*v\n\tAuditMode\x12\x1a\n\x16\x41UDIT_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41UDIT_MODE_FULL\x10\x01\x12\x1a\n\x16\x41UDIT_MODE_INCREMENTAL\x10\x02\x12\x1c\n\x18\x41UDIT_MODE_LATEST_REPORT\x10\x03\x32n\n\x12LedgerAuditService\x12X\n\x0b\x41uditLedger\x12#.coins.common.v1.AuditLedgerRequest\x1a$.coins.common.v1.AuditLedgerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"coins/common/v1/ledger_audit.proto\x12\x0f\x63oins.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x12\x41uditLedgerRequest\x12\x32\n\x04mode\x18\x01 \x01(\x0e\x32\x1a.coins.common.v1.AuditModeB\x08\xbaH\x05\x82\x01\x02\x10\x01\"I\n\x11\x41\x63\x63ountDifference\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04kept\x18\x02 \x01(\x03\x12\x12\n\nrecomputed\x18\x03 \x01(\x03\"&\n\x07\x46inding\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07problem\x18\x02 \x01(\t\"\xdc\x04\n\x13\x41uditLedgerResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x18\n\x10\x61\x63\x63ounts_checked\x18\x02 \x01(\x03\x12\x1c\n\x14transactions_checked\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12?\n\x13\x62\x61lance_differences\x18\x05 \x03(\x0b\x32\".coins.common.v1.AccountDifference\x12<\n\x10held_differences\x18\x06 \x03(\x0b\x32\".coins.common.v1.AccountDifference\x12=\n\x11negative_balances\x18\x07 \x03(\x0b\x32\".coins.common.v1.AccountDifference\x12\x32\n\x10\x62\x61\x64_transactions\x18\x08 \x03(\x0b\x32\x18.coins.common.v1.Finding\x12/\n\rbroken_chains\x18\t \x03(\x0b\x32\x18.coins.common.v1.Finding\x12(\n\x04mode\x18\n \x01(\x0e\x32\x1a.coins.common.v1.AuditMode\x12\x17\n\x0f\x65ntries_checked\x18\x0b \x01(\x03\x12\x0e\n\x06run_id\x18\x0c \x01(\t\x12.\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x63\x61rried_from_run_id\x18\x0f \x01(\t*v\n\tAuditMode\x12\x1a\n\x16\x41UDIT_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41UDIT_MODE_FULL\x10\x01\x12\x1a\n\x16\x41UDIT_MODE_INCREMENTAL\x10\x02\x12\x1c\n\x18\x41UDIT_MODE_LATEST_REPORT\x10\x03\x32n\n\x12LedgerAuditService\x12X\n\x0b\x41uditLedger\x12#.coins.common.v1.AuditLedgerRequest\x1a$.coins.common.v1.AuditLedgerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITLEDGERREQUEST'].fields_by_name['mode']._loaded_options = None
   _globals['_AUDITLEDGERREQUEST'].fields_by_name['mode']._serialized_options = b'\272H\005\202\001\002\020\001'
-  _globals['_AUDITMODE']._serialized_start=884
-  _globals['_AUDITMODE']._serialized_end=1002
+  _globals['_AUDITMODE']._serialized_start=913
+  _globals['_AUDITMODE']._serialized_end=1031
   _globals['_AUDITLEDGERREQUEST']._serialized_start=117
   _globals['_AUDITLEDGERREQUEST']._serialized_end=189
   _globals['_ACCOUNTDIFFERENCE']._serialized_start=191
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINDING']._serialized_start=266
   _globals['_FINDING']._serialized_end=304
   _globals['_AUDITLEDGERRESPONSE']._serialized_start=307
-  _globals['_AUDITLEDGERRESPONSE']._serialized_end=882
-  _globals['_LEDGERAUDITSERVICE']._serialized_start=1004
-  _globals['_LEDGERAUDITSERVICE']._serialized_end=1114
+  _globals['_AUDITLEDGERRESPONSE']._serialized_end=911
+  _globals['_LEDGERAUDITSERVICE']._serialized_start=1033
+  _globals['_LEDGERAUDITSERVICE']._serialized_end=1143
 # @@protoc_insertion_point(module_scope)

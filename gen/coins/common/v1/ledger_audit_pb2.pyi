@@ -150,6 +150,7 @@ class AuditLedgerResponse(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
+    CARRIED_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """True when nothing below was found: every balance equals its entries, the grand total is zero, every
     digest and chain verifies, every held amount equals its active holds, no forbidden negative.
@@ -166,6 +167,11 @@ class AuditLedgerResponse(_message.Message):
     """Chain links (entries of balance-keeping accounts) verified."""
     run_id: _builtins.str
     """The audit run, as recorded in the service's database."""
+    carried_from_run_id: _builtins.str
+    """An incremental audit's: the full audit whose findings it repeats above, because no clean full
+    audit has run since (an incremental audit verifies only what came after the checkpoints, so it
+    cannot see them mended). Empty otherwise.
+    """
     @_builtins.property
     def balance_differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountDifference]:
         """Accounts whose kept balance differs from the sum of their entries."""
@@ -211,10 +217,11 @@ class AuditLedgerResponse(_message.Message):
         run_id: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
+        carried_from_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts_checked", b"accounts_checked", "bad_transactions", b"bad_transactions", "balance_differences", b"balance_differences", "broken_chains", b"broken_chains", "entries_checked", b"entries_checked", "finish_time", b"finish_time", "held_differences", b"held_differences", "mode", b"mode", "negative_balances", b"negative_balances", "ok", b"ok", "run_id", b"run_id", "start_time", b"start_time", "total", b"total", "transactions_checked", b"transactions_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts_checked", b"accounts_checked", "bad_transactions", b"bad_transactions", "balance_differences", b"balance_differences", "broken_chains", b"broken_chains", "carried_from_run_id", b"carried_from_run_id", "entries_checked", b"entries_checked", "finish_time", b"finish_time", "held_differences", b"held_differences", "mode", b"mode", "negative_balances", b"negative_balances", "ok", b"ok", "run_id", b"run_id", "start_time", b"start_time", "total", b"total", "transactions_checked", b"transactions_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
