@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         downgrade_ledger_tables_v6,
         downgrade_ledger_tables_v7,
         downgrade_ledger_tables_v8,
+        downgrade_ledger_tables_v9,
         entries,
         metadata,
         transactions,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
         upgrade_ledger_tables_v6,
         upgrade_ledger_tables_v7,
         upgrade_ledger_tables_v8,
+        upgrade_ledger_tables_v9,
     )
 
 _WHERE = {
@@ -68,6 +70,7 @@ _WHERE = {
             "downgrade_ledger_tables_v6",
             "downgrade_ledger_tables_v7",
             "downgrade_ledger_tables_v8",
+            "downgrade_ledger_tables_v9",
             "entries",
             "metadata",
             "transactions",
@@ -78,6 +81,7 @@ _WHERE = {
             "upgrade_ledger_tables_v6",
             "upgrade_ledger_tables_v7",
             "upgrade_ledger_tables_v8",
+            "upgrade_ledger_tables_v9",
         )
     },
 }
@@ -98,6 +102,7 @@ __all__ = [
     "downgrade_ledger_tables_v6",
     "downgrade_ledger_tables_v7",
     "downgrade_ledger_tables_v8",
+    "downgrade_ledger_tables_v9",
     "entries",
     "metadata",
     "transactions",
@@ -108,6 +113,7 @@ __all__ = [
     "upgrade_ledger_tables_v6",
     "upgrade_ledger_tables_v7",
     "upgrade_ledger_tables_v8",
+    "upgrade_ledger_tables_v9",
 ]
 
 

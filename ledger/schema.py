@@ -541,3 +541,43 @@ def downgrade_ledger_tables_v8(op: Operations) -> None:
 
     drop_append_only(op, "ledger_secrets")
     op.drop_table("ledger_secrets")
+
+
+ACCOUNT_COLUMNS_POSTINGS_CHANGE = ("balance", "seq", "head_hash", "held", "frozen")
+"""What postings, holds and freezes change on an account: all the service role may update."""
+
+
+def upgrade_ledger_tables_v9(op: Operations) -> None:
+    """Frozen DDL of the ledger's ninth version (PostgreSQL): the service role may update only
+    `ACCOUNT_COLUMNS_POSTINGS_CHANGE` of an account, not `allow_negative`, which the audit's
+    negative-balance check reads (a review set it as the service role: a user went below zero and
+    the audit stayed clean), nor `kind` or `keeps_balance`, all written once when it opens."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    from runtime.migrations import SERVICE_ROLE  # alembic: see upgrade_ledger_tables_v6
+
+    columns = ", ".join(ACCOUNT_COLUMNS_POSTINGS_CHANGE)
+    op.execute(
+        f"""DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN
+    REVOKE UPDATE ON ledger_accounts FROM {SERVICE_ROLE};
+    GRANT UPDATE ({columns}) ON ledger_accounts TO {SERVICE_ROLE};
+  END IF;
+END $$"""
+    )
+
+
+def downgrade_ledger_tables_v9(op: Operations) -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    from runtime.migrations import SERVICE_ROLE
+
+    columns = ", ".join(ACCOUNT_COLUMNS_POSTINGS_CHANGE)
+    op.execute(
+        f"""DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN
+    REVOKE UPDATE ({columns}) ON ledger_accounts FROM {SERVICE_ROLE};
+    GRANT UPDATE ON ledger_accounts TO {SERVICE_ROLE};
+  END IF;
+END $$"""
+    )

@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 from coins.common.v1 import ledger_audit_pb2, ledger_audit_pb2_grpc
 from coins.payout.v1 import payout_pb2
+from ledger.schema import ACCOUNT_COLUMNS_POSTINGS_CHANGE
 from runtime.db import Database
 from tests.helpers import funded_user, new_id
 from tests.suite import Suite
@@ -129,6 +130,33 @@ async def test_every_service_guards_its_history_tables(suite: Suite) -> None:
                     sa.text("SELECT has_table_privilege(current_user, :t, 'INSERT')"),
                     {"t": table},
                 )
+
+
+@pytest.mark.parametrize("service", LEDGER_SERVICES)
+async def test_the_service_role_cannot_change_an_account_s_flags(
+    suite: Suite, service: str
+) -> None:
+    """PostgreSQL: the service's connections may update what postings, holds and freezes change
+    on an account, not its flags. A review set `allow_negative` as the service role: a user with 0
+    coins sent a gift, went to -3, and the audit (which reads that flag) stayed clean."""
+    db = suite.services[service].runtime.db
+    if db.is_sqlite:
+        pytest.skip("SQLite has no roles: one process, one user")
+    async with db.read() as conn:
+        assert await conn.scalar(sa.text("SELECT current_user")) == "coins_service"
+        for column in ("allow_negative", "kind", "keeps_balance", "account_id"):
+            assert not await conn.scalar(
+                sa.text("SELECT has_column_privilege('ledger_accounts', :c, 'UPDATE')"),
+                {"c": column},
+            ), column
+        for column in ACCOUNT_COLUMNS_POSTINGS_CHANGE:
+            assert await conn.scalar(
+                sa.text("SELECT has_column_privilege('ledger_accounts', :c, 'UPDATE')"),
+                {"c": column},
+            ), column
+    assert "permission denied" in await refused(
+        db, "UPDATE ledger_accounts SET allow_negative = true WHERE false"
+    )
 
 
 @pytest.mark.parametrize("service", LEDGER_SERVICES)
