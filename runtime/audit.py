@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 
 from coins.common.v1 import admin_audit_pb2, admin_audit_pb2_grpc
+from runtime import deadlines
 from runtime.access import Access, method_rules
 from runtime.auth import Principal
 from runtime.clock import Clock
@@ -118,19 +119,21 @@ class AdminAudit:
         reason = (
             getattr(request, "reason", "") if "reason" in request.DESCRIPTOR.fields_by_name else ""
         )
-        async with self._db.transaction() as conn:
-            await conn.execute(
-                insert(admin_audit).values(
-                    actor_user_id=principal.user_id or "",
-                    caller_service=principal.service,
-                    method=method,
-                    request_json=_request_json(request),
-                    reason=reason,
-                    outcome=outcome,
-                    trace_id=format(context.trace_id, "032x") if context.is_valid else "",
-                    created_at=self._clock.now(),
+        # A record of what happened, written even once the caller's deadline has passed.
+        with deadlines.lifted():
+            async with self._db.transaction() as conn:
+                await conn.execute(
+                    insert(admin_audit).values(
+                        actor_user_id=principal.user_id or "",
+                        caller_service=principal.service,
+                        method=method,
+                        request_json=_request_json(request),
+                        reason=reason,
+                        outcome=outcome,
+                        trace_id=format(context.trace_id, "032x") if context.is_valid else "",
+                        created_at=self._clock.now(),
+                    )
                 )
-            )
 
     async def list(self, size: int, token: str) -> tuple[list[Any], str]:
         after = decode_token(token, self._token_kind, int64)
