@@ -68,8 +68,8 @@ class RequestValidator:
         if controlled := _text_with(_CONTROL_CHARACTERS, request):
             raise InvalidArgument(
                 "INVALID_REQUEST",
-                f"{controlled} holds a control character (U+0000-U+001F, U+007F-U+009F: a line "
-                "break, tab or terminal escape), which a feed, a catalog or a terminal would act "
+                f"{controlled} holds a control character (U+0000-U+001F, U+007F-U+009F, U+2028, "
+                "U+2029: a line break, tab or terminal escape), which a feed, a catalog or a terminal would act "
                 "on rather than show: write it on one line of plain text",
                 violations=(FieldViolation(controlled, "must not contain control characters"),),
                 fields=controlled,
@@ -186,9 +186,10 @@ _DIRECTION_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
 the marks U+200E/U+200F, which do not, are left alone."""
 
 
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """C0 and C1 controls: a LIVE title with ESC sequences cleared a viewer's terminal in coinsctl and
-forged lines in it (a review); a line break or a carriage return forges a line in any log or feed."""
+forged lines in it (a review); a line break or a carriage return forges a line in any log or feed,
+and so do the line and paragraph separators U+2028 and U+2029 (Python's splitlines, JavaScript)."""
 
 
 def _text_with(characters: re.Pattern[str], request: Message) -> str | None:

@@ -503,6 +503,8 @@ async def test_blank_text_and_empty_ids_are_refused_saying_what_is_missing(suite
         ("two\nlines", "control character"),
         ("bell\x07", "control character"),
         ("csi\x9b2J", "control character"),
+        ("Rose\u2028FORGED LINE", "control character"),  # line separators (a review's)
+        ("para\u2029graph", "control character"),
     ):
         error = await expect_error(
             suite.gifting.SetGift(
