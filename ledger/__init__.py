@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         downgrade_ledger_tables_v7,
         downgrade_ledger_tables_v8,
         downgrade_ledger_tables_v9,
+        downgrade_ledger_tables_v10,
         entries,
         metadata,
         transactions,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
         upgrade_ledger_tables_v7,
         upgrade_ledger_tables_v8,
         upgrade_ledger_tables_v9,
+        upgrade_ledger_tables_v10,
     )
 
 _WHERE = {
@@ -71,6 +73,7 @@ _WHERE = {
             "downgrade_ledger_tables_v7",
             "downgrade_ledger_tables_v8",
             "downgrade_ledger_tables_v9",
+            "downgrade_ledger_tables_v10",
             "entries",
             "metadata",
             "transactions",
@@ -82,6 +85,7 @@ _WHERE = {
             "upgrade_ledger_tables_v7",
             "upgrade_ledger_tables_v8",
             "upgrade_ledger_tables_v9",
+            "upgrade_ledger_tables_v10",
         )
     },
 }
@@ -103,6 +107,7 @@ __all__ = [
     "downgrade_ledger_tables_v7",
     "downgrade_ledger_tables_v8",
     "downgrade_ledger_tables_v9",
+    "downgrade_ledger_tables_v10",
     "entries",
     "metadata",
     "transactions",
@@ -114,6 +119,7 @@ __all__ = [
     "upgrade_ledger_tables_v7",
     "upgrade_ledger_tables_v8",
     "upgrade_ledger_tables_v9",
+    "upgrade_ledger_tables_v10",
 ]
 
 

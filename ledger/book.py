@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -24,7 +25,7 @@ from runtime.sql import Driver, Statement, Tx, as_tx, is_conflict
 
 MAX_BALANCE = 2**63 - 1
 
-_RETURNING_LINK = "RETURNING balance, seq, head_hash, held"
+_RETURNING_LINK = "RETURNING balance, seq, head_hash, held, head_at"
 _APPLY_DEBIT = Statement(
     "ledger.debit_account",
     "UPDATE ledger_accounts SET balance = balance + :amount, seq = seq + 1 "
@@ -63,7 +64,8 @@ _INSERT_ENTRY = Statement(
 )
 _SET_HEAD = Statement(
     "ledger.set_head",
-    "UPDATE ledger_accounts SET head_hash = :hash WHERE account_id = :account_id",
+    "UPDATE ledger_accounts SET head_hash = :hash, head_at = :created_at "
+    "WHERE account_id = :account_id",
 )
 _ENTRIES_PG = """unnest(:accounts::text[], :amounts::bigint[], :balances_after::bigint[],
             :seqs::bigint[], :prev_hashes::text[], :hashes::text[])
@@ -83,7 +85,7 @@ _WRITE_POSTING_PG = Statement(
     "",
     postgres=f"""
 WITH heads AS (
-    UPDATE ledger_accounts AS a SET head_hash = h.hash
+    UPDATE ledger_accounts AS a SET head_hash = h.hash, head_at = :created_at::timestamptz
     FROM unnest(:head_accounts::text[], :head_hashes::text[]) AS h(account_id, hash)
     WHERE a.account_id = h.account_id
 ), {_WRITE_ROWS_PG}""",
@@ -93,7 +95,8 @@ _WRITE_LOCKED_POSTING_PG = Statement(
     "",
     postgres=f"""
 WITH heads AS (
-    UPDATE ledger_accounts AS a SET balance = e.balance_after, seq = e.seq, head_hash = e.hash
+    UPDATE ledger_accounts AS a SET balance = e.balance_after, seq = e.seq, head_hash = e.hash,
+        head_at = :created_at::timestamptz
     FROM {_ENTRIES_PG}
     WHERE a.account_id = e.account_id AND e.seq IS NOT NULL
 ), {_WRITE_ROWS_PG}""",
@@ -102,7 +105,7 @@ WITH heads AS (
 
 _READ_LINK = Statement(
     "ledger.read_account",
-    "SELECT balance, held, seq, head_hash, frozen, keeps_balance FROM ledger_accounts "
+    "SELECT balance, held, seq, head_hash, frozen, keeps_balance, head_at FROM ledger_accounts "
     "WHERE account_id = :account_id",
 )
 _POST_AT_ONCE_PG = Statement(
@@ -110,7 +113,8 @@ _POST_AT_ONCE_PG = Statement(
     "",
     postgres=f"""
 WITH updated AS (
-    UPDATE ledger_accounts SET balance = :balance_after, seq = :seq, head_hash = :hash
+    UPDATE ledger_accounts SET balance = :balance_after, seq = :seq, head_hash = :hash,
+        head_at = :created_at::timestamptz
     WHERE account_id = :account_id AND keeps_balance AND NOT frozen
       AND balance = :balance_before AND held = :held AND seq = :seq - 1
       AND {AnsweredKey.ABSENT}
@@ -136,7 +140,7 @@ account is still exactly as read (balance, held, seq) and the request id has no 
 _LOCK_ACCOUNTS_PG = Statement(
     "ledger.lock_accounts",
     "",
-    postgres="SELECT account_id, balance, seq, head_hash, held FROM ledger_accounts "
+    postgres="SELECT account_id, balance, seq, head_hash, held, head_at FROM ledger_accounts "
     "WHERE account_id = ANY(:account_ids::text[]) AND keeps_balance "
     "ORDER BY account_id FOR UPDATE",
 )
@@ -221,7 +225,13 @@ async def write_posting(
         )
         return
     if heads:
-        await tx.run_many(_SET_HEAD, [{"account_id": a, "hash": h} for a, h in heads.items()])
+        await tx.run_many(
+            _SET_HEAD,
+            [
+                {"account_id": a, "hash": h, "created_at": transaction["created_at"]}
+                for a, h in heads.items()
+            ],
+        )
     await tx.run(_INSERT_TRANSACTION, **transaction)
     transaction_id, created_at, kind = (
         transaction["transaction_id"],
@@ -276,6 +286,19 @@ class _Link:
     head_hash: str
     """The account's head before this posting (its previous entry's hash)."""
     held: int = 0
+    head_at: dt.datetime | None = None
+    """When its previous entry was posted (None: not known, posted before ledger v10)."""
+
+
+def posting_time(clock_now: dt.datetime, links: Iterable[_Link]) -> dt.datetime:
+    """A posting's time: the clock's, but never before the newest entry of an account it posts to
+    (another replica's clock may be ahead of this one's), so each account's entries are in time
+    order and a statement's opening, movements and closing add up."""
+    return max((utc(clock_now), *(link.head_at for link in links if link.head_at is not None)))
+
+
+def _at(value: object) -> dt.datetime | None:
+    return None if value is None else utc(value if isinstance(value, dt.datetime) else str(value))
 
 
 def insufficient(
@@ -379,8 +402,9 @@ class Ledger:
                 links[i] = link
                 balances[postings[i].account_id] = link.balance
                 available[postings[i].account_id] = link.balance - link.held
-        # The time is read with the accounts locked, so each account's entries are in time order too.
-        now = utc(self._clock.now())
+        # The time is read with the accounts locked, and never before their newest entries': each
+        # account's entries are in time order too, whatever the skew between replicas' clocks.
+        now = posting_time(self._clock.now(), links.values())
         digest = transaction_digest(
             transaction_id=transaction_id,
             kind=kind,
@@ -509,15 +533,17 @@ class Ledger:
             row = await tx.one(_READ_LINK, account_id=debit.account_id)
         if row is None:
             return None
-        balance, held, seq, head_hash, is_frozen, keeps_balance = row
+        balance, held, seq, head_hash, is_frozen, keeps_balance, head_at = row
         if is_frozen or not keeps_balance or int(balance) - int(held) < -debit.amount:
             return None
-        now = utc(self._clock.now())
+        link = _Link(
+            int(balance) + debit.amount, int(seq) + 1, str(head_hash), int(held), _at(head_at)
+        )
+        now = posting_time(self._clock.now(), [link])  # as read: the statement checks its seq
         principal = principal_or_none()
         acting_user = principal.user_id or "" if principal is not None else ""
         transaction_id = time_ordered_id()
         trace_id = _current_trace_id()
-        link = _Link(int(balance) + debit.amount, int(seq) + 1, str(head_hash), int(held))
         digest = transaction_digest(
             transaction_id=transaction_id,
             kind=kind,
@@ -644,9 +670,9 @@ class Ledger:
                     account_id=p.account_id,
                 )
             links[p.account_id] = _Link(
-                int(row[1]) + p.amount, int(row[2]) + 1, str(row[3]), int(row[4])
+                int(row[1]) + p.amount, int(row[2]) + 1, str(row[3]), int(row[4]), _at(row[5])
             )
-        now = utc(self._clock.now())
+        now = posting_time(self._clock.now(), links.values())
         transaction_id = time_ordered_id()
         trace_id = _current_trace_id()
         digest = transaction_digest(
@@ -738,7 +764,7 @@ class Ledger:
                 ceiling=MAX_BALANCE - amount,
             )
         if row is not None:
-            return _Link(int(row[0]), int(row[1]), str(row[2]), int(row[3]))
+            return _Link(int(row[0]), int(row[1]), str(row[2]), int(row[3]), _at(row[4]))
         found = await tx.one(_ACCOUNT_STATE, account_id=posting.account_id)
         if found is None:
             raise NotFound(

@@ -149,11 +149,12 @@ async def _append_chunk(
         )
         await conn.copy_records_to_table("ledger_entries", records=entries, columns=_ENTRY_COLUMNS)
         await conn.execute(
-            "UPDATE ledger_accounts SET seq = $2, head_hash = $3, balance = $4 "
-            "WHERE account_id = $1",
+            "UPDATE ledger_accounts SET seq = $2, head_hash = $3, balance = $4, "
+            "head_at = GREATEST(head_at, $5) WHERE account_id = $1",
             account_id,
             head.seq,
             head.hash,
             head.balance,
+            max((m.at for m in batch), default=None),
         )
     return head

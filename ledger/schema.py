@@ -133,6 +133,13 @@ def _accounts_freeze_columns() -> list[Column[Any]]:
 _BALANCE_RULE = "allow_negative OR balance >= 0"
 _HOLD_RULES = ("amount > 0", "captured >= 0 AND captured <= amount")
 
+
+def _accounts_head_time_columns() -> list[Column[Any]]:
+    # Version 10: the time of the account's newest entry (NULL: none since v10), so a posting is
+    # never dated before it, whichever replica's clock it was read from.
+    return [Column("head_at", DateTime(timezone=True))]
+
+
 accounts = Table(
     "ledger_accounts",
     metadata,
@@ -140,6 +147,7 @@ accounts = Table(
     *_accounts_chain_columns(),
     *_accounts_hold_columns(),
     *_accounts_freeze_columns(),
+    *_accounts_head_time_columns(),
     CheckConstraint(_BALANCE_RULE),
 )
 
@@ -543,20 +551,21 @@ def downgrade_ledger_tables_v8(op: Operations) -> None:
     op.drop_table("ledger_secrets")
 
 
-ACCOUNT_COLUMNS_POSTINGS_CHANGE = ("balance", "seq", "head_hash", "held", "frozen")
+_V9_UPDATABLE = ("balance", "seq", "head_hash", "held", "frozen")
+ACCOUNT_COLUMNS_POSTINGS_CHANGE = (*_V9_UPDATABLE, "head_at")
 """What postings, holds and freezes change on an account: all the service role may update."""
 
 
 def upgrade_ledger_tables_v9(op: Operations) -> None:
     """Frozen DDL of the ledger's ninth version (PostgreSQL): the service role may update only
-    `ACCOUNT_COLUMNS_POSTINGS_CHANGE` of an account, not `allow_negative`, which the audit's
+    `_V9_UPDATABLE` of an account, not `allow_negative`, which the audit's
     negative-balance check reads (a review set it as the service role: a user went below zero and
     the audit stayed clean), nor `kind` or `keeps_balance`, all written once when it opens."""
     if op.get_bind().dialect.name != "postgresql":
         return
     from runtime.migrations import SERVICE_ROLE  # alembic: see upgrade_ledger_tables_v6
 
-    columns = ", ".join(ACCOUNT_COLUMNS_POSTINGS_CHANGE)
+    columns = ", ".join(_V9_UPDATABLE)
     op.execute(
         f"""DO $$ BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN
@@ -572,7 +581,7 @@ def downgrade_ledger_tables_v9(op: Operations) -> None:
         return
     from runtime.migrations import SERVICE_ROLE
 
-    columns = ", ".join(ACCOUNT_COLUMNS_POSTINGS_CHANGE)
+    columns = ", ".join(_V9_UPDATABLE)
     op.execute(
         f"""DO $$ BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN
@@ -581,3 +590,29 @@ def downgrade_ledger_tables_v9(op: Operations) -> None:
   END IF;
 END $$"""
     )
+
+
+def upgrade_ledger_tables_v10(op: Operations) -> None:
+    """Frozen DDL of the ledger's tenth version: each account keeps the time of its newest entry
+    (`head_at`), and a posting is dated no earlier, so an account's entries are in time order
+    whatever the skew between the replicas' clocks (a review's two replicas 15 ms apart gave a
+    statement whose opening and movements did not add up to its closing). NULL until the
+    account's next posting: expand-only, nothing rewritten."""
+    with op.batch_alter_table("ledger_accounts", recreate="never") as batch:
+        for column in _accounts_head_time_columns():
+            batch.add_column(column)
+    if op.get_bind().dialect.name == "postgresql":
+        from runtime.migrations import SERVICE_ROLE  # alembic: see upgrade_ledger_tables_v6
+
+        op.execute(
+            f"""DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN
+    GRANT UPDATE (head_at) ON ledger_accounts TO {SERVICE_ROLE};
+  END IF;
+END $$"""
+        )
+
+
+def downgrade_ledger_tables_v10(op: Operations) -> None:
+    with op.batch_alter_table("ledger_accounts", recreate="never") as batch:
+        batch.drop_column("head_at")

@@ -18,9 +18,10 @@ from ledger import Ledger, Posting, entries
 from ledger.auditor import driver_for, latest_run, run_audit
 from ledger.bulk import Movement, append_postgres
 from ledger.history import balance_at, entries_page, period
-from runtime.clock import FixedClock
+from runtime.clock import FixedClock, utc
 from runtime.db import Database
 from runtime.migrations import alembic_config, upgrade
+from runtime.sql import as_tx
 from tests.helpers import rewrite_history
 from tests.suite import create_pg_database, drop_pg_database
 
@@ -165,6 +166,55 @@ async def test_balances_at_past_times_and_statements_add_up(
     assert statement.opening + sum(m.credited - m.debited for m in statement.movements) == (
         statement.closing
     )
+
+
+async def test_replicas_with_skewed_clocks_still_date_an_account_s_entries_in_order(
+    books: tuple[Database, Ledger, SetClock],
+) -> None:
+    """Two replicas 15 ms apart post to one account: the one behind dates its posting no earlier
+    than the account's newest entry, so statements add up (a review's gave an opening of 1000,
+    movements of -50 and a closing of 850) and past balances are balances the account had."""
+    db, ahead, clock = books
+    behind_clock = SetClock(T0)
+    behind = Ledger(behind_clock, unit="coins")
+    ms = dt.timedelta(milliseconds=1)
+    clock.set(T0 + 10 * ms)
+    await post(db, ahead, 1000, "purchase")
+    clock.set(T0 + 30 * ms)
+    await post(db, ahead, -50, "gift")
+    behind_clock.set(T0 + 20 * ms)  # later, by a clock 15 ms behind
+    await post(db, behind, -50, "gift")
+    behind_clock.set(T0 + 25 * ms)
+    async with db.transaction() as conn:  # a batch of credits, PostgreSQL's own statements
+        await behind.credit_many(
+            as_tx(conn),
+            SALES,
+            {"alice": 7},
+            kind="purchase",
+            reference="r",
+            request_id="b",
+            caller="test",
+        )
+    async with db.read() as conn:
+        times = (
+            (
+                await conn.execute(
+                    sa.select(entries.c.created_at)
+                    .where(entries.c.account_id == "alice")
+                    .order_by(entries.c.seq)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert [utc(t) for t in times] == [T0 + 10 * ms, T0 + 30 * ms, T0 + 30 * ms, T0 + 30 * ms]
+    async with db.driver.read() as tx:
+        statement = await period(tx, "alice", T0 + 15 * ms, T0 + 25 * ms)
+        assert (statement.opening, statement.closing) == (1000, 1000)
+        assert not statement.movements
+        assert await balance_at(tx, "alice", T0 + 31 * ms) == 907
+    async with db.read() as conn:
+        assert (await ahead.audit(conn)).ok
 
 
 async def test_the_incremental_audit_verifies_what_was_appended_since_its_checkpoint(
