@@ -139,7 +139,9 @@ async def _bounded(
     except TimeoutError:
         raise ResourceExhausted(
             "QUERY_TOO_EXPENSIVE",
-            f"the {what} took more than {budget:g} s and was stopped; ask for a shorter period",
+            f"the {what} took more than {budget:g} s and was stopped (the database was busy, or "
+            "the filters match little of a long history): retry later, or narrow it with a "
+            "shorter period",
             budget_seconds=budget,
         ) from None
 

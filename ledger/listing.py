@@ -112,14 +112,11 @@ def statement_response(
 
 def statement_period(request: Any, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     """[start_time, end_time) of a statement request: from the beginning, until now, by default."""
-    since = _time(request, "start_time") or BEGINNING
     until = _time(request, "end_time") or utc(now)
-    if until < since:
-        start = (
-            f"start_time ({since.isoformat()})"
-            if _time(request, "start_time")
-            else f"the ledger's beginning ({since.isoformat()}; no start_time was given)"
-        )
+    # No start: from before the account's first entry, even for an end before 1970 (nothing then).
+    since = _time(request, "start_time") or min(BEGINNING, until)
+    if until < since:  # a start_time was sent (without one, since <= until)
+        start = f"start_time ({since.isoformat()})"
         if _time(request, "end_time"):
             end = f"end_time ({until.isoformat()})"
             violation = FieldViolation("end_time", f"must not be before {start}")

@@ -395,20 +395,15 @@ async def test_a_nul_inside_a_repeated_message_is_refused_and_credits_nothing(
 
 
 async def test_a_statement_ending_before_its_start_says_which_start(suite: Suite) -> None:
-    """Without a start_time a statement starts at the ledger's beginning: an end_time before that
-    is refused saying so, not blaming a start_time nobody sent."""
+    """Without a start_time a statement starts before the account's first entry (the contract),
+    even for an end_time before 1970: nothing then, not a refusal blaming a start nobody sent."""
     user, _ = await funded_user(suite)
-    error = await expect_error(
-        suite.wallet.GetCoinStatement(
-            wallet_pb2.GetCoinStatementRequest(
-                user_id=user, end_time=timestamp_pb2.Timestamp(seconds=-86_400 * 365)
-            )
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_PERIOD",
+    before_1970 = timestamp_pb2.Timestamp(seconds=-86_400 * 365)
+    statement = await suite.wallet.GetCoinStatement(
+        wallet_pb2.GetCoinStatementRequest(user_id=user, end_time=before_1970)
     )
-    assert field_violations(error) == {"end_time"}
-    assert "no start_time was given" in (error.details() or "")
+    assert (statement.opening_balance, statement.closing_balance) == (0, 0)
+    assert not statement.lines and statement.end_time == before_1970
     # Nor an end_time nobody sent: a start in the future is after the default end, now.
     future = await expect_error(
         suite.wallet.GetCoinStatement(
