@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from ledger import Ledger, Posting, entries
+from ledger import audit as audit_module
 from ledger.auditor import driver_for, latest_run, run_audit
 from ledger.bulk import Movement, append_postgres
 from ledger.history import balance_at, entries_page, period
@@ -254,6 +255,40 @@ async def test_the_incremental_audit_verifies_what_was_appended_since_its_checkp
         await rewrite_history(db.url, sa.update(entries).where(newest_entry).values(hash="f" * 64))
         changed = await run_audit(driver, incremental=True)
         assert "has changed: history was rewritten" in changed.report.broken_chains["alice"]
+    finally:
+        await driver.close()
+
+
+async def test_the_checkpointed_entry_is_recomputed_not_only_compared(
+    books: tuple[Database, Ledger, SetClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry a checkpoint stands on is checked by what its fields hash to, not only by its
+    stored hash and balance: a review rewrote its amount (and its counter leg), leaving both, behind
+    more newer entries than an incremental run re-reads, and the run was clean."""
+    db, ledger, _ = books
+    await post(db, ledger, 1000, "purchase")
+    await post(db, ledger, -6, "gift")
+    driver = driver_for(db.url)
+    try:
+        assert (await run_audit(driver, incremental=True)).report.ok  # checkpoint on the -6
+        monkeypatch.setattr(audit_module, "MARGIN", 0)  # its transaction is long behind
+        async with db.read() as conn:
+            newest = await conn.scalar(
+                sa.select(sa.func.max(entries.c.entry_id)).where(entries.c.account_id == "alice")
+            )
+            transaction_id = await conn.scalar(
+                sa.select(entries.c.transaction_id).where(entries.c.entry_id == newest)
+            )
+        legs = entries.c.transaction_id == transaction_id
+        await rewrite_history(
+            db.url,
+            sa.update(entries)
+            .where(legs)
+            .values(amount=sa.case((entries.c.amount < 0, -1006), else_=1006)),
+        )
+        await post(db, ledger, -1, "gift")
+        found = await run_audit(driver, incremental=True)
+        assert "has changed: history was rewritten" in found.report.broken_chains["alice"]
     finally:
         await driver.close()
 
