@@ -11,11 +11,13 @@ import contextlib
 import grpc
 import pytest
 import sqlalchemy as sa
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import DBAPIError
 
 from coins.common.v1 import admin_audit_pb2, admin_audit_pb2_grpc
 from coins.common.v1.money_pb2 import Money
 from coins.gifting.v1 import gifting_pb2
+from coins.payout.v1 import payout_pb2
 from coins.wallet.v1 import wallet_pb2
 from runtime.audit import admin_audit
 from runtime.db import Database
@@ -423,3 +425,24 @@ async def test_an_admin_call_whose_caller_left_early_still_has_its_outcome_in_th
     trail = await audit_trail(suite, "wallet")
     started = [r for r in requests if any(r.request_id in a.request_json for a in trail)]
     assert started, "no call got as far as the trail: the test proves nothing"
+
+
+async def test_a_malformed_time_is_refused_before_the_audit_trail_records_the_call(
+    private_suite: Suite,
+) -> None:
+    """A Timestamp that is no real time (year 10000, negative nanos) is refused with the other
+    malformed input, before the call is recorded: the trail kept such requests, as unrenderable
+    ones, with a STARTED and a refusal (a review's)."""
+    suite = private_suite
+    admin = suite.token(ADMIN, admin=True)
+    before = len(await audit_trail(suite, "payout"))
+    for start in (Timestamp(seconds=253_402_300_800), Timestamp(seconds=1, nanos=-5)):
+        error = await expect_error(
+            suite.payout.GetRevenueReport(
+                payout_pb2.GetRevenueReportRequest(start_time=start), metadata=admin
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+        )
+        assert field_violations(error) == {"start_time"}
+    assert len(await audit_trail(suite, "payout")) == before
