@@ -273,6 +273,7 @@ class RunningService(Generic[S]):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await rt.leadership.release()  # its jobs have ended: the next leader need not wait
         await finish_unfinished(rt.settings.grace_seconds if grace is None else grace)
         for channel in rt._channels:
             await channel.close()
