@@ -133,6 +133,12 @@ class ServiceSettings(BaseSettings):
     """On PostgreSQL, the most connections each of the service's two pools opens: the calls' own
     (asyncpg) and the slow paths' (SQLAlchemy, which keeps up to 4 open when idle). Up to twice
     this per replica counts against PostgreSQL's max_connections (100 by default)."""
+    database_idle_transaction_timeout_seconds: PositiveFloat = 10.0
+    """On PostgreSQL, how long a connection of the service may sit idle inside a transaction before
+    the server ends its session (idle_in_transaction_session_timeout): a replica frozen or cut off
+    mid-transaction otherwise holds its row locks until TCP gives up (hours), and the other
+    replicas' calls queue behind them until their pools and health fail too. The services'
+    transactions last milliseconds; the audit job has its own connection."""
     migrate_on_start: bool = True
     migration_wait_seconds: float = Field(default=30.0, ge=0)
     """With `migrate_on_start` false: how long a starting service waits for its database to be

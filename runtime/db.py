@@ -62,15 +62,20 @@ class Database:
         *,
         role: str = "",
         connections: int = 10,
+        idle_transaction_timeout: float | None = None,
     ) -> None:
         """`role`: on PostgreSQL, the role every connection acts as (see ServiceSettings.database_role);
-        `connections`: at most this many for the calls (ServiceSettings.database_connections)."""
+        `connections`: at most this many for the calls (ServiceSettings.database_connections);
+        `idle_transaction_timeout`: seconds (ServiceSettings.database_idle_transaction_timeout_seconds)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         # A failed statement's error names its SQL, never its bound values (payment tokens,
         # payout e-mail addresses, user ids): they would reach logs and spans.
         options: dict[str, Any] = {"hide_parameters": True}
         server_settings = {"role": role} if role and not self.is_sqlite else {}
+        if idle_transaction_timeout and not self.is_sqlite:
+            milliseconds = str(max(1, round(idle_transaction_timeout * 1000)))
+            server_settings["idle_in_transaction_session_timeout"] = milliseconds
         if not self.is_sqlite:
             slow_paths = min(4, connections)
             options.update(pool_size=slow_paths, max_overflow=connections - slow_paths)

@@ -29,6 +29,9 @@ _POSTGRES_OUTAGES = (
     asyncpg.exceptions.PostgresConnectionError,  # 08xxx: the connection failed or is gone
     asyncpg.exceptions.OperatorInterventionError,  # 57xxx: shutting down, starting, cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: out of connections, disk full
+    # 25P03: the server ended a session idle in its transaction too long (a replica that froze:
+    # ServiceSettings.database_idle_transaction_timeout_seconds): the connection is gone.
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
 )
 
 

@@ -456,7 +456,11 @@ async def start_service(
         finally:
             await owner.close()
     db = Database(
-        url, provider, role=settings.database_role, connections=settings.database_connections
+        url,
+        provider,
+        role=settings.database_role,
+        connections=settings.database_connections,
+        idle_transaction_timeout=settings.database_idle_transaction_timeout_seconds,
     )
     audit = AdminAudit(db, clock, spec.name)
     shedder = LoadShedder(

@@ -92,6 +92,12 @@ def explain(error: BaseException, service: str, settings: ServiceSettings) -> st
                 "postgresql://user@host:port/name (or leave it unset for a SQLite file)"
             )
     for cause in causes(error):  # after the refusals named above, which it wraps
+        if isinstance(cause, asyncpg.exceptions.TooManyConnectionsError):
+            return (
+                f"{service}: PostgreSQL at {_where(url)} has no connection left ({cause}): "
+                "start again once others close, or raise its max_connections (each replica "
+                f"opens up to twice {variable.removesuffix('URL')}CONNECTIONS)"
+            )
         if isinstance(cause, DatabaseRefused):
             return (
                 f"{service}: PostgreSQL at {_where(url)} refuses connections to the database in "

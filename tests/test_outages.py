@@ -481,3 +481,34 @@ def test_a_call_the_other_service_cancelled_is_unavailable_not_internal() -> Non
         True,
     )
     assert "wallet service stopped the call" in error.message
+
+
+async def test_a_replica_frozen_inside_a_transaction_lets_its_row_locks_go(backend: str) -> None:
+    """A replica frozen (or cut off) mid-transaction held its row locks until TCP gave up, and
+    the other replica's calls queued behind them until its pool and health failed too (a review's
+    SIGSTOP). The server now ends a session idle in its transaction after
+    DATABASE_IDLE_TRANSACTION_TIMEOUT_SECONDS, and the frozen one's next statement is an outage."""
+    if backend != "postgres":
+        return  # one process, one writer: nothing to wait behind
+    name = f"coins_test_idle_{uuid.uuid4().hex[:8]}"
+    db = Database(await create_pg_database(name), idle_transaction_timeout=0.2)
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        with pytest.raises(Exception) as caught:  # the next statement, or the commit
+            async with db.driver.transaction() as tx:
+                row = await tx.one(Statement("test.pid", "SELECT pg_backend_pid()"))
+                assert row is not None
+                pid = row[0]
+
+                async def session_ended() -> bool:
+                    return not await admin.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+                    )
+
+                await eventually(session_ended, "the server ending the idle transaction's session")
+                await tx.one(Statement("test.after", "SELECT 1"))
+        assert outage_of(caught.value) is not None, repr(caught.value)
+    finally:
+        await admin.close()
+        await db.close()
+        await drop_pg_database(name)

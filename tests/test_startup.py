@@ -18,11 +18,12 @@ import pydantic
 import pytest
 from alembic.script import ScriptDirectory
 from pydantic import SecretStr
+from sqlalchemy import exc as sa_exc
 
 from runtime.config import SecuritySettings
 from runtime.db import Database
 from runtime.migrations import alembic_config, upgrade
-from runtime.startup import explain_settings, mistyped_settings, refused_settings
+from runtime.startup import explain, explain_settings, mistyped_settings, refused_settings
 from services.gifting.settings import GiftingSettings
 from services.payout.settings import PayoutSettings
 from services.wallet.service import SPEC as WALLET
@@ -696,3 +697,17 @@ async def test_a_database_that_refuses_connections_is_one_line_for_the_service_a
     assert "cannot read the books" in audited.stderr and "Traceback" not in audited.stderr, (
         audited.stderr[-2000:]
     )
+
+
+def test_a_database_out_of_connections_is_one_line_naming_the_limit() -> None:
+    """PostgreSQL at max_connections (replicas open up to twice DATABASE_CONNECTIONS each): a
+    replica starting then stopped with ~70 lines of traceback (a review's), as the error is
+    an outage to a running service, not a refusal `explain` knew."""
+    full = asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already")
+    wrapped = sa_exc.OperationalError("connect", {}, full)
+    settings = WalletSettings(database_url="postgresql://postgres@db.example:5432/wallet")
+    for error in (full, wrapped):
+        said = explain(error, "wallet", settings)
+        assert said is not None
+        assert "has no connection left" in said and "max_connections" in said
+        assert "WALLET_DATABASE_CONNECTIONS" in said
