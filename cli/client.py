@@ -217,19 +217,19 @@ class Clients:
                 f"{missing.filename} is missing: run `make up` (or `make certs`) in the checkout, "
                 "or point COINS_CERTS_DIR at its certs/"
             ) from None
-        channel = grpc.secure_channel(
-            self.addresses[service],
-            credentials,
-            # A restarted service is back in seconds: reconnect within a second of it (gRPC's
-            # default backoff grows towards two minutes while it is down), as the services do.
-            options=[
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", SERVICE_CONFIG),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1_000),
-            ],
-        )
+        address = self.addresses[service]
+        # A restarted service is back in seconds: reconnect within a second of it (gRPC's
+        # default backoff grows towards two minutes while it is down), as the services do.
+        options: list[tuple[str, object]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
+        ]
+        if address.startswith(("ipv4:", "ipv6:")):  # a list of replicas: no host name to check
+            options.append(("grpc.default_authority", service))  # (every certificate names it)
+        channel = grpc.secure_channel(address, credentials, options=options)
 
         def called() -> None:
             self.last_service = service

@@ -930,3 +930,13 @@ async def test_another_services_idle_poll_has_no_access_log_line(
         assert len(lines()) == 1, lines()
     finally:
         await suite.stop()
+
+
+async def test_an_address_may_list_every_replica(suite: Suite) -> None:
+    """`ipv4:a,b` names a service's replicas, as the services' own downstream addresses may: it
+    has no host name to check the certificate against, so it is checked against the service's
+    name (a review's: "Hostname Verification Check failed")."""
+    wallet = suite.services["wallet"].address
+    listed = f"ipv4:{wallet},{wallet}"
+    code, output = await coinsctl(suite, "--wallet", listed, "open-account", new_id("viewer"))
+    assert code == 0, output
