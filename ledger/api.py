@@ -8,6 +8,7 @@ job as a child process and answers its report, or reads the newest recorded repo
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
@@ -176,6 +177,14 @@ class LedgerAuditApi(ledger_audit_pb2_grpc.LedgerAuditServiceServicer):
         return _response(await self._jobs.run(incremental=incremental))
 
 
+def first_pass_due(last: AuditRun | None, now: dt.datetime, every: dt.timedelta) -> bool:
+    """Whether a replica that just took the jobs over audits at once: when the last run, any
+    replica's, is a period old. Not when there is none (a new database: its first comes a period
+    on) or one ran recently (a restart). Every new leader used to wait a period, so leadership
+    changing more often than that put the audit off for good (a review's)."""
+    return last is not None and now - last.finished_at >= every
+
+
 def serve_ledger_audit(runtime: Runtime[L], ledger: Ledger) -> None:
     """Add the ledger audit to a service's server (list FULL_NAME and ACCESS in its ServiceSpec),
     anchor its chain heads outside the database every `ledger_anchor_every_seconds`, and start an
@@ -191,12 +200,15 @@ def serve_ledger_audit(runtime: Runtime[L], ledger: Ledger) -> None:
         return 0  # nothing to log every few minutes
 
     started = False
+    every = dt.timedelta(seconds=settings.ledger_audit_every_seconds)
 
     async def audit() -> int:
         nonlocal started
-        if not started:  # the first run comes one period after start, not with every restart
-            started = True
-            return 0
+        first, started = not started, True
+        if first:
+            last = await latest_run(runtime.db.driver)
+            if not first_pass_due(last, runtime.clock.now(), every):
+                return 0
         # A run that outlasts its period is stopped (the job is killed with the call) and retried.
         run = await asyncio.wait_for(
             jobs.run(incremental=True), timeout=max(settings.ledger_audit_every_seconds, 600.0)

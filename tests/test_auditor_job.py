@@ -5,10 +5,14 @@ empty SQLite file behind; on a database that was never migrated it says so, nami
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import sys
 from pathlib import Path
 
+from ledger.api import first_pass_due
+from ledger.audit import AuditReport
+from ledger.auditor import AuditRun
 from runtime.db import Database
 from tests.helpers import migrated
 
@@ -66,3 +70,18 @@ async def test_an_unmigrated_database_is_named_and_a_migrated_one_audited(
     await migrated(database, "wallet")
     code, output = await audit(tmp_path, "wallet", "--incremental", WALLET_DATABASE_URL=url)
     assert code == 0 and "audit clean" in output, output
+
+
+def test_a_new_leader_audits_at_once_when_the_last_run_is_a_period_old() -> None:
+    """Each new leader waited a period before its first audit: leadership changing more often
+    than that (rolling restarts) would have put the audit off for good."""
+    every = dt.timedelta(seconds=900)
+    now = dt.datetime(2026, 12, 8, 12, tzinfo=dt.UTC)
+
+    def ran(ago: dt.timedelta) -> AuditRun:
+        return AuditRun("r", now - ago - dt.timedelta(seconds=5), now - ago, AuditReport())
+
+    assert first_pass_due(ran(every), now, every)
+    assert first_pass_due(ran(dt.timedelta(hours=5)), now, every)
+    assert not first_pass_due(ran(dt.timedelta(seconds=60)), now, every)  # a restart
+    assert not first_pass_due(None, now, every)  # a new database: a period on
