@@ -33,7 +33,7 @@ from runtime.access import Access, method_rules
 from runtime.auth import Principal
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.pagination import decode_token, encode_token, int64, page_size
+from runtime.pagination import decode_token, int64, next_page, page_size
 from runtime.protos import RpcContext, timestamp
 
 if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
@@ -142,9 +142,13 @@ class AdminAudit:
             query = query.where(admin_audit.c.sequence < after[0])
         async with self._db.read() as conn:
             rows = list((await conn.execute(query)).all())
-        more = len(rows) > size
-        rows = rows[:size]
-        return rows, encode_token(self._token_kind, rows[-1].sequence) if more and rows else ""
+        return next_page(
+            rows,
+            size,
+            self._token_kind,
+            lambda row: (row.sequence,),
+            weigh=lambda row: len(row.request_json.encode()) + len(row.reason.encode()) + 300,
+        )
 
 
 class AdminAuditApi(admin_audit_pb2_grpc.AdminAuditServiceServicer):

@@ -100,14 +100,33 @@ def decode_token(token: str, kind: str, *keys: Callable[[Any], Any]) -> list[Any
 T = TypeVar("T")
 
 
+PAGE_BYTES = 512 * 1024
+"""What the records of one page may weigh, for listings of records that can be large: half the
+largest message a service sends (1 MiB by default). A page of audit records of 500-id reversals
+(~130 KB each) failed RESOURCE_EXHAUSTED at the default size, with no way to page past it."""
+
+
 def next_page(
-    rows: list[T], size: int, kind: str, key: Callable[[T], Sequence[Any]]
+    rows: list[T],
+    size: int,
+    kind: str,
+    key: Callable[[T], Sequence[Any]],
+    *,
+    weigh: Callable[[T], int] | None = None,
 ) -> tuple[list[T], str]:
     """A page read with `size + 1` rows (the extra one says whether another page follows): its
-    `size` rows, and the token for the next one from the last row's sort `key` ("" on the last)."""
+    `size` rows, and the token for the next one from the last row's sort `key` ("" on the last).
+    With `weigh` (a record's bytes, roughly), the page also ends once it holds `PAGE_BYTES`,
+    after at least one record."""
+    page = rows[:size]
+    if weigh is not None:
+        total = 0
+        for held, row in enumerate(page):
+            total += weigh(row)
+            if total > PAGE_BYTES and held:
+                return page[:held], encode_token(kind, *key(page[held - 1]))
     if len(rows) <= size:
         return rows, ""
-    page = rows[:size]
     return page, encode_token(kind, *key(page[-1]))
 
 

@@ -446,3 +446,35 @@ async def test_a_malformed_time_is_refused_before_the_audit_trail_records_the_ca
         )
         assert field_violations(error) == {"start_time"}
     assert len(await audit_trail(suite, "payout")) == before
+
+
+async def test_the_audit_trail_pages_by_size_too(private_suite: Suite) -> None:
+    """Records of large admin calls (a reversal naming 500 gifts of 128 characters: ~130 KB each)
+    made the default page exceed gRPC's 1 MiB, RESOURCE_EXHAUSTED with no way past it (a
+    review's): a page also ends at about 512 KiB, and paging reaches every record."""
+    suite = private_suite
+    admin = suite.token(ADMIN, admin=True)
+    reversals = []
+    for n in range(6):
+        request = payout_pb2.ReverseGiftCreditsRequest(
+            request_id=new_id("reverse"),
+            gift_ids=[f"{n}-{i:03d}-".ljust(128, "x") for i in range(500)],
+            reason="a large admin call",
+        )
+        await suite.payout.ReverseGiftCredits(request, metadata=admin)
+        reversals.append(request.request_id)
+    stub = admin_audit_pb2_grpc.AdminAuditServiceStub(suite.channel("payout"))
+    seen: list[str] = []
+    token, pages = "", 0
+    while True:
+        page = await stub.ListAdminActions(
+            admin_audit_pb2.ListAdminActionsRequest(page_token=token), metadata=admin
+        )
+        assert page.ByteSize() < 1024 * 1024
+        seen += [a.request_json for a in page.actions]
+        token, pages = page.next_page_token, pages + 1
+        if not token:
+            break
+    assert pages > 1
+    for request_id in reversals:  # STARTED and OK, each
+        assert sum(request_id in json for json in seen) == 2, request_id

@@ -92,6 +92,21 @@ async def test_a_repriced_gift_is_a_new_version_and_sent_gifts_keep_theirs(
         (1, 40, True, "new gift"),
     ]
     assert all(v.changed_by == "catalog-admin" for v in history.versions)
+    newest = await suite.gifting.ListGiftVersions(
+        G.ListGiftVersionsRequest(gift_id=gift_id, page_size=2)
+    )
+    assert [v.gift.version for v in newest.versions] == [3, 2] and newest.next_page_token
+    rest = await suite.gifting.ListGiftVersions(
+        G.ListGiftVersionsRequest(gift_id=gift_id, page_size=2, page_token=newest.next_page_token)
+    )
+    assert [v.gift.version for v in rest.versions] == [1] and not rest.next_page_token
+    await expect_error(  # a token continues the listing of its own gift only
+        suite.gifting.ListGiftVersions(
+            G.ListGiftVersionsRequest(gift_id="rose", page_token=newest.next_page_token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
     await expect_error(
         suite.gifting.ListGiftVersions(G.ListGiftVersionsRequest(gift_id="no-such-gift")),
         grpc.StatusCode.NOT_FOUND,

@@ -139,9 +139,22 @@ class GiftingApi(gifting_pb2_grpc.GiftingServiceServicer):
     async def ListGiftVersions(
         self, request: gifting_pb2.ListGiftVersionsRequest, context: RpcContext
     ) -> gifting_pb2.ListGiftVersionsResponse:
+        kind, size = f"gift_versions:{request.gift_id}", page_size(request.page_size, 50, 500)
+        after = decode_token(request.page_token, kind, int64)
         async with self._db.read() as conn:
-            versions = await self._gifting.gift_versions(conn, request.gift_id)
-        return gifting_pb2.ListGiftVersionsResponse(versions=[gift_version_pb(v) for v in versions])
+            versions = await self._gifting.gift_versions(
+                conn, request.gift_id, limit=size + 1, before=after[0] if after else None
+            )
+        page, token = next_page(
+            versions,
+            size,
+            kind,
+            lambda v: (v.gift.version,),
+            weigh=lambda v: 200 + len(v.reason.encode()) + 4 * len(v.gift.regions),
+        )
+        return gifting_pb2.ListGiftVersionsResponse(
+            versions=[gift_version_pb(v) for v in page], next_page_token=token
+        )
 
     async def SendGift(
         self, request: gifting_pb2.SendGiftRequest, context: RpcContext

@@ -172,11 +172,12 @@ class Gifting:
         return await storage.save_gift(conn, gift, now=now, changed_by=changed_by, reason=reason)
 
     async def gift_versions(
-        self, conn: AsyncConnection, gift_id: str
+        self, conn: AsyncConnection, gift_id: str, *, limit: int, before: int | None
     ) -> list[storage.GiftVersionRecord]:
-        """A catalog gift's versions, newest first; NOT_FOUND GIFT_NOT_FOUND for no such gift."""
-        versions = await storage.gift_versions_of(conn, gift_id)
-        if not versions:
+        """At most `limit` of a catalog gift's versions, newest first, older than `before` if
+        given; NOT_FOUND GIFT_NOT_FOUND for no such gift."""
+        versions = await storage.gift_versions_of(conn, gift_id, limit=limit, before=before)
+        if not versions and before is None:
             raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog", gift_id=gift_id)
         return versions
 

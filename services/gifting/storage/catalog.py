@@ -124,13 +124,19 @@ async def save_gift(
     return saved
 
 
-async def gift_versions_of(conn: AsyncConnection, gift_id: str) -> list[GiftVersionRecord]:
-    """Every version of a gift, newest first."""
-    rows = await conn.execute(
+async def gift_versions_of(
+    conn: AsyncConnection, gift_id: str, *, limit: int, before: int | None = None
+) -> list[GiftVersionRecord]:
+    """At most `limit` versions of a gift, newest first, older than version `before` if given."""
+    query = (
         select(gift_versions)
         .where(gift_versions.c.gift_id == gift_id)
         .order_by(gift_versions.c.version.desc())
+        .limit(limit)
     )
+    if before is not None:
+        query = query.where(gift_versions.c.version < before)
+    rows = await conn.execute(query)
     return [
         GiftVersionRecord(_gift(row), utc(row.created_at), row.changed_by, row.reason)
         for row in rows.all()

@@ -1478,16 +1478,24 @@ class ListGiftVersionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GIFT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     gift_id: _builtins.str
     """The catalog gift."""
+    page_size: _builtins.int
+    """At most this many versions (default 50, at most 500); a page also ends at about 512 KiB."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response, to continue."""
     def __init__(
         self,
         *,
         gift_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gift_id", b"gift_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gift_id", b"gift_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1500,18 +1508,22 @@ class ListGiftVersionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___GiftVersion]:
-        """Every version of the gift, newest first."""
+        """The gift's versions, newest first, a page at a time."""
 
     def __init__(
         self,
         *,
         versions: _abc.Iterable[Global___GiftVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
