@@ -13,7 +13,8 @@ Three shapes of operation use it:
 - `begin()` + `finish()`: the effect spans a call to another system (a payment provider, the wallet).
   `begin` claims the key and creates the local record in one transaction; a retry that finds the key
   claimed but unfinished gets the record's id back and resumes from the record's state.
-Business errors are stored as the answer too (errors included, AIP-155); transient ones are not.
+Business errors are stored as the answer too (errors included, AIP-155); transient ones and invalid
+input (INVALID_ARGUMENT, which did nothing) are not.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runtime.auth import USER_CALLERS, principal_or_none
 from runtime.clock import Clock
 from runtime.db import Database
-from runtime.errors import DomainError, Unavailable, request_id_reused
+from runtime.errors import DomainError, ErrorKind, Unavailable, request_id_reused
 from runtime.sql import Statement, Tx, is_conflict
 
 if TYPE_CHECKING:  # alembic (~11 MB) is loaded only by a process that migrates
@@ -471,8 +472,11 @@ class Idempotency:
         then that answer, which the refused attempt gives too. The refusal is written after its
         effect's transaction rolled back, and in between a resolver may void the request id (the
         caller was told INSUFFICIENT_FUNDS while ResolveDebit said "never received" and the retry
-        DEBIT_VOIDED, review r8): whatever got there first is everyone's answer."""
-        if error.retryable:
+        DEBIT_VOIDED, review r8): whatever got there first is everyone's answer. Invalid input
+        (INVALID_ARGUMENT) is not stored: it did nothing, and the request id stays free for the
+        corrected request, as it does for what the proto rules refuse before any handler runs
+        (one behaviour for bad input: a review found some used the id up, others not)."""
+        if error.retryable or error.kind is ErrorKind.INVALID_ARGUMENT:
             return None
         async with self._db.transaction() as conn:
             claim = await self.claim(conn, scope, request)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
+from google.type import date_pb2
 
 from coins.gifting.v1 import gifting_pb2
 from coins.payout.v1 import payout_pb2
@@ -21,6 +22,7 @@ from runtime.status import error_info
 from tests.helpers import (
     expect_error,
     funded_user,
+    live_gift,
     live_of,
     new_creator,
     new_id,
@@ -437,3 +439,34 @@ async def test_a_refusal_and_a_void_in_its_gap_tell_one_story(
     info = error_info(first)
     assert info is not None and info.reason == "DEBIT_VOIDED", first
     assert await coins_of(suite, user) == coins
+
+
+async def test_invalid_input_leaves_the_request_id_free_for_the_corrected_request(
+    suite: Suite,
+) -> None:
+    """Input a handler finds invalid (a birth date in the future, a self-gift) did nothing, as
+    what the proto rules refuse: its request id is not used up, so the corrected request may be
+    sent under it (a review found one kind of bad input used the id up, the other not)."""
+    user = new_id("viewer")
+    request_id = new_id("open")
+    invalid = wallet_pb2.OpenAccountRequest(
+        request_id=request_id,
+        user_id=user,
+        country_code="US",
+        birth_date=date_pb2.Date(year=2099, month=1, day=1),
+    )
+    error = await rpc_error(suite.wallet.OpenAccount(invalid))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    corrected = wallet_pb2.OpenAccountRequest()
+    corrected.CopyFrom(invalid)
+    corrected.birth_date.year = 1990
+    opened = await suite.wallet.OpenAccount(corrected)
+    assert opened.account.user_id == user
+    # A refusal that is not about the input is the id's answer, as before.
+    sender, _ = await funded_user(suite)
+    self_gift = live_gift(sender, sender, "rose")
+    refused = await rpc_error(suite.gifting.SendGift(self_gift))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    creator = await new_creator(suite)
+    fixed = live_gift(sender, creator, "rose", request_id=self_gift.request_id)
+    assert (await suite.gifting.SendGift(fixed)).sent_gift.creator_id == creator
