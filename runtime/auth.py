@@ -111,16 +111,24 @@ def peer_service(context: RpcContext) -> str | None:
 
 
 def bearer_token(context: RpcContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == AUTHORIZATION:
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated(
-                    "TOKEN_MALFORMED", "authorization metadata must be `Bearer <token>`"
-                )
-            return token.strip()
-    return None
+    """The call's bearer token; TOKEN_MALFORMED for one not `Bearer <token>`, or for two: which
+    user a call with two acts for is ambiguous (the first one won, whichever the caller meant)."""
+    found = [
+        value.decode() if isinstance(value, bytes) else value
+        for key, value in context.invocation_metadata() or ()
+        if key == AUTHORIZATION
+    ]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise Unauthenticated(
+            "TOKEN_MALFORMED",
+            f"the call carries {len(found)} authorization entries: send one `Bearer <token>`",
+        )
+    scheme, _, token = found[0].partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("TOKEN_MALFORMED", "authorization metadata must be `Bearer <token>`")
+    return token.strip()
 
 
 class PublicKeys:

@@ -423,6 +423,13 @@ class Tokens:
             "TOKEN_INVALID",
         )
         yield "not a JWT", _bearer("not-a-jwt"), "TOKEN_MALFORMED"
+        # Two tokens, the user's and another's: which user the call acts for is ambiguous (the
+        # first one won, whichever came first: a review's).
+        yield (
+            "two bearer tokens",
+            (*_bearer(ours.mint(user, roles=roles)), *_bearer(ours.mint(new_id("mallory")))),
+            "TOKEN_MALFORMED",
+        )
         yield (
             "not a bearer token",
             ((AUTHORIZATION, f"Basic {_b64(f'{user}:secret'.encode())}"),),
