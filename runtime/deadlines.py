@@ -38,8 +38,8 @@ def check(stage: str) -> None:
     if left is not None and left <= 0:
         raise DeadlineExceeded(
             "DEADLINE_EXCEEDED",
-            f"the caller's deadline passed before {stage}; nothing was applied: retry with the "
-            "same request_id and a longer deadline",
+            f"the caller's deadline passed before {stage}; nothing was applied: retry with a "
+            "longer deadline (a write with the same request_id)",
             stage=stage,
         )
 

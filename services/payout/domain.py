@@ -356,8 +356,8 @@ class Payouts:
             raise InvalidArgument(
                 "BAD_REPORT_PERIOD",
                 f"a revenue report covers 1 to 92 days; this one runs from {start.isoformat()} "
-                f"(start_time's UTC day) to {until.isoformat()} (end_time is now when not given): "
-                "move start_time or end_time",
+                f"(start_time's UTC day) to {until.isoformat()} (end_time, or now when it is not "
+                "given): move start_time or end_time",
                 violations=(
                     FieldViolation("start_time", "within 92 days before end_time"),
                     FieldViolation("end_time", "after start_time, within 92 days"),
