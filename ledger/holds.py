@@ -11,7 +11,7 @@ each by a conditional UPDATE on the hold row, so it resolves exactly once.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Row, and_, case, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -155,6 +155,15 @@ class Holds:
         if row is None:
             raise NotFound("HOLD_NOT_FOUND", f"no hold {hold_id!r}", hold_id=hold_id)
         return Hold.of(row)
+
+    async def as_it_stands(self, conn: AsyncConnection, hold_id: str, owner: str) -> Hold:
+        """`owner`'s hold as it stands now: an active one past its expiry is expired, as capture
+        and release already say, though the sweep records it only moments later (GetHold
+        answered ACTIVE until then: a review's)."""
+        hold = await self.owned(conn, hold_id, owner)
+        if hold.status == ACTIVE and _expired(hold, self._clock.now()):
+            return replace(hold, status=EXPIRED)
+        return hold
 
     async def owned(self, conn: AsyncConnection, hold_id: str, owner: str) -> Hold:
         hold = await self.get(conn, hold_id)

@@ -175,6 +175,12 @@ async def test_holds_past_their_expiry_release_themselves(db: Database) -> None:
     books.clock.advance(dt.timedelta(minutes=10))
     await refused(books.capture(hold.hold_id, 1), "HOLD_EXPIRED")
     await refused(books.release(hold.hold_id), "HOLD_EXPIRED")
+    async with db.read() as conn:  # as GetHold reads it: expired, though not yet swept
+        seen = await books.holds.as_it_stands(conn, hold.hold_id, "promotion")
+        assert (seen.status, (await books.holds.get(conn, hold.hold_id)).status) == (
+            "expired",
+            "active",
+        )
     [expired] = await books.expire()
     assert (expired.hold_id, expired.status, expired.captured) == (hold.hold_id, "expired", 10)
     assert await books.available("ava") == (90, 90)

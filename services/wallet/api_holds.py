@@ -106,5 +106,5 @@ class HoldRpcs:
     ) -> wallet_pb2.GetHoldResponse:
         caller = current_principal().service
         async with self._db.read() as conn:
-            hold = await self._wallet.holds.owned(conn, request.hold_id, caller)
+            hold = await self._wallet.holds.as_it_stands(conn, request.hold_id, caller)
         return wallet_pb2.GetHoldResponse(hold=hold_pb(hold))
