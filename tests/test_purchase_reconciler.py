@@ -282,3 +282,50 @@ async def test_no_card_is_charged_for_a_caller_whose_deadline_passed(
     assert bought.purchase.status == wallet_pb2.PURCHASE_STATUS_COMPLETED
     assert charged() == charges_before + 1
     assert bought.balance.coins == 700
+
+
+async def test_an_event_about_a_declined_purchase_says_nothing_was_paid(
+    reconciling: Suite,
+) -> None:
+    """A refund or chargeback naming a purchase that failed: final (stored, replayed), and said as
+    such, not "redeliver the event once it has completed", which it never will (a review's)."""
+    suite = reconciling
+    user = new_id()
+    await open_account(suite, user)
+    error = await expect_error(
+        suite.wallet.PurchaseCoins(
+            wallet_pb2.PurchaseCoinsRequest(
+                request_id=new_id(),
+                user_id=user,
+                package_id="us-web-700",
+                payment_token="tok_decline",
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PAYMENT_DECLINED",
+    )
+    info = error_info(error)
+    assert info is not None
+    provider = suite.services["wallet"].runtime.parts["payments"]
+    assert isinstance(provider, SandboxPaymentProvider)
+    charge = provider.charged(info.metadata["purchase_id"])
+    assert charge is not None and not charge.approved
+    refund = wallet_pb2.RecordPaymentEventRequest(
+        request_id=new_id("evt"),
+        type=wallet_pb2.PAYMENT_EVENT_TYPE_REFUND,
+        provider_transaction_id=charge.provider_transaction_id,
+    )
+    webhooks = suite.as_caller("payment-webhooks").wallet
+    refused = await expect_error(
+        webhooks.RecordPaymentEvent(refund),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PURCHASE_NOT_COMPLETED",
+    )
+    assert "never paid" in (refused.details() or "") and "once it has" not in (
+        refused.details() or ""
+    )
+    await expect_error(  # the event's answer: the redelivery replays it
+        webhooks.RecordPaymentEvent(refund),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PURCHASE_NOT_COMPLETED",
+    )

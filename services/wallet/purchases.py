@@ -305,11 +305,16 @@ def _refuse_unless_reversible(purchase: storage.PurchaseRecord, *, completed_onl
             status=enum_name("PURCHASE_STATUS", purchase.status),
         )
     if completed_only and purchase.status != "completed":
-        refusal = FailedPreconditionYet if purchase.status == "pending" else FailedPrecondition
-        raise refusal(
+        pending = purchase.status == "pending"
+        raise (FailedPreconditionYet if pending else FailedPrecondition)(
             "PURCHASE_NOT_COMPLETED",
-            f"purchase {purchase.purchase_id} is {purchase.status}; redeliver the event "
-            "once it has completed",
+            f"purchase {purchase.purchase_id} is {purchase.status}; "
+            + (
+                "redeliver the event once it has completed"
+                if pending
+                else "it was never paid, so there is nothing to take back: check which purchase "
+                "the provider's event is about"
+            ),
             purchase_id=purchase.purchase_id,
             status=enum_name("PURCHASE_STATUS", purchase.status),
         )

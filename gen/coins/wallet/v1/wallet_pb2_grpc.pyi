@@ -95,10 +95,11 @@ class WalletServiceStub:
     chargeback), relayed by the payment webhook receiver. The purchase's coins are taken back; what the
     user already spent becomes a debt and freezes the account for spending until later purchases pay it
     off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
-    reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
-    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, or NOT_FOUND PURCHASE_NOT_FOUND
-    while no purchase knows the provider transaction id; neither of these two is stored as the event's
-    answer, so the provider's redelivery is decided again.
+    reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase that
+    failed (was never paid) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, and NOT_FOUND
+    PURCHASE_NOT_FOUND while no purchase knows the provider transaction id (a purchase learns it when
+    it is settled): that one is not stored as the event's answer, so the provider's redelivery is
+    decided again.
     """
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]
     """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
@@ -180,10 +181,11 @@ class WalletServiceAsyncStub(WalletServiceStub):
     chargeback), relayed by the payment webhook receiver. The purchase's coins are taken back; what the
     user already spent becomes a debt and freezes the account for spending until later purchases pay it
     off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
-    reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
-    completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, or NOT_FOUND PURCHASE_NOT_FOUND
-    while no purchase knows the provider transaction id; neither of these two is stored as the event's
-    answer, so the provider's redelivery is decided again.
+    reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase that
+    failed (was never paid) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, and NOT_FOUND
+    PURCHASE_NOT_FOUND while no purchase knows the provider transaction id (a purchase learns it when
+    it is settled): that one is not stored as the event's answer, so the provider's redelivery is
+    decided again.
     """
     CaptureHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]  # type: ignore[assignment]
     """Internal: moves part of a hold's coins out of the user's account, as delivered. Only the service
@@ -340,10 +342,11 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         chargeback), relayed by the payment webhook receiver. The purchase's coins are taken back; what the
         user already spent becomes a debt and freezes the account for spending until later purchases pay it
         off. Idempotent on the provider's event id (`request_id`); a second, different event for an already
-        reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase not
-        completed (yet) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, or NOT_FOUND PURCHASE_NOT_FOUND
-        while no purchase knows the provider transaction id; neither of these two is stored as the event's
-        answer, so the provider's redelivery is decided again.
+        reversed purchase fails with FAILED_PRECONDITION PURCHASE_ALREADY_REVERSED, one for a purchase that
+        failed (was never paid) with FAILED_PRECONDITION PURCHASE_NOT_COMPLETED, and NOT_FOUND
+        PURCHASE_NOT_FOUND while no purchase knows the provider transaction id (a purchase learns it when
+        it is settled): that one is not stored as the event's answer, so the provider's redelivery is
+        decided again.
         """
 
     @_abc_1.abstractmethod
