@@ -176,6 +176,11 @@ _POSTED_UNDER = Statement(
     "WHERE t.caller = :caller AND t.request_id = :request_id AND e.account_id = :account_id",
 )
 """ux_ledger_transactions_request: the one transaction a caller's request id can have."""
+_TRANSACTION_UNDER = Statement(
+    "ledger.transaction_under",
+    "SELECT transaction_id FROM ledger_transactions "
+    "WHERE caller = :caller AND request_id = :request_id",
+)
 _BALANCES = Statement(
     "ledger.balances",
     "SELECT account_id, balance FROM ledger_accounts "
@@ -479,6 +484,11 @@ class Ledger:
         """Create balance-keeping user accounts that do not exist yet, in id order."""
         for account_id in sorted(account_ids):
             await self.open_account(tx, account_id)
+
+    async def transaction_under(self, tx: Tx, *, caller: str, request_id: str) -> str | None:
+        """The id of the transaction `caller` posted under `request_id`, if any (kept for ever)."""
+        row = await tx.one(_TRANSACTION_UNDER, caller=caller, request_id=request_id)
+        return None if row is None else str(row[0])
 
     async def posted_under(
         self, tx: Tx, *, caller: str, request_id: str, account_id: str

@@ -5,6 +5,7 @@ id, and the books stay exact throughout."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import grpc
 
@@ -342,4 +343,42 @@ async def test_concurrent_chargebacks_each_take_back_their_coins(suite: Suite) -
         assert {r.purchase.status for r in results} == {wallet_pb2.PURCHASE_STATUS_CHARGED_BACK}
         b = await balance(suite, user)
         assert (b.coins, b.debt_coins, b.frozen) == (0, 1_000, True)  # 1,400 back: 400 + 1,000 owed
+    await books_are_exact(suite)
+
+
+async def test_an_event_redelivered_after_its_request_id_was_purged_gets_its_answer_again(
+    suite: Suite,
+) -> None:
+    """Payment providers redeliver webhooks for days, past the request ids' retention: the event
+    that reversed the purchase is answered as it was (the purchase reversed, the balance now),
+    not refused PURCHASE_ALREADY_REVERSED, which a receiver would alert on (a review's). Another
+    event for it is still refused, and nothing moves twice."""
+    user = new_id()
+    await open_account(suite, user)
+    purchase = await buy(suite, user)
+    webhooks = suite.as_caller("payment-webhooks").wallet
+    request = event(purchase)
+    refunded = await webhooks.RecordPaymentEvent(request)
+    assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
+    again = await webhooks.RecordPaymentEvent(request)
+    assert again.purchase == refunded.purchase and again.balance == refunded.balance
+    await expect_error(
+        webhooks.RecordPaymentEvent(event(purchase)),  # another refund event: not this one's
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PURCHASE_ALREADY_REVERSED",
+    )
+    chargeback = wallet_pb2.RecordPaymentEventRequest()
+    chargeback.CopyFrom(request)
+    chargeback.type = wallet_pb2.PAYMENT_EVENT_TYPE_CHARGEBACK  # its id, another kind
+    await expect_error(  # its answer is stored again: another kind is another request
+        webhooks.RecordPaymentEvent(chargeback),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+    )
+    await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0))
+    await expect_error(  # and once forgotten again: not the kind that reversed it
+        webhooks.RecordPaymentEvent(chargeback),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PURCHASE_ALREADY_REVERSED",
+    )
     await books_are_exact(suite)

@@ -27,7 +27,7 @@ from runtime.errors import (
 )
 from runtime.idempotency import AnsweredKey
 from runtime.protos import money_text
-from runtime.sql import Driver, Tx
+from runtime.sql import Driver, Tx, as_tx
 from services.wallet import storage
 from services.wallet.settings import WalletSettings
 
@@ -620,6 +620,14 @@ class Wallet:
         if owed:
             await self.ledger.set_frozen(conn, account, True)
         return await self.coins(conn, purchase.user_id)
+
+    async def reversed_by(self, conn: AsyncConnection, event_id: str) -> bool:
+        """Whether the payment provider's event `event_id` reversed a purchase (its posting is kept
+        for good, unlike the event's request id)."""
+        posted = await self.ledger.transaction_under(
+            as_tx(conn), caller="payment-webhooks", request_id=f"reverse:{event_id}"
+        )
+        return posted is not None
 
     async def check_recipient(self, conn: AsyncConnection | Tx, what: DebitRequest) -> None:
         """Coins for a gift move only between users who may send and receive: the creator has a

@@ -277,6 +277,10 @@ async def reverse(
             "settled gets it then); redeliver the event later",
             provider_transaction_id=provider_transaction_id,
         )
+    if purchase.status == _REVERSALS[kind] and await wallet.reversed_by(conn, event_id):
+        # This very event reversed it, and its request id has since been forgotten (the
+        # retention): the providers redeliver for days. Its answer again, as of now.
+        return purchase, await wallet.coins(conn, purchase.user_id)
     _refuse_unless_reversible(purchase, completed_only=False)
     if not await storage.reverse_purchase(conn, purchase.purchase_id, _REVERSALS[kind], now):
         # Its status moved since it was read: a concurrent event reversed it, or it settled.
