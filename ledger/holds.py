@@ -90,11 +90,24 @@ class Holds:
         if placed_under is not None:
             placed = await self.placed_under(conn, placed_under)
             if placed is not None:
-                if (placed.account_id, placed.amount, placed.counter_account_id, placed.owner) != (
+                # The same request: what it reserves and for what (an expiry is a duration from
+                # when it was sent, so only whether it has one can be compared).
+                if (
+                    placed.account_id,
+                    placed.amount,
+                    placed.counter_account_id,
+                    placed.owner,
+                    placed.kind,
+                    placed.reference,
+                    placed.expires_at is None,
+                ) != (
                     account_id,
                     amount,
                     counter_account_id,
                     owner,
+                    kind,
+                    reference,
+                    expires_at is None,
                 ):
                     raise request_id_reused(
                         placed_under.rsplit("/", 1)[-1],

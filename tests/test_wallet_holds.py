@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -236,14 +236,23 @@ async def test_a_hold_placed_again_after_its_request_id_was_purged_is_the_same_h
     assert await balance(suite, user) == (coins - 100, coins - 300)
 
     assert await suite.services["wallet"].runtime.idempotency.purge(dt.timedelta(0)) > 0
-    other = wallet_pb2.PlaceHoldRequest()
-    other.CopyFrom(request)
-    other.coins = 50
-    refused = await expect_error(
-        promotion.PlaceHold(other), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
-    )
-    assert first.hold_id in (refused.details() or "")
-    assert await balance(suite, user) == (coins - 100, coins - 300)
+    # Another amount, another reference, or an expiry it had not: another request, refused; the
+    # original, sent again, is still answered (a review's changed request took the id over).
+    changes: list[Callable[[wallet_pb2.PlaceHoldRequest], None]] = [
+        lambda r: setattr(r, "coins", 50),
+        lambda r: setattr(r, "reference", "another-promotion"),
+        lambda r: r.expire_after.CopyFrom(Duration(seconds=600)),
+    ]
+    for change in changes:
+        other = wallet_pb2.PlaceHoldRequest()
+        other.CopyFrom(request)
+        change(other)
+        refused = await expect_error(
+            promotion.PlaceHold(other), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+        )
+        assert first.hold_id in (refused.details() or "")
+        assert await balance(suite, user) == (coins - 100, coins - 300)
+    assert (await promotion.PlaceHold(request)).hold.hold_id == first.hold_id
 
 
 async def test_resolving_a_hold_whose_request_id_was_purged_finds_it_in_the_ledger(
