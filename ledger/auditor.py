@@ -56,6 +56,19 @@ _MOVE_CHECKPOINTS = Statement(
     "ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
     "balance = excluded.balance, verified_at = excluded.verified_at",
 )
+_MOVE_CHECKPOINTS_AS_OF = Statement(
+    "audit.move_checkpoints_as_of",
+    "INSERT INTO ledger_audit_checkpoints (account_id, seq, hash, balance, verified_at) "
+    "SELECT e.account_id, e.seq, e.hash, e.balance_after, :now FROM ledger_entries e "
+    "JOIN (SELECT account_id, MAX(seq) AS seq FROM ledger_entries WHERE entry_id > :after "
+    "AND entry_id <= :watermark AND seq IS NOT NULL GROUP BY account_id) h "
+    "ON e.account_id = h.account_id AND e.seq = h.seq WHERE true "
+    "ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+    "balance = excluded.balance, verified_at = excluded.verified_at",
+)
+"""SQLite, after its snapshot ended: the heads the audit verified are each account's newest entry
+up to the run's watermark (one writer: entry ids are given in commit order), for the accounts
+written since the last checkpoint (`after`)."""
 _BACKEND_PID = Statement("audit.backend_pid", "SELECT 0", postgres="SELECT pg_backend_pid()")
 _NO_PARALLEL_WORKERS = Statement(
     "audit.no_parallel_workers",
@@ -148,12 +161,12 @@ async def run_audit(
     started = dt.datetime.now(dt.UTC)
     anchor = anchors.latest() if anchors is not None else None
     run: AuditRun | None = None
+    after: int | None = None
     try:
         async with driver.snapshot() as tx:
             if tx.dialect == "postgresql":
                 _lower_priority(await tx.one(_BACKEND_PID))
                 await tx.one(_NO_PARALLEL_WORKERS)
-            after = None
             if incremental:
                 row = await tx.one(_LAST_CHECKPOINT)
                 after = None if row is None else int(row[0])
@@ -171,10 +184,20 @@ async def run_audit(
     except (asyncpg.SerializationError, asyncpg.UniqueViolationError, sqlite3.OperationalError):
         if run is None:
             raise
-    # Another audit moved the checkpoints meanwhile (PostgreSQL), or the file changed under this
-    # snapshot (SQLite): keep the report, leave the checkpoints for the next run.
+    # Another audit moved the checkpoints meanwhile (PostgreSQL): keep the report, leave the
+    # checkpoints for the next run. Or the file changed under this snapshot (SQLite, whenever the
+    # service writes during the audit): move them to what the snapshot held, in a write of their
+    # own (else no incremental run under traffic ever moved them: each was a full one).
+    moved = run.report.ok and not driver.is_postgres
     async with driver.transaction() as tx:
-        await _record(tx, run, checkpointed=False)
+        if moved:
+            await tx.run(
+                _MOVE_CHECKPOINTS_AS_OF,
+                now=run.finished_at,
+                after=after or 0,
+                watermark=run.report.entry_watermark,
+            )
+        await _record(tx, run, checkpointed=moved)
     return run
 
 

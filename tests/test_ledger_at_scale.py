@@ -8,6 +8,7 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,6 +17,8 @@ from alembic import command
 
 from ledger import Ledger, Posting, entries
 from ledger import audit as audit_module
+from ledger import auditor as auditor_module
+from ledger.audit import AuditReport
 from ledger.auditor import driver_for, latest_run, run_audit
 from ledger.bulk import Movement, append_postgres
 from ledger.history import balance_at, entries_page, period
@@ -289,6 +292,35 @@ async def test_the_checkpointed_entry_is_recomputed_not_only_compared(
         await post(db, ledger, -1, "gift")
         found = await run_audit(driver, incremental=True)
         assert "has changed: history was rewritten" in found.report.broken_chains["alice"]
+    finally:
+        await driver.close()
+
+
+async def test_a_clean_audit_moves_the_checkpoints_though_the_service_wrote_meanwhile(
+    books: tuple[Database, Ledger, SetClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite, a write during the audit made its last write (the checkpoints) fail: under any
+    traffic no checkpoint ever moved, and every "incremental" run was a full one (a review's). They
+    now move, in a write of their own, to the heads the audit's snapshot held."""
+    db, ledger, _ = books
+    for amount in (1000, -1, -2):
+        await post(db, ledger, amount, "purchase" if amount > 0 else "gift")
+    verify = audit_module.audit_books  # what ledger.auditor runs
+
+    async def written_meanwhile(*args: Any, **kwargs: Any) -> AuditReport:
+        report = await verify(*args, **kwargs)
+        await post(db, ledger, -3, "gift")  # the service, while the audit finishes
+        return report
+
+    monkeypatch.setattr(auditor_module, "audit_books", written_meanwhile)
+    driver = driver_for(db.url)
+    try:
+        first = await run_audit(driver, incremental=True)
+        assert first.report.ok and first.report.entries_checked == 3
+        monkeypatch.setattr(auditor_module, "audit_books", verify)
+        step = await run_audit(driver, incremental=True)
+        assert step.report.ok and step.report.mode == "incremental"
+        assert step.report.entries_checked == 1  # the entry written during the first run only
     finally:
         await driver.close()
 
