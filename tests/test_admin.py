@@ -121,13 +121,15 @@ async def test_prices_must_be_in_a_sold_region_and_its_currency(private_suite: S
         grpc.StatusCode.FAILED_PRECONDITION,
         "REGION_UNSUPPORTED",
     )
-    wrong = set_package(10, 99)
-    wrong.price.currency_code = "USD"
-    await expect_error(
-        suite.wallet.SetCoinPackage(wrong, metadata=admin),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "CURRENCY_MISMATCH",
-    )
+    for currency in ("USD", "XYZ"):  # another region's, or none at all: the field is named
+        wrong = set_package(10, 99)
+        wrong.price.currency_code = currency
+        mismatch = await expect_error(
+            suite.wallet.SetCoinPackage(wrong, metadata=admin),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "CURRENCY_MISMATCH",
+        )
+        assert field_violations(mismatch) == {"price.currency_code"}
     for price in (100_000_001, 100_000_000_000):  # above 1,000,000.00: a typo, never on sale
         too_dear = set_package(10, price, package_id=new_id("gb-web").lower())
         error = await expect_error(

@@ -156,6 +156,7 @@ class Wallet:
             raise FailedPrecondition(
                 "CURRENCY_MISMATCH",
                 f"{region} buys coins in {currency}, not {currency_code}",
+                violations=(FieldViolation("price.currency_code", f"must be {currency}"),),
                 region=region,
                 currency_code=currency,
             )
