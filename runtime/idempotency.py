@@ -475,9 +475,18 @@ class Idempotency:
         DEBIT_VOIDED, review r8): whatever got there first is everyone's answer. Invalid input
         (INVALID_ARGUMENT) is not stored: it did nothing, and the request id stays free for the
         corrected request, as it does for what the proto rules refuse before any handler runs
-        (one behaviour for bad input: a review found some used the id up, others not)."""
-        if error.retryable or error.kind is ErrorKind.INVALID_ARGUMENT:
+        (one behaviour for bad input: a review found some used the id up, others not); unless an
+        attempt claimed the id already (a saga's record exists), whose claim it then answers."""
+        if error.retryable:
             return None
+        if error.kind is ErrorKind.INVALID_ARGUMENT:
+            claimed = await self._stored(
+                caller_scope(scope), _request_id(request), fingerprints(request)
+            )
+            if claimed is None:
+                return None
+            if claimed.finished:
+                return claimed
         async with self._db.transaction() as conn:
             claim = await self.claim(conn, scope, request)
             if not claim.finished:

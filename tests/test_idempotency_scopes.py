@@ -16,6 +16,7 @@ from coins.wallet.v1 import wallet_pb2
 from runtime.clock import FixedClock
 from runtime.config import ServiceSettings
 from runtime.db import Database
+from runtime.errors import InvalidArgument
 from runtime.idempotency import Idempotency, idempotency_keys
 from runtime.migrations import upgrade
 from tests.helpers import funded_user, migrated, new_creator, new_id
@@ -175,3 +176,27 @@ def _record(statements: list[str]) -> Any:
         statements.append(statement)
 
     return before
+
+
+async def test_invalid_input_answers_a_claimed_id_and_leaves_an_unclaimed_one_free(
+    database: Database,
+) -> None:
+    """Invalid input is not stored as a request id's answer (the corrected request may use it),
+    but a saga that had claimed the id before finding it invalid answers its claim: else the key
+    stayed in progress for good (a review's)."""
+    db = await migrated(database, "wallet")
+    keys = Idempotency(db, FixedClock(dt.datetime(2026, 11, 1, tzinfo=dt.UTC)))
+    invalid = InvalidArgument("SOMETHING_WRONG", "the input is wrong")
+    fresh = wallet_pb2.DebitCoinsRequest(request_id=uuid.uuid4().hex, user_id="a", coins=1)
+    assert await keys.record_error("DebitCoins:a", fresh, invalid) is None
+    claimed = wallet_pb2.DebitCoinsRequest(request_id=uuid.uuid4().hex, user_id="a", coins=2)
+    async with db.transaction() as conn:
+        await keys.claim(conn, "DebitCoins:a", claimed, resource_id="debit-1")
+    assert await keys.record_error("DebitCoins:a", claimed, invalid) is None
+    async with db.read() as conn:
+        found = await conn.execute(
+            sa.select(idempotency_keys.c.request_id, idempotency_keys.c.error)
+        )
+        rows: dict[str, str | None] = {str(r[0]): r[1] for r in found.all()}
+    assert fresh.request_id not in rows
+    assert "SOMETHING_WRONG" in (rows[claimed.request_id] or "")
