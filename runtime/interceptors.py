@@ -296,22 +296,23 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 principal = self._principal(context)
                 set_principal(principal)  # a replay's lookup is scoped by it (idempotency)
                 audited, replayed = await self._admit(principal, rule, method, request)
-                if audited and (replayed is not None or reads):
-                    await self._audit.record(principal, method, request, "STARTED")
-                if replayed is not None:
+                if audited:  # STARTED, the work and its outcome: one task (_audited)
+                    audited = False  # recorded there, not again by a refusal
+                    response = await uninterrupted(
+                        self._audited(
+                            _answer(behavior, request, context, replayed, reads),
+                            principal,
+                            method,
+                            request,
+                        )
+                    )
+                elif replayed is not None:
                     response = replayed
                 elif reads:
                     response = await _read_once_more_on_outage(behavior, request, context)
-                elif audited:  # STARTED, the work and its outcome: one task (_audited)
-                    audited = False  # recorded there, not again below nor by a refusal
-                    response = await uninterrupted(
-                        self._audited(behavior, context, principal, method, request)
-                    )
                 else:
                     response = await uninterrupted(behavior(request, context))
                 idle = _annotate_answer(response)
-                if audited:
-                    await self._record_done(principal, method, request)
                 outcome = (0, "", "")
                 if tell_served:
                     served = f"{time.perf_counter() - began:.4f}"
@@ -379,15 +380,20 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         return guarded
 
     async def _audited(
-        self, behavior: Behavior, context: Any, principal: Principal, method: str, request: Any
+        self,
+        work: Callable[[], Awaitable[Any]],
+        principal: Principal,
+        method: str,
+        request: Any,
     ) -> Any:
-        """An admin call's STARTED in the audit trail, its work, then its outcome. Run as one task,
-        so a caller who leaves early (a short deadline, a cancel) leaves neither the work nor its
-        record half done: a review saw two of three STARTED-only records of such calls never
-        applied, and most with no log line."""
+        """An admin call's STARTED in the audit trail, its work (a write, a read, or a stored
+        answer replayed), then its outcome. Run as one task, so a caller who leaves early (a
+        short deadline, a cancel) leaves neither the work nor its record half done: a review
+        saw two of three STARTED-only records of such calls never applied, and most with no log
+        line; another, admin reads STARTED alone."""
         try:
             await self._audit.record(principal, method, request, "STARTED")
-            response = await behavior(request, context)
+            response = await work()
         except Exception as error:
             await self._record_refusal(principal, method, request, _as_domain_error(error, method))
             raise
@@ -657,6 +663,21 @@ def _annotate(request: Any) -> None:
         span.set_attribute("coins.items", len(items))
         ids = sorted({getattr(item, inner) for item in items}) if inner else list(items)
         span.set_attribute(attribute, ids[:_LISTED_AT_MOST])
+
+
+def _answer(
+    behavior: Behavior, request: Any, context: RpcContext, replayed: Any, reads: bool
+) -> Callable[[], Awaitable[Any]]:
+    """What answers an admin call: its stored answer (a replay), its read, or its write."""
+
+    async def answer() -> Any:
+        if replayed is not None:
+            return replayed
+        if reads:
+            return await _read_once_more_on_outage(behavior, request, context)
+        return await behavior(request, context)
+
+    return answer
 
 
 async def _read_once_more_on_outage(behavior: Behavior, request: Any, context: RpcContext) -> Any:

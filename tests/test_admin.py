@@ -428,6 +428,31 @@ async def test_an_admin_call_whose_caller_left_early_still_has_its_outcome_in_th
     started = [r for r in requests if any(r.request_id in a.request_json for a in trail)]
     assert started, "no call got as far as the trail: the test proves nothing"
 
+    # An admin's read of someone's account is audited too (a review saw reads STARTED alone).
+    users = [new_id("read") for _ in range(30)]
+
+    async def hurried_read(n: int, user: str) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # DEADLINE_EXCEEDED, or NOT_FOUND
+            await suite.wallet.GetBalance(
+                wallet_pb2.GetBalanceRequest(user_id=user),
+                metadata=admin,
+                timeout=0.005 + n * 0.008,
+            )
+
+    await asyncio.gather(*(hurried_read(n, u) for n, u in enumerate(users)))
+
+    async def every_read_has_its_outcome() -> bool:
+        trail = await audit_trail(suite, "wallet")
+        for user in users:
+            outcomes = [a.outcome for a in trail if f'"{user}"' in a.request_json]
+            if "STARTED" in outcomes and len(outcomes) < 2:
+                return False
+        return True
+
+    await eventually(every_read_has_its_outcome, "an outcome beside every read's STARTED")
+    trail = await audit_trail(suite, "wallet")
+    assert any(f'"{u}"' in a.request_json for u in users for a in trail), "no read got that far"
+
 
 async def test_a_malformed_time_is_refused_before_the_audit_trail_records_the_call(
     private_suite: Suite,
