@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from runtime.idempotency import AnsweredKey
 from runtime.ids import time_ordered_id
 from runtime.metrics import after_commit
 from runtime.sql import Driver, Statement, Tx, as_tx, is_conflict
+
+log = logging.getLogger("coins.ledger")
 
 MAX_BALANCE = 2**63 - 1
 
@@ -295,11 +298,34 @@ class _Link:
     """When its previous entry was posted (None: not known, posted before ledger v10)."""
 
 
+MAX_CLOCK_SKEW = dt.timedelta(seconds=5)
+"""How far ahead of this replica's clock an account's newest entry may be and still date a posting
+(replicas' clocks differ by milliseconds). An entry further ahead came from a clock that jumped:
+followed, it would date every later posting to the account in the future, for as long as the jump."""
+
+
 def posting_time(clock_now: dt.datetime, links: Iterable[_Link]) -> dt.datetime:
     """A posting's time: the clock's, but never before the newest entry of an account it posts to
     (another replica's clock may be ahead of this one's), so each account's entries are in time
-    order and a statement's opening, movements and closing add up."""
-    return max((utc(clock_now), *(link.head_at for link in links if link.head_at is not None)))
+    order and a statement's opening, movements and closing add up. A newest entry more than
+    MAX_CLOCK_SKEW ahead is not followed (and is logged): that one entry stays out of order, and
+    the account's next entries are dated by the clock again."""
+    now = utc(clock_now)
+    latest = now
+    for link in links:
+        if link.head_at is None or link.head_at <= latest:
+            continue
+        if link.head_at - now > MAX_CLOCK_SKEW:
+            log.warning(
+                "an account's newest entry is dated %s, %s ahead of this clock (%s): a clock "
+                "jumped; this posting is dated by this clock",
+                link.head_at.isoformat(),
+                link.head_at - now,
+                now.isoformat(),
+            )
+            continue
+        latest = link.head_at
+    return latest
 
 
 def _at(value: object) -> dt.datetime | None:

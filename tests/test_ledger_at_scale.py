@@ -221,6 +221,44 @@ async def test_replicas_with_skewed_clocks_still_date_an_account_s_entries_in_or
         assert (await ahead.audit(conn)).ok
 
 
+async def test_a_replica_whose_clock_jumped_a_day_ahead_does_not_date_the_rest_ahead(
+    books: tuple[Database, Ledger, SetClock],
+) -> None:
+    """One posting by a clock that jumped a day ahead is one entry out of line: the postings after
+    it, by good clocks, are dated by their clocks, not a day ahead with it (a review's: following
+    the newest entry without bound carried the jump to every later entry of the account)."""
+    db, ledger, clock = books
+    jumped_clock = SetClock(T0 + dt.timedelta(days=1))
+    jumped = Ledger(jumped_clock, unit="coins")
+    clock.set(T0)
+    await post(db, ledger, 1000, "purchase")
+    await post(db, jumped, 5, "purchase")
+    for minute in (1, 2):
+        clock.set(T0 + dt.timedelta(minutes=minute))
+        await post(db, ledger, -100, "gift")
+    async with db.read() as conn:
+        times = (
+            (
+                await conn.execute(
+                    sa.select(entries.c.created_at)
+                    .where(entries.c.account_id == "alice")
+                    .order_by(entries.c.seq)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert [utc(t) for t in times] == [
+        T0,
+        T0 + dt.timedelta(days=1),
+        T0 + dt.timedelta(minutes=1),
+        T0 + dt.timedelta(minutes=2),
+    ]
+    async with db.driver.read() as tx:  # the statement to now has the gifts
+        statement = await period(tx, "alice", T0, T0 + dt.timedelta(minutes=3))
+    assert {m.kind: m.debited for m in statement.movements}["gift"] == 200
+
+
 async def test_the_incremental_audit_verifies_what_was_appended_since_its_checkpoint(
     books: tuple[Database, Ledger, SetClock],
 ) -> None:
