@@ -92,6 +92,17 @@ async def post(db: Database, ledger: Ledger, amount: int, kind: str) -> None:
         )
 
 
+async def alice_entry_times(db: Database) -> list[dt.datetime]:
+    """When alice's entries are dated, in chain order."""
+    async with db.read() as conn:
+        found = await conn.execute(
+            sa.select(entries.c.created_at)
+            .where(entries.c.account_id == "alice")
+            .order_by(entries.c.seq)
+        )
+        return [utc(t) for t in found.scalars().all()]
+
+
 async def test_pages_merge_kinds_keep_time_order_and_continue_across_equal_times(
     books: tuple[Database, Ledger, SetClock],
 ) -> None:
@@ -199,19 +210,7 @@ async def test_replicas_with_skewed_clocks_still_date_an_account_s_entries_in_or
             request_id="b",
             caller="test",
         )
-    async with db.read() as conn:
-        times = (
-            (
-                await conn.execute(
-                    sa.select(entries.c.created_at)
-                    .where(entries.c.account_id == "alice")
-                    .order_by(entries.c.seq)
-                )
-            )
-            .scalars()
-            .all()
-        )
-    assert [utc(t) for t in times] == [T0 + 10 * ms, T0 + 30 * ms, T0 + 30 * ms, T0 + 30 * ms]
+    assert await alice_entry_times(db) == [T0 + 10 * ms, T0 + 30 * ms, T0 + 30 * ms, T0 + 30 * ms]
     async with db.driver.read() as tx:
         statement = await period(tx, "alice", T0 + 15 * ms, T0 + 25 * ms)
         assert (statement.opening, statement.closing) == (1000, 1000)
@@ -236,19 +235,7 @@ async def test_a_replica_whose_clock_jumped_a_day_ahead_does_not_date_the_rest_a
     for minute in (1, 2):
         clock.set(T0 + dt.timedelta(minutes=minute))
         await post(db, ledger, -100, "gift")
-    async with db.read() as conn:
-        times = (
-            (
-                await conn.execute(
-                    sa.select(entries.c.created_at)
-                    .where(entries.c.account_id == "alice")
-                    .order_by(entries.c.seq)
-                )
-            )
-            .scalars()
-            .all()
-        )
-    assert [utc(t) for t in times] == [
+    assert await alice_entry_times(db) == [
         T0,
         T0 + dt.timedelta(days=1),
         T0 + dt.timedelta(minutes=1),
