@@ -103,6 +103,16 @@ async def alice_entry_times(db: Database) -> list[dt.datetime]:
         return [utc(t) for t in found.scalars().all()]
 
 
+async def alice_entry_id(db: Database, which: Any) -> int:
+    """The id of alice's newest (`sa.func.max`) or oldest (`sa.func.min`) entry."""
+    async with db.read() as conn:
+        found = await conn.scalar(
+            sa.select(which(entries.c.entry_id)).where(entries.c.account_id == "alice")
+        )
+    assert found is not None
+    return int(found)
+
+
 async def test_pages_merge_kinds_keep_time_order_and_continue_across_equal_times(
     books: tuple[Database, Ledger, SetClock],
 ) -> None:
@@ -268,11 +278,7 @@ async def test_the_incremental_audit_verifies_what_was_appended_since_its_checkp
 
         # A rewrite after the checkpoint is found by the next incremental run...
         await post(db, ledger, -9, "gift")
-        async with db.read() as conn:
-            newest = await conn.scalar(
-                sa.select(sa.func.max(entries.c.entry_id)).where(entries.c.account_id == "alice")
-            )
-        newest_entry = entries.c.entry_id == newest
+        newest_entry = entries.c.entry_id == await alice_entry_id(db, sa.func.max)
         await rewrite_history(db.url, sa.update(entries).where(newest_entry).values(amount=-1))
         found = await run_audit(driver, incremental=True)
         assert not found.report.ok and "alice" in found.report.broken_chains
@@ -300,10 +306,8 @@ async def test_the_checkpointed_entry_is_recomputed_not_only_compared(
     try:
         assert (await run_audit(driver, incremental=True)).report.ok  # checkpoint on the -6
         monkeypatch.setattr(audit_module, "MARGIN", 0)  # its transaction is long behind
+        newest = await alice_entry_id(db, sa.func.max)
         async with db.read() as conn:
-            newest = await conn.scalar(
-                sa.select(sa.func.max(entries.c.entry_id)).where(entries.c.account_id == "alice")
-            )
             transaction_id = await conn.scalar(
                 sa.select(entries.c.transaction_id).where(entries.c.entry_id == newest)
             )
@@ -363,11 +367,7 @@ async def test_a_full_audit_s_findings_stand_until_a_full_audit_is_clean(
     driver = driver_for(db.url)
     try:
         assert (await run_audit(driver, incremental=False)).report.ok
-        async with db.read() as conn:
-            first = await conn.scalar(
-                sa.select(sa.func.min(entries.c.entry_id)).where(entries.c.account_id == "alice")
-            )
-        oldest = entries.c.entry_id == first
+        oldest = entries.c.entry_id == await alice_entry_id(db, sa.func.min)
         await rewrite_history(db.url, sa.update(entries).where(oldest).values(amount=2000))
         full = await run_audit(driver, incremental=False)
         assert not full.report.ok and "alice" in full.report.broken_chains
